@@ -17,6 +17,7 @@ pub use float::Float;
 pub use rng::Rng;
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;

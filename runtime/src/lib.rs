@@ -1,1 +1,20 @@
-//! placeholder
+//! qlora-rt runtime: the tensor type, dtypes, devices, and op dispatch to `qlora-kernels`.
+//!
+//! Owns: what a tensor is and which kernel computes each op for it. Must not know about gradients (that is
+//! `autograd`) or models. CPU compute runs in f32 (f64 when an input is f64, for gradient checks); bf16/f16
+//! inputs are upcast on the fly, as the design's CPU backend does.
+
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod ops;
+pub mod tensor;
+
+mod device;
+
+pub use device::Device;
+pub use dtype::{CpuStorage, DType, Element};
+pub use error::{Error, Result};
+pub use layout::Layout;
+pub use qlora_kernels::Rng;
+pub use tensor::{Storage, Tensor};

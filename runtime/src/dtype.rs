@@ -1,0 +1,193 @@
+//! Element types and the bridge between typed host vectors and the dynamically typed storage.
+
+use half::{bf16, f16};
+
+/// Element type of a tensor. F64 exists for finite-difference tests of the whole stack; models use F32 master
+/// weights on CPU and BF16/F16 storage where memory matters. (Packed NF4 lives beside, not inside, this enum:
+/// it needs a quantization state, not just an element size.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F64,
+    F32,
+    BF16,
+    F16,
+    I32,
+    U8,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            DType::U8 => 1,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F64 | DType::F32 | DType::BF16 | DType::F16)
+    }
+
+    /// The name safetensors and Hugging Face use (`"F32"`, `"BF16"`, ...).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F64 => "F64",
+            DType::F32 => "F32",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+            DType::I32 => "I32",
+            DType::U8 => "U8",
+        }
+    }
+}
+
+/// Host vector of one dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CpuStorage {
+    F64(Vec<f64>),
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+    I32(Vec<i32>),
+    U8(Vec<u8>),
+}
+
+impl CpuStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F64(_) => DType::F64,
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F16(_) => DType::F16,
+            CpuStorage::I32(_) => DType::I32,
+            CpuStorage::U8(_) => DType::U8,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            CpuStorage::F64(v) => v.len(),
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::I32(v) => v.len(),
+            CpuStorage::U8(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The raw little-endian bytes (for saving).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            CpuStorage::F64(v) => bytemuck::cast_slice(v),
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
+            CpuStorage::I32(v) => bytemuck::cast_slice(v),
+            CpuStorage::U8(v) => v,
+        }
+    }
+}
+
+/// A Rust scalar type that a tensor can hold. Conversions go through f64, which represents every value of
+/// every element type exactly (so a cast is one rounding, the same as a direct conversion).
+pub trait Element: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+    fn wrap(v: Vec<Self>) -> CpuStorage;
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident, $to:expr, $from:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$variant;
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                $to(self)
+            }
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                $from(v)
+            }
+            fn wrap(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+            fn slice(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+element!(f64, F64, |x| x, |v| v);
+element!(f32, F32, |x: f32| x as f64, |v| v as f32);
+element!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64);
+element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
+// Integer casts from floats truncate toward zero and saturate, as `as` does; ids are never produced that way.
+element!(i32, I32, |x: i32| x as f64, |v: f64| v as i32);
+element!(u8, U8, |x: u8| x as f64, |v: f64| v as u8);
+
+/// Converts one storage to another dtype (one rounding per element).
+pub fn convert(src: &CpuStorage, to: DType) -> CpuStorage {
+    fn go<S: Element, D: Element>(v: &[S]) -> CpuStorage {
+        D::wrap(v.iter().map(|&x| D::from_f64(x.to_f64())).collect())
+    }
+    fn from<S: Element>(v: &[S], to: DType) -> CpuStorage {
+        match to {
+            DType::F64 => go::<S, f64>(v),
+            DType::F32 => go::<S, f32>(v),
+            DType::BF16 => go::<S, bf16>(v),
+            DType::F16 => go::<S, f16>(v),
+            DType::I32 => go::<S, i32>(v),
+            DType::U8 => go::<S, u8>(v),
+        }
+    }
+    if src.dtype() == to {
+        return src.clone();
+    }
+    match src {
+        // bf16/f16 → f32 is the hot path when weights are upcast for CPU compute: use half's direct conversion.
+        CpuStorage::BF16(v) if to == DType::F32 => CpuStorage::F32(v.iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F16(v) if to == DType::F32 => CpuStorage::F32(v.iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F64(v) => from(v, to),
+        CpuStorage::F32(v) => from(v, to),
+        CpuStorage::BF16(v) => from(v, to),
+        CpuStorage::F16(v) => from(v, to),
+        CpuStorage::I32(v) => from(v, to),
+        CpuStorage::U8(v) => from(v, to),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_round_once() {
+        let s = CpuStorage::F32(vec![1.0, 1.00390625, -3.3, 65504.0 * 2.0]);
+        let b = convert(&s, DType::BF16);
+        let CpuStorage::BF16(v) = &b else { panic!("dtype") };
+        assert_eq!(v[0].to_f32(), 1.0);
+        assert_eq!(v[2], bf16::from_f32(-3.3));
+        let h = convert(&s, DType::F16);
+        let CpuStorage::F16(v) = &h else { panic!("dtype") };
+        assert!(v[3].to_f32().is_infinite(), "f16 overflows to inf like torch");
+        assert_eq!(convert(&b, DType::F32).dtype(), DType::F32);
+    }
+}

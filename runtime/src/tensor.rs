@@ -1,0 +1,322 @@
+//! The tensor: a layout over shared, copy-on-write storage.
+
+use crate::dtype::{convert, CpuStorage, Element};
+use crate::layout::Layout;
+use crate::{DType, Device, Error, Result};
+use qlora_kernels::Rng;
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+/// Where the elements are. The CUDA backend adds its variant here; every match on it is in this crate.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+impl Storage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(s) => s.dtype(),
+        }
+    }
+}
+
+/// Cheap to clone (the storage is shared). Views share storage; writers go through [`Tensor::update`], which
+/// copies first if someone else still holds the storage, so a value saved for backward is never mutated.
+#[derive(Clone)]
+pub struct Tensor {
+    storage: Arc<Storage>,
+    layout: Layout,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor({:?}, {:?}, {})", self.shape(), self.dtype(), self.device())
+    }
+}
+
+impl Tensor {
+    pub(crate) fn from_storage(storage: CpuStorage, shape: &[usize]) -> Result<Self> {
+        let layout = Layout::contiguous(shape);
+        if layout.elem_count() != storage.len() {
+            return Err(Error::shape(
+                "tensor",
+                format!("{} values for shape {shape:?} ({} elements)", storage.len(), layout.elem_count()),
+            ));
+        }
+        Ok(Tensor { storage: Arc::new(Storage::Cpu(storage)), layout })
+    }
+
+    /// A CPU tensor holding `values` in row-major order.
+    pub fn from_vec<T: Element>(values: Vec<T>, shape: &[usize]) -> Result<Self> {
+        Self::from_storage(T::wrap(values), shape)
+    }
+
+    pub fn from_slice<T: Element>(values: &[T], shape: &[usize]) -> Result<Self> {
+        Self::from_vec(values.to_vec(), shape)
+    }
+
+    pub fn scalar<T: Element>(v: T) -> Self {
+        Self::from_vec(vec![v], &[]).expect("one value for a rank-0 shape")
+    }
+
+    pub fn full(shape: &[usize], value: f64, dtype: DType) -> Self {
+        let n = shape.iter().product();
+        let s = convert(&CpuStorage::F64(vec![value; n]), dtype);
+        Self::from_storage(s, shape).expect("length computed from the shape")
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType) -> Self {
+        Self::full(shape, 0.0, dtype)
+    }
+
+    pub fn ones(shape: &[usize], dtype: DType) -> Self {
+        Self::full(shape, 1.0, dtype)
+    }
+
+    /// Normal(0, std²) values from `rng`.
+    pub fn randn(shape: &[usize], std: f64, dtype: DType, rng: &mut Rng) -> Self {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| std * rng.normal()).collect();
+        Self::from_storage(convert(&CpuStorage::F64(v), dtype), shape).expect("length computed from the shape")
+    }
+
+    /// Uniform values in [lo, hi) from `rng`.
+    pub fn uniform(shape: &[usize], lo: f64, hi: f64, dtype: DType, rng: &mut Rng) -> Self {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.uniform_range(lo, hi)).collect();
+        Self::from_storage(convert(&CpuStorage::F64(v), dtype), shape).expect("length computed from the shape")
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.layout.shape()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape().len()
+    }
+
+    /// Size of dimension `d`, counting from the end when negative is needed: use `dim(rank - 1)`.
+    pub fn dim(&self, d: usize) -> Result<usize> {
+        self.shape().get(d).copied().ok_or_else(|| Error::shape("dim", format!("dim {d} of shape {:?}", self.shape())))
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.layout.elem_count()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.storage.dtype()
+    }
+
+    pub fn device(&self) -> Device {
+        match *self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn is_contiguous(&self) -> bool {
+        self.layout.is_contiguous()
+    }
+
+    /// Bytes this tensor's elements occupy (what saving it for backward costs, views included at full price).
+    pub fn size_in_bytes(&self) -> usize {
+        self.elem_count() * self.dtype().size_in_bytes()
+    }
+
+    /// True when both tensors view the same storage.
+    pub fn shares_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+    }
+
+    fn cpu(&self) -> &CpuStorage {
+        match &*self.storage {
+            Storage::Cpu(s) => s,
+        }
+    }
+
+    /// The storage from this view's offset to its end, when it holds `T` (strided readers such as GEMM index it
+    /// with the layout's strides).
+    pub(crate) fn raw<T: Element>(&self) -> Option<&[T]> {
+        T::slice(self.cpu()).map(|s| &s[self.layout.offset()..])
+    }
+
+    /// The elements in row-major order as `T`: borrowed when the dtype matches and the layout is a contiguous
+    /// range, converted (one rounding) or gathered otherwise.
+    pub fn values<T: Element>(&self) -> Cow<'_, [T]> {
+        let n = self.elem_count();
+        let start = self.layout.offset();
+        if self.is_contiguous() {
+            if let Some(s) = T::slice(self.cpu()) {
+                return Cow::Borrowed(&s[start..start + n]);
+            }
+        }
+        let storage = self.cpu();
+        let converted;
+        let typed: &[T] = match T::slice(storage) {
+            Some(s) => s,
+            None => {
+                converted = convert(storage, T::DTYPE);
+                T::slice(&converted).expect("convert returns the requested dtype")
+            }
+        };
+        if self.is_contiguous() {
+            return Cow::Owned(typed[start..start + n].to_vec());
+        }
+        Cow::Owned(self.layout.storage_indices().map(|i| typed[i]).collect())
+    }
+
+    /// The elements as a `Vec<T>`, converting from any dtype.
+    pub fn to_vec<T: Element>(&self) -> Vec<T> {
+        self.values::<T>().into_owned()
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn to_scalar<T: Element>(&self) -> Result<T> {
+        if self.elem_count() != 1 {
+            return Err(Error::shape("to_scalar", format!("shape {:?} has {} elements", self.shape(), self.elem_count())));
+        }
+        Ok(self.values::<T>()[0])
+    }
+
+    /// A contiguous copy in another dtype (or `self` when nothing changes).
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        if dtype == self.dtype() && self.is_contiguous() {
+            return self.clone();
+        }
+        let s = match dtype {
+            DType::F64 => f64::wrap(self.to_vec()),
+            DType::F32 => f32::wrap(self.to_vec()),
+            DType::BF16 => half::bf16::wrap(self.to_vec()),
+            DType::F16 => half::f16::wrap(self.to_vec()),
+            DType::I32 => i32::wrap(self.to_vec()),
+            DType::U8 => u8::wrap(self.to_vec()),
+        };
+        Self::from_storage(s, self.shape()).expect("same element count")
+    }
+
+    pub fn contiguous(&self) -> Tensor {
+        self.to_dtype(self.dtype())
+    }
+
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Ok(self.clone()),
+            Device::Cuda(_) => {
+                Err(Error::Unsupported { op: "to_device", device, why: "the CUDA backend is not part of this build yet" })
+            }
+        }
+    }
+
+    /// A view with another shape (copies first when the layout is not contiguous).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let base = if self.is_contiguous() { self.clone() } else { self.contiguous() };
+        let layout = base.layout.reshape(shape)?;
+        Ok(Tensor { storage: base.storage, layout })
+    }
+
+    pub fn transpose(&self, a: usize, b: usize) -> Result<Tensor> {
+        Ok(Tensor { storage: self.storage.clone(), layout: self.layout.transpose(a, b)? })
+    }
+
+    /// Swaps the last two dimensions.
+    pub fn t(&self) -> Result<Tensor> {
+        let r = self.rank();
+        if r < 2 {
+            return Err(Error::shape("t", format!("needs rank ≥ 2, got shape {:?}", self.shape())));
+        }
+        self.transpose(r - 2, r - 1)
+    }
+
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        Ok(Tensor { storage: self.storage.clone(), layout: self.layout.narrow(dim, start, len)? })
+    }
+
+    /// Mutates the elements in place as `T` (the tensor's own dtype). Storage shared with another tensor, or a
+    /// view that is not the whole storage, is copied first, so nobody else observes the write.
+    pub fn update<T: Element>(&mut self, f: impl FnOnce(&mut [T])) -> Result<()> {
+        if T::DTYPE != self.dtype() {
+            return Err(Error::DType { op: "update", expected: self.dtype(), got: T::DTYPE });
+        }
+        let whole = self.is_contiguous() && self.layout.offset() == 0 && self.elem_count() == self.cpu().len();
+        if !whole {
+            *self = self.contiguous_copy();
+        }
+        let Storage::Cpu(s) = Arc::make_mut(&mut self.storage);
+        f(T::slice_mut(s).expect("dtype checked above"));
+        Ok(())
+    }
+
+    fn contiguous_copy(&self) -> Tensor {
+        let s = self.cpu();
+        let gathered = match s {
+            CpuStorage::F64(v) => CpuStorage::F64(self.layout.storage_indices().map(|i| v[i]).collect()),
+            CpuStorage::F32(v) => CpuStorage::F32(self.layout.storage_indices().map(|i| v[i]).collect()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.layout.storage_indices().map(|i| v[i]).collect()),
+            CpuStorage::F16(v) => CpuStorage::F16(self.layout.storage_indices().map(|i| v[i]).collect()),
+            CpuStorage::I32(v) => CpuStorage::I32(self.layout.storage_indices().map(|i| v[i]).collect()),
+            CpuStorage::U8(v) => CpuStorage::U8(self.layout.storage_indices().map(|i| v[i]).collect()),
+        };
+        Self::from_storage(gathered, self.shape()).expect("same element count")
+    }
+
+    /// Raw little-endian bytes of a contiguous copy (for writing files).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let c = if self.is_contiguous() && self.layout.offset() == 0 && self.elem_count() == self.cpu().len() {
+            self.clone()
+        } else {
+            self.contiguous_copy()
+        };
+        c.cpu().as_bytes().to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_share_storage_and_read_correctly() {
+        let t = Tensor::from_vec((0..6).map(|x| x as f32).collect(), &[2, 3]).unwrap();
+        let tt = t.t().unwrap();
+        assert!(tt.shares_storage(&t));
+        assert_eq!(tt.shape(), &[3, 2]);
+        assert_eq!(tt.to_vec::<f32>(), vec![0., 3., 1., 4., 2., 5.]);
+        let col = t.narrow(1, 2, 1).unwrap();
+        assert_eq!(col.to_vec::<f32>(), vec![2., 5.]);
+        let r = tt.reshape(&[6]).unwrap();
+        assert!(!r.shares_storage(&t), "reshape of a transposed view must copy");
+        assert_eq!(r.to_vec::<f32>(), vec![0., 3., 1., 4., 2., 5.]);
+        assert!(t.reshape(&[3, 2]).unwrap().shares_storage(&t));
+        assert!(t.reshape(&[4]).is_err());
+    }
+
+    #[test]
+    fn update_is_copy_on_write() {
+        let a = Tensor::from_vec(vec![1.0f32, 2.0], &[2]).unwrap();
+        let mut b = a.clone();
+        b.update::<f32>(|v| v[0] = 10.0).unwrap();
+        assert_eq!(a.to_vec::<f32>(), vec![1.0, 2.0], "the saved copy is untouched");
+        assert_eq!(b.to_vec::<f32>(), vec![10.0, 2.0]);
+        assert!(b.update::<f64>(|_| ()).is_err());
+        let mut view = Tensor::from_vec(vec![1.0f32, 2.0, 3.0], &[3]).unwrap().narrow(0, 1, 2).unwrap();
+        view.update::<f32>(|v| v[1] = 7.0).unwrap();
+        assert_eq!(view.to_vec::<f32>(), vec![2.0, 7.0]);
+    }
+
+    #[test]
+    fn dtype_conversion_and_errors() {
+        let t = Tensor::from_vec(vec![1.5f32, -2.25], &[2]).unwrap();
+        assert_eq!(t.to_dtype(DType::BF16).to_vec::<f32>(), vec![1.5, -2.25]);
+        assert_eq!(t.to_dtype(DType::BF16).size_in_bytes(), 4);
+        assert!(Tensor::from_vec(vec![1.0f32; 5], &[2, 3]).is_err());
+        assert!(t.to_scalar::<f32>().is_err());
+        assert!(t.to_device(Device::Cuda(0)).is_err());
+        assert_eq!(Tensor::zeros(&[2, 2], DType::I32).to_vec::<i32>(), vec![0; 4]);
+    }
+}
