@@ -254,7 +254,10 @@ impl Backward for Attention {
         "attention"
     }
     fn saved_bytes(&self) -> usize {
-        [&self.q, &self.k, &self.v, &self.out, &self.lse, &self.cu_q, &self.cu_k].iter().map(|t| t.size_in_bytes()).sum()
+        [&self.q, &self.k, &self.v, &self.out, &self.lse, &self.cu_q, &self.cu_k]
+            .iter()
+            .map(|t| t.size_in_bytes())
+            .sum()
     }
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
         let s = *self;

@@ -83,9 +83,17 @@ impl SavedBytes {
 }
 
 enum Node {
-    Op { op: Box<dyn Backward>, bytes: usize, inputs: SmallVec<[Option<VarId>; 4]>, outputs: SmallVec<[VarId; 2]> },
+    Op {
+        op: Box<dyn Backward>,
+        bytes: usize,
+        inputs: SmallVec<[Option<VarId>; 4]>,
+        outputs: SmallVec<[VarId; 2]>,
+    },
     /// A trainable parameter entered the graph here; its gradient goes to the parameter's buffer.
-    Param { id: VarId, param: Param },
+    Param {
+        id: VarId,
+        param: Param,
+    },
 }
 
 /// Records ops. Single-threaded by design (ops themselves are parallel inside).
@@ -111,7 +119,13 @@ impl Tape {
     }
 
     pub(crate) fn with_saved_bytes(saved: Arc<SavedBytes>) -> Self {
-        Tape { nodes: RefCell::new(Vec::new()), next_id: Cell::new(0), recording: Cell::new(true), trainable_seen: Cell::new(false), saved }
+        Tape {
+            nodes: RefCell::new(Vec::new()),
+            next_id: Cell::new(0),
+            recording: Cell::new(true),
+            trainable_seen: Cell::new(false),
+            saved,
+        }
     }
 
     /// Activation memory held for backward.
@@ -176,7 +190,13 @@ impl Tape {
 
     /// [`Tape::record`] with the caller deciding whether a gradient can flow (a checkpoint scope can reach
     /// trainable parameters even when none of its inputs needs a gradient).
-    pub(crate) fn record_if(&self, needed: bool, op: Box<dyn Backward>, inputs: &[&Var], outputs: Vec<Tensor>) -> Vec<Var> {
+    pub(crate) fn record_if(
+        &self,
+        needed: bool,
+        op: Box<dyn Backward>,
+        inputs: &[&Var],
+        outputs: Vec<Tensor>,
+    ) -> Vec<Var> {
         if !self.is_recording() || !needed {
             return outputs.into_iter().map(Var::constant).collect();
         }

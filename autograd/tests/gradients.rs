@@ -3,9 +3,9 @@
 
 use qlora_autograd::{AttentionParams, Glu, Param, Tape, Var};
 use qlora_kernels::testing::{check_gradient, dot};
+use qlora_kernels::Rng;
 use qlora_runtime::ops::nn::rope_tables;
 use qlora_runtime::{DType, Result, Tensor};
-use qlora_kernels::Rng;
 
 fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
     Tensor::randn(shape, 1.0, DType::F64, rng)
@@ -14,7 +14,8 @@ fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
 /// Checks d/d(input i) of Σ build(inputs) ⊙ g for every input.
 fn check(name: &str, inputs: Vec<Tensor>, build: impl Fn(&Tape, &[Var]) -> Result<Var>) {
     let mut rng = Rng::new(0xC0FFEE);
-    let params: Vec<Param> = inputs.iter().enumerate().map(|(i, t)| Param::trainable(format!("{name}{i}"), t.clone())).collect();
+    let params: Vec<Param> =
+        inputs.iter().enumerate().map(|(i, t)| Param::trainable(format!("{name}{i}"), t.clone())).collect();
     let tape = Tape::new();
     let vars: Vec<Var> = params.iter().map(|p| tape.param(p)).collect();
     let out = build(&tape, &vars).unwrap();
@@ -40,9 +41,11 @@ fn check(name: &str, inputs: Vec<Tensor>, build: impl Fn(&Tape, &[Var]) -> Resul
 fn linear_with_and_without_bias() {
     let mut r = Rng::new(1);
     for (rows, inp, out) in [(1, 1, 1), (3, 5, 7), (2, 4, 3)] {
-        check("linear", vec![randn(&[rows, 2, inp], &mut r), randn(&[out, inp], &mut r), randn(&[out], &mut r)], |t, v| {
-            t.linear(&v[0], &v[1], Some(&v[2]))
-        });
+        check(
+            "linear",
+            vec![randn(&[rows, 2, inp], &mut r), randn(&[out, inp], &mut r), randn(&[out], &mut r)],
+            |t, v| t.linear(&v[0], &v[1], Some(&v[2])),
+        );
         check("linear no bias", vec![randn(&[rows, inp], &mut r), randn(&[out, inp], &mut r)], |t, v| {
             t.linear(&v[0], &v[1], None)
         });
@@ -86,7 +89,9 @@ fn embedding_norms_rope() {
     let ids = Tensor::from_vec(vec![3i32, 0, 3, 1], &[2, 2]).unwrap();
     check("embedding", vec![randn(&[5, 3], &mut r)], |t, v| t.embedding(&v[0], &ids));
     for offset in [0.0, 1.0] {
-        check("rms_norm", vec![randn(&[3, 7], &mut r), randn(&[7], &mut r)], |t, v| t.rms_norm(&v[0], &v[1], 1e-6, offset));
+        check("rms_norm", vec![randn(&[3, 7], &mut r), randn(&[7], &mut r)], |t, v| {
+            t.rms_norm(&v[0], &v[1], 1e-6, offset)
+        });
     }
     let pos = Tensor::from_vec(vec![0i32, 1, 2, 0, 5], &[5]).unwrap();
     let inv = Tensor::from_vec(vec![1.0f64, 0.1, 0.01], &[3]).unwrap();

@@ -114,12 +114,20 @@ impl Block {
         let a = t.reshape(&t.attention(&p, &q, &k, &v, cu, cu)?, &[tokens, HEADS * HD])?;
         let x = t.add(x, &t.linear(&a, &t.param(&self.wo), None)?)?;
         let h = t.rms_norm(&x, &t.param(&self.norm2), 1e-6, 0.0)?;
-        let m = t.glu(Glu::SwiGlu, &t.linear(&h, &t.param(&self.gate), None)?, &t.linear(&h, &t.param(&self.up), None)?)?;
+        let m =
+            t.glu(Glu::SwiGlu, &t.linear(&h, &t.param(&self.gate), None)?, &t.linear(&h, &t.param(&self.up), None)?)?;
         t.add(&x, &t.linear(&m, &t.param(&self.down), None)?)
     }
 }
 
-fn run(blocks: &std::rc::Rc<Vec<Block>>, x0: &Tensor, cu: &Tensor, targets: &Tensor, head: &Param, ckpt: bool) -> (f64, usize) {
+fn run(
+    blocks: &std::rc::Rc<Vec<Block>>,
+    x0: &Tensor,
+    cu: &Tensor,
+    targets: &Tensor,
+    head: &Param,
+    ckpt: bool,
+) -> (f64, usize) {
     let tape = Tape::new();
     let mut x = Var::constant(x0.clone());
     for i in 0..blocks.len() {

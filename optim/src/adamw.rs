@@ -70,14 +70,24 @@ impl AdamW {
     pub fn step(&mut self) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let h = AdamWStep { lr: c.lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: self.step };
+        let h = AdamWStep {
+            lr: c.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            step: self.step,
+        };
         for slot in &mut self.slots {
             let Some(g) = slot.param.grad() else { continue };
             let g = g.to_vec::<f64>();
             let dtype = slot.param.value().dtype();
             let mut p = slot.param.value().to_vec::<f64>();
             if g.len() != p.len() {
-                return Err(Error::shape("AdamW", format!("{}: gradient {} vs value {} elements", slot.param.name(), g.len(), p.len())));
+                return Err(Error::shape(
+                    "AdamW",
+                    format!("{}: gradient {} vs value {} elements", slot.param.name(), g.len(), p.len()),
+                ));
             }
             adamw_step(&h, &mut p, &g, &mut slot.m, &mut slot.v);
             let shape = slot.param.value().shape().to_vec();

@@ -59,7 +59,10 @@ impl Layout {
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != self.elem_count() {
-            return Err(Error::shape("reshape", format!("{:?} ({} elements) to {shape:?} ({n})", self.shape, self.elem_count())));
+            return Err(Error::shape(
+                "reshape",
+                format!("{:?} ({} elements) to {shape:?} ({n})", self.shape, self.elem_count()),
+            ));
         }
         if !self.is_contiguous() {
             return Err(Error::shape("reshape", "view of a non-contiguous tensor (call contiguous() first)"));

@@ -179,7 +179,10 @@ impl Tensor {
     /// The single value of a one-element tensor.
     pub fn to_scalar<T: Element>(&self) -> Result<T> {
         if self.elem_count() != 1 {
-            return Err(Error::shape("to_scalar", format!("shape {:?} has {} elements", self.shape(), self.elem_count())));
+            return Err(Error::shape(
+                "to_scalar",
+                format!("shape {:?} has {} elements", self.shape(), self.elem_count()),
+            ));
         }
         Ok(self.values::<T>()[0])
     }
@@ -207,9 +210,11 @@ impl Tensor {
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         match device {
             Device::Cpu => Ok(self.clone()),
-            Device::Cuda(_) => {
-                Err(Error::Unsupported { op: "to_device", device, why: "the CUDA backend is not part of this build yet" })
-            }
+            Device::Cuda(_) => Err(Error::Unsupported {
+                op: "to_device",
+                device,
+                why: "the CUDA backend is not part of this build yet",
+            }),
         }
     }
 

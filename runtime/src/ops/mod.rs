@@ -26,7 +26,11 @@ pub(crate) fn compute_dtype(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
             return Err(Error::DeviceMismatch { op, a: xs[0].device(), b: x.device() });
         }
         if x.device() != Device::Cpu {
-            return Err(Error::Unsupported { op, device: x.device(), why: "the CUDA backend is not part of this build yet" });
+            return Err(Error::Unsupported {
+                op,
+                device: x.device(),
+                why: "the CUDA backend is not part of this build yet",
+            });
         }
         if x.dtype() == DType::F64 {
             dtype = DType::F64;

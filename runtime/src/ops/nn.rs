@@ -39,7 +39,10 @@ pub fn embedding_backward_accumulate(d_out: &Tensor, ids: &Tensor, d_table: &mut
     let idv = indices("embedding_backward", "ids", ids)?;
     check_ids("embedding_backward", &idv, vocab)?;
     if d_out.elem_count() != idv.len() * dim {
-        return Err(Error::shape("embedding_backward", format!("d_out {:?} for {} ids of dim {dim}", d_out.shape(), idv.len())));
+        return Err(Error::shape(
+            "embedding_backward",
+            format!("d_out {:?} for {} ids of dim {dim}", d_out.shape(), idv.len()),
+        ));
     }
     with_compute!("embedding_backward", [d_out, &*d_table], |T| {
         let d = d_out.values::<T>();
@@ -69,7 +72,13 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, offset: f64) -> Result<(T
 }
 
 /// → (dx, dw) of [`rms_norm`].
-pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, rstd: &Tensor, dy: &Tensor, offset: f64) -> Result<(Tensor, Tensor)> {
+pub fn rms_norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    offset: f64,
+) -> Result<(Tensor, Tensor)> {
     same_shape("rms_norm_backward", x, dy)?;
     let (_, dim) = rows_cols("rms_norm_backward", x)?;
     with_compute!("rms_norm_backward", [x, weight, rstd, dy], |T| {
@@ -208,8 +217,11 @@ pub fn attention_backward(
     attention_shapes(p, q, k, v, &cq, &ck)?;
     same_shape("attention_backward", q, d_out)?;
     with_compute!("attention_backward", [q, k, v, out, lse, d_out], |T| {
-        let (mut dq, mut dk, mut dv) =
-            (vec![T::default(); q.elem_count()], vec![T::default(); k.elem_count()], vec![T::default(); v.elem_count()]);
+        let (mut dq, mut dk, mut dv) = (
+            vec![T::default(); q.elem_count()],
+            vec![T::default(); k.elem_count()],
+            vec![T::default(); v.elem_count()],
+        );
         attn_bwd(
             p,
             &q.values::<T>(),
@@ -231,7 +243,10 @@ pub fn attention_backward(
 fn check_targets(logits: &Tensor, targets: &Tensor) -> Result<(usize, usize)> {
     let (rows, vocab) = rows_cols("cross_entropy", logits)?;
     if targets.elem_count() != rows {
-        return Err(Error::shape("cross_entropy", format!("{} targets for logits {:?}", targets.elem_count(), logits.shape())));
+        return Err(Error::shape(
+            "cross_entropy",
+            format!("{} targets for logits {:?}", targets.elem_count(), logits.shape()),
+        ));
     }
     Ok((rows, vocab))
 }
