@@ -1,0 +1,190 @@
+//! Frozen base weights: dense, or packed NF4 as bitsandbytes stores them.
+//!
+//! The NF4 numerics (code, rounding, packing, nested absmax) live in `qlora_kernels::nf4`; this module holds
+//! the quantization state beside the packed bytes and turns it back into a tensor.
+
+use crate::{DType, Error, Result, Tensor};
+use half::{bf16, f16};
+use qlora_kernels::nf4::{self, NestedAbsmax, DYNAMIC_MAP_SIGNED, NF4_CODE};
+use std::sync::Arc;
+
+/// The per-block scales of an NF4 weight.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Absmax {
+    /// One f32 per block (bitsandbytes without double quantization: 4.5 bits/param at block 64).
+    F32(Vec<f32>),
+    /// Double quantization (≈4.127 bits/param at block 64): 8-bit codes of (absmax − offset) in blocks of 256.
+    /// `code` is the checkpoint's `nested_quant_map` (bitsandbytes' signed dynamic map when we quantize).
+    Nested { q: Vec<u8>, absmax2: Vec<f32>, offset: f32, code: Vec<f32> },
+}
+
+impl Absmax {
+    /// The f32 absmax per block.
+    pub fn resolve(&self) -> Vec<f32> {
+        match self {
+            Absmax::F32(v) => v.clone(),
+            Absmax::Nested { q, absmax2, offset, code } => {
+                let mut out = vec![0.0f32; q.len()];
+                nf4::dequantize_absmax_nested(q, absmax2, *offset, code, &mut out);
+                out
+            }
+        }
+    }
+
+    fn size_in_bytes(&self) -> usize {
+        match self {
+            Absmax::F32(v) => 4 * v.len(),
+            // The offset is one f32 per tensor.
+            Absmax::Nested { q, absmax2, .. } => q.len() + 4 * absmax2.len() + 4,
+        }
+    }
+}
+
+/// A weight [out, in] stored as bitsandbytes NF4: packed nibbles (first element in the high nibble) and
+/// per-block absmax. `dtype` is the dtype it was quantized from and dequantizes to (bnb's `quant_state.dtype`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nf4Weight {
+    pub shape: [usize; 2],
+    pub blocksize: usize,
+    pub dtype: DType,
+    pub packed: Arc<Vec<u8>>,
+    pub absmax: Absmax,
+}
+
+impl Nf4Weight {
+    /// Quantizes `w` ([out, in], f32/bf16/f16) exactly as `bitsandbytes.functional.quantize_4bit(w.cuda(),
+    /// blocksize, compress_statistics=double_quant, quant_type="nf4")`. The nested offset may differ from bnb's
+    /// in the last ulp (see `nf4::absmax_mean`).
+    pub fn quantize(w: &Tensor, blocksize: usize, double_quant: bool) -> Result<Self> {
+        let [rows, cols] = *w.shape() else {
+            return Err(Error::shape("nf4 quantize", format!("weight must be 2-D [out, in], got {:?}", w.shape())));
+        };
+        if !(32..=4096).contains(&blocksize) || !blocksize.is_power_of_two() {
+            return Err(Error::invalid(
+                "nf4 quantize",
+                format!("blocksize must be a power of two in 32..=4096, got {blocksize}"),
+            ));
+        }
+        let n = rows * cols;
+        let mut packed = vec![0u8; nf4::nf4_packed_len(n)];
+        let mut absmax = vec![0f32; nf4::nf4_num_blocks(n, blocksize)];
+        match w.dtype() {
+            DType::BF16 => nf4::quantize_nf4(&w.values::<bf16>(), blocksize, &mut packed, &mut absmax),
+            DType::F16 => nf4::quantize_nf4(&w.values::<f16>(), blocksize, &mut packed, &mut absmax),
+            DType::F32 | DType::F64 => nf4::quantize_nf4(&w.values::<f32>(), blocksize, &mut packed, &mut absmax),
+            other => return Err(Error::DType { op: "nf4 quantize", expected: DType::BF16, got: other }),
+        }
+        let absmax = if double_quant && !absmax.is_empty() {
+            let NestedAbsmax { offset, qabsmax, absmax2 } = nf4::quantize_absmax_nested(&absmax);
+            Absmax::Nested { q: qabsmax, absmax2, offset, code: DYNAMIC_MAP_SIGNED.to_vec() }
+        } else {
+            Absmax::F32(absmax)
+        };
+        let dtype = if w.dtype() == DType::F64 { DType::F32 } else { w.dtype() };
+        Ok(Nf4Weight { shape: [rows, cols], blocksize, dtype, packed: Arc::new(packed), absmax })
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.shape[0] * self.shape[1]
+    }
+
+    /// The weight as a dense tensor of `dtype` (each value `code[q]·absmax` in f32, rounded once).
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        let n = self.elem_count();
+        let absmax = self.absmax.resolve();
+        match dtype {
+            DType::F32 => {
+                let mut out = vec![0f32; n];
+                nf4::dequantize_nf4(&self.packed, &absmax, self.blocksize, &mut out);
+                Tensor::from_vec(out, &self.shape)
+            }
+            DType::BF16 => {
+                let mut out = vec![bf16::ZERO; n];
+                nf4::dequantize_nf4(&self.packed, &absmax, self.blocksize, &mut out);
+                Tensor::from_vec(out, &self.shape)
+            }
+            DType::F16 => {
+                let mut out = vec![f16::ZERO; n];
+                nf4::dequantize_nf4(&self.packed, &absmax, self.blocksize, &mut out);
+                Tensor::from_vec(out, &self.shape)
+            }
+            other => Err(Error::DType { op: "nf4 dequantize", expected: DType::BF16, got: other }),
+        }
+    }
+
+    /// Bytes held: packed nibbles plus scales.
+    pub fn size_in_bytes(&self) -> usize {
+        self.packed.len() + self.absmax.size_in_bytes()
+    }
+
+    pub fn bits_per_param(&self) -> f64 {
+        8.0 * self.size_in_bytes() as f64 / self.elem_count().max(1) as f64
+    }
+
+    /// The NF4 code this format dequantizes with (checkpoints repeat it as `weight.quant_map`).
+    pub fn code() -> &'static [f32; 16] {
+        &NF4_CODE
+    }
+}
+
+/// A frozen linear weight [out, in]: plain LoRA keeps it dense (bf16), QLoRA as NF4.
+#[derive(Clone, Debug)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    Nf4(Nf4Weight),
+}
+
+impl BaseWeight {
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            BaseWeight::Dense(t) => [t.shape()[0], t.shape()[1]],
+            BaseWeight::Nf4(w) => w.shape,
+        }
+    }
+
+    /// The weight in `dtype` for compute (CPU: f32; a dense weight already in `dtype` is returned as is).
+    pub fn materialize(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(t) => Ok(t.to_dtype(dtype)),
+            BaseWeight::Nf4(w) if dtype == DType::F64 => Ok(w.dequantize(DType::F32)?.to_dtype(DType::F64)),
+            BaseWeight::Nf4(w) => w.dequantize(dtype),
+        }
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(t) => t.size_in_bytes(),
+            BaseWeight::Nf4(w) => w.size_in_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlora_kernels::Rng;
+
+    #[test]
+    fn quantize_dequantize_round_trip_and_accounting() {
+        let mut rng = Rng::new(1);
+        let w = Tensor::randn(&[256, 1024], 0.02, DType::BF16, &mut rng);
+        for (dq, bits) in [(false, 4.5), (true, 4.127)] {
+            let q = Nf4Weight::quantize(&w, 64, dq).unwrap();
+            assert!((q.bits_per_param() - bits).abs() < 1e-3, "{} vs {bits}", q.bits_per_param());
+            let back = q.dequantize(DType::F32).unwrap().to_vec::<f32>();
+            let orig = w.to_vec::<f32>();
+            let absmax = q.absmax.resolve();
+            let true_absmax: Vec<f32> = orig.chunks(64).map(|b| b.iter().fold(0f32, |m, x| m.max(x.abs()))).collect();
+            for (i, (a, b)) in back.iter().zip(&orig).enumerate() {
+                // Half the widest NF4 gap (−0.6962 − (−1.0)) times the block's scale, plus what double quantization
+                // moved the scale itself, bounds the error.
+                let (t, r) = (true_absmax[i / 64], absmax[i / 64]);
+                let bound = 0.1520 * t * 1.001 + (t - r).abs();
+                assert!((a - b).abs() <= bound, "[{i}] {a} vs {b} (bound {bound})");
+            }
+            assert_eq!(q.dequantize(DType::BF16).unwrap().dtype(), DType::BF16);
+        }
+        assert!(Nf4Weight::quantize(&w, 48, false).is_err());
+        assert!(Nf4Weight::quantize(&Tensor::zeros(&[4], DType::F32), 64, false).is_err());
+    }
+}
