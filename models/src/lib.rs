@@ -1,7 +1,14 @@
 //! qlora-rt models. Owns: model definitions written with the autograd ops, checkpoint loading, adapters and
 //! their PEFT files. Must not own numerics (`runtime`, `kernels`) or training loops (`cli`).
 //!
-//! Today it holds [`toy`], a two-layer Llama-shaped decoder trained from scratch on a synthetic task, which
-//! exercises every op of the training graph end to end on CPU without any checkpoint file.
+//! [`toy`] is a two-layer Llama-shaped decoder trained from scratch on a synthetic task, which exercises every
+//! op of the training graph end to end on CPU without any checkpoint file.
 
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod rope;
 pub mod toy;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};

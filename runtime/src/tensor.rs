@@ -37,6 +37,11 @@ impl fmt::Debug for Tensor {
 }
 
 impl Tensor {
+    /// A CPU tensor over `storage` (row-major); errors when the length does not match the shape.
+    pub fn from_cpu_storage(storage: CpuStorage, shape: &[usize]) -> Result<Self> {
+        Self::from_storage(storage, shape)
+    }
+
     pub(crate) fn from_storage(storage: CpuStorage, shape: &[usize]) -> Result<Self> {
         let layout = Layout::contiguous(shape);
         if layout.elem_count() != storage.len() {
