@@ -106,6 +106,11 @@ impl Checkpoint {
             found.sort();
             found
         };
+        Self::from_files(&files)
+    }
+
+    /// Opens exactly these safetensors files as one checkpoint.
+    pub fn from_files(files: &[PathBuf]) -> Result<Self> {
         let mut shards = Vec::with_capacity(files.len());
         let mut index = HashMap::new();
         for (i, path) in files.iter().enumerate() {
@@ -135,10 +140,16 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
+    /// An error about tensor `name`, naming the file that holds it (or the first shard when it is missing).
+    pub fn tensor_error(&self, name: &str, msg: impl Into<String>) -> Error {
+        let shard = self.index.get(name).map_or(0, |&i| i);
+        let path = self.shards.get(shard).map(|s| s.path.clone()).unwrap_or_default();
+        Error::Tensor { path, tensor: name.into(), msg: msg.into() }
+    }
+
     fn locate(&self, name: &str) -> Result<(&Shard, &safetensors::tensor::TensorInfo)> {
         let Some(&i) = self.index.get(name) else {
-            let path = self.shards.first().map(|s| s.path.clone()).unwrap_or_default();
-            return Err(Error::Tensor { path, tensor: name.into(), msg: "missing from the checkpoint".into() });
+            return Err(self.tensor_error(name, "missing from the checkpoint"));
         };
         let shard = &self.shards[i];
         let info = shard.metadata.info(name).expect("indexed from this shard's metadata");
@@ -180,12 +191,7 @@ impl Checkpoint {
     pub fn load_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.load(name)?;
         if t.shape() != shape {
-            let (shard, _) = self.locate(name)?;
-            return Err(Error::Tensor {
-                path: shard.path.clone(),
-                tensor: name.into(),
-                msg: format!("shape {:?}, expected {shape:?} from config.json", t.shape()),
-            });
+            return Err(self.tensor_error(name, format!("shape {:?}, expected {shape:?} from config.json", t.shape())));
         }
         Ok(t)
     }

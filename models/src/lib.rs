@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod rope;
 pub mod toy;
+pub mod transformer;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};

@@ -1,0 +1,359 @@
+//! Llama and Gemma (1, 2, 3 text) decoders, written with the autograd ops and named as transformers names
+//! them (`model.layers.{i}.self_attn.q_proj`, ...), so checkpoint keys map one to one.
+//!
+//! Differences between the families are data, read from [`ModelConfig`]: the norm offset (Gemma's 1 + w),
+//! the embedding scale, the MLP activation, sandwich norms (Gemma 2/3), q/k norms (Gemma 3), attention scale
+//! and softcapping, sliding-window layers and per-layer rope bases.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Activation, Family, LayerKind, ModelConfig};
+use crate::error::{Error, Result};
+use crate::rope::inv_freq;
+use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
+use qlora_runtime::ops::nn::rope_tables;
+use qlora_runtime::quant::{BaseWeight, Nf4Weight};
+use qlora_runtime::{DType, Tensor};
+use std::path::Path;
+use std::rc::Rc;
+
+/// How frozen linear weights are held after loading.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BaseFormat {
+    /// Dense in this dtype (plain LoRA; f32 for parity tests).
+    Dense(DType),
+    /// NF4 (QLoRA), quantized as each tensor streams in.
+    Nf4 { blocksize: usize, double_quant: bool },
+}
+
+/// A linear layer of the decoder: frozen base, optional frozen bias, optional trainable adapter.
+pub struct Projection {
+    /// Module path as transformers names it, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub base: BaseWeight,
+    pub bias: Option<Param>,
+    pub adapter: Option<LoraAdapter>,
+}
+
+impl Projection {
+    fn forward(&self, t: &Tape, x: &Var, dropout_seed: u64) -> qlora_runtime::Result<Var> {
+        let bias = self.bias.as_ref().map(|b| t.param(b));
+        t.lora_linear(x, &self.base, bias.as_ref(), self.adapter.as_ref(), dropout_seed)
+    }
+}
+
+pub struct SelfAttention {
+    pub q_proj: Projection,
+    pub k_proj: Projection,
+    pub v_proj: Projection,
+    pub o_proj: Projection,
+    pub q_norm: Option<Param>,
+    pub k_norm: Option<Param>,
+}
+
+pub struct Mlp {
+    pub gate_proj: Projection,
+    pub up_proj: Projection,
+    pub down_proj: Projection,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Param,
+    pub post_attention_layernorm: Param,
+    /// Gemma 2/3 sandwich norms.
+    pub pre_feedforward_layernorm: Option<Param>,
+    pub post_feedforward_layernorm: Option<Param>,
+    pub self_attn: SelfAttention,
+    pub mlp: Mlp,
+    pub kind: LayerKind,
+}
+
+/// Token ids of a packed batch: sequences concatenated into one row, positions restarting at each sequence,
+/// `cu_seqlens` marking the boundaries (attention never crosses them). `targets[i]` is the token position i
+/// must predict, or −100.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    pub cu_seqlens: Tensor,
+    pub targets: Tensor,
+}
+
+impl Batch {
+    /// Builds a packed batch from whole sequences, each with next-token targets (the last token of each
+    /// sequence predicts nothing). `labels[s][i]` = −100 masks position i as a target.
+    pub fn pack(sequences: &[(Vec<i32>, Vec<i32>)]) -> qlora_runtime::Result<Self> {
+        let (mut ids, mut pos, mut cu, mut targets) = (vec![], vec![], vec![0i32], vec![]);
+        for (tokens, labels) in sequences {
+            if tokens.len() != labels.len() {
+                return Err(qlora_runtime::Error::invalid("batch", "tokens and labels differ in length"));
+            }
+            ids.extend(tokens);
+            pos.extend(0..tokens.len() as i32);
+            targets.extend(labels.iter().skip(1));
+            if !tokens.is_empty() {
+                targets.push(-100);
+            }
+            cu.push(ids.len() as i32);
+        }
+        let t = |v: Vec<i32>| {
+            let n = v.len();
+            Tensor::from_vec(v, &[n])
+        };
+        Ok(Batch { ids: t(ids)?, positions: t(pos)?, cu_seqlens: t(cu)?, targets: t(targets)? })
+    }
+
+    /// Positions whose target is trained (not −100).
+    pub fn trained_tokens(&self) -> usize {
+        self.targets.values::<i32>().iter().filter(|&&t| t >= 0).count()
+    }
+}
+
+/// A causal language model: embeddings, decoder layers, final norm, head.
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub embed_tokens: Param,
+    pub layers: Rc<Vec<DecoderLayer>>,
+    pub norm: Param,
+    /// None when tied to `embed_tokens`.
+    pub lm_head: Option<Param>,
+    /// Recompute each decoder layer in backward instead of keeping its activations (on by default).
+    pub gradient_checkpointing: bool,
+}
+
+/// Everything a layer's forward reads besides its input, shared by all layers of one batch.
+struct LayerInputs {
+    cu_seqlens: Tensor,
+    /// (cos, sin) for full-attention layers and for sliding layers (they differ only for Gemma 3).
+    rope_full: (Tensor, Tensor),
+    rope_local: (Tensor, Tensor),
+    dropout_seed: u64,
+}
+
+fn norm_offset(family: Family) -> f64 {
+    if family == Family::Llama {
+        0.0
+    } else {
+        1.0
+    }
+}
+
+impl CausalLm {
+    /// Loads a Hugging Face model folder (config.json + safetensors), quantizing linear weights to NF4 as they
+    /// stream in when asked. Norms and embeddings are kept in f32 for CPU compute.
+    pub fn load(dir: &Path, format: BaseFormat) -> Result<Self> {
+        let config = ModelConfig::load(dir)?;
+        let ck = Checkpoint::open(dir)?;
+        Self::from_checkpoint(config, &ck, format)
+    }
+
+    pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint, format: BaseFormat) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let frozen = |name: &str, shape: &[usize]| -> Result<Param> {
+            Ok(Param::frozen(name, ck.load_shaped(name, shape)?.to_dtype(DType::F32)))
+        };
+        let proj = |name: String, out: usize, inp: usize, bias: bool| -> Result<Projection> {
+            let w = ck.load_shaped(&format!("{name}.weight"), &[out, inp])?;
+            let base = match format {
+                BaseFormat::Dense(dtype) => BaseWeight::Dense(w.to_dtype(dtype)),
+                BaseFormat::Nf4 { blocksize, double_quant } => {
+                    let tensor = format!("{name}.weight");
+                    BaseWeight::Nf4(
+                        Nf4Weight::quantize(&w, blocksize, double_quant)
+                            .map_err(|e| ck.tensor_error(&tensor, e.to_string()))?,
+                    )
+                }
+            };
+            let bias = if bias { Some(frozen(&format!("{name}.bias"), &[out])?) } else { None };
+            Ok(Projection { name, base, bias, adapter: None })
+        };
+        let gemma_sandwich = matches!(c.family, Family::Gemma2 | Family::Gemma3);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let (qo, kvo) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+            let opt_norm = |suffix: &str, dim: usize, present: bool| -> Result<Option<Param>> {
+                if present {
+                    Ok(Some(frozen(&format!("{p}.{suffix}.weight"), &[dim])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: frozen(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: frozen(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                pre_feedforward_layernorm: opt_norm("pre_feedforward_layernorm", h, gemma_sandwich)?,
+                post_feedforward_layernorm: opt_norm("post_feedforward_layernorm", h, gemma_sandwich)?,
+                self_attn: SelfAttention {
+                    q_proj: proj(format!("{p}.self_attn.q_proj"), qo, h, c.attention_bias)?,
+                    k_proj: proj(format!("{p}.self_attn.k_proj"), kvo, h, c.attention_bias)?,
+                    v_proj: proj(format!("{p}.self_attn.v_proj"), kvo, h, c.attention_bias)?,
+                    o_proj: proj(format!("{p}.self_attn.o_proj"), h, qo, c.attention_bias)?,
+                    q_norm: opt_norm("self_attn.q_norm", hd, c.family == Family::Gemma3)?,
+                    k_norm: opt_norm("self_attn.k_norm", hd, c.family == Family::Gemma3)?,
+                },
+                mlp: Mlp {
+                    gate_proj: proj(format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                    up_proj: proj(format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                    down_proj: proj(format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                },
+                kind: c.layer_kinds[i],
+            });
+        }
+        let embed_tokens = frozen("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
+            None
+        } else {
+            Some(frozen("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        let norm = frozen("model.norm.weight", &[h])?;
+        Ok(CausalLm { config, embed_tokens, layers: Rc::new(layers), norm, lm_head, gradient_checkpointing: true })
+    }
+
+    /// Every projection, in layer order (q, k, v, o, gate, up, down).
+    pub fn projections_mut(&mut self) -> Result<Vec<&mut Projection>> {
+        let layers = Rc::get_mut(&mut self.layers).ok_or_else(|| {
+            Error::Runtime(qlora_runtime::Error::invalid("model", "layers are shared by a forward still in flight"))
+        })?;
+        Ok(layers
+            .iter_mut()
+            .flat_map(|l| {
+                let a = &mut l.self_attn;
+                let m = &mut l.mlp;
+                [
+                    &mut a.q_proj,
+                    &mut a.k_proj,
+                    &mut a.v_proj,
+                    &mut a.o_proj,
+                    &mut m.gate_proj,
+                    &mut m.up_proj,
+                    &mut m.down_proj,
+                ]
+            })
+            .collect())
+    }
+
+    /// Trainable parameters (the adapters').
+    pub fn trainable_params(&self) -> Vec<Param> {
+        let mut ps = Vec::new();
+        for l in self.layers.iter() {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for p in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                if let Some(ad) = &p.adapter {
+                    ps.extend(ad.params().into_iter().cloned());
+                }
+            }
+        }
+        ps
+    }
+
+    fn rope(&self, positions: &Tensor, rope: &crate::config::Rope) -> qlora_runtime::Result<(Tensor, Tensor)> {
+        let f = inv_freq(rope, self.config.head_dim);
+        let n = f.len();
+        rope_tables(positions, &Tensor::from_vec(f, &[n])?)
+    }
+
+    /// logits: [tokens, vocab] for a packed batch. `dropout_seed` makes adapter dropout reproducible.
+    pub fn logits(&self, t: &Tape, batch: &Batch, dropout_seed: u64) -> qlora_runtime::Result<Var> {
+        let c = &self.config;
+        let inputs = Rc::new(LayerInputs {
+            cu_seqlens: batch.cu_seqlens.clone(),
+            rope_full: self.rope(&batch.positions, &c.rope)?,
+            rope_local: self.rope(&batch.positions, &c.rope_local)?,
+            dropout_seed,
+        });
+        let embed = t.param(&self.embed_tokens);
+        let mut x = t.embedding(&embed, &batch.ids)?;
+        if c.family != Family::Llama {
+            // transformers rounds √hidden to the activation dtype first (f32 here).
+            x = t.scale(&x, (c.hidden_size as f64).sqrt() as f32 as f64)?;
+        }
+        for i in 0..self.layers.len() {
+            x = if self.gradient_checkpointing && t.is_recording() {
+                let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
+                t.checkpoint(&[&x], move |t, ins| Ok(vec![layer_forward(t, &cfg, i, &layers[i], &inputs, &ins[0])?]))?
+                    .remove(0)
+            } else {
+                layer_forward(t, c, i, &self.layers[i], &inputs, &x)?
+            };
+        }
+        let x = t.rms_norm(&x, &t.param(&self.norm), c.rms_norm_eps, norm_offset(c.family))?;
+        let head = match &self.lm_head {
+            Some(w) => t.param(w),
+            None => embed,
+        };
+        let logits = t.linear(&x, &head, None)?;
+        match c.final_logit_softcapping {
+            Some(cap) => t.softcap(&logits, cap),
+            None => Ok(logits),
+        }
+    }
+
+    /// Σ token losses ÷ `normalizer` (pass the trained-token count of the whole accumulated batch).
+    pub fn loss(&self, t: &Tape, batch: &Batch, normalizer: f64, dropout_seed: u64) -> qlora_runtime::Result<Var> {
+        let logits = self.logits(t, batch, dropout_seed)?;
+        t.cross_entropy(&logits, &batch.targets, normalizer)
+    }
+}
+
+fn layer_forward(
+    t: &Tape,
+    c: &ModelConfig,
+    index: usize,
+    l: &DecoderLayer,
+    inp: &LayerInputs,
+    x: &Var,
+) -> qlora_runtime::Result<Var> {
+    let (tokens, hd) = (x.shape()[0], c.head_dim);
+    let offset = norm_offset(c.family);
+    let eps = c.rms_norm_eps;
+    // Distinct, reproducible dropout streams per layer and projection.
+    let seed = |k: u64| inp.dropout_seed ^ ((index as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let a = &l.self_attn;
+
+    let h = t.rms_norm(x, &t.param(&l.input_layernorm), eps, offset)?;
+    let mut q = t.reshape(&a.q_proj.forward(t, &h, seed(0))?, &[tokens, c.num_attention_heads, hd])?;
+    let mut k = t.reshape(&a.k_proj.forward(t, &h, seed(1))?, &[tokens, c.num_key_value_heads, hd])?;
+    let v = t.reshape(&a.v_proj.forward(t, &h, seed(2))?, &[tokens, c.num_key_value_heads, hd])?;
+    if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+        q = t.rms_norm(&q, &t.param(qn), eps, offset)?;
+        k = t.rms_norm(&k, &t.param(kn), eps, offset)?;
+    }
+    let (cos, sin) = if l.kind == LayerKind::Sliding { &inp.rope_local } else { &inp.rope_full };
+    let (q, k) = (t.rope(&q, cos, sin)?, t.rope(&k, cos, sin)?);
+    let p = AttentionParams {
+        n_heads: c.num_attention_heads,
+        n_kv_heads: c.num_key_value_heads,
+        head_dim: hd,
+        scale: c.attention_scale,
+        causal: true,
+        sliding_window: if l.kind == LayerKind::Sliding { c.sliding_window } else { None },
+        softcap: c.attn_logit_softcapping,
+    };
+    let attn = t.attention(&p, &q, &k, &v, &inp.cu_seqlens, &inp.cu_seqlens)?;
+    let attn = t.reshape(&attn, &[tokens, c.num_attention_heads * hd])?;
+    let mut attn = a.o_proj.forward(t, &attn, seed(3))?;
+    // Gemma 2/3 sandwich: post_attention_layernorm normalises the attention output before the residual add and
+    // pre_feedforward_layernorm feeds the MLP; Llama and Gemma 1 feed the MLP through post_attention_layernorm.
+    let ff_norm = match &l.pre_feedforward_layernorm {
+        Some(pre) => {
+            attn = t.rms_norm(&attn, &t.param(&l.post_attention_layernorm), eps, offset)?;
+            pre
+        }
+        None => &l.post_attention_layernorm,
+    };
+    let x = t.add(x, &attn)?;
+    let h = t.rms_norm(&x, &t.param(ff_norm), eps, offset)?;
+    let gate = l.mlp.gate_proj.forward(t, &h, seed(4))?;
+    let up = l.mlp.up_proj.forward(t, &h, seed(5))?;
+    let glu = match c.activation {
+        Activation::Silu => Glu::SwiGlu,
+        Activation::GeluTanh => Glu::GeGlu,
+    };
+    let mut m = l.mlp.down_proj.forward(t, &t.glu(glu, &gate, &up)?, seed(6))?;
+    if let Some(n) = &l.post_feedforward_layernorm {
+        m = t.rms_norm(&m, &t.param(n), eps, offset)?;
+    }
+    t.add(&x, &m)
+}

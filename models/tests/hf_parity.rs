@@ -1,0 +1,90 @@
+//! Llama, Gemma, Gemma 2 and Gemma 3 against transformers: tiny random checkpoints and the logits, loss and
+//! NF4 logits transformers (+ bitsandbytes) computed for them, made by scripts/reference/tiny_models.py.
+
+use qlora_autograd::Tape;
+use qlora_kernels::testing::{assert_close, Tolerance};
+use qlora_models::checkpoint::Checkpoint;
+use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_runtime::DType;
+use std::path::PathBuf;
+
+fn fixture(family: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(family);
+    assert!(
+        dir.join("reference.safetensors").exists(),
+        "missing fixture {}: run `python3 scripts/reference/tiny_models.py --out tests/fixtures/models`",
+        dir.display()
+    );
+    dir
+}
+
+struct Reference {
+    ck: Checkpoint,
+}
+
+impl Reference {
+    fn open(dir: &std::path::Path) -> Self {
+        Reference { ck: Checkpoint::from_files(&[dir.join("reference.safetensors")]).unwrap() }
+    }
+    fn f64s(&self, name: &str) -> Vec<f64> {
+        self.ck.load(name).unwrap().to_vec::<f64>()
+    }
+    fn batch(&self) -> Batch {
+        let ids = self.ck.load("input_ids").unwrap().to_vec::<i32>();
+        Batch::pack(&[(ids.clone(), ids)]).unwrap()
+    }
+}
+
+/// f32 forward of the same f32 weights: summation order differs, values agree to ~1e-6 relative.
+const LOGITS: Tolerance = Tolerance { abs: 1e-5, rel: 1e-4 };
+
+fn check_dense(family: &str) {
+    let dir = fixture(family);
+    let r = Reference::open(&dir);
+    let model = CausalLm::load(&dir, BaseFormat::Dense(DType::F32)).unwrap();
+    let batch = r.batch();
+    let tape = Tape::new();
+    let logits = tape.no_grad(|| model.logits(&tape, &batch, 0)).unwrap();
+    assert_close(&format!("{family} logits"), &logits.value().to_vec::<f64>(), &r.f64s("logits"), LOGITS);
+    let n = batch.trained_tokens() as f64;
+    let loss = tape.no_grad(|| model.loss(&tape, &batch, n, 0)).unwrap().value().to_scalar::<f64>().unwrap();
+    assert_close(&format!("{family} loss"), &[loss], &r.f64s("loss"), Tolerance { abs: 1e-5, rel: 1e-5 });
+}
+
+/// Our NF4 quantization is bnb's bit for bit (the nested offset up to an ulp), so the dequantized weights agree
+/// and only f32 summation order separates the logits.
+fn check_nf4(family: &str) {
+    let dir = fixture(family);
+    let r = Reference::open(&dir);
+    if !r.ck.contains("nf4_logits") {
+        panic!("{family}: the fixture lacks nf4_logits (regenerate it on a machine with CUDA and bitsandbytes)");
+    }
+    let model = CausalLm::load(&dir, BaseFormat::Nf4 { blocksize: 64, double_quant: true }).unwrap();
+    let tape = Tape::new();
+    let logits = tape.no_grad(|| model.logits(&tape, &r.batch(), 0)).unwrap();
+    assert_close(&format!("{family} NF4 logits"), &logits.value().to_vec::<f64>(), &r.f64s("nf4_logits"), LOGITS);
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check_dense("llama");
+    check_nf4("llama");
+}
+
+#[test]
+fn gemma_matches_transformers() {
+    check_dense("gemma");
+    check_nf4("gemma");
+}
+
+#[test]
+fn gemma2_matches_transformers() {
+    check_dense("gemma2");
+    check_nf4("gemma2");
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    check_dense("gemma3");
+    check_nf4("gemma3");
+}
