@@ -5,11 +5,12 @@
 //! quantization of the absmax vector with the signed 8-bit dynamic map, and the memory accounting. It knows nothing of
 //! checkpoint keys or JSON (that is `models`' business) and holds no tensor type.
 //!
-//! What decides every bit here is bitsandbytes' CUDA code, not its pure-PyTorch fallback (which differs on all-zero
-//! blocks and on the padding nibble): `kQuantizeBlockwise`, `kQuantizeBlockwiseSmall` (block 32), `dQuantizeNF4`,
-//! `dQuantize<0>` and `kDequantizeBlockwise` in `csrc/kernels.cu`, and `quantize_4bit` / `dequantize_4bit` /
-//! `quantize_blockwise` in `bitsandbytes/functional.py` (design/REFERENCE.md §1). `tests/nf4_bitsandbytes.rs` checks
-//! this file against tensors dumped by bitsandbytes itself (`scripts/reference/nf4_fixtures.py`).
+//! What decides every bit here is bitsandbytes' CUDA code, not its pure-PyTorch fallback (which gives an all-zero
+//! block code 7 instead of 0 and divides by absmax in a partial last block): `kQuantizeBlockwise`,
+//! `kQuantizeBlockwiseSmall` (block 32), `dQuantizeNF4`, `dQuantize<0>` and `kDequantizeBlockwise` in
+//! `csrc/kernels.cu`, and `quantize_4bit` / `dequantize_4bit` / `quantize_blockwise` in `bitsandbytes/functional.py`
+//! (design/REFERENCE.md §1). `tests/nf4_bitsandbytes.rs` checks this file against tensors dumped by bitsandbytes
+//! itself (`scripts/reference/nf4_fixtures.py`).
 //!
 //! Layout, for a weight of n elements flattened row-major:
 //! - block b covers elements `[b·blocksize, (b+1)·blocksize)`; `absmax[b]` = max |x| over it, in f32;
@@ -17,6 +18,19 @@
 //! - byte j holds elements 2j (high nibble) and 2j+1 (low nibble): `(n + 1) / 2` bytes.
 //!
 //! Every block is computed by one task from its own inputs only, so results are bit-identical for any thread count.
+//!
+//! Floating-point environment. bitsandbytes builds its CUDA code with `--use_fast_math` (its `CMakeLists.txt`), and
+//! the kernels' SASS shows what that means here (checked on an H100 with bnb 0.50.2's `libbitsandbytes_cuda130.so`):
+//! - every f32 max, multiply, add and compare flushes subnormal inputs and results to zero (`FMNMX.FTZ`,
+//!   `FMUL.FTZ`, `FADD.FTZ`, `FSETP.*.FTZ`). This module does the same ([`ftz`]), so subnormal weights quantize as
+//!   bnb quantizes them (as zeros);
+//! - `1.0f / absmax` is a bare `MUFU.RCP` (`rcp.approx.ftz.f32`), not an IEEE division. It is faithfully rounded
+//!   (always IEEE's result or its neighbour) but differs from IEEE `1/x` in the last bit for 13.2 % of mantissas
+//!   (measured over all 2^23 mantissas; the set does not depend on the exponent). Its rounding is hardware-internal, so
+//!   this module uses the IEEE reciprocal. Consequence: a value whose scaled form lies within about an ulp of a
+//!   threshold can land one code away from bnb's (both codes are then equally near). Random weights essentially never
+//!   do (no such nibble in the fixtures' random cases); `tests/nf4_bitsandbytes.rs` probes it with values placed on
+//!   thresholds. Dequantization involves no reciprocal and is bit-exact.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -30,6 +44,8 @@ pub const NESTED_BLOCKSIZE: usize = 256;
 /// The 16 NF4 values, index = the 4-bit code. Exactly bitsandbytes' `get_4bit_type("nf4")` / `_NF4_QUANT_TABLE` and
 /// `dDequantizeNF4` (FORMATS.md, REFERENCE.md §1.1); each decimal is the shortest repr of the f32 value, so it parses
 /// back to that f32. Checkpoints store the same table as `weight.quant_map`.
+// The literals are bitsandbytes' own (greppable in its source); each parses to the intended f32.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.6961928009986877,
@@ -52,6 +68,8 @@ pub const NF4_CODE: [f32; 16] = [
 /// `NF4_THRESHOLDS[k]` separates code k from code k+1: the f32 literals of `dQuantizeNF4`'s decision tree in
 /// `csrc/kernels.cu` (REFERENCE.md §1.3). A scaled value goes above threshold k only if strictly greater, so a value
 /// exactly on a threshold takes the lower code.
+// The literals are bitsandbytes' own (greppable in its source); each parses to the intended f32.
+#[allow(clippy::excessive_precision)]
 pub const NF4_THRESHOLDS: [f32; 15] = [
     -0.8480964004993439,
     -0.6106329262256622,
@@ -206,6 +224,17 @@ pub fn nf4_num_blocks(n: usize, blocksize: usize) -> usize {
     n.div_ceil(blocksize)
 }
 
+/// Flush-to-zero, as every f32 operation of bnb's `--use_fast_math` kernels does to its inputs and results: a
+/// subnormal becomes a zero of the same sign.
+#[inline(always)]
+pub fn ftz(v: f32) -> f32 {
+    if v.is_subnormal() {
+        0.0f32.copysign(v)
+    } else {
+        v
+    }
+}
+
 /// The 4-bit code of one scaled value (`x = w · (1/absmax)`, nominally in [−1, 1]): `dQuantizeNF4`'s decision tree,
 /// transcribed. Ties go to the lower code; NaN (an all-zero block, `0 · ∞`) fails every comparison and gives code 0.
 #[inline]
@@ -272,17 +301,35 @@ fn blocks_per_task(blocksize: usize) -> usize {
     (1usize << 14).div_ceil(blocksize)
 }
 
+/// max |x| with the kernel's flush-to-zero max (`FMNMX.FTZ`): a block of zeros and subnormals has absmax 0.
+fn block_absmax(x: impl Iterator<Item = f32>) -> f32 {
+    x.fold(0.0f32, |m, v| m.max(ftz(v.abs())))
+}
+
+/// The kernels' per-block scale: `1/absmax`, flushed (absmax ≥ 2^126 gives 0). IEEE here; bnb's `MUFU.RCP` can differ
+/// in the last bit (module docs). absmax = 0 gives ∞, so every scaled value is NaN.
+#[inline]
+fn block_scale(absmax: f32) -> f32 {
+    ftz(1.0f32 / absmax)
+}
+
+/// `x · scale` as `FMUL.FTZ` computes it.
+#[inline(always)]
+fn scaled(x: f32, scale: f32) -> f32 {
+    ftz(ftz(x) * scale)
+}
+
 /// Quantizes one block into `packed` (`len.div_ceil(2)` bytes) and returns its absmax.
 fn quantize_nf4_block<T: WeightElem>(x: &[T], packed: &mut [u8]) -> f32 {
-    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
+    let absmax = block_absmax(x.iter().map(|v| v.to_f32()));
     // Reciprocal-multiply, as the CUDA kernel: `x · (1/absmax)` can differ from `x / absmax` by an ulp, which moves
     // values sitting on a threshold. absmax = 0 makes the scale ∞ and every scaled value NaN → code 0.
-    let scale = 1.0f32 / absmax;
+    let scale = block_scale(absmax);
     for (byte, pair) in packed.iter_mut().zip(x.chunks(2)) {
-        let hi = nf4_code_index(pair[0].to_f32() * scale);
+        let hi = nf4_code_index(scaled(pair[0].to_f32(), scale));
         // An odd tail is padded, like the kernel's load, with the value 0.0, quantized with the block's scale: code 7
         // (the NF4 zero) in a non-zero block, code 0 in an all-zero one. The nibble is never read back.
-        let lo = nf4_code_index(pair.get(1).map_or(0.0, |v| v.to_f32()) * scale);
+        let lo = nf4_code_index(scaled(pair.get(1).map_or(0.0, |v| v.to_f32()), scale));
         *byte = (hi << 4) | lo;
     }
     absmax
@@ -323,9 +370,9 @@ pub fn dequantize_nf4<T: WeightElem>(packed: &[u8], absmax: &[f32], blocksize: u
         .for_each(|((out, packed), absmax)| {
             for ((out, packed), &a) in out.chunks_mut(blocksize).zip(packed.chunks(blocksize / 2)).zip(absmax) {
                 for (pair, &byte) in out.chunks_mut(2).zip(packed) {
-                    pair[0] = T::from_f32(NF4_CODE[(byte >> 4) as usize] * a);
+                    pair[0] = T::from_f32(ftz(NF4_CODE[(byte >> 4) as usize] * a));
                     if let Some(second) = pair.get_mut(1) {
-                        *second = T::from_f32(NF4_CODE[(byte & 0x0F) as usize] * a);
+                        *second = T::from_f32(ftz(NF4_CODE[(byte & 0x0F) as usize] * a));
                     }
                 }
             }
@@ -390,10 +437,10 @@ pub fn quantize_blockwise_8bit(x: &[f32], code: &[f32], blocksize: usize, q: &mu
     assert_eq!(q.len(), x.len(), "quantize_blockwise_8bit: q length vs x");
     assert_eq!(absmax.len(), x.len().div_ceil(blocksize), "quantize_blockwise_8bit: absmax length vs blocks");
     x.par_chunks(blocksize).zip(q.par_chunks_mut(blocksize)).zip(absmax.par_iter_mut()).for_each(|((x, q), a)| {
-        *a = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let scale = 1.0f32 / *a;
+        *a = block_absmax(x.iter().copied());
+        let scale = block_scale(*a);
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = quantize_8bit_nearest(code, v * scale);
+            *q = quantize_8bit_nearest(code, scaled(v, scale));
         }
     });
 }
@@ -407,7 +454,7 @@ pub fn dequantize_blockwise_8bit(q: &[u8], absmax: &[f32], code: &[f32], blocksi
     assert_eq!(absmax.len(), q.len().div_ceil(blocksize), "dequantize_blockwise_8bit: absmax length vs blocks");
     out.par_chunks_mut(blocksize).zip(q.par_chunks(blocksize)).zip(absmax.par_iter()).for_each(|((out, q), &a)| {
         for (o, &q) in out.iter_mut().zip(q) {
-            *o = code[q as usize] * a;
+            *o = ftz(code[q as usize] * a);
         }
     });
 }
@@ -427,9 +474,9 @@ pub struct NestedAbsmax {
 
 /// The offset bnb subtracts before nested quantization: `torch.mean(absmax)` on the GPU, which is an f32 tree sum
 /// times `(float)1/n` (PyTorch's CUDA `mean_kernel_impl`, `MeanOps::project` = `acc · factor`). The tree's order is
-/// launch-dependent and not reproduced: the sum is taken in f64 and rounded once (the correctly rounded f32 sum, which
-/// an exact f32 tree reaches whenever it makes no rounding error), then multiplied by `1.0f32 / n` in f32 as torch
-/// does. It therefore equals bnb's offset for typical tensors and may differ from it in the last ulp; readers must use
+/// launch-dependent and not reproduced: the sum is taken in f64 (exact for any realistic absmax vector) and rounded once
+/// to f32, which is what the f32 tree gives whenever it makes no rounding error, then multiplied by `1.0f32 / n` as torch
+/// does. On the fixtures it equals bnb's offset in 10 of 13 tensors and is one ulp off in the others; readers must use
 /// the stored offset. absmax: [nb], nb ≥ 1.
 pub fn absmax_mean(absmax: &[f32]) -> f32 {
     assert!(!absmax.is_empty(), "absmax_mean: empty absmax (torch.mean would give NaN)");
@@ -460,6 +507,7 @@ pub fn quantize_absmax_nested_with_offset(absmax: &[f32], offset: f32) -> Nested
 /// qabsmax: [nb] u8, absmax2: [ceil(nb / 256)] f32, code2: [256] → out: [nb] f32.
 pub fn dequantize_absmax_nested(qabsmax: &[u8], absmax2: &[f32], offset: f32, code2: &[f32], out: &mut [f32]) {
     dequantize_blockwise_8bit(qabsmax, absmax2, code2, NESTED_BLOCKSIZE, out);
+    // `+= offset` is a PyTorch op, IEEE (no flush-to-zero), unlike bnb's own kernels.
     out.par_iter_mut().for_each(|a| *a += offset);
 }
 
@@ -615,6 +663,38 @@ mod tests {
         assert!(back.iter().zip(&x).all(|(a, b)| a == b), "values come back (zeros as −1.0 · 0)");
         // −1.0 · 0 = −0.0: the sign bnb's kernel produces for an all-zero block.
         assert_eq!(back[0].to_bits(), (-0.0f32).to_bits());
+    }
+
+    #[test]
+    fn subnormals_flush_to_zero_like_the_fast_math_kernels() {
+        let sub = f32::MIN_POSITIVE / 4.0; // subnormal
+        assert_eq!(
+            (ftz(sub), ftz(-sub).to_bits(), ftz(1.5), ftz(-0.0).to_bits()),
+            (0.0, (-0.0f32).to_bits(), 1.5, (-0.0f32).to_bits())
+        );
+        let mut x = vec![0.0f32; 3 * 64];
+        // Block 0: subnormals only → absmax 0 (FMNMX.FTZ) → code 0 everywhere.
+        x[..64].iter_mut().enumerate().for_each(|(i, v)| *v = sub * (i % 3) as f32);
+        // Block 1: a tiny normal absmax; its subnormal neighbour scales to 0 → code 7 (IEEE arithmetic: code 5).
+        let tiny = 3.5 * f32::MIN_POSITIVE;
+        x[64] = tiny;
+        x[65] = -0.75 * f32::MIN_POSITIVE;
+        x[66] = 0.75 * tiny;
+        // Normal, but its code (10) times tiny is subnormal.
+        x[67] = 0.29 * tiny;
+        // Block 2: absmax ≥ 2^126 makes 1/absmax subnormal → scale 0 → every code 7, the maximum's too.
+        x[128] = 2.0e38;
+        x[129] = -1.0e38;
+        let (packed, absmax) = quantize(&x, 64);
+        assert_eq!(absmax, [0.0, tiny, 2.0e38]);
+        assert!(packed[..32].iter().all(|&b| b == 0x00));
+        assert_eq!(packed[32], 0xF7, "max → 15, flushed subnormal → 7");
+        assert_eq!(packed[33], (14 << 4) | 10, "0.75·tiny and 0.29·tiny are normal");
+        assert!(packed[64..].iter().all(|&b| b == 0x77));
+        // Dequantization flushes subnormal products: code 10 (0.246) · tiny is subnormal → 0.
+        let back = dequantize(&packed, &absmax, 64, x.len());
+        assert_eq!((back[64], back[65], back[66], back[67]), (tiny, 0.0, NF4_CODE[14] * tiny, 0.0));
+        assert!(back[128..].iter().all(|&v| v == 0.0));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod peft;
 pub mod rope;
 pub mod toy;
 pub mod transformer;

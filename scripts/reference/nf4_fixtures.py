@@ -3,7 +3,8 @@
 
 The oracle is bitsandbytes' CUDA kernels (`quantize_4bit` / `dequantize_4bit` / `quantize_blockwise` on a CUDA
 tensor): that is what writes real QLoRA checkpoints. Its pure-PyTorch CPU fallback differs (an all-zero block gets
-code 7 instead of 0, the padding nibble is 0), so this script refuses to run without CUDA.
+code 7 instead of 0; a partial last block is divided by its absmax, not multiplied by the reciprocal), so this script
+refuses to run without CUDA.
 
 Usage (on a machine with a CUDA GPU, torch and bitsandbytes; checked with torch 2.11 + bitsandbytes 0.50.2):
 
@@ -33,7 +34,9 @@ Cases named `blockwise8_*` exercise bnb's 8-bit blockwise quantizer alone (the n
     {case}.dequant F32 [n]
 
 Global tensors: `dynamic_map_signed`, `dynamic_map_unsigned` (F32 [256], `create_dynamic_map(signed=...)`).
-The safetensors metadata records versions, the device, the seed, and per case `{case}.dtype` and `{case}.note`.
+The safetensors metadata records versions, the device, the seed, and per case `{case}.dtype` and `{case}.note`;
+`{case}.reciprocal_sensitive = "true"` marks cases whose values sit within an ulp of a rounding threshold after
+scaling, where bnb's approximate reciprocal (MUFU.RCP: its CUDA code is built with --use_fast_math) decides the code.
 """
 
 import argparse
@@ -88,13 +91,20 @@ CASES = [
     ("f32_5x43_b64_zero_blocks_dq", (5, 43), "float32", 64, True, "zero_blocks"),
     ("f32_4x64_b64_ties", (4, 64), "float32", 64, False, "ties"),
     ("f32_48x64_b64_edges", (48, 64), "float32", 64, False, "edges"),
+    ("f32_4x64_b64_subnormal", (4, 64), "float32", 64, False, "subnormal"),
+    ("f32_4x64_b64_subnormal_dq", (4, 64), "float32", 64, True, "subnormal"),
     ("f32_2x32_b32_codes", (2, 32), "float32", 32, False, "codes"),
 ]
+
+# Kinds whose values are placed on rounding thresholds of a block with a non-power-of-two absmax: the code then depends
+# on the last bit of 1/absmax, which bnb computes with MUFU.RCP (approximate; IEEE for ~87 % of mantissas).
+RECIPROCAL_SENSITIVE = {"edges"}
 
 # (name, n, blocksize, kind) for bnb's 8-bit blockwise quantizer with the signed dynamic map.
 BLOCKWISE8_CASES = [
     ("blockwise8_midpoints_b256", 1024, 256, "midpoints"),
     ("blockwise8_randn_b256", 700, 256, "randn"),
+    ("blockwise8_edges_b256", 2048, 256, "edges"),
 ]
 
 
@@ -125,7 +135,7 @@ def main():
     if not torch.cuda.is_available():
         fail(
             "no CUDA device visible to PyTorch. These fixtures must come from bitsandbytes' CUDA kernels: its CPU "
-            "fallback quantizes all-zero blocks and the padding nibble differently. Run this on a GPU machine."
+            "fallback quantizes all-zero blocks and partial last blocks differently. Run this on a GPU machine."
         )
 
     dev = torch.device("cuda")
@@ -179,6 +189,8 @@ def main():
             tensors[f"{name}.{key}"] = value
         meta[f"{name}.dtype"] = dtype_name
         meta[f"{name}.note"] = note
+        if kind in RECIPROCAL_SENSITIVE:
+            meta[f"{name}.reciprocal_sensitive"] = "true"
 
     for name, n, blocksize, kind in BLOCKWISE8_CASES:
         gen = torch.Generator().manual_seed(args.seed + zlib.crc32(name.encode()))
@@ -192,6 +204,8 @@ def main():
         tensors[f"{name}.absmax"] = state.absmax.float().cpu().contiguous()
         tensors[f"{name}.dequant"] = back.float().cpu().contiguous()
         meta[f"{name}.note"] = f"8-bit blockwise, signed dynamic map, kind {kind}"
+        if kind in RECIPROCAL_SENSITIVE:
+            meta[f"{name}.reciprocal_sensitive"] = "true"
 
     if skipped:
         meta["skipped"] = "; ".join(skipped)
@@ -271,9 +285,10 @@ def make_input(torch, kind, shape, gen):
         return torch.stack(rows_).reshape(shape), "NF4 code values times a scale (0.37, -1.9)"
     if kind == "ties":
         # Each row is one block whose largest |x| is a; its other values sit exactly on threshold·a as the kernel
-        # sees it (x·(1/a) == threshold in f32), one ulp above, and one ulp below.
+        # sees it (x·(1/a) == threshold in f32), one ulp above, and one ulp below. a is a power of two, so 1/a is
+        # exact on any hardware and the tie rule alone decides (the "edges" case covers other absmax values).
         out = []
-        for a, sign in [(1.0, 1.0), (2.0, -1.0), (0.7, 1.0), (3.3, -1.0)]:
+        for a, sign in [(1.0, 1.0), (2.0, -1.0), (0.5, 1.0), (4.0, -1.0)]:
             a = torch.tensor(a, dtype=torch.float32)
             ties = exact_preimages(torch, t, a)
             up = torch.nextafter(ties, torch.full_like(ties, float("inf")))
@@ -294,6 +309,20 @@ def make_input(torch, kind, shape, gen):
             x = torch.where(step < 0, torch.nextafter(x, torch.full_like(x, -float("inf"))), x)
             out.append(torch.cat([a.reshape(1), x]))
         return torch.stack(out).reshape(shape), "random absmax per block, values at threshold*absmax +- 1 ulp"
+    if kind == "subnormal":
+        # bnb's kernels flush subnormals to zero in every f32 max, multiply and compare (--use_fast_math).
+        mn = torch.finfo(torch.float32).tiny  # smallest normal
+        x = torch.zeros(shape)
+        x[0] = (torch.rand(cols, generator=gen) * 2 - 1) * mn  # subnormals only: absmax 0 on the GPU
+        tiny = 3.5 * mn
+        x[1] = (torch.rand(cols, generator=gen) * 2 - 1) * tiny  # normal and subnormal values under a tiny absmax
+        x[1, 0] = tiny
+        x[1, 1] = 0.29 * tiny  # normal, but its code (10) times tiny is subnormal
+        x[2] = (torch.rand(cols, generator=gen) * 2 - 1) * 1.0e38
+        x[2, 0] = 2.0e38  # 1/absmax is subnormal: flushed, every code 7
+        x[3] = torch.randn(cols, generator=gen) * 0.02
+        x[3, 5:9] = torch.tensor([mn / 2, -mn / 3, mn / 7, -mn / 9])
+        return x, "subnormals: a block of them, a tiny absmax, absmax 2e38, a few in a normal block"
     raise ValueError(kind)
 
 
@@ -333,6 +362,20 @@ def make_blockwise8_input(torch, kind, n, blocksize, code, gen):
                 chunk = torch.cat([chunk, vals[: per_block - chunk.numel()]])
             x[b * blocksize] = 1.0
             x[b * blocksize + 1 : (b + 1) * blocksize] = chunk
+        return x
+    if kind == "edges":
+        # Random absmax per block, values whose scaled form is a midpoint the kernel computes, or 1 ulp off.
+        mids = (code[:-1] + code[1:]) * 0.5
+        x = torch.empty(n)
+        for b in range(n // blocksize):
+            a = (torch.exp(torch.randn((), generator=gen)) * 0.05).float()
+            k = torch.randint(0, 255, (blocksize - 1,), generator=gen)
+            v = exact_preimages(torch, mids[k], a)
+            step = torch.randint(-1, 2, (blocksize - 1,), generator=gen)
+            v = torch.where(step > 0, torch.nextafter(v, torch.full_like(v, float("inf"))), v)
+            v = torch.where(step < 0, torch.nextafter(v, torch.full_like(v, -float("inf"))), v)
+            x[b * blocksize] = a
+            x[b * blocksize + 1 : (b + 1) * blocksize] = v
         return x
     raise ValueError(kind)
 

@@ -1,0 +1,164 @@
+//! PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`), as peft's `save_pretrained`
+//! writes them and `PeftModel.from_pretrained` reads them.
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::transformer::CausalLm;
+use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit, Param};
+use qlora_runtime::DType;
+use serde_json::Value;
+use std::path::Path;
+
+/// The prefix peft puts before a causal LM's module paths in adapter files.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The parts of `adapter_config.json` qlora-rt uses; unknown fields are ignored, as peft ignores them across
+/// versions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    /// Per-module overrides, keyed by a module name or name suffix (peft's rank_pattern / alpha_pattern).
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+}
+
+/// peft matches a pattern key against a module path as `(.*\.)?{key}$`; keys here are plain names, so that is
+/// "equal, or ends with `.key`".
+fn pattern_matches(key: &str, module: &str) -> bool {
+    module == key || module.ends_with(&format!(".{key}"))
+}
+
+impl AdapterConfig {
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::json(path, &e))?;
+        let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+        let bad = |k: &str, what: &str| Error::config(path, k, what.to_string());
+        if let Some(t) = field("peft_type").and_then(Value::as_str) {
+            if t != "LORA" {
+                return Err(bad("peft_type", &format!("\"{t}\" is not supported (only LORA, with or without DoRA)")));
+            }
+        }
+        let r = field("r").and_then(Value::as_u64).ok_or_else(|| bad("r", "missing or not a positive integer"))?;
+        let lora_alpha =
+            field("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("lora_alpha", "missing or not a number"))?;
+        let flag = |k: &str| -> Result<bool> {
+            match field(k) {
+                None => Ok(false),
+                Some(x) => x.as_bool().ok_or_else(|| bad(k, "expected true or false")),
+            }
+        };
+        let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
+            match field(k) {
+                None => Ok(vec![]),
+                Some(Value::Object(m)) => m
+                    .iter()
+                    .map(|(name, x)| {
+                        x.as_f64().map(|n| (name.clone(), n)).ok_or_else(|| bad(k, "values must be numbers"))
+                    })
+                    .collect(),
+                Some(_) => Err(bad(k, "expected an object")),
+            }
+        };
+        Ok(AdapterConfig {
+            r: r as usize,
+            lora_alpha,
+            lora_dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+            use_rslora: flag("use_rslora")?,
+            use_dora: flag("use_dora")?,
+            rank_pattern: pattern("rank_pattern")?.into_iter().map(|(k, n)| (k, n as usize)).collect(),
+            alpha_pattern: pattern("alpha_pattern")?,
+        })
+    }
+
+    /// The LoRA hyperparameters of one module after rank_pattern / alpha_pattern.
+    pub fn for_module(&self, module: &str) -> LoraConfig {
+        let r = self.rank_pattern.iter().find(|(k, _)| pattern_matches(k, module)).map_or(self.r, |(_, r)| *r);
+        let alpha =
+            self.alpha_pattern.iter().find(|(k, _)| pattern_matches(k, module)).map_or(self.lora_alpha, |(_, a)| *a);
+        LoraConfig {
+            r,
+            alpha,
+            use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
+            dropout: self.lora_dropout,
+            init: LoraInit::Default,
+        }
+    }
+}
+
+/// Attaches the adapter in `dir` to `model`'s projections (trainable, f32). Returns how many modules it adapts.
+/// Every `lora_*` tensor in the file must belong to a projection of the model, with matching shapes.
+pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<usize> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg = AdapterConfig::parse(&text, &cfg_path)?;
+    let ck = Checkpoint::from_files(&[dir.join("adapter_model.safetensors")])?;
+    let mut used = 0usize;
+    let mut adapted = 0usize;
+    for proj in model.projections_mut()? {
+        let key = |suffix: &str| format!("{KEY_PREFIX}{}.{suffix}", proj.name);
+        let (a_key, b_key, m_key) = (key("lora_A.weight"), key("lora_B.weight"), key("lora_magnitude_vector"));
+        if !ck.contains(&a_key) && !ck.contains(&b_key) {
+            continue;
+        }
+        let config = cfg.for_module(&proj.name);
+        let [out_f, in_f] = proj.base.shape();
+        let a = ck.load_shaped(&a_key, &[config.r, in_f])?.to_dtype(DType::F32);
+        let b = ck.load_shaped(&b_key, &[out_f, config.r])?.to_dtype(DType::F32);
+        let magnitude = if config.use_dora {
+            let m = ck.load_shaped(&m_key, &[out_f])?.to_dtype(DType::F32);
+            used += 1;
+            Some(Param::trainable(format!("{}.lora_magnitude_vector", proj.name), m))
+        } else {
+            None
+        };
+        used += 2;
+        adapted += 1;
+        proj.adapter = Some(LoraAdapter {
+            lora_a: Param::trainable(format!("{}.lora_A.weight", proj.name), a),
+            lora_b: Param::trainable(format!("{}.lora_B.weight", proj.name), b),
+            magnitude,
+            config,
+        });
+    }
+    let names = ck.names();
+    if used != names.len() {
+        let known: Vec<String> = model
+            .projections_mut()?
+            .iter()
+            .flat_map(|p| {
+                ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"]
+                    .map(|s| format!("{KEY_PREFIX}{}.{s}", p.name))
+            })
+            .collect();
+        let stray = names.iter().find(|n| !known.iter().any(|k| k == *n)).copied().unwrap_or("(a magnitude vector)");
+        return Err(ck.tensor_error(stray, "does not belong to any adapted projection of this model"));
+    }
+    Ok(adapted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_override_per_module() {
+        let cfg = AdapterConfig::parse(
+            r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"rank_pattern":{"q_proj":4},"alpha_pattern":{"model.layers.1.mlp.down_proj":2}}"#,
+            Path::new("adapter_config.json"),
+        )
+        .unwrap();
+        assert_eq!(cfg.for_module("model.layers.0.self_attn.q_proj").r, 4);
+        assert_eq!(cfg.for_module("model.layers.0.self_attn.k_proj").r, 8);
+        assert_eq!(cfg.for_module("model.layers.1.mlp.down_proj").alpha, 2.0);
+        assert_eq!(cfg.for_module("model.layers.11.mlp.down_proj").alpha, 16.0);
+        let e = AdapterConfig::parse(r#"{"peft_type":"IA3","r":8}"#, Path::new("a.json")).unwrap_err().to_string();
+        assert!(e.contains("peft_type") && e.contains("IA3"), "{e}");
+        let e = AdapterConfig::parse(r#"{"r":8}"#, Path::new("a.json")).unwrap_err().to_string();
+        assert!(e.contains("lora_alpha"), "{e}");
+    }
+}
