@@ -16,10 +16,12 @@
 //! ```
 
 mod checkpoint;
+mod lora;
 mod ops;
 mod param;
 mod tape;
 
+pub use lora::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit};
 pub use param::Param;
 pub use qlora_runtime::ops::elementwise::Glu;
 pub use qlora_runtime::ops::nn::AttentionParams;

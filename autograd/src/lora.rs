@@ -1,0 +1,663 @@
+//! LoRA, rsLoRA and DoRA adapters over a frozen base linear: the adapted layer as one recorded op
+//! ([`Tape::lora_linear`]) with a hand-written backward, merge/unmerge into a dense weight, and a set of adapters
+//! sharing one base.
+//!
+//! The math is peft 0.21's, formula for formula: `tuners/lora/layer.py` (`LoraLayer.update_layer` for the scaling,
+//! `reset_lora_parameters` for the init, `Linear.forward`, `get_delta_weight`, `merge`/`unmerge`),
+//! `tuners/lora/dora.py` (`DoraLinearLayer.get_weight_norm`, `update_layer`, `forward`) and `tuners/lora/variants.py`
+//! (`DoraLinearVariant.forward`, `merge_safe`, `unmerge`). Owns the adapter parameters and their gradients; must
+//! not own the base weight (the caller does, frozen, and no gradient ever reaches it) or any file format.
+
+use crate::tape::{Backward, Tape, Var};
+use crate::Param;
+use qlora_kernels::Rng;
+use qlora_runtime::ops::elementwise::{add, add_bias, mul, scale, sum_rows};
+use qlora_runtime::ops::linalg::matmul;
+use qlora_runtime::ops::Compute;
+use qlora_runtime::quant::BaseWeight;
+use qlora_runtime::{DType, Error, Result, Tensor};
+use std::collections::BTreeMap;
+
+/// Runs `$f::<T>(..)` with T the compute type of `$dtype`: f64 for gradient checks, f32 otherwise.
+macro_rules! in_precision {
+    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            DType::F64 => $f::<f64>($($arg),*),
+            _ => $f::<f32>($($arg),*),
+        }
+    };
+}
+
+/// How A starts (B always starts at zero, so a fresh adapter is a no-op). peft's `init_lora_weights`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraInit {
+    /// `True`: A ← kaiming_uniform_(a=√5), i.e. U(−1/√in, 1/√in), as torch's `nn.Linear` and loralib.
+    Default,
+    /// `"gaussian"`: A ~ N(0, (1/r)²).
+    Gaussian,
+}
+
+/// One adapter's hyperparameters (peft `LoraConfig`, per module after `rank_pattern`/`alpha_pattern`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    /// Probability of dropping an input element of the adapter branch (0 = identity).
+    pub dropout: f64,
+    pub init: LoraInit,
+}
+
+impl Default for LoraConfig {
+    /// peft `LoraConfig` defaults: r = 8, lora_alpha = 8, lora_dropout = 0, init_lora_weights = True.
+    fn default() -> Self {
+        LoraConfig { r: 8, alpha: 8.0, use_rslora: false, use_dora: false, dropout: 0.0, init: LoraInit::Default }
+    }
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::invalid("lora config", "r must be ≥ 1, got 0"));
+        }
+        if !self.alpha.is_finite() {
+            return Err(Error::invalid("lora config", format!("alpha must be finite, got {}", self.alpha)));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid("lora config", format!("dropout must be in [0, 1), got {}", self.dropout)));
+        }
+        Ok(())
+    }
+
+    /// s = alpha / r, or alpha / √r with rsLoRA (peft `update_layer`).
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// The trainable part of one adapted linear layer, named with peft's keys so a state dict maps one to one.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// `{module}.lora_A.weight`: [r, in].
+    pub lora_a: Param,
+    /// `{module}.lora_B.weight`: [out, r].
+    pub lora_b: Param,
+    /// `{module}.lora_magnitude_vector` (DoRA only): [out].
+    pub magnitude: Option<Param>,
+    pub config: LoraConfig,
+}
+
+impl LoraAdapter {
+    /// base: [out, in] → A [r, in], B [out, r] (zeros), DoRA m [out] = ‖W‖ per output row; all trainable f32.
+    ///
+    /// m is computed as peft's `DoraLinearLayer.update_layer` does, ‖W + s·B·A‖ over the input dimension with W
+    /// the dequantized base (the weights training will see); with B = 0 that is ‖W‖.
+    pub fn new(module_name: &str, base: &BaseWeight, config: &LoraConfig, rng: &mut Rng) -> Result<Self> {
+        config.validate().map_err(|e| Error::invalid("lora adapter", format!("{module_name}: {e}")))?;
+        let [out_f, in_f] = base.shape();
+        if out_f == 0 || in_f == 0 {
+            return Err(Error::shape("lora adapter", format!("{module_name}: empty base weight [{out_f}, {in_f}]")));
+        }
+        let r = config.r;
+        let a = match config.init {
+            LoraInit::Default => {
+                // kaiming_uniform_(a): bound = gain·√(3/fan_in) with gain = √(2/(1 + a²)); a = √5 gives 1/√in.
+                let bound = (6.0 / ((1.0 + 5.0) * in_f as f64)).sqrt();
+                Tensor::uniform(&[r, in_f], -bound, bound, DType::F32, rng)
+            }
+            LoraInit::Gaussian => Tensor::randn(&[r, in_f], 1.0 / r as f64, DType::F32, rng),
+        };
+        let b = Tensor::zeros(&[out_f, r], DType::F32);
+        let magnitude = if config.use_dora {
+            let m = weight_norm(&base.materialize(DType::F32)?, &a, &b, config.scaling())?;
+            Some(Param::trainable(format!("{module_name}.lora_magnitude_vector"), m.to_dtype(DType::F32)))
+        } else {
+            None
+        };
+        Ok(LoraAdapter {
+            lora_a: Param::trainable(format!("{module_name}.lora_A.weight"), a),
+            lora_b: Param::trainable(format!("{module_name}.lora_B.weight"), b),
+            magnitude,
+            config: config.clone(),
+        })
+    }
+
+    pub fn scaling(&self) -> f64 {
+        self.config.scaling()
+    }
+
+    /// The trainable parameters, in peft's state-dict order (A, B, then m).
+    pub fn params(&self) -> Vec<&Param> {
+        [&self.lora_a, &self.lora_b].into_iter().chain(self.magnitude.as_ref()).collect()
+    }
+
+    /// The same parameters (shared, not copied) with dropout off: peft's eval mode, for evaluation and generation.
+    pub fn without_dropout(&self) -> LoraAdapter {
+        LoraAdapter { config: LoraConfig { dropout: 0.0, ..self.config.clone() }, ..self.clone() }
+    }
+
+    /// s·B·A: [out, in] (peft `get_delta_weight`), in f32 (f64 when the adapter holds f64 values).
+    pub fn delta_weight(&self, base: &BaseWeight) -> Result<Tensor> {
+        self.check("lora delta_weight", base)?;
+        scale(&matmul(&self.lora_b.value(), &self.lora_a.value())?, self.scaling())
+    }
+
+    /// n = ‖W + s·B·A‖ per output row: [out], W the dequantized base. DoRA's forward divides m by it; peft caches
+    /// it at merge time because unmerging needs it and the merged weight no longer determines it.
+    pub fn weight_norm(&self, base: &BaseWeight) -> Result<Tensor> {
+        self.check("lora weight_norm", base)?;
+        let (a, b) = (self.lora_a.value(), self.lora_b.value());
+        weight_norm(&base.materialize(precision(&[&a, &b]))?, &a, &b, self.scaling())
+    }
+
+    /// Shapes against the base and the config: errors name the offending parameter.
+    fn check(&self, op: &'static str, base: &BaseWeight) -> Result<()> {
+        self.config.validate().map_err(|e| Error::invalid(op, format!("{}: {e}", self.lora_a.name())))?;
+        let [out_f, in_f] = base.shape();
+        if out_f == 0 || in_f == 0 {
+            return Err(Error::shape(op, format!("{}: empty base weight [{out_f}, {in_f}]", self.lora_a.name())));
+        }
+        let r = self.config.r;
+        let expect = |p: &Param, shape: &[usize]| {
+            let got = p.value().shape().to_vec();
+            if got == shape {
+                Ok(())
+            } else {
+                Err(Error::shape(
+                    op,
+                    format!("{} is {got:?}, expected {shape:?} for base [{out_f}, {in_f}], r {r}", p.name()),
+                ))
+            }
+        };
+        expect(&self.lora_a, &[r, in_f])?;
+        expect(&self.lora_b, &[out_f, r])?;
+        match (&self.magnitude, self.config.use_dora) {
+            (Some(m), true) => expect(m, &[out_f]),
+            (None, false) => Ok(()),
+            (Some(m), false) => Err(Error::invalid(op, format!("{} is set but use_dora is false", m.name()))),
+            (None, true) => {
+                Err(Error::invalid(op, format!("{}: use_dora needs a lora_magnitude_vector", self.lora_a.name())))
+            }
+        }
+    }
+}
+
+/// W' = W + s·B·A, or with DoRA (m/n)⊙(W + s·B·A) row-wise (peft `merge_safe`): [out, in] in `dtype`.
+/// Computed in f32 from the dequantized base, the weights the adapter was trained against, and rounded once.
+pub fn merged_weight(base: &BaseWeight, adapter: &LoraAdapter, dtype: DType) -> Result<Tensor> {
+    let delta = adapter.delta_weight(base)?;
+    let sum = add(&base.materialize(precision(&[&delta]))?, &delta)?;
+    let merged = match &adapter.magnitude {
+        None => sum,
+        Some(m) => {
+            // The delta already carries s, so the norm is ‖W + ΔW‖ (peft passes scaling=1 here).
+            let n = in_precision!(delta.dtype(), row_norms(&sum))?;
+            let g = in_precision!(delta.dtype(), div(&m.value(), &n))?;
+            in_precision!(delta.dtype(), scale_rows(&sum, &g))?
+        }
+    };
+    Ok(merged.to_dtype(dtype))
+}
+
+/// W = W' − s·B·A, or with DoRA W'⊙(n/m) − s·B·A row-wise (peft `DoraLinearVariant.unmerge`): [out, in], f32.
+/// `dora_weight_norm` is n as [`LoraAdapter::weight_norm`] gave it at merge time (what peft caches as
+/// `{adapter}-weight_norm`): every row of W' has norm |m| whatever n was, so n cannot be recovered from W'.
+/// Plain LoRA does not read it.
+pub fn unmerged_weight(merged: &Tensor, adapter: &LoraAdapter, dora_weight_norm: Option<&Tensor>) -> Result<Tensor> {
+    let [out_f, in_f] = *merged.shape() else {
+        return Err(Error::shape("lora unmerge", format!("merged weight must be [out, in], got {:?}", merged.shape())));
+    };
+    let as_base = BaseWeight::Dense(merged.clone());
+    let delta = adapter.delta_weight(&as_base)?;
+    let merged = merged.to_dtype(delta.dtype());
+    let scaled = match &adapter.magnitude {
+        None => merged,
+        Some(m) => {
+            let n = dora_weight_norm.ok_or_else(|| {
+                Error::invalid(
+                    "lora unmerge",
+                    format!("{}: unmerging DoRA needs the weight norm from merge time", m.name()),
+                )
+            })?;
+            if n.shape() != [out_f] {
+                return Err(Error::shape(
+                    "lora unmerge",
+                    format!("{}: weight norm {:?} for merged weight [{out_f}, {in_f}]", m.name(), n.shape()),
+                ));
+            }
+            let inv_g = in_precision!(delta.dtype(), div(n, &m.value()))?;
+            in_precision!(delta.dtype(), scale_rows(&merged, &inv_g))?
+        }
+    };
+    add(&scaled, &scale(&delta, -1.0)?)
+}
+
+/// Several adapters over one frozen base (one per task), at most one active: switching tasks changes which adapter
+/// [`AdapterSet::linear`] applies without touching or reloading the base.
+#[derive(Clone, Debug, Default)]
+pub struct AdapterSet {
+    adapters: BTreeMap<String, LoraAdapter>,
+    active: Option<String>,
+}
+
+impl AdapterSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `adapter` under `name`, returning the one it replaces.
+    pub fn insert(&mut self, name: impl Into<String>, adapter: LoraAdapter) -> Option<LoraAdapter> {
+        self.adapters.insert(name.into(), adapter)
+    }
+
+    /// Removes `name`; the layer falls back to the plain base if it was active.
+    pub fn remove(&mut self, name: &str) -> Option<LoraAdapter> {
+        if self.active.as_deref() == Some(name) {
+            self.active = None;
+        }
+        self.adapters.remove(name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&LoraAdapter> {
+        self.adapters.get(name)
+    }
+
+    /// Selects the adapter `linear` applies; `None` runs the plain base.
+    pub fn set_active(&mut self, name: Option<&str>) -> Result<()> {
+        if let Some(n) = name {
+            if !self.adapters.contains_key(n) {
+                let known: Vec<&str> = self.adapters.keys().map(String::as_str).collect();
+                return Err(Error::invalid("adapter set", format!("no adapter named {n:?} (have {known:?})")));
+            }
+        }
+        self.active = name.map(str::to_owned);
+        Ok(())
+    }
+
+    pub fn active_name(&self) -> Option<&str> {
+        self.active.as_deref()
+    }
+
+    pub fn active(&self) -> Option<&LoraAdapter> {
+        self.active.as_deref().and_then(|n| self.adapters.get(n))
+    }
+
+    /// [`Tape::lora_linear`] with the active adapter. x: [..., in], base: [out, in], bias: [out] → [..., out].
+    pub fn linear(
+        &self,
+        tape: &Tape,
+        x: &Var,
+        base: &BaseWeight,
+        bias: Option<&Var>,
+        dropout_seed: u64,
+    ) -> Result<Var> {
+        tape.lora_linear(x, base, bias, self.active(), dropout_seed)
+    }
+}
+
+impl Tape {
+    /// x: [..., in], base W: [out, in] frozen, bias: [out], adapter A: [r, in], B: [out, r], m: [out] → [..., out].
+    ///
+    /// LoRA: y = x·Wᵀ + bias + s·(x_d·Aᵀ)·Bᵀ, with x_d = dropout(x) (peft `Linear.forward`).
+    /// DoRA: y = x·Wᵀ + bias + (g − 1)⊙(x_d·Wᵀ) + g⊙s·(x_d·Aᵀ)·Bᵀ, g = m/n, n = ‖W + s·B·A‖ per output row and
+    /// detached (peft `DoraLinearVariant.forward` + `DoraLinearLayer.forward`): dropout never touches the main
+    /// x·Wᵀ term; without dropout x_d = x and y = g⊙(x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias.
+    /// Dropout is inverted dropout drawn from `Rng::new(dropout_seed)`, so a checkpoint recompute reproduces it;
+    /// callers pass a fresh seed per layer and step. `adapter: None` is the plain frozen linear.
+    ///
+    /// One recorded op: gradients reach x, A, B, m and bias, never W. Backward re-materializes W (a dequant for
+    /// NF4) instead of keeping it, and keeps only x, x_d·Aᵀ, A, B and, for DoRA, g, n and x_d·Wᵀ + s·x_d·Aᵀ·Bᵀ.
+    pub fn lora_linear(
+        &self,
+        x: &Var,
+        base: &BaseWeight,
+        bias: Option<&Var>,
+        adapter: Option<&LoraAdapter>,
+        dropout_seed: u64,
+    ) -> Result<Var> {
+        let [out_f, in_f] = base.shape();
+        if out_f == 0 || in_f == 0 {
+            return Err(Error::shape("lora_linear", format!("empty base weight [{out_f}, {in_f}]")));
+        }
+        if x.shape().last() != Some(&in_f) {
+            return Err(Error::shape(
+                "lora_linear",
+                format!("input {:?} for base weight [{out_f}, {in_f}]", x.shape()),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [out_f] {
+                return Err(Error::shape(
+                    "lora_linear",
+                    format!("bias {:?} for base weight [{out_f}, {in_f}]", b.shape()),
+                ));
+            }
+        }
+        if let Some(ad) = adapter {
+            // Before any tape.param below, so that a rejected call leaves nothing on the tape.
+            ad.check("lora_linear", base)?;
+        }
+        let bound = adapter.map(|ad| Bound {
+            a: self.param(&ad.lora_a),
+            b: self.param(&ad.lora_b),
+            m: ad.magnitude.as_ref().map(|m| self.param(m)),
+            scaling: ad.scaling(),
+            dropout: (ad.config.dropout > 0.0).then_some(Dropout { p: ad.config.dropout, seed: dropout_seed }),
+        });
+
+        let mut operands = vec![x.value()];
+        if let Some(bd) = &bound {
+            operands.extend([Some(&bd.a), Some(&bd.b), bd.m.as_ref()].into_iter().flatten().map(Var::value));
+        }
+        let p = precision(&operands);
+        let rows = x.value().elem_count() / in_f;
+        let x2 = x.value().reshape(&[rows, in_f])?;
+        let w = base.materialize(p)?;
+        let z = matmul(&x2, &w.t()?)?;
+        let (y, saved) = match &bound {
+            Some(bd) => {
+                let (y, saved) = bd.forward(&x2, &w, z, x.requires_grad(), p)?;
+                (y, Some(saved))
+            }
+            None => (z, None),
+        };
+        let y = match bias {
+            Some(bias) => add_bias(&y, bias.value())?,
+            None => y,
+        };
+        let mut y_shape = x.shape().to_vec();
+        *y_shape.last_mut().expect("checked: x has an input dimension") = out_f;
+
+        let op = LoraLinear {
+            base: x.requires_grad().then(|| base.clone()),
+            precision: p,
+            x_shape: x.shape().to_vec(),
+            bias_needs: bias.is_some_and(Var::requires_grad),
+            adapter: saved,
+        };
+        // One input slot per possible gradient, constants standing in for what this call lacks.
+        let none = Var::constant(Tensor::zeros(&[0], DType::F32));
+        let (a, b, m) = match &bound {
+            Some(bd) => (&bd.a, &bd.b, bd.m.as_ref().unwrap_or(&none)),
+            None => (&none, &none, &none),
+        };
+        let inputs = [x, a, b, m, bias.unwrap_or(&none)];
+        Ok(self.record1(Box::new(op), &inputs, y.reshape(&y_shape)?))
+    }
+}
+
+/// An adapter's parameters as graph values for one call, with the call's scaling and dropout.
+struct Bound {
+    a: Var,
+    b: Var,
+    m: Option<Var>,
+    scaling: f64,
+    dropout: Option<Dropout>,
+}
+
+impl Bound {
+    /// The adapter terms on rows x2: [N, in] given W: [out, in] and the base output z = x2·Wᵀ: [N, out]: the output
+    /// before bias, and what the adapter part of backward reads.
+    fn forward(&self, x2: &Tensor, w: &Tensor, z: Tensor, x_needs: bool, p: DType) -> Result<(Tensor, AdapterSaved)> {
+        let (a, b, s) = (self.a.value(), self.b.value(), self.scaling);
+        let xd = match self.dropout {
+            Some(d) => d.apply(x2, p)?,
+            None => x2.clone(),
+        };
+        let u = matmul(&xd, &a.t()?)?;
+        let sv = scale(&matmul(&u, &b.t()?)?, s)?;
+        let a_needs = self.a.requires_grad();
+        let mut saved = AdapterSaved {
+            scaling: s,
+            dropout: self.dropout,
+            x: a_needs.then(|| x2.clone()),
+            u: self.b.requires_grad().then(|| u.clone()),
+            a: x_needs.then(|| a.clone()),
+            b: (x_needs || a_needs).then(|| b.clone()),
+            dora: None,
+        };
+        let Some(m) = &self.m else {
+            return Ok((add(&z, &sv)?, saved));
+        };
+        let n = weight_norm(w, a, b, s)?;
+        let g = in_precision!(p, div(m.value(), &n))?;
+        // With dropout the correction terms see x_d while the main term keeps x: x_d·Wᵀ is a second product.
+        let zd = if self.dropout.is_some() { matmul(&xd, &w.t()?)? } else { z.clone() };
+        let m_needs = m.requires_grad();
+        let (y, h) = in_precision!(p, dora_combine(&z, &zd, &sv, &g, m_needs))?;
+        saved.dora = Some(DoraSaved { g, n: m_needs.then_some(n), h });
+        Ok((y, saved))
+    }
+}
+
+/// What the adapter part of backward reads (each kept only when a gradient that needs it is wanted).
+struct AdapterSaved {
+    scaling: f64,
+    dropout: Option<Dropout>,
+    /// The input rows before dropout [N, in], for dA = duᵀ·dropout(x) (the mask is redrawn from its seed).
+    x: Option<Tensor>,
+    /// x_d·Aᵀ [N, r], for dB.
+    u: Option<Tensor>,
+    /// A [r, in], for dx.
+    a: Option<Tensor>,
+    /// B [out, r], for du (which dA and dx read).
+    b: Option<Tensor>,
+    dora: Option<DoraSaved>,
+}
+
+struct DoraSaved {
+    /// m/n [out]: scales every gradient of the correction terms.
+    g: Tensor,
+    /// n [out] and h = x_d·Wᵀ + s·x_d·Aᵀ·Bᵀ [N, out], for dm = Σ_rows(dy⊙h)/n.
+    n: Option<Tensor>,
+    h: Option<Tensor>,
+}
+
+struct LoraLinear {
+    /// The frozen base, kept (shared, not copied) when dx is wanted: backward re-materializes W from it.
+    base: Option<BaseWeight>,
+    precision: DType,
+    x_shape: Vec<usize>,
+    bias_needs: bool,
+    adapter: Option<AdapterSaved>,
+}
+
+fn bytes(ts: &[&Option<Tensor>]) -> usize {
+    ts.iter().filter_map(|t| t.as_ref()).map(Tensor::size_in_bytes).sum()
+}
+
+fn saved(t: &Option<Tensor>) -> Result<&Tensor> {
+    t.as_ref().ok_or_else(|| Error::invalid("lora_linear backward", "a tensor needed for this gradient was not saved"))
+}
+
+impl Backward for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora_linear"
+    }
+
+    fn saved_bytes(&self) -> usize {
+        // A dense base and NF4's packed nibbles are shared with their owner; NF4's scales are not (Nf4Weight holds
+        // them by value), so the clone copied them.
+        let base = match &self.base {
+            Some(BaseWeight::Nf4(w)) => w.size_in_bytes() - w.packed.len(),
+            _ => 0,
+        };
+        let adapter = self.adapter.as_ref().map_or(0, |s| {
+            let dora = s.dora.as_ref().map_or(0, |d| d.g.size_in_bytes() + bytes(&[&d.n, &d.h]));
+            bytes(&[&s.x, &s.u, &s.a, &s.b]) + dora
+        });
+        base + adapter
+    }
+
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let dy = grads
+            .first()
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::invalid("lora_linear", "missing output gradient"))?;
+        let p = self.precision;
+        let out_f = *dy.shape().last().ok_or_else(|| Error::shape("lora_linear backward", "scalar gradient"))?;
+        let dy = dy.reshape(&[dy.elem_count() / out_f, out_f])?;
+        let d_bias = if self.bias_needs { Some(sum_rows(&dy)?) } else { None };
+        let w = match &self.base {
+            Some(base) => Some(base.materialize(p)?),
+            None => None,
+        };
+        let (dx, d_a, d_b, d_m) = match &self.adapter {
+            None => (w.map(|w| matmul(&dy, &w)).transpose()?, None, None, None),
+            Some(ad) => adapter_backward(ad, &dy, w.as_ref(), p)?,
+        };
+        let dx = dx.map(|dx| dx.reshape(&self.x_shape)).transpose()?;
+        Ok(vec![dx, d_a, d_b, d_m, d_bias])
+    }
+}
+
+type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// (dx, dA, dB, dm) from dy: [N, out], with W: [out, in] present exactly when dx is wanted.
+fn adapter_backward(ad: &AdapterSaved, dy: &Tensor, w: Option<&Tensor>, p: DType) -> Result<Grads> {
+    let dora = ad.dora.as_ref();
+    // The branch s·(x_d·Aᵀ)·Bᵀ sees dy scaled per output by g under DoRA; n is detached, so m is the only other path.
+    let dyg = match dora {
+        Some(d) => in_precision!(p, scale_cols(dy, &d.g, 0.0))?,
+        None => dy.clone(),
+    };
+    let dsv = scale(&dyg, ad.scaling)?;
+    let d_b = ad.u.as_ref().map(|u| matmul(&dsv.t()?, u)).transpose()?;
+    let du = ad.b.as_ref().map(|b| matmul(&dsv, b)).transpose()?;
+    let d_a = match &ad.x {
+        Some(x) => {
+            let xd = match ad.dropout {
+                Some(d) => d.apply(x, p)?,
+                None => x.clone(),
+            };
+            Some(matmul(&saved(&du)?.t()?, &xd)?)
+        }
+        None => None,
+    };
+    let d_m = match dora {
+        Some(DoraSaved { n: Some(n), h: Some(h), .. }) => Some(in_precision!(p, div(&sum_rows(&mul(dy, h)?)?, n))?),
+        _ => None,
+    };
+    let dx = match w {
+        None => None,
+        Some(w) => {
+            let du_a = matmul(saved(&du)?, saved(&ad.a)?)?;
+            Some(match (dora, ad.dropout) {
+                (None, None) => add(&matmul(dy, w)?, &du_a)?,
+                (None, Some(d)) => add(&matmul(dy, w)?, &d.apply(&du_a, p)?)?,
+                // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: one product with W.
+                (Some(_), None) => add(&matmul(&dyg, w)?, &du_a)?,
+                // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
+                (Some(dr), Some(d)) => {
+                    let dzd = matmul(&in_precision!(p, scale_cols(dy, &dr.g, -1.0))?, w)?;
+                    add(&matmul(dy, w)?, &d.apply(&add(&dzd, &du_a)?, p)?)?
+                }
+            })
+        }
+    };
+    Ok((dx, d_a, d_b, d_m))
+}
+
+/// Inverted dropout with its mask a pure function of (seed, element index).
+#[derive(Clone, Copy, Debug)]
+struct Dropout {
+    p: f64,
+    seed: u64,
+}
+
+impl Dropout {
+    /// Row-major element i is kept iff the i-th draw of `Rng::new(seed).uniform()` is ≥ p, and kept values are
+    /// scaled by 1/(1 − p). SplitMix64's i-th draw depends only on the seed and i, so a recompute (checkpoint,
+    /// backward) or a GPU twin drawing elements independently gets the same mask. Linear in `t`: the same call maps
+    /// a gradient back through the mask.
+    fn apply(&self, t: &Tensor, p: DType) -> Result<Tensor> {
+        in_precision!(p, dropout(t, self.p, self.seed))
+    }
+}
+
+/// The runtime's rule: f64 when any operand is f64 (gradient checks), f32 otherwise.
+fn precision(ts: &[&Tensor]) -> DType {
+    if ts.iter().any(|t| t.dtype() == DType::F64) {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// n = ‖W + s·B·A‖ per row (peft `get_weight_norm`): W [out, in], A [r, in], B [out, r] → [out].
+fn weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    let v = add(w, &scale(&matmul(b, a)?, s)?)?;
+    in_precision!(v.dtype(), row_norms(&v))
+}
+
+/// t: [rows, cols] → [rows] of ‖t_j‖₂, accumulated in f64 and rounded once.
+fn row_norms<T: Compute>(t: &Tensor) -> Result<Tensor> {
+    let cols = t.shape()[1];
+    let v = t.values::<T>();
+    let n = v.chunks_exact(cols).map(|row| T::c(row.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt())).collect();
+    Tensor::from_vec(n, &[t.shape()[0]])
+}
+
+/// a / b elementwise (same shapes).
+fn div<T: Compute>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let v = a.values::<T>().iter().zip(b.values::<T>().iter()).map(|(&a, &b)| a / b).collect();
+    Tensor::from_vec(v, a.shape())
+}
+
+/// t: [rows, cols], c: [cols] → t_ij·(c_j + offset).
+fn scale_cols<T: Compute>(t: &Tensor, c: &Tensor, offset: f64) -> Result<Tensor> {
+    let c: Vec<T> = c.values::<T>().iter().map(|&v| v + T::c(offset)).collect();
+    let mut out = t.to_vec::<T>();
+    for row in out.chunks_exact_mut(c.len()) {
+        row.iter_mut().zip(&c).for_each(|(v, &s)| *v = *v * s);
+    }
+    Tensor::from_vec(out, t.shape())
+}
+
+/// t: [rows, cols], c: [rows] → t_ij·c_i.
+fn scale_rows<T: Compute>(t: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let cols = t.shape()[1];
+    let c = c.values::<T>();
+    let mut out = t.to_vec::<T>();
+    for (row, &s) in out.chunks_exact_mut(cols).zip(c.iter()) {
+        row.iter_mut().for_each(|v| *v = *v * s);
+    }
+    Tensor::from_vec(out, t.shape())
+}
+
+/// y = z + (g − 1)⊙z_d + g⊙sv (peft's order of terms) and, when `keep_h`, h = z_d + sv = ∂y/∂g.
+/// z, z_d, sv: [rows, out], g: [out].
+fn dora_combine<T: Compute>(
+    z: &Tensor,
+    zd: &Tensor,
+    sv: &Tensor,
+    g: &Tensor,
+    keep_h: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let g = g.values::<T>();
+    let (zd_v, sv_v) = (zd.values::<T>(), sv.values::<T>());
+    let mut y = z.to_vec::<T>();
+    let rows = y.chunks_exact_mut(g.len()).zip(zd_v.chunks_exact(g.len())).zip(sv_v.chunks_exact(g.len()));
+    for ((y, zd), sv) in rows {
+        for j in 0..g.len() {
+            y[j] = y[j] + (g[j] - T::c(1.0)) * zd[j] + g[j] * sv[j];
+        }
+    }
+    let h = keep_h
+        .then(|| Tensor::from_vec(zd_v.iter().zip(sv_v.iter()).map(|(&a, &b)| a + b).collect::<Vec<T>>(), z.shape()))
+        .transpose()?;
+    Ok((Tensor::from_vec(y, z.shape())?, h))
+}
+
+/// Inverted dropout of `t` (see [`Dropout::apply`]).
+fn dropout<T: Compute>(t: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = Rng::new(seed);
+    let keep = T::c(1.0 / (1.0 - p));
+    let v = t.values::<T>().iter().map(|&v| if rng.uniform() < p { T::c(0.0) } else { v * keep }).collect();
+    Tensor::from_vec(v, t.shape())
+}
