@@ -1,0 +1,205 @@
+//! Training and evaluation records from JSONL files, in the shapes people have: chat (`messages`),
+//! prompt/completion, instruction/input/output (Alpaca), plain text, and pre-tokenized ids.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Chat(Vec<Message>),
+    PromptCompletion {
+        prompt: String,
+        completion: String,
+    },
+    /// Alpaca-style; `input` may be empty.
+    Instruction {
+        instruction: String,
+        input: String,
+        output: String,
+    },
+    /// Continued pre-training: every token is trained.
+    Text(String),
+    /// Already tokenized; `labels` (−100 = not trained) defaults to the ids. No BOS or template is added.
+    Tokens {
+        input_ids: Vec<i32>,
+        labels: Option<Vec<i32>>,
+    },
+}
+
+/// What reading a file produced.
+#[derive(Debug, Default)]
+pub struct Records {
+    pub records: Vec<Record>,
+    /// Lines skipped as malformed (only with `skip_bad_lines`); the first few reasons are kept for the log.
+    pub skipped: usize,
+    pub skipped_reasons: Vec<String>,
+}
+
+fn string(v: &Value, key: &str) -> std::result::Result<Option<String>, String> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("\"{key}\" must be a string, got {}", kind(other))),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn ids(v: &Value, key: &str) -> std::result::Result<Vec<i32>, String> {
+    let Value::Array(a) = v else { return Err(format!("\"{key}\" must be an array of integers")) };
+    a.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            x.as_i64()
+                .filter(|&n| i32::try_from(n).is_ok())
+                .map(|n| n as i32)
+                .ok_or_else(|| format!("\"{key}\"[{i}] must be a 32-bit integer, got {x}"))
+        })
+        .collect()
+}
+
+/// Interprets one JSON object; the error says what is wrong with it (the caller adds file and line).
+pub fn parse_record(v: &Value) -> std::result::Result<Record, String> {
+    if !v.is_object() {
+        return Err(format!("expected a JSON object, got {}", kind(v)));
+    }
+    if let Some(m) = v.get("messages") {
+        let Value::Array(items) = m else { return Err("\"messages\" must be an array".into()) };
+        let messages = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let role = string(item, "role").map_err(|e| format!("messages[{i}]: {e}"))?;
+                let content = string(item, "content").map_err(|e| format!("messages[{i}]: {e}"))?;
+                match (role, content) {
+                    (Some(role), Some(content)) => Ok(Message { role, content }),
+                    _ => Err(format!("messages[{i}] needs string \"role\" and \"content\"")),
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if messages.is_empty() {
+            return Err("\"messages\" is empty".into());
+        }
+        return Ok(Record::Chat(messages));
+    }
+    if let Some(input_ids) = v.get("input_ids") {
+        let input_ids = ids(input_ids, "input_ids")?;
+        let labels = match v.get("labels") {
+            None | Some(Value::Null) => None,
+            Some(l) => {
+                let l = ids(l, "labels")?;
+                if l.len() != input_ids.len() {
+                    return Err(format!("\"labels\" has {} entries for {} input_ids", l.len(), input_ids.len()));
+                }
+                Some(l)
+            }
+        };
+        return Ok(Record::Tokens { input_ids, labels });
+    }
+    if let (Some(prompt), Some(completion)) = (string(v, "prompt")?, string(v, "completion")?) {
+        return Ok(Record::PromptCompletion { prompt, completion });
+    }
+    if let (Some(instruction), Some(output)) = (string(v, "instruction")?, string(v, "output")?) {
+        let input = string(v, "input")?.unwrap_or_default();
+        return Ok(Record::Instruction { instruction, input, output });
+    }
+    if let Some(text) = string(v, "text")? {
+        return Ok(Record::Text(text));
+    }
+    Err("unrecognised record: expected \"messages\", \"prompt\"+\"completion\", \"instruction\"+\"output\", \
+         \"text\" or \"input_ids\""
+        .into())
+}
+
+/// Reads a JSONL file. Blank lines are ignored. A malformed line is an error naming the file and line, or,
+/// with `skip_bad_lines`, is counted and skipped.
+pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<Records> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Records::default();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line_no = i + 1;
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<Value>(&line)
+            .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()))
+            .and_then(|v| parse_record(&v));
+        match parsed {
+            Ok(r) => out.records.push(r),
+            Err(msg) if skip_bad_lines => {
+                out.skipped += 1;
+                if out.skipped_reasons.len() < 5 {
+                    out.skipped_reasons.push(format!("line {line_no}: {msg}"));
+                }
+            }
+            Err(msg) => return Err(Error::Config { path: path.into(), field: format!("line {line_no}"), msg }),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(lines: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(lines.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn every_shape_parses() {
+        let f = file(concat!(
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#,
+            "\n\n",
+            r#"{"prompt":"2+2=","completion":"4"}"#,
+            "\n",
+            r#"{"instruction":"add","input":"2 2","output":"4"}"#,
+            "\n",
+            r#"{"instruction":"greet","output":"hi"}"#,
+            "\n",
+            r#"{"text":"plain"}"#,
+            "\n",
+            r#"{"input_ids":[1,2,3],"labels":[-100,2,3]}"#,
+            "\n"
+        ));
+        let r = read_jsonl(f.path(), false).unwrap();
+        assert_eq!(r.records.len(), 6);
+        assert!(matches!(&r.records[0], Record::Chat(m) if m.len() == 2 && m[1].content == "hello"));
+        assert!(matches!(&r.records[3], Record::Instruction { input, .. } if input.is_empty()));
+        assert_eq!(r.records[5], Record::Tokens { input_ids: vec![1, 2, 3], labels: Some(vec![-100, 2, 3]) });
+    }
+
+    #[test]
+    fn bad_lines_name_file_and_line_or_are_skipped() {
+        let f = file("{\"text\":\"ok\"}\n{\"text\": 3}\nnot json\n{\"input_ids\":[1],\"labels\":[1,2]}\n");
+        let e = read_jsonl(f.path(), false).unwrap_err().to_string();
+        assert!(e.contains(&f.path().display().to_string()) && e.contains("line 2") && e.contains("\"text\""), "{e}");
+        let r = read_jsonl(f.path(), true).unwrap();
+        assert_eq!((r.records.len(), r.skipped), (1, 3));
+        assert!(r.skipped_reasons[1].starts_with("line 3: invalid JSON"), "{:?}", r.skipped_reasons);
+        assert!(r.skipped_reasons[2].contains("labels"), "{:?}", r.skipped_reasons);
+        let missing = read_jsonl(Path::new("/nonexistent/data.jsonl"), false).unwrap_err().to_string();
+        assert!(missing.contains("/nonexistent/data.jsonl"), "{missing}");
+    }
+}

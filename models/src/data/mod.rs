@@ -1,0 +1,4 @@
+//! The data pipeline: JSONL records → (template → tokens → loss mask) → packed batches.
+
+pub mod jsonl;
+pub mod pack;
