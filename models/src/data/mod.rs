@@ -2,3 +2,4 @@
 
 pub mod jsonl;
 pub mod pack;
+pub mod template;
