@@ -459,7 +459,7 @@ struct DoraSaved {
 }
 
 struct LoraLinear {
-    /// The frozen base, kept (shared, not copied) when dx is wanted: backward re-materializes W from it.
+    /// The frozen base, kept when dx is wanted (a handle on the caller's weight): backward re-materializes W from it.
     base: Option<BaseWeight>,
     precision: DType,
     x_shape: Vec<usize>,

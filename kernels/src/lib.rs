@@ -20,6 +20,7 @@ pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod cuda;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;

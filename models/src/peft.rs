@@ -3,9 +3,11 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::fsutil::write_atomic;
 use crate::transformer::CausalLm;
 use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit, Param};
 use qlora_runtime::DType;
+use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
 use std::path::Path;
 
@@ -139,6 +141,91 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<usize> {
         return Err(ck.tensor_error(stray, "does not belong to any adapted projection of this model"));
     }
     Ok(adapted)
+}
+
+/// Writes the model's adapters as a PEFT folder (`adapter_config.json`, `adapter_model.safetensors`, f32) that
+/// `peft.PeftModel.from_pretrained` loads unchanged. Modules whose r or alpha differ from the most common
+/// ones go into rank_pattern / alpha_pattern by full module path. Returns the number of adapted modules.
+pub fn save_adapter(model: &CausalLm, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<usize> {
+    let adapters: Vec<(&str, &LoraAdapter)> =
+        model.projections().into_iter().filter_map(|p| p.adapter.as_ref().map(|a| (p.name.as_str(), a))).collect();
+    let Some((_, first)) = adapters.first() else {
+        return Err(Error::Checkpoint { path: dir.into(), msg: "the model has no adapter to save".into() });
+    };
+    let most_common = |key: &dyn Fn(&LoraAdapter) -> String| -> String {
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for (_, a) in &adapters {
+            let k = key(a);
+            match counts.iter_mut().find(|(c, _)| *c == k) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((k, 1)),
+            }
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k).unwrap_or_default()
+    };
+    let r: usize = most_common(&|a| a.config.r.to_string()).parse().unwrap_or(first.config.r);
+    let alpha: f64 = most_common(&|a| a.config.alpha.to_string()).parse().unwrap_or(first.config.alpha);
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    let mut targets: Vec<String> = Vec::new();
+    let mut tensors: Vec<(String, qlora_runtime::Tensor)> = Vec::new();
+    for (name, a) in &adapters {
+        if a.config.r != r {
+            rank_pattern.insert(name.to_string(), a.config.r.into());
+        }
+        if a.config.alpha != alpha {
+            alpha_pattern.insert(name.to_string(), serde_json::json!(a.config.alpha));
+        }
+        let suffix = name.rsplit('.').next().unwrap_or(name).to_string();
+        if !targets.contains(&suffix) {
+            targets.push(suffix);
+        }
+        tensors.push((format!("{KEY_PREFIX}{name}.lora_A.weight"), a.lora_a.value()));
+        tensors.push((format!("{KEY_PREFIX}{name}.lora_B.weight"), a.lora_b.value()));
+        if let Some(m) = &a.magnitude {
+            tensors.push((format!("{KEY_PREFIX}{name}.lora_magnitude_vector"), m.value()));
+        }
+    }
+    targets.sort();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": first.config.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "use_rslora": first.config.use_rslora,
+        "use_dora": first.config.use_dora,
+        "init_lora_weights": true,
+        "fan_in_fan_out": false,
+        "modules_to_save": null,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": true,
+        "revision": null,
+    });
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+    let bytes = safetensors_bytes(&tensors, dir)?;
+    write_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
+    write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+    Ok(adapters.len())
+}
+
+/// Serialises f32 tensors into safetensors bytes with the `{"format": "pt"}` metadata transformers writes.
+fn safetensors_bytes(tensors: &[(String, qlora_runtime::Tensor)], dir: &Path) -> Result<Vec<u8>> {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.to_dtype(DType::F32).to_bytes(), t.shape().to_vec())).collect();
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(n, b, s)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Checkpoint { path: dir.into(), msg: format!("cannot serialise adapter: {e}") })?;
+    let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize(views, metadata)
+        .map_err(|e| Error::Checkpoint { path: dir.into(), msg: format!("cannot serialise adapter: {e}") })
 }
 
 #[cfg(test)]

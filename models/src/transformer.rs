@@ -8,6 +8,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, Family, LayerKind, ModelConfig};
 use crate::error::{Error, Result};
+use crate::generate::{KvCache, LayerKv};
 use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
 use qlora_runtime::ops::nn::rope_tables;
@@ -153,11 +154,17 @@ impl CausalLm {
             Ok(Param::frozen(name, ck.load_shaped(name, shape)?.to_dtype(DType::F32)))
         };
         let proj = |name: String, out: usize, inp: usize, bias: bool| -> Result<Projection> {
-            let w = ck.load_shaped(&format!("{name}.weight"), &[out, inp])?;
-            let base = match format {
-                BaseFormat::Dense(dtype) => BaseWeight::Dense(w.to_dtype(dtype)),
-                BaseFormat::Nf4 { blocksize, double_quant } => {
+            let prequantized = crate::bnb::load_linear(ck, &name, [out, inp])?;
+            let base = match (prequantized, format) {
+                // A 4-bit bitsandbytes checkpoint loads as saved, never requantized (dequantized only for Dense).
+                (Some(w), BaseFormat::Nf4 { .. }) => BaseWeight::Nf4(w),
+                (Some(w), BaseFormat::Dense(dtype)) => BaseWeight::Dense(w.dequantize(DType::F32)?.to_dtype(dtype)),
+                (None, BaseFormat::Dense(dtype)) => {
+                    BaseWeight::Dense(ck.load_shaped(&format!("{name}.weight"), &[out, inp])?.to_dtype(dtype))
+                }
+                (None, BaseFormat::Nf4 { blocksize, double_quant }) => {
                     let tensor = format!("{name}.weight");
+                    let w = ck.load_shaped(&tensor, &[out, inp])?;
                     BaseWeight::Nf4(
                         Nf4Weight::quantize(&w, blocksize, double_quant)
                             .map_err(|e| ck.tensor_error(&tensor, e.to_string()))?,
@@ -233,19 +240,20 @@ impl CausalLm {
             .collect())
     }
 
+    /// Every projection, in layer order (q, k, v, o, gate, up, down).
+    pub fn projections(&self) -> Vec<&Projection> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+            })
+            .collect()
+    }
+
     /// Trainable parameters (the adapters').
     pub fn trainable_params(&self) -> Vec<Param> {
-        let mut ps = Vec::new();
-        for l in self.layers.iter() {
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            for p in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
-                if let Some(ad) = &p.adapter {
-                    ps.extend(ad.params().into_iter().cloned());
-                }
-            }
-        }
-        ps
+        self.projections().into_iter().filter_map(|p| p.adapter.as_ref()).flat_map(|a| a.params()).cloned().collect()
     }
 
     fn rope(&self, positions: &Tensor, rope: &crate::config::Rope) -> qlora_runtime::Result<(Tensor, Tensor)> {
@@ -256,35 +264,62 @@ impl CausalLm {
 
     /// logits: [tokens, vocab] for a packed batch. `dropout_seed` makes adapter dropout reproducible.
     pub fn logits(&self, t: &Tape, batch: &Batch, dropout_seed: u64) -> qlora_runtime::Result<Var> {
+        let x = self.forward_hidden(t, &batch.ids, &batch.positions, &batch.cu_seqlens, None, dropout_seed)?;
+        self.head(t, &x)
+    }
+
+    /// Final-normed hidden states [tokens, hidden] of packed `ids` (sequences split by `cu_seqlens`).
+    /// With a `cache` (inference only, under `no_grad`), every layer appends the new keys and values to it and
+    /// attends over everything cached for the sequence, the new tokens last (bottom-right aligned); `positions`
+    /// must then continue from the cached lengths. See [`crate::generate::KvCache`].
+    pub fn forward_hidden(
+        &self,
+        t: &Tape,
+        ids: &Tensor,
+        positions: &Tensor,
+        cu_seqlens: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        dropout_seed: u64,
+    ) -> qlora_runtime::Result<Var> {
+        if cache.is_some() && t.is_recording() {
+            // Cached keys re-enter as constants: gradients through them would be silently lost.
+            return Err(qlora_runtime::Error::invalid("forward", "a KV cache is for inference: run under no_grad"));
+        }
         let c = &self.config;
         let inputs = Rc::new(LayerInputs {
-            cu_seqlens: batch.cu_seqlens.clone(),
-            rope_full: self.rope(&batch.positions, &c.rope)?,
-            rope_local: self.rope(&batch.positions, &c.rope_local)?,
+            cu_seqlens: cu_seqlens.clone(),
+            rope_full: self.rope(positions, &c.rope)?,
+            rope_local: self.rope(positions, &c.rope_local)?,
             dropout_seed,
         });
-        let embed = t.param(&self.embed_tokens);
-        let mut x = t.embedding(&embed, &batch.ids)?;
+        let mut x = t.embedding(&t.param(&self.embed_tokens), ids)?;
         if c.family != Family::Llama {
             // transformers rounds √hidden to the activation dtype first (f32 here).
             x = t.scale(&x, (c.hidden_size as f64).sqrt() as f32 as f64)?;
         }
         for i in 0..self.layers.len() {
-            x = if self.gradient_checkpointing && t.is_recording() {
-                let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
-                t.checkpoint(&[&x], move |t, ins| Ok(vec![layer_forward(t, &cfg, i, &layers[i], &inputs, &ins[0])?]))?
+            x = match cache.as_deref_mut() {
+                Some(cache) => layer_forward(t, c, i, &self.layers[i], &inputs, &x, Some(cache.layer_mut(i)))?,
+                None if self.gradient_checkpointing && t.is_recording() => {
+                    let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
+                    t.checkpoint(&[&x], move |t, ins| {
+                        Ok(vec![layer_forward(t, &cfg, i, &layers[i], &inputs, &ins[0], None)?])
+                    })?
                     .remove(0)
-            } else {
-                layer_forward(t, c, i, &self.layers[i], &inputs, &x)?
+                }
+                None => layer_forward(t, c, i, &self.layers[i], &inputs, &x, None)?,
             };
         }
-        let x = t.rms_norm(&x, &t.param(&self.norm), c.rms_norm_eps, norm_offset(c.family))?;
-        let head = match &self.lm_head {
-            Some(w) => t.param(w),
-            None => embed,
-        };
-        let logits = t.linear(&x, &head, None)?;
-        match c.final_logit_softcapping {
+        t.rms_norm(&x, &t.param(&self.norm), c.rms_norm_eps, norm_offset(c.family))
+    }
+
+    /// Logits [rows, vocab] of final hidden states [rows, hidden]: lm_head (or the tied embeddings), then the
+    /// final softcap where the model has one. Callers may pass a subset of rows (the last token when decoding,
+    /// chunks when evaluating) so that [tokens, vocab] never exists whole.
+    pub fn head(&self, t: &Tape, x: &Var) -> qlora_runtime::Result<Var> {
+        let head = t.param(self.lm_head.as_ref().unwrap_or(&self.embed_tokens));
+        let logits = t.linear(x, &head, None)?;
+        match self.config.final_logit_softcapping {
             Some(cap) => t.softcap(&logits, cap),
             None => Ok(logits),
         }
@@ -297,6 +332,7 @@ impl CausalLm {
     }
 }
 
+/// One decoder layer. With `kv`, the layer's keys and values join its cache and attention runs over all of them.
 fn layer_forward(
     t: &Tape,
     c: &ModelConfig,
@@ -304,6 +340,7 @@ fn layer_forward(
     l: &DecoderLayer,
     inp: &LayerInputs,
     x: &Var,
+    kv: Option<&mut LayerKv>,
 ) -> qlora_runtime::Result<Var> {
     let (tokens, hd) = (x.shape()[0], c.head_dim);
     let offset = norm_offset(c.family);
@@ -331,7 +368,14 @@ fn layer_forward(
         sliding_window: if l.kind == LayerKind::Sliding { c.sliding_window } else { None },
         softcap: c.attn_logit_softcapping,
     };
-    let attn = t.attention(&p, &q, &k, &v, &inp.cu_seqlens, &inp.cu_seqlens)?;
+    let (k, v, cu_seqlens_k) = match kv {
+        Some(kv) => {
+            let (k, v, cu) = kv.extend(k.value(), v.value(), &inp.cu_seqlens)?;
+            (Var::constant(k), Var::constant(v), cu)
+        }
+        None => (k, v, inp.cu_seqlens.clone()),
+    };
+    let attn = t.attention(&p, &q, &k, &v, &inp.cu_seqlens, &cu_seqlens_k)?;
     let attn = t.reshape(&attn, &[tokens, c.num_attention_heads * hd])?;
     let mut attn = a.o_proj.forward(t, &attn, seed(3))?;
     // Gemma 2/3 sandwich: post_attention_layernorm normalises the attention output before the residual add and

@@ -133,3 +133,28 @@ fn lora_gradients_match_peft() {
         check_lora(family);
     }
 }
+
+#[test]
+fn saved_adapters_reload_bit_for_bit() {
+    let dir = fixture("llama");
+    let mut model = CausalLm::load(&dir, BaseFormat::Dense(DType::F32)).unwrap();
+    qlora_models::peft::load_adapter(&mut model, &dir.join("adapter")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let n = qlora_models::peft::save_adapter(&model, out.path(), Some("tiny-llama")).unwrap();
+    assert_eq!(n, 14);
+    let original = Checkpoint::from_files(&[dir.join("adapter/adapter_model.safetensors")]).unwrap();
+    let saved = Checkpoint::from_files(&[out.path().join("adapter_model.safetensors")]).unwrap();
+    assert_eq!(original.names(), saved.names());
+    for name in original.names() {
+        assert_eq!(original.bytes(name).unwrap(), saved.bytes(name).unwrap(), "{name}");
+    }
+    let mut again = CausalLm::load(&dir, BaseFormat::Dense(DType::F32)).unwrap();
+    assert_eq!(qlora_models::peft::load_adapter(&mut again, out.path()).unwrap(), 14);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
+    );
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
+}

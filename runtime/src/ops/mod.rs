@@ -80,5 +80,5 @@ pub(crate) fn rows_cols(op: &'static str, t: &Tensor) -> Result<(usize, usize)> 
     let Some(&cols) = t.shape().last() else {
         return Err(Error::shape(op, "expected rank ≥ 1, got a scalar"));
     };
-    Ok((if cols == 0 { 0 } else { t.elem_count() / cols }, cols))
+    Ok((t.elem_count().checked_div(cols).unwrap_or(0), cols))
 }

@@ -1,0 +1,108 @@
+// Twin of kernels/src/activation.rs: SiLU, tanh-GELU, SwiGLU, GeGLU, softcap, forward and backward. Same formulas
+// in the same order as the CPU code; one thread per element, grid-stride.
+#include "common.cuh"
+
+// √(2/π) and the cubic coefficient of the tanh approximation: activation.rs GELU_BETA, GELU_KAPPA.
+#define GELU_BETA 0.7978845608028654f
+#define GELU_KAPPA 0.044715f
+
+// Two branches so that expf only ever sees −|z|.
+__device__ __forceinline__ float sigmoid(float z) {
+    if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
+    const float e = expf(z);
+    return e / (1.0f + e);
+}
+
+__device__ __forceinline__ float silu(float z) { return z * sigmoid(z); }
+
+__device__ __forceinline__ float silu_grad(float z) {
+    const float s = sigmoid(z);
+    return s * (1.0f + z * (1.0f - s));
+}
+
+__device__ __forceinline__ float gelu_tanh(float z) {
+    const float inner = GELU_BETA * (z + GELU_KAPPA * (z * z * z));
+    return 0.5f * z * (1.0f + tanhf(inner));
+}
+
+__device__ __forceinline__ float gelu_tanh_grad(float z) {
+    const float z_sq = z * z;
+    const float inner = GELU_BETA * (z + GELU_KAPPA * (z_sq * z));
+    const float t = tanhf(inner);
+    const float left = 0.5f * z;
+    const float right = 1.0f + t;
+    const float left_grad = 0.5f * right;
+    const float right_grad = 1.0f - t * t;
+    const float inner_grad = GELU_BETA * (1.0f + 3.0f * GELU_KAPPA * z_sq);
+    return left_grad + left * right_grad * inner_grad;
+}
+
+enum Act { SILU, GELU_TANH };
+
+template <Act A> __device__ __forceinline__ float act(float z) { return A == SILU ? silu(z) : gelu_tanh(z); }
+template <Act A> __device__ __forceinline__ float act_grad(float z) { return A == SILU ? silu_grad(z) : gelu_tanh_grad(z); }
+
+// x: [n] → y: [n]
+template <Act A, typename T> __device__ void act_forward(const T* x, T* y, u64 n) {
+    for (u64 i = thread_index(); i < n; i += thread_count()) y[i] = from_f32<T>(act<A>(to_f32(x[i])));
+}
+
+// x, dy: [n] → dx: [n]
+template <Act A, typename T> __device__ void act_backward(const T* x, const T* dy, T* dx, u64 n) {
+    for (u64 i = thread_index(); i < n; i += thread_count()) dx[i] = from_f32<T>(to_f32(dy[i]) * act_grad<A>(to_f32(x[i])));
+}
+
+// gate, up: [n] → out: [n] = act(gate) ⊙ up
+template <Act A, typename T> __device__ void glu_forward(const T* gate, const T* up, T* out, u64 n) {
+    for (u64 i = thread_index(); i < n; i += thread_count()) out[i] = from_f32<T>(act<A>(to_f32(gate[i])) * to_f32(up[i]));
+}
+
+// gate, up, d_out: [n] → d_gate = (d_out ⊙ up) ⊙ act′(gate), d_up = d_out ⊙ act(gate)
+template <Act A, typename T>
+__device__ void glu_backward(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n) {
+    for (u64 i = thread_index(); i < n; i += thread_count()) {
+        const float g = to_f32(gate[i]), u = to_f32(up[i]), d = to_f32(d_out[i]);
+        d_gate[i] = from_f32<T>(d * u * act_grad<A>(g));
+        d_up[i] = from_f32<T>(d * act<A>(g));
+    }
+}
+
+// x: [n] → y: [n] = cap·tanh(x/cap)
+template <typename T> __device__ void softcap_forward(const T* x, float cap, T* y, u64 n) {
+    for (u64 i = thread_index(); i < n; i += thread_count()) y[i] = from_f32<T>(tanhf(to_f32(x[i]) / cap) * cap);
+}
+
+// x, dy: [n] → dx: [n] = dy·(1 − tanh²(x/cap))
+template <typename T> __device__ void softcap_backward(const T* x, float cap, const T* dy, T* dx, u64 n) {
+    for (u64 i = thread_index(); i < n; i += thread_count()) {
+        const float t = tanhf(to_f32(x[i]) / cap);
+        dx[i] = from_f32<T>(to_f32(dy[i]) * (1.0f - t * t));
+    }
+}
+
+extern "C" __global__ void silu_forward_f32(const float* x, float* y, u64 n) { act_forward<SILU>(x, y, n); }
+extern "C" __global__ void silu_forward_bf16(const bf16* x, bf16* y, u64 n) { act_forward<SILU>(x, y, n); }
+extern "C" __global__ void silu_backward_f32(const float* x, const float* dy, float* dx, u64 n) { act_backward<SILU>(x, dy, dx, n); }
+extern "C" __global__ void silu_backward_bf16(const bf16* x, const bf16* dy, bf16* dx, u64 n) { act_backward<SILU>(x, dy, dx, n); }
+
+extern "C" __global__ void gelu_tanh_forward_f32(const float* x, float* y, u64 n) { act_forward<GELU_TANH>(x, y, n); }
+extern "C" __global__ void gelu_tanh_forward_bf16(const bf16* x, bf16* y, u64 n) { act_forward<GELU_TANH>(x, y, n); }
+extern "C" __global__ void gelu_tanh_backward_f32(const float* x, const float* dy, float* dx, u64 n) { act_backward<GELU_TANH>(x, dy, dx, n); }
+extern "C" __global__ void gelu_tanh_backward_bf16(const bf16* x, const bf16* dy, bf16* dx, u64 n) { act_backward<GELU_TANH>(x, dy, dx, n); }
+
+// qlora-rt: hot
+extern "C" __global__ void swiglu_forward_f32(const float* gate, const float* up, float* out, u64 n) { glu_forward<SILU>(gate, up, out, n); }
+extern "C" __global__ void swiglu_forward_bf16(const bf16* gate, const bf16* up, bf16* out, u64 n) { glu_forward<SILU>(gate, up, out, n); }
+extern "C" __global__ void swiglu_backward_f32(const float* gate, const float* up, const float* d_out, float* d_gate, float* d_up, u64 n) { glu_backward<SILU>(gate, up, d_out, d_gate, d_up, n); }
+extern "C" __global__ void swiglu_backward_bf16(const bf16* gate, const bf16* up, const bf16* d_out, bf16* d_gate, bf16* d_up, u64 n) { glu_backward<SILU>(gate, up, d_out, d_gate, d_up, n); }
+
+// qlora-rt: hot
+extern "C" __global__ void geglu_forward_f32(const float* gate, const float* up, float* out, u64 n) { glu_forward<GELU_TANH>(gate, up, out, n); }
+extern "C" __global__ void geglu_forward_bf16(const bf16* gate, const bf16* up, bf16* out, u64 n) { glu_forward<GELU_TANH>(gate, up, out, n); }
+extern "C" __global__ void geglu_backward_f32(const float* gate, const float* up, const float* d_out, float* d_gate, float* d_up, u64 n) { glu_backward<GELU_TANH>(gate, up, d_out, d_gate, d_up, n); }
+extern "C" __global__ void geglu_backward_bf16(const bf16* gate, const bf16* up, const bf16* d_out, bf16* d_gate, bf16* d_up, u64 n) { glu_backward<GELU_TANH>(gate, up, d_out, d_gate, d_up, n); }
+
+extern "C" __global__ void softcap_forward_f32(const float* x, float cap, float* y, u64 n) { softcap_forward(x, cap, y, n); }
+extern "C" __global__ void softcap_forward_bf16(const bf16* x, float cap, bf16* y, u64 n) { softcap_forward(x, cap, y, n); }
+extern "C" __global__ void softcap_backward_f32(const float* x, float cap, const float* dy, float* dx, u64 n) { softcap_backward(x, cap, dy, dx, n); }
+extern "C" __global__ void softcap_backward_bf16(const bf16* x, float cap, const bf16* dy, bf16* dx, u64 n) { softcap_backward(x, cap, dy, dx, n); }

@@ -1,0 +1,170 @@
+//! Launchers of `kernels/cuda/activation.cu`, twins of [`crate::activation`].
+
+use super::source::Module;
+use super::{config, grid_for, launched, same_device, DeviceBuffer, GpuFloat, Result};
+use cudarc::driver::PushKernelArg;
+
+/// x: [n] → y: [n]
+pub fn silu_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
+    unary(T::pick("silu_forward_f32", "silu_forward_bf16"), x, None, y)
+}
+
+/// x, dy: [n] → dx: [n]
+pub fn silu_backward<T: GpuFloat>(x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
+    binary(T::pick("silu_backward_f32", "silu_backward_bf16"), x, None, dy, dx)
+}
+
+/// x: [n] → y: [n]
+pub fn gelu_tanh_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
+    unary(T::pick("gelu_tanh_forward_f32", "gelu_tanh_forward_bf16"), x, None, y)
+}
+
+/// x, dy: [n] → dx: [n]
+pub fn gelu_tanh_backward<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    dy: &DeviceBuffer<T>,
+    dx: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    binary(T::pick("gelu_tanh_backward_f32", "gelu_tanh_backward_bf16"), x, None, dy, dx)
+}
+
+/// gate, up: [n] → out: [n]
+pub fn swiglu_forward<T: GpuFloat>(
+    gate: &DeviceBuffer<T>,
+    up: &DeviceBuffer<T>,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    binary(T::pick("swiglu_forward_f32", "swiglu_forward_bf16"), gate, None, up, out)
+}
+
+/// gate, up, d_out: [n] → d_gate, d_up: [n]
+pub fn swiglu_backward<T: GpuFloat>(
+    gate: &DeviceBuffer<T>,
+    up: &DeviceBuffer<T>,
+    d_out: &DeviceBuffer<T>,
+    d_gate: &mut DeviceBuffer<T>,
+    d_up: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    glu_backward(T::pick("swiglu_backward_f32", "swiglu_backward_bf16"), gate, up, d_out, d_gate, d_up)
+}
+
+/// gate, up: [n] → out: [n]
+pub fn geglu_forward<T: GpuFloat>(
+    gate: &DeviceBuffer<T>,
+    up: &DeviceBuffer<T>,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    binary(T::pick("geglu_forward_f32", "geglu_forward_bf16"), gate, None, up, out)
+}
+
+/// gate, up, d_out: [n] → d_gate, d_up: [n]
+pub fn geglu_backward<T: GpuFloat>(
+    gate: &DeviceBuffer<T>,
+    up: &DeviceBuffer<T>,
+    d_out: &DeviceBuffer<T>,
+    d_gate: &mut DeviceBuffer<T>,
+    d_up: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    glu_backward(T::pick("geglu_backward_f32", "geglu_backward_bf16"), gate, up, d_out, d_gate, d_up)
+}
+
+/// x: [n] → y: [n] = cap·tanh(x/cap)
+pub fn softcap_forward<T: GpuFloat>(x: &DeviceBuffer<T>, cap: f32, y: &mut DeviceBuffer<T>) -> Result<()> {
+    unary(T::pick("softcap_forward_f32", "softcap_forward_bf16"), x, Some(cap), y)
+}
+
+/// x, dy: [n] → dx: [n]
+pub fn softcap_backward<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    cap: f32,
+    dy: &DeviceBuffer<T>,
+    dx: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    binary(T::pick("softcap_backward_f32", "softcap_backward_bf16"), x, Some(cap), dy, dx)
+}
+
+/// `kernel(const T* x, [float cap,] T* y, u64 n)`.
+fn unary<T: GpuFloat>(
+    kernel: &'static str,
+    x: &DeviceBuffer<T>,
+    cap: Option<f32>,
+    y: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert_eq!(y.len(), x.len(), "{kernel}: output length");
+    let dev = same_device(kernel, &[x.device(), y.device()]);
+    if y.is_empty() {
+        return Ok(());
+    }
+    let f = dev.function(Module::Activation, kernel)?;
+    let (px, py, n) = (x.ptr(), y.ptr(), y.len() as u64);
+    let mut launch = dev.stream().launch_builder(f);
+    launch.arg(&px);
+    if let Some(cap) = cap.as_ref() {
+        launch.arg(cap);
+    }
+    launch.arg(&py).arg(&n);
+    // SAFETY: the kernel's parameters are (const T* x, [float cap,] T* y, u64 n), pushed in that order with the cap
+    // exactly for the softcap kernels; x and y hold n elements on this device (asserted).
+    launched(kernel, unsafe { launch.launch(config(grid_for(y.len()))) })
+}
+
+/// `kernel(const T* a, [float cap,] const T* b, T* out, u64 n)`.
+fn binary<T: GpuFloat>(
+    kernel: &'static str,
+    a: &DeviceBuffer<T>,
+    cap: Option<f32>,
+    b: &DeviceBuffer<T>,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert_eq!(b.len(), a.len(), "{kernel}: input lengths differ");
+    assert_eq!(out.len(), a.len(), "{kernel}: output length");
+    let dev = same_device(kernel, &[a.device(), b.device(), out.device()]);
+    if out.is_empty() {
+        return Ok(());
+    }
+    let f = dev.function(Module::Activation, kernel)?;
+    let (pa, pb, po, n) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64);
+    let mut launch = dev.stream().launch_builder(f);
+    launch.arg(&pa);
+    if let Some(cap) = cap.as_ref() {
+        launch.arg(cap);
+    }
+    launch.arg(&pb).arg(&po).arg(&n);
+    // SAFETY: the kernel's parameters are (const T* a, [float cap,] const T* b, T* out, u64 n), pushed in that order
+    // with the cap exactly for the softcap kernel; a, b and out hold n elements on this device (asserted).
+    launched(kernel, unsafe { launch.launch(config(grid_for(out.len()))) })
+}
+
+fn glu_backward<T: GpuFloat>(
+    kernel: &'static str,
+    gate: &DeviceBuffer<T>,
+    up: &DeviceBuffer<T>,
+    d_out: &DeviceBuffer<T>,
+    d_gate: &mut DeviceBuffer<T>,
+    d_up: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    let n = gate.len();
+    assert_eq!(up.len(), n, "{kernel}: up length");
+    assert_eq!(d_out.len(), n, "{kernel}: d_out length");
+    assert_eq!(d_gate.len(), n, "{kernel}: d_gate length");
+    assert_eq!(d_up.len(), n, "{kernel}: d_up length");
+    let dev = same_device(kernel, &[gate.device(), up.device(), d_out.device(), d_gate.device(), d_up.device()]);
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Module::Activation, kernel)?;
+    let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
+    // SAFETY: kernel(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n); all five hold n
+    // elements on this device (asserted), and the two outputs are distinct buffers (two &mut borrows).
+    launched(kernel, unsafe {
+        dev.stream()
+            .launch_builder(f)
+            .arg(&pg)
+            .arg(&pu)
+            .arg(&pd)
+            .arg(&pdg)
+            .arg(&pdu)
+            .arg(&n64)
+            .launch(config(grid_for(n)))
+    })
+}

@@ -1,0 +1,53 @@
+//! Launcher of `kernels/cuda/adamw.cu`, twin of [`crate::adamw::adamw_step`]. Parameters and gradients f32 or bf16;
+//! the moments f32.
+
+use super::source::Module;
+use super::{config, grid_for, launched, same_device, DeviceBuffer, GpuFloat, Result};
+use crate::adamw::AdamWStep;
+use cudarc::driver::PushKernelArg;
+
+/// p, g: [n], m, v: [n] f32 → p, m, v updated in place.
+pub fn adamw_step<T: GpuFloat>(
+    h: &AdamWStep,
+    p: &mut DeviceBuffer<T>,
+    g: &DeviceBuffer<T>,
+    m: &mut DeviceBuffer<f32>,
+    v: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len(), "adamw: lengths differ");
+    assert!(h.step >= 1, "adamw: step counts from 1");
+    let dev = same_device("adamw", &[p.device(), g.device(), m.device(), v.device()]);
+    if p.is_empty() {
+        return Ok(());
+    }
+    // The scalars exactly as the CPU kernel forms them: bias corrections in f64, then one rounding to f32 each.
+    let bc1 = 1.0 - h.beta1.powf(h.step as f64);
+    let bc2 = 1.0 - h.beta2.powf(h.step as f64);
+    let (beta1, beta2) = (h.beta1 as f32, h.beta2 as f32);
+    let decay = (1.0 - h.lr * h.weight_decay) as f32;
+    let step_size = (h.lr / bc1) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    let eps = h.eps as f32;
+    let kernel = T::pick("adamw_step_f32", "adamw_step_bf16");
+    let f = dev.function(Module::Adamw, kernel)?;
+    let (pp, pg, pm, pv, n) = (p.ptr(), g.ptr(), m.ptr(), v.ptr(), p.len() as u64);
+    // SAFETY: adamw_step_T(T* p, const T* g, float* m, float* v, u64 n, float beta1, float beta2, float decay,
+    // float step_size, float bc2_sqrt, float eps): all four buffers hold n elements on this device (asserted) and
+    // the three written ones are distinct (&mut borrows).
+    launched(kernel, unsafe {
+        dev.stream()
+            .launch_builder(f)
+            .arg(&pp)
+            .arg(&pg)
+            .arg(&pm)
+            .arg(&pv)
+            .arg(&n)
+            .arg(&beta1)
+            .arg(&beta2)
+            .arg(&decay)
+            .arg(&step_size)
+            .arg(&bc2_sqrt)
+            .arg(&eps)
+            .launch(config(grid_for(p.len())))
+    })
+}

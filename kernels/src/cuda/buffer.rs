@@ -1,0 +1,132 @@
+//! [`DeviceBuffer`]: `len` elements of one type in device memory, on one [`CudaDevice`], from its caching allocator.
+//! `runtime` holds these as its CUDA storage (one variant per dtype, as `CpuStorage` holds `Vec`s).
+
+use super::alloc::Block;
+use super::{CudaDevice, Error, Result};
+use cudarc::driver::result as driver;
+use half::{bf16, f16};
+use std::fmt;
+use std::marker::PhantomData;
+
+/// Element types that live in device memory: plain data for which every bit pattern is a valid value, so memory
+/// written by any kernel (or by none) reads back as values, never as undefined behaviour.
+pub trait DeviceCopy: Copy + Default + Send + Sync + 'static + private::Sealed {}
+
+impl DeviceCopy for f32 {}
+impl DeviceCopy for bf16 {}
+impl DeviceCopy for f16 {}
+impl DeviceCopy for i32 {}
+impl DeviceCopy for u8 {}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for i32 {}
+    impl Sealed for u8 {}
+}
+
+pub struct DeviceBuffer<T: DeviceCopy> {
+    /// None for an empty buffer (the driver allocates no zero-byte blocks).
+    block: Option<Block>,
+    len: usize,
+    device: CudaDevice,
+    _elem: PhantomData<T>,
+}
+
+impl<T: DeviceCopy> DeviceBuffer<T> {
+    /// `len` elements whose values are whatever the memory's previous owner left.
+    pub(crate) fn uninit(device: &CudaDevice, len: usize) -> Result<Self> {
+        let bytes = len.checked_mul(size_of::<T>()).expect("buffer size overflows usize");
+        let block = if bytes == 0 { None } else { Some(device.allocator().allocate(bytes)?) };
+        Ok(DeviceBuffer { block, len, device: device.clone(), _elem: PhantomData })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// The device address, for kernel arguments (0 for an empty buffer, which no kernel is launched on).
+    pub(crate) fn ptr(&self) -> u64 {
+        self.block.as_ref().map_or(0, |b| b.ptr)
+    }
+
+    fn bytes(&self) -> usize {
+        self.len * size_of::<T>()
+    }
+
+    /// Overwrites the whole buffer with `src`.
+    pub fn copy_from_host(&mut self, src: &[T]) -> Result<()> {
+        assert_eq!(src.len(), self.len, "copy_from_host: {} values for a buffer of {}", src.len(), self.len);
+        if self.is_empty() {
+            return Ok(());
+        }
+        self.device.bind()?;
+        // SAFETY: the buffer holds `len` elements = size_of_val(src) bytes. `src` is pageable host memory, which the
+        // driver copies to a staging buffer before the call returns, so it may be dropped right after; the transfer
+        // is ordered on the device's stream after all earlier work on this block.
+        unsafe { driver::memcpy_htod_async(self.ptr(), src, self.device.cu_stream()) }
+            .map_err(Error::driver("cuMemcpyHtoDAsync"))
+    }
+
+    /// The buffer's values, after all work queued on the device so far has finished.
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); self.len];
+        if self.is_empty() {
+            return Ok(out);
+        }
+        self.device.bind()?;
+        // SAFETY: `out` holds `len` elements, the buffer's size. The copy is ordered after earlier work on the
+        // stream, and `out` is not touched until the stream has drained (below), so the copy has completed.
+        unsafe { driver::memcpy_dtoh_async(&mut out, self.ptr(), self.device.cu_stream()) }
+            .map_err(Error::driver("cuMemcpyDtoHAsync"))?;
+        self.device.synchronize()?;
+        Ok(out)
+    }
+
+    /// A new buffer with the same values (a device-to-device copy, queued on the stream).
+    pub fn try_clone(&self) -> Result<Self> {
+        let copy = Self::uninit(&self.device, self.len)?;
+        if !self.is_empty() {
+            self.device.bind()?;
+            // SAFETY: both blocks hold `bytes()` bytes, on this device; the copy is stream-ordered.
+            unsafe { driver::memcpy_dtod_async(copy.ptr(), self.ptr(), self.bytes(), self.device.cu_stream()) }
+                .map_err(Error::driver("cuMemcpyDtoDAsync"))?;
+        }
+        Ok(copy)
+    }
+
+    /// Sets every byte to zero (0.0 for the float types, 0 for the integers).
+    pub fn zero(&mut self) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        self.device.bind()?;
+        // SAFETY: the block holds `bytes()` bytes; all-zero bits are a valid value of every DeviceCopy type.
+        unsafe { driver::memset_d8_async(self.ptr(), 0, self.bytes(), self.device.cu_stream()) }
+            .map_err(Error::driver("cuMemsetD8Async"))
+    }
+}
+
+impl<T: DeviceCopy> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        if let Some(block) = self.block.take() {
+            self.device.allocator().release(block);
+        }
+    }
+}
+
+impl<T: DeviceCopy> fmt::Debug for DeviceBuffer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceBuffer<{}>[{}] on cuda:{}", std::any::type_name::<T>(), self.len, self.device.ordinal())
+    }
+}

@@ -1,0 +1,95 @@
+//! Launchers of `kernels/cuda/elementwise.cu`, twins of [`crate::elementwise`].
+
+use super::source::Module;
+use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use cudarc::driver::PushKernelArg;
+
+/// a: [len], b: [len] → out: [len] = a + b
+pub fn add<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut DeviceBuffer<T>) -> Result<()> {
+    binary(T::pick("add_f32", "add_bf16"), a, b, out)
+}
+
+/// a: [len], b: [len] → out: [len] = a ⊙ b
+pub fn mul<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut DeviceBuffer<T>) -> Result<()> {
+    binary(T::pick("mul_f32", "mul_bf16"), a, b, out)
+}
+
+/// x: [len] → out: [len] = s·x
+pub fn scale<T: GpuFloat>(x: &DeviceBuffer<T>, s: f32, out: &mut DeviceBuffer<T>) -> Result<()> {
+    assert_eq!(x.len(), out.len(), "scale: x vs out length");
+    let dev = same_device("scale", &[x.device(), out.device()]);
+    if out.is_empty() {
+        return Ok(());
+    }
+    let kernel = T::pick("scale_f32", "scale_bf16");
+    let f = dev.function(Module::Elementwise, kernel)?;
+    let (px, po, n) = (x.ptr(), out.ptr(), out.len() as u64);
+    // SAFETY: scale_T(const T* x, float s, T* out, u64 n); x and out hold n elements on this device (asserted).
+    launched(kernel, unsafe {
+        dev.stream().launch_builder(f).arg(&px).arg(&s).arg(&po).arg(&n).launch(config(grid_for(out.len())))
+    })
+}
+
+/// x: [len], y: [len] → y += alpha·x (gradient accumulation)
+pub fn axpy<T: GpuFloat>(alpha: f32, x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
+    assert_eq!(x.len(), y.len(), "axpy: x vs y length");
+    let dev = same_device("axpy", &[x.device(), y.device()]);
+    if y.is_empty() {
+        return Ok(());
+    }
+    let kernel = T::pick("axpy_f32", "axpy_bf16");
+    let f = dev.function(Module::Elementwise, kernel)?;
+    let (px, py, n) = (x.ptr(), y.ptr(), y.len() as u64);
+    // SAFETY: axpy_T(float alpha, const T* x, T* y, u64 n); x and y hold n elements on this device (asserted).
+    launched(kernel, unsafe {
+        dev.stream().launch_builder(f).arg(&alpha).arg(&px).arg(&py).arg(&n).launch(config(grid_for(y.len())))
+    })
+}
+
+/// x: [rows, cols], bias: [cols] → x += bias broadcast over rows
+pub fn add_bias<T: GpuFloat>(x: &mut DeviceBuffer<T>, bias: &DeviceBuffer<T>) -> Result<()> {
+    let cols = bias.len();
+    if cols == 0 {
+        assert!(x.is_empty(), "add_bias: {} elements with an empty bias", x.len());
+        return Ok(());
+    }
+    assert!(x.len() % cols == 0, "add_bias: {} elements are not rows of {cols}", x.len());
+    let dev = same_device("add_bias", &[x.device(), bias.device()]);
+    if x.is_empty() {
+        return Ok(());
+    }
+    let kernel = T::pick("add_bias_f32", "add_bias_bf16");
+    let f = dev.function(Module::Elementwise, kernel)?;
+    let (px, pb, n, cols) = (x.ptr(), bias.ptr(), x.len() as u64, u32_arg("add_bias: cols", cols));
+    // SAFETY: add_bias_T(T* x, const T* bias, u64 n, unsigned cols); x holds n = rows·cols elements and bias cols
+    // (asserted), on this device.
+    launched(kernel, unsafe {
+        dev.stream().launch_builder(f).arg(&px).arg(&pb).arg(&n).arg(&cols).launch(config(grid_for(x.len())))
+    })
+}
+
+fn binary<T: GpuFloat>(
+    kernel: &'static str,
+    a: &DeviceBuffer<T>,
+    b: &DeviceBuffer<T>,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert!(
+        a.len() == b.len() && a.len() == out.len(),
+        "{kernel}: lengths {}, {}, out {}",
+        a.len(),
+        b.len(),
+        out.len()
+    );
+    let dev = same_device(kernel, &[a.device(), b.device(), out.device()]);
+    if out.is_empty() {
+        return Ok(());
+    }
+    let f = dev.function(Module::Elementwise, kernel)?;
+    let (pa, pb, po, n) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64);
+    // SAFETY: add_T / mul_T(const T* a, const T* b, T* out, u64 n); a, b and out hold n elements on this device
+    // (asserted).
+    launched(kernel, unsafe {
+        dev.stream().launch_builder(f).arg(&pa).arg(&pb).arg(&po).arg(&n).launch(config(grid_for(out.len())))
+    })
+}

@@ -1,0 +1,101 @@
+//! The CUDA backend: NVRTC-compiled twins of the CPU kernels, a device context, a caching allocator and typed
+//! buffers. Everything that touches a raw device pointer lives here; callers see [`CudaDevice`], [`DeviceBuffer`] and
+//! one safe launcher per kernel.
+//!
+//! CUDA is loaded at run time (cudarc's dynamic loading): a binary built without CUDA runs anywhere, and a machine
+//! without a driver, a GPU or NVRTC gets an [`Error`] from [`CudaDevice::new`], never a panic.
+//!
+//! - [`source`]: the catalogue of `kernels/cuda/*.cu`, their entry points and `// qlora-rt: hot` markers.
+//! - [`compile`]: NVRTC, the target per GPU (sm_90a on Hopper), the on-disk cache of compiled images.
+//! - [`device`]: [`CudaDevice`], one per GPU per process: context, stream, loaded modules, allocator.
+//! - [`alloc`]: the caching allocator and its statistics.
+//! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
+//! - one module per op (`elementwise`, `rms_norm`, …): the launchers, each the twin of the CPU function of the same
+//!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_parity.rs`.
+//!
+//! Streams: each device has one stream and every launch and copy goes on it, so a buffer dropped by the host can be
+//! handed to the next allocation at once (work for the new owner is queued after all work of the old one).
+
+pub mod alloc;
+pub mod buffer;
+mod cache;
+pub mod compile;
+pub mod device;
+mod error;
+mod library;
+pub mod source;
+
+pub mod activation;
+pub mod adamw;
+pub mod cross_entropy;
+pub mod elementwise;
+pub mod embedding;
+pub mod nf4;
+pub mod rms_norm;
+pub mod rope;
+
+pub use alloc::MemoryStats;
+pub use buffer::{DeviceBuffer, DeviceCopy};
+pub use device::{device_count, CudaDevice};
+pub use error::{Error, Result};
+pub use library::nvrtc_available;
+
+use cudarc::driver::{CudaEvent, DriverError, LaunchConfig};
+use half::bf16;
+
+/// The element types CUDA kernels take as input and output (arithmetic is f32 inside every kernel).
+pub trait GpuFloat: DeviceCopy + private::Sealed {
+    /// The name of this type's instantiation of a kernel: each `.cu` defines `<op>_f32` and `<op>_bf16`.
+    fn pick(f32_kernel: &'static str, bf16_kernel: &'static str) -> &'static str;
+}
+
+impl GpuFloat for f32 {
+    fn pick(f32_kernel: &'static str, _: &'static str) -> &'static str {
+        f32_kernel
+    }
+}
+
+impl GpuFloat for bf16 {
+    fn pick(_: &'static str, bf16_kernel: &'static str) -> &'static str {
+        bf16_kernel
+    }
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// Threads per block of every launcher: a multiple of the warp for the block reductions, and low enough that no
+/// kernel's register count limits it.
+const BLOCK: u32 = 256;
+
+/// Blocks for a grid-stride loop over `n` elements: enough to fill any GPU, capped so huge tensors loop instead.
+fn grid_for(n: usize) -> u32 {
+    n.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32
+}
+
+/// `v` as a 32-bit kernel argument (dimensions and row counts), asserting that it fits.
+fn u32_arg(what: &str, v: usize) -> u32 {
+    u32::try_from(v).unwrap_or_else(|_| panic!("{what} = {v} does not fit the kernel's 32-bit argument"))
+}
+
+/// A 1-D launch of `grid` blocks of [`BLOCK`] threads, no dynamic shared memory.
+fn config(grid: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A launch's outcome as this crate's result.
+fn launched(kernel: &'static str, r: std::result::Result<Option<(CudaEvent, CudaEvent)>, DriverError>) -> Result<()> {
+    r.map(|_| ()).map_err(|source| Error::Launch { kernel, source })
+}
+
+/// The one device all of an op's buffers live on; panics when they differ (a caller bug, like a length mismatch).
+fn same_device<'a>(op: &str, devices: &[&'a CudaDevice]) -> &'a CudaDevice {
+    let first = devices[0];
+    if let Some(other) = devices.iter().find(|d| !d.is(first)) {
+        panic!("{op}: buffers on cuda:{} and cuda:{}", first.ordinal(), other.ordinal());
+    }
+    first
+}

@@ -1,0 +1,117 @@
+//! Launchers of `kernels/cuda/rms_norm.cu`, twins of [`crate::rms_norm`]. rstd is f32 whatever the I/O type.
+
+use super::source::Module;
+use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use cudarc::driver::PushKernelArg;
+
+/// The weight gradient is reduced over at most this many row blocks: enough blocks to fill a GPU, and a bound on
+/// the f32 scratch (this many rows of `dim`).
+const MAX_DW_BLOCKS: usize = 256;
+
+/// x: [rows, dim], weight: [dim] → y: [rows, dim], rstd: [rows] f32
+pub fn rms_norm_forward<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    weight: &DeviceBuffer<T>,
+    dim: usize,
+    eps: f32,
+    offset: f32,
+    y: &mut DeviceBuffer<T>,
+    rstd: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let rows = check_shapes(x, weight, dim, rstd.len());
+    assert_eq!(y.len(), rows * dim, "rms_norm_forward: y length");
+    let dev = same_device("rms_norm_forward", &[x.device(), weight.device(), y.device(), rstd.device()]);
+    if rows == 0 {
+        return Ok(());
+    }
+    let kernel = T::pick("rms_norm_forward_f32", "rms_norm_forward_bf16");
+    let f = dev.function(Module::RmsNorm, kernel)?;
+    let (px, pw, py, pr) = (x.ptr(), weight.ptr(), y.ptr(), rstd.ptr());
+    let dim32 = u32_arg("rms_norm_forward: dim", dim);
+    // SAFETY: rms_norm_forward_T(const T* x, const T* weight, T* y, float* rstd, unsigned dim, float eps,
+    // float offset), one block per row: x and y hold rows·dim elements, weight dim, rstd rows (asserted), all on
+    // this device.
+    launched(kernel, unsafe {
+        dev.stream()
+            .launch_builder(f)
+            .arg(&px)
+            .arg(&pw)
+            .arg(&py)
+            .arg(&pr)
+            .arg(&dim32)
+            .arg(&eps)
+            .arg(&offset)
+            .launch(config(u32_arg("rms_norm_forward: rows", rows)))
+    })
+}
+
+/// x, dy: [rows, dim], rstd: [rows] f32 → dx: [rows, dim], dw: [dim] (written: Σ over rows, deterministic order)
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_backward<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    weight: &DeviceBuffer<T>,
+    rstd: &DeviceBuffer<f32>,
+    dy: &DeviceBuffer<T>,
+    dim: usize,
+    offset: f32,
+    dx: &mut DeviceBuffer<T>,
+    dw: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    let rows = check_shapes(x, weight, dim, rstd.len());
+    assert_eq!(dy.len(), rows * dim, "rms_norm_backward: dy length");
+    assert_eq!(dx.len(), rows * dim, "rms_norm_backward: dx length");
+    assert_eq!(dw.len(), dim, "rms_norm_backward: dw length");
+    let dev = same_device(
+        "rms_norm_backward",
+        &[x.device(), weight.device(), rstd.device(), dy.device(), dx.device(), dw.device()],
+    );
+    if rows == 0 {
+        return dw.zero();
+    }
+    // Block boundaries depend on the shape only, so dw is the same bits on every run.
+    let rows_per_block = rows.div_ceil(rows.min(MAX_DW_BLOCKS));
+    let blocks = rows.div_ceil(rows_per_block);
+    let partial = dev.alloc::<f32>(blocks * dim)?;
+    let kernel = T::pick("rms_norm_backward_f32", "rms_norm_backward_bf16");
+    let f = dev.function(Module::RmsNorm, kernel)?;
+    let (px, pw, pr, pdy, pdx, pp) = (x.ptr(), weight.ptr(), rstd.ptr(), dy.ptr(), dx.ptr(), partial.ptr());
+    let (rows32, dim32) = (u32_arg("rms_norm_backward: rows", rows), u32_arg("rms_norm_backward: dim", dim));
+    let (rpb32, blocks32) = (rows_per_block as u32, blocks as u32);
+    // SAFETY: rms_norm_backward_T(const T* x, const T* weight, const float* rstd, const T* dy, T* dx,
+    // float* dw_partial, unsigned rows, unsigned dim, float offset, unsigned rows_per_block) with `blocks` blocks:
+    // x, dy, dx hold rows·dim elements, weight dim, rstd rows (asserted), dw_partial blocks·dim (allocated above;
+    // it returns to the pool when dropped, stream-ordered after the reduction below); all on this device.
+    launched(kernel, unsafe {
+        dev.stream()
+            .launch_builder(f)
+            .arg(&px)
+            .arg(&pw)
+            .arg(&pr)
+            .arg(&pdy)
+            .arg(&pdx)
+            .arg(&pp)
+            .arg(&rows32)
+            .arg(&dim32)
+            .arg(&offset)
+            .arg(&rpb32)
+            .launch(config(blocks32))
+    })?;
+    let kernel = T::pick("rms_norm_dw_reduce_f32", "rms_norm_dw_reduce_bf16");
+    let f = dev.function(Module::RmsNorm, kernel)?;
+    let pdw = dw.ptr();
+    // SAFETY: rms_norm_dw_reduce_T(const float* dw_partial, T* dw, unsigned blocks, unsigned dim): dw_partial holds
+    // blocks·dim f32, dw holds dim elements (asserted), on this device.
+    launched(kernel, unsafe {
+        dev.stream().launch_builder(f).arg(&pp).arg(&pdw).arg(&blocks32).arg(&dim32).launch(config(grid_for(dim)))
+    })
+}
+
+/// The row count, after asserting the shapes shared by forward and backward.
+fn check_shapes<T: GpuFloat>(x: &DeviceBuffer<T>, weight: &DeviceBuffer<T>, dim: usize, rstd_len: usize) -> usize {
+    assert!(dim > 0, "rms_norm: dim must be positive");
+    assert_eq!(x.len() % dim, 0, "rms_norm: x length {} is not a multiple of dim {dim}", x.len());
+    assert_eq!(weight.len(), dim, "rms_norm: weight length");
+    let rows = x.len() / dim;
+    assert_eq!(rstd_len, rows, "rms_norm: rstd length");
+    rows
+}

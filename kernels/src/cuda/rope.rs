@@ -1,0 +1,73 @@
+//! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope_forward` / `rope_backward`. The cos/sin
+//! tables are f32 ([`crate::rope::rope_tables`] builds them; they are small and shared by every layer).
+
+use super::source::Module;
+use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use cudarc::driver::PushKernelArg;
+
+/// x: [tokens, heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → y: [tokens, heads, head_dim]
+pub fn rope_forward<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    cos: &DeviceBuffer<f32>,
+    sin: &DeviceBuffer<f32>,
+    heads: usize,
+    head_dim: usize,
+    y: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    rotate(T::pick("rope_forward_f32", "rope_forward_bf16"), x, cos, sin, heads, head_dim, y)
+}
+
+/// dy → dx (the inverse rotation), same shapes as forward
+pub fn rope_backward<T: GpuFloat>(
+    dy: &DeviceBuffer<T>,
+    cos: &DeviceBuffer<f32>,
+    sin: &DeviceBuffer<f32>,
+    heads: usize,
+    head_dim: usize,
+    dx: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    rotate(T::pick("rope_backward_f32", "rope_backward_bf16"), dy, cos, sin, heads, head_dim, dx)
+}
+
+fn rotate<T: GpuFloat>(
+    kernel: &'static str,
+    x: &DeviceBuffer<T>,
+    cos: &DeviceBuffer<f32>,
+    sin: &DeviceBuffer<f32>,
+    heads: usize,
+    head_dim: usize,
+    y: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert!(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim {head_dim} must be even and positive");
+    assert!(heads > 0, "rope: heads must be positive");
+    let token_len = heads * head_dim;
+    assert_eq!(x.len() % token_len, 0, "rope: x length {} is not a multiple of heads·head_dim {token_len}", x.len());
+    let tokens = x.len() / token_len;
+    let half = head_dim / 2;
+    assert_eq!(cos.len(), tokens * half, "rope: cos length");
+    assert_eq!(sin.len(), tokens * half, "rope: sin length");
+    assert_eq!(y.len(), x.len(), "rope: output length");
+    let dev = same_device(kernel, &[x.device(), cos.device(), sin.device(), y.device()]);
+    if tokens == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Module::Rope, kernel)?;
+    let pairs = x.len() / 2;
+    let (px, pc, ps, py, n) = (x.ptr(), cos.ptr(), sin.ptr(), y.ptr(), pairs as u64);
+    let (heads32, half32) = (u32_arg("rope: heads", heads), u32_arg("rope: head_dim", head_dim) / 2);
+    // SAFETY: kernel(const T* x, const float* cos, const float* sin, T* y, u64 n, unsigned heads, unsigned half),
+    // one thread per rotated pair: x and y hold 2n = tokens·heads·head_dim elements, cos and sin tokens·half
+    // (asserted), all on this device.
+    launched(kernel, unsafe {
+        dev.stream()
+            .launch_builder(f)
+            .arg(&px)
+            .arg(&pc)
+            .arg(&ps)
+            .arg(&py)
+            .arg(&n)
+            .arg(&heads32)
+            .arg(&half32)
+            .launch(config(grid_for(pairs)))
+    })
+}

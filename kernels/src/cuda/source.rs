@@ -1,0 +1,131 @@
+//! The catalogue of CUDA sources: one `kernels/cuda/<op>.cu` per op, embedded in the binary, plus the shared
+//! `common.cuh` spliced in where each source includes it. Entry points and hot markers are read off the text, so the
+//! source is the only list of kernel names.
+
+/// Replaced by the text of `common.cuh` (NVRTC gets one self-contained source; nvcc finds the header beside it).
+const INCLUDE_COMMON: &str = "#include \"common.cuh\"\n";
+const COMMON: &str = include_str!("../../cuda/common.cuh");
+/// Written on the line above a group of entry points: ptxas must give every one of them zero spill bytes.
+pub const HOT_MARKER: &str = "// qlora-rt: hot";
+const ENTRY_PREFIX: &str = "extern \"C\" __global__ void ";
+
+/// One `.cu` file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Module {
+    Elementwise,
+    Activation,
+    RmsNorm,
+    Rope,
+    CrossEntropy,
+    Embedding,
+    Adamw,
+    Nf4,
+}
+
+impl Module {
+    pub const ALL: [Module; 8] = [
+        Module::Elementwise,
+        Module::Activation,
+        Module::RmsNorm,
+        Module::Rope,
+        Module::CrossEntropy,
+        Module::Embedding,
+        Module::Adamw,
+        Module::Nf4,
+    ];
+
+    /// The file stem, which is also the name of the CPU twin's module.
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::Elementwise => "elementwise",
+            Module::Activation => "activation",
+            Module::RmsNorm => "rms_norm",
+            Module::Rope => "rope",
+            Module::CrossEntropy => "cross_entropy",
+            Module::Embedding => "embedding",
+            Module::Adamw => "adamw",
+            Module::Nf4 => "nf4",
+        }
+    }
+
+    /// The file as written.
+    pub fn file_text(self) -> &'static str {
+        match self {
+            Module::Elementwise => include_str!("../../cuda/elementwise.cu"),
+            Module::Activation => include_str!("../../cuda/activation.cu"),
+            Module::RmsNorm => include_str!("../../cuda/rms_norm.cu"),
+            Module::Rope => include_str!("../../cuda/rope.cu"),
+            Module::CrossEntropy => include_str!("../../cuda/cross_entropy.cu"),
+            Module::Embedding => include_str!("../../cuda/embedding.cu"),
+            Module::Adamw => include_str!("../../cuda/adamw.cu"),
+            Module::Nf4 => include_str!("../../cuda/nf4.cu"),
+        }
+    }
+
+    /// What NVRTC compiles: the file with `common.cuh` spliced in.
+    pub fn source(self) -> String {
+        let text = self.file_text();
+        assert!(text.contains(INCLUDE_COMMON), "kernels/cuda/{}.cu must include common.cuh", self.name());
+        text.replacen(INCLUDE_COMMON, COMMON, 1)
+    }
+
+    /// Every `extern "C" __global__` function, in file order.
+    pub fn entry_points(self) -> Vec<&'static str> {
+        self.file_text().lines().filter_map(entry_name).collect()
+    }
+
+    /// The entry points on the lines after a [`HOT_MARKER`] line, up to the next blank line.
+    pub fn hot_entry_points(self) -> Vec<&'static str> {
+        let mut hot = Vec::new();
+        let mut in_group = false;
+        for line in self.file_text().lines() {
+            if line.trim() == HOT_MARKER {
+                in_group = true;
+            } else if line.trim().is_empty() {
+                in_group = false;
+            } else if in_group {
+                hot.extend(entry_name(line));
+            }
+        }
+        hot
+    }
+}
+
+fn entry_name(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix(ENTRY_PREFIX)?;
+    rest.split('(').next().map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_source_includes_common_and_has_named_entry_points() {
+        for m in Module::ALL {
+            let src = m.source();
+            assert!(src.contains("struct bf16") && !src.contains(INCLUDE_COMMON), "{}", m.name());
+            let entries = m.entry_points();
+            assert!(!entries.is_empty(), "{}: no entry points", m.name());
+            for e in &entries {
+                assert!(e.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{}: entry {e:?}", m.name());
+                assert!(e.ends_with("_f32") || e.ends_with("_bf16"), "{}: {e} names no dtype", m.name());
+            }
+            let mut unique = entries.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), entries.len(), "{}: duplicate entry points", m.name());
+        }
+    }
+
+    #[test]
+    fn hot_markers_cover_their_group_only() {
+        let hot = Module::RmsNorm.hot_entry_points();
+        assert_eq!(
+            hot,
+            ["rms_norm_forward_f32", "rms_norm_forward_bf16", "rms_norm_backward_f32", "rms_norm_backward_bf16"]
+        );
+        assert!(!Module::Elementwise.hot_entry_points().contains(&"mul_f32"));
+        assert!(Module::Elementwise.hot_entry_points().contains(&"add_bf16"));
+    }
+}

@@ -1,0 +1,202 @@
+//! The GPU-free kernel check (STYLE.md §12, tier 2): every `kernels/cuda/*.cu` compiles through NVRTC for sm_90a
+//! (Hopper) and sm_80 (Ampere), as the runtime compiles it (straight to a cubin) and as PTX, which ptxas assembles
+//! with `-v`. Fails on a compile error, on any NVRTC warning, on an entry point that the PTX lacks, and on spill bytes
+//! in a kernel marked `// qlora-rt: hot`. Prints each kernel's registers, stack and spills.
+//!
+//! Tools: NVRTC (QLORA_NVRTC_LIB, or the loader's search path) and ptxas (QLORA_PTXAS); `eval "$(scripts/cuda-tools.sh)"`
+//! sets both from PyPI's wheels. Without them the check is skipped with a notice, unless QLORA_REQUIRE_CUDA_TOOLS=1
+//! (CI), which makes their absence a failure.
+
+use qlora_kernels::cuda::compile::{compile, Output, Target};
+use qlora_kernels::cuda::nvrtc_available;
+use qlora_kernels::cuda::source::Module;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[test]
+fn kernels_compile_for_sm_90a() {
+    check_arch(90, true);
+}
+
+#[test]
+fn kernels_compile_for_sm_80() {
+    check_arch(80, false);
+}
+
+/// ptxas's report for one kernel.
+#[derive(Debug, Default)]
+struct Usage {
+    registers: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+}
+
+fn check_arch(arch: u32, arch_specific: bool) {
+    let Some(ptxas) = tools() else { return };
+    let cubin = Target { arch, arch_specific, output: Output::Cubin };
+    let ptx_target = Target { arch, arch_specific, output: Output::Ptx };
+    let dir = std::env::temp_dir().join(format!("qlora-nvrtc-compile-{cubin}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut failures = Vec::new();
+    let mut table = vec![format!(
+        "{:<14} {:<36} {:>4} {:>6} {:>12}  {}",
+        "module", "kernel", "regs", "stack", "spill st/ld", "hot"
+    )];
+    for module in Module::ALL {
+        let name = module.name();
+        match compile(module, cubin) {
+            Ok(c) if !c.log.is_empty() => failures.push(format!("{name}.cu for {cubin}: NVRTC warnings:\n{}", c.log)),
+            Ok(_) => {}
+            Err(e) => failures.push(e.to_string()),
+        }
+        let ptx = match compile(module, ptx_target) {
+            Ok(c) => match c.image {
+                qlora_kernels::cuda::compile::Image::Ptx(text) => text,
+                other => panic!("{name}: PTX target gave {other:?}"),
+            },
+            Err(e) => {
+                failures.push(e.to_string());
+                continue;
+            }
+        };
+        let entries: BTreeSet<&str> = module.entry_points().into_iter().collect();
+        let in_ptx: BTreeSet<&str> = ptx_entries(&ptx).into_iter().collect();
+        if entries != in_ptx {
+            failures.push(format!("{name}: source entry points {entries:?} but PTX entries {in_ptx:?}"));
+        }
+        let usage = match run_ptxas(&ptxas, &dir, name, &ptx, cubin) {
+            Ok(usage) => usage,
+            Err(e) => {
+                failures.push(format!("{name}.cu: ptxas for {cubin}: {e}"));
+                continue;
+            }
+        };
+        let hot = module.hot_entry_points();
+        for entry in module.entry_points() {
+            let Some(u) = usage.get(entry) else {
+                failures.push(format!("{name}: ptxas reported nothing for {entry}"));
+                continue;
+            };
+            let is_hot = hot.contains(&entry);
+            table.push(format!(
+                "{name:<14} {entry:<36} {:>4} {:>6} {:>12}  {}",
+                u.registers,
+                u.stack,
+                format!("{}/{}", u.spill_stores, u.spill_loads),
+                if is_hot { "hot" } else { "" }
+            ));
+            if is_hot && u.spill_stores + u.spill_loads > 0 {
+                failures.push(format!(
+                    "{name}: hot kernel {entry} spills on {cubin} ({} bytes stored, {} loaded)",
+                    u.spill_stores, u.spill_loads
+                ));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("NVRTC + ptxas -v, {cubin}:\n{}", table.join("\n"));
+    assert!(failures.is_empty(), "{} problem(s) for {cubin}:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// ptxas's path when NVRTC and ptxas are both usable; None (after a notice) when not and not required.
+fn tools() -> Option<PathBuf> {
+    let required = std::env::var("QLORA_REQUIRE_CUDA_TOOLS").is_ok_and(|v| v == "1");
+    let ptxas = std::env::var_os("QLORA_PTXAS").map(PathBuf::from);
+    let problem = match (nvrtc_available(), &ptxas) {
+        (Err(e), _) => e.to_string(),
+        (Ok(()), None) => "QLORA_PTXAS is not set".to_string(),
+        (Ok(()), Some(p)) if !p.is_file() => format!("QLORA_PTXAS={} is not a file", p.display()),
+        (Ok(()), Some(p)) => return Some(p.clone()),
+    };
+    let hint = "run `eval \"$(scripts/cuda-tools.sh)\"` first";
+    assert!(!required, "QLORA_REQUIRE_CUDA_TOOLS=1 but the CUDA tools are missing: {problem}; {hint}");
+    println!("SKIPPED: NVRTC/ptxas kernel check not run: {problem}; {hint}");
+    None
+}
+
+/// The `.entry` names of a PTX module.
+fn ptx_entries(ptx: &str) -> Vec<&str> {
+    ptx.lines()
+        .filter_map(|l| l.trim_start().strip_prefix(".visible .entry "))
+        .filter_map(|rest| rest.split('(').next())
+        .map(str::trim)
+        .collect()
+}
+
+fn run_ptxas(
+    ptxas: &Path,
+    dir: &Path,
+    name: &str,
+    ptx: &str,
+    target: Target,
+) -> Result<BTreeMap<String, Usage>, String> {
+    let ptx_path = dir.join(format!("{name}.ptx"));
+    std::fs::write(&ptx_path, ptx).map_err(|e| e.to_string())?;
+    let out = Command::new(ptxas)
+        .arg(format!("-arch={target}"))
+        .arg("-v")
+        .arg(&ptx_path)
+        .arg("-o")
+        .arg(dir.join(format!("{name}.cubin")))
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", ptxas.display()))?;
+    let report = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!("exit {}:\n{report}", out.status));
+    }
+    Ok(parse_ptxas_report(&report))
+}
+
+/// Reads `ptxas -v`'s per-function lines:
+/// ```text
+/// ptxas info    : Compiling entry function 'add_f32' for 'sm_90a'
+/// ptxas info    : Function properties for add_f32
+///     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+/// ptxas info    : Used 22 registers, used 0 barriers
+/// ```
+fn parse_ptxas_report(report: &str) -> BTreeMap<String, Usage> {
+    let mut usage = BTreeMap::<String, Usage>::new();
+    let mut current: Option<String> = None;
+    let number_before = |line: &str, unit: &str| -> Option<u32> {
+        let head = &line[..line.find(unit)?];
+        head.split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
+    };
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            current = rest.split('\'').next().map(str::to_string);
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            current = Some(rest.trim().to_string());
+        } else if let Some(name) = &current {
+            let u = usage.entry(name.clone()).or_default();
+            if line.contains("bytes stack frame") {
+                u.stack = number_before(line, "bytes stack frame").unwrap_or(0);
+                u.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+                u.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+            } else if let Some(r) = number_before(line, "registers") {
+                u.registers = r;
+            }
+        }
+    }
+    usage
+}
+
+#[test]
+fn ptxas_report_parses() {
+    let report = "ptxas info    : 0 bytes gmem\n\
+        ptxas info    : Compiling entry function 'add_f32' for 'sm_90a'\n\
+        ptxas info    : Function properties for add_f32\n    \
+        8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads\n\
+        ptxas info    : Used 22 registers, used 0 barriers\n\
+        ptxas info    : Compile time = 3.1 ms\n\
+        ptxas info    : Compiling entry function 'mul_bf16' for 'sm_90a'\n\
+        ptxas info    : Function properties for mul_bf16\n    \
+        0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+        ptxas info    : Used 128 registers, used 1 barriers, 128 bytes smem\n";
+    let u = parse_ptxas_report(report);
+    let add = &u["add_f32"];
+    assert_eq!((add.registers, add.stack, add.spill_stores, add.spill_loads), (22, 8, 12, 4));
+    let mul = &u["mul_bf16"];
+    assert_eq!((mul.registers, mul.stack, mul.spill_stores, mul.spill_loads), (128, 0, 0, 0));
+}
