@@ -3,3 +3,4 @@
 pub mod jsonl;
 pub mod pack;
 pub mod template;
+pub mod tokenize;
