@@ -1,5 +1,11 @@
 //! `qlora-rt`: the command-line tool. Every failure is one line on stderr and a non-zero exit status.
 
+mod eval;
+mod finetune;
+mod generate;
+mod import;
+mod inspect;
+mod quantize;
 mod toy;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +27,22 @@ enum Command {
     /// Train a two-layer toy decoder from scratch on CPU and print its falling loss (a smoke test of the
     /// whole stack: every op forward and backward, checkpointing, AdamW).
     Toy(toy::ToyArgs),
+    /// Write a Hugging Face model folder as a 4-bit NF4 checkpoint, byte for byte as transformers + bitsandbytes
+    /// save one (loadable by both).
+    Quantize(quantize::QuantizeArgs),
+    /// Loss and perplexity of a model, with a PEFT adapter or not, over a JSONL file of token or text rows.
+    Eval(eval::EvalArgs),
+    /// Describe a model folder or a PEFT adapter folder: shapes, parameter counts, dtypes, quantization,
+    /// memory needed.
+    Inspect(inspect::InspectArgs),
+    /// Fine-tune a model with QLoRA (or LoRA) on a JSONL file and write a PEFT adapter, with checkpoints,
+    /// resumption, evaluation, metrics and a loss plot.
+    Finetune(Box<finetune::FinetuneArgs>),
+    /// Generate text from a model (with an adapter or not), streamed as it is produced.
+    Generate(generate::GenerateArgs),
+    /// Convert a llama.cpp GGUF model (Llama, Gemma 1/2/3; F32/F16/BF16, Q4_0..Q8_0 and K-quants) to a
+    /// Hugging Face model folder: config.json, model.safetensors, tokenizer and generation files.
+    Import(import::ImportArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,7 +57,16 @@ fn main() -> ExitCode {
         let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!("qlora-rt: internal error{at}: {msg} (this is a bug; please report it)");
     }));
-    let cli = match Cli::try_parse() {
+    // `finetune --config FILE` becomes the file's flags followed by the command line's, which win.
+    let argv = match finetune::expand_config(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("qlora-rt: error: {}", chain.join(": "));
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version: clap's own output on stdout.
@@ -56,6 +87,12 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Toy(args) => toy::run(&args),
+        Command::Eval(args) => eval::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
+        Command::Quantize(args) => quantize::run(&args),
+        Command::Finetune(args) => finetune::run(&args),
+        Command::Generate(args) => generate::run(&args),
+        Command::Import(args) => import::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,13 +42,20 @@ fn gpu(test: &str) -> Option<CudaDevice> {
 
 /// The I/O types under test.
 trait Elem: GpuFloat {
+    const NAME: &'static str;
     const TOL: Tolerance;
+    /// This type's tolerance for a kernel whose f32 tolerance is `f32_tol` (looser or exact per kernel).
+    fn tol(f32_tol: Tolerance) -> Tolerance;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
 }
 
 impl Elem for f32 {
+    const NAME: &'static str = "f32";
     const TOL: Tolerance = Tolerance::F32;
+    fn tol(f32_tol: Tolerance) -> Tolerance {
+        f32_tol
+    }
     fn from_f32(v: f32) -> Self {
         v
     }
@@ -58,7 +65,11 @@ impl Elem for f32 {
 }
 
 impl Elem for bf16 {
+    const NAME: &'static str = "bf16";
     const TOL: Tolerance = Tolerance::BF16;
+    fn tol(_: Tolerance) -> Tolerance {
+        Tolerance::BF16
+    }
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
@@ -94,17 +105,7 @@ fn poisoned<T: Elem>(dev: &CudaDevice, n: usize) -> DeviceBuffer<T> {
 fn check<T: Elem>(what: &str, got: &DeviceBuffer<T>, want: &[f32], tol: Tolerance) {
     let got: Vec<f64> = got.to_vec().expect("download").iter().map(|&v| v.to_f32() as f64).collect();
     let want: Vec<f64> = want.iter().map(|&v| T::from_f32(v).to_f32() as f64).collect();
-    let kind = std::any::type_name::<T>().rsplit("::").next().unwrap_or("?");
-    assert_close(&format!("{what} [{kind}]"), &got, &want, tol);
-}
-
-/// The dtype's tolerance, or `f32_tol` for f32 (looser or exact per kernel).
-fn tol<T: Elem>(f32_tol: Tolerance) -> Tolerance {
-    if std::any::type_name::<T>() == "f32" {
-        f32_tol
-    } else {
-        T::TOL
-    }
+    assert_close(&format!("{what} [{}]", T::NAME), &got, &want, tol);
 }
 
 /// Runs a generic case for f32 then bf16.
@@ -263,7 +264,7 @@ fn rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             cuda::rms_norm::rms_norm_forward(&gx, &gw, dim, EPS, offset, &mut y, &mut rstd).unwrap();
             let (mut want_y, mut want_rstd) = (vec![0.0f32; rows * dim], vec![0.0f32; rows]);
             rms_norm::rms_norm_forward(&xw, &ww, dim, EPS, offset, &mut want_y, &mut want_rstd);
-            check(&format!("rms_norm y {what}"), &y, &want_y, tol::<T>(REDUCED));
+            check(&format!("rms_norm y {what}"), &y, &want_y, T::tol(REDUCED));
             check(&format!("rms_norm rstd {what}"), &rstd, &want_rstd, REDUCED);
 
             // Backward from the CPU's rstd, so that it is checked on its own.
@@ -272,8 +273,8 @@ fn rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             cuda::rms_norm::rms_norm_backward(&gx, &gw, &cpu_rstd, &gdy, dim, offset, &mut dx, &mut dw).unwrap();
             let (mut want_dx, mut want_dw) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
             rms_norm::rms_norm_backward(&xw, &ww, &want_rstd, &dyw, dim, offset, &mut want_dx, &mut want_dw);
-            check(&format!("rms_norm dx {what}"), &dx, &want_dx, tol::<T>(REDUCED));
-            check(&format!("rms_norm dw {what}"), &dw, &want_dw, tol::<T>(REDUCED));
+            check(&format!("rms_norm dx {what}"), &dx, &want_dx, T::tol(REDUCED));
+            check(&format!("rms_norm dw {what}"), &dw, &want_dw, T::tol(REDUCED));
         }
     }
 }
@@ -344,7 +345,7 @@ fn cross_entropy_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         cuda::cross_entropy::cross_entropy_backward(&gl, &gt, &cpu_lse, &gd, vocab, &mut d_logits).unwrap();
         let mut want = vec![0.0f32; rows * vocab];
         cross_entropy::cross_entropy_backward(&lw, &targets, &want_lse, &d_loss, vocab, &mut want);
-        check(&format!("cross_entropy d_logits {what}"), &d_logits, &want, tol::<T>(REDUCED));
+        check(&format!("cross_entropy d_logits {what}"), &d_logits, &want, T::tol(REDUCED));
     }
 }
 

@@ -21,7 +21,7 @@ fn invalid(msg: impl Into<String>) -> Error {
 
 /// One layer's cached keys and values, per sequence: rows of kv_heads·head_dim f32 values (the CPU compute
 /// precision), oldest first.
-pub struct LayerKv {
+pub(crate) struct LayerKv {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     row: usize,

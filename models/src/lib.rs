@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod generate;
+pub mod gguf;
 pub mod peft;
 pub mod rope;
 pub mod tokenizer;

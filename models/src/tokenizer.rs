@@ -79,7 +79,9 @@ fn opt_bool(path: &Path, map: &Map<String, Value>, field: &str) -> Result<Option
 fn opt_f64(path: &Path, map: &Map<String, Value>, field: &str) -> Result<Option<f64>> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| Error::config(path, field, format!("expected a number, got {v}"))),
+        Some(v) => {
+            v.as_f64().map(Some).ok_or_else(|| Error::config(path, field, format!("expected a number, got {v}")))
+        }
     }
 }
 
@@ -184,10 +186,11 @@ impl Tokenizer {
             match text {
                 Some(text) => match inner.token_to_id(&text) {
                     Some(id) => Ok(Some(SpecialToken { text, id })),
-                    None => Err(Error::config(cp, field, format!("\"{text}\" is not in the vocabulary of tokenizer.json"))),
+                    None => {
+                        Err(Error::config(cp, field, format!("\"{text}\" is not in the vocabulary of tokenizer.json")))
+                    }
                 },
-                None => Ok(fallback_id
-                    .and_then(|id| inner.id_to_token(id).map(|text| SpecialToken { text, id }))),
+                None => Ok(fallback_id.and_then(|id| inner.id_to_token(id).map(|text| SpecialToken { text, id }))),
             }
         };
         let gen = &generation;
@@ -294,7 +297,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(fixture().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
         // No tokenizer_config.json: special tokens fall back to generation_config.json's ids.
-        std::fs::write(dir.path().join("generation_config.json"), r#"{"bos_token_id":1,"eos_token_id":[2,5]}"#).unwrap();
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"bos_token_id":1,"eos_token_id":[2,5]}"#)
+            .unwrap();
         let t = Tokenizer::load(dir.path()).unwrap();
         assert_eq!(t.bos, Some(SpecialToken { text: "<s>".into(), id: 1 }));
         assert_eq!(t.stop_ids(), vec![2, 5]);

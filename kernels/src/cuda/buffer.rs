@@ -130,3 +130,17 @@ impl<T: DeviceCopy> fmt::Debug for DeviceBuffer<T> {
         write!(f, "DeviceBuffer<{}>[{}] on cuda:{}", std::any::type_name::<T>(), self.len, self.device.ordinal())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `runtime` keeps storage in an `Arc` shared across threads.
+    #[test]
+    fn buffers_and_devices_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<DeviceBuffer<f32>>();
+        send_sync::<DeviceBuffer<bf16>>();
+        send_sync::<CudaDevice>();
+    }
+}

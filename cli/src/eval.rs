@@ -1,0 +1,296 @@
+//! `qlora-rt eval`: the loss of a model, with a PEFT adapter on top or not, over a JSONL file of pre-tokenized
+//! or plain-text rows: the token-weighted mean negative log-likelihood over every predicted position of every
+//! row, and its perplexity. Also owns the model-loading flags (`--device`, `--dtype`, `--quantize`) that other
+//! commands which load a model share.
+
+use anyhow::{bail, Context, Result};
+use qlora_autograd::{Tape, Var};
+use qlora_models::data::jsonl::{parse_record, Record};
+use qlora_models::peft::load_adapter;
+use qlora_models::tokenizer::Tokenizer;
+use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_models::ModelConfig;
+use qlora_runtime::ops::nn::IGNORE_INDEX;
+use qlora_runtime::DType;
+use std::io::{BufRead, BufReader};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantizeArg {
+    None,
+    Nf4,
+}
+
+/// How a model is loaded and where it runs.
+#[derive(clap::Args)]
+pub struct LoadArgs {
+    /// Where to run: cpu; cuda (not in this build yet); auto (CUDA when available, else CPU with a notice).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Precision of the dense base weights (and of compute on CUDA). On CPU compute is always f32: bf16 only
+    /// stores the dense base weights rounded to bf16.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+    /// Quantize the decoder's linear weights on load: none, or nf4 (QLoRA's 4-bit NormalFloat, blocks of 64).
+    /// A checkpoint saved 4-bit by bitsandbytes loads as saved with nf4 and is dequantized with none.
+    #[arg(long, value_enum, default_value_t = QuantizeArg::None)]
+    quantize: QuantizeArg,
+    /// With --quantize nf4: quantize the per-block scales too (QLoRA's double quantization).
+    #[arg(long)]
+    double_quant: bool,
+}
+
+impl LoadArgs {
+    /// Checks the flags against each other and against this build.
+    pub fn base_format(&self) -> Result<BaseFormat> {
+        if self.device == DeviceArg::Cuda {
+            bail!("--device cuda: the CUDA backend is not available in this build (use --device cpu)");
+        }
+        match (self.quantize, self.double_quant) {
+            (QuantizeArg::None, true) => bail!("--double-quant needs --quantize nf4"),
+            (QuantizeArg::None, false) => Ok(BaseFormat::Dense(match self.dtype {
+                DtypeArg::F32 => DType::F32,
+                DtypeArg::Bf16 => DType::BF16,
+            })),
+            (QuantizeArg::Nf4, double_quant) => {
+                Ok(BaseFormat::Nf4 { blocksize: qlora_kernels::nf4::DEFAULT_BLOCKSIZE, double_quant })
+            }
+        }
+    }
+
+    /// The one-line notice that `auto` fell back to CPU. Commands print it once their inputs have been
+    /// checked, so that a failing command still prints only its error.
+    pub fn announce_device(&self) {
+        if self.device == DeviceArg::Auto {
+            eprintln!("qlora-rt: note: no CUDA backend in this build; running on CPU");
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Model folder (config.json and safetensors weights; tokenizer.json when the data has text rows).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on top of the model.
+    /// Give it at most once: stacking several adapters is not supported yet.
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// JSONL file, one row per line: {"input_ids": [...]} with optional "labels" (-100 = not scored; no BOS or
+    /// template added), or {"text": "..."} (tokenized, BOS as the tokenizer's config says).
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Rows are packed into forward passes of at most this many tokens (a longer row runs alone).
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+    /// Print the result as one JSON object (loss, perplexity, tokens, rows, batches, seconds) on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One scored row: token ids and per-token labels (−100 = not a target).
+struct Row {
+    ids: Vec<i32>,
+    labels: Vec<i32>,
+}
+
+/// What `--data` holds, validated against the vocabulary.
+struct Data {
+    rows: Vec<Row>,
+    /// Non-blank lines read (rows that predict nothing are counted here but not kept).
+    lines: usize,
+}
+
+/// Reads the JSONL rows; errors name the file and line. The tokenizer is loaded only if a text row needs it.
+fn read_data(path: &Path, model_dir: &Path, vocab: usize) -> Result<Data> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut tokenizer: Option<Tokenizer> = None;
+    let mut data = Data { rows: Vec::new(), lines: 0 };
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let at = || format!("{}: line {}", path.display(), i + 1);
+        let unsupported = |kind: &str| {
+            format!("{}: eval reads {{\"text\": ...}} or {{\"input_ids\": [...]}} rows; this is {kind}", at())
+        };
+        let line = line.with_context(at)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        data.lines += 1;
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| anyhow::anyhow!("{}: invalid JSON at column {}: {e}", at(), e.column()))?;
+        let record = parse_record(&value).map_err(|msg| anyhow::anyhow!("{}: {msg}", at()))?;
+        let (ids, labels) = match record {
+            Record::Tokens { input_ids, labels } => {
+                let labels = labels.unwrap_or_else(|| input_ids.clone());
+                (input_ids, labels)
+            }
+            Record::Text(text) => {
+                if tokenizer.is_none() {
+                    let t = Tokenizer::load(model_dir)
+                        .with_context(|| format!("{}: a text row needs the tokenizer", at()))?;
+                    tokenizer = Some(t);
+                }
+                let t = tokenizer.as_ref().expect("loaded just above");
+                let ids: Vec<i32> = t.encode(&text, true).with_context(at)?.into_iter().map(|id| id as i32).collect();
+                (ids.clone(), ids)
+            }
+            Record::Chat(_) => bail!(unsupported("a chat (\"messages\") row")),
+            Record::PromptCompletion { .. } => bail!(unsupported("a prompt/completion row")),
+            Record::Instruction { .. } => bail!(unsupported("an instruction row")),
+        };
+        if let Some(bad) = ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+            bail!("{}: token id {bad} is outside the model's vocabulary (0..{vocab})", at());
+        }
+        if let Some(bad) = labels.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= vocab)) {
+            bail!("{}: label {bad} is neither -100 nor a token id of the vocabulary (0..{vocab})", at());
+        }
+        if labels.iter().skip(1).any(|&l| l != IGNORE_INDEX) {
+            data.rows.push(Row { ids, labels });
+        }
+    }
+    Ok(data)
+}
+
+/// Consecutive rows grouped into batches of at most `budget` tokens; a row longer than that is a batch alone.
+fn group(rows: &[Row], budget: usize) -> Vec<Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        if i > start && tokens + row.ids.len() > budget {
+            groups.push(start..i);
+            (start, tokens) = (i, 0);
+        }
+        tokens += row.ids.len();
+    }
+    if start < rows.len() {
+        groups.push(start..rows.len());
+    }
+    groups
+}
+
+/// Logits are formed this many elements at a time (64 MiB of f32): a [tokens, vocab] matrix never exists whole.
+const LOGITS_CHUNK: usize = 1 << 24;
+
+/// (Σ NLL, predicted tokens) of one packed batch.
+fn nll(model: &CausalLm, batch: &Batch) -> Result<(f64, usize)> {
+    let tape = Tape::new();
+    let sum = tape.no_grad(|| -> qlora_runtime::Result<f64> {
+        let h = model.forward_hidden(&tape, &batch.ids, &batch.positions, &batch.cu_seqlens, None, 0)?;
+        let tokens = h.shape()[0];
+        let chunk = (LOGITS_CHUNK / model.config.vocab_size.max(1)).max(1);
+        let mut sum = 0.0;
+        for start in (0..tokens).step_by(chunk) {
+            let n = chunk.min(tokens - start);
+            let logits = model.head(&tape, &Var::constant(h.value().narrow(0, start, n)?))?;
+            let targets = batch.targets.narrow(0, start, n)?;
+            sum += tape.cross_entropy(&logits, &targets, 1.0)?.value().to_scalar::<f64>()?;
+        }
+        Ok(sum)
+    })?;
+    Ok((sum, batch.trained_tokens()))
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let format = args.load.base_format()?;
+    if args.adapter.len() > 1 {
+        bail!(
+            "--adapter given {} times: stacking several adapters is not supported yet (merge them first)",
+            args.adapter.len()
+        );
+    }
+    if args.batch_tokens == 0 {
+        bail!("--batch-tokens must be at least 1");
+    }
+    let start = Instant::now();
+    let config = ModelConfig::load(&args.model)?;
+    let data = read_data(&args.data, &args.model, config.vocab_size)?;
+    if data.rows.is_empty() {
+        bail!(
+            "{}: no row has a token to predict ({} rows read; a row needs at least 2 tokens and a label other than -100 after the first)",
+            args.data.display(),
+            data.lines
+        );
+    }
+    let mut model = CausalLm::load(&args.model, format)?;
+    let mut adapted = 0;
+    if let Some(dir) = args.adapter.first() {
+        adapted = load_adapter(&mut model, dir)?;
+        // peft's eval mode: adapter dropout off.
+        for p in model.projections_mut()? {
+            p.adapter = p.adapter.take().map(|a| a.without_dropout());
+        }
+    }
+    args.load.announce_device();
+    let groups = group(&data.rows, args.batch_tokens);
+    let (mut sum, mut tokens) = (0.0, 0usize);
+    for (b, range) in groups.iter().enumerate() {
+        let seqs: Vec<(Vec<i32>, Vec<i32>)> =
+            data.rows[range.clone()].iter().map(|r| (r.ids.clone(), r.labels.clone())).collect();
+        let batch = Batch::pack(&seqs)?;
+        let (s, n) = nll(&model, &batch).with_context(|| format!("batch {} of {}", b + 1, groups.len()))?;
+        sum += s;
+        tokens += n;
+    }
+    let loss = sum / tokens as f64;
+    let seconds = start.elapsed().as_secs_f64();
+    if args.json {
+        let out = serde_json::json!({
+            "loss": loss,
+            "perplexity": loss.exp(),
+            "tokens": tokens,
+            "rows": data.rows.len(),
+            "batches": groups.len(),
+            "seconds": seconds,
+            "model": args.model.display().to_string(),
+            "adapter": args.adapter.first().map(|a| a.display().to_string()),
+            "data": args.data.display().to_string(),
+        });
+        println!("{out}");
+    } else {
+        let c = &model.config;
+        let adapter = match args.adapter.first() {
+            Some(dir) => format!(" + adapter {} ({adapted} modules)", dir.display()),
+            None => String::new(),
+        };
+        println!("model {} ({:?}, {} layers){adapter}", args.model.display(), c.family, c.num_hidden_layers);
+        println!(
+            "data  {}: {} rows scored of {}, {} batches",
+            args.data.display(),
+            data.rows.len(),
+            data.lines,
+            groups.len()
+        );
+        println!("loss {loss:.6}  perplexity {:.4}  over {tokens} predicted tokens ({seconds:.1}s)", loss.exp());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_fill_the_budget_in_order() {
+        let rows: Vec<Row> = [3, 4, 2, 9, 1].iter().map(|&n| Row { ids: vec![0; n], labels: vec![0; n] }).collect();
+        assert_eq!(group(&rows, 7), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(group(&rows, 100), vec![0..5]);
+        assert_eq!(group(&rows, 1), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
+    }
+}

@@ -1,0 +1,577 @@
+//! `qlora-rt finetune`: QLoRA fine-tuning of a Hugging Face model folder on a JSONL file, written as a PEFT
+//! adapter. This file owns the flags and the order of things (settings → data → model → optimizer → loop →
+//! outputs); the pieces are [`config`] (TOML files as flags), [`data`] (records → packed rows → micro-batches),
+//! [`train`] (the step loop), [`checkpoint`] (resumable state on disk) and [`metrics`] (JSONL log, loss plot).
+//!
+//! Defaults follow the QLoRA paper (Dettmers et al. 2023, §4 and appendix B): NF4 with double quantization,
+//! blocks of 64, LoRA on every linear layer, dropout 0.05, lr 2e-4, AdamW β = (0.9, 0.999), warmup ratio 0.03;
+//! r = α = 16 and cosine decay are the usual choices of the Hugging Face recipes that reproduce it.
+
+mod checkpoint;
+mod config;
+mod data;
+mod metrics;
+mod train;
+
+pub use config::expand_config;
+
+use anyhow::{bail, ensure, Context, Result};
+use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit};
+use qlora_kernels::Rng;
+use qlora_models::data::template::BuiltinTemplate;
+use qlora_models::data::tokenize::Formatter;
+use qlora_models::fsutil::write_atomic;
+use qlora_models::peft::{load_adapter, save_adapter};
+use qlora_models::tokenizer::Tokenizer;
+use qlora_models::transformer::{BaseFormat, CausalLm};
+use qlora_optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
+use qlora_runtime::DType;
+use std::path::{Path, PathBuf};
+
+/// NF4 block size: the QLoRA paper's and bitsandbytes' default.
+const NF4_BLOCKSIZE: usize = 64;
+
+/// The projections LoRA can target, as transformers names them.
+const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    /// 4-bit NormalFloat base weights (QLoRA).
+    Nf4,
+    /// f32 base weights (plain LoRA).
+    None,
+}
+
+impl Quantize {
+    pub fn base_format(self, double_quant: bool) -> BaseFormat {
+        match self {
+            Quantize::Nf4 => BaseFormat::Nf4 { blocksize: NF4_BLOCKSIZE, double_quant },
+            // f32: CPU compute precision, so no per-step upcast of the frozen weights.
+            Quantize::None => BaseFormat::Dense(DType::F32),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateArg {
+    Llama3,
+    Llama2,
+    Gemma,
+    Chatml,
+}
+
+impl TemplateArg {
+    pub fn builtin(self) -> BuiltinTemplate {
+        match self {
+            TemplateArg::Llama3 => BuiltinTemplate::Llama3,
+            TemplateArg::Llama2 => BuiltinTemplate::Llama2,
+            TemplateArg::Gemma => BuiltinTemplate::Gemma,
+            TemplateArg::Chatml => BuiltinTemplate::ChatMl,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleArg {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Every flag can also come from `--config FILE.toml` (see `config`); pairs that replace each other
+/// (`--epochs`/`--max-steps`, ...) override each other, so the one given last wins.
+#[derive(clap::Args, Debug)]
+#[command(args_override_self = true)]
+pub struct FinetuneArgs {
+    /// Hugging Face model folder: config.json, safetensors weights and tokenizer.json (Llama, Gemma 1/2/3).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Training data, JSONL: chat ("messages"), prompt/completion, instruction/output, text or input_ids rows.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Output folder: the adapter, tokenizer files, metrics.jsonl, loss.png and checkpoint-STEP folders.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Held-out JSONL file for the evaluation loss (same formats as --data).
+    #[arg(long, value_name = "FILE", overrides_with = "eval_split")]
+    eval_file: Option<PathBuf>,
+    /// Instead of --eval-file: hold out this fraction of --data's examples (chosen with --seed).
+    #[arg(long, value_name = "FRACTION", overrides_with = "eval_file")]
+    eval_split: Option<f64>,
+    /// Base weights: nf4 (QLoRA's 4-bit NormalFloat, blocks of 64) or none (f32, plain LoRA).
+    #[arg(long, value_enum, default_value_t = Quantize::Nf4)]
+    quantize: Quantize,
+    /// Quantize the NF4 block scales too (QLoRA's double quantization) [default: on].
+    #[arg(long, overrides_with = "no_double_quant")]
+    double_quant: bool,
+    /// Keep the NF4 block scales in f32.
+    #[arg(long, overrides_with = "double_quant")]
+    no_double_quant: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    r: usize,
+    /// LoRA alpha: the adapter is scaled by alpha/r (alpha/√r with --rslora).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Dropout on the adapter's input while training (never while evaluating).
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f64,
+    /// Projections to adapt: all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
+    #[arg(long, value_name = "LIST", default_value = "all-linear")]
+    target_modules: String,
+    /// rsLoRA: scale by alpha/√r, which keeps large ranks learning.
+    #[arg(long)]
+    rslora: bool,
+    /// DoRA: a trainable magnitude per output row on top of the low-rank direction update.
+    #[arg(long)]
+    dora: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Learning-rate decay after warmup.
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    schedule: ScheduleArg,
+    /// Warmup as a fraction of the optimizer steps (rounded up).
+    #[arg(long, default_value_t = 0.03, overrides_with = "warmup_steps")]
+    warmup_ratio: f64,
+    /// Warmup in optimizer steps, instead of --warmup-ratio.
+    #[arg(long, overrides_with = "warmup_ratio")]
+    warmup_steps: Option<u64>,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 1, overrides_with = "max_steps")]
+    epochs: u64,
+    /// Optimizer steps to train, instead of --epochs (the data is reshuffled and repeated as needed).
+    #[arg(long, overrides_with = "epochs")]
+    max_steps: Option<u64>,
+    /// Tokens per packed row; longer examples are truncated (capped at the model's context length).
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    /// Rows per micro-batch (one forward and backward).
+    #[arg(long, default_value_t = 1, overrides_with = "batch_tokens")]
+    micro_batch: usize,
+    /// Instead of --micro-batch: fill each micro-batch with rows up to this many tokens (at least one row).
+    #[arg(long, overrides_with = "micro_batch")]
+    batch_tokens: Option<usize>,
+    /// Micro-batches per optimizer step; the loss is averaged over every trained token of all of them.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Clip the global gradient norm to this (0 disables clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f64,
+    /// AdamW ε.
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    /// Seed for adapter initialisation, the evaluation split, data order and dropout.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// One example per row instead of packing several into each row.
+    #[arg(long)]
+    no_packing: bool,
+    /// Train on every token, prompts and user turns included (default: assistant turns and completions only).
+    #[arg(long)]
+    train_on_everything: bool,
+    /// Chat template to use instead of the tokenizer's own.
+    #[arg(long, value_enum)]
+    chat_template: Option<TemplateArg>,
+    /// Skip malformed JSONL lines (counted and reported) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_lines: bool,
+    /// Write OUT/checkpoint-STEP every N optimizer steps (0: never).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    save_every: u64,
+    /// Keep only the K most recent checkpoints (0: keep all).
+    #[arg(long, value_name = "K", default_value_t = 3)]
+    keep_last: usize,
+    /// Evaluate every N optimizer steps (0: only at the end); needs --eval-file or --eval-split.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    eval_every: u64,
+    /// Continue from the latest checkpoint in --out, or from the checkpoint folder given.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
+    /// TOML file of flags (`lr = 1e-4`, `target-modules = ["q_proj", "v_proj"]`); command-line flags win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where to train: auto (CUDA when available, else CPU with a notice), cpu or cuda.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Recompute each decoder layer in backward instead of keeping its activations [default: on].
+    #[arg(long, overrides_with = "no_gradient_checkpointing")]
+    gradient_checkpointing: bool,
+    /// Keep every activation (faster, more memory).
+    #[arg(long, overrides_with = "gradient_checkpointing")]
+    no_gradient_checkpointing: bool,
+}
+
+impl FinetuneArgs {
+    /// The last of --double-quant / --no-double-quant wins (clap clears the other); neither means on.
+    fn double_quant(&self) -> bool {
+        self.double_quant || !self.no_double_quant
+    }
+
+    fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing || !self.no_gradient_checkpointing
+    }
+
+    fn check(&self) -> Result<()> {
+        let unit = |name: &str, x: f64| -> Result<()> {
+            ensure!((0.0..1.0).contains(&x), "--{name} must be in [0, 1), got {x}");
+            Ok(())
+        };
+        ensure!(self.r >= 1, "--r must be at least 1");
+        ensure!(self.alpha.is_finite() && self.alpha > 0.0, "--alpha must be a positive number, got {}", self.alpha);
+        unit("dropout", self.dropout)?;
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be a positive number, got {}", self.lr);
+        unit("warmup-ratio", self.warmup_ratio)?;
+        ensure!(self.epochs >= 1, "--epochs must be at least 1");
+        ensure!(self.max_steps != Some(0), "--max-steps must be at least 1");
+        ensure!(self.max_seq_len >= 2, "--max-seq-len must be at least 2 (one token predicts the next)");
+        ensure!(self.micro_batch >= 1, "--micro-batch must be at least 1");
+        ensure!(self.batch_tokens != Some(0), "--batch-tokens must be at least 1");
+        ensure!(self.grad_accum >= 1, "--grad-accum must be at least 1");
+        ensure!(
+            self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
+            "--max-grad-norm must be 0 (off) or a positive number, got {}",
+            self.max_grad_norm
+        );
+        ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "--weight-decay must be a non-negative number, got {}",
+            self.weight_decay
+        );
+        unit("beta1", self.beta1)?;
+        unit("beta2", self.beta2)?;
+        ensure!(self.eps.is_finite() && self.eps > 0.0, "--eps must be a positive number, got {}", self.eps);
+        if let Some(f) = self.eval_split {
+            ensure!(f > 0.0 && f < 1.0, "--eval-split must be a fraction in (0, 1), got {f}");
+        }
+        ensure!(
+            self.quantize == Quantize::Nf4 || !self.double_quant,
+            "--double-quant needs --quantize nf4 (use --no-double-quant or drop the flag)"
+        );
+        Ok(())
+    }
+
+    /// The module suffixes to adapt; an unknown name is an error listing the known ones.
+    fn targets(&self) -> Result<Vec<&str>> {
+        let spec = self.target_modules.trim();
+        if spec == "all-linear" {
+            return Ok(PROJECTIONS.to_vec());
+        }
+        let mut out = Vec::new();
+        for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some(&known) = PROJECTIONS.iter().find(|p| **p == name) else {
+                bail!("--target-modules: unknown module \"{name}\" (all-linear, or any of {})", PROJECTIONS.join(","));
+            };
+            if !out.contains(&known) {
+                out.push(known);
+            }
+        }
+        ensure!(!out.is_empty(), "--target-modules names no module");
+        Ok(out)
+    }
+
+    fn lora_config(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            use_rslora: self.rslora,
+            use_dora: self.dora,
+            dropout: self.dropout,
+            init: LoraInit::Default,
+        }
+    }
+
+    /// Everything that shapes the loss trajectory, for the checkpoint's config check: a resumed run continues
+    /// exactly only with the same values. Paths are left out (a moved folder is still the same run); the data
+    /// is represented by a fingerprint of its packed rows instead.
+    fn trajectory(&self, data_fingerprint: &str, targets: &[&str]) -> serde_json::Value {
+        serde_json::json!({
+            "data": data_fingerprint,
+            "quantize": self.quantize,
+            "double_quant": self.quantize == Quantize::Nf4 && self.double_quant(),
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "target_modules": targets,
+            "rslora": self.rslora,
+            "dora": self.dora,
+            "lr": self.lr,
+            "schedule": self.schedule,
+            "warmup_ratio": self.warmup_ratio,
+            "warmup_steps": self.warmup_steps,
+            "epochs": self.epochs,
+            "max_steps": self.max_steps,
+            "micro_batch": self.micro_batch,
+            "batch_tokens": self.batch_tokens,
+            "grad_accum": self.grad_accum,
+            "max_grad_norm": self.max_grad_norm,
+            "weight_decay": self.weight_decay,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "seed": self.seed,
+        })
+    }
+}
+
+/// Training runs on the CPU until the CUDA backend carries tensors; `auto` says so once.
+fn check_device(device: DeviceArg) -> Result<()> {
+    match device {
+        DeviceArg::Cpu => Ok(()),
+        DeviceArg::Cuda => bail!(
+            "--device cuda: training on CUDA is not available in this build yet (the CUDA backend is in progress); \
+             use --device cpu"
+        ),
+        DeviceArg::Auto => {
+            eprintln!("qlora-rt: note: no CUDA training backend in this build; training on CPU");
+            Ok(())
+        }
+    }
+}
+
+/// Refuses to mix a new run into a folder that already holds one, unless --resume was given (which, with no
+/// checkpoint to resume from, restarts a run that died before its first one).
+fn check_out(out: &Path, resume_flag: bool) -> Result<()> {
+    if resume_flag || !out.exists() {
+        return Ok(());
+    }
+    let leftovers = ["metrics.jsonl", "adapter_model.safetensors"].iter().any(|f| out.join(f).exists())
+        || !checkpoint::list(out)?.is_empty();
+    ensure!(
+        !leftovers,
+        "--out {} already holds a training run; pass --resume to continue it, or choose another folder",
+        out.display()
+    );
+    Ok(())
+}
+
+/// Tokenizer, generation and chat-template files a model folder carries, copied next to the adapter so the
+/// output folder is self-contained for chat and generation.
+fn copy_tokenizer_files(model: &Path, out: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(model).with_context(|| format!("reading {}", model.display()))?;
+    for entry in entries {
+        let path = entry.with_context(|| format!("reading {}", model.display()))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let wanted = name.starts_with("tokenizer")
+            || name.starts_with("chat_template")
+            || matches!(name, "special_tokens_map.json" | "generation_config.json" | "added_tokens.json");
+        if wanted && path.is_file() {
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            write_atomic(&out.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Attaches fresh adapters (A random from `seed`, B zero) to the targeted projections.
+fn attach_adapters(model: &mut CausalLm, targets: &[&str], config: &LoraConfig, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let mut n = 0;
+    for proj in model.projections_mut()? {
+        if targets.iter().any(|t| proj.name.ends_with(&format!(".{t}"))) {
+            proj.adapter = Some(LoraAdapter::new(&proj.name, &proj.base, config, &mut rng)?);
+            n += 1;
+        }
+    }
+    ensure!(n > 0, "--target-modules matched no projection of the model");
+    Ok(())
+}
+
+/// Runs the command; an interrupted run (Ctrl-C, SIGTERM) exits with status 130 after its checkpoint is written.
+pub fn run(args: &FinetuneArgs) -> Result<()> {
+    match run_to_end(args)? {
+        train::Outcome::Finished => Ok(()),
+        train::Outcome::Interrupted => std::process::exit(130),
+    }
+}
+
+/// With --resume: the checkpoint to continue from (the latest in --out unless a folder is given).
+fn resume_target(args: &FinetuneArgs) -> Result<Option<PathBuf>> {
+    Ok(match &args.resume {
+        None => None,
+        Some(Some(dir)) => Some(dir.clone()),
+        Some(None) => {
+            let latest = checkpoint::list(&args.out)?.pop().map(|(_, dir)| dir);
+            if latest.is_none() {
+                println!("no checkpoint in {} to resume from; starting from the beginning", args.out.display());
+            }
+            latest
+        }
+    })
+}
+
+/// The training plan and evaluation rows, with rows capped at the model's context length.
+fn load_data(args: &FinetuneArgs) -> Result<(data::Plan, Option<Vec<data::Row>>, usize)> {
+    let context = qlora_models::ModelConfig::load(&args.model)?.max_position_embeddings;
+    let max_seq_len = args.max_seq_len.min(context);
+    if max_seq_len < args.max_seq_len {
+        println!("--max-seq-len {} is longer than the model's context; using {context}", args.max_seq_len);
+    }
+    let tokenizer = Tokenizer::load(&args.model)?;
+    let formatter = Formatter::new(&tokenizer, args.chat_template.map(TemplateArg::builtin), args.train_on_everything)
+        .map_err(|e| anyhow::anyhow!("chat template of {}: {e}", args.model.display()))?;
+    let sets = data::prepare(
+        &data::Sources { train: &args.data, eval_file: args.eval_file.as_deref(), eval_split: args.eval_split },
+        &formatter,
+        &data::Shaping { max_seq_len, packing: !args.no_packing, skip_bad_lines: args.skip_bad_lines, seed: args.seed },
+    )?;
+    let grouping = match args.batch_tokens {
+        Some(tokens) => data::Grouping::Tokens(tokens),
+        None => data::Grouping::Rows(args.micro_batch),
+    };
+    Ok((data::Plan::new(sets.train, grouping, args.grad_accum, args.seed), sets.eval, max_seq_len))
+}
+
+/// The model with its adapters (fresh, or the checkpoint's) and an optimizer over them (fresh, or restored),
+/// and where training starts.
+fn load_model(
+    args: &FinetuneArgs,
+    targets: &[&str],
+    resume_from: Option<&Path>,
+    trajectory: &serde_json::Value,
+) -> Result<(CausalLm, AdamW, checkpoint::TrainerState)> {
+    let mut model = CausalLm::load(&args.model, args.quantize.base_format(args.double_quant()))?;
+    model.gradient_checkpointing = args.gradient_checkpointing();
+    let resumed = match resume_from {
+        Some(dir) => {
+            let saved = checkpoint::load(dir, trajectory)?;
+            load_adapter(&mut model, dir).with_context(|| format!("resuming from {}", dir.display()))?;
+            Some(saved)
+        }
+        None => {
+            attach_adapters(&mut model, targets, &args.lora_config(), args.seed)?;
+            None
+        }
+    };
+    let adamw = AdamWConfig {
+        lr: args.lr,
+        beta1: args.beta1,
+        beta2: args.beta2,
+        eps: args.eps,
+        weight_decay: args.weight_decay,
+    };
+    let mut optimizer = AdamW::new(model.trainable_params(), adamw)?;
+    let start = match resumed {
+        Some((state, moments)) => {
+            optimizer.load_state(&moments).context("restoring the optimizer state")?;
+            println!("resuming at step {}", state.step);
+            state
+        }
+        None => checkpoint::TrainerState::fresh(args.seed, trajectory),
+    };
+    Ok((model, optimizer, start))
+}
+
+/// The run in two lines: model and adapters, then the schedule.
+fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &Schedule, rows: String) {
+    let c = &model.config;
+    let base = match (args.quantize, args.double_quant()) {
+        (Quantize::Nf4, true) => "NF4 + double quantization",
+        (Quantize::Nf4, false) => "NF4",
+        (Quantize::None, _) => "f32",
+    };
+    println!(
+        "model: {} layers, hidden {}, vocab {}; base {base}; {n_params} trainable adapter parameters (r {}, alpha {}{}{})",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.vocab_size,
+        args.r,
+        args.alpha,
+        if args.rslora { ", rsLoRA" } else { "" },
+        if args.dora { ", DoRA" } else { "" },
+    );
+    println!(
+        "training: {} optimizer steps, warmup {}, {} micro-batch(es) of {rows} per step",
+        schedule.total_steps, schedule.warmup_steps, args.grad_accum,
+    );
+}
+
+fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
+    args.check()?;
+    let targets = args.targets()?;
+    check_device(args.device)?;
+    let resume_from = resume_target(args)?;
+    check_out(&args.out, args.resume.is_some())?;
+
+    let (plan, eval, max_seq_len) = load_data(args)?;
+    let total_steps = match args.max_steps {
+        Some(n) => n,
+        None => (0..args.epochs).map(|e| plan.steps_in_epoch(e)).sum(),
+    };
+    let schedule = Schedule {
+        kind: match args.schedule {
+            ScheduleArg::Constant => ScheduleKind::Constant,
+            ScheduleArg::Linear => ScheduleKind::Linear,
+            ScheduleArg::Cosine => ScheduleKind::Cosine,
+        },
+        peak_lr: args.lr,
+        warmup_steps: args
+            .warmup_steps
+            .unwrap_or_else(|| (args.warmup_ratio * total_steps as f64).ceil() as u64)
+            .min(total_steps),
+        total_steps,
+    };
+    let trajectory = args.trajectory(&plan.fingerprint(), &targets);
+    let (mut model, mut optimizer, start) = load_model(args, &targets, resume_from.as_deref(), &trajectory)?;
+    let n_params = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
+    let rows = match args.batch_tokens {
+        Some(n) => format!("up to {n} tokens"),
+        None => format!("{} row(s) of up to {max_seq_len} tokens", args.micro_batch),
+    };
+    describe(args, &model, n_params, &schedule, rows);
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
+    checkpoint::remove_partials(&args.out)?;
+
+    let base_model = std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone());
+    let base_model = base_model.to_string_lossy().into_owned();
+    let mut trainer = train::Trainer {
+        model: &mut model,
+        optimizer: &mut optimizer,
+        plan: &plan,
+        eval: eval.as_deref(),
+        schedule,
+        settings: train::Settings {
+            out: &args.out,
+            base_model: &base_model,
+            seed: args.seed,
+            max_grad_norm: args.max_grad_norm,
+            save_every: args.save_every,
+            keep_last: args.keep_last,
+            eval_every: args.eval_every,
+        },
+        state: start,
+    };
+    let outcome = trainer.run()?;
+    if outcome == train::Outcome::Finished {
+        save_adapter(&model, &args.out, Some(&base_model))?;
+        copy_tokenizer_files(&args.model, &args.out)?;
+        let curve = metrics::read_curve(&args.out.join(metrics::METRICS_FILE))?;
+        metrics::plot_loss(&curve, &args.out.join(metrics::PLOT_FILE))?;
+        println!(
+            "adapter, tokenizer files, {} and {} written to {}",
+            metrics::METRICS_FILE,
+            metrics::PLOT_FILE,
+            args.out.display()
+        );
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,292 @@
+//! The step loop. One optimizer step = `grad_accum` micro-batches, each a forward and backward whose loss is the
+//! sum of its token losses divided by the trained tokens of the *whole* accumulated batch (so a step's gradient
+//! is the per-token mean over all of it, however the tokens fall into micro-batches); then global-norm clipping,
+//! the scheduled learning rate and an AdamW update. Dropout streams are derived from (seed, step, micro-batch),
+//! and the data order from (seed, epoch), so a resumed run continues bit for bit.
+//!
+//! After each step: a metrics row, the progress bar, evaluation (dropout off) and a checkpoint when due. A
+//! non-finite loss or gradient norm stops the run before the update, naming the step and the last good
+//! checkpoint; Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and stops.
+
+use super::checkpoint::{self, SaveTo, TrainerState};
+use super::data::{self, Plan, Row};
+use super::metrics::{MetricsLog, StepRow};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
+use qlora_autograd::Tape;
+use qlora_models::transformer::CausalLm;
+use qlora_optim::{clip_grad_norm, AdamW, Schedule};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    /// Stopped by Ctrl-C or SIGTERM after writing a checkpoint.
+    Interrupted,
+}
+
+/// Interrupt signals received; the first asks for a clean stop, the second exits at once.
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+
+fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTS.fetch_add(1, Ordering::SeqCst) == 0 {
+            eprintln!("qlora-rt: interrupted: finishing this step and writing a checkpoint (again to quit at once)");
+        } else {
+            eprintln!("qlora-rt: interrupted again: quitting without a checkpoint");
+            std::process::exit(130);
+        }
+    })
+    .context("installing the Ctrl-C handler")
+}
+
+fn interrupted() -> bool {
+    INTERRUPTS.load(Ordering::SeqCst) > 0
+}
+
+/// SplitMix64's finaliser: decorrelates seeds built from small integers.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The dropout stream of micro-batch `micro` of step `step` (the model derives per-layer streams from it).
+fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    mix(seed ^ mix(step.wrapping_add(0x9E37_79B9_7F4A_7C15) ^ mix(micro as u64 + 1)))
+}
+
+pub struct Settings<'a> {
+    pub out: &'a Path,
+    pub base_model: &'a str,
+    pub seed: u64,
+    /// 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub save_every: u64,
+    pub keep_last: usize,
+    pub eval_every: u64,
+}
+
+pub struct Trainer<'a> {
+    pub model: &'a mut CausalLm,
+    pub optimizer: &'a mut AdamW,
+    pub plan: &'a Plan,
+    pub eval: Option<&'a [Row]>,
+    pub schedule: Schedule,
+    pub settings: Settings<'a>,
+    pub state: TrainerState,
+}
+
+/// What one optimizer step did.
+struct StepStats {
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    tokens: usize,
+    trained_tokens: usize,
+}
+
+/// The progress bar on a terminal; elsewhere (logs, pipes) a plain line every 5% of the run.
+struct Progress {
+    bar: ProgressBar,
+    total: u64,
+}
+
+impl Progress {
+    fn new(total: u64, done: u64) -> Self {
+        let style = ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] step {pos}/{len} {msg} ETA {eta}")
+            .expect("the template is valid")
+            .progress_chars("=> ");
+        // Cleared however the loop ends, so that the summary or an error starts on a line of its own.
+        let bar = ProgressBar::new(total).with_position(done).with_style(style).with_finish(ProgressFinish::AndClear);
+        Progress { bar, total }
+    }
+
+    fn println(&self, line: &str) {
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    fn step(&self, step: u64, s: &StepStats, tokens_per_s: f64) {
+        self.bar.set_position(step);
+        self.bar.set_message(format!("loss {:.4} lr {:.2e} {tokens_per_s:.0} tok/s", s.loss, s.lr));
+        let every = (self.total / 20).max(1);
+        if self.bar.is_hidden() && (step == 1 || step % every == 0 || step == self.total) {
+            println!(
+                "step {step}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {tokens_per_s:.0} tok/s",
+                self.total, s.loss, s.lr, s.grad_norm
+            );
+        }
+    }
+}
+
+impl Trainer<'_> {
+    /// Trains from `state` to the schedule's last step.
+    pub fn run(&mut self) -> Result<Outcome> {
+        install_interrupt_handler()?;
+        let total = self.schedule.total_steps;
+        let out = self.settings.out;
+        let mut log = MetricsLog::open(out, self.state.step)?;
+        let progress = Progress::new(total, self.state.step);
+        let (started, elapsed_before, step_before) = (Instant::now(), self.state.elapsed_s, self.state.step);
+        let mut tokens_this_run = 0usize;
+        let (mut first_loss, mut last_loss, mut last_eval) = (None, None, None);
+        let mut epoch = self.plan.epoch(self.state.epoch);
+        while self.state.step < total {
+            if self.state.epoch_position >= epoch.len() {
+                self.state.epoch += 1;
+                self.state.epoch_position = 0;
+                epoch = self.plan.epoch(self.state.epoch);
+            }
+            let end = (self.state.epoch_position + self.plan.grad_accum).min(epoch.len());
+            let stats = self.step(&epoch[self.state.epoch_position..end])?;
+            self.state.step += 1;
+            self.state.epoch_position = end;
+            self.state.tokens_seen += stats.tokens as u64;
+            self.state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+            tokens_this_run += stats.tokens;
+            let step = self.state.step;
+            first_loss.get_or_insert(stats.loss);
+            last_loss = Some(stats.loss);
+            log.step(&StepRow {
+                step,
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                tokens: stats.tokens,
+                trained_tokens: stats.trained_tokens,
+                elapsed: self.state.elapsed_s,
+            })?;
+            progress.step(step, &stats, tokens_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9));
+            let every = |n: u64| n > 0 && step % n == 0;
+            if self.eval.is_some() && (every(self.settings.eval_every) || step == total) {
+                let loss = self.evaluate(&mut log, &progress)?;
+                last_eval = Some(loss);
+            }
+            let stop = interrupted();
+            if every(self.settings.save_every) || stop {
+                let dir = self.save()?;
+                if stop {
+                    progress.bar.finish_and_clear();
+                    eprintln!(
+                        "qlora-rt: stopped at step {step} of {total}; checkpoint written to {}; continue with --resume",
+                        dir.display()
+                    );
+                    return Ok(Outcome::Interrupted);
+                }
+            }
+        }
+        progress.bar.finish_and_clear();
+        let steps = self.state.step - step_before;
+        let secs = started.elapsed().as_secs_f64();
+        if let (Some(first), Some(last)) = (first_loss, last_loss) {
+            println!(
+                "trained {steps} step(s) in {secs:.1}s ({:.2} steps/s, {:.0} tokens/s): loss {first:.4} → {last:.4}{}",
+                steps as f64 / secs,
+                tokens_this_run as f64 / secs,
+                last_eval.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default()
+            );
+        }
+        Ok(Outcome::Finished)
+    }
+
+    /// One optimizer step over `micro` (row indices per micro-batch); `self.state.step` is its 0-based index.
+    fn step(&mut self, micro: &[Vec<usize>]) -> Result<StepStats> {
+        let step = self.state.step;
+        let batches = micro.iter().map(|members| data::batch(&self.plan.rows, members)).collect::<Result<Vec<_>>>()?;
+        let trained_tokens: usize = batches.iter().map(|b| b.trained_tokens()).sum();
+        let tokens: usize = batches.iter().map(|b| b.ids.elem_count()).sum();
+        let mut loss = 0.0;
+        for (j, batch) in batches.iter().enumerate() {
+            let tape = Tape::new();
+            let seed = dropout_seed(self.settings.seed, step, j);
+            let l = self
+                .model
+                .loss(&tape, batch, trained_tokens as f64, seed)
+                .with_context(|| format!("forward at step {}", step + 1))?;
+            loss += l.value().to_scalar::<f64>()?;
+            tape.backward(&l).with_context(|| format!("backward at step {}", step + 1))?;
+        }
+        let params: Vec<_> = self.optimizer.params().cloned().collect();
+        let max_norm = if self.settings.max_grad_norm > 0.0 { self.settings.max_grad_norm } else { f64::INFINITY };
+        let grad_norm = clip_grad_norm(&params, max_norm)?;
+        for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
+            if !value.is_finite() {
+                bail!(
+                    "{what} is {value} at step {}: stopped before updating the adapter; {}",
+                    step + 1,
+                    self.last_good_checkpoint()?
+                );
+            }
+        }
+        let lr = self.schedule.lr_at(step);
+        self.optimizer.set_lr(lr);
+        self.optimizer.step()?;
+        Ok(StepStats { loss, grad_norm, lr, tokens, trained_tokens })
+    }
+
+    fn last_good_checkpoint(&self) -> Result<String> {
+        let done = self.state.step;
+        Ok(match checkpoint::list(self.settings.out)?.into_iter().rev().find(|(s, _)| *s <= done) {
+            Some((_, dir)) => {
+                format!("the last good checkpoint is {} (a lower --lr may help)", dir.display())
+            }
+            None => "no checkpoint was written before it (a lower --lr may help)".into(),
+        })
+    }
+
+    fn save(&self) -> Result<std::path::PathBuf> {
+        let to =
+            SaveTo { out: self.settings.out, base_model: self.settings.base_model, keep_last: self.settings.keep_last };
+        checkpoint::save(&to, self.model, self.optimizer, &self.state)
+    }
+
+    /// Mean loss per trained token over the evaluation rows, with adapter dropout off; logged and printed.
+    fn evaluate(&mut self, log: &mut MetricsLog, progress: &Progress) -> Result<f64> {
+        let rows = self.eval.unwrap_or_default();
+        // The same parameters without dropout (peft's eval mode); the training adapters come back afterwards.
+        let mut training = Vec::new();
+        for proj in self.model.projections_mut()? {
+            let eval = proj.adapter.as_ref().map(|a| a.without_dropout());
+            training.push(std::mem::replace(&mut proj.adapter, eval));
+        }
+        let result = (|| -> Result<(f64, usize)> {
+            let (mut sum, mut tokens) = (0.0, 0);
+            for members in self.plan.in_order(rows) {
+                let batch = data::batch(rows, &members)?;
+                let tape = Tape::new();
+                let loss = tape.no_grad(|| self.model.loss(&tape, &batch, 1.0, 0))?;
+                sum += loss.value().to_scalar::<f64>()?;
+                tokens += batch.trained_tokens();
+            }
+            Ok((sum / tokens.max(1) as f64, tokens))
+        })();
+        for (proj, adapter) in self.model.projections_mut()?.into_iter().zip(training) {
+            proj.adapter = adapter;
+        }
+        let (loss, tokens) = result.with_context(|| format!("evaluating at step {}", self.state.step))?;
+        log.eval(self.state.step, loss, tokens, self.state.elapsed_s)?;
+        progress.println(&format!("step {}/{}  eval loss {loss:.4}", self.state.step, self.schedule.total_steps));
+        Ok(loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_seeds_differ_by_step_and_micro_batch() {
+        let seeds: Vec<u64> = (0..4).flat_map(|step| (0..3).map(move |micro| dropout_seed(42, step, micro))).collect();
+        let mut unique = seeds.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seeds.len());
+        assert_ne!(dropout_seed(42, 0, 0), dropout_seed(43, 0, 0));
+    }
+}

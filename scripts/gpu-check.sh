@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GPU checks, tier 3 of STYLE.md §12. Here (no GPU needed): builds qlora-kernels' test binaries in release mode,
+# stages them with the kernel sources and a runner in .gpu/kernels/ (git-ignored), and prints the one command to run
+# on the GPU machine. There, .gpu/kernels/run.sh runs every test in its own process and prints a pass/fail table that
+# says which tests ran on the GPU and which skipped (with QLORA_REQUIRE_GPU=1 set there, a skip is a failure).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+stage=.gpu/kernels
+
+echo "gpu-check: building test binaries (cargo test --release --no-run -p qlora-kernels)" >&2
+json="$(cargo test --release --no-run -p qlora-kernels --message-format=json)"
+rm -rf "$stage"
+mkdir -p "$stage/bin" "$stage/cuda"
+# One line per test executable: "<target name> <path>".
+python3 -c '
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg["profile"]["test"] and msg.get("executable"):
+        print(msg["target"]["name"], msg["executable"])
+' <<<"$json" | while read -r name exe; do
+    cp "$exe" "$stage/bin/$name"
+done
+cp kernels/cuda/*.cu kernels/cuda/*.cuh "$stage/cuda/"
+
+cat >"$stage/run.sh" <<'RUNNER'
+#!/usr/bin/env bash
+# Runs on the GPU machine: each staged test binary, one test per process, then a table of the tests that ran on the
+# GPU, skipped, or failed, and a summary per binary. Exits non-zero when any test failed.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export QLORA_REQUIRE_GPU=1
+export QLORA_KERNEL_CACHE_DIR="${TMPDIR:-/tmp}/qlora-rt-kernels"
+if [[ -x /usr/local/cuda/bin/ptxas ]]; then export QLORA_PTXAS=/usr/local/cuda/bin/ptxas; fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
+logs="$(mktemp -d)"
+rows=()
+summary=()
+failed=0
+for bin in "$here"/bin/*; do
+    name="$(basename "$bin")"
+    pass=0 fail=0 on_gpu=0 skipped=0
+    for test in $("$bin" --list --format terse 2>/dev/null | sed -n 's/: test$//p'); do
+        log="$logs/$name.$test.log"
+        start=$(date +%s%N)
+        "$bin" --exact "$test" --nocapture --test-threads=1 >"$log" 2>&1
+        rc=$?
+        ms=$((($(date +%s%N) - start) / 1000000))
+        secs=$(printf '%d.%02d' $((ms / 1000)) $((ms % 1000 / 10)))
+        where=cpu
+        if grep -q "qlora-gpu: $test: ran on" "$log"; then where=gpu; on_gpu=$((on_gpu + 1)); fi
+        if grep -q "qlora-gpu: $test: skipped" "$log"; then where=skipped; skipped=$((skipped + 1)); fi
+        if [[ $rc -eq 0 ]]; then result=pass; pass=$((pass + 1)); else result=FAIL; fail=$((fail + 1)); failed=1; fi
+        if [[ $where != cpu || $result != pass ]]; then
+            rows+=("$(printf '%-4s  %-8s  %-14s  %-52s %6ss' "$result" "$where" "$name" "$test" "$secs")")
+        fi
+        if [[ $result == FAIL ]]; then
+            echo "---- FAIL $name::$test (last 40 lines) ----"
+            tail -n 40 "$log"
+        fi
+    done
+    summary+=("$(printf '%-14s %4d passed, %d failed (%d on the GPU, %d skipped)' "$name" "$pass" "$fail" "$on_gpu" "$skipped")")
+done
+grep -h "qlora-gpu: .*: ran on" "$logs"/*.log | head -n 1 | sed 's/.*: ran on /device: /'
+echo
+printf '%-4s  %-8s  %-14s  %-52s %7s\n' result where binary test time
+printf '%s\n' "${rows[@]}"
+echo
+printf '%s\n' "${summary[@]}"
+grep -h "qlora-gpu: out-of-memory message" "$logs"/*.log | head -n 1
+exit $failed
+RUNNER
+chmod +x "$stage/run.sh"
+
+echo "gpu-check: staged $(ls "$stage/bin" | wc -l) test binaries ($(du -sh "$stage" | cut -f1)) in $stage:" >&2
+ls "$stage/bin" >&2
+echo "Run on the GPU machine (device tool, from the repo root; carry the staged folder):" >&2
+echo "  run  command=\"bash $stage/run.sh\"  carry=[\".gpu\"]"
