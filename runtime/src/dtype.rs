@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn conversions_round_once() {
-        let s = CpuStorage::F32(vec![1.0, 1.00390625, -3.3, 65504.0 * 2.0]);
+        let s = CpuStorage::F32(vec![1.0, 1.0 + 1.0 / 256.0, -3.3, 65504.0 * 2.0]);
         let b = convert(&s, DType::BF16);
         let CpuStorage::BF16(v) = &b else { panic!("dtype") };
         assert_eq!(v[0].to_f32(), 1.0);
