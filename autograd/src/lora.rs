@@ -481,17 +481,12 @@ impl Backward for LoraLinear {
     }
 
     fn saved_bytes(&self) -> usize {
-        // A dense base and NF4's packed nibbles are shared with their owner; NF4's scales are not (Nf4Weight holds
-        // them by value), so the clone copied them.
-        let base = match &self.base {
-            Some(BaseWeight::Nf4(w)) => w.size_in_bytes() - w.packed.len(),
-            _ => 0,
-        };
+        // The base clone shares its storage with the owner (dense tensor, NF4 nibbles and scales): it costs nothing.
         let adapter = self.adapter.as_ref().map_or(0, |s| {
             let dora = s.dora.as_ref().map_or(0, |d| d.g.size_in_bytes() + bytes(&[&d.n, &d.h]));
             bytes(&[&s.x, &s.u, &s.a, &s.b]) + dora
         });
-        base + adapter
+        adapter
     }
 
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {

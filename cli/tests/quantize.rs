@@ -69,8 +69,8 @@ fn quantize(family: &str, double_quant: bool, test: &str) -> PathBuf {
 
 /// The dense fixture's absmax per block of `weight`: what bnb nested-quantized.
 fn source_absmax(source: &Checkpoint, weight: &str) -> Vec<f32> {
-    match Nf4Weight::quantize(&source.load(weight).unwrap(), 64, false).unwrap().absmax {
-        Absmax::F32(a) => a,
+    match &*Nf4Weight::quantize(&source.load(weight).unwrap(), 64, false).unwrap().absmax {
+        Absmax::F32(a) => a.clone(),
         Absmax::Nested { .. } => unreachable!("quantized without double quantization"),
     }
 }

@@ -211,7 +211,7 @@ pub struct QuantState {
 
 impl QuantState {
     pub fn of(w: &Nf4Weight) -> Self {
-        let nested_offset = match &w.absmax {
+        let nested_offset = match &*w.absmax {
             Absmax::Nested { offset, .. } => Some(*offset),
             Absmax::F32(_) => None,
         };
@@ -383,7 +383,7 @@ pub fn load_linear(ck: &Checkpoint, module: &str, shape: [usize; 2]) -> Result<O
             Absmax::Nested { q, absmax2, offset, code }
         }
     };
-    Ok(Some(Nf4Weight { shape, blocksize: state.blocksize, dtype: state.dtype, packed: Arc::new(packed), absmax }))
+    Ok(Some(Nf4Weight { shape, blocksize: state.blocksize, dtype: state.dtype, packed: Arc::new(packed), absmax: Arc::new(absmax) }))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ fn linear_parts(weight: &str, w: &Nf4Weight) -> Vec<Part> {
         part("", Dtype::U8, vec![w.packed.len(), 1], w.packed.to_vec()),
         part(".quant_map", Dtype::F32, vec![16], f32_bytes(&NF4_CODE)),
     ];
-    match &w.absmax {
+    match &*w.absmax {
         Absmax::F32(a) => parts.push(part(".absmax", Dtype::F32, vec![a.len()], f32_bytes(a))),
         Absmax::Nested { q, absmax2, code, .. } => parts.extend([
             part(".absmax", Dtype::U8, vec![q.len()], q.clone()),
@@ -946,7 +946,7 @@ mod tests {
             let mut held = 0;
             for proj in model.projections() {
                 let BaseWeight::Nf4(w) = &proj.base else { panic!("{} is not NF4", proj.name) };
-                assert_eq!((w.blocksize, matches!(w.absmax, Absmax::Nested { .. })), (64, double_quant));
+                assert_eq!((w.blocksize, matches!(*w.absmax, Absmax::Nested { .. })), (64, double_quant));
                 assert_eq!(w.bits_per_param(), nf4::nf4_bits_per_param(w.elem_count(), 64, double_quant));
                 held += w.size_in_bytes();
             }

@@ -48,7 +48,8 @@ pub struct Nf4Weight {
     pub blocksize: usize,
     pub dtype: DType,
     pub packed: Arc<Vec<u8>>,
-    pub absmax: Absmax,
+    /// Shared, so cloning a weight (a backward keeping its base) copies no scales.
+    pub absmax: Arc<Absmax>,
 }
 
 impl Nf4Weight {
@@ -81,7 +82,7 @@ impl Nf4Weight {
             Absmax::F32(absmax)
         };
         let dtype = if w.dtype() == DType::F64 { DType::F32 } else { w.dtype() };
-        Ok(Nf4Weight { shape: [rows, cols], blocksize, dtype, packed: Arc::new(packed), absmax })
+        Ok(Nf4Weight { shape: [rows, cols], blocksize, dtype, packed: Arc::new(packed), absmax: Arc::new(absmax) })
     }
 
     pub fn elem_count(&self) -> usize {
