@@ -383,7 +383,13 @@ pub fn load_linear(ck: &Checkpoint, module: &str, shape: [usize; 2]) -> Result<O
             Absmax::Nested { q, absmax2, offset, code }
         }
     };
-    Ok(Some(Nf4Weight { shape, blocksize: state.blocksize, dtype: state.dtype, packed: Arc::new(packed), absmax: Arc::new(absmax) }))
+    Ok(Some(Nf4Weight {
+        shape,
+        blocksize: state.blocksize,
+        dtype: state.dtype,
+        packed: Arc::new(packed),
+        absmax: Arc::new(absmax),
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
