@@ -155,25 +155,31 @@ impl Tensor {
     /// range, converted (one rounding) or gathered otherwise.
     pub fn values<T: Element>(&self) -> Cow<'_, [T]> {
         let n = self.elem_count();
-        let start = self.layout.offset();
         if self.is_contiguous() {
+            let start = self.layout.offset();
             if let Some(s) = T::slice(self.cpu()) {
                 return Cow::Borrowed(&s[start..start + n]);
             }
         }
-        let storage = self.cpu();
-        let converted;
-        let typed: &[T] = match T::slice(storage) {
-            Some(s) => s,
-            None => {
-                converted = convert(storage, T::DTYPE);
-                T::slice(&converted).expect("convert returns the requested dtype")
+        // One pass, one allocation of exactly the view's elements: converting the whole storage first would hold
+        // two copies at once (model loading upcasts every bf16 tensor through here).
+        fn gather<S: Element, T: Element>(src: &[S], l: &Layout, n: usize) -> Vec<T> {
+            let start = l.offset();
+            if l.is_contiguous() {
+                src[start..start + n].iter().map(|&x| T::from_f64(x.to_f64())).collect()
+            } else {
+                l.storage_indices().map(|i| T::from_f64(src[i].to_f64())).collect()
             }
-        };
-        if self.is_contiguous() {
-            return Cow::Owned(typed[start..start + n].to_vec());
         }
-        Cow::Owned(self.layout.storage_indices().map(|i| typed[i]).collect())
+        let l = &self.layout;
+        Cow::Owned(match self.cpu() {
+            CpuStorage::F64(v) => gather(v, l, n),
+            CpuStorage::F32(v) => gather(v, l, n),
+            CpuStorage::BF16(v) => gather(v, l, n),
+            CpuStorage::F16(v) => gather(v, l, n),
+            CpuStorage::I32(v) => gather(v, l, n),
+            CpuStorage::U8(v) => gather(v, l, n),
+        })
     }
 
     /// The elements as a `Vec<T>`, converting from any dtype.
