@@ -84,7 +84,8 @@ impl LoadArgs {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Model folder (config.json and safetensors weights; tokenizer.json when the data has text rows).
+    /// Model folder (config.json and safetensors weights; tokenizer.json when the data has text rows), or a
+    /// .gguf file (imported once into the qlora-rt cache).
     #[arg(long)]
     model: PathBuf,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on top of the model.
@@ -219,8 +220,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         bail!("--batch-tokens must be at least 1");
     }
     let start = Instant::now();
-    let config = ModelConfig::load(&args.model)?;
-    let data = read_data(&args.data, &args.model, config.vocab_size)?;
+    let model_dir = crate::model_path::resolve_model(&args.model)?;
+    let config = ModelConfig::load(&model_dir)?;
+    let data = read_data(&args.data, &model_dir, config.vocab_size)?;
     if data.rows.is_empty() {
         bail!(
             "{}: no row has a token to predict ({} rows read; a row needs at least 2 tokens and a label other than -100 after the first)",
@@ -228,7 +230,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             data.lines
         );
     }
-    let mut model = CausalLm::load(&args.model, format)?;
+    let mut model = CausalLm::load(&model_dir, format)?;
     let mut adapted = 0;
     if let Some(dir) = args.adapter.first() {
         adapted = load_adapter(&mut model, dir)?;

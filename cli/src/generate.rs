@@ -23,7 +23,8 @@ const END_OF_TURN: [&str; 3] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>"];
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat"])))]
 pub struct GenerateArgs {
-    /// Hugging Face model folder: config.json, safetensors weights, tokenizer.json.
+    /// Hugging Face model folder (config.json, safetensors weights, tokenizer.json) or a .gguf file (imported
+    /// once into the qlora-rt cache).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a finetune --out.
@@ -107,7 +108,8 @@ impl Stream<'_> {
 pub fn run(args: &GenerateArgs) -> Result<()> {
     ensure!(args.system.is_none() || args.chat.is_some(), "--system goes with --chat, not --prompt");
     let sampling = args.sampling()?;
-    let tokenizer = Tokenizer::load(&args.model)?;
+    let model_dir = crate::model_path::resolve_model(&args.model)?;
+    let tokenizer = Tokenizer::load(&model_dir)?;
     let mut stop_tokens = tokenizer.stop_ids();
     stop_tokens.extend(tokenizer.eos.as_ref().map(|t| t.id));
     let prompt = match (&args.prompt, &args.chat) {
@@ -120,11 +122,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             let template = match (args.chat_template, &tokenizer.chat_template) {
                 (Some(t), _) => ChatTemplate::builtin(t.builtin(), &bos, &eos),
                 (None, Some(src)) => {
-                    ChatTemplate::new(src, &bos, &eos).map_err(|e| anyhow!("{}: {e}", args.model.display()))?
+                    ChatTemplate::new(src, &bos, &eos).map_err(|e| anyhow!("{}: {e}", model_dir.display()))?
                 }
                 (None, None) => bail!(
                     "{} has no chat template; pass --chat-template (llama3, llama2, gemma or chatml) or use --prompt",
-                    args.model.display()
+                    model_dir.display()
                 ),
             };
             let mut messages: Vec<Message> =
@@ -141,7 +143,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     stop_tokens.dedup();
 
     let load_start = Instant::now();
-    let mut model = CausalLm::load(&args.model, args.quantize.base_format(!args.no_double_quant))?;
+    let mut model = CausalLm::load(&model_dir, args.quantize.base_format(!args.no_double_quant))?;
     if let Some(dir) = &args.adapter {
         let n = load_adapter(&mut model, dir)?;
         // Inference: peft's eval mode, no adapter dropout.

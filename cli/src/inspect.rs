@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args)]
 pub struct InspectArgs {
     /// A model folder (config.json + safetensors) or a PEFT adapter folder (adapter_config.json +
-    /// adapter_model.safetensors).
+    /// adapter_model.safetensors), or a .gguf model file (imported once into the qlora-rt cache).
     dir: PathBuf,
 }
 
 pub fn run(args: &InspectArgs) -> Result<()> {
-    let dir = &args.dir;
+    let dir = &crate::model_path::resolve_model(&args.dir)?;
     let (model, adapter) = (dir.join("config.json").exists(), dir.join("adapter_config.json").exists());
     if !model && !adapter {
         bail!(

@@ -5,6 +5,8 @@ mod finetune;
 mod generate;
 mod import;
 mod inspect;
+mod merge;
+mod model_path;
 mod quantize;
 mod toy;
 
@@ -43,6 +45,9 @@ enum Command {
     /// Convert a llama.cpp GGUF model (Llama, Gemma 1/2/3; F32/F16/BF16, Q4_0..Q8_0 and K-quants) to a
     /// Hugging Face model folder: config.json, model.safetensors, tokenizer and generation files.
     Import(import::ImportArgs),
+    /// Fold a PEFT adapter into its base model (into the NF4 weights QLoRA trained against, by default) and
+    /// write a plain Hugging Face checkpoint: bf16, f16 or f32, no quantization_config, tokenizer files copied.
+    Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +98,7 @@ fn main() -> ExitCode {
         Command::Finetune(args) => finetune::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Import(args) => import::run(&args),
+        Command::Merge(args) => merge::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -90,10 +90,11 @@ pub enum DeviceArg {
 
 /// Every flag can also come from `--config FILE.toml` (see `config`); pairs that replace each other
 /// (`--epochs`/`--max-steps`, ...) override each other, so the one given last wins.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 #[command(args_override_self = true)]
 pub struct FinetuneArgs {
-    /// Hugging Face model folder: config.json, safetensors weights and tokenizer.json (Llama, Gemma 1/2/3).
+    /// Hugging Face model folder: config.json, safetensors weights and tokenizer.json (Llama, Gemma 1/2/3); or
+    /// a .gguf file, imported once into the qlora-rt cache.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     /// Training data, JSONL: chat ("messages"), prompt/completion, instruction/output, text or input_ids rows.
@@ -398,6 +399,14 @@ fn attach_adapters(model: &mut CausalLm, targets: &[&str], config: &LoraConfig, 
 
 /// Runs the command; an interrupted run (Ctrl-C, SIGTERM) exits with status 130 after its checkpoint is written.
 pub fn run(args: &FinetuneArgs) -> Result<()> {
+    // A .gguf --model trains on its imported folder, which the adapter then names as its base.
+    let resolved;
+    let args = if crate::model_path::is_gguf(&args.model) {
+        resolved = FinetuneArgs { model: crate::model_path::resolve_model(&args.model)?, ..args.clone() };
+        &resolved
+    } else {
+        args
+    };
     match run_to_end(args)? {
         train::Outcome::Finished => Ok(()),
         train::Outcome::Interrupted => std::process::exit(130),

@@ -1,0 +1,312 @@
+//! `qlora-rt merge --model DIR --adapter DIR --out DIR`: a PEFT LoRA/DoRA adapter folded into its base model,
+//! written as a plain Hugging Face checkpoint that transformers loads without peft or bitsandbytes. Each adapted
+//! projection becomes W' = merged_weight(W, adapter) with W the NF4-quantized base the adapter was trained
+//! against (`--from nf4`, the default) or the original weight (`--from dense`); every other tensor is copied,
+//! floats converted to `--dtype`. config.json loses its quantization_config and records the output dtype;
+//! tokenizer, chat-template and generation files are copied. The folder appears whole or not at all.
+
+use crate::model_path::{check_out, is_companion_file, resolve_model, write_json, Staging};
+use anyhow::{bail, Context, Result};
+use qlora_autograd::{merged_weight, LoraAdapter, Param};
+use qlora_kernels::nf4::DEFAULT_BLOCKSIZE;
+use qlora_models::bnb;
+use qlora_models::checkpoint::Checkpoint;
+use qlora_models::peft::{AdapterConfig, KEY_PREFIX};
+use qlora_models::ModelConfig;
+use qlora_runtime::quant::{BaseWeight, Nf4Weight};
+use qlora_runtime::DType;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OutDtype {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl OutDtype {
+    fn dtype(self) -> DType {
+        match self {
+            OutDtype::Bf16 => DType::BF16,
+            OutDtype::F16 => DType::F16,
+            OutDtype::F32 => DType::F32,
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            OutDtype::Bf16 => "bfloat16",
+            OutDtype::F16 => "float16",
+            OutDtype::F32 => "float32",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum MergeFrom {
+    /// The NF4-quantized base weights (what QLoRA trained the adapter against).
+    Nf4,
+    /// The original weights (a plain LoRA adapter); a 4-bit checkpoint is dequantized.
+    Dense,
+}
+
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// Base model: a Hugging Face folder (plain or saved 4-bit by bitsandbytes) or a .gguf file.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a finetune --out.
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// Output folder; created if missing, refused if it exists and is not empty.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Dtype of every floating-point tensor written.
+    #[arg(long, value_enum, default_value_t = OutDtype::Bf16)]
+    dtype: OutDtype,
+    /// Which base weights the adapter is added to.
+    #[arg(long, value_enum, default_value_t = MergeFrom::Nf4)]
+    from: MergeFrom,
+    /// With --from nf4 on an unquantized model: quantize with f32 block scales, as finetune --no-double-quant
+    /// trains (the default matches finetune's default, double quantization).
+    #[arg(long)]
+    no_double_quant: bool,
+}
+
+/// Every projection of the decoder as transformers names it, with its [out, in] shape.
+fn projections(c: &ModelConfig) -> Vec<(String, [usize; 2])> {
+    let (h, qo, kvo, im) =
+        (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
+    (0..c.num_hidden_layers)
+        .flat_map(|i| {
+            let p = format!("model.layers.{i}");
+            [
+                (format!("{p}.self_attn.q_proj"), [qo, h]),
+                (format!("{p}.self_attn.k_proj"), [kvo, h]),
+                (format!("{p}.self_attn.v_proj"), [kvo, h]),
+                (format!("{p}.self_attn.o_proj"), [h, qo]),
+                (format!("{p}.mlp.gate_proj"), [im, h]),
+                (format!("{p}.mlp.up_proj"), [im, h]),
+                (format!("{p}.mlp.down_proj"), [h, im]),
+            ]
+        })
+        .collect()
+}
+
+/// The adapter in `dir`, by module path, for the given projections (as `peft::load_adapter` reads it, without
+/// building the model): every `lora_*` tensor must belong to one of them, with matching shapes.
+fn read_adapters(dir: &Path, projections: &[(String, [usize; 2])]) -> Result<HashMap<String, LoraAdapter>> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text =
+        std::fs::read_to_string(&cfg_path).with_context(|| format!("--adapter: reading {}", cfg_path.display()))?;
+    let cfg = AdapterConfig::parse(&text, &cfg_path)?;
+    let ck = Checkpoint::from_files(&[dir.join("adapter_model.safetensors")])?;
+    let mut used = BTreeSet::new();
+    let mut adapters = HashMap::new();
+    for (name, [out_f, in_f]) in projections {
+        let key = |suffix: &str| format!("{KEY_PREFIX}{name}.{suffix}");
+        let (a_key, b_key, m_key) = (key("lora_A.weight"), key("lora_B.weight"), key("lora_magnitude_vector"));
+        if !ck.contains(&a_key) && !ck.contains(&b_key) {
+            continue;
+        }
+        let config = cfg.for_module(name);
+        let a = ck.load_shaped(&a_key, &[config.r, *in_f])?.to_dtype(DType::F32);
+        let b = ck.load_shaped(&b_key, &[*out_f, config.r])?.to_dtype(DType::F32);
+        let magnitude = if config.use_dora {
+            let m = ck.load_shaped(&m_key, &[*out_f])?.to_dtype(DType::F32);
+            used.insert(m_key);
+            Some(Param::frozen(format!("{name}.lora_magnitude_vector"), m))
+        } else {
+            None
+        };
+        used.insert(a_key);
+        used.insert(b_key);
+        let adapter = LoraAdapter {
+            lora_a: Param::frozen(format!("{name}.lora_A.weight"), a),
+            lora_b: Param::frozen(format!("{name}.lora_B.weight"), b),
+            magnitude,
+            config,
+        };
+        adapters.insert(name.clone(), adapter.without_dropout());
+    }
+    if let Some(stray) = ck.names().into_iter().find(|n| !used.contains(*n)) {
+        return Err(ck.tensor_error(stray, "does not belong to any adapted projection of this model").into());
+    }
+    if adapters.is_empty() {
+        bail!("--adapter {}: adapts no projection of this model", dir.display());
+    }
+    Ok(adapters)
+}
+
+/// One tensor of the output: where it comes from and what it is written as.
+enum Source {
+    /// A decoder projection's weight, merged with its adapter when it has one.
+    Projection { module: String, shape: [usize; 2] },
+    /// A floating-point tensor converted to the output dtype.
+    Float,
+    /// Anything else, copied byte for byte.
+    Raw,
+}
+
+struct Planned {
+    name: String,
+    source: Source,
+    dtype: String,
+    shape: Vec<usize>,
+    size: usize,
+}
+
+fn float_dtype(stored: &str) -> bool {
+    matches!(stored, "F64" | "F32" | "BF16" | "F16")
+}
+
+pub fn run(args: &MergeArgs) -> Result<()> {
+    let start = Instant::now();
+    check_out(&args.out)?;
+    let model_dir = resolve_model(&args.model)?;
+    let config = ModelConfig::load(&model_dir)?;
+    let config_path = model_dir.join("config.json");
+    let config_text =
+        std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+    let mut config_json: Value =
+        serde_json::from_str(&config_text).with_context(|| format!("parsing {}", config_path.display()))?;
+    let Some(obj) = config_json.as_object_mut() else { bail!("{}: not a JSON object", config_path.display()) };
+    obj.remove("quantization_config");
+    obj.insert("torch_dtype".into(), json!(args.dtype.torch_name()));
+    obj.insert("dtype".into(), json!(args.dtype.torch_name()));
+
+    let projections = projections(&config);
+    let adapters = read_adapters(&args.adapter, &projections)?;
+    let ck = Checkpoint::open(&model_dir)?;
+    let out_dtype = args.dtype.dtype();
+
+    // The plan: every tensor's name, dtype and shape, so the header is written before any weight is computed.
+    let by_weight: HashMap<String, (&String, [usize; 2])> =
+        projections.iter().map(|(m, s)| (format!("{m}.weight"), (m, *s))).collect();
+    let mut names: Vec<&str> = ck.names();
+    names.sort_unstable();
+    let mut plan = Vec::with_capacity(names.len());
+    for name in names {
+        // bitsandbytes' quant-state tensors (`{module}.weight.absmax`, ...) are consumed with their weight.
+        let quant_aux =
+            name.rsplit_once(".weight.").is_some_and(|(m, _)| by_weight.contains_key(&format!("{m}.weight")));
+        // Tied embeddings stay tied: transformers rebuilds lm_head from embed_tokens.
+        if quant_aux || (config.tie_word_embeddings && name == "lm_head.weight") {
+            continue;
+        }
+        let (stored, shape) = ck.info(name)?;
+        let (source, dtype, shape) = match by_weight.get(name) {
+            Some((module, s)) => (
+                Source::Projection { module: (*module).clone(), shape: *s },
+                out_dtype.safetensors_name().to_string(),
+                s.to_vec(),
+            ),
+            None if float_dtype(&stored) => (Source::Float, out_dtype.safetensors_name().to_string(), shape),
+            None => (Source::Raw, stored, shape),
+        };
+        let size = match source {
+            Source::Raw => ck.bytes(name)?.len(),
+            _ => shape.iter().product::<usize>() * out_dtype.size_in_bytes(),
+        };
+        plan.push(Planned { name: name.to_string(), source, dtype, shape, size });
+    }
+
+    let mut header = Map::new();
+    let mut offset = 0usize;
+    for p in &plan {
+        header.insert(
+            p.name.clone(),
+            json!({"dtype": p.dtype, "shape": p.shape, "data_offsets": [offset, offset + p.size]}),
+        );
+        offset += p.size;
+    }
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut header = serde_json::to_string(&header)?;
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+
+    let staging = Staging::new(&args.out, "merge")?;
+    let weights = staging.path.join("model.safetensors");
+    let f = std::fs::File::create(&weights).with_context(|| format!("creating {}", weights.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let io = |e: std::io::Error| anyhow::Error::new(e).context(format!("writing {}", weights.display()));
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(header.as_bytes()).map_err(io)?;
+    let double_quant = !args.no_double_quant;
+    let mut merged = 0usize;
+    for p in &plan {
+        let bytes = match &p.source {
+            Source::Raw => ck.bytes(&p.name)?.to_vec(),
+            Source::Float => ck.load(&p.name)?.to_dtype(out_dtype).to_bytes(),
+            Source::Projection { module, shape } => {
+                let prequantized = bnb::load_linear(&ck, module, *shape)?;
+                let tensor = match (adapters.get(module), prequantized) {
+                    (None, Some(w)) => w.dequantize(DType::F32)?.to_dtype(out_dtype),
+                    (None, None) => ck.load_shaped(&p.name, shape)?.to_dtype(out_dtype),
+                    (Some(adapter), prequantized) => {
+                        let base = match (prequantized, args.from) {
+                            (Some(w), MergeFrom::Nf4) => BaseWeight::Nf4(w),
+                            (Some(w), MergeFrom::Dense) => BaseWeight::Dense(w.dequantize(DType::F32)?),
+                            (None, MergeFrom::Dense) => BaseWeight::Dense(ck.load_shaped(&p.name, shape)?),
+                            (None, MergeFrom::Nf4) => {
+                                // Exactly as CausalLm::load quantizes for training.
+                                let w = ck.load_shaped(&p.name, shape)?;
+                                BaseWeight::Nf4(
+                                    Nf4Weight::quantize(&w, DEFAULT_BLOCKSIZE, double_quant)
+                                        .map_err(|e| ck.tensor_error(&p.name, e.to_string()))?,
+                                )
+                            }
+                        };
+                        merged += 1;
+                        merged_weight(&base, adapter, out_dtype).with_context(|| format!("merging {module}"))?
+                    }
+                };
+                tensor.to_bytes()
+            }
+        };
+        debug_assert_eq!(bytes.len(), p.size, "{}", p.name);
+        w.write_all(&bytes).map_err(io)?;
+    }
+    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+
+    let mut copied = 0usize;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&model_dir)
+        .with_context(|| format!("listing {}", model_dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("listing {}", model_dir.display()))?;
+    entries.retain(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(is_companion_file));
+    entries.sort();
+    for path in &entries {
+        let name = path.file_name().context("a listed file has a name")?;
+        std::fs::copy(path, staging.path.join(name))
+            .with_context(|| format!("copying {} to {}", path.display(), staging.path.display()))?;
+        copied += 1;
+    }
+    write_json(&staging.path.join("config.json"), &config_json)?;
+    staging.publish()?;
+
+    println!(
+        "merged {merged} adapted projection(s) into the {} base weights of {}",
+        match args.from {
+            MergeFrom::Nf4 => "NF4",
+            MergeFrom::Dense => "original",
+        },
+        args.model.display()
+    );
+    println!(
+        "wrote {}: model.safetensors ({} tensors, {:.1} MB of {}), config.json and {copied} copied file(s) in {:.1}s",
+        args.out.display(),
+        plan.len(),
+        offset as f64 / 1e6,
+        args.dtype.torch_name(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
