@@ -20,10 +20,11 @@ pub enum Module {
     Embedding,
     Adamw,
     Nf4,
+    Matmul,
 }
 
 impl Module {
-    pub const ALL: [Module; 8] = [
+    pub const ALL: [Module; 9] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -32,6 +33,7 @@ impl Module {
         Module::Embedding,
         Module::Adamw,
         Module::Nf4,
+        Module::Matmul,
     ];
 
     /// The file stem, which is also the name of the CPU twin's module.
@@ -45,6 +47,7 @@ impl Module {
             Module::Embedding => "embedding",
             Module::Adamw => "adamw",
             Module::Nf4 => "nf4",
+            Module::Matmul => "matmul",
         }
     }
 
@@ -59,6 +62,7 @@ impl Module {
             Module::Embedding => include_str!("../../cuda/embedding.cu"),
             Module::Adamw => include_str!("../../cuda/adamw.cu"),
             Module::Nf4 => include_str!("../../cuda/nf4.cu"),
+            Module::Matmul => include_str!("../../cuda/matmul.cu"),
         }
     }
 
