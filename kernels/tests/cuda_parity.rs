@@ -14,7 +14,9 @@ use half::bf16;
 use qlora_kernels::cuda::{self, CudaDevice, DeviceBuffer, Error, GpuFloat};
 use qlora_kernels::matmul::Gemm;
 use qlora_kernels::testing::{assert_close, Tolerance};
-use qlora_kernels::{activation, adamw, cross_entropy, elementwise, embedding, matmul, nf4, rms_norm, rope, Rng};
+use qlora_kernels::{
+    activation, adamw, cross_entropy, elementwise, embedding, matmul, nf4, reduce, rms_norm, rope, Rng,
+};
 
 /// f32 outputs that depend on a sum over hundreds to thousands of terms, which the GPU adds in another order.
 const REDUCED: Tolerance = Tolerance { abs: 1e-4, rel: 1e-4 };
@@ -572,4 +574,132 @@ fn matmul_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     }
     matmul_one::<T>(dev, rng, Gemm::new(4, 4, 4).batched(0), "batch 0");
     matmul_one::<T>(dev, rng, Gemm::new(0, 4, 4), "m 0");
+}
+
+#[test]
+fn reductions_match_cpu() {
+    let Some(dev) = gpu("reductions_match_cpu") else { return };
+    both_dtypes!(reduce_case, &dev, &mut Rng::new(10));
+}
+
+/// Sums: the GPU adds in f32 in a tree, the CPU in f64, so the bound scales with Σ|x| (f32's 2⁻²⁴ per level of a
+/// ~20-level tree, with margin): |got − want| ≤ 1e-6·Σ|x| + 1e-5·|want|. max |x| is exact. The twin runs on the
+/// widened inputs, and the GPU's f64 result is not rounded to T.
+fn reduce_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    for n in LENS.into_iter().chain([0, 1 << 20]) {
+        let x = randn::<T>(rng, n, 1.0);
+        let (xw, gx) = (widen(&x), upload(dev, &x));
+        let abs_sum: f64 = xw.iter().map(|v| v.abs() as f64).sum();
+        let sq_sum: f64 = xw.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let tol = |mag: f64| Tolerance { abs: 1e-6 * mag, rel: 1e-5 };
+        let what = format!("n={n} [{}]", T::NAME);
+        assert_close(
+            &format!("sum {what}"),
+            &[cuda::reduce::sum(&gx).unwrap()],
+            &[reduce::sum(&xw) as f64],
+            tol(abs_sum),
+        );
+        let got = cuda::reduce::sum_squares(&gx).unwrap();
+        assert_close(&format!("sum_squares {what}"), &[got], &[reduce::sum_squares(&xw) as f64], tol(sq_sum));
+        let got = cuda::reduce::max_abs(&gx).unwrap();
+        assert_close(&format!("max_abs {what}"), &[got], &[reduce::max_abs(&xw) as f64], EXACT);
+    }
+    let mut x = randn::<T>(rng, 5000, 1.0);
+    x[4321] = T::from_f32(f32::NAN);
+    assert!(cuda::reduce::max_abs(&upload(dev, &x)).unwrap().is_nan(), "max_abs hides a NaN [{}]", T::NAME);
+
+    for (rows, cols) in ROWS.into_iter().chain([(0, 5), (5000, 3), (70_001, 1), (129, 300)]) {
+        let x = randn::<T>(rng, rows * cols, 1.0);
+        let mut out = poisoned::<T>(dev, cols);
+        cuda::reduce::sum_rows(&upload(dev, &x), cols, &mut out).unwrap();
+        let mut want = vec![0.0f32; cols];
+        reduce::sum_rows(&widen(&x), cols, &mut want);
+        let tol = Tolerance { abs: 1e-6 * rows as f64, ..REDUCED };
+        check(&format!("sum_rows {rows}x{cols}"), &out, &want, T::tol(tol));
+    }
+}
+
+#[test]
+fn casts_round_as_half_does() {
+    let Some(dev) = gpu("casts_round_as_half_does") else { return };
+    let mut rng = Rng::new(11);
+    let mut x: Vec<f32> = (0..70_001).map(|_| (rng.normal() * 10f64.powi(rng.below(60) as i32 - 30)) as f32).collect();
+    // Ties (round to even), the largest finite values, infinities, signed zeros and subnormals.
+    x.extend([1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), f32::MAX, -f32::MAX, f32::INFINITY, f32::NEG_INFINITY]);
+    x.extend([0.0, -0.0, 1e-40, -3e-39, f32::MIN_POSITIVE, 3.3895314e38]);
+    let gx = upload(&dev, &x);
+    let mut b = poisoned::<bf16>(&dev, x.len());
+    cuda::copy::cast(&gx, &mut b).unwrap();
+    let b = b.to_vec().unwrap();
+    let bits = |v: &[bf16]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&b), bits(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()), "cast f32 → bf16");
+
+    let gb = upload(&dev, &b);
+    let mut back = poisoned::<f32>(&dev, x.len());
+    cuda::copy::cast(&gb, &mut back).unwrap();
+    let fbits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(fbits(&back.to_vec().unwrap()), fbits(&b.iter().map(|v| v.to_f32()).collect::<Vec<_>>()), "bf16 → f32");
+
+    let mut same = poisoned::<f32>(&dev, x.len());
+    cuda::copy::cast(&gx, &mut same).unwrap();
+    assert_eq!(fbits(&same.to_vec().unwrap()), fbits(&x), "cast f32 → f32");
+    let mut same = poisoned::<bf16>(&dev, x.len());
+    cuda::copy::cast(&gb, &mut same).unwrap();
+    assert_eq!(bits(&same.to_vec().unwrap()), bits(&b), "cast bf16 → bf16");
+    let mut nan = poisoned::<bf16>(&dev, 1);
+    cuda::copy::cast(&upload(&dev, &[f32::NAN]), &mut nan).unwrap();
+    assert!(nan.to_vec().unwrap()[0].is_nan(), "cast keeps NaN");
+}
+
+/// The CPU reference of strided_copy: the view's elements in row-major order.
+fn gather<T: Copy>(src: &[T], offset: usize, shape: &[usize], strides: &[usize]) -> Vec<T> {
+    let n: usize = shape.iter().product();
+    (0..n)
+        .map(|i| {
+            let (mut rem, mut at) = (i, offset);
+            for d in (0..shape.len()).rev() {
+                at += (rem % shape[d]) * strides[d];
+                rem /= shape[d];
+            }
+            src[at]
+        })
+        .collect()
+}
+
+#[test]
+fn strided_copy_gathers_views() {
+    let Some(dev) = gpu("strided_copy_gathers_views") else { return };
+    let mut rng = Rng::new(12);
+    let len = 5 * 7 * 9 + 11;
+    let f: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
+    strided_case(&dev, &f, "f32");
+    strided_case(&dev, &f.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), "bf16");
+    strided_case(&dev, &(0..len).map(|_| rng.next_u64() as i32).collect::<Vec<_>>(), "i32");
+    strided_case(&dev, &(0..len).map(|_| rng.next_u64() as u8).collect::<Vec<_>>(), "u8");
+}
+
+/// Views of a buffer holding a [5, 7, 9] tensor after 11 elements: the whole tensor, transposed, narrowed, one
+/// element (rank 0), a broadcast (stride 0), a rank-8 view, and an empty one. Compared bit for bit.
+fn strided_case<T: cuda::DeviceCopy + PartialEq + std::fmt::Debug>(dev: &CudaDevice, src: &[T], name: &str) {
+    let views: [(&str, usize, Vec<usize>, Vec<usize>); 8] = [
+        ("contiguous", 11, vec![5, 7, 9], vec![63, 9, 1]),
+        ("transposed 0↔2", 11, vec![9, 7, 5], vec![1, 9, 63]),
+        ("permuted (1, 2, 0)", 11, vec![7, 9, 5], vec![9, 1, 63]),
+        ("narrowed [1..4, 2..7, 3..8]", 11 + 63 + 18 + 3, vec![3, 5, 5], vec![63, 9, 1]),
+        ("rank 0", 100, vec![], vec![]),
+        ("broadcast rows", 11, vec![4, 9], vec![0, 1]),
+        ("rank 8", 0, vec![2, 1, 2, 1, 2, 1, 2, 3], vec![150, 7, 70, 3, 30, 2, 9, 1]),
+        ("empty", 11, vec![3, 0, 2], vec![1, 1, 1]),
+    ];
+    let gsrc = upload(dev, src);
+    for (what, offset, shape, strides) in views {
+        let want = gather(src, offset, &shape, &strides);
+        let mut dst = upload(dev, &vec![src[0]; want.len()]);
+        // Poison with a value the view does not hold where one exists, so unwritten elements show.
+        if let Some(other) = src.iter().find(|v| !want.contains(v)) {
+            dst = upload(dev, &vec![*other; want.len()]);
+        }
+        cuda::copy::strided_copy(&gsrc, offset, &shape, &strides, &mut dst).unwrap();
+        assert_eq!(dst.to_vec().unwrap(), want, "strided_copy {what} [{name}]");
+    }
 }

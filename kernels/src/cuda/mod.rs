@@ -27,11 +27,13 @@ pub mod source;
 
 pub mod activation;
 pub mod adamw;
+pub mod copy;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
 pub mod nf4;
+pub mod reduce;
 pub mod rms_norm;
 pub mod rope;
 

@@ -21,10 +21,12 @@ pub enum Module {
     Adamw,
     Nf4,
     Matmul,
+    Reduce,
+    Copy,
 }
 
 impl Module {
-    pub const ALL: [Module; 9] = [
+    pub const ALL: [Module; 11] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -34,6 +36,8 @@ impl Module {
         Module::Adamw,
         Module::Nf4,
         Module::Matmul,
+        Module::Reduce,
+        Module::Copy,
     ];
 
     /// The file stem, which is also the name of the CPU twin's module.
@@ -48,6 +52,8 @@ impl Module {
             Module::Adamw => "adamw",
             Module::Nf4 => "nf4",
             Module::Matmul => "matmul",
+            Module::Reduce => "reduce",
+            Module::Copy => "copy",
         }
     }
 
@@ -63,6 +69,8 @@ impl Module {
             Module::Adamw => include_str!("../../cuda/adamw.cu"),
             Module::Nf4 => include_str!("../../cuda/nf4.cu"),
             Module::Matmul => include_str!("../../cuda/matmul.cu"),
+            Module::Reduce => include_str!("../../cuda/reduce.cu"),
+            Module::Copy => include_str!("../../cuda/copy.cu"),
         }
     }
 
@@ -113,7 +121,9 @@ mod tests {
             assert!(!entries.is_empty(), "{}: no entry points", m.name());
             for e in &entries {
                 assert!(e.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{}: entry {e:?}", m.name());
-                assert!(e.ends_with("_f32") || e.ends_with("_bf16"), "{}: {e} names no dtype", m.name());
+                // Float kernels are named by type; byte-moving ones (copy.cu) by element size.
+                let suffixes = ["_f32", "_bf16", "_u8", "_u16", "_u32"];
+                assert!(suffixes.iter().any(|s| e.ends_with(s)), "{}: {e} names no dtype", m.name());
             }
             let mut unique = entries.clone();
             unique.sort();
