@@ -27,6 +27,7 @@ pub mod source;
 
 pub mod activation;
 pub mod adamw;
+pub mod attention;
 pub mod copy;
 pub mod cross_entropy;
 pub mod elementwise;

@@ -23,10 +23,11 @@ pub enum Module {
     Matmul,
     Reduce,
     Copy,
+    Attention,
 }
 
 impl Module {
-    pub const ALL: [Module; 11] = [
+    pub const ALL: [Module; 12] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -38,6 +39,7 @@ impl Module {
         Module::Matmul,
         Module::Reduce,
         Module::Copy,
+        Module::Attention,
     ];
 
     /// The file stem, which is also the name of the CPU twin's module.
@@ -54,6 +56,7 @@ impl Module {
             Module::Matmul => "matmul",
             Module::Reduce => "reduce",
             Module::Copy => "copy",
+            Module::Attention => "attention",
         }
     }
 
@@ -71,6 +74,7 @@ impl Module {
             Module::Matmul => include_str!("../../cuda/matmul.cu"),
             Module::Reduce => include_str!("../../cuda/reduce.cu"),
             Module::Copy => include_str!("../../cuda/copy.cu"),
+            Module::Attention => include_str!("../../cuda/attention.cu"),
         }
     }
 
