@@ -67,19 +67,17 @@ fn llama3_rope_factors(theta: f64, head_dim: usize, factor: f64, low: f64, high:
         .collect()
 }
 
+/// GGUF key/values in file order.
+type Metadata = Vec<(String, MetaValue)>;
+
 /// The model metadata keys (everything but the tokenizer) and the rope_freqs tensor, if any.
-fn model_metadata(
-    c: &ModelConfig,
-    path: &Path,
-    name: &str,
-    ty: GgmlType,
-) -> Result<(Vec<(String, MetaValue)>, Option<Vec<f32>>)> {
+fn model_metadata(c: &ModelConfig, path: &Path, name: &str, ty: GgmlType) -> Result<(Metadata, Option<Vec<f32>>)> {
     let arch = arch_name(c.family);
     let bad = |field: &str, msg: String| Error::config(path, field, msg);
     if c.attention_bias || c.mlp_bias {
         return Err(bad("attention_bias", "bias tensors have no place in llama.cpp's llama/gemma layouts".into()));
     }
-    let mut md: Vec<(String, MetaValue)> = Vec::new();
+    let mut md: Metadata = Vec::new();
     let mut put = |k: &str, v: MetaValue| md.push((k.to_string(), v));
     let key = |k: &str| format!("{arch}.{k}");
     let u32_of =

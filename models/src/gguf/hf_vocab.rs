@@ -61,9 +61,8 @@ fn byte_level_pre(pre: &Value) -> Option<&'static str> {
 fn space_prefix(tj: &Value) -> bool {
     let pre = &tj["pre_tokenizer"];
     let metaspace = |v: &Value| v["type"] == "Metaspace" && v["prepend_scheme"].as_str().unwrap_or("always") != "never";
-    let in_seq = |v: &Value, key: &str, f: &dyn Fn(&Value) -> bool| {
-        f(v) || v[key].as_array().is_some_and(|a| a.iter().any(|x| f(x)))
-    };
+    let in_seq =
+        |v: &Value, key: &str, f: &dyn Fn(&Value) -> bool| f(v) || v[key].as_array().is_some_and(|a| a.iter().any(f));
     in_seq(pre, "pretokenizers", &metaspace) || in_seq(&tj["normalizer"], "normalizers", &|v| v["type"] == "Prepend")
 }
 
