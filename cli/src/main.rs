@@ -1,6 +1,7 @@
 //! `qlora-rt`: the command-line tool. Every failure is one line on stderr and a non-zero exit status.
 
 mod eval;
+mod export_gguf;
 mod finetune;
 mod generate;
 mod import;
@@ -48,6 +49,9 @@ enum Command {
     /// Fold a PEFT adapter into its base model (into the NF4 weights QLoRA trained against, by default) and
     /// write a plain Hugging Face checkpoint: bf16, f16 or f32, no quantization_config, tokenizer files copied.
     Merge(merge::MergeArgs),
+    /// Write a model (with a PEFT adapter merged in, or not) as one GGUF file for llama.cpp: llama, gemma,
+    /// gemma2 or gemma3 architecture, matrices as f16, q8_0, q4_0 or q4_1, tokenizer and chat template included.
+    ExportGguf(export_gguf::ExportGgufArgs),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Import(args) => import::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::ExportGguf(args) => export_gguf::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

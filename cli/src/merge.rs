@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum OutDtype {
+pub(crate) enum OutDtype {
     Bf16,
     F16,
     F32,
@@ -47,7 +47,7 @@ impl OutDtype {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum MergeFrom {
+pub(crate) enum MergeFrom {
     /// The NF4-quantized base weights (what QLoRA trained the adapter against).
     Nf4,
     /// The original weights (a plain LoRA adapter); a 4-bit checkpoint is dequantized.
@@ -58,23 +58,23 @@ enum MergeFrom {
 pub struct MergeArgs {
     /// Base model: a Hugging Face folder (plain or saved 4-bit by bitsandbytes) or a .gguf file.
     #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a finetune --out.
     #[arg(long, value_name = "DIR")]
-    adapter: PathBuf,
+    pub(crate) adapter: PathBuf,
     /// Output folder; created if missing, refused if it exists and is not empty.
     #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Dtype of every floating-point tensor written.
     #[arg(long, value_enum, default_value_t = OutDtype::Bf16)]
-    dtype: OutDtype,
+    pub(crate) dtype: OutDtype,
     /// Which base weights the adapter is added to.
     #[arg(long, value_enum, default_value_t = MergeFrom::Nf4)]
-    from: MergeFrom,
+    pub(crate) from: MergeFrom,
     /// With --from nf4 on an unquantized model: quantize with f32 block scales, as finetune --no-double-quant
     /// trains (the default matches finetune's default, double quantization).
     #[arg(long)]
-    no_double_quant: bool,
+    pub(crate) no_double_quant: bool,
 }
 
 /// Every projection of the decoder as transformers names it, with its [out, in] shape.
@@ -164,8 +164,37 @@ fn float_dtype(stored: &str) -> bool {
     matches!(stored, "F64" | "F32" | "BF16" | "F16")
 }
 
+/// What [`merge`] wrote.
+pub(crate) struct Merged {
+    pub merged: usize,
+    pub tensors: usize,
+    pub bytes: usize,
+    pub copied: usize,
+}
+
 pub fn run(args: &MergeArgs) -> Result<()> {
     let start = Instant::now();
+    let Merged { merged, tensors, bytes, copied } = merge(args)?;
+    println!(
+        "merged {merged} adapted projection(s) into the {} base weights of {}",
+        match args.from {
+            MergeFrom::Nf4 => "NF4",
+            MergeFrom::Dense => "original",
+        },
+        args.model.display()
+    );
+    println!(
+        "wrote {}: model.safetensors ({tensors} tensors, {:.1} MB of {}), config.json and {copied} copied file(s) in {:.1}s",
+        args.out.display(),
+        bytes as f64 / 1e6,
+        args.dtype.torch_name(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Writes the merged checkpoint folder `args.out` (see the module docs).
+pub(crate) fn merge(args: &MergeArgs) -> Result<Merged> {
     check_out(&args.out)?;
     let model_dir = resolve_model(&args.model)?;
     let config = ModelConfig::load(&model_dir)?;
@@ -291,22 +320,5 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     }
     write_json(&staging.path.join("config.json"), &config_json)?;
     staging.publish()?;
-
-    println!(
-        "merged {merged} adapted projection(s) into the {} base weights of {}",
-        match args.from {
-            MergeFrom::Nf4 => "NF4",
-            MergeFrom::Dense => "original",
-        },
-        args.model.display()
-    );
-    println!(
-        "wrote {}: model.safetensors ({} tensors, {:.1} MB of {}), config.json and {copied} copied file(s) in {:.1}s",
-        args.out.display(),
-        plan.len(),
-        offset as f64 / 1e6,
-        args.dtype.torch_name(),
-        start.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(Merged { merged, tensors: plan.len(), bytes: offset, copied })
 }

@@ -8,7 +8,7 @@
 
 use super::dequant::dequantize;
 use super::reader::{GgufFile, MetaArray, MetaValue, TensorInfo};
-use crate::config::{Family, Rope, RopeScaling};
+use crate::config::{Family, ModelConfig, Rope, RopeScaling};
 use crate::error::Result;
 use crate::rope::inv_freq;
 use qlora_kernels::rope::rope_inv_freq;
@@ -196,6 +196,71 @@ impl Hyper {
         }
         kinds
     }
+
+    /// The hyperparameters of a Hugging Face model, for writing it as GGUF.
+    pub fn from_config(c: &ModelConfig) -> Self {
+        Hyper {
+            family: c.family,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            vocab: c.vocab_size,
+            tied: c.tie_word_embeddings,
+        }
+    }
+
+    /// Every GGUF tensor of the model and the Hugging Face tensor it is made from, in llama.cpp's file order
+    /// (embeddings, the layers, the final norm, the output head); `output.weight` only when untied.
+    pub fn export_plan(&self) -> Vec<ExportTensor> {
+        let norm = if self.family == Family::Llama { Transform::None } else { Transform::MinusOne };
+        let one = |gguf: &str, hf: &str, shape: Vec<usize>, transform| ExportTensor {
+            gguf: format!("{gguf}.weight"),
+            hf: format!("{hf}.weight"),
+            shape,
+            transform,
+        };
+        let mut out = vec![one("token_embd", "model.embed_tokens", vec![self.vocab, self.hidden], Transform::None)];
+        for i in 0..self.layers {
+            for kind in self.required_layer_kinds() {
+                let (hf, shape, transform) = self.layer_tensor(kind).expect("every required kind maps");
+                out.push(one(&format!("blk.{i}.{kind}"), &format!("model.layers.{i}.{hf}"), shape, transform));
+            }
+        }
+        out.push(one("output_norm", "model.norm", vec![self.hidden], norm));
+        if !self.tied {
+            out.push(one("output", "lm_head", vec![self.vocab, self.hidden], Transform::None));
+        }
+        out
+    }
+}
+
+/// One tensor written by `export-gguf`: its GGUF name, the Hugging Face tensor it comes from, and what
+/// llama.cpp's converter does to it on the way (the inverse of the import's transform).
+#[derive(Clone, Debug)]
+pub struct ExportTensor {
+    pub gguf: String,
+    pub hf: String,
+    /// Shape outermost first, e.g. `[out, in]`.
+    pub shape: Vec<usize>,
+    transform: Transform,
+}
+
+impl ExportTensor {
+    /// The Hugging Face values (row-major) as llama.cpp stores them: q/k rows permuted for Llama, Gemma norms
+    /// plus one.
+    pub fn apply(&self, mut values: Vec<f32>) -> Vec<f32> {
+        match self.transform {
+            Transform::None => values,
+            Transform::UnpermuteRows { heads } => permute_rows(&values, heads, self.shape[1]),
+            Transform::MinusOne => {
+                values.iter_mut().for_each(|v| *v += 1.0);
+                values
+            }
+        }
+    }
 }
 
 /// Every GGUF tensor's Hugging Face counterpart, checked for shape and completeness. `rope_freqs.weight` has
@@ -249,6 +314,25 @@ pub fn plan(file: &GgufFile, hp: &Hyper) -> Result<Vec<HfTensor>> {
         );
     }
     Ok(out)
+}
+
+/// Rows `[heads, 2, head_dim/2]` (Hugging Face's order) → `[heads, head_dim/2, 2]` (llama.cpp's), each row
+/// `cols` values long: convert_hf_to_gguf.py's `LlamaModel.permute`, which reshapes to
+/// `[heads, 2, head_dim/2, cols]` and swaps the two middle axes.
+pub fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = data.len() / cols;
+    let half = rows / heads / 2;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for part in 0..2 {
+            for i in 0..half {
+                let hf = (h * 2 + part) * half + i;
+                let gg = (h * half + i) * 2 + part;
+                out[gg * cols..(gg + 1) * cols].copy_from_slice(&data[hf * cols..(hf + 1) * cols]);
+            }
+        }
+    }
+    out
 }
 
 /// Rows `[heads, head_dim/2, 2]` (llama.cpp's order) → `[heads, 2, head_dim/2]` (Hugging Face's), each row
@@ -387,7 +471,19 @@ pub fn config_json(file: &GgufFile, hp: &Hyper, torch_dtype: &str) -> Result<Val
         c.insert("hidden_act".into(), json!("gelu_pytorch_tanh"));
     }
     if matches!(hp.family, Family::Gemma2 | Family::Gemma3) {
-        c.insert("query_pre_attn_scalar".into(), json!(256));
+        // qlora-rt's export records the attention scale (llama.cpp derives its own and ignores the key).
+        let scalar = match float(file, &key("attention.scale"))? {
+            Some(s) if s > 0.0 => {
+                let q = s.powi(-2);
+                if (q - q.round()).abs() < 1e-3 * q {
+                    json!(q.round() as u64)
+                } else {
+                    json!(q)
+                }
+            }
+            _ => json!(256),
+        };
+        c.insert("query_pre_attn_scalar".into(), scalar);
         let window_key = key("attention.sliding_window");
         let window = file.get_u64(&window_key)?.ok_or_else(|| file.key_error(&window_key, "missing"))?;
         c.insert("sliding_window".into(), json!(window));
@@ -420,36 +516,18 @@ pub fn config_json(file: &GgufFile, hp: &Hyper, torch_dtype: &str) -> Result<Val
 mod tests {
     use super::*;
 
-    /// convert_hf_to_gguf.py's `LlamaModel.permute`, written out: HF row (h, half, i) moves to llama.cpp row
-    /// (h, i, half).
-    fn permute(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-        let rows = data.len() / cols;
-        let half = rows / heads / 2;
-        let mut out = vec![0.0; data.len()];
-        for h in 0..heads {
-            for part in 0..2 {
-                for i in 0..half {
-                    let hf = h * 2 * half + part * half + i;
-                    let gg = h * 2 * half + i * 2 + part;
-                    out[gg * cols..(gg + 1) * cols].copy_from_slice(&data[hf * cols..(hf + 1) * cols]);
-                }
-            }
-        }
-        out
-    }
-
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {
         // Two heads of head_dim 4, rows tagged by their HF index.
         let (heads, cols) = (2, 3);
         let hf: Vec<f32> = (0..8 * cols).map(|i| (i / cols) as f32 * 10.0 + (i % cols) as f32).collect();
-        let gguf = permute(&hf, heads, cols);
+        let gguf = permute_rows(&hf, heads, cols);
         // Head 0's HF rows are [r0 r1 | r2 r3] (two halves); llama.cpp interleaves them as r0 r2 r1 r3.
         let row = |v: &[f32], r: usize| v[r * cols] / 10.0;
         assert_eq!((0..8).map(|r| row(&gguf, r)).collect::<Vec<_>>(), vec![0., 2., 1., 3., 4., 6., 5., 7.]);
         assert_eq!(unpermute_rows(&gguf, heads, cols), hf);
         // GQA: one KV head of head_dim 6.
         let hf: Vec<f32> = (0..12).map(|i| i as f32).collect();
-        assert_eq!(unpermute_rows(&permute(&hf, 1, 2), 1, 2), hf);
+        assert_eq!(unpermute_rows(&permute_rows(&hf, 1, 2), 1, 2), hf);
     }
 }

@@ -25,7 +25,7 @@ const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
 
 /// The split regex of Llama 3's tokenizer.json (llama.cpp's `llama-bpe` pre-tokenizer).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Elements in an array value, whatever their type.
 pub(crate) fn array_len(a: &MetaArray) -> usize {
@@ -268,10 +268,11 @@ impl<'a> GgufTokenizer<'a> {
             scores
         };
         let merges = spm_merges(&self.tokens, &scores);
-        let prefix = self.file.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+        // Gemma files say false (llama.cpp's converter writes it so); others default to llama.cpp's true.
+        let prefix = self.file.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(!self.gemma);
         // transformers' GemmaTokenizer replaces spaces in a normalizer; its LlamaTokenizer uses Metaspace, which
         // adds the prefix `▁` to the first piece of text only.
-        let (normalizer, pre_tokenizer) = if self.gemma {
+        let (normalizer, pre_tokenizer) = if self.gemma && !prefix {
             (json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}), Value::Null)
         } else {
             let scheme = if prefix { "first" } else { "never" };
@@ -285,7 +286,7 @@ impl<'a> GgufTokenizer<'a> {
             json!({"type": "ByteFallback"}),
             json!({"type": "Fuse"}),
         ];
-        if prefix && !self.gemma {
+        if prefix {
             decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
         }
         Ok(json!({

@@ -1,0 +1,128 @@
+//! `qlora-rt export-gguf --model DIR [--adapter DIR] --out FILE --type f16|q8_0|q4_0|q4_1`: a model (with a PEFT
+//! adapter merged in first, as `qlora-rt merge` writes it in bf16) as one GGUF file llama.cpp loads. The GGUF
+//! layout, metadata and quantizers are `qlora_models::gguf::export`'s; this file resolves the inputs, runs the
+//! merge into a hidden folder beside the output (removed afterwards) and reports. The file appears whole or not
+//! at all.
+
+use crate::merge::{merge, MergeArgs, MergeFrom, OutDtype};
+use crate::model_path::resolve_model;
+use anyhow::{bail, Context, Result};
+use qlora_models::gguf::export::{arch_name, export};
+use qlora_models::gguf::GgmlType;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ExportType {
+    #[value(name = "f16")]
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
+impl ExportType {
+    fn ggml(self) -> GgmlType {
+        match self {
+            ExportType::F16 => GgmlType::F16,
+            ExportType::Q8_0 => GgmlType::Q8_0,
+            ExportType::Q4_0 => GgmlType::Q4_0,
+            ExportType::Q4_1 => GgmlType::Q4_1,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ExportGgufArgs {
+    /// Model: a Hugging Face folder (plain, or saved 4-bit by bitsandbytes, which is dequantized) or a .gguf file.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// PEFT LoRA/DoRA adapter folder to merge into the model first (as `qlora-rt merge` does, in bf16).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// Output GGUF file; refused if it exists.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Type of the weight matrices (token embedding included); norms are f32, and a matrix whose rows are not
+    /// whole 32-value blocks is f16, as llama.cpp's converter does.
+    #[arg(long = "type", value_enum, value_name = "TYPE")]
+    ty: ExportType,
+    /// With --adapter: which base weights the adapter is added to (see `qlora-rt merge --from`).
+    #[arg(long, value_enum, default_value_t = MergeFrom::Nf4)]
+    from: MergeFrom,
+    /// With --adapter and --from nf4 on an unquantized model: f32 block scales (see `qlora-rt merge`).
+    #[arg(long)]
+    no_double_quant: bool,
+}
+
+/// Removes the merged folder however the export ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Refuses an output that exists or whose folder does not.
+fn check_out_file(out: &Path) -> Result<()> {
+    if out.exists() {
+        bail!("--out {} exists; give a new file path", out.display());
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("--out {}: {} is not an existing folder", out.display(), parent.display());
+    }
+    if out.file_name().is_none() {
+        bail!("--out {} must name a file", out.display());
+    }
+    Ok(())
+}
+
+pub fn run(args: &ExportGgufArgs) -> Result<()> {
+    let start = Instant::now();
+    check_out_file(&args.out)?;
+    if !args.model.exists() {
+        bail!("--model {}: no such file or folder", args.model.display());
+    }
+    let model_dir = resolve_model(&args.model)?;
+    let _merged_dir;
+    let source = match &args.adapter {
+        None => model_dir,
+        Some(adapter) => {
+            let name = args.out.file_name().context("--out names a file")?.to_string_lossy().into_owned();
+            let dir = args.out.with_file_name(format!(".{name}.merged-{}", std::process::id()));
+            // A leftover of a killed run with the same pid is stale by construction.
+            let _ = std::fs::remove_dir_all(&dir);
+            _merged_dir = TempDir(dir.clone());
+            let m = merge(&MergeArgs {
+                model: model_dir,
+                adapter: adapter.clone(),
+                out: dir.clone(),
+                dtype: OutDtype::Bf16,
+                from: args.from,
+                no_double_quant: args.no_double_quant,
+            })
+            .with_context(|| format!("merging {}", adapter.display()))?;
+            println!("merged {} adapted projection(s) of {} (bf16)", m.merged, adapter.display());
+            dir
+        }
+    };
+    let name = args.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let summary = export(&source, &args.out, args.ty.ggml(), &name)?;
+    let types: Vec<String> = summary.by_type.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!(
+        "wrote {} (GGUF v3, {}, {} tensors: {}; {:.3} M parameters, {:.2} MB) in {:.1}s",
+        args.out.display(),
+        arch_name(summary.family),
+        summary.tensors,
+        types.join(", "),
+        summary.parameters as f64 / 1e6,
+        summary.file_bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
