@@ -11,9 +11,13 @@
 //! it on the GPU machine).
 
 use half::bf16;
+use qlora_kernels::attention::{self, AttentionParams};
 use qlora_kernels::cuda::{self, CudaDevice, DeviceBuffer, Error, GpuFloat};
+use qlora_kernels::matmul::Gemm;
 use qlora_kernels::testing::{assert_close, Tolerance};
-use qlora_kernels::{activation, adamw, cross_entropy, elementwise, embedding, nf4, rms_norm, rope, Rng};
+use qlora_kernels::{
+    activation, adamw, cross_entropy, elementwise, embedding, matmul, nf4, reduce, rms_norm, rope, Rng,
+};
 
 /// f32 outputs that depend on a sum over hundreds to thousands of terms, which the GPU adds in another order.
 const REDUCED: Tolerance = Tolerance { abs: 1e-4, rel: 1e-4 };
@@ -519,5 +523,303 @@ fn hopper_gets_sm_90a() {
     match dev.compute_capability() {
         (9, 0) => assert_eq!(target, "sm_90a"),
         (major, minor) => println!("qlora-gpu: hopper_gets_sm_90a: not Hopper ({major}.{minor}): {target}"),
+    }
+}
+
+#[test]
+fn matmul_matches_cpu() {
+    let Some(dev) = gpu("matmul_matches_cpu") else { return };
+    both_dtypes!(matmul_case, &dev, &mut Rng::new(9));
+}
+
+/// One GEMM on the GPU and the CPU twin (f32, on the widened inputs), C starting as `c0` (or NaN when beta == 0, which
+/// must not read it). Tolerance: REDUCED for f32 (k-term sums in cuBLASLt's order), BF16 for bf16 (one rounding).
+fn matmul_one<T: Elem>(dev: &CudaDevice, rng: &mut Rng, g: Gemm, what: &str) {
+    let len = |batch: usize, stride: usize, size: usize| if batch == 0 { 0 } else { (batch - 1) * stride + size };
+    let a = randn::<T>(rng, len(g.batch, g.stride_a, g.m * g.k), 1.0);
+    let b = randn::<T>(rng, len(g.batch, g.stride_b, g.k * g.n), 1.0);
+    let c_len = len(g.batch, if g.batch == 1 { g.m * g.n } else { g.stride_c }, g.m * g.n);
+    let c0: Vec<T> = if g.beta == 0.0 { vec![T::from_f32(f32::NAN); c_len] } else { randn::<T>(rng, c_len, 1.0) };
+    let mut gc = upload(dev, &c0);
+    cuda::matmul::matmul(&g, &upload(dev, &a), &upload(dev, &b), &mut gc).unwrap();
+    let mut want = widen(&c0);
+    matmul::matmul(&g, &widen(&a), &widen(&b), &mut want);
+    // Gaps between batch entries of C are neither written nor read: they keep c0 (NaN where beta == 0) on both sides.
+    let got: Vec<f64> = gc.to_vec().unwrap().iter().map(|&v| v.to_f32() as f64).collect();
+    let want: Vec<f64> = want.iter().map(|&v| T::from_f32(v).to_f32() as f64).collect();
+    let written = |i: usize| g.batch == 1 || i % g.stride_c.max(1) < g.m * g.n;
+    let (got, want): (Vec<f64>, Vec<f64>) =
+        got.iter().zip(&want).enumerate().filter(|&(i, _)| written(i)).map(|(_, (&x, &y))| (x, y)).unzip();
+    assert_close(&format!("matmul {what} [{}]", T::NAME), &got, &want, T::tol(REDUCED));
+}
+
+fn matmul_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    for (m, n, k) in [(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 129, 257), (100, 3, 1000), (2, 257, 31)] {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb);
+            matmul_one::<T>(dev, rng, g, &format!("{m}x{n}x{k} ta {ta} tb {tb}"));
+            matmul_one::<T>(dev, rng, g.alpha(0.5).beta(0.75), &format!("{m}x{n}x{k} ta {ta} tb {tb} α .5 β .75"));
+            let g = g.batched(3).alpha(-1.25).beta(1.0);
+            matmul_one::<T>(dev, rng, g, &format!("3×{m}x{n}x{k} ta {ta} tb {tb} β 1"));
+            // One weight for every batch entry (stride 0), and C entries with gaps between them.
+            let bcast = Gemm { stride_b: 0, stride_c: m * n + 5, ..g.beta(0.0) };
+            matmul_one::<T>(dev, rng, bcast, &format!("3×{m}x{n}x{k} ta {ta} tb {tb} B broadcast, C gaps"));
+            let bcast = Gemm { stride_a: 0, ..g.beta(0.5) };
+            matmul_one::<T>(dev, rng, bcast, &format!("3×{m}x{n}x{k} ta {ta} tb {tb} A broadcast"));
+        }
+    }
+    // The products cuBLASLt does not take: C = beta·C, or zeros for beta == 0 over NaN.
+    for (k, alpha, beta) in [(0, 1.0, 0.0), (0, 1.0, 0.5), (5, 0.0, 0.0), (5, 0.0, -2.0), (0, 1.0, 1.0)] {
+        let g = Gemm::new(7, 9, k).alpha(alpha).beta(beta).batched(2);
+        matmul_one::<T>(dev, rng, g, &format!("k {k} α {alpha} β {beta}"));
+    }
+    matmul_one::<T>(dev, rng, Gemm::new(4, 4, 4).batched(0), "batch 0");
+    matmul_one::<T>(dev, rng, Gemm::new(0, 4, 4), "m 0");
+}
+
+#[test]
+fn reductions_match_cpu() {
+    let Some(dev) = gpu("reductions_match_cpu") else { return };
+    both_dtypes!(reduce_case, &dev, &mut Rng::new(10));
+}
+
+/// Sums: the GPU adds in f32 in a tree, the CPU in f64, so the bound scales with Σ|x| (f32's 2⁻²⁴ per level of a
+/// ~20-level tree, with margin): |got − want| ≤ 1e-6·Σ|x| + 1e-5·|want|. max |x| is exact. The twin runs on the
+/// widened inputs, and the GPU's f64 result is not rounded to T.
+fn reduce_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    for n in LENS.into_iter().chain([0, 1 << 20]) {
+        let x = randn::<T>(rng, n, 1.0);
+        let (xw, gx) = (widen(&x), upload(dev, &x));
+        let abs_sum: f64 = xw.iter().map(|v| v.abs() as f64).sum();
+        let sq_sum: f64 = xw.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let tol = |mag: f64| Tolerance { abs: 1e-6 * mag, rel: 1e-5 };
+        let what = format!("n={n} [{}]", T::NAME);
+        assert_close(
+            &format!("sum {what}"),
+            &[cuda::reduce::sum(&gx).unwrap()],
+            &[reduce::sum(&xw) as f64],
+            tol(abs_sum),
+        );
+        let got = cuda::reduce::sum_squares(&gx).unwrap();
+        assert_close(&format!("sum_squares {what}"), &[got], &[reduce::sum_squares(&xw) as f64], tol(sq_sum));
+        let got = cuda::reduce::max_abs(&gx).unwrap();
+        assert_close(&format!("max_abs {what}"), &[got], &[reduce::max_abs(&xw) as f64], EXACT);
+    }
+    let mut x = randn::<T>(rng, 5000, 1.0);
+    x[4321] = T::from_f32(f32::NAN);
+    assert!(cuda::reduce::max_abs(&upload(dev, &x)).unwrap().is_nan(), "max_abs hides a NaN [{}]", T::NAME);
+
+    for (rows, cols) in ROWS.into_iter().chain([(0, 5), (5000, 3), (70_001, 1), (129, 300)]) {
+        let x = randn::<T>(rng, rows * cols, 1.0);
+        let mut out = poisoned::<T>(dev, cols);
+        cuda::reduce::sum_rows(&upload(dev, &x), cols, &mut out).unwrap();
+        let mut want = vec![0.0f32; cols];
+        reduce::sum_rows(&widen(&x), cols, &mut want);
+        let tol = Tolerance { abs: 1e-6 * rows as f64, ..REDUCED };
+        check(&format!("sum_rows {rows}x{cols}"), &out, &want, T::tol(tol));
+    }
+}
+
+#[test]
+fn casts_round_as_half_does() {
+    let Some(dev) = gpu("casts_round_as_half_does") else { return };
+    let mut rng = Rng::new(11);
+    let mut x: Vec<f32> = (0..70_001).map(|_| (rng.normal() * 10f64.powi(rng.below(60) as i32 - 30)) as f32).collect();
+    // Ties (round to even), the largest finite values, infinities, signed zeros and subnormals.
+    x.extend([1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), f32::MAX, -f32::MAX, f32::INFINITY, f32::NEG_INFINITY]);
+    x.extend([0.0, -0.0, 1e-40, -3e-39, f32::MIN_POSITIVE, 3.3895314e38]);
+    let gx = upload(&dev, &x);
+    let mut b = poisoned::<bf16>(&dev, x.len());
+    cuda::copy::cast(&gx, &mut b).unwrap();
+    let b = b.to_vec().unwrap();
+    let bits = |v: &[bf16]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&b), bits(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()), "cast f32 → bf16");
+
+    let gb = upload(&dev, &b);
+    let mut back = poisoned::<f32>(&dev, x.len());
+    cuda::copy::cast(&gb, &mut back).unwrap();
+    let fbits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(fbits(&back.to_vec().unwrap()), fbits(&b.iter().map(|v| v.to_f32()).collect::<Vec<_>>()), "bf16 → f32");
+
+    let mut same = poisoned::<f32>(&dev, x.len());
+    cuda::copy::cast(&gx, &mut same).unwrap();
+    assert_eq!(fbits(&same.to_vec().unwrap()), fbits(&x), "cast f32 → f32");
+    let mut same = poisoned::<bf16>(&dev, x.len());
+    cuda::copy::cast(&gb, &mut same).unwrap();
+    assert_eq!(bits(&same.to_vec().unwrap()), bits(&b), "cast bf16 → bf16");
+    let mut nan = poisoned::<bf16>(&dev, 1);
+    cuda::copy::cast(&upload(&dev, &[f32::NAN]), &mut nan).unwrap();
+    assert!(nan.to_vec().unwrap()[0].is_nan(), "cast keeps NaN");
+}
+
+/// The CPU reference of strided_copy: the view's elements in row-major order.
+fn gather<T: Copy>(src: &[T], offset: usize, shape: &[usize], strides: &[usize]) -> Vec<T> {
+    let n: usize = shape.iter().product();
+    (0..n)
+        .map(|i| {
+            let (mut rem, mut at) = (i, offset);
+            for d in (0..shape.len()).rev() {
+                at += (rem % shape[d]) * strides[d];
+                rem /= shape[d];
+            }
+            src[at]
+        })
+        .collect()
+}
+
+#[test]
+fn strided_copy_gathers_views() {
+    let Some(dev) = gpu("strided_copy_gathers_views") else { return };
+    let mut rng = Rng::new(12);
+    let len = 5 * 7 * 9 + 11;
+    let f: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
+    strided_case(&dev, &f, "f32");
+    strided_case(&dev, &f.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), "bf16");
+    strided_case(&dev, &(0..len).map(|_| rng.next_u64() as i32).collect::<Vec<_>>(), "i32");
+    strided_case(&dev, &(0..len).map(|_| rng.next_u64() as u8).collect::<Vec<_>>(), "u8");
+}
+
+/// Views of a buffer holding a [5, 7, 9] tensor after 11 elements: the whole tensor, transposed, narrowed, one
+/// element (rank 0), a broadcast (stride 0), a rank-8 view, and an empty one. Compared bit for bit.
+fn strided_case<T: cuda::DeviceCopy + PartialEq + std::fmt::Debug>(dev: &CudaDevice, src: &[T], name: &str) {
+    let views: [(&str, usize, Vec<usize>, Vec<usize>); 8] = [
+        ("contiguous", 11, vec![5, 7, 9], vec![63, 9, 1]),
+        ("transposed 0↔2", 11, vec![9, 7, 5], vec![1, 9, 63]),
+        ("permuted (1, 2, 0)", 11, vec![7, 9, 5], vec![9, 1, 63]),
+        ("narrowed [1..4, 2..7, 3..8]", 11 + 63 + 18 + 3, vec![3, 5, 5], vec![63, 9, 1]),
+        ("rank 0", 100, vec![], vec![]),
+        ("broadcast rows", 11, vec![4, 9], vec![0, 1]),
+        ("rank 8", 0, vec![2, 1, 2, 1, 2, 1, 2, 3], vec![150, 7, 70, 3, 30, 2, 9, 1]),
+        ("empty", 11, vec![3, 0, 2], vec![1, 1, 1]),
+    ];
+    let gsrc = upload(dev, src);
+    for (what, offset, shape, strides) in views {
+        let want = gather(src, offset, &shape, &strides);
+        let mut dst = upload(dev, &vec![src[0]; want.len()]);
+        // Poison with a value the view does not hold where one exists, so unwritten elements show.
+        if let Some(other) = src.iter().find(|v| !want.contains(v)) {
+            dst = upload(dev, &vec![*other; want.len()]);
+        }
+        cuda::copy::strided_copy(&gsrc, offset, &shape, &strides, &mut dst).unwrap();
+        assert_eq!(dst.to_vec().unwrap(), want, "strided_copy {what} [{name}]");
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(dev) = gpu("attention_matches_cpu") else { return };
+    both_dtypes!(attention_case, &dev, &mut Rng::new(13));
+}
+
+/// lse with −∞ (a query that sees no key) mapped to a finite sentinel, so that assert_close can compare it.
+fn finite_lse(v: impl IntoIterator<Item = f32>) -> Vec<f64> {
+    v.into_iter().map(|l| if l == f32::NEG_INFINITY { -1e30 } else { l as f64 }).collect()
+}
+
+/// Forward and backward against the CPU twin on its f32 kernel over the widened inputs. Backward takes the CPU's
+/// out (rounded to T) and lse, so it is checked on its own. Tolerances: f32 REDUCED (sums over up to a few hundred
+/// keys, or a GQA group's queries, in another order, and an online softmax instead of a two-pass one); bf16 BF16
+/// (one rounding of each output); lse REDUCED in both (f32 on both sides).
+fn attention_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    struct Case {
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        causal: bool,
+        window: Option<usize>,
+        softcap: Option<f64>,
+        /// Per sequence: (queries, keys).
+        lens: Vec<(usize, usize)>,
+    }
+    let case = |n_heads, n_kv_heads, head_dim, causal, window, softcap, lens: &[(usize, usize)]| Case {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        causal,
+        window,
+        softcap,
+        lens: lens.to_vec(),
+    };
+    let cases = [
+        // MHA, three packed sequences of odd lengths.
+        case(2, 2, 64, true, None, None, &[(17, 17), (1, 1), (33, 33)]),
+        // GQA 3, fewer queries than keys (bottom-right aligned).
+        case(6, 2, 128, true, None, None, &[(5, 9), (1, 30), (13, 13)]),
+        // GQA 4, sliding window and softcap (inputs scaled so that the cap bends the scores).
+        case(4, 1, 256, true, Some(7), Some(2.5), &[(19, 19), (3, 11), (25, 25)]),
+        // Odd head_dim, non-causal: a sequence without keys (its queries see nothing), one with more queries than
+        // keys, a window on both sides of the diagonal, and an empty sequence.
+        case(3, 1, 40, false, Some(5), None, &[(4, 0), (9, 6), (0, 0), (7, 12)]),
+        // One longer sequence: the online softmax over hundreds of keys.
+        case(2, 2, 64, true, Some(100), Some(30.0), &[(300, 300)]),
+        case(8, 2, 40, true, None, None, &[(1, 64), (2, 2), (45, 45)]),
+    ];
+    for c in cases {
+        let p = AttentionParams {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f64).sqrt(),
+            causal: c.causal,
+            sliding_window: c.window,
+            softcap: c.softcap,
+        };
+        let what = format!(
+            "heads {}/{} head_dim {} causal {} window {:?} softcap {:?} lens {:?}",
+            c.n_heads, c.n_kv_heads, c.head_dim, c.causal, c.window, c.softcap, c.lens
+        );
+        let cu = |pick: fn(&(usize, usize)) -> usize| -> Vec<i32> {
+            std::iter::once(0)
+                .chain(c.lens.iter().scan(0, |t, l| {
+                    *t += pick(l) as i32;
+                    Some(*t)
+                }))
+                .collect()
+        };
+        let (cu_q, cu_k) = (cu(|l| l.0), cu(|l| l.1));
+        let (tq, tk) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
+        let max_q = c.lens.iter().map(|l| l.0).max().unwrap();
+        let max_k = c.lens.iter().map(|l| l.1).max().unwrap();
+        let (nq, nk) = (tq * c.n_heads * c.head_dim, tk * c.n_kv_heads * c.head_dim);
+        let qk_scale = if c.softcap.is_some() { 3.0 } else { 1.0 };
+        let (q, k, v) = (randn::<T>(rng, nq, qk_scale), randn::<T>(rng, nk, qk_scale), randn::<T>(rng, nk, 1.0));
+        let d_out = randn::<T>(rng, nq, 1.0);
+        let (qw, kw, vw, dow) = (widen(&q), widen(&k), widen(&v), widen(&d_out));
+        let (gq, gk, gv, gdo) = (upload(dev, &q), upload(dev, &k), upload(dev, &v), upload(dev, &d_out));
+        let (gcq, gck) = (upload(dev, &cu_q), upload(dev, &cu_k));
+
+        let (mut out, mut lse) = (poisoned::<T>(dev, nq), poisoned::<f32>(dev, tq * c.n_heads));
+        cuda::attention::attention_forward(&p, &gq, &gk, &gv, &gcq, &gck, max_q, max_k, &mut out, &mut lse).unwrap();
+        let (mut want_out, mut want_lse) = (vec![0.0f32; nq], vec![0.0f32; tq * c.n_heads]);
+        attention::attention_forward(&p, &qw, &kw, &vw, &cu_q, &cu_k, &mut want_out, &mut want_lse);
+        check(&format!("attention out {what}"), &out, &want_out, T::tol(REDUCED));
+        let got_lse = finite_lse(lse.to_vec().unwrap());
+        assert_close(&format!("attention lse {what} [{}]", T::NAME), &got_lse, &finite_lse(want_lse.clone()), REDUCED);
+
+        let out_t: Vec<T> = narrow(&want_out);
+        let (gout, glse) = (upload(dev, &out_t), upload(dev, &want_lse));
+        let (mut dq, mut dk, mut dv) = (poisoned::<T>(dev, nq), poisoned::<T>(dev, nk), poisoned::<T>(dev, nk));
+        cuda::attention::attention_backward(
+            &p, &gq, &gk, &gv, &gout, &glse, &gdo, &gcq, &gck, max_q, max_k, &mut dq, &mut dk, &mut dv,
+        )
+        .unwrap();
+        let (mut want_dq, mut want_dk, mut want_dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
+        attention::attention_backward(
+            &p,
+            &qw,
+            &kw,
+            &vw,
+            &widen(&out_t),
+            &want_lse,
+            &dow,
+            &cu_q,
+            &cu_k,
+            &mut want_dq,
+            &mut want_dk,
+            &mut want_dv,
+        );
+        check(&format!("attention dq {what}"), &dq, &want_dq, T::tol(REDUCED));
+        check(&format!("attention dk {what}"), &dk, &want_dk, T::tol(REDUCED));
+        check(&format!("attention dv {what}"), &dv, &want_dv, T::tol(REDUCED));
     }
 }

@@ -4,6 +4,7 @@
 use super::alloc::{Backing, CachingAllocator, MemoryStats};
 use super::buffer::{DeviceBuffer, DeviceCopy};
 use super::compile::{self, Image, Target};
+use super::matmul::BlasLt;
 use super::source::Module;
 use super::{library, Error, Result};
 use cudarc::driver::{result as driver, sys, CudaContext, CudaFunction, CudaStream, DriverError};
@@ -39,6 +40,8 @@ struct Inner {
     /// Serialises module loading, so a module is compiled and loaded once even when threads race for it.
     loading: Mutex<()>,
     allocator: CachingAllocator<DriverMemory>,
+    /// Made by the first GEMM (under `loading`, like the modules).
+    blas: OnceLock<BlasLt>,
 }
 
 struct LoadedModule {
@@ -89,6 +92,7 @@ impl CudaDevice {
                 modules: std::array::from_fn(|_| OnceLock::new()),
                 loading: Mutex::new(()),
                 allocator,
+                blas: OnceLock::new(),
             }),
         })
     }
@@ -151,6 +155,19 @@ impl CudaDevice {
     /// The kernel `name` of `module`, compiling and loading the module on first use.
     pub(crate) fn function(&self, module: Module, name: &'static str) -> Result<&CudaFunction> {
         self.module(module)?.functions.get(name).ok_or(Error::MissingKernel { module: module.name(), name })
+    }
+
+    /// This device's cuBLASLt handle and workspace, made on first use.
+    pub(crate) fn blas_lt(&self) -> Result<&BlasLt> {
+        if let Some(blas) = self.inner.blas.get() {
+            return Ok(blas);
+        }
+        let _guard = self.inner.loading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(blas) = self.inner.blas.get() {
+            return Ok(blas);
+        }
+        let blas = BlasLt::new(self)?;
+        Ok(self.inner.blas.get_or_init(|| blas))
     }
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {

@@ -1,5 +1,6 @@
 //! The CUDA backend's error: every variant says what was missing or failed and what to do about it.
 
+use cudarc::cublaslt::result::CublasError;
 use cudarc::driver::DriverError;
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -25,6 +26,15 @@ pub enum Error {
          QLORA_NVRTC_LIB to the library's path (scripts/cuda-tools.sh installs one from PyPI)"
     )]
     NoNvrtc { detail: String },
+
+    #[error(
+        "cuBLASLt (libcublasLt.so.13, CUDA 13) not found: add CUDA's lib64 folder to LD_LIBRARY_PATH, or run with \
+         --device cpu"
+    )]
+    NoCublasLt,
+
+    #[error("cuBLASLt call {op} failed: {source}")]
+    Cublas { op: &'static str, source: CublasError },
 
     #[error("CUDA driver call {op} failed: {source}")]
     Driver { op: &'static str, source: DriverError },
@@ -54,6 +64,10 @@ pub enum Error {
 impl Error {
     pub(crate) fn driver(op: &'static str) -> impl FnOnce(DriverError) -> Error {
         move |source| Error::Driver { op, source }
+    }
+
+    pub(crate) fn cublas(op: &'static str) -> impl FnOnce(CublasError) -> Error {
+        move |source| Error::Cublas { op, source }
     }
 }
 

@@ -27,10 +27,14 @@ pub mod source;
 
 pub mod activation;
 pub mod adamw;
+pub mod attention;
+pub mod copy;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+pub mod matmul;
 pub mod nf4;
+pub mod reduce;
 pub mod rms_norm;
 pub mod rope;
 
@@ -62,9 +66,22 @@ impl GpuFloat for bf16 {
 }
 
 mod private {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::bf16 {}
+    use cudarc::cublaslt::sys::cudaDataType_t;
+
+    pub trait Sealed {
+        /// The type's cuBLASLt name.
+        fn blas_type() -> cudaDataType_t;
+    }
+    impl Sealed for f32 {
+        fn blas_type() -> cudaDataType_t {
+            cudaDataType_t::CUDA_R_32F
+        }
+    }
+    impl Sealed for half::bf16 {
+        fn blas_type() -> cudaDataType_t {
+            cudaDataType_t::CUDA_R_16BF
+        }
+    }
 }
 
 /// Threads per block of every launcher: a multiple of the warp for the block reductions, and low enough that no

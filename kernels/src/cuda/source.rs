@@ -20,10 +20,14 @@ pub enum Module {
     Embedding,
     Adamw,
     Nf4,
+    Matmul,
+    Reduce,
+    Copy,
+    Attention,
 }
 
 impl Module {
-    pub const ALL: [Module; 8] = [
+    pub const ALL: [Module; 12] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -32,6 +36,10 @@ impl Module {
         Module::Embedding,
         Module::Adamw,
         Module::Nf4,
+        Module::Matmul,
+        Module::Reduce,
+        Module::Copy,
+        Module::Attention,
     ];
 
     /// The file stem, which is also the name of the CPU twin's module.
@@ -45,6 +53,10 @@ impl Module {
             Module::Embedding => "embedding",
             Module::Adamw => "adamw",
             Module::Nf4 => "nf4",
+            Module::Matmul => "matmul",
+            Module::Reduce => "reduce",
+            Module::Copy => "copy",
+            Module::Attention => "attention",
         }
     }
 
@@ -59,6 +71,10 @@ impl Module {
             Module::Embedding => include_str!("../../cuda/embedding.cu"),
             Module::Adamw => include_str!("../../cuda/adamw.cu"),
             Module::Nf4 => include_str!("../../cuda/nf4.cu"),
+            Module::Matmul => include_str!("../../cuda/matmul.cu"),
+            Module::Reduce => include_str!("../../cuda/reduce.cu"),
+            Module::Copy => include_str!("../../cuda/copy.cu"),
+            Module::Attention => include_str!("../../cuda/attention.cu"),
         }
     }
 
@@ -109,7 +125,9 @@ mod tests {
             assert!(!entries.is_empty(), "{}: no entry points", m.name());
             for e in &entries {
                 assert!(e.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{}: entry {e:?}", m.name());
-                assert!(e.ends_with("_f32") || e.ends_with("_bf16"), "{}: {e} names no dtype", m.name());
+                // Float kernels are named by type; byte-moving ones (copy.cu) by element size.
+                let suffixes = ["_f32", "_bf16", "_u8", "_u16", "_u32"];
+                assert!(suffixes.iter().any(|s| e.ends_with(s)), "{}: {e} names no dtype", m.name());
             }
             let mut unique = entries.clone();
             unique.sort();

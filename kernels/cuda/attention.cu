@@ -1,0 +1,239 @@
+// Twin of kernels/src/attention.rs: packed varlen attention with causal masking (bottom-right aligned when a
+// sequence has fewer queries than keys), GQA, sliding window and logit softcap. f32 math; lse is f32 whatever T.
+//
+// A first version that is correct for any sequence length: one warp per (query, head) for forward and dQ, one per
+// (key, KV head) for dK and dV, each walking its visible range one row at a time with an online softmax, so nothing
+// is sized by the sequence length and no atomics are needed. A lane holds head_dim/32 elements of each row it keeps
+// in registers (head_dim ≤ MAX_HEAD_DIM). Grids are (rows / WARPS, heads, sequences): a warp whose row lies past its
+// sequence's length exits.
+#include "common.cuh"
+
+#define MAX_HEAD_DIM 256
+#define PER_LANE (MAX_HEAD_DIM / 32)
+#define WARPS 4
+
+// Geometry and masking (kernels/src/cuda/attention.rs has the same layout). window 0: none; softcap 0: off.
+struct Attn {
+    unsigned n_heads, n_kv_heads, head_dim, window;
+    float scale, softcap;
+    int causal;
+    unsigned tq, tk;
+};
+
+// One packed sequence. A sequence whose offsets fall outside the buffers is skipped (its rows stay unwritten)
+// rather than letting a malformed cu_seqlens reach memory past q, k or v.
+struct Seq {
+    long long q0, k0, len_q, len_k;
+};
+
+__device__ __forceinline__ bool seq_of(const int* cu_q, const int* cu_k, const Attn& a, Seq& s) {
+    const int q0 = cu_q[blockIdx.z], q1 = cu_q[blockIdx.z + 1], k0 = cu_k[blockIdx.z], k1 = cu_k[blockIdx.z + 1];
+    if (q0 < 0 || q1 < q0 || static_cast<unsigned>(q1) > a.tq || k0 < 0 || k1 < k0 || static_cast<unsigned>(k1) > a.tk) return false;
+    s = Seq{q0, k0, q1 - q0, k1 - k0};
+    return true;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// This lane's elements d = lane + 32·t (t < PER_LANE) of a head_dim row, 0 past head_dim.
+template <typename T> __device__ __forceinline__ void load_row(const T* row, unsigned hd, float (&x)[PER_LANE]) {
+    const unsigned lane = threadIdx.x % 32;
+#pragma unroll
+    for (int t = 0; t < PER_LANE; ++t) {
+        const unsigned d = lane + 32 * t;
+        x[t] = d < hd ? to_f32(row[d]) : 0.0f;
+    }
+}
+
+template <typename T> __device__ __forceinline__ void store_row(T* row, unsigned hd, const float (&x)[PER_LANE], float s) {
+    const unsigned lane = threadIdx.x % 32;
+#pragma unroll
+    for (int t = 0; t < PER_LANE; ++t) {
+        const unsigned d = lane + 32 * t;
+        if (d < hd) row[d] = from_f32<T>(x[t] * s);
+    }
+}
+
+__device__ __forceinline__ float lane_dot(const float (&a)[PER_LANE], const float (&b)[PER_LANE]) {
+    float s = 0.0f;
+#pragma unroll
+    for (int t = 0; t < PER_LANE; ++t) s += a[t] * b[t];
+    return s;
+}
+
+// The scaled, capped score from the full dot product q·k.
+__device__ __forceinline__ float score(const Attn& a, float qk) {
+    const float s = a.scale * qk;
+    return a.softcap > 0.0f ? a.softcap * tanhf(s / a.softcap) : s;
+}
+
+// ∂loss/∂(q·k) from a capped score, its probability, dP = dO·v and D = dO·O: softmax's P(dP − D), tanh's
+// 1 − (s/cap)², then the scale.
+__device__ __forceinline__ float d_raw_score(const Attn& a, float s, float p, float dp, float delta) {
+    float ds = p * (dp - delta);
+    if (a.softcap > 0.0f) ds *= 1.0f - (s / a.softcap) * (s / a.softcap);
+    return ds * a.scale;
+}
+
+// Keys [lo, hi) of a sequence that the query at absolute position i sees (i may be negative: a non-causal sequence
+// with more queries than keys).
+__device__ __forceinline__ void key_range(const Attn& a, long long i, long long len_k, long long& lo, long long& hi) {
+    lo = 0;
+    hi = len_k;
+    if (a.causal) hi = min(hi, i + 1);
+    if (a.window) lo = max(lo, i - static_cast<long long>(a.window) + 1);
+}
+
+// q: [tq, n_heads, hd], k, v: [tk, n_kv_heads, hd] → out: [tq, n_heads, hd], lse: [tq, n_heads] f32 (−∞ and a zero
+// row for a query that sees no key). Grid: (⌈max_seqlen_q / WARPS⌉, n_heads, n_seqs), WARPS warps per block.
+template <typename T>
+__device__ void attention_forward(const T* q, const T* k, const T* v, const int* cu_q, const int* cu_k, T* out, float* lse, Attn a) {
+    Seq s;
+    const long long r = static_cast<long long>(blockIdx.x) * WARPS + threadIdx.x / 32;
+    if (!seq_of(cu_q, cu_k, a, s) || r >= s.len_q) return;
+    const unsigned h = blockIdx.y, kv = h / (a.n_heads / a.n_kv_heads), hd = a.head_dim;
+    const u64 row = static_cast<u64>(s.q0 + r) * a.n_heads + h;
+    float qr[PER_LANE], acc[PER_LANE], kj[PER_LANE], vj[PER_LANE];
+    load_row(q + row * hd, hd, qr);
+#pragma unroll
+    for (int t = 0; t < PER_LANE; ++t) acc[t] = 0.0f;
+    float m = f32_neg_inf(), l = 0.0f;
+    long long lo, hi;
+    key_range(a, r + s.len_k - s.len_q, s.len_k, lo, hi);
+    for (long long j = lo; j < hi; ++j) {
+        const u64 kr = (static_cast<u64>(s.k0 + j) * a.n_kv_heads + kv) * hd;
+        load_row(k + kr, hd, kj);
+        load_row(v + kr, hd, vj);
+        const float sc = score(a, warp_sum(lane_dot(qr, kj)));
+        const float m_new = fmaxf(m, sc);
+        const float corr = expf(m - m_new), p = expf(sc - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int t = 0; t < PER_LANE; ++t) acc[t] = acc[t] * corr + p * vj[t];
+        m = m_new;
+    }
+    const bool none = hi <= lo;
+    store_row(out + row * hd, hd, acc, none ? 0.0f : 1.0f / l);
+    if (threadIdx.x % 32 == 0) lse[row] = none ? f32_neg_inf() : m + logf(l);
+}
+
+// out, d_out: [rows, hd] → delta: [rows] f32 = rowsum(dO ⊙ O). One warp per row; grid ⌈rows / WARPS⌉.
+template <typename T> __device__ void attention_delta(const T* out, const T* d_out, float* delta, u64 rows, unsigned hd) {
+    const u64 row = static_cast<u64>(blockIdx.x) * WARPS + threadIdx.x / 32;
+    if (row >= rows) return;
+    float o[PER_LANE], d_o[PER_LANE];
+    load_row(out + row * hd, hd, o);
+    load_row(d_out + row * hd, hd, d_o);
+    const float d = warp_sum(lane_dot(o, d_o));
+    if (threadIdx.x % 32 == 0) delta[row] = d;
+}
+
+// → dq: [tq, n_heads, hd] = Σ over visible keys of dS·k. Grid as forward.
+template <typename T>
+__device__ void attention_backward_dq(const T* q, const T* k, const T* v, const float* lse, const float* delta, const T* d_out,
+                                      const int* cu_q, const int* cu_k, T* dq, Attn a) {
+    Seq s;
+    const long long r = static_cast<long long>(blockIdx.x) * WARPS + threadIdx.x / 32;
+    if (!seq_of(cu_q, cu_k, a, s) || r >= s.len_q) return;
+    const unsigned h = blockIdx.y, kv = h / (a.n_heads / a.n_kv_heads), hd = a.head_dim;
+    const u64 row = static_cast<u64>(s.q0 + r) * a.n_heads + h;
+    float qr[PER_LANE], d_o[PER_LANE], acc[PER_LANE], kj[PER_LANE], vj[PER_LANE];
+    load_row(q + row * hd, hd, qr);
+    load_row(d_out + row * hd, hd, d_o);
+#pragma unroll
+    for (int t = 0; t < PER_LANE; ++t) acc[t] = 0.0f;
+    const float L = lse[row], D = delta[row];
+    long long lo, hi;
+    key_range(a, r + s.len_k - s.len_q, s.len_k, lo, hi);
+    for (long long j = lo; j < hi; ++j) {
+        const u64 kr = (static_cast<u64>(s.k0 + j) * a.n_kv_heads + kv) * hd;
+        load_row(k + kr, hd, kj);
+        load_row(v + kr, hd, vj);
+        const float qk = warp_sum(lane_dot(qr, kj)), dp = warp_sum(lane_dot(d_o, vj));
+        const float sc = score(a, qk);
+        const float ds = d_raw_score(a, sc, expf(sc - L), dp, D);
+#pragma unroll
+        for (int t = 0; t < PER_LANE; ++t) acc[t] += ds * kj[t];
+    }
+    store_row(dq + row * hd, hd, acc, 1.0f);
+}
+
+// → dk, dv: [tk, n_kv_heads, hd]: for key j and KV head kv, Σ over the group's query heads (outer) and the queries
+// that see j (inner, in order) of dS·q and P·dO. Grid: (⌈max_seqlen_k / WARPS⌉, n_kv_heads, n_seqs).
+template <typename T>
+__device__ void attention_backward_dkdv(const T* q, const T* k, const T* v, const float* lse, const float* delta, const T* d_out,
+                                        const int* cu_q, const int* cu_k, T* dk, T* dv, Attn a) {
+    Seq s;
+    const long long j = static_cast<long long>(blockIdx.x) * WARPS + threadIdx.x / 32;
+    if (!seq_of(cu_q, cu_k, a, s) || j >= s.len_k) return;
+    const unsigned kv = blockIdx.y, group = a.n_heads / a.n_kv_heads, hd = a.head_dim;
+    const u64 kr = (static_cast<u64>(s.k0 + j) * a.n_kv_heads + kv) * hd;
+    float kj[PER_LANE], vj[PER_LANE], dk_acc[PER_LANE], dv_acc[PER_LANE], qi[PER_LANE], d_o[PER_LANE];
+    load_row(k + kr, hd, kj);
+    load_row(v + kr, hd, vj);
+#pragma unroll
+    for (int t = 0; t < PER_LANE; ++t) dk_acc[t] = dv_acc[t] = 0.0f;
+    // Query r sits at i = r + off and sees j when (not causal or j ≤ i) and (no window or i − j < window).
+    const long long off = s.len_k - s.len_q;
+    const long long r_lo = a.causal ? max(0ll, j - off) : 0ll;
+    const long long r_hi = a.window ? min(s.len_q, j + static_cast<long long>(a.window) - off) : s.len_q;
+    for (unsigned h = kv * group; h < (kv + 1) * group; ++h) {
+        for (long long r = r_lo; r < r_hi; ++r) {
+            const u64 row = static_cast<u64>(s.q0 + r) * a.n_heads + h;
+            load_row(q + row * hd, hd, qi);
+            load_row(d_out + row * hd, hd, d_o);
+            const float qk = warp_sum(lane_dot(qi, kj)), dp = warp_sum(lane_dot(d_o, vj));
+            const float sc = score(a, qk);
+            const float p = expf(sc - lse[row]);
+            const float ds = d_raw_score(a, sc, p, dp, delta[row]);
+#pragma unroll
+            for (int t = 0; t < PER_LANE; ++t) {
+                dv_acc[t] += p * d_o[t];
+                dk_acc[t] += ds * qi[t];
+            }
+        }
+    }
+    store_row(dk + kr, hd, dk_acc, 1.0f);
+    store_row(dv + kr, hd, dv_acc, 1.0f);
+}
+
+// qlora-rt: hot
+extern "C" __global__ void attention_forward_f32(const float* q, const float* k, const float* v, const int* cu_q, const int* cu_k,
+                                                 float* out, float* lse, Attn a) {
+    attention_forward(q, k, v, cu_q, cu_k, out, lse, a);
+}
+extern "C" __global__ void attention_forward_bf16(const bf16* q, const bf16* k, const bf16* v, const int* cu_q, const int* cu_k,
+                                                  bf16* out, float* lse, Attn a) {
+    attention_forward(q, k, v, cu_q, cu_k, out, lse, a);
+}
+
+// qlora-rt: hot
+extern "C" __global__ void attention_delta_f32(const float* out, const float* d_out, float* delta, u64 rows, unsigned hd) {
+    attention_delta(out, d_out, delta, rows, hd);
+}
+extern "C" __global__ void attention_delta_bf16(const bf16* out, const bf16* d_out, float* delta, u64 rows, unsigned hd) {
+    attention_delta(out, d_out, delta, rows, hd);
+}
+
+// qlora-rt: hot
+extern "C" __global__ void attention_backward_dq_f32(const float* q, const float* k, const float* v, const float* lse, const float* delta,
+                                                     const float* d_out, const int* cu_q, const int* cu_k, float* dq, Attn a) {
+    attention_backward_dq(q, k, v, lse, delta, d_out, cu_q, cu_k, dq, a);
+}
+extern "C" __global__ void attention_backward_dq_bf16(const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,
+                                                      const bf16* d_out, const int* cu_q, const int* cu_k, bf16* dq, Attn a) {
+    attention_backward_dq(q, k, v, lse, delta, d_out, cu_q, cu_k, dq, a);
+}
+
+// qlora-rt: hot
+extern "C" __global__ void attention_backward_dkdv_f32(const float* q, const float* k, const float* v, const float* lse, const float* delta,
+                                                       const float* d_out, const int* cu_q, const int* cu_k, float* dk, float* dv, Attn a) {
+    attention_backward_dkdv(q, k, v, lse, delta, d_out, cu_q, cu_k, dk, dv, a);
+}
+extern "C" __global__ void attention_backward_dkdv_bf16(const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,
+                                                        const bf16* d_out, const int* cu_q, const int* cu_k, bf16* dk, bf16* dv, Attn a) {
+    attention_backward_dkdv(q, k, v, lse, delta, d_out, cu_q, cu_k, dk, dv, a);
+}

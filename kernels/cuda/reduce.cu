@@ -1,0 +1,94 @@
+// Twin of kernels/src/reduce.rs: full sums, sum of squares, max |x| and column sums, accumulated in f32 (the CPU
+// accumulates in f64; the tests bound the difference by the sum of magnitudes). Every grid is sized from the shape
+// alone and every partial is combined in a fixed order, so results are the same bits run to run.
+#include "common.cuh"
+
+#define OP_SUM 0
+#define OP_SUM_SQUARES 1
+#define OP_MAX_ABS 2
+
+// max that returns NaN when either side is NaN (fmaxf drops NaN, which would hide a diverged step), as reduce.rs.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? f32_nan() : fmaxf(a, b); }
+
+// nan_max over the block of values ≥ 0 (0 is the identity), returned to every thread. Every thread must call it.
+__device__ float block_nan_max(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+template <int OP> __device__ __forceinline__ float reduce_block(float v) {
+    return OP == OP_MAX_ABS ? block_nan_max(v) : block_sum(v);
+}
+
+// x: [n] → partial: [gridDim.x] f32, this block's share of the grid-stride pass.
+template <typename T, int OP> __device__ void reduce_partial(const T* x, float* partial, u64 n) {
+    float acc = 0.0f;
+    for (u64 i = thread_index(); i < n; i += thread_count()) {
+        const float v = to_f32(x[i]);
+        if (OP == OP_SUM) acc += v;
+        else if (OP == OP_SUM_SQUARES) acc += v * v;
+        else acc = nan_max(acc, fabsf(v));
+    }
+    acc = reduce_block<OP>(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// partial: [count] f32 → out: [1] f32. One block.
+template <int OP> __device__ void reduce_final(const float* partial, float* out, unsigned count) {
+    float acc = 0.0f;
+    for (unsigned i = threadIdx.x; i < count; i += blockDim.x) acc = OP == OP_MAX_ABS ? nan_max(acc, partial[i]) : acc + partial[i];
+    acc = reduce_block<OP>(acc);
+    if (threadIdx.x == 0) out[0] = acc;
+}
+
+// x: [rows, cols] → partial: [gridDim.y, cols] f32, Σ over rows [y·rows_per_split, (y+1)·rows_per_split) in row order.
+// Grid: (column blocks, row splits); adjacent threads take adjacent columns, so every row read is coalesced.
+template <typename T>
+__device__ void sum_rows_partial(const T* x, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
+    const unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const unsigned first = blockIdx.y * rows_per_split, last = min(rows, first + rows_per_split);
+    float acc = 0.0f;
+    for (unsigned r = first; r < last; ++r) acc += to_f32(x[static_cast<u64>(r) * cols + c]);
+    partial[static_cast<u64>(blockIdx.y) * cols + c] = acc;
+}
+
+// partial: [splits, cols] f32 → out: [cols] = Σ over splits in order. One thread per column.
+template <typename T> __device__ void sum_rows_final(const float* partial, T* out, unsigned splits, unsigned cols) {
+    for (u64 c = thread_index(); c < cols; c += thread_count()) {
+        float acc = 0.0f;
+        for (unsigned s = 0; s < splits; ++s) acc += partial[static_cast<u64>(s) * cols + c];
+        out[c] = from_f32<T>(acc);
+    }
+}
+
+extern "C" __global__ void sum_partial_f32(const float* x, float* partial, u64 n) { reduce_partial<float, OP_SUM>(x, partial, n); }
+extern "C" __global__ void sum_partial_bf16(const bf16* x, float* partial, u64 n) { reduce_partial<bf16, OP_SUM>(x, partial, n); }
+extern "C" __global__ void sum_squares_partial_f32(const float* x, float* partial, u64 n) { reduce_partial<float, OP_SUM_SQUARES>(x, partial, n); }
+extern "C" __global__ void sum_squares_partial_bf16(const bf16* x, float* partial, u64 n) { reduce_partial<bf16, OP_SUM_SQUARES>(x, partial, n); }
+extern "C" __global__ void max_abs_partial_f32(const float* x, float* partial, u64 n) { reduce_partial<float, OP_MAX_ABS>(x, partial, n); }
+extern "C" __global__ void max_abs_partial_bf16(const bf16* x, float* partial, u64 n) { reduce_partial<bf16, OP_MAX_ABS>(x, partial, n); }
+
+// The partials are f32 whatever the input type.
+extern "C" __global__ void sum_final_f32(const float* partial, float* out, unsigned count) { reduce_final<OP_SUM>(partial, out, count); }
+extern "C" __global__ void max_abs_final_f32(const float* partial, float* out, unsigned count) { reduce_final<OP_MAX_ABS>(partial, out, count); }
+
+extern "C" __global__ void sum_rows_partial_f32(const float* x, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
+    sum_rows_partial(x, partial, rows, cols, rows_per_split);
+}
+extern "C" __global__ void sum_rows_partial_bf16(const bf16* x, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
+    sum_rows_partial(x, partial, rows, cols, rows_per_split);
+}
+extern "C" __global__ void sum_rows_final_f32(const float* partial, float* out, unsigned splits, unsigned cols) {
+    sum_rows_final(partial, out, splits, cols);
+}
+extern "C" __global__ void sum_rows_final_bf16(const float* partial, bf16* out, unsigned splits, unsigned cols) {
+    sum_rows_final(partial, out, splits, cols);
+}

@@ -1,0 +1,328 @@
+//! Dense GEMM through cuBLASLt, twin of [`crate::matmul::matmul`] with the same [`Gemm`] (row-major, batch strides
+//! in elements, stride 0 broadcasting one matrix, beta == 0 never reading C). f32 computes in true f32
+//! (`CUBLAS_COMPUTE_32F`, not TF32: the CPU twin is the specification); bf16 has bf16 I/O and f32 accumulation.
+//!
+//! cuBLASLt is column-major, and a row-major [r, c] matrix is the column-major [c, r] transpose, so
+//! C = op(A)·op(B) is computed as Cᵀ = op(B)ᵀ·op(A)ᵀ: B is cuBLASLt's A, A its B, and the shapes swap m and n.
+//! The k == 0 and alpha == 0 products, which cuBLASLt does not take and which read neither A nor B, scale C with
+//! `kernels/cuda/matmul.cu` instead.
+
+use super::alloc::Block;
+use super::source::Module;
+use super::{config, grid_for, launched, same_device, CudaDevice, DeviceBuffer, Error, GpuFloat, Result};
+use crate::matmul::Gemm;
+use cudarc::cublaslt::result::{self as lt, CublasError};
+use cudarc::cublaslt::sys;
+use cudarc::driver::PushKernelArg;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+/// a: [batch, op(A) stored], b: [batch, op(B) stored], c: [batch, m, n] → c = alpha·op(A)·op(B) + beta·c (see
+/// [`Gemm`]). Panics on the shape errors the CPU twin panics on.
+pub fn matmul<T: GpuFloat>(g: &Gemm, a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, c: &mut DeviceBuffer<T>) -> Result<()> {
+    let (m, n, k) = (g.m, g.n, g.k);
+    if g.batch == 0 {
+        return Ok(());
+    }
+    // Owned, so that c can be lent mutably below.
+    let dev = &same_device("matmul", &[a.device(), b.device(), c.device()]).clone();
+    required_len("C", g.batch, g.stride_c, m.checked_mul(n), c.len());
+    assert!(
+        g.batch == 1 || g.stride_c >= m * n,
+        "matmul: stride_c {} < m·n {} overlaps batch entries",
+        g.stride_c,
+        m * n
+    );
+    if m * n == 0 {
+        return Ok(());
+    }
+    let stride_c = if g.batch == 1 { m * n } else { g.stride_c };
+    if k == 0 || g.alpha == 0.0 {
+        return scale_c(dev, g.beta, g.batch, m * n, stride_c, c);
+    }
+    required_len("A", g.batch, g.stride_a, m.checked_mul(k), a.len());
+    required_len("B", g.batch, g.stride_b, k.checked_mul(n), b.len());
+    let blas = dev.blas_lt()?;
+    let all = Product { g: *g, batch: g.batch, a: a.ptr(), b: b.ptr(), c: c.ptr(), stride_c };
+    match blas.run::<T>(dev, &all) {
+        // Some strides (0 to broadcast, or ones that misalign every other entry) leave cuBLASLt no batched algorithm;
+        // entry by entry it always has one.
+        Err(Error::Cublas { source: CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED), .. })
+            if g.batch > 1 =>
+        {
+            let bytes = size_of::<T>() as u64;
+            (0..g.batch as u64).try_for_each(|i| {
+                let one = Product {
+                    batch: 1,
+                    a: all.a + i * (g.stride_a as u64) * bytes,
+                    b: all.b + i * (g.stride_b as u64) * bytes,
+                    c: all.c + i * (stride_c as u64) * bytes,
+                    ..all
+                };
+                blas.run::<T>(dev, &one)
+            })
+        }
+        r => r,
+    }
+}
+
+/// `(batch − 1)·stride + size`, asserted to fit in `len`, as the CPU twin asserts it.
+fn required_len(what: &str, batch: usize, stride: usize, size: Option<usize>, len: usize) -> usize {
+    let need = size.and_then(|s| stride.checked_mul(batch - 1).and_then(|o| o.checked_add(s)));
+    match need {
+        Some(need) if need <= len => need,
+        _ => panic!("matmul: {what} has {len} elements, the last batch entry needs {need:?}"),
+    }
+}
+
+/// c = beta·c over each batch entry's mn elements (zeros when beta == 0, without reading c).
+fn scale_c<T: GpuFloat>(
+    dev: &CudaDevice,
+    beta: f64,
+    batch: usize,
+    mn: usize,
+    stride_c: usize,
+    c: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    if beta == 1.0 {
+        return Ok(());
+    }
+    let kernel = T::pick("gemm_scale_c_f32", "gemm_scale_c_bf16");
+    let f = dev.function(Module::Matmul, kernel)?;
+    let (pc, beta, batch64, mn64, stride64) = (c.ptr(), beta as f32, batch as u64, mn as u64, stride_c as u64);
+    // SAFETY: gemm_scale_c_T(T* c, float beta, u64 batch, u64 mn, u64 stride_c) touches c[i·stride_c + j] for
+    // i < batch, j < mn, all below (batch − 1)·stride_c + mn ≤ c.len() (asserted by the caller); on this device.
+    launched(kernel, unsafe {
+        dev.stream()
+            .launch_builder(f)
+            .arg(&pc)
+            .arg(&beta)
+            .arg(&batch64)
+            .arg(&mn64)
+            .arg(&stride64)
+            .launch(config(grid_for(batch * mn)))
+    })
+}
+
+/// One cuBLASLt call: `batch` entries of `g`'s product, starting at these device addresses.
+#[derive(Clone, Copy)]
+struct Product {
+    g: Gemm,
+    batch: usize,
+    a: u64,
+    b: u64,
+    c: u64,
+    stride_c: usize,
+}
+
+/// A device's cuBLASLt handle and workspace, made on its first GEMM and kept while the device is open (for the
+/// process: devices are never closed, so neither is released).
+pub(crate) struct BlasLt {
+    handle: sys::cublasLtHandle_t,
+    workspace: Block,
+    /// cuBLASLt does not promise that one handle takes concurrent calls, and the workspace is shared; a call only
+    /// enqueues work, so holding this across it costs microseconds.
+    calls: Mutex<()>,
+}
+
+// SAFETY: the handle is an opaque pointer that cuBLASLt allows to be used from any thread; `calls` serialises its
+// use, and the workspace is device memory used only in stream order.
+unsafe impl Send for BlasLt {}
+unsafe impl Sync for BlasLt {}
+
+impl BlasLt {
+    /// NVIDIA's recommended workspace: 32 MiB on Hopper, 4 MiB before it.
+    fn workspace_bytes(dev: &CudaDevice) -> usize {
+        if dev.compute_capability().0 >= 9 {
+            32 << 20
+        } else {
+            4 << 20
+        }
+    }
+
+    pub(crate) fn new(dev: &CudaDevice) -> Result<BlasLt> {
+        // SAFETY: dlopen and dlclose by name; no function is called (cudarc panics on a missing library).
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoCublasLt);
+        }
+        dev.bind()?;
+        let handle = lt::create_handle().map_err(Error::cublas("cublasLtCreate"))?;
+        let workspace = dev.allocator().allocate(Self::workspace_bytes(dev))?;
+        Ok(BlasLt { handle, workspace, calls: Mutex::new(()) })
+    }
+
+    fn run<T: GpuFloat>(&self, dev: &CudaDevice, p: &Product) -> Result<()> {
+        let g = &p.g;
+        let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
+        let ty = T::blas_type();
+        let bytes = size_of::<T>() as u64;
+        // cuBLASLt's A is our B, [n, k] after its op; its B is our A, [k, m] after its op; its C and D are our C.
+        let (b_rows, b_cols) = if g.trans_b { (k, n) } else { (n, k) };
+        let (a_rows, a_cols) = if g.trans_a { (m, k) } else { (k, m) };
+        let batched = p.batch > 1;
+        let lb = Layout::new(ty, b_rows, b_cols, p.batch, g.stride_b)?;
+        let la = Layout::new(ty, a_rows, a_cols, p.batch, g.stride_a)?;
+        let lc = Layout::new(ty, n, m, p.batch, p.stride_c)?;
+        let desc = Desc::new(g.trans_b, g.trans_a)?;
+        let pref = Pref::new(self.workspace.size)?;
+        let stride_bytes = |s: usize| if batched { s as u64 * bytes } else { 0 };
+        pref.min_alignment(
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            p.b,
+            stride_bytes(g.stride_b),
+        )?;
+        pref.min_alignment(
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            p.a,
+            stride_bytes(g.stride_a),
+        )?;
+        for attr in [
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ] {
+            pref.min_alignment(attr, p.c, stride_bytes(p.stride_c))?;
+        }
+        let (alpha, beta) = (g.alpha as f32, g.beta as f32);
+        let _serial = self.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        dev.bind()?;
+        // SAFETY: every descriptor is live (dropped after this block); the heuristic sees the true alignment of each
+        // pointer and batch stride, so the algorithm it picks is valid for them.
+        let heuristic = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, lb.0, la.0, lc.0, lc.0, pref.0) }
+            .map_err(Error::cublas("cublasLtMatmulAlgoGetHeuristic"))?;
+        // SAFETY: the layouts describe exactly the batch entries that `matmul` asserted lie inside a, b and c (device
+        // addresses on this device, whose context is bound); alpha and beta are host f32 (the scale type); C is D,
+        // which cuBLASLt allows for an in-place update, and with beta == 0 it does not read C. The workspace is this
+        // handle's own, used in stream order; the call is enqueued on the device's one stream.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                desc.0,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                p.b as *const c_void,
+                lb.0,
+                p.a as *const c_void,
+                la.0,
+                p.c as *const c_void,
+                lc.0,
+                p.c as *mut c_void,
+                lc.0,
+                &heuristic.algo,
+                self.workspace.ptr as *mut c_void,
+                self.workspace.size,
+                dev.cu_stream().cast(),
+            )
+        }
+        .map_err(Error::cublas("cublasLtMatmul"))
+    }
+}
+
+/// A column-major `rows × cols` matrix of `ty` with leading dimension `rows`, `batch` of them `stride` apart.
+struct Layout(sys::cublasLtMatrixLayout_t);
+
+impl Layout {
+    fn new(ty: sys::cudaDataType, rows: u64, cols: u64, batch: usize, stride: usize) -> Result<Layout> {
+        let layout = Layout(
+            lt::create_matrix_layout(ty, rows, cols, rows as i64)
+                .map_err(Error::cublas("cublasLtMatrixLayoutCreate"))?,
+        );
+        if batch > 1 {
+            let (count, stride) = (i32::try_from(batch).expect("matmul: batch fits i32"), stride as i64);
+            // SAFETY: the layout is live; each attribute gets a value of the type cuBLASLt documents for it (int32
+            // count, int64 offset), passed by pointer with its size.
+            unsafe {
+                lt::set_matrix_layout_attribute(
+                    layout.0,
+                    sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                    (&count as *const i32).cast(),
+                    size_of::<i32>(),
+                )
+                .and_then(|()| {
+                    lt::set_matrix_layout_attribute(
+                        layout.0,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        (&stride as *const i64).cast(),
+                        size_of::<i64>(),
+                    )
+                })
+            }
+            .map_err(Error::cublas("cublasLtMatrixLayoutSetAttribute"))?;
+        }
+        Ok(layout)
+    }
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatrixLayoutCreate and destroyed once, here. A failure cannot be reported
+        // from drop and leaks a few bytes of host memory at worst.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+
+/// f32 compute and scale, with cuBLASLt's A and B transposed as asked.
+struct Desc(sys::cublasLtMatmulDesc_t);
+
+impl Desc {
+    fn new(trans_a: bool, trans_b: bool) -> Result<Desc> {
+        let desc = Desc(
+            lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
+                .map_err(Error::cublas("cublasLtMatmulDescCreate"))?,
+        );
+        for (attr, t) in [
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, trans_a),
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, trans_b),
+        ] {
+            // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 (an int32 attribute).
+            let op = t as i32;
+            // SAFETY: the descriptor is live; the attribute takes an int32 by pointer.
+            unsafe { lt::set_matmul_desc_attribute(desc.0, attr, (&op as *const i32).cast(), size_of::<i32>()) }
+                .map_err(Error::cublas("cublasLtMatmulDescSetAttribute"))?;
+        }
+        Ok(desc)
+    }
+}
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulDescCreate, destroyed once; a failure leaks host bytes at worst.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+
+/// The heuristic's constraints: the workspace it may use and how aligned each operand really is.
+struct Pref(sys::cublasLtMatmulPreference_t);
+
+impl Pref {
+    fn new(workspace: usize) -> Result<Pref> {
+        let pref = Pref(lt::create_matmul_pref().map_err(Error::cublas("cublasLtMatmulPreferenceCreate"))?);
+        let bytes = workspace as u64;
+        pref.set(sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &bytes)?;
+        Ok(pref)
+    }
+
+    /// The largest power of two up to 256 (cuBLASLt's default assumption) dividing the address and batch stride.
+    fn min_alignment(
+        &self,
+        attr: sys::cublasLtMatmulPreferenceAttributes_t,
+        ptr: u64,
+        stride_bytes: u64,
+    ) -> Result<()> {
+        let align = 1u32 << (ptr | stride_bytes | 256).trailing_zeros();
+        self.set(attr, &align)
+    }
+
+    fn set<V>(&self, attr: sys::cublasLtMatmulPreferenceAttributes_t, value: &V) -> Result<()> {
+        // SAFETY: the preference is live; callers pass the type cuBLASLt documents for the attribute (uint64
+        // workspace bytes, uint32 alignments), by pointer with its size.
+        unsafe { lt::set_matmul_pref_attribute(self.0, attr, (value as *const V).cast(), size_of::<V>()) }
+            .map_err(Error::cublas("cublasLtMatmulPreferenceSetAttribute"))
+    }
+}
+
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulPreferenceCreate, destroyed once; a failure leaks host bytes at worst.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
