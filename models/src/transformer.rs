@@ -45,7 +45,8 @@ impl Projection {
         let adapter = match &self.adapter {
             None => None,
             Some(ad) => {
-                let master = |p: &Param| Ok::<_, qlora_runtime::Error>(Param::trainable(p.name(), p.value().to_device(device)?));
+                let master =
+                    |p: &Param| Ok::<_, qlora_runtime::Error>(Param::trainable(p.name(), p.value().to_device(device)?));
                 Some(LoraAdapter {
                     lora_a: master(&ad.lora_a)?,
                     lora_b: master(&ad.lora_b)?,

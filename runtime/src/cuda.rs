@@ -182,6 +182,12 @@ pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
     if is_whole(t, s.len()) {
         return Ok(t.clone());
     }
+    if t.rank() > kc::copy::MAX_RANK {
+        return Err(Error::shape(
+            "contiguous",
+            format!("a CUDA view of rank {} (at most {})", t.rank(), kc::copy::MAX_RANK),
+        ));
+    }
     match s {
         CudaStorage::F32(b) => go(b, t),
         CudaStorage::BF16(b) => go(b, t),

@@ -54,7 +54,7 @@ pub struct Nf4Weight {
     /// Shared, so cloning a weight (a backward keeping its base) copies no scales.
     pub absmax: Arc<Absmax>,
     /// The same state on a GPU, when the weight was moved there: dequantization then runs on that device.
-    pub device: Option<DeviceNf4>,
+    pub device: Option<Arc<DeviceNf4>>,
 }
 
 /// An NF4 weight's packed nibbles and scales in device memory (tensors share their storage, so clones are free).
@@ -68,7 +68,15 @@ pub struct DeviceNf4 {
 enum DeviceAbsmax {
     F32(Tensor),
     /// Rebuilt to f32 on the device at each dequantization, as bitsandbytes does.
-    Nested { q: Tensor, absmax2: Tensor, offset: f32, code: Tensor },
+    Nested(Box<DeviceNested>),
+}
+
+#[derive(Clone, Debug)]
+struct DeviceNested {
+    q: Tensor,
+    absmax2: Tensor,
+    offset: f32,
+    code: Tensor,
 }
 
 /// The device copy derives from the host fields, so two weights with equal host state are equal when they sit on
@@ -93,12 +101,12 @@ impl DeviceNf4 {
                         format!("the nested absmax code has {} entries, not 256", code.len()),
                     ));
                 }
-                DeviceAbsmax::Nested {
+                DeviceAbsmax::Nested(Box::new(DeviceNested {
                     q: up(vec_u8(q)?)?,
                     absmax2: up(vec_f32(absmax2)?)?,
                     offset: *offset,
                     code: up(vec_f32(code)?)?,
-                }
+                }))
             }
         };
         Ok(DeviceNf4 { packed: up(vec_u8(&w.packed)?)?, absmax })
@@ -114,7 +122,8 @@ impl DeviceNf4 {
         let dev = cuda_device(ordinal)?;
         let absmax = match &self.absmax {
             DeviceAbsmax::F32(a) => a.clone(),
-            DeviceAbsmax::Nested { q, absmax2, offset, code } => {
+            DeviceAbsmax::Nested(nested) => {
+                let DeviceNested { q, absmax2, offset, code } = &**nested;
                 let mut out = dev.alloc::<f32>(q.elem_count()).map_err(Error::cuda(OP))?;
                 gnf4::dequantize_absmax_nested(buf(q), buf(absmax2), *offset, buf(code), &mut out)
                     .map_err(Error::cuda(OP))?;
@@ -125,12 +134,14 @@ impl DeviceNf4 {
         match dtype {
             DType::F32 => {
                 let mut out = dev.alloc::<f32>(n).map_err(Error::cuda(OP))?;
-                gnf4::dequantize_nf4(buf(&self.packed), buf(&absmax), w.blocksize, &mut out).map_err(Error::cuda(OP))?;
+                gnf4::dequantize_nf4(buf(&self.packed), buf(&absmax), w.blocksize, &mut out)
+                    .map_err(Error::cuda(OP))?;
                 Ok(output(out, &w.shape))
             }
             DType::BF16 => {
                 let mut out = dev.alloc::<bf16>(n).map_err(Error::cuda(OP))?;
-                gnf4::dequantize_nf4(buf(&self.packed), buf(&absmax), w.blocksize, &mut out).map_err(Error::cuda(OP))?;
+                gnf4::dequantize_nf4(buf(&self.packed), buf(&absmax), w.blocksize, &mut out)
+                    .map_err(Error::cuda(OP))?;
                 Ok(output(out, &w.shape))
             }
             _ => Err(Error::Unsupported { op: OP, device, why: "CUDA dequantizes NF4 to f32 or bf16 only" }),
@@ -189,7 +200,7 @@ impl Nf4Weight {
         let moved = match device {
             _ if device == self.device() => return Ok(self.clone()),
             Device::Cpu => None,
-            Device::Cuda(_) => Some(DeviceNf4::upload(self, device)?),
+            Device::Cuda(_) => Some(Arc::new(DeviceNf4::upload(self, device)?)),
         };
         Ok(Nf4Weight { device: moved, ..self.clone() })
     }

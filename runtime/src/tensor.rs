@@ -199,7 +199,9 @@ impl Tensor {
     /// error.
     pub fn values<T: Element>(&self) -> Cow<'_, [T]> {
         let Some(cpu) = self.cpu() else {
-            return Cow::Owned(self.try_to_vec().unwrap_or_else(|e| panic!("values of a {} tensor: {e}", self.device())));
+            return Cow::Owned(
+                self.try_to_vec().unwrap_or_else(|e| panic!("values of a {} tensor: {e}", self.device())),
+            );
         };
         let n = self.elem_count();
         if self.is_contiguous() {
@@ -369,7 +371,8 @@ impl Tensor {
     /// device panics as in [`Tensor::values`]).
     pub fn to_bytes(&self) -> Vec<u8> {
         if self.cpu().is_none() {
-            let host = self.to_device(Device::Cpu).unwrap_or_else(|e| panic!("to_bytes of a {} tensor: {e}", self.device()));
+            let host =
+                self.to_device(Device::Cpu).unwrap_or_else(|e| panic!("to_bytes of a {} tensor: {e}", self.device()));
             return host.to_bytes();
         }
         let c = if self.is_whole() { self.clone() } else { self.contiguous_copy() };

@@ -130,7 +130,16 @@ pub fn rms_norm_backward(
             let (xi, w, dyi) = (g.input(x)?, g.input(weight)?, g.input(dy)?);
             let r = g.input_as(rstd, DType::F32)?;
             let (mut dx, mut dw) = (g.alloc::<T>(x.elem_count())?, g.alloc::<T>(dim)?);
-            g.run(grms::rms_norm_backward(buf::<T>(&xi), buf(&w), buf(&r), buf(&dyi), dim, offset as f32, &mut dx, &mut dw))?;
+            g.run(grms::rms_norm_backward(
+                buf::<T>(&xi),
+                buf(&w),
+                buf(&r),
+                buf(&dyi),
+                dim,
+                offset as f32,
+                &mut dx,
+                &mut dw,
+            ))?;
             Ok((output(dx, x.shape()), output(dw, &[dim])))
         });
     }
@@ -244,6 +253,12 @@ fn attention_shapes(p: &AttentionParams, q: &Tensor, k: &Tensor, v: &Tensor, cq:
     let longer_q = cq.windows(2).zip(ck.windows(2)).any(|(a, b)| a[1] - a[0] > b[1] - b[0]);
     if p.causal && longer_q {
         return Err(Error::invalid("attention", "a sequence has more queries than keys"));
+    }
+    if q.device() != crate::Device::Cpu && p.head_dim > gattn::MAX_HEAD_DIM {
+        return Err(Error::invalid(
+            "attention",
+            format!("head_dim {} exceeds the CUDA kernel's {}", p.head_dim, gattn::MAX_HEAD_DIM),
+        ));
     }
     Ok(())
 }
