@@ -15,7 +15,7 @@ use qlora_runtime::ops::elementwise::{add, add_bias, mul, scale, sum_rows};
 use qlora_runtime::ops::linalg::matmul;
 use qlora_runtime::ops::Compute;
 use qlora_runtime::quant::BaseWeight;
-use qlora_runtime::{DType, Error, Result, Tensor};
+use qlora_runtime::{DType, Device, Error, Result, Tensor};
 use std::collections::BTreeMap;
 
 /// Runs `$f::<T>(..)` with T the compute type of `$dtype`: f64 for gradient checks, f32 otherwise.
@@ -341,6 +341,14 @@ impl Tape {
         if let Some(ad) = adapter {
             // Before any tape.param below, so that a rejected call leaves nothing on the tape.
             ad.check("lora_linear", base)?;
+            let device = x.value().device();
+            if device != Device::Cpu && (ad.config.use_dora || ad.config.dropout > 0.0) {
+                return Err(Error::Unsupported {
+                    op: "lora_linear",
+                    device,
+                    why: "DoRA and adapter dropout run on the CPU only so far (their row-wise helpers are host loops)",
+                });
+            }
         }
         let bound = adapter.map(|ad| Bound {
             a: self.param(&ad.lora_a),
@@ -575,10 +583,13 @@ impl Dropout {
     }
 }
 
-/// The runtime's rule: f64 when any operand is f64 (gradient checks), f32 otherwise.
+/// The runtime's rule: f64 when any operand is f64 (gradient checks); on CUDA bf16 when any operand is bf16 (bf16
+/// activations take the f32 master adapters down to bf16 for the products, as autocast does); f32 otherwise.
 fn precision(ts: &[&Tensor]) -> DType {
     if ts.iter().any(|t| t.dtype() == DType::F64) {
         DType::F64
+    } else if ts.iter().any(|t| t.device() != Device::Cpu && t.dtype() == DType::BF16) {
+        DType::BF16
     } else {
         DType::F32
     }

@@ -175,7 +175,7 @@ impl Backward for Sum {
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
         let g = g0(grads)?;
         let v = g.to_scalar::<f64>()?;
-        Ok(vec![Some(Tensor::full(&self.0, v, g.dtype()))])
+        Ok(vec![Some(Tensor::full(&self.0, v, g.dtype()).to_device(g.device())?)])
     }
 }
 
@@ -193,7 +193,7 @@ impl Backward for Embedding {
     }
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
         let g = g0(grads)?;
-        let mut d_table = Tensor::zeros(&self.table_shape, g.dtype());
+        let mut d_table = Tensor::zeros(&self.table_shape, g.dtype()).to_device(g.device())?;
         nn::embedding_backward_accumulate(g, &self.ids, &mut d_table)?;
         Ok(vec![Some(d_table)])
     }
@@ -337,7 +337,7 @@ impl Backward for CrossEntropy {
     }
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
         let g = g0(grads)?.to_scalar::<f64>()? / self.normalizer;
-        let d_loss = Tensor::full(&[self.lse.elem_count()], g, self.logits.dtype());
+        let d_loss = Tensor::full(&[self.lse.elem_count()], g, self.logits.dtype()).to_device(self.logits.device())?;
         Ok(vec![Some(nn::cross_entropy_backward(&self.logits, &self.targets, &self.lse, &d_loss)?)])
     }
 }

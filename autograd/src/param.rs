@@ -73,7 +73,7 @@ impl Param {
     pub fn scale_grad(&self, factor: f64) -> Result<()> {
         let mut slot = lock(&self.0.grad);
         if let Some(g) = slot.as_mut() {
-            *g = scale(g, factor)?.to_dtype(g.dtype());
+            *g = scale(g, factor)?.try_to_dtype(g.dtype())?;
         }
         Ok(())
     }
@@ -82,7 +82,8 @@ impl Param {
         *lock(&self.0.grad) = None;
     }
 
-    /// Adds `g` into the gradient buffer, creating it on first use in master precision (f32; f64 for f64 values).
+    /// Adds `g` into the gradient buffer, creating it on first use in master precision (f32; f64 for f64 values) on
+    /// g's device.
     pub(crate) fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
         debug_assert!(self.0.trainable, "a tape never routes gradients to a frozen parameter");
         let mut slot = lock(&self.0.grad);
@@ -91,7 +92,7 @@ impl Param {
             None => {
                 let dtype = if self.value().dtype() == DType::F64 { DType::F64 } else { DType::F32 };
                 // Shares g's storage when the dtype already matches; the next accumulate copies on write.
-                *slot = Some(g.to_dtype(dtype));
+                *slot = Some(g.try_to_dtype(dtype)?);
                 Ok(())
             }
         }

@@ -222,7 +222,7 @@ impl Tape {
         if loss.value.elem_count() != 1 {
             return Err(Error::shape("backward", format!("loss must be a scalar, got shape {:?}", loss.shape())));
         }
-        let seed = Tensor::ones(loss.shape(), loss.value.dtype());
+        let seed = Tensor::ones(loss.shape(), loss.value.dtype()).to_device(loss.value.device())?;
         self.backward_with(&[(loss, seed)]).map(|_| ())
     }
 

@@ -389,6 +389,7 @@ pub fn load_linear(ck: &Checkpoint, module: &str, shape: [usize; 2]) -> Result<O
         dtype: state.dtype,
         packed: Arc::new(packed),
         absmax: Arc::new(absmax),
+        device: None,
     }))
 }
 

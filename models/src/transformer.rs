@@ -13,7 +13,7 @@ use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
 use qlora_runtime::ops::nn::rope_tables;
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
-use qlora_runtime::{DType, Tensor};
+use qlora_runtime::{DType, Device, Tensor};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -36,6 +36,29 @@ pub struct Projection {
 }
 
 impl Projection {
+    /// This projection on `device`, a dense base and the bias in `dtype`; see [`CausalLm::to_device`].
+    fn to_device(&self, device: Device, dtype: DType) -> qlora_runtime::Result<Projection> {
+        let base = match &self.base {
+            BaseWeight::Dense(t) => BaseWeight::Dense(move_frozen(t, device, dtype)?),
+            BaseWeight::Nf4(w) => BaseWeight::Nf4(w.to_device(device)?),
+        };
+        let adapter = match &self.adapter {
+            None => None,
+            Some(ad) => {
+                let master =
+                    |p: &Param| Ok::<_, qlora_runtime::Error>(Param::trainable(p.name(), p.value().to_device(device)?));
+                Some(LoraAdapter {
+                    lora_a: master(&ad.lora_a)?,
+                    lora_b: master(&ad.lora_b)?,
+                    magnitude: ad.magnitude.as_ref().map(master).transpose()?,
+                    config: ad.config.clone(),
+                })
+            }
+        };
+        let bias = self.bias.as_ref().map(|b| frozen_to(b, device, dtype)).transpose()?;
+        Ok(Projection { name: self.name.clone(), base, bias, adapter })
+    }
+
     fn forward(&self, t: &Tape, x: &Var, dropout_seed: u64) -> qlora_runtime::Result<Var> {
         let bias = self.bias.as_ref().map(|b| t.param(b));
         t.lora_linear(x, &self.base, bias.as_ref(), self.adapter.as_ref(), dropout_seed)
@@ -103,6 +126,16 @@ impl Batch {
         Ok(Batch { ids: t(ids)?, positions: t(pos)?, cu_seqlens: t(cu)?, targets: t(targets)? })
     }
 
+    /// The batch's index tensors on `device` (where the model runs).
+    pub fn to_device(&self, device: Device) -> qlora_runtime::Result<Batch> {
+        Ok(Batch {
+            ids: self.ids.to_device(device)?,
+            positions: self.positions.to_device(device)?,
+            cu_seqlens: self.cu_seqlens.to_device(device)?,
+            targets: self.targets.to_device(device)?,
+        })
+    }
+
     /// Positions whose target is trained (not −100).
     pub fn trained_tokens(&self) -> usize {
         self.targets.values::<i32>().iter().filter(|&&t| t >= 0).count()
@@ -128,6 +161,19 @@ struct LayerInputs {
     rope_full: (Tensor, Tensor),
     rope_local: (Tensor, Tensor),
     dropout_seed: u64,
+}
+
+/// A frozen tensor in `dtype` on `device` (converted before an upload, so a bf16 model crosses the bus at 2 bytes).
+fn move_frozen(t: &Tensor, device: Device, dtype: DType) -> qlora_runtime::Result<Tensor> {
+    if t.device() == Device::Cpu {
+        t.try_to_dtype(dtype)?.to_device(device)
+    } else {
+        t.to_device(device)?.try_to_dtype(dtype)
+    }
+}
+
+fn frozen_to(p: &Param, device: Device, dtype: DType) -> qlora_runtime::Result<Param> {
+    Ok(Param::frozen(p.name(), move_frozen(&p.value(), device, dtype)?))
 }
 
 fn norm_offset(family: Family) -> f64 {
@@ -217,6 +263,51 @@ impl CausalLm {
         Ok(CausalLm { config, embed_tokens, layers: Rc::new(layers), norm, lm_head, gradient_checkpointing: true })
     }
 
+    /// This model on `device`, computing in `dtype` there: embeddings, norms, the head, biases and dense bases are
+    /// converted to `dtype` (bf16 on CUDA is the design's compute precision; f32 for parity checks), NF4 bases are
+    /// uploaded packed and dequantized on the device per use, and adapters keep their f32 master values (every op
+    /// casts them to the activations' dtype for its products, so a bf16 model trains f32 adapters from bf16
+    /// products). Adapter parameters are new `Param`s on the device, without gradients; the original model is
+    /// untouched. Batches go to the same device with [`Batch::to_device`].
+    pub fn to_device(&self, device: Device, dtype: DType) -> Result<CausalLm> {
+        let opt = |p: &Option<Param>| p.as_ref().map(|p| frozen_to(p, device, dtype)).transpose();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                Ok(DecoderLayer {
+                    input_layernorm: frozen_to(&l.input_layernorm, device, dtype)?,
+                    post_attention_layernorm: frozen_to(&l.post_attention_layernorm, device, dtype)?,
+                    pre_feedforward_layernorm: opt(&l.pre_feedforward_layernorm)?,
+                    post_feedforward_layernorm: opt(&l.post_feedforward_layernorm)?,
+                    self_attn: SelfAttention {
+                        q_proj: a.q_proj.to_device(device, dtype)?,
+                        k_proj: a.k_proj.to_device(device, dtype)?,
+                        v_proj: a.v_proj.to_device(device, dtype)?,
+                        o_proj: a.o_proj.to_device(device, dtype)?,
+                        q_norm: opt(&a.q_norm)?,
+                        k_norm: opt(&a.k_norm)?,
+                    },
+                    mlp: Mlp {
+                        gate_proj: m.gate_proj.to_device(device, dtype)?,
+                        up_proj: m.up_proj.to_device(device, dtype)?,
+                        down_proj: m.down_proj.to_device(device, dtype)?,
+                    },
+                    kind: l.kind,
+                })
+            })
+            .collect::<qlora_runtime::Result<Vec<_>>>()?;
+        Ok(CausalLm {
+            config: self.config.clone(),
+            embed_tokens: frozen_to(&self.embed_tokens, device, dtype)?,
+            layers: Rc::new(layers),
+            norm: frozen_to(&self.norm, device, dtype)?,
+            lm_head: opt(&self.lm_head)?,
+            gradient_checkpointing: self.gradient_checkpointing,
+        })
+    }
+
     /// Every projection, in layer order (q, k, v, o, gate, up, down).
     pub fn projections_mut(&mut self) -> Result<Vec<&mut Projection>> {
         let layers = Rc::get_mut(&mut self.layers).ok_or_else(|| {
@@ -256,10 +347,13 @@ impl CausalLm {
         self.projections().into_iter().filter_map(|p| p.adapter.as_ref()).flat_map(|a| a.params()).cloned().collect()
     }
 
+    /// (cos, sin) for `positions`, beside them: the tables are small, so they are built on the host from a copy of
+    /// the positions and uploaded when the model runs on a GPU.
     fn rope(&self, positions: &Tensor, rope: &crate::config::Rope) -> qlora_runtime::Result<(Tensor, Tensor)> {
         let f = inv_freq(rope, self.config.head_dim);
         let n = f.len();
-        rope_tables(positions, &Tensor::from_vec(f, &[n])?)
+        let (cos, sin) = rope_tables(&positions.to_device(Device::Cpu)?, &Tensor::from_vec(f, &[n])?)?;
+        Ok((cos.to_device(positions.device())?, sin.to_device(positions.device())?))
     }
 
     /// logits: [tokens, vocab] for a packed batch. `dropout_seed` makes adapter dropout reproducible.

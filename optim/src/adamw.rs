@@ -2,7 +2,7 @@
 
 use qlora_autograd::Param;
 use qlora_kernels::adamw::{adamw_step, AdamWStep};
-use qlora_runtime::{Error, Result, Tensor};
+use qlora_runtime::{Device, Error, Result, Tensor};
 
 /// Defaults are the QLoRA paper's and Hugging Face Trainer's: β = (0.9, 0.999), ε = 1e-8, no weight decay.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,6 +41,15 @@ impl AdamW {
         for p in params {
             if !p.is_trainable() {
                 return Err(Error::invalid("AdamW", format!("parameter {} is frozen", p.name())));
+            }
+            let device = p.value().device();
+            if device != Device::Cpu {
+                // The host moments below would silently pull a GPU parameter back to the CPU at the first step.
+                return Err(Error::Unsupported {
+                    op: "AdamW",
+                    device,
+                    why: "the optimizer keeps host moments; the fused CUDA AdamW is not wired in yet",
+                });
             }
             let n = p.value().elem_count();
             slots.push(Slot { param: p, m: vec![0.0; n], v: vec![0.0; n] });

@@ -24,6 +24,14 @@ pub enum Error {
 
     #[error("{op} is not available on {device}: {why}")]
     Unsupported { op: &'static str, device: Device, why: &'static str },
+
+    /// The CUDA backend failed (no driver or GPU, out of memory, a kernel fault): its message says what to do.
+    #[error("{op}: {source}")]
+    Cuda {
+        op: &'static str,
+        #[source]
+        source: qlora_kernels::cuda::Error,
+    },
 }
 
 impl Error {
@@ -33,6 +41,11 @@ impl Error {
 
     pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Invalid { op, msg: msg.into() }
+    }
+
+    /// Maps a CUDA backend error to this crate's, naming the op: `launcher(..).map_err(Error::cuda("add"))?`.
+    pub fn cuda(op: &'static str) -> impl FnOnce(qlora_kernels::cuda::Error) -> Error {
+        move |source| Error::Cuda { op, source }
     }
 }
 

@@ -4,6 +4,7 @@
 //! `autograd`) or models. CPU compute runs in f32 (f64 when an input is f64, for gradient checks); bf16/f16
 //! inputs are upcast on the fly, as the design's CPU backend does.
 
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod layout;
@@ -13,6 +14,7 @@ pub mod tensor;
 
 mod device;
 
+pub use cuda::{cuda_device, CudaStorage};
 pub use device::Device;
 pub use dtype::{CpuStorage, DType, Element};
 pub use error::{Error, Result};

@@ -1,10 +1,13 @@
 //! Frozen base weights: dense, or packed NF4 as bitsandbytes stores them.
 //!
 //! The NF4 numerics (code, rounding, packing, nested absmax) live in `qlora_kernels::nf4`; this module holds
-//! the quantization state beside the packed bytes and turns it back into a tensor.
+//! the quantization state beside the packed bytes and turns it back into a tensor. A weight moved to a GPU keeps
+//! its host state and gains a device copy of it ([`DeviceNf4`]), uploaded once; it then dequantizes on the GPU.
 
-use crate::{DType, Error, Result, Tensor};
+use crate::cuda::{buf, cuda_device, output};
+use crate::{DType, Device, Error, Result, Tensor};
 use half::{bf16, f16};
+use qlora_kernels::cuda::nf4 as gnf4;
 use qlora_kernels::nf4::{self, NestedAbsmax, DYNAMIC_MAP_SIGNED, NF4_CODE};
 use std::sync::Arc;
 
@@ -50,6 +53,100 @@ pub struct Nf4Weight {
     pub packed: Arc<Vec<u8>>,
     /// Shared, so cloning a weight (a backward keeping its base) copies no scales.
     pub absmax: Arc<Absmax>,
+    /// The same state on a GPU, when the weight was moved there: dequantization then runs on that device.
+    pub device: Option<Arc<DeviceNf4>>,
+}
+
+/// An NF4 weight's packed nibbles and scales in device memory (tensors share their storage, so clones are free).
+#[derive(Clone, Debug)]
+pub struct DeviceNf4 {
+    packed: Tensor,
+    absmax: DeviceAbsmax,
+}
+
+#[derive(Clone, Debug)]
+enum DeviceAbsmax {
+    F32(Tensor),
+    /// Rebuilt to f32 on the device at each dequantization, as bitsandbytes does.
+    Nested(Box<DeviceNested>),
+}
+
+#[derive(Clone, Debug)]
+struct DeviceNested {
+    q: Tensor,
+    absmax2: Tensor,
+    offset: f32,
+    code: Tensor,
+}
+
+/// The device copy derives from the host fields, so two weights with equal host state are equal when they sit on
+/// the same device.
+impl PartialEq for DeviceNf4 {
+    fn eq(&self, other: &Self) -> bool {
+        self.packed.device() == other.packed.device()
+    }
+}
+
+impl DeviceNf4 {
+    fn upload(w: &Nf4Weight, device: Device) -> Result<Self> {
+        let up = |t: Tensor| t.to_device(device);
+        let vec_u8 = |v: &[u8]| Tensor::from_slice(v, &[v.len()]);
+        let vec_f32 = |v: &[f32]| Tensor::from_slice(v, &[v.len()]);
+        let absmax = match &*w.absmax {
+            Absmax::F32(v) => DeviceAbsmax::F32(up(vec_f32(v)?)?),
+            Absmax::Nested { q, absmax2, offset, code } => {
+                if code.len() != 256 {
+                    return Err(Error::invalid(
+                        "nf4 to_device",
+                        format!("the nested absmax code has {} entries, not 256", code.len()),
+                    ));
+                }
+                DeviceAbsmax::Nested(Box::new(DeviceNested {
+                    q: up(vec_u8(q)?)?,
+                    absmax2: up(vec_f32(absmax2)?)?,
+                    offset: *offset,
+                    code: up(vec_f32(code)?)?,
+                }))
+            }
+        };
+        Ok(DeviceNf4 { packed: up(vec_u8(&w.packed)?)?, absmax })
+    }
+
+    /// w: [out, in] in `dtype` (f32 or bf16), dequantized on the device: bit-identical to the CPU's.
+    fn dequantize(&self, w: &Nf4Weight, dtype: DType) -> Result<Tensor> {
+        const OP: &str = "nf4 dequantize";
+        let device = self.packed.device();
+        let Device::Cuda(ordinal) = device else {
+            return Err(Error::invalid(OP, "the device copy of an NF4 weight is on the CPU"));
+        };
+        let dev = cuda_device(ordinal)?;
+        let absmax = match &self.absmax {
+            DeviceAbsmax::F32(a) => a.clone(),
+            DeviceAbsmax::Nested(nested) => {
+                let DeviceNested { q, absmax2, offset, code } = &**nested;
+                let mut out = dev.alloc::<f32>(q.elem_count()).map_err(Error::cuda(OP))?;
+                gnf4::dequantize_absmax_nested(buf(q), buf(absmax2), *offset, buf(code), &mut out)
+                    .map_err(Error::cuda(OP))?;
+                output(out, &[q.elem_count()])
+            }
+        };
+        let n = w.elem_count();
+        match dtype {
+            DType::F32 => {
+                let mut out = dev.alloc::<f32>(n).map_err(Error::cuda(OP))?;
+                gnf4::dequantize_nf4(buf(&self.packed), buf(&absmax), w.blocksize, &mut out)
+                    .map_err(Error::cuda(OP))?;
+                Ok(output(out, &w.shape))
+            }
+            DType::BF16 => {
+                let mut out = dev.alloc::<bf16>(n).map_err(Error::cuda(OP))?;
+                gnf4::dequantize_nf4(buf(&self.packed), buf(&absmax), w.blocksize, &mut out)
+                    .map_err(Error::cuda(OP))?;
+                Ok(output(out, &w.shape))
+            }
+            _ => Err(Error::Unsupported { op: OP, device, why: "CUDA dequantizes NF4 to f32 or bf16 only" }),
+        }
+    }
 }
 
 impl Nf4Weight {
@@ -82,15 +179,42 @@ impl Nf4Weight {
             Absmax::F32(absmax)
         };
         let dtype = if w.dtype() == DType::F64 { DType::F32 } else { w.dtype() };
-        Ok(Nf4Weight { shape: [rows, cols], blocksize, dtype, packed: Arc::new(packed), absmax: Arc::new(absmax) })
+        Ok(Nf4Weight {
+            shape: [rows, cols],
+            blocksize,
+            dtype,
+            packed: Arc::new(packed),
+            absmax: Arc::new(absmax),
+            device: None,
+        })
+    }
+
+    /// Where dequantization runs.
+    pub fn device(&self) -> Device {
+        self.device.as_ref().map_or(Device::Cpu, |d| d.packed.device())
+    }
+
+    /// This weight with its state on `device`: a GPU gets one upload of the packed bytes and scales (the host copy
+    /// stays, shared); the CPU drops the device copy.
+    pub fn to_device(&self, device: Device) -> Result<Nf4Weight> {
+        let moved = match device {
+            _ if device == self.device() => return Ok(self.clone()),
+            Device::Cpu => None,
+            Device::Cuda(_) => Some(Arc::new(DeviceNf4::upload(self, device)?)),
+        };
+        Ok(Nf4Weight { device: moved, ..self.clone() })
     }
 
     pub fn elem_count(&self) -> usize {
         self.shape[0] * self.shape[1]
     }
 
-    /// The weight as a dense tensor of `dtype` (each value `code[q]·absmax` in f32, rounded once).
+    /// The weight as a dense tensor of `dtype` (each value `code[q]·absmax` in f32, rounded once), on the weight's
+    /// device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        if let Some(d) = &self.device {
+            return d.dequantize(self, dtype);
+        }
         let n = self.elem_count();
         let absmax = self.absmax.resolve();
         match dtype {
@@ -143,13 +267,29 @@ impl BaseWeight {
         }
     }
 
-    /// The weight in `dtype` for compute (CPU: f32; a dense weight already in `dtype` is returned as is).
+    /// The weight in `dtype` for compute (CPU: f32; a dense weight already in `dtype` is returned as is), on the
+    /// weight's device.
     pub fn materialize(&self, dtype: DType) -> Result<Tensor> {
         match self {
-            BaseWeight::Dense(t) => Ok(t.to_dtype(dtype)),
-            BaseWeight::Nf4(w) if dtype == DType::F64 => Ok(w.dequantize(DType::F32)?.to_dtype(DType::F64)),
+            BaseWeight::Dense(t) => t.try_to_dtype(dtype),
+            BaseWeight::Nf4(w) if dtype == DType::F64 => w.dequantize(DType::F32)?.try_to_dtype(DType::F64),
             BaseWeight::Nf4(w) => w.dequantize(dtype),
         }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            BaseWeight::Dense(t) => t.device(),
+            BaseWeight::Nf4(w) => w.device(),
+        }
+    }
+
+    /// The weight on `device` (NF4 stays packed: see [`Nf4Weight::to_device`]).
+    pub fn to_device(&self, device: Device) -> Result<BaseWeight> {
+        Ok(match self {
+            BaseWeight::Dense(t) => BaseWeight::Dense(t.to_device(device)?),
+            BaseWeight::Nf4(w) => BaseWeight::Nf4(w.to_device(device)?),
+        })
     }
 
     pub fn size_in_bytes(&self) -> usize {

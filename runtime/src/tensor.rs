@@ -1,5 +1,6 @@
 //! The tensor: a layout over shared, copy-on-write storage.
 
+use crate::cuda::{self, CudaStorage};
 use crate::dtype::{convert, CpuStorage, Element};
 use crate::layout::Layout;
 use crate::{DType, Device, Error, Result};
@@ -8,16 +9,25 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-/// Where the elements are. The CUDA backend adds its variant here; every match on it is in this crate.
-#[derive(Clone, Debug, PartialEq)]
+/// Where the elements are; every match on it is in this crate.
+#[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
 }
 
 impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(s) => s.len(),
+            Storage::Cuda(s) => s.len(),
         }
     }
 }
@@ -51,6 +61,26 @@ impl Tensor {
             ));
         }
         Ok(Tensor { storage: Arc::new(Storage::Cpu(storage)), layout })
+    }
+
+    /// A CUDA tensor over `storage` (row-major).
+    pub(crate) fn from_cuda(storage: CudaStorage, shape: &[usize]) -> Result<Self> {
+        let layout = Layout::contiguous(shape);
+        if layout.elem_count() != storage.len() {
+            return Err(Error::shape(
+                "tensor",
+                format!("{} device values for shape {shape:?} ({} elements)", storage.len(), layout.elem_count()),
+            ));
+        }
+        Ok(Tensor { storage: Arc::new(Storage::Cuda(storage)), layout })
+    }
+
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub(crate) fn storage_arc_mut(&mut self) -> &mut Arc<Storage> {
+        &mut self.storage
     }
 
     /// A CPU tensor holding `values` in row-major order.
@@ -116,8 +146,9 @@ impl Tensor {
     }
 
     pub fn device(&self) -> Device {
-        match *self.storage {
+        match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => Device::Cuda(s.device().ordinal()),
         }
     }
 
@@ -139,25 +170,43 @@ impl Tensor {
         Arc::ptr_eq(&self.storage, &other.storage)
     }
 
-    fn cpu(&self) -> &CpuStorage {
+    fn cpu(&self) -> Option<&CpuStorage> {
         match &*self.storage {
-            Storage::Cpu(s) => s,
+            Storage::Cpu(s) => Some(s),
+            Storage::Cuda(_) => None,
         }
     }
 
-    /// The storage from this view's offset to its end, when it holds `T` (strided readers such as GEMM index it
+    /// Panics unless the tensor is on the CPU: the callers dispatched on the device first.
+    fn host(&self) -> &CpuStorage {
+        self.cpu().expect("a CPU tensor (the caller checked the device)")
+    }
+
+    /// True when the storage is exactly this tensor's elements in row-major order.
+    fn is_whole(&self) -> bool {
+        self.is_contiguous() && self.layout.offset() == 0 && self.elem_count() == self.storage.len()
+    }
+
+    /// The CPU storage from this view's offset to its end, when it holds `T` (strided readers such as GEMM index it
     /// with the layout's strides).
     pub(crate) fn raw<T: Element>(&self) -> Option<&[T]> {
-        T::slice(self.cpu()).map(|s| &s[self.layout.offset()..])
+        T::slice(self.cpu()?).map(|s| &s[self.layout.offset()..])
     }
 
     /// The elements in row-major order as `T`: borrowed when the dtype matches and the layout is a contiguous
-    /// range, converted (one rounding) or gathered otherwise.
+    /// range, converted (one rounding) or gathered otherwise. A CUDA tensor is downloaded (a copy, after the
+    /// device's queued work); a failing device panics here, so use [`Tensor::try_to_vec`] where that must be an
+    /// error.
     pub fn values<T: Element>(&self) -> Cow<'_, [T]> {
+        let Some(cpu) = self.cpu() else {
+            return Cow::Owned(
+                self.try_to_vec().unwrap_or_else(|e| panic!("values of a {} tensor: {e}", self.device())),
+            );
+        };
         let n = self.elem_count();
         if self.is_contiguous() {
             let start = self.layout.offset();
-            if let Some(s) = T::slice(self.cpu()) {
+            if let Some(s) = T::slice(cpu) {
                 return Cow::Borrowed(&s[start..start + n]);
             }
         }
@@ -172,7 +221,7 @@ impl Tensor {
             }
         }
         let l = &self.layout;
-        Cow::Owned(match self.cpu() {
+        Cow::Owned(match cpu {
             CpuStorage::F64(v) => gather(v, l, n),
             CpuStorage::F32(v) => gather(v, l, n),
             CpuStorage::BF16(v) => gather(v, l, n),
@@ -182,9 +231,17 @@ impl Tensor {
         })
     }
 
-    /// The elements as a `Vec<T>`, converting from any dtype.
+    /// The elements as a `Vec<T>`, converting from any dtype (a download for a CUDA tensor; see [`Tensor::values`]).
     pub fn to_vec<T: Element>(&self) -> Vec<T> {
         self.values::<T>().into_owned()
+    }
+
+    /// [`Tensor::to_vec`] with a device failure as an error.
+    pub fn try_to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        match &*self.storage {
+            Storage::Cpu(_) => Ok(self.to_vec()),
+            Storage::Cuda(_) => Ok(cuda::download(self)?.to_vec()),
+        }
     }
 
     /// The single value of a one-element tensor.
@@ -195,11 +252,15 @@ impl Tensor {
                 format!("shape {:?} has {} elements", self.shape(), self.elem_count()),
             ));
         }
-        Ok(self.values::<T>()[0])
+        Ok(self.try_to_vec::<T>()?[0])
     }
 
-    /// A contiguous copy in another dtype (or `self` when nothing changes).
+    /// A contiguous copy in another dtype (or `self` when nothing changes). On CUDA it stays on the device and
+    /// panics when the device fails or the pair has no device conversion: use [`Tensor::try_to_dtype`] there.
     pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        if self.cpu().is_none() {
+            return self.try_to_dtype(dtype).unwrap_or_else(|e| panic!("{e}"));
+        }
         if dtype == self.dtype() && self.is_contiguous() {
             return self.clone();
         }
@@ -214,24 +275,37 @@ impl Tensor {
         Self::from_storage(s, self.shape()).expect("same element count")
     }
 
+    /// [`Tensor::to_dtype`] with device failures as errors (CUDA converts between f32 and bf16 only).
+    pub fn try_to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        match &*self.storage {
+            Storage::Cpu(_) => Ok(self.to_dtype(dtype)),
+            Storage::Cuda(_) => cuda::to_dtype(self, dtype),
+        }
+    }
+
     pub fn contiguous(&self) -> Tensor {
         self.to_dtype(self.dtype())
     }
 
+    /// [`Tensor::contiguous`] with device failures as errors.
+    pub fn try_contiguous(&self) -> Result<Tensor> {
+        self.try_to_dtype(self.dtype())
+    }
+
+    /// A copy on `device` (`self` when it is already there). Moving between two GPUs goes through the host.
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
-        match device {
-            Device::Cpu => Ok(self.clone()),
-            Device::Cuda(_) => Err(Error::Unsupported {
-                op: "to_device",
-                device,
-                why: "the CUDA backend is not part of this build yet",
-            }),
+        match (self.device(), device) {
+            (from, to) if from == to => Ok(self.clone()),
+            (Device::Cpu, Device::Cuda(n)) => cuda::upload(self, n),
+            (Device::Cuda(_), Device::Cpu) => cuda::download(self),
+            (Device::Cuda(_), Device::Cuda(n)) => cuda::upload(&cuda::download(self)?, n),
+            (Device::Cpu, Device::Cpu) => unreachable!("equal devices returned above"),
         }
     }
 
     /// A view with another shape (copies first when the layout is not contiguous).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        let base = if self.is_contiguous() { self.clone() } else { self.contiguous() };
+        let base = if self.is_contiguous() { self.clone() } else { self.try_contiguous()? };
         let layout = base.layout.reshape(shape)?;
         Ok(Tensor { storage: base.storage, layout })
     }
@@ -254,22 +328,34 @@ impl Tensor {
     }
 
     /// Mutates the elements in place as `T` (the tensor's own dtype). Storage shared with another tensor, or a
-    /// view that is not the whole storage, is copied first, so nobody else observes the write.
+    /// view that is not the whole storage, is copied first, so nobody else observes the write. A CUDA tensor is
+    /// downloaded, modified on the host and uploaded into fresh device storage (a round trip: fine for the odd
+    /// edit, not for a hot loop, which wants a kernel).
     pub fn update<T: Element>(&mut self, f: impl FnOnce(&mut [T])) -> Result<()> {
         if T::DTYPE != self.dtype() {
             return Err(Error::DType { op: "update", expected: self.dtype(), got: T::DTYPE });
         }
-        let whole = self.is_contiguous() && self.layout.offset() == 0 && self.elem_count() == self.cpu().len();
-        if !whole {
+        if self.cpu().is_none() {
+            let mut v = self.try_to_vec::<T>()?;
+            f(&mut v);
+            *self = Tensor::from_vec(v, self.shape())?.to_device(self.device())?;
+            return Ok(());
+        }
+        if !self.is_whole() {
             *self = self.contiguous_copy();
         }
-        let Storage::Cpu(s) = Arc::make_mut(&mut self.storage);
+        if Arc::get_mut(&mut self.storage).is_none() {
+            self.storage = Arc::new(Storage::Cpu(self.host().clone()));
+        }
+        let Some(Storage::Cpu(s)) = Arc::get_mut(&mut self.storage) else {
+            unreachable!("made unique on the CPU above")
+        };
         f(T::slice_mut(s).expect("dtype checked above"));
         Ok(())
     }
 
     fn contiguous_copy(&self) -> Tensor {
-        let s = self.cpu();
+        let s = self.host();
         let gathered = match s {
             CpuStorage::F64(v) => CpuStorage::F64(self.layout.storage_indices().map(|i| v[i]).collect()),
             CpuStorage::F32(v) => CpuStorage::F32(self.layout.storage_indices().map(|i| v[i]).collect()),
@@ -281,14 +367,16 @@ impl Tensor {
         Self::from_storage(gathered, self.shape()).expect("same element count")
     }
 
-    /// Raw little-endian bytes of a contiguous copy (for writing files).
+    /// Raw little-endian bytes of a contiguous copy (for writing files; a CUDA tensor is downloaded, and a failing
+    /// device panics as in [`Tensor::values`]).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let c = if self.is_contiguous() && self.layout.offset() == 0 && self.elem_count() == self.cpu().len() {
-            self.clone()
-        } else {
-            self.contiguous_copy()
-        };
-        c.cpu().as_bytes().to_vec()
+        if self.cpu().is_none() {
+            let host =
+                self.to_device(Device::Cpu).unwrap_or_else(|e| panic!("to_bytes of a {} tensor: {e}", self.device()));
+            return host.to_bytes();
+        }
+        let c = if self.is_whole() { self.clone() } else { self.contiguous_copy() };
+        c.host().as_bytes().to_vec()
     }
 }
 
@@ -332,7 +420,9 @@ mod tests {
         assert_eq!(t.to_dtype(DType::BF16).size_in_bytes(), 4);
         assert!(Tensor::from_vec(vec![1.0f32; 5], &[2, 3]).is_err());
         assert!(t.to_scalar::<f32>().is_err());
-        assert!(t.to_device(Device::Cuda(0)).is_err());
+        if crate::cuda_device(0).is_err() {
+            assert!(t.to_device(Device::Cuda(0)).is_err(), "no GPU: moving there is an error, not a panic");
+        }
         assert_eq!(Tensor::zeros(&[2, 2], DType::I32).to_vec::<i32>(), vec![0; 4]);
     }
 }

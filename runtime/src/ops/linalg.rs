@@ -1,7 +1,9 @@
 //! Matrix products.
 
 use super::{tensor, with_compute, Compute};
+use crate::cuda::{buf, output, with_gpu, Gpu};
 use crate::{Error, Result, Tensor};
+use qlora_kernels::cuda::matmul::matmul as gpu_gemm;
 use qlora_kernels::matmul::{matmul as gemm, Gemm};
 use std::borrow::Cow;
 
@@ -12,9 +14,10 @@ struct Operand<'a, T: Clone> {
     batch_stride: usize,
 }
 
-/// Reads `t` ([batch..., rows, cols]) without copying when it is contiguous or a transpose of its last two dims
-/// (what `x.matmul(&w.t())` produces); copies otherwise.
-fn operand<T: Compute>(t: &Tensor, batch: usize) -> Operand<'_, T> {
+/// How GEMM can read `t` ([batch..., rows, cols]) in place from `available` elements past its offset: (Some(trans)
+/// when it is contiguous or a transpose of its last two dims, what `x.matmul(&w.t())` produces, None when it must
+/// be copied; the batch stride, 0 when one matrix is shared by every batch entry).
+fn in_place(t: &Tensor, batch: usize, available: usize) -> (Option<bool>, usize) {
     let rank = t.rank();
     let (rows, cols) = (t.shape()[rank - 2], t.shape()[rank - 1]);
     let strides = t.layout().strides();
@@ -28,18 +31,53 @@ fn operand<T: Compute>(t: &Tensor, batch: usize) -> Operand<'_, T> {
         ok
     });
     let stride = if batch > 1 && t.elem_count() == matrix { 0 } else { matrix };
+    if batch_dims_packed && available >= needed(t, batch, stride) {
+        if sc == 1 && (sr == cols || rows == 1) {
+            return (Some(false), stride);
+        }
+        if sr == 1 && (sc == rows || cols == 1) {
+            return (Some(true), stride);
+        }
+    }
+    (None, stride)
+}
+
+/// Elements GEMM reads from an operand's start.
+fn needed(t: &Tensor, batch: usize, stride: usize) -> usize {
+    let rank = t.rank();
+    let matrix = t.shape()[rank - 2] * t.shape()[rank - 1];
+    if t.elem_count() == 0 {
+        0
+    } else {
+        (batch.max(1) - 1) * stride + matrix
+    }
+}
+
+/// Reads `t` without copying when [`in_place`] allows; copies otherwise.
+fn operand<T: Compute>(t: &Tensor, batch: usize) -> Operand<'_, T> {
     if let Some(raw) = t.raw::<T>() {
-        let needed = if t.elem_count() == 0 { 0 } else { (batch.max(1) - 1) * stride + matrix };
-        if batch_dims_packed && raw.len() >= needed {
-            if sc == 1 && (sr == cols || rows == 1) {
-                return Operand { data: Cow::Borrowed(&raw[..needed]), trans: false, batch_stride: stride };
-            }
-            if sr == 1 && (sc == rows || cols == 1) {
-                return Operand { data: Cow::Borrowed(&raw[..needed]), trans: true, batch_stride: stride };
+        if let (Some(trans), stride) = in_place(t, batch, raw.len()) {
+            let data = Cow::Borrowed(&raw[..needed(t, batch, stride)]);
+            return Operand { data, trans, batch_stride: stride };
+        }
+    }
+    let (_, stride) = in_place(t, batch, 0);
+    Operand { data: t.values::<T>(), trans: false, batch_stride: stride }
+}
+
+/// A CUDA operand: `t` itself when GEMM can read its whole buffer in place (same dtype, offset 0), else a contiguous
+/// copy in the op's precision. → (tensor holding the buffer, trans, batch stride).
+fn gpu_operand(g: &Gpu, t: &Tensor, batch: usize) -> Result<(Tensor, bool, usize)> {
+    if t.dtype() == g.dtype && t.layout().offset() == 0 {
+        if let crate::tensor::Storage::Cuda(s) = t.storage() {
+            if let (Some(trans), stride) = in_place(t, batch, s.len()) {
+                // The buffer is read from its start, so it must hold exactly what GEMM reads or more.
+                return Ok((t.clone(), trans, stride));
             }
         }
     }
-    Operand { data: t.values::<T>(), trans: false, batch_stride: stride }
+    let (_, stride) = in_place(t, batch, 0);
+    Ok((g.input(t)?, false, stride))
 }
 
 /// a: [batch..., m, k] · b: [batch..., k, n] (or b: [k, n] shared by every batch entry) → [batch..., m, n].
@@ -58,6 +96,18 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let batch: usize = batch_shape.iter().product();
     let mut out_shape = batch_shape.to_vec();
     out_shape.extend([m, n]);
+    if let Some(g) = Gpu::of("matmul", &[a, b])? {
+        let (ta, trans_a, stride_a) = gpu_operand(&g, a, batch)?;
+        let (tb, trans_b, stride_b) = gpu_operand(&g, b, batch)?;
+        let gm = Gemm { batch, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c: m * n, alpha: 1.0, beta: 0.0 };
+        return with_gpu!(g, |T| {
+            let mut c = g.alloc::<T>(batch * m * n)?;
+            if batch * m * n > 0 {
+                g.run(gpu_gemm(&gm, buf::<T>(&ta), buf(&tb), &mut c))?;
+            }
+            Ok(output(c, &out_shape))
+        });
+    }
     with_compute!("matmul", [a, b], |T| {
         let (oa, ob) = (operand::<T>(a, batch), operand::<T>(b, batch));
         let g = Gemm {

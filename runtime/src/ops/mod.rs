@@ -1,7 +1,9 @@
 //! Op dispatch: validate user-facing shapes and dtypes, pick the compute precision, call the kernel.
 //!
 //! Every op has its backward beside it (as a plain function): `autograd` decides *when* to call them, this
-//! module only knows *how*.
+//! module only knows *how*. Each op first asks [`crate::cuda::Gpu::of`] whether its operands live on a GPU and, if
+//! so, runs its CUDA launcher there (see `crate::cuda` for the precision rule); the CPU code below that branch is
+//! unchanged by the CUDA backend.
 
 pub mod elementwise;
 pub mod linalg;
@@ -26,11 +28,8 @@ pub(crate) fn compute_dtype(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
             return Err(Error::DeviceMismatch { op, a: xs[0].device(), b: x.device() });
         }
         if x.device() != Device::Cpu {
-            return Err(Error::Unsupported {
-                op,
-                device: x.device(),
-                why: "the CUDA backend is not part of this build yet",
-            });
+            // Ops with a CUDA path dispatched before reaching here: this one runs on the CPU only.
+            return Err(Error::Unsupported { op, device: x.device(), why: "this op has no CUDA implementation" });
         }
         if x.dtype() == DType::F64 {
             dtype = DType::F64;
@@ -72,7 +71,11 @@ pub(crate) fn indices<'a>(op: &'static str, what: &'static str, t: &'a Tensor) -
     if t.dtype() != DType::I32 {
         return Err(Error::invalid(op, format!("{what} must be I32, got {:?}", t.dtype())));
     }
-    Ok(t.values::<i32>())
+    match t.device() {
+        Device::Cpu => Ok(t.values::<i32>()),
+        // Validation reads the indices on the host: a small download of ids, targets or boundaries.
+        Device::Cuda(_) => Ok(std::borrow::Cow::Owned(t.try_to_vec::<i32>()?)),
+    }
 }
 
 /// Splits a shape into (rows, last dimension), the layout row-wise kernels take.

@@ -2,8 +2,12 @@
 //! backward needs (rstd, log-sum-exp) beside its output, so `autograd` can save exactly that.
 
 use super::{indices, rows_cols, same_shape, tensor, with_compute};
-use crate::{Error, Result, Tensor};
+use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
+use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::attention::{attention_backward as attn_bwd, attention_forward as attn_fwd};
+use qlora_kernels::cuda::{
+    attention as gattn, cross_entropy as gce, embedding as gemb, rms_norm as grms, rope as grope,
+};
 use qlora_kernels::{cross_entropy as ce, embedding as emb, rms_norm as rms, rope};
 
 pub use qlora_kernels::attention::AttentionParams;
@@ -26,6 +30,14 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     check_ids("embedding", &idv, vocab)?;
     let mut shape = ids.shape().to_vec();
     shape.push(dim);
+    if let Some(g) = Gpu::of("embedding", &[table])? {
+        return with_gpu!(g, |T| {
+            let (table, ids) = (g.input(table)?, g.index("ids", ids)?);
+            let mut out = g.alloc::<T>(idv.len() * dim)?;
+            g.run(gemb::embedding_forward(buf::<T>(&table), buf(&ids), dim, &mut out))?;
+            Ok(output(out, &shape))
+        });
+    }
     with_compute!("embedding", [table], |T| {
         let mut out = vec![T::default(); idv.len() * dim];
         emb::embedding_forward(&table.values::<T>(), &idv, dim, &mut out);
@@ -44,6 +56,24 @@ pub fn embedding_backward_accumulate(d_out: &Tensor, ids: &Tensor, d_table: &mut
             format!("d_out {:?} for {} ids of dim {dim}", d_out.shape(), idv.len()),
         ));
     }
+    if let Some(g) = Gpu::of("embedding_backward", &[d_out, &*d_table])? {
+        // d_out is cast to the table gradient's dtype, which accumulates in place.
+        let (d, ids) = (g.input_as(d_out, d_table.dtype())?, g.index("ids", ids)?);
+        return match d_table.dtype() {
+            DType::BF16 => g.run(gemb::embedding_backward_accumulate(
+                buf(&d),
+                buf(&ids),
+                dim,
+                buffer_mut::<half::bf16>("embedding_backward", d_table)?,
+            )),
+            _ => g.run(gemb::embedding_backward_accumulate(
+                buf(&d),
+                buf(&ids),
+                dim,
+                buffer_mut::<f32>("embedding_backward", d_table)?,
+            )),
+        };
+    }
     with_compute!("embedding_backward", [d_out, &*d_table], |T| {
         let d = d_out.values::<T>();
         if d_table.dtype() == <T as crate::Element>::DTYPE {
@@ -58,11 +88,19 @@ pub fn embedding_backward_accumulate(d_out: &Tensor, ids: &Tensor, d_table: &mut
 }
 
 /// x: [..., dim], weight: [dim] → (y: [..., dim], rstd: [rows]); y = x·rstd·(offset + w).
-/// offset 0 is Llama's RMSNorm, 1 is Gemma's (1 + w).
+/// offset 0 is Llama's RMSNorm, 1 is Gemma's (1 + w). On CUDA rstd is f32 whatever x's dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, offset: f64) -> Result<(Tensor, Tensor)> {
     let (rows, dim) = rows_cols("rms_norm", x)?;
     if weight.shape() != [dim] {
         return Err(Error::shape("rms_norm", format!("weight {:?} for input {:?}", weight.shape(), x.shape())));
+    }
+    if let Some(g) = Gpu::of("rms_norm", &[x, weight])? {
+        return with_gpu!(g, |T| {
+            let (xi, w) = (g.input(x)?, g.input(weight)?);
+            let (mut y, mut rstd) = (g.alloc::<T>(x.elem_count())?, g.alloc::<f32>(rows)?);
+            g.run(grms::rms_norm_forward(buf::<T>(&xi), buf(&w), dim, eps as f32, offset as f32, &mut y, &mut rstd))?;
+            Ok((output(y, x.shape()), output(rstd, &[rows])))
+        });
     }
     with_compute!("rms_norm", [x, weight], |T| {
         let (mut y, mut rstd) = (vec![T::default(); x.elem_count()], vec![T::default(); rows]);
@@ -80,7 +118,31 @@ pub fn rms_norm_backward(
     offset: f64,
 ) -> Result<(Tensor, Tensor)> {
     same_shape("rms_norm_backward", x, dy)?;
-    let (_, dim) = rows_cols("rms_norm_backward", x)?;
+    let (rows, dim) = rows_cols("rms_norm_backward", x)?;
+    if rstd.elem_count() != rows || weight.shape() != [dim] {
+        return Err(Error::shape(
+            "rms_norm_backward",
+            format!("x {:?} with weight {:?} and rstd {:?}", x.shape(), weight.shape(), rstd.shape()),
+        ));
+    }
+    if let Some(g) = Gpu::of("rms_norm_backward", &[x, weight, rstd, dy])? {
+        return with_gpu!(g, |T| {
+            let (xi, w, dyi) = (g.input(x)?, g.input(weight)?, g.input(dy)?);
+            let r = g.input_as(rstd, DType::F32)?;
+            let (mut dx, mut dw) = (g.alloc::<T>(x.elem_count())?, g.alloc::<T>(dim)?);
+            g.run(grms::rms_norm_backward(
+                buf::<T>(&xi),
+                buf(&w),
+                buf(&r),
+                buf(&dyi),
+                dim,
+                offset as f32,
+                &mut dx,
+                &mut dw,
+            ))?;
+            Ok((output(dx, x.shape()), output(dw, &[dim])))
+        });
+    }
     with_compute!("rms_norm_backward", [x, weight, rstd, dy], |T| {
         let (mut dx, mut dw) = (vec![T::default(); x.elem_count()], vec![T::default(); dim]);
         rms::rms_norm_backward(
@@ -125,6 +187,15 @@ fn rope_shapes(op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Resu
 /// x: [tokens, heads, head_dim] rotated by (cos, sin) from [`rope_tables`] (rotate-half convention).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (heads, head_dim) = rope_shapes("rope", x, cos, sin)?;
+    if let Some(g) = Gpu::of("rope", &[x, cos, sin])? {
+        return with_gpu!(g, |T| {
+            let xi = g.input(x)?;
+            let (c, s) = (g.input_as(cos, DType::F32)?, g.input_as(sin, DType::F32)?);
+            let mut y = g.alloc::<T>(x.elem_count())?;
+            g.run(grope::rope_forward(buf::<T>(&xi), buf(&c), buf(&s), heads, head_dim, &mut y))?;
+            Ok(output(y, x.shape()))
+        });
+    }
     with_compute!("rope", [x, cos, sin], |T| {
         let mut y = vec![T::default(); x.elem_count()];
         rope::rope_forward(&x.values::<T>(), &cos.values::<T>(), &sin.values::<T>(), heads, head_dim, &mut y);
@@ -134,6 +205,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (heads, head_dim) = rope_shapes("rope_backward", dy, cos, sin)?;
+    if let Some(g) = Gpu::of("rope_backward", &[dy, cos, sin])? {
+        return with_gpu!(g, |T| {
+            let d = g.input(dy)?;
+            let (c, s) = (g.input_as(cos, DType::F32)?, g.input_as(sin, DType::F32)?);
+            let mut dx = g.alloc::<T>(dy.elem_count())?;
+            g.run(grope::rope_backward(buf::<T>(&d), buf(&c), buf(&s), heads, head_dim, &mut dx))?;
+            Ok(output(dx, dy.shape()))
+        });
+    }
     with_compute!("rope_backward", [dy, cos, sin], |T| {
         let mut dx = vec![T::default(); dy.elem_count()];
         rope::rope_backward(&dy.values::<T>(), &cos.values::<T>(), &sin.values::<T>(), heads, head_dim, &mut dx);
@@ -174,10 +254,22 @@ fn attention_shapes(p: &AttentionParams, q: &Tensor, k: &Tensor, v: &Tensor, cq:
     if p.causal && longer_q {
         return Err(Error::invalid("attention", "a sequence has more queries than keys"));
     }
+    if q.device() != crate::Device::Cpu && p.head_dim > gattn::MAX_HEAD_DIM {
+        return Err(Error::invalid(
+            "attention",
+            format!("head_dim {} exceeds the CUDA kernel's {}", p.head_dim, gattn::MAX_HEAD_DIM),
+        ));
+    }
     Ok(())
 }
 
-/// Packed variable-length attention (see `qlora_kernels::attention`).
+/// The longest sequence of validated boundaries.
+fn max_seqlen(cu: &[i32]) -> usize {
+    cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
+}
+
+/// Packed variable-length attention (see `qlora_kernels::attention`). On CUDA lse is f32 whatever q's dtype, and
+/// the boundaries are read on the host (a small download) to validate them.
 /// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens_q/k: [n_seqs + 1] (I32)
 /// → (out: [tq, n_heads, head_dim], lse: [tq, n_heads]).
 pub fn attention(
@@ -192,6 +284,27 @@ pub fn attention(
     let ck = indices("attention", "cu_seqlens_k", cu_seqlens_k)?;
     attention_shapes(p, q, k, v, &cq, &ck)?;
     let tq = q.shape()[0];
+    if let Some(g) = Gpu::of("attention", &[q, k, v])? {
+        let (cu_q, cu_k) = (g.index("cu_seqlens_q", cu_seqlens_q)?, g.index("cu_seqlens_k", cu_seqlens_k)?);
+        let (max_q, max_k) = (max_seqlen(&cq), max_seqlen(&ck));
+        return with_gpu!(g, |T| {
+            let (qi, ki, vi) = (g.input(q)?, g.input(k)?, g.input(v)?);
+            let (mut out, mut lse) = (g.alloc::<T>(q.elem_count())?, g.alloc::<f32>(tq * p.n_heads)?);
+            g.run(gattn::attention_forward(
+                p,
+                buf::<T>(&qi),
+                buf(&ki),
+                buf(&vi),
+                buf(&cu_q),
+                buf(&cu_k),
+                max_q,
+                max_k,
+                &mut out,
+                &mut lse,
+            ))?;
+            Ok((output(out, q.shape()), output(lse, &[tq, p.n_heads])))
+        });
+    }
     with_compute!("attention", [q, k, v], |T| {
         let (mut out, mut lse) = (vec![T::default(); q.elem_count()], vec![T::default(); tq * p.n_heads]);
         attn_fwd(p, &q.values::<T>(), &k.values::<T>(), &v.values::<T>(), &cq, &ck, &mut out, &mut lse);
@@ -216,6 +329,37 @@ pub fn attention_backward(
     let ck = indices("attention_backward", "cu_seqlens_k", cu_seqlens_k)?;
     attention_shapes(p, q, k, v, &cq, &ck)?;
     same_shape("attention_backward", q, d_out)?;
+    same_shape("attention_backward", q, out)?;
+    if lse.shape() != [q.shape()[0], p.n_heads] {
+        return Err(Error::shape("attention_backward", format!("lse {:?} for q {:?}", lse.shape(), q.shape())));
+    }
+    if let Some(g) = Gpu::of("attention_backward", &[q, k, v, out, lse, d_out])? {
+        let (cu_q, cu_k) = (g.index("cu_seqlens_q", cu_seqlens_q)?, g.index("cu_seqlens_k", cu_seqlens_k)?);
+        let (max_q, max_k) = (max_seqlen(&cq), max_seqlen(&ck));
+        return with_gpu!(g, |T| {
+            let (qi, ki, vi, oi, di) = (g.input(q)?, g.input(k)?, g.input(v)?, g.input(out)?, g.input(d_out)?);
+            let l = g.input_as(lse, DType::F32)?;
+            let (mut dq, mut dk, mut dv) =
+                (g.alloc::<T>(q.elem_count())?, g.alloc::<T>(k.elem_count())?, g.alloc::<T>(v.elem_count())?);
+            g.run(gattn::attention_backward(
+                p,
+                buf::<T>(&qi),
+                buf(&ki),
+                buf(&vi),
+                buf(&oi),
+                buf(&l),
+                buf(&di),
+                buf(&cu_q),
+                buf(&cu_k),
+                max_q,
+                max_k,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            ))?;
+            Ok((output(dq, q.shape()), output(dk, k.shape()), output(dv, v.shape())))
+        });
+    }
     with_compute!("attention_backward", [q, k, v, out, lse, d_out], |T| {
         let (mut dq, mut dk, mut dv) = (
             vec![T::default(); q.elem_count()],
@@ -252,11 +396,20 @@ fn check_targets(logits: &Tensor, targets: &Tensor) -> Result<(usize, usize)> {
 }
 
 /// logits: [..., vocab], targets: [...] (I32; IGNORE_INDEX = −100 skipped) → (loss per row, lse per row).
+/// On CUDA both are f32 whatever the logits' dtype, and the targets are checked on the host (a small download).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     let (rows, vocab) = check_targets(logits, targets)?;
     let t = indices("cross_entropy", "targets", targets)?;
     if let Some(&bad) = t.iter().find(|&&x| x != IGNORE_INDEX && (x < 0 || x as usize >= vocab)) {
         return Err(Error::Index { op: "cross_entropy", what: "target", value: bad as i64, bound: vocab });
+    }
+    if let Some(g) = Gpu::of("cross_entropy", &[logits])? {
+        return with_gpu!(g, |T| {
+            let (x, t) = (g.input(logits)?, g.index("targets", targets)?);
+            let (mut loss, mut lse) = (g.alloc::<f32>(rows)?, g.alloc::<f32>(rows)?);
+            g.run(gce::cross_entropy_forward(buf::<T>(&x), buf(&t), vocab, &mut loss, &mut lse))?;
+            Ok((output(loss, &[rows]), output(lse, &[rows])))
+        });
     }
     with_compute!("cross_entropy", [logits], |T| {
         let (mut loss, mut lse) = (vec![T::default(); rows], vec![T::default(); rows]);
@@ -270,6 +423,15 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
     let (rows, vocab) = check_targets(logits, targets)?;
     if d_loss.elem_count() != rows || lse.elem_count() != rows {
         return Err(Error::shape("cross_entropy_backward", format!("d_loss/lse must have {rows} rows")));
+    }
+    if let Some(g) = Gpu::of("cross_entropy_backward", &[logits, lse, d_loss])? {
+        return with_gpu!(g, |T| {
+            let (x, t) = (g.input(logits)?, g.index("targets", targets)?);
+            let (l, d) = (g.input_as(lse, DType::F32)?, g.input_as(d_loss, DType::F32)?);
+            let mut dx = g.alloc::<T>(logits.elem_count())?;
+            g.run(gce::cross_entropy_backward(buf::<T>(&x), buf(&t), buf(&l), buf(&d), vocab, &mut dx))?;
+            Ok(output(dx, logits.shape()))
+        });
     }
     let t = indices("cross_entropy_backward", "targets", targets)?;
     with_compute!("cross_entropy_backward", [logits, lse, d_loss], |T| {

@@ -1,0 +1,350 @@
+//! The CUDA side of the runtime: device storage (one `DeviceBuffer` per dtype, as `CpuStorage` holds `Vec`s),
+//! transfers, dtype conversion and layout copies on the device, and [`Gpu`], the operand preparation that every
+//! op's CUDA branch shares.
+//!
+//! Owns: which device buffers back a tensor and how they move. Must not hold kernels (those are
+//! `qlora_kernels::cuda`) or fall back to the CPU: an op whose operands live on a GPU runs there or returns an error.
+//!
+//! Precision on CUDA: f32 and bf16 tensors only (f64 exists for CPU gradient checks; f16 may be stored and moved but
+//! no op computes in it). An op computes in bf16 when any float operand is bf16 and in f32 otherwise, casting the
+//! others on the device first: f32 master adapters meet bf16 activations at bf16, as autocast does. Outputs that the
+//! kernels keep in f32 whatever the input (rstd, log-sum-exp, per-row losses, sums) stay f32.
+
+use crate::tensor::Storage;
+use crate::{DType, Device, Element, Error, Result, Tensor};
+use half::{bf16, f16};
+use qlora_kernels::cuda::{self as kc, CudaDevice, DeviceBuffer, DeviceCopy};
+use std::sync::Arc;
+
+/// Device memory of one dtype.
+#[derive(Debug)]
+pub enum CudaStorage {
+    F32(DeviceBuffer<f32>),
+    BF16(DeviceBuffer<bf16>),
+    F16(DeviceBuffer<f16>),
+    I32(DeviceBuffer<i32>),
+    U8(DeviceBuffer<u8>),
+}
+
+impl CudaStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CudaStorage::F32(_) => DType::F32,
+            CudaStorage::BF16(_) => DType::BF16,
+            CudaStorage::F16(_) => DType::F16,
+            CudaStorage::I32(_) => DType::I32,
+            CudaStorage::U8(_) => DType::U8,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            CudaStorage::F32(b) => b.len(),
+            CudaStorage::BF16(b) => b.len(),
+            CudaStorage::F16(b) => b.len(),
+            CudaStorage::I32(b) => b.len(),
+            CudaStorage::U8(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        match self {
+            CudaStorage::F32(b) => b.device(),
+            CudaStorage::BF16(b) => b.device(),
+            CudaStorage::F16(b) => b.device(),
+            CudaStorage::I32(b) => b.device(),
+            CudaStorage::U8(b) => b.device(),
+        }
+    }
+
+    /// A device-to-device copy (what copy-on-write needs when the storage is shared).
+    pub(crate) fn try_clone(&self) -> Result<CudaStorage> {
+        let e = Error::cuda("copy on write");
+        Ok(match self {
+            CudaStorage::F32(b) => CudaStorage::F32(b.try_clone().map_err(e)?),
+            CudaStorage::BF16(b) => CudaStorage::BF16(b.try_clone().map_err(e)?),
+            CudaStorage::F16(b) => CudaStorage::F16(b.try_clone().map_err(e)?),
+            CudaStorage::I32(b) => CudaStorage::I32(b.try_clone().map_err(e)?),
+            CudaStorage::U8(b) => CudaStorage::U8(b.try_clone().map_err(e)?),
+        })
+    }
+}
+
+/// The GPU `cuda:{ordinal}`, opened on first use and then shared by the whole process (one context, stream and
+/// caching allocator per ordinal: `CudaDevice::new` keeps the registry). A missing driver, GPU or NVRTC is an error
+/// saying what to install.
+pub fn cuda_device(ordinal: usize) -> Result<CudaDevice> {
+    CudaDevice::new(ordinal).map_err(Error::cuda("cuda device"))
+}
+
+/// An element type a device buffer can hold, and its [`CudaStorage`] variant.
+pub trait CudaElement: Element + DeviceCopy {
+    fn wrap_device(b: DeviceBuffer<Self>) -> CudaStorage;
+    fn buffer(s: &CudaStorage) -> Option<&DeviceBuffer<Self>>;
+    fn buffer_mut(s: &mut CudaStorage) -> Option<&mut DeviceBuffer<Self>>;
+}
+
+macro_rules! cuda_element {
+    ($t:ty, $variant:ident) => {
+        impl CudaElement for $t {
+            fn wrap_device(b: DeviceBuffer<Self>) -> CudaStorage {
+                CudaStorage::$variant(b)
+            }
+            fn buffer(s: &CudaStorage) -> Option<&DeviceBuffer<Self>> {
+                match s {
+                    CudaStorage::$variant(b) => Some(b),
+                    _ => None,
+                }
+            }
+            fn buffer_mut(s: &mut CudaStorage) -> Option<&mut DeviceBuffer<Self>> {
+                match s {
+                    CudaStorage::$variant(b) => Some(b),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+cuda_element!(f32, F32);
+cuda_element!(bf16, BF16);
+cuda_element!(f16, F16);
+cuda_element!(i32, I32);
+cuda_element!(u8, U8);
+
+/// The element types CUDA ops compute in.
+pub(crate) trait GpuElement: CudaElement + kc::GpuFloat {}
+impl GpuElement for f32 {}
+impl GpuElement for bf16 {}
+
+/// A CPU tensor's elements copied to `cuda:{ordinal}` (contiguous, same dtype).
+pub(crate) fn upload(t: &Tensor, ordinal: usize) -> Result<Tensor> {
+    fn go<T: CudaElement>(dev: &CudaDevice, t: &Tensor) -> Result<Tensor> {
+        let b = dev.upload(&t.values::<T>()).map_err(Error::cuda("to_device"))?;
+        Tensor::from_cuda(T::wrap_device(b), t.shape())
+    }
+    let dev = cuda_device(ordinal)?;
+    match t.dtype() {
+        DType::F32 => go::<f32>(&dev, t),
+        DType::BF16 => go::<bf16>(&dev, t),
+        DType::F16 => go::<f16>(&dev, t),
+        DType::I32 => go::<i32>(&dev, t),
+        DType::U8 => go::<u8>(&dev, t),
+        DType::F64 => Err(Error::Unsupported {
+            op: "to_device",
+            device: Device::Cuda(ordinal),
+            why: "f64 (for CPU gradient checks) has no CUDA kernels: convert to f32 first",
+        }),
+    }
+}
+
+/// A CUDA tensor's elements copied to the host (waits for the device's queued work).
+pub(crate) fn download(t: &Tensor) -> Result<Tensor> {
+    fn go<T: CudaElement>(b: &DeviceBuffer<T>, shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_vec(b.to_vec().map_err(Error::cuda("to_device"))?, shape)
+    }
+    let c = contiguous(t)?;
+    let shape = c.shape();
+    match cuda_storage("to_device", &c)? {
+        CudaStorage::F32(b) => go(b, shape),
+        CudaStorage::BF16(b) => go(b, shape),
+        CudaStorage::F16(b) => go(b, shape),
+        CudaStorage::I32(b) => go(b, shape),
+        CudaStorage::U8(b) => go(b, shape),
+    }
+}
+
+fn cuda_storage<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CudaStorage> {
+    match t.storage() {
+        Storage::Cuda(s) => Ok(s),
+        Storage::Cpu(_) => Err(Error::invalid(op, "expected a CUDA tensor, got a CPU one")),
+    }
+}
+
+/// True when the tensor's storage is exactly its elements in row-major order: what a kernel can read as a buffer.
+pub(crate) fn is_whole(t: &Tensor, storage_len: usize) -> bool {
+    t.is_contiguous() && t.layout().offset() == 0 && t.elem_count() == storage_len
+}
+
+/// `t` with storage of exactly its elements, row-major: itself when it already is, a strided copy of a view.
+pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
+    fn go<T: CudaElement>(src: &DeviceBuffer<T>, t: &Tensor) -> Result<Tensor> {
+        let l = t.layout();
+        let mut dst = src.device().alloc::<T>(l.elem_count()).map_err(Error::cuda("contiguous"))?;
+        kc::copy::strided_copy(src, l.offset(), l.shape(), l.strides(), &mut dst).map_err(Error::cuda("contiguous"))?;
+        Tensor::from_cuda(T::wrap_device(dst), l.shape())
+    }
+    let s = cuda_storage("contiguous", t)?;
+    if is_whole(t, s.len()) {
+        return Ok(t.clone());
+    }
+    if t.rank() > kc::copy::MAX_RANK {
+        return Err(Error::shape(
+            "contiguous",
+            format!("a CUDA view of rank {} (at most {})", t.rank(), kc::copy::MAX_RANK),
+        ));
+    }
+    match s {
+        CudaStorage::F32(b) => go(b, t),
+        CudaStorage::BF16(b) => go(b, t),
+        CudaStorage::F16(b) => go(b, t),
+        CudaStorage::I32(b) => go(b, t),
+        CudaStorage::U8(b) => go(b, t),
+    }
+}
+
+/// A whole, contiguous copy of `t` in `dtype` on its device (itself when nothing changes). Converts between f32 and
+/// bf16; other pairs are an error rather than a trip through the host.
+pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    fn cast<S: GpuElement, D: GpuElement>(src: &DeviceBuffer<S>, shape: &[usize]) -> Result<Tensor> {
+        let mut dst = src.device().alloc::<D>(src.len()).map_err(Error::cuda("to_dtype"))?;
+        kc::copy::cast(src, &mut dst).map_err(Error::cuda("to_dtype"))?;
+        Tensor::from_cuda(D::wrap_device(dst), shape)
+    }
+    let c = contiguous(t)?;
+    if c.dtype() == dtype {
+        return Ok(c);
+    }
+    match (cuda_storage("to_dtype", &c)?, dtype) {
+        (CudaStorage::F32(b), DType::BF16) => cast::<f32, bf16>(b, c.shape()),
+        (CudaStorage::BF16(b), DType::F32) => cast::<bf16, f32>(b, c.shape()),
+        _ => Err(Error::Unsupported {
+            op: "to_dtype",
+            device: t.device(),
+            why: "CUDA tensors convert between f32 and bf16 only (move to the CPU for other dtypes)",
+        }),
+    }
+}
+
+/// The buffer of `t` for writing in place: the view is made whole and shared storage copied first, so nobody else
+/// observes the write (the same copy-on-write rule as [`Tensor::update`]).
+pub(crate) fn buffer_mut<'a, T: CudaElement>(op: &'static str, t: &'a mut Tensor) -> Result<&'a mut DeviceBuffer<T>> {
+    if t.dtype() != T::DTYPE {
+        return Err(Error::DType { op, expected: T::DTYPE, got: t.dtype() });
+    }
+    let len = cuda_storage(op, t)?.len();
+    if !is_whole(t, len) {
+        *t = contiguous(t)?;
+    }
+    let storage = t.storage_arc_mut();
+    if Arc::get_mut(storage).is_none() {
+        let copy = match &**storage {
+            Storage::Cuda(s) => s.try_clone()?,
+            Storage::Cpu(_) => return Err(Error::invalid(op, "expected a CUDA tensor, got a CPU one")),
+        };
+        *storage = Arc::new(Storage::Cuda(copy));
+    }
+    match Arc::get_mut(storage) {
+        Some(Storage::Cuda(s)) => Ok(T::buffer_mut(s).expect("dtype checked above")),
+        _ => unreachable!("storage made unique and on the device above"),
+    }
+}
+
+/// Where a CUDA op runs and in what precision (see the module docs).
+pub(crate) struct Gpu {
+    pub(crate) op: &'static str,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+    dev: CudaDevice,
+}
+
+impl Gpu {
+    /// The CUDA placement of an op over float operands `xs`, or None when they are all on the CPU. Operands on
+    /// different devices are an error naming the op and both devices.
+    pub(crate) fn of(op: &'static str, xs: &[&Tensor]) -> Result<Option<Gpu>> {
+        let first = xs[0].device();
+        if let Some(x) = xs.iter().find(|x| x.device() != first) {
+            return Err(Error::DeviceMismatch { op, a: first, b: x.device() });
+        }
+        let Device::Cuda(ordinal) = first else {
+            return Ok(None);
+        };
+        let mut dtype = DType::F32;
+        for x in xs {
+            match x.dtype() {
+                DType::F32 => {}
+                DType::BF16 => dtype = DType::BF16,
+                other => return Err(Error::DType { op, expected: DType::BF16, got: other }),
+            }
+        }
+        Ok(Some(Gpu { op, device: first, dtype, dev: cuda_device(ordinal)? }))
+    }
+
+    /// A float operand in the op's precision, whole on the device.
+    pub(crate) fn input(&self, t: &Tensor) -> Result<Tensor> {
+        self.input_as(t, self.dtype)
+    }
+
+    /// A float operand in `dtype` (the f32 side inputs: rope tables, rstd, log-sum-exp), whole on the device.
+    pub(crate) fn input_as(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.same_device(t)?;
+        to_dtype(t, dtype)
+    }
+
+    /// An index operand (ids, targets, cu_seqlens): I32 on the op's device, whole.
+    pub(crate) fn index(&self, what: &'static str, t: &Tensor) -> Result<Tensor> {
+        self.same_device(t)?;
+        if t.dtype() != DType::I32 {
+            return Err(Error::invalid(self.op, format!("{what} must be I32, got {:?}", t.dtype())));
+        }
+        contiguous(t)
+    }
+
+    fn same_device(&self, t: &Tensor) -> Result<()> {
+        if t.device() != self.device {
+            return Err(Error::DeviceMismatch { op: self.op, a: self.device, b: t.device() });
+        }
+        Ok(())
+    }
+
+    /// `n` elements for a kernel to write.
+    pub(crate) fn alloc<T: DeviceCopy>(&self, n: usize) -> Result<DeviceBuffer<T>> {
+        self.dev.alloc(n).map_err(Error::cuda(self.op))
+    }
+
+    /// A launcher's outcome as this crate's error, naming the op.
+    pub(crate) fn run<R>(&self, r: kc::Result<R>) -> Result<R> {
+        r.map_err(Error::cuda(self.op))
+    }
+
+    /// A host value placed on the op's device (the f32 scalar of a reduction).
+    pub(crate) fn scalar(&self, v: f32) -> Result<Tensor> {
+        let b = self.dev.upload(&[v]).map_err(Error::cuda(self.op))?;
+        Tensor::from_cuda(CudaStorage::F32(b), &[])
+    }
+}
+
+/// The buffer behind a tensor that [`Gpu::input`], [`Gpu::index`] or [`contiguous`] prepared.
+pub(crate) fn buf<T: CudaElement>(t: &Tensor) -> &DeviceBuffer<T> {
+    let b = match t.storage() {
+        Storage::Cuda(s) => T::buffer(s),
+        Storage::Cpu(_) => None,
+    };
+    b.expect("prepared on the device in this dtype by Gpu::input / Gpu::index")
+}
+
+/// A kernel's output buffer as a tensor of `shape`.
+pub(crate) fn output<T: CudaElement>(b: DeviceBuffer<T>, shape: &[usize]) -> Tensor {
+    Tensor::from_cuda(T::wrap_device(b), shape).expect("kernel output sized from the shape")
+}
+
+/// Runs `$body` with `T` bound to the element type of the op's precision.
+macro_rules! with_gpu {
+    ($g:expr, |$t:ident| $body:expr) => {
+        match $g.dtype {
+            $crate::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            _ => {
+                type $t = f32;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_gpu;
