@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# GPU checks, tier 3 of STYLE.md §12. Here (no GPU needed): builds qlora-kernels' test binaries in release mode,
-# stages them with the kernel sources and a runner in .gpu/kernels/ (git-ignored), and prints the one command to run
-# on the GPU machine. There, .gpu/kernels/run.sh runs every test in its own process and prints a pass/fail table that
-# says which tests ran on the GPU and which skipped (with QLORA_REQUIRE_GPU=1 set there, a skip is a failure).
+# GPU checks, tier 3 of STYLE.md §12. Here (no GPU needed): builds in release mode qlora-kernels' test binaries and
+# every workspace test target named cuda_* (the model step, the optimizer, training on the GPU), stages them with the
+# kernel sources and a runner in .gpu/parity/ (git-ignored), and prints the one command to run on the GPU machine.
+# There, from the repo root, .gpu/parity/run.sh runs every test in its own process (fixtures read from the repo's
+# tests/fixtures) and prints a pass/fail table that says which tests ran on the GPU and which skipped (with
+# QLORA_REQUIRE_GPU=1 set there, a skip is a failure).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-stage=.gpu/kernels
+stage=.gpu/parity
 
-echo "gpu-check: building test binaries (cargo test --release --no-run -p qlora-kernels)" >&2
-json="$(cargo test --release --no-run -p qlora-kernels --message-format=json)"
+echo "gpu-check: building test binaries (cargo test --release --no-run --workspace)" >&2
+json="$(cargo test --release --no-run --workspace --message-format=json)"
 rm -rf "$stage"
 mkdir -p "$stage/bin" "$stage/cuda"
 # One line per test executable: "<target name> <path>".
@@ -17,8 +19,11 @@ python3 -c '
 import json, sys
 for line in sys.stdin:
     msg = json.loads(line)
-    if msg.get("reason") == "compiler-artifact" and msg["profile"]["test"] and msg.get("executable"):
-        print(msg["target"]["name"], msg["executable"])
+    if msg.get("reason") != "compiler-artifact" or not msg["profile"]["test"] or not msg.get("executable"):
+        continue
+    name, package = msg["target"]["name"], msg["package_id"]
+    if "qlora-kernels" in package or name.startswith("cuda_"):
+        print(name, msg["executable"])
 ' <<<"$json" | while read -r name exe; do
     cp "$exe" "$stage/bin/$name"
 done
@@ -32,6 +37,7 @@ set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export QLORA_REQUIRE_GPU=1
+export QLORA_FIXTURES="$here/../../tests/fixtures"
 export QLORA_KERNEL_CACHE_DIR="${TMPDIR:-/tmp}/qlora-rt-kernels"
 if [[ -x /usr/local/cuda/bin/ptxas ]]; then export QLORA_PTXAS=/usr/local/cuda/bin/ptxas; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"

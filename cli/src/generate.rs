@@ -57,9 +57,10 @@ pub struct GenerateArgs {
     /// Seed of the sampling stream.
     #[arg(long, value_name = "S", default_value_t = 42)]
     seed: u64,
-    /// Base weights: nf4 (as QLoRA adapters were trained against) or none (f32).
-    #[arg(long, value_enum, default_value_t = Quantize::Nf4)]
-    quantize: Quantize,
+    /// Base weights: nf4 (what QLoRA adapters were trained against) or none (f32). Default: nf4 with --adapter,
+    /// none without — a merged model's small adapter updates would be rounded away by quantizing it again.
+    #[arg(long, value_enum)]
+    quantize: Option<Quantize>,
     /// With nf4: keep the block scales in f32 (for adapters trained with finetune --no-double-quant).
     #[arg(long)]
     no_double_quant: bool,
@@ -142,8 +143,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     stop_tokens.sort();
     stop_tokens.dedup();
 
+    let quantize = args.quantize.unwrap_or(if args.adapter.is_some() { Quantize::Nf4 } else { Quantize::None });
     let load_start = Instant::now();
-    let mut model = CausalLm::load(&model_dir, args.quantize.base_format(!args.no_double_quant))?;
+    let mut model = CausalLm::load(&model_dir, quantize.base_format(!args.no_double_quant))?;
     if let Some(dir) = &args.adapter {
         let n = load_adapter(&mut model, dir)?;
         // Inference: peft's eval mode, no adapter dropout.
