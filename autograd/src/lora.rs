@@ -342,11 +342,11 @@ impl Tape {
             // Before any tape.param below, so that a rejected call leaves nothing on the tape.
             ad.check("lora_linear", base)?;
             let device = x.value().device();
-            if device != Device::Cpu && (ad.config.use_dora || ad.config.dropout > 0.0) {
+            if device != Device::Cpu && ad.config.use_dora {
                 return Err(Error::Unsupported {
                     op: "lora_linear",
                     device,
-                    why: "DoRA and adapter dropout run on the CPU only so far (their row-wise helpers are host loops)",
+                    why: "DoRA runs on the CPU only so far (its per-row norm and scaling helpers are host loops)",
                 });
             }
         }
@@ -579,7 +579,15 @@ impl Dropout {
     /// backward) or a GPU twin drawing elements independently gets the same mask. Linear in `t`: the same call maps
     /// a gradient back through the mask.
     fn apply(&self, t: &Tensor, p: DType) -> Result<Tensor> {
-        in_precision!(p, dropout(t, self.p, self.seed))
+        match t.device() {
+            Device::Cpu => in_precision!(p, dropout(t, self.p, self.seed)),
+            // The mask is drawn on the host from the same stream and uploaded, so a GPU run drops exactly the
+            // elements a CPU run with the same seed drops; the kept scale is the CPU's f32 value.
+            device => {
+                let mask = dropout::<f32>(&Tensor::ones(t.shape(), DType::F32), self.p, self.seed)?;
+                mul(t, &mask.to_device(device)?)
+            }
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use qlora_models::peft::{load_adapter, save_adapter};
 use qlora_models::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
-use qlora_runtime::DType;
+use qlora_runtime::{DType, Device};
 use std::path::{Path, PathBuf};
 
 /// NF4 block size: the QLoRA paper's and bitsandbytes' default.
@@ -86,6 +86,14 @@ pub enum DeviceArg {
     Auto,
     Cpu,
     Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    /// The design's training precision on a GPU (QLoRA's bf16 compute dtype).
+    Bf16,
+    /// Full precision on the GPU too (for parity checks against the CPU; slower).
+    F32,
 }
 
 /// Every flag can also come from `--config FILE.toml` (see `config`); pairs that replace each other
@@ -211,9 +219,13 @@ pub struct FinetuneArgs {
     /// TOML file of flags (`lr = 1e-4`, `target-modules = ["q_proj", "v_proj"]`); command-line flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where to train: auto (CUDA when available, else CPU with a notice), cpu or cuda.
+    /// Where to train: auto (the first CUDA GPU when there is one, else CPU; a notice says which), cpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Compute precision on CUDA (activations and the dequantized base weights; adapters and optimizer moments
+    /// stay f32). The CPU always computes in f32.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
+    dtype: DtypeArg,
     /// Recompute each decoder layer in backward instead of keeping its activations [default: on].
     #[arg(long, overrides_with = "no_gradient_checkpointing")]
     gradient_checkpointing: bool,
@@ -334,18 +346,36 @@ impl FinetuneArgs {
     }
 }
 
-/// Training runs on the CPU until the CUDA backend carries tensors; `auto` says so once.
-fn check_device(device: DeviceArg) -> Result<()> {
+/// Where training runs and in what precision: cuda:0 when asked for (an error line when it cannot be opened) or
+/// when `auto` finds a GPU; the CPU, in f32, otherwise. `auto` says which in one line.
+fn pick_device(device: DeviceArg, dtype: DtypeArg) -> Result<(Device, DType)> {
+    let gpu_dtype = match dtype {
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::F32 => DType::F32,
+    };
+    // Opening the device (context, NVRTC check) proves it usable, not just present.
+    let open = || -> Result<String> {
+        let n = qlora_kernels::cuda::device_count().map_err(|e| anyhow::anyhow!("{e}"))?;
+        ensure!(n > 0, "the CUDA driver sees no GPU; run with --device cpu");
+        Ok(qlora_runtime::cuda_device(0)?.to_string())
+    };
     match device {
-        DeviceArg::Cpu => Ok(()),
-        DeviceArg::Cuda => bail!(
-            "--device cuda: training on CUDA is not available in this build yet (the CUDA backend is in progress); \
-             use --device cpu"
-        ),
-        DeviceArg::Auto => {
-            eprintln!("qlora-rt: note: no CUDA training backend in this build; training on CPU");
-            Ok(())
+        DeviceArg::Cpu => Ok((Device::Cpu, DType::F32)),
+        DeviceArg::Cuda => {
+            // The causes name --device cpu as the way out.
+            open().map_err(|e| anyhow::anyhow!("--device cuda: {e:#}"))?;
+            Ok((Device::Cuda(0), gpu_dtype))
         }
+        DeviceArg::Auto => match open() {
+            Ok(name) => {
+                eprintln!("qlora-rt: note: training on cuda:0 ({name})");
+                Ok((Device::Cuda(0), gpu_dtype))
+            }
+            Err(e) => {
+                eprintln!("qlora-rt: note: no usable CUDA GPU ({e:#}); training on CPU");
+                Ok((Device::Cpu, DType::F32))
+            }
+        },
     }
 }
 
@@ -450,13 +480,14 @@ fn load_data(args: &FinetuneArgs) -> Result<(data::Plan, Option<Vec<data::Row>>,
     Ok((data::Plan::new(sets.train, grouping, args.grad_accum, args.seed), sets.eval, max_seq_len))
 }
 
-/// The model with its adapters (fresh, or the checkpoint's) and an optimizer over them (fresh, or restored),
-/// and where training starts.
+/// The model with its adapters (fresh, or the checkpoint's) on `device` computing in `dtype`, an optimizer over
+/// them (fresh, or restored), and where training starts.
 fn load_model(
     args: &FinetuneArgs,
     targets: &[&str],
     resume_from: Option<&Path>,
     trajectory: &serde_json::Value,
+    (device, dtype): (Device, DType),
 ) -> Result<(CausalLm, AdamW, checkpoint::TrainerState)> {
     let mut model = CausalLm::load(&args.model, args.quantize.base_format(args.double_quant()))?;
     model.gradient_checkpointing = args.gradient_checkpointing();
@@ -471,6 +502,14 @@ fn load_model(
             None
         }
     };
+    // Adapters are drawn (or read) on the host first, so a GPU run starts from exactly the CPU run's values.
+    if device != Device::Cpu {
+        ensure!(
+            !args.dora,
+            "--dora: DoRA trains on the CPU only so far (its per-row norm helpers have no CUDA path); use --device cpu"
+        );
+        model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
+    }
     let adamw = AdamWConfig {
         lr: args.lr,
         beta1: args.beta1,
@@ -491,7 +530,7 @@ fn load_model(
 }
 
 /// The run in two lines: model and adapters, then the schedule.
-fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &Schedule, rows: String) {
+fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &Schedule, rows: String, on: String) {
     let c = &model.config;
     let base = match (args.quantize, args.double_quant()) {
         (Quantize::Nf4, true) => "NF4 + double quantization",
@@ -509,7 +548,7 @@ fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &S
         if args.dora { ", DoRA" } else { "" },
     );
     println!(
-        "training: {} optimizer steps, warmup {}, {} micro-batch(es) of {rows} per step",
+        "training: {} optimizer steps, warmup {}, {} micro-batch(es) of {rows} per step, on {on}",
         schedule.total_steps, schedule.warmup_steps, args.grad_accum,
     );
 }
@@ -517,7 +556,7 @@ fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &S
 fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     args.check()?;
     let targets = args.targets()?;
-    check_device(args.device)?;
+    let placement = pick_device(args.device, args.dtype)?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
 
@@ -540,13 +579,18 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         total_steps,
     };
     let trajectory = args.trajectory(&plan.fingerprint(), &targets);
-    let (mut model, mut optimizer, start) = load_model(args, &targets, resume_from.as_deref(), &trajectory)?;
+    let (mut model, mut optimizer, start) = load_model(args, &targets, resume_from.as_deref(), &trajectory, placement)?;
     let n_params = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
     let rows = match args.batch_tokens {
         Some(n) => format!("up to {n} tokens"),
         None => format!("{} row(s) of up to {max_seq_len} tokens", args.micro_batch),
     };
-    describe(args, &model, n_params, &schedule, rows);
+    let on = match placement {
+        (Device::Cpu, _) => "cpu (f32)".to_string(),
+        (device, DType::BF16) => format!("{device} (bf16 compute, f32 adapters and moments)"),
+        (device, _) => format!("{device} (f32)"),
+    };
+    describe(args, &model, n_params, &schedule, rows, on);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
     checkpoint::remove_partials(&args.out)?;
 
@@ -556,6 +600,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         model: &mut model,
         optimizer: &mut optimizer,
         plan: &plan,
+        device: placement.0,
         eval: eval.as_deref(),
         schedule,
         settings: train::Settings {
