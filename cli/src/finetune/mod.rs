@@ -15,6 +15,7 @@ mod train;
 
 pub use config::expand_config;
 
+use crate::device::DeviceArg;
 use anyhow::{bail, ensure, Context, Result};
 use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit};
 use qlora_kernels::Rng;
@@ -79,13 +80,6 @@ pub enum ScheduleArg {
     Constant,
     Linear,
     Cosine,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -346,39 +340,6 @@ impl FinetuneArgs {
     }
 }
 
-/// Where training runs and in what precision: cuda:0 when asked for (an error line when it cannot be opened) or
-/// when `auto` finds a GPU; the CPU, in f32, otherwise. `auto` says which in one line.
-fn pick_device(device: DeviceArg, dtype: DtypeArg) -> Result<(Device, DType)> {
-    let gpu_dtype = match dtype {
-        DtypeArg::Bf16 => DType::BF16,
-        DtypeArg::F32 => DType::F32,
-    };
-    // Opening the device (context, NVRTC check) proves it usable, not just present.
-    let open = || -> Result<String> {
-        let n = qlora_kernels::cuda::device_count().map_err(|e| anyhow::anyhow!("{e}"))?;
-        ensure!(n > 0, "the CUDA driver sees no GPU; run with --device cpu");
-        Ok(qlora_runtime::cuda_device(0)?.to_string())
-    };
-    match device {
-        DeviceArg::Cpu => Ok((Device::Cpu, DType::F32)),
-        DeviceArg::Cuda => {
-            // The causes name --device cpu as the way out.
-            open().map_err(|e| anyhow::anyhow!("--device cuda: {e:#}"))?;
-            Ok((Device::Cuda(0), gpu_dtype))
-        }
-        DeviceArg::Auto => match open() {
-            Ok(name) => {
-                eprintln!("qlora-rt: note: training on cuda:0 ({name})");
-                Ok((Device::Cuda(0), gpu_dtype))
-            }
-            Err(e) => {
-                eprintln!("qlora-rt: note: no usable CUDA GPU ({e:#}); training on CPU");
-                Ok((Device::Cpu, DType::F32))
-            }
-        },
-    }
-}
-
 /// Refuses to mix a new run into a folder that already holds one, unless --resume was given (which, with no
 /// checkpoint to resume from, restarts a run that died before its first one).
 fn check_out(out: &Path, resume_flag: bool) -> Result<()> {
@@ -556,7 +517,11 @@ fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &S
 fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     args.check()?;
     let targets = args.targets()?;
-    let placement = pick_device(args.device, args.dtype)?;
+    let gpu_dtype = match args.dtype {
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::F32 => DType::F32,
+    };
+    let placement = crate::device::pick(args.device, gpu_dtype, "training")?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
 
@@ -585,12 +550,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         Some(n) => format!("up to {n} tokens"),
         None => format!("{} row(s) of up to {max_seq_len} tokens", args.micro_batch),
     };
-    let on = match placement {
-        (Device::Cpu, _) => "cpu (f32)".to_string(),
-        (device, DType::BF16) => format!("{device} (bf16 compute, f32 adapters and moments)"),
-        (device, _) => format!("{device} (f32)"),
-    };
-    describe(args, &model, n_params, &schedule, rows, on);
+    describe(args, &model, n_params, &schedule, rows, crate::device::describe(placement));
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
     checkpoint::remove_partials(&args.out)?;
 
