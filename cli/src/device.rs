@@ -13,7 +13,7 @@ pub enum DeviceArg {
 
 /// Where to run and in what precision: cuda:0 in `gpu_dtype` when asked for (one error line when it cannot be
 /// opened) or when `auto` finds a GPU it can open; the CPU in f32 otherwise. `auto` prints which, in one line
-/// ("note: <doing> on cuda:0 (H100 …)" or "note: no usable CUDA GPU (why); <doing> on CPU").
+/// ("note: <doing> on cuda:0 (NVIDIA H100 …)" or "note: no usable CUDA GPU (why); <doing> on CPU").
 pub fn pick(device: DeviceArg, gpu_dtype: DType, doing: &str) -> Result<(Device, DType)> {
     // Opening the device (driver, context, NVRTC) proves it usable, not just present.
     let open = || -> Result<String> {
@@ -30,7 +30,8 @@ pub fn pick(device: DeviceArg, gpu_dtype: DType, doing: &str) -> Result<(Device,
         }
         DeviceArg::Auto => match open() {
             Ok(name) => {
-                eprintln!("qlora-rt: note: {doing} on cuda:0 ({name})");
+                // The device's own description reads "cuda:0 (NVIDIA H100 80GB HBM3, sm_90a)".
+                eprintln!("qlora-rt: note: {doing} on {name}");
                 Ok((Device::Cuda(0), gpu_dtype))
             }
             Err(e) => {

@@ -93,8 +93,11 @@ fn finetune(data: &Path, out: &Path, device: &[&str], extra: &[&str]) -> Vec<Str
     a
 }
 
-/// (train losses by step, eval losses by step) from metrics.jsonl.
-fn curves(out: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+/// (step, loss) pairs in step order.
+type Curve = Vec<(u64, f64)>;
+
+/// (train losses, eval losses) from metrics.jsonl.
+fn curves(out: &Path) -> (Curve, Curve) {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let rows: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let get = |key: &str| rows.iter().filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?))).collect();

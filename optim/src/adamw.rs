@@ -30,7 +30,13 @@ struct Slot {
 /// bit-reproducible; in f32 on the parameter's GPU otherwise, so a step never leaves the device.
 enum Moments {
     Host { m: Vec<f64>, v: Vec<f64> },
-    Device { m: Tensor, v: Tensor },
+    // Boxed: a tensor handle carries its layout inline, several times a Vec's size.
+    Device(Box<DeviceMoments>),
+}
+
+struct DeviceMoments {
+    m: Tensor,
+    v: Tensor,
 }
 
 impl Moments {
@@ -39,7 +45,7 @@ impl Moments {
             Device::Cpu => Moments::Host { m: vec![0.0; n], v: vec![0.0; n] },
             _ => {
                 let z = Tensor::zeros(&[n], DType::F32).to_device(device)?;
-                Moments::Device { m: z.clone(), v: z }
+                Moments::Device(Box::new(DeviceMoments { m: z.clone(), v: z }))
             }
         })
     }
@@ -47,7 +53,7 @@ impl Moments {
     fn len(&self) -> usize {
         match self {
             Moments::Host { m, .. } => m.len(),
-            Moments::Device { m, .. } => m.elem_count(),
+            Moments::Device(d) => d.m.elem_count(),
         }
     }
 
@@ -56,7 +62,7 @@ impl Moments {
     fn to_host(&self) -> Result<(Vec<f64>, Vec<f64>)> {
         Ok(match self {
             Moments::Host { m, v } => (m.clone(), v.clone()),
-            Moments::Device { m, v } => (m.try_to_vec::<f64>()?, v.try_to_vec::<f64>()?),
+            Moments::Device(d) => (d.m.try_to_vec::<f64>()?, d.v.try_to_vec::<f64>()?),
         })
     }
 
@@ -67,10 +73,10 @@ impl Moments {
                 m.clone_from_slice(exp_avg);
                 v.clone_from_slice(exp_avg_sq);
             }
-            Moments::Device { m, v } => {
-                let device = m.device();
+            Moments::Device(d) => {
+                let device = d.m.device();
                 let upload = |x: &[f64]| Tensor::from_slice(x, &[x.len()])?.to_dtype(DType::F32).to_device(device);
-                (*m, *v) = (upload(exp_avg)?, upload(exp_avg_sq)?);
+                (d.m, d.v) = (upload(exp_avg)?, upload(exp_avg_sq)?);
             }
         }
         Ok(())
@@ -149,10 +155,10 @@ impl AdamW {
                     adamw_step(&h, &mut p, &g, m, v);
                     slot.param.set_value(Tensor::from_vec(p, value.shape())?.to_dtype(value.dtype()));
                 }
-                Moments::Device { m, v } => {
+                Moments::Device(d) => {
                     // Drop our handle first so the update writes the parameter's buffer in place instead of copying.
                     drop(value);
-                    slot.param.update(|p| qlora_runtime::ops::optim::adamw_step(&h, p, &g, m, v))?;
+                    slot.param.update(|p| qlora_runtime::ops::optim::adamw_step(&h, p, &g, &mut d.m, &mut d.v))?;
                 }
             }
             slot.param.zero_grad();
