@@ -465,10 +465,6 @@ fn load_model(
     };
     // Adapters are drawn (or read) on the host first, so a GPU run starts from exactly the CPU run's values.
     if device != Device::Cpu {
-        ensure!(
-            !args.dora,
-            "--dora: DoRA trains on the CPU only so far (its per-row norm helpers have no CUDA path); use --device cpu"
-        );
         model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
     }
     let adamw = AdamWConfig {
@@ -521,7 +517,18 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         DtypeArg::Bf16 => DType::BF16,
         DtypeArg::F32 => DType::F32,
     };
-    let placement = crate::device::pick(args.device, gpu_dtype, "training")?;
+    // DoRA's per-row weight norms and scalings are host loops so far: `auto` trains it on the CPU.
+    let device = match (args.dora, args.device) {
+        (true, DeviceArg::Cuda) => {
+            bail!("--dora with --device cuda: DoRA trains on the CPU only so far; use --device cpu")
+        }
+        (true, DeviceArg::Auto) => {
+            eprintln!("qlora-rt: note: DoRA trains on the CPU only so far; training on CPU");
+            DeviceArg::Cpu
+        }
+        (_, device) => device,
+    };
+    let placement = crate::device::pick(device, gpu_dtype, "training")?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
 
