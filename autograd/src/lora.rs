@@ -11,7 +11,7 @@
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
 use qlora_kernels::Rng;
-use qlora_runtime::ops::elementwise::{add, add_bias, mul, scale, sum_rows};
+use qlora_runtime::ops::elementwise::{add, add_bias, dropout, mul, scale, sum_rows};
 use qlora_runtime::ops::linalg::matmul;
 use qlora_runtime::ops::Compute;
 use qlora_runtime::quant::BaseWeight;
@@ -342,11 +342,11 @@ impl Tape {
             // Before any tape.param below, so that a rejected call leaves nothing on the tape.
             ad.check("lora_linear", base)?;
             let device = x.value().device();
-            if device != Device::Cpu && (ad.config.use_dora || ad.config.dropout > 0.0) {
+            if device != Device::Cpu && ad.config.use_dora {
                 return Err(Error::Unsupported {
                     op: "lora_linear",
                     device,
-                    why: "DoRA and adapter dropout run on the CPU only so far (their row-wise helpers are host loops)",
+                    why: "DoRA runs on the CPU only so far (its per-row norm and scaling helpers are host loops)",
                 });
             }
         }
@@ -414,7 +414,7 @@ impl Bound {
     fn forward(&self, x2: &Tensor, w: &Tensor, z: Tensor, x_needs: bool, p: DType) -> Result<(Tensor, AdapterSaved)> {
         let (a, b, s) = (self.a.value(), self.b.value(), self.scaling);
         let xd = match self.dropout {
-            Some(d) => d.apply(x2, p)?,
+            Some(d) => d.apply(x2)?,
             None => x2.clone(),
         };
         let u = matmul(&xd, &a.t()?)?;
@@ -535,7 +535,7 @@ fn adapter_backward(ad: &AdapterSaved, dy: &Tensor, w: Option<&Tensor>, p: DType
     let d_a = match &ad.x {
         Some(x) => {
             let xd = match ad.dropout {
-                Some(d) => d.apply(x, p)?,
+                Some(d) => d.apply(x)?,
                 None => x.clone(),
             };
             Some(matmul(&saved(&du)?.t()?, &xd)?)
@@ -552,13 +552,13 @@ fn adapter_backward(ad: &AdapterSaved, dy: &Tensor, w: Option<&Tensor>, p: DType
             let du_a = matmul(saved(&du)?, saved(&ad.a)?)?;
             Some(match (dora, ad.dropout) {
                 (None, None) => add(&matmul(dy, w)?, &du_a)?,
-                (None, Some(d)) => add(&matmul(dy, w)?, &d.apply(&du_a, p)?)?,
+                (None, Some(d)) => add(&matmul(dy, w)?, &d.apply(&du_a)?)?,
                 // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: one product with W.
                 (Some(_), None) => add(&matmul(&dyg, w)?, &du_a)?,
                 // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
                 (Some(dr), Some(d)) => {
                     let dzd = matmul(&in_precision!(p, scale_cols(dy, &dr.g, -1.0))?, w)?;
-                    add(&matmul(dy, w)?, &d.apply(&add(&dzd, &du_a)?, p)?)?
+                    add(&matmul(dy, w)?, &d.apply(&add(&dzd, &du_a)?)?)?
                 }
             })
         }
@@ -578,8 +578,8 @@ impl Dropout {
     /// scaled by 1/(1 − p). SplitMix64's i-th draw depends only on the seed and i, so a recompute (checkpoint,
     /// backward) or a GPU twin drawing elements independently gets the same mask. Linear in `t`: the same call maps
     /// a gradient back through the mask.
-    fn apply(&self, t: &Tensor, p: DType) -> Result<Tensor> {
-        in_precision!(p, dropout(t, self.p, self.seed))
+    fn apply(&self, t: &Tensor) -> Result<Tensor> {
+        dropout(t, self.p, self.seed)
     }
 }
 
@@ -658,12 +658,4 @@ fn dora_combine<T: Compute>(
         .then(|| Tensor::from_vec(zd_v.iter().zip(sv_v.iter()).map(|(&a, &b)| a + b).collect::<Vec<T>>(), z.shape()))
         .transpose()?;
     Ok((Tensor::from_vec(y, z.shape())?, h))
-}
-
-/// Inverted dropout of `t` (see [`Dropout::apply`]).
-fn dropout<T: Compute>(t: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let mut rng = Rng::new(seed);
-    let keep = T::c(1.0 / (1.0 - p));
-    let v = t.values::<T>().iter().map(|&v| if rng.uniform() < p { T::c(0.0) } else { v * keep }).collect();
-    Tensor::from_vec(v, t.shape())
 }

@@ -3,6 +3,7 @@
 //! row, and its perplexity. Also owns the model-loading flags (`--device`, `--dtype`, `--quantize`) that other
 //! commands which load a model share.
 
+use crate::device::DeviceArg;
 use anyhow::{bail, Context, Result};
 use qlora_autograd::{Tape, Var};
 use qlora_models::data::jsonl::{parse_record, Record};
@@ -11,18 +12,11 @@ use qlora_models::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
 use qlora_runtime::ops::nn::IGNORE_INDEX;
-use qlora_runtime::DType;
+use qlora_runtime::{DType, Device};
 use std::io::{BufRead, BufReader};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-    Auto,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DtypeArg {
@@ -39,7 +33,7 @@ pub enum QuantizeArg {
 /// How a model is loaded and where it runs.
 #[derive(clap::Args)]
 pub struct LoadArgs {
-    /// Where to run: cpu; cuda (not in this build yet); auto (CUDA when available, else CPU with a notice).
+    /// Where to run: cpu; cuda (the first GPU); auto (the first GPU when there is one, else CPU; a notice says which).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
     /// Precision of the dense base weights (and of compute on CUDA). On CPU compute is always f32: bf16 only
@@ -56,11 +50,8 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
-    /// Checks the flags against each other and against this build.
+    /// Checks the flags against each other.
     pub fn base_format(&self) -> Result<BaseFormat> {
-        if self.device == DeviceArg::Cuda {
-            bail!("--device cuda: the CUDA backend is not available in this build (use --device cpu)");
-        }
         match (self.quantize, self.double_quant) {
             (QuantizeArg::None, true) => bail!("--double-quant needs --quantize nf4"),
             (QuantizeArg::None, false) => Ok(BaseFormat::Dense(match self.dtype {
@@ -73,12 +64,15 @@ impl LoadArgs {
         }
     }
 
-    /// The one-line notice that `auto` fell back to CPU. Commands print it once their inputs have been
-    /// checked, so that a failing command still prints only its error.
-    pub fn announce_device(&self) {
-        if self.device == DeviceArg::Auto {
-            eprintln!("qlora-rt: note: no CUDA backend in this build; running on CPU");
-        }
+    /// Where to run and the compute precision there (`--dtype` on a GPU, f32 on the CPU); `auto` prints its
+    /// one-line notice. Commands call it once their inputs have been checked, so that a failing command still
+    /// prints only its error.
+    pub fn placement(&self) -> Result<(Device, DType)> {
+        let dtype = match self.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+        };
+        crate::device::pick(self.device, dtype, "running")
     }
 }
 
@@ -189,8 +183,8 @@ fn group(rows: &[Row], budget: usize) -> Vec<Range<usize>> {
 /// Logits are formed this many elements at a time (64 MiB of f32): a [tokens, vocab] matrix never exists whole.
 const LOGITS_CHUNK: usize = 1 << 24;
 
-/// (Σ NLL, predicted tokens) of one packed batch.
-fn nll(model: &CausalLm, batch: &Batch) -> Result<(f64, usize)> {
+/// Σ NLL over the predicted tokens of one packed batch.
+fn nll(model: &CausalLm, batch: &Batch) -> Result<f64> {
     let tape = Tape::new();
     let sum = tape.no_grad(|| -> qlora_runtime::Result<f64> {
         let h = model.forward_hidden(&tape, &batch.ids, &batch.positions, &batch.cu_seqlens, None, 0)?;
@@ -205,7 +199,7 @@ fn nll(model: &CausalLm, batch: &Batch) -> Result<(f64, usize)> {
         }
         Ok(sum)
     })?;
-    Ok((sum, batch.trained_tokens()))
+    Ok(sum)
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -239,16 +233,19 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             p.adapter = p.adapter.take().map(|a| a.without_dropout());
         }
     }
-    args.load.announce_device();
+    let (device, dtype) = args.load.placement()?;
+    if device != Device::Cpu {
+        model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
+    }
     let groups = group(&data.rows, args.batch_tokens);
     let (mut sum, mut tokens) = (0.0, 0usize);
     for (b, range) in groups.iter().enumerate() {
         let seqs: Vec<(Vec<i32>, Vec<i32>)> =
             data.rows[range.clone()].iter().map(|r| (r.ids.clone(), r.labels.clone())).collect();
         let batch = Batch::pack(&seqs)?;
-        let (s, n) = nll(&model, &batch).with_context(|| format!("batch {} of {}", b + 1, groups.len()))?;
-        sum += s;
-        tokens += n;
+        tokens += batch.trained_tokens();
+        let batch = batch.to_device(device)?;
+        sum += nll(&model, &batch).with_context(|| format!("batch {} of {}", b + 1, groups.len()))?;
     }
     let loss = sum / tokens as f64;
     let seconds = start.elapsed().as_secs_f64();

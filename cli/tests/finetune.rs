@@ -338,13 +338,39 @@ fn toml_config_is_honoured_and_flags_override_it() {
     assert!(e.contains("run.toml") && e.contains("\"learning_rate\""), "{e}");
 }
 
+/// DoRA has no CUDA path yet: asked for on a GPU it is one clear error, whether or not there is a GPU.
 #[test]
-fn cuda_is_refused_clearly() {
+fn dora_on_cuda_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = good_data(dir.path());
+    let mut a = args(s(&data), "unused", "1");
+    a.extend(["--dora", "--device", "cuda"]);
+    let run = qlora_rt(&a);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(error_line(&run).contains("--dora with --device cuda"), "{}", stderr(&run));
+}
+
+/// Where there is a GPU, `--device cuda` trains (cli/tests/cuda_finetune.rs checks that).
+#[test]
+fn cuda_without_a_gpu_is_one_clear_error() {
+    if qlora_kernels::cuda::device_count().is_ok_and(|n| n > 0) {
+        println!("cuda_without_a_gpu_is_one_clear_error: skipped: this machine has a GPU");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let data = good_data(dir.path());
     let mut a = args(s(&data), "unused", "1");
     a.extend(["--device", "cuda"]);
     let run = qlora_rt(&a);
     assert_eq!(run.status.code(), Some(1));
-    assert!(error_line(&run).contains("--device cuda"), "{}", stderr(&run));
+    let e = error_line(&run);
+    assert!(e.contains("--device cuda") && e.contains("--device cpu"), "{}", stderr(&run));
+    assert_eq!(stderr(&run).trim_end().lines().count(), 1, "{}", stderr(&run));
+
+    let out = dir.path().join("out");
+    let mut a = args(s(&data), s(&out), "1");
+    a.extend(["--device", "auto"]);
+    let run = qlora_rt(&a);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stderr(&run).contains("note: no usable CUDA GPU") && stderr(&run).contains("training on CPU"));
 }

@@ -1,4 +1,4 @@
-// Twin of kernels/src/elementwise.rs: add, mul, scale, axpy, add_bias. One thread per element, grid-stride.
+// Twin of kernels/src/elementwise.rs: add, mul, scale, dropout, axpy, add_bias. One thread per element, grid-stride.
 #include "common.cuh"
 
 // a, b: [n] → out: [n] = a + b
@@ -14,6 +14,21 @@ template <typename T> __device__ void mul(const T* a, const T* b, T* out, u64 n)
 // x: [n] → out: [n] = s·x
 template <typename T> __device__ void scale(const T* x, float s, T* out, u64 n) {
     for (u64 i = thread_index(); i < n; i += thread_count()) out[i] = from_f32<T>(s * to_f32(x[i]));
+}
+
+// The i-th uniform in [0, 1) of SplitMix64 from `seed` (kernels/src/rng.rs `Rng::uniform_at`), bit for bit.
+__device__ __forceinline__ double uniform_at(u64 seed, u64 i) {
+    u64 z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0);
+}
+
+// x: [n] → out: [n] = 0 where draw i < p, keep·x elsewhere (inverted dropout; the CPU twin's mask exactly)
+template <typename T> __device__ void dropout(const T* x, T* out, u64 n, u64 seed, double p, float keep) {
+    for (u64 i = thread_index(); i < n; i += thread_count())
+        out[i] = uniform_at(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(to_f32(x[i]) * keep);
 }
 
 // x: [n], y: [n] → y += alpha·x
@@ -42,3 +57,10 @@ extern "C" __global__ void axpy_bf16(float alpha, const bf16* x, bf16* y, u64 n)
 
 extern "C" __global__ void add_bias_f32(float* x, const float* bias, u64 n, unsigned cols) { add_bias(x, bias, n, cols); }
 extern "C" __global__ void add_bias_bf16(bf16* x, const bf16* bias, u64 n, unsigned cols) { add_bias(x, bias, n, cols); }
+
+extern "C" __global__ void dropout_f32(const float* x, float* out, u64 n, u64 seed, double p, float keep) {
+    dropout(x, out, n, seed, p, keep);
+}
+extern "C" __global__ void dropout_bf16(const bf16* x, bf16* out, u64 n, u64 seed, double p, float keep) {
+    dropout(x, out, n, seed, p, keep);
+}

@@ -28,6 +28,18 @@ pub fn scale<T: Float>(x: &[T], s: T, out: &mut [T]) {
     });
 }
 
+/// x: [len] → out: [len] = 0 where element i's draw `Rng::uniform_at(seed, i)` is < p, keep·x elsewhere (inverted
+/// dropout, keep = 1/(1 − p) in T): the mask of drawing `Rng::new(seed).uniform()` once per element in order.
+pub fn dropout<T: Float>(x: &[T], p: f64, seed: u64, keep: T, out: &mut [T]) {
+    assert_eq!(x.len(), out.len(), "dropout: x vs out length");
+    out.par_chunks_mut(MIN_CHUNK).zip(x.par_chunks(MIN_CHUNK)).enumerate().for_each(|(c, (out, x))| {
+        let start = (c * MIN_CHUNK) as u64;
+        for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
+            *o = if crate::Rng::uniform_at(seed, start + i as u64) < p { T::c(0.0) } else { x * keep };
+        }
+    });
+}
+
 /// x: [len], y: [len] → y += alpha·x (gradient accumulation)
 pub fn axpy<T: Float>(alpha: T, x: &[T], y: &mut [T]) {
     assert_eq!(x.len(), y.len(), "axpy: x vs y length");
@@ -68,6 +80,21 @@ mod tests {
     use crate::reduce::sum_rows;
     use crate::testing::{check_gradient, dot, randn};
     use crate::Rng;
+
+    #[test]
+    fn dropout_mask_is_the_sequential_stream() {
+        // Spans several parallel chunks, so each chunk's draw offsets are exercised.
+        let n = 3 * MIN_CHUNK + 5;
+        let x: Vec<f32> = (0..n).map(|i| 1.0 + i as f32).collect();
+        let (p, seed, keep) = (0.3, 12345, (1.0 / 0.7) as f32);
+        let mut out = vec![0.0f32; n];
+        dropout(&x, p, seed, keep, &mut out);
+        let mut rng = Rng::new(seed);
+        let want: Vec<f32> = x.iter().map(|&v| if rng.uniform() < p { 0.0 } else { v * keep }).collect();
+        assert_eq!(out, want);
+        let dropped = out.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+        assert!((dropped - p).abs() < 0.02, "{dropped}");
+    }
 
     /// Longer than several MIN_CHUNKs and not a multiple of one, so the parallel split and the ragged tail run.
     const N: usize = 3 * MIN_CHUNK + 101;

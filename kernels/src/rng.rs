@@ -28,6 +28,12 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// The `index`-th (0-based) `uniform()` of `Rng::new(seed)` without the draws before it: the state after
+    /// index + 1 steps is seed + (index + 1)·γ, so each element (each GPU thread) finds its own draw.
+    pub fn uniform_at(seed: u64, index: u64) -> f64 {
+        Rng::new(seed.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15))).uniform()
+    }
+
     /// Uniform in [0, 1) with 53 random bits.
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
@@ -62,6 +68,16 @@ impl Rng {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn uniform_at_is_the_stream_without_the_draws_before() {
+        for seed in [0, 7, u64::MAX - 3] {
+            let mut rng = Rng::new(seed);
+            for i in 0..100 {
+                assert_eq!(Rng::uniform_at(seed, i).to_bits(), rng.uniform().to_bits(), "seed {seed}, draw {i}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

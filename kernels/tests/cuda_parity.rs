@@ -157,6 +157,13 @@ fn elementwise_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         elementwise::scale(&aw, -1.5, &mut want);
         check(&format!("scale n={n}"), &out, &want, T::TOL);
 
+        // The mask must match exactly: a zero against a kept value is far outside any tolerance.
+        let mut out = poisoned::<T>(dev, n);
+        let keep = (1.0 / 0.7) as f32;
+        cuda::elementwise::dropout(&ga, 0.3, 99 + n as u64, keep, &mut out).unwrap();
+        elementwise::dropout(&aw, 0.3, 99 + n as u64, keep, &mut want);
+        check(&format!("dropout n={n}"), &out, &want, T::TOL);
+
         let mut y = upload(dev, &b);
         cuda::elementwise::axpy(0.25, &ga, &mut y).unwrap();
         let mut want = bw.clone();

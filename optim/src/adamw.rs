@@ -1,8 +1,9 @@
-//! AdamW over a set of trainable parameters, with fp32 (or f64) moment buffers.
+//! AdamW over a set of trainable parameters: f64 moments on the host for CPU parameters, f32 moments beside the
+//! parameter for GPU ones (the fused CUDA kernel).
 
 use qlora_autograd::Param;
 use qlora_kernels::adamw::{adamw_step, AdamWStep};
-use qlora_runtime::{Device, Error, Result, Tensor};
+use qlora_runtime::{DType, Device, Error, Result, Tensor};
 
 /// Defaults are the QLoRA paper's and Hugging Face Trainer's: β = (0.9, 0.999), ε = 1e-8, no weight decay.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -22,12 +23,66 @@ impl Default for AdamWConfig {
 
 struct Slot {
     param: Param,
-    m: Vec<f64>,
-    v: Vec<f64>,
+    moments: Moments,
 }
 
-/// Moments are kept in f64 on the host so the CPU path is exact and bit-reproducible; the GPU optimizer keeps
-/// them in fp32 device (or paged) memory.
+/// Where a parameter's moments live: in f64 on the host for a CPU parameter, so the CPU path is exact and
+/// bit-reproducible; in f32 on the parameter's GPU otherwise, so a step never leaves the device.
+enum Moments {
+    Host { m: Vec<f64>, v: Vec<f64> },
+    // Boxed: a tensor handle carries its layout inline, several times a Vec's size.
+    Device(Box<DeviceMoments>),
+}
+
+struct DeviceMoments {
+    m: Tensor,
+    v: Tensor,
+}
+
+impl Moments {
+    fn zeros(n: usize, device: Device) -> Result<Moments> {
+        Ok(match device {
+            Device::Cpu => Moments::Host { m: vec![0.0; n], v: vec![0.0; n] },
+            _ => {
+                let z = Tensor::zeros(&[n], DType::F32).to_device(device)?;
+                Moments::Device(Box::new(DeviceMoments { m: z.clone(), v: z }))
+            }
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Moments::Host { m, .. } => m.len(),
+            Moments::Device(d) => d.m.elem_count(),
+        }
+    }
+
+    /// (exp_avg, exp_avg_sq) on the host: the checkpoint format is f64 whatever the device, so CPU and GPU
+    /// checkpoints are interchangeable (f32 moments widen exactly).
+    fn to_host(&self) -> Result<(Vec<f64>, Vec<f64>)> {
+        Ok(match self {
+            Moments::Host { m, v } => (m.clone(), v.clone()),
+            Moments::Device(d) => (d.m.try_to_vec::<f64>()?, d.v.try_to_vec::<f64>()?),
+        })
+    }
+
+    /// Replaces the values, keeping where they live (a GPU rounds them to f32).
+    fn set(&mut self, exp_avg: &[f64], exp_avg_sq: &[f64]) -> Result<()> {
+        match self {
+            Moments::Host { m, v } => {
+                m.clone_from_slice(exp_avg);
+                v.clone_from_slice(exp_avg_sq);
+            }
+            Moments::Device(d) => {
+                let device = d.m.device();
+                let upload = |x: &[f64]| Tensor::from_slice(x, &[x.len()])?.to_dtype(DType::F32).to_device(device);
+                (d.m, d.v) = (upload(exp_avg)?, upload(exp_avg_sq)?);
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct AdamW {
     config: AdamWConfig,
     slots: Vec<Slot>,
@@ -42,17 +97,9 @@ impl AdamW {
             if !p.is_trainable() {
                 return Err(Error::invalid("AdamW", format!("parameter {} is frozen", p.name())));
             }
-            let device = p.value().device();
-            if device != Device::Cpu {
-                // The host moments below would silently pull a GPU parameter back to the CPU at the first step.
-                return Err(Error::Unsupported {
-                    op: "AdamW",
-                    device,
-                    why: "the optimizer keeps host moments; the fused CUDA AdamW is not wired in yet",
-                });
-            }
-            let n = p.value().elem_count();
-            slots.push(Slot { param: p, m: vec![0.0; n], v: vec![0.0; n] });
+            let value = p.value();
+            let moments = Moments::zeros(value.elem_count(), value.device())?;
+            slots.push(Slot { param: p, moments });
         }
         Ok(AdamW { config, slots, step: 0 })
     }
@@ -89,18 +136,31 @@ impl AdamW {
         };
         for slot in &mut self.slots {
             let Some(g) = slot.param.grad() else { continue };
-            let g = g.to_vec::<f64>();
-            let dtype = slot.param.value().dtype();
-            let mut p = slot.param.value().to_vec::<f64>();
-            if g.len() != p.len() {
+            let value = slot.param.value();
+            if g.elem_count() != value.elem_count() {
                 return Err(Error::shape(
                     "AdamW",
-                    format!("{}: gradient {} vs value {} elements", slot.param.name(), g.len(), p.len()),
+                    format!(
+                        "{}: gradient {} vs value {} elements",
+                        slot.param.name(),
+                        g.elem_count(),
+                        value.elem_count()
+                    ),
                 ));
             }
-            adamw_step(&h, &mut p, &g, &mut slot.m, &mut slot.v);
-            let shape = slot.param.value().shape().to_vec();
-            slot.param.set_value(Tensor::from_vec(p, &shape)?.to_dtype(dtype));
+            match &mut slot.moments {
+                Moments::Host { m, v } => {
+                    let g = g.to_vec::<f64>();
+                    let mut p = value.to_vec::<f64>();
+                    adamw_step(&h, &mut p, &g, m, v);
+                    slot.param.set_value(Tensor::from_vec(p, value.shape())?.to_dtype(value.dtype()));
+                }
+                Moments::Device(d) => {
+                    // Drop our handle first so the update writes the parameter's buffer in place instead of copying.
+                    drop(value);
+                    slot.param.update(|p| qlora_runtime::ops::optim::adamw_step(&h, p, &g, &mut d.m, &mut d.v))?;
+                }
+            }
             slot.param.zero_grad();
         }
         Ok(())
@@ -111,20 +171,17 @@ impl AdamW {
     }
 
     /// The moments and step count, by parameter name: with the parameters' values, everything a resumed run
-    /// needs to continue bit for bit.
-    pub fn state(&self) -> AdamWState {
-        AdamWState {
-            step: self.step,
-            moments: self
-                .slots
-                .iter()
-                .map(|s| ParamMoments {
-                    name: s.param.name().to_string(),
-                    exp_avg: s.m.clone(),
-                    exp_avg_sq: s.v.clone(),
-                })
-                .collect(),
-        }
+    /// needs to continue (bit for bit on the CPU). GPU moments are downloaded.
+    pub fn state(&self) -> Result<AdamWState> {
+        let moments = self
+            .slots
+            .iter()
+            .map(|s| {
+                let (exp_avg, exp_avg_sq) = s.moments.to_host()?;
+                Ok(ParamMoments { name: s.param.name().to_string(), exp_avg, exp_avg_sq })
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdamWState { step: self.step, moments })
     }
 
     /// Restores a [`AdamW::state`] taken from an optimizer over the same parameters (matched by name, in any
@@ -144,7 +201,7 @@ impl AdamW {
                 .iter()
                 .find(|m| m.name == name)
                 .ok_or_else(|| Error::invalid("AdamW state", format!("has no moments for parameter {name}")))?;
-            let n = slot.m.len();
+            let n = slot.moments.len();
             if m.exp_avg.len() != n || m.exp_avg_sq.len() != n {
                 return Err(Error::shape(
                     "AdamW state",
@@ -154,8 +211,7 @@ impl AdamW {
             found.push(m);
         }
         for (slot, m) in self.slots.iter_mut().zip(found) {
-            slot.m.clone_from(&m.exp_avg);
-            slot.v.clone_from(&m.exp_avg_sq);
+            slot.moments.set(&m.exp_avg, &m.exp_avg_sq)?;
         }
         self.step = state.step;
         Ok(())
@@ -241,7 +297,7 @@ mod tests {
         // A second optimizer picks up from the first one's state and values.
         let mut b = AdamW::new(vec![q.clone()], config).unwrap();
         q.set_value(p.value());
-        b.load_state(&a.state()).unwrap();
+        b.load_state(&a.state().unwrap()).unwrap();
         assert_eq!(b.steps_taken(), 5);
         for _ in 0..5 {
             quadratic_grad(&p, &target);
@@ -250,16 +306,16 @@ mod tests {
             b.step().unwrap();
         }
         assert_eq!(p.value().to_vec::<f32>(), q.value().to_vec::<f32>());
-        assert_eq!(a.state(), b.state());
+        assert_eq!(a.state().unwrap(), b.state().unwrap());
 
-        let mut wrong = a.state();
+        let mut wrong = a.state().unwrap();
         wrong.moments[0].name = "other".into();
         let e = b.load_state(&wrong).unwrap_err().to_string();
         assert!(e.contains("no moments for parameter p"), "{e}");
-        let mut short = a.state();
+        let mut short = a.state().unwrap();
         short.moments[0].exp_avg.pop();
         assert!(b.load_state(&short).unwrap_err().to_string().contains("p: moments of 2 and 3"));
-        assert_eq!(b.state(), a.state(), "a refused state changes nothing");
+        assert_eq!(b.state().unwrap(), a.state().unwrap(), "a refused state changes nothing");
     }
 
     #[test]

@@ -160,7 +160,7 @@ pub fn save(to: &SaveTo, model: &CausalLm, optimizer: &AdamW, state: &TrainerSta
         std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
     }
     save_adapter(model, &partial, Some(to.base_model))?;
-    write_atomic(&partial.join(OPTIMIZER_FILE), &optimizer_bytes(&optimizer.state())?)?;
+    write_atomic(&partial.join(OPTIMIZER_FILE), &optimizer_bytes(&optimizer.state()?)?)?;
     let json = serde_json::to_string_pretty(state).context("serialising the trainer state")?;
     write_atomic(&partial.join(STATE_FILE), json.as_bytes())?;
     if dir.exists() {

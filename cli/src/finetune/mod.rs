@@ -15,6 +15,7 @@ mod train;
 
 pub use config::expand_config;
 
+use crate::device::DeviceArg;
 use anyhow::{bail, ensure, Context, Result};
 use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit};
 use qlora_kernels::Rng;
@@ -25,7 +26,7 @@ use qlora_models::peft::{load_adapter, save_adapter};
 use qlora_models::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
-use qlora_runtime::DType;
+use qlora_runtime::{DType, Device};
 use std::path::{Path, PathBuf};
 
 /// NF4 block size: the QLoRA paper's and bitsandbytes' default.
@@ -82,10 +83,11 @@ pub enum ScheduleArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    Auto,
-    Cpu,
-    Cuda,
+pub enum DtypeArg {
+    /// The design's training precision on a GPU (QLoRA's bf16 compute dtype).
+    Bf16,
+    /// Full precision on the GPU too (for parity checks against the CPU; slower).
+    F32,
 }
 
 /// Every flag can also come from `--config FILE.toml` (see `config`); pairs that replace each other
@@ -211,9 +213,13 @@ pub struct FinetuneArgs {
     /// TOML file of flags (`lr = 1e-4`, `target-modules = ["q_proj", "v_proj"]`); command-line flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where to train: auto (CUDA when available, else CPU with a notice), cpu or cuda.
+    /// Where to train: auto (the first CUDA GPU when there is one, else CPU; a notice says which), cpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Compute precision on CUDA (activations and the dequantized base weights; adapters and optimizer moments
+    /// stay f32). The CPU always computes in f32.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
+    dtype: DtypeArg,
     /// Recompute each decoder layer in backward instead of keeping its activations [default: on].
     #[arg(long, overrides_with = "no_gradient_checkpointing")]
     gradient_checkpointing: bool,
@@ -334,21 +340,6 @@ impl FinetuneArgs {
     }
 }
 
-/// Training runs on the CPU until the CUDA backend carries tensors; `auto` says so once.
-fn check_device(device: DeviceArg) -> Result<()> {
-    match device {
-        DeviceArg::Cpu => Ok(()),
-        DeviceArg::Cuda => bail!(
-            "--device cuda: training on CUDA is not available in this build yet (the CUDA backend is in progress); \
-             use --device cpu"
-        ),
-        DeviceArg::Auto => {
-            eprintln!("qlora-rt: note: no CUDA training backend in this build; training on CPU");
-            Ok(())
-        }
-    }
-}
-
 /// Refuses to mix a new run into a folder that already holds one, unless --resume was given (which, with no
 /// checkpoint to resume from, restarts a run that died before its first one).
 fn check_out(out: &Path, resume_flag: bool) -> Result<()> {
@@ -450,13 +441,14 @@ fn load_data(args: &FinetuneArgs) -> Result<(data::Plan, Option<Vec<data::Row>>,
     Ok((data::Plan::new(sets.train, grouping, args.grad_accum, args.seed), sets.eval, max_seq_len))
 }
 
-/// The model with its adapters (fresh, or the checkpoint's) and an optimizer over them (fresh, or restored),
-/// and where training starts.
+/// The model with its adapters (fresh, or the checkpoint's) on `device` computing in `dtype`, an optimizer over
+/// them (fresh, or restored), and where training starts.
 fn load_model(
     args: &FinetuneArgs,
     targets: &[&str],
     resume_from: Option<&Path>,
     trajectory: &serde_json::Value,
+    (device, dtype): (Device, DType),
 ) -> Result<(CausalLm, AdamW, checkpoint::TrainerState)> {
     let mut model = CausalLm::load(&args.model, args.quantize.base_format(args.double_quant()))?;
     model.gradient_checkpointing = args.gradient_checkpointing();
@@ -471,6 +463,10 @@ fn load_model(
             None
         }
     };
+    // Adapters are drawn (or read) on the host first, so a GPU run starts from exactly the CPU run's values.
+    if device != Device::Cpu {
+        model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
+    }
     let adamw = AdamWConfig {
         lr: args.lr,
         beta1: args.beta1,
@@ -491,7 +487,7 @@ fn load_model(
 }
 
 /// The run in two lines: model and adapters, then the schedule.
-fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &Schedule, rows: String) {
+fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &Schedule, rows: String, on: String) {
     let c = &model.config;
     let base = match (args.quantize, args.double_quant()) {
         (Quantize::Nf4, true) => "NF4 + double quantization",
@@ -509,7 +505,7 @@ fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &S
         if args.dora { ", DoRA" } else { "" },
     );
     println!(
-        "training: {} optimizer steps, warmup {}, {} micro-batch(es) of {rows} per step",
+        "training: {} optimizer steps, warmup {}, {} micro-batch(es) of {rows} per step, on {on}",
         schedule.total_steps, schedule.warmup_steps, args.grad_accum,
     );
 }
@@ -517,7 +513,22 @@ fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &S
 fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     args.check()?;
     let targets = args.targets()?;
-    check_device(args.device)?;
+    let gpu_dtype = match args.dtype {
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::F32 => DType::F32,
+    };
+    // DoRA's per-row weight norms and scalings are host loops so far: `auto` trains it on the CPU.
+    let device = match (args.dora, args.device) {
+        (true, DeviceArg::Cuda) => {
+            bail!("--dora with --device cuda: DoRA trains on the CPU only so far; use --device cpu")
+        }
+        (true, DeviceArg::Auto) => {
+            eprintln!("qlora-rt: note: DoRA trains on the CPU only so far; training on CPU");
+            DeviceArg::Cpu
+        }
+        (_, device) => device,
+    };
+    let placement = crate::device::pick(device, gpu_dtype, "training")?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
 
@@ -540,13 +551,13 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         total_steps,
     };
     let trajectory = args.trajectory(&plan.fingerprint(), &targets);
-    let (mut model, mut optimizer, start) = load_model(args, &targets, resume_from.as_deref(), &trajectory)?;
+    let (mut model, mut optimizer, start) = load_model(args, &targets, resume_from.as_deref(), &trajectory, placement)?;
     let n_params = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
     let rows = match args.batch_tokens {
         Some(n) => format!("up to {n} tokens"),
         None => format!("{} row(s) of up to {max_seq_len} tokens", args.micro_batch),
     };
-    describe(args, &model, n_params, &schedule, rows);
+    describe(args, &model, n_params, &schedule, rows, crate::device::describe(placement));
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
     checkpoint::remove_partials(&args.out)?;
 
@@ -556,6 +567,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         model: &mut model,
         optimizer: &mut optimizer,
         plan: &plan,
+        device: placement.0,
         eval: eval.as_deref(),
         schedule,
         settings: train::Settings {

@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use qlora_autograd::Tape;
 use qlora_models::transformer::CausalLm;
 use qlora_optim::{clip_grad_norm, AdamW, Schedule};
+use qlora_runtime::Device;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -73,6 +74,8 @@ pub struct Trainer<'a> {
     pub model: &'a mut CausalLm,
     pub optimizer: &'a mut AdamW,
     pub plan: &'a Plan,
+    /// Where the model lives; batches are built on the host and moved there.
+    pub device: Device,
     pub eval: Option<&'a [Row]>,
     pub schedule: Schedule,
     pub settings: Settings<'a>,
@@ -88,20 +91,34 @@ struct StepStats {
     trained_tokens: usize,
 }
 
+/// The GPU's allocator, current and peak, as "mem 1.23/1.50 GiB" (empty on the CPU).
+fn device_memory(device: Device) -> String {
+    let Device::Cuda(ordinal) = device else { return String::new() };
+    match qlora_runtime::cuda_device(ordinal) {
+        Ok(dev) => {
+            let m = dev.memory_stats();
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            format!("mem {:.2}/{:.2} GiB", gib(m.current), gib(m.peak))
+        }
+        Err(_) => String::new(),
+    }
+}
+
 /// The progress bar on a terminal; elsewhere (logs, pipes) a plain line every 5% of the run.
 struct Progress {
     bar: ProgressBar,
     total: u64,
+    device: Device,
 }
 
 impl Progress {
-    fn new(total: u64, done: u64) -> Self {
+    fn new(total: u64, done: u64, device: Device) -> Self {
         let style = ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] step {pos}/{len} {msg} ETA {eta}")
             .expect("the template is valid")
             .progress_chars("=> ");
         // Cleared however the loop ends, so that the summary or an error starts on a line of its own.
         let bar = ProgressBar::new(total).with_position(done).with_style(style).with_finish(ProgressFinish::AndClear);
-        Progress { bar, total }
+        Progress { bar, total, device }
     }
 
     fn println(&self, line: &str) {
@@ -114,11 +131,14 @@ impl Progress {
 
     fn step(&self, step: u64, s: &StepStats, tokens_per_s: f64) {
         self.bar.set_position(step);
-        self.bar.set_message(format!("loss {:.4} lr {:.2e} {tokens_per_s:.0} tok/s", s.loss, s.lr));
+        let mem = device_memory(self.device);
+        let sep = if mem.is_empty() { "" } else { " " };
+        self.bar.set_message(format!("loss {:.4} lr {:.2e} {tokens_per_s:.0} tok/s{sep}{mem}", s.loss, s.lr));
         let every = (self.total / 20).max(1);
         if self.bar.is_hidden() && (step == 1 || step % every == 0 || step == self.total) {
+            let sep = if mem.is_empty() { "" } else { "  " };
             println!(
-                "step {step}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {tokens_per_s:.0} tok/s",
+                "step {step}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {tokens_per_s:.0} tok/s{sep}{mem}",
                 self.total, s.loss, s.lr, s.grad_norm
             );
         }
@@ -132,7 +152,7 @@ impl Trainer<'_> {
         let total = self.schedule.total_steps;
         let out = self.settings.out;
         let mut log = MetricsLog::open(out, self.state.step)?;
-        let progress = Progress::new(total, self.state.step);
+        let progress = Progress::new(total, self.state.step, self.device);
         let (started, elapsed_before, step_before) = (Instant::now(), self.state.elapsed_s, self.state.step);
         let mut tokens_this_run = 0usize;
         let (mut first_loss, mut last_loss, mut last_eval) = (None, None, None);
@@ -185,11 +205,13 @@ impl Trainer<'_> {
         let steps = self.state.step - step_before;
         let secs = started.elapsed().as_secs_f64();
         if let (Some(first), Some(last)) = (first_loss, last_loss) {
+            let mem = device_memory(self.device);
             println!(
-                "trained {steps} step(s) in {secs:.1}s ({:.2} steps/s, {:.0} tokens/s): loss {first:.4} → {last:.4}{}",
+                "trained {steps} step(s) in {secs:.1}s ({:.2} steps/s, {:.0} tokens/s): loss {first:.4} → {last:.4}{}{}",
                 steps as f64 / secs,
                 tokens_this_run as f64 / secs,
-                last_eval.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default()
+                last_eval.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+                if mem.is_empty() { String::new() } else { format!("; {mem}") }
             );
         }
         Ok(Outcome::Finished)
@@ -203,6 +225,7 @@ impl Trainer<'_> {
         let tokens: usize = batches.iter().map(|b| b.ids.elem_count()).sum();
         let mut loss = 0.0;
         for (j, batch) in batches.iter().enumerate() {
+            let batch = &batch.to_device(self.device)?;
             let tape = Tape::new();
             let seed = dropout_seed(self.settings.seed, step, j);
             let l = self
@@ -259,10 +282,11 @@ impl Trainer<'_> {
             let (mut sum, mut tokens) = (0.0, 0);
             for members in self.plan.in_order(rows) {
                 let batch = data::batch(rows, &members)?;
+                tokens += batch.trained_tokens();
+                let batch = batch.to_device(self.device)?;
                 let tape = Tape::new();
                 let loss = tape.no_grad(|| self.model.loss(&tape, &batch, 1.0, 0))?;
                 sum += loss.value().to_scalar::<f64>()?;
-                tokens += batch.trained_tokens();
             }
             Ok((sum / tokens.max(1) as f64, tokens))
         })();

@@ -30,6 +30,38 @@ pub fn scale<T: GpuFloat>(x: &DeviceBuffer<T>, s: f32, out: &mut DeviceBuffer<T>
     })
 }
 
+/// x: [len] → out: [len] = inverted dropout of x with the mask of [`crate::elementwise::dropout`] (keep = 1/(1 − p)
+/// as f32; the CPU twin's f32 result bit for bit)
+pub fn dropout<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    p: f64,
+    seed: u64,
+    keep: f32,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert_eq!(x.len(), out.len(), "dropout: x vs out length");
+    let dev = same_device("dropout", &[x.device(), out.device()]);
+    if out.is_empty() {
+        return Ok(());
+    }
+    let kernel = T::pick("dropout_f32", "dropout_bf16");
+    let f = dev.function(Module::Elementwise, kernel)?;
+    let (px, po, n) = (x.ptr(), out.ptr(), out.len() as u64);
+    // SAFETY: dropout_T(const T* x, T* out, u64 n, u64 seed, double p, float keep); x and out hold n elements on
+    // this device (asserted).
+    launched(kernel, unsafe {
+        dev.stream()
+            .launch_builder(f)
+            .arg(&px)
+            .arg(&po)
+            .arg(&n)
+            .arg(&seed)
+            .arg(&p)
+            .arg(&keep)
+            .launch(config(grid_for(out.len())))
+    })
+}
+
 /// x: [len], y: [len] → y += alpha·x (gradient accumulation)
 pub fn axpy<T: GpuFloat>(alpha: f32, x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
     assert_eq!(x.len(), y.len(), "axpy: x vs y length");

@@ -59,6 +59,27 @@ pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     })
 }
 
+/// Inverted dropout: element i (row-major) is zeroed when the i-th draw of `Rng::new(seed).uniform()` is < p and
+/// scaled by 1/(1 − p) otherwise. The mask depends only on (seed, i), the same on every device and on every call.
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid("dropout", format!("p must be in [0, 1), got {p}")));
+    }
+    if let Some(g) = Gpu::of("dropout", &[x])? {
+        return with_gpu!(g, |T| {
+            let x = g.input(x)?;
+            let mut out = g.alloc::<T>(x.elem_count())?;
+            g.run(gew::dropout(buf::<T>(&x), p, seed, (1.0 / (1.0 - p)) as f32, &mut out))?;
+            Ok(output(out, x.shape()))
+        });
+    }
+    with_compute!("dropout", [x], |T| {
+        let mut out = vec![T::default(); x.elem_count()];
+        ew::dropout(&x.values::<T>(), p, seed, (1.0 / (1.0 - p)) as T, &mut out);
+        Ok(tensor(out, x.shape()))
+    })
+}
+
 /// y += alpha·x in place, keeping y's dtype (gradient accumulation into an existing buffer).
 pub fn accumulate(y: &mut Tensor, alpha: f64, x: &Tensor) -> Result<()> {
     same_shape("accumulate", y, x)?;

@@ -8,6 +8,7 @@
 pub mod elementwise;
 pub mod linalg;
 pub mod nn;
+pub mod optim;
 
 use crate::{DType, Device, Element, Error, Result, Tensor};
 use qlora_kernels::Float;

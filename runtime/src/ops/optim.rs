@@ -1,0 +1,75 @@
+//! Optimizer updates in place, on the parameter's device.
+
+use crate::cuda::{buf, buffer_mut, Gpu};
+use crate::{DType, Error, Result, Tensor};
+use qlora_kernels::adamw::AdamWStep;
+use qlora_kernels::cuda::adamw as gadamw;
+
+/// p, g: [n] f32 or bf16 (g is cast to p's dtype), m, v: [n] f32 → p, m, v updated in place (decoupled weight
+/// decay, then the Adam step: `qlora_kernels::adamw::adamw_step`). On the CPU the update runs in f32, like the
+/// CUDA kernel; an optimizer wanting f64 moments on the host calls the kernel directly.
+pub fn adamw_step(h: &AdamWStep, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor) -> Result<()> {
+    const OP: &str = "adamw_step";
+    let n = p.elem_count();
+    for (what, t) in [("gradient", g), ("exp_avg", &*m), ("exp_avg_sq", &*v)] {
+        if t.elem_count() != n {
+            return Err(Error::shape(OP, format!("{what} of {} elements for a parameter of {n}", t.elem_count())));
+        }
+    }
+    for t in [&*m, &*v] {
+        if t.dtype() != DType::F32 {
+            return Err(Error::DType { op: OP, expected: DType::F32, got: t.dtype() });
+        }
+    }
+    if h.step == 0 {
+        return Err(Error::invalid(OP, "the step count starts at 1 (bias correction divides by 1 − β^step)"));
+    }
+    if let Some(gpu) = Gpu::of(OP, &[&*p, g, &*m, &*v])? {
+        let g = gpu.input_as(g, p.dtype())?;
+        let (m, v) = (buffer_mut::<f32>(OP, m)?, buffer_mut::<f32>(OP, v)?);
+        return match p.dtype() {
+            DType::BF16 => gpu.run(gadamw::adamw_step(h, buffer_mut::<half::bf16>(OP, p)?, buf(&g), m, v)),
+            _ => gpu.run(gadamw::adamw_step(h, buffer_mut::<f32>(OP, p)?, buf(&g), m, v)),
+        };
+    }
+    let dtype = p.dtype();
+    if !dtype.is_float() || !g.dtype().is_float() {
+        return Err(Error::DType {
+            op: OP,
+            expected: DType::F32,
+            got: if dtype.is_float() { g.dtype() } else { dtype },
+        });
+    }
+    let mut pv = p.to_vec::<f32>();
+    let gv = g.values::<f32>();
+    let (mut mv, mut vv) = (m.to_vec::<f32>(), v.to_vec::<f32>());
+    qlora_kernels::adamw::adamw_step(h, &mut pv, &gv, &mut mv, &mut vv);
+    *p = Tensor::from_vec(pv, p.shape())?.to_dtype(dtype);
+    *m = Tensor::from_vec(mv, m.shape())?;
+    *v = Tensor::from_vec(vv, v.shape())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_branch_is_the_f32_kernel_and_checks_its_operands() {
+        let h = AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 1 };
+        let (p0, g) = (vec![1.0f32, -2.0, 0.5], vec![0.3f32, -0.1, 2.0]);
+        let (mut p, mut m, mut v) = (p0.clone(), vec![0.0f32; 3], vec![0.0f32; 3]);
+        qlora_kernels::adamw::adamw_step(&h, &mut p, &g, &mut m, &mut v);
+
+        let t = |x: &[f32]| Tensor::from_slice(x, &[x.len()]).unwrap();
+        let (mut tp, tg, mut tm, mut tv) = (t(&p0), t(&g), t(&[0.0; 3]), t(&[0.0; 3]));
+        adamw_step(&h, &mut tp, &tg, &mut tm, &mut tv).unwrap();
+        assert_eq!((tp.to_vec::<f32>(), tm.to_vec::<f32>(), tv.to_vec::<f32>()), (p, m, v));
+
+        assert!(adamw_step(&h, &mut tp, &t(&[1.0]), &mut tm, &mut tv).unwrap_err().to_string().contains("gradient"));
+        let mut bf = tm.to_dtype(DType::BF16);
+        assert!(adamw_step(&h, &mut tp, &tg, &mut bf, &mut tv).is_err(), "moments are f32");
+        let h0 = AdamWStep { step: 0, ..h };
+        assert!(adamw_step(&h0, &mut tp, &tg, &mut tm, &mut tv).is_err(), "steps count from 1");
+    }
+}
