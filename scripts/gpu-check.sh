@@ -28,6 +28,8 @@ for line in sys.stdin:
     cp "$exe" "$stage/bin/$name"
 done
 cp kernels/cuda/*.cu kernels/cuda/*.cuh "$stage/cuda/"
+# cli/tests/cuda_finetune.rs drives the binary itself (QLORA_RT_BIN there, as the built-in path is this machine's).
+cp target/release/qlora-rt "$stage/qlora-rt"
 
 cat >"$stage/run.sh" <<'RUNNER'
 #!/usr/bin/env bash
@@ -38,6 +40,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export QLORA_REQUIRE_GPU=1
 export QLORA_FIXTURES="$here/../../tests/fixtures"
+export QLORA_RT_BIN="$here/qlora-rt"
 export QLORA_KERNEL_CACHE_DIR="${TMPDIR:-/tmp}/qlora-rt-kernels"
 if [[ -x /usr/local/cuda/bin/ptxas ]]; then export QLORA_PTXAS=/usr/local/cuda/bin/ptxas; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
@@ -83,4 +86,4 @@ chmod +x "$stage/run.sh"
 echo "gpu-check: staged $(ls "$stage/bin" | wc -l) test binaries ($(du -sh "$stage" | cut -f1)) in $stage:" >&2
 ls "$stage/bin" >&2
 echo "Run on the GPU machine (device tool, from the repo root; carry the staged folder):" >&2
-echo "  run  command=\"bash $stage/run.sh\"  carry=[\".gpu\"]"
+echo "  run  command=\"bash $stage/run.sh\"  carry=[\"$stage\"]"
