@@ -15,6 +15,7 @@
 //! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-rt, or QLORA_RT_BIN when the test runs on another
 //! machine; the fixture comes from CARGO_MANIFEST_DIR, or QLORA_FIXTURES (the `tests/fixtures` folder).
 
+use qlora_kernels::testing::{fixtures_dir, gpu};
 use qlora_models::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use serde_json::Value;
@@ -27,25 +28,8 @@ const BF16_REL: f64 = 2e-2;
 const RESUME_REL: f64 = 1e-6;
 const STEPS: usize = 5;
 
-fn gpu(test: &str) -> Option<String> {
-    match qlora_runtime::cuda_device(0) {
-        Ok(dev) => {
-            println!("qlora-gpu: {test}: ran on {dev}");
-            Some(dev.to_string())
-        }
-        Err(e) => {
-            assert!(std::env::var("QLORA_REQUIRE_GPU").map_or(true, |v| v != "1"), "{test}: QLORA_REQUIRE_GPU=1: {e}");
-            println!("qlora-gpu: {test}: skipped: {e}");
-            None
-        }
-    }
-}
-
 fn model_dir() -> PathBuf {
-    let fixtures = std::env::var_os("QLORA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
-    fixtures.join("models/llama")
+    fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama")
 }
 
 fn qlora_rt(args: &[String]) -> (Output, f64) {

@@ -2,7 +2,9 @@
 //! finite-difference gradient check. Public (not `cfg(test)`) so that `runtime`, `autograd` and the root
 //! integration tests use the same definitions.
 
+use crate::cuda::CudaDevice;
 use crate::rng::Rng;
+use std::path::PathBuf;
 
 /// An error bound of the form llm.c and burn use: `|actual − expected| ≤ abs + rel·|expected|`.
 #[derive(Clone, Copy, Debug)]
@@ -85,6 +87,31 @@ pub fn check_gradient_with(
 /// Σ a ⊙ b, the scalar loss the gradient checks differentiate.
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The GPU a GPU test runs on (cuda:0), announced as `qlora-gpu: <test>: ran on <device>` for scripts/gpu-check.sh's
+/// table; None after `qlora-gpu: <test>: skipped: <why>` when there is none, so the test passes on CI machines —
+/// unless QLORA_REQUIRE_GPU=1 (set on the GPU machine), where a missing GPU is a failure.
+pub fn gpu(test: &str) -> Option<CudaDevice> {
+    match CudaDevice::new(0) {
+        Ok(dev) => {
+            println!("qlora-gpu: {test}: ran on {dev}");
+            Some(dev)
+        }
+        Err(e) => {
+            assert!(std::env::var("QLORA_REQUIRE_GPU").map_or(true, |v| v != "1"), "{test}: QLORA_REQUIRE_GPU=1: {e}");
+            println!("qlora-gpu: {test}: skipped: {e}");
+            None
+        }
+    }
+}
+
+/// The repository's tests/fixtures: QLORA_FIXTURES where a test binary runs away from its checkout (the GPU
+/// machine), else relative to the calling crate's `CARGO_MANIFEST_DIR` (every crate sits one level below the root).
+pub fn fixtures_dir(manifest_dir: &str) -> PathBuf {
+    std::env::var_os("QLORA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(manifest_dir).join("../tests/fixtures"))
 }
 
 #[cfg(test)]

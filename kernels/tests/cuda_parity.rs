@@ -14,7 +14,7 @@ use half::bf16;
 use qlora_kernels::attention::{self, AttentionParams};
 use qlora_kernels::cuda::{self, CudaDevice, DeviceBuffer, Error, GpuFloat};
 use qlora_kernels::matmul::Gemm;
-use qlora_kernels::testing::{assert_close, Tolerance};
+use qlora_kernels::testing::{assert_close, gpu, Tolerance};
 use qlora_kernels::{
     activation, adamw, cross_entropy, elementwise, embedding, matmul, nf4, reduce, rms_norm, rope, Rng,
 };
@@ -28,21 +28,6 @@ const EXACT: Tolerance = Tolerance { abs: 0.0, rel: 0.0 };
 const LENS: [usize; 5] = [1, 7, 1000, 4099, 70_001];
 /// (rows, dim) of row kernels: single elements, dims below, at and past the block size, odd everywhere.
 const ROWS: [(usize, usize); 6] = [(1, 1), (3, 5), (7, 17), (4, 257), (33, 1000), (2, 4099)];
-
-/// The device for a test, or None (after a notice) when there is none and none is required.
-fn gpu(test: &str) -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
-        Ok(dev) => {
-            println!("qlora-gpu: {test}: ran on {dev}");
-            Some(dev)
-        }
-        Err(e) => {
-            assert!(std::env::var("QLORA_REQUIRE_GPU").map_or(true, |v| v != "1"), "{test}: QLORA_REQUIRE_GPU=1: {e}");
-            println!("qlora-gpu: {test}: skipped: {e}");
-            None
-        }
-    }
-}
 
 /// The I/O types under test.
 trait Elem: GpuFloat {

@@ -17,36 +17,19 @@
 //! folder) when the binary runs elsewhere.
 
 use qlora_autograd::{LoraAdapter, LoraConfig, Tape};
+use qlora_kernels::testing::{fixtures_dir, gpu};
 use qlora_kernels::Rng;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::ops::linalg::matmul;
-use qlora_runtime::{cuda_device, DType, Device, Error, Tensor};
+use qlora_runtime::{DType, Device, Error, Tensor};
 use std::path::PathBuf;
 
 const F32_NORMWISE: f64 = 1e-4;
 const BF16_NORMWISE: f64 = 2e-2;
 const CUDA: Device = Device::Cuda(0);
 
-/// The GPU's description, or None (after the notice) when there is none and none is required.
-fn gpu(test: &str) -> Option<String> {
-    match cuda_device(0) {
-        Ok(dev) => {
-            println!("qlora-gpu: {test}: ran on {dev}");
-            Some(dev.to_string())
-        }
-        Err(e) => {
-            assert!(std::env::var("QLORA_REQUIRE_GPU").map_or(true, |v| v != "1"), "{test}: QLORA_REQUIRE_GPU=1: {e}");
-            println!("qlora-gpu: {test}: skipped: {e}");
-            None
-        }
-    }
-}
-
 fn llama_dir() -> PathBuf {
-    let fixtures = std::env::var_os("QLORA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
-    fixtures.join("models/llama")
+    fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama")
 }
 
 /// The tiny Llama as NF4 (double quantized, block 64) with a rank-4 adapter on every projection, B ~ N(0, 0.05²).

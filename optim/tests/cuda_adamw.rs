@@ -11,27 +11,14 @@
 //! QLORA_REQUIRE_GPU=1.
 
 use qlora_autograd::{Param, Tape, Var};
+use qlora_kernels::testing::gpu;
 use qlora_kernels::Rng;
 use qlora_optim::{clip_grad_norm, AdamW, AdamWConfig};
-use qlora_runtime::{cuda_device, DType, Device, Tensor};
+use qlora_runtime::{DType, Device, Tensor};
 
 const CUDA: Device = Device::Cuda(0);
 const ABS: f64 = 1e-6;
 const REL: f64 = 1e-5;
-
-fn gpu(test: &str) -> Option<String> {
-    match cuda_device(0) {
-        Ok(dev) => {
-            println!("qlora-gpu: {test}: ran on {dev}");
-            Some(dev.to_string())
-        }
-        Err(e) => {
-            assert!(std::env::var("QLORA_REQUIRE_GPU").map_or(true, |v| v != "1"), "{test}: QLORA_REQUIRE_GPU=1: {e}");
-            println!("qlora-gpu: {test}: skipped: {e}");
-            None
-        }
-    }
-}
 
 /// Sets every parameter's gradient to its coefficient tensor: backward of Σ p ⊙ c.
 fn set_grads(params: &[Param], coefs: &[Tensor]) {
