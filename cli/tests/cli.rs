@@ -1,10 +1,8 @@
 //! The binary's contract: --help and --version work; a failing command exits non-zero with one line on stderr.
 
-use std::process::Command;
+mod common;
 
-fn qlora_rt(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora-rt")).args(args).output().expect("run qlora-rt")
-}
+use common::qlora_rt;
 
 #[test]
 fn help_and_version() {

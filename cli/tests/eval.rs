@@ -1,17 +1,15 @@
 //! `qlora-rt eval` on the tiny Llama fixture: the loss transformers (and peft) computed for the fixture's token
 //! ids, text rows through the fixture tokenizer, packing, and one-line errors naming the file and line.
 
+mod common;
+
+use common::qlora_rt;
 use qlora_models::checkpoint::Checkpoint;
 use qlora_models::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama")
-}
-
-fn qlora_rt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora-rt")).args(args).output().expect("run qlora-rt")
 }
 
 struct Reference {

@@ -3,6 +3,9 @@
 //! `qlora-rt merge` output writes; a .gguf `--model` keeps its tokenizer metadata; a bitsandbytes 4-bit folder
 //! is dequantized; bad input fails in one stderr line with a non-zero status and leaves no file behind.
 
+mod common;
+
+use common::qlora_rt_cached;
 use qlora_autograd::Tape;
 use qlora_models::bnb;
 use qlora_models::checkpoint::Checkpoint;
@@ -10,18 +13,10 @@ use qlora_models::gguf::{GgufFile, HfImport};
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn qlora_rt(args: &[&str], cache: Option<&Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora-rt"));
-    if let Some(cache) = cache {
-        cmd.env("QLORA_RT_CACHE", cache);
-    }
-    cmd.args(args).output().expect("run qlora-rt")
 }
 
 fn ok(run: Output) -> String {
@@ -33,7 +28,7 @@ fn export(model: &Path, out: &Path, ty: &str, extra: &[&str]) -> Output {
     let mut args =
         vec!["export-gguf", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--type", ty];
     args.extend(extra);
-    qlora_rt(&args, None)
+    qlora_rt_cached(&args, None)
 }
 
 fn logits(dir: &Path) -> Vec<f32> {
@@ -57,7 +52,7 @@ fn every_type_exports_and_f16_reimports_with_the_same_logits() {
         }
         let back = dir.path().join(format!("{name}-back"));
         let gguf = dir.path().join(format!("{name}-f16.gguf"));
-        ok(qlora_rt(
+        ok(qlora_rt_cached(
             &["import", "--gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap(), "--dtype", "f32"],
             None,
         ));
@@ -82,7 +77,7 @@ fn adapter_export_equals_exporting_the_merge() {
     assert!(stdout.contains("merged 14 adapted projection(s)"), "{stdout}");
     // Named like the model folder, so that general.name matches too.
     let merged = dir.path().join("m").join("llama");
-    ok(qlora_rt(
+    ok(qlora_rt_cached(
         &[
             "merge",
             "--model",
@@ -112,7 +107,7 @@ fn a_gguf_model_keeps_its_tokenizer_and_tensors() {
     let original = fixtures().join("gguf/tiny_llama.gguf");
     let out = dir.path().join("again.gguf");
     let args = ["export-gguf", "--model", original.to_str().unwrap(), "--out", out.to_str().unwrap(), "--type", "q8_0"];
-    ok(qlora_rt(&args, Some(&cache)));
+    ok(qlora_rt_cached(&args, Some(&cache)));
     let (a, b) = (GgufFile::open(&original).unwrap(), GgufFile::open(&out).unwrap());
     for key in [
         "tokenizer.ggml.model",
@@ -166,7 +161,7 @@ fn bad_input_fails_in_one_line_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixtures().join("models/llama");
     let fails = |args: &[&str], code: i32, needle: &str| {
-        let run = qlora_rt(args, None);
+        let run = qlora_rt_cached(args, None);
         assert_eq!(run.status.code(), Some(code), "{args:?}");
         let err = String::from_utf8_lossy(&run.stderr);
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");

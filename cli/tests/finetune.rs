@@ -2,6 +2,9 @@
 //! template): the loss falls, the adapter loads back, a killed run resumes bit for bit, and every kind of bad
 //! input ends in one clear error (or a counted skip), never a panic.
 
+mod common;
+
+use common::qlora_rt;
 use qlora_models::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::DType;
@@ -11,10 +14,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/models/llama");
-
-fn qlora_rt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora-rt")).args(args).output().expect("run qlora-rt")
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

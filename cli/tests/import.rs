@@ -3,20 +3,18 @@
 //! vocabulary). The imported folder must hold exactly the Hugging Face tensors the script computed, load as a
 //! model, and tokenize as the reference tokenizers do; bad input must fail in one line and leave nothing behind.
 
+mod common;
+
+use common::qlora_rt;
 use qlora_autograd::Tape;
 use qlora_models::checkpoint::Checkpoint;
 use qlora_models::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf")
-}
-
-fn qlora_rt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora-rt")).args(args).output().expect("run qlora-rt")
 }
 
 /// Imports fixture `name` into `dir/name` with extra flags; the import must succeed.

@@ -1,16 +1,14 @@
 //! `qlora-rt inspect` on the tiny fixtures: a dense model, a sliding-window model, a PEFT adapter, and the same
 //! model written 4-bit by `qlora-rt quantize`.
 
+mod common;
+
+use common::qlora_rt;
 use qlora_models::checkpoint::Checkpoint;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn fixture(family: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(family)
-}
-
-fn qlora_rt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora-rt")).args(args).output().expect("run qlora-rt")
 }
 
 fn inspect(dir: &Path) -> String {

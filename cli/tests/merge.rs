@@ -3,13 +3,16 @@
 //! models, write the dtype asked for and a config transformers loads without bitsandbytes; bad input fails in
 //! one line and leaves nothing behind. Also `.gguf` paths given as --model (imported once into the cache).
 
+mod common;
+
+use common::qlora_rt_cached;
 use qlora_autograd::Tape;
 use qlora_models::checkpoint::Checkpoint;
 use qlora_models::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn llama() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama")
@@ -17,14 +20,6 @@ fn llama() -> PathBuf {
 
 fn tiny_gguf() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf/tiny_llama.gguf")
-}
-
-fn qlora_rt(args: &[&str], cache: Option<&Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora-rt"));
-    if let Some(cache) = cache {
-        cmd.env("QLORA_RT_CACHE", cache);
-    }
-    cmd.args(args).output().expect("run qlora-rt")
 }
 
 fn merge(model: &Path, out: &Path, flags: &[&str]) -> Output {
@@ -39,7 +34,7 @@ fn merge(model: &Path, out: &Path, flags: &[&str]) -> Output {
         out.to_str().unwrap(),
     ];
     args.extend(flags);
-    qlora_rt(&args, None)
+    qlora_rt_cached(&args, None)
 }
 
 fn merged(model: &Path, out: &Path, flags: &[&str]) -> PathBuf {
@@ -99,7 +94,7 @@ fn nf4_merge_reproduces_the_qlora_forward_and_prequantized_models_merge() {
 
     // A checkpoint saved 4-bit (no double quantization) merges as saved: the same tensors as quantizing on load.
     let q = dir.path().join("q");
-    let run = qlora_rt(&["quantize", "--model", llama().to_str().unwrap(), "--out", q.to_str().unwrap()], None);
+    let run = qlora_rt_cached(&["quantize", "--model", llama().to_str().unwrap(), "--out", q.to_str().unwrap()], None);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let from_q = Checkpoint::open(&merged(&q, &dir.path().join("mq"), &["--dtype", "f32"])).unwrap();
     let direct =
@@ -157,7 +152,7 @@ fn errors_are_one_line_and_leave_nothing() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("busy")], "nothing but the existing folder remains");
 
-    let run = qlora_rt(&["merge", "--model", llama().to_str().unwrap(), "--out", out.to_str().unwrap()], None);
+    let run = qlora_rt_cached(&["merge", "--model", llama().to_str().unwrap(), "--out", out.to_str().unwrap()], None);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.code() == Some(2) && err.lines().count() == 1 && err.contains("required"), "{err}");
 }
@@ -166,7 +161,7 @@ fn errors_are_one_line_and_leave_nothing() {
 fn gguf_models_are_imported_once_into_the_cache() {
     let cache = tempfile::tempdir().unwrap();
     let gguf = tiny_gguf();
-    let run = qlora_rt(&["inspect", gguf.to_str().unwrap()], Some(cache.path()));
+    let run = qlora_rt_cached(&["inspect", gguf.to_str().unwrap()], Some(cache.path()));
     let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     assert!(run.status.success(), "{err}");
     assert!(err.contains("importing"), "{err}");
@@ -178,7 +173,7 @@ fn gguf_models_are_imported_once_into_the_cache() {
     assert!(folders[0].join("config.json").is_file() && folders[0].join("model.safetensors").is_file());
 
     // The second command reuses the import.
-    let run = qlora_rt(
+    let run = qlora_rt_cached(
         &["generate", "--model", gguf.to_str().unwrap(), "--prompt", "hello", "--max-new-tokens", "3"],
         Some(cache.path()),
     );
@@ -189,7 +184,7 @@ fn gguf_models_are_imported_once_into_the_cache() {
 
     // A missing .gguf fails in one line.
     let missing = cache.path().join("nope.gguf");
-    let run = qlora_rt(&["inspect", missing.to_str().unwrap()], Some(cache.path()));
+    let run = qlora_rt_cached(&["inspect", missing.to_str().unwrap()], Some(cache.path()));
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && err.lines().count() == 1 && err.contains("nope.gguf"), "{err}");
 }

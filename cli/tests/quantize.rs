@@ -8,6 +8,9 @@
 //! [`OFFSET_ULPS`] of bnb's, requantizing our absmax with bnb's offset must give bnb's bytes exactly, and our JSON
 //! with bnb's offset must be bnb's JSON.
 
+mod common;
+
+use common::qlora_rt;
 use qlora_autograd::Tape;
 use qlora_kernels::nf4::quantize_absmax_nested_with_offset;
 use qlora_kernels::testing::{assert_close, Tolerance};
@@ -16,7 +19,6 @@ use qlora_models::checkpoint::Checkpoint;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::quant::{Absmax, Nf4Weight};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -39,10 +41,6 @@ fn reference(family: &str, double_quant: bool) -> PathBuf {
         dir.display()
     );
     dir
-}
-
-fn qlora_rt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora-rt")).args(args).output().expect("run qlora-rt")
 }
 
 /// A fresh folder under the test's scratch space, unique per test and case.

@@ -1,0 +1,21 @@
+//! Running the built binary, for every CLI test file.
+
+// Each test file compiles its own copy of this module and calls only what it needs.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs the built `qlora-rt` with `args`.
+pub fn qlora_rt(args: &[&str]) -> Output {
+    qlora_rt_cached(args, None)
+}
+
+/// Runs the built `qlora-rt` with `args`, with `$QLORA_RT_CACHE` (where `.gguf` models are imported) at `cache`.
+pub fn qlora_rt_cached(args: &[&str], cache: Option<&Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora-rt"));
+    if let Some(cache) = cache {
+        cmd.env("QLORA_RT_CACHE", cache);
+    }
+    cmd.args(args).output().expect("run qlora-rt")
+}
