@@ -50,15 +50,8 @@ pub fn rope_backward<T: Float>(dy: &[T], cos: &[T], sin: &[T], heads: usize, hea
 /// Rotates every head of every token by its angles, or by their negatives when `INVERSE` (a rotation's transpose is
 /// its inverse, so that is the backward).
 fn rotate<T: Float, const INVERSE: bool>(x: &[T], cos: &[T], sin: &[T], heads: usize, head_dim: usize, y: &mut [T]) {
-    check_head_dim(head_dim);
-    assert!(heads > 0, "rope: heads must be positive");
-    let token_len = heads * head_dim;
-    assert_eq!(x.len() % token_len, 0, "rope: x length {} is not a multiple of heads·head_dim {token_len}", x.len());
-    let tokens = x.len() / token_len;
-    let half = head_dim / 2;
-    assert_eq!(cos.len(), tokens * half, "rope: cos length");
-    assert_eq!(sin.len(), tokens * half, "rope: sin length");
-    assert_eq!(y.len(), x.len(), "rope: output length");
+    check_lengths(x.len(), cos.len(), sin.len(), y.len(), heads, head_dim);
+    let (token_len, half) = (heads * head_dim, head_dim / 2);
     y.par_chunks_mut(token_len)
         .zip(x.par_chunks(token_len))
         .zip(cos.par_chunks(half).zip(sin.par_chunks(half)))
@@ -78,6 +71,19 @@ fn rotate<T: Float, const INVERSE: bool>(x: &[T], cos: &[T], sin: &[T], heads: u
 
 fn check_head_dim(head_dim: usize) {
     assert!(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim {head_dim} must be even and positive");
+}
+
+/// The token count of a rotation's operands, checked against each other (the CUDA launchers share the contract).
+pub(crate) fn check_lengths(x: usize, cos: usize, sin: usize, y: usize, heads: usize, head_dim: usize) -> usize {
+    check_head_dim(head_dim);
+    assert!(heads > 0, "rope: heads must be positive");
+    let token_len = heads * head_dim;
+    assert_eq!(x % token_len, 0, "rope: x length {x} is not a multiple of heads·head_dim {token_len}");
+    let tokens = x / token_len;
+    assert_eq!(cos, tokens * (head_dim / 2), "rope: cos length");
+    assert_eq!(sin, tokens * (head_dim / 2), "rope: sin length");
+    assert_eq!(y, x, "rope: output length");
+    tokens
 }
 
 #[cfg(test)]

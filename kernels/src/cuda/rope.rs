@@ -38,15 +38,7 @@ fn rotate<T: GpuFloat>(
     head_dim: usize,
     y: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    assert!(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim {head_dim} must be even and positive");
-    assert!(heads > 0, "rope: heads must be positive");
-    let token_len = heads * head_dim;
-    assert_eq!(x.len() % token_len, 0, "rope: x length {} is not a multiple of heads·head_dim {token_len}", x.len());
-    let tokens = x.len() / token_len;
-    let half = head_dim / 2;
-    assert_eq!(cos.len(), tokens * half, "rope: cos length");
-    assert_eq!(sin.len(), tokens * half, "rope: sin length");
-    assert_eq!(y.len(), x.len(), "rope: output length");
+    let tokens = crate::rope::check_lengths(x.len(), cos.len(), sin.len(), y.len(), heads, head_dim);
     let dev = same_device(kernel, &[x.device(), cos.device(), sin.device(), y.device()]);
     if tokens == 0 {
         return Ok(());
