@@ -1,7 +1,9 @@
 // Twin of kernels/src/attention.rs: packed varlen attention with causal masking (bottom-right aligned when a
-// sequence has fewer queries than keys), GQA, sliding window and logit softcap. f32 math; lse is f32 whatever T.
+// sequence has fewer queries than keys), GQA, sliding window and logit softcap, in f32: the reference the f32 path
+// runs. bf16 and f16 run the tensor-core flash kernels (flash_attention.cuh), which share this file's delta pass and
+// convert their f32 dQ accumulator here.
 //
-// A first version that is correct for any sequence length: one warp per (query, head) for forward and dQ, one per
+// Correct for any sequence length and simple rather than fast: one warp per (query, head) for forward and dQ, one per
 // (key, KV head) for dK and dV, each walking its visible range one row at a time with an online softmax, so nothing
 // is sized by the sequence length and no atomics are needed. A lane holds head_dim/32 elements of each row it keeps
 // in registers (head_dim ≤ MAX_HEAD_DIM). Grids are (rows / WARPS, heads, sequences): a warp whose row lies past its
@@ -205,10 +207,6 @@ extern "C" __global__ void attention_forward_f32(const float* q, const float* k,
                                                  float* out, float* lse, Attn a) {
     attention_forward(q, k, v, cu_q, cu_k, out, lse, a);
 }
-extern "C" __global__ void attention_forward_bf16(const bf16* q, const bf16* k, const bf16* v, const int* cu_q, const int* cu_k,
-                                                  bf16* out, float* lse, Attn a) {
-    attention_forward(q, k, v, cu_q, cu_k, out, lse, a);
-}
 
 // qlora-rt: hot
 extern "C" __global__ void attention_delta_f32(const float* out, const float* d_out, float* delta, u64 rows, unsigned hd) {
@@ -217,23 +215,26 @@ extern "C" __global__ void attention_delta_f32(const float* out, const float* d_
 extern "C" __global__ void attention_delta_bf16(const bf16* out, const bf16* d_out, float* delta, u64 rows, unsigned hd) {
     attention_delta(out, d_out, delta, rows, hd);
 }
+extern "C" __global__ void attention_delta_f16(const f16* out, const f16* d_out, float* delta, u64 rows, unsigned hd) {
+    attention_delta(out, d_out, delta, rows, hd);
+}
+
+// dq_accum: [n] f32 → dq: [n], the flash backward's last step.
+template <typename T> __device__ void attention_dq_convert(const float* dq_accum, T* dq, u64 n) {
+    for (u64 i = thread_index(); i < n; i += thread_count()) dq[i] = from_f32<T>(dq_accum[i]);
+}
+
+extern "C" __global__ void attention_dq_convert_bf16(const float* dq_accum, bf16* dq, u64 n) { attention_dq_convert(dq_accum, dq, n); }
+extern "C" __global__ void attention_dq_convert_f16(const float* dq_accum, f16* dq, u64 n) { attention_dq_convert(dq_accum, dq, n); }
 
 // qlora-rt: hot
 extern "C" __global__ void attention_backward_dq_f32(const float* q, const float* k, const float* v, const float* lse, const float* delta,
                                                      const float* d_out, const int* cu_q, const int* cu_k, float* dq, Attn a) {
     attention_backward_dq(q, k, v, lse, delta, d_out, cu_q, cu_k, dq, a);
 }
-extern "C" __global__ void attention_backward_dq_bf16(const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,
-                                                      const bf16* d_out, const int* cu_q, const int* cu_k, bf16* dq, Attn a) {
-    attention_backward_dq(q, k, v, lse, delta, d_out, cu_q, cu_k, dq, a);
-}
 
 // qlora-rt: hot
 extern "C" __global__ void attention_backward_dkdv_f32(const float* q, const float* k, const float* v, const float* lse, const float* delta,
                                                        const float* d_out, const int* cu_q, const int* cu_k, float* dk, float* dv, Attn a) {
-    attention_backward_dkdv(q, k, v, lse, delta, d_out, cu_q, cu_k, dk, dv, a);
-}
-extern "C" __global__ void attention_backward_dkdv_bf16(const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,
-                                                        const bf16* d_out, const int* cu_q, const int* cu_k, bf16* dk, bf16* dv, Attn a) {
     attention_backward_dkdv(q, k, v, lse, delta, d_out, cu_q, cu_k, dk, dv, a);
 }

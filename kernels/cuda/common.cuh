@@ -15,8 +15,18 @@ struct bf16 {
     unsigned short bits;
 };
 
+// IEEE half as stored (half::f16 on the Rust side); only the attention kernels take it so far.
+struct f16 {
+    unsigned short bits;
+};
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float(static_cast<unsigned>(v.bits) << 16); }
+__device__ __forceinline__ float to_f32(f16 v) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(v.bits));
+    return r;
+}
 
 template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
@@ -26,9 +36,15 @@ template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) {
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
     return r;
 }
+template <> __device__ __forceinline__ f16 from_f32<f16>(float v) {
+    f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
 
 __device__ __forceinline__ float f32_nan() { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ float f32_neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float f32_pos_inf() { return __int_as_float(0x7f800000); }
 
 // A subnormal becomes a zero of the same sign (what bitsandbytes' --use_fast_math kernels do; nf4.rs `ftz`).
 __device__ __forceinline__ float flush_subnormal(float v) {

@@ -697,10 +697,11 @@ fn strided_case<T: cuda::DeviceCopy + PartialEq + std::fmt::Debug>(dev: &CudaDev
     }
 }
 
+/// The f32 reference kernels (bf16 and f16 run the flash kernels: tests/cuda_flash_attention.rs).
 #[test]
 fn attention_matches_cpu() {
     let Some(dev) = gpu("attention_matches_cpu") else { return };
-    both_dtypes!(attention_case, &dev, &mut Rng::new(13));
+    attention_case::<f32>(&dev, &mut Rng::new(13));
 }
 
 /// lse with −∞ (a query that sees no key) mapped to a finite sentinel, so that assert_close can compare it.
@@ -712,7 +713,7 @@ fn finite_lse(v: impl IntoIterator<Item = f32>) -> Vec<f64> {
 /// out (rounded to T) and lse, so it is checked on its own. Tolerances: f32 REDUCED (sums over up to a few hundred
 /// keys, or a GQA group's queries, in another order, and an online softmax instead of a two-pass one); bf16 BF16
 /// (one rounding of each output); lse REDUCED in both (f32 on both sides).
-fn attention_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+fn attention_case<T: Elem + cuda::attention::AttentionFloat>(dev: &CudaDevice, rng: &mut Rng) {
     struct Case {
         n_heads: usize,
         n_kv_heads: usize,

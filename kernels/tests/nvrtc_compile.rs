@@ -1,6 +1,6 @@
 //! The GPU-free kernel check (STYLE.md §12, tier 2): every `kernels/cuda/*.cu` compiles through NVRTC for sm_90a
-//! (Hopper) and sm_80 (Ampere), as the runtime compiles it (straight to a cubin) and as PTX, which ptxas assembles
-//! with `-v`. Fails on a compile error, on any NVRTC warning, on an entry point that the PTX lacks, and on spill bytes
+//! (Hopper) and sm_80 (Ampere) to PTX, which ptxas assembles with `-v`, and for sm_90a also as the runtime compiles
+//! it there (straight to a cubin). Fails on a compile error, on any NVRTC warning, on an entry point that the PTX lacks, and on spill bytes
 //! in a kernel marked `// qlora-rt: hot`. Prints each kernel's registers, stack and spills.
 //!
 //! Tools: NVRTC (QLORA_NVRTC_LIB, or the loader's search path) and ptxas (QLORA_PTXAS); `eval "$(scripts/cuda-tools.sh)"`
@@ -36,68 +36,108 @@ struct Usage {
 fn check_arch(arch: u32, arch_specific: bool) {
     let Some(ptxas) = tools() else { return };
     let cubin = Target { arch, arch_specific, output: Output::Cubin };
-    let ptx_target = Target { arch, arch_specific, output: Output::Ptx };
     let dir = std::env::temp_dir().join(format!("qlora-nvrtc-compile-{cubin}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let mut failures = Vec::new();
+    // Modules compile independently: spread them over the cores (the flash-attention modules take most of the time).
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(Module::ALL.len());
+    let mut results: Vec<(usize, ModuleReport)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&module) = Module::ALL.get(i) else { return done };
+                        done.push((i, check_module(module, cubin, &ptxas, &dir)));
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("compile worker")).collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    let _ = std::fs::remove_dir_all(&dir);
     let mut table = vec![format!(
-        "{:<14} {:<36} {:>4} {:>6} {:>12}  {}",
+        "{:<20} {:<36} {:>4} {:>6} {:>12}  {}",
         "module", "kernel", "regs", "stack", "spill st/ld", "hot"
     )];
-    for module in Module::ALL {
-        let name = module.name();
-        match compile(module, cubin) {
-            Ok(c) if !c.log.is_empty() => failures.push(format!("{name}.cu for {cubin}: NVRTC warnings:\n{}", c.log)),
-            Ok(_) => {}
-            Err(e) => failures.push(e.to_string()),
-        }
-        let ptx = match compile(module, ptx_target) {
-            Ok(c) => match c.image {
-                qlora_kernels::cuda::compile::Image::Ptx(text) => text,
-                other => panic!("{name}: PTX target gave {other:?}"),
-            },
-            Err(e) => {
-                failures.push(e.to_string());
-                continue;
-            }
-        };
-        let entries: BTreeSet<&str> = module.entry_points().into_iter().collect();
-        let in_ptx: BTreeSet<&str> = ptx_entries(&ptx).into_iter().collect();
-        if entries != in_ptx {
-            failures.push(format!("{name}: source entry points {entries:?} but PTX entries {in_ptx:?}"));
-        }
-        let usage = match run_ptxas(&ptxas, &dir, name, &ptx, cubin) {
-            Ok(usage) => usage,
-            Err(e) => {
-                failures.push(format!("{name}.cu: ptxas for {cubin}: {e}"));
-                continue;
-            }
-        };
-        let hot = module.hot_entry_points();
-        for entry in module.entry_points() {
-            let Some(u) = usage.get(entry) else {
-                failures.push(format!("{name}: ptxas reported nothing for {entry}"));
-                continue;
-            };
-            let is_hot = hot.contains(&entry);
-            table.push(format!(
-                "{name:<14} {entry:<36} {:>4} {:>6} {:>12}  {}",
-                u.registers,
-                u.stack,
-                format!("{}/{}", u.spill_stores, u.spill_loads),
-                if is_hot { "hot" } else { "" }
-            ));
-            if is_hot && u.spill_stores + u.spill_loads > 0 {
-                failures.push(format!(
-                    "{name}: hot kernel {entry} spills on {cubin} ({} bytes stored, {} loaded)",
-                    u.spill_stores, u.spill_loads
-                ));
-            }
-        }
+    let mut failures = Vec::new();
+    for (_, r) in results {
+        table.extend(r.rows);
+        failures.extend(r.failures);
     }
-    let _ = std::fs::remove_dir_all(&dir);
     println!("NVRTC + ptxas -v, {cubin}:\n{}", table.join("\n"));
     assert!(failures.is_empty(), "{} problem(s) for {cubin}:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// One module's table rows and problems.
+struct ModuleReport {
+    rows: Vec<String>,
+    failures: Vec<String>,
+}
+
+/// Compiles `module` to PTX for `cubin`'s arch and runs ptxas -v on it; for the arch-specific target (what the
+/// runtime loads on Hopper) also straight to a cubin, as the runtime does.
+fn check_module(module: Module, cubin: Target, ptxas: &Path, dir: &Path) -> ModuleReport {
+    let name = module.name();
+    let mut r = ModuleReport { rows: Vec::new(), failures: Vec::new() };
+    if cubin.arch_specific {
+        match compile(module, cubin) {
+            Ok(c) if !c.log.is_empty() => r.failures.push(format!("{name}.cu for {cubin}: NVRTC warnings:\n{}", c.log)),
+            Ok(_) => {}
+            Err(e) => r.failures.push(e.to_string()),
+        }
+    }
+    let ptx_target = Target { output: Output::Ptx, ..cubin };
+    let ptx = match compile(module, ptx_target) {
+        Ok(c) if !c.log.is_empty() => {
+            r.failures.push(format!("{name}.cu for {ptx_target}: NVRTC warnings:\n{}", c.log));
+            return r;
+        }
+        Ok(c) => match c.image {
+            qlora_kernels::cuda::compile::Image::Ptx(text) => text,
+            other => panic!("{name}: PTX target gave {other:?}"),
+        },
+        Err(e) => {
+            r.failures.push(e.to_string());
+            return r;
+        }
+    };
+    let entries: BTreeSet<&str> = module.entry_points().into_iter().collect();
+    let in_ptx: BTreeSet<&str> = ptx_entries(&ptx).into_iter().collect();
+    if entries != in_ptx {
+        r.failures.push(format!("{name}: source entry points {entries:?} but PTX entries {in_ptx:?}"));
+    }
+    let usage = match run_ptxas(ptxas, dir, name, &ptx, cubin) {
+        Ok(usage) => usage,
+        Err(e) => {
+            r.failures.push(format!("{name}.cu: ptxas for {cubin}: {e}"));
+            return r;
+        }
+    };
+    let hot = module.hot_entry_points();
+    for entry in module.entry_points() {
+        let Some(u) = usage.get(entry) else {
+            r.failures.push(format!("{name}: ptxas reported nothing for {entry}"));
+            continue;
+        };
+        let is_hot = hot.contains(&entry);
+        r.rows.push(format!(
+            "{name:<20} {entry:<36} {:>4} {:>6} {:>12}  {}",
+            u.registers,
+            u.stack,
+            format!("{}/{}", u.spill_stores, u.spill_loads),
+            if is_hot { "hot" } else { "" }
+        ));
+        if is_hot && u.spill_stores + u.spill_loads > 0 {
+            r.failures.push(format!(
+                "{name}: hot kernel {entry} spills on {cubin} ({} bytes stored, {} loaded)",
+                u.spill_stores, u.spill_loads
+            ));
+        }
+    }
+    r
 }
 
 /// ptxas's path when NVRTC and ptxas are both usable; None (after a notice) when not and not required.

@@ -1,23 +1,68 @@
-//! Launchers of `kernels/cuda/attention.cu`, twins of [`crate::attention`] with the same [`AttentionParams`]. lse is
-//! always f32 on the device: backward recomputes every probability as exp(s − lse), which a bf16 lse would skew.
+//! Launchers of the attention kernels, twins of [`crate::attention`] with the same [`AttentionParams`]: bf16 and f16
+//! run the tensor-core flash kernels (`kernels/cuda/flash_attention.cuh`, one module per padded head_dim), f32 the
+//! warp-per-row reference kernels of `kernels/cuda/attention.cu`. lse is always f32 on the device: backward
+//! recomputes every probability as exp(s − lse), which a bf16 lse would skew.
 //!
 //! The host passes the longest query and key sequence so that grids are sized without reading `cu_seqlens` back;
 //! they must be at least every sequence's lengths, and `cu_seqlens` must be what the CPU twin asserts (starting at
 //! 0, non-decreasing, ending at the token counts). A row that those miss is left unwritten; a sequence whose offsets
 //! fall outside the buffers is skipped by the kernels rather than read or written out of bounds.
+//!
+//! The flash backward adds dQ from every key tile into an f32 accumulator with `red.global.add`, so the order of
+//! those additions (and dQ's last bits) can differ run to run; dK and dV are summed in registers in a fixed order.
 
 use super::source::Module;
-use super::{launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use super::{config, grid_for, launched, same_device, u32_arg, CudaDevice, DeviceBuffer, DeviceCopy, Result};
 use crate::attention::AttentionParams;
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
 
-/// The largest head_dim the kernels take (`MAX_HEAD_DIM` in attention.cu): each lane keeps head_dim/32 elements of a
-/// few rows in registers.
+/// The largest head_dim the kernels take: the flash kernels' largest padded head_dim, and `MAX_HEAD_DIM` in
+/// attention.cu (each lane keeps head_dim/32 elements of a few rows in registers).
 pub const MAX_HEAD_DIM: usize = 256;
-/// Warps per block, one row each (`WARPS` in attention.cu).
+/// Warps per block of the reference kernels, one row each (`WARPS` in attention.cu).
 const WARPS: usize = 4;
 
-/// attention.cu's `Attn`, passed by value.
+/// The element types attention takes, and which kernels they run.
+pub trait AttentionFloat: DeviceCopy {
+    /// Which kernels serve this type: f32 the reference ones, the 16-bit types the flash kernels (by name suffix).
+    const KIND: Kind;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Reference,
+    Flash(Half),
+}
+
+/// The 16-bit type of a flash launch: picks the `_bf16` or `_f16` entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    Bf16,
+    F16,
+}
+
+impl Half {
+    fn pick(self, bf16: &'static str, f16: &'static str) -> &'static str {
+        match self {
+            Half::Bf16 => bf16,
+            Half::F16 => f16,
+        }
+    }
+}
+
+impl AttentionFloat for f32 {
+    const KIND: Kind = Kind::Reference;
+}
+impl AttentionFloat for bf16 {
+    const KIND: Kind = Kind::Flash(Half::Bf16);
+}
+impl AttentionFloat for f16 {
+    const KIND: Kind = Kind::Flash(Half::F16);
+}
+
+/// attention.cu's `Attn` (reference kernels), passed by value.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Attn {
@@ -35,9 +80,132 @@ struct Attn {
 // SAFETY: `repr(C)` with only 4-byte fields, in the order of attention.cu's `struct Attn`, so no padding differs.
 unsafe impl DeviceRepr for Attn {}
 
-/// Asserts what the CPU twin asserts of the parameters and the buffer sizes; returns the kernel's view and the
-/// (query, key) token counts.
-fn geometry(p: &AttentionParams, q_len: usize, k_len: usize, n_cu: usize, n_cu_k: usize) -> (Attn, usize, usize) {
+/// flash_attention.cuh's `FlashParams`, passed by value: the buffers' device addresses and the geometry.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FlashParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    lse: u64,
+    d_out: u64,
+    delta: u64,
+    dq_accum: u64,
+    dk: u64,
+    dv: u64,
+    cu_q: u64,
+    cu_k: u64,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    window: i32,
+    scale: f32,
+    softcap: f32,
+    causal: i32,
+    tq: u32,
+    tk: u32,
+    pad: u32,
+}
+
+// SAFETY: `repr(C)`: twelve 8-byte addresses then ten 4-byte fields, in the order of flash_attention.cuh's
+// `struct FlashParams`, whose natural layout is the same (136 bytes, no interior padding).
+unsafe impl DeviceRepr for FlashParams {}
+
+/// A block shape: query rows × key rows per block, and warps.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    bm: usize,
+    bn: usize,
+    warps: usize,
+}
+
+/// The kernels of one padded head_dim (the tiles written in `kernels/cuda/flash_attention_d<D>.cu`).
+struct Flash {
+    d: usize,
+    module: Module,
+    forward: [&'static str; 2],
+    backward: [&'static str; 2],
+    fwd: Tile,
+    bwd: Tile,
+}
+
+impl Flash {
+    /// The smallest padded head_dim that holds `head_dim`.
+    fn for_head_dim(head_dim: usize) -> &'static Flash {
+        FLASH.iter().find(|f| head_dim <= f.d).expect("head_dim checked against MAX_HEAD_DIM")
+    }
+
+    /// flash_forward's dynamic shared memory: Q, K and V tiles of rows D + 8 elements.
+    fn forward_smem(&self) -> usize {
+        (self.fwd.bm + 2 * self.fwd.bn) * (self.d + 8) * 2
+    }
+
+    /// flash_backward's: K, V, two stages of Q and dO, P and dS [BN][BM + 8], two stages of lse and delta.
+    fn backward_smem(&self) -> usize {
+        let Tile { bm, bn, .. } = self.bwd;
+        (2 * bn + 4 * bm) * (self.d + 8) * 2 + 2 * bn * (bm + 8) * 2 + 4 * bm * 4
+    }
+}
+
+const fn tile(bm: usize, bn: usize, warps: usize) -> Tile {
+    Tile { bm, bn, warps }
+}
+
+static FLASH: [Flash; 6] = [
+    Flash {
+        d: 32,
+        module: Module::FlashD32,
+        forward: ["flash_forward_d32_bf16", "flash_forward_d32_f16"],
+        backward: ["flash_backward_d32_bf16", "flash_backward_d32_f16"],
+        fwd: tile(128, 64, 4),
+        bwd: tile(64, 64, 4),
+    },
+    Flash {
+        d: 64,
+        module: Module::FlashD64,
+        forward: ["flash_forward_d64_bf16", "flash_forward_d64_f16"],
+        backward: ["flash_backward_d64_bf16", "flash_backward_d64_f16"],
+        fwd: tile(128, 64, 4),
+        bwd: tile(64, 64, 4),
+    },
+    Flash {
+        d: 80,
+        module: Module::FlashD80,
+        forward: ["flash_forward_d80_bf16", "flash_forward_d80_f16"],
+        backward: ["flash_backward_d80_bf16", "flash_backward_d80_f16"],
+        fwd: tile(128, 64, 4),
+        bwd: tile(64, 128, 8),
+    },
+    Flash {
+        d: 96,
+        module: Module::FlashD96,
+        forward: ["flash_forward_d96_bf16", "flash_forward_d96_f16"],
+        backward: ["flash_backward_d96_bf16", "flash_backward_d96_f16"],
+        fwd: tile(128, 64, 8),
+        bwd: tile(64, 128, 8),
+    },
+    Flash {
+        d: 128,
+        module: Module::FlashD128,
+        forward: ["flash_forward_d128_bf16", "flash_forward_d128_f16"],
+        backward: ["flash_backward_d128_bf16", "flash_backward_d128_f16"],
+        fwd: tile(128, 64, 8),
+        bwd: tile(64, 64, 8),
+    },
+    Flash {
+        d: 256,
+        module: Module::FlashD256,
+        forward: ["flash_forward_d256_bf16", "flash_forward_d256_f16"],
+        backward: ["flash_backward_d256_bf16", "flash_backward_d256_f16"],
+        fwd: tile(128, 64, 8),
+        bwd: tile(64, 64, 8),
+    },
+];
+
+/// Asserts what the CPU twin asserts of the parameters and the buffer sizes; returns the reference kernels' view,
+/// the flash kernels' (addresses left 0) and the (query, key) token counts.
+fn geometry(p: &AttentionParams, q_len: usize, k_len: usize, n_cu: usize, n_cu_k: usize) -> (Attn, FlashParams, usize) {
     assert!(
         p.n_kv_heads > 0 && p.n_heads > 0 && p.n_heads % p.n_kv_heads == 0,
         "n_heads {} must be a positive multiple of n_kv_heads {}",
@@ -55,34 +223,68 @@ fn geometry(p: &AttentionParams, q_len: usize, k_len: usize, n_cu: usize, n_cu_k
     assert_eq!(q_len % q_row, 0, "q length {q_len} is not tokens·n_heads·head_dim");
     assert_eq!(k_len % k_row, 0, "k length {k_len} is not tokens·n_kv_heads·head_dim");
     let (tq, tk) = (q_len / q_row, k_len / k_row);
+    let (tq32, tk32) = (u32_arg("attention: query tokens", tq), u32_arg("attention: key tokens", tk));
+    // A window wider than any query-key distance hides nothing; clamping it keeps the kernels' int arithmetic exact.
+    let window = p.sliding_window.map_or(0, |w| w.min(tq + tk + 1));
     let attn = Attn {
         n_heads: u32_arg("attention: n_heads", p.n_heads),
         n_kv_heads: u32_arg("attention: n_kv_heads", p.n_kv_heads),
         head_dim: p.head_dim as u32,
-        window: p.sliding_window.map_or(0, |w| u32::try_from(w).unwrap_or(u32::MAX)),
+        window: u32_arg("attention: window", window),
         scale: p.scale as f32,
         softcap: p.softcap.map_or(0.0, |c| c as f32),
         causal: p.causal as i32,
-        tq: u32_arg("attention: query tokens", tq),
-        tk: u32_arg("attention: key tokens", tk),
+        tq: tq32,
+        tk: tk32,
     };
-    (attn, tq, tk)
+    let flash = FlashParams {
+        n_heads: attn.n_heads,
+        n_kv_heads: attn.n_kv_heads,
+        head_dim: attn.head_dim,
+        window: i32::try_from(window)
+            .unwrap_or_else(|_| panic!("attention: window {window} exceeds the kernels' range")),
+        scale: attn.scale,
+        softcap: attn.softcap,
+        causal: attn.causal,
+        tq: tq32,
+        tk: tk32,
+        ..FlashParams::default()
+    };
+    (attn, flash, tq)
 }
 
-/// (⌈rows / WARPS⌉, heads, sequences) blocks of WARPS warps.
-fn grid(max_rows: usize, heads: usize, n_seqs: usize) -> LaunchConfig {
+/// (⌈rows / per_block⌉, heads, sequences) blocks of `threads`, with `smem` bytes of dynamic shared memory.
+fn grid(rows: usize, per_block: usize, heads: usize, n_seqs: usize, threads: usize, smem: usize) -> LaunchConfig {
     assert!(n_seqs <= 65_535 && heads <= 65_535, "attention: {n_seqs} sequences or {heads} heads exceed a grid");
     LaunchConfig {
-        grid_dim: (u32_arg("attention: longest sequence", max_rows.div_ceil(WARPS)), heads as u32, n_seqs as u32),
-        block_dim: (32 * WARPS as u32, 1, 1),
-        shared_mem_bytes: 0,
+        grid_dim: (u32_arg("attention: longest sequence", rows.div_ceil(per_block)), heads as u32, n_seqs as u32),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
     }
+}
+
+/// One flash kernel launch: `params` by value, its dynamic shared memory allowed past the 48 KiB default first.
+fn launch_flash(
+    dev: &CudaDevice,
+    module: Module,
+    kernel: &'static str,
+    params: &FlashParams,
+    cfg: LaunchConfig,
+) -> Result<()> {
+    let f = dev.function(module, kernel)?;
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shared_mem_bytes as i32)
+        .map_err(super::Error::driver("cuFuncSetAttribute"))?;
+    // SAFETY: flash_*(const FlashParams p): every address in `params` is a buffer of this device sized as the
+    // callers assert (q, out, d_out, dq_accum: tq·n_heads·head_dim; k, v, dk, dv: tk·n_kv_heads·head_dim; lse, delta:
+    // tq·n_heads; cu_q, cu_k: the grid's z + 1), and the kernels skip any sequence whose offsets leave 0..tq or
+    // 0..tk; the shared memory asked for is what the kernel's tiles use (FLASH, checked against the .cu comments).
+    launched(kernel, unsafe { dev.stream().launch_builder(f).arg(params).launch(cfg) })
 }
 
 /// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens_q/k: [n_seqs + 1] → out: [tq, n_heads,
 /// head_dim], lse: [tq, n_heads] f32 (−∞ with a zero row for a query that sees no key)
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward<T: GpuFloat>(
+pub fn attention_forward<T: AttentionFloat>(
     p: &AttentionParams,
     q: &DeviceBuffer<T>,
     k: &DeviceBuffer<T>,
@@ -90,12 +292,12 @@ pub fn attention_forward<T: GpuFloat>(
     cu_seqlens_q: &DeviceBuffer<i32>,
     cu_seqlens_k: &DeviceBuffer<i32>,
     max_seqlen_q: usize,
-    // Keys do not size the forward grid: each query's warp walks its sequence's keys.
+    // Keys do not size the forward grid: each query block walks its sequence's keys.
     _max_seqlen_k: usize,
     out: &mut DeviceBuffer<T>,
     lse: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
-    let (attn, tq, _) = geometry(p, q.len(), k.len(), cu_seqlens_q.len(), cu_seqlens_k.len());
+    let (attn, mut flash, tq) = geometry(p, q.len(), k.len(), cu_seqlens_q.len(), cu_seqlens_k.len());
     assert_eq!(v.len(), k.len(), "attention_forward: v length vs k");
     assert_eq!(out.len(), q.len(), "attention_forward: out length vs q");
     assert_eq!(lse.len(), tq * p.n_heads, "attention_forward: lse length");
@@ -107,33 +309,43 @@ pub fn attention_forward<T: GpuFloat>(
     if n_seqs == 0 || max_seqlen_q == 0 || out.is_empty() {
         return Ok(());
     }
-    let kernel = T::pick("attention_forward_f32", "attention_forward_bf16");
-    let f = dev.function(Module::Attention, kernel)?;
-    let (pq, pk, pv, pcq, pck, po, pl) =
-        (q.ptr(), k.ptr(), v.ptr(), cu_seqlens_q.ptr(), cu_seqlens_k.ptr(), out.ptr(), lse.ptr());
-    // SAFETY: attention_forward_T(const T* q, const T* k, const T* v, const int* cu_q, const int* cu_k, T* out,
-    // float* lse, Attn a): q and out hold tq·n_heads·head_dim elements, k and v tk·n_kv_heads·head_dim, lse
-    // tq·n_heads (asserted), cu_q and cu_k n_seqs + 1 (the grid's z); the kernel skips any sequence whose offsets
-    // leave 0..tq or 0..tk, so no access leaves the buffers; all on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&pq)
-            .arg(&pk)
-            .arg(&pv)
-            .arg(&pcq)
-            .arg(&pck)
-            .arg(&po)
-            .arg(&pl)
-            .arg(&attn)
-            .launch(grid(max_seqlen_q, p.n_heads, n_seqs))
-    })
+    let half = match T::KIND {
+        Kind::Reference => {
+            let kernel = "attention_forward_f32";
+            let f = dev.function(Module::Attention, kernel)?;
+            let (pq, pk, pv, pcq, pck, po, pl) =
+                (q.ptr(), k.ptr(), v.ptr(), cu_seqlens_q.ptr(), cu_seqlens_k.ptr(), out.ptr(), lse.ptr());
+            // SAFETY: attention_forward_f32(const float* q, const float* k, const float* v, const int* cu_q,
+            // const int* cu_k, float* out, float* lse, Attn a): q and out hold tq·n_heads·head_dim elements, k and v
+            // tk·n_kv_heads·head_dim, lse tq·n_heads (asserted), cu_q and cu_k n_seqs + 1 (the grid's z); the kernel
+            // skips any sequence whose offsets leave 0..tq or 0..tk, so no access leaves the buffers.
+            return launched(kernel, unsafe {
+                dev.stream()
+                    .launch_builder(f)
+                    .arg(&pq)
+                    .arg(&pk)
+                    .arg(&pv)
+                    .arg(&pcq)
+                    .arg(&pck)
+                    .arg(&po)
+                    .arg(&pl)
+                    .arg(&attn)
+                    .launch(grid(max_seqlen_q, WARPS, p.n_heads, n_seqs, 32 * WARPS, 0))
+            });
+        }
+        Kind::Flash(half) => half,
+    };
+    let fl = Flash::for_head_dim(p.head_dim);
+    (flash.q, flash.k, flash.v, flash.out, flash.lse) = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr());
+    (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
+    let cfg = grid(max_seqlen_q, fl.fwd.bm, p.n_heads, n_seqs, 32 * fl.fwd.warps, fl.forward_smem());
+    launch_flash(dev, fl.module, half.pick(fl.forward[0], fl.forward[1]), &flash, cfg)
 }
 
 /// Gradients of [`attention_forward`] from its out and lse and d_out: [tq, n_heads, head_dim] → dq: [tq, n_heads,
 /// head_dim], dk, dv: [tk, n_kv_heads, head_dim] (all written; GQA sums over the query heads sharing a KV head)
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward<T: GpuFloat>(
+pub fn attention_backward<T: AttentionFloat>(
     p: &AttentionParams,
     q: &DeviceBuffer<T>,
     k: &DeviceBuffer<T>,
@@ -149,7 +361,7 @@ pub fn attention_backward<T: GpuFloat>(
     dk: &mut DeviceBuffer<T>,
     dv: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    let (attn, tq, _) = geometry(p, q.len(), k.len(), cu_seqlens_q.len(), cu_seqlens_k.len());
+    let (attn, mut flash, tq) = geometry(p, q.len(), k.len(), cu_seqlens_q.len(), cu_seqlens_k.len());
     for (name, x) in [("out", out), ("d_out", d_out), ("dq", &*dq)] {
         assert_eq!(x.len(), q.len(), "attention_backward: {name} length vs q");
     }
@@ -179,31 +391,101 @@ pub fn attention_backward<T: GpuFloat>(
     }
     let rows = tq * p.n_heads;
     let delta = dev.alloc::<f32>(rows)?;
-    let (pq, pk, pv, po, pl, pdo) = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr(), d_out.ptr());
-    let (pcq, pck, pdelta) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr(), delta.ptr());
     if rows > 0 {
-        let kernel = T::pick("attention_delta_f32", "attention_delta_bf16");
-        let f = dev.function(Module::Attention, kernel)?;
-        let (rows64, hd) = (rows as u64, attn.head_dim);
-        let cfg = LaunchConfig {
-            grid_dim: (u32_arg("attention_backward: rows", rows.div_ceil(WARPS)), 1, 1),
-            block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: attention_delta_T(const T* out, const T* d_out, float* delta, u64 rows, unsigned hd): out and
-        // d_out hold rows·hd elements (asserted), delta rows f32 (allocated above); on this device.
-        launched(kernel, unsafe {
-            dev.stream().launch_builder(f).arg(&po).arg(&pdo).arg(&pdelta).arg(&rows64).arg(&hd).launch(cfg)
-        })?;
+        launch_delta(dev, out, d_out, &delta, attn.head_dim)?;
     }
-    if max_seqlen_q > 0 && rows > 0 {
-        let kernel = T::pick("attention_backward_dq_f32", "attention_backward_dq_bf16");
+    let half = match T::KIND {
+        Kind::Reference => {
+            let (cu, max_seqlen) = ([cu_seqlens_q, cu_seqlens_k], [max_seqlen_q, max_seqlen_k]);
+            return reference_backward(
+                dev,
+                &attn,
+                p,
+                [q, k, v, d_out],
+                [lse, &delta],
+                cu,
+                max_seqlen,
+                [dq, dk, dv],
+                n_seqs,
+            );
+        }
+        Kind::Flash(half) => half,
+    };
+    let fl = Flash::for_head_dim(p.head_dim);
+    let mut dq_accum = dev.zeros::<f32>(q.len())?;
+    (flash.q, flash.k, flash.v, flash.out, flash.lse, flash.d_out) =
+        (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr(), d_out.ptr());
+    (flash.delta, flash.dq_accum, flash.dk, flash.dv) = (delta.ptr(), dq_accum.ptr(), dk.ptr(), dv.ptr());
+    (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
+    if max_seqlen_k > 0 && !dk.is_empty() {
+        let cfg = grid(max_seqlen_k, fl.bwd.bn, p.n_kv_heads, n_seqs, 32 * fl.bwd.warps, fl.backward_smem());
+        launch_flash(dev, fl.module, half.pick(fl.backward[0], fl.backward[1]), &flash, cfg)?;
+    } else {
+        // No key: every dq row is zero (the accumulator as allocated); dk and dv are empty.
+        dq_accum.zero()?;
+    }
+    if dq.is_empty() {
+        return Ok(());
+    }
+    let kernel = half.pick("attention_dq_convert_bf16", "attention_dq_convert_f16");
+    let f = dev.function(Module::Attention, kernel)?;
+    let (pa, pd, n) = (dq_accum.ptr(), dq.ptr(), dq.len() as u64);
+    // SAFETY: attention_dq_convert_T(const float* dq_accum, T* dq, u64 n): both hold n elements, on this device.
+    launched(kernel, unsafe {
+        dev.stream().launch_builder(f).arg(&pa).arg(&pd).arg(&n).launch(config(grid_for(dq.len())))
+    })
+}
+
+/// delta = rowsum(dO ⊙ O) per (token, head): [rows] f32.
+fn launch_delta<T: AttentionFloat>(
+    dev: &CudaDevice,
+    out: &DeviceBuffer<T>,
+    d_out: &DeviceBuffer<T>,
+    delta: &DeviceBuffer<f32>,
+    hd: u32,
+) -> Result<()> {
+    let kernel = match T::KIND {
+        Kind::Reference => "attention_delta_f32",
+        Kind::Flash(half) => half.pick("attention_delta_bf16", "attention_delta_f16"),
+    };
+    let f = dev.function(Module::Attention, kernel)?;
+    let rows = delta.len();
+    let (po, pdo, pdelta, rows64) = (out.ptr(), d_out.ptr(), delta.ptr(), rows as u64);
+    let cfg = LaunchConfig {
+        grid_dim: (u32_arg("attention_backward: rows", rows.div_ceil(WARPS)), 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: attention_delta_T(const T* out, const T* d_out, float* delta, u64 rows, unsigned hd): out and d_out
+    // hold rows·hd elements (asserted by the caller), delta rows f32; on this device.
+    launched(kernel, unsafe {
+        dev.stream().launch_builder(f).arg(&po).arg(&pdo).arg(&pdelta).arg(&rows64).arg(&hd).launch(cfg)
+    })
+}
+
+/// The f32 reference backward: dQ with one warp per query row, dK and dV with one per key row.
+#[allow(clippy::too_many_arguments)]
+fn reference_backward<T: AttentionFloat>(
+    dev: &CudaDevice,
+    attn: &Attn,
+    p: &AttentionParams,
+    [q, k, v, d_out]: [&DeviceBuffer<T>; 4],
+    [lse, delta]: [&DeviceBuffer<f32>; 2],
+    [cu_q, cu_k]: [&DeviceBuffer<i32>; 2],
+    [max_seqlen_q, max_seqlen_k]: [usize; 2],
+    // Written by the kernels through their addresses (the caller holds them mutably).
+    [dq, dk, dv]: [&DeviceBuffer<T>; 3],
+    n_seqs: usize,
+) -> Result<()> {
+    let (pq, pk, pv, pl, pdelta, pdo) = (q.ptr(), k.ptr(), v.ptr(), lse.ptr(), delta.ptr(), d_out.ptr());
+    let (pcq, pck) = (cu_q.ptr(), cu_k.ptr());
+    if max_seqlen_q > 0 && !dq.is_empty() {
+        let kernel = "attention_backward_dq_f32";
         let f = dev.function(Module::Attention, kernel)?;
         let pdq = dq.ptr();
-        // SAFETY: attention_backward_dq_T(const T* q, const T* k, const T* v, const float* lse, const float* delta,
-        // const T* d_out, const int* cu_q, const int* cu_k, T* dq, Attn a): q, d_out, dq hold tq·n_heads·head_dim
-        // elements, k and v tk·n_kv_heads·head_dim, lse and delta tq·n_heads (asserted, allocated); sequences
-        // outside the buffers are skipped by the kernel; on this device.
+        // SAFETY: attention_backward_dq_f32(q, k, v, lse, delta, d_out, cu_q, cu_k, float* dq, Attn a): q, d_out, dq
+        // hold tq·n_heads·head_dim elements, k and v tk·n_kv_heads·head_dim, lse and delta tq·n_heads (asserted,
+        // allocated); sequences outside the buffers are skipped by the kernel; on this device.
         launched(kernel, unsafe {
             dev.stream()
                 .launch_builder(f)
@@ -216,16 +498,16 @@ pub fn attention_backward<T: GpuFloat>(
                 .arg(&pcq)
                 .arg(&pck)
                 .arg(&pdq)
-                .arg(&attn)
-                .launch(grid(max_seqlen_q, p.n_heads, n_seqs))
+                .arg(attn)
+                .launch(grid(max_seqlen_q, WARPS, p.n_heads, n_seqs, 32 * WARPS, 0))
         })?;
     }
     if max_seqlen_k > 0 && !dk.is_empty() {
-        let kernel = T::pick("attention_backward_dkdv_f32", "attention_backward_dkdv_bf16");
+        let kernel = "attention_backward_dkdv_f32";
         let f = dev.function(Module::Attention, kernel)?;
         let (pdk, pdv) = (dk.ptr(), dv.ptr());
-        // SAFETY: attention_backward_dkdv_T(q, k, v, lse, delta, d_out, cu_q, cu_k, T* dk, T* dv, Attn a): as for
-        // dq, with dk and dv holding tk·n_kv_heads·head_dim elements (asserted); on this device.
+        // SAFETY: attention_backward_dkdv_f32(q, k, v, lse, delta, d_out, cu_q, cu_k, float* dk, float* dv, Attn a):
+        // as for dq, with dk and dv holding tk·n_kv_heads·head_dim elements (asserted); on this device.
         launched(kernel, unsafe {
             dev.stream()
                 .launch_builder(f)
@@ -239,9 +521,43 @@ pub fn attention_backward<T: GpuFloat>(
                 .arg(&pck)
                 .arg(&pdk)
                 .arg(&pdv)
-                .arg(&attn)
-                .launch(grid(max_seqlen_k, p.n_kv_heads, n_seqs))
+                .arg(attn)
+                .launch(grid(max_seqlen_k, WARPS, p.n_kv_heads, n_seqs, 32 * WARPS, 0))
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiles must match the template arguments written in each flash_attention_d<D>.cu, and fit a Hopper SM's
+    /// 227 KiB of shared memory per block.
+    #[test]
+    fn flash_table_matches_the_sources() {
+        for f in &FLASH {
+            let text = f.module.file_text();
+            for (kernels, t) in [(f.forward, f.fwd), (f.backward, f.bwd)] {
+                for (name, ty) in kernels.iter().zip(["bf16", "f16"]) {
+                    let line = text.lines().find(|l| l.contains(&format!(" {name}("))).expect("entry point");
+                    let args = format!("<{ty}, {}, {}, {}, {}", f.d, t.bm, t.bn, t.warps);
+                    assert!(line.contains(&args), "{name}: expected template arguments {args} in {line}");
+                    assert!(line.contains(&format!("__launch_bounds__({})", 32 * t.warps)), "{name}: block size");
+                }
+            }
+            assert!(f.forward_smem() <= 227 * 1024 && f.backward_smem() <= 227 * 1024, "d{}: shared memory", f.d);
+        }
+        assert_eq!(FLASH.last().map(|f| f.d), Some(MAX_HEAD_DIM));
+        assert_eq!(std::mem::size_of::<FlashParams>(), 136, "flash_attention.cuh's FlashParams is 136 bytes");
+    }
+
+    #[test]
+    fn head_dims_map_to_the_smallest_padded_kernel() {
+        let d = |hd| Flash::for_head_dim(hd).d;
+        assert_eq!(
+            [d(1), d(32), d(33), d(64), d(72), d(80), d(96), d(100), d(128), d(129), d(256)],
+            [32, 32, 64, 64, 80, 80, 96, 128, 128, 256, 256]
+        );
+    }
 }

@@ -5,6 +5,9 @@
 /// Replaced by the text of `common.cuh` (NVRTC gets one self-contained source; nvcc finds the header beside it).
 const INCLUDE_COMMON: &str = "#include \"common.cuh\"\n";
 const COMMON: &str = include_str!("../../cuda/common.cuh");
+/// The flash-attention templates, spliced in the same way into each `flash_attention_d<D>.cu`.
+const INCLUDE_FLASH: &str = "#include \"flash_attention.cuh\"\n";
+const FLASH: &str = include_str!("../../cuda/flash_attention.cuh");
 /// Written on the line above a group of entry points: ptxas must give every one of them zero spill bytes.
 pub const HOT_MARKER: &str = "// qlora-rt: hot";
 const ENTRY_PREFIX: &str = "extern \"C\" __global__ void ";
@@ -24,10 +27,18 @@ pub enum Module {
     Reduce,
     Copy,
     Attention,
+    /// The flash-attention kernels for head_dim ≤ 32, 64, 80, 96, 128, 256: one module each, so a model compiles
+    /// only the head size it has.
+    FlashD32,
+    FlashD64,
+    FlashD80,
+    FlashD96,
+    FlashD128,
+    FlashD256,
 }
 
 impl Module {
-    pub const ALL: [Module; 12] = [
+    pub const ALL: [Module; 18] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -40,9 +51,15 @@ impl Module {
         Module::Reduce,
         Module::Copy,
         Module::Attention,
+        Module::FlashD32,
+        Module::FlashD64,
+        Module::FlashD80,
+        Module::FlashD96,
+        Module::FlashD128,
+        Module::FlashD256,
     ];
 
-    /// The file stem, which is also the name of the CPU twin's module.
+    /// The file stem, which is also the name of the CPU twin's module (`attention` for the flash modules).
     pub fn name(self) -> &'static str {
         match self {
             Module::Elementwise => "elementwise",
@@ -57,6 +74,12 @@ impl Module {
             Module::Reduce => "reduce",
             Module::Copy => "copy",
             Module::Attention => "attention",
+            Module::FlashD32 => "flash_attention_d32",
+            Module::FlashD64 => "flash_attention_d64",
+            Module::FlashD80 => "flash_attention_d80",
+            Module::FlashD96 => "flash_attention_d96",
+            Module::FlashD128 => "flash_attention_d128",
+            Module::FlashD256 => "flash_attention_d256",
         }
     }
 
@@ -75,14 +98,20 @@ impl Module {
             Module::Reduce => include_str!("../../cuda/reduce.cu"),
             Module::Copy => include_str!("../../cuda/copy.cu"),
             Module::Attention => include_str!("../../cuda/attention.cu"),
+            Module::FlashD32 => include_str!("../../cuda/flash_attention_d32.cu"),
+            Module::FlashD64 => include_str!("../../cuda/flash_attention_d64.cu"),
+            Module::FlashD80 => include_str!("../../cuda/flash_attention_d80.cu"),
+            Module::FlashD96 => include_str!("../../cuda/flash_attention_d96.cu"),
+            Module::FlashD128 => include_str!("../../cuda/flash_attention_d128.cu"),
+            Module::FlashD256 => include_str!("../../cuda/flash_attention_d256.cu"),
         }
     }
 
-    /// What NVRTC compiles: the file with `common.cuh` spliced in.
+    /// What NVRTC compiles: the file with `common.cuh` (and `flash_attention.cuh` where included) spliced in.
     pub fn source(self) -> String {
         let text = self.file_text();
         assert!(text.contains(INCLUDE_COMMON), "kernels/cuda/{}.cu must include common.cuh", self.name());
-        text.replacen(INCLUDE_COMMON, COMMON, 1)
+        text.replacen(INCLUDE_COMMON, COMMON, 1).replacen(INCLUDE_FLASH, FLASH, 1)
     }
 
     /// Every `extern "C" __global__` function, in file order.
@@ -107,8 +136,13 @@ impl Module {
     }
 }
 
+/// The name in `extern "C" __global__ void [__launch_bounds__(…)] name(…`.
 fn entry_name(line: &str) -> Option<&str> {
     let rest = line.strip_prefix(ENTRY_PREFIX)?;
+    let rest = match rest.strip_prefix("__launch_bounds__(") {
+        Some(bounds) => bounds.split_once(')')?.1,
+        None => rest,
+    };
     rest.split('(').next().map(str::trim)
 }
 
@@ -121,12 +155,13 @@ mod tests {
         for m in Module::ALL {
             let src = m.source();
             assert!(src.contains("struct bf16") && !src.contains(INCLUDE_COMMON), "{}", m.name());
+            assert!(!src.contains(INCLUDE_FLASH), "{}", m.name());
             let entries = m.entry_points();
             assert!(!entries.is_empty(), "{}: no entry points", m.name());
             for e in &entries {
                 assert!(e.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{}: entry {e:?}", m.name());
                 // Float kernels are named by type; byte-moving ones (copy.cu) by element size.
-                let suffixes = ["_f32", "_bf16", "_u8", "_u16", "_u32"];
+                let suffixes = ["_f32", "_bf16", "_f16", "_u8", "_u16", "_u32"];
                 assert!(suffixes.iter().any(|s| e.ends_with(s)), "{}: {e} names no dtype", m.name());
             }
             let mut unique = entries.clone();
@@ -134,6 +169,13 @@ mod tests {
             unique.dedup();
             assert_eq!(unique.len(), entries.len(), "{}: duplicate entry points", m.name());
         }
+    }
+
+    #[test]
+    fn launch_bounds_are_not_part_of_the_name() {
+        let line = "extern \"C\" __global__ void __launch_bounds__(128) flash_forward_d64_bf16(const FlashParams p) {";
+        assert_eq!(entry_name(line), Some("flash_forward_d64_bf16"));
+        assert_eq!(Module::FlashD64.entry_points().len(), 4);
     }
 
     #[test]

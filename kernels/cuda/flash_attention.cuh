@@ -1,0 +1,673 @@
+// Flash attention on tensor cores (FlashAttention-2's algorithm), forward and backward, for bf16 and f16 I/O with
+// f32 accumulation: the training path's twin of kernels/src/attention.rs (packed varlen sequences with bottom-right
+// alignment, causal masking, GQA without expanding K/V, sliding window, logit softcap, any scale). The f32 reference
+// kernels stay in attention.cu.
+//
+// Each flash_attention_d<D>.cu instantiates the templates below for one padded head_dim D (a multiple of 16; a head
+// of hd < D elements is zero-padded in shared memory, so one instantiation serves every hd in (previous D, D]). The
+// hardware pieces are inline PTX (NVRTC has no CUDA headers): cp.async for 16-byte global→shared copies that zero-fill
+// past the end of a sequence, ldmatrix for operand fragments, mma.sync.m16n8k16 (sm_80+) for the products.
+//
+// Shared-memory tiles are row-major with rows of D + 8 elements: the 16 pad bytes shift consecutive rows by four
+// banks, so the eight 16-byte rows one ldmatrix phase reads hit 32 distinct banks for every D used here.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4): A (16×16, row-major) regs {(g, 2t), (g+8,
+// 2t), (g, 2t+8), (g+8, 2t+8)}, each a pair along k; B (16×8) regs {(k 2t, n g), (k 2t+8, n g)}, pairs along k; C
+// (16×8 f32) {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}. Two C tiles side by side are exactly one A tile, which is
+// how P goes from the score accumulators into the P·V product without touching shared memory.
+#pragma once
+
+#define FLASH_LOG2E 1.4426950408889634f
+#define FLASH_LN2 0.6931471805599453f
+
+// What both passes read; pointers are device addresses (kernels/src/cuda/attention.rs `FlashParams`, same order).
+struct FlashParams {
+    const void* q;      // [tq, n_heads, hd]
+    const void* k;      // [tk, n_kv_heads, hd]
+    const void* v;      // [tk, n_kv_heads, hd]
+    void* out;          // [tq, n_heads, hd]: forward's output
+    float* lse;         // [tq, n_heads] natural-log log-sum-exp (−∞ for a query that sees no key)
+    const void* d_out;  // [tq, n_heads, hd]
+    const float* delta; // [tq, n_heads] rowsum(dO ⊙ O) (attention.cu's delta pass)
+    float* dq_accum;    // [tq, n_heads, hd] f32, zeroed before the backward and converted after it (attention.cu)
+    void* dk;           // [tk, n_kv_heads, hd]
+    void* dv;           // [tk, n_kv_heads, hd]
+    const int* cu_q;    // [n_seqs + 1]
+    const int* cu_k;    // [n_seqs + 1]
+    unsigned n_heads, n_kv_heads, head_dim;
+    int window;  // 0: none
+    float scale, softcap;  // softcap 0: off
+    int causal;
+    unsigned tq, tk;
+    unsigned pad;
+};
+
+// Dynamic shared memory, 16-byte aligned by its element type (every tile row starts on a 16-byte boundary).
+struct alignas(16) FlashChunk {
+    unsigned w[4];
+};
+extern __shared__ FlashChunk flash_smem[];
+
+// ---- PTX wrappers --------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16 bytes global → shared; the `16 - bytes` bytes past `bytes` are zero-filled (bytes 0: all zero, nothing read).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, unsigned bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, unsigned bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// Two 8×8 matrices; lanes 0–15 give the row addresses.
+__device__ __forceinline__ void ldsm_x2(unsigned addr, unsigned& r0, unsigned& r1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x2_t(unsigned addr, unsigned& r0, unsigned& r1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr));
+}
+
+// c += a·b on one m16n8k16 tile, f32 accumulation.
+template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+template <> __device__ __forceinline__ void mma16816<bf16>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<f16>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 rounded to T, `lo` in the low half (the element with the smaller index).
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<bf16>(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ unsigned pack2<f16>(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float rcp(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+// tanh(x) = 1 − 2/(e^{2x} + 1): absolute error ~1e-7 over the whole line (the cap multiplies it; the CPU twin uses
+// libm's tanh), saturating cleanly to ±1.
+__device__ __forceinline__ float tanh_fast(float x) { return 1.0f - 2.0f * rcp(ex2(x * (2.0f * FLASH_LOG2E)) + 1.0f); }
+
+__device__ __forceinline__ void red_add(float* p, float v) { asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory"); }
+
+// ---- Geometry ------------------------------------------------------------------------------------------------
+
+// One packed sequence. A sequence whose offsets leave the buffers is skipped (its rows stay unwritten) rather than
+// letting a malformed cu_seqlens reach memory past q, k or v.
+struct FlashSeq {
+    int q0, k0, len_q, len_k;
+};
+
+__device__ __forceinline__ bool flash_seq(const FlashParams& p, int s, FlashSeq& out) {
+    const int q0 = p.cu_q[s], q1 = p.cu_q[s + 1], k0 = p.cu_k[s], k1 = p.cu_k[s + 1];
+    if (q0 < 0 || q1 < q0 || static_cast<unsigned>(q1) > p.tq || k0 < 0 || k1 < k0 || static_cast<unsigned>(k1) > p.tk) return false;
+    out = FlashSeq{q0, k0, q1 - q0, k1 - k0};
+    return true;
+}
+
+// Query row r of a sequence sits at position i = r + len_k − len_q (bottom-right) and sees key j when j < len_k,
+// (not causal or j ≤ i) and (no window or i − j < window).
+__device__ __forceinline__ bool flash_visible(const FlashParams& p, const FlashSeq& s, int r, int j) {
+    const int i = r + s.len_k - s.len_q;
+    return j < s.len_k && (!p.causal || j <= i) && (p.window == 0 || i - j < p.window);
+}
+
+// Scores in log2 units from raw q·k (pre = scale·log2e, or scale/cap with a softcap), and the tanh a softcap kept
+// (backward needs 1 − tanh²).
+struct ScoreMap {
+    float pre, post;  // s2 = post · tanh(pre·x) with a cap, pre·x without
+    bool capped;
+};
+__device__ __forceinline__ ScoreMap score_map(const FlashParams& p) {
+    if (p.softcap > 0.0f) return ScoreMap{p.scale / p.softcap, p.softcap * FLASH_LOG2E, true};
+    return ScoreMap{p.scale * FLASH_LOG2E, 1.0f, false};
+}
+
+// ---- Tile copies ---------------------------------------------------------------------------------------------
+
+// Rows [0, ROWS) of a head's [tokens, heads, hd] slice starting at `g` (rows `stride` elements apart) into shared
+// memory [ROWS][D + 8] at `dst`; rows ≥ nrows and columns ≥ hd become zeros. Asynchronous (cp.async) when rows are
+// 16-byte aligned (hd % 8 == 0); otherwise element by element (tiny test heads only).
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_tile(unsigned short* dst, const unsigned short* g, u64 stride, int nrows, unsigned hd) {
+    constexpr int SD = D + 8, CH = D / 8;
+    if (hd % 8 == 0) {
+        const unsigned base = smem_u32(dst);
+        for (int c = threadIdx.x; c < ROWS * CH; c += THREADS) {
+            const int r = c / CH, col = (c % CH) * 8;
+            const bool in = r < nrows && static_cast<unsigned>(col) < hd;
+            cp_async16(base + 2u * (r * SD + col), in ? g + r * stride + col : g, in ? 16u : 0u);
+        }
+    } else {
+        for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
+            const int r = e / D, col = e % D;
+            dst[r * SD + col] = (r < nrows && static_cast<unsigned>(col) < hd) ? g[r * stride + col] : 0;
+        }
+    }
+}
+
+// One f32 per row, rows `stride` apart, into shared memory; rows ≥ nrows become 0.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_row_values(float* dst, const float* g, u64 stride, int nrows) {
+    const unsigned base = smem_u32(dst);
+    for (int r = threadIdx.x; r < ROWS; r += THREADS) cp_async4(base + 4u * r, r < nrows ? g + r * stride : g, r < nrows ? 4u : 0u);
+}
+
+// Shared [ROWS][D + 8] (rows < nrows, columns < hd) → a head's [tokens, heads, hd] slice at `g`.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void store_tile(unsigned short* g, u64 stride, const unsigned short* src, int nrows, unsigned hd) {
+    constexpr int SD = D + 8, CH = D / 8;
+    if (hd % 8 == 0) {
+        for (int c = threadIdx.x; c < ROWS * CH; c += THREADS) {
+            const int r = c / CH, col = (c % CH) * 8;
+            if (r < nrows && static_cast<unsigned>(col) < hd)
+                *reinterpret_cast<FlashChunk*>(g + r * stride + col) = *reinterpret_cast<const FlashChunk*>(src + r * SD + col);
+        }
+    } else {
+        for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
+            const int r = e / D, col = e % D;
+            if (r < nrows && static_cast<unsigned>(col) < hd) g[r * stride + col] = src[r * SD + col];
+        }
+    }
+}
+
+// ---- Forward -------------------------------------------------------------------------------------------------
+
+// Grid (⌈max_seqlen_q / BM⌉, n_heads, n_seqs), W warps; each warp owns BM / W query rows (MT tiles of 16). Key tiles
+// of BN stream through one K and one V buffer: V(n) loads while S = Q·K(n)ᵀ runs, K(n − 1) while the softmax and
+// P·V(n) run. Tiles are visited from the last (the diagonal, masked) to the first, and block x is taken from the
+// end so that the longest causal rows start first. Dynamic shared memory: (BM + 2·BN)·(D + 8)·2 bytes.
+template <typename T, int D, int BM, int BN, int W>
+__device__ __forceinline__ void flash_forward(const FlashParams p) {
+    constexpr int SD = D + 8, THREADS = 32 * W, MT = BM / (16 * W), NT = BN / 8, DT = D / 8;
+    static_assert(BM % (16 * W) == 0 && BN % 16 == 0 && D % 16 == 0, "tile shape");
+    unsigned short* smem = reinterpret_cast<unsigned short*>(flash_smem);
+    unsigned short* sQ = smem;
+    unsigned short* sK = sQ + BM * SD;
+    unsigned short* sV = sK + BN * SD;
+
+    FlashSeq s;
+    if (!flash_seq(p, blockIdx.z, s)) return;
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    if (m0 >= s.len_q) return;
+    const int h = blockIdx.y, kvh = h / (p.n_heads / p.n_kv_heads);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const unsigned hd = p.head_dim;
+    const int m1 = min(m0 + BM, s.len_q), off = s.len_k - s.len_q;
+    const u64 q_stride = static_cast<u64>(p.n_heads) * hd, kv_stride = static_cast<u64>(p.n_kv_heads) * hd;
+    const u64 q_row0 = (static_cast<u64>(s.q0 + m0) * p.n_heads + h) * hd;
+    const unsigned short* gq = static_cast<const unsigned short*>(p.q) + q_row0;
+    const unsigned short* gk = static_cast<const unsigned short*>(p.k) + (static_cast<u64>(s.k0) * p.n_kv_heads + kvh) * hd;
+    const unsigned short* gv = static_cast<const unsigned short*>(p.v) + (static_cast<u64>(s.k0) * p.n_kv_heads + kvh) * hd;
+
+    // Keys some row of this block sees: tiles entirely outside the causal or window band are never visited.
+    const int i_min = m0 + off, i_max = m1 - 1 + off;
+    int lo = 0, hi = s.len_k;
+    if (p.causal) hi = min(hi, i_max + 1);
+    if (p.window) lo = max(lo, i_min - p.window + 1);
+    const int n_first = lo / BN, n_last = hi > lo ? (hi - 1) / BN : n_first - 1;
+
+    load_tile<BM, D, THREADS>(sQ, gq, q_stride, m1 - m0, hd);
+    if (n_last >= n_first) load_tile<BN, D, THREADS>(sK, gk + static_cast<u64>(n_last) * BN * kv_stride, kv_stride, s.len_k - n_last * BN, hd);
+    cp_async_commit();
+
+    float o[MT][DT][4];
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.0f;
+        row_max[mt][0] = row_max[mt][1] = f32_neg_inf();
+        row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+    }
+    const ScoreMap sm = score_map(p);
+    // Per-lane ldmatrix row offsets: A tiles (Q) take rows lane%8 + 8·((lane/8)%2), columns 8·(lane/16); B tiles
+    // from K (non-transposed) rows lane%8 + 8·(lane/16), columns 8·((lane/8)%2); B tiles from V (transposed) rows
+    // lane%8 + 8·((lane/8)%2), columns 8·(lane/16).
+    const int lr = lane % 8, lq = (lane / 8) % 2, lh = lane / 16;
+    const unsigned aQ = smem_u32(sQ) + 2u * ((warp * MT * 16 + lr + 8 * lq) * SD + 8 * lh);
+    const unsigned bK = smem_u32(sK) + 2u * ((lr + 8 * lh) * SD + 8 * lq);
+    const unsigned bV = smem_u32(sV) + 2u * ((lr + 8 * lq) * SD + 8 * lh);
+
+    for (int n = n_last; n >= n_first; --n) {
+        load_tile<BN, D, THREADS>(sV, gv + static_cast<u64>(n) * BN * kv_stride, kv_stride, s.len_k - n * BN, hd);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        float acc[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ldsm_x4(aQ + 2u * (mt * 16 * SD + kk * 16), a[mt]);
+#pragma unroll
+            for (int nb = 0; nb < NT / 2; ++nb) {
+                unsigned b[4];
+                ldsm_x4(bK + 2u * (nb * 16 * SD + kk * 16), b);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(acc[mt][2 * nb], a[mt], b[0], b[1]);
+                    mma16816<T>(acc[mt][2 * nb + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with K(n)
+        if (n > n_first) load_tile<BN, D, THREADS>(sK, gk + static_cast<u64>(n - 1) * BN * kv_stride, kv_stride, s.len_k - (n - 1) * BN, hd);
+        cp_async_commit();
+
+        // P as A fragments: {(g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8)} of each 16-key slice.
+        unsigned pf[MT][BN / 16][4];
+        // A tile every row of which sees every key needs no mask.
+        const int n0 = n * BN;
+        const bool full = n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= i_min) && (p.window == 0 || i_max - n0 < p.window);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = acc[mt][nt][e];
+                    x = sm.capped ? sm.post * tanh_fast(sm.pre * x) : sm.pre * x;
+                    if (!full) {
+                        const int r = m0 + warp * MT * 16 + mt * 16 + g + 8 * (e / 2), j = n0 + nt * 8 + 2 * t + (e % 2);
+                        if (!flash_visible(p, s, r, j)) x = f32_neg_inf();
+                    }
+                    acc[mt][nt][e] = x;
+                }
+            // Online softmax per row (rows g and g + 8 of the tile; the four lanes of a quad share a row).
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                float mx = row_max[mt][hr];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc[mt][nt][2 * hr], acc[mt][nt][2 * hr + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // A row that has seen no key yet keeps max −∞; subtracting 0 then leaves every exp2 at 0, not NaN.
+                const float base = mx == f32_neg_inf() ? 0.0f : mx;
+                const float corr = ex2(row_max[mt][hr] - base);
+                row_max[mt][hr] = mx;
+                float sum = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const float p0 = ex2(acc[mt][nt][2 * hr] - base), p1 = ex2(acc[mt][nt][2 * hr + 1] - base);
+                    sum += p0 + p1;
+                    // Rounded to T at once: P lives on as A fragments of P·V (tile kk = nt/2, half nt%2, row half hr).
+                    pf[mt][nt / 2][2 * (nt % 2) + hr] = pack2<T>(p0, p1);
+                }
+                row_sum[mt][hr] = row_sum[mt][hr] * corr + sum;
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    o[mt][dt][2 * hr] *= corr;
+                    o[mt][dt][2 * hr + 1] *= corr;
+                }
+            }
+        }
+
+        cp_async_wait<1>();  // V(n) has landed; K(n − 1) may still be in flight
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+            for (int db = 0; db < DT / 2; ++db) {
+                unsigned b[4];
+                ldsm_x4_t(bV + 2u * (kk * 16 * SD + db * 16), b);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<T>(o[mt][2 * db], pf[mt][kk], b[0], b[1]);
+                    mma16816<T>(o[mt][2 * db + 1], pf[mt][kk], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with V(n)
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // with no key tile at all, the Q copies of other threads may have been in flight until here
+
+    // Normalise, stage O through the (now free) Q tile for coalesced 16-byte stores, write lse.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            float sum = row_sum[mt][hr];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+            const int r = warp * MT * 16 + mt * 16 + g + 8 * hr;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+                *reinterpret_cast<unsigned*>(sQ + r * SD + dt * 8 + 2 * t) = pack2<T>(o[mt][dt][2 * hr] * inv, o[mt][dt][2 * hr + 1] * inv);
+            if (t == 0 && m0 + r < s.len_q) {
+                const float m = row_max[mt][hr];
+                p.lse[static_cast<u64>(s.q0 + m0 + r) * p.n_heads + h] = sum > 0.0f ? (m + __log2f(sum)) * FLASH_LN2 : f32_neg_inf();
+            }
+        }
+    __syncthreads();
+    store_tile<BM, D, THREADS>(static_cast<unsigned short*>(p.out) + q_row0, q_stride, sQ, m1 - m0, hd);
+}
+
+// ---- Backward ------------------------------------------------------------------------------------------------
+
+// Grid (⌈max_seqlen_k / BN⌉, n_kv_heads, n_seqs), W warps. A block keeps one K/V tile of BN keys in shared memory
+// and its dK, dV in registers, and walks every (query head of its GQA group, query tile of BM rows) pair that sees
+// the tile, double-buffering Q and dO. Per pair, three phases with their own warp layouts:
+//   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, warps P1K (keys) × W/P1K (queries): P = exp2(S − lse), dS = P ⊙ (dP − delta)
+//      (⊙ 1 − tanh² under a softcap, × scale), both rounded to T into shared memory as [key][query];
+//   2. dV += Pᵀ·dO and dK += dSᵀ·Q, warps P2K (keys) × W/P2K (head dims), accumulated in registers;
+//   3. dQ += dS·K, warps P3Q (queries) × W/P3Q (head dims), added to the f32 dq_accum with red.global.add.
+// GQA sums over the group's heads in registers, so dK and dV need no atomics. Dynamic shared memory:
+// (2·BN + 4·BM)·(D + 8)·2 + 2·BN·(BM + 8)·2 + 4·BM·4 bytes.
+template <typename T, int D, int BM, int BN, int W, int P1K, int P2K, int P3Q>
+__device__ __forceinline__ void flash_backward(const FlashParams p) {
+    constexpr int SD = D + 8, SP = BM + 8, THREADS = 32 * W;
+    constexpr int K1 = BN / P1K, Q1 = BM / (W / P1K);  // phase 1 per warp: K1 keys × Q1 queries
+    constexpr int QC = Q1 < 32 ? Q1 : 32;
+    constexpr int K2 = BN / P2K, D2 = D / (W / P2K);   // phase 2: K2 keys × D2 head dims
+    constexpr int Q3 = BM / P3Q, D3 = D / (W / P3Q);   // phase 3: Q3 queries × D3 head dims
+    static_assert(K1 % 16 == 0 && Q1 % 16 == 0 && K2 % 16 == 0 && D2 % 8 == 0 && Q3 % 16 == 0 && D3 % 8 == 0, "warp tiles");
+    unsigned short* smem = reinterpret_cast<unsigned short*>(flash_smem);
+    unsigned short* sK = smem;
+    unsigned short* sV = sK + BN * SD;
+    unsigned short* sQ = sV + BN * SD;     // [2][BM][SD]
+    unsigned short* sdO = sQ + 2 * BM * SD;  // [2][BM][SD]
+    unsigned short* sP = sdO + 2 * BM * SD;  // [BN][SP]
+    unsigned short* sdS = sP + BN * SP;      // [BN][SP]
+    float* sL = reinterpret_cast<float*>(sdS + BN * SP);  // [2][BM] lse
+    float* sD = sL + 2 * BM;                              // [2][BM] delta
+
+    FlashSeq s;
+    if (!flash_seq(p, blockIdx.z, s)) return;
+    const int n0 = blockIdx.x * BN;
+    if (n0 >= s.len_k) return;
+    const int kvh = blockIdx.y, group = p.n_heads / p.n_kv_heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int lr = lane % 8, lq = (lane / 8) % 2, lh = lane / 16;
+    const unsigned hd = p.head_dim;
+    const int n1 = min(n0 + BN, s.len_k), off = s.len_k - s.len_q;
+    const u64 q_stride = static_cast<u64>(p.n_heads) * hd, kv_stride = static_cast<u64>(p.n_kv_heads) * hd;
+    const u64 kv_row0 = (static_cast<u64>(s.k0 + n0) * p.n_kv_heads + kvh) * hd;
+
+    // Query rows that see some key of this tile.
+    int r_lo = 0, r_hi = s.len_q;
+    if (p.causal) r_lo = max(0, n0 - off);
+    if (p.window) r_hi = min(r_hi, n1 - 1 + p.window - off);
+    const int m_lo = r_lo / BM, tiles = r_hi > r_lo ? (r_hi - 1) / BM - m_lo + 1 : 0;
+    const int pairs = group * tiles;
+
+    load_tile<BN, D, THREADS>(sK, static_cast<const unsigned short*>(p.k) + kv_row0, kv_stride, n1 - n0, hd);
+    load_tile<BN, D, THREADS>(sV, static_cast<const unsigned short*>(p.v) + kv_row0, kv_stride, n1 - n0, hd);
+    // Pair `it` → (head, first query row); its Q, dO, lse and delta go to buffer `stage`.
+    auto prefetch = [&](int it, int stage) {
+        const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
+        const u64 row0 = static_cast<u64>(s.q0 + m0) * p.n_heads + h;
+        const int rows = min(BM, s.len_q - m0);
+        load_tile<BM, D, THREADS>(sQ + stage * BM * SD, static_cast<const unsigned short*>(p.q) + row0 * hd, q_stride, rows, hd);
+        load_tile<BM, D, THREADS>(sdO + stage * BM * SD, static_cast<const unsigned short*>(p.d_out) + row0 * hd, q_stride, rows, hd);
+        load_row_values<BM, THREADS>(sL + stage * BM, p.lse + row0, p.n_heads, rows);
+        load_row_values<BM, THREADS>(sD + stage * BM, p.delta + row0, p.n_heads, rows);
+    };
+    if (pairs > 0) prefetch(0, 0);
+    cp_async_commit();
+
+    constexpr int KT2 = K2 / 16, DB2 = D2 / 8;
+    float dk[KT2][DB2][4], dv[KT2][DB2][4];
+#pragma unroll
+    for (int a = 0; a < KT2; ++a)
+#pragma unroll
+        for (int b = 0; b < DB2; ++b)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dk[a][b][e] = dv[a][b][e] = 0.0f;
+    const ScoreMap sm = score_map(p);
+
+    // Warp positions in each phase's layout.
+    const int w1k = (warp % P1K) * K1, w1q = (warp / P1K) * Q1;
+    const int w2k = (warp % P2K) * K2, w2d = (warp / P2K) * D2;
+    const int w3q = (warp % P3Q) * Q3, w3d = (warp / P3Q) * D3;
+
+    for (int it = 0; it < pairs; ++it) {
+        const int stage = it % 2;
+        const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
+        if (it + 1 < pairs) prefetch(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const unsigned short* cQ = sQ + stage * BM * SD;
+        const unsigned short* cdO = sdO + stage * BM * SD;
+        const float* cL = sL + stage * BM;
+        const float* cD = sD + stage * BM;
+
+        // Phase 1: Sᵀ and dPᵀ for this warp's K1 keys × Q1 queries, in chunks of QC queries (the two accumulators
+        // live beside dK and dV: chunking bounds the registers they take).
+        const bool full = m0 + BM <= s.len_q && n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= m0 + off) &&
+                          (p.window == 0 || m0 + BM - 1 + off - n0 < p.window);
+#pragma unroll
+        for (int qc = 0; qc < Q1 / QC; ++qc) {
+            constexpr int KT = K1 / 16, QB = QC / 8;
+            float sacc[KT][QB][4], dpacc[KT][QB][4];
+#pragma unroll
+            for (int a = 0; a < KT; ++a)
+#pragma unroll
+                for (int b = 0; b < QB; ++b)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) sacc[a][b][e] = dpacc[a][b][e] = 0.0f;
+            const unsigned aK = smem_u32(sK) + 2u * ((w1k + lr + 8 * lq) * SD + 8 * lh);
+            const unsigned aV = smem_u32(sV) + 2u * ((w1k + lr + 8 * lq) * SD + 8 * lh);
+            const int wq = w1q + qc * QC;
+            const unsigned bQ = smem_u32(cQ) + 2u * ((wq + lr + 8 * lh) * SD + 8 * lq);
+            const unsigned bO = smem_u32(cdO) + 2u * ((wq + lr + 8 * lh) * SD + 8 * lq);
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                unsigned ak[KT][4], av[KT][4];
+#pragma unroll
+                for (int a = 0; a < KT; ++a) {
+                    ldsm_x4(aK + 2u * (a * 16 * SD + kk * 16), ak[a]);
+                    ldsm_x4(aV + 2u * (a * 16 * SD + kk * 16), av[a]);
+                }
+#pragma unroll
+                for (int qb = 0; qb < QB / 2; ++qb) {
+                    unsigned bq[4], bo[4];
+                    ldsm_x4(bQ + 2u * (qb * 16 * SD + kk * 16), bq);
+                    ldsm_x4(bO + 2u * (qb * 16 * SD + kk * 16), bo);
+#pragma unroll
+                    for (int a = 0; a < KT; ++a) {
+                        mma16816<T>(sacc[a][2 * qb], ak[a], bq[0], bq[1]);
+                        mma16816<T>(sacc[a][2 * qb + 1], ak[a], bq[2], bq[3]);
+                        mma16816<T>(dpacc[a][2 * qb], av[a], bo[0], bo[1]);
+                        mma16816<T>(dpacc[a][2 * qb + 1], av[a], bo[2], bo[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int a = 0; a < KT; ++a)
+#pragma unroll
+                for (int b = 0; b < QB; ++b) {
+                    float pv[4], ds[4];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int kl = w1k + a * 16 + g + 8 * (e / 2), ql = wq + b * 8 + 2 * t + (e % 2);
+                        const float x = sacc[a][b][e];
+                        const float th = sm.capped ? tanh_fast(sm.pre * x) : 0.0f;
+                        const float s2 = sm.capped ? sm.post * th : sm.pre * x;
+                        // A query that saw no key has lse −∞ and gets P = 0 everywhere (+∞ instead of −∞).
+                        const float l = cL[ql];
+                        const float l2 = l == f32_neg_inf() ? f32_pos_inf() : l * FLASH_LOG2E;
+                        float pr = ex2(s2 - l2);
+                        if (!full && !flash_visible(p, s, m0 + ql, n0 + kl)) pr = 0.0f;
+                        float d = pr * (dpacc[a][b][e] - cD[ql]);
+                        if (sm.capped) d *= 1.0f - th * th;
+                        pv[e] = pr;
+                        ds[e] = d * p.scale;
+                    }
+                    const int kl = w1k + a * 16 + g, ql = wq + b * 8 + 2 * t;
+                    *reinterpret_cast<unsigned*>(sP + kl * SP + ql) = pack2<T>(pv[0], pv[1]);
+                    *reinterpret_cast<unsigned*>(sP + (kl + 8) * SP + ql) = pack2<T>(pv[2], pv[3]);
+                    *reinterpret_cast<unsigned*>(sdS + kl * SP + ql) = pack2<T>(ds[0], ds[1]);
+                    *reinterpret_cast<unsigned*>(sdS + (kl + 8) * SP + ql) = pack2<T>(ds[2], ds[3]);
+                }
+        }
+        __syncthreads();
+
+        // Phase 2: dV += Pᵀ·dO, dK += dSᵀ·Q over this pair's BM queries.
+        {
+            const unsigned aP = smem_u32(sP) + 2u * ((w2k + lr + 8 * lq) * SP + 8 * lh);
+            const unsigned aS = smem_u32(sdS) + 2u * ((w2k + lr + 8 * lq) * SP + 8 * lh);
+            const unsigned bO = smem_u32(cdO) + 2u * ((lr + 8 * lq) * SD + w2d + 8 * lh);
+            const unsigned bQ = smem_u32(cQ) + 2u * ((lr + 8 * lq) * SD + w2d + 8 * lh);
+#pragma unroll
+            for (int qq = 0; qq < BM / 16; ++qq) {
+                unsigned ap[KT2][4], as[KT2][4];
+#pragma unroll
+                for (int a = 0; a < KT2; ++a) {
+                    ldsm_x4(aP + 2u * (a * 16 * SP + qq * 16), ap[a]);
+                    ldsm_x4(aS + 2u * (a * 16 * SP + qq * 16), as[a]);
+                }
+#pragma unroll
+                for (int db = 0; db < DB2 / 2; ++db) {
+                    unsigned bo[4], bq[4];
+                    ldsm_x4_t(bO + 2u * (qq * 16 * SD + db * 16), bo);
+                    ldsm_x4_t(bQ + 2u * (qq * 16 * SD + db * 16), bq);
+#pragma unroll
+                    for (int a = 0; a < KT2; ++a) {
+                        mma16816<T>(dv[a][2 * db], ap[a], bo[0], bo[1]);
+                        mma16816<T>(dv[a][2 * db + 1], ap[a], bo[2], bo[3]);
+                        mma16816<T>(dk[a][2 * db], as[a], bq[0], bq[1]);
+                        mma16816<T>(dk[a][2 * db + 1], as[a], bq[2], bq[3]);
+                    }
+                }
+                if (DB2 % 2) {
+                    unsigned bo0, bo1, bq0, bq1;
+                    ldsm_x2_t(bO + 2u * (qq * 16 * SD + (DB2 - 1) * 8), bo0, bo1);
+                    ldsm_x2_t(bQ + 2u * (qq * 16 * SD + (DB2 - 1) * 8), bq0, bq1);
+#pragma unroll
+                    for (int a = 0; a < KT2; ++a) {
+                        mma16816<T>(dv[a][DB2 - 1], ap[a], bo0, bo1);
+                        mma16816<T>(dk[a][DB2 - 1], as[a], bq0, bq1);
+                    }
+                }
+            }
+        }
+
+        // Phase 3: dQ += dS·K for this warp's Q3 queries × D3 head dims, straight into dq_accum.
+        {
+            constexpr int QT = Q3 / 16, DB = D3 / 8;
+            float dq[QT][DB][4];
+#pragma unroll
+            for (int a = 0; a < QT; ++a)
+#pragma unroll
+                for (int b = 0; b < DB; ++b)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dq[a][b][e] = 0.0f;
+            // dS stored [key][query]: its transposed 8×8 blocks are A's; rows lane%8 + 8·(lane/16), columns 8·((lane/8)%2).
+            const unsigned aS = smem_u32(sdS) + 2u * ((lr + 8 * lh) * SP + w3q + 8 * lq);
+            const unsigned bK = smem_u32(sK) + 2u * ((lr + 8 * lq) * SD + w3d + 8 * lh);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                unsigned as[QT][4];
+#pragma unroll
+                for (int a = 0; a < QT; ++a) ldsm_x4_t(aS + 2u * (kk * 16 * SP + a * 16), as[a]);
+#pragma unroll
+                for (int db = 0; db < DB / 2; ++db) {
+                    unsigned bk[4];
+                    ldsm_x4_t(bK + 2u * (kk * 16 * SD + db * 16), bk);
+#pragma unroll
+                    for (int a = 0; a < QT; ++a) {
+                        mma16816<T>(dq[a][2 * db], as[a], bk[0], bk[1]);
+                        mma16816<T>(dq[a][2 * db + 1], as[a], bk[2], bk[3]);
+                    }
+                }
+                if (DB % 2) {
+                    unsigned bk0, bk1;
+                    ldsm_x2_t(bK + 2u * (kk * 16 * SD + (DB - 1) * 8), bk0, bk1);
+#pragma unroll
+                    for (int a = 0; a < QT; ++a) mma16816<T>(dq[a][DB - 1], as[a], bk0, bk1);
+                }
+            }
+#pragma unroll
+            for (int a = 0; a < QT; ++a)
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    const int r = m0 + w3q + a * 16 + g + 8 * e2;
+                    if (r >= s.len_q) continue;
+                    float* dst = p.dq_accum + (static_cast<u64>(s.q0 + r) * p.n_heads + h) * hd;
+#pragma unroll
+                    for (int b = 0; b < DB; ++b) {
+                        const unsigned c = w3d + b * 8 + 2 * t;
+                        if (c < hd) red_add(dst + c, dq[a][b][2 * e2]);
+                        if (c + 1 < hd) red_add(dst + c + 1, dq[a][b][2 * e2 + 1]);
+                    }
+                }
+        }
+        __syncthreads();  // sP, sdS and this stage's buffers are free again
+    }
+    cp_async_wait<0>();
+
+    // dK, dV: rows < len_k, columns < hd, straight from the fragments.
+    unsigned short* gdk = static_cast<unsigned short*>(p.dk) + kv_row0;
+    unsigned short* gdv = static_cast<unsigned short*>(p.dv) + kv_row0;
+#pragma unroll
+    for (int a = 0; a < KT2; ++a)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+            const int r = w2k + a * 16 + g + 8 * e2;
+            if (n0 + r >= s.len_k) continue;
+#pragma unroll
+            for (int b = 0; b < DB2; ++b) {
+                const unsigned c = w2d + b * 8 + 2 * t;
+                const unsigned pk = pack2<T>(dk[a][b][2 * e2], dk[a][b][2 * e2 + 1]);
+                const unsigned pvv = pack2<T>(dv[a][b][2 * e2], dv[a][b][2 * e2 + 1]);
+                if (hd % 2 == 0 && c + 1 < hd) {
+                    *reinterpret_cast<unsigned*>(gdk + r * kv_stride + c) = pk;
+                    *reinterpret_cast<unsigned*>(gdv + r * kv_stride + c) = pvv;
+                } else {
+                    if (c < hd) {
+                        gdk[r * kv_stride + c] = static_cast<unsigned short>(pk & 0xffffu);
+                        gdv[r * kv_stride + c] = static_cast<unsigned short>(pvv & 0xffffu);
+                    }
+                    if (c + 1 < hd) {
+                        gdk[r * kv_stride + c + 1] = static_cast<unsigned short>(pk >> 16);
+                        gdv[r * kv_stride + c + 1] = static_cast<unsigned short>(pvv >> 16);
+                    }
+                }
+            }
+        }
+}

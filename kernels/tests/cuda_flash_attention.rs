@@ -1,0 +1,249 @@
+//! GPU parity of the flash-attention kernels (bf16 and f16) against the CPU twin `qlora_kernels::attention`, on
+//! fresh random inputs: every padded head_dim (and head sizes between them, which run zero-padded), GQA ratios 1, 2,
+//! 4 and 8, packed sequences of odd lengths spanning several tiles, bottom-right causal alignment, sliding windows,
+//! softcap, non-causal sequences with more queries than keys, sequences without keys and empty ones. Outputs start
+//! as NaN, so an element a kernel leaves unwritten fails.
+//!
+//! The CPU twin runs in f32 on the widened inputs. Tolerances, per element (`abs + rel·|want|`) and normwise:
+//! - out: one rounding of the output to T, plus P rounded to T before P·V (as every flash kernel does): bf16 2e-2,
+//!   f16 5e-3 per element;
+//! - lse: f32 on both sides from the same products, exp2/log2 approximations on the GPU: 1e-4;
+//! - dq, dk, dv: P and dS rounded to T before their products, sums over up to a few hundred rows in another order:
+//!   bf16 3e-2 per element and 1e-2 normwise, f16 1e-2 and 3e-3.
+//!
+//! Each test prints `qlora-gpu: <test>: ran on ...` or skips without a GPU (a failure under QLORA_REQUIRE_GPU=1).
+
+use half::{bf16, f16};
+use qlora_kernels::attention::{self, AttentionParams};
+use qlora_kernels::cuda::attention::AttentionFloat;
+use qlora_kernels::cuda::{self, CudaDevice, DeviceBuffer};
+use qlora_kernels::testing::{assert_close, gpu, Tolerance};
+use qlora_kernels::Rng;
+
+/// A 16-bit I/O type with its tolerances.
+trait Half: AttentionFloat {
+    const NAME: &'static str;
+    const OUT: Tolerance;
+    const GRAD: Tolerance;
+    /// Bound on ‖got − want‖ / ‖want‖ for the gradients.
+    const GRAD_NORMWISE: f64;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Half for bf16 {
+    const NAME: &'static str = "bf16";
+    const OUT: Tolerance = Tolerance { abs: 2e-2, rel: 2e-2 };
+    const GRAD: Tolerance = Tolerance { abs: 3e-2, rel: 3e-2 };
+    const GRAD_NORMWISE: f64 = 1e-2;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl Half for f16 {
+    const NAME: &'static str = "f16";
+    const OUT: Tolerance = Tolerance { abs: 5e-3, rel: 5e-3 };
+    const GRAD: Tolerance = Tolerance { abs: 1e-2, rel: 1e-2 };
+    const GRAD_NORMWISE: f64 = 3e-3;
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+const LSE: Tolerance = Tolerance { abs: 1e-4, rel: 1e-4 };
+
+/// One attention flavour over a packed batch of (queries, keys) per sequence.
+struct Case {
+    heads: (usize, usize),
+    head_dim: usize,
+    causal: bool,
+    window: Option<usize>,
+    softcap: Option<f64>,
+    lens: &'static [(usize, usize)],
+}
+
+impl Case {
+    fn params(&self) -> AttentionParams {
+        AttentionParams {
+            n_heads: self.heads.0,
+            n_kv_heads: self.heads.1,
+            head_dim: self.head_dim,
+            scale: 1.0 / (self.head_dim as f64).sqrt(),
+            causal: self.causal,
+            sliding_window: self.window,
+            softcap: self.softcap,
+        }
+    }
+
+    fn cu_seqlens(&self) -> (Vec<i32>, Vec<i32>) {
+        let (mut cu_q, mut cu_k) = (vec![0], vec![0]);
+        for &(q, k) in self.lens {
+            cu_q.push(cu_q.last().unwrap() + q as i32);
+            cu_k.push(cu_k.last().unwrap() + k as i32);
+        }
+        (cu_q, cu_k)
+    }
+}
+
+const fn case(
+    heads: (usize, usize),
+    head_dim: usize,
+    causal: bool,
+    window: Option<usize>,
+    softcap: Option<f64>,
+    lens: &'static [(usize, usize)],
+) -> Case {
+    Case { heads, head_dim, causal, window, softcap, lens }
+}
+
+/// Every padded head_dim and the paths between: tails of every tile size, GQA 1/2/4/8, windows cutting tiles,
+/// caps that bend the scores (inputs are scaled up where a cap is set).
+const CASES: &[Case] = &[
+    case((4, 4), 64, true, None, None, &[(1, 1), (17, 17), (130, 130), (257, 257)]),
+    case((8, 2), 128, true, None, None, &[(5, 9), (1, 30), (200, 200)]),
+    case((8, 1), 256, true, Some(33), Some(2.5), &[(150, 150), (3, 40), (64, 64)]),
+    case((6, 3), 80, true, None, None, &[(70, 70), (129, 129)]),
+    case((4, 1), 96, false, Some(20), None, &[(4, 0), (9, 6), (0, 0), (40, 70)]),
+    case((2, 1), 40, true, None, None, &[(33, 33), (100, 100)]),
+    case((3, 3), 5, false, None, Some(30.0), &[(7, 7), (20, 20)]),
+    case((16, 2), 32, true, None, None, &[(65, 65), (66, 66)]),
+    case((8, 8), 72, true, Some(100), Some(50.0), &[(300, 300)]),
+    case((2, 2), 256, false, None, None, &[(70, 90), (1, 1)]),
+];
+
+fn randn<T: Half>(rng: &mut Rng, n: usize, scale: f64) -> Vec<T> {
+    (0..n).map(|_| T::from_f32((scale * rng.normal()) as f32)).collect()
+}
+
+fn widen<T: Half>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|&x| x.to_f32()).collect()
+}
+
+fn upload<T: cuda::DeviceCopy>(dev: &CudaDevice, v: &[T]) -> DeviceBuffer<T> {
+    dev.upload(v).expect("upload")
+}
+
+fn poisoned<T: Half>(dev: &CudaDevice, n: usize) -> DeviceBuffer<T> {
+    upload(dev, &vec![T::from_f32(f32::NAN); n])
+}
+
+/// `got` against the CPU result rounded to T, element by element and (with `normwise`) as a whole.
+#[track_caller]
+fn check<T: Half>(what: &str, got: &DeviceBuffer<T>, want: &[f32], tol: Tolerance, normwise: Option<f64>) {
+    let got: Vec<f64> = got.to_vec().expect("download").iter().map(|&v| v.to_f32() as f64).collect();
+    let want: Vec<f64> = want.iter().map(|&v| T::from_f32(v).to_f32() as f64).collect();
+    assert_close(&format!("{what} [{}]", T::NAME), &got, &want, tol);
+    if let Some(bound) = normwise {
+        let diff: f64 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+        let norm: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+        assert!(diff <= bound * norm.max(1e-30), "{what} [{}]: normwise error {} > {bound}", T::NAME, diff / norm);
+    }
+}
+
+/// lse with −∞ (a query that sees no key) mapped to a finite sentinel, so that assert_close can compare it.
+fn finite_lse(v: impl IntoIterator<Item = f32>) -> Vec<f64> {
+    v.into_iter().map(|l| if l == f32::NEG_INFINITY { -1e30 } else { l as f64 }).collect()
+}
+
+fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &Case) {
+    let p = c.params();
+    let what = format!(
+        "heads {:?} head_dim {} causal {} window {:?} softcap {:?} lens {:?}",
+        c.heads, c.head_dim, c.causal, c.window, c.softcap, c.lens
+    );
+    let (cu_q, cu_k) = c.cu_seqlens();
+    let (tq, tk) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
+    let max_q = c.lens.iter().map(|l| l.0).max().unwrap();
+    let max_k = c.lens.iter().map(|l| l.1).max().unwrap();
+    let (nq, nk) = (tq * c.heads.0 * c.head_dim, tk * c.heads.1 * c.head_dim);
+    let qk_scale = if c.softcap.is_some() { 3.0 } else { 1.0 };
+    let (q, k, v) = (randn::<T>(rng, nq, qk_scale), randn::<T>(rng, nk, qk_scale), randn::<T>(rng, nk, 1.0));
+    let d_out = randn::<T>(rng, nq, 1.0);
+    let (qw, kw, vw, dow) = (widen(&q), widen(&k), widen(&v), widen(&d_out));
+    let (gq, gk, gv, gdo) = (upload(dev, &q), upload(dev, &k), upload(dev, &v), upload(dev, &d_out));
+    let (gcq, gck) = (upload(dev, &cu_q), upload(dev, &cu_k));
+
+    let (mut out, mut lse) = (poisoned::<T>(dev, nq), upload(dev, &vec![f32::NAN; tq * c.heads.0]));
+    cuda::attention::attention_forward(&p, &gq, &gk, &gv, &gcq, &gck, max_q, max_k, &mut out, &mut lse).unwrap();
+    let (mut want_out, mut want_lse) = (vec![0.0f32; nq], vec![0.0f32; tq * c.heads.0]);
+    attention::attention_forward(&p, &qw, &kw, &vw, &cu_q, &cu_k, &mut want_out, &mut want_lse);
+    check(&format!("out {what}"), &out, &want_out, T::OUT, None);
+    let got_lse = finite_lse(lse.to_vec().unwrap());
+    assert_close(&format!("lse {what} [{}]", T::NAME), &got_lse, &finite_lse(want_lse.clone()), LSE);
+
+    // Backward from the CPU's out (rounded to T) and lse, so that it is checked on its own.
+    let out_t: Vec<T> = want_out.iter().map(|&x| T::from_f32(x)).collect();
+    let (gout, glse) = (upload(dev, &out_t), upload(dev, &want_lse));
+    let backward = || {
+        let (mut dq, mut dk, mut dv) = (poisoned::<T>(dev, nq), poisoned::<T>(dev, nk), poisoned::<T>(dev, nk));
+        cuda::attention::attention_backward(
+            &p, &gq, &gk, &gv, &gout, &glse, &gdo, &gcq, &gck, max_q, max_k, &mut dq, &mut dk, &mut dv,
+        )
+        .unwrap();
+        (dq, dk, dv)
+    };
+    let (dq, dk, dv) = backward();
+    let (mut want_dq, mut want_dk, mut want_dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
+    attention::attention_backward(
+        &p,
+        &qw,
+        &kw,
+        &vw,
+        &widen(&out_t),
+        &want_lse,
+        &dow,
+        &cu_q,
+        &cu_k,
+        &mut want_dq,
+        &mut want_dk,
+        &mut want_dv,
+    );
+    let norm = Some(T::GRAD_NORMWISE);
+    check(&format!("dq {what}"), &dq, &want_dq, T::GRAD, norm);
+    check(&format!("dk {what}"), &dk, &want_dk, T::GRAD, norm);
+    check(&format!("dv {what}"), &dv, &want_dv, T::GRAD, norm);
+
+    // dK and dV are summed in registers in a fixed order: a second run gives the same bits.
+    let (_, dk2, dv2) = backward();
+    let bits = |b: &DeviceBuffer<T>| b.to_vec().unwrap().iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&dk), bits(&dk2), "dk is reproducible {what} [{}]", T::NAME);
+    assert_eq!(bits(&dv), bits(&dv2), "dv is reproducible {what} [{}]", T::NAME);
+}
+
+#[test]
+fn flash_attention_matches_cpu_bf16() {
+    let Some(dev) = gpu("flash_attention_matches_cpu_bf16") else { return };
+    let mut rng = Rng::new(41);
+    for c in CASES {
+        run_case::<bf16>(&dev, &mut rng, c);
+    }
+}
+
+#[test]
+fn flash_attention_matches_cpu_f16() {
+    let Some(dev) = gpu("flash_attention_matches_cpu_f16") else { return };
+    let mut rng = Rng::new(42);
+    for c in CASES {
+        run_case::<f16>(&dev, &mut rng, c);
+    }
+}
+
+/// A training-sized pack: two 1024-token sequences, GQA 4, head_dim 64 and 128, many tiles in both passes.
+#[test]
+fn flash_attention_matches_cpu_on_long_sequences() {
+    let Some(dev) = gpu("flash_attention_matches_cpu_on_long_sequences") else { return };
+    let mut rng = Rng::new(43);
+    for c in [
+        case((8, 2), 64, true, None, None, &[(1024, 1024), (1000, 1000)]),
+        case((8, 2), 128, true, Some(300), None, &[(1024, 1024), (777, 777)]),
+    ] {
+        run_case::<bf16>(&dev, &mut rng, &c);
+    }
+}
