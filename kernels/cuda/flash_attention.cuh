@@ -207,6 +207,62 @@ __device__ __forceinline__ void store_tile(unsigned short* g, u64 stride, const 
     }
 }
 
+// One key tile of the forward's online softmax: raw scores `acc` (this warp's MT row tiles × BN keys) become P,
+// rounded to T as A fragments `pf` of P·V; the running max (log2 units), the per-lane partial row sums and O are
+// rescaled. MASK: some (row, key) pair of the tile is not visible; CAP: a softcap bends the scores first. Without a
+// cap the scale folds into one fused multiply-add per score: p = 2^(x·pre − max). r0 is the lane's first row (row g
+// of the warp's first tile) and j0 its first key column (2t of the tile).
+template <typename T, int MT, int NT, int DT, bool MASK, bool CAP>
+__device__ __forceinline__ void softmax_tile(float (&acc)[MT][NT][4], unsigned (&pf)[MT][NT / 2][4], float (&o)[MT][DT][4],
+                                             float (&row_max)[MT][2], float (&row_sum)[MT][2], const ScoreMap& sm,
+                                             const FlashParams& p, const FlashSeq& s, int r0, int j0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        if (CAP || MASK) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = acc[mt][nt][e];
+                    if (CAP) x = sm.post * tanh_fast(sm.pre * x);
+                    if (MASK && !flash_visible(p, s, r0 + mt * 16 + 8 * (e / 2), j0 + nt * 8 + (e % 2))) x = f32_neg_inf();
+                    acc[mt][nt][e] = x;
+                }
+        }
+        // Rows g and g + 8 of the tile; the four lanes of a quad share a row.
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            float mx = f32_neg_inf();
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc[mt][nt][2 * hr], acc[mt][nt][2 * hr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // Capped scores are in log2 units already; raw ones scale by pre > 0, which keeps the max.
+            const float m_new = fmaxf(row_max[mt][hr], CAP ? mx : mx * sm.pre);
+            // A row that has seen no key yet keeps max −∞; subtracting 0 then leaves every exp2 at 0, not NaN.
+            const float base = m_new == f32_neg_inf() ? 0.0f : m_new;
+            const float corr = ex2(row_max[mt][hr] - base);
+            row_max[mt][hr] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float x0 = acc[mt][nt][2 * hr], x1 = acc[mt][nt][2 * hr + 1];
+                const float p0 = CAP ? ex2(x0 - base) : ex2(fmaf(x0, sm.pre, -base));
+                const float p1 = CAP ? ex2(x1 - base) : ex2(fmaf(x1, sm.pre, -base));
+                sum += p0 + p1;
+                // Rounded to T at once: P lives on as A fragments of P·V (tile nt/2, half nt%2, row half hr).
+                pf[mt][nt / 2][2 * (nt % 2) + hr] = pack2<T>(p0, p1);
+            }
+            row_sum[mt][hr] = row_sum[mt][hr] * corr + sum;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[mt][dt][2 * hr] *= corr;
+                o[mt][dt][2 * hr + 1] *= corr;
+            }
+        }
+    }
+}
+
 // ---- Forward -------------------------------------------------------------------------------------------------
 
 // Grid (⌈max_seqlen_q / BM⌉, n_heads, n_seqs), W warps; each warp owns BM / W query rows (MT tiles of 16). Key tiles
@@ -276,7 +332,9 @@ __device__ __forceinline__ void flash_forward(const FlashParams p) {
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
-#pragma unroll
+        // Partly unrolled: fully unrolled, the compiler hoists every k-slice's fragment loads and runs out of registers
+        // at D = 256.
+#pragma unroll 4
         for (int kk = 0; kk < D / 16; ++kk) {
             unsigned a[MT][4];
 #pragma unroll
@@ -299,49 +357,14 @@ __device__ __forceinline__ void flash_forward(const FlashParams p) {
         // P as A fragments: {(g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8)} of each 16-key slice.
         unsigned pf[MT][BN / 16][4];
         // A tile every row of which sees every key needs no mask.
-        const int n0 = n * BN;
+        const int n0 = n * BN, r0 = m0 + warp * MT * 16 + g;
         const bool full = n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= i_min) && (p.window == 0 || i_max - n0 < p.window);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = acc[mt][nt][e];
-                    x = sm.capped ? sm.post * tanh_fast(sm.pre * x) : sm.pre * x;
-                    if (!full) {
-                        const int r = m0 + warp * MT * 16 + mt * 16 + g + 8 * (e / 2), j = n0 + nt * 8 + 2 * t + (e % 2);
-                        if (!flash_visible(p, s, r, j)) x = f32_neg_inf();
-                    }
-                    acc[mt][nt][e] = x;
-                }
-            // Online softmax per row (rows g and g + 8 of the tile; the four lanes of a quad share a row).
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float mx = row_max[mt][hr];
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc[mt][nt][2 * hr], acc[mt][nt][2 * hr + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // A row that has seen no key yet keeps max −∞; subtracting 0 then leaves every exp2 at 0, not NaN.
-                const float base = mx == f32_neg_inf() ? 0.0f : mx;
-                const float corr = ex2(row_max[mt][hr] - base);
-                row_max[mt][hr] = mx;
-                float sum = 0.0f;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    const float p0 = ex2(acc[mt][nt][2 * hr] - base), p1 = ex2(acc[mt][nt][2 * hr + 1] - base);
-                    sum += p0 + p1;
-                    // Rounded to T at once: P lives on as A fragments of P·V (tile kk = nt/2, half nt%2, row half hr).
-                    pf[mt][nt / 2][2 * (nt % 2) + hr] = pack2<T>(p0, p1);
-                }
-                row_sum[mt][hr] = row_sum[mt][hr] * corr + sum;
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    o[mt][dt][2 * hr] *= corr;
-                    o[mt][dt][2 * hr + 1] *= corr;
-                }
-            }
+        if (full) {
+            if (sm.capped) softmax_tile<T, MT, NT, DT, false, true>(acc, pf, o, row_max, row_sum, sm, p, s, r0, n0 + 2 * t);
+            else softmax_tile<T, MT, NT, DT, false, false>(acc, pf, o, row_max, row_sum, sm, p, s, r0, n0 + 2 * t);
+        } else {
+            if (sm.capped) softmax_tile<T, MT, NT, DT, true, true>(acc, pf, o, row_max, row_sum, sm, p, s, r0, n0 + 2 * t);
+            else softmax_tile<T, MT, NT, DT, true, false>(acc, pf, o, row_max, row_sum, sm, p, s, r0, n0 + 2 * t);
         }
 
         cp_async_wait<1>();  // V(n) has landed; K(n − 1) may still be in flight
@@ -384,6 +407,53 @@ __device__ __forceinline__ void flash_forward(const FlashParams p) {
         }
     __syncthreads();
     store_tile<BM, D, THREADS>(static_cast<unsigned short*>(p.out) + q_row0, q_stride, sQ, m1 - m0, hd);
+}
+
+// Phase 1 of the backward for one warp's keys × queries: P = 2^(s·log2e − lse·log2e) from the raw scores `sacc`
+// and dS = P ⊙ (dP − delta) (⊙ 1 − tanh² under a cap) × scale, both rounded to T into shared memory as [key][query]
+// (rows SP elements apart). kl0, ql0: the lane's first key and query in the tile (key row g, query column 2t); m0, n0:
+// the tile's first query and key in the sequence. MASK and CAP as in softmax_tile.
+template <typename T, int KT, int QB, int SP, bool MASK, bool CAP>
+__device__ __forceinline__ void backward_scores(const float (&sacc)[KT][QB][4], const float (&dpacc)[KT][QB][4], const float* cL,
+                                                const float* cD, unsigned short* sP, unsigned short* sdS, int kl0, int ql0, int m0,
+                                                int n0, const ScoreMap& sm, const FlashParams& p, const FlashSeq& s) {
+#pragma unroll
+    for (int b = 0; b < QB; ++b) {
+        // The lane's two queries of this block: their lse in log2 units (+∞ for a query that saw no key, so that every
+        // P of it is 0, not NaN) and delta.
+        float l2[2], dl[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const float l = cL[ql0 + b * 8 + c];
+            l2[c] = l == f32_neg_inf() ? f32_pos_inf() : l * FLASH_LOG2E;
+            dl[c] = cD[ql0 + b * 8 + c];
+        }
+#pragma unroll
+        for (int a = 0; a < KT; ++a) {
+            float pv[4], ds[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float x = sacc[a][b][e];
+                float th = 0.0f, pr;
+                if (CAP) {
+                    th = tanh_fast(sm.pre * x);
+                    pr = ex2(sm.post * th - l2[e % 2]);
+                } else {
+                    pr = ex2(fmaf(x, sm.pre, -l2[e % 2]));
+                }
+                if (MASK && !flash_visible(p, s, m0 + ql0 + b * 8 + (e % 2), n0 + kl0 + a * 16 + 8 * (e / 2))) pr = 0.0f;
+                float d = pr * (dpacc[a][b][e] - dl[e % 2]);
+                if (CAP) d *= 1.0f - th * th;
+                pv[e] = pr;
+                ds[e] = d * p.scale;
+            }
+            const int kl = kl0 + a * 16, ql = ql0 + b * 8;
+            *reinterpret_cast<unsigned*>(sP + kl * SP + ql) = pack2<T>(pv[0], pv[1]);
+            *reinterpret_cast<unsigned*>(sP + (kl + 8) * SP + ql) = pack2<T>(pv[2], pv[3]);
+            *reinterpret_cast<unsigned*>(sdS + kl * SP + ql) = pack2<T>(ds[0], ds[1]);
+            *reinterpret_cast<unsigned*>(sdS + (kl + 8) * SP + ql) = pack2<T>(ds[2], ds[3]);
+        }
+    }
 }
 
 // ---- Backward ------------------------------------------------------------------------------------------------
@@ -517,33 +587,14 @@ __device__ __forceinline__ void flash_backward(const FlashParams p) {
                     }
                 }
             }
-#pragma unroll
-            for (int a = 0; a < KT; ++a)
-#pragma unroll
-                for (int b = 0; b < QB; ++b) {
-                    float pv[4], ds[4];
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int kl = w1k + a * 16 + g + 8 * (e / 2), ql = wq + b * 8 + 2 * t + (e % 2);
-                        const float x = sacc[a][b][e];
-                        const float th = sm.capped ? tanh_fast(sm.pre * x) : 0.0f;
-                        const float s2 = sm.capped ? sm.post * th : sm.pre * x;
-                        // A query that saw no key has lse −∞ and gets P = 0 everywhere (+∞ instead of −∞).
-                        const float l = cL[ql];
-                        const float l2 = l == f32_neg_inf() ? f32_pos_inf() : l * FLASH_LOG2E;
-                        float pr = ex2(s2 - l2);
-                        if (!full && !flash_visible(p, s, m0 + ql, n0 + kl)) pr = 0.0f;
-                        float d = pr * (dpacc[a][b][e] - cD[ql]);
-                        if (sm.capped) d *= 1.0f - th * th;
-                        pv[e] = pr;
-                        ds[e] = d * p.scale;
-                    }
-                    const int kl = w1k + a * 16 + g, ql = wq + b * 8 + 2 * t;
-                    *reinterpret_cast<unsigned*>(sP + kl * SP + ql) = pack2<T>(pv[0], pv[1]);
-                    *reinterpret_cast<unsigned*>(sP + (kl + 8) * SP + ql) = pack2<T>(pv[2], pv[3]);
-                    *reinterpret_cast<unsigned*>(sdS + kl * SP + ql) = pack2<T>(ds[0], ds[1]);
-                    *reinterpret_cast<unsigned*>(sdS + (kl + 8) * SP + ql) = pack2<T>(ds[2], ds[3]);
-                }
+            const int kl0 = w1k + g, ql0 = wq + 2 * t;
+            if (full) {
+                if (sm.capped) backward_scores<T, KT, QB, SP, false, true>(sacc, dpacc, cL, cD, sP, sdS, kl0, ql0, m0, n0, sm, p, s);
+                else backward_scores<T, KT, QB, SP, false, false>(sacc, dpacc, cL, cD, sP, sdS, kl0, ql0, m0, n0, sm, p, s);
+            } else {
+                if (sm.capped) backward_scores<T, KT, QB, SP, true, true>(sacc, dpacc, cL, cD, sP, sdS, kl0, ql0, m0, n0, sm, p, s);
+                else backward_scores<T, KT, QB, SP, true, false>(sacc, dpacc, cL, cD, sP, sdS, kl0, ql0, m0, n0, sm, p, s);
+            }
         }
         __syncthreads();
 

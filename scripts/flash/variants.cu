@@ -5,8 +5,8 @@
 #include "../../kernels/cuda/common.cuh"
 #include "../../kernels/cuda/flash_attention.cuh"
 
-template <int D, int BM, int BN, int W>
-__global__ void __launch_bounds__(32 * W) fwd_kernel(const FlashParams p) {
+template <int D, int BM, int BN, int W, int MINB>
+__global__ void __launch_bounds__(32 * W, MINB) fwd_kernel(const FlashParams p) {
     flash_forward<bf16, D, BM, BN, W>(p);
 }
 
@@ -21,20 +21,21 @@ struct Variant {
     const void* kernel;
 };
 
-#define FWD(D, BM, BN, W) {"fwd d" #D " " #BM "x" #BN "x" #W, D, BM, BN, W, (BM + 2 * BN) * (D + 8) * 2, (const void*)fwd_kernel<D, BM, BN, W>}
+#define FWDB(D, BM, BN, W, MINB) \
+    {"fwd d" #D " " #BM "x" #BN "x" #W " minb" #MINB, D, BM, BN, W, (BM + 2 * BN) * (D + 8) * 2, (const void*)fwd_kernel<D, BM, BN, W, MINB>}
+#define FWD(D, BM, BN, W) FWDB(D, BM, BN, W, 1)
 #define BWD(D, BM, BN, W, A, B, C) \
     {"bwd d" #D " " #BM "x" #BN "x" #W " " #A #B #C, D, BM, BN, W, (2 * BN + 4 * BM) * (D + 8) * 2 + 2 * BN * (BM + 8) * 2 + 16 * BM, (const void*)bwd_kernel<D, BM, BN, W, A, B, C>}
 
 static Variant VARIANTS[] = {
-    FWD(64, 128, 64, 4),
-    FWD(64, 128, 128, 4),
     FWD(64, 64, 64, 4),
-    FWD(64, 128, 64, 8),
-    FWD(128, 128, 64, 8),
-    FWD(128, 128, 64, 4),
+    FWDB(64, 64, 64, 4, 4),
+    FWD(64, 128, 64, 4),
+    FWD(64, 64, 128, 4),
     FWD(128, 64, 64, 4),
-    FWD(128, 128, 32, 4),
-    FWD(256, 128, 64, 8),
+    FWDB(128, 64, 64, 4, 3),
+    FWD(128, 128, 64, 4),
+    FWD(128, 64, 32, 4),
     FWD(256, 64, 64, 4),
     FWD(256, 64, 32, 4),
     BWD(64, 64, 64, 4, 4, 4, 4),

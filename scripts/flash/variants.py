@@ -97,6 +97,7 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
+    ap.add_argument("--once", action="store_true", help="launch each selected variant once on 4 x 2048 (for ncu)")
     a = ap.parse_args()
     lib = build()
     names = [lib.variant_name(i).decode() for i in range(lib.n_variants())]
@@ -104,6 +105,19 @@ def main():
     for i, n in enumerate(names):
         if n.startswith("fwd"):
             fwd_of.setdefault(lib.variant_d(i), i)
+
+    if a.once:
+        for i, n in enumerate(names):
+            if a.only in n:
+                d = lib.variant_d(i)
+                b = Batch(4, 2048, 32 if d < 256 else 8, 8 if d < 256 else 4, d)
+                b.launch(lib, fwd_of[d])
+                if n.startswith("bwd"):
+                    b.backward(lib, i)
+                else:
+                    b.launch(lib, i)
+        torch.cuda.synchronize()
+        return
 
     # Correctness on a small pack: 3 sequences of 300 tokens, GQA 4, causal with a window and a softcap.
     for i, n in enumerate(names):

@@ -158,7 +158,7 @@ static FLASH: [Flash; 6] = [
         module: Module::FlashD32,
         forward: ["flash_forward_d32_bf16", "flash_forward_d32_f16"],
         backward: ["flash_backward_d32_bf16", "flash_backward_d32_f16"],
-        fwd: tile(128, 64, 4),
+        fwd: tile(64, 64, 4),
         bwd: tile(64, 64, 4),
     },
     Flash {
@@ -166,7 +166,7 @@ static FLASH: [Flash; 6] = [
         module: Module::FlashD64,
         forward: ["flash_forward_d64_bf16", "flash_forward_d64_f16"],
         backward: ["flash_backward_d64_bf16", "flash_backward_d64_f16"],
-        fwd: tile(128, 64, 4),
+        fwd: tile(64, 64, 4),
         bwd: tile(64, 64, 4),
     },
     Flash {
@@ -174,7 +174,7 @@ static FLASH: [Flash; 6] = [
         module: Module::FlashD80,
         forward: ["flash_forward_d80_bf16", "flash_forward_d80_f16"],
         backward: ["flash_backward_d80_bf16", "flash_backward_d80_f16"],
-        fwd: tile(128, 64, 4),
+        fwd: tile(64, 64, 4),
         bwd: tile(64, 128, 8),
     },
     Flash {
@@ -182,7 +182,7 @@ static FLASH: [Flash; 6] = [
         module: Module::FlashD96,
         forward: ["flash_forward_d96_bf16", "flash_forward_d96_f16"],
         backward: ["flash_backward_d96_bf16", "flash_backward_d96_f16"],
-        fwd: tile(128, 64, 8),
+        fwd: tile(64, 64, 4),
         bwd: tile(64, 128, 8),
     },
     Flash {
@@ -190,7 +190,7 @@ static FLASH: [Flash; 6] = [
         module: Module::FlashD128,
         forward: ["flash_forward_d128_bf16", "flash_forward_d128_f16"],
         backward: ["flash_backward_d128_bf16", "flash_backward_d128_f16"],
-        fwd: tile(128, 64, 8),
+        fwd: tile(64, 64, 4),
         bwd: tile(64, 64, 8),
     },
     Flash {
@@ -198,7 +198,7 @@ static FLASH: [Flash; 6] = [
         module: Module::FlashD256,
         forward: ["flash_forward_d256_bf16", "flash_forward_d256_f16"],
         backward: ["flash_backward_d256_bf16", "flash_backward_d256_f16"],
-        fwd: tile(128, 64, 8),
+        fwd: tile(64, 64, 4),
         bwd: tile(64, 64, 8),
     },
 ];
