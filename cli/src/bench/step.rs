@@ -13,11 +13,11 @@ use super::stats::{summarize, Summary};
 use crate::device::{self, DeviceArg};
 use crate::finetune::step::{optimizer_step, Phase, Phases, StepConfig};
 use crate::finetune::{attach_adapters, parse_targets, training_device, DtypeArg, Quantize};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use qlora_autograd::{LoraConfig, LoraInit};
 use qlora_kernels::Rng;
 use qlora_models::synthetic;
-use qlora_models::transformer::{Batch, CausalLm};
+use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
 use qlora_optim::{AdamW, AdamWConfig};
 use qlora_runtime::profile::{self, RegionTime};
@@ -113,11 +113,6 @@ fn shape_help() -> String {
 
 impl StepArgs {
     fn check(&self) -> Result<()> {
-        ensure!(
-            self.shape.is_some() || self.model.is_some(),
-            "bench needs --shape NAME ({}) or --model DIR; `bench kernels` times the CUDA kernels",
-            synthetic::shape_names()
-        );
         ensure!(self.batch >= 1, "--batch must be at least 1");
         ensure!(self.seq >= 2, "--seq must be at least 2 (one token predicts the next)");
         ensure!(self.grad_accum >= 1, "--grad-accum must be at least 1");
@@ -140,13 +135,51 @@ impl StepArgs {
     fn checkpointing(&self) -> bool {
         self.gradient_checkpointing || !self.no_gradient_checkpointing
     }
+}
 
-    /// What is benchmarked, for the report: the shape's name or the folder.
-    fn subject(&self) -> String {
-        match (&self.shape, &self.model) {
-            (Some(name), _) => name.clone(),
-            (None, Some(dir)) => dir.display().to_string(),
-            (None, None) => unreachable!("clap requires --shape or --model"),
+/// What is benchmarked.
+enum Subject {
+    Shape(String),
+    /// A model folder (a .gguf file already resolved to its imported folder).
+    Folder(PathBuf),
+}
+
+impl Subject {
+    fn of(args: &StepArgs) -> Result<Subject> {
+        match (&args.shape, &args.model) {
+            (Some(name), _) => Ok(Subject::Shape(name.clone())),
+            (None, Some(dir)) if crate::model_path::is_gguf(dir) => {
+                Ok(Subject::Folder(crate::model_path::resolve_model(dir)?))
+            }
+            (None, Some(dir)) => Ok(Subject::Folder(dir.clone())),
+            (None, None) => bail!(
+                "bench needs --shape NAME ({}) or --model DIR; `bench kernels` times the CUDA kernels",
+                synthetic::shape_names()
+            ),
+        }
+    }
+
+    fn config(&self) -> Result<ModelConfig> {
+        Ok(match self {
+            Subject::Shape(name) => synthetic::shape_config(name)?,
+            Subject::Folder(dir) => ModelConfig::load(dir)?,
+        })
+    }
+
+    /// The model without adapters, its dense weights in `dense` where it is built here.
+    fn model(&self, config: &ModelConfig, format: BaseFormat, dense: DType, seed: u64) -> Result<CausalLm> {
+        Ok(match self {
+            Subject::Shape(_) => synthetic::build(config, format, dense, seed)?,
+            Subject::Folder(dir) => CausalLm::load(dir, format)?,
+        })
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Shape(name) => f.write_str(name),
+            Subject::Folder(dir) => write!(f, "{}", dir.display()),
         }
     }
 }
@@ -218,15 +251,8 @@ fn random_batches(rng: &mut Rng, args: &StepArgs, vocab: usize) -> Result<Vec<Ba
 pub fn run(args: &StepArgs) -> Result<()> {
     args.check()?;
     let targets = parse_targets(&args.target_modules)?;
-    let model_dir = match &args.model {
-        Some(dir) if crate::model_path::is_gguf(dir) => Some(crate::model_path::resolve_model(dir)?),
-        other => other.clone(),
-    };
-    let config = match (&args.shape, &model_dir) {
-        (Some(name), _) => synthetic::shape_config(name)?,
-        (None, Some(dir)) => ModelConfig::load(dir)?,
-        (None, None) => unreachable!("clap requires --shape or --model"),
-    };
+    let subject = Subject::of(args)?;
+    let config = subject.config()?;
     ensure!(
         args.seq <= config.max_position_embeddings,
         "--seq {} is longer than the model's context ({})",
@@ -249,7 +275,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     });
     let available = memory::available(device)?;
     let mut report = json!({
-        "subject": args.subject(),
+        "subject": subject.to_string(),
         "device": device.to_string(),
         "gpu": gpu_name(device),
         "dtype": dtype_name(dtype),
@@ -272,18 +298,13 @@ pub fn run(args: &StepArgs) -> Result<()> {
     });
     if let Some(free) = available.filter(|&free| estimate.total() > free) {
         report["fits"] = json!(false);
-        return print_no_fit(args, &report, &estimate, free, device);
+        return print_no_fit(&subject, args.json, &report, &estimate, free, device);
     }
     report["fits"] = json!(true);
 
     let started = Instant::now();
-    let mut model = match (&args.shape, &model_dir) {
-        (Some(_), _) => {
-            synthetic::build(&config, format, if device == Device::Cpu { DType::F32 } else { dtype }, args.seed)?
-        }
-        (None, Some(dir)) => CausalLm::load(dir, format)?,
-        (None, None) => unreachable!("clap requires --shape or --model"),
-    };
+    let dense = if device == Device::Cpu { DType::F32 } else { dtype };
+    let mut model = subject.model(&config, format, dense, args.seed)?;
     model.gradient_checkpointing = args.checkpointing();
     let lora = LoraConfig {
         r: args.r,
@@ -360,19 +381,26 @@ pub fn run(args: &StepArgs) -> Result<()> {
     if args.json {
         println!("{report}");
     } else {
-        print_report(args, &config, placement, &report, step_ms, profile.as_ref());
+        print_report(args, &subject, &config, placement, &report, step_ms, profile.as_ref());
     }
     Ok(())
 }
 
-fn print_no_fit(args: &StepArgs, report: &Value, e: &Estimate, free: usize, device: Device) -> Result<()> {
-    if args.json {
+fn print_no_fit(
+    subject: &Subject,
+    json: bool,
+    report: &Value,
+    e: &Estimate,
+    free: usize,
+    device: Device,
+) -> Result<()> {
+    if json {
         println!("{report}");
     } else {
         println!(
             "{}: needs about {:.1} GiB on {device} (weights {:.1}, adapters and optimizer {:.1}, activations {:.1}), \
              {:.1} GiB free: not run",
-            args.subject(),
+            subject,
             gib(e.total()),
             gib(e.weights),
             gib(e.adapters),
@@ -385,6 +413,7 @@ fn print_no_fit(args: &StepArgs, report: &Value, e: &Estimate, free: usize, devi
 
 fn print_report(
     args: &StepArgs,
+    subject: &Subject,
     c: &ModelConfig,
     placement: (Device, DType),
     r: &Value,
@@ -399,7 +428,7 @@ fn print_report(
     println!(
         "bench {}: {} layers, hidden {}, vocab {}, {:.2}B linear parameters ({base}); {} trainable (r {}, alpha {}{}{}); \
          on {}",
-        args.subject(),
+        subject,
         c.num_hidden_layers,
         c.hidden_size,
         c.vocab_size,

@@ -25,7 +25,8 @@ pub fn run(b: &mut Bench) -> Result<()> {
             continue;
         }
         let n = TOKENS * c.intermediate_size;
-        let mut sets = (0..b.copies(2 * 8 * n))
+        // Six bf16 buffers of n elements.
+        let mut sets = (0..b.copies(12 * n))
             .map(|_| {
                 Ok(Set {
                     gate: b.normal_bf16(n, 1.0)?,

@@ -130,7 +130,7 @@ pub fn run(args: &KernelArgs) -> Result<()> {
             "bench kernels on {}: median of {} reps after {} warm-up; GB/s = bytes read + written",
             b.dev, b.reps, b.warmup
         );
-        println!("{:<34} {:<44} {:>9} {:>8} {:>8} {:>8}", "kernel", "shape", "ms", "GB/s", "TFLOP/s", "ceiling");
+        println!("{:<30} {:<54} {:>9} {:>8} {:>8} {:>9}", "kernel", "shape", "ms", "GB/s", "TFLOP/s", "ceiling");
     }
     b.ceilings = Some(ceilings::run(&mut b)?);
     for (family, run) in FAMILIES {
@@ -208,7 +208,7 @@ impl Bench {
         } else {
             let opt = |x: Option<f64>, digits: usize| x.map_or("-".to_string(), |v| format!("{v:.digits$}"));
             let fraction = fraction.map_or("(ceiling)".to_string(), |f| format!("{:.0}%", 100.0 * f));
-            println!("{name:<34} {shape:<44} {ms:>9.4} {:>8} {:>8} {fraction:>8}", opt(gbps, 0), opt(tflops, 1));
+            println!("{name:<30} {shape:<54} {ms:>9.4} {:>8} {:>8} {fraction:>9}", opt(gbps, 0), opt(tflops, 1));
         }
     }
 
