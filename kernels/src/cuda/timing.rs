@@ -7,6 +7,7 @@ use super::{CudaDevice, Error, Result};
 use cudarc::driver::{sys, CudaEvent};
 
 /// A point in the work queued on one device's stream.
+#[derive(Debug)]
 pub struct Event {
     event: CudaEvent,
 }
@@ -30,11 +31,5 @@ impl Event {
     /// Milliseconds of device time from this mark to `end` (a later mark of the same device), after both completed.
     pub fn elapsed_ms(&self, end: &Event) -> Result<f32> {
         self.event.elapsed_ms(&end.event).map_err(Error::driver("cuEventElapsedTime"))
-    }
-}
-
-impl std::fmt::Debug for Event {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("cuda::Event")
     }
 }
