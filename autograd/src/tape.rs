@@ -6,6 +6,7 @@
 
 use crate::Param;
 use qlora_runtime::ops::elementwise::add;
+use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::{Error, Result, Tensor};
 use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
@@ -254,7 +255,9 @@ impl Tape {
                         continue;
                     }
                     let name = op.name();
+                    let region = profile::scope(Pass::Backward, name);
                     let in_grads = op.backward(&out_grads);
+                    drop(region);
                     self.saved.sub(bytes);
                     let in_grads = in_grads?;
                     if in_grads.len() != inputs.len() {

@@ -1,5 +1,6 @@
 //! `qlora-rt`: the command-line tool. Every failure is one line on stderr and a non-zero exit status.
 
+mod bench;
 mod device;
 mod eval;
 mod export_gguf;
@@ -53,6 +54,10 @@ enum Command {
     /// Write a model (with a PEFT adapter merged in, or not) as one GGUF file for llama.cpp: llama, gemma,
     /// gemma2 or gemma3 architecture, matrices as f16, q8_0, q4_0 or q4_1, tokenizer and chat template included.
     ExportGguf(export_gguf::ExportGgufArgs),
+    /// Time whole QLoRA training steps of a built-in architecture with random NF4 weights (--shape) or of a model
+    /// folder (--model): median step time, tokens/s, peak device memory, time per phase; `bench kernels` times
+    /// every hot CUDA kernel against the copy and GEMM ceilings.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
         Command::Import(args) => import::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::ExportGguf(args) => export_gguf::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

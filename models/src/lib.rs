@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 pub mod peft;
 pub mod rope;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod toy;
 pub mod transformer;

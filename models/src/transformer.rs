@@ -12,6 +12,7 @@ use crate::generate::{KvCache, LayerKv};
 use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
 use qlora_runtime::ops::nn::rope_tables;
+use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::{DType, Device, Tensor};
 use std::path::Path;
@@ -411,6 +412,7 @@ impl CausalLm {
     /// final softcap where the model has one. Callers may pass a subset of rows (the last token when decoding,
     /// chunks when evaluating) so that [tokens, vocab] never exists whole.
     pub fn head(&self, t: &Tape, x: &Var) -> qlora_runtime::Result<Var> {
+        let _profile = profile::scope(Pass::Forward, "lm head");
         let head = t.param(self.lm_head.as_ref().unwrap_or(&self.embed_tokens));
         let logits = t.linear(x, &head, None)?;
         match self.config.final_logit_softcapping {
@@ -422,6 +424,7 @@ impl CausalLm {
     /// Σ token losses ÷ `normalizer` (pass the trained-token count of the whole accumulated batch).
     pub fn loss(&self, t: &Tape, batch: &Batch, normalizer: f64, dropout_seed: u64) -> qlora_runtime::Result<Var> {
         let logits = self.logits(t, batch, dropout_seed)?;
+        let _profile = profile::scope(Pass::Forward, "cross entropy");
         t.cross_entropy(&logits, &batch.targets, normalizer)
     }
 }
@@ -436,6 +439,7 @@ fn layer_forward(
     x: &Var,
     kv: Option<&mut LayerKv>,
 ) -> qlora_runtime::Result<Var> {
+    let _profile = profile::scope(Pass::Forward, "decoder layer");
     let (tokens, hd) = (x.shape()[0], c.head_dim);
     let offset = norm_offset(c.family);
     let eps = c.rms_norm_eps;

@@ -9,8 +9,10 @@ pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod ops;
+pub mod profile;
 pub mod quant;
 pub mod tensor;
+pub mod timing;
 
 mod device;
 

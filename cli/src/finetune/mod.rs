@@ -1,7 +1,7 @@
 //! `qlora-rt finetune`: QLoRA fine-tuning of a Hugging Face model folder on a JSONL file, written as a PEFT
 //! adapter. This file owns the flags and the order of things (settings → data → model → optimizer → loop →
 //! outputs); the pieces are [`config`] (TOML files as flags), [`data`] (records → packed rows → micro-batches),
-//! [`train`] (the step loop), [`checkpoint`] (resumable state on disk) and [`metrics`] (JSONL log, loss plot).
+//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`checkpoint`] (resumable state on disk) and [`metrics`] (JSONL log, loss plot).
 //!
 //! Defaults follow the QLoRA paper (Dettmers et al. 2023, §4 and appendix B): NF4 with double quantization,
 //! blocks of 64, LoRA on every linear layer, dropout 0.05, lr 2e-4, AdamW β = (0.9, 0.999), warmup ratio 0.03;
@@ -11,6 +11,7 @@ mod checkpoint;
 mod config;
 mod data;
 mod metrics;
+pub(crate) mod step;
 mod train;
 
 pub use config::expand_config;
@@ -88,6 +89,15 @@ pub enum DtypeArg {
     Bf16,
     /// Full precision on the GPU too (for parity checks against the CPU; slower).
     F32,
+}
+
+impl DtypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F32 => DType::F32,
+        }
+    }
 }
 
 /// Every flag can also come from `--config FILE.toml` (see `config`); pairs that replace each other
@@ -277,23 +287,8 @@ impl FinetuneArgs {
         Ok(())
     }
 
-    /// The module suffixes to adapt; an unknown name is an error listing the known ones.
-    fn targets(&self) -> Result<Vec<&str>> {
-        let spec = self.target_modules.trim();
-        if spec == "all-linear" {
-            return Ok(PROJECTIONS.to_vec());
-        }
-        let mut out = Vec::new();
-        for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let Some(&known) = PROJECTIONS.iter().find(|p| **p == name) else {
-                bail!("--target-modules: unknown module \"{name}\" (all-linear, or any of {})", PROJECTIONS.join(","));
-            };
-            if !out.contains(&known) {
-                out.push(known);
-            }
-        }
-        ensure!(!out.is_empty(), "--target-modules names no module");
-        Ok(out)
+    fn targets(&self) -> Result<Vec<&'static str>> {
+        parse_targets(&self.target_modules)
     }
 
     fn lora_config(&self) -> LoraConfig {
@@ -340,6 +335,25 @@ impl FinetuneArgs {
     }
 }
 
+/// The module suffixes `--target-modules` names; an unknown name is an error listing the known ones.
+pub(crate) fn parse_targets(spec: &str) -> Result<Vec<&'static str>> {
+    let spec = spec.trim();
+    if spec == "all-linear" {
+        return Ok(PROJECTIONS.to_vec());
+    }
+    let mut out = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some(&known) = PROJECTIONS.iter().find(|p| **p == name) else {
+            bail!("--target-modules: unknown module \"{name}\" (all-linear, or any of {})", PROJECTIONS.join(","));
+        };
+        if !out.contains(&known) {
+            out.push(known);
+        }
+    }
+    ensure!(!out.is_empty(), "--target-modules names no module");
+    Ok(out)
+}
+
 /// Refuses to mix a new run into a folder that already holds one, unless --resume was given (which, with no
 /// checkpoint to resume from, restarts a run that died before its first one).
 fn check_out(out: &Path, resume_flag: bool) -> Result<()> {
@@ -375,7 +389,7 @@ fn copy_tokenizer_files(model: &Path, out: &Path) -> Result<()> {
 }
 
 /// Attaches fresh adapters (A random from `seed`, B zero) to the targeted projections.
-fn attach_adapters(model: &mut CausalLm, targets: &[&str], config: &LoraConfig, seed: u64) -> Result<()> {
+pub(crate) fn attach_adapters(model: &mut CausalLm, targets: &[&str], config: &LoraConfig, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
     let mut n = 0;
     for proj in model.projections_mut()? {
@@ -510,15 +524,10 @@ fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &S
     );
 }
 
-fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
-    args.check()?;
-    let targets = args.targets()?;
-    let gpu_dtype = match args.dtype {
-        DtypeArg::Bf16 => DType::BF16,
-        DtypeArg::F32 => DType::F32,
-    };
-    // DoRA's per-row weight norms and scalings are host loops so far: `auto` trains it on the CPU.
-    let device = match (args.dora, args.device) {
+/// Where `--device` trains: DoRA's per-row weight norms and scalings are host loops so far, so `auto` trains it on
+/// the CPU and `cuda` refuses it.
+pub(crate) fn training_device(dora: bool, device: DeviceArg) -> Result<DeviceArg> {
+    Ok(match (dora, device) {
         (true, DeviceArg::Cuda) => {
             bail!("--dora with --device cuda: DoRA trains on the CPU only so far; use --device cpu")
         }
@@ -527,8 +536,13 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
             DeviceArg::Cpu
         }
         (_, device) => device,
-    };
-    let placement = crate::device::pick(device, gpu_dtype, "training")?;
+    })
+}
+
+fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
+    args.check()?;
+    let targets = args.targets()?;
+    let placement = crate::device::pick(training_device(args.dora, args.device)?, args.dtype.dtype(), "training")?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
 

@@ -1,8 +1,5 @@
-//! The step loop. One optimizer step = `grad_accum` micro-batches, each a forward and backward whose loss is the
-//! sum of its token losses divided by the trained tokens of the *whole* accumulated batch (so a step's gradient
-//! is the per-token mean over all of it, however the tokens fall into micro-batches); then global-norm clipping,
-//! the scheduled learning rate and an AdamW update. Dropout streams are derived from (seed, step, micro-batch),
-//! and the data order from (seed, epoch), so a resumed run continues bit for bit.
+//! The step loop. Each optimizer step runs [`super::step::optimizer_step`] over `grad_accum` micro-batches at the
+//! scheduled learning rate; the data order derives from (seed, epoch), so a resumed run continues bit for bit.
 //!
 //! After each step: a metrics row, the progress bar, evaluation (dropout off) and a checkpoint when due. A
 //! non-finite loss or gradient norm stops the run before the update, naming the step and the last good
@@ -11,11 +8,12 @@
 use super::checkpoint::{self, SaveTo, TrainerState};
 use super::data::{self, Plan, Row};
 use super::metrics::{MetricsLog, StepRow};
+use super::step::{self, NonFinite, StepConfig};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use qlora_autograd::Tape;
 use qlora_models::transformer::CausalLm;
-use qlora_optim::{clip_grad_norm, AdamW, Schedule};
+use qlora_optim::{AdamW, Schedule};
 use qlora_runtime::Device;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,18 +43,6 @@ fn install_interrupt_handler() -> Result<()> {
 
 fn interrupted() -> bool {
     INTERRUPTS.load(Ordering::SeqCst) > 0
-}
-
-/// SplitMix64's finaliser: decorrelates seeds built from small integers.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The dropout stream of micro-batch `micro` of step `step` (the model derives per-layer streams from it).
-fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    mix(seed ^ mix(step.wrapping_add(0x9E37_79B9_7F4A_7C15) ^ mix(micro as u64 + 1)))
 }
 
 pub struct Settings<'a> {
@@ -223,34 +209,21 @@ impl Trainer<'_> {
         let batches = micro.iter().map(|members| data::batch(&self.plan.rows, members)).collect::<Result<Vec<_>>>()?;
         let trained_tokens: usize = batches.iter().map(|b| b.trained_tokens()).sum();
         let tokens: usize = batches.iter().map(|b| b.ids.elem_count()).sum();
-        let mut loss = 0.0;
-        for (j, batch) in batches.iter().enumerate() {
-            let batch = &batch.to_device(self.device)?;
-            let tape = Tape::new();
-            let seed = dropout_seed(self.settings.seed, step, j);
-            let l = self
-                .model
-                .loss(&tape, batch, trained_tokens as f64, seed)
-                .with_context(|| format!("forward at step {}", step + 1))?;
-            loss += l.value().to_scalar::<f64>()?;
-            tape.backward(&l).with_context(|| format!("backward at step {}", step + 1))?;
-        }
-        let params: Vec<_> = self.optimizer.params().cloned().collect();
-        let max_norm = if self.settings.max_grad_norm > 0.0 { self.settings.max_grad_norm } else { f64::INFINITY };
-        let grad_norm = clip_grad_norm(&params, max_norm)?;
-        for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
-            if !value.is_finite() {
-                bail!(
-                    "{what} is {value} at step {}: stopped before updating the adapter; {}",
-                    step + 1,
-                    self.last_good_checkpoint()?
-                );
-            }
-        }
         let lr = self.schedule.lr_at(step);
-        self.optimizer.set_lr(lr);
-        self.optimizer.step()?;
-        Ok(StepStats { loss, grad_norm, lr, tokens, trained_tokens })
+        let config = StepConfig {
+            device: self.device,
+            seed: self.settings.seed,
+            max_grad_norm: self.settings.max_grad_norm,
+            lr,
+        };
+        let outcome = match step::optimizer_step(self.model, self.optimizer, &batches, step, &config, &mut ()) {
+            Ok(outcome) => outcome,
+            Err(e) => match e.downcast::<NonFinite>() {
+                Ok(stop) => bail!("{stop}; {}", self.last_good_checkpoint()?),
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(StepStats { loss: outcome.loss, grad_norm: outcome.grad_norm, lr, tokens, trained_tokens })
     }
 
     fn last_good_checkpoint(&self) -> Result<String> {
@@ -297,20 +270,5 @@ impl Trainer<'_> {
         log.eval(self.state.step, loss, tokens, self.state.elapsed_s)?;
         progress.println(&format!("step {}/{}  eval loss {loss:.4}", self.state.step, self.schedule.total_steps));
         Ok(loss)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dropout_seeds_differ_by_step_and_micro_batch() {
-        let seeds: Vec<u64> = (0..4).flat_map(|step| (0..3).map(move |micro| dropout_seed(42, step, micro))).collect();
-        let mut unique = seeds.clone();
-        unique.sort();
-        unique.dedup();
-        assert_eq!(unique.len(), seeds.len());
-        assert_ne!(dropout_seed(42, 0, 0), dropout_seed(43, 0, 0));
     }
 }

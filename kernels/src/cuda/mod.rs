@@ -10,6 +10,7 @@
 //! - [`device`]: [`CudaDevice`], one per GPU per process: context, stream, loaded modules, allocator.
 //! - [`alloc`]: the caching allocator and its statistics.
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
+//! - [`timing`]: CUDA events on a device's stream, for benchmarks and profiling.
 //! - one module per op (`elementwise`, `rms_norm`, …): the launchers, each the twin of the CPU function of the same
 //!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_parity.rs`.
 //!
@@ -37,6 +38,7 @@ pub mod nf4;
 pub mod reduce;
 pub mod rms_norm;
 pub mod rope;
+pub mod timing;
 
 pub use alloc::MemoryStats;
 pub use buffer::{DeviceBuffer, DeviceCopy};

@@ -1,0 +1,66 @@
+//! The MLP's gated activation, forward and backward over [tokens, intermediate]: SwiGLU for Llama, GeGLU (tanh) for
+//! Gemma.
+
+use super::{dims, models, Bench, Work, TOKENS};
+use anyhow::Result;
+use half::bf16;
+use qlora_kernels::cuda::activation::{geglu_backward, geglu_forward, swiglu_backward, swiglu_forward};
+use qlora_kernels::cuda::DeviceBuffer;
+use qlora_models::config::Activation;
+
+struct Set {
+    gate: DeviceBuffer<bf16>,
+    up: DeviceBuffer<bf16>,
+    d_out: DeviceBuffer<bf16>,
+    out: DeviceBuffer<bf16>,
+    d_gate: DeviceBuffer<bf16>,
+    d_up: DeviceBuffer<bf16>,
+}
+
+pub fn run(b: &mut Bench) -> Result<()> {
+    for (model, c) in models()? {
+        let glu = if c.activation == Activation::Silu { "swiglu" } else { "geglu" };
+        let (fwd, bwd) = (format!("{glu} fwd"), format!("{glu} bwd"));
+        if !b.wants(&fwd) && !b.wants(&bwd) {
+            continue;
+        }
+        let n = TOKENS * c.intermediate_size;
+        // Six bf16 buffers of n elements.
+        let mut sets = (0..b.copies(12 * n))
+            .map(|_| {
+                Ok(Set {
+                    gate: b.normal_bf16(n, 1.0)?,
+                    up: b.normal_bf16(n, 1.0)?,
+                    d_out: b.normal_bf16(n, 1.0)?,
+                    out: b.dev.alloc(n)?,
+                    d_gate: b.dev.alloc(n)?,
+                    d_up: b.dev.alloc(n)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let count = sets.len();
+        let swiglu = c.activation == Activation::Silu;
+        let shape = format!("{model} {} bf16", dims(&[TOKENS, c.intermediate_size]));
+        if b.wants(&fwd) {
+            b.row(&fwd, &shape, Work::Bytes((3 * 2 * n) as f64), |i| {
+                let s = &mut sets[i % count];
+                if swiglu {
+                    Ok(swiglu_forward(&s.gate, &s.up, &mut s.out)?)
+                } else {
+                    Ok(geglu_forward(&s.gate, &s.up, &mut s.out)?)
+                }
+            })?;
+        }
+        if b.wants(&bwd) {
+            b.row(&bwd, &shape, Work::Bytes((5 * 2 * n) as f64), |i| {
+                let s = &mut sets[i % count];
+                if swiglu {
+                    Ok(swiglu_backward(&s.gate, &s.up, &s.d_out, &mut s.d_gate, &mut s.d_up)?)
+                } else {
+                    Ok(geglu_backward(&s.gate, &s.up, &s.d_out, &mut s.d_gate, &mut s.d_up)?)
+                }
+            })?;
+        }
+    }
+    Ok(())
+}

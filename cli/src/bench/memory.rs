@@ -1,0 +1,172 @@
+//! What a training step will hold, estimated from the shapes before anything is built, so that a model that cannot
+//! fit is reported (`llama-3.1-70b` on a smaller GPU) instead of failing half-way through its upload. The estimate
+//! follows what the step keeps: base weights as stored, adapters with their gradients and AdamW moments, the saved
+//! activations of every layer (or only the layer inputs under checkpointing), then the larger of the loss's
+//! [tokens, vocab] logits with their gradient and a layer's backward, and the dequantized scratch of the largest
+//! weight. It ignores the allocator's rounding and short-lived temporaries: read it as ±25 %. (At 4 × 2048 tokens it
+//! gives 5.6, 12.1 and 15.1 GiB for Llama-3.2-1B, Llama-3-8B and Gemma-2-2B; the H200 measured 5.56, 11.80 and
+//! 15.21 GiB, `../shared/bench/README.md`.)
+
+use qlora_kernels::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
+use qlora_models::transformer::BaseFormat;
+use qlora_models::ModelConfig;
+use qlora_runtime::{DType, Device};
+
+/// Each decoder layer's projections as (name, [out, in]), in the model's order.
+pub fn projection_shapes(c: &ModelConfig) -> [(&'static str, [usize; 2]); 7] {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (qo, kvo) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    [
+        ("q_proj", [qo, h]),
+        ("k_proj", [kvo, h]),
+        ("v_proj", [kvo, h]),
+        ("o_proj", [h, qo]),
+        ("gate_proj", [i, h]),
+        ("up_proj", [i, h]),
+        ("down_proj", [h, i]),
+    ]
+}
+
+/// Parameters of every linear layer, the head included: the N of the 6N (4N without checkpointing) FLOPs per
+/// token of a QLoRA step (ARCHITECTURE.md).
+pub fn linear_params(c: &ModelConfig) -> usize {
+    let per_layer: usize = projection_shapes(c).iter().map(|(_, [o, i])| o * i).sum();
+    per_layer * c.num_hidden_layers + c.vocab_size * c.hidden_size
+}
+
+/// What the estimate needs to know about the run.
+pub struct Setup<'a> {
+    pub config: &'a ModelConfig,
+    pub format: BaseFormat,
+    /// Where the step runs and the dtype activations and dense weights are held in there.
+    pub device: Device,
+    pub compute: DType,
+    /// Tokens of one micro-batch.
+    pub tokens: usize,
+    pub r: usize,
+    pub dora: bool,
+    pub targets: &'a [&'a str],
+    pub checkpointing: bool,
+}
+
+/// Bytes, by what holds them.
+#[derive(Clone, Copy, Debug)]
+pub struct Estimate {
+    pub weights: usize,
+    /// Adapter values, gradients and optimizer moments.
+    pub adapters: usize,
+    pub activations: usize,
+}
+
+impl Estimate {
+    pub fn total(&self) -> usize {
+        self.weights + self.adapters + self.activations
+    }
+}
+
+pub fn estimate(s: &Setup) -> Estimate {
+    let c = s.config;
+    let d = s.compute.size_in_bytes();
+    let (t, h, layers) = (s.tokens, c.hidden_size, c.num_hidden_layers);
+    let shapes = projection_shapes(c);
+    let stored = |n: usize| match s.format {
+        BaseFormat::Nf4 { blocksize, double_quant } => {
+            let nb = nf4_num_blocks(n, blocksize);
+            let scales = if double_quant { nb + 4 * nb.div_ceil(NESTED_BLOCKSIZE) + 4 } else { 4 * nb };
+            nf4_packed_len(n) + scales
+        }
+        BaseFormat::Dense(dtype) => n * dtype.size_in_bytes(),
+    };
+    let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    let weights = layers * shapes.iter().map(|(_, [o, i])| stored(o * i)).sum::<usize>()
+        + heads * c.vocab_size * h * d
+        + layers * 6 * h * d;
+
+    // Value and gradient in f32; AdamW's two moments in f32 on a GPU, f64 on the host.
+    let per_param = if s.device == Device::Cpu { 4 + 4 + 16 } else { 4 + 4 + 8 };
+    let adapter_params: usize = shapes
+        .iter()
+        .filter(|(name, _)| s.targets.contains(name))
+        .map(|(_, [o, i])| s.r * (o + i) + if s.dora { *o } else { 0 })
+        .sum();
+    let adapters = layers * adapter_params * per_param;
+
+    let (i, qo, kvo) = (c.intermediate_size, shapes[0].1[0], shapes[1].1[0]);
+    // What one layer's ops save for backward: norm inputs, q/k/v before and after rope, the attention output and its
+    // log-sum-exp, the MLP's gate, up and product (Gemma's sandwich norms add two more of the hidden size).
+    let sandwich = if c.family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
+    let layer = t * d * (4 * h + sandwich + 3 * qo + 3 * kvo + 3 * i) + t * c.num_attention_heads * 4;
+    let saved = if s.checkpointing { layers * t * h * d } else { layers * layer };
+    // The peak comes either at the loss (logits, their softcapped copy, their gradient) or in a layer's backward
+    // (its recomputed activations and their gradients), on top of what stays saved.
+    let softcap = usize::from(c.final_logit_softcapping.is_some());
+    let head = (2 + softcap) * t * c.vocab_size * d;
+    let in_layer = if s.checkpointing { 2 * layer } else { layer };
+    let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
+    let activations = saved + head.max(in_layer) + 2 * largest * d;
+    Estimate { weights, adapters, activations }
+}
+
+/// Bytes that `device` can still give: the driver's free memory on a GPU, the kernel's MemAvailable on the host
+/// (None where that is unknown).
+pub fn available(device: Device) -> anyhow::Result<Option<usize>> {
+    match device {
+        Device::Cuda(ordinal) => {
+            let (free, _) = qlora_runtime::cuda_device(ordinal)?.mem_info()?;
+            Ok(Some(free))
+        }
+        Device::Cpu => Ok(std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlora_models::synthetic::shape_config;
+
+    const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    /// The peer benchmarks' setting: NF4 + double quant, bf16, 4 × 2048 tokens, r = 16 everywhere, checkpointing.
+    fn peer_setting(c: &ModelConfig) -> Estimate {
+        estimate(&Setup {
+            config: c,
+            format: BaseFormat::Nf4 { blocksize: 64, double_quant: true },
+            device: Device::Cuda(0),
+            compute: DType::BF16,
+            tokens: 8192,
+            r: 16,
+            dora: false,
+            targets: &ALL,
+            checkpointing: true,
+        })
+    }
+
+    fn gib(b: usize) -> f64 {
+        b as f64 / (1u64 << 30) as f64
+    }
+
+    #[test]
+    fn llama_8b_sizes_match_its_published_counts() {
+        let c = shape_config("llama-3-8b").unwrap();
+        // 8.03B parameters in all, of which the embeddings (not a linear layer) hold 0.525B and the norms 0.27M.
+        assert_eq!(linear_params(&c), 8_030_261_248 - 128_256 * 4096 - (2 * 32 + 1) * 4096);
+        let e = peer_setting(&c);
+        // 6.98B linear weights at ≈4.127 bits, plus two bf16 copies of the 128256 × 4096 embeddings.
+        assert!((5.2..5.45).contains(&gib(e.weights)), "{}", gib(e.weights));
+        // peft's count for r = 16 on all seven projections: 41,943,040 trainable parameters.
+        assert_eq!(e.adapters, 41_943_040 * 16);
+    }
+
+    /// The allocator peaks the H200 measured for these runs (`../shared/bench/README.md`, 2026-12-04).
+    #[test]
+    fn estimates_are_near_the_measured_peaks() {
+        for (shape, measured) in [("llama-3.2-1b", 5.56), ("llama-3-8b", 11.80), ("gemma-2-2b", 15.21)] {
+            let got = gib(peer_setting(&shape_config(shape).unwrap()).total());
+            assert!((got / measured - 1.0).abs() < 0.15, "{shape}: estimated {got:.2} GiB, measured {measured}");
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! `qlora-rt bench --shape NAME | --model DIR`: whole QLoRA training steps, timed. The model is a built-in
+//! architecture with random NF4 weights (`qlora_models::synthetic`) or a folder loaded as `finetune` loads it; the
+//! adapters are attached as `finetune` attaches them; each step is `finetune`'s own
+//! [`optimizer_step`](crate::finetune::step::optimizer_step) over random token ids, every token trained.
+//!
+//! Reported: the median step time over `--steps` after `--warmup` untimed steps, tokens/s, the device allocator's
+//! peak, and the median time of each phase (forward, backward, optimizer with clipping), all measured on the device
+//! (CUDA events on a GPU). `--profile` runs one more step with the profiling hook on and lists the regions that
+//! took its time. A run whose estimated memory exceeds what the device has free reports the estimate and stops.
+
+use super::memory::{self, Estimate, Setup};
+use super::stats::{summarize, Summary};
+use crate::device::{self, DeviceArg};
+use crate::finetune::step::{optimizer_step, Phase, Phases, StepConfig};
+use crate::finetune::{attach_adapters, parse_targets, training_device, DtypeArg, Quantize};
+use anyhow::{bail, ensure, Context, Result};
+use qlora_autograd::{LoraConfig, LoraInit};
+use qlora_kernels::Rng;
+use qlora_models::synthetic;
+use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_models::ModelConfig;
+use qlora_optim::{AdamW, AdamWConfig};
+use qlora_runtime::profile::{self, RegionTime};
+use qlora_runtime::timing::Mark;
+use qlora_runtime::{DType, Device};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Flags and defaults are finetune's where finetune has them (so a bench measures what a default run trains), and
+/// the peer benchmarks' batch of 4 × 2048 tokens.
+#[derive(clap::Args)]
+pub struct StepArgs {
+    #[arg(long, value_name = "NAME", conflicts_with = "model", help = shape_help())]
+    shape: Option<String>,
+    /// Instead of --shape: a model folder (or .gguf file) as finetune takes it.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence (random ids; every token trained).
+    #[arg(long, default_value_t = 2048)]
+    seq: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Timed optimizer steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed optimizer steps before them (kernel compilation, allocator warm-up).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Adapter dropout while training (finetune's default; the peer benchmarks use 0).
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f64,
+    /// Projections to adapt: all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
+    #[arg(long, value_name = "LIST", default_value = "all-linear")]
+    target_modules: String,
+    /// rsLoRA scaling (alpha/√r).
+    #[arg(long)]
+    rslora: bool,
+    /// DoRA (CPU only so far, as in finetune).
+    #[arg(long)]
+    dora: bool,
+    /// Base weights: nf4 or none (dense, plain LoRA).
+    #[arg(long, value_enum, default_value_t = Quantize::Nf4)]
+    quantize: Quantize,
+    /// Quantize the NF4 block scales too [default: on].
+    #[arg(long, overrides_with = "no_double_quant")]
+    double_quant: bool,
+    /// Keep the NF4 block scales in f32.
+    #[arg(long, overrides_with = "double_quant")]
+    no_double_quant: bool,
+    /// Recompute each decoder layer in backward [default: on].
+    #[arg(long, overrides_with = "no_gradient_checkpointing")]
+    gradient_checkpointing: bool,
+    /// Keep every activation.
+    #[arg(long, overrides_with = "gradient_checkpointing")]
+    no_gradient_checkpointing: bool,
+    /// Clip the global gradient norm to this (0 disables clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seed for the weights, adapters, tokens and dropout.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Where to run: auto, cpu or cuda.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Compute precision on CUDA (the CPU computes in f32).
+    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
+    dtype: DtypeArg,
+    /// Print one JSON object instead of the report.
+    #[arg(long)]
+    json: bool,
+    /// Run one more step with the profiling hook on and list the regions that took its device time.
+    #[arg(long)]
+    profile: bool,
+}
+
+fn shape_help() -> String {
+    format!(
+        "A built-in architecture, made in memory with random NF4 weights (no files needed): {}",
+        synthetic::shape_names()
+    )
+}
+
+impl StepArgs {
+    fn check(&self) -> Result<()> {
+        ensure!(self.batch >= 1, "--batch must be at least 1");
+        ensure!(self.seq >= 2, "--seq must be at least 2 (one token predicts the next)");
+        ensure!(self.grad_accum >= 1, "--grad-accum must be at least 1");
+        ensure!(self.steps >= 1, "--steps must be at least 1");
+        ensure!(self.r >= 1, "--r must be at least 1");
+        ensure!(self.alpha.is_finite() && self.alpha > 0.0, "--alpha must be a positive number, got {}", self.alpha);
+        ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1), got {}", self.dropout);
+        ensure!(
+            self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
+            "--max-grad-norm must be 0 (off) or a positive number, got {}",
+            self.max_grad_norm
+        );
+        Ok(())
+    }
+
+    fn double_quant(&self) -> bool {
+        self.quantize == Quantize::Nf4 && (self.double_quant || !self.no_double_quant)
+    }
+
+    fn checkpointing(&self) -> bool {
+        self.gradient_checkpointing || !self.no_gradient_checkpointing
+    }
+}
+
+/// What is benchmarked.
+enum Subject {
+    Shape(String),
+    /// A model folder (a .gguf file already resolved to its imported folder).
+    Folder(PathBuf),
+}
+
+impl Subject {
+    fn of(args: &StepArgs) -> Result<Subject> {
+        match (&args.shape, &args.model) {
+            (Some(name), _) => Ok(Subject::Shape(name.clone())),
+            (None, Some(dir)) if crate::model_path::is_gguf(dir) => {
+                Ok(Subject::Folder(crate::model_path::resolve_model(dir)?))
+            }
+            (None, Some(dir)) => Ok(Subject::Folder(dir.clone())),
+            (None, None) => bail!(
+                "bench needs --shape NAME ({}) or --model DIR; `bench kernels` times the CUDA kernels",
+                synthetic::shape_names()
+            ),
+        }
+    }
+
+    fn config(&self) -> Result<ModelConfig> {
+        Ok(match self {
+            Subject::Shape(name) => synthetic::shape_config(name)?,
+            Subject::Folder(dir) => ModelConfig::load(dir)?,
+        })
+    }
+
+    /// The model without adapters, its dense weights in `dense` where it is built here.
+    fn model(&self, config: &ModelConfig, format: BaseFormat, dense: DType, seed: u64) -> Result<CausalLm> {
+        Ok(match self {
+            Subject::Shape(_) => synthetic::build(config, format, dense, seed)?,
+            Subject::Folder(dir) => CausalLm::load(dir, format)?,
+        })
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Shape(name) => f.write_str(name),
+            Subject::Folder(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+/// Device milliseconds of one step, by phase.
+#[derive(Clone, Copy, Debug, Default)]
+struct StepTimes {
+    total: f64,
+    /// Indexed by [`Phase`] as declared.
+    phases: [f64; 3],
+}
+
+fn phase_index(p: Phase) -> usize {
+    match p {
+        Phase::Forward => 0,
+        Phase::Backward => 1,
+        Phase::Optimizer => 2,
+    }
+}
+
+/// Marks each phase boundary of a step on the device; read after the step.
+struct PhaseTimer {
+    device: Device,
+    marks: Vec<(Option<Phase>, Mark)>,
+}
+
+impl Phases for PhaseTimer {
+    fn enter(&mut self, phase: Phase) -> Result<()> {
+        self.marks.push((Some(phase), Mark::now(self.device)?));
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.marks.push((None, Mark::now(self.device)?));
+        Ok(())
+    }
+}
+
+impl PhaseTimer {
+    fn times(&self) -> Result<StepTimes> {
+        let mut t = StepTimes::default();
+        for pair in self.marks.windows(2) {
+            if let Some(phase) = pair[0].0 {
+                t.phases[phase_index(phase)] += pair[0].1.elapsed_ms(&pair[1].1)?;
+            }
+        }
+        if let (Some(first), Some(last)) = (self.marks.first(), self.marks.last()) {
+            t.total = first.1.elapsed_ms(&last.1)?;
+        }
+        Ok(t)
+    }
+}
+
+/// `grad_accum` micro-batches of `batch` random sequences of `seq` tokens, every next token trained.
+fn random_batches(rng: &mut Rng, args: &StepArgs, vocab: usize) -> Result<Vec<Batch>> {
+    (0..args.grad_accum)
+        .map(|_| {
+            let seqs: Vec<(Vec<i32>, Vec<i32>)> = (0..args.batch)
+                .map(|_| {
+                    let ids: Vec<i32> = (0..args.seq).map(|_| rng.below(vocab as u64) as i32).collect();
+                    (ids.clone(), ids)
+                })
+                .collect();
+            Ok(Batch::pack(&seqs)?)
+        })
+        .collect()
+}
+
+pub fn run(args: &StepArgs) -> Result<()> {
+    args.check()?;
+    let targets = parse_targets(&args.target_modules)?;
+    let subject = Subject::of(args)?;
+    let config = subject.config()?;
+    ensure!(
+        args.seq <= config.max_position_embeddings,
+        "--seq {} is longer than the model's context ({})",
+        args.seq,
+        config.max_position_embeddings
+    );
+    let placement @ (device, dtype) =
+        device::pick(training_device(args.dora, args.device)?, args.dtype.dtype(), "benchmarking")?;
+    let format = args.quantize.base_format(args.double_quant());
+    let estimate = memory::estimate(&Setup {
+        config: &config,
+        format,
+        device,
+        compute: dtype,
+        tokens: args.batch * args.seq,
+        r: args.r,
+        dora: args.dora,
+        targets: &targets,
+        checkpointing: args.checkpointing(),
+    });
+    let available = memory::available(device)?;
+    let mut report = json!({
+        "subject": subject.to_string(),
+        "device": device.to_string(),
+        "gpu": gpu_name(device),
+        "dtype": dtype_name(dtype),
+        "batch": args.batch,
+        "seq": args.seq,
+        "grad_accum": args.grad_accum,
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "target_modules": targets,
+        "rslora": args.rslora,
+        "dora": args.dora,
+        "quantize": args.quantize,
+        "double_quant": args.double_quant(),
+        "gradient_checkpointing": args.checkpointing(),
+        "max_grad_norm": args.max_grad_norm,
+        "linear_params": memory::linear_params(&config),
+        "estimate_gib": gib(estimate.total()),
+        "available_gib": available.map(gib),
+    });
+    if let Some(free) = available.filter(|&free| estimate.total() > free) {
+        report["fits"] = json!(false);
+        return print_no_fit(&subject, args.json, &report, &estimate, free, device);
+    }
+    report["fits"] = json!(true);
+
+    let started = Instant::now();
+    let dense = if device == Device::Cpu { DType::F32 } else { dtype };
+    let mut model = subject.model(&config, format, dense, args.seed)?;
+    model.gradient_checkpointing = args.checkpointing();
+    let lora = LoraConfig {
+        r: args.r,
+        alpha: args.alpha,
+        use_rslora: args.rslora,
+        use_dora: args.dora,
+        dropout: args.dropout,
+        init: LoraInit::Default,
+    };
+    attach_adapters(&mut model, &targets, &lora, args.seed)?;
+    if device != Device::Cpu {
+        model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
+    }
+    let adamw = AdamWConfig::default();
+    let mut optimizer = AdamW::new(model.trainable_params(), adamw)?;
+    let trainable: usize = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
+    report["trainable_params"] = json!(trainable);
+    report["build_s"] = json!(round(started.elapsed().as_secs_f64(), 2));
+
+    let step_config = StepConfig { device, seed: args.seed, max_grad_norm: args.max_grad_norm, lr: adamw.lr };
+    let mut rng = Rng::new(args.seed ^ 0xBE7C);
+    let mut timed = Vec::with_capacity(args.steps);
+    let mut loss = f64::NAN;
+    for step in 0..args.warmup + args.steps {
+        let batches = random_batches(&mut rng, args, config.vocab_size)?;
+        let mut timer = PhaseTimer { device, marks: Vec::new() };
+        let outcome = optimizer_step(&model, &mut optimizer, &batches, step as u64, &step_config, &mut timer)?;
+        loss = outcome.loss;
+        if step >= args.warmup {
+            timed.push(timer.times()?);
+        }
+    }
+    let profile = if args.profile {
+        let batches = random_batches(&mut rng, args, config.vocab_size)?;
+        let step = (args.warmup + args.steps) as u64;
+        profile::start(device);
+        let before = Mark::now(device);
+        let outcome = optimizer_step(&model, &mut optimizer, &batches, step, &step_config, &mut ());
+        let after = Mark::now(device);
+        let rows = profile::stop();
+        outcome?;
+        let total = before?.elapsed_ms(&after?)?;
+        Some((total, rows?))
+    } else {
+        None
+    };
+
+    let step_ms = summarize(&timed.iter().map(|t| t.total).collect::<Vec<_>>());
+    let phase = |i: usize| summarize(&timed.iter().map(|t| t.phases[i]).collect::<Vec<_>>()).median;
+    let tokens = args.batch * args.seq * args.grad_accum;
+    let tokens_per_s = tokens as f64 / (step_ms.median / 1e3);
+    let flops_per_token = if args.checkpointing() { 6.0 } else { 4.0 } * memory::linear_params(&config) as f64;
+    report["steps"] = json!(args.steps);
+    report["warmup"] = json!(args.warmup);
+    report["tokens_per_step"] = json!(tokens);
+    report["step_ms"] = json!(round(step_ms.median, 2));
+    report["step_ms_min"] = json!(round(step_ms.min, 2));
+    report["step_ms_max"] = json!(round(step_ms.max, 2));
+    report["tokens_per_s"] = json!(round(tokens_per_s, 1));
+    report["forward_ms"] = json!(round(phase(0), 2));
+    report["backward_ms"] = json!(round(phase(1), 2));
+    report["optimizer_ms"] = json!(round(phase(2), 2));
+    report["model_tflops"] = json!(round(tokens_per_s * flops_per_token / 1e12, 2));
+    report["peak_gib"] = json!(peak_bytes(device)?.map(gib));
+    report["loss"] = json!(round(loss, 4));
+    if let Some((total, rows)) = &profile {
+        report["profile_step_ms"] = json!(round(*total, 2));
+        report["profile"] = Value::Array(
+            rows.iter()
+                .map(|r| json!({"role": r.role.as_str(), "name": r.name, "calls": r.calls, "ms": round(r.ms, 3)}))
+                .collect(),
+        );
+    }
+    if args.json {
+        println!("{report}");
+    } else {
+        print_report(args, &subject, &config, placement, &report, step_ms, profile.as_ref());
+    }
+    Ok(())
+}
+
+fn print_no_fit(
+    subject: &Subject,
+    json: bool,
+    report: &Value,
+    e: &Estimate,
+    free: usize,
+    device: Device,
+) -> Result<()> {
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "{}: needs about {:.1} GiB on {device} (weights {:.1}, adapters and optimizer {:.1}, activations {:.1}), \
+             {:.1} GiB free: not run",
+            subject,
+            gib(e.total()),
+            gib(e.weights),
+            gib(e.adapters),
+            gib(e.activations),
+            gib(free)
+        );
+    }
+    Ok(())
+}
+
+fn print_report(
+    args: &StepArgs,
+    subject: &Subject,
+    c: &ModelConfig,
+    placement: (Device, DType),
+    r: &Value,
+    step: Summary,
+    profile: Option<&(f64, Vec<RegionTime>)>,
+) {
+    let base = match (args.quantize, args.double_quant()) {
+        (Quantize::Nf4, true) => "NF4 + double quant",
+        (Quantize::Nf4, false) => "NF4",
+        (Quantize::None, _) => "dense f32",
+    };
+    println!(
+        "bench {}: {} layers, hidden {}, vocab {}, {:.2}B linear parameters ({base}); {} trainable (r {}, alpha {}{}{}); \
+         on {}",
+        subject,
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.vocab_size,
+        memory::linear_params(c) as f64 / 1e9,
+        r["trainable_params"],
+        args.r,
+        args.alpha,
+        if args.rslora { ", rsLoRA" } else { "" },
+        if args.dora { ", DoRA" } else { "" },
+        device::describe(placement),
+    );
+    println!(
+        "{} micro-batch(es) of {} × {} tokens, checkpointing {}, dropout {}; {} timed steps after {} warm-up",
+        args.grad_accum,
+        args.batch,
+        args.seq,
+        if args.checkpointing() { "on" } else { "off" },
+        args.dropout,
+        args.steps,
+        args.warmup,
+    );
+    println!(
+        "step {:.1} ms (median; min {:.1}, max {:.1})   {} tokens/s   {} model TFLOP/s ({}N per token)",
+        step.median,
+        step.min,
+        step.max,
+        r["tokens_per_s"],
+        r["model_tflops"],
+        if args.checkpointing() { 6 } else { 4 },
+    );
+    println!(
+        "phases: forward {} ms, backward {} ms, optimizer {} ms (medians)",
+        r["forward_ms"], r["backward_ms"], r["optimizer_ms"]
+    );
+    let peak = r["peak_gib"].as_f64().map_or("n/a on the CPU".to_string(), |g| format!("{g:.2} GiB"));
+    println!(
+        "peak device memory {peak} (estimated {:.1} GiB); loss {}",
+        r["estimate_gib"].as_f64().unwrap_or(0.0),
+        r["loss"]
+    );
+    if let Some((total, rows)) = profile {
+        let attributed: f64 = rows.iter().map(|r| r.ms).sum();
+        println!("profile of one more step ({total:.1} ms), exclusive device time per region:");
+        println!("{:>10} {:>6} {:>6}  region", "ms", "share", "calls");
+        for row in rows.iter().take(20) {
+            let share = 100.0 * row.ms / total.max(1e-9);
+            println!("{:>10.2} {share:>5.1}% {:>6}  {} {}", row.ms, row.calls, row.role.as_str(), row.name);
+        }
+        if rows.len() > 20 {
+            println!("{:>10} {:>6} {:>6}  ({} more regions)", "", "", "", rows.len() - 20);
+        }
+        let rest = (total - attributed).max(0.0);
+        println!(
+            "{rest:>10.2} {:>5.1}%         outside any region (embedding, final norm, clipping, AdamW, host gaps)",
+            100.0 * rest / total.max(1e-9)
+        );
+    }
+}
+
+fn gib(bytes: usize) -> f64 {
+    round(bytes as f64 / (1u64 << 30) as f64, 2)
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+fn gpu_name(device: Device) -> Option<String> {
+    let Device::Cuda(ordinal) = device else { return None };
+    qlora_runtime::cuda_device(ordinal).ok().map(|d| d.name().to_string())
+}
+
+/// The device allocator's peak since the device was opened (model upload included), None on the CPU.
+fn peak_bytes(device: Device) -> Result<Option<usize>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(ordinal) => Ok(Some(qlora_runtime::cuda_device(ordinal)?.memory_stats().peak)),
+    }
+}

@@ -1,0 +1,139 @@
+//! One optimizer step, the code `finetune` and `bench` both run: for each micro-batch a forward and a backward whose
+//! loss is the sum of its token losses divided by the trained tokens of the *whole* accumulated batch (so the
+//! gradient is the per-token mean over all of it, however the tokens fall into micro-batches); then global-norm
+//! clipping and an AdamW update at the given learning rate. Dropout streams are derived from (seed, step,
+//! micro-batch), so a resumed run continues bit for bit.
+//!
+//! A non-finite loss or gradient norm stops the step before the update with a [`NonFinite`] error, which the caller
+//! may complete (finetune names the last good checkpoint). A [`Phases`] observer hears where the step's time goes.
+
+use anyhow::{Context, Result};
+use qlora_autograd::Tape;
+use qlora_models::transformer::{Batch, CausalLm};
+use qlora_optim::{clip_grad_norm, AdamW};
+use qlora_runtime::Device;
+
+/// The parts of a step, in the order they run (forward and backward once per micro-batch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Forward,
+    Backward,
+    /// Clipping (the gradient norm included) and the AdamW update.
+    Optimizer,
+}
+
+/// Hears each phase start (which ends the one before) and the step's end, to time them; `()` hears nothing.
+pub trait Phases {
+    fn enter(&mut self, phase: Phase) -> Result<()>;
+    fn finish(&mut self) -> Result<()>;
+}
+
+impl Phases for () {
+    fn enter(&mut self, _: Phase) -> Result<()> {
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a step needs besides the model, the optimizer and the data.
+pub struct StepConfig {
+    /// Where the model lives; batches are moved there.
+    pub device: Device,
+    /// The run's seed, from which the dropout streams derive.
+    pub seed: u64,
+    /// 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub lr: f64,
+}
+
+pub struct StepOutcome {
+    /// Σ token losses ÷ trained tokens of the step.
+    pub loss: f64,
+    /// Before clipping.
+    pub grad_norm: f64,
+}
+
+/// A loss or gradient norm that is not a number: the step stopped before the update.
+#[derive(Debug)]
+pub struct NonFinite {
+    pub what: &'static str,
+    pub value: f64,
+    /// 1-based, as reported.
+    pub step: u64,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is {} at step {}: stopped before updating the adapter", self.what, self.value, self.step)
+    }
+}
+
+impl std::error::Error for NonFinite {}
+
+/// SplitMix64's finaliser: decorrelates seeds built from small integers.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The dropout stream of micro-batch `micro` of step `step` (the model derives per-layer streams from it).
+fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    mix(seed ^ mix(step.wrapping_add(0x9E37_79B9_7F4A_7C15) ^ mix(micro as u64 + 1)))
+}
+
+/// Optimizer step `step` (0-based) over `micro_batches` (host batches, moved to `config.device` one at a time).
+pub fn optimizer_step(
+    model: &CausalLm,
+    optimizer: &mut AdamW,
+    micro_batches: &[Batch],
+    step: u64,
+    config: &StepConfig,
+    phases: &mut dyn Phases,
+) -> Result<StepOutcome> {
+    let trained_tokens: usize = micro_batches.iter().map(Batch::trained_tokens).sum();
+    let mut loss = 0.0;
+    for (j, batch) in micro_batches.iter().enumerate() {
+        phases.enter(Phase::Forward)?;
+        let batch = &batch.to_device(config.device)?;
+        let tape = Tape::new();
+        let seed = dropout_seed(config.seed, step, j);
+        let l = model
+            .loss(&tape, batch, trained_tokens as f64, seed)
+            .with_context(|| format!("forward at step {}", step + 1))?;
+        loss += l.value().to_scalar::<f64>()?;
+        phases.enter(Phase::Backward)?;
+        tape.backward(&l).with_context(|| format!("backward at step {}", step + 1))?;
+    }
+    phases.enter(Phase::Optimizer)?;
+    let params: Vec<_> = optimizer.params().cloned().collect();
+    let max_norm = if config.max_grad_norm > 0.0 { config.max_grad_norm } else { f64::INFINITY };
+    let grad_norm = clip_grad_norm(&params, max_norm)?;
+    for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
+        if !value.is_finite() {
+            return Err(NonFinite { what, value, step: step + 1 }.into());
+        }
+    }
+    optimizer.set_lr(config.lr);
+    optimizer.step()?;
+    phases.finish()?;
+    Ok(StepOutcome { loss, grad_norm })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_seeds_differ_by_step_and_micro_batch() {
+        let seeds: Vec<u64> = (0..4).flat_map(|step| (0..3).map(move |micro| dropout_seed(42, step, micro))).collect();
+        let mut unique = seeds.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seeds.len());
+        assert_ne!(dropout_seed(42, 0, 0), dropout_seed(43, 0, 0));
+    }
+}
