@@ -37,17 +37,6 @@ constexpr unsigned TILE = 1024;
 constexpr unsigned NESTED_BLOCKSIZE = 256;
 constexpr unsigned MAX_THREADS = 256;
 
-// IEEE half as stored (half::f16 on the Rust side); only nf4.cu writes it.
-struct f16 {
-    unsigned short bits;
-};
-
-template <> __device__ __forceinline__ f16 from_f32<f16>(float v) {
-    f16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
-    return r;
-}
-
 // Two values rounded to nearest even and packed as two 16-bit outputs, the first at the lower address.
 template <typename T> __device__ __forceinline__ unsigned pack_pair(float first, float second);
 template <> __device__ __forceinline__ unsigned pack_pair<bf16>(float first, float second) {
