@@ -15,7 +15,7 @@ struct bf16 {
     unsigned short bits;
 };
 
-// IEEE half as stored (half::f16 on the Rust side); only the attention kernels take it so far.
+// IEEE half as stored (half::f16 on the Rust side); the attention kernels read it, NF4 dequantization writes it.
 struct f16 {
     unsigned short bits;
 };

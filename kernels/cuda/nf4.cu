@@ -1,10 +1,16 @@
-// Twin of kernels/src/nf4.rs's dequantization: NF4 codes × block absmax (bitsandbytes' kDequantizeBlockwise), and
-// the rebuild of a double-quantized absmax (dequantize_blockwise + offset). Products flush subnormals, as bnb's
-// --use_fast_math kernels and the CPU code do, and are rounded on their own (__fmul_rn, __fadd_rn: no fused
-// multiply-add), so results are the CPU's to the bit.
+// Twin of kernels/src/nf4/dequantize.rs: NF4 codes × block absmax (bitsandbytes' kDequantizeBlockwise), with the
+// double-quantized absmax rebuilt in the same pass (kernels/src/nf4/nested.rs dequantize_absmax_nested, then + offset).
+// Products flush subnormals, as bnb's --use_fast_math kernels and the CPU code do, and every multiply and add is
+// rounded on its own (__fmul_rn, __fadd_rn: no fused multiply-add), so results are the CPU's to the bit.
+//
+// Memory-bound: 0.5 byte read per element against 2 (bf16) or 4 (f32) written, so the design is about moving bytes
+// (kernels/NOTES.md): each lane loads 16 packed bytes (32 elements) at once, its warp re-reads the 512 bytes from
+// shared memory in store order so that every 16-byte store of the warp covers 512 contiguous bytes, each block's
+// absmax is read (or rebuilt) by one lane and shuffled to the lanes that need it, and the code tables sit in shared
+// memory, where 16 distinct indices hit 16 distinct banks.
 #include "common.cuh"
 
-// nf4.rs NF4_CODE: bitsandbytes' 16 NF4 values, index = the 4-bit code. Each literal is the shortest decimal of its
+// nf4/mod.rs NF4_CODE: bitsandbytes' 16 NF4 values, index = the 4-bit code. Each literal is the shortest decimal of its
 // f32 value; a unit test (kernels/src/cuda/nf4.rs) checks the table against the Rust constant bit for bit.
 __constant__ float NF4_CODE[16] = {
     -1.0f,
@@ -25,21 +31,148 @@ __constant__ float NF4_CODE[16] = {
     1.0f,
 };
 
-// packed: [(n + 1) / 2] u8 (high nibble = even element), absmax: [ceil(n / blocksize)] f32 → out: [n]
-template <typename T> __device__ void dequantize_nf4(const unsigned char* packed, const float* absmax, T* out, u64 n, unsigned blocksize) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) {
-        const unsigned char byte = packed[i / 2];
-        const unsigned q = (i % 2 == 0) ? (byte >> 4) : (byte & 0x0F);
-        out[i] = from_f32<T>(flush_subnormal(__fmul_rn(NF4_CODE[q], absmax[i / blocksize])));
+// Elements a warp dequantizes per step of the vector path: 32 lanes × 16 packed bytes × 2 nibbles. The launcher
+// (kernels/src/cuda/nf4.rs TILE) hands the kernel a multiple of it.
+constexpr unsigned TILE = 1024;
+constexpr unsigned NESTED_BLOCKSIZE = 256;
+constexpr unsigned MAX_THREADS = 256;
+
+// Two values rounded to nearest even and packed as two 16-bit outputs, the first at the lower address.
+template <typename T> __device__ __forceinline__ unsigned pack_pair(float first, float second);
+template <> __device__ __forceinline__ unsigned pack_pair<bf16>(float first, float second) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+    return r;
+}
+template <> __device__ __forceinline__ unsigned pack_pair<f16>(float first, float second) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+    return r;
+}
+
+// Nibble k of packed bytes read little-endian: byte k / 2, its high nibble for even k (FORMATS.md).
+__device__ __forceinline__ unsigned nibble(unsigned bits, unsigned k) {
+    return (bits >> (8 * (k / 2) + 4 * (1 - k % 2))) & 15;
+}
+
+// nf4/dequantize.rs: ftz(NF4_CODE[q] · absmax), one rounding.
+__device__ __forceinline__ float dequantize_one(const float* code, unsigned q, float absmax) {
+    return flush_subnormal(__fmul_rn(code[q], absmax));
+}
+
+// 16 bytes of output from the nibbles in `bits`: 4 f32 from 16 bits.
+__device__ __forceinline__ void store16(float* out, unsigned bits, float absmax, const float* code) {
+    float4 v;
+    v.x = dequantize_one(code, nibble(bits, 0), absmax);
+    v.y = dequantize_one(code, nibble(bits, 1), absmax);
+    v.z = dequantize_one(code, nibble(bits, 2), absmax);
+    v.w = dequantize_one(code, nibble(bits, 3), absmax);
+    *reinterpret_cast<float4*>(out) = v;
+}
+
+// 16 bytes of output from the nibbles in `bits`: 8 bf16 or f16 from 32 bits.
+template <typename T> __device__ __forceinline__ void store16(T* out, unsigned bits, float absmax, const float* code) {
+    float v[8];
+#pragma unroll
+    for (unsigned k = 0; k < 8; ++k) v[k] = dequantize_one(code, nibble(bits, k), absmax);
+    uint4 packed;
+    packed.x = pack_pair<T>(v[0], v[1]);
+    packed.y = pack_pair<T>(v[2], v[3]);
+    packed.z = pack_pair<T>(v[4], v[5]);
+    packed.w = pack_pair<T>(v[6], v[7]);
+    *reinterpret_cast<uint4*>(out) = packed;
+}
+
+// One f32 absmax per block, as stored.
+struct Absmax {
+    const float* __restrict__ absmax;
+    __device__ void stage() {}
+    __device__ float operator()(u64 block) const { return absmax[block]; }
+};
+
+// A double-quantized absmax: block b's is ftz(code2[qabsmax[b]] · absmax2[b / 256]) + offset, each step rounded on
+// its own (nested.rs dequantize_absmax_nested). code2 is copied to shared memory first ([`stage`]), since the bytes
+// of a warp's blocks index it divergently.
+struct NestedAbsmax {
+    const unsigned char* __restrict__ qabsmax;
+    const float* __restrict__ absmax2;
+    const float* code2;
+    float offset;
+    // Every thread of the block calls it before the block's __syncthreads.
+    __device__ void stage() {
+        __shared__ float staged[256];
+        for (unsigned i = threadIdx.x; i < 256; i += blockDim.x) staged[i] = code2[i];
+        code2 = staged;
+    }
+    __device__ float operator()(u64 block) const {
+        return __fadd_rn(flush_subnormal(__fmul_rn(code2[qabsmax[block]], absmax2[block / NESTED_BLOCKSIZE])), offset);
+    }
+};
+
+// packed: [(n + 1) / 2] u8, scales: one absmax per 2^log2_blocksize elements → out: [n]. Elements below n_vec (a
+// multiple of TILE, 0 unless packed and out are 16-byte aligned) take the vector path, one warp per tile of a
+// grid-stride loop; the rest, one thread per element. Blocks of at most MAX_THREADS threads, a multiple of 32.
+template <typename T, typename Scales>
+__device__ void dequantize_nf4(const unsigned char* __restrict__ packed, Scales scales, T* __restrict__ out, u64 n,
+                               u64 n_vec, unsigned log2_blocksize) {
+    constexpr unsigned VALS = 16 / sizeof(T);  // outputs per 16-byte store
+    __shared__ float code[16];
+    // Each lane's 16 packed bytes, as 32-bit words (the type the uint4 stores and the reads both access).
+    __shared__ __align__(16) unsigned staged[4 * MAX_THREADS];
+    if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+    scales.stage();
+    __syncthreads();
+
+    const unsigned lane = threadIdx.x % 32;
+    // Blocks a tile touches: lane l holds block l of the tile (blocksize ≥ 32, so never more than 32).
+    const unsigned tile_blocks = log2_blocksize >= 10 ? 1 : TILE >> log2_blocksize;
+    const unsigned* warp_staged = staged + 4 * (threadIdx.x - lane);
+    for (u64 tile = thread_index() / 32; tile < n_vec / TILE; tile += thread_count() / 32) {
+        const u64 first = tile * TILE;
+        // Lanes past the tile's blocks repeat its last one: without a branch, the scale's reads (two dependent ones
+        // when nested) are issued beside the packed bytes' instead of after them.
+        const uint4 bytes = reinterpret_cast<const uint4*>(packed + first / 2)[lane];
+        const float lane_absmax = scales((first >> log2_blocksize) + min(lane, tile_blocks - 1));
+        reinterpret_cast<uint4*>(staged)[threadIdx.x] = bytes;
+        __syncwarp();
+#pragma unroll
+        for (unsigned s = 0; s < 32 / VALS; ++s) {
+            // Step s: lane l writes the tile's (32·s + l)-th run of VALS elements, so the warp's stores are contiguous.
+            const unsigned run = 32 * s + lane;
+            const float absmax = __shfl_sync(0xffffffffu, lane_absmax, (run * VALS) >> log2_blocksize);
+            // The run's 4 (bf16, f16) or 2 (f32) packed bytes.
+            const unsigned bits = VALS == 8 ? warp_staged[run] : warp_staged[run / 2] >> (16 * (run % 2));
+            store16(out + first + run * VALS, bits, absmax, code);
+        }
+        __syncwarp();  // the warp's staged bytes are read before the next tile overwrites them
+    }
+    for (u64 i = n_vec + thread_index(); i < n; i += thread_count()) {
+        const unsigned byte = packed[i / 2];
+        out[i] = from_f32<T>(dequantize_one(code, i % 2 == 0 ? byte >> 4 : byte & 15, scales(i >> log2_blocksize)));
     }
 }
 
 // qlora-rt: hot
-extern "C" __global__ void dequantize_nf4_f32(const unsigned char* packed, const float* absmax, float* out, u64 n, unsigned blocksize) {
-    dequantize_nf4(packed, absmax, out, n, blocksize);
+extern "C" __global__ void dequantize_nf4_f32(const unsigned char* packed, const float* absmax, float* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, Absmax{absmax}, out, n, n_vec, log2_blocksize);
 }
-extern "C" __global__ void dequantize_nf4_bf16(const unsigned char* packed, const float* absmax, bf16* out, u64 n, unsigned blocksize) {
-    dequantize_nf4(packed, absmax, out, n, blocksize);
+extern "C" __global__ void dequantize_nf4_bf16(const unsigned char* packed, const float* absmax, bf16* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, Absmax{absmax}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_f16(const unsigned char* packed, const float* absmax, f16* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, Absmax{absmax}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_nested_f32(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2,
+                                                     float offset, float* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, NestedAbsmax{qabsmax, absmax2, code2, offset}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_nested_bf16(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2,
+                                                      float offset, bf16* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, NestedAbsmax{qabsmax, absmax2, code2, offset}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_nested_f16(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2,
+                                                     float offset, f16* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, NestedAbsmax{qabsmax, absmax2, code2, offset}, out, n, n_vec, log2_blocksize);
 }
 
 // qabsmax: [nb] u8, absmax2: [ceil(nb / 256)] f32, code2: [256] f32 → out: [nb] f32 = ftz(code2[q]·absmax2) + offset

@@ -4,10 +4,10 @@
 //! the quantization state beside the packed bytes and turns it back into a tensor. A weight moved to a GPU keeps
 //! its host state and gains a device copy of it ([`DeviceNf4`]), uploaded once; it then dequantizes on the GPU.
 
-use crate::cuda::{buf, cuda_device, output};
+use crate::cuda::{buf, buffer_mut, cuda_device, output, CudaElement};
 use crate::{DType, Device, Error, Result, Tensor};
 use half::{bf16, f16};
-use qlora_kernels::cuda::nf4 as gnf4;
+use qlora_kernels::cuda::{nf4 as gnf4, DeviceBuffer};
 use qlora_kernels::nf4::{self, NestedAbsmax, DYNAMIC_MAP_SIGNED, NF4_CODE};
 use std::sync::Arc;
 
@@ -67,7 +67,7 @@ pub struct DeviceNf4 {
 #[derive(Clone, Debug)]
 enum DeviceAbsmax {
     F32(Tensor),
-    /// Rebuilt to f32 on the device at each dequantization, as bitsandbytes does.
+    /// Rebuilt to f32 by each dequantization launch, per block, in the dequantization kernel itself.
     Nested(Box<DeviceNested>),
 }
 
@@ -112,39 +112,55 @@ impl DeviceNf4 {
         Ok(DeviceNf4 { packed: up(vec_u8(&w.packed)?)?, absmax })
     }
 
-    /// w: [out, in] in `dtype` (f32 or bf16), dequantized on the device: bit-identical to the CPU's.
+    /// The scales as the dequantization kernel takes them (a double-quantized absmax is rebuilt inside it).
+    fn scales(&self) -> gnf4::Nf4Scales<'_> {
+        match &self.absmax {
+            DeviceAbsmax::F32(a) => gnf4::Nf4Scales::Absmax(buf(a)),
+            DeviceAbsmax::Nested(nested) => {
+                let DeviceNested { q, absmax2, offset, code } = &**nested;
+                gnf4::Nf4Scales::Nested { qabsmax: buf(q), absmax2: buf(absmax2), code2: buf(code), offset: *offset }
+            }
+        }
+    }
+
+    /// w → out[..out·in] on the device, in one launch: bit-identical to the CPU's dequantization.
+    fn launch<T: gnf4::Nf4Output>(&self, w: &Nf4Weight, out: &mut DeviceBuffer<T>) -> Result<()> {
+        gnf4::dequantize_nf4_into(buf(&self.packed), self.scales(), w.blocksize, w.elem_count(), out, 0)
+            .map_err(Error::cuda("nf4 dequantize"))
+    }
+
+    /// w: [out, in] in `dtype` (f32, bf16 or f16), dequantized on the device.
     fn dequantize(&self, w: &Nf4Weight, dtype: DType) -> Result<Tensor> {
+        fn go<T: gnf4::Nf4Output + CudaElement>(d: &DeviceNf4, w: &Nf4Weight, ordinal: usize) -> Result<Tensor> {
+            let mut out = cuda_device(ordinal)?.alloc::<T>(w.elem_count()).map_err(Error::cuda(OP))?;
+            d.launch(w, &mut out)?;
+            Ok(output(out, &w.shape))
+        }
         const OP: &str = "nf4 dequantize";
         let device = self.packed.device();
         let Device::Cuda(ordinal) = device else {
             return Err(Error::invalid(OP, "the device copy of an NF4 weight is on the CPU"));
         };
-        let dev = cuda_device(ordinal)?;
-        let absmax = match &self.absmax {
-            DeviceAbsmax::F32(a) => a.clone(),
-            DeviceAbsmax::Nested(nested) => {
-                let DeviceNested { q, absmax2, offset, code } = &**nested;
-                let mut out = dev.alloc::<f32>(q.elem_count()).map_err(Error::cuda(OP))?;
-                gnf4::dequantize_absmax_nested(buf(q), buf(absmax2), *offset, buf(code), &mut out)
-                    .map_err(Error::cuda(OP))?;
-                output(out, &[q.elem_count()])
-            }
-        };
-        let n = w.elem_count();
         match dtype {
-            DType::F32 => {
-                let mut out = dev.alloc::<f32>(n).map_err(Error::cuda(OP))?;
-                gnf4::dequantize_nf4(buf(&self.packed), buf(&absmax), w.blocksize, &mut out)
-                    .map_err(Error::cuda(OP))?;
-                Ok(output(out, &w.shape))
-            }
-            DType::BF16 => {
-                let mut out = dev.alloc::<bf16>(n).map_err(Error::cuda(OP))?;
-                gnf4::dequantize_nf4(buf(&self.packed), buf(&absmax), w.blocksize, &mut out)
-                    .map_err(Error::cuda(OP))?;
-                Ok(output(out, &w.shape))
-            }
-            _ => Err(Error::Unsupported { op: OP, device, why: "CUDA dequantizes NF4 to f32 or bf16 only" }),
+            DType::F32 => go::<f32>(self, w, ordinal),
+            DType::BF16 => go::<bf16>(self, w, ordinal),
+            DType::F16 => go::<f16>(self, w, ordinal),
+            _ => Err(Error::Unsupported { op: OP, device, why: "CUDA dequantizes NF4 to f32, bf16 or f16" }),
+        }
+    }
+
+    /// w → scratch[..out·in] (scratch on this device, at least that long), in scratch's dtype.
+    fn dequantize_into(&self, w: &Nf4Weight, scratch: &mut Tensor) -> Result<()> {
+        const OP: &str = "nf4 dequantize_into";
+        match scratch.dtype() {
+            DType::F32 => self.launch(w, buffer_mut::<f32>(OP, scratch)?),
+            DType::BF16 => self.launch(w, buffer_mut::<bf16>(OP, scratch)?),
+            DType::F16 => self.launch(w, buffer_mut::<f16>(OP, scratch)?),
+            _ => Err(Error::Unsupported {
+                op: OP,
+                device: scratch.device(),
+                why: "CUDA dequantizes NF4 to f32, bf16 or f16",
+            }),
         }
     }
 }
@@ -237,6 +253,39 @@ impl Nf4Weight {
         }
     }
 
+    /// The weight dequantized into the first out·in elements of `scratch` and returned as an [out, in] view of
+    /// them: a step dequantizes each weight into one scratch buffer (any shape, at least as many elements as the
+    /// largest weight, of the dtype to compute in, on the weight's device) instead of allocating per weight. The
+    /// values are [`Nf4Weight::dequantize`]'s to the bit; the rest of `scratch` is left as it was. Copy-on-write
+    /// holds: while a view from an earlier call (one saved for backward, say) shares scratch's storage, scratch is
+    /// copied before the write and that view keeps its values.
+    pub fn dequantize_into(&self, scratch: &mut Tensor) -> Result<Tensor> {
+        const OP: &str = "nf4 dequantize_into";
+        let n = self.elem_count();
+        if scratch.elem_count() < n {
+            return Err(Error::shape(
+                OP,
+                format!("scratch of {} elements for a weight of {:?}", scratch.elem_count(), self.shape),
+            ));
+        }
+        if scratch.device() != self.device() {
+            return Err(Error::DeviceMismatch { op: OP, a: self.device(), b: scratch.device() });
+        }
+        if let Some(d) = &self.device {
+            d.dequantize_into(self, scratch)?;
+        } else {
+            let absmax = self.absmax.resolve();
+            let (packed, bs) = (&self.packed, self.blocksize);
+            match scratch.dtype() {
+                DType::F32 => scratch.update::<f32>(|s| nf4::dequantize_nf4(packed, &absmax, bs, &mut s[..n]))?,
+                DType::BF16 => scratch.update::<bf16>(|s| nf4::dequantize_nf4(packed, &absmax, bs, &mut s[..n]))?,
+                DType::F16 => scratch.update::<f16>(|s| nf4::dequantize_nf4(packed, &absmax, bs, &mut s[..n]))?,
+                other => return Err(Error::DType { op: OP, expected: DType::BF16, got: other }),
+            }
+        }
+        scratch.reshape(&[scratch.elem_count()])?.narrow(0, 0, n)?.reshape(&self.shape)
+    }
+
     /// Bytes held: packed nibbles plus scales.
     pub fn size_in_bytes(&self) -> usize {
         self.packed.len() + self.absmax.size_in_bytes()
@@ -327,5 +376,27 @@ mod tests {
         }
         assert!(Nf4Weight::quantize(&w, 48, false).is_err());
         assert!(Nf4Weight::quantize(&Tensor::zeros(&[4], DType::F32), 64, false).is_err());
+    }
+
+    #[test]
+    fn dequantize_into_reuses_one_scratch_and_keeps_earlier_views() {
+        let mut rng = Rng::new(2);
+        let big = Nf4Weight::quantize(&Tensor::randn(&[48, 96], 0.02, DType::F32, &mut rng), 64, true).unwrap();
+        let small = Nf4Weight::quantize(&Tensor::randn(&[7, 33], 0.02, DType::F32, &mut rng), 32, false).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let mut scratch = Tensor::full(&[48 * 96 + 5], 9.0, dtype);
+            let w = big.dequantize_into(&mut scratch).unwrap();
+            assert_eq!((w.shape(), w.dtype()), (&[48, 96][..], dtype));
+            assert_eq!(w.to_vec::<f64>(), big.dequantize(dtype).unwrap().to_vec::<f64>(), "{dtype:?}");
+            assert_eq!(scratch.to_vec::<f64>()[48 * 96..], [9.0; 5], "the tail is left alone");
+            // The big weight's view is still alive: the next write goes to a copy, so the view keeps its values.
+            let v = small.dequantize_into(&mut scratch).unwrap();
+            assert_eq!(v.to_vec::<f64>(), small.dequantize(dtype).unwrap().to_vec::<f64>());
+            assert_eq!(w.to_vec::<f64>(), big.dequantize(dtype).unwrap().to_vec::<f64>());
+            assert!(v.shares_storage(&scratch) && !w.shares_storage(&scratch));
+        }
+        let mut short = Tensor::zeros(&[48 * 96 - 1], DType::F32);
+        assert!(big.dequantize_into(&mut short).unwrap_err().to_string().contains("scratch of"));
+        assert!(big.dequantize_into(&mut Tensor::zeros(&[48 * 96], DType::I32)).is_err());
     }
 }

@@ -33,6 +33,8 @@ struct Inner {
     ordinal: usize,
     name: String,
     capability: (u32, u32),
+    /// Threads resident at once: multiprocessors × threads per multiprocessor.
+    resident_threads: usize,
     target: Target,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -77,6 +79,9 @@ impl CudaDevice {
         let name = ctx.name().map_err(Error::driver("cuDeviceGetName"))?;
         let (major, minor) = ctx.compute_capability().map_err(Error::driver("cuDeviceGetAttribute"))?;
         let (major, minor) = (major as u32, minor as u32);
+        let attribute = |a| ctx.attribute(a).map_err(Error::driver("cuDeviceGetAttribute"));
+        let resident_threads = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize
+            * attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)? as usize;
         let target = Target::for_gpu(major, minor, &compile::supported_archs()?)
             .ok_or_else(|| Error::UnsupportedGpu { ordinal, name: name.clone(), major, minor })?;
         let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
@@ -86,6 +91,7 @@ impl CudaDevice {
                 ordinal,
                 name,
                 capability: (major, minor),
+                resident_threads,
                 target,
                 ctx,
                 stream,
@@ -108,6 +114,12 @@ impl CudaDevice {
 
     pub fn compute_capability(&self) -> (u32, u32) {
         self.inner.capability
+    }
+
+    /// Threads the GPU holds at once (132 multiprocessors × 2048 on an H100 SXM or H200): one wave of a grid-stride
+    /// kernel whose blocks all fit.
+    pub fn resident_threads(&self) -> usize {
+        self.inner.resident_threads
     }
 
     /// What the kernels are compiled for on this device (`sm_90a` on Hopper).

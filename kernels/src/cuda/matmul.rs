@@ -6,6 +6,10 @@
 //! C = op(A)·op(B) is computed as Cᵀ = op(B)ᵀ·op(A)ᵀ: B is cuBLASLt's A, A its B, and the shapes swap m and n.
 //! The k == 0 and alpha == 0 products, which cuBLASLt does not take and which read neither A nor B, scale C with
 //! `kernels/cuda/matmul.cu` instead.
+//!
+//! Plans: the descriptors of a product and the algorithm cuBLASLt's heuristic picks for it are made once per shape,
+//! layout, type and operand alignment and kept by the device's [`BlasLt`], so a training step, which repeats the same
+//! few dozen products, pays one `cublasLtMatmul` call per GEMM ([`plan_count`] reports them).
 
 use super::alloc::Block;
 use super::source::Module;
@@ -14,6 +18,7 @@ use crate::matmul::Gemm;
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
 use cudarc::driver::PushKernelArg;
+use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::c_void;
 use std::sync::Mutex;
 
@@ -66,6 +71,12 @@ pub fn matmul<T: GpuFloat>(g: &Gemm, a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, c
     }
 }
 
+/// Products planned on `dev` so far: descriptors and algorithms cached, each reused by every later product of the same
+/// shape, layout, type and alignment (a repeated product adds none). Makes the device's cuBLASLt handle if needed.
+pub fn plan_count(dev: &CudaDevice) -> Result<usize> {
+    Ok(dev.blas_lt()?.plan_count())
+}
+
 /// `(batch − 1)·stride + size`, asserted to fit in `len`, as the CPU twin asserts it.
 fn required_len(what: &str, batch: usize, stride: usize, size: Option<usize>, len: usize) -> usize {
     let need = size.and_then(|s| stride.checked_mul(batch - 1).and_then(|o| o.checked_add(s)));
@@ -115,20 +126,118 @@ struct Product {
     stride_c: usize,
 }
 
-/// A device's cuBLASLt handle and workspace, made on its first GEMM and kept while the device is open (for the
-/// process: devices are never closed, so neither is released).
+/// A device's cuBLASLt handle, workspace and plans, made on its first GEMM and kept while the device is open (for the
+/// process: devices are never closed, so the handle is never released; the plans' descriptors are, when this drops).
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: Block,
-    /// cuBLASLt does not promise that one handle takes concurrent calls, and the workspace is shared; a call only
-    /// enqueues work, so holding this across it costs microseconds.
-    calls: Mutex<()>,
+    /// The plan of every product seen so far, so that a repeated one costs one `cublasLtMatmul` call and no
+    /// descriptor or heuristic work. The lock also serialises the calls: cuBLASLt does not promise that one handle
+    /// takes concurrent ones, and the workspace is shared; a call only enqueues work, so it is held for microseconds.
+    plans: Mutex<HashMap<PlanKey, Plan>>,
 }
 
-// SAFETY: the handle is an opaque pointer that cuBLASLt allows to be used from any thread; `calls` serialises its
-// use, and the workspace is device memory used only in stream order.
+// SAFETY: the handle and the plans' descriptors are opaque pointers to host objects that cuBLASLt allows to be used
+// from any thread; `plans` serialises every use of them, and the workspace is device memory used only in stream
+// order.
 unsafe impl Send for BlasLt {}
 unsafe impl Sync for BlasLt {}
+
+/// Plans kept at most; past it the cache starts over (a process sees a few dozen shapes per model, so only a run
+/// whose shapes never repeat gets here, and it would gain nothing from keeping them).
+const MAX_PLANS: usize = 1024;
+
+/// Everything a plan depends on. cuBLASLt's descriptors and heuristic see the shapes, layouts, type and alignments,
+/// never alpha or beta (arguments of the call alone; alpha == 0 does not even reach cuBLASLt), so those are not part
+/// of it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    ty: sys::cudaDataType_t,
+    m: u64,
+    n: u64,
+    k: u64,
+    batch: usize,
+    trans_a: bool,
+    trans_b: bool,
+    /// Batch strides in elements, 0 when batch == 1 (unused then).
+    stride_a: usize,
+    stride_b: usize,
+    stride_c: usize,
+    /// The alignment the heuristic is told for each operand ([`alignment`]): an algorithm chosen for a better
+    /// aligned address could fault on this one.
+    align_a: u32,
+    align_b: u32,
+    align_c: u32,
+}
+
+impl PlanKey {
+    fn new<T: GpuFloat>(p: &Product) -> PlanKey {
+        let g = &p.g;
+        let batched = p.batch > 1;
+        let stride = |s: usize| if batched { s } else { 0 };
+        let bytes = size_of::<T>();
+        PlanKey {
+            ty: T::blas_type(),
+            m: g.m as u64,
+            n: g.n as u64,
+            k: g.k as u64,
+            batch: p.batch,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            stride_a: stride(g.stride_a),
+            stride_b: stride(g.stride_b),
+            stride_c: stride(p.stride_c),
+            align_a: alignment(p.a, stride(g.stride_a) * bytes),
+            align_b: alignment(p.b, stride(g.stride_b) * bytes),
+            align_c: alignment(p.c, stride(p.stride_c) * bytes),
+        }
+    }
+}
+
+/// The largest power of two up to 256 (cuBLASLt's default assumption) dividing an address and a batch stride.
+fn alignment(ptr: u64, stride_bytes: usize) -> u32 {
+    1u32 << (ptr | stride_bytes as u64 | 256).trailing_zeros()
+}
+
+/// One product's descriptors and the algorithm the heuristic chose for them; None when it found none (remembered,
+/// so that the entry-by-entry fallback of a batch it cannot take does not ask again).
+struct Plan {
+    desc: Desc,
+    /// cuBLASLt's A (our B), its B (our A), and C = D.
+    la: Layout,
+    lb: Layout,
+    lc: Layout,
+    algo: Option<sys::cublasLtMatmulAlgo_t>,
+}
+
+impl Plan {
+    /// Descriptors and heuristic for `key`; the device's context must be current.
+    fn new(handle: sys::cublasLtHandle_t, workspace: usize, key: &PlanKey) -> Result<Plan> {
+        let (m, n, k) = (key.m, key.n, key.k);
+        // cuBLASLt's A is our B, [n, k] after its op; its B is our A, [k, m] after its op; its C and D are our C.
+        let (b_rows, b_cols) = if key.trans_b { (k, n) } else { (n, k) };
+        let (a_rows, a_cols) = if key.trans_a { (m, k) } else { (k, m) };
+        let la = Layout::new(key.ty, b_rows, b_cols, key.batch, key.stride_b)?;
+        let lb = Layout::new(key.ty, a_rows, a_cols, key.batch, key.stride_a)?;
+        let lc = Layout::new(key.ty, n, m, key.batch, key.stride_c)?;
+        let desc = Desc::new(key.trans_b, key.trans_a)?;
+        let pref = Pref::new(workspace)?;
+        use sys::cublasLtMatmulPreferenceAttributes_t as Attr;
+        pref.set(Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_b)?;
+        pref.set(Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_a)?;
+        pref.set(Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_c)?;
+        pref.set(Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_c)?;
+        // SAFETY: every descriptor is live (the layouts and desc are owned by the plan, pref until the end of this
+        // function); the heuristic is told the true alignment of each pointer and batch stride, so the algorithm
+        // it picks is valid for every product with this key.
+        let algo = match unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) } {
+            Ok(heuristic) => Some(heuristic.algo),
+            Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => None,
+            Err(e) => return Err(Error::cublas("cublasLtMatmulAlgoGetHeuristic")(e)),
+        };
+        Ok(Plan { desc, la, lb, lc, algo })
+    }
+}
 
 impl BlasLt {
     /// NVIDIA's recommended workspace: 32 MiB on Hopper, 4 MiB before it.
@@ -148,72 +257,59 @@ impl BlasLt {
         dev.bind()?;
         let handle = lt::create_handle().map_err(Error::cublas("cublasLtCreate"))?;
         let workspace = dev.allocator().allocate(Self::workspace_bytes(dev))?;
-        Ok(BlasLt { handle, workspace, calls: Mutex::new(()) })
+        Ok(BlasLt { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
     fn run<T: GpuFloat>(&self, dev: &CudaDevice, p: &Product) -> Result<()> {
-        let g = &p.g;
-        let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
-        let ty = T::blas_type();
-        let bytes = size_of::<T>() as u64;
-        // cuBLASLt's A is our B, [n, k] after its op; its B is our A, [k, m] after its op; its C and D are our C.
-        let (b_rows, b_cols) = if g.trans_b { (k, n) } else { (n, k) };
-        let (a_rows, a_cols) = if g.trans_a { (m, k) } else { (k, m) };
-        let batched = p.batch > 1;
-        let lb = Layout::new(ty, b_rows, b_cols, p.batch, g.stride_b)?;
-        let la = Layout::new(ty, a_rows, a_cols, p.batch, g.stride_a)?;
-        let lc = Layout::new(ty, n, m, p.batch, p.stride_c)?;
-        let desc = Desc::new(g.trans_b, g.trans_a)?;
-        let pref = Pref::new(self.workspace.size)?;
-        let stride_bytes = |s: usize| if batched { s as u64 * bytes } else { 0 };
-        pref.min_alignment(
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-            p.b,
-            stride_bytes(g.stride_b),
-        )?;
-        pref.min_alignment(
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-            p.a,
-            stride_bytes(g.stride_a),
-        )?;
-        for attr in [
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-        ] {
-            pref.min_alignment(attr, p.c, stride_bytes(p.stride_c))?;
-        }
-        let (alpha, beta) = (g.alpha as f32, g.beta as f32);
-        let _serial = self.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = PlanKey::new::<T>(p);
+        let (alpha, beta) = (p.g.alpha as f32, p.g.beta as f32);
+        let mut plans = self.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         dev.bind()?;
-        // SAFETY: every descriptor is live (dropped after this block); the heuristic sees the true alignment of each
-        // pointer and batch stride, so the algorithm it picks is valid for them.
-        let heuristic = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, lb.0, la.0, lc.0, lc.0, pref.0) }
-            .map_err(Error::cublas("cublasLtMatmulAlgoGetHeuristic"))?;
-        // SAFETY: the layouts describe exactly the batch entries that `matmul` asserted lie inside a, b and c (device
-        // addresses on this device, whose context is bound); alpha and beta are host f32 (the scale type); C is D,
-        // which cuBLASLt allows for an in-place update, and with beta == 0 it does not read C. The workspace is this
-        // handle's own, used in stream order; the call is enqueued on the device's one stream.
+        if plans.len() >= MAX_PLANS && !plans.contains_key(&key) {
+            plans.clear();
+        }
+        let plan = match plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let plan = Plan::new(self.handle, self.workspace.size, &key)?;
+                e.insert(plan)
+            }
+        };
+        let Some(algo) = &plan.algo else {
+            return Err(Error::cublas("cublasLtMatmulAlgoGetHeuristic")(CublasError(
+                sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+            )));
+        };
+        // SAFETY: the plan's layouts describe exactly the batch entries that `matmul` asserted lie inside a, b and c
+        // (device addresses on this device, whose context is bound), and its algorithm was chosen for their
+        // alignment (part of the key); alpha and beta are host f32 (the scale type); C is D, which cuBLASLt allows
+        // for an in-place update, and with beta == 0 it does not read C. The workspace is this handle's own, used in
+        // stream order; the call is enqueued on the device's one stream.
         unsafe {
             lt::matmul(
                 self.handle,
-                desc.0,
+                plan.desc.0,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
                 p.b as *const c_void,
-                lb.0,
+                plan.la.0,
                 p.a as *const c_void,
-                la.0,
+                plan.lb.0,
                 p.c as *const c_void,
-                lc.0,
+                plan.lc.0,
                 p.c as *mut c_void,
-                lc.0,
-                &heuristic.algo,
+                plan.lc.0,
+                algo,
                 self.workspace.ptr as *mut c_void,
                 self.workspace.size,
                 dev.cu_stream().cast(),
             )
         }
         .map_err(Error::cublas("cublasLtMatmul"))
+    }
+
+    fn plan_count(&self) -> usize {
+        self.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
     }
 }
 
@@ -299,17 +395,6 @@ impl Pref {
         let bytes = workspace as u64;
         pref.set(sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &bytes)?;
         Ok(pref)
-    }
-
-    /// The largest power of two up to 256 (cuBLASLt's default assumption) dividing the address and batch stride.
-    fn min_alignment(
-        &self,
-        attr: sys::cublasLtMatmulPreferenceAttributes_t,
-        ptr: u64,
-        stride_bytes: u64,
-    ) -> Result<()> {
-        let align = 1u32 << (ptr | stride_bytes | 256).trailing_zeros();
-        self.set(attr, &align)
     }
 
     fn set<V>(&self, attr: sys::cublasLtMatmulPreferenceAttributes_t, value: &V) -> Result<()> {

@@ -1,0 +1,28 @@
+//! NF4 dequantization: `kDequantizeBlockwise`, the specification `kernels/cuda/nf4.cu` is tested against.
+
+use super::{assert_blocksize, blocks_per_task, ftz, nf4_num_blocks, nf4_packed_len, WeightElem, NF4_CODE};
+use rayon::prelude::*;
+
+/// `NF4_CODE[q] · absmax` in f32, rounded once to `T`: bnb's `kDequantizeBlockwise` (and `dequantize_4bit` with
+/// `quant_state.dtype = T`). For a double-quantized weight, first rebuild absmax with [`dequantize_absmax_nested`].
+/// packed: [(n + 1) / 2] u8, absmax: [ceil(n / blocksize)] f32 → out: [n] (f32, bf16 or f16).
+pub fn dequantize_nf4<T: WeightElem>(packed: &[u8], absmax: &[f32], blocksize: usize, out: &mut [T]) {
+    assert_blocksize("dequantize_nf4", blocksize, 32);
+    let n = out.len();
+    assert_eq!(packed.len(), nf4_packed_len(n), "dequantize_nf4: packed length vs (n + 1) / 2 for n = {n}");
+    assert_eq!(absmax.len(), nf4_num_blocks(n, blocksize), "dequantize_nf4: absmax length vs blocks for n = {n}");
+    let per_task = blocks_per_task(blocksize);
+    out.par_chunks_mut(per_task * blocksize)
+        .zip(packed.par_chunks(per_task * blocksize / 2))
+        .zip(absmax.par_chunks(per_task))
+        .for_each(|((out, packed), absmax)| {
+            for ((out, packed), &a) in out.chunks_mut(blocksize).zip(packed.chunks(blocksize / 2)).zip(absmax) {
+                for (pair, &byte) in out.chunks_mut(2).zip(packed) {
+                    pair[0] = T::from_f32(ftz(NF4_CODE[(byte >> 4) as usize] * a));
+                    if let Some(second) = pair.get_mut(1) {
+                        *second = T::from_f32(ftz(NF4_CODE[(byte & 0x0F) as usize] * a));
+                    }
+                }
+            }
+        });
+}

@@ -1,0 +1,283 @@
+//! GPU parity of NF4 dequantization (`kernels/cuda/nf4.cu`) with its CPU twin (`qlora_kernels::nf4`), bit for bit, on
+//! random packed bytes and scales: f32, bf16 and f16 outputs; plain and double-quantized absmax; every blocksize;
+//! lengths that exercise the vector path, its tail and odd n; writes into a range of a larger buffer, aligned or not;
+//! and the 14336 × 4096 weight of an 8B model's MLP, which also reports the kernel's bandwidth against a device copy
+//! measured in the same run.
+//!
+//! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
+//! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
+
+use half::{bf16, f16};
+use qlora_kernels::cuda::nf4::{self as gnf4, Nf4Output, Nf4Scales};
+use qlora_kernels::cuda::{CudaDevice, DeviceBuffer, DeviceCopy};
+use qlora_kernels::nf4::{self, WeightElem, DYNAMIC_MAP_SIGNED, NESTED_BLOCKSIZE};
+use qlora_kernels::testing::gpu;
+use qlora_kernels::Rng;
+use std::time::Instant;
+
+/// Lengths around the kernel's vector tile (1024 elements: 32 lanes × 32) and its 16-byte runs, odd ones included,
+/// and one past a whole wave of an H200 (132 × 2048 threads × 32 elements).
+const LENS: [usize; 14] = [1, 2, 7, 31, 32, 33, 1023, 1024, 1025, 2048 + 7, 64 * 37 + 3, 70_001, 1 << 20, 9_000_001];
+const BLOCKSIZES: [usize; 7] = [32, 64, 128, 256, 1024, 2048, 4096];
+
+/// An output type: its CPU twin's element and its bits.
+trait Out: Nf4Output + WeightElem + PartialEq + std::fmt::Debug {
+    const NAME: &'static str;
+    fn bits(self) -> u32;
+}
+
+impl Out for f32 {
+    const NAME: &'static str = "f32";
+    fn bits(self) -> u32 {
+        self.to_bits()
+    }
+}
+
+impl Out for bf16 {
+    const NAME: &'static str = "bf16";
+    fn bits(self) -> u32 {
+        self.to_bits() as u32
+    }
+}
+
+impl Out for f16 {
+    const NAME: &'static str = "f16";
+    fn bits(self) -> u32 {
+        self.to_bits() as u32
+    }
+}
+
+fn upload<T: DeviceCopy>(dev: &CudaDevice, v: &[T]) -> DeviceBuffer<T> {
+    dev.upload(v).expect("upload")
+}
+
+fn bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
+    (0..n).map(|_| rng.below(256) as u8).collect()
+}
+
+/// Block scales of trained weights (about 0.05), with the cases the flush and the rounding must agree on: zero (−0.0
+/// from code 0), subnormal, normal but making subnormal products, negative, and large enough to overflow f16.
+fn absmax(rng: &mut Rng, blocks: usize) -> Vec<f32> {
+    let special = [0.0, 0.75 * f32::MIN_POSITIVE, 3.5 * f32::MIN_POSITIVE, -0.03, 1.0e-6, 7.0e4, 1.0];
+    (0..blocks)
+        .map(|b| if b % 5 == 3 { special[b / 5 % special.len()] } else { (0.05 + 0.01 * rng.normal()) as f32 })
+        .collect()
+}
+
+/// Asserts equal bits, naming the first differing element.
+#[track_caller]
+fn assert_bits<T: Out>(what: &str, got: &[T], want: &[T]) {
+    assert_eq!(got.len(), want.len(), "{what} [{}]: lengths", T::NAME);
+    if let Some(i) = (0..got.len()).find(|&i| got[i].bits() != want[i].bits()) {
+        panic!(
+            "{what} [{}]: element {i}: GPU {:?} ({:#x}) vs CPU {:?} ({:#x})",
+            T::NAME,
+            got[i],
+            got[i].bits(),
+            want[i],
+            want[i].bits()
+        );
+    }
+}
+
+/// The CPU twin: out[..n] from packed and a resolved absmax.
+fn cpu<T: Out>(packed: &[u8], absmax: &[f32], blocksize: usize, n: usize) -> Vec<T> {
+    let mut out = vec![T::from_f32(f32::NAN); n];
+    nf4::dequantize_nf4(packed, absmax, blocksize, &mut out);
+    out
+}
+
+/// A weight's inputs on both sides: packed bytes, and either plain or nested scales with the absmax they resolve to.
+struct Case {
+    n: usize,
+    blocksize: usize,
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    nested: Option<Nested>,
+}
+
+struct Nested {
+    q: Vec<u8>,
+    absmax2: Vec<f32>,
+    code2: Vec<f32>,
+    offset: f32,
+}
+
+impl Case {
+    fn new(rng: &mut Rng, n: usize, blocksize: usize, nested: bool) -> Case {
+        let packed = bytes(rng, nf4::nf4_packed_len(n));
+        let blocks = nf4::nf4_num_blocks(n, blocksize);
+        if !nested {
+            return Case { n, blocksize, packed, absmax: absmax(rng, blocks), nested: None };
+        }
+        // The checkpoint's nested map is usually bnb's, but any 256 values must work: every other case uses random
+        // ones. absmax2 mixes magnitudes so that some products are subnormal and flush; offset 0 keeps them visible.
+        let code2 =
+            if n % 2 == 0 { DYNAMIC_MAP_SIGNED.to_vec() } else { (0..256).map(|_| rng.normal() as f32).collect() };
+        let absmax2 = absmax(rng, blocks.div_ceil(NESTED_BLOCKSIZE));
+        let offset = if n % 3 == 0 { 0.0 } else { 0.05 };
+        let nested = Nested { q: bytes(rng, blocks), absmax2, code2, offset };
+        let mut resolved = vec![0.0f32; blocks];
+        nf4::dequantize_absmax_nested(&nested.q, &nested.absmax2, offset, &nested.code2, &mut resolved);
+        Case { n, blocksize, packed, absmax: resolved, nested: Some(nested) }
+    }
+
+    fn what(&self) -> String {
+        format!("n {} blocksize {}{}", self.n, self.blocksize, if self.nested.is_some() { " nested" } else { "" })
+    }
+
+    /// Runs the GPU kernel into out[start..start + n] of a NaN-filled buffer of `len`; returns the whole buffer.
+    fn gpu<T: Out>(&self, dev: &CudaDevice, len: usize, start: usize) -> Vec<T> {
+        let packed = upload(dev, &self.packed);
+        let mut out = upload(dev, &vec![T::from_f32(f32::NAN); len]);
+        match &self.nested {
+            None => {
+                let absmax = upload(dev, &self.absmax);
+                if start == 0 && len == self.n {
+                    gnf4::dequantize_nf4(&packed, &absmax, self.blocksize, &mut out).unwrap();
+                } else {
+                    let scales = Nf4Scales::Absmax(&absmax);
+                    gnf4::dequantize_nf4_into(&packed, scales, self.blocksize, self.n, &mut out, start).unwrap();
+                }
+            }
+            Some(nested) => {
+                let (qabsmax, absmax2, code2) =
+                    (upload(dev, &nested.q), upload(dev, &nested.absmax2), upload(dev, &nested.code2));
+                let scales =
+                    Nf4Scales::Nested { qabsmax: &qabsmax, absmax2: &absmax2, code2: &code2, offset: nested.offset };
+                gnf4::dequantize_nf4_into(&packed, scales, self.blocksize, self.n, &mut out, start).unwrap();
+            }
+        }
+        out.to_vec().unwrap()
+    }
+
+    fn check<T: Out>(&self, dev: &CudaDevice) {
+        let want = cpu::<T>(&self.packed, &self.absmax, self.blocksize, self.n);
+        assert_bits(&self.what(), &self.gpu::<T>(dev, self.n, 0), &want);
+    }
+}
+
+#[test]
+fn dequantize_nf4_matches_cpu_bit_for_bit() {
+    let Some(dev) = gpu("dequantize_nf4_matches_cpu_bit_for_bit") else { return };
+    let mut rng = Rng::new(41);
+    for n in LENS {
+        for blocksize in BLOCKSIZES {
+            let case = Case::new(&mut rng, n, blocksize, false);
+            case.check::<f32>(&dev);
+            case.check::<bf16>(&dev);
+            case.check::<f16>(&dev);
+        }
+    }
+}
+
+#[test]
+fn nested_absmax_is_rebuilt_in_the_same_launch_bit_for_bit() {
+    let Some(dev) = gpu("nested_absmax_is_rebuilt_in_the_same_launch_bit_for_bit") else { return };
+    let mut rng = Rng::new(42);
+    for n in LENS {
+        for blocksize in BLOCKSIZES {
+            let case = Case::new(&mut rng, n, blocksize, true);
+            case.check::<f32>(&dev);
+            case.check::<bf16>(&dev);
+            case.check::<f16>(&dev);
+        }
+    }
+    // The standalone rebuild stays the CPU's too (its launcher is public).
+    for nb in [1, 255, 600, 4097] {
+        let case = Case::new(&mut rng, nb * 64, 64, true);
+        let nested = case.nested.as_ref().expect("nested case");
+        let mut out = upload(&dev, &vec![f32::NAN; nb]);
+        let (q, a2, code) = (upload(&dev, &nested.q), upload(&dev, &nested.absmax2), upload(&dev, &nested.code2));
+        gnf4::dequantize_absmax_nested(&q, &a2, nested.offset, &code, &mut out).unwrap();
+        assert_bits(&format!("dequantize_absmax_nested nb {nb}"), &out.to_vec().unwrap(), &case.absmax);
+    }
+}
+
+/// Into a range of a larger buffer: starts that keep the 16-byte alignment take the vector path, the others go
+/// element by element; both must write exactly out[start..start + n] and nothing else.
+fn into_case<T: Out>(dev: &CudaDevice, rng: &mut Rng) {
+    let aligned = 16 / size_of::<T>();
+    for (n, blocksize) in [(5000, 64), (4096 + 2, 128), (77, 32), (3 * 1024, 4096)] {
+        for nested in [false, true] {
+            let case = Case::new(rng, n, blocksize, nested);
+            let want = cpu::<T>(&case.packed, &case.absmax, blocksize, n);
+            for start in [0, 1, 3, aligned, 5 * aligned, 1000 * aligned + 1] {
+                let len = start + n + 9;
+                let got = case.gpu::<T>(dev, len, start);
+                let what = format!("into {} start {start}", case.what());
+                assert_bits(&what, &got[start..start + n], &want);
+                let untouched = got[..start].iter().chain(&got[start + n..]).all(|v| v.to_f32().is_nan());
+                assert!(untouched, "{what} [{}]: wrote outside out[start..start + n]", T::NAME);
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_into_writes_exactly_its_range_aligned_or_not() {
+    let Some(dev) = gpu("dequantize_into_writes_exactly_its_range_aligned_or_not") else { return };
+    let mut rng = Rng::new(43);
+    into_case::<f32>(&dev, &mut rng);
+    into_case::<bf16>(&dev, &mut rng);
+    into_case::<f16>(&dev, &mut rng);
+}
+
+/// Seconds per call of `f`: the median of 7 runs that each queue `reps` calls and wait for them (after one untimed call).
+fn median_seconds(dev: &CudaDevice, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    dev.synchronize().unwrap();
+    let mut times: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            (0..reps).for_each(|_| f());
+            dev.synchronize().unwrap();
+            t.elapsed().as_secs_f64() / reps as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+#[test]
+fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
+    let Some(dev) = gpu("llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth") else { return };
+    let mut rng = Rng::new(44);
+    let (n, blocksize) = (14336 * 4096, 64);
+    let case = Case::new(&mut rng, n, blocksize, true);
+    let want = cpu::<bf16>(&case.packed, &case.absmax, blocksize, n);
+    assert_bits(&case.what(), &case.gpu::<bf16>(&dev, n, 0), &want);
+
+    // Bytes moved = read + written, as a copy's are counted: 2 · 117 MB for the bf16 copy.
+    let nested = case.nested.as_ref().expect("nested case");
+    let (packed, absmax) = (upload(&dev, &case.packed), upload(&dev, &case.absmax));
+    let (q, absmax2, code2) = (upload(&dev, &nested.q), upload(&dev, &nested.absmax2), upload(&dev, &nested.code2));
+    let blocks = absmax.len();
+    let mut out16 = dev.alloc::<bf16>(n).unwrap();
+    let mut out32 = dev.alloc::<f32>(n).unwrap();
+    let copy = median_seconds(&dev, 20, || drop(out16.try_clone().unwrap()));
+    let copy_rate = (4 * n) as f64 / copy;
+    let scales = Nf4Scales::Nested { qabsmax: &q, absmax2: &absmax2, code2: &code2, offset: nested.offset };
+    println!("qlora-gpu: {} 14336x4096: device copy {:.0} GB/s", dev.name(), copy_rate / 1e9);
+    for (what, nested, out_bytes) in
+        [("bf16 nested", true, 2), ("bf16 absmax", false, 2), ("f32 nested", true, 4), ("f32 absmax", false, 4)]
+    {
+        let s = median_seconds(&dev, 20, || {
+            let scales = if nested { scales } else { Nf4Scales::Absmax(&absmax) };
+            let r = if out_bytes == 2 {
+                gnf4::dequantize_nf4_into(&packed, scales, blocksize, n, &mut out16, 0)
+            } else {
+                gnf4::dequantize_nf4_into(&packed, scales, blocksize, n, &mut out32, 0)
+            };
+            r.unwrap()
+        });
+        let scale_bytes = if nested { blocks + 4 * blocks.div_ceil(NESTED_BLOCKSIZE) } else { 4 * blocks };
+        let rate = (n / 2 + scale_bytes + out_bytes * n) as f64 / s;
+        println!(
+            "qlora-gpu: dequantize_nf4 {what} 14336x4096: {:.1} us, {:.0} GB/s = {:.0}% of copy",
+            s * 1e6,
+            rate / 1e9,
+            100.0 * rate / copy_rate
+        );
+    }
+}
