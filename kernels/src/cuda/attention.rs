@@ -158,7 +158,7 @@ static FLASH: [Flash; 6] = [
         module: Module::FlashD32,
         forward: ["flash_forward_d32_bf16", "flash_forward_d32_f16"],
         backward: ["flash_backward_d32_bf16", "flash_backward_d32_f16"],
-        fwd: tile(64, 64, 4),
+        fwd: tile(128, 64, 4),
         bwd: tile(64, 64, 4),
     },
     Flash {
@@ -166,7 +166,7 @@ static FLASH: [Flash; 6] = [
         module: Module::FlashD64,
         forward: ["flash_forward_d64_bf16", "flash_forward_d64_f16"],
         backward: ["flash_backward_d64_bf16", "flash_backward_d64_f16"],
-        fwd: tile(64, 64, 4),
+        fwd: tile(128, 64, 4),
         bwd: tile(64, 64, 4),
     },
     Flash {
