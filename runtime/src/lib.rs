@@ -10,14 +10,16 @@ pub mod error;
 pub mod layout;
 pub mod ops;
 pub mod quant;
+pub mod storage;
 pub mod tensor;
 
 mod device;
 
-pub use cuda::{cuda_device, CudaStorage};
+pub use cuda::cuda_device;
 pub use device::Device;
 pub use dtype::{CpuStorage, DType, Element};
 pub use error::{Error, Result};
 pub use layout::Layout;
 pub use qlora_kernels::Rng;
-pub use tensor::{Storage, Tensor};
+pub use storage::{CudaStorage, Storage};
+pub use tensor::Tensor;

@@ -1,36 +1,16 @@
 //! The tensor: a layout over shared, copy-on-write storage.
 
-use crate::cuda::{self, CudaStorage};
+use crate::cuda;
 use crate::dtype::{convert, CpuStorage, Element};
 use crate::layout::Layout;
+// `ops` names the storage by this path.
+use crate::storage::CudaStorage;
+pub(crate) use crate::storage::Storage;
 use crate::{DType, Device, Error, Result};
 use qlora_kernels::Rng;
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-
-/// Where the elements are; every match on it is in this crate.
-#[derive(Debug)]
-pub enum Storage {
-    Cpu(CpuStorage),
-    Cuda(CudaStorage),
-}
-
-impl Storage {
-    pub fn dtype(&self) -> DType {
-        match self {
-            Storage::Cpu(s) => s.dtype(),
-            Storage::Cuda(s) => s.dtype(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Storage::Cpu(s) => s.len(),
-            Storage::Cuda(s) => s.len(),
-        }
-    }
-}
 
 /// Cheap to clone (the storage is shared). Views share storage; writers go through [`Tensor::update`], which
 /// copies first if someone else still holds the storage, so a value saved for backward is never mutated.
