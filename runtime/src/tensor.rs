@@ -3,14 +3,15 @@
 use crate::cuda;
 use crate::dtype::{convert, CpuStorage, Element};
 use crate::layout::Layout;
-// `ops` names the storage by this path.
 use crate::storage::CudaStorage;
-pub(crate) use crate::storage::Storage;
 use crate::{DType, Device, Error, Result};
 use qlora_kernels::Rng;
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
+
+// `ops` names the storage by this path.
+pub(crate) use crate::storage::Storage;
 
 /// Cheap to clone (the storage is shared). Views share storage; writers go through [`Tensor::update`], which
 /// copies first if someone else still holds the storage, so a value saved for backward is never mutated.
