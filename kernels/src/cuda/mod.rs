@@ -6,7 +6,8 @@
 //! without a driver, a GPU or NVRTC gets an [`Error`] from [`CudaDevice::new`], never a panic.
 //!
 //! - [`source`]: the catalogue of `kernels/cuda/*.cu`, their entry points and `// qlora-rt: hot` markers.
-//! - [`compile`]: NVRTC, the target per GPU (sm_90a on Hopper), the on-disk cache of compiled images.
+//! - [`compile`]: NVRTC and the target per GPU (sm_90a on Hopper); `cache.rs` puts the on-disk cache of compiled
+//!   images in front of it.
 //! - [`device`]: [`CudaDevice`], one per GPU per process: context, stream, loaded modules, allocator.
 //! - [`alloc`]: the caching allocator and its statistics.
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
