@@ -12,7 +12,7 @@
 //! - [`alloc`]: the caching allocator and its statistics.
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
 //! - one module per op (`elementwise`, `rms_norm`, …): the launchers, each the twin of the CPU function of the same
-//!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_parity.rs`.
+//!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_parity/<op>.rs`.
 //!
 //! Streams: each device has one stream and every launch and copy goes on it, so a buffer dropped by the host can be
 //! handed to the next allocation at once (work for the new owner is queued after all work of the old one).
