@@ -7,9 +7,9 @@ use crate::finetune::{Quantize, TemplateArg};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use qlora_models::data::jsonl::Message;
 use qlora_models::data::template::ChatTemplate;
+use qlora_models::formats::peft::load_adapter;
+use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::generate::{generate, GenerateOptions, Sampling, StopReason};
-use qlora_models::peft::load_adapter;
-use qlora_models::tokenizer::Tokenizer;
 use qlora_models::transformer::CausalLm;
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -116,7 +116,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let prompt = match (&args.prompt, &args.chat) {
         (Some(text), _) => tokenizer.encode(text, true)?,
         (None, Some(user)) => {
-            let text = |t: &Option<qlora_models::tokenizer::SpecialToken>| {
+            let text = |t: &Option<qlora_models::formats::tokenizer::SpecialToken>| {
                 t.as_ref().map(|t| t.text.clone()).unwrap_or_default()
             };
             let (bos, eos) = (text(&tokenizer.bos), text(&tokenizer.eos));

@@ -4,10 +4,10 @@
 
 use anyhow::{bail, Context, Result};
 use qlora_kernels::nf4::{nf4_num_blocks, nf4_packed_len, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE};
-use qlora_models::bnb::{is_decoder_linear, QuantState};
-use qlora_models::checkpoint::Checkpoint;
 use qlora_models::config::LayerKind;
-use qlora_models::peft::{AdapterConfig, KEY_PREFIX};
+use qlora_models::formats::bnb::{is_decoder_linear, QuantState};
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::peft::{AdapterConfig, KEY_PREFIX};
 use qlora_models::ModelConfig;
 use serde_json::Value;
 use std::collections::BTreeMap;

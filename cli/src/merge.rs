@@ -9,9 +9,9 @@ use crate::model_path::{check_out, is_companion_file, resolve_model, write_json,
 use anyhow::{bail, Context, Result};
 use qlora_autograd::{merged_weight, LoraAdapter, Param};
 use qlora_kernels::nf4::DEFAULT_BLOCKSIZE;
-use qlora_models::bnb;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::peft::{AdapterConfig, KEY_PREFIX};
+use qlora_models::formats::bnb;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::peft::{AdapterConfig, KEY_PREFIX};
 use qlora_models::ModelConfig;
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::DType;

@@ -5,7 +5,7 @@
 //! renamed into place only once complete.
 
 use anyhow::{bail, ensure, Context, Result};
-use qlora_models::gguf::{GgufFile, HfImport};
+use qlora_models::formats::gguf::{GgufFile, HfImport};
 use qlora_models::ModelConfig;
 use qlora_runtime::{DType, Tensor};
 use serde_json::{json, Map, Value};

@@ -1,13 +1,13 @@
 //! `qlora-rt quantize`: writes a Hugging Face model folder as the 4-bit NF4 checkpoint that transformers +
 //! bitsandbytes save (`from_pretrained(dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
 //! bnb_4bit_quant_type="nf4", ...))` then `save_pretrained`): the same model.safetensors and config.json byte for
-//! byte, with the tokenizer, generation-config and chat-template files copied. The format is `qlora_models::bnb`'s;
+//! byte, with the tokenizer, generation-config and chat-template files copied. The format is `qlora_models::formats::bnb`'s;
 //! this file owns the folders: refusing to overwrite, writing each file atomically.
 
 use anyhow::{ensure, Context, Result};
-use qlora_models::bnb::{self, QuantizeOptions};
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::fsutil::{write_atomic, write_atomic_with};
+use qlora_models::formats::bnb::{self, QuantizeOptions};
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::fsutil::{write_atomic, write_atomic_with};
 use qlora_models::ModelConfig;
 use qlora_runtime::DType;
 use std::io::{BufWriter, Write};

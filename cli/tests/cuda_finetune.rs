@@ -16,7 +16,7 @@
 //! machine; the fixture comes from CARGO_MANIFEST_DIR, or QLORA_FIXTURES (the `tests/fixtures` folder).
 
 use qlora_kernels::testing::{fixtures_dir, gpu};
-use qlora_models::peft::load_adapter;
+use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use serde_json::Value;
 use std::path::{Path, PathBuf};

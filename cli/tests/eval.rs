@@ -4,8 +4,8 @@
 mod common;
 
 use common::qlora_rt;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::tokenizer::Tokenizer;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {

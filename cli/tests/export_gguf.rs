@@ -7,9 +7,9 @@ mod common;
 
 use common::qlora_rt_cached;
 use qlora_autograd::Tape;
-use qlora_models::bnb;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::gguf::{GgufFile, HfImport};
+use qlora_models::formats::bnb;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::gguf::{GgufFile, HfImport};
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 mod common;
 
 use common::qlora_rt;
-use qlora_models::peft::load_adapter;
+use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::DType;
 use serde_json::Value;

@@ -7,8 +7,8 @@ mod common;
 
 use common::qlora_rt_cached;
 use qlora_autograd::Tape;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::peft::load_adapter;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //! Must not own model structure (`transformer`) or text (`tokenizer`).
 
 use crate::error::{Error, Result};
-use crate::tokenizer::GenerationConfig;
+use crate::formats::tokenizer::GenerationConfig;
 use crate::transformer::CausalLm;
 use qlora_autograd::{Tape, Var};
 use qlora_kernels::Rng;

@@ -4,17 +4,12 @@
 //! [`toy`] is a two-layer Llama-shaped decoder trained from scratch on a synthetic task, which exercises every
 //! op of the training graph end to end on CPU without any checkpoint file.
 
-pub mod bnb;
-pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
-pub mod fsutil;
+pub mod formats;
 pub mod generate;
-pub mod gguf;
-pub mod peft;
 pub mod rope;
-pub mod tokenizer;
 pub mod toy;
 pub mod transformer;
 

@@ -5,9 +5,9 @@
 //! the embedding scale, the MLP activation, sandwich norms (Gemma 2/3), q/k norms (Gemma 3), attention scale
 //! and softcapping, sliding-window layers and per-layer rope bases.
 
-use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, Family, LayerKind, ModelConfig};
 use crate::error::{Error, Result};
+use crate::formats::checkpoint::Checkpoint;
 use crate::generate::{KvCache, LayerKv};
 use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
@@ -200,7 +200,7 @@ impl CausalLm {
             Ok(Param::frozen(name, ck.load_shaped(name, shape)?.to_dtype(DType::F32)))
         };
         let proj = |name: String, out: usize, inp: usize, bias: bool| -> Result<Projection> {
-            let prequantized = crate::bnb::load_linear(ck, &name, [out, inp])?;
+            let prequantized = crate::formats::bnb::load_linear(ck, &name, [out, inp])?;
             let base = match (prequantized, format) {
                 // A 4-bit bitsandbytes checkpoint loads as saved, never requantized (dequantized only for Dense).
                 (Some(w), BaseFormat::Nf4 { .. }) => BaseWeight::Nf4(w),

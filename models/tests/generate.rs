@@ -3,7 +3,7 @@
 
 use qlora_autograd::Tape;
 use qlora_kernels::testing::{assert_close, Tolerance};
-use qlora_models::checkpoint::Checkpoint;
+use qlora_models::formats::checkpoint::Checkpoint;
 use qlora_models::generate::{generate, GenerateOptions, KvCache, LogitsFor, Sampling, StopReason};
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;

@@ -5,7 +5,7 @@
 use super::jsonl::{Message, Record};
 use super::pack::Example;
 use super::template::{BuiltinTemplate, ChatTemplate};
-use crate::tokenizer::Tokenizer;
+use crate::formats::tokenizer::Tokenizer;
 
 const IGNORE: i32 = -100;
 
@@ -25,7 +25,9 @@ impl<'a> Formatter<'a> {
         builtin: Option<BuiltinTemplate>,
         train_on_everything: bool,
     ) -> Result<Self, String> {
-        let text = |t: &Option<crate::tokenizer::SpecialToken>| t.as_ref().map(|t| t.text.clone()).unwrap_or_default();
+        let text = |t: &Option<crate::formats::tokenizer::SpecialToken>| {
+            t.as_ref().map(|t| t.text.clone()).unwrap_or_default()
+        };
         let (bos, eos) = (text(&tokenizer.bos), text(&tokenizer.eos));
         let template = match (builtin, &tokenizer.chat_template) {
             (Some(b), _) => Some(ChatTemplate::builtin(b, &bos, &eos)),

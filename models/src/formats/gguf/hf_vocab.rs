@@ -17,7 +17,7 @@
 use super::reader::{MetaArray, MetaValue};
 use super::tokenizer::LLAMA3_SPLIT;
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
+use crate::formats::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -194,7 +194,7 @@ pub fn metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(String, MetaValue)>> 
     // What encoding with special tokens adds, when tokenizer_config.json does not say.
     let with = tok.encode("a", true)?;
     let without = tok.encode("a", false)?;
-    let adds = |t: &Option<crate::tokenizer::SpecialToken>, at_start: bool| {
+    let adds = |t: &Option<crate::formats::tokenizer::SpecialToken>, at_start: bool| {
         t.as_ref().is_some_and(|t| {
             with.len() > without.len() && if at_start { with.first() } else { with.last() } == Some(&t.id)
         })

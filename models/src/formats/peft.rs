@@ -1,9 +1,9 @@
 //! PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`), as peft's `save_pretrained`
 //! writes them and `PeftModel.from_pretrained` reads them.
 
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
+use crate::formats::checkpoint::Checkpoint;
+use crate::formats::fsutil::write_atomic;
 use crate::transformer::CausalLm;
 use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit, Param};
 use qlora_runtime::DType;

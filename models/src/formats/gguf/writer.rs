@@ -7,7 +7,7 @@
 use super::dequant::GgmlType;
 use super::reader::{MetaArray, MetaValue};
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic_with;
+use crate::formats::fsutil::write_atomic_with;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
