@@ -14,8 +14,8 @@
 use super::dequant::GgmlType;
 use super::hf_vocab;
 use super::mapping::{ExportTensor, Hyper};
+use super::metadata::{MetaArray, MetaValue};
 use super::quant::{quantize, type_for_row, QUANTIZABLE};
-use super::reader::{MetaArray, MetaValue};
 use super::writer::{self, TensorEntry, ALIGNMENT};
 use crate::config::{Family, LayerKind, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};

@@ -14,7 +14,7 @@
 //! user-defined (4), the unknown token 2, `<0xNN>` byte tokens 6 when the model falls back to bytes, ids the
 //! tokenizer lacks below the embedding size `[PAD{id}]` unused (5), the rest normal (1).
 
-use super::reader::{MetaArray, MetaValue};
+use super::metadata::{MetaArray, MetaValue};
 use super::tokenizer::LLAMA3_SPLIT;
 use crate::error::{Error, Result};
 use crate::formats::tokenizer::Tokenizer;

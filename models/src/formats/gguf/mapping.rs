@@ -7,7 +7,8 @@
 //! not permuted (llama.cpp runs Gemma with the rotate-half rope).
 
 use super::dequant::dequantize;
-use super::reader::{GgufFile, MetaArray, MetaValue, TensorInfo};
+use super::metadata::{MetaArray, MetaValue};
+use super::reader::{GgufFile, TensorInfo};
 use crate::config::{Family, ModelConfig, Rope, RopeScaling};
 use crate::error::Result;
 use crate::rope::inv_freq;
