@@ -1,9 +1,10 @@
 //! GGUF (llama.cpp's model format) import and export. Import: the container ([`reader`], its key/values as
-//! [`metadata`] values), ggml's quantized types dequantized to f32 ([`dequant`]), llama.cpp's tensor names and layout back to Hugging Face's
-//! ([`mapping`]), and the tokenizer metadata as Hugging Face tokenizer files ([`tokenizer`]); writing the
-//! Hugging Face folder is the caller's (`qlora-rt import`). Export ([`export`]): a Hugging Face folder as one
-//! GGUF file, through the quantizers ([`quant`]), the tokenizer files as metadata ([`hf_vocab`]) and the
-//! container writer ([`writer`]); merging an adapter first is the caller's (`qlora-rt export-gguf`).
+//! [`metadata`] values), ggml's quantized types dequantized to f32 ([`dequant`]), llama.cpp's tensor names and
+//! layout back to Hugging Face's ([`mapping`]), and the tokenizer metadata as Hugging Face tokenizer files
+//! ([`tokenizer`]); writing the Hugging Face folder is the caller's (`qlora-rt import`). Export ([`export`]): a
+//! Hugging Face folder as one GGUF file, through the quantizers ([`quant`]), the tokenizer files as metadata
+//! ([`hf_vocab`]) and the container writer ([`writer`]); merging an adapter first is the caller's
+//! (`qlora-rt export-gguf`).
 
 pub mod dequant;
 pub mod export;
