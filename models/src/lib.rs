@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod formats;
 pub mod generate;
+pub mod kv_cache;
 pub mod rope;
 pub mod toy;
 pub mod transformer;

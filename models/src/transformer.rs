@@ -8,7 +8,7 @@
 use crate::config::{Activation, Family, LayerKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::Checkpoint;
-use crate::generate::{KvCache, LayerKv};
+use crate::kv_cache::{KvCache, LayerKv};
 use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
 use qlora_runtime::ops::nn::rope_tables;
@@ -365,7 +365,7 @@ impl CausalLm {
     /// Final-normed hidden states [tokens, hidden] of packed `ids` (sequences split by `cu_seqlens`).
     /// With a `cache` (inference only, under `no_grad`), every layer appends the new keys and values to it and
     /// attends over everything cached for the sequence, the new tokens last (bottom-right aligned); `positions`
-    /// must then continue from the cached lengths. See [`crate::generate::KvCache`].
+    /// must then continue from the cached lengths. See [`KvCache`].
     pub fn forward_hidden(
         &self,
         t: &Tape,
