@@ -10,10 +10,10 @@
 
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
-use qlora_kernels::Rng;
 use qlora_runtime::ops::elementwise::{add, add_bias, dropout, mul, scale, sum_rows};
 use qlora_runtime::ops::linalg::matmul;
 use qlora_runtime::quant::BaseWeight;
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 use std::collections::BTreeMap;
 

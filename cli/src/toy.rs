@@ -2,9 +2,9 @@
 
 use anyhow::{ensure, Context, Result};
 use qlora_autograd::Tape;
-use qlora_kernels::Rng;
 use qlora_models::toy::{ToyConfig, ToyDecoder};
 use qlora_optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
+use qlora_runtime::Rng;
 use std::time::Instant;
 
 #[derive(clap::Args)]

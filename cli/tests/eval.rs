@@ -164,7 +164,7 @@ fn bad_input_is_one_line_naming_file_and_line() {
     }
     let data = write(dir.path(), "ok.jsonl", &[ids_row(&ids)]);
     let d = data.to_str().unwrap();
-    if !qlora_kernels::cuda::device_count().is_ok_and(|n| n > 0) {
+    if !qlora_runtime::device_count().is_ok_and(|n| n > 0) {
         let err = failure(&["eval", "--model", m, "--data", d, "--device", "cuda"]);
         assert!(err.contains("--device cuda: ") && err.contains("--device cpu"), "{err}");
     }
@@ -183,7 +183,7 @@ fn bad_input_is_one_line_naming_file_and_line() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.trim_end().lines().collect();
-    let gpu = qlora_kernels::cuda::device_count().is_ok_and(|n| n > 0);
+    let gpu = qlora_runtime::device_count().is_ok_and(|n| n > 0);
     let (start, end) = if gpu {
         ("qlora-rt: note: running on cuda:0", ")")
     } else {

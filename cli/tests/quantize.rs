@@ -12,12 +12,12 @@ mod common;
 
 use common::qlora_rt;
 use qlora_autograd::Tape;
-use qlora_kernels::nf4::quantize_absmax_nested_with_offset;
-use qlora_kernels::testing::{assert_close, Tolerance};
 use qlora_models::formats::bnb::QuantState;
 use qlora_models::formats::checkpoint::Checkpoint;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_runtime::nf4::quantize_absmax_nested_with_offset;
 use qlora_runtime::quant::{Absmax, Nf4Weight};
+use qlora_runtime::testing::{assert_close, Tolerance};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {

@@ -7,7 +7,7 @@ use crate::formats::tokenizer::GenerationConfig;
 use crate::kv_cache::KvCache;
 use crate::transformer::CausalLm;
 use qlora_autograd::{Tape, Var};
-use qlora_kernels::Rng;
+use qlora_runtime::Rng;
 use qlora_runtime::Tensor;
 use std::ops::ControlFlow;
 

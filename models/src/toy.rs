@@ -5,9 +5,9 @@
 //! decoder layer runs under a gradient-checkpoint scope, as real training does.
 
 use qlora_autograd::{AttentionParams, Glu, Param, Tape, Var};
-use qlora_kernels::rope::rope_inv_freq;
-use qlora_kernels::Rng;
 use qlora_runtime::ops::nn::rope_tables;
+use qlora_runtime::rope_inv_freq;
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Result, Tensor};
 use std::rc::Rc;
 

@@ -91,6 +91,46 @@ pub struct DecoderLayer {
     pub kind: LayerKind,
 }
 
+/// A layer's projections borrowed with `&` or `&mut`, in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
+macro_rules! projections {
+    ($layer:expr, $($borrow:tt)+) => {{
+        let (a, m) = ($($borrow)+ $layer.self_attn, $($borrow)+ $layer.mlp);
+        [
+            $($borrow)+ a.q_proj,
+            $($borrow)+ a.k_proj,
+            $($borrow)+ a.v_proj,
+            $($borrow)+ a.o_proj,
+            $($borrow)+ m.gate_proj,
+            $($borrow)+ m.up_proj,
+            $($borrow)+ m.down_proj,
+        ]
+    }};
+}
+
+impl DecoderLayer {
+    /// The layer's projections in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
+    pub fn projections(&self) -> [&Projection; 7] {
+        projections!(self, &)
+    }
+
+    pub fn projections_mut(&mut self) -> [&mut Projection; 7] {
+        projections!(self, &mut)
+    }
+}
+
+/// The attention and MLP blocks of `projections` given in [`PROJECTIONS`](crate::config::PROJECTIONS) order, the
+/// inverse of [`DecoderLayer::projections`].
+fn blocks(projections: [Projection; 7], q_norm: Option<Param>, k_norm: Option<Param>) -> (SelfAttention, Mlp) {
+    let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = projections;
+    (SelfAttention { q_proj, k_proj, v_proj, o_proj, q_norm, k_norm }, Mlp { gate_proj, up_proj, down_proj })
+}
+
+/// `f` over the seven projections of a layer, in order, stopping at the first error.
+fn try_map7<T, U, E>(items: [T; 7], f: impl FnMut(T) -> std::result::Result<U, E>) -> std::result::Result<[U; 7], E> {
+    let v = items.into_iter().map(f).collect::<std::result::Result<Vec<U>, E>>()?;
+    Ok(v.try_into().unwrap_or_else(|_| unreachable!("seven items in, seven out")))
+}
+
 /// Token ids of a packed batch: sequences concatenated into one row, positions restarting at each sequence,
 /// `cu_seqlens` marking the boundaries (attention never crosses them). `targets[i]` is the token position i
 /// must predict, or −100.
@@ -224,7 +264,6 @@ impl CausalLm {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let (qo, kvo) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
             let opt_norm = |suffix: &str, dim: usize, present: bool| -> Result<Option<Param>> {
                 if present {
                     Ok(Some(frozen(&format!("{p}.{suffix}.weight"), &[dim])?))
@@ -232,24 +271,23 @@ impl CausalLm {
                     Ok(None)
                 }
             };
+            let input_layernorm = frozen(&format!("{p}.input_layernorm.weight"), &[h])?;
+            let post_attention_layernorm = frozen(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            let pre_feedforward_layernorm = opt_norm("pre_feedforward_layernorm", h, gemma_sandwich)?;
+            let post_feedforward_layernorm = opt_norm("post_feedforward_layernorm", h, gemma_sandwich)?;
+            let projections = try_map7(c.layer_projections(i), |(name, [out, inp], bias)| proj(name, out, inp, bias))?;
+            let (self_attn, mlp) = blocks(
+                projections,
+                opt_norm("self_attn.q_norm", hd, c.family == Family::Gemma3)?,
+                opt_norm("self_attn.k_norm", hd, c.family == Family::Gemma3)?,
+            );
             layers.push(DecoderLayer {
-                input_layernorm: frozen(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_layernorm: frozen(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                pre_feedforward_layernorm: opt_norm("pre_feedforward_layernorm", h, gemma_sandwich)?,
-                post_feedforward_layernorm: opt_norm("post_feedforward_layernorm", h, gemma_sandwich)?,
-                self_attn: SelfAttention {
-                    q_proj: proj(format!("{p}.self_attn.q_proj"), qo, h, c.attention_bias)?,
-                    k_proj: proj(format!("{p}.self_attn.k_proj"), kvo, h, c.attention_bias)?,
-                    v_proj: proj(format!("{p}.self_attn.v_proj"), kvo, h, c.attention_bias)?,
-                    o_proj: proj(format!("{p}.self_attn.o_proj"), h, qo, c.attention_bias)?,
-                    q_norm: opt_norm("self_attn.q_norm", hd, c.family == Family::Gemma3)?,
-                    k_norm: opt_norm("self_attn.k_norm", hd, c.family == Family::Gemma3)?,
-                },
-                mlp: Mlp {
-                    gate_proj: proj(format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    up_proj: proj(format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    down_proj: proj(format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
-                },
+                input_layernorm,
+                post_attention_layernorm,
+                pre_feedforward_layernorm,
+                post_feedforward_layernorm,
+                self_attn,
+                mlp,
                 kind: c.layer_kinds[i],
             });
         }
@@ -275,25 +313,15 @@ impl CausalLm {
             .layers
             .iter()
             .map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
+                let projections = try_map7(l.projections(), |p| p.to_device(device, dtype))?;
+                let (self_attn, mlp) = blocks(projections, opt(&l.self_attn.q_norm)?, opt(&l.self_attn.k_norm)?);
                 Ok(DecoderLayer {
                     input_layernorm: frozen_to(&l.input_layernorm, device, dtype)?,
                     post_attention_layernorm: frozen_to(&l.post_attention_layernorm, device, dtype)?,
                     pre_feedforward_layernorm: opt(&l.pre_feedforward_layernorm)?,
                     post_feedforward_layernorm: opt(&l.post_feedforward_layernorm)?,
-                    self_attn: SelfAttention {
-                        q_proj: a.q_proj.to_device(device, dtype)?,
-                        k_proj: a.k_proj.to_device(device, dtype)?,
-                        v_proj: a.v_proj.to_device(device, dtype)?,
-                        o_proj: a.o_proj.to_device(device, dtype)?,
-                        q_norm: opt(&a.q_norm)?,
-                        k_norm: opt(&a.k_norm)?,
-                    },
-                    mlp: Mlp {
-                        gate_proj: m.gate_proj.to_device(device, dtype)?,
-                        up_proj: m.up_proj.to_device(device, dtype)?,
-                        down_proj: m.down_proj.to_device(device, dtype)?,
-                    },
+                    self_attn,
+                    mlp,
                     kind: l.kind,
                 })
             })
@@ -308,38 +336,17 @@ impl CausalLm {
         })
     }
 
-    /// Every projection, in layer order (q, k, v, o, gate, up, down).
+    /// Every projection, layer by layer in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
     pub fn projections_mut(&mut self) -> Result<Vec<&mut Projection>> {
         let layers = Rc::get_mut(&mut self.layers).ok_or_else(|| {
             Error::Runtime(qlora_runtime::Error::invalid("model", "layers are shared by a forward still in flight"))
         })?;
-        Ok(layers
-            .iter_mut()
-            .flat_map(|l| {
-                let a = &mut l.self_attn;
-                let m = &mut l.mlp;
-                [
-                    &mut a.q_proj,
-                    &mut a.k_proj,
-                    &mut a.v_proj,
-                    &mut a.o_proj,
-                    &mut m.gate_proj,
-                    &mut m.up_proj,
-                    &mut m.down_proj,
-                ]
-            })
-            .collect())
+        Ok(layers.iter_mut().flat_map(DecoderLayer::projections_mut).collect())
     }
 
-    /// Every projection, in layer order (q, k, v, o, gate, up, down).
+    /// Every projection, layer by layer in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
     pub fn projections(&self) -> Vec<&Projection> {
-        self.layers
-            .iter()
-            .flat_map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-            })
-            .collect()
+        self.layers.iter().flat_map(DecoderLayer::projections).collect()
     }
 
     /// Trainable parameters (the adapters').

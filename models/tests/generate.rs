@@ -2,11 +2,11 @@
 //! equal one full-sequence forward, and generation is deterministic (greedy) or reproducible (seeded sampling).
 
 use qlora_autograd::Tape;
-use qlora_kernels::testing::{assert_close, Tolerance};
 use qlora_models::formats::checkpoint::Checkpoint;
 use qlora_models::generate::{generate, GenerateOptions, LogitsFor, Sampling, StopReason};
 use qlora_models::kv_cache::KvCache;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::DType;
 use std::ops::ControlFlow;
 use std::path::PathBuf;

@@ -2,9 +2,9 @@
 //! NF4 logits transformers (+ bitsandbytes) computed for them, made by scripts/reference/tiny_models.py.
 
 use qlora_autograd::Tape;
-use qlora_kernels::testing::{assert_close, Tolerance};
 use qlora_models::formats::checkpoint::Checkpoint;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::DType;
 use std::path::PathBuf;
 

@@ -28,8 +28,9 @@ pub use python::{py_float, py_json_pretty};
 pub use read::load_linear;
 pub use write::{quantized_config_json, write_quantized, QuantizeOptions, QuantizeSummary};
 
+use crate::config::PROJECTIONS;
 use python::torch_dtype_name;
-use qlora_kernels::nf4::NESTED_BLOCKSIZE;
+use qlora_runtime::nf4::NESTED_BLOCKSIZE;
 use qlora_runtime::quant::{Absmax, Nf4Weight};
 use qlora_runtime::DType;
 use serde_json::Value;
@@ -44,23 +45,14 @@ const QUANT_STATE_KEYS: [&str; 7] =
     ["quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"];
 
 /// Whether `name` is the weight of a linear layer transformers quantizes in a Llama or Gemma decoder:
-/// `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight` or `model.layers.{i}.mlp.{gate,up,down}_proj.weight`.
+/// `model.layers.{i}.{module}.weight` with `module` one of [`PROJECTIONS`].
 pub fn is_decoder_linear(name: &str) -> bool {
     let Some((layer, module)) = name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) else {
         return false;
     };
     !layer.is_empty()
         && layer.bytes().all(|b| b.is_ascii_digit())
-        && matches!(
-            module,
-            "self_attn.q_proj.weight"
-                | "self_attn.k_proj.weight"
-                | "self_attn.v_proj.weight"
-                | "self_attn.o_proj.weight"
-                | "mlp.gate_proj.weight"
-                | "mlp.up_proj.weight"
-                | "mlp.down_proj.weight"
-        )
+        && module.strip_suffix(".weight").is_some_and(|m| PROJECTIONS.contains(&m))
 }
 
 /// The dtypes bitsandbytes NF4-quantizes from (its CUDA `quantize_4bit` takes no others).

@@ -4,7 +4,7 @@
 use super::{QuantState, QUANT_STATE_FP4, QUANT_STATE_NF4};
 use crate::error::Result;
 use crate::formats::checkpoint::Checkpoint;
-use qlora_kernels::nf4::{self, NESTED_BLOCKSIZE, NF4_CODE};
+use qlora_runtime::nf4::{self, NESTED_BLOCKSIZE, NF4_CODE};
 use qlora_runtime::quant::{Absmax, Nf4Weight};
 use qlora_runtime::DType;
 use std::sync::Arc;

@@ -4,7 +4,7 @@ use super::python::{py_json_pretty, torch_dtype_name};
 use super::{is_decoder_linear, QuantState, NF4_SOURCE_DTYPES, QUANT_STATE_NF4};
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::Checkpoint;
-use qlora_kernels::nf4::NF4_CODE;
+use qlora_runtime::nf4::NF4_CODE;
 use qlora_runtime::quant::{Absmax, Nf4Weight};
 use qlora_runtime::DType;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};

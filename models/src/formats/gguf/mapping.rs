@@ -12,7 +12,7 @@ use super::reader::{GgufFile, TensorInfo};
 use crate::config::{Family, ModelConfig, Rope, RopeScaling};
 use crate::error::Result;
 use crate::rope::inv_freq;
-use qlora_kernels::rope::rope_inv_freq;
+use qlora_runtime::rope_inv_freq;
 use serde_json::{json, Map, Value};
 
 /// What a GGUF tensor becomes besides being dequantized.
