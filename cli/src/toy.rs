@@ -39,7 +39,7 @@ pub fn run(args: &ToyArgs) -> Result<()> {
     let mut rng = Rng::new(args.seed ^ 0x5EED);
     let cfg = model.config();
     println!(
-        "toy decoder: {} layers, hidden {}, {} heads / {} KV heads, vocab {}, {} parameters; {} packed sequences of {} tokens per step",
+        "toy decoder: {} layers, hidden {}, {} heads / {} KV heads, vocab {}, {} trained parameters (LoRA over NF4 projections, embeddings, norms, head); {} packed sequences of {} tokens per step",
         cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.vocab, n_params, cfg.seqs_per_batch, cfg.seq_len
     );
     let start = Instant::now();

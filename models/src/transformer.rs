@@ -203,6 +203,57 @@ struct LayerInputs {
     dropout_seed: u64,
 }
 
+/// Where [`CausalLm::build`] takes each weight from: a checkpoint ([`CausalLm::from_checkpoint`]) or a fresh
+/// initialisation (the `toy` model).
+pub trait Weights {
+    /// The embeddings, a norm or the head, named as transformers names it (`model.norm.weight`).
+    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param>;
+    /// A decoder projection: its module path, [out, in], and whether it has a bias.
+    fn projection(&mut self, name: String, shape: [usize; 2], bias: bool) -> Result<Projection>;
+    /// Whether the weight `name` exists (a tied head may be stored or not).
+    fn has(&self, name: &str) -> bool;
+}
+
+/// A checkpoint's weights: norms, embeddings, head and biases frozen in f32 for CPU compute, linear weights as
+/// `format` asks.
+struct Loaded<'a> {
+    ck: &'a Checkpoint,
+    format: BaseFormat,
+}
+
+impl Weights for Loaded<'_> {
+    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param> {
+        Ok(Param::frozen(name, self.ck.load_shaped(name, shape)?.to_dtype(DType::F32)))
+    }
+
+    fn projection(&mut self, name: String, [out, inp]: [usize; 2], bias: bool) -> Result<Projection> {
+        let ck = self.ck;
+        let prequantized = crate::formats::bnb::load_linear(ck, &name, [out, inp])?;
+        let base = match (prequantized, self.format) {
+            // A 4-bit bitsandbytes checkpoint loads as saved, never requantized (dequantized only for Dense).
+            (Some(w), BaseFormat::Nf4 { .. }) => BaseWeight::Nf4(w),
+            (Some(w), BaseFormat::Dense(dtype)) => BaseWeight::Dense(w.dequantize(DType::F32)?.to_dtype(dtype)),
+            (None, BaseFormat::Dense(dtype)) => {
+                BaseWeight::Dense(ck.load_shaped(&format!("{name}.weight"), &[out, inp])?.to_dtype(dtype))
+            }
+            (None, BaseFormat::Nf4 { blocksize, double_quant }) => {
+                let tensor = format!("{name}.weight");
+                let w = ck.load_shaped(&tensor, &[out, inp])?;
+                BaseWeight::Nf4(
+                    Nf4Weight::quantize(&w, blocksize, double_quant)
+                        .map_err(|e| ck.tensor_error(&tensor, e.to_string()))?,
+                )
+            }
+        };
+        let bias = if bias { Some(self.param(&format!("{name}.bias"), &[out])?) } else { None };
+        Ok(Projection { name, base, bias, adapter: None })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.ck.contains(name)
+    }
+}
+
 /// A frozen tensor in `dtype` on `device` (converted before an upload, so a bf16 model crosses the bus at 2 bytes).
 fn move_frozen(t: &Tensor, device: Device, dtype: DType) -> qlora_runtime::Result<Tensor> {
     if t.device() == Device::Cpu {
@@ -234,53 +285,30 @@ impl CausalLm {
     }
 
     pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint, format: BaseFormat) -> Result<Self> {
+        Self::build(config, &mut Loaded { ck, format })
+    }
+
+    /// The model `config` describes, every weight taken from `weights`, in checkpoint order (layer by layer, then
+    /// embeddings, head and final norm). Gradient checkpointing is on.
+    pub fn build(config: ModelConfig, weights: &mut impl Weights) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let frozen = |name: &str, shape: &[usize]| -> Result<Param> {
-            Ok(Param::frozen(name, ck.load_shaped(name, shape)?.to_dtype(DType::F32)))
-        };
-        let proj = |name: String, out: usize, inp: usize, bias: bool| -> Result<Projection> {
-            let prequantized = crate::formats::bnb::load_linear(ck, &name, [out, inp])?;
-            let base = match (prequantized, format) {
-                // A 4-bit bitsandbytes checkpoint loads as saved, never requantized (dequantized only for Dense).
-                (Some(w), BaseFormat::Nf4 { .. }) => BaseWeight::Nf4(w),
-                (Some(w), BaseFormat::Dense(dtype)) => BaseWeight::Dense(w.dequantize(DType::F32)?.to_dtype(dtype)),
-                (None, BaseFormat::Dense(dtype)) => {
-                    BaseWeight::Dense(ck.load_shaped(&format!("{name}.weight"), &[out, inp])?.to_dtype(dtype))
-                }
-                (None, BaseFormat::Nf4 { blocksize, double_quant }) => {
-                    let tensor = format!("{name}.weight");
-                    let w = ck.load_shaped(&tensor, &[out, inp])?;
-                    BaseWeight::Nf4(
-                        Nf4Weight::quantize(&w, blocksize, double_quant)
-                            .map_err(|e| ck.tensor_error(&tensor, e.to_string()))?,
-                    )
-                }
-            };
-            let bias = if bias { Some(frozen(&format!("{name}.bias"), &[out])?) } else { None };
-            Ok(Projection { name, base, bias, adapter: None })
-        };
         let gemma_sandwich = matches!(c.family, Family::Gemma2 | Family::Gemma3);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let opt_norm = |suffix: &str, dim: usize, present: bool| -> Result<Option<Param>> {
-                if present {
-                    Ok(Some(frozen(&format!("{p}.{suffix}.weight"), &[dim])?))
-                } else {
-                    Ok(None)
-                }
+            let mut norm = |suffix: &str, dim: usize| weights.param(&format!("{p}.{suffix}.weight"), &[dim]);
+            let input_layernorm = norm("input_layernorm", h)?;
+            let post_attention_layernorm = norm("post_attention_layernorm", h)?;
+            let pre_feedforward_layernorm = gemma_sandwich.then(|| norm("pre_feedforward_layernorm", h)).transpose()?;
+            let post_feedforward_layernorm =
+                gemma_sandwich.then(|| norm("post_feedforward_layernorm", h)).transpose()?;
+            let projections =
+                try_map7(c.layer_projections(i), |(name, shape, bias)| weights.projection(name, shape, bias))?;
+            let mut qk_norm = |suffix: &str| {
+                (c.family == Family::Gemma3).then(|| weights.param(&format!("{p}.{suffix}.weight"), &[hd])).transpose()
             };
-            let input_layernorm = frozen(&format!("{p}.input_layernorm.weight"), &[h])?;
-            let post_attention_layernorm = frozen(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
-            let pre_feedforward_layernorm = opt_norm("pre_feedforward_layernorm", h, gemma_sandwich)?;
-            let post_feedforward_layernorm = opt_norm("post_feedforward_layernorm", h, gemma_sandwich)?;
-            let projections = try_map7(c.layer_projections(i), |(name, [out, inp], bias)| proj(name, out, inp, bias))?;
-            let (self_attn, mlp) = blocks(
-                projections,
-                opt_norm("self_attn.q_norm", hd, c.family == Family::Gemma3)?,
-                opt_norm("self_attn.k_norm", hd, c.family == Family::Gemma3)?,
-            );
+            let (self_attn, mlp) = blocks(projections, qk_norm("self_attn.q_norm")?, qk_norm("self_attn.k_norm")?);
             layers.push(DecoderLayer {
                 input_layernorm,
                 post_attention_layernorm,
@@ -291,13 +319,13 @@ impl CausalLm {
                 kind: c.layer_kinds[i],
             });
         }
-        let embed_tokens = frozen("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
+        let embed_tokens = weights.param("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !weights.has("lm_head.weight") {
             None
         } else {
-            Some(frozen("lm_head.weight", &[c.vocab_size, h])?)
+            Some(weights.param("lm_head.weight", &[c.vocab_size, h])?)
         };
-        let norm = frozen("model.norm.weight", &[h])?;
+        let norm = weights.param("model.norm.weight", &[h])?;
         Ok(CausalLm { config, embed_tokens, layers: Rc::new(layers), norm, lm_head, gradient_checkpointing: true })
     }
 
