@@ -23,18 +23,7 @@ fn tiny_gguf() -> PathBuf {
 }
 
 fn merge(model: &Path, out: &Path, flags: &[&str]) -> Output {
-    let adapter = llama().join("adapter");
-    let mut args = vec![
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend(flags);
-    qlora_rt_cached(&args, None)
+    common::merge(model, &llama().join("adapter"), out, flags)
 }
 
 fn merged(model: &Path, out: &Path, flags: &[&str]) -> PathBuf {

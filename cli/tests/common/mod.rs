@@ -19,3 +19,18 @@ pub fn qlora_rt_cached(args: &[&str], cache: Option<&Path>) -> Output {
     }
     cmd.args(args).output().expect("run qlora-rt")
 }
+
+/// `qlora-rt merge --model MODEL --adapter ADAPTER --out OUT FLAGS…`.
+pub fn merge(model: &Path, adapter: &Path, out: &Path, flags: &[&str]) -> Output {
+    let mut args = vec![
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(flags);
+    qlora_rt(&args)
+}
