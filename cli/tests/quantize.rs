@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::qlora_rt;
+use common::{one_line_error, qlora_rt};
 use qlora_autograd::Tape;
 use qlora_models::formats::bnb::QuantState;
 use qlora_models::formats::checkpoint::Checkpoint;
@@ -207,15 +207,6 @@ fn prequantized_models_load_as_saved() {
             }
         }
     }
-}
-
-fn one_line_error(args: &[&str]) -> String {
-    let out = qlora_rt(args);
-    assert_eq!(out.status.code(), Some(1), "{args:?} should fail with status 1");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line on stderr, got: {err}");
-    assert!(err.starts_with("qlora-rt: error: ") && !err.contains("panicked"), "{err}");
-    err
 }
 
 #[test]

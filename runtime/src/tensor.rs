@@ -34,26 +34,24 @@ impl Tensor {
     }
 
     pub(crate) fn from_storage(storage: CpuStorage, shape: &[usize]) -> Result<Self> {
-        let layout = Layout::contiguous(shape);
-        if layout.elem_count() != storage.len() {
-            return Err(Error::shape(
-                "tensor",
-                format!("{} values for shape {shape:?} ({} elements)", storage.len(), layout.elem_count()),
-            ));
-        }
-        Ok(Tensor { storage: Arc::new(Storage::Cpu(storage)), layout })
+        Self::over(Storage::Cpu(storage), shape, "values")
     }
 
     /// A CUDA tensor over `storage` (row-major).
     pub(crate) fn from_cuda(storage: CudaStorage, shape: &[usize]) -> Result<Self> {
+        Self::over(Storage::Cuda(storage), shape, "device values")
+    }
+
+    /// `storage` as a row-major tensor of `shape`; `what` names its elements when the lengths differ.
+    fn over(storage: Storage, shape: &[usize], what: &str) -> Result<Self> {
         let layout = Layout::contiguous(shape);
         if layout.elem_count() != storage.len() {
             return Err(Error::shape(
                 "tensor",
-                format!("{} device values for shape {shape:?} ({} elements)", storage.len(), layout.elem_count()),
+                format!("{} {what} for shape {shape:?} ({} elements)", storage.len(), layout.elem_count()),
             ));
         }
-        Ok(Tensor { storage: Arc::new(Storage::Cuda(storage)), layout })
+        Ok(Tensor { storage: Arc::new(storage), layout })
     }
 
     pub(crate) fn storage(&self) -> &Storage {
