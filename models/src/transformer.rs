@@ -113,6 +113,7 @@ impl DecoderLayer {
         projections!(self, &)
     }
 
+    /// [`DecoderLayer::projections`], mutably.
     pub fn projections_mut(&mut self) -> [&mut Projection; 7] {
         projections!(self, &mut)
     }
