@@ -6,7 +6,7 @@
 //! Each `--ids` list is one sequence, run on its own (positions from 0), base weights dense f32. The file holds
 //! `ids.{i}` (I32 [n]) and `logits.{i}` (F32 [n, vocab]).
 
-use qlora_rt::models::peft::load_adapter;
+use qlora_rt::models::formats::peft::load_adapter;
 use qlora_rt::models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_rt::{DType, Tape};
 use safetensors::tensor::{Dtype, TensorView};

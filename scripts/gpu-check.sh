@@ -52,18 +52,20 @@ for bin in "$here"/bin/*; do
     name="$(basename "$bin")"
     pass=0 fail=0 on_gpu=0 skipped=0
     for test in $("$bin" --list --format terse 2>/dev/null | sed -n 's/: test$//p'); do
-        log="$logs/$name.$test.log"
+        # A test in a module (cuda_parity/<op>.rs) is listed as <op>::<name> but prints and is tabled by its name.
+        short="${test##*::}"
+        log="$logs/$name.$short.log"
         start=$(date +%s%N)
         "$bin" --exact "$test" --nocapture --test-threads=1 >"$log" 2>&1
         rc=$?
         ms=$((($(date +%s%N) - start) / 1000000))
         secs=$(printf '%d.%02d' $((ms / 1000)) $((ms % 1000 / 10)))
         where=cpu
-        if grep -q "qlora-gpu: $test: ran on" "$log"; then where=gpu; on_gpu=$((on_gpu + 1)); fi
-        if grep -q "qlora-gpu: $test: skipped" "$log"; then where=skipped; skipped=$((skipped + 1)); fi
+        if grep -q "qlora-gpu: $short: ran on" "$log"; then where=gpu; on_gpu=$((on_gpu + 1)); fi
+        if grep -q "qlora-gpu: $short: skipped" "$log"; then where=skipped; skipped=$((skipped + 1)); fi
         if [[ $rc -eq 0 ]]; then result=pass; pass=$((pass + 1)); else result=FAIL; fail=$((fail + 1)); failed=1; fi
         if [[ $where != cpu || $result != pass ]]; then
-            rows+=("$(printf '%-4s  %-8s  %-14s  %-52s %6ss' "$result" "$where" "$name" "$test" "$secs")")
+            rows+=("$(printf '%-4s  %-8s  %-14s  %-52s %6ss' "$result" "$where" "$name" "$short" "$secs")")
         fi
         if [[ $result == FAIL ]]; then
             echo "---- FAIL $name::$test (last 40 lines) ----"

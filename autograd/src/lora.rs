@@ -1,6 +1,6 @@
 //! LoRA, rsLoRA and DoRA adapters over a frozen base linear: the adapted layer as one recorded op
-//! ([`Tape::lora_linear`]) with a hand-written backward, merge/unmerge into a dense weight, and a set of adapters
-//! sharing one base.
+//! ([`Tape::lora_linear`]) with a hand-written backward, and a set of adapters sharing one base. DoRA's norm and
+//! scalings are in `lora/dora.rs`, merge/unmerge into a dense weight in `lora/merge.rs`.
 //!
 //! The math is peft 0.21's, formula for formula: `tuners/lora/layer.py` (`LoraLayer.update_layer` for the scaling,
 //! `reset_lora_parameters` for the init, `Linear.forward`, `get_delta_weight`, `merge`/`unmerge`),
@@ -10,11 +10,10 @@
 
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
-use qlora_kernels::Rng;
 use qlora_runtime::ops::elementwise::{add, add_bias, dropout, mul, scale, sum_rows};
 use qlora_runtime::ops::linalg::matmul;
-use qlora_runtime::ops::Compute;
 use qlora_runtime::quant::BaseWeight;
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 use std::collections::BTreeMap;
 
@@ -27,6 +26,13 @@ macro_rules! in_precision {
         }
     };
 }
+
+// Declared after `in_precision!`, which both use.
+mod dora;
+mod merge;
+
+use dora::{div, dora_combine, scale_cols, weight_norm, DoraSaved};
+pub use merge::{merged_weight, unmerged_weight};
 
 /// How A starts (B always starts at zero, so a fresh adapter is a no-op). peft's `init_lora_weights`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,14 +153,6 @@ impl LoraAdapter {
         scale(&matmul(&self.lora_b.value(), &self.lora_a.value())?, self.scaling())
     }
 
-    /// n = ‖W + s·B·A‖ per output row: [out], W the dequantized base. DoRA's forward divides m by it; peft caches
-    /// it at merge time because unmerging needs it and the merged weight no longer determines it.
-    pub fn weight_norm(&self, base: &BaseWeight) -> Result<Tensor> {
-        self.check("lora weight_norm", base)?;
-        let (a, b) = (self.lora_a.value(), self.lora_b.value());
-        weight_norm(&base.materialize(precision(&[&a, &b]))?, &a, &b, self.scaling())
-    }
-
     /// Shapes against the base and the config: errors name the offending parameter.
     fn check(&self, op: &'static str, base: &BaseWeight) -> Result<()> {
         self.config.validate().map_err(|e| Error::invalid(op, format!("{}: {e}", self.lora_a.name())))?;
@@ -185,56 +183,6 @@ impl LoraAdapter {
             }
         }
     }
-}
-
-/// W' = W + s·B·A, or with DoRA (m/n)⊙(W + s·B·A) row-wise (peft `merge_safe`): [out, in] in `dtype`.
-/// Computed in f32 from the dequantized base, the weights the adapter was trained against, and rounded once.
-pub fn merged_weight(base: &BaseWeight, adapter: &LoraAdapter, dtype: DType) -> Result<Tensor> {
-    let delta = adapter.delta_weight(base)?;
-    let sum = add(&base.materialize(precision(&[&delta]))?, &delta)?;
-    let merged = match &adapter.magnitude {
-        None => sum,
-        Some(m) => {
-            // The delta already carries s, so the norm is ‖W + ΔW‖ (peft passes scaling=1 here).
-            let n = in_precision!(delta.dtype(), row_norms(&sum))?;
-            let g = in_precision!(delta.dtype(), div(&m.value(), &n))?;
-            in_precision!(delta.dtype(), scale_rows(&sum, &g))?
-        }
-    };
-    Ok(merged.to_dtype(dtype))
-}
-
-/// W = W' − s·B·A, or with DoRA W'⊙(n/m) − s·B·A row-wise (peft `DoraLinearVariant.unmerge`): [out, in], f32.
-/// `dora_weight_norm` is n as [`LoraAdapter::weight_norm`] gave it at merge time (what peft caches as
-/// `{adapter}-weight_norm`): every row of W' has norm |m| whatever n was, so n cannot be recovered from W'.
-/// Plain LoRA does not read it.
-pub fn unmerged_weight(merged: &Tensor, adapter: &LoraAdapter, dora_weight_norm: Option<&Tensor>) -> Result<Tensor> {
-    let [out_f, in_f] = *merged.shape() else {
-        return Err(Error::shape("lora unmerge", format!("merged weight must be [out, in], got {:?}", merged.shape())));
-    };
-    let as_base = BaseWeight::Dense(merged.clone());
-    let delta = adapter.delta_weight(&as_base)?;
-    let merged = merged.to_dtype(delta.dtype());
-    let scaled = match &adapter.magnitude {
-        None => merged,
-        Some(m) => {
-            let n = dora_weight_norm.ok_or_else(|| {
-                Error::invalid(
-                    "lora unmerge",
-                    format!("{}: unmerging DoRA needs the weight norm from merge time", m.name()),
-                )
-            })?;
-            if n.shape() != [out_f] {
-                return Err(Error::shape(
-                    "lora unmerge",
-                    format!("{}: weight norm {:?} for merged weight [{out_f}, {in_f}]", m.name(), n.shape()),
-                ));
-            }
-            let inv_g = in_precision!(delta.dtype(), div(n, &m.value()))?;
-            in_precision!(delta.dtype(), scale_rows(&merged, &inv_g))?
-        }
-    };
-    add(&scaled, &scale(&delta, -1.0)?)
 }
 
 /// Several adapters over one frozen base (one per task), at most one active: switching tasks changes which adapter
@@ -458,14 +406,6 @@ struct AdapterSaved {
     dora: Option<DoraSaved>,
 }
 
-struct DoraSaved {
-    /// m/n [out]: scales every gradient of the correction terms.
-    g: Tensor,
-    /// n [out] and h = x_d·Wᵀ + s·x_d·Aᵀ·Bᵀ [N, out], for dm = Σ_rows(dy⊙h)/n.
-    n: Option<Tensor>,
-    h: Option<Tensor>,
-}
-
 struct LoraLinear {
     /// The frozen base, kept when dx is wanted (a handle on the caller's weight): backward re-materializes W from it.
     base: Option<BaseWeight>,
@@ -593,69 +533,4 @@ fn precision(ts: &[&Tensor]) -> DType {
     } else {
         DType::F32
     }
-}
-
-/// n = ‖W + s·B·A‖ per row (peft `get_weight_norm`): W [out, in], A [r, in], B [out, r] → [out].
-fn weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    let v = add(w, &scale(&matmul(b, a)?, s)?)?;
-    in_precision!(v.dtype(), row_norms(&v))
-}
-
-/// t: [rows, cols] → [rows] of ‖t_j‖₂, accumulated in f64 and rounded once.
-fn row_norms<T: Compute>(t: &Tensor) -> Result<Tensor> {
-    let cols = t.shape()[1];
-    let v = t.values::<T>();
-    let n = v.chunks_exact(cols).map(|row| T::c(row.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt())).collect();
-    Tensor::from_vec(n, &[t.shape()[0]])
-}
-
-/// a / b elementwise (same shapes).
-fn div<T: Compute>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let v = a.values::<T>().iter().zip(b.values::<T>().iter()).map(|(&a, &b)| a / b).collect();
-    Tensor::from_vec(v, a.shape())
-}
-
-/// t: [rows, cols], c: [cols] → t_ij·(c_j + offset).
-fn scale_cols<T: Compute>(t: &Tensor, c: &Tensor, offset: f64) -> Result<Tensor> {
-    let c: Vec<T> = c.values::<T>().iter().map(|&v| v + T::c(offset)).collect();
-    let mut out = t.to_vec::<T>();
-    for row in out.chunks_exact_mut(c.len()) {
-        row.iter_mut().zip(&c).for_each(|(v, &s)| *v = *v * s);
-    }
-    Tensor::from_vec(out, t.shape())
-}
-
-/// t: [rows, cols], c: [rows] → t_ij·c_i.
-fn scale_rows<T: Compute>(t: &Tensor, c: &Tensor) -> Result<Tensor> {
-    let cols = t.shape()[1];
-    let c = c.values::<T>();
-    let mut out = t.to_vec::<T>();
-    for (row, &s) in out.chunks_exact_mut(cols).zip(c.iter()) {
-        row.iter_mut().for_each(|v| *v = *v * s);
-    }
-    Tensor::from_vec(out, t.shape())
-}
-
-/// y = z + (g − 1)⊙z_d + g⊙sv (peft's order of terms) and, when `keep_h`, h = z_d + sv = ∂y/∂g.
-/// z, z_d, sv: [rows, out], g: [out].
-fn dora_combine<T: Compute>(
-    z: &Tensor,
-    zd: &Tensor,
-    sv: &Tensor,
-    g: &Tensor,
-    keep_h: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let g = g.values::<T>();
-    let (zd_v, sv_v) = (zd.values::<T>(), sv.values::<T>());
-    let mut y = z.to_vec::<T>();
-    let rows = y.chunks_exact_mut(g.len()).zip(zd_v.chunks_exact(g.len())).zip(sv_v.chunks_exact(g.len()));
-    for ((y, zd), sv) in rows {
-        for j in 0..g.len() {
-            y[j] = y[j] + (g[j] - T::c(1.0)) * zd[j] + g[j] * sv[j];
-        }
-    }
-    let h = keep_h
-        .then(|| Tensor::from_vec(zd_v.iter().zip(sv_v.iter()).map(|(&a, &b)| a + b).collect::<Vec<T>>(), z.shape()))
-        .transpose()?;
-    Ok((Tensor::from_vec(y, z.shape())?, h))
 }

@@ -2,9 +2,9 @@
 //! (The kernels have their own checks; these catch wiring: wrong transposes, lost scales, skipped inputs.)
 
 use qlora_autograd::{AttentionParams, Glu, Param, Tape, Var};
-use qlora_kernels::testing::{check_gradient, dot};
-use qlora_kernels::Rng;
 use qlora_runtime::ops::nn::rope_tables;
+use qlora_runtime::testing::{check_gradient, dot};
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Result, Tensor};
 
 fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use qlora_autograd::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit, Param, Tape, Var};
-use qlora_kernels::testing::{assert_close, check_gradient, dot, Tolerance};
-use qlora_kernels::Rng;
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
+use qlora_runtime::testing::{assert_close, check_gradient, dot, Tolerance};
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Tensor};
 
 const SEED: u64 = 0x5EED;

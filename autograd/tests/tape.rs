@@ -1,7 +1,7 @@
 //! Tape semantics: frozen weights, no_grad, gradient accumulation, checkpointing.
 
 use qlora_autograd::{AttentionParams, Glu, Param, Tape, Var};
-use qlora_kernels::Rng;
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Result, Tensor};
 
 fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {

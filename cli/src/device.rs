@@ -17,7 +17,7 @@ pub enum DeviceArg {
 pub fn pick(device: DeviceArg, gpu_dtype: DType, doing: &str) -> Result<(Device, DType)> {
     // Opening the device (driver, context, NVRTC) proves it usable, not just present.
     let open = || -> Result<String> {
-        let n = qlora_kernels::cuda::device_count().map_err(|e| anyhow!("{e}"))?;
+        let n = qlora_runtime::device_count().map_err(|e| anyhow!("{e}"))?;
         ensure!(n > 0, "the CUDA driver sees no GPU; run with --device cpu");
         Ok(qlora_runtime::cuda_device(0)?.to_string())
     };

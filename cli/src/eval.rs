@@ -7,10 +7,11 @@ use crate::device::DeviceArg;
 use anyhow::{bail, Context, Result};
 use qlora_autograd::{Tape, Var};
 use qlora_models::data::jsonl::{parse_record, Record};
-use qlora_models::peft::load_adapter;
-use qlora_models::tokenizer::Tokenizer;
+use qlora_models::formats::peft::load_adapter;
+use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
+use qlora_runtime::nf4::DEFAULT_BLOCKSIZE;
 use qlora_runtime::ops::nn::IGNORE_INDEX;
 use qlora_runtime::{DType, Device};
 use std::io::{BufRead, BufReader};
@@ -20,14 +21,38 @@ use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DtypeArg {
-    F32,
+    /// The design's training precision on a GPU (QLoRA's bf16 compute dtype).
     Bf16,
+    /// Full precision on the GPU too (for parity checks against the CPU; slower).
+    F32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum QuantizeArg {
-    None,
+impl DtypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F32 => DType::F32,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    /// 4-bit NormalFloat base weights (QLoRA).
     Nf4,
+    /// Dense base weights (plain LoRA).
+    None,
+}
+
+impl Quantize {
+    /// NF4 in the QLoRA paper's blocks of 64 (bitsandbytes' default), or dense in `dense`.
+    pub fn base_format(self, double_quant: bool, dense: DType) -> BaseFormat {
+        match self {
+            Quantize::Nf4 => BaseFormat::Nf4 { blocksize: DEFAULT_BLOCKSIZE, double_quant },
+            Quantize::None => BaseFormat::Dense(dense),
+        }
+    }
 }
 
 /// How a model is loaded and where it runs.
@@ -42,8 +67,8 @@ pub struct LoadArgs {
     dtype: DtypeArg,
     /// Quantize the decoder's linear weights on load: none, or nf4 (QLoRA's 4-bit NormalFloat, blocks of 64).
     /// A checkpoint saved 4-bit by bitsandbytes loads as saved with nf4 and is dequantized with none.
-    #[arg(long, value_enum, default_value_t = QuantizeArg::None)]
-    quantize: QuantizeArg,
+    #[arg(long, value_enum, default_value_t = Quantize::None)]
+    quantize: Quantize,
     /// With --quantize nf4: quantize the per-block scales too (QLoRA's double quantization).
     #[arg(long)]
     double_quant: bool,
@@ -52,27 +77,17 @@ pub struct LoadArgs {
 impl LoadArgs {
     /// Checks the flags against each other.
     pub fn base_format(&self) -> Result<BaseFormat> {
-        match (self.quantize, self.double_quant) {
-            (QuantizeArg::None, true) => bail!("--double-quant needs --quantize nf4"),
-            (QuantizeArg::None, false) => Ok(BaseFormat::Dense(match self.dtype {
-                DtypeArg::F32 => DType::F32,
-                DtypeArg::Bf16 => DType::BF16,
-            })),
-            (QuantizeArg::Nf4, double_quant) => {
-                Ok(BaseFormat::Nf4 { blocksize: qlora_kernels::nf4::DEFAULT_BLOCKSIZE, double_quant })
-            }
+        if self.quantize == Quantize::None && self.double_quant {
+            bail!("--double-quant needs --quantize nf4");
         }
+        Ok(self.quantize.base_format(self.double_quant, self.dtype.dtype()))
     }
 
     /// Where to run and the compute precision there (`--dtype` on a GPU, f32 on the CPU); `auto` prints its
     /// one-line notice. Commands call it once their inputs have been checked, so that a failing command still
     /// prints only its error.
     pub fn placement(&self) -> Result<(Device, DType)> {
-        let dtype = match self.dtype {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::Bf16 => DType::BF16,
-        };
-        crate::device::pick(self.device, dtype, "running")
+        crate::device::pick(self.device, self.dtype.dtype(), "running")
     }
 }
 

@@ -1,14 +1,14 @@
 //! `qlora-rt export-gguf --model DIR [--adapter DIR] --out FILE --type f16|q8_0|q4_0|q4_1`: a model (with a PEFT
 //! adapter merged in first, as `qlora-rt merge` writes it in bf16) as one GGUF file llama.cpp loads. The GGUF
-//! layout, metadata and quantizers are `qlora_models::gguf::export`'s; this file resolves the inputs, runs the
+//! layout, metadata and quantizers are `qlora_models::formats::gguf::export`'s; this file resolves the inputs, runs the
 //! merge into a hidden folder beside the output (removed afterwards) and reports. The file appears whole or not
 //! at all.
 
 use crate::merge::{merge, MergeArgs, MergeFrom, OutDtype};
 use crate::model_path::resolve_model;
 use anyhow::{bail, Context, Result};
-use qlora_models::gguf::export::{arch_name, export};
-use qlora_models::gguf::GgmlType;
+use qlora_models::formats::gguf::export::{arch_name, export};
+use qlora_models::formats::gguf::GgmlType;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

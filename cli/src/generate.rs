@@ -3,14 +3,16 @@
 //! through the chat template with the assistant's turn opened, and stops at the end of that turn.
 //! Everything that is not generated text (load notes, the speed line) goes to stderr.
 
-use crate::finetune::{Quantize, TemplateArg};
+use crate::eval::Quantize;
+use crate::finetune::TemplateArg;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use qlora_models::data::jsonl::Message;
 use qlora_models::data::template::ChatTemplate;
+use qlora_models::formats::peft::load_adapter;
+use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::generate::{generate, GenerateOptions, Sampling, StopReason};
-use qlora_models::peft::load_adapter;
-use qlora_models::tokenizer::Tokenizer;
 use qlora_models::transformer::CausalLm;
+use qlora_runtime::DType;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -116,7 +118,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let prompt = match (&args.prompt, &args.chat) {
         (Some(text), _) => tokenizer.encode(text, true)?,
         (None, Some(user)) => {
-            let text = |t: &Option<qlora_models::tokenizer::SpecialToken>| {
+            let text = |t: &Option<qlora_models::formats::tokenizer::SpecialToken>| {
                 t.as_ref().map(|t| t.text.clone()).unwrap_or_default()
             };
             let (bos, eos) = (text(&tokenizer.bos), text(&tokenizer.eos));
@@ -145,7 +147,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
     let quantize = args.quantize.unwrap_or(if args.adapter.is_some() { Quantize::Nf4 } else { Quantize::None });
     let load_start = Instant::now();
-    let mut model = CausalLm::load(&model_dir, quantize.base_format(!args.no_double_quant))?;
+    let mut model = CausalLm::load(&model_dir, quantize.base_format(!args.no_double_quant, DType::F32))?;
     if let Some(dir) = &args.adapter {
         let n = load_adapter(&mut model, dir)?;
         // Inference: peft's eval mode, no adapter dropout.

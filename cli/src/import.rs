@@ -1,6 +1,6 @@
 //! `qlora-rt import --gguf FILE --out DIR`: a llama.cpp GGUF model as a Hugging Face model folder (config.json,
 //! model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json). The mapping is
-//! `qlora_models::gguf`'s, the folder handling (refusing to overwrite, streaming the weights out one
+//! `qlora_models::formats::gguf`'s, the folder handling (refusing to overwrite, streaming the weights out one
 //! tensor at a time, making the folder appear whole or not at all) `crate::model_path`'s; this file reports.
 
 use crate::model_path::{import_gguf, Imported, WeightDtype};

@@ -3,12 +3,12 @@
 //! bitsandbytes quantization, and the weight memory it needs in bf16, NF4 and NF4 with double quantization.
 
 use anyhow::{bail, Context, Result};
-use qlora_kernels::nf4::{nf4_num_blocks, nf4_packed_len, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE};
-use qlora_models::bnb::{is_decoder_linear, QuantState};
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::config::LayerKind;
-use qlora_models::peft::{AdapterConfig, KEY_PREFIX};
+use qlora_models::config::{projection_kinds, LayerKind};
+use qlora_models::formats::bnb::{is_decoder_linear, QuantState};
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::peft::{AdapterConfig, KEY_PREFIX};
 use qlora_models::ModelConfig;
+use qlora_runtime::nf4::{nf4_num_blocks, nf4_packed_len, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -230,8 +230,8 @@ fn adapter_report(dir: &Path) -> Result<String> {
         }
     }
     // transformers' module order, unknown kinds last.
-    const ORDER: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    kinds.sort_by_key(|k| ORDER.iter().position(|o| o == k).unwrap_or(ORDER.len()));
+    let order = projection_kinds();
+    kinds.sort_by_key(|k| order.iter().position(|o| o == k).unwrap_or(order.len()));
     let variant = match (cfg.use_dora, cfg.use_rslora) {
         (true, true) => "DoRA, rsLoRA scaling",
         (true, false) => "DoRA",

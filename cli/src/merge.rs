@@ -5,20 +5,20 @@
 //! floats converted to `--dtype`. config.json loses its quantization_config and records the output dtype;
 //! tokenizer, chat-template and generation files are copied. The folder appears whole or not at all.
 
-use crate::model_path::{check_out, is_companion_file, resolve_model, write_json, Staging};
+use crate::model_path::{check_out, companion_files, resolve_model, write_json, Staging};
 use anyhow::{bail, Context, Result};
-use qlora_autograd::{merged_weight, LoraAdapter, Param};
-use qlora_kernels::nf4::DEFAULT_BLOCKSIZE;
-use qlora_models::bnb;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::peft::{AdapterConfig, KEY_PREFIX};
+use qlora_autograd::merged_weight;
+use qlora_models::formats::bnb;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::peft::read_adapter;
 use qlora_models::ModelConfig;
+use qlora_runtime::nf4::DEFAULT_BLOCKSIZE;
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::DType;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -75,71 +75,6 @@ pub struct MergeArgs {
     /// trains (the default matches finetune's default, double quantization).
     #[arg(long)]
     pub(crate) no_double_quant: bool,
-}
-
-/// Every projection of the decoder as transformers names it, with its [out, in] shape.
-fn projections(c: &ModelConfig) -> Vec<(String, [usize; 2])> {
-    let (h, qo, kvo, im) =
-        (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
-    (0..c.num_hidden_layers)
-        .flat_map(|i| {
-            let p = format!("model.layers.{i}");
-            [
-                (format!("{p}.self_attn.q_proj"), [qo, h]),
-                (format!("{p}.self_attn.k_proj"), [kvo, h]),
-                (format!("{p}.self_attn.v_proj"), [kvo, h]),
-                (format!("{p}.self_attn.o_proj"), [h, qo]),
-                (format!("{p}.mlp.gate_proj"), [im, h]),
-                (format!("{p}.mlp.up_proj"), [im, h]),
-                (format!("{p}.mlp.down_proj"), [h, im]),
-            ]
-        })
-        .collect()
-}
-
-/// The adapter in `dir`, by module path, for the given projections (as `peft::load_adapter` reads it, without
-/// building the model): every `lora_*` tensor must belong to one of them, with matching shapes.
-fn read_adapters(dir: &Path, projections: &[(String, [usize; 2])]) -> Result<HashMap<String, LoraAdapter>> {
-    let cfg_path = dir.join("adapter_config.json");
-    let text =
-        std::fs::read_to_string(&cfg_path).with_context(|| format!("--adapter: reading {}", cfg_path.display()))?;
-    let cfg = AdapterConfig::parse(&text, &cfg_path)?;
-    let ck = Checkpoint::from_files(&[dir.join("adapter_model.safetensors")])?;
-    let mut used = BTreeSet::new();
-    let mut adapters = HashMap::new();
-    for (name, [out_f, in_f]) in projections {
-        let key = |suffix: &str| format!("{KEY_PREFIX}{name}.{suffix}");
-        let (a_key, b_key, m_key) = (key("lora_A.weight"), key("lora_B.weight"), key("lora_magnitude_vector"));
-        if !ck.contains(&a_key) && !ck.contains(&b_key) {
-            continue;
-        }
-        let config = cfg.for_module(name);
-        let a = ck.load_shaped(&a_key, &[config.r, *in_f])?.to_dtype(DType::F32);
-        let b = ck.load_shaped(&b_key, &[*out_f, config.r])?.to_dtype(DType::F32);
-        let magnitude = if config.use_dora {
-            let m = ck.load_shaped(&m_key, &[*out_f])?.to_dtype(DType::F32);
-            used.insert(m_key);
-            Some(Param::frozen(format!("{name}.lora_magnitude_vector"), m))
-        } else {
-            None
-        };
-        used.insert(a_key);
-        used.insert(b_key);
-        let adapter = LoraAdapter {
-            lora_a: Param::frozen(format!("{name}.lora_A.weight"), a),
-            lora_b: Param::frozen(format!("{name}.lora_B.weight"), b),
-            magnitude,
-            config,
-        };
-        adapters.insert(name.clone(), adapter.without_dropout());
-    }
-    if let Some(stray) = ck.names().into_iter().find(|n| !used.contains(*n)) {
-        return Err(ck.tensor_error(stray, "does not belong to any adapted projection of this model").into());
-    }
-    if adapters.is_empty() {
-        bail!("--adapter {}: adapts no projection of this model", dir.display());
-    }
-    Ok(adapters)
 }
 
 /// One tensor of the output: where it comes from and what it is written as.
@@ -208,8 +143,11 @@ pub(crate) fn merge(args: &MergeArgs) -> Result<Merged> {
     obj.insert("torch_dtype".into(), json!(args.dtype.torch_name()));
     obj.insert("dtype".into(), json!(args.dtype.torch_name()));
 
-    let projections = projections(&config);
-    let adapters = read_adapters(&args.adapter, &projections)?;
+    let projections = config.projections();
+    let adapters = read_adapter(&args.adapter, &projections).context("--adapter")?;
+    if adapters.is_empty() {
+        bail!("--adapter {}: adapts no projection of this model", args.adapter.display());
+    }
     let ck = Checkpoint::open(&model_dir)?;
     let out_dtype = args.dtype.dtype();
 
@@ -305,14 +243,7 @@ pub(crate) fn merge(args: &MergeArgs) -> Result<Merged> {
     f.sync_all().map_err(io)?;
 
     let mut copied = 0usize;
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(&model_dir)
-        .with_context(|| format!("listing {}", model_dir.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()
-        .with_context(|| format!("listing {}", model_dir.display()))?;
-    entries.retain(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(is_companion_file));
-    entries.sort();
-    for path in &entries {
+    for path in &companion_files(&model_dir)? {
         let name = path.file_name().context("a listed file has a name")?;
         std::fs::copy(path, staging.path.join(name))
             .with_context(|| format!("copying {} to {}", path.display(), staging.path.display()))?;

@@ -5,7 +5,7 @@
 //! renamed into place only once complete.
 
 use anyhow::{bail, ensure, Context, Result};
-use qlora_models::gguf::{GgufFile, HfImport};
+use qlora_models::formats::gguf::{GgufFile, HfImport};
 use qlora_models::ModelConfig;
 use qlora_runtime::{DType, Tensor};
 use serde_json::{json, Map, Value};
@@ -219,9 +219,21 @@ pub fn resolve_model(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// The files a model folder carries besides its weights and config.json (tokenizer, chat-template and
-/// generation-config files), which commands writing a model folder copy unchanged.
-pub fn is_companion_file(name: &str) -> bool {
+/// The files of `dir` that a model folder carries besides its weights and config.json (tokenizer, chat-template and
+/// generation-config files, as `save_pretrained` writes them), sorted: what commands writing a model folder copy
+/// unchanged.
+pub fn companion_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("listing {}", dir.display()))?;
+    files.retain(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(is_companion_file));
+    files.sort();
+    Ok(files)
+}
+
+fn is_companion_file(name: &str) -> bool {
     name.starts_with("tokenizer")
         || name.starts_with("chat_template")
         || matches!(

@@ -1,13 +1,14 @@
 //! `qlora-rt quantize`: writes a Hugging Face model folder as the 4-bit NF4 checkpoint that transformers +
 //! bitsandbytes save (`from_pretrained(dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
 //! bnb_4bit_quant_type="nf4", ...))` then `save_pretrained`): the same model.safetensors and config.json byte for
-//! byte, with the tokenizer, generation-config and chat-template files copied. The format is `qlora_models::bnb`'s;
+//! byte, with the tokenizer, generation-config and chat-template files copied. The format is `qlora_models::formats::bnb`'s;
 //! this file owns the folders: refusing to overwrite, writing each file atomically.
 
+use crate::model_path::{check_out, companion_files};
 use anyhow::{ensure, Context, Result};
-use qlora_models::bnb::{self, QuantizeOptions};
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::fsutil::{write_atomic, write_atomic_with};
+use qlora_models::formats::bnb::{self, QuantizeOptions};
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::fsutil::{write_atomic, write_atomic_with};
 use qlora_models::ModelConfig;
 use qlora_runtime::DType;
 use std::io::{BufWriter, Write};
@@ -32,33 +33,10 @@ pub struct QuantizeArgs {
     compute_dtype: String,
 }
 
-/// The files a model folder carries besides its weights and config.json, as tokenizer and generation-config
-/// `save_pretrained` write them; copied unchanged.
-fn is_companion_file(name: &str) -> bool {
-    name.starts_with("tokenizer")
-        || name.starts_with("chat_template")
-        || matches!(
-            name,
-            "generation_config.json" | "special_tokens_map.json" | "added_tokens.json" | "vocab.json" | "merges.txt"
-        )
-}
-
 /// Creates `out`, or accepts it empty: a quantized model is never written over another folder's files.
 fn prepare_out(out: &Path) -> Result<()> {
-    match std::fs::read_dir(out) {
-        Ok(mut entries) => {
-            ensure!(
-                entries.next().is_none(),
-                "--out {} exists and is not empty; give a new or empty folder",
-                out.display()
-            );
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(out).with_context(|| format!("creating --out {}", out.display()))
-        }
-        Err(e) => Err(e).with_context(|| format!("--out {}", out.display())),
-    }
+    check_out(out)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating --out {}", out.display()))
 }
 
 pub fn run(args: &QuantizeArgs) -> Result<()> {
@@ -96,13 +74,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     })?;
     let summary = summary.context("the weights writer returned without a summary")?;
 
-    let mut companions: Vec<PathBuf> = std::fs::read_dir(&args.model)
-        .with_context(|| format!("listing {}", args.model.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()
-        .with_context(|| format!("listing {}", args.model.display()))?;
-    companions.retain(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(is_companion_file));
-    companions.sort();
+    let companions = companion_files(&args.model)?;
     for path in &companions {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let name = path.file_name().context("a listed file has a name")?;

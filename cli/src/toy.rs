@@ -2,9 +2,9 @@
 
 use anyhow::{ensure, Context, Result};
 use qlora_autograd::Tape;
-use qlora_kernels::Rng;
 use qlora_models::toy::{ToyConfig, ToyDecoder};
 use qlora_optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
+use qlora_runtime::Rng;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -39,7 +39,7 @@ pub fn run(args: &ToyArgs) -> Result<()> {
     let mut rng = Rng::new(args.seed ^ 0x5EED);
     let cfg = model.config();
     println!(
-        "toy decoder: {} layers, hidden {}, {} heads / {} KV heads, vocab {}, {} parameters; {} packed sequences of {} tokens per step",
+        "toy decoder: {} layers, hidden {}, {} heads / {} KV heads, vocab {}, {} trained parameters (LoRA over NF4 projections, embeddings, norms, head); {} packed sequences of {} tokens per step",
         cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.vocab, n_params, cfg.seqs_per_batch, cfg.seq_len
     );
     let start = Instant::now();

@@ -102,7 +102,7 @@ fn usage_mistakes_are_one_line() {
 
 #[test]
 fn kernels_measure_on_a_gpu_or_say_why_not() {
-    let gpu = qlora_kernels::cuda::CudaDevice::new(0).is_ok();
+    let gpu = qlora_runtime::cuda_device(0).is_ok();
     // On a GPU, a filter that matches no row still measures the two ceilings.
     let out = qlora_rt(&["bench", "kernels", "--json", "--reps", "20", "--warmup", "1", "--filter", "no such kernel"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -15,9 +15,9 @@
 //! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-rt, or QLORA_RT_BIN when the test runs on another
 //! machine; the fixture comes from CARGO_MANIFEST_DIR, or QLORA_FIXTURES (the `tests/fixtures` folder).
 
-use qlora_kernels::testing::{fixtures_dir, gpu};
-use qlora_models::peft::load_adapter;
+use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
+use qlora_runtime::testing::{fixtures_dir, gpu};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

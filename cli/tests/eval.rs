@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::qlora_rt;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::tokenizer::Tokenizer;
+use common::{one_line_error, qlora_rt};
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
@@ -134,15 +134,6 @@ fn rows_pack_mask_and_tokenize() {
     assert_eq!(by_text["tokens"].as_u64(), Some(tokenized.len() as u64 - 1));
 }
 
-fn failure(args: &[&str]) -> String {
-    let out = qlora_rt(args);
-    assert_eq!(out.status.code(), Some(1), "{args:?} should fail with status 1");
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line on stderr, got: {err}");
-    assert!(err.starts_with("qlora-rt: error: ") && !err.contains("panicked"), "{err}");
-    err
-}
-
 #[test]
 fn bad_input_is_one_line_naming_file_and_line() {
     let ids = Reference::open().ids();
@@ -159,23 +150,23 @@ fn bad_input_is_one_line_naming_file_and_line() {
     ];
     for (name, lines, expected) in cases {
         let data = write(dir.path(), name, &lines);
-        let err = failure(&["eval", "--model", m, "--data", data.to_str().unwrap(), "--device", "cpu"]);
+        let err = one_line_error(&["eval", "--model", m, "--data", data.to_str().unwrap(), "--device", "cpu"]);
         assert!(err.contains(&format!("{name}: {expected}")), "{err}");
     }
     let data = write(dir.path(), "ok.jsonl", &[ids_row(&ids)]);
     let d = data.to_str().unwrap();
-    if !qlora_kernels::cuda::device_count().is_ok_and(|n| n > 0) {
-        let err = failure(&["eval", "--model", m, "--data", d, "--device", "cuda"]);
+    if !qlora_runtime::device_count().is_ok_and(|n| n > 0) {
+        let err = one_line_error(&["eval", "--model", m, "--data", d, "--device", "cuda"]);
         assert!(err.contains("--device cuda: ") && err.contains("--device cpu"), "{err}");
     }
-    let err = failure(&["eval", "--model", m, "--data", d, "--adapter", a, "--adapter", a]);
+    let err = one_line_error(&["eval", "--model", m, "--data", d, "--adapter", a, "--adapter", a]);
     assert!(err.contains("stacking"), "{err}");
-    let err = failure(&["eval", "--model", m, "--data", d, "--double-quant", "--device", "cpu"]);
+    let err = one_line_error(&["eval", "--model", m, "--data", d, "--double-quant", "--device", "cpu"]);
     assert!(err.contains("--double-quant needs --quantize nf4"), "{err}");
-    let err = failure(&["eval", "--model", m, "--data", "/nonexistent/data.jsonl", "--device", "cpu"]);
+    let err = one_line_error(&["eval", "--model", m, "--data", "/nonexistent/data.jsonl", "--device", "cpu"]);
     assert!(err.contains("/nonexistent/data.jsonl"), "{err}");
     let empty = write(dir.path(), "empty.jsonl", &[ids_row(&ids[..1])]);
-    let err = failure(&["eval", "--model", m, "--data", empty.to_str().unwrap(), "--device", "cpu"]);
+    let err = one_line_error(&["eval", "--model", m, "--data", empty.to_str().unwrap(), "--device", "cpu"]);
     assert!(err.contains("no row has a token to predict"), "{err}");
 
     // --device auto says in one notice on stderr where it runs: the CPU unless there is a usable GPU.
@@ -183,7 +174,7 @@ fn bad_input_is_one_line_naming_file_and_line() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.trim_end().lines().collect();
-    let gpu = qlora_kernels::cuda::device_count().is_ok_and(|n| n > 0);
+    let gpu = qlora_runtime::device_count().is_ok_and(|n| n > 0);
     let (start, end) = if gpu {
         ("qlora-rt: note: running on cuda:0", ")")
     } else {

@@ -7,9 +7,9 @@ mod common;
 
 use common::qlora_rt_cached;
 use qlora_autograd::Tape;
-use qlora_models::bnb;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::gguf::{GgufFile, HfImport};
+use qlora_models::formats::bnb;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::gguf::{GgufFile, HfImport};
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};
@@ -77,18 +77,7 @@ fn adapter_export_equals_exporting_the_merge() {
     assert!(stdout.contains("merged 14 adapted projection(s)"), "{stdout}");
     // Named like the model folder, so that general.name matches too.
     let merged = dir.path().join("m").join("llama");
-    ok(qlora_rt_cached(
-        &[
-            "merge",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            merged.to_str().unwrap(),
-        ],
-        None,
-    ));
+    ok(common::merge(&model, &adapter, &merged, &[]));
     let via_merge = dir.path().join("via_merge.gguf");
     ok(export(&merged, &via_merge, "q8_0", &[]));
     assert_eq!(std::fs::read(&direct).unwrap(), std::fs::read(&via_merge).unwrap());

@@ -5,7 +5,7 @@
 mod common;
 
 use common::qlora_rt;
-use qlora_models::peft::load_adapter;
+use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::DType;
 use serde_json::Value;
@@ -352,7 +352,7 @@ fn dora_on_cuda_is_refused_clearly() {
 /// Where there is a GPU, `--device cuda` trains (cli/tests/cuda_finetune.rs checks that).
 #[test]
 fn cuda_without_a_gpu_is_one_clear_error() {
-    if qlora_kernels::cuda::device_count().is_ok_and(|n| n > 0) {
+    if qlora_runtime::device_count().is_ok_and(|n| n > 0) {
         println!("cuda_without_a_gpu_is_one_clear_error: skipped: this machine has a GPU");
         return;
     }

@@ -7,8 +7,8 @@ mod common;
 
 use common::qlora_rt;
 use qlora_autograd::Tape;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::tokenizer::Tokenizer;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 mod common;
 
 use common::qlora_rt;
-use qlora_models::checkpoint::Checkpoint;
+use qlora_models::formats::checkpoint::Checkpoint;
 use std::path::{Path, PathBuf};
 
 fn fixture(family: &str) -> PathBuf {

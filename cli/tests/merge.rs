@@ -7,8 +7,8 @@ mod common;
 
 use common::qlora_rt_cached;
 use qlora_autograd::Tape;
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::peft::load_adapter;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};
@@ -23,18 +23,7 @@ fn tiny_gguf() -> PathBuf {
 }
 
 fn merge(model: &Path, out: &Path, flags: &[&str]) -> Output {
-    let adapter = llama().join("adapter");
-    let mut args = vec![
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend(flags);
-    qlora_rt_cached(&args, None)
+    common::merge(model, &llama().join("adapter"), out, flags)
 }
 
 fn merged(model: &Path, out: &Path, flags: &[&str]) -> PathBuf {

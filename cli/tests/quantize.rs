@@ -10,14 +10,14 @@
 
 mod common;
 
-use common::qlora_rt;
+use common::{one_line_error, qlora_rt};
 use qlora_autograd::Tape;
-use qlora_kernels::nf4::quantize_absmax_nested_with_offset;
-use qlora_kernels::testing::{assert_close, Tolerance};
-use qlora_models::bnb::QuantState;
-use qlora_models::checkpoint::Checkpoint;
+use qlora_models::formats::bnb::QuantState;
+use qlora_models::formats::checkpoint::Checkpoint;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_runtime::nf4::quantize_absmax_nested_with_offset;
 use qlora_runtime::quant::{Absmax, Nf4Weight};
+use qlora_runtime::testing::{assert_close, Tolerance};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
@@ -207,15 +207,6 @@ fn prequantized_models_load_as_saved() {
             }
         }
     }
-}
-
-fn one_line_error(args: &[&str]) -> String {
-    let out = qlora_rt(args);
-    assert_eq!(out.status.code(), Some(1), "{args:?} should fail with status 1");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line on stderr, got: {err}");
-    assert!(err.starts_with("qlora-rt: error: ") && !err.contains("panicked"), "{err}");
-    err
 }
 
 #[test]

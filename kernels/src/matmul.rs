@@ -87,13 +87,7 @@ pub fn matmul<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
     if g.batch == 0 {
         return;
     }
-    let c_len = required_len("C", g.batch, g.stride_c, m.checked_mul(n), c.len());
-    assert!(
-        g.batch == 1 || g.stride_c >= m * n,
-        "matmul: stride_c {} < m·n {} overlaps batch entries",
-        g.stride_c,
-        m * n
-    );
+    let c_len = check_c(g, c.len());
     if m * n == 0 {
         return;
     }
@@ -105,8 +99,7 @@ pub fn matmul<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
         }
         return;
     }
-    required_len("A", g.batch, g.stride_a, m.checked_mul(k), a.len());
-    required_len("B", g.batch, g.stride_b, k.checked_mul(n), b.len());
+    check_ab(g, a.len(), b.len());
     let entry = |i: usize, c_b: &mut [T], par: Parallelism| {
         let a_b = &a[i * g.stride_a..i * g.stride_a + m * k];
         let b_b = &b[i * g.stride_b..i * g.stride_b + k * n];
@@ -121,6 +114,27 @@ pub fn matmul<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
             .with_min_len(MIN_TASK_FLOPS.div_ceil(flops))
             .for_each(|(i, c_b)| entry(i, c_b, Parallelism::None));
     }
+}
+
+/// The elements of C that a non-empty batch writes, after asserting that `c_len` holds them and that batch entries do
+/// not overlap (the CUDA twin shares the contract).
+pub(crate) fn check_c(g: &Gemm, c_len: usize) -> usize {
+    let (m, n) = (g.m, g.n);
+    let need = required_len("C", g.batch, g.stride_c, m.checked_mul(n), c_len);
+    assert!(
+        g.batch == 1 || g.stride_c >= m * n,
+        "matmul: stride_c {} < m·n {} overlaps batch entries",
+        g.stride_c,
+        m * n
+    );
+    need
+}
+
+/// Asserts that A and B hold every batch entry: checked only where the product reads them (not when k == 0 or
+/// alpha == 0), by both twins.
+pub(crate) fn check_ab(g: &Gemm, a_len: usize, b_len: usize) {
+    required_len("A", g.batch, g.stride_a, g.m.checked_mul(g.k), a_len);
+    required_len("B", g.batch, g.stride_b, g.k.checked_mul(g.n), b_len);
 }
 
 /// `(batch − 1)·stride + size`, asserted to fit in `len` (and not to overflow).

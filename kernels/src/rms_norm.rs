@@ -14,7 +14,7 @@ const MAX_DW_BLOCKS: usize = 64;
 
 /// x: [rows, dim], weight: [dim] → y: [rows, dim], rstd: [rows] (saved for backward)
 pub fn rms_norm_forward<T: Float>(x: &[T], weight: &[T], dim: usize, eps: T, offset: T, y: &mut [T], rstd: &mut [T]) {
-    let rows = check_shapes(x, weight, dim, rstd.len());
+    let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(y.len(), rows * dim, "rms_norm_forward: y length");
     let n = T::c(dim as f64);
     y.par_chunks_mut(dim)
@@ -43,7 +43,7 @@ pub fn rms_norm_backward<T: Float>(
     dx: &mut [T],
     dw: &mut [T],
 ) {
-    let rows = check_shapes(x, weight, dim, rstd.len());
+    let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(dy.len(), rows * dim, "rms_norm_backward: dy length");
     assert_eq!(dx.len(), rows * dim, "rms_norm_backward: dx length");
     assert_eq!(dw.len(), dim, "rms_norm_backward: dw length");
@@ -77,12 +77,12 @@ pub fn rms_norm_backward<T: Float>(
     }
 }
 
-/// The row count, after asserting the shapes shared by forward and backward.
-fn check_shapes<T: Float>(x: &[T], weight: &[T], dim: usize, rstd_len: usize) -> usize {
+/// The row count, after asserting the shapes shared by forward and backward (the CUDA launchers share the contract).
+pub(crate) fn check_shapes(x_len: usize, weight_len: usize, dim: usize, rstd_len: usize) -> usize {
     assert!(dim > 0, "rms_norm: dim must be positive");
-    assert_eq!(x.len() % dim, 0, "rms_norm: x length {} is not a multiple of dim {dim}", x.len());
-    assert_eq!(weight.len(), dim, "rms_norm: weight length");
-    let rows = x.len() / dim;
+    assert_eq!(x_len % dim, 0, "rms_norm: x length {x_len} is not a multiple of dim {dim}");
+    assert_eq!(weight_len, dim, "rms_norm: weight length");
+    let rows = x_len / dim;
     assert_eq!(rstd_len, rows, "rms_norm: rstd length");
     rows
 }

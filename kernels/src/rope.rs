@@ -174,22 +174,27 @@ mod tests {
         assert_eq!(&sin[..3], [0.0; 3]);
     }
 
+    /// forward on random inputs against transformers' rotate_half: the same operations in the same order, so equal
+    /// to the bit.
+    fn assert_matches_transformers(rng: &mut Rng, tokens: usize, heads: usize, head_dim: usize) {
+        let inv_freq: Vec<f64> = rope_inv_freq(head_dim, 10000.0);
+        let pos = positions(rng, tokens);
+        let x = randn(rng, tokens * heads * head_dim);
+        let (cos, sin) = tables(&pos, &inv_freq);
+        assert_eq!(
+            forward(&x, &cos, &sin, heads, head_dim),
+            transformers_reference(&x, &pos, &inv_freq, heads, head_dim),
+            "tokens {tokens} heads {heads} head_dim {head_dim}"
+        );
+    }
+
     #[test]
     fn forward_matches_transformers_rotate_half() {
         let mut rng = Rng::new(1);
         for tokens in TOKENS {
             for heads in HEADS {
                 for head_dim in HEAD_DIMS {
-                    let inv_freq: Vec<f64> = rope_inv_freq(head_dim, 10000.0);
-                    let pos = positions(&mut rng, tokens);
-                    let x = randn(&mut rng, tokens * heads * head_dim);
-                    let (cos, sin) = tables(&pos, &inv_freq);
-                    // Same operations in the same order: equal to the bit.
-                    assert_eq!(
-                        forward(&x, &cos, &sin, heads, head_dim),
-                        transformers_reference(&x, &pos, &inv_freq, heads, head_dim),
-                        "tokens {tokens} heads {heads} head_dim {head_dim}"
-                    );
+                    assert_matches_transformers(&mut rng, tokens, heads, head_dim);
                 }
             }
         }
@@ -244,16 +249,7 @@ mod tests {
 
     #[test]
     fn many_tokens_split_across_tasks_match_reference() {
-        let mut rng = Rng::new(5);
-        let (tokens, heads, head_dim) = (300, 4, 64);
-        let inv_freq: Vec<f64> = rope_inv_freq(head_dim, 10000.0);
-        let pos = positions(&mut rng, tokens);
-        let x = randn(&mut rng, tokens * heads * head_dim);
-        let (cos, sin) = tables(&pos, &inv_freq);
-        assert_eq!(
-            forward(&x, &cos, &sin, heads, head_dim),
-            transformers_reference(&x, &pos, &inv_freq, heads, head_dim)
-        );
+        assert_matches_transformers(&mut Rng::new(5), 300, 4, 64);
     }
 
     #[test]

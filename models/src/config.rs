@@ -353,6 +353,44 @@ impl ModelConfig {
     }
 }
 
+/// A decoder layer's linear modules in transformers' order (q, k, v, o, gate, up, down), as paths under
+/// `model.layers.{i}`: the one list that loading, moving, adapting, merging and quantizing walk.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// The projections' own names (`q_proj`, …, `down_proj`) in [`PROJECTIONS`] order: what peft's `target_modules`
+/// lists and a module path ends with.
+pub fn projection_kinds() -> [&'static str; 7] {
+    PROJECTIONS.map(|p| p.rsplit_once('.').map_or(p, |(_, kind)| kind))
+}
+
+impl ModelConfig {
+    /// Layer `i`'s projections in [`PROJECTIONS`] order: module path, [out, in], and whether it has a bias.
+    pub fn layer_projections(&self, i: usize) -> [(String, [usize; 2], bool); 7] {
+        let (h, im, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (qo, kvo) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
+        let (ab, mb) = (self.attention_bias, self.mlp_bias);
+        let shapes =
+            [([qo, h], ab), ([kvo, h], ab), ([kvo, h], ab), ([h, qo], ab), ([im, h], mb), ([im, h], mb), ([h, im], mb)];
+        std::array::from_fn(|j| (format!("model.layers.{i}.{}", PROJECTIONS[j]), shapes[j].0, shapes[j].1))
+    }
+
+    /// Every layer's projections, layer by layer: module path and [out, in].
+    pub fn projections(&self) -> Vec<(String, [usize; 2])> {
+        (0..self.num_hidden_layers)
+            .flat_map(|i| self.layer_projections(i))
+            .map(|(name, shape, _)| (name, shape))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

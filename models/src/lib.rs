@@ -1,21 +1,19 @@
-//! qlora-rt models. Owns: model definitions written with the autograd ops, checkpoint loading, adapters and
-//! their PEFT files. Must not own numerics (`runtime`, `kernels`) or training loops (`cli`).
+//! qlora-rt models. Owns the model definitions written with the autograd ops ([`config`], [`transformer`],
+//! [`rope`], [`kv_cache`], [`generate`], [`toy`]), the files models and adapters are read from and written to
+//! ([`formats`]), and the training-data pipeline ([`data`]). Must not own numerics (`runtime`, `kernels`) or
+//! training loops (`cli`).
 //!
-//! [`toy`] is a two-layer Llama-shaped decoder trained from scratch on a synthetic task, which exercises every
-//! op of the training graph end to end on CPU without any checkpoint file.
+//! [`toy`] is the decoder at two layers, trained from scratch on a synthetic task, which exercises every op of the
+//! training graph end to end on CPU without any checkpoint file.
 
-pub mod bnb;
-pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
-pub mod fsutil;
+pub mod formats;
 pub mod generate;
-pub mod gguf;
-pub mod peft;
+pub mod kv_cache;
 pub mod rope;
 pub mod synthetic;
-pub mod tokenizer;
 pub mod toy;
 pub mod transformer;
 

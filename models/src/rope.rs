@@ -2,7 +2,7 @@
 //! (`modeling_rope_utils.py`: default, linear, llama3), computed in f32 as transformers does.
 
 use crate::config::{Rope, RopeScaling};
-use qlora_kernels::rope::rope_inv_freq;
+use qlora_runtime::rope_inv_freq;
 
 /// inv_freq: [head_dim / 2].
 pub fn inv_freq(rope: &Rope, head_dim: usize) -> Vec<f32> {

@@ -1,15 +1,20 @@
-//! A tiny Llama-shaped decoder trained from random initialisation on a synthetic task whose loss can only fall
-//! if attention works: each sequence counts modulo the vocabulary with a per-sequence step,
-//! t[i+1] = (t[i] + s) mod V with s ∈ {1, 2, 3}, so predicting token i+1 needs s, readable only by attending
-//! to earlier tokens. Sequences are packed into one row with restarting positions (cu_seqlens), and each
-//! decoder layer runs under a gradient-checkpoint scope, as real training does.
+//! A tiny Llama trained from random initialisation on a synthetic task whose loss can only fall if attention works:
+//! each sequence counts modulo the vocabulary with a per-sequence step, t[i+1] = (t[i] + s) mod V with
+//! s ∈ {1, 2, 3}, so predicting token i+1 needs s, readable only by attending to earlier tokens.
+//!
+//! The model is the real decoder ([`CausalLm`]) built from a tiny config, trained the way `finetune` trains: the
+//! projections are frozen NF4 (quantized from their random initialisation) under trainable LoRA adapters; the
+//! embeddings, norms and head, which a fine-tune keeps frozen, train too, since nothing was pretrained. Sequences are
+//! packed into one row with restarting positions (cu_seqlens), and each decoder layer runs under a gradient-checkpoint
+//! scope, as real training does.
 
-use qlora_autograd::{AttentionParams, Glu, Param, Tape, Var};
-use qlora_kernels::rope::rope_inv_freq;
-use qlora_kernels::Rng;
-use qlora_runtime::ops::nn::rope_tables;
-use qlora_runtime::{DType, Result, Tensor};
-use std::rc::Rc;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::transformer::{Batch, CausalLm, Projection, Weights};
+use qlora_autograd::{LoraAdapter, LoraConfig, Param, Tape, Var};
+use qlora_runtime::quant::{BaseWeight, Nf4Weight};
+use qlora_runtime::{nf4, DType, Rng, Tensor};
+use std::path::Path;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ToyConfig {
@@ -39,103 +44,89 @@ impl Default for ToyConfig {
 }
 
 impl ToyConfig {
-    fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+    /// The config.json of this toy Llama.
+    fn model_config(&self) -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "llama",
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10_000.0,
+            "tie_word_embeddings": false,
+        });
+        ModelConfig::parse(&json.to_string(), Path::new("toy config")).expect("the toy's sizes make a valid Llama")
     }
 }
 
-struct Layer {
-    input_layernorm: Param,
-    q_proj: Param,
-    k_proj: Param,
-    v_proj: Param,
-    o_proj: Param,
-    post_attention_layernorm: Param,
-    gate_proj: Param,
-    up_proj: Param,
-    down_proj: Param,
+/// The adapters' hyperparameters: rank 8, alpha 16, as QLoRA recipes start.
+fn lora_config() -> LoraConfig {
+    LoraConfig { r: 8, alpha: 16.0, ..LoraConfig::default() }
 }
 
-/// Per-batch inputs every layer reads.
-struct Batch {
-    cos: Tensor,
-    sin: Tensor,
-    cu_seqlens: Tensor,
+/// A fresh initialisation: norms at one, embeddings N(0, 1), the head and the projections' bases as torch's
+/// `nn.Linear` (U(−1/√in, 1/√in)), the bases then quantized to NF4 with double quantization and adapted.
+struct Init {
+    rng: Rng,
+}
+
+impl Init {
+    fn linear(&mut self, out: usize, inp: usize) -> Tensor {
+        let bound = 1.0 / (inp as f64).sqrt();
+        Tensor::uniform(&[out, inp], -bound, bound, DType::F32, &mut self.rng)
+    }
+}
+
+impl Weights for Init {
+    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param> {
+        let value = match name {
+            "model.embed_tokens.weight" => Tensor::randn(shape, 1.0, DType::F32, &mut self.rng),
+            "lm_head.weight" => self.linear(shape[0], shape[1]),
+            _ => Tensor::ones(shape, DType::F32),
+        };
+        Ok(Param::trainable(name, value))
+    }
+
+    fn projection(&mut self, name: String, [out, inp]: [usize; 2], _bias: bool) -> Result<Projection> {
+        let w = self.linear(out, inp);
+        let base = BaseWeight::Nf4(Nf4Weight::quantize(&w, nf4::DEFAULT_BLOCKSIZE, true)?);
+        let adapter = LoraAdapter::new(&name, &base, &lora_config(), &mut self.rng)?;
+        Ok(Projection { name, base, bias: None, adapter: Some(adapter) })
+    }
+
+    fn has(&self, _: &str) -> bool {
+        true
+    }
 }
 
 pub struct ToyDecoder {
     cfg: ToyConfig,
-    embed_tokens: Param,
-    layers: Rc<Vec<Layer>>,
-    norm: Param,
-    lm_head: Param,
-    inv_freq: Tensor,
-}
-
-fn linear_init(name: String, out: usize, inp: usize, rng: &mut Rng) -> Param {
-    let bound = 1.0 / (inp as f64).sqrt();
-    Param::trainable(name, Tensor::uniform(&[out, inp], -bound, bound, DType::F32, rng))
+    model: CausalLm,
 }
 
 impl ToyDecoder {
     pub fn new(cfg: ToyConfig, seed: u64) -> Self {
-        let mut rng = Rng::new(seed);
-        let (h, hd) = (cfg.hidden, cfg.head_dim());
-        let layers = (0..cfg.layers)
-            .map(|i| {
-                let n = |s: &str| format!("model.layers.{i}.{s}");
-                Layer {
-                    input_layernorm: Param::trainable(n("input_layernorm.weight"), Tensor::ones(&[h], DType::F32)),
-                    q_proj: linear_init(n("self_attn.q_proj.weight"), cfg.heads * hd, h, &mut rng),
-                    k_proj: linear_init(n("self_attn.k_proj.weight"), cfg.kv_heads * hd, h, &mut rng),
-                    v_proj: linear_init(n("self_attn.v_proj.weight"), cfg.kv_heads * hd, h, &mut rng),
-                    o_proj: linear_init(n("self_attn.o_proj.weight"), h, cfg.heads * hd, &mut rng),
-                    post_attention_layernorm: Param::trainable(
-                        n("post_attention_layernorm.weight"),
-                        Tensor::ones(&[h], DType::F32),
-                    ),
-                    gate_proj: linear_init(n("mlp.gate_proj.weight"), cfg.intermediate, h, &mut rng),
-                    up_proj: linear_init(n("mlp.up_proj.weight"), cfg.intermediate, h, &mut rng),
-                    down_proj: linear_init(n("mlp.down_proj.weight"), h, cfg.intermediate, &mut rng),
-                }
-            })
-            .collect();
-        let inv_freq = Tensor::from_vec(rope_inv_freq::<f32>(hd, 10_000.0), &[hd / 2]).expect("head_dim/2 values");
-        ToyDecoder {
-            cfg,
-            embed_tokens: Param::trainable(
-                "model.embed_tokens.weight",
-                Tensor::randn(&[cfg.vocab, h], 1.0, DType::F32, &mut rng),
-            ),
-            layers: Rc::new(layers),
-            norm: Param::trainable("model.norm.weight", Tensor::ones(&[h], DType::F32)),
-            lm_head: linear_init("lm_head.weight".into(), cfg.vocab, h, &mut rng),
-            inv_freq,
-        }
+        let model = CausalLm::build(cfg.model_config(), &mut Init { rng: Rng::new(seed) })
+            .expect("building from the toy's own config and initialisation");
+        ToyDecoder { cfg, model }
     }
 
     pub fn config(&self) -> &ToyConfig {
         &self.cfg
     }
 
+    /// The trained parameters: embeddings, head, norms and adapters.
     pub fn params(&self) -> Vec<Param> {
-        let mut ps = vec![self.embed_tokens.clone(), self.norm.clone(), self.lm_head.clone()];
-        for l in self.layers.iter() {
-            ps.extend(
-                [
-                    &l.input_layernorm,
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.post_attention_layernorm,
-                    &l.gate_proj,
-                    &l.up_proj,
-                    &l.down_proj,
-                ]
-                .map(Param::clone),
-            );
+        let m = &self.model;
+        let mut ps = vec![m.embed_tokens.clone(), m.norm.clone()];
+        ps.extend(m.lm_head.clone());
+        for l in m.layers.iter() {
+            ps.extend([&l.input_layernorm, &l.post_attention_layernorm].map(Param::clone));
         }
+        ps.extend(m.trainable_params());
         ps
     }
 
@@ -163,45 +154,17 @@ impl ToyDecoder {
     }
 
     /// Mean next-token loss over the non-ignored targets.
-    pub fn loss(&self, tape: &Tape, ids: &Tensor, targets: &Tensor, positions: &Tensor, cu: &Tensor) -> Result<Var> {
-        let (cos, sin) = rope_tables(positions, &self.inv_freq)?;
-        let batch = Rc::new(Batch { cos, sin, cu_seqlens: cu.clone() });
-        let mut x = tape.embedding(&tape.param(&self.embed_tokens), ids)?;
-        for i in 0..self.layers.len() {
-            let (layers, batch, cfg) = (self.layers.clone(), batch.clone(), self.cfg);
-            x = tape
-                .checkpoint(&[&x], move |t, ins| Ok(vec![layer_forward(t, &cfg, &layers[i], &batch, &ins[0])?]))?
-                .remove(0);
-        }
-        let x = tape.rms_norm(&x, &tape.param(&self.norm), 1e-6, 0.0)?;
-        let logits = tape.linear(&x, &tape.param(&self.lm_head), None)?;
-        let trained = targets.to_vec::<i32>().iter().filter(|&&t| t >= 0).count().max(1);
-        tape.cross_entropy(&logits, targets, trained as f64)
+    pub fn loss(
+        &self,
+        tape: &Tape,
+        ids: &Tensor,
+        targets: &Tensor,
+        positions: &Tensor,
+        cu: &Tensor,
+    ) -> qlora_runtime::Result<Var> {
+        let batch =
+            Batch { ids: ids.clone(), positions: positions.clone(), cu_seqlens: cu.clone(), targets: targets.clone() };
+        let trained = batch.trained_tokens().max(1);
+        self.model.loss(tape, &batch, trained as f64, 0)
     }
-}
-
-fn layer_forward(t: &Tape, cfg: &ToyConfig, l: &Layer, b: &Batch, x: &Var) -> Result<Var> {
-    let (tokens, hd) = (x.shape()[0], cfg.head_dim());
-    let p = AttentionParams {
-        n_heads: cfg.heads,
-        n_kv_heads: cfg.kv_heads,
-        head_dim: hd,
-        scale: 1.0 / (hd as f64).sqrt(),
-        causal: true,
-        sliding_window: None,
-        softcap: None,
-    };
-    let h = t.rms_norm(x, &t.param(&l.input_layernorm), 1e-6, 0.0)?;
-    let q = t.reshape(&t.linear(&h, &t.param(&l.q_proj), None)?, &[tokens, cfg.heads, hd])?;
-    let k = t.reshape(&t.linear(&h, &t.param(&l.k_proj), None)?, &[tokens, cfg.kv_heads, hd])?;
-    let v = t.reshape(&t.linear(&h, &t.param(&l.v_proj), None)?, &[tokens, cfg.kv_heads, hd])?;
-    let (q, k) = (t.rope(&q, &b.cos, &b.sin)?, t.rope(&k, &b.cos, &b.sin)?);
-    let a = t.attention(&p, &q, &k, &v, &b.cu_seqlens, &b.cu_seqlens)?;
-    let a = t.reshape(&a, &[tokens, cfg.heads * hd])?;
-    let x = t.add(x, &t.linear(&a, &t.param(&l.o_proj), None)?)?;
-    let h = t.rms_norm(&x, &t.param(&l.post_attention_layernorm), 1e-6, 0.0)?;
-    let gate = t.linear(&h, &t.param(&l.gate_proj), None)?;
-    let up = t.linear(&h, &t.param(&l.up_proj), None)?;
-    let m = t.glu(Glu::SwiGlu, &gate, &up)?;
-    t.add(&x, &t.linear(&m, &t.param(&l.down_proj), None)?)
 }

@@ -5,10 +5,10 @@
 //! the embedding scale, the MLP activation, sandwich norms (Gemma 2/3), q/k norms (Gemma 3), attention scale
 //! and softcapping, sliding-window layers and per-layer rope bases.
 
-use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, Family, LayerKind, ModelConfig};
 use crate::error::{Error, Result};
-use crate::generate::{KvCache, LayerKv};
+use crate::formats::checkpoint::Checkpoint;
+use crate::kv_cache::{KvCache, LayerKv};
 use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
 use qlora_runtime::ops::nn::rope_tables;
@@ -92,6 +92,47 @@ pub struct DecoderLayer {
     pub kind: LayerKind,
 }
 
+/// A layer's projections borrowed with `&` or `&mut`, in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
+macro_rules! projections {
+    ($layer:expr, $($borrow:tt)+) => {{
+        let (a, m) = ($($borrow)+ $layer.self_attn, $($borrow)+ $layer.mlp);
+        [
+            $($borrow)+ a.q_proj,
+            $($borrow)+ a.k_proj,
+            $($borrow)+ a.v_proj,
+            $($borrow)+ a.o_proj,
+            $($borrow)+ m.gate_proj,
+            $($borrow)+ m.up_proj,
+            $($borrow)+ m.down_proj,
+        ]
+    }};
+}
+
+impl DecoderLayer {
+    /// The layer's projections in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
+    pub fn projections(&self) -> [&Projection; 7] {
+        projections!(self, &)
+    }
+
+    /// [`DecoderLayer::projections`], mutably.
+    pub fn projections_mut(&mut self) -> [&mut Projection; 7] {
+        projections!(self, &mut)
+    }
+}
+
+/// The attention and MLP blocks of `projections` given in [`PROJECTIONS`](crate::config::PROJECTIONS) order, the
+/// inverse of [`DecoderLayer::projections`].
+fn blocks(projections: [Projection; 7], q_norm: Option<Param>, k_norm: Option<Param>) -> (SelfAttention, Mlp) {
+    let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = projections;
+    (SelfAttention { q_proj, k_proj, v_proj, o_proj, q_norm, k_norm }, Mlp { gate_proj, up_proj, down_proj })
+}
+
+/// `f` over the seven projections of a layer, in order, stopping at the first error.
+fn try_map7<T, U, E>(items: [T; 7], f: impl FnMut(T) -> std::result::Result<U, E>) -> std::result::Result<[U; 7], E> {
+    let v = items.into_iter().map(f).collect::<std::result::Result<Vec<U>, E>>()?;
+    Ok(v.try_into().unwrap_or_else(|_| unreachable!("seven items in, seven out")))
+}
+
 /// Token ids of a packed batch: sequences concatenated into one row, positions restarting at each sequence,
 /// `cu_seqlens` marking the boundaries (attention never crosses them). `targets[i]` is the token position i
 /// must predict, or −100.
@@ -164,6 +205,57 @@ struct LayerInputs {
     dropout_seed: u64,
 }
 
+/// Where [`CausalLm::build`] takes each weight from: a checkpoint ([`CausalLm::from_checkpoint`]) or a fresh
+/// initialisation (the `toy` model).
+pub trait Weights {
+    /// The embeddings, a norm or the head, named as transformers names it (`model.norm.weight`).
+    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param>;
+    /// A decoder projection: its module path, [out, in], and whether it has a bias.
+    fn projection(&mut self, name: String, shape: [usize; 2], bias: bool) -> Result<Projection>;
+    /// Whether the weight `name` exists (a tied head may be stored or not).
+    fn has(&self, name: &str) -> bool;
+}
+
+/// A checkpoint's weights: norms, embeddings, head and biases frozen in f32 for CPU compute, linear weights as
+/// `format` asks.
+struct Loaded<'a> {
+    ck: &'a Checkpoint,
+    format: BaseFormat,
+}
+
+impl Weights for Loaded<'_> {
+    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param> {
+        Ok(Param::frozen(name, self.ck.load_shaped(name, shape)?.to_dtype(DType::F32)))
+    }
+
+    fn projection(&mut self, name: String, [out, inp]: [usize; 2], bias: bool) -> Result<Projection> {
+        let ck = self.ck;
+        let prequantized = crate::formats::bnb::load_linear(ck, &name, [out, inp])?;
+        let base = match (prequantized, self.format) {
+            // A 4-bit bitsandbytes checkpoint loads as saved, never requantized (dequantized only for Dense).
+            (Some(w), BaseFormat::Nf4 { .. }) => BaseWeight::Nf4(w),
+            (Some(w), BaseFormat::Dense(dtype)) => BaseWeight::Dense(w.dequantize(DType::F32)?.to_dtype(dtype)),
+            (None, BaseFormat::Dense(dtype)) => {
+                BaseWeight::Dense(ck.load_shaped(&format!("{name}.weight"), &[out, inp])?.to_dtype(dtype))
+            }
+            (None, BaseFormat::Nf4 { blocksize, double_quant }) => {
+                let tensor = format!("{name}.weight");
+                let w = ck.load_shaped(&tensor, &[out, inp])?;
+                BaseWeight::Nf4(
+                    Nf4Weight::quantize(&w, blocksize, double_quant)
+                        .map_err(|e| ck.tensor_error(&tensor, e.to_string()))?,
+                )
+            }
+        };
+        let bias = if bias { Some(self.param(&format!("{name}.bias"), &[out])?) } else { None };
+        Ok(Projection { name, base, bias, adapter: None })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.ck.contains(name)
+    }
+}
+
 /// A frozen tensor in `dtype` on `device` (converted before an upload, so a bf16 model crosses the bus at 2 bytes).
 fn move_frozen(t: &Tensor, device: Device, dtype: DType) -> qlora_runtime::Result<Tensor> {
     if t.device() == Device::Cpu {
@@ -195,72 +287,47 @@ impl CausalLm {
     }
 
     pub fn from_checkpoint(config: ModelConfig, ck: &Checkpoint, format: BaseFormat) -> Result<Self> {
+        Self::build(config, &mut Loaded { ck, format })
+    }
+
+    /// The model `config` describes, every weight taken from `weights`, in checkpoint order (layer by layer, then
+    /// embeddings, head and final norm). Gradient checkpointing is on.
+    pub fn build(config: ModelConfig, weights: &mut impl Weights) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let frozen = |name: &str, shape: &[usize]| -> Result<Param> {
-            Ok(Param::frozen(name, ck.load_shaped(name, shape)?.to_dtype(DType::F32)))
-        };
-        let proj = |name: String, out: usize, inp: usize, bias: bool| -> Result<Projection> {
-            let prequantized = crate::bnb::load_linear(ck, &name, [out, inp])?;
-            let base = match (prequantized, format) {
-                // A 4-bit bitsandbytes checkpoint loads as saved, never requantized (dequantized only for Dense).
-                (Some(w), BaseFormat::Nf4 { .. }) => BaseWeight::Nf4(w),
-                (Some(w), BaseFormat::Dense(dtype)) => BaseWeight::Dense(w.dequantize(DType::F32)?.to_dtype(dtype)),
-                (None, BaseFormat::Dense(dtype)) => {
-                    BaseWeight::Dense(ck.load_shaped(&format!("{name}.weight"), &[out, inp])?.to_dtype(dtype))
-                }
-                (None, BaseFormat::Nf4 { blocksize, double_quant }) => {
-                    let tensor = format!("{name}.weight");
-                    let w = ck.load_shaped(&tensor, &[out, inp])?;
-                    BaseWeight::Nf4(
-                        Nf4Weight::quantize(&w, blocksize, double_quant)
-                            .map_err(|e| ck.tensor_error(&tensor, e.to_string()))?,
-                    )
-                }
-            };
-            let bias = if bias { Some(frozen(&format!("{name}.bias"), &[out])?) } else { None };
-            Ok(Projection { name, base, bias, adapter: None })
-        };
         let gemma_sandwich = matches!(c.family, Family::Gemma2 | Family::Gemma3);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let (qo, kvo) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-            let opt_norm = |suffix: &str, dim: usize, present: bool| -> Result<Option<Param>> {
-                if present {
-                    Ok(Some(frozen(&format!("{p}.{suffix}.weight"), &[dim])?))
-                } else {
-                    Ok(None)
-                }
+            let mut norm = |suffix: &str, dim: usize| weights.param(&format!("{p}.{suffix}.weight"), &[dim]);
+            let input_layernorm = norm("input_layernorm", h)?;
+            let post_attention_layernorm = norm("post_attention_layernorm", h)?;
+            let pre_feedforward_layernorm = gemma_sandwich.then(|| norm("pre_feedforward_layernorm", h)).transpose()?;
+            let post_feedforward_layernorm =
+                gemma_sandwich.then(|| norm("post_feedforward_layernorm", h)).transpose()?;
+            let projections =
+                try_map7(c.layer_projections(i), |(name, shape, bias)| weights.projection(name, shape, bias))?;
+            let mut qk_norm = |suffix: &str| {
+                (c.family == Family::Gemma3).then(|| weights.param(&format!("{p}.{suffix}.weight"), &[hd])).transpose()
             };
+            let (self_attn, mlp) = blocks(projections, qk_norm("self_attn.q_norm")?, qk_norm("self_attn.k_norm")?);
             layers.push(DecoderLayer {
-                input_layernorm: frozen(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_layernorm: frozen(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                pre_feedforward_layernorm: opt_norm("pre_feedforward_layernorm", h, gemma_sandwich)?,
-                post_feedforward_layernorm: opt_norm("post_feedforward_layernorm", h, gemma_sandwich)?,
-                self_attn: SelfAttention {
-                    q_proj: proj(format!("{p}.self_attn.q_proj"), qo, h, c.attention_bias)?,
-                    k_proj: proj(format!("{p}.self_attn.k_proj"), kvo, h, c.attention_bias)?,
-                    v_proj: proj(format!("{p}.self_attn.v_proj"), kvo, h, c.attention_bias)?,
-                    o_proj: proj(format!("{p}.self_attn.o_proj"), h, qo, c.attention_bias)?,
-                    q_norm: opt_norm("self_attn.q_norm", hd, c.family == Family::Gemma3)?,
-                    k_norm: opt_norm("self_attn.k_norm", hd, c.family == Family::Gemma3)?,
-                },
-                mlp: Mlp {
-                    gate_proj: proj(format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    up_proj: proj(format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    down_proj: proj(format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
-                },
+                input_layernorm,
+                post_attention_layernorm,
+                pre_feedforward_layernorm,
+                post_feedforward_layernorm,
+                self_attn,
+                mlp,
                 kind: c.layer_kinds[i],
             });
         }
-        let embed_tokens = frozen("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings && !ck.contains("lm_head.weight") {
+        let embed_tokens = weights.param("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !weights.has("lm_head.weight") {
             None
         } else {
-            Some(frozen("lm_head.weight", &[c.vocab_size, h])?)
+            Some(weights.param("lm_head.weight", &[c.vocab_size, h])?)
         };
-        let norm = frozen("model.norm.weight", &[h])?;
+        let norm = weights.param("model.norm.weight", &[h])?;
         Ok(CausalLm { config, embed_tokens, layers: Rc::new(layers), norm, lm_head, gradient_checkpointing: true })
     }
 
@@ -276,25 +343,15 @@ impl CausalLm {
             .layers
             .iter()
             .map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
+                let projections = try_map7(l.projections(), |p| p.to_device(device, dtype))?;
+                let (self_attn, mlp) = blocks(projections, opt(&l.self_attn.q_norm)?, opt(&l.self_attn.k_norm)?);
                 Ok(DecoderLayer {
                     input_layernorm: frozen_to(&l.input_layernorm, device, dtype)?,
                     post_attention_layernorm: frozen_to(&l.post_attention_layernorm, device, dtype)?,
                     pre_feedforward_layernorm: opt(&l.pre_feedforward_layernorm)?,
                     post_feedforward_layernorm: opt(&l.post_feedforward_layernorm)?,
-                    self_attn: SelfAttention {
-                        q_proj: a.q_proj.to_device(device, dtype)?,
-                        k_proj: a.k_proj.to_device(device, dtype)?,
-                        v_proj: a.v_proj.to_device(device, dtype)?,
-                        o_proj: a.o_proj.to_device(device, dtype)?,
-                        q_norm: opt(&a.q_norm)?,
-                        k_norm: opt(&a.k_norm)?,
-                    },
-                    mlp: Mlp {
-                        gate_proj: m.gate_proj.to_device(device, dtype)?,
-                        up_proj: m.up_proj.to_device(device, dtype)?,
-                        down_proj: m.down_proj.to_device(device, dtype)?,
-                    },
+                    self_attn,
+                    mlp,
                     kind: l.kind,
                 })
             })
@@ -309,38 +366,17 @@ impl CausalLm {
         })
     }
 
-    /// Every projection, in layer order (q, k, v, o, gate, up, down).
+    /// Every projection, layer by layer in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
     pub fn projections_mut(&mut self) -> Result<Vec<&mut Projection>> {
         let layers = Rc::get_mut(&mut self.layers).ok_or_else(|| {
             Error::Runtime(qlora_runtime::Error::invalid("model", "layers are shared by a forward still in flight"))
         })?;
-        Ok(layers
-            .iter_mut()
-            .flat_map(|l| {
-                let a = &mut l.self_attn;
-                let m = &mut l.mlp;
-                [
-                    &mut a.q_proj,
-                    &mut a.k_proj,
-                    &mut a.v_proj,
-                    &mut a.o_proj,
-                    &mut m.gate_proj,
-                    &mut m.up_proj,
-                    &mut m.down_proj,
-                ]
-            })
-            .collect())
+        Ok(layers.iter_mut().flat_map(DecoderLayer::projections_mut).collect())
     }
 
-    /// Every projection, in layer order (q, k, v, o, gate, up, down).
+    /// Every projection, layer by layer in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
     pub fn projections(&self) -> Vec<&Projection> {
-        self.layers
-            .iter()
-            .flat_map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-            })
-            .collect()
+        self.layers.iter().flat_map(DecoderLayer::projections).collect()
     }
 
     /// Trainable parameters (the adapters').
@@ -366,7 +402,7 @@ impl CausalLm {
     /// Final-normed hidden states [tokens, hidden] of packed `ids` (sequences split by `cu_seqlens`).
     /// With a `cache` (inference only, under `no_grad`), every layer appends the new keys and values to it and
     /// attends over everything cached for the sequence, the new tokens last (bottom-right aligned); `positions`
-    /// must then continue from the cached lengths. See [`crate::generate::KvCache`].
+    /// must then continue from the cached lengths. See [`KvCache`].
     pub fn forward_hidden(
         &self,
         t: &Tape,

@@ -17,10 +17,10 @@
 //! folder) when the binary runs elsewhere.
 
 use qlora_autograd::{LoraAdapter, LoraConfig, Tape};
-use qlora_kernels::testing::{fixtures_dir, gpu};
-use qlora_kernels::Rng;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::ops::linalg::matmul;
+use qlora_runtime::testing::{fixtures_dir, gpu};
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device, Error, Tensor};
 use std::path::PathBuf;
 

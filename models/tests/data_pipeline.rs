@@ -3,7 +3,7 @@
 use qlora_models::data::jsonl::{parse_record, Record};
 use qlora_models::data::pack::{pack, row_batch};
 use qlora_models::data::tokenize::Formatter;
-use qlora_models::tokenizer::Tokenizer;
+use qlora_models::formats::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 fn tokenizer() -> Tokenizer {

@@ -2,10 +2,11 @@
 //! equal one full-sequence forward, and generation is deterministic (greedy) or reproducible (seeded sampling).
 
 use qlora_autograd::Tape;
-use qlora_kernels::testing::{assert_close, Tolerance};
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::generate::{generate, GenerateOptions, KvCache, LogitsFor, Sampling, StopReason};
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::generate::{generate, GenerateOptions, LogitsFor, Sampling, StopReason};
+use qlora_models::kv_cache::KvCache;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::DType;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -36,7 +37,7 @@ fn cached_logits_equal_full_sequence_logits() {
     for family in FAMILIES {
         let (model, ids) = load(family);
         let want = full_logits(&model, &ids);
-        let mut cache = KvCache::new(&model, 1);
+        let mut cache = KvCache::new(&model.config, 1);
         let mut got = Vec::new();
         let mut at = 0;
         for n in [5, 1, 2, 1, 3] {
@@ -58,7 +59,7 @@ fn one_cache_holds_several_sequences() {
     let (want_a, want_b) = (full_logits(&model, a), full_logits(&model, b));
     let vocab = model.config.vocab_size;
     let row = |v: &[f64], i: usize| v[i * vocab..(i + 1) * vocab].to_vec();
-    let mut cache = KvCache::new(&model, 2);
+    let mut cache = KvCache::new(&model.config, 2);
     let first = model.forward_cached(&mut cache, &[&a[..4], &b[..6]], LogitsFor::Last).unwrap();
     assert_eq!(first.shape(), &[2, vocab]);
     let first = first.to_vec::<f64>();
@@ -77,7 +78,7 @@ fn one_cache_holds_several_sequences() {
 #[test]
 fn a_failed_step_leaves_the_cache_unchanged() {
     let (model, ids) = load("llama");
-    let mut cache = KvCache::new(&model, 1);
+    let mut cache = KvCache::new(&model.config, 1);
     model.forward_cached(&mut cache, &[&ids[..3]], LogitsFor::Last).unwrap();
     let e = model.forward_cached(&mut cache, &[&[5, 101]], LogitsFor::Last).unwrap_err().to_string();
     assert!(e.contains("101"), "{e}");

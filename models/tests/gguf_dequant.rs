@@ -3,8 +3,8 @@
 //! reference values in quants_ref.safetensors. The Rust side repeats gguf-py's f32 arithmetic operation for
 //! operation, so the values must agree bit for bit.
 
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::gguf::{dequant::DEQUANTIZABLE, dequantize, GgufFile};
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::gguf::{dequant::DEQUANTIZABLE, dequantize, GgufFile};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {

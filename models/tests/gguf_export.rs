@@ -4,11 +4,11 @@
 //! reading of them (and within the type's error bound of the original), the config and tokenizer the original's.
 //! Also: the quantizers against gguf-py's bytes (tests/fixtures/gguf/quantize_ref.safetensors).
 
-use qlora_models::checkpoint::Checkpoint;
-use qlora_models::gguf::export::export;
-use qlora_models::gguf::quant::{quantize, type_for_row};
-use qlora_models::gguf::{dequantize, GgmlType, GgufFile, HfImport, Hyper, MetaArray, MetaValue};
-use qlora_models::tokenizer::Tokenizer;
+use qlora_models::formats::checkpoint::Checkpoint;
+use qlora_models::formats::gguf::export::export;
+use qlora_models::formats::gguf::quant::{quantize, type_for_row};
+use qlora_models::formats::gguf::{dequantize, GgmlType, GgufFile, HfImport, Hyper, MetaArray, MetaValue};
+use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::ModelConfig;
 use qlora_runtime::DType;
 use std::path::{Path, PathBuf};

@@ -2,9 +2,9 @@
 //! NF4 logits transformers (+ bitsandbytes) computed for them, made by scripts/reference/tiny_models.py.
 
 use qlora_autograd::Tape;
-use qlora_kernels::testing::{assert_close, Tolerance};
-use qlora_models::checkpoint::Checkpoint;
+use qlora_models::formats::checkpoint::Checkpoint;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::DType;
 use std::path::PathBuf;
 
@@ -95,7 +95,7 @@ fn check_lora(family: &str) {
     let dir = fixture(family);
     let r = Reference::open(&dir);
     let mut model = CausalLm::load(&dir, BaseFormat::Dense(DType::F32)).unwrap();
-    let adapted = qlora_models::peft::load_adapter(&mut model, &dir.join("adapter")).unwrap();
+    let adapted = qlora_models::formats::peft::load_adapter(&mut model, &dir.join("adapter")).unwrap();
     assert_eq!(adapted, 7 * model.config.num_hidden_layers);
     let batch = r.batch();
     let n = batch.trained_tokens() as f64;
@@ -117,7 +117,7 @@ fn check_lora(family: &str) {
         let mut grads = Vec::new();
         for p in &params {
             let got = p.grad().unwrap_or_else(|| panic!("{}: no gradient", p.name())).to_vec::<f64>();
-            let want = r.f64s(&format!("grad.{}{}", qlora_models::peft::KEY_PREFIX, p.name()));
+            let want = r.f64s(&format!("grad.{}{}", qlora_models::formats::peft::KEY_PREFIX, p.name()));
             // Gradients are differences of nearly equal f32 sums: 1e-3 relative, with an absolute floor.
             assert_close(&format!("{family} {}", p.name()), &got, &want, Tolerance { abs: 1e-6, rel: 1e-3 });
             grads.push(got);
@@ -138,9 +138,9 @@ fn lora_gradients_match_peft() {
 fn saved_adapters_reload_bit_for_bit() {
     let dir = fixture("llama");
     let mut model = CausalLm::load(&dir, BaseFormat::Dense(DType::F32)).unwrap();
-    qlora_models::peft::load_adapter(&mut model, &dir.join("adapter")).unwrap();
+    qlora_models::formats::peft::load_adapter(&mut model, &dir.join("adapter")).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let n = qlora_models::peft::save_adapter(&model, out.path(), Some("tiny-llama")).unwrap();
+    let n = qlora_models::formats::peft::save_adapter(&model, out.path(), Some("tiny-llama")).unwrap();
     assert_eq!(n, 14);
     let original = Checkpoint::from_files(&[dir.join("adapter/adapter_model.safetensors")]).unwrap();
     let saved = Checkpoint::from_files(&[out.path().join("adapter_model.safetensors")]).unwrap();
@@ -149,7 +149,7 @@ fn saved_adapters_reload_bit_for_bit() {
         assert_eq!(original.bytes(name).unwrap(), saved.bytes(name).unwrap(), "{name}");
     }
     let mut again = CausalLm::load(&dir, BaseFormat::Dense(DType::F32)).unwrap();
-    assert_eq!(qlora_models::peft::load_adapter(&mut again, out.path()).unwrap(), 14);
+    assert_eq!(qlora_models::formats::peft::load_adapter(&mut again, out.path()).unwrap(), 14);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(

@@ -2,7 +2,7 @@
 //! parameter for GPU ones (the fused CUDA kernel).
 
 use qlora_autograd::Param;
-use qlora_kernels::adamw::{adamw_step, AdamWStep};
+use qlora_runtime::adamw::{adamw_step, AdamWStep};
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 
 /// Defaults are the QLoRA paper's and Hugging Face Trainer's: β = (0.9, 0.999), ε = 1e-8, no weight decay.

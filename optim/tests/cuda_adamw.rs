@@ -11,9 +11,9 @@
 //! QLORA_REQUIRE_GPU=1.
 
 use qlora_autograd::{Param, Tape, Var};
-use qlora_kernels::testing::gpu;
-use qlora_kernels::Rng;
 use qlora_optim::{clip_grad_norm, AdamW, AdamWConfig};
+use qlora_runtime::testing::gpu;
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device, Tensor};
 
 const CUDA: Device = Device::Cuda(0);

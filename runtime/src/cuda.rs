@@ -1,6 +1,6 @@
-//! The CUDA side of the runtime: device storage (one `DeviceBuffer` per dtype, as `CpuStorage` holds `Vec`s),
-//! transfers, dtype conversion and layout copies on the device, and [`Gpu`], the operand preparation that every
-//! op's CUDA branch shares.
+//! The CUDA side of the runtime: transfers between host and device storage (`storage::CudaStorage`, one
+//! `DeviceBuffer` per dtype, as `CpuStorage` holds `Vec`s), dtype conversion and layout copies on the device, and
+//! [`Gpu`], the operand preparation that every op's CUDA branch shares.
 //!
 //! Owns: which device buffers back a tensor and how they move. Must not hold kernels (those are
 //! `qlora_kernels::cuda`) or fall back to the CPU: an op whose operands live on a GPU runs there or returns an error.
@@ -10,69 +10,11 @@
 //! others on the device first: f32 master adapters meet bf16 activations at bf16, as autocast does. Outputs that the
 //! kernels keep in f32 whatever the input (rstd, log-sum-exp, per-row losses, sums) stay f32.
 
-use crate::tensor::Storage;
-use crate::{DType, Device, Element, Error, Result, Tensor};
+use crate::storage::{CudaElement, CudaStorage, Storage};
+use crate::{DType, Device, Error, Result, Tensor};
 use half::{bf16, f16};
 use qlora_kernels::cuda::{self as kc, CudaDevice, DeviceBuffer, DeviceCopy};
 use std::sync::Arc;
-
-/// Device memory of one dtype.
-#[derive(Debug)]
-pub enum CudaStorage {
-    F32(DeviceBuffer<f32>),
-    BF16(DeviceBuffer<bf16>),
-    F16(DeviceBuffer<f16>),
-    I32(DeviceBuffer<i32>),
-    U8(DeviceBuffer<u8>),
-}
-
-impl CudaStorage {
-    pub fn dtype(&self) -> DType {
-        match self {
-            CudaStorage::F32(_) => DType::F32,
-            CudaStorage::BF16(_) => DType::BF16,
-            CudaStorage::F16(_) => DType::F16,
-            CudaStorage::I32(_) => DType::I32,
-            CudaStorage::U8(_) => DType::U8,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            CudaStorage::F32(b) => b.len(),
-            CudaStorage::BF16(b) => b.len(),
-            CudaStorage::F16(b) => b.len(),
-            CudaStorage::I32(b) => b.len(),
-            CudaStorage::U8(b) => b.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn device(&self) -> &CudaDevice {
-        match self {
-            CudaStorage::F32(b) => b.device(),
-            CudaStorage::BF16(b) => b.device(),
-            CudaStorage::F16(b) => b.device(),
-            CudaStorage::I32(b) => b.device(),
-            CudaStorage::U8(b) => b.device(),
-        }
-    }
-
-    /// A device-to-device copy (what copy-on-write needs when the storage is shared).
-    pub(crate) fn try_clone(&self) -> Result<CudaStorage> {
-        let e = Error::cuda("copy on write");
-        Ok(match self {
-            CudaStorage::F32(b) => CudaStorage::F32(b.try_clone().map_err(e)?),
-            CudaStorage::BF16(b) => CudaStorage::BF16(b.try_clone().map_err(e)?),
-            CudaStorage::F16(b) => CudaStorage::F16(b.try_clone().map_err(e)?),
-            CudaStorage::I32(b) => CudaStorage::I32(b.try_clone().map_err(e)?),
-            CudaStorage::U8(b) => CudaStorage::U8(b.try_clone().map_err(e)?),
-        })
-    }
-}
 
 /// The GPU `cuda:{ordinal}`, opened on first use and then shared by the whole process (one context, stream and
 /// caching allocator per ordinal: `CudaDevice::new` keeps the registry). A missing driver, GPU or NVRTC is an error
@@ -80,41 +22,6 @@ impl CudaStorage {
 pub fn cuda_device(ordinal: usize) -> Result<CudaDevice> {
     CudaDevice::new(ordinal).map_err(Error::cuda("cuda device"))
 }
-
-/// An element type a device buffer can hold, and its [`CudaStorage`] variant.
-pub trait CudaElement: Element + DeviceCopy {
-    fn wrap_device(b: DeviceBuffer<Self>) -> CudaStorage;
-    fn buffer(s: &CudaStorage) -> Option<&DeviceBuffer<Self>>;
-    fn buffer_mut(s: &mut CudaStorage) -> Option<&mut DeviceBuffer<Self>>;
-}
-
-macro_rules! cuda_element {
-    ($t:ty, $variant:ident) => {
-        impl CudaElement for $t {
-            fn wrap_device(b: DeviceBuffer<Self>) -> CudaStorage {
-                CudaStorage::$variant(b)
-            }
-            fn buffer(s: &CudaStorage) -> Option<&DeviceBuffer<Self>> {
-                match s {
-                    CudaStorage::$variant(b) => Some(b),
-                    _ => None,
-                }
-            }
-            fn buffer_mut(s: &mut CudaStorage) -> Option<&mut DeviceBuffer<Self>> {
-                match s {
-                    CudaStorage::$variant(b) => Some(b),
-                    _ => None,
-                }
-            }
-        }
-    };
-}
-
-cuda_element!(f32, F32);
-cuda_element!(bf16, BF16);
-cuda_element!(f16, F16);
-cuda_element!(i32, I32);
-cuda_element!(u8, U8);
 
 /// The element types CUDA ops compute in.
 pub(crate) trait GpuElement: CudaElement + kc::GpuFloat {}

@@ -11,15 +11,23 @@ pub mod layout;
 pub mod ops;
 pub mod profile;
 pub mod quant;
+pub mod storage;
 pub mod tensor;
 pub mod timing;
 
 mod device;
 
-pub use cuda::{cuda_device, CudaStorage};
+pub use cuda::cuda_device;
 pub use device::Device;
 pub use dtype::{CpuStorage, DType, Element};
 pub use error::{Error, Result};
 pub use layout::Layout;
-pub use qlora_kernels::Rng;
-pub use tensor::{Storage, Tensor};
+pub use storage::{CudaStorage, Storage};
+pub use tensor::Tensor;
+
+// What the crates above use of `qlora-kernels` as it is, so that none of them depends on it: the seedable Rng, NF4's
+// constants and sizes, rope's inverse frequencies, AdamW's host step (optim runs it on f64 moments), the GPU count,
+// and the test helpers (tolerances, gradient checks, the GPU switch) that every crate's tests share.
+pub use qlora_kernels::cuda::device_count;
+pub use qlora_kernels::rope::rope_inv_freq;
+pub use qlora_kernels::{adamw, nf4, testing, Rng};

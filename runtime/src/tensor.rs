@@ -1,36 +1,17 @@
 //! The tensor: a layout over shared, copy-on-write storage.
 
-use crate::cuda::{self, CudaStorage};
+use crate::cuda;
 use crate::dtype::{convert, CpuStorage, Element};
 use crate::layout::Layout;
+use crate::storage::CudaStorage;
 use crate::{DType, Device, Error, Result};
 use qlora_kernels::Rng;
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-/// Where the elements are; every match on it is in this crate.
-#[derive(Debug)]
-pub enum Storage {
-    Cpu(CpuStorage),
-    Cuda(CudaStorage),
-}
-
-impl Storage {
-    pub fn dtype(&self) -> DType {
-        match self {
-            Storage::Cpu(s) => s.dtype(),
-            Storage::Cuda(s) => s.dtype(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Storage::Cpu(s) => s.len(),
-            Storage::Cuda(s) => s.len(),
-        }
-    }
-}
+// `ops` names the storage by this path.
+pub(crate) use crate::storage::Storage;
 
 /// Cheap to clone (the storage is shared). Views share storage; writers go through [`Tensor::update`], which
 /// copies first if someone else still holds the storage, so a value saved for backward is never mutated.
@@ -53,26 +34,24 @@ impl Tensor {
     }
 
     pub(crate) fn from_storage(storage: CpuStorage, shape: &[usize]) -> Result<Self> {
-        let layout = Layout::contiguous(shape);
-        if layout.elem_count() != storage.len() {
-            return Err(Error::shape(
-                "tensor",
-                format!("{} values for shape {shape:?} ({} elements)", storage.len(), layout.elem_count()),
-            ));
-        }
-        Ok(Tensor { storage: Arc::new(Storage::Cpu(storage)), layout })
+        Self::over(Storage::Cpu(storage), shape, "values")
     }
 
     /// A CUDA tensor over `storage` (row-major).
     pub(crate) fn from_cuda(storage: CudaStorage, shape: &[usize]) -> Result<Self> {
+        Self::over(Storage::Cuda(storage), shape, "device values")
+    }
+
+    /// `storage` as a row-major tensor of `shape`; `what` names its elements when the lengths differ.
+    fn over(storage: Storage, shape: &[usize], what: &str) -> Result<Self> {
         let layout = Layout::contiguous(shape);
         if layout.elem_count() != storage.len() {
             return Err(Error::shape(
                 "tensor",
-                format!("{} device values for shape {shape:?} ({} elements)", storage.len(), layout.elem_count()),
+                format!("{} {what} for shape {shape:?} ({} elements)", storage.len(), layout.elem_count()),
             ));
         }
-        Ok(Tensor { storage: Arc::new(Storage::Cuda(storage)), layout })
+        Ok(Tensor { storage: Arc::new(storage), layout })
     }
 
     pub(crate) fn storage(&self) -> &Storage {

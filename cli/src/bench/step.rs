@@ -11,8 +11,9 @@
 use super::memory::{self, Estimate, Setup};
 use super::stats::{summarize, Summary};
 use crate::device::{self, DeviceArg};
+use crate::eval::{DtypeArg, Quantize};
 use crate::finetune::step::{optimizer_step, Phase, Phases, StepConfig};
-use crate::finetune::{attach_adapters, parse_targets, training_device, DtypeArg, Quantize};
+use crate::finetune::{attach_adapters, parse_targets, training_device};
 use anyhow::{bail, ensure, Context, Result};
 use qlora_autograd::{LoraConfig, LoraInit};
 use qlora_kernels::Rng;
@@ -261,7 +262,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     );
     let placement @ (device, dtype) =
         device::pick(training_device(args.dora, args.device)?, args.dtype.dtype(), "benchmarking")?;
-    let format = args.quantize.base_format(args.double_quant());
+    let format = args.quantize.base_format(args.double_quant(), DType::F32);
     let estimate = memory::estimate(&Setup {
         config: &config,
         format,

@@ -7,8 +7,8 @@
 
 use super::data::Fnv;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use qlora_models::fsutil::write_atomic;
-use qlora_models::peft::save_adapter;
+use qlora_models::formats::fsutil::write_atomic;
+use qlora_models::formats::peft::save_adapter;
 use qlora_models::transformer::CausalLm;
 use qlora_optim::{AdamW, AdamWState, ParamMoments};
 use safetensors::tensor::{Dtype, TensorView};

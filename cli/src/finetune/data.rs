@@ -3,11 +3,11 @@
 //! Bad rows are counted and reported, never fatal one by one; a set with nothing to train on is an error.
 
 use anyhow::{bail, ensure, Context, Result};
-use qlora_kernels::Rng;
 use qlora_models::data::jsonl::read_jsonl;
 use qlora_models::data::pack::{pack, row_batch, Example, PackStats};
 use qlora_models::data::tokenize::Formatter;
 use qlora_models::transformer::Batch;
+use qlora_runtime::Rng;
 use std::path::Path;
 
 /// Salts that keep the split and the epoch shuffles on streams of their own, whatever the seed.

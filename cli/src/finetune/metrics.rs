@@ -4,7 +4,7 @@
 //! so two runs' logs compare bit for bit.
 
 use anyhow::{Context, Result};
-use qlora_models::fsutil::write_atomic;
+use qlora_models::formats::fsutil::write_atomic;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -17,43 +17,20 @@ mod train;
 pub use config::expand_config;
 
 use crate::device::DeviceArg;
+use crate::eval::{DtypeArg, Quantize};
 use anyhow::{bail, ensure, Context, Result};
 use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit};
-use qlora_kernels::Rng;
+use qlora_models::config::projection_kinds;
 use qlora_models::data::template::BuiltinTemplate;
 use qlora_models::data::tokenize::Formatter;
-use qlora_models::fsutil::write_atomic;
-use qlora_models::peft::{load_adapter, save_adapter};
-use qlora_models::tokenizer::Tokenizer;
-use qlora_models::transformer::{BaseFormat, CausalLm};
+use qlora_models::formats::fsutil::write_atomic;
+use qlora_models::formats::peft::{load_adapter, save_adapter};
+use qlora_models::formats::tokenizer::Tokenizer;
+use qlora_models::transformer::CausalLm;
 use qlora_optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device};
 use std::path::{Path, PathBuf};
-
-/// NF4 block size: the QLoRA paper's and bitsandbytes' default.
-const NF4_BLOCKSIZE: usize = 64;
-
-/// The projections LoRA can target, as transformers names them.
-const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Quantize {
-    /// 4-bit NormalFloat base weights (QLoRA).
-    Nf4,
-    /// f32 base weights (plain LoRA).
-    None,
-}
-
-impl Quantize {
-    pub fn base_format(self, double_quant: bool) -> BaseFormat {
-        match self {
-            Quantize::Nf4 => BaseFormat::Nf4 { blocksize: NF4_BLOCKSIZE, double_quant },
-            // f32: CPU compute precision, so no per-step upcast of the frozen weights.
-            Quantize::None => BaseFormat::Dense(DType::F32),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,23 +58,6 @@ pub enum ScheduleArg {
     Constant,
     Linear,
     Cosine,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DtypeArg {
-    /// The design's training precision on a GPU (QLoRA's bf16 compute dtype).
-    Bf16,
-    /// Full precision on the GPU too (for parity checks against the CPU; slower).
-    F32,
-}
-
-impl DtypeArg {
-    pub fn dtype(self) -> DType {
-        match self {
-            DtypeArg::Bf16 => DType::BF16,
-            DtypeArg::F32 => DType::F32,
-        }
-    }
 }
 
 /// Every flag can also come from `--config FILE.toml` (see `config`); pairs that replace each other
@@ -338,13 +298,14 @@ impl FinetuneArgs {
 /// The module suffixes `--target-modules` names; an unknown name is an error listing the known ones.
 pub(crate) fn parse_targets(spec: &str) -> Result<Vec<&'static str>> {
     let spec = spec.trim();
+    let kinds = projection_kinds();
     if spec == "all-linear" {
-        return Ok(PROJECTIONS.to_vec());
+        return Ok(kinds.to_vec());
     }
     let mut out = Vec::new();
     for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let Some(&known) = PROJECTIONS.iter().find(|p| **p == name) else {
-            bail!("--target-modules: unknown module \"{name}\" (all-linear, or any of {})", PROJECTIONS.join(","));
+        let Some(&known) = kinds.iter().find(|p| **p == name) else {
+            bail!("--target-modules: unknown module \"{name}\" (all-linear, or any of {})", kinds.join(","));
         };
         if !out.contains(&known) {
             out.push(known);
@@ -464,7 +425,8 @@ fn load_model(
     trajectory: &serde_json::Value,
     (device, dtype): (Device, DType),
 ) -> Result<(CausalLm, AdamW, checkpoint::TrainerState)> {
-    let mut model = CausalLm::load(&args.model, args.quantize.base_format(args.double_quant()))?;
+    // Dense in f32, the CPU compute precision: no per-step upcast of the frozen weights.
+    let mut model = CausalLm::load(&args.model, args.quantize.base_format(args.double_quant(), DType::F32))?;
     model.gradient_checkpointing = args.gradient_checkpointing();
     let resumed = match resume_from {
         Some(dir) => {

@@ -19,3 +19,28 @@ pub fn qlora_rt_cached(args: &[&str], cache: Option<&Path>) -> Output {
     }
     cmd.args(args).output().expect("run qlora-rt")
 }
+
+/// Runs `qlora-rt` with `args`, which must fail with status 1 and one `qlora-rt: error:` line on stderr; that line.
+pub fn one_line_error(args: &[&str]) -> String {
+    let out = qlora_rt(args);
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail with status 1");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line on stderr, got: {err}");
+    assert!(err.starts_with("qlora-rt: error: ") && !err.contains("panicked"), "{err}");
+    err
+}
+
+/// `qlora-rt merge --model MODEL --adapter ADAPTER --out OUT FLAGS…`.
+pub fn merge(model: &Path, adapter: &Path, out: &Path, flags: &[&str]) -> Output {
+    let mut args = vec![
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(flags);
+    qlora_rt(&args)
+}

@@ -4,10 +4,30 @@
 //!
 //! Folder: `$QLORA_KERNEL_CACHE_DIR`, else `$XDG_CACHE_HOME/qlora-rt/kernels`, else `~/.cache/qlora-rt/kernels`.
 //! A cache that cannot be read is a miss; one that cannot be written costs a compile per process and one warning.
+//! [`load_or_compile`] puts the cache in front of NVRTC (`compile.rs`), so a process compiles a module only the
+//! first time its source, options, target or NVRTC version are seen on this machine.
 
-use super::compile::{Image, Output, Target};
+use super::compile::{compile, nvrtc_version, Image, Output, Target};
+use super::source::Module;
+use super::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
+
+/// [`compile`] behind the on-disk cache: a hit needs no NVRTC call beyond the version query.
+pub(crate) fn load_or_compile(module: Module, target: Target) -> Result<Image> {
+    let source = module.source();
+    let options = target.options();
+    let key = Key { module: module.name(), target, options: &options, nvrtc: nvrtc_version()?, source: &source };
+    let dir = dir();
+    if let Some(image) = dir.as_deref().and_then(|d| read(d, &key)) {
+        return Ok(image);
+    }
+    let image = compile(module, target)?.image;
+    if let Some(d) = dir.as_deref() {
+        write(d, &key, &image);
+    }
+    Ok(image)
+}
 
 /// Everything the compiled image depends on.
 pub(crate) struct Key<'a> {

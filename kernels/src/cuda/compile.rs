@@ -1,8 +1,6 @@
-//! NVRTC: compiling a [`Module`] for a [`Target`], and the choice of target for a GPU. [`load_or_compile`] puts the
-//! on-disk cache in front, so a process compiles a module only the first time its source, options, target or NVRTC
-//! version are seen on this machine.
+//! NVRTC: compiling a [`Module`] for a [`Target`], and the choice of target for a GPU. The on-disk cache in front of
+//! it is `cache.rs`'s, which calls into this file and never the other way.
 
-use super::cache;
 use super::library::nvrtc_available;
 use super::source::Module;
 use super::{Error, Result};
@@ -140,22 +138,6 @@ pub fn compile(module: Module, target: Target) -> Result<Compiled> {
         }
     };
     Ok(Compiled { image, log })
-}
-
-/// [`compile`] behind the on-disk cache (`cache.rs`): a hit needs no NVRTC call beyond the version query.
-pub(crate) fn load_or_compile(module: Module, target: Target) -> Result<Image> {
-    let source = module.source();
-    let options = target.options();
-    let key = cache::Key { module: module.name(), target, options: &options, nvrtc: nvrtc_version()?, source: &source };
-    let dir = cache::dir();
-    if let Some(image) = dir.as_deref().and_then(|d| cache::read(d, &key)) {
-        return Ok(image);
-    }
-    let image = compile(module, target)?.image;
-    if let Some(d) = dir.as_deref() {
-        cache::write(d, &key, &image);
-    }
-    Ok(image)
 }
 
 /// Destroys the NVRTC program when dropped.

@@ -3,6 +3,7 @@
 
 use super::alloc::{Backing, CachingAllocator, MemoryStats};
 use super::buffer::{DeviceBuffer, DeviceCopy};
+use super::cache::load_or_compile;
 use super::compile::{self, Image, Target};
 use super::matmul::BlasLt;
 use super::source::Module;
@@ -218,7 +219,7 @@ impl CudaDevice {
     }
 
     fn load(&self, module: Module) -> Result<LoadedModule> {
-        let image = match compile::load_or_compile(module, self.inner.target)? {
+        let image = match load_or_compile(module, self.inner.target)? {
             Image::Cubin(bytes) => Ptx::from_binary(bytes),
             Image::Ptx(text) => Ptx::from_src(text),
         };

@@ -14,7 +14,7 @@
 use super::alloc::Block;
 use super::source::Module;
 use super::{config, grid_for, launched, same_device, CudaDevice, DeviceBuffer, Error, GpuFloat, Result};
-use crate::matmul::Gemm;
+use crate::matmul::{check_ab, check_c, Gemm};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
 use cudarc::driver::PushKernelArg;
@@ -31,13 +31,7 @@ pub fn matmul<T: GpuFloat>(g: &Gemm, a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, c
     }
     // Owned, so that c can be lent mutably below.
     let dev = &same_device("matmul", &[a.device(), b.device(), c.device()]).clone();
-    required_len("C", g.batch, g.stride_c, m.checked_mul(n), c.len());
-    assert!(
-        g.batch == 1 || g.stride_c >= m * n,
-        "matmul: stride_c {} < m·n {} overlaps batch entries",
-        g.stride_c,
-        m * n
-    );
+    check_c(g, c.len());
     if m * n == 0 {
         return Ok(());
     }
@@ -45,8 +39,7 @@ pub fn matmul<T: GpuFloat>(g: &Gemm, a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, c
     if k == 0 || g.alpha == 0.0 {
         return scale_c(dev, g.beta, g.batch, m * n, stride_c, c);
     }
-    required_len("A", g.batch, g.stride_a, m.checked_mul(k), a.len());
-    required_len("B", g.batch, g.stride_b, k.checked_mul(n), b.len());
+    check_ab(g, a.len(), b.len());
     let blas = dev.blas_lt()?;
     let all = Product { g: *g, batch: g.batch, a: a.ptr(), b: b.ptr(), c: c.ptr(), stride_c };
     match blas.run::<T>(dev, &all) {
@@ -75,15 +68,6 @@ pub fn matmul<T: GpuFloat>(g: &Gemm, a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, c
 /// shape, layout, type and alignment (a repeated product adds none). Makes the device's cuBLASLt handle if needed.
 pub fn plan_count(dev: &CudaDevice) -> Result<usize> {
     Ok(dev.blas_lt()?.plan_count())
-}
-
-/// `(batch − 1)·stride + size`, asserted to fit in `len`, as the CPU twin asserts it.
-fn required_len(what: &str, batch: usize, stride: usize, size: Option<usize>, len: usize) -> usize {
-    let need = size.and_then(|s| stride.checked_mul(batch - 1).and_then(|o| o.checked_add(s)));
-    match need {
-        Some(need) if need <= len => need,
-        _ => panic!("matmul: {what} has {len} elements, the last batch entry needs {need:?}"),
-    }
 }
 
 /// c = beta·c over each batch entry's mn elements (zeros when beta == 0, without reading c).

@@ -6,13 +6,15 @@
 //! without a driver, a GPU or NVRTC gets an [`Error`] from [`CudaDevice::new`], never a panic.
 //!
 //! - [`source`]: the catalogue of `kernels/cuda/*.cu`, their entry points and `// qlora-rt: hot` markers.
-//! - [`compile`]: NVRTC, the target per GPU (sm_90a on Hopper), the on-disk cache of compiled images.
+//! - [`compile`]: NVRTC and the target per GPU (sm_90a on Hopper); `cache.rs` puts the on-disk cache of compiled
+//!   images in front of it.
 //! - [`device`]: [`CudaDevice`], one per GPU per process: context, stream, loaded modules, allocator.
 //! - [`alloc`]: the caching allocator and its statistics.
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
 //! - [`timing`]: CUDA events on a device's stream, for benchmarks and profiling.
 //! - one module per op (`elementwise`, `rms_norm`, …): the launchers, each the twin of the CPU function of the same
-//!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_*.rs`.
+//!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_*.rs` (the
+//!   older ops in `kernels/tests/cuda_parity/<op>.rs`).
 //!
 //! Streams: each device has one stream and every launch and copy goes on it, so a buffer dropped by the host can be
 //! handed to the next allocation at once (work for the new owner is queued after all work of the old one).

@@ -2,6 +2,7 @@
 
 use super::source::Module;
 use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use crate::rms_norm::check_shapes;
 use cudarc::driver::PushKernelArg;
 
 /// The weight gradient is reduced over at most this many row blocks: enough blocks to fill a GPU, and a bound on
@@ -18,7 +19,7 @@ pub fn rms_norm_forward<T: GpuFloat>(
     y: &mut DeviceBuffer<T>,
     rstd: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
-    let rows = check_shapes(x, weight, dim, rstd.len());
+    let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(y.len(), rows * dim, "rms_norm_forward: y length");
     let dev = same_device("rms_norm_forward", &[x.device(), weight.device(), y.device(), rstd.device()]);
     if rows == 0 {
@@ -57,7 +58,7 @@ pub fn rms_norm_backward<T: GpuFloat>(
     dx: &mut DeviceBuffer<T>,
     dw: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    let rows = check_shapes(x, weight, dim, rstd.len());
+    let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(dy.len(), rows * dim, "rms_norm_backward: dy length");
     assert_eq!(dx.len(), rows * dim, "rms_norm_backward: dx length");
     assert_eq!(dw.len(), dim, "rms_norm_backward: dw length");
@@ -104,14 +105,4 @@ pub fn rms_norm_backward<T: GpuFloat>(
     launched(kernel, unsafe {
         dev.stream().launch_builder(f).arg(&pp).arg(&pdw).arg(&blocks32).arg(&dim32).launch(config(grid_for(dim)))
     })
-}
-
-/// The row count, after asserting the shapes shared by forward and backward.
-fn check_shapes<T: GpuFloat>(x: &DeviceBuffer<T>, weight: &DeviceBuffer<T>, dim: usize, rstd_len: usize) -> usize {
-    assert!(dim > 0, "rms_norm: dim must be positive");
-    assert_eq!(x.len() % dim, 0, "rms_norm: x length {} is not a multiple of dim {dim}", x.len());
-    assert_eq!(weight.len(), dim, "rms_norm: weight length");
-    let rows = x.len() / dim;
-    assert_eq!(rstd_len, rows, "rms_norm: rstd length");
-    rows
 }

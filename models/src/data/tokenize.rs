@@ -5,7 +5,7 @@
 use super::jsonl::{Message, Record};
 use super::pack::Example;
 use super::template::{BuiltinTemplate, ChatTemplate};
-use crate::tokenizer::Tokenizer;
+use crate::formats::tokenizer::Tokenizer;
 
 const IGNORE: i32 = -100;
 
@@ -25,7 +25,9 @@ impl<'a> Formatter<'a> {
         builtin: Option<BuiltinTemplate>,
         train_on_everything: bool,
     ) -> Result<Self, String> {
-        let text = |t: &Option<crate::tokenizer::SpecialToken>| t.as_ref().map(|t| t.text.clone()).unwrap_or_default();
+        let text = |t: &Option<crate::formats::tokenizer::SpecialToken>| {
+            t.as_ref().map(|t| t.text.clone()).unwrap_or_default()
+        };
         let (bos, eos) = (text(&tokenizer.bos), text(&tokenizer.eos));
         let template = match (builtin, &tokenizer.chat_template) {
             (Some(b), _) => Some(ChatTemplate::builtin(b, &bos, &eos)),
@@ -42,8 +44,9 @@ impl<'a> Formatter<'a> {
         Ok(Formatter { tokenizer, template, train_on_everything, end_markers })
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<i32>, String> {
-        let ids = self.tokenizer.encode(text, false).map_err(|e| e.to_string())?;
+    /// The ids of `text`, with the tokenizer's own special tokens (BOS) when `add_special`.
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<i32>, String> {
+        let ids = self.tokenizer.encode(text, add_special).map_err(|e| e.to_string())?;
         Ok(ids.into_iter().map(|i| i as i32).collect())
     }
 
@@ -70,7 +73,7 @@ impl<'a> Formatter<'a> {
             if range.is_empty() {
                 return Ok(());
             }
-            let ids = self.encode(&text[range])?;
+            let ids = self.encode(&text[range], false)?;
             ex.labels.extend(ids.iter().map(|&i| if trained || self.train_on_everything { i } else { IGNORE }));
             ex.ids.extend(ids);
             Ok(())
@@ -97,14 +100,8 @@ impl<'a> Formatter<'a> {
                 self.chat(&messages)
             }
             Record::PromptCompletion { prompt, completion } => {
-                let p: Vec<i32> = self
-                    .tokenizer
-                    .encode(prompt, true)
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .map(|i| i as i32)
-                    .collect();
-                let mut c = self.encode(completion)?;
+                let p = self.encode(prompt, true)?;
+                let mut c = self.encode(completion, false)?;
                 c.extend(self.eos());
                 let mut labels: Vec<i32> =
                     p.iter().map(|&i| if self.train_on_everything { i } else { IGNORE }).collect();
@@ -114,13 +111,7 @@ impl<'a> Formatter<'a> {
                 Ok(Example { ids, labels })
             }
             Record::Text(text) => {
-                let mut ids: Vec<i32> = self
-                    .tokenizer
-                    .encode(text, true)
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .map(|i| i as i32)
-                    .collect();
+                let mut ids = self.encode(text, true)?;
                 ids.extend(self.eos());
                 Ok(Example { labels: ids.clone(), ids })
             }

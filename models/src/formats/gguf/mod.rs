@@ -1,14 +1,16 @@
-//! GGUF (llama.cpp's model format) import and export. Import: the container ([`reader`]), ggml's quantized
-//! types dequantized to f32 ([`dequant`]), llama.cpp's tensor names and layout back to Hugging Face's
-//! ([`mapping`]), and the tokenizer metadata as Hugging Face tokenizer files ([`tokenizer`]); writing the
-//! Hugging Face folder is the caller's (`qlora-rt import`). Export ([`export`]): a Hugging Face folder as one
-//! GGUF file, through the quantizers ([`quant`]), the tokenizer files as metadata ([`hf_vocab`]) and the
-//! container writer ([`writer`]); merging an adapter first is the caller's (`qlora-rt export-gguf`).
+//! GGUF (llama.cpp's model format) import and export. Import: the container ([`reader`], its key/values as
+//! [`metadata`] values), ggml's quantized types dequantized to f32 ([`dequant`]), llama.cpp's tensor names and
+//! layout back to Hugging Face's ([`mapping`]), and the tokenizer metadata as Hugging Face tokenizer files
+//! ([`tokenizer`]); writing the Hugging Face folder is the caller's (`qlora-rt import`). Export ([`export`]): a
+//! Hugging Face folder as one GGUF file, through the quantizers ([`quant`]), the tokenizer files as metadata
+//! ([`hf_vocab`]) and the container writer ([`writer`]); merging an adapter first is the caller's
+//! (`qlora-rt export-gguf`).
 
 pub mod dequant;
 pub mod export;
 pub mod hf_vocab;
 pub mod mapping;
+pub mod metadata;
 pub mod quant;
 pub mod reader;
 pub mod tokenizer;
@@ -16,7 +18,8 @@ pub mod writer;
 
 pub use dequant::{dequantize, GgmlType};
 pub use mapping::{HfTensor, Hyper};
-pub use reader::{GgufFile, MetaArray, MetaValue, TensorInfo};
+pub use metadata::{MetaArray, MetaValue};
+pub use reader::{GgufFile, TensorInfo};
 
 use crate::error::Result;
 use serde_json::Value;

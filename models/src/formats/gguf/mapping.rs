@@ -7,11 +7,12 @@
 //! not permuted (llama.cpp runs Gemma with the rotate-half rope).
 
 use super::dequant::dequantize;
-use super::reader::{GgufFile, MetaArray, MetaValue, TensorInfo};
+use super::metadata::{MetaArray, MetaValue};
+use super::reader::{GgufFile, TensorInfo};
 use crate::config::{Family, ModelConfig, Rope, RopeScaling};
 use crate::error::Result;
 use crate::rope::inv_freq;
-use qlora_kernels::rope::rope_inv_freq;
+use qlora_runtime::rope_inv_freq;
 use serde_json::{json, Map, Value};
 
 /// What a GGUF tensor becomes besides being dequantized.

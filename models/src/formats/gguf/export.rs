@@ -14,13 +14,13 @@
 use super::dequant::GgmlType;
 use super::hf_vocab;
 use super::mapping::{ExportTensor, Hyper};
+use super::metadata::{MetaArray, MetaValue};
 use super::quant::{quantize, type_for_row, QUANTIZABLE};
-use super::reader::{MetaArray, MetaValue};
 use super::writer::{self, TensorEntry, ALIGNMENT};
-use crate::bnb;
-use crate::checkpoint::Checkpoint;
 use crate::config::{Family, LayerKind, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::formats::bnb;
+use crate::formats::checkpoint::Checkpoint;
 use qlora_runtime::DType;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;

@@ -14,10 +14,10 @@
 //! user-defined (4), the unknown token 2, `<0xNN>` byte tokens 6 when the model falls back to bytes, ids the
 //! tokenizer lacks below the embedding size `[PAD{id}]` unused (5), the rest normal (1).
 
-use super::reader::{MetaArray, MetaValue};
+use super::metadata::{MetaArray, MetaValue};
 use super::tokenizer::LLAMA3_SPLIT;
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
+use crate::formats::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -194,7 +194,7 @@ pub fn metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(String, MetaValue)>> 
     // What encoding with special tokens adds, when tokenizer_config.json does not say.
     let with = tok.encode("a", true)?;
     let without = tok.encode("a", false)?;
-    let adds = |t: &Option<crate::tokenizer::SpecialToken>, at_start: bool| {
+    let adds = |t: &Option<crate::formats::tokenizer::SpecialToken>, at_start: bool| {
         t.as_ref().is_some_and(|t| {
             with.len() > without.len() && if at_start { with.first() } else { with.last() } == Some(&t.id)
         })

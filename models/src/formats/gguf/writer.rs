@@ -5,9 +5,9 @@
 //! target and renamed into place (`fsutil::write_atomic_with`), so a failure never leaves a partial file.
 
 use super::dequant::GgmlType;
-use super::reader::{MetaArray, MetaValue};
+use super::metadata::{MetaArray, MetaValue};
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic_with;
+use crate::formats::fsutil::write_atomic_with;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 

@@ -14,7 +14,8 @@
 //! Token types are llama.cpp's: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte. Control and
 //! unknown tokens become special added tokens, user-defined ones plain added tokens (matched whole).
 
-use super::reader::{GgufFile, MetaArray};
+use super::metadata::MetaArray;
+use super::reader::GgufFile;
 use crate::error::Result;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;

@@ -1,14 +1,15 @@
 //! PEFT adapter folders (`adapter_config.json` + `adapter_model.safetensors`), as peft's `save_pretrained`
 //! writes them and `PeftModel.from_pretrained` reads them.
 
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
+use crate::formats::checkpoint::Checkpoint;
+use crate::formats::fsutil::write_atomic;
 use crate::transformer::CausalLm;
 use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit, Param};
 use qlora_runtime::DType;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// The prefix peft puts before a causal LM's module paths in adapter files.
@@ -95,52 +96,58 @@ impl AdapterConfig {
 /// Attaches the adapter in `dir` to `model`'s projections (trainable, f32). Returns how many modules it adapts.
 /// Every `lora_*` tensor in the file must belong to a projection of the model, with matching shapes.
 pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<usize> {
+    let shapes: Vec<(String, [usize; 2])> =
+        model.projections().into_iter().map(|p| (p.name.clone(), p.base.shape())).collect();
+    let mut adapters = read_adapter(dir, &shapes)?;
+    let adapted = adapters.len();
+    for proj in model.projections_mut()? {
+        if let Some(adapter) = adapters.remove(&proj.name) {
+            proj.adapter = Some(adapter);
+        }
+    }
+    Ok(adapted)
+}
+
+/// The adapter in `dir` for `projections` (module path and [out, in] of each), by module path: trainable f32
+/// parameters, without building a model (what `qlora-rt merge` needs). Every `lora_*` tensor in the file must belong
+/// to one of the projections, with matching shapes.
+pub fn read_adapter(dir: &Path, projections: &[(String, [usize; 2])]) -> Result<BTreeMap<String, LoraAdapter>> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg = AdapterConfig::parse(&text, &cfg_path)?;
     let ck = Checkpoint::from_files(&[dir.join("adapter_model.safetensors")])?;
-    let mut used = 0usize;
-    let mut adapted = 0usize;
-    for proj in model.projections_mut()? {
-        let key = |suffix: &str| format!("{KEY_PREFIX}{}.{suffix}", proj.name);
+    let mut used = BTreeSet::new();
+    let mut adapters = BTreeMap::new();
+    for (name, [out_f, in_f]) in projections {
+        let key = |suffix: &str| format!("{KEY_PREFIX}{name}.{suffix}");
         let (a_key, b_key, m_key) = (key("lora_A.weight"), key("lora_B.weight"), key("lora_magnitude_vector"));
         if !ck.contains(&a_key) && !ck.contains(&b_key) {
             continue;
         }
-        let config = cfg.for_module(&proj.name);
-        let [out_f, in_f] = proj.base.shape();
-        let a = ck.load_shaped(&a_key, &[config.r, in_f])?.to_dtype(DType::F32);
-        let b = ck.load_shaped(&b_key, &[out_f, config.r])?.to_dtype(DType::F32);
+        let config = cfg.for_module(name);
+        let a = ck.load_shaped(&a_key, &[config.r, *in_f])?.to_dtype(DType::F32);
+        let b = ck.load_shaped(&b_key, &[*out_f, config.r])?.to_dtype(DType::F32);
         let magnitude = if config.use_dora {
-            let m = ck.load_shaped(&m_key, &[out_f])?.to_dtype(DType::F32);
-            used += 1;
-            Some(Param::trainable(format!("{}.lora_magnitude_vector", proj.name), m))
+            let m = ck.load_shaped(&m_key, &[*out_f])?.to_dtype(DType::F32);
+            used.insert(m_key);
+            Some(Param::trainable(format!("{name}.lora_magnitude_vector"), m))
         } else {
             None
         };
-        used += 2;
-        adapted += 1;
-        proj.adapter = Some(LoraAdapter {
-            lora_a: Param::trainable(format!("{}.lora_A.weight", proj.name), a),
-            lora_b: Param::trainable(format!("{}.lora_B.weight", proj.name), b),
+        used.insert(a_key);
+        used.insert(b_key);
+        let adapter = LoraAdapter {
+            lora_a: Param::trainable(format!("{name}.lora_A.weight"), a),
+            lora_b: Param::trainable(format!("{name}.lora_B.weight"), b),
             magnitude,
             config,
-        });
+        };
+        adapters.insert(name.clone(), adapter);
     }
-    let names = ck.names();
-    if used != names.len() {
-        let known: Vec<String> = model
-            .projections_mut()?
-            .iter()
-            .flat_map(|p| {
-                ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"]
-                    .map(|s| format!("{KEY_PREFIX}{}.{s}", p.name))
-            })
-            .collect();
-        let stray = names.iter().find(|n| !known.iter().any(|k| k == *n)).copied().unwrap_or("(a magnitude vector)");
+    if let Some(stray) = ck.names().into_iter().find(|n| !used.contains(*n)) {
         return Err(ck.tensor_error(stray, "does not belong to any adapted projection of this model"));
     }
-    Ok(adapted)
+    Ok(adapters)
 }
 
 /// Writes the model's adapters as a PEFT folder (`adapter_config.json`, `adapter_model.safetensors`, f32) that

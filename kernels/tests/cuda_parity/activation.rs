@@ -1,0 +1,79 @@
+use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, LENS};
+use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
+use qlora_kernels::testing::gpu;
+use qlora_kernels::{activation, cuda, Rng};
+
+#[test]
+fn activations_match_cpu() {
+    let Some(dev) = gpu("activations_match_cpu") else { return };
+    both_dtypes!(activation_case, &dev, &mut Rng::new(2));
+}
+
+type CpuUnary = fn(&[f32], &mut [f32]);
+type CpuBinary = fn(&[f32], &[f32], &mut [f32]);
+type CpuGluBackward = fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
+type GpuUnary<T> = fn(&DeviceBuffer<T>, &mut DeviceBuffer<T>) -> cuda::Result<()>;
+type GpuBinary<T> = fn(&DeviceBuffer<T>, &DeviceBuffer<T>, &mut DeviceBuffer<T>) -> cuda::Result<()>;
+type GpuGluBackward<T> = fn(
+    &DeviceBuffer<T>,
+    &DeviceBuffer<T>,
+    &DeviceBuffer<T>,
+    &mut DeviceBuffer<T>,
+    &mut DeviceBuffer<T>,
+) -> cuda::Result<()>;
+
+fn activation_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    const CAP: f32 = 30.0;
+    let unary: [(&str, GpuUnary<T>, CpuUnary); 2] = [
+        ("silu_forward", cuda::activation::silu_forward, activation::silu_forward),
+        ("gelu_tanh_forward", cuda::activation::gelu_tanh_forward, activation::gelu_tanh_forward),
+    ];
+    let binary: [(&str, GpuBinary<T>, CpuBinary); 4] = [
+        ("silu_backward", cuda::activation::silu_backward, activation::silu_backward),
+        ("gelu_tanh_backward", cuda::activation::gelu_tanh_backward, activation::gelu_tanh_backward),
+        ("swiglu_forward", cuda::activation::swiglu_forward, activation::swiglu_forward),
+        ("geglu_forward", cuda::activation::geglu_forward, activation::geglu_forward),
+    ];
+    let glu: [(&str, GpuGluBackward<T>, CpuGluBackward); 2] = [
+        ("swiglu_backward", cuda::activation::swiglu_backward, activation::swiglu_backward),
+        ("geglu_backward", cuda::activation::geglu_backward, activation::geglu_backward),
+    ];
+    for n in LENS {
+        // Spread over the saturating tails as well as the curved middle.
+        let (x, u, g) = (randn::<T>(rng, n, 4.0), randn::<T>(rng, n, 1.0), randn::<T>(rng, n, 1.0));
+        let (xw, uw, gw) = (widen(&x), widen(&u), widen(&g));
+        let (gx, gu, gg) = (upload(dev, &x), upload(dev, &u), upload(dev, &g));
+        let mut want = vec![0.0f32; n];
+        for (name, gpu_fn, cpu_fn) in unary {
+            let mut out = poisoned::<T>(dev, n);
+            gpu_fn(&gx, &mut out).unwrap();
+            cpu_fn(&xw, &mut want);
+            check(&format!("{name} n={n}"), &out, &want, T::TOL);
+        }
+        for (name, gpu_fn, cpu_fn) in binary {
+            // Backwards take (x, dy); GLU forwards take (gate, up).
+            let mut out = poisoned::<T>(dev, n);
+            gpu_fn(&gx, &gu, &mut out).unwrap();
+            cpu_fn(&xw, &uw, &mut want);
+            check(&format!("{name} n={n}"), &out, &want, T::TOL);
+        }
+        for (name, gpu_fn, cpu_fn) in glu {
+            let (mut d_gate, mut d_up) = (poisoned::<T>(dev, n), poisoned::<T>(dev, n));
+            gpu_fn(&gx, &gu, &gg, &mut d_gate, &mut d_up).unwrap();
+            let mut want_up = vec![0.0f32; n];
+            cpu_fn(&xw, &uw, &gw, &mut want, &mut want_up);
+            check(&format!("{name} d_gate n={n}"), &d_gate, &want, T::TOL);
+            check(&format!("{name} d_up n={n}"), &d_up, &want_up, T::TOL);
+        }
+        let xc = randn::<T>(rng, n, 2.0 * CAP as f64);
+        let (xcw, gxc) = (widen(&xc), upload(dev, &xc));
+        let mut out = poisoned::<T>(dev, n);
+        cuda::activation::softcap_forward(&gxc, CAP, &mut out).unwrap();
+        activation::softcap_forward(&xcw, CAP, &mut want);
+        check(&format!("softcap_forward n={n}"), &out, &want, T::TOL);
+        let mut out = poisoned::<T>(dev, n);
+        cuda::activation::softcap_backward(&gxc, CAP, &gg, &mut out).unwrap();
+        activation::softcap_backward(&xcw, CAP, &gw, &mut want);
+        check(&format!("softcap_backward n={n}"), &out, &want, T::TOL);
+    }
+}

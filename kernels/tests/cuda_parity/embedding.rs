@@ -1,0 +1,44 @@
+use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, EXACT};
+use qlora_kernels::cuda::CudaDevice;
+use qlora_kernels::testing::gpu;
+use qlora_kernels::{cuda, embedding, Rng};
+
+#[test]
+fn embedding_matches_cpu_bit_for_bit() {
+    let Some(dev) = gpu("embedding_matches_cpu_bit_for_bit") else { return };
+    both_dtypes!(embedding_case, &dev, &mut Rng::new(6));
+}
+
+fn embedding_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    // Few ids over many tokens: heavy repetition, the backward's hard case.
+    for (vocab, dim, n) in [(1, 1, 1), (5, 3, 4), (4, 8, 3000), (1000, 33, 2000), (7, 4099, 40), (50, 257, 0)] {
+        let what = format!("vocab {vocab} dim {dim} n {n}");
+        let table = randn::<T>(rng, vocab * dim, 1.0);
+        let ids: Vec<i32> = (0..n).map(|_| rng.below(vocab as u64) as i32).collect();
+        let gids = upload(dev, &ids);
+        let mut out = poisoned::<T>(dev, n * dim);
+        cuda::embedding::embedding_forward(&upload(dev, &table), &gids, dim, &mut out).unwrap();
+        let mut want = vec![0.0f32; n * dim];
+        embedding::embedding_forward(&widen(&table), &ids, dim, &mut want);
+        check(&format!("embedding_forward {what}"), &out, &want, EXACT);
+
+        let d_out = randn::<T>(rng, n * dim, 1.0);
+        let prior = randn::<T>(rng, vocab * dim, 1.0);
+        let mut d_table = upload(dev, &prior);
+        cuda::embedding::embedding_backward_accumulate(&upload(dev, &d_out), &gids, dim, &mut d_table).unwrap();
+        let mut want = widen(&prior);
+        embedding::embedding_backward_accumulate(&widen(&d_out), &ids, dim, &mut want);
+        check(&format!("embedding_backward_accumulate {what}"), &d_table, &want, EXACT);
+    }
+}
+
+#[test]
+fn embedding_marks_a_bad_id_with_nan() {
+    let Some(dev) = gpu("embedding_marks_a_bad_id_with_nan") else { return };
+    let table = upload(&dev, &[1.0f32, 2.0, 3.0, 4.0]);
+    let mut out = poisoned::<f32>(&dev, 6);
+    cuda::embedding::embedding_forward(&table, &upload(&dev, &[1, 2, -1]), 2, &mut out).unwrap();
+    let out = out.to_vec().unwrap();
+    assert_eq!(&out[..2], [3.0, 4.0]);
+    assert!(out[2..].iter().all(|v| v.is_nan()), "{out:?}");
+}

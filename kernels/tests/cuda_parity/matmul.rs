@@ -1,0 +1,56 @@
+use crate::common::{both_dtypes, randn, upload, widen, Elem, REDUCED};
+use qlora_kernels::cuda::CudaDevice;
+use qlora_kernels::matmul::Gemm;
+use qlora_kernels::testing::{assert_close, gpu};
+use qlora_kernels::{cuda, matmul, Rng};
+
+#[test]
+fn matmul_matches_cpu() {
+    let Some(dev) = gpu("matmul_matches_cpu") else { return };
+    both_dtypes!(matmul_case, &dev, &mut Rng::new(9));
+}
+
+/// One GEMM on the GPU and the CPU twin (f32, on the widened inputs), C starting as `c0` (or NaN when beta == 0, which
+/// must not read it). Tolerance: REDUCED for f32 (k-term sums in cuBLASLt's order), BF16 for bf16 (one rounding).
+fn matmul_one<T: Elem>(dev: &CudaDevice, rng: &mut Rng, g: Gemm, what: &str) {
+    let len = |batch: usize, stride: usize, size: usize| if batch == 0 { 0 } else { (batch - 1) * stride + size };
+    let a = randn::<T>(rng, len(g.batch, g.stride_a, g.m * g.k), 1.0);
+    let b = randn::<T>(rng, len(g.batch, g.stride_b, g.k * g.n), 1.0);
+    let c_len = len(g.batch, if g.batch == 1 { g.m * g.n } else { g.stride_c }, g.m * g.n);
+    let c0: Vec<T> = if g.beta == 0.0 { vec![T::from_f32(f32::NAN); c_len] } else { randn::<T>(rng, c_len, 1.0) };
+    let mut gc = upload(dev, &c0);
+    cuda::matmul::matmul(&g, &upload(dev, &a), &upload(dev, &b), &mut gc).unwrap();
+    let mut want = widen(&c0);
+    matmul::matmul(&g, &widen(&a), &widen(&b), &mut want);
+    // Gaps between batch entries of C are neither written nor read: they keep c0 (NaN where beta == 0) on both sides.
+    let got: Vec<f64> = gc.to_vec().unwrap().iter().map(|&v| v.to_f32() as f64).collect();
+    let want: Vec<f64> = want.iter().map(|&v| T::from_f32(v).to_f32() as f64).collect();
+    let written = |i: usize| g.batch == 1 || i % g.stride_c.max(1) < g.m * g.n;
+    let (got, want): (Vec<f64>, Vec<f64>) =
+        got.iter().zip(&want).enumerate().filter(|&(i, _)| written(i)).map(|(_, (&x, &y))| (x, y)).unzip();
+    assert_close(&format!("matmul {what} [{}]", T::NAME), &got, &want, T::tol(REDUCED));
+}
+
+fn matmul_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    for (m, n, k) in [(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 129, 257), (100, 3, 1000), (2, 257, 31)] {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb);
+            matmul_one::<T>(dev, rng, g, &format!("{m}x{n}x{k} ta {ta} tb {tb}"));
+            matmul_one::<T>(dev, rng, g.alpha(0.5).beta(0.75), &format!("{m}x{n}x{k} ta {ta} tb {tb} α .5 β .75"));
+            let g = g.batched(3).alpha(-1.25).beta(1.0);
+            matmul_one::<T>(dev, rng, g, &format!("3×{m}x{n}x{k} ta {ta} tb {tb} β 1"));
+            // One weight for every batch entry (stride 0), and C entries with gaps between them.
+            let bcast = Gemm { stride_b: 0, stride_c: m * n + 5, ..g.beta(0.0) };
+            matmul_one::<T>(dev, rng, bcast, &format!("3×{m}x{n}x{k} ta {ta} tb {tb} B broadcast, C gaps"));
+            let bcast = Gemm { stride_a: 0, ..g.beta(0.5) };
+            matmul_one::<T>(dev, rng, bcast, &format!("3×{m}x{n}x{k} ta {ta} tb {tb} A broadcast"));
+        }
+    }
+    // The products cuBLASLt does not take: C = beta·C, or zeros for beta == 0 over NaN.
+    for (k, alpha, beta) in [(0, 1.0, 0.0), (0, 1.0, 0.5), (5, 0.0, 0.0), (5, 0.0, -2.0), (0, 1.0, 1.0)] {
+        let g = Gemm::new(7, 9, k).alpha(alpha).beta(beta).batched(2);
+        matmul_one::<T>(dev, rng, g, &format!("k {k} α {alpha} β {beta}"));
+    }
+    matmul_one::<T>(dev, rng, Gemm::new(4, 4, 4).batched(0), "batch 0");
+    matmul_one::<T>(dev, rng, Gemm::new(0, 4, 4), "m 0");
+}
