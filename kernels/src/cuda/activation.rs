@@ -1,22 +1,21 @@
 //! Launchers of `kernels/cuda/activation.cu`, twins of [`crate::activation`].
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, DeviceBuffer, GpuFloat, Result};
-use cudarc::driver::PushKernelArg;
+use super::{config, grid_for, kernel, launch, same_device, DeviceBuffer, GpuFloat, Result};
 
 /// x: [n] → y: [n]
 pub fn silu_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
-    unary(T::pick("silu_forward_f32", "silu_forward_bf16"), x, None, y)
+    unary(kernel!("silu_forward", T), x, None, y)
 }
 
 /// x, dy: [n] → dx: [n]
 pub fn silu_backward<T: GpuFloat>(x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
-    binary(T::pick("silu_backward_f32", "silu_backward_bf16"), x, None, dy, dx)
+    binary(kernel!("silu_backward", T), x, None, dy, dx)
 }
 
 /// x: [n] → y: [n]
 pub fn gelu_tanh_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
-    unary(T::pick("gelu_tanh_forward_f32", "gelu_tanh_forward_bf16"), x, None, y)
+    unary(kernel!("gelu_tanh_forward", T), x, None, y)
 }
 
 /// x, dy: [n] → dx: [n]
@@ -25,7 +24,7 @@ pub fn gelu_tanh_backward<T: GpuFloat>(
     dy: &DeviceBuffer<T>,
     dx: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    binary(T::pick("gelu_tanh_backward_f32", "gelu_tanh_backward_bf16"), x, None, dy, dx)
+    binary(kernel!("gelu_tanh_backward", T), x, None, dy, dx)
 }
 
 /// gate, up: [n] → out: [n]
@@ -34,7 +33,7 @@ pub fn swiglu_forward<T: GpuFloat>(
     up: &DeviceBuffer<T>,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    binary(T::pick("swiglu_forward_f32", "swiglu_forward_bf16"), gate, None, up, out)
+    binary(kernel!("swiglu_forward", T), gate, None, up, out)
 }
 
 /// gate, up, d_out: [n] → d_gate, d_up: [n]
@@ -45,7 +44,7 @@ pub fn swiglu_backward<T: GpuFloat>(
     d_gate: &mut DeviceBuffer<T>,
     d_up: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    glu_backward(T::pick("swiglu_backward_f32", "swiglu_backward_bf16"), gate, up, d_out, d_gate, d_up)
+    glu_backward(kernel!("swiglu_backward", T), gate, up, d_out, d_gate, d_up)
 }
 
 /// gate, up: [n] → out: [n]
@@ -54,7 +53,7 @@ pub fn geglu_forward<T: GpuFloat>(
     up: &DeviceBuffer<T>,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    binary(T::pick("geglu_forward_f32", "geglu_forward_bf16"), gate, None, up, out)
+    binary(kernel!("geglu_forward", T), gate, None, up, out)
 }
 
 /// gate, up, d_out: [n] → d_gate, d_up: [n]
@@ -65,12 +64,12 @@ pub fn geglu_backward<T: GpuFloat>(
     d_gate: &mut DeviceBuffer<T>,
     d_up: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    glu_backward(T::pick("geglu_backward_f32", "geglu_backward_bf16"), gate, up, d_out, d_gate, d_up)
+    glu_backward(kernel!("geglu_backward", T), gate, up, d_out, d_gate, d_up)
 }
 
 /// x: [n] → y: [n] = cap·tanh(x/cap)
 pub fn softcap_forward<T: GpuFloat>(x: &DeviceBuffer<T>, cap: f32, y: &mut DeviceBuffer<T>) -> Result<()> {
-    unary(T::pick("softcap_forward_f32", "softcap_forward_bf16"), x, Some(cap), y)
+    unary(kernel!("softcap_forward", T), x, Some(cap), y)
 }
 
 /// x, dy: [n] → dx: [n]
@@ -80,7 +79,7 @@ pub fn softcap_backward<T: GpuFloat>(
     dy: &DeviceBuffer<T>,
     dx: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    binary(T::pick("softcap_backward_f32", "softcap_backward_bf16"), x, Some(cap), dy, dx)
+    binary(kernel!("softcap_backward", T), x, Some(cap), dy, dx)
 }
 
 /// `kernel(const T* x, [float cap,] T* y, u64 n)`.
@@ -95,17 +94,15 @@ fn unary<T: GpuFloat>(
     if y.is_empty() {
         return Ok(());
     }
-    let f = dev.function(Module::Activation, kernel)?;
-    let (px, py, n) = (x.ptr(), y.ptr(), y.len() as u64);
-    let mut launch = dev.stream().launch_builder(f);
-    launch.arg(&px);
-    if let Some(cap) = cap.as_ref() {
-        launch.arg(cap);
-    }
-    launch.arg(&py).arg(&n);
-    // SAFETY: the kernel's parameters are (const T* x, [float cap,] T* y, u64 n), pushed in that order with the cap
+    let (px, py, n, cfg) = (x.ptr(), y.ptr(), y.len() as u64, config(grid_for(y.len())));
+    // SAFETY: the kernel's parameters are (const T* x, [float cap,] T* y, u64 n), passed in that order with the cap
     // exactly for the softcap kernels; x and y hold n elements on this device (asserted).
-    launched(kernel, unsafe { launch.launch(config(grid_for(y.len()))) })
+    unsafe {
+        match cap {
+            Some(cap) => launch!(dev, Module::Activation, kernel, cfg; px, cap, py, n),
+            None => launch!(dev, Module::Activation, kernel, cfg; px, py, n),
+        }
+    }
 }
 
 /// `kernel(const T* a, [float cap,] const T* b, T* out, u64 n)`.
@@ -122,17 +119,15 @@ fn binary<T: GpuFloat>(
     if out.is_empty() {
         return Ok(());
     }
-    let f = dev.function(Module::Activation, kernel)?;
-    let (pa, pb, po, n) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64);
-    let mut launch = dev.stream().launch_builder(f);
-    launch.arg(&pa);
-    if let Some(cap) = cap.as_ref() {
-        launch.arg(cap);
-    }
-    launch.arg(&pb).arg(&po).arg(&n);
-    // SAFETY: the kernel's parameters are (const T* a, [float cap,] const T* b, T* out, u64 n), pushed in that order
+    let (pa, pb, po, n, cfg) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64, config(grid_for(out.len())));
+    // SAFETY: the kernel's parameters are (const T* a, [float cap,] const T* b, T* out, u64 n), passed in that order
     // with the cap exactly for the softcap kernel; a, b and out hold n elements on this device (asserted).
-    launched(kernel, unsafe { launch.launch(config(grid_for(out.len()))) })
+    unsafe {
+        match cap {
+            Some(cap) => launch!(dev, Module::Activation, kernel, cfg; pa, cap, pb, po, n),
+            None => launch!(dev, Module::Activation, kernel, cfg; pa, pb, po, n),
+        }
+    }
 }
 
 fn glu_backward<T: GpuFloat>(
@@ -152,19 +147,8 @@ fn glu_backward<T: GpuFloat>(
     if n == 0 {
         return Ok(());
     }
-    let f = dev.function(Module::Activation, kernel)?;
     let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
     // SAFETY: kernel(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n); all five hold n
     // elements on this device (asserted), and the two outputs are distinct buffers (two &mut borrows).
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&pg)
-            .arg(&pu)
-            .arg(&pd)
-            .arg(&pdg)
-            .arg(&pdu)
-            .arg(&n64)
-            .launch(config(grid_for(n)))
-    })
+    unsafe { launch!(dev, Module::Activation, kernel, config(grid_for(n)); pg, pu, pd, pdg, pdu, n64) }
 }

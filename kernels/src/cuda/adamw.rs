@@ -2,9 +2,8 @@
 //! the moments f32.
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, DeviceBuffer, GpuFloat, Result};
+use super::{config, grid_for, kernel, launch, same_device, DeviceBuffer, GpuFloat, Result};
 use crate::adamw::AdamWStep;
-use cudarc::driver::PushKernelArg;
 
 /// p, g: [n], m, v: [n] f32 → p, m, v updated in place.
 pub fn adamw_step<T: GpuFloat>(
@@ -28,26 +27,12 @@ pub fn adamw_step<T: GpuFloat>(
     let step_size = (h.lr / bc1) as f32;
     let bc2_sqrt = bc2.sqrt() as f32;
     let eps = h.eps as f32;
-    let kernel = T::pick("adamw_step_f32", "adamw_step_bf16");
-    let f = dev.function(Module::Adamw, kernel)?;
+    let kernel = kernel!("adamw_step", T);
     let (pp, pg, pm, pv, n) = (p.ptr(), g.ptr(), m.ptr(), v.ptr(), p.len() as u64);
     // SAFETY: adamw_step_T(T* p, const T* g, float* m, float* v, u64 n, float beta1, float beta2, float decay,
     // float step_size, float bc2_sqrt, float eps): all four buffers hold n elements on this device (asserted) and
     // the three written ones are distinct (&mut borrows).
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&pp)
-            .arg(&pg)
-            .arg(&pm)
-            .arg(&pv)
-            .arg(&n)
-            .arg(&beta1)
-            .arg(&beta2)
-            .arg(&decay)
-            .arg(&step_size)
-            .arg(&bc2_sqrt)
-            .arg(&eps)
-            .launch(config(grid_for(p.len())))
-    })
+    unsafe {
+        launch!(dev, Module::Adamw, kernel, config(grid_for(p.len())); pp, pg, pm, pv, n, beta1, beta2, decay, step_size, bc2_sqrt, eps)
+    }
 }

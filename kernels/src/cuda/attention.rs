@@ -12,10 +12,10 @@
 //! those additions (and dQ's last bits) can differ run to run; dK and dV are summed in registers in a fixed order.
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, u32_arg, CudaDevice, DeviceBuffer, DeviceCopy, Result};
+use super::{config, grid_for, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, DeviceCopy, Result};
 use crate::attention::AttentionParams;
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 use half::{bf16, f16};
 
 /// The largest head_dim the kernels take: the flash kernels' largest padded head_dim, and `MAX_HEAD_DIM` in
@@ -268,17 +268,20 @@ fn launch_flash(
     dev: &CudaDevice,
     module: Module,
     kernel: &'static str,
-    params: &FlashParams,
+    params: FlashParams,
     cfg: LaunchConfig,
 ) -> Result<()> {
-    let f = dev.function(module, kernel)?;
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shared_mem_bytes as i32)
+    dev.function(module, kernel)?
+        .set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            cfg.shared_mem_bytes as i32,
+        )
         .map_err(super::Error::driver("cuFuncSetAttribute"))?;
     // SAFETY: flash_*(const FlashParams p): every address in `params` is a buffer of this device sized as the
     // callers assert (q, out, d_out, dq_accum: tq·n_heads·head_dim; k, v, dk, dv: tk·n_kv_heads·head_dim; lse, delta:
     // tq·n_heads; cu_q, cu_k: the grid's z + 1), and the kernels skip any sequence whose offsets leave 0..tq or
     // 0..tk; the shared memory asked for is what the kernel's tiles use (FLASH, checked against the .cu comments).
-    launched(kernel, unsafe { dev.stream().launch_builder(f).arg(params).launch(cfg) })
+    unsafe { launch!(dev, module, kernel, cfg; params) }
 }
 
 /// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens_q/k: [n_seqs + 1] → out: [tq, n_heads,
@@ -311,27 +314,16 @@ pub fn attention_forward<T: AttentionFloat>(
     }
     let half = match T::KIND {
         Kind::Reference => {
-            let kernel = "attention_forward_f32";
-            let f = dev.function(Module::Attention, kernel)?;
             let (pq, pk, pv, pcq, pck, po, pl) =
                 (q.ptr(), k.ptr(), v.ptr(), cu_seqlens_q.ptr(), cu_seqlens_k.ptr(), out.ptr(), lse.ptr());
+            let cfg = grid(max_seqlen_q, WARPS, p.n_heads, n_seqs, 32 * WARPS, 0);
             // SAFETY: attention_forward_f32(const float* q, const float* k, const float* v, const int* cu_q,
             // const int* cu_k, float* out, float* lse, Attn a): q and out hold tq·n_heads·head_dim elements, k and v
             // tk·n_kv_heads·head_dim, lse tq·n_heads (asserted), cu_q and cu_k n_seqs + 1 (the grid's z); the kernel
             // skips any sequence whose offsets leave 0..tq or 0..tk, so no access leaves the buffers.
-            return launched(kernel, unsafe {
-                dev.stream()
-                    .launch_builder(f)
-                    .arg(&pq)
-                    .arg(&pk)
-                    .arg(&pv)
-                    .arg(&pcq)
-                    .arg(&pck)
-                    .arg(&po)
-                    .arg(&pl)
-                    .arg(&attn)
-                    .launch(grid(max_seqlen_q, WARPS, p.n_heads, n_seqs, 32 * WARPS, 0))
-            });
+            return unsafe {
+                launch!(dev, Module::Attention, "attention_forward_f32", cfg; pq, pk, pv, pcq, pck, po, pl, attn)
+            };
         }
         Kind::Flash(half) => half,
     };
@@ -339,7 +331,7 @@ pub fn attention_forward<T: AttentionFloat>(
     (flash.q, flash.k, flash.v, flash.out, flash.lse) = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr());
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
     let cfg = grid(max_seqlen_q, fl.fwd.bm, p.n_heads, n_seqs, 32 * fl.fwd.warps, fl.forward_smem());
-    launch_flash(dev, fl.module, half.pick(fl.forward[0], fl.forward[1]), &flash, cfg)
+    launch_flash(dev, fl.module, half.pick(fl.forward[0], fl.forward[1]), flash, cfg)
 }
 
 /// Gradients of [`attention_forward`] from its out and lse and d_out: [tq, n_heads, head_dim] → dq: [tq, n_heads,
@@ -419,7 +411,7 @@ pub fn attention_backward<T: AttentionFloat>(
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
     if max_seqlen_k > 0 && !dk.is_empty() {
         let cfg = grid(max_seqlen_k, fl.bwd.bn, p.n_kv_heads, n_seqs, 32 * fl.bwd.warps, fl.backward_smem());
-        launch_flash(dev, fl.module, half.pick(fl.backward[0], fl.backward[1]), &flash, cfg)?;
+        launch_flash(dev, fl.module, half.pick(fl.backward[0], fl.backward[1]), flash, cfg)?;
     } else {
         // No key: every dq row is zero (the accumulator as allocated); dk and dv are empty.
         dq_accum.zero()?;
@@ -428,12 +420,9 @@ pub fn attention_backward<T: AttentionFloat>(
         return Ok(());
     }
     let kernel = half.pick("attention_dq_convert_bf16", "attention_dq_convert_f16");
-    let f = dev.function(Module::Attention, kernel)?;
     let (pa, pd, n) = (dq_accum.ptr(), dq.ptr(), dq.len() as u64);
     // SAFETY: attention_dq_convert_T(const float* dq_accum, T* dq, u64 n): both hold n elements, on this device.
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&pa).arg(&pd).arg(&n).launch(config(grid_for(dq.len())))
-    })
+    unsafe { launch!(dev, Module::Attention, kernel, config(grid_for(dq.len())); pa, pd, n) }
 }
 
 /// delta = rowsum(dO ⊙ O) per (token, head): [rows] f32.
@@ -448,7 +437,6 @@ fn launch_delta<T: AttentionFloat>(
         Kind::Reference => "attention_delta_f32",
         Kind::Flash(half) => half.pick("attention_delta_bf16", "attention_delta_f16"),
     };
-    let f = dev.function(Module::Attention, kernel)?;
     let rows = delta.len();
     let (po, pdo, pdelta, rows64) = (out.ptr(), d_out.ptr(), delta.ptr(), rows as u64);
     let cfg = LaunchConfig {
@@ -458,9 +446,7 @@ fn launch_delta<T: AttentionFloat>(
     };
     // SAFETY: attention_delta_T(const T* out, const T* d_out, float* delta, u64 rows, unsigned hd): out and d_out
     // hold rows·hd elements (asserted by the caller), delta rows f32; on this device.
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&po).arg(&pdo).arg(&pdelta).arg(&rows64).arg(&hd).launch(cfg)
-    })
+    unsafe { launch!(dev, Module::Attention, kernel, cfg; po, pdo, pdelta, rows64, hd) }
 }
 
 /// The f32 reference backward: dQ with one warp per query row, dK and dV with one per key row.
@@ -480,50 +466,21 @@ fn reference_backward<T: AttentionFloat>(
     let (pq, pk, pv, pl, pdelta, pdo) = (q.ptr(), k.ptr(), v.ptr(), lse.ptr(), delta.ptr(), d_out.ptr());
     let (pcq, pck) = (cu_q.ptr(), cu_k.ptr());
     if max_seqlen_q > 0 && !dq.is_empty() {
-        let kernel = "attention_backward_dq_f32";
-        let f = dev.function(Module::Attention, kernel)?;
-        let pdq = dq.ptr();
+        let (pdq, cfg) = (dq.ptr(), grid(max_seqlen_q, WARPS, p.n_heads, n_seqs, 32 * WARPS, 0));
         // SAFETY: attention_backward_dq_f32(q, k, v, lse, delta, d_out, cu_q, cu_k, float* dq, Attn a): q, d_out, dq
         // hold tq·n_heads·head_dim elements, k and v tk·n_kv_heads·head_dim, lse and delta tq·n_heads (asserted,
         // allocated); sequences outside the buffers are skipped by the kernel; on this device.
-        launched(kernel, unsafe {
-            dev.stream()
-                .launch_builder(f)
-                .arg(&pq)
-                .arg(&pk)
-                .arg(&pv)
-                .arg(&pl)
-                .arg(&pdelta)
-                .arg(&pdo)
-                .arg(&pcq)
-                .arg(&pck)
-                .arg(&pdq)
-                .arg(attn)
-                .launch(grid(max_seqlen_q, WARPS, p.n_heads, n_seqs, 32 * WARPS, 0))
-        })?;
+        unsafe {
+            launch!(dev, Module::Attention, "attention_backward_dq_f32", cfg; pq, pk, pv, pl, pdelta, pdo, pcq, pck, pdq, *attn)
+        }?;
     }
     if max_seqlen_k > 0 && !dk.is_empty() {
-        let kernel = "attention_backward_dkdv_f32";
-        let f = dev.function(Module::Attention, kernel)?;
-        let (pdk, pdv) = (dk.ptr(), dv.ptr());
+        let (pdk, pdv, cfg) = (dk.ptr(), dv.ptr(), grid(max_seqlen_k, WARPS, p.n_kv_heads, n_seqs, 32 * WARPS, 0));
         // SAFETY: attention_backward_dkdv_f32(q, k, v, lse, delta, d_out, cu_q, cu_k, float* dk, float* dv, Attn a):
         // as for dq, with dk and dv holding tk·n_kv_heads·head_dim elements (asserted); on this device.
-        launched(kernel, unsafe {
-            dev.stream()
-                .launch_builder(f)
-                .arg(&pq)
-                .arg(&pk)
-                .arg(&pv)
-                .arg(&pl)
-                .arg(&pdelta)
-                .arg(&pdo)
-                .arg(&pcq)
-                .arg(&pck)
-                .arg(&pdk)
-                .arg(&pdv)
-                .arg(attn)
-                .launch(grid(max_seqlen_k, WARPS, p.n_kv_heads, n_seqs, 32 * WARPS, 0))
-        })?;
+        unsafe {
+            launch!(dev, Module::Attention, "attention_backward_dkdv_f32", cfg; pq, pk, pv, pl, pdelta, pdo, pcq, pck, pdk, pdv, *attn)
+        }?;
     }
     Ok(())
 }

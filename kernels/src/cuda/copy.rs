@@ -2,8 +2,8 @@
 //! references are plain index arithmetic and `half`'s conversions, which the parity tests spell out.
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, DeviceBuffer, DeviceCopy, GpuFloat, Result};
-use cudarc::driver::{DeviceRepr, PushKernelArg};
+use super::{config, grid_for, launch, same_device, DeviceBuffer, DeviceCopy, GpuFloat, Result};
+use cudarc::driver::DeviceRepr;
 
 /// The most dimensions a view may have (`MAX_RANK` in copy.cu).
 pub const MAX_RANK: usize = 8;
@@ -51,14 +51,11 @@ pub fn strided_copy<T: DeviceCopy>(
         4 => "strided_copy_u32",
         size => unreachable!("DeviceCopy types are 1, 2 or 4 bytes, not {size}"),
     };
-    let f = dev.function(Module::Copy, kernel)?;
     let (ps, pd, n64) = (src.ptr(), dst.ptr(), n as u64);
     // SAFETY: strided_copy_uN(const uN* src, uN* dst, View v, u64 n) with N = 8·size_of::<T>(): it moves whole
     // elements, so any DeviceCopy value survives; dst holds n elements and every element the view reaches is below
     // src.len() (both asserted); on this device.
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&ps).arg(&pd).arg(&view).arg(&n64).launch(config(grid_for(n)))
-    })
+    unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(n)); ps, pd, view, n64) }
 }
 
 /// src: [len] S → dst: [len] D (round to nearest even into bf16, as `half::bf16::from_f32`; exact otherwise)
@@ -70,10 +67,7 @@ pub fn cast<S: GpuFloat, D: GpuFloat>(src: &DeviceBuffer<S>, dst: &mut DeviceBuf
     }
     let kernel =
         S::pick(D::pick("cast_f32_to_f32", "cast_f32_to_bf16"), D::pick("cast_bf16_to_f32", "cast_bf16_to_bf16"));
-    let f = dev.function(Module::Copy, kernel)?;
     let (ps, pd, n) = (src.ptr(), dst.ptr(), dst.len() as u64);
     // SAFETY: cast_S_to_D(const S* src, D* dst, u64 n); both hold n elements (asserted), on this device.
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&ps).arg(&pd).arg(&n).launch(config(grid_for(dst.len())))
-    })
+    unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(dst.len())); ps, pd, n) }
 }

@@ -6,8 +6,7 @@
 //! instead: NaN loss and NaN gradient.
 
 use super::source::Module;
-use super::{config, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
-use cudarc::driver::PushKernelArg;
+use super::{config, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
 
 /// logits: [rows, vocab], targets: [rows] → loss: [rows] f32 (0 for ignored rows), lse: [rows] f32
 pub fn cross_entropy_forward<T: GpuFloat>(
@@ -24,23 +23,15 @@ pub fn cross_entropy_forward<T: GpuFloat>(
     if rows == 0 {
         return Ok(());
     }
-    let kernel = T::pick("cross_entropy_forward_f32", "cross_entropy_forward_bf16");
-    let f = dev.function(Module::CrossEntropy, kernel)?;
+    let kernel = kernel!("cross_entropy_forward", T);
     let (px, pt, pl, pe) = (logits.ptr(), targets.ptr(), loss.ptr(), lse.ptr());
     let vocab32 = u32_arg("cross_entropy_forward: vocab", vocab);
     // SAFETY: cross_entropy_forward_T(const T* logits, const int* targets, float* loss, float* lse,
     // unsigned vocab), one block per row: logits hold rows·vocab elements, targets, loss and lse rows (asserted),
     // all on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&px)
-            .arg(&pt)
-            .arg(&pl)
-            .arg(&pe)
-            .arg(&vocab32)
-            .launch(config(u32_arg("cross_entropy_forward: rows", rows)))
-    })
+    unsafe {
+        launch!(dev, Module::CrossEntropy, kernel, config(u32_arg("cross_entropy_forward: rows", rows)); px, pt, pl, pe, vocab32)
+    }
 }
 
 /// d_loss: [rows] f32 → d_logits: [rows, vocab] = d_loss[r]·(softmax(logits[r]) − onehot(target[r])); zero rows
@@ -64,24 +55,15 @@ pub fn cross_entropy_backward<T: GpuFloat>(
     if rows == 0 {
         return Ok(());
     }
-    let kernel = T::pick("cross_entropy_backward_f32", "cross_entropy_backward_bf16");
-    let f = dev.function(Module::CrossEntropy, kernel)?;
+    let kernel = kernel!("cross_entropy_backward", T);
     let (px, pt, pe, pg, pd) = (logits.ptr(), targets.ptr(), lse.ptr(), d_loss.ptr(), d_logits.ptr());
     let vocab32 = u32_arg("cross_entropy_backward: vocab", vocab);
     // SAFETY: cross_entropy_backward_T(const T* logits, const int* targets, const float* lse,
     // const float* d_loss, T* d_logits, unsigned vocab), one block per row: logits and d_logits hold rows·vocab
     // elements, targets, lse and d_loss rows (asserted), all on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&px)
-            .arg(&pt)
-            .arg(&pe)
-            .arg(&pg)
-            .arg(&pd)
-            .arg(&vocab32)
-            .launch(config(u32_arg("cross_entropy_backward: rows", rows)))
-    })
+    unsafe {
+        launch!(dev, Module::CrossEntropy, kernel, config(u32_arg("cross_entropy_backward: rows", rows)); px, pt, pe, pg, pd, vocab32)
+    }
 }
 
 /// The row count, after asserting the shapes.

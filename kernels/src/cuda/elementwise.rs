@@ -1,17 +1,16 @@
 //! Launchers of `kernels/cuda/elementwise.cu`, twins of [`crate::elementwise`].
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
-use cudarc::driver::PushKernelArg;
+use super::{config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
 
 /// a: [len], b: [len] → out: [len] = a + b
 pub fn add<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut DeviceBuffer<T>) -> Result<()> {
-    binary(T::pick("add_f32", "add_bf16"), a, b, out)
+    binary(kernel!("add", T), a, b, out)
 }
 
 /// a: [len], b: [len] → out: [len] = a ⊙ b
 pub fn mul<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut DeviceBuffer<T>) -> Result<()> {
-    binary(T::pick("mul_f32", "mul_bf16"), a, b, out)
+    binary(kernel!("mul", T), a, b, out)
 }
 
 /// x: [len] → out: [len] = s·x
@@ -21,13 +20,10 @@ pub fn scale<T: GpuFloat>(x: &DeviceBuffer<T>, s: f32, out: &mut DeviceBuffer<T>
     if out.is_empty() {
         return Ok(());
     }
-    let kernel = T::pick("scale_f32", "scale_bf16");
-    let f = dev.function(Module::Elementwise, kernel)?;
+    let kernel = kernel!("scale", T);
     let (px, po, n) = (x.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: scale_T(const T* x, float s, T* out, u64 n); x and out hold n elements on this device (asserted).
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&px).arg(&s).arg(&po).arg(&n).launch(config(grid_for(out.len())))
-    })
+    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); px, s, po, n) }
 }
 
 /// x: [len] → out: [len] = inverted dropout of x with the mask of [`crate::elementwise::dropout`] (keep = 1/(1 − p)
@@ -44,22 +40,11 @@ pub fn dropout<T: GpuFloat>(
     if out.is_empty() {
         return Ok(());
     }
-    let kernel = T::pick("dropout_f32", "dropout_bf16");
-    let f = dev.function(Module::Elementwise, kernel)?;
+    let kernel = kernel!("dropout", T);
     let (px, po, n) = (x.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: dropout_T(const T* x, T* out, u64 n, u64 seed, double p, float keep); x and out hold n elements on
     // this device (asserted).
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&px)
-            .arg(&po)
-            .arg(&n)
-            .arg(&seed)
-            .arg(&p)
-            .arg(&keep)
-            .launch(config(grid_for(out.len())))
-    })
+    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); px, po, n, seed, p, keep) }
 }
 
 /// x: [len], y: [len] → y += alpha·x (gradient accumulation)
@@ -69,13 +54,10 @@ pub fn axpy<T: GpuFloat>(alpha: f32, x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T
     if y.is_empty() {
         return Ok(());
     }
-    let kernel = T::pick("axpy_f32", "axpy_bf16");
-    let f = dev.function(Module::Elementwise, kernel)?;
+    let kernel = kernel!("axpy", T);
     let (px, py, n) = (x.ptr(), y.ptr(), y.len() as u64);
     // SAFETY: axpy_T(float alpha, const T* x, T* y, u64 n); x and y hold n elements on this device (asserted).
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&alpha).arg(&px).arg(&py).arg(&n).launch(config(grid_for(y.len())))
-    })
+    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(y.len())); alpha, px, py, n) }
 }
 
 /// x: [rows, cols], bias: [cols] → x += bias broadcast over rows
@@ -90,14 +72,11 @@ pub fn add_bias<T: GpuFloat>(x: &mut DeviceBuffer<T>, bias: &DeviceBuffer<T>) ->
     if x.is_empty() {
         return Ok(());
     }
-    let kernel = T::pick("add_bias_f32", "add_bias_bf16");
-    let f = dev.function(Module::Elementwise, kernel)?;
+    let kernel = kernel!("add_bias", T);
     let (px, pb, n, cols) = (x.ptr(), bias.ptr(), x.len() as u64, u32_arg("add_bias: cols", cols));
     // SAFETY: add_bias_T(T* x, const T* bias, u64 n, unsigned cols); x holds n = rows·cols elements and bias cols
     // (asserted), on this device.
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&px).arg(&pb).arg(&n).arg(&cols).launch(config(grid_for(x.len())))
-    })
+    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(x.len())); px, pb, n, cols) }
 }
 
 fn binary<T: GpuFloat>(
@@ -117,11 +96,8 @@ fn binary<T: GpuFloat>(
     if out.is_empty() {
         return Ok(());
     }
-    let f = dev.function(Module::Elementwise, kernel)?;
     let (pa, pb, po, n) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: add_T / mul_T(const T* a, const T* b, T* out, u64 n); a, b and out hold n elements on this device
     // (asserted).
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&pa).arg(&pb).arg(&po).arg(&n).launch(config(grid_for(out.len())))
-    })
+    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); pa, pb, po, n) }
 }

@@ -6,8 +6,7 @@
 //! the embedding, so this runs only when it is trained.
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
-use cudarc::driver::PushKernelArg;
+use super::{config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
 
 /// table: [vocab, dim], ids: [n] → out: [n, dim]. An id outside 0..vocab (asserted by the CPU kernel) gives a NaN row.
 pub fn embedding_forward<T: GpuFloat>(
@@ -22,24 +21,13 @@ pub fn embedding_forward<T: GpuFloat>(
     if out.is_empty() {
         return Ok(());
     }
-    let kernel = T::pick("embedding_forward_f32", "embedding_forward_bf16");
-    let f = dev.function(Module::Embedding, kernel)?;
+    let kernel = kernel!("embedding_forward", T);
     let (pt, pi, po, n_dim) = (table.ptr(), ids.ptr(), out.ptr(), out.len() as u64);
     let (dim32, vocab32) = (u32_arg("embedding: dim", dim), u32_arg("embedding: vocab", vocab));
     // SAFETY: embedding_forward_T(const T* table, const int* ids, T* out, u64 n_dim, unsigned dim,
     // unsigned vocab): table holds vocab·dim elements, ids n, out n_dim = n·dim (asserted); the kernel reads table
     // rows only for ids in 0..vocab. All on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&pt)
-            .arg(&pi)
-            .arg(&po)
-            .arg(&n_dim)
-            .arg(&dim32)
-            .arg(&vocab32)
-            .launch(config(grid_for(out.len())))
-    })
+    unsafe { launch!(dev, Module::Embedding, kernel, config(grid_for(out.len())); pt, pi, po, n_dim, dim32, vocab32) }
 }
 
 /// d_out: [n, dim], ids: [n] → d_table: [vocab, dim] += scatter of d_out rows (accumulates; repeated ids add up).
@@ -60,8 +48,7 @@ pub fn embedding_backward_accumulate<T: GpuFloat>(
     let order = dev.upload(&segments.order)?;
     let start = dev.upload(&segments.start)?;
     let row = dev.upload(&segments.row)?;
-    let kernel = T::pick("embedding_backward_accumulate_f32", "embedding_backward_accumulate_bf16");
-    let f = dev.function(Module::Embedding, kernel)?;
+    let kernel = kernel!("embedding_backward_accumulate", T);
     let (pd, po, ps, pr, pt) = (d_out.ptr(), order.ptr(), start.ptr(), row.ptr(), d_table.ptr());
     let dim32 = u32_arg("embedding: dim", dim);
     // SAFETY: embedding_backward_accumulate_T(const T* d_out, const int* order, const int* seg_start,
@@ -69,17 +56,9 @@ pub fn embedding_backward_accumulate<T: GpuFloat>(
     // vocab·dim (asserted); order is a permutation of 0..n, seg_start has segments + 1 ascending entries in 0..=n,
     // seg_row segments ids in 0..vocab (Segments::of). The index buffers return to the pool when dropped,
     // stream-ordered after this kernel. All on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&pd)
-            .arg(&po)
-            .arg(&ps)
-            .arg(&pr)
-            .arg(&pt)
-            .arg(&dim32)
-            .launch(config(u32_arg("embedding: touched rows", segments.row.len())))
-    })
+    unsafe {
+        launch!(dev, Module::Embedding, kernel, config(u32_arg("embedding: touched rows", segments.row.len())); pd, po, ps, pr, pt, dim32)
+    }
 }
 
 /// Token positions grouped by id: segment s lists, in `order[start[s]..start[s + 1]]`, the positions (ascending) of

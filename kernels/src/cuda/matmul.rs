@@ -13,11 +13,10 @@
 
 use super::alloc::Block;
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, CudaDevice, DeviceBuffer, Error, GpuFloat, Result};
+use super::{config, grid_for, kernel, launch, same_device, CudaDevice, DeviceBuffer, Error, GpuFloat, Result};
 use crate::matmul::{check_ab, check_c, Gemm};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
-use cudarc::driver::PushKernelArg;
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::c_void;
 use std::sync::Mutex;
@@ -82,21 +81,11 @@ fn scale_c<T: GpuFloat>(
     if beta == 1.0 {
         return Ok(());
     }
-    let kernel = T::pick("gemm_scale_c_f32", "gemm_scale_c_bf16");
-    let f = dev.function(Module::Matmul, kernel)?;
+    let kernel = kernel!("gemm_scale_c", T);
     let (pc, beta, batch64, mn64, stride64) = (c.ptr(), beta as f32, batch as u64, mn as u64, stride_c as u64);
     // SAFETY: gemm_scale_c_T(T* c, float beta, u64 batch, u64 mn, u64 stride_c) touches c[i·stride_c + j] for
     // i < batch, j < mn, all below (batch − 1)·stride_c + mn ≤ c.len() (asserted by the caller); on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&pc)
-            .arg(&beta)
-            .arg(&batch64)
-            .arg(&mn64)
-            .arg(&stride64)
-            .launch(config(grid_for(batch * mn)))
-    })
+    unsafe { launch!(dev, Module::Matmul, kernel, config(grid_for(batch * mn)); pc, beta, batch64, mn64, stride64) }
 }
 
 /// One cuBLASLt call: `batch` entries of `g`'s product, starting at these device addresses.

@@ -112,6 +112,35 @@ fn launched(kernel: &'static str, r: std::result::Result<Option<(CudaEvent, Cuda
     r.map(|_| ()).map_err(|source| Error::Launch { kernel, source })
 }
 
+/// The entry point of `$op` for the element type `$t`: every float kernel is defined as `<op>_f32` and `<op>_bf16`.
+macro_rules! kernel {
+    ($op:literal, $t:ty) => {
+        <$t as $crate::cuda::GpuFloat>::pick(concat!($op, "_f32"), concat!($op, "_bf16"))
+    };
+}
+pub(crate) use kernel;
+
+/// Launches entry point `$kernel` of `$module` on `$dev` with `$cfg`, passing the arguments in the kernel's order
+/// (device addresses as `u64`, scalars in the kernel's types, `repr(C)` structs by value): the one launch chain
+/// every launcher shares. Evaluates to a [`Result`]. It is written inside the caller's `unsafe` block, whose
+/// `// SAFETY:` comment states the kernel's signature and why no access leaves its buffers.
+macro_rules! launch {
+    ($dev:expr, $module:expr, $kernel:expr, $cfg:expr; $($arg:expr),+ $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let (dev, kernel): (&$crate::cuda::CudaDevice, &'static str) = ($dev, $kernel);
+        match dev.function($module, kernel) {
+            Err(e) => Err(e),
+            Ok(f) => {
+                let mut builder = dev.stream().launch_builder(f);
+                // Each argument lives in its own binding until the launch has copied it.
+                $(let arg = $arg; builder.arg(&arg);)+
+                $crate::cuda::launched(kernel, builder.launch($cfg))
+            }
+        }
+    }};
+}
+pub(crate) use launch;
+
 /// The one device all of an op's buffers live on; panics when they differ (a caller bug, like a length mismatch).
 fn same_device<'a>(op: &str, devices: &[&'a CudaDevice]) -> &'a CudaDevice {
     let first = devices[0];

@@ -3,9 +3,10 @@
 //! standalone rebuild of a double-quantized absmax, [`dequantize_absmax_nested`]. All are bit-exact with the CPU.
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, DeviceCopy, GpuFloat, Result, BLOCK};
+use super::{
+    config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, DeviceCopy, GpuFloat, Result, BLOCK,
+};
 use crate::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
-use cudarc::driver::PushKernelArg;
 use half::f16;
 
 /// Elements a warp dequantizes per step of the kernel's vector path (`TILE` in nf4.cu): 32 lanes × 16 packed bytes.
@@ -19,10 +20,7 @@ pub trait Nf4Output: DeviceCopy {
 
 impl<T: GpuFloat> Nf4Output for T {
     fn kernels() -> (&'static str, &'static str) {
-        (
-            T::pick("dequantize_nf4_f32", "dequantize_nf4_bf16"),
-            T::pick("dequantize_nf4_nested_f32", "dequantize_nf4_nested_bf16"),
-        )
+        (kernel!("dequantize_nf4", T), kernel!("dequantize_nf4_nested", T))
     }
 }
 
@@ -113,45 +111,20 @@ pub fn dequantize_nf4_into<T: Nf4Output>(
     let (plain, nested) = T::kernels();
     match scales {
         Nf4Scales::Absmax(absmax) => {
-            let f = dev.function(Module::Nf4, plain)?;
             let pa = absmax.ptr();
             // SAFETY: dequantize_nf4_T(const unsigned char* packed, const float* absmax, T* out, u64 n, u64 n_vec,
             // unsigned log2_blocksize): packed holds (n + 1) / 2 bytes, absmax ceil(n / blocksize) f32 and out n
             // elements from po (asserted), on this device; n_vec is a multiple of TILE, nonzero only when packed
             // and po are 16-byte aligned; the block of BLOCK threads is the kernel's at most 256, a multiple of 32.
-            launched(plain, unsafe {
-                dev.stream()
-                    .launch_builder(f)
-                    .arg(&pp)
-                    .arg(&pa)
-                    .arg(&po)
-                    .arg(&n64)
-                    .arg(&nv64)
-                    .arg(&log2)
-                    .launch(config(grid))
-            })
+            unsafe { launch!(dev, Module::Nf4, plain, config(grid); pp, pa, po, n64, nv64, log2) }
         }
         Nf4Scales::Nested { qabsmax, absmax2, code2, offset } => {
-            let f = dev.function(Module::Nf4, nested)?;
             let (pq, p2, pc) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr());
             // SAFETY: dequantize_nf4_nested_T(const unsigned char* packed, const unsigned char* qabsmax, const
             // float* absmax2, const float* code2, float offset, T* out, u64 n, u64 n_vec, unsigned log2_blocksize):
             // as above, with qabsmax ceil(n / blocksize) bytes, absmax2 one f32 per 256 of them and code2 256 f32
             // (asserted; every byte indexes code2 in range), on this device.
-            launched(nested, unsafe {
-                dev.stream()
-                    .launch_builder(f)
-                    .arg(&pp)
-                    .arg(&pq)
-                    .arg(&p2)
-                    .arg(&pc)
-                    .arg(&offset)
-                    .arg(&po)
-                    .arg(&n64)
-                    .arg(&nv64)
-                    .arg(&log2)
-                    .launch(config(grid))
-            })
+            unsafe { launch!(dev, Module::Nf4, nested, config(grid); pp, pq, p2, pc, offset, po, n64, nv64, log2) }
         }
     }
 }
@@ -174,22 +147,13 @@ pub fn dequantize_absmax_nested(
         return Ok(());
     }
     let kernel = "dequantize_absmax_nested_f32";
-    let f = dev.function(Module::Nf4, kernel)?;
     let (pq, pa, pc, po, nb64) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr(), out.ptr(), nb as u64);
     // SAFETY: dequantize_absmax_nested_f32(const unsigned char* qabsmax, const float* absmax2, const float* code2,
     // float offset, float* out, u64 nb): qabsmax and out hold nb elements, absmax2 ceil(nb / 256), code2 256
     // (asserted; every byte indexes code2 in range), on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&pq)
-            .arg(&pa)
-            .arg(&pc)
-            .arg(&offset)
-            .arg(&po)
-            .arg(&nb64)
-            .launch(config(grid_for(u32_arg("dequantize_absmax_nested: blocks", nb) as usize)))
-    })
+    unsafe {
+        launch!(dev, Module::Nf4, kernel, config(grid_for(u32_arg("dequantize_absmax_nested: blocks", nb) as usize)); pq, pa, pc, offset, po, nb64)
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! scalar reductions synchronise and return their value to the host as f64.
 
 use super::source::Module;
-use super::{config, launched, same_device, u32_arg, CudaDevice, DeviceBuffer, GpuFloat, Result, BLOCK};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use super::{config, kernel, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, GpuFloat, Result, BLOCK};
+use cudarc::driver::LaunchConfig;
 
 /// Blocks of the first pass of a full reduction: enough to fill a GPU, few enough that one block sums the partials.
 const MAX_PARTIALS: usize = 1024;
@@ -14,17 +14,17 @@ const MIN_SPLIT_ROWS: usize = 64;
 
 /// x: [len] → Σ x (0 for empty)
 pub fn sum<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
-    scalar(x, T::pick("sum_partial_f32", "sum_partial_bf16"), "sum_final_f32")
+    scalar(x, kernel!("sum_partial", T), "sum_final_f32")
 }
 
 /// x: [len] → Σ x²
 pub fn sum_squares<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
-    scalar(x, T::pick("sum_squares_partial_f32", "sum_squares_partial_bf16"), "sum_final_f32")
+    scalar(x, kernel!("sum_squares_partial", T), "sum_final_f32")
 }
 
 /// x: [len] → max |x|; 0 for empty, NaN when any element is NaN
 pub fn max_abs<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
-    scalar(x, T::pick("max_abs_partial_f32", "max_abs_partial_bf16"), "max_abs_final_f32")
+    scalar(x, kernel!("max_abs_partial", T), "max_abs_final_f32")
 }
 
 fn scalar<T: GpuFloat>(x: &DeviceBuffer<T>, partial_kernel: &'static str, final_kernel: &'static str) -> Result<f64> {
@@ -36,18 +36,14 @@ fn scalar<T: GpuFloat>(x: &DeviceBuffer<T>, partial_kernel: &'static str, final_
     let blocks = x.len().div_ceil(BLOCK as usize).min(MAX_PARTIALS);
     let partial = dev.alloc::<f32>(blocks)?;
     let out = dev.alloc::<f32>(1)?;
-    let f = dev.function(Module::Reduce, partial_kernel)?;
     let (px, pp, po, n) = (x.ptr(), partial.ptr(), out.ptr(), x.len() as u64);
     // SAFETY: <op>_partial_T(const T* x, float* partial, u64 n) with `blocks` blocks: x holds n elements, partial
     // one f32 per block (allocated above); on this device.
-    launched(partial_kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&px).arg(&pp).arg(&n).launch(config(blocks as u32))
-    })?;
-    let f = dev.function(Module::Reduce, final_kernel)?;
+    unsafe { launch!(dev, Module::Reduce, partial_kernel, config(blocks as u32); px, pp, n) }?;
     let count = blocks as u32;
     // SAFETY: <op>_final_f32(const float* partial, float* out, unsigned count), one block: partial holds count f32,
     // out one (allocated above); on this device.
-    launched(final_kernel, unsafe { dev.stream().launch_builder(f).arg(&pp).arg(&po).arg(&count).launch(config(1)) })?;
+    unsafe { launch!(dev, Module::Reduce, final_kernel, config(1); pp, po, count) }?;
     Ok(out.to_vec()?[0] as f64)
 }
 
@@ -68,8 +64,7 @@ pub fn sum_rows<T: GpuFloat>(x: &DeviceBuffer<T>, cols: usize, out: &mut DeviceB
     let rows_per_split = rows.div_ceil(splits);
     let splits = rows.div_ceil(rows_per_split);
     let partial = dev.alloc::<f32>(splits * cols)?;
-    let kernel = T::pick("sum_rows_partial_f32", "sum_rows_partial_bf16");
-    let f = dev.function(Module::Reduce, kernel)?;
+    let kernel = kernel!("sum_rows_partial", T);
     let (px, pp, po) = (x.ptr(), partial.ptr(), out.ptr());
     let (rows32, cols32) = (u32_arg("sum_rows: rows", rows), u32_arg("sum_rows: cols", cols));
     let (rps32, splits32) = (rows_per_split as u32, splits as u32);
@@ -81,20 +76,9 @@ pub fn sum_rows<T: GpuFloat>(x: &DeviceBuffer<T>, cols: usize, out: &mut DeviceB
     // SAFETY: sum_rows_partial_T(const T* x, float* partial, unsigned rows, unsigned cols, unsigned
     // rows_per_split) on a (column blocks, splits) grid: x holds rows·cols elements (asserted), partial splits·cols
     // f32 (allocated above), and no split starts past the last row; on this device.
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&px).arg(&pp).arg(&rows32).arg(&cols32).arg(&rps32).launch(grid)
-    })?;
-    let kernel = T::pick("sum_rows_final_f32", "sum_rows_final_bf16");
-    let f = dev.function(Module::Reduce, kernel)?;
+    unsafe { launch!(dev, Module::Reduce, kernel, grid; px, pp, rows32, cols32, rps32) }?;
+    let kernel = kernel!("sum_rows_final", T);
     // SAFETY: sum_rows_final_T(const float* partial, T* out, unsigned splits, unsigned cols): partial holds
     // splits·cols f32, out cols elements (asserted); on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&pp)
-            .arg(&po)
-            .arg(&splits32)
-            .arg(&cols32)
-            .launch(config(super::grid_for(cols)))
-    })
+    unsafe { launch!(dev, Module::Reduce, kernel, config(super::grid_for(cols)); pp, po, splits32, cols32) }
 }

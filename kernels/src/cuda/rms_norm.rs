@@ -1,9 +1,8 @@
 //! Launchers of `kernels/cuda/rms_norm.cu`, twins of [`crate::rms_norm`]. rstd is f32 whatever the I/O type.
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use super::{config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
 use crate::rms_norm::check_shapes;
-use cudarc::driver::PushKernelArg;
 
 /// The weight gradient is reduced over at most this many row blocks: enough blocks to fill a GPU, and a bound on
 /// the f32 scratch (this many rows of `dim`).
@@ -25,25 +24,15 @@ pub fn rms_norm_forward<T: GpuFloat>(
     if rows == 0 {
         return Ok(());
     }
-    let kernel = T::pick("rms_norm_forward_f32", "rms_norm_forward_bf16");
-    let f = dev.function(Module::RmsNorm, kernel)?;
+    let kernel = kernel!("rms_norm_forward", T);
     let (px, pw, py, pr) = (x.ptr(), weight.ptr(), y.ptr(), rstd.ptr());
     let dim32 = u32_arg("rms_norm_forward: dim", dim);
     // SAFETY: rms_norm_forward_T(const T* x, const T* weight, T* y, float* rstd, unsigned dim, float eps,
     // float offset), one block per row: x and y hold rows·dim elements, weight dim, rstd rows (asserted), all on
     // this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&px)
-            .arg(&pw)
-            .arg(&py)
-            .arg(&pr)
-            .arg(&dim32)
-            .arg(&eps)
-            .arg(&offset)
-            .launch(config(u32_arg("rms_norm_forward: rows", rows)))
-    })
+    unsafe {
+        launch!(dev, Module::RmsNorm, kernel, config(u32_arg("rms_norm_forward: rows", rows)); px, pw, py, pr, dim32, eps, offset)
+    }
 }
 
 /// x, dy: [rows, dim], rstd: [rows] f32 → dx: [rows, dim], dw: [dim] (written: Σ over rows, deterministic order)
@@ -73,8 +62,7 @@ pub fn rms_norm_backward<T: GpuFloat>(
     let rows_per_block = rows.div_ceil(rows.min(MAX_DW_BLOCKS));
     let blocks = rows.div_ceil(rows_per_block);
     let partial = dev.alloc::<f32>(blocks * dim)?;
-    let kernel = T::pick("rms_norm_backward_f32", "rms_norm_backward_bf16");
-    let f = dev.function(Module::RmsNorm, kernel)?;
+    let kernel = kernel!("rms_norm_backward", T);
     let (px, pw, pr, pdy, pdx, pp) = (x.ptr(), weight.ptr(), rstd.ptr(), dy.ptr(), dx.ptr(), partial.ptr());
     let (rows32, dim32) = (u32_arg("rms_norm_backward: rows", rows), u32_arg("rms_norm_backward: dim", dim));
     let (rpb32, blocks32) = (rows_per_block as u32, blocks as u32);
@@ -82,27 +70,12 @@ pub fn rms_norm_backward<T: GpuFloat>(
     // float* dw_partial, unsigned rows, unsigned dim, float offset, unsigned rows_per_block) with `blocks` blocks:
     // x, dy, dx hold rows·dim elements, weight dim, rstd rows (asserted), dw_partial blocks·dim (allocated above;
     // it returns to the pool when dropped, stream-ordered after the reduction below); all on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&px)
-            .arg(&pw)
-            .arg(&pr)
-            .arg(&pdy)
-            .arg(&pdx)
-            .arg(&pp)
-            .arg(&rows32)
-            .arg(&dim32)
-            .arg(&offset)
-            .arg(&rpb32)
-            .launch(config(blocks32))
-    })?;
-    let kernel = T::pick("rms_norm_dw_reduce_f32", "rms_norm_dw_reduce_bf16");
-    let f = dev.function(Module::RmsNorm, kernel)?;
+    unsafe {
+        launch!(dev, Module::RmsNorm, kernel, config(blocks32); px, pw, pr, pdy, pdx, pp, rows32, dim32, offset, rpb32)
+    }?;
+    let kernel = kernel!("rms_norm_dw_reduce", T);
     let pdw = dw.ptr();
     // SAFETY: rms_norm_dw_reduce_T(const float* dw_partial, T* dw, unsigned blocks, unsigned dim): dw_partial holds
     // blocks·dim f32, dw holds dim elements (asserted), on this device.
-    launched(kernel, unsafe {
-        dev.stream().launch_builder(f).arg(&pp).arg(&pdw).arg(&blocks32).arg(&dim32).launch(config(grid_for(dim)))
-    })
+    unsafe { launch!(dev, Module::RmsNorm, kernel, config(grid_for(dim)); pp, pdw, blocks32, dim32) }
 }

@@ -2,8 +2,7 @@
 //! tables are f32 ([`crate::rope::rope_tables`] builds them; they are small and shared by every layer).
 
 use super::source::Module;
-use super::{config, grid_for, launched, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
-use cudarc::driver::PushKernelArg;
+use super::{config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
 
 /// x: [tokens, heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → y: [tokens, heads, head_dim]
 pub fn rope_forward<T: GpuFloat>(
@@ -14,7 +13,7 @@ pub fn rope_forward<T: GpuFloat>(
     head_dim: usize,
     y: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    rotate(T::pick("rope_forward_f32", "rope_forward_bf16"), x, cos, sin, heads, head_dim, y)
+    rotate(kernel!("rope_forward", T), x, cos, sin, heads, head_dim, y)
 }
 
 /// dy → dx (the inverse rotation), same shapes as forward
@@ -26,7 +25,7 @@ pub fn rope_backward<T: GpuFloat>(
     head_dim: usize,
     dx: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    rotate(T::pick("rope_backward_f32", "rope_backward_bf16"), dy, cos, sin, heads, head_dim, dx)
+    rotate(kernel!("rope_backward", T), dy, cos, sin, heads, head_dim, dx)
 }
 
 fn rotate<T: GpuFloat>(
@@ -43,23 +42,11 @@ fn rotate<T: GpuFloat>(
     if tokens == 0 {
         return Ok(());
     }
-    let f = dev.function(Module::Rope, kernel)?;
     let pairs = x.len() / 2;
     let (px, pc, ps, py, n) = (x.ptr(), cos.ptr(), sin.ptr(), y.ptr(), pairs as u64);
     let (heads32, half32) = (u32_arg("rope: heads", heads), u32_arg("rope: head_dim", head_dim) / 2);
     // SAFETY: kernel(const T* x, const float* cos, const float* sin, T* y, u64 n, unsigned heads, unsigned half),
     // one thread per rotated pair: x and y hold 2n = tokens·heads·head_dim elements, cos and sin tokens·half
     // (asserted), all on this device.
-    launched(kernel, unsafe {
-        dev.stream()
-            .launch_builder(f)
-            .arg(&px)
-            .arg(&pc)
-            .arg(&ps)
-            .arg(&py)
-            .arg(&n)
-            .arg(&heads32)
-            .arg(&half32)
-            .launch(config(grid_for(pairs)))
-    })
+    unsafe { launch!(dev, Module::Rope, kernel, config(grid_for(pairs)); px, pc, ps, py, n, heads32, half32) }
 }
