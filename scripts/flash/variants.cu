@@ -4,6 +4,7 @@
 // `FLASH`; a variant that wins here moves there (kernels/NOTES.md records the runs).
 #include "../../kernels/cuda/common.cuh"
 #include "../../kernels/cuda/flash_attention.cuh"
+#include "../../kernels/cuda/flash_attention_sm90.cuh"
 
 template <int D, int BM, int BN, int W, int MINB>
 __global__ void __launch_bounds__(32 * W, MINB) fwd_kernel(const FlashParams p) {
@@ -13,6 +14,25 @@ __global__ void __launch_bounds__(32 * W, MINB) fwd_kernel(const FlashParams p) 
 template <int D, int BM, int BN, int W, int P1K, int P2K, int P3Q>
 __global__ void __launch_bounds__(32 * W) bwd_kernel(const FlashParams p) {
     flash_backward<bf16, D, BM, BN, W, P1K, P2K, P3Q>(p);
+}
+
+// Hopper (sm_90a, wgmma) forward: NWG warpgroups of 64 query rows, BN keys per tile; OV = intra-warpgroup overlap.
+template <int D, int BN, int NWG, bool OV>
+__global__ void __launch_bounds__(128 * NWG, 1) fwd90_kernel(const FlashParams p) {
+    flash_forward_sm90<bf16, D, BN, NWG, OV>(p);
+}
+
+// Warp-specialized: NWG consumer warpgroups + 1 producer warpgroup (cp.async + mbarriers); PP = ping-pong between
+// the consumer warpgroups; the producer keeps 48 registers (setmaxnreg), the consumers get the rest.
+template <int D, int BN, int NWG, bool PP>
+__global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd90ws_kernel(const FlashParams p) {
+    flash_forward_sm90_ws<bf16, D, BN, NWG, PP, 48>(p);
+}
+
+// Hopper backward: NWG warpgroups × 64 keys per block, 64-query tiles (all threads load).
+template <int D, int NWG>
+__global__ void __launch_bounds__(128 * NWG, 1) bwd90_kernel(const FlashParams p) {
+    flash_backward_sm90<bf16, D, NWG>(p);
 }
 
 struct Variant {
@@ -26,6 +46,15 @@ struct Variant {
 #define FWD(D, BM, BN, W) FWDB(D, BM, BN, W, 1)
 #define BWD(D, BM, BN, W, A, B, C) \
     {"bwd d" #D " " #BM "x" #BN "x" #W " " #A #B #C, D, BM, BN, W, (2 * BN + 4 * BM) * (D + 8) * 2 + 2 * BN * (BM + 8) * 2 + 16 * BM, (const void*)bwd_kernel<D, BM, BN, W, A, B, C>}
+
+#define FWD90(D, BN, NWG, OV) \
+    {"fwd90 d" #D " " #BN " wg" #NWG " ov" #OV, D, 64 * NWG, BN, 4 * NWG, Sm90ForwardSmem<D, BN, NWG>::bytes, (const void*)fwd90_kernel<D, BN, NWG, OV>}
+
+#define FWD90WS(D, BN, NWG, PP)                                                                                         \
+    {"fwd90ws d" #D " " #BN " wg" #NWG " pp" #PP, D, 64 * NWG, BN, 4 * (NWG + 1), Sm90ForwardWsSmem<D, BN, NWG>::bytes, \
+     (const void*)fwd90ws_kernel<D, BN, NWG, PP>}
+
+#define BWD90(D, NWG) {"bwd90 d" #D " wg" #NWG, D, 64, 64 * NWG, 4 * NWG, Sm90BackwardSmem<D, NWG>::bytes, (const void*)bwd90_kernel<D, NWG>}
 
 static Variant VARIANTS[] = {
     FWD(64, 64, 64, 4),
@@ -46,7 +75,120 @@ static Variant VARIANTS[] = {
     BWD(128, 32, 64, 4, 4, 2, 2),
     BWD(256, 64, 64, 8, 4, 2, 4),
     BWD(256, 32, 64, 8, 4, 2, 2),
+    FWD90(64, 128, 2, 1),
+    FWD90(64, 128, 2, 0),
+    FWD90(64, 64, 2, 1),
+    FWD90(128, 128, 2, 1),
+    FWD90(128, 128, 2, 0),
+    FWD90(128, 64, 2, 1),
+    FWD90(128, 128, 1, 1),
+    FWD90(256, 64, 2, 0),
+    FWD90WS(64, 128, 2, 1),
+    FWD90WS(64, 128, 2, 0),
+    FWD90WS(128, 128, 2, 1),
+    FWD90WS(128, 128, 2, 0),
+    FWD90WS(128, 64, 2, 1),
+    FWD90WS(256, 64, 2, 1),
+    FWD90WS(256, 80, 2, 1),
+    FWD90WS(256, 64, 2, 0),
+    BWD90(64, 2),
+    BWD90(64, 1),
+    BWD90(128, 2),
 };
+
+// ---- wgmma layout self-test ----------------------------------------------------------------------------------
+// One warpgroup, one tile, the forward's own helpers: C = Q·Kᵀ (64 × BN over D; wgmma SS, both K-major, tiles written
+// by sm90_load_tile) and O = bf16(C)·V (64 × D over BN; wgmma RS with P packed from C's accumulator registers, V
+// MN-major). q [64][D], k and v [BN][D] bf16 row-major; c [64][BN] and o [64][D] f32, written from the accumulator
+// fragments with the documented layout. A wrong descriptor, swizzle or fragment mapping shows here as a large error
+// (variants.py compares with torch) before any attention kernel runs.
+template <int D, int BN>
+__global__ void __launch_bounds__(128) wgmma_selftest(const unsigned short* q, const unsigned short* k, const unsigned short* v, float* c, float* o,
+                                                      float* o2, float* c3) {
+    const unsigned sQ = (smem_u32(flash_smem) + 1023u) & ~1023u, sK = sQ + 64 * D * 2, sV = sK + BN * D * 2;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    sm90_load_tile<64, D, 128>(sQ, q, D, 64, D, tid);
+    sm90_load_tile<BN, D, 128>(sK, k, D, BN, D, tid);
+    sm90_load_tile<BN, D, 128>(sV, v, D, BN, D, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    float sacc[BN / 2], oacc[D / 2];
+    unsigned pf[BN / 16][4];
+    reg_fence(sacc);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) Wgmma<BN>::template ss<bf16, 0>(sacc, desc_k<64>(sQ, 0, kk), desc_k<BN>(sK, 0, kk), kk > 0);
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(sacc);
+    sm90_pack_p<bf16, BN / 2>(sacc, pf);
+    reg_fence(oacc);
+    reg_fence(pf);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) Wgmma<D>::template rs<bf16, 1>(oacc, pf[kk], desc_mn<BN>(sV, kk), kk > 0);
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(oacc);
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) c[(16 * warp + g + 8 * ((i % 4) / 2)) * BN + 8 * (i / 4) + 2 * t + (i % 2)] = sacc[i];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[(16 * warp + g + 8 * ((i % 4) / 2)) * D + 8 * (i / 4) + 2 * t + (i % 2)] = oacc[i];
+
+    // o2 [64][32] = bf16(C)·V[:, 32:64]: an N-major B whose start sits 64 bytes into the 128-byte rows (bwd90's dQ
+    // at D = 64 splits its columns this way). c3 [64][64] = V[:, 0:64]ᵀ·K[:, 0:64]: A M-major (imm-trans-a = 1, the
+    // layout bwd90 stores dSᵀ in) and B N-major, k = the BN rows.
+    float o2acc[16], c3acc[32];
+    reg_fence(pf);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) Wgmma<32>::template rs<bf16, 1>(o2acc, pf[kk], desc_sw128(sV + 64 + kk * 2048, BN * 128), kk > 0);
+    Wgmma<64>::template ss0<bf16, 1, 1>(c3acc, desc_mn<BN>(sV, 0), desc_mn<BN>(sK, 0));
+#pragma unroll
+    for (int kk = 1; kk < BN / 16; ++kk) Wgmma<64>::template ss<bf16, 1, 1>(c3acc, desc_mn<BN>(sV, kk), desc_mn<BN>(sK, kk), 1);
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(o2acc);
+    reg_fence(c3acc);
+    reg_fence(pf);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) o2[(16 * warp + g + 8 * ((i % 4) / 2)) * 32 + 8 * (i / 4) + 2 * t + (i % 2)] = o2acc[i];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) c3[(16 * warp + g + 8 * ((i % 4) / 2)) * 64 + 8 * (i / 4) + 2 * t + (i % 2)] = c3acc[i];
+}
+
+struct SelfTest {
+    int d, bn;
+    const void* kernel;
+};
+static SelfTest SELFTESTS[] = {
+    {64, 64, (const void*)wgmma_selftest<64, 64>},
+    {128, 128, (const void*)wgmma_selftest<128, 128>},
+    {128, 80, (const void*)wgmma_selftest<128, 80>},
+    {256, 64, (const void*)wgmma_selftest<256, 64>},
+};
+extern "C" int n_selftests() { return sizeof(SELFTESTS) / sizeof(SELFTESTS[0]); }
+extern "C" int selftest_d(int i) { return SELFTESTS[i].d; }
+extern "C" int selftest_bn(int i) { return SELFTESTS[i].bn; }
+// ptrs: q, k, v, c, o, o2, c3.
+extern "C" int selftest(int i, const unsigned long long* ptrs, unsigned long long stream) {
+    const SelfTest& s = SELFTESTS[i];
+    const int smem = (64 + 2 * s.bn) * s.d * 2 + 1024;
+    cudaError_t e = cudaFuncSetAttribute(s.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return (int)e;
+    const unsigned short* q = (const unsigned short*)ptrs[0];
+    const unsigned short* k = (const unsigned short*)ptrs[1];
+    const unsigned short* v = (const unsigned short*)ptrs[2];
+    float* c = (float*)ptrs[3];
+    float* o = (float*)ptrs[4];
+    float* o2 = (float*)ptrs[5];
+    float* c3 = (float*)ptrs[6];
+    void* args[] = {&q, &k, &v, &c, &o, &o2, &c3};
+    e = cudaLaunchKernel(s.kernel, dim3(1), dim3(128), args, smem, (cudaStream_t)stream);
+    return (int)e;
+}
 
 extern "C" int n_variants() { return sizeof(VARIANTS) / sizeof(VARIANTS[0]); }
 extern "C" const char* variant_name(int i) { return VARIANTS[i].name; }
