@@ -10,7 +10,8 @@
 
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
-use qlora_runtime::ops::elementwise::{add, add_bias, dropout, mul, scale, sum_rows};
+use qlora_runtime::ops::elementwise::{add, add_bias, dropout, mul, scale};
+use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::ops::linalg::matmul;
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::Rng;

@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod layout;
+pub mod op;
 pub mod ops;
 pub mod profile;
 pub mod quant;
