@@ -7,8 +7,8 @@ use crate::formats::tokenizer::GenerationConfig;
 use crate::kv_cache::KvCache;
 use crate::transformer::CausalLm;
 use qlora_autograd::{Tape, Var};
-use qlora_runtime::Rng;
 use qlora_runtime::ops::attention::SeqLens;
+use qlora_runtime::Rng;
 use qlora_runtime::{Device, Tensor};
 use std::ops::ControlFlow;
 

@@ -12,8 +12,8 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::transformer::{Batch, CausalLm, Projection, Weights};
 use qlora_autograd::{LoraAdapter, LoraConfig, Param, Tape, Var};
-use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::ops::attention::SeqLens;
+use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::{nf4, DType, Device, Rng, Tensor};
 use std::path::Path;
 

@@ -71,6 +71,15 @@ pub(crate) fn full(shape: &[usize], value: f64, dtype: DType, ordinal: usize) ->
     }
 }
 
+/// How many times the host has waited for `device` (synchronisations and reads back) since it was opened; 0 for the
+/// CPU. A training step's contract is one such wait per optimizer step (its loss and gradient norm).
+pub fn synchronizations(device: Device) -> Result<u64> {
+    match device {
+        Device::Cpu => Ok(0),
+        Device::Cuda(ordinal) => Ok(cuda_device(ordinal)?.synchronizations()),
+    }
+}
+
 /// The values of one-element tensors, read back together: one synchronisation for all of them (a training step
 /// reads its loss and gradient norm this way, once).
 pub fn read_scalars(ts: &[&Tensor]) -> Result<Vec<f64>> {
@@ -82,7 +91,10 @@ pub fn read_scalars(ts: &[&Tensor]) -> Result<Vec<f64>> {
     let mut packed = dev.alloc::<f32>(ts.len()).map_err(Error::cuda("read_scalars"))?;
     for (i, t) in ts.iter().enumerate() {
         if t.elem_count() != 1 || t.device() != first.device() {
-            return Err(Error::shape("read_scalars", format!("{:?} on {} is not a scalar on cuda:{ordinal}", t.shape(), t.device())));
+            return Err(Error::shape(
+                "read_scalars",
+                format!("{:?} on {} is not a scalar on cuda:{ordinal}", t.shape(), t.device()),
+            ));
         }
         let v = to_dtype(t, DType::F32)?;
         packed.copy_within_from(i, buf::<f32>(&v)).map_err(Error::cuda("read_scalars"))?;
@@ -212,14 +224,10 @@ impl Gpu {
         let Device::Cuda(ordinal) = first else {
             return Ok(None);
         };
-        let mut dtype = DType::F32;
-        for x in xs {
-            match x.dtype() {
-                DType::F32 => {}
-                DType::BF16 => dtype = DType::BF16,
-                other => return Err(Error::DType { op, expected: DType::BF16, got: other }),
-            }
+        if let Some(x) = xs.iter().find(|x| !matches!(x.dtype(), DType::F32 | DType::BF16)) {
+            return Err(Error::DType { op, expected: DType::BF16, got: x.dtype() });
         }
+        let dtype = DType::compute(first, xs.iter().map(|x| x.dtype()));
         Ok(Some(Gpu { op, device: first, dtype, dev: cuda_device(ordinal)? }))
     }
 

@@ -361,12 +361,8 @@ impl Backward for MatMulGrad {
 /// [`matmul`] for a tape; `needs` marks which operands want a gradient.
 pub fn matmul_op(a: &Tensor, b: &Tensor, needs: [bool; 2]) -> Result<Recorded> {
     let c = matmul(a, b)?;
-    let grad = MatMulGrad {
-        a: keep_if(needs[1], a),
-        b: keep_if(needs[0] || needs[1], b),
-        a_shape: a.shape().to_vec(),
-        needs,
-    };
+    let grad =
+        MatMulGrad { a: keep_if(needs[1], a), b: keep_if(needs[0] || needs[1], b), a_shape: a.shape().to_vec(), needs };
     Ok((c, Box::new(grad)))
 }
 

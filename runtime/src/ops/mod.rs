@@ -29,9 +29,9 @@ pub trait Compute: Float + Element {}
 impl Compute for f32 {}
 impl Compute for f64 {}
 
-/// f64 when any input is f64 (gradient checks), f32 otherwise; errors on non-float inputs or mixed devices.
+/// The CPU's compute dtype for `xs` ([`DType::compute`]: f64 for gradient checks, f32 otherwise); errors on non-float
+/// inputs, mixed devices, or a GPU operand (every op with a CUDA path dispatched before reaching here).
 pub(crate) fn compute_dtype(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
-    let mut dtype = DType::F32;
     for x in xs {
         if !x.dtype().is_float() {
             return Err(Error::DType { op, expected: DType::F32, got: x.dtype() });
@@ -40,14 +40,10 @@ pub(crate) fn compute_dtype(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
             return Err(Error::DeviceMismatch { op, a: xs[0].device(), b: x.device() });
         }
         if x.device() != Device::Cpu {
-            // Ops with a CUDA path dispatched before reaching here: this one runs on the CPU only.
             return Err(Error::Unsupported { op, device: x.device(), why: "this op has no CUDA implementation" });
         }
-        if x.dtype() == DType::F64 {
-            dtype = DType::F64;
-        }
     }
-    Ok(dtype)
+    Ok(DType::compute(Device::Cpu, xs.iter().map(|x| x.dtype())))
 }
 
 /// Runs `$body` with `T` bound to the compute type of `$xs`.

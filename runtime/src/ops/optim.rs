@@ -45,7 +45,9 @@ pub fn adamw_step(
         let clip = norm.as_ref().map(|(n, max)| (buf::<f32>(n), *max));
         let (m, v) = (buffer_mut::<f32>(OP, m)?, buffer_mut::<f32>(OP, v)?);
         return match p.dtype() {
-            DType::BF16 => gpu.run(gadamw::adamw_step_clipped(h, buffer_mut::<half::bf16>(OP, p)?, buf(&g), m, v, clip)),
+            DType::BF16 => {
+                gpu.run(gadamw::adamw_step_clipped(h, buffer_mut::<half::bf16>(OP, p)?, buf(&g), m, v, clip))
+            }
             _ => gpu.run(gadamw::adamw_step_clipped(h, buffer_mut::<f32>(OP, p)?, buf(&g), m, v, clip)),
         };
     }
@@ -87,7 +89,10 @@ mod tests {
         adamw_step(&h, &mut tp, &tg, &mut tm, &mut tv, None).unwrap();
         assert_eq!((tp.to_vec::<f32>(), tm.to_vec::<f32>(), tv.to_vec::<f32>()), (p, m, v));
 
-        assert!(adamw_step(&h, &mut tp, &t(&[1.0]), &mut tm, &mut tv, None).unwrap_err().to_string().contains("gradient"));
+        assert!(adamw_step(&h, &mut tp, &t(&[1.0]), &mut tm, &mut tv, None)
+            .unwrap_err()
+            .to_string()
+            .contains("gradient"));
         let mut bf = tm.to_dtype(DType::BF16);
         assert!(adamw_step(&h, &mut tp, &tg, &mut bf, &mut tv, None).is_err(), "moments are f32");
         let h0 = AdamWStep { step: 0, ..h };

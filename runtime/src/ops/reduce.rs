@@ -39,7 +39,10 @@ pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
 /// reading anything back (on the CPU the sum runs in f64 and is rounded into acc once per tensor).
 pub fn sum_squares_into(x: &Tensor, acc: &mut Tensor) -> Result<()> {
     if acc.elem_count() != 1 || acc.dtype() != DType::F32 {
-        return Err(Error::shape("sum_squares_into", format!("acc must be one f32, got {:?} {:?}", acc.shape(), acc.dtype())));
+        return Err(Error::shape(
+            "sum_squares_into",
+            format!("acc must be one f32, got {:?} {:?}", acc.shape(), acc.dtype()),
+        ));
     }
     if let Some(g) = Gpu::of("sum_squares_into", &[x])? {
         let out = buffer_mut::<f32>("sum_squares_into", acc)?;
