@@ -12,6 +12,7 @@ use crate::kv_cache::{KvCache, LayerKv};
 use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
 use qlora_runtime::ops::attention::SeqLens;
+use qlora_runtime::ops::linear_cross_entropy::linear_cross_entropy_op;
 use qlora_runtime::ops::rope::rope_tables;
 use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
@@ -484,11 +485,22 @@ impl CausalLm {
         }
     }
 
-    /// Σ token losses ÷ `normalizer` (pass the trained-token count of the whole accumulated batch).
+    /// Σ token losses ÷ `normalizer` (pass the trained-token count of the whole accumulated batch). A frozen head
+    /// (QLoRA's) runs fused with the loss, chunk by chunk, so the [tokens, vocab] logits never exist
+    /// (`qlora_runtime::ops::linear_cross_entropy`); a trainable one takes the plain head and loss.
     pub fn loss(&self, t: &Tape, batch: &Batch, normalizer: f64, dropout_seed: u64) -> qlora_runtime::Result<Var> {
-        let logits = self.logits(t, batch, dropout_seed)?;
-        let _profile = profile::scope(Pass::Forward, "cross entropy");
-        t.cross_entropy(&logits, &batch.targets, normalizer)
+        let x = self.forward_hidden(t, &batch.ids, &batch.positions, &batch.cu_seqlens, None, dropout_seed)?;
+        let head = t.param(self.lm_head.as_ref().unwrap_or(&self.embed_tokens));
+        if head.requires_grad() {
+            let logits = self.head(t, &x)?;
+            let _profile = profile::scope(Pass::Forward, "cross entropy");
+            return t.cross_entropy(&logits, &batch.targets, normalizer);
+        }
+        let _profile = profile::scope(Pass::Forward, "lm head + cross entropy");
+        let cap = self.config.final_logit_softcapping;
+        t.apply([&x], |[x], [needs_dx]| {
+            linear_cross_entropy_op(x, head.value(), &batch.targets, cap, normalizer, needs_dx)
+        })
     }
 }
 

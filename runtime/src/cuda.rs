@@ -97,7 +97,7 @@ pub fn read_scalars(ts: &[&Tensor]) -> Result<Vec<f64>> {
             ));
         }
         let v = to_dtype(t, DType::F32)?;
-        packed.copy_within_from(i, buf::<f32>(&v)).map_err(Error::cuda("read_scalars"))?;
+        packed.copy_from_at(i, buf::<f32>(&v)).map_err(Error::cuda("read_scalars"))?;
     }
     let values = packed.to_vec().map_err(Error::cuda("read_scalars"))?;
     Ok(values.into_iter().map(f64::from).collect())

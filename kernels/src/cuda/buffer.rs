@@ -129,14 +129,23 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
         Ok(copy)
     }
 
-    /// Copies the first element of `src` into element `at` (stream-ordered, device to device).
-    pub fn copy_within_from(&mut self, at: usize, src: &DeviceBuffer<T>) -> Result<()> {
-        assert!(at < self.len && !src.is_empty(), "copy_within_from: element {at} of {}", self.len);
+    /// Copies all of `src` into elements `at..at + src.len()` (stream-ordered, device to device).
+    pub fn copy_from_at(&mut self, at: usize, src: &DeviceBuffer<T>) -> Result<()> {
+        assert!(at + src.len <= self.len, "copy_from_at: {} elements at {at} into {}", src.len, self.len);
+        if src.is_empty() {
+            return Ok(());
+        }
         self.device.bind()?;
         let bytes = size_of::<T>();
-        // SAFETY: one element of both blocks (asserted in range), on the device's stream after earlier work on them.
+        // SAFETY: src's whole block and the asserted range of this one, on the device's stream after earlier work on
+        // both.
         unsafe {
-            driver::memcpy_dtod_async(self.ptr() + (at * bytes) as u64, src.ptr(), bytes, self.device.cu_stream())
+            driver::memcpy_dtod_async(
+                self.ptr() + (at * bytes) as u64,
+                src.ptr(),
+                src.len * bytes,
+                self.device.cu_stream(),
+            )
         }
         .map_err(Error::driver("cuMemcpyDtoDAsync"))
     }

@@ -12,10 +12,12 @@
 
 pub mod activation;
 pub mod attention;
+pub mod concat;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod linalg;
+pub mod linear_cross_entropy;
 pub mod optim;
 pub mod reduce;
 pub mod rms_norm;
