@@ -1293,10 +1293,12 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
         reg_fence(pf);
         reg_fence(dsf);
 
-        // dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2.
+        // dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2. The row offset comes from
+        // an opaque thread index: kept across the pair loop, it was the one value D = 128 spilled.
+        const int tid_q = static_cast<int>(opaque(threadIdx.x)), rq = 16 * ((tid_q / 32) % 4) + (tid_q % 32) / 4;
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-            const int r = m0 + 16 * (warp % 4) + g + 8 * hr;
+            const int r = m0 + rq + 8 * hr;
             if (r >= s.len_q) continue;
             float* dst = p.dq_accum + (static_cast<u64>(s.q0 + r) * p.n_heads + h) * hd;
 #pragma unroll
