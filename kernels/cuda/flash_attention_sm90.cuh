@@ -586,8 +586,12 @@ __device__ __forceinline__ void sm90_store_rows(unsigned short* g, u64 stride, u
 // tile + 2t) → P in place (exp2 of the log2-scaled score minus the new row max; masked entries 0). Updates the
 // running max (log2 units) and sum of the thread's two rows and returns in corr the factor the old accumulator must
 // be scaled by. As flash_attention.cuh's softmax_tile: MASK (some entry of the tile is not visible) and CAP (softcap)
-// are template switches, and without a cap the scale folds into one FMA per score, p = 2^(x·pre − max).
-template <int NS, bool MASK, bool CAP>
+// are template switches, and without a cap the scale folds into one FMA per score, p = 2^(x·pre − max). LAZY
+// (FlashAttention-4's conditional rescaling) keeps the running max unless the tile's exceeds it by more than 8 (log2
+// units): P then stays ≤ 2^8, harmless in f32 sums and in bf16/f16 P, and corr is exactly 1 for most tiles, so the
+// caller can skip rescaling O (sm90_rescale_lazy). The result is the same up to rounding: lse and O's normalisation
+// use whatever max the sums were taken against.
+template <int NS, bool MASK, bool CAP, bool LAZY>
 __device__ __forceinline__ void sm90_softmax_tile(float (&s)[NS], float (&row_max)[2], float (&row_sum)[2], float (&corr)[2], const FlashParams& p,
                                                   const FlashSeq& sq, const ScoreMap& sm, int r0, int c0) {
     if (CAP) {
@@ -618,7 +622,9 @@ __device__ __forceinline__ void sm90_softmax_tile(float (&s)[NS], float (&row_ma
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // Capped scores are in log2 units already; raw ones scale by pre > 0, which keeps the max.
-        const float m_new = fmaxf(row_max[hr], CAP ? mx : mx * sm.pre);
+        float m_new = fmaxf(row_max[hr], CAP ? mx : mx * sm.pre);
+        // From −∞ the difference is +∞ (taken); −∞ − −∞ is NaN (compares false: taken, still −∞).
+        if (LAZY && m_new - row_max[hr] <= 8.0f) m_new = row_max[hr];
         // A row that has seen no key yet keeps max −∞; subtracting 0 then leaves every exp2 at 0, not NaN.
         const float base = m_new == f32_neg_inf() ? 0.0f : m_new;
         corr[hr] = ex2(row_max[hr] - base);
@@ -638,16 +644,16 @@ __device__ __forceinline__ void sm90_softmax_tile(float (&s)[NS], float (&row_ma
 }
 
 // The four (mask, cap) instantiations behind one call. `full`: every entry of the tile is visible.
-template <int NS>
+template <int NS, bool LAZY = false>
 __device__ __forceinline__ void sm90_softmax(float (&s)[NS], float (&row_max)[2], float (&row_sum)[2], float (&corr)[2], const FlashParams& p,
                                              const FlashSeq& sq, const ScoreMap& sm, bool full, int r0, int j0, int t) {
     const int c0 = j0 + 2 * t;
     if (sm.capped) {
-        if (full) sm90_softmax_tile<NS, false, true>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
-        else sm90_softmax_tile<NS, true, true>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
+        if (full) sm90_softmax_tile<NS, false, true, LAZY>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
+        else sm90_softmax_tile<NS, true, true, LAZY>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
     } else {
-        if (full) sm90_softmax_tile<NS, false, false>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
-        else sm90_softmax_tile<NS, true, false>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
+        if (full) sm90_softmax_tile<NS, false, false, LAZY>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
+        else sm90_softmax_tile<NS, true, false, LAZY>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
     }
 }
 
@@ -663,6 +669,11 @@ __device__ __forceinline__ void sm90_pack_p(const float (&s)[NS], unsigned (&pf)
 template <int NO> __device__ __forceinline__ void sm90_rescale(float (&o)[NO], const float (&corr)[2]) {
 #pragma unroll
     for (int i = 0; i < NO; ++i) o[i] *= corr[(i % 4) / 2];
+}
+
+// sm90_rescale, skipped by a warp none of whose rows moved its max (LAZY softmax: most tiles).
+template <int NO, bool LAZY> __device__ __forceinline__ void sm90_rescale_lazy(float (&o)[NO], const float (&corr)[2]) {
+    if (!LAZY || __any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) sm90_rescale<NO>(o, corr);
 }
 
 // ---- Forward, all warps load (cp.async) ------------------------------------------------------------------------
@@ -927,7 +938,7 @@ __device__ __forceinline__ void sm90_produce(const FlashParams& p, const FlashSe
     mbar_arrive(prev);
 }
 
-template <typename T, int D, int BN, int NWG, bool PP, int PR>
+template <typename T, int D, int BN, int NWG, bool PP, int PR, bool LAZY = false>
 __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
     constexpr int BM = 64 * NWG, CT = 128 * NWG, NS = BN / 2, NO = D / 2;
     constexpr int CR = Sm90WsRegs<NWG, PR>::CR;
@@ -1013,7 +1024,7 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
     auto softmax = [&](int n, float (&corr)[2]) {
         const int n0 = n * BN;
         const bool full = n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= wi_min) && (p.window == 0 || wi_max - n0 < p.window);
-        sm90_softmax<NS>(sacc, row_max, row_sum, corr, p, s, sm, full, r0, n0, t);
+        sm90_softmax<NS, LAZY>(sacc, row_max, row_sum, corr, p, s, sm, full, r0, n0, t);
     };
 
     mbar_wait(full_q, 0);
@@ -1040,7 +1051,7 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
             reg_fence(o);
             reg_fence(pf);
             if (lane == 0) mbar_arrive(empty_v + 8 * pst);
-            sm90_rescale<NO>(o, corr);
+            sm90_rescale_lazy<NO, LAZY>(o, corr);
             sm90_pack_p<T, NS>(sacc, pf);
         } else {
             if (PP && NWG > 1) named_sync(1 + wg, 256);
@@ -1052,7 +1063,7 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
             if (lane == 0) mbar_arrive(empty_k + 8 * st);
             float corr[2];
             softmax(n, corr);
-            sm90_rescale<NO>(o, corr);
+            sm90_rescale_lazy<NO, LAZY>(o, corr);
             sm90_pack_p<T, NS>(sacc, pf);
         }
     }
@@ -1095,15 +1106,15 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
     asm volatile("red.global.v2.f32.add [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
-// Backward step 2 for one 64-key × 64-query accumulator pair (Sᵀ in s, dPᵀ in dp; entry i: key kj + 8·((i%4)/2),
+// Backward step 2 for one 64-key × NQ-query accumulator pair (Sᵀ in s, dPᵀ in dp; entry i: key kj + 8·((i%4)/2),
 // query m0 + 8·(i/4) + 2t + i%2): P = exp2(S·pre − lse·log2e) (capped: post·tanh(pre·S)), masked to 0, and
 // dS = P·(dP − delta)·(1 − tanh² if capped)·scale, both rounded to T as A fragments (k-step kk = queries 16kk …).
 // cL, cD: shared addresses of the lse and delta of this thread's first query m0 + 2t. MASK / CAP as in
 // sm90_softmax_tile.
-template <typename T, bool MASK, bool CAP>
-__device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[32], const float (&dp)[32], unsigned (&pf)[4][4], unsigned (&dsf)[4][4], unsigned cL,
-                                              unsigned cD, const FlashParams& p, const FlashSeq& sq, const ScoreMap& sm, int kj, int m0, int off,
-                                              int t) {
+template <typename T, int NQ, bool MASK, bool CAP>
+__device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[NQ / 2], const float (&dp)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned (&dsf)[NQ / 16][4],
+                                              unsigned cL, unsigned cD, const FlashParams& p, const FlashSeq& sq, const ScoreMap& sm, int kj, int m0,
+                                              int off, int t) {
     // Key j is visible to query r iff j < len_k, (!causal || r ≥ j − off) and (!window || r < j − off + window):
     // a query range [lo, hi) per key row, relative to this thread's first query m0 + 2t.
     int lo[2], hi[2];
@@ -1114,7 +1125,7 @@ __device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[32], const float 
         hi[hr] = j < sq.len_k ? (p.window ? j - off + p.window : (1 << 29)) - (m0 + 2 * t) : -(1 << 29);
     }
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < NQ / 16; ++kk) {
         float pv[8], dv[8];
 #pragma unroll
         for (int x = 0; x < 8; ++x) {
@@ -1246,11 +1257,11 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
                           (p.window == 0 || m0 + BM - 1 + off - wk0 < p.window);
         unsigned pf[4][4], dsf[4][4];
         if (sm.capped) {
-            if (full) sm90_bwd_p_ds<T, false, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-            else sm90_bwd_p_ds<T, true, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
+            if (full) sm90_bwd_p_ds<T, BM, false, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
+            else sm90_bwd_p_ds<T, BM, true, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
         } else {
-            if (full) sm90_bwd_p_ds<T, false, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-            else sm90_bwd_p_ds<T, true, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
+            if (full) sm90_bwd_p_ds<T, BM, false, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
+            else sm90_bwd_p_ds<T, BM, true, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
         }
 
         // 3. dV += Pᵀ·dO, dK += dSᵀ·Q (k = the 64 queries).
@@ -1329,6 +1340,204 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
 #pragma unroll
         for (int j = 0; j < NO / 4; ++j) {
             const unsigned c = 8 * j + 2 * t_e;
+            const unsigned pk = pack2<T>(dk[4 * j + 2 * hr], dk[4 * j + 2 * hr + 1]);
+            const unsigned pvv = pack2<T>(dv[4 * j + 2 * hr], dv[4 * j + 2 * hr + 1]);
+            if (hd % 2 == 0 && c + 1 < hd) {
+                *reinterpret_cast<unsigned*>(gdk + r * kv_stride + c) = pk;
+                *reinterpret_cast<unsigned*>(gdv + r * kv_stride + c) = pvv;
+            } else {
+                if (c < hd) {
+                    gdk[r * kv_stride + c] = static_cast<unsigned short>(pk & 0xffffu);
+                    gdv[r * kv_stride + c] = static_cast<unsigned short>(pvv & 0xffffu);
+                }
+                if (c + 1 < hd) {
+                    gdk[r * kv_stride + c + 1] = static_cast<unsigned short>(pk >> 16);
+                    gdv[r * kv_stride + c + 1] = static_cast<unsigned short>(pvv >> 16);
+                }
+            }
+        }
+    }
+}
+
+template <int D, int STAGES> struct Sm90BackwardSplitSmem {
+    // K, V [64][D]; Q, dO [STAGES][64][D]; Pᵀ, dSᵀ [64][64]; lse, delta [STAGES][64] f32; 1 KB alignment slack.
+    static constexpr int bytes = 2 * 64 * D * 2 + 2 * STAGES * 64 * D * 2 + 2 * 64 * 64 * 2 + 2 * STAGES * 64 * 4 + 1024;
+};
+
+// The backward for head dims whose dK and dV do not fit one warpgroup's registers (D = 256: 256 per thread with 64
+// keys per warpgroup): two warpgroups share one tile of 64 keys and split the work by queries where the products are
+// per query and by head dims where they are per head dim. Grid (⌈max_seqlen_k / 64⌉, n_kv_heads, n_seqs), 256
+// threads; the pair walk, the Q/dO/lse/delta loads (STAGES buffers: 2 prefetch the next pair during this one, 1
+// frees shared memory for a second block per multiprocessor) and the masks are flash_backward_sm90's. Per pair,
+// warpgroup w:
+//   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for all 64 keys × queries 32w … 32w + 31 (wgmma SS, N = 32);
+//   2. P and dS in registers (sm90_bwd_p_ds), stored as Pᵀ and dSᵀ (bf16/f16, swizzled [key][query]); block barrier;
+//   3. dV[:, DH·w …] += Pᵀ·dO, dK[:, DH·w …] += dSᵀ·Q and dQ[:, DH·w …] = dS·K, DH = D/2 head dims each (wgmma SS: Pᵀ
+//      and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column slices), issued together;
+//   4. dQ added to the f32 dq_accum with red.global.add.v2.f32.
+// Registers: dK and dV D/2 each, dQ D/4, Sᵀ and dPᵀ 16 each. P is rounded to T before dS is formed from it only
+// in the sense that dV and dK read the rounded copies; dS itself uses the f32 P, as flash_backward_sm90.
+template <typename T, int D, int STAGES>
+__device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
+    constexpr int BM = 64, BN = 64, THREADS = 256, DH = D / 2, NQ = BM / 2;
+    static_assert(D % 128 == 0 && D <= 256 && (STAGES == 1 || STAGES == 2), "shape");
+    constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2, PS_BYTES = BN * BM * 2;
+    const unsigned sK = (smem_u32(flash_smem) + 1023u) & ~1023u;
+    const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + STAGES * QO_BYTES, sP = sdO + STAGES * QO_BYTES;
+    const unsigned sdS = sP + PS_BYTES, sL = sdS + PS_BYTES, sD = sL + STAGES * BM * 4;  // f32 [STAGES][BM] each
+
+    FlashSeq s;
+    if (!flash_seq(p, blockIdx.z, s)) return;
+    const int n0 = blockIdx.x * BN;
+    if (n0 >= s.len_k) return;
+    const int kvh = blockIdx.y, group = p.n_heads / p.n_kv_heads;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4, wg = warp / 4;
+    const unsigned hd = p.head_dim;
+    const int n1 = min(n0 + BN, s.len_k), off = s.len_k - s.len_q;
+    const u64 q_stride = static_cast<u64>(p.n_heads) * hd, kv_stride = static_cast<u64>(p.n_kv_heads) * hd;
+    const u64 kv_row0 = (static_cast<u64>(s.k0 + n0) * p.n_kv_heads + kvh) * hd;
+
+    int r_lo = 0, r_hi = s.len_q;
+    if (p.causal) r_lo = max(0, n0 - off);
+    if (p.window) r_hi = min(r_hi, n1 - 1 + p.window - off);
+    const int m_lo = r_lo / BM, tiles = r_hi > r_lo ? (r_hi - 1) / BM - m_lo + 1 : 0;
+    const int pairs = group * tiles;
+
+    sm90_load_tile<BN, D, THREADS>(sK, static_cast<const unsigned short*>(p.k) + kv_row0, kv_stride, n1 - n0, hd, tid);
+    sm90_load_tile<BN, D, THREADS>(sV, static_cast<const unsigned short*>(p.v) + kv_row0, kv_stride, n1 - n0, hd, tid);
+    auto prefetch = [&](int it, int st) {
+        const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
+        const u64 row0 = static_cast<u64>(s.q0 + m0) * p.n_heads + h;
+        const int rows = min(BM, s.len_q - m0);
+        sm90_load_tile<BM, D, THREADS>(sQ + st * QO_BYTES, static_cast<const unsigned short*>(p.q) + row0 * hd, q_stride, rows, hd, tid);
+        sm90_load_tile<BM, D, THREADS>(sdO + st * QO_BYTES, static_cast<const unsigned short*>(p.d_out) + row0 * hd, q_stride, rows, hd, tid);
+        if (tid < BM) {
+            const bool in = tid < rows;
+            cp_async4(sL + st * BM * 4 + 4 * tid, in ? p.lse + (row0 + static_cast<u64>(tid) * p.n_heads) : p.lse, in ? 4u : 0u);
+            cp_async4(sD + st * BM * 4 + 4 * tid, in ? p.delta + (row0 + static_cast<u64>(tid) * p.n_heads) : p.delta, in ? 4u : 0u);
+        }
+    };
+    if (pairs > 0) prefetch(0, 0);
+    cp_async_commit();
+
+    float dk[DH / 2], dv[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) dk[i] = dv[i] = 0.0f;
+    const int kr0 = 16 * (warp % 4) + g;  // this thread's key rows in the tile: kr0, kr0 + 8
+
+    for (int it = 0; it < pairs; ++it) {
+        const int st = STAGES == 2 ? it & 1 : 0;
+        const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
+        if (STAGES == 1 && it > 0) {
+            __syncthreads();  // every thread is done with pair it − 1's Q, dO, Pᵀ and dSᵀ
+            prefetch(it, 0);
+            cp_async_commit();
+        }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // this pair's tiles are visible; (2 stages) every thread is done with pair it − 1
+        if (STAGES == 2) {
+            if (it + 1 < pairs) prefetch(it + 1, st ^ 1);
+            cp_async_commit();
+        }
+        const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
+        const int q0 = NQ * wg;  // this warpgroup's first query of the tile in steps 1–2
+        const unsigned cL = sL + st * BM * 4 + 4 * (q0 + 2 * t), cD = sD + st * BM * 4 + 4 * (q0 + 2 * t);
+        const unsigned cK = opaque(sK), cV = opaque(sV), cP = opaque(sP), cdS = opaque(sdS);
+
+        // 1. Sᵀ and dPᵀ: 64 keys × this warpgroup's 32 queries.
+        float sacc[NQ / 2], dpacc[NQ / 2];
+        wg_fence();
+        Wgmma<NQ>::template ss0<T, 0>(sacc, desc_k<BN>(cK, 0, 0), desc_k<BM>(cQ, q0, 0));
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) Wgmma<NQ>::template ss<T, 0>(sacc, desc_k<BN>(cK, 0, kk), desc_k<BM>(cQ, q0, kk), 1);
+        Wgmma<NQ>::template ss0<T, 0>(dpacc, desc_k<BN>(cV, 0, 0), desc_k<BM>(cdO, q0, 0));
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) Wgmma<NQ>::template ss<T, 0>(dpacc, desc_k<BN>(cV, 0, kk), desc_k<BM>(cdO, q0, kk), 1);
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(sacc);
+        reg_fence(dpacc);
+
+        // 2. P and dS, stored as Pᵀ and dSᵀ [key][query]: the pair (queries q0 + 8j + 2t, +1) of key row kr0 + 8·hr is
+        // fragment [j / 2][2·(j % 2) + hr], at chunk (q0 + 8j)/8 of the row, swizzled by the row's g.
+        const ScoreMap sm = score_map(p);
+        const bool full = m0 + BM <= s.len_q && n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= m0 + off) &&
+                          (p.window == 0 || m0 + BM - 1 + off - n0 < p.window);
+        unsigned pf[NQ / 16][4], dsf[NQ / 16][4];
+        if (sm.capped) {
+            if (full) sm90_bwd_p_ds<T, NQ, false, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0 + q0, off, t);
+            else sm90_bwd_p_ds<T, NQ, true, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0 + q0, off, t);
+        } else {
+            if (full) sm90_bwd_p_ds<T, NQ, false, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0 + q0, off, t);
+            else sm90_bwd_p_ds<T, NQ, true, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0 + q0, off, t);
+        }
+        const unsigned row = static_cast<unsigned>(kr0) * 128 + (static_cast<unsigned>(g) << 4) + 4 * t;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+            for (int j = 0; j < NQ / 8; ++j) {
+                const unsigned a = (row + hr * 8 * 128) ^ (static_cast<unsigned>(q0 / 8 + j) << 4);
+                st_shared_u32(cP + a, pf[j / 2][2 * (j % 2) + hr]);
+                st_shared_u32(cdS + a, dsf[j / 2][2 * (j % 2) + hr]);
+            }
+        fence_proxy_async();
+        __syncthreads();  // both warpgroups' halves of Pᵀ and dSᵀ are in place
+
+        // 3. This warpgroup's DH head dims c0 … of dV, dK and dQ (k = the 64 queries for dV and dK, the 64 keys for dQ).
+        const int c0 = DH * wg;
+        const unsigned o_cols = cdO + (c0 / 64) * (BM * 128), q_cols = cQ + (c0 / 64) * (BM * 128);
+        const unsigned k_cols = cK + (c0 / 64) * (BN * 128);
+        float dq[DH / 2];
+        reg_fence(dv);
+        reg_fence(dk);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dv, desc_k<BN>(cP, 0, kk), desc_sw128(o_cols + kk * 2048, BM * 128), 1);
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dk, desc_k<BN>(cdS, 0, kk), desc_sw128(q_cols + kk * 2048, BM * 128), 1);
+        Wgmma<DH>::template ss0<T, 1, 1>(dq, desc_mn<BN>(cdS, 0), desc_sw128(k_cols, BN * 128));
+#pragma unroll
+        for (int kk = 1; kk < BN / 16; ++kk)
+            Wgmma<DH>::template ss<T, 1, 1>(dq, desc_mn<BN>(cdS, kk), desc_sw128(k_cols + kk * 2048, BN * 128), 1);
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(dq);
+        reg_fence(dv);
+        reg_fence(dk);
+
+        // 4. dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2.
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int r = m0 + kr0 + 8 * hr;
+            if (r >= s.len_q) continue;
+            float* dst = p.dq_accum + (static_cast<u64>(s.q0 + r) * p.n_heads + h) * hd;
+#pragma unroll
+            for (int j = 0; j < DH / 8; ++j) {
+                const unsigned c = c0 + 8 * j + 2 * t;
+                const float a = dq[4 * j + 2 * hr], b = dq[4 * j + 2 * hr + 1];
+                if (hd % 2 == 0 && c + 1 < hd) {
+                    red_add_v2(dst + c, a, b);
+                } else {
+                    if (c < hd) red_add(dst + c, a);
+                    if (c + 1 < hd) red_add(dst + c + 1, b);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK, dV: entry i: key kr0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2; rows < len_k, columns < hd.
+    unsigned short* gdk = static_cast<unsigned short*>(p.dk) + kv_row0;
+    unsigned short* gdv = static_cast<unsigned short*>(p.dv) + kv_row0;
+    const int c0 = DH * wg;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = kr0 + 8 * hr;
+        if (n0 + r >= s.len_k) continue;
+#pragma unroll
+        for (int j = 0; j < DH / 8; ++j) {
+            const unsigned c = c0 + 8 * j + 2 * t;
             const unsigned pk = pack2<T>(dk[4 * j + 2 * hr], dk[4 * j + 2 * hr + 1]);
             const unsigned pvv = pack2<T>(dv[4 * j + 2 * hr], dv[4 * j + 2 * hr + 1]);
             if (hd % 2 == 0 && c + 1 < hd) {

@@ -23,16 +23,24 @@ __global__ void __launch_bounds__(128 * NWG, 1) fwd90_kernel(const FlashParams p
 }
 
 // Warp-specialized: NWG consumer warpgroups + 1 producer warpgroup (cp.async + mbarriers); PP = ping-pong between
-// the consumer warpgroups; the producer keeps 48 registers (setmaxnreg), the consumers get the rest.
-template <int D, int BN, int NWG, bool PP>
+// the consumer warpgroups; the producer keeps 48 registers (setmaxnreg), the consumers get the rest; LAZY = rescale
+// O only when a row max grows by more than 2^8.
+template <int D, int BN, int NWG, bool PP, bool LAZY>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd90ws_kernel(const FlashParams p) {
-    flash_forward_sm90_ws<bf16, D, BN, NWG, PP, 48>(p);
+    flash_forward_sm90_ws<bf16, D, BN, NWG, PP, 48, LAZY>(p);
 }
 
 // Hopper backward: NWG warpgroups × 64 keys per block, 64-query tiles (all threads load).
 template <int D, int NWG>
 __global__ void __launch_bounds__(128 * NWG, 1) bwd90_kernel(const FlashParams p) {
     flash_backward_sm90<bf16, D, NWG>(p);
+}
+
+// Hopper backward with two warpgroups sharing 64 keys (queries split for Sᵀ/dPᵀ, head dims for dK/dV/dQ): the d256
+// backward on wgmma; STAGES Q/dO buffers, MINB blocks per multiprocessor.
+template <int D, int STAGES, int MINB>
+__global__ void __launch_bounds__(256, MINB) bwd90s_kernel(const FlashParams p) {
+    flash_backward_sm90_split<bf16, D, STAGES>(p);
 }
 
 struct Variant {
@@ -50,11 +58,16 @@ struct Variant {
 #define FWD90(D, BN, NWG, OV) \
     {"fwd90 d" #D " " #BN " wg" #NWG " ov" #OV, D, 64 * NWG, BN, 4 * NWG, Sm90ForwardSmem<D, BN, NWG>::bytes, (const void*)fwd90_kernel<D, BN, NWG, OV>}
 
-#define FWD90WS(D, BN, NWG, PP)                                                                                         \
-    {"fwd90ws d" #D " " #BN " wg" #NWG " pp" #PP, D, 64 * NWG, BN, 4 * (NWG + 1), Sm90ForwardWsSmem<D, BN, NWG>::bytes, \
-     (const void*)fwd90ws_kernel<D, BN, NWG, PP>}
+#define FWD90WSL(D, BN, NWG, PP, LAZY, TAG)                                                                          \
+    {"fwd90ws d" #D " " #BN " wg" #NWG " pp" #PP TAG, D, 64 * NWG, BN, 4 * (NWG + 1), Sm90ForwardWsSmem<D, BN, NWG>::bytes, \
+     (const void*)fwd90ws_kernel<D, BN, NWG, PP, LAZY>}
+#define FWD90WS(D, BN, NWG, PP) FWD90WSL(D, BN, NWG, PP, false, "")
 
 #define BWD90(D, NWG) {"bwd90 d" #D " wg" #NWG, D, 64, 64 * NWG, 4 * NWG, Sm90BackwardSmem<D, NWG>::bytes, (const void*)bwd90_kernel<D, NWG>}
+
+#define BWD90S(D, STAGES, MINB)                                                                                  \
+    {"bwd90s d" #D " st" #STAGES " minb" #MINB, D, 64, 64, 8, Sm90BackwardSplitSmem<D, STAGES>::bytes, \
+     (const void*)bwd90s_kernel<D, STAGES, MINB>}
 
 static Variant VARIANTS[] = {
     FWD(64, 64, 64, 4),
@@ -91,9 +104,15 @@ static Variant VARIANTS[] = {
     FWD90WS(256, 64, 2, 1),
     FWD90WS(256, 80, 2, 1),
     FWD90WS(256, 64, 2, 0),
+    FWD90WSL(64, 128, 2, 1, true, " lazy"),
+    FWD90WSL(128, 128, 2, 1, true, " lazy"),
+    FWD90WS(64, 128, 3, 0),
+    FWD90WS(64, 128, 3, 1),
     BWD90(64, 2),
     BWD90(64, 1),
     BWD90(128, 2),
+    BWD90S(256, 2, 1),
+    BWD90S(128, 2, 1),
 };
 
 // ---- wgmma layout self-test ----------------------------------------------------------------------------------
