@@ -1106,15 +1106,14 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
     asm volatile("red.global.v2.f32.add [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
-// Backward step 2 for one 64-key × NQ-query accumulator pair (Sᵀ in s, dPᵀ in dp; entry i: key kj + 8·((i%4)/2),
-// query m0 + 8·(i/4) + 2t + i%2): P = exp2(S·pre − lse·log2e) (capped: post·tanh(pre·S)), masked to 0, and
-// dS = P·(dP − delta)·(1 − tanh² if capped)·scale, both rounded to T as A fragments (k-step kk = queries 16kk …).
-// cL, cD: shared addresses of the lse and delta of this thread's first query m0 + 2t. MASK / CAP as in
-// sm90_softmax_tile.
+// Backward step 2a for one 64-key × NQ-query accumulator pair (Sᵀ in s; entry i: key kj + 8·((i%4)/2), query
+// m0 + 8·(i/4) + 2t + i%2): P = exp2(S·pre − lse·log2e) (capped: post·tanh(pre·S)), masked to 0, rounded to T as A
+// fragments pf (k-step kk = queries 16kk …); s keeps in place what dS is formed from, P in f32 (capped: P·(1 − tanh²)),
+// so step 2b needs neither the scores nor the mask. cL: shared address of the lse of this thread's first query
+// m0 + 2t. MASK / CAP as in sm90_softmax_tile.
 template <typename T, int NQ, bool MASK, bool CAP>
-__device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[NQ / 2], const float (&dp)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned (&dsf)[NQ / 16][4],
-                                              unsigned cL, unsigned cD, const FlashParams& p, const FlashSeq& sq, const ScoreMap& sm, int kj, int m0,
-                                              int off, int t) {
+__device__ __forceinline__ void sm90_bwd_p(float (&s)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned cL, const FlashParams& p, const FlashSeq& sq,
+                                           const ScoreMap& sm, int kj, int m0, int off, int t) {
     // Key j is visible to query r iff j < len_k, (!causal || r ≥ j − off) and (!window || r < j − off + window):
     // a query range [lo, hi) per key row, relative to this thread's first query m0 + 2t.
     int lo[2], hi[2];
@@ -1126,7 +1125,7 @@ __device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[NQ / 2], const fl
     }
 #pragma unroll
     for (int kk = 0; kk < NQ / 16; ++kk) {
-        float pv[8], dv[8];
+        float pv[8];
 #pragma unroll
         for (int x = 0; x < 8; ++x) {
             const int i = 8 * kk + x, hr = (i % 4) / 2, c = 8 * (i / 4) + (i % 2);  // c: query − (m0 + 2t)
@@ -1140,16 +1139,41 @@ __device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[NQ / 2], const fl
                 pr = ex2(fmaf(s[i], sm.pre, -l2));
             }
             if (MASK && (c < lo[hr] || c >= hi[hr])) pr = 0.0f;
-            float d = pr * (dp[i] - ld_shared_f32(cD + 4 * c));
-            if (CAP) d *= 1.0f - th * th;
             pv[x] = pr;
-            dv[x] = d * p.scale;
+            s[i] = CAP ? pr * (1.0f - th * th) : pr;
         }
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            pf[kk][r] = pack2<T>(pv[2 * r], pv[2 * r + 1]);
-            dsf[kk][r] = pack2<T>(dv[2 * r], dv[2 * r + 1]);
+        for (int r = 0; r < 4; ++r) pf[kk][r] = pack2<T>(pv[2 * r], pv[2 * r + 1]);
+    }
+}
+
+// Backward step 2b: dS = P·(dP − delta)·scale from step 2a's s and the dPᵀ accumulator dp (same entries), rounded to
+// T as A fragments dsf. cD: shared address of the delta of this thread's first query.
+template <typename T, int NQ>
+__device__ __forceinline__ void sm90_bwd_ds(const float (&s)[NQ / 2], const float (&dp)[NQ / 2], unsigned (&dsf)[NQ / 16][4], unsigned cD, float scale) {
+#pragma unroll
+    for (int kk = 0; kk < NQ / 16; ++kk) {
+        float dv[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) {
+            const int i = 8 * kk + x, c = 8 * (i / 4) + (i % 2);
+            dv[x] = s[i] * (dp[i] - ld_shared_f32(cD + 4 * c)) * scale;
         }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dsf[kk][r] = pack2<T>(dv[2 * r], dv[2 * r + 1]);
+    }
+}
+
+// Step 2a's four (mask, cap) instantiations behind one call. `full`: every (key, query) pair of the tile is visible.
+template <typename T, int NQ>
+__device__ __forceinline__ void sm90_bwd_p_any(float (&s)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned cL, const FlashParams& p, const FlashSeq& sq,
+                                               const ScoreMap& sm, bool full, int kj, int m0, int off, int t) {
+    if (sm.capped) {
+        if (full) sm90_bwd_p<T, NQ, false, true>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+        else sm90_bwd_p<T, NQ, true, true>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+    } else {
+        if (full) sm90_bwd_p<T, NQ, false, false>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+        else sm90_bwd_p<T, NQ, true, false>(s, pf, cL, p, sq, sm, kj, m0, off, t);
     }
 }
 
@@ -1171,8 +1195,10 @@ template <int D, int NWG> struct Sm90BackwardSmem {
 //   4. after a block barrier, dQ[:, D/NWG columns of warpgroup w] = dS·K (wgmma SS, A = dS M-major from the stored
 //      dSᵀ, B = K N-major), added to the f32 dq_accum with red.global.add.v2.f32 (zeroed before, converted after).
 // GQA sums over the group's heads in registers, so dK and dV need no atomics. D is 64 or 128 (dK and dV take D
-// registers per thread). Dynamic shared memory: Sm90BackwardSmem<D, NWG>::bytes.
-template <typename T, int D, int NWG>
+// registers per thread). OVERLAP splits steps 1–3 so that the tensor cores work under the exponentials: Sᵀ and dPᵀ
+// are committed apart, P is formed once Sᵀ has landed (dPᵀ still running), dV's product is issued, and dS is formed
+// under it. Dynamic shared memory: Sm90BackwardSmem<D, NWG>::bytes.
+template <typename T, int D, int NWG, bool OVERLAP = false>
 __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     constexpr int BM = 64, BN = 64 * NWG, THREADS = 128 * NWG, NO = D / 2, DQN = D / NWG;
     static_assert((D == 64 || D == 128) && DQN % 16 == 0, "shape");
@@ -1241,13 +1267,11 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
         Wgmma<BM>::template ss0<T, 0>(sacc, desc_k<BN>(cK, 64 * wg, 0), desc_k<BM>(cQ, 0, 0));
 #pragma unroll
         for (int kk = 1; kk < D / 16; ++kk) Wgmma<BM>::template ss<T, 0>(sacc, desc_k<BN>(cK, 64 * wg, kk), desc_k<BM>(cQ, 0, kk), 1);
+        if constexpr (OVERLAP) wg_commit();  // Sᵀ lands first: P is computed while dPᵀ is on the tensor cores
         Wgmma<BM>::template ss0<T, 0>(dpacc, desc_k<BN>(cV, 64 * wg, 0), desc_k<BM>(cdO, 0, 0));
 #pragma unroll
         for (int kk = 1; kk < D / 16; ++kk) Wgmma<BM>::template ss<T, 0>(dpacc, desc_k<BN>(cV, 64 * wg, kk), desc_k<BM>(cdO, 0, kk), 1);
         wg_commit();
-        wg_wait<0>();
-        reg_fence(sacc);
-        reg_fence(dpacc);
 
         const ScoreMap sm = score_map(p);  // from the kernel parameters each pair, rather than kept in registers
         // 2. P and dS (accumulator entry i: key kr0 + 8·((i%4)/2), query 8·(i/4) + 2t + i%2), packed to A fragments
@@ -1256,22 +1280,38 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
         const bool full = m0 + BM <= s.len_q && wk0 + 64 <= s.len_k && (!p.causal || wk0 + 63 <= m0 + off) &&
                           (p.window == 0 || m0 + BM - 1 + off - wk0 < p.window);
         unsigned pf[4][4], dsf[4][4];
-        if (sm.capped) {
-            if (full) sm90_bwd_p_ds<T, BM, false, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-            else sm90_bwd_p_ds<T, BM, true, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-        } else {
-            if (full) sm90_bwd_p_ds<T, BM, false, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-            else sm90_bwd_p_ds<T, BM, true, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-        }
-
         // 3. dV += Pᵀ·dO, dK += dSᵀ·Q (k = the 64 queries).
-        reg_fence(dv);
-        reg_fence(dk);
-        reg_fence(pf);
-        reg_fence(dsf);
-        wg_fence();
+        if constexpr (OVERLAP) {
+            // P, then dV's product under dS; dK's after it.
+            wg_wait<1>();
+            reg_fence(sacc);
+            sm90_bwd_p_any<T, BM>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0, off, t);
+            reg_fence(dv);
+            reg_fence(pf);
+            wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dv, pf[kk], desc_mn<BM>(cdO, kk), 1);
+            for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dv, pf[kk], desc_mn<BM>(cdO, kk), 1);
+            wg_commit();
+            wg_wait<1>();  // dPᵀ (dV's product may still run)
+            reg_fence(dpacc);
+            sm90_bwd_ds<T, BM>(sacc, dpacc, dsf, cD, p.scale);
+            reg_fence(dk);
+            reg_fence(dsf);
+            wg_fence();
+        } else {
+            wg_wait<0>();
+            reg_fence(sacc);
+            reg_fence(dpacc);
+            sm90_bwd_p_any<T, BM>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0, off, t);
+            sm90_bwd_ds<T, BM>(sacc, dpacc, dsf, cD, p.scale);
+            reg_fence(dv);
+            reg_fence(dk);
+            reg_fence(pf);
+            reg_fence(dsf);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dv, pf[kk], desc_mn<BM>(cdO, kk), 1);
+        }
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dk, dsf[kk], desc_mn<BM>(cQ, kk), 1);
         wg_commit();
@@ -1359,32 +1399,32 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     }
 }
 
-template <int D, int STAGES> struct Sm90BackwardSplitSmem {
-    // K, V [64][D]; Q, dO [STAGES][64][D]; Pᵀ, dSᵀ [64][64]; lse, delta [STAGES][64] f32; 1 KB alignment slack.
-    static constexpr int bytes = 2 * 64 * D * 2 + 2 * STAGES * 64 * D * 2 + 2 * 64 * 64 * 2 + 2 * STAGES * 64 * 4 + 1024;
+template <int D> struct Sm90BackwardSplitSmem {
+    // K, V [64][D]; Q, dO [2][64][D]; Pᵀ, dSᵀ [64][64]; lse, delta [2][64] f32; 1 KB alignment slack.
+    static constexpr int bytes = 2 * 64 * D * 2 + 4 * 64 * D * 2 + 2 * 64 * 64 * 2 + 4 * 64 * 4 + 1024;
 };
 
 // The backward for head dims whose dK and dV do not fit one warpgroup's registers (D = 256: 256 per thread with 64
 // keys per warpgroup): two warpgroups share one tile of 64 keys and split the work by queries where the products are
 // per query and by head dims where they are per head dim. Grid (⌈max_seqlen_k / 64⌉, n_kv_heads, n_seqs), 256
-// threads; the pair walk, the Q/dO/lse/delta loads (STAGES buffers: 2 prefetch the next pair during this one, 1
-// frees shared memory for a second block per multiprocessor) and the masks are flash_backward_sm90's. Per pair,
-// warpgroup w:
-//   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for all 64 keys × queries 32w … 32w + 31 (wgmma SS, N = 32);
-//   2. P and dS in registers (sm90_bwd_p_ds), stored as Pᵀ and dSᵀ (bf16/f16, swizzled [key][query]); block barrier;
+// threads; the pair walk, the double-buffered Q/dO/lse/delta loads and the masks are flash_backward_sm90's. Per
+// pair, warpgroup w:
+//   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for all 64 keys × queries 32w … 32w + 31 (wgmma SS, N = 32; P is formed while
+//      dPᵀ's product runs);
+//   2. P and dS in registers (sm90_bwd_p, sm90_bwd_ds), stored as Pᵀ and dSᵀ (bf16/f16, swizzled [key][query]); block barrier;
 //   3. dV[:, DH·w …] += Pᵀ·dO, dK[:, DH·w …] += dSᵀ·Q and dQ[:, DH·w …] = dS·K, DH = D/2 head dims each (wgmma SS: Pᵀ
 //      and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column slices), issued together;
 //   4. dQ added to the f32 dq_accum with red.global.add.v2.f32.
-// Registers: dK and dV D/2 each, dQ D/4, Sᵀ and dPᵀ 16 each. P is rounded to T before dS is formed from it only
-// in the sense that dV and dK read the rounded copies; dS itself uses the f32 P, as flash_backward_sm90.
-template <typename T, int D, int STAGES>
+// Registers per thread: dK and dV D/4 each, dQ D/4, Sᵀ and dPᵀ 16 each. Dynamic shared memory:
+// Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256).
+template <typename T, int D>
 __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
     constexpr int BM = 64, BN = 64, THREADS = 256, DH = D / 2, NQ = BM / 2;
-    static_assert(D % 128 == 0 && D <= 256 && (STAGES == 1 || STAGES == 2), "shape");
+    static_assert(D % 128 == 0 && D <= 256, "shape");
     constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2, PS_BYTES = BN * BM * 2;
     const unsigned sK = (smem_u32(flash_smem) + 1023u) & ~1023u;
-    const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + STAGES * QO_BYTES, sP = sdO + STAGES * QO_BYTES;
-    const unsigned sdS = sP + PS_BYTES, sL = sdS + PS_BYTES, sD = sL + STAGES * BM * 4;  // f32 [STAGES][BM] each
+    const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sP = sdO + 2 * QO_BYTES;
+    const unsigned sdS = sP + PS_BYTES, sL = sdS + PS_BYTES, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
 
     FlashSeq s;
     if (!flash_seq(p, blockIdx.z, s)) return;
@@ -1426,38 +1466,29 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
     const int kr0 = 16 * (warp % 4) + g;  // this thread's key rows in the tile: kr0, kr0 + 8
 
     for (int it = 0; it < pairs; ++it) {
-        const int st = STAGES == 2 ? it & 1 : 0;
+        const int st = it & 1;
         const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
-        if (STAGES == 1 && it > 0) {
-            __syncthreads();  // every thread is done with pair it − 1's Q, dO, Pᵀ and dSᵀ
-            prefetch(it, 0);
-            cp_async_commit();
-        }
         cp_async_wait<0>();
         fence_proxy_async();
-        __syncthreads();  // this pair's tiles are visible; (2 stages) every thread is done with pair it − 1
-        if (STAGES == 2) {
-            if (it + 1 < pairs) prefetch(it + 1, st ^ 1);
-            cp_async_commit();
-        }
+        __syncthreads();  // this pair's tiles are visible; every thread is done with pair it − 1
+        if (it + 1 < pairs) prefetch(it + 1, st ^ 1);
+        cp_async_commit();
         const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
         const int q0 = NQ * wg;  // this warpgroup's first query of the tile in steps 1–2
         const unsigned cL = sL + st * BM * 4 + 4 * (q0 + 2 * t), cD = sD + st * BM * 4 + 4 * (q0 + 2 * t);
         const unsigned cK = opaque(sK), cV = opaque(sV), cP = opaque(sP), cdS = opaque(sdS);
 
-        // 1. Sᵀ and dPᵀ: 64 keys × this warpgroup's 32 queries.
+        // 1. Sᵀ and dPᵀ: 64 keys × this warpgroup's 32 queries, committed apart (P is formed under dPᵀ's product).
         float sacc[NQ / 2], dpacc[NQ / 2];
         wg_fence();
         Wgmma<NQ>::template ss0<T, 0>(sacc, desc_k<BN>(cK, 0, 0), desc_k<BM>(cQ, q0, 0));
 #pragma unroll
         for (int kk = 1; kk < D / 16; ++kk) Wgmma<NQ>::template ss<T, 0>(sacc, desc_k<BN>(cK, 0, kk), desc_k<BM>(cQ, q0, kk), 1);
+        wg_commit();
         Wgmma<NQ>::template ss0<T, 0>(dpacc, desc_k<BN>(cV, 0, 0), desc_k<BM>(cdO, q0, 0));
 #pragma unroll
         for (int kk = 1; kk < D / 16; ++kk) Wgmma<NQ>::template ss<T, 0>(dpacc, desc_k<BN>(cV, 0, kk), desc_k<BM>(cdO, q0, kk), 1);
         wg_commit();
-        wg_wait<0>();
-        reg_fence(sacc);
-        reg_fence(dpacc);
 
         // 2. P and dS, stored as Pᵀ and dSᵀ [key][query]: the pair (queries q0 + 8j + 2t, +1) of key row kr0 + 8·hr is
         // fragment [j / 2][2·(j % 2) + hr], at chunk (q0 + 8j)/8 of the row, swizzled by the row's g.
@@ -1465,13 +1496,12 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
         const bool full = m0 + BM <= s.len_q && n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= m0 + off) &&
                           (p.window == 0 || m0 + BM - 1 + off - n0 < p.window);
         unsigned pf[NQ / 16][4], dsf[NQ / 16][4];
-        if (sm.capped) {
-            if (full) sm90_bwd_p_ds<T, NQ, false, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0 + q0, off, t);
-            else sm90_bwd_p_ds<T, NQ, true, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0 + q0, off, t);
-        } else {
-            if (full) sm90_bwd_p_ds<T, NQ, false, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0 + q0, off, t);
-            else sm90_bwd_p_ds<T, NQ, true, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0 + q0, off, t);
-        }
+        wg_wait<1>();
+        reg_fence(sacc);
+        sm90_bwd_p_any<T, NQ>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0 + q0, off, t);
+        wg_wait<0>();
+        reg_fence(dpacc);
+        sm90_bwd_ds<T, NQ>(sacc, dpacc, dsf, cD, p.scale);
         const unsigned row = static_cast<unsigned>(kr0) * 128 + (static_cast<unsigned>(g) << 4) + 4 * t;
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr)

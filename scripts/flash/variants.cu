@@ -30,17 +30,18 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd90ws_kernel(const Flash
     flash_forward_sm90_ws<bf16, D, BN, NWG, PP, 48, LAZY>(p);
 }
 
-// Hopper backward: NWG warpgroups × 64 keys per block, 64-query tiles (all threads load).
-template <int D, int NWG>
+// Hopper backward: NWG warpgroups × 64 keys per block, 64-query tiles (all threads load); OV = P under dPᵀ's
+// product and dS under dV's.
+template <int D, int NWG, bool OV>
 __global__ void __launch_bounds__(128 * NWG, 1) bwd90_kernel(const FlashParams p) {
-    flash_backward_sm90<bf16, D, NWG>(p);
+    flash_backward_sm90<bf16, D, NWG, OV>(p);
 }
 
 // Hopper backward with two warpgroups sharing 64 keys (queries split for Sᵀ/dPᵀ, head dims for dK/dV/dQ): the d256
-// backward on wgmma; STAGES Q/dO buffers, MINB blocks per multiprocessor.
-template <int D, int STAGES, int MINB>
-__global__ void __launch_bounds__(256, MINB) bwd90s_kernel(const FlashParams p) {
-    flash_backward_sm90_split<bf16, D, STAGES>(p);
+// backward on wgmma.
+template <int D>
+__global__ void __launch_bounds__(256, 1) bwd90s_kernel(const FlashParams p) {
+    flash_backward_sm90_split<bf16, D>(p);
 }
 
 struct Variant {
@@ -63,11 +64,11 @@ struct Variant {
      (const void*)fwd90ws_kernel<D, BN, NWG, PP, LAZY>}
 #define FWD90WS(D, BN, NWG, PP) FWD90WSL(D, BN, NWG, PP, false, "")
 
-#define BWD90(D, NWG) {"bwd90 d" #D " wg" #NWG, D, 64, 64 * NWG, 4 * NWG, Sm90BackwardSmem<D, NWG>::bytes, (const void*)bwd90_kernel<D, NWG>}
+#define BWD90O(D, NWG, OV, TAG) \
+    {"bwd90 d" #D " wg" #NWG TAG, D, 64, 64 * NWG, 4 * NWG, Sm90BackwardSmem<D, NWG>::bytes, (const void*)bwd90_kernel<D, NWG, OV>}
+#define BWD90(D, NWG) BWD90O(D, NWG, false, "")
 
-#define BWD90S(D, STAGES, MINB)                                                                                  \
-    {"bwd90s d" #D " st" #STAGES " minb" #MINB, D, 64, 64, 8, Sm90BackwardSplitSmem<D, STAGES>::bytes, \
-     (const void*)bwd90s_kernel<D, STAGES, MINB>}
+#define BWD90S(D) {"bwd90s d" #D, D, 64, 64, 8, Sm90BackwardSplitSmem<D>::bytes, (const void*)bwd90s_kernel<D>}
 
 static Variant VARIANTS[] = {
     FWD(64, 64, 64, 4),
@@ -111,8 +112,10 @@ static Variant VARIANTS[] = {
     BWD90(64, 2),
     BWD90(64, 1),
     BWD90(128, 2),
-    BWD90S(256, 2, 1),
-    BWD90S(128, 2, 1),
+    BWD90O(64, 2, true, " ov"),
+    BWD90O(128, 2, true, " ov"),
+    BWD90S(256),
+    BWD90S(128),
 };
 
 // ---- wgmma layout self-test ----------------------------------------------------------------------------------
