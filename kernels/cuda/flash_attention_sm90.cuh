@@ -686,12 +686,13 @@ template <int NO, bool LAZY> __device__ __forceinline__ void sm90_rescale_lazy(f
 // and O += P(n+1)·V(n+1) are issued together; the softmax of S(n) runs while the P·V product is still on the tensor
 // cores, and O is rescaled after it lands. Tiles are visited from the last (diagonal) to the first, and a warpgroup
 // skips the products of tiles none of its rows sees (it still takes part in the loads and barriers). Dynamic shared
-// memory: Sm90ForwardSmem<D, BN, NWG>::bytes (Q, 2 K stages, 2 V stages, 1 KB of alignment slack).
+// memory: Sm90ForwardSmem<D, BN, NWG>::bytes (Q, 2 K stages, 2 V stages, 1 KB of alignment slack). LAZY: see
+// sm90_softmax_tile.
 template <int D, int BN, int NWG> struct Sm90ForwardSmem {
     static constexpr int bytes = (64 * NWG + 4 * BN) * D * 2 + 1024;
 };
 
-template <typename T, int D, int BN, int NWG, bool OVERLAP>
+template <typename T, int D, int BN, int NWG, bool OVERLAP, bool LAZY = false>
 __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
     constexpr int BM = 64 * NWG, THREADS = 128 * NWG, NS = BN / 2, NO = D / 2;
     static_assert(D % 64 == 0 && D <= 256 && BN % 16 == 0 && BN <= 256, "tile shape");
@@ -769,7 +770,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
     auto softmax = [&](int n, float (&corr)[2]) {
         const int n0 = n * BN;
         const bool full = n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= wi_min) && (p.window == 0 || wi_max - n0 < p.window);
-        sm90_softmax<NS>(sacc, row_max, row_sum, corr, p, s, sm, full, r0, n0, t);
+        sm90_softmax<NS, LAZY>(sacc, row_max, row_sum, corr, p, s, sm, full, r0, n0, t);
     };
 
     for (int n = n_last; n >= n_first; --n) {
@@ -790,7 +791,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
                 reg_fence(sacc);
                 float corr[2];
                 softmax(n, corr);
-                sm90_rescale<NO>(o, corr);
+                sm90_rescale_lazy<NO, LAZY>(o, corr);
                 sm90_pack_p<T, NS>(sacc, pf);
                 reg_fence(o);
                 reg_fence(pf);
@@ -816,7 +817,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
                 wg_wait<0>();
                 reg_fence(o);
                 reg_fence(pf);
-                sm90_rescale<NO>(o, corr);
+                sm90_rescale_lazy<NO, LAZY>(o, corr);
                 sm90_pack_p<T, NS>(sacc, pf);
             } else if (do_s) {
                 wg_fence();
@@ -825,7 +826,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
                 reg_fence(sacc);
                 float corr[2];
                 softmax(n, corr);
-                sm90_rescale<NO>(o, corr);
+                sm90_rescale_lazy<NO, LAZY>(o, corr);
                 sm90_pack_p<T, NS>(sacc, pf);
             } else if (do_pv) {
                 reg_fence(o);

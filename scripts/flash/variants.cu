@@ -16,10 +16,11 @@ __global__ void __launch_bounds__(32 * W) bwd_kernel(const FlashParams p) {
     flash_backward<bf16, D, BM, BN, W, P1K, P2K, P3Q>(p);
 }
 
-// Hopper (sm_90a, wgmma) forward: NWG warpgroups of 64 query rows, BN keys per tile; OV = intra-warpgroup overlap.
-template <int D, int BN, int NWG, bool OV>
+// Hopper (sm_90a, wgmma) forward: NWG warpgroups of 64 query rows, BN keys per tile; OV = intra-warpgroup overlap;
+// LAZY as in fwd90ws_kernel.
+template <int D, int BN, int NWG, bool OV, bool LAZY>
 __global__ void __launch_bounds__(128 * NWG, 1) fwd90_kernel(const FlashParams p) {
-    flash_forward_sm90<bf16, D, BN, NWG, OV>(p);
+    flash_forward_sm90<bf16, D, BN, NWG, OV, LAZY>(p);
 }
 
 // Warp-specialized: NWG consumer warpgroups + 1 producer warpgroup (cp.async + mbarriers); PP = ping-pong between
@@ -56,8 +57,10 @@ struct Variant {
 #define BWD(D, BM, BN, W, A, B, C) \
     {"bwd d" #D " " #BM "x" #BN "x" #W " " #A #B #C, D, BM, BN, W, (2 * BN + 4 * BM) * (D + 8) * 2 + 2 * BN * (BM + 8) * 2 + 16 * BM, (const void*)bwd_kernel<D, BM, BN, W, A, B, C>}
 
-#define FWD90(D, BN, NWG, OV) \
-    {"fwd90 d" #D " " #BN " wg" #NWG " ov" #OV, D, 64 * NWG, BN, 4 * NWG, Sm90ForwardSmem<D, BN, NWG>::bytes, (const void*)fwd90_kernel<D, BN, NWG, OV>}
+#define FWD90L(D, BN, NWG, OV, LAZY, TAG)                                                                  \
+    {"fwd90 d" #D " " #BN " wg" #NWG " ov" #OV TAG, D, 64 * NWG, BN, 4 * NWG, Sm90ForwardSmem<D, BN, NWG>::bytes, \
+     (const void*)fwd90_kernel<D, BN, NWG, OV, LAZY>}
+#define FWD90(D, BN, NWG, OV) FWD90L(D, BN, NWG, OV, false, "")
 
 #define FWD90WSL(D, BN, NWG, PP, LAZY, TAG)                                                                          \
     {"fwd90ws d" #D " " #BN " wg" #NWG " pp" #PP TAG, D, 64 * NWG, BN, 4 * (NWG + 1), Sm90ForwardWsSmem<D, BN, NWG>::bytes, \
@@ -97,6 +100,7 @@ static Variant VARIANTS[] = {
     FWD90(128, 64, 2, 1),
     FWD90(128, 128, 1, 1),
     FWD90(256, 64, 2, 0),
+    FWD90L(256, 64, 2, 0, true, " lazy"),
     FWD90WS(64, 128, 2, 1),
     FWD90WS(64, 128, 2, 0),
     FWD90WS(128, 128, 2, 1),
