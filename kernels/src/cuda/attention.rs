@@ -266,7 +266,7 @@ enum Sm90Forward {
 }
 
 impl Sm90Forward {
-    /// (template call after `<T, D, ` in the .cu, threads, shared memory) at head_dim `d`.
+    /// (the template call the .cu writes, `{T}` standing for the element type; threads; shared memory) at head_dim `d`.
     fn shape(self, d: usize) -> (String, usize, usize) {
         match self {
             Sm90Forward::WarpSpecialized { bn, nwg, ping_pong } => (
