@@ -1,8 +1,8 @@
 //! The GPU-free kernel check (STYLE.md §12, tier 2): every `kernels/cuda/*.cu` compiles through NVRTC for sm_90a
 //! (Hopper) and every portable one (all but the sm_90a-only Hopper flash modules, `Module::arch_specific_only`) for
 //! sm_80 (Ampere) to PTX, which ptxas assembles with `-v`, and for sm_90a also as the runtime compiles it there
-//! (straight to a cubin). Fails on a compile error, on any NVRTC warning, on an entry point that the PTX lacks, and on spill bytes
-//! in a kernel marked `// qlora-rt: hot`. Prints each kernel's registers, stack and spills.
+//! (straight to a cubin). Fails on a compile error, on any NVRTC warning, on an entry point that the PTX lacks, and
+//! on spill bytes in a kernel marked `// qlora-rt: hot`. Prints each kernel's registers, stack and spills.
 //!
 //! Tools: NVRTC (QLORA_NVRTC_LIB, or the loader's search path) and ptxas (QLORA_PTXAS); `eval "$(scripts/cuda-tools.sh)"`
 //! sets both from PyPI's wheels. Without them the check is skipped with a notice, unless QLORA_REQUIRE_CUDA_TOOLS=1
