@@ -113,6 +113,13 @@ fn resident_blocks(dev: &CudaDevice, module: source::Module, kernel: &'static st
     Ok(per_multiprocessor.max(1) * multiprocessors.max(1) as u32)
 }
 
+/// One wave of [`BLOCK`]-thread blocks of `kernel` for `work` items of a thread each (fewer blocks when there is less
+/// work): the config of a grid-stride kernel.
+fn wave_config(dev: &CudaDevice, module: source::Module, kernel: &'static str, work: usize) -> Result<LaunchConfig> {
+    let wanted = work.div_ceil(BLOCK as usize).max(1);
+    Ok(config(resident_blocks(dev, module, kernel, BLOCK)?.min(u32::try_from(wanted).unwrap_or(u32::MAX))))
+}
+
 /// Whether every address is 16-byte aligned, as the kernels' 16-byte vector paths need (buffers from the allocator
 /// always are; the check keeps the scalar paths reachable for anything else).
 fn aligned16(ptrs: &[u64]) -> bool {
