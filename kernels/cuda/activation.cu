@@ -42,8 +42,6 @@ enum Act { SILU, GELU_TANH };
 template <Act A> __device__ __forceinline__ float act(float z) { return A == SILU ? silu(z) : gelu_tanh(z); }
 template <Act A> __device__ __forceinline__ float act_grad(float z) { return A == SILU ? silu_grad(z) : gelu_tanh_grad(z); }
 
-__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<u64>(p) % 16 == 0; }
-
 // One 8-element chunk per input: loaded, mapped element by element, stored.
 template <unsigned NI, unsigned NO, typename T, typename F>
 __device__ __forceinline__ void map_chunk(const Raw8<T> (&raw)[NI], T* const (&out)[NO], u64 at, F f) {

@@ -117,6 +117,8 @@ template <> struct Raw8<float> {
 // Elements per 16 bytes: a row or buffer offset that is a multiple of this keeps 16-byte alignment.
 template <typename T> __device__ __forceinline__ constexpr unsigned align_elems() { return 16 / sizeof(T); }
 
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<u64>(p) % 16 == 0; }
+
 __device__ __forceinline__ uint4 ld_u4(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ void st_u4(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
