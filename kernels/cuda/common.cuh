@@ -161,4 +161,11 @@ template <> __device__ __forceinline__ void store8<float>(float* p, const float 
     st_u4(p + 4, make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7])));
 }
 
+// 8 elements stored as loaded (a copy: every bit pattern, NaN payloads included, survives).
+__device__ __forceinline__ void store_raw8(bf16* p, const Raw8<bf16>& r) { st_u4(p, r.a); }
+__device__ __forceinline__ void store_raw8(float* p, const Raw8<float>& r) {
+    st_u4(p, r.a);
+    st_u4(p + 4, r.b);
+}
+
 template <typename T> __device__ __forceinline__ void load8_f32(const T* p, float (&v)[8]) { unpack8(load8(p), v); }
