@@ -3,11 +3,11 @@
 // rounded to T, is written and normalized) and, backward, add the residual stream's gradient to dx.
 //
 // Vector path (rows of 8k ≤ 8192 elements, so every row start is 16-byte aligned): a block of ⌈dim/8⌉ threads,
-// rounded up to a warp, owns a row at a time and thread t owns its elements [8t, 8t + 8), loaded with 16-byte
-// accesses (common.cuh Raw8). A row must be summed before anything of it is written, so a block loads the next row
-// (backward: the next two) into registers before it reduces the current one: the launcher sizes the grid so that
-// these prefetches keep the bytes the GPU needs in flight (kernels/NOTES.md). Scalar path (any other row length):
-// one block per row, each element read twice.
+// rounded up to a warp, owns a step of G rows at a time (two of bf16, one of f32: the same bytes) and thread t owns
+// their elements [8t, 8t + 8), loaded with 16-byte accesses (common.cuh Raw8). A row must be summed before anything
+// of it is written, so a block loads its next step into registers before it reduces the current one: the launcher
+// sizes the grid so that these prefetches keep the bytes the GPU needs in flight (kernels/NOTES.md). Scalar path (any
+// other row length): one block per row, each element read twice.
 #include "common.cuh"
 
 // The vector path's block sums for G rows at once (one pair of barriers).
@@ -22,9 +22,9 @@ template <> __device__ __forceinline__ void block_sum_rows<2>(float (&v)[2]) {
 // The value a T holds after rounding: h is normalized as stored.
 template <typename T> __device__ __forceinline__ float rounded(float v) { return to_f32(from_f32<T>(v)); }
 
-// x[, residual]: [rows, dim], weight: [dim] → [h: [rows, dim],] y: [rows, dim], rstd: [rows] f32. Vector path;
-// grid-stride over rows.
-template <bool ADD, typename T>
+// x[, residual]: [rows, dim], weight: [dim] → [h: [rows, dim],] y: [rows, dim], rstd: [rows] f32. Vector path,
+// G rows per step, grid-stride over steps (block b takes rows G·b … G·b + G − 1, then G·(b + gridDim.x) …).
+template <bool ADD, unsigned G, typename T>
 __device__ void rms_norm_forward_rows(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
                                       T* __restrict__ h, T* __restrict__ y, float* __restrict__ rstd, unsigned rows,
                                       unsigned dim, float eps, float offset) {
@@ -37,47 +37,65 @@ __device__ void rms_norm_forward_rows(const T* __restrict__ x, const T* __restri
         for (int k = 0; k < 8; ++k) w[k] = offset + w[k];
     }
     // Threads past the row keep zeros, which add nothing to the sums.
-    Raw8<T> next_x{}, next_r{};
-    unsigned row = blockIdx.x;
-    if (own && row < rows) {
-        next_x = load8(x + static_cast<u64>(row) * dim + c);
-        if (ADD) next_r = load8(residual + static_cast<u64>(row) * dim + c);
+    Raw8<T> next_x[G] = {}, next_r[G] = {};
+    const unsigned step = G * gridDim.x;
+    unsigned first = G * blockIdx.x;
+#pragma unroll
+    for (unsigned g = 0; g < G; ++g) {
+        if (own && first + g < rows) {
+            next_x[g] = load8(x + static_cast<u64>(first + g) * dim + c);
+            if (ADD) next_r[g] = load8(residual + static_cast<u64>(first + g) * dim + c);
+        }
     }
-    for (; row < rows; row += gridDim.x) {
-        const u64 at = static_cast<u64>(row) * dim + c;
-        float v[8];
-        unpack8(next_x, v);
-        if (ADD) {
-            float r[8];
-            unpack8(next_r, r);
+    for (; first < rows; first += step) {
+        float v[G][8], sum_sq[G];
 #pragma unroll
-            for (int k = 0; k < 8; ++k) v[k] = rounded<T>(v[k] + r[k]);
+        for (unsigned g = 0; g < G; ++g) {
+            unpack8(next_x[g], v[g]);
+            if (ADD) {
+                float r[8];
+                unpack8(next_r[g], r);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) v[g][k] = rounded<T>(v[g][k] + r[k]);
+            }
         }
-        const unsigned after = row + gridDim.x;
-        if (own && after < rows) {
-            next_x = load8(x + static_cast<u64>(after) * dim + c);
-            if (ADD) next_r = load8(residual + static_cast<u64>(after) * dim + c);
+#pragma unroll
+        for (unsigned g = 0; g < G; ++g) {
+            const unsigned after = first + step + g;
+            if (own && after < rows) {
+                next_x[g] = load8(x + static_cast<u64>(after) * dim + c);
+                if (ADD) next_r[g] = load8(residual + static_cast<u64>(after) * dim + c);
+            }
         }
-        float sum_sq[1] = {0.0f};
 #pragma unroll
-        for (int k = 0; k < 8; ++k) sum_sq[0] += v[k] * v[k];
-        block_sum_rows<1>(sum_sq);
-        const float r = 1.0f / sqrtf(sum_sq[0] / static_cast<float>(dim) + eps);
-        if (threadIdx.x == 0) rstd[row] = r;
-        if (own) {
-            if (ADD) store8(h + at, v);
-            float out[8];
+        for (unsigned g = 0; g < G; ++g) {
+            sum_sq[g] = 0.0f;
 #pragma unroll
-            for (int k = 0; k < 8; ++k) out[k] = v[k] * r * w[k];
-            store8(y + at, out);
+            for (int k = 0; k < 8; ++k) sum_sq[g] += v[g][k] * v[g][k];
+        }
+        block_sum_rows<G>(sum_sq);
+#pragma unroll
+        for (unsigned g = 0; g < G; ++g) {
+            const unsigned row = first + g;
+            if (row >= rows) break;
+            const float r = 1.0f / sqrtf(sum_sq[g] / static_cast<float>(dim) + eps);
+            if (threadIdx.x == 0) rstd[row] = r;
+            if (own) {
+                const u64 at = static_cast<u64>(row) * dim + c;
+                if (ADD) store8(h + at, v[g]);
+                float out[8];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) out[k] = v[g][k] * r * w[k];
+                store8(y + at, out);
+            }
         }
     }
 }
 
 // x (fused: h), dy[, d_residual]: [rows, dim], rstd: [rows] → dx: [rows, dim] (fused: + d_residual),
-// dw_partial: [gridDim.x, dim] f32 (this block's Σ over its rows of dy ⊙ x·rstd, in row order). Vector path, G rows
-// per step; block b takes rows [b·rows_per_block, (b+1)·rows_per_block), so dw's bits depend on the launch's shape
-// only.
+// dw_partial: [gridDim.x, dim] f32 (this block's Σ over its rows of dy ⊙ x·rstd, in row order; null when the weight
+// is frozen and dw not wanted). Vector path, G rows per step; block b takes rows [b·rows_per_block,
+// (b+1)·rows_per_block), so dw's bits depend on the launch's shape only.
 template <bool ADD, unsigned G, typename T>
 __device__ void rms_norm_backward_rows(const T* __restrict__ x, const T* __restrict__ weight, const float* __restrict__ rstd,
                                        const T* __restrict__ dy, const T* __restrict__ d_residual, T* __restrict__ dx,
@@ -157,7 +175,7 @@ __device__ void rms_norm_backward_rows(const T* __restrict__ x, const T* __restr
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
                 out[k] = r[g] * (dyv[k] * w[k] - xv[k] * cg);
-                acc[k] += dyv[k] * (xv[k] * r[g]);
+                if (dw_partial) acc[k] += dyv[k] * (xv[k] * r[g]);
             }
             if (ADD) {
                 float d[8];
@@ -168,7 +186,7 @@ __device__ void rms_norm_backward_rows(const T* __restrict__ x, const T* __restr
             store8(dx + static_cast<u64>(row + g) * dim + c, out);
         }
     }
-    if (own) store8(dw_partial + static_cast<u64>(blockIdx.x) * dim + c, acc);
+    if (own && dw_partial) store8(dw_partial + static_cast<u64>(blockIdx.x) * dim + c, acc);
 }
 
 // Scalar path of the forward: one block per row.
@@ -201,8 +219,9 @@ __device__ void rms_norm_forward_scalar(const T* x, const T* residual, const T* 
 template <bool ADD, typename T>
 __device__ void rms_norm_backward_scalar(const T* x, const T* weight, const float* rstd, const T* dy, const T* d_residual, T* dx,
                                          float* dw_partial, unsigned rows, unsigned dim, float offset, unsigned rows_per_block) {
-    float* partial = dw_partial + static_cast<u64>(blockIdx.x) * dim;
-    for (unsigned j = threadIdx.x; j < dim; j += blockDim.x) partial[j] = 0.0f;
+    float* partial = dw_partial ? dw_partial + static_cast<u64>(blockIdx.x) * dim : nullptr;
+    if (partial)
+        for (unsigned j = threadIdx.x; j < dim; j += blockDim.x) partial[j] = 0.0f;
     const unsigned first = blockIdx.x * rows_per_block;
     const unsigned last = min(rows, first + rows_per_block);
     const float n = static_cast<float>(dim);
@@ -218,7 +237,7 @@ __device__ void rms_norm_backward_scalar(const T* x, const T* weight, const floa
             const float xv = to_f32(x[at + j]), dyv = to_f32(dy[at + j]);
             const float d = r * (dyv * (offset + to_f32(weight[j])) - xv * c);
             dx[at + j] = from_f32<T>(ADD ? to_f32(d_residual[at + j]) + d : d);
-            partial[j] += dyv * (xv * r);
+            if (partial) partial[j] += dyv * (xv * r);
         }
     }
 }
@@ -244,10 +263,10 @@ template <typename T> __device__ void rms_norm_dw_reduce(const float* __restrict
 
 // qlora-rt: hot
 extern "C" __global__ void __launch_bounds__(1024) rms_norm_forward_f32(const float* x, const float* weight, float* y, float* rstd, unsigned rows, unsigned dim, float eps, float offset) {
-    rms_norm_forward_rows<false>(x, x, weight, y, y, rstd, rows, dim, eps, offset);
+    rms_norm_forward_rows<false, 1>(x, x, weight, y, y, rstd, rows, dim, eps, offset);
 }
 extern "C" __global__ void __launch_bounds__(1024) rms_norm_forward_bf16(const bf16* x, const bf16* weight, bf16* y, float* rstd, unsigned rows, unsigned dim, float eps, float offset) {
-    rms_norm_forward_rows<false>(x, x, weight, y, y, rstd, rows, dim, eps, offset);
+    rms_norm_forward_rows<false, 2>(x, x, weight, y, y, rstd, rows, dim, eps, offset);
 }
 extern "C" __global__ void __launch_bounds__(512) rms_norm_backward_f32(const float* x, const float* weight, const float* rstd, const float* dy, float* dx,
                                                                         float* dw_partial, unsigned rows, unsigned dim, float offset, unsigned rows_per_block) {
@@ -266,11 +285,11 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm_backward_wide_bf16(c
 // qlora-rt: hot
 extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_forward_f32(const float* x, const float* residual, const float* weight, float* h, float* y, float* rstd,
                                                                             unsigned rows, unsigned dim, float eps, float offset) {
-    rms_norm_forward_rows<true>(x, residual, weight, h, y, rstd, rows, dim, eps, offset);
+    rms_norm_forward_rows<true, 1>(x, residual, weight, h, y, rstd, rows, dim, eps, offset);
 }
 extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_forward_bf16(const bf16* x, const bf16* residual, const bf16* weight, bf16* h, bf16* y, float* rstd,
                                                                              unsigned rows, unsigned dim, float eps, float offset) {
-    rms_norm_forward_rows<true>(x, residual, weight, h, y, rstd, rows, dim, eps, offset);
+    rms_norm_forward_rows<true, 2>(x, residual, weight, h, y, rstd, rows, dim, eps, offset);
 }
 extern "C" __global__ void __launch_bounds__(512) add_rms_norm_backward_f32(const float* h, const float* weight, const float* rstd, const float* dy, const float* d_residual,
                                                                             float* dx, float* dw_partial, unsigned rows, unsigned dim, float offset,

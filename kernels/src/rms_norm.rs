@@ -103,8 +103,23 @@ pub fn add_rms_norm_forward<T: Float>(
     rms_norm_forward(h, weight, dim, eps, offset, y, rstd);
 }
 
+/// x, dy: [rows, dim], rstd: [rows] → dx: [rows, dim] (written): rms_norm_backward for a frozen weight, whose dw is
+/// not wanted
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_backward_dx<T: Float>(
+    x: &[T],
+    weight: &[T],
+    rstd: &[T],
+    dy: &[T],
+    dim: usize,
+    offset: T,
+    dx: &mut [T],
+) {
+    rms_norm_backward(x, weight, rstd, dy, dim, offset, dx, &mut vec![T::zero(); dim]);
+}
+
 /// h, dy, d_residual: [rows, dim], rstd: [rows] → dx = d_residual + rms_norm_backward's dx: [rows, dim] (the
-/// gradient of both x and residual, since h = x + residual), dw: [dim] (written, as rms_norm_backward's)
+/// gradient of both x and residual, since h = x + residual), dw: [dim] when wanted (written, as rms_norm_backward's)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_backward<T: Float>(
     h: &[T],
@@ -115,10 +130,13 @@ pub fn add_rms_norm_backward<T: Float>(
     dim: usize,
     offset: T,
     dx: &mut [T],
-    dw: &mut [T],
+    dw: Option<&mut [T]>,
 ) {
     assert_eq!(d_residual.len(), h.len(), "add_rms_norm_backward: d_residual length");
-    rms_norm_backward(h, weight, rstd, dy, dim, offset, dx, dw);
+    match dw {
+        Some(dw) => rms_norm_backward(h, weight, rstd, dy, dim, offset, dx, dw),
+        None => rms_norm_backward_dx(h, weight, rstd, dy, dim, offset, dx),
+    }
     dx.par_chunks_mut(MIN_PAR_ELEMS).zip(d_residual.par_chunks(MIN_PAR_ELEMS)).for_each(|(dx, dr)| {
         for (dx, &dr) in dx.iter_mut().zip(dr) {
             *dx = dr + *dx;
@@ -305,7 +323,7 @@ mod tests {
             assert_eq!((y.clone(), rstd.clone()), forward(&want_h, &w, dim, offset));
             // h feeds the norm and the residual stream, whose gradient dh arrives beside the norm's dy.
             let (mut dx, mut dw) = (vec![f64::NAN; rows * dim], vec![f64::NAN; dim]);
-            add_rms_norm_backward(&h, &w, &rstd, &g, &dh, dim, offset, &mut dx, &mut dw);
+            add_rms_norm_backward(&h, &w, &rstd, &g, &dh, dim, offset, &mut dx, Some(&mut dw));
             let (norm_dx, want_dw) = backward(&h, &w, &rstd, &g, dim, offset);
             let want_dx: Vec<f64> = norm_dx.iter().zip(&dh).map(|(a, b)| a + b).collect();
             assert_eq!((dx.clone(), dw), (want_dx, want_dw));

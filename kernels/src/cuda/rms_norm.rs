@@ -1,9 +1,9 @@
 //! Launchers of `kernels/cuda/rms_norm.cu`, twins of [`crate::rms_norm`]. rstd is f32 whatever the I/O type.
 //!
-//! Rows of a multiple of 8 elements take the vector path: a block of one thread per 8 elements owns a row at a time
-//! and loads the next row before it reduces the current one; the forward's grid is one wave of blocks, the
-//! backward's just enough blocks to keep the GPU's bytes in flight (each block adds a row of dw partial sums). Other
-//! rows, and rows longer than a block covers, take the scalar path: one block per row.
+//! Rows of a multiple of 8 elements take the vector path: a block of one thread per 8 elements owns a step of rows
+//! (two bf16 or one f32) at a time and loads the next step before it reduces the current one; the forward's grid is
+//! one wave of blocks, the backward's just enough blocks to keep the GPU's bytes in flight (each block adds a row of
+//! dw partial sums). Other rows, and rows longer than a block covers, take the scalar path: one block per row.
 
 use super::source::Module;
 use super::{aligned16, config, kernel, launch, resident_blocks, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
@@ -42,7 +42,7 @@ pub fn rms_norm_forward<T: GpuFloat>(
         return unsafe { launch!(dev, Module::RmsNorm, kernel, config(rows32); px, pw, py, pr, dim32, eps, offset) };
     };
     let kernel = kernel!("rms_norm_forward", T);
-    let grid = resident_blocks(dev, Module::RmsNorm, kernel, threads)?.min(rows32);
+    let grid = resident_blocks(dev, Module::RmsNorm, kernel, threads)?.min(rows.div_ceil(step_rows::<T>()) as u32);
     // SAFETY: rms_norm_forward_T(const T* x, const T* weight, T* y, float* rstd, unsigned rows, unsigned dim,
     // float eps, float offset), blocks of ⌈dim/8⌉ threads (rounded up to a warp) looping over rows: x and y hold
     // rows·dim elements, weight dim, rstd rows (asserted); dim is a multiple of 8 and x, weight, y are 16-byte
@@ -79,7 +79,38 @@ pub fn rms_norm_backward<T: GpuFloat>(
         dim,
         offset,
         dx,
-        dw,
+        Some(dw),
+    )
+}
+
+/// x, dy: [rows, dim], rstd: [rows] f32 → dx: [rows, dim]: [`rms_norm_backward`] without dw, for a frozen weight
+/// (QLoRA's norms): no dw partial sums and no reduction launch
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_backward_dx<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    weight: &DeviceBuffer<T>,
+    rstd: &DeviceBuffer<f32>,
+    dy: &DeviceBuffer<T>,
+    dim: usize,
+    offset: f32,
+    dx: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    backward(
+        &BackwardKernels {
+            what: "rms_norm_backward_dx",
+            vector: kernel!("rms_norm_backward", T),
+            wide: "rms_norm_backward_wide_bf16",
+            scalar: kernel!("rms_norm_backward_scalar", T),
+        },
+        x,
+        weight,
+        rstd,
+        dy,
+        None,
+        dim,
+        offset,
+        dx,
+        None,
     )
 }
 
@@ -121,7 +152,7 @@ pub fn add_rms_norm_forward<T: GpuFloat>(
         };
     };
     let kernel = kernel!("add_rms_norm_forward", T);
-    let grid = resident_blocks(dev, Module::RmsNorm, kernel, threads)?.min(rows32);
+    let grid = resident_blocks(dev, Module::RmsNorm, kernel, threads)?.min(rows.div_ceil(step_rows::<T>()) as u32);
     // SAFETY: add_rms_norm_forward_T(const T* x, const T* residual, const T* weight, T* h, T* y, float* rstd,
     // unsigned rows, unsigned dim, float eps, float offset), blocks of ⌈dim/8⌉ threads (rounded up to a warp)
     // looping over rows: x, residual, h and y hold rows·dim elements, weight dim, rstd rows (asserted); dim is a
@@ -133,7 +164,8 @@ pub fn add_rms_norm_forward<T: GpuFloat>(
 }
 
 /// h, dy, d_residual: [rows, dim], rstd: [rows] f32 → dx = d_residual + ∂(rms_norm(h))/∂h·dy: [rows, dim] (the
-/// gradient of both x and residual of the forward), dw: [dim] (written: Σ over rows, deterministic order)
+/// gradient of both x and residual of the forward), dw: [dim] when given (written: Σ over rows, deterministic order;
+/// None for a frozen weight skips its partial sums and reduction)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_backward<T: GpuFloat>(
     h: &DeviceBuffer<T>,
@@ -144,7 +176,7 @@ pub fn add_rms_norm_backward<T: GpuFloat>(
     dim: usize,
     offset: f32,
     dx: &mut DeviceBuffer<T>,
-    dw: &mut DeviceBuffer<T>,
+    dw: Option<&mut DeviceBuffer<T>>,
 ) -> Result<()> {
     backward(
         &BackwardKernels {
@@ -168,7 +200,7 @@ pub fn add_rms_norm_backward<T: GpuFloat>(
 /// The entry points of one backward, by path.
 struct BackwardKernels {
     what: &'static str,
-    /// Rows of up to 512 threads: two bf16 rows or one f32 row per step.
+    /// Rows of up to 512 threads, [`step_rows`] per step.
     vector: &'static str,
     /// bf16 rows of 513 to 1024 threads, one per step (f32 rows that long take the scalar path: an f32 chunk needs
     /// twice the registers, which 1024 threads do not have).
@@ -176,7 +208,7 @@ struct BackwardKernels {
     scalar: &'static str,
 }
 
-/// The plain backward (`d_residual` None) or the fused one.
+/// The plain backward (`d_residual` None) or the fused one, with dw or without.
 #[allow(clippy::too_many_arguments)]
 fn backward<T: GpuFloat>(
     k: &BackwardKernels,
@@ -188,42 +220,42 @@ fn backward<T: GpuFloat>(
     dim: usize,
     offset: f32,
     dx: &mut DeviceBuffer<T>,
-    dw: &mut DeviceBuffer<T>,
+    mut dw: Option<&mut DeviceBuffer<T>>,
 ) -> Result<()> {
     let what = k.what;
     let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(dy.len(), rows * dim, "{what}: dy length");
     assert_eq!(dx.len(), rows * dim, "{what}: dx length");
-    assert_eq!(dw.len(), dim, "{what}: dw length");
-    let mut devices = vec![x.device(), weight.device(), rstd.device(), dy.device(), dx.device(), dw.device()];
+    let mut devices = vec![x.device(), weight.device(), rstd.device(), dy.device(), dx.device()];
     if let Some(d) = d_residual {
         assert_eq!(d.len(), rows * dim, "{what}: d_residual length");
         devices.push(d.device());
     }
-    let dev = same_device(what, &devices);
+    if let Some(dw) = &dw {
+        assert_eq!(dw.len(), dim, "{what}: dw length");
+        devices.push(dw.device());
+    }
+    same_device(what, &devices);
+    let dev = x.device();
     if rows == 0 {
-        return dw.zero();
+        return dw.map_or(Ok(()), |dw| dw.zero());
     }
     let (px, pw, pr, pdy, pdx) = (x.ptr(), weight.ptr(), rstd.ptr(), dy.ptr(), dx.ptr());
     let pdr = d_residual.map_or(0, |d| d.ptr());
     let (rows32, dim32) = (u32_arg(what, rows), u32_arg(what, dim));
-    let bf16 = size_of::<T>() == 2;
     let mut ptrs = vec![px, pw, pdy, pdx];
     ptrs.extend(d_residual.map(|d| d.ptr()));
-    let (kernel, cfg, rows_per_block) = match vector_threads(dim, if bf16 { 1024 } else { 512 }, &ptrs) {
+    let (kernel, cfg, rows_per_block) = match vector_threads(dim, if step_rows::<T>() == 2 { 1024 } else { 512 }, &ptrs)
+    {
         Some(threads) => {
-            let (kernel, step_rows) = match (threads > 512, bf16) {
-                (true, _) => (k.wide, 1),
-                (false, true) => (k.vector, 2),
-                (false, false) => (k.vector, 1),
-            };
+            let (kernel, step_rows) = if threads > 512 { (k.wide, 1) } else { (k.vector, step_rows::<T>()) };
             let resident = resident_blocks(dev, Module::RmsNorm, kernel, threads)? as usize;
-            // A block has one step of rows of x and dy in flight while it works on the previous one: enough blocks
-            // for 16 bytes per resident thread of the GPU in flight (more would only add dw partial rows), no
-            // more than fit at once.
+            // A block has one step of rows of x and dy in flight while it works on the previous one: with dw, enough
+            // blocks for 16 bytes per resident thread of the GPU in flight (more would only add dw partial rows);
+            // without, all that fit.
             let in_flight = 16 * dev.resident_threads();
             let step_bytes = step_rows * 2 * dim * size_of::<T>();
-            let wanted = in_flight.div_ceil(step_bytes).clamp(1, resident);
+            let wanted = if dw.is_some() { in_flight.div_ceil(step_bytes).clamp(1, resident) } else { resident };
             let rows_per_block = rows.div_ceil(wanted).next_multiple_of(step_rows);
             (kernel, block_config(rows.div_ceil(rows_per_block) as u32, threads), rows_per_block)
         }
@@ -234,13 +266,15 @@ fn backward<T: GpuFloat>(
     };
     // Block boundaries depend on the shape and the GPU only, so dw is the same bits on every run.
     let blocks = cfg.grid_dim.0;
-    let partial = dev.alloc::<f32>(blocks as usize * dim)?;
+    let partial = dev.alloc::<f32>(if dw.is_some() { blocks as usize * dim } else { 0 })?;
+    // Null (an empty buffer's address) tells the kernel to skip dw.
     let (pp, rpb32) = (partial.ptr(), rows_per_block as u32);
     // SAFETY: the vector and wide kernels take (const T* x, const T* weight, const float* rstd, const T* dy,
     // [const T* d_residual,] T* dx, float* dw_partial, unsigned rows, unsigned dim, float offset,
     // unsigned rows_per_block), the scalar ones the same; d_residual exactly for the fused kernels. x, dy, dx and
     // d_residual hold rows·dim elements, weight dim, rstd rows (asserted), dw_partial blocks·dim f32 (allocated
-    // above; it returns to the pool when dropped, stream-ordered after the reduction below); block b touches rows
+    // above, or null without dw; it returns to the pool when dropped, stream-ordered after the reduction below);
+    // block b touches rows
     // [b·rows_per_block, (b+1)·rows_per_block) ∩ [0, rows). On the vector paths dim is a multiple of 8 and the bases
     // 16-byte aligned (vector_threads). All on this device.
     unsafe {
@@ -251,12 +285,23 @@ fn backward<T: GpuFloat>(
             }
         }
     }?;
+    let Some(dw) = dw.as_deref_mut() else { return Ok(()) };
     let kernel = kernel!("rms_norm_dw_reduce", T);
     let pdw = dw.ptr();
     // SAFETY: rms_norm_dw_reduce_T(const float* dw_partial, T* dw, unsigned blocks, unsigned dim), ⌈dim/32⌉ blocks
     // of 1024 threads: dw_partial holds blocks·dim f32, dw holds dim elements (asserted), on this device.
     unsafe {
         launch!(dev, Module::RmsNorm, kernel, block_config(dim.div_ceil(32) as u32, 1024); pp, pdw, blocks, dim32)
+    }
+}
+
+/// Rows a vector-path block takes per step (the forwards, and the backwards of up to 512 threads): two of bf16, one of
+/// f32, whose 8-element chunks take twice the registers.
+fn step_rows<T: GpuFloat>() -> usize {
+    if size_of::<T>() == 2 {
+        2
+    } else {
+        1
     }
 }
 

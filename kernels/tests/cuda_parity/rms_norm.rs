@@ -42,6 +42,11 @@ fn rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             rms_norm::rms_norm_backward(&xw, &ww, &want_rstd, &dyw, dim, offset, &mut want_dx, &mut want_dw);
             check(&format!("rms_norm dx {what}"), &dx, &want_dx, T::tol(REDUCED));
             check(&format!("rms_norm dw {what}"), &dw, &want_dw, T::tol(REDUCED));
+
+            // Without dw (a frozen weight): a grid of all resident blocks, no partial sums.
+            let mut dx = poisoned::<T>(dev, rows * dim);
+            cuda::rms_norm::rms_norm_backward_dx(&gx, &gw, &cpu_rstd, &gdy, dim, offset, &mut dx).unwrap();
+            check(&format!("rms_norm_backward_dx {what}"), &dx, &want_dx, T::tol(REDUCED));
         }
     }
 }
@@ -76,7 +81,7 @@ fn add_rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             let (mut dx, mut dw) = (poisoned::<T>(dev, n), poisoned::<T>(dev, dim));
             let (gh, gdy, gdr, cpu_rstd) =
                 (upload(dev, &narrow::<T>(&hw)), upload(dev, &dy), upload(dev, &dr), upload(dev, &want_rstd));
-            cuda::rms_norm::add_rms_norm_backward(&gh, &gw, &cpu_rstd, &gdy, &gdr, dim, offset, &mut dx, &mut dw)
+            cuda::rms_norm::add_rms_norm_backward(&gh, &gw, &cpu_rstd, &gdy, &gdr, dim, offset, &mut dx, Some(&mut dw))
                 .unwrap();
             let (mut want_dx, mut want_dw) = (vec![0.0f32; n], vec![0.0f32; dim]);
             rms_norm::add_rms_norm_backward(
@@ -88,10 +93,13 @@ fn add_rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
                 dim,
                 offset,
                 &mut want_dx,
-                &mut want_dw,
+                Some(&mut want_dw),
             );
             check(&format!("add_rms_norm dx {what}"), &dx, &want_dx, T::tol(REDUCED));
             check(&format!("add_rms_norm dw {what}"), &dw, &want_dw, T::tol(REDUCED));
+            let mut dx = poisoned::<T>(dev, n);
+            cuda::rms_norm::add_rms_norm_backward(&gh, &gw, &cpu_rstd, &gdy, &gdr, dim, offset, &mut dx, None).unwrap();
+            check(&format!("add_rms_norm dx without dw {what}"), &dx, &want_dx, T::tol(REDUCED));
         }
     }
 }
