@@ -249,8 +249,18 @@ template <typename T> __device__ void rms_norm_dw_reduce(const float* __restrict
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, col = blockIdx.x * 32 + lane;
     float s = 0.0f;
     if (col < dim) {
-#pragma unroll 4
-        for (unsigned b = warp; b < blocks; b += 32) s += dw_partial[static_cast<u64>(b) * dim + col];
+        // The launchers' partials are about 8 per warp (a wave of backward blocks): all their loads in flight at once,
+        // then added in order.
+        for (unsigned first = warp; first < blocks; first += 32 * 8) {
+            float v[8];
+#pragma unroll
+            for (unsigned u = 0; u < 8; ++u) {
+                const unsigned b = first + 32 * u;
+                v[u] = b < blocks ? dw_partial[static_cast<u64>(b) * dim + col] : 0.0f;
+            }
+#pragma unroll
+            for (unsigned u = 0; u < 8; ++u) s += v[u];
+        }
     }
     sums[warp][lane] = s;
     __syncthreads();
