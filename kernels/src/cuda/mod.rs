@@ -101,6 +101,14 @@ fn grid_for(n: usize) -> u32 {
 /// the grid of a kernel that loops over its work in one wave (a second, partial wave would double the time of the
 /// blocks in it).
 fn resident_blocks(dev: &CudaDevice, module: source::Module, kernel: &'static str, threads: u32) -> Result<u32> {
+    // Asked of the driver once per (device, kernel, block size): the answer never changes, and launches are hot.
+    type Key = (usize, &'static str, u32);
+    static KNOWN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<Key, u32>>> =
+        std::sync::LazyLock::new(Default::default);
+    let key = (dev.ordinal(), kernel, threads);
+    if let Some(&blocks) = KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&key) {
+        return Ok(blocks);
+    }
     let per_multiprocessor = dev
         .function(module, kernel)?
         .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
@@ -110,7 +118,9 @@ fn resident_blocks(dev: &CudaDevice, module: source::Module, kernel: &'static st
         .context()
         .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(Error::driver("cuDeviceGetAttribute"))?;
-    Ok(per_multiprocessor.max(1) * multiprocessors.max(1) as u32)
+    let blocks = per_multiprocessor.max(1) * multiprocessors.max(1) as u32;
+    KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, blocks);
+    Ok(blocks)
 }
 
 /// One wave of [`BLOCK`]-thread blocks of `kernel` for `work` items of a thread each (fewer blocks when there is less
