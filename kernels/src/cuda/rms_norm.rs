@@ -220,7 +220,7 @@ fn backward<T: GpuFloat>(
     dim: usize,
     offset: f32,
     dx: &mut DeviceBuffer<T>,
-    mut dw: Option<&mut DeviceBuffer<T>>,
+    dw: Option<&mut DeviceBuffer<T>>,
 ) -> Result<()> {
     let what = k.what;
     let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
@@ -285,7 +285,7 @@ fn backward<T: GpuFloat>(
             }
         }
     }?;
-    let Some(dw) = dw.as_deref_mut() else { return Ok(()) };
+    let Some(dw) = dw else { return Ok(()) };
     let kernel = kernel!("rms_norm_dw_reduce", T);
     let pdw = dw.ptr();
     // SAFETY: rms_norm_dw_reduce_T(const float* dw_partial, T* dw, unsigned blocks, unsigned dim), ⌈dim/32⌉ blocks
