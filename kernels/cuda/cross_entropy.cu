@@ -22,15 +22,18 @@ __device__ __forceinline__ float ex2_approx(float x) {
     return r;
 }
 
-// Where a row's 8-element chunks start and how many there are: `head` scalars before the first 16-byte aligned element
-// (the row starts at element `start` of a 16-byte aligned buffer), then `chunks`, then `tail` scalars.
+// A row of `len` elements at p, split for 16-byte accesses: `head` elements before the first 16-byte aligned one,
+// then `chunks` of 8, then `tail`. `scalar` makes it all head: the path when two rows that are read and written
+// together are not aligned alike.
 struct RowSplit {
     unsigned head, chunks, tail;
-    template <typename T> __device__ __forceinline__ static RowSplit of(u64 start, unsigned len) {
+    template <typename T> __device__ __forceinline__ static RowSplit of(const T* p, unsigned len) {
         constexpr unsigned A = align_elems<T>();
-        const unsigned head = min(len, static_cast<unsigned>((A - start % A) % A));
+        const unsigned misaligned = static_cast<unsigned>(reinterpret_cast<u64>(p) / sizeof(T) % A);
+        const unsigned head = min(len, (A - misaligned) % A);
         return RowSplit{head, (len - head) / 8, (len - head) % 8};
     }
+    __device__ __forceinline__ static RowSplit scalar(unsigned len) { return RowSplit{len, 0, 0}; }
 };
 
 // A thread's running max m and Σ exp(x − m) over the logits it has seen, with K more logits added.
@@ -63,7 +66,7 @@ __device__ void cross_entropy_forward(const T* __restrict__ logits, const int* _
         t = targets[row];
         if (t >= 0 && static_cast<unsigned>(t) < vocab) x_t = to_f32(x[t]);
     }
-    const RowSplit split = RowSplit::of<T>(row * vocab, vocab);
+    const RowSplit split = RowSplit::of(x, vocab);
     const T* body = x + split.head;
     float m = f32_neg_inf(), s = 0.0f;
     for (unsigned c = threadIdx.x; c < split.chunks; c += CE_UNROLL * blockDim.x) {
@@ -80,8 +83,8 @@ __device__ void cross_entropy_forward(const T* __restrict__ logits, const int* _
             }
         }
     }
-    if (threadIdx.x < split.head) lse_add<1>(m, s, {to_f32(x[threadIdx.x])});
-    if (threadIdx.x < split.tail) lse_add<1>(m, s, {to_f32(body[8 * split.chunks + threadIdx.x])});
+    for (unsigned j = threadIdx.x; j < split.head; j += blockDim.x) lse_add<1>(m, s, {to_f32(x[j])});
+    for (unsigned j = threadIdx.x; j < split.tail; j += blockDim.x) lse_add<1>(m, s, {to_f32(body[8 * split.chunks + j])});
 
     const float max = block_max(m);
     const float sum = block_sum(m == f32_neg_inf() ? 0.0f : s * ex2_approx((m - max) * CE_LOG2E));
@@ -105,15 +108,16 @@ __device__ void cross_entropy_backward(const T* __restrict__ logits, const int* 
     const T* x = logits + row * vocab;
     T* d = d_logits + row * vocab;
     const int t = targets[row];
-    const RowSplit split = RowSplit::of<T>(row * vocab, vocab);
+    const bool alike = reinterpret_cast<u64>(x) % 16 == reinterpret_cast<u64>(d) % 16;
+    const RowSplit split = alike ? RowSplit::of(x, vocab) : RowSplit::scalar(vocab);
     T* d_body = d + split.head;
     if (t == IGNORE_INDEX || t < 0 || static_cast<unsigned>(t) >= vocab) {
         float fill[8];
 #pragma unroll
         for (unsigned k = 0; k < 8; ++k) fill[k] = t == IGNORE_INDEX ? 0.0f : f32_nan();
         for (unsigned c = threadIdx.x; c < split.chunks; c += blockDim.x) store8(d_body + 8 * c, fill);
-        if (threadIdx.x < split.head) d[threadIdx.x] = from_f32<T>(fill[0]);
-        if (threadIdx.x < split.tail) d_body[8 * split.chunks + threadIdx.x] = from_f32<T>(fill[0]);
+        for (unsigned j = threadIdx.x; j < split.head; j += blockDim.x) d[j] = from_f32<T>(fill[0]);
+        for (unsigned j = threadIdx.x; j < split.tail; j += blockDim.x) d_body[8 * split.chunks + j] = from_f32<T>(fill[0]);
         return;
     }
     const float g = d_loss[row], l = lse[row];
@@ -141,12 +145,12 @@ __device__ void cross_entropy_backward(const T* __restrict__ logits, const int* 
             }
         }
     }
-    if (threadIdx.x < split.head) {
-        const int j = static_cast<int>(threadIdx.x);
+    for (unsigned i = threadIdx.x; i < split.head; i += blockDim.x) {
+        const int j = static_cast<int>(i);
         d[j] = from_f32<T>(grad(j - static_cast<int>(split.head), to_f32(x[j])));
     }
-    if (threadIdx.x < split.tail) {
-        const int j = static_cast<int>(8 * split.chunks + threadIdx.x);
+    for (unsigned i = threadIdx.x; i < split.tail; i += blockDim.x) {
+        const int j = static_cast<int>(8 * split.chunks + i);
         d_body[j] = from_f32<T>(grad(j, to_f32(body[j])));
     }
 }
