@@ -24,7 +24,8 @@ pub fn embedding_forward<T: GpuFloat>(
     }
     let (pt, pi, po, n_dim) = (table.ptr(), ids.ptr(), out.ptr(), out.len() as u64);
     let (dim32, vocab32) = (u32_arg("embedding: dim", dim), u32_arg("embedding: vocab", vocab));
-    let chunks = u32::try_from(out.len() / 8).ok().filter(|_| dim % 8 == 0 && aligned16(&[pt, po]));
+    // Below 2³¹ chunks, so that the kernel's 32-bit grid-stride index cannot wrap.
+    let chunks = i32::try_from(out.len() / 8).ok().filter(|_| dim % 8 == 0 && aligned16(&[pt, po])).map(|c| c as u32);
     let Some(chunks) = chunks else {
         let kernel = kernel!("embedding_forward_scalar", T);
         let cfg = wave_config(dev, Module::Embedding, kernel, out.len())?;

@@ -70,6 +70,11 @@ fn pairs_per_thread(half: usize, ptrs: &[u64]) -> usize {
     }
 }
 
+/// The kernels' 32-bit chunk index, below 2³¹ so that a grid-stride step past the last chunk cannot wrap.
+fn chunk_count(chunks: usize) -> u32 {
+    i32::try_from(chunks).unwrap_or_else(|_| panic!("rope: {chunks} chunks of pairs exceed the kernel's index")) as u32
+}
+
 /// (vector kernel, scalar kernel) of one direction.
 type Kernels = (&'static str, &'static str);
 
@@ -91,7 +96,7 @@ fn rotate<T: GpuFloat>(
     let half = head_dim / 2;
     let w = pairs_per_thread(half, &[px, pc, ps, py]);
     let kernel = if w == 8 { kernels.0 } else { kernels.1 };
-    let chunks = u32_arg("rope: pairs", x.len() / 2 / w);
+    let chunks = chunk_count(x.len() / 2 / w);
     let (heads32, half32) = (u32_arg("rope: heads", heads), u32_arg("rope: head_dim", half));
     let grid = resident_blocks(dev, Module::Rope, kernel, BLOCK)?.min(chunks.div_ceil(BLOCK));
     // SAFETY: kernel(const T* x, const float* cos, const float* sin, T* y, unsigned chunks, unsigned heads,
@@ -123,8 +128,8 @@ fn rotate_qk<T: GpuFloat>(
     let half = head_dim / 2;
     let w = pairs_per_thread(half, &[pq, pk, pc, ps]);
     let kernel = if w == 8 { kernels.0 } else { kernels.1 };
-    let q_chunks = u32_arg("rope_qk: pairs", q.len() / 2 / w);
-    let chunks = u32_arg("rope_qk: pairs", (q.len() + k.len()) / 2 / w);
+    let q_chunks = chunk_count(q.len() / 2 / w);
+    let chunks = chunk_count((q.len() + k.len()) / 2 / w);
     let (qh32, kh32, half32) =
         (u32_arg("rope: heads", q_heads), u32_arg("rope: heads", k_heads), u32_arg("rope: head_dim", half));
     let grid = resident_blocks(dev, Module::Rope, kernel, BLOCK)?.min(chunks.div_ceil(BLOCK));
