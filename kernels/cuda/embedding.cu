@@ -6,27 +6,29 @@
 
 // table: [vocab, dim], ids: [n] → out: [n, dim]; a row whose id is outside 0..vocab (a caller bug the CPU kernel
 // asserts) is NaN. Vector path (dim a multiple of 8, every row 16-byte aligned): chunks = n·dim/8 copies of 8
-// elements (16-byte accesses), two per thread per step so that both ids and then both table loads are in flight
-// together. Grid-stride; the launcher's grid is one wave.
+// elements (16-byte accesses), EMB_UNROLL per thread per step so that their ids and then their table loads are in
+// flight together (each table load waits for its id). Grid-stride; the launcher's grid is one wave.
+constexpr unsigned EMB_UNROLL = 4;
+
 template <typename T>
 __device__ void embedding_forward(const T* __restrict__ table, const int* __restrict__ ids, T* __restrict__ out, unsigned chunks,
                                   unsigned dim, unsigned vocab) {
     const unsigned per_row = dim / 8, stride = gridDim.x * blockDim.x;
-    for (unsigned k = blockIdx.x * blockDim.x + threadIdx.x; k < chunks; k += 2 * stride) {
-        unsigned row[2], col[2];
-        int id[2];
-        bool live[2];
+    for (unsigned k = blockIdx.x * blockDim.x + threadIdx.x; k < chunks; k += EMB_UNROLL * stride) {
+        unsigned row[EMB_UNROLL], col[EMB_UNROLL];
+        int id[EMB_UNROLL];
+        bool live[EMB_UNROLL];
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
+        for (unsigned u = 0; u < EMB_UNROLL; ++u) {
             const unsigned kk = k + u * stride;
             live[u] = kk < chunks;
             row[u] = kk / per_row;
             col[u] = (kk - row[u] * per_row) * 8;
             id[u] = live[u] ? ids[row[u]] : 0;
         }
-        Raw8<T> v[2] = {};
+        Raw8<T> v[EMB_UNROLL] = {};
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
+        for (unsigned u = 0; u < EMB_UNROLL; ++u) {
             if (!live[u]) continue;
             if (id[u] >= 0 && static_cast<unsigned>(id[u]) < vocab) {
                 v[u] = load8(table + static_cast<u64>(id[u]) * dim + col[u]);
@@ -39,7 +41,7 @@ __device__ void embedding_forward(const T* __restrict__ table, const int* __rest
             }
         }
 #pragma unroll
-        for (int u = 0; u < 2; ++u)
+        for (unsigned u = 0; u < EMB_UNROLL; ++u)
             if (live[u]) store_raw8(out + static_cast<u64>(row[u]) * dim + col[u], v[u]);
     }
 }

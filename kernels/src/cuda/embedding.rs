@@ -35,7 +35,7 @@ pub fn embedding_forward<T: GpuFloat>(
         return unsafe { launch!(dev, Module::Embedding, kernel, cfg; pt, pi, po, n_dim, dim32, vocab32) };
     };
     let kernel = kernel!("embedding_forward", T);
-    let cfg = wave_config(dev, Module::Embedding, kernel, chunks.div_ceil(2) as usize)?;
+    let cfg = wave_config(dev, Module::Embedding, kernel, chunks.div_ceil(4) as usize)?;
     // SAFETY: embedding_forward_T(const T* table, const int* ids, T* out, unsigned chunks, unsigned dim,
     // unsigned vocab), copying `chunks` = n·dim/8 runs of 8 elements: table holds vocab·dim elements, ids n, out
     // n·dim (asserted); dim is a multiple of 8 and table and out 16-byte aligned, so every run is; the kernel reads
