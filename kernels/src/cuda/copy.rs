@@ -2,7 +2,7 @@
 //! references are plain index arithmetic and `half`'s conversions, which the parity tests spell out.
 
 use super::source::Module;
-use super::{config, grid_for, launch, same_device, DeviceBuffer, DeviceCopy, GpuFloat, Result};
+use super::{config, grid_for, launch, same_device, wave_config, DeviceBuffer, DeviceCopy, GpuFloat, Result};
 use cudarc::driver::DeviceRepr;
 
 /// The most dimensions a view may have (`MAX_RANK` in copy.cu).
@@ -58,7 +58,8 @@ pub fn strided_copy<T: DeviceCopy>(
     unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(n)); ps, pd, view, n64) }
 }
 
-/// src: [len] S → dst: [len] D (round to nearest even into bf16, as `half::bf16::from_f32`; exact otherwise)
+/// src: [len] S → dst: [len] D (round to nearest even into bf16, as `half::bf16::from_f32`; exact otherwise), in
+/// 8-element chunks of 16-byte accesses on a one-wave grid
 pub fn cast<S: GpuFloat, D: GpuFloat>(src: &DeviceBuffer<S>, dst: &mut DeviceBuffer<D>) -> Result<()> {
     assert_eq!(src.len(), dst.len(), "cast: src vs dst length");
     let dev = same_device("cast", &[src.device(), dst.device()]);
@@ -67,7 +68,8 @@ pub fn cast<S: GpuFloat, D: GpuFloat>(src: &DeviceBuffer<S>, dst: &mut DeviceBuf
     }
     let kernel =
         S::pick(D::pick("cast_f32_to_f32", "cast_f32_to_bf16"), D::pick("cast_bf16_to_f32", "cast_bf16_to_bf16"));
+    let cfg = wave_config(dev, Module::Copy, kernel, dst.len().div_ceil(8))?;
     let (ps, pd, n) = (src.ptr(), dst.ptr(), dst.len() as u64);
     // SAFETY: cast_S_to_D(const S* src, D* dst, u64 n); both hold n elements (asserted), on this device.
-    unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(dst.len())); ps, pd, n) }
+    unsafe { launch!(dev, Module::Copy, kernel, cfg; ps, pd, n) }
 }

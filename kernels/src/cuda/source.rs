@@ -248,10 +248,8 @@ mod tests {
     #[test]
     fn hot_markers_cover_their_group_only() {
         let hot = Module::RmsNorm.hot_entry_points();
-        assert_eq!(
-            hot,
-            ["rms_norm_forward_f32", "rms_norm_forward_bf16", "rms_norm_backward_f32", "rms_norm_backward_bf16"]
-        );
+        assert!(hot.contains(&"rms_norm_backward_bf16") && hot.contains(&"add_rms_norm_forward_f32"), "{hot:?}");
+        assert!(!hot.iter().any(|e| e.contains("scalar")), "{hot:?}");
         assert!(!Module::Elementwise.hot_entry_points().contains(&"mul_f32"));
         assert!(Module::Elementwise.hot_entry_points().contains(&"add_bf16"));
     }
