@@ -37,7 +37,8 @@ pub fn rms_norm_backward(
     rstd: &Tensor,
     dy: &Tensor,
     offset: f64,
-) -> Result<(Tensor, Tensor)> {
+    need_dw: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     same_shape("rms_norm_backward", x, dy)?;
     let (rows, dim) = rows_cols("rms_norm_backward", x)?;
     if rstd.elem_count() != rows || weight.shape() != [dim] {
@@ -50,7 +51,13 @@ pub fn rms_norm_backward(
         return with_gpu!(g, |T| {
             let (xi, w, dyi) = (g.input(x)?, g.input(weight)?, g.input(dy)?);
             let r = g.input_as(rstd, DType::F32)?;
-            let (mut dx, mut dw) = (g.alloc::<T>(x.elem_count())?, g.alloc::<T>(dim)?);
+            let mut dx = g.alloc::<T>(x.elem_count())?;
+            if !need_dw {
+                // A frozen weight (QLoRA's norms): no dw partial sums, no reduction launch.
+                g.run(grms::rms_norm_backward_dx(buf::<T>(&xi), buf(&w), buf(&r), buf(&dyi), dim, offset as f32, &mut dx))?;
+                return Ok((output(dx, x.shape()), None));
+            }
+            let mut dw = g.alloc::<T>(dim)?;
             g.run(grms::rms_norm_backward(
                 buf::<T>(&xi),
                 buf(&w),
@@ -61,7 +68,7 @@ pub fn rms_norm_backward(
                 &mut dx,
                 &mut dw,
             ))?;
-            Ok((output(dx, x.shape()), output(dw, &[dim])))
+            Ok((output(dx, x.shape()), Some(output(dw, &[dim]))))
         });
     }
     with_compute!("rms_norm_backward", [x, weight, rstd, dy], |T| {
@@ -76,7 +83,7 @@ pub fn rms_norm_backward(
             &mut dx,
             &mut dw,
         );
-        Ok((tensor(dx, x.shape()), tensor(dw, &[dim])))
+        Ok((tensor(dx, x.shape()), need_dw.then(|| tensor(dw, &[dim]))))
     })
 }
 
@@ -97,8 +104,8 @@ impl Backward for RmsNormGrad {
         self.x.size_in_bytes() + self.rstd.size_in_bytes()
     }
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let (dx, dw) = rms_norm_backward(&self.x, &self.w, &self.rstd, first_grad(grads)?, self.offset)?;
-        Ok(vec![self.needs[0].then_some(dx), self.needs[1].then_some(dw)])
+        let (dx, dw) = rms_norm_backward(&self.x, &self.w, &self.rstd, first_grad(grads)?, self.offset, self.needs[1])?;
+        Ok(vec![self.needs[0].then_some(dx), dw])
     }
 }
 
