@@ -4,7 +4,7 @@
 //!
 //! Two families of flash kernels, one module per padded head_dim each: the mma.sync ones
 //! (`kernels/cuda/flash_attention.cuh`, table `FLASH`) run on every GPU from sm_80 on; on Hopper (target sm_90a)
-//! the wgmma ones (`kernels/cuda/flash_attention_sm90.cuh`, table `FLASH_SM90`) take the head dims they serve, and
+//! the wgmma ones (`kernels/cuda/flash_attention_sm90*.cuh`, table `FLASH_SM90`) take the head dims they serve, and
 //! the mma.sync ones the rest ([`flash_kernels`] decides). [`FlashPath::Portable`] forces the mma.sync kernels, so
 //! that tests and benchmarks cover them on Hopper too.
 //!
@@ -86,7 +86,7 @@ struct Attn {
 // SAFETY: `repr(C)` with only 4-byte fields, in the order of attention.cu's `struct Attn`, so no padding differs.
 unsafe impl DeviceRepr for Attn {}
 
-/// flash_attention.cuh's `FlashParams`, passed by value: the buffers' device addresses and the geometry.
+/// flash_common.cuh's `FlashParams`, passed by value: the buffers' device addresses and the geometry.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct FlashParams {
@@ -114,7 +114,7 @@ struct FlashParams {
     pad: u32,
 }
 
-// SAFETY: `repr(C)`: twelve 8-byte addresses then ten 4-byte fields, in the order of flash_attention.cuh's
+// SAFETY: `repr(C)`: twelve 8-byte addresses then ten 4-byte fields, in the order of flash_common.cuh's
 // `struct FlashParams`, whose natural layout is the same (136 bytes, no interior padding).
 unsafe impl DeviceRepr for FlashParams {}
 
@@ -710,7 +710,7 @@ mod tests {
             assert!(f.forward_smem() <= 227 * 1024 && f.backward_smem() <= 227 * 1024, "d{}: shared memory", f.d);
         }
         assert_eq!(FLASH.last().map(|f| f.d), Some(MAX_HEAD_DIM));
-        assert_eq!(std::mem::size_of::<FlashParams>(), 136, "flash_attention.cuh's FlashParams is 136 bytes");
+        assert_eq!(std::mem::size_of::<FlashParams>(), 136, "flash_common.cuh's FlashParams is 136 bytes");
     }
 
     /// The same for the Hopper kernels: template, block size (one block per multiprocessor) and shared memory.
