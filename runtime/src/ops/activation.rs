@@ -60,12 +60,7 @@ unary!(
     gact::gelu_tanh_backward
 );
 
-/// Which gated activation an MLP uses: Llama's SwiGLU or Gemma's GeGLU (tanh gelu).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Glu {
-    SwiGlu,
-    GeGlu,
-}
+pub use qlora_kernels::activation::Glu;
 
 /// act(gate) ⊙ up.
 pub fn glu(kind: Glu, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -74,20 +69,14 @@ pub fn glu(kind: Glu, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return with_gpu!(g, |T| {
             let (gt, u) = (g.input(gate)?, g.input(up)?);
             let mut out = g.alloc::<T>(gt.elem_count())?;
-            g.run(match kind {
-                Glu::SwiGlu => gact::swiglu_forward(buf::<T>(&gt), buf(&u), &mut out),
-                Glu::GeGlu => gact::geglu_forward(buf::<T>(&gt), buf(&u), &mut out),
-            })?;
+            g.run(gact::glu_forward(kind, buf::<T>(&gt), buf(&u), &mut out))?;
             Ok(output(out, gate.shape()))
         });
     }
     with_compute!("glu", [gate, up], |T| {
         let mut out = vec![T::default(); gate.elem_count()];
         let (g, u) = (gate.values::<T>(), up.values::<T>());
-        match kind {
-            Glu::SwiGlu => act::swiglu_forward(&g, &u, &mut out),
-            Glu::GeGlu => act::geglu_forward(&g, &u, &mut out),
-        }
+        act::glu_forward(kind, &g, &u, &mut out);
         Ok(tensor(out, gate.shape()))
     })
 }
@@ -101,10 +90,7 @@ pub fn glu_backward(kind: Glu, gate: &Tensor, up: &Tensor, d_out: &Tensor) -> Re
             let (gt, u, d) = (g.input(gate)?, g.input(up)?, g.input(d_out)?);
             let n = gt.elem_count();
             let (mut dg, mut du) = (g.alloc::<T>(n)?, g.alloc::<T>(n)?);
-            g.run(match kind {
-                Glu::SwiGlu => gact::swiglu_backward(buf::<T>(&gt), buf(&u), buf(&d), &mut dg, &mut du),
-                Glu::GeGlu => gact::geglu_backward(buf::<T>(&gt), buf(&u), buf(&d), &mut dg, &mut du),
-            })?;
+            g.run(gact::glu_backward(kind, buf::<T>(&gt), buf(&u), buf(&d), &mut dg, &mut du))?;
             Ok((output(dg, gate.shape()), output(du, gate.shape())))
         });
     }
@@ -112,10 +98,7 @@ pub fn glu_backward(kind: Glu, gate: &Tensor, up: &Tensor, d_out: &Tensor) -> Re
         let n = gate.elem_count();
         let (mut dg, mut du) = (vec![T::default(); n], vec![T::default(); n]);
         let (g, u, d) = (gate.values::<T>(), up.values::<T>(), d_out.values::<T>());
-        match kind {
-            Glu::SwiGlu => act::swiglu_backward(&g, &u, &d, &mut dg, &mut du),
-            Glu::GeGlu => act::geglu_backward(&g, &u, &d, &mut dg, &mut du),
-        }
+        act::glu_backward(kind, &g, &u, &d, &mut dg, &mut du);
         Ok((tensor(dg, gate.shape()), tensor(du, gate.shape())))
     })
 }

@@ -52,38 +52,17 @@ pub fn rms_norm_backward(
             let (xi, w, dyi) = (g.input(x)?, g.input(weight)?, g.input(dy)?);
             let r = g.input_as(rstd, DType::F32)?;
             let mut dx = g.alloc::<T>(x.elem_count())?;
-            if !need_dw {
-                // A frozen weight (QLoRA's norms): no dw partial sums, no reduction launch.
-                g.run(grms::rms_norm_backward_dx(buf::<T>(&xi), buf(&w), buf(&r), buf(&dyi), dim, offset as f32, &mut dx))?;
-                return Ok((output(dx, x.shape()), None));
-            }
-            let mut dw = g.alloc::<T>(dim)?;
-            g.run(grms::rms_norm_backward(
-                buf::<T>(&xi),
-                buf(&w),
-                buf(&r),
-                buf(&dyi),
-                dim,
-                offset as f32,
-                &mut dx,
-                &mut dw,
-            ))?;
-            Ok((output(dx, x.shape()), Some(output(dw, &[dim]))))
+            let mut dw = if need_dw { Some(g.alloc::<T>(dim)?) } else { None };
+            let (xb, wb, rb, dyb) = (buf::<T>(&xi), buf(&w), buf(&r), buf(&dyi));
+            g.run(grms::rms_norm_backward(xb, wb, rb, dyb, dim, offset as f32, &mut dx, dw.as_mut()))?;
+            Ok((output(dx, x.shape()), dw.map(|dw| output(dw, &[dim]))))
         });
     }
     with_compute!("rms_norm_backward", [x, weight, rstd, dy], |T| {
-        let (mut dx, mut dw) = (vec![T::default(); x.elem_count()], vec![T::default(); dim]);
-        rms::rms_norm_backward(
-            &x.values::<T>(),
-            &weight.values::<T>(),
-            &rstd.values::<T>(),
-            &dy.values::<T>(),
-            dim,
-            offset as T,
-            &mut dx,
-            &mut dw,
-        );
-        Ok((tensor(dx, x.shape()), need_dw.then(|| tensor(dw, &[dim]))))
+        let (mut dx, mut dw) = (vec![T::default(); x.elem_count()], need_dw.then(|| vec![T::default(); dim]));
+        let (xv, wv, rv, dyv) = (x.values::<T>(), weight.values::<T>(), rstd.values::<T>(), dy.values::<T>());
+        rms::rms_norm_backward(&xv, &wv, &rv, &dyv, dim, offset as T, &mut dx, dw.as_deref_mut());
+        Ok((tensor(dx, x.shape()), dw.map(|dw| tensor(dw, &[dim]))))
     })
 }
 
