@@ -61,13 +61,30 @@ pub fn strided_copy<T: DeviceCopy>(
 /// src: [len] S → dst: [len] D (round to nearest even into bf16, as `half::bf16::from_f32`; exact otherwise)
 pub fn cast<S: GpuFloat, D: GpuFloat>(src: &DeviceBuffer<S>, dst: &mut DeviceBuffer<D>) -> Result<()> {
     assert_eq!(src.len(), dst.len(), "cast: src vs dst length");
+    cast_into(src, dst, 0)
+}
+
+/// src: [len] S → dst[offset..offset + len] D as [`cast`] converts, the rest of dst untouched: parts stacked into one
+/// buffer (a LoRA group's adapters as one GEMM operand) in one pass each.
+pub fn cast_into<S: GpuFloat, D: GpuFloat>(
+    src: &DeviceBuffer<S>,
+    dst: &mut DeviceBuffer<D>,
+    offset: usize,
+) -> Result<()> {
+    assert!(
+        offset.checked_add(src.len()).is_some_and(|end| end <= dst.len()),
+        "cast_into: {} elements at {offset} of a buffer of {}",
+        src.len(),
+        dst.len()
+    );
     let dev = same_device("cast", &[src.device(), dst.device()]);
-    if dst.is_empty() {
+    if src.is_empty() {
         return Ok(());
     }
     let kernel =
         S::pick(D::pick("cast_f32_to_f32", "cast_f32_to_bf16"), D::pick("cast_bf16_to_f32", "cast_bf16_to_bf16"));
-    let (ps, pd, n) = (src.ptr(), dst.ptr(), dst.len() as u64);
-    // SAFETY: cast_S_to_D(const S* src, D* dst, u64 n); both hold n elements (asserted), on this device.
-    unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(dst.len())); ps, pd, n) }
+    let (ps, pd, n) = (src.ptr(), dst.ptr() + (offset * size_of::<D>()) as u64, src.len() as u64);
+    // SAFETY: cast_S_to_D(const S* src, D* dst, u64 n) reads src[..n] and writes pd[..n] = dst[offset..offset + n],
+    // inside dst (asserted); on this device.
+    unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(src.len())); ps, pd, n) }
 }

@@ -91,7 +91,9 @@ fn scale_c<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, c: u64) -> Result<()> {
         // SAFETY: gemm_scale_c_T(T* c, float beta, u64 batch, u64 mn, u64 stride_c) touches ptr[i·stride + j] for
         // i < batch, j < len: with the arguments below, exactly the elements of C's batch entries, which `check_c`
         // asserted lie inside the buffer; on this device.
-        unsafe { launch!(dev, Module::Matmul, kernel, config(grid_for(batch * len)); ptr, beta, batch64, len64, stride64) }
+        unsafe {
+            launch!(dev, Module::Matmul, kernel, config(grid_for(batch * len)); ptr, beta, batch64, len64, stride64)
+        }
     };
     if ldc == g.n {
         return launch_rows(c, g.batch, mn, g.stride_c_used());
@@ -315,8 +317,7 @@ struct Layout(sys::cublasLtMatrixLayout_t);
 impl Layout {
     fn new(ty: sys::cudaDataType, (rows, cols, ld): (u64, u64, usize), batch: usize, stride: usize) -> Result<Layout> {
         let layout = Layout(
-            lt::create_matrix_layout(ty, rows, cols, ld as i64)
-                .map_err(Error::cublas("cublasLtMatrixLayoutCreate"))?,
+            lt::create_matrix_layout(ty, rows, cols, ld as i64).map_err(Error::cublas("cublasLtMatrixLayoutCreate"))?,
         );
         if batch > 1 {
             let (count, stride) = (i32::try_from(batch).expect("matmul: batch fits i32"), stride as i64);

@@ -36,6 +36,28 @@ fn casts_round_as_half_does() {
     assert!(nan.to_vec().unwrap()[0].is_nan(), "cast keeps NaN");
 }
 
+/// cast_into writes its part at the offset and nothing else: parts stacked into one buffer, as the LoRA group stacks
+/// its adapters, round as `cast` rounds; the elements around them keep their (poisoned) bits.
+#[test]
+fn cast_into_stacks_parts_and_leaves_the_rest() {
+    let Some(dev) = gpu("cast_into_stacks_parts_and_leaves_the_rest") else { return };
+    let mut rng = Rng::new(12);
+    let parts: Vec<Vec<f32>> = [37, 1, 500].iter().map(|&n| (0..n).map(|_| rng.normal() as f32).collect()).collect();
+    let total = 3 + parts.iter().map(Vec::len).sum::<usize>() + 2;
+    let mut out = poisoned::<bf16>(&dev, total);
+    let before = out.to_vec().unwrap();
+    let mut at = 3;
+    for p in &parts {
+        cuda::copy::cast_into(&upload(&dev, p), &mut out, at).unwrap();
+        at += p.len();
+    }
+    let got: Vec<u16> = out.to_vec().unwrap().iter().map(|v| v.to_bits()).collect();
+    let mut want: Vec<u16> = before.iter().map(|v| v.to_bits()).collect();
+    let stacked: Vec<u16> = parts.concat().iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    want[3..3 + stacked.len()].copy_from_slice(&stacked);
+    assert_eq!(got, want);
+}
+
 /// The CPU reference of strided_copy: the view's elements in row-major order.
 fn gather<T: Copy>(src: &[T], offset: usize, shape: &[usize], strides: &[usize]) -> Vec<T> {
     let n: usize = shape.iter().product();

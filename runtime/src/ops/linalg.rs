@@ -190,7 +190,10 @@ fn matmul_concat(op: &'static str, products: &[(&Tensor, &Tensor, f64)]) -> Resu
     for &(a, b, _) in products {
         let (d, shape) = product_dims(op, a, b)?;
         if shape[..shape.len() - 1] != out_shape[..out_shape.len() - 1] {
-            return Err(Error::shape(op, format!("{:?} · {:?} beside {:?} · {:?}", a.shape(), b.shape(), a0.shape(), b0.shape())));
+            return Err(Error::shape(
+                op,
+                format!("{:?} · {:?} beside {:?} · {:?}", a.shape(), b.shape(), a0.shape(), b0.shape()),
+            ));
         }
         dims.push(d);
     }
@@ -358,7 +361,12 @@ mod tests {
         assert_eq!((r.trans, r.ld, r.batch_stride), (false, k + 2, m * (k + 2)));
         let w = Tensor::randn(&[k, n], 1.0, DType::F32, &mut rng);
         let got = matmul(&blocks, &w).unwrap().to_vec::<f64>();
-        assert_close("batched blocks", &got, &matmul(&blocks.contiguous(), &w).unwrap().to_vec::<f64>(), Tolerance::F32);
+        assert_close(
+            "batched blocks",
+            &got,
+            &matmul(&blocks.contiguous(), &w).unwrap().to_vec::<f64>(),
+            Tolerance::F32,
+        );
         // Batch dims that do not step by one stride (a narrowed batch dim) are copied.
         assert!(Reading::in_place(&wide.narrow(1, 0, 3).unwrap(), 9, usize::MAX).is_none());
     }
@@ -370,10 +378,8 @@ mod tests {
         let mut rng = Rng::new(9);
         let rows = 11;
         let dy: Vec<Tensor> = [7, 3, 5].iter().map(|&o| Tensor::randn(&[rows, o], 1.0, DType::F32, &mut rng)).collect();
-        let bs: Vec<Tensor> = [(7, 4), (3, 1), (5, 6)]
-            .iter()
-            .map(|&(o, r)| Tensor::randn(&[o, r], 1.0, DType::F32, &mut rng))
-            .collect();
+        let bs: Vec<Tensor> =
+            [(7, 4), (3, 1), (5, 6)].iter().map(|&(o, r)| Tensor::randn(&[o, r], 1.0, DType::F32, &mut rng)).collect();
         let alphas = [0.5, -2.0, 1.0];
         let products: Vec<(&Tensor, &Tensor, f64)> =
             dy.iter().zip(&bs).zip(alphas).map(|((a, b), s)| (a, b, s)).collect();
@@ -388,7 +394,10 @@ mod tests {
             assert_close("alpha on the GEMM", &one.to_vec::<f64>(), &plain, Tolerance::F32);
             col += n;
         }
-        assert_eq!(matmul_scaled(&dy[0], &bs[0], 1.0).unwrap().to_vec::<f32>(), matmul(&dy[0], &bs[0]).unwrap().to_vec::<f32>());
+        assert_eq!(
+            matmul_scaled(&dy[0], &bs[0], 1.0).unwrap().to_vec::<f32>(),
+            matmul(&dy[0], &bs[0]).unwrap().to_vec::<f32>()
+        );
         let short = Tensor::zeros(&[rows - 1, 3], DType::F32);
         assert!(matmul_columns(&[(&dy[0], &bs[0], 1.0), (&short, &bs[1], 1.0)]).is_err());
         assert!(matmul_columns(&[]).is_err());

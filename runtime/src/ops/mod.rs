@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod linalg;
 pub mod nn;
 pub mod optim;
+pub mod stack;
 
 use crate::{DType, Device, Element, Error, Result, Tensor};
 use qlora_kernels::Float;
