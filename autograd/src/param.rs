@@ -10,7 +10,7 @@
 
 use qlora_runtime::ops::elementwise::{accumulate, scale};
 use qlora_runtime::ops::stack::stack_rows;
-use qlora_runtime::{DType, Result, Tensor};
+use qlora_runtime::{DType, Error, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -140,7 +140,10 @@ impl Param {
         if let Some(s) = lock(&self.0.shadow).as_ref().filter(|s| s.dtype == dtype && s.stamps == stamps) {
             return Ok(s.value.clone());
         }
-        let made = stack_rows(&values.iter().collect::<Vec<_>>(), dtype)?;
+        let made = stack_rows(&values.iter().collect::<Vec<_>>(), dtype).map_err(|e| {
+            let names: Vec<&str> = std::iter::once(self).chain(rest.iter().copied()).map(Param::name).collect();
+            Error::invalid("stacked_with", format!("stacking {names:?}: {e}"))
+        })?;
         let mut slot = lock(&self.0.shadow);
         // Unless self changed meanwhile: then the copy is already stale and is not kept.
         if self.0.stamp.load(Ordering::Relaxed) == stamp {
@@ -181,5 +184,46 @@ impl Param {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, v: &[f32], rows: usize) -> Param {
+        Param::trainable(name, Tensor::from_slice(v, &[rows, v.len() / rows]).unwrap())
+    }
+
+    #[test]
+    fn compute_copies_are_made_once_per_value() {
+        let a = p("a", &[1.0, 2.0, 3.0, 4.0], 2);
+        assert!(a.value_as(DType::F32).unwrap().shares_storage(&a.value()), "no copy in the master dtype");
+        let c1 = a.value_as(DType::F64).unwrap();
+        assert_eq!((c1.dtype(), c1.to_vec::<f64>()), (DType::F64, vec![1.0, 2.0, 3.0, 4.0]));
+        assert!(a.value_as(DType::F64).unwrap().shares_storage(&c1), "the copy is reused");
+        a.set_value(Tensor::from_slice(&[5.0f32, 6.0, 7.0, 8.0], &[2, 2]).unwrap());
+        assert_eq!(a.value_as(DType::F64).unwrap().to_vec::<f64>(), vec![5.0, 6.0, 7.0, 8.0]);
+        a.update(|v| v.update::<f32>(|x| x[0] = -1.0)).unwrap();
+        let c2 = a.value_as(DType::BF16).unwrap();
+        assert_eq!(c2.to_vec::<f32>(), vec![-1.0, 6.0, 7.0, 8.0]);
+        assert_eq!(c1.to_vec::<f64>(), vec![1.0, 2.0, 3.0, 4.0], "a copy handed out keeps its values");
+    }
+
+    #[test]
+    fn stacked_copies_follow_every_stacked_parameter() {
+        let (a, b, c) = (p("a", &[1.0, 2.0], 1), p("b", &[3.0, 4.0, 5.0, 6.0], 2), p("c", &[7.0, 8.0], 1));
+        let s1 = a.stacked_with(&[&b, &c], DType::F32).unwrap();
+        assert_eq!((s1.shape(), s1.to_vec::<f32>()), (&[4, 2][..], (1..=8).map(|v| v as f32).collect::<Vec<_>>()));
+        assert!(a.stacked_with(&[&b, &c], DType::F32).unwrap().shares_storage(&s1));
+        // Another group, or a change of any member, makes a new copy.
+        assert_eq!(a.stacked_with(&[&c], DType::F32).unwrap().shape(), &[2, 2]);
+        let s2 = a.stacked_with(&[&b, &c], DType::F32).unwrap();
+        assert!(!s2.shares_storage(&s1));
+        c.set_value(Tensor::from_slice(&[0.0f32, 0.0], &[1, 2]).unwrap());
+        assert_eq!(a.stacked_with(&[&b, &c], DType::F32).unwrap().to_vec::<f32>()[6..], [0.0, 0.0]);
+        assert!(a.stacked_with(&[&b], DType::F32).is_ok());
+        let e = a.stacked_with(&[&p("wide", &[1.0; 3], 1)], DType::F32).unwrap_err().to_string();
+        assert!(e.contains("\"a\", \"wide\"") && e.contains("[1, 3]"), "{e}");
     }
 }
