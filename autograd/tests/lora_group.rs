@@ -258,8 +258,11 @@ fn group_values_and_gradients_match_the_reference_and_finite_differences() {
     }
 }
 
+/// A run's outputs and its gradients (in `Params::all` order).
+type Run = (Vec<Vec<f64>>, Vec<Vec<f64>>);
+
 /// Outputs and gradients of the group and of separate `lora_linear` calls, in the given dtype.
-fn run_both(g: &Group, upstream: &[Tensor]) -> [(Vec<Vec<f64>>, Vec<Vec<f64>>); 2] {
+fn run_both(g: &Group, upstream: &[Tensor]) -> [Run; 2] {
     [true, false].map(|grouped| {
         let params = g.params();
         let tape = Tape::new();
