@@ -23,6 +23,6 @@ mod tape;
 
 pub use lora::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit, LoraProjection};
 pub use param::Param;
-pub use qlora_runtime::ops::elementwise::Glu;
-pub use qlora_runtime::ops::nn::AttentionParams;
+pub use qlora_runtime::ops::activation::Glu;
+pub use qlora_runtime::ops::attention::{AttentionParams, SeqLens};
 pub use tape::{Backward, SavedBytes, Tape, Var};

@@ -343,14 +343,7 @@ impl Dropout {
     }
 }
 
-/// The runtime's rule: f64 when any operand is f64 (gradient checks); on CUDA bf16 when any operand is bf16 (bf16
-/// activations take the f32 master adapters down to bf16 for the products, as autocast does); f32 otherwise.
+/// The runtime's precision rule ([`DType::compute`]) for these operands (all on one device).
 fn precision(ts: &[&Tensor]) -> DType {
-    if ts.iter().any(|t| t.dtype() == DType::F64) {
-        DType::F64
-    } else if ts.iter().any(|t| t.device() != Device::Cpu && t.dtype() == DType::BF16) {
-        DType::BF16
-    } else {
-        DType::F32
-    }
+    DType::compute(ts.first().map_or(Device::Cpu, |t| t.device()), ts.iter().map(|t| t.dtype()))
 }

@@ -8,8 +8,8 @@
 //! values it was made from, so it is made once per optimizer step, however many forwards, recomputations and
 //! micro-batches read it, and never outlives the values it came from.
 
+use qlora_runtime::ops::concat::cat_rows;
 use qlora_runtime::ops::elementwise::{accumulate, scale};
-use qlora_runtime::ops::stack::stack_rows;
 use qlora_runtime::{DType, Error, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +30,21 @@ struct Shadow {
     dtype: DType,
     stamps: Vec<u64>,
     value: Tensor,
+}
+
+/// values: [rᵢ, d…] each (the same d…), on one device → [Σ rᵢ, d…] in `dtype`.
+fn stack(values: &[Tensor], dtype: DType) -> Result<Tensor> {
+    let first = &values[0];
+    if let Some(v) = values.iter().find(|v| v.rank() == 0 || v.shape()[1..] != first.shape()[1..]) {
+        return Err(Error::shape("stack", format!("{:?} beside {:?}", v.shape(), first.shape())));
+    }
+    let cast = values.iter().map(|v| v.try_to_dtype(dtype)).collect::<Result<Vec<_>>>()?;
+    if let [one] = &cast[..] {
+        return Ok(one.clone());
+    }
+    let mut shape = first.shape().to_vec();
+    shape[0] = values.iter().map(|v| v.shape()[0]).sum();
+    cat_rows(&cast, &shape, dtype, first.device())
 }
 
 /// A stamp never given out before, by any parameter: a list of stamps identifies the exact values a compute copy was
@@ -123,7 +138,7 @@ impl Param {
         self.stacked_with(&[], dtype)
     }
 
-    /// [self; rest…] stacked along dim 0 in `dtype` (`stack_rows`): a group of LoRA A matrices [rᵢ, in] as the one
+    /// [self; rest…] stacked along dim 0 in `dtype`: a group of LoRA A matrices [rᵢ, in] as the one
     /// [Σ rᵢ, in] operand of their shared GEMM. Made once per set of values and kept on `self` (see the module docs);
     /// with no `rest` and the value already in `dtype`, the value itself.
     pub fn stacked_with(&self, rest: &[&Param], dtype: DType) -> Result<Tensor> {
@@ -140,7 +155,7 @@ impl Param {
         if let Some(s) = lock(&self.0.shadow).as_ref().filter(|s| s.dtype == dtype && s.stamps == stamps) {
             return Ok(s.value.clone());
         }
-        let made = stack_rows(&values.iter().collect::<Vec<_>>(), dtype).map_err(|e| {
+        let made = stack(&values, dtype).map_err(|e| {
             let names: Vec<&str> = std::iter::once(self).chain(rest.iter().copied()).map(Param::name).collect();
             Error::invalid("stacked_with", format!("stacking {names:?}: {e}"))
         })?;

@@ -5,6 +5,8 @@
 //! measurably lowers it.
 
 use crate::Param;
+pub use qlora_runtime::op::Backward;
+use qlora_runtime::op::Recorded;
 use qlora_runtime::ops::elementwise::add;
 use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::{Error, Result, Tensor};
@@ -45,16 +47,6 @@ impl Var {
     pub(crate) fn id(&self) -> Option<VarId> {
         self.id
     }
-}
-
-/// One op's backward: consumes what the op saved and maps output gradients to input gradients.
-pub trait Backward {
-    fn name(&self) -> &'static str;
-    /// `grads[i]` is the gradient of output i (None when nothing reached it); returns one entry per input
-    /// (None for inputs that need no gradient).
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>>;
-    /// Bytes held for backward (tensors shared with the op's outputs counted too: they stay alive because of it).
-    fn saved_bytes(&self) -> usize;
 }
 
 /// Bytes saved for backward right now and at most, shared by a tape and the tapes its checkpoints create.
@@ -218,12 +210,24 @@ impl Tape {
         self.record(op, inputs, vec![output]).pop().expect("one output recorded")
     }
 
+    /// Runs one runtime op (`qlora_runtime::ops::*::*_op`) on the inputs' values, telling it which inputs want a
+    /// gradient so it saves only what those need, and records it.
+    pub fn apply<const N: usize>(
+        &self,
+        inputs: [&Var; N],
+        op: impl FnOnce([&Tensor; N], [bool; N]) -> qlora_runtime::Result<Recorded>,
+    ) -> Result<Var> {
+        let (y, grad) = op(inputs.map(Var::value), inputs.map(Var::requires_grad))?;
+        Ok(self.record1(grad, &inputs, y))
+    }
+
     /// Backpropagates from a scalar `loss` (seed 1), accumulating into trainable parameters' gradients.
     pub fn backward(&self, loss: &Var) -> Result<()> {
         if loss.value.elem_count() != 1 {
             return Err(Error::shape("backward", format!("loss must be a scalar, got shape {:?}", loss.shape())));
         }
-        let seed = Tensor::ones(loss.shape(), loss.value.dtype()).to_device(loss.value.device())?;
+        // Made on the loss's device: a memset, nothing crosses from the host.
+        let seed = Tensor::full_on(loss.shape(), 1.0, loss.value.dtype(), loss.value.device())?;
         self.backward_with(&[(loss, seed)]).map(|_| ())
     }
 

@@ -1,11 +1,11 @@
 //! Every recorded op's backward, through the tape, against central finite differences in f64.
 //! (The kernels have their own checks; these catch wiring: wrong transposes, lost scales, skipped inputs.)
 
-use qlora_autograd::{AttentionParams, Glu, Param, Tape, Var};
-use qlora_runtime::ops::nn::rope_tables;
+use qlora_autograd::{AttentionParams, Glu, Param, SeqLens, Tape, Var};
+use qlora_runtime::ops::rope::rope_tables;
 use qlora_runtime::testing::{check_gradient, dot};
 use qlora_runtime::Rng;
-use qlora_runtime::{DType, Result, Tensor};
+use qlora_runtime::{DType, Device, Result, Tensor};
 
 fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
     Tensor::randn(shape, 1.0, DType::F64, rng)
@@ -102,7 +102,7 @@ fn embedding_norms_rope() {
 #[test]
 fn attention_gqa_packed_sliding_softcap() {
     let mut r = Rng::new(6);
-    let cu = Tensor::from_vec(vec![0i32, 2, 7], &[3]).unwrap();
+    let cu = SeqLens::new(&[0, 2, 7], Device::Cpu).unwrap();
     for (heads, kv, window, cap) in [(4, 2, None, None), (3, 1, Some(2), Some(5.0)), (2, 2, None, None)] {
         let p = AttentionParams {
             n_heads: heads,

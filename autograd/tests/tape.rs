@@ -1,8 +1,8 @@
 //! Tape semantics: frozen weights, no_grad, gradient accumulation, checkpointing.
 
-use qlora_autograd::{AttentionParams, Glu, Param, Tape, Var};
+use qlora_autograd::{AttentionParams, Glu, Param, SeqLens, Tape, Var};
 use qlora_runtime::Rng;
-use qlora_runtime::{DType, Result, Tensor};
+use qlora_runtime::{DType, Device, Result, Tensor};
 
 fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
     Tensor::randn(shape, 0.5, DType::F64, rng)
@@ -96,7 +96,7 @@ impl Block {
         vec![&self.norm1, &self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down]
     }
 
-    fn forward(&self, t: &Tape, x: &Var, cu: &Tensor) -> Result<Var> {
+    fn forward(&self, t: &Tape, x: &Var, cu: &SeqLens) -> Result<Var> {
         let tokens = x.shape()[0];
         let p = AttentionParams {
             n_heads: HEADS,
@@ -123,7 +123,7 @@ impl Block {
 fn run(
     blocks: &std::rc::Rc<Vec<Block>>,
     x0: &Tensor,
-    cu: &Tensor,
+    cu: &SeqLens,
     targets: &Tensor,
     head: &Param,
     ckpt: bool,
@@ -151,7 +151,7 @@ fn checkpointing_gives_identical_gradients_with_lower_peak_saved_bytes() {
     let blocks = std::rc::Rc::new((0..3).map(|i| Block::new(&mut rng, i)).collect::<Vec<_>>());
     let head = Param::trainable("head", randn(&[11, HID], &mut rng));
     let x0 = randn(&[7, HID], &mut rng);
-    let cu = Tensor::from_vec(vec![0i32, 3, 7], &[3]).unwrap();
+    let cu = SeqLens::new(&[0, 3, 7], Device::Cpu).unwrap();
     let targets = Tensor::from_vec(vec![1i32, 4, -100, 10, 0, 2, 7], &[7]).unwrap();
 
     let all: Vec<&Param> = blocks.iter().flat_map(Block::params).chain([&head]).collect();

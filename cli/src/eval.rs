@@ -12,7 +12,7 @@ use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
 use qlora_runtime::nf4::DEFAULT_BLOCKSIZE;
-use qlora_runtime::ops::nn::IGNORE_INDEX;
+use qlora_runtime::ops::cross_entropy::IGNORE_INDEX;
 use qlora_runtime::{DType, Device};
 use std::io::{BufRead, BufReader};
 use std::ops::Range;

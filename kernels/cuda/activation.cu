@@ -1,16 +1,16 @@
 // Twin of kernels/src/activation.rs: SiLU, tanh-GELU, SwiGLU, GeGLU, softcap, forward and backward. Same formulas
-// in the same order as the CPU code; one thread per element, grid-stride.
+// in the same order as the CPU code, in 8-element chunks of 16-byte accesses (map below).
 #include "common.cuh"
 
 // √(2/π) and the cubic coefficient of the tanh approximation: activation.rs GELU_BETA, GELU_KAPPA.
 #define GELU_BETA 0.7978845608028654f
 #define GELU_KAPPA 0.044715f
 
-// Two branches so that expf only ever sees −|z|.
+// exp only ever sees −|z|, so no intermediate overflows; z ≥ 0 gives 1/(1 + e^−z), z < 0 gives e^z/(1 + e^z), the
+// CPU's two branches (activation.rs sigmoid) without a branch: a warp of mixed signs pays for one exp, not two.
 __device__ __forceinline__ float sigmoid(float z) {
-    if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
-    const float e = expf(z);
-    return e / (1.0f + e);
+    const float e = expf(-fabsf(z));
+    return (z >= 0.0f ? 1.0f : e) / (1.0f + e);
 }
 
 __device__ __forceinline__ float silu(float z) { return z * sigmoid(z); }
@@ -42,42 +42,95 @@ enum Act { SILU, GELU_TANH };
 template <Act A> __device__ __forceinline__ float act(float z) { return A == SILU ? silu(z) : gelu_tanh(z); }
 template <Act A> __device__ __forceinline__ float act_grad(float z) { return A == SILU ? silu_grad(z) : gelu_tanh_grad(z); }
 
+// One 8-element chunk per input: loaded, mapped element by element, stored.
+template <unsigned NI, unsigned NO, typename T, typename F>
+__device__ __forceinline__ void map_chunk(const Raw8<T> (&raw)[NI], T* const (&out)[NO], u64 at, F f) {
+    float a[NI][8], b[NO][8];
+#pragma unroll
+    for (unsigned i = 0; i < NI; ++i) unpack8(raw[i], a[i]);
+#pragma unroll
+    for (unsigned k = 0; k < 8; ++k) {
+        float x[NI], y[NO];
+#pragma unroll
+        for (unsigned i = 0; i < NI; ++i) x[i] = a[i][k];
+        f(x, y);
+#pragma unroll
+        for (unsigned o = 0; o < NO; ++o) b[o][k] = y[o];
+    }
+#pragma unroll
+    for (unsigned o = 0; o < NO; ++o) store8(out[o] + at, b[o]);
+}
+
+// out_o[i] = f(in_0[i], …)_o for i < n, with f(const float (&x)[NI], float (&y)[NO]) one element's map. When every
+// pointer is 16-byte aligned, 8-element chunks (16-byte accesses), two per thread per step so that the loads of both
+// are in flight together; the rest, and everything otherwise, one element per thread. Grid-stride (the launchers'
+// grids are one wave).
+template <unsigned NI, unsigned NO, typename T, typename F>
+__device__ __forceinline__ void map(const T* const (&in)[NI], T* const (&out)[NO], u64 n, F f) {
+    bool vector = true;
+#pragma unroll
+    for (unsigned i = 0; i < NI; ++i) vector = vector && aligned16(in[i]);
+#pragma unroll
+    for (unsigned o = 0; o < NO; ++o) vector = vector && aligned16(out[o]);
+    const u64 chunks = vector ? n / 8 : 0, stride = thread_count();
+    for (u64 c = thread_index(); c < chunks; c += 2 * stride) {
+        const u64 c1 = c + stride;
+        Raw8<T> r0[NI], r1[NI] = {};
+#pragma unroll
+        for (unsigned i = 0; i < NI; ++i) r0[i] = load8(in[i] + 8 * c);
+        if (c1 < chunks) {
+#pragma unroll
+            for (unsigned i = 0; i < NI; ++i) r1[i] = load8(in[i] + 8 * c1);
+        }
+        map_chunk(r0, out, 8 * c, f);
+        if (c1 < chunks) map_chunk(r1, out, 8 * c1, f);
+    }
+    for (u64 j = 8 * chunks + thread_index(); j < n; j += stride) {
+        float x[NI], y[NO];
+#pragma unroll
+        for (unsigned i = 0; i < NI; ++i) x[i] = to_f32(in[i][j]);
+        f(x, y);
+#pragma unroll
+        for (unsigned o = 0; o < NO; ++o) out[o][j] = from_f32<T>(y[o]);
+    }
+}
+
 // x: [n] → y: [n]
 template <Act A, typename T> __device__ void act_forward(const T* x, T* y, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) y[i] = from_f32<T>(act<A>(to_f32(x[i])));
+    map<1, 1>({x}, {y}, n, [](const float (&a)[1], float (&b)[1]) { b[0] = act<A>(a[0]); });
 }
 
 // x, dy: [n] → dx: [n]
 template <Act A, typename T> __device__ void act_backward(const T* x, const T* dy, T* dx, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) dx[i] = from_f32<T>(to_f32(dy[i]) * act_grad<A>(to_f32(x[i])));
+    map<2, 1>({x, dy}, {dx}, n, [](const float (&a)[2], float (&b)[1]) { b[0] = a[1] * act_grad<A>(a[0]); });
 }
 
 // gate, up: [n] → out: [n] = act(gate) ⊙ up
 template <Act A, typename T> __device__ void glu_forward(const T* gate, const T* up, T* out, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) out[i] = from_f32<T>(act<A>(to_f32(gate[i])) * to_f32(up[i]));
+    map<2, 1>({gate, up}, {out}, n, [](const float (&a)[2], float (&b)[1]) { b[0] = act<A>(a[0]) * a[1]; });
 }
 
 // gate, up, d_out: [n] → d_gate = (d_out ⊙ up) ⊙ act′(gate), d_up = d_out ⊙ act(gate)
 template <Act A, typename T>
 __device__ void glu_backward(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) {
-        const float g = to_f32(gate[i]), u = to_f32(up[i]), d = to_f32(d_out[i]);
-        d_gate[i] = from_f32<T>(d * u * act_grad<A>(g));
-        d_up[i] = from_f32<T>(d * act<A>(g));
-    }
+    map<3, 2>({gate, up, d_out}, {d_gate, d_up}, n, [](const float (&a)[3], float (&b)[2]) {
+        const float g = a[0], u = a[1], d = a[2];
+        b[0] = d * u * act_grad<A>(g);
+        b[1] = d * act<A>(g);
+    });
 }
 
 // x: [n] → y: [n] = cap·tanh(x/cap)
 template <typename T> __device__ void softcap_forward(const T* x, float cap, T* y, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) y[i] = from_f32<T>(tanhf(to_f32(x[i]) / cap) * cap);
+    map<1, 1>({x}, {y}, n, [cap](const float (&a)[1], float (&b)[1]) { b[0] = tanhf(a[0] / cap) * cap; });
 }
 
 // x, dy: [n] → dx: [n] = dy·(1 − tanh²(x/cap))
 template <typename T> __device__ void softcap_backward(const T* x, float cap, const T* dy, T* dx, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) {
-        const float t = tanhf(to_f32(x[i]) / cap);
-        dx[i] = from_f32<T>(to_f32(dy[i]) * (1.0f - t * t));
-    }
+    map<2, 1>({x, dy}, {dx}, n, [cap](const float (&a)[2], float (&b)[1]) {
+        const float t = tanhf(a[0] / cap);
+        b[0] = a[1] * (1.0f - t * t);
+    });
 }
 
 extern "C" __global__ void silu_forward_f32(const float* x, float* y, u64 n) { act_forward<SILU>(x, y, n); }

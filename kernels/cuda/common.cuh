@@ -69,6 +69,26 @@ __device__ float block_sum(float v) {
     return v;
 }
 
+// Sums over the block of two values at once (two rows of a row kernel), with block_sum's fixed tree: one pair of
+// barriers for both.
+__device__ float2 block_sum2(float2 v) {
+    __shared__ float2 partial2[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+        v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) partial2[warp] = v;
+    __syncthreads();
+    v = lane < static_cast<int>(blockDim.x / 32) ? partial2[lane] : make_float2(0.0f, 0.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+        v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+        v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+    }
+    return v;
+}
+
 // Max over the block (NaN-ignoring, like Rust's f32::max), returned to every thread.
 __device__ float block_max(float v) {
     __shared__ float partial[32];
@@ -81,3 +101,71 @@ __device__ float block_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// Memory-bound kernels move 8 elements per access group: one 16-byte load or store of bf16, two of f32 (LDG.E.128,
+// STG.E.128), so that a warp's accesses cover 512 or 1024 contiguous bytes and each thread has 16 or 32 bytes in
+// flight per group. The address must be 16-byte aligned; launchers check the bases and callers the offsets, and take a
+// scalar path where they are not.
+template <typename T> struct Raw8;
+template <> struct Raw8<bf16> {
+    uint4 a;
+};
+template <> struct Raw8<float> {
+    uint4 a, b;
+};
+
+// Elements per 16 bytes: a row or buffer offset that is a multiple of this keeps 16-byte alignment.
+template <typename T> __device__ __forceinline__ constexpr unsigned align_elems() { return 16 / sizeof(T); }
+
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<u64>(p) % 16 == 0; }
+
+__device__ __forceinline__ uint4 ld_u4(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void st_u4(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+template <typename T> __device__ __forceinline__ Raw8<T> load8(const T* p);
+template <> __device__ __forceinline__ Raw8<bf16> load8<bf16>(const bf16* p) { return Raw8<bf16>{ld_u4(p)}; }
+template <> __device__ __forceinline__ Raw8<float> load8<float>(const float* p) {
+    return Raw8<float>{ld_u4(p), ld_u4(p + 4)};
+}
+
+// A bf16 pair as stored in one 32-bit word (first element in the low half) → two exact f32.
+__device__ __forceinline__ void unpack_bf16x2(unsigned w, float& first, float& second) {
+    first = __uint_as_float(w << 16);
+    second = __uint_as_float(w & 0xffff0000u);
+}
+
+__device__ __forceinline__ void unpack8(const Raw8<bf16>& r, float (&v)[8]) {
+    unpack_bf16x2(r.a.x, v[0], v[1]);
+    unpack_bf16x2(r.a.y, v[2], v[3]);
+    unpack_bf16x2(r.a.z, v[4], v[5]);
+    unpack_bf16x2(r.a.w, v[6], v[7]);
+}
+__device__ __forceinline__ void unpack8(const Raw8<float>& r, float (&v)[8]) {
+    v[0] = __uint_as_float(r.a.x), v[1] = __uint_as_float(r.a.y), v[2] = __uint_as_float(r.a.z), v[3] = __uint_as_float(r.a.w);
+    v[4] = __uint_as_float(r.b.x), v[5] = __uint_as_float(r.b.y), v[6] = __uint_as_float(r.b.z), v[7] = __uint_as_float(r.b.w);
+}
+
+// Two values rounded to nearest even, as from_f32<bf16> rounds each, packed with the first at the lower address.
+__device__ __forceinline__ unsigned pack_bf16x2(float first, float second) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ void store8(T* p, const float (&v)[8]);
+template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float (&v)[8]) {
+    st_u4(p, make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7])));
+}
+template <> __device__ __forceinline__ void store8<float>(float* p, const float (&v)[8]) {
+    st_u4(p, make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3])));
+    st_u4(p + 4, make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7])));
+}
+
+// 8 elements stored as loaded (a copy: every bit pattern, NaN payloads included, survives).
+__device__ __forceinline__ void store_raw8(bf16* p, const Raw8<bf16>& r) { st_u4(p, r.a); }
+__device__ __forceinline__ void store_raw8(float* p, const Raw8<float>& r) {
+    st_u4(p, r.a);
+    st_u4(p + 4, r.b);
+}
+
+template <typename T> __device__ __forceinline__ void load8_f32(const T* p, float (&v)[8]) { unpack8(load8(p), v); }

@@ -26,9 +26,25 @@ template <typename E> __device__ void strided_copy(const E* src, E* dst, View v,
     }
 }
 
-// src: [n] S → dst: [n] D, through f32 (exact for bf16 → f32; round to nearest even for f32 → bf16).
-template <typename S, typename D> __device__ void cast(const S* src, D* dst, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) dst[i] = from_f32<D>(to_f32(src[i]));
+// src: [n] S → dst: [n] D, through f32 (exact for bf16 → f32; round to nearest even for f32 → bf16). 8-element
+// chunks (16-byte accesses, two chunks in flight per thread) when both are 16-byte aligned, the rest one element per
+// thread; grid-stride (the launcher's grid is one wave).
+template <typename S, typename D> __device__ void cast(const S* __restrict__ src, D* __restrict__ dst, u64 n) {
+    const u64 chunks = aligned16(src) && aligned16(dst) ? n / 8 : 0, stride = thread_count();
+    for (u64 c = thread_index(); c < chunks; c += 2 * stride) {
+        const u64 c1 = c + stride;
+        const Raw8<S> r0 = load8(src + 8 * c);
+        Raw8<S> r1 = {};
+        if (c1 < chunks) r1 = load8(src + 8 * c1);
+        float v[8];
+        unpack8(r0, v);
+        store8(dst + 8 * c, v);
+        if (c1 < chunks) {
+            unpack8(r1, v);
+            store8(dst + 8 * c1, v);
+        }
+    }
+    for (u64 i = 8 * chunks + thread_index(); i < n; i += stride) dst[i] = from_f32<D>(to_f32(src[i]));
 }
 
 // qlora-rt: hot

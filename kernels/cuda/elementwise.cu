@@ -1,4 +1,5 @@
-// Twin of kernels/src/elementwise.rs: add, mul, scale, dropout, axpy, add_bias. One thread per element, grid-stride.
+// Twin of kernels/src/elementwise.rs: add, mul, scale, dropout, axpy, add_bias, broadcast_scaled. One thread per
+// element, grid-stride.
 #include "common.cuh"
 
 // a, b: [n] → out: [n] = a + b
@@ -41,6 +42,12 @@ template <typename T> __device__ void add_bias(T* x, const T* bias, u64 n, unsig
     for (u64 i = thread_index(); i < n; i += thread_count()) x[i] = from_f32<T>(to_f32(x[i]) + to_f32(bias[i % cols]));
 }
 
+// s: [1] f32 on the device → out: [n] = scale·s (a scalar's gradient spread over a tensor, never read by the host)
+template <typename T> __device__ void broadcast_scaled(const float* s, float scale, T* out, u64 n) {
+    const T v = from_f32<T>(scale * s[0]);
+    for (u64 i = thread_index(); i < n; i += thread_count()) out[i] = v;
+}
+
 // qlora-rt: hot
 extern "C" __global__ void add_f32(const float* a, const float* b, float* out, u64 n) { add(a, b, out, n); }
 extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* out, u64 n) { add(a, b, out, n); }
@@ -64,3 +71,6 @@ extern "C" __global__ void dropout_f32(const float* x, float* out, u64 n, u64 se
 extern "C" __global__ void dropout_bf16(const bf16* x, bf16* out, u64 n, u64 seed, double p, float keep) {
     dropout(x, out, n, seed, p, keep);
 }
+
+extern "C" __global__ void broadcast_scaled_f32(const float* s, float scale, float* out, u64 n) { broadcast_scaled(s, scale, out, n); }
+extern "C" __global__ void broadcast_scaled_bf16(const float* s, float scale, bf16* out, u64 n) { broadcast_scaled(s, scale, out, n); }

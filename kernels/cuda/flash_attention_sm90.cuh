@@ -586,8 +586,12 @@ __device__ __forceinline__ void sm90_store_rows(unsigned short* g, u64 stride, u
 // tile + 2t) → P in place (exp2 of the log2-scaled score minus the new row max; masked entries 0). Updates the
 // running max (log2 units) and sum of the thread's two rows and returns in corr the factor the old accumulator must
 // be scaled by. As flash_attention.cuh's softmax_tile: MASK (some entry of the tile is not visible) and CAP (softcap)
-// are template switches, and without a cap the scale folds into one FMA per score, p = 2^(x·pre − max).
-template <int NS, bool MASK, bool CAP>
+// are template switches, and without a cap the scale folds into one FMA per score, p = 2^(x·pre − max). LAZY
+// (FlashAttention-4's conditional rescaling) keeps the running max unless the tile's exceeds it by more than 8 (log2
+// units): P then stays ≤ 2^8, harmless in f32 sums and in bf16/f16 P, and corr is exactly 1 for most tiles, so the
+// caller can skip rescaling O (sm90_rescale_lazy). The result is the same up to rounding: lse and O's normalisation
+// use whatever max the sums were taken against.
+template <int NS, bool MASK, bool CAP, bool LAZY>
 __device__ __forceinline__ void sm90_softmax_tile(float (&s)[NS], float (&row_max)[2], float (&row_sum)[2], float (&corr)[2], const FlashParams& p,
                                                   const FlashSeq& sq, const ScoreMap& sm, int r0, int c0) {
     if (CAP) {
@@ -618,7 +622,9 @@ __device__ __forceinline__ void sm90_softmax_tile(float (&s)[NS], float (&row_ma
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // Capped scores are in log2 units already; raw ones scale by pre > 0, which keeps the max.
-        const float m_new = fmaxf(row_max[hr], CAP ? mx : mx * sm.pre);
+        float m_new = fmaxf(row_max[hr], CAP ? mx : mx * sm.pre);
+        // From −∞ the difference is +∞ (taken); −∞ − −∞ is NaN (compares false: taken, still −∞).
+        if (LAZY && m_new - row_max[hr] <= 8.0f) m_new = row_max[hr];
         // A row that has seen no key yet keeps max −∞; subtracting 0 then leaves every exp2 at 0, not NaN.
         const float base = m_new == f32_neg_inf() ? 0.0f : m_new;
         corr[hr] = ex2(row_max[hr] - base);
@@ -638,16 +644,16 @@ __device__ __forceinline__ void sm90_softmax_tile(float (&s)[NS], float (&row_ma
 }
 
 // The four (mask, cap) instantiations behind one call. `full`: every entry of the tile is visible.
-template <int NS>
+template <int NS, bool LAZY = false>
 __device__ __forceinline__ void sm90_softmax(float (&s)[NS], float (&row_max)[2], float (&row_sum)[2], float (&corr)[2], const FlashParams& p,
                                              const FlashSeq& sq, const ScoreMap& sm, bool full, int r0, int j0, int t) {
     const int c0 = j0 + 2 * t;
     if (sm.capped) {
-        if (full) sm90_softmax_tile<NS, false, true>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
-        else sm90_softmax_tile<NS, true, true>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
+        if (full) sm90_softmax_tile<NS, false, true, LAZY>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
+        else sm90_softmax_tile<NS, true, true, LAZY>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
     } else {
-        if (full) sm90_softmax_tile<NS, false, false>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
-        else sm90_softmax_tile<NS, true, false>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
+        if (full) sm90_softmax_tile<NS, false, false, LAZY>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
+        else sm90_softmax_tile<NS, true, false, LAZY>(s, row_max, row_sum, corr, p, sq, sm, r0, c0);
     }
 }
 
@@ -665,6 +671,11 @@ template <int NO> __device__ __forceinline__ void sm90_rescale(float (&o)[NO], c
     for (int i = 0; i < NO; ++i) o[i] *= corr[(i % 4) / 2];
 }
 
+// sm90_rescale, skipped by a warp none of whose rows moved its max (LAZY softmax: most tiles).
+template <int NO, bool LAZY> __device__ __forceinline__ void sm90_rescale_lazy(float (&o)[NO], const float (&corr)[2]) {
+    if (!LAZY || __any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) sm90_rescale<NO>(o, corr);
+}
+
 // ---- Forward, all warps load (cp.async) ------------------------------------------------------------------------
 
 // Grid (⌈max_seqlen_q / BM⌉, n_heads, n_seqs) with BM = 64·NWG, 128·NWG threads (NWG warpgroups, each owning 64 query
@@ -675,12 +686,13 @@ template <int NO> __device__ __forceinline__ void sm90_rescale(float (&o)[NO], c
 // and O += P(n+1)·V(n+1) are issued together; the softmax of S(n) runs while the P·V product is still on the tensor
 // cores, and O is rescaled after it lands. Tiles are visited from the last (diagonal) to the first, and a warpgroup
 // skips the products of tiles none of its rows sees (it still takes part in the loads and barriers). Dynamic shared
-// memory: Sm90ForwardSmem<D, BN, NWG>::bytes (Q, 2 K stages, 2 V stages, 1 KB of alignment slack).
+// memory: Sm90ForwardSmem<D, BN, NWG>::bytes (Q, 2 K stages, 2 V stages, 1 KB of alignment slack). LAZY: see
+// sm90_softmax_tile.
 template <int D, int BN, int NWG> struct Sm90ForwardSmem {
     static constexpr int bytes = (64 * NWG + 4 * BN) * D * 2 + 1024;
 };
 
-template <typename T, int D, int BN, int NWG, bool OVERLAP>
+template <typename T, int D, int BN, int NWG, bool OVERLAP, bool LAZY = false>
 __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
     constexpr int BM = 64 * NWG, THREADS = 128 * NWG, NS = BN / 2, NO = D / 2;
     static_assert(D % 64 == 0 && D <= 256 && BN % 16 == 0 && BN <= 256, "tile shape");
@@ -758,7 +770,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
     auto softmax = [&](int n, float (&corr)[2]) {
         const int n0 = n * BN;
         const bool full = n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= wi_min) && (p.window == 0 || wi_max - n0 < p.window);
-        sm90_softmax<NS>(sacc, row_max, row_sum, corr, p, s, sm, full, r0, n0, t);
+        sm90_softmax<NS, LAZY>(sacc, row_max, row_sum, corr, p, s, sm, full, r0, n0, t);
     };
 
     for (int n = n_last; n >= n_first; --n) {
@@ -779,7 +791,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
                 reg_fence(sacc);
                 float corr[2];
                 softmax(n, corr);
-                sm90_rescale<NO>(o, corr);
+                sm90_rescale_lazy<NO, LAZY>(o, corr);
                 sm90_pack_p<T, NS>(sacc, pf);
                 reg_fence(o);
                 reg_fence(pf);
@@ -805,7 +817,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
                 wg_wait<0>();
                 reg_fence(o);
                 reg_fence(pf);
-                sm90_rescale<NO>(o, corr);
+                sm90_rescale_lazy<NO, LAZY>(o, corr);
                 sm90_pack_p<T, NS>(sacc, pf);
             } else if (do_s) {
                 wg_fence();
@@ -814,7 +826,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
                 reg_fence(sacc);
                 float corr[2];
                 softmax(n, corr);
-                sm90_rescale<NO>(o, corr);
+                sm90_rescale_lazy<NO, LAZY>(o, corr);
                 sm90_pack_p<T, NS>(sacc, pf);
             } else if (do_pv) {
                 reg_fence(o);
@@ -927,7 +939,7 @@ __device__ __forceinline__ void sm90_produce(const FlashParams& p, const FlashSe
     mbar_arrive(prev);
 }
 
-template <typename T, int D, int BN, int NWG, bool PP, int PR>
+template <typename T, int D, int BN, int NWG, bool PP, int PR, bool LAZY = false>
 __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
     constexpr int BM = 64 * NWG, CT = 128 * NWG, NS = BN / 2, NO = D / 2;
     constexpr int CR = Sm90WsRegs<NWG, PR>::CR;
@@ -1013,7 +1025,7 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
     auto softmax = [&](int n, float (&corr)[2]) {
         const int n0 = n * BN;
         const bool full = n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= wi_min) && (p.window == 0 || wi_max - n0 < p.window);
-        sm90_softmax<NS>(sacc, row_max, row_sum, corr, p, s, sm, full, r0, n0, t);
+        sm90_softmax<NS, LAZY>(sacc, row_max, row_sum, corr, p, s, sm, full, r0, n0, t);
     };
 
     mbar_wait(full_q, 0);
@@ -1040,7 +1052,7 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
             reg_fence(o);
             reg_fence(pf);
             if (lane == 0) mbar_arrive(empty_v + 8 * pst);
-            sm90_rescale<NO>(o, corr);
+            sm90_rescale_lazy<NO, LAZY>(o, corr);
             sm90_pack_p<T, NS>(sacc, pf);
         } else {
             if (PP && NWG > 1) named_sync(1 + wg, 256);
@@ -1052,7 +1064,7 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
             if (lane == 0) mbar_arrive(empty_k + 8 * st);
             float corr[2];
             softmax(n, corr);
-            sm90_rescale<NO>(o, corr);
+            sm90_rescale_lazy<NO, LAZY>(o, corr);
             sm90_pack_p<T, NS>(sacc, pf);
         }
     }
@@ -1095,15 +1107,14 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
     asm volatile("red.global.v2.f32.add [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
-// Backward step 2 for one 64-key × 64-query accumulator pair (Sᵀ in s, dPᵀ in dp; entry i: key kj + 8·((i%4)/2),
-// query m0 + 8·(i/4) + 2t + i%2): P = exp2(S·pre − lse·log2e) (capped: post·tanh(pre·S)), masked to 0, and
-// dS = P·(dP − delta)·(1 − tanh² if capped)·scale, both rounded to T as A fragments (k-step kk = queries 16kk …).
-// cL, cD: shared addresses of the lse and delta of this thread's first query m0 + 2t. MASK / CAP as in
-// sm90_softmax_tile.
-template <typename T, bool MASK, bool CAP>
-__device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[32], const float (&dp)[32], unsigned (&pf)[4][4], unsigned (&dsf)[4][4], unsigned cL,
-                                              unsigned cD, const FlashParams& p, const FlashSeq& sq, const ScoreMap& sm, int kj, int m0, int off,
-                                              int t) {
+// Backward step 2a for one 64-key × NQ-query accumulator pair (Sᵀ in s; entry i: key kj + 8·((i%4)/2), query
+// m0 + 8·(i/4) + 2t + i%2): P = exp2(S·pre − lse·log2e) (capped: post·tanh(pre·S)), masked to 0, rounded to T as A
+// fragments pf (k-step kk = queries 16kk …); s keeps in place what dS is formed from, P in f32 (capped: P·(1 − tanh²)),
+// so step 2b needs neither the scores nor the mask. cL: shared address of the lse of this thread's first query
+// m0 + 2t. MASK / CAP as in sm90_softmax_tile.
+template <typename T, int NQ, bool MASK, bool CAP>
+__device__ __forceinline__ void sm90_bwd_p(float (&s)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned cL, const FlashParams& p, const FlashSeq& sq,
+                                           const ScoreMap& sm, int kj, int m0, int off, int t) {
     // Key j is visible to query r iff j < len_k, (!causal || r ≥ j − off) and (!window || r < j − off + window):
     // a query range [lo, hi) per key row, relative to this thread's first query m0 + 2t.
     int lo[2], hi[2];
@@ -1114,8 +1125,8 @@ __device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[32], const float 
         hi[hr] = j < sq.len_k ? (p.window ? j - off + p.window : (1 << 29)) - (m0 + 2 * t) : -(1 << 29);
     }
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        float pv[8], dv[8];
+    for (int kk = 0; kk < NQ / 16; ++kk) {
+        float pv[8];
 #pragma unroll
         for (int x = 0; x < 8; ++x) {
             const int i = 8 * kk + x, hr = (i % 4) / 2, c = 8 * (i / 4) + (i % 2);  // c: query − (m0 + 2t)
@@ -1129,16 +1140,41 @@ __device__ __forceinline__ void sm90_bwd_p_ds(const float (&s)[32], const float 
                 pr = ex2(fmaf(s[i], sm.pre, -l2));
             }
             if (MASK && (c < lo[hr] || c >= hi[hr])) pr = 0.0f;
-            float d = pr * (dp[i] - ld_shared_f32(cD + 4 * c));
-            if (CAP) d *= 1.0f - th * th;
             pv[x] = pr;
-            dv[x] = d * p.scale;
+            s[i] = CAP ? pr * (1.0f - th * th) : pr;
         }
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            pf[kk][r] = pack2<T>(pv[2 * r], pv[2 * r + 1]);
-            dsf[kk][r] = pack2<T>(dv[2 * r], dv[2 * r + 1]);
+        for (int r = 0; r < 4; ++r) pf[kk][r] = pack2<T>(pv[2 * r], pv[2 * r + 1]);
+    }
+}
+
+// Backward step 2b: dS = P·(dP − delta)·scale from step 2a's s and the dPᵀ accumulator dp (same entries), rounded to
+// T as A fragments dsf. cD: shared address of the delta of this thread's first query.
+template <typename T, int NQ>
+__device__ __forceinline__ void sm90_bwd_ds(const float (&s)[NQ / 2], const float (&dp)[NQ / 2], unsigned (&dsf)[NQ / 16][4], unsigned cD, float scale) {
+#pragma unroll
+    for (int kk = 0; kk < NQ / 16; ++kk) {
+        float dv[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) {
+            const int i = 8 * kk + x, c = 8 * (i / 4) + (i % 2);
+            dv[x] = s[i] * (dp[i] - ld_shared_f32(cD + 4 * c)) * scale;
         }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dsf[kk][r] = pack2<T>(dv[2 * r], dv[2 * r + 1]);
+    }
+}
+
+// Step 2a's four (mask, cap) instantiations behind one call. `full`: every (key, query) pair of the tile is visible.
+template <typename T, int NQ>
+__device__ __forceinline__ void sm90_bwd_p_any(float (&s)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned cL, const FlashParams& p, const FlashSeq& sq,
+                                               const ScoreMap& sm, bool full, int kj, int m0, int off, int t) {
+    if (sm.capped) {
+        if (full) sm90_bwd_p<T, NQ, false, true>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+        else sm90_bwd_p<T, NQ, true, true>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+    } else {
+        if (full) sm90_bwd_p<T, NQ, false, false>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+        else sm90_bwd_p<T, NQ, true, false>(s, pf, cL, p, sq, sm, kj, m0, off, t);
     }
 }
 
@@ -1160,8 +1196,10 @@ template <int D, int NWG> struct Sm90BackwardSmem {
 //   4. after a block barrier, dQ[:, D/NWG columns of warpgroup w] = dS·K (wgmma SS, A = dS M-major from the stored
 //      dSᵀ, B = K N-major), added to the f32 dq_accum with red.global.add.v2.f32 (zeroed before, converted after).
 // GQA sums over the group's heads in registers, so dK and dV need no atomics. D is 64 or 128 (dK and dV take D
-// registers per thread). Dynamic shared memory: Sm90BackwardSmem<D, NWG>::bytes.
-template <typename T, int D, int NWG>
+// registers per thread). OVERLAP splits steps 1–3 so that the tensor cores work under the exponentials: Sᵀ and dPᵀ
+// are committed apart, P is formed once Sᵀ has landed (dPᵀ still running), dV's product is issued, and dS is formed
+// under it. Dynamic shared memory: Sm90BackwardSmem<D, NWG>::bytes.
+template <typename T, int D, int NWG, bool OVERLAP = false>
 __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     constexpr int BM = 64, BN = 64 * NWG, THREADS = 128 * NWG, NO = D / 2, DQN = D / NWG;
     static_assert((D == 64 || D == 128) && DQN % 16 == 0, "shape");
@@ -1230,13 +1268,11 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
         Wgmma<BM>::template ss0<T, 0>(sacc, desc_k<BN>(cK, 64 * wg, 0), desc_k<BM>(cQ, 0, 0));
 #pragma unroll
         for (int kk = 1; kk < D / 16; ++kk) Wgmma<BM>::template ss<T, 0>(sacc, desc_k<BN>(cK, 64 * wg, kk), desc_k<BM>(cQ, 0, kk), 1);
+        if constexpr (OVERLAP) wg_commit();  // Sᵀ lands first: P is computed while dPᵀ is on the tensor cores
         Wgmma<BM>::template ss0<T, 0>(dpacc, desc_k<BN>(cV, 64 * wg, 0), desc_k<BM>(cdO, 0, 0));
 #pragma unroll
         for (int kk = 1; kk < D / 16; ++kk) Wgmma<BM>::template ss<T, 0>(dpacc, desc_k<BN>(cV, 64 * wg, kk), desc_k<BM>(cdO, 0, kk), 1);
         wg_commit();
-        wg_wait<0>();
-        reg_fence(sacc);
-        reg_fence(dpacc);
 
         const ScoreMap sm = score_map(p);  // from the kernel parameters each pair, rather than kept in registers
         // 2. P and dS (accumulator entry i: key kr0 + 8·((i%4)/2), query 8·(i/4) + 2t + i%2), packed to A fragments
@@ -1245,22 +1281,38 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
         const bool full = m0 + BM <= s.len_q && wk0 + 64 <= s.len_k && (!p.causal || wk0 + 63 <= m0 + off) &&
                           (p.window == 0 || m0 + BM - 1 + off - wk0 < p.window);
         unsigned pf[4][4], dsf[4][4];
-        if (sm.capped) {
-            if (full) sm90_bwd_p_ds<T, false, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-            else sm90_bwd_p_ds<T, true, true>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-        } else {
-            if (full) sm90_bwd_p_ds<T, false, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-            else sm90_bwd_p_ds<T, true, false>(sacc, dpacc, pf, dsf, cL, cD, p, s, sm, n0 + kr0, m0, off, t);
-        }
-
         // 3. dV += Pᵀ·dO, dK += dSᵀ·Q (k = the 64 queries).
-        reg_fence(dv);
-        reg_fence(dk);
-        reg_fence(pf);
-        reg_fence(dsf);
-        wg_fence();
+        if constexpr (OVERLAP) {
+            // P, then dV's product under dS; dK's after it.
+            wg_wait<1>();
+            reg_fence(sacc);
+            sm90_bwd_p_any<T, BM>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0, off, t);
+            reg_fence(dv);
+            reg_fence(pf);
+            wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dv, pf[kk], desc_mn<BM>(cdO, kk), 1);
+            for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dv, pf[kk], desc_mn<BM>(cdO, kk), 1);
+            wg_commit();
+            wg_wait<1>();  // dPᵀ (dV's product may still run)
+            reg_fence(dpacc);
+            sm90_bwd_ds<T, BM>(sacc, dpacc, dsf, cD, p.scale);
+            reg_fence(dk);
+            reg_fence(dsf);
+            wg_fence();
+        } else {
+            wg_wait<0>();
+            reg_fence(sacc);
+            reg_fence(dpacc);
+            sm90_bwd_p_any<T, BM>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0, off, t);
+            sm90_bwd_ds<T, BM>(sacc, dpacc, dsf, cD, p.scale);
+            reg_fence(dv);
+            reg_fence(dk);
+            reg_fence(pf);
+            reg_fence(dsf);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dv, pf[kk], desc_mn<BM>(cdO, kk), 1);
+        }
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dk, dsf[kk], desc_mn<BM>(cQ, kk), 1);
         wg_commit();
@@ -1293,10 +1345,12 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
         reg_fence(pf);
         reg_fence(dsf);
 
-        // dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2.
+        // dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2. The row offset comes from
+        // an opaque thread index: kept across the pair loop, it was the one value D = 128 spilled.
+        const int tid_q = static_cast<int>(opaque(threadIdx.x)), rq = 16 * ((tid_q / 32) % 4) + (tid_q % 32) / 4;
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-            const int r = m0 + 16 * (warp % 4) + g + 8 * hr;
+            const int r = m0 + rq + 8 * hr;
             if (r >= s.len_q) continue;
             float* dst = p.dq_accum + (static_cast<u64>(s.q0 + r) * p.n_heads + h) * hd;
 #pragma unroll
@@ -1327,6 +1381,194 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
 #pragma unroll
         for (int j = 0; j < NO / 4; ++j) {
             const unsigned c = 8 * j + 2 * t_e;
+            const unsigned pk = pack2<T>(dk[4 * j + 2 * hr], dk[4 * j + 2 * hr + 1]);
+            const unsigned pvv = pack2<T>(dv[4 * j + 2 * hr], dv[4 * j + 2 * hr + 1]);
+            if (hd % 2 == 0 && c + 1 < hd) {
+                *reinterpret_cast<unsigned*>(gdk + r * kv_stride + c) = pk;
+                *reinterpret_cast<unsigned*>(gdv + r * kv_stride + c) = pvv;
+            } else {
+                if (c < hd) {
+                    gdk[r * kv_stride + c] = static_cast<unsigned short>(pk & 0xffffu);
+                    gdv[r * kv_stride + c] = static_cast<unsigned short>(pvv & 0xffffu);
+                }
+                if (c + 1 < hd) {
+                    gdk[r * kv_stride + c + 1] = static_cast<unsigned short>(pk >> 16);
+                    gdv[r * kv_stride + c + 1] = static_cast<unsigned short>(pvv >> 16);
+                }
+            }
+        }
+    }
+}
+
+template <int D> struct Sm90BackwardSplitSmem {
+    // K, V [64][D]; Q, dO [2][64][D]; Pᵀ, dSᵀ [64][64]; lse, delta [2][64] f32; 1 KB alignment slack.
+    static constexpr int bytes = 2 * 64 * D * 2 + 4 * 64 * D * 2 + 2 * 64 * 64 * 2 + 4 * 64 * 4 + 1024;
+};
+
+// The backward for head dims whose dK and dV do not fit one warpgroup's registers (D = 256: 256 per thread with 64
+// keys per warpgroup): two warpgroups share one tile of 64 keys and split the work by queries where the products are
+// per query and by head dims where they are per head dim. Grid (⌈max_seqlen_k / 64⌉, n_kv_heads, n_seqs), 256
+// threads; the pair walk, the double-buffered Q/dO/lse/delta loads and the masks are flash_backward_sm90's. Per
+// pair, warpgroup w:
+//   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for all 64 keys × queries 32w … 32w + 31 (wgmma SS, N = 32; P is formed while
+//      dPᵀ's product runs);
+//   2. P and dS in registers (sm90_bwd_p, sm90_bwd_ds), stored as Pᵀ and dSᵀ (bf16/f16, swizzled [key][query]); block barrier;
+//   3. dV[:, DH·w …] += Pᵀ·dO, dK[:, DH·w …] += dSᵀ·Q and dQ[:, DH·w …] = dS·K, DH = D/2 head dims each (wgmma SS: Pᵀ
+//      and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column slices), issued together;
+//   4. dQ added to the f32 dq_accum with red.global.add.v2.f32.
+// Registers per thread: dK and dV D/4 each, dQ D/4, Sᵀ and dPᵀ 16 each. Dynamic shared memory:
+// Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256).
+template <typename T, int D>
+__device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
+    constexpr int BM = 64, BN = 64, THREADS = 256, DH = D / 2, NQ = BM / 2;
+    static_assert(D % 128 == 0 && D <= 256, "shape");
+    constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2, PS_BYTES = BN * BM * 2;
+    const unsigned sK = (smem_u32(flash_smem) + 1023u) & ~1023u;
+    const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sP = sdO + 2 * QO_BYTES;
+    const unsigned sdS = sP + PS_BYTES, sL = sdS + PS_BYTES, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
+
+    FlashSeq s;
+    if (!flash_seq(p, blockIdx.z, s)) return;
+    const int n0 = blockIdx.x * BN;
+    if (n0 >= s.len_k) return;
+    const int kvh = blockIdx.y, group = p.n_heads / p.n_kv_heads;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4, wg = warp / 4;
+    const unsigned hd = p.head_dim;
+    const int n1 = min(n0 + BN, s.len_k), off = s.len_k - s.len_q;
+    const u64 q_stride = static_cast<u64>(p.n_heads) * hd, kv_stride = static_cast<u64>(p.n_kv_heads) * hd;
+    const u64 kv_row0 = (static_cast<u64>(s.k0 + n0) * p.n_kv_heads + kvh) * hd;
+
+    int r_lo = 0, r_hi = s.len_q;
+    if (p.causal) r_lo = max(0, n0 - off);
+    if (p.window) r_hi = min(r_hi, n1 - 1 + p.window - off);
+    const int m_lo = r_lo / BM, tiles = r_hi > r_lo ? (r_hi - 1) / BM - m_lo + 1 : 0;
+    const int pairs = group * tiles;
+
+    sm90_load_tile<BN, D, THREADS>(sK, static_cast<const unsigned short*>(p.k) + kv_row0, kv_stride, n1 - n0, hd, tid);
+    sm90_load_tile<BN, D, THREADS>(sV, static_cast<const unsigned short*>(p.v) + kv_row0, kv_stride, n1 - n0, hd, tid);
+    auto prefetch = [&](int it, int st) {
+        const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
+        const u64 row0 = static_cast<u64>(s.q0 + m0) * p.n_heads + h;
+        const int rows = min(BM, s.len_q - m0);
+        sm90_load_tile<BM, D, THREADS>(sQ + st * QO_BYTES, static_cast<const unsigned short*>(p.q) + row0 * hd, q_stride, rows, hd, tid);
+        sm90_load_tile<BM, D, THREADS>(sdO + st * QO_BYTES, static_cast<const unsigned short*>(p.d_out) + row0 * hd, q_stride, rows, hd, tid);
+        if (tid < BM) {
+            const bool in = tid < rows;
+            cp_async4(sL + st * BM * 4 + 4 * tid, in ? p.lse + (row0 + static_cast<u64>(tid) * p.n_heads) : p.lse, in ? 4u : 0u);
+            cp_async4(sD + st * BM * 4 + 4 * tid, in ? p.delta + (row0 + static_cast<u64>(tid) * p.n_heads) : p.delta, in ? 4u : 0u);
+        }
+    };
+    if (pairs > 0) prefetch(0, 0);
+    cp_async_commit();
+
+    float dk[DH / 2], dv[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) dk[i] = dv[i] = 0.0f;
+    const int kr0 = 16 * (warp % 4) + g;  // this thread's key rows in the tile: kr0, kr0 + 8
+
+    for (int it = 0; it < pairs; ++it) {
+        const int st = it & 1;
+        const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // this pair's tiles are visible; every thread is done with pair it − 1
+        if (it + 1 < pairs) prefetch(it + 1, st ^ 1);
+        cp_async_commit();
+        const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
+        const int q0 = NQ * wg;  // this warpgroup's first query of the tile in steps 1–2
+        const unsigned cL = sL + st * BM * 4 + 4 * (q0 + 2 * t), cD = sD + st * BM * 4 + 4 * (q0 + 2 * t);
+        const unsigned cK = opaque(sK), cV = opaque(sV), cP = opaque(sP), cdS = opaque(sdS);
+
+        // 1. Sᵀ and dPᵀ: 64 keys × this warpgroup's 32 queries, committed apart (P is formed under dPᵀ's product).
+        float sacc[NQ / 2], dpacc[NQ / 2];
+        wg_fence();
+        Wgmma<NQ>::template ss0<T, 0>(sacc, desc_k<BN>(cK, 0, 0), desc_k<BM>(cQ, q0, 0));
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) Wgmma<NQ>::template ss<T, 0>(sacc, desc_k<BN>(cK, 0, kk), desc_k<BM>(cQ, q0, kk), 1);
+        wg_commit();
+        Wgmma<NQ>::template ss0<T, 0>(dpacc, desc_k<BN>(cV, 0, 0), desc_k<BM>(cdO, q0, 0));
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) Wgmma<NQ>::template ss<T, 0>(dpacc, desc_k<BN>(cV, 0, kk), desc_k<BM>(cdO, q0, kk), 1);
+        wg_commit();
+
+        // 2. P and dS, stored as Pᵀ and dSᵀ [key][query]: the pair (queries q0 + 8j + 2t, +1) of key row kr0 + 8·hr is
+        // fragment [j / 2][2·(j % 2) + hr], at chunk (q0 + 8j)/8 of the row, swizzled by the row's g.
+        const ScoreMap sm = score_map(p);
+        const bool full = m0 + BM <= s.len_q && n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= m0 + off) &&
+                          (p.window == 0 || m0 + BM - 1 + off - n0 < p.window);
+        unsigned pf[NQ / 16][4], dsf[NQ / 16][4];
+        wg_wait<1>();
+        reg_fence(sacc);
+        sm90_bwd_p_any<T, NQ>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0 + q0, off, t);
+        wg_wait<0>();
+        reg_fence(dpacc);
+        sm90_bwd_ds<T, NQ>(sacc, dpacc, dsf, cD, p.scale);
+        const unsigned row = static_cast<unsigned>(kr0) * 128 + (static_cast<unsigned>(g) << 4) + 4 * t;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+            for (int j = 0; j < NQ / 8; ++j) {
+                const unsigned a = (row + hr * 8 * 128) ^ (static_cast<unsigned>(q0 / 8 + j) << 4);
+                st_shared_u32(cP + a, pf[j / 2][2 * (j % 2) + hr]);
+                st_shared_u32(cdS + a, dsf[j / 2][2 * (j % 2) + hr]);
+            }
+        fence_proxy_async();
+        __syncthreads();  // both warpgroups' halves of Pᵀ and dSᵀ are in place
+
+        // 3. This warpgroup's DH head dims c0 … of dV, dK and dQ (k = the 64 queries for dV and dK, the 64 keys for dQ).
+        const int c0 = DH * wg;
+        const unsigned o_cols = cdO + (c0 / 64) * (BM * 128), q_cols = cQ + (c0 / 64) * (BM * 128);
+        const unsigned k_cols = cK + (c0 / 64) * (BN * 128);
+        float dq[DH / 2];
+        reg_fence(dv);
+        reg_fence(dk);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dv, desc_k<BN>(cP, 0, kk), desc_sw128(o_cols + kk * 2048, BM * 128), 1);
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dk, desc_k<BN>(cdS, 0, kk), desc_sw128(q_cols + kk * 2048, BM * 128), 1);
+        Wgmma<DH>::template ss0<T, 1, 1>(dq, desc_mn<BN>(cdS, 0), desc_sw128(k_cols, BN * 128));
+#pragma unroll
+        for (int kk = 1; kk < BN / 16; ++kk)
+            Wgmma<DH>::template ss<T, 1, 1>(dq, desc_mn<BN>(cdS, kk), desc_sw128(k_cols + kk * 2048, BN * 128), 1);
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(dq);
+        reg_fence(dv);
+        reg_fence(dk);
+
+        // 4. dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2.
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int r = m0 + kr0 + 8 * hr;
+            if (r >= s.len_q) continue;
+            float* dst = p.dq_accum + (static_cast<u64>(s.q0 + r) * p.n_heads + h) * hd;
+#pragma unroll
+            for (int j = 0; j < DH / 8; ++j) {
+                const unsigned c = c0 + 8 * j + 2 * t;
+                const float a = dq[4 * j + 2 * hr], b = dq[4 * j + 2 * hr + 1];
+                if (hd % 2 == 0 && c + 1 < hd) {
+                    red_add_v2(dst + c, a, b);
+                } else {
+                    if (c < hd) red_add(dst + c, a);
+                    if (c + 1 < hd) red_add(dst + c + 1, b);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK, dV: entry i: key kr0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2; rows < len_k, columns < hd.
+    unsigned short* gdk = static_cast<unsigned short*>(p.dk) + kv_row0;
+    unsigned short* gdv = static_cast<unsigned short*>(p.dv) + kv_row0;
+    const int c0 = DH * wg;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = kr0 + 8 * hr;
+        if (n0 + r >= s.len_k) continue;
+#pragma unroll
+        for (int j = 0; j < DH / 8; ++j) {
+            const unsigned c = c0 + 8 * j + 2 * t;
             const unsigned pk = pack2<T>(dk[4 * j + 2 * hr], dk[4 * j + 2 * hr + 1]);
             const unsigned pvv = pack2<T>(dv[4 * j + 2 * hr], dv[4 * j + 2 * hr + 1]);
             if (hd % 2 == 0 && c + 1 < hd) {

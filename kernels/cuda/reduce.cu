@@ -40,12 +40,13 @@ template <typename T, int OP> __device__ void reduce_partial(const T* x, float* 
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// partial: [count] f32 → out: [1] f32. One block.
-template <int OP> __device__ void reduce_final(const float* partial, float* out, unsigned count) {
+// partial: [count] f32 → out: [1] f32 (added to what out holds when `accumulate`: a sum over several tensors, such as
+// a gradient norm, builds up on the device without a trip to the host). One block.
+template <int OP> __device__ void reduce_final(const float* partial, float* out, unsigned count, int accumulate) {
     float acc = 0.0f;
     for (unsigned i = threadIdx.x; i < count; i += blockDim.x) acc = OP == OP_MAX_ABS ? nan_max(acc, partial[i]) : acc + partial[i];
     acc = reduce_block<OP>(acc);
-    if (threadIdx.x == 0) out[0] = acc;
+    if (threadIdx.x == 0) out[0] = accumulate ? out[0] + acc : acc;
 }
 
 // x: [rows, cols] → partial: [gridDim.y, cols] f32, Σ over rows [y·rows_per_split, (y+1)·rows_per_split) in row order.
@@ -77,8 +78,12 @@ extern "C" __global__ void max_abs_partial_f32(const float* x, float* partial, u
 extern "C" __global__ void max_abs_partial_bf16(const bf16* x, float* partial, u64 n) { reduce_partial<bf16, OP_MAX_ABS>(x, partial, n); }
 
 // The partials are f32 whatever the input type.
-extern "C" __global__ void sum_final_f32(const float* partial, float* out, unsigned count) { reduce_final<OP_SUM>(partial, out, count); }
-extern "C" __global__ void max_abs_final_f32(const float* partial, float* out, unsigned count) { reduce_final<OP_MAX_ABS>(partial, out, count); }
+extern "C" __global__ void sum_final_f32(const float* partial, float* out, unsigned count, int accumulate) {
+    reduce_final<OP_SUM>(partial, out, count, accumulate);
+}
+extern "C" __global__ void max_abs_final_f32(const float* partial, float* out, unsigned count, int accumulate) {
+    reduce_final<OP_MAX_ABS>(partial, out, count, accumulate);
+}
 
 extern "C" __global__ void sum_rows_partial_f32(const float* x, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
     sum_rows_partial(x, partial, rows, cols, rows_per_split);

@@ -14,6 +14,18 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
+/// The factor torch.nn.utils.clip_grad_norm_ scales every gradient by, from the squared global norm: max_norm /
+/// (norm + 1e-6) when norm exceeds max_norm, else 1; in f32 as the CUDA AdamW kernel computes it from its device
+/// copy of the norm.
+pub fn clip_factor(norm_sq: f32, max_norm: f32) -> f32 {
+    let norm = norm_sq.sqrt();
+    if norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 /// p, g, m, v: [n] → p, m, v updated in place.
 pub fn adamw_step<T: Float>(h: &AdamWStep, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) {
     assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len(), "adamw: lengths differ");

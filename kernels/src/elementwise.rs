@@ -28,6 +28,12 @@ pub fn scale<T: Float>(x: &[T], s: T, out: &mut [T]) {
     });
 }
 
+/// s: one value → out: [len] = scale·s everywhere (a scalar's gradient spread over a tensor)
+pub fn broadcast_scaled<T: Float>(s: T, scale: T, out: &mut [T]) {
+    let v = scale * s;
+    out.par_chunks_mut(MIN_CHUNK).for_each(|out| out.fill(v));
+}
+
 /// x: [len] → out: [len] = 0 where element i's draw `Rng::uniform_at(seed, i)` is < p, keep·x elsewhere (inverted
 /// dropout, keep = 1/(1 − p) in T): the mask of drawing `Rng::new(seed).uniform()` once per element in order.
 pub fn dropout<T: Float>(x: &[T], p: f64, seed: u64, keep: T, out: &mut [T]) {

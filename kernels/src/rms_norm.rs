@@ -77,6 +77,73 @@ pub fn rms_norm_backward<T: Float>(
     }
 }
 
+/// x, residual: [rows, dim], weight: [dim] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim], rstd: [rows]
+/// (the residual stream's add fused with the norm that follows it; y is the norm of h as stored)
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_forward<T: Float>(
+    x: &[T],
+    residual: &[T],
+    weight: &[T],
+    dim: usize,
+    eps: T,
+    offset: T,
+    h: &mut [T],
+    y: &mut [T],
+    rstd: &mut [T],
+) {
+    assert_eq!(residual.len(), x.len(), "add_rms_norm_forward: residual length");
+    assert_eq!(h.len(), x.len(), "add_rms_norm_forward: h length");
+    h.par_chunks_mut(MIN_PAR_ELEMS).zip(x.par_chunks(MIN_PAR_ELEMS)).zip(residual.par_chunks(MIN_PAR_ELEMS)).for_each(
+        |((h, x), r)| {
+            for ((h, &x), &r) in h.iter_mut().zip(x).zip(r) {
+                *h = x + r;
+            }
+        },
+    );
+    rms_norm_forward(h, weight, dim, eps, offset, y, rstd);
+}
+
+/// x, dy: [rows, dim], rstd: [rows] → dx: [rows, dim] (written): rms_norm_backward for a frozen weight, whose dw is
+/// not wanted
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_backward_dx<T: Float>(
+    x: &[T],
+    weight: &[T],
+    rstd: &[T],
+    dy: &[T],
+    dim: usize,
+    offset: T,
+    dx: &mut [T],
+) {
+    rms_norm_backward(x, weight, rstd, dy, dim, offset, dx, &mut vec![T::zero(); dim]);
+}
+
+/// h, dy, d_residual: [rows, dim], rstd: [rows] → dx = d_residual + rms_norm_backward's dx: [rows, dim] (the
+/// gradient of both x and residual, since h = x + residual), dw: [dim] when wanted (written, as rms_norm_backward's)
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_backward<T: Float>(
+    h: &[T],
+    weight: &[T],
+    rstd: &[T],
+    dy: &[T],
+    d_residual: &[T],
+    dim: usize,
+    offset: T,
+    dx: &mut [T],
+    dw: Option<&mut [T]>,
+) {
+    assert_eq!(d_residual.len(), h.len(), "add_rms_norm_backward: d_residual length");
+    match dw {
+        Some(dw) => rms_norm_backward(h, weight, rstd, dy, dim, offset, dx, dw),
+        None => rms_norm_backward_dx(h, weight, rstd, dy, dim, offset, dx),
+    }
+    dx.par_chunks_mut(MIN_PAR_ELEMS).zip(d_residual.par_chunks(MIN_PAR_ELEMS)).for_each(|(dx, dr)| {
+        for (dx, &dr) in dx.iter_mut().zip(dr) {
+            *dx = dr + *dx;
+        }
+    });
+}
+
 /// The row count, after asserting the shapes shared by forward and backward (the CUDA launchers share the contract).
 pub(crate) fn check_shapes(x_len: usize, weight_len: usize, dim: usize, rstd_len: usize) -> usize {
     assert!(dim > 0, "rms_norm: dim must be positive");
@@ -233,6 +300,40 @@ mod tests {
         let one = run(1);
         for threads in [2, 3, 8] {
             assert!(run(threads) == one, "{threads} threads differ from 1");
+        }
+    }
+
+    #[test]
+    fn fused_residual_add_is_the_add_then_the_norm() {
+        let mut rng = Rng::new(7);
+        let (rows, dim) = (5, 17);
+        for offset in [0.0, 1.0] {
+            let (x, r, w, g, dh) = (
+                randn(&mut rng, rows * dim),
+                randn(&mut rng, rows * dim),
+                randn(&mut rng, dim),
+                randn(&mut rng, rows * dim),
+                randn(&mut rng, rows * dim),
+            );
+            let (mut h, mut y, mut rstd) =
+                (vec![f64::NAN; rows * dim], vec![f64::NAN; rows * dim], vec![f64::NAN; rows]);
+            add_rms_norm_forward(&x, &r, &w, dim, EPS, offset, &mut h, &mut y, &mut rstd);
+            let want_h: Vec<f64> = x.iter().zip(&r).map(|(x, r)| x + r).collect();
+            assert_eq!(h, want_h);
+            assert_eq!((y.clone(), rstd.clone()), forward(&want_h, &w, dim, offset));
+            // h feeds the norm and the residual stream, whose gradient dh arrives beside the norm's dy.
+            let (mut dx, mut dw) = (vec![f64::NAN; rows * dim], vec![f64::NAN; dim]);
+            add_rms_norm_backward(&h, &w, &rstd, &g, &dh, dim, offset, &mut dx, Some(&mut dw));
+            let (norm_dx, want_dw) = backward(&h, &w, &rstd, &g, dim, offset);
+            let want_dx: Vec<f64> = norm_dx.iter().zip(&dh).map(|(a, b)| a + b).collect();
+            assert_eq!((dx.clone(), dw), (want_dx, want_dw));
+            let loss = |x: &[f64], r: &[f64]| {
+                let (mut h, mut y, mut s) = (vec![0.0; rows * dim], vec![0.0; rows * dim], vec![0.0; rows]);
+                add_rms_norm_forward(x, r, &w, dim, EPS, offset, &mut h, &mut y, &mut s);
+                dot(&y, &g) + dot(&h, &dh)
+            };
+            check_gradient(&format!("dx offset {offset}"), &x, &dx, |x| loss(x, &r));
+            check_gradient(&format!("d_residual offset {offset}"), &r, &dx, |r| loss(&x, r));
         }
     }
 

@@ -4,6 +4,10 @@
 //! softcap, non-causal sequences with more queries than keys, sequences without keys and empty ones. Outputs start
 //! as NaN, so an element a kernel leaves unwritten fails.
 //!
+//! Each case runs on the kernels the device picks (`FlashPath::Fastest`: on Hopper the wgmma ones where they serve the
+//! head_dim) and, where those differ, also on the portable mma.sync ones, so a Hopper run covers both families;
+//! `cases_reach_every_flash_kernel` checks without a GPU that the cases reach every flash entry point on both.
+//!
 //! The CPU twin runs in f32 on the widened inputs. Tolerances, per element (`abs + rel·|want|`) and normwise:
 //! - out: one rounding of the output to T, plus P rounded to T before P·V (as every flash kernel does): bf16 2e-2,
 //!   f16 5e-3 per element;
@@ -15,10 +19,13 @@
 
 use half::{bf16, f16};
 use qlora_kernels::attention::{self, AttentionParams};
-use qlora_kernels::cuda::attention::AttentionFloat;
+use qlora_kernels::cuda::attention::{self as gattn, flash_kernels, AttentionFloat, FlashPath, Kind};
+use qlora_kernels::cuda::compile::{Output, Target};
+use qlora_kernels::cuda::source::Module;
 use qlora_kernels::cuda::{self, CudaDevice, DeviceBuffer};
 use qlora_kernels::testing::{assert_close, gpu, Tolerance};
 use qlora_kernels::Rng;
+use std::collections::BTreeSet;
 
 /// A 16-bit I/O type with its tolerances.
 trait Half: AttentionFloat {
@@ -104,7 +111,8 @@ const fn case(
 }
 
 /// Every padded head_dim and the paths between: tails of every tile size, GQA 1/2/4/8, windows cutting tiles,
-/// caps that bend the scores (inputs are scaled up where a cap is set).
+/// caps that bend the scores (inputs are scaled up where a cap is set). The Hopper kernels (64, 128, 256) also get
+/// head sizes below their D, one not a multiple of 8 (100: element-wise loads), and windows with caps.
 const CASES: &[Case] = &[
     case((4, 4), 64, true, None, None, &[(1, 1), (17, 17), (130, 130), (257, 257)]),
     case((8, 2), 128, true, None, None, &[(5, 9), (1, 30), (200, 200)]),
@@ -116,7 +124,24 @@ const CASES: &[Case] = &[
     case((16, 2), 32, true, None, None, &[(65, 65), (66, 66)]),
     case((8, 8), 72, true, Some(100), Some(50.0), &[(300, 300)]),
     case((2, 2), 256, false, None, None, &[(70, 90), (1, 1)]),
+    case((16, 2), 64, true, Some(70), Some(20.0), &[(300, 300), (129, 200), (7, 0)]),
+    case((4, 1), 100, false, None, None, &[(90, 40), (3, 150)]),
+    case((2, 2), 128, true, Some(64), Some(30.0), &[(260, 260), (50, 190)]),
+    case((4, 2), 200, true, None, None, &[(130, 130), (10, 70)]),
 ];
+
+/// The forward and backward entry points a case reaches on `target` along `path`.
+fn kernels<T: AttentionFloat>(target: Target, path: FlashPath, head_dim: usize) -> [&'static str; 2] {
+    let Kind::Flash(half) = T::KIND else { panic!("16-bit types run the flash kernels") };
+    flash_kernels(target, path, head_dim, half).map(|k| k.name)
+}
+
+/// The paths whose kernels differ on this device: the fastest, and the portable one where it is another.
+fn paths<T: AttentionFloat>(target: Target, head_dim: usize) -> Vec<FlashPath> {
+    let portable = kernels::<T>(target, FlashPath::Portable, head_dim);
+    let differs = kernels::<T>(target, FlashPath::Fastest, head_dim) != portable;
+    [FlashPath::Fastest].into_iter().chain(differs.then_some(FlashPath::Portable)).collect()
+}
 
 fn randn<T: Half>(rng: &mut Rng, n: usize, scale: f64) -> Vec<T> {
     (0..n).map(|_| T::from_f32((scale * rng.normal()) as f32)).collect()
@@ -154,10 +179,6 @@ fn finite_lse(v: impl IntoIterator<Item = f32>) -> Vec<f64> {
 
 fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &Case) {
     let p = c.params();
-    let what = format!(
-        "heads {:?} head_dim {} causal {} window {:?} softcap {:?} lens {:?}",
-        c.heads, c.head_dim, c.causal, c.window, c.softcap, c.lens
-    );
     let (cu_q, cu_k) = c.cu_seqlens();
     let (tq, tk) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
     let max_q = c.lens.iter().map(|l| l.0).max().unwrap();
@@ -169,27 +190,12 @@ fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &Case) {
     let (qw, kw, vw, dow) = (widen(&q), widen(&k), widen(&v), widen(&d_out));
     let (gq, gk, gv, gdo) = (upload(dev, &q), upload(dev, &k), upload(dev, &v), upload(dev, &d_out));
     let (gcq, gck) = (upload(dev, &cu_q), upload(dev, &cu_k));
+    let (cu, max) = ([&gcq, &gck], [max_q, max_k]);
 
-    let (mut out, mut lse) = (poisoned::<T>(dev, nq), upload(dev, &vec![f32::NAN; tq * c.heads.0]));
-    cuda::attention::attention_forward(&p, &gq, &gk, &gv, &gcq, &gck, max_q, max_k, &mut out, &mut lse).unwrap();
     let (mut want_out, mut want_lse) = (vec![0.0f32; nq], vec![0.0f32; tq * c.heads.0]);
     attention::attention_forward(&p, &qw, &kw, &vw, &cu_q, &cu_k, &mut want_out, &mut want_lse);
-    check(&format!("out {what}"), &out, &want_out, T::OUT, None);
-    let got_lse = finite_lse(lse.to_vec().unwrap());
-    assert_close(&format!("lse {what} [{}]", T::NAME), &got_lse, &finite_lse(want_lse.clone()), LSE);
-
     // Backward from the CPU's out (rounded to T) and lse, so that it is checked on its own.
     let out_t: Vec<T> = want_out.iter().map(|&x| T::from_f32(x)).collect();
-    let (gout, glse) = (upload(dev, &out_t), upload(dev, &want_lse));
-    let backward = || {
-        let (mut dq, mut dk, mut dv) = (poisoned::<T>(dev, nq), poisoned::<T>(dev, nk), poisoned::<T>(dev, nk));
-        cuda::attention::attention_backward(
-            &p, &gq, &gk, &gv, &gout, &glse, &gdo, &gcq, &gck, max_q, max_k, &mut dq, &mut dk, &mut dv,
-        )
-        .unwrap();
-        (dq, dk, dv)
-    };
-    let (dq, dk, dv) = backward();
     let (mut want_dq, mut want_dk, mut want_dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
     attention::attention_backward(
         &p,
@@ -205,16 +211,38 @@ fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &Case) {
         &mut want_dk,
         &mut want_dv,
     );
-    let norm = Some(T::GRAD_NORMWISE);
-    check(&format!("dq {what}"), &dq, &want_dq, T::GRAD, norm);
-    check(&format!("dk {what}"), &dk, &want_dk, T::GRAD, norm);
-    check(&format!("dv {what}"), &dv, &want_dv, T::GRAD, norm);
+    let (gout, glse) = (upload(dev, &out_t), upload(dev, &want_lse));
 
-    // dK and dV are summed in registers in a fixed order: a second run gives the same bits.
-    let (_, dk2, dv2) = backward();
-    let bits = |b: &DeviceBuffer<T>| b.to_vec().unwrap().iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&dk), bits(&dk2), "dk is reproducible {what} [{}]", T::NAME);
-    assert_eq!(bits(&dv), bits(&dv2), "dv is reproducible {what} [{}]", T::NAME);
+    for path in paths::<T>(dev.target(), c.head_dim) {
+        let [fwd, bwd] = kernels::<T>(dev.target(), path, c.head_dim);
+        let what = format!(
+            "heads {:?} head_dim {} causal {} window {:?} softcap {:?} lens {:?} on {fwd} + {bwd}",
+            c.heads, c.head_dim, c.causal, c.window, c.softcap, c.lens
+        );
+        let (mut out, mut lse) = (poisoned::<T>(dev, nq), upload(dev, &vec![f32::NAN; tq * c.heads.0]));
+        gattn::attention_forward_with(path, &p, &gq, &gk, &gv, cu, max, &mut out, &mut lse).unwrap();
+        check(&format!("out {what}"), &out, &want_out, T::OUT, None);
+        let got_lse = finite_lse(lse.to_vec().unwrap());
+        assert_close(&format!("lse {what} [{}]", T::NAME), &got_lse, &finite_lse(want_lse.clone()), LSE);
+
+        let backward = || {
+            let (mut dq, mut dk, mut dv) = (poisoned::<T>(dev, nq), poisoned::<T>(dev, nk), poisoned::<T>(dev, nk));
+            let grads = [&mut dq, &mut dk, &mut dv];
+            gattn::attention_backward_with(path, &p, [&gq, &gk, &gv], [&gout, &gdo], &glse, cu, max, grads).unwrap();
+            (dq, dk, dv)
+        };
+        let (dq, dk, dv) = backward();
+        let norm = Some(T::GRAD_NORMWISE);
+        check(&format!("dq {what}"), &dq, &want_dq, T::GRAD, norm);
+        check(&format!("dk {what}"), &dk, &want_dk, T::GRAD, norm);
+        check(&format!("dv {what}"), &dv, &want_dv, T::GRAD, norm);
+
+        // dK and dV are summed in registers in a fixed order: a second run gives the same bits.
+        let (_, dk2, dv2) = backward();
+        let bits = |b: &DeviceBuffer<T>| b.to_vec().unwrap().iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&dk), bits(&dk2), "dk is reproducible {what} [{}]", T::NAME);
+        assert_eq!(bits(&dv), bits(&dv2), "dv is reproducible {what} [{}]", T::NAME);
+    }
 }
 
 #[test]
@@ -235,7 +263,7 @@ fn flash_attention_matches_cpu_f16() {
     }
 }
 
-/// A training-sized pack: two 1024-token sequences, GQA 4, head_dim 64 and 128, many tiles in both passes.
+/// Training-sized packs: 1024-token sequences, GQA 4 and 2, head_dim 64, 128 and 256, many tiles in both passes.
 #[test]
 fn flash_attention_matches_cpu_on_long_sequences() {
     let Some(dev) = gpu("flash_attention_matches_cpu_on_long_sequences") else { return };
@@ -243,7 +271,31 @@ fn flash_attention_matches_cpu_on_long_sequences() {
     for c in [
         case((8, 2), 64, true, None, None, &[(1024, 1024), (1000, 1000)]),
         case((8, 2), 128, true, Some(300), None, &[(1024, 1024), (777, 777)]),
+        case((4, 2), 256, true, None, None, &[(1024, 1024)]),
     ] {
         run_case::<bf16>(&dev, &mut rng, &c);
+    }
+}
+
+/// Without a GPU: on Hopper the cases reach every entry point of the wgmma modules along the fastest path and every
+/// entry point of the mma.sync modules along the portable one (as they do on an sm_80 device along the fastest).
+#[test]
+fn cases_reach_every_flash_kernel() {
+    let sm_90a = Target { arch: 90, arch_specific: true, output: Output::Cubin };
+    let sm_80 = Target { arch: 80, arch_specific: false, output: Output::Cubin };
+    for (target, path) in [(sm_90a, FlashPath::Fastest), (sm_90a, FlashPath::Portable), (sm_80, FlashPath::Fastest)] {
+        let hopper = target == sm_90a && path == FlashPath::Fastest;
+        let reached: BTreeSet<&str> = CASES
+            .iter()
+            .flat_map(|c| [kernels::<bf16>(target, path, c.head_dim), kernels::<f16>(target, path, c.head_dim)])
+            .flatten()
+            .collect();
+        for m in Module::ALL.into_iter().filter(|m| m.name().starts_with("flash_attention")) {
+            if m.compiles_for(target) && (m.arch_specific_only().is_some() == hopper) {
+                for e in m.entry_points() {
+                    assert!(reached.contains(e), "{e} is reached by no case on {target} along {path:?}");
+                }
+            }
+        }
     }
 }

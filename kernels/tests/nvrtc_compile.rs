@@ -1,7 +1,8 @@
 //! The GPU-free kernel check (STYLE.md §12, tier 2): every `kernels/cuda/*.cu` compiles through NVRTC for sm_90a
-//! (Hopper) and sm_80 (Ampere) to PTX, which ptxas assembles with `-v`, and for sm_90a also as the runtime compiles
-//! it there (straight to a cubin). Fails on a compile error, on any NVRTC warning, on an entry point that the PTX lacks, and on spill bytes
-//! in a kernel marked `// qlora-rt: hot`. Prints each kernel's registers, stack and spills.
+//! (Hopper) and every portable one (all but the sm_90a-only Hopper flash modules, `Module::arch_specific_only`) for
+//! sm_80 (Ampere) to PTX, which ptxas assembles with `-v`, and for sm_90a also as the runtime compiles it there
+//! (straight to a cubin). Fails on a compile error, on any NVRTC warning, on an entry point that the PTX lacks, and
+//! on spill bytes in a kernel marked `// qlora-rt: hot`. Prints each kernel's registers, stack and spills.
 //!
 //! Tools: NVRTC (QLORA_NVRTC_LIB, or the loader's search path) and ptxas (QLORA_PTXAS); `eval "$(scripts/cuda-tools.sh)"`
 //! sets both from PyPI's wheels. Without them the check is skipped with a notice, unless QLORA_REQUIRE_CUDA_TOOLS=1
@@ -38,9 +39,10 @@ fn check_arch(arch: u32, arch_specific: bool) {
     let cubin = Target { arch, arch_specific, output: Output::Cubin };
     let dir = std::env::temp_dir().join(format!("qlora-nvrtc-compile-{cubin}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
+    let modules: Vec<Module> = Module::ALL.into_iter().filter(|m| m.compiles_for(cubin)).collect();
     // Modules compile independently: spread them over the cores (the flash-attention modules take most of the time).
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(Module::ALL.len());
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(modules.len());
     let mut results: Vec<(usize, ModuleReport)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
@@ -48,7 +50,7 @@ fn check_arch(arch: u32, arch_specific: bool) {
                     let mut done = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&module) = Module::ALL.get(i) else { return done };
+                        let Some(&module) = modules.get(i) else { return done };
                         done.push((i, check_module(module, cubin, &ptxas, &dir)));
                     }
                 })
@@ -59,7 +61,7 @@ fn check_arch(arch: u32, arch_specific: bool) {
     results.sort_by_key(|(i, _)| *i);
     let _ = std::fs::remove_dir_all(&dir);
     let mut table = vec![format!(
-        "{:<20} {:<36} {:>4} {:>6} {:>12}  {}",
+        "{:<25} {:<36} {:>4} {:>6} {:>12}  {}",
         "module", "kernel", "regs", "stack", "spill st/ld", "hot"
     )];
     let mut failures = Vec::new();
@@ -124,7 +126,7 @@ fn check_module(module: Module, cubin: Target, ptxas: &Path, dir: &Path) -> Modu
         };
         let is_hot = hot.contains(&entry);
         r.rows.push(format!(
-            "{name:<20} {entry:<36} {:>4} {:>6} {:>12}  {}",
+            "{name:<25} {entry:<36} {:>4} {:>6} {:>12}  {}",
             u.registers,
             u.stack,
             format!("{}/{}", u.spill_stores, u.spill_loads),

@@ -7,8 +7,9 @@ use crate::formats::tokenizer::GenerationConfig;
 use crate::kv_cache::KvCache;
 use crate::transformer::CausalLm;
 use qlora_autograd::{Tape, Var};
+use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::Rng;
-use qlora_runtime::Tensor;
+use qlora_runtime::{Device, Tensor};
 use std::ops::ControlFlow;
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -46,7 +47,7 @@ impl CausalLm {
         let tape = Tape::new();
         let run = || -> qlora_runtime::Result<Tensor> {
             let (ids, positions) = (Tensor::from_vec(ids, &[n])?, Tensor::from_vec(positions, &[n])?);
-            let cu = Tensor::from_vec(cu, &[new.len() + 1])?;
+            let cu = SeqLens::new(&cu, Device::Cpu)?;
             let hidden = self.forward_hidden(&tape, &ids, &positions, &cu, Some(&mut *cache), 0)?;
             let rows = match which {
                 LogitsFor::All => hidden,

@@ -7,7 +7,8 @@
 //! the decoder.
 
 use crate::config::ModelConfig;
-use qlora_runtime::Tensor;
+use qlora_runtime::ops::attention::SeqLens;
+use qlora_runtime::{Device, Tensor};
 
 /// One layer's cached keys and values, per sequence: rows of kv_heads·head_dim f32 values (the CPU compute
 /// precision), oldest first.
@@ -31,9 +32,9 @@ impl LayerKv {
         &mut self,
         k: &Tensor,
         v: &Tensor,
-        cu_seqlens_q: &Tensor,
-    ) -> qlora_runtime::Result<(Tensor, Tensor, Tensor)> {
-        let cu = cu_seqlens_q.values::<i32>();
+        cu_seqlens_q: &SeqLens,
+    ) -> qlora_runtime::Result<(Tensor, Tensor, SeqLens)> {
+        let cu = cu_seqlens_q.host();
         let tokens = k.shape().first().copied().unwrap_or(0);
         let expected = [tokens, self.kv_heads, self.head_dim];
         if k.shape() != expected || v.shape() != expected || cu.len() != self.k.len() + 1 {
@@ -62,7 +63,7 @@ impl LayerKv {
         let shape = [total, self.kv_heads, self.head_dim];
         let k = Tensor::from_vec(self.k.concat(), &shape)?;
         let v = Tensor::from_vec(self.v.concat(), &shape)?;
-        Ok((k, v, Tensor::from_vec(cu_k, &[self.k.len() + 1])?))
+        Ok((k, v, SeqLens::new(&cu_k, Device::Cpu)?))
     }
 
     fn truncate(&mut self, lens: &[usize]) {

@@ -12,8 +12,9 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::transformer::{Batch, CausalLm, Projection, Weights};
 use qlora_autograd::{LoraAdapter, LoraConfig, Param, Tape, Var};
+use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
-use qlora_runtime::{nf4, DType, Rng, Tensor};
+use qlora_runtime::{nf4, DType, Device, Rng, Tensor};
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug)]
@@ -162,8 +163,8 @@ impl ToyDecoder {
         positions: &Tensor,
         cu: &Tensor,
     ) -> qlora_runtime::Result<Var> {
-        let batch =
-            Batch { ids: ids.clone(), positions: positions.clone(), cu_seqlens: cu.clone(), targets: targets.clone() };
+        let cu_seqlens = SeqLens::new(&cu.values::<i32>(), Device::Cpu)?;
+        let batch = Batch::new(ids.clone(), positions.clone(), cu_seqlens, targets.clone())?;
         let trained = batch.trained_tokens().max(1);
         self.model.loss(tape, &batch, trained as f64, 0)
     }

@@ -11,7 +11,9 @@ use crate::formats::checkpoint::Checkpoint;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, LoraProjection, Param, Tape, Var};
-use qlora_runtime::ops::nn::rope_tables;
+use qlora_runtime::ops::attention::SeqLens;
+use qlora_runtime::ops::linear_cross_entropy::linear_cross_entropy_op;
+use qlora_runtime::ops::rope::rope_tables;
 use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::{DType, Device, Tensor};
@@ -158,12 +160,18 @@ fn try_map7<T, U, E>(items: [T; 7], f: impl FnMut(T) -> std::result::Result<U, E
 /// Token ids of a packed batch: sequences concatenated into one row, positions restarting at each sequence,
 /// `cu_seqlens` marking the boundaries (attention never crosses them). `targets[i]` is the token position i
 /// must predict, or −100.
+///
+/// Built on the host, where everything a step needs to know about it is read once (boundaries, trained tokens);
+/// [`Batch::to_device`] moves ids, targets and the boundaries to the GPU while positions stay on the host, where the
+/// rotary tables are built from them: a step never reads a batch back from the device.
 #[derive(Clone, Debug)]
 pub struct Batch {
     pub ids: Tensor,
+    /// On the host, always.
     pub positions: Tensor,
-    pub cu_seqlens: Tensor,
+    pub cu_seqlens: SeqLens,
     pub targets: Tensor,
+    trained_tokens: usize,
 }
 
 impl Batch {
@@ -183,26 +191,40 @@ impl Batch {
             }
             cu.push(ids.len() as i32);
         }
+        let trained_tokens = targets.iter().filter(|&&t| t >= 0).count();
         let t = |v: Vec<i32>| {
             let n = v.len();
             Tensor::from_vec(v, &[n])
         };
-        Ok(Batch { ids: t(ids)?, positions: t(pos)?, cu_seqlens: t(cu)?, targets: t(targets)? })
+        let cu_seqlens = SeqLens::new(&cu, Device::Cpu)?;
+        Ok(Batch { ids: t(ids)?, positions: t(pos)?, cu_seqlens, targets: t(targets)?, trained_tokens })
     }
 
-    /// The batch's index tensors on `device` (where the model runs).
+    /// A batch from its parts, all on the host (`targets` counted here, once).
+    pub fn new(ids: Tensor, positions: Tensor, cu_seqlens: SeqLens, targets: Tensor) -> qlora_runtime::Result<Batch> {
+        for (what, t) in [("ids", &ids), ("positions", &positions), ("targets", &targets)] {
+            if t.device() != Device::Cpu || t.dtype() != DType::I32 {
+                return Err(qlora_runtime::Error::invalid("batch", format!("{what} must be I32 on the host")));
+            }
+        }
+        let trained_tokens = targets.values::<i32>().iter().filter(|&&t| t >= 0).count();
+        Ok(Batch { ids, positions, cu_seqlens, targets, trained_tokens })
+    }
+
+    /// The batch on `device` (where the model runs): ids, targets and boundaries uploaded, positions kept on the host.
     pub fn to_device(&self, device: Device) -> qlora_runtime::Result<Batch> {
         Ok(Batch {
             ids: self.ids.to_device(device)?,
-            positions: self.positions.to_device(device)?,
+            positions: self.positions.clone(),
             cu_seqlens: self.cu_seqlens.to_device(device)?,
             targets: self.targets.to_device(device)?,
+            trained_tokens: self.trained_tokens,
         })
     }
 
     /// Positions whose target is trained (not −100).
     pub fn trained_tokens(&self) -> usize {
-        self.targets.values::<i32>().iter().filter(|&&t| t >= 0).count()
+        self.trained_tokens
     }
 }
 
@@ -220,7 +242,7 @@ pub struct CausalLm {
 
 /// Everything a layer's forward reads besides its input, shared by all layers of one batch.
 struct LayerInputs {
-    cu_seqlens: Tensor,
+    cu_seqlens: SeqLens,
     /// (cos, sin) for full-attention layers and for sliding layers (they differ only for Gemma 3).
     rope_full: (Tensor, Tensor),
     rope_local: (Tensor, Tensor),
@@ -406,13 +428,18 @@ impl CausalLm {
         self.projections().into_iter().filter_map(|p| p.adapter.as_ref()).flat_map(|a| a.params()).cloned().collect()
     }
 
-    /// (cos, sin) for `positions`, beside them: the tables are small, so they are built on the host from a copy of
-    /// the positions and uploaded when the model runs on a GPU.
-    fn rope(&self, positions: &Tensor, rope: &crate::config::Rope) -> qlora_runtime::Result<(Tensor, Tensor)> {
+    /// (cos, sin) for host `positions` on `device`: the tables are small, so they are built on the host and
+    /// uploaded once per batch when the model runs on a GPU.
+    fn rope(
+        &self,
+        positions: &Tensor,
+        rope: &crate::config::Rope,
+        device: Device,
+    ) -> qlora_runtime::Result<(Tensor, Tensor)> {
         let f = inv_freq(rope, self.config.head_dim);
         let n = f.len();
-        let (cos, sin) = rope_tables(&positions.to_device(Device::Cpu)?, &Tensor::from_vec(f, &[n])?)?;
-        Ok((cos.to_device(positions.device())?, sin.to_device(positions.device())?))
+        let (cos, sin) = rope_tables(positions, &Tensor::from_vec(f, &[n])?)?;
+        Ok((cos.to_device(device)?, sin.to_device(device)?))
     }
 
     /// logits: [tokens, vocab] for a packed batch. `dropout_seed` makes adapter dropout reproducible.
@@ -421,7 +448,8 @@ impl CausalLm {
         self.head(t, &x)
     }
 
-    /// Final-normed hidden states [tokens, hidden] of packed `ids` (sequences split by `cu_seqlens`).
+    /// Final-normed hidden states [tokens, hidden] of packed `ids` (sequences split by `cu_seqlens`, on the ids'
+    /// device; `positions` on the host).
     /// With a `cache` (inference only, under `no_grad`), every layer appends the new keys and values to it and
     /// attends over everything cached for the sequence, the new tokens last (bottom-right aligned); `positions`
     /// must then continue from the cached lengths. See [`KvCache`].
@@ -430,7 +458,7 @@ impl CausalLm {
         t: &Tape,
         ids: &Tensor,
         positions: &Tensor,
-        cu_seqlens: &Tensor,
+        cu_seqlens: &SeqLens,
         mut cache: Option<&mut KvCache>,
         dropout_seed: u64,
     ) -> qlora_runtime::Result<Var> {
@@ -441,8 +469,8 @@ impl CausalLm {
         let c = &self.config;
         let inputs = Rc::new(LayerInputs {
             cu_seqlens: cu_seqlens.clone(),
-            rope_full: self.rope(positions, &c.rope)?,
-            rope_local: self.rope(positions, &c.rope_local)?,
+            rope_full: self.rope(positions, &c.rope, ids.device())?,
+            rope_local: self.rope(positions, &c.rope_local, ids.device())?,
             dropout_seed,
         });
         let mut x = t.embedding(&t.param(&self.embed_tokens), ids)?;
@@ -479,11 +507,22 @@ impl CausalLm {
         }
     }
 
-    /// Σ token losses ÷ `normalizer` (pass the trained-token count of the whole accumulated batch).
+    /// Σ token losses ÷ `normalizer` (pass the trained-token count of the whole accumulated batch). A frozen head
+    /// (QLoRA's) runs fused with the loss, chunk by chunk, so the [tokens, vocab] logits never exist
+    /// (`qlora_runtime::ops::linear_cross_entropy`); a trainable one takes the plain head and loss.
     pub fn loss(&self, t: &Tape, batch: &Batch, normalizer: f64, dropout_seed: u64) -> qlora_runtime::Result<Var> {
-        let logits = self.logits(t, batch, dropout_seed)?;
-        let _profile = profile::scope(Pass::Forward, "cross entropy");
-        t.cross_entropy(&logits, &batch.targets, normalizer)
+        let x = self.forward_hidden(t, &batch.ids, &batch.positions, &batch.cu_seqlens, None, dropout_seed)?;
+        let head = t.param(self.lm_head.as_ref().unwrap_or(&self.embed_tokens));
+        if head.requires_grad() {
+            let logits = self.head(t, &x)?;
+            let _profile = profile::scope(Pass::Forward, "cross entropy");
+            return t.cross_entropy(&logits, &batch.targets, normalizer);
+        }
+        let _profile = profile::scope(Pass::Forward, "lm head + cross entropy");
+        let cap = self.config.final_logit_softcapping;
+        t.apply([&x], |[x], [needs_dx]| {
+            linear_cross_entropy_op(x, head.value(), &batch.targets, cap, normalizer, needs_dx)
+        })
     }
 }
 

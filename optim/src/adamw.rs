@@ -3,6 +3,7 @@
 
 use qlora_autograd::Param;
 use qlora_runtime::adamw::{adamw_step, AdamWStep};
+use qlora_runtime::ops::reduce::{sum_squares, sum_squares_into};
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 
 /// Defaults are the QLoRA paper's and Hugging Face Trainer's: β = (0.9, 0.999), ε = 1e-8, no weight decay.
@@ -124,6 +125,42 @@ impl AdamW {
     /// One update from the accumulated gradients (a parameter with no gradient is skipped, as torch does), then
     /// clears them for the next accumulation.
     pub fn step(&mut self) -> Result<()> {
+        self.update(None)
+    }
+
+    /// The squared global norm of the accumulated gradients, where they are: [`GradNorm::Host`] (f64, exact) for
+    /// parameters on the CPU, [`GradNorm::Device`] (an f32 scalar on their GPU, not read back) otherwise.
+    pub fn grad_norm_sq(&self) -> Result<GradNorm> {
+        let device = self.slots.first().map_or(Device::Cpu, |s| s.param.value().device());
+        if device == Device::Cpu {
+            let params: Vec<Param> = self.params().cloned().collect();
+            return Ok(GradNorm::Host(sum_squares_of(&params)?));
+        }
+        let mut acc = Tensor::zeros_on(&[], DType::F32, device)?;
+        for slot in &self.slots {
+            if let Some(g) = slot.param.grad() {
+                sum_squares_into(&g, &mut acc)?;
+            }
+        }
+        Ok(GradNorm::Device(acc))
+    }
+
+    /// [`AdamW::step`] on the gradients clipped to a global norm of `max_norm` (∞: none) as
+    /// torch.nn.utils.clip_grad_norm_ does, from `norm` as [`AdamW::grad_norm_sq`] gave it: on the host the
+    /// gradients are scaled first (as [`clip_grad_norm`]); on a GPU the update kernel scales them by the device norm.
+    pub fn step_clipped(&mut self, norm: &GradNorm, max_norm: f64) -> Result<()> {
+        match norm {
+            GradNorm::Host(sq) => {
+                let params: Vec<Param> = self.params().cloned().collect();
+                clip_to(&params, sq.sqrt(), max_norm)?;
+                self.update(None)
+            }
+            GradNorm::Device(sq) if max_norm.is_finite() => self.update(Some((sq, max_norm))),
+            GradNorm::Device(_) => self.update(None),
+        }
+    }
+
+    fn update(&mut self, clip: Option<(&Tensor, f64)>) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let h = AdamWStep {
@@ -150,6 +187,7 @@ impl AdamW {
             }
             match &mut slot.moments {
                 Moments::Host { m, v } => {
+                    debug_assert!(clip.is_none(), "host parameters are clipped on the host before the update");
                     let g = g.to_vec::<f64>();
                     let mut p = value.to_vec::<f64>();
                     adamw_step(&h, &mut p, &g, m, v);
@@ -158,7 +196,8 @@ impl AdamW {
                 Moments::Device(d) => {
                     // Drop our handle first so the update writes the parameter's buffer in place instead of copying.
                     drop(value);
-                    slot.param.update(|p| qlora_runtime::ops::optim::adamw_step(&h, p, &g, &mut d.m, &mut d.v))?;
+                    slot.param
+                        .update(|p| qlora_runtime::ops::optim::adamw_step(&h, p, &g, &mut d.m, &mut d.v, clip))?;
                 }
             }
             slot.param.zero_grad();
@@ -233,16 +272,37 @@ pub struct ParamMoments {
     pub exp_avg_sq: Vec<f64>,
 }
 
-/// Scales every gradient so their global L2 norm is at most `max_norm`; returns the norm before clipping
-/// (what training logs report). A non-finite norm is returned unscaled so the caller can stop on it.
-pub fn clip_grad_norm(params: &[Param], max_norm: f64) -> Result<f64> {
+/// The squared global norm of the gradients where [`AdamW::grad_norm_sq`] computed it.
+#[derive(Clone, Debug)]
+pub enum GradNorm {
+    /// f64, summed on the host (CPU parameters: exact and bit-reproducible).
+    Host(f64),
+    /// A one-element f32 tensor on the parameters' GPU: read it (with the loss, in one synchronisation) only to log
+    /// or check it.
+    Device(Tensor),
+}
+
+/// Σ over the parameters' gradients of Σ g², in f64.
+fn sum_squares_of(params: &[Param]) -> Result<f64> {
     let mut sq = 0.0;
     for p in params {
         if let Some(g) = p.grad() {
-            sq += qlora_runtime::ops::elementwise::sum_squares(&g)?;
+            sq += sum_squares(&g)?;
         }
     }
-    let norm = sq.sqrt();
+    Ok(sq)
+}
+
+/// Scales every gradient so their global L2 norm is at most `max_norm`; returns the norm before clipping
+/// (what training logs report). A non-finite norm is returned unscaled so the caller can stop on it.
+pub fn clip_grad_norm(params: &[Param], max_norm: f64) -> Result<f64> {
+    let norm = sum_squares_of(params)?.sqrt();
+    clip_to(params, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// Scales the gradients by max_norm / (norm + 1e-6) when the finite `norm` exceeds `max_norm`.
+fn clip_to(params: &[Param], norm: f64, max_norm: f64) -> Result<()> {
     if norm.is_finite() && norm > max_norm {
         // torch.nn.utils.clip_grad_norm_ adds 1e-6 to the denominator.
         let factor = max_norm / (norm + 1e-6);
@@ -250,7 +310,7 @@ pub fn clip_grad_norm(params: &[Param], max_norm: f64) -> Result<f64> {
             p.scale_grad(factor)?;
         }
     }
-    Ok(norm)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,5 +4,5 @@
 mod adamw;
 mod schedule;
 
-pub use adamw::{clip_grad_norm, AdamW, AdamWConfig, AdamWState, ParamMoments};
+pub use adamw::{clip_grad_norm, AdamW, AdamWConfig, AdamWState, GradNorm, ParamMoments};
 pub use schedule::{Schedule, ScheduleKind};

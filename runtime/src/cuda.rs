@@ -49,6 +49,60 @@ pub(crate) fn upload(t: &Tensor, ordinal: usize) -> Result<Tensor> {
     }
 }
 
+/// `shape` filled with `value` in `dtype` on `cuda:{ordinal}`: a memset of the value's bits, no upload.
+pub(crate) fn full(shape: &[usize], value: f64, dtype: DType, ordinal: usize) -> Result<Tensor> {
+    fn go<T: CudaElement>(dev: &CudaDevice, shape: &[usize], value: T) -> Result<Tensor> {
+        let mut b = dev.alloc::<T>(shape.iter().product()).map_err(Error::cuda("full"))?;
+        b.fill(value).map_err(Error::cuda("full"))?;
+        Tensor::from_cuda(T::wrap_device(b), shape)
+    }
+    let dev = cuda_device(ordinal)?;
+    match dtype {
+        DType::F32 => go(&dev, shape, value as f32),
+        DType::BF16 => go(&dev, shape, bf16::from_f64(value)),
+        DType::F16 => go(&dev, shape, f16::from_f64(value)),
+        DType::I32 => go(&dev, shape, value as i32),
+        DType::U8 => go(&dev, shape, value as u8),
+        DType::F64 => Err(Error::Unsupported {
+            op: "full",
+            device: Device::Cuda(ordinal),
+            why: "f64 (for CPU gradient checks) has no CUDA kernels: use f32",
+        }),
+    }
+}
+
+/// How many times the host has waited for `device` (synchronisations and reads back) since it was opened; 0 for the
+/// CPU. A training step's contract is one such wait per optimizer step (its loss and gradient norm).
+pub fn synchronizations(device: Device) -> Result<u64> {
+    match device {
+        Device::Cpu => Ok(0),
+        Device::Cuda(ordinal) => Ok(cuda_device(ordinal)?.synchronizations()),
+    }
+}
+
+/// The values of one-element tensors, read back together: one synchronisation for all of them (a training step
+/// reads its loss and gradient norm this way, once).
+pub fn read_scalars(ts: &[&Tensor]) -> Result<Vec<f64>> {
+    let Some(first) = ts.first() else { return Ok(Vec::new()) };
+    let Device::Cuda(ordinal) = first.device() else {
+        return ts.iter().map(|t| t.to_scalar::<f64>()).collect();
+    };
+    let dev = cuda_device(ordinal)?;
+    let mut packed = dev.alloc::<f32>(ts.len()).map_err(Error::cuda("read_scalars"))?;
+    for (i, t) in ts.iter().enumerate() {
+        if t.elem_count() != 1 || t.device() != first.device() {
+            return Err(Error::shape(
+                "read_scalars",
+                format!("{:?} on {} is not a scalar on cuda:{ordinal}", t.shape(), t.device()),
+            ));
+        }
+        let v = to_dtype(t, DType::F32)?;
+        packed.copy_from_at(i, buf::<f32>(&v)).map_err(Error::cuda("read_scalars"))?;
+    }
+    let values = packed.to_vec().map_err(Error::cuda("read_scalars"))?;
+    Ok(values.into_iter().map(f64::from).collect())
+}
+
 /// A CUDA tensor's elements copied to the host (waits for the device's queued work).
 pub(crate) fn download(t: &Tensor) -> Result<Tensor> {
     fn go<T: CudaElement>(b: &DeviceBuffer<T>, shape: &[usize]) -> Result<Tensor> {
@@ -170,14 +224,10 @@ impl Gpu {
         let Device::Cuda(ordinal) = first else {
             return Ok(None);
         };
-        let mut dtype = DType::F32;
-        for x in xs {
-            match x.dtype() {
-                DType::F32 => {}
-                DType::BF16 => dtype = DType::BF16,
-                other => return Err(Error::DType { op, expected: DType::BF16, got: other }),
-            }
+        if let Some(x) = xs.iter().find(|x| !matches!(x.dtype(), DType::F32 | DType::BF16)) {
+            return Err(Error::DType { op, expected: DType::BF16, got: x.dtype() });
         }
+        let dtype = DType::compute(first, xs.iter().map(|x| x.dtype()));
         Ok(Some(Gpu { op, device: first, dtype, dev: cuda_device(ordinal)? }))
     }
 
@@ -216,12 +266,6 @@ impl Gpu {
     /// A launcher's outcome as this crate's error, naming the op.
     pub(crate) fn run<R>(&self, r: kc::Result<R>) -> Result<R> {
         r.map_err(Error::cuda(self.op))
-    }
-
-    /// A host value placed on the op's device (the f32 scalar of a reduction).
-    pub(crate) fn scalar(&self, v: f32) -> Result<Tensor> {
-        let b = self.dev.upload(&[v]).map_err(Error::cuda(self.op))?;
-        Tensor::from_cuda(CudaStorage::F32(b), &[])
     }
 }
 

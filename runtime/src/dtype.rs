@@ -16,6 +16,21 @@ pub enum DType {
 }
 
 impl DType {
+    /// The one precision rule every op follows, chosen from its float operands' dtypes on `device`: f64 when any is
+    /// f64 (CPU gradient checks); on CUDA bf16 when any is bf16 (bf16 activations take f32 master adapters down to
+    /// bf16 for the products, as autocast does); f32 otherwise (the CPU computes bf16 inputs in f32).
+    pub fn compute(device: crate::Device, dtypes: impl IntoIterator<Item = DType>) -> DType {
+        let mut out = DType::F32;
+        for d in dtypes {
+            match d {
+                DType::F64 => return DType::F64,
+                DType::BF16 if device != crate::Device::Cpu => out = DType::BF16,
+                _ => {}
+            }
+        }
+        out
+    }
+
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F64 => 8,

@@ -8,11 +8,13 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod layout;
+pub mod op;
 pub mod ops;
 pub mod profile;
 pub mod quant;
 pub mod storage;
 pub mod tensor;
+pub mod testing;
 pub mod timing;
 
 mod device;
@@ -30,4 +32,4 @@ pub use tensor::Tensor;
 // and the test helpers (tolerances, gradient checks, the GPU switch) that every crate's tests share.
 pub use qlora_kernels::cuda::device_count;
 pub use qlora_kernels::rope::rope_inv_freq;
-pub use qlora_kernels::{adamw, nf4, testing, Rng};
+pub use qlora_kernels::{adamw, nf4, Rng};

@@ -89,6 +89,18 @@ impl Tensor {
         Self::full(shape, 1.0, dtype)
     }
 
+    /// [`Tensor::full`] made on `device` (a memset there: nothing crosses from the host).
+    pub fn full_on(shape: &[usize], value: f64, dtype: DType, device: Device) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Self::full(shape, value, dtype)),
+            Device::Cuda(ordinal) => cuda::full(shape, value, dtype, ordinal),
+        }
+    }
+
+    pub fn zeros_on(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
+        Self::full_on(shape, 0.0, dtype, device)
+    }
+
     /// Normal(0, std²) values from `rng`.
     pub fn randn(shape: &[usize], std: f64, dtype: DType, rng: &mut Rng) -> Self {
         let n: usize = shape.iter().product();

@@ -1,15 +1,15 @@
 //! The runtime ops a training step uses to reuse buffers, on CUDA against the CPU: NF4 dequantization (one launch,
 //! double quantization included) into a fresh tensor or into the front of a scratch tensor, bit for bit;
 //! `matmul_into`, which accumulates a product into an existing tensor; and what the LoRA group runs on: column blocks
-//! read in place, products written side by side (`matmul_columns`), adapters stacked and cast (`stack_rows`).
+//! read in place, products written side by side (`matmul_columns`).
 //!
 //! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
 
 use qlora_kernels::testing::{assert_close, gpu, Tolerance};
 use qlora_kernels::Rng;
+use qlora_runtime::ops::concat::cat_rows;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
-use qlora_runtime::ops::stack::stack_rows;
 use qlora_runtime::quant::Nf4Weight;
 use qlora_runtime::{DType, Device, Tensor};
 
@@ -85,7 +85,7 @@ fn matmul_into_on_cuda_matches_cpu() {
     }
 }
 
-/// The LoRA group's operands on CUDA against the CPU: U = x·[A₀; A₁; A₂]ᵀ from stacked (cast) adapters, each
+/// The LoRA group's operands on CUDA against the CPU: U = x·[A₀; A₁; A₂]ᵀ from stacked adapters, each
 /// projection's slice of U (a column block, read in place) times Bᵢᵀ accumulated into its output, dU written block by
 /// block, dB from a column block as the right operand. Ranks 16 (16-byte aligned blocks) and 3 (misaligned ones).
 #[test]
@@ -110,7 +110,8 @@ fn lora_group_operands_on_cuda_match_cpu() {
         // Products land in `dtype` on both devices (the CPU computes in f32 and is rounded the same way here), so the
         // two differ by summation order only.
         let run = |x: &Tensor, a: &[Tensor], b: &[Tensor], dy: &[Tensor]| {
-            let a_cat = stack_rows(&a.iter().collect::<Vec<_>>(), dtype).unwrap();
+            let parts: Vec<Tensor> = a.iter().map(|a| a.try_to_dtype(dtype).unwrap()).collect();
+            let a_cat = cat_rows(&parts, &[ranks.iter().sum(), inp], dtype, x.device()).unwrap();
             let u = matmul(x, &a_cat.t().unwrap()).unwrap().to_dtype(dtype);
             let mut out = vec![];
             let mut col = 0;

@@ -157,6 +157,40 @@ def check_epilogue(bm, d):
                 assert len(banks) == 32
 
 
+def check_split_backward(d):
+    """flash_backward_sm90_split (two warpgroups on one 64-key tile): Q rows 32w … as the N = 32 B operand of Sᵀ; the
+    Pᵀ/dSᵀ stores (warpgroup w, queries 32w …) read back as dV's/dK's K-major A and dQ's M-major A; the dO/Q/K column
+    slices c0 = (d/2)·w as N-major B operands of N = d/2."""
+    for w in range(2):
+        check_k_operand(64, d, 256, 0x400, 32 * w, 32)
+    written = {}
+    for w in range(2):
+        for warp in range(4):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                kr0 = 16 * warp + g
+                row = kr0 * 128 + (g << 4) + 4 * t
+                for hr in range(2):
+                    for j in range(4):
+                        a = (row + hr * 1024) ^ ((4 * w + j) << 4)
+                        assert a == sw128(64, kr0 + 8 * hr, 4 * w + j) + 4 * t
+                        for x in range(2):
+                            assert a + 2 * x not in written
+                            written[a + 2 * x] = (kr0 + 8 * hr, 32 * w + 8 * j + 2 * t + x)
+    assert len(written) == 64 * 64
+    for kk in range(4):
+        for (m, k), a in hw_k_major(desc_k(64, 0, 0, kk), 64).items():  # A = Pᵀ: m = key, k = query
+            assert written[a] == (m, 16 * kk + k)
+        for (k, n), a in hw_mn_major(desc_mn(64, 0, kk), 64).items():  # A = dS (trans): k = key, n = query
+            assert written[a] == (16 * kk + k, n)
+    chunks = load_tile_addresses(64, d, 256)
+    for w in range(2):
+        c0 = (d // 2) * w
+        for kk in range(4):
+            for (k, n), a in hw_mn_major(desc_sw128(0x400 + (c0 // 64) * (64 * 128) + kk * 2048, 64 * 128), d // 2).items():
+                assert a == element_addr(chunks, 0x400, 16 * kk + k, c0 + n)
+
+
 def main():
     random.seed(0)
     base = 0x400  # any 1024-aligned tile base
@@ -178,6 +212,9 @@ def main():
         for d in (64, 128, 256):
             check_epilogue(64 * nwg, d)
     print("epilogue staging (and its bank spread): OK")
+    for d in (128, 256):
+        check_split_backward(d)
+    print("split backward (Pᵀ/dSᵀ stores, column slices): OK")
 
 
 if __name__ == "__main__":

@@ -16,23 +16,33 @@ __global__ void __launch_bounds__(32 * W) bwd_kernel(const FlashParams p) {
     flash_backward<bf16, D, BM, BN, W, P1K, P2K, P3Q>(p);
 }
 
-// Hopper (sm_90a, wgmma) forward: NWG warpgroups of 64 query rows, BN keys per tile; OV = intra-warpgroup overlap.
-template <int D, int BN, int NWG, bool OV>
+// Hopper (sm_90a, wgmma) forward: NWG warpgroups of 64 query rows, BN keys per tile; OV = intra-warpgroup overlap;
+// LAZY as in fwd90ws_kernel.
+template <int D, int BN, int NWG, bool OV, bool LAZY>
 __global__ void __launch_bounds__(128 * NWG, 1) fwd90_kernel(const FlashParams p) {
-    flash_forward_sm90<bf16, D, BN, NWG, OV>(p);
+    flash_forward_sm90<bf16, D, BN, NWG, OV, LAZY>(p);
 }
 
 // Warp-specialized: NWG consumer warpgroups + 1 producer warpgroup (cp.async + mbarriers); PP = ping-pong between
-// the consumer warpgroups; the producer keeps 48 registers (setmaxnreg), the consumers get the rest.
-template <int D, int BN, int NWG, bool PP>
+// the consumer warpgroups; the producer keeps 48 registers (setmaxnreg), the consumers get the rest; LAZY = rescale
+// O only when a row max grows by more than 2^8.
+template <int D, int BN, int NWG, bool PP, bool LAZY>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd90ws_kernel(const FlashParams p) {
-    flash_forward_sm90_ws<bf16, D, BN, NWG, PP, 48>(p);
+    flash_forward_sm90_ws<bf16, D, BN, NWG, PP, 48, LAZY>(p);
 }
 
-// Hopper backward: NWG warpgroups × 64 keys per block, 64-query tiles (all threads load).
-template <int D, int NWG>
+// Hopper backward: NWG warpgroups × 64 keys per block, 64-query tiles (all threads load); OV = P under dPᵀ's
+// product and dS under dV's.
+template <int D, int NWG, bool OV>
 __global__ void __launch_bounds__(128 * NWG, 1) bwd90_kernel(const FlashParams p) {
-    flash_backward_sm90<bf16, D, NWG>(p);
+    flash_backward_sm90<bf16, D, NWG, OV>(p);
+}
+
+// Hopper backward with two warpgroups sharing 64 keys (queries split for Sᵀ/dPᵀ, head dims for dK/dV/dQ): the d256
+// backward on wgmma.
+template <int D>
+__global__ void __launch_bounds__(256, 1) bwd90s_kernel(const FlashParams p) {
+    flash_backward_sm90_split<bf16, D>(p);
 }
 
 struct Variant {
@@ -47,14 +57,21 @@ struct Variant {
 #define BWD(D, BM, BN, W, A, B, C) \
     {"bwd d" #D " " #BM "x" #BN "x" #W " " #A #B #C, D, BM, BN, W, (2 * BN + 4 * BM) * (D + 8) * 2 + 2 * BN * (BM + 8) * 2 + 16 * BM, (const void*)bwd_kernel<D, BM, BN, W, A, B, C>}
 
-#define FWD90(D, BN, NWG, OV) \
-    {"fwd90 d" #D " " #BN " wg" #NWG " ov" #OV, D, 64 * NWG, BN, 4 * NWG, Sm90ForwardSmem<D, BN, NWG>::bytes, (const void*)fwd90_kernel<D, BN, NWG, OV>}
+#define FWD90L(D, BN, NWG, OV, LAZY, TAG)                                                                  \
+    {"fwd90 d" #D " " #BN " wg" #NWG " ov" #OV TAG, D, 64 * NWG, BN, 4 * NWG, Sm90ForwardSmem<D, BN, NWG>::bytes, \
+     (const void*)fwd90_kernel<D, BN, NWG, OV, LAZY>}
+#define FWD90(D, BN, NWG, OV) FWD90L(D, BN, NWG, OV, false, "")
 
-#define FWD90WS(D, BN, NWG, PP)                                                                                         \
-    {"fwd90ws d" #D " " #BN " wg" #NWG " pp" #PP, D, 64 * NWG, BN, 4 * (NWG + 1), Sm90ForwardWsSmem<D, BN, NWG>::bytes, \
-     (const void*)fwd90ws_kernel<D, BN, NWG, PP>}
+#define FWD90WSL(D, BN, NWG, PP, LAZY, TAG)                                                                          \
+    {"fwd90ws d" #D " " #BN " wg" #NWG " pp" #PP TAG, D, 64 * NWG, BN, 4 * (NWG + 1), Sm90ForwardWsSmem<D, BN, NWG>::bytes, \
+     (const void*)fwd90ws_kernel<D, BN, NWG, PP, LAZY>}
+#define FWD90WS(D, BN, NWG, PP) FWD90WSL(D, BN, NWG, PP, false, "")
 
-#define BWD90(D, NWG) {"bwd90 d" #D " wg" #NWG, D, 64, 64 * NWG, 4 * NWG, Sm90BackwardSmem<D, NWG>::bytes, (const void*)bwd90_kernel<D, NWG>}
+#define BWD90O(D, NWG, OV, TAG) \
+    {"bwd90 d" #D " wg" #NWG TAG, D, 64, 64 * NWG, 4 * NWG, Sm90BackwardSmem<D, NWG>::bytes, (const void*)bwd90_kernel<D, NWG, OV>}
+#define BWD90(D, NWG) BWD90O(D, NWG, false, "")
+
+#define BWD90S(D) {"bwd90s d" #D, D, 64, 64, 8, Sm90BackwardSplitSmem<D>::bytes, (const void*)bwd90s_kernel<D>}
 
 static Variant VARIANTS[] = {
     FWD(64, 64, 64, 4),
@@ -83,6 +100,7 @@ static Variant VARIANTS[] = {
     FWD90(128, 64, 2, 1),
     FWD90(128, 128, 1, 1),
     FWD90(256, 64, 2, 0),
+    FWD90L(256, 64, 2, 0, true, " lazy"),
     FWD90WS(64, 128, 2, 1),
     FWD90WS(64, 128, 2, 0),
     FWD90WS(128, 128, 2, 1),
@@ -91,9 +109,17 @@ static Variant VARIANTS[] = {
     FWD90WS(256, 64, 2, 1),
     FWD90WS(256, 80, 2, 1),
     FWD90WS(256, 64, 2, 0),
+    FWD90WSL(64, 128, 2, 1, true, " lazy"),
+    FWD90WSL(128, 128, 2, 1, true, " lazy"),
+    FWD90WS(64, 128, 3, 0),
+    FWD90WS(64, 128, 3, 1),
     BWD90(64, 2),
     BWD90(64, 1),
     BWD90(128, 2),
+    BWD90O(64, 2, true, " ov"),
+    BWD90O(128, 2, true, " ov"),
+    BWD90S(256),
+    BWD90S(128),
 };
 
 // ---- wgmma layout self-test ----------------------------------------------------------------------------------

@@ -5,8 +5,10 @@
 
 use super::{precision, Dropout, LoraAdapter};
 use crate::tape::{Backward, Tape, Var};
-use qlora_runtime::ops::elementwise::{add, add_bias, mul, scale, sum_rows};
+use qlora_runtime::op::{bytes_of, first_grad, saved};
+use qlora_runtime::ops::elementwise::{add, add_bias, mul, scale};
 use qlora_runtime::ops::linalg::matmul;
+use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::ops::Compute;
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Error, Result, Tensor};
@@ -105,10 +107,6 @@ struct DoraLinear {
     h: Option<Tensor>,
 }
 
-fn saved(t: &Option<Tensor>) -> Result<&Tensor> {
-    t.as_ref().ok_or_else(|| Error::invalid("lora_linear backward", "a tensor needed for this gradient was not saved"))
-}
-
 impl Backward for DoraLinear {
     fn name(&self) -> &'static str {
         "lora_linear"
@@ -116,15 +114,11 @@ impl Backward for DoraLinear {
 
     fn saved_bytes(&self) -> usize {
         // The base clone shares its storage with the owner (dense tensor, NF4 nibbles and scales): it costs nothing.
-        let kept = [&self.x, &self.u, &self.a, &self.b, &self.n, &self.h];
-        self.g.size_in_bytes() + kept.iter().filter_map(|t| t.as_ref()).map(Tensor::size_in_bytes).sum::<usize>()
+        self.g.size_in_bytes() + bytes_of([&self.x, &self.u, &self.a, &self.b, &self.n, &self.h])
     }
 
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let dy = grads
-            .first()
-            .and_then(Option::as_ref)
-            .ok_or_else(|| Error::invalid("lora_linear", "missing output gradient"))?;
+        let dy = first_grad(grads)?;
         let p = self.precision;
         let out_f = *dy.shape().last().ok_or_else(|| Error::shape("lora_linear backward", "scalar gradient"))?;
         let dy = dy.reshape(&[dy.elem_count() / out_f, out_f])?;

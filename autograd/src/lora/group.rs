@@ -17,8 +17,10 @@ use super::scratch::with_weight;
 use super::{precision, validate, Dropout, LoraProjection};
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
-use qlora_runtime::ops::elementwise::{add, add_bias, sum_rows};
+use qlora_runtime::op::{bytes_of, saved};
+use qlora_runtime::ops::elementwise::{add, add_bias};
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
+use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Error, Result, Tensor};
 
@@ -215,10 +217,8 @@ impl Backward for LoraGroup {
 
     fn saved_bytes(&self) -> usize {
         // Bases are handles on their owners' storage (dense tensor, NF4 nibbles and scales): they cost nothing.
-        let lanes = self.lanes.iter().flat_map(|l| [&l.a, &l.u]);
-        let kept = lanes.chain([&self.x]).filter_map(Option::as_ref).map(Tensor::size_in_bytes).sum::<usize>();
-        let bs = self.members.iter().filter_map(|m| m.adapter.as_ref()?.b.as_ref()).map(Tensor::size_in_bytes);
-        kept + bs.sum::<usize>()
+        let bs = self.members.iter().filter_map(|m| m.adapter.as_ref()).map(|ad| &ad.b);
+        bytes_of(self.lanes.iter().flat_map(|l| [&l.a, &l.u]).chain([&self.x]).chain(bs))
     }
 
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
@@ -317,8 +317,4 @@ fn accumulate(dx: &mut Option<Tensor>, a: &Tensor, b: &Tensor) -> Result<()> {
         Some(dx) => matmul_into(dx, a, b, 1.0, 1.0)?,
     }
     Ok(())
-}
-
-fn saved(t: &Option<Tensor>) -> Result<&Tensor> {
-    t.as_ref().ok_or_else(|| Error::invalid("lora_linear backward", "a tensor needed for this gradient was not saved"))
 }

@@ -21,6 +21,7 @@ use qlora_models::synthetic;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
 use qlora_optim::{AdamW, AdamWConfig};
+use qlora_runtime::cuda::synchronizations;
 use qlora_runtime::profile::{self, RegionTime};
 use qlora_runtime::timing::Mark;
 use qlora_runtime::{DType, Device};
@@ -328,14 +329,18 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let step_config = StepConfig { device, seed: args.seed, max_grad_norm: args.max_grad_norm, lr: adamw.lr };
     let mut rng = Rng::new(args.seed ^ 0xBE7C);
     let mut timed = Vec::with_capacity(args.steps);
-    let mut loss = f64::NAN;
+    let (mut loss, mut syncs) = (f64::NAN, 0);
     for step in 0..args.warmup + args.steps {
         let batches = random_batches(&mut rng, args, config.vocab_size)?;
         let mut timer = PhaseTimer { device, marks: Vec::new() };
+        let before = synchronizations(device)?;
         let outcome = optimizer_step(&model, &mut optimizer, &batches, step as u64, &step_config, &mut timer)?;
+        // Counted before the timer reads its events: what the step itself waited for.
+        let waits = synchronizations(device)? - before;
         loss = outcome.loss;
         if step >= args.warmup {
             timed.push(timer.times()?);
+            syncs += waits;
         }
     }
     let profile = if args.profile {
@@ -371,6 +376,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     report["model_tflops"] = json!(round(tokens_per_s * flops_per_token / 1e12, 2));
     report["peak_gib"] = json!(peak_bytes(device)?.map(gib));
     report["loss"] = json!(round(loss, 4));
+    report["syncs_per_step"] = json!(syncs as f64 / args.steps.max(1) as f64);
     if let Some((total, rows)) = &profile {
         report["profile_step_ms"] = json!(round(*total, 2));
         report["profile"] = Value::Array(
@@ -461,8 +467,8 @@ fn print_report(
         if args.checkpointing() { 6 } else { 4 },
     );
     println!(
-        "phases: forward {} ms, backward {} ms, optimizer {} ms (medians)",
-        r["forward_ms"], r["backward_ms"], r["optimizer_ms"]
+        "phases: forward {} ms, backward {} ms, optimizer {} ms (medians); {} host wait(s) per step",
+        r["forward_ms"], r["backward_ms"], r["optimizer_ms"], r["syncs_per_step"]
     );
     let peak = r["peak_gib"].as_f64().map_or("n/a on the CPU".to_string(), |g| format!("{g:.2} GiB"));
     println!(

@@ -10,7 +10,8 @@
 use anyhow::{Context, Result};
 use qlora_autograd::Tape;
 use qlora_models::transformer::{Batch, CausalLm};
-use qlora_optim::{clip_grad_norm, AdamW};
+use qlora_optim::{AdamW, GradNorm};
+use qlora_runtime::cuda::read_scalars;
 use qlora_runtime::Device;
 
 /// The parts of a step, in the order they run (forward and backward once per micro-batch).
@@ -95,7 +96,8 @@ pub fn optimizer_step(
     phases: &mut dyn Phases,
 ) -> Result<StepOutcome> {
     let trained_tokens: usize = micro_batches.iter().map(Batch::trained_tokens).sum();
-    let mut loss = 0.0;
+    // Each micro-batch's loss stays where it was computed; all are read at the end with the gradient norm.
+    let mut losses = Vec::with_capacity(micro_batches.len());
     for (j, batch) in micro_batches.iter().enumerate() {
         phases.enter(Phase::Forward)?;
         let batch = &batch.to_device(config.device)?;
@@ -104,21 +106,29 @@ pub fn optimizer_step(
         let l = model
             .loss(&tape, batch, trained_tokens as f64, seed)
             .with_context(|| format!("forward at step {}", step + 1))?;
-        loss += l.value().to_scalar::<f64>()?;
         phases.enter(Phase::Backward)?;
         tape.backward(&l).with_context(|| format!("backward at step {}", step + 1))?;
+        losses.push(l.value().clone());
     }
     phases.enter(Phase::Optimizer)?;
-    let params: Vec<_> = optimizer.params().cloned().collect();
     let max_norm = if config.max_grad_norm > 0.0 { config.max_grad_norm } else { f64::INFINITY };
-    let grad_norm = clip_grad_norm(&params, max_norm)?;
+    let norm = optimizer.grad_norm_sq()?;
+    // The step's one wait for a GPU: the losses and the gradient norm, read together.
+    let (loss, grad_norm) = match &norm {
+        GradNorm::Host(sq) => (read_scalars(&losses.iter().collect::<Vec<_>>())?.iter().sum::<f64>(), sq.sqrt()),
+        GradNorm::Device(sq) => {
+            let mut values = read_scalars(&losses.iter().chain([sq]).collect::<Vec<_>>())?;
+            let sq = values.pop().expect("the norm was read last");
+            (values.iter().sum(), sq.sqrt())
+        }
+    };
     for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
         if !value.is_finite() {
             return Err(NonFinite { what, value, step: step + 1 }.into());
         }
     }
     optimizer.set_lr(config.lr);
-    optimizer.step()?;
+    optimizer.step_clipped(&norm, max_norm)?;
     phases.finish()?;
     Ok(StepOutcome { loss, grad_norm })
 }

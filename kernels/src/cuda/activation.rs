@@ -1,7 +1,8 @@
-//! Launchers of `kernels/cuda/activation.cu`, twins of [`crate::activation`].
+//! Launchers of `kernels/cuda/activation.cu`, twins of [`crate::activation`]. Every kernel maps 8-element chunks
+//! (16-byte accesses) on a one-wave grid.
 
 use super::source::Module;
-use super::{config, grid_for, kernel, launch, same_device, DeviceBuffer, GpuFloat, Result};
+use super::{kernel, launch, same_device, wave_config, DeviceBuffer, GpuFloat, Result};
 
 /// x: [n] → y: [n]
 pub fn silu_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
@@ -94,7 +95,8 @@ fn unary<T: GpuFloat>(
     if y.is_empty() {
         return Ok(());
     }
-    let (px, py, n, cfg) = (x.ptr(), y.ptr(), y.len() as u64, config(grid_for(y.len())));
+    let cfg = wave_config(dev, Module::Activation, kernel, y.len().div_ceil(8))?;
+    let (px, py, n) = (x.ptr(), y.ptr(), y.len() as u64);
     // SAFETY: the kernel's parameters are (const T* x, [float cap,] T* y, u64 n), passed in that order with the cap
     // exactly for the softcap kernels; x and y hold n elements on this device (asserted).
     unsafe {
@@ -119,7 +121,8 @@ fn binary<T: GpuFloat>(
     if out.is_empty() {
         return Ok(());
     }
-    let (pa, pb, po, n, cfg) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64, config(grid_for(out.len())));
+    let cfg = wave_config(dev, Module::Activation, kernel, out.len().div_ceil(8))?;
+    let (pa, pb, po, n) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: the kernel's parameters are (const T* a, [float cap,] const T* b, T* out, u64 n), passed in that order
     // with the cap exactly for the softcap kernel; a, b and out hold n elements on this device (asserted).
     unsafe {
@@ -147,8 +150,9 @@ fn glu_backward<T: GpuFloat>(
     if n == 0 {
         return Ok(());
     }
+    let cfg = wave_config(dev, Module::Activation, kernel, n.div_ceil(8))?;
     let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
     // SAFETY: kernel(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n); all five hold n
     // elements on this device (asserted), and the two outputs are distinct buffers (two &mut borrows).
-    unsafe { launch!(dev, Module::Activation, kernel, config(grid_for(n)); pg, pu, pd, pdg, pdu, n64) }
+    unsafe { launch!(dev, Module::Activation, kernel, cfg; pg, pu, pd, pdg, pdu, n64) }
 }

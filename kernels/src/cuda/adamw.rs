@@ -13,9 +13,26 @@ pub fn adamw_step<T: GpuFloat>(
     m: &mut DeviceBuffer<f32>,
     v: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
+    adamw_step_clipped(h, p, g, m, v, None)
+}
+
+/// [`adamw_step`] on the gradient clipped by `(norm_sq, max_norm)`: norm_sq is the squared global norm, one f32 on
+/// the device, and the gradient is scaled by [`crate::adamw::clip_factor`] of it inside the kernel.
+pub fn adamw_step_clipped<T: GpuFloat>(
+    h: &AdamWStep,
+    p: &mut DeviceBuffer<T>,
+    g: &DeviceBuffer<T>,
+    m: &mut DeviceBuffer<f32>,
+    v: &mut DeviceBuffer<f32>,
+    clip: Option<(&DeviceBuffer<f32>, f32)>,
+) -> Result<()> {
     assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len(), "adamw: lengths differ");
     assert!(h.step >= 1, "adamw: step counts from 1");
     let dev = same_device("adamw", &[p.device(), g.device(), m.device(), v.device()]);
+    if let Some((norm_sq, _)) = clip {
+        assert_eq!(norm_sq.len(), 1, "adamw: the squared norm is one f32");
+        same_device("adamw", &[dev, norm_sq.device()]);
+    }
     if p.is_empty() {
         return Ok(());
     }
@@ -29,10 +46,12 @@ pub fn adamw_step<T: GpuFloat>(
     let eps = h.eps as f32;
     let kernel = kernel!("adamw_step", T);
     let (pp, pg, pm, pv, n) = (p.ptr(), g.ptr(), m.ptr(), v.ptr(), p.len() as u64);
+    let (pnorm, max_norm) = clip.map_or((0u64, 0.0f32), |(norm_sq, max_norm)| (norm_sq.ptr(), max_norm));
     // SAFETY: adamw_step_T(T* p, const T* g, float* m, float* v, u64 n, float beta1, float beta2, float decay,
-    // float step_size, float bc2_sqrt, float eps): all four buffers hold n elements on this device (asserted) and
-    // the three written ones are distinct (&mut borrows).
+    // float step_size, float bc2_sqrt, float eps, const float* norm_sq, float max_norm): all four buffers hold n
+    // elements on this device (asserted), the three written ones are distinct (&mut borrows), and norm_sq is null
+    // or one f32 on this device.
     unsafe {
-        launch!(dev, Module::Adamw, kernel, config(grid_for(p.len())); pp, pg, pm, pv, n, beta1, beta2, decay, step_size, bc2_sqrt, eps)
+        launch!(dev, Module::Adamw, kernel, config(grid_for(p.len())); pp, pg, pm, pv, n, beta1, beta2, decay, step_size, bc2_sqrt, eps, pnorm, max_norm)
     }
 }

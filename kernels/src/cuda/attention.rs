@@ -1,7 +1,12 @@
 //! Launchers of the attention kernels, twins of [`crate::attention`] with the same [`AttentionParams`]: bf16 and f16
-//! run the tensor-core flash kernels (`kernels/cuda/flash_attention.cuh`, one module per padded head_dim), f32 the
-//! warp-per-row reference kernels of `kernels/cuda/attention.cu`. lse is always f32 on the device: backward
-//! recomputes every probability as exp(s − lse), which a bf16 lse would skew.
+//! run the tensor-core flash kernels, f32 the warp-per-row reference kernels of `kernels/cuda/attention.cu`. lse is
+//! always f32 on the device: backward recomputes every probability as exp(s − lse), which a bf16 lse would skew.
+//!
+//! Two families of flash kernels, one module per padded head_dim each: the mma.sync ones
+//! (`kernels/cuda/flash_attention.cuh`, table `FLASH`) run on every GPU from sm_80 on; on Hopper (target sm_90a)
+//! the wgmma ones (`kernels/cuda/flash_attention_sm90.cuh`, table `FLASH_SM90`) take the head dims they serve, and
+//! the mma.sync ones the rest ([`flash_kernels`] decides). [`FlashPath::Portable`] forces the mma.sync kernels, so
+//! that tests and benchmarks cover them on Hopper too.
 //!
 //! The host passes the longest query and key sequence so that grids are sized without reading `cu_seqlens` back;
 //! they must be at least every sequence's lengths, and `cu_seqlens` must be what the CPU twin asserts (starting at
@@ -11,6 +16,7 @@
 //! The flash backward adds dQ from every key tile into an f32 accumulator with `red.global.add`, so the order of
 //! those additions (and dQ's last bits) can differ run to run; dK and dV are summed in registers in a fixed order.
 
+use super::compile::Target;
 use super::source::Module;
 use super::{config, grid_for, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, DeviceCopy, Result};
 use crate::attention::AttentionParams;
@@ -112,6 +118,39 @@ struct FlashParams {
 // `struct FlashParams`, whose natural layout is the same (136 bytes, no interior padding).
 unsafe impl DeviceRepr for FlashParams {}
 
+/// Which flash kernels serve a bf16 or f16 launch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FlashPath {
+    /// The fastest the device has for the head_dim: on an sm_90a target the wgmma kernel of `FLASH_SM90` where one
+    /// serves it, else the mma.sync kernel of `FLASH`.
+    #[default]
+    Fastest,
+    /// The mma.sync kernels of `FLASH` on every device (what GPUs other than Hopper run).
+    Portable,
+}
+
+/// One flash kernel as launched: its entry point, the rows of the grid's x dimension each block takes (query rows
+/// in the forward, keys in the backward), and its block size and dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashKernel {
+    pub module: Module,
+    pub name: &'static str,
+    rows: usize,
+    threads: usize,
+    smem: usize,
+}
+
+/// The forward and backward kernels of a bf16 (`half` Bf16) or f16 launch at `head_dim` (checked against
+/// [`MAX_HEAD_DIM`] by the launchers) on a device compiled for `target`.
+pub fn flash_kernels(target: Target, path: FlashPath, head_dim: usize, half: Half) -> [FlashKernel; 2] {
+    let portable = Flash::for_head_dim(head_dim);
+    let fastest = path == FlashPath::Fastest;
+    match FLASH_SM90.iter().find(|f| fastest && f.module.compiles_for(target) && f.serves(head_dim)) {
+        Some(f) => [f.forward_kernel(half), f.backward_kernel(half).unwrap_or_else(|| portable.backward_kernel(half))],
+        None => [portable.forward_kernel(half), portable.backward_kernel(half)],
+    }
+}
+
 /// A block shape: query rows × key rows per block, and warps.
 #[derive(Clone, Copy, Debug)]
 struct Tile {
@@ -120,7 +159,7 @@ struct Tile {
     warps: usize,
 }
 
-/// The kernels of one padded head_dim (the tiles written in `kernels/cuda/flash_attention_d<D>.cu`).
+/// The mma.sync kernels of one padded head_dim (the tiles written in `kernels/cuda/flash_attention_d<D>.cu`).
 struct Flash {
     d: usize,
     module: Module,
@@ -145,6 +184,16 @@ impl Flash {
     fn backward_smem(&self) -> usize {
         let Tile { bm, bn, .. } = self.bwd;
         (2 * bn + 4 * bm) * (self.d + 8) * 2 + 2 * bn * (bm + 8) * 2 + 4 * bm * 4
+    }
+
+    fn forward_kernel(&self, half: Half) -> FlashKernel {
+        let (name, rows, threads) = (half.pick(self.forward[0], self.forward[1]), self.fwd.bm, 32 * self.fwd.warps);
+        FlashKernel { module: self.module, name, rows, threads, smem: self.forward_smem() }
+    }
+
+    fn backward_kernel(&self, half: Half) -> FlashKernel {
+        let (name, rows, threads) = (half.pick(self.backward[0], self.backward[1]), self.bwd.bn, 32 * self.bwd.warps);
+        FlashKernel { module: self.module, name, rows, threads, smem: self.backward_smem() }
     }
 }
 
@@ -200,6 +249,114 @@ static FLASH: [Flash; 6] = [
         backward: ["flash_backward_d256_bf16", "flash_backward_d256_f16"],
         fwd: tile(64, 64, 4),
         bwd: tile(64, 64, 8),
+    },
+];
+
+/// A Hopper forward's block: NWG warpgroups of 64 query rows over tiles of BN keys, as one of
+/// flash_attention_sm90.cuh's two templates lays it out.
+#[derive(Clone, Copy, Debug)]
+enum Sm90Forward {
+    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 48>`: NWG consumer warpgroups fed by one producer warpgroup
+    /// that keeps 48 registers; shared memory `Sm90ForwardWsSmem` (Q, two K and two V stages, 1 KB of alignment
+    /// slack, the mbarriers).
+    WarpSpecialized { bn: usize, nwg: usize, ping_pong: bool },
+    /// `flash_forward_sm90<T, D, BN, NWG, OVERLAP>`: every thread loads; shared memory `Sm90ForwardSmem` (the same
+    /// tiles, no mbarriers).
+    AllLoad { bn: usize, nwg: usize, overlap: bool },
+}
+
+impl Sm90Forward {
+    /// (the template call the .cu writes, `{T}` standing for the element type; threads; shared memory) at head_dim `d`.
+    fn shape(self, d: usize) -> (String, usize, usize) {
+        match self {
+            Sm90Forward::WarpSpecialized { bn, nwg, ping_pong } => (
+                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 48>"),
+                128 * (nwg + 1),
+                (64 * nwg + 4 * bn) * d * 2 + 1024 + 128,
+            ),
+            Sm90Forward::AllLoad { bn, nwg, overlap } => (
+                format!("flash_forward_sm90<{{T}}, {d}, {bn}, {nwg}, {overlap}>"),
+                128 * nwg,
+                (64 * nwg + 4 * bn) * d * 2 + 1024,
+            ),
+        }
+    }
+
+    fn rows(self) -> usize {
+        match self {
+            Sm90Forward::WarpSpecialized { nwg, .. } | Sm90Forward::AllLoad { nwg, .. } => 64 * nwg,
+        }
+    }
+}
+
+/// The wgmma kernels of one padded head_dim (`kernels/cuda/flash_attention_sm90_d<D>.cu`, sm_90a only).
+struct FlashSm90 {
+    d: usize,
+    /// The smallest head_dim served: below it the mma.sync table pads to a smaller D than this one, so its kernel
+    /// does less work (80 and 96 stay there until padding them to 128 is measured to win).
+    min_head_dim: usize,
+    module: Module,
+    forward: [&'static str; 2],
+    fwd: Sm90Forward,
+    /// The entry points of `flash_backward_sm90<T, D, NWG>` and NWG (warpgroups of 64 keys each); None where the
+    /// mma.sync backward of `FLASH` serves this head_dim.
+    backward: Option<([&'static str; 2], usize)>,
+}
+
+impl FlashSm90 {
+    fn serves(&self, head_dim: usize) -> bool {
+        (self.min_head_dim..=self.d).contains(&head_dim)
+    }
+
+    fn forward_kernel(&self, half: Half) -> FlashKernel {
+        let (_, threads, smem) = self.fwd.shape(self.d);
+        let name = half.pick(self.forward[0], self.forward[1]);
+        FlashKernel { module: self.module, name, rows: self.fwd.rows(), threads, smem }
+    }
+
+    /// `Sm90BackwardSmem<D, NWG>`: K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse
+    /// and delta, 1 KB of alignment slack.
+    fn backward_kernel(&self, half: Half) -> Option<FlashKernel> {
+        let (names, nwg) = self.backward?;
+        let (d, bn) = (self.d, 64 * nwg);
+        let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + 1024;
+        Some(FlashKernel {
+            module: self.module,
+            name: half.pick(names[0], names[1]),
+            rows: bn,
+            threads: 128 * nwg,
+            smem,
+        })
+    }
+}
+
+/// The Hopper kernels (variants measured on the H200 in `scripts/flash/variants.py`; kernels/NOTES.md has the
+/// numbers): the warp-specialized ping-pong forward with 128-key tiles at 64 and 128, the all-load forward without
+/// overlap at 256; the wgmma backward at 64 and 128 (at 256 its dK and dV would not fit the registers).
+static FLASH_SM90: [FlashSm90; 3] = [
+    FlashSm90 {
+        d: 64,
+        min_head_dim: 33,
+        module: Module::FlashSm90D64,
+        forward: ["flash_forward_sm90_d64_bf16", "flash_forward_sm90_d64_f16"],
+        fwd: Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true },
+        backward: Some((["flash_backward_sm90_d64_bf16", "flash_backward_sm90_d64_f16"], 2)),
+    },
+    FlashSm90 {
+        d: 128,
+        min_head_dim: 97,
+        module: Module::FlashSm90D128,
+        forward: ["flash_forward_sm90_d128_bf16", "flash_forward_sm90_d128_f16"],
+        fwd: Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true },
+        backward: Some((["flash_backward_sm90_d128_bf16", "flash_backward_sm90_d128_f16"], 2)),
+    },
+    FlashSm90 {
+        d: 256,
+        min_head_dim: 129,
+        module: Module::FlashSm90D256,
+        forward: ["flash_forward_sm90_d256_bf16", "flash_forward_sm90_d256_f16"],
+        fwd: Sm90Forward::AllLoad { bn: 64, nwg: 2, overlap: false },
+        backward: None,
     },
 ];
 
@@ -263,15 +420,19 @@ fn grid(rows: usize, per_block: usize, heads: usize, n_seqs: usize, threads: usi
     }
 }
 
-/// One flash kernel launch: `params` by value, its dynamic shared memory allowed past the 48 KiB default first.
+/// One flash kernel launch over `rows` (query or key rows of the longest sequence) × `heads` × `n_seqs` blocks:
+/// `params` by value, the kernel's dynamic shared memory allowed past the 48 KiB default first.
 fn launch_flash(
     dev: &CudaDevice,
-    module: Module,
-    kernel: &'static str,
+    kernel: FlashKernel,
     params: FlashParams,
-    cfg: LaunchConfig,
+    rows: usize,
+    heads: usize,
+    n_seqs: usize,
 ) -> Result<()> {
-    dev.function(module, kernel)?
+    let cfg = grid(rows, kernel.rows, heads, n_seqs, kernel.threads, kernel.smem);
+    let FlashKernel { module, name, .. } = kernel;
+    dev.function(module, name)?
         .set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             cfg.shared_mem_bytes as i32,
@@ -280,8 +441,9 @@ fn launch_flash(
     // SAFETY: flash_*(const FlashParams p): every address in `params` is a buffer of this device sized as the
     // callers assert (q, out, d_out, dq_accum: tq·n_heads·head_dim; k, v, dk, dv: tk·n_kv_heads·head_dim; lse, delta:
     // tq·n_heads; cu_q, cu_k: the grid's z + 1), and the kernels skip any sequence whose offsets leave 0..tq or
-    // 0..tk; the shared memory asked for is what the kernel's tiles use (FLASH, checked against the .cu comments).
-    unsafe { launch!(dev, module, kernel, cfg; params) }
+    // 0..tk; the block size and shared memory are what the kernel's template uses (FLASH and FLASH_SM90, checked
+    // against the .cu files' template arguments), and an sm90 kernel is picked only on an sm_90a target.
+    unsafe { launch!(dev, module, name, cfg; params) }
 }
 
 /// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens_q/k: [n_seqs + 1] → out: [tq, n_heads,
@@ -295,8 +457,26 @@ pub fn attention_forward<T: AttentionFloat>(
     cu_seqlens_q: &DeviceBuffer<i32>,
     cu_seqlens_k: &DeviceBuffer<i32>,
     max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    out: &mut DeviceBuffer<T>,
+    lse: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let (cu, max_seqlen) = ([cu_seqlens_q, cu_seqlens_k], [max_seqlen_q, max_seqlen_k]);
+    attention_forward_with(FlashPath::Fastest, p, q, k, v, cu, max_seqlen, out, lse)
+}
+
+/// [`attention_forward`] on the flash kernels `path` picks (f32 ignores it): cu_seqlens and max_seqlen are
+/// (queries, keys).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_with<T: AttentionFloat>(
+    path: FlashPath,
+    p: &AttentionParams,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    [cu_seqlens_q, cu_seqlens_k]: [&DeviceBuffer<i32>; 2],
     // Keys do not size the forward grid: each query block walks its sequence's keys.
-    _max_seqlen_k: usize,
+    [max_seqlen_q, _]: [usize; 2],
     out: &mut DeviceBuffer<T>,
     lse: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
@@ -327,11 +507,10 @@ pub fn attention_forward<T: AttentionFloat>(
         }
         Kind::Flash(half) => half,
     };
-    let fl = Flash::for_head_dim(p.head_dim);
+    let [kernel, _] = flash_kernels(dev.target(), path, p.head_dim, half);
     (flash.q, flash.k, flash.v, flash.out, flash.lse) = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr());
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
-    let cfg = grid(max_seqlen_q, fl.fwd.bm, p.n_heads, n_seqs, 32 * fl.fwd.warps, fl.forward_smem());
-    launch_flash(dev, fl.module, half.pick(fl.forward[0], fl.forward[1]), flash, cfg)
+    launch_flash(dev, kernel, flash, max_seqlen_q, p.n_heads, n_seqs)
 }
 
 /// Gradients of [`attention_forward`] from its out and lse and d_out: [tq, n_heads, head_dim] → dq: [tq, n_heads,
@@ -352,6 +531,23 @@ pub fn attention_backward<T: AttentionFloat>(
     dq: &mut DeviceBuffer<T>,
     dk: &mut DeviceBuffer<T>,
     dv: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    let (cu, max_seqlen) = ([cu_seqlens_q, cu_seqlens_k], [max_seqlen_q, max_seqlen_k]);
+    attention_backward_with(FlashPath::Fastest, p, [q, k, v], [out, d_out], lse, cu, max_seqlen, [dq, dk, dv])
+}
+
+/// [`attention_backward`] on the flash kernels `path` picks (f32 ignores it): [q, k, v], [out, d_out], lse,
+/// cu_seqlens and max_seqlen (queries, keys) → [dq, dk, dv].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_with<T: AttentionFloat>(
+    path: FlashPath,
+    p: &AttentionParams,
+    [q, k, v]: [&DeviceBuffer<T>; 3],
+    [out, d_out]: [&DeviceBuffer<T>; 2],
+    lse: &DeviceBuffer<f32>,
+    [cu_seqlens_q, cu_seqlens_k]: [&DeviceBuffer<i32>; 2],
+    [max_seqlen_q, max_seqlen_k]: [usize; 2],
+    [dq, dk, dv]: [&mut DeviceBuffer<T>; 3],
 ) -> Result<()> {
     let (attn, mut flash, tq) = geometry(p, q.len(), k.len(), cu_seqlens_q.len(), cu_seqlens_k.len());
     for (name, x) in [("out", out), ("d_out", d_out), ("dq", &*dq)] {
@@ -403,15 +599,14 @@ pub fn attention_backward<T: AttentionFloat>(
         }
         Kind::Flash(half) => half,
     };
-    let fl = Flash::for_head_dim(p.head_dim);
+    let [_, kernel] = flash_kernels(dev.target(), path, p.head_dim, half);
     let mut dq_accum = dev.zeros::<f32>(q.len())?;
     (flash.q, flash.k, flash.v, flash.out, flash.lse, flash.d_out) =
         (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr(), d_out.ptr());
     (flash.delta, flash.dq_accum, flash.dk, flash.dv) = (delta.ptr(), dq_accum.ptr(), dk.ptr(), dv.ptr());
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
     if max_seqlen_k > 0 && !dk.is_empty() {
-        let cfg = grid(max_seqlen_k, fl.bwd.bn, p.n_kv_heads, n_seqs, 32 * fl.bwd.warps, fl.backward_smem());
-        launch_flash(dev, fl.module, half.pick(fl.backward[0], fl.backward[1]), flash, cfg)?;
+        launch_flash(dev, kernel, flash, max_seqlen_k, p.n_kv_heads, n_seqs)?;
     } else {
         // No key: every dq row is zero (the accumulator as allocated); dk and dv are empty.
         dq_accum.zero()?;
@@ -488,16 +683,25 @@ fn reference_backward<T: AttentionFloat>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::compile::Output;
+
+    const SM_90A: Target = Target { arch: 90, arch_specific: true, output: Output::Cubin };
+    const SM_80: Target = Target { arch: 80, arch_specific: false, output: Output::Cubin };
+
+    /// The line of `module`'s file that defines entry point `name`.
+    fn entry_line(module: Module, name: &str) -> &'static str {
+        let text = module.file_text();
+        text.lines().find(|l| l.contains(&format!(" {name}("))).unwrap_or_else(|| panic!("{name}: no entry point"))
+    }
 
     /// The tiles must match the template arguments written in each flash_attention_d<D>.cu, and fit a Hopper SM's
     /// 227 KiB of shared memory per block.
     #[test]
     fn flash_table_matches_the_sources() {
         for f in &FLASH {
-            let text = f.module.file_text();
             for (kernels, t) in [(f.forward, f.fwd), (f.backward, f.bwd)] {
                 for (name, ty) in kernels.iter().zip(["bf16", "f16"]) {
-                    let line = text.lines().find(|l| l.contains(&format!(" {name}("))).expect("entry point");
+                    let line = entry_line(f.module, name);
                     let args = format!("<{ty}, {}, {}, {}, {}", f.d, t.bm, t.bn, t.warps);
                     assert!(line.contains(&args), "{name}: expected template arguments {args} in {line}");
                     assert!(line.contains(&format!("__launch_bounds__({})", 32 * t.warps)), "{name}: block size");
@@ -509,6 +713,30 @@ mod tests {
         assert_eq!(std::mem::size_of::<FlashParams>(), 136, "flash_attention.cuh's FlashParams is 136 bytes");
     }
 
+    /// The same for the Hopper kernels: template, block size (one block per multiprocessor) and shared memory.
+    #[test]
+    fn flash_sm90_table_matches_the_sources() {
+        for f in &FLASH_SM90 {
+            assert_eq!(f.module.arch_specific_only(), Some(90), "{}", f.module.name());
+            let (forward, _, _) = f.fwd.shape(f.d);
+            let backward = f.backward.map(|(_, nwg)| format!("flash_backward_sm90<{{T}}, {}, {nwg}>", f.d));
+            for half in [Half::Bf16, Half::F16] {
+                let ty = half.pick("bf16", "f16");
+                let kernels =
+                    [Some((f.forward_kernel(half), &forward)), f.backward_kernel(half).zip(backward.as_ref())];
+                for (k, template) in kernels.into_iter().flatten() {
+                    let line = entry_line(f.module, k.name);
+                    let call = template.replace("{T}", ty);
+                    assert!(line.contains(&call), "{}: expected {call} in {line}", k.name);
+                    assert!(line.contains(&format!("__launch_bounds__({}, 1)", k.threads)), "{}: block size", k.name);
+                    assert!(k.smem <= 227 * 1024, "{}: shared memory", k.name);
+                }
+            }
+            let entries = f.module.entry_points().len();
+            assert_eq!(entries, if f.backward.is_some() { 4 } else { 2 }, "{}: entry points", f.module.name());
+        }
+    }
+
     #[test]
     fn head_dims_map_to_the_smallest_padded_kernel() {
         let d = |hd| Flash::for_head_dim(hd).d;
@@ -516,5 +744,47 @@ mod tests {
             [d(1), d(32), d(33), d(64), d(72), d(80), d(96), d(100), d(128), d(129), d(256)],
             [32, 32, 64, 64, 80, 80, 96, 128, 128, 256, 256]
         );
+    }
+
+    /// Hopper takes the wgmma kernel where one pads no further than the mma.sync table; other targets, and the
+    /// portable path, never do.
+    #[test]
+    fn hopper_picks_wgmma_where_it_serves() {
+        let names = |target, path, hd| flash_kernels(target, path, hd, Half::Bf16).map(|k| k.name);
+        assert_eq!(
+            names(SM_90A, FlashPath::Fastest, 64),
+            ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]
+        );
+        assert_eq!(
+            names(SM_90A, FlashPath::Fastest, 40),
+            ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]
+        );
+        assert_eq!(
+            names(SM_90A, FlashPath::Fastest, 100),
+            ["flash_forward_sm90_d128_bf16", "flash_backward_sm90_d128_bf16"]
+        );
+        assert_eq!(
+            names(SM_90A, FlashPath::Fastest, 256),
+            ["flash_forward_sm90_d256_bf16", "flash_backward_d256_bf16"]
+        );
+        assert_eq!(names(SM_90A, FlashPath::Fastest, 32), ["flash_forward_d32_bf16", "flash_backward_d32_bf16"]);
+        assert_eq!(names(SM_90A, FlashPath::Fastest, 72), ["flash_forward_d80_bf16", "flash_backward_d80_bf16"]);
+        assert_eq!(names(SM_90A, FlashPath::Portable, 64), ["flash_forward_d64_bf16", "flash_backward_d64_bf16"]);
+        assert_eq!(names(SM_80, FlashPath::Fastest, 128), ["flash_forward_d128_bf16", "flash_backward_d128_bf16"]);
+        let f16 = flash_kernels(SM_90A, FlashPath::Fastest, 128, Half::F16).map(|k| k.name);
+        assert_eq!(f16, ["flash_forward_sm90_d128_f16", "flash_backward_sm90_d128_f16"]);
+        // Every head_dim gets a kernel on every path, and only Hopper loads a Hopper module.
+        for hd in 1..=MAX_HEAD_DIM {
+            for (target, path) in
+                [(SM_90A, FlashPath::Fastest), (SM_90A, FlashPath::Portable), (SM_80, FlashPath::Fastest)]
+            {
+                let wgmma = target == SM_90A && path == FlashPath::Fastest && hd > 32 && (hd <= 64 || hd > 96);
+                let [fwd, bwd] = flash_kernels(target, path, hd, Half::Bf16);
+                for (k, sm90) in [(fwd, wgmma), (bwd, wgmma && hd <= 128)] {
+                    assert!(k.module.compiles_for(target), "{hd}: {} on {target}", k.name);
+                    assert_eq!(k.module.arch_specific_only().is_some(), sm90, "{hd}: {} on {target}", k.name);
+                }
+            }
+        }
     }
 }

@@ -19,12 +19,35 @@ impl DeviceCopy for i32 {}
 impl DeviceCopy for u8 {}
 
 mod private {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::bf16 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for i32 {}
-    impl Sealed for u8 {}
+    /// The element's bits, for filling memory with it.
+    pub trait Sealed {
+        fn fill_bits(self) -> u32;
+    }
+    impl Sealed for f32 {
+        fn fill_bits(self) -> u32 {
+            self.to_bits()
+        }
+    }
+    impl Sealed for half::bf16 {
+        fn fill_bits(self) -> u32 {
+            self.to_bits() as u32
+        }
+    }
+    impl Sealed for half::f16 {
+        fn fill_bits(self) -> u32 {
+            self.to_bits() as u32
+        }
+    }
+    impl Sealed for i32 {
+        fn fill_bits(self) -> u32 {
+            self as u32
+        }
+    }
+    impl Sealed for u8 {
+        fn fill_bits(self) -> u32 {
+            self as u32
+        }
+    }
 }
 
 pub struct DeviceBuffer<T: DeviceCopy> {
@@ -78,7 +101,8 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
             .map_err(Error::driver("cuMemcpyHtoDAsync"))
     }
 
-    /// The buffer's values, after all work queued on the device so far has finished.
+    /// The buffer's values, after all work queued on the device so far has finished: a synchronisation, counted
+    /// by [`CudaDevice::synchronizations`].
     pub fn to_vec(&self) -> Result<Vec<T>> {
         let mut out = vec![T::default(); self.len];
         if self.is_empty() {
@@ -103,6 +127,46 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
                 .map_err(Error::driver("cuMemcpyDtoDAsync"))?;
         }
         Ok(copy)
+    }
+
+    /// Copies all of `src` into elements `at..at + src.len()` (stream-ordered, device to device).
+    pub fn copy_from_at(&mut self, at: usize, src: &DeviceBuffer<T>) -> Result<()> {
+        assert!(at + src.len <= self.len, "copy_from_at: {} elements at {at} into {}", src.len, self.len);
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.device.bind()?;
+        let bytes = size_of::<T>();
+        // SAFETY: src's whole block and the asserted range of this one, on the device's stream after earlier work on
+        // both.
+        unsafe {
+            driver::memcpy_dtod_async(
+                self.ptr() + (at * bytes) as u64,
+                src.ptr(),
+                src.len * bytes,
+                self.device.cu_stream(),
+            )
+        }
+        .map_err(Error::driver("cuMemcpyDtoDAsync"))
+    }
+
+    /// Sets every element to `value` (a memset of its bits, queued on the stream).
+    pub fn fill(&mut self, value: T) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        self.device.bind()?;
+        let (bits, ptr, n, stream) = (value.fill_bits(), self.ptr(), self.len, self.device.cu_stream());
+        // SAFETY: the block holds `len` elements of size_of::<T>() bytes each, and every DeviceCopy bit pattern is a
+        // value; the memset is ordered on the device's stream after earlier work on this block.
+        let r = unsafe {
+            match size_of::<T>() {
+                1 => cudarc::driver::sys::cuMemsetD8Async(ptr, bits as u8, n, stream),
+                2 => cudarc::driver::sys::cuMemsetD16Async(ptr, bits as u16, n, stream),
+                _ => cudarc::driver::sys::cuMemsetD32Async(ptr, bits, n, stream),
+            }
+        };
+        r.result().map_err(Error::driver("cuMemsetAsync"))
     }
 
     /// Sets every byte to zero (0.0 for the float types, 0 for the integers).

@@ -2,7 +2,7 @@
 //! references are plain index arithmetic and `half`'s conversions, which the parity tests spell out.
 
 use super::source::Module;
-use super::{config, grid_for, launch, same_device, DeviceBuffer, DeviceCopy, GpuFloat, Result};
+use super::{config, grid_for, launch, same_device, wave_config, DeviceBuffer, DeviceCopy, GpuFloat, Result};
 use cudarc::driver::DeviceRepr;
 
 /// The most dimensions a view may have (`MAX_RANK` in copy.cu).
@@ -58,33 +58,18 @@ pub fn strided_copy<T: DeviceCopy>(
     unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(n)); ps, pd, view, n64) }
 }
 
-/// src: [len] S → dst: [len] D (round to nearest even into bf16, as `half::bf16::from_f32`; exact otherwise)
+/// src: [len] S → dst: [len] D (round to nearest even into bf16, as `half::bf16::from_f32`; exact otherwise), in
+/// 8-element chunks of 16-byte accesses on a one-wave grid
 pub fn cast<S: GpuFloat, D: GpuFloat>(src: &DeviceBuffer<S>, dst: &mut DeviceBuffer<D>) -> Result<()> {
     assert_eq!(src.len(), dst.len(), "cast: src vs dst length");
-    cast_into(src, dst, 0)
-}
-
-/// src: [len] S → dst[offset..offset + len] D as [`cast`] converts, the rest of dst untouched: parts stacked into one
-/// buffer (a LoRA group's adapters as one GEMM operand) in one pass each.
-pub fn cast_into<S: GpuFloat, D: GpuFloat>(
-    src: &DeviceBuffer<S>,
-    dst: &mut DeviceBuffer<D>,
-    offset: usize,
-) -> Result<()> {
-    assert!(
-        offset.checked_add(src.len()).is_some_and(|end| end <= dst.len()),
-        "cast_into: {} elements at {offset} of a buffer of {}",
-        src.len(),
-        dst.len()
-    );
     let dev = same_device("cast", &[src.device(), dst.device()]);
-    if src.is_empty() {
+    if dst.is_empty() {
         return Ok(());
     }
     let kernel =
         S::pick(D::pick("cast_f32_to_f32", "cast_f32_to_bf16"), D::pick("cast_bf16_to_f32", "cast_bf16_to_bf16"));
-    let (ps, pd, n) = (src.ptr(), dst.ptr() + (offset * size_of::<D>()) as u64, src.len() as u64);
-    // SAFETY: cast_S_to_D(const S* src, D* dst, u64 n) reads src[..n] and writes pd[..n] = dst[offset..offset + n],
-    // inside dst (asserted); on this device.
-    unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(src.len())); ps, pd, n) }
+    let cfg = wave_config(dev, Module::Copy, kernel, dst.len().div_ceil(8))?;
+    let (ps, pd, n) = (src.ptr(), dst.ptr(), dst.len() as u64);
+    // SAFETY: cast_S_to_D(const S* src, D* dst, u64 n); both hold n elements (asserted), on this device.
+    unsafe { launch!(dev, Module::Copy, kernel, cfg; ps, pd, n) }
 }

@@ -45,6 +45,9 @@ struct Inner {
     allocator: CachingAllocator<DriverMemory>,
     /// Made by the first GEMM (under `loading`, like the modules).
     blas: OnceLock<BlasLt>,
+    /// Host waits for the stream so far (synchronize and every device-to-host read): the execution contract of a
+    /// training step bounds them, and tests count them.
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 struct LoadedModule {
@@ -100,6 +103,7 @@ impl CudaDevice {
                 loading: Mutex::new(()),
                 allocator,
                 blas: OnceLock::new(),
+                syncs: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -148,7 +152,14 @@ impl CudaDevice {
 
     /// Waits until all work queued on this device has finished; reports a fault of any earlier kernel.
     pub fn synchronize(&self) -> Result<()> {
+        self.inner.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.stream.synchronize().map_err(Error::driver("cuStreamSynchronize"))
+    }
+
+    /// How many times the host has waited for this device's stream (explicit synchronisations and reads back)
+    /// since it was opened.
+    pub fn synchronizations(&self) -> u64 {
+        self.inner.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn memory_stats(&self) -> MemoryStats {

@@ -26,6 +26,20 @@ pub fn scale<T: GpuFloat>(x: &DeviceBuffer<T>, s: f32, out: &mut DeviceBuffer<T>
     unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); px, s, po, n) }
 }
 
+/// s: [1] f32 → out: [len] = scale·s[0] in T (the product rounded once, as the CPU twin's f32 product)
+pub fn broadcast_scaled<T: GpuFloat>(s: &DeviceBuffer<f32>, scale: f32, out: &mut DeviceBuffer<T>) -> Result<()> {
+    assert_eq!(s.len(), 1, "broadcast_scaled: s is one value");
+    let dev = same_device("broadcast_scaled", &[s.device(), out.device()]);
+    if out.is_empty() {
+        return Ok(());
+    }
+    let kernel = kernel!("broadcast_scaled", T);
+    let (ps, po, n) = (s.ptr(), out.ptr(), out.len() as u64);
+    // SAFETY: broadcast_scaled_T(const float* s, float scale, T* out, u64 n): s holds one f32, out n elements, on
+    // this device (asserted).
+    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); ps, scale, po, n) }
+}
+
 /// x: [len] → out: [len] = inverted dropout of x with the mask of [`crate::elementwise::dropout`] (keep = 1/(1 − p)
 /// as f32; the CPU twin's f32 result bit for bit)
 pub fn dropout<T: GpuFloat>(

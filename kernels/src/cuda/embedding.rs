@@ -6,9 +6,10 @@
 //! the embedding, so this runs only when it is trained.
 
 use super::source::Module;
-use super::{config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use super::{aligned16, config, kernel, launch, same_device, u32_arg, wave_config, DeviceBuffer, GpuFloat, Result};
 
 /// table: [vocab, dim], ids: [n] → out: [n, dim]. An id outside 0..vocab (asserted by the CPU kernel) gives a NaN row.
+/// Rows of a multiple of 8 elements are copied in 16-byte runs.
 pub fn embedding_forward<T: GpuFloat>(
     table: &DeviceBuffer<T>,
     ids: &DeviceBuffer<i32>,
@@ -21,13 +22,25 @@ pub fn embedding_forward<T: GpuFloat>(
     if out.is_empty() {
         return Ok(());
     }
-    let kernel = kernel!("embedding_forward", T);
     let (pt, pi, po, n_dim) = (table.ptr(), ids.ptr(), out.ptr(), out.len() as u64);
     let (dim32, vocab32) = (u32_arg("embedding: dim", dim), u32_arg("embedding: vocab", vocab));
-    // SAFETY: embedding_forward_T(const T* table, const int* ids, T* out, u64 n_dim, unsigned dim,
-    // unsigned vocab): table holds vocab·dim elements, ids n, out n_dim = n·dim (asserted); the kernel reads table
-    // rows only for ids in 0..vocab. All on this device.
-    unsafe { launch!(dev, Module::Embedding, kernel, config(grid_for(out.len())); pt, pi, po, n_dim, dim32, vocab32) }
+    // Below 2³¹ chunks, so that the kernel's 32-bit grid-stride index cannot wrap.
+    let chunks = i32::try_from(out.len() / 8).ok().filter(|_| dim % 8 == 0 && aligned16(&[pt, po])).map(|c| c as u32);
+    let Some(chunks) = chunks else {
+        let kernel = kernel!("embedding_forward_scalar", T);
+        let cfg = wave_config(dev, Module::Embedding, kernel, out.len())?;
+        // SAFETY: embedding_forward_scalar_T(const T* table, const int* ids, T* out, u64 n_dim, unsigned dim,
+        // unsigned vocab): table holds vocab·dim elements, ids n, out n_dim = n·dim (asserted); the kernel reads
+        // table rows only for ids in 0..vocab. All on this device.
+        return unsafe { launch!(dev, Module::Embedding, kernel, cfg; pt, pi, po, n_dim, dim32, vocab32) };
+    };
+    let kernel = kernel!("embedding_forward", T);
+    let cfg = wave_config(dev, Module::Embedding, kernel, chunks.div_ceil(4) as usize)?;
+    // SAFETY: embedding_forward_T(const T* table, const int* ids, T* out, unsigned chunks, unsigned dim,
+    // unsigned vocab), copying `chunks` = n·dim/8 runs of 8 elements: table holds vocab·dim elements, ids n, out
+    // n·dim (asserted); dim is a multiple of 8 and table and out 16-byte aligned, so every run is; the kernel reads
+    // table rows only for ids in 0..vocab. All on this device.
+    unsafe { launch!(dev, Module::Embedding, kernel, cfg; pt, pi, po, chunks, dim32, vocab32) }
 }
 
 /// d_out: [n, dim], ids: [n] → d_table: [vocab, dim] += scatter of d_out rows (accumulates; repeated ids add up).

@@ -97,6 +97,45 @@ fn grid_for(n: usize) -> u32 {
     n.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32
 }
 
+/// Blocks of `threads` threads of `kernel` that the GPU holds at once, its registers and shared memory permitting:
+/// the grid of a kernel that loops over its work in one wave (a second, partial wave would double the time of the
+/// blocks in it).
+fn resident_blocks(dev: &CudaDevice, module: source::Module, kernel: &'static str, threads: u32) -> Result<u32> {
+    // Asked of the driver once per (device, kernel, block size): the answer never changes, and launches are hot.
+    type Key = (usize, &'static str, u32);
+    static KNOWN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<Key, u32>>> =
+        std::sync::LazyLock::new(Default::default);
+    let key = (dev.ordinal(), kernel, threads);
+    if let Some(&blocks) = KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&key) {
+        return Ok(blocks);
+    }
+    let per_multiprocessor = dev
+        .function(module, kernel)?
+        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+        .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+    let multiprocessors = dev
+        .stream()
+        .context()
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(Error::driver("cuDeviceGetAttribute"))?;
+    let blocks = per_multiprocessor.max(1) * multiprocessors.max(1) as u32;
+    KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, blocks);
+    Ok(blocks)
+}
+
+/// One wave of [`BLOCK`]-thread blocks of `kernel` for `work` items of a thread each (fewer blocks when there is less
+/// work): the config of a grid-stride kernel.
+fn wave_config(dev: &CudaDevice, module: source::Module, kernel: &'static str, work: usize) -> Result<LaunchConfig> {
+    let wanted = work.div_ceil(BLOCK as usize).max(1);
+    Ok(config(resident_blocks(dev, module, kernel, BLOCK)?.min(u32::try_from(wanted).unwrap_or(u32::MAX))))
+}
+
+/// Whether every address is 16-byte aligned, as the kernels' 16-byte vector paths need (buffers from the allocator
+/// always are; the check keeps the scalar paths reachable for anything else).
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0)
+}
+
 /// `v` as a 32-bit kernel argument (dimensions and row counts), asserting that it fits.
 fn u32_arg(what: &str, v: usize) -> u32 {
     u32::try_from(v).unwrap_or_else(|_| panic!("{what} = {v} does not fit the kernel's 32-bit argument"))

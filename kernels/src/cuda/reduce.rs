@@ -1,5 +1,6 @@
-//! Launchers of `kernels/cuda/reduce.cu`, twins of [`crate::reduce`]. Accumulation is f32 (the CPU's is f64); the
-//! scalar reductions synchronise and return their value to the host as f64.
+//! Launchers of `kernels/cuda/reduce.cu`, twins of [`crate::reduce`]. Accumulation is f32 (the CPU's is f64). The
+//! scalar reductions write a one-element device buffer (`*_into`, no synchronisation); the plain forms read it back
+//! to the host as f64 (one synchronisation).
 
 use super::source::Module;
 use super::{config, kernel, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, GpuFloat, Result, BLOCK};
@@ -14,37 +15,58 @@ const MIN_SPLIT_ROWS: usize = 64;
 
 /// x: [len] → Σ x (0 for empty)
 pub fn sum<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
-    scalar(x, kernel!("sum_partial", T), "sum_final_f32")
+    to_host(x.device(), |out| sum_into(x, out, false))
 }
 
 /// x: [len] → Σ x²
 pub fn sum_squares<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
-    scalar(x, kernel!("sum_squares_partial", T), "sum_final_f32")
+    to_host(x.device(), |out| sum_squares_into(x, out, false))
 }
 
 /// x: [len] → max |x|; 0 for empty, NaN when any element is NaN
 pub fn max_abs<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
-    scalar(x, kernel!("max_abs_partial", T), "max_abs_final_f32")
+    to_host(x.device(), |out| scalar_into(x, kernel!("max_abs_partial", T), "max_abs_final_f32", out, false))
 }
 
-fn scalar<T: GpuFloat>(x: &DeviceBuffer<T>, partial_kernel: &'static str, final_kernel: &'static str) -> Result<f64> {
+/// x: [len] → out: [1] f32 = Σ x, or out + Σ x when `accumulate`.
+pub fn sum_into<T: GpuFloat>(x: &DeviceBuffer<T>, out: &mut DeviceBuffer<f32>, accumulate: bool) -> Result<()> {
+    scalar_into(x, kernel!("sum_partial", T), "sum_final_f32", out, accumulate)
+}
+
+/// x: [len] → out: [1] f32 = Σ x², or out + Σ x² when `accumulate` (a global norm over many tensors).
+pub fn sum_squares_into<T: GpuFloat>(x: &DeviceBuffer<T>, out: &mut DeviceBuffer<f32>, accumulate: bool) -> Result<()> {
+    scalar_into(x, kernel!("sum_squares_partial", T), "sum_final_f32", out, accumulate)
+}
+
+fn to_host(dev: &CudaDevice, f: impl FnOnce(&mut DeviceBuffer<f32>) -> Result<()>) -> Result<f64> {
+    let mut out = dev.alloc::<f32>(1)?;
+    f(&mut out)?;
+    Ok(out.to_vec()?[0] as f64)
+}
+
+fn scalar_into<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    partial_kernel: &'static str,
+    final_kernel: &'static str,
+    out: &mut DeviceBuffer<f32>,
+    accumulate: bool,
+) -> Result<()> {
+    assert_eq!(out.len(), 1, "{final_kernel}: the output is one f32");
+    let dev = same_device(final_kernel, &[x.device(), out.device()]);
     if x.is_empty() {
-        return Ok(0.0);
+        return if accumulate { Ok(()) } else { out.zero() };
     }
-    let dev = x.device();
     // From the length alone, so the summation order (and result) is the same on every run.
     let blocks = x.len().div_ceil(BLOCK as usize).min(MAX_PARTIALS);
     let partial = dev.alloc::<f32>(blocks)?;
-    let out = dev.alloc::<f32>(1)?;
     let (px, pp, po, n) = (x.ptr(), partial.ptr(), out.ptr(), x.len() as u64);
     // SAFETY: <op>_partial_T(const T* x, float* partial, u64 n) with `blocks` blocks: x holds n elements, partial
     // one f32 per block (allocated above); on this device.
     unsafe { launch!(dev, Module::Reduce, partial_kernel, config(blocks as u32); px, pp, n) }?;
-    let count = blocks as u32;
-    // SAFETY: <op>_final_f32(const float* partial, float* out, unsigned count), one block: partial holds count f32,
-    // out one (allocated above); on this device.
-    unsafe { launch!(dev, Module::Reduce, final_kernel, config(1); pp, po, count) }?;
-    Ok(out.to_vec()?[0] as f64)
+    let (count, acc) = (blocks as u32, accumulate as i32);
+    // SAFETY: <op>_final_f32(const float* partial, float* out, unsigned count, int accumulate), one block: partial
+    // holds count f32, out one (asserted); on this device.
+    unsafe { launch!(dev, Module::Reduce, final_kernel, config(1); pp, po, count, acc) }
 }
 
 /// x: [rows, cols] → out: [cols] = Σ over rows (zeros for no rows)

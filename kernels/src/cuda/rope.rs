@@ -1,8 +1,11 @@
-//! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope_forward` / `rope_backward`. The cos/sin
-//! tables are f32 ([`crate::rope::rope_tables`] builds them; they are small and shared by every layer).
+//! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope_forward` / `rope_backward` and the fused
+//! in-place `rope_qk_forward` / `rope_qk_backward`. The cos/sin tables are f32 ([`crate::rope::rope_tables`] builds
+//! them; they are small and shared by every layer). Grids are one wave of blocks looping over 8-pair chunks.
 
 use super::source::Module;
-use super::{config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use super::{
+    aligned16, config, kernel, launch, resident_blocks, same_device, u32_arg, DeviceBuffer, GpuFloat, Result, BLOCK,
+};
 
 /// x: [tokens, heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → y: [tokens, heads, head_dim]
 pub fn rope_forward<T: GpuFloat>(
@@ -13,7 +16,7 @@ pub fn rope_forward<T: GpuFloat>(
     head_dim: usize,
     y: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    rotate(kernel!("rope_forward", T), x, cos, sin, heads, head_dim, y)
+    rotate((kernel!("rope_forward", T), kernel!("rope_forward_scalar", T)), x, cos, sin, heads, head_dim, y)
 }
 
 /// dy → dx (the inverse rotation), same shapes as forward
@@ -25,11 +28,58 @@ pub fn rope_backward<T: GpuFloat>(
     head_dim: usize,
     dx: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    rotate(kernel!("rope_backward", T), dy, cos, sin, heads, head_dim, dx)
+    rotate((kernel!("rope_backward", T), kernel!("rope_backward_scalar", T)), dy, cos, sin, heads, head_dim, dx)
 }
 
+/// q: [tokens, q_heads, head_dim], k: [tokens, k_heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → q and k
+/// rotated in place, in one launch
+pub fn rope_qk_forward<T: GpuFloat>(
+    q: &mut DeviceBuffer<T>,
+    k: &mut DeviceBuffer<T>,
+    cos: &DeviceBuffer<f32>,
+    sin: &DeviceBuffer<f32>,
+    q_heads: usize,
+    k_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let kernels = (kernel!("rope_qk_forward", T), kernel!("rope_qk_forward_scalar", T));
+    rotate_qk(kernels, q, k, cos, sin, q_heads, k_heads, head_dim)
+}
+
+/// dq, dk → their inverse rotations in place, same shapes as [`rope_qk_forward`]
+pub fn rope_qk_backward<T: GpuFloat>(
+    dq: &mut DeviceBuffer<T>,
+    dk: &mut DeviceBuffer<T>,
+    cos: &DeviceBuffer<f32>,
+    sin: &DeviceBuffer<f32>,
+    q_heads: usize,
+    k_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let kernels = (kernel!("rope_qk_backward", T), kernel!("rope_qk_backward_scalar", T));
+    rotate_qk(kernels, dq, dk, cos, sin, q_heads, k_heads, head_dim)
+}
+
+/// Pairs a thread rotates: 8 (16-byte accesses) when every head's halves and every table row start 16-byte
+/// aligned, else 1.
+fn pairs_per_thread(half: usize, ptrs: &[u64]) -> usize {
+    if half % 8 == 0 && aligned16(ptrs) {
+        8
+    } else {
+        1
+    }
+}
+
+/// The kernels' 32-bit chunk index, below 2³¹ so that a grid-stride step past the last chunk cannot wrap.
+fn chunk_count(chunks: usize) -> u32 {
+    i32::try_from(chunks).unwrap_or_else(|_| panic!("rope: {chunks} chunks of pairs exceed the kernel's index")) as u32
+}
+
+/// (vector kernel, scalar kernel) of one direction.
+type Kernels = (&'static str, &'static str);
+
 fn rotate<T: GpuFloat>(
-    kernel: &'static str,
+    kernels: Kernels,
     x: &DeviceBuffer<T>,
     cos: &DeviceBuffer<f32>,
     sin: &DeviceBuffer<f32>,
@@ -38,15 +88,55 @@ fn rotate<T: GpuFloat>(
     y: &mut DeviceBuffer<T>,
 ) -> Result<()> {
     let tokens = crate::rope::check_lengths(x.len(), cos.len(), sin.len(), y.len(), heads, head_dim);
-    let dev = same_device(kernel, &[x.device(), cos.device(), sin.device(), y.device()]);
+    let dev = same_device(kernels.0, &[x.device(), cos.device(), sin.device(), y.device()]);
     if tokens == 0 {
         return Ok(());
     }
-    let pairs = x.len() / 2;
-    let (px, pc, ps, py, n) = (x.ptr(), cos.ptr(), sin.ptr(), y.ptr(), pairs as u64);
-    let (heads32, half32) = (u32_arg("rope: heads", heads), u32_arg("rope: head_dim", head_dim) / 2);
-    // SAFETY: kernel(const T* x, const float* cos, const float* sin, T* y, u64 n, unsigned heads, unsigned half),
-    // one thread per rotated pair: x and y hold 2n = tokens·heads·head_dim elements, cos and sin tokens·half
-    // (asserted), all on this device.
-    unsafe { launch!(dev, Module::Rope, kernel, config(grid_for(pairs)); px, pc, ps, py, n, heads32, half32) }
+    let (px, pc, ps, py) = (x.ptr(), cos.ptr(), sin.ptr(), y.ptr());
+    let half = head_dim / 2;
+    let w = pairs_per_thread(half, &[px, pc, ps, py]);
+    let kernel = if w == 8 { kernels.0 } else { kernels.1 };
+    let chunks = chunk_count(x.len() / 2 / w);
+    let (heads32, half32) = (u32_arg("rope: heads", heads), u32_arg("rope: head_dim", half));
+    let grid = resident_blocks(dev, Module::Rope, kernel, BLOCK)?.min(chunks.div_ceil(BLOCK));
+    // SAFETY: kernel(const T* x, const float* cos, const float* sin, T* y, unsigned chunks, unsigned heads,
+    // unsigned half), each of `chunks` steps rotating w pairs of one head: x and y hold 2·w·chunks = tokens·heads·
+    // head_dim elements, cos and sin tokens·half (asserted); with w = 8, half is a multiple of 8 and the bases are
+    // 16-byte aligned (pairs_per_thread). All on this device.
+    unsafe { launch!(dev, Module::Rope, kernel, config(grid); px, pc, ps, py, chunks, heads32, half32) }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rotate_qk<T: GpuFloat>(
+    kernels: Kernels,
+    q: &mut DeviceBuffer<T>,
+    k: &mut DeviceBuffer<T>,
+    cos: &DeviceBuffer<f32>,
+    sin: &DeviceBuffer<f32>,
+    q_heads: usize,
+    k_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let tokens = crate::rope::check_lengths(q.len(), cos.len(), sin.len(), q.len(), q_heads, head_dim);
+    // The tables' lengths tie k's token count to q's.
+    crate::rope::check_lengths(k.len(), cos.len(), sin.len(), k.len(), k_heads, head_dim);
+    let dev = same_device(kernels.0, &[q.device(), k.device(), cos.device(), sin.device()]);
+    if tokens == 0 {
+        return Ok(());
+    }
+    let (pq, pk, pc, ps) = (q.ptr(), k.ptr(), cos.ptr(), sin.ptr());
+    let half = head_dim / 2;
+    let w = pairs_per_thread(half, &[pq, pk, pc, ps]);
+    let kernel = if w == 8 { kernels.0 } else { kernels.1 };
+    let q_chunks = chunk_count(q.len() / 2 / w);
+    let chunks = chunk_count((q.len() + k.len()) / 2 / w);
+    let (qh32, kh32, half32) =
+        (u32_arg("rope: heads", q_heads), u32_arg("rope: heads", k_heads), u32_arg("rope: head_dim", half));
+    let grid = resident_blocks(dev, Module::Rope, kernel, BLOCK)?.min(chunks.div_ceil(BLOCK));
+    // SAFETY: kernel(T* q, T* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
+    // unsigned q_heads, unsigned k_heads, unsigned half), rotating in place, each of `chunks` steps w pairs of one
+    // head: q holds 2·w·q_chunks = tokens·q_heads·head_dim elements, k 2·w·(chunks − q_chunks) = tokens·k_heads·
+    // head_dim, cos and sin tokens·half (asserted); q and k are distinct buffers (two &mut borrows); with w = 8, half
+    // is a multiple of 8 and the bases are 16-byte aligned (pairs_per_thread). All on this device.
+    unsafe { launch!(dev, Module::Rope, kernel, config(grid); pq, pk, pc, ps, q_chunks, chunks, qh32, kh32, half32) }
 }

@@ -1,13 +1,18 @@
-//! The catalogue of CUDA sources: one `kernels/cuda/<op>.cu` per op, embedded in the binary, plus the shared
-//! `common.cuh` spliced in where each source includes it. Entry points and hot markers are read off the text, so the
-//! source is the only list of kernel names.
+//! The catalogue of CUDA sources: one `kernels/cuda/<op>.cu` per op, embedded in the binary, plus the headers
+//! (`common.cuh`, the flash-attention templates) spliced in where each source includes them. Entry points, hot
+//! markers and the targets a module compiles for are read off or stated here, so the source is the only list of
+//! kernel names.
 
-/// Replaced by the text of `common.cuh` (NVRTC gets one self-contained source; nvcc finds the header beside it).
-const INCLUDE_COMMON: &str = "#include \"common.cuh\"\n";
-const COMMON: &str = include_str!("../../cuda/common.cuh");
-/// The flash-attention templates, spliced in the same way into each `flash_attention_d<D>.cu`.
-const INCLUDE_FLASH: &str = "#include \"flash_attention.cuh\"\n";
-const FLASH: &str = include_str!("../../cuda/flash_attention.cuh");
+use super::compile::Target;
+
+/// The headers a `.cu` may include, spliced in place of each `#include "<name>"` line (NVRTC gets one
+/// self-contained source; nvcc finds the headers beside the file). Every source includes `common.cuh`; the flash
+/// modules add the flash-attention templates, the Hopper ones also the wgmma templates.
+const HEADERS: [(&str, &str); 3] = [
+    ("common.cuh", include_str!("../../cuda/common.cuh")),
+    ("flash_attention.cuh", include_str!("../../cuda/flash_attention.cuh")),
+    ("flash_attention_sm90.cuh", include_str!("../../cuda/flash_attention_sm90.cuh")),
+];
 /// Written on the line above a group of entry points: ptxas must give every one of them zero spill bytes.
 pub const HOT_MARKER: &str = "// qlora-rt: hot";
 const ENTRY_PREFIX: &str = "extern \"C\" __global__ void ";
@@ -35,10 +40,14 @@ pub enum Module {
     FlashD96,
     FlashD128,
     FlashD256,
+    /// The Hopper (wgmma) flash-attention kernels for head_dim ≤ 64, 128, 256: sm_90a only.
+    FlashSm90D64,
+    FlashSm90D128,
+    FlashSm90D256,
 }
 
 impl Module {
-    pub const ALL: [Module; 18] = [
+    pub const ALL: [Module; 21] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -57,6 +66,9 @@ impl Module {
         Module::FlashD96,
         Module::FlashD128,
         Module::FlashD256,
+        Module::FlashSm90D64,
+        Module::FlashSm90D128,
+        Module::FlashSm90D256,
     ];
 
     /// The file stem, which is also the name of the CPU twin's module (`attention` for the flash modules).
@@ -80,6 +92,9 @@ impl Module {
             Module::FlashD96 => "flash_attention_d96",
             Module::FlashD128 => "flash_attention_d128",
             Module::FlashD256 => "flash_attention_d256",
+            Module::FlashSm90D64 => "flash_attention_sm90_d64",
+            Module::FlashSm90D128 => "flash_attention_sm90_d128",
+            Module::FlashSm90D256 => "flash_attention_sm90_d256",
         }
     }
 
@@ -104,14 +119,49 @@ impl Module {
             Module::FlashD96 => include_str!("../../cuda/flash_attention_d96.cu"),
             Module::FlashD128 => include_str!("../../cuda/flash_attention_d128.cu"),
             Module::FlashD256 => include_str!("../../cuda/flash_attention_d256.cu"),
+            Module::FlashSm90D64 => include_str!("../../cuda/flash_attention_sm90_d64.cu"),
+            Module::FlashSm90D128 => include_str!("../../cuda/flash_attention_sm90_d128.cu"),
+            Module::FlashSm90D256 => include_str!("../../cuda/flash_attention_sm90_d256.cu"),
         }
     }
 
-    /// What NVRTC compiles: the file with `common.cuh` (and `flash_attention.cuh` where included) spliced in.
+    /// The compute capability (major·10 + minor) whose arch-specific target alone compiles this module: 90 for the
+    /// Hopper flash kernels (wgmma and setmaxnreg exist on sm_90a only); None for every other module, which compiles
+    /// for each target from sm_80 on.
+    pub fn arch_specific_only(self) -> Option<u32> {
+        match self {
+            Module::FlashSm90D64 | Module::FlashSm90D128 | Module::FlashSm90D256 => Some(90),
+            _ => None,
+        }
+    }
+
+    /// Whether NVRTC can compile this module for `target` (PTX or cubin).
+    pub fn compiles_for(self, target: Target) -> bool {
+        self.arch_specific_only().is_none_or(|arch| target.arch == arch && target.arch_specific)
+    }
+
+    /// What NVRTC compiles: the file with each included header's text in place of its `#include` line.
     pub fn source(self) -> String {
         let text = self.file_text();
-        assert!(text.contains(INCLUDE_COMMON), "kernels/cuda/{}.cu must include common.cuh", self.name());
-        text.replacen(INCLUDE_COMMON, COMMON, 1).replacen(INCLUDE_FLASH, FLASH, 1)
+        assert_eq!(
+            text.lines().find_map(included),
+            Some("common.cuh"),
+            "kernels/cuda/{}.cu: common.cuh first",
+            self.name()
+        );
+        let mut source = String::with_capacity(text.len() + HEADERS.iter().map(|(_, h)| h.len()).sum::<usize>());
+        for line in text.split_inclusive('\n') {
+            match included(line) {
+                Some(name) => {
+                    let header = HEADERS.iter().find(|(n, _)| *n == name);
+                    let (_, header) =
+                        header.unwrap_or_else(|| panic!("kernels/cuda/{}.cu includes {name}", self.name()));
+                    source.push_str(header);
+                }
+                None => source.push_str(line),
+            }
+        }
+        source
     }
 
     /// Every `extern "C" __global__` function, in file order.
@@ -136,6 +186,11 @@ impl Module {
     }
 }
 
+/// The header named by an `#include "<name>"` line.
+fn included(line: &str) -> Option<&str> {
+    line.trim_end().strip_prefix("#include \"")?.strip_suffix('"')
+}
+
 /// The name in `extern "C" __global__ void [__launch_bounds__(…)] name(…`.
 fn entry_name(line: &str) -> Option<&str> {
     let rest = line.strip_prefix(ENTRY_PREFIX)?;
@@ -154,8 +209,7 @@ mod tests {
     fn every_source_includes_common_and_has_named_entry_points() {
         for m in Module::ALL {
             let src = m.source();
-            assert!(src.contains("struct bf16") && !src.contains(INCLUDE_COMMON), "{}", m.name());
-            assert!(!src.contains(INCLUDE_FLASH), "{}", m.name());
+            assert!(src.contains("struct bf16") && src.lines().all(|l| included(l).is_none()), "{}", m.name());
             let entries = m.entry_points();
             assert!(!entries.is_empty(), "{}: no entry points", m.name());
             for e in &entries {
@@ -172,6 +226,19 @@ mod tests {
     }
 
     #[test]
+    fn hopper_modules_compile_for_sm_90a_only() {
+        use crate::cuda::compile::Output;
+        let target = |arch, arch_specific| Target { arch, arch_specific, output: Output::Ptx };
+        for m in Module::ALL {
+            let hopper = m.arch_specific_only() == Some(90);
+            assert_eq!(hopper, m.source().contains("wgmma.mma_async"), "{}", m.name());
+            assert!(m.compiles_for(target(90, true)), "{}", m.name());
+            assert_eq!(m.compiles_for(target(90, false)), !hopper, "{}", m.name());
+            assert_eq!(m.compiles_for(target(80, false)), !hopper, "{}", m.name());
+        }
+    }
+
+    #[test]
     fn launch_bounds_are_not_part_of_the_name() {
         let line = "extern \"C\" __global__ void __launch_bounds__(128) flash_forward_d64_bf16(const FlashParams p) {";
         assert_eq!(entry_name(line), Some("flash_forward_d64_bf16"));
@@ -181,10 +248,8 @@ mod tests {
     #[test]
     fn hot_markers_cover_their_group_only() {
         let hot = Module::RmsNorm.hot_entry_points();
-        assert_eq!(
-            hot,
-            ["rms_norm_forward_f32", "rms_norm_forward_bf16", "rms_norm_backward_f32", "rms_norm_backward_bf16"]
-        );
+        assert!(hot.contains(&"rms_norm_backward_bf16") && hot.contains(&"add_rms_norm_forward_f32"), "{hot:?}");
+        assert!(!hot.iter().any(|e| e.contains("scalar")), "{hot:?}");
         assert!(!Module::Elementwise.hot_entry_points().contains(&"mul_f32"));
         assert!(Module::Elementwise.hot_entry_points().contains(&"add_bf16"));
     }

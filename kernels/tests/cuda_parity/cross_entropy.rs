@@ -10,9 +10,13 @@ fn cross_entropy_matches_cpu() {
 }
 
 fn cross_entropy_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
-    for (rows, vocab) in [(1, 2), (3, 11), (7, 257), (33, 1000), (4, 32_003)] {
-        let what = format!("{rows}x{vocab}");
-        let logits = randn::<T>(rng, rows * vocab, 3.0);
+    // Rows start 16-byte aligned when vocab is a multiple of 8 (1000, 128256), else each at its own offset, with up to
+    // 7 (bf16) or 3 (f32) logits before the first chunk (11, 257, 1003, 32003); 7: no chunk at all; 8, 16: chunks
+    // only. Each case also runs with logits near 1e4 and some −∞ (masked) ones.
+    let shapes = [(1, 2), (3, 11), (7, 257), (33, 1000), (4, 32_003), (2, 128_256), (3, 1003), (5, 8), (2, 7), (3, 16)];
+    for ((rows, vocab), shift) in shapes.into_iter().flat_map(|s| [(s, 0.0), (s, 1e4)]) {
+        let what = format!("{rows}x{vocab} shift {shift}");
+        let mut logits = randn::<T>(rng, rows * vocab, 3.0);
         // About a third of the rows ignored, the first always trained.
         let targets: Vec<i32> =
             (0..rows)
@@ -24,6 +28,13 @@ fn cross_entropy_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
                     }
                 })
                 .collect();
+        if shift != 0.0 {
+            // Masked logits other than the targets (a −∞ target's loss is +∞ on both sides, which no tolerance takes).
+            for (i, v) in logits.iter_mut().enumerate() {
+                let masked = i % 5 == 3 && targets[i / vocab] != (i % vocab) as i32;
+                *v = T::from_f32(if masked { f32::NEG_INFINITY } else { shift + v.to_f32() });
+            }
+        }
         let d_loss: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
         let lw = widen(&logits);
         let (gl, gt, gd) = (upload(dev, &logits), upload(dev, &targets), upload(dev, &d_loss));

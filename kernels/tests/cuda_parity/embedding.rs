@@ -10,8 +10,10 @@ fn embedding_matches_cpu_bit_for_bit() {
 }
 
 fn embedding_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
-    // Few ids over many tokens: heavy repetition, the backward's hard case.
-    for (vocab, dim, n) in [(1, 1, 1), (5, 3, 4), (4, 8, 3000), (1000, 33, 2000), (7, 4099, 40), (50, 257, 0)] {
+    // Few ids over many tokens: heavy repetition, the backward's hard case. Forward: dims of a multiple of 8 take the
+    // 16-byte path (100 × 256 × 40_000: threads copy four runs per step and loop), the others the scalar one.
+    let shapes = [(1, 1, 1), (5, 3, 4), (4, 8, 3000), (1000, 33, 2000), (7, 4099, 40), (50, 257, 0), (1000, 64, 3)];
+    for (vocab, dim, n) in shapes.into_iter().chain([(100, 256, 40_000), (30, 2048, 7)]) {
         let what = format!("vocab {vocab} dim {dim} n {n}");
         let table = randn::<T>(rng, vocab * dim, 1.0);
         let ids: Vec<i32> = (0..n).map(|_| rng.below(vocab as u64) as i32).collect();
@@ -41,4 +43,11 @@ fn embedding_marks_a_bad_id_with_nan() {
     let out = out.to_vec().unwrap();
     assert_eq!(&out[..2], [3.0, 4.0]);
     assert!(out[2..].iter().all(|v| v.is_nan()), "{out:?}");
+    // Rows of 8: the 16-byte path.
+    let table: Vec<f32> = (0..16).map(|v| v as f32).collect();
+    let mut out = poisoned::<f32>(&dev, 24);
+    cuda::embedding::embedding_forward(&upload(&dev, &table), &upload(&dev, &[2, 1, 0]), 8, &mut out).unwrap();
+    let out = out.to_vec().unwrap();
+    assert!(out[..8].iter().all(|v| v.is_nan()), "{out:?}");
+    assert_eq!(&out[8..], &[&table[8..], &table[..8]].concat()[..]);
 }

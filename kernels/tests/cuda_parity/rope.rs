@@ -9,14 +9,25 @@ fn rope_matches_cpu_bit_for_bit() {
     both_dtypes!(rope_case, &dev, &mut Rng::new(4));
 }
 
+/// positions → (cos, sin): [tokens, head_dim/2] f32.
+fn tables(rng: &mut Rng, tokens: usize, head_dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv_freq: Vec<f32> = rope::rope_inv_freq(head_dim, 10000.0);
+    let positions: Vec<i32> = (0..tokens).map(|_| rng.below(4096) as i32).collect();
+    let half = head_dim / 2;
+    let (mut cos, mut sin) = (vec![0.0f32; tokens * half], vec![0.0f32; tokens * half]);
+    rope::rope_tables(&positions, &inv_freq, &mut cos, &mut sin);
+    (cos, sin)
+}
+
+/// (tokens, heads, head_dim). Vector path (half a multiple of 8): 16 (one chunk per head), 64, 80 (five chunks), 128,
+/// 256. Scalar path: 2, 6, 24.
+const SHAPES: [(usize, usize, usize); 8] =
+    [(1, 1, 2), (3, 3, 6), (7, 4, 64), (33, 5, 128), (5, 2, 256), (2, 3, 16), (4, 2, 80), (3, 2, 24)];
+
 fn rope_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
-    for (tokens, heads, head_dim) in [(1, 1, 2), (3, 3, 6), (7, 4, 64), (33, 5, 128), (5, 2, 256)] {
+    for (tokens, heads, head_dim) in SHAPES {
         let what = format!("tokens {tokens} heads {heads} head_dim {head_dim}");
-        let inv_freq: Vec<f32> = rope::rope_inv_freq(head_dim, 10000.0);
-        let positions: Vec<i32> = (0..tokens).map(|_| rng.below(4096) as i32).collect();
-        let half = head_dim / 2;
-        let (mut cos, mut sin) = (vec![0.0f32; tokens * half], vec![0.0f32; tokens * half]);
-        rope::rope_tables(&positions, &inv_freq, &mut cos, &mut sin);
+        let (cos, sin) = tables(rng, tokens, head_dim);
         let x = randn::<T>(rng, tokens * heads * head_dim, 1.0);
         let (gx, gc, gs) = (upload(dev, &x), upload(dev, &cos), upload(dev, &sin));
         let mut want = vec![0.0f32; x.len()];
@@ -30,5 +41,37 @@ fn rope_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         cuda::rope::rope_backward(&gx, &gc, &gs, heads, head_dim, &mut dx).unwrap();
         rope::rope_backward(&widen(&x), &cos, &sin, heads, head_dim, &mut want);
         check(&format!("rope_backward {what}"), &dx, &want, EXACT);
+    }
+}
+
+#[test]
+fn rope_qk_in_place_matches_cpu_bit_for_bit() {
+    let Some(dev) = gpu("rope_qk_in_place_matches_cpu_bit_for_bit") else { return };
+    both_dtypes!(rope_qk_case, &dev, &mut Rng::new(14));
+}
+
+/// q and k rotated together in place, grouped-query shapes included.
+fn rope_qk_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    let shapes =
+        [(1, 1, 1, 2), (3, 3, 1, 6), (7, 4, 2, 64), (33, 8, 1, 128), (5, 2, 2, 256), (4, 3, 1, 80), (3, 1, 2, 24)];
+    for (tokens, q_heads, k_heads, head_dim) in shapes {
+        let what = format!("tokens {tokens} heads {q_heads}/{k_heads} head_dim {head_dim}");
+        let (cos, sin) = tables(rng, tokens, head_dim);
+        let (gc, gs) = (upload(dev, &cos), upload(dev, &sin));
+        let q = randn::<T>(rng, tokens * q_heads * head_dim, 1.0);
+        let k = randn::<T>(rng, tokens * k_heads * head_dim, 1.0);
+        for backward in [false, true] {
+            let (mut gq, mut gk) = (upload(dev, &q), upload(dev, &k));
+            let (mut wq, mut wk) = (widen(&q), widen(&k));
+            if backward {
+                cuda::rope::rope_qk_backward(&mut gq, &mut gk, &gc, &gs, q_heads, k_heads, head_dim).unwrap();
+                rope::rope_qk_backward(&mut wq, &mut wk, &cos, &sin, q_heads, k_heads, head_dim);
+            } else {
+                cuda::rope::rope_qk_forward(&mut gq, &mut gk, &gc, &gs, q_heads, k_heads, head_dim).unwrap();
+                rope::rope_qk_forward(&mut wq, &mut wk, &cos, &sin, q_heads, k_heads, head_dim);
+            }
+            check(&format!("rope_qk q backward={backward} {what}"), &gq, &wq, EXACT);
+            check(&format!("rope_qk k backward={backward} {what}"), &gk, &wk, EXACT);
+        }
     }
 }

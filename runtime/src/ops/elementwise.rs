@@ -1,10 +1,11 @@
-//! Elementwise ops, activations and reductions.
+//! Elementwise ops: sums, products, scaling, dropout, accumulation into a buffer, bias, scalar broadcast.
 
 use super::{rows_cols, same_shape, tensor, with_compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
+use crate::op::{first_grad, Backward, Recorded};
 use crate::{DType, Error, Result, Tensor};
-use qlora_kernels::cuda::{activation as gact, elementwise as gew, reduce as greduce};
-use qlora_kernels::{activation as act, elementwise as ew, reduce};
+use qlora_kernels::cuda::elementwise as gew;
+use qlora_kernels::elementwise as ew;
 
 /// a + b (same shapes).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -125,195 +126,120 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Σ x as a rank-0 tensor (f32 on CUDA whatever x's dtype: losses are reduced in f32).
-pub fn sum(x: &Tensor) -> Result<Tensor> {
-    if let Some(g) = Gpu::of("sum", &[x])? {
-        let s = with_gpu!(g, |T| g.run(greduce::sum::<T>(buf(&g.input(x)?)))?);
-        return g.scalar(s as f32);
+/// s: a one-element tensor → `shape` filled with scale·s in `dtype`, on s's device and never read by the host (a
+/// scalar loss's gradient spread over a tensor). f32 on CUDA may be asked as bf16: the product is rounded once.
+pub fn broadcast_scaled(s: &Tensor, scale: f64, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    if s.elem_count() != 1 {
+        return Err(Error::shape("broadcast_scaled", format!("a one-element tensor, got {:?}", s.shape())));
     }
-    with_compute!("sum", [x], |T| Ok(Tensor::scalar::<T>(reduce::sum(&x.values::<T>()))))
-}
-
-/// x: [..., n] → [n], summed over every leading dimension (bias gradients).
-pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
-    let (_, cols) = rows_cols("sum_rows", x)?;
-    if let Some(g) = Gpu::of("sum_rows", &[x])? {
-        return with_gpu!(g, |T| {
-            let x = g.input(x)?;
-            let mut out = g.alloc::<T>(cols)?;
-            g.run(greduce::sum_rows(buf::<T>(&x), cols, &mut out))?;
-            Ok(output(out, &[cols]))
-        });
-    }
-    with_compute!("sum_rows", [x], |T| {
-        let mut out = vec![T::default(); cols];
-        reduce::sum_rows(&x.values::<T>(), cols, &mut out);
-        Ok(tensor(out, &[cols]))
-    })
-}
-
-/// Σ x², in f64 (global gradient norms).
-pub fn sum_squares(x: &Tensor) -> Result<f64> {
-    if let Some(g) = Gpu::of("sum_squares", &[x])? {
-        return with_gpu!(g, |T| g.run(greduce::sum_squares::<T>(buf(&g.input(x)?))));
-    }
-    with_compute!("sum_squares", [x], |T| Ok(reduce::sum_squares(&x.values::<T>()) as f64))
-}
-
-/// max |x| (NaN if any element is NaN).
-pub fn max_abs(x: &Tensor) -> Result<f64> {
-    if let Some(g) = Gpu::of("max_abs", &[x])? {
-        return with_gpu!(g, |T| g.run(greduce::max_abs::<T>(buf(&g.input(x)?))));
-    }
-    with_compute!("max_abs", [x], |T| Ok(reduce::max_abs(&x.values::<T>()) as f64))
-}
-
-macro_rules! unary {
-    ($(#[$doc:meta])* $fwd:ident, $bwd:ident, $kf:path, $kb:path, $gf:path, $gb:path) => {
-        $(#[$doc])*
-        pub fn $fwd(x: &Tensor) -> Result<Tensor> {
-            if let Some(g) = Gpu::of(stringify!($fwd), &[x])? {
-                return with_gpu!(g, |T| {
-                    let x = g.input(x)?;
-                    let mut y = g.alloc::<T>(x.elem_count())?;
-                    g.run($gf(buf::<T>(&x), &mut y))?;
-                    Ok(output(y, x.shape()))
-                });
+    if let Some(g) = Gpu::of("broadcast_scaled", &[s])? {
+        let sv = g.input_as(s, DType::F32)?;
+        let n = shape.iter().product();
+        return match dtype {
+            DType::BF16 => {
+                let mut out = g.alloc::<half::bf16>(n)?;
+                g.run(gew::broadcast_scaled(buf(&sv), scale as f32, &mut out))?;
+                Ok(output(out, shape))
             }
-            with_compute!(stringify!($fwd), [x], |T| {
-                let mut y = vec![T::default(); x.elem_count()];
-                $kf(&x.values::<T>(), &mut y);
-                Ok(tensor(y, x.shape()))
-            })
-        }
-
-        /// Gradient with respect to the input, given the forward's input and the upstream gradient.
-        pub fn $bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-            same_shape(stringify!($bwd), x, dy)?;
-            if let Some(g) = Gpu::of(stringify!($bwd), &[x, dy])? {
-                return with_gpu!(g, |T| {
-                    let (x, dy) = (g.input(x)?, g.input(dy)?);
-                    let mut dx = g.alloc::<T>(x.elem_count())?;
-                    g.run($gb(buf::<T>(&x), buf(&dy), &mut dx))?;
-                    Ok(output(dx, x.shape()))
-                });
+            DType::F32 => {
+                let mut out = g.alloc::<f32>(n)?;
+                g.run(gew::broadcast_scaled(buf(&sv), scale as f32, &mut out))?;
+                Ok(output(out, shape))
             }
-            with_compute!(stringify!($bwd), [x, dy], |T| {
-                let mut dx = vec![T::default(); x.elem_count()];
-                $kb(&x.values::<T>(), &dy.values::<T>(), &mut dx);
-                Ok(tensor(dx, x.shape()))
-            })
-        }
-    };
-}
-
-unary!(
-    /// silu(x) = x·σ(x).
-    silu, silu_backward, act::silu_forward, act::silu_backward, gact::silu_forward, gact::silu_backward
-);
-unary!(
-    /// gelu with the tanh approximation (PyTorch's `approximate="tanh"`).
-    gelu_tanh,
-    gelu_tanh_backward,
-    act::gelu_tanh_forward,
-    act::gelu_tanh_backward,
-    gact::gelu_tanh_forward,
-    gact::gelu_tanh_backward
-);
-
-/// Which gated activation an MLP uses: Llama's SwiGLU or Gemma's GeGLU (tanh gelu).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Glu {
-    SwiGlu,
-    GeGlu,
-}
-
-/// act(gate) ⊙ up.
-pub fn glu(kind: Glu, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    same_shape("glu", gate, up)?;
-    if let Some(g) = Gpu::of("glu", &[gate, up])? {
-        return with_gpu!(g, |T| {
-            let (gt, u) = (g.input(gate)?, g.input(up)?);
-            let mut out = g.alloc::<T>(gt.elem_count())?;
-            g.run(match kind {
-                Glu::SwiGlu => gact::swiglu_forward(buf::<T>(&gt), buf(&u), &mut out),
-                Glu::GeGlu => gact::geglu_forward(buf::<T>(&gt), buf(&u), &mut out),
-            })?;
-            Ok(output(out, gate.shape()))
-        });
+            other => Err(Error::DType { op: "broadcast_scaled", expected: DType::F32, got: other }),
+        };
     }
-    with_compute!("glu", [gate, up], |T| {
-        let mut out = vec![T::default(); gate.elem_count()];
-        let (g, u) = (gate.values::<T>(), up.values::<T>());
-        match kind {
-            Glu::SwiGlu => act::swiglu_forward(&g, &u, &mut out),
-            Glu::GeGlu => act::geglu_forward(&g, &u, &mut out),
-        }
-        Ok(tensor(out, gate.shape()))
+    with_compute!("broadcast_scaled", [s], |T| {
+        let mut out = vec![T::default(); shape.iter().product()];
+        ew::broadcast_scaled(s.values::<T>()[0], scale as T, &mut out);
+        Ok(tensor(out, shape).to_dtype(dtype))
     })
 }
 
-/// Gradients (d_gate, d_up) of [`glu`].
-pub fn glu_backward(kind: Glu, gate: &Tensor, up: &Tensor, d_out: &Tensor) -> Result<(Tensor, Tensor)> {
-    same_shape("glu_backward", gate, up)?;
-    same_shape("glu_backward", gate, d_out)?;
-    if let Some(g) = Gpu::of("glu_backward", &[gate, up, d_out])? {
-        return with_gpu!(g, |T| {
-            let (gt, u, d) = (g.input(gate)?, g.input(up)?, g.input(d_out)?);
-            let n = gt.elem_count();
-            let (mut dg, mut du) = (g.alloc::<T>(n)?, g.alloc::<T>(n)?);
-            g.run(match kind {
-                Glu::SwiGlu => gact::swiglu_backward(buf::<T>(&gt), buf(&u), buf(&d), &mut dg, &mut du),
-                Glu::GeGlu => gact::geglu_backward(buf::<T>(&gt), buf(&u), buf(&d), &mut dg, &mut du),
-            })?;
-            Ok((output(dg, gate.shape()), output(du, gate.shape())))
-        });
+/// a + b's backward: the gradient passes to both.
+struct AddGrad;
+
+impl Backward for AddGrad {
+    fn name(&self) -> &'static str {
+        "add"
     }
-    with_compute!("glu_backward", [gate, up, d_out], |T| {
-        let n = gate.elem_count();
-        let (mut dg, mut du) = (vec![T::default(); n], vec![T::default(); n]);
-        let (g, u, d) = (gate.values::<T>(), up.values::<T>(), d_out.values::<T>());
-        match kind {
-            Glu::SwiGlu => act::swiglu_backward(&g, &u, &d, &mut dg, &mut du),
-            Glu::GeGlu => act::geglu_backward(&g, &u, &d, &mut dg, &mut du),
-        }
-        Ok((tensor(dg, gate.shape()), tensor(du, gate.shape())))
-    })
+    fn saved_bytes(&self) -> usize {
+        0
+    }
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let g = first_grad(grads)?;
+        Ok(vec![Some(g.clone()), Some(g.clone())])
+    }
 }
 
-/// cap·tanh(x/cap) (Gemma 2's final-logit softcapping).
-pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
-    if cap.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-        return Err(Error::invalid("softcap", format!("cap must be > 0, got {cap}")));
-    }
-    if let Some(g) = Gpu::of("softcap", &[x])? {
-        return with_gpu!(g, |T| {
-            let x = g.input(x)?;
-            let mut y = g.alloc::<T>(x.elem_count())?;
-            g.run(gact::softcap_forward(buf::<T>(&x), cap as f32, &mut y))?;
-            Ok(output(y, x.shape()))
-        });
-    }
-    with_compute!("softcap", [x], |T| {
-        let mut y = vec![T::default(); x.elem_count()];
-        act::softcap_forward(&x.values::<T>(), cap as T, &mut y);
-        Ok(tensor(y, x.shape()))
-    })
+/// [`add`] for a tape.
+pub fn add_op(a: &Tensor, b: &Tensor) -> Result<Recorded> {
+    Ok((add(a, b)?, Box::new(AddGrad)))
 }
 
-pub fn softcap_backward(x: &Tensor, cap: f64, dy: &Tensor) -> Result<Tensor> {
-    same_shape("softcap_backward", x, dy)?;
-    if let Some(g) = Gpu::of("softcap_backward", &[x, dy])? {
-        return with_gpu!(g, |T| {
-            let (x, dy) = (g.input(x)?, g.input(dy)?);
-            let mut dx = g.alloc::<T>(x.elem_count())?;
-            g.run(gact::softcap_backward(buf::<T>(&x), cap as f32, buf(&dy), &mut dx))?;
-            Ok(output(dx, x.shape()))
-        });
+/// a ⊙ b's backward: each input's gradient needs the other input, kept only when that gradient is wanted.
+struct MulGrad {
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+}
+
+impl Backward for MulGrad {
+    fn name(&self) -> &'static str {
+        "mul"
     }
-    with_compute!("softcap_backward", [x, dy], |T| {
-        let mut dx = vec![T::default(); x.elem_count()];
-        act::softcap_backward(&x.values::<T>(), cap as T, &dy.values::<T>(), &mut dx);
-        Ok(tensor(dx, x.shape()))
-    })
+    fn saved_bytes(&self) -> usize {
+        crate::op::bytes_of([&self.a, &self.b])
+    }
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let g = first_grad(grads)?;
+        let da = self.b.as_ref().map(|b| mul(g, b)).transpose()?;
+        let db = self.a.as_ref().map(|a| mul(g, a)).transpose()?;
+        Ok(vec![da, db])
+    }
+}
+
+/// [`mul`] for a tape; `needs` marks which inputs want a gradient.
+pub fn mul_op(a: &Tensor, b: &Tensor, needs: [bool; 2]) -> Result<Recorded> {
+    let grad = MulGrad { a: crate::op::keep_if(needs[1], a), b: crate::op::keep_if(needs[0], b) };
+    Ok((mul(a, b)?, Box::new(grad)))
+}
+
+/// s·x's backward.
+struct ScaleGrad(f64);
+
+impl Backward for ScaleGrad {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+    fn saved_bytes(&self) -> usize {
+        0
+    }
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(scale(first_grad(grads)?, self.0)?)])
+    }
+}
+
+/// [`scale`] for a tape.
+pub fn scale_op(x: &Tensor, s: f64) -> Result<Recorded> {
+    Ok((scale(x, s)?, Box::new(ScaleGrad(s))))
+}
+
+/// A reshape's backward: the gradient reshaped back.
+struct ReshapeGrad(Vec<usize>);
+
+impl Backward for ReshapeGrad {
+    fn name(&self) -> &'static str {
+        "reshape"
+    }
+    fn saved_bytes(&self) -> usize {
+        0
+    }
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(first_grad(grads)?.reshape(&self.0)?)])
+    }
+}
+
+/// A view of x with another shape, for a tape.
+pub fn reshape_op(x: &Tensor, shape: &[usize]) -> Result<Recorded> {
+    Ok((x.reshape(shape)?, Box::new(ReshapeGrad(x.shape().to_vec()))))
 }

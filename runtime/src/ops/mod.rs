@@ -1,15 +1,27 @@
 //! Op dispatch: validate user-facing shapes and dtypes, pick the compute precision, call the kernel.
 //!
-//! Every op has its backward beside it (as a plain function): `autograd` decides *when* to call them, this
-//! module only knows *how*. Each op first asks [`crate::cuda::Gpu::of`] whether its operands live on a GPU and, if
-//! so, runs its CUDA launcher there (see `crate::cuda` for the precision rule); the CPU code below that branch is
-//! unchanged by the CUDA backend.
+//! One file per op (or per family of small ones): its shape checks, its forward and backward, and what a tape
+//! records for it (an `*_op` function returning the output and a [`crate::op::Backward`] holding exactly what the
+//! backward reads); `autograd` decides *when* a backward runs, these files know *how*. Each op first asks
+//! [`crate::cuda::Gpu::of`] whether its operands live on a GPU and, if so, runs its CUDA launcher there (see
+//! `crate::cuda` for the precision rule); the CPU code below that branch is unchanged by the CUDA backend.
+//!
+//! The execution contract on a GPU: no op reads device memory back. Index tensors are checked on the host where
+//! they are made (batches), scalars stay device tensors, and the few values a step needs on the host (its loss and
+//! gradient norm) are read once per optimizer step by the caller.
 
+pub mod activation;
+pub mod attention;
+pub mod concat;
+pub mod cross_entropy;
 pub mod elementwise;
+pub mod embedding;
 pub mod linalg;
-pub mod nn;
+pub mod linear_cross_entropy;
 pub mod optim;
-pub mod stack;
+pub mod reduce;
+pub mod rms_norm;
+pub mod rope;
 
 use crate::{DType, Device, Element, Error, Result, Tensor};
 use qlora_kernels::Float;
@@ -19,9 +31,9 @@ pub trait Compute: Float + Element {}
 impl Compute for f32 {}
 impl Compute for f64 {}
 
-/// f64 when any input is f64 (gradient checks), f32 otherwise; errors on non-float inputs or mixed devices.
+/// The CPU's compute dtype for `xs` ([`DType::compute`]: f64 for gradient checks, f32 otherwise); errors on non-float
+/// inputs, mixed devices, or a GPU operand (every op with a CUDA path dispatched before reaching here).
 pub(crate) fn compute_dtype(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
-    let mut dtype = DType::F32;
     for x in xs {
         if !x.dtype().is_float() {
             return Err(Error::DType { op, expected: DType::F32, got: x.dtype() });
@@ -30,14 +42,10 @@ pub(crate) fn compute_dtype(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
             return Err(Error::DeviceMismatch { op, a: xs[0].device(), b: x.device() });
         }
         if x.device() != Device::Cpu {
-            // Ops with a CUDA path dispatched before reaching here: this one runs on the CPU only.
             return Err(Error::Unsupported { op, device: x.device(), why: "this op has no CUDA implementation" });
         }
-        if x.dtype() == DType::F64 {
-            dtype = DType::F64;
-        }
     }
-    Ok(dtype)
+    Ok(DType::compute(Device::Cpu, xs.iter().map(|x| x.dtype())))
 }
 
 /// Runs `$body` with `T` bound to the compute type of `$xs`.
@@ -68,15 +76,15 @@ pub(crate) fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()>
     Ok(())
 }
 
-/// An index tensor (token ids, targets, positions, cu_seqlens) as i32 values.
+/// A host index tensor (token ids, targets, positions) as i32 values. Ops never read device indices back (the
+/// execution contract above): a CUDA tensor here is an error.
 pub(crate) fn indices<'a>(op: &'static str, what: &'static str, t: &'a Tensor) -> Result<std::borrow::Cow<'a, [i32]>> {
     if t.dtype() != DType::I32 {
         return Err(Error::invalid(op, format!("{what} must be I32, got {:?}", t.dtype())));
     }
     match t.device() {
         Device::Cpu => Ok(t.values::<i32>()),
-        // Validation reads the indices on the host: a small download of ids, targets or boundaries.
-        Device::Cuda(_) => Ok(std::borrow::Cow::Owned(t.try_to_vec::<i32>()?)),
+        device => Err(Error::Unsupported { op, device, why: "these indices are read on the host: pass a CPU tensor" }),
     }
 }
 

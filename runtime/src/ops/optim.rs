@@ -8,7 +8,17 @@ use qlora_kernels::cuda::adamw as gadamw;
 /// p, g: [n] f32 or bf16 (g is cast to p's dtype), m, v: [n] f32 → p, m, v updated in place (decoupled weight
 /// decay, then the Adam step: `qlora_kernels::adamw::adamw_step`). On the CPU the update runs in f32, like the
 /// CUDA kernel; an optimizer wanting f64 moments on the host calls the kernel directly.
-pub fn adamw_step(h: &AdamWStep, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor) -> Result<()> {
+///
+/// `clip`: (the squared global gradient norm, a one-element f32 tensor on p's device; max_norm): g is first scaled
+/// by `qlora_kernels::adamw::clip_factor` of it, inside the kernel on CUDA, so the norm never goes to the host.
+pub fn adamw_step(
+    h: &AdamWStep,
+    p: &mut Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    clip: Option<(&Tensor, f64)>,
+) -> Result<()> {
     const OP: &str = "adamw_step";
     let n = p.elem_count();
     for (what, t) in [("gradient", g), ("exp_avg", &*m), ("exp_avg_sq", &*v)] {
@@ -24,12 +34,21 @@ pub fn adamw_step(h: &AdamWStep, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: 
     if h.step == 0 {
         return Err(Error::invalid(OP, "the step count starts at 1 (bias correction divides by 1 − β^step)"));
     }
+    if let Some((norm_sq, _)) = clip {
+        if norm_sq.elem_count() != 1 || norm_sq.dtype() != DType::F32 || norm_sq.device() != p.device() {
+            return Err(Error::invalid(OP, "the squared gradient norm must be one f32 on the parameter's device"));
+        }
+    }
     if let Some(gpu) = Gpu::of(OP, &[&*p, g, &*m, &*v])? {
         let g = gpu.input_as(g, p.dtype())?;
+        let norm = clip.map(|(n, max)| gpu.input_as(n, DType::F32).map(|n| (n, max as f32))).transpose()?;
+        let clip = norm.as_ref().map(|(n, max)| (buf::<f32>(n), *max));
         let (m, v) = (buffer_mut::<f32>(OP, m)?, buffer_mut::<f32>(OP, v)?);
         return match p.dtype() {
-            DType::BF16 => gpu.run(gadamw::adamw_step(h, buffer_mut::<half::bf16>(OP, p)?, buf(&g), m, v)),
-            _ => gpu.run(gadamw::adamw_step(h, buffer_mut::<f32>(OP, p)?, buf(&g), m, v)),
+            DType::BF16 => {
+                gpu.run(gadamw::adamw_step_clipped(h, buffer_mut::<half::bf16>(OP, p)?, buf(&g), m, v, clip))
+            }
+            _ => gpu.run(gadamw::adamw_step_clipped(h, buffer_mut::<f32>(OP, p)?, buf(&g), m, v, clip)),
         };
     }
     let dtype = p.dtype();
@@ -41,7 +60,11 @@ pub fn adamw_step(h: &AdamWStep, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: 
         });
     }
     let mut pv = p.to_vec::<f32>();
-    let gv = g.values::<f32>();
+    let mut gv = g.to_vec::<f32>();
+    if let Some((norm_sq, max_norm)) = clip {
+        let factor = qlora_kernels::adamw::clip_factor(norm_sq.to_scalar::<f32>()?, max_norm as f32);
+        gv.iter_mut().for_each(|x| *x *= factor);
+    }
     let (mut mv, mut vv) = (m.to_vec::<f32>(), v.to_vec::<f32>());
     qlora_kernels::adamw::adamw_step(h, &mut pv, &gv, &mut mv, &mut vv);
     *p = Tensor::from_vec(pv, p.shape())?.to_dtype(dtype);
@@ -63,13 +86,16 @@ mod tests {
 
         let t = |x: &[f32]| Tensor::from_slice(x, &[x.len()]).unwrap();
         let (mut tp, tg, mut tm, mut tv) = (t(&p0), t(&g), t(&[0.0; 3]), t(&[0.0; 3]));
-        adamw_step(&h, &mut tp, &tg, &mut tm, &mut tv).unwrap();
+        adamw_step(&h, &mut tp, &tg, &mut tm, &mut tv, None).unwrap();
         assert_eq!((tp.to_vec::<f32>(), tm.to_vec::<f32>(), tv.to_vec::<f32>()), (p, m, v));
 
-        assert!(adamw_step(&h, &mut tp, &t(&[1.0]), &mut tm, &mut tv).unwrap_err().to_string().contains("gradient"));
+        assert!(adamw_step(&h, &mut tp, &t(&[1.0]), &mut tm, &mut tv, None)
+            .unwrap_err()
+            .to_string()
+            .contains("gradient"));
         let mut bf = tm.to_dtype(DType::BF16);
-        assert!(adamw_step(&h, &mut tp, &tg, &mut bf, &mut tv).is_err(), "moments are f32");
+        assert!(adamw_step(&h, &mut tp, &tg, &mut bf, &mut tv, None).is_err(), "moments are f32");
         let h0 = AdamWStep { step: 0, ..h };
-        assert!(adamw_step(&h0, &mut tp, &tg, &mut tm, &mut tv).is_err(), "steps count from 1");
+        assert!(adamw_step(&h0, &mut tp, &tg, &mut tm, &mut tv, None).is_err(), "steps count from 1");
     }
 }

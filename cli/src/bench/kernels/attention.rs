@@ -2,13 +2,14 @@
 //! KV heads at head_dim 64 and 128 and 8 over 4 at 256 (Llama-3.2-1B, Llama-3-8B, Gemma-2-2B), and one sequence of
 //! 8192 tokens at head_dim 256, causal and with Gemma 2's sliding window of 4096. The shapes and FLOP counts are
 //! `../shared/bench/kernel_anchors.py`'s for PyTorch's SDPA: causal forward 2·b·h·t²·d (a window of w keeps
-//! 4·b·h·d·(t·w − w²/2)), backward 2.5× the forward.
+//! 4·b·h·d·(t·w − w²/2)), backward 2.5× the forward. On Hopper the rows run the wgmma kernels where they serve the
+//! head_dim, and the `mma.sync` rows the portable kernels every other GPU runs, for comparison.
 
 use super::{Bench, Work};
 use anyhow::Result;
 use half::bf16;
 use qlora_kernels::attention::AttentionParams;
-use qlora_kernels::cuda::attention::{attention_backward, attention_forward};
+use qlora_kernels::cuda::attention::{attention_backward_with, attention_forward_with, FlashPath};
 use qlora_kernels::cuda::DeviceBuffer;
 
 /// One configuration: `batch` sequences of `seq` tokens.
@@ -76,20 +77,28 @@ struct Buffers {
 
 /// The only calls to the attention launchers: their kernels are being replaced, so a change of their signatures is
 /// adapted here and nowhere else.
-fn attention(p: &AttentionParams, a: &mut Buffers, backward: bool) -> Result<()> {
-    let (cu, len) = (&a.cu_seqlens, a.max_seqlen);
-    attention_forward(p, &a.q, &a.k, &a.v, cu, cu, len, len, &mut a.out, &mut a.lse)?;
+fn attention(path: FlashPath, p: &AttentionParams, a: &mut Buffers, backward: bool) -> Result<()> {
+    let (cu, len) = ([&a.cu_seqlens; 2], [a.max_seqlen; 2]);
+    attention_forward_with(path, p, &a.q, &a.k, &a.v, cu, len, &mut a.out, &mut a.lse)?;
     if backward {
-        attention_backward(
-            p, &a.q, &a.k, &a.v, &a.out, &a.lse, &a.d_out, cu, cu, len, len, &mut a.dq, &mut a.dk, &mut a.dv,
-        )?;
+        let grads = [&mut a.dq, &mut a.dk, &mut a.dv];
+        attention_backward_with(path, p, [&a.q, &a.k, &a.v], [&a.out, &a.d_out], &a.lse, cu, len, grads)?;
     }
     Ok(())
 }
 
 pub fn run(b: &mut Bench) -> Result<()> {
-    let (fwd, both) = ("attention fwd", "attention fwd+bwd");
-    if !b.wants(fwd) && !b.wants(both) {
+    let target = b.dev.target();
+    let hopper = target.arch == 90 && target.arch_specific;
+    let mut rows = vec![("attention fwd", FlashPath::Fastest, false), ("attention fwd+bwd", FlashPath::Fastest, true)];
+    if hopper {
+        rows.extend([
+            ("attention fwd mma.sync", FlashPath::Portable, false),
+            ("attention fwd+bwd mma.sync", FlashPath::Portable, true),
+        ]);
+    }
+    rows.retain(|(name, ..)| b.wants(name));
+    if rows.is_empty() {
         return Ok(());
     }
     for case in &CASES {
@@ -111,11 +120,9 @@ pub fn run(b: &mut Bench) -> Result<()> {
         };
         let p = case.params();
         let flops = case.forward_flops();
-        if b.wants(fwd) {
-            b.row(fwd, &case.label(), Work::Flops(flops), |_| attention(&p, &mut a, false))?;
-        }
-        if b.wants(both) {
-            b.row(both, &case.label(), Work::Flops(3.5 * flops), |_| attention(&p, &mut a, true))?;
+        for &(name, path, backward) in &rows {
+            let work = Work::Flops(if backward { 3.5 * flops } else { flops });
+            b.row(name, &case.label(), work, |_| attention(path, &p, &mut a, backward))?;
         }
     }
     Ok(())

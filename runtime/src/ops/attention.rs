@@ -1,0 +1,264 @@
+//! Packed variable-length attention (see `qlora_kernels::attention`): causal (bottom-right aligned), GQA, sliding
+//! window, logit softcap. Flash kernels on CUDA for bf16, the reference kernels for f32 and on the CPU.
+//!
+//! Sequence boundaries travel as [`SeqLens`]: validated once on the host where the batch is packed, with a copy on
+//! the op's device; the longest sequence, which sizes the CUDA grids, comes from the host copy, so no call reads
+//! anything back from the GPU.
+
+use super::{same_shape, tensor, with_compute};
+use crate::cuda::{buf, output, with_gpu, Gpu};
+use crate::op::{first_grad, Backward, Recorded};
+use crate::{DType, Device, Error, Result, Tensor};
+use qlora_kernels::attention::{attention_backward as attn_bwd, attention_forward as attn_fwd};
+use qlora_kernels::cuda::attention as gattn;
+use std::sync::Arc;
+
+pub use qlora_kernels::attention::AttentionParams;
+
+/// The boundaries of packed sequences, `[n_seqs + 1]` starting at 0 and never decreasing: sequence s owns rows
+/// `cu[s]..cu[s + 1]`. Holds the values on the host and as an I32 tensor on the device the attention runs on.
+#[derive(Clone, Debug)]
+pub struct SeqLens {
+    host: Arc<[i32]>,
+    tensor: Tensor,
+    max: usize,
+}
+
+impl SeqLens {
+    /// `cu` checked (first 0, non-decreasing, non-empty) and placed on `device`.
+    pub fn new(cu: &[i32], device: Device) -> Result<SeqLens> {
+        let ok = cu.first() == Some(&0) && cu.windows(2).all(|w| w[0] <= w[1]);
+        if !ok {
+            return Err(Error::invalid("cu_seqlens", format!("must start at 0 and never decrease, got {cu:?}")));
+        }
+        let tensor = Tensor::from_slice(cu, &[cu.len()])?.to_device(device)?;
+        let max = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        Ok(SeqLens { host: cu.into(), tensor, max })
+    }
+
+    /// The same boundaries on `device` (one upload; the host copy is shared).
+    pub fn to_device(&self, device: Device) -> Result<SeqLens> {
+        Ok(SeqLens { tensor: self.tensor.to_device(device)?, ..self.clone() })
+    }
+
+    pub fn host(&self) -> &[i32] {
+        &self.host
+    }
+
+    /// The I32 tensor on the op's device.
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// Rows of the longest sequence.
+    pub fn max_len(&self) -> usize {
+        self.max
+    }
+
+    /// Rows of all sequences together (the last boundary).
+    pub fn total(&self) -> usize {
+        *self.host.last().expect("checked non-empty in new") as usize
+    }
+
+    pub fn n_seqs(&self) -> usize {
+        self.host.len() - 1
+    }
+}
+
+fn attention_shapes(p: &AttentionParams, q: &Tensor, k: &Tensor, v: &Tensor, cq: &SeqLens, ck: &SeqLens) -> Result<()> {
+    if p.n_kv_heads == 0 || p.n_heads % p.n_kv_heads != 0 {
+        return Err(Error::invalid("attention", format!("{} query heads over {} KV heads", p.n_heads, p.n_kv_heads)));
+    }
+    let qs = [q.shape().first().copied().unwrap_or(0), p.n_heads, p.head_dim];
+    let ks = [k.shape().first().copied().unwrap_or(0), p.n_kv_heads, p.head_dim];
+    if q.shape() != qs || k.shape() != ks || v.shape() != ks {
+        return Err(Error::shape(
+            "attention",
+            format!("q {:?}, k {:?}, v {:?} for {p:?}", q.shape(), k.shape(), v.shape()),
+        ));
+    }
+    for (what, cu, rows) in [("cu_seqlens_q", cq, qs[0]), ("cu_seqlens_k", ck, ks[0])] {
+        if cu.total() != rows {
+            return Err(Error::invalid("attention", format!("{what} ends at {} for {rows} tokens", cu.total())));
+        }
+        if cu.tensor.device() != q.device() {
+            return Err(Error::DeviceMismatch { op: "attention", a: q.device(), b: cu.tensor.device() });
+        }
+    }
+    if cq.n_seqs() != ck.n_seqs() {
+        return Err(Error::invalid("attention", "cu_seqlens_q and cu_seqlens_k describe different sequence counts"));
+    }
+    let longer_q = cq.host.windows(2).zip(ck.host.windows(2)).any(|(a, b)| a[1] - a[0] > b[1] - b[0]);
+    if p.causal && longer_q {
+        return Err(Error::invalid("attention", "a sequence has more queries than keys"));
+    }
+    if q.device() != Device::Cpu && p.head_dim > gattn::MAX_HEAD_DIM {
+        return Err(Error::invalid(
+            "attention",
+            format!("head_dim {} exceeds the CUDA kernel's {}", p.head_dim, gattn::MAX_HEAD_DIM),
+        ));
+    }
+    Ok(())
+}
+
+/// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim] → (out: [tq, n_heads, head_dim], lse: [tq, n_heads]).
+/// On CUDA lse is f32 whatever q's dtype.
+pub fn attention(
+    p: &AttentionParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_q: &SeqLens,
+    cu_k: &SeqLens,
+) -> Result<(Tensor, Tensor)> {
+    attention_shapes(p, q, k, v, cu_q, cu_k)?;
+    let tq = q.shape()[0];
+    if let Some(g) = Gpu::of("attention", &[q, k, v])? {
+        let (gcq, gck) = (g.index("cu_seqlens_q", &cu_q.tensor)?, g.index("cu_seqlens_k", &cu_k.tensor)?);
+        return with_gpu!(g, |T| {
+            let (qi, ki, vi) = (g.input(q)?, g.input(k)?, g.input(v)?);
+            let (mut out, mut lse) = (g.alloc::<T>(q.elem_count())?, g.alloc::<f32>(tq * p.n_heads)?);
+            g.run(gattn::attention_forward(
+                p,
+                buf::<T>(&qi),
+                buf(&ki),
+                buf(&vi),
+                buf(&gcq),
+                buf(&gck),
+                cu_q.max,
+                cu_k.max,
+                &mut out,
+                &mut lse,
+            ))?;
+            Ok((output(out, q.shape()), output(lse, &[tq, p.n_heads])))
+        });
+    }
+    with_compute!("attention", [q, k, v], |T| {
+        let (mut out, mut lse) = (vec![T::default(); q.elem_count()], vec![T::default(); tq * p.n_heads]);
+        let (cq, ck) = (cu_q.host(), cu_k.host());
+        attn_fwd(p, &q.values::<T>(), &k.values::<T>(), &v.values::<T>(), cq, ck, &mut out, &mut lse);
+        Ok((tensor(out, q.shape()), tensor(lse, &[tq, p.n_heads])))
+    })
+}
+
+/// → (dq, dk, dv) of [`attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    p: &AttentionParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    d_out: &Tensor,
+    cu_q: &SeqLens,
+    cu_k: &SeqLens,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    attention_shapes(p, q, k, v, cu_q, cu_k)?;
+    same_shape("attention_backward", q, d_out)?;
+    same_shape("attention_backward", q, out)?;
+    if lse.shape() != [q.shape()[0], p.n_heads] {
+        return Err(Error::shape("attention_backward", format!("lse {:?} for q {:?}", lse.shape(), q.shape())));
+    }
+    if let Some(g) = Gpu::of("attention_backward", &[q, k, v, out, lse, d_out])? {
+        let (gcq, gck) = (g.index("cu_seqlens_q", &cu_q.tensor)?, g.index("cu_seqlens_k", &cu_k.tensor)?);
+        return with_gpu!(g, |T| {
+            let (qi, ki, vi, oi, di) = (g.input(q)?, g.input(k)?, g.input(v)?, g.input(out)?, g.input(d_out)?);
+            let l = g.input_as(lse, DType::F32)?;
+            let (mut dq, mut dk, mut dv) =
+                (g.alloc::<T>(q.elem_count())?, g.alloc::<T>(k.elem_count())?, g.alloc::<T>(v.elem_count())?);
+            g.run(gattn::attention_backward(
+                p,
+                buf::<T>(&qi),
+                buf(&ki),
+                buf(&vi),
+                buf(&oi),
+                buf(&l),
+                buf(&di),
+                buf(&gcq),
+                buf(&gck),
+                cu_q.max,
+                cu_k.max,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            ))?;
+            Ok((output(dq, q.shape()), output(dk, k.shape()), output(dv, v.shape())))
+        });
+    }
+    with_compute!("attention_backward", [q, k, v, out, lse, d_out], |T| {
+        let (mut dq, mut dk, mut dv) = (
+            vec![T::default(); q.elem_count()],
+            vec![T::default(); k.elem_count()],
+            vec![T::default(); v.elem_count()],
+        );
+        attn_bwd(
+            p,
+            &q.values::<T>(),
+            &k.values::<T>(),
+            &v.values::<T>(),
+            &out.values::<T>(),
+            &lse.values::<T>(),
+            &d_out.values::<T>(),
+            cu_q.host(),
+            cu_k.host(),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        Ok((tensor(dq, q.shape()), tensor(dk, k.shape()), tensor(dv, v.shape())))
+    })
+}
+
+/// What attention's backward reads: its inputs, output and log-sum-exp.
+struct AttentionGrad {
+    p: AttentionParams,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_q: SeqLens,
+    cu_k: SeqLens,
+}
+
+impl Backward for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn saved_bytes(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.out, &self.lse, &self.cu_q.tensor, &self.cu_k.tensor]
+            .iter()
+            .map(|t| t.size_in_bytes())
+            .sum()
+    }
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let s = *self;
+        let (dq, dk, dv) =
+            attention_backward(&s.p, &s.q, &s.k, &s.v, &s.out, &s.lse, first_grad(grads)?, &s.cu_q, &s.cu_k)?;
+        Ok(vec![Some(dq), Some(dk), Some(dv)])
+    }
+}
+
+/// [`attention`] for a tape: out, and a backward holding q, k, v, out and lse.
+pub fn attention_op(
+    p: &AttentionParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_q: &SeqLens,
+    cu_k: &SeqLens,
+) -> Result<Recorded> {
+    let (out, lse) = attention(p, q, k, v, cu_q, cu_k)?;
+    let grad = AttentionGrad {
+        p: *p,
+        q: q.clone(),
+        k: k.clone(),
+        v: v.clone(),
+        out: out.clone(),
+        lse,
+        cu_q: cu_q.clone(),
+        cu_k: cu_k.clone(),
+    };
+    Ok((out, Box::new(grad)))
+}

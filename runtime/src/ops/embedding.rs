@@ -1,0 +1,112 @@
+//! Token embedding: a gather of table rows by id, and its scatter-add backward (for a trainable table).
+//!
+//! Ids on a GPU are not read back to check them: the kernels mark a row whose id is out of range with NaN (the loss
+//! then says so), and the data pipeline checks ids against the vocabulary on the host where it builds a batch.
+
+use super::{indices, rows_cols, tensor, with_compute};
+use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
+use crate::op::{first_grad, Backward, Recorded};
+use crate::{DType, Error, Result, Tensor};
+use qlora_kernels::cuda::embedding as gemb;
+use qlora_kernels::embedding as emb;
+
+fn check_ids(op: &'static str, ids: &[i32], bound: usize) -> Result<()> {
+    match ids.iter().find(|&&i| i < 0 || i as usize >= bound) {
+        Some(&bad) => Err(Error::Index { op, what: "token id", value: bad as i64, bound }),
+        None => Ok(()),
+    }
+}
+
+/// table: [vocab, dim], ids: [n...] (I32) → [n..., dim].
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (vocab, dim) = rows_cols("embedding", table)?;
+    if table.rank() != 2 {
+        return Err(Error::shape("embedding", format!("table must be [vocab, dim], got {:?}", table.shape())));
+    }
+    let mut shape = ids.shape().to_vec();
+    shape.push(dim);
+    if let Some(g) = Gpu::of("embedding", &[table])? {
+        return with_gpu!(g, |T| {
+            let (table, ids) = (g.input(table)?, g.index("ids", ids)?);
+            let mut out = g.alloc::<T>(ids.elem_count() * dim)?;
+            g.run(gemb::embedding_forward(buf::<T>(&table), buf(&ids), dim, &mut out))?;
+            Ok(output(out, &shape))
+        });
+    }
+    let idv = indices("embedding", "ids", ids)?;
+    check_ids("embedding", &idv, vocab)?;
+    with_compute!("embedding", [table], |T| {
+        let mut out = vec![T::default(); idv.len() * dim];
+        emb::embedding_forward(&table.values::<T>(), &idv, dim, &mut out);
+        Ok(tensor(out, &shape))
+    })
+}
+
+/// d_table[ids[i]] += d_out[i], into `d_table` (dtype kept).
+pub fn embedding_backward_accumulate(d_out: &Tensor, ids: &Tensor, d_table: &mut Tensor) -> Result<()> {
+    let (vocab, dim) = rows_cols("embedding_backward", d_table)?;
+    if d_out.elem_count() != ids.elem_count() * dim {
+        return Err(Error::shape(
+            "embedding_backward",
+            format!("d_out {:?} for {} ids of dim {dim}", d_out.shape(), ids.elem_count()),
+        ));
+    }
+    if let Some(g) = Gpu::of("embedding_backward", &[d_out, &*d_table])? {
+        // d_out is cast to the table gradient's dtype, which accumulates in place.
+        let (d, ids) = (g.input_as(d_out, d_table.dtype())?, g.index("ids", ids)?);
+        return match d_table.dtype() {
+            DType::BF16 => g.run(gemb::embedding_backward_accumulate(
+                buf(&d),
+                buf(&ids),
+                dim,
+                buffer_mut::<half::bf16>("embedding_backward", d_table)?,
+            )),
+            _ => g.run(gemb::embedding_backward_accumulate(
+                buf(&d),
+                buf(&ids),
+                dim,
+                buffer_mut::<f32>("embedding_backward", d_table)?,
+            )),
+        };
+    }
+    let idv = indices("embedding_backward", "ids", ids)?;
+    check_ids("embedding_backward", &idv, vocab)?;
+    with_compute!("embedding_backward", [d_out, &*d_table], |T| {
+        let d = d_out.values::<T>();
+        if d_table.dtype() == <T as crate::Element>::DTYPE {
+            d_table.update::<T>(|t| emb::embedding_backward_accumulate(&d, &idv, dim, t))
+        } else {
+            let mut acc = d_table.to_vec::<T>();
+            emb::embedding_backward_accumulate(&d, &idv, dim, &mut acc);
+            *d_table = tensor(acc, d_table.shape()).to_dtype(d_table.dtype());
+            Ok(())
+        }
+    })
+}
+
+/// What the embedding's backward reads: the ids and the table's shape.
+struct EmbeddingGrad {
+    ids: Tensor,
+    table_shape: Vec<usize>,
+}
+
+impl Backward for EmbeddingGrad {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+    fn saved_bytes(&self) -> usize {
+        self.ids.size_in_bytes()
+    }
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let g = first_grad(grads)?;
+        let mut d_table = Tensor::zeros_on(&self.table_shape, g.dtype(), g.device())?;
+        embedding_backward_accumulate(g, &self.ids, &mut d_table)?;
+        Ok(vec![Some(d_table)])
+    }
+}
+
+/// [`embedding`] for a tape: the rows, and a backward for the table.
+pub fn embedding_op(table: &Tensor, ids: &Tensor) -> Result<Recorded> {
+    let y = embedding(table, ids)?;
+    Ok((y, Box::new(EmbeddingGrad { ids: ids.clone(), table_shape: table.shape().to_vec() })))
+}

@@ -1,0 +1,92 @@
+//! Reductions: sums for losses and bias gradients, squared norms for clipping, the max for checks.
+
+use super::{rows_cols, tensor, with_compute};
+use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
+use crate::op::{first_grad, Backward, Recorded};
+use crate::{DType, Error, Result, Tensor};
+use qlora_kernels::cuda::reduce as greduce;
+use qlora_kernels::reduce;
+
+/// Σ x as a rank-0 tensor (f32 on CUDA whatever x's dtype: losses are reduced in f32; it stays on the device).
+pub fn sum(x: &Tensor) -> Result<Tensor> {
+    if let Some(g) = Gpu::of("sum", &[x])? {
+        let mut out = g.alloc::<f32>(1)?;
+        with_gpu!(g, |T| g.run(greduce::sum_into::<T>(buf(&g.input(x)?), &mut out, false)))?;
+        return Ok(output(out, &[]));
+    }
+    with_compute!("sum", [x], |T| Ok(Tensor::scalar::<T>(reduce::sum(&x.values::<T>()))))
+}
+
+/// x: [..., n] → [n], summed over every leading dimension (bias gradients).
+pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
+    let (_, cols) = rows_cols("sum_rows", x)?;
+    if let Some(g) = Gpu::of("sum_rows", &[x])? {
+        return with_gpu!(g, |T| {
+            let x = g.input(x)?;
+            let mut out = g.alloc::<T>(cols)?;
+            g.run(greduce::sum_rows(buf::<T>(&x), cols, &mut out))?;
+            Ok(output(out, &[cols]))
+        });
+    }
+    with_compute!("sum_rows", [x], |T| {
+        let mut out = vec![T::default(); cols];
+        reduce::sum_rows(&x.values::<T>(), cols, &mut out);
+        Ok(tensor(out, &[cols]))
+    })
+}
+
+/// acc += Σ x² on x's device, acc a one-element f32 tensor there: a global norm over many tensors built up without
+/// reading anything back (on the CPU the sum runs in f64 and is rounded into acc once per tensor).
+pub fn sum_squares_into(x: &Tensor, acc: &mut Tensor) -> Result<()> {
+    if acc.elem_count() != 1 || acc.dtype() != DType::F32 {
+        return Err(Error::shape(
+            "sum_squares_into",
+            format!("acc must be one f32, got {:?} {:?}", acc.shape(), acc.dtype()),
+        ));
+    }
+    if let Some(g) = Gpu::of("sum_squares_into", &[x])? {
+        let out = buffer_mut::<f32>("sum_squares_into", acc)?;
+        return with_gpu!(g, |T| g.run(greduce::sum_squares_into::<T>(buf(&g.input(x)?), out, true)));
+    }
+    let add = sum_squares(x)?;
+    acc.update::<f32>(|a| a[0] = (a[0] as f64 + add) as f32)
+}
+
+/// Σ x², in f64 (global gradient norms).
+pub fn sum_squares(x: &Tensor) -> Result<f64> {
+    if let Some(g) = Gpu::of("sum_squares", &[x])? {
+        return with_gpu!(g, |T| g.run(greduce::sum_squares::<T>(buf(&g.input(x)?))));
+    }
+    with_compute!("sum_squares", [x], |T| Ok(reduce::sum_squares(&x.values::<T>()) as f64))
+}
+
+/// max |x| (NaN if any element is NaN).
+pub fn max_abs(x: &Tensor) -> Result<f64> {
+    if let Some(g) = Gpu::of("max_abs", &[x])? {
+        return with_gpu!(g, |T| g.run(greduce::max_abs::<T>(buf(&g.input(x)?))));
+    }
+    with_compute!("max_abs", [x], |T| Ok(reduce::max_abs(&x.values::<T>()) as f64))
+}
+
+/// Σ's backward: the scalar gradient spread over x's shape, on the device.
+struct SumGrad {
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl Backward for SumGrad {
+    fn name(&self) -> &'static str {
+        "sum"
+    }
+    fn saved_bytes(&self) -> usize {
+        0
+    }
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(super::elementwise::broadcast_scaled(first_grad(grads)?, 1.0, &self.shape, self.dtype)?)])
+    }
+}
+
+/// [`sum`] for a tape.
+pub fn sum_op(x: &Tensor) -> Result<Recorded> {
+    Ok((sum(x)?, Box::new(SumGrad { shape: x.shape().to_vec(), dtype: x.dtype() })))
+}

@@ -1,0 +1,130 @@
+//! The execution contract of the runtime ops, on every device through `test_device!`: scalars a step produces (a
+//! loss, its gradient spread over rows, a squared gradient norm) stay tensors on the op's device and are made there
+//! without reading anything back; attention takes its boundaries as `SeqLens`; `read_scalars` reads several values
+//! in one wait. Each body runs on the CPU (in CI) and on CUDA where a GPU is present (the GPU suite), where it also
+//! counts the host's waits.
+
+use qlora_runtime::cuda::{read_scalars, synchronizations};
+use qlora_runtime::op::first_grad;
+use qlora_runtime::ops::attention::{attention, AttentionParams, SeqLens};
+use qlora_runtime::ops::cross_entropy::cross_entropy_op;
+use qlora_runtime::ops::elementwise::broadcast_scaled;
+use qlora_runtime::ops::reduce::{sum, sum_squares_into};
+use qlora_runtime::testing::{assert_close, Tolerance};
+use qlora_runtime::{test_device, DType, Device, Rng, Tensor};
+
+/// f32 sums over a few hundred values in another order than the host's f64.
+const SUM: Tolerance = Tolerance { abs: 1e-4, rel: 1e-5 };
+
+fn randn(shape: &[usize], rng: &mut Rng, device: Device) -> Tensor {
+    Tensor::randn(shape, 1.0, DType::F32, rng).to_device(device).unwrap()
+}
+
+/// Runs `f` and returns what it gave and the host's waits for `device` meanwhile.
+fn waits<R>(device: Device, f: impl FnOnce() -> R) -> (R, u64) {
+    let before = synchronizations(device).unwrap();
+    let r = f();
+    (r, synchronizations(device).unwrap() - before)
+}
+
+fn scalars_stay_on_the_device(device: Device) {
+    let mut rng = Rng::new(1);
+    let x = randn(&[7, 33], &mut rng, device);
+    let ((s, full, spread, mut sq), n) = waits(device, || {
+        let s = sum(&x).unwrap();
+        let full = Tensor::full_on(&[3, 2], 1.5, DType::F32, device).unwrap();
+        let spread = broadcast_scaled(&s, 0.5, &[4, 5], DType::F32).unwrap();
+        let mut sq = Tensor::zeros_on(&[], DType::F32, device).unwrap();
+        sum_squares_into(&x, &mut sq).unwrap();
+        sum_squares_into(&full, &mut sq).unwrap();
+        (s, full, spread, sq)
+    });
+    assert_eq!(n, 0, "making and combining device scalars waits for nothing");
+    for t in [&s, &full, &spread, &sq] {
+        assert_eq!(t.device(), device);
+    }
+    let host = x.to_vec::<f64>();
+    let want_sum: f64 = host.iter().sum();
+    let want_sq: f64 = host.iter().map(|v| v * v).sum::<f64>() + 6.0 * 1.5 * 1.5;
+    let (values, n) = waits(device, || read_scalars(&[&s, &sq]).unwrap());
+    assert!(device == Device::Cpu || n == 1, "two scalars read in one wait, not {n}");
+    assert_close("sum, Σx²", &values, &[want_sum, want_sq], SUM);
+    assert_eq!(full.to_vec::<f32>(), vec![1.5; 6]);
+    assert_close("spread", &spread.to_vec::<f64>(), &[0.5 * values[0]; 20], SUM);
+    sq = sq.to_device(Device::Cpu).unwrap();
+    assert_eq!(sq.shape(), [] as [usize; 0]);
+}
+test_device!(scalars_stay_on_the_device, scalars_stay_on_the_device_cpu, scalars_stay_on_the_device_cuda);
+
+/// The loss a tape records and its backward: no wait on either side, and dlogits = (softmax − onehot)/normalizer.
+fn loss_and_its_gradient_wait_for_nothing(device: Device) {
+    let mut rng = Rng::new(2);
+    let (rows, vocab) = (5, 11);
+    let logits = randn(&[rows, vocab], &mut rng, device);
+    let targets = Tensor::from_vec(vec![3i32, -100, 0, 10, 7], &[rows]).unwrap().to_device(device).unwrap();
+    let normalizer = 4.0;
+    let ((loss, dlogits), n) = waits(device, || {
+        let (loss, grad) = cross_entropy_op(&logits, &targets, normalizer).unwrap();
+        let seed = Tensor::full_on(&[], 1.0, DType::F32, device).unwrap();
+        let d = grad.backward(&[Some(seed)]).unwrap();
+        (loss, first_grad(&d).unwrap().clone())
+    });
+    assert_eq!(n, 0, "the loss and its backward stay on the device");
+    let x = logits.to_vec::<f64>();
+    let t = [3i64, -100, 0, 10, 7];
+    let (mut want_loss, mut want_d) = (0.0, vec![0.0; rows * vocab]);
+    for r in 0..rows {
+        let row = &x[r * vocab..(r + 1) * vocab];
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+        if t[r] < 0 {
+            continue;
+        }
+        want_loss += m + z.ln() - row[t[r] as usize];
+        for c in 0..vocab {
+            let p = (row[c] - m).exp() / z;
+            want_d[r * vocab + c] = (p - if c == t[r] as usize { 1.0 } else { 0.0 }) / normalizer;
+        }
+    }
+    assert_close("loss", &[loss.to_scalar::<f64>().unwrap()], &[want_loss / normalizer], SUM);
+    assert_close("dlogits", &dlogits.to_vec::<f64>(), &want_d, Tolerance { abs: 1e-6, rel: 1e-5 });
+}
+test_device!(
+    loss_and_its_gradient_wait_for_nothing,
+    loss_and_its_gradient_wait_for_nothing_cpu,
+    loss_and_its_gradient_wait_for_nothing_cuda
+);
+
+/// Attention with boundaries made on the host reads nothing back, and checks them against the tensors there.
+fn attention_takes_host_boundaries(device: Device) {
+    let mut rng = Rng::new(3);
+    let p = AttentionParams {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        scale: 0.35,
+        causal: true,
+        sliding_window: Some(3),
+        softcap: None,
+    };
+    let cu = SeqLens::new(&[0, 2, 7, 7, 9], device).unwrap();
+    assert_eq!((cu.max_len(), cu.total(), cu.n_seqs()), (5, 9, 4));
+    let (q, k, v) =
+        (randn(&[9, 4, 8], &mut rng, device), randn(&[9, 2, 8], &mut rng, device), randn(&[9, 2, 8], &mut rng, device));
+    let ((out, _), n) = waits(device, || attention(&p, &q, &k, &v, &cu, &cu).unwrap());
+    assert_eq!(n, 0, "boundaries are read on the host");
+    let host = |t: &Tensor| t.to_device(Device::Cpu).unwrap();
+    let cpu_cu = cu.to_device(Device::Cpu).unwrap();
+    let (want, _) = attention(&p, &host(&q), &host(&k), &host(&v), &cpu_cu, &cpu_cu).unwrap();
+    assert_close("attention", &out.to_vec::<f64>(), &want.to_vec::<f64>(), Tolerance { abs: 1e-5, rel: 1e-4 });
+
+    let short = SeqLens::new(&[0, 2, 7], device).unwrap();
+    let e = attention(&p, &q, &k, &v, &short, &short).unwrap_err().to_string();
+    assert!(e.contains("cu_seqlens_q ends at 7 for 9 tokens"), "{e}");
+    assert!(SeqLens::new(&[0, 3, 2], device).unwrap_err().to_string().contains("never decrease"));
+}
+test_device!(
+    attention_takes_host_boundaries,
+    attention_takes_host_boundaries_cpu,
+    attention_takes_host_boundaries_cuda
+);
