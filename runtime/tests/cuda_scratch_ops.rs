@@ -7,6 +7,9 @@
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
 
 use qlora_kernels::testing::{assert_close, gpu, Tolerance};
+
+/// Two bf16 roundings in sequence (an operand, then the product made from it).
+const BF16_TWICE: Tolerance = Tolerance { abs: 5e-2, rel: 2e-2 };
 use qlora_kernels::Rng;
 use qlora_runtime::ops::concat::cat_rows;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
@@ -94,8 +97,10 @@ fn lora_group_operands_on_cuda_match_cpu() {
     let mut rng = Rng::new(63);
     let (rows, inp) = (40, 96);
     for (ranks, dtype, tol) in [
-        ([16, 16, 16], DType::BF16, Tolerance::BF16),
-        ([3, 5, 4], DType::BF16, Tolerance::BF16),
+        // U = x·Aᵀ is rounded to bf16 on the GPU before its second product and kept in f32 on the CPU: a sum of
+        // terms each off by one bf16 rounding (0.4%) can land a few percent off where the terms cancel.
+        ([16, 16, 16], DType::BF16, BF16_TWICE),
+        ([3, 5, 4], DType::BF16, BF16_TWICE),
         ([3, 5, 4], DType::F32, Tolerance { abs: 1e-4, rel: 1e-4 }),
     ] {
         let outs = [48, 16, 24];
