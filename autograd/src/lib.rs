@@ -21,7 +21,7 @@ mod ops;
 mod param;
 mod tape;
 
-pub use lora::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit};
+pub use lora::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit, LoraProjection};
 pub use param::Param;
 pub use qlora_runtime::ops::activation::Glu;
 pub use qlora_runtime::ops::attention::{AttentionParams, SeqLens};

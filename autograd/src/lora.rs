@@ -1,6 +1,8 @@
 //! LoRA, rsLoRA and DoRA adapters over a frozen base linear: the adapted layer as one recorded op
-//! ([`Tape::lora_linear`]) with a hand-written backward, and a set of adapters sharing one base. DoRA's norm and
-//! scalings are in `lora/dora.rs`, merge/unmerge into a dense weight in `lora/merge.rs`.
+//! ([`Tape::lora_linear`], or [`Tape::lora_linear_group`] for projections sharing their input) with a hand-written
+//! backward, and a set of adapters sharing one base. The LoRA op is `lora/group.rs` (a single projection is a group
+//! of one); DoRA's op, norm and scalings are `lora/dora.rs`; merge/unmerge into a dense weight `lora/merge.rs`; where
+//! NF4 bases are dequantized `lora/scratch.rs`.
 //!
 //! The math is peft 0.21's, formula for formula: `tuners/lora/layer.py` (`LoraLayer.update_layer` for the scaling,
 //! `reset_lora_parameters` for the init, `Linear.forward`, `get_delta_weight`, `merge`/`unmerge`),
@@ -8,11 +10,10 @@
 //! (`DoraLinearVariant.forward`, `merge_safe`, `unmerge`). Owns the adapter parameters and their gradients; must
 //! not own the base weight (the caller does, frozen, and no gradient ever reaches it) or any file format.
 
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Tape, Var};
 use crate::Param;
-use qlora_runtime::ops::elementwise::{add, add_bias, dropout, mul, scale};
+use qlora_runtime::ops::elementwise::{dropout, scale};
 use qlora_runtime::ops::linalg::matmul;
-use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
@@ -28,11 +29,13 @@ macro_rules! in_precision {
     };
 }
 
-// Declared after `in_precision!`, which both use.
+// Declared after `in_precision!`, which they use.
 mod dora;
+mod group;
 mod merge;
+mod scratch;
 
-use dora::{div, dora_combine, scale_cols, weight_norm, DoraSaved};
+use dora::weight_norm;
 pub use merge::{merged_weight, unmerged_weight};
 
 /// How A starts (B always starts at zero, so a fresh adapter is a no-op). peft's `init_lora_weights`.
@@ -249,6 +252,16 @@ impl AdapterSet {
     }
 }
 
+/// One projection of [`Tape::lora_linear_group`]: base W [out, in] frozen, bias [out], adapter (A [r, in], B [out, r])
+/// and the seed of its adapter dropout.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraProjection<'a> {
+    pub base: &'a BaseWeight,
+    pub bias: Option<&'a Var>,
+    pub adapter: Option<&'a LoraAdapter>,
+    pub dropout_seed: u64,
+}
+
 impl Tape {
     /// x: [..., in], base W: [out, in] frozen, bias: [out], adapter A: [r, in], B: [out, r], m: [out] → [..., out].
     ///
@@ -261,6 +274,7 @@ impl Tape {
     ///
     /// One recorded op: gradients reach x, A, B, m and bias, never W. Backward re-materializes W (a dequant for
     /// NF4) instead of keeping it, and keeps only x, x_d·Aᵀ, A, B and, for DoRA, g, n and x_d·Wᵀ + s·x_d·Aᵀ·Bᵀ.
+    /// LoRA is [`Tape::lora_linear_group`] with one projection.
     pub fn lora_linear(
         &self,
         x: &Var,
@@ -269,242 +283,42 @@ impl Tape {
         adapter: Option<&LoraAdapter>,
         dropout_seed: u64,
     ) -> Result<Var> {
-        let [out_f, in_f] = base.shape();
-        if out_f == 0 || in_f == 0 {
-            return Err(Error::shape("lora_linear", format!("empty base weight [{out_f}, {in_f}]")));
+        let projection = LoraProjection { base, bias, adapter, dropout_seed };
+        validate(x, &projection)?;
+        match adapter {
+            Some(ad) if ad.config.use_dora => self.dora_linear(x, base, bias, ad, dropout_seed),
+            _ => Ok(self.lora_group(x, &[projection])?.remove(0)),
         }
-        if x.shape().last() != Some(&in_f) {
-            return Err(Error::shape(
-                "lora_linear",
-                format!("input {:?} for base weight [{out_f}, {in_f}]", x.shape()),
-            ));
-        }
-        if let Some(b) = bias {
-            if b.shape() != [out_f] {
-                return Err(Error::shape(
-                    "lora_linear",
-                    format!("bias {:?} for base weight [{out_f}, {in_f}]", b.shape()),
-                ));
-            }
-        }
-        if let Some(ad) = adapter {
-            // Before any tape.param below, so that a rejected call leaves nothing on the tape.
-            ad.check("lora_linear", base)?;
-            let device = x.value().device();
-            if device != Device::Cpu && ad.config.use_dora {
-                return Err(Error::Unsupported {
-                    op: "lora_linear",
-                    device,
-                    why: "DoRA runs on the CPU only so far (its per-row norm and scaling helpers are host loops)",
-                });
-            }
-        }
-        let bound = adapter.map(|ad| Bound {
-            a: self.param(&ad.lora_a),
-            b: self.param(&ad.lora_b),
-            m: ad.magnitude.as_ref().map(|m| self.param(m)),
-            scaling: ad.scaling(),
-            dropout: (ad.config.dropout > 0.0).then_some(Dropout { p: ad.config.dropout, seed: dropout_seed }),
-        });
-
-        let mut operands = vec![x.value()];
-        if let Some(bd) = &bound {
-            operands.extend([Some(&bd.a), Some(&bd.b), bd.m.as_ref()].into_iter().flatten().map(Var::value));
-        }
-        let p = precision(&operands);
-        let rows = x.value().elem_count() / in_f;
-        let x2 = x.value().reshape(&[rows, in_f])?;
-        let w = base.materialize(p)?;
-        let z = matmul(&x2, &w.t()?)?;
-        let (y, saved) = match &bound {
-            Some(bd) => {
-                let (y, saved) = bd.forward(&x2, &w, z, x.requires_grad(), p)?;
-                (y, Some(saved))
-            }
-            None => (z, None),
-        };
-        let y = match bias {
-            Some(bias) => add_bias(&y, bias.value())?,
-            None => y,
-        };
-        let mut y_shape = x.shape().to_vec();
-        *y_shape.last_mut().expect("checked: x has an input dimension") = out_f;
-
-        let op = LoraLinear {
-            base: x.requires_grad().then(|| base.clone()),
-            precision: p,
-            x_shape: x.shape().to_vec(),
-            bias_needs: bias.is_some_and(Var::requires_grad),
-            adapter: saved,
-        };
-        // One input slot per possible gradient, constants standing in for what this call lacks.
-        let none = Var::constant(Tensor::zeros(&[0], DType::F32));
-        let (a, b, m) = match &bound {
-            Some(bd) => (&bd.a, &bd.b, bd.m.as_ref().unwrap_or(&none)),
-            None => (&none, &none, &none),
-        };
-        let inputs = [x, a, b, m, bias.unwrap_or(&none)];
-        Ok(self.record1(Box::new(op), &inputs, y.reshape(&y_shape)?))
     }
 }
 
-/// An adapter's parameters as graph values for one call, with the call's scaling and dropout.
-struct Bound {
-    a: Var,
-    b: Var,
-    m: Option<Var>,
-    scaling: f64,
-    dropout: Option<Dropout>,
-}
-
-impl Bound {
-    /// The adapter terms on rows x2: [N, in] given W: [out, in] and the base output z = x2·Wᵀ: [N, out]: the output
-    /// before bias, and what the adapter part of backward reads.
-    fn forward(&self, x2: &Tensor, w: &Tensor, z: Tensor, x_needs: bool, p: DType) -> Result<(Tensor, AdapterSaved)> {
-        let (a, b, s) = (self.a.value(), self.b.value(), self.scaling);
-        let xd = match self.dropout {
-            Some(d) => d.apply(x2)?,
-            None => x2.clone(),
-        };
-        let u = matmul(&xd, &a.t()?)?;
-        let sv = scale(&matmul(&u, &b.t()?)?, s)?;
-        let a_needs = self.a.requires_grad();
-        let mut saved = AdapterSaved {
-            scaling: s,
-            dropout: self.dropout,
-            x: a_needs.then(|| x2.clone()),
-            u: self.b.requires_grad().then(|| u.clone()),
-            a: x_needs.then(|| a.clone()),
-            b: (x_needs || a_needs).then(|| b.clone()),
-            dora: None,
-        };
-        let Some(m) = &self.m else {
-            return Ok((add(&z, &sv)?, saved));
-        };
-        let n = weight_norm(w, a, b, s)?;
-        let g = in_precision!(p, div(m.value(), &n))?;
-        // With dropout the correction terms see x_d while the main term keeps x: x_d·Wᵀ is a second product.
-        let zd = if self.dropout.is_some() { matmul(&xd, &w.t()?)? } else { z.clone() };
-        let m_needs = m.requires_grad();
-        let (y, h) = in_precision!(p, dora_combine(&z, &zd, &sv, &g, m_needs))?;
-        saved.dora = Some(DoraSaved { g, n: m_needs.then_some(n), h });
-        Ok((y, saved))
+/// The checks every adapted linear makes before recording anything, so that a rejected call leaves nothing on the
+/// tape: shapes against the base (errors name the tensor) and DoRA's device.
+fn validate(x: &Var, p: &LoraProjection) -> Result<()> {
+    let [out_f, in_f] = p.base.shape();
+    if out_f == 0 || in_f == 0 {
+        return Err(Error::shape("lora_linear", format!("empty base weight [{out_f}, {in_f}]")));
     }
-}
-
-/// What the adapter part of backward reads (each kept only when a gradient that needs it is wanted).
-struct AdapterSaved {
-    scaling: f64,
-    dropout: Option<Dropout>,
-    /// The input rows before dropout [N, in], for dA = duᵀ·dropout(x) (the mask is redrawn from its seed).
-    x: Option<Tensor>,
-    /// x_d·Aᵀ [N, r], for dB.
-    u: Option<Tensor>,
-    /// A [r, in], for dx.
-    a: Option<Tensor>,
-    /// B [out, r], for du (which dA and dx read).
-    b: Option<Tensor>,
-    dora: Option<DoraSaved>,
-}
-
-struct LoraLinear {
-    /// The frozen base, kept when dx is wanted (a handle on the caller's weight): backward re-materializes W from it.
-    base: Option<BaseWeight>,
-    precision: DType,
-    x_shape: Vec<usize>,
-    bias_needs: bool,
-    adapter: Option<AdapterSaved>,
-}
-
-fn bytes(ts: &[&Option<Tensor>]) -> usize {
-    ts.iter().filter_map(|t| t.as_ref()).map(Tensor::size_in_bytes).sum()
-}
-
-fn saved(t: &Option<Tensor>) -> Result<&Tensor> {
-    t.as_ref().ok_or_else(|| Error::invalid("lora_linear backward", "a tensor needed for this gradient was not saved"))
-}
-
-impl Backward for LoraLinear {
-    fn name(&self) -> &'static str {
-        "lora_linear"
+    if x.shape().last() != Some(&in_f) {
+        return Err(Error::shape("lora_linear", format!("input {:?} for base weight [{out_f}, {in_f}]", x.shape())));
     }
-
-    fn saved_bytes(&self) -> usize {
-        // The base clone shares its storage with the owner (dense tensor, NF4 nibbles and scales): it costs nothing.
-        let adapter = self.adapter.as_ref().map_or(0, |s| {
-            let dora = s.dora.as_ref().map_or(0, |d| d.g.size_in_bytes() + bytes(&[&d.n, &d.h]));
-            bytes(&[&s.x, &s.u, &s.a, &s.b]) + dora
-        });
-        adapter
-    }
-
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let dy = grads
-            .first()
-            .and_then(Option::as_ref)
-            .ok_or_else(|| Error::invalid("lora_linear", "missing output gradient"))?;
-        let p = self.precision;
-        let out_f = *dy.shape().last().ok_or_else(|| Error::shape("lora_linear backward", "scalar gradient"))?;
-        let dy = dy.reshape(&[dy.elem_count() / out_f, out_f])?;
-        let d_bias = if self.bias_needs { Some(sum_rows(&dy)?) } else { None };
-        let w = match &self.base {
-            Some(base) => Some(base.materialize(p)?),
-            None => None,
-        };
-        let (dx, d_a, d_b, d_m) = match &self.adapter {
-            None => (w.map(|w| matmul(&dy, &w)).transpose()?, None, None, None),
-            Some(ad) => adapter_backward(ad, &dy, w.as_ref(), p)?,
-        };
-        let dx = dx.map(|dx| dx.reshape(&self.x_shape)).transpose()?;
-        Ok(vec![dx, d_a, d_b, d_m, d_bias])
-    }
-}
-
-type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
-/// (dx, dA, dB, dm) from dy: [N, out], with W: [out, in] present exactly when dx is wanted.
-fn adapter_backward(ad: &AdapterSaved, dy: &Tensor, w: Option<&Tensor>, p: DType) -> Result<Grads> {
-    let dora = ad.dora.as_ref();
-    // The branch s·(x_d·Aᵀ)·Bᵀ sees dy scaled per output by g under DoRA; n is detached, so m is the only other path.
-    let dyg = match dora {
-        Some(d) => in_precision!(p, scale_cols(dy, &d.g, 0.0))?,
-        None => dy.clone(),
-    };
-    let dsv = scale(&dyg, ad.scaling)?;
-    let d_b = ad.u.as_ref().map(|u| matmul(&dsv.t()?, u)).transpose()?;
-    let du = ad.b.as_ref().map(|b| matmul(&dsv, b)).transpose()?;
-    let d_a = match &ad.x {
-        Some(x) => {
-            let xd = match ad.dropout {
-                Some(d) => d.apply(x)?,
-                None => x.clone(),
-            };
-            Some(matmul(&saved(&du)?.t()?, &xd)?)
+    if let Some(b) = p.bias {
+        if b.shape() != [out_f] {
+            return Err(Error::shape("lora_linear", format!("bias {:?} for base weight [{out_f}, {in_f}]", b.shape())));
         }
-        None => None,
-    };
-    let d_m = match dora {
-        Some(DoraSaved { n: Some(n), h: Some(h), .. }) => Some(in_precision!(p, div(&sum_rows(&mul(dy, h)?)?, n))?),
-        _ => None,
-    };
-    let dx = match w {
-        None => None,
-        Some(w) => {
-            let du_a = matmul(saved(&du)?, saved(&ad.a)?)?;
-            Some(match (dora, ad.dropout) {
-                (None, None) => add(&matmul(dy, w)?, &du_a)?,
-                (None, Some(d)) => add(&matmul(dy, w)?, &d.apply(&du_a)?)?,
-                // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: one product with W.
-                (Some(_), None) => add(&matmul(&dyg, w)?, &du_a)?,
-                // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
-                (Some(dr), Some(d)) => {
-                    let dzd = matmul(&in_precision!(p, scale_cols(dy, &dr.g, -1.0))?, w)?;
-                    add(&matmul(dy, w)?, &d.apply(&add(&dzd, &du_a)?)?)?
-                }
-            })
+    }
+    if let Some(ad) = p.adapter {
+        ad.check("lora_linear", p.base)?;
+        let device = x.value().device();
+        if device != Device::Cpu && ad.config.use_dora {
+            return Err(Error::Unsupported {
+                op: "lora_linear",
+                device,
+                why: "DoRA runs on the CPU only so far (its per-row norm and scaling helpers are host loops)",
+            });
         }
-    };
-    Ok((dx, d_a, d_b, d_m))
+    }
+    Ok(())
 }
 
 /// Inverted dropout with its mask a pure function of (seed, element index).
@@ -515,6 +329,11 @@ struct Dropout {
 }
 
 impl Dropout {
+    /// The dropout of `config` with this seed, None when it drops nothing.
+    fn of(config: &LoraConfig, seed: u64) -> Option<Dropout> {
+        (config.dropout > 0.0).then_some(Dropout { p: config.dropout, seed })
+    }
+
     /// Row-major element i is kept iff the i-th draw of `Rng::new(seed).uniform()` is ≥ p, and kept values are
     /// scaled by 1/(1 − p). SplitMix64's i-th draw depends only on the seed and i, so a recompute (checkpoint,
     /// backward) or a GPU twin drawing elements independently gets the same mask. Linear in `t`: the same call maps

@@ -1,14 +1,57 @@
 //! Parameters: named tensors that live across steps, outside any tape.
+//!
+//! Compute copies: ops that multiply in another precision than the master value (bf16 products of f32 adapters on a
+//! GPU), or that want several parameters as one operand (a LoRA group's stacked A's), ask for
+//! [`Param::value_as`] / [`Param::stacked_with`] instead of casting per call. The rule that keeps such a copy from
+//! going stale: a value changes only through [`Param::set_value`] and [`Param::update`] (an optimizer step uses
+//! them), and every change gives the parameter a fresh stamp and drops its copy. A copy records the stamps of all the
+//! values it was made from, so it is made once per optimizer step, however many forwards, recomputations and
+//! micro-batches read it, and never outlives the values it came from.
 
+use qlora_runtime::ops::concat::cat_rows;
 use qlora_runtime::ops::elementwise::{accumulate, scale};
-use qlora_runtime::{DType, Result, Tensor};
+use qlora_runtime::{DType, Error, Result, Tensor};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 struct Inner {
     name: String,
     trainable: bool,
     value: Mutex<Tensor>,
+    /// Names the current value: see [`fresh_stamp`].
+    stamp: AtomicU64,
     grad: Mutex<Option<Tensor>>,
+    /// The compute copy last asked for (one per parameter: another dtype or group replaces it).
+    shadow: Mutex<Option<Shadow>>,
+}
+
+/// [self; rest…] stacked in `dtype`, made from the values whose stamps are listed (self's first).
+struct Shadow {
+    dtype: DType,
+    stamps: Vec<u64>,
+    value: Tensor,
+}
+
+/// values: [rᵢ, d…] each (the same d…), on one device → [Σ rᵢ, d…] in `dtype`.
+fn stack(values: &[Tensor], dtype: DType) -> Result<Tensor> {
+    let first = &values[0];
+    if let Some(v) = values.iter().find(|v| v.rank() == 0 || v.shape()[1..] != first.shape()[1..]) {
+        return Err(Error::shape("stack", format!("{:?} beside {:?}", v.shape(), first.shape())));
+    }
+    let cast = values.iter().map(|v| v.try_to_dtype(dtype)).collect::<Result<Vec<_>>>()?;
+    if let [one] = &cast[..] {
+        return Ok(one.clone());
+    }
+    let mut shape = first.shape().to_vec();
+    shape[0] = values.iter().map(|v| v.shape()[0]).sum();
+    cat_rows(&cast, &shape, dtype, first.device())
+}
+
+/// A stamp never given out before, by any parameter: a list of stamps identifies the exact values a compute copy was
+/// made from.
+fn fresh_stamp() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A model weight. Trainable parameters accumulate gradients across backward passes (gradient accumulation)
@@ -39,7 +82,14 @@ impl Param {
     }
 
     fn new(name: impl Into<String>, value: Tensor, trainable: bool) -> Self {
-        Param(Arc::new(Inner { name: name.into(), trainable, value: Mutex::new(value), grad: Mutex::new(None) }))
+        Param(Arc::new(Inner {
+            name: name.into(),
+            trainable,
+            value: Mutex::new(value),
+            stamp: AtomicU64::new(fresh_stamp()),
+            grad: Mutex::new(None),
+            shadow: Mutex::new(None),
+        }))
     }
 
     pub fn name(&self) -> &str {
@@ -56,12 +106,65 @@ impl Param {
     }
 
     pub fn set_value(&self, value: Tensor) {
-        *lock(&self.0.value) = value;
+        let mut slot = lock(&self.0.value);
+        *slot = value;
+        self.changed();
     }
 
     /// Runs `f` on the value in place (optimizer steps). Copy-on-write keeps tensors saved elsewhere intact.
     pub fn update(&self, f: impl FnOnce(&mut Tensor) -> Result<()>) -> Result<()> {
-        f(&mut lock(&self.0.value))
+        let mut slot = lock(&self.0.value);
+        let r = f(&mut slot);
+        // Even a failed update may have written part of the value.
+        self.changed();
+        r
+    }
+
+    /// Called with the value locked, so that a reader sees the new value with the new stamp.
+    fn changed(&self) {
+        self.0.stamp.store(fresh_stamp(), Ordering::Relaxed);
+        *lock(&self.0.shadow) = None;
+    }
+
+    /// (value, stamp), read together.
+    fn stamped_value(&self) -> (Tensor, u64) {
+        let slot = lock(&self.0.value);
+        (slot.clone(), self.0.stamp.load(Ordering::Relaxed))
+    }
+
+    /// The value in `dtype`, for products in another precision than the master (bf16 on a GPU): the value itself
+    /// when it already is in `dtype`, else a copy cast once per value (see the module docs).
+    pub fn value_as(&self, dtype: DType) -> Result<Tensor> {
+        self.stacked_with(&[], dtype)
+    }
+
+    /// [self; rest…] stacked along dim 0 in `dtype`: a group of LoRA A matrices [rᵢ, in] as the one
+    /// [Σ rᵢ, in] operand of their shared GEMM. Made once per set of values and kept on `self` (see the module docs);
+    /// with no `rest` and the value already in `dtype`, the value itself.
+    pub fn stacked_with(&self, rest: &[&Param], dtype: DType) -> Result<Tensor> {
+        let (value, stamp) = self.stamped_value();
+        if rest.is_empty() && value.dtype() == dtype {
+            return Ok(value);
+        }
+        let (mut values, mut stamps) = (vec![value], vec![stamp]);
+        for p in rest {
+            let (v, s) = p.stamped_value();
+            values.push(v);
+            stamps.push(s);
+        }
+        if let Some(s) = lock(&self.0.shadow).as_ref().filter(|s| s.dtype == dtype && s.stamps == stamps) {
+            return Ok(s.value.clone());
+        }
+        let made = stack(&values, dtype).map_err(|e| {
+            let names: Vec<&str> = std::iter::once(self).chain(rest.iter().copied()).map(Param::name).collect();
+            Error::invalid("stacked_with", format!("stacking {names:?}: {e}"))
+        })?;
+        let mut slot = lock(&self.0.shadow);
+        // Unless self changed meanwhile: then the copy is already stale and is not kept.
+        if self.0.stamp.load(Ordering::Relaxed) == stamp {
+            *slot = Some(Shadow { dtype, stamps, value: made.clone() });
+        }
+        Ok(made)
     }
 
     /// The accumulated gradient, if any backward reached this parameter since the last `zero_grad`.
@@ -96,5 +199,46 @@ impl Param {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, v: &[f32], rows: usize) -> Param {
+        Param::trainable(name, Tensor::from_slice(v, &[rows, v.len() / rows]).unwrap())
+    }
+
+    #[test]
+    fn compute_copies_are_made_once_per_value() {
+        let a = p("a", &[1.0, 2.0, 3.0, 4.0], 2);
+        assert!(a.value_as(DType::F32).unwrap().shares_storage(&a.value()), "no copy in the master dtype");
+        let c1 = a.value_as(DType::F64).unwrap();
+        assert_eq!((c1.dtype(), c1.to_vec::<f64>()), (DType::F64, vec![1.0, 2.0, 3.0, 4.0]));
+        assert!(a.value_as(DType::F64).unwrap().shares_storage(&c1), "the copy is reused");
+        a.set_value(Tensor::from_slice(&[5.0f32, 6.0, 7.0, 8.0], &[2, 2]).unwrap());
+        assert_eq!(a.value_as(DType::F64).unwrap().to_vec::<f64>(), vec![5.0, 6.0, 7.0, 8.0]);
+        a.update(|v| v.update::<f32>(|x| x[0] = -1.0)).unwrap();
+        let c2 = a.value_as(DType::BF16).unwrap();
+        assert_eq!(c2.to_vec::<f32>(), vec![-1.0, 6.0, 7.0, 8.0]);
+        assert_eq!(c1.to_vec::<f64>(), vec![1.0, 2.0, 3.0, 4.0], "a copy handed out keeps its values");
+    }
+
+    #[test]
+    fn stacked_copies_follow_every_stacked_parameter() {
+        let (a, b, c) = (p("a", &[1.0, 2.0], 1), p("b", &[3.0, 4.0, 5.0, 6.0], 2), p("c", &[7.0, 8.0], 1));
+        let s1 = a.stacked_with(&[&b, &c], DType::F32).unwrap();
+        assert_eq!((s1.shape(), s1.to_vec::<f32>()), (&[4, 2][..], (1..=8).map(|v| v as f32).collect::<Vec<_>>()));
+        assert!(a.stacked_with(&[&b, &c], DType::F32).unwrap().shares_storage(&s1));
+        // Another group, or a change of any member, makes a new copy.
+        assert_eq!(a.stacked_with(&[&c], DType::F32).unwrap().shape(), &[2, 2]);
+        let s2 = a.stacked_with(&[&b, &c], DType::F32).unwrap();
+        assert!(!s2.shares_storage(&s1));
+        c.set_value(Tensor::from_slice(&[0.0f32, 0.0], &[1, 2]).unwrap());
+        assert_eq!(a.stacked_with(&[&b, &c], DType::F32).unwrap().to_vec::<f32>()[6..], [0.0, 0.0]);
+        assert!(a.stacked_with(&[&b], DType::F32).is_ok());
+        let e = a.stacked_with(&[&p("wide", &[1.0; 3], 1)], DType::F32).unwrap_err().to_string();
+        assert!(e.contains("\"a\", \"wide\"") && e.contains("[1, 3]"), "{e}");
     }
 }

@@ -18,6 +18,9 @@ use rayon::prelude::*;
 /// Batched GEMM: for each b < batch, C_b = alpha · op(A_b) · op(B_b) + beta · C_b.
 /// op(A_b) is [m, k]: stored [m, k] row-major, or [k, m] when trans_a. op(B_b) is [k, n]: stored [k, n], or [n, k] when trans_b.
 /// C_b is [m, n] row-major. Batch strides are in elements; a stride of 0 reuses one matrix for every batch entry.
+/// Each stored matrix starts `offset_*` elements into its buffer and steps `ld_*` elements from row to row (its
+/// leading dimension, at least its row length; None: exactly its row length): a column block of a wider matrix is
+/// read or written in place, as the LoRA branch reads its slice of the x·Aᵀ of a whole projection group.
 /// beta == 0 means C is not read at all (NaN garbage in C must not leak).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
@@ -30,12 +33,18 @@ pub struct Gemm {
     pub stride_a: usize,
     pub stride_b: usize,
     pub stride_c: usize,
+    pub ld_a: Option<usize>,
+    pub ld_b: Option<usize>,
+    pub ld_c: Option<usize>,
+    pub offset_a: usize,
+    pub offset_b: usize,
+    pub offset_c: usize,
     pub alpha: f64,
     pub beta: f64,
 }
 
 impl Gemm {
-    /// One [m, k]·[k, n] product, no transposes, alpha 1, beta 0, contiguous batch strides.
+    /// One [m, k]·[k, n] product, no transposes, alpha 1, beta 0, contiguous batch strides, packed rows, no offsets.
     pub fn new(m: usize, n: usize, k: usize) -> Self {
         Gemm {
             batch: 1,
@@ -47,6 +56,12 @@ impl Gemm {
             stride_a: m * k,
             stride_b: k * n,
             stride_c: m * n,
+            ld_a: None,
+            ld_b: None,
+            ld_c: None,
+            offset_a: 0,
+            offset_b: 0,
+            offset_c: 0,
             alpha: 1.0,
             beta: 0.0,
         }
@@ -73,6 +88,70 @@ impl Gemm {
     pub fn beta(self, b: f64) -> Self {
         Gemm { beta: b, ..self }
     }
+
+    /// (rows, columns) of A as stored.
+    pub fn stored_a(&self) -> (usize, usize) {
+        if self.trans_a {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        }
+    }
+
+    /// (rows, columns) of B as stored.
+    pub fn stored_b(&self) -> (usize, usize) {
+        if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        }
+    }
+
+    /// Leading dimensions (A, B, C) in elements, None resolved to the stored row length.
+    pub fn lds(&self) -> (usize, usize, usize) {
+        (self.ld_a.unwrap_or(self.stored_a().1), self.ld_b.unwrap_or(self.stored_b().1), self.ld_c.unwrap_or(self.n))
+    }
+
+    /// Elements of A's buffer that the product may read: up to the end of its last batch entry.
+    pub fn len_a(&self) -> usize {
+        let (rows, cols) = self.stored_a();
+        extent(self.batch, self.offset_a, self.stride_a, span(rows, cols, self.lds().0))
+    }
+
+    /// Elements of B's buffer that the product may read.
+    pub fn len_b(&self) -> usize {
+        let (rows, cols) = self.stored_b();
+        extent(self.batch, self.offset_b, self.stride_b, span(rows, cols, self.lds().1))
+    }
+
+    /// Elements of C's buffer that the product may touch.
+    pub fn len_c(&self) -> usize {
+        extent(self.batch, self.offset_c, self.stride_c_used(), self.span_c())
+    }
+
+    /// Elements one batch entry of C spans, gaps between its rows included.
+    fn span_c(&self) -> usize {
+        span(self.m, self.n, self.lds().2)
+    }
+
+    /// The C batch stride in effect (a single product ignores `stride_c`).
+    pub(crate) fn stride_c_used(&self) -> usize {
+        if self.batch == 1 {
+            self.span_c()
+        } else {
+            self.stride_c
+        }
+    }
+}
+
+/// Elements a rows × cols matrix with leading dimension ld spans from its first element (0 when empty).
+fn span(rows: usize, cols: usize, ld: usize) -> usize {
+    checked_span(rows, cols, ld).expect("matmul: a matrix's span overflows usize")
+}
+
+/// offset + (batch − 1)·stride + size: the end of the last batch entry (0 when there is none or it is empty).
+fn extent(batch: usize, offset: usize, stride: usize, size: usize) -> usize {
+    checked_extent(batch, offset, stride, Some(size)).expect("matmul: an operand's extent overflows usize")
 }
 
 /// Below this many multiply-adds per rayon task, scheduling costs more than the arithmetic.
@@ -80,30 +159,33 @@ const MIN_TASK_FLOPS: usize = 1 << 16;
 
 /// a: [batch, op(A) stored], b: [batch, op(B) stored], c: [batch, m, n] → c (see [`Gemm`]).
 ///
-/// The C entries of different batch entries must not overlap (`stride_c ≥ m·n` when batch > 1). When
-/// alpha == 0 or k == 0, A and B are not read (BLAS convention): C becomes beta·C, or zeros when beta == 0.
+/// The C entries of different batch entries must not overlap (`stride_c` ≥ the span of one entry when batch > 1).
+/// When alpha == 0 or k == 0, A and B are not read (BLAS convention): C becomes beta·C, or zeros when beta == 0.
+/// Elements of the buffers outside the matrices (offsets, the gaps of a leading dimension) are never touched.
 pub fn matmul<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
     let (m, n, k) = (g.m, g.n, g.k);
     if g.batch == 0 {
         return;
     }
-    let c_len = check_c(g, c.len());
+    let c_end = check_c(g, c.len());
     if m * n == 0 {
         return;
     }
-    let stride_c = if g.batch == 1 { m * n } else { g.stride_c };
-    let c = &mut c[..c_len];
+    let (stride_c, span_c, ldc) = (g.stride_c_used(), g.span_c(), g.lds().2);
+    let c = &mut c[g.offset_c..c_end];
     if k == 0 || g.alpha == 0.0 {
         for i in 0..g.batch {
-            scale_in_place(&mut c[i * stride_c..i * stride_c + m * n], g.beta);
+            for row in c[i * stride_c..i * stride_c + span_c].chunks_mut(ldc) {
+                scale_in_place(&mut row[..n], g.beta);
+            }
         }
         return;
     }
     check_ab(g, a.len(), b.len());
     let entry = |i: usize, c_b: &mut [T], par: Parallelism| {
-        let a_b = &a[i * g.stride_a..i * g.stride_a + m * k];
-        let b_b = &b[i * g.stride_b..i * g.stride_b + k * n];
-        gemm_one(g, a_b, b_b, &mut c_b[..m * n], par);
+        let a_b = &a[g.offset_a + i * g.stride_a..];
+        let b_b = &b[g.offset_b + i * g.stride_b..];
+        gemm_one(g, a_b, b_b, &mut c_b[..span_c], par);
     };
     if g.batch == 1 {
         entry(0, c, Parallelism::Rayon(0));
@@ -116,30 +198,56 @@ pub fn matmul<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
     }
 }
 
-/// The elements of C that a non-empty batch writes, after asserting that `c_len` holds them and that batch entries do
-/// not overlap (the CUDA twin shares the contract).
+/// The end of what a non-empty batch writes in C, after asserting that `c_len` holds it, that rows fit their leading
+/// dimension and that batch entries do not overlap (the CUDA twin shares the contract).
 pub(crate) fn check_c(g: &Gemm, c_len: usize) -> usize {
-    let (m, n) = (g.m, g.n);
-    let need = required_len("C", g.batch, g.stride_c, m.checked_mul(n), c_len);
+    let ldc = g.lds().2;
+    check_ld("C", g.m, g.n, ldc);
+    let span = checked_span(g.m, g.n, ldc);
     assert!(
-        g.batch == 1 || g.stride_c >= m * n,
-        "matmul: stride_c {} < m·n {} overlaps batch entries",
+        g.batch == 1 || span.is_some_and(|s| g.stride_c >= s),
+        "matmul: stride_c {} < the {span:?} elements of one entry of C: it overlaps batch entries",
         g.stride_c,
-        m * n
     );
-    need
+    required_len("C", checked_extent(g.batch, g.offset_c, g.stride_c_used(), span), c_len)
 }
 
 /// Asserts that A and B hold every batch entry: checked only where the product reads them (not when k == 0 or
 /// alpha == 0), by both twins.
 pub(crate) fn check_ab(g: &Gemm, a_len: usize, b_len: usize) {
-    required_len("A", g.batch, g.stride_a, g.m.checked_mul(g.k), a_len);
-    required_len("B", g.batch, g.stride_b, g.k.checked_mul(g.n), b_len);
+    let (lda, ldb, _) = g.lds();
+    let ((ra, ca), (rb, cb)) = (g.stored_a(), g.stored_b());
+    check_ld("A", ra, ca, lda);
+    check_ld("B", rb, cb, ldb);
+    required_len("A", checked_extent(g.batch, g.offset_a, g.stride_a, checked_span(ra, ca, lda)), a_len);
+    required_len("B", checked_extent(g.batch, g.offset_b, g.stride_b, checked_span(rb, cb, ldb)), b_len);
 }
 
-/// `(batch − 1)·stride + size`, asserted to fit in `len` (and not to overflow).
-fn required_len(what: &str, batch: usize, stride: usize, size: Option<usize>, len: usize) -> usize {
-    let need = size.and_then(|s| stride.checked_mul(batch - 1).and_then(|o| o.checked_add(s)));
+/// A leading dimension shorter than the row would make rows overlap.
+fn check_ld(what: &str, rows: usize, cols: usize, ld: usize) {
+    assert!(rows <= 1 || ld >= cols, "matmul: the leading dimension {ld} of {what} is below its row length {cols}");
+}
+
+/// [`span`] without overflow.
+fn checked_span(rows: usize, cols: usize, ld: usize) -> Option<usize> {
+    if rows == 0 || cols == 0 {
+        Some(0)
+    } else {
+        (rows - 1).checked_mul(ld)?.checked_add(cols)
+    }
+}
+
+/// [`extent`] without overflow.
+fn checked_extent(batch: usize, offset: usize, stride: usize, size: Option<usize>) -> Option<usize> {
+    match size? {
+        _ if batch == 0 => Some(0),
+        0 => Some(0),
+        size => stride.checked_mul(batch - 1)?.checked_add(size)?.checked_add(offset),
+    }
+}
+
+/// The extent, asserted to fit in `len` (and not to overflow).
+fn required_len(what: &str, need: Option<usize>, len: usize) -> usize {
     match need {
         Some(need) if need <= len => need,
         _ => panic!("matmul: {what} has {len} elements, the last batch entry needs {need:?}"),
@@ -156,18 +264,21 @@ fn scale_in_place<T: Float>(c: &mut [T], beta: f64) {
     }
 }
 
-/// One product on exactly-sized slices: a: op(A) stored, b: op(B) stored, c: [m, n].
+/// One product: a, b start at op(A)'s and op(B)'s first stored element, c at C's, each long enough for its span.
 fn gemm_one<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T], par: Parallelism) {
     let (m, n, k) = (g.m, g.n, g.k);
-    debug_assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    let (lda, ldb, ldc) = g.lds();
+    debug_assert!(a.len() >= span(g.stored_a().0, g.stored_a().1, lda));
+    debug_assert!(b.len() >= span(g.stored_b().0, g.stored_b().1, ldb) && c.len() >= span(m, n, ldc));
     // (row stride, column stride) of op(X) in elements: a transpose swaps which index walks contiguously.
-    let (a_rs, a_cs) = if g.trans_a { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if g.trans_b { (1, k) } else { (n, 1) };
+    let (a_rs, a_cs) = if g.trans_a { (1, lda) } else { (lda, 1) };
+    let (b_rs, b_cs) = if g.trans_b { (1, ldb) } else { (ldb, 1) };
     // SAFETY: every index gemm touches is row·rs + col·cs over op(A) [m, k], op(B) [k, n] and C [m, n]; with the
-    // strides above the largest is m·k − 1, k·n − 1 and m·n − 1, inside `a`, `b` and `c`, whose lengths are
-    // exactly those products. Slice lengths never exceed isize::MAX, so the stride casts are lossless. `c` is a
-    // `&mut` borrow, so it aliases neither input. read_dst is false when beta == 0, so gemm never reads
-    // C's old contents then. gemm dispatches on TypeId and supports both Float types, f32 and f64.
+    // strides above the largest is the span of the stored matrix minus one ((rows − 1)·ld + cols − 1), inside `a`,
+    // `b` and `c`, which hold at least those spans (checked by `check_ab`/`check_c`). Slice lengths never exceed
+    // isize::MAX, so the stride casts are lossless. `c` is a `&mut` borrow, so it aliases neither input. read_dst is
+    // false when beta == 0, so gemm never reads C's old contents then. gemm dispatches on TypeId and supports both
+    // Float types, f32 and f64.
     unsafe {
         gemm::gemm(
             m,
@@ -175,7 +286,7 @@ fn gemm_one<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T], par: Parallelism)
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             g.beta != 0.0,
             a.as_ptr(),
             a_cs as isize,
@@ -200,41 +311,35 @@ mod tests {
     use crate::testing::{assert_close, check_gradient, dot, randn, Tolerance};
     use crate::Rng;
 
-    /// The definition, in f64, reading A, B and C through the same stored layouts and strides as `matmul`.
+    /// The definition, in f64, reading A, B and C through the same stored layouts, strides, offsets and leading
+    /// dimensions as `matmul`.
     fn naive(g: &Gemm, a: &[f64], b: &[f64], c: &mut [f64]) {
         let (m, n, k) = (g.m, g.n, g.k);
+        let (lda, ldb, ldc) = g.lds();
         for bi in 0..g.batch {
-            let (a, b) = (&a[bi * g.stride_a..], &b[bi * g.stride_b..]);
-            let c = &mut c[bi * g.stride_c..];
+            let (a, b) = (&a[g.offset_a + bi * g.stride_a..], &b[g.offset_b + bi * g.stride_b..]);
+            let c = &mut c[g.offset_c + bi * g.stride_c..];
             for i in 0..m {
                 for j in 0..n {
                     let mut acc = 0.0;
                     for p in 0..k {
-                        let av = if g.trans_a { a[p * m + i] } else { a[i * k + p] };
-                        let bv = if g.trans_b { b[j * k + p] } else { b[p * n + j] };
+                        let av = if g.trans_a { a[p * lda + i] } else { a[i * lda + p] };
+                        let bv = if g.trans_b { b[j * ldb + p] } else { b[p * ldb + j] };
                         acc += av * bv;
                     }
-                    let prev = if g.beta == 0.0 { 0.0 } else { g.beta * c[i * n + j] };
-                    c[i * n + j] = g.alpha * acc + prev;
+                    let prev = if g.beta == 0.0 { 0.0 } else { g.beta * c[i * ldc + j] };
+                    c[i * ldc + j] = g.alpha * acc + prev;
                 }
             }
-        }
-    }
-
-    fn len_of(batch: usize, stride: usize, size: usize) -> usize {
-        if batch == 0 {
-            0
-        } else {
-            (batch - 1) * stride + size
         }
     }
 
     /// Runs `matmul::<f64>` and the naive definition on the same random A, B, C and compares.
     fn check(g: Gemm, seed: u64) {
         let mut rng = Rng::new(seed);
-        let a = randn(&mut rng, len_of(g.batch, g.stride_a, g.m * g.k));
-        let b = randn(&mut rng, len_of(g.batch, g.stride_b, g.k * g.n));
-        let c0 = randn(&mut rng, len_of(g.batch, g.stride_c, g.m * g.n));
+        let a = randn(&mut rng, g.len_a());
+        let b = randn(&mut rng, g.len_b());
+        let c0 = randn(&mut rng, g.len_c());
         let mut got = c0.clone();
         matmul(&g, &a, &b, &mut got);
         let mut want = c0;
@@ -314,6 +419,81 @@ mod tests {
             assert!(c[bi * 40..bi * 40 + 35].iter().all(|v| v.is_finite()));
         }
         assert!(c[35..40].iter().chain(&c[75..80]).all(|v| v.is_nan()));
+    }
+
+    /// Column blocks: each operand a block of a wider row-major matrix (leading dimension past its row length, an
+    /// offset to its first column), every transpose, batched and not, alpha and beta; the columns outside C's block
+    /// keep their values (`check` compares the whole buffer).
+    #[test]
+    fn leading_dimensions_and_offsets_read_and_write_column_blocks() {
+        let mut seed = 100;
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 3, 65), (65, 17, 3)] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                for (pad, off) in [(0, 0), (3, 2), (11, 5)] {
+                    let base = Gemm::new(m, n, k).trans_a(ta).trans_b(tb);
+                    let ((_, ca), (_, cb)) = (base.stored_a(), base.stored_b());
+                    let g = Gemm {
+                        ld_a: Some(ca + pad),
+                        ld_b: Some(cb + pad + 1),
+                        ld_c: Some(n + pad),
+                        offset_a: off,
+                        offset_b: 2 * off,
+                        offset_c: off + 1,
+                        ..base.alpha(0.75).beta(0.5)
+                    };
+                    seed += 1;
+                    check(g, seed);
+                    check(g.beta(0.0), seed);
+                    let spans = (g.len_a() - off, g.len_b() - 2 * off, g.len_c() - off - 1);
+                    let batched =
+                        Gemm { stride_a: spans.0 + 4, stride_b: spans.1, stride_c: spans.2 + 1, batch: 3, ..g };
+                    check(batched, seed);
+                }
+            }
+        }
+        // k == 0 and alpha == 0 scale only the block's rows, never the gaps.
+        for (k, alpha) in [(0, 1.0), (4, 0.0)] {
+            for beta in [0.0, 2.0] {
+                let g = Gemm { ld_c: Some(9), offset_c: 3, ..Gemm::new(4, 5, k).alpha(alpha).beta(beta) };
+                let mut c = vec![f64::NAN; g.len_c() + 2];
+                for i in 0..4 {
+                    c[3 + i * 9..3 + i * 9 + 5].fill(1.5);
+                }
+                matmul(&g, &[f64::NAN; 40], &[f64::NAN; 40], &mut c);
+                for (i, v) in c.iter().enumerate() {
+                    let inside = i >= 3 && (i - 3) / 9 < 4 && (i - 3) % 9 < 5;
+                    assert_eq!(inside, !v.is_nan(), "k {k} α {alpha} β {beta}: element {i} = {v}");
+                    assert!(!inside || *v == 1.5 * beta, "k {k} α {alpha} β {beta}: element {i} = {v}");
+                }
+            }
+        }
+    }
+
+    /// A product written into a column block with a leading dimension gives the bits of the same product written
+    /// packed: the layout of C changes where results go, not how they are summed.
+    #[test]
+    fn column_block_of_c_equals_the_packed_product_bit_for_bit() {
+        let mut rng = Rng::new(111);
+        for (m, n, k, ta, tb) in [(37, 5, 300, false, true), (8, 16, 129, true, false), (200, 48, 64, false, false)] {
+            let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb).alpha(0.375);
+            let a: Vec<f32> = randn(&mut rng, g.len_a()).iter().map(|&v| v as f32).collect();
+            let b: Vec<f32> = randn(&mut rng, g.len_b()).iter().map(|&v| v as f32).collect();
+            let mut packed = vec![0f32; m * n];
+            matmul(&g, &a, &b, &mut packed);
+            let wide = Gemm { ld_c: Some(n + 7), offset_c: 4, ..g };
+            let mut c = vec![0f32; wide.len_c()];
+            matmul(&wide, &a, &b, &mut c);
+            for i in 0..m {
+                assert_eq!(&c[4 + i * (n + 7)..][..n], &packed[i * n..][..n], "{m}x{n}x{k} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "leading dimension")]
+    fn leading_dimension_below_the_row_panics() {
+        let g = Gemm { ld_a: Some(3), ..Gemm::new(2, 3, 4) };
+        matmul(&g, &[0.0; 16], &[0.0; 12], &mut [0.0; 6]);
     }
 
     #[test]

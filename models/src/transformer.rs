@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::formats::checkpoint::Checkpoint;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::rope::inv_freq;
-use qlora_autograd::{AttentionParams, Glu, LoraAdapter, Param, Tape, Var};
+use qlora_autograd::{AttentionParams, Glu, LoraAdapter, LoraProjection, Param, Tape, Var};
 use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::ops::linear_cross_entropy::linear_cross_entropy_op;
 use qlora_runtime::ops::rope::rope_tables;
@@ -65,6 +65,28 @@ impl Projection {
     fn forward(&self, t: &Tape, x: &Var, dropout_seed: u64) -> qlora_runtime::Result<Var> {
         let bias = self.bias.as_ref().map(|b| t.param(b));
         t.lora_linear(x, &self.base, bias.as_ref(), self.adapter.as_ref(), dropout_seed)
+    }
+
+    /// Projections reading the same input (q/k/v, gate/up) as one op, so that their adapters share one x·Aᵀ GEMM
+    /// and backward one dx: [`Projection::forward`] of each (projection, dropout seed), in order.
+    fn forward_group<const N: usize>(
+        t: &Tape,
+        x: &Var,
+        projections: [(&Projection, u64); N],
+    ) -> qlora_runtime::Result<[Var; N]> {
+        let biases = projections.map(|(p, _)| p.bias.as_ref().map(|b| t.param(b)));
+        let members: Vec<LoraProjection> = projections
+            .iter()
+            .zip(&biases)
+            .map(|(&(p, dropout_seed), bias)| LoraProjection {
+                base: &p.base,
+                bias: bias.as_ref(),
+                adapter: p.adapter.as_ref(),
+                dropout_seed,
+            })
+            .collect();
+        let ys = t.lora_linear_group(x, &members)?;
+        Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one output per projection")))
     }
 }
 
@@ -523,9 +545,11 @@ fn layer_forward(
     let a = &l.self_attn;
 
     let h = t.rms_norm(x, &t.param(&l.input_layernorm), eps, offset)?;
-    let mut q = t.reshape(&a.q_proj.forward(t, &h, seed(0))?, &[tokens, c.num_attention_heads, hd])?;
-    let mut k = t.reshape(&a.k_proj.forward(t, &h, seed(1))?, &[tokens, c.num_key_value_heads, hd])?;
-    let v = t.reshape(&a.v_proj.forward(t, &h, seed(2))?, &[tokens, c.num_key_value_heads, hd])?;
+    let [q, k, v] =
+        Projection::forward_group(t, &h, [(&a.q_proj, seed(0)), (&a.k_proj, seed(1)), (&a.v_proj, seed(2))])?;
+    let mut q = t.reshape(&q, &[tokens, c.num_attention_heads, hd])?;
+    let mut k = t.reshape(&k, &[tokens, c.num_key_value_heads, hd])?;
+    let v = t.reshape(&v, &[tokens, c.num_key_value_heads, hd])?;
     if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
         q = t.rms_norm(&q, &t.param(qn), eps, offset)?;
         k = t.rms_norm(&k, &t.param(kn), eps, offset)?;
@@ -562,8 +586,7 @@ fn layer_forward(
     };
     let x = t.add(x, &attn)?;
     let h = t.rms_norm(&x, &t.param(ff_norm), eps, offset)?;
-    let gate = l.mlp.gate_proj.forward(t, &h, seed(4))?;
-    let up = l.mlp.up_proj.forward(t, &h, seed(5))?;
+    let [gate, up] = Projection::forward_group(t, &h, [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))])?;
     let glu = match c.activation {
         Activation::Silu => Glu::SwiGlu,
         Activation::GeluTanh => Glu::GeGlu,

@@ -1,13 +1,18 @@
 //! The runtime ops a training step uses to reuse buffers, on CUDA against the CPU: NF4 dequantization (one launch,
-//! double quantization included) into a fresh tensor or into the front of a scratch tensor, bit for bit; and
-//! `matmul_into`, which accumulates a product into an existing tensor.
+//! double quantization included) into a fresh tensor or into the front of a scratch tensor, bit for bit;
+//! `matmul_into`, which accumulates a product into an existing tensor; and what the LoRA group runs on: column blocks
+//! read in place, products written side by side (`matmul_columns`).
 //!
 //! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
 
 use qlora_kernels::testing::{assert_close, gpu, Tolerance};
+
+/// Two bf16 roundings in sequence (an operand, then the product made from it).
+const BF16_TWICE: Tolerance = Tolerance { abs: 5e-2, rel: 2e-2 };
 use qlora_kernels::Rng;
-use qlora_runtime::ops::linalg::matmul_into;
+use qlora_runtime::ops::concat::cat_rows;
+use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::quant::Nf4Weight;
 use qlora_runtime::{DType, Device, Tensor};
 
@@ -79,6 +84,65 @@ fn matmul_into_on_cuda_matches_cpu() {
             assert_eq!((got.dtype(), got.device()), (c_dtype, CUDA), "{what}");
             assert_close(&what, &got.to_vec::<f64>(), &want.to_vec::<f64>(), tol);
             assert_eq!(bits(&kept), bits(&c0), "{what}: a tensor sharing c's storage keeps its values");
+        }
+    }
+}
+
+/// The LoRA group's operands on CUDA against the CPU: U = x·[A₀; A₁; A₂]ᵀ from stacked adapters, each
+/// projection's slice of U (a column block, read in place) times Bᵢᵀ accumulated into its output, dU written block by
+/// block, dB from a column block as the right operand. Ranks 16 (16-byte aligned blocks) and 3 (misaligned ones).
+#[test]
+fn lora_group_operands_on_cuda_match_cpu() {
+    let Some(_dev) = gpu("lora_group_operands_on_cuda_match_cpu") else { return };
+    let mut rng = Rng::new(63);
+    let (rows, inp) = (40, 96);
+    for (ranks, dtype, tol) in [
+        // U = x·Aᵀ is rounded to bf16 on the GPU before its second product and kept in f32 on the CPU: a sum of
+        // terms each off by one bf16 rounding (0.4%) can land a few percent off where the terms cancel.
+        ([16, 16, 16], DType::BF16, BF16_TWICE),
+        ([3, 5, 4], DType::BF16, BF16_TWICE),
+        ([3, 5, 4], DType::F32, Tolerance { abs: 1e-4, rel: 1e-4 }),
+    ] {
+        let outs = [48, 16, 24];
+        let x = Tensor::randn(&[rows, inp], 1.0, DType::F32, &mut rng).to_dtype(dtype);
+        let a: Vec<Tensor> = ranks.iter().map(|&r| Tensor::randn(&[r, inp], 0.1, DType::F32, &mut rng)).collect();
+        let b: Vec<Tensor> =
+            ranks.iter().zip(outs).map(|(&r, o)| Tensor::randn(&[o, r], 0.1, DType::F32, &mut rng)).collect();
+        let dy: Vec<Tensor> =
+            outs.iter().map(|&o| Tensor::randn(&[rows, o], 1.0, DType::F32, &mut rng).to_dtype(dtype)).collect();
+        let up = |t: &Tensor| t.to_device(CUDA).unwrap();
+        let what = format!("ranks {ranks:?} {dtype:?}");
+        // Products land in `dtype` on both devices (the CPU computes in f32 and is rounded the same way here), so the
+        // two differ by summation order only.
+        let run = |x: &Tensor, a: &[Tensor], b: &[Tensor], dy: &[Tensor]| {
+            let parts: Vec<Tensor> = a.iter().map(|a| a.try_to_dtype(dtype).unwrap()).collect();
+            let a_cat = cat_rows(&parts, &[ranks.iter().sum(), inp], dtype, x.device()).unwrap();
+            let u = matmul(x, &a_cat.t().unwrap()).unwrap().to_dtype(dtype);
+            let mut out = vec![];
+            let mut col = 0;
+            for (i, &r) in ranks.iter().enumerate() {
+                let ui = u.narrow(1, col, r).unwrap();
+                let bi = b[i].to_dtype(dtype);
+                let ones = Tensor::ones(&[inp, outs[i]], dtype).to_device(x.device()).unwrap();
+                let mut y = matmul(x, &ones).unwrap().to_dtype(dtype);
+                matmul_into(&mut y, &ui, &bi.t().unwrap(), 0.5, 1.0).unwrap();
+                out.push(y);
+                out.push(matmul_scaled(&dy[i].t().unwrap(), &ui, 2.0).unwrap());
+                col += r;
+            }
+            let bs: Vec<Tensor> = b.iter().map(|b| b.to_dtype(dtype).to_device(x.device()).unwrap()).collect();
+            let products: Vec<(&Tensor, &Tensor, f64)> = dy.iter().zip(&bs).map(|(d, b)| (d, b, 0.25)).collect();
+            out.push(matmul_columns(&products).unwrap());
+            out.push(a_cat);
+            out
+        };
+        let want = run(&x, &a, &b, &dy);
+        let (ga, gb, gdy): (Vec<_>, Vec<_>, Vec<_>) =
+            (a.iter().map(up).collect(), b.iter().map(up).collect(), dy.iter().map(up).collect());
+        let got = run(&up(&x), &ga, &gb, &gdy);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!((g.shape(), g.device()), (w.shape(), CUDA), "{what}: output {i}");
+            assert_close(&format!("{what}: output {i}"), &g.to_vec::<f64>(), &w.to_vec::<f64>(), tol);
         }
     }
 }

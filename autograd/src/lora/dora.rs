@@ -1,13 +1,17 @@
-//! DoRA's part of [`Tape::lora_linear`](crate::Tape::lora_linear) and of merging (peft 0.21 `tuners/lora/dora.py`):
-//! the per-row weight norm n = ‖W + s·B·A‖, the row and column scalings by g = m/n, and the combined output with
-//! what its backward keeps. Host loops in the op's precision, which is why DoRA runs on the CPU only so far.
+//! DoRA's [`Tape::lora_linear`](crate::Tape::lora_linear) and its part of merging (peft 0.21
+//! `tuners/lora/dora.py`): the per-row weight norm n = ‖W + s·B·A‖, the row and column scalings by g = m/n, the
+//! combined output with what its backward keeps, and that backward. Host loops in the op's precision, which is why
+//! DoRA runs on the CPU only so far (and why it keeps its own op rather than the fused LoRA group's).
 
-use super::{precision, LoraAdapter};
-use qlora_runtime::ops::elementwise::{add, scale};
+use super::{precision, Dropout, LoraAdapter};
+use crate::tape::{Backward, Tape, Var};
+use qlora_runtime::op::{bytes_of, first_grad, saved};
+use qlora_runtime::ops::elementwise::{add, add_bias, mul, scale};
 use qlora_runtime::ops::linalg::matmul;
+use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::ops::Compute;
 use qlora_runtime::quant::BaseWeight;
-use qlora_runtime::{DType, Result, Tensor};
+use qlora_runtime::{DType, Error, Result, Tensor};
 
 impl LoraAdapter {
     /// n = ‖W + s·B·A‖ per output row: [out], W the dequantized base. DoRA's forward divides m by it; peft caches
@@ -19,13 +23,144 @@ impl LoraAdapter {
     }
 }
 
-/// What DoRA adds to the adapter part of backward.
-pub(super) struct DoraSaved {
+impl Tape {
+    /// [`Tape::lora_linear`] with a DoRA adapter (validated by the caller): x [..., in] → [..., out].
+    pub(super) fn dora_linear(
+        &self,
+        x: &Var,
+        base: &BaseWeight,
+        bias: Option<&Var>,
+        ad: &LoraAdapter,
+        dropout_seed: u64,
+    ) -> Result<Var> {
+        let [out_f, in_f] = base.shape();
+        let (a, b) = (self.param(&ad.lora_a), self.param(&ad.lora_b));
+        let m = ad.magnitude.as_ref().map(|m| self.param(m)).ok_or_else(|| {
+            Error::invalid("lora_linear", format!("{}: use_dora needs a lora_magnitude_vector", ad.lora_a.name()))
+        })?;
+        let (av, bv, mv) = (a.value(), b.value(), m.value());
+        let p = precision(&[x.value(), av, bv, mv]);
+        let rows = x.value().elem_count() / in_f;
+        let x2 = x.value().reshape(&[rows, in_f])?;
+        let w = base.materialize(p)?;
+        let z = matmul(&x2, &w.t()?)?;
+        let (s, dropout) = (ad.scaling(), Dropout::of(&ad.config, dropout_seed));
+        let xd = match dropout {
+            Some(d) => d.apply(&x2)?,
+            None => x2.clone(),
+        };
+        let u = matmul(&xd, &av.t()?)?;
+        let sv = scale(&matmul(&u, &bv.t()?)?, s)?;
+        let (x_needs, a_needs, m_needs) = (x.requires_grad(), a.requires_grad(), m.requires_grad());
+        let n = weight_norm(&w, av, bv, s)?;
+        let g = in_precision!(p, div(mv, &n))?;
+        // With dropout the correction terms see x_d while the main term keeps x: x_d·Wᵀ is a second product.
+        let zd = if dropout.is_some() { matmul(&xd, &w.t()?)? } else { z.clone() };
+        let (y, h) = in_precision!(p, dora_combine(&z, &zd, &sv, &g, m_needs))?;
+        let y = match bias {
+            Some(bias) => add_bias(&y, bias.value())?,
+            None => y,
+        };
+        let mut y_shape = x.shape().to_vec();
+        *y_shape.last_mut().expect("checked: x has an input dimension") = out_f;
+        let op = DoraLinear {
+            base: x_needs.then(|| base.clone()),
+            precision: p,
+            x_shape: x.shape().to_vec(),
+            bias_needs: bias.is_some_and(Var::requires_grad),
+            scaling: s,
+            dropout,
+            x: a_needs.then(|| x2.clone()),
+            u: b.requires_grad().then_some(u),
+            a: x_needs.then(|| av.clone()),
+            b: (x_needs || a_needs).then(|| bv.clone()),
+            g,
+            n: m_needs.then_some(n),
+            h,
+        };
+        let none = Var::constant(Tensor::zeros(&[0], DType::F32));
+        Ok(self.record1(Box::new(op), &[x, &a, &b, &m, bias.unwrap_or(&none)], y.reshape(&y_shape)?))
+    }
+}
+
+/// What DoRA's backward reads (each kept only when a gradient that needs it is wanted).
+struct DoraLinear {
+    /// The frozen base, kept when dx is wanted (a handle on the caller's weight): backward re-materializes W from it.
+    base: Option<BaseWeight>,
+    precision: DType,
+    x_shape: Vec<usize>,
+    bias_needs: bool,
+    scaling: f64,
+    dropout: Option<Dropout>,
+    /// The input rows before dropout [N, in], for dA = duᵀ·dropout(x) (the mask is redrawn from its seed).
+    x: Option<Tensor>,
+    /// x_d·Aᵀ [N, r], for dB.
+    u: Option<Tensor>,
+    /// A [r, in], for dx.
+    a: Option<Tensor>,
+    /// B [out, r], for du (which dA and dx read).
+    b: Option<Tensor>,
     /// m/n [out]: scales every gradient of the correction terms.
-    pub(super) g: Tensor,
+    g: Tensor,
     /// n [out] and h = x_d·Wᵀ + s·x_d·Aᵀ·Bᵀ [N, out], for dm = Σ_rows(dy⊙h)/n.
-    pub(super) n: Option<Tensor>,
-    pub(super) h: Option<Tensor>,
+    n: Option<Tensor>,
+    h: Option<Tensor>,
+}
+
+impl Backward for DoraLinear {
+    fn name(&self) -> &'static str {
+        "lora_linear"
+    }
+
+    fn saved_bytes(&self) -> usize {
+        // The base clone shares its storage with the owner (dense tensor, NF4 nibbles and scales): it costs nothing.
+        self.g.size_in_bytes() + bytes_of([&self.x, &self.u, &self.a, &self.b, &self.n, &self.h])
+    }
+
+    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        let dy = first_grad(grads)?;
+        let p = self.precision;
+        let out_f = *dy.shape().last().ok_or_else(|| Error::shape("lora_linear backward", "scalar gradient"))?;
+        let dy = dy.reshape(&[dy.elem_count() / out_f, out_f])?;
+        let d_bias = if self.bias_needs { Some(sum_rows(&dy)?) } else { None };
+        // The branch s·(x_d·Aᵀ)·Bᵀ sees dy scaled per output by g; n is detached, so m is the only other path.
+        let dyg = in_precision!(p, scale_cols(&dy, &self.g, 0.0))?;
+        let dsv = scale(&dyg, self.scaling)?;
+        let d_b = self.u.as_ref().map(|u| matmul(&dsv.t()?, u)).transpose()?;
+        let du = self.b.as_ref().map(|b| matmul(&dsv, b)).transpose()?;
+        let d_a = match &self.x {
+            Some(x) => {
+                let xd = match self.dropout {
+                    Some(d) => d.apply(x)?,
+                    None => x.clone(),
+                };
+                Some(matmul(&saved(&du)?.t()?, &xd)?)
+            }
+            None => None,
+        };
+        let d_m = match (&self.n, &self.h) {
+            (Some(n), Some(h)) => Some(in_precision!(p, div(&sum_rows(&mul(&dy, h)?)?, n))?),
+            _ => None,
+        };
+        let dx = match &self.base {
+            None => None,
+            Some(base) => {
+                let w = base.materialize(p)?;
+                let du_a = matmul(saved(&du)?, saved(&self.a)?)?;
+                Some(match self.dropout {
+                    // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: one product with W.
+                    None => add(&matmul(&dyg, &w)?, &du_a)?,
+                    // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
+                    Some(d) => {
+                        let dzd = matmul(&in_precision!(p, scale_cols(&dy, &self.g, -1.0))?, &w)?;
+                        add(&matmul(&dy, &w)?, &d.apply(&add(&dzd, &du_a)?)?)?
+                    }
+                })
+            }
+        };
+        let dx = dx.map(|dx| dx.reshape(&self.x_shape)).transpose()?;
+        Ok(vec![dx, d_a, d_b, d_m, d_bias])
+    }
 }
 
 /// n = ‖W + s·B·A‖ per row (peft `get_weight_norm`): W [out, in], A [r, in], B [out, r] → [out].
@@ -49,7 +184,7 @@ pub(super) fn div<T: Compute>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// t: [rows, cols], c: [cols] → t_ij·(c_j + offset).
-pub(super) fn scale_cols<T: Compute>(t: &Tensor, c: &Tensor, offset: f64) -> Result<Tensor> {
+fn scale_cols<T: Compute>(t: &Tensor, c: &Tensor, offset: f64) -> Result<Tensor> {
     let c: Vec<T> = c.values::<T>().iter().map(|&v| v + T::c(offset)).collect();
     let mut out = t.to_vec::<T>();
     for row in out.chunks_exact_mut(c.len()) {
@@ -71,7 +206,7 @@ pub(super) fn scale_rows<T: Compute>(t: &Tensor, c: &Tensor) -> Result<Tensor> {
 
 /// y = z + (g − 1)⊙z_d + g⊙sv (peft's order of terms) and, when `keep_h`, h = z_d + sv = ∂y/∂g.
 /// z, z_d, sv: [rows, out], g: [out].
-pub(super) fn dora_combine<T: Compute>(
+fn dora_combine<T: Compute>(
     z: &Tensor,
     zd: &Tensor,
     sv: &Tensor,

@@ -1,6 +1,7 @@
 //! Dense GEMM through cuBLASLt, twin of [`crate::matmul::matmul`] with the same [`Gemm`] (row-major, batch strides
-//! in elements, stride 0 broadcasting one matrix, beta == 0 never reading C). f32 computes in true f32
-//! (`CUBLAS_COMPUTE_32F`, not TF32: the CPU twin is the specification); bf16 has bf16 I/O and f32 accumulation.
+//! in elements, stride 0 broadcasting one matrix, offsets and leading dimensions for blocks of wider matrices, beta == 0
+//! never reading C). f32 computes in true f32 (`CUBLAS_COMPUTE_32F`, not TF32: the CPU twin is the specification);
+//! bf16 has bf16 I/O and f32 accumulation.
 //!
 //! cuBLASLt is column-major, and a row-major [r, c] matrix is the column-major [c, r] transpose, so
 //! C = op(A)·op(B) is computed as Cᵀ = op(B)ᵀ·op(A)ᵀ: B is cuBLASLt's A, A its B, and the shapes swap m and n.
@@ -22,7 +23,7 @@ use std::ffi::c_void;
 use std::sync::Mutex;
 
 /// a: [batch, op(A) stored], b: [batch, op(B) stored], c: [batch, m, n] → c = alpha·op(A)·op(B) + beta·c (see
-/// [`Gemm`]). Panics on the shape errors the CPU twin panics on.
+/// [`Gemm`]: offsets and leading dimensions included). Panics on the shape errors the CPU twin panics on.
 pub fn matmul<T: GpuFloat>(g: &Gemm, a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, c: &mut DeviceBuffer<T>) -> Result<()> {
     let (m, n, k) = (g.m, g.n, g.k);
     if g.batch == 0 {
@@ -34,26 +35,34 @@ pub fn matmul<T: GpuFloat>(g: &Gemm, a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, c
     if m * n == 0 {
         return Ok(());
     }
-    let stride_c = if g.batch == 1 { m * n } else { g.stride_c };
+    let stride_c = g.stride_c_used();
+    let bytes = size_of::<T>() as u64;
+    let at = |buf: u64, offset: usize| buf + offset as u64 * bytes;
     if k == 0 || g.alpha == 0.0 {
-        return scale_c(dev, g.beta, g.batch, m * n, stride_c, c);
+        return scale_c::<T>(dev, g, at(c.ptr(), g.offset_c));
     }
     check_ab(g, a.len(), b.len());
     let blas = dev.blas_lt()?;
-    let all = Product { g: *g, batch: g.batch, a: a.ptr(), b: b.ptr(), c: c.ptr(), stride_c };
+    let all = Product {
+        g: *g,
+        batch: g.batch,
+        a: at(a.ptr(), g.offset_a),
+        b: at(b.ptr(), g.offset_b),
+        c: at(c.ptr(), g.offset_c),
+        stride_c,
+    };
     match blas.run::<T>(dev, &all) {
         // Some strides (0 to broadcast, or ones that misalign every other entry) leave cuBLASLt no batched algorithm;
         // entry by entry it always has one.
         Err(Error::Cublas { source: CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED), .. })
             if g.batch > 1 =>
         {
-            let bytes = size_of::<T>() as u64;
-            (0..g.batch as u64).try_for_each(|i| {
+            (0..g.batch).try_for_each(|i| {
                 let one = Product {
                     batch: 1,
-                    a: all.a + i * (g.stride_a as u64) * bytes,
-                    b: all.b + i * (g.stride_b as u64) * bytes,
-                    c: all.c + i * (stride_c as u64) * bytes,
+                    a: at(all.a, i * g.stride_a),
+                    b: at(all.b, i * g.stride_b),
+                    c: at(all.c, i * stride_c),
                     ..all
                 };
                 blas.run::<T>(dev, &one)
@@ -69,23 +78,29 @@ pub fn plan_count(dev: &CudaDevice) -> Result<usize> {
     Ok(dev.blas_lt()?.plan_count())
 }
 
-/// c = beta·c over each batch entry's mn elements (zeros when beta == 0, without reading c).
-fn scale_c<T: GpuFloat>(
-    dev: &CudaDevice,
-    beta: f64,
-    batch: usize,
-    mn: usize,
-    stride_c: usize,
-    c: &mut DeviceBuffer<T>,
-) -> Result<()> {
-    if beta == 1.0 {
+/// C = beta·C over every batch entry (zeros when beta == 0, without reading C), C starting at device address `c`:
+/// one launch over all entries when their rows are packed, one per entry and row block otherwise.
+fn scale_c<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, c: u64) -> Result<()> {
+    if g.beta == 1.0 {
         return Ok(());
     }
-    let kernel = kernel!("gemm_scale_c", T);
-    let (pc, beta, batch64, mn64, stride64) = (c.ptr(), beta as f32, batch as u64, mn as u64, stride_c as u64);
-    // SAFETY: gemm_scale_c_T(T* c, float beta, u64 batch, u64 mn, u64 stride_c) touches c[i·stride_c + j] for
-    // i < batch, j < mn, all below (batch − 1)·stride_c + mn ≤ c.len() (asserted by the caller); on this device.
-    unsafe { launch!(dev, Module::Matmul, kernel, config(grid_for(batch * mn)); pc, beta, batch64, mn64, stride64) }
+    let (ldc, mn) = (g.lds().2, g.m * g.n);
+    let launch_rows = |ptr: u64, batch: usize, len: usize, stride: usize| {
+        let kernel = kernel!("gemm_scale_c", T);
+        let (beta, batch64, len64, stride64) = (g.beta as f32, batch as u64, len as u64, stride as u64);
+        // SAFETY: gemm_scale_c_T(T* c, float beta, u64 batch, u64 mn, u64 stride_c) touches ptr[i·stride + j] for
+        // i < batch, j < len: with the arguments below, exactly the elements of C's batch entries, which `check_c`
+        // asserted lie inside the buffer; on this device.
+        unsafe {
+            launch!(dev, Module::Matmul, kernel, config(grid_for(batch * len)); ptr, beta, batch64, len64, stride64)
+        }
+    };
+    if ldc == g.n {
+        return launch_rows(c, g.batch, mn, g.stride_c_used());
+    }
+    // Rows with gaps between them: each row of each entry is one "batch entry" of the kernel.
+    let bytes = size_of::<T>() as u64;
+    (0..g.batch).try_for_each(|i| launch_rows(c + (i * g.stride_c_used()) as u64 * bytes, g.m, g.n, ldc))
 }
 
 /// One cuBLASLt call: `batch` entries of `g`'s product, starting at these device addresses.
@@ -136,6 +151,10 @@ struct PlanKey {
     stride_a: usize,
     stride_b: usize,
     stride_c: usize,
+    /// Leading dimensions in elements (row strides of the row-major operands).
+    ld_a: usize,
+    ld_b: usize,
+    ld_c: usize,
     /// The alignment the heuristic is told for each operand ([`alignment`]): an algorithm chosen for a better
     /// aligned address could fault on this one.
     align_a: u32,
@@ -149,6 +168,7 @@ impl PlanKey {
         let batched = p.batch > 1;
         let stride = |s: usize| if batched { s } else { 0 };
         let bytes = size_of::<T>();
+        let (ld_a, ld_b, ld_c) = g.lds();
         PlanKey {
             ty: T::blas_type(),
             m: g.m as u64,
@@ -160,14 +180,18 @@ impl PlanKey {
             stride_a: stride(g.stride_a),
             stride_b: stride(g.stride_b),
             stride_c: stride(p.stride_c),
-            align_a: alignment(p.a, stride(g.stride_a) * bytes),
-            align_b: alignment(p.b, stride(g.stride_b) * bytes),
-            align_c: alignment(p.c, stride(p.stride_c) * bytes),
+            ld_a,
+            ld_b,
+            ld_c,
+            align_a: alignment(p.a, (stride(g.stride_a) | ld_a) * bytes),
+            align_b: alignment(p.b, (stride(g.stride_b) | ld_b) * bytes),
+            align_c: alignment(p.c, (stride(p.stride_c) | ld_c) * bytes),
         }
     }
 }
 
-/// The largest power of two up to 256 (cuBLASLt's default assumption) dividing an address and a batch stride.
+/// The largest power of two up to 256 (cuBLASLt's default assumption) dividing an address and the byte steps taken from
+/// it (batch stride and leading dimension, or-ed: their common power of two is the lowest bit set in either).
 fn alignment(ptr: u64, stride_bytes: usize) -> u32 {
     1u32 << (ptr | stride_bytes as u64 | 256).trailing_zeros()
 }
@@ -190,9 +214,9 @@ impl Plan {
         // cuBLASLt's A is our B, [n, k] after its op; its B is our A, [k, m] after its op; its C and D are our C.
         let (b_rows, b_cols) = if key.trans_b { (k, n) } else { (n, k) };
         let (a_rows, a_cols) = if key.trans_a { (m, k) } else { (k, m) };
-        let la = Layout::new(key.ty, b_rows, b_cols, key.batch, key.stride_b)?;
-        let lb = Layout::new(key.ty, a_rows, a_cols, key.batch, key.stride_a)?;
-        let lc = Layout::new(key.ty, n, m, key.batch, key.stride_c)?;
+        let la = Layout::new(key.ty, (b_rows, b_cols, key.ld_b), key.batch, key.stride_b)?;
+        let lb = Layout::new(key.ty, (a_rows, a_cols, key.ld_a), key.batch, key.stride_a)?;
+        let lc = Layout::new(key.ty, (n, m, key.ld_c), key.batch, key.stride_c)?;
         let desc = Desc::new(key.trans_b, key.trans_a)?;
         let pref = Pref::new(workspace)?;
         use sys::cublasLtMatmulPreferenceAttributes_t as Attr;
@@ -201,7 +225,7 @@ impl Plan {
         pref.set(Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_c)?;
         pref.set(Attr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_c)?;
         // SAFETY: every descriptor is live (the layouts and desc are owned by the plan, pref until the end of this
-        // function); the heuristic is told the true alignment of each pointer and batch stride, so the algorithm
+        // function); the heuristic is told the true alignment of each pointer, batch stride and leading dimension, so the algorithm
         // it picks is valid for every product with this key.
         let algo = match unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) } {
             Ok(heuristic) => Some(heuristic.algo),
@@ -286,14 +310,14 @@ impl BlasLt {
     }
 }
 
-/// A column-major `rows × cols` matrix of `ty` with leading dimension `rows`, `batch` of them `stride` apart.
+/// A column-major `rows × cols` matrix of `ty` with leading dimension `ld` (≥ rows: a row-major matrix's row
+/// stride), `batch` of them `stride` apart.
 struct Layout(sys::cublasLtMatrixLayout_t);
 
 impl Layout {
-    fn new(ty: sys::cudaDataType, rows: u64, cols: u64, batch: usize, stride: usize) -> Result<Layout> {
+    fn new(ty: sys::cudaDataType, (rows, cols, ld): (u64, u64, usize), batch: usize, stride: usize) -> Result<Layout> {
         let layout = Layout(
-            lt::create_matrix_layout(ty, rows, cols, rows as i64)
-                .map_err(Error::cublas("cublasLtMatrixLayoutCreate"))?,
+            lt::create_matrix_layout(ty, rows, cols, ld as i64).map_err(Error::cublas("cublasLtMatrixLayoutCreate"))?,
         );
         if batch > 1 {
             let (count, stride) = (i32::try_from(batch).expect("matmul: batch fits i32"), stride as i64);

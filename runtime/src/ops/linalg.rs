@@ -1,88 +1,152 @@
 //! Matrix products.
 
-use super::{tensor, with_compute, Compute};
+use super::{compute_dtype, tensor, Compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
 use crate::op::{bytes_of, first_grad, keep_if, saved, Backward, Recorded};
-use crate::{Element, Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::matmul::matmul as gpu_gemm;
 use qlora_kernels::matmul::{matmul as gemm, Gemm};
 use std::borrow::Cow;
 
-/// How one GEMM operand is read: its elements, whether they are stored transposed, and the batch stride.
-struct Operand<'a, T: Clone> {
-    data: Cow<'a, [T]>,
+/// How GEMM reads an operand's matrices in place: stored transposed or not, the step between stored rows (the
+/// leading dimension, ≥ the row length: a column block of a wider matrix reads in place) and between batch entries.
+#[derive(Clone, Copy, Debug)]
+struct Reading {
     trans: bool,
+    ld: usize,
     batch_stride: usize,
 }
 
-/// How GEMM can read `t` ([batch..., rows, cols]) in place from `available` elements past its offset: (Some(trans)
-/// when it is contiguous or a transpose of its last two dims, what `x.matmul(&w.t())` produces, None when it must
-/// be copied; the batch stride, 0 when one matrix is shared by every batch entry).
-fn in_place(t: &Tensor, batch: usize, available: usize) -> (Option<bool>, usize) {
+/// (rows, cols) of `t`'s last two dimensions.
+fn matrix_dims(t: &Tensor) -> (usize, usize) {
     let rank = t.rank();
-    let (rows, cols) = (t.shape()[rank - 2], t.shape()[rank - 1]);
-    let strides = t.layout().strides();
-    let (sr, sc) = (strides[rank - 2], strides[rank - 1]);
-    let matrix = rows * cols;
-    // Leading dims must step by whole matrices for one batch stride to describe them.
-    let mut expect = matrix;
-    let batch_dims_packed = (0..rank - 2).rev().all(|d| {
-        let ok = t.shape()[d] == 1 || strides[d] == expect;
-        expect *= t.shape()[d];
-        ok
-    });
-    let stride = if batch > 1 && t.elem_count() == matrix { 0 } else { matrix };
-    if batch_dims_packed && available >= needed(t, batch, stride) {
-        if sc == 1 && (sr == cols || rows == 1) {
-            return (Some(false), stride);
-        }
-        if sr == 1 && (sc == rows || cols == 1) {
-            return (Some(true), stride);
-        }
-    }
-    (None, stride)
+    (t.shape()[rank - 2], t.shape()[rank - 1])
 }
 
-/// Elements GEMM reads from an operand's start.
-fn needed(t: &Tensor, batch: usize, stride: usize) -> usize {
-    let rank = t.rank();
-    let matrix = t.shape()[rank - 2] * t.shape()[rank - 1];
-    if t.elem_count() == 0 {
-        0
-    } else {
-        (batch.max(1) - 1) * stride + matrix
+impl Reading {
+    /// How GEMM reads a contiguous copy of `t`: packed rows, one matrix per batch entry (0 when one matrix serves
+    /// every entry).
+    fn packed(t: &Tensor, batch: usize) -> Reading {
+        let (rows, cols) = matrix_dims(t);
+        let matrix = rows * cols;
+        Reading { trans: false, ld: cols, batch_stride: if batch > 1 && t.elem_count() == matrix { 0 } else { matrix } }
+    }
+
+    /// How GEMM can read `t` ([batch..., rows, cols]) in place from `available` elements past its offset: rows (or,
+    /// transposed, columns) one fixed stride apart and no shorter than it, batch entries one stride apart; None when
+    /// it must be copied. Contiguous tensors, transposes of their last two dims (what `x.matmul(&w.t())` produces)
+    /// and column blocks of either qualify.
+    fn in_place(t: &Tensor, batch: usize, available: usize) -> Option<Reading> {
+        let rank = t.rank();
+        let (rows, cols) = matrix_dims(t);
+        let strides = t.layout().strides();
+        let (sr, sc) = (strides[rank - 2], strides[rank - 1]);
+        let (trans, ld) = if sc == 1 && (rows == 1 || sr >= cols) {
+            (false, if rows == 1 { cols } else { sr })
+        } else if sr == 1 && (cols == 1 || sc >= rows) {
+            (true, if cols == 1 { rows } else { sc })
+        } else {
+            return None;
+        };
+        let batch_stride = if batch > 1 && t.elem_count() == rows * cols {
+            0
+        } else {
+            // Leading dims must step by one stride per batch entry for GEMM's single batch stride to describe them.
+            let (mut stride, mut inner) = (None, 1);
+            for d in (0..rank - 2).rev().filter(|&d| t.shape()[d] > 1) {
+                match stride {
+                    None => stride = Some(strides[d]),
+                    Some(s) if strides[d] == s * inner => {}
+                    Some(_) => return None,
+                }
+                inner *= t.shape()[d];
+            }
+            stride.unwrap_or(rows * cols)
+        };
+        let r = Reading { trans, ld, batch_stride };
+        (available >= r.extent(t, batch)).then_some(r)
+    }
+
+    /// Elements GEMM reads from the operand's first element.
+    fn extent(&self, t: &Tensor, batch: usize) -> usize {
+        let (rows, cols) = matrix_dims(t);
+        let (stored_rows, stored_cols) = if self.trans { (cols, rows) } else { (rows, cols) };
+        if stored_rows * stored_cols == 0 {
+            0
+        } else {
+            (batch.max(1) - 1) * self.batch_stride + (stored_rows - 1) * self.ld + stored_cols
+        }
     }
 }
 
-/// Reads `t` without copying when [`in_place`] allows; copies otherwise.
+/// One operand as the CPU GEMM reads it: its elements from the first one on, and how.
+struct Operand<'a, T: Clone> {
+    data: Cow<'a, [T]>,
+    reading: Reading,
+}
+
+/// Reads `t` without copying when [`Reading::in_place`] allows; copies otherwise.
 fn operand<T: Compute>(t: &Tensor, batch: usize) -> Operand<'_, T> {
     if let Some(raw) = t.raw::<T>() {
-        if let (Some(trans), stride) = in_place(t, batch, raw.len()) {
-            let data = Cow::Borrowed(&raw[..needed(t, batch, stride)]);
-            return Operand { data, trans, batch_stride: stride };
+        if let Some(reading) = Reading::in_place(t, batch, raw.len()) {
+            return Operand { data: Cow::Borrowed(&raw[..reading.extent(t, batch)]), reading };
         }
     }
-    let (_, stride) = in_place(t, batch, 0);
-    Operand { data: t.values::<T>(), trans: false, batch_stride: stride }
+    Operand { data: t.values::<T>(), reading: Reading::packed(t, batch) }
 }
 
-/// A CUDA operand: `t` itself when GEMM can read its whole buffer in place (same dtype, offset 0), else a contiguous
-/// copy in the op's precision. → (tensor holding the buffer, trans, batch stride).
-fn gpu_operand(g: &Gpu, t: &Tensor, batch: usize) -> Result<(Tensor, bool, usize)> {
-    if t.dtype() == g.dtype && t.layout().offset() == 0 {
+/// A CUDA operand: `t` itself when GEMM can read it in place (same dtype), else a contiguous copy in the op's
+/// precision. → (tensor holding the buffer, how to read it, element offset of its first element in the buffer).
+fn gpu_operand(g: &Gpu, t: &Tensor, batch: usize) -> Result<(Tensor, Reading, usize)> {
+    if t.dtype() == g.dtype {
         if let crate::tensor::Storage::Cuda(s) = t.storage() {
-            if let (Some(trans), stride) = in_place(t, batch, s.len()) {
-                // The buffer is read from its start, so it must hold exactly what GEMM reads or more.
-                return Ok((t.clone(), trans, stride));
+            let offset = t.layout().offset();
+            if let Some(reading) = Reading::in_place(t, batch, s.len().saturating_sub(offset)) {
+                return Ok((t.clone(), reading, offset));
             }
         }
     }
-    let (_, stride) = in_place(t, batch, 0);
-    Ok((g.input(t)?, false, stride))
+    Ok((g.input(t)?, Reading::packed(t, batch), 0))
 }
 
-/// The product's dimensions: (batch, m, n, k, output shape [batch..., m, n]).
-fn product_dims(op: &'static str, a: &Tensor, b: &Tensor) -> Result<(usize, usize, usize, usize, Vec<usize>)> {
+/// One product's dimensions.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl Dims {
+    /// The GEMM of a product read as `a` and `b` (at these buffer offsets), writing C's columns `col..col + n` of an
+    /// output whose rows are `width` long.
+    fn gemm(&self, (a, offset_a): (Reading, usize), (b, offset_b): (Reading, usize), col: usize, width: usize) -> Gemm {
+        let Dims { batch, m, n, k } = *self;
+        Gemm {
+            batch,
+            m,
+            n,
+            k,
+            trans_a: a.trans,
+            trans_b: b.trans,
+            stride_a: a.batch_stride,
+            stride_b: b.batch_stride,
+            stride_c: m * width,
+            ld_a: Some(a.ld),
+            ld_b: Some(b.ld),
+            ld_c: Some(width),
+            offset_a,
+            offset_b,
+            offset_c: col,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+}
+
+/// The product's dimensions and output shape [batch..., m, n].
+fn product_dims(op: &'static str, a: &Tensor, b: &Tensor) -> Result<(Dims, Vec<usize>)> {
     if a.rank() < 2 || b.rank() < 2 {
         return Err(Error::shape(op, format!("operands need rank ≥ 2: {:?} · {:?}", a.shape(), b.shape())));
     }
@@ -96,45 +160,88 @@ fn product_dims(op: &'static str, a: &Tensor, b: &Tensor) -> Result<(usize, usiz
     let batch: usize = batch_shape.iter().product();
     let mut out_shape = batch_shape.to_vec();
     out_shape.extend([m, n]);
-    Ok((batch, m, n, k, out_shape))
+    Ok((Dims { batch, m, n, k }, out_shape))
 }
 
 /// a: [batch..., m, k] · b: [batch..., k, n] (or b: [k, n] shared by every batch entry) → [batch..., m, n].
-/// Transposed views are read in place (no copy).
+/// Transposed views and column blocks are read in place (no copy).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (batch, m, n, k, out_shape) = product_dims("matmul", a, b)?;
-    if let Some(g) = Gpu::of("matmul", &[a, b])? {
-        let (ta, trans_a, stride_a) = gpu_operand(&g, a, batch)?;
-        let (tb, trans_b, stride_b) = gpu_operand(&g, b, batch)?;
-        let gm = Gemm { batch, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c: m * n, alpha: 1.0, beta: 0.0 };
+    matmul_scaled(a, b, 1.0)
+}
+
+/// alpha·a·b, with the shapes of [`matmul`]: the scaling rides on the GEMM instead of a pass of its own.
+pub fn matmul_scaled(a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    matmul_concat("matmul", &[(a, b, alpha)])
+}
+
+/// [α₀·a₀·b₀, α₁·a₁·b₁, …] side by side along the last dimension: aᵢ: [batch..., m, kᵢ] · bᵢ: [batch..., kᵢ, nᵢ] →
+/// [batch..., m, Σ nᵢ], each product written by its GEMM straight into its columns of the one output (no temporary
+/// per product, no concatenating pass). Every aᵢ has the same batch dims and m. Precision as [`matmul`]'s, over all
+/// operands.
+pub fn matmul_columns(products: &[(&Tensor, &Tensor, f64)]) -> Result<Tensor> {
+    matmul_concat("matmul_columns", products)
+}
+
+fn matmul_concat(op: &'static str, products: &[(&Tensor, &Tensor, f64)]) -> Result<Tensor> {
+    let Some(&(a0, b0, _)) = products.first() else {
+        return Err(Error::invalid(op, "no products"));
+    };
+    let (first, mut out_shape) = product_dims(op, a0, b0)?;
+    let mut dims = Vec::with_capacity(products.len());
+    for &(a, b, _) in products {
+        let (d, shape) = product_dims(op, a, b)?;
+        if shape[..shape.len() - 1] != out_shape[..out_shape.len() - 1] {
+            return Err(Error::shape(
+                op,
+                format!("{:?} · {:?} beside {:?} · {:?}", a.shape(), b.shape(), a0.shape(), b0.shape()),
+            ));
+        }
+        dims.push(d);
+    }
+    let width: usize = dims.iter().map(|d| d.n).sum();
+    *out_shape.last_mut().expect("rank ≥ 2") = width;
+    let Dims { batch, m, .. } = first;
+    // Each product with the first of its columns.
+    let placed: Vec<(Dims, usize)> = dims
+        .into_iter()
+        .scan(0, |col, d| {
+            *col += d.n;
+            Some((d, *col - d.n))
+        })
+        .collect();
+    let operands: Vec<&Tensor> = products.iter().flat_map(|&(a, b, _)| [a, b]).collect();
+    if let Some(g) = Gpu::of(op, &operands)? {
+        let mut gemms = Vec::with_capacity(products.len());
+        for (&(a, b, alpha), &(d, col)) in products.iter().zip(&placed) {
+            let (ta, ra, oa) = gpu_operand(&g, a, batch)?;
+            let (tb, rb, ob) = gpu_operand(&g, b, batch)?;
+            gemms.push((Gemm { alpha, ..d.gemm((ra, oa), (rb, ob), col, width) }, ta, tb));
+        }
         return with_gpu!(g, |T| {
-            let mut c = g.alloc::<T>(batch * m * n)?;
-            if batch * m * n > 0 {
-                g.run(gpu_gemm(&gm, buf::<T>(&ta), buf(&tb), &mut c))?;
+            let mut c = g.alloc::<T>(batch * m * width)?;
+            if batch * m * width > 0 {
+                for (gm, ta, tb) in &gemms {
+                    g.run(gpu_gemm(gm, buf::<T>(ta), buf(tb), &mut c))?;
+                }
             }
             Ok(output(c, &out_shape))
         });
     }
-    with_compute!("matmul", [a, b], |T| {
-        let (oa, ob) = (operand::<T>(a, batch), operand::<T>(b, batch));
-        let g = Gemm {
-            batch,
-            m,
-            n,
-            k,
-            trans_a: oa.trans,
-            trans_b: ob.trans,
-            stride_a: oa.batch_stride,
-            stride_b: ob.batch_stride,
-            stride_c: m * n,
-            alpha: 1.0,
-            beta: 0.0,
-        };
-        let mut c = vec![T::default(); batch * m * n];
-        if batch > 0 {
-            gemm(&g, &oa.data, &ob.data, &mut c);
+    fn cpu<T: Compute>(products: &[(&Tensor, &Tensor, f64)], placed: &[(Dims, usize)], shape: &[usize]) -> Tensor {
+        let (Dims { batch, m, .. }, width) = (placed[0].0, shape[shape.len() - 1]);
+        let mut c = vec![T::default(); batch * m * width];
+        for (&(a, b, alpha), &(d, col)) in products.iter().zip(placed) {
+            let (oa, ob) = (operand::<T>(a, batch), operand::<T>(b, batch));
+            let g = Gemm { alpha, ..d.gemm((oa.reading, 0), (ob.reading, 0), col, width) };
+            if batch > 0 {
+                gemm(&g, &oa.data, &ob.data, &mut c);
+            }
         }
-        Ok(tensor(c, &out_shape))
+        tensor(c, shape)
+    }
+    Ok(match compute_dtype(op, &operands)? {
+        DType::F64 => cpu::<f64>(products, &placed, &out_shape),
+        _ => cpu::<f32>(products, &placed, &out_shape),
     })
 }
 
@@ -145,18 +252,19 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// tensor is f64), rounded once into c.
 pub fn matmul_into(c: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f64, beta: f64) -> Result<()> {
     const OP: &str = "matmul_into";
-    let (batch, m, n, k, out_shape) = product_dims(OP, a, b)?;
+    let (d, out_shape) = product_dims(OP, a, b)?;
     if c.shape() != out_shape {
         return Err(Error::shape(
             OP,
             format!("c is {:?}, {:?} · {:?} is {out_shape:?}", c.shape(), a.shape(), b.shape()),
         ));
     }
+    let Dims { batch, m, n, .. } = d;
     if let Some(mut g) = Gpu::of(OP, &[a, b, &*c])? {
         g.dtype = c.dtype();
-        let (ta, trans_a, stride_a) = gpu_operand(&g, a, batch)?;
-        let (tb, trans_b, stride_b) = gpu_operand(&g, b, batch)?;
-        let gm = Gemm { batch, m, n, k, trans_a, trans_b, stride_a, stride_b, stride_c: m * n, alpha, beta };
+        let (ta, ra, oa) = gpu_operand(&g, a, batch)?;
+        let (tb, rb, ob) = gpu_operand(&g, b, batch)?;
+        let gm = Gemm { alpha, beta, ..d.gemm((ra, oa), (rb, ob), 0, n) };
         return with_gpu!(g, |T| {
             let out = buffer_mut::<T>(OP, c)?;
             if batch * m * n > 0 {
@@ -165,34 +273,26 @@ pub fn matmul_into(c: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f64, beta: f64
             Ok(())
         });
     }
-    with_compute!(OP, [a, b, &*c], |T| {
-        let (oa, ob) = (operand::<T>(a, batch), operand::<T>(b, batch));
-        let g = Gemm {
-            batch,
-            m,
-            n,
-            k,
-            trans_a: oa.trans,
-            trans_b: ob.trans,
-            stride_a: oa.batch_stride,
-            stride_b: ob.batch_stride,
-            stride_c: m * n,
-            alpha,
-            beta,
-        };
+    fn cpu<T: Compute>(c: &mut Tensor, a: &Tensor, b: &Tensor, d: Dims, ab: (f64, f64), shape: &[usize]) -> Result<()> {
+        let (oa, ob) = (operand::<T>(a, d.batch), operand::<T>(b, d.batch));
+        let g = Gemm { alpha: ab.0, beta: ab.1, ..d.gemm((oa.reading, 0), (ob.reading, 0), 0, d.n) };
         let run = |out: &mut [T]| {
-            if batch > 0 {
+            if d.batch > 0 {
                 gemm(&g, &oa.data, &ob.data, out);
             }
         };
         if c.dtype() == T::DTYPE {
             return c.update::<T>(run);
         }
-        let mut out = if beta == 0.0 { vec![T::default(); c.elem_count()] } else { c.to_vec::<T>() };
+        let mut out = if ab.1 == 0.0 { vec![T::default(); c.elem_count()] } else { c.to_vec::<T>() };
         run(&mut out);
-        *c = tensor(out, &out_shape).to_dtype(c.dtype());
+        *c = tensor(out, shape).to_dtype(c.dtype());
         Ok(())
-    })
+    }
+    match compute_dtype(OP, &[a, b, &*c])? {
+        DType::F64 => cpu::<f64>(c, a, b, d, (alpha, beta), &out_shape),
+        _ => cpu::<f32>(c, a, b, d, (alpha, beta), &out_shape),
+    }
 }
 
 /// Flattens all leading dimensions: [..., n] → [rows, n].
@@ -338,6 +438,73 @@ mod tests {
         expect.extend(naive(&ac[m * k..], &bc, m, k, n));
         assert_close("aᵀ·narrow(b)", &got, &expect, Tolerance::F32);
         assert!(matmul(&a, &w).is_err());
+    }
+
+    /// Column blocks of wider tensors (narrowed last dim), plain and transposed, batched, are read in place and give
+    /// their contiguous copies' products (to rounding: the gemm crate picks its kernels by the operands' strides).
+    #[test]
+    fn column_blocks_are_read_in_place() {
+        let mut rng = Rng::new(8);
+        let (m, k, n) = (9, 6, 5);
+        let wide_a = Tensor::randn(&[2, m, k + 7], 1.0, DType::F32, &mut rng);
+        let a = wide_a.narrow(2, 3, k).unwrap();
+        let wide_b = Tensor::randn(&[n + 4, k], 1.0, DType::F32, &mut rng).t().unwrap();
+        let bt = Tensor::randn(&[k, n + 4], 1.0, DType::F32, &mut rng).narrow(1, 2, n).unwrap();
+        let b = wide_b.narrow(1, 1, n).unwrap();
+        assert!(Reading::in_place(&a, 2, usize::MAX).is_some_and(|r| !r.trans && r.ld == k + 7));
+        assert!(Reading::in_place(&b, 2, usize::MAX).is_some_and(|r| r.trans && r.ld == k));
+        for b in [&b, &bt] {
+            let got = matmul(&a, b).unwrap().to_vec::<f64>();
+            let want = matmul(&a.contiguous(), &b.contiguous()).unwrap().to_vec::<f64>();
+            assert_close("column blocks", &got, &want, Tolerance::F32);
+        }
+        // A batch of column blocks: one batch stride (the wide matrix) between entries.
+        let wide = Tensor::randn(&[3, 4, m, k + 2], 1.0, DType::F32, &mut rng);
+        let blocks = wide.narrow(3, 1, k).unwrap();
+        let r = Reading::in_place(&blocks, 12, usize::MAX).unwrap();
+        assert_eq!((r.trans, r.ld, r.batch_stride), (false, k + 2, m * (k + 2)));
+        let w = Tensor::randn(&[k, n], 1.0, DType::F32, &mut rng);
+        let got = matmul(&blocks, &w).unwrap().to_vec::<f64>();
+        assert_close(
+            "batched blocks",
+            &got,
+            &matmul(&blocks.contiguous(), &w).unwrap().to_vec::<f64>(),
+            Tolerance::F32,
+        );
+        // Batch dims that do not step by one stride (a narrowed batch dim) are copied.
+        assert!(Reading::in_place(&wide.narrow(1, 0, 3).unwrap(), 9, usize::MAX).is_none());
+    }
+
+    /// matmul_columns writes each product into its columns with the bits of the product alone, scaled by its alpha
+    /// as matmul_scaled scales it; mismatched rows are refused.
+    #[test]
+    fn matmul_columns_places_scaled_products_side_by_side() {
+        let mut rng = Rng::new(9);
+        let rows = 11;
+        let dy: Vec<Tensor> = [7, 3, 5].iter().map(|&o| Tensor::randn(&[rows, o], 1.0, DType::F32, &mut rng)).collect();
+        let bs: Vec<Tensor> =
+            [(7, 4), (3, 1), (5, 6)].iter().map(|&(o, r)| Tensor::randn(&[o, r], 1.0, DType::F32, &mut rng)).collect();
+        let alphas = [0.5, -2.0, 1.0];
+        let products: Vec<(&Tensor, &Tensor, f64)> =
+            dy.iter().zip(&bs).zip(alphas).map(|((a, b), s)| (a, b, s)).collect();
+        let cat = matmul_columns(&products).unwrap();
+        assert_eq!(cat.shape(), &[rows, 11]);
+        let mut col = 0;
+        for &(a, b, alpha) in &products {
+            let one = matmul_scaled(a, b, alpha).unwrap();
+            let n = one.shape()[1];
+            assert_eq!(cat.narrow(1, col, n).unwrap().to_vec::<f32>(), one.to_vec::<f32>(), "columns {col}..");
+            let plain: Vec<f64> = matmul(a, b).unwrap().to_vec::<f64>().iter().map(|v| alpha * v).collect();
+            assert_close("alpha on the GEMM", &one.to_vec::<f64>(), &plain, Tolerance::F32);
+            col += n;
+        }
+        assert_eq!(
+            matmul_scaled(&dy[0], &bs[0], 1.0).unwrap().to_vec::<f32>(),
+            matmul(&dy[0], &bs[0]).unwrap().to_vec::<f32>()
+        );
+        let short = Tensor::zeros(&[rows - 1, 3], DType::F32);
+        assert!(matmul_columns(&[(&dy[0], &bs[0], 1.0), (&short, &bs[1], 1.0)]).is_err());
+        assert!(matmul_columns(&[]).is_err());
     }
 
     /// alpha·a·b + beta·c0 in f64 over contiguous [batch, m, k] · [batch or 1, k, n] values.

@@ -1,0 +1,78 @@
+//! Where a frozen base weight is materialized for one product: NF4 weights are dequantized into one scratch buffer
+//! per thread, device and dtype, reused by every projection of every layer (forward, recomputation and backward),
+//! instead of a fresh [out, in] tensor per call. The scratch grows to the largest weight seen and stays.
+
+use qlora_runtime::quant::BaseWeight;
+use qlora_runtime::{DType, Device, Result, Tensor};
+use std::cell::RefCell;
+
+thread_local! {
+    /// One buffer per (device, dtype); a tape runs on one thread, so a thread-local needs no lock.
+    static SCRATCH: RefCell<Vec<(Device, DType, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `base` as an [out, in] tensor in `dtype` (CPU: f32, or f64 for gradient checks; CUDA: the activations'
+/// dtype). `f` must not keep the tensor: for NF4 it views the scratch, which the next call overwrites (a kept view
+/// would stay correct, copy-on-write, but the next call would then copy the scratch instead of reusing it).
+pub(super) fn with_weight<R>(base: &BaseWeight, dtype: DType, f: impl FnOnce(&Tensor) -> Result<R>) -> Result<R> {
+    let BaseWeight::Nf4(w) = base else {
+        return f(&base.materialize(dtype)?);
+    };
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return f(&base.materialize(dtype)?);
+    }
+    let device = w.device();
+    let taken = SCRATCH.with_borrow_mut(|all| {
+        let at = all.iter().position(|(d, t, _)| (*d, *t) == (device, dtype))?;
+        Some(all.swap_remove(at).2)
+    });
+    let (r, scratch) = match taken.filter(|s| s.elem_count() >= w.elem_count()) {
+        Some(mut scratch) => {
+            let view = w.dequantize_into(&mut scratch)?;
+            (f(&view), scratch)
+        }
+        // The first weight, or one larger than any before: its own dequantization becomes the scratch.
+        None => {
+            let fresh = w.dequantize(dtype)?;
+            let r = f(&fresh);
+            let flat = fresh.reshape(&[w.elem_count()])?;
+            (r, flat)
+        }
+    };
+    SCRATCH.with_borrow_mut(|all| all.push((device, dtype, scratch)));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlora_runtime::quant::Nf4Weight;
+    use qlora_runtime::Rng;
+
+    #[test]
+    fn nf4_weights_share_one_scratch_and_keep_their_values() {
+        let mut rng = Rng::new(4);
+        let small = Nf4Weight::quantize(&Tensor::randn(&[8, 64], 0.1, DType::F32, &mut rng), 64, true).unwrap();
+        let big = Nf4Weight::quantize(&Tensor::randn(&[24, 64], 0.1, DType::F32, &mut rng), 64, false).unwrap();
+        let (small, big) = (BaseWeight::Nf4(small), BaseWeight::Nf4(big));
+        for b in [&small, &big, &small, &big] {
+            let got = with_weight(b, DType::F32, |w| Ok(w.to_vec::<f32>())).unwrap();
+            assert_eq!(got, b.materialize(DType::F32).unwrap().to_vec::<f32>());
+        }
+        // The small weight is a view of the one scratch, which has the big weight's size.
+        let kept = with_weight(&small, DType::F32, |w| Ok(w.clone())).unwrap();
+        SCRATCH.with_borrow(|all| {
+            let [(Device::Cpu, DType::F32, scratch)] = &all[..] else { panic!("one scratch, got {}", all.len()) };
+            assert_eq!(scratch.elem_count(), 24 * 64);
+            assert!(kept.shares_storage(scratch));
+        });
+        // A view kept past the call keeps its values when the scratch is written again.
+        with_weight(&big, DType::F32, |_| Ok(())).unwrap();
+        assert_eq!(kept.to_vec::<f32>(), small.materialize(DType::F32).unwrap().to_vec::<f32>());
+        // Dense weights and f64 bypass the scratch.
+        let dense = BaseWeight::Dense(Tensor::ones(&[2, 3], DType::F32));
+        assert_eq!(with_weight(&dense, DType::F32, |w| Ok(w.to_vec::<f32>())).unwrap(), vec![1.0; 6]);
+        assert_eq!(with_weight(&small, DType::F64, |w| Ok(w.dtype())).unwrap(), DType::F64);
+        assert_eq!(SCRATCH.with_borrow(Vec::len), 1);
+    }
+}
