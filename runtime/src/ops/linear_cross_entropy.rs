@@ -13,7 +13,7 @@ use super::elementwise::{add, broadcast_scaled, mul, scale};
 use super::linalg::matmul;
 use super::reduce::sum;
 use super::rows_cols;
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 
 /// Logits (and, with a gradient, dlogits) are formed this many bytes of f32 at a time.
@@ -22,25 +22,6 @@ const CHUNK_BYTES: usize = 256 << 20;
 /// Rows per chunk for a vocabulary of `vocab`: CHUNK_BYTES of f32 logits, at least one row.
 fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_BYTES / (4 * vocab.max(1))).max(1)
-}
-
-/// The loss's backward: dx of the loss computed in forward, scaled by the loss's gradient.
-struct LinearCrossEntropyGrad {
-    dx: Tensor,
-}
-
-impl Backward for LinearCrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "linear_cross_entropy"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.dx.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        // The incoming gradient is a scalar on the device (1 from the tape's seed): spread and multiply there.
-        let g = broadcast_scaled(first_grad(grads)?, 1.0, self.dx.shape(), self.dx.dtype())?;
-        Ok(vec![Some(mul(&self.dx, &g)?)])
-    }
 }
 
 /// Σ over rows of −log softmax(cap(x·Wᵀ))[target] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
@@ -102,5 +83,11 @@ pub fn linear_cross_entropy_op(
     } else {
         Tensor::zeros_on(&[0], x.dtype(), x.device())?
     };
-    Ok((total, Box::new(LinearCrossEntropyGrad { dx })))
+    // The backward is dx computed here, scaled by the loss's gradient: a scalar on the device (1 from the tape's
+    // seed), spread and multiplied there.
+    let grad = backward_fn("linear_cross_entropy", dx.size_in_bytes(), move |g| {
+        let g = broadcast_scaled(first_grad(g)?, 1.0, dx.shape(), dx.dtype())?;
+        Ok(vec![Some(mul(&dx, &g)?)])
+    });
+    Ok((total, grad))
 }

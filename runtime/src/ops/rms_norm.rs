@@ -3,7 +3,7 @@
 
 use super::{rows_cols, same_shape, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rms_norm as grms;
 use qlora_kernels::rms_norm as rms;
@@ -66,30 +66,14 @@ pub fn rms_norm_backward(
     })
 }
 
-/// What RMSNorm's backward reads: x, the weight and rstd.
-struct RmsNormGrad {
-    x: Tensor,
-    w: Tensor,
-    rstd: Tensor,
-    offset: f64,
-    needs: [bool; 2],
-}
-
-impl Backward for RmsNormGrad {
-    fn name(&self) -> &'static str {
-        "rms_norm"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.x.size_in_bytes() + self.rstd.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let (dx, dw) = rms_norm_backward(&self.x, &self.w, &self.rstd, first_grad(grads)?, self.offset, self.needs[1])?;
-        Ok(vec![self.needs[0].then_some(dx), dw])
-    }
-}
-
-/// [`rms_norm`] for a tape: y, and a backward for the inputs `needs` marks (x, weight).
+/// [`rms_norm`] for a tape: y, and a backward for the inputs `needs` marks (x, weight), reading x, the weight and
+/// rstd (the weight is a parameter, alive anyway: not counted as saved).
 pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64, offset: f64, needs: [bool; 2]) -> Result<Recorded> {
     let (y, rstd) = rms_norm(x, w, eps, offset)?;
-    Ok((y, Box::new(RmsNormGrad { x: x.clone(), w: w.clone(), rstd, offset, needs })))
+    let (x, w) = (x.clone(), w.clone());
+    let grad = backward_fn("rms_norm", bytes([&x, &rstd]), move |g| {
+        let (dx, dw) = rms_norm_backward(&x, &w, &rstd, first_grad(g)?, offset, needs[1])?;
+        Ok(vec![needs[0].then_some(dx), dw])
+    });
+    Ok((y, grad))
 }

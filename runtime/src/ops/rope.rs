@@ -2,7 +2,7 @@
 
 use super::{indices, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rope as grope;
 use qlora_kernels::rope::{self, Direction};
@@ -61,25 +61,11 @@ fn rotate(op: &'static str, dir: Direction, x: &Tensor, cos: &Tensor, sin: &Tens
     })
 }
 
-/// What rotary's backward reads: the tables (the rotation is linear in x).
-struct RopeGrad {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Backward for RopeGrad {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.cos.size_in_bytes() + self.sin.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(rope_backward(first_grad(grads)?, &self.cos, &self.sin)?)])
-    }
-}
-
-/// [`rope`] for a tape: the rotated x, and its backward.
+/// [`rope`] for a tape: the rotated x, and its backward (the rotation is linear in x: the tables are all it reads).
 pub fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Recorded> {
-    Ok((rope(x, cos, sin)?, Box::new(RopeGrad { cos: cos.clone(), sin: sin.clone() })))
+    let y = rope(x, cos, sin)?;
+    let (cos, sin) = (cos.clone(), sin.clone());
+    let grad =
+        backward_fn("rope", bytes([&cos, &sin]), move |g| Ok(vec![Some(rope_backward(first_grad(g)?, &cos, &sin)?)]));
+    Ok((y, grad))
 }
