@@ -19,8 +19,9 @@ use crate::{DType, Error, Result, Tensor};
 /// Logits (and, with a gradient, dlogits) are formed this many bytes of f32 at a time.
 const CHUNK_BYTES: usize = 256 << 20;
 
-/// Rows per chunk for a vocabulary of `vocab`: CHUNK_BYTES of f32 logits, at least one row.
-fn chunk_rows(vocab: usize) -> usize {
+/// Rows per chunk for a vocabulary of `vocab`: CHUNK_BYTES of f32 logits, at least one row (memory estimates read
+/// it too).
+pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_BYTES / (4 * vocab.max(1))).max(1)
 }
 
