@@ -244,7 +244,7 @@ fn malformed_lines_stop_with_file_and_line_or_are_skipped() {
     a.push("--skip-bad-lines");
     let run = qlora_rt(&a);
     assert!(run.status.success(), "{}", stderr(&run));
-    assert!(stderr(&run).contains("skipped 1 malformed line(s) (line 2: invalid JSON"), "{}", stderr(&run));
+    assert!(stderr(&run).contains("skipped 1 malformed row(s) (line 2: invalid JSON"), "{}", stderr(&run));
 }
 
 #[test]
