@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::qlora_rt;
+use common::{last_error_line as error_line, qlora_rt};
 use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::DType;
@@ -17,15 +17,6 @@ const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mode
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The error line: the last line on stderr (notes such as the CPU notice may precede it).
-fn error_line(out: &Output) -> String {
-    let err = stderr(out);
-    let last = err.trim_end().lines().last().unwrap_or_default().to_string();
-    assert!(last.starts_with("qlora-rt: error: "), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
-    last
 }
 
 /// Chat rows in words the fixture tokenizer knows (lower-case letters, digits and ".,!?'").

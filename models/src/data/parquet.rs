@@ -33,9 +33,11 @@ fn check_codecs(path: &Path, meta: &ParquetMetaData) -> Result<()> {
     for column in meta.row_groups().iter().flat_map(|g| g.columns()) {
         let codec = column.compression();
         if !matches!(codec, Compression::UNCOMPRESSED | Compression::SNAPPY) {
+            // "ZSTD", not "ZSTD(ZstdLevel(1))": the level does not matter to a reader.
+            let codec = codec.to_string().split('(').next().unwrap_or_default().to_string();
             return Err(Error::config(
                 path,
-                &format!("column {}", column.column_path()),
+                &format!("column {}", column.column_path().string()),
                 format!(
                     "compressed with {codec}; qlora-rt reads uncompressed or snappy Parquet files (re-save it with \
                      compression=\"snappy\", or as JSONL)"
@@ -46,11 +48,14 @@ fn check_codecs(path: &Path, meta: &ParquetMetaData) -> Result<()> {
     Ok(())
 }
 
-fn row_json(row: &Row) -> std::result::Result<Value, String> {
-    row.get_column_iter().map(|(name, field)| Ok((name.clone(), field_json(field)?))).collect::<Result<Map<_, _>, _>>().map(Value::Object)
+/// A row's conversion: what is wrong with it, for the caller to name the file and row.
+type RowResult<T> = std::result::Result<T, String>;
+
+fn row_json(row: &Row) -> RowResult<Value> {
+    row.get_column_iter().map(|(name, field)| Ok((name.clone(), field_json(field)?))).collect::<RowResult<Map<_, _>>>().map(Value::Object)
 }
 
-fn field_json(field: &Field) -> std::result::Result<Value, String> {
+fn field_json(field: &Field) -> RowResult<Value> {
     Ok(match field {
         Field::Null => Value::Null,
         Field::Bool(b) => Value::Bool(*b),
@@ -71,7 +76,7 @@ fn field_json(field: &Field) -> std::result::Result<Value, String> {
             Err(_) => return Err("a binary column holds bytes that are not UTF-8 text".into()),
         },
         Field::Group(row) => row_json(row)?,
-        Field::ListInternal(list) => Value::Array(list.elements().iter().map(field_json).collect::<Result<_, _>>()?),
+        Field::ListInternal(list) => Value::Array(list.elements().iter().map(field_json).collect::<RowResult<_>>()?),
         Field::MapInternal(map) => Value::Object(
             map.entries()
                 .iter()
@@ -82,7 +87,7 @@ fn field_json(field: &Field) -> std::result::Result<Value, String> {
                     };
                     Ok((key, field_json(v)?))
                 })
-                .collect::<Result<_, String>>()?,
+                .collect::<RowResult<_>>()?,
         ),
         // Dates, times, decimals, half floats: no record field uses them; their text keeps the row readable.
         other => Value::String(other.to_string()),
