@@ -76,18 +76,18 @@ fn bad_rows_and_codecs_are_one_line_naming_file_and_row() {
     let mut rows = sharegpt_rows();
     rows.push(json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}]}));
     std::fs::write(&bad, Value::Array(rows).to_string()).unwrap();
-    let out = dir.path().join("out");
-    let run = |data: &Path, extra: &[&str]| {
+    let run = |data: &Path, out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
         let mut args = vec!["finetune", "--model", MODEL, "--data", data.to_str().unwrap()];
         args.extend(["--out", out.to_str().unwrap(), "--max-steps", "1", "--max-seq-len", "64", "--device", "cpu"]);
         args.extend(extra);
         qlora_rt(&args)
     };
-    let err = common::last_error_line(&run(&bad, &[]));
+    let err = common::last_error_line(&run(&bad, "a", &[]));
     assert!(err.contains("bad.json: row 3: conversations[1]: unknown \"from\": \"bot\""), "{err}");
-    let skipped = run(&bad, &["--skip-bad-lines"]);
+    let skipped = run(&bad, "b", &["--skip-bad-lines"]);
     assert!(skipped.status.success(), "{}", String::from_utf8_lossy(&skipped.stderr));
     assert!(String::from_utf8_lossy(&skipped.stderr).contains("skipped 1 malformed row(s) (row 3:"));
-    let err = common::last_error_line(&run(&Path::new(FIXTURES).join("text.zstd.parquet"), &[]));
+    let err = common::last_error_line(&run(&Path::new(FIXTURES).join("text.zstd.parquet"), "c", &[]));
     assert!(err.contains("text.zstd.parquet: column text: compressed with ZSTD"), "{err}");
 }

@@ -86,7 +86,7 @@ fn loss_falls_and_the_adapter_loads_back() {
     assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(16), Some(16.0)));
     let png = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(out.join("loss.png")).unwrap()));
     let info = png.read_info().unwrap().info().clone();
-    assert_eq!((info.width, info.height), (800, 480));
+    assert_eq!((info.width, info.height), (800, 600));
     let kept: Vec<_> = ["checkpoint-10", "checkpoint-20", "checkpoint-30"].map(|c| out.join(c).is_dir()).to_vec();
     assert_eq!(kept, vec![false, true, true], "--keep-last 2");
 

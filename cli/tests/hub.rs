@@ -58,7 +58,7 @@ fn ids_resolve_to_the_cached_snapshot_of_the_revision() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = tmp.path().join("hub");
     fake_hub(&hub);
-    let llama = "architecture  LlamaForCausalLM";
+    let llama = "architecture LlamaForCausalLM";
     let inspect = |env: &[(&str, &Path)], extra: &[&str]| {
         let mut args = vec!["inspect", "test-org/tiny"];
         args.extend(extra);
