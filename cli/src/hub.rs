@@ -4,8 +4,8 @@
 //! cache's location and the `--revision` the command line gave; [`crate::model_path::resolve_model`] decides
 //! when a `--model` is a Hub id.
 
-use anyhow::{bail, Context, Result};
-use hf_hub::api::sync::ApiBuilder;
+use anyhow::{anyhow, bail, Context, Result};
+use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -126,6 +126,13 @@ pub fn display_name(dir: &Path) -> String {
     cached.or_else(|| parts.last().cloned()).unwrap_or_else(|| dir.display().to_string())
 }
 
+/// One line for a failed Hub request: hf-hub's message alone (ureq's already names its causes, which the error
+/// chain would repeat), and for a refusal (401, 403) what a gated or private model needs.
+fn hub_error(e: ApiError) -> anyhow::Error {
+    let refused = matches!(&e, ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(401 | 403, _)));
+    anyhow!("{e}{}", if refused { " (a gated or private model needs HF_TOKEN with access to it)" } else { "" })
+}
+
 /// Downloads the model files of `id` at `rev` into `cache` and returns their snapshot folder.
 fn download(id: &str, rev: &str, cache: &Path) -> Result<PathBuf> {
     let mut api = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_progress(true);
@@ -136,16 +143,15 @@ fn download(id: &str, rev: &str, cache: &Path) -> Result<PathBuf> {
     if let Ok(token) = std::env::var("HF_TOKEN") {
         api = api.with_token(Some(token).filter(|t| !t.is_empty()));
     }
-    let repo = api.build()?.repo(Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()));
-    let gated = "(a gated or private model needs HF_TOKEN)";
-    let info = repo.info().with_context(|| format!("listing its files {gated}"))?;
+    let repo = api.build().map_err(hub_error)?.repo(Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()));
+    let info = repo.info().map_err(hub_error).context("listing its files")?;
     let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|n| wanted(n)).collect();
     if !files.iter().any(|f| f.ends_with(".safetensors")) {
         bail!("revision {} has no safetensors weights (pytorch_model.bin is not read)", info.sha);
     }
     eprintln!("qlora-rt: downloading {id} ({} files) into {}", files.len(), cache.display());
     for file in &files {
-        repo.get(file).with_context(|| format!("fetching {file} {gated}"))?;
+        repo.get(file).map_err(hub_error).with_context(|| format!("fetching {file}"))?;
     }
     // Files land in snapshots/<the commit each download reported>, which is the revision's commit.
     let dir = cache.join(format!("models--{}", id.replace('/', "--"))).join("snapshots").join(&info.sha);
