@@ -73,27 +73,34 @@ fn snapshot(repo_dir: &Path, revision: &str) -> std::result::Result<PathBuf, Pat
     }
 }
 
-/// Whether a snapshot holds a whole model: config.json and every weight file (the shards its index lists, or
-/// model.safetensors). A download cut short leaves some out, and is then completed.
+const INDEX: &str = "model.safetensors.index.json";
+
+/// The shard files a safetensors index lists, or None when it cannot be read.
+fn shards(index: &Path) -> Option<Vec<String>> {
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(index).ok()?).ok()?;
+    let mut files: Vec<String> =
+        index.get("weight_map")?.as_object()?.values().filter_map(|v| Some(v.as_str()?.to_string())).collect();
+    files.sort();
+    files.dedup();
+    Some(files)
+}
+
+/// Whether a snapshot holds a whole model: config.json and the weights as `Checkpoint::open` reads them (the
+/// shards its index lists, else model.safetensors). A download cut short leaves some out, and is then completed.
 fn is_complete(dir: &Path) -> bool {
     if !dir.join("config.json").is_file() {
         return false;
     }
-    let index = dir.join("model.safetensors.index.json");
-    let Ok(text) = std::fs::read_to_string(&index) else { return dir.join("model.safetensors").is_file() };
-    let Ok(index) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
-    let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else { return false };
-    map.values().filter_map(|v| v.as_str()).all(|shard| dir.join(shard).is_file())
+    if !dir.join(INDEX).exists() {
+        return dir.join("model.safetensors").is_file();
+    }
+    shards(&dir.join(INDEX)).is_some_and(|files| files.iter().all(|f| dir.join(f).is_file()))
 }
 
-/// The files of a repository that a model folder needs: config, weights, tokenizer and generation files; not
-/// other formats' weights (pytorch_model.bin, GGUF, ONNX), nor subfolders.
+/// The files of a repository that a model folder needs besides its weights: config, tokenizer and generation
+/// files at the top level.
 fn wanted(name: &str) -> bool {
-    !name.contains('/')
-        && (name == "config.json"
-            || name.ends_with(".safetensors")
-            || name == "model.safetensors.index.json"
-            || crate::model_path::is_companion_file(name))
+    !name.contains('/') && (name == "config.json" || crate::model_path::is_companion_file(name))
 }
 
 /// The snapshot folder of Hub model `id` at this run's revision: from the cache, else downloaded into it.
@@ -145,9 +152,17 @@ fn download(id: &str, rev: &str, cache: &Path) -> Result<PathBuf> {
     }
     let repo = api.build().map_err(hub_error)?.repo(Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()));
     let info = repo.info().map_err(hub_error).context("listing its files")?;
-    let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|n| wanted(n)).collect();
-    if !files.iter().any(|f| f.ends_with(".safetensors")) {
-        bail!("revision {} has no safetensors weights (pytorch_model.bin is not read)", info.sha);
+    let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let mut files: Vec<String> = listed.iter().filter(|n| wanted(n)).map(|n| n.to_string()).collect();
+    // The weights as Checkpoint::open reads them; other copies (consolidated.safetensors, pytorch_model.bin,
+    // GGUF) are left on the Hub.
+    if listed.contains(&INDEX) {
+        let index = repo.get(INDEX).map_err(hub_error).with_context(|| format!("fetching {INDEX}"))?;
+        files.extend(shards(&index).with_context(|| format!("{}: no weight_map of file names", index.display()))?);
+    } else if listed.contains(&"model.safetensors") {
+        files.push("model.safetensors".into());
+    } else {
+        bail!("revision {} has no model.safetensors nor {INDEX} (other weight formats are not read)", info.sha);
     }
     eprintln!("qlora-rt: downloading {id} ({} files) into {}", files.len(), cache.display());
     for file in &files {
@@ -180,8 +195,8 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("refs")).unwrap();
         std::fs::write(dir.path().join("refs/v1"), format!("{hash}\n")).unwrap();
         assert_eq!(snapshot(dir.path(), "v1").unwrap(), dir.path().join("snapshots").join(hash));
-        assert!(wanted("model-00001-of-00002.safetensors") && wanted("tokenizer.json") && wanted("config.json"));
-        assert!(!wanted("pytorch_model.bin") && !wanted("onnx/model.safetensors") && !wanted("README.md"));
+        assert!(wanted("tokenizer.json") && wanted("config.json") && wanted("generation_config.json"));
+        assert!(!wanted("pytorch_model.bin") && !wanted("onnx/tokenizer.json") && !wanted("README.md"));
     }
 
     #[test]
@@ -197,8 +212,9 @@ mod tests {
         let d = dir.path();
         std::fs::write(d.join("config.json"), "{}").unwrap();
         assert!(!is_complete(d));
-        std::fs::write(d.join("model.safetensors.index.json"), r#"{"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}}"#)
-            .unwrap();
+        let index = r#"{"weight_map":{"a":"s1.safetensors","b":"s2.safetensors","c":"s1.safetensors"}}"#;
+        std::fs::write(d.join(INDEX), index).unwrap();
+        assert_eq!(shards(&d.join(INDEX)).unwrap(), ["s1.safetensors", "s2.safetensors"]);
         std::fs::write(d.join("s1.safetensors"), "").unwrap();
         assert!(!is_complete(d));
         std::fs::write(d.join("s2.safetensors"), "").unwrap();

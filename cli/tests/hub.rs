@@ -124,3 +124,101 @@ fn a_missing_model_is_one_line_naming_where_it_looked() {
     let err = error_line(&run(tmp.path(), &closed, &["inspect", "test-org/absent"]));
     assert!(err.contains("downloading it failed") && err.contains(&looked.display().to_string()), "{err}");
 }
+
+/// A stand-in for the Hub's HTTP API on a loopback port, serving the Llama fixture as `test-org/tiny` at commit
+/// MAIN the way hf-hub reads it (the revision API's file list; `resolve` answering ranges with the etag, commit
+/// and size headers), and `test-org/gated` only to the bearer token "secret". Serves until the test ends.
+fn serve_fake_hub() -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                // One request after another on a kept-alive connection.
+                loop {
+                    let mut head = Vec::new();
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                        head.push(std::mem::take(&mut line));
+                    }
+                    let Some(path) = head.first().and_then(|l| l.split(' ').nth(1)).map(str::to_string) else {
+                        return;
+                    };
+                    let header = |name: &str| {
+                        head.iter().find_map(|h| {
+                            let (k, v) = h.split_once(':')?;
+                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                        })
+                    };
+                    let (status, headers, body) = fake_hub_answer(&path, header("range"), header("authorization"));
+                    let mut reply = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n", body.len());
+                    headers.iter().for_each(|h| reply.push_str(&format!("{h}\r\n")));
+                    reply.push_str("\r\n");
+                    if stream.write_all(reply.as_bytes()).and_then(|()| stream.write_all(&body)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn fake_hub_answer(path: &str, range: Option<String>, auth: Option<String>) -> (String, Vec<String>, Vec<u8>) {
+    let files: Vec<String> = std::fs::read_dir(fixture("llama"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    if path.contains("test-org/gated") && auth.as_deref() != Some("Bearer secret") {
+        return ("401 Unauthorized".into(), vec![], b"{\"error\":\"gated\"}".to_vec());
+    }
+    if let Some(rest) = path.strip_prefix("/api/models/") {
+        assert!(rest.ends_with("/revision/main"), "{path}");
+        let siblings: Vec<_> = files.iter().map(|f| serde_json::json!({ "rfilename": f })).collect();
+        let body = serde_json::json!({"sha": MAIN, "siblings": siblings}).to_string();
+        return ("200 OK".into(), vec!["Content-Type: application/json".into()], body.into_bytes());
+    }
+    let file = path.rsplit('/').next().unwrap();
+    let bytes = std::fs::read(fixture("llama").join(file)).unwrap();
+    let start: usize = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.split('-').next()?.parse().ok()).unwrap_or(0);
+    let end = if range.as_deref().is_some_and(|r| r.ends_with("-0")) { 0 } else { bytes.len() - 1 };
+    let headers = vec![
+        format!("ETag: \"blob-{file}\""),
+        format!("X-Repo-Commit: {MAIN}"),
+        format!("Content-Range: bytes {start}-{end}/{}", bytes.len()),
+    ];
+    ("206 Partial Content".into(), headers, bytes[start..=end].to_vec())
+}
+
+#[test]
+fn a_missing_model_is_downloaded_into_the_cache_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = tmp.path().join("hub");
+    let endpoint = serve_fake_hub();
+    let env = [("HF_HUB_CACHE", hub.as_path()), ("HF_ENDPOINT", Path::new(&endpoint))];
+    assert!(architecture(&run(tmp.path(), &env, &["inspect", "test-org/tiny"])).contains("Llama"));
+    // huggingface_hub's layout: refs/main → the commit; snapshot files link to blobs named by etag.
+    let repo = hub.join("models--test-org--tiny");
+    assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), MAIN);
+    let config = repo.join("snapshots").join(MAIN).join("config.json");
+    assert!(std::fs::symlink_metadata(&config).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(&config).unwrap(), std::fs::read(fixture("llama/config.json")).unwrap());
+    assert!(repo.join("blobs/blob-model.safetensors").is_file());
+    // Only the weights Checkpoint::open reads: not the fixture's other safetensors file.
+    assert!(!repo.join("snapshots").join(MAIN).join("reference.safetensors").exists());
+    // Now cached: found offline.
+    let offline = [("HF_HUB_CACHE", hub.as_path()), ("HF_HUB_OFFLINE", Path::new("1"))];
+    assert!(architecture(&run(tmp.path(), &offline, &["inspect", "test-org/tiny"])).contains("Llama"));
+
+    // A gated model: refused without HF_TOKEN, with a line saying so; downloaded with it.
+    let err = error_line(&run(tmp.path(), &env, &["inspect", "test-org/gated"]));
+    assert!(err.contains("401") && err.contains("needs HF_TOKEN"), "{err}");
+    let token = [env[0], env[1], ("HF_TOKEN", Path::new("secret"))];
+    assert!(architecture(&run(tmp.path(), &token, &["inspect", "test-org/gated"])).contains("Llama"));
+}

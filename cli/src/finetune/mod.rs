@@ -511,7 +511,7 @@ fn plot_subtitle(args: &FinetuneArgs, schedule: &Schedule) -> String {
     };
     let data = args.data.file_name().map_or_else(|| args.data.display().to_string(), |n| n.to_string_lossy().into());
     format!(
-        "{method} r {} alpha {}{}, lr {:.1e} {schedule_name} warmup {}, {} steps x {} micro-batches, {data}",
+        "{method} r {} alpha {}{}, lr {:.1e} {schedule_name} warmup {}, {} steps of {} micro-batch(es), {data}",
         args.r,
         args.alpha,
         if args.rslora { " rsLoRA" } else { "" },
