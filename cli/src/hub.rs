@@ -150,7 +150,8 @@ fn download(id: &str, rev: &str, cache: &Path) -> Result<PathBuf> {
     if let Ok(token) = std::env::var("HF_TOKEN") {
         api = api.with_token(Some(token).filter(|t| !t.is_empty()));
     }
-    let repo = api.build().map_err(hub_error)?.repo(Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()));
+    let repo =
+        api.build().map_err(hub_error)?.repo(Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()));
     let info = repo.info().map_err(hub_error).context("listing its files")?;
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let mut files: Vec<String> = listed.iter().filter(|n| wanted(n)).map(|n| n.to_string()).collect();

@@ -99,7 +99,8 @@ fn finetune_and_generate_take_an_id() {
     let data = tmp.path().join("data.jsonl");
     std::fs::write(&data, "{\"prompt\":\"what is the answer?\",\"completion\":\" 42.\"}\n".repeat(4)).unwrap();
     let args = ["finetune", "--model", "test-org/tiny", "--data", "data.jsonl", "--out", "out", "--max-steps", "2"];
-    let out = run(tmp.path(), &[("HF_HUB_CACHE", &hub)], &[&args[..], &["--device", "cpu", "--max-seq-len", "64"]].concat());
+    let out =
+        run(tmp.path(), &[("HF_HUB_CACHE", &hub)], &[&args[..], &["--device", "cpu", "--max-seq-len", "64"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config = std::fs::read_to_string(tmp.path().join("out/adapter_config.json")).unwrap();
     assert!(config.contains(&format!("models--test-org--tiny/snapshots/{MAIN}")), "{config}");
@@ -117,7 +118,11 @@ fn a_missing_model_is_one_line_naming_where_it_looked() {
     let err = error_line(&run(tmp.path(), &offline, &["inspect", "test-org/absent"]));
     let looked = hub.join("models--test-org--absent/refs/main");
     assert!(err.contains(&looked.display().to_string()) && err.contains("HF_HUB_OFFLINE"), "{err}");
-    let err = error_line(&run(tmp.path(), &offline, &["eval", "--model", "test-org/tiny", "--revision", "v9", "--data", "x"]));
+    let err = error_line(&run(
+        tmp.path(),
+        &offline,
+        &["eval", "--model", "test-org/tiny", "--revision", "v9", "--data", "x"],
+    ));
     assert!(err.contains("revision v9") && err.contains("refs/v9"), "{err}");
     // Online, but the Hub cannot be reached: port 9 (discard) on the loopback is closed.
     let closed = [("HF_HUB_CACHE", hub.as_path()), ("HF_ENDPOINT", Path::new("http://127.0.0.1:9"))];
@@ -186,7 +191,8 @@ fn fake_hub_answer(path: &str, range: Option<String>, auth: Option<String>) -> (
     }
     let file = path.rsplit('/').next().unwrap();
     let bytes = std::fs::read(fixture("llama").join(file)).unwrap();
-    let start: usize = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.split('-').next()?.parse().ok()).unwrap_or(0);
+    let start: usize =
+        range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.split('-').next()?.parse().ok()).unwrap_or(0);
     let end = if range.as_deref().is_some_and(|r| r.ends_with("-0")) { 0 } else { bytes.len() - 1 };
     let headers = vec![
         format!("ETag: \"blob-{file}\""),

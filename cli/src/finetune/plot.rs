@@ -158,7 +158,8 @@ impl Panel {
 
 /// The range of the finite `values` with 5% headroom, or around the one value, or (0, 1) without any.
 fn value_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) =
+        values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     match (lo.is_finite(), hi.is_finite()) {
         (true, true) if hi > lo => (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)),
         (true, true) => (lo - 0.5, hi + 0.5),

@@ -47,7 +47,8 @@ pub fn read_records(path: &Path, skip_bad_rows: bool) -> Result<Records> {
 /// Reads a file holding one JSON array of row objects.
 fn read_json_array(path: &Path, skip_bad_rows: bool) -> Result<Records> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let rows: Vec<Value> = serde_json::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| Error::json(path, &e))?;
+    let rows: Vec<Value> =
+        serde_json::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| Error::json(path, &e))?;
     let mut out = Records::default();
     for (i, row) in rows.iter().enumerate() {
         out.add(path, || format!("row {}", i + 1), parse_record(row), skip_bad_rows)?;

@@ -52,7 +52,10 @@ fn check_codecs(path: &Path, meta: &ParquetMetaData) -> Result<()> {
 type RowResult<T> = std::result::Result<T, String>;
 
 fn row_json(row: &Row) -> RowResult<Value> {
-    row.get_column_iter().map(|(name, field)| Ok((name.clone(), field_json(field)?))).collect::<RowResult<Map<_, _>>>().map(Value::Object)
+    row.get_column_iter()
+        .map(|(name, field)| Ok((name.clone(), field_json(field)?)))
+        .collect::<RowResult<Map<_, _>>>()
+        .map(Value::Object)
 }
 
 fn field_json(field: &Field) -> RowResult<Value> {
@@ -168,10 +171,14 @@ mod tests {
             Record::Instruction { instruction: "greet".into(), input: String::new(), output: "hi".into() }
         );
 
-        let tokens = "message schema { optional group input_ids (LIST) { repeated group list { optional int64 element; } } }";
+        let tokens =
+            "message schema { optional group input_ids (LIST) { repeated group list { optional int64 element; } } }";
         let path = dir.path().join("tokens.parquet");
         write(&path, tokens, Compression::SNAPPY, &[Column::Int(&[5, 6, 7], &[3, 3, 3], &[0, 1, 1])]);
-        assert_eq!(read_parquet(&path, false).unwrap().records, vec![Record::Tokens { input_ids: vec![5, 6, 7], labels: None }]);
+        assert_eq!(
+            read_parquet(&path, false).unwrap().records,
+            vec![Record::Tokens { input_ids: vec![5, 6, 7], labels: None }]
+        );
     }
 
     fn fixture(name: &str) -> std::path::PathBuf {
