@@ -120,7 +120,7 @@ pub fn resolve(id: &str) -> Result<PathBuf> {
     if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| !v.is_empty() && v != "0") {
         bail!("{not_cached}, and HF_HUB_OFFLINE forbids downloading it");
     }
-    download(id, rev, &cache).with_context(|| format!("{not_cached}; downloading it failed"))
+    download(id, rev, &cache, &repo_dir).with_context(|| format!("{not_cached}; downloading it failed"))
 }
 
 /// A model folder's name for people: `ORG/NAME` for a Hub cache snapshot, else the folder's own name.
@@ -140,8 +140,9 @@ fn hub_error(e: ApiError) -> anyhow::Error {
     anyhow!("{e}{}", if refused { " (a gated or private model needs HF_TOKEN with access to it)" } else { "" })
 }
 
-/// Downloads the model files of `id` at `rev` into `cache` and returns their snapshot folder.
-fn download(id: &str, rev: &str, cache: &Path) -> Result<PathBuf> {
+/// Downloads the model files of `id` at `rev` into `cache` (its folder there: `repo_dir`) and returns their
+/// snapshot folder.
+fn download(id: &str, rev: &str, cache: &Path, repo_dir: &Path) -> Result<PathBuf> {
     let mut api = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_progress(true);
     if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
         api = api.with_endpoint(endpoint.trim_end_matches('/').to_string());
@@ -153,12 +154,22 @@ fn download(id: &str, rev: &str, cache: &Path) -> Result<PathBuf> {
     let repo =
         api.build().map_err(hub_error)?.repo(Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()));
     let info = repo.info().map_err(hub_error).context("listing its files")?;
+    // Files land in snapshots/<the commit each download reports>, which is the revision's commit.
+    let dir = repo_dir.join("snapshots").join(&info.sha);
+    // hf-hub's `get` would take a file from the snapshot refs/<rev> named before; only this commit's will do.
+    let fetch = |file: &str| -> Result<PathBuf> {
+        let path = dir.join(file);
+        if !path.is_file() {
+            repo.download(file).map_err(hub_error).with_context(|| format!("fetching {file}"))?;
+        }
+        Ok(path)
+    };
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let mut files: Vec<String> = listed.iter().filter(|n| wanted(n)).map(|n| n.to_string()).collect();
     // The weights as Checkpoint::open reads them; other copies (consolidated.safetensors, pytorch_model.bin,
     // GGUF) are left on the Hub.
     if listed.contains(&INDEX) {
-        let index = repo.get(INDEX).map_err(hub_error).with_context(|| format!("fetching {INDEX}"))?;
+        let index = fetch(INDEX)?;
         files.extend(shards(&index).with_context(|| format!("{}: no weight_map of file names", index.display()))?);
     } else if listed.contains(&"model.safetensors") {
         files.push("model.safetensors".into());
@@ -167,10 +178,8 @@ fn download(id: &str, rev: &str, cache: &Path) -> Result<PathBuf> {
     }
     eprintln!("qlora-rt: downloading {id} ({} files) into {}", files.len(), cache.display());
     for file in &files {
-        repo.get(file).map_err(hub_error).with_context(|| format!("fetching {file}"))?;
+        fetch(file)?;
     }
-    // Files land in snapshots/<the commit each download reported>, which is the revision's commit.
-    let dir = cache.join(format!("models--{}", id.replace('/', "--"))).join("snapshots").join(&info.sha);
     if !is_complete(&dir) {
         bail!("{} is incomplete after the download", dir.display());
     }

@@ -218,6 +218,9 @@ fn a_missing_model_is_downloaded_into_the_cache_layout() {
     assert!(repo.join("blobs/blob-model.safetensors").is_file());
     // Only the weights Checkpoint::open reads: not the fixture's other safetensors file.
     assert!(!repo.join("snapshots").join(MAIN).join("reference.safetensors").exists());
+    // A download cut short (a weight file missing) is completed.
+    std::fs::remove_file(repo.join("snapshots").join(MAIN).join("model.safetensors")).unwrap();
+    assert!(architecture(&run(tmp.path(), &env, &["inspect", "test-org/tiny"])).contains("Llama"));
     // Now cached: found offline.
     let offline = [("HF_HUB_CACHE", hub.as_path()), ("HF_HUB_OFFLINE", Path::new("1"))];
     assert!(architecture(&run(tmp.path(), &offline, &["inspect", "test-org/tiny"])).contains("Llama"));
