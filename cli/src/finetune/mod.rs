@@ -1,7 +1,8 @@
 //! `qlora-rt finetune`: QLoRA fine-tuning of a Hugging Face model folder on a dataset file, written as a PEFT
 //! adapter. This file owns the flags and the order of things (settings → data → model → optimizer → loop →
 //! outputs); the pieces are [`config`] (TOML files as flags), [`data`] (records → packed rows → micro-batches),
-//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`checkpoint`] (resumable state on disk), [`metrics`] (JSONL log, TensorBoard events) and [`plot`] (loss.png).
+//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`checkpoint`] (resumable state
+//! on disk), [`metrics`] (JSONL log, TensorBoard events) and [`plot`] (loss.png).
 //!
 //! Defaults follow the QLoRA paper (Dettmers et al. 2023, §4 and appendix B): NF4 with double quantization,
 //! blocks of 64, LoRA on every linear layer, dropout 0.05, lr 2e-4, AdamW β = (0.9, 0.999), warmup ratio 0.03;

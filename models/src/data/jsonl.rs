@@ -153,8 +153,8 @@ pub fn parse_record(v: &Value) -> std::result::Result<Record, String> {
     if let Some(text) = string(v, "text")? {
         return Ok(Record::Text(text));
     }
-    Err("unrecognised record: expected \"messages\", \"conversations\", \"prompt\"+\"completion\", \"instruction\"+\"output\", \
-         \"text\" or \"input_ids\""
+    Err("unrecognised record: expected \"messages\", \"conversations\", \"prompt\"+\"completion\", \
+         \"instruction\"+\"output\", \"text\" or \"input_ids\""
         .into())
 }
 
