@@ -108,6 +108,10 @@ pub fn resolve(id: &str) -> Result<PathBuf> {
     let cache = cache_dir()?;
     let repo_dir = cache.join(format!("models--{}", id.replace('/', "--")));
     let rev = revision();
+    // A ref names a file under refs/ (`refs/pr/1` included): never one outside it.
+    if rev.is_empty() || rev.starts_with('/') || rev.split('/').any(|part| part == ".." || part.is_empty()) {
+        bail!("--revision {rev:?} is not a branch, tag or commit name");
+    }
     let looked = match snapshot(&repo_dir, rev) {
         Ok(dir) if is_complete(&dir) => return Ok(dir),
         Ok(dir) => dir,

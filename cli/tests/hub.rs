@@ -124,6 +124,8 @@ fn a_missing_model_is_one_line_naming_where_it_looked() {
         &["eval", "--model", "test-org/tiny", "--revision", "v9", "--data", "x"],
     ));
     assert!(err.contains("revision v9") && err.contains("refs/v9"), "{err}");
+    let err = error_line(&run(tmp.path(), &offline, &["inspect", "test-org/tiny", "--revision", "../../etc"]));
+    assert!(err.contains("--revision \"../../etc\" is not a branch, tag or commit name"), "{err}");
     // Online, but the Hub cannot be reached: port 9 (discard) on the loopback is closed.
     let closed = [("HF_HUB_CACHE", hub.as_path()), ("HF_ENDPOINT", Path::new("http://127.0.0.1:9"))];
     let err = error_line(&run(tmp.path(), &closed, &["inspect", "test-org/absent"]));
