@@ -7,6 +7,7 @@ mod eval;
 mod export_gguf;
 mod finetune;
 mod generate;
+mod hub;
 mod import;
 mod inspect;
 mod merge;
@@ -26,6 +27,9 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// For a --model given as a Hugging Face Hub id (ORG/NAME): the branch, tag or commit hash to use.
+    #[arg(long, global = true, value_name = "REV")]
+    revision: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    hub::set_revision(cli.revision);
     let result = match cli.command {
         Command::Toy(args) => toy::run(&args),
         Command::Eval(args) => eval::run(&args),

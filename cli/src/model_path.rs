@@ -1,4 +1,5 @@
-//! Model paths shared by every command that takes `--model`: a Hugging Face folder is used as is; a `.gguf` file
+//! Model paths shared by every command that takes `--model`: a Hugging Face folder is used as is; a Hub id
+//! `ORG/NAME` that is not a local folder is the Hub cache's snapshot ([`crate::hub`]); a `.gguf` file
 //! is imported once into a cache folder (`$QLORA_RT_CACHE/gguf/<stem>-<size>-<mtime hash>`, the cache root
 //! defaulting to `${XDG_CACHE_HOME:-~/.cache}/qlora-rt`) and that folder is used. Also owns what the commands
 //! that write a model folder share: refusing a non-empty `--out`, and a hidden staging folder beside it that is
@@ -197,11 +198,16 @@ pub fn gguf_cache_dir(gguf: &Path) -> Result<PathBuf> {
     Ok(cache_root()?.join("gguf").join(key))
 }
 
-/// The Hugging Face model folder of `path`: `path` itself, or for a `.gguf` file its cache folder, importing it
-/// there first (bf16 weights, as `qlora-rt import` writes by default) when it is not cached yet.
+/// The Hugging Face model folder of `path`: `path` itself; for a Hub id `ORG/NAME` naming no local folder, its
+/// snapshot in the Hub cache (downloaded there first when missing); for a `.gguf` file its cache folder,
+/// importing it there first (bf16 weights, as `qlora-rt import` writes by default) when it is not cached yet.
 pub fn resolve_model(path: &Path) -> Result<PathBuf> {
     if !is_gguf(path) {
-        return Ok(path.to_path_buf());
+        return match path.to_str() {
+            // A local folder of that name wins over the Hub.
+            Some(id) if !path.exists() && crate::hub::is_repo_id(id) => crate::hub::resolve(id),
+            _ => Ok(path.to_path_buf()),
+        };
     }
     let dir = gguf_cache_dir(path)?;
     // An import publishes its folder whole, so a config.json there means a finished import.
@@ -233,7 +239,7 @@ pub fn companion_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn is_companion_file(name: &str) -> bool {
+pub fn is_companion_file(name: &str) -> bool {
     name.starts_with("tokenizer")
         || name.starts_with("chat_template")
         || matches!(

@@ -51,17 +51,18 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
         _ => DType::F32,
     };
     let opts = QuantizeOptions { blocksize: args.blocksize, double_quant: args.double_quant, compute_dtype };
+    let model = &crate::model_path::resolve_model(&args.model)?;
     // Parsing the config refuses families and layouts qlora-rt cannot train before any work is done.
-    ModelConfig::load(&args.model)?;
-    let config_path = args.model.join("config.json");
+    ModelConfig::load(model)?;
+    let config_path = model.join("config.json");
     let config_text =
         std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
     let config_json = bnb::quantized_config_json(&config_text, &config_path, opts)?;
-    let ck = Checkpoint::open(&args.model)?;
+    let ck = Checkpoint::open(model)?;
     ensure!(
         ck.names().into_iter().any(bnb::is_decoder_linear),
         "{}: no decoder linear weight (model.layers.{{i}}.self_attn.*_proj, mlp.*_proj) to quantize",
-        args.model.display()
+        model.display()
     );
     prepare_out(&args.out)?;
 
@@ -74,7 +75,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     })?;
     let summary = summary.context("the weights writer returned without a summary")?;
 
-    let companions = companion_files(&args.model)?;
+    let companions = companion_files(model)?;
     for path in &companions {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let name = path.file_name().context("a listed file has a name")?;

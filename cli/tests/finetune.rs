@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::qlora_rt;
+use common::{last_error_line as error_line, qlora_rt};
 use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::DType;
@@ -17,15 +17,6 @@ const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mode
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The error line: the last line on stderr (notes such as the CPU notice may precede it).
-fn error_line(out: &Output) -> String {
-    let err = stderr(out);
-    let last = err.trim_end().lines().last().unwrap_or_default().to_string();
-    assert!(last.starts_with("qlora-rt: error: "), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
-    last
 }
 
 /// Chat rows in words the fixture tokenizer knows (lower-case letters, digits and ".,!?'").
@@ -95,7 +86,7 @@ fn loss_falls_and_the_adapter_loads_back() {
     assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(16), Some(16.0)));
     let png = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(out.join("loss.png")).unwrap()));
     let info = png.read_info().unwrap().info().clone();
-    assert_eq!((info.width, info.height), (800, 480));
+    assert_eq!((info.width, info.height), (800, 600));
     let kept: Vec<_> = ["checkpoint-10", "checkpoint-20", "checkpoint-30"].map(|c| out.join(c).is_dir()).to_vec();
     assert_eq!(kept, vec![false, true, true], "--keep-last 2");
 
@@ -244,7 +235,7 @@ fn malformed_lines_stop_with_file_and_line_or_are_skipped() {
     a.push("--skip-bad-lines");
     let run = qlora_rt(&a);
     assert!(run.status.success(), "{}", stderr(&run));
-    assert!(stderr(&run).contains("skipped 1 malformed line(s) (line 2: invalid JSON"), "{}", stderr(&run));
+    assert!(stderr(&run).contains("skipped 1 malformed row(s) (line 2: invalid JSON"), "{}", stderr(&run));
 }
 
 #[test]

@@ -110,7 +110,7 @@ impl StepArgs {
 /// What is benchmarked.
 enum Subject {
     Shape(String),
-    /// A model folder (a .gguf file already resolved to its imported folder).
+    /// A model folder (a .gguf file or a Hub id already resolved to its imported folder or snapshot).
     Folder(PathBuf),
 }
 
@@ -118,10 +118,7 @@ impl Subject {
     fn of(args: &StepArgs) -> Result<Subject> {
         match (&args.shape, &args.model) {
             (Some(name), _) => Ok(Subject::Shape(name.clone())),
-            (None, Some(dir)) if crate::model_path::is_gguf(dir) => {
-                Ok(Subject::Folder(crate::model_path::resolve_model(dir)?))
-            }
-            (None, Some(dir)) => Ok(Subject::Folder(dir.clone())),
+            (None, Some(dir)) => Ok(Subject::Folder(crate::model_path::resolve_model(dir)?)),
             (None, None) => bail!(
                 "bench needs --shape NAME ({}) or --model DIR; `bench kernels` times the CUDA kernels",
                 synthetic::shape_names()

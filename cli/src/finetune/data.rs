@@ -1,9 +1,10 @@
-//! Training and evaluation data: JSONL records → examples (template, completion-only labels) → rows of at most
-//! `max_seq_len` tokens (packed or one example each) → micro-batches, reshuffled every epoch from the seed.
+//! Training and evaluation data: dataset records (JSONL, a JSON array or Parquet) → examples (template,
+//! completion-only labels) → rows of at most `max_seq_len` tokens (packed or one example each) → micro-batches,
+//! reshuffled every epoch from the seed.
 //! Bad rows are counted and reported, never fatal one by one; a set with nothing to train on is an error.
 
 use anyhow::{bail, ensure, Context, Result};
-use qlora_models::data::jsonl::read_jsonl;
+use qlora_models::data::files::read_records;
 use qlora_models::data::pack::{pack, row_batch, Example, PackStats};
 use qlora_models::data::tokenize::Formatter;
 use qlora_models::transformer::Batch;
@@ -46,10 +47,10 @@ struct Formatted {
 }
 
 fn format_file(path: &Path, formatter: &Formatter, skip_bad_lines: bool) -> Result<Formatted> {
-    let read = read_jsonl(path, skip_bad_lines)?;
+    let read = read_records(path, skip_bad_lines)?;
     if read.skipped > 0 {
         eprintln!(
-            "qlora-rt: warning: {}: skipped {} malformed line(s) ({}{})",
+            "qlora-rt: warning: {}: skipped {} malformed row(s) ({}{})",
             path.display(),
             read.skipped,
             read.skipped_reasons.first().map(String::as_str).unwrap_or(""),
@@ -121,7 +122,7 @@ fn finish(what: &str, path: &Path, f: &Formatted, examples: Vec<Example>, shapin
     }
     if rows.is_empty() {
         bail!(
-            "{}: no trainable tokens in the {what} data: {} record(s) read, {} malformed line(s) skipped, {} could \
+            "{}: no trainable tokens in the {what} data: {} record(s) read, {} malformed row(s) skipped, {} could \
              not be formatted{}, {} of {n} example(s) had no trainable token",
             path.display(),
             f.records,

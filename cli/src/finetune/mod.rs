@@ -1,7 +1,8 @@
-//! `qlora-rt finetune`: QLoRA fine-tuning of a Hugging Face model folder on a JSONL file, written as a PEFT
+//! `qlora-rt finetune`: QLoRA fine-tuning of a Hugging Face model folder on a dataset file, written as a PEFT
 //! adapter. This file owns the flags and the order of things (settings → data → model → optimizer → loop →
 //! outputs); the pieces are [`config`] (TOML files as flags), [`data`] (records → packed rows → micro-batches),
-//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`checkpoint`] (resumable state on disk) and [`metrics`] (JSONL log, loss plot).
+//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`checkpoint`] (resumable state
+//! on disk), [`metrics`] (JSONL log, TensorBoard events) and [`plot`] (loss.png).
 //!
 //! Defaults follow the QLoRA paper (Dettmers et al. 2023, §4 and appendix B): NF4 with double quantization,
 //! blocks of 64, LoRA on every linear layer, dropout 0.05, lr 2e-4, AdamW β = (0.9, 0.999), warmup ratio 0.03;
@@ -11,6 +12,7 @@ mod checkpoint;
 mod config;
 mod data;
 mod metrics;
+mod plot;
 pub(crate) mod step;
 mod train;
 
@@ -61,6 +63,15 @@ pub enum ScheduleArg {
     Cosine,
 }
 
+/// Experiment trackers `--report-to` writes to besides metrics.jsonl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    None,
+    /// TensorBoard event files in --out (`tensorboard --logdir OUT`).
+    Tensorboard,
+}
+
 /// Every flag can also come from `--config FILE.toml` (see `config`); pairs that replace each other
 /// (`--epochs`/`--max-steps`, ...) override each other, so the one given last wins.
 #[derive(clap::Args, Clone, Debug)]
@@ -70,13 +81,14 @@ pub struct FinetuneArgs {
     /// a .gguf file, imported once into the qlora-rt cache.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Training data, JSONL: chat ("messages"), prompt/completion, instruction/output, text or input_ids rows.
+    /// Training data: JSONL, a JSON array or Parquet, of chat ("messages", or ShareGPT "conversations"),
+    /// prompt/completion, instruction/output (Alpaca), text or input_ids rows.
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
     /// Output folder: the adapter, tokenizer files, metrics.jsonl, loss.png and checkpoint-STEP folders.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Held-out JSONL file for the evaluation loss (same formats as --data).
+    /// Held-out file for the evaluation loss (same formats as --data).
     #[arg(long, value_name = "FILE", overrides_with = "eval_split")]
     eval_file: Option<PathBuf>,
     /// Instead of --eval-file: hold out this fraction of --data's examples (chosen with --seed).
@@ -141,7 +153,7 @@ pub struct FinetuneArgs {
     /// Chat template to use instead of the tokenizer's own.
     #[arg(long, value_enum)]
     chat_template: Option<TemplateArg>,
-    /// Skip malformed JSONL lines (counted and reported) instead of stopping at the first.
+    /// Skip malformed rows (counted and reported) instead of stopping at the first.
     #[arg(long)]
     skip_bad_lines: bool,
     /// Write OUT/checkpoint-STEP every N optimizer steps (0: never).
@@ -153,6 +165,10 @@ pub struct FinetuneArgs {
     /// Evaluate every N optimizer steps (0: only at the end); needs --eval-file or --eval-split.
     #[arg(long, value_name = "N", default_value_t = 100)]
     eval_every: u64,
+    /// Also log loss, eval loss, learning rate, grad norm, tokens/s and memory to: none, or tensorboard (event
+    /// files in --out, beside metrics.jsonl).
+    #[arg(long, value_enum, value_name = "TRACKER", default_value_t = ReportTo::None)]
+    report_to: ReportTo,
     /// Continue from the latest checkpoint in --out, or from the checkpoint folder given.
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     resume: Option<Option<PathBuf>>,
@@ -315,14 +331,9 @@ pub(crate) fn attach_adapters(model: &mut CausalLm, targets: &[&str], config: &L
 
 /// Runs the command; an interrupted run (Ctrl-C, SIGTERM) exits with status 130 after its checkpoint is written.
 pub fn run(args: &FinetuneArgs) -> Result<()> {
-    // A .gguf --model trains on its imported folder, which the adapter then names as its base.
-    let resolved;
-    let args = if crate::model_path::is_gguf(&args.model) {
-        resolved = FinetuneArgs { model: crate::model_path::resolve_model(&args.model)?, ..args.clone() };
-        &resolved
-    } else {
-        args
-    };
+    // A .gguf or Hub --model trains on its imported folder or cached snapshot, which the adapter then names as
+    // its base.
+    let args = &FinetuneArgs { model: crate::model_path::resolve_model(&args.model)?, ..args.clone() };
     match run_to_end(args)? {
         train::Outcome::Finished => Ok(()),
         train::Outcome::Interrupted => std::process::exit(130),
@@ -430,6 +441,32 @@ fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &S
     );
 }
 
+/// The loss plot's second title line: what was trained, how, on what.
+fn plot_subtitle(args: &FinetuneArgs, schedule: &Schedule) -> String {
+    let method = match (args.quantize, args.dora) {
+        (Quantize::Nf4, false) => "QLoRA",
+        (Quantize::Nf4, true) => "QDoRA",
+        (Quantize::None, false) => "LoRA",
+        (Quantize::None, true) => "DoRA",
+    };
+    let schedule_name = match args.schedule {
+        ScheduleArg::Constant => "constant",
+        ScheduleArg::Linear => "linear",
+        ScheduleArg::Cosine => "cosine",
+    };
+    let data = args.data.file_name().map_or_else(|| args.data.display().to_string(), |n| n.to_string_lossy().into());
+    format!(
+        "{method} r {} alpha {}{}, lr {:.1e} {schedule_name} warmup {}, {} steps of {} micro-batch(es), {data}",
+        args.r,
+        args.alpha,
+        if args.rslora { " rsLoRA" } else { "" },
+        args.lr,
+        schedule.warmup_steps,
+        schedule.total_steps,
+        args.grad_accum
+    )
+}
+
 /// Where `--device` trains: DoRA's per-row weight norms and scalings are host loops so far, so `auto` trains it on
 /// the CPU and `cuda` refuses it.
 pub(crate) fn training_device(dora: bool, device: DeviceArg) -> Result<DeviceArg> {
@@ -484,6 +521,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
 
     let base_model = std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone());
     let base_model = base_model.to_string_lossy().into_owned();
+    let subtitle = plot_subtitle(args, &schedule);
     let mut trainer = train::Trainer {
         model: &mut model,
         optimizer: &mut optimizer,
@@ -499,6 +537,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
             save_every: args.save_every,
             keep_last: args.keep_last,
             eval_every: args.eval_every,
+            tensorboard: args.report_to == ReportTo::Tensorboard,
         },
         state: start,
     };
@@ -507,7 +546,8 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         save_adapter(&model, &args.out, Some(&base_model))?;
         copy_tokenizer_files(&args.model, &args.out)?;
         let curve = metrics::read_curve(&args.out.join(metrics::METRICS_FILE))?;
-        metrics::plot_loss(&curve, &args.out.join(metrics::PLOT_FILE))?;
+        let title = crate::hub::display_name(Path::new(&base_model));
+        plot::plot_loss(&curve, &title, &subtitle, &args.out.join(metrics::PLOT_FILE))?;
         println!(
             "adapter, tokenizer files, {} and {} written to {}",
             metrics::METRICS_FILE,

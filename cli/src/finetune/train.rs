@@ -54,6 +54,8 @@ pub struct Settings<'a> {
     pub save_every: u64,
     pub keep_last: usize,
     pub eval_every: u64,
+    /// Also log to a TensorBoard event file (`--report-to tensorboard`).
+    pub tensorboard: bool,
 }
 
 pub struct Trainer<'a> {
@@ -77,16 +79,29 @@ struct StepStats {
     trained_tokens: usize,
 }
 
+/// Memory in use and at peak, in bytes: the GPU allocator's on CUDA, the process's resident set on the CPU
+/// (Linux's /proc/self/status; None elsewhere).
+fn memory_in_use(device: Device) -> Option<(usize, usize)> {
+    if let Device::Cuda(ordinal) = device {
+        let m = qlora_runtime::cuda_device(ordinal).ok()?.memory_stats();
+        return Some((m.current, m.peak));
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = |key: &str| -> Option<usize> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        Some(line[key.len()..].trim().trim_end_matches("kB").trim().parse::<usize>().ok()? * 1024)
+    };
+    Some((kib("VmRSS:")?, kib("VmHWM:")?))
+}
+
 /// The GPU's allocator, current and peak, as "mem 1.23/1.50 GiB" (empty on the CPU).
 fn device_memory(device: Device) -> String {
-    let Device::Cuda(ordinal) = device else { return String::new() };
-    match qlora_runtime::cuda_device(ordinal) {
-        Ok(dev) => {
-            let m = dev.memory_stats();
+    match memory_in_use(device) {
+        Some((current, peak)) if matches!(device, Device::Cuda(_)) => {
             let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-            format!("mem {:.2}/{:.2} GiB", gib(m.current), gib(m.peak))
+            format!("mem {:.2}/{:.2} GiB", gib(current), gib(peak))
         }
-        Err(_) => String::new(),
+        _ => String::new(),
     }
 }
 
@@ -137,7 +152,7 @@ impl Trainer<'_> {
         install_interrupt_handler()?;
         let total = self.schedule.total_steps;
         let out = self.settings.out;
-        let mut log = MetricsLog::open(out, self.state.step)?;
+        let mut log = MetricsLog::open(out, self.state.step, self.settings.tensorboard)?;
         let progress = Progress::new(total, self.state.step, self.device);
         let (started, elapsed_before, step_before) = (Instant::now(), self.state.elapsed_s, self.state.step);
         let mut tokens_this_run = 0usize;
@@ -159,6 +174,7 @@ impl Trainer<'_> {
             let step = self.state.step;
             first_loss.get_or_insert(stats.loss);
             last_loss = Some(stats.loss);
+            let tokens_per_s = tokens_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9);
             log.step(&StepRow {
                 step,
                 loss: stats.loss,
@@ -167,8 +183,10 @@ impl Trainer<'_> {
                 tokens: stats.tokens,
                 trained_tokens: stats.trained_tokens,
                 elapsed: self.state.elapsed_s,
+                tokens_per_s,
+                memory: memory_in_use(self.device),
             })?;
-            progress.step(step, &stats, tokens_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9));
+            progress.step(step, &stats, tokens_per_s);
             let every = |n: u64| n > 0 && step % n == 0;
             if self.eval.is_some() && (every(self.settings.eval_every) || step == total) {
                 let loss = self.evaluate(&mut log, &progress)?;

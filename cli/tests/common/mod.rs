@@ -30,6 +30,17 @@ pub fn one_line_error(args: &[&str]) -> String {
     err
 }
 
+/// The error line of a failed run: the last line on stderr (notes such as the CPU notice may precede it), with
+/// no panic anywhere.
+pub fn last_error_line(out: &Output) -> String {
+    assert!(!out.status.success(), "the run should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let last = err.trim_end().lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("qlora-rt: error: "), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
+    last
+}
+
 /// `qlora-rt merge --model MODEL --adapter ADAPTER --out OUT FLAGS…`.
 pub fn merge(model: &Path, adapter: &Path, out: &Path, flags: &[&str]) -> Output {
     let mut args = vec![

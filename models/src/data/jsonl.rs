@@ -1,5 +1,7 @@
-//! Training and evaluation records from JSONL files, in the shapes people have: chat (`messages`),
-//! prompt/completion, instruction/input/output (Alpaca), plain text, and pre-tokenized ids.
+//! Training and evaluation records from JSONL files, in the shapes people have: chat (`messages` with
+//! `role`/`content`, or ShareGPT's `conversations` with `from`/`value`), prompt/completion,
+//! instruction/input/output (Alpaca), plain text, and pre-tokenized ids. [`parse_record`] interprets one row
+//! whatever file it came from (JSONL here; JSON arrays and Parquet in [`super::files`]).
 
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -75,29 +77,57 @@ fn ids(v: &Value, key: &str) -> std::result::Result<Vec<i32>, String> {
         .collect()
 }
 
+/// ShareGPT's speaker names mapped to the chat-template roles; "model" is Gemma's name for the assistant.
+fn sharegpt_role(from: &str) -> Option<&'static str> {
+    match from {
+        "human" | "user" => Some("user"),
+        "gpt" | "assistant" | "model" | "chatgpt" => Some("assistant"),
+        "system" => Some("system"),
+        _ => None,
+    }
+}
+
+/// The turns of `messages` (`role`/`content`) or ShareGPT's `conversations` (`from`/`value`; `role`/`content`
+/// also accepted there, as some exports use them), with ShareGPT's optional top-level `system` prepended.
+fn chat(v: &Value, key: &str, items: &Value) -> std::result::Result<Record, String> {
+    let Value::Array(items) = items else { return Err(format!("\"{key}\" must be an array")) };
+    let sharegpt = key == "conversations";
+    let mut messages = Vec::with_capacity(items.len() + 1);
+    if let Some(system) = if sharegpt { string(v, "system")?.filter(|s| !s.is_empty()) } else { None } {
+        messages.push(Message { role: "system".into(), content: system });
+    }
+    for (i, item) in items.iter().enumerate() {
+        let field = |k: &str| string(item, k).map_err(|e| format!("{key}[{i}]: {e}"));
+        let message = match (field("role")?, field("content")?) {
+            (Some(role), Some(content)) => Message { role, content },
+            _ if sharegpt => match (field("from")?, field("value")?) {
+                (Some(from), Some(content)) => {
+                    let role = sharegpt_role(&from).ok_or_else(|| {
+                        format!("{key}[{i}]: unknown \"from\": \"{from}\" (expected human, gpt or system)")
+                    })?;
+                    Message { role: role.into(), content }
+                }
+                _ => return Err(format!("{key}[{i}] needs string \"from\" and \"value\"")),
+            },
+            _ => return Err(format!("{key}[{i}] needs string \"role\" and \"content\"")),
+        };
+        messages.push(message);
+    }
+    if messages.is_empty() {
+        return Err(format!("\"{key}\" is empty"));
+    }
+    Ok(Record::Chat(messages))
+}
+
 /// Interprets one JSON object; the error says what is wrong with it (the caller adds file and line).
 pub fn parse_record(v: &Value) -> std::result::Result<Record, String> {
     if !v.is_object() {
         return Err(format!("expected a JSON object, got {}", kind(v)));
     }
-    if let Some(m) = v.get("messages") {
-        let Value::Array(items) = m else { return Err("\"messages\" must be an array".into()) };
-        let messages = items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let role = string(item, "role").map_err(|e| format!("messages[{i}]: {e}"))?;
-                let content = string(item, "content").map_err(|e| format!("messages[{i}]: {e}"))?;
-                match (role, content) {
-                    (Some(role), Some(content)) => Ok(Message { role, content }),
-                    _ => Err(format!("messages[{i}] needs string \"role\" and \"content\"")),
-                }
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        if messages.is_empty() {
-            return Err("\"messages\" is empty".into());
+    for key in ["messages", "conversations"] {
+        if let Some(items) = v.get(key) {
+            return chat(v, key, items);
         }
-        return Ok(Record::Chat(messages));
     }
     if let Some(input_ids) = v.get("input_ids") {
         let input_ids = ids(input_ids, "input_ids")?;
@@ -123,9 +153,33 @@ pub fn parse_record(v: &Value) -> std::result::Result<Record, String> {
     if let Some(text) = string(v, "text")? {
         return Ok(Record::Text(text));
     }
-    Err("unrecognised record: expected \"messages\", \"prompt\"+\"completion\", \"instruction\"+\"output\", \
-         \"text\" or \"input_ids\""
+    Err("unrecognised record: expected \"messages\", \"conversations\", \"prompt\"+\"completion\", \
+         \"instruction\"+\"output\", \"text\" or \"input_ids\""
         .into())
+}
+
+impl Records {
+    /// Keeps one parsed row, or with `skip_bad` counts it as skipped; otherwise its error names `path` and
+    /// `at` ("line 3", "row 3").
+    pub(crate) fn add(
+        &mut self,
+        path: &Path,
+        at: impl FnOnce() -> String,
+        parsed: std::result::Result<Record, String>,
+        skip_bad: bool,
+    ) -> Result<()> {
+        match parsed {
+            Ok(r) => self.records.push(r),
+            Err(msg) if skip_bad => {
+                self.skipped += 1;
+                if self.skipped_reasons.len() < 5 {
+                    self.skipped_reasons.push(format!("{}: {msg}", at()));
+                }
+            }
+            Err(msg) => return Err(Error::Config { path: path.into(), field: at(), msg }),
+        }
+        Ok(())
+    }
 }
 
 /// Reads a JSONL file. Blank lines are ignored. A malformed line is an error naming the file and line, or,
@@ -142,16 +196,7 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<Records> {
         let parsed = serde_json::from_str::<Value>(&line)
             .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()))
             .and_then(|v| parse_record(&v));
-        match parsed {
-            Ok(r) => out.records.push(r),
-            Err(msg) if skip_bad_lines => {
-                out.skipped += 1;
-                if out.skipped_reasons.len() < 5 {
-                    out.skipped_reasons.push(format!("line {line_no}: {msg}"));
-                }
-            }
-            Err(msg) => return Err(Error::Config { path: path.into(), field: format!("line {line_no}"), msg }),
-        }
+        out.add(path, || format!("line {line_no}"), parsed, skip_bad_lines)?;
     }
     Ok(out)
 }
