@@ -79,6 +79,16 @@ impl AdapterArgs {
         }
     }
 
+    /// The method's usual name: QLoRA, QDoRA, LoRA or DoRA.
+    pub fn method(&self) -> &'static str {
+        match (self.quantize, self.dora) {
+            (Quantize::Nf4, false) => "QLoRA",
+            (Quantize::Nf4, true) => "QDoRA",
+            (Quantize::None, false) => "LoRA",
+            (Quantize::None, true) => "DoRA",
+        }
+    }
+
     /// The adapter in words: "r 16, alpha 16, rsLoRA, DoRA".
     pub fn adapter_name(&self) -> String {
         let (rs, dora) = (if self.rslora { ", rsLoRA" } else { "" }, if self.dora { ", DoRA" } else { "" });

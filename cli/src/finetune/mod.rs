@@ -443,12 +443,6 @@ fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &S
 
 /// The loss plot's second title line: what was trained, how, on what.
 fn plot_subtitle(args: &FinetuneArgs, schedule: &Schedule) -> String {
-    let method = match (args.quantize, args.dora) {
-        (Quantize::Nf4, false) => "QLoRA",
-        (Quantize::Nf4, true) => "QDoRA",
-        (Quantize::None, false) => "LoRA",
-        (Quantize::None, true) => "DoRA",
-    };
     let schedule_name = match args.schedule {
         ScheduleArg::Constant => "constant",
         ScheduleArg::Linear => "linear",
@@ -456,10 +450,9 @@ fn plot_subtitle(args: &FinetuneArgs, schedule: &Schedule) -> String {
     };
     let data = args.data.file_name().map_or_else(|| args.data.display().to_string(), |n| n.to_string_lossy().into());
     format!(
-        "{method} r {} alpha {}{}, lr {:.1e} {schedule_name} warmup {}, {} steps of {} micro-batch(es), {data}",
-        args.r,
-        args.alpha,
-        if args.rslora { " rsLoRA" } else { "" },
+        "{} {}, lr {:.1e} {schedule_name} warmup {}, {} steps of {} micro-batch(es), {data}",
+        args.adapter.method(),
+        args.adapter.adapter_name(),
         args.lr,
         schedule.warmup_steps,
         schedule.total_steps,
