@@ -129,12 +129,18 @@ pub fn resolve(id: &str) -> Result<PathBuf> {
 
 /// A model folder's name for people: `ORG/NAME` for a Hub cache snapshot, else the folder's own name.
 pub fn display_name(dir: &Path) -> String {
+    cached_repo_id(dir)
+        .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// ORG/NAME when `dir` is a snapshot in a Hugging Face cache (`models--ORG--NAME/snapshots/<rev>`).
+pub fn cached_repo_id(dir: &Path) -> Option<String> {
     let parts: Vec<String> = dir.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
-    let cached = parts.windows(3).rev().find_map(|w| match (w[0].strip_prefix("models--"), w[1].as_str()) {
+    parts.windows(3).rev().find_map(|w| match (w[0].strip_prefix("models--"), w[1].as_str()) {
         (Some(repo), "snapshots") => repo.split_once("--").map(|(org, name)| format!("{org}/{name}")),
         _ => None,
-    });
-    cached.or_else(|| parts.last().cloned()).unwrap_or_else(|| dir.display().to_string())
+    })
 }
 
 /// One line for a failed Hub request: hf-hub's message alone (ureq's already names its causes, which the error

@@ -331,8 +331,7 @@ pub(crate) fn attach_adapters(model: &mut CausalLm, targets: &[&str], config: &L
 
 /// Runs the command; an interrupted run (Ctrl-C, SIGTERM) exits with status 130 after its checkpoint is written.
 pub fn run(args: &FinetuneArgs) -> Result<()> {
-    // A .gguf or Hub --model trains on its imported folder or cached snapshot, which the adapter then names as
-    // its base.
+    // A .gguf or Hub --model trains on its imported folder or cached snapshot.
     let args = &FinetuneArgs { model: crate::model_path::resolve_model(&args.model)?, ..args.clone() };
     match run_to_end(args)? {
         train::Outcome::Finished => Ok(()),
@@ -512,8 +511,10 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
     checkpoint::remove_partials(&args.out)?;
 
-    let base_model = std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone());
-    let base_model = base_model.to_string_lossy().into_owned();
+    // The adapter names its base as peft expects: the Hub id for a cached snapshot, else the folder's full path.
+    let base_model = crate::hub::cached_repo_id(&args.model).unwrap_or_else(|| {
+        std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone()).to_string_lossy().into_owned()
+    });
     let subtitle = plot_subtitle(args, &schedule);
     let mut trainer = train::Trainer {
         model: &mut model,
@@ -539,7 +540,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         save_adapter(&model, &args.out, Some(&base_model))?;
         copy_tokenizer_files(&args.model, &args.out)?;
         let curve = metrics::read_curve(&args.out.join(metrics::METRICS_FILE))?;
-        let title = crate::hub::display_name(Path::new(&base_model));
+        let title = crate::hub::display_name(&args.model);
         plot::plot_loss(&curve, &title, &subtitle, &args.out.join(metrics::PLOT_FILE))?;
         println!(
             "adapter, tokenizer files, {} and {} written to {}",
