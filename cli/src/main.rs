@@ -1,5 +1,6 @@
 //! `qlora-rt`: the command-line tool. Every failure is one line on stderr and a non-zero exit status.
 
+mod adapter_arg;
 mod bench;
 mod device;
 mod eval;
