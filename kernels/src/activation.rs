@@ -16,52 +16,52 @@ const GELU_BETA: f64 = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_
 /// The cubic coefficient of the tanh approximation (Hendrycks & Gimpel 2016; PyTorch's `kKappa`).
 const GELU_KAPPA: f64 = 0.044715;
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn silu_forward<T: Float>(x: &[T], y: &mut [T]) {
     unary("silu_forward", x, y, silu);
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn silu_backward<T: Float>(x: &[T], dy: &[T], dx: &mut [T]) {
     binary("silu_backward", x, dy, dx, |x, dy| dy * silu_grad(x));
 }
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn gelu_tanh_forward<T: Float>(x: &[T], y: &mut [T]) {
     unary("gelu_tanh_forward", x, y, gelu_tanh);
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn gelu_tanh_backward<T: Float>(x: &[T], dy: &[T], dx: &mut [T]) {
     binary("gelu_tanh_backward", x, dy, dx, |x, dy| dy * gelu_tanh_grad(x));
 }
 
-/// gate, up: [n] → out: [n]
+/// gate, up: \[n\] → out: \[n\]
 pub fn swiglu_forward<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
     binary("swiglu_forward", gate, up, out, |g, u| silu(g) * u);
 }
 
-/// gate, up, d_out: [n] → d_gate, d_up: [n]
+/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
 pub fn swiglu_backward<T: Float>(gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
     glu_backward("swiglu_backward", gate, up, d_out, d_gate, d_up, silu, silu_grad);
 }
 
-/// gate, up: [n] → out: [n]
+/// gate, up: \[n\] → out: \[n\]
 pub fn geglu_forward<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
     binary("geglu_forward", gate, up, out, |g, u| gelu_tanh(g) * u);
 }
 
-/// gate, up, d_out: [n] → d_gate, d_up: [n]
+/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
 pub fn geglu_backward<T: Float>(gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
     glu_backward("geglu_backward", gate, up, d_out, d_gate, d_up, gelu_tanh, gelu_tanh_grad);
 }
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn softcap_forward<T: Float>(x: &[T], cap: T, y: &mut [T]) {
     unary("softcap_forward", x, y, |x| (x / cap).tanh() * cap);
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn softcap_backward<T: Float>(x: &[T], cap: T, dy: &[T], dx: &mut [T]) {
     // d/dx cap·tanh(x/cap) = 1 − tanh²(x/cap): the cap cancels.
     binary("softcap_backward", x, dy, dx, |x, dy| {

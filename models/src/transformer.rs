@@ -323,6 +323,21 @@ fn norm_offset(family: Family) -> f64 {
 impl CausalLm {
     /// Loads a Hugging Face model folder (config.json + safetensors), quantizing linear weights to NF4 as they
     /// stream in when asked. Norms and embeddings are kept in f32 for CPU compute.
+    ///
+    /// ```
+    /// use qlora_autograd::Tape;
+    /// use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+    /// use qlora_runtime::nf4::DEFAULT_BLOCKSIZE;
+    ///
+    /// let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama");
+    /// let model = CausalLm::load(&dir, BaseFormat::Nf4 { blocksize: DEFAULT_BLOCKSIZE, double_quant: true })?;
+    /// assert_eq!(model.projections().len(), 2 * 7); // q, k, v, o, gate, up, down in each of 2 layers
+    /// let batch = Batch::pack(&[(vec![1, 5, 9, 2], vec![1, 5, 9, 2])])?;
+    /// let tape = Tape::new();
+    /// let logits = tape.no_grad(|| model.logits(&tape, &batch, 0))?;
+    /// assert_eq!(logits.shape(), [4, model.config.vocab_size]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn load(dir: &Path, format: BaseFormat) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
         let ck = Checkpoint::open(dir)?;

@@ -4,22 +4,22 @@
 use super::source::Module;
 use super::{kernel, launch, same_device, wave_config, DeviceBuffer, GpuFloat, Result};
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn silu_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("silu_forward", T), x, None, y)
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn silu_backward<T: GpuFloat>(x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
     binary(kernel!("silu_backward", T), x, None, dy, dx)
 }
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn gelu_tanh_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("gelu_tanh_forward", T), x, None, y)
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn gelu_tanh_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     dy: &DeviceBuffer<T>,
@@ -28,7 +28,7 @@ pub fn gelu_tanh_backward<T: GpuFloat>(
     binary(kernel!("gelu_tanh_backward", T), x, None, dy, dx)
 }
 
-/// gate, up: [n] → out: [n]
+/// gate, up: \[n\] → out: \[n\]
 pub fn swiglu_forward<T: GpuFloat>(
     gate: &DeviceBuffer<T>,
     up: &DeviceBuffer<T>,
@@ -37,7 +37,7 @@ pub fn swiglu_forward<T: GpuFloat>(
     binary(kernel!("swiglu_forward", T), gate, None, up, out)
 }
 
-/// gate, up, d_out: [n] → d_gate, d_up: [n]
+/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
 pub fn swiglu_backward<T: GpuFloat>(
     gate: &DeviceBuffer<T>,
     up: &DeviceBuffer<T>,
@@ -48,7 +48,7 @@ pub fn swiglu_backward<T: GpuFloat>(
     glu_backward(kernel!("swiglu_backward", T), gate, up, d_out, d_gate, d_up)
 }
 
-/// gate, up: [n] → out: [n]
+/// gate, up: \[n\] → out: \[n\]
 pub fn geglu_forward<T: GpuFloat>(
     gate: &DeviceBuffer<T>,
     up: &DeviceBuffer<T>,
@@ -57,7 +57,7 @@ pub fn geglu_forward<T: GpuFloat>(
     binary(kernel!("geglu_forward", T), gate, None, up, out)
 }
 
-/// gate, up, d_out: [n] → d_gate, d_up: [n]
+/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
 pub fn geglu_backward<T: GpuFloat>(
     gate: &DeviceBuffer<T>,
     up: &DeviceBuffer<T>,
@@ -68,12 +68,12 @@ pub fn geglu_backward<T: GpuFloat>(
     glu_backward(kernel!("geglu_backward", T), gate, up, d_out, d_gate, d_up)
 }
 
-/// x: [n] → y: [n] = cap·tanh(x/cap)
+/// x: \[n\] → y: \[n\] = cap·tanh(x/cap)
 pub fn softcap_forward<T: GpuFloat>(x: &DeviceBuffer<T>, cap: f32, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("softcap_forward", T), x, Some(cap), y)
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn softcap_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     cap: f32,

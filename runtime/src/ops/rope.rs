@@ -7,7 +7,7 @@ use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rope as grope;
 use qlora_kernels::rope;
 
-/// Rotary tables for `positions` ([tokens], I32, on the host) and `inv_freq` ([head_dim/2]) → (cos, sin): [tokens,
+/// Rotary tables for `positions` (\[tokens\], I32, on the host) and `inv_freq` ([head_dim/2]) → (cos, sin): [tokens,
 /// head_dim/2] on the host, in inv_freq's precision. Built where the batch is (one upload per batch when the model
 /// runs on a GPU, never a read back).
 pub fn rope_tables(positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -88,7 +88,7 @@ impl Backward for RopeGrad {
     }
 }
 
-/// [`rope`] for a tape: the rotated x, and its backward.
+/// [`rope()`] for a tape: the rotated x, and its backward.
 pub fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Recorded> {
     Ok((rope(x, cos, sin)?, Box::new(RopeGrad { cos: cos.clone(), sin: sin.clone() })))
 }
