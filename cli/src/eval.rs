@@ -294,7 +294,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 Some(a) => format!("adapter {} ({} modules): ", a.name, a.adapter.len()),
                 None => String::new(),
             };
-            println!("{label}loss {loss:.6}  perplexity {:.4}  over {tokens} predicted tokens ({seconds:.1}s)", loss.exp());
+            println!(
+                "{label}loss {loss:.6}  perplexity {:.4}  over {tokens} predicted tokens ({seconds:.1}s)",
+                loss.exp()
+            );
         }
     }
     Ok(())

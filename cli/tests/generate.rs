@@ -101,7 +101,17 @@ fn two_adapters_in_one_run_equal_each_alone() {
     );
     let out = dir.path().join("out.jsonl");
     let run = qlora_rt(&[
-        "generate", "--model", MODEL, "--max-new-tokens", "8", "--prompts", s(&file), "--adapter", s(&a), "--out", s(&out),
+        "generate",
+        "--model",
+        MODEL,
+        "--max-new-tokens",
+        "8",
+        "--prompts",
+        s(&file),
+        "--adapter",
+        s(&a),
+        "--out",
+        s(&out),
     ]);
     assert!(ok(run).is_empty(), "JSON lines go to --out only");
     let lines: Vec<Value> =
@@ -173,7 +183,8 @@ fn bad_prompts_and_adapters_are_one_line_errors() {
     std::fs::write(&file, "{\"prompt\": \"the\"}\n").unwrap();
     let e = one_line_error(&["generate", "--model", MODEL, "--prompts", s(&file), "--adapter", &a, "--adapter", &a]);
     assert!(e.contains("given twice"), "{e}");
-    let e = one_line_error(&["generate", "--model", MODEL, "--prompts", s(&file), "--adapter", &a, "--adapter", &adapter]);
+    let e =
+        one_line_error(&["generate", "--model", MODEL, "--prompts", s(&file), "--adapter", &a, "--adapter", &adapter]);
     assert!(e.contains("NAME=DIR"), "{e}");
     let e = one_line_error(&["generate", "--model", MODEL, "--prompts", s(&file), "--adapter", "x=/no/such/dir"]);
     assert!(e.contains("/no/such/dir"), "{e}");

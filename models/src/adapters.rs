@@ -50,7 +50,12 @@ impl CausalLm {
                     Some(ad) => merged_weight(&p.base, ad, DType::F32)?,
                     None => p.base.materialize(DType::F32)?,
                 };
-                Ok(Projection { name: p.name.clone(), base: BaseWeight::Dense(dense), bias: p.bias.clone(), adapter: None })
+                Ok(Projection {
+                    name: p.name.clone(),
+                    base: BaseWeight::Dense(dense),
+                    bias: p.bias.clone(),
+                    adapter: None,
+                })
             },
         )
     }

@@ -58,7 +58,8 @@ fn dora_adapter(model: &CausalLm) -> ModelAdapter {
             ad.lora_b.set_value(Tensor::randn(&ad.lora_b.value().shape().to_vec(), 1.0, DType::F32, &mut rng));
             // m starts at the row norms, which leaves their lengths alone: rescale the rows too.
             let m = ad.magnitude.as_ref().expect("a DoRA adapter has m");
-            let rows: Vec<f32> = m.value().to_vec::<f32>().iter().map(|x| x * (0.5 + 1.5 * rng.uniform() as f32)).collect();
+            let rows: Vec<f32> =
+                m.value().to_vec::<f32>().iter().map(|x| x * (0.5 + 1.5 * rng.uniform() as f32)).collect();
             m.set_value(Tensor::from_vec(rows, &[p.base.shape()[0]]).unwrap());
             (p.name.clone(), ad)
         })
@@ -117,7 +118,9 @@ fn adapters_share_one_base() {
     let with = dense.with_adapter(Some(&adapter)).unwrap();
     let without = with.with_adapter(None).unwrap();
     let folded_plain = without.fold_adapters().unwrap();
-    for (((d, w), o), f) in dense.projections().iter().zip(with.projections()).zip(without.projections()).zip(folded_plain.projections()) {
+    for (((d, w), o), f) in
+        dense.projections().iter().zip(with.projections()).zip(without.projections()).zip(folded_plain.projections())
+    {
         let (BaseWeight::Dense(a), BaseWeight::Dense(b), BaseWeight::Dense(c)) = (&d.base, &w.base, &f.base) else {
             panic!("dense bases")
         };

@@ -126,7 +126,10 @@ impl Stream<'_> {
 pub fn run(args: &GenerateArgs) -> Result<()> {
     ensure!(args.system.is_none() || args.chat.is_some(), "--system goes with --chat, not --prompt or --prompts");
     if args.adapter.len() > 1 && args.prompts.is_none() {
-        bail!("--adapter given {} times: serving several adapters needs --prompts (each line names its adapter)", args.adapter.len());
+        bail!(
+            "--adapter given {} times: serving several adapters needs --prompts (each line names its adapter)",
+            args.adapter.len()
+        );
     }
     let sampling = args.sampling()?;
     let model_dir = crate::model_path::resolve_model(&args.model)?;
@@ -157,7 +160,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         eprintln!("qlora-rt: adapter {} ({}) on {n} projection(s)", a.name, a.arg.dir.display());
     }
     eprintln!("qlora-rt: model loaded in {:.1}s", load_start.elapsed().as_secs_f64());
-    let options = |stop_tokens: Vec<u32>| GenerateOptions { max_new_tokens: args.max_new_tokens, sampling: sampling.clone(), stop_tokens };
+    let options = |stop_tokens: Vec<u32>| GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: sampling.clone(),
+        stop_tokens,
+    };
     if let Some(jobs) = jobs {
         let out: Box<dyn Write> = match &args.out {
             Some(path) => Box::new(std::io::BufWriter::new(

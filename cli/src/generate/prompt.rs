@@ -33,7 +33,9 @@ impl<'a> Prompter<'a> {
         let (bos, eos) = (text(&tokenizer.bos), text(&tokenizer.eos));
         let template = match (chat_template, &tokenizer.chat_template) {
             (Some(t), _) => Ok(ChatTemplate::builtin(t.builtin(), &bos, &eos)),
-            (None, Some(src)) => ChatTemplate::new(src, &bos, &eos).map_err(|e| format!("{}: {e}", model_dir.display())),
+            (None, Some(src)) => {
+                ChatTemplate::new(src, &bos, &eos).map_err(|e| format!("{}: {e}", model_dir.display()))
+            }
             (None, None) => Err(format!(
                 "{} has no chat template; pass --chat-template (llama3, llama2, gemma or chatml) or use a raw prompt",
                 model_dir.display()

@@ -45,8 +45,8 @@ pub fn read(path: &Path, adapters: &[AdapterArg], prompter: &Prompter) -> Result
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(&line)
-            .map_err(|e| anyhow!("{at}: invalid JSON at column {}: {e}", e.column()))?;
+        let value: Value =
+            serde_json::from_str(&line).map_err(|e| anyhow!("{at}: invalid JSON at column {}: {e}", e.column()))?;
         let Value::Object(fields) = &value else { bail!("{at}: expected a JSON object") };
         let adapter = match fields.get("adapter") {
             None => default,
