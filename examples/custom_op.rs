@@ -1,14 +1,13 @@
 //! An op of your own with its hand-written backward, recorded on the tape like the built-in ones (see
-//! `runtime/src/ops/`: each op returns its output and a [`Backward`] holding exactly what its backward reads), and
-//! checked against central finite differences, as every built-in op is.
+//! `runtime/src/ops/`: each `*_op` returns its output and its backward, a closure over exactly what the backward
+//! reads), and checked against central finite differences, as every built-in op is.
 //!
 //!     cargo run --release --example custom_op
 //!
 //! The op is squared ReLU, y = max(x, 0)² (Primer, So et al. 2021), on the CPU: a GPU version would add a CUDA
 //! twin as `runtime/src/ops/activation.rs` does. tests/examples.rs runs [`check`].
 
-use qlora_rt::autograd::Backward;
-use qlora_rt::runtime::op::{first_grad, Recorded};
+use qlora_rt::runtime::op::{backward_fn, bytes, first_grad, Recorded};
 use qlora_rt::{DType, Param, Result, Tape, Tensor, Var};
 
 /// y = max(x, 0)²: [any shape] f32 → the same shape.
@@ -17,31 +16,21 @@ pub fn squared_relu(x: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(y, x.shape())
 }
 
-/// What the backward reads: the input (dy/dx = 2·max(x, 0) needs it; the output alone would lose the sign).
-struct SquaredReluGrad {
-    x: Tensor,
+/// dL/dx = 2·max(x, 0)·dL/dy: [any shape] f32, the shape of x.
+pub fn squared_relu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let (xs, dys) = (x.to_dtype(DType::F32).to_vec::<f32>(), dy.to_dtype(DType::F32).to_vec::<f32>());
+    let dx: Vec<f32> = xs.iter().zip(&dys).map(|(&x, &g)| 2.0 * x.max(0.0) * g).collect();
+    Tensor::from_vec(dx, x.shape())
 }
 
-impl Backward for SquaredReluGrad {
-    fn name(&self) -> &'static str {
-        "squared_relu"
-    }
-
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let dy = first_grad(grads)?.to_dtype(DType::F32).to_vec::<f32>();
-        let x = self.x.to_dtype(DType::F32).to_vec::<f32>();
-        let dx: Vec<f32> = x.iter().zip(&dy).map(|(&x, &g)| 2.0 * x.max(0.0) * g).collect();
-        Ok(vec![Some(Tensor::from_vec(dx, self.x.shape())?)])
-    }
-
-    fn saved_bytes(&self) -> usize {
-        self.x.size_in_bytes()
-    }
-}
-
-/// [`squared_relu`] for a tape: the output and its backward.
+/// [`squared_relu`] for a tape: the output, and its backward as a closure over what it reads, the input (the
+/// output alone would lose the sign of x).
 pub fn squared_relu_op(x: &Tensor) -> Result<Recorded> {
-    Ok((squared_relu(x)?, Box::new(SquaredReluGrad { x: x.clone() })))
+    let saved = x.clone();
+    let backward = backward_fn("squared_relu", bytes([x]), move |grads| {
+        Ok(vec![Some(squared_relu_backward(&saved, first_grad(grads)?)?)])
+    });
+    Ok((squared_relu(x)?, backward))
 }
 
 /// Σ squared_relu(x·wᵀ) for a trainable w, recorded on `tape`.

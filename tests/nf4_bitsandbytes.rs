@@ -165,19 +165,28 @@ fn candidate_scales(absmax: f32) -> Vec<f32> {
     vec![r, ftz(f32::from_bits(other))]
 }
 
-/// How many blocks the IEEE scale and the other faithful reciprocal reproduce, when one of them reproduces every
-/// block of bnb's bytes; otherwise the first block that neither reproduces.
+/// Every block of bnb's bytes is reproduced by the IEEE scale or by the other faithful reciprocal (bnb's MUFU.RCP):
+/// reports how many took each, or fails on the first block that neither reproduces.
 fn explain_blocks(
+    fx: &mut Fixture,
+    case: &str,
     absmax: &[f32],
     block: impl Fn(usize, f32) -> Vec<u8>,
     want: impl Fn(usize) -> Vec<u8>,
-) -> Result<[usize; 2], usize> {
+) {
     let mut used = [0usize; 2];
     for (b, &a) in absmax.iter().enumerate() {
-        let hit = candidate_scales(a).into_iter().position(|r| block(b, r) == want(b)).ok_or(b)?;
+        let Some(hit) = candidate_scales(a).into_iter().position(|r| block(b, r) == want(b)) else {
+            return fx.fail(format!("{case}: block {b} (absmax {a:e}) is reproduced by neither faithful reciprocal"));
+        };
         used[hit] += 1;
     }
-    Ok(used)
+    let [ieee, other] = used;
+    eprintln!(
+        "{case}: {} blocks reproduced, {ieee} with the IEEE reciprocal, {other} only with the other faithful one \
+         (bnb's MUFU.RCP)",
+        absmax.len()
+    );
 }
 
 fn quantize<T: WeightElem>(x: &[T], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
@@ -211,16 +220,7 @@ fn check_nf4_case(fx: &mut Fixture, case: &str) {
             xs.chunks(2).map(|p| (code(p[0]) << 4) | code(p.get(1).copied().unwrap_or(0.0))).collect()
         };
         let want = |b: usize| packed_bnb[b * bs / 2..((b + 1) * bs / 2).min(packed_bnb.len())].to_vec();
-        match explain_blocks(&absmax, block, want) {
-            Ok([ieee, other]) => eprintln!(
-                "{case}: {nb} blocks reproduced, {ieee} with the IEEE reciprocal, {other} only with the other faithful \
-                 one (bnb's MUFU.RCP)"
-            ),
-            Err(b) => fx.fail(format!(
-                "{case}: block {b} (absmax {:e}) is reproduced by neither faithful reciprocal",
-                absmax[b]
-            )),
-        }
+        explain_blocks(fx, case, &absmax, block, want);
     } else if !fx.expect_bits(&format!("{case}: packed bytes"), &packed, &packed_bnb) {
         let nibble = |p: &[u8], k: usize| if k % 2 == 0 { p[k / 2] >> 4 } else { p[k / 2] & 0x0F };
         let bad: Vec<usize> = (0..n).filter(|&k| nibble(&packed, k) != nibble(&packed_bnb, k)).collect();
@@ -310,27 +310,14 @@ fn check_nf4_case(fx: &mut Fixture, case: &str) {
     fx.expect_bits(&format!("{case}: dequantized f32"), &bits(&out), &bits(&want));
     let native_name = format!("{case}.dequant_native");
     match native {
-        Some(Dtype::BF16) => {
+        Some(d @ (Dtype::BF16 | Dtype::F16)) => {
             let want: Vec<u16> =
-                fx.raw(&native_name, Dtype::BF16).1.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-            let mut out = vec![bf16::ZERO; n];
-            dequantize_nf4(&packed_bnb, &absmax_for_dequant, bs, &mut out);
-            fx.expect_bits(
-                &format!("{case}: dequantized bf16"),
-                &out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                &want,
-            );
-        }
-        Some(Dtype::F16) => {
-            let want: Vec<u16> =
-                fx.raw(&native_name, Dtype::F16).1.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-            let mut out = vec![f16::ZERO; n];
-            dequantize_nf4(&packed_bnb, &absmax_for_dequant, bs, &mut out);
-            fx.expect_bits(
-                &format!("{case}: dequantized f16"),
-                &out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                &want,
-            );
+                fx.raw(&native_name, d).1.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+            let got = match d {
+                Dtype::BF16 => dequantized_bits(&packed_bnb, &absmax_for_dequant, bs, n, bf16::to_bits),
+                _ => dequantized_bits(&packed_bnb, &absmax_for_dequant, bs, n, f16::to_bits),
+            };
+            fx.expect_bits(&format!("{case}: dequantized {d:?}"), &got, &want);
         }
         Some(other) => fx.fail(format!("{case}: dequant_native has unexpected dtype {other:?}")),
         None => {}
@@ -347,22 +334,12 @@ fn check_blockwise8_case(fx: &mut Fixture, case: &str) {
     quantize_blockwise_8bit(&x, &DYNAMIC_MAP_SIGNED, bs, &mut q, &mut absmax);
     fx.expect_bits(&format!("{case}: absmax"), &bits(&absmax), &bits(&absmax_bnb));
     if fx.reciprocal_sensitive(case) {
-        let nb = x.len().div_ceil(bs);
         let block = |b: usize, r: f32| -> Vec<u8> {
             let xs = &x[b * bs..((b + 1) * bs).min(x.len())];
             xs.iter().map(|&v| quantize_8bit_nearest(&DYNAMIC_MAP_SIGNED, ftz(ftz(v) * r))).collect()
         };
         let want = |b: usize| q_bnb[b * bs..((b + 1) * bs).min(q_bnb.len())].to_vec();
-        match explain_blocks(&absmax, block, want) {
-            Ok([ieee, other]) => eprintln!(
-                "{case}: {nb} blocks reproduced, {ieee} with the IEEE reciprocal, {other} only with the other faithful \
-                 one (bnb's MUFU.RCP)"
-            ),
-            Err(b) => fx.fail(format!(
-                "{case}: block {b} (absmax {:e}) is reproduced by neither faithful reciprocal",
-                absmax[b]
-            )),
-        }
+        explain_blocks(fx, case, &absmax, block, want);
     } else {
         fx.expect_bits(&format!("{case}: quantized bytes"), &q, &q_bnb);
     }
@@ -408,4 +385,17 @@ fn dynamic_maps_match_bitsandbytes() {
     fx.expect_bits("create_dynamic_map(signed=True)", &bits(&DYNAMIC_MAP_SIGNED), &bits(&signed));
     fx.expect_bits("create_dynamic_map(signed=False)", &bits(&DYNAMIC_MAP_UNSIGNED), &bits(&unsigned));
     fx.finish("dynamic maps vs bitsandbytes");
+}
+
+/// NF4 dequantized straight to a 16-bit dtype (one rounding of the f32 product), as bits.
+fn dequantized_bits<T: WeightElem>(
+    packed: &[u8],
+    absmax: &[f32],
+    bs: usize,
+    n: usize,
+    to_bits: fn(T) -> u16,
+) -> Vec<u16> {
+    let mut out = vec![T::from_f32(0.0); n];
+    dequantize_nf4(packed, absmax, bs, &mut out);
+    out.into_iter().map(to_bits).collect()
 }

@@ -4,8 +4,8 @@
 //! the base loaded once. Also owns the model-loading flags (`--device`, `--dtype`, `--quantize`) that other
 //! commands which load a model share.
 
-use crate::adapter_arg::{read_all, AdapterArg};
 use crate::device::DeviceArg;
+use crate::named_adapters::{read_all, AdapterArg};
 use anyhow::{bail, Context, Result};
 use qlora_autograd::{Tape, Var};
 use qlora_models::data::jsonl::{parse_record, Record};
@@ -265,7 +265,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     // The plain base when no adapter is given; otherwise each adapter in turn over the one base (dropout off, as
     // peft's eval mode).
-    let runs: Vec<Option<&crate::adapter_arg::NamedAdapter>> =
+    let runs: Vec<Option<&crate::named_adapters::NamedAdapter>> =
         if adapters.is_empty() { vec![None] } else { adapters.iter().map(Some).collect() };
     for named in runs {
         let model = base.with_adapter(named.map(|a| &a.adapter))?;

@@ -3,7 +3,7 @@
 //! binary (what `cargo run -p qlora-cli` runs) are both one call to it. Every failure is one line on stderr and a
 //! non-zero exit status.
 
-mod adapter_arg;
+mod adapter_args;
 mod bench;
 mod device;
 mod eval;
@@ -14,6 +14,7 @@ mod import;
 mod inspect;
 mod merge;
 mod model_path;
+mod named_adapters;
 mod quantize;
 mod toy;
 

@@ -89,6 +89,22 @@ __device__ __forceinline__ void key_range(const Attn& a, long long i, long long 
     if (a.window) lo = max(lo, i - static_cast<long long>(a.window) + 1);
 }
 
+// Calls body() for each key that query row r (sequence-relative) sees, in order, with its K and V rows of KV head kv
+// loaded into kj and vj; returns whether there was one.
+template <typename T, typename Body>
+__device__ __forceinline__ bool for_each_key(const Attn& a, const Seq& s, long long r, unsigned kv, unsigned hd, const T* k, const T* v,
+                                             float (&kj)[PER_LANE], float (&vj)[PER_LANE], Body body) {
+    long long lo, hi;
+    key_range(a, r + s.len_k - s.len_q, s.len_k, lo, hi);
+    for (long long j = lo; j < hi; ++j) {
+        const u64 kr = (static_cast<u64>(s.k0 + j) * a.n_kv_heads + kv) * hd;
+        load_row(k + kr, hd, kj);
+        load_row(v + kr, hd, vj);
+        body();
+    }
+    return hi > lo;
+}
+
 // q: [tq, n_heads, hd], k, v: [tk, n_kv_heads, hd] → out: [tq, n_heads, hd], lse: [tq, n_heads] f32 (−∞ and a zero
 // row for a query that sees no key). Grid: (⌈max_seqlen_q / WARPS⌉, n_heads, n_seqs), WARPS warps per block.
 template <typename T>
@@ -103,12 +119,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const int*
 #pragma unroll
     for (int t = 0; t < PER_LANE; ++t) acc[t] = 0.0f;
     float m = f32_neg_inf(), l = 0.0f;
-    long long lo, hi;
-    key_range(a, r + s.len_k - s.len_q, s.len_k, lo, hi);
-    for (long long j = lo; j < hi; ++j) {
-        const u64 kr = (static_cast<u64>(s.k0 + j) * a.n_kv_heads + kv) * hd;
-        load_row(k + kr, hd, kj);
-        load_row(v + kr, hd, vj);
+    const bool none = !for_each_key(a, s, r, kv, hd, k, v, kj, vj, [&] {
         const float sc = score(a, warp_sum(lane_dot(qr, kj)));
         const float m_new = fmaxf(m, sc);
         const float corr = expf(m - m_new), p = expf(sc - m_new);
@@ -116,8 +127,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, const int*
 #pragma unroll
         for (int t = 0; t < PER_LANE; ++t) acc[t] = acc[t] * corr + p * vj[t];
         m = m_new;
-    }
-    const bool none = hi <= lo;
+    });
     store_row(out + row * hd, hd, acc, none ? 0.0f : 1.0f / l);
     if (threadIdx.x % 32 == 0) lse[row] = none ? f32_neg_inf() : m + logf(l);
 }
@@ -148,18 +158,13 @@ __device__ void attention_backward_dq(const T* q, const T* k, const T* v, const 
 #pragma unroll
     for (int t = 0; t < PER_LANE; ++t) acc[t] = 0.0f;
     const float L = lse[row], D = delta[row];
-    long long lo, hi;
-    key_range(a, r + s.len_k - s.len_q, s.len_k, lo, hi);
-    for (long long j = lo; j < hi; ++j) {
-        const u64 kr = (static_cast<u64>(s.k0 + j) * a.n_kv_heads + kv) * hd;
-        load_row(k + kr, hd, kj);
-        load_row(v + kr, hd, vj);
+    for_each_key(a, s, r, kv, hd, k, v, kj, vj, [&] {
         const float qk = warp_sum(lane_dot(qr, kj)), dp = warp_sum(lane_dot(d_o, vj));
         const float sc = score(a, qk);
         const float ds = d_raw_score(a, sc, expf(sc - L), dp, D);
 #pragma unroll
         for (int t = 0; t < PER_LANE; ++t) acc[t] += ds * kj[t];
-    }
+    });
     store_row(dq + row * hd, hd, acc, 1.0f);
 }
 

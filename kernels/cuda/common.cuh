@@ -145,16 +145,23 @@ __device__ __forceinline__ void unpack8(const Raw8<float>& r, float (&v)[8]) {
     v[4] = __uint_as_float(r.b.x), v[5] = __uint_as_float(r.b.y), v[6] = __uint_as_float(r.b.z), v[7] = __uint_as_float(r.b.w);
 }
 
-// Two values rounded to nearest even, as from_f32<bf16> rounds each, packed with the first at the lower address.
-__device__ __forceinline__ unsigned pack_bf16x2(float first, float second) {
+// Two values rounded to nearest even, as from_f32<T> rounds each, packed with the first in the low half (at the lower
+// address).
+template <typename T> __device__ __forceinline__ unsigned pack2(float first, float second);
+template <> __device__ __forceinline__ unsigned pack2<bf16>(float first, float second) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+    return r;
+}
+template <> __device__ __forceinline__ unsigned pack2<f16>(float first, float second) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
     return r;
 }
 
 template <typename T> __device__ __forceinline__ void store8(T* p, const float (&v)[8]);
 template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float (&v)[8]) {
-    st_u4(p, make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7])));
+    st_u4(p, make_uint4(pack2<bf16>(v[0], v[1]), pack2<bf16>(v[2], v[3]), pack2<bf16>(v[4], v[5]), pack2<bf16>(v[6], v[7])));
 }
 template <> __device__ __forceinline__ void store8<float>(float* p, const float (&v)[8]) {
     st_u4(p, make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3])));

@@ -36,6 +36,14 @@ struct RowSplit {
     __device__ __forceinline__ static RowSplit scalar(unsigned len) { return RowSplit{len, 0, 0}; }
 };
 
+// Chunks c, c + blockDim.x, … (CE_UNROLL of them, those below `chunks`) of a row body: every load is issued before any
+// is used.
+template <typename T> __device__ __forceinline__ void load_chunks(Raw8<T> (&raw)[CE_UNROLL], const T* body, unsigned c, unsigned chunks) {
+#pragma unroll
+    for (unsigned u = 0; u < CE_UNROLL; ++u)
+        if (c + u * blockDim.x < chunks) raw[u] = load8(body + 8 * (c + u * blockDim.x));
+}
+
 // A thread's running max m and Σ exp(x − m) over the logits it has seen, with K more logits added.
 template <unsigned K> __device__ __forceinline__ void lse_add(float& m, float& s, const float (&v)[K]) {
     float most = v[0];
@@ -71,9 +79,7 @@ __device__ void cross_entropy_forward(const T* __restrict__ logits, const int* _
     float m = f32_neg_inf(), s = 0.0f;
     for (unsigned c = threadIdx.x; c < split.chunks; c += CE_UNROLL * blockDim.x) {
         Raw8<T> raw[CE_UNROLL];
-#pragma unroll
-        for (unsigned u = 0; u < CE_UNROLL; ++u)
-            if (c + u * blockDim.x < split.chunks) raw[u] = load8(body + 8 * (c + u * blockDim.x));
+        load_chunks(raw, body, c, split.chunks);
 #pragma unroll
         for (unsigned u = 0; u < CE_UNROLL; ++u) {
             if (c + u * blockDim.x < split.chunks) {
@@ -130,9 +136,7 @@ __device__ void cross_entropy_backward(const T* __restrict__ logits, const int* 
     const T* body = x + split.head;
     for (unsigned c = threadIdx.x; c < split.chunks; c += CE_UNROLL * blockDim.x) {
         Raw8<T> raw[CE_UNROLL];
-#pragma unroll
-        for (unsigned u = 0; u < CE_UNROLL; ++u)
-            if (c + u * blockDim.x < split.chunks) raw[u] = load8(body + 8 * (c + u * blockDim.x));
+        load_chunks(raw, body, c, split.chunks);
 #pragma unroll
         for (unsigned u = 0; u < CE_UNROLL; ++u) {
             const unsigned cu = c + u * blockDim.x;
@@ -156,19 +160,9 @@ __device__ void cross_entropy_backward(const T* __restrict__ logits, const int* 
 }
 
 // qlora-rt: hot
-extern "C" __global__ void cross_entropy_forward_f32(const float* logits, const int* targets, float* loss, float* lse, unsigned vocab) {
-    cross_entropy_forward(logits, targets, loss, lse, vocab);
-}
-extern "C" __global__ void cross_entropy_forward_bf16(const bf16* logits, const int* targets, float* loss, float* lse, unsigned vocab) {
-    cross_entropy_forward(logits, targets, loss, lse, vocab);
-}
+extern "C" __global__ void cross_entropy_forward_f32(const float* logits, const int* targets, float* loss, float* lse, unsigned vocab) { cross_entropy_forward(logits, targets, loss, lse, vocab); }
+extern "C" __global__ void cross_entropy_forward_bf16(const bf16* logits, const int* targets, float* loss, float* lse, unsigned vocab) { cross_entropy_forward(logits, targets, loss, lse, vocab); }
 
 // qlora-rt: hot
-extern "C" __global__ void cross_entropy_backward_f32(const float* logits, const int* targets, const float* lse, const float* d_loss,
-                                                      float* d_logits, unsigned vocab) {
-    cross_entropy_backward(logits, targets, lse, d_loss, d_logits, vocab);
-}
-extern "C" __global__ void cross_entropy_backward_bf16(const bf16* logits, const int* targets, const float* lse, const float* d_loss,
-                                                       bf16* d_logits, unsigned vocab) {
-    cross_entropy_backward(logits, targets, lse, d_loss, d_logits, vocab);
-}
+extern "C" __global__ void cross_entropy_backward_f32(const float* logits, const int* targets, const float* lse, const float* d_loss, float* d_logits, unsigned vocab) { cross_entropy_backward(logits, targets, lse, d_loss, d_logits, vocab); }
+extern "C" __global__ void cross_entropy_backward_bf16(const bf16* logits, const int* targets, const float* lse, const float* d_loss, bf16* d_logits, unsigned vocab) { cross_entropy_backward(logits, targets, lse, d_loss, d_logits, vocab); }

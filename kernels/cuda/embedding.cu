@@ -69,25 +69,11 @@ __device__ void embedding_backward_accumulate(const T* d_out, const int* order, 
 }
 
 // qlora-rt: hot
-extern "C" __global__ void embedding_forward_f32(const float* table, const int* ids, float* out, unsigned chunks, unsigned dim, unsigned vocab) {
-    embedding_forward(table, ids, out, chunks, dim, vocab);
-}
-extern "C" __global__ void embedding_forward_bf16(const bf16* table, const int* ids, bf16* out, unsigned chunks, unsigned dim, unsigned vocab) {
-    embedding_forward(table, ids, out, chunks, dim, vocab);
-}
+extern "C" __global__ void embedding_forward_f32(const float* table, const int* ids, float* out, unsigned chunks, unsigned dim, unsigned vocab) { embedding_forward(table, ids, out, chunks, dim, vocab); }
+extern "C" __global__ void embedding_forward_bf16(const bf16* table, const int* ids, bf16* out, unsigned chunks, unsigned dim, unsigned vocab) { embedding_forward(table, ids, out, chunks, dim, vocab); }
 
-extern "C" __global__ void embedding_forward_scalar_f32(const float* table, const int* ids, float* out, u64 n_dim, unsigned dim, unsigned vocab) {
-    embedding_forward_scalar(table, ids, out, n_dim, dim, vocab);
-}
-extern "C" __global__ void embedding_forward_scalar_bf16(const bf16* table, const int* ids, bf16* out, u64 n_dim, unsigned dim, unsigned vocab) {
-    embedding_forward_scalar(table, ids, out, n_dim, dim, vocab);
-}
+extern "C" __global__ void embedding_forward_scalar_f32(const float* table, const int* ids, float* out, u64 n_dim, unsigned dim, unsigned vocab) { embedding_forward_scalar(table, ids, out, n_dim, dim, vocab); }
+extern "C" __global__ void embedding_forward_scalar_bf16(const bf16* table, const int* ids, bf16* out, u64 n_dim, unsigned dim, unsigned vocab) { embedding_forward_scalar(table, ids, out, n_dim, dim, vocab); }
 
-extern "C" __global__ void embedding_backward_accumulate_f32(const float* d_out, const int* order, const int* seg_start, const int* seg_row,
-                                                             float* d_table, unsigned dim) {
-    embedding_backward_accumulate(d_out, order, seg_start, seg_row, d_table, dim);
-}
-extern "C" __global__ void embedding_backward_accumulate_bf16(const bf16* d_out, const int* order, const int* seg_start, const int* seg_row,
-                                                              bf16* d_table, unsigned dim) {
-    embedding_backward_accumulate(d_out, order, seg_start, seg_row, d_table, dim);
-}
+extern "C" __global__ void embedding_backward_accumulate_f32(const float* d_out, const int* order, const int* seg_start, const int* seg_row, float* d_table, unsigned dim) { embedding_backward_accumulate(d_out, order, seg_start, seg_row, d_table, dim); }
+extern "C" __global__ void embedding_backward_accumulate_bf16(const bf16* d_out, const int* order, const int* seg_start, const int* seg_row, bf16* d_table, unsigned dim) { embedding_backward_accumulate(d_out, order, seg_start, seg_row, d_table, dim); }

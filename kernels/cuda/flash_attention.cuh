@@ -1,12 +1,10 @@
 // Flash attention on tensor cores (FlashAttention-2's algorithm), forward and backward, for bf16 and f16 I/O with
-// f32 accumulation: the training path's twin of kernels/src/attention.rs (packed varlen sequences with bottom-right
-// alignment, causal masking, GQA without expanding K/V, sliding window, logit softcap, any scale). The f32 reference
-// kernels stay in attention.cu.
+// f32 accumulation: the training path's twin of kernels/src/attention.rs, with flash_common.cuh's parameters and
+// semantics. The f32 reference kernels stay in attention.cu. Include after common.cuh and flash_common.cuh.
 //
 // Each flash_attention_d<D>.cu instantiates the templates below for one padded head_dim D (a multiple of 16; a head
-// of hd < D elements is zero-padded in shared memory, so one instantiation serves every hd in (previous D, D]). The
-// hardware pieces are inline PTX (NVRTC has no CUDA headers): cp.async for 16-byte global→shared copies that zero-fill
-// past the end of a sequence, ldmatrix for operand fragments, mma.sync.m16n8k16 (sm_80+) for the products.
+// of hd < D elements is zero-padded in shared memory, so one instantiation serves every hd in (previous D, D]).
+// ldmatrix loads the operand fragments, mma.sync.m16n8k16 (sm_80+) computes the products.
 //
 // Shared-memory tiles are row-major with rows of D + 8 elements: the 16 pad bytes shift consecutive rows by four
 // banks, so the eight 16-byte rows one ldmatrix phase reads hit 32 distinct banks for every D used here.
@@ -17,55 +15,7 @@
 // how P goes from the score accumulators into the P·V product without touching shared memory.
 #pragma once
 
-#define FLASH_LOG2E 1.4426950408889634f
-#define FLASH_LN2 0.6931471805599453f
-
-// What both passes read; pointers are device addresses (kernels/src/cuda/attention.rs `FlashParams`, same order).
-struct FlashParams {
-    const void* q;      // [tq, n_heads, hd]
-    const void* k;      // [tk, n_kv_heads, hd]
-    const void* v;      // [tk, n_kv_heads, hd]
-    void* out;          // [tq, n_heads, hd]: forward's output
-    float* lse;         // [tq, n_heads] natural-log log-sum-exp (−∞ for a query that sees no key)
-    const void* d_out;  // [tq, n_heads, hd]
-    const float* delta; // [tq, n_heads] rowsum(dO ⊙ O) (attention.cu's delta pass)
-    float* dq_accum;    // [tq, n_heads, hd] f32, zeroed before the backward and converted after it (attention.cu)
-    void* dk;           // [tk, n_kv_heads, hd]
-    void* dv;           // [tk, n_kv_heads, hd]
-    const int* cu_q;    // [n_seqs + 1]
-    const int* cu_k;    // [n_seqs + 1]
-    unsigned n_heads, n_kv_heads, head_dim;
-    int window;  // 0: none
-    float scale, softcap;  // softcap 0: off
-    int causal;
-    unsigned tq, tk;
-    unsigned pad;
-};
-
-// Dynamic shared memory, 16-byte aligned by its element type (every tile row starts on a 16-byte boundary).
-struct alignas(16) FlashChunk {
-    unsigned w[4];
-};
-extern __shared__ FlashChunk flash_smem[];
-
 // ---- PTX wrappers --------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-// 16 bytes global → shared; the `16 - bytes` bytes past `bytes` are zero-filled (bytes 0: all zero, nothing read).
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, unsigned bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, unsigned bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 __device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -96,67 +46,6 @@ template <> __device__ __forceinline__ void mma16816<f16>(float (&c)[4], const u
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two f32 rounded to T, `lo` in the low half (the element with the smaller index).
-template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <> __device__ __forceinline__ unsigned pack2<bf16>(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-template <> __device__ __forceinline__ unsigned pack2<f16>(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-__device__ __forceinline__ float ex2(float x) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
-    return r;
-}
-__device__ __forceinline__ float rcp(float x) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
-    return r;
-}
-// tanh(x) = 1 − 2/(e^{2x} + 1): absolute error ~1e-7 over the whole line (the cap multiplies it; the CPU twin uses
-// libm's tanh), saturating cleanly to ±1.
-__device__ __forceinline__ float tanh_fast(float x) { return 1.0f - 2.0f * rcp(ex2(x * (2.0f * FLASH_LOG2E)) + 1.0f); }
-
-__device__ __forceinline__ void red_add(float* p, float v) { asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory"); }
-
-// ---- Geometry ------------------------------------------------------------------------------------------------
-
-// One packed sequence. A sequence whose offsets leave the buffers is skipped (its rows stay unwritten) rather than
-// letting a malformed cu_seqlens reach memory past q, k or v.
-struct FlashSeq {
-    int q0, k0, len_q, len_k;
-};
-
-__device__ __forceinline__ bool flash_seq(const FlashParams& p, int s, FlashSeq& out) {
-    const int q0 = p.cu_q[s], q1 = p.cu_q[s + 1], k0 = p.cu_k[s], k1 = p.cu_k[s + 1];
-    if (q0 < 0 || q1 < q0 || static_cast<unsigned>(q1) > p.tq || k0 < 0 || k1 < k0 || static_cast<unsigned>(k1) > p.tk) return false;
-    out = FlashSeq{q0, k0, q1 - q0, k1 - k0};
-    return true;
-}
-
-// Query row r of a sequence sits at position i = r + len_k − len_q (bottom-right) and sees key j when j < len_k,
-// (not causal or j ≤ i) and (no window or i − j < window).
-__device__ __forceinline__ bool flash_visible(const FlashParams& p, const FlashSeq& s, int r, int j) {
-    const int i = r + s.len_k - s.len_q;
-    return j < s.len_k && (!p.causal || j <= i) && (p.window == 0 || i - j < p.window);
-}
-
-// Scores in log2 units from raw q·k (pre = scale·log2e, or scale/cap with a softcap), and the tanh a softcap kept
-// (backward needs 1 − tanh²).
-struct ScoreMap {
-    float pre, post;  // s2 = post · tanh(pre·x) with a cap, pre·x without
-    bool capped;
-};
-__device__ __forceinline__ ScoreMap score_map(const FlashParams& p) {
-    if (p.softcap > 0.0f) return ScoreMap{p.scale / p.softcap, p.softcap * FLASH_LOG2E, true};
-    return ScoreMap{p.scale * FLASH_LOG2E, 1.0f, false};
 }
 
 // ---- Tile copies ---------------------------------------------------------------------------------------------
@@ -284,23 +173,10 @@ __device__ __forceinline__ void flash_forward(const FlashParams p) {
     if (m0 >= s.len_q) return;
     const int h = blockIdx.y, kvh = h / (p.n_heads / p.n_kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const unsigned hd = p.head_dim;
-    const int m1 = min(m0 + BM, s.len_q), off = s.len_k - s.len_q;
-    const u64 q_stride = static_cast<u64>(p.n_heads) * hd, kv_stride = static_cast<u64>(p.n_kv_heads) * hd;
-    const u64 q_row0 = (static_cast<u64>(s.q0 + m0) * p.n_heads + h) * hd;
-    const unsigned short* gq = static_cast<const unsigned short*>(p.q) + q_row0;
-    const unsigned short* gk = static_cast<const unsigned short*>(p.k) + (static_cast<u64>(s.k0) * p.n_kv_heads + kvh) * hd;
-    const unsigned short* gv = static_cast<const unsigned short*>(p.v) + (static_cast<u64>(s.k0) * p.n_kv_heads + kvh) * hd;
+    const FlashQueryBlock blk = flash_query_block<BM, BN>(p, s, m0, h, kvh);
 
-    // Keys some row of this block sees: tiles entirely outside the causal or window band are never visited.
-    const int i_min = m0 + off, i_max = m1 - 1 + off;
-    int lo = 0, hi = s.len_k;
-    if (p.causal) hi = min(hi, i_max + 1);
-    if (p.window) lo = max(lo, i_min - p.window + 1);
-    const int n_first = lo / BN, n_last = hi > lo ? (hi - 1) / BN : n_first - 1;
-
-    load_tile<BM, D, THREADS>(sQ, gq, q_stride, m1 - m0, hd);
-    if (n_last >= n_first) load_tile<BN, D, THREADS>(sK, gk + static_cast<u64>(n_last) * BN * kv_stride, kv_stride, s.len_k - n_last * BN, hd);
+    load_tile<BM, D, THREADS>(sQ, blk.gq, blk.q_stride, blk.m1 - m0, blk.hd);
+    if (blk.n_last >= blk.n_first) load_tile<BN, D, THREADS>(sK, blk.gk + static_cast<u64>(blk.n_last) * BN * blk.kv_stride, blk.kv_stride, s.len_k - blk.n_last * BN, blk.hd);
     cp_async_commit();
 
     float o[MT][DT][4];
@@ -321,8 +197,8 @@ __device__ __forceinline__ void flash_forward(const FlashParams p) {
     const unsigned bK = smem_u32(sK) + 2u * ((lr + 8 * lh) * SD + 8 * lq);
     const unsigned bV = smem_u32(sV) + 2u * ((lr + 8 * lq) * SD + 8 * lh);
 
-    for (int n = n_last; n >= n_first; --n) {
-        load_tile<BN, D, THREADS>(sV, gv + static_cast<u64>(n) * BN * kv_stride, kv_stride, s.len_k - n * BN, hd);
+    for (int n = blk.n_last; n >= blk.n_first; --n) {
+        load_tile<BN, D, THREADS>(sV, blk.gv + static_cast<u64>(n) * BN * blk.kv_stride, blk.kv_stride, s.len_k - n * BN, blk.hd);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
@@ -351,14 +227,14 @@ __device__ __forceinline__ void flash_forward(const FlashParams p) {
             }
         }
         __syncthreads();  // every warp is done with K(n)
-        if (n > n_first) load_tile<BN, D, THREADS>(sK, gk + static_cast<u64>(n - 1) * BN * kv_stride, kv_stride, s.len_k - (n - 1) * BN, hd);
+        if (n > blk.n_first) load_tile<BN, D, THREADS>(sK, blk.gk + static_cast<u64>(n - 1) * BN * blk.kv_stride, blk.kv_stride, s.len_k - (n - 1) * BN, blk.hd);
         cp_async_commit();
 
         // P as A fragments: {(g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8)} of each 16-key slice.
         unsigned pf[MT][BN / 16][4];
         // A tile every row of which sees every key needs no mask.
         const int n0 = n * BN, r0 = m0 + warp * MT * 16 + g;
-        const bool full = n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= i_min) && (p.window == 0 || i_max - n0 < p.window);
+        const bool full = n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= blk.i_min) && (p.window == 0 || blk.i_max - n0 < p.window);
         if (full) {
             if (sm.capped) softmax_tile<T, MT, NT, DT, false, true>(acc, pf, o, row_max, row_sum, sm, p, s, r0, n0 + 2 * t);
             else softmax_tile<T, MT, NT, DT, false, false>(acc, pf, o, row_max, row_sum, sm, p, s, r0, n0 + 2 * t);
@@ -392,21 +268,16 @@ __device__ __forceinline__ void flash_forward(const FlashParams p) {
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-            float sum = row_sum[mt][hr];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float sum = flash_quad_sum(row_sum[mt][hr]);
             const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
             const int r = warp * MT * 16 + mt * 16 + g + 8 * hr;
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt)
                 *reinterpret_cast<unsigned*>(sQ + r * SD + dt * 8 + 2 * t) = pack2<T>(o[mt][dt][2 * hr] * inv, o[mt][dt][2 * hr + 1] * inv);
-            if (t == 0 && m0 + r < s.len_q) {
-                const float m = row_max[mt][hr];
-                p.lse[static_cast<u64>(s.q0 + m0 + r) * p.n_heads + h] = sum > 0.0f ? (m + __log2f(sum)) * FLASH_LN2 : f32_neg_inf();
-            }
+            flash_store_lse(p, s, m0, h, t, r, row_max[mt][hr], sum);
         }
     __syncthreads();
-    store_tile<BM, D, THREADS>(static_cast<unsigned short*>(p.out) + q_row0, q_stride, sQ, m1 - m0, hd);
+    store_tile<BM, D, THREADS>(static_cast<unsigned short*>(p.out) + blk.q_row0, blk.q_stride, sQ, blk.m1 - m0, blk.hd);
 }
 
 // Phase 1 of the backward for one warp's keys × queries: P = 2^(s·log2e − lse·log2e) from the raw scores `sacc`
@@ -492,31 +363,21 @@ __device__ __forceinline__ void flash_backward(const FlashParams p) {
     const int kvh = blockIdx.y, group = p.n_heads / p.n_kv_heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int lr = lane % 8, lq = (lane / 8) % 2, lh = lane / 16;
-    const unsigned hd = p.head_dim;
-    const int n1 = min(n0 + BN, s.len_k), off = s.len_k - s.len_q;
-    const u64 q_stride = static_cast<u64>(p.n_heads) * hd, kv_stride = static_cast<u64>(p.n_kv_heads) * hd;
-    const u64 kv_row0 = (static_cast<u64>(s.k0 + n0) * p.n_kv_heads + kvh) * hd;
+    const FlashKeyBlock<BM> blk = flash_key_block<BM, BN>(p, s, n0, kvh, group);
 
-    // Query rows that see some key of this tile.
-    int r_lo = 0, r_hi = s.len_q;
-    if (p.causal) r_lo = max(0, n0 - off);
-    if (p.window) r_hi = min(r_hi, n1 - 1 + p.window - off);
-    const int m_lo = r_lo / BM, tiles = r_hi > r_lo ? (r_hi - 1) / BM - m_lo + 1 : 0;
-    const int pairs = group * tiles;
-
-    load_tile<BN, D, THREADS>(sK, static_cast<const unsigned short*>(p.k) + kv_row0, kv_stride, n1 - n0, hd);
-    load_tile<BN, D, THREADS>(sV, static_cast<const unsigned short*>(p.v) + kv_row0, kv_stride, n1 - n0, hd);
+    load_tile<BN, D, THREADS>(sK, static_cast<const unsigned short*>(p.k) + blk.kv_row0, blk.kv_stride, blk.n1 - n0, blk.hd);
+    load_tile<BN, D, THREADS>(sV, static_cast<const unsigned short*>(p.v) + blk.kv_row0, blk.kv_stride, blk.n1 - n0, blk.hd);
     // Pair `it` → (head, first query row); its Q, dO, lse and delta go to buffer `stage`.
     auto prefetch = [&](int it, int stage) {
-        const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
+        const int h = blk.head(it), m0 = blk.row0(it);
         const u64 row0 = static_cast<u64>(s.q0 + m0) * p.n_heads + h;
         const int rows = min(BM, s.len_q - m0);
-        load_tile<BM, D, THREADS>(sQ + stage * BM * SD, static_cast<const unsigned short*>(p.q) + row0 * hd, q_stride, rows, hd);
-        load_tile<BM, D, THREADS>(sdO + stage * BM * SD, static_cast<const unsigned short*>(p.d_out) + row0 * hd, q_stride, rows, hd);
+        load_tile<BM, D, THREADS>(sQ + stage * BM * SD, static_cast<const unsigned short*>(p.q) + row0 * blk.hd, blk.q_stride, rows, blk.hd);
+        load_tile<BM, D, THREADS>(sdO + stage * BM * SD, static_cast<const unsigned short*>(p.d_out) + row0 * blk.hd, blk.q_stride, rows, blk.hd);
         load_row_values<BM, THREADS>(sL + stage * BM, p.lse + row0, p.n_heads, rows);
         load_row_values<BM, THREADS>(sD + stage * BM, p.delta + row0, p.n_heads, rows);
     };
-    if (pairs > 0) prefetch(0, 0);
+    if (blk.pairs > 0) prefetch(0, 0);
     cp_async_commit();
 
     constexpr int KT2 = K2 / 16, DB2 = D2 / 8;
@@ -534,10 +395,10 @@ __device__ __forceinline__ void flash_backward(const FlashParams p) {
     const int w2k = (warp % P2K) * K2, w2d = (warp / P2K) * D2;
     const int w3q = (warp % P3Q) * Q3, w3d = (warp / P3Q) * D3;
 
-    for (int it = 0; it < pairs; ++it) {
+    for (int it = 0; it < blk.pairs; ++it) {
         const int stage = it % 2;
-        const int h = kvh * group + it / tiles, m0 = (m_lo + it % tiles) * BM;
-        if (it + 1 < pairs) prefetch(it + 1, stage ^ 1);
+        const int h = blk.head(it), m0 = blk.row0(it);
+        if (it + 1 < blk.pairs) prefetch(it + 1, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
@@ -548,8 +409,8 @@ __device__ __forceinline__ void flash_backward(const FlashParams p) {
 
         // Phase 1: Sᵀ and dPᵀ for this warp's K1 keys × Q1 queries, in chunks of QC queries (the two accumulators
         // live beside dK and dV: chunking bounds the registers they take).
-        const bool full = m0 + BM <= s.len_q && n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= m0 + off) &&
-                          (p.window == 0 || m0 + BM - 1 + off - n0 < p.window);
+        const bool full = m0 + BM <= s.len_q && n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= m0 + blk.off) &&
+                          (p.window == 0 || m0 + BM - 1 + blk.off - n0 < p.window);
 #pragma unroll
         for (int qc = 0; qc < Q1 / QC; ++qc) {
             constexpr int KT = K1 / 16, QB = QC / 8;
@@ -679,12 +540,12 @@ __device__ __forceinline__ void flash_backward(const FlashParams p) {
                 for (int e2 = 0; e2 < 2; ++e2) {
                     const int r = m0 + w3q + a * 16 + g + 8 * e2;
                     if (r >= s.len_q) continue;
-                    float* dst = p.dq_accum + (static_cast<u64>(s.q0 + r) * p.n_heads + h) * hd;
+                    float* dst = p.dq_accum + (static_cast<u64>(s.q0 + r) * p.n_heads + h) * blk.hd;
 #pragma unroll
                     for (int b = 0; b < DB; ++b) {
                         const unsigned c = w3d + b * 8 + 2 * t;
-                        if (c < hd) red_add(dst + c, dq[a][b][2 * e2]);
-                        if (c + 1 < hd) red_add(dst + c + 1, dq[a][b][2 * e2 + 1]);
+                        if (c < blk.hd) red_add(dst + c, dq[a][b][2 * e2]);
+                        if (c + 1 < blk.hd) red_add(dst + c + 1, dq[a][b][2 * e2 + 1]);
                     }
                 }
         }
@@ -693,8 +554,8 @@ __device__ __forceinline__ void flash_backward(const FlashParams p) {
     cp_async_wait<0>();
 
     // dK, dV: rows < len_k, columns < hd, straight from the fragments.
-    unsigned short* gdk = static_cast<unsigned short*>(p.dk) + kv_row0;
-    unsigned short* gdv = static_cast<unsigned short*>(p.dv) + kv_row0;
+    unsigned short* gdk = static_cast<unsigned short*>(p.dk) + blk.kv_row0;
+    unsigned short* gdv = static_cast<unsigned short*>(p.dv) + blk.kv_row0;
 #pragma unroll
     for (int a = 0; a < KT2; ++a)
 #pragma unroll
@@ -706,19 +567,7 @@ __device__ __forceinline__ void flash_backward(const FlashParams p) {
                 const unsigned c = w2d + b * 8 + 2 * t;
                 const unsigned pk = pack2<T>(dk[a][b][2 * e2], dk[a][b][2 * e2 + 1]);
                 const unsigned pvv = pack2<T>(dv[a][b][2 * e2], dv[a][b][2 * e2 + 1]);
-                if (hd % 2 == 0 && c + 1 < hd) {
-                    *reinterpret_cast<unsigned*>(gdk + r * kv_stride + c) = pk;
-                    *reinterpret_cast<unsigned*>(gdv + r * kv_stride + c) = pvv;
-                } else {
-                    if (c < hd) {
-                        gdk[r * kv_stride + c] = static_cast<unsigned short>(pk & 0xffffu);
-                        gdv[r * kv_stride + c] = static_cast<unsigned short>(pvv & 0xffffu);
-                    }
-                    if (c + 1 < hd) {
-                        gdk[r * kv_stride + c + 1] = static_cast<unsigned short>(pk >> 16);
-                        gdv[r * kv_stride + c + 1] = static_cast<unsigned short>(pvv >> 16);
-                    }
-                }
+                flash_store_kv_pair(gdk, gdv, r, blk.kv_stride, c, blk.hd, pk, pvv);
             }
         }
 }

@@ -2,6 +2,7 @@
 // Tiles (kernels/src/cuda/attention.rs `FLASH` holds the same numbers for the launch): forward BM 64 × BN 64,
 // 4 warps; backward BM 64 × BN 128, 8 warps, phase layouts P1K 8, P2K 4, P3Q 4.
 #include "common.cuh"
+#include "flash_common.cuh"
 #include "flash_attention.cuh"
 
 // qlora-rt: hot

@@ -3,7 +3,8 @@
 // query rows), no intra-warpgroup overlap (with it the d256 accumulators spill). The d256 backward is
 // flash_attention_d256.cu's mma.sync one. kernels/src/cuda/attention.rs `FLASH_SM90` holds the same numbers.
 #include "common.cuh"
-#include "flash_attention.cuh"
+#include "flash_common.cuh"
+#include "flash_wgmma.cuh"
 #include "flash_attention_sm90.cuh"
 
 // qlora-rt: hot

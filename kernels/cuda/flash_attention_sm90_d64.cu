@@ -1,10 +1,13 @@
 // Flash attention on Hopper wgmma for head_dim ≤ 64 (padded to 64), sm_90a only: the entry points of
-// flash_attention_sm90.cuh's templates, bf16 and f16. Forward: warp-specialized, BN 128 keys per tile, 2 consumer
-// warpgroups (128 query rows) with ping-pong + 1 producer warpgroup; backward: 2 warpgroups, 128 keys per block.
-// kernels/src/cuda/attention.rs `FLASH_SM90` holds the same numbers for the launch.
+// flash_attention_sm90.cuh's and flash_attention_sm90_backward.cuh's templates, bf16 and f16. Forward:
+// warp-specialized, BN 128 keys per tile, 2 consumer warpgroups (128 query rows) with ping-pong + 1 producer warpgroup;
+// backward: 2 warpgroups, 128 keys per block. kernels/src/cuda/attention.rs `FLASH_SM90` holds the same numbers for the
+// launch.
 #include "common.cuh"
-#include "flash_attention.cuh"
+#include "flash_common.cuh"
+#include "flash_wgmma.cuh"
 #include "flash_attention_sm90.cuh"
+#include "flash_attention_sm90_backward.cuh"
 
 // qlora-rt: hot
 extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d64_bf16(const FlashParams p) { flash_forward_sm90_ws<bf16, 64, 128, 2, true, 48>(p); }

@@ -37,19 +37,6 @@ constexpr unsigned TILE = 1024;
 constexpr unsigned NESTED_BLOCKSIZE = 256;
 constexpr unsigned MAX_THREADS = 256;
 
-// Two values rounded to nearest even and packed as two 16-bit outputs, the first at the lower address.
-template <typename T> __device__ __forceinline__ unsigned pack_pair(float first, float second);
-template <> __device__ __forceinline__ unsigned pack_pair<bf16>(float first, float second) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
-    return r;
-}
-template <> __device__ __forceinline__ unsigned pack_pair<f16>(float first, float second) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
-    return r;
-}
-
 // Nibble k of packed bytes read little-endian: byte k / 2, its high nibble for even k (FORMATS.md).
 __device__ __forceinline__ unsigned nibble(unsigned bits, unsigned k) {
     return (bits >> (8 * (k / 2) + 4 * (1 - k % 2))) & 15;
@@ -76,10 +63,10 @@ template <typename T> __device__ __forceinline__ void store16(T* out, unsigned b
 #pragma unroll
     for (unsigned k = 0; k < 8; ++k) v[k] = dequantize_one(code, nibble(bits, k), absmax);
     uint4 packed;
-    packed.x = pack_pair<T>(v[0], v[1]);
-    packed.y = pack_pair<T>(v[2], v[3]);
-    packed.z = pack_pair<T>(v[4], v[5]);
-    packed.w = pack_pair<T>(v[6], v[7]);
+    packed.x = pack2<T>(v[0], v[1]);
+    packed.y = pack2<T>(v[2], v[3]);
+    packed.z = pack2<T>(v[4], v[5]);
+    packed.w = pack2<T>(v[6], v[7]);
     *reinterpret_cast<uint4*>(out) = packed;
 }
 

@@ -54,62 +54,23 @@ __device__ void rotate(const T* xa, T* ya, unsigned heads_a, unsigned chunks_a, 
 // tokens·k_heads·half/W. W = 8 (vector path) unless named scalar (W = 1).
 
 // qlora-rt: hot
-extern "C" __global__ void rope_forward_f32(const float* x, const float* cos, const float* sin, float* y, unsigned chunks, unsigned heads, unsigned half) {
-    rotate<false, 8>(x, y, heads, chunks, x, y, heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_forward_bf16(const bf16* x, const float* cos, const float* sin, bf16* y, unsigned chunks, unsigned heads, unsigned half) {
-    rotate<false, 8>(x, y, heads, chunks, x, y, heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_backward_f32(const float* dy, const float* cos, const float* sin, float* dx, unsigned chunks, unsigned heads, unsigned half) {
-    rotate<true, 8>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_backward_bf16(const bf16* dy, const float* cos, const float* sin, bf16* dx, unsigned chunks, unsigned heads, unsigned half) {
-    rotate<true, 8>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half);
-}
+extern "C" __global__ void rope_forward_f32(const float* x, const float* cos, const float* sin, float* y, unsigned chunks, unsigned heads, unsigned half) { rotate<false, 8>(x, y, heads, chunks, x, y, heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_forward_bf16(const bf16* x, const float* cos, const float* sin, bf16* y, unsigned chunks, unsigned heads, unsigned half) { rotate<false, 8>(x, y, heads, chunks, x, y, heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_backward_f32(const float* dy, const float* cos, const float* sin, float* dx, unsigned chunks, unsigned heads, unsigned half) { rotate<true, 8>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_backward_bf16(const bf16* dy, const float* cos, const float* sin, bf16* dx, unsigned chunks, unsigned heads, unsigned half) { rotate<true, 8>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half); }
+
+extern "C" __global__ void rope_forward_scalar_f32(const float* x, const float* cos, const float* sin, float* y, unsigned chunks, unsigned heads, unsigned half) { rotate<false, 1>(x, y, heads, chunks, x, y, heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_forward_scalar_bf16(const bf16* x, const float* cos, const float* sin, bf16* y, unsigned chunks, unsigned heads, unsigned half) { rotate<false, 1>(x, y, heads, chunks, x, y, heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_backward_scalar_f32(const float* dy, const float* cos, const float* sin, float* dx, unsigned chunks, unsigned heads, unsigned half) { rotate<true, 1>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_backward_scalar_bf16(const bf16* dy, const float* cos, const float* sin, bf16* dx, unsigned chunks, unsigned heads, unsigned half) { rotate<true, 1>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half); }
 
 // qlora-rt: hot
-extern "C" __global__ void rope_qk_forward_f32(float* q, float* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-                                               unsigned q_heads, unsigned k_heads, unsigned half) {
-    rotate<false, 8>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_qk_forward_bf16(bf16* q, bf16* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-                                                unsigned q_heads, unsigned k_heads, unsigned half) {
-    rotate<false, 8>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_qk_backward_f32(float* dq, float* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-                                                unsigned q_heads, unsigned k_heads, unsigned half) {
-    rotate<true, 8>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_qk_backward_bf16(bf16* dq, bf16* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-                                                 unsigned q_heads, unsigned k_heads, unsigned half) {
-    rotate<true, 8>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half);
-}
+extern "C" __global__ void rope_qk_forward_f32(float* q, float* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 8>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_forward_bf16(bf16* q, bf16* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 8>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_backward_f32(float* dq, float* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 8>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_backward_bf16(bf16* dq, bf16* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 8>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half); }
 
-extern "C" __global__ void rope_forward_scalar_f32(const float* x, const float* cos, const float* sin, float* y, unsigned chunks, unsigned heads, unsigned half) {
-    rotate<false, 1>(x, y, heads, chunks, x, y, heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_forward_scalar_bf16(const bf16* x, const float* cos, const float* sin, bf16* y, unsigned chunks, unsigned heads, unsigned half) {
-    rotate<false, 1>(x, y, heads, chunks, x, y, heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_backward_scalar_f32(const float* dy, const float* cos, const float* sin, float* dx, unsigned chunks, unsigned heads, unsigned half) {
-    rotate<true, 1>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_backward_scalar_bf16(const bf16* dy, const float* cos, const float* sin, bf16* dx, unsigned chunks, unsigned heads, unsigned half) {
-    rotate<true, 1>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_qk_forward_scalar_f32(float* q, float* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-                                                      unsigned q_heads, unsigned k_heads, unsigned half) {
-    rotate<false, 1>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_qk_forward_scalar_bf16(bf16* q, bf16* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-                                                       unsigned q_heads, unsigned k_heads, unsigned half) {
-    rotate<false, 1>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_qk_backward_scalar_f32(float* dq, float* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-                                                       unsigned q_heads, unsigned k_heads, unsigned half) {
-    rotate<true, 1>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half);
-}
-extern "C" __global__ void rope_qk_backward_scalar_bf16(bf16* dq, bf16* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-                                                        unsigned q_heads, unsigned k_heads, unsigned half) {
-    rotate<true, 1>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half);
-}
+extern "C" __global__ void rope_qk_forward_scalar_f32(float* q, float* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 1>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_forward_scalar_bf16(bf16* q, bf16* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 1>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_backward_scalar_f32(float* dq, float* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 1>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_backward_scalar_bf16(bf16* dq, bf16* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 1>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half); }

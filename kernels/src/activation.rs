@@ -16,52 +16,55 @@ const GELU_BETA: f64 = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_
 /// The cubic coefficient of the tanh approximation (Hendrycks & Gimpel 2016; PyTorch's `kKappa`).
 const GELU_KAPPA: f64 = 0.044715;
 
-/// x: \[n\] → y: \[n\]
+/// x: [n] → y: [n]
 pub fn silu_forward<T: Float>(x: &[T], y: &mut [T]) {
     unary("silu_forward", x, y, silu);
 }
 
-/// x, dy: \[n\] → dx: \[n\]
+/// x, dy: [n] → dx: [n]
 pub fn silu_backward<T: Float>(x: &[T], dy: &[T], dx: &mut [T]) {
     binary("silu_backward", x, dy, dx, |x, dy| dy * silu_grad(x));
 }
 
-/// x: \[n\] → y: \[n\]
+/// x: [n] → y: [n]
 pub fn gelu_tanh_forward<T: Float>(x: &[T], y: &mut [T]) {
     unary("gelu_tanh_forward", x, y, gelu_tanh);
 }
 
-/// x, dy: \[n\] → dx: \[n\]
+/// x, dy: [n] → dx: [n]
 pub fn gelu_tanh_backward<T: Float>(x: &[T], dy: &[T], dx: &mut [T]) {
     binary("gelu_tanh_backward", x, dy, dx, |x, dy| dy * gelu_tanh_grad(x));
 }
 
-/// gate, up: \[n\] → out: \[n\]
-pub fn swiglu_forward<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
-    binary("swiglu_forward", gate, up, out, |g, u| silu(g) * u);
+/// Which gated activation an MLP uses: Llama's SwiGLU or Gemma's GeGLU (tanh gelu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Glu {
+    SwiGlu,
+    GeGlu,
 }
 
-/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
-pub fn swiglu_backward<T: Float>(gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
-    glu_backward("swiglu_backward", gate, up, d_out, d_gate, d_up, silu, silu_grad);
+/// gate, up: [n] → out: [n] = act(gate) ⊙ up
+pub fn glu_forward<T: Float>(kind: Glu, gate: &[T], up: &[T], out: &mut [T]) {
+    match kind {
+        Glu::SwiGlu => binary("swiglu_forward", gate, up, out, |g, u| silu(g) * u),
+        Glu::GeGlu => binary("geglu_forward", gate, up, out, |g, u| gelu_tanh(g) * u),
+    }
 }
 
-/// gate, up: \[n\] → out: \[n\]
-pub fn geglu_forward<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
-    binary("geglu_forward", gate, up, out, |g, u| gelu_tanh(g) * u);
+/// gate, up, d_out: [n] → d_gate, d_up: [n]
+pub fn glu_backward<T: Float>(kind: Glu, gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
+    match kind {
+        Glu::SwiGlu => glu_grads("swiglu_backward", gate, up, d_out, d_gate, d_up, silu, silu_grad),
+        Glu::GeGlu => glu_grads("geglu_backward", gate, up, d_out, d_gate, d_up, gelu_tanh, gelu_tanh_grad),
+    }
 }
 
-/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
-pub fn geglu_backward<T: Float>(gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
-    glu_backward("geglu_backward", gate, up, d_out, d_gate, d_up, gelu_tanh, gelu_tanh_grad);
-}
-
-/// x: \[n\] → y: \[n\]
+/// x: [n] → y: [n]
 pub fn softcap_forward<T: Float>(x: &[T], cap: T, y: &mut [T]) {
     unary("softcap_forward", x, y, |x| (x / cap).tanh() * cap);
 }
 
-/// x, dy: \[n\] → dx: \[n\]
+/// x, dy: [n] → dx: [n]
 pub fn softcap_backward<T: Float>(x: &[T], cap: T, dy: &[T], dx: &mut [T]) {
     // d/dx cap·tanh(x/cap) = 1 − tanh²(x/cap): the cap cancels.
     binary("softcap_backward", x, dy, dx, |x, dy| {
@@ -129,7 +132,7 @@ fn binary<T: Float>(what: &str, a: &[T], b: &[T], y: &mut [T], f: impl Fn(T, T) 
 
 /// out = act(gate) ⊙ up, so d_up = d_out ⊙ act(gate) and d_gate = (d_out ⊙ up) ⊙ act′(gate), autograd's order.
 #[allow(clippy::too_many_arguments)]
-fn glu_backward<T: Float>(
+fn glu_grads<T: Float>(
     what: &str,
     gate: &[T],
     up: &[T],
@@ -189,6 +192,22 @@ mod tests {
         (d_gate, d_up)
     }
 
+    fn swiglu_fwd<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
+        glu_forward(Glu::SwiGlu, gate, up, out);
+    }
+
+    fn geglu_fwd<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
+        glu_forward(Glu::GeGlu, gate, up, out);
+    }
+
+    fn swiglu_bwd<T: Float>(gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
+        glu_backward(Glu::SwiGlu, gate, up, d_out, d_gate, d_up);
+    }
+
+    fn geglu_bwd<T: Float>(gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
+        glu_backward(Glu::GeGlu, gate, up, d_out, d_gate, d_up);
+    }
+
     fn softcap_fwd<T: Float>(x: &[T], y: &mut [T]) {
         softcap_forward(x, T::c(CAP), y);
     }
@@ -231,8 +250,8 @@ mod tests {
             let times_u = |a: &[f64]| a.iter().zip(&u).map(|(a, u)| a * u).collect::<Vec<_>>();
             assert_close("silu", &run1(silu_forward, &x), &silu_x, F64);
             assert_close("gelu_tanh", &run1(gelu_tanh_forward, &x), &gelu_x, F64);
-            assert_close("swiglu", &run2(swiglu_forward, &x, &u), &times_u(&silu_x), F64);
-            assert_close("geglu", &run2(geglu_forward, &x, &u), &times_u(&gelu_x), F64);
+            assert_close("swiglu", &run2(swiglu_fwd, &x, &u), &times_u(&silu_x), F64);
+            assert_close("geglu", &run2(geglu_fwd, &x, &u), &times_u(&gelu_x), F64);
             let x = inputs(&mut rng, n, 2.0 * CAP);
             let capped: Vec<f64> = x.iter().map(|z| CAP * (z / CAP).tanh()).collect();
             assert_close("softcap", &run1(softcap_fwd, &x), &capped, F64);
@@ -262,7 +281,7 @@ mod tests {
     fn glu_backwards_match_finite_differences() {
         let mut rng = Rng::new(3);
         type Pair = (&'static str, fn(&[f64], &[f64], &mut [f64]), GluBackward<f64>);
-        let ops: [Pair; 2] = [("swiglu", swiglu_forward, swiglu_backward), ("geglu", geglu_forward, geglu_backward)];
+        let ops: [Pair; 2] = [("swiglu", swiglu_fwd, swiglu_bwd), ("geglu", geglu_fwd, geglu_bwd)];
         for (name, fwd, bwd) in ops {
             for n in SIZES {
                 let gate = inputs(&mut rng, n, 4.0);
@@ -292,9 +311,9 @@ mod tests {
             let t = (big / CAP).tanh();
             check("softcap", run1(softcap_fwd, &z), [CAP * t, -CAP * t]);
             check("softcap grad", run2(softcap_bwd, &z, &ones), [1.0 - t * t; 2]);
-            check("swiglu", run2(swiglu_forward, &z, &ones), [big, 0.0]);
-            check("geglu", run2(geglu_forward, &z, &ones), [big, 0.0]);
-            for bwd in [swiglu_backward as GluBackward<T>, geglu_backward] {
+            check("swiglu", run2(swiglu_fwd, &z, &ones), [big, 0.0]);
+            check("geglu", run2(geglu_fwd, &z, &ones), [big, 0.0]);
+            for bwd in [swiglu_bwd as GluBackward<T>, geglu_bwd] {
                 let (d_gate, d_up) = run_glu_backward(bwd, &z, &ones, &ones);
                 check("glu d_gate", d_gate, [1.0, 0.0]);
                 check("glu d_up", d_up, [big, 0.0]);
@@ -322,12 +341,9 @@ mod tests {
         assert_close("gelu", &widen(&run1(gelu_tanh_forward, &x)), &run1(gelu_tanh_forward, &xw), tol);
         assert_close("silu'", &widen(&run2(silu_backward, &x, &g)), &run2(silu_backward, &xw, &gw), tol);
         assert_close("gelu'", &widen(&run2(gelu_tanh_backward, &x, &g)), &run2(gelu_tanh_backward, &xw, &gw), tol);
-        assert_close("swiglu", &widen(&run2(swiglu_forward, &x, &u)), &run2(swiglu_forward, &xw, &uw), tol);
-        assert_close("geglu", &widen(&run2(geglu_forward, &x, &u)), &run2(geglu_forward, &xw, &uw), tol);
-        for bwd in [
-            (swiglu_backward as GluBackward<f32>, swiglu_backward as GluBackward<f64>),
-            (geglu_backward, geglu_backward),
-        ] {
+        assert_close("swiglu", &widen(&run2(swiglu_fwd, &x, &u)), &run2(swiglu_fwd, &xw, &uw), tol);
+        assert_close("geglu", &widen(&run2(geglu_fwd, &x, &u)), &run2(geglu_fwd, &xw, &uw), tol);
+        for bwd in [(swiglu_bwd as GluBackward<f32>, swiglu_bwd as GluBackward<f64>), (geglu_bwd, geglu_bwd)] {
             let (dg32, du32) = run_glu_backward(bwd.0, &x, &u, &g);
             let (dg64, du64) = run_glu_backward(bwd.1, &xw, &uw, &gw);
             assert_close("glu d_gate", &widen(&dg32), &dg64, tol);
@@ -346,14 +362,14 @@ mod tests {
         let x = inputs(&mut rng, n, 4.0);
         let u = randn(&mut rng, n);
         let want: Vec<f64> = x.iter().zip(&u).map(|(&z, u)| ref_silu(z) * u).collect();
-        assert_close("swiglu", &run2(swiglu_forward, &x, &u), &want, F64);
-        let (d_gate, d_up) = run_glu_backward(geglu_backward, &x, &u, &u);
+        assert_close("swiglu", &run2(swiglu_fwd, &x, &u), &want, F64);
+        let (d_gate, d_up) = run_glu_backward(geglu_bwd, &x, &u, &u);
         assert!(d_gate.iter().chain(&d_up).all(|v| v.is_finite()));
     }
 
     #[test]
     #[should_panic(expected = "swiglu_forward: input lengths differ")]
     fn length_mismatch_panics() {
-        run2(swiglu_forward, &[1.0; 3], &[1.0; 2]);
+        run2(swiglu_fwd, &[1.0; 3], &[1.0; 2]);
     }
 }

@@ -30,8 +30,35 @@ pub struct AttentionParams {
     pub softcap: Option<f64>,
 }
 
-/// Packed variable-length attention. Sequence s owns query rows cu_seqlens_q\[s\]..cu_seqlens_q[s+1] and key rows
-/// cu_seqlens_k\[s\]..cu_seqlens_k[s+1]; tokens never attend across sequences.
+impl AttentionParams {
+    /// Full attention of this geometry at the usual scale 1/√head_dim: not causal, no window, no softcap.
+    pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        AttentionParams {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            causal: false,
+            sliding_window: None,
+            softcap: None,
+        }
+    }
+}
+
+/// `cu_seqlens_q` and `cu_seqlens_k` of packed sequences with these (queries, keys) lengths: running sums from 0.
+pub fn cu_seqlens(lens: &[(usize, usize)]) -> (Vec<i32>, Vec<i32>) {
+    let (mut cu_q, mut cu_k) = (vec![0], vec![0]);
+    let (mut tq, mut tk) = (0, 0);
+    for &(q, k) in lens {
+        (tq, tk) = (tq + q as i32, tk + k as i32);
+        cu_q.push(tq);
+        cu_k.push(tk);
+    }
+    (cu_q, cu_k)
+}
+
+/// Packed variable-length attention. Sequence s owns query rows cu_seqlens_q[s]..cu_seqlens_q[s+1] and key rows
+/// cu_seqlens_k[s]..cu_seqlens_k[s+1]; tokens never attend across sequences.
 /// When a sequence has fewer queries than keys (decoding with a KV cache), queries are aligned to the END of the keys
 /// (bottom-right, as FlashAttention does): query r of a sequence with len_q queries and len_k keys sits at absolute
 /// position i = r + len_k − len_q, and with `causal` sees keys j ≤ i.
@@ -327,24 +354,12 @@ mod tests {
 
     impl Case {
         fn params(&self) -> AttentionParams {
-            AttentionParams {
-                n_heads: self.n_heads,
-                n_kv_heads: self.n_kv_heads,
-                head_dim: self.head_dim,
-                scale: 1.0 / (self.head_dim as f64).sqrt(),
-                causal: self.causal,
-                sliding_window: self.window,
-                softcap: self.softcap,
-            }
+            let p = AttentionParams::new(self.n_heads, self.n_kv_heads, self.head_dim);
+            AttentionParams { causal: self.causal, sliding_window: self.window, softcap: self.softcap, ..p }
         }
 
         fn cu_seqlens(&self) -> (Vec<i32>, Vec<i32>) {
-            let (mut cu_q, mut cu_k) = (vec![0], vec![0]);
-            for &(len_q, len_k) in self.lens {
-                cu_q.push(cu_q.last().unwrap() + len_q as i32);
-                cu_k.push(cu_k.last().unwrap() + len_k as i32);
-            }
-            (cu_q, cu_k)
+            cu_seqlens(self.lens)
         }
 
         fn tq(&self) -> usize {

@@ -12,7 +12,7 @@ const MIN_PAR_ELEMS: usize = 1 << 14;
 /// The weight gradient is reduced over at most this many row blocks, which bounds its scratch to this many rows.
 const MAX_DW_BLOCKS: usize = 64;
 
-/// x: [rows, dim], weight: \[dim\] → y: [rows, dim], rstd: \[rows\] (saved for backward)
+/// x: [rows, dim], weight: [dim] → y: [rows, dim], rstd: [rows] (saved for backward)
 pub fn rms_norm_forward<T: Float>(x: &[T], weight: &[T], dim: usize, eps: T, offset: T, y: &mut [T], rstd: &mut [T]) {
     let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(y.len(), rows * dim, "rms_norm_forward: y length");
@@ -31,7 +31,8 @@ pub fn rms_norm_forward<T: Float>(x: &[T], weight: &[T], dim: usize, eps: T, off
         });
 }
 
-/// x, dy: [rows, dim], rstd: \[rows\] → dx: [rows, dim] (written), dw: \[dim\] (written: Σ over rows, deterministic order)
+/// x, dy: [rows, dim], rstd: [rows] → dx: [rows, dim] (written), dw: [dim] when wanted (written: Σ over rows,
+/// deterministic order; None for a frozen weight)
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward<T: Float>(
     x: &[T],
@@ -41,11 +42,16 @@ pub fn rms_norm_backward<T: Float>(
     dim: usize,
     offset: T,
     dx: &mut [T],
-    dw: &mut [T],
+    dw: Option<&mut [T]>,
 ) {
     let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(dy.len(), rows * dim, "rms_norm_backward: dy length");
     assert_eq!(dx.len(), rows * dim, "rms_norm_backward: dx length");
+    let mut unwanted = Vec::new();
+    let dw = dw.unwrap_or_else(|| {
+        unwanted = vec![T::zero(); dim];
+        &mut unwanted
+    });
     assert_eq!(dw.len(), dim, "rms_norm_backward: dw length");
     let n = T::c(dim as f64);
 
@@ -77,7 +83,7 @@ pub fn rms_norm_backward<T: Float>(
     }
 }
 
-/// x, residual: [rows, dim], weight: \[dim\] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim], rstd: \[rows\]
+/// x, residual: [rows, dim], weight: [dim] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim], rstd: [rows]
 /// (the residual stream's add fused with the norm that follows it; y is the norm of h as stored)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_forward<T: Float>(
@@ -103,23 +109,8 @@ pub fn add_rms_norm_forward<T: Float>(
     rms_norm_forward(h, weight, dim, eps, offset, y, rstd);
 }
 
-/// x, dy: [rows, dim], rstd: \[rows\] → dx: [rows, dim] (written): rms_norm_backward for a frozen weight, whose dw is
-/// not wanted
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm_backward_dx<T: Float>(
-    x: &[T],
-    weight: &[T],
-    rstd: &[T],
-    dy: &[T],
-    dim: usize,
-    offset: T,
-    dx: &mut [T],
-) {
-    rms_norm_backward(x, weight, rstd, dy, dim, offset, dx, &mut vec![T::zero(); dim]);
-}
-
-/// h, dy, d_residual: [rows, dim], rstd: \[rows\] → dx = d_residual + rms_norm_backward's dx: [rows, dim] (the
-/// gradient of both x and residual, since h = x + residual), dw: \[dim\] when wanted (written, as rms_norm_backward's)
+/// h, dy, d_residual: [rows, dim], rstd: [rows] → dx = d_residual + rms_norm_backward's dx: [rows, dim] (the
+/// gradient of both x and residual, since h = x + residual), dw: [dim] when wanted (written, as rms_norm_backward's)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_backward<T: Float>(
     h: &[T],
@@ -133,10 +124,7 @@ pub fn add_rms_norm_backward<T: Float>(
     dw: Option<&mut [T]>,
 ) {
     assert_eq!(d_residual.len(), h.len(), "add_rms_norm_backward: d_residual length");
-    match dw {
-        Some(dw) => rms_norm_backward(h, weight, rstd, dy, dim, offset, dx, dw),
-        None => rms_norm_backward_dx(h, weight, rstd, dy, dim, offset, dx),
-    }
+    rms_norm_backward(h, weight, rstd, dy, dim, offset, dx, dw);
     dx.par_chunks_mut(MIN_PAR_ELEMS).zip(d_residual.par_chunks(MIN_PAR_ELEMS)).for_each(|(dx, dr)| {
         for (dx, &dr) in dx.iter_mut().zip(dr) {
             *dx = dr + *dx;
@@ -176,7 +164,7 @@ mod tests {
     fn backward<T: Float>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dim: usize, offset: f64) -> (Vec<T>, Vec<T>) {
         let mut dx = vec![T::nan(); x.len()];
         let mut dw = vec![T::nan(); dim];
-        rms_norm_backward(x, w, rstd, dy, dim, T::c(offset), &mut dx, &mut dw);
+        rms_norm_backward(x, w, rstd, dy, dim, T::c(offset), &mut dx, Some(&mut dw));
         (dx, dw)
     }
 

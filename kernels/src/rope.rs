@@ -37,19 +37,27 @@ pub fn rope_tables<T: Float>(positions: &[i32], inv_freq: &[T], cos: &mut [T], s
         });
 }
 
-/// x: [tokens, heads, head_dim], cos/sin: [tokens, head_dim/2] → y: [tokens, heads, head_dim]
-pub fn rope_forward<T: Float>(x: &[T], cos: &[T], sin: &[T], heads: usize, head_dim: usize, y: &mut [T]) {
-    rotate::<T, false>(x, cos, sin, heads, head_dim, y);
+/// Which way a rotation turns: by the tables' angles (the forward) or by their negatives (the backward: a rotation's
+/// transpose is its inverse).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
 }
 
-/// dy → dx (the transpose rotation), same shapes as forward
-pub fn rope_backward<T: Float>(dy: &[T], cos: &[T], sin: &[T], heads: usize, head_dim: usize, dx: &mut [T]) {
-    rotate::<T, true>(dy, cos, sin, heads, head_dim, dx);
+/// x: [tokens, heads, head_dim], cos/sin: [tokens, head_dim/2] → y: [tokens, heads, head_dim] (dy → dx backward)
+pub fn rope<T: Float>(dir: Direction, x: &[T], cos: &[T], sin: &[T], heads: usize, head_dim: usize, y: &mut [T]) {
+    match dir {
+        Direction::Forward => rotate::<T, false>(x, cos, sin, heads, head_dim, y),
+        Direction::Backward => rotate::<T, true>(x, cos, sin, heads, head_dim, y),
+    }
 }
 
 /// q: [tokens, q_heads, head_dim], k: [tokens, k_heads, head_dim], cos/sin: [tokens, head_dim/2] → q and k rotated
-/// in place (the fused CUDA kernel rotates both in one launch; the results are rope_forward's)
-pub fn rope_qk_forward<T: Float>(
+/// in place (the fused CUDA kernel rotates both in one launch; the results are [`rope`]'s)
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qk<T: Float>(
+    dir: Direction,
     q: &mut [T],
     k: &mut [T],
     cos: &[T],
@@ -58,22 +66,12 @@ pub fn rope_qk_forward<T: Float>(
     k_heads: usize,
     head_dim: usize,
 ) {
-    rotate_in_place::<T, false>(q, cos, sin, q_heads, head_dim);
-    rotate_in_place::<T, false>(k, cos, sin, k_heads, head_dim);
-}
-
-/// dq, dk → their inverse rotations in place, same shapes as [`rope_qk_forward`]
-pub fn rope_qk_backward<T: Float>(
-    dq: &mut [T],
-    dk: &mut [T],
-    cos: &[T],
-    sin: &[T],
-    q_heads: usize,
-    k_heads: usize,
-    head_dim: usize,
-) {
-    rotate_in_place::<T, true>(dq, cos, sin, q_heads, head_dim);
-    rotate_in_place::<T, true>(dk, cos, sin, k_heads, head_dim);
+    for (x, heads) in [(q, q_heads), (k, k_heads)] {
+        match dir {
+            Direction::Forward => rotate_in_place::<T, false>(x, cos, sin, heads, head_dim),
+            Direction::Backward => rotate_in_place::<T, true>(x, cos, sin, heads, head_dim),
+        }
+    }
 }
 
 /// [`rotate`] with the output over the input: each pair is read before it is written, with the same arithmetic.
@@ -153,13 +151,13 @@ mod tests {
 
     fn forward<T: Float>(x: &[T], cos: &[T], sin: &[T], heads: usize, head_dim: usize) -> Vec<T> {
         let mut y = vec![T::nan(); x.len()];
-        rope_forward(x, cos, sin, heads, head_dim, &mut y);
+        rope(Direction::Forward, x, cos, sin, heads, head_dim, &mut y);
         y
     }
 
     fn backward<T: Float>(dy: &[T], cos: &[T], sin: &[T], heads: usize, head_dim: usize) -> Vec<T> {
         let mut dx = vec![T::nan(); dy.len()];
-        rope_backward(dy, cos, sin, heads, head_dim, &mut dx);
+        rope(Direction::Backward, dy, cos, sin, heads, head_dim, &mut dx);
         dx
     }
 
@@ -284,11 +282,11 @@ mod tests {
         let q: Vec<f32> = randn(&mut rng, tokens * q_heads * head_dim).iter().map(|&v| v as f32).collect();
         let k: Vec<f32> = randn(&mut rng, tokens * k_heads * head_dim).iter().map(|&v| v as f32).collect();
         let (mut q2, mut k2) = (q.clone(), k.clone());
-        rope_qk_forward(&mut q2, &mut k2, &cos, &sin, q_heads, k_heads, head_dim);
+        rope_qk(Direction::Forward, &mut q2, &mut k2, &cos, &sin, q_heads, k_heads, head_dim);
         assert_eq!(q2, forward(&q, &cos, &sin, q_heads, head_dim));
         assert_eq!(k2, forward(&k, &cos, &sin, k_heads, head_dim));
         let (mut q3, mut k3) = (q.clone(), k.clone());
-        rope_qk_backward(&mut q3, &mut k3, &cos, &sin, q_heads, k_heads, head_dim);
+        rope_qk(Direction::Backward, &mut q3, &mut k3, &cos, &sin, q_heads, k_heads, head_dim);
         assert_eq!(q3, backward(&q, &cos, &sin, q_heads, head_dim));
         assert_eq!(k3, backward(&k, &cos, &sin, k_heads, head_dim));
     }

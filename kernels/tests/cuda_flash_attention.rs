@@ -78,24 +78,12 @@ struct Case {
 
 impl Case {
     fn params(&self) -> AttentionParams {
-        AttentionParams {
-            n_heads: self.heads.0,
-            n_kv_heads: self.heads.1,
-            head_dim: self.head_dim,
-            scale: 1.0 / (self.head_dim as f64).sqrt(),
-            causal: self.causal,
-            sliding_window: self.window,
-            softcap: self.softcap,
-        }
+        let p = AttentionParams::new(self.heads.0, self.heads.1, self.head_dim);
+        AttentionParams { causal: self.causal, sliding_window: self.window, softcap: self.softcap, ..p }
     }
 
     fn cu_seqlens(&self) -> (Vec<i32>, Vec<i32>) {
-        let (mut cu_q, mut cu_k) = (vec![0], vec![0]);
-        for &(q, k) in self.lens {
-            cu_q.push(cu_q.last().unwrap() + q as i32);
-            cu_k.push(cu_k.last().unwrap() + k as i32);
-        }
-        (cu_q, cu_k)
+        attention::cu_seqlens(self.lens)
     }
 }
 

@@ -7,48 +7,21 @@
 
 use half::bf16;
 use qlora_kernels::cuda::matmul::{matmul as gpu_matmul, plan_count};
-use qlora_kernels::cuda::{CudaDevice, DeviceBuffer, GpuFloat};
+use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
 use qlora_kernels::matmul::{matmul, Gemm};
-use qlora_kernels::testing::{assert_close, gpu, Tolerance};
+use qlora_kernels::testing::{assert_close, gpu};
 use qlora_kernels::Rng;
 use std::sync::Mutex;
+
+// The parity suite's element types and helpers; this file is its own test binary because plan counts are global.
+#[path = "cuda_parity/common.rs"]
+#[allow(dead_code, unused_imports, unused_macros)]
+mod common;
+use common::{Elem, REDUCED};
 
 /// Plan counts are per device and tests share it: each test holds this while it counts.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// f32 sums of k terms in cuBLASLt's order against the CPU's.
-const REDUCED: Tolerance = Tolerance { abs: 1e-4, rel: 1e-4 };
-
-trait Elem: GpuFloat {
-    const NAME: &'static str;
-    const TOL: Tolerance;
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-
-impl Elem for f32 {
-    const NAME: &'static str = "f32";
-    const TOL: Tolerance = REDUCED;
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl Elem for bf16 {
-    const NAME: &'static str = "bf16";
-    const TOL: Tolerance = Tolerance::BF16;
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-/// One product's operands, on the host and the device; C starts as `c0` (NaN when beta == 0, which must not read it).
 struct Operands<T: Elem> {
     a: DeviceBuffer<T>,
     b: DeviceBuffer<T>,
@@ -93,7 +66,8 @@ impl<T: Elem> Operands<T> {
             .filter(|&i| written(i))
             .map(|i| (got[i].to_f32() as f64, T::from_f32(want[i]).to_f32() as f64))
             .unzip();
-        assert_close(&format!("{what} [{}]", T::NAME), &got, &want, T::TOL);
+        // f32 sums of k terms in cuBLASLt's order against the CPU's: REDUCED.
+        assert_close(&format!("{what} [{}]", T::NAME), &got, &want, T::tol(REDUCED));
     }
 }
 

@@ -55,7 +55,7 @@ fn dora_adapter(model: &CausalLm) -> ModelAdapter {
         .iter()
         .map(|p| {
             let ad = LoraAdapter::new(&p.name, &p.base, &config, &mut rng).unwrap();
-            ad.lora_b.set_value(Tensor::randn(&ad.lora_b.value().shape().to_vec(), 1.0, DType::F32, &mut rng));
+            ad.lora_b.set_value(Tensor::randn(ad.lora_b.value().shape(), 1.0, DType::F32, &mut rng));
             // m starts at the row norms, which leaves their lengths alone: rescale the rows too.
             let m = ad.magnitude.as_ref().expect("a DoRA adapter has m");
             let rows: Vec<f32> =

@@ -1,4 +1,4 @@
-"""CPU model of the index math in kernels/cuda/flash_attention_sm90.cuh (no GPU needed): python3 scripts/flash/sm90_layout_model.py
+"""CPU model of the index math in kernels/cuda/flash_wgmma.cuh (no GPU needed): python3 scripts/flash/sm90_layout_model.py
 
 Transcribes the header's address functions (sw128, desc_k, desc_mn, the loader's thread → chunk mapping, the epilogue's
 fragment stores) and checks them against an independent model of what wgmma reads, written from the PTX ISA /

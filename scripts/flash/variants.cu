@@ -3,8 +3,11 @@
 // and timed next to torch's SDPA in the same process. The product launch table is kernels/src/cuda/attention.rs
 // `FLASH`; a variant that wins here moves there (kernels/NOTES.md records the runs).
 #include "../../kernels/cuda/common.cuh"
+#include "../../kernels/cuda/flash_common.cuh"
 #include "../../kernels/cuda/flash_attention.cuh"
+#include "../../kernels/cuda/flash_wgmma.cuh"
 #include "../../kernels/cuda/flash_attention_sm90.cuh"
+#include "../../kernels/cuda/flash_attention_sm90_backward.cuh"
 
 template <int D, int BM, int BN, int W, int MINB>
 __global__ void __launch_bounds__(32 * W, MINB) fwd_kernel(const FlashParams p) {

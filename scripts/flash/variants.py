@@ -6,7 +6,7 @@ shapes (causal 4 x 2048, 32/8 heads at head_dim 64 and 128, 8/4 heads at 256; a 
 next to torch.nn.functional.scaled_dot_product_attention on the same inputs. FLOPs: causal forward 2*b*h*t^2*d
 (half of the full 4*b*h*t^2*d), backward 2.5x forward. Prints one JSON line per measurement.
 
-Hopper variants (names "fwd90 ...", "fwd90ws ...", "bwd90 ...", "bwd90s ...": wgmma, kernels/cuda/flash_attention_sm90.cuh) are
+Hopper variants (names "fwd90 ...", "fwd90ws ...", "bwd90 ...", "bwd90s ...": wgmma, kernels/cuda/flash_attention_sm90*.cuh) are
 marked "sm90": true; the wgmma layout self-test runs first whenever one is selected (--selftest runs only it), and
 they also get a varlen check (unequal and q ≠ k lengths, bottom-right causal, window, softcap, GQA 1/4/8, head_dim
 below the padded D and not a multiple of 8). Timings print x_sdpa (SDPA's time / the variant's) and, for the window

@@ -1,15 +1,16 @@
 //! What a training step will hold, estimated from the shapes before anything is built, so that a model that cannot
 //! fit is reported (`llama-3.1-70b` on a smaller GPU) instead of failing half-way through its upload. The estimate
 //! follows what the step keeps: base weights as stored, adapters with their gradients and AdamW moments, the saved
-//! activations of every layer (or only the layer inputs under checkpointing), then the larger of the loss's
-//! [tokens, vocab] logits with their gradient and a layer's backward, and the dequantized scratch of the largest
-//! weight. It ignores the allocator's rounding and short-lived temporaries: read it as ±25 %. (At 4 × 2048 tokens it
-//! gives 5.6, 12.1 and 15.1 GiB for Llama-3.2-1B, Llama-3-8B and Gemma-2-2B; the H200 measured 5.56, 11.80 and
-//! 15.21 GiB, `../shared/bench/README.md`.)
+//! activations of every layer (or only the layer inputs under checkpointing), then the larger of the loss's chunk
+//! (the fused head and loss form [rows, vocab] logits a chunk at a time) and a layer's backward, and the dequantized
+//! scratch of the largest weight. It ignores the allocator's rounding and short-lived temporaries: read it as ±15 %.
+//! (At 4 × 2048 tokens it gives 2.62, 9.87 and 4.54 GiB for Llama-3.2-1B, Llama-3-8B and Gemma-2-2B; the H200 measured
+//! allocator peaks of 2.53, 9.57 and 4.55 GiB, run F in `benches/RESULTS.md`.)
 
 use qlora_kernels::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
 use qlora_models::transformer::BaseFormat;
 use qlora_models::ModelConfig;
+use qlora_runtime::ops::linear_cross_entropy::chunk_rows;
 use qlora_runtime::{DType, Device};
 
 /// Each decoder layer's projections as (name, [out, in]), in the model's order.
@@ -97,11 +98,13 @@ pub fn estimate(s: &Setup) -> Estimate {
     let sandwich = if c.family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
     let layer = t * d * (4 * h + sandwich + 3 * qo + 3 * kvo + 3 * i) + t * c.num_attention_heads * 4;
     let saved = if s.checkpointing { layers * t * h * d } else { layers * layer };
-    // The peak comes either at the loss (logits, their softcapped copy, their gradient) or in a layer's backward
-    // (its recomputed activations and their gradients), on top of what stays saved.
+    // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
+    // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
+    // their gradients, about half as large again: fitted to the measured peaks above), on top of what stays saved.
     let softcap = usize::from(c.final_logit_softcapping.is_some());
-    let head = (2 + softcap) * t * c.vocab_size * d;
-    let in_layer = if s.checkpointing { 2 * layer } else { layer };
+    let chunk = chunk_rows(c.vocab_size).min(t);
+    let head = (3 + softcap) * chunk * c.vocab_size * d + 2 * t * h * d;
+    let in_layer = if s.checkpointing { layer + layer / 2 } else { layer };
     let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
     let activations = saved + head.max(in_layer) + 2 * largest * d;
     Estimate { weights, adapters, activations }
@@ -161,10 +164,10 @@ mod tests {
         assert_eq!(e.adapters, 41_943_040 * 16);
     }
 
-    /// The allocator peaks the H200 measured for these runs (`../shared/bench/README.md`, 2026-12-04).
+    /// The allocator peaks the H200 measured for these runs (run F, `benches/RESULTS.md`, 2026-12-04).
     #[test]
     fn estimates_are_near_the_measured_peaks() {
-        for (shape, measured) in [("llama-3.2-1b", 5.56), ("llama-3-8b", 11.80), ("gemma-2-2b", 15.21)] {
+        for (shape, measured) in [("llama-3.2-1b", 2.53), ("llama-3-8b", 9.57), ("gemma-2-2b", 4.55)] {
             let got = gib(peer_setting(&shape_config(shape).unwrap()).total());
             assert!((got / measured - 1.0).abs() < 0.15, "{shape}: estimated {got:.2} GiB, measured {measured}");
         }

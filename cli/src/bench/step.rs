@@ -10,13 +10,12 @@
 
 use super::memory::{self, Estimate, Setup};
 use super::stats::{summarize, Summary};
+use crate::adapter_args::AdapterArgs;
 use crate::device::{self, DeviceArg};
-use crate::eval::{DtypeArg, Quantize};
+use crate::eval::DtypeArg;
 use crate::finetune::step::{optimizer_step, Phase, Phases, StepConfig};
-use crate::finetune::{attach_adapters, parse_targets, training_device};
+use crate::finetune::{attach_adapters, training_device};
 use anyhow::{bail, ensure, Context, Result};
-use qlora_autograd::{LoraConfig, LoraInit};
-use qlora_kernels::Rng;
 use qlora_models::synthetic;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
@@ -24,6 +23,7 @@ use qlora_optim::{AdamW, AdamWConfig};
 use qlora_runtime::cuda::synchronizations;
 use qlora_runtime::profile::{self, RegionTime};
 use qlora_runtime::timing::Mark;
+use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -53,33 +53,8 @@ pub struct StepArgs {
     /// Untimed optimizer steps before them (kernel compilation, allocator warm-up).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0)]
-    alpha: f64,
-    /// Adapter dropout while training (finetune's default; the peer benchmarks use 0).
-    #[arg(long, default_value_t = 0.05)]
-    dropout: f64,
-    /// Projections to adapt: all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
-    #[arg(long, value_name = "LIST", default_value = "all-linear")]
-    target_modules: String,
-    /// rsLoRA scaling (alpha/√r).
-    #[arg(long)]
-    rslora: bool,
-    /// DoRA (CPU only so far, as in finetune).
-    #[arg(long)]
-    dora: bool,
-    /// Base weights: nf4 or none (dense, plain LoRA).
-    #[arg(long, value_enum, default_value_t = Quantize::Nf4)]
-    quantize: Quantize,
-    /// Quantize the NF4 block scales too [default: on].
-    #[arg(long, overrides_with = "no_double_quant")]
-    double_quant: bool,
-    /// Keep the NF4 block scales in f32.
-    #[arg(long, overrides_with = "double_quant")]
-    no_double_quant: bool,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     /// Recompute each decoder layer in backward [default: on].
     #[arg(long, overrides_with = "no_gradient_checkpointing")]
     gradient_checkpointing: bool,
@@ -119,19 +94,12 @@ impl StepArgs {
         ensure!(self.seq >= 2, "--seq must be at least 2 (one token predicts the next)");
         ensure!(self.grad_accum >= 1, "--grad-accum must be at least 1");
         ensure!(self.steps >= 1, "--steps must be at least 1");
-        ensure!(self.r >= 1, "--r must be at least 1");
-        ensure!(self.alpha.is_finite() && self.alpha > 0.0, "--alpha must be a positive number, got {}", self.alpha);
-        ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1), got {}", self.dropout);
         ensure!(
             self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
             "--max-grad-norm must be 0 (off) or a positive number, got {}",
             self.max_grad_norm
         );
-        Ok(())
-    }
-
-    fn double_quant(&self) -> bool {
-        self.quantize == Quantize::Nf4 && (self.double_quant || !self.no_double_quant)
+        self.adapter.check()
     }
 
     fn checkpointing(&self) -> bool {
@@ -252,7 +220,7 @@ fn random_batches(rng: &mut Rng, args: &StepArgs, vocab: usize) -> Result<Vec<Ba
 
 pub fn run(args: &StepArgs) -> Result<()> {
     args.check()?;
-    let targets = parse_targets(&args.target_modules)?;
+    let targets = args.adapter.targets()?;
     let subject = Subject::of(args)?;
     let config = subject.config()?;
     ensure!(
@@ -262,16 +230,16 @@ pub fn run(args: &StepArgs) -> Result<()> {
         config.max_position_embeddings
     );
     let placement @ (device, dtype) =
-        device::pick(training_device(args.dora, args.device)?, args.dtype.dtype(), "benchmarking")?;
-    let format = args.quantize.base_format(args.double_quant(), DType::F32);
+        device::pick(training_device(args.adapter.dora, args.device)?, args.dtype.dtype(), "benchmarking")?;
+    let format = args.adapter.quantize.base_format(args.adapter.double_quant(), DType::F32);
     let estimate = memory::estimate(&Setup {
         config: &config,
         format,
         device,
         compute: dtype,
         tokens: args.batch * args.seq,
-        r: args.r,
-        dora: args.dora,
+        r: args.adapter.r,
+        dora: args.adapter.dora,
         targets: &targets,
         checkpointing: args.checkpointing(),
     });
@@ -284,14 +252,14 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "batch": args.batch,
         "seq": args.seq,
         "grad_accum": args.grad_accum,
-        "r": args.r,
-        "alpha": args.alpha,
-        "dropout": args.dropout,
+        "r": args.adapter.r,
+        "alpha": args.adapter.alpha,
+        "dropout": args.adapter.dropout,
         "target_modules": targets,
-        "rslora": args.rslora,
-        "dora": args.dora,
-        "quantize": args.quantize,
-        "double_quant": args.double_quant(),
+        "rslora": args.adapter.rslora,
+        "dora": args.adapter.dora,
+        "quantize": args.adapter.quantize,
+        "double_quant": args.adapter.double_quant(),
         "gradient_checkpointing": args.checkpointing(),
         "max_grad_norm": args.max_grad_norm,
         "linear_params": memory::linear_params(&config),
@@ -308,15 +276,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let dense = if device == Device::Cpu { DType::F32 } else { dtype };
     let mut model = subject.model(&config, format, dense, args.seed)?;
     model.gradient_checkpointing = args.checkpointing();
-    let lora = LoraConfig {
-        r: args.r,
-        alpha: args.alpha,
-        use_rslora: args.rslora,
-        use_dora: args.dora,
-        dropout: args.dropout,
-        init: LoraInit::Default,
-    };
-    attach_adapters(&mut model, &targets, &lora, args.seed)?;
+    attach_adapters(&mut model, &targets, &args.adapter.lora_config(), args.seed)?;
     if device != Device::Cpu {
         model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
     }
@@ -427,24 +387,17 @@ fn print_report(
     step: Summary,
     profile: Option<&(f64, Vec<RegionTime>)>,
 ) {
-    let base = match (args.quantize, args.double_quant()) {
-        (Quantize::Nf4, true) => "NF4 + double quant",
-        (Quantize::Nf4, false) => "NF4",
-        (Quantize::None, _) => "dense f32",
-    };
     println!(
-        "bench {}: {} layers, hidden {}, vocab {}, {:.2}B linear parameters ({base}); {} trainable (r {}, alpha {}{}{}); \
+        "bench {}: {} layers, hidden {}, vocab {}, {:.2}B linear parameters ({}); {} trainable ({}); \
          on {}",
         subject,
         c.num_hidden_layers,
         c.hidden_size,
         c.vocab_size,
         memory::linear_params(c) as f64 / 1e9,
+        args.adapter.base_name(),
         r["trainable_params"],
-        args.r,
-        args.alpha,
-        if args.rslora { ", rsLoRA" } else { "" },
-        if args.dora { ", DoRA" } else { "" },
+        args.adapter.adapter_name(),
         device::describe(placement),
     );
     println!(
@@ -453,7 +406,7 @@ fn print_report(
         args.batch,
         args.seq,
         if args.checkpointing() { "on" } else { "off" },
-        args.dropout,
+        args.adapter.dropout,
         args.steps,
         args.warmup,
     );

@@ -16,10 +16,11 @@ mod train;
 
 pub use config::expand_config;
 
+use crate::adapter_args::AdapterArgs;
 use crate::device::DeviceArg;
-use crate::eval::{DtypeArg, Quantize};
+use crate::eval::DtypeArg;
 use anyhow::{bail, ensure, Context, Result};
-use qlora_autograd::{LoraAdapter, LoraConfig, LoraInit};
+use qlora_autograd::{LoraAdapter, LoraConfig};
 use qlora_models::config::projection_kinds;
 use qlora_models::data::template::BuiltinTemplate;
 use qlora_models::data::tokenize::Formatter;
@@ -81,33 +82,8 @@ pub struct FinetuneArgs {
     /// Instead of --eval-file: hold out this fraction of --data's examples (chosen with --seed).
     #[arg(long, value_name = "FRACTION", overrides_with = "eval_file")]
     eval_split: Option<f64>,
-    /// Base weights: nf4 (QLoRA's 4-bit NormalFloat, blocks of 64) or none (f32, plain LoRA).
-    #[arg(long, value_enum, default_value_t = Quantize::Nf4)]
-    quantize: Quantize,
-    /// Quantize the NF4 block scales too (QLoRA's double quantization) [default: on].
-    #[arg(long, overrides_with = "no_double_quant")]
-    double_quant: bool,
-    /// Keep the NF4 block scales in f32.
-    #[arg(long, overrides_with = "double_quant")]
-    no_double_quant: bool,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    r: usize,
-    /// LoRA alpha: the adapter is scaled by alpha/r (alpha/√r with --rslora).
-    #[arg(long, default_value_t = 16.0)]
-    alpha: f64,
-    /// Dropout on the adapter's input while training (never while evaluating).
-    #[arg(long, default_value_t = 0.05)]
-    dropout: f64,
-    /// Projections to adapt: all-linear, or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
-    #[arg(long, value_name = "LIST", default_value = "all-linear")]
-    target_modules: String,
-    /// rsLoRA: scale by alpha/√r, which keeps large ranks learning.
-    #[arg(long)]
-    rslora: bool,
-    /// DoRA: a trainable magnitude per output row on top of the low-rank direction update.
-    #[arg(long)]
-    dora: bool,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
@@ -199,11 +175,6 @@ pub struct FinetuneArgs {
 }
 
 impl FinetuneArgs {
-    /// The last of --double-quant / --no-double-quant wins (clap clears the other); neither means on.
-    fn double_quant(&self) -> bool {
-        self.double_quant || !self.no_double_quant
-    }
-
     fn gradient_checkpointing(&self) -> bool {
         self.gradient_checkpointing || !self.no_gradient_checkpointing
     }
@@ -213,9 +184,7 @@ impl FinetuneArgs {
             ensure!((0.0..1.0).contains(&x), "--{name} must be in [0, 1), got {x}");
             Ok(())
         };
-        ensure!(self.r >= 1, "--r must be at least 1");
-        ensure!(self.alpha.is_finite() && self.alpha > 0.0, "--alpha must be a positive number, got {}", self.alpha);
-        unit("dropout", self.dropout)?;
+        self.adapter.check()?;
         ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be a positive number, got {}", self.lr);
         unit("warmup-ratio", self.warmup_ratio)?;
         ensure!(self.epochs >= 1, "--epochs must be at least 1");
@@ -240,26 +209,7 @@ impl FinetuneArgs {
         if let Some(f) = self.eval_split {
             ensure!(f > 0.0 && f < 1.0, "--eval-split must be a fraction in (0, 1), got {f}");
         }
-        ensure!(
-            self.quantize == Quantize::Nf4 || !self.double_quant,
-            "--double-quant needs --quantize nf4 (use --no-double-quant or drop the flag)"
-        );
         Ok(())
-    }
-
-    fn targets(&self) -> Result<Vec<&'static str>> {
-        parse_targets(&self.target_modules)
-    }
-
-    fn lora_config(&self) -> LoraConfig {
-        LoraConfig {
-            r: self.r,
-            alpha: self.alpha,
-            use_rslora: self.rslora,
-            use_dora: self.dora,
-            dropout: self.dropout,
-            init: LoraInit::Default,
-        }
     }
 
     /// Everything that shapes the loss trajectory, for the checkpoint's config check: a resumed run continues
@@ -268,14 +218,14 @@ impl FinetuneArgs {
     fn trajectory(&self, data_fingerprint: &str, targets: &[&str]) -> serde_json::Value {
         serde_json::json!({
             "data": data_fingerprint,
-            "quantize": self.quantize,
-            "double_quant": self.quantize == Quantize::Nf4 && self.double_quant(),
-            "r": self.r,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
+            "quantize": self.adapter.quantize,
+            "double_quant": self.adapter.double_quant(),
+            "r": self.adapter.r,
+            "alpha": self.adapter.alpha,
+            "dropout": self.adapter.dropout,
             "target_modules": targets,
-            "rslora": self.rslora,
-            "dora": self.dora,
+            "rslora": self.adapter.rslora,
+            "dora": self.adapter.dora,
             "lr": self.lr,
             "schedule": self.schedule,
             "warmup_ratio": self.warmup_ratio,
@@ -426,7 +376,8 @@ fn load_model(
     (device, dtype): (Device, DType),
 ) -> Result<(CausalLm, AdamW, checkpoint::TrainerState)> {
     // Dense in f32, the CPU compute precision: no per-step upcast of the frozen weights.
-    let mut model = CausalLm::load(&args.model, args.quantize.base_format(args.double_quant(), DType::F32))?;
+    let mut model =
+        CausalLm::load(&args.model, args.adapter.quantize.base_format(args.adapter.double_quant(), DType::F32))?;
     model.gradient_checkpointing = args.gradient_checkpointing();
     let resumed = match resume_from {
         Some(dir) => {
@@ -435,7 +386,7 @@ fn load_model(
             Some(saved)
         }
         None => {
-            attach_adapters(&mut model, targets, &args.lora_config(), args.seed)?;
+            attach_adapters(&mut model, targets, &args.adapter.lora_config(), args.seed)?;
             None
         }
     };
@@ -465,20 +416,13 @@ fn load_model(
 /// The run in two lines: model and adapters, then the schedule.
 fn describe(args: &FinetuneArgs, model: &CausalLm, n_params: usize, schedule: &Schedule, rows: String, on: String) {
     let c = &model.config;
-    let base = match (args.quantize, args.double_quant()) {
-        (Quantize::Nf4, true) => "NF4 + double quantization",
-        (Quantize::Nf4, false) => "NF4",
-        (Quantize::None, _) => "f32",
-    };
     println!(
-        "model: {} layers, hidden {}, vocab {}; base {base}; {n_params} trainable adapter parameters (r {}, alpha {}{}{})",
+        "model: {} layers, hidden {}, vocab {}; base {}; {n_params} trainable adapter parameters ({})",
         c.num_hidden_layers,
         c.hidden_size,
         c.vocab_size,
-        args.r,
-        args.alpha,
-        if args.rslora { ", rsLoRA" } else { "" },
-        if args.dora { ", DoRA" } else { "" },
+        args.adapter.base_name(),
+        args.adapter.adapter_name(),
     );
     println!(
         "training: {} optimizer steps, warmup {}, {} micro-batch(es) of {rows} per step, on {on}",
@@ -503,8 +447,9 @@ pub(crate) fn training_device(dora: bool, device: DeviceArg) -> Result<DeviceArg
 
 fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     args.check()?;
-    let targets = args.targets()?;
-    let placement = crate::device::pick(training_device(args.dora, args.device)?, args.dtype.dtype(), "training")?;
+    let targets = args.adapter.targets()?;
+    let placement =
+        crate::device::pick(training_device(args.adapter.dora, args.device)?, args.dtype.dtype(), "training")?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
 

@@ -11,9 +11,9 @@
 mod prompt;
 mod prompts;
 
-use crate::adapter_arg::{read_all, AdapterArg};
 use crate::eval::Quantize;
 use crate::finetune::TemplateArg;
+use crate::named_adapters::{read_all, AdapterArg};
 use anyhow::{bail, ensure, Context, Result};
 use prompt::Prompter;
 use qlora_models::data::jsonl::Message;

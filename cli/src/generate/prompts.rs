@@ -11,7 +11,7 @@
 //! Output lines keep the input order: each is written as soon as every line before it is done.
 
 use super::prompt::{Encoded, Prompter};
-use crate::adapter_arg::{AdapterArg, NamedAdapter};
+use crate::named_adapters::{AdapterArg, NamedAdapter};
 use anyhow::{anyhow, bail, Context, Result};
 use qlora_models::data::jsonl::{parse_record, Record};
 use qlora_models::formats::tokenizer::Tokenizer;

@@ -3,23 +3,24 @@
 
 use super::source::Module;
 use super::{kernel, launch, same_device, wave_config, DeviceBuffer, GpuFloat, Result};
+pub use crate::activation::Glu;
 
-/// x: \[n\] → y: \[n\]
+/// x: [n] → y: [n]
 pub fn silu_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("silu_forward", T), x, None, y)
 }
 
-/// x, dy: \[n\] → dx: \[n\]
+/// x, dy: [n] → dx: [n]
 pub fn silu_backward<T: GpuFloat>(x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
     binary(kernel!("silu_backward", T), x, None, dy, dx)
 }
 
-/// x: \[n\] → y: \[n\]
+/// x: [n] → y: [n]
 pub fn gelu_tanh_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("gelu_tanh_forward", T), x, None, y)
 }
 
-/// x, dy: \[n\] → dx: \[n\]
+/// x, dy: [n] → dx: [n]
 pub fn gelu_tanh_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     dy: &DeviceBuffer<T>,
@@ -28,52 +29,54 @@ pub fn gelu_tanh_backward<T: GpuFloat>(
     binary(kernel!("gelu_tanh_backward", T), x, None, dy, dx)
 }
 
-/// gate, up: \[n\] → out: \[n\]
-pub fn swiglu_forward<T: GpuFloat>(
+/// gate, up: [n] → out: [n] = act(gate) ⊙ up
+pub fn glu_forward<T: GpuFloat>(
+    kind: Glu,
     gate: &DeviceBuffer<T>,
     up: &DeviceBuffer<T>,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    binary(kernel!("swiglu_forward", T), gate, None, up, out)
+    let kernel = match kind {
+        Glu::SwiGlu => kernel!("swiglu_forward", T),
+        Glu::GeGlu => kernel!("geglu_forward", T),
+    };
+    binary(kernel, gate, None, up, out)
 }
 
-/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
-pub fn swiglu_backward<T: GpuFloat>(
+/// gate, up, d_out: [n] → d_gate, d_up: [n]
+pub fn glu_backward<T: GpuFloat>(
+    kind: Glu,
     gate: &DeviceBuffer<T>,
     up: &DeviceBuffer<T>,
     d_out: &DeviceBuffer<T>,
     d_gate: &mut DeviceBuffer<T>,
     d_up: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    glu_backward(kernel!("swiglu_backward", T), gate, up, d_out, d_gate, d_up)
+    let kernel = match kind {
+        Glu::SwiGlu => kernel!("swiglu_backward", T),
+        Glu::GeGlu => kernel!("geglu_backward", T),
+    };
+    let n = gate.len();
+    assert_eq!(up.len(), n, "{kernel}: up length");
+    assert_eq!(d_out.len(), n, "{kernel}: d_out length");
+    assert_eq!(d_gate.len(), n, "{kernel}: d_gate length");
+    assert_eq!(d_up.len(), n, "{kernel}: d_up length");
+    let dev = same_device(kernel, &[gate.device(), up.device(), d_out.device(), d_gate.device(), d_up.device()]);
+    if n == 0 {
+        return Ok(());
+    }
+    let cfg = wave_config(dev, Module::Activation, kernel, n.div_ceil(8))?;
+    let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
+    // SAFETY: kernel(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n); all five hold n
+    // elements on this device (asserted), and the two outputs are distinct buffers (two &mut borrows).
+    unsafe { launch!(dev, Module::Activation, kernel, cfg; pg, pu, pd, pdg, pdu, n64) }
 }
-
-/// gate, up: \[n\] → out: \[n\]
-pub fn geglu_forward<T: GpuFloat>(
-    gate: &DeviceBuffer<T>,
-    up: &DeviceBuffer<T>,
-    out: &mut DeviceBuffer<T>,
-) -> Result<()> {
-    binary(kernel!("geglu_forward", T), gate, None, up, out)
-}
-
-/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
-pub fn geglu_backward<T: GpuFloat>(
-    gate: &DeviceBuffer<T>,
-    up: &DeviceBuffer<T>,
-    d_out: &DeviceBuffer<T>,
-    d_gate: &mut DeviceBuffer<T>,
-    d_up: &mut DeviceBuffer<T>,
-) -> Result<()> {
-    glu_backward(kernel!("geglu_backward", T), gate, up, d_out, d_gate, d_up)
-}
-
-/// x: \[n\] → y: \[n\] = cap·tanh(x/cap)
+/// x: [n] → y: [n] = cap·tanh(x/cap)
 pub fn softcap_forward<T: GpuFloat>(x: &DeviceBuffer<T>, cap: f32, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("softcap_forward", T), x, Some(cap), y)
 }
 
-/// x, dy: \[n\] → dx: \[n\]
+/// x, dy: [n] → dx: [n]
 pub fn softcap_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     cap: f32,
@@ -131,28 +134,4 @@ fn binary<T: GpuFloat>(
             None => launch!(dev, Module::Activation, kernel, cfg; pa, pb, po, n),
         }
     }
-}
-
-fn glu_backward<T: GpuFloat>(
-    kernel: &'static str,
-    gate: &DeviceBuffer<T>,
-    up: &DeviceBuffer<T>,
-    d_out: &DeviceBuffer<T>,
-    d_gate: &mut DeviceBuffer<T>,
-    d_up: &mut DeviceBuffer<T>,
-) -> Result<()> {
-    let n = gate.len();
-    assert_eq!(up.len(), n, "{kernel}: up length");
-    assert_eq!(d_out.len(), n, "{kernel}: d_out length");
-    assert_eq!(d_gate.len(), n, "{kernel}: d_gate length");
-    assert_eq!(d_up.len(), n, "{kernel}: d_up length");
-    let dev = same_device(kernel, &[gate.device(), up.device(), d_out.device(), d_gate.device(), d_up.device()]);
-    if n == 0 {
-        return Ok(());
-    }
-    let cfg = wave_config(dev, Module::Activation, kernel, n.div_ceil(8))?;
-    let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
-    // SAFETY: kernel(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n); all five hold n
-    // elements on this device (asserted), and the two outputs are distinct buffers (two &mut borrows).
-    unsafe { launch!(dev, Module::Activation, kernel, cfg; pg, pu, pd, pdg, pdu, n64) }
 }

@@ -16,7 +16,7 @@ const CHUNK: usize = 8;
 /// f32 scratch (this many rows of `dim`).
 const MAX_SCALAR_DW_BLOCKS: usize = 256;
 
-/// x: [rows, dim], weight: \[dim\] → y: [rows, dim], rstd: \[rows\] f32
+/// x: [rows, dim], weight: [dim] → y: [rows, dim], rstd: [rows] f32
 pub fn rms_norm_forward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     weight: &DeviceBuffer<T>,
@@ -52,7 +52,8 @@ pub fn rms_norm_forward<T: GpuFloat>(
     }
 }
 
-/// x, dy: [rows, dim], rstd: \[rows\] f32 → dx: [rows, dim], dw: \[dim\] (written: Σ over rows, deterministic order)
+/// x, dy: [rows, dim], rstd: [rows] f32 → dx: [rows, dim], dw: [dim] when given (written: Σ over rows, deterministic
+/// order; None for a frozen weight, QLoRA's norms, skips the dw partial sums and their reduction launch)
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
@@ -62,7 +63,7 @@ pub fn rms_norm_backward<T: GpuFloat>(
     dim: usize,
     offset: f32,
     dx: &mut DeviceBuffer<T>,
-    dw: &mut DeviceBuffer<T>,
+    dw: Option<&mut DeviceBuffer<T>>,
 ) -> Result<()> {
     backward(
         &BackwardKernels {
@@ -79,43 +80,12 @@ pub fn rms_norm_backward<T: GpuFloat>(
         dim,
         offset,
         dx,
-        Some(dw),
+        dw,
     )
 }
 
-/// x, dy: [rows, dim], rstd: \[rows\] f32 → dx: [rows, dim]: [`rms_norm_backward`] without dw, for a frozen weight
-/// (QLoRA's norms): no dw partial sums and no reduction launch
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm_backward_dx<T: GpuFloat>(
-    x: &DeviceBuffer<T>,
-    weight: &DeviceBuffer<T>,
-    rstd: &DeviceBuffer<f32>,
-    dy: &DeviceBuffer<T>,
-    dim: usize,
-    offset: f32,
-    dx: &mut DeviceBuffer<T>,
-) -> Result<()> {
-    backward(
-        &BackwardKernels {
-            what: "rms_norm_backward_dx",
-            vector: kernel!("rms_norm_backward", T),
-            wide: "rms_norm_backward_wide_bf16",
-            scalar: kernel!("rms_norm_backward_scalar", T),
-        },
-        x,
-        weight,
-        rstd,
-        dy,
-        None,
-        dim,
-        offset,
-        dx,
-        None,
-    )
-}
-
-/// x, residual: [rows, dim], weight: \[dim\] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim],
-/// rstd: \[rows\] f32, in one pass (h is rounded to T before it is normalized)
+/// x, residual: [rows, dim], weight: [dim] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim],
+/// rstd: [rows] f32, in one pass (h is rounded to T before it is normalized)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_forward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
@@ -163,8 +133,8 @@ pub fn add_rms_norm_forward<T: GpuFloat>(
     }
 }
 
-/// h, dy, d_residual: [rows, dim], rstd: \[rows\] f32 → dx = d_residual + ∂(rms_norm(h))/∂h·dy: [rows, dim] (the
-/// gradient of both x and residual of the forward), dw: \[dim\] when given (written: Σ over rows, deterministic order;
+/// h, dy, d_residual: [rows, dim], rstd: [rows] f32 → dx = d_residual + ∂(rms_norm(h))/∂h·dy: [rows, dim] (the
+/// gradient of both x and residual of the forward), dw: [dim] when given (written: Σ over rows, deterministic order;
 /// None for a frozen weight skips its partial sums and reduction)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_backward<T: GpuFloat>(

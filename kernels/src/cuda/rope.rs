@@ -1,63 +1,44 @@
-//! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope_forward` / `rope_backward` and the fused
-//! in-place `rope_qk_forward` / `rope_qk_backward`. The cos/sin tables are f32 ([`crate::rope::rope_tables`] builds
-//! them; they are small and shared by every layer). Grids are one wave of blocks looping over 8-pair chunks.
+//! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope` and the fused in-place `rope_qk`, each
+//! forward or backward. The cos/sin tables are f32 ([`crate::rope::rope_tables`] builds them; they are small and
+//! shared by every layer). Grids are one wave of blocks looping over 8-pair chunks.
+
+pub use crate::rope::Direction;
 
 use super::source::Module;
 use super::{
     aligned16, config, kernel, launch, resident_blocks, same_device, u32_arg, DeviceBuffer, GpuFloat, Result, BLOCK,
 };
 
-/// x: [tokens, heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → y: [tokens, heads, head_dim]
-pub fn rope_forward<T: GpuFloat>(
+/// x: [tokens, heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → y: [tokens, heads, head_dim] (dy → dx backward)
+pub fn rope<T: GpuFloat>(
+    dir: Direction,
     x: &DeviceBuffer<T>,
-    cos: &DeviceBuffer<f32>,
-    sin: &DeviceBuffer<f32>,
+    [cos, sin]: [&DeviceBuffer<f32>; 2],
     heads: usize,
     head_dim: usize,
     y: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    rotate((kernel!("rope_forward", T), kernel!("rope_forward_scalar", T)), x, cos, sin, heads, head_dim, y)
-}
-
-/// dy → dx (the inverse rotation), same shapes as forward
-pub fn rope_backward<T: GpuFloat>(
-    dy: &DeviceBuffer<T>,
-    cos: &DeviceBuffer<f32>,
-    sin: &DeviceBuffer<f32>,
-    heads: usize,
-    head_dim: usize,
-    dx: &mut DeviceBuffer<T>,
-) -> Result<()> {
-    rotate((kernel!("rope_backward", T), kernel!("rope_backward_scalar", T)), dy, cos, sin, heads, head_dim, dx)
+    let kernels = match dir {
+        Direction::Forward => (kernel!("rope_forward", T), kernel!("rope_forward_scalar", T)),
+        Direction::Backward => (kernel!("rope_backward", T), kernel!("rope_backward_scalar", T)),
+    };
+    rotate(kernels, x, cos, sin, heads, head_dim, y)
 }
 
 /// q: [tokens, q_heads, head_dim], k: [tokens, k_heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → q and k
 /// rotated in place, in one launch
-pub fn rope_qk_forward<T: GpuFloat>(
-    q: &mut DeviceBuffer<T>,
-    k: &mut DeviceBuffer<T>,
-    cos: &DeviceBuffer<f32>,
-    sin: &DeviceBuffer<f32>,
-    q_heads: usize,
-    k_heads: usize,
+pub fn rope_qk<T: GpuFloat>(
+    dir: Direction,
+    [q, k]: [&mut DeviceBuffer<T>; 2],
+    [cos, sin]: [&DeviceBuffer<f32>; 2],
+    [q_heads, k_heads]: [usize; 2],
     head_dim: usize,
 ) -> Result<()> {
-    let kernels = (kernel!("rope_qk_forward", T), kernel!("rope_qk_forward_scalar", T));
+    let kernels = match dir {
+        Direction::Forward => (kernel!("rope_qk_forward", T), kernel!("rope_qk_forward_scalar", T)),
+        Direction::Backward => (kernel!("rope_qk_backward", T), kernel!("rope_qk_backward_scalar", T)),
+    };
     rotate_qk(kernels, q, k, cos, sin, q_heads, k_heads, head_dim)
-}
-
-/// dq, dk → their inverse rotations in place, same shapes as [`rope_qk_forward`]
-pub fn rope_qk_backward<T: GpuFloat>(
-    dq: &mut DeviceBuffer<T>,
-    dk: &mut DeviceBuffer<T>,
-    cos: &DeviceBuffer<f32>,
-    sin: &DeviceBuffer<f32>,
-    q_heads: usize,
-    k_heads: usize,
-    head_dim: usize,
-) -> Result<()> {
-    let kernels = (kernel!("rope_qk_backward", T), kernel!("rope_qk_backward_scalar", T));
-    rotate_qk(kernels, dq, dk, cos, sin, q_heads, k_heads, head_dim)
 }
 
 /// Pairs a thread rotates: 8 (16-byte accesses) when every head's halves and every table row start 16-byte

@@ -1,17 +1,21 @@
 //! The catalogue of CUDA sources: one `kernels/cuda/<op>.cu` per op, embedded in the binary, plus the headers
-//! (`common.cuh`, the flash-attention templates) spliced in where each source includes them. Entry points, hot
+//! (`common.cuh`, the flash-attention pieces and templates) spliced in where each source includes them. Entry points, hot
 //! markers and the targets a module compiles for are read off or stated here, so the source is the only list of
 //! kernel names.
 
 use super::compile::Target;
 
 /// The headers a `.cu` may include, spliced in place of each `#include "<name>"` line (NVRTC gets one
-/// self-contained source; nvcc finds the headers beside the file). Every source includes `common.cuh`; the flash
-/// modules add the flash-attention templates, the Hopper ones also the wgmma templates.
-const HEADERS: [(&str, &str); 3] = [
+/// self-contained source; nvcc finds the headers beside the file); a header's own `#include` lines are not spliced, so
+/// a `.cu` names every header it needs, in order. Every source includes `common.cuh`; the flash modules add
+/// `flash_common.cuh` and the mma.sync templates, the Hopper ones `flash_common.cuh`, the wgmma pieces and templates.
+const HEADERS: [(&str, &str); 6] = [
     ("common.cuh", include_str!("../../cuda/common.cuh")),
+    ("flash_common.cuh", include_str!("../../cuda/flash_common.cuh")),
     ("flash_attention.cuh", include_str!("../../cuda/flash_attention.cuh")),
+    ("flash_wgmma.cuh", include_str!("../../cuda/flash_wgmma.cuh")),
     ("flash_attention_sm90.cuh", include_str!("../../cuda/flash_attention_sm90.cuh")),
+    ("flash_attention_sm90_backward.cuh", include_str!("../../cuda/flash_attention_sm90_backward.cuh")),
 ];
 /// Written on the line above a group of entry points: ptxas must give every one of them zero spill bytes.
 pub const HOT_MARKER: &str = "// qlora-rt: hot";

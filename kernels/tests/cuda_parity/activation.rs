@@ -1,4 +1,5 @@
 use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, LENS};
+use qlora_kernels::activation::Glu;
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
 use qlora_kernels::testing::gpu;
 use qlora_kernels::{activation, cuda, Rng};
@@ -11,16 +12,8 @@ fn activations_match_cpu() {
 
 type CpuUnary = fn(&[f32], &mut [f32]);
 type CpuBinary = fn(&[f32], &[f32], &mut [f32]);
-type CpuGluBackward = fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
 type GpuUnary<T> = fn(&DeviceBuffer<T>, &mut DeviceBuffer<T>) -> cuda::Result<()>;
 type GpuBinary<T> = fn(&DeviceBuffer<T>, &DeviceBuffer<T>, &mut DeviceBuffer<T>) -> cuda::Result<()>;
-type GpuGluBackward<T> = fn(
-    &DeviceBuffer<T>,
-    &DeviceBuffer<T>,
-    &DeviceBuffer<T>,
-    &mut DeviceBuffer<T>,
-    &mut DeviceBuffer<T>,
-) -> cuda::Result<()>;
 
 fn activation_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     const CAP: f32 = 30.0;
@@ -28,15 +21,9 @@ fn activation_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         ("silu_forward", cuda::activation::silu_forward, activation::silu_forward),
         ("gelu_tanh_forward", cuda::activation::gelu_tanh_forward, activation::gelu_tanh_forward),
     ];
-    let binary: [(&str, GpuBinary<T>, CpuBinary); 4] = [
+    let binary: [(&str, GpuBinary<T>, CpuBinary); 2] = [
         ("silu_backward", cuda::activation::silu_backward, activation::silu_backward),
         ("gelu_tanh_backward", cuda::activation::gelu_tanh_backward, activation::gelu_tanh_backward),
-        ("swiglu_forward", cuda::activation::swiglu_forward, activation::swiglu_forward),
-        ("geglu_forward", cuda::activation::geglu_forward, activation::geglu_forward),
-    ];
-    let glu: [(&str, GpuGluBackward<T>, CpuGluBackward); 2] = [
-        ("swiglu_backward", cuda::activation::swiglu_backward, activation::swiglu_backward),
-        ("geglu_backward", cuda::activation::geglu_backward, activation::geglu_backward),
     ];
     // 5_000_003: more 8-element chunks than twice a wave has threads, so threads take two chunks per step and loop;
     // a tail of 3. LENS: no chunk (1, 7), one chunk per thread at most, tails of 3 and 1.
@@ -53,19 +40,22 @@ fn activation_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             check(&format!("{name} n={n}"), &out, &want, T::TOL);
         }
         for (name, gpu_fn, cpu_fn) in binary {
-            // Backwards take (x, dy); GLU forwards take (gate, up).
             let mut out = poisoned::<T>(dev, n);
             gpu_fn(&gx, &gu, &mut out).unwrap();
             cpu_fn(&xw, &uw, &mut want);
             check(&format!("{name} n={n}"), &out, &want, T::TOL);
         }
-        for (name, gpu_fn, cpu_fn) in glu {
+        for kind in [Glu::SwiGlu, Glu::GeGlu] {
+            let mut out = poisoned::<T>(dev, n);
+            cuda::activation::glu_forward(kind, &gx, &gu, &mut out).unwrap();
+            activation::glu_forward(kind, &xw, &uw, &mut want);
+            check(&format!("{kind:?} forward n={n}"), &out, &want, T::TOL);
             let (mut d_gate, mut d_up) = (poisoned::<T>(dev, n), poisoned::<T>(dev, n));
-            gpu_fn(&gx, &gu, &gg, &mut d_gate, &mut d_up).unwrap();
+            cuda::activation::glu_backward(kind, &gx, &gu, &gg, &mut d_gate, &mut d_up).unwrap();
             let mut want_up = vec![0.0f32; n];
-            cpu_fn(&xw, &uw, &gw, &mut want, &mut want_up);
-            check(&format!("{name} d_gate n={n}"), &d_gate, &want, T::TOL);
-            check(&format!("{name} d_up n={n}"), &d_up, &want_up, T::TOL);
+            activation::glu_backward(kind, &xw, &uw, &gw, &mut want, &mut want_up);
+            check(&format!("{kind:?} d_gate n={n}"), &d_gate, &want, T::TOL);
+            check(&format!("{kind:?} d_up n={n}"), &d_up, &want_up, T::TOL);
         }
         let xc = randn::<T>(rng, n, 2.0 * CAP as f64);
         let (xcw, gxc) = (widen(&xc), upload(dev, &xc));

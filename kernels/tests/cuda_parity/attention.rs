@@ -1,5 +1,5 @@
 use crate::common::{check, narrow, poisoned, randn, upload, widen, Elem, REDUCED};
-use qlora_kernels::attention::AttentionParams;
+use qlora_kernels::attention::{cu_seqlens, AttentionParams};
 use qlora_kernels::cuda::CudaDevice;
 use qlora_kernels::testing::{assert_close, gpu};
 use qlora_kernels::{attention, cuda, Rng};
@@ -56,27 +56,16 @@ fn attention_case<T: Elem + cuda::attention::AttentionFloat>(dev: &CudaDevice, r
     ];
     for c in cases {
         let p = AttentionParams {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f64).sqrt(),
             causal: c.causal,
             sliding_window: c.window,
             softcap: c.softcap,
+            ..AttentionParams::new(c.n_heads, c.n_kv_heads, c.head_dim)
         };
         let what = format!(
             "heads {}/{} head_dim {} causal {} window {:?} softcap {:?} lens {:?}",
             c.n_heads, c.n_kv_heads, c.head_dim, c.causal, c.window, c.softcap, c.lens
         );
-        let cu = |pick: fn(&(usize, usize)) -> usize| -> Vec<i32> {
-            std::iter::once(0)
-                .chain(c.lens.iter().scan(0, |t, l| {
-                    *t += pick(l) as i32;
-                    Some(*t)
-                }))
-                .collect()
-        };
-        let (cu_q, cu_k) = (cu(|l| l.0), cu(|l| l.1));
+        let (cu_q, cu_k) = cu_seqlens(&c.lens);
         let (tq, tk) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
         let max_q = c.lens.iter().map(|l| l.0).max().unwrap();
         let max_k = c.lens.iter().map(|l| l.1).max().unwrap();

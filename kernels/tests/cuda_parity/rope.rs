@@ -1,5 +1,6 @@
 use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, EXACT};
 use qlora_kernels::cuda::CudaDevice;
+use qlora_kernels::rope::Direction;
 use qlora_kernels::testing::gpu;
 use qlora_kernels::{cuda, rope, Rng};
 
@@ -33,13 +34,13 @@ fn rope_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         let mut want = vec![0.0f32; x.len()];
 
         let mut y = poisoned::<T>(dev, x.len());
-        cuda::rope::rope_forward(&gx, &gc, &gs, heads, head_dim, &mut y).unwrap();
-        rope::rope_forward(&widen(&x), &cos, &sin, heads, head_dim, &mut want);
+        cuda::rope::rope(Direction::Forward, &gx, [&gc, &gs], heads, head_dim, &mut y).unwrap();
+        rope::rope(Direction::Forward, &widen(&x), &cos, &sin, heads, head_dim, &mut want);
         check(&format!("rope_forward {what}"), &y, &want, EXACT);
 
         let mut dx = poisoned::<T>(dev, x.len());
-        cuda::rope::rope_backward(&gx, &gc, &gs, heads, head_dim, &mut dx).unwrap();
-        rope::rope_backward(&widen(&x), &cos, &sin, heads, head_dim, &mut want);
+        cuda::rope::rope(Direction::Backward, &gx, [&gc, &gs], heads, head_dim, &mut dx).unwrap();
+        rope::rope(Direction::Backward, &widen(&x), &cos, &sin, heads, head_dim, &mut want);
         check(&format!("rope_backward {what}"), &dx, &want, EXACT);
     }
 }
@@ -64,11 +65,13 @@ fn rope_qk_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             let (mut gq, mut gk) = (upload(dev, &q), upload(dev, &k));
             let (mut wq, mut wk) = (widen(&q), widen(&k));
             if backward {
-                cuda::rope::rope_qk_backward(&mut gq, &mut gk, &gc, &gs, q_heads, k_heads, head_dim).unwrap();
-                rope::rope_qk_backward(&mut wq, &mut wk, &cos, &sin, q_heads, k_heads, head_dim);
+                cuda::rope::rope_qk(Direction::Backward, [&mut gq, &mut gk], [&gc, &gs], [q_heads, k_heads], head_dim)
+                    .unwrap();
+                rope::rope_qk(Direction::Backward, &mut wq, &mut wk, &cos, &sin, q_heads, k_heads, head_dim);
             } else {
-                cuda::rope::rope_qk_forward(&mut gq, &mut gk, &gc, &gs, q_heads, k_heads, head_dim).unwrap();
-                rope::rope_qk_forward(&mut wq, &mut wk, &cos, &sin, q_heads, k_heads, head_dim);
+                cuda::rope::rope_qk(Direction::Forward, [&mut gq, &mut gk], [&gc, &gs], [q_heads, k_heads], head_dim)
+                    .unwrap();
+                rope::rope_qk(Direction::Forward, &mut wq, &mut wk, &cos, &sin, q_heads, k_heads, head_dim);
             }
             check(&format!("rope_qk q backward={backward} {what}"), &gq, &wq, EXACT);
             check(&format!("rope_qk k backward={backward} {what}"), &gk, &wk, EXACT);

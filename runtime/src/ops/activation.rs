@@ -2,7 +2,7 @@
 
 use super::{same_shape, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{Error, Result, Tensor};
 use qlora_kernels::activation as act;
 use qlora_kernels::cuda::activation as gact;
@@ -60,12 +60,7 @@ unary!(
     gact::gelu_tanh_backward
 );
 
-/// Which gated activation an MLP uses: Llama's SwiGLU or Gemma's GeGLU (tanh gelu).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Glu {
-    SwiGlu,
-    GeGlu,
-}
+pub use qlora_kernels::activation::Glu;
 
 /// act(gate) ⊙ up.
 pub fn glu(kind: Glu, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -74,20 +69,14 @@ pub fn glu(kind: Glu, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return with_gpu!(g, |T| {
             let (gt, u) = (g.input(gate)?, g.input(up)?);
             let mut out = g.alloc::<T>(gt.elem_count())?;
-            g.run(match kind {
-                Glu::SwiGlu => gact::swiglu_forward(buf::<T>(&gt), buf(&u), &mut out),
-                Glu::GeGlu => gact::geglu_forward(buf::<T>(&gt), buf(&u), &mut out),
-            })?;
+            g.run(gact::glu_forward(kind, buf::<T>(&gt), buf(&u), &mut out))?;
             Ok(output(out, gate.shape()))
         });
     }
     with_compute!("glu", [gate, up], |T| {
         let mut out = vec![T::default(); gate.elem_count()];
         let (g, u) = (gate.values::<T>(), up.values::<T>());
-        match kind {
-            Glu::SwiGlu => act::swiglu_forward(&g, &u, &mut out),
-            Glu::GeGlu => act::geglu_forward(&g, &u, &mut out),
-        }
+        act::glu_forward(kind, &g, &u, &mut out);
         Ok(tensor(out, gate.shape()))
     })
 }
@@ -101,10 +90,7 @@ pub fn glu_backward(kind: Glu, gate: &Tensor, up: &Tensor, d_out: &Tensor) -> Re
             let (gt, u, d) = (g.input(gate)?, g.input(up)?, g.input(d_out)?);
             let n = gt.elem_count();
             let (mut dg, mut du) = (g.alloc::<T>(n)?, g.alloc::<T>(n)?);
-            g.run(match kind {
-                Glu::SwiGlu => gact::swiglu_backward(buf::<T>(&gt), buf(&u), buf(&d), &mut dg, &mut du),
-                Glu::GeGlu => gact::geglu_backward(buf::<T>(&gt), buf(&u), buf(&d), &mut dg, &mut du),
-            })?;
+            g.run(gact::glu_backward(kind, buf::<T>(&gt), buf(&u), buf(&d), &mut dg, &mut du))?;
             Ok((output(dg, gate.shape()), output(du, gate.shape())))
         });
     }
@@ -112,10 +98,7 @@ pub fn glu_backward(kind: Glu, gate: &Tensor, up: &Tensor, d_out: &Tensor) -> Re
         let n = gate.elem_count();
         let (mut dg, mut du) = (vec![T::default(); n], vec![T::default(); n]);
         let (g, u, d) = (gate.values::<T>(), up.values::<T>(), d_out.values::<T>());
-        match kind {
-            Glu::SwiGlu => act::swiglu_backward(&g, &u, &d, &mut dg, &mut du),
-            Glu::GeGlu => act::geglu_backward(&g, &u, &d, &mut dg, &mut du),
-        }
+        act::glu_backward(kind, &g, &u, &d, &mut dg, &mut du);
         Ok((tensor(dg, gate.shape()), tensor(du, gate.shape())))
     })
 }
@@ -157,78 +140,45 @@ pub fn softcap_backward(x: &Tensor, cap: f64, dy: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// The gated unit's backward: both inputs.
-struct GluGrad {
-    kind: Glu,
-    gate: Tensor,
-    up: Tensor,
-}
-
-impl Backward for GluGrad {
-    fn name(&self) -> &'static str {
-        "glu"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.gate.size_in_bytes() + self.up.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let (dg, du) = glu_backward(self.kind, &self.gate, &self.up, first_grad(grads)?)?;
-        Ok(vec![Some(dg), Some(du)])
-    }
-}
-
-/// [`glu`] for a tape.
+/// [`glu`] for a tape: the gated output, and a backward for both inputs.
 pub fn glu_op(kind: Glu, gate: &Tensor, up: &Tensor) -> Result<Recorded> {
-    Ok((glu(kind, gate, up)?, Box::new(GluGrad { kind, gate: gate.clone(), up: up.clone() })))
-}
-
-/// A one-input activation's backward: its input and its backward function.
-struct ActivationGrad {
-    x: Tensor,
-    backward: fn(&Tensor, &Tensor) -> Result<Tensor>,
-}
-
-impl Backward for ActivationGrad {
-    fn name(&self) -> &'static str {
-        "activation"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.x.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some((self.backward)(&self.x, first_grad(grads)?)?)])
-    }
+    let (gate, up) = (gate.clone(), up.clone());
+    let y = glu(kind, &gate, &up)?;
+    let grad = backward_fn("glu", bytes([&gate, &up]), move |g| {
+        let (dg, du) = glu_backward(kind, &gate, &up, first_grad(g)?)?;
+        Ok(vec![Some(dg), Some(du)])
+    });
+    Ok((y, grad))
 }
 
 /// [`silu`] for a tape.
 pub fn silu_op(x: &Tensor) -> Result<Recorded> {
-    Ok((silu(x)?, Box::new(ActivationGrad { x: x.clone(), backward: silu_backward })))
+    activation_op("silu", x, silu, silu_backward)
 }
 
 /// [`gelu_tanh`] for a tape.
 pub fn gelu_tanh_op(x: &Tensor) -> Result<Recorded> {
-    Ok((gelu_tanh(x)?, Box::new(ActivationGrad { x: x.clone(), backward: gelu_tanh_backward })))
+    activation_op("gelu_tanh", x, gelu_tanh, gelu_tanh_backward)
 }
 
-/// Softcap's backward: its input.
-struct SoftcapGrad {
-    x: Tensor,
-    cap: f64,
+/// A one-input activation for a tape: its backward reads the input.
+fn activation_op(
+    name: &'static str,
+    x: &Tensor,
+    forward: fn(&Tensor) -> Result<Tensor>,
+    backward: fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Recorded> {
+    let x = x.clone();
+    let y = forward(&x)?;
+    Ok((y, backward_fn(name, x.size_in_bytes(), move |g| Ok(vec![Some(backward(&x, first_grad(g)?)?)]))))
 }
 
-impl Backward for SoftcapGrad {
-    fn name(&self) -> &'static str {
-        "softcap"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.x.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(softcap_backward(&self.x, self.cap, first_grad(grads)?)?)])
-    }
-}
-
-/// [`softcap`] for a tape.
+/// [`softcap`] for a tape: its backward reads the input.
 pub fn softcap_op(x: &Tensor, cap: f64) -> Result<Recorded> {
-    Ok((softcap(x, cap)?, Box::new(SoftcapGrad { x: x.clone(), cap })))
+    let x = x.clone();
+    let y = softcap(&x, cap)?;
+    Ok((
+        y,
+        backward_fn("softcap", x.size_in_bytes(), move |g| Ok(vec![Some(softcap_backward(&x, cap, first_grad(g)?)?)])),
+    ))
 }

@@ -7,7 +7,7 @@
 
 use super::{same_shape, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{DType, Device, Error, Result, Tensor};
 use qlora_kernels::attention::{attention_backward as attn_bwd, attention_forward as attn_fwd};
 use qlora_kernels::cuda::attention as gattn;
@@ -210,36 +210,6 @@ pub fn attention_backward(
     })
 }
 
-/// What attention's backward reads: its inputs, output and log-sum-exp.
-struct AttentionGrad {
-    p: AttentionParams,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    cu_q: SeqLens,
-    cu_k: SeqLens,
-}
-
-impl Backward for AttentionGrad {
-    fn name(&self) -> &'static str {
-        "attention"
-    }
-    fn saved_bytes(&self) -> usize {
-        [&self.q, &self.k, &self.v, &self.out, &self.lse, &self.cu_q.tensor, &self.cu_k.tensor]
-            .iter()
-            .map(|t| t.size_in_bytes())
-            .sum()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let s = *self;
-        let (dq, dk, dv) =
-            attention_backward(&s.p, &s.q, &s.k, &s.v, &s.out, &s.lse, first_grad(grads)?, &s.cu_q, &s.cu_k)?;
-        Ok(vec![Some(dq), Some(dk), Some(dv)])
-    }
-}
-
 /// [`attention`] for a tape: out, and a backward holding q, k, v, out and lse.
 pub fn attention_op(
     p: &AttentionParams,
@@ -250,15 +220,11 @@ pub fn attention_op(
     cu_k: &SeqLens,
 ) -> Result<Recorded> {
     let (out, lse) = attention(p, q, k, v, cu_q, cu_k)?;
-    let grad = AttentionGrad {
-        p: *p,
-        q: q.clone(),
-        k: k.clone(),
-        v: v.clone(),
-        out: out.clone(),
-        lse,
-        cu_q: cu_q.clone(),
-        cu_k: cu_k.clone(),
-    };
-    Ok((out, Box::new(grad)))
+    let (p, q, k, v, o, cu_q, cu_k) = (*p, q.clone(), k.clone(), v.clone(), out.clone(), cu_q.clone(), cu_k.clone());
+    let held = bytes([&q, &k, &v, &o, &lse, &cu_q.tensor, &cu_k.tensor]);
+    let grad = backward_fn("attention", held, move |g| {
+        let (dq, dk, dv) = attention_backward(&p, &q, &k, &v, &o, &lse, first_grad(g)?, &cu_q, &cu_k)?;
+        Ok(vec![Some(dq), Some(dk), Some(dv)])
+    });
+    Ok((out, grad))
 }

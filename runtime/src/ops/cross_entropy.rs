@@ -9,7 +9,7 @@ use super::elementwise::{broadcast_scaled, scale};
 use super::reduce::sum;
 use super::{indices, rows_cols, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cross_entropy as ce;
 use qlora_kernels::cuda::cross_entropy as gce;
@@ -50,7 +50,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tenso
     })
 }
 
-/// d_logits of [`cross_entropy`] given the per-row upstream gradient d_loss: \[rows\].
+/// d_logits of [`cross_entropy`] given the per-row upstream gradient d_loss: [rows].
 pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d_loss: &Tensor) -> Result<Tensor> {
     let (rows, vocab) = check_targets(logits, targets)?;
     if d_loss.elem_count() != rows || lse.elem_count() != rows {
@@ -73,36 +73,19 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
     })
 }
 
-/// What the loss's backward reads: the logits, the targets and the per-row log-sum-exp.
-struct CrossEntropyGrad {
-    logits: Tensor,
-    targets: Tensor,
-    lse: Tensor,
-    normalizer: f64,
-}
-
-impl Backward for CrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "cross_entropy"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.logits.size_in_bytes() + self.targets.size_in_bytes() + self.lse.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        // The scalar loss's gradient spread over the rows on the device: no trip to the host.
-        let d_loss = broadcast_scaled(first_grad(grads)?, 1.0 / self.normalizer, &[self.lse.elem_count()], DType::F32)?;
-        Ok(vec![Some(cross_entropy_backward(&self.logits, &self.targets, &self.lse, &d_loss)?)])
-    }
-}
-
-/// Σ over rows of −log softmax(logits)\[target\] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
-/// −100, for a tape: the loss, and a backward for the logits.
+/// Σ over rows of −log softmax(logits)[target] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
+/// −100, for a tape: the loss, and a backward for the logits (reading the logits, targets and per-row log-sum-exp).
 pub fn cross_entropy_op(logits: &Tensor, targets: &Tensor, normalizer: f64) -> Result<Recorded> {
     if normalizer.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         return Err(Error::invalid("cross_entropy", format!("normalizer must be > 0, got {normalizer}")));
     }
     let (losses, lse) = cross_entropy(logits, targets)?;
     let total = scale(&sum(&losses)?, 1.0 / normalizer)?;
-    let grad = CrossEntropyGrad { logits: logits.clone(), targets: targets.clone(), lse, normalizer };
-    Ok((total, Box::new(grad)))
+    let (logits, targets) = (logits.clone(), targets.clone());
+    let grad = backward_fn("cross_entropy", bytes([&logits, &targets, &lse]), move |g| {
+        // The scalar loss's gradient spread over the rows on the device: no trip to the host.
+        let d_loss = broadcast_scaled(first_grad(g)?, 1.0 / normalizer, &[lse.elem_count()], DType::F32)?;
+        Ok(vec![Some(cross_entropy_backward(&logits, &targets, &lse, &d_loss)?)])
+    });
+    Ok((total, grad))
 }

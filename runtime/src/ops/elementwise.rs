@@ -2,7 +2,7 @@
 
 use super::{rows_cols, same_shape, tensor, with_compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, bytes_of, first_grad, keep_if, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::elementwise as gew;
 use qlora_kernels::elementwise as ew;
@@ -156,90 +156,36 @@ pub fn broadcast_scaled(s: &Tensor, scale: f64, shape: &[usize], dtype: DType) -
     })
 }
 
-/// a + b's backward: the gradient passes to both.
-struct AddGrad;
-
-impl Backward for AddGrad {
-    fn name(&self) -> &'static str {
-        "add"
-    }
-    fn saved_bytes(&self) -> usize {
-        0
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let g = first_grad(grads)?;
-        Ok(vec![Some(g.clone()), Some(g.clone())])
-    }
-}
-
-/// [`add`] for a tape.
+/// [`add`] for a tape: the gradient passes to both.
 pub fn add_op(a: &Tensor, b: &Tensor) -> Result<Recorded> {
-    Ok((add(a, b)?, Box::new(AddGrad)))
+    let grad = backward_fn("add", 0, |g| {
+        let g = first_grad(g)?;
+        Ok(vec![Some(g.clone()), Some(g.clone())])
+    });
+    Ok((add(a, b)?, grad))
 }
 
-/// a ⊙ b's backward: each input's gradient needs the other input, kept only when that gradient is wanted.
-struct MulGrad {
-    a: Option<Tensor>,
-    b: Option<Tensor>,
-}
-
-impl Backward for MulGrad {
-    fn name(&self) -> &'static str {
-        "mul"
-    }
-    fn saved_bytes(&self) -> usize {
-        crate::op::bytes_of([&self.a, &self.b])
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let g = first_grad(grads)?;
-        let da = self.b.as_ref().map(|b| mul(g, b)).transpose()?;
-        let db = self.a.as_ref().map(|a| mul(g, a)).transpose()?;
-        Ok(vec![da, db])
-    }
-}
-
-/// [`mul`] for a tape; `needs` marks which inputs want a gradient.
+/// [`mul`] for a tape; `needs` marks which inputs want a gradient. Each gradient needs the other input, kept only
+/// when that gradient is wanted.
 pub fn mul_op(a: &Tensor, b: &Tensor, needs: [bool; 2]) -> Result<Recorded> {
-    let grad = MulGrad { a: crate::op::keep_if(needs[1], a), b: crate::op::keep_if(needs[0], b) };
-    Ok((mul(a, b)?, Box::new(grad)))
-}
-
-/// s·x's backward.
-struct ScaleGrad(f64);
-
-impl Backward for ScaleGrad {
-    fn name(&self) -> &'static str {
-        "scale"
-    }
-    fn saved_bytes(&self) -> usize {
-        0
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(scale(first_grad(grads)?, self.0)?)])
-    }
+    let y = mul(a, b)?;
+    let (a, b) = (keep_if(needs[1], a), keep_if(needs[0], b));
+    let grad = backward_fn("mul", bytes_of([&a, &b]), move |g| {
+        let g = first_grad(g)?;
+        let da = b.as_ref().map(|b| mul(g, b)).transpose()?;
+        let db = a.as_ref().map(|a| mul(g, a)).transpose()?;
+        Ok(vec![da, db])
+    });
+    Ok((y, grad))
 }
 
 /// [`scale`] for a tape.
 pub fn scale_op(x: &Tensor, s: f64) -> Result<Recorded> {
-    Ok((scale(x, s)?, Box::new(ScaleGrad(s))))
+    Ok((scale(x, s)?, backward_fn("scale", 0, move |g| Ok(vec![Some(scale(first_grad(g)?, s)?)]))))
 }
 
-/// A reshape's backward: the gradient reshaped back.
-struct ReshapeGrad(Vec<usize>);
-
-impl Backward for ReshapeGrad {
-    fn name(&self) -> &'static str {
-        "reshape"
-    }
-    fn saved_bytes(&self) -> usize {
-        0
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(first_grad(grads)?.reshape(&self.0)?)])
-    }
-}
-
-/// A view of x with another shape, for a tape.
+/// A view of x with another shape, for a tape: the gradient is reshaped back.
 pub fn reshape_op(x: &Tensor, shape: &[usize]) -> Result<Recorded> {
-    Ok((x.reshape(shape)?, Box::new(ReshapeGrad(x.shape().to_vec()))))
+    let x_shape = x.shape().to_vec();
+    Ok((x.reshape(shape)?, backward_fn("reshape", 0, move |g| Ok(vec![Some(first_grad(g)?.reshape(&x_shape)?)]))))
 }

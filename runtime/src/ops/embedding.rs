@@ -5,7 +5,7 @@
 
 use super::{indices, rows_cols, tensor, with_compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::embedding as gemb;
 use qlora_kernels::embedding as emb;
@@ -84,29 +84,15 @@ pub fn embedding_backward_accumulate(d_out: &Tensor, ids: &Tensor, d_table: &mut
     })
 }
 
-/// What the embedding's backward reads: the ids and the table's shape.
-struct EmbeddingGrad {
-    ids: Tensor,
-    table_shape: Vec<usize>,
-}
-
-impl Backward for EmbeddingGrad {
-    fn name(&self) -> &'static str {
-        "embedding"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.ids.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let g = first_grad(grads)?;
-        let mut d_table = Tensor::zeros_on(&self.table_shape, g.dtype(), g.device())?;
-        embedding_backward_accumulate(g, &self.ids, &mut d_table)?;
-        Ok(vec![Some(d_table)])
-    }
-}
-
-/// [`embedding`] for a tape: the rows, and a backward for the table.
+/// [`embedding`] for a tape: the rows, and a backward for the table (reading the ids and the table's shape).
 pub fn embedding_op(table: &Tensor, ids: &Tensor) -> Result<Recorded> {
     let y = embedding(table, ids)?;
-    Ok((y, Box::new(EmbeddingGrad { ids: ids.clone(), table_shape: table.shape().to_vec() })))
+    let (ids, table_shape) = (ids.clone(), table.shape().to_vec());
+    let grad = backward_fn("embedding", ids.size_in_bytes(), move |g| {
+        let g = first_grad(g)?;
+        let mut d_table = Tensor::zeros_on(&table_shape, g.dtype(), g.device())?;
+        embedding_backward_accumulate(g, &ids, &mut d_table)?;
+        Ok(vec![Some(d_table)])
+    });
+    Ok((y, grad))
 }

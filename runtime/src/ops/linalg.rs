@@ -2,7 +2,7 @@
 
 use super::{compute_dtype, tensor, Compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
-use crate::op::{bytes_of, first_grad, keep_if, saved, Backward, Recorded};
+use crate::op::{backward_fn, bytes_of, first_grad, keep_if, saved, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::matmul::matmul as gpu_gemm;
 use qlora_kernels::matmul::{matmul as gemm, Gemm};
@@ -301,29 +301,19 @@ fn rows2(t: &Tensor) -> Result<Tensor> {
     t.reshape(&[t.elem_count() / n.max(1), n])
 }
 
-/// a·b's backward: each gradient needs the other operand, kept only when that gradient is wanted.
-struct MatMulGrad {
-    a: Option<Tensor>,
-    b: Option<Tensor>,
-    a_shape: Vec<usize>,
-    needs: [bool; 2],
-}
-
-impl Backward for MatMulGrad {
-    fn name(&self) -> &'static str {
-        "matmul"
-    }
-    fn saved_bytes(&self) -> usize {
-        bytes_of([&self.a, &self.b])
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let dc = first_grad(grads)?;
-        let da = if self.needs[0] { Some(matmul(dc, &saved(&self.b)?.t()?)?) } else { None };
-        let db = if self.needs[1] {
-            let (a, b) = (saved(&self.a)?, saved(&self.b)?);
+/// [`matmul`] for a tape; `needs` marks which operands want a gradient. Each gradient needs the other operand, kept
+/// only when that gradient is wanted.
+pub fn matmul_op(a: &Tensor, b: &Tensor, needs: [bool; 2]) -> Result<Recorded> {
+    let c = matmul(a, b)?;
+    let k = a.shape().last().copied().unwrap_or(1);
+    let (a, b) = (keep_if(needs[1], a), keep_if(needs[0] || needs[1], b));
+    let grad = backward_fn("matmul", bytes_of([&a, &b]), move |g| {
+        let dc = first_grad(g)?;
+        let da = if needs[0] { Some(matmul(dc, &saved(&b)?.t()?)?) } else { None };
+        let db = if needs[1] {
+            let (a, b) = (saved(&a)?, saved(&b)?);
             if b.rank() == 2 && a.rank() > 2 {
                 // b was shared across the batch: its gradient sums over every batch entry.
-                let k = self.a_shape[self.a_shape.len() - 1];
                 let a2 = a.reshape(&[a.elem_count() / k, k])?;
                 Some(matmul(&a2.t()?, &rows2(dc)?)?)
             } else {
@@ -333,15 +323,8 @@ impl Backward for MatMulGrad {
             None
         };
         Ok(vec![da, db])
-    }
-}
-
-/// [`matmul`] for a tape; `needs` marks which operands want a gradient.
-pub fn matmul_op(a: &Tensor, b: &Tensor, needs: [bool; 2]) -> Result<Recorded> {
-    let c = matmul(a, b)?;
-    let grad =
-        MatMulGrad { a: keep_if(needs[1], a), b: keep_if(needs[0] || needs[1], b), a_shape: a.shape().to_vec(), needs };
-    Ok((c, Box::new(grad)))
+    });
+    Ok((c, grad))
 }
 
 /// y = x·wᵀ + bias, the Hugging Face `nn.Linear` layout. x: [..., in], w: [out, in], bias: \[out\] → [..., out].
@@ -361,41 +344,27 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(&shape)
 }
 
-/// [`linear`]'s backward: x for dw, w for dx, each kept only when that gradient is wanted.
-struct LinearGrad {
-    x: Option<Tensor>,
-    w: Option<Tensor>,
-    needs: [bool; 3],
-}
-
-impl Backward for LinearGrad {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-    fn saved_bytes(&self) -> usize {
-        bytes_of([&self.x, &self.w])
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let dy = first_grad(grads)?;
+/// [`linear`] for a tape; `needs` marks x, w and bias. x is kept for dw, w for dx, each only when that gradient is
+/// wanted.
+pub fn linear_op(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, needs: [bool; 3]) -> Result<Recorded> {
+    let y = linear(x, w, bias)?;
+    let (x, w) = (keep_if(needs[1], x), keep_if(needs[0], w));
+    let grad = backward_fn("linear", bytes_of([&x, &w]), move |g| {
+        let dy = first_grad(g)?;
         let dy2 = rows2(dy)?;
-        let dx = if self.needs[0] {
-            let w = saved(&self.w)?;
+        let dx = if needs[0] {
+            let w = saved(&w)?;
             let mut shape = dy.shape().to_vec();
             *shape.last_mut().expect("rank ≥ 1") = w.shape()[1];
             Some(matmul(&dy2, w)?.reshape(&shape)?)
         } else {
             None
         };
-        let dw = if self.needs[1] { Some(matmul(&dy2.t()?, &rows2(saved(&self.x)?)?)?) } else { None };
-        let db = if self.needs[2] { Some(super::reduce::sum_rows(dy)?) } else { None };
+        let dw = if needs[1] { Some(matmul(&dy2.t()?, &rows2(saved(&x)?)?)?) } else { None };
+        let db = if needs[2] { Some(super::reduce::sum_rows(dy)?) } else { None };
         Ok(vec![dx, dw, db])
-    }
-}
-
-/// [`linear`] for a tape; `needs` marks x, w and bias.
-pub fn linear_op(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, needs: [bool; 3]) -> Result<Recorded> {
-    let y = linear(x, w, bias)?;
-    Ok((y, Box::new(LinearGrad { x: keep_if(needs[1], x), w: keep_if(needs[0], w), needs })))
+    });
+    Ok((y, grad))
 }
 
 #[cfg(test)]

@@ -13,38 +13,20 @@ use super::elementwise::{add, broadcast_scaled, mul, scale};
 use super::linalg::matmul;
 use super::reduce::sum;
 use super::rows_cols;
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 
 /// Logits (and, with a gradient, dlogits) are formed this many bytes of f32 at a time.
 const CHUNK_BYTES: usize = 256 << 20;
 
-/// Rows per chunk for a vocabulary of `vocab`: CHUNK_BYTES of f32 logits, at least one row.
-fn chunk_rows(vocab: usize) -> usize {
+/// Rows per chunk for a vocabulary of `vocab`: CHUNK_BYTES of f32 logits, at least one row (memory estimates read
+/// it too).
+pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_BYTES / (4 * vocab.max(1))).max(1)
 }
 
-/// The loss's backward: dx of the loss computed in forward, scaled by the loss's gradient.
-struct LinearCrossEntropyGrad {
-    dx: Tensor,
-}
-
-impl Backward for LinearCrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "linear_cross_entropy"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.dx.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        // The incoming gradient is a scalar on the device (1 from the tape's seed): spread and multiply there.
-        let g = broadcast_scaled(first_grad(grads)?, 1.0, self.dx.shape(), self.dx.dtype())?;
-        Ok(vec![Some(mul(&self.dx, &g)?)])
-    }
-}
-
-/// Σ over rows of −log softmax(cap(x·Wᵀ))\[target\] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
-/// −100: x: [tokens, hidden], w: [vocab, hidden] (frozen), targets: \[tokens\] I32, `softcap` the final-logit cap. With
+/// Σ over rows of −log softmax(cap(x·Wᵀ))[target] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
+/// −100: x: [tokens, hidden], w: [vocab, hidden] (frozen), targets: [tokens] I32, `softcap` the final-logit cap. With
 /// `need_dx`, a backward for x (dx computed here, chunk by chunk).
 pub fn linear_cross_entropy_op(
     x: &Tensor,
@@ -102,5 +84,11 @@ pub fn linear_cross_entropy_op(
     } else {
         Tensor::zeros_on(&[0], x.dtype(), x.device())?
     };
-    Ok((total, Box::new(LinearCrossEntropyGrad { dx })))
+    // The backward is dx computed here, scaled by the loss's gradient: a scalar on the device (1 from the tape's
+    // seed), spread and multiplied there.
+    let grad = backward_fn("linear_cross_entropy", dx.size_in_bytes(), move |g| {
+        let g = broadcast_scaled(first_grad(g)?, 1.0, dx.shape(), dx.dtype())?;
+        Ok(vec![Some(mul(&dx, &g)?)])
+    });
+    Ok((total, grad))
 }

@@ -2,7 +2,7 @@
 
 use super::{rows_cols, tensor, with_compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::reduce as greduce;
 use qlora_kernels::reduce;
@@ -68,25 +68,11 @@ pub fn max_abs(x: &Tensor) -> Result<f64> {
     with_compute!("max_abs", [x], |T| Ok(reduce::max_abs(&x.values::<T>()) as f64))
 }
 
-/// Σ's backward: the scalar gradient spread over x's shape, on the device.
-struct SumGrad {
-    shape: Vec<usize>,
-    dtype: DType,
-}
-
-impl Backward for SumGrad {
-    fn name(&self) -> &'static str {
-        "sum"
-    }
-    fn saved_bytes(&self) -> usize {
-        0
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(super::elementwise::broadcast_scaled(first_grad(grads)?, 1.0, &self.shape, self.dtype)?)])
-    }
-}
-
-/// [`sum`] for a tape.
+/// [`sum`] for a tape: the backward spreads the scalar gradient over x's shape, on the device.
 pub fn sum_op(x: &Tensor) -> Result<Recorded> {
-    Ok((sum(x)?, Box::new(SumGrad { shape: x.shape().to_vec(), dtype: x.dtype() })))
+    let (shape, dtype) = (x.shape().to_vec(), x.dtype());
+    let grad = backward_fn("sum", 0, move |g| {
+        Ok(vec![Some(super::elementwise::broadcast_scaled(first_grad(g)?, 1.0, &shape, dtype)?)])
+    });
+    Ok((sum(x)?, grad))
 }

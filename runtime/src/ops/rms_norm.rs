@@ -3,7 +3,7 @@
 
 use super::{rows_cols, same_shape, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rms_norm as grms;
 use qlora_kernels::rms_norm as rms;
@@ -52,73 +52,28 @@ pub fn rms_norm_backward(
             let (xi, w, dyi) = (g.input(x)?, g.input(weight)?, g.input(dy)?);
             let r = g.input_as(rstd, DType::F32)?;
             let mut dx = g.alloc::<T>(x.elem_count())?;
-            if !need_dw {
-                // A frozen weight (QLoRA's norms): no dw partial sums, no reduction launch.
-                g.run(grms::rms_norm_backward_dx(
-                    buf::<T>(&xi),
-                    buf(&w),
-                    buf(&r),
-                    buf(&dyi),
-                    dim,
-                    offset as f32,
-                    &mut dx,
-                ))?;
-                return Ok((output(dx, x.shape()), None));
-            }
-            let mut dw = g.alloc::<T>(dim)?;
-            g.run(grms::rms_norm_backward(
-                buf::<T>(&xi),
-                buf(&w),
-                buf(&r),
-                buf(&dyi),
-                dim,
-                offset as f32,
-                &mut dx,
-                &mut dw,
-            ))?;
-            Ok((output(dx, x.shape()), Some(output(dw, &[dim]))))
+            let mut dw = if need_dw { Some(g.alloc::<T>(dim)?) } else { None };
+            let (xb, wb, rb, dyb) = (buf::<T>(&xi), buf(&w), buf(&r), buf(&dyi));
+            g.run(grms::rms_norm_backward(xb, wb, rb, dyb, dim, offset as f32, &mut dx, dw.as_mut()))?;
+            Ok((output(dx, x.shape()), dw.map(|dw| output(dw, &[dim]))))
         });
     }
     with_compute!("rms_norm_backward", [x, weight, rstd, dy], |T| {
-        let (mut dx, mut dw) = (vec![T::default(); x.elem_count()], vec![T::default(); dim]);
-        rms::rms_norm_backward(
-            &x.values::<T>(),
-            &weight.values::<T>(),
-            &rstd.values::<T>(),
-            &dy.values::<T>(),
-            dim,
-            offset as T,
-            &mut dx,
-            &mut dw,
-        );
-        Ok((tensor(dx, x.shape()), need_dw.then(|| tensor(dw, &[dim]))))
+        let (mut dx, mut dw) = (vec![T::default(); x.elem_count()], need_dw.then(|| vec![T::default(); dim]));
+        let (xv, wv, rv, dyv) = (x.values::<T>(), weight.values::<T>(), rstd.values::<T>(), dy.values::<T>());
+        rms::rms_norm_backward(&xv, &wv, &rv, &dyv, dim, offset as T, &mut dx, dw.as_deref_mut());
+        Ok((tensor(dx, x.shape()), dw.map(|dw| tensor(dw, &[dim]))))
     })
 }
 
-/// What RMSNorm's backward reads: x, the weight and rstd.
-struct RmsNormGrad {
-    x: Tensor,
-    w: Tensor,
-    rstd: Tensor,
-    offset: f64,
-    needs: [bool; 2],
-}
-
-impl Backward for RmsNormGrad {
-    fn name(&self) -> &'static str {
-        "rms_norm"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.x.size_in_bytes() + self.rstd.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let (dx, dw) = rms_norm_backward(&self.x, &self.w, &self.rstd, first_grad(grads)?, self.offset, self.needs[1])?;
-        Ok(vec![self.needs[0].then_some(dx), dw])
-    }
-}
-
-/// [`rms_norm`] for a tape: y, and a backward for the inputs `needs` marks (x, weight).
+/// [`rms_norm`] for a tape: y, and a backward for the inputs `needs` marks (x, weight), reading x, the weight and
+/// rstd (the weight is a parameter, alive anyway: not counted as saved).
 pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64, offset: f64, needs: [bool; 2]) -> Result<Recorded> {
     let (y, rstd) = rms_norm(x, w, eps, offset)?;
-    Ok((y, Box::new(RmsNormGrad { x: x.clone(), w: w.clone(), rstd, offset, needs })))
+    let (x, w) = (x.clone(), w.clone());
+    let grad = backward_fn("rms_norm", bytes([&x, &rstd]), move |g| {
+        let (dx, dw) = rms_norm_backward(&x, &w, &rstd, first_grad(g)?, offset, needs[1])?;
+        Ok(vec![needs[0].then_some(dx), dw])
+    });
+    Ok((y, grad))
 }

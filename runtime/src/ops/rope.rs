@@ -2,12 +2,12 @@
 
 use super::{indices, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
-use crate::op::{first_grad, Backward, Recorded};
+use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rope as grope;
-use qlora_kernels::rope;
+use qlora_kernels::rope::{self, Direction};
 
-/// Rotary tables for `positions` (\[tokens\], I32, on the host) and `inv_freq` ([head_dim/2]) → (cos, sin): [tokens,
+/// Rotary tables for `positions` ([tokens], I32, on the host) and `inv_freq` ([head_dim/2]) → (cos, sin): [tokens,
 /// head_dim/2] on the host, in inv_freq's precision. Built where the batch is (one upload per batch when the model
 /// runs on a GPU, never a read back).
 pub fn rope_tables(positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -35,60 +35,37 @@ fn rope_shapes(op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Resu
 
 /// x: [tokens, heads, head_dim] rotated by (cos, sin) from [`rope_tables`] (rotate-half convention).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (heads, head_dim) = rope_shapes("rope", x, cos, sin)?;
-    if let Some(g) = Gpu::of("rope", &[x, cos, sin])? {
+    rotate("rope", Direction::Forward, x, cos, sin)
+}
+
+/// Gradient of [`rope`] with respect to x: dy rotated back.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rotate("rope_backward", Direction::Backward, dy, cos, sin)
+}
+
+fn rotate(op: &'static str, dir: Direction, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (heads, head_dim) = rope_shapes(op, x, cos, sin)?;
+    if let Some(g) = Gpu::of(op, &[x, cos, sin])? {
         return with_gpu!(g, |T| {
             let xi = g.input(x)?;
             let (c, s) = (g.input_as(cos, DType::F32)?, g.input_as(sin, DType::F32)?);
             let mut y = g.alloc::<T>(x.elem_count())?;
-            g.run(grope::rope_forward(buf::<T>(&xi), buf(&c), buf(&s), heads, head_dim, &mut y))?;
+            g.run(grope::rope(dir, buf::<T>(&xi), [buf(&c), buf(&s)], heads, head_dim, &mut y))?;
             Ok(output(y, x.shape()))
         });
     }
-    with_compute!("rope", [x, cos, sin], |T| {
+    with_compute!(op, [x, cos, sin], |T| {
         let mut y = vec![T::default(); x.elem_count()];
-        rope::rope_forward(&x.values::<T>(), &cos.values::<T>(), &sin.values::<T>(), heads, head_dim, &mut y);
+        rope::rope(dir, &x.values::<T>(), &cos.values::<T>(), &sin.values::<T>(), heads, head_dim, &mut y);
         Ok(tensor(y, x.shape()))
     })
 }
 
-pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (heads, head_dim) = rope_shapes("rope_backward", dy, cos, sin)?;
-    if let Some(g) = Gpu::of("rope_backward", &[dy, cos, sin])? {
-        return with_gpu!(g, |T| {
-            let d = g.input(dy)?;
-            let (c, s) = (g.input_as(cos, DType::F32)?, g.input_as(sin, DType::F32)?);
-            let mut dx = g.alloc::<T>(dy.elem_count())?;
-            g.run(grope::rope_backward(buf::<T>(&d), buf(&c), buf(&s), heads, head_dim, &mut dx))?;
-            Ok(output(dx, dy.shape()))
-        });
-    }
-    with_compute!("rope_backward", [dy, cos, sin], |T| {
-        let mut dx = vec![T::default(); dy.elem_count()];
-        rope::rope_backward(&dy.values::<T>(), &cos.values::<T>(), &sin.values::<T>(), heads, head_dim, &mut dx);
-        Ok(tensor(dx, dy.shape()))
-    })
-}
-
-/// What rotary's backward reads: the tables (the rotation is linear in x).
-struct RopeGrad {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Backward for RopeGrad {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-    fn saved_bytes(&self) -> usize {
-        self.cos.size_in_bytes() + self.sin.size_in_bytes()
-    }
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(rope_backward(first_grad(grads)?, &self.cos, &self.sin)?)])
-    }
-}
-
-/// [`rope()`] for a tape: the rotated x, and its backward.
+/// [`rope`] for a tape: the rotated x, and its backward (the rotation is linear in x: the tables are all it reads).
 pub fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Recorded> {
-    Ok((rope(x, cos, sin)?, Box::new(RopeGrad { cos: cos.clone(), sin: sin.clone() })))
+    let y = rope(x, cos, sin)?;
+    let (cos, sin) = (cos.clone(), sin.clone());
+    let grad =
+        backward_fn("rope", bytes([&cos, &sin]), move |g| Ok(vec![Some(rope_backward(first_grad(g)?, &cos, &sin)?)]));
+    Ok((y, grad))
 }

@@ -4,7 +4,7 @@
 use super::{dims, models, Bench, Work, TOKENS};
 use anyhow::Result;
 use half::bf16;
-use qlora_kernels::cuda::activation::{geglu_backward, geglu_forward, swiglu_backward, swiglu_forward};
+use qlora_kernels::cuda::activation::{glu_backward, glu_forward, Glu};
 use qlora_kernels::cuda::DeviceBuffer;
 use qlora_models::config::Activation;
 
@@ -39,26 +39,18 @@ pub fn run(b: &mut Bench) -> Result<()> {
             })
             .collect::<Result<Vec<_>>>()?;
         let count = sets.len();
-        let swiglu = c.activation == Activation::Silu;
+        let kind = if c.activation == Activation::Silu { Glu::SwiGlu } else { Glu::GeGlu };
         let shape = format!("{model} {} bf16", dims(&[TOKENS, c.intermediate_size]));
         if b.wants(&fwd) {
             b.row(&fwd, &shape, Work::Bytes((3 * 2 * n) as f64), |i| {
                 let s = &mut sets[i % count];
-                if swiglu {
-                    Ok(swiglu_forward(&s.gate, &s.up, &mut s.out)?)
-                } else {
-                    Ok(geglu_forward(&s.gate, &s.up, &mut s.out)?)
-                }
+                Ok(glu_forward(kind, &s.gate, &s.up, &mut s.out)?)
             })?;
         }
         if b.wants(&bwd) {
             b.row(&bwd, &shape, Work::Bytes((5 * 2 * n) as f64), |i| {
                 let s = &mut sets[i % count];
-                if swiglu {
-                    Ok(swiglu_backward(&s.gate, &s.up, &s.d_out, &mut s.d_gate, &mut s.d_up)?)
-                } else {
-                    Ok(geglu_backward(&s.gate, &s.up, &s.d_out, &mut s.d_gate, &mut s.d_up)?)
-                }
+                Ok(glu_backward(kind, &s.gate, &s.up, &s.d_out, &mut s.d_gate, &mut s.d_up)?)
             })?;
         }
     }

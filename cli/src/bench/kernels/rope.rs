@@ -3,7 +3,7 @@
 use super::{dims, models, Bench, Work, TOKENS};
 use anyhow::Result;
 use half::bf16;
-use qlora_kernels::cuda::rope::{rope_backward, rope_forward};
+use qlora_kernels::cuda::rope::{rope, Direction};
 use qlora_kernels::cuda::DeviceBuffer;
 
 struct Set {
@@ -27,17 +27,13 @@ pub fn run(b: &mut Bench) -> Result<()> {
         // Read x, write y; the tables are read once per token (every head reuses them from cache).
         let bytes = (4 * n + 2 * 4 * t * hd / 2) as f64;
         let shape = format!("{model} q {} bf16", dims(&[t, heads, hd]));
-        for (name, backward) in [(fwd, false), (bwd, true)] {
+        for (name, dir) in [(fwd, Direction::Forward), (bwd, Direction::Backward)] {
             if !b.wants(name) {
                 continue;
             }
             b.row(name, &shape, Work::Bytes(bytes), |i| {
                 let s = &mut sets[i % count];
-                if backward {
-                    Ok(rope_backward(&s.x, &cos, &sin, heads, hd, &mut s.y)?)
-                } else {
-                    Ok(rope_forward(&s.x, &cos, &sin, heads, hd, &mut s.y)?)
-                }
+                Ok(rope(dir, &s.x, [&cos, &sin], heads, hd, &mut s.y)?)
             })?;
         }
     }

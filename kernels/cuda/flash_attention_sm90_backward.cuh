@@ -1,0 +1,451 @@
+// Flash attention backward on Hopper wgmma (sm_90a): flash_backward_sm90 (D = 64, 128; the product's) and
+// flash_backward_sm90_split (two warpgroups sharing a key tile, for D = 256; a variant for scripts/flash/), the twins
+// of flash_attention.cuh's flash_backward. Include after flash_wgmma.cuh.
+#pragma once
+
+// ---- Pieces ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+    asm volatile("red.global.v2.f32.add [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
+// Backward step 2a for one 64-key × NQ-query accumulator pair (Sᵀ in s; entry i: key kj + 8·((i%4)/2), query
+// m0 + 8·(i/4) + 2t + i%2): P = exp2(S·pre − lse·log2e) (capped: post·tanh(pre·S)), masked to 0, rounded to T as A
+// fragments pf (k-step kk = queries 16kk …); s keeps in place what dS is formed from, P in f32 (capped: P·(1 − tanh²)),
+// so step 2b needs neither the scores nor the mask. cL: shared address of the lse of this thread's first query
+// m0 + 2t. MASK / CAP as in sm90_softmax_tile.
+template <typename T, int NQ, bool MASK, bool CAP>
+__device__ __forceinline__ void sm90_bwd_p(float (&s)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned cL, const FlashParams& p, const FlashSeq& sq,
+                                           const ScoreMap& sm, int kj, int m0, int off, int t) {
+    // Key j is visible to query r iff j < len_k, (!causal || r ≥ j − off) and (!window || r < j − off + window):
+    // a query range [lo, hi) per key row, relative to this thread's first query m0 + 2t.
+    int lo[2], hi[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int j = kj + 8 * hr;
+        lo[hr] = (p.causal ? j - off : -(1 << 29)) - (m0 + 2 * t);
+        hi[hr] = j < sq.len_k ? (p.window ? j - off + p.window : (1 << 29)) - (m0 + 2 * t) : -(1 << 29);
+    }
+#pragma unroll
+    for (int kk = 0; kk < NQ / 16; ++kk) {
+        float pv[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) {
+            const int i = 8 * kk + x, hr = (i % 4) / 2, c = 8 * (i / 4) + (i % 2);  // c: query − (m0 + 2t)
+            const float l = ld_shared_f32(cL + 4 * c);
+            const float l2 = l == f32_neg_inf() ? f32_pos_inf() : l * FLASH_LOG2E;
+            float th = 0.0f, pr;
+            if (CAP) {
+                th = tanh_fast(sm.pre * s[i]);
+                pr = ex2(sm.post * th - l2);
+            } else {
+                pr = ex2(fmaf(s[i], sm.pre, -l2));
+            }
+            if (MASK && (c < lo[hr] || c >= hi[hr])) pr = 0.0f;
+            pv[x] = pr;
+            s[i] = CAP ? pr * (1.0f - th * th) : pr;
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pf[kk][r] = pack2<T>(pv[2 * r], pv[2 * r + 1]);
+    }
+}
+
+// Backward step 2b: dS = P·(dP − delta)·scale from step 2a's s and the dPᵀ accumulator dp (same entries), rounded to
+// T as A fragments dsf. cD: shared address of the delta of this thread's first query.
+template <typename T, int NQ>
+__device__ __forceinline__ void sm90_bwd_ds(const float (&s)[NQ / 2], const float (&dp)[NQ / 2], unsigned (&dsf)[NQ / 16][4], unsigned cD, float scale) {
+#pragma unroll
+    for (int kk = 0; kk < NQ / 16; ++kk) {
+        float dv[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) {
+            const int i = 8 * kk + x, c = 8 * (i / 4) + (i % 2);
+            dv[x] = s[i] * (dp[i] - ld_shared_f32(cD + 4 * c)) * scale;
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dsf[kk][r] = pack2<T>(dv[2 * r], dv[2 * r + 1]);
+    }
+}
+
+// Step 2a's four (mask, cap) instantiations behind one call. `full`: every (key, query) pair of the tile is visible.
+template <typename T, int NQ>
+__device__ __forceinline__ void sm90_bwd_p_any(float (&s)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned cL, const FlashParams& p, const FlashSeq& sq,
+                                               const ScoreMap& sm, bool full, int kj, int m0, int off, int t) {
+    if (sm.capped) {
+        if (full) sm90_bwd_p<T, NQ, false, true>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+        else sm90_bwd_p<T, NQ, true, true>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+    } else {
+        if (full) sm90_bwd_p<T, NQ, false, false>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+        else sm90_bwd_p<T, NQ, true, false>(s, pf, cL, p, sq, sm, kj, m0, off, t);
+    }
+}
+
+// flash_common.cuh's backward geometry with this thread's coordinates (warpgroup wg), which the wgmma kernels read as
+// signed ints.
+template <int BM> struct Sm90KeyBlock : FlashKeyBlock<BM> {
+    int tid, warp, lane, g, t, wg;
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ Sm90KeyBlock<BM> sm90_key_block(const FlashParams& p, const FlashSeq& s, int n0) {
+    const int kvh = blockIdx.y, group = p.n_heads / p.n_kv_heads;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4, wg = warp / 4;
+    return Sm90KeyBlock<BM>{flash_key_block<BM, BN>(p, s, n0, kvh, group), tid, warp, lane, g, t, wg};
+}
+
+// Pair it's Q, dO, lse and delta into stage st of the double-buffered tiles at sQ, sdO ([2][64][D], swizzled) and sL,
+// sD (f32 [2][64]), by all THREADS threads with cp.async (committed by the caller).
+template <int D, int BM, int THREADS>
+__device__ __forceinline__ void sm90_bwd_prefetch(const FlashParams& p, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int it, int st, unsigned sQ,
+                                                  unsigned sdO, unsigned sL, unsigned sD) {
+    constexpr unsigned QO_BYTES = BM * D * 2;
+    const int tid = threadIdx.x;
+    const int h = blk.head(it), m0 = blk.row0(it);
+    const u64 row0 = static_cast<u64>(s.q0 + m0) * p.n_heads + h;
+    const int rows = min(BM, s.len_q - m0);
+    sm90_load_tile<BM, D, THREADS>(sQ + st * QO_BYTES, static_cast<const unsigned short*>(p.q) + row0 * blk.hd, blk.q_stride, rows, blk.hd, tid);
+    sm90_load_tile<BM, D, THREADS>(sdO + st * QO_BYTES, static_cast<const unsigned short*>(p.d_out) + row0 * blk.hd, blk.q_stride, rows, blk.hd, tid);
+    if (tid < BM) {
+        const bool in = tid < rows;
+        cp_async4(sL + st * BM * 4 + 4 * tid, in ? p.lse + (row0 + static_cast<u64>(tid) * p.n_heads) : p.lse, in ? 4u : 0u);
+        cp_async4(sD + st * BM * 4 + 4 * tid, in ? p.delta + (row0 + static_cast<u64>(tid) * p.n_heads) : p.delta, in ? 4u : 0u);
+    }
+}
+
+// The block's K and V tile into sK, sV, and pair 0 (if any) through `prefetch`: one cp.async group.
+template <int D, int BN, int THREADS, int BM, typename Prefetch>
+__device__ __forceinline__ void sm90_bwd_start(const FlashParams& p, const Sm90KeyBlock<BM>& blk, int n0, unsigned sK, unsigned sV, Prefetch& prefetch) {
+    sm90_load_tile<BN, D, THREADS>(sK, static_cast<const unsigned short*>(p.k) + blk.kv_row0, blk.kv_stride, blk.n1 - n0, blk.hd, blk.tid);
+    sm90_load_tile<BN, D, THREADS>(sV, static_cast<const unsigned short*>(p.v) + blk.kv_row0, blk.kv_stride, blk.n1 - n0, blk.hd, blk.tid);
+    if (blk.pairs > 0) prefetch(0, 0);
+    cp_async_commit();
+}
+
+// Pair it (stage st) has landed and every thread is done with pair it − 1 (its stage and the dSᵀ tile); pair it + 1
+// starts loading.
+template <typename Prefetch>
+__device__ __forceinline__ void sm90_bwd_next_pair(int it, int st, int pairs, Prefetch& prefetch) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    if (it + 1 < pairs) prefetch(it + 1, st ^ 1);
+    cp_async_commit();
+}
+
+// dQ of query rows r0, r0 + 8 (sequence-relative; entry i of dq: row r0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2)
+// added to the f32 dq_accum, two columns per red.global.add.v2 where both are inside the row and aligned.
+template <int NC>
+__device__ __forceinline__ void sm90_add_dq(const FlashParams& p, const FlashSeq& s, int h, unsigned hd, int r0, int c0, int t, const float (&dq)[NC / 2]) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = r0 + 8 * hr;
+        if (r >= s.len_q) continue;
+        float* dst = p.dq_accum + (static_cast<u64>(s.q0 + r) * p.n_heads + h) * hd;
+#pragma unroll
+        for (int j = 0; j < NC / 8; ++j) {
+            const unsigned c = c0 + 8 * j + 2 * t;
+            const float a = dq[4 * j + 2 * hr], b = dq[4 * j + 2 * hr + 1];
+            if (hd % 2 == 0 && c + 1 < hd) {
+                red_add_v2(dst + c, a, b);
+            } else {
+                if (c < hd) red_add(dst + c, a);
+                if (c + 1 < hd) red_add(dst + c + 1, b);
+            }
+        }
+    }
+}
+
+// dK and dV of key rows kr0, kr0 + 8 of the block (entry i: row kr0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2),
+// rounded to T: rows < len_k, columns < hd.
+template <typename T, int NC, int BM>
+__device__ __forceinline__ void sm90_store_dkdv(const FlashParams& p, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int n0, int kr0, int c0, int t,
+                                                const float (&dk)[NC / 2], const float (&dv)[NC / 2]) {
+    unsigned short* gdk = static_cast<unsigned short*>(p.dk) + blk.kv_row0;
+    unsigned short* gdv = static_cast<unsigned short*>(p.dv) + blk.kv_row0;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = kr0 + 8 * hr;
+        if (n0 + r >= s.len_k) continue;
+#pragma unroll
+        for (int j = 0; j < NC / 8; ++j) {
+            const unsigned c = c0 + 8 * j + 2 * t;
+            const unsigned pk = pack2<T>(dk[4 * j + 2 * hr], dk[4 * j + 2 * hr + 1]);
+            const unsigned pvv = pack2<T>(dv[4 * j + 2 * hr], dv[4 * j + 2 * hr + 1]);
+            flash_store_kv_pair(gdk, gdv, r, blk.kv_stride, c, blk.hd, pk, pvv);
+        }
+    }
+}
+
+// ---- Backward, one warpgroup per 64 keys ---------------------------------------------------------------------
+
+template <int D, int NWG> struct Sm90BackwardSmem {
+    // K, V [BN][D]; Q, dO [2][64][D]; dSᵀ [BN][64]; lse, delta [2][64] f32; 1 KB alignment slack.
+    static constexpr int BN = 64 * NWG;
+    static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + 1024;
+};
+
+// Grid (⌈max_seqlen_k / BN⌉, n_kv_heads, n_seqs) with BN = 64·NWG keys per block, 128·NWG threads; NWG warpgroups,
+// warpgroup w owning keys 64w … 64w + 63 of the tile. As flash_backward, a block keeps its K/V tile in shared memory
+// and dK, dV in registers, and walks every (query head of its GQA group, query tile of 64 rows) pair that sees the
+// tile, double-buffering Q, dO, lse and delta with cp.async (all threads load). Per pair and warpgroup:
+//   1. Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ (wgmma SS, M = the warpgroup's 64 keys, N = 64 queries, both K-major);
+//   2. P = exp2(S·log2e·scale − lse), dS = P ⊙ (dP − delta) (⊙ 1 − tanh² under a softcap) · scale, in registers
+//      (masked entries 0); Pᵀ and dSᵀ become A fragments straight from the accumulators (as P in the forward), and dSᵀ
+//      is also stored (bf16/f16, swizzled [key][query]) for step 4;
+//   3. dV += Pᵀ·dO and dK += dSᵀ·Q (wgmma RS, B = dO / Q N-major);
+//   4. after a block barrier, dQ[:, D/NWG columns of warpgroup w] = dS·K (wgmma SS, A = dS M-major from the stored
+//      dSᵀ, B = K N-major), added to the f32 dq_accum with red.global.add.v2.f32 (zeroed before, converted after).
+// GQA sums over the group's heads in registers, so dK and dV need no atomics. D is 64 or 128 (dK and dV take D
+// registers per thread). OVERLAP splits steps 1–3 so that the tensor cores work under the exponentials: Sᵀ and dPᵀ
+// are committed apart, P is formed once Sᵀ has landed (dPᵀ still running), dV's product is issued, and dS is formed
+// under it. Dynamic shared memory: Sm90BackwardSmem<D, NWG>::bytes.
+template <typename T, int D, int NWG, bool OVERLAP = false>
+__device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
+    constexpr int BM = 64, BN = 64 * NWG, THREADS = 128 * NWG, NO = D / 2, DQN = D / NWG;
+    static_assert((D == 64 || D == 128) && DQN % 16 == 0, "shape");
+    constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2;
+    const unsigned sK = (smem_u32(flash_smem) + 1023u) & ~1023u;
+    const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sdS = sdO + 2 * QO_BYTES;
+    const unsigned sL = sdS + BN * BM * 2, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
+
+    FlashSeq s;
+    if (!flash_seq(p, blockIdx.z, s)) return;
+    const int n0 = blockIdx.x * BN;
+    if (n0 >= s.len_k) return;
+    const Sm90KeyBlock<BM> blk = sm90_key_block<BM, BN>(p, s, n0);
+    auto prefetch = [&](int it, int st) { sm90_bwd_prefetch<D, BM, THREADS>(p, s, blk, it, st, sQ, sdO, sL, sD); };
+    sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
+    const int warp = blk.warp, g = blk.g, t = blk.t, wg = blk.wg, off = blk.off;
+    const unsigned hd = blk.hd;
+
+    float dk[NO], dv[NO];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) dk[i] = dv[i] = 0.0f;
+    const int kr0 = 16 * warp + g;  // this thread's key rows in the tile: kr0, kr0 + 8
+
+    for (int it = 0; it < blk.pairs; ++it) {
+        const int st = it & 1;
+        const int h = blk.head(it), m0 = blk.row0(it);
+        sm90_bwd_next_pair(it, st, blk.pairs, prefetch);
+        const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
+        const unsigned cL = sL + st * BM * 4 + 8 * t, cD = sD + st * BM * 4 + 8 * t;  // this thread's first query
+        // Loop-invariant tile addresses made opaque per pair: otherwise every descriptor built from them is hoisted
+        // out of the loop into two registers of its own (64 registers of descriptors at D = 128).
+        const unsigned cK = opaque(sK), cV = opaque(sV), cdS = opaque(sdS);
+
+        // 1. Sᵀ and dPᵀ for this warpgroup's 64 keys × 64 queries.
+        float sacc[32], dpacc[32];
+        wg_fence();
+        Wgmma<BM>::template ss0<T, 0>(sacc, desc_k<BN>(cK, 64 * wg, 0), desc_k<BM>(cQ, 0, 0));
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) Wgmma<BM>::template ss<T, 0>(sacc, desc_k<BN>(cK, 64 * wg, kk), desc_k<BM>(cQ, 0, kk), 1);
+        if constexpr (OVERLAP) wg_commit();  // Sᵀ lands first: P is computed while dPᵀ is on the tensor cores
+        Wgmma<BM>::template ss0<T, 0>(dpacc, desc_k<BN>(cV, 64 * wg, 0), desc_k<BM>(cdO, 0, 0));
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) Wgmma<BM>::template ss<T, 0>(dpacc, desc_k<BN>(cV, 64 * wg, kk), desc_k<BM>(cdO, 0, kk), 1);
+        wg_commit();
+
+        const ScoreMap sm = score_map(p);  // from the kernel parameters each pair, rather than kept in registers
+        // 2. P and dS (accumulator entry i: key kr0 + 8·((i%4)/2), query 8·(i/4) + 2t + i%2), packed to A fragments
+        // k-step by k-step (16 queries) so that few raw scores stay live.
+        const int wk0 = n0 + 64 * wg;  // this warpgroup's first key
+        const bool full = m0 + BM <= s.len_q && wk0 + 64 <= s.len_k && (!p.causal || wk0 + 63 <= m0 + off) &&
+                          (p.window == 0 || m0 + BM - 1 + off - wk0 < p.window);
+        unsigned pf[4][4], dsf[4][4];
+        // 3. dV += Pᵀ·dO, dK += dSᵀ·Q (k = the 64 queries).
+        if constexpr (OVERLAP) {
+            // P, then dV's product under dS; dK's after it.
+            wg_wait<1>();
+            reg_fence(sacc);
+            sm90_bwd_p_any<T, BM>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0, off, t);
+            reg_fence(dv);
+            reg_fence(pf);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dv, pf[kk], desc_mn<BM>(cdO, kk), 1);
+            wg_commit();
+            wg_wait<1>();  // dPᵀ (dV's product may still run)
+            reg_fence(dpacc);
+            sm90_bwd_ds<T, BM>(sacc, dpacc, dsf, cD, p.scale);
+            reg_fence(dk);
+            reg_fence(dsf);
+            wg_fence();
+        } else {
+            wg_wait<0>();
+            reg_fence(sacc);
+            reg_fence(dpacc);
+            sm90_bwd_p_any<T, BM>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0, off, t);
+            sm90_bwd_ds<T, BM>(sacc, dpacc, dsf, cD, p.scale);
+            reg_fence(dv);
+            reg_fence(dk);
+            reg_fence(pf);
+            reg_fence(dsf);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dv, pf[kk], desc_mn<BM>(cdO, kk), 1);
+        }
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<D>::template rs<T, 1>(dk, dsf[kk], desc_mn<BM>(cQ, kk), 1);
+        wg_commit();
+
+        // dSᵀ → shared memory, [key][query] swizzled (rows of 64 queries = 128 bytes): the pair (queries 8j + 2t, +1)
+        // of key row kr0 + 8·hr is dsf[j / 2][2·(j % 2) + hr].
+        // sw128<BN>(kr0 + 8·hr, j) + 4t = row base (chunk bits = g) XOR (j << 4): one opaque base, immediates after.
+        const unsigned ds_base = cdS + sw128<BN>(kr0, 0) + 4 * t;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) st_shared_u32((ds_base + hr * 8 * 128) ^ (j << 4), dsf[j / 2][2 * (j % 2) + hr]);
+        fence_proxy_async();
+        __syncthreads();  // every warpgroup's dSᵀ is in place
+
+        // 4. dQ[64 queries][DQN columns c0 …] = dS·K: A = dS M-major (the stored dSᵀ), B = K N-major.
+        float dq[DQN / 2];
+        const int c0 = wg * DQN;
+        const unsigned k_cols = cK + (c0 / 64) * (BN * 128) + (c0 % 64) * 2;
+        wg_fence();
+        Wgmma<DQN>::template ss0<T, 1, 1>(dq, desc_mn<BN>(cdS, 0), desc_sw128(k_cols, BN * 128));
+#pragma unroll
+        for (int kk = 1; kk < BN / 16; ++kk)
+            Wgmma<DQN>::template ss<T, 1, 1>(dq, desc_mn<BN>(cdS, kk), desc_sw128(k_cols + kk * 2048, BN * 128), 1);
+        wg_commit();
+        wg_wait<0>();  // dV, dK and dQ
+        reg_fence(dq);
+        reg_fence(dv);
+        reg_fence(dk);
+        reg_fence(pf);
+        reg_fence(dsf);
+
+        // dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2. The row offset comes from
+        // an opaque thread index: kept across the pair loop, it was the one value D = 128 spilled.
+        const int tid_q = static_cast<int>(opaque(threadIdx.x)), rq = 16 * ((tid_q / 32) % 4) + (tid_q % 32) / 4;
+        sm90_add_dq<DQN>(p, s, h, hd, m0 + rq, c0, t, dq);
+    }
+    cp_async_wait<0>();
+
+    // dK, dV: rows < len_k, columns < hd, straight from the fragments (entry i: key kr0 + 8·((i%4)/2), column
+    // 8·(i/4) + 2t + i%2).
+    const int tid_e = static_cast<int>(opaque(threadIdx.x));  // recomputed here rather than kept across the loop
+    const int kr0_e = 16 * (tid_e / 32) + (tid_e % 32) / 4, t_e = tid_e % 4;
+    sm90_store_dkdv<T, D>(p, s, blk, n0, kr0_e, 0, t_e, dk, dv);
+}
+
+// ---- Backward, two warpgroups per 64 keys --------------------------------------------------------------------
+
+template <int D> struct Sm90BackwardSplitSmem {
+    // K, V [64][D]; Q, dO [2][64][D]; Pᵀ, dSᵀ [64][64]; lse, delta [2][64] f32; 1 KB alignment slack.
+    static constexpr int bytes = 2 * 64 * D * 2 + 4 * 64 * D * 2 + 2 * 64 * 64 * 2 + 4 * 64 * 4 + 1024;
+};
+
+// The backward for head dims whose dK and dV do not fit one warpgroup's registers (D = 256: 256 per thread with 64
+// keys per warpgroup): two warpgroups share one tile of 64 keys and split the work by queries where the products are
+// per query and by head dims where they are per head dim. Grid (⌈max_seqlen_k / 64⌉, n_kv_heads, n_seqs), 256
+// threads; the pair walk, the double-buffered Q/dO/lse/delta loads and the masks are flash_backward_sm90's. Per
+// pair, warpgroup w:
+//   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for all 64 keys × queries 32w … 32w + 31 (wgmma SS, N = 32; P is formed while
+//      dPᵀ's product runs);
+//   2. P and dS in registers (sm90_bwd_p, sm90_bwd_ds), stored as Pᵀ and dSᵀ (bf16/f16, swizzled [key][query]); block barrier;
+//   3. dV[:, DH·w …] += Pᵀ·dO, dK[:, DH·w …] += dSᵀ·Q and dQ[:, DH·w …] = dS·K, DH = D/2 head dims each (wgmma SS: Pᵀ
+//      and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column slices), issued together;
+//   4. dQ added to the f32 dq_accum with red.global.add.v2.f32.
+// Registers per thread: dK and dV D/4 each, dQ D/4, Sᵀ and dPᵀ 16 each. Dynamic shared memory:
+// Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256).
+template <typename T, int D>
+__device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
+    constexpr int BM = 64, BN = 64, THREADS = 256, DH = D / 2, NQ = BM / 2;
+    static_assert(D % 128 == 0 && D <= 256, "shape");
+    constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2, PS_BYTES = BN * BM * 2;
+    const unsigned sK = (smem_u32(flash_smem) + 1023u) & ~1023u;
+    const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sP = sdO + 2 * QO_BYTES;
+    const unsigned sdS = sP + PS_BYTES, sL = sdS + PS_BYTES, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
+
+    FlashSeq s;
+    if (!flash_seq(p, blockIdx.z, s)) return;
+    const int n0 = blockIdx.x * BN;
+    if (n0 >= s.len_k) return;
+    const Sm90KeyBlock<BM> blk = sm90_key_block<BM, BN>(p, s, n0);
+    auto prefetch = [&](int it, int st) { sm90_bwd_prefetch<D, BM, THREADS>(p, s, blk, it, st, sQ, sdO, sL, sD); };
+    sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
+    const int warp = blk.warp, g = blk.g, t = blk.t, wg = blk.wg, off = blk.off;
+    const unsigned hd = blk.hd;
+
+    float dk[DH / 2], dv[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) dk[i] = dv[i] = 0.0f;
+    const int kr0 = 16 * (warp % 4) + g;  // this thread's key rows in the tile: kr0, kr0 + 8
+
+    for (int it = 0; it < blk.pairs; ++it) {
+        const int st = it & 1;
+        const int h = blk.head(it), m0 = blk.row0(it);
+        sm90_bwd_next_pair(it, st, blk.pairs, prefetch);
+        const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
+        const int q0 = NQ * wg;  // this warpgroup's first query of the tile in steps 1–2
+        const unsigned cL = sL + st * BM * 4 + 4 * (q0 + 2 * t), cD = sD + st * BM * 4 + 4 * (q0 + 2 * t);
+        const unsigned cK = opaque(sK), cV = opaque(sV), cP = opaque(sP), cdS = opaque(sdS);
+
+        // 1. Sᵀ and dPᵀ: 64 keys × this warpgroup's 32 queries, committed apart (P is formed under dPᵀ's product).
+        float sacc[NQ / 2], dpacc[NQ / 2];
+        wg_fence();
+        Wgmma<NQ>::template ss0<T, 0>(sacc, desc_k<BN>(cK, 0, 0), desc_k<BM>(cQ, q0, 0));
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) Wgmma<NQ>::template ss<T, 0>(sacc, desc_k<BN>(cK, 0, kk), desc_k<BM>(cQ, q0, kk), 1);
+        wg_commit();
+        Wgmma<NQ>::template ss0<T, 0>(dpacc, desc_k<BN>(cV, 0, 0), desc_k<BM>(cdO, q0, 0));
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) Wgmma<NQ>::template ss<T, 0>(dpacc, desc_k<BN>(cV, 0, kk), desc_k<BM>(cdO, q0, kk), 1);
+        wg_commit();
+
+        // 2. P and dS, stored as Pᵀ and dSᵀ [key][query]: the pair (queries q0 + 8j + 2t, +1) of key row kr0 + 8·hr is
+        // fragment [j / 2][2·(j % 2) + hr], at chunk (q0 + 8j)/8 of the row, swizzled by the row's g.
+        const ScoreMap sm = score_map(p);
+        const bool full = m0 + BM <= s.len_q && n0 + BN <= s.len_k && (!p.causal || n0 + BN - 1 <= m0 + off) &&
+                          (p.window == 0 || m0 + BM - 1 + off - n0 < p.window);
+        unsigned pf[NQ / 16][4], dsf[NQ / 16][4];
+        wg_wait<1>();
+        reg_fence(sacc);
+        sm90_bwd_p_any<T, NQ>(sacc, pf, cL, p, s, sm, full, n0 + kr0, m0 + q0, off, t);
+        wg_wait<0>();
+        reg_fence(dpacc);
+        sm90_bwd_ds<T, NQ>(sacc, dpacc, dsf, cD, p.scale);
+        const unsigned row = static_cast<unsigned>(kr0) * 128 + (static_cast<unsigned>(g) << 4) + 4 * t;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+            for (int j = 0; j < NQ / 8; ++j) {
+                const unsigned a = (row + hr * 8 * 128) ^ (static_cast<unsigned>(q0 / 8 + j) << 4);
+                st_shared_u32(cP + a, pf[j / 2][2 * (j % 2) + hr]);
+                st_shared_u32(cdS + a, dsf[j / 2][2 * (j % 2) + hr]);
+            }
+        fence_proxy_async();
+        __syncthreads();  // both warpgroups' halves of Pᵀ and dSᵀ are in place
+
+        // 3. This warpgroup's DH head dims c0 … of dV, dK and dQ (k = the 64 queries for dV and dK, the 64 keys for dQ).
+        const int c0 = DH * wg;
+        const unsigned o_cols = cdO + (c0 / 64) * (BM * 128), q_cols = cQ + (c0 / 64) * (BM * 128);
+        const unsigned k_cols = cK + (c0 / 64) * (BN * 128);
+        float dq[DH / 2];
+        reg_fence(dv);
+        reg_fence(dk);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dv, desc_k<BN>(cP, 0, kk), desc_sw128(o_cols + kk * 2048, BM * 128), 1);
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dk, desc_k<BN>(cdS, 0, kk), desc_sw128(q_cols + kk * 2048, BM * 128), 1);
+        Wgmma<DH>::template ss0<T, 1, 1>(dq, desc_mn<BN>(cdS, 0), desc_sw128(k_cols, BN * 128));
+#pragma unroll
+        for (int kk = 1; kk < BN / 16; ++kk)
+            Wgmma<DH>::template ss<T, 1, 1>(dq, desc_mn<BN>(cdS, kk), desc_sw128(k_cols + kk * 2048, BN * 128), 1);
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(dq);
+        reg_fence(dv);
+        reg_fence(dk);
+
+        // 4. dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2.
+        sm90_add_dq<DH>(p, s, h, hd, m0 + kr0, c0, t, dq);
+    }
+    cp_async_wait<0>();
+
+    // dK, dV: entry i: key kr0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2; rows < len_k, columns < hd.
+    sm90_store_dkdv<T, DH>(p, s, blk, n0, kr0, DH * wg, t, dk, dv);
+}

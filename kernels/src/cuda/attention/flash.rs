@@ -1,0 +1,72 @@
+//! The flash kernels' parameters and their launch (which kernel serves a launch is `tables.rs`'s).
+
+use super::{grid, FlashKernel};
+use crate::cuda::{launch, CudaDevice, Error, Result};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::DeviceRepr;
+
+/// flash_common.cuh's `FlashParams`, passed by value: the buffers' device addresses and the geometry.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(super) struct FlashParams {
+    pub(super) q: u64,
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) out: u64,
+    pub(super) lse: u64,
+    pub(super) d_out: u64,
+    pub(super) delta: u64,
+    pub(super) dq_accum: u64,
+    pub(super) dk: u64,
+    pub(super) dv: u64,
+    pub(super) cu_q: u64,
+    pub(super) cu_k: u64,
+    pub(super) n_heads: u32,
+    pub(super) n_kv_heads: u32,
+    pub(super) head_dim: u32,
+    pub(super) window: i32,
+    pub(super) scale: f32,
+    pub(super) softcap: f32,
+    pub(super) causal: i32,
+    pub(super) tq: u32,
+    pub(super) tk: u32,
+    pub(super) pad: u32,
+}
+
+// SAFETY: `repr(C)`: twelve 8-byte addresses then ten 4-byte fields, in the order of flash_common.cuh's
+// `struct FlashParams`, whose natural layout is the same (136 bytes, no interior padding).
+unsafe impl DeviceRepr for FlashParams {}
+
+/// One flash kernel launch over `rows` (query or key rows of the longest sequence) × `heads` × `n_seqs` blocks:
+/// `params` by value, the kernel's dynamic shared memory allowed past the 48 KiB default first.
+pub(super) fn launch(
+    dev: &CudaDevice,
+    kernel: FlashKernel,
+    params: FlashParams,
+    rows: usize,
+    heads: usize,
+    n_seqs: usize,
+) -> Result<()> {
+    let cfg = grid(rows, kernel.rows, heads, n_seqs, kernel.threads, kernel.smem);
+    let FlashKernel { module, name, .. } = kernel;
+    dev.function(module, name)?
+        .set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            cfg.shared_mem_bytes as i32,
+        )
+        .map_err(Error::driver("cuFuncSetAttribute"))?;
+    // SAFETY: flash_*(const FlashParams p): every address in `params` is a buffer of this device sized as the
+    // callers assert (q, out, d_out, dq_accum: tq·n_heads·head_dim; k, v, dk, dv: tk·n_kv_heads·head_dim; lse, delta:
+    // tq·n_heads; cu_q, cu_k: the grid's z + 1), and the kernels skip any sequence whose offsets leave 0..tq or
+    // 0..tk; the block size and shared memory are what the kernel's template uses (FLASH and FLASH_SM90, checked
+    // against the .cu files' template arguments), and an sm90 kernel is picked only on an sm_90a target.
+    unsafe { launch!(dev, module, name, cfg; params) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn params_are_laid_out_as_the_kernels_read_them() {
+        assert_eq!(std::mem::size_of::<super::FlashParams>(), 136, "flash_common.cuh's FlashParams is 136 bytes");
+    }
+}

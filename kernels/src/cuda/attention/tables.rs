@@ -1,0 +1,333 @@
+//! Which flash kernel serves a launch: the mma.sync kernels of every padded head_dim (`FLASH`) and the Hopper wgmma
+//! ones (`FLASH_SM90`), written as the `.cu` files instantiate them and checked against those files by the tests.
+
+use super::Half;
+use crate::cuda::compile::Target;
+use crate::cuda::source::Module;
+
+/// Which flash kernels serve a bf16 or f16 launch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FlashPath {
+    /// The fastest the device has for the head_dim: on an sm_90a target the wgmma kernel of `FLASH_SM90` where one
+    /// serves it, else the mma.sync kernel of `FLASH`.
+    #[default]
+    Fastest,
+    /// The mma.sync kernels of `FLASH` on every device (what GPUs other than Hopper run).
+    Portable,
+}
+
+/// One flash kernel as launched: its entry point, the rows of the grid's x dimension each block takes (query rows
+/// in the forward, keys in the backward), and its block size and dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashKernel {
+    pub module: Module,
+    pub name: &'static str,
+    pub(super) rows: usize,
+    pub(super) threads: usize,
+    pub(super) smem: usize,
+}
+
+/// The forward and backward kernels of a bf16 (`half` Bf16) or f16 launch at `head_dim` (checked against
+/// [`super::MAX_HEAD_DIM`] by the launchers) on a device compiled for `target`.
+pub fn flash_kernels(target: Target, path: FlashPath, head_dim: usize, half: Half) -> [FlashKernel; 2] {
+    let portable = Flash::for_head_dim(head_dim);
+    let fastest = path == FlashPath::Fastest;
+    match FLASH_SM90.iter().find(|f| fastest && f.module.compiles_for(target) && f.serves(head_dim)) {
+        Some(f) => [f.forward_kernel(half), f.backward_kernel(half).unwrap_or_else(|| portable.backward_kernel(half))],
+        None => [portable.forward_kernel(half), portable.backward_kernel(half)],
+    }
+}
+
+/// A block shape: query rows × key rows per block, and warps.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    bm: usize,
+    bn: usize,
+    warps: usize,
+}
+
+/// The mma.sync kernels of one padded head_dim (the tiles written in `kernels/cuda/flash_attention_d<D>.cu`).
+struct Flash {
+    d: usize,
+    module: Module,
+    forward: [&'static str; 2],
+    backward: [&'static str; 2],
+    fwd: Tile,
+    bwd: Tile,
+}
+
+impl Flash {
+    /// The smallest padded head_dim that holds `head_dim`.
+    fn for_head_dim(head_dim: usize) -> &'static Flash {
+        FLASH.iter().find(|f| head_dim <= f.d).expect("head_dim checked against MAX_HEAD_DIM")
+    }
+
+    /// flash_forward's dynamic shared memory: Q, K and V tiles of rows D + 8 elements.
+    fn forward_smem(&self) -> usize {
+        (self.fwd.bm + 2 * self.fwd.bn) * (self.d + 8) * 2
+    }
+
+    /// flash_backward's: K, V, two stages of Q and dO, P and dS [BN][BM + 8], two stages of lse and delta.
+    fn backward_smem(&self) -> usize {
+        let Tile { bm, bn, .. } = self.bwd;
+        (2 * bn + 4 * bm) * (self.d + 8) * 2 + 2 * bn * (bm + 8) * 2 + 4 * bm * 4
+    }
+
+    fn forward_kernel(&self, half: Half) -> FlashKernel {
+        let (name, rows, threads) = (half.pick(self.forward[0], self.forward[1]), self.fwd.bm, 32 * self.fwd.warps);
+        FlashKernel { module: self.module, name, rows, threads, smem: self.forward_smem() }
+    }
+
+    fn backward_kernel(&self, half: Half) -> FlashKernel {
+        let (name, rows, threads) = (half.pick(self.backward[0], self.backward[1]), self.bwd.bn, 32 * self.bwd.warps);
+        FlashKernel { module: self.module, name, rows, threads, smem: self.backward_smem() }
+    }
+}
+
+const fn tile(bm: usize, bn: usize, warps: usize) -> Tile {
+    Tile { bm, bn, warps }
+}
+
+/// A `FLASH` entry: `flash_attention_d<D>.cu`'s entry points `flash_{forward,backward}_d<D>_{bf16,f16}` with the tiles
+/// their templates are instantiated with.
+macro_rules! flash {
+    ($d:literal, $module:ident, fwd $fwd:expr, bwd $bwd:expr) => {
+        Flash {
+            d: $d,
+            module: Module::$module,
+            forward: [concat!("flash_forward_d", $d, "_bf16"), concat!("flash_forward_d", $d, "_f16")],
+            backward: [concat!("flash_backward_d", $d, "_bf16"), concat!("flash_backward_d", $d, "_f16")],
+            fwd: $fwd,
+            bwd: $bwd,
+        }
+    };
+}
+
+static FLASH: [Flash; 6] = [
+    flash!(32, FlashD32, fwd tile(128, 64, 4), bwd tile(64, 64, 4)),
+    flash!(64, FlashD64, fwd tile(128, 64, 4), bwd tile(64, 64, 4)),
+    flash!(80, FlashD80, fwd tile(64, 64, 4), bwd tile(64, 128, 8)),
+    flash!(96, FlashD96, fwd tile(64, 64, 4), bwd tile(64, 128, 8)),
+    flash!(128, FlashD128, fwd tile(64, 64, 4), bwd tile(64, 64, 8)),
+    flash!(256, FlashD256, fwd tile(64, 64, 4), bwd tile(64, 64, 8)),
+];
+
+/// A Hopper forward's block: NWG warpgroups of 64 query rows over tiles of BN keys, as one of
+/// flash_attention_sm90.cuh's two templates lays it out.
+#[derive(Clone, Copy, Debug)]
+enum Sm90Forward {
+    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 48>`: NWG consumer warpgroups fed by one producer warpgroup
+    /// that keeps 48 registers; shared memory `Sm90ForwardWsSmem` (Q, two K and two V stages, 1 KB of alignment
+    /// slack, the mbarriers).
+    WarpSpecialized { bn: usize, nwg: usize, ping_pong: bool },
+    /// `flash_forward_sm90<T, D, BN, NWG, OVERLAP>`: every thread loads; shared memory `Sm90ForwardSmem` (the same
+    /// tiles, no mbarriers).
+    AllLoad { bn: usize, nwg: usize, overlap: bool },
+}
+
+impl Sm90Forward {
+    /// (the template call the .cu writes, `{T}` standing for the element type; threads; shared memory) at head_dim `d`.
+    fn shape(self, d: usize) -> (String, usize, usize) {
+        match self {
+            Sm90Forward::WarpSpecialized { bn, nwg, ping_pong } => (
+                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 48>"),
+                128 * (nwg + 1),
+                (64 * nwg + 4 * bn) * d * 2 + 1024 + 128,
+            ),
+            Sm90Forward::AllLoad { bn, nwg, overlap } => (
+                format!("flash_forward_sm90<{{T}}, {d}, {bn}, {nwg}, {overlap}>"),
+                128 * nwg,
+                (64 * nwg + 4 * bn) * d * 2 + 1024,
+            ),
+        }
+    }
+
+    fn rows(self) -> usize {
+        match self {
+            Sm90Forward::WarpSpecialized { nwg, .. } | Sm90Forward::AllLoad { nwg, .. } => 64 * nwg,
+        }
+    }
+}
+
+/// The wgmma kernels of one padded head_dim (`kernels/cuda/flash_attention_sm90_d<D>.cu`, sm_90a only).
+struct FlashSm90 {
+    d: usize,
+    /// The smallest head_dim served: below it the mma.sync table pads to a smaller D than this one, so its kernel
+    /// does less work (80 and 96 stay there until padding them to 128 is measured to win).
+    min_head_dim: usize,
+    module: Module,
+    forward: [&'static str; 2],
+    fwd: Sm90Forward,
+    /// The entry points of `flash_backward_sm90<T, D, NWG>` and NWG (warpgroups of 64 keys each); None where the
+    /// mma.sync backward of `FLASH` serves this head_dim.
+    backward: Option<([&'static str; 2], usize)>,
+}
+
+impl FlashSm90 {
+    fn serves(&self, head_dim: usize) -> bool {
+        (self.min_head_dim..=self.d).contains(&head_dim)
+    }
+
+    fn forward_kernel(&self, half: Half) -> FlashKernel {
+        let (_, threads, smem) = self.fwd.shape(self.d);
+        let name = half.pick(self.forward[0], self.forward[1]);
+        FlashKernel { module: self.module, name, rows: self.fwd.rows(), threads, smem }
+    }
+
+    /// `Sm90BackwardSmem<D, NWG>`: K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse
+    /// and delta, 1 KB of alignment slack.
+    fn backward_kernel(&self, half: Half) -> Option<FlashKernel> {
+        let (names, nwg) = self.backward?;
+        let (d, bn) = (self.d, 64 * nwg);
+        let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + 1024;
+        Some(FlashKernel {
+            module: self.module,
+            name: half.pick(names[0], names[1]),
+            rows: bn,
+            threads: 128 * nwg,
+            smem,
+        })
+    }
+}
+
+/// A `FLASH_SM90` entry: `flash_attention_sm90_d<D>.cu`'s entry points `flash_forward_sm90_d<D>_{bf16,f16}` and,
+/// with `bwd NWG`, `flash_backward_sm90_d<D>_{bf16,f16}`; the forward's layout as its template is instantiated.
+macro_rules! sm90 {
+    ($d:literal, $module:ident, from $min:literal, fwd $fwd:expr, bwd $nwg:literal) => {
+        FlashSm90 {
+            backward: Some((
+                [concat!("flash_backward_sm90_d", $d, "_bf16"), concat!("flash_backward_sm90_d", $d, "_f16")],
+                $nwg,
+            )),
+            ..sm90!($d, $module, from $min, fwd $fwd, bwd none)
+        }
+    };
+    ($d:literal, $module:ident, from $min:literal, fwd $fwd:expr, bwd none) => {
+        FlashSm90 {
+            d: $d,
+            min_head_dim: $min,
+            module: Module::$module,
+            forward: [concat!("flash_forward_sm90_d", $d, "_bf16"), concat!("flash_forward_sm90_d", $d, "_f16")],
+            fwd: $fwd,
+            backward: None,
+        }
+    };
+}
+
+/// The Hopper kernels (variants measured on the H200 in `scripts/flash/variants.py`; kernels/NOTES.md has the
+/// numbers): the warp-specialized ping-pong forward with 128-key tiles at 64 and 128, the all-load forward without
+/// overlap at 256; the wgmma backward at 64 and 128 (at 256 its dK and dV would not fit the registers).
+static FLASH_SM90: [FlashSm90; 3] = [
+    sm90!(64, FlashSm90D64, from 33, fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true }, bwd 2),
+    sm90!(128, FlashSm90D128, from 97, fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true }, bwd 2),
+    sm90!(256, FlashSm90D256, from 129, fwd Sm90Forward::AllLoad { bn: 64, nwg: 2, overlap: false }, bwd none),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::super::MAX_HEAD_DIM;
+    use super::*;
+    use crate::cuda::compile::Output;
+
+    const SM_90A: Target = Target { arch: 90, arch_specific: true, output: Output::Cubin };
+    const SM_80: Target = Target { arch: 80, arch_specific: false, output: Output::Cubin };
+
+    /// The line of `module`'s file that defines entry point `name`.
+    fn entry_line(module: Module, name: &str) -> &'static str {
+        let text = module.file_text();
+        text.lines().find(|l| l.contains(&format!(" {name}("))).unwrap_or_else(|| panic!("{name}: no entry point"))
+    }
+
+    /// The tiles must match the template arguments written in each flash_attention_d<D>.cu, and fit a Hopper SM's
+    /// 227 KiB of shared memory per block.
+    #[test]
+    fn flash_table_matches_the_sources() {
+        for f in &FLASH {
+            for (kernels, t) in [(f.forward, f.fwd), (f.backward, f.bwd)] {
+                for (name, ty) in kernels.iter().zip(["bf16", "f16"]) {
+                    let line = entry_line(f.module, name);
+                    let args = format!("<{ty}, {}, {}, {}, {}", f.d, t.bm, t.bn, t.warps);
+                    assert!(line.contains(&args), "{name}: expected template arguments {args} in {line}");
+                    assert!(line.contains(&format!("__launch_bounds__({})", 32 * t.warps)), "{name}: block size");
+                }
+            }
+            assert!(f.forward_smem() <= 227 * 1024 && f.backward_smem() <= 227 * 1024, "d{}: shared memory", f.d);
+        }
+        assert_eq!(FLASH.last().map(|f| f.d), Some(MAX_HEAD_DIM));
+    }
+
+    /// The same for the Hopper kernels: template, block size (one block per multiprocessor) and shared memory.
+    #[test]
+    fn flash_sm90_table_matches_the_sources() {
+        for f in &FLASH_SM90 {
+            assert_eq!(f.module.arch_specific_only(), Some(90), "{}", f.module.name());
+            let (forward, _, _) = f.fwd.shape(f.d);
+            let backward = f.backward.map(|(_, nwg)| format!("flash_backward_sm90<{{T}}, {}, {nwg}>", f.d));
+            for half in [Half::Bf16, Half::F16] {
+                let ty = half.pick("bf16", "f16");
+                let kernels =
+                    [Some((f.forward_kernel(half), &forward)), f.backward_kernel(half).zip(backward.as_ref())];
+                for (k, template) in kernels.into_iter().flatten() {
+                    let line = entry_line(f.module, k.name);
+                    let call = template.replace("{T}", ty);
+                    assert!(line.contains(&call), "{}: expected {call} in {line}", k.name);
+                    assert!(line.contains(&format!("__launch_bounds__({}, 1)", k.threads)), "{}: block size", k.name);
+                    assert!(k.smem <= 227 * 1024, "{}: shared memory", k.name);
+                }
+            }
+            let entries = f.module.entry_points().len();
+            assert_eq!(entries, if f.backward.is_some() { 4 } else { 2 }, "{}: entry points", f.module.name());
+        }
+    }
+
+    #[test]
+    fn head_dims_map_to_the_smallest_padded_kernel() {
+        let d = |hd| Flash::for_head_dim(hd).d;
+        assert_eq!(
+            [d(1), d(32), d(33), d(64), d(72), d(80), d(96), d(100), d(128), d(129), d(256)],
+            [32, 32, 64, 64, 80, 80, 96, 128, 128, 256, 256]
+        );
+    }
+
+    /// Hopper takes the wgmma kernel where one pads no further than the mma.sync table; other targets, and the
+    /// portable path, never do.
+    #[test]
+    fn hopper_picks_wgmma_where_it_serves() {
+        let names = |target, path, hd| flash_kernels(target, path, hd, Half::Bf16).map(|k| k.name);
+        assert_eq!(
+            names(SM_90A, FlashPath::Fastest, 64),
+            ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]
+        );
+        assert_eq!(
+            names(SM_90A, FlashPath::Fastest, 40),
+            ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]
+        );
+        assert_eq!(
+            names(SM_90A, FlashPath::Fastest, 100),
+            ["flash_forward_sm90_d128_bf16", "flash_backward_sm90_d128_bf16"]
+        );
+        assert_eq!(
+            names(SM_90A, FlashPath::Fastest, 256),
+            ["flash_forward_sm90_d256_bf16", "flash_backward_d256_bf16"]
+        );
+        assert_eq!(names(SM_90A, FlashPath::Fastest, 32), ["flash_forward_d32_bf16", "flash_backward_d32_bf16"]);
+        assert_eq!(names(SM_90A, FlashPath::Fastest, 72), ["flash_forward_d80_bf16", "flash_backward_d80_bf16"]);
+        assert_eq!(names(SM_90A, FlashPath::Portable, 64), ["flash_forward_d64_bf16", "flash_backward_d64_bf16"]);
+        assert_eq!(names(SM_80, FlashPath::Fastest, 128), ["flash_forward_d128_bf16", "flash_backward_d128_bf16"]);
+        let f16 = flash_kernels(SM_90A, FlashPath::Fastest, 128, Half::F16).map(|k| k.name);
+        assert_eq!(f16, ["flash_forward_sm90_d128_f16", "flash_backward_sm90_d128_f16"]);
+        // Every head_dim gets a kernel on every path, and only Hopper loads a Hopper module.
+        for hd in 1..=MAX_HEAD_DIM {
+            for (target, path) in
+                [(SM_90A, FlashPath::Fastest), (SM_90A, FlashPath::Portable), (SM_80, FlashPath::Fastest)]
+            {
+                let wgmma = target == SM_90A && path == FlashPath::Fastest && hd > 32 && (hd <= 64 || hd > 96);
+                let [fwd, bwd] = flash_kernels(target, path, hd, Half::Bf16);
+                for (k, sm90) in [(fwd, wgmma), (bwd, wgmma && hd <= 128)] {
+                    assert!(k.module.compiles_for(target), "{hd}: {} on {target}", k.name);
+                    assert_eq!(k.module.arch_specific_only().is_some(), sm90, "{hd}: {} on {target}", k.name);
+                }
+            }
+        }
+    }
+}
