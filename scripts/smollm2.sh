@@ -42,7 +42,7 @@ EOF
 fi
 
 cd "$repo"
-cargo build --release --quiet -p qlora-cli
+cargo build --release --quiet -p qlora-rt --bin qlora-rt
 bin="$repo/target/release/qlora-rt"
 if [[ ! -f "$out/model.safetensors" ]]; then
     "$bin" import --gguf "$gguf" --out "$out"

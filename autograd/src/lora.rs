@@ -97,13 +97,13 @@ pub struct LoraAdapter {
     pub lora_a: Param,
     /// `{module}.lora_B.weight`: [out, r].
     pub lora_b: Param,
-    /// `{module}.lora_magnitude_vector` (DoRA only): [out].
+    /// `{module}.lora_magnitude_vector` (DoRA only): \[out\].
     pub magnitude: Option<Param>,
     pub config: LoraConfig,
 }
 
 impl LoraAdapter {
-    /// base: [out, in] → A [r, in], B [out, r] (zeros), DoRA m [out] = ‖W‖ per output row; all trainable f32.
+    /// base: [out, in] → A [r, in], B [out, r] (zeros), DoRA m \[out\] = ‖W‖ per output row; all trainable f32.
     ///
     /// m is computed as peft's `DoraLinearLayer.update_layer` does, ‖W + s·B·A‖ over the input dimension with W
     /// the dequantized base (the weights training will see); with B = 0 that is ‖W‖.
@@ -239,7 +239,7 @@ impl AdapterSet {
         self.active.as_deref().and_then(|n| self.adapters.get(n))
     }
 
-    /// [`Tape::lora_linear`] with the active adapter. x: [..., in], base: [out, in], bias: [out] → [..., out].
+    /// [`Tape::lora_linear`] with the active adapter. x: [..., in], base: [out, in], bias: \[out\] → [..., out].
     pub fn linear(
         &self,
         tape: &Tape,
@@ -252,7 +252,7 @@ impl AdapterSet {
     }
 }
 
-/// One projection of [`Tape::lora_linear_group`]: base W [out, in] frozen, bias [out], adapter (A [r, in], B [out, r])
+/// One projection of [`Tape::lora_linear_group`]: base W [out, in] frozen, bias \[out\], adapter (A [r, in], B [out, r])
 /// and the seed of its adapter dropout.
 #[derive(Clone, Copy, Debug)]
 pub struct LoraProjection<'a> {
@@ -263,7 +263,7 @@ pub struct LoraProjection<'a> {
 }
 
 impl Tape {
-    /// x: [..., in], base W: [out, in] frozen, bias: [out], adapter A: [r, in], B: [out, r], m: [out] → [..., out].
+    /// x: [..., in], base W: [out, in] frozen, bias: \[out\], adapter A: [r, in], B: [out, r], m: \[out\] → [..., out].
     ///
     /// LoRA: y = x·Wᵀ + bias + s·(x_d·Aᵀ)·Bᵀ, with x_d = dropout(x) (peft `Linear.forward`).
     /// DoRA: y = x·Wᵀ + bias + (g − 1)⊙(x_d·Wᵀ) + g⊙s·(x_d·Aᵀ)·Bᵀ, g = m/n, n = ‖W + s·B·A‖ per output row and

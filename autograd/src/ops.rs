@@ -20,7 +20,7 @@ impl Tape {
         self.apply([a, b], |[a, b], needs| matmul_op(a, b, needs))
     }
 
-    /// y = x·wᵀ + bias, the Hugging Face `nn.Linear` layout. x: [..., in], w: [out, in], bias: [out] → [..., out].
+    /// y = x·wᵀ + bias, the Hugging Face `nn.Linear` layout. x: [..., in], w: [out, in], bias: \[out\] → [..., out].
     pub fn linear(&self, x: &Var, w: &Var, bias: Option<&Var>) -> Result<Var> {
         let none = Var::constant(Tensor::zeros(&[0], DType::F32));
         let bias_var = bias.unwrap_or(&none);
@@ -96,7 +96,7 @@ impl Tape {
         self.apply([x], |[x], _| act::softcap_op(x, cap))
     }
 
-    /// Σ over rows of −log softmax(logits)[target] ÷ `normalizer`, skipping targets of −100. The caller picks the
+    /// Σ over rows of −log softmax(logits)\[target\] ÷ `normalizer`, skipping targets of −100. The caller picks the
     /// normalizer: the trained-token count of this micro-batch, or of the whole accumulated batch so that gradient
     /// accumulation weighs every token equally.
     pub fn cross_entropy(&self, logits: &Var, targets: &Tensor, normalizer: f64) -> Result<Var> {

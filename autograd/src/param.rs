@@ -56,7 +56,23 @@ fn fresh_stamp() -> u64 {
 
 /// A model weight. Trainable parameters accumulate gradients across backward passes (gradient accumulation)
 /// until [`Param::zero_grad`]; frozen ones (the NF4 base, norms unless asked) never get a gradient buffer:
-/// a tape treats them as constants and records nothing for them.
+/// a tape treats them as constants and records nothing for them. Clones share the value and the gradient.
+///
+/// ```
+/// use qlora_autograd::{Param, Tape};
+/// use qlora_runtime::{DType, Tensor};
+///
+/// let frozen = Param::frozen("base", Tensor::ones(&[2], DType::F32));
+/// let lora = Param::trainable("lora_B", Tensor::ones(&[2], DType::F32));
+/// let tape = Tape::new();
+/// let loss = tape.sum(&tape.mul(&tape.param(&frozen), &tape.param(&lora))?)?;
+/// tape.backward(&loss)?;
+/// assert!(frozen.grad().is_none(), "frozen weights never get a gradient buffer");
+/// assert_eq!(lora.grad().unwrap().to_vec::<f32>(), vec![1.0, 1.0]);
+/// lora.zero_grad();
+/// assert!(lora.grad().is_none());
+/// # Ok::<(), qlora_runtime::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Param(Arc<Inner>);
 

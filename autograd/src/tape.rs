@@ -19,6 +19,19 @@ use std::sync::Arc;
 pub(crate) type VarId = usize;
 
 /// A value flowing through a recorded computation: a tensor plus, when a gradient can reach it, its tape id.
+/// Inputs enter as [`Var::constant`] (no gradient) or through [`Tape::param`]; every tape op returns a new one.
+///
+/// ```
+/// use qlora_autograd::{Tape, Var};
+/// use qlora_runtime::{DType, Tensor};
+///
+/// let tape = Tape::new();
+/// let x = Var::constant(Tensor::ones(&[2, 2], DType::F32));
+/// let y = tape.scale(&x, 3.0)?;
+/// assert!(!y.requires_grad(), "nothing trainable reaches it");
+/// assert_eq!(y.value().to_vec::<f32>(), vec![3.0; 4]);
+/// # Ok::<(), qlora_runtime::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Var {
     value: Tensor,
@@ -90,6 +103,24 @@ enum Node {
 }
 
 /// Records ops. Single-threaded by design (ops themselves are parallel inside).
+///
+/// A forward pass records each op with what its backward needs; [`Tape::backward`] runs them in reverse and adds
+/// the gradients into the trainable [`Param`]s; [`Tape::no_grad`] runs ops without recording (inference).
+///
+/// ```
+/// use qlora_autograd::{Param, Tape, Var};
+/// use qlora_runtime::{DType, Tensor};
+///
+/// let w = Param::trainable("w", Tensor::from_vec(vec![1.0f32, -2.0], &[1, 2])?);
+/// let tape = Tape::new();
+/// let x = Var::constant(Tensor::from_vec(vec![3.0f32, 4.0], &[1, 2])?);
+/// let y = tape.linear(&x, &tape.param(&w), None)?; // x·wᵀ = 3 − 8
+/// let loss = tape.sum(&tape.mul(&y, &y)?)?; // y²
+/// tape.backward(&loss)?;
+/// // ∂(x·wᵀ)²/∂w = 2·y·x = 2·(−5)·[3, 4]
+/// assert_eq!(w.grad().unwrap().to_vec::<f32>(), vec![-30.0, -40.0]);
+/// # Ok::<(), qlora_runtime::Error>(())
+/// ```
 pub struct Tape {
     nodes: RefCell<Vec<Node>>,
     next_id: Cell<VarId>,

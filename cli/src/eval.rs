@@ -1,13 +1,14 @@
 //! `qlora-rt eval`: the loss of a model, with a PEFT adapter on top or not, over a JSONL file of pre-tokenized
 //! or plain-text rows: the token-weighted mean negative log-likelihood over every predicted position of every
-//! row, and its perplexity. Also owns the model-loading flags (`--device`, `--dtype`, `--quantize`) that other
+//! row, and its perplexity; with several adapters (`--adapter NAME=DIR`, repeated), one result per adapter over
+//! the base loaded once. Also owns the model-loading flags (`--device`, `--dtype`, `--quantize`) that other
 //! commands which load a model share.
 
 use crate::device::DeviceArg;
+use crate::named_adapters::{read_all, AdapterArg};
 use anyhow::{bail, Context, Result};
 use qlora_autograd::{Tape, Var};
 use qlora_models::data::jsonl::{parse_record, Record};
-use qlora_models::formats::peft::load_adapter;
 use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
@@ -97,10 +98,10 @@ pub struct EvalArgs {
     /// .gguf file (imported once into the qlora-rt cache).
     #[arg(long)]
     model: PathBuf,
-    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on top of the model.
-    /// Give it at most once: stacking several adapters is not supported yet.
-    #[arg(long)]
-    adapter: Vec<PathBuf>,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) applied on top of the model, as DIR
+    /// or NAME=DIR. Repeat it (each named) to evaluate several adapters over one base: one result per adapter.
+    #[arg(long, value_name = "[NAME=]DIR")]
+    adapter: Vec<AdapterArg>,
     /// JSONL file, one row per line: {"input_ids": [...]} with optional "labels" (-100 = not scored; no BOS or
     /// template added), or {"text": "..."} (tokenized, BOS as the tokenizer's config says).
     #[arg(long)]
@@ -110,7 +111,8 @@ pub struct EvalArgs {
     /// Rows are packed into forward passes of at most this many tokens (a longer row runs alone).
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
-    /// Print the result as one JSON object (loss, perplexity, tokens, rows, batches, seconds) on stdout.
+    /// Print the result as one JSON object (loss, perplexity, tokens, rows, batches, seconds) on stdout, one line
+    /// per adapter.
     #[arg(long)]
     json: bool,
 }
@@ -219,16 +221,9 @@ fn nll(model: &CausalLm, batch: &Batch) -> Result<f64> {
 
 pub fn run(args: &EvalArgs) -> Result<()> {
     let format = args.load.base_format()?;
-    if args.adapter.len() > 1 {
-        bail!(
-            "--adapter given {} times: stacking several adapters is not supported yet (merge them first)",
-            args.adapter.len()
-        );
-    }
     if args.batch_tokens == 0 {
         bail!("--batch-tokens must be at least 1");
     }
-    let start = Instant::now();
     let model_dir = crate::model_path::resolve_model(&args.model)?;
     let config = ModelConfig::load(&model_dir)?;
     let data = read_data(&args.data, &model_dir, config.vocab_size)?;
@@ -239,51 +234,27 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             data.lines
         );
     }
-    let mut model = CausalLm::load(&model_dir, format)?;
-    let mut adapted = 0;
-    if let Some(dir) = args.adapter.first() {
-        adapted = load_adapter(&mut model, dir)?;
-        // peft's eval mode: adapter dropout off.
-        for p in model.projections_mut()? {
-            p.adapter = p.adapter.take().map(|a| a.without_dropout());
-        }
-    }
+    let start = Instant::now();
+    let mut base = CausalLm::load(&model_dir, format)?;
+    let adapters = read_all(&args.adapter, &base)?;
     let (device, dtype) = args.load.placement()?;
     if device != Device::Cpu {
-        model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
+        base = base.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
     }
     let groups = group(&data.rows, args.batch_tokens);
-    let (mut sum, mut tokens) = (0.0, 0usize);
-    for (b, range) in groups.iter().enumerate() {
-        let seqs: Vec<(Vec<i32>, Vec<i32>)> =
-            data.rows[range.clone()].iter().map(|r| (r.ids.clone(), r.labels.clone())).collect();
-        let batch = Batch::pack(&seqs)?;
-        tokens += batch.trained_tokens();
-        let batch = batch.to_device(device)?;
-        sum += nll(&model, &batch).with_context(|| format!("batch {} of {}", b + 1, groups.len()))?;
-    }
-    let loss = sum / tokens as f64;
-    let seconds = start.elapsed().as_secs_f64();
-    if args.json {
-        let out = serde_json::json!({
-            "loss": loss,
-            "perplexity": loss.exp(),
-            "tokens": tokens,
-            "rows": data.rows.len(),
-            "batches": groups.len(),
-            "seconds": seconds,
-            "model": args.model.display().to_string(),
-            "adapter": args.adapter.first().map(|a| a.display().to_string()),
-            "data": args.data.display().to_string(),
-        });
-        println!("{out}");
-    } else {
-        let c = &model.config;
-        let adapter = match args.adapter.first() {
-            Some(dir) => format!(" + adapter {} ({adapted} modules)", dir.display()),
-            None => String::new(),
-        };
-        println!("model {} ({:?}, {} layers){adapter}", args.model.display(), c.family, c.num_hidden_layers);
+    let batches = groups
+        .iter()
+        .map(|range| {
+            let seqs: Vec<(Vec<i32>, Vec<i32>)> =
+                data.rows[range.clone()].iter().map(|r| (r.ids.clone(), r.labels.clone())).collect();
+            let batch = Batch::pack(&seqs)?;
+            Ok((batch.trained_tokens(), batch.to_device(device)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tokens: usize = batches.iter().map(|(n, _)| n).sum();
+    if !args.json {
+        let c = &base.config;
+        println!("model {} ({:?}, {} layers)", args.model.display(), c.family, c.num_hidden_layers);
         println!(
             "data  {}: {} rows scored of {}, {} batches",
             args.data.display(),
@@ -291,7 +262,43 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             data.lines,
             groups.len()
         );
-        println!("loss {loss:.6}  perplexity {:.4}  over {tokens} predicted tokens ({seconds:.1}s)", loss.exp());
+    }
+    // The plain base when no adapter is given; otherwise each adapter in turn over the one base (dropout off, as
+    // peft's eval mode).
+    let runs: Vec<Option<&crate::named_adapters::NamedAdapter>> =
+        if adapters.is_empty() { vec![None] } else { adapters.iter().map(Some).collect() };
+    for named in runs {
+        let model = base.with_adapter(named.map(|a| &a.adapter))?;
+        let mut sum = 0.0;
+        for (b, (_, batch)) in batches.iter().enumerate() {
+            sum += nll(&model, batch).with_context(|| format!("batch {} of {}", b + 1, groups.len()))?;
+        }
+        let loss = sum / tokens as f64;
+        let seconds = start.elapsed().as_secs_f64();
+        if args.json {
+            let out = serde_json::json!({
+                "loss": loss,
+                "perplexity": loss.exp(),
+                "tokens": tokens,
+                "rows": data.rows.len(),
+                "batches": groups.len(),
+                "seconds": seconds,
+                "model": args.model.display().to_string(),
+                "adapter": named.map(|a| a.arg.dir.display().to_string()),
+                "adapter_name": named.map(|a| &a.name),
+                "data": args.data.display().to_string(),
+            });
+            println!("{out}");
+        } else {
+            let label = match named {
+                Some(a) => format!("adapter {} ({} modules): ", a.name, a.adapter.len()),
+                None => String::new(),
+            };
+            println!(
+                "{label}loss {loss:.6}  perplexity {:.4}  over {tokens} predicted tokens ({seconds:.1}s)",
+                loss.exp()
+            );
+        }
     }
     Ok(())
 }

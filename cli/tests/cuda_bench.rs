@@ -4,7 +4,7 @@
 //! projection, clipping, checkpointing and two micro-batches.
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
-//! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-rt, or QLORA_RT_BIN when the test runs on another machine.
+//! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-cli, or QLORA_RT_BIN when the test runs on another machine.
 
 use qlora_runtime::testing::{fixtures_dir, gpu};
 use serde_json::Value;
@@ -17,7 +17,7 @@ fn a_training_step_waits_for_the_gpu_once() {
         return;
     }
     let bin =
-        std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-rt")), PathBuf::from);
+        std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from);
     let model = fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama");
     let args = ["bench", "--model", model.to_str().unwrap(), "--device", "cuda", "--batch", "2", "--seq", "48"];
     let out = Command::new(bin)

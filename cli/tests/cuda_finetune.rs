@@ -12,7 +12,7 @@
 //! to [`RESUME_REL`] = 1e-6 against the uninterrupted GPU run; what it achieves is printed.
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
-//! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-rt, or QLORA_RT_BIN when the test runs on another
+//! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-cli, or QLORA_RT_BIN when the test runs on another
 //! machine; the fixture comes from CARGO_MANIFEST_DIR, or QLORA_FIXTURES (the `tests/fixtures` folder).
 
 use qlora_models::formats::peft::load_adapter;
@@ -34,7 +34,7 @@ fn model_dir() -> PathBuf {
 
 fn qlora_rt(args: &[String]) -> (Output, f64) {
     let bin =
-        std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-rt")), PathBuf::from);
+        std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from);
     let start = Instant::now();
     let out = Command::new(bin).args(args).output().expect("run qlora-rt");
     let secs = start.elapsed().as_secs_f64();

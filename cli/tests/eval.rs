@@ -159,8 +159,9 @@ fn bad_input_is_one_line_naming_file_and_line() {
         let err = one_line_error(&["eval", "--model", m, "--data", d, "--device", "cuda"]);
         assert!(err.contains("--device cuda: ") && err.contains("--device cpu"), "{err}");
     }
+    // Several adapters are evaluated one by one, so each needs a name to be reported under.
     let err = one_line_error(&["eval", "--model", m, "--data", d, "--adapter", a, "--adapter", a]);
-    assert!(err.contains("stacking"), "{err}");
+    assert!(err.contains("NAME=DIR"), "{err}");
     let err = one_line_error(&["eval", "--model", m, "--data", d, "--double-quant", "--device", "cpu"]);
     assert!(err.contains("--double-quant needs --quantize nf4"), "{err}");
     let err = one_line_error(&["eval", "--model", m, "--data", "/nonexistent/data.jsonl", "--device", "cpu"]);

@@ -163,7 +163,7 @@ fn a_killed_run_resumes_bit_for_bit() {
     let common = ["--save-every", "10", "--keep-last", "2", "--schedule", "cosine", "--warmup-steps", "20"];
     let steps = "400";
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qlora-rt"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qlora-cli"))
         .args(args(s(&data), s(&killed), steps))
         .args(common)
         .stdout(Stdio::null())
@@ -198,7 +198,7 @@ fn a_killed_run_resumes_bit_for_bit() {
 fn ctrl_c_finishes_the_step_and_writes_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let (data, out) = (good_data(dir.path()), dir.path().join("out"));
-    let child = Command::new(env!("CARGO_BIN_EXE_qlora-rt"))
+    let child = Command::new(env!("CARGO_BIN_EXE_qlora-cli"))
         .args(args(s(&data), s(&out), "100000"))
         .args(["--save-every", "0"])
         .stdout(Stdio::null())

@@ -39,7 +39,7 @@ fn fake_hub(hub: &Path) {
 
 /// Runs `qlora-rt` in `cwd` with the Hub variables given and every other one cleared.
 fn run(cwd: &Path, env: &[(&str, &Path)], args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora-rt"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora-cli"));
     for key in ["HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN"] {
         cmd.env_remove(key);
     }

@@ -16,22 +16,22 @@ const GELU_BETA: f64 = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_
 /// The cubic coefficient of the tanh approximation (Hendrycks & Gimpel 2016; PyTorch's `kKappa`).
 const GELU_KAPPA: f64 = 0.044715;
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn silu_forward<T: Float>(x: &[T], y: &mut [T]) {
     unary("silu_forward", x, y, silu);
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn silu_backward<T: Float>(x: &[T], dy: &[T], dx: &mut [T]) {
     binary("silu_backward", x, dy, dx, |x, dy| dy * silu_grad(x));
 }
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn gelu_tanh_forward<T: Float>(x: &[T], y: &mut [T]) {
     unary("gelu_tanh_forward", x, y, gelu_tanh);
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn gelu_tanh_backward<T: Float>(x: &[T], dy: &[T], dx: &mut [T]) {
     binary("gelu_tanh_backward", x, dy, dx, |x, dy| dy * gelu_tanh_grad(x));
 }
@@ -43,7 +43,7 @@ pub enum Glu {
     GeGlu,
 }
 
-/// gate, up: [n] → out: [n] = act(gate) ⊙ up
+/// gate, up: \[n\] → out: \[n\] = act(gate) ⊙ up
 pub fn glu_forward<T: Float>(kind: Glu, gate: &[T], up: &[T], out: &mut [T]) {
     match kind {
         Glu::SwiGlu => binary("swiglu_forward", gate, up, out, |g, u| silu(g) * u),
@@ -51,7 +51,7 @@ pub fn glu_forward<T: Float>(kind: Glu, gate: &[T], up: &[T], out: &mut [T]) {
     }
 }
 
-/// gate, up, d_out: [n] → d_gate, d_up: [n]
+/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
 pub fn glu_backward<T: Float>(kind: Glu, gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
     match kind {
         Glu::SwiGlu => glu_grads("swiglu_backward", gate, up, d_out, d_gate, d_up, silu, silu_grad),
@@ -59,12 +59,12 @@ pub fn glu_backward<T: Float>(kind: Glu, gate: &[T], up: &[T], d_out: &[T], d_ga
     }
 }
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn softcap_forward<T: Float>(x: &[T], cap: T, y: &mut [T]) {
     unary("softcap_forward", x, y, |x| (x / cap).tanh() * cap);
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn softcap_backward<T: Float>(x: &[T], cap: T, dy: &[T], dx: &mut [T]) {
     // d/dx cap·tanh(x/cap) = 1 − tanh²(x/cap): the cap cancels.
     binary("softcap_backward", x, dy, dx, |x, dy| {

@@ -26,7 +26,7 @@ pub fn clip_factor(norm_sq: f32, max_norm: f32) -> f32 {
     }
 }
 
-/// p, g, m, v: [n] → p, m, v updated in place.
+/// p, g, m, v: \[n\] → p, m, v updated in place.
 pub fn adamw_step<T: Float>(h: &AdamWStep, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) {
     assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len(), "adamw: lengths differ");
     assert!(h.step >= 1, "adamw: step counts from 1");

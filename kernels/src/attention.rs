@@ -57,8 +57,8 @@ pub fn cu_seqlens(lens: &[(usize, usize)]) -> (Vec<i32>, Vec<i32>) {
     (cu_q, cu_k)
 }
 
-/// Packed variable-length attention. Sequence s owns query rows cu_seqlens_q[s]..cu_seqlens_q[s+1] and key rows
-/// cu_seqlens_k[s]..cu_seqlens_k[s+1]; tokens never attend across sequences.
+/// Packed variable-length attention. Sequence s owns query rows cu_seqlens_q\[s\]..cu_seqlens_q[s+1] and key rows
+/// cu_seqlens_k\[s\]..cu_seqlens_k[s+1]; tokens never attend across sequences.
 /// When a sequence has fewer queries than keys (decoding with a KV cache), queries are aligned to the END of the keys
 /// (bottom-right, as FlashAttention does): query r of a sequence with len_q queries and len_k keys sits at absolute
 /// position i = r + len_k − len_q, and with `causal` sees keys j ≤ i.

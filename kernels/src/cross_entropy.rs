@@ -14,7 +14,7 @@ pub const IGNORE_INDEX: i32 = -100;
 /// Below this many logits a task costs more to schedule than to run.
 const MIN_PAR_ELEMS: usize = 1 << 14;
 
-/// logits: [rows, vocab], targets: [rows] → loss: [rows] (0 for ignored rows), lse: [rows] (log-sum-exp, saved for backward; for ignored rows still computed)
+/// logits: [rows, vocab], targets: \[rows\] → loss: \[rows\] (0 for ignored rows), lse: \[rows\] (log-sum-exp, saved for backward; for ignored rows still computed)
 pub fn cross_entropy_forward<T: Float>(logits: &[T], targets: &[i32], vocab: usize, loss: &mut [T], lse: &mut [T]) {
     check_shapes("cross_entropy_forward", logits, targets, vocab);
     assert_eq!(loss.len(), targets.len(), "cross_entropy_forward: loss length");
@@ -37,7 +37,7 @@ pub fn cross_entropy_forward<T: Float>(logits: &[T], targets: &[i32], vocab: usi
         });
 }
 
-/// d_loss: [rows] upstream gradient per row → d_logits: [rows, vocab] = d_loss[r]·(softmax(logits[r]) − onehot(target[r])); all-zero rows where ignored
+/// d_loss: \[rows\] upstream gradient per row → d_logits: [rows, vocab] = d_loss\[r\]·(softmax(logits\[r\]) − onehot(target\[r\])); all-zero rows where ignored
 pub fn cross_entropy_backward<T: Float>(
     logits: &[T],
     targets: &[i32],

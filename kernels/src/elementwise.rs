@@ -10,17 +10,17 @@ use rayon::prelude::*;
 /// Elements per rayon task: below this, scheduling costs more than the arithmetic.
 const MIN_CHUNK: usize = 1 << 14;
 
-/// a: [len], b: [len] → out: [len] = a + b
+/// a: \[len\], b: \[len\] → out: \[len\] = a + b
 pub fn add<T: Float>(a: &[T], b: &[T], out: &mut [T]) {
     binary("add", a, b, out, |a, b| a + b);
 }
 
-/// a: [len], b: [len] → out: [len] = a ⊙ b
+/// a: \[len\], b: \[len\] → out: \[len\] = a ⊙ b
 pub fn mul<T: Float>(a: &[T], b: &[T], out: &mut [T]) {
     binary("mul", a, b, out, |a, b| a * b);
 }
 
-/// x: [len] → out: [len] = s·x
+/// x: \[len\] → out: \[len\] = s·x
 pub fn scale<T: Float>(x: &[T], s: T, out: &mut [T]) {
     assert_eq!(x.len(), out.len(), "scale: x vs out length");
     out.par_chunks_mut(MIN_CHUNK).zip(x.par_chunks(MIN_CHUNK)).for_each(|(out, x)| {
@@ -28,13 +28,13 @@ pub fn scale<T: Float>(x: &[T], s: T, out: &mut [T]) {
     });
 }
 
-/// s: one value → out: [len] = scale·s everywhere (a scalar's gradient spread over a tensor)
+/// s: one value → out: \[len\] = scale·s everywhere (a scalar's gradient spread over a tensor)
 pub fn broadcast_scaled<T: Float>(s: T, scale: T, out: &mut [T]) {
     let v = scale * s;
     out.par_chunks_mut(MIN_CHUNK).for_each(|out| out.fill(v));
 }
 
-/// x: [len] → out: [len] = 0 where element i's draw `Rng::uniform_at(seed, i)` is < p, keep·x elsewhere (inverted
+/// x: \[len\] → out: \[len\] = 0 where element i's draw `Rng::uniform_at(seed, i)` is < p, keep·x elsewhere (inverted
 /// dropout, keep = 1/(1 − p) in T): the mask of drawing `Rng::new(seed).uniform()` once per element in order.
 pub fn dropout<T: Float>(x: &[T], p: f64, seed: u64, keep: T, out: &mut [T]) {
     assert_eq!(x.len(), out.len(), "dropout: x vs out length");
@@ -46,7 +46,7 @@ pub fn dropout<T: Float>(x: &[T], p: f64, seed: u64, keep: T, out: &mut [T]) {
     });
 }
 
-/// x: [len], y: [len] → y += alpha·x (gradient accumulation)
+/// x: \[len\], y: \[len\] → y += alpha·x (gradient accumulation)
 pub fn axpy<T: Float>(alpha: T, x: &[T], y: &mut [T]) {
     assert_eq!(x.len(), y.len(), "axpy: x vs y length");
     y.par_chunks_mut(MIN_CHUNK).zip(x.par_chunks(MIN_CHUNK)).for_each(|(y, x)| {
@@ -55,7 +55,7 @@ pub fn axpy<T: Float>(alpha: T, x: &[T], y: &mut [T]) {
     });
 }
 
-/// x: [rows, cols], bias: [cols] → x += bias broadcast over rows
+/// x: [rows, cols], bias: \[cols\] → x += bias broadcast over rows
 pub fn add_bias<T: Float>(x: &mut [T], bias: &[T]) {
     let cols = bias.len();
     if cols == 0 {

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 /// Elements per rayon task: below this, scheduling costs more than the copying.
 const MIN_CHUNK: usize = 1 << 14;
 
-/// table: [vocab, dim], ids: [n] → out: [n, dim]. Every id must be in 0..vocab (callers validate user input; assert here).
+/// table: [vocab, dim], ids: \[n\] → out: [n, dim]. Every id must be in 0..vocab (callers validate user input; assert here).
 pub fn embedding_forward<T: Float>(table: &[T], ids: &[i32], dim: usize, out: &mut [T]) {
     let vocab = vocab_of(table.len(), dim);
     assert_eq!(out.len(), ids.len() * dim, "embedding_forward: out length vs ids·dim");
@@ -23,7 +23,7 @@ pub fn embedding_forward<T: Float>(table: &[T], ids: &[i32], dim: usize, out: &m
     });
 }
 
-/// d_out: [n, dim], ids: [n] → d_table: [vocab, dim] += scatter of d_out rows (accumulates; repeated ids add up).
+/// d_out: [n, dim], ids: \[n\] → d_table: [vocab, dim] += scatter of d_out rows (accumulates; repeated ids add up).
 pub fn embedding_backward_accumulate<T: Float>(d_out: &[T], ids: &[i32], dim: usize, d_table: &mut [T]) {
     let vocab = vocab_of(d_table.len(), dim);
     assert_eq!(d_out.len(), ids.len() * dim, "embedding_backward_accumulate: d_out length vs ids·dim");

@@ -6,7 +6,7 @@
 //! is rounded once at the end and a million-element global norm does not drift with the summation order.
 //!
 //! Backward (the tests check them by finite differences): ∂sum/∂x = 1; ∂sum_squares/∂x = 2x; sum_rows broadcasts
-//! the upstream [cols] gradient over rows (`elementwise::add_bias` onto zeros).
+//! the upstream \[cols\] gradient over rows (`elementwise::add_bias` onto zeros).
 
 use crate::Float;
 use rayon::prelude::*;
@@ -21,17 +21,17 @@ const LANES: usize = 8;
 /// Columns per sum_rows task: each task owns a column block, so every column is summed over rows in row order.
 const COL_BLOCK: usize = 256;
 
-/// x: [len] → Σ x, bit-identical for any rayon thread count
+/// x: \[len\] → Σ x, bit-identical for any rayon thread count
 pub fn sum<T: Float>(x: &[T]) -> T {
     T::c(chunked_sum(x, |v| v.f64()))
 }
 
-/// x: [len] → Σ x², bit-identical for any rayon thread count
+/// x: \[len\] → Σ x², bit-identical for any rayon thread count
 pub fn sum_squares<T: Float>(x: &[T]) -> T {
     T::c(chunked_sum(x, |v| v.f64() * v.f64()))
 }
 
-/// x: [rows, cols] → out: [cols] = Σ over rows, bit-identical for any rayon thread count
+/// x: [rows, cols] → out: \[cols\] = Σ over rows, bit-identical for any rayon thread count
 pub fn sum_rows<T: Float>(x: &[T], cols: usize, out: &mut [T]) {
     assert_eq!(out.len(), cols, "sum_rows: out length vs cols");
     if cols == 0 {
@@ -52,7 +52,7 @@ pub fn sum_rows<T: Float>(x: &[T], cols: usize, out: &mut [T]) {
     });
 }
 
-/// x: [len] → max |x|; 0 for empty, NaN when any element is NaN
+/// x: \[len\] → max |x|; 0 for empty, NaN when any element is NaN
 pub fn max_abs<T: Float>(x: &[T]) -> T {
     // Max is exact, so unlike the sums its combine order cannot change the result.
     x.par_chunks(CHUNK).map(|c| c.iter().fold(T::zero(), |m, &v| nan_max(m, v.abs()))).reduce(T::zero, nan_max)

@@ -12,7 +12,7 @@ const MIN_PAR_ELEMS: usize = 1 << 14;
 /// The weight gradient is reduced over at most this many row blocks, which bounds its scratch to this many rows.
 const MAX_DW_BLOCKS: usize = 64;
 
-/// x: [rows, dim], weight: [dim] → y: [rows, dim], rstd: [rows] (saved for backward)
+/// x: [rows, dim], weight: \[dim\] → y: [rows, dim], rstd: \[rows\] (saved for backward)
 pub fn rms_norm_forward<T: Float>(x: &[T], weight: &[T], dim: usize, eps: T, offset: T, y: &mut [T], rstd: &mut [T]) {
     let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(y.len(), rows * dim, "rms_norm_forward: y length");
@@ -31,7 +31,7 @@ pub fn rms_norm_forward<T: Float>(x: &[T], weight: &[T], dim: usize, eps: T, off
         });
 }
 
-/// x, dy: [rows, dim], rstd: [rows] → dx: [rows, dim] (written), dw: [dim] when wanted (written: Σ over rows,
+/// x, dy: [rows, dim], rstd: \[rows\] → dx: [rows, dim] (written), dw: \[dim\] when wanted (written: Σ over rows,
 /// deterministic order; None for a frozen weight)
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward<T: Float>(
@@ -83,7 +83,7 @@ pub fn rms_norm_backward<T: Float>(
     }
 }
 
-/// x, residual: [rows, dim], weight: [dim] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim], rstd: [rows]
+/// x, residual: [rows, dim], weight: \[dim\] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim], rstd: \[rows\]
 /// (the residual stream's add fused with the norm that follows it; y is the norm of h as stored)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_forward<T: Float>(
@@ -109,8 +109,8 @@ pub fn add_rms_norm_forward<T: Float>(
     rms_norm_forward(h, weight, dim, eps, offset, y, rstd);
 }
 
-/// h, dy, d_residual: [rows, dim], rstd: [rows] → dx = d_residual + rms_norm_backward's dx: [rows, dim] (the
-/// gradient of both x and residual, since h = x + residual), dw: [dim] when wanted (written, as rms_norm_backward's)
+/// h, dy, d_residual: [rows, dim], rstd: \[rows\] → dx = d_residual + rms_norm_backward's dx: [rows, dim] (the
+/// gradient of both x and residual, since h = x + residual), dw: \[dim\] when wanted (written, as rms_norm_backward's)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_backward<T: Float>(
     h: &[T],

@@ -19,7 +19,7 @@ pub fn rope_inv_freq<T: Float>(head_dim: usize, theta: f64) -> Vec<T> {
     (0..head_dim).step_by(2).map(|i| T::c((1.0 / base.powf(i as f32 / d)) as f64)).collect()
 }
 
-/// positions: [tokens], inv_freq: [half] → cos, sin: [tokens, half]  (angles = position·inv_freq, formed in T)
+/// positions: \[tokens\], inv_freq: [half] → cos, sin: [tokens, half]  (angles = position·inv_freq, formed in T)
 pub fn rope_tables<T: Float>(positions: &[i32], inv_freq: &[T], cos: &mut [T], sin: &mut [T]) {
     let half = inv_freq.len();
     assert!(half > 0, "rope_tables: inv_freq is empty");

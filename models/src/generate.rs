@@ -124,7 +124,7 @@ impl Sampler {
         Ok(Sampler { sampling, rng: Rng::new(seed) })
     }
 
-    /// The next token given one row of logits [vocab].
+    /// The next token given one row of logits \[vocab\].
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let argmax = || {
             let best = logits.iter().enumerate().fold(0, |b, (i, &x)| if x > logits[b] { i } else { b });

@@ -1,5 +1,5 @@
 //! A tiny Llama trained from random initialisation on a synthetic task whose loss can only fall if attention works:
-//! each sequence counts modulo the vocabulary with a per-sequence step, t[i+1] = (t[i] + s) mod V with
+//! each sequence counts modulo the vocabulary with a per-sequence step, t[i+1] = (t\[i\] + s) mod V with
 //! s ∈ {1, 2, 3}, so predicting token i+1 needs s, readable only by attending to earlier tokens.
 //!
 //! The model is the real decoder ([`CausalLm`]) built from a tiny config, trained the way `finetune` trains: the

@@ -45,19 +45,7 @@ impl Projection {
             BaseWeight::Dense(t) => BaseWeight::Dense(move_frozen(t, device, dtype)?),
             BaseWeight::Nf4(w) => BaseWeight::Nf4(w.to_device(device)?),
         };
-        let adapter = match &self.adapter {
-            None => None,
-            Some(ad) => {
-                let master =
-                    |p: &Param| Ok::<_, qlora_runtime::Error>(Param::trainable(p.name(), p.value().to_device(device)?));
-                Some(LoraAdapter {
-                    lora_a: master(&ad.lora_a)?,
-                    lora_b: master(&ad.lora_b)?,
-                    magnitude: ad.magnitude.as_ref().map(master).transpose()?,
-                    config: ad.config.clone(),
-                })
-            }
-        };
+        let adapter = self.adapter.as_ref().map(|ad| adapter_to(ad, device)).transpose()?;
         let bias = self.bias.as_ref().map(|b| frozen_to(b, device, dtype)).transpose()?;
         Ok(Projection { name: self.name.clone(), base, bias, adapter })
     }
@@ -300,6 +288,17 @@ impl Weights for Loaded<'_> {
     }
 }
 
+/// `ad` with new f32 master parameters on `device` (the same ones when already there), without gradients.
+pub(crate) fn adapter_to(ad: &LoraAdapter, device: Device) -> qlora_runtime::Result<LoraAdapter> {
+    let master = |p: &Param| Ok::<_, qlora_runtime::Error>(Param::trainable(p.name(), p.value().to_device(device)?));
+    Ok(LoraAdapter {
+        lora_a: master(&ad.lora_a)?,
+        lora_b: master(&ad.lora_b)?,
+        magnitude: ad.magnitude.as_ref().map(master).transpose()?,
+        config: ad.config.clone(),
+    })
+}
+
 /// A frozen tensor in `dtype` on `device` (converted before an upload, so a bf16 model crosses the bus at 2 bytes).
 fn move_frozen(t: &Tensor, device: Device, dtype: DType) -> qlora_runtime::Result<Tensor> {
     if t.device() == Device::Cpu {
@@ -324,6 +323,21 @@ fn norm_offset(family: Family) -> f64 {
 impl CausalLm {
     /// Loads a Hugging Face model folder (config.json + safetensors), quantizing linear weights to NF4 as they
     /// stream in when asked. Norms and embeddings are kept in f32 for CPU compute.
+    ///
+    /// ```
+    /// use qlora_autograd::Tape;
+    /// use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+    /// use qlora_runtime::nf4::DEFAULT_BLOCKSIZE;
+    ///
+    /// let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama");
+    /// let model = CausalLm::load(&dir, BaseFormat::Nf4 { blocksize: DEFAULT_BLOCKSIZE, double_quant: true })?;
+    /// assert_eq!(model.projections().len(), 2 * 7); // q, k, v, o, gate, up, down in each of 2 layers
+    /// let batch = Batch::pack(&[(vec![1, 5, 9, 2], vec![1, 5, 9, 2])])?;
+    /// let tape = Tape::new();
+    /// let logits = tape.no_grad(|| model.logits(&tape, &batch, 0))?;
+    /// assert_eq!(logits.shape(), [4, model.config.vocab_size]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn load(dir: &Path, format: BaseFormat) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
         let ck = Checkpoint::open(dir)?;
@@ -382,16 +396,26 @@ impl CausalLm {
     /// products). Adapter parameters are new `Param`s on the device, without gradients; the original model is
     /// untouched. Batches go to the same device with [`Batch::to_device`].
     pub fn to_device(&self, device: Device, dtype: DType) -> Result<CausalLm> {
-        let opt = |p: &Option<Param>| p.as_ref().map(|p| frozen_to(p, device, dtype)).transpose();
+        self.map(|p| frozen_to(p, device, dtype), |p| p.to_device(device, dtype))
+    }
+
+    /// A model of the same shape whose embeddings, norms and head are `frozen(p)` and whose projections are
+    /// `projection(p)`, layer by layer: what a copy on another device or with other adapters is built from.
+    pub(crate) fn map(
+        &self,
+        frozen: impl Fn(&Param) -> qlora_runtime::Result<Param>,
+        mut projection: impl FnMut(&Projection) -> qlora_runtime::Result<Projection>,
+    ) -> Result<CausalLm> {
+        let opt = |p: &Option<Param>| p.as_ref().map(&frozen).transpose();
         let layers = self
             .layers
             .iter()
             .map(|l| {
-                let projections = try_map7(l.projections(), |p| p.to_device(device, dtype))?;
+                let projections = try_map7(l.projections(), &mut projection)?;
                 let (self_attn, mlp) = blocks(projections, opt(&l.self_attn.q_norm)?, opt(&l.self_attn.k_norm)?);
                 Ok(DecoderLayer {
-                    input_layernorm: frozen_to(&l.input_layernorm, device, dtype)?,
-                    post_attention_layernorm: frozen_to(&l.post_attention_layernorm, device, dtype)?,
+                    input_layernorm: frozen(&l.input_layernorm)?,
+                    post_attention_layernorm: frozen(&l.post_attention_layernorm)?,
                     pre_feedforward_layernorm: opt(&l.pre_feedforward_layernorm)?,
                     post_feedforward_layernorm: opt(&l.post_feedforward_layernorm)?,
                     self_attn,
@@ -402,9 +426,9 @@ impl CausalLm {
             .collect::<qlora_runtime::Result<Vec<_>>>()?;
         Ok(CausalLm {
             config: self.config.clone(),
-            embed_tokens: frozen_to(&self.embed_tokens, device, dtype)?,
+            embed_tokens: frozen(&self.embed_tokens)?,
             layers: Rc::new(layers),
-            norm: frozen_to(&self.norm, device, dtype)?,
+            norm: frozen(&self.norm)?,
             lm_head: opt(&self.lm_head)?,
             gradient_checkpointing: self.gradient_checkpointing,
         })

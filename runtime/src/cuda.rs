@@ -1,6 +1,6 @@
 //! The CUDA side of the runtime: transfers between host and device storage (`storage::CudaStorage`, one
 //! `DeviceBuffer` per dtype, as `CpuStorage` holds `Vec`s), dtype conversion and layout copies on the device, and
-//! [`Gpu`], the operand preparation that every op's CUDA branch shares.
+//! `Gpu`, the operand preparation that every op's CUDA branch shares.
 //!
 //! Owns: which device buffers back a tensor and how they move. Must not hold kernels (those are
 //! `qlora_kernels::cuda`) or fall back to the CPU: an op whose operands live on a GPU runs there or returns an error.

@@ -15,6 +15,21 @@ pub(crate) use crate::storage::Storage;
 
 /// Cheap to clone (the storage is shared). Views share storage; writers go through [`Tensor::update`], which
 /// copies first if someone else still holds the storage, so a value saved for backward is never mutated.
+///
+/// ```
+/// use qlora_runtime::ops::linalg::matmul;
+/// use qlora_runtime::{DType, Tensor};
+///
+/// let a = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])?;
+/// let b = Tensor::ones(&[3, 2], DType::F32);
+/// let c = matmul(&a, &b)?; // [2, 3] · [3, 2] → [2, 2]
+/// assert_eq!(c.shape(), [2, 2]);
+/// assert_eq!(c.to_vec::<f32>(), vec![6.0, 6.0, 15.0, 15.0]);
+/// // A view shares the storage: no copy.
+/// let row = a.narrow(0, 1, 1)?;
+/// assert!(row.shares_storage(&a) && row.to_vec::<f32>() == [4.0, 5.0, 6.0]);
+/// # Ok::<(), qlora_runtime::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Tensor {
     storage: Arc<Storage>,

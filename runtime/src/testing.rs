@@ -1,4 +1,4 @@
-//! Test support: the kernels crate's tolerances, closeness checks and GPU lookup, plus [`test_device!`], which runs
+//! Test support: the kernels crate's tolerances, closeness checks and GPU lookup, plus [`test_device!`](crate::test_device), which runs
 //! one test body on the CPU and on CUDA (candle's `test_device!`): an op's tests are written once for both devices.
 
 pub use qlora_kernels::testing::*;
@@ -6,7 +6,7 @@ pub use qlora_kernels::testing::*;
 use crate::Device;
 
 /// `cuda:0` when a usable GPU is present (printing `qlora-gpu: <test>: ran on …`), else None after printing
-/// `skipped` (a failure under QLORA_REQUIRE_GPU=1): the CUDA half of [`test_device!`].
+/// `skipped` (a failure under QLORA_REQUIRE_GPU=1): the CUDA half of [`test_device!`](crate::test_device).
 pub fn gpu_device(test: &str) -> Option<Device> {
     gpu(test).map(|dev| Device::Cuda(dev.ordinal()))
 }

@@ -14,7 +14,7 @@ use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Error, Result, Tensor};
 
 impl LoraAdapter {
-    /// n = ‖W + s·B·A‖ per output row: [out], W the dequantized base. DoRA's forward divides m by it; peft caches
+    /// n = ‖W + s·B·A‖ per output row: \[out\], W the dequantized base. DoRA's forward divides m by it; peft caches
     /// it at merge time because unmerging needs it and the merged weight no longer determines it.
     pub fn weight_norm(&self, base: &BaseWeight) -> Result<Tensor> {
         self.check("lora weight_norm", base)?;

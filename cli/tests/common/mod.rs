@@ -13,7 +13,7 @@ pub fn qlora_rt(args: &[&str]) -> Output {
 
 /// Runs the built `qlora-rt` with `args`, with `$QLORA_RT_CACHE` (where `.gguf` models are imported) at `cache`.
 pub fn qlora_rt_cached(args: &[&str], cache: Option<&Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora-rt"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora-cli"));
     if let Some(cache) = cache {
         cmd.env("QLORA_RT_CACHE", cache);
     }

@@ -5,22 +5,22 @@ use super::source::Module;
 use super::{kernel, launch, same_device, wave_config, DeviceBuffer, GpuFloat, Result};
 pub use crate::activation::Glu;
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn silu_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("silu_forward", T), x, None, y)
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn silu_backward<T: GpuFloat>(x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
     binary(kernel!("silu_backward", T), x, None, dy, dx)
 }
 
-/// x: [n] → y: [n]
+/// x: \[n\] → y: \[n\]
 pub fn gelu_tanh_forward<T: GpuFloat>(x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("gelu_tanh_forward", T), x, None, y)
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn gelu_tanh_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     dy: &DeviceBuffer<T>,
@@ -29,7 +29,7 @@ pub fn gelu_tanh_backward<T: GpuFloat>(
     binary(kernel!("gelu_tanh_backward", T), x, None, dy, dx)
 }
 
-/// gate, up: [n] → out: [n] = act(gate) ⊙ up
+/// gate, up: \[n\] → out: \[n\] = act(gate) ⊙ up
 pub fn glu_forward<T: GpuFloat>(
     kind: Glu,
     gate: &DeviceBuffer<T>,
@@ -43,7 +43,7 @@ pub fn glu_forward<T: GpuFloat>(
     binary(kernel, gate, None, up, out)
 }
 
-/// gate, up, d_out: [n] → d_gate, d_up: [n]
+/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
 pub fn glu_backward<T: GpuFloat>(
     kind: Glu,
     gate: &DeviceBuffer<T>,
@@ -71,12 +71,12 @@ pub fn glu_backward<T: GpuFloat>(
     // elements on this device (asserted), and the two outputs are distinct buffers (two &mut borrows).
     unsafe { launch!(dev, Module::Activation, kernel, cfg; pg, pu, pd, pdg, pdu, n64) }
 }
-/// x: [n] → y: [n] = cap·tanh(x/cap)
+/// x: \[n\] → y: \[n\] = cap·tanh(x/cap)
 pub fn softcap_forward<T: GpuFloat>(x: &DeviceBuffer<T>, cap: f32, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("softcap_forward", T), x, Some(cap), y)
 }
 
-/// x, dy: [n] → dx: [n]
+/// x, dy: \[n\] → dx: \[n\]
 pub fn softcap_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     cap: f32,

@@ -5,7 +5,7 @@ use super::source::Module;
 use super::{config, grid_for, kernel, launch, same_device, DeviceBuffer, GpuFloat, Result};
 use crate::adamw::AdamWStep;
 
-/// p, g: [n], m, v: [n] f32 → p, m, v updated in place.
+/// p, g: \[n\], m, v: \[n\] f32 → p, m, v updated in place.
 pub fn adamw_step<T: GpuFloat>(
     h: &AdamWStep,
     p: &mut DeviceBuffer<T>,

@@ -11,7 +11,7 @@
 //!   if it still fails, [`Error::OutOfMemory`] reports the request, the free and total memory and what this process
 //!   holds.
 //!
-//! The policy is generic over [`Backing`] so that its tests run on CPU against a fake device.
+//! The policy is generic over `Backing` so that its tests run on CPU against a fake device.
 
 use super::{Error, Result};
 use std::collections::BTreeMap;

@@ -58,7 +58,7 @@ pub fn strided_copy<T: DeviceCopy>(
     unsafe { launch!(dev, Module::Copy, kernel, config(grid_for(n)); ps, pd, view, n64) }
 }
 
-/// src: [len] S → dst: [len] D (round to nearest even into bf16, as `half::bf16::from_f32`; exact otherwise), in
+/// src: \[len\] S → dst: \[len\] D (round to nearest even into bf16, as `half::bf16::from_f32`; exact otherwise), in
 /// 8-element chunks of 16-byte accesses on a one-wave grid
 pub fn cast<S: GpuFloat, D: GpuFloat>(src: &DeviceBuffer<S>, dst: &mut DeviceBuffer<D>) -> Result<()> {
     assert_eq!(src.len(), dst.len(), "cast: src vs dst length");

@@ -8,7 +8,7 @@
 use super::source::Module;
 use super::{config, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
 
-/// logits: [rows, vocab], targets: [rows] → loss: [rows] f32 (0 for ignored rows), lse: [rows] f32
+/// logits: [rows, vocab], targets: \[rows\] → loss: \[rows\] f32 (0 for ignored rows), lse: \[rows\] f32
 pub fn cross_entropy_forward<T: GpuFloat>(
     logits: &DeviceBuffer<T>,
     targets: &DeviceBuffer<i32>,
@@ -34,7 +34,7 @@ pub fn cross_entropy_forward<T: GpuFloat>(
     }
 }
 
-/// d_loss: [rows] f32 → d_logits: [rows, vocab] = d_loss[r]·(softmax(logits[r]) − onehot(target[r])); zero rows
+/// d_loss: \[rows\] f32 → d_logits: [rows, vocab] = d_loss\[r\]·(softmax(logits\[r\]) − onehot(target\[r\])); zero rows
 /// where ignored
 pub fn cross_entropy_backward<T: GpuFloat>(
     logits: &DeviceBuffer<T>,

@@ -3,17 +3,17 @@
 use super::source::Module;
 use super::{config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
 
-/// a: [len], b: [len] → out: [len] = a + b
+/// a: \[len\], b: \[len\] → out: \[len\] = a + b
 pub fn add<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut DeviceBuffer<T>) -> Result<()> {
     binary(kernel!("add", T), a, b, out)
 }
 
-/// a: [len], b: [len] → out: [len] = a ⊙ b
+/// a: \[len\], b: \[len\] → out: \[len\] = a ⊙ b
 pub fn mul<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut DeviceBuffer<T>) -> Result<()> {
     binary(kernel!("mul", T), a, b, out)
 }
 
-/// x: [len] → out: [len] = s·x
+/// x: \[len\] → out: \[len\] = s·x
 pub fn scale<T: GpuFloat>(x: &DeviceBuffer<T>, s: f32, out: &mut DeviceBuffer<T>) -> Result<()> {
     assert_eq!(x.len(), out.len(), "scale: x vs out length");
     let dev = same_device("scale", &[x.device(), out.device()]);
@@ -26,7 +26,7 @@ pub fn scale<T: GpuFloat>(x: &DeviceBuffer<T>, s: f32, out: &mut DeviceBuffer<T>
     unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); px, s, po, n) }
 }
 
-/// s: [1] f32 → out: [len] = scale·s[0] in T (the product rounded once, as the CPU twin's f32 product)
+/// s: \[1\] f32 → out: \[len\] = scale·s\[0\] in T (the product rounded once, as the CPU twin's f32 product)
 pub fn broadcast_scaled<T: GpuFloat>(s: &DeviceBuffer<f32>, scale: f32, out: &mut DeviceBuffer<T>) -> Result<()> {
     assert_eq!(s.len(), 1, "broadcast_scaled: s is one value");
     let dev = same_device("broadcast_scaled", &[s.device(), out.device()]);
@@ -40,7 +40,7 @@ pub fn broadcast_scaled<T: GpuFloat>(s: &DeviceBuffer<f32>, scale: f32, out: &mu
     unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); ps, scale, po, n) }
 }
 
-/// x: [len] → out: [len] = inverted dropout of x with the mask of [`crate::elementwise::dropout`] (keep = 1/(1 − p)
+/// x: \[len\] → out: \[len\] = inverted dropout of x with the mask of [`crate::elementwise::dropout`] (keep = 1/(1 − p)
 /// as f32; the CPU twin's f32 result bit for bit)
 pub fn dropout<T: GpuFloat>(
     x: &DeviceBuffer<T>,
@@ -61,7 +61,7 @@ pub fn dropout<T: GpuFloat>(
     unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); px, po, n, seed, p, keep) }
 }
 
-/// x: [len], y: [len] → y += alpha·x (gradient accumulation)
+/// x: \[len\], y: \[len\] → y += alpha·x (gradient accumulation)
 pub fn axpy<T: GpuFloat>(alpha: f32, x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
     assert_eq!(x.len(), y.len(), "axpy: x vs y length");
     let dev = same_device("axpy", &[x.device(), y.device()]);
@@ -74,7 +74,7 @@ pub fn axpy<T: GpuFloat>(alpha: f32, x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T
     unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(y.len())); alpha, px, py, n) }
 }
 
-/// x: [rows, cols], bias: [cols] → x += bias broadcast over rows
+/// x: [rows, cols], bias: \[cols\] → x += bias broadcast over rows
 pub fn add_bias<T: GpuFloat>(x: &mut DeviceBuffer<T>, bias: &DeviceBuffer<T>) -> Result<()> {
     let cols = bias.len();
     if cols == 0 {

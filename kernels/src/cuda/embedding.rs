@@ -8,7 +8,7 @@
 use super::source::Module;
 use super::{aligned16, config, kernel, launch, same_device, u32_arg, wave_config, DeviceBuffer, GpuFloat, Result};
 
-/// table: [vocab, dim], ids: [n] → out: [n, dim]. An id outside 0..vocab (asserted by the CPU kernel) gives a NaN row.
+/// table: [vocab, dim], ids: \[n\] → out: [n, dim]. An id outside 0..vocab (asserted by the CPU kernel) gives a NaN row.
 /// Rows of a multiple of 8 elements are copied in 16-byte runs.
 pub fn embedding_forward<T: GpuFloat>(
     table: &DeviceBuffer<T>,
@@ -43,7 +43,7 @@ pub fn embedding_forward<T: GpuFloat>(
     unsafe { launch!(dev, Module::Embedding, kernel, cfg; pt, pi, po, chunks, dim32, vocab32) }
 }
 
-/// d_out: [n, dim], ids: [n] → d_table: [vocab, dim] += scatter of d_out rows (accumulates; repeated ids add up).
+/// d_out: [n, dim], ids: \[n\] → d_table: [vocab, dim] += scatter of d_out rows (accumulates; repeated ids add up).
 /// Panics, before any write, when an id is outside 0..vocab (like the CPU kernel).
 pub fn embedding_backward_accumulate<T: GpuFloat>(
     d_out: &DeviceBuffer<T>,

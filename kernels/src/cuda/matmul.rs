@@ -9,7 +9,7 @@
 //! `kernels/cuda/matmul.cu` instead.
 //!
 //! Plans: the descriptors of a product and the algorithm cuBLASLt's heuristic picks for it are made once per shape,
-//! layout, type and operand alignment and kept by the device's [`BlasLt`], so a training step, which repeats the same
+//! layout, type and operand alignment and kept by the device's `BlasLt`, so a training step, which repeats the same
 //! few dozen products, pays one `cublasLtMatmul` call per GEMM ([`plan_count`] reports them).
 
 use super::alloc::Block;

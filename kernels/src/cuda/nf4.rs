@@ -33,15 +33,15 @@ impl Nf4Output for f16 {
 /// An NF4 weight's per-block scales on the device.
 #[derive(Clone, Copy, Debug)]
 pub enum Nf4Scales<'a> {
-    /// absmax: [blocks] f32, as bitsandbytes stores it without double quantization.
+    /// absmax: \[blocks\] f32, as bitsandbytes stores it without double quantization.
     Absmax(&'a DeviceBuffer<f32>),
     /// Double quantization ([`crate::nf4::NestedAbsmax`]): block b's absmax is `code2[qabsmax[b]]·absmax2[b / 256]`
-    /// `+ offset`, rebuilt inside the dequantization kernel. qabsmax: [blocks] u8, absmax2: [ceil(blocks / 256)] f32,
-    /// code2: [256] f32 (the checkpoint's `nested_quant_map`).
+    /// `+ offset`, rebuilt inside the dequantization kernel. qabsmax: \[blocks\] u8, absmax2: [ceil(blocks / 256)] f32,
+    /// code2: \[256\] f32 (the checkpoint's `nested_quant_map`).
     Nested { qabsmax: &'a DeviceBuffer<u8>, absmax2: &'a DeviceBuffer<f32>, code2: &'a DeviceBuffer<f32>, offset: f32 },
 }
 
-/// packed: [(n + 1) / 2] u8, absmax: [ceil(n / blocksize)] f32 → out: [n] (f32, bf16 or f16). `blocksize`: a power of
+/// packed: [(n + 1) / 2] u8, absmax: [ceil(n / blocksize)] f32 → out: \[n\] (f32, bf16 or f16). `blocksize`: a power of
 /// two in 32..=4096. [`dequantize_nf4_into`] with the whole of `out`.
 pub fn dequantize_nf4<T: Nf4Output>(
     packed: &DeviceBuffer<u8>,
@@ -129,7 +129,7 @@ pub fn dequantize_nf4_into<T: Nf4Output>(
     }
 }
 
-/// qabsmax: [nb] u8, absmax2: [ceil(nb / 256)] f32, code2: [256] f32 → out: [nb] f32 = code2[q]·absmax2 + offset
+/// qabsmax: \[nb\] u8, absmax2: [ceil(nb / 256)] f32, code2: \[256\] f32 → out: \[nb\] f32 = code2\[q\]·absmax2 + offset
 pub fn dequantize_absmax_nested(
     qabsmax: &DeviceBuffer<u8>,
     absmax2: &DeviceBuffer<f32>,

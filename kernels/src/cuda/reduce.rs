@@ -13,27 +13,27 @@ const MAX_PARTIALS: usize = 1024;
 const MAX_ROW_SPLITS: usize = 256;
 const MIN_SPLIT_ROWS: usize = 64;
 
-/// x: [len] → Σ x (0 for empty)
+/// x: \[len\] → Σ x (0 for empty)
 pub fn sum<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
     to_host(x.device(), |out| sum_into(x, out, false))
 }
 
-/// x: [len] → Σ x²
+/// x: \[len\] → Σ x²
 pub fn sum_squares<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
     to_host(x.device(), |out| sum_squares_into(x, out, false))
 }
 
-/// x: [len] → max |x|; 0 for empty, NaN when any element is NaN
+/// x: \[len\] → max |x|; 0 for empty, NaN when any element is NaN
 pub fn max_abs<T: GpuFloat>(x: &DeviceBuffer<T>) -> Result<f64> {
     to_host(x.device(), |out| scalar_into(x, kernel!("max_abs_partial", T), "max_abs_final_f32", out, false))
 }
 
-/// x: [len] → out: [1] f32 = Σ x, or out + Σ x when `accumulate`.
+/// x: \[len\] → out: \[1\] f32 = Σ x, or out + Σ x when `accumulate`.
 pub fn sum_into<T: GpuFloat>(x: &DeviceBuffer<T>, out: &mut DeviceBuffer<f32>, accumulate: bool) -> Result<()> {
     scalar_into(x, kernel!("sum_partial", T), "sum_final_f32", out, accumulate)
 }
 
-/// x: [len] → out: [1] f32 = Σ x², or out + Σ x² when `accumulate` (a global norm over many tensors).
+/// x: \[len\] → out: \[1\] f32 = Σ x², or out + Σ x² when `accumulate` (a global norm over many tensors).
 pub fn sum_squares_into<T: GpuFloat>(x: &DeviceBuffer<T>, out: &mut DeviceBuffer<f32>, accumulate: bool) -> Result<()> {
     scalar_into(x, kernel!("sum_squares_partial", T), "sum_final_f32", out, accumulate)
 }
@@ -69,7 +69,7 @@ fn scalar_into<T: GpuFloat>(
     unsafe { launch!(dev, Module::Reduce, final_kernel, config(1); pp, po, count, acc) }
 }
 
-/// x: [rows, cols] → out: [cols] = Σ over rows (zeros for no rows)
+/// x: [rows, cols] → out: \[cols\] = Σ over rows (zeros for no rows)
 pub fn sum_rows<T: GpuFloat>(x: &DeviceBuffer<T>, cols: usize, out: &mut DeviceBuffer<T>) -> Result<()> {
     assert_eq!(out.len(), cols, "sum_rows: out length vs cols");
     if cols == 0 {

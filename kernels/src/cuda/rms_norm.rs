@@ -16,7 +16,7 @@ const CHUNK: usize = 8;
 /// f32 scratch (this many rows of `dim`).
 const MAX_SCALAR_DW_BLOCKS: usize = 256;
 
-/// x: [rows, dim], weight: [dim] → y: [rows, dim], rstd: [rows] f32
+/// x: [rows, dim], weight: \[dim\] → y: [rows, dim], rstd: \[rows\] f32
 pub fn rms_norm_forward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     weight: &DeviceBuffer<T>,
@@ -52,7 +52,7 @@ pub fn rms_norm_forward<T: GpuFloat>(
     }
 }
 
-/// x, dy: [rows, dim], rstd: [rows] f32 → dx: [rows, dim], dw: [dim] when given (written: Σ over rows, deterministic
+/// x, dy: [rows, dim], rstd: \[rows\] f32 → dx: [rows, dim], dw: \[dim\] when given (written: Σ over rows, deterministic
 /// order; None for a frozen weight, QLoRA's norms, skips the dw partial sums and their reduction launch)
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward<T: GpuFloat>(
@@ -84,8 +84,8 @@ pub fn rms_norm_backward<T: GpuFloat>(
     )
 }
 
-/// x, residual: [rows, dim], weight: [dim] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim],
-/// rstd: [rows] f32, in one pass (h is rounded to T before it is normalized)
+/// x, residual: [rows, dim], weight: \[dim\] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim],
+/// rstd: \[rows\] f32, in one pass (h is rounded to T before it is normalized)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_forward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
@@ -133,8 +133,8 @@ pub fn add_rms_norm_forward<T: GpuFloat>(
     }
 }
 
-/// h, dy, d_residual: [rows, dim], rstd: [rows] f32 → dx = d_residual + ∂(rms_norm(h))/∂h·dy: [rows, dim] (the
-/// gradient of both x and residual of the forward), dw: [dim] when given (written: Σ over rows, deterministic order;
+/// h, dy, d_residual: [rows, dim], rstd: \[rows\] f32 → dx = d_residual + ∂(rms_norm(h))/∂h·dy: [rows, dim] (the
+/// gradient of both x and residual of the forward), dw: \[dim\] when given (written: Σ over rows, deterministic order;
 /// None for a frozen weight skips its partial sums and reduction)
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_backward<T: GpuFloat>(

@@ -4,8 +4,8 @@ use super::{assert_blocksize, blocks_per_task, ftz, nf4_num_blocks, nf4_packed_l
 use rayon::prelude::*;
 
 /// `NF4_CODE[q] · absmax` in f32, rounded once to `T`: bnb's `kDequantizeBlockwise` (and `dequantize_4bit` with
-/// `quant_state.dtype = T`). For a double-quantized weight, first rebuild absmax with [`dequantize_absmax_nested`].
-/// packed: [(n + 1) / 2] u8, absmax: [ceil(n / blocksize)] f32 → out: [n] (f32, bf16 or f16).
+/// `quant_state.dtype = T`). For a double-quantized weight, first rebuild absmax with [`dequantize_absmax_nested`](super::dequantize_absmax_nested).
+/// packed: [(n + 1) / 2] u8, absmax: [ceil(n / blocksize)] f32 → out: \[n\] (f32, bf16 or f16).
 pub fn dequantize_nf4<T: WeightElem>(packed: &[u8], absmax: &[f32], blocksize: usize, out: &mut [T]) {
     assert_blocksize("dequantize_nf4", blocksize, 32);
     let n = out.len();

@@ -55,7 +55,7 @@ fn code_256<'a>(what: &str, code: &'a [f32]) -> &'a [f32; 256] {
 
 /// bnb's blockwise 8-bit quantization (`quantize_blockwise` on CUDA, `kQuantizeBlockwise<float, …, General8bit>`):
 /// per block absmax = max |x|, then each `x · (1/absmax)` → its nearest `code` entry ([`quantize_8bit_nearest`]).
-/// x: [n] f32, code: [256] sorted → q: [n] u8, absmax: [ceil(n / blocksize)] f32. blocksize: power of two in 64..=4096.
+/// x: \[n\] f32, code: \[256\] sorted → q: \[n\] u8, absmax: [ceil(n / blocksize)] f32. blocksize: power of two in 64..=4096.
 pub fn quantize_blockwise_8bit(x: &[f32], code: &[f32], blocksize: usize, q: &mut [u8], absmax: &mut [f32]) {
     assert_blocksize("quantize_blockwise_8bit", blocksize, 64);
     let code = code_256("quantize_blockwise_8bit", code);
@@ -71,7 +71,7 @@ pub fn quantize_blockwise_8bit(x: &[f32], code: &[f32], blocksize: usize, q: &mu
 }
 
 /// `code[q] · absmax[i / blocksize]` in f32 (`kDequantizeBlockwise<float, …, General8bit>`).
-/// q: [n] u8, absmax: [ceil(n / blocksize)] f32, code: [256] → out: [n] f32.
+/// q: \[n\] u8, absmax: [ceil(n / blocksize)] f32, code: \[256\] → out: \[n\] f32.
 pub fn dequantize_blockwise_8bit(q: &[u8], absmax: &[f32], code: &[f32], blocksize: usize, out: &mut [f32]) {
     assert_blocksize("dequantize_blockwise_8bit", blocksize, 64);
     let code = code_256("dequantize_blockwise_8bit", code);
@@ -102,7 +102,7 @@ pub struct NestedAbsmax {
 /// launch-dependent and not reproduced: the sum is taken in f64 (exact for any realistic absmax vector) and rounded once
 /// to f32, which is what the f32 tree gives whenever it makes no rounding error, then multiplied by `1.0f32 / n` as torch
 /// does. On the fixtures it equals bnb's offset in 10 of 13 tensors and is one ulp off in the others; readers must use
-/// the stored offset. absmax: [nb], nb ≥ 1.
+/// the stored offset. absmax: \[nb\], nb ≥ 1.
 pub fn absmax_mean(absmax: &[f32]) -> f32 {
     assert!(!absmax.is_empty(), "absmax_mean: empty absmax (torch.mean would give NaN)");
     let sum = absmax.iter().map(|&a| a as f64).sum::<f64>() as f32;
@@ -111,7 +111,7 @@ pub fn absmax_mean(absmax: &[f32]) -> f32 {
 
 /// Double quantization of an NF4 absmax vector, as `quantize_4bit(..., compress_statistics=True)`: offset =
 /// [`absmax_mean`], then `absmax − offset` (f32) quantized blockwise (block 256) with [`DYNAMIC_MAP_SIGNED`].
-/// absmax: [nb] → qabsmax: [nb] u8, absmax2: [ceil(nb / 256)] f32.
+/// absmax: \[nb\] → qabsmax: \[nb\] u8, absmax2: [ceil(nb / 256)] f32.
 pub fn quantize_absmax_nested(absmax: &[f32]) -> NestedAbsmax {
     quantize_absmax_nested_with_offset(absmax, absmax_mean(absmax))
 }
@@ -129,7 +129,7 @@ pub fn quantize_absmax_nested_with_offset(absmax: &[f32], offset: f32) -> Nested
 /// Rebuilds the f32 absmax of a double-quantized weight: `code2[q] · absmax2[i / 256]`, then `+ offset`, each step
 /// rounded in f32 (bnb's `dequantize_blockwise` followed by `absmax += offset`; two kernels, so no fused multiply-add).
 /// `code2` is the checkpoint's `nested_quant_map` (256 entries), normally equal to [`DYNAMIC_MAP_SIGNED`].
-/// qabsmax: [nb] u8, absmax2: [ceil(nb / 256)] f32, code2: [256] → out: [nb] f32.
+/// qabsmax: \[nb\] u8, absmax2: [ceil(nb / 256)] f32, code2: \[256\] → out: \[nb\] f32.
 pub fn dequantize_absmax_nested(qabsmax: &[u8], absmax2: &[f32], offset: f32, code2: &[f32], out: &mut [f32]) {
     dequantize_blockwise_8bit(qabsmax, absmax2, code2, NESTED_BLOCKSIZE, out);
     // `+= offset` is a PyTorch op, IEEE (no flush-to-zero), unlike bnb's own kernels.

@@ -75,8 +75,8 @@ fn quantize_nf4_block<T: WeightElem>(x: &[T], packed: &mut [u8]) -> f32 {
 }
 
 /// NF4-quantizes a flat row-major weight, as `bitsandbytes.functional.quantize_4bit(w.cuda(), blocksize,
-/// quant_type="nf4")` does on CUDA (without double quantization; see [`quantize_absmax_nested`]).
-/// x: [n] (f32, bf16 or f16) → packed: [(n + 1) / 2] u8, absmax: [ceil(n / blocksize)] f32.
+/// quant_type="nf4")` does on CUDA (without double quantization; see [`quantize_absmax_nested`](super::quantize_absmax_nested)).
+/// x: \[n\] (f32, bf16 or f16) → packed: [(n + 1) / 2] u8, absmax: [ceil(n / blocksize)] f32.
 /// `blocksize` is a power of two in 32..=4096 (bnb's CUDA set; 64 in practice).
 pub fn quantize_nf4<T: WeightElem>(x: &[T], blocksize: usize, packed: &mut [u8], absmax: &mut [f32]) {
     assert_blocksize("quantize_nf4", blocksize, 32);

@@ -50,7 +50,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tenso
     })
 }
 
-/// d_logits of [`cross_entropy`] given the per-row upstream gradient d_loss: [rows].
+/// d_logits of [`cross_entropy`] given the per-row upstream gradient d_loss: \[rows\].
 pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d_loss: &Tensor) -> Result<Tensor> {
     let (rows, vocab) = check_targets(logits, targets)?;
     if d_loss.elem_count() != rows || lse.elem_count() != rows {
@@ -73,7 +73,7 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, lse: &Tensor, d
     })
 }
 
-/// Σ over rows of −log softmax(logits)[target] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
+/// Σ over rows of −log softmax(logits)\[target\] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
 /// −100, for a tape: the loss, and a backward for the logits (reading the logits, targets and per-row log-sum-exp).
 pub fn cross_entropy_op(logits: &Tensor, targets: &Tensor, normalizer: f64) -> Result<Recorded> {
     if normalizer.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {

@@ -106,7 +106,7 @@ pub fn accumulate(y: &mut Tensor, alpha: f64, x: &Tensor) -> Result<()> {
     })
 }
 
-/// x: [..., n] + bias: [n] broadcast over the leading dimensions.
+/// x: [..., n] + bias: \[n\] broadcast over the leading dimensions.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (_, cols) = rows_cols("add_bias", x)?;
     if bias.shape() != [cols] {

@@ -42,7 +42,7 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// d_table[ids[i]] += d_out[i], into `d_table` (dtype kept).
+/// d_table[ids\[i\]] += d_out\[i\], into `d_table` (dtype kept).
 pub fn embedding_backward_accumulate(d_out: &Tensor, ids: &Tensor, d_table: &mut Tensor) -> Result<()> {
     let (vocab, dim) = rows_cols("embedding_backward", d_table)?;
     if d_out.elem_count() != ids.elem_count() * dim {

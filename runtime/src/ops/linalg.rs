@@ -327,7 +327,7 @@ pub fn matmul_op(a: &Tensor, b: &Tensor, needs: [bool; 2]) -> Result<Recorded> {
     Ok((c, grad))
 }
 
-/// y = x·wᵀ + bias, the Hugging Face `nn.Linear` layout. x: [..., in], w: [out, in], bias: [out] → [..., out].
+/// y = x·wᵀ + bias, the Hugging Face `nn.Linear` layout. x: [..., in], w: [out, in], bias: \[out\] → [..., out].
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let [out_f, in_f] = *w.shape() else {
         return Err(Error::shape("linear", format!("weight must be [out, in], got {:?}", w.shape())));

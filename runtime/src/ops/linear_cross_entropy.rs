@@ -25,8 +25,8 @@ pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_BYTES / (4 * vocab.max(1))).max(1)
 }
 
-/// Σ over rows of −log softmax(cap(x·Wᵀ))[target] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
-/// −100: x: [tokens, hidden], w: [vocab, hidden] (frozen), targets: [tokens] I32, `softcap` the final-logit cap. With
+/// Σ over rows of −log softmax(cap(x·Wᵀ))\[target\] ÷ `normalizer` as a scalar (f32 on CUDA), skipping targets of
+/// −100: x: [tokens, hidden], w: [vocab, hidden] (frozen), targets: \[tokens\] I32, `softcap` the final-logit cap. With
 /// `need_dx`, a backward for x (dx computed here, chunk by chunk).
 pub fn linear_cross_entropy_op(
     x: &Tensor,

@@ -3,7 +3,7 @@
 //! One file per op (or per family of small ones): its shape checks, its forward and backward, and what a tape
 //! records for it (an `*_op` function returning the output and a [`crate::op::Backward`] holding exactly what the
 //! backward reads); `autograd` decides *when* a backward runs, these files know *how*. Each op first asks
-//! [`crate::cuda::Gpu::of`] whether its operands live on a GPU and, if so, runs its CUDA launcher there (see
+//! `Gpu::of` (`crate::cuda`) whether its operands live on a GPU and, if so, runs its CUDA launcher there (see
 //! `crate::cuda` for the precision rule); the CPU code below that branch is unchanged by the CUDA backend.
 //!
 //! The execution contract on a GPU: no op reads device memory back. Index tensors are checked on the host where

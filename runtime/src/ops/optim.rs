@@ -5,7 +5,7 @@ use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::adamw::AdamWStep;
 use qlora_kernels::cuda::adamw as gadamw;
 
-/// p, g: [n] f32 or bf16 (g is cast to p's dtype), m, v: [n] f32 → p, m, v updated in place (decoupled weight
+/// p, g: \[n\] f32 or bf16 (g is cast to p's dtype), m, v: \[n\] f32 → p, m, v updated in place (decoupled weight
 /// decay, then the Adam step: `qlora_kernels::adamw::adamw_step`). On the CPU the update runs in f32, like the
 /// CUDA kernel; an optimizer wanting f64 moments on the host calls the kernel directly.
 ///

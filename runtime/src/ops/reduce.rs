@@ -17,7 +17,7 @@ pub fn sum(x: &Tensor) -> Result<Tensor> {
     with_compute!("sum", [x], |T| Ok(Tensor::scalar::<T>(reduce::sum(&x.values::<T>()))))
 }
 
-/// x: [..., n] → [n], summed over every leading dimension (bias gradients).
+/// x: [..., n] → \[n\], summed over every leading dimension (bias gradients).
 pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
     let (_, cols) = rows_cols("sum_rows", x)?;
     if let Some(g) = Gpu::of("sum_rows", &[x])? {

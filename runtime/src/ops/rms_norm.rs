@@ -8,7 +8,7 @@ use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rms_norm as grms;
 use qlora_kernels::rms_norm as rms;
 
-/// x: [..., dim], weight: [dim] → (y: [..., dim], rstd: [rows]); y = x·rstd·(offset + w).
+/// x: [..., dim], weight: \[dim\] → (y: [..., dim], rstd: \[rows\]); y = x·rstd·(offset + w).
 /// offset 0 is Llama's RMSNorm, 1 is Gemma's (1 + w). On CUDA rstd is f32 whatever x's dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, offset: f64) -> Result<(Tensor, Tensor)> {
     let (rows, dim) = rows_cols("rms_norm", x)?;

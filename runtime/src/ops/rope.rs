@@ -7,7 +7,7 @@ use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rope as grope;
 use qlora_kernels::rope::{self, Direction};
 
-/// Rotary tables for `positions` ([tokens], I32, on the host) and `inv_freq` ([head_dim/2]) → (cos, sin): [tokens,
+/// Rotary tables for `positions` (\[tokens\], I32, on the host) and `inv_freq` ([head_dim/2]) → (cos, sin): [tokens,
 /// head_dim/2] on the host, in inv_freq's precision. Built where the batch is (one upload per batch when the model
 /// runs on a GPU, never a read back).
 pub fn rope_tables(positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -38,7 +38,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     rotate("rope", Direction::Forward, x, cos, sin)
 }
 
-/// Gradient of [`rope`] with respect to x: dy rotated back.
+/// Gradient of [`rope()`] with respect to x: dy rotated back.
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     rotate("rope_backward", Direction::Backward, dy, cos, sin)
 }
@@ -61,7 +61,7 @@ fn rotate(op: &'static str, dir: Direction, x: &Tensor, cos: &Tensor, sin: &Tens
     })
 }
 
-/// [`rope`] for a tape: the rotated x, and its backward (the rotation is linear in x: the tables are all it reads).
+/// [`rope()`] for a tape: the rotated x, and its backward (the rotation is linear in x: the tables are all it reads).
 pub fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Recorded> {
     let y = rope(x, cos, sin)?;
     let (cos, sin) = (cos.clone(), sin.clone());

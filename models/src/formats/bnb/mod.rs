@@ -13,8 +13,8 @@
 //! - config.json is `json.dumps(indent=2, sort_keys=True)` of the config, which gains `quantization_config`
 //!   (`BitsAndBytesConfig.to_dict()`).
 //!
-//! This module owns those keys and the quant-state JSON; [`python`] holds Python's float and JSON formatting, [`read`]
-//! and [`write`] the two directions. The numerics stay in `qlora_kernels::nf4` and `qlora_runtime::quant`. It knows
+//! This module owns those keys and the quant-state JSON; `python` holds Python's float and JSON formatting, `read`
+//! and `write` the two directions. The numerics stay in `qlora_kernels::nf4` and `qlora_runtime::quant`. It knows
 //! nothing of files beyond the checkpoint it reads and the stream it writes (atomic publication is the caller's).
 
 mod python;
