@@ -94,7 +94,7 @@ impl LocalRank {
         let op = mine.op;
         let mut table = lock(&self.shared.table);
         if let Some(gone) = table.left {
-            return Err(Error::invalid(op, format!("rank {gone} left the group")));
+            return Err(Error::RankLeft { op, rank: gone });
         }
         let round = table.round;
         table.slots[self.rank] = Some(mine);
@@ -106,7 +106,7 @@ impl LocalRank {
         }
         while table.round == round {
             if let Some(gone) = table.left {
-                return Err(Error::invalid(op, format!("rank {gone} left the group")));
+                return Err(Error::RankLeft { op, rank: gone });
             }
             table = self.shared.changed.wait(table).unwrap_or_else(|e| e.into_inner());
         }
@@ -115,12 +115,18 @@ impl LocalRank {
         let first = &all[0];
         for (rank, c) in all.iter().enumerate() {
             if c.op != first.op || c.root != first.root {
-                let msg = format!("rank {rank} called {} (root {}) while rank 0 called {} (root {})", c.op, c.root, first.op, first.root);
+                let msg = format!(
+                    "rank {rank} called {} (root {}) while rank 0 called {} (root {})",
+                    c.op, c.root, first.op, first.root
+                );
                 return Err(Error::invalid(op, msg));
             }
             if c.data.kind() != first.data.kind() || c.data.len() != first.data.len() {
                 let (a, b) = ((c.data.kind(), c.data.len()), (first.data.kind(), first.data.len()));
-                return Err(Error::invalid(op, format!("rank {rank} gave {a:?} (dtype, length) while rank 0 gave {b:?}")));
+                return Err(Error::invalid(
+                    op,
+                    format!("rank {rank} gave {a:?} (dtype, length) while rank 0 gave {b:?}"),
+                ));
             }
         }
         Ok(all)
@@ -159,17 +165,23 @@ impl Communicator for LocalRank {
         match buf {
             Buffer::F32(b) => {
                 let all = self.contribute(OP, 0, Data::F32(b.to_vec()))?;
-                sum_in_rank_order(b, all.iter().map(|c| match &c.data {
-                    Data::F32(v) => v.clone(),
-                    _ => unreachable!("exchange checked every rank's dtype"),
-                }));
+                sum_in_rank_order(
+                    b,
+                    all.iter().map(|c| match &c.data {
+                        Data::F32(v) => v.clone(),
+                        _ => unreachable!("exchange checked every rank's dtype"),
+                    }),
+                );
             }
             Buffer::F64(b) => {
                 let all = self.contribute(OP, 0, Data::F64(b.to_vec()))?;
-                sum_in_rank_order(b, all.iter().map(|c| match &c.data {
-                    Data::F64(v) => v.clone(),
-                    _ => unreachable!("exchange checked every rank's dtype"),
-                }));
+                sum_in_rank_order(
+                    b,
+                    all.iter().map(|c| match &c.data {
+                        Data::F64(v) => v.clone(),
+                        _ => unreachable!("exchange checked every rank's dtype"),
+                    }),
+                );
             }
         }
         Ok(())
@@ -218,7 +230,13 @@ mod tests {
     fn on_ranks<T: Send>(n: usize, f: impl Fn(&LocalRank) -> T + Sync) -> Vec<T> {
         let ranks = LocalGroup::new(n).unwrap();
         thread::scope(|s| {
-            let handles: Vec<_> = ranks.into_iter().map(|r| { let f = &f; s.spawn(move || f(&r)) }).collect();
+            let handles: Vec<_> = ranks
+                .into_iter()
+                .map(|r| {
+                    let f = &f;
+                    s.spawn(move || f(&r))
+                })
+                .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
     }
