@@ -8,7 +8,8 @@ mod common;
 use common::{one_line_error, qlora_rt};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/models/llama");
 
@@ -127,6 +128,8 @@ fn launches_that_need_nccl_are_refused_in_one_line() {
     assert!(e.contains("--gpus 2: multi-GPU training needs the NCCL backend, which is not built yet"), "{e}");
     let e = one_line_error(&finetune_args(&["--gpus", "0"]));
     assert!(e.contains("--gpus must be at least 1"), "{e}");
+    let e = one_line_error(&finetune_args(&["--ranks", "0"]));
+    assert!(e.contains("--ranks must be at least 1"), "{e}");
     let e = one_line_error(&finetune_args(&["--ranks", "2", "--device", "cuda"]));
     assert!(e.contains("--ranks runs in-process ranks on the CPU only"), "{e}");
 
@@ -149,4 +152,67 @@ fn launches_that_need_nccl_are_refused_in_one_line() {
     assert!(e.contains("WORLD_SIZE=2 (rank 1): training across processes needs the NCCL backend"), "{e}");
     let e = under(&[("RANK", "2"), ("WORLD_SIZE", "2")]);
     assert!(e.contains("torchrun environment: RANK=2 is not below WORLD_SIZE=2"), "{e}");
+}
+
+/// Ctrl-C reaches rank 0, and the whole group stops after the same step: one checkpoint, one message, status 130.
+#[test]
+fn ctrl_c_stops_every_rank_after_the_same_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out) = (data(dir.path()), dir.path().join("out"));
+    let child = Command::new(env!("CARGO_BIN_EXE_qlora-rt"))
+        .args(["finetune", "--model", MODEL, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(["--max-steps", "100000", "--max-seq-len", "64", "--save-every", "0", "--device", "cpu", "--ranks", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress after a minute");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{err}");
+    assert_eq!(err.matches("stopped at step").count(), 1, "{err}");
+    let steps = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count();
+    assert!(out.join(format!("checkpoint-{steps}/trainer_state.json")).is_file(), "{err}");
+}
+
+/// A diverging loss stops every rank before the update, with the single process's one error line.
+#[test]
+fn a_diverging_loss_stops_the_group_with_one_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let diverge = |ranks: &str| {
+        let out = dir.path().join(format!("ranks-{ranks}"));
+        let run = qlora_rt(&[
+            "finetune",
+            "--model",
+            MODEL,
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "10",
+            "--max-seq-len",
+            "64",
+            "--lr",
+            "1e30",
+            "--save-every",
+            "1",
+            "--device",
+            "cpu",
+            "--ranks",
+            ranks,
+        ]);
+        let err = String::from_utf8_lossy(&run.stderr).replace(out.to_str().unwrap(), "OUT");
+        assert_eq!((run.status.code(), err.trim_end().lines().count()), (Some(1), 1), "{err}");
+        err
+    };
+    let alone = diverge("1");
+    assert!(alone.contains("stopped before updating the adapter") && alone.contains("OUT/checkpoint-"), "{alone}");
+    assert_eq!(diverge("3"), alone);
 }

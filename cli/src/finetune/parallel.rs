@@ -193,3 +193,40 @@ pub(super) fn optimizer_step(
     update(optimizer, &norm, outcome, step, config)?;
     Ok((outcome, tokens))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error reported is the failing rank's own, not the departures the others saw after it; a panicking rank
+    /// is an error too.
+    #[test]
+    fn the_failing_ranks_error_is_the_groups() {
+        let e = in_process(3, |g| {
+            if g.rank() == 2 {
+                bail!("rank 2 broke");
+            }
+            g.barrier()?;
+            Ok(())
+        });
+        assert_eq!(e.unwrap_err().to_string(), "rank 2 broke");
+        let e = in_process(2, |g| {
+            assert!(g.rank() == 0, "rank 1 panics");
+            g.barrier()?;
+            Ok(())
+        });
+        assert_eq!(e.unwrap_err().to_string(), "rank 1 panicked");
+        assert_eq!(in_process(3, |g| Ok(g.rank())).unwrap(), 0, "rank 0's result");
+    }
+
+    #[test]
+    fn the_world_comes_from_flags_and_torchrun() {
+        let launch = |world_size| Launch { rank: 0, world_size, local_rank: 0, master: None };
+        assert_eq!(world(1, 1, DeviceArg::Auto, Some(&launch(1))).unwrap(), (1, DeviceArg::Auto));
+        assert_eq!(world(1, 3, DeviceArg::Auto, None).unwrap(), (3, DeviceArg::Cpu), "--ranks trains on the CPU");
+        let e = world(1, 0, DeviceArg::Cpu, None).unwrap_err().to_string();
+        assert_eq!(e, "--ranks must be at least 1");
+        let e = world(1, 2, DeviceArg::Cpu, Some(&launch(4))).unwrap_err().to_string();
+        assert!(e.starts_with("WORLD_SIZE=4 (rank 0): training across processes needs the NCCL backend"), "{e}");
+    }
+}

@@ -33,6 +33,22 @@ impl Data {
         }
     }
 
+    // The other ranks' data has the dtype of this rank's: `exchange` checked it.
+    fn f32s(&self) -> &[f32] {
+        let Data::F32(v) = self else { unreachable!("exchange checked every rank's dtype") };
+        v
+    }
+
+    fn f64s(&self) -> &[f64] {
+        let Data::F64(v) = self else { unreachable!("exchange checked every rank's dtype") };
+        v
+    }
+
+    fn bytes(&self) -> &[u8] {
+        let Data::Bytes(v) = self else { unreachable!("exchange checked every rank's dtype") };
+        v
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Data::F32(_) => "f32",
@@ -140,14 +156,11 @@ impl LocalRank {
     }
 }
 
-/// Σ over ranks in rank order into `out`, which holds rank 0's values' slot.
-fn sum_in_rank_order<T: Copy + std::ops::AddAssign>(out: &mut [T], parts: impl Iterator<Item = Vec<T>>) {
-    for (i, part) in parts.enumerate() {
-        if i == 0 {
-            out.copy_from_slice(&part);
-        } else {
-            out.iter_mut().zip(part).for_each(|(o, x)| *o += x);
-        }
+/// `out` = ((parts₀ + parts₁) + parts₂)…: the ranks' values summed in rank order.
+fn sum_in_rank_order<'p, T: Copy + std::ops::AddAssign + 'p>(out: &mut [T], mut parts: impl Iterator<Item = &'p [T]>) {
+    out.copy_from_slice(parts.next().expect("a group has a rank 0"));
+    for part in parts {
+        out.iter_mut().zip(part).for_each(|(o, x)| *o += *x);
     }
 }
 
@@ -165,23 +178,11 @@ impl Communicator for LocalRank {
         match buf {
             Buffer::F32(b) => {
                 let all = self.contribute(OP, 0, Data::F32(b.to_vec()))?;
-                sum_in_rank_order(
-                    b,
-                    all.iter().map(|c| match &c.data {
-                        Data::F32(v) => v.clone(),
-                        _ => unreachable!("exchange checked every rank's dtype"),
-                    }),
-                );
+                sum_in_rank_order(b, all.iter().map(|c| c.data.f32s()));
             }
             Buffer::F64(b) => {
                 let all = self.contribute(OP, 0, Data::F64(b.to_vec()))?;
-                sum_in_rank_order(
-                    b,
-                    all.iter().map(|c| match &c.data {
-                        Data::F64(v) => v.clone(),
-                        _ => unreachable!("exchange checked every rank's dtype"),
-                    }),
-                );
+                sum_in_rank_order(b, all.iter().map(|c| c.data.f64s()));
             }
         }
         Ok(())
@@ -189,22 +190,12 @@ impl Communicator for LocalRank {
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
         let all = self.contribute("all_gather", 0, Data::F32(local.to_vec()))?;
-        let mut out = Vec::with_capacity(local.len() * self.world_size);
-        for c in all.iter() {
-            match &c.data {
-                Data::F32(v) => out.extend_from_slice(v),
-                _ => unreachable!("exchange checked every rank's dtype"),
-            }
-        }
-        Ok(out)
+        Ok(all.iter().flat_map(|c| c.data.f32s().iter().copied()).collect())
     }
 
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
         let all = self.contribute("broadcast", root, Data::Bytes(buf.to_vec()))?;
-        match &all[root].data {
-            Data::Bytes(v) => buf.copy_from_slice(v),
-            _ => unreachable!("exchange checked every rank's dtype"),
-        }
+        buf.copy_from_slice(all[root].data.bytes());
         Ok(())
     }
 
