@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::{one_line_error, qlora_rt};
+use common::{interrupt_after_three_steps, one_line_error, qlora_rt};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/models/llama");
 
@@ -159,20 +158,9 @@ fn launches_that_need_nccl_are_refused_in_one_line() {
 fn ctrl_c_stops_every_rank_after_the_same_step() {
     let dir = tempfile::tempdir().unwrap();
     let (data, out) = (data(dir.path()), dir.path().join("out"));
-    let child = Command::new(env!("CARGO_BIN_EXE_qlora-rt"))
-        .args(["finetune", "--model", MODEL, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .args(["--max-steps", "100000", "--max-seq-len", "64", "--save-every", "0", "--device", "cpu", "--ranks", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
-        assert!(start.elapsed() < Duration::from_secs(60), "no progress after a minute");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let done = child.wait_with_output().unwrap();
+    let mut a = vec!["finetune", "--model", MODEL, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    a.extend(["--max-steps", "100000", "--max-seq-len", "64", "--save-every", "0", "--device", "cpu", "--ranks", "2"]);
+    let done = interrupt_after_three_steps(&a, &out);
     let err = String::from_utf8_lossy(&done.stderr);
     assert_eq!(done.status.code(), Some(130), "{err}");
     assert_eq!(err.matches("stopped at step").count(), 1, "{err}");

@@ -26,7 +26,7 @@ use qlora_models::transformer::{Batch, CausalLm};
 use qlora_optim::{AdamW, GradNorm};
 use qlora_runtime::cuda::read_scalars;
 use qlora_runtime::dist::launch::Launch;
-use qlora_runtime::dist::{Buffer, Communicator, LocalGroup, LocalRank};
+use qlora_runtime::dist::{local_group, Buffer, Communicator, LocalRank};
 use qlora_runtime::{DType, Tensor};
 
 /// Tokens of a whole step, over every rank.
@@ -68,7 +68,7 @@ pub(super) fn world(
 /// Runs `train` on `n` in-process ranks, one thread each; rank 0's result, or the error that stopped the group
 /// (a rank's own failure rather than the others' "rank r left the group" that follows it).
 pub(super) fn in_process<T: Send>(n: usize, train: impl Fn(&dyn Communicator) -> Result<T> + Sync) -> Result<T> {
-    let ranks = LocalGroup::new(n)?;
+    let ranks = local_group(n)?;
     let results: Vec<Result<T>> = std::thread::scope(|s| {
         let train = &train;
         let threads: Vec<_> = ranks

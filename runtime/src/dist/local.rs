@@ -74,22 +74,17 @@ struct Shared {
     changed: Condvar,
 }
 
-/// Makes the ranks of an in-process group.
-pub struct LocalGroup;
-
-impl LocalGroup {
-    /// `world_size` ranks (at least one), to be moved one to each thread.
-    pub fn new(world_size: usize) -> Result<Vec<LocalRank>> {
-        if world_size == 0 {
-            return Err(Error::invalid("LocalGroup", "a group needs at least one rank"));
-        }
-        let table = Table { slots: vec![None; world_size], round: 0, sealed: Arc::new(Vec::new()), left: None };
-        let shared = Arc::new(Shared { table: Mutex::new(table), changed: Condvar::new() });
-        Ok((0..world_size).map(|rank| LocalRank { rank, world_size, shared: shared.clone() }).collect())
+/// The ranks of an in-process group of `world_size` (at least one), to be moved one to each thread.
+pub fn local_group(world_size: usize) -> Result<Vec<LocalRank>> {
+    if world_size == 0 {
+        return Err(Error::invalid("local_group", "a group needs at least one rank"));
     }
+    let table = Table { slots: vec![None; world_size], round: 0, sealed: Arc::new(Vec::new()), left: None };
+    let shared = Arc::new(Shared { table: Mutex::new(table), changed: Condvar::new() });
+    Ok((0..world_size).map(|rank| LocalRank { rank, world_size, shared: shared.clone() }).collect())
 }
 
-/// One rank of a [`LocalGroup`]. Dropping it (its thread finished or failed) makes the other ranks' later
+/// One rank of a [`local_group`]. Dropping it (its thread finished or failed) makes the other ranks' later
 /// collectives fail with an error naming it.
 pub struct LocalRank {
     rank: usize,
@@ -219,7 +214,7 @@ mod tests {
 
     /// Runs `f` on every rank of a group of `n`, one thread each; the results by rank.
     fn on_ranks<T: Send>(n: usize, f: impl Fn(&LocalRank) -> T + Sync) -> Vec<T> {
-        let ranks = LocalGroup::new(n).unwrap();
+        let ranks = local_group(n).unwrap();
         thread::scope(|s| {
             let handles: Vec<_> = ranks
                 .into_iter()
@@ -295,12 +290,12 @@ mod tests {
         assert!(on_ranks(2, |c| c.broadcast(&mut [0], 2).unwrap_err().to_string())[0].contains("root 2 is not a rank"));
 
         // Rank 1 finishes early (drops its handle): rank 0's next collective fails at once, naming it.
-        let mut ranks = LocalGroup::new(2).unwrap();
+        let mut ranks = local_group(2).unwrap();
         let one = ranks.pop().unwrap();
         let waiting = thread::spawn(move || ranks[0].barrier().unwrap_err().to_string());
         thread::sleep(std::time::Duration::from_millis(50));
         drop(one);
         assert_eq!(waiting.join().unwrap(), "barrier: rank 1 left the group");
-        assert!(LocalGroup::new(0).is_err());
+        assert!(local_group(0).is_err());
     }
 }

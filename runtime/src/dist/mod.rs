@@ -3,7 +3,7 @@
 //!
 //! It lives in the runtime because a collective moves tensors' memory: the NCCL backend (not built yet) will
 //! all-reduce device buffers owned by this crate's storage, on its CUDA streams; everything above (the trainer in
-//! `cli`) sees only this trait. Owns: the trait, the in-process group ([`LocalGroup`], threads as ranks, what CI
+//! `cli`) sees only this trait. Owns: the trait, the in-process group ([`local_group`], threads as ranks, what CI
 //! proves data parallelism with), torchrun's launch environment ([`launch`]) and the TCP rendezvous that hands a
 //! backend's unique id from rank 0 to the others ([`rendezvous`]). Must not know about models or optimizers.
 //!
@@ -14,7 +14,7 @@ pub mod launch;
 mod local;
 pub mod rendezvous;
 
-pub use local::{LocalGroup, LocalRank};
+pub use local::{local_group, LocalRank};
 
 use crate::Result;
 
