@@ -79,23 +79,27 @@ fn files(out: &Path) -> Vec<(String, Vec<u8>)> {
     names.into_iter().map(|n| (n.clone(), bytes(out.join(&n)))).collect()
 }
 
+/// N ranks against one process, plain LoRA at N = 2 and 3 and DoRA (its magnitude vectors too) at N = 2.
 #[test]
 fn ranks_train_the_single_process_run_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
-    let alone = dir.path().join("alone");
-    finetune(&data, &alone, &[]);
-    let (want_metrics, want_files) = (metrics(&alone), files(&alone));
-    assert_eq!(want_metrics.len(), 6 + 2, "six steps and two evaluations");
-    for n in ["2", "3"] {
-        let out = dir.path().join(format!("ranks-{n}"));
-        let run = finetune(&data, &out, &["--ranks", n]);
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert!(stdout.contains(&format!("{n} in-process ranks")), "{stdout}");
-        assert_eq!(stdout.matches("adapter, tokenizer files").count(), 1, "rank 0 alone writes: {stdout}");
-        assert!(metrics(&out) == want_metrics, "--ranks {n}: metrics differ:\n{:?}\n{want_metrics:?}", metrics(&out));
-        for ((name, got), (_, want)) in files(&out).iter().zip(&want_files) {
-            assert!(got == want, "--ranks {n}: {name} differs from the single process's");
+    for (kind, extra, ranks) in [("lora", &[][..], &["2", "3"][..]), ("dora", &["--dora"][..], &["2"][..])] {
+        let alone = dir.path().join(format!("{kind}-alone"));
+        finetune(&data, &alone, extra);
+        let (want_metrics, want_files) = (metrics(&alone), files(&alone));
+        assert_eq!(want_metrics.len(), 6 + 2, "six steps and two evaluations");
+        for n in ranks {
+            let out = dir.path().join(format!("{kind}-ranks-{n}"));
+            let run = finetune(&data, &out, &[extra, &["--ranks", n]].concat());
+            let stdout = String::from_utf8_lossy(&run.stdout);
+            assert!(stdout.contains(&format!("{n} in-process ranks")), "{stdout}");
+            assert_eq!(stdout.matches("adapter, tokenizer files").count(), 1, "rank 0 alone writes: {stdout}");
+            let got = metrics(&out);
+            assert!(got == want_metrics, "{kind} --ranks {n}: metrics differ:\n{got:?}\n{want_metrics:?}");
+            for ((name, got), (_, want)) in files(&out).iter().zip(&want_files) {
+                assert!(got == want, "{kind} --ranks {n}: {name} differs from the single process's");
+            }
         }
     }
 }
