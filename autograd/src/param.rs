@@ -201,10 +201,18 @@ impl Param {
         *lock(&self.0.grad) = None;
     }
 
+    /// The accumulated gradient, leaving none: data-parallel training keeps each micro-batch's gradient apart.
+    pub fn take_grad(&self) -> Option<Tensor> {
+        lock(&self.0.grad).take()
+    }
+
     /// Adds `g` into the gradient buffer, creating it on first use in master precision (f32; f64 for f64 values) on
-    /// g's device.
-    pub(crate) fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
-        debug_assert!(self.0.trainable, "a tape never routes gradients to a frozen parameter");
+    /// g's device. A backward adds each parameter's gradient through here; data-parallel training replays the
+    /// ranks' micro-batch gradients through it, in the single process's order, to get its bits.
+    pub fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
+        if !self.0.trainable {
+            return Err(Error::invalid("accumulate_grad", format!("{} is frozen: it takes no gradient", self.0.name)));
+        }
         let mut slot = lock(&self.0.grad);
         match slot.as_mut() {
             Some(buf) => accumulate(buf, 1.0, g),
@@ -256,5 +264,20 @@ mod tests {
         assert!(a.stacked_with(&[&b], DType::F32).is_ok());
         let e = a.stacked_with(&[&p("wide", &[1.0; 3], 1)], DType::F32).unwrap_err().to_string();
         assert!(e.contains("\"a\", \"wide\"") && e.contains("[1, 3]"), "{e}");
+    }
+
+    /// What data-parallel training relies on: a taken gradient leaves none, and replaying gradients through
+    /// `accumulate_grad` adds them as backward passes would; a frozen weight refuses one.
+    #[test]
+    fn gradients_are_taken_and_replayed() {
+        let w = p("w", &[1.0, 2.0], 1);
+        let g = |v: [f32; 2]| Tensor::from_slice(&v, &[1, 2]).unwrap();
+        w.accumulate_grad(&g([0.5, 1.0])).unwrap();
+        w.accumulate_grad(&g([0.25, -3.0])).unwrap();
+        assert_eq!(w.take_grad().unwrap().to_vec::<f32>(), vec![0.75, -2.0]);
+        assert!(w.grad().is_none() && w.take_grad().is_none());
+        let frozen = Param::frozen("base", g([1.0, 1.0]));
+        let e = frozen.accumulate_grad(&g([1.0, 1.0])).unwrap_err().to_string();
+        assert!(e.contains("base is frozen"), "{e}");
     }
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{last_error_line as error_line, qlora_rt};
+use common::{interrupt_after_three_steps, last_error_line as error_line, qlora_rt};
 use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::DType;
@@ -198,21 +198,8 @@ fn a_killed_run_resumes_bit_for_bit() {
 fn ctrl_c_finishes_the_step_and_writes_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let (data, out) = (good_data(dir.path()), dir.path().join("out"));
-    let child = Command::new(env!("CARGO_BIN_EXE_qlora-cli"))
-        .args(args(s(&data), s(&out), "100000"))
-        .args(["--save-every", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
-        assert!(start.elapsed() < Duration::from_secs(60), "no progress after a minute");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(sent.success());
-    let done = child.wait_with_output().unwrap();
+    let done =
+        interrupt_after_three_steps(&[args(s(&data), s(&out), "100000"), vec!["--save-every", "0"]].concat(), &out);
     assert_eq!(done.status.code(), Some(130), "{}", stderr(&done));
     let err = stderr(&done);
     assert!(err.contains("stopped at step") && err.contains("--resume"), "{err}");

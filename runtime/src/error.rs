@@ -22,6 +22,11 @@ pub enum Error {
     #[error("{op}: {msg}")]
     Invalid { op: &'static str, msg: String },
 
+    /// A rank of a data-parallel group stopped (it failed, or finished while others went on): the collective that
+    /// needed it cannot complete. The departed rank's own error says why.
+    #[error("{op}: rank {rank} left the group")]
+    RankLeft { op: &'static str, rank: usize },
+
     #[error("{op} is not available on {device}: {why}")]
     Unsupported { op: &'static str, device: Device, why: &'static str },
 

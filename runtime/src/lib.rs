@@ -5,6 +5,7 @@
 //! inputs are upcast on the fly, as the design's CPU backend does.
 
 pub mod cuda;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod layout;

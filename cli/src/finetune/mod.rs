@@ -1,8 +1,8 @@
 //! `qlora-rt finetune`: QLoRA fine-tuning of a Hugging Face model folder on a dataset file, written as a PEFT
 //! adapter. This file owns the flags and the order of things (settings → data → model → optimizer → loop →
 //! outputs); the pieces are [`config`] (TOML files as flags), [`data`] (records → packed rows → micro-batches),
-//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`checkpoint`] (resumable state
-//! on disk), [`metrics`] (JSONL log, TensorBoard events) and [`plot`] (loss.png).
+//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`parallel`] (data-parallel ranks),
+//! [`checkpoint`] (resumable state on disk), [`metrics`] (JSONL log, TensorBoard events) and [`plot`] (loss.png).
 //!
 //! Defaults follow the QLoRA paper (Dettmers et al. 2023, §4 and appendix B): NF4 with double quantization,
 //! blocks of 64, LoRA on every linear layer, dropout 0.05, lr 2e-4, AdamW β = (0.9, 0.999), warmup ratio 0.03;
@@ -12,6 +12,7 @@ mod checkpoint;
 mod config;
 mod data;
 mod metrics;
+mod parallel;
 mod plot;
 pub(crate) mod step;
 mod train;
@@ -188,6 +189,14 @@ pub struct FinetuneArgs {
     /// Keep every activation (faster, more memory).
     #[arg(long, overrides_with = "gradient_checkpointing")]
     no_gradient_checkpointing: bool,
+    /// GPUs to train on, one process each. More than one needs the NCCL backend, which is not built yet.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    gpus: usize,
+    /// Train as N data-parallel ranks in this process (threads on the CPU), splitting each step's micro-batches:
+    /// the same losses and adapter as one rank, bit for bit. Hidden: it exists to test data parallelism (slower than
+    /// one rank on the same cores); a torchrun-launched process is one rank of its own.
+    #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
+    ranks: usize,
 }
 
 impl FinetuneArgs {
@@ -384,6 +393,7 @@ fn load_model(
     resume_from: Option<&Path>,
     trajectory: &serde_json::Value,
     (device, dtype): (Device, DType),
+    lead: bool,
 ) -> Result<(CausalLm, AdamW, checkpoint::TrainerState)> {
     // Dense in f32, the CPU compute precision: no per-step upcast of the frozen weights.
     let mut model =
@@ -415,7 +425,9 @@ fn load_model(
     let start = match resumed {
         Some((state, moments)) => {
             optimizer.load_state(&moments).context("restoring the optimizer state")?;
-            println!("resuming at step {}", state.step);
+            if lead {
+                println!("resuming at step {}", state.step);
+            }
             state
         }
         None => checkpoint::TrainerState::fresh(args.seed, trajectory),
@@ -474,11 +486,25 @@ pub(crate) fn training_device(dora: bool, device: DeviceArg) -> Result<DeviceArg
     })
 }
 
+/// What every rank shares: the settings derived from the flags, the data and the schedule.
+struct Run<'a> {
+    args: &'a FinetuneArgs,
+    targets: Vec<&'static str>,
+    placement: (Device, DType),
+    resume_from: Option<PathBuf>,
+    plan: data::Plan,
+    eval: Option<Vec<data::Row>>,
+    max_seq_len: usize,
+    schedule: Schedule,
+    trajectory: serde_json::Value,
+}
+
 fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     args.check()?;
     let targets = args.adapter.targets()?;
-    let placement =
-        crate::device::pick(training_device(args.adapter.dora, args.device)?, args.dtype.dtype(), "training")?;
+    let launch = qlora_runtime::dist::launch::Launch::from_env()?;
+    let (ranks, device) = parallel::world(args.gpus, args.ranks, args.device, launch.as_ref())?;
+    let placement = crate::device::pick(training_device(args.adapter.dora, device)?, args.dtype.dtype(), "training")?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
 
@@ -501,28 +527,46 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         total_steps,
     };
     let trajectory = args.trajectory(&plan.fingerprint(), &targets);
-    let (mut model, mut optimizer, start) = load_model(args, &targets, resume_from.as_deref(), &trajectory, placement)?;
-    let n_params = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
-    let rows = match args.batch_tokens {
-        Some(n) => format!("up to {n} tokens"),
-        None => format!("{} row(s) of up to {max_seq_len} tokens", args.micro_batch),
-    };
-    describe(args, &model, n_params, &schedule, rows, crate::device::describe(placement));
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
-    checkpoint::remove_partials(&args.out)?;
+    let run = Run { args, targets, placement, resume_from, plan, eval, max_seq_len, schedule, trajectory };
+    match ranks {
+        1 => train(&run, None),
+        n => parallel::in_process(n, |group| train(&run, Some(group))),
+    }
+}
+
+/// Loads the model and trains it, as the only process or as one rank of `group` (rank 0 writes the files).
+fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Result<train::Outcome> {
+    let Run { args, placement, .. } = *run;
+    let lead = group.is_none_or(|g| g.rank() == 0);
+    let (mut model, mut optimizer, start) =
+        load_model(args, &run.targets, run.resume_from.as_deref(), &run.trajectory, placement, lead)?;
+    if lead {
+        let n_params = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
+        let rows = match args.batch_tokens {
+            Some(n) => format!("up to {n} tokens"),
+            None => format!("{} row(s) of up to {} tokens", args.micro_batch, run.max_seq_len),
+        };
+        let mut on = crate::device::describe(placement);
+        if let Some(g) = group {
+            on += &format!(", {} in-process ranks", g.world_size());
+        }
+        describe(args, &model, n_params, &run.schedule, rows, on);
+        std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
+        checkpoint::remove_partials(&args.out)?;
+    }
 
     // The adapter names its base as peft expects: the Hub id for a cached snapshot, else the folder's full path.
     let base_model = crate::hub::cached_repo_id(&args.model).unwrap_or_else(|| {
         std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone()).to_string_lossy().into_owned()
     });
-    let subtitle = plot_subtitle(args, &schedule);
+    let subtitle = plot_subtitle(args, &run.schedule);
     let mut trainer = train::Trainer {
         model: &mut model,
         optimizer: &mut optimizer,
-        plan: &plan,
+        plan: &run.plan,
         device: placement.0,
-        eval: eval.as_deref(),
-        schedule,
+        eval: run.eval.as_deref(),
+        schedule: run.schedule,
         settings: train::Settings {
             out: &args.out,
             base_model: &base_model,
@@ -534,9 +578,10 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
             tensorboard: args.report_to == ReportTo::Tensorboard,
         },
         state: start,
+        group,
     };
     let outcome = trainer.run()?;
-    if outcome == train::Outcome::Finished {
+    if outcome == train::Outcome::Finished && lead {
         save_adapter(&model, &args.out, Some(&base_model))?;
         copy_tokenizer_files(&args.model, &args.out)?;
         let curve = metrics::read_curve(&args.out.join(metrics::METRICS_FILE))?;

@@ -12,7 +12,7 @@ use qlora_autograd::Tape;
 use qlora_models::transformer::{Batch, CausalLm};
 use qlora_optim::{AdamW, GradNorm};
 use qlora_runtime::cuda::read_scalars;
-use qlora_runtime::Device;
+use qlora_runtime::{Device, Tensor};
 
 /// The parts of a step, in the order they run (forward and backward once per micro-batch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +50,7 @@ pub struct StepConfig {
     pub lr: f64,
 }
 
+#[derive(Clone, Copy, Debug)]
 pub struct StepOutcome {
     /// Σ token losses ÷ trained tokens of the step.
     pub loss: f64,
@@ -99,19 +100,9 @@ pub fn optimizer_step(
     // Each micro-batch's loss stays where it was computed; all are read at the end with the gradient norm.
     let mut losses = Vec::with_capacity(micro_batches.len());
     for (j, batch) in micro_batches.iter().enumerate() {
-        phases.enter(Phase::Forward)?;
-        let batch = &batch.to_device(config.device)?;
-        let tape = Tape::new();
-        let seed = dropout_seed(config.seed, step, j);
-        let l = model
-            .loss(&tape, batch, trained_tokens as f64, seed)
-            .with_context(|| format!("forward at step {}", step + 1))?;
-        phases.enter(Phase::Backward)?;
-        tape.backward(&l).with_context(|| format!("backward at step {}", step + 1))?;
-        losses.push(l.value().clone());
+        losses.push(micro_step(model, batch, (step, j), trained_tokens, config, phases)?);
     }
     phases.enter(Phase::Optimizer)?;
-    let max_norm = if config.max_grad_norm > 0.0 { config.max_grad_norm } else { f64::INFINITY };
     let norm = optimizer.grad_norm_sq()?;
     // The step's one wait for a GPU: the losses and the gradient norm, read together.
     let (loss, grad_norm) = match &norm {
@@ -122,15 +113,52 @@ pub fn optimizer_step(
             (values.iter().sum(), sq.sqrt())
         }
     };
-    for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
+    let outcome = StepOutcome { loss, grad_norm };
+    update(optimizer, &norm, outcome, step, config)?;
+    phases.finish()?;
+    Ok(outcome)
+}
+
+/// Forward and backward of micro-batch `j` of step `step` (`at` = (step, j)), its loss divided by the whole step's
+/// `trained_tokens`: the gradients are added into the parameters, the loss tensor is returned where it was computed.
+pub(crate) fn micro_step(
+    model: &CausalLm,
+    batch: &Batch,
+    (step, j): (u64, usize),
+    trained_tokens: usize,
+    config: &StepConfig,
+    phases: &mut dyn Phases,
+) -> Result<Tensor> {
+    phases.enter(Phase::Forward)?;
+    let batch = &batch.to_device(config.device)?;
+    let tape = Tape::new();
+    let seed = dropout_seed(config.seed, step, j);
+    let l = model
+        .loss(&tape, batch, trained_tokens as f64, seed)
+        .with_context(|| format!("forward at step {}", step + 1))?;
+    phases.enter(Phase::Backward)?;
+    tape.backward(&l).with_context(|| format!("backward at step {}", step + 1))?;
+    Ok(l.value().clone())
+}
+
+/// The end of a step once its gradients are in place and `read` (its loss and gradient norm) is known: stops on a
+/// non-finite value, else clips (to `config.max_grad_norm`, 0 = off) and updates at `config.lr`.
+pub(crate) fn update(
+    optimizer: &mut AdamW,
+    norm: &GradNorm,
+    read: StepOutcome,
+    step: u64,
+    config: &StepConfig,
+) -> Result<()> {
+    for (what, value) in [("loss", read.loss), ("gradient norm", read.grad_norm)] {
         if !value.is_finite() {
             return Err(NonFinite { what, value, step: step + 1 }.into());
         }
     }
+    let max_norm = if config.max_grad_norm > 0.0 { config.max_grad_norm } else { f64::INFINITY };
     optimizer.set_lr(config.lr);
-    optimizer.step_clipped(&norm, max_norm)?;
-    phases.finish()?;
-    Ok(StepOutcome { loss, grad_norm })
+    optimizer.step_clipped(norm, max_norm)?;
+    Ok(())
 }
 
 #[cfg(test)]

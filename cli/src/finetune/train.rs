@@ -4,16 +4,22 @@
 //! After each step: a metrics row, the progress bar, evaluation (dropout off) and a checkpoint when due. A
 //! non-finite loss or gradient norm stops the run before the update, naming the step and the last good
 //! checkpoint; Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and stops.
+//!
+//! As one rank of a data-parallel group ([`super::parallel`]), every rank runs the same steps; rank 0 alone hears
+//! Ctrl-C (the group stops together), evaluates, and writes metrics, progress and checkpoints.
 
 use super::checkpoint::{self, SaveTo, TrainerState};
 use super::data::{self, Plan, Row};
 use super::metrics::{MetricsLog, StepRow};
-use super::step::{self, NonFinite, StepConfig};
+use super::parallel;
+use super::parallel::Tokens;
+use super::step::{self, NonFinite, StepConfig, StepOutcome};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use qlora_autograd::Tape;
 use qlora_models::transformer::CausalLm;
 use qlora_optim::{AdamW, Schedule};
+use qlora_runtime::dist::Communicator;
 use qlora_runtime::Device;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -68,6 +74,8 @@ pub struct Trainer<'a> {
     pub schedule: Schedule,
     pub settings: Settings<'a>,
     pub state: TrainerState,
+    /// The data-parallel group this process is a rank of; `None` trains alone.
+    pub group: Option<&'a dyn Communicator>,
 }
 
 /// What one optimizer step did.
@@ -149,11 +157,14 @@ impl Progress {
 impl Trainer<'_> {
     /// Trains from `state` to the schedule's last step.
     pub fn run(&mut self) -> Result<Outcome> {
-        install_interrupt_handler()?;
+        let lead = self.group.is_none_or(|g| g.rank() == 0);
+        if lead {
+            install_interrupt_handler()?;
+        }
         let total = self.schedule.total_steps;
         let out = self.settings.out;
-        let mut log = MetricsLog::open(out, self.state.step, self.settings.tensorboard)?;
-        let progress = Progress::new(total, self.state.step, self.device);
+        let mut log = lead.then(|| MetricsLog::open(out, self.state.step, self.settings.tensorboard)).transpose()?;
+        let progress = lead.then(|| Progress::new(total, self.state.step, self.device));
         let (started, elapsed_before, step_before) = (Instant::now(), self.state.elapsed_s, self.state.step);
         let mut tokens_this_run = 0usize;
         let (mut first_loss, mut last_loss, mut last_eval) = (None, None, None);
@@ -174,37 +185,45 @@ impl Trainer<'_> {
             let step = self.state.step;
             first_loss.get_or_insert(stats.loss);
             last_loss = Some(stats.loss);
-            let tokens_per_s = tokens_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            log.step(&StepRow {
-                step,
-                loss: stats.loss,
-                lr: stats.lr,
-                grad_norm: stats.grad_norm,
-                tokens: stats.tokens,
-                trained_tokens: stats.trained_tokens,
-                elapsed: self.state.elapsed_s,
-                tokens_per_s,
-                memory: memory_in_use(self.device),
-            })?;
-            progress.step(step, &stats, tokens_per_s);
             let every = |n: u64| n > 0 && step % n == 0;
-            if self.eval.is_some() && (every(self.settings.eval_every) || step == total) {
-                let loss = self.evaluate(&mut log, &progress)?;
-                last_eval = Some(loss);
+            if let (Some(log), Some(progress)) = (log.as_mut(), progress.as_ref()) {
+                let tokens_per_s = tokens_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                log.step(&StepRow {
+                    step,
+                    loss: stats.loss,
+                    lr: stats.lr,
+                    grad_norm: stats.grad_norm,
+                    tokens: stats.tokens,
+                    trained_tokens: stats.trained_tokens,
+                    elapsed: self.state.elapsed_s,
+                    tokens_per_s,
+                    memory: memory_in_use(self.device),
+                })?;
+                progress.step(step, &stats, tokens_per_s);
+                if self.eval.is_some() && (every(self.settings.eval_every) || step == total) {
+                    let loss = self.evaluate(log, progress)?;
+                    last_eval = Some(loss);
+                }
             }
-            let stop = interrupted();
+            let stop = match self.group {
+                Some(group) => parallel::agree_to_stop(group, interrupted())?,
+                None => interrupted(),
+            };
             if every(self.settings.save_every) || stop {
-                let dir = self.save()?;
+                let dir = if lead { Some(self.save()?) } else { None };
                 if stop {
-                    progress.bar.finish_and_clear();
-                    eprintln!(
-                        "qlora-rt: stopped at step {step} of {total}; checkpoint written to {}; continue with --resume",
-                        dir.display()
-                    );
+                    if let (Some(progress), Some(dir)) = (&progress, dir) {
+                        progress.bar.finish_and_clear();
+                        eprintln!(
+                            "qlora-rt: stopped at step {step} of {total}; checkpoint written to {}; continue with --resume",
+                            dir.display()
+                        );
+                    }
                     return Ok(Outcome::Interrupted);
                 }
             }
         }
+        let Some(progress) = progress else { return Ok(Outcome::Finished) };
         progress.bar.finish_and_clear();
         let steps = self.state.step - step_before;
         let secs = started.elapsed().as_secs_f64();
@@ -224,9 +243,6 @@ impl Trainer<'_> {
     /// One optimizer step over `micro` (row indices per micro-batch); `self.state.step` is its 0-based index.
     fn step(&mut self, micro: &[Vec<usize>]) -> Result<StepStats> {
         let step = self.state.step;
-        let batches = micro.iter().map(|members| data::batch(&self.plan.rows, members)).collect::<Result<Vec<_>>>()?;
-        let trained_tokens: usize = batches.iter().map(|b| b.trained_tokens()).sum();
-        let tokens: usize = batches.iter().map(|b| b.ids.elem_count()).sum();
         let lr = self.schedule.lr_at(step);
         let config = StepConfig {
             device: self.device,
@@ -234,14 +250,29 @@ impl Trainer<'_> {
             max_grad_norm: self.settings.max_grad_norm,
             lr,
         };
-        let outcome = match step::optimizer_step(self.model, self.optimizer, &batches, step, &config, &mut ()) {
-            Ok(outcome) => outcome,
+        let done = match self.group {
+            None => self.step_alone(micro, step, &config),
+            Some(group) => {
+                parallel::optimizer_step(self.model, self.optimizer, group, (&self.plan.rows, micro), step, &config)
+            }
+        };
+        let (outcome, tokens) = match done {
+            Ok(done) => done,
             Err(e) => match e.downcast::<NonFinite>() {
                 Ok(stop) => bail!("{stop}; {}", self.last_good_checkpoint()?),
                 Err(e) => return Err(e),
             },
         };
-        Ok(StepStats { loss: outcome.loss, grad_norm: outcome.grad_norm, lr, tokens, trained_tokens })
+        let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
+        Ok(StepStats { loss, grad_norm, lr, tokens: tokens.all, trained_tokens: tokens.trained })
+    }
+
+    fn step_alone(&mut self, micro: &[Vec<usize>], step: u64, config: &StepConfig) -> Result<(StepOutcome, Tokens)> {
+        let batches = micro.iter().map(|members| data::batch(&self.plan.rows, members)).collect::<Result<Vec<_>>>()?;
+        let trained = batches.iter().map(|b| b.trained_tokens()).sum();
+        let all = batches.iter().map(|b| b.ids.elem_count()).sum();
+        let outcome = step::optimizer_step(self.model, self.optimizer, &batches, step, config, &mut ())?;
+        Ok((outcome, Tokens { all, trained }))
     }
 
     fn last_good_checkpoint(&self) -> Result<String> {

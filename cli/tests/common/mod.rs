@@ -55,3 +55,24 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, flags: &[&str]) -> Output
     args.extend(flags);
     qlora_rt(&args)
 }
+
+/// Runs `qlora-rt args` (a finetune writing to `out`) until metrics.jsonl holds three steps, then sends it SIGINT
+/// (Ctrl-C); its output once it has stopped (stderr captured).
+pub fn interrupt_after_three_steps(args: &[&str], out: &Path) -> Output {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let child = Command::new(env!("CARGO_BIN_EXE_qlora-cli"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qlora-rt");
+    let start = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress after a minute");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("run kill");
+    assert!(sent.success());
+    child.wait_with_output().expect("wait for qlora-rt")
+}

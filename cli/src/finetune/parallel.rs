@@ -1,0 +1,232 @@
+//! Data-parallel finetune: ranks of a [`Communicator`] group share each optimizer step's micro-batches and end it
+//! with the same adapter, bit for bit the one a single process would have.
+//!
+//! The global batch is what the flags say (`--grad-accum` micro-batches per step); rank r trains micro-batches
+//! r, r + N, r + 2N, … of it. The loss of micro-batch j is normalised by the trained tokens of the whole step, which
+//! the ranks sum with an all-reduce (in f64: exact), so each rank's losses and gradients are the single process's.
+//!
+//! Why the ranks gather per-micro-batch gradients rather than all-reduce a sum of their own: a single process adds
+//! micro-batch j's gradient into each parameter's buffer in the order j = 0, 1, 2, … (`Param::accumulate_grad`, one
+//! add per micro-batch), and float addition is not associative, so the only way N ranks reach the same bits is to
+//! make the same additions in the same order. Each rank keeps its micro-batches' gradients apart
+//! (`Param::take_grad` after each backward), the ranks all-gather them with the losses, and every rank replays them
+//! through `accumulate_grad` in micro-batch order, then sums the losses in that order too. Clipping and AdamW then
+//! run on identical gradients, so every rank's adapter and optimizer state stay identical and rank 0 alone writes
+//! them. The cost, the gradients of a whole step on every rank, is small for adapters; a GPU backend that trades
+//! exactness for speed would all-reduce each rank's local sum instead.
+//!
+//! This is what the in-process group runs (`--ranks`, threads on the CPU); it asks the group only for
+//! [`Communicator`]'s collectives, so another backend drops in.
+
+use super::data::{self, Row};
+use super::step::{micro_step, update, StepConfig, StepOutcome};
+use crate::device::DeviceArg;
+use anyhow::{anyhow, bail, ensure, Result};
+use qlora_models::transformer::{Batch, CausalLm};
+use qlora_optim::{AdamW, GradNorm};
+use qlora_runtime::cuda::read_scalars;
+use qlora_runtime::dist::launch::Launch;
+use qlora_runtime::dist::{local_group, Buffer, Communicator, LocalRank};
+use qlora_runtime::{DType, Tensor};
+
+/// Tokens of a whole step, over every rank.
+pub(super) struct Tokens {
+    pub all: usize,
+    pub trained: usize,
+}
+
+/// How many ranks train, and where, from `--gpus`, `--ranks` and torchrun's environment: several processes or GPUs
+/// need the NCCL backend, which is not built yet, so they are refused in one line; `--ranks N` trains N in-process
+/// ranks on the CPU.
+pub(super) fn world(
+    gpus: usize,
+    ranks: usize,
+    device: DeviceArg,
+    launch: Option<&Launch>,
+) -> Result<(usize, DeviceArg)> {
+    ensure!(gpus >= 1, "--gpus must be at least 1");
+    ensure!(ranks >= 1, "--ranks must be at least 1");
+    if let Some(l) = launch.filter(|l| l.world_size > 1) {
+        bail!(
+            "WORLD_SIZE={} (rank {}): training across processes needs the NCCL backend, which is not built yet; \
+             run one process",
+            l.world_size,
+            l.rank
+        );
+    }
+    ensure!(
+        gpus == 1,
+        "--gpus {gpus}: multi-GPU training needs the NCCL backend, which is not built yet; use --gpus 1"
+    );
+    Ok(match (ranks, device) {
+        (1, device) => (1, device),
+        (_, DeviceArg::Cuda) => bail!("--ranks runs in-process ranks on the CPU only; use --device cpu"),
+        (n, _) => (n, DeviceArg::Cpu),
+    })
+}
+
+/// Runs `train` on `n` in-process ranks, one thread each; rank 0's result, or the error that stopped the group
+/// (a rank's own failure rather than the others' "rank r left the group" that follows it).
+pub(super) fn in_process<T: Send>(n: usize, train: impl Fn(&dyn Communicator) -> Result<T> + Sync) -> Result<T> {
+    let ranks = local_group(n)?;
+    let results: Vec<Result<T>> = std::thread::scope(|s| {
+        let train = &train;
+        let threads: Vec<_> = ranks
+            .into_iter()
+            .map(|rank: LocalRank| {
+                // The main thread's stack on Linux: loading and training were written for it.
+                std::thread::Builder::new()
+                    .name(format!("rank {}", rank.rank()))
+                    .stack_size(8 << 20)
+                    .spawn_scoped(s, move || train(&rank))
+            })
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| anyhow!("starting the rank threads: {e}"))?;
+        Ok::<_, anyhow::Error>(
+            threads
+                .into_iter()
+                .enumerate()
+                .map(|(r, t)| t.join().unwrap_or_else(|_| Err(anyhow!("rank {r} panicked"))))
+                .collect(),
+        )
+    })?;
+    let departed = |e: &anyhow::Error| matches!(e.downcast_ref(), Some(qlora_runtime::Error::RankLeft { .. }));
+    if let Some(e) = results.iter().position(|r| r.as_ref().is_err_and(|e| !departed(e))) {
+        return results.into_iter().nth(e).expect("the position was found");
+    }
+    results.into_iter().next().expect("a group has a rank 0")
+}
+
+/// Whether every rank stops after this step: rank 0's `wanted` (it alone hears Ctrl-C), so all stop together.
+pub(super) fn agree_to_stop(group: &dyn Communicator, wanted: bool) -> Result<bool> {
+    let mut flag = [wanted as u8];
+    group.broadcast(&mut flag, 0)?;
+    Ok(flag[0] != 0)
+}
+
+/// One gathered micro-batch: its loss, then per trainable parameter a presence flag (a backward that did not reach
+/// a parameter gives it no gradient, as in a single process), then every parameter's gradient (zeros if absent).
+struct Layout {
+    /// Elements per parameter, in `CausalLm::trainable_params` order (the same on every rank).
+    sizes: Vec<usize>,
+}
+
+impl Layout {
+    fn len(&self) -> usize {
+        1 + self.sizes.len() + self.sizes.iter().sum::<usize>()
+    }
+
+    /// Micro-batch `j`'s record as this rank writes it: the loss, flags and gradients taken from `params`.
+    fn write(&self, loss: &Tensor, params: &[qlora_autograd::Param], out: &mut [f32]) -> Result<()> {
+        ensure!(loss.dtype() == DType::F32, "data-parallel training needs an f32 loss, got {:?}", loss.dtype());
+        out[0] = read_scalars(&[loss])?[0] as f32; // exact: the value was an f32
+        let mut at = 1 + params.len();
+        for (i, (p, &n)) in params.iter().zip(&self.sizes).enumerate() {
+            if let Some(g) = p.take_grad() {
+                ensure!(
+                    g.dtype() == DType::F32,
+                    "data-parallel training needs f32 gradients, {} has {:?}",
+                    p.name(),
+                    g.dtype()
+                );
+                out[1 + i] = 1.0;
+                out[at..at + n].copy_from_slice(&g.to_vec::<f32>());
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Adds a gathered record's gradients into `params` (as a backward would have) and returns its loss.
+    fn replay(&self, record: &[f32], params: &[qlora_autograd::Param]) -> Result<f64> {
+        let mut at = 1 + params.len();
+        for (i, (p, &n)) in params.iter().zip(&self.sizes).enumerate() {
+            if record[1 + i] != 0.0 {
+                let shape = p.value().shape().to_vec();
+                p.accumulate_grad(&Tensor::from_slice(&record[at..at + n], &shape)?)?;
+            }
+            at += n;
+        }
+        Ok(record[0] as f64)
+    }
+}
+
+/// Optimizer step `step` (0-based) over the global step's micro-batches `micro` (row indices into `rows`), this
+/// rank training its share; see the module docs for why the result is the single process's bit for bit.
+pub(super) fn optimizer_step(
+    model: &CausalLm,
+    optimizer: &mut AdamW,
+    group: &dyn Communicator,
+    (rows, micro): (&[Row], &[Vec<usize>]),
+    step: u64,
+    config: &StepConfig,
+) -> Result<(StepOutcome, Tokens)> {
+    let (rank, n) = (group.rank(), group.world_size());
+    let mine: Vec<(usize, Batch)> =
+        (rank..micro.len()).step_by(n).map(|j| Ok((j, data::batch(rows, &micro[j])?))).collect::<Result<_>>()?;
+    let mut counts = [0.0f64; 2];
+    for (_, b) in &mine {
+        counts[0] += b.ids.elem_count() as f64;
+        counts[1] += b.trained_tokens() as f64;
+    }
+    group.all_reduce_sum(Buffer::F64(&mut counts))?;
+    let tokens = Tokens { all: counts[0] as usize, trained: counts[1] as usize };
+
+    let params = model.trainable_params();
+    let layout = Layout { sizes: params.iter().map(|p| p.value().elem_count()).collect() };
+    // Every rank sends the same number of record slots (what the busiest rank needs); unused ones stay zero.
+    let (len, slots) = (layout.len(), micro.len().div_ceil(n));
+    let mut local = vec![0.0f32; slots * len];
+    for (k, (j, batch)) in mine.iter().enumerate() {
+        let loss = micro_step(model, batch, (step, *j), tokens.trained, config, &mut ())?;
+        layout.write(&loss, &params, &mut local[k * len..(k + 1) * len])?;
+    }
+    let all = group.all_gather(&local)?;
+    // Micro-batch j is slot j / n of rank j % n.
+    let losses = (0..micro.len())
+        .map(|j| layout.replay(&all[((j % n) * slots + j / n) * len..][..len], &params))
+        .collect::<Result<Vec<f64>>>()?;
+    let loss = losses.iter().sum::<f64>();
+    let norm = optimizer.grad_norm_sq()?;
+    let GradNorm::Host(sq) = norm else { bail!("data-parallel training runs on the CPU only so far") };
+    let outcome = StepOutcome { loss, grad_norm: sq.sqrt() };
+    update(optimizer, &norm, outcome, step, config)?;
+    Ok((outcome, tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error reported is the failing rank's own, not the departures the others saw after it; a panicking rank
+    /// is an error too.
+    #[test]
+    fn the_failing_ranks_error_is_the_groups() {
+        let e = in_process(3, |g| {
+            if g.rank() == 2 {
+                bail!("rank 2 broke");
+            }
+            g.barrier()?;
+            Ok(())
+        });
+        assert_eq!(e.unwrap_err().to_string(), "rank 2 broke");
+        let e = in_process(2, |g| {
+            assert!(g.rank() == 0, "rank 1 panics");
+            g.barrier()?;
+            Ok(())
+        });
+        assert_eq!(e.unwrap_err().to_string(), "rank 1 panicked");
+        assert_eq!(in_process(3, |g| Ok(g.rank())).unwrap(), 0, "rank 0's result");
+    }
+
+    #[test]
+    fn the_world_comes_from_flags_and_torchrun() {
+        let launch = |world_size| Launch { rank: 0, world_size, local_rank: 0, master: None };
+        assert_eq!(world(1, 1, DeviceArg::Auto, Some(&launch(1))).unwrap(), (1, DeviceArg::Auto));
+        assert_eq!(world(1, 3, DeviceArg::Auto, None).unwrap(), (3, DeviceArg::Cpu), "--ranks trains on the CPU");
+        let e = world(1, 0, DeviceArg::Cpu, None).unwrap_err().to_string();
+        assert_eq!(e, "--ranks must be at least 1");
+        let e = world(1, 2, DeviceArg::Cpu, Some(&launch(4))).unwrap_err().to_string();
+        assert!(e.starts_with("WORLD_SIZE=4 (rank 0): training across processes needs the NCCL backend"), "{e}");
+    }
+}

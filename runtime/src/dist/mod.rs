@@ -1,0 +1,47 @@
+//! Data parallelism's seam: a [`Communicator`] is one rank of a group of processes (or threads) that train the same
+//! model on different micro-batches and combine what they computed through collectives.
+//!
+//! It lives in the runtime because a collective moves tensors' memory: the NCCL backend (not built yet) will
+//! all-reduce device buffers owned by this crate's storage, on its CUDA streams; everything above (the trainer in
+//! `cli`) sees only this trait. Owns: the trait, the in-process group ([`local_group`], threads as ranks, what CI
+//! proves data parallelism with), torchrun's launch environment ([`launch`]) and the TCP rendezvous that hands a
+//! backend's unique id from rank 0 to the others ([`rendezvous`]). Must not know about models or optimizers.
+//!
+//! Every collective is called by every rank of the group, in the same order, with matching arguments; a rank
+//! that calls another collective, or leaves the group, makes the others' calls fail instead of hang.
+
+pub mod launch;
+mod local;
+pub mod rendezvous;
+
+pub use local::{local_group, LocalRank};
+
+use crate::Result;
+
+/// A buffer reduced in place: f32 for gradients, f64 for counts and sums that must stay exact (integers to 2⁵³).
+#[derive(Debug)]
+pub enum Buffer<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+}
+
+/// One rank of a group. Ranks are numbered 0..world_size; rank 0 is the one that writes files.
+pub trait Communicator: Send + Sync {
+    fn rank(&self) -> usize;
+
+    fn world_size(&self) -> usize;
+
+    /// Element-wise sum over the ranks, in place; every rank ends with the same values. The buffers must have the
+    /// same dtype and length on every rank. The order of the additions is the backend's: the in-process group adds
+    /// in rank order, ((x₀ + x₁) + x₂)…, so its results are bit-reproducible.
+    fn all_reduce_sum(&self, buf: Buffer<'_>) -> Result<()>;
+
+    /// Every rank's `local` (the same length on every rank) concatenated in rank order, on every rank.
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>>;
+
+    /// Rank `root`'s bytes copied into every rank's `buf` (the same length on every rank).
+    fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()>;
+}
