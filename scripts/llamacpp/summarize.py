@@ -41,7 +41,7 @@ def main() -> None:
                 cmp = d / name.replace(".gguf", ".compare.json")
                 if cmp.exists():
                     c = json.loads(cmp.read_text())
-                    equal = f"{c['same_bytes']}/{c['tensors']}"
+                    equal = "whole file" if c["identical_files"] else f"{c['same_bytes']}/{c['tensors']}"
                     if c["type_differs"] or c["bytes_differ"]:
                         equal += f" (differ: {', '.join((c['type_differs'] + c['bytes_differ'])[:3])})"
             text = r["greedy_text"].strip()

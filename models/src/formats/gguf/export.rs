@@ -182,6 +182,15 @@ pub fn export(dir: &Path, out: &Path, ft: FileType, fallback_name: &str) -> Resu
     let name = model_name(dir, fallback_name)?;
     let (mut metadata, rope_freqs) = model_metadata(&config, &dir.join("config.json"), &name, ft)?;
     metadata.extend(hf_vocab::metadata(dir, config.vocab_size)?);
+    if ft.is_quantized() {
+        // llama-quantize rewrites these two keys at the end; following it makes our files equal to its output
+        // byte for byte, not only tensor for tensor.
+        let (tail, rest): (Metadata, Metadata) = metadata
+            .into_iter()
+            .partition(|(k, _)| k == "general.quantization_version" || k == "general.file_type");
+        metadata = rest;
+        metadata.extend(tail.into_iter().rev());
+    }
     let ck = Checkpoint::open(dir)?;
 
     let plan = hp.export_plan();

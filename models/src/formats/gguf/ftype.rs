@@ -52,6 +52,11 @@ impl FileType {
         }
     }
 
+    /// Whether llama-quantize makes this type (the float ones come from the converter).
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, FileType::F32 | FileType::F16)
+    }
+
     /// The type of every matrix the mix does not single out.
     fn base(self) -> GgmlType {
         match self {
@@ -71,7 +76,7 @@ impl FileType {
     pub fn tensor_type(self, model: &MixModel, name: &str, dims: &[usize]) -> GgmlType {
         let base = self.base();
         let &[_, cols] = dims else { return GgmlType::F32 };
-        if matches!(base, GgmlType::F32 | GgmlType::F16) {
+        if !self.is_quantized() {
             return base;
         }
         let more_bits = |layer: usize| {

@@ -246,9 +246,9 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// The tiny Gemma 3 fixture's tokenizer with ids 99 and 100 turned into added tokens `▁▁` (not special) and
-    /// `<unused0>` (not special, but looks it), and `<unk>` (id 3) no longer an added token when `unk_added` is
-    /// false; returns the metadata as a map.
+    /// The tiny Gemma 3 fixture's tokenizer (101 tokens) with added tokens `▁▁` (id 101, not special) and
+    /// `<unused0>` (id 102, not special, but looks it), and `<unk>` (id 3) no longer an added token when
+    /// `unk_added` is false; returns the metadata as a map.
     fn vocab(unk_added: bool) -> HashMap<String, MetaValue> {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/gemma3");
         let dir = tempfile::tempdir().unwrap();
@@ -258,16 +258,16 @@ mod tests {
         if !unk_added {
             added.retain(|a| a["content"] != "<unk>");
         }
-        for (id, content) in [(99, "\u{2581}\u{2581}"), (100, "<unused0>")] {
-            added.push(json!({"id": id, "content": content, "special": false, "normalized": false}));
+        for (id, content) in [(101, "\u{2581}\u{2581}"), (102, "<unused0>")] {
+            added.push(json!({"id": id, "content": content, "special": false, "normalized": false,
+                              "single_word": false, "lstrip": false, "rstrip": false}));
         }
         let v = tj["model"]["vocab"].as_object_mut().unwrap();
-        v.retain(|_, id| id.as_u64() < Some(99));
-        v.insert("\u{2581}\u{2581}".into(), json!(99));
-        v.insert("<unused0>".into(), json!(100));
+        v.insert("\u{2581}\u{2581}".into(), json!(101));
+        v.insert("<unused0>".into(), json!(102));
         std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
         std::fs::copy(fixture.join("tokenizer_config.json"), dir.path().join("tokenizer_config.json")).unwrap();
-        metadata(dir.path(), 101).unwrap().into_iter().collect()
+        metadata(dir.path(), 103).unwrap().into_iter().collect()
     }
 
     #[test]
@@ -278,10 +278,10 @@ mod tests {
         else {
             panic!("tokens and types are arrays")
         };
-        assert_eq!((tokens[99].as_str(), types[99]), ("  ", USER_DEFINED));
-        assert_eq!((tokens[100].as_str(), types[100]), ("<unused0>", CONTROL));
+        assert_eq!((tokens[101].as_str(), types[101]), ("  ", USER_DEFINED));
+        assert_eq!((tokens[102].as_str(), types[102]), ("<unused0>", CONTROL));
         // A vocabulary token keeps its ▁; the unknown token, an added special token here, stays control.
-        assert!(tokens[..99].iter().any(|t| t.starts_with('\u{2581}')));
+        assert!(tokens[..101].iter().any(|t| t.starts_with('\u{2581}')));
         assert_eq!((tokens[3].as_str(), types[3]), ("<unk>", CONTROL));
         assert_eq!(md["tokenizer.ggml.unknown_token_id"], MetaValue::U32(3));
         // Only in the vocabulary, it is typed unknown.
