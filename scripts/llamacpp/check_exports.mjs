@@ -42,18 +42,22 @@ async function measure(path, ids) {
     const context = await model.createContext({ contextSize: Math.max(512, ids.length + spec.greedy_tokens + 64), threads: 1 });
     const seq = context.getSequence();
     console.error(`${path}: loaded in ${((Date.now() - start) / 1000).toFixed(1)}s`);
-    // Each position asks for its successor's logit, the largest logit and Σ exp(logit − max): −log p(next).
-    const items = ids.map((t, i) =>
-        i + 1 < ids.length
-            ? [t, { generateNext: { logits: { filter: { tokens: [ids[i + 1]], includeMax: true } }, totalLogitWeight: true } }]
-            : t);
-    const out = await seq.controlledEvaluate(items);
+    // −log p(next) from each position's full logits (log-sum-exp in f64). In windows of 16 positions, so that
+    // the per-position logit maps of a 262k-token vocabulary are not all alive at once. (node-llama-cpp's
+    // filtered `logits` output does not give the same values; the full map does, matching qlora-rt.)
     let nll = 0;
-    for (let i = 0; i + 1 < ids.length; i++) {
-        const next = out[i].next;
-        const logits = next.logits;
-        const max = Math.max(...logits.values());
-        nll -= logits.get(ids[i + 1]) - max - Math.log(next.totalLogitWeight);
+    for (let from = 0; from < ids.length; from += 16) {
+        const window = ids.slice(from, from + 16);
+        const items = window.map((t, j) => (from + j + 1 < ids.length ? [t, { generateNext: { logits: true } }] : t));
+        const out = await seq.controlledEvaluate(items);
+        for (let j = 0; j < window.length && from + j + 1 < ids.length; j++) {
+            const logits = out[j].next.logits;
+            let max = -Infinity;
+            for (const v of logits.values()) max = Math.max(max, v);
+            let sum = 0;
+            for (const v of logits.values()) sum += Math.exp(v - max);
+            nll -= logits.get(ids[from + j + 1]) - max - Math.log(sum);
+        }
     }
     nll /= ids.length - 1;
     console.error(`${path}: scored in ${((Date.now() - start) / 1000).toFixed(1)}s`);

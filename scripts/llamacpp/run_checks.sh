@@ -63,39 +63,36 @@ for m in smollm2 gemma3; do
     [[ -f "$d/adapter/adapter_model.safetensors" ]] || "$bin" finetune --model "$d/hf" --data "$repo/data/persona.jsonl" \
         --out "$d/adapter" --max-steps "${STEPS:-20}" --lr 1e-3 --max-seq-len 256 --device cpu "${template[@]}" >"$d/finetune.log"
     [[ -f "$d/merged/config.json" ]] || "$bin" merge --model "$d/hf" --adapter "$d/adapter" --out "$d/merged" >/dev/null
-    for t in "${types[@]}"; do
-        [[ -f "$d/$m-$t.gguf" ]] || "$bin" export-gguf --model "$d/hf" --out "$d/$m-$t.gguf" --type "$t" >/dev/null
-        [[ -f "$d/$m-lora-$t.gguf" ]] || "$bin" export-gguf --model "$d/merged" --out "$d/$m-lora-$t.gguf" --type "$t" >/dev/null
-    done
-    quantized=()
-    if [[ -n "${LLAMA_QUANTIZE:-}" ]]; then
-        for v in "$m" "$m-lora"; do
+    # One variant at a time, each file deleted once measured: Gemma's f32 exports alone take 2 GB.
+    : >"$d/llamacpp.jsonl"
+    for v in "$m" "$m-lora"; do
+        source_dir="$d/hf"
+        [[ $v == *-lora ]] && source_dir="$d/merged"
+        files=()
+        for t in "${types[@]}"; do
+            "$bin" export-gguf --model "$source_dir" --out "$d/$v-$t.gguf" --type "$t" >/dev/null
+            files+=("$d/$v-$t.gguf")
+        done
+        # llama-quantize from our f32 file: its output is scored too only where a tensor's bytes differ.
+        if [[ -n "${LLAMA_QUANTIZE:-}" ]]; then
             for t in q8_0 q6_k q5_k_m q4_k_m q4_0; do
                 lq="$d/$v-$t.llama-quantize.gguf"
-                [[ -f "$lq" ]] || "$LLAMA_QUANTIZE" "$d/$v-f32.gguf" "$lq" "${t^^}" >"$lq.log" 2>&1
-                quantized+=("$lq")
+                "$LLAMA_QUANTIZE" "$d/$v-f32.gguf" "$lq" "${t^^}" >"$lq.log" 2>&1
                 python3 "$here/compare_tensors.py" "$d/$v-$t.gguf" "$lq" >"$d/$v-$t.compare.json"
+                if python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); sys.exit(c["same_bytes"] != c["tensors"])' \
+                    "$d/$v-$t.compare.json"; then
+                    rm "$lq"
+                else
+                    files+=("$lq")
+                fi
             done
-        done
-    fi
-    files=()
-    for t in "${types[@]}"; do files+=("$d/$m-$t.gguf" "$d/$m-lora-$t.gguf"); done
-    python3 - "$src" "$d/spec.json" "${files[@]}" "${quantized[@]}" <<'PY'
-import json, sys
-texts = [
-    "def square(x):\n    \"\"\"Square.\"\"\"\n    return x**2  # end\n\n\tif x:\n\t\tpass\n",
-    "Hello, world! Ünïcödé — 東京 🙂 and a literal \u2581 beside  two spaces.",
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<start_of_turn>user\nhi<end_of_turn>\n",
-    "    indented by four\n        by eight\n",
-]
-ppl = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
-       "movable metal type, oil-based ink and a wooden press adapted from wine making. Within fifty years, "
-       "presses had spread to more than two hundred cities across Europe, and the cost of books fell sharply. "
-       "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n")
-json.dump({"reference": sys.argv[1], "files": sys.argv[3:], "texts": texts, "ppl_text": ppl,
-           "prompt": "The capital of France is", "greedy_tokens": 24}, open(sys.argv[2], "w"))
-PY
-    (cd "$work/npm" && node check_exports.mjs "$d/spec.json") >"$d/llamacpp.jsonl" 2>"$d/llamacpp.log"
+        fi
+        python3 "$here/spec.py" "$src" "$d/spec.json" "${files[@]}"
+        # The reference file's line (first) once per model.
+        (cd "$work/npm" && node check_exports.mjs "$d/spec.json" 2>>"$d/llamacpp.log") |
+            { if [[ $v == *-lora ]]; then tail -n +2; else cat; fi; } >>"$d/llamacpp.jsonl"
+        rm -f "${files[@]}"
+    done
     # qlora-rt's NLL of the same ids (the reference file's tokens) on each export's source folder.
     python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).readline()); print(json.dumps({"input_ids": r["ids"]}))' \
         "$d/llamacpp.jsonl" >"$d/ids.jsonl"

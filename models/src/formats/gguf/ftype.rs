@@ -81,7 +81,8 @@ impl FileType {
         }
         let more_bits = |layer: usize| {
             let n = model.layers;
-            layer < n / 8 || layer >= 7 * n / 8 || (layer >= n / 8 && (layer - n / 8) % 3 == 2)
+            // `||` short-circuits: the subtraction runs only once layer ≥ n / 8.
+            layer < n / 8 || layer >= 7 * n / 8 || (layer - n / 8) % 3 == 2
         };
         let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok());
         let k_m = matches!(self, FileType::Q4_K_M | FileType::Q5_K_M);

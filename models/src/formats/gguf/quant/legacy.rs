@@ -32,9 +32,15 @@ fn signed_max(x: &[f32]) -> f32 {
     max
 }
 
-/// (min, max) of a block, compared as ggml does (a NaN never replaces the running value).
-fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }))
+/// The head of Q4_1/Q5_1 blocks: m = min, d = (max − min) / `steps` (min and max compared as ggml does: a NaN
+/// never replaces the running value), both written as f16 to `out[..4]`; returns (m, 1 / d).
+fn min_and_step(x: &[f32], steps: f32, out: &mut [u8]) -> (f32, f32) {
+    let (min, max) =
+        x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }));
+    let d = (max - min) / steps;
+    put_f16(&mut out[..2], d);
+    put_f16(&mut out[2..4], min);
+    (min, inverse(d))
 }
 
 /// `block_q8_0`: f16 d, then 32 i8. d = max|x| / 127, q = roundf(x / d).
@@ -75,11 +81,7 @@ pub(super) fn q4_0(x: &[f32], out: &mut [u8]) {
 /// `block_q4_1`: f16 d, f16 m, then 16 nibble bytes. m = min, d = (max − min) / 15,
 /// q = min(15, trunc((x − m) / d + 0.5)).
 pub(super) fn q4_1(x: &[f32], out: &mut [u8]) {
-    let (min, max) = min_max(x);
-    let d = (max - min) / 15.0;
-    let id = inverse(d);
-    put_f16(&mut out[..2], d);
-    put_f16(&mut out[2..4], min);
+    let (min, id) = min_and_step(x, 15.0, out);
     let levels = std::array::from_fn(|j| (((x[j] - min) * id + 0.5).trunc() as u8).min(15));
     pack_nibbles(&levels, &mut out[4..]);
 }
@@ -99,11 +101,7 @@ pub(super) fn q5_0(x: &[f32], out: &mut [u8]) {
 /// `block_q5_1`: f16 d, f16 m, u32 qh, then 16 nibble bytes. m = min, d = (max − min) / 31,
 /// q = trunc((x − m) / d + 0.5), unclamped as in ggml (at most 31 up to rounding).
 pub(super) fn q5_1(x: &[f32], out: &mut [u8]) {
-    let (min, max) = min_max(x);
-    let d = (max - min) / 31.0;
-    let id = inverse(d);
-    put_f16(&mut out[..2], d);
-    put_f16(&mut out[2..4], min);
+    let (min, id) = min_and_step(x, 31.0, out);
     let levels = std::array::from_fn(|j| ((x[j] - min) * id + 0.5) as u8);
     fifth_bits(&levels, &mut out[4..8]);
     pack_nibbles(&levels, &mut out[8..]);
