@@ -84,10 +84,7 @@ fn default_import_writes_exact_f32_and_the_folder_files() {
         ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"];
     assert_eq!(files, expected);
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!(
-        (config["model_type"].as_str(), config["torch_dtype"].as_str()),
-        (Some("gemma3_text"), Some("float32"))
-    );
+    assert_eq!((config["model_type"].as_str(), config["torch_dtype"].as_str()), (Some("gemma3_text"), Some("float32")));
     // Every value is the reference's (gguf-py's dequantization) to the bit: no rounding on the way.
     let (got, want) = (Checkpoint::open(&out).unwrap(), reference("tiny_gemma3"));
     for t in want.names() {

@@ -19,15 +19,8 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-const TYPES: [FileType; 7] = [
-    FileType::F16,
-    FileType::Q8_0,
-    FileType::Q4_0,
-    FileType::Q4_1,
-    FileType::Q4_K_M,
-    FileType::Q5_K_M,
-    FileType::Q6_K,
-];
+const TYPES: [FileType; 7] =
+    [FileType::F16, FileType::Q8_0, FileType::Q4_0, FileType::Q4_1, FileType::Q4_K_M, FileType::Q5_K_M, FileType::Q6_K];
 
 /// Largest error of one value after quantizing a block whose largest magnitude is `amax`: half a step, plus the
 /// f16 rounding of the scale and minimum. Q4_0's (Q5_0's) levels run from −8d (−16d) up with the block's extreme

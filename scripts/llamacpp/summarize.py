@@ -18,7 +18,8 @@ def main() -> None:
     work = Path(sys.argv[1])
     for m in ("smollm2", "gemma3"):
         d = work / m
-        rows = [json.loads(line) for line in (d / "llamacpp.jsonl").read_text().splitlines()]
+        # split("\n"), not splitlines(): JSON.stringify leaves U+2028 and friends unescaped in greedy text.
+        rows = [json.loads(line) for line in (d / "llamacpp.jsonl").read_text().split("\n") if line]
         ours = {"hf": json.loads((d / "eval-hf.json").read_text())["loss"],
                 "merged": json.loads((d / "eval-merged.json").read_text())["loss"]}
         generated = {v: (d / f"generate-{v}.txt").read_text().strip() for v in ("hf", "merged")}

@@ -183,11 +183,10 @@ pub fn export(dir: &Path, out: &Path, ft: FileType, fallback_name: &str) -> Resu
     let (mut metadata, rope_freqs) = model_metadata(&config, &dir.join("config.json"), &name, ft)?;
     metadata.extend(hf_vocab::metadata(dir, config.vocab_size)?);
     if ft.is_quantized() {
-        // llama-quantize rewrites these two keys at the end; following it makes our files equal to its output
-        // byte for byte, not only tensor for tensor.
-        let (tail, rest): (Metadata, Metadata) = metadata
-            .into_iter()
-            .partition(|(k, _)| k == "general.quantization_version" || k == "general.file_type");
+        // llama-quantize rewrites these two keys at the end; following it makes our metadata its own, key for
+        // key in order (its tensors are ours byte for byte, only sorted by layer and name).
+        let (tail, rest): (Metadata, Metadata) =
+            metadata.into_iter().partition(|(k, _)| k == "general.quantization_version" || k == "general.file_type");
         metadata = rest;
         metadata.extend(tail.into_iter().rev());
     }
