@@ -73,7 +73,7 @@ pub struct ExportGgufArgs {
     /// sensitive attn_v/ffn_down layers higher; a matrix whose rows are not whole blocks falls back to a 32-value
     /// type, or f16) and quantize as it does without an importance matrix; norms are f32. With a merged adapter
     /// use q8_0, q6_k or q5_k_m: a fine-tune's changes are small against the weights, and the 4-bit types lose
-    /// much of them (README: GGUF export).
+    /// much of them (measured in models/src/formats/gguf/RESULTS.md).
     #[arg(long = "type", value_enum, value_name = "TYPE")]
     ty: ExportType,
     /// With --adapter: which base weights the adapter is added to (see `qlora-rt merge --from`).
