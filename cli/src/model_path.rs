@@ -186,21 +186,22 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The cache folder of GGUF file `gguf`: `<cache>/gguf/<file stem>-<size>-<hash of mtime>`, so that a file
-/// replaced in place (new size or mtime) is imported again.
+/// The cache folder of GGUF file `gguf`: `<cache>/gguf/<file stem>-<size>-<hash of mtime>-f32`, so that a file
+/// replaced in place (new size or mtime) is imported again (`-f32`: imports made before they were lossless, in
+/// bf16, are not reused).
 pub fn gguf_cache_dir(gguf: &Path) -> Result<PathBuf> {
     let meta = std::fs::metadata(gguf).with_context(|| format!("--model {}", gguf.display()))?;
     ensure!(meta.is_file(), "--model {}: a .gguf path must be a file", gguf.display());
     let mtime =
         meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let stem = gguf.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    let key = format!("{stem}-{}-{:016x}", meta.len(), fnv1a(&mtime.to_le_bytes()));
+    let key = format!("{stem}-{}-{:016x}-f32", meta.len(), fnv1a(&mtime.to_le_bytes()));
     Ok(cache_root()?.join("gguf").join(key))
 }
 
 /// The Hugging Face model folder of `path`: `path` itself; for a Hub id `ORG/NAME` naming no local folder, its
 /// snapshot in the Hub cache (downloaded there first when missing); for a `.gguf` file its cache folder,
-/// importing it there first (bf16 weights, as `qlora-rt import` writes by default) when it is not cached yet.
+/// importing it there first (f32 weights, exact, as `qlora-rt import` writes by default) when it is not cached yet.
 pub fn resolve_model(path: &Path) -> Result<PathBuf> {
     if !is_gguf(path) {
         return match path.to_str() {
@@ -217,7 +218,7 @@ pub fn resolve_model(path: &Path) -> Result<PathBuf> {
     // A folder without config.json is not one of ours: never delete it, but never use it either.
     check_out(&dir).with_context(|| format!("cache folder for {}", path.display()))?;
     eprintln!("qlora-rt: importing {} into {} (once; later runs reuse it)", path.display(), dir.display());
-    match import_gguf(path, &dir, WeightDtype::Bf16) {
+    match import_gguf(path, &dir, WeightDtype::F32) {
         Ok(_) => Ok(dir),
         // Another process may have finished the same import first.
         Err(_) if dir.join("config.json").is_file() => Ok(dir),

@@ -44,7 +44,7 @@ fn every_type_exports_and_f16_reimports_with_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["llama", "gemma", "gemma2", "gemma3"] {
         let model = fixtures().join("models").join(name);
-        for ty in ["f16", "q8_0", "q4_0", "q4_1"] {
+        for ty in ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q4_1"] {
             let out = dir.path().join(format!("{name}-{ty}.gguf"));
             let stdout = ok(export(&model, &out, ty, &[]));
             assert!(stdout.contains("wrote") && stdout.contains("GGUF v3"), "{stdout}");

@@ -74,7 +74,7 @@ fn imports_match_the_reference_tensors_load_and_tokenize() {
 }
 
 #[test]
-fn default_import_writes_bf16_matrices_f32_norms_and_the_folder_files() {
+fn default_import_writes_exact_f32_and_the_folder_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = import(dir.path(), "tiny_gemma3", &[]);
     let mut files: Vec<String> =
@@ -84,21 +84,25 @@ fn default_import_writes_bf16_matrices_f32_norms_and_the_folder_files() {
         ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"];
     assert_eq!(files, expected);
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!(
-        (config["model_type"].as_str(), config["torch_dtype"].as_str()),
-        (Some("gemma3_text"), Some("bfloat16"))
-    );
+    assert_eq!((config["model_type"].as_str(), config["torch_dtype"].as_str()), (Some("gemma3_text"), Some("float32")));
+    // Every value is the reference's (gguf-py's dequantization) to the bit: no rounding on the way.
     let (got, want) = (Checkpoint::open(&out).unwrap(), reference("tiny_gemma3"));
+    for t in want.names() {
+        assert_eq!(got.info(t).unwrap().0, "F32", "{t}");
+        assert_eq!(got.bytes(t).unwrap(), want.bytes(t).unwrap(), "{t}");
+    }
+    // --dtype bf16 rounds matrices to nearest even, as the runtime converts, and keeps norms f32.
+    let out = import(dir.path(), "tiny_llama", &["--dtype", "bf16"]);
+    let (got, want) = (Checkpoint::open(&out).unwrap(), reference("tiny_llama"));
     for t in want.names() {
         let (dtype, shape) = got.info(t).unwrap();
         assert_eq!(dtype, if shape.len() == 1 { "F32" } else { "BF16" }, "{t}");
-        // bf16 is the reference rounded to nearest even, as the runtime converts.
         let expect = want.load(t).unwrap().to_dtype(got.load(t).unwrap().dtype());
         assert_eq!(got.bytes(t).unwrap(), expect.to_bytes(), "{t}");
     }
-    // No staging folder is left beside the output.
+    // No staging folder is left beside the outputs.
     let siblings = std::fs::read_dir(dir.path()).unwrap().count();
-    assert_eq!(siblings, 1);
+    assert_eq!(siblings, 2);
 }
 
 #[test]

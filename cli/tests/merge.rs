@@ -160,6 +160,11 @@ fn gguf_models_are_imported_once_into_the_cache() {
     let name = folders[0].file_name().unwrap().to_string_lossy().into_owned();
     assert!(name.starts_with("tiny_llama-54016-"), "{name}");
     assert!(folders[0].join("config.json").is_file() && folders[0].join("model.safetensors").is_file());
+    // Imported losslessly: f32 weights, in a folder whose name says so (older bf16 imports are not reused).
+    assert!(name.ends_with("-f32"), "{name}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folders[0].join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "float32");
 
     // The second command reuses the import.
     let run = qlora_rt_cached(

@@ -1,12 +1,14 @@
 //! GGUF export round trips on the tiny Llama / Gemma / Gemma 2 / Gemma 3 checkpoints of tests/fixtures/models:
-//! each is written as F16, Q8_0, Q4_0 and Q4_1, read back with the GGUF reader and imported. The stored bytes
+//! each is written as every file type (F16, Q8_0, Q4_0, Q4_1, Q4_K_M, Q5_K_M, Q6_K), read back with the GGUF reader and imported. The stored bytes
 //! must be exactly our quantizer's output for the transformed weights, the imported values our dequantizer's
 //! reading of them (and within the type's error bound of the original), the config and tokenizer the original's.
-//! Also: the quantizers against gguf-py's bytes (tests/fixtures/gguf/quantize_ref.safetensors).
+//! Also: the quantizers against gguf-py's bytes (tests/fixtures/gguf/quantize_ref.safetensors) and ggml's own
+//! K-quant bytes (tests/fixtures/gguf/kquant_ref.safetensors).
 
 use qlora_models::formats::checkpoint::Checkpoint;
 use qlora_models::formats::gguf::export::export;
-use qlora_models::formats::gguf::quant::{quantize, type_for_row};
+use qlora_models::formats::gguf::ftype::{FileType, MixModel};
+use qlora_models::formats::gguf::quant::{quantize, QUANTIZABLE};
 use qlora_models::formats::gguf::{dequantize, GgmlType, GgufFile, HfImport, Hyper, MetaArray, MetaValue};
 use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::ModelConfig;
@@ -17,16 +19,23 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-const TYPES: [GgmlType; 4] = [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
+const TYPES: [FileType; 7] =
+    [FileType::F16, FileType::Q8_0, FileType::Q4_0, FileType::Q4_1, FileType::Q4_K_M, FileType::Q5_K_M, FileType::Q6_K];
 
 /// Largest error of one value after quantizing a block whose largest magnitude is `amax`: half a step, plus the
-/// f16 rounding of the scale and minimum. Q4_0's levels run from −8d to 7d with the block's extreme at −8d, so a
-/// value at the opposite extreme is clamped a whole step (amax / 8) away.
+/// f16 rounding of the scale and minimum. Q4_0's (Q5_0's) levels run from −8d (−16d) up with the block's extreme
+/// at the bottom, so a value at the opposite extreme is clamped a whole step away. K-quants quantize their group
+/// scales too: a step of the super-block's widest group.
 fn bound(ty: GgmlType, amax: f32) -> f32 {
     let max_err = match ty {
         GgmlType::Q8_0 => 0.5 / 127.0,
         GgmlType::Q4_0 => 1.0 / 8.0,
         GgmlType::Q4_1 => 1.0 / 15.0,
+        GgmlType::Q5_0 => 1.0 / 16.0,
+        GgmlType::Q5_1 => 1.0 / 31.0,
+        GgmlType::Q4_K => 2.0 / 15.0,
+        GgmlType::Q5_K => 2.0 / 31.0,
+        GgmlType::Q6_K => 2.0 / 63.0,
         _ => 0.0,
     };
     amax * (max_err + 2e-3) + 1e-7
@@ -38,9 +47,10 @@ fn check_model(name: &str) {
     let ck = Checkpoint::open(&dir).unwrap();
     let hp = Hyper::from_config(&original);
     let tmp = tempfile::tempdir().unwrap();
-    for ty in TYPES {
-        let out = tmp.path().join(format!("{name}-{}.gguf", ty.name()));
-        let summary = export(&dir, &out, ty, name).unwrap();
+    let mix = MixModel { layers: original.num_hidden_layers, tied: original.tie_word_embeddings, llama_70b: false };
+    for ft in TYPES {
+        let out = tmp.path().join(format!("{name}-{ft:?}.gguf"));
+        let summary = export(&dir, &out, ft, name).unwrap();
         let file = GgufFile::open(&out).unwrap();
         assert_eq!((file.version(), summary.tensors), (3, file.tensors().len()), "{name}");
         let import = HfImport::new(&file, "float32").unwrap();
@@ -52,14 +62,14 @@ fn check_model(name: &str) {
         for t in &plan {
             let info = file.tensor(&t.gguf).unwrap_or_else(|| panic!("{name}: {} missing", t.gguf));
             let w = ck.load(&t.hf).unwrap().to_dtype(DType::F32).to_vec::<f32>();
-            let want_ty = if t.shape.len() == 1 { GgmlType::F32 } else { type_for_row(ty, t.shape[1]) };
+            let want_ty = ft.tensor_type(&mix, &t.gguf, &t.shape);
             assert_eq!(info.ty, want_ty, "{name}: {}", t.gguf);
             let transformed = t.apply(w.clone());
             let stored = match want_ty {
                 GgmlType::F32 => transformed.iter().flat_map(|v| v.to_le_bytes()).collect(),
                 q => quantize(q, &transformed).unwrap(),
             };
-            assert_eq!(file.tensor_bytes(info), &stored[..], "{name} {}: {}", ty.name(), t.gguf);
+            assert_eq!(file.tensor_bytes(info), &stored[..], "{name} {ft:?}: {}", t.gguf);
 
             let back = import.tensors.iter().find(|h| h.source == t.gguf).unwrap();
             assert_eq!(back.name, t.hf, "{name}: {} imports under its own name", t.gguf);
@@ -79,7 +89,8 @@ fn check_model(name: &str) {
                 }
                 q => {
                     // Each stored block's values are within the bound of that block's originals.
-                    for (b, (d, x)) in deq.chunks(32).zip(transformed.chunks(32)).enumerate() {
+                    let n = q.block_size();
+                    for (b, (d, x)) in deq.chunks(n).zip(transformed.chunks(n)).enumerate() {
                         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                         for (dv, xv) in d.iter().zip(x) {
                             assert!((dv - xv).abs() <= bound(q, amax), "{name} {}: {} block {b}", q.name(), t.hf);
@@ -93,10 +104,10 @@ fn check_model(name: &str) {
 
         // Config: every field the runtime reads comes back.
         let back = ModelConfig::parse(&import.config.to_string(), Path::new("config.json")).unwrap();
-        assert_eq!(back, original, "{name} {}: config", ty.name());
+        assert_eq!(back, original, "{name} {ft:?}: config");
 
         // Tokenizer: the imported files encode and decode as the original.
-        let tok_dir = tmp.path().join(format!("{name}-{}-tok", ty.name()));
+        let tok_dir = tmp.path().join(format!("{name}-{ft:?}-tok"));
         std::fs::create_dir(&tok_dir).unwrap();
         std::fs::write(tok_dir.join("tokenizer.json"), import.tokenizer.to_string()).unwrap();
         std::fs::write(tok_dir.join("tokenizer_config.json"), import.tokenizer_config.to_string()).unwrap();
@@ -138,7 +149,7 @@ fn tiny_gemma3_round_trips() {
 fn metadata_keys_are_llama_cpps() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g3.gguf");
-    export(&fixtures().join("models/gemma3"), &out, GgmlType::Q8_0, "tiny").unwrap();
+    export(&fixtures().join("models/gemma3"), &out, FileType::Q8_0, "tiny").unwrap();
     let f = GgufFile::open(&out).unwrap();
     let md = f.metadata();
     let u = |k: &str| md[k].as_u64().unwrap_or_else(|| panic!("{k}"));
@@ -162,12 +173,29 @@ fn metadata_keys_are_llama_cpps() {
     // Offsets are aligned and the data section starts aligned.
     assert!(f.tensors().iter().all(|t| t.offset % 32 == 0));
     let out = tmp.path().join("llama.gguf");
-    export(&fixtures().join("models/llama"), &out, GgmlType::F16, "tiny").unwrap();
+    export(&fixtures().join("models/llama"), &out, FileType::F16, "tiny").unwrap();
     let f = GgufFile::open(&out).unwrap();
     let md = f.metadata();
     assert_eq!((md["llama.rope.dimension_count"].as_u64(), md["llama.vocab_size"].as_u64()), (Some(8), Some(101)));
     assert!(!md.contains_key("llama.attention.key_length"), "head_dim = hidden / heads is implied");
     assert!(f.tensor("output.weight").is_some(), "untied head");
+
+    // general.name comes from config.json's _name_or_path (as `import` writes it) when there is one.
+    let named = tmp.path().join("named");
+    std::fs::create_dir(&named).unwrap();
+    let src = fixtures().join("models/llama");
+    for file in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(file), named.join(file)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct".into();
+    std::fs::write(named.join("config.json"), config.to_string()).unwrap();
+    let out = tmp.path().join("named.gguf");
+    export(&named, &out, FileType::Q4_K_M, "folder").unwrap();
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(f.get_str("general.name").unwrap(), Some("SmolLM2-135M-Instruct"));
+    assert_eq!(f.metadata()["general.file_type"].as_u64(), Some(15));
 }
 
 /// gguf-py 0.19.0's numpy quantizers on rows of random values (scripts/reference/gguf_quantize_ref.py): our
@@ -185,6 +213,26 @@ fn quantizers_match_gguf_py_bit_for_bit() {
         let row_bytes = got.len() / shape[0];
         for (r, (g, w)) in got.chunks(row_bytes).zip(want.chunks(row_bytes)).enumerate() {
             assert_eq!(g, w, "{}: row {r} differs from gguf-py", ty.name());
+        }
+    }
+}
+
+/// ggml's own `quantize_row_<type>_ref` (what llama-quantize runs without an importance matrix) on rows of 256
+/// values (scripts/llamacpp/kquant_ref.py): our quantizer must produce the same bytes for every row and type.
+#[test]
+fn quantizers_match_ggml_bit_for_bit() {
+    let ck = Checkpoint::from_files(&[fixtures().join("gguf/kquant_ref.safetensors")]).unwrap();
+    let input = ck.load("input").unwrap();
+    let rows = input.shape()[0];
+    let input = input.to_vec::<f32>();
+    // Every block type we write (F32/F16 are conversions, held to the bit elsewhere).
+    for ty in QUANTIZABLE.into_iter().filter(|t| t.block_size() > 1) {
+        let want = ck.bytes(ty.name()).unwrap();
+        let got = quantize(ty, &input).unwrap();
+        assert_eq!(got.len(), want.len(), "{}", ty.name());
+        let row_bytes = got.len() / rows;
+        for (r, (g, w)) in got.chunks(row_bytes).zip(want.chunks(row_bytes)).enumerate() {
+            assert_eq!(g, w, "{}: row {r} differs from ggml", ty.name());
         }
     }
 }

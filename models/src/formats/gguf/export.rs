@@ -1,21 +1,24 @@
 //! A Hugging Face model folder (plain, or 4-bit as bitsandbytes saves it) → one GGUF v3 file that llama.cpp
 //! loads: the inverse of [`super::HfImport`]. Keys, tensor names and transforms are `convert_hf_to_gguf.py`'s
 //! (`LlamaModel`, `GemmaModel`, `Gemma2Model`, `Gemma3Model` and `TextModel.set_gguf_parameters`):
-//! - norms and other 1-D tensors F32, matrices (the token embedding included) in the requested type, F16 for
-//!   a matrix whose rows are not whole 32-value blocks; `output.weight` only when the embeddings are untied;
+//! - norms and other 1-D tensors F32, matrices in the types [`super::ftype`] chooses for the file type (for the
+//!   quantized ones llama-quantize's mix); `output.weight` only when the embeddings are untied;
 //! - Llama q/k rows permuted for llama.cpp's rope ([`super::mapping::permute_rows`]), Gemma norms stored
 //!   as w + 1, Llama 3 rope scaling as a `rope_freqs.weight` tensor of per-frequency divisors;
-//! - two keys llama.cpp's converter does not write, so that the file says everything the model needs:
+//! - `general.name` from config.json's `_name_or_path` (which `import` fills from the GGUF's `general.name`),
+//!   else the caller's name;
+//! - two keys llama.cpp's converter does not write (both are keys llama.cpp's loader knows), so that the file says everything the model needs:
 //!   Gemma 2/3's `attention.sliding_window_pattern` per layer (llama.cpp's loader may use its fixed pattern
 //!   instead, which every released Gemma follows) and `attention.scale` = query_pre_attn_scalar^−½ (llama.cpp
 //!   derives the scale from the head size, which equals it for every released Gemma but the 27B models, where
 //!   llama.cpp special-cases them).
 
 use super::dequant::GgmlType;
+use super::ftype::{FileType, MixModel};
 use super::hf_vocab;
 use super::mapping::{ExportTensor, Hyper};
 use super::metadata::{MetaArray, MetaValue};
-use super::quant::{quantize, type_for_row, QUANTIZABLE};
+use super::quant::quantize;
 use super::writer::{self, TensorEntry, ALIGNMENT};
 use crate::config::{Family, LayerKind, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
@@ -24,17 +27,6 @@ use crate::formats::checkpoint::Checkpoint;
 use qlora_runtime::DType;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-
-/// `general.file_type` (gguf-py's `LlamaFileType`) of a file whose matrices are `ty`.
-fn file_type(ty: GgmlType) -> u32 {
-    match ty {
-        GgmlType::F16 => 1,
-        GgmlType::Q4_0 => 2,
-        GgmlType::Q4_1 => 3,
-        GgmlType::Q8_0 => 7,
-        _ => 0,
-    }
-}
 
 /// llama.cpp's architecture name.
 pub fn arch_name(family: Family) -> &'static str {
@@ -71,7 +63,7 @@ fn llama3_rope_factors(theta: f64, head_dim: usize, factor: f64, low: f64, high:
 type Metadata = Vec<(String, MetaValue)>;
 
 /// The model metadata keys (everything but the tokenizer) and the rope_freqs tensor, if any.
-fn model_metadata(c: &ModelConfig, path: &Path, name: &str, ty: GgmlType) -> Result<(Metadata, Option<Vec<f32>>)> {
+fn model_metadata(c: &ModelConfig, path: &Path, name: &str, ft: FileType) -> Result<(Metadata, Option<Vec<f32>>)> {
     let arch = arch_name(c.family);
     let bad = |field: &str, msg: String| Error::config(path, field, msg);
     if c.attention_bias || c.mlp_bias {
@@ -85,7 +77,7 @@ fn model_metadata(c: &ModelConfig, path: &Path, name: &str, ty: GgmlType) -> Res
     put("general.architecture", MetaValue::Str(arch.into()));
     put("general.name", MetaValue::Str(name.into()));
     put("general.alignment", MetaValue::U32(ALIGNMENT as u32));
-    put("general.file_type", MetaValue::U32(file_type(ty)));
+    put("general.file_type", MetaValue::U32(ft.id()));
     put("general.quantization_version", MetaValue::U32(2));
     put(&key("context_length"), MetaValue::U32(u32_of("max_position_embeddings", c.max_position_embeddings)?));
     put(&key("embedding_length"), MetaValue::U32(u32_of("hidden_size", c.hidden_size)?));
@@ -172,21 +164,32 @@ fn load_f32(ck: &Checkpoint, t: &ExportTensor) -> Result<Vec<f32>> {
     Ok(ck.load_shaped(&t.hf, &t.shape)?.to_dtype(DType::F32).to_vec::<f32>())
 }
 
-/// Writes the model folder `dir` as the GGUF file `out` (atomically), matrices as `ty` (F16, Q8_0, Q4_0 or
-/// Q4_1); `name` becomes `general.name`.
-pub fn export(dir: &Path, out: &Path, ty: GgmlType, name: &str) -> Result<ExportSummary> {
-    if !QUANTIZABLE.contains(&ty) {
-        let names: Vec<&str> = QUANTIZABLE.iter().map(|t| t.name()).collect();
-        return Err(Error::config(
-            out,
-            "type",
-            format!("{} is not written (supported: {})", ty.name(), names.join(", ")),
-        ));
-    }
+/// The model's name: config.json's `_name_or_path` (its last component when it is a hub id or a path), else
+/// `fallback`.
+fn model_name(dir: &Path, fallback: &str) -> Result<String> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::json(&path, &e))?;
+    let name = config["_name_or_path"].as_str().map(|n| n.trim_end_matches('/').rsplit('/').next().unwrap_or(n));
+    Ok(name.filter(|n| !n.is_empty()).unwrap_or(fallback).to_string())
+}
+
+/// Writes the model folder `dir` as the GGUF file `out` (atomically) of file type `ft`; `fallback_name` becomes
+/// `general.name` when config.json names no model.
+pub fn export(dir: &Path, out: &Path, ft: FileType, fallback_name: &str) -> Result<ExportSummary> {
     let config = ModelConfig::load(dir)?;
     let hp = Hyper::from_config(&config);
-    let (mut metadata, rope_freqs) = model_metadata(&config, &dir.join("config.json"), name, ty)?;
+    let name = model_name(dir, fallback_name)?;
+    let (mut metadata, rope_freqs) = model_metadata(&config, &dir.join("config.json"), &name, ft)?;
     metadata.extend(hf_vocab::metadata(dir, config.vocab_size)?);
+    if ft.is_quantized() {
+        // llama-quantize rewrites these two keys at the end; following it makes our metadata its own, key for
+        // key in order (its tensors are ours byte for byte, only sorted by layer and name).
+        let (tail, rest): (Metadata, Metadata) =
+            metadata.into_iter().partition(|(k, _)| k == "general.quantization_version" || k == "general.file_type");
+        metadata = rest;
+        metadata.extend(tail.into_iter().rev());
+    }
     let ck = Checkpoint::open(dir)?;
 
     let plan = hp.export_plan();
@@ -195,11 +198,15 @@ pub fn export(dir: &Path, out: &Path, ty: GgmlType, name: &str) -> Result<Export
         entries.push(TensorEntry { name: "rope_freqs.weight".into(), dims: vec![f.len()], ty: GgmlType::F32 });
     }
     let first_planned = entries.len();
+    let mix = MixModel {
+        layers: config.num_hidden_layers,
+        tied: config.tie_word_embeddings,
+        llama_70b: config.family == Family::Llama
+            && config.num_hidden_layers == 80
+            && config.num_attention_heads != config.num_key_value_heads,
+    };
     for t in &plan {
-        let stored = match t.shape.as_slice() {
-            [_, cols] => type_for_row(ty, *cols),
-            _ => GgmlType::F32,
-        };
+        let stored = ft.tensor_type(&mix, &t.gguf, &t.shape);
         entries.push(TensorEntry { name: t.gguf.clone(), dims: t.shape.iter().rev().copied().collect(), ty: stored });
     }
 

@@ -10,9 +10,16 @@
 //!   tokens no merge makes score below every merge. (gguf-py's `LlamaHfVocab` writes −1000 for every token,
 //!   which loses the merge order.) `add_space_prefix` follows the pre-tokenizer's prepend scheme.
 //!
-//! Token types as llama.cpp's converter assigns them: special added tokens control (3), other added tokens
-//! user-defined (4), the unknown token 2, `<0xNN>` byte tokens 6 when the model falls back to bytes, ids the
-//! tokenizer lacks below the embedding size `[PAD{id}]` unused (5), the rest normal (1).
+//! Token types as llama.cpp's converter assigns them: special added tokens, and added tokens that look special
+//! (`does_token_look_special`: `<|…|>`, `<unused…>`, `<pad>`, `<mask>`, …), control (3), other added tokens
+//! user-defined (4), the unknown token 2 unless it is an added token (SmolLM2's and Gemma's are control),
+//! `<0xNN>` byte tokens 6 when the model falls back to bytes, ids the tokenizer lacks below the embedding size
+//! `[PAD{id}]` unused (5), the rest normal (1). The unknown token is `model.unk_token`, else
+//! tokenizer_config.json's `unk_token` (where gguf-py's `SpecialVocab` finds it).
+//!
+//! llama.cpp matches control and user-defined tokens against the raw text and prints them verbatim, so the
+//! converter writes them pre-normalized: in a SentencePiece-style vocabulary a user-defined token's `▁` becomes
+//! a space (Gemma's whitespace-run tokens 138–167), the inverse of what [`super::tokenizer`] does on import.
 
 use super::metadata::{MetaArray, MetaValue};
 use super::tokenizer::LLAMA3_SPLIT;
@@ -78,6 +85,27 @@ fn is_sentencepiece(tj: &Value) -> bool {
     metaspace(&tj["pre_tokenizer"]) || replaces_space(&tj["normalizer"])
 }
 
+/// The converter's `does_token_look_special`: added tokens some models fail to mark special.
+fn looks_special(t: &str) -> bool {
+    matches!(t, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<\u{ff5c}") && t.ends_with("\u{ff5c}>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
+/// The unknown token's text: `model.unk_token` of tokenizer.json, else `unk_token` of tokenizer_config.json
+/// (a string or an added-token object).
+fn unknown_token(dir: &Path, model: &Value) -> Result<Option<String>> {
+    if let Some(t) = model["unk_token"].as_str() {
+        return Ok(Some(t.to_string()));
+    }
+    let path = dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let config: Value = serde_json::from_str(&text).map_err(|e| Error::json(&path, &e))?;
+    let unk = &config["unk_token"];
+    Ok(unk.as_str().or_else(|| unk["content"].as_str()).map(str::to_string))
+}
+
 /// The `tokenizer.*` metadata of the model folder `dir`, for an embedding of `n_vocab` rows.
 pub fn metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(String, MetaValue)>> {
     let path = dir.join("tokenizer.json");
@@ -117,10 +145,11 @@ pub fn metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(String, MetaValue)>> 
         let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else {
             return Err(err(p, "added_tokens", format!("entry without an id and content: {a}")));
         };
-        place(id, content, if a["special"] == true { CONTROL } else { USER_DEFINED })?;
+        let control = a["special"] == true || looks_special(content);
+        place(id, content, if control { CONTROL } else { USER_DEFINED })?;
     }
-    let unk = model["unk_token"].as_str().and_then(|t| tok.token_to_id(t));
-    if let Some(u) = unk {
+    let unk = unknown_token(dir, model)?.and_then(|t| tok.token_to_id(&t));
+    if let Some(u) = unk.filter(|&u| types[u as usize] == NORMAL) {
         types[u as usize] = UNKNOWN;
     }
     let tokens: Vec<String> =
@@ -158,6 +187,11 @@ pub fn metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(String, MetaValue)>> 
         put("tokenizer.ggml.merges", MetaValue::Array(MetaArray::Str(merges)));
     } else if is_sentencepiece(&tj) {
         let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        let written: Vec<String> = tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, &ty)| if ty == USER_DEFINED { t.replace('\u{2581}', " ") } else { t.clone() })
+            .collect();
         let mut scores: Vec<f32> = (0..tokens.len()).map(|i| -((merges.len() + i) as f32)).collect();
         let mut made = vec![false; tokens.len()];
         for (rank, m) in merges.iter().enumerate() {
@@ -170,7 +204,7 @@ pub fn metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(String, MetaValue)>> 
         }
         put("tokenizer.ggml.model", MetaValue::Str("llama".into()));
         put("tokenizer.ggml.pre", MetaValue::Str("default".into()));
-        put("tokenizer.ggml.tokens", MetaValue::Array(MetaArray::Str(tokens)));
+        put("tokenizer.ggml.tokens", MetaValue::Array(MetaArray::Str(written)));
         put("tokenizer.ggml.scores", MetaValue::Array(MetaArray::F32(scores)));
         put("tokenizer.ggml.token_type", MetaValue::Array(MetaArray::I32(types)));
         put("tokenizer.ggml.add_space_prefix", MetaValue::Bool(space_prefix(&tj)));
@@ -205,4 +239,54 @@ pub fn metadata(dir: &Path, n_vocab: usize) -> Result<Vec<(String, MetaValue)>> 
         put("tokenizer.chat_template", MetaValue::Str(t.clone()));
     }
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The tiny Gemma 3 fixture's tokenizer (101 tokens) with added tokens `▁▁` (id 101, not special) and
+    /// `<unused0>` (id 102, not special, but looks it), and `<unk>` (id 3) no longer an added token when
+    /// `unk_added` is false; returns the metadata as a map.
+    fn vocab(unk_added: bool) -> HashMap<String, MetaValue> {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/gemma3");
+        let dir = tempfile::tempdir().unwrap();
+        let mut tj: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap()).unwrap();
+        let added = tj["added_tokens"].as_array_mut().unwrap();
+        if !unk_added {
+            added.retain(|a| a["content"] != "<unk>");
+        }
+        for (id, content) in [(101, "\u{2581}\u{2581}"), (102, "<unused0>")] {
+            added.push(json!({"id": id, "content": content, "special": false, "normalized": false,
+                              "single_word": false, "lstrip": false, "rstrip": false}));
+        }
+        let v = tj["model"]["vocab"].as_object_mut().unwrap();
+        v.insert("\u{2581}\u{2581}".into(), json!(101));
+        v.insert("<unused0>".into(), json!(102));
+        std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        std::fs::copy(fixture.join("tokenizer_config.json"), dir.path().join("tokenizer_config.json")).unwrap();
+        metadata(dir.path(), 103).unwrap().into_iter().collect()
+    }
+
+    #[test]
+    fn user_defined_spaces_are_pre_normalized_and_types_follow_the_converter() {
+        let md = vocab(true);
+        let (MetaValue::Array(MetaArray::Str(tokens)), MetaValue::Array(MetaArray::I32(types))) =
+            (&md["tokenizer.ggml.tokens"], &md["tokenizer.ggml.token_type"])
+        else {
+            panic!("tokens and types are arrays")
+        };
+        assert_eq!((tokens[101].as_str(), types[101]), ("  ", USER_DEFINED));
+        assert_eq!((tokens[102].as_str(), types[102]), ("<unused0>", CONTROL));
+        // A vocabulary token keeps its ▁; the unknown token, an added special token here, stays control.
+        assert!(tokens[..101].iter().any(|t| t.starts_with('\u{2581}')));
+        assert_eq!((tokens[3].as_str(), types[3]), ("<unk>", CONTROL));
+        assert_eq!(md["tokenizer.ggml.unknown_token_id"], MetaValue::U32(3));
+        // Only in the vocabulary, it is typed unknown.
+        let md = vocab(false);
+        let MetaValue::Array(MetaArray::I32(types)) = &md["tokenizer.ggml.token_type"] else { panic!("types") };
+        assert_eq!(types[3], UNKNOWN);
+    }
 }

@@ -448,6 +448,10 @@ pub fn config_json(file: &GgufFile, hp: &Hyper, torch_dtype: &str) -> Result<Val
     };
     c.insert("architectures".into(), json!([architecture]));
     c.insert("model_type".into(), json!(model_type));
+    // transformers' field for where the model came from; `export-gguf` writes it back as `general.name`.
+    if let Some(name) = file.get_str("general.name")? {
+        c.insert("_name_or_path".into(), json!(name));
+    }
     c.insert("vocab_size".into(), json!(hp.vocab));
     c.insert("hidden_size".into(), json!(hp.hidden));
     c.insert("intermediate_size".into(), json!(hp.intermediate));

@@ -8,6 +8,7 @@
 
 pub mod dequant;
 pub mod export;
+pub mod ftype;
 pub mod hf_vocab;
 pub mod mapping;
 pub mod metadata;
