@@ -351,3 +351,38 @@ fn cuda_without_a_gpu_is_one_clear_error() {
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(stderr(&run).contains("note: no usable CUDA GPU") && stderr(&run).contains("training on CPU"));
 }
+
+/// A memory budget that keeps some or every layer's activations instead of recomputing them trains the same bits,
+/// and the plan is printed.
+#[test]
+fn a_memory_budget_keeps_activations_with_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = good_data(dir.path());
+    let run = |name: &str, budget: Option<&str>| {
+        let out = dir.path().join(name);
+        let extra: Vec<&str> = budget.map_or_else(Vec::new, |b| vec!["--memory-budget", b]);
+        let done = qlora_rt(&[args(s(&data), s(&out), "6"), extra].concat());
+        assert!(done.status.success(), "{}", stderr(&done));
+        let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        (String::from_utf8_lossy(&done.stdout).into_owned(), adapter, losses(&out, "loss"))
+    };
+    let (plain_stdout, plain_adapter, plain_losses) = run("plain", None);
+    assert!(!plain_stdout.contains("memory plan"), "{plain_stdout}");
+    let (stdout, adapter, kept_losses) = run("kept", Some("1000"));
+    assert!(stdout.contains("memory plan: 2 of 2 layers keep their activations"), "{stdout}");
+    assert_eq!(kept_losses, plain_losses);
+    assert!(adapter == plain_adapter, "keeping activations changed the adapter");
+}
+
+/// A budget below the smallest plan is refused before training, in one line naming the budget and what to lower.
+#[test]
+fn a_memory_budget_too_small_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out) = (good_data(dir.path()), dir.path().join("out"));
+    let done = qlora_rt(&[args(s(&data), s(&out), "2"), vec!["--memory-budget", "0.000001"]].concat());
+    assert!(!done.status.success());
+    let err = error_line(&done);
+    assert!(err.contains("--memory-budget 0.00 GiB") && err.contains("lower --micro-batch"), "{err}");
+    let bad = qlora_rt(&[args(s(&data), s(&out), "2"), vec!["--memory-budget", "lots"]].concat());
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+}

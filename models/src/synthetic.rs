@@ -180,6 +180,7 @@ pub fn build(config: &ModelConfig, format: BaseFormat, dense: DType, seed: u64) 
         norm: norm("model.norm.weight".into(), h),
         lm_head,
         gradient_checkpointing: true,
+        keep_layers: 0,
     })
 }
 

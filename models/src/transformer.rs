@@ -226,6 +226,9 @@ pub struct CausalLm {
     pub lm_head: Option<Param>,
     /// Recompute each decoder layer in backward instead of keeping its activations (on by default).
     pub gradient_checkpointing: bool,
+    /// Under checkpointing, the last `keep_layers` decoder layers keep their activations and are not recomputed:
+    /// what a memory budget affords beyond the checkpoints (0 by default; the results are the same bits).
+    pub keep_layers: usize,
 }
 
 /// Everything a layer's forward reads besides its input, shared by all layers of one batch.
@@ -386,7 +389,15 @@ impl CausalLm {
             Some(weights.param("lm_head.weight", &[c.vocab_size, h])?)
         };
         let norm = weights.param("model.norm.weight", &[h])?;
-        Ok(CausalLm { config, embed_tokens, layers: Rc::new(layers), norm, lm_head, gradient_checkpointing: true })
+        Ok(CausalLm {
+            config,
+            embed_tokens,
+            layers: Rc::new(layers),
+            norm,
+            lm_head,
+            gradient_checkpointing: true,
+            keep_layers: 0,
+        })
     }
 
     /// This model on `device`, computing in `dtype` there: embeddings, norms, the head, biases and dense bases are
@@ -431,6 +442,7 @@ impl CausalLm {
             norm: frozen(&self.norm)?,
             lm_head: opt(&self.lm_head)?,
             gradient_checkpointing: self.gradient_checkpointing,
+            keep_layers: self.keep_layers,
         })
     }
 
@@ -502,10 +514,12 @@ impl CausalLm {
             // transformers rounds √hidden to the activation dtype first (f32 here).
             x = t.scale(&x, (c.hidden_size as f64).sqrt() as f32 as f64)?;
         }
+        let recomputed =
+            if self.gradient_checkpointing { self.layers.len().saturating_sub(self.keep_layers) } else { 0 };
         for i in 0..self.layers.len() {
             x = match cache.as_deref_mut() {
                 Some(cache) => layer_forward(t, c, i, &self.layers[i], &inputs, &x, Some(cache.layer_mut(i)))?,
-                None if self.gradient_checkpointing && t.is_recording() => {
+                None if i < recomputed && t.is_recording() => {
                     let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
                     t.checkpoint(&[&x], move |t, ins| {
                         Ok(vec![layer_forward(t, &cfg, i, &layers[i], &inputs, &ins[0], None)?])

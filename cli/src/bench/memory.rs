@@ -48,6 +48,8 @@ pub struct Setup<'a> {
     pub dora: bool,
     pub targets: &'a [&'a str],
     pub checkpointing: bool,
+    /// Under checkpointing, the last layers that keep their activations ([`plan`]).
+    pub keep_layers: usize,
 }
 
 /// Bytes, by what holds them.
@@ -97,17 +99,97 @@ pub fn estimate(s: &Setup) -> Estimate {
     // log-sum-exp, the MLP's gate, up and product (Gemma's sandwich norms add two more of the hidden size).
     let sandwich = if c.family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
     let layer = t * d * (4 * h + sandwich + 3 * qo + 3 * kvo + 3 * i) + t * c.num_attention_heads * 4;
-    let saved = if s.checkpointing { layers * t * h * d } else { layers * layer };
+    let recomputed = if s.checkpointing { layers.saturating_sub(s.keep_layers) } else { 0 };
+    let saved = recomputed * t * h * d + (layers - recomputed) * layer;
     // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
     // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
     // their gradients, about half as large again: fitted to the measured peaks above), on top of what stays saved.
     let softcap = usize::from(c.final_logit_softcapping.is_some());
     let chunk = chunk_rows(c.vocab_size).min(t);
     let head = (3 + softcap) * chunk * c.vocab_size * d + 2 * t * h * d;
-    let in_layer = if s.checkpointing { layer + layer / 2 } else { layer };
+    let in_layer = if recomputed > 0 { layer + layer / 2 } else { layer };
     let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
     let activations = saved + head.max(in_layer) + 2 * largest * d;
     Estimate { weights, adapters, activations }
+}
+
+/// `--memory-budget`: a size in GiB, or `auto`: what the device has free, less [`AUTO_MARGIN`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    Gib(f64),
+    Auto,
+}
+
+impl std::str::FromStr for Budget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Budget::Auto);
+        }
+        match s.parse::<f64>() {
+            Ok(g) if g.is_finite() && g > 0.0 => Ok(Budget::Gib(g)),
+            _ => Err(format!("expected a positive number of GiB or auto, got {s:?}")),
+        }
+    }
+}
+
+/// The share of free memory `auto` leaves alone (at least 1 GiB): what the estimate does not count (the CUDA
+/// context, cuBLASLt workspaces, the allocator's rounding, short-lived temporaries) and other processes' growth.
+pub const AUTO_MARGIN: f64 = 0.10;
+
+impl Budget {
+    /// The budget in bytes on `device`; None for `auto` where free memory is unknown.
+    pub fn bytes(self, device: Device) -> anyhow::Result<Option<usize>> {
+        Ok(match self {
+            Budget::Gib(g) => Some((g * GIB) as usize),
+            Budget::Auto => {
+                available(device)?.map(|free| free - ((free as f64 * AUTO_MARGIN) as usize).max(1 << 30).min(free))
+            }
+        })
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The plan a run takes under `budget` (none: every layer checkpointed as `Setup` says, nothing kept): the layers
+/// kept and the estimate; an error naming the budget, the smallest plan and what to change when nothing fits.
+pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::Result<(usize, Estimate)> {
+    let Some(budget) = budget else { return Ok((0, estimate(s))) };
+    let bytes = budget.bytes(s.device)?.ok_or_else(|| {
+        anyhow::anyhow!("--memory-budget auto: free memory on {} is unknown; give a size in GiB", s.device)
+    })?;
+    plan(s, bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "--memory-budget {:.2} GiB: even recomputing every layer needs about {:.2} GiB (weights {:.2}, adapters and \
+             optimizer {:.2}, activations {:.2}); {shrink}, or raise the budget",
+            bytes as f64 / GIB,
+            e.total() as f64 / GIB,
+            e.weights as f64 / GIB,
+            e.adapters as f64 / GIB,
+            e.activations as f64 / GIB,
+        )
+    })
+}
+
+/// The plan in one line, printed at the start of a run.
+pub fn describe_plan(keep: usize, layers: usize, e: &Estimate) -> String {
+    format!(
+        "memory plan: {keep} of {layers} layers keep their activations, {} recomputed in backward; about {:.2} GiB",
+        layers - keep,
+        e.total() as f64 / GIB
+    )
+}
+
+/// The fastest plan within `budget` bytes: under checkpointing, as many of the last layers as fit keep their
+/// activations (each one kept saves its recompute in backward). Returns the layers kept and the plan's estimate, or
+/// the estimate of the smallest plan (every layer recomputed) when even that does not fit.
+pub fn plan(s: &Setup, budget: usize) -> Result<(usize, Estimate), Estimate> {
+    let layers = if s.checkpointing { s.config.num_hidden_layers } else { 0 };
+    (0..=layers)
+        .rev()
+        .map(|keep| (keep, estimate(&Setup { keep_layers: keep, ..*s })))
+        .find(|(_, e)| e.total() <= budget)
+        .ok_or_else(|| estimate(&Setup { keep_layers: 0, ..*s }))
 }
 
 /// Bytes that `device` can still give: the driver's free memory on a GPU, the kernel's MemAvailable on the host
@@ -145,6 +227,7 @@ mod tests {
             dora: false,
             targets: &ALL,
             checkpointing: true,
+            keep_layers: 0,
         })
     }
 
@@ -171,5 +254,42 @@ mod tests {
             let got = gib(peer_setting(&shape_config(shape).unwrap()).total());
             assert!((got / measured - 1.0).abs() < 0.15, "{shape}: estimated {got:.2} GiB, measured {measured}");
         }
+    }
+
+    #[test]
+    fn a_budget_keeps_the_last_layers_that_fit() {
+        let c = shape_config("llama-3.2-1b").unwrap();
+        let setup = |keep_layers| Setup {
+            config: &c,
+            format: BaseFormat::Nf4 { blocksize: 64, double_quant: true },
+            device: Device::Cuda(0),
+            compute: DType::BF16,
+            tokens: 8192,
+            r: 16,
+            dora: false,
+            targets: &ALL,
+            checkpointing: true,
+            keep_layers,
+        };
+        let (all, none) = (estimate(&setup(c.num_hidden_layers)).total(), estimate(&setup(0)).total());
+        assert!(all > none, "keeping activations costs memory: {all} vs {none}");
+        // Room for the smallest plan and a few layers more: those few are kept, and the plan fits.
+        let per_layer = (all - none) / c.num_hidden_layers;
+        let (keep, e) = plan(&setup(0), none + 3 * per_layer + per_layer / 2).unwrap();
+        assert!((2..=4).contains(&keep), "kept {keep}");
+        assert!(e.total() <= none + 3 * per_layer + per_layer / 2);
+        assert_eq!(plan(&setup(0), all).unwrap().0, c.num_hidden_layers);
+        // Below the smallest plan: the error carries that plan's estimate.
+        assert_eq!(plan(&setup(0), none - 1).unwrap_err().total(), none);
+    }
+
+    #[test]
+    fn budgets_parse() {
+        assert_eq!("auto".parse::<Budget>(), Ok(Budget::Auto));
+        assert_eq!("7.5".parse::<Budget>(), Ok(Budget::Gib(7.5)));
+        for bad in ["0", "-1", "lots", "NaN"] {
+            assert!(bad.parse::<Budget>().is_err(), "{bad}");
+        }
+        assert_eq!(Budget::Gib(2.0).bytes(Device::Cpu).unwrap(), Some(2 << 30));
     }
 }

@@ -10,7 +10,7 @@
 //! `finetune::step`, the models from `qlora_models::synthetic`.
 
 mod kernels;
-mod memory;
+pub(crate) mod memory;
 mod stats;
 mod step;
 

@@ -61,6 +61,10 @@ pub struct StepArgs {
     /// Keep every activation.
     #[arg(long, overrides_with = "gradient_checkpointing")]
     no_gradient_checkpointing: bool,
+    /// GiB the step may hold, or auto (free device memory less 10 %, at least 1 GiB): under checkpointing, the last
+    /// layers that fit keep their activations instead of being recomputed (the plan is printed).
+    #[arg(long, value_name = "GiB|auto")]
+    memory_budget: Option<memory::Budget>,
     /// Clip the global gradient norm to this (0 disables clipping).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
@@ -229,7 +233,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let placement @ (device, dtype) =
         device::pick(training_device(args.adapter.dora, args.device)?, args.dtype.dtype(), "benchmarking")?;
     let format = args.adapter.quantize.base_format(args.adapter.double_quant(), DType::F32);
-    let estimate = memory::estimate(&Setup {
+    let setup = Setup {
         config: &config,
         format,
         device,
@@ -239,7 +243,9 @@ pub fn run(args: &StepArgs) -> Result<()> {
         dora: args.adapter.dora,
         targets: &targets,
         checkpointing: args.checkpointing(),
-    });
+        keep_layers: 0,
+    };
+    let (keep_layers, estimate) = memory::budget_plan(&setup, args.memory_budget, "lower --batch or --seq")?;
     let available = memory::available(device)?;
     let mut report = json!({
         "subject": subject.to_string(),
@@ -258,6 +264,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "quantize": args.adapter.quantize,
         "double_quant": args.adapter.double_quant(),
         "gradient_checkpointing": args.checkpointing(),
+        "keep_layers": keep_layers,
         "max_grad_norm": args.max_grad_norm,
         "linear_params": memory::linear_params(&config),
         "estimate_gib": gib(estimate.total()),
@@ -273,6 +280,10 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let dense = if device == Device::Cpu { DType::F32 } else { dtype };
     let mut model = subject.model(&config, format, dense, args.seed)?;
     model.gradient_checkpointing = args.checkpointing();
+    model.keep_layers = keep_layers;
+    if args.memory_budget.is_some() && !args.json {
+        println!("{}", memory::describe_plan(keep_layers, config.num_hidden_layers, &estimate));
+    }
     attach_adapters(&mut model, &targets, &args.adapter.lora_config(), args.seed)?;
     if device != Device::Cpu {
         model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
@@ -319,7 +330,12 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let phase = |i: usize| summarize(&timed.iter().map(|t| t.phases[i]).collect::<Vec<_>>()).median;
     let tokens = args.batch * args.seq * args.grad_accum;
     let tokens_per_s = tokens as f64 / (step_ms.median / 1e3);
-    let flops_per_token = if args.checkpointing() { 6.0 } else { 4.0 } * memory::linear_params(&config) as f64;
+    // 4N per token, plus 2N more for the layers recomputed in backward.
+    let layers = config.num_hidden_layers.max(1);
+    let recomputed = if args.checkpointing() { layers.saturating_sub(keep_layers) } else { 0 };
+    let flops_n = 4.0 + 2.0 * recomputed as f64 / layers as f64;
+    let flops_per_token = flops_n * memory::linear_params(&config) as f64;
+    report["flops_per_token_n"] = json!(flops_n);
     report["steps"] = json!(args.steps);
     report["warmup"] = json!(args.warmup);
     report["tokens_per_step"] = json!(tokens);
@@ -409,12 +425,7 @@ fn print_report(
     );
     println!(
         "step {:.1} ms (median; min {:.1}, max {:.1})   {} tokens/s   {} model TFLOP/s ({}N per token)",
-        step.median,
-        step.min,
-        step.max,
-        r["tokens_per_s"],
-        r["model_tflops"],
-        if args.checkpointing() { 6 } else { 4 },
+        step.median, step.min, step.max, r["tokens_per_s"], r["model_tflops"], r["flops_per_token_n"],
     );
     println!(
         "phases: forward {} ms, backward {} ms, optimizer {} ms (medians); {} host wait(s) per step",

@@ -189,6 +189,11 @@ pub struct FinetuneArgs {
     /// Keep every activation (faster, more memory).
     #[arg(long, overrides_with = "gradient_checkpointing")]
     no_gradient_checkpointing: bool,
+    /// GiB a training step may hold, or auto (free device memory less 10 %, at least 1 GiB): under checkpointing,
+    /// the last layers that fit keep their activations instead of being recomputed (faster; the same results). The
+    /// plan is printed at the start; a budget too small for any plan is an error saying what to lower.
+    #[arg(long, value_name = "GiB|auto")]
+    memory_budget: Option<crate::bench::memory::Budget>,
     /// GPUs to train on, one process each. More than one needs the NCCL backend, which is not built yet.
     #[arg(long, value_name = "N", default_value_t = 1)]
     gpus: usize,
@@ -540,6 +545,26 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
     let lead = group.is_none_or(|g| g.rank() == 0);
     let (mut model, mut optimizer, start) =
         load_model(args, &run.targets, run.resume_from.as_deref(), &run.trajectory, placement, lead)?;
+    if let Some(budget) = args.memory_budget {
+        let setup = crate::bench::memory::Setup {
+            config: &model.config,
+            format: args.adapter.quantize.base_format(args.adapter.double_quant(), DType::F32),
+            device: placement.0,
+            compute: placement.1,
+            tokens: args.batch_tokens.unwrap_or(args.micro_batch * run.max_seq_len),
+            r: args.adapter.r,
+            dora: args.adapter.dora,
+            targets: &run.targets,
+            checkpointing: args.gradient_checkpointing(),
+            keep_layers: 0,
+        };
+        let shrink = "lower --micro-batch, --batch-tokens or --max-seq-len";
+        let (keep, estimate) = crate::bench::memory::budget_plan(&setup, Some(budget), shrink)?;
+        model.keep_layers = keep;
+        if lead {
+            println!("{}", crate::bench::memory::describe_plan(keep, model.config.num_hidden_layers, &estimate));
+        }
+    }
     if lead {
         let n_params = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
         let rows = match args.batch_tokens {
