@@ -215,9 +215,10 @@ mod tests {
 
     const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
-    /// The peer benchmarks' setting: NF4 + double quant, bf16, 4 × 2048 tokens, r = 16 everywhere, checkpointing.
-    fn peer_setting(c: &ModelConfig) -> Estimate {
-        estimate(&Setup {
+    /// The peer benchmarks' setting: NF4 + double quant, bf16, 4 × 2048 tokens, r = 16 everywhere, checkpointing,
+    /// with the last `keep_layers` layers keeping their activations.
+    fn peer_setup(c: &ModelConfig, keep_layers: usize) -> Setup<'_> {
+        Setup {
             config: c,
             format: BaseFormat::Nf4 { blocksize: 64, double_quant: true },
             device: Device::Cuda(0),
@@ -227,8 +228,12 @@ mod tests {
             dora: false,
             targets: &ALL,
             checkpointing: true,
-            keep_layers: 0,
-        })
+            keep_layers,
+        }
+    }
+
+    fn peer_setting(c: &ModelConfig) -> Estimate {
+        estimate(&peer_setup(c, 0))
     }
 
     fn gib(b: usize) -> f64 {
@@ -259,18 +264,7 @@ mod tests {
     #[test]
     fn a_budget_keeps_the_last_layers_that_fit() {
         let c = shape_config("llama-3.2-1b").unwrap();
-        let setup = |keep_layers| Setup {
-            config: &c,
-            format: BaseFormat::Nf4 { blocksize: 64, double_quant: true },
-            device: Device::Cuda(0),
-            compute: DType::BF16,
-            tokens: 8192,
-            r: 16,
-            dora: false,
-            targets: &ALL,
-            checkpointing: true,
-            keep_layers,
-        };
+        let setup = |keep_layers| peer_setup(&c, keep_layers);
         let (all, none) = (estimate(&setup(c.num_hidden_layers)).total(), estimate(&setup(0)).total());
         assert!(all > none, "keeping activations costs memory: {all} vs {none}");
         // Room for the smallest plan and a few layers more: those few are kept, and the plan fits.
