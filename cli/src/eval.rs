@@ -1,4 +1,4 @@
-//! `qlora-rt eval`: the loss of a model, with a PEFT adapter on top or not, over a JSONL file of pre-tokenized
+//! `qlora-rt eval`: the loss of a model, with a PEFT adapter on top or not, over a dataset file of pre-tokenized
 //! or plain-text rows: the token-weighted mean negative log-likelihood over every predicted position of every
 //! row, and its perplexity; with several adapters (`--adapter NAME=DIR`, repeated), one result per adapter over
 //! the base loaded once. Also owns the model-loading flags (`--device`, `--dtype`, `--quantize`) that other
@@ -8,6 +8,7 @@ use crate::device::DeviceArg;
 use crate::named_adapters::{read_all, AdapterArg};
 use anyhow::{bail, Context, Result};
 use qlora_autograd::{Tape, Var};
+use qlora_models::data::files::{self, FileKind};
 use qlora_models::data::jsonl::{parse_record, Record};
 use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
@@ -102,8 +103,9 @@ pub struct EvalArgs {
     /// or NAME=DIR. Repeat it (each named) to evaluate several adapters over one base: one result per adapter.
     #[arg(long, value_name = "[NAME=]DIR")]
     adapter: Vec<AdapterArg>,
-    /// JSONL file, one row per line: {"input_ids": [...]} with optional "labels" (-100 = not scored; no BOS or
-    /// template added), or {"text": "..."} (tokenized, BOS as the tokenizer's config says).
+    /// JSONL file, one row per line (or a JSON array of rows, or Parquet): {"input_ids": [...]} with optional
+    /// "labels" (-100 = not scored; no BOS or template added), or {"text": "..."} (tokenized, BOS as the
+    /// tokenizer's config says).
     #[arg(long)]
     data: PathBuf,
     #[command(flatten)]
@@ -126,40 +128,64 @@ struct Row {
 /// What `--data` holds, validated against the vocabulary.
 struct Data {
     rows: Vec<Row>,
-    /// Non-blank lines read (rows that predict nothing are counted here but not kept).
+    /// Rows read: non-blank lines of JSONL (rows that predict nothing are counted here but not kept).
     lines: usize,
 }
 
-/// Reads the JSONL rows; errors name the file and line. The tokenizer is loaded only if a text row needs it.
+/// Reads the rows of a JSONL file, a JSON array or a Parquet file (as finetune reads them); errors name the file and
+/// the line (JSONL) or row. The tokenizer is loaded only if a text row needs it.
 fn read_data(path: &Path, model_dir: &Path, vocab: usize) -> Result<Data> {
+    let mut rows = RowReader { model_dir, vocab, tokenizer: None, data: Data { rows: Vec::new(), lines: 0 } };
+    if files::detect(path)? != FileKind::Jsonl {
+        let records = files::read_records(path, false)?;
+        for (i, record) in records.records.into_iter().enumerate() {
+            rows.add(record, &|| format!("{}: row {}", path.display(), i + 1))?;
+        }
+        return Ok(rows.data);
+    }
     let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let mut tokenizer: Option<Tokenizer> = None;
-    let mut data = Data { rows: Vec::new(), lines: 0 };
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let at = || format!("{}: line {}", path.display(), i + 1);
-        let unsupported = |kind: &str| {
-            format!("{}: eval reads {{\"text\": ...}} or {{\"input_ids\": [...]}} rows; this is {kind}", at())
-        };
         let line = line.with_context(at)?;
         if line.trim().is_empty() {
             continue;
         }
-        data.lines += 1;
         let value: serde_json::Value = serde_json::from_str(&line)
             .map_err(|e| anyhow::anyhow!("{}: invalid JSON at column {}: {e}", at(), e.column()))?;
         let record = parse_record(&value).map_err(|msg| anyhow::anyhow!("{}: {msg}", at()))?;
+        rows.add(record, &at)?;
+    }
+    Ok(rows.data)
+}
+
+/// Turns records into validated token rows.
+struct RowReader<'a> {
+    model_dir: &'a Path,
+    vocab: usize,
+    tokenizer: Option<Tokenizer>,
+    data: Data,
+}
+
+impl RowReader<'_> {
+    /// Adds one record read at `at` (the file and its line or row).
+    fn add(&mut self, record: Record, at: &dyn Fn() -> String) -> Result<()> {
+        let vocab = self.vocab;
+        let unsupported = |kind: &str| {
+            format!("{}: eval reads {{\"text\": ...}} or {{\"input_ids\": [...]}} rows; this is {kind}", at())
+        };
+        self.data.lines += 1;
         let (ids, labels) = match record {
             Record::Tokens { input_ids, labels } => {
                 let labels = labels.unwrap_or_else(|| input_ids.clone());
                 (input_ids, labels)
             }
             Record::Text(text) => {
-                if tokenizer.is_none() {
-                    let t = Tokenizer::load(model_dir)
+                if self.tokenizer.is_none() {
+                    let t = Tokenizer::load(self.model_dir)
                         .with_context(|| format!("{}: a text row needs the tokenizer", at()))?;
-                    tokenizer = Some(t);
+                    self.tokenizer = Some(t);
                 }
-                let t = tokenizer.as_ref().expect("loaded just above");
+                let t = self.tokenizer.as_ref().expect("loaded just above");
                 let ids: Vec<i32> = t.encode(&text, true).with_context(at)?.into_iter().map(|id| id as i32).collect();
                 (ids.clone(), ids)
             }
@@ -174,10 +200,10 @@ fn read_data(path: &Path, model_dir: &Path, vocab: usize) -> Result<Data> {
             bail!("{}: label {bad} is neither -100 nor a token id of the vocabulary (0..{vocab})", at());
         }
         if labels.iter().skip(1).any(|&l| l != IGNORE_INDEX) {
-            data.rows.push(Row { ids, labels });
+            self.data.rows.push(Row { ids, labels });
         }
+        Ok(())
     }
-    Ok(data)
 }
 
 /// Consecutive rows grouped into batches of at most `budget` tokens; a row longer than that is a batch alone.

@@ -131,6 +131,10 @@ fn rows_pack_mask_and_tokenize() {
     let by_text = eval_json(&write(dir.path(), "text.jsonl", &[serde_json::json!({ "text": text }).to_string()]), &[]);
     let by_ids = eval_json(&write(dir.path(), "tok.jsonl", &[ids_row(&tokenized)]), &[]);
     assert_eq!(by_text["loss"], by_ids["loss"]);
+    // The same rows as a JSON array (Alpaca-style dumps, `datasets`' to_json with lines=False): the same result.
+    let array = format!("[{}]", serde_json::json!({ "text": text }));
+    let by_array = eval_json(&write(dir.path(), "text.json", &[array]), &[]);
+    assert_eq!((&by_array["loss"], &by_array["tokens"]), (&by_text["loss"], &by_text["tokens"]));
     assert_eq!(by_text["tokens"].as_u64(), Some(tokenized.len() as u64 - 1));
 }
 
@@ -153,6 +157,11 @@ fn bad_input_is_one_line_naming_file_and_line() {
         let err = one_line_error(&["eval", "--model", m, "--data", data.to_str().unwrap(), "--device", "cpu"]);
         assert!(err.contains(&format!("{name}: {expected}")), "{err}");
     }
+    // A JSON array of rows names the row.
+    let array = format!("[{}, {}]", ids_row(&ids), ids_row(&[1, 101]));
+    let data = write(dir.path(), "rows.json", &[array]);
+    let err = one_line_error(&["eval", "--model", m, "--data", data.to_str().unwrap(), "--device", "cpu"]);
+    assert!(err.contains("rows.json: row 2: token id 101"), "{err}");
     let data = write(dir.path(), "ok.jsonl", &[ids_row(&ids)]);
     let d = data.to_str().unwrap();
     if !qlora_runtime::device_count().is_ok_and(|n| n > 0) {
