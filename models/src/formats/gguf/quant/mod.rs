@@ -1,5 +1,5 @@
 //! f32 → the ggml types `export-gguf` writes, the inverse of [`super::dequant`]: F32 and F16 as they are, the
-//! 32-value block types ([`legacy`]) and the K-quants ([`kquants`]), each block as ggml's reference quantizer
+//! 32-value block types (`legacy.rs`) and the K-quants (`kquants.rs`), each block as ggml's reference quantizer
 //! writes it, which is what llama-quantize runs without an importance matrix (and gguf-py's numpy quantizers
 //! for Q8_0/Q4_0/Q4_1). `scripts/reference/gguf_quantize_ref.py` records gguf-py's bytes and
 //! `scripts/llamacpp/kquant_ref.c` ggml's own for the tests that hold these to them.
