@@ -5,44 +5,31 @@
 //! the parameters it captures: randomness (dropout) must come from a seed it captured, never from shared state.
 
 use crate::tape::{Backward, SavedBytes, Tape, Var};
+use qlora_runtime::op::{backward_fn, bytes};
 use qlora_runtime::{Error, Result, Tensor};
-use std::rc::Rc;
 use std::sync::Arc;
 
-type ScopeFn = dyn Fn(&Tape, &[Var]) -> Result<Vec<Var>>;
-
-struct Checkpoint {
-    f: Rc<ScopeFn>,
-    inputs: Vec<Tensor>,
-    needs_grad: Vec<bool>,
-    saved: Arc<SavedBytes>,
-}
-
-impl Backward for Checkpoint {
-    fn name(&self) -> &'static str {
-        "checkpoint"
-    }
-
-    fn saved_bytes(&self) -> usize {
-        self.inputs.iter().map(Tensor::size_in_bytes).sum()
-    }
-
-    fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let tape = Tape::with_saved_bytes(self.saved.clone());
-        let vars: Vec<Var> = self
-            .inputs
+/// The scope's backward: recompute `f` on a fresh tape from the saved inputs, then backpropagate the output
+/// gradients through it. Tensors the recompute saves count against the outer tape's saved bytes while they live.
+fn recompute<F>(f: F, inputs: Vec<Tensor>, needs_grad: Vec<bool>, saved: Arc<SavedBytes>) -> Box<dyn Backward>
+where
+    F: Fn(&Tape, &[Var]) -> Result<Vec<Var>> + 'static,
+{
+    backward_fn("checkpoint", bytes(&inputs), move |grads| {
+        let tape = Tape::with_saved_bytes(saved);
+        let vars: Vec<Var> = inputs
             .into_iter()
-            .zip(&self.needs_grad)
+            .zip(&needs_grad)
             .map(|(t, &need)| if need { tape.input(t) } else { Var::constant(t) })
             .collect();
-        let outs = (self.f)(&tape, &vars)?;
+        let outs = f(&tape, &vars)?;
         if outs.len() != grads.len() {
             return Err(Error::invalid("checkpoint", "the scope returned a different number of outputs on recompute"));
         }
         let seeds: Vec<(&Var, Tensor)> = outs.iter().zip(grads).filter_map(|(o, g)| Some((o, g.clone()?))).collect();
         let mut reached = tape.backward_with(&seeds)?;
         Ok(vars.iter().map(|v| v.id().and_then(|id| reached.remove(&id))).collect())
-    }
+    })
 }
 
 impl Tape {
@@ -59,14 +46,14 @@ impl Tape {
         let constants: Vec<Var> = inputs.iter().map(|v| Var::constant(v.value().clone())).collect();
         let (outs, reaches_params) = self.watch_trainable(|| self.no_grad(|| f(self, &constants)));
         let outs = outs?;
-        let op = Checkpoint {
-            f: Rc::new(f),
-            inputs: inputs.iter().map(|v| v.value().clone()).collect(),
-            needs_grad: inputs.iter().map(|v| v.requires_grad()).collect(),
-            saved: self.saved_bytes().clone(),
-        };
+        let op = recompute(
+            f,
+            inputs.iter().map(|v| v.value().clone()).collect(),
+            inputs.iter().map(|v| v.requires_grad()).collect(),
+            self.saved_bytes().clone(),
+        );
         let values = outs.into_iter().map(|v| v.value().clone()).collect();
         let needed = reaches_params || inputs.iter().any(|v| v.requires_grad());
-        Ok(self.record_if(needed, Box::new(op), inputs, values))
+        Ok(self.record_if(needed, op, inputs, values))
     }
 }
