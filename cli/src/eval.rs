@@ -8,15 +8,14 @@ use crate::device::DeviceArg;
 use crate::named_adapters::{read_all, AdapterArg};
 use anyhow::{bail, Context, Result};
 use qlora_autograd::{Tape, Var};
-use qlora_models::data::files::{self, FileKind};
-use qlora_models::data::jsonl::{parse_record, Record};
+use qlora_models::data::files;
+use qlora_models::data::jsonl::Record;
 use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
 use qlora_runtime::nf4::DEFAULT_BLOCKSIZE;
 use qlora_runtime::ops::cross_entropy::IGNORE_INDEX;
 use qlora_runtime::{DType, Device};
-use std::io::{BufRead, BufReader};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -135,25 +134,10 @@ struct Data {
 /// Reads the rows of a JSONL file, a JSON array or a Parquet file (as finetune reads them); errors name the file and
 /// the line (JSONL) or row. The tokenizer is loaded only if a text row needs it.
 fn read_data(path: &Path, model_dir: &Path, vocab: usize) -> Result<Data> {
+    let read = files::read_records(path, false)?;
     let mut rows = RowReader { model_dir, vocab, tokenizer: None, data: Data { rows: Vec::new(), lines: 0 } };
-    if files::detect(path)? != FileKind::Jsonl {
-        let records = files::read_records(path, false)?;
-        for (i, record) in records.records.into_iter().enumerate() {
-            rows.add(record, &|| format!("{}: row {}", path.display(), i + 1))?;
-        }
-        return Ok(rows.data);
-    }
-    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let at = || format!("{}: line {}", path.display(), i + 1);
-        let line = line.with_context(at)?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| anyhow::anyhow!("{}: invalid JSON at column {}: {e}", at(), e.column()))?;
-        let record = parse_record(&value).map_err(|msg| anyhow::anyhow!("{}: {msg}", at()))?;
-        rows.add(record, &at)?;
+    for (record, at) in read.records.into_iter().zip(read.at) {
+        rows.add(record, &|| format!("{}: {at}", path.display()))?;
     }
     Ok(rows.data)
 }

@@ -2,7 +2,7 @@
 //! (Alpaca and ShareGPT dumps), or JSONL. Every row goes through [`parse_record`], so the column detection,
 //! the masking downstream and the per-row errors are the same whatever the file.
 
-use super::jsonl::{parse_record, read_jsonl, Records};
+use super::jsonl::{parse_record, read_jsonl, Records, RowAt};
 use super::parquet::read_parquet;
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -51,7 +51,7 @@ fn read_json_array(path: &Path, skip_bad_rows: bool) -> Result<Records> {
         serde_json::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| Error::json(path, &e))?;
     let mut out = Records::default();
     for (i, row) in rows.iter().enumerate() {
-        out.add(path, || format!("row {}", i + 1), parse_record(row), skip_bad_rows)?;
+        out.add(path, RowAt { unit: "row", n: i + 1 }, parse_record(row), skip_bad_rows)?;
     }
     Ok(out)
 }

@@ -36,10 +36,25 @@ pub enum Record {
     },
 }
 
+/// Where in its file a row was read: a JSONL line or a row of a JSON array or Parquet file, from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowAt {
+    pub unit: &'static str,
+    pub n: usize,
+}
+
+impl std::fmt::Display for RowAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.unit, self.n)
+    }
+}
+
 /// What reading a file produced.
 #[derive(Debug, Default)]
 pub struct Records {
     pub records: Vec<Record>,
+    /// Where each of `records` was read, for errors found later (an id outside the vocabulary).
+    pub at: Vec<RowAt>,
     /// Lines skipped as malformed (only with `skip_bad_lines`); the first few reasons are kept for the log.
     pub skipped: usize,
     pub skipped_reasons: Vec<String>,
@@ -164,19 +179,22 @@ impl Records {
     pub(crate) fn add(
         &mut self,
         path: &Path,
-        at: impl FnOnce() -> String,
+        at: RowAt,
         parsed: std::result::Result<Record, String>,
         skip_bad: bool,
     ) -> Result<()> {
         match parsed {
-            Ok(r) => self.records.push(r),
+            Ok(r) => {
+                self.records.push(r);
+                self.at.push(at);
+            }
             Err(msg) if skip_bad => {
                 self.skipped += 1;
                 if self.skipped_reasons.len() < 5 {
-                    self.skipped_reasons.push(format!("{}: {msg}", at()));
+                    self.skipped_reasons.push(format!("{at}: {msg}"));
                 }
             }
-            Err(msg) => return Err(Error::Config { path: path.into(), field: at(), msg }),
+            Err(msg) => return Err(Error::Config { path: path.into(), field: at.to_string(), msg }),
         }
         Ok(())
     }
@@ -196,7 +214,7 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<Records> {
         let parsed = serde_json::from_str::<Value>(&line)
             .map_err(|e| format!("invalid JSON at column {}: {e}", e.column()))
             .and_then(|v| parse_record(&v));
-        out.add(path, || format!("line {line_no}"), parsed, skip_bad_lines)?;
+        out.add(path, RowAt { unit: "line", n: line_no }, parsed, skip_bad_lines)?;
     }
     Ok(out)
 }

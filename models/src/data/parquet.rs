@@ -2,7 +2,7 @@
 //! arrow. Each row becomes the JSON object a JSONL line would hold (strings, integers, lists, structs), so
 //! [`parse_record`] detects its columns as it does a line's.
 
-use super::jsonl::{parse_record, Records};
+use super::jsonl::{parse_record, Records, RowAt};
 use crate::error::{Error, Result};
 use parquet::basic::Compression;
 use parquet::file::metadata::ParquetMetaData;
@@ -19,9 +19,9 @@ pub fn read_parquet(path: &Path, skip_bad_rows: bool) -> Result<Records> {
     check_codecs(path, reader.metadata())?;
     let mut out = Records::default();
     for (i, row) in reader.get_row_iter(None).map_err(|e| bad("Parquet schema", e))?.enumerate() {
-        let at = || format!("row {}", i + 1);
+        let at = RowAt { unit: "row", n: i + 1 };
         // A row that does not decode means a damaged file, not a bad record: never skipped.
-        let row = row.map_err(|e| bad(&at(), e))?;
+        let row = row.map_err(|e| bad(&at.to_string(), e))?;
         out.add(path, at, row_json(&row).and_then(|v| parse_record(&v)), skip_bad_rows)?;
     }
     Ok(out)
