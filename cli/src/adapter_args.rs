@@ -5,6 +5,8 @@ use crate::eval::Quantize;
 use crate::finetune::parse_targets;
 use anyhow::{ensure, Result};
 use qlora_autograd::{LoraConfig, LoraInit};
+use qlora_models::transformer::BaseFormat;
+use qlora_runtime::DType;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct AdapterArgs {
@@ -53,6 +55,11 @@ impl AdapterArgs {
     /// the other), neither means on; never for a dense base.
     pub fn double_quant(&self) -> bool {
         self.quantize == Quantize::Nf4 && (self.double_quant || !self.no_double_quant)
+    }
+
+    /// The base as training loads it: NF4 in blocks of 64 (scales double-quantized or not), or dense f32.
+    pub fn base_format(&self) -> BaseFormat {
+        self.quantize.base_format(self.double_quant(), DType::F32)
     }
 
     pub fn targets(&self) -> Result<Vec<&'static str>> {

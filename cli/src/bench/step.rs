@@ -232,7 +232,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     );
     let placement @ (device, dtype) =
         device::pick(training_device(args.adapter.dora, args.device)?, args.dtype.dtype(), "benchmarking")?;
-    let format = args.adapter.quantize.base_format(args.adapter.double_quant(), DType::F32);
+    let format = args.adapter.base_format();
     let setup = Setup {
         config: &config,
         format,

@@ -401,8 +401,7 @@ fn load_model(
     lead: bool,
 ) -> Result<(CausalLm, AdamW, checkpoint::TrainerState)> {
     // Dense in f32, the CPU compute precision: no per-step upcast of the frozen weights.
-    let mut model =
-        CausalLm::load(&args.model, args.adapter.quantize.base_format(args.adapter.double_quant(), DType::F32))?;
+    let mut model = CausalLm::load(&args.model, args.adapter.base_format())?;
     model.gradient_checkpointing = args.gradient_checkpointing();
     let resumed = match resume_from {
         Some(dir) => {
@@ -548,7 +547,7 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
     if let Some(budget) = args.memory_budget {
         let setup = crate::bench::memory::Setup {
             config: &model.config,
-            format: args.adapter.quantize.base_format(args.adapter.double_quant(), DType::F32),
+            format: args.adapter.base_format(),
             device: placement.0,
             compute: placement.1,
             tokens: args.batch_tokens.unwrap_or(args.micro_batch * run.max_seq_len),
