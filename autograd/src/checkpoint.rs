@@ -3,21 +3,60 @@
 //! The scope's closure runs twice: once without recording (forward), and again on a fresh tape inside
 //! backward, whose records are consumed immediately. So the closure must be a pure function of its inputs and
 //! the parameters it captures: randomness (dropout) must come from a seed it captured, never from shared state.
+//!
+//! A scope may keep its inputs in host memory instead ([`Tape::checkpoint_offloaded`]): a chain of scopes (the
+//! decoder layers) then holds almost nothing on the device between forward and backward, each scope's backward
+//! starting the copy back of the previous scope's inputs so that it runs under its own recompute.
 
 use crate::tape::{Backward, SavedBytes, Tape, Var};
+use qlora_runtime::offload::Offloaded;
 use qlora_runtime::op::{backward_fn, bytes};
 use qlora_runtime::{Error, Result, Tensor};
+use std::rc::Rc;
 use std::sync::Arc;
 
-/// The scope's backward: recompute `f` on a fresh tape from the saved inputs, then backpropagate the output
+/// Where a scope's inputs wait for its backward.
+enum Kept {
+    Device(Vec<Tensor>),
+    /// In host memory; `prefetch` are the previous scope's inputs, whose copy back this backward starts first.
+    Host {
+        inputs: Vec<Rc<Offloaded>>,
+        prefetch: Vec<Rc<Offloaded>>,
+    },
+}
+
+impl Kept {
+    /// Bytes held where the scope computes until backward.
+    fn device_bytes(&self) -> usize {
+        match self {
+            Kept::Device(inputs) => bytes(inputs),
+            Kept::Host { inputs, .. } => inputs.iter().map(|i| i.resident_bytes()).sum(),
+        }
+    }
+
+    fn take(self) -> Result<Vec<Tensor>> {
+        match self {
+            Kept::Device(inputs) => Ok(inputs),
+            Kept::Host { inputs, prefetch } => {
+                for p in &prefetch {
+                    p.prefetch()?;
+                }
+                inputs.iter().map(|i| i.restore()).collect()
+            }
+        }
+    }
+}
+
+/// The scope's backward: recompute `f` on a fresh tape from the kept inputs, then backpropagate the output
 /// gradients through it. Tensors the recompute saves count against the outer tape's saved bytes while they live.
-fn recompute<F>(f: F, inputs: Vec<Tensor>, needs_grad: Vec<bool>, saved: Arc<SavedBytes>) -> Box<dyn Backward>
+fn recompute<F>(f: F, kept: Kept, needs_grad: Vec<bool>, saved: Arc<SavedBytes>) -> Box<dyn Backward>
 where
     F: Fn(&Tape, &[Var]) -> Result<Vec<Var>> + 'static,
 {
-    backward_fn("checkpoint", bytes(&inputs), move |grads| {
+    backward_fn("checkpoint", kept.device_bytes(), move |grads| {
         let tape = Tape::with_saved_bytes(saved);
-        let vars: Vec<Var> = inputs
+        let vars: Vec<Var> = kept
+            .take()?
             .into_iter()
             .zip(&needs_grad)
             .map(|(t, &need)| if need { tape.input(t) } else { Var::constant(t) })
@@ -43,15 +82,45 @@ impl Tape {
             let vars: Vec<Var> = inputs.iter().map(|&v| v.clone()).collect();
             return f(self, &vars);
         }
+        self.scope(inputs, f, Kept::Device(inputs.iter().map(|v| v.value().clone()).collect()))
+    }
+
+    /// [`Tape::checkpoint`] with the inputs kept in host memory until backward (pinned, copied on a second stream:
+    /// `qlora_runtime::offload`): their copy out starts before the scope's forward and is fenced after it, so it
+    /// runs under that forward and the device copies can go as soon as nothing else holds them. `previous` are the
+    /// handles the previous scope of a chain returned: this scope's backward starts their copy back before its own
+    /// recompute. Returns the outputs and this scope's handles, for the next scope. Without recording it is
+    /// [`Tape::checkpoint`]'s plain call, and returns no handles.
+    pub fn checkpoint_offloaded<F>(
+        &self,
+        inputs: &[&Var],
+        previous: Vec<Rc<Offloaded>>,
+        f: F,
+    ) -> Result<(Vec<Var>, Vec<Rc<Offloaded>>)>
+    where
+        F: Fn(&Tape, &[Var]) -> Result<Vec<Var>> + 'static,
+    {
+        if !self.is_recording() {
+            return Ok((self.checkpoint(inputs, f)?, Vec::new()));
+        }
+        let handles: Vec<Rc<Offloaded>> =
+            inputs.iter().map(|v| Offloaded::new(v.value()).map(Rc::new)).collect::<Result<_>>()?;
+        let outs = self.scope(inputs, f, Kept::Host { inputs: handles.clone(), prefetch: previous })?;
+        for h in &handles {
+            h.release()?;
+        }
+        Ok((outs, handles))
+    }
+
+    /// Runs `f` without recording, then records one op whose backward recomputes it from the inputs as `kept`.
+    fn scope<F>(&self, inputs: &[&Var], f: F, kept: Kept) -> Result<Vec<Var>>
+    where
+        F: Fn(&Tape, &[Var]) -> Result<Vec<Var>> + 'static,
+    {
         let constants: Vec<Var> = inputs.iter().map(|v| Var::constant(v.value().clone())).collect();
         let (outs, reaches_params) = self.watch_trainable(|| self.no_grad(|| f(self, &constants)));
         let outs = outs?;
-        let op = recompute(
-            f,
-            inputs.iter().map(|v| v.value().clone()).collect(),
-            inputs.iter().map(|v| v.requires_grad()).collect(),
-            self.saved_bytes().clone(),
-        );
+        let op = recompute(f, kept, inputs.iter().map(|v| v.requires_grad()).collect(), self.saved_bytes().clone());
         let values = outs.into_iter().map(|v| v.value().clone()).collect();
         let needed = reaches_params || inputs.iter().any(|v| v.requires_grad());
         Ok(self.record_if(needed, op, inputs, values))

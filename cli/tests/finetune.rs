@@ -372,6 +372,12 @@ fn a_memory_budget_keeps_activations_with_the_same_bits() {
     assert!(stdout.contains("memory plan: 2 of 2 layers keep their activations"), "{stdout}");
     assert_eq!(kept_losses, plain_losses);
     assert!(adapter == plain_adapter, "keeping activations changed the adapter");
+    // The lean plan recomputes every layer; on the CPU nothing is offloaded (host memory is where it computes).
+    let (stdout, adapter, lean_losses) = run("lean", Some("lean"));
+    assert!(stdout.contains("memory plan: 0 of 2 layers keep their activations, 2 recomputed"), "{stdout}");
+    assert!(!stdout.contains("offloaded"), "{stdout}");
+    assert_eq!(lean_losses, plain_losses);
+    assert!(adapter == plain_adapter, "the lean plan changed the adapter");
 }
 
 /// A budget below the smallest plan is refused before training, in one line naming the budget and what to lower.

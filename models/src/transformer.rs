@@ -229,6 +229,10 @@ pub struct CausalLm {
     /// Under checkpointing, the last `keep_layers` decoder layers keep their activations and are not recomputed:
     /// what a memory budget affords beyond the checkpoints (0 by default; the results are the same bits).
     pub keep_layers: usize,
+    /// Under checkpointing, the recomputed layers' inputs wait for backward in pinned host memory instead of on the
+    /// GPU, each copied back one layer ahead (`Tape::checkpoint_offloaded`); off by default, the same bits either
+    /// way. On the CPU it changes nothing.
+    pub offload_checkpoints: bool,
 }
 
 /// Everything a layer's forward reads besides its input, shared by all layers of one batch.
@@ -397,6 +401,7 @@ impl CausalLm {
             lm_head,
             gradient_checkpointing: true,
             keep_layers: 0,
+            offload_checkpoints: false,
         })
     }
 
@@ -443,6 +448,7 @@ impl CausalLm {
             lm_head: opt(&self.lm_head)?,
             gradient_checkpointing: self.gradient_checkpointing,
             keep_layers: self.keep_layers,
+            offload_checkpoints: self.offload_checkpoints,
         })
     }
 
@@ -516,15 +522,24 @@ impl CausalLm {
         }
         let recomputed =
             if self.gradient_checkpointing { self.layers.len().saturating_sub(self.keep_layers) } else { 0 };
+        // The previous offloaded layer's input handles: each layer's backward brings them back ahead of use.
+        let mut parked = Vec::new();
         for i in 0..self.layers.len() {
             x = match cache.as_deref_mut() {
                 Some(cache) => layer_forward(t, c, i, &self.layers[i], &inputs, &x, Some(cache.layer_mut(i)))?,
                 None if i < recomputed && t.is_recording() => {
                     let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
-                    t.checkpoint(&[&x], move |t, ins| {
+                    let layer = move |t: &Tape, ins: &[Var]| {
                         Ok(vec![layer_forward(t, &cfg, i, &layers[i], &inputs, &ins[0], None)?])
-                    })?
-                    .remove(0)
+                    };
+                    let mut outs = if self.offload_checkpoints {
+                        let (outs, handles) = t.checkpoint_offloaded(&[&x], std::mem::take(&mut parked), layer)?;
+                        parked = handles;
+                        outs
+                    } else {
+                        t.checkpoint(&[&x], layer)?
+                    };
+                    outs.remove(0)
                 }
                 None => layer_forward(t, c, i, &self.layers[i], &inputs, &x, None)?,
             };

@@ -119,6 +119,18 @@ pub(crate) fn download(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Starts copying a whole CUDA tensor's elements to pinned host memory on the copy stream (`crate::offload`).
+pub(crate) fn copy_to_host(whole: &Tensor) -> Result<kc::HostCopy> {
+    let copy = match cuda_storage("offload", whole)? {
+        CudaStorage::F32(b) => b.copy_to_host(),
+        CudaStorage::BF16(b) => b.copy_to_host(),
+        CudaStorage::F16(b) => b.copy_to_host(),
+        CudaStorage::I32(b) => b.copy_to_host(),
+        CudaStorage::U8(b) => b.copy_to_host(),
+    };
+    copy.map_err(Error::cuda("offload"))
+}
+
 fn cuda_storage<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CudaStorage> {
     match t.storage() {
         Storage::Cuda(s) => Ok(s),

@@ -48,8 +48,24 @@ pub struct Setup<'a> {
     pub dora: bool,
     pub targets: &'a [&'a str],
     pub checkpointing: bool,
-    /// Under checkpointing, the last layers that keep their activations ([`plan`]).
+    /// What a memory budget chose ([`plan`]); [`Plan::default`] without one.
+    pub plan: Plan,
+}
+
+/// How a step holds its activations under checkpointing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The last layers that keep their activations instead of being recomputed.
     pub keep_layers: usize,
+    /// The recomputed layers' inputs wait in pinned host memory (a GPU only; see `CausalLm::offload_checkpoints`).
+    pub offload: bool,
+}
+
+impl Plan {
+    pub fn apply(self, model: &mut qlora_models::transformer::CausalLm) {
+        model.keep_layers = self.keep_layers;
+        model.offload_checkpoints = self.offload;
+    }
 }
 
 /// Bytes, by what holds them.
@@ -59,6 +75,8 @@ pub struct Estimate {
     /// Adapter values, gradients and optimizer moments.
     pub adapters: usize,
     pub activations: usize,
+    /// Pinned host memory for offloaded layer inputs (not part of [`Estimate::total`], which is the device's).
+    pub host: usize,
 }
 
 impl Estimate {
@@ -99,8 +117,13 @@ pub fn estimate(s: &Setup) -> Estimate {
     // log-sum-exp, the MLP's gate, up and product (Gemma's sandwich norms add two more of the hidden size).
     let sandwich = if c.family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
     let layer = t * d * (4 * h + sandwich + 3 * qo + 3 * kvo + 3 * i) + t * c.num_attention_heads * 4;
-    let recomputed = if s.checkpointing { layers.saturating_sub(s.keep_layers) } else { 0 };
-    let saved = recomputed * t * h * d + (layers - recomputed) * layer;
+    let recomputed = if s.checkpointing { layers.saturating_sub(s.plan.keep_layers) } else { 0 };
+    // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
+    // its backward: two at a time.
+    let offload = s.plan.offload && recomputed > 0 && s.device != Device::Cpu;
+    let inputs = if offload { recomputed.min(2) } else { recomputed };
+    let host = if offload { recomputed * t * h * d } else { 0 };
+    let saved = inputs * t * h * d + (layers - recomputed) * layer;
     // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
     // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
     // their gradients, about half as large again: fitted to the measured peaks above), on top of what stays saved.
@@ -110,25 +133,29 @@ pub fn estimate(s: &Setup) -> Estimate {
     let in_layer = if recomputed > 0 { layer + layer / 2 } else { layer };
     let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
     let activations = saved + head.max(in_layer) + 2 * largest * d;
-    Estimate { weights, adapters, activations }
+    Estimate { weights, adapters, activations, host }
 }
 
-/// `--memory-budget`: a size in GiB, or `auto`: what the device has free, less [`AUTO_MARGIN`].
+/// `--memory-budget`: a size in GiB; `auto`: what the device has free, less [`AUTO_MARGIN`]; `lean`: the plan that
+/// holds the least (every layer recomputed, their inputs offloaded to host memory on a GPU).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Budget {
     Gib(f64),
     Auto,
+    Lean,
 }
 
 impl std::str::FromStr for Budget {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "auto" {
-            return Ok(Budget::Auto);
+        match s {
+            "auto" => return Ok(Budget::Auto),
+            "lean" => return Ok(Budget::Lean),
+            _ => {}
         }
         match s.parse::<f64>() {
             Ok(g) if g.is_finite() && g > 0.0 => Ok(Budget::Gib(g)),
-            _ => Err(format!("expected a positive number of GiB or auto, got {s:?}")),
+            _ => Err(format!("expected a positive number of GiB, auto or lean, got {s:?}")),
         }
     }
 }
@@ -138,58 +165,98 @@ impl std::str::FromStr for Budget {
 pub const AUTO_MARGIN: f64 = 0.10;
 
 impl Budget {
-    /// The budget in bytes on `device`; None for `auto` where free memory is unknown.
+    /// The budget in bytes on `device`; None for `auto` where free memory is unknown, and for `lean`, which is a
+    /// plan rather than a size.
     pub fn bytes(self, device: Device) -> anyhow::Result<Option<usize>> {
         Ok(match self {
             Budget::Gib(g) => Some((g * GIB) as usize),
             Budget::Auto => {
                 available(device)?.map(|free| free - ((free as f64 * AUTO_MARGIN) as usize).max(1 << 30).min(free))
             }
+            Budget::Lean => None,
         })
     }
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The plan a run takes under `budget` (none: every layer checkpointed as `Setup` says, nothing kept): the layers
-/// kept and the estimate; an error naming the budget, the smallest plan and what to change when nothing fits.
-pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::Result<(usize, Estimate)> {
-    let Some(budget) = budget else { return Ok((0, estimate(s))) };
-    let bytes = budget.bytes(s.device)?.ok_or_else(|| {
-        anyhow::anyhow!("--memory-budget auto: free memory on {} is unknown; give a size in GiB", s.device)
-    })?;
-    plan(s, bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "--memory-budget {:.2} GiB: even recomputing every layer needs about {:.2} GiB (weights {:.2}, adapters and \
-             optimizer {:.2}, activations {:.2}); {shrink}, or raise the budget",
-            bytes as f64 / GIB,
-            e.total() as f64 / GIB,
-            e.weights as f64 / GIB,
-            e.adapters as f64 / GIB,
-            e.activations as f64 / GIB,
-        )
-    })
+/// The plan a run takes under `budget` (none: every layer checkpointed as `Setup` says, nothing kept or offloaded)
+/// and its estimate; an error naming the budget, the smallest plan and what to change when nothing fits, or when an
+/// offloading plan needs more host memory than is available.
+pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::Result<(Plan, Estimate)> {
+    let chosen = match budget {
+        None => Plan::default(),
+        Some(Budget::Lean) => lean(s),
+        Some(budget) => {
+            let bytes = budget.bytes(s.device)?.ok_or_else(|| {
+                anyhow::anyhow!("--memory-budget auto: free memory on {} is unknown; give a size in GiB", s.device)
+            })?;
+            plan(s, bytes)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                    "--memory-budget {:.2} GiB: even the leanest plan (every layer recomputed{}) needs about {:.2} \
+                     GiB (weights {:.2}, adapters and optimizer {:.2}, activations {:.2}); {shrink}, or raise the \
+                     budget",
+                    bytes as f64 / GIB,
+                    if s.device == Device::Cpu { "" } else { ", its input offloaded to host memory" },
+                    e.total() as f64 / GIB,
+                    e.weights as f64 / GIB,
+                    e.adapters as f64 / GIB,
+                    e.activations as f64 / GIB,
+                )
+                })?
+                .0
+        }
+    };
+    let e = estimate(&Setup { plan: chosen, ..*s });
+    if e.host > 0 {
+        if let Some(free) = available(Device::Cpu)?.filter(|&free| e.host > free) {
+            anyhow::bail!(
+                "memory plan: offloading the layer inputs needs {:.2} GiB of pinned host memory and {:.2} GiB is \
+                 available; {shrink}, or raise --memory-budget so that fewer layers are offloaded",
+                e.host as f64 / GIB,
+                free as f64 / GIB
+            );
+        }
+    }
+    Ok((chosen, e))
 }
 
 /// The plan in one line, printed at the start of a run.
-pub fn describe_plan(keep: usize, layers: usize, e: &Estimate) -> String {
+pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
+    let recomputed = layers - plan.keep_layers.min(layers);
+    let offloaded = if plan.offload && e.host > 0 {
+        format!(" (their inputs offloaded: {:.2} GiB of pinned host memory)", e.host as f64 / GIB)
+    } else {
+        String::new()
+    };
     format!(
-        "memory plan: {keep} of {layers} layers keep their activations, {} recomputed in backward; about {:.2} GiB",
-        layers - keep,
+        "memory plan: {} of {layers} layers keep their activations, {recomputed} recomputed in backward{offloaded}; \
+         about {:.2} GiB on the device",
+        plan.keep_layers.min(layers),
         e.total() as f64 / GIB
     )
 }
 
+/// The plan that holds the least: every layer recomputed, and on a GPU their inputs offloaded.
+fn lean(s: &Setup) -> Plan {
+    Plan { keep_layers: 0, offload: s.checkpointing && s.device != Device::Cpu }
+}
+
 /// The fastest plan within `budget` bytes: under checkpointing, as many of the last layers as fit keep their
-/// activations (each one kept saves its recompute in backward). Returns the layers kept and the plan's estimate, or
-/// the estimate of the smallest plan (every layer recomputed) when even that does not fit.
-pub fn plan(s: &Setup, budget: usize) -> Result<(usize, Estimate), Estimate> {
+/// activations (each one kept saves its recompute in backward); when even recomputing every layer does not fit, the
+/// recomputed layers' inputs are offloaded to host memory (a GPU only), again keeping as many layers as then fit.
+/// Offloading comes last because its copies, though overlapped with compute, share the step with it. Returns the
+/// plan and its estimate, or the estimate of the leanest plan when even that does not fit.
+pub fn plan(s: &Setup, budget: usize) -> Result<(Plan, Estimate), Estimate> {
     let layers = if s.checkpointing { s.config.num_hidden_layers } else { 0 };
-    (0..=layers)
-        .rev()
-        .map(|keep| (keep, estimate(&Setup { keep_layers: keep, ..*s })))
+    let offloads: &[bool] = if s.device == Device::Cpu || layers == 0 { &[false] } else { &[false, true] };
+    offloads
+        .iter()
+        .flat_map(|&offload| (0..=layers).rev().map(move |keep_layers| Plan { keep_layers, offload }))
+        .map(|plan| (plan, estimate(&Setup { plan, ..*s })))
         .find(|(_, e)| e.total() <= budget)
-        .ok_or_else(|| estimate(&Setup { keep_layers: 0, ..*s }))
+        .ok_or_else(|| estimate(&Setup { plan: lean(s), ..*s }))
 }
 
 /// Bytes that `device` can still give: the driver's free memory on a GPU, the kernel's MemAvailable on the host
@@ -218,6 +285,10 @@ mod tests {
     /// The peer benchmarks' setting: NF4 + double quant, bf16, 4 × 2048 tokens, r = 16 everywhere, checkpointing,
     /// with the last `keep_layers` layers keeping their activations.
     fn peer_setup(c: &ModelConfig, keep_layers: usize) -> Setup<'_> {
+        peer_plan(c, Plan { keep_layers, offload: false })
+    }
+
+    fn peer_plan(c: &ModelConfig, plan: Plan) -> Setup<'_> {
         Setup {
             config: c,
             format: BaseFormat::Nf4 { blocksize: 64, double_quant: true },
@@ -228,7 +299,7 @@ mod tests {
             dora: false,
             targets: &ALL,
             checkpointing: true,
-            keep_layers,
+            plan,
         }
     }
 
@@ -269,18 +340,39 @@ mod tests {
         assert!(all > none, "keeping activations costs memory: {all} vs {none}");
         // Room for the smallest plan and a few layers more: those few are kept, and the plan fits.
         let per_layer = (all - none) / c.num_hidden_layers;
-        let (keep, e) = plan(&setup(0), none + 3 * per_layer + per_layer / 2).unwrap();
-        assert!((2..=4).contains(&keep), "kept {keep}");
+        let (p, e) = plan(&setup(0), none + 3 * per_layer + per_layer / 2).unwrap();
+        assert!((2..=4).contains(&p.keep_layers) && !p.offload, "{p:?}");
         assert!(e.total() <= none + 3 * per_layer + per_layer / 2);
-        assert_eq!(plan(&setup(0), all).unwrap().0, c.num_hidden_layers);
-        // Below the smallest plan: the error carries that plan's estimate.
-        assert_eq!(plan(&setup(0), none - 1).unwrap_err().total(), none);
+        assert_eq!(plan(&setup(0), all).unwrap().0, Plan { keep_layers: c.num_hidden_layers, offload: false });
+        // Below recomputing everything: the layer inputs go to host memory, and that plan's estimate is the floor.
+        let (p, e) = plan(&setup(0), none - 1).unwrap();
+        assert_eq!(p, Plan { keep_layers: 0, offload: true });
+        let offloaded = 8192 * 2048 * 2 * (c.num_hidden_layers - 2);
+        assert_eq!(e.total(), none - offloaded, "all but two layer inputs leave the device");
+        assert_eq!(e.host, 8192 * 2048 * 2 * c.num_hidden_layers, "all of them wait in pinned memory");
+        assert_eq!(plan(&setup(0), e.total() - 1).unwrap_err().total(), e.total());
+        // The CPU never offloads (host memory is where it computes).
+        let cpu = Setup { device: Device::Cpu, ..setup(0) };
+        assert_eq!(plan(&cpu, estimate(&cpu).total() - 1).unwrap_err().host, 0);
+    }
+
+    #[test]
+    fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
+        let c = shape_config("llama-3.2-1b").unwrap();
+        let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
+        assert_eq!(p, Plan { keep_layers: 0, offload: true });
+        assert!(e.total() < peer_setting(&c).total());
+        let line = describe_plan(p, c.num_hidden_layers, &e);
+        assert!(line.contains("0 of 16 layers keep") && line.contains("inputs offloaded: 0.50 GiB"), "{line}");
+        let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
+        assert_eq!(budget_plan(&cpu, Some(Budget::Lean), "").unwrap().0, Plan::default());
     }
 
     #[test]
     fn budgets_parse() {
         assert_eq!("auto".parse::<Budget>(), Ok(Budget::Auto));
         assert_eq!("7.5".parse::<Budget>(), Ok(Budget::Gib(7.5)));
+        assert_eq!("lean".parse::<Budget>(), Ok(Budget::Lean));
         for bad in ["0", "-1", "lots", "NaN"] {
             assert!(bad.parse::<Budget>().is_err(), "{bad}");
         }

@@ -61,9 +61,10 @@ pub struct StepArgs {
     /// Keep every activation.
     #[arg(long, overrides_with = "gradient_checkpointing")]
     no_gradient_checkpointing: bool,
-    /// GiB the step may hold, or auto (free device memory less 10 %, at least 1 GiB): under checkpointing, the last
-    /// layers that fit keep their activations instead of being recomputed (the plan is printed).
-    #[arg(long, value_name = "GiB|auto")]
+    /// GiB the step may hold, auto (free device memory less 10 %, at least 1 GiB) or lean (the least memory): under
+    /// checkpointing, the last layers that fit keep their activations instead of being recomputed, and when even
+    /// recomputing all does not fit, their inputs wait in pinned host memory (a GPU only; the plan is printed).
+    #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<memory::Budget>,
     /// Clip the global gradient norm to this (0 disables clipping).
     #[arg(long, default_value_t = 1.0)]
@@ -243,9 +244,9 @@ pub fn run(args: &StepArgs) -> Result<()> {
         dora: args.adapter.dora,
         targets: &targets,
         checkpointing: args.checkpointing(),
-        keep_layers: 0,
+        plan: memory::Plan::default(),
     };
-    let (keep_layers, estimate) = memory::budget_plan(&setup, args.memory_budget, "lower --batch or --seq")?;
+    let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, "lower --batch or --seq")?;
     let available = memory::available(device)?;
     let mut report = json!({
         "subject": subject.to_string(),
@@ -264,7 +265,9 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "quantize": args.adapter.quantize,
         "double_quant": args.adapter.double_quant(),
         "gradient_checkpointing": args.checkpointing(),
-        "keep_layers": keep_layers,
+        "keep_layers": plan.keep_layers,
+        "offload": plan.offload,
+        "offload_host_gib": gib(estimate.host),
         "max_grad_norm": args.max_grad_norm,
         "linear_params": memory::linear_params(&config),
         "estimate_gib": gib(estimate.total()),
@@ -280,9 +283,9 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let dense = if device == Device::Cpu { DType::F32 } else { dtype };
     let mut model = subject.model(&config, format, dense, args.seed)?;
     model.gradient_checkpointing = args.checkpointing();
-    model.keep_layers = keep_layers;
+    plan.apply(&mut model);
     if args.memory_budget.is_some() && !args.json {
-        println!("{}", memory::describe_plan(keep_layers, config.num_hidden_layers, &estimate));
+        println!("{}", memory::describe_plan(plan, config.num_hidden_layers, &estimate));
     }
     attach_adapters(&mut model, &targets, &args.adapter.lora_config(), args.seed)?;
     if device != Device::Cpu {
@@ -332,7 +335,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let tokens_per_s = tokens as f64 / (step_ms.median / 1e3);
     // 4N per token, plus 2N more for the layers recomputed in backward.
     let layers = config.num_hidden_layers.max(1);
-    let recomputed = if args.checkpointing() { layers.saturating_sub(keep_layers) } else { 0 };
+    let recomputed = if args.checkpointing() { layers.saturating_sub(plan.keep_layers) } else { 0 };
     let flops_n = 4.0 + 2.0 * recomputed as f64 / layers as f64;
     let flops_per_token = flops_n * memory::linear_params(&config) as f64;
     report["flops_per_token_n"] = json!(flops_n);

@@ -189,10 +189,12 @@ pub struct FinetuneArgs {
     /// Keep every activation (faster, more memory).
     #[arg(long, overrides_with = "gradient_checkpointing")]
     no_gradient_checkpointing: bool,
-    /// GiB a training step may hold, or auto (free device memory less 10 %, at least 1 GiB): under checkpointing,
-    /// the last layers that fit keep their activations instead of being recomputed (faster; the same results). The
-    /// plan is printed at the start; a budget too small for any plan is an error saying what to lower.
-    #[arg(long, value_name = "GiB|auto")]
+    /// GiB a training step may hold, auto (free device memory less 10 %, at least 1 GiB) or lean (the least
+    /// memory): under checkpointing, the last layers that fit keep their activations instead of being recomputed
+    /// (faster), and when even recomputing every layer does not fit, the recomputed layers' inputs wait in pinned
+    /// host memory, copied back one layer ahead (a GPU only); the results are the same bits. The plan is printed at
+    /// the start; a budget too small for any plan is an error saying what to lower.
+    #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<crate::bench::memory::Budget>,
     /// GPUs to train on, one process each. More than one needs the NCCL backend, which is not built yet.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -555,13 +557,13 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
             dora: args.adapter.dora,
             targets: &run.targets,
             checkpointing: args.gradient_checkpointing(),
-            keep_layers: 0,
+            plan: crate::bench::memory::Plan::default(),
         };
         let shrink = "lower --micro-batch, --batch-tokens or --max-seq-len";
-        let (keep, estimate) = crate::bench::memory::budget_plan(&setup, Some(budget), shrink)?;
-        model.keep_layers = keep;
+        let (plan, estimate) = crate::bench::memory::budget_plan(&setup, Some(budget), shrink)?;
+        plan.apply(&mut model);
         if lead {
-            println!("{}", crate::bench::memory::describe_plan(keep, model.config.num_hidden_layers, &estimate));
+            println!("{}", crate::bench::memory::describe_plan(plan, model.config.num_hidden_layers, &estimate));
         }
     }
     if lead {

@@ -6,7 +6,8 @@
 //!   multiples of 2 MiB. A request is served by a cached block of exactly its class, else by a new driver allocation.
 //! - Stream-ordered reuse: a dropped buffer's block goes straight back to its class's free list. Every launch and
 //!   copy of a device goes on its one stream, so work queued for the block's next owner runs after all work queued
-//!   for the previous one; no event is needed. (A second stream needs per-stream free lists or events first.)
+//!   for the previous one; no event is needed. The copy stream of `offload` is the one other user of device blocks,
+//!   and it fences its copies with events on the compute stream (see there), so reuse stays compute-ordered.
 //! - Out of memory: the cache is returned to the driver (after the stream drains) and the allocation tried once more;
 //!   if it still fails, [`Error::OutOfMemory`] reports the request, the free and total memory and what this process
 //!   holds.

@@ -1,11 +1,12 @@
-//! [`CudaDevice`]: one GPU as this process uses it: its primary context, one stream, the kernel modules loaded on it
-//! and its caching allocator. Opened once per process per ordinal; clones share it.
+//! [`CudaDevice`]: one GPU as this process uses it: its primary context, its compute stream (and a copy stream for
+//! offloading, made on first use), the kernel modules loaded on it, its caching allocator and its pinned host pool. Opened once per process per ordinal; clones share it.
 
 use super::alloc::{Backing, CachingAllocator, MemoryStats};
 use super::buffer::{DeviceBuffer, DeviceCopy};
 use super::cache::load_or_compile;
 use super::compile::{self, Image, Target};
 use super::matmul::BlasLt;
+use super::offload::{new_copy_stream, PinnedPool, PinnedStats};
 use super::source::Module;
 use super::{library, Error, Result};
 use cudarc::driver::{result as driver, sys, CudaContext, CudaFunction, CudaStream, DriverError};
@@ -45,6 +46,9 @@ struct Inner {
     allocator: CachingAllocator<DriverMemory>,
     /// Made by the first GEMM (under `loading`, like the modules).
     blas: OnceLock<BlasLt>,
+    /// The second stream, for copies to and from pinned host memory (`offload`), made by the first one.
+    copies: OnceLock<Arc<CudaStream>>,
+    pinned: PinnedPool,
     /// Host waits for the stream so far (synchronize and every device-to-host read): the execution contract of a
     /// training step bounds them, and tests count them.
     syncs: std::sync::atomic::AtomicU64,
@@ -103,6 +107,8 @@ impl CudaDevice {
                 loading: Mutex::new(()),
                 allocator,
                 blas: OnceLock::new(),
+                copies: OnceLock::new(),
+                pinned: PinnedPool::default(),
                 syncs: std::sync::atomic::AtomicU64::new(0),
             }),
         })
@@ -166,9 +172,16 @@ impl CudaDevice {
         self.inner.allocator.stats()
     }
 
-    /// Returns the allocator's cached blocks to the driver (for other processes, or before measuring).
+    /// Pinned host memory held by offloaded buffers and cached for more.
+    pub fn pinned_stats(&self) -> PinnedStats {
+        self.inner.pinned.stats()
+    }
+
+    /// Returns the allocator's cached blocks, device and pinned host, to the driver (for other processes, or before
+    /// measuring).
     pub fn empty_cache(&self) -> Result<()> {
-        self.inner.allocator.empty_cache()
+        self.inner.allocator.empty_cache()?;
+        self.inner.pinned.release_cached(self, self.inner.copies.get().map(|s| s.as_ref()))
     }
 
     /// (free, total) bytes of device memory, as the driver sees it.
@@ -196,6 +209,23 @@ impl CudaDevice {
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    /// The copy stream, made on first use (under `loading`, like the modules).
+    pub(crate) fn copy_stream(&self) -> Result<&Arc<CudaStream>> {
+        if let Some(stream) = self.inner.copies.get() {
+            return Ok(stream);
+        }
+        let _guard = self.inner.loading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(stream) = self.inner.copies.get() {
+            return Ok(stream);
+        }
+        let stream = new_copy_stream(self)?;
+        Ok(self.inner.copies.get_or_init(|| stream))
+    }
+
+    pub(crate) fn pinned_pool(&self) -> &PinnedPool {
+        &self.inner.pinned
     }
 
     pub(crate) fn cu_stream(&self) -> sys::CUstream {

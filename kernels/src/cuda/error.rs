@@ -59,6 +59,14 @@ pub enum Error {
         reserved = Bytes(*.reserved), in_use = Bytes(*.in_use)
     )]
     OutOfMemory { ordinal: usize, requested: usize, free: usize, total: usize, reserved: usize, in_use: usize },
+
+    #[error(
+        "pinned host memory: {requested} more could not be locked ({pinned} already pinned for offloaded \
+         activations): {source}. Lower the micro-batch size or the sequence length, or give a larger --memory-budget \
+         so that fewer layers are offloaded",
+        requested = Bytes(*.requested), pinned = Bytes(*.pinned)
+    )]
+    HostOutOfMemory { requested: usize, pinned: usize, source: DriverError },
 }
 
 impl Error {

@@ -11,13 +11,15 @@
 //! - [`device`]: [`CudaDevice`], one per GPU per process: context, stream, loaded modules, allocator.
 //! - [`alloc`]: the caching allocator and its statistics.
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
+//! - [`offload`]: buffers parked in pinned host memory and brought back, on the copy stream.
 //! - [`timing`]: CUDA events on a device's stream, for benchmarks and profiling.
 //! - one module per op (`elementwise`, `rms_norm`, …): the launchers, each the twin of the CPU function of the same
 //!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_*.rs` (the
 //!   older ops in `kernels/tests/cuda_parity/<op>.rs`).
 //!
-//! Streams: each device has one stream and every launch and copy goes on it, so a buffer dropped by the host can be
-//! handed to the next allocation at once (work for the new owner is queued after all work of the old one).
+//! Streams: each device has one compute stream and every launch and copy goes on it, so a buffer dropped by the host
+//! can be handed to the next allocation at once (work for the new owner is queued after all work of the old one). The
+//! one exception is [`offload`]'s copy stream, whose copies are fenced by events on both sides (see there).
 
 pub mod alloc;
 pub mod buffer;
@@ -37,6 +39,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
 pub mod nf4;
+pub mod offload;
 pub mod reduce;
 pub mod rms_norm;
 pub mod rope;
@@ -47,6 +50,7 @@ pub use buffer::{DeviceBuffer, DeviceCopy};
 pub use device::{device_count, CudaDevice};
 pub use error::{Error, Result};
 pub use library::nvrtc_available;
+pub use offload::{Arrival, HostCopy, PinnedStats};
 
 use cudarc::driver::{CudaEvent, DriverError, LaunchConfig};
 use half::bf16;

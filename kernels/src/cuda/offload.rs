@@ -1,0 +1,234 @@
+//! Parking device buffers in pinned host memory and bringing them back, on a second stream so that the copies run
+//! under compute: what memory plans use to keep checkpointed layer inputs off the GPU between forward and backward.
+//!
+//! Ordering, since two streams now touch memory (the allocator's reuse is ordered on the compute stream only):
+//! - To the host ([`DeviceBuffer::copy_to_host`]): the copy stream waits for everything queued on the compute
+//!   stream so far (the values being produced), copies, and marks `done`. The source block may be reused only after
+//!   the copy has read it, so before the source is dropped [`HostCopy::fence`] makes the compute stream wait for
+//!   `done`: every later use of that block by the allocator's next owner is queued after the copy. Fencing one layer
+//!   later costs nothing when the copy took less than that layer's compute.
+//! - Back to the device ([`HostCopy::upload`]): a new block is taken (stream-ordered on compute, so its previous
+//!   owner's queued work may still run), the copy stream waits for the compute stream up to that point, copies, and
+//!   marks `done`; [`Arrival::ready`] makes the compute stream wait for that mark before the first use. Started one
+//!   layer ahead, the copy hides under the layer in between.
+//! - Pinned blocks are only ever read or written by the copy stream, so their reuse is ordered by that stream alone;
+//!   they go back to the driver only after it drains.
+//!
+//! Pinned memory is slow to obtain (`cuMemHostAlloc` maps and locks pages), so its blocks are cached by size class
+//! like device blocks.
+
+use super::alloc::size_class;
+use super::{CudaDevice, DeviceBuffer, DeviceCopy, Error, Result};
+use cudarc::driver::{result as driver, sys, CudaEvent, CudaStream};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Page-locked host blocks of one device's copies, by size class.
+#[derive(Default)]
+pub(crate) struct PinnedPool {
+    state: Mutex<PinnedState>,
+}
+
+#[derive(Default)]
+struct PinnedState {
+    /// Cached blocks (host addresses) per size class.
+    free: BTreeMap<usize, Vec<usize>>,
+    /// Bytes of pinned memory held by live copies and by the cache.
+    in_use: usize,
+    reserved: usize,
+}
+
+/// Bytes of pinned host memory a device's copies hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinnedStats {
+    /// Held by parked buffers.
+    pub in_use: usize,
+    /// Obtained from the driver: `in_use` plus the cache.
+    pub reserved: usize,
+}
+
+impl PinnedPool {
+    fn take(&self, device: &CudaDevice, bytes: usize) -> Result<PinnedBlock> {
+        let size = size_class(bytes);
+        let mut state = self.lock();
+        let addr = match state.free.get_mut(&size).and_then(Vec::pop) {
+            Some(addr) => addr,
+            None => {
+                device.bind()?;
+                // SAFETY: a plain page-locked allocation in the device's context; flags 0 (cacheable, not mapped):
+                // only DMA touches it, never a kernel.
+                let ptr = unsafe { driver::malloc_host(size, 0) }.map_err(|e| Error::HostOutOfMemory {
+                    requested: size,
+                    pinned: state.reserved,
+                    source: e,
+                })?;
+                state.reserved += size;
+                ptr as usize
+            }
+        };
+        state.in_use += size;
+        Ok(PinnedBlock { addr, size, device: device.clone() })
+    }
+
+    fn give_back(&self, addr: usize, size: usize) {
+        let mut state = self.lock();
+        state.in_use -= size;
+        state.free.entry(size).or_default().push(addr);
+    }
+
+    pub(crate) fn stats(&self) -> PinnedStats {
+        let state = self.lock();
+        PinnedStats { in_use: state.in_use, reserved: state.reserved }
+    }
+
+    /// Returns every cached block to the driver, once `copies` (the only stream that touches them) has drained.
+    pub(crate) fn release_cached(&self, device: &CudaDevice, copies: Option<&CudaStream>) -> Result<()> {
+        let mut state = self.lock();
+        if state.free.values().all(Vec::is_empty) {
+            return Ok(());
+        }
+        if let Some(stream) = copies {
+            stream.synchronize().map_err(Error::driver("cuStreamSynchronize"))?;
+        }
+        device.bind()?;
+        while let Some((size, mut addrs)) = state.free.pop_first() {
+            while let Some(addr) = addrs.pop() {
+                // SAFETY: `addr` came from malloc_host above, is freed once (it left the lists), and the copy stream
+                // that alone used it has drained.
+                if let Err(e) = unsafe { driver::free_host(addr as *mut std::ffi::c_void) } {
+                    addrs.push(addr);
+                    state.free.insert(size, addrs);
+                    return Err(Error::Driver { op: "cuMemFreeHost", source: e });
+                }
+                state.reserved -= size;
+            }
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PinnedState> {
+        // Each update is a push, a pop or an addition after the fallible calls: a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One pinned block, back in its device's pool when dropped.
+struct PinnedBlock {
+    addr: usize,
+    size: usize,
+    device: CudaDevice,
+}
+
+impl Drop for PinnedBlock {
+    fn drop(&mut self) {
+        self.device.pinned_pool().give_back(self.addr, self.size);
+    }
+}
+
+/// A buffer's bytes in pinned host memory (or on their way there: see the module docs for the ordering).
+pub struct HostCopy {
+    block: PinnedBlock,
+    bytes: usize,
+    /// Marks the end of the copy to the host on the copy stream.
+    done: CudaEvent,
+}
+
+/// A buffer on its way back to the device; [`Arrival::ready`] hands it out once the compute stream waits for it.
+pub struct Arrival<T: DeviceCopy> {
+    /// None once handed out.
+    buffer: Option<DeviceBuffer<T>>,
+    done: CudaEvent,
+}
+
+impl<T: DeviceCopy> DeviceBuffer<T> {
+    /// Starts copying this buffer's values (as the compute stream will have them once the work queued so far has
+    /// run) into pinned host memory, on the device's copy stream; the host does not wait. Call
+    /// [`HostCopy::fence`] before this buffer can be dropped.
+    pub fn copy_to_host(&self) -> Result<HostCopy> {
+        let device = self.device().clone();
+        let bytes = self.len() * size_of::<T>();
+        let block = device.pinned_pool().take(&device, bytes.max(1))?;
+        let copies = device.copy_stream()?;
+        copies.join(device.stream()).map_err(Error::driver("cuStreamWaitEvent"))?;
+        if bytes > 0 {
+            device.bind()?;
+            // SAFETY: the pinned block holds at least `bytes`; the source block holds `bytes` and stays allocated
+            // until the compute stream has waited for `done` (HostCopy::fence, which the caller owes before dropping
+            // it); the copy is queued after all compute work so far.
+            unsafe {
+                sys::cuMemcpyDtoHAsync_v2(block.addr as *mut std::ffi::c_void, self.ptr(), bytes, copies.cu_stream())
+            }
+            .result()
+            .map_err(Error::driver("cuMemcpyDtoHAsync"))?;
+        }
+        let done = copies.record_event(None).map_err(Error::driver("cuEventRecord"))?;
+        Ok(HostCopy { block, bytes, done })
+    }
+}
+
+impl HostCopy {
+    /// Bytes parked.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Makes the compute stream wait until the copy to the host has read its source, so that the source buffer may
+    /// be dropped (its block's next owner runs after the copy). The host does not wait.
+    pub fn fence(&self) -> Result<()> {
+        let device = &self.block.device;
+        device.stream().wait(&self.done).map_err(Error::driver("cuStreamWaitEvent"))
+    }
+
+    /// Starts copying the values back into a new buffer of `len` elements (`len · size_of::<T>()` must be the bytes
+    /// parked) on the copy stream. The buffer is handed out by [`Arrival::ready`].
+    pub fn upload<T: DeviceCopy>(&self, len: usize) -> Result<Arrival<T>> {
+        assert_eq!(len * size_of::<T>(), self.bytes, "HostCopy::upload: {len} elements for {} bytes", self.bytes);
+        let device = &self.block.device;
+        let buffer = device.alloc::<T>(len)?;
+        let copies = device.copy_stream()?;
+        // The new block's previous owner may still have compute work queued: the copy goes after it.
+        copies.join(device.stream()).map_err(Error::driver("cuStreamWaitEvent"))?;
+        if self.bytes > 0 {
+            device.bind()?;
+            // SAFETY: both blocks hold `bytes`; the copy to the host that filled the pinned block was queued earlier
+            // on this same stream, so it has completed before this one reads it.
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    buffer.ptr(),
+                    self.block.addr as *const std::ffi::c_void,
+                    self.bytes,
+                    copies.cu_stream(),
+                )
+            }
+            .result()
+            .map_err(Error::driver("cuMemcpyHtoDAsync"))?;
+        }
+        let done = copies.record_event(None).map_err(Error::driver("cuEventRecord"))?;
+        Ok(Arrival { buffer: Some(buffer), done })
+    }
+}
+
+impl<T: DeviceCopy> Arrival<T> {
+    /// The buffer, once the compute stream waits for its copy (the host does not).
+    pub fn ready(mut self) -> Result<DeviceBuffer<T>> {
+        let buffer = self.buffer.take().expect("an arrival is handed out once");
+        buffer.device().stream().wait(&self.done).map_err(Error::driver("cuStreamWaitEvent"))?;
+        Ok(buffer)
+    }
+}
+
+impl<T: DeviceCopy> Drop for Arrival<T> {
+    fn drop(&mut self) {
+        // Dropped without `ready` (an error between prefetch and use): the copy may still be writing the block that
+        // goes back to the allocator now, so the compute stream waits for it first. A failure here has nowhere to go
+        // but the next driver call, which reports the context's error.
+        if let Some(buffer) = &self.buffer {
+            let _ = buffer.device().stream().wait(&self.done);
+        }
+    }
+}
+
+/// The stream copies run on, made on first use.
+pub(crate) fn new_copy_stream(device: &CudaDevice) -> Result<Arc<CudaStream>> {
+    device.stream().context().new_stream().map_err(Error::driver("cuStreamCreate"))
+}
