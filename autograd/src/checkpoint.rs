@@ -38,8 +38,10 @@ impl Kept {
         match self {
             Kept::Device(inputs) => Ok(inputs),
             Kept::Host { inputs, prefetch } => {
-                for p in &prefetch {
-                    p.prefetch()?;
+                // This scope's own copies first (started a scope earlier unless this is the chain's last), then the
+                // previous scope's behind them on the copy stream, so that waiting for ours never waits for theirs.
+                for i in inputs.iter().chain(&prefetch) {
+                    i.prefetch()?;
                 }
                 inputs.iter().map(|i| i.restore()).collect()
             }
