@@ -351,6 +351,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     report["optimizer_ms"] = json!(round(phase(2), 2));
     report["model_tflops"] = json!(round(tokens_per_s * flops_per_token / 1e12, 2));
     report["peak_gib"] = json!(peak_bytes(device)?.map(gib));
+    report["pinned_gib"] = json!(pinned_bytes(device)?.map(gib));
     report["loss"] = json!(round(loss, 4));
     report["syncs_per_step"] = json!(syncs as f64 / args.steps.max(1) as f64);
     if let Some((total, rows)) = &profile {
@@ -435,8 +436,12 @@ fn print_report(
         r["forward_ms"], r["backward_ms"], r["optimizer_ms"], r["syncs_per_step"]
     );
     let peak = r["peak_gib"].as_f64().map_or("n/a on the CPU".to_string(), |g| format!("{g:.2} GiB"));
+    let pinned = match r["pinned_gib"].as_f64() {
+        Some(g) if g > 0.0 => format!(", {g:.2} GiB pinned host memory for offloaded layer inputs"),
+        _ => String::new(),
+    };
     println!(
-        "peak device memory {peak} (estimated {:.1} GiB); loss {}",
+        "peak device memory {peak} (estimated {:.1} GiB){pinned}; loss {}",
         r["estimate_gib"].as_f64().unwrap_or(0.0),
         r["loss"]
     );
@@ -478,6 +483,14 @@ fn dtype_name(dtype: DType) -> &'static str {
 fn gpu_name(device: Device) -> Option<String> {
     let Device::Cuda(ordinal) = device else { return None };
     qlora_runtime::cuda_device(ordinal).ok().map(|d| d.name().to_string())
+}
+
+/// Pinned host memory the device's offloaded buffers took (held and cached), None on the CPU.
+fn pinned_bytes(device: Device) -> Result<Option<usize>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(ordinal) => Ok(Some(qlora_runtime::cuda_device(ordinal)?.pinned_stats().reserved)),
+    }
 }
 
 /// The device allocator's peak since the device was opened (model upload included), None on the CPU.
