@@ -8,6 +8,7 @@
 //! values it was made from, so it is made once per optimizer step, however many forwards, recomputations and
 //! micro-batches read it, and never outlives the values it came from.
 
+use qlora_runtime::memory::{retag, tagged, Category};
 use qlora_runtime::ops::concat::cat_rows;
 use qlora_runtime::ops::elementwise::{accumulate, scale};
 use qlora_runtime::{DType, Error, Result, Tensor};
@@ -171,7 +172,7 @@ impl Param {
         if let Some(s) = lock(&self.0.shadow).as_ref().filter(|s| s.dtype == dtype && s.stamps == stamps) {
             return Ok(s.value.clone());
         }
-        let made = stack(&values, dtype).map_err(|e| {
+        let made = tagged(Category::Adapters, || stack(&values, dtype)).map_err(|e| {
             let names: Vec<&str> = std::iter::once(self).chain(rest.iter().copied()).map(Param::name).collect();
             Error::invalid("stacked_with", format!("stacking {names:?}: {e}"))
         })?;
@@ -218,8 +219,11 @@ impl Param {
             Some(buf) => accumulate(buf, 1.0, g),
             None => {
                 let dtype = if self.value().dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-                // Shares g's storage when the dtype already matches; the next accumulate copies on write.
-                *slot = Some(g.try_to_dtype(dtype)?);
+                // Shares g's storage when the dtype already matches; the next accumulate copies on write. Made in
+                // backward, it is an adapter's gradient from now on.
+                let grad = g.try_to_dtype(dtype)?;
+                retag(&grad, Category::Adapters);
+                *slot = Some(grad);
                 Ok(())
             }
         }

@@ -1,7 +1,8 @@
 //! The execution contract of a training step on a GPU, through the binary: `qlora-rt bench` counts the host's waits
 //! for the device during each timed step (synchronisations and reads back), and a step makes exactly one (its
 //! losses and gradient norm, read together). Whole steps of the tiny Llama fixture with NF4, LoRA on every
-//! projection, clipping, checkpointing and two micro-batches.
+//! projection, clipping, checkpointing and two micro-batches; and the same with the lean memory plan, which offloads
+//! the layer inputs, and the peak's split by category.
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
 //! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-cli, or QLORA_RT_BIN when the test runs on another machine.
@@ -11,11 +12,8 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 
-#[test]
-fn a_training_step_waits_for_the_gpu_once() {
-    if gpu("a_training_step_waits_for_the_gpu_once").is_none() {
-        return;
-    }
+/// `qlora-rt bench` of the tiny Llama on the GPU with `extra` flags: its JSON report.
+fn bench(extra: &[&str]) -> Value {
     let bin =
         std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from);
     let model = fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama");
@@ -23,12 +21,46 @@ fn a_training_step_waits_for_the_gpu_once() {
     let out = Command::new(bin)
         .args(args)
         .args(["--grad-accum", "2", "--steps", "3", "--warmup", "1", "--json"])
+        .args(extra)
         .output()
         .expect("run qlora-rt");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(stdout.lines().last().expect("one JSON line")).expect("JSON");
+    serde_json::from_str(stdout.lines().last().expect("one JSON line")).expect("JSON")
+}
+
+#[test]
+fn a_training_step_waits_for_the_gpu_once() {
+    if gpu("a_training_step_waits_for_the_gpu_once").is_none() {
+        return;
+    }
+    let report = bench(&[]);
     let syncs = report["syncs_per_step"].as_f64().expect("syncs_per_step");
     println!("qlora-gpu: host waits per step: {syncs}");
     assert_eq!(syncs, 1.0, "a step reads its losses and gradient norm once and waits for nothing else");
+}
+
+/// `--memory-budget lean` offloads the layer inputs through pinned memory without an extra host wait or a changed
+/// loss, and the report splits the allocator's peak by what held it (the parts add up to the peak).
+#[test]
+fn the_lean_plan_offloads_and_the_peak_is_split_by_category() {
+    if gpu("the_lean_plan_offloads_and_the_peak_is_split_by_category").is_none() {
+        return;
+    }
+    let (plain, lean) = (bench(&[]), bench(&["--memory-budget", "lean"]));
+    assert_eq!((plain["offload"].as_bool(), lean["offload"].as_bool()), (Some(false), Some(true)));
+    assert!(lean["pinned_gib"].as_f64().unwrap() > 0.0, "{lean}");
+    assert_eq!(lean["loss"], plain["loss"], "offloading changes no bits");
+    assert_eq!(lean["syncs_per_step"].as_f64(), Some(1.0), "the copies add no host wait");
+    for report in [&plain, &lean] {
+        let split = report["peak_by_category_gib"].as_object().expect("peak_by_category_gib");
+        let gib = |name: &str| split[name].as_f64().unwrap();
+        for held in ["weights", "adapters + optimizer", "activations"] {
+            assert!(gib(held) > 0.0, "{held}: {split:?}");
+        }
+        let sum: f64 = split.values().map(|g| g.as_f64().unwrap()).sum();
+        let peak = report["peak_gib"].as_f64().unwrap();
+        assert!((sum - peak).abs() < 0.01, "the parts {sum} add up to the peak {peak}");
+        println!("qlora-gpu: at the peak of {peak:.4} GiB (offload {}): {split:?}", report["offload"]);
+    }
 }

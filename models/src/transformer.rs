@@ -11,6 +11,7 @@ use crate::formats::checkpoint::Checkpoint;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::rope::inv_freq;
 use qlora_autograd::{AttentionParams, Glu, LoraAdapter, LoraProjection, Param, Tape, Var};
+use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::ops::linear_cross_entropy::linear_cross_entropy_op;
 use qlora_runtime::ops::rope::rope_tables;
@@ -45,7 +46,8 @@ impl Projection {
             BaseWeight::Dense(t) => BaseWeight::Dense(move_frozen(t, device, dtype)?),
             BaseWeight::Nf4(w) => BaseWeight::Nf4(w.to_device(device)?),
         };
-        let adapter = self.adapter.as_ref().map(|ad| adapter_to(ad, device)).transpose()?;
+        let adapter =
+            tagged(Category::Adapters, || self.adapter.as_ref().map(|ad| adapter_to(ad, device)).transpose())?;
         let bias = self.bias.as_ref().map(|b| frozen_to(b, device, dtype)).transpose()?;
         Ok(Projection { name: self.name.clone(), base, bias, adapter })
     }
@@ -412,7 +414,7 @@ impl CausalLm {
     /// products). Adapter parameters are new `Param`s on the device, without gradients; the original model is
     /// untouched. Batches go to the same device with [`Batch::to_device`].
     pub fn to_device(&self, device: Device, dtype: DType) -> Result<CausalLm> {
-        self.map(|p| frozen_to(p, device, dtype), |p| p.to_device(device, dtype))
+        tagged(Category::Weights, || self.map(|p| frozen_to(p, device, dtype), |p| p.to_device(device, dtype)))
     }
 
     /// A model of the same shape whose embeddings, norms and head are `frozen(p)` and whose projections are

@@ -3,6 +3,7 @@
 
 use qlora_autograd::Param;
 use qlora_runtime::adamw::{adamw_step, AdamWStep};
+use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::ops::reduce::{sum_squares, sum_squares_into};
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 
@@ -45,7 +46,7 @@ impl Moments {
         Ok(match device {
             Device::Cpu => Moments::Host { m: vec![0.0; n], v: vec![0.0; n] },
             _ => {
-                let z = Tensor::zeros(&[n], DType::F32).to_device(device)?;
+                let z = tagged(Category::Adapters, || Tensor::zeros(&[n], DType::F32).to_device(device))?;
                 Moments::Device(Box::new(DeviceMoments { m: z.clone(), v: z }))
             }
         })

@@ -9,6 +9,7 @@ pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod layout;
+pub mod memory;
 pub mod offload;
 pub mod op;
 pub mod ops;

@@ -78,6 +78,17 @@ impl CudaStorage {
         }
     }
 
+    /// Counts this storage's device memory under `category` from now on.
+    pub(crate) fn retag(&self, category: qlora_kernels::cuda::Category) {
+        match self {
+            CudaStorage::F32(b) => b.retag(category),
+            CudaStorage::BF16(b) => b.retag(category),
+            CudaStorage::F16(b) => b.retag(category),
+            CudaStorage::I32(b) => b.retag(category),
+            CudaStorage::U8(b) => b.retag(category),
+        }
+    }
+
     /// A device-to-device copy (what copy-on-write needs when the storage is shared).
     pub(crate) fn try_clone(&self) -> Result<CudaStorage> {
         let e = Error::cuda("copy on write");

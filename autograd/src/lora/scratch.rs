@@ -2,6 +2,7 @@
 //! per thread, device and dtype, reused by every projection of every layer (forward, recomputation and backward),
 //! instead of a fresh [out, in] tensor per call. The scratch grows to the largest weight seen and stays.
 
+use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
@@ -33,7 +34,7 @@ pub(super) fn with_weight<R>(base: &BaseWeight, dtype: DType, f: impl FnOnce(&Te
         }
         // The first weight, or one larger than any before: its own dequantization becomes the scratch.
         None => {
-            let fresh = w.dequantize(dtype)?;
+            let fresh = tagged(Category::Scratch, || w.dequantize(dtype))?;
             let r = f(&fresh);
             let flat = fresh.reshape(&[w.elem_count()])?;
             (r, flat)

@@ -352,6 +352,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     report["model_tflops"] = json!(round(tokens_per_s * flops_per_token / 1e12, 2));
     report["peak_gib"] = json!(peak_bytes(device)?.map(gib));
     report["pinned_gib"] = json!(pinned_bytes(device)?.map(gib));
+    report["peak_by_category_gib"] = json!(memory::peak_split_gib(device)?);
     report["loss"] = json!(round(loss, 4));
     report["syncs_per_step"] = json!(syncs as f64 / args.steps.max(1) as f64);
     if let Some((total, rows)) = &profile {
@@ -445,6 +446,13 @@ fn print_report(
         r["estimate_gib"].as_f64().unwrap_or(0.0),
         r["loss"]
     );
+    if let Some(split) = r["peak_by_category_gib"].as_object() {
+        let parts: Vec<String> = split
+            .iter()
+            .filter_map(|(name, g)| g.as_f64().filter(|&g| g > 0.0).map(|g| format!("{name} {g:.2}")))
+            .collect();
+        println!("at the peak: {} GiB", parts.join(", "));
+    }
     if let Some((total, rows)) = profile {
         let attributed: f64 = rows.iter().map(|r| r.ms).sum();
         println!("profile of one more step ({total:.1} ms), exclusive device time per region:");

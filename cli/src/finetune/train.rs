@@ -236,6 +236,9 @@ impl Trainer<'_> {
                 last_eval.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
                 if mem.is_empty() { String::new() } else { format!("; {mem}") }
             );
+            if let Some(split) = crate::bench::memory::describe_peak(self.device)? {
+                println!("device memory {split}");
+            }
         }
         Ok(Outcome::Finished)
     }

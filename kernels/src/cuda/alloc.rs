@@ -12,11 +12,71 @@
 //!   if it still fails, [`Error::OutOfMemory`] reports the request, the free and total memory and what this process
 //!   holds.
 //!
+//! - Categories: each block is counted under what it holds ([`Category`]: the thread's current one when it was
+//!   taken, set by [`tagged`] scopes, or changed later by `DeviceBuffer::retag`), and the split at the overall peak
+//!   is kept, so that a peak can be explained (weights, adapters and optimizer, activations, scratch, loss).
+//!
 //! The policy is generic over `Backing` so that its tests run on CPU against a fake device.
 
 use super::{Error, Result};
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
+
+/// What a block of device memory holds, for the peak report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Category {
+    /// What a step computes and keeps for backward (the default).
+    Activations,
+    /// Frozen base weights, embeddings, norms and head.
+    Weights,
+    /// Trainable adapter values, their gradients and the optimizer's state.
+    Adapters,
+    /// Reused buffers of materialized weights (NF4 dequantized for a product).
+    Scratch,
+    /// The loss's logits chunks and their gradients.
+    Loss,
+}
+
+impl Category {
+    pub const ALL: [Category; 5] =
+        [Category::Weights, Category::Adapters, Category::Activations, Category::Scratch, Category::Loss];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Activations => "activations",
+            Category::Weights => "weights",
+            Category::Adapters => "adapters + optimizer",
+            Category::Scratch => "scratch",
+            Category::Loss => "loss",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn from_index(i: u8) -> Category {
+        Category::ALL.into_iter().find(|c| c.index() == i as usize).unwrap_or(Category::Activations)
+    }
+}
+
+thread_local! {
+    static CURRENT: Cell<Category> = const { Cell::new(Category::Activations) };
+}
+
+/// Runs `f` with the device blocks it takes on this thread counted under `category`.
+pub fn tagged<R>(category: Category, f: impl FnOnce() -> R) -> R {
+    struct Restore(Category);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.set(self.0);
+        }
+    }
+    let _restore = Restore(CURRENT.replace(category));
+    f()
+}
 
 const MIN_BLOCK: usize = 512;
 /// Above this, classes are multiples of [`LARGE_STEP`] (weights and activations: large and of few distinct sizes).
@@ -50,13 +110,35 @@ pub struct MemoryStats {
     pub device_allocs: u64,
     /// Requests served from the cache.
     pub cache_hits: u64,
+    /// `current` split by [`Category`] (indexed by `Category as usize`; [`MemoryStats::by`] reads it).
+    pub by_category: [usize; 5],
+    /// The split of `current` when it last reached `peak`.
+    pub at_peak: [usize; 5],
 }
 
-/// A block of device memory: its address and its size class.
-#[derive(Debug, PartialEq, Eq)]
+impl MemoryStats {
+    /// (category, bytes) of `split` (`by_category` or `at_peak`), in [`Category::ALL`]'s order.
+    pub fn by(split: &[usize; 5]) -> impl Iterator<Item = (Category, usize)> + '_ {
+        Category::ALL.into_iter().map(move |c| (c, split[c.index()]))
+    }
+}
+
+/// A block of device memory: its address, its size class and what it is counted under.
+#[derive(Debug)]
 pub(crate) struct Block {
     pub ptr: u64,
     pub size: usize,
+    category: AtomicU8,
+}
+
+impl Block {
+    fn new(ptr: u64, size: usize, category: Category) -> Block {
+        Block { ptr, size, category: AtomicU8::new(category.index() as u8) }
+    }
+
+    fn category(&self) -> Category {
+        Category::from_index(self.category.load(Ordering::Relaxed))
+    }
 }
 
 /// Where blocks come from.
@@ -97,11 +179,12 @@ impl<B: Backing> CachingAllocator<B> {
     pub fn allocate(&self, bytes: usize) -> Result<Block> {
         assert!(bytes > 0, "allocate: zero bytes (empty buffers hold no block)");
         let size = size_class(bytes);
+        let category = CURRENT.get();
         let mut state = self.lock();
         if let Some(ptr) = state.free.get_mut(&size).and_then(Vec::pop) {
             state.stats.cache_hits += 1;
-            state.take(size);
-            return Ok(Block { ptr, size });
+            state.take(size, category);
+            return Ok(Block::new(ptr, size, category));
         }
         let ptr = match self.backing.alloc(size)? {
             Some(ptr) => ptr,
@@ -125,15 +208,24 @@ impl<B: Backing> CachingAllocator<B> {
         };
         state.stats.device_allocs += 1;
         state.stats.reserved += size;
-        state.take(size);
-        Ok(Block { ptr, size })
+        state.take(size, category);
+        Ok(Block::new(ptr, size, category))
     }
 
     /// Puts a block back in its class's free list (stream-ordered: see the module docs).
     pub fn release(&self, block: Block) {
         let mut state = self.lock();
         state.stats.current -= block.size;
+        state.stats.by_category[block.category().index()] -= block.size;
         state.free.entry(block.size).or_default().push(block.ptr);
+    }
+
+    /// Counts `block` under `category` from now on.
+    pub fn retag(&self, block: &Block, category: Category) {
+        let mut state = self.lock();
+        let before = Category::from_index(block.category.swap(category.index() as u8, Ordering::Relaxed));
+        state.stats.by_category[before.index()] -= block.size;
+        state.stats.by_category[category.index()] += block.size;
     }
 
     /// Returns every cached block to the driver.
@@ -173,9 +265,13 @@ impl<B: Backing> CachingAllocator<B> {
 }
 
 impl State {
-    fn take(&mut self, size: usize) {
+    fn take(&mut self, size: usize, category: Category) {
         self.stats.current += size;
-        self.stats.peak = self.stats.peak.max(self.stats.current);
+        self.stats.by_category[category.index()] += size;
+        if self.stats.current > self.stats.peak {
+            self.stats.peak = self.stats.current;
+            self.stats.at_peak = self.stats.by_category;
+        }
     }
 }
 
@@ -261,16 +357,9 @@ mod tests {
         let b3 = a.allocate(1000).unwrap();
         assert_ne!(b3.ptr, p1, "the cached block is taken: a new one");
         let b4 = a.allocate(5000).unwrap();
-        assert_eq!(
-            a.stats(),
-            MemoryStats {
-                current: 2048 + 5120,
-                peak: 2048 + 5120,
-                reserved: 2048 + 5120,
-                device_allocs: 3,
-                cache_hits: 1
-            }
-        );
+        let s = a.stats();
+        assert_eq!((s.current, s.peak, s.reserved), (2048 + 5120, 2048 + 5120, 2048 + 5120));
+        assert_eq!((s.device_allocs, s.cache_hits), (3, 1));
         a.release(b4);
         a.release(b3);
         let s = a.stats();
@@ -280,6 +369,30 @@ mod tests {
         assert_eq!(a.stats().reserved, 0);
         assert_eq!(a.backing().log.borrow()[0], "sync", "the stream drains before memory goes back");
         assert!(a.backing().used.borrow().is_empty());
+    }
+
+    #[test]
+    fn blocks_are_counted_by_category_and_the_split_at_the_peak_is_kept() {
+        let a = CachingAllocator::new(Fake::new(1 << 30));
+        let index = |c: Category| c.index();
+        let w = tagged(Category::Weights, || a.allocate(4096).unwrap());
+        let act = a.allocate(1024).unwrap();
+        assert_eq!(CURRENT.get(), Category::Activations, "the scope restored the default");
+        let loss = tagged(Category::Loss, || a.allocate(2048).unwrap());
+        let s = a.stats();
+        assert_eq!((s.by_category[index(Category::Weights)], s.by_category[index(Category::Loss)]), (4096, 2048));
+        assert_eq!(s.at_peak, s.by_category);
+        a.release(loss);
+        // A gradient made in backward becomes an adapter's: it moves category without moving memory.
+        a.retag(&act, Category::Adapters);
+        let s = a.stats();
+        assert_eq!(s.by_category[index(Category::Activations)], 0);
+        assert_eq!(s.by_category[index(Category::Adapters)], 1024);
+        assert_eq!(s.at_peak[index(Category::Loss)], 2048, "the split at the peak stays the peak's");
+        assert_eq!(MemoryStats::by(&s.by_category).map(|(_, b)| b).sum::<usize>(), s.current);
+        a.release(act);
+        a.release(w);
+        assert_eq!(a.stats().by_category, [0; 5]);
     }
 
     #[test]

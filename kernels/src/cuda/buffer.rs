@@ -1,7 +1,7 @@
 //! [`DeviceBuffer`]: `len` elements of one type in device memory, on one [`CudaDevice`], from its caching allocator.
 //! `runtime` holds these as its CUDA storage (one variant per dtype, as `CpuStorage` holds `Vec`s).
 
-use super::alloc::Block;
+use super::alloc::{Block, Category};
 use super::{CudaDevice, Error, Result};
 use cudarc::driver::result as driver;
 use half::{bf16, f16};
@@ -85,6 +85,13 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
 
     fn bytes(&self) -> usize {
         self.len * size_of::<T>()
+    }
+
+    /// Counts this buffer's memory under `category` from now on (a gradient kept as an adapter's, say).
+    pub fn retag(&self, category: Category) {
+        if let Some(block) = &self.block {
+            self.device.allocator().retag(block, category);
+        }
     }
 
     /// Overwrites the whole buffer with `src`.

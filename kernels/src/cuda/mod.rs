@@ -45,7 +45,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod timing;
 
-pub use alloc::MemoryStats;
+pub use alloc::{tagged, Category, MemoryStats};
 pub use buffer::{DeviceBuffer, DeviceCopy};
 pub use device::{device_count, CudaDevice};
 pub use error::{Error, Result};

@@ -13,6 +13,7 @@ use super::elementwise::{add, broadcast_scaled, mul, scale};
 use super::linalg::matmul;
 use super::reduce::sum;
 use super::rows_cols;
+use crate::memory::{tagged, Category};
 use crate::op::{backward_fn, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
 
@@ -45,50 +46,53 @@ pub fn linear_cross_entropy_op(
     if x.rank() != 2 || w.rank() != 2 || w_hidden != hidden || targets.shape() != [tokens] {
         return Err(Error::shape(OP, format!("x {:?}, w {:?}, targets {:?}", x.shape(), w.shape(), targets.shape())));
     }
-    let wt = w.t()?;
-    let mut total: Option<Tensor> = None;
-    let mut dx_parts = Vec::new();
-    let rows = chunk_rows(vocab);
-    for start in (0..tokens).step_by(rows) {
-        let n = rows.min(tokens - start);
-        let xc = x.narrow(0, start, n)?;
-        let raw = matmul(&xc, &wt)?;
-        let logits = match softcap_at {
-            Some(cap) => softcap(&raw, cap)?,
-            None => raw.clone(),
-        };
-        let tc = targets.narrow(0, start, n)?;
-        let (losses, lse) = cross_entropy(&logits, &tc)?;
-        let s = sum(&losses)?;
-        total = Some(match total {
-            Some(t) => add(&t, &s)?,
-            None => s,
-        });
-        if need_dx {
-            let d_loss = Tensor::full_on(&[n], 1.0 / normalizer, DType::F32, x.device())?;
-            let dlogits = cross_entropy_backward(&logits, &tc, &lse, &d_loss)?;
-            let dz = match softcap_at {
-                Some(cap) => softcap_backward(&raw, cap, &dlogits)?,
-                None => dlogits,
+    // The chunks' logits and their gradients, the loss and the kept dx: the loss's share of a peak.
+    tagged(Category::Loss, || {
+        let wt = w.t()?;
+        let mut total: Option<Tensor> = None;
+        let mut dx_parts = Vec::new();
+        let rows = chunk_rows(vocab);
+        for start in (0..tokens).step_by(rows) {
+            let n = rows.min(tokens - start);
+            let xc = x.narrow(0, start, n)?;
+            let raw = matmul(&xc, &wt)?;
+            let logits = match softcap_at {
+                Some(cap) => softcap(&raw, cap)?,
+                None => raw.clone(),
             };
-            dx_parts.push(matmul(&dz, w)?);
+            let tc = targets.narrow(0, start, n)?;
+            let (losses, lse) = cross_entropy(&logits, &tc)?;
+            let s = sum(&losses)?;
+            total = Some(match total {
+                Some(t) => add(&t, &s)?,
+                None => s,
+            });
+            if need_dx {
+                let d_loss = Tensor::full_on(&[n], 1.0 / normalizer, DType::F32, x.device())?;
+                let dlogits = cross_entropy_backward(&logits, &tc, &lse, &d_loss)?;
+                let dz = match softcap_at {
+                    Some(cap) => softcap_backward(&raw, cap, &dlogits)?,
+                    None => dlogits,
+                };
+                dx_parts.push(matmul(&dz, w)?);
+            }
         }
-    }
-    let total = match total {
-        Some(t) => scale(&t, 1.0 / normalizer)?,
-        // No tokens: a zero loss where x lives (f32, the loss's dtype on every device path).
-        None => Tensor::zeros_on(&[], DType::F32, x.device())?,
-    };
-    let dx = if need_dx {
-        super::concat::cat_rows(&dx_parts, &[tokens, hidden], x.dtype(), x.device())?
-    } else {
-        Tensor::zeros_on(&[0], x.dtype(), x.device())?
-    };
-    // The backward is dx computed here, scaled by the loss's gradient: a scalar on the device (1 from the tape's
-    // seed), spread and multiplied there.
-    let grad = backward_fn("linear_cross_entropy", dx.size_in_bytes(), move |g| {
-        let g = broadcast_scaled(first_grad(g)?, 1.0, dx.shape(), dx.dtype())?;
-        Ok(vec![Some(mul(&dx, &g)?)])
-    });
-    Ok((total, grad))
+        let total = match total {
+            Some(t) => scale(&t, 1.0 / normalizer)?,
+            // No tokens: a zero loss where x lives (f32, the loss's dtype on every device path).
+            None => Tensor::zeros_on(&[], DType::F32, x.device())?,
+        };
+        let dx = if need_dx {
+            super::concat::cat_rows(&dx_parts, &[tokens, hidden], x.dtype(), x.device())?
+        } else {
+            Tensor::zeros_on(&[0], x.dtype(), x.device())?
+        };
+        // The backward is dx computed here, scaled by the loss's gradient: a scalar on the device (1 from the tape's
+        // seed), spread and multiplied there.
+        let grad = backward_fn("linear_cross_entropy", dx.size_in_bytes(), move |g| {
+            let g = broadcast_scaled(first_grad(g)?, 1.0, dx.shape(), dx.dtype())?;
+            Ok(vec![Some(mul(&dx, &g)?)])
+        });
+        Ok((total, grad))
+    })
 }
