@@ -1,9 +1,14 @@
 //! AdamW over a set of trainable parameters: f64 moments on the host for CPU parameters, f32 moments beside the
-//! parameter for GPU ones (the fused CUDA kernel).
+//! parameter for GPU ones (the fused CUDA kernel). Paged ([`AdamW::set_paged`]), GPU moments wait in pinned host
+//! memory between updates, so that forward and backward have their room: every update brings them all back (the
+//! copies queued at once on the copy stream, each parameter's update waiting only for its own) and parks them again
+//! after. Explicit pinned copies rather than CUDA managed memory: the driver never decides when to move them, and
+//! nothing asks it for more managed memory than the card has (which can hang a shared GPU).
 
 use qlora_autograd::Param;
 use qlora_runtime::adamw::{adamw_step, AdamWStep};
 use qlora_runtime::memory::{tagged, Category};
+use qlora_runtime::offload::Offloaded;
 use qlora_runtime::ops::reduce::{sum_squares, sum_squares_into};
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 
@@ -31,9 +36,14 @@ struct Slot {
 /// Where a parameter's moments live: in f64 on the host for a CPU parameter, so the CPU path is exact and
 /// bit-reproducible; in f32 on the parameter's GPU otherwise, so a step never leaves the device.
 enum Moments {
-    Host { m: Vec<f64>, v: Vec<f64> },
+    Host {
+        m: Vec<f64>,
+        v: Vec<f64>,
+    },
     // Boxed: a tensor handle carries its layout inline, several times a Vec's size.
     Device(Box<DeviceMoments>),
+    /// GPU moments (m, v) parked in pinned host memory between updates.
+    Paged(Box<[Offloaded; 2]>),
 }
 
 struct DeviceMoments {
@@ -56,6 +66,7 @@ impl Moments {
         match self {
             Moments::Host { m, .. } => m.len(),
             Moments::Device(d) => d.m.elem_count(),
+            Moments::Paged(p) => p[0].shape().iter().product(),
         }
     }
 
@@ -65,11 +76,48 @@ impl Moments {
         Ok(match self {
             Moments::Host { m, v } => (m.clone(), v.clone()),
             Moments::Device(d) => (d.m.try_to_vec::<f64>()?, d.v.try_to_vec::<f64>()?),
+            Moments::Paged(p) => (p[0].restore()?.try_to_vec::<f64>()?, p[1].restore()?.try_to_vec::<f64>()?),
         })
+    }
+
+    /// Starts bringing paged moments back (the copies run while earlier parameters update).
+    fn prefetch(&self) -> Result<()> {
+        if let Moments::Paged(p) = self {
+            p.iter().try_for_each(Offloaded::prefetch)?;
+        }
+        Ok(())
+    }
+
+    /// Paged moments back on the device, as device moments.
+    fn page_in(&mut self) -> Result<()> {
+        if let Moments::Paged(p) = self {
+            let [m, v] = tagged(Category::Adapters, || Ok::<_, Error>([p[0].restore()?, p[1].restore()?]))?;
+            *self = Moments::Device(Box::new(DeviceMoments { m, v }));
+        }
+        Ok(())
+    }
+
+    /// Device moments parked in pinned host memory; their device copies go at [`Moments::release`].
+    fn page_out(&mut self) -> Result<()> {
+        if let Moments::Device(d) = self {
+            *self = Moments::Paged(Box::new([Offloaded::new(&d.m)?, Offloaded::new(&d.v)?]));
+        }
+        Ok(())
+    }
+
+    fn release(&self) -> Result<()> {
+        if let Moments::Paged(p) = self {
+            p.iter().try_for_each(Offloaded::release)?;
+        }
+        Ok(())
     }
 
     /// Replaces the values, keeping where they live (a GPU rounds them to f32).
     fn set(&mut self, exp_avg: &[f64], exp_avg_sq: &[f64]) -> Result<()> {
+        let paged = matches!(self, Moments::Paged(_));
+        if paged {
+            self.page_in()?;
+        }
         match self {
             Moments::Host { m, v } => {
                 m.clone_from_slice(exp_avg);
@@ -80,6 +128,11 @@ impl Moments {
                 let upload = |x: &[f64]| Tensor::from_slice(x, &[x.len()])?.to_dtype(DType::F32).to_device(device);
                 (d.m, d.v) = (upload(exp_avg)?, upload(exp_avg_sq)?);
             }
+            Moments::Paged(_) => unreachable!("paged in above"),
+        }
+        if paged {
+            self.page_out()?;
+            self.release()?;
         }
         Ok(())
     }
@@ -89,6 +142,7 @@ pub struct AdamW {
     config: AdamWConfig,
     slots: Vec<Slot>,
     step: u64,
+    paged: bool,
 }
 
 impl AdamW {
@@ -103,7 +157,22 @@ impl AdamW {
             let moments = Moments::zeros(value.elem_count(), value.device())?;
             slots.push(Slot { param: p, moments });
         }
-        Ok(AdamW { config, slots, step: 0 })
+        Ok(AdamW { config, slots, step: 0, paged: false })
+    }
+
+    /// Pages GPU moments to pinned host memory between updates (true) or keeps them on the device (false, the
+    /// default); the updates are the same bits either way. CPU moments are host memory already.
+    pub fn set_paged(&mut self, paged: bool) -> Result<()> {
+        self.paged = paged;
+        self.slots.iter().try_for_each(|s| s.moments.prefetch())?;
+        for slot in &mut self.slots {
+            if paged {
+                slot.moments.page_out()?;
+            } else {
+                slot.moments.page_in()?;
+            }
+        }
+        self.slots.iter().try_for_each(|s| s.moments.release())
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -172,7 +241,10 @@ impl AdamW {
             weight_decay: c.weight_decay,
             step: self.step,
         };
+        // Paged: every copy back is queued before the first update waits for its own.
+        self.slots.iter().try_for_each(|s| s.moments.prefetch())?;
         for slot in &mut self.slots {
+            slot.moments.page_in()?;
             let Some(g) = slot.param.grad() else { continue };
             let value = slot.param.value();
             if g.elem_count() != value.elem_count() {
@@ -200,8 +272,16 @@ impl AdamW {
                     slot.param
                         .update(|p| qlora_runtime::ops::optim::adamw_step(&h, p, &g, &mut d.m, &mut d.v, clip))?;
                 }
+                Moments::Paged(_) => unreachable!("paged in above"),
             }
             slot.param.zero_grad();
+        }
+        if self.paged {
+            // Every copy out is queued before the compute stream waits for any of them.
+            for slot in &mut self.slots {
+                slot.moments.page_out()?;
+            }
+            self.slots.iter().try_for_each(|s| s.moments.release())?;
         }
         Ok(())
     }

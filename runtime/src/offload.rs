@@ -47,6 +47,10 @@ impl Offloaded {
         Ok(Offloaded { shape, state: RefCell::new(state) })
     }
 
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
     /// Bytes parked in pinned host memory (0 for a CPU tensor, which did not move).
     pub fn host_bytes(&self) -> usize {
         match &*self.state.borrow() {

@@ -10,6 +10,7 @@
 use qlora_kernels::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
 use qlora_models::transformer::BaseFormat;
 use qlora_models::ModelConfig;
+use qlora_optim::AdamW;
 use qlora_runtime::memory::MemoryStats;
 use qlora_runtime::ops::linear_cross_entropy::chunk_rows;
 use qlora_runtime::{DType, Device};
@@ -60,12 +61,26 @@ pub struct Plan {
     pub keep_layers: usize,
     /// The recomputed layers' inputs wait in pinned host memory (a GPU only; see `CausalLm::offload_checkpoints`).
     pub offload: bool,
+    /// AdamW's moments wait in pinned host memory between updates (a GPU only; see `AdamW::set_paged`).
+    pub page_optimizer: bool,
 }
 
 impl Plan {
-    pub fn apply(self, model: &mut qlora_models::transformer::CausalLm) {
+    pub fn apply(self, model: &mut qlora_models::transformer::CausalLm, optimizer: &mut AdamW) -> anyhow::Result<()> {
         model.keep_layers = self.keep_layers;
         model.offload_checkpoints = self.offload;
+        optimizer.set_paged(self.page_optimizer)?;
+        Ok(())
+    }
+
+    /// Every plan in the order [`plan`] tries them, fastest first: keeping activations, then recomputing, then (a
+    /// GPU only) offloading the layer inputs, then paging the optimizer too.
+    fn all(layers: usize, gpu: bool) -> impl Iterator<Item = Plan> {
+        let modes: &[(bool, bool)] =
+            if gpu && layers > 0 { &[(false, false), (true, false), (true, true)] } else { &[(false, false)] };
+        modes.iter().flat_map(move |&(offload, page_optimizer)| {
+            (0..=layers).rev().map(move |keep_layers| Plan { keep_layers, offload, page_optimizer })
+        })
     }
 }
 
@@ -76,7 +91,8 @@ pub struct Estimate {
     /// Adapter values, gradients and optimizer moments.
     pub adapters: usize,
     pub activations: usize,
-    /// Pinned host memory for offloaded layer inputs (not part of [`Estimate::total`], which is the device's).
+    /// Pinned host memory for offloaded layer inputs and paged optimizer moments (not part of [`Estimate::total`],
+    /// which is the device's).
     pub host: usize,
 }
 
@@ -104,14 +120,20 @@ pub fn estimate(s: &Setup) -> Estimate {
         + heads * c.vocab_size * h * d
         + layers * 6 * h * d;
 
-    // Value and gradient in f32; AdamW's two moments in f32 on a GPU, f64 on the host.
-    let per_param = if s.device == Device::Cpu { 4 + 4 + 16 } else { 4 + 4 + 8 };
+    // Value and gradient in f32; AdamW's two moments in f32 on a GPU (unless paged to the host), f64 on the host.
+    let paged = s.plan.page_optimizer && s.device != Device::Cpu;
+    let per_param = match s.device {
+        Device::Cpu => 4 + 4 + 16,
+        _ if paged => 4 + 4,
+        _ => 4 + 4 + 8,
+    };
     let adapter_params: usize = shapes
         .iter()
         .filter(|(name, _)| s.targets.contains(name))
         .map(|(_, [o, i])| s.r * (o + i) + if s.dora { *o } else { 0 })
         .sum();
     let adapters = layers * adapter_params * per_param;
+    let paged_moments = if paged { layers * adapter_params * 8 } else { 0 };
 
     let (i, qo, kvo) = (c.intermediate_size, shapes[0].1[0], shapes[1].1[0]);
     // What one layer's ops save for backward: norm inputs, q/k/v before and after rope, the attention output and its
@@ -123,7 +145,7 @@ pub fn estimate(s: &Setup) -> Estimate {
     // its backward: two at a time.
     let offload = s.plan.offload && recomputed > 0 && s.device != Device::Cpu;
     let inputs = if offload { recomputed.min(2) } else { recomputed };
-    let host = if offload { recomputed * t * h * d } else { 0 };
+    let host = if offload { recomputed * t * h * d } else { 0 } + paged_moments;
     let saved = inputs * t * h * d + (layers - recomputed) * layer;
     // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
     // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
@@ -226,35 +248,42 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
 /// The plan in one line, printed at the start of a run.
 pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
     let recomputed = layers - plan.keep_layers.min(layers);
-    let offloaded = if plan.offload && e.host > 0 {
-        format!(" (their inputs offloaded: {:.2} GiB of pinned host memory)", e.host as f64 / GIB)
-    } else {
+    let mut host = Vec::new();
+    if plan.offload && recomputed > 0 {
+        host.push("their inputs offloaded");
+    }
+    if plan.page_optimizer {
+        host.push("AdamW's moments paged");
+    }
+    let host = if host.is_empty() || e.host == 0 {
         String::new()
+    } else {
+        format!(" ({}: {:.2} GiB of pinned host memory)", host.join(", "), e.host as f64 / GIB)
     };
     format!(
-        "memory plan: {} of {layers} layers keep their activations, {recomputed} recomputed in backward{offloaded}; \
-         about {:.2} GiB on the device",
+        "memory plan: {} of {layers} layers keep their activations, {recomputed} recomputed in backward{host}; about \
+         {:.2} GiB on the device",
         plan.keep_layers.min(layers),
         e.total() as f64 / GIB
     )
 }
 
-/// The plan that holds the least: every layer recomputed, and on a GPU their inputs offloaded.
+/// The plan that holds the least: every layer recomputed, and on a GPU their inputs offloaded and the optimizer
+/// paged.
 fn lean(s: &Setup) -> Plan {
-    Plan { keep_layers: 0, offload: s.checkpointing && s.device != Device::Cpu }
+    let gpu = s.device != Device::Cpu;
+    Plan { keep_layers: 0, offload: gpu && s.checkpointing, page_optimizer: gpu }
 }
 
 /// The fastest plan within `budget` bytes: under checkpointing, as many of the last layers as fit keep their
 /// activations (each one kept saves its recompute in backward); when even recomputing every layer does not fit, the
-/// recomputed layers' inputs are offloaded to host memory (a GPU only), again keeping as many layers as then fit.
-/// Offloading comes last because its copies, though overlapped with compute, share the step with it. Returns the
-/// plan and its estimate, or the estimate of the leanest plan when even that does not fit.
+/// recomputed layers' inputs are offloaded to host memory (a GPU only), again keeping as many layers as then fit;
+/// then AdamW's moments are paged too. Offloading and paging come last because their copies, though overlapped with
+/// compute, share the step with it (to be measured against the alternatives on a GPU). Returns the plan and its
+/// estimate, or the estimate of the leanest plan when even that does not fit.
 pub fn plan(s: &Setup, budget: usize) -> Result<(Plan, Estimate), Estimate> {
     let layers = if s.checkpointing { s.config.num_hidden_layers } else { 0 };
-    let offloads: &[bool] = if s.device == Device::Cpu || layers == 0 { &[false] } else { &[false, true] };
-    offloads
-        .iter()
-        .flat_map(|&offload| (0..=layers).rev().map(move |keep_layers| Plan { keep_layers, offload }))
+    Plan::all(layers, s.device != Device::Cpu)
         .map(|plan| (plan, estimate(&Setup { plan, ..*s })))
         .find(|(_, e)| e.total() <= budget)
         .ok_or_else(|| estimate(&Setup { plan: lean(s), ..*s }))
@@ -307,7 +336,7 @@ mod tests {
     /// The peer benchmarks' setting: NF4 + double quant, bf16, 4 × 2048 tokens, r = 16 everywhere, checkpointing,
     /// with the last `keep_layers` layers keeping their activations.
     fn peer_setup(c: &ModelConfig, keep_layers: usize) -> Setup<'_> {
-        peer_plan(c, Plan { keep_layers, offload: false })
+        peer_plan(c, Plan { keep_layers, ..Plan::default() })
     }
 
     fn peer_plan(c: &ModelConfig, plan: Plan) -> Setup<'_> {
@@ -363,16 +392,20 @@ mod tests {
         // Room for the smallest plan and a few layers more: those few are kept, and the plan fits.
         let per_layer = (all - none) / c.num_hidden_layers;
         let (p, e) = plan(&setup(0), none + 3 * per_layer + per_layer / 2).unwrap();
-        assert!((2..=4).contains(&p.keep_layers) && !p.offload, "{p:?}");
+        assert!((2..=4).contains(&p.keep_layers) && !p.offload && !p.page_optimizer, "{p:?}");
         assert!(e.total() <= none + 3 * per_layer + per_layer / 2);
-        assert_eq!(plan(&setup(0), all).unwrap().0, Plan { keep_layers: c.num_hidden_layers, offload: false });
-        // Below recomputing everything: the layer inputs go to host memory, and that plan's estimate is the floor.
+        assert_eq!(plan(&setup(0), all).unwrap().0, Plan { keep_layers: c.num_hidden_layers, ..Plan::default() });
+        // Below recomputing everything: the layer inputs go to host memory.
         let (p, e) = plan(&setup(0), none - 1).unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true });
+        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: false });
         let offloaded = 8192 * 2048 * 2 * (c.num_hidden_layers - 2);
         assert_eq!(e.total(), none - offloaded, "all but two layer inputs leave the device");
         assert_eq!(e.host, 8192 * 2048 * 2 * c.num_hidden_layers, "all of them wait in pinned memory");
-        assert_eq!(plan(&setup(0), e.total() - 1).unwrap_err().total(), e.total());
+        // Below that, AdamW's moments (8 bytes per adapter parameter) are paged too, and that plan is the floor.
+        let (p, paged) = plan(&setup(0), e.total() - 1).unwrap();
+        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true });
+        assert_eq!(e.total() - paged.total(), paged.host - e.host, "what leaves the device waits on the host");
+        assert_eq!(plan(&setup(0), paged.total() - 1).unwrap_err().total(), paged.total());
         // The CPU never offloads (host memory is where it computes).
         let cpu = Setup { device: Device::Cpu, ..setup(0) };
         assert_eq!(plan(&cpu, estimate(&cpu).total() - 1).unwrap_err().host, 0);
@@ -382,10 +415,14 @@ mod tests {
     fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
         let c = shape_config("llama-3.2-1b").unwrap();
         let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true });
+        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true });
         assert!(e.total() < peer_setting(&c).total());
         let line = describe_plan(p, c.num_hidden_layers, &e);
-        assert!(line.contains("0 of 16 layers keep") && line.contains("inputs offloaded: 0.50 GiB"), "{line}");
+        assert!(line.contains("0 of 16 layers keep"), "{line}");
+        assert!(
+            line.contains("their inputs offloaded, AdamW's moments paged: 0.58 GiB of pinned host memory"),
+            "{line}"
+        );
         let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
         assert_eq!(budget_plan(&cpu, Some(Budget::Lean), "").unwrap().0, Plan::default());
     }

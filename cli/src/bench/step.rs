@@ -63,7 +63,8 @@ pub struct StepArgs {
     no_gradient_checkpointing: bool,
     /// GiB the step may hold, auto (free device memory less 10 %, at least 1 GiB) or lean (the least memory): under
     /// checkpointing, the last layers that fit keep their activations instead of being recomputed, and when even
-    /// recomputing all does not fit, their inputs wait in pinned host memory (a GPU only; the plan is printed).
+    /// recomputing all does not fit, their inputs wait in pinned host memory, then AdamW's moments too (a GPU only;
+    /// the plan is printed).
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<memory::Budget>,
     /// Clip the global gradient norm to this (0 disables clipping).
@@ -267,6 +268,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "gradient_checkpointing": args.checkpointing(),
         "keep_layers": plan.keep_layers,
         "offload": plan.offload,
+        "page_optimizer": plan.page_optimizer,
         "offload_host_gib": gib(estimate.host),
         "max_grad_norm": args.max_grad_norm,
         "linear_params": memory::linear_params(&config),
@@ -283,7 +285,6 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let dense = if device == Device::Cpu { DType::F32 } else { dtype };
     let mut model = subject.model(&config, format, dense, args.seed)?;
     model.gradient_checkpointing = args.checkpointing();
-    plan.apply(&mut model);
     if args.memory_budget.is_some() && !args.json {
         println!("{}", memory::describe_plan(plan, config.num_hidden_layers, &estimate));
     }
@@ -293,6 +294,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     }
     let adamw = AdamWConfig::default();
     let mut optimizer = AdamW::new(model.trainable_params(), adamw)?;
+    plan.apply(&mut model, &mut optimizer)?;
     let trainable: usize = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
     report["trainable_params"] = json!(trainable);
     report["build_s"] = json!(round(started.elapsed().as_secs_f64(), 2));

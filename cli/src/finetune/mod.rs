@@ -192,8 +192,9 @@ pub struct FinetuneArgs {
     /// GiB a training step may hold, auto (free device memory less 10 %, at least 1 GiB) or lean (the least
     /// memory): under checkpointing, the last layers that fit keep their activations instead of being recomputed
     /// (faster), and when even recomputing every layer does not fit, the recomputed layers' inputs wait in pinned
-    /// host memory, copied back one layer ahead (a GPU only); the results are the same bits. The plan is printed at
-    /// the start; a budget too small for any plan is an error saying what to lower.
+    /// host memory, copied back one layer ahead, then AdamW's moments too between updates (a GPU only); the results
+    /// are the same bits. The plan is printed at the start; a budget too small for any plan is an error saying what
+    /// to lower.
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<crate::bench::memory::Budget>,
     /// GPUs to train on, one process each. More than one needs the NCCL backend, which is not built yet.
@@ -561,7 +562,7 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
         };
         let shrink = "lower --micro-batch, --batch-tokens or --max-seq-len";
         let (plan, estimate) = crate::bench::memory::budget_plan(&setup, Some(budget), shrink)?;
-        plan.apply(&mut model);
+        plan.apply(&mut model, &mut optimizer)?;
         if lead {
             println!("{}", crate::bench::memory::describe_plan(plan, model.config.num_hidden_layers, &estimate));
         }
