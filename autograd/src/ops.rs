@@ -10,7 +10,7 @@ use qlora_runtime::ops::elementwise as ew;
 use qlora_runtime::ops::embedding::embedding_op;
 use qlora_runtime::ops::linalg::{linear_op, matmul_op};
 use qlora_runtime::ops::reduce::sum_op;
-use qlora_runtime::ops::rms_norm::rms_norm_op;
+use qlora_runtime::ops::rms_norm::{add_rms_norm_op, rms_norm_op};
 use qlora_runtime::ops::rope::rope_op;
 use qlora_runtime::{DType, Result, Tensor};
 
@@ -58,6 +58,16 @@ impl Tape {
     /// RMSNorm over the last dimension; offset 0 for Llama, 1 for Gemma's (1 + w).
     pub fn rms_norm(&self, x: &Var, w: &Var, eps: f64, offset: f64) -> Result<Var> {
         self.apply([x, w], |[x, w], needs| rms_norm_op(x, w, eps, offset, needs))
+    }
+
+    /// (h, y) = (x + residual, rms_norm(x + residual)) in one pass: the residual stream's add and the norm that reads
+    /// it, fused (the same bits as [`Tape::add`] then [`Tape::rms_norm`] on the CPU).
+    pub fn add_rms_norm(&self, x: &Var, residual: &Var, w: &Var, eps: f64, offset: f64) -> Result<(Var, Var)> {
+        let needs = [x.requires_grad(), residual.requires_grad(), w.requires_grad()];
+        let (outs, grad) = add_rms_norm_op(x.value(), residual.value(), w.value(), eps, offset, needs)?;
+        let mut vars = self.record(grad, &[x, residual, w], outs);
+        let y = vars.pop().expect("two outputs recorded");
+        Ok((vars.pop().expect("two outputs recorded"), y))
     }
 
     /// Rotary embedding of x: [tokens, heads, head_dim] with tables from `qlora_runtime::ops::rope::rope_tables`.

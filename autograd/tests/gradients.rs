@@ -93,6 +93,17 @@ fn embedding_norms_rope() {
             t.rms_norm(&v[0], &v[1], 1e-6, offset)
         });
     }
+    for offset in [0.0, 1.0] {
+        let ins = vec![randn(&[3, 7], &mut r), randn(&[3, 7], &mut r), randn(&[7], &mut r)];
+        // Both outputs read on: the gradient of x and of the residual is h's own plus the norm's.
+        check("add_rms_norm", ins.clone(), |t, v| {
+            let (h, y) = t.add_rms_norm(&v[0], &v[1], &v[2], 1e-6, offset)?;
+            t.add(&y, &t.scale(&h, 0.37)?)
+        });
+        check("add_rms_norm, y alone", ins.clone(), |t, v| Ok(t.add_rms_norm(&v[0], &v[1], &v[2], 1e-6, offset)?.1));
+        let w = Var::constant(ins[2].clone());
+        check("add_rms_norm, h alone", ins[..2].to_vec(), |t, v| Ok(t.add_rms_norm(&v[0], &v[1], &w, 1e-6, offset)?.0));
+    }
     let pos = Tensor::from_vec(vec![0i32, 1, 2, 0, 5], &[5]).unwrap();
     let inv = Tensor::from_vec(vec![1.0f64, 0.1, 0.01], &[3]).unwrap();
     let (cos, sin) = rope_tables(&pos, &inv).unwrap();

@@ -639,8 +639,7 @@ fn layer_forward(
         }
         None => &l.post_attention_layernorm,
     };
-    let x = t.add(x, &attn)?;
-    let h = t.rms_norm(&x, &t.param(ff_norm), eps, offset)?;
+    let (x, h) = t.add_rms_norm(x, &attn, &t.param(ff_norm), eps, offset)?;
     let [gate, up] = Projection::forward_group(t, &h, [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))])?;
     let glu = match c.activation {
         Activation::Silu => Glu::SwiGlu,

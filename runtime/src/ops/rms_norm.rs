@@ -77,3 +77,91 @@ pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64, offset: f64, needs: [bool; 
     });
     Ok((y, grad))
 }
+
+/// x, residual: [..., dim], weight: \[dim\] → (h = x + residual, y = rms_norm(h), rstd): the residual stream's add
+/// fused with the norm that reads it, one pass over the rows instead of two (h is rounded to its dtype before it is
+/// normalized, as the unfused pair stores it).
+pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f64, offset: f64) -> Result<[Tensor; 3]> {
+    same_shape("add_rms_norm", x, residual)?;
+    let (rows, dim) = rows_cols("add_rms_norm", x)?;
+    if weight.shape() != [dim] {
+        return Err(Error::shape("add_rms_norm", format!("weight {:?} for input {:?}", weight.shape(), x.shape())));
+    }
+    if let Some(g) = Gpu::of("add_rms_norm", &[x, residual, weight])? {
+        return with_gpu!(g, |T| {
+            let (xi, ri, w) = (g.input(x)?, g.input(residual)?, g.input(weight)?);
+            let n = x.elem_count();
+            let (mut h, mut y, mut rstd) = (g.alloc::<T>(n)?, g.alloc::<T>(n)?, g.alloc::<f32>(rows)?);
+            let (xb, rb, wb) = (buf::<T>(&xi), buf(&ri), buf(&w));
+            g.run(grms::add_rms_norm_forward(xb, rb, wb, dim, eps as f32, offset as f32, &mut h, &mut y, &mut rstd))?;
+            Ok([output(h, x.shape()), output(y, x.shape()), output(rstd, &[rows])])
+        });
+    }
+    with_compute!("add_rms_norm", [x, residual, weight], |T| {
+        let n = x.elem_count();
+        let (mut h, mut y, mut rstd) = (vec![T::default(); n], vec![T::default(); n], vec![T::default(); rows]);
+        let (xv, rv, wv) = (x.values::<T>(), residual.values::<T>(), weight.values::<T>());
+        rms::add_rms_norm_forward(&xv, &rv, &wv, dim, eps as T, offset as T, &mut h, &mut y, &mut rstd);
+        Ok([tensor(h, x.shape()), tensor(y, x.shape()), tensor(rstd, &[rows])])
+    })
+}
+
+/// → (dx, dw) of [`add_rms_norm`], dx being the gradient of both x and the residual: `dh` (what reached h from its
+/// other readers) plus the norm's backward of `dy`.
+pub fn add_rms_norm_backward(
+    h: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    dh: &Tensor,
+    offset: f64,
+    need_dw: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    same_shape("add_rms_norm_backward", h, dh)?;
+    if let Some(g) = Gpu::of("add_rms_norm_backward", &[h, weight, rstd, dy, dh])? {
+        same_shape("add_rms_norm_backward", h, dy)?;
+        let (rows, dim) = rows_cols("add_rms_norm_backward", h)?;
+        if rstd.elem_count() != rows || weight.shape() != [dim] {
+            return Err(Error::shape(
+                "add_rms_norm_backward",
+                format!("h {:?} with weight {:?} and rstd {:?}", h.shape(), weight.shape(), rstd.shape()),
+            ));
+        }
+        return with_gpu!(g, |T| {
+            let (hi, w, dyi, dhi) = (g.input(h)?, g.input(weight)?, g.input(dy)?, g.input(dh)?);
+            let r = g.input_as(rstd, DType::F32)?;
+            let mut dx = g.alloc::<T>(h.elem_count())?;
+            let mut dw = if need_dw { Some(g.alloc::<T>(dim)?) } else { None };
+            let (hb, wb, rb, dyb, dhb) = (buf::<T>(&hi), buf(&w), buf(&r), buf(&dyi), buf(&dhi));
+            g.run(grms::add_rms_norm_backward(hb, wb, rb, dyb, dhb, dim, offset as f32, &mut dx, dw.as_mut()))?;
+            Ok((output(dx, h.shape()), dw.map(|dw| output(dw, &[dim]))))
+        });
+    }
+    // The CPU twin of the fused backward is the norm's backward then the add, in the fused kernel's order.
+    let (dnorm, dw) = rms_norm_backward(h, weight, rstd, dy, offset, need_dw)?;
+    Ok((super::elementwise::add(dh, &dnorm)?, dw))
+}
+
+/// [`add_rms_norm`] for a tape: (h, y), and a backward for x, the residual (both get dx) and the weight as `needs`
+/// marks them, reading h, the weight and rstd. Either output may go without a gradient.
+pub fn add_rms_norm_op(
+    x: &Tensor,
+    residual: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    offset: f64,
+    needs: [bool; 3],
+) -> Result<(Vec<Tensor>, Box<dyn crate::op::Backward>)> {
+    let [h, y, rstd] = add_rms_norm(x, residual, w, eps, offset)?;
+    let (saved_h, w) = (h.clone(), w.clone());
+    let grad = backward_fn("add_rms_norm", bytes([&saved_h, &rstd]), move |g| {
+        let (dx, dw) = match (&g[0], &g[1]) {
+            (Some(dh), Some(dy)) => add_rms_norm_backward(&saved_h, &w, &rstd, dy, dh, offset, needs[2])?,
+            (None, Some(dy)) => rms_norm_backward(&saved_h, &w, &rstd, dy, offset, needs[2])?,
+            (Some(dh), None) => (dh.clone(), None),
+            (None, None) => return Ok(vec![None, None, None]),
+        };
+        Ok(vec![needs[0].then(|| dx.clone()), needs[1].then_some(dx), dw])
+    });
+    Ok((vec![h, y], grad))
+}
