@@ -19,17 +19,6 @@ use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 use std::collections::BTreeMap;
 
-/// Runs `$f::<T>(..)` with T the compute type of `$dtype`: f64 for gradient checks, f32 otherwise.
-macro_rules! in_precision {
-    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
-        match $dtype {
-            DType::F64 => $f::<f64>($($arg),*),
-            _ => $f::<f32>($($arg),*),
-        }
-    };
-}
-
-// Declared after `in_precision!`, which they use.
 mod dora;
 mod group;
 mod merge;
@@ -309,14 +298,6 @@ fn validate(x: &Var, p: &LoraProjection) -> Result<()> {
     }
     if let Some(ad) = p.adapter {
         ad.check("lora_linear", p.base)?;
-        let device = x.value().device();
-        if device != Device::Cpu && ad.config.use_dora {
-            return Err(Error::Unsupported {
-                op: "lora_linear",
-                device,
-                why: "DoRA runs on the CPU only so far (its per-row norm and scaling helpers are host loops)",
-            });
-        }
     }
     Ok(())
 }

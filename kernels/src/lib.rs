@@ -21,6 +21,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod cuda;
+pub mod dora;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;

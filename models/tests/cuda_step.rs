@@ -34,10 +34,15 @@ fn llama_dir() -> PathBuf {
 
 /// The tiny Llama as NF4 (double quantized, block 64) with a rank-4 adapter on every projection, B ~ N(0, 0.05²).
 fn qlora_model() -> CausalLm {
+    adapted_model(false)
+}
+
+/// [`qlora_model`] with LoRA or DoRA adapters (DoRA's magnitudes start at the base's row norms, as peft's do).
+fn adapted_model(use_dora: bool) -> CausalLm {
     let mut model = CausalLm::load(&llama_dir(), BaseFormat::Nf4 { blocksize: 64, double_quant: true }).unwrap();
     model.gradient_checkpointing = true;
     let mut rng = Rng::new(6);
-    let config = LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() };
+    let config = LoraConfig { r: 4, alpha: 8.0, use_dora, ..LoraConfig::default() };
     for p in model.projections_mut().unwrap() {
         let ad = LoraAdapter::new(&p.name, &p.base, &config, &mut rng).unwrap();
         let b_shape = ad.lora_b.value().shape().to_vec();
@@ -93,10 +98,15 @@ fn errors(got: &[f64], want: &[f64]) -> (f64, f64) {
     (diff.iter().fold(0.0f64, |m, d| m.max(d.abs())), norm(&diff) / norm(want))
 }
 
-/// `model.layers.0.self_attn.q_proj.lora_A.weight` → `q_proj.lora_A`.
+/// `model.layers.0.self_attn.q_proj.lora_A.weight` → `q_proj.lora_A`; `….q_proj.lora_magnitude_vector` →
+/// `q_proj.magnitude`.
 fn group(name: &str) -> String {
     let parts: Vec<&str> = name.split('.').collect();
-    format!("{}.{}", parts[parts.len() - 3], parts[parts.len() - 2])
+    match parts.as_slice() {
+        [.., proj, "lora_magnitude_vector"] => format!("{proj}.magnitude"),
+        [.., proj, factor, _] => format!("{proj}.{factor}"),
+        _ => name.to_string(),
+    }
 }
 
 /// Per group of tensors (same projection and factor over all layers): the worst max-abs and normwise errors.
@@ -120,12 +130,23 @@ fn group_errors(got: &[(String, Vec<f64>)], want: &[(String, Vec<f64>)]) -> Vec<
 
 #[test]
 fn llama_qlora_step_matches_cpu() {
-    let test = "llama_qlora_step_matches_cpu";
+    step_matches_cpu("llama_qlora_step_matches_cpu", false);
+}
+
+/// The same with DoRA adapters: the weight norms, magnitude ratio, scalings and combined output on the GPU
+/// (`kernels/cuda/dora.cu`), and the magnitude vectors' gradients beside A's and B's.
+#[test]
+fn llama_qdora_step_matches_cpu() {
+    step_matches_cpu("llama_qdora_step_matches_cpu", true);
+}
+
+fn step_matches_cpu(test: &str, use_dora: bool) {
     let Some(name) = gpu(test) else { return };
-    let cpu_model = qlora_model();
+    let cpu_model = adapted_model(use_dora);
     let cpu_batch = batch(cpu_model.config.vocab_size);
     let (cpu_loss, cpu_grads) = step(&cpu_model, &cpu_batch);
-    assert_eq!(cpu_grads.len(), 2 * 7 * cpu_model.layers.len(), "A and B of 7 projections per layer");
+    let per_projection = if use_dora { 3 } else { 2 };
+    assert_eq!(cpu_grads.len(), per_projection * 7 * cpu_model.layers.len(), "A, B (and m) of 7 projections per layer");
 
     let gpu_batch = cpu_batch.to_device(CUDA).unwrap();
     let mut results = Vec::new();

@@ -1,15 +1,16 @@
 //! DoRA's [`Tape::lora_linear`](crate::Tape::lora_linear) and its part of merging (peft 0.21
 //! `tuners/lora/dora.py`): the per-row weight norm n = ‖W + s·B·A‖, the row and column scalings by g = m/n, the
-//! combined output with what its backward keeps, and that backward. Host loops in the op's precision, which is why
-//! DoRA runs on the CPU only so far (and why it keeps its own op rather than the fused LoRA group's).
+//! combined output with what its backward keeps, and that backward. The per-row and broadcast math is
+//! `qlora_runtime::ops::dora` (CPU and CUDA), the rest GEMMs and elementwise ops, so the op runs wherever its tensors
+//! are. It keeps its own op rather than the fused LoRA group's: the norm couples every output row to A and B.
 
 use super::{precision, Dropout, LoraAdapter};
 use crate::tape::{Backward, Tape, Var};
 use qlora_runtime::op::{bytes_of, first_grad, saved};
+use qlora_runtime::ops::dora::{combine, ratio, row_norms, scale_by, Axis};
 use qlora_runtime::ops::elementwise::{add, add_bias, mul, scale};
 use qlora_runtime::ops::linalg::matmul;
 use qlora_runtime::ops::reduce::sum_rows;
-use qlora_runtime::ops::Compute;
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Error, Result, Tensor};
 
@@ -53,10 +54,10 @@ impl Tape {
         let sv = scale(&matmul(&u, &bv.t()?)?, s)?;
         let (x_needs, a_needs, m_needs) = (x.requires_grad(), a.requires_grad(), m.requires_grad());
         let n = weight_norm(&w, av, bv, s)?;
-        let g = in_precision!(p, div(mv, &n))?;
+        let g = ratio(mv, &n)?;
         // With dropout the correction terms see x_d while the main term keeps x: x_d·Wᵀ is a second product.
         let zd = if dropout.is_some() { matmul(&xd, &w.t()?)? } else { z.clone() };
-        let (y, h) = in_precision!(p, dora_combine(&z, &zd, &sv, &g, m_needs))?;
+        let (y, h) = combine(&z, &zd, &sv, &g, m_needs)?;
         let y = match bias {
             Some(bias) => add_bias(&y, bias.value())?,
             None => y,
@@ -124,7 +125,7 @@ impl Backward for DoraLinear {
         let dy = dy.reshape(&[dy.elem_count() / out_f, out_f])?;
         let d_bias = if self.bias_needs { Some(sum_rows(&dy)?) } else { None };
         // The branch s·(x_d·Aᵀ)·Bᵀ sees dy scaled per output by g; n is detached, so m is the only other path.
-        let dyg = in_precision!(p, scale_cols(&dy, &self.g, 0.0))?;
+        let dyg = scale_by(&dy, &self.g, 0.0, Axis::Cols)?;
         let dsv = scale(&dyg, self.scaling)?;
         let d_b = self.u.as_ref().map(|u| matmul(&dsv.t()?, u)).transpose()?;
         let du = self.b.as_ref().map(|b| matmul(&dsv, b)).transpose()?;
@@ -139,7 +140,7 @@ impl Backward for DoraLinear {
             None => None,
         };
         let d_m = match (&self.n, &self.h) {
-            (Some(n), Some(h)) => Some(in_precision!(p, div(&sum_rows(&mul(&dy, h)?)?, n))?),
+            (Some(n), Some(h)) => Some(ratio(&sum_rows(&mul(&dy, h)?)?, n)?),
             _ => None,
         };
         let dx = match &self.base {
@@ -152,7 +153,7 @@ impl Backward for DoraLinear {
                     None => add(&matmul(&dyg, &w)?, &du_a)?,
                     // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
                     Some(d) => {
-                        let dzd = matmul(&in_precision!(p, scale_cols(&dy, &self.g, -1.0))?, &w)?;
+                        let dzd = matmul(&scale_by(&dy, &self.g, -1.0, Axis::Cols)?, &w)?;
                         add(&matmul(&dy, &w)?, &d.apply(&add(&dzd, &du_a)?)?)?
                     }
                 })
@@ -165,65 +166,5 @@ impl Backward for DoraLinear {
 
 /// n = ‖W + s·B·A‖ per row (peft `get_weight_norm`): W [out, in], A [r, in], B [out, r] → [out].
 pub(super) fn weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    let v = add(w, &scale(&matmul(b, a)?, s)?)?;
-    in_precision!(v.dtype(), row_norms(&v))
-}
-
-/// t: [rows, cols] → [rows] of ‖t_j‖₂, accumulated in f64 and rounded once.
-pub(super) fn row_norms<T: Compute>(t: &Tensor) -> Result<Tensor> {
-    let cols = t.shape()[1];
-    let v = t.values::<T>();
-    let n = v.chunks_exact(cols).map(|row| T::c(row.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt())).collect();
-    Tensor::from_vec(n, &[t.shape()[0]])
-}
-
-/// a / b elementwise (same shapes).
-pub(super) fn div<T: Compute>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let v = a.values::<T>().iter().zip(b.values::<T>().iter()).map(|(&a, &b)| a / b).collect();
-    Tensor::from_vec(v, a.shape())
-}
-
-/// t: [rows, cols], c: [cols] → t_ij·(c_j + offset).
-fn scale_cols<T: Compute>(t: &Tensor, c: &Tensor, offset: f64) -> Result<Tensor> {
-    let c: Vec<T> = c.values::<T>().iter().map(|&v| v + T::c(offset)).collect();
-    let mut out = t.to_vec::<T>();
-    for row in out.chunks_exact_mut(c.len()) {
-        row.iter_mut().zip(&c).for_each(|(v, &s)| *v = *v * s);
-    }
-    Tensor::from_vec(out, t.shape())
-}
-
-/// t: [rows, cols], c: [rows] → t_ij·c_i.
-pub(super) fn scale_rows<T: Compute>(t: &Tensor, c: &Tensor) -> Result<Tensor> {
-    let cols = t.shape()[1];
-    let c = c.values::<T>();
-    let mut out = t.to_vec::<T>();
-    for (row, &s) in out.chunks_exact_mut(cols).zip(c.iter()) {
-        row.iter_mut().for_each(|v| *v = *v * s);
-    }
-    Tensor::from_vec(out, t.shape())
-}
-
-/// y = z + (g − 1)⊙z_d + g⊙sv (peft's order of terms) and, when `keep_h`, h = z_d + sv = ∂y/∂g.
-/// z, z_d, sv: [rows, out], g: [out].
-fn dora_combine<T: Compute>(
-    z: &Tensor,
-    zd: &Tensor,
-    sv: &Tensor,
-    g: &Tensor,
-    keep_h: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let g = g.values::<T>();
-    let (zd_v, sv_v) = (zd.values::<T>(), sv.values::<T>());
-    let mut y = z.to_vec::<T>();
-    let rows = y.chunks_exact_mut(g.len()).zip(zd_v.chunks_exact(g.len())).zip(sv_v.chunks_exact(g.len()));
-    for ((y, zd), sv) in rows {
-        for j in 0..g.len() {
-            y[j] = y[j] + (g[j] - T::c(1.0)) * zd[j] + g[j] * sv[j];
-        }
-    }
-    let h = keep_h
-        .then(|| Tensor::from_vec(zd_v.iter().zip(sv_v.iter()).map(|(&a, &b)| a + b).collect::<Vec<T>>(), z.shape()))
-        .transpose()?;
-    Ok((Tensor::from_vec(y, z.shape())?, h))
+    row_norms(&add(w, &scale(&matmul(b, a)?, s)?)?)
 }

@@ -1,8 +1,8 @@
 //! Folding an adapter into its base weight and taking it out again (peft 0.21 `get_delta_weight`, `merge`/`unmerge`
 //! and `DoraLinearVariant.merge_safe`/`unmerge`): what `qlora-rt merge` writes and the tests check against peft.
 
-use super::dora::{div, row_norms, scale_rows};
 use super::{precision, LoraAdapter};
+use qlora_runtime::ops::dora::{ratio, row_norms, scale_by, Axis};
 use qlora_runtime::ops::elementwise::{add, scale};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Error, Result, Tensor};
@@ -16,9 +16,8 @@ pub fn merged_weight(base: &BaseWeight, adapter: &LoraAdapter, dtype: DType) -> 
         None => sum,
         Some(m) => {
             // The delta already carries s, so the norm is ‖W + ΔW‖ (peft passes scaling=1 here).
-            let n = in_precision!(delta.dtype(), row_norms(&sum))?;
-            let g = in_precision!(delta.dtype(), div(&m.value(), &n))?;
-            in_precision!(delta.dtype(), scale_rows(&sum, &g))?
+            let n = row_norms(&sum)?;
+            scale_by(&sum, &ratio(&m.value(), &n)?, 0.0, Axis::Rows)?
         }
     };
     Ok(merged.to_dtype(dtype))
@@ -50,8 +49,7 @@ pub fn unmerged_weight(merged: &Tensor, adapter: &LoraAdapter, dora_weight_norm:
                     format!("{}: weight norm {:?} for merged weight [{out_f}, {in_f}]", m.name(), n.shape()),
                 ));
             }
-            let inv_g = in_precision!(delta.dtype(), div(n, &m.value()))?;
-            in_precision!(delta.dtype(), scale_rows(&merged, &inv_g))?
+            scale_by(&merged, &ratio(n, &m.value())?, 0.0, Axis::Rows)?
         }
     };
     add(&scaled, &scale(&delta, -1.0)?)

@@ -482,11 +482,13 @@ fn plot_subtitle(args: &FinetuneArgs, schedule: &Schedule) -> String {
 /// the CPU and `cuda` refuses it.
 pub(crate) fn training_device(dora: bool, device: DeviceArg) -> Result<DeviceArg> {
     Ok(match (dora, device) {
+        // The library runs DoRA on CUDA (its kernels are `dora.cu`); the command waits for their first run of the
+        // GPU parity suite before it trains with them.
         (true, DeviceArg::Cuda) => {
-            bail!("--dora with --device cuda: DoRA trains on the CPU only so far; use --device cpu")
+            bail!("--dora with --device cuda: DoRA's CUDA kernels have not passed the GPU parity suite yet; use --device cpu")
         }
         (true, DeviceArg::Auto) => {
-            eprintln!("qlora-rt: note: DoRA trains on the CPU only so far; training on CPU");
+            eprintln!("qlora-rt: note: DoRA's CUDA kernels have not passed the GPU parity suite yet; training on CPU");
             DeviceArg::Cpu
         }
         (_, device) => device,

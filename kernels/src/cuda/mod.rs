@@ -13,7 +13,7 @@
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
 //! - [`offload`]: buffers parked in pinned host memory and brought back, on the copy stream.
 //! - [`timing`]: CUDA events on a device's stream, for benchmarks and profiling.
-//! - one module per op (`elementwise`, `rms_norm`, …): the launchers, each the twin of the CPU function of the same
+//! - one module per op (`elementwise`, `rms_norm`, `dora`, …): the launchers, each the twin of the CPU function of the same
 //!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_*.rs` (the
 //!   older ops in `kernels/tests/cuda_parity/<op>.rs`).
 //!
@@ -35,6 +35,7 @@ pub mod adamw;
 pub mod attention;
 pub mod copy;
 pub mod cross_entropy;
+pub mod dora;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;

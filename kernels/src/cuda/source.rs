@@ -36,6 +36,7 @@ pub enum Module {
     Reduce,
     Copy,
     Attention,
+    Dora,
     /// The flash-attention kernels for head_dim ≤ 32, 64, 80, 96, 128, 256: one module each, so a model compiles
     /// only the head size it has.
     FlashD32,
@@ -51,7 +52,7 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: [Module; 21] = [
+    pub const ALL: [Module; 22] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -64,6 +65,7 @@ impl Module {
         Module::Reduce,
         Module::Copy,
         Module::Attention,
+        Module::Dora,
         Module::FlashD32,
         Module::FlashD64,
         Module::FlashD80,
@@ -90,6 +92,7 @@ impl Module {
             Module::Reduce => "reduce",
             Module::Copy => "copy",
             Module::Attention => "attention",
+            Module::Dora => "dora",
             Module::FlashD32 => "flash_attention_d32",
             Module::FlashD64 => "flash_attention_d64",
             Module::FlashD80 => "flash_attention_d80",
@@ -117,6 +120,7 @@ impl Module {
             Module::Reduce => include_str!("../../cuda/reduce.cu"),
             Module::Copy => include_str!("../../cuda/copy.cu"),
             Module::Attention => include_str!("../../cuda/attention.cu"),
+            Module::Dora => include_str!("../../cuda/dora.cu"),
             Module::FlashD32 => include_str!("../../cuda/flash_attention_d32.cu"),
             Module::FlashD64 => include_str!("../../cuda/flash_attention_d64.cu"),
             Module::FlashD80 => include_str!("../../cuda/flash_attention_d80.cu"),

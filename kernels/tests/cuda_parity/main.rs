@@ -20,6 +20,7 @@ mod attention;
 mod copy;
 mod cross_entropy;
 mod device;
+mod dora;
 mod elementwise;
 mod embedding;
 mod matmul;

@@ -14,6 +14,7 @@ pub mod activation;
 pub mod attention;
 pub mod concat;
 pub mod cross_entropy;
+pub mod dora;
 pub mod elementwise;
 pub mod embedding;
 pub mod linalg;
