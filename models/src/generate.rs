@@ -8,6 +8,7 @@ use crate::kv_cache::KvCache;
 use crate::transformer::CausalLm;
 use qlora_autograd::{Tape, Var};
 use qlora_runtime::ops::attention::SeqLens;
+use qlora_runtime::ops::embedding::embedding;
 use qlora_runtime::Rng;
 use qlora_runtime::{Device, Tensor};
 use std::ops::ControlFlow;
@@ -28,7 +29,7 @@ pub enum LogitsFor {
 
 impl CausalLm {
     /// Runs `new[s]` tokens after what `cache` holds for sequence s (an empty slice leaves it idle) and appends
-    /// them to the cache. On error the cache is left as it was.
+    /// them to the cache, on the model's device (the logits stay there). On error the cache is left as it was.
     pub fn forward_cached(&self, cache: &mut KvCache, new: &[&[u32]], which: LogitsFor) -> Result<Tensor> {
         if new.len() != cache.sequences() {
             return Err(invalid(format!("{} sequences given to a cache of {}", new.len(), cache.sequences())));
@@ -45,17 +46,20 @@ impl CausalLm {
         let n = ids.len();
         let last_rows: Vec<usize> = cu.windows(2).filter(|w| w[1] > w[0]).map(|w| w[1] as usize - 1).collect();
         let tape = Tape::new();
+        // Where the model runs: ids, boundaries and the cache go there; positions stay on the host (rope tables).
+        let device = self.embed_tokens.value().device();
         let run = || -> qlora_runtime::Result<Tensor> {
-            let (ids, positions) = (Tensor::from_vec(ids, &[n])?, Tensor::from_vec(positions, &[n])?);
-            let cu = SeqLens::new(&cu, Device::Cpu)?;
+            let ids = Tensor::from_vec(ids, &[n])?.to_device(device)?;
+            let positions = Tensor::from_vec(positions, &[n])?;
+            let cu = SeqLens::new(&cu, device)?;
             let hidden = self.forward_hidden(&tape, &ids, &positions, &cu, Some(&mut *cache), 0)?;
             let rows = match which {
                 LogitsFor::All => hidden,
                 LogitsFor::Last => {
-                    let h = hidden.value().values::<f32>();
-                    let dim = self.config.hidden_size;
-                    let picked: Vec<f32> = last_rows.iter().flat_map(|&r| h[r * dim..(r + 1) * dim].to_vec()).collect();
-                    Var::constant(Tensor::from_vec(picked, &[last_rows.len(), dim])?)
+                    // A row gather where the hidden states are (the embedding lookup is one).
+                    let last: Vec<i32> = last_rows.iter().map(|&r| r as i32).collect();
+                    let at = Tensor::from_vec(last, &[last_rows.len()])?.to_device(device)?;
+                    Var::constant(embedding(hidden.value(), &at)?)
                 }
             };
             Ok(self.head(&tape, &rows)?.value().clone())
@@ -225,7 +229,8 @@ pub fn generate(
         if cache.seq_len(0) + input.len() > context {
             break StopReason::ContextFull;
         }
-        let logits = model.forward_cached(&mut cache, &[&input], LogitsFor::Last)?;
+        // One read back per token: the logits row the sampler draws from.
+        let logits = model.forward_cached(&mut cache, &[&input], LogitsFor::Last)?.to_device(Device::Cpu)?;
         let next = sampler.sample(&logits.values::<f32>());
         if options.stop_tokens.contains(&next) {
             break StopReason::StopToken(next);

@@ -17,6 +17,7 @@ use qlora_models::data::jsonl::{parse_record, Record};
 use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::generate::{generate, GenerateOptions, StopReason};
 use qlora_models::transformer::CausalLm;
+use qlora_runtime::{DType, Device};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::ops::ControlFlow;
@@ -77,16 +78,23 @@ pub fn read(path: &Path, adapters: &[AdapterArg], prompter: &Prompter) -> Result
     Ok(jobs)
 }
 
-/// Runs every job and writes its JSON line to `out` (`out_path` names it in errors; None is stdout).
+/// Where the JSON lines go: a writer, and the file it writes (None: stdout), to name in errors.
+pub struct Sink<'a> {
+    pub writer: Box<dyn Write>,
+    pub path: Option<&'a Path>,
+}
+
+/// Runs every job on the model where `placement` says and writes its JSON line to `sink`.
 pub fn serve(
     base: &CausalLm,
     adapters: &[NamedAdapter],
     jobs: &[Job],
     tokenizer: &Tokenizer,
     options: impl Fn(Vec<u32>) -> GenerateOptions,
-    mut out: Box<dyn Write>,
-    out_path: Option<&Path>,
+    sink: Sink,
+    placement: (Device, DType),
 ) -> Result<()> {
+    let Sink { writer: mut out, path: out_path } = sink;
     let target = || out_path.map_or("stdout".into(), |p| p.display().to_string());
     let mut groups: Vec<Option<usize>> = Vec::new();
     for job in jobs {
@@ -99,7 +107,7 @@ pub fn serve(
     let start = Instant::now();
     for group in groups {
         let adapter = group.map(|i| &adapters[i]);
-        let model = base.with_adapter(adapter.map(|a| &a.adapter))?.fold_adapters()?;
+        let model = super::place(base.with_adapter(adapter.map(|a| &a.adapter))?.fold_adapters()?, placement)?;
         for (k, job) in jobs.iter().enumerate().filter(|(_, j)| j.adapter == group) {
             let options = options(job.prompt.stop_tokens.clone());
             let generation = generate(&model, &job.prompt.ids, &options, |_| ControlFlow::Continue(()))
