@@ -302,34 +302,11 @@ fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_gradient, randn, Tolerance};
-    use crate::Rng;
+    use crate::testing::attention::{case, AttentionCase as Case};
+    use crate::testing::{assert_close, check_gradient, Tolerance};
 
     /// Two f64 evaluations of the same formula that differ only in summation order.
     const F64: Tolerance = Tolerance { abs: 1e-12, rel: 1e-12 };
-
-    /// A packed batch, (len_q, len_k) per sequence, and the attention flavour.
-    #[derive(Clone, Copy, Debug)]
-    struct Case {
-        lens: &'static [(usize, usize)],
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-        causal: bool,
-        window: Option<usize>,
-        softcap: Option<f64>,
-    }
-
-    const fn case(
-        lens: &'static [(usize, usize)],
-        heads: (usize, usize),
-        head_dim: usize,
-        causal: bool,
-        window: Option<usize>,
-        softcap: Option<f64>,
-    ) -> Case {
-        Case { lens, n_heads: heads.0, n_kv_heads: heads.1, head_dim, causal, window, softcap }
-    }
 
     const PACKED: &[(usize, usize)] = &[(1, 1), (4, 4), (6, 6)];
     const DECODE: &[(usize, usize)] = &[(2, 5)];
@@ -338,63 +315,19 @@ mod tests {
     /// odd head_dim, causal and not, windows 2 and 3, caps 0.5 (saturating) and 50 (Gemma 2), bottom-right decoding,
     /// a non-causal sequence with more queries than keys and one with no keys at all.
     const SMALL: &[Case] = &[
-        case(&[(7, 7)], (1, 1), 4, true, None, None),
-        case(PACKED, (4, 2), 5, true, None, None),
-        case(PACKED, (6, 2), 4, true, Some(2), Some(50.0)),
-        case(PACKED, (3, 3), 8, false, None, Some(0.5)),
-        case(DECODE, (4, 2), 5, true, Some(3), None),
-        case(&[(2, 5), (3, 3), (1, 4)], (6, 2), 4, true, Some(3), Some(0.5)),
-        case(&[(3, 2), (2, 0), (4, 4)], (4, 2), 5, false, Some(2), None),
-        case(&[(5, 5)], (1, 1), 8, false, None, Some(50.0)),
-        case(&[(2, 5), (1, 3)], (3, 1), 8, true, None, Some(50.0)),
+        case((1, 1), 4, true, None, None, &[(7, 7)]),
+        case((4, 2), 5, true, None, None, PACKED),
+        case((6, 2), 4, true, Some(2), Some(50.0), PACKED),
+        case((3, 3), 8, false, None, Some(0.5), PACKED),
+        case((4, 2), 5, true, Some(3), None, DECODE),
+        case((6, 2), 4, true, Some(3), Some(0.5), &[(2, 5), (3, 3), (1, 4)]),
+        case((4, 2), 5, false, Some(2), None, &[(3, 2), (2, 0), (4, 4)]),
+        case((1, 1), 8, false, None, Some(50.0), &[(5, 5)]),
+        case((3, 1), 8, true, None, Some(50.0), &[(2, 5), (1, 3)]),
     ];
 
     /// Long enough that rayon splits the work and windows cut deep into sequences.
-    const LARGE: Case = case(&[(19, 19), (5, 23), (40, 40)], (8, 2), 16, true, Some(7), Some(50.0));
-
-    impl Case {
-        fn params(&self) -> AttentionParams {
-            let p = AttentionParams::new(self.n_heads, self.n_kv_heads, self.head_dim);
-            AttentionParams { causal: self.causal, sliding_window: self.window, softcap: self.softcap, ..p }
-        }
-
-        fn cu_seqlens(&self) -> (Vec<i32>, Vec<i32>) {
-            cu_seqlens(self.lens)
-        }
-
-        fn tq(&self) -> usize {
-            self.lens.iter().map(|l| l.0).sum()
-        }
-
-        fn tk(&self) -> usize {
-            self.lens.iter().map(|l| l.1).sum()
-        }
-
-        /// Random q, k, v and upstream gradient.
-        fn inputs(&self, seed: u64) -> [Vec<f64>; 4] {
-            let mut rng = Rng::new(seed);
-            let (q_len, kv_len) =
-                (self.tq() * self.n_heads * self.head_dim, self.tk() * self.n_kv_heads * self.head_dim);
-            [randn(&mut rng, q_len), randn(&mut rng, kv_len), randn(&mut rng, kv_len), randn(&mut rng, q_len)]
-        }
-
-        /// (out, lse); NaN-filled outputs catch any element the kernel leaves unwritten.
-        fn forward<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
-            let (cu_q, cu_k) = self.cu_seqlens();
-            let (mut out, mut lse) = (vec![T::nan(); q.len()], vec![T::nan(); self.tq() * self.n_heads]);
-            attention_forward(&self.params(), q, k, v, &cu_q, &cu_k, &mut out, &mut lse);
-            (out, lse)
-        }
-
-        /// [out, lse, dq, dk, dv] for upstream gradient `g`.
-        fn forward_backward<T: Float>(&self, q: &[T], k: &[T], v: &[T], g: &[T]) -> [Vec<T>; 5] {
-            let (cu_q, cu_k) = self.cu_seqlens();
-            let (out, lse) = self.forward(q, k, v);
-            let (mut dq, mut dk, mut dv) = (vec![T::nan(); q.len()], vec![T::nan(); k.len()], vec![T::nan(); v.len()]);
-            attention_backward(&self.params(), q, k, v, &out, &lse, g, &cu_q, &cu_k, &mut dq, &mut dk, &mut dv);
-            [out, lse, dq, dk, dv]
-        }
-    }
+    const LARGE: Case = case((8, 2), 16, true, Some(7), Some(50.0), &[(19, 19), (5, 23), (40, 40)]);
 
     /// transformers' eager attention with the packed batch as one row: K and V expanded to every query head as
     /// repeat_kv does, a dense [tq, tk] score matrix per head, softcap, then an additive −∞ mask built from each
@@ -499,15 +432,15 @@ mod tests {
         // Bottom-right: the first sequence's 3 queries sit at positions 2, 3, 4 and each sees itself and one key back;
         // the second sequence's query sees only its own key (row 5).
         check(
-            case(&[(3, 5), (1, 1)], (1, 1), 1, true, Some(2), None),
+            case((1, 1), 1, true, Some(2), None, &[(3, 5), (1, 1)]),
             &[1.5, 2.5, 3.5, 5.0],
             &[ln(2.0), ln(2.0), ln(2.0), 0.0],
         );
-        check(case(DECODE, (1, 1), 1, true, None, None), &[1.5, 2.0], &[ln(4.0), ln(5.0)]);
-        check(case(&[(3, 3)], (1, 1), 1, true, Some(1), None), &[0.0, 1.0, 2.0], &[0.0; 3]);
+        check(case((1, 1), 1, true, None, None, DECODE), &[1.5, 2.0], &[ln(4.0), ln(5.0)]);
+        check(case((1, 1), 1, true, Some(1), None, &[(3, 3)]), &[0.0, 1.0, 2.0], &[0.0; 3]);
         // Non-causal windows only look back; queries of the third sequence sit at positions −1, 0, 1 and see both keys.
         check(
-            case(&[(2, 3), (2, 0), (3, 2)], (1, 1), 1, false, Some(2), None),
+            case((1, 1), 1, false, Some(2), None, &[(2, 3), (2, 0), (3, 2)]),
             &[1.0, 1.5, 0.0, 0.0, 3.5, 3.5, 3.5],
             &[ln(3.0), ln(2.0), f64::NEG_INFINITY, f64::NEG_INFINITY, ln(2.0), ln(2.0), ln(2.0)],
         );
@@ -541,7 +474,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "causal sequence 1 has 3 queries but only 2 keys")]
     fn causal_query_before_every_key_is_rejected() {
-        let c = case(&[(2, 2), (3, 2)], (1, 1), 4, true, None, None);
+        let c = case((1, 1), 4, true, None, None, &[(2, 2), (3, 2)]);
         let [q, k, v, _] = c.inputs(0);
         c.forward(&q, &k, &v);
     }
@@ -549,7 +482,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "q length")]
     fn cu_seqlens_disagreeing_with_q_is_rejected() {
-        let c = case(&[(2, 2)], (1, 1), 4, true, None, None);
+        let c = case((1, 1), 4, true, None, None, &[(2, 2)]);
         let [q, k, v, _] = c.inputs(0);
         let (mut out, mut lse) = (vec![0.0; 8], vec![0.0; 2]);
         attention_forward(&c.params(), &q[..4], &k, &v, &[0, 2], &[0, 2], &mut out, &mut lse);

@@ -6,6 +6,8 @@ use crate::cuda::CudaDevice;
 use crate::rng::Rng;
 use std::path::PathBuf;
 
+pub mod attention;
+
 /// An error bound of the form llm.c and burn use: `|actual − expected| ≤ abs + rel·|expected|`.
 #[derive(Clone, Copy, Debug)]
 pub struct Tolerance {
