@@ -333,7 +333,7 @@ mod tests {
     /// repeat_kv does, a dense [tq, tk] score matrix per head, softcap, then an additive −∞ mask built from each
     /// token's sequence id and absolute position.
     fn dense_reference(c: &Case, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f64>) {
-        let (n_heads, n_kv, d, tq, tk) = (c.n_heads, c.n_kv_heads, c.head_dim, c.tq(), c.tk());
+        let (n_heads, n_kv, d, tq, tk) = (c.heads.0, c.heads.1, c.head_dim, c.tq(), c.tk());
         let (mut q_pos, mut k_pos) = (vec![], vec![]);
         for (s, &(len_q, len_k)) in c.lens.iter().enumerate() {
             q_pos.extend((0..len_q).map(|r| (s, (len_k + r) as i64 - len_q as i64)));
@@ -464,9 +464,9 @@ mod tests {
         assert_eq!(c.lens[1], (2, 0));
         let [q, k, v, g] = c.inputs(7);
         let [out, lse, dq, dk, dv] = c.forward_backward(&q, &k, &v, &g);
-        let row = c.n_heads * c.head_dim;
+        let row = c.heads.0 * c.head_dim;
         assert!(out[3 * row..5 * row].iter().all(|&x| x == 0.0));
-        assert!(lse[3 * c.n_heads..5 * c.n_heads].iter().all(|&x| x == f64::NEG_INFINITY));
+        assert!(lse[3 * c.heads.0..5 * c.heads.0].iter().all(|&x| x == f64::NEG_INFINITY));
         assert!(dq[3 * row..5 * row].iter().all(|&x| x == 0.0));
         assert!([out, dq, dk, dv].iter().flatten().all(|x| x.is_finite()));
     }
@@ -493,14 +493,14 @@ mod tests {
         let c = SMALL[5];
         let [q, k, v, g] = c.inputs(11);
         let packed = c.forward_backward(&q, &k, &v, &g);
-        let (q_row, kv_row) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let (q_row, kv_row) = (c.heads.0 * c.head_dim, c.heads.1 * c.head_dim);
         let (cu_q, cu_k) = c.cu_seqlens();
         let lens: &'static [(usize, usize)] = c.lens;
         for s in 0..lens.len() {
             let alone = Case { lens: std::slice::from_ref(&lens[s]), ..c };
             let (qs, ks) = (cu_q[s] as usize..cu_q[s + 1] as usize, cu_k[s] as usize..cu_k[s + 1] as usize);
             let rows = |r: &std::ops::Range<usize>, width: usize| r.start * width..r.end * width;
-            let (qr, kr, lr) = (rows(&qs, q_row), rows(&ks, kv_row), rows(&qs, c.n_heads));
+            let (qr, kr, lr) = (rows(&qs, q_row), rows(&ks, kv_row), rows(&qs, c.heads.0));
             let single = alone.forward_backward(&q[qr.clone()], &k[kr.clone()], &v[kr.clone()], &g[qr.clone()]);
             for (name, i, r) in [("out", 0, &qr), ("lse", 1, &lr), ("dq", 2, &qr), ("dk", 3, &kr), ("dv", 4, &kr)] {
                 assert_eq!(&packed[i][r.clone()], &single[i][..], "{name} of sequence {s}");

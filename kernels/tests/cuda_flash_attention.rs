@@ -22,20 +22,19 @@ use qlora_kernels::cuda::attention::{self as gattn, flash_kernels, AttentionFloa
 use qlora_kernels::cuda::compile::{Output, Target};
 use qlora_kernels::cuda::source::Module;
 use qlora_kernels::cuda::{self, CudaDevice, DeviceBuffer};
-use qlora_kernels::testing::attention::{case, finite_lse, AttentionCase};
+use qlora_kernels::nf4::WeightElem;
+use qlora_kernels::testing::attention::{case, finite_lse, AttentionCase, GpuInputs};
 use qlora_kernels::testing::{assert_close, gpu, Tolerance};
 use qlora_kernels::Rng;
 use std::collections::BTreeSet;
 
-/// A 16-bit I/O type with its tolerances.
-trait Half: AttentionFloat {
+/// A 16-bit I/O type with its tolerances (its f32 conversions: [`WeightElem`]).
+trait Half: AttentionFloat + WeightElem {
     const NAME: &'static str;
     const OUT: Tolerance;
     const GRAD: Tolerance;
     /// Bound on ‖got − want‖ / ‖want‖ for the gradients.
     const GRAD_NORMWISE: f64;
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
 }
 
 impl Half for bf16 {
@@ -43,12 +42,6 @@ impl Half for bf16 {
     const OUT: Tolerance = Tolerance { abs: 2e-2, rel: 2e-2 };
     const GRAD: Tolerance = Tolerance { abs: 3e-2, rel: 3e-2 };
     const GRAD_NORMWISE: f64 = 1e-2;
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
 }
 
 impl Half for f16 {
@@ -56,12 +49,6 @@ impl Half for f16 {
     const OUT: Tolerance = Tolerance { abs: 5e-3, rel: 5e-3 };
     const GRAD: Tolerance = Tolerance { abs: 1e-2, rel: 1e-2 };
     const GRAD_NORMWISE: f64 = 3e-3;
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
 }
 
 const LSE: Tolerance = Tolerance { abs: 1e-4, rel: 1e-4 };
@@ -99,8 +86,8 @@ fn paths<T: AttentionFloat>(target: Target, head_dim: usize) -> Vec<FlashPath> {
     [FlashPath::Fastest].into_iter().chain(differs.then_some(FlashPath::Portable)).collect()
 }
 
-fn randn<T: Half>(rng: &mut Rng, n: usize, scale: f64) -> Vec<T> {
-    (0..n).map(|_| T::from_f32((scale * rng.normal()) as f32)).collect()
+fn narrow<T: Half>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
 fn widen<T: Half>(v: &[T]) -> Vec<f32> {
@@ -130,27 +117,21 @@ fn check<T: Half>(what: &str, got: &DeviceBuffer<T>, want: &[f32], tol: Toleranc
 
 fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &AttentionCase) {
     let p = c.params();
-    let (cu_q, cu_k) = c.cu_seqlens();
-    let max = c.max_seqlen();
     let (nq, nk) = c.sizes();
-    let qk_scale = if c.softcap.is_some() { 3.0 } else { 1.0 };
-    let (q, k, v) = (randn::<T>(rng, nq, qk_scale), randn::<T>(rng, nk, qk_scale), randn::<T>(rng, nk, 1.0));
-    let d_out = randn::<T>(rng, nq, 1.0);
-    let (qw, kw, vw, dow) = (widen(&q), widen(&k), widen(&v), widen(&d_out));
-    let (gq, gk, gv, gdo) = (upload(dev, &q), upload(dev, &k), upload(dev, &v), upload(dev, &d_out));
-    let (gcq, gck) = (upload(dev, &cu_q), upload(dev, &cu_k));
-    let cu = [&gcq, &gck];
+    let inputs = c.gpu_inputs(dev, rng, T::from_f32, T::to_f32);
+    let GpuInputs { host: [qw, kw, vw, dow], device: [gq, gk, gv, gdo], cu_seqlens: [gcq, gck] } = inputs;
+    let (cu, max) = ([&gcq, &gck], c.max_seqlen());
 
     let (want_out, want_lse) = c.forward(&qw, &kw, &vw);
     // Backward from the CPU's out (rounded to T) and lse, so that it is checked on its own.
-    let out_t: Vec<T> = want_out.iter().map(|&x| T::from_f32(x)).collect();
+    let out_t: Vec<T> = narrow(&want_out);
     let [want_dq, want_dk, want_dv] = c.backward([&qw, &kw, &vw], &widen(&out_t), &want_lse, &dow);
     let (gout, glse) = (upload(dev, &out_t), upload(dev, &want_lse));
 
     for path in paths::<T>(dev.target(), c.head_dim) {
         let [fwd, bwd] = kernels::<T>(dev.target(), path, c.head_dim);
         let what = format!("{c:?} on {fwd} + {bwd}");
-        let (mut out, mut lse) = (poisoned::<T>(dev, nq), upload(dev, &vec![f32::NAN; c.tq() * c.n_heads]));
+        let (mut out, mut lse) = (poisoned::<T>(dev, nq), upload(dev, &vec![f32::NAN; c.tq() * c.heads.0]));
         gattn::attention_forward_with(path, &p, &gq, &gk, &gv, cu, max, &mut out, &mut lse).unwrap();
         check(&format!("out {what}"), &out, &want_out, T::OUT, None);
         let got_lse = finite_lse(lse.to_vec().unwrap());

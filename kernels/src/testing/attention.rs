@@ -2,6 +2,7 @@
 //! batch, and the CPU twin's forward and backward on it (what every GPU result is compared with).
 
 use crate::attention::{attention_backward, attention_forward, cu_seqlens, AttentionParams};
+use crate::cuda::{CudaDevice, DeviceBuffer, DeviceCopy};
 use crate::rng::Rng;
 use crate::testing::randn;
 use crate::Float;
@@ -9,8 +10,8 @@ use crate::Float;
 /// One attention flavour over a packed batch of (queries, keys) per sequence.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionCase {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
+    /// (query heads, KV heads).
+    pub heads: (usize, usize),
     pub head_dim: usize,
     pub causal: bool,
     pub window: Option<usize>,
@@ -28,12 +29,12 @@ pub const fn case(
     softcap: Option<f64>,
     lens: &'static [(usize, usize)],
 ) -> AttentionCase {
-    AttentionCase { n_heads: heads.0, n_kv_heads: heads.1, head_dim, causal, window, softcap, lens }
+    AttentionCase { heads, head_dim, causal, window, softcap, lens }
 }
 
 impl AttentionCase {
     pub fn params(&self) -> AttentionParams {
-        let p = AttentionParams::new(self.n_heads, self.n_kv_heads, self.head_dim);
+        let p = AttentionParams::new(self.heads.0, self.heads.1, self.head_dim);
         AttentionParams { causal: self.causal, sliding_window: self.window, softcap: self.softcap, ..p }
     }
 
@@ -59,7 +60,7 @@ impl AttentionCase {
 
     /// Elements of q (and out, d_out) and of k (and v).
     pub fn sizes(&self) -> (usize, usize) {
-        (self.tq() * self.n_heads * self.head_dim, self.tk() * self.n_kv_heads * self.head_dim)
+        (self.tq() * self.heads.0 * self.head_dim, self.tk() * self.heads.1 * self.head_dim)
     }
 
     /// Random q, k, v and upstream gradient.
@@ -69,10 +70,31 @@ impl AttentionCase {
         [randn(&mut rng, q_len), randn(&mut rng, kv_len), randn(&mut rng, kv_len), randn(&mut rng, q_len)]
     }
 
+    /// Random q, k, v and d_out for a GPU test in the I/O type T (`to` and `from` convert from and to f32):
+    /// `N(0, 1)` drawn in that order, q and k scaled up where a cap is set (so that it bends the scores).
+    pub fn gpu_inputs<T: DeviceCopy>(
+        &self,
+        dev: &CudaDevice,
+        rng: &mut Rng,
+        to: impl Fn(f32) -> T,
+        from: impl Fn(T) -> f32,
+    ) -> GpuInputs<T> {
+        let (nq, nk) = self.sizes();
+        let qk_scale = if self.softcap.is_some() { 3.0 } else { 1.0 };
+        let mut randn = |n: usize, scale: f64| (0..n).map(|_| to((scale * rng.normal()) as f32)).collect::<Vec<T>>();
+        let values = [randn(nq, qk_scale), randn(nk, qk_scale), randn(nk, 1.0), randn(nq, 1.0)];
+        let (cu_q, cu_k) = self.cu_seqlens();
+        GpuInputs {
+            host: values.each_ref().map(|v| v.iter().map(|&x| from(x)).collect()),
+            device: values.each_ref().map(|v| upload(dev, v)),
+            cu_seqlens: [upload(dev, &cu_q), upload(dev, &cu_k)],
+        }
+    }
+
     /// (out, lse) of the CPU kernel; NaN-filled outputs catch any element it leaves unwritten.
     pub fn forward<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
         let (cu_q, cu_k) = self.cu_seqlens();
-        let (mut out, mut lse) = (vec![T::nan(); q.len()], vec![T::nan(); self.tq() * self.n_heads]);
+        let (mut out, mut lse) = (vec![T::nan(); q.len()], vec![T::nan(); self.tq() * self.heads.0]);
         attention_forward(&self.params(), q, k, v, &cu_q, &cu_k, &mut out, &mut lse);
         (out, lse)
     }
@@ -91,6 +113,20 @@ impl AttentionCase {
         let [dq, dk, dv] = self.backward([q, k, v], &out, &lse, g);
         [out, lse, dq, dk, dv]
     }
+}
+
+/// A case's inputs on the host and the device, from [`AttentionCase::gpu_inputs`].
+pub struct GpuInputs<T: DeviceCopy> {
+    /// q, k, v and d_out widened to f32, for the CPU twin.
+    pub host: [Vec<f32>; 4],
+    /// The same in T on the device.
+    pub device: [DeviceBuffer<T>; 4],
+    /// (queries, keys).
+    pub cu_seqlens: [DeviceBuffer<i32>; 2],
+}
+
+fn upload<T: DeviceCopy>(dev: &CudaDevice, v: &[T]) -> DeviceBuffer<T> {
+    dev.upload(v).expect("upload")
 }
 
 /// lse with −∞ (a query that sees no key) mapped to a finite sentinel, so that assert_close can compare it.

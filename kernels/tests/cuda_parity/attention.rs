@@ -1,6 +1,6 @@
-use crate::common::{check, narrow, poisoned, randn, upload, widen, Elem, REDUCED};
+use crate::common::{check, narrow, poisoned, upload, widen, Elem, REDUCED};
 use qlora_kernels::cuda::CudaDevice;
-use qlora_kernels::testing::attention::{case, finite_lse};
+use qlora_kernels::testing::attention::{case, finite_lse, GpuInputs};
 use qlora_kernels::testing::{assert_close, gpu};
 use qlora_kernels::{cuda, Rng};
 
@@ -33,18 +33,12 @@ fn attention_case<T: Elem + cuda::attention::AttentionFloat>(dev: &CudaDevice, r
     for c in cases {
         let p = c.params();
         let what = format!("{c:?}");
-        let (cu_q, cu_k) = c.cu_seqlens();
-        let max = c.max_seqlen();
         let (nq, nk) = c.sizes();
-        let qk_scale = if c.softcap.is_some() { 3.0 } else { 1.0 };
-        let (q, k, v) = (randn::<T>(rng, nq, qk_scale), randn::<T>(rng, nk, qk_scale), randn::<T>(rng, nk, 1.0));
-        let d_out = randn::<T>(rng, nq, 1.0);
-        let (qw, kw, vw, dow) = (widen(&q), widen(&k), widen(&v), widen(&d_out));
-        let (gq, gk, gv, gdo) = (upload(dev, &q), upload(dev, &k), upload(dev, &v), upload(dev, &d_out));
-        let (gcq, gck) = (upload(dev, &cu_q), upload(dev, &cu_k));
-        let cu = [&gcq, &gck];
+        let inputs = c.gpu_inputs(dev, rng, T::from_f32, T::to_f32);
+        let GpuInputs { host: [qw, kw, vw, dow], device: [gq, gk, gv, gdo], cu_seqlens: [gcq, gck] } = inputs;
+        let (cu, max) = ([&gcq, &gck], c.max_seqlen());
 
-        let (mut out, mut lse) = (poisoned::<T>(dev, nq), poisoned::<f32>(dev, c.tq() * c.n_heads));
+        let (mut out, mut lse) = (poisoned::<T>(dev, nq), poisoned::<f32>(dev, c.tq() * c.heads.0));
         cuda::attention::attention_forward(&p, &gq, &gk, &gv, cu, max, &mut out, &mut lse).unwrap();
         let (want_out, want_lse) = c.forward(&qw, &kw, &vw);
         check(&format!("attention out {what}"), &out, &want_out, T::tol(REDUCED));
