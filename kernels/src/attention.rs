@@ -303,7 +303,7 @@ fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
 mod tests {
     use super::*;
     use crate::testing::attention::{case, AttentionCase as Case};
-    use crate::testing::{assert_close, check_gradient, Tolerance};
+    use crate::testing::{assert_close, check_gradient, f32s, f64s, Tolerance};
 
     /// Two f64 evaluations of the same formula that differ only in summation order.
     const F64: Tolerance = Tolerance { abs: 1e-12, rel: 1e-12 };
@@ -397,14 +397,6 @@ mod tests {
         assert_eq!(inf(actual), inf(expected), "{what}: positions of −∞");
         let finite = |x: &[f64]| x.iter().map(|&v| if v == f64::NEG_INFINITY { 0.0 } else { v }).collect::<Vec<_>>();
         assert_close(what, &finite(actual), &finite(expected), tol);
-    }
-
-    fn to_f32(x: &[f64]) -> Vec<f32> {
-        x.iter().map(|&v| v as f32).collect()
-    }
-
-    fn to_f64(x: &[f32]) -> Vec<f64> {
-        x.iter().map(|&v| v as f64).collect()
     }
 
     #[test]
@@ -514,16 +506,16 @@ mod tests {
         for (n, c) in [SMALL[5], SMALL[3], LARGE].iter().enumerate() {
             let [q, k, v, g] = c.inputs(20 + n as u64);
             let want = c.forward_backward(&q, &k, &v, &g);
-            let got = c.forward_backward(&to_f32(&q), &to_f32(&k), &to_f32(&v), &to_f32(&g));
+            let got = c.forward_backward(&f32s(&q), &f32s(&k), &f32s(&v), &f32s(&g));
             for (name, (got, want)) in ["out", "lse", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
-                assert_close_lse(&format!("{name} {c:?}"), &to_f64(got), want, tol);
+                assert_close_lse(&format!("{name} {c:?}"), &f64s(got), want, tol);
             }
         }
     }
 
     #[test]
     fn thread_count_does_not_change_bits() {
-        let [q, k, v, g] = LARGE.inputs(5).map(|x| to_f32(&x));
+        let [q, k, v, g] = LARGE.inputs(5).map(|x| f32s(&x));
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| LARGE.forward_backward(&q, &k, &v, &g))

@@ -51,6 +51,16 @@ pub fn randn(rng: &mut Rng, n: usize) -> Vec<f64> {
     (0..n).map(|_| rng.normal()).collect()
 }
 
+/// f64 values rounded to f32, for running an f32 kernel on a test's f64 inputs.
+pub fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// f32 values widened (exactly) to f64, for comparing an f32 result with an f64 one.
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
 /// Checks `analytic` = ∂loss/∂x at `x` by central differences, element by element.
 ///
 /// Kernel tests build `loss` as Σ f(x) ⊙ g for a fixed random upstream gradient `g`, so one scalar checks the
