@@ -39,11 +39,12 @@ The safetensors metadata records versions, the device, the seed, and per case `{
 scaling, where bnb's approximate reciprocal (MUFU.RCP: its CUDA code is built with --use_fast_math) decides the code.
 """
 
-import argparse
 import copy
 import os
 import sys
 import zlib
+
+from fixture_cli import fail, fixture_args
 
 # (name, shape, dtype, blocksize, double_quant, kind). Names are stable: each case is seeded from its own name, so
 # adding a case never changes another. kinds: see make_input.
@@ -89,16 +90,8 @@ BLOCKWISE8_CASES = [
 ]
 
 
-def fail(msg):
-    print(f"nf4_fixtures.py: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="tests/fixtures/nf4", help="output folder (default: tests/fixtures/nf4)")
-    ap.add_argument("--seed", type=int, default=20240521, help="base seed; each case adds crc32(name)")
-    args = ap.parse_args()
+    args = fixture_args(__doc__, "tests/fixtures/nf4", 20240521, seed_help="base seed; each case adds crc32(name)")
 
     try:
         import torch

@@ -1,0 +1,19 @@
+"""What the fixture scripts (gguf_fixtures.py, nf4_fixtures.py, peft_fixtures.py) share: their --out and --seed
+arguments, and failing with one line that names the script."""
+
+import argparse
+import os
+import sys
+
+
+def fail(msg):
+    print(f"{os.path.basename(sys.argv[0])}: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def fixture_args(doc, out, seed, seed_help="base seed"):
+    """--out (default `out`) and --seed (default `seed`), described by the first paragraph of the script's `doc`."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    ap.add_argument("--seed", type=int, default=seed, help=seed_help)
+    return ap.parse_args()
