@@ -1,7 +1,8 @@
 """What the fixture scripts (gguf_fixtures.py, nf4_fixtures.py, peft_fixtures.py) share: their --out and --seed
-arguments, and failing with one line that names the script."""
+arguments, importing what they need, and failing with one line that names the script."""
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -17,3 +18,11 @@ def fixture_args(doc, out, seed, seed_help="base seed"):
     ap.add_argument("--out", default=out, help=f"output folder (default: {out})")
     ap.add_argument("--seed", type=int, default=seed, help=seed_help)
     return ap.parse_args()
+
+
+def require(module, hint):
+    """The imported `module`, or a failure saying what is missing (`hint`: what to install)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        fail(f"needs {hint}")

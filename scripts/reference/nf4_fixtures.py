@@ -44,7 +44,7 @@ import os
 import sys
 import zlib
 
-from fixture_cli import fail, fixture_args
+from fixture_cli import fail, fixture_args, require
 
 # (name, shape, dtype, blocksize, double_quant, kind). Names are stable: each case is seeded from its own name, so
 # adding a case never changes another. kinds: see make_input.
@@ -93,19 +93,13 @@ BLOCKWISE8_CASES = [
 def main():
     args = fixture_args(__doc__, "tests/fixtures/nf4", 20240521, seed_help="base seed; each case adds crc32(name)")
 
-    try:
-        import torch
-    except ImportError:
-        fail("needs PyTorch (pip install torch) on a machine with a CUDA GPU")
+    torch = require("torch", "PyTorch (pip install torch) on a machine with a CUDA GPU")
     try:
         import bitsandbytes
         import bitsandbytes.functional as F
     except Exception as e:  # bnb raises various errors when its native library is missing
         fail(f"cannot import bitsandbytes ({type(e).__name__}: {e}); pip install bitsandbytes")
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        fail("needs the safetensors package (pip install safetensors)")
+    save_file = require("safetensors.torch", "the safetensors package (pip install safetensors)").save_file
     if not torch.cuda.is_available():
         fail(
             "no CUDA device visible to PyTorch. These fixtures must come from bitsandbytes' CUDA kernels: its CPU "

@@ -39,7 +39,7 @@ import math
 import os
 import zlib
 
-from fixture_cli import fail, fixture_args
+from fixture_cli import fail, fixture_args, require
 
 # (name, in_features, out_features, r, lora_alpha, use_rslora, use_dora, dtype, leading dims of x). Each case is
 # seeded from its own name, so adding one never changes another.
@@ -56,18 +56,9 @@ CASES = [
 def main():
     args = fixture_args(__doc__, "tests/fixtures/peft", 20240611, seed_help="base seed; each case adds crc32(name)")
 
-    try:
-        import torch
-    except ImportError:
-        fail("needs PyTorch (pip install torch)")
-    try:
-        import peft
-    except ImportError:
-        fail("needs peft (pip install peft)")
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        fail("needs the safetensors package (pip install safetensors)")
+    torch = require("torch", "PyTorch (pip install torch)")
+    peft = require("peft", "peft (pip install peft)")
+    save_file = require("safetensors.torch", "the safetensors package (pip install safetensors)").save_file
 
     tensors = {}
     meta = {
