@@ -1,13 +1,9 @@
-use crate::common::{both_dtypes, check, narrow, randn, upload, widen, Elem, LENS};
+use crate::common::{check, narrow, parity_test, randn, upload, widen, Elem, LENS};
 use qlora_kernels::cuda::CudaDevice;
-use qlora_kernels::testing::{gpu, Tolerance};
+use qlora_kernels::testing::Tolerance;
 use qlora_kernels::{adamw, cuda, Rng};
 
-#[test]
-fn adamw_matches_cpu() {
-    let Some(dev) = gpu("adamw_matches_cpu") else { return };
-    both_dtypes!(adamw_case, &dev, &mut Rng::new(7));
-}
+parity_test!(adamw_matches_cpu: adamw_case, seed 7);
 
 fn adamw_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     for n in LENS {
