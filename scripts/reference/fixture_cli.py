@@ -1,5 +1,6 @@
 """What the fixture scripts (gguf_fixtures.py, nf4_fixtures.py, peft_fixtures.py) share: their --out and --seed
-arguments, importing what they need, and failing with one line that names the script."""
+arguments, importing what they need, the metadata that heads every fixture file, and failing with one line that names
+the script."""
 
 import argparse
 import importlib
@@ -26,3 +27,15 @@ def require(module, hint):
         return importlib.import_module(module)
     except ImportError:
         fail(f"needs {hint}")
+
+
+def fixture_meta(name, seed, torch, **fields):
+    """The safetensors metadata of `{name}_fixtures.py`'s file: its format, generator, seed and torch version, then
+    `fields` (versions and device)."""
+    return {
+        "format": f"qlora-rt {name} fixtures v1",
+        "generator": f"scripts/reference/{name}_fixtures.py",
+        "torch": torch.__version__,
+        "seed": str(seed),
+        **fields,
+    }

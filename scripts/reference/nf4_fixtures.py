@@ -44,7 +44,7 @@ import os
 import sys
 import zlib
 
-from fixture_cli import fail, fixture_args, require
+from fixture_cli import fail, fixture_args, fixture_meta, require
 
 # (name, shape, dtype, blocksize, double_quant, kind). Names are stable: each case is seeded from its own name, so
 # adding a case never changes another. kinds: see make_input.
@@ -125,15 +125,14 @@ def main():
         )
 
     tensors = {}
-    meta = {
-        "format": "qlora-rt nf4 fixtures v1",
-        "generator": "scripts/reference/nf4_fixtures.py",
-        "torch": torch.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
-        "device": torch.cuda.get_device_name(dev),
-        "cuda": str(torch.version.cuda),
-        "seed": str(args.seed),
-    }
+    meta = fixture_meta(
+        "nf4",
+        args.seed,
+        torch,
+        bitsandbytes=bitsandbytes.__version__,
+        device=torch.cuda.get_device_name(dev),
+        cuda=str(torch.version.cuda),
+    )
 
     tensors["dynamic_map_signed"] = F.create_dynamic_map(signed=True).float().cpu().contiguous()
     tensors["dynamic_map_unsigned"] = F.create_dynamic_map(signed=False).float().cpu().contiguous()

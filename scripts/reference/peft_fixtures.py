@@ -39,7 +39,7 @@ import math
 import os
 import zlib
 
-from fixture_cli import fail, fixture_args, require
+from fixture_cli import fail, fixture_args, fixture_meta, require
 
 # (name, in_features, out_features, r, lora_alpha, use_rslora, use_dora, dtype, leading dims of x). Each case is
 # seeded from its own name, so adding one never changes another.
@@ -61,15 +61,8 @@ def main():
     save_file = require("safetensors.torch", "the safetensors package (pip install safetensors)").save_file
 
     tensors = {}
-    meta = {
-        "format": "qlora-rt peft fixtures v1",
-        "generator": "scripts/reference/peft_fixtures.py",
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "device": "cpu",
-        "seed": str(args.seed),
-        "cases": ",".join(name for name, *_ in CASES),
-    }
+    cases = ",".join(name for name, *_ in CASES)
+    meta = fixture_meta("peft", args.seed, torch, peft=peft.__version__, device="cpu", cases=cases)
     for name, in_f, out_f, r, alpha, rslora, dora, dtype_name, lead in CASES:
         seed = args.seed + zlib.crc32(name.encode())
         case_tensors, case_meta = run_case(torch, peft, in_f, out_f, r, alpha, rslora, dora, dtype_name, lead, seed)
