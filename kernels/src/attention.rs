@@ -62,17 +62,16 @@ pub fn cu_seqlens(lens: &[(usize, usize)]) -> (Vec<i32>, Vec<i32>) {
 /// When a sequence has fewer queries than keys (decoding with a KV cache), queries are aligned to the END of the keys
 /// (bottom-right, as FlashAttention does): query r of a sequence with len_q queries and len_k keys sits at absolute
 /// position i = r + len_k − len_q, and with `causal` sees keys j ≤ i.
-/// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens_q/k: [n_seqs + 1] (first 0, last tq / tk)
-/// → out: [tq, n_heads, head_dim], lse: [tq, n_heads] (natural-log log-sum-exp of the scaled, capped, masked scores;
-/// −∞ for a query that sees no key, whose output row is then all zeros).
-#[allow(clippy::too_many_arguments)]
+/// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens = [cu_seqlens_q, cu_seqlens_k]:
+/// [n_seqs + 1] each (first 0, last tq / tk) → out: [tq, n_heads, head_dim], lse: [tq, n_heads] (natural-log
+/// log-sum-exp of the scaled, capped, masked scores; −∞ for a query that sees no key, whose output row is then all
+/// zeros). The CUDA twin takes the same arguments (and each sequence's longest length).
 pub fn attention_forward<T: Float>(
     p: &AttentionParams,
     q: &[T],
     k: &[T],
     v: &[T],
-    cu_seqlens_q: &[i32],
-    cu_seqlens_k: &[i32],
+    [cu_seqlens_q, cu_seqlens_k]: [&[i32]; 2],
     out: &mut [T],
     lse: &mut [T],
 ) {
@@ -101,22 +100,16 @@ pub fn attention_forward<T: Float>(
     });
 }
 
-/// Gradients of attention_forward. out and lse are the forward's outputs; d_out: [tq, n_heads, head_dim]
-/// → dq: [tq, n_heads, head_dim], dk, dv: [tk, n_kv_heads, head_dim] (all written; GQA sums over the query heads that share a KV head).
-#[allow(clippy::too_many_arguments)]
+/// Gradients of attention_forward from [q, k, v], [out, d_out] (out and lse the forward's outputs; d_out: [tq,
+/// n_heads, head_dim]) and cu_seqlens as there → [dq: [tq, n_heads, head_dim], dk, dv: [tk, n_kv_heads, head_dim]] (all
+/// written; GQA sums over the query heads that share a KV head).
 pub fn attention_backward<T: Float>(
     p: &AttentionParams,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &[T],
+    [q, k, v]: [&[T]; 3],
+    [out, d_out]: [&[T]; 2],
     lse: &[T],
-    d_out: &[T],
-    cu_seqlens_q: &[i32],
-    cu_seqlens_k: &[i32],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    [cu_seqlens_q, cu_seqlens_k]: [&[i32]; 2],
+    [dq, dk, dv]: [&mut [T]; 3],
 ) {
     let geo = Geometry::new(p, cu_seqlens_q, cu_seqlens_k);
     let hd = p.head_dim;
@@ -477,7 +470,7 @@ mod tests {
         let c = case((1, 1), 4, true, None, None, &[(2, 2)]);
         let [q, k, v, _] = c.inputs(0);
         let (mut out, mut lse) = (vec![0.0; 8], vec![0.0; 2]);
-        attention_forward(&c.params(), &q[..4], &k, &v, &[0, 2], &[0, 2], &mut out, &mut lse);
+        attention_forward(&c.params(), &q[..4], &k, &v, [&[0, 2], &[0, 2]], &mut out, &mut lse);
     }
 
     #[test]

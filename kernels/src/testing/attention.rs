@@ -95,7 +95,7 @@ impl AttentionCase {
     pub fn forward<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
         let (cu_q, cu_k) = self.cu_seqlens();
         let (mut out, mut lse) = (vec![T::nan(); q.len()], vec![T::nan(); self.tq() * self.heads.0]);
-        attention_forward(&self.params(), q, k, v, &cu_q, &cu_k, &mut out, &mut lse);
+        attention_forward(&self.params(), q, k, v, [&cu_q, &cu_k], &mut out, &mut lse);
         (out, lse)
     }
 
@@ -103,7 +103,7 @@ impl AttentionCase {
     pub fn backward<T: Float>(&self, [q, k, v]: [&[T]; 3], out: &[T], lse: &[T], g: &[T]) -> [Vec<T>; 3] {
         let (cu_q, cu_k) = self.cu_seqlens();
         let (mut dq, mut dk, mut dv) = (vec![T::nan(); q.len()], vec![T::nan(); k.len()], vec![T::nan(); v.len()]);
-        attention_backward(&self.params(), q, k, v, out, lse, g, &cu_q, &cu_k, &mut dq, &mut dk, &mut dv);
+        attention_backward(&self.params(), [q, k, v], [out, g], lse, [&cu_q, &cu_k], [&mut dq, &mut dk, &mut dv]);
         [dq, dk, dv]
     }
 

@@ -126,8 +126,8 @@ pub fn attention(
     }
     with_compute!("attention", [q, k, v], |T| {
         let (mut out, mut lse) = (vec![T::default(); q.elem_count()], vec![T::default(); tq * p.n_heads]);
-        let (cq, ck) = (cu_q.host(), cu_k.host());
-        attn_fwd(p, &q.values::<T>(), &k.values::<T>(), &v.values::<T>(), cq, ck, &mut out, &mut lse);
+        let cu = [cu_q.host(), cu_k.host()];
+        attn_fwd(p, &q.values::<T>(), &k.values::<T>(), &v.values::<T>(), cu, &mut out, &mut lse);
         Ok((tensor(out, q.shape()), tensor(lse, &[tq, p.n_heads])))
     })
 }
@@ -170,20 +170,9 @@ pub fn attention_backward(
             vec![T::default(); k.elem_count()],
             vec![T::default(); v.elem_count()],
         );
-        attn_bwd(
-            p,
-            &q.values::<T>(),
-            &k.values::<T>(),
-            &v.values::<T>(),
-            &out.values::<T>(),
-            &lse.values::<T>(),
-            &d_out.values::<T>(),
-            cu_q.host(),
-            cu_k.host(),
-            &mut dq,
-            &mut dk,
-            &mut dv,
-        );
+        let (qv, kv, vv) = (q.values::<T>(), k.values::<T>(), v.values::<T>());
+        let (ov, dov, cu) = (out.values::<T>(), d_out.values::<T>(), [cu_q.host(), cu_k.host()]);
+        attn_bwd(p, [&qv, &kv, &vv], [&ov, &dov], &lse.values::<T>(), cu, [&mut dq, &mut dk, &mut dv]);
         Ok((tensor(dq, q.shape()), tensor(dk, k.shape()), tensor(dv, v.shape())))
     })
 }
