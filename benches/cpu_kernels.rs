@@ -72,7 +72,7 @@ fn attention(c: &mut Criterion) {
     // Causal: about half of the 4·t²·h·d FLOPs of QKᵀ and PV.
     g.throughput(Throughput::Elements((2 * t * t * h * d) as u64));
     g.bench_function("forward 512 tokens, 9/3 heads, d64", |b| {
-        b.iter(|| attention_forward(&p, black_box(&q), &k, &v, &cu, &cu, &mut out, &mut lse))
+        b.iter(|| attention_forward(&p, black_box(&q), &k, &v, [&cu, &cu], &mut out, &mut lse))
     });
     g.finish();
 }

@@ -236,21 +236,10 @@ fn check_nf4_case(fx: &mut Fixture, case: &str) {
 
     // 16-bit inputs: quantizing the native values directly must give the same bytes.
     let native = fx.st.tensor(&format!("{case}.dequant_native")).ok().map(|t| t.dtype());
+    let bnb = (packed_bnb.as_slice(), absmax_bnb.as_slice());
     match native {
-        Some(Dtype::BF16) => {
-            let xs: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-            fx.expect_eq(&format!("{case}: input is exactly bf16"), xs.iter().map(|v| v.to_f32()).collect(), x.clone());
-            let (p, a) = quantize(&xs, bs);
-            fx.expect_bits(&format!("{case}: packed bytes from bf16"), &p, &packed_bnb);
-            fx.expect_bits(&format!("{case}: absmax from bf16"), &bits(&a), &bits(&absmax_bnb));
-        }
-        Some(Dtype::F16) => {
-            let xs: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-            fx.expect_eq(&format!("{case}: input is exactly f16"), xs.iter().map(|v| v.to_f32()).collect(), x.clone());
-            let (p, a) = quantize(&xs, bs);
-            fx.expect_bits(&format!("{case}: packed bytes from f16"), &p, &packed_bnb);
-            fx.expect_bits(&format!("{case}: absmax from f16"), &bits(&a), &bits(&absmax_bnb));
-        }
+        Some(Dtype::BF16) => check_native::<bf16>(fx, &format!("{case}: bf16"), &x, bs, bnb),
+        Some(Dtype::F16) => check_native::<f16>(fx, &format!("{case}: f16"), &x, bs, bnb),
         _ => {}
     }
 
@@ -322,6 +311,15 @@ fn check_nf4_case(fx: &mut Fixture, case: &str) {
         Some(other) => fx.fail(format!("{case}: dequant_native has unexpected dtype {other:?}")),
         None => {}
     }
+}
+
+/// Quantizing a 16-bit input's native values (`x` must be exactly T) gives bnb's (packed bytes, absmax).
+fn check_native<T: WeightElem>(fx: &mut Fixture, what: &str, x: &[f32], bs: usize, (packed, absmax): (&[u8], &[f32])) {
+    let xs: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    fx.expect_eq(&format!("{what}: input is exact"), xs.iter().map(|v| v.to_f32()).collect(), x.to_vec());
+    let (p, a) = quantize(&xs, bs);
+    fx.expect_bits(&format!("{what}: packed bytes"), &p, packed);
+    fx.expect_bits(&format!("{what}: absmax"), &bits(&a), &bits(absmax));
 }
 
 fn check_blockwise8_case(fx: &mut Fixture, case: &str) {

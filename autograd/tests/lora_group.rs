@@ -233,13 +233,7 @@ fn group_values_and_gradients_match_the_reference_and_finite_differences() {
                 );
             }
             let gs: Vec<Tensor> = ys.iter().map(|y| Tensor::randn(y.shape(), 1.0, DType::F64, &mut rng)).collect();
-            let terms: Vec<Var> = ys
-                .iter()
-                .zip(&gs)
-                .map(|(y, g)| tape.sum(&tape.mul(y, &Var::constant(g.clone())).unwrap()).unwrap())
-                .collect();
-            let total = terms[1..].iter().fold(terms[0].clone(), |acc, t| tape.add(&acc, t).unwrap());
-            tape.backward(&total).unwrap();
+            backward_of_weighted_sum(&tape, &ys, &gs);
             assert_eq!(tape.saved_bytes().current(), 0, "{what}: backward must release every saved tensor");
 
             let all = params.all();
@@ -259,6 +253,17 @@ fn group_values_and_gradients_match_the_reference_and_finite_differences() {
 }
 
 /// A run's outputs and its gradients (in `Params::all` order).
+/// Backward of Σᵢ sum(ysᵢ ⊙ upstreamᵢ): each output's gradient is its upstream tensor.
+fn backward_of_weighted_sum(tape: &Tape, ys: &[Var], upstream: &[Tensor]) {
+    let terms: Vec<Var> = ys
+        .iter()
+        .zip(upstream)
+        .map(|(y, u)| tape.sum(&tape.mul(y, &Var::constant(u.clone())).unwrap()).unwrap())
+        .collect();
+    let total = terms[1..].iter().fold(terms[0].clone(), |acc, t| tape.add(&acc, t).unwrap());
+    tape.backward(&total).unwrap();
+}
+
 type Run = (Vec<Vec<f64>>, Vec<Vec<f64>>);
 
 /// Outputs and gradients of the group and of separate `lora_linear` calls, in the given dtype.
@@ -267,13 +272,7 @@ fn run_both(g: &Group, upstream: &[Tensor]) -> [Run; 2] {
         let params = g.params();
         let tape = Tape::new();
         let ys = params.forward(&tape, g, grouped);
-        let terms: Vec<Var> = ys
-            .iter()
-            .zip(upstream)
-            .map(|(y, u)| tape.sum(&tape.mul(y, &Var::constant(u.clone())).unwrap()).unwrap())
-            .collect();
-        let total = terms[1..].iter().fold(terms[0].clone(), |acc, t| tape.add(&acc, t).unwrap());
-        tape.backward(&total).unwrap();
+        backward_of_weighted_sum(&tape, &ys, upstream);
         let outs = ys.iter().map(|y| y.value().to_vec::<f64>()).collect();
         let grads =
             params.all().iter().map(|p| p.grad().expect("every parameter gets a gradient").to_vec::<f64>()).collect();
@@ -393,13 +392,7 @@ fn checkpoint_recompute_gives_bit_identical_gradients() {
         } else {
             params.forward(&tape, &g, true)
         };
-        let terms: Vec<Var> = ys
-            .iter()
-            .zip(&upstream)
-            .map(|(y, u)| tape.sum(&tape.mul(y, &Var::constant(u.clone())).unwrap()).unwrap())
-            .collect();
-        let total = terms[1..].iter().fold(terms[0].clone(), |acc, t| tape.add(&acc, t).unwrap());
-        tape.backward(&total).unwrap();
+        backward_of_weighted_sum(&tape, &ys, &upstream);
         let grads: Vec<Vec<f32>> = params.all().iter().map(|p| p.grad().unwrap().to_vec::<f32>()).collect();
         runs.push((ys.iter().map(|y| y.value().to_vec::<f32>()).collect::<Vec<_>>(), grads));
     }

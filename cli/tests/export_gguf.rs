@@ -62,9 +62,15 @@ fn every_type_exports_and_f16_reimports_with_the_same_logits() {
         let diff = want.iter().zip(&got).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff <= 1e-2 * scale, "{name}: max |Δlogit| {diff} vs max |logit| {scale}");
     }
+    assert_no_hidden_entries(dir.path(), "no temporary left");
+}
+
+/// Export's temporaries (a partial file, the merged folder) are dot-named: none may be left in `dir`.
+#[track_caller]
+fn assert_no_hidden_entries(dir: &Path, what: &str) {
     let left: Vec<String> =
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(left.iter().all(|n| !n.starts_with('.')), "no temporary left: {left:?}");
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.iter().all(|n| !n.starts_with('.')), "{what}: {left:?}");
 }
 
 #[test]
@@ -84,9 +90,7 @@ fn adapter_export_equals_exporting_the_merge() {
     let plain = dir.path().join("plain.gguf");
     ok(export(&model, &plain, "q8_0", &[]));
     assert_ne!(std::fs::read(&plain).unwrap(), std::fs::read(&direct).unwrap(), "the adapter changes the weights");
-    let left: Vec<String> =
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(left.iter().all(|n| !n.starts_with('.')), "the merged folder is removed: {left:?}");
+    assert_no_hidden_entries(dir.path(), "the merged folder is removed");
 }
 
 #[test]

@@ -157,23 +157,22 @@ fn bad_prompts_and_adapters_are_one_line_errors() {
         args.extend(flags);
         one_line_error(&args)
     };
-    let at = |line: usize| format!("p.jsonl: line {line}");
-    let e = run("{\"prompt\": \"the\"}\n{\"prompt\": \"the\"\n", &[]);
-    assert!(e.contains(&at(2)) && e.contains("invalid JSON"), "{e}");
-    let e = run("\n{\"prompt\": \"the\", \"adapter\": \"nope\"}\n", &["--adapter", &a]);
-    assert!(e.contains(&at(2)) && e.contains("\"nope\"") && e.contains("--adapter gives a"), "{e}");
-    let e = run("{\"prompt\": \"the\", \"adapter\": \"a\"}\n", &[]);
-    assert!(e.contains(&at(1)) && e.contains("no --adapter"), "{e}");
-    let e = run("{\"prompt\": \"the\", \"messages\": []}\n", &[]);
-    assert!(e.contains(&at(1)) && e.contains("not both"), "{e}");
-    let e = run("{\"text\": \"the\"}\n", &[]);
-    assert!(e.contains(&at(1)) && e.contains("\"prompt\""), "{e}");
-    let e = run("[1]\n", &[]);
-    assert!(e.contains(&at(1)) && e.contains("JSON object"), "{e}");
-    let e = run("{\"messages\": [{\"role\": \"user\"}]}\n", &[]);
-    assert!(e.contains(&at(1)) && e.contains("messages[0]"), "{e}");
-    let e = run("{\"prompt\": 3}\n", &[]);
-    assert!(e.contains(&at(1)) && e.contains("string"), "{e}");
+    // (lines, flags, the line named, what the message says)
+    let cases: [(&str, &[&str], usize, &[&str]); 8] = [
+        ("{\"prompt\": \"the\"}\n{\"prompt\": \"the\"\n", &[], 2, &["invalid JSON"]),
+        ("\n{\"prompt\": \"the\", \"adapter\": \"nope\"}\n", &["--adapter", &a], 2, &["\"nope\"", "--adapter gives a"]),
+        ("{\"prompt\": \"the\", \"adapter\": \"a\"}\n", &[], 1, &["no --adapter"]),
+        ("{\"prompt\": \"the\", \"messages\": []}\n", &[], 1, &["not both"]),
+        ("{\"text\": \"the\"}\n", &[], 1, &["\"prompt\""]),
+        ("[1]\n", &[], 1, &["JSON object"]),
+        ("{\"messages\": [{\"role\": \"user\"}]}\n", &[], 1, &["messages[0]"]),
+        ("{\"prompt\": 3}\n", &[], 1, &["string"]),
+    ];
+    for (lines, flags, line, says) in cases {
+        let e = run(lines, flags);
+        let at = format!("p.jsonl: line {line}");
+        assert!(e.contains(&at) && says.iter().all(|w| e.contains(w)), "{lines:?}: {e}");
+    }
     let e = run("\n\n", &[]);
     assert!(e.contains("no prompt"), "{e}");
 

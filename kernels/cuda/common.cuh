@@ -55,19 +55,26 @@ __device__ __forceinline__ float flush_subnormal(float v) {
 __device__ __forceinline__ u64 thread_index() { return static_cast<u64>(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ u64 thread_count() { return static_cast<u64>(gridDim.x) * blockDim.x; }
 
-// Sum over the block, returned to every thread. A fixed tree for a fixed block size, so results are reproducible
-// run to run. Every thread of the block must call it.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();  // the previous call's readers are done with `partial`
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+// Defines `__device__ float NAME(float v)`: v combined over the block with COMBINE(a, b) (IDENTITY for the lanes past
+// the last warp), returned to every thread. A fixed tree for a fixed block size, so results are reproducible run to
+// run. Every thread of the block must call it. One definition for every combine, so that they all take that tree.
+#define DEFINE_BLOCK_REDUCE(NAME, COMBINE, IDENTITY)                                        \
+    __device__ float NAME(float v) {                                                        \
+        __shared__ float partial[32];                                                       \
+        for (int o = 16; o > 0; o >>= 1) v = COMBINE(v, __shfl_xor_sync(0xffffffffu, v, o)); \
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;                         \
+        __syncthreads(); /* the previous call's readers are done with `partial` */          \
+        if (lane == 0) partial[warp] = v;                                                   \
+        __syncthreads();                                                                    \
+        v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : (IDENTITY);          \
+        for (int o = 16; o > 0; o >>= 1) v = COMBINE(v, __shfl_xor_sync(0xffffffffu, v, o)); \
+        return v;                                                                           \
+    }
+
+__device__ __forceinline__ float f32_add(float a, float b) { return a + b; }
+
+// Sum over the block.
+DEFINE_BLOCK_REDUCE(block_sum, f32_add, 0.0f)
 
 // Sums over the block of two values at once (two rows of a row kernel), with block_sum's fixed tree: one pair of
 // barriers for both.
@@ -89,18 +96,8 @@ __device__ float2 block_sum2(float2 v) {
     return v;
 }
 
-// Max over the block (NaN-ignoring, like Rust's f32::max), returned to every thread.
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : f32_neg_inf();
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+// Max over the block (NaN-ignoring, like Rust's f32::max).
+DEFINE_BLOCK_REDUCE(block_max, fmaxf, f32_neg_inf())
 
 // Memory-bound kernels move 8 elements per access group: one 16-byte load or store of bf16, two of f32 (LDG.E.128,
 // STG.E.128), so that a warp's accesses cover 512 or 1024 contiguous bytes and each thread has 16 or 32 bytes in

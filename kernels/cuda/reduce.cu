@@ -10,18 +10,8 @@
 // max that returns NaN when either side is NaN (fmaxf drops NaN, which would hide a diverged step), as reduce.rs.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? f32_nan() : fmaxf(a, b); }
 
-// nan_max over the block of values ≥ 0 (0 is the identity), returned to every thread. Every thread must call it.
-__device__ float block_nan_max(float v) {
-    __shared__ float partial[32];
-    for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+// nan_max over the block of values ≥ 0 (0 is the identity).
+DEFINE_BLOCK_REDUCE(block_nan_max, nan_max, 0.0f)
 
 template <int OP> __device__ __forceinline__ float reduce_block(float v) {
     return OP == OP_MAX_ABS ? block_nan_max(v) : block_sum(v);

@@ -62,17 +62,16 @@ pub fn cu_seqlens(lens: &[(usize, usize)]) -> (Vec<i32>, Vec<i32>) {
 /// When a sequence has fewer queries than keys (decoding with a KV cache), queries are aligned to the END of the keys
 /// (bottom-right, as FlashAttention does): query r of a sequence with len_q queries and len_k keys sits at absolute
 /// position i = r + len_k − len_q, and with `causal` sees keys j ≤ i.
-/// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens_q/k: [n_seqs + 1] (first 0, last tq / tk)
-/// → out: [tq, n_heads, head_dim], lse: [tq, n_heads] (natural-log log-sum-exp of the scaled, capped, masked scores;
-/// −∞ for a query that sees no key, whose output row is then all zeros).
-#[allow(clippy::too_many_arguments)]
+/// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens = [cu_seqlens_q, cu_seqlens_k]:
+/// [n_seqs + 1] each (first 0, last tq / tk) → out: [tq, n_heads, head_dim], lse: [tq, n_heads] (natural-log
+/// log-sum-exp of the scaled, capped, masked scores; −∞ for a query that sees no key, whose output row is then all
+/// zeros). The CUDA twin takes the same arguments (and each sequence's longest length).
 pub fn attention_forward<T: Float>(
     p: &AttentionParams,
     q: &[T],
     k: &[T],
     v: &[T],
-    cu_seqlens_q: &[i32],
-    cu_seqlens_k: &[i32],
+    [cu_seqlens_q, cu_seqlens_k]: [&[i32]; 2],
     out: &mut [T],
     lse: &mut [T],
 ) {
@@ -101,22 +100,16 @@ pub fn attention_forward<T: Float>(
     });
 }
 
-/// Gradients of attention_forward. out and lse are the forward's outputs; d_out: [tq, n_heads, head_dim]
-/// → dq: [tq, n_heads, head_dim], dk, dv: [tk, n_kv_heads, head_dim] (all written; GQA sums over the query heads that share a KV head).
-#[allow(clippy::too_many_arguments)]
+/// Gradients of attention_forward from [q, k, v], [out, d_out] (out and lse the forward's outputs; d_out: [tq,
+/// n_heads, head_dim]) and cu_seqlens as there → [dq: [tq, n_heads, head_dim], dk, dv: [tk, n_kv_heads, head_dim]] (all
+/// written; GQA sums over the query heads that share a KV head).
 pub fn attention_backward<T: Float>(
     p: &AttentionParams,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &[T],
+    [q, k, v]: [&[T]; 3],
+    [out, d_out]: [&[T]; 2],
     lse: &[T],
-    d_out: &[T],
-    cu_seqlens_q: &[i32],
-    cu_seqlens_k: &[i32],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
+    [cu_seqlens_q, cu_seqlens_k]: [&[i32]; 2],
+    [dq, dk, dv]: [&mut [T]; 3],
 ) {
     let geo = Geometry::new(p, cu_seqlens_q, cu_seqlens_k);
     let hd = p.head_dim;
@@ -302,34 +295,11 @@ fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_gradient, randn, Tolerance};
-    use crate::Rng;
+    use crate::testing::attention::{case, AttentionCase as Case};
+    use crate::testing::{assert_close, check_gradient, f32s, f64s, Tolerance};
 
     /// Two f64 evaluations of the same formula that differ only in summation order.
     const F64: Tolerance = Tolerance { abs: 1e-12, rel: 1e-12 };
-
-    /// A packed batch, (len_q, len_k) per sequence, and the attention flavour.
-    #[derive(Clone, Copy, Debug)]
-    struct Case {
-        lens: &'static [(usize, usize)],
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-        causal: bool,
-        window: Option<usize>,
-        softcap: Option<f64>,
-    }
-
-    const fn case(
-        lens: &'static [(usize, usize)],
-        heads: (usize, usize),
-        head_dim: usize,
-        causal: bool,
-        window: Option<usize>,
-        softcap: Option<f64>,
-    ) -> Case {
-        Case { lens, n_heads: heads.0, n_kv_heads: heads.1, head_dim, causal, window, softcap }
-    }
 
     const PACKED: &[(usize, usize)] = &[(1, 1), (4, 4), (6, 6)];
     const DECODE: &[(usize, usize)] = &[(2, 5)];
@@ -338,69 +308,25 @@ mod tests {
     /// odd head_dim, causal and not, windows 2 and 3, caps 0.5 (saturating) and 50 (Gemma 2), bottom-right decoding,
     /// a non-causal sequence with more queries than keys and one with no keys at all.
     const SMALL: &[Case] = &[
-        case(&[(7, 7)], (1, 1), 4, true, None, None),
-        case(PACKED, (4, 2), 5, true, None, None),
-        case(PACKED, (6, 2), 4, true, Some(2), Some(50.0)),
-        case(PACKED, (3, 3), 8, false, None, Some(0.5)),
-        case(DECODE, (4, 2), 5, true, Some(3), None),
-        case(&[(2, 5), (3, 3), (1, 4)], (6, 2), 4, true, Some(3), Some(0.5)),
-        case(&[(3, 2), (2, 0), (4, 4)], (4, 2), 5, false, Some(2), None),
-        case(&[(5, 5)], (1, 1), 8, false, None, Some(50.0)),
-        case(&[(2, 5), (1, 3)], (3, 1), 8, true, None, Some(50.0)),
+        case((1, 1), 4, true, None, None, &[(7, 7)]),
+        case((4, 2), 5, true, None, None, PACKED),
+        case((6, 2), 4, true, Some(2), Some(50.0), PACKED),
+        case((3, 3), 8, false, None, Some(0.5), PACKED),
+        case((4, 2), 5, true, Some(3), None, DECODE),
+        case((6, 2), 4, true, Some(3), Some(0.5), &[(2, 5), (3, 3), (1, 4)]),
+        case((4, 2), 5, false, Some(2), None, &[(3, 2), (2, 0), (4, 4)]),
+        case((1, 1), 8, false, None, Some(50.0), &[(5, 5)]),
+        case((3, 1), 8, true, None, Some(50.0), &[(2, 5), (1, 3)]),
     ];
 
     /// Long enough that rayon splits the work and windows cut deep into sequences.
-    const LARGE: Case = case(&[(19, 19), (5, 23), (40, 40)], (8, 2), 16, true, Some(7), Some(50.0));
-
-    impl Case {
-        fn params(&self) -> AttentionParams {
-            let p = AttentionParams::new(self.n_heads, self.n_kv_heads, self.head_dim);
-            AttentionParams { causal: self.causal, sliding_window: self.window, softcap: self.softcap, ..p }
-        }
-
-        fn cu_seqlens(&self) -> (Vec<i32>, Vec<i32>) {
-            cu_seqlens(self.lens)
-        }
-
-        fn tq(&self) -> usize {
-            self.lens.iter().map(|l| l.0).sum()
-        }
-
-        fn tk(&self) -> usize {
-            self.lens.iter().map(|l| l.1).sum()
-        }
-
-        /// Random q, k, v and upstream gradient.
-        fn inputs(&self, seed: u64) -> [Vec<f64>; 4] {
-            let mut rng = Rng::new(seed);
-            let (q_len, kv_len) =
-                (self.tq() * self.n_heads * self.head_dim, self.tk() * self.n_kv_heads * self.head_dim);
-            [randn(&mut rng, q_len), randn(&mut rng, kv_len), randn(&mut rng, kv_len), randn(&mut rng, q_len)]
-        }
-
-        /// (out, lse); NaN-filled outputs catch any element the kernel leaves unwritten.
-        fn forward<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
-            let (cu_q, cu_k) = self.cu_seqlens();
-            let (mut out, mut lse) = (vec![T::nan(); q.len()], vec![T::nan(); self.tq() * self.n_heads]);
-            attention_forward(&self.params(), q, k, v, &cu_q, &cu_k, &mut out, &mut lse);
-            (out, lse)
-        }
-
-        /// [out, lse, dq, dk, dv] for upstream gradient `g`.
-        fn forward_backward<T: Float>(&self, q: &[T], k: &[T], v: &[T], g: &[T]) -> [Vec<T>; 5] {
-            let (cu_q, cu_k) = self.cu_seqlens();
-            let (out, lse) = self.forward(q, k, v);
-            let (mut dq, mut dk, mut dv) = (vec![T::nan(); q.len()], vec![T::nan(); k.len()], vec![T::nan(); v.len()]);
-            attention_backward(&self.params(), q, k, v, &out, &lse, g, &cu_q, &cu_k, &mut dq, &mut dk, &mut dv);
-            [out, lse, dq, dk, dv]
-        }
-    }
+    const LARGE: Case = case((8, 2), 16, true, Some(7), Some(50.0), &[(19, 19), (5, 23), (40, 40)]);
 
     /// transformers' eager attention with the packed batch as one row: K and V expanded to every query head as
     /// repeat_kv does, a dense [tq, tk] score matrix per head, softcap, then an additive −∞ mask built from each
     /// token's sequence id and absolute position.
     fn dense_reference(c: &Case, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f64>) {
-        let (n_heads, n_kv, d, tq, tk) = (c.n_heads, c.n_kv_heads, c.head_dim, c.tq(), c.tk());
+        let (n_heads, n_kv, d, tq, tk) = (c.heads.0, c.heads.1, c.head_dim, c.tq(), c.tk());
         let (mut q_pos, mut k_pos) = (vec![], vec![]);
         for (s, &(len_q, len_k)) in c.lens.iter().enumerate() {
             q_pos.extend((0..len_q).map(|r| (s, (len_k + r) as i64 - len_q as i64)));
@@ -466,14 +392,6 @@ mod tests {
         assert_close(what, &finite(actual), &finite(expected), tol);
     }
 
-    fn to_f32(x: &[f64]) -> Vec<f32> {
-        x.iter().map(|&v| v as f32).collect()
-    }
-
-    fn to_f64(x: &[f32]) -> Vec<f64> {
-        x.iter().map(|&v| v as f64).collect()
-    }
-
     #[test]
     fn forward_matches_dense_masked_reference() {
         for (n, c) in SMALL.iter().chain([&LARGE]).enumerate() {
@@ -499,15 +417,15 @@ mod tests {
         // Bottom-right: the first sequence's 3 queries sit at positions 2, 3, 4 and each sees itself and one key back;
         // the second sequence's query sees only its own key (row 5).
         check(
-            case(&[(3, 5), (1, 1)], (1, 1), 1, true, Some(2), None),
+            case((1, 1), 1, true, Some(2), None, &[(3, 5), (1, 1)]),
             &[1.5, 2.5, 3.5, 5.0],
             &[ln(2.0), ln(2.0), ln(2.0), 0.0],
         );
-        check(case(DECODE, (1, 1), 1, true, None, None), &[1.5, 2.0], &[ln(4.0), ln(5.0)]);
-        check(case(&[(3, 3)], (1, 1), 1, true, Some(1), None), &[0.0, 1.0, 2.0], &[0.0; 3]);
+        check(case((1, 1), 1, true, None, None, DECODE), &[1.5, 2.0], &[ln(4.0), ln(5.0)]);
+        check(case((1, 1), 1, true, Some(1), None, &[(3, 3)]), &[0.0, 1.0, 2.0], &[0.0; 3]);
         // Non-causal windows only look back; queries of the third sequence sit at positions −1, 0, 1 and see both keys.
         check(
-            case(&[(2, 3), (2, 0), (3, 2)], (1, 1), 1, false, Some(2), None),
+            case((1, 1), 1, false, Some(2), None, &[(2, 3), (2, 0), (3, 2)]),
             &[1.0, 1.5, 0.0, 0.0, 3.5, 3.5, 3.5],
             &[ln(3.0), ln(2.0), f64::NEG_INFINITY, f64::NEG_INFINITY, ln(2.0), ln(2.0), ln(2.0)],
         );
@@ -531,9 +449,9 @@ mod tests {
         assert_eq!(c.lens[1], (2, 0));
         let [q, k, v, g] = c.inputs(7);
         let [out, lse, dq, dk, dv] = c.forward_backward(&q, &k, &v, &g);
-        let row = c.n_heads * c.head_dim;
+        let row = c.heads.0 * c.head_dim;
         assert!(out[3 * row..5 * row].iter().all(|&x| x == 0.0));
-        assert!(lse[3 * c.n_heads..5 * c.n_heads].iter().all(|&x| x == f64::NEG_INFINITY));
+        assert!(lse[3 * c.heads.0..5 * c.heads.0].iter().all(|&x| x == f64::NEG_INFINITY));
         assert!(dq[3 * row..5 * row].iter().all(|&x| x == 0.0));
         assert!([out, dq, dk, dv].iter().flatten().all(|x| x.is_finite()));
     }
@@ -541,7 +459,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "causal sequence 1 has 3 queries but only 2 keys")]
     fn causal_query_before_every_key_is_rejected() {
-        let c = case(&[(2, 2), (3, 2)], (1, 1), 4, true, None, None);
+        let c = case((1, 1), 4, true, None, None, &[(2, 2), (3, 2)]);
         let [q, k, v, _] = c.inputs(0);
         c.forward(&q, &k, &v);
     }
@@ -549,10 +467,10 @@ mod tests {
     #[test]
     #[should_panic(expected = "q length")]
     fn cu_seqlens_disagreeing_with_q_is_rejected() {
-        let c = case(&[(2, 2)], (1, 1), 4, true, None, None);
+        let c = case((1, 1), 4, true, None, None, &[(2, 2)]);
         let [q, k, v, _] = c.inputs(0);
         let (mut out, mut lse) = (vec![0.0; 8], vec![0.0; 2]);
-        attention_forward(&c.params(), &q[..4], &k, &v, &[0, 2], &[0, 2], &mut out, &mut lse);
+        attention_forward(&c.params(), &q[..4], &k, &v, [&[0, 2], &[0, 2]], &mut out, &mut lse);
     }
 
     #[test]
@@ -560,14 +478,14 @@ mod tests {
         let c = SMALL[5];
         let [q, k, v, g] = c.inputs(11);
         let packed = c.forward_backward(&q, &k, &v, &g);
-        let (q_row, kv_row) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let (q_row, kv_row) = (c.heads.0 * c.head_dim, c.heads.1 * c.head_dim);
         let (cu_q, cu_k) = c.cu_seqlens();
         let lens: &'static [(usize, usize)] = c.lens;
         for s in 0..lens.len() {
             let alone = Case { lens: std::slice::from_ref(&lens[s]), ..c };
             let (qs, ks) = (cu_q[s] as usize..cu_q[s + 1] as usize, cu_k[s] as usize..cu_k[s + 1] as usize);
             let rows = |r: &std::ops::Range<usize>, width: usize| r.start * width..r.end * width;
-            let (qr, kr, lr) = (rows(&qs, q_row), rows(&ks, kv_row), rows(&qs, c.n_heads));
+            let (qr, kr, lr) = (rows(&qs, q_row), rows(&ks, kv_row), rows(&qs, c.heads.0));
             let single = alone.forward_backward(&q[qr.clone()], &k[kr.clone()], &v[kr.clone()], &g[qr.clone()]);
             for (name, i, r) in [("out", 0, &qr), ("lse", 1, &lr), ("dq", 2, &qr), ("dk", 3, &kr), ("dv", 4, &kr)] {
                 assert_eq!(&packed[i][r.clone()], &single[i][..], "{name} of sequence {s}");
@@ -581,16 +499,16 @@ mod tests {
         for (n, c) in [SMALL[5], SMALL[3], LARGE].iter().enumerate() {
             let [q, k, v, g] = c.inputs(20 + n as u64);
             let want = c.forward_backward(&q, &k, &v, &g);
-            let got = c.forward_backward(&to_f32(&q), &to_f32(&k), &to_f32(&v), &to_f32(&g));
+            let got = c.forward_backward(&f32s(&q), &f32s(&k), &f32s(&v), &f32s(&g));
             for (name, (got, want)) in ["out", "lse", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
-                assert_close_lse(&format!("{name} {c:?}"), &to_f64(got), want, tol);
+                assert_close_lse(&format!("{name} {c:?}"), &f64s(got), want, tol);
             }
         }
     }
 
     #[test]
     fn thread_count_does_not_change_bits() {
-        let [q, k, v, g] = LARGE.inputs(5).map(|x| to_f32(&x));
+        let [q, k, v, g] = LARGE.inputs(5).map(|x| f32s(&x));
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| LARGE.forward_backward(&q, &k, &v, &g))

@@ -84,7 +84,7 @@ fn binary<T: Float>(what: &str, a: &[T], b: &[T], out: &mut [T], f: impl Fn(T, T
 mod tests {
     use super::*;
     use crate::reduce::sum_rows;
-    use crate::testing::{check_gradient, dot, randn};
+    use crate::testing::{check_gradient, dot, f32s, randn};
     use crate::Rng;
 
     #[test]
@@ -104,10 +104,6 @@ mod tests {
 
     /// Longer than several MIN_CHUNKs and not a multiple of one, so the parallel split and the ragged tail run.
     const N: usize = 3 * MIN_CHUNK + 101;
-
-    fn f32s(v: &[f64]) -> Vec<f32> {
-        v.iter().map(|&x| x as f32).collect()
-    }
 
     #[test]
     fn values_match_reference_loops() {

@@ -78,12 +78,8 @@ fn row_of(id: i32, vocab: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_gradient, dot, randn};
+    use crate::testing::{check_gradient, dot, f32s, randn};
     use crate::Rng;
-
-    fn f32s(v: &[f64]) -> Vec<f32> {
-        v.iter().map(|&x| x as f32).collect()
-    }
 
     fn random_ids(rng: &mut Rng, n: usize, vocab: usize) -> Vec<i32> {
         (0..n).map(|_| rng.below(vocab as u64) as i32).collect()

@@ -90,12 +90,8 @@ fn chunked_sum<T: Float>(x: &[T], f: impl Fn(T) -> f64 + Sync) -> f64 {
 mod tests {
     use super::*;
     use crate::elementwise::add_bias;
-    use crate::testing::{assert_close, check_gradient, dot, randn, Tolerance};
+    use crate::testing::{assert_close, check_gradient, dot, f32s, randn, Tolerance};
     use crate::Rng;
-
-    fn f32s(v: &[f64]) -> Vec<f32> {
-        v.iter().map(|&x| x as f32).collect()
-    }
 
     fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool").install(f)

@@ -145,7 +145,7 @@ pub(crate) fn check_shapes(x_len: usize, weight_len: usize, dim: usize, rstd_len
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_gradient, dot, randn, Tolerance};
+    use crate::testing::{assert_close, check_gradient, dot, f32s, f64s, randn, Tolerance};
     use crate::Rng;
 
     const EPS: f64 = 1e-6;
@@ -166,14 +166,6 @@ mod tests {
         let mut dw = vec![T::nan(); dim];
         rms_norm_backward(x, w, rstd, dy, dim, T::c(offset), &mut dx, Some(&mut dw));
         (dx, dw)
-    }
-
-    fn to_f32(v: &[f64]) -> Vec<f32> {
-        v.iter().map(|&v| v as f32).collect()
-    }
-
-    fn widen(v: &[f32]) -> Vec<f64> {
-        v.iter().map(|&v| v as f64).collect()
     }
 
     #[test]
@@ -237,17 +229,17 @@ mod tests {
         let (rows, dim) = (7, 64);
         for offset in [0.0, 1.0] {
             // Both precisions see the same f32-representable inputs, so only the arithmetic differs.
-            let x = widen(&to_f32(&randn(&mut rng, rows * dim)));
-            let w = widen(&to_f32(&randn(&mut rng, dim)));
-            let g = widen(&to_f32(&randn(&mut rng, rows * dim)));
+            let x = f64s(&f32s(&randn(&mut rng, rows * dim)));
+            let w = f64s(&f32s(&randn(&mut rng, dim)));
+            let g = f64s(&f32s(&randn(&mut rng, rows * dim)));
             let (y64, r64) = forward(&x, &w, dim, offset);
             let (dx64, dw64) = backward(&x, &w, &r64, &g, dim, offset);
-            let (y32, r32) = forward(&to_f32(&x), &to_f32(&w), dim, offset);
-            let (dx32, dw32) = backward(&to_f32(&x), &to_f32(&w), &r32, &to_f32(&g), dim, offset);
-            assert_close("y", &widen(&y32), &y64, Tolerance::F32);
-            assert_close("rstd", &widen(&r32), &r64, Tolerance::F32);
-            assert_close("dx", &widen(&dx32), &dx64, Tolerance::F32);
-            assert_close("dw", &widen(&dw32), &dw64, Tolerance::F32);
+            let (y32, r32) = forward(&f32s(&x), &f32s(&w), dim, offset);
+            let (dx32, dw32) = backward(&f32s(&x), &f32s(&w), &r32, &f32s(&g), dim, offset);
+            assert_close("y", &f64s(&y32), &y64, Tolerance::F32);
+            assert_close("rstd", &f64s(&r32), &r64, Tolerance::F32);
+            assert_close("dx", &f64s(&dx32), &dx64, Tolerance::F32);
+            assert_close("dw", &f64s(&dw32), &dw64, Tolerance::F32);
         }
     }
 
@@ -273,9 +265,9 @@ mod tests {
     fn results_do_not_depend_on_thread_count() {
         let mut rng = Rng::new(6);
         let (rows, dim) = MANY_ROWS;
-        let x = to_f32(&randn(&mut rng, rows * dim));
-        let w = to_f32(&randn(&mut rng, dim));
-        let g = to_f32(&randn(&mut rng, rows * dim));
+        let x = f32s(&randn(&mut rng, rows * dim));
+        let w = f32s(&randn(&mut rng, dim));
+        let g = f32s(&randn(&mut rng, rows * dim));
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {

@@ -6,6 +6,8 @@ use crate::cuda::CudaDevice;
 use crate::rng::Rng;
 use std::path::PathBuf;
 
+pub mod attention;
+
 /// An error bound of the form llm.c and burn use: `|actual − expected| ≤ abs + rel·|expected|`.
 #[derive(Clone, Copy, Debug)]
 pub struct Tolerance {
@@ -47,6 +49,16 @@ pub fn assert_close(what: &str, actual: &[f64], expected: &[f64], tol: Tolerance
 /// `n` standard-normal values.
 pub fn randn(rng: &mut Rng, n: usize) -> Vec<f64> {
     (0..n).map(|_| rng.normal()).collect()
+}
+
+/// f64 values rounded to f32, for running an f32 kernel on a test's f64 inputs.
+pub fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// f32 values widened (exactly) to f64, for comparing an f32 result with an f64 one.
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
 }
 
 /// Checks `analytic` = ∂loss/∂x at `x` by central differences, element by element.

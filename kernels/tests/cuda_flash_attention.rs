@@ -18,24 +18,23 @@
 //! Each test prints `qlora-gpu: <test>: ran on ...` or skips without a GPU (a failure under QLORA_REQUIRE_GPU=1).
 
 use half::{bf16, f16};
-use qlora_kernels::attention::{self, AttentionParams};
 use qlora_kernels::cuda::attention::{self as gattn, flash_kernels, AttentionFloat, FlashPath, Kind};
 use qlora_kernels::cuda::compile::{Output, Target};
 use qlora_kernels::cuda::source::Module;
 use qlora_kernels::cuda::{self, CudaDevice, DeviceBuffer};
+use qlora_kernels::nf4::WeightElem;
+use qlora_kernels::testing::attention::{case, finite_lse, AttentionCase, GpuInputs};
 use qlora_kernels::testing::{assert_close, gpu, Tolerance};
 use qlora_kernels::Rng;
 use std::collections::BTreeSet;
 
-/// A 16-bit I/O type with its tolerances.
-trait Half: AttentionFloat {
+/// A 16-bit I/O type with its tolerances (its f32 conversions: [`WeightElem`]).
+trait Half: AttentionFloat + WeightElem {
     const NAME: &'static str;
     const OUT: Tolerance;
     const GRAD: Tolerance;
     /// Bound on ‖got − want‖ / ‖want‖ for the gradients.
     const GRAD_NORMWISE: f64;
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
 }
 
 impl Half for bf16 {
@@ -43,12 +42,6 @@ impl Half for bf16 {
     const OUT: Tolerance = Tolerance { abs: 2e-2, rel: 2e-2 };
     const GRAD: Tolerance = Tolerance { abs: 3e-2, rel: 3e-2 };
     const GRAD_NORMWISE: f64 = 1e-2;
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
 }
 
 impl Half for f16 {
@@ -56,52 +49,14 @@ impl Half for f16 {
     const OUT: Tolerance = Tolerance { abs: 5e-3, rel: 5e-3 };
     const GRAD: Tolerance = Tolerance { abs: 1e-2, rel: 1e-2 };
     const GRAD_NORMWISE: f64 = 3e-3;
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
 }
 
 const LSE: Tolerance = Tolerance { abs: 1e-4, rel: 1e-4 };
 
-/// One attention flavour over a packed batch of (queries, keys) per sequence.
-struct Case {
-    heads: (usize, usize),
-    head_dim: usize,
-    causal: bool,
-    window: Option<usize>,
-    softcap: Option<f64>,
-    lens: &'static [(usize, usize)],
-}
-
-impl Case {
-    fn params(&self) -> AttentionParams {
-        let p = AttentionParams::new(self.heads.0, self.heads.1, self.head_dim);
-        AttentionParams { causal: self.causal, sliding_window: self.window, softcap: self.softcap, ..p }
-    }
-
-    fn cu_seqlens(&self) -> (Vec<i32>, Vec<i32>) {
-        attention::cu_seqlens(self.lens)
-    }
-}
-
-const fn case(
-    heads: (usize, usize),
-    head_dim: usize,
-    causal: bool,
-    window: Option<usize>,
-    softcap: Option<f64>,
-    lens: &'static [(usize, usize)],
-) -> Case {
-    Case { heads, head_dim, causal, window, softcap, lens }
-}
-
 /// Every padded head_dim and the paths between: tails of every tile size, GQA 1/2/4/8, windows cutting tiles,
 /// caps that bend the scores (inputs are scaled up where a cap is set). The Hopper kernels (64, 128, 256) also get
 /// head sizes below their D, one not a multiple of 8 (100: element-wise loads), and windows with caps.
-const CASES: &[Case] = &[
+const CASES: &[AttentionCase] = &[
     case((4, 4), 64, true, None, None, &[(1, 1), (17, 17), (130, 130), (257, 257)]),
     case((8, 2), 128, true, None, None, &[(5, 9), (1, 30), (200, 200)]),
     case((8, 1), 256, true, Some(33), Some(2.5), &[(150, 150), (3, 40), (64, 64)]),
@@ -131,8 +86,8 @@ fn paths<T: AttentionFloat>(target: Target, head_dim: usize) -> Vec<FlashPath> {
     [FlashPath::Fastest].into_iter().chain(differs.then_some(FlashPath::Portable)).collect()
 }
 
-fn randn<T: Half>(rng: &mut Rng, n: usize, scale: f64) -> Vec<T> {
-    (0..n).map(|_| T::from_f32((scale * rng.normal()) as f32)).collect()
+fn narrow<T: Half>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
 fn widen<T: Half>(v: &[T]) -> Vec<f32> {
@@ -160,54 +115,23 @@ fn check<T: Half>(what: &str, got: &DeviceBuffer<T>, want: &[f32], tol: Toleranc
     }
 }
 
-/// lse with −∞ (a query that sees no key) mapped to a finite sentinel, so that assert_close can compare it.
-fn finite_lse(v: impl IntoIterator<Item = f32>) -> Vec<f64> {
-    v.into_iter().map(|l| if l == f32::NEG_INFINITY { -1e30 } else { l as f64 }).collect()
-}
-
-fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &Case) {
+fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &AttentionCase) {
     let p = c.params();
-    let (cu_q, cu_k) = c.cu_seqlens();
-    let (tq, tk) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
-    let max_q = c.lens.iter().map(|l| l.0).max().unwrap();
-    let max_k = c.lens.iter().map(|l| l.1).max().unwrap();
-    let (nq, nk) = (tq * c.heads.0 * c.head_dim, tk * c.heads.1 * c.head_dim);
-    let qk_scale = if c.softcap.is_some() { 3.0 } else { 1.0 };
-    let (q, k, v) = (randn::<T>(rng, nq, qk_scale), randn::<T>(rng, nk, qk_scale), randn::<T>(rng, nk, 1.0));
-    let d_out = randn::<T>(rng, nq, 1.0);
-    let (qw, kw, vw, dow) = (widen(&q), widen(&k), widen(&v), widen(&d_out));
-    let (gq, gk, gv, gdo) = (upload(dev, &q), upload(dev, &k), upload(dev, &v), upload(dev, &d_out));
-    let (gcq, gck) = (upload(dev, &cu_q), upload(dev, &cu_k));
-    let (cu, max) = ([&gcq, &gck], [max_q, max_k]);
+    let (nq, nk) = c.sizes();
+    let inputs = c.gpu_inputs(dev, rng, T::from_f32, T::to_f32);
+    let GpuInputs { host: [qw, kw, vw, dow], device: [gq, gk, gv, gdo], cu_seqlens: [gcq, gck] } = inputs;
+    let (cu, max) = ([&gcq, &gck], c.max_seqlen());
 
-    let (mut want_out, mut want_lse) = (vec![0.0f32; nq], vec![0.0f32; tq * c.heads.0]);
-    attention::attention_forward(&p, &qw, &kw, &vw, &cu_q, &cu_k, &mut want_out, &mut want_lse);
+    let (want_out, want_lse) = c.forward(&qw, &kw, &vw);
     // Backward from the CPU's out (rounded to T) and lse, so that it is checked on its own.
-    let out_t: Vec<T> = want_out.iter().map(|&x| T::from_f32(x)).collect();
-    let (mut want_dq, mut want_dk, mut want_dv) = (vec![0.0f32; nq], vec![0.0f32; nk], vec![0.0f32; nk]);
-    attention::attention_backward(
-        &p,
-        &qw,
-        &kw,
-        &vw,
-        &widen(&out_t),
-        &want_lse,
-        &dow,
-        &cu_q,
-        &cu_k,
-        &mut want_dq,
-        &mut want_dk,
-        &mut want_dv,
-    );
+    let out_t: Vec<T> = narrow(&want_out);
+    let [want_dq, want_dk, want_dv] = c.backward([&qw, &kw, &vw], &widen(&out_t), &want_lse, &dow);
     let (gout, glse) = (upload(dev, &out_t), upload(dev, &want_lse));
 
     for path in paths::<T>(dev.target(), c.head_dim) {
         let [fwd, bwd] = kernels::<T>(dev.target(), path, c.head_dim);
-        let what = format!(
-            "heads {:?} head_dim {} causal {} window {:?} softcap {:?} lens {:?} on {fwd} + {bwd}",
-            c.heads, c.head_dim, c.causal, c.window, c.softcap, c.lens
-        );
-        let (mut out, mut lse) = (poisoned::<T>(dev, nq), upload(dev, &vec![f32::NAN; tq * c.heads.0]));
+        let what = format!("{c:?} on {fwd} + {bwd}");
+        let (mut out, mut lse) = (poisoned::<T>(dev, nq), upload(dev, &vec![f32::NAN; c.tq() * c.heads.0]));
         gattn::attention_forward_with(path, &p, &gq, &gk, &gv, cu, max, &mut out, &mut lse).unwrap();
         check(&format!("out {what}"), &out, &want_out, T::OUT, None);
         let got_lse = finite_lse(lse.to_vec().unwrap());
@@ -235,33 +159,34 @@ fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &Case) {
 
 #[test]
 fn flash_attention_matches_cpu_bf16() {
-    let Some(dev) = gpu("flash_attention_matches_cpu_bf16") else { return };
-    let mut rng = Rng::new(41);
-    for c in CASES {
-        run_case::<bf16>(&dev, &mut rng, c);
-    }
+    run_cases::<bf16>("flash_attention_matches_cpu_bf16", 41, CASES);
 }
 
 #[test]
 fn flash_attention_matches_cpu_f16() {
-    let Some(dev) = gpu("flash_attention_matches_cpu_f16") else { return };
-    let mut rng = Rng::new(42);
-    for c in CASES {
-        run_case::<f16>(&dev, &mut rng, c);
-    }
+    run_cases::<f16>("flash_attention_matches_cpu_f16", 42, CASES);
 }
 
 /// Training-sized packs: 1024-token sequences, GQA 4 and 2, head_dim 64, 128 and 256, many tiles in both passes.
 #[test]
 fn flash_attention_matches_cpu_on_long_sequences() {
-    let Some(dev) = gpu("flash_attention_matches_cpu_on_long_sequences") else { return };
-    let mut rng = Rng::new(43);
-    for c in [
-        case((8, 2), 64, true, None, None, &[(1024, 1024), (1000, 1000)]),
-        case((8, 2), 128, true, Some(300), None, &[(1024, 1024), (777, 777)]),
-        case((4, 2), 256, true, None, None, &[(1024, 1024)]),
-    ] {
-        run_case::<bf16>(&dev, &mut rng, &c);
+    run_cases::<bf16>(
+        "flash_attention_matches_cpu_on_long_sequences",
+        43,
+        &[
+            case((8, 2), 64, true, None, None, &[(1024, 1024), (1000, 1000)]),
+            case((8, 2), 128, true, Some(300), None, &[(1024, 1024), (777, 777)]),
+            case((4, 2), 256, true, None, None, &[(1024, 1024)]),
+        ],
+    );
+}
+
+/// `cases` in order on fresh inputs from `seed`, when there is a GPU.
+fn run_cases<T: Half>(test: &str, seed: u64, cases: &[AttentionCase]) {
+    let Some(dev) = gpu(test) else { return };
+    let mut rng = Rng::new(seed);
+    for c in cases {
+        run_case::<T>(&dev, &mut rng, c);
     }
 }
 

@@ -157,32 +157,29 @@ impl Case {
     }
 }
 
+/// Every length and blocksize, each output type, with the absmax plain or `nested`.
+fn check_every_shape(dev: &CudaDevice, rng: &mut Rng, nested: bool) {
+    for n in LENS {
+        for blocksize in BLOCKSIZES {
+            let case = Case::new(rng, n, blocksize, nested);
+            case.check::<f32>(dev);
+            case.check::<bf16>(dev);
+            case.check::<f16>(dev);
+        }
+    }
+}
+
 #[test]
 fn dequantize_nf4_matches_cpu_bit_for_bit() {
     let Some(dev) = gpu("dequantize_nf4_matches_cpu_bit_for_bit") else { return };
-    let mut rng = Rng::new(41);
-    for n in LENS {
-        for blocksize in BLOCKSIZES {
-            let case = Case::new(&mut rng, n, blocksize, false);
-            case.check::<f32>(&dev);
-            case.check::<bf16>(&dev);
-            case.check::<f16>(&dev);
-        }
-    }
+    check_every_shape(&dev, &mut Rng::new(41), false);
 }
 
 #[test]
 fn nested_absmax_is_rebuilt_in_the_same_launch_bit_for_bit() {
     let Some(dev) = gpu("nested_absmax_is_rebuilt_in_the_same_launch_bit_for_bit") else { return };
     let mut rng = Rng::new(42);
-    for n in LENS {
-        for blocksize in BLOCKSIZES {
-            let case = Case::new(&mut rng, n, blocksize, true);
-            case.check::<f32>(&dev);
-            case.check::<bf16>(&dev);
-            case.check::<f16>(&dev);
-        }
-    }
+    check_every_shape(&dev, &mut rng, true);
     // The standalone rebuild stays the CPU's too (its launcher is public).
     for nb in [1, 255, 600, 4097] {
         let case = Case::new(&mut rng, nb * 64, 64, true);

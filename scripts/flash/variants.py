@@ -37,6 +37,22 @@ def build():
     return lib
 
 
+def scores(q, kk, b, lq, lk):
+    """q·kkᵀ scaled and softcapped as batch b's kernels do, and the [lq, lk] mask of the keys each query sees: queries
+    bottom-right aligned (query r at position r + lk − lq), b's causal mask and sliding window."""
+    sc = q @ kk.transpose(-1, -2) * b.scale
+    if b.softcap:
+        sc = b.softcap * torch.tanh(sc / b.softcap)
+    i = torch.arange(lq, device="cuda")[:, None] + lk - lq
+    j = torch.arange(lk, device="cuda")[None, :]
+    vis = torch.ones(lq, lk, dtype=torch.bool, device="cuda")
+    if b.causal:
+        vis &= j <= i
+    if b.window:
+        vis &= (i - j) < b.window
+    return sc, vis
+
+
 class Batch:
     """A packed batch [tokens, heads, d] of equal-length sequences, with what backward reads."""
 
@@ -75,16 +91,7 @@ class Batch:
         k = self.k.float().view(s, t, kvh, d).transpose(1, 2).requires_grad_()
         v = self.v.float().view(s, t, kvh, d).transpose(1, 2).requires_grad_()
         kk, vv = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
-        sc = q @ kk.transpose(-1, -2) * self.scale
-        if self.softcap:
-            sc = self.softcap * torch.tanh(sc / self.softcap)
-        i = torch.arange(t, device="cuda")[:, None]
-        j = torch.arange(t, device="cuda")[None, :]
-        vis = torch.ones(t, t, dtype=torch.bool, device="cuda")
-        if self.causal:
-            vis &= j <= i
-        if self.window:
-            vis &= (i - j) < self.window
+        sc, vis = scores(q, kk, self, t, t)
         sc = sc.masked_fill(~vis, float("-inf"))
         lse = torch.logsumexp(sc, -1)
         o = torch.softmax(sc, -1) @ vv
@@ -168,16 +175,7 @@ class VarBatch:
             k = self.k[k0:k0 + lk].float().transpose(0, 1).requires_grad_()
             v = self.v[k0:k0 + lk].float().transpose(0, 1).requires_grad_()
             kk, vv = k.repeat_interleave(grp, 0), v.repeat_interleave(grp, 0)
-            sc = q @ kk.transpose(-1, -2) * self.scale
-            if self.softcap:
-                sc = self.softcap * torch.tanh(sc / self.softcap)
-            i = torch.arange(lq, device="cuda")[:, None] + lk - lq
-            j = torch.arange(lk, device="cuda")[None, :]
-            vis = torch.ones(lq, lk, dtype=torch.bool, device="cuda")
-            if self.causal:
-                vis &= j <= i
-            if self.window:
-                vis &= (i - j) < self.window
+            sc, vis = scores(q, kk, self, lq, lk)
             valid = vis.any(-1, keepdim=True)
             sc = sc.masked_fill(~vis, float("-inf")).masked_fill(~valid, 0.0)
             lse = torch.logsumexp(sc, -1).masked_fill(~valid[:, 0], float("-inf"))

@@ -37,13 +37,13 @@ while the GGUF stores quantize(permute(W)). Gemma norms are stored as float32(w 
 float32(float32(w + 1) - 1), what subtracting 1 in f32 gives back.
 """
 
-import argparse
 import importlib.metadata
 import json
 import os
-import sys
 
 import numpy as np
+
+from fixture_cli import fail, fixture_args
 
 QUANTIZED_BY_GGUF = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 # K-quant block layouts (ggml-common.h): byte offsets of the f16 scale fields.
@@ -67,11 +67,6 @@ CORPUS = [
     "how are you? i am fine, thank you. the dog runs fast and the fox runs faster.",
     "tokens are merged by byte pair encoding; digits 0123456789 stay apart.",
 ] * 20
-
-
-def fail(msg):
-    print(f"gguf_fixtures.py: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 def quant_fixture(gguf, out, rng):
@@ -293,10 +288,7 @@ def tiny_gemma3(gguf, tokenizers, out, rng):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="tests/fixtures/gguf", help="output folder (default: tests/fixtures/gguf)")
-    ap.add_argument("--seed", type=int, default=20250207)
-    args = ap.parse_args()
+    args = fixture_args(__doc__, "tests/fixtures/gguf", 20250207)
     try:
         import gguf
         import tokenizers

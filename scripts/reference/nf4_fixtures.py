@@ -39,30 +39,12 @@ The safetensors metadata records versions, the device, the seed, and per case `{
 scaling, where bnb's approximate reciprocal (MUFU.RCP: its CUDA code is built with --use_fast_math) decides the code.
 """
 
-import argparse
 import copy
 import os
 import sys
 import zlib
 
-# dQuantizeNF4's thresholds (csrc/kernels.cu): NF4_THRESHOLDS[k] separates code k from code k + 1.
-NF4_THRESHOLDS = [
-    -0.8480964004993439,
-    -0.6106329262256622,
-    -0.4599952697753906,
-    -0.33967943489551544,
-    -0.23460740596055984,
-    -0.13791173323988914,
-    -0.045525018125772476,
-    0.03979014977812767,
-    0.1202552504837513,
-    0.2035212516784668,
-    0.2920137718319893,
-    0.3893125355243683,
-    0.5016634166240692,
-    0.6427869200706482,
-    0.8614784181118011,
-]
+from fixture_cli import fail, fixture_args, fixture_meta, require
 
 # (name, shape, dtype, blocksize, double_quant, kind). Names are stable: each case is seeded from its own name, so
 # adding a case never changes another. kinds: see make_input.
@@ -108,30 +90,16 @@ BLOCKWISE8_CASES = [
 ]
 
 
-def fail(msg):
-    print(f"nf4_fixtures.py: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="tests/fixtures/nf4", help="output folder (default: tests/fixtures/nf4)")
-    ap.add_argument("--seed", type=int, default=20240521, help="base seed; each case adds crc32(name)")
-    args = ap.parse_args()
+    args = fixture_args(__doc__, "tests/fixtures/nf4", 20240521, seed_help="base seed; each case adds crc32(name)")
 
-    try:
-        import torch
-    except ImportError:
-        fail("needs PyTorch (pip install torch) on a machine with a CUDA GPU")
+    torch = require("torch", "PyTorch (pip install torch) on a machine with a CUDA GPU")
     try:
         import bitsandbytes
         import bitsandbytes.functional as F
     except Exception as e:  # bnb raises various errors when its native library is missing
         fail(f"cannot import bitsandbytes ({type(e).__name__}: {e}); pip install bitsandbytes")
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        fail("needs the safetensors package (pip install safetensors)")
+    save_file = require("safetensors.torch", "the safetensors package (pip install safetensors)").save_file
     if not torch.cuda.is_available():
         fail(
             "no CUDA device visible to PyTorch. These fixtures must come from bitsandbytes' CUDA kernels: its CPU "
@@ -157,24 +125,24 @@ def main():
         )
 
     tensors = {}
-    meta = {
-        "format": "qlora-rt nf4 fixtures v1",
-        "generator": "scripts/reference/nf4_fixtures.py",
-        "torch": torch.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
-        "device": torch.cuda.get_device_name(dev),
-        "cuda": str(torch.version.cuda),
-        "seed": str(args.seed),
-    }
+    meta = fixture_meta(
+        "nf4",
+        args.seed,
+        torch,
+        bitsandbytes=bitsandbytes.__version__,
+        device=torch.cuda.get_device_name(dev),
+        cuda=str(torch.version.cuda),
+    )
 
     tensors["dynamic_map_signed"] = F.create_dynamic_map(signed=True).float().cpu().contiguous()
     tensors["dynamic_map_unsigned"] = F.create_dynamic_map(signed=False).float().cpu().contiguous()
 
+    nf4 = nf4_table(F)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     skipped = []
     for name, shape, dtype_name, blocksize, dq, kind in CASES:
         gen = torch.Generator().manual_seed(args.seed + zlib.crc32(name.encode()))
-        x32, note = make_input(torch, kind, shape, gen)
+        x32, note = make_input(torch, kind, shape, gen, nf4)
         dtype = dtypes[dtype_name]
         w = x32.to(dtype)
         try:
@@ -257,11 +225,20 @@ def quantize_case(torch, F, w, blocksize, dq):
     return out
 
 
-def make_input(torch, kind, shape, gen):
-    """An f32 weight of the given shape, and a note saying what it exercises."""
+def nf4_table(F):
+    """bitsandbytes' NF4 code values and dQuantizeNF4's thresholds (csrc/kernels.cu), both f32: threshold k separates
+    code k from code k + 1. The CUDA source spells the thresholds as literals; each is the midpoint of its two codes in
+    double precision, which is how they are derived here from bnb's own table (so neither is copied by hand)."""
+    code = F.get_4bit_type("nf4", device="cpu").float()
+    wide = code.double()
+    return code, ((wide[:-1] + wide[1:]) / 2).float()
+
+
+def make_input(torch, kind, shape, gen, nf4):
+    """An f32 weight of the given shape, and a note saying what it exercises. nf4: (codes, thresholds), nf4_table's."""
     rows, cols = shape
     n = rows * cols
-    t = torch.tensor(NF4_THRESHOLDS, dtype=torch.float32)
+    code, t = nf4
     if kind == "randn":
         return torch.randn(shape, generator=gen) * 0.02, "N(0, 0.02)"
     if kind == "rowscale":
@@ -274,13 +251,6 @@ def make_input(torch, kind, shape, gen):
         x[3:9] = -0.0  # negative zeros in a non-zero block
         return x.reshape(shape), "blocks 1 and 3 all zero (3 partial, odd n), -0.0 in block 0"
     if kind == "codes":
-        code = torch.tensor(
-            [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
-             1.0],
-            dtype=torch.float32,
-        )
         rows_ = [torch.cat([code, code.flip(0)]) * 0.37, torch.cat([code.flip(0), code]) * -1.9]
         return torch.stack(rows_).reshape(shape), "NF4 code values times a scale (0.37, -1.9)"
     if kind == "ties":
@@ -304,10 +274,7 @@ def make_input(torch, kind, shape, gen):
             a = (torch.exp(torch.randn((), generator=gen)) * 0.05).float()
             k = torch.randint(0, 15, (cols - 1,), generator=gen)
             x = exact_preimages(torch, t[k], a)
-            step = torch.randint(-1, 2, (cols - 1,), generator=gen)
-            x = torch.where(step > 0, torch.nextafter(x, torch.full_like(x, float("inf"))), x)
-            x = torch.where(step < 0, torch.nextafter(x, torch.full_like(x, -float("inf"))), x)
-            out.append(torch.cat([a.reshape(1), x]))
+            out.append(torch.cat([a.reshape(1), nudge(torch, x, gen)]))
         return torch.stack(out).reshape(shape), "random absmax per block, values at threshold*absmax +- 1 ulp"
     if kind == "subnormal":
         # bnb's kernels flush subnormals to zero in every f32 max, multiply and compare (--use_fast_math).
@@ -342,6 +309,13 @@ def exact_preimages(torch, thresholds, a):
     return best
 
 
+def nudge(torch, x, gen):
+    """x with each element, at random, one ulp up, as it is, or one ulp down."""
+    step = torch.randint(-1, 2, x.shape, generator=gen)
+    x = torch.where(step > 0, torch.nextafter(x, torch.full_like(x, float("inf"))), x)
+    return torch.where(step < 0, torch.nextafter(x, torch.full_like(x, -float("inf"))), x)
+
+
 def make_blockwise8_input(torch, kind, n, blocksize, code, gen):
     if kind == "randn":
         return torch.randn(n, generator=gen) * 0.01
@@ -370,12 +344,8 @@ def make_blockwise8_input(torch, kind, n, blocksize, code, gen):
         for b in range(n // blocksize):
             a = (torch.exp(torch.randn((), generator=gen)) * 0.05).float()
             k = torch.randint(0, 255, (blocksize - 1,), generator=gen)
-            v = exact_preimages(torch, mids[k], a)
-            step = torch.randint(-1, 2, (blocksize - 1,), generator=gen)
-            v = torch.where(step > 0, torch.nextafter(v, torch.full_like(v, float("inf"))), v)
-            v = torch.where(step < 0, torch.nextafter(v, torch.full_like(v, -float("inf"))), v)
             x[b * blocksize] = a
-            x[b * blocksize + 1 : (b + 1) * blocksize] = v
+            x[b * blocksize + 1 : (b + 1) * blocksize] = nudge(torch, exact_preimages(torch, mids[k], a), gen)
         return x
     raise ValueError(kind)
 

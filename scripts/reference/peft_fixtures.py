@@ -35,11 +35,11 @@ autocast_adapter_dtype=True leaves it over a 16-bit base), `.r`, `.lora_alpha`, 
 `.peft_keys` (the comma-separated keys get_peft_model_state_dict returns for it).
 """
 
-import argparse
 import math
 import os
-import sys
 import zlib
+
+from fixture_cli import fail, fixture_args, fixture_meta, require
 
 # (name, in_features, out_features, r, lora_alpha, use_rslora, use_dora, dtype, leading dims of x). Each case is
 # seeded from its own name, so adding one never changes another.
@@ -53,40 +53,16 @@ CASES = [
 ]
 
 
-def fail(msg):
-    print(f"peft_fixtures.py: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="tests/fixtures/peft", help="output folder (default: tests/fixtures/peft)")
-    ap.add_argument("--seed", type=int, default=20240611, help="base seed; each case adds crc32(name)")
-    args = ap.parse_args()
+    args = fixture_args(__doc__, "tests/fixtures/peft", 20240611, seed_help="base seed; each case adds crc32(name)")
 
-    try:
-        import torch
-    except ImportError:
-        fail("needs PyTorch (pip install torch)")
-    try:
-        import peft
-    except ImportError:
-        fail("needs peft (pip install peft)")
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        fail("needs the safetensors package (pip install safetensors)")
+    torch = require("torch", "PyTorch (pip install torch)")
+    peft = require("peft", "peft (pip install peft)")
+    save_file = require("safetensors.torch", "the safetensors package (pip install safetensors)").save_file
 
     tensors = {}
-    meta = {
-        "format": "qlora-rt peft fixtures v1",
-        "generator": "scripts/reference/peft_fixtures.py",
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "device": "cpu",
-        "seed": str(args.seed),
-        "cases": ",".join(name for name, *_ in CASES),
-    }
+    cases = ",".join(name for name, *_ in CASES)
+    meta = fixture_meta("peft", args.seed, torch, peft=peft.__version__, device="cpu", cases=cases)
     for name, in_f, out_f, r, alpha, rslora, dora, dtype_name, lead in CASES:
         seed = args.seed + zlib.crc32(name.encode())
         case_tensors, case_meta = run_case(torch, peft, in_f, out_f, r, alpha, rslora, dora, dtype_name, lead, seed)

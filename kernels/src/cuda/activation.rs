@@ -2,7 +2,7 @@
 //! (16-byte accesses) on a one-wave grid.
 
 use super::source::Module;
-use super::{kernel, launch, same_device, wave_config, DeviceBuffer, GpuFloat, Result};
+use super::{elementwise_device, kernel, launch, wave_config, DeviceBuffer, GpuFloat, Result};
 pub use crate::activation::Glu;
 
 /// x: \[n\] → y: \[n\]
@@ -56,15 +56,8 @@ pub fn glu_backward<T: GpuFloat>(
         Glu::SwiGlu => kernel!("swiglu_backward", T),
         Glu::GeGlu => kernel!("geglu_backward", T),
     };
+    let Some(dev) = elementwise_device(kernel, &[gate, up, d_out, d_gate, d_up]) else { return Ok(()) };
     let n = gate.len();
-    assert_eq!(up.len(), n, "{kernel}: up length");
-    assert_eq!(d_out.len(), n, "{kernel}: d_out length");
-    assert_eq!(d_gate.len(), n, "{kernel}: d_gate length");
-    assert_eq!(d_up.len(), n, "{kernel}: d_up length");
-    let dev = same_device(kernel, &[gate.device(), up.device(), d_out.device(), d_gate.device(), d_up.device()]);
-    if n == 0 {
-        return Ok(());
-    }
     let cfg = wave_config(dev, Module::Activation, kernel, n.div_ceil(8))?;
     let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
     // SAFETY: kernel(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n); all five hold n
@@ -93,11 +86,7 @@ fn unary<T: GpuFloat>(
     cap: Option<f32>,
     y: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    assert_eq!(y.len(), x.len(), "{kernel}: output length");
-    let dev = same_device(kernel, &[x.device(), y.device()]);
-    if y.is_empty() {
-        return Ok(());
-    }
+    let Some(dev) = elementwise_device(kernel, &[x, y]) else { return Ok(()) };
     let cfg = wave_config(dev, Module::Activation, kernel, y.len().div_ceil(8))?;
     let (px, py, n) = (x.ptr(), y.ptr(), y.len() as u64);
     // SAFETY: the kernel's parameters are (const T* x, [float cap,] T* y, u64 n), passed in that order with the cap
@@ -118,12 +107,7 @@ fn binary<T: GpuFloat>(
     b: &DeviceBuffer<T>,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    assert_eq!(b.len(), a.len(), "{kernel}: input lengths differ");
-    assert_eq!(out.len(), a.len(), "{kernel}: output length");
-    let dev = same_device(kernel, &[a.device(), b.device(), out.device()]);
-    if out.is_empty() {
-        return Ok(());
-    }
+    let Some(dev) = elementwise_device(kernel, &[a, b, out]) else { return Ok(()) };
     let cfg = wave_config(dev, Module::Activation, kernel, out.len().div_ceil(8))?;
     let (pa, pb, po, n) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: the kernel's parameters are (const T* a, [float cap,] const T* b, T* out, u64 n), passed in that order

@@ -5,20 +5,10 @@ use super::source::Module;
 use super::{config, grid_for, kernel, launch, same_device, DeviceBuffer, GpuFloat, Result};
 use crate::adamw::AdamWStep;
 
-/// p, g: \[n\], m, v: \[n\] f32 → p, m, v updated in place.
+/// p, g: \[n\], m, v: \[n\] f32 → p, m, v updated in place; with `clip = Some((norm_sq, max_norm))` on the gradient
+/// clipped: norm_sq is the squared global norm, one f32 on the device, and the gradient is scaled by
+/// [`crate::adamw::clip_factor`] of it inside the kernel.
 pub fn adamw_step<T: GpuFloat>(
-    h: &AdamWStep,
-    p: &mut DeviceBuffer<T>,
-    g: &DeviceBuffer<T>,
-    m: &mut DeviceBuffer<f32>,
-    v: &mut DeviceBuffer<f32>,
-) -> Result<()> {
-    adamw_step_clipped(h, p, g, m, v, None)
-}
-
-/// [`adamw_step`] on the gradient clipped by `(norm_sq, max_norm)`: norm_sq is the squared global norm, one f32 on
-/// the device, and the gradient is scaled by [`crate::adamw::clip_factor`] of it inside the kernel.
-pub fn adamw_step_clipped<T: GpuFloat>(
     h: &AdamWStep,
     p: &mut DeviceBuffer<T>,
     g: &DeviceBuffer<T>,

@@ -1,7 +1,9 @@
 //! Launchers of `kernels/cuda/elementwise.cu`, twins of [`crate::elementwise`].
 
 use super::source::Module;
-use super::{config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result};
+use super::{
+    config, elementwise_device, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result,
+};
 
 /// a: \[len\], b: \[len\] → out: \[len\] = a + b
 pub fn add<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut DeviceBuffer<T>) -> Result<()> {
@@ -15,11 +17,7 @@ pub fn mul<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut Devi
 
 /// x: \[len\] → out: \[len\] = s·x
 pub fn scale<T: GpuFloat>(x: &DeviceBuffer<T>, s: f32, out: &mut DeviceBuffer<T>) -> Result<()> {
-    assert_eq!(x.len(), out.len(), "scale: x vs out length");
-    let dev = same_device("scale", &[x.device(), out.device()]);
-    if out.is_empty() {
-        return Ok(());
-    }
+    let Some(dev) = elementwise_device("scale", &[x, out]) else { return Ok(()) };
     let kernel = kernel!("scale", T);
     let (px, po, n) = (x.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: scale_T(const T* x, float s, T* out, u64 n); x and out hold n elements on this device (asserted).
@@ -49,11 +47,7 @@ pub fn dropout<T: GpuFloat>(
     keep: f32,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    assert_eq!(x.len(), out.len(), "dropout: x vs out length");
-    let dev = same_device("dropout", &[x.device(), out.device()]);
-    if out.is_empty() {
-        return Ok(());
-    }
+    let Some(dev) = elementwise_device("dropout", &[x, out]) else { return Ok(()) };
     let kernel = kernel!("dropout", T);
     let (px, po, n) = (x.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: dropout_T(const T* x, T* out, u64 n, u64 seed, double p, float keep); x and out hold n elements on
@@ -63,11 +57,7 @@ pub fn dropout<T: GpuFloat>(
 
 /// x: \[len\], y: \[len\] → y += alpha·x (gradient accumulation)
 pub fn axpy<T: GpuFloat>(alpha: f32, x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T>) -> Result<()> {
-    assert_eq!(x.len(), y.len(), "axpy: x vs y length");
-    let dev = same_device("axpy", &[x.device(), y.device()]);
-    if y.is_empty() {
-        return Ok(());
-    }
+    let Some(dev) = elementwise_device("axpy", &[x, y]) else { return Ok(()) };
     let kernel = kernel!("axpy", T);
     let (px, py, n) = (x.ptr(), y.ptr(), y.len() as u64);
     // SAFETY: axpy_T(float alpha, const T* x, T* y, u64 n); x and y hold n elements on this device (asserted).
@@ -99,17 +89,7 @@ fn binary<T: GpuFloat>(
     b: &DeviceBuffer<T>,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    assert!(
-        a.len() == b.len() && a.len() == out.len(),
-        "{kernel}: lengths {}, {}, out {}",
-        a.len(),
-        b.len(),
-        out.len()
-    );
-    let dev = same_device(kernel, &[a.device(), b.device(), out.device()]);
-    if out.is_empty() {
-        return Ok(());
-    }
+    let Some(dev) = elementwise_device(kernel, &[a, b, out]) else { return Ok(()) };
     let (pa, pb, po, n) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: add_T / mul_T(const T* a, const T* b, T* out, u64 n); a, b and out hold n elements on this device
     // (asserted).

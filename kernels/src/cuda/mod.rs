@@ -185,6 +185,16 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
+/// The one device of an element-wise op's buffers, or None when they are empty (nothing to launch). They must hold as
+/// many elements each and live on one device (else a panic: a caller bug).
+fn elementwise_device<'a, T: DeviceCopy>(op: &str, buffers: &[&'a DeviceBuffer<T>]) -> Option<&'a CudaDevice> {
+    let lens: Vec<usize> = buffers.iter().map(|b| b.len()).collect();
+    assert!(lens.iter().all(|&n| n == lens[0]), "{op}: buffers of lengths {lens:?}");
+    let devices: Vec<&CudaDevice> = buffers.iter().map(|b| b.device()).collect();
+    let dev = same_device(op, &devices);
+    (lens[0] > 0).then_some(dev)
+}
+
 /// The one device all of an op's buffers live on; panics when they differ (a caller bug, like a length mismatch).
 fn same_device<'a>(op: &str, devices: &[&'a CudaDevice]) -> &'a CudaDevice {
     let first = devices[0];

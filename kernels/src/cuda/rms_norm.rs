@@ -65,23 +65,7 @@ pub fn rms_norm_backward<T: GpuFloat>(
     dx: &mut DeviceBuffer<T>,
     dw: Option<&mut DeviceBuffer<T>>,
 ) -> Result<()> {
-    backward(
-        &BackwardKernels {
-            what: "rms_norm_backward",
-            vector: kernel!("rms_norm_backward", T),
-            wide: "rms_norm_backward_wide_bf16",
-            scalar: kernel!("rms_norm_backward_scalar", T),
-        },
-        x,
-        weight,
-        rstd,
-        dy,
-        None,
-        dim,
-        offset,
-        dx,
-        dw,
-    )
+    backward(x, weight, rstd, dy, None, dim, offset, dx, dw)
 }
 
 /// x, residual: [rows, dim], weight: \[dim\] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim],
@@ -148,27 +132,12 @@ pub fn add_rms_norm_backward<T: GpuFloat>(
     dx: &mut DeviceBuffer<T>,
     dw: Option<&mut DeviceBuffer<T>>,
 ) -> Result<()> {
-    backward(
-        &BackwardKernels {
-            what: "add_rms_norm_backward",
-            vector: kernel!("add_rms_norm_backward", T),
-            wide: "add_rms_norm_backward_wide_bf16",
-            scalar: kernel!("add_rms_norm_backward_scalar", T),
-        },
-        h,
-        weight,
-        rstd,
-        dy,
-        Some(d_residual),
-        dim,
-        offset,
-        dx,
-        dw,
-    )
+    backward(h, weight, rstd, dy, Some(d_residual), dim, offset, dx, dw)
 }
 
 /// The entry points of one backward, by path.
 struct BackwardKernels {
+    /// The launcher's name, for messages.
     what: &'static str,
     /// Rows of up to 512 threads, [`step_rows`] per step.
     vector: &'static str,
@@ -178,10 +147,29 @@ struct BackwardKernels {
     scalar: &'static str,
 }
 
+impl BackwardKernels {
+    /// The plain backward's, or with `fused` the residual-add one's.
+    fn of<T: GpuFloat>(fused: bool) -> BackwardKernels {
+        match fused {
+            false => BackwardKernels {
+                what: "rms_norm_backward",
+                vector: kernel!("rms_norm_backward", T),
+                wide: "rms_norm_backward_wide_bf16",
+                scalar: kernel!("rms_norm_backward_scalar", T),
+            },
+            true => BackwardKernels {
+                what: "add_rms_norm_backward",
+                vector: kernel!("add_rms_norm_backward", T),
+                wide: "add_rms_norm_backward_wide_bf16",
+                scalar: kernel!("add_rms_norm_backward_scalar", T),
+            },
+        }
+    }
+}
+
 /// The plain backward (`d_residual` None) or the fused one, with dw or without.
 #[allow(clippy::too_many_arguments)]
 fn backward<T: GpuFloat>(
-    k: &BackwardKernels,
     x: &DeviceBuffer<T>,
     weight: &DeviceBuffer<T>,
     rstd: &DeviceBuffer<f32>,
@@ -192,6 +180,7 @@ fn backward<T: GpuFloat>(
     dx: &mut DeviceBuffer<T>,
     dw: Option<&mut DeviceBuffer<T>>,
 ) -> Result<()> {
+    let k = BackwardKernels::of::<T>(d_residual.is_some());
     let what = k.what;
     let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(dy.len(), rows * dim, "{what}: dy length");

@@ -123,27 +123,22 @@ impl WeightElem for f32 {
     }
 }
 
-impl WeightElem for bf16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
+/// The half crate's types convert with their own `to_f32` / `from_f32`.
+macro_rules! half_weight_elem {
+    ($($t:ty),+) => {$(
+        impl WeightElem for $t {
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline(always)]
+            fn from_f32(v: f32) -> Self {
+                <$t>::from_f32(v)
+            }
+        }
+    )+};
 }
-
-impl WeightElem for f16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
+half_weight_elem!(bf16, f16);
 
 /// Bytes of packed nibbles for n elements: `(n + 1) / 2` (bnb's tensor shape is `[(n + 1) / 2, 1]`).
 pub fn nf4_packed_len(n: usize) -> usize {

@@ -5,57 +5,18 @@ use super::{WeightElem, NF4_THRESHOLDS};
 use rayon::prelude::*;
 
 /// The 4-bit code of one scaled value (`x = w · (1/absmax)`, nominally in [−1, 1]): `dQuantizeNF4`'s decision tree,
-/// transcribed. Ties go to the lower code; NaN (an all-zero block, `0 · ∞`) fails every comparison and gives code 0.
+/// which is a binary search over the 15 thresholds, level by level (8, 4, 2, 1 codes up when x is above the
+/// threshold in the middle). Ties go to the lower code; NaN (an all-zero block, `0 · ∞`) fails every comparison and
+/// gives code 0.
 #[inline]
 pub fn nf4_code_index(x: f32) -> u8 {
-    let t = &NF4_THRESHOLDS;
-    if x > t[7] {
-        if x > t[11] {
-            if x > t[13] {
-                if x > t[14] {
-                    15
-                } else {
-                    14
-                }
-            } else if x > t[12] {
-                13
-            } else {
-                12
-            }
-        } else if x > t[9] {
-            if x > t[10] {
-                11
-            } else {
-                10
-            }
-        } else if x > t[8] {
-            9
-        } else {
-            8
+    let mut code = 0;
+    for step in [8, 4, 2, 1] {
+        if x > NF4_THRESHOLDS[code + step - 1] {
+            code += step;
         }
-    } else if x > t[3] {
-        if x > t[5] {
-            if x > t[6] {
-                7
-            } else {
-                6
-            }
-        } else if x > t[4] {
-            5
-        } else {
-            4
-        }
-    } else if x > t[1] {
-        if x > t[2] {
-            3
-        } else {
-            2
-        }
-    } else if x > t[0] {
-        1
-    } else {
-        0
     }
+    code as u8
 }
 
 /// Quantizes one block into `packed` (`len.div_ceil(2)` bytes) and returns its absmax.

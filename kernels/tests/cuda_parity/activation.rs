@@ -1,14 +1,9 @@
-use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, LENS};
+use crate::common::{check, parity_test, poisoned, randn, upload, widen, Elem, LENS};
 use qlora_kernels::activation::Glu;
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
-use qlora_kernels::testing::gpu;
 use qlora_kernels::{activation, cuda, Rng};
 
-#[test]
-fn activations_match_cpu() {
-    let Some(dev) = gpu("activations_match_cpu") else { return };
-    both_dtypes!(activation_case, &dev, &mut Rng::new(2));
-}
+parity_test!(activations_match_cpu: activation_case, seed 2);
 
 type CpuUnary = fn(&[f32], &mut [f32]);
 type CpuBinary = fn(&[f32], &[f32], &mut [f32]);

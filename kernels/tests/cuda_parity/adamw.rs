@@ -1,13 +1,9 @@
-use crate::common::{both_dtypes, check, narrow, randn, upload, widen, Elem, LENS};
+use crate::common::{check, narrow, parity_test, randn, upload, widen, Elem, LENS};
 use qlora_kernels::cuda::CudaDevice;
-use qlora_kernels::testing::{gpu, Tolerance};
+use qlora_kernels::testing::Tolerance;
 use qlora_kernels::{adamw, cuda, Rng};
 
-#[test]
-fn adamw_matches_cpu() {
-    let Some(dev) = gpu("adamw_matches_cpu") else { return };
-    both_dtypes!(adamw_case, &dev, &mut Rng::new(7));
-}
+parity_test!(adamw_matches_cpu: adamw_case, seed 7);
 
 fn adamw_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     for n in LENS {
@@ -17,7 +13,7 @@ fn adamw_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         for step in 1..=5 {
             let h = adamw::AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step };
             let g = randn::<T>(rng, n, 1.0);
-            cuda::adamw::adamw_step(&h, &mut gp, &upload(dev, &g), &mut gm, &mut gv).unwrap();
+            cuda::adamw::adamw_step(&h, &mut gp, &upload(dev, &g), &mut gm, &mut gv, None).unwrap();
             // The twin keeps p in T between steps, as the GPU does.
             let mut pw = widen(&p);
             adamw::adamw_step(&h, &mut pw, &widen(&g), &mut m, &mut v);

@@ -84,11 +84,18 @@ pub(crate) fn check<T: Elem>(what: &str, got: &DeviceBuffer<T>, want: &[f32], to
     assert_close(&format!("{what} [{}]", T::NAME), &got, &want, tol);
 }
 
-/// Runs a generic case for f32 then bf16.
-macro_rules! both_dtypes {
-    ($case:ident, $dev:expr, $rng:expr) => {{
-        $case::<f32>($dev, $rng);
-        $case::<half::bf16>($dev, $rng);
-    }};
+/// Declares the test `$name`: `$case` for f32, then for bf16, on the GPU (skipped without one, as `gpu` says), with
+/// one `Rng::new($seed)` for both.
+macro_rules! parity_test {
+    ($(#[$attr:meta])* $name:ident: $case:ident, seed $seed:expr) => {
+        $(#[$attr])*
+        #[test]
+        fn $name() {
+            let Some(dev) = qlora_kernels::testing::gpu(stringify!($name)) else { return };
+            let rng = &mut qlora_kernels::Rng::new($seed);
+            $case::<f32>(&dev, rng);
+            $case::<half::bf16>(&dev, rng);
+        }
+    };
 }
-pub(crate) use both_dtypes;
+pub(crate) use parity_test;

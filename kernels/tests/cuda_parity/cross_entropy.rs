@@ -1,13 +1,9 @@
-use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, REDUCED};
+use crate::common::{check, parity_test, poisoned, randn, upload, widen, Elem, REDUCED};
 use qlora_kernels::cuda::CudaDevice;
 use qlora_kernels::testing::gpu;
 use qlora_kernels::{cross_entropy, cuda, Rng};
 
-#[test]
-fn cross_entropy_matches_cpu() {
-    let Some(dev) = gpu("cross_entropy_matches_cpu") else { return };
-    both_dtypes!(cross_entropy_case, &dev, &mut Rng::new(5));
-}
+parity_test!(cross_entropy_matches_cpu: cross_entropy_case, seed 5);
 
 fn cross_entropy_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     // Rows start 16-byte aligned when vocab is a multiple of 8 (1000, 128256), else each at its own offset, with up to

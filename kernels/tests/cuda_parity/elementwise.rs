@@ -1,13 +1,8 @@
-use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, LENS, ROWS};
+use crate::common::{check, parity_test, poisoned, randn, upload, widen, Elem, LENS, ROWS};
 use qlora_kernels::cuda::CudaDevice;
-use qlora_kernels::testing::gpu;
 use qlora_kernels::{cuda, elementwise, Rng};
 
-#[test]
-fn elementwise_matches_cpu() {
-    let Some(dev) = gpu("elementwise_matches_cpu") else { return };
-    both_dtypes!(elementwise_case, &dev, &mut Rng::new(1));
-}
+parity_test!(elementwise_matches_cpu: elementwise_case, seed 1);
 
 fn elementwise_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     for n in LENS {

@@ -1,13 +1,9 @@
-use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, EXACT};
+use crate::common::{check, parity_test, poisoned, randn, upload, widen, Elem, EXACT};
 use qlora_kernels::cuda::CudaDevice;
 use qlora_kernels::testing::gpu;
 use qlora_kernels::{cuda, embedding, Rng};
 
-#[test]
-fn embedding_matches_cpu_bit_for_bit() {
-    let Some(dev) = gpu("embedding_matches_cpu_bit_for_bit") else { return };
-    both_dtypes!(embedding_case, &dev, &mut Rng::new(6));
-}
+parity_test!(embedding_matches_cpu_bit_for_bit: embedding_case, seed 6);
 
 fn embedding_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     // Few ids over many tokens: heavy repetition, the backward's hard case. Forward: dims of a multiple of 8 take the

@@ -1,14 +1,10 @@
-use crate::common::{both_dtypes, randn, upload, widen, Elem, REDUCED};
+use crate::common::{parity_test, randn, upload, widen, Elem, REDUCED};
 use qlora_kernels::cuda::CudaDevice;
 use qlora_kernels::matmul::Gemm;
-use qlora_kernels::testing::{assert_close, gpu};
+use qlora_kernels::testing::assert_close;
 use qlora_kernels::{cuda, matmul, Rng};
 
-#[test]
-fn matmul_matches_cpu() {
-    let Some(dev) = gpu("matmul_matches_cpu") else { return };
-    both_dtypes!(matmul_case, &dev, &mut Rng::new(9));
-}
+parity_test!(matmul_matches_cpu: matmul_case, seed 9);
 
 /// One GEMM on the GPU and the CPU twin (f32, on the widened inputs), C starting as `c0` (or NaN when beta == 0, which
 /// must not read it). Tolerance: REDUCED for f32 (k-term sums in cuBLASLt's order), BF16 for bf16 (one rounding).

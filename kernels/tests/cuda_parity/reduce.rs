@@ -1,13 +1,9 @@
-use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, EXACT, LENS, REDUCED, ROWS};
+use crate::common::{check, parity_test, poisoned, randn, upload, widen, Elem, EXACT, LENS, REDUCED, ROWS};
 use qlora_kernels::cuda::CudaDevice;
-use qlora_kernels::testing::{assert_close, gpu, Tolerance};
+use qlora_kernels::testing::{assert_close, Tolerance};
 use qlora_kernels::{cuda, reduce, Rng};
 
-#[test]
-fn reductions_match_cpu() {
-    let Some(dev) = gpu("reductions_match_cpu") else { return };
-    both_dtypes!(reduce_case, &dev, &mut Rng::new(10));
-}
+parity_test!(reductions_match_cpu: reduce_case, seed 10);
 
 /// Sums: the GPU adds in f32 in a tree, the CPU in f64, so the bound scales with Σ|x| (f32's 2⁻²⁴ per level of a
 /// ~20-level tree, with margin): |got − want| ≤ 1e-6·Σ|x| + 1e-5·|want|. max |x| is exact. The twin runs on the

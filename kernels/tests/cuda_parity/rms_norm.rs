@@ -1,6 +1,5 @@
-use crate::common::{both_dtypes, check, narrow, poisoned, randn, upload, widen, Elem, EXACT, REDUCED, ROWS};
+use crate::common::{check, narrow, parity_test, poisoned, randn, upload, widen, Elem, EXACT, REDUCED, ROWS};
 use qlora_kernels::cuda::CudaDevice;
-use qlora_kernels::testing::gpu;
 use qlora_kernels::{cuda, rms_norm, Rng};
 
 const EPS: f32 = 1e-6;
@@ -13,11 +12,7 @@ const EPS: f32 = 1e-6;
 const MORE_ROWS: [(usize, usize); 9] =
     [(300, 64), (600, 33), (4000, 1024), (5, 2048), (3, 4096), (33, 8192), (7, 8200), (2, 16), (1, 8)];
 
-#[test]
-fn rms_norm_matches_cpu() {
-    let Some(dev) = gpu("rms_norm_matches_cpu") else { return };
-    both_dtypes!(rms_norm_case, &dev, &mut Rng::new(3));
-}
+parity_test!(rms_norm_matches_cpu: rms_norm_case, seed 3);
 
 fn rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     for (rows, dim) in ROWS.into_iter().chain(MORE_ROWS) {
@@ -51,11 +46,7 @@ fn rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     }
 }
 
-#[test]
-fn add_rms_norm_matches_cpu() {
-    let Some(dev) = gpu("add_rms_norm_matches_cpu") else { return };
-    both_dtypes!(add_rms_norm_case, &dev, &mut Rng::new(13));
-}
+parity_test!(add_rms_norm_matches_cpu: add_rms_norm_case, seed 13);
 
 /// The fused residual add + norm against its CPU twin: h exact (one rounded add), the norm of h as stored.
 fn add_rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {

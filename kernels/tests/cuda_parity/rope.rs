@@ -1,14 +1,9 @@
-use crate::common::{both_dtypes, check, poisoned, randn, upload, widen, Elem, EXACT};
+use crate::common::{check, parity_test, poisoned, randn, upload, widen, Elem, EXACT};
 use qlora_kernels::cuda::CudaDevice;
 use qlora_kernels::rope::Direction;
-use qlora_kernels::testing::gpu;
 use qlora_kernels::{cuda, rope, Rng};
 
-#[test]
-fn rope_matches_cpu_bit_for_bit() {
-    let Some(dev) = gpu("rope_matches_cpu_bit_for_bit") else { return };
-    both_dtypes!(rope_case, &dev, &mut Rng::new(4));
-}
+parity_test!(rope_matches_cpu_bit_for_bit: rope_case, seed 4);
 
 /// positions → (cos, sin): [tokens, head_dim/2] f32.
 fn tables(rng: &mut Rng, tokens: usize, head_dim: usize) -> (Vec<f32>, Vec<f32>) {
@@ -45,11 +40,7 @@ fn rope_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     }
 }
 
-#[test]
-fn rope_qk_in_place_matches_cpu_bit_for_bit() {
-    let Some(dev) = gpu("rope_qk_in_place_matches_cpu_bit_for_bit") else { return };
-    both_dtypes!(rope_qk_case, &dev, &mut Rng::new(14));
-}
+parity_test!(rope_qk_in_place_matches_cpu_bit_for_bit: rope_qk_case, seed 14);
 
 /// q and k rotated together in place, grouped-query shapes included.
 fn rope_qk_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {

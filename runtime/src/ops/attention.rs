@@ -115,28 +115,19 @@ pub fn attention(
     let tq = q.shape()[0];
     if let Some(g) = Gpu::of("attention", &[q, k, v])? {
         let (gcq, gck) = (g.index("cu_seqlens_q", &cu_q.tensor)?, g.index("cu_seqlens_k", &cu_k.tensor)?);
+        let (cu, max) = ([buf(&gcq), buf(&gck)], [cu_q.max, cu_k.max]);
         return with_gpu!(g, |T| {
             let (qi, ki, vi) = (g.input(q)?, g.input(k)?, g.input(v)?);
             let (mut out, mut lse) = (g.alloc::<T>(q.elem_count())?, g.alloc::<f32>(tq * p.n_heads)?);
-            g.run(gattn::attention_forward(
-                p,
-                buf::<T>(&qi),
-                buf(&ki),
-                buf(&vi),
-                buf(&gcq),
-                buf(&gck),
-                cu_q.max,
-                cu_k.max,
-                &mut out,
-                &mut lse,
-            ))?;
+            let (qi, ki, vi) = (buf::<T>(&qi), buf(&ki), buf(&vi));
+            g.run(gattn::attention_forward(p, qi, ki, vi, cu, max, &mut out, &mut lse))?;
             Ok((output(out, q.shape()), output(lse, &[tq, p.n_heads])))
         });
     }
     with_compute!("attention", [q, k, v], |T| {
         let (mut out, mut lse) = (vec![T::default(); q.elem_count()], vec![T::default(); tq * p.n_heads]);
-        let (cq, ck) = (cu_q.host(), cu_k.host());
-        attn_fwd(p, &q.values::<T>(), &k.values::<T>(), &v.values::<T>(), cq, ck, &mut out, &mut lse);
+        let cu = [cu_q.host(), cu_k.host()];
+        attn_fwd(p, &q.values::<T>(), &k.values::<T>(), &v.values::<T>(), cu, &mut out, &mut lse);
         Ok((tensor(out, q.shape()), tensor(lse, &[tq, p.n_heads])))
     })
 }
@@ -162,27 +153,14 @@ pub fn attention_backward(
     }
     if let Some(g) = Gpu::of("attention_backward", &[q, k, v, out, lse, d_out])? {
         let (gcq, gck) = (g.index("cu_seqlens_q", &cu_q.tensor)?, g.index("cu_seqlens_k", &cu_k.tensor)?);
+        let (cu, max) = ([buf(&gcq), buf(&gck)], [cu_q.max, cu_k.max]);
         return with_gpu!(g, |T| {
             let (qi, ki, vi, oi, di) = (g.input(q)?, g.input(k)?, g.input(v)?, g.input(out)?, g.input(d_out)?);
             let l = g.input_as(lse, DType::F32)?;
             let (mut dq, mut dk, mut dv) =
                 (g.alloc::<T>(q.elem_count())?, g.alloc::<T>(k.elem_count())?, g.alloc::<T>(v.elem_count())?);
-            g.run(gattn::attention_backward(
-                p,
-                buf::<T>(&qi),
-                buf(&ki),
-                buf(&vi),
-                buf(&oi),
-                buf(&l),
-                buf(&di),
-                buf(&gcq),
-                buf(&gck),
-                cu_q.max,
-                cu_k.max,
-                &mut dq,
-                &mut dk,
-                &mut dv,
-            ))?;
+            let (qkv, out_d) = ([buf::<T>(&qi), buf(&ki), buf(&vi)], [buf(&oi), buf(&di)]);
+            g.run(gattn::attention_backward(p, qkv, out_d, buf(&l), cu, max, [&mut dq, &mut dk, &mut dv]))?;
             Ok((output(dq, q.shape()), output(dk, k.shape()), output(dv, v.shape())))
         });
     }
@@ -192,20 +170,9 @@ pub fn attention_backward(
             vec![T::default(); k.elem_count()],
             vec![T::default(); v.elem_count()],
         );
-        attn_bwd(
-            p,
-            &q.values::<T>(),
-            &k.values::<T>(),
-            &v.values::<T>(),
-            &out.values::<T>(),
-            &lse.values::<T>(),
-            &d_out.values::<T>(),
-            cu_q.host(),
-            cu_k.host(),
-            &mut dq,
-            &mut dk,
-            &mut dv,
-        );
+        let (qv, kv, vv) = (q.values::<T>(), k.values::<T>(), v.values::<T>());
+        let (ov, dov, cu) = (out.values::<T>(), d_out.values::<T>(), [cu_q.host(), cu_k.host()]);
+        attn_bwd(p, [&qv, &kv, &vv], [&ov, &dov], &lse.values::<T>(), cu, [&mut dq, &mut dk, &mut dv]);
         Ok((tensor(dq, q.shape()), tensor(dk, k.shape()), tensor(dv, v.shape())))
     })
 }

@@ -9,36 +9,46 @@ use qlora_kernels::elementwise as ew;
 
 /// a + b (same shapes).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    same_shape("add", a, b)?;
-    if let Some(g) = Gpu::of("add", &[a, b])? {
-        return with_gpu!(g, |T| {
-            let (a, b) = (g.input(a)?, g.input(b)?);
-            let mut out = g.alloc::<T>(a.elem_count())?;
-            g.run(gew::add(buf::<T>(&a), buf(&b), &mut out))?;
-            Ok(output(out, a.shape()))
-        });
-    }
-    with_compute!("add", [a, b], |T| {
-        let mut out = vec![T::default(); a.elem_count()];
-        ew::add(&a.values::<T>(), &b.values::<T>(), &mut out);
-        Ok(tensor(out, a.shape()))
-    })
+    binary(Binary::Add, a, b)
 }
 
 /// a ⊙ b (same shapes).
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    same_shape("mul", a, b)?;
-    if let Some(g) = Gpu::of("mul", &[a, b])? {
+    binary(Binary::Mul, a, b)
+}
+
+/// The two element-wise products of same-shaped tensors, each with its CPU and CUDA kernel.
+#[derive(Clone, Copy)]
+enum Binary {
+    Add,
+    Mul,
+}
+
+fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let name = match op {
+        Binary::Add => "add",
+        Binary::Mul => "mul",
+    };
+    same_shape(name, a, b)?;
+    if let Some(g) = Gpu::of(name, &[a, b])? {
         return with_gpu!(g, |T| {
             let (a, b) = (g.input(a)?, g.input(b)?);
             let mut out = g.alloc::<T>(a.elem_count())?;
-            g.run(gew::mul(buf::<T>(&a), buf(&b), &mut out))?;
+            let kernel = match op {
+                Binary::Add => gew::add::<T>,
+                Binary::Mul => gew::mul::<T>,
+            };
+            g.run(kernel(buf::<T>(&a), buf(&b), &mut out))?;
             Ok(output(out, a.shape()))
         });
     }
-    with_compute!("mul", [a, b], |T| {
+    with_compute!(name, [a, b], |T| {
         let mut out = vec![T::default(); a.elem_count()];
-        ew::mul(&a.values::<T>(), &b.values::<T>(), &mut out);
+        let kernel = match op {
+            Binary::Add => ew::add::<T>,
+            Binary::Mul => ew::mul::<T>,
+        };
+        kernel(&a.values::<T>(), &b.values::<T>(), &mut out);
         Ok(tensor(out, a.shape()))
     })
 }

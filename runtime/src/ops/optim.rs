@@ -45,10 +45,8 @@ pub fn adamw_step(
         let clip = norm.as_ref().map(|(n, max)| (buf::<f32>(n), *max));
         let (m, v) = (buffer_mut::<f32>(OP, m)?, buffer_mut::<f32>(OP, v)?);
         return match p.dtype() {
-            DType::BF16 => {
-                gpu.run(gadamw::adamw_step_clipped(h, buffer_mut::<half::bf16>(OP, p)?, buf(&g), m, v, clip))
-            }
-            _ => gpu.run(gadamw::adamw_step_clipped(h, buffer_mut::<f32>(OP, p)?, buf(&g), m, v, clip)),
+            DType::BF16 => gpu.run(gadamw::adamw_step(h, buffer_mut::<half::bf16>(OP, p)?, buf(&g), m, v, clip)),
+            _ => gpu.run(gadamw::adamw_step(h, buffer_mut::<f32>(OP, p)?, buf(&g), m, v, clip)),
         };
     }
     let dtype = p.dtype();

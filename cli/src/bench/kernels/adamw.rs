@@ -55,7 +55,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
             let s = &mut sets[i % count];
             // The step count only changes the bias corrections.
             let h = AdamWStep { lr, beta1, beta2, eps, weight_decay, step: 1 + i as u64 };
-            Ok(adamw_step(&h, &mut s.p, &s.g, &mut s.m, &mut s.v)?)
+            Ok(adamw_step(&h, &mut s.p, &s.g, &mut s.m, &mut s.v, None)?)
         })?;
     }
     Ok(())

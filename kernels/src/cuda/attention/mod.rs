@@ -132,23 +132,21 @@ fn grid(rows: usize, per_block: usize, heads: usize, n_seqs: usize, threads: usi
     }
 }
 
-/// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens_q/k: [n_seqs + 1] → out: [tq, n_heads,
-/// head_dim], lse: [tq, n_heads] f32 (−∞ with a zero row for a query that sees no key)
+/// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], cu_seqlens: [n_seqs + 1] each and max_seqlen, of
+/// (queries, keys) → out: [tq, n_heads, head_dim], lse: [tq, n_heads] f32 (−∞ with a zero row for a query that sees
+/// no key)
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<T: AttentionFloat>(
     p: &AttentionParams,
     q: &DeviceBuffer<T>,
     k: &DeviceBuffer<T>,
     v: &DeviceBuffer<T>,
-    cu_seqlens_q: &DeviceBuffer<i32>,
-    cu_seqlens_k: &DeviceBuffer<i32>,
-    max_seqlen_q: usize,
-    max_seqlen_k: usize,
+    cu_seqlens: [&DeviceBuffer<i32>; 2],
+    max_seqlen: [usize; 2],
     out: &mut DeviceBuffer<T>,
     lse: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
-    let (cu, max_seqlen) = ([cu_seqlens_q, cu_seqlens_k], [max_seqlen_q, max_seqlen_k]);
-    attention_forward_with(FlashPath::Fastest, p, q, k, v, cu, max_seqlen, out, lse)
+    attention_forward_with(FlashPath::Fastest, p, q, k, v, cu_seqlens, max_seqlen, out, lse)
 }
 
 /// [`attention_forward`] on the flash kernels `path` picks (f32 ignores it): cu_seqlens and max_seqlen are
@@ -191,27 +189,19 @@ pub fn attention_forward_with<T: AttentionFloat>(
     flash::launch(dev, kernel, flash, max_seqlen_q, p.n_heads, n_seqs)
 }
 
-/// Gradients of [`attention_forward`] from its out and lse and d_out: [tq, n_heads, head_dim] → dq: [tq, n_heads,
-/// head_dim], dk, dv: [tk, n_kv_heads, head_dim] (all written; GQA sums over the query heads sharing a KV head)
-#[allow(clippy::too_many_arguments)]
+/// Gradients of [`attention_forward`] from its out and lse and d_out: [tq, n_heads, head_dim], with cu_seqlens and
+/// max_seqlen as there → dq: [tq, n_heads, head_dim], dk, dv: [tk, n_kv_heads, head_dim] (all written; GQA sums over
+/// the query heads sharing a KV head)
 pub fn attention_backward<T: AttentionFloat>(
     p: &AttentionParams,
-    q: &DeviceBuffer<T>,
-    k: &DeviceBuffer<T>,
-    v: &DeviceBuffer<T>,
-    out: &DeviceBuffer<T>,
+    [q, k, v]: [&DeviceBuffer<T>; 3],
+    [out, d_out]: [&DeviceBuffer<T>; 2],
     lse: &DeviceBuffer<f32>,
-    d_out: &DeviceBuffer<T>,
-    cu_seqlens_q: &DeviceBuffer<i32>,
-    cu_seqlens_k: &DeviceBuffer<i32>,
-    max_seqlen_q: usize,
-    max_seqlen_k: usize,
-    dq: &mut DeviceBuffer<T>,
-    dk: &mut DeviceBuffer<T>,
-    dv: &mut DeviceBuffer<T>,
+    cu_seqlens: [&DeviceBuffer<i32>; 2],
+    max_seqlen: [usize; 2],
+    grads: [&mut DeviceBuffer<T>; 3],
 ) -> Result<()> {
-    let (cu, max_seqlen) = ([cu_seqlens_q, cu_seqlens_k], [max_seqlen_q, max_seqlen_k]);
-    attention_backward_with(FlashPath::Fastest, p, [q, k, v], [out, d_out], lse, cu, max_seqlen, [dq, dk, dv])
+    attention_backward_with(FlashPath::Fastest, p, [q, k, v], [out, d_out], lse, cu_seqlens, max_seqlen, grads)
 }
 
 /// [`attention_backward`] on the flash kernels `path` picks (f32 ignores it): [q, k, v], [out, d_out], lse,

@@ -294,26 +294,18 @@ mod tests {
     #[test]
     fn hopper_picks_wgmma_where_it_serves() {
         let names = |target, path, hd| flash_kernels(target, path, hd, Half::Bf16).map(|k| k.name);
-        assert_eq!(
-            names(SM_90A, FlashPath::Fastest, 64),
-            ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]
-        );
-        assert_eq!(
-            names(SM_90A, FlashPath::Fastest, 40),
-            ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]
-        );
-        assert_eq!(
-            names(SM_90A, FlashPath::Fastest, 100),
-            ["flash_forward_sm90_d128_bf16", "flash_backward_sm90_d128_bf16"]
-        );
-        assert_eq!(
-            names(SM_90A, FlashPath::Fastest, 256),
-            ["flash_forward_sm90_d256_bf16", "flash_backward_d256_bf16"]
-        );
-        assert_eq!(names(SM_90A, FlashPath::Fastest, 32), ["flash_forward_d32_bf16", "flash_backward_d32_bf16"]);
-        assert_eq!(names(SM_90A, FlashPath::Fastest, 72), ["flash_forward_d80_bf16", "flash_backward_d80_bf16"]);
-        assert_eq!(names(SM_90A, FlashPath::Portable, 64), ["flash_forward_d64_bf16", "flash_backward_d64_bf16"]);
-        assert_eq!(names(SM_80, FlashPath::Fastest, 128), ["flash_forward_d128_bf16", "flash_backward_d128_bf16"]);
+        for (target, path, hd, want) in [
+            (SM_90A, FlashPath::Fastest, 64, ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]),
+            (SM_90A, FlashPath::Fastest, 40, ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]),
+            (SM_90A, FlashPath::Fastest, 100, ["flash_forward_sm90_d128_bf16", "flash_backward_sm90_d128_bf16"]),
+            (SM_90A, FlashPath::Fastest, 256, ["flash_forward_sm90_d256_bf16", "flash_backward_d256_bf16"]),
+            (SM_90A, FlashPath::Fastest, 32, ["flash_forward_d32_bf16", "flash_backward_d32_bf16"]),
+            (SM_90A, FlashPath::Fastest, 72, ["flash_forward_d80_bf16", "flash_backward_d80_bf16"]),
+            (SM_90A, FlashPath::Portable, 64, ["flash_forward_d64_bf16", "flash_backward_d64_bf16"]),
+            (SM_80, FlashPath::Fastest, 128, ["flash_forward_d128_bf16", "flash_backward_d128_bf16"]),
+        ] {
+            assert_eq!(names(target, path, hd), want, "head_dim {hd} on {target} along {path:?}");
+        }
         let f16 = flash_kernels(SM_90A, FlashPath::Fastest, 128, Half::F16).map(|k| k.name);
         assert_eq!(f16, ["flash_forward_sm90_d128_f16", "flash_backward_sm90_d128_f16"]);
         // Every head_dim gets a kernel on every path, and only Hopper loads a Hopper module.
