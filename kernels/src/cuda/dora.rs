@@ -2,7 +2,10 @@
 //! ratio, scaling and combine maps (grid-stride, one wave).
 
 use super::source::Module;
-use super::{config, grid_for, kernel, launch, same_device, u32_arg, wave_config, DeviceBuffer, GpuFloat, Result};
+use super::{
+    config, elementwise_device, grid_for, kernel, launch, same_device, u32_arg, wave_config, DeviceBuffer, GpuFloat,
+    Result,
+};
 pub use crate::dora::Axis;
 
 /// t: [rows, cols] → out: \[rows\] of ‖t_i‖₂
@@ -23,12 +26,8 @@ pub fn row_norms<T: GpuFloat>(t: &DeviceBuffer<T>, cols: usize, out: &mut Device
 
 /// a, b: \[n\] → out: \[n\] = a / b
 pub fn ratio<T: GpuFloat>(a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, out: &mut DeviceBuffer<T>) -> Result<()> {
+    let Some(dev) = elementwise_device("dora ratio", &[a, b, out]) else { return Ok(()) };
     let n = out.len();
-    assert!(a.len() == n && b.len() == n, "dora ratio: lengths {}, {}, {n}", a.len(), b.len());
-    let dev = same_device("dora ratio", &[a.device(), b.device(), out.device()]);
-    if n == 0 {
-        return Ok(());
-    }
     let kernel = kernel!("dora_ratio", T);
     let cfg = wave_config(dev, Module::Dora, kernel, n)?;
     let (pa, pb, po, n64) = (a.ptr(), b.ptr(), out.ptr(), n as u64);
@@ -46,13 +45,11 @@ pub fn scale_by<T: GpuFloat>(
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
     let n = t.len();
-    assert!(cols > 0 && n % cols == 0 && out.len() == n, "dora scale_by: {n} values of rows of {cols}");
+    assert!(cols > 0 && n % cols == 0, "dora scale_by: {n} values of rows of {cols}");
     let rows = n / cols;
     assert_eq!(c.len(), if axis == Axis::Rows { rows } else { cols }, "dora scale_by: the vector along {axis:?}");
-    let dev = same_device("dora scale_by", &[t.device(), c.device(), out.device()]);
-    if n == 0 {
-        return Ok(());
-    }
+    let Some(dev) = elementwise_device("dora scale_by", &[t, out]) else { return Ok(()) };
+    same_device("dora scale_by", &[dev, c.device()]);
     let kernel = kernel!("dora_scale_by", T);
     let cfg = wave_config(dev, Module::Dora, kernel, n)?;
     let (pt, pc, po, rows64) = (t.ptr(), c.ptr(), out.ptr(), rows as u64);
@@ -73,13 +70,10 @@ pub fn combine<T: GpuFloat>(
 ) -> Result<()> {
     let (n, cols) = (z.len(), g.len());
     assert!(cols > 0 && n % cols == 0, "dora combine: {n} values for columns of {cols}");
-    assert!(zd.len() == n && sv.len() == n && y.len() == n, "dora combine: operand lengths");
-    assert!(h.as_ref().is_none_or(|h| h.len() == n), "dora combine: h length");
-    let dev = same_device("dora combine", &[z.device(), zd.device(), sv.device(), g.device(), y.device()]);
-    assert!(h.as_ref().is_none_or(|h| h.device().is(dev)), "dora combine: h on another device");
-    if n == 0 {
-        return Ok(());
-    }
+    let mut same: Vec<&DeviceBuffer<T>> = vec![z, zd, sv, y];
+    same.extend(h.as_deref());
+    let Some(dev) = elementwise_device("dora combine", &same) else { return Ok(()) };
+    same_device("dora combine", &[dev, g.device()]);
     let kernel = kernel!("dora_combine", T);
     let cfg = wave_config(dev, Module::Dora, kernel, n)?;
     let (pz, pzd, psv, pg, py) = (z.ptr(), zd.ptr(), sv.ptr(), g.ptr(), y.ptr());

@@ -1,14 +1,9 @@
-use crate::common::{both_dtypes, check, narrow, poisoned, randn, upload, widen, Elem, ROWS};
+use crate::common::{check, narrow, parity_test, poisoned, randn, upload, widen, Elem, ROWS};
 use qlora_kernels::cuda::CudaDevice;
 use qlora_kernels::dora::Axis;
-use qlora_kernels::testing::gpu;
 use qlora_kernels::{cuda, dora, Rng};
 
-#[test]
-fn dora_matches_cpu() {
-    let Some(dev) = gpu("dora_matches_cpu") else { return };
-    both_dtypes!(dora_case, &dev, &mut Rng::new(17));
-}
+parity_test!(dora_matches_cpu: dora_case, seed 17);
 
 fn dora_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     for (rows, cols) in ROWS.into_iter().chain([(5, 14336)]) {

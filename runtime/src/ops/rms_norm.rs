@@ -39,14 +39,7 @@ pub fn rms_norm_backward(
     offset: f64,
     need_dw: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    same_shape("rms_norm_backward", x, dy)?;
-    let (rows, dim) = rows_cols("rms_norm_backward", x)?;
-    if rstd.elem_count() != rows || weight.shape() != [dim] {
-        return Err(Error::shape(
-            "rms_norm_backward",
-            format!("x {:?} with weight {:?} and rstd {:?}", x.shape(), weight.shape(), rstd.shape()),
-        ));
-    }
+    let (_, dim) = backward_shapes("rms_norm_backward", x, weight, rstd, dy)?;
     if let Some(g) = Gpu::of("rms_norm_backward", &[x, weight, rstd, dy])? {
         return with_gpu!(g, |T| {
             let (xi, w, dyi) = (g.input(x)?, g.input(weight)?, g.input(dy)?);
@@ -64,6 +57,25 @@ pub fn rms_norm_backward(
         rms::rms_norm_backward(&xv, &wv, &rv, &dyv, dim, offset as T, &mut dx, dw.as_deref_mut());
         Ok((tensor(dx, x.shape()), dw.map(|dw| tensor(dw, &[dim]))))
     })
+}
+
+/// (rows, dim) of a norm's backward after checking its operands: x and dy alike, a weight of dim, an rstd per row.
+fn backward_shapes(
+    op: &'static str,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+) -> Result<(usize, usize)> {
+    same_shape(op, x, dy)?;
+    let (rows, dim) = rows_cols(op, x)?;
+    if rstd.elem_count() != rows || weight.shape() != [dim] {
+        return Err(Error::shape(
+            op,
+            format!("x {:?} with weight {:?} and rstd {:?}", x.shape(), weight.shape(), rstd.shape()),
+        ));
+    }
+    Ok((rows, dim))
 }
 
 /// [`rms_norm`] for a tape: y, and a backward for the inputs `needs` marks (x, weight), reading x, the weight and
@@ -119,14 +131,7 @@ pub fn add_rms_norm_backward(
 ) -> Result<(Tensor, Option<Tensor>)> {
     same_shape("add_rms_norm_backward", h, dh)?;
     if let Some(g) = Gpu::of("add_rms_norm_backward", &[h, weight, rstd, dy, dh])? {
-        same_shape("add_rms_norm_backward", h, dy)?;
-        let (rows, dim) = rows_cols("add_rms_norm_backward", h)?;
-        if rstd.elem_count() != rows || weight.shape() != [dim] {
-            return Err(Error::shape(
-                "add_rms_norm_backward",
-                format!("h {:?} with weight {:?} and rstd {:?}", h.shape(), weight.shape(), rstd.shape()),
-            ));
-        }
+        let (_, dim) = backward_shapes("add_rms_norm_backward", h, weight, rstd, dy)?;
         return with_gpu!(g, |T| {
             let (hi, w, dyi, dhi) = (g.input(h)?, g.input(weight)?, g.input(dy)?, g.input(dh)?);
             let r = g.input_as(rstd, DType::F32)?;
