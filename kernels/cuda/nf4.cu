@@ -168,3 +168,87 @@ extern "C" __global__ void dequantize_absmax_nested_f32(const unsigned char* qab
     for (u64 i = thread_index(); i < nb; i += thread_count())
         out[i] = __fadd_rn(flush_subnormal(__fmul_rn(code2[qabsmax[i]], absmax2[i / 256])), offset);
 }
+
+// Twin of kernels/src/nf4/gemv.rs. x: [m, in] (m ≤ GEMV_MAX_ROWS) times W [out, in] NF4 → y: [m, out], for decoding:
+// the weight is read packed (0.5 byte per element, the whole cost at batch 1) and never written out. One warp per
+// output row, grid-stride over rows. On the vector path (in % 32 == 0, 16-byte aligned bases) each lane takes 32
+// consecutive elements per step, 16 packed bytes in one load, so a warp reads 512 contiguous bytes of the row per
+// step; the 32 elements lie in one scale block (blocksize ≥ 32). Otherwise one element per lane per step. Sums in
+// f32 per lane, then across the warp by a fixed shuffle tree: the same bits run to run.
+constexpr unsigned GEMV_MAX_ROWS = 8;
+
+template <typename T, typename Scales>
+__device__ void nf4_gemv(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
+                         T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
+                         int vector) {
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+    scales.stage();
+    __syncthreads();
+    const unsigned lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (unsigned o = blockIdx.x * warps + threadIdx.x / 32; o < out_f; o += gridDim.x * warps) {
+        float acc[GEMV_MAX_ROWS];
+#pragma unroll
+        for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
+        const u64 row = static_cast<u64>(o) * in_f;
+        if (vector) {
+            for (unsigned c = 32 * lane; c < in_f; c += 32 * 32) {
+                const u64 e = row + c;
+                const uint4 bytes = *reinterpret_cast<const uint4*>(packed + e / 2);
+                const float absmax = scales(e >> log2_blocksize);
+                const unsigned words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+                float w[32];
+#pragma unroll
+                for (unsigned j = 0; j < 4; ++j) {
+#pragma unroll
+                    for (unsigned k = 0; k < 8; ++k) w[8 * j + k] = dequantize_one(code, nibble(words[j], k), absmax);
+                }
+#pragma unroll
+                for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
+                    if (r < m) {
+                        const T* xr = x + static_cast<u64>(r) * in_f + c;
+#pragma unroll
+                        for (unsigned j = 0; j < 4; ++j) {
+                            float v[8];
+                            unpack8(load8(xr + 8 * j), v);
+#pragma unroll
+                            for (unsigned k = 0; k < 8; ++k) acc[r] += w[8 * j + k] * v[k];
+                        }
+                    }
+                }
+            }
+        } else {
+            for (unsigned i = lane; i < in_f; i += 32) {
+                const u64 e = row + i;
+                const unsigned byte = packed[e / 2];
+                const float w = dequantize_one(code, e % 2 == 0 ? byte >> 4 : byte & 15, scales(e >> log2_blocksize));
+#pragma unroll
+                for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
+                    if (r < m) acc[r] += w * to_f32(x[static_cast<u64>(r) * in_f + i]);
+                }
+            }
+        }
+#pragma unroll
+        for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
+            float s = acc[r];
+            for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+            if (lane == 0 && r < m) y[static_cast<u64>(r) * out_f + o] = from_f32<T>(s);
+        }
+    }
+}
+
+// qlora-rt: hot
+extern "C" __global__ void nf4_gemv_f32(const unsigned char* packed, const float* absmax, const float* x, float* y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, int vector) {
+    nf4_gemv(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize, vector);
+}
+extern "C" __global__ void nf4_gemv_bf16(const unsigned char* packed, const float* absmax, const bf16* x, bf16* y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, int vector) {
+    nf4_gemv(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize, vector);
+}
+extern "C" __global__ void nf4_gemv_nested_f32(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2, float offset,
+                                               const float* x, float* y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, int vector) {
+    nf4_gemv(packed, NestedAbsmax{qabsmax, absmax2, code2, offset}, x, y, m, out_f, in_f, log2_blocksize, vector);
+}
+extern "C" __global__ void nf4_gemv_nested_bf16(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2, float offset,
+                                                const bf16* x, bf16* y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, int vector) {
+    nf4_gemv(packed, NestedAbsmax{qabsmax, absmax2, code2, offset}, x, y, m, out_f, in_f, log2_blocksize, vector);
+}

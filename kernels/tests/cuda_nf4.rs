@@ -2,7 +2,8 @@
 //! random packed bytes and scales: f32, bf16 and f16 outputs; plain and double-quantized absmax; every blocksize;
 //! lengths that exercise the vector path, its tail and odd n; writes into a range of a larger buffer, aligned or not;
 //! and the 14336 × 4096 weight of an 8B model's MLP, which also reports the kernel's bandwidth against a device copy
-//! measured in the same run.
+//! measured in the same run. Decoding's NF4 GEMV against its CPU twin (within f32 summation error), with the same
+//! bandwidth report at batch 1.
 //!
 //! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
@@ -126,28 +127,31 @@ impl Case {
         format!("n {} blocksize {}{}", self.n, self.blocksize, if self.nested.is_some() { " nested" } else { "" })
     }
 
-    /// Runs the GPU kernel into out[start..start + n] of a NaN-filled buffer of `len`; returns the whole buffer.
-    fn gpu<T: Out>(&self, dev: &CudaDevice, len: usize, start: usize) -> Vec<T> {
+    /// Runs `f` on this weight's packed bytes and scales, uploaded.
+    fn on_device<R>(&self, dev: &CudaDevice, f: impl FnOnce(&DeviceBuffer<u8>, Nf4Scales<'_>) -> R) -> R {
         let packed = upload(dev, &self.packed);
-        let mut out = upload(dev, &vec![T::from_f32(f32::NAN); len]);
         match &self.nested {
-            None => {
-                let absmax = upload(dev, &self.absmax);
-                if start == 0 && len == self.n {
-                    gnf4::dequantize_nf4(&packed, &absmax, self.blocksize, &mut out).unwrap();
-                } else {
-                    let scales = Nf4Scales::Absmax(&absmax);
-                    gnf4::dequantize_nf4_into(&packed, scales, self.blocksize, self.n, &mut out, start).unwrap();
-                }
-            }
+            None => f(&packed, Nf4Scales::Absmax(&upload(dev, &self.absmax))),
             Some(nested) => {
                 let (qabsmax, absmax2, code2) =
                     (upload(dev, &nested.q), upload(dev, &nested.absmax2), upload(dev, &nested.code2));
-                let scales =
-                    Nf4Scales::Nested { qabsmax: &qabsmax, absmax2: &absmax2, code2: &code2, offset: nested.offset };
-                gnf4::dequantize_nf4_into(&packed, scales, self.blocksize, self.n, &mut out, start).unwrap();
+                f(
+                    &packed,
+                    Nf4Scales::Nested { qabsmax: &qabsmax, absmax2: &absmax2, code2: &code2, offset: nested.offset },
+                )
             }
         }
+    }
+
+    /// Runs the GPU kernel into out[start..start + n] of a NaN-filled buffer of `len`; returns the whole buffer.
+    fn gpu<T: Out>(&self, dev: &CudaDevice, len: usize, start: usize) -> Vec<T> {
+        let mut out = upload(dev, &vec![T::from_f32(f32::NAN); len]);
+        self.on_device(dev, |packed, scales| match scales {
+            Nf4Scales::Absmax(absmax) if start == 0 && len == self.n => {
+                gnf4::dequantize_nf4(packed, absmax, self.blocksize, &mut out).unwrap()
+            }
+            _ => gnf4::dequantize_nf4_into(packed, scales, self.blocksize, self.n, &mut out, start).unwrap(),
+        });
         out.to_vec().unwrap()
     }
 
@@ -277,4 +281,89 @@ fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
             100.0 * rate / copy_rate
         );
     }
+}
+
+/// Decoding's product x·Wᵀ against the CPU twin (which sums exactly in f64): rows of x 1, 3 and 8; widths on the
+/// vector path (in % 32 = 0) and off it; plain and nested scales; f32 and bf16. Each output may differ from the exact
+/// sum by f32 summation error, at most [`GEMV_SUM`] of Σ|w·x| (the tree's depth times f32's unit roundoff, with
+/// margin), plus one rounding of the output (bf16's 2⁻⁸).
+const GEMV_SUM: f64 = 2e-6;
+
+fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
+    dev: &CudaDevice,
+    case: &Case,
+    in_f: usize,
+    m: usize,
+    rng: &mut Rng,
+) {
+    let out_f = case.n / in_f;
+    let x: Vec<T> = (0..m * in_f).map(|_| T::from_f32(rng.normal() as f32)).collect();
+    let xw: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let mut want = vec![0.0f32; m * out_f];
+    nf4::nf4_gemv(&case.packed, &case.absmax, case.blocksize, &xw, in_f, &mut want);
+    let dense = cpu::<f32>(&case.packed, &case.absmax, case.blocksize, case.n);
+    let got = case.on_device(dev, |packed, scales| {
+        let mut y = upload(dev, &vec![T::from_f32(f32::NAN); m * out_f]);
+        gnf4::nf4_gemv(packed, scales, case.blocksize, &upload(dev, &x), in_f, &mut y).unwrap();
+        y.to_vec().unwrap()
+    });
+    let output_rounding = if T::NAME == "bf16" { 2f64.powi(-8) } else { 0.0 };
+    for r in 0..m {
+        for o in 0..out_f {
+            let magnitude: f64 = (0..in_f).map(|i| (dense[o * in_f + i] as f64 * xw[r * in_f + i] as f64).abs()).sum();
+            let (g, w) = (got[r * out_f + o].to_f32() as f64, want[r * out_f + o] as f64);
+            let bound = GEMV_SUM * magnitude + output_rounding * w.abs();
+            assert!(
+                (g - w).abs() <= bound,
+                "{} m {m} [{}]: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})",
+                case.what(),
+                T::NAME
+            );
+        }
+    }
+}
+
+#[test]
+fn nf4_gemv_matches_cpu() {
+    let Some(dev) = gpu("nf4_gemv_matches_cpu") else { return };
+    let mut rng = Rng::new(44);
+    for (out_f, in_f, blocksize) in
+        [(1, 32, 32), (7, 64, 64), (33, 4096, 64), (5, 100, 32), (3, 1000, 128), (9, 14336, 64)]
+    {
+        for nested in [false, true] {
+            let case = Case::new(&mut rng, out_f * in_f, blocksize, nested);
+            for m in [1, 3, 8] {
+                gemv_case::<f32>(&dev, &case, in_f, m, &mut rng);
+                gemv_case::<bf16>(&dev, &case, in_f, m, &mut rng);
+            }
+        }
+    }
+}
+
+/// Decoding's cost at batch 1: the GEMV of an 8B model's 14336 × 4096 MLP weight (nested scales, bf16 x) reads the
+/// packed weight and its scales once; that traffic per second is printed against a device copy measured in the same
+/// run (read + written, as a copy's bytes are counted). A report, not an assertion.
+#[test]
+fn nf4_gemv_bandwidth_report() {
+    let Some(dev) = gpu("nf4_gemv_bandwidth_report") else { return };
+    let (out_f, in_f, blocksize) = (14336, 4096, 64);
+    let n = out_f * in_f;
+    let case = Case::new(&mut Rng::new(45), n, blocksize, true);
+    let x = upload(&dev, &vec![bf16::from_f32(0.5); in_f]);
+    let mut y = dev.alloc::<bf16>(out_f).unwrap();
+    let blocks = case.absmax.len();
+    let read = (n / 2 + blocks + 4 * blocks.div_ceil(NESTED_BLOCKSIZE) + 2 * in_f) as f64;
+    let seconds = case.on_device(&dev, |packed, scales| {
+        median_seconds(&dev, 50, || gnf4::nf4_gemv(packed, scales, blocksize, &x, in_f, &mut y).unwrap())
+    });
+    let out16 = dev.alloc::<bf16>(n).unwrap();
+    let copy_rate = (4 * n) as f64 / median_seconds(&dev, 20, || drop(out16.try_clone().unwrap()));
+    let rate = read / seconds;
+    println!(
+        "qlora-gpu: nf4_gemv 14336x4096 batch 1: {:.1} us, {:.0} GB/s = {:.0}% of the device copy's {:.0} GB/s",
+        seconds * 1e6,
+        rate / 1e9,
+        100.0 * rate / copy_rate,
+        copy_rate / 1e9
+    );
 }

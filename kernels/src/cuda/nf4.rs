@@ -1,10 +1,12 @@
 //! Launchers of `kernels/cuda/nf4.cu`, twins of [`crate::nf4`]'s dequantization: [`dequantize_nf4_into`] (one launch
 //! for plain or double-quantized scales, into any range of a buffer), its whole-buffer form [`dequantize_nf4`], and the
-//! standalone rebuild of a double-quantized absmax, [`dequantize_absmax_nested`]. All are bit-exact with the CPU.
+//! standalone rebuild of a double-quantized absmax, [`dequantize_absmax_nested`], all bit-exact with the CPU; and
+//! decoding's product with a packed weight, [`nf4_gemv`].
 
 use super::source::Module;
 use super::{
-    config, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, DeviceCopy, GpuFloat, Result, BLOCK,
+    aligned16, config, grid_for, kernel, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, DeviceCopy, GpuFloat,
+    Result, BLOCK,
 };
 use crate::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
 use half::f16;
@@ -70,33 +72,12 @@ pub fn dequantize_nf4_into<T: Nf4Output>(
     start: usize,
 ) -> Result<()> {
     assert!(
-        blocksize.is_power_of_two() && (32..=4096).contains(&blocksize),
-        "dequantize_nf4: blocksize {blocksize} is not a power of two in 32..=4096"
-    );
-    assert_eq!(packed.len(), nf4_packed_len(n), "dequantize_nf4: packed length vs (n + 1) / 2 for n = {n}");
-    let blocks = nf4_num_blocks(n, blocksize);
-    assert!(
         start.checked_add(n).is_some_and(|end| end <= out.len()),
         "dequantize_nf4: {n} elements from {start} overrun an output of {}",
         out.len()
     );
-    let dev = match scales {
-        Nf4Scales::Absmax(absmax) => {
-            assert_eq!(absmax.len(), blocks, "dequantize_nf4: absmax length vs blocks for n = {n}");
-            same_device("dequantize_nf4", &[packed.device(), absmax.device(), out.device()])
-        }
-        Nf4Scales::Nested { qabsmax, absmax2, code2, .. } => {
-            assert_eq!(qabsmax.len(), blocks, "dequantize_nf4: nested absmax length vs blocks for n = {n}");
-            assert_eq!(
-                absmax2.len(),
-                blocks.div_ceil(NESTED_BLOCKSIZE),
-                "dequantize_nf4: absmax2 length vs nested blocks"
-            );
-            assert_eq!(code2.len(), 256, "dequantize_nf4: the 8-bit code has {} entries, not 256", code2.len());
-            let devices = [packed.device(), qabsmax.device(), absmax2.device(), code2.device(), out.device()];
-            same_device("dequantize_nf4", &devices)
-        }
-    };
+    let dev = weight_device("dequantize_nf4", packed, scales, blocksize, n);
+    same_device("dequantize_nf4", &[dev, out.device()]);
     if n == 0 {
         return Ok(());
     }
@@ -125,6 +106,90 @@ pub fn dequantize_nf4_into<T: Nf4Output>(
             // as above, with qabsmax ceil(n / blocksize) bytes, absmax2 one f32 per 256 of them and code2 256 f32
             // (asserted; every byte indexes code2 in range), on this device.
             unsafe { launch!(dev, Module::Nf4, nested, config(grid); pp, pq, p2, pc, offset, po, n64, nv64, log2) }
+        }
+    }
+}
+
+/// The device of an NF4 weight of `n` elements (packed bytes and scales), after asserting the blocksize, the lengths
+/// and that every buffer is on it.
+fn weight_device<'a>(
+    op: &str,
+    packed: &'a DeviceBuffer<u8>,
+    scales: Nf4Scales<'_>,
+    blocksize: usize,
+    n: usize,
+) -> &'a CudaDevice {
+    assert!(
+        blocksize.is_power_of_two() && (32..=4096).contains(&blocksize),
+        "{op}: blocksize {blocksize} is not a power of two in 32..=4096"
+    );
+    assert_eq!(packed.len(), nf4_packed_len(n), "{op}: packed length vs (n + 1) / 2 for n = {n}");
+    let blocks = nf4_num_blocks(n, blocksize);
+    match scales {
+        Nf4Scales::Absmax(absmax) => {
+            assert_eq!(absmax.len(), blocks, "{op}: absmax length vs blocks for n = {n}");
+            same_device(op, &[packed.device(), absmax.device()]);
+            packed.device()
+        }
+        Nf4Scales::Nested { qabsmax, absmax2, code2, .. } => {
+            assert_eq!(qabsmax.len(), blocks, "{op}: nested absmax length vs blocks for n = {n}");
+            assert_eq!(absmax2.len(), blocks.div_ceil(NESTED_BLOCKSIZE), "{op}: absmax2 length vs nested blocks");
+            assert_eq!(code2.len(), 256, "{op}: the 8-bit code has {} entries, not 256", code2.len());
+            same_device(op, &[packed.device(), qabsmax.device(), absmax2.device(), code2.device()]);
+            packed.device()
+        }
+    }
+}
+
+/// Rows of x an [`nf4_gemv`] takes at once (`GEMV_MAX_ROWS` in nf4.cu): the sequences of one decoding step.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// x: [m, in] (1 ≤ m ≤ [`GEMV_MAX_ROWS`]) times the NF4 weight W [out, in] (packed, scales as in
+/// [`dequantize_nf4_into`]) → y: [m, out] = x·Wᵀ, reading W packed and never writing it out: the product of decoding,
+/// whose cost at batch 1 is reading the 4-bit weight once. Twin of [`crate::nf4::nf4_gemv`] (sums in f32 in another
+/// order: equal within a reduction's rounding).
+pub fn nf4_gemv<T: GpuFloat>(
+    packed: &DeviceBuffer<u8>,
+    scales: Nf4Scales<'_>,
+    blocksize: usize,
+    x: &DeviceBuffer<T>,
+    in_f: usize,
+    y: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert!(in_f > 0 && x.len() % in_f == 0, "nf4_gemv: x of {} values for rows of {in_f}", x.len());
+    let m = x.len() / in_f;
+    assert!((1..=GEMV_MAX_ROWS).contains(&m), "nf4_gemv: {m} rows of x (1 to {GEMV_MAX_ROWS})");
+    assert_eq!(y.len() % m, 0, "nf4_gemv: y of {} values for {m} rows", y.len());
+    let out_f = y.len() / m;
+    let dev = weight_device("nf4_gemv", packed, scales, blocksize, out_f * in_f);
+    same_device("nf4_gemv", &[dev, x.device(), y.device()]);
+    if out_f == 0 {
+        return Ok(());
+    }
+    let vector = i32::from(in_f % 32 == 0 && aligned16(&[packed.ptr(), x.ptr()]));
+    let warps = BLOCK as usize / 32;
+    let grid = out_f.div_ceil(warps).clamp(1, (dev.resident_threads() / BLOCK as usize).max(1)) as u32;
+    let (pp, px, py, log2) = (packed.ptr(), x.ptr(), y.ptr(), blocksize.trailing_zeros());
+    let (m32, out32, in32) = (m as u32, u32_arg("nf4_gemv: out", out_f), u32_arg("nf4_gemv: in", in_f));
+    match scales {
+        Nf4Scales::Absmax(absmax) => {
+            let (kernel, pa) = (kernel!("nf4_gemv", T), absmax.ptr());
+            // SAFETY: nf4_gemv_T(const unsigned char* packed, const float* absmax, const T* x, T* y, unsigned m,
+            // unsigned out, unsigned in, unsigned log2_blocksize, int vector): packed holds (out·in + 1) / 2 bytes,
+            // absmax ceil(out·in / blocksize) f32, x m·in and y m·out elements with m ≤ GEMV_MAX_ROWS (asserted), on
+            // this device; vector only when in % 32 == 0 and packed and x are 16-byte aligned (every row of x then
+            // is too); blocks of BLOCK threads, a multiple of 32.
+            unsafe { launch!(dev, Module::Nf4, kernel, config(grid); pp, pa, px, py, m32, out32, in32, log2, vector) }
+        }
+        Nf4Scales::Nested { qabsmax, absmax2, code2, offset } => {
+            let kernel = kernel!("nf4_gemv_nested", T);
+            let (pq, p2, pc) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr());
+            // SAFETY: nf4_gemv_nested_T(packed, const unsigned char* qabsmax, const float* absmax2, const float*
+            // code2, float offset, x, y, m, out, in, log2_blocksize, vector): as above, with qabsmax one byte per
+            // block, absmax2 one f32 per 256 of them and code2 256 f32 (asserted; every byte indexes code2 in range).
+            unsafe {
+                launch!(dev, Module::Nf4, kernel, config(grid); pp, pq, p2, pc, offset, px, py, m32, out32, in32, log2, vector)
+            }
         }
     }
 }

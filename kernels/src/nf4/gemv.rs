@@ -1,0 +1,67 @@
+//! The NF4 matrix-vector product of decoding: y = x·Wᵀ for a few rows of x (one per sequence being decoded) against an
+//! NF4 weight W [out, in] read packed, never dequantized whole, the CPU reference of `nf4_gemv` in
+//! `kernels/cuda/nf4.cu`. Each weight is the dequantized value bit for bit (ftz(code · absmax) in f32, as
+//! [`dequantize_nf4`](super::dequantize_nf4) writes it); products and sums run in f64 and are rounded once, so the
+//! GPU's f32 sums in another order are compared against the exact dot product.
+
+use super::{assert_blocksize, ftz, nf4_num_blocks, nf4_packed_len, NF4_CODE};
+
+/// packed: [(out·in + 1) / 2] u8 and absmax: [ceil(out·in / blocksize)] f32 (for a double-quantized weight, rebuilt
+/// with [`dequantize_absmax_nested`](super::dequantize_absmax_nested)) of W [out, in]; x: [m, in] → y: [m, out].
+pub fn nf4_gemv(packed: &[u8], absmax: &[f32], blocksize: usize, x: &[f32], in_f: usize, y: &mut [f32]) {
+    assert_blocksize("nf4_gemv", blocksize, 32);
+    assert!(in_f > 0 && x.len() % in_f == 0, "nf4_gemv: x of {} values for rows of {in_f}", x.len());
+    let m = x.len() / in_f;
+    assert!(m > 0 && y.len() % m == 0, "nf4_gemv: y of {} values for {m} rows", y.len());
+    let out_f = y.len() / m;
+    let n = out_f * in_f;
+    assert_eq!(packed.len(), nf4_packed_len(n), "nf4_gemv: packed length for a [{out_f}, {in_f}] weight");
+    assert_eq!(absmax.len(), nf4_num_blocks(n, blocksize), "nf4_gemv: absmax length for a [{out_f}, {in_f}] weight");
+    let weight = |e: usize| {
+        let byte = packed[e / 2];
+        let q = if e % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+        ftz(NF4_CODE[q as usize] * absmax[e / blocksize])
+    };
+    for o in 0..out_f {
+        let mut acc = vec![0.0f64; m];
+        for i in 0..in_f {
+            let w = weight(o * in_f + i) as f64;
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a += w * x[r * in_f + i] as f64;
+            }
+        }
+        for (r, a) in acc.into_iter().enumerate() {
+            y[r * out_f + o] = a as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{dequantize_nf4, quantize_nf4};
+    use super::*;
+    use crate::Rng;
+
+    /// The product equals x times the dequantized weight, at odd sizes and several rows.
+    #[test]
+    fn equals_x_times_the_dequantized_weight() {
+        let mut rng = Rng::new(5);
+        for (m, out_f, in_f) in [(1, 3, 64), (3, 5, 96), (8, 7, 33)] {
+            let w: Vec<f32> = (0..out_f * in_f).map(|_| rng.normal() as f32).collect();
+            let n = w.len();
+            let (mut packed, mut absmax) = (vec![0u8; nf4_packed_len(n)], vec![0f32; nf4_num_blocks(n, 32)]);
+            quantize_nf4(&w, 32, &mut packed, &mut absmax);
+            let mut dense = vec![0f32; n];
+            dequantize_nf4(&packed, &absmax, 32, &mut dense);
+            let x: Vec<f32> = (0..m * in_f).map(|_| rng.normal() as f32).collect();
+            let mut y = vec![0f32; m * out_f];
+            nf4_gemv(&packed, &absmax, 32, &x, in_f, &mut y);
+            for r in 0..m {
+                for o in 0..out_f {
+                    let want: f64 = (0..in_f).map(|i| dense[o * in_f + i] as f64 * x[r * in_f + i] as f64).sum();
+                    assert_eq!(y[r * out_f + o], want as f32, "row {r}, output {o} of {m}×[{out_f}, {in_f}]");
+                }
+            }
+        }
+    }
+}
