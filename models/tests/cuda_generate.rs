@@ -2,18 +2,20 @@
 //! the KV cache lives on the device and grows there, and the logits of a prompt and of each following step equal the
 //! CPU's within [`F32`] (CUDA in f32: the same arithmetic in other summation orders), for one sequence and for two
 //! sharing a cache (packed keys), through a failed step that must leave the device cache as it was; greedy
-//! generation gives the CPU's tokens, token for token.
+//! generation gives the CPU's tokens, token for token. And an NF4 base with unmerged LoRA adapters, whose decoding
+//! steps run the NF4 GEMV on the GPU (the CPU multiplies by the dequantized weights).
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
 //! QLORA_REQUIRE_GPU=1. The fixtures are found through CARGO_MANIFEST_DIR, or QLORA_FIXTURES (the `tests/fixtures`
 //! folder) when the binary runs elsewhere.
 
+use qlora_autograd::{LoraAdapter, LoraConfig};
 use qlora_models::formats::checkpoint::Checkpoint;
 use qlora_models::generate::{generate, GenerateOptions, LogitsFor, Sampling};
 use qlora_models::kv_cache::KvCache;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::testing::{assert_close, fixtures_dir, gpu, Tolerance};
-use qlora_runtime::{DType, Device};
+use qlora_runtime::{DType, Device, Rng, Tensor};
 use std::ops::ControlFlow;
 
 const CUDA: Device = Device::Cuda(0);
@@ -87,4 +89,29 @@ fn decoding_on_cuda_matches_cpu() {
         assert_eq!(run(&cuda), run(&cpu), "{family}: greedy tokens");
         println!("qlora-gpu: {test}: {family} matches the CPU on {name}");
     }
+}
+
+#[test]
+fn nf4_decoding_with_unmerged_adapters_on_cuda_matches_cpu() {
+    let test = "nf4_decoding_with_unmerged_adapters_on_cuda_matches_cpu";
+    let Some(name) = gpu(test) else { return };
+    let (_, ids) = load("llama");
+    let dir = fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama");
+    let mut cpu = CausalLm::load(&dir, BaseFormat::Nf4 { blocksize: 64, double_quant: true }).unwrap();
+    let mut rng = Rng::new(8);
+    let config = LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() };
+    for p in cpu.projections_mut().unwrap() {
+        let ad = LoraAdapter::new(&p.name, &p.base, &config, &mut rng).unwrap();
+        let b_shape = ad.lora_b.value().shape().to_vec();
+        ad.lora_b.set_value(Tensor::randn(&b_shape, 0.05, DType::F32, &mut rng));
+        p.adapter = Some(ad);
+    }
+    let cuda = cpu.to_device(CUDA, DType::F32).unwrap();
+    // A prompt, then one token at a time (one row: the GEMV path), then three (still under its 8 rows).
+    let steps: [&[usize]; 5] = [&[5], &[1], &[1], &[3], &[1]];
+    let (want, got) = (stepped(&cpu, &[&ids], &steps, LogitsFor::All), stepped(&cuda, &[&ids], &steps, LogitsFor::All));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("nf4 + lora step {i}"), g, w, F32);
+    }
+    println!("qlora-gpu: {test}: matches the CPU on {name}");
 }

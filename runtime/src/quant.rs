@@ -8,6 +8,7 @@ use crate::cuda::{buf, buffer_mut, cuda_device, output};
 use crate::storage::CudaElement;
 use crate::{DType, Device, Error, Result, Tensor};
 use half::{bf16, f16};
+pub use qlora_kernels::cuda::nf4::GEMV_MAX_ROWS;
 use qlora_kernels::cuda::{nf4 as gnf4, DeviceBuffer};
 use qlora_kernels::nf4::{self, NestedAbsmax, DYNAMIC_MAP_SIGNED, NF4_CODE};
 use std::sync::Arc;
@@ -285,6 +286,50 @@ impl Nf4Weight {
             }
         }
         scratch.reshape(&[scratch.elem_count()])?.narrow(0, 0, n)?.reshape(&self.shape)
+    }
+
+    /// x·Wᵀ for x: [rows, in] with at most [`GEMV_MAX_ROWS`] rows (a decoding step's), reading W packed: on a GPU the
+    /// NF4 GEMV (the weight never exists dense), on the CPU its reference, the exact dot products of x with the
+    /// dequantized rows rounded once. In x's dtype (f32 or bf16; f32 on the CPU).
+    pub fn gemv(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "nf4 gemv";
+        let [out_f, in_f] = self.shape;
+        let rows = match *x.shape() {
+            [rows, i] if i == in_f && (1..=GEMV_MAX_ROWS).contains(&rows) => rows,
+            _ => {
+                let want = format!("[1..={GEMV_MAX_ROWS}, {in_f}]");
+                return Err(Error::shape(
+                    OP,
+                    format!("x {:?} for a weight {:?}: expected {want}", x.shape(), self.shape),
+                ));
+            }
+        };
+        let Some(d) = &self.device else {
+            let mut y = vec![0f32; rows * out_f];
+            nf4::nf4_gemv(&self.packed, &self.absmax.resolve(), self.blocksize, &x.to_vec::<f32>(), in_f, &mut y);
+            return Tensor::from_vec(y, &[rows, out_f]);
+        };
+        if x.device() != self.device() {
+            return Err(Error::DeviceMismatch { op: OP, a: self.device(), b: x.device() });
+        }
+        let Device::Cuda(ordinal) = self.device() else { unreachable!("a weight with a device copy is on a GPU") };
+        fn go<T: CudaElement + qlora_kernels::cuda::GpuFloat>(
+            (d, w, ordinal): (&DeviceNf4, &Nf4Weight, usize),
+            x: &Tensor,
+            rows: usize,
+        ) -> Result<Tensor> {
+            let [out_f, in_f] = w.shape;
+            let mut y = cuda_device(ordinal)?.alloc::<T>(rows * out_f).map_err(Error::cuda(OP))?;
+            gnf4::nf4_gemv(buf(&d.packed), d.scales(), w.blocksize, buf::<T>(x), in_f, &mut y)
+                .map_err(Error::cuda(OP))?;
+            Ok(output(y, &[rows, out_f]))
+        }
+        let xi = crate::cuda::contiguous(x)?;
+        match x.dtype() {
+            DType::F32 => go::<f32>((d, self, ordinal), &xi, rows),
+            DType::BF16 => go::<bf16>((d, self, ordinal), &xi, rows),
+            other => Err(Error::DType { op: OP, expected: DType::BF16, got: other }),
+        }
     }
 
     /// Bytes held: packed nibbles plus scales.

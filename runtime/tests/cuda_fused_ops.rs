@@ -3,7 +3,7 @@
 //! the two gradients — bit for bit on the CPU, where the fused op is the same arithmetic in the same order; within
 //! [`F32`] in f32 and [`BF16`] in bf16 on CUDA, where the fused kernel reduces each row in another order (and in
 //! bf16 rounds h once, as the unfused add stores it). Odd row widths, both norm offsets (Llama's w, Gemma's 1 + w),
-//! and the weight's gradient wanted or not.
+//! and the weight's gradient wanted or not. And decoding's NF4 GEMV against the GEMM with the dequantized weight.
 
 use qlora_runtime::ops::elementwise::add;
 use qlora_runtime::ops::rms_norm::{add_rms_norm, add_rms_norm_backward, rms_norm, rms_norm_backward};
@@ -63,4 +63,40 @@ test_device!(
     fused_add_rms_norm_equals_add_then_rms_norm,
     fused_add_rms_norm_equals_add_then_rms_norm_cpu,
     fused_add_rms_norm_equals_add_then_rms_norm_cuda
+);
+
+/// Decoding's product against an NF4 weight, x·Wᵀ read packed (`Nf4Weight::gemv`), equals x times the dequantized
+/// weight: on the CPU within the rounding of a sum (the reference sums exactly, the GEMM in f32), on CUDA within f32
+/// summation error (f32) and a bf16 rounding (bf16); rows 1 to 8, plain and double-quantized scales, a width off the
+/// vector path; more than 8 rows or a wrong width is an error.
+fn nf4_gemv_equals_x_times_the_dequantized_weight(device: Device) {
+    use qlora_runtime::ops::linalg::matmul;
+    use qlora_runtime::quant::{Nf4Weight, GEMV_MAX_ROWS};
+    let mut rng = Rng::new(22);
+    for (out_f, in_f, double_quant) in [(40, 256, false), (33, 4096, true), (9, 100, true)] {
+        let w = Tensor::randn(&[out_f, in_f], 0.05, DType::F32, &mut rng);
+        let w4 = Nf4Weight::quantize(&w, 64, double_quant).unwrap().to_device(device).unwrap();
+        let dtypes: &[DType] = if device == Device::Cpu { &[DType::F32] } else { &[DType::F32, DType::BF16] };
+        for &dtype in dtypes {
+            let dense = w4.dequantize(dtype).unwrap();
+            for rows in [1, 3, GEMV_MAX_ROWS] {
+                let x =
+                    Tensor::randn(&[rows, in_f], 1.0, DType::F32, &mut rng).to_dtype(dtype).to_device(device).unwrap();
+                let got = w4.gemv(&x).unwrap();
+                assert_eq!((got.shape(), got.dtype(), got.device()), (&[rows, out_f][..], dtype, device));
+                let want = matmul(&x, &dense.t().unwrap()).unwrap();
+                let tol = if dtype == DType::BF16 { BF16 } else { F32 };
+                assert_close(&format!("gemv {rows}x[{out_f}, {in_f}] {dtype:?}"), &values(&got), &values(&want), tol);
+            }
+        }
+        let too_many = Tensor::zeros(&[GEMV_MAX_ROWS + 1, in_f], DType::F32).to_device(device).unwrap();
+        assert!(w4.gemv(&too_many).unwrap_err().to_string().contains("expected [1..=8"));
+        let wrong = Tensor::zeros(&[1, in_f + 1], DType::F32).to_device(device).unwrap();
+        assert!(w4.gemv(&wrong).is_err());
+    }
+}
+test_device!(
+    nf4_gemv_equals_x_times_the_dequantized_weight,
+    nf4_gemv_equals_x_times_the_dequantized_weight_cpu,
+    nf4_gemv_equals_x_times_the_dequantized_weight_cuda
 );

@@ -13,7 +13,7 @@
 //! Dropout draws a different mask per projection (its own seed, as separate ops would), so projections with dropout
 //! each get their own x_d and U ("lanes" below: one for all projections without dropout, one per projection with it).
 
-use super::scratch::with_weight;
+use super::scratch::{base_product, with_weight};
 use super::{precision, validate, Dropout, LoraProjection};
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
@@ -108,7 +108,7 @@ impl Tape {
 
         let mut outputs = Vec::with_capacity(projections.len());
         for ((proj, member), b) in projections.iter().zip(&members).zip(&bs) {
-            let mut y = with_weight(proj.base, p, |w| matmul(&x2, &w.t()?))?;
+            let mut y = base_product(proj.base, &x2, p)?;
             if let (Some(ad), Some(b)) = (&member.adapter, b) {
                 let u = us[ad.lane].narrow(1, ad.col, ad.r)?;
                 matmul_into(&mut y, &u, &b.t()?, ad.scaling, 1.0)?;

@@ -4,12 +4,14 @@
 //! serves a JSONL file of prompts, each with the adapter it names, over one base (`prompts.rs`).
 //! Everything that is not generated text (load notes, the speed line) goes to stderr.
 //!
-//! The adapter is folded into the dequantized NF4 weights once at load ([`CausalLm::fold_adapters`], the fold
-//! `qlora-rt merge` writes), so every token runs dense products (f32 on the CPU, `--dtype` on a GPU, where the
-//! folded model and its KV cache live with `--device cuda` or `auto`): unfolded, each token would dequantize the
+//! On the CPU the adapter is folded into the dequantized NF4 weights once at load ([`CausalLm::fold_adapters`], the
+//! fold `qlora-rt merge` writes), so every token runs dense f32 products: unfolded, each token would dequantize the
 //! whole NF4 base again and add the adapter's products: on SmolLM2-135M (2 CPU cores) 2.6 tokens/s unfolded against
 //! 15 without an adapter, and as fast with as without once folded. Without an adapter the base is dense as stored
-//! (or, with `--quantize nf4`, dequantized once by the same fold), so no path dequantizes per token.
+//! (or, with `--quantize nf4`, dequantized once by the same fold), so no CPU path dequantizes per token. On a GPU
+//! (`--device cuda`, or `auto` when one is usable) the model and its KV cache live there in `--dtype`; an NF4 base
+//! stays packed with the adapter unmerged, and each decoding step reads it through the NF4 GEMV (4 bits per weight
+//! per token, never dequantized whole); `--merge` folds as on the CPU.
 
 mod prompt;
 mod prompts;
@@ -20,6 +22,7 @@ use crate::finetune::TemplateArg;
 use crate::named_adapters::{read_all, AdapterArg};
 use anyhow::{bail, ensure, Context, Result};
 use prompt::Prompter;
+use qlora_models::adapters::ModelAdapter;
 use qlora_models::data::jsonl::Message;
 use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::generate::{generate, GenerateOptions, Sampling, StopReason};
@@ -91,6 +94,11 @@ pub struct GenerateArgs {
     /// Compute precision on a GPU (the CPU computes in f32): bf16, or f32 for results closest to the CPU's.
     #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
     dtype: DtypeArg,
+    /// On a GPU, fold the adapter into dense weights at load (as on the CPU) instead of keeping the NF4 base packed
+    /// with the adapter beside it (each token then reads 4-bit weights through the NF4 GEMV, plus two thin
+    /// products per adapted projection).
+    #[arg(long)]
+    merge: bool,
 }
 
 impl GenerateArgs {
@@ -184,11 +192,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             )),
             None => Box::new(std::io::stdout().lock()),
         };
-        let sink = prompts::Sink { writer: out, path: args.out.as_deref() };
-        return prompts::serve(&base, &adapters, &jobs, &tokenizer, options, sink, placement);
+        let prepare = |adapter: Option<&ModelAdapter>| prepare(&base, adapter, placement, args.merge);
+        return prompts::serve(&adapters, &jobs, &tokenizer, options, out, args.out.as_deref(), prepare);
     }
     let Some(prompt) = single else { bail!("give --prompt, --chat or --prompts") };
-    let model = place(base.with_adapter(adapters.first().map(|a| &a.adapter))?.fold_adapters()?, placement)?;
+    let model = prepare(&base, adapters.first().map(|a| &a.adapter), placement, args.merge)?;
     // The NF4 base is not needed once folded.
     drop(base);
 
@@ -216,11 +224,21 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// A folded model where it generates: itself on the CPU, a copy in `dtype` on a GPU (with its KV cache there too).
-fn place(model: CausalLm, (device, dtype): (Device, DType)) -> Result<CausalLm> {
+/// The model that generates with `adapter` (None: the base alone) where `placement` says. On the CPU the adapter is
+/// folded into dense f32 weights (the fastest there, see the module docs). On a GPU the base keeps its format with
+/// the adapter unmerged (an NF4 base then decodes through the NF4 GEMV, reading 4 bits per weight per token), unless
+/// `merge` folds it as on the CPU; the copy there computes in the placement's dtype.
+fn prepare(
+    base: &CausalLm,
+    adapter: Option<&ModelAdapter>,
+    (device, dtype): (Device, DType),
+    merge: bool,
+) -> Result<CausalLm> {
+    let adapted = base.with_adapter(adapter)?;
     if device == Device::Cpu {
-        return Ok(model);
+        return Ok(adapted.fold_adapters()?);
     }
+    let model = if merge { adapted.fold_adapters()? } else { adapted };
     model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))
 }
 

@@ -13,11 +13,11 @@
 use super::prompt::{Encoded, Prompter};
 use crate::named_adapters::{AdapterArg, NamedAdapter};
 use anyhow::{anyhow, bail, Context, Result};
+use qlora_models::adapters::ModelAdapter;
 use qlora_models::data::jsonl::{parse_record, Record};
 use qlora_models::formats::tokenizer::Tokenizer;
 use qlora_models::generate::{generate, GenerateOptions, StopReason};
 use qlora_models::transformer::CausalLm;
-use qlora_runtime::{DType, Device};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::ops::ControlFlow;
@@ -78,23 +78,17 @@ pub fn read(path: &Path, adapters: &[AdapterArg], prompter: &Prompter) -> Result
     Ok(jobs)
 }
 
-/// Where the JSON lines go: a writer, and the file it writes (None: stdout), to name in errors.
-pub struct Sink<'a> {
-    pub writer: Box<dyn Write>,
-    pub path: Option<&'a Path>,
-}
-
-/// Runs every job on the model where `placement` says and writes its JSON line to `sink`.
+/// Runs every job on the model `prepare` makes of the base with its adapter (once per adapter) and writes its JSON
+/// line to `out` (`out_path` names it in errors; None is stdout).
 pub fn serve(
-    base: &CausalLm,
     adapters: &[NamedAdapter],
     jobs: &[Job],
     tokenizer: &Tokenizer,
     options: impl Fn(Vec<u32>) -> GenerateOptions,
-    sink: Sink,
-    placement: (Device, DType),
+    mut out: Box<dyn Write>,
+    out_path: Option<&Path>,
+    prepare: impl Fn(Option<&ModelAdapter>) -> Result<CausalLm>,
 ) -> Result<()> {
-    let Sink { writer: mut out, path: out_path } = sink;
     let target = || out_path.map_or("stdout".into(), |p| p.display().to_string());
     let mut groups: Vec<Option<usize>> = Vec::new();
     for job in jobs {
@@ -107,7 +101,7 @@ pub fn serve(
     let start = Instant::now();
     for group in groups {
         let adapter = group.map(|i| &adapters[i]);
-        let model = super::place(base.with_adapter(adapter.map(|a| &a.adapter))?.fold_adapters()?, placement)?;
+        let model = prepare(adapter.map(|a| &a.adapter))?;
         for (k, job) in jobs.iter().enumerate().filter(|(_, j)| j.adapter == group) {
             let options = options(job.prompt.stop_tokens.clone());
             let generation = generate(&model, &job.prompt.ids, &options, |_| ControlFlow::Continue(()))
