@@ -85,7 +85,7 @@ impl Tape {
         cu_seqlens_q: &SeqLens,
         cu_seqlens_k: &SeqLens,
     ) -> Result<Var> {
-        self.apply([q, k, v], |[q, k, v], _| attention_op(p, q, k, v, cu_seqlens_q, cu_seqlens_k))
+        self.apply([q, k, v], |[q, k, v], _| attention_op(p, [q, k, v], [cu_seqlens_q, cu_seqlens_k]))
     }
 
     /// act(gate) ⊙ up for SwiGLU (Llama) or GeGLU (Gemma).

@@ -111,15 +111,15 @@ fn attention_takes_host_boundaries(device: Device) {
     assert_eq!((cu.max_len(), cu.total(), cu.n_seqs()), (5, 9, 4));
     let (q, k, v) =
         (randn(&[9, 4, 8], &mut rng, device), randn(&[9, 2, 8], &mut rng, device), randn(&[9, 2, 8], &mut rng, device));
-    let ((out, _), n) = waits(device, || attention(&p, &q, &k, &v, &cu, &cu).unwrap());
+    let ((out, _), n) = waits(device, || attention(&p, [&q, &k, &v], [&cu, &cu]).unwrap());
     assert_eq!(n, 0, "boundaries are read on the host");
     let host = |t: &Tensor| t.to_device(Device::Cpu).unwrap();
     let cpu_cu = cu.to_device(Device::Cpu).unwrap();
-    let (want, _) = attention(&p, &host(&q), &host(&k), &host(&v), &cpu_cu, &cpu_cu).unwrap();
+    let (want, _) = attention(&p, [&host(&q), &host(&k), &host(&v)], [&cpu_cu, &cpu_cu]).unwrap();
     assert_close("attention", &out.to_vec::<f64>(), &want.to_vec::<f64>(), Tolerance { abs: 1e-5, rel: 1e-4 });
 
     let short = SeqLens::new(&[0, 2, 7], device).unwrap();
-    let e = attention(&p, &q, &k, &v, &short, &short).unwrap_err().to_string();
+    let e = attention(&p, [&q, &k, &v], [&short, &short]).unwrap_err().to_string();
     assert!(e.contains("cu_seqlens_q ends at 7 for 9 tokens"), "{e}");
     assert!(SeqLens::new(&[0, 3, 2], device).unwrap_err().to_string().contains("never decrease"));
 }

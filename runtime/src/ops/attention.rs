@@ -101,15 +101,12 @@ fn attention_shapes(p: &AttentionParams, q: &Tensor, k: &Tensor, v: &Tensor, cq:
     Ok(())
 }
 
-/// q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim] → (out: [tq, n_heads, head_dim], lse: [tq, n_heads]).
-/// On CUDA lse is f32 whatever q's dtype.
+/// [q, k, v] with q: [tq, n_heads, head_dim], k, v: [tk, n_kv_heads, head_dim], split into sequences by [cu_q, cu_k]
+/// → (out: [tq, n_heads, head_dim], lse: [tq, n_heads]). On CUDA lse is f32 whatever q's dtype.
 pub fn attention(
     p: &AttentionParams,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cu_q: &SeqLens,
-    cu_k: &SeqLens,
+    [q, k, v]: [&Tensor; 3],
+    [cu_q, cu_k]: [&SeqLens; 2],
 ) -> Result<(Tensor, Tensor)> {
     attention_shapes(p, q, k, v, cu_q, cu_k)?;
     let tq = q.shape()[0];
@@ -132,18 +129,13 @@ pub fn attention(
     })
 }
 
-/// → (dq, dk, dv) of [`attention`].
-#[allow(clippy::too_many_arguments)]
+/// → (dq, dk, dv) of [`attention`], from its inputs, [out, d_out] and lse.
 pub fn attention_backward(
     p: &AttentionParams,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
+    [q, k, v]: [&Tensor; 3],
+    [out, d_out]: [&Tensor; 2],
     lse: &Tensor,
-    d_out: &Tensor,
-    cu_q: &SeqLens,
-    cu_k: &SeqLens,
+    [cu_q, cu_k]: [&SeqLens; 2],
 ) -> Result<(Tensor, Tensor, Tensor)> {
     attention_shapes(p, q, k, v, cu_q, cu_k)?;
     same_shape("attention_backward", q, d_out)?;
@@ -178,19 +170,13 @@ pub fn attention_backward(
 }
 
 /// [`attention`] for a tape: out, and a backward holding q, k, v, out and lse.
-pub fn attention_op(
-    p: &AttentionParams,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cu_q: &SeqLens,
-    cu_k: &SeqLens,
-) -> Result<Recorded> {
-    let (out, lse) = attention(p, q, k, v, cu_q, cu_k)?;
+pub fn attention_op(p: &AttentionParams, qkv: [&Tensor; 3], cu: [&SeqLens; 2]) -> Result<Recorded> {
+    let (out, lse) = attention(p, qkv, cu)?;
+    let ([q, k, v], [cu_q, cu_k]) = (qkv, cu);
     let (p, q, k, v, o, cu_q, cu_k) = (*p, q.clone(), k.clone(), v.clone(), out.clone(), cu_q.clone(), cu_k.clone());
     let held = bytes([&q, &k, &v, &o, &lse, &cu_q.tensor, &cu_k.tensor]);
     let grad = backward_fn("attention", held, move |g| {
-        let (dq, dk, dv) = attention_backward(&p, &q, &k, &v, &o, &lse, first_grad(g)?, &cu_q, &cu_k)?;
+        let (dq, dk, dv) = attention_backward(&p, [&q, &k, &v], [&o, first_grad(g)?], &lse, [&cu_q, &cu_k])?;
         Ok(vec![Some(dq), Some(dk), Some(dv)])
     });
     Ok((out, grad))
