@@ -5,6 +5,7 @@
 use crate::tape::{Tape, Var};
 use qlora_runtime::ops::activation::{self as act, Glu};
 use qlora_runtime::ops::attention::{attention_op, AttentionParams, SeqLens};
+use qlora_runtime::ops::concat::{cat_rows_op, split_rows_op};
 use qlora_runtime::ops::cross_entropy::cross_entropy_op;
 use qlora_runtime::ops::elementwise as ew;
 use qlora_runtime::ops::embedding::embedding_op;
@@ -43,6 +44,21 @@ impl Tape {
 
     pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
         self.apply([x], |[x], _| ew::reshape_op(x, shape))
+    }
+
+    /// x: [rows, ...] as blocks of `chunk` rows (the last shorter), each its own variable: parts of a computation
+    /// that runs a block of tokens at a time. Joined back with [`Tape::cat_rows`].
+    pub fn split_rows(&self, x: &Var, chunk: usize) -> Result<Vec<Var>> {
+        let (parts, grad) = split_rows_op(x.value(), chunk)?;
+        Ok(self.record(grad, &[x], parts))
+    }
+
+    /// Parts of one shape but their rows, stacked along the rows.
+    pub fn cat_rows(&self, parts: &[Var]) -> Result<Var> {
+        let values: Vec<Tensor> = parts.iter().map(|p| p.value().clone()).collect();
+        let (y, grad) = cat_rows_op(&values)?;
+        let inputs: Vec<&Var> = parts.iter().collect();
+        Ok(self.record1(grad, &inputs, y))
     }
 
     /// Σ x as a scalar.

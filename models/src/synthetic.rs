@@ -182,6 +182,7 @@ pub fn build(config: &ModelConfig, format: BaseFormat, dense: DType, seed: u64) 
         gradient_checkpointing: true,
         keep_layers: 0,
         offload_checkpoints: false,
+        mlp_chunk_tokens: None,
     })
 }
 

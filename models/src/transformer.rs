@@ -235,6 +235,11 @@ pub struct CausalLm {
     /// GPU, each copied back one layer ahead (`Tape::checkpoint_offloaded`); off by default, the same bits either
     /// way. On the CPU it changes nothing.
     pub offload_checkpoints: bool,
+    /// Run each layer's MLP this many tokens at a time, each block its own checkpoint, so that a layer's backward
+    /// holds one block's MLP activations instead of the whole sequence's (what long contexts need: the MLP's
+    /// intermediate is the widest activation). None (the default) runs it whole. The values are the same but for
+    /// the order of the adapters' gradient sums over tokens; with adapter dropout each block draws its own masks.
+    pub mlp_chunk_tokens: Option<usize>,
 }
 
 /// Everything a layer's forward reads besides its input, shared by all layers of one batch.
@@ -244,6 +249,8 @@ struct LayerInputs {
     rope_full: (Tensor, Tensor),
     rope_local: (Tensor, Tensor),
     dropout_seed: u64,
+    /// Tokens of a block when the MLP runs a block at a time (`CausalLm::mlp_chunk_tokens`).
+    mlp_chunk: Option<usize>,
 }
 
 /// Where [`CausalLm::build`] takes each weight from: a checkpoint ([`CausalLm::from_checkpoint`]) or a fresh
@@ -404,6 +411,7 @@ impl CausalLm {
             gradient_checkpointing: true,
             keep_layers: 0,
             offload_checkpoints: false,
+            mlp_chunk_tokens: None,
         })
     }
 
@@ -451,6 +459,7 @@ impl CausalLm {
             gradient_checkpointing: self.gradient_checkpointing,
             keep_layers: self.keep_layers,
             offload_checkpoints: self.offload_checkpoints,
+            mlp_chunk_tokens: self.mlp_chunk_tokens,
         })
     }
 
@@ -516,6 +525,7 @@ impl CausalLm {
             rope_full: self.rope(positions, &c.rope, ids.device())?,
             rope_local: self.rope(positions, &c.rope_local, ids.device())?,
             dropout_seed,
+            mlp_chunk: self.mlp_chunk_tokens,
         });
         let mut x = t.embedding(&t.param(&self.embed_tokens), ids)?;
         if c.family != Family::Llama {
@@ -528,11 +538,11 @@ impl CausalLm {
         let mut parked = Vec::new();
         for i in 0..self.layers.len() {
             x = match cache.as_deref_mut() {
-                Some(cache) => layer_forward(t, c, i, &self.layers[i], &inputs, &x, Some(cache.layer_mut(i)))?,
+                Some(cache) => layer_forward(t, c, &self.layers, i, &inputs, &x, Some(cache.layer_mut(i)))?,
                 None if i < recomputed && t.is_recording() => {
                     let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
                     let layer = move |t: &Tape, ins: &[Var]| {
-                        Ok(vec![layer_forward(t, &cfg, i, &layers[i], &inputs, &ins[0], None)?])
+                        Ok(vec![layer_forward(t, &cfg, &layers, i, &inputs, &ins[0], None)?])
                     };
                     let mut outs = if self.offload_checkpoints {
                         let (outs, handles) = t.checkpoint_offloaded(&[&x], std::mem::take(&mut parked), layer)?;
@@ -543,7 +553,7 @@ impl CausalLm {
                     };
                     outs.remove(0)
                 }
-                None => layer_forward(t, c, i, &self.layers[i], &inputs, &x, None)?,
+                None => layer_forward(t, c, &self.layers, i, &inputs, &x, None)?,
             };
         }
         t.rms_norm(&x, &t.param(&self.norm), c.rms_norm_eps, norm_offset(c.family))
@@ -581,22 +591,23 @@ impl CausalLm {
     }
 }
 
-/// One decoder layer. With `kv`, the layer's keys and values join its cache and attention runs over all of them.
+/// One decoder layer (`layers[index]`). With `kv`, the layer's keys and values join its cache and attention runs over
+/// all of them.
 fn layer_forward(
     t: &Tape,
     c: &ModelConfig,
+    layers: &Rc<Vec<DecoderLayer>>,
     index: usize,
-    l: &DecoderLayer,
     inp: &LayerInputs,
     x: &Var,
     kv: Option<&mut LayerKv>,
 ) -> qlora_runtime::Result<Var> {
     let _profile = profile::scope(Pass::Forward, "decoder layer");
+    let l = &layers[index];
     let (tokens, hd) = (x.shape()[0], c.head_dim);
     let offset = norm_offset(c.family);
     let eps = c.rms_norm_eps;
-    // Distinct, reproducible dropout streams per layer and projection.
-    let seed = |k: u64| inp.dropout_seed ^ ((index as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let seed = |k: u64| layer_seed(inp.dropout_seed, index, k);
     let a = &l.self_attn;
 
     let h = t.rms_norm(x, &t.param(&l.input_layernorm), eps, offset)?;
@@ -640,14 +651,51 @@ fn layer_forward(
         None => &l.post_attention_layernorm,
     };
     let (x, h) = t.add_rms_norm(x, &attn, &t.param(ff_norm), eps, offset)?;
-    let [gate, up] = Projection::forward_group(t, &h, [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))])?;
+    let m = match inp.mlp_chunk {
+        // A block at a time, each its own checkpoint (inside the layer's recompute, a block's MLP activations live
+        // only while that block's backward runs).
+        Some(chunk) if tokens > chunk => {
+            let blocks = t.split_rows(&h, chunk)?;
+            let mut outs = Vec::with_capacity(blocks.len());
+            for (b, block) in blocks.iter().enumerate() {
+                let (layers, cfg, dropout_seed) = (layers.clone(), c.clone(), inp.dropout_seed);
+                // Each block draws its own dropout masks (a mask is a function of the seed and the element index).
+                let seed = dropout_seed ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                let mlp =
+                    move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layers[index], index, &ins[0], seed)?]);
+                outs.push(t.checkpoint(&[block], mlp)?.remove(0));
+            }
+            t.cat_rows(&outs)?
+        }
+        _ => mlp_forward(t, c, l, index, &h, inp.dropout_seed)?,
+    };
+    t.add(&x, &m)
+}
+
+/// The MLP of layer `index` (`l`) on normed hidden states h: gate and up, the GLU, down, and Gemma 2/3's
+/// post-feedforward norm.
+fn mlp_forward(
+    t: &Tape,
+    c: &ModelConfig,
+    l: &DecoderLayer,
+    index: usize,
+    h: &Var,
+    dropout_seed: u64,
+) -> qlora_runtime::Result<Var> {
+    let seed = |k: u64| layer_seed(dropout_seed, index, k);
+    let [gate, up] = Projection::forward_group(t, h, [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))])?;
     let glu = match c.activation {
         Activation::Silu => Glu::SwiGlu,
         Activation::GeluTanh => Glu::GeGlu,
     };
-    let mut m = l.mlp.down_proj.forward(t, &t.glu(glu, &gate, &up)?, seed(6))?;
-    if let Some(n) = &l.post_feedforward_layernorm {
-        m = t.rms_norm(&m, &t.param(n), eps, offset)?;
+    let m = l.mlp.down_proj.forward(t, &t.glu(glu, &gate, &up)?, seed(6))?;
+    match &l.post_feedforward_layernorm {
+        Some(n) => t.rms_norm(&m, &t.param(n), c.rms_norm_eps, norm_offset(c.family)),
+        None => Ok(m),
     }
-    t.add(&x, &m)
+}
+
+/// The dropout seed of projection `k` of layer `index`: distinct, reproducible streams per layer and projection.
+fn layer_seed(dropout_seed: u64, index: usize, k: u64) -> u64 {
+    dropout_seed ^ ((index as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }

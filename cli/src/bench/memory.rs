@@ -63,23 +63,34 @@ pub struct Plan {
     pub offload: bool,
     /// AdamW's moments wait in pinned host memory between updates (a GPU only; see `AdamW::set_paged`).
     pub page_optimizer: bool,
+    /// Each layer's MLP runs this many tokens at a time (`CausalLm::mlp_chunk_tokens`).
+    pub mlp_block: Option<usize>,
 }
+
+/// Tokens per MLP block when a plan runs the MLP in blocks: small enough that a block's intermediate (3 × its width
+/// per token) is a fraction of a long sequence's, large enough that each block's GEMMs still fill the GPU.
+pub const MLP_BLOCK: usize = 4096;
 
 impl Plan {
     pub fn apply(self, model: &mut qlora_models::transformer::CausalLm, optimizer: &mut AdamW) -> anyhow::Result<()> {
         model.keep_layers = self.keep_layers;
         model.offload_checkpoints = self.offload;
+        model.mlp_chunk_tokens = self.mlp_block;
         optimizer.set_paged(self.page_optimizer)?;
         Ok(())
     }
 
     /// Every plan in the order [`plan`] tries them, fastest first: keeping activations, then recomputing, then (a
-    /// GPU only) offloading the layer inputs, then paging the optimizer too.
+    /// GPU only) offloading the layer inputs, then paging the optimizer too, then running the MLP in blocks.
     fn all(layers: usize, gpu: bool) -> impl Iterator<Item = Plan> {
-        let modes: &[(bool, bool)] =
-            if gpu && layers > 0 { &[(false, false), (true, false), (true, true)] } else { &[(false, false)] };
-        modes.iter().flat_map(move |&(offload, page_optimizer)| {
-            (0..=layers).rev().map(move |keep_layers| Plan { keep_layers, offload, page_optimizer })
+        const BLOCK: Option<usize> = Some(MLP_BLOCK);
+        let modes: &[(bool, bool, Option<usize>)] = match (gpu, layers > 0) {
+            (true, true) => &[(false, false, None), (true, false, None), (true, true, None), (true, true, BLOCK)],
+            (false, true) => &[(false, false, None), (false, false, BLOCK)],
+            (_, false) => &[(false, false, None)],
+        };
+        modes.iter().flat_map(move |&(offload, page_optimizer, mlp_block)| {
+            (0..=layers).rev().map(move |keep_layers| Plan { keep_layers, offload, page_optimizer, mlp_block })
         })
     }
 }
@@ -140,6 +151,8 @@ pub fn estimate(s: &Setup) -> Estimate {
     // log-sum-exp, the MLP's gate, up and product (Gemma's sandwich norms add two more of the hidden size).
     let sandwich = if c.family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
     let layer = t * d * (4 * h + sandwich + 3 * qo + 3 * kvo + 3 * i) + t * c.num_attention_heads * 4;
+    // In blocks, a recomputed layer's MLP part holds one block's intermediate at a time.
+    let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
     let recomputed = if s.checkpointing { layers.saturating_sub(s.plan.keep_layers) } else { 0 };
     // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
     // its backward: two at a time.
@@ -153,7 +166,7 @@ pub fn estimate(s: &Setup) -> Estimate {
     let softcap = usize::from(c.final_logit_softcapping.is_some());
     let chunk = chunk_rows(c.vocab_size).min(t);
     let head = (3 + softcap) * chunk * c.vocab_size * d + 2 * t * h * d;
-    let in_layer = if recomputed > 0 { layer + layer / 2 } else { layer };
+    let in_layer = if recomputed > 0 { (layer - blocked_mlp) * 3 / 2 } else { layer };
     let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
     let activations = saved + head.max(in_layer) + 2 * largest * d;
     Estimate { weights, adapters, activations, host }
@@ -255,24 +268,26 @@ pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
     if plan.page_optimizer {
         host.push("AdamW's moments paged");
     }
+    let blocks = plan.mlp_block.map_or(String::new(), |b| format!(", the MLP {b} tokens at a time"));
     let host = if host.is_empty() || e.host == 0 {
         String::new()
     } else {
         format!(" ({}: {:.2} GiB of pinned host memory)", host.join(", "), e.host as f64 / GIB)
     };
     format!(
-        "memory plan: {} of {layers} layers keep their activations, {recomputed} recomputed in backward{host}; about \
-         {:.2} GiB on the device",
+        "memory plan: {} of {layers} layers keep their activations, {recomputed} recomputed in backward{blocks}{host}; \
+         about {:.2} GiB on the device",
         plan.keep_layers.min(layers),
         e.total() as f64 / GIB
     )
 }
 
-/// The plan that holds the least: every layer recomputed, and on a GPU their inputs offloaded and the optimizer
-/// paged.
+/// The plan that holds the least: every layer recomputed with its MLP in blocks, and on a GPU their inputs
+/// offloaded and the optimizer paged.
 fn lean(s: &Setup) -> Plan {
     let gpu = s.device != Device::Cpu;
-    Plan { keep_layers: 0, offload: gpu && s.checkpointing, page_optimizer: gpu }
+    let mlp_block = (s.checkpointing && s.tokens > MLP_BLOCK).then_some(MLP_BLOCK);
+    Plan { keep_layers: 0, offload: gpu && s.checkpointing, page_optimizer: gpu, mlp_block }
 }
 
 /// The fastest plan within `budget` bytes: under checkpointing, as many of the last layers as fit keep their
@@ -397,25 +412,31 @@ mod tests {
         assert_eq!(plan(&setup(0), all).unwrap().0, Plan { keep_layers: c.num_hidden_layers, ..Plan::default() });
         // Below recomputing everything: the layer inputs go to host memory.
         let (p, e) = plan(&setup(0), none - 1).unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: false });
+        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: false, mlp_block: None });
         let offloaded = 8192 * 2048 * 2 * (c.num_hidden_layers - 2);
         assert_eq!(e.total(), none - offloaded, "all but two layer inputs leave the device");
         assert_eq!(e.host, 8192 * 2048 * 2 * c.num_hidden_layers, "all of them wait in pinned memory");
         // Below that, AdamW's moments (8 bytes per adapter parameter) are paged too, and that plan is the floor.
         let (p, paged) = plan(&setup(0), e.total() - 1).unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true });
+        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true, mlp_block: None });
         assert_eq!(e.total() - paged.total(), paged.host - e.host, "what leaves the device waits on the host");
-        assert_eq!(plan(&setup(0), paged.total() - 1).unwrap_err().total(), paged.total());
-        // The CPU never offloads (host memory is where it computes).
+        // Below that, the MLP runs in blocks of MLP_BLOCK tokens (half of these 8192), and that plan is the floor.
+        let (p, blocked) = plan(&setup(0), paged.total() - 1).unwrap();
+        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true, mlp_block: Some(MLP_BLOCK) });
+        assert_eq!(paged.total() - blocked.total(), (8192 - MLP_BLOCK) * 2 * 3 * c.intermediate_size * 3 / 2);
+        assert_eq!(plan(&setup(0), blocked.total() - 1).unwrap_err().total(), blocked.total());
+        // The CPU never offloads (host memory is where it computes): below recomputing everything it runs the MLP
+        // in blocks.
         let cpu = Setup { device: Device::Cpu, ..setup(0) };
-        assert_eq!(plan(&cpu, estimate(&cpu).total() - 1).unwrap_err().host, 0);
+        let (p, e) = plan(&cpu, estimate(&cpu).total() - 1).unwrap();
+        assert_eq!((p.offload, p.page_optimizer, p.mlp_block, e.host), (false, false, Some(MLP_BLOCK), 0));
     }
 
     #[test]
     fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
         let c = shape_config("llama-3.2-1b").unwrap();
         let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true });
+        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true, mlp_block: Some(MLP_BLOCK) });
         assert!(e.total() < peer_setting(&c).total());
         let line = describe_plan(p, c.num_hidden_layers, &e);
         assert!(line.contains("0 of 16 layers keep"), "{line}");
@@ -424,7 +445,8 @@ mod tests {
             "{line}"
         );
         let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
-        assert_eq!(budget_plan(&cpu, Some(Budget::Lean), "").unwrap().0, Plan::default());
+        let blocked_only = Plan { mlp_block: Some(MLP_BLOCK), ..Plan::default() };
+        assert_eq!(budget_plan(&cpu, Some(Budget::Lean), "").unwrap().0, blocked_only);
     }
 
     #[test]

@@ -269,6 +269,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "keep_layers": plan.keep_layers,
         "offload": plan.offload,
         "page_optimizer": plan.page_optimizer,
+        "mlp_block": plan.mlp_block,
         "offload_host_gib": gib(estimate.host),
         "max_grad_norm": args.max_grad_norm,
         "linear_params": memory::linear_params(&config),
