@@ -46,10 +46,11 @@ impl CausalLm {
         let n = ids.len();
         let last_rows: Vec<usize> = cu.windows(2).filter(|w| w[1] > w[0]).map(|w| w[1] as usize - 1).collect();
         let tape = Tape::new();
-        // Where the model runs: ids, boundaries and the cache go there; positions stay on the host (rope tables).
-        let device = self.embed_tokens.value().device();
+        // Where the model runs: boundaries and the cache go there, ids to the embedding table's device; positions
+        // stay on the host (rope tables).
+        let device = self.compute_device();
         let run = || -> qlora_runtime::Result<Tensor> {
-            let ids = Tensor::from_vec(ids, &[n])?.to_device(device)?;
+            let ids = Tensor::from_vec(ids, &[n])?.to_device(self.embed_tokens.value().device())?;
             let positions = Tensor::from_vec(positions, &[n])?;
             let cu = SeqLens::new(&cu, device)?;
             let hidden = self.forward_hidden(&tape, &ids, &positions, &cu, Some(&mut *cache), 0)?;

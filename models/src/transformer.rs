@@ -162,6 +162,9 @@ pub struct Batch {
     pub cu_seqlens: SeqLens,
     pub targets: Tensor,
     trained_tokens: usize,
+    /// The ids as built, on the host (shared with `ids` until moved): what an embedding table kept on the host
+    /// gathers from.
+    host_ids: Tensor,
 }
 
 impl Batch {
@@ -187,7 +190,8 @@ impl Batch {
             Tensor::from_vec(v, &[n])
         };
         let cu_seqlens = SeqLens::new(&cu, Device::Cpu)?;
-        Ok(Batch { ids: t(ids)?, positions: t(pos)?, cu_seqlens, targets: t(targets)?, trained_tokens })
+        let ids = t(ids)?;
+        Ok(Batch { host_ids: ids.clone(), ids, positions: t(pos)?, cu_seqlens, targets: t(targets)?, trained_tokens })
     }
 
     /// A batch from its parts, all on the host (`targets` counted here, once).
@@ -198,7 +202,7 @@ impl Batch {
             }
         }
         let trained_tokens = targets.values::<i32>().iter().filter(|&&t| t >= 0).count();
-        Ok(Batch { ids, positions, cu_seqlens, targets, trained_tokens })
+        Ok(Batch { host_ids: ids.clone(), ids, positions, cu_seqlens, targets, trained_tokens })
     }
 
     /// The batch on `device` (where the model runs): ids, targets and boundaries uploaded, positions kept on the host.
@@ -209,7 +213,17 @@ impl Batch {
             cu_seqlens: self.cu_seqlens.to_device(device)?,
             targets: self.targets.to_device(device)?,
             trained_tokens: self.trained_tokens,
+            host_ids: self.host_ids.clone(),
         })
+    }
+
+    /// The ids where `model` looks them up: on its embedding table's device (the host for a table kept there).
+    pub fn ids_for(&self, model: &CausalLm) -> &Tensor {
+        if model.embed_tokens.value().device() == Device::Cpu {
+            &self.host_ids
+        } else {
+            &self.ids
+        }
     }
 
     /// Positions whose target is trained (not −100).
@@ -463,6 +477,28 @@ impl CausalLm {
         })
     }
 
+    /// Where the decoder computes (its final norm's device; the embedding table may be kept on the host).
+    pub fn compute_device(&self) -> Device {
+        self.norm.value().device()
+    }
+
+    /// Keeps the embedding table in host memory, rows gathered there and uploaded per batch: the table's device
+    /// memory (a vocabulary × hidden matrix, 1 GB for Llama-3-8B in bf16) for one upload of the batch's rows. Only
+    /// for a frozen table that the head does not reuse (an untied or separate lm_head); an error otherwise.
+    pub fn keep_embeddings_on_host(&mut self) -> Result<()> {
+        let table = &self.embed_tokens;
+        if table.is_trainable() || self.lm_head.is_none() {
+            return Err(Error::Runtime(qlora_runtime::Error::invalid(
+                "embeddings on the host",
+                "the embedding table is trained or tied to the head, which reads it on the device",
+            )));
+        }
+        if table.value().device() != Device::Cpu {
+            self.embed_tokens = Param::frozen(table.name(), table.value().to_device(Device::Cpu)?);
+        }
+        Ok(())
+    }
+
     /// Every projection, layer by layer in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
     pub fn projections_mut(&mut self) -> Result<Vec<&mut Projection>> {
         let layers = Rc::get_mut(&mut self.layers).ok_or_else(|| {
@@ -497,7 +533,7 @@ impl CausalLm {
 
     /// logits: [tokens, vocab] for a packed batch. `dropout_seed` makes adapter dropout reproducible.
     pub fn logits(&self, t: &Tape, batch: &Batch, dropout_seed: u64) -> qlora_runtime::Result<Var> {
-        let x = self.forward_hidden(t, &batch.ids, &batch.positions, &batch.cu_seqlens, None, dropout_seed)?;
+        let x = self.forward_hidden(t, batch.ids_for(self), &batch.positions, &batch.cu_seqlens, None, dropout_seed)?;
         self.head(t, &x)
     }
 
@@ -520,14 +556,19 @@ impl CausalLm {
             return Err(qlora_runtime::Error::invalid("forward", "a KV cache is for inference: run under no_grad"));
         }
         let c = &self.config;
+        let device = self.compute_device();
         let inputs = Rc::new(LayerInputs {
             cu_seqlens: cu_seqlens.clone(),
-            rope_full: self.rope(positions, &c.rope, ids.device())?,
-            rope_local: self.rope(positions, &c.rope_local, ids.device())?,
+            rope_full: self.rope(positions, &c.rope, device)?,
+            rope_local: self.rope(positions, &c.rope_local, device)?,
             dropout_seed,
             mlp_chunk: self.mlp_chunk_tokens,
         });
         let mut x = t.embedding(&t.param(&self.embed_tokens), ids)?;
+        if x.value().device() != device {
+            // A frozen table kept on the host: its rows for this batch cross once, in the compute dtype.
+            x = Var::constant(x.value().to_device(device)?);
+        }
         if c.family != Family::Llama {
             // transformers rounds √hidden to the activation dtype first (f32 here).
             x = t.scale(&x, (c.hidden_size as f64).sqrt() as f32 as f64)?;
@@ -576,7 +617,7 @@ impl CausalLm {
     /// (QLoRA's) runs fused with the loss, chunk by chunk, so the [tokens, vocab] logits never exist
     /// (`qlora_runtime::ops::linear_cross_entropy`); a trainable one takes the plain head and loss.
     pub fn loss(&self, t: &Tape, batch: &Batch, normalizer: f64, dropout_seed: u64) -> qlora_runtime::Result<Var> {
-        let x = self.forward_hidden(t, &batch.ids, &batch.positions, &batch.cu_seqlens, None, dropout_seed)?;
+        let x = self.forward_hidden(t, batch.ids_for(self), &batch.positions, &batch.cu_seqlens, None, dropout_seed)?;
         let head = t.param(self.lm_head.as_ref().unwrap_or(&self.embed_tokens));
         if head.requires_grad() {
             let logits = self.head(t, &x)?;

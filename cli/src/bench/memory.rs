@@ -63,6 +63,9 @@ pub struct Plan {
     pub offload: bool,
     /// AdamW's moments wait in pinned host memory between updates (a GPU only; see `AdamW::set_paged`).
     pub page_optimizer: bool,
+    /// The frozen embedding table stays in host memory, rows uploaded per batch (an untied head only; see
+    /// `CausalLm::keep_embeddings_on_host`).
+    pub host_embeddings: bool,
     /// Each layer's MLP runs this many tokens at a time (`CausalLm::mlp_chunk_tokens`).
     pub mlp_block: Option<usize>,
 }
@@ -76,21 +79,32 @@ impl Plan {
         model.keep_layers = self.keep_layers;
         model.offload_checkpoints = self.offload;
         model.mlp_chunk_tokens = self.mlp_block;
+        if self.host_embeddings {
+            model.keep_embeddings_on_host()?;
+        }
         optimizer.set_paged(self.page_optimizer)?;
         Ok(())
     }
 
     /// Every plan in the order [`plan`] tries them, fastest first: keeping activations, then recomputing, then (a
-    /// GPU only) offloading the layer inputs, then paging the optimizer too, then running the MLP in blocks.
-    fn all(layers: usize, gpu: bool) -> impl Iterator<Item = Plan> {
+    /// GPU only) offloading the layer inputs, then paging the optimizer and (with an untied head) keeping the
+    /// embeddings on the host too, then running the MLP in blocks.
+    fn all(layers: usize, gpu: bool, untied: bool) -> impl Iterator<Item = Plan> {
         const BLOCK: Option<usize> = Some(MLP_BLOCK);
-        let modes: &[(bool, bool, Option<usize>)] = match (gpu, layers > 0) {
-            (true, true) => &[(false, false, None), (true, false, None), (true, true, None), (true, true, BLOCK)],
-            (false, true) => &[(false, false, None), (false, false, BLOCK)],
-            (_, false) => &[(false, false, None)],
+        let modes: Vec<(bool, bool, Option<usize>)> = match (gpu, layers > 0) {
+            (true, true) => vec![(false, false, None), (true, false, None), (true, true, None), (true, true, BLOCK)],
+            (false, true) => vec![(false, false, None), (false, false, BLOCK)],
+            (_, false) => vec![(false, false, None)],
         };
-        modes.iter().flat_map(move |&(offload, page_optimizer, mlp_block)| {
-            (0..=layers).rev().map(move |keep_layers| Plan { keep_layers, offload, page_optimizer, mlp_block })
+        modes.into_iter().flat_map(move |(offload, paged, mlp_block)| {
+            let (page_optimizer, host_embeddings) = (paged, paged && untied);
+            (0..=layers).rev().map(move |keep_layers| Plan {
+                keep_layers,
+                offload,
+                page_optimizer,
+                host_embeddings,
+                mlp_block,
+            })
         })
     }
 }
@@ -127,8 +141,10 @@ pub fn estimate(s: &Setup) -> Estimate {
         BaseFormat::Dense(dtype) => n * dtype.size_in_bytes(),
     };
     let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    let host_table = s.plan.host_embeddings && heads == 2 && s.device != Device::Cpu;
+    let on_device = if host_table { 1 } else { heads };
     let weights = layers * shapes.iter().map(|(_, [o, i])| stored(o * i)).sum::<usize>()
-        + heads * c.vocab_size * h * d
+        + on_device * c.vocab_size * h * d
         + layers * 6 * h * d;
 
     // Value and gradient in f32; AdamW's two moments in f32 on a GPU (unless paged to the host), f64 on the host.
@@ -158,7 +174,9 @@ pub fn estimate(s: &Setup) -> Estimate {
     // its backward: two at a time.
     let offload = s.plan.offload && recomputed > 0 && s.device != Device::Cpu;
     let inputs = if offload { recomputed.min(2) } else { recomputed };
-    let host = if offload { recomputed * t * h * d } else { 0 } + paged_moments;
+    let host = if offload { recomputed * t * h * d } else { 0 }
+        + paged_moments
+        + if host_table { c.vocab_size * h * d } else { 0 };
     let saved = inputs * t * h * d + (layers - recomputed) * layer;
     // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
     // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
@@ -268,6 +286,9 @@ pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
     if plan.page_optimizer {
         host.push("AdamW's moments paged");
     }
+    if plan.host_embeddings {
+        host.push("the embedding table");
+    }
     let blocks = plan.mlp_block.map_or(String::new(), |b| format!(", the MLP {b} tokens at a time"));
     let host = if host.is_empty() || e.host == 0 {
         String::new()
@@ -287,7 +308,8 @@ pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
 fn lean(s: &Setup) -> Plan {
     let gpu = s.device != Device::Cpu;
     let mlp_block = (s.checkpointing && s.tokens > MLP_BLOCK).then_some(MLP_BLOCK);
-    Plan { keep_layers: 0, offload: gpu && s.checkpointing, page_optimizer: gpu, mlp_block }
+    let host_embeddings = gpu && !s.config.tie_word_embeddings;
+    Plan { keep_layers: 0, offload: gpu && s.checkpointing, page_optimizer: gpu, host_embeddings, mlp_block }
 }
 
 /// The fastest plan within `budget` bytes: under checkpointing, as many of the last layers as fit keep their
@@ -298,7 +320,7 @@ fn lean(s: &Setup) -> Plan {
 /// estimate, or the estimate of the leanest plan when even that does not fit.
 pub fn plan(s: &Setup, budget: usize) -> Result<(Plan, Estimate), Estimate> {
     let layers = if s.checkpointing { s.config.num_hidden_layers } else { 0 };
-    Plan::all(layers, s.device != Device::Cpu)
+    Plan::all(layers, s.device != Device::Cpu, !s.config.tie_word_embeddings)
         .map(|plan| (plan, estimate(&Setup { plan, ..*s })))
         .find(|(_, e)| e.total() <= budget)
         .ok_or_else(|| estimate(&Setup { plan: lean(s), ..*s }))
@@ -412,17 +434,32 @@ mod tests {
         assert_eq!(plan(&setup(0), all).unwrap().0, Plan { keep_layers: c.num_hidden_layers, ..Plan::default() });
         // Below recomputing everything: the layer inputs go to host memory.
         let (p, e) = plan(&setup(0), none - 1).unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: false, mlp_block: None });
+        assert_eq!(
+            p,
+            Plan { keep_layers: 0, offload: true, page_optimizer: false, host_embeddings: false, mlp_block: None }
+        );
         let offloaded = 8192 * 2048 * 2 * (c.num_hidden_layers - 2);
         assert_eq!(e.total(), none - offloaded, "all but two layer inputs leave the device");
         assert_eq!(e.host, 8192 * 2048 * 2 * c.num_hidden_layers, "all of them wait in pinned memory");
         // Below that, AdamW's moments (8 bytes per adapter parameter) are paged too, and that plan is the floor.
         let (p, paged) = plan(&setup(0), e.total() - 1).unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true, mlp_block: None });
+        assert_eq!(
+            p,
+            Plan { keep_layers: 0, offload: true, page_optimizer: true, host_embeddings: false, mlp_block: None }
+        );
         assert_eq!(e.total() - paged.total(), paged.host - e.host, "what leaves the device waits on the host");
         // Below that, the MLP runs in blocks of MLP_BLOCK tokens (half of these 8192), and that plan is the floor.
         let (p, blocked) = plan(&setup(0), paged.total() - 1).unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true, mlp_block: Some(MLP_BLOCK) });
+        assert_eq!(
+            p,
+            Plan {
+                keep_layers: 0,
+                offload: true,
+                page_optimizer: true,
+                host_embeddings: false,
+                mlp_block: Some(MLP_BLOCK)
+            }
+        );
         assert_eq!(paged.total() - blocked.total(), (8192 - MLP_BLOCK) * 2 * 3 * c.intermediate_size * 3 / 2);
         assert_eq!(plan(&setup(0), blocked.total() - 1).unwrap_err().total(), blocked.total());
         // The CPU never offloads (host memory is where it computes): below recomputing everything it runs the MLP
@@ -436,7 +473,16 @@ mod tests {
     fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
         let c = shape_config("llama-3.2-1b").unwrap();
         let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
-        assert_eq!(p, Plan { keep_layers: 0, offload: true, page_optimizer: true, mlp_block: Some(MLP_BLOCK) });
+        assert_eq!(
+            p,
+            Plan {
+                keep_layers: 0,
+                offload: true,
+                page_optimizer: true,
+                host_embeddings: false,
+                mlp_block: Some(MLP_BLOCK)
+            }
+        );
         assert!(e.total() < peer_setting(&c).total());
         let line = describe_plan(p, c.num_hidden_layers, &e);
         assert!(line.contains("0 of 16 layers keep"), "{line}");
@@ -447,6 +493,20 @@ mod tests {
         let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
         let blocked_only = Plan { mlp_block: Some(MLP_BLOCK), ..Plan::default() };
         assert_eq!(budget_plan(&cpu, Some(Budget::Lean), "").unwrap().0, blocked_only);
+    }
+
+    /// An untied head (Llama-3-8B) lets the lean plan keep the embedding table on the host: one vocabulary × hidden
+    /// bf16 matrix leaves the device for host memory. A tied one (Llama-3.2-1B) keeps it, as its head reads it.
+    #[test]
+    fn the_lean_plan_keeps_an_untied_models_embeddings_on_the_host() {
+        let c = shape_config("llama-3-8b").unwrap();
+        let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
+        assert!(p.host_embeddings && p.offload && p.page_optimizer, "{p:?}");
+        let resident = estimate(&peer_plan(&c, Plan { host_embeddings: false, ..p }));
+        let table = 128_256 * 4096 * 2;
+        assert_eq!((resident.weights - e.weights, e.host - resident.host), (table, table));
+        let tied = shape_config("llama-3.2-1b").unwrap();
+        assert!(!budget_plan(&peer_setup(&tied, 0), Some(Budget::Lean), "").unwrap().0.host_embeddings);
     }
 
     #[test]
