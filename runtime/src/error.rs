@@ -48,6 +48,11 @@ impl Error {
         Error::Invalid { op, msg: msg.into() }
     }
 
+    /// Whether this is the GPU running out of memory (what a memory plan's advice answers).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Cuda { source: qlora_kernels::cuda::Error::OutOfMemory { .. }, .. })
+    }
+
     /// Maps a CUDA backend error to this crate's, naming the op: `launcher(..).map_err(Error::cuda("add"))?`.
     pub fn cuda(op: &'static str) -> impl FnOnce(qlora_kernels::cuda::Error) -> Error {
         move |source| Error::Cuda { op, source }

@@ -218,6 +218,41 @@ impl std::str::FromStr for Budget {
 /// context, cuBLASLt workspaces, the allocator's rounding, short-lived temporaries) and other processes' growth.
 pub const AUTO_MARGIN: f64 = 0.10;
 
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Budget::Gib(g) => write!(f, "{g}"),
+            Budget::Auto => write!(f, "auto"),
+            Budget::Lean => write!(f, "lean"),
+        }
+    }
+}
+
+/// `e` with, when the GPU ran out of memory, the budget and plan the run had and what to change.
+pub fn out_of_memory_advice(
+    e: anyhow::Error,
+    budget: Option<Budget>,
+    plan: Option<&str>,
+    shrink: &str,
+) -> anyhow::Error {
+    let oom = e.chain().any(|c| {
+        c.downcast_ref::<qlora_runtime::Error>().is_some_and(qlora_runtime::Error::is_out_of_memory)
+            || c.downcast_ref::<qlora_models::Error>()
+                .is_some_and(|m| matches!(m, qlora_models::Error::Runtime(r) if r.is_out_of_memory()))
+    });
+    if !oom {
+        return e;
+    }
+    let had = match (budget, plan) {
+        (Some(b), Some(p)) => format!("with --memory-budget {b} ({p})"),
+        _ => "without a memory budget".to_string(),
+    };
+    e.context(format!(
+        "{had}: try --memory-budget lean (layer inputs offloaded, optimizer paged, MLP in blocks) or a smaller budget, \
+         or {shrink}"
+    ))
+}
+
 impl Budget {
     /// The budget in bytes on `device`; None for `auto` where free memory is unknown, and for `lean`, which is a
     /// plan rather than a size.
@@ -507,6 +542,33 @@ mod tests {
         assert_eq!((resident.weights - e.weights, e.host - resident.host), (table, table));
         let tied = shape_config("llama-3.2-1b").unwrap();
         assert!(!budget_plan(&peer_setup(&tied, 0), Some(Budget::Lean), "").unwrap().0.host_embeddings);
+    }
+
+    /// An out-of-memory error, however deep in the chain, gets the budget, the plan and the way out; others pass.
+    #[test]
+    fn out_of_memory_names_the_budget_the_plan_and_what_to_change() {
+        let oom = || {
+            let source = qlora_kernels::cuda::Error::OutOfMemory {
+                ordinal: 0,
+                requested: 1 << 30,
+                free: 1 << 20,
+                total: 80 << 30,
+                reserved: 79 << 30,
+                in_use: 79 << 30,
+            };
+            qlora_runtime::Error::Cuda { op: "matmul", source }
+        };
+        let plan = "memory plan: 0 of 32 layers keep their activations";
+        let direct =
+            out_of_memory_advice(anyhow::Error::from(oom()), Some(Budget::Gib(40.0)), Some(plan), "lower --seq");
+        let text = format!("{direct:#}");
+        assert!(text.starts_with("with --memory-budget 40 (memory plan: 0 of 32"), "{text}");
+        assert!(text.contains("try --memory-budget lean") && text.contains("lower --seq"), "{text}");
+        assert!(text.contains("cuda:0 out of memory"), "{text}");
+        let wrapped = anyhow::Error::from(qlora_models::Error::Runtime(oom())).context("step 3");
+        assert!(format!("{:#}", out_of_memory_advice(wrapped, None, None, "x")).starts_with("without a memory budget"));
+        let other = anyhow::anyhow!("a bad row");
+        assert_eq!(format!("{:#}", out_of_memory_advice(other, None, None, "x")), "a bad row");
     }
 
     #[test]

@@ -221,6 +221,9 @@ fn random_batches(rng: &mut Rng, args: &StepArgs, vocab: usize) -> Result<Vec<Ba
         .collect()
 }
 
+/// What to lower when a step does not fit.
+const SHRINK: &str = "lower --batch or --seq";
+
 pub fn run(args: &StepArgs) -> Result<()> {
     args.check()?;
     let targets = args.adapter.targets()?;
@@ -247,7 +250,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
         checkpointing: args.checkpointing(),
         plan: memory::Plan::default(),
     };
-    let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, "lower --batch or --seq")?;
+    let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, SHRINK)?;
     let available = memory::available(device)?;
     let mut report = json!({
         "subject": subject.to_string(),
@@ -286,8 +289,9 @@ pub fn run(args: &StepArgs) -> Result<()> {
     let dense = if device == Device::Cpu { DType::F32 } else { dtype };
     let mut model = subject.model(&config, format, dense, args.seed)?;
     model.gradient_checkpointing = args.checkpointing();
-    if args.memory_budget.is_some() && !args.json {
-        println!("{}", memory::describe_plan(plan, config.num_hidden_layers, &estimate));
+    let plan_line = args.memory_budget.map(|_| memory::describe_plan(plan, config.num_hidden_layers, &estimate));
+    if let Some(line) = plan_line.as_ref().filter(|_| !args.json) {
+        println!("{line}");
     }
     attach_adapters(&mut model, &targets, &args.adapter.lora_config(), args.seed)?;
     if device != Device::Cpu {
@@ -308,7 +312,8 @@ pub fn run(args: &StepArgs) -> Result<()> {
         let batches = random_batches(&mut rng, args, config.vocab_size)?;
         let mut timer = PhaseTimer { device, marks: Vec::new() };
         let before = synchronizations(device)?;
-        let outcome = optimizer_step(&model, &mut optimizer, &batches, step as u64, &step_config, &mut timer)?;
+        let outcome = optimizer_step(&model, &mut optimizer, &batches, step as u64, &step_config, &mut timer)
+            .map_err(|e| memory::out_of_memory_advice(e, args.memory_budget, plan_line.as_deref(), SHRINK))?;
         // Counted before the timer reads its events: what the step itself waited for.
         let waits = synchronizations(device)? - before;
         loss = outcome.loss;

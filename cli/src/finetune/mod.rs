@@ -549,6 +549,8 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
     let lead = group.is_none_or(|g| g.rank() == 0);
     let (mut model, mut optimizer, start) =
         load_model(args, &run.targets, run.resume_from.as_deref(), &run.trajectory, placement, lead)?;
+    let shrink = "lower --micro-batch, --batch-tokens or --max-seq-len";
+    let mut plan_line = None;
     if let Some(budget) = args.memory_budget {
         let setup = crate::bench::memory::Setup {
             config: &model.config,
@@ -562,12 +564,13 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
             checkpointing: args.gradient_checkpointing(),
             plan: crate::bench::memory::Plan::default(),
         };
-        let shrink = "lower --micro-batch, --batch-tokens or --max-seq-len";
         let (plan, estimate) = crate::bench::memory::budget_plan(&setup, Some(budget), shrink)?;
         plan.apply(&mut model, &mut optimizer)?;
+        let line = crate::bench::memory::describe_plan(plan, model.config.num_hidden_layers, &estimate);
         if lead {
-            println!("{}", crate::bench::memory::describe_plan(plan, model.config.num_hidden_layers, &estimate));
+            println!("{line}");
         }
+        plan_line = Some(line);
     }
     if lead {
         let n_params = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();
@@ -609,7 +612,9 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
         state: start,
         group,
     };
-    let outcome = trainer.run()?;
+    let outcome = trainer
+        .run()
+        .map_err(|e| crate::bench::memory::out_of_memory_advice(e, args.memory_budget, plan_line.as_deref(), shrink))?;
     if outcome == train::Outcome::Finished && lead {
         save_adapter(&model, &args.out, Some(&base_model))?;
         copy_tokenizer_files(&args.model, &args.out)?;
