@@ -403,6 +403,15 @@ mod tests {
     use super::*;
     use qlora_models::synthetic::shape_config;
 
+    /// The leanest plan of a tied model on a GPU (the 1B shape): nothing kept, everything that can leave offloaded.
+    const LEANEST_TIED: Plan = Plan {
+        keep_layers: 0,
+        offload: true,
+        page_optimizer: true,
+        host_embeddings: false,
+        mlp_block: Some(MLP_BLOCK),
+    };
+
     const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
     /// The peer benchmarks' setting: NF4 + double quant, bf16, 4 × 2048 tokens, r = 16 everywhere, checkpointing,
@@ -485,16 +494,7 @@ mod tests {
         assert_eq!(e.total() - paged.total(), paged.host - e.host, "what leaves the device waits on the host");
         // Below that, the MLP runs in blocks of MLP_BLOCK tokens (half of these 8192), and that plan is the floor.
         let (p, blocked) = plan(&setup(0), paged.total() - 1).unwrap();
-        assert_eq!(
-            p,
-            Plan {
-                keep_layers: 0,
-                offload: true,
-                page_optimizer: true,
-                host_embeddings: false,
-                mlp_block: Some(MLP_BLOCK)
-            }
-        );
+        assert_eq!(p, LEANEST_TIED);
         assert_eq!(paged.total() - blocked.total(), (8192 - MLP_BLOCK) * 2 * 3 * c.intermediate_size * 3 / 2);
         assert_eq!(plan(&setup(0), blocked.total() - 1).unwrap_err().total(), blocked.total());
         // The CPU never offloads (host memory is where it computes): below recomputing everything it runs the MLP
@@ -508,16 +508,7 @@ mod tests {
     fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
         let c = shape_config("llama-3.2-1b").unwrap();
         let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
-        assert_eq!(
-            p,
-            Plan {
-                keep_layers: 0,
-                offload: true,
-                page_optimizer: true,
-                host_embeddings: false,
-                mlp_block: Some(MLP_BLOCK)
-            }
-        );
+        assert_eq!(p, LEANEST_TIED);
         assert!(e.total() < peer_setting(&c).total());
         let line = describe_plan(p, c.num_hidden_layers, &e);
         assert!(line.contains("0 of 16 layers keep"), "{line}");
