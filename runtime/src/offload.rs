@@ -106,7 +106,8 @@ impl Offloaded {
             State::Host(t) => Ok(t.clone()),
             State::Parked { source: Some(t), .. } => Ok(t.clone()),
             State::Parked { arriving, .. } => {
-                let arrive = arriving.take().ok_or_else(|| Error::invalid("offload", "restored twice"))?;
+                // prefetch above started the copy back unless the device copy was still held.
+                let arrive = arriving.take().ok_or_else(|| Error::invalid("offload", "no copy back in flight"))?;
                 Tensor::from_cuda(arrive()?, &self.shape)
             }
         }
