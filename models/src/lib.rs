@@ -7,6 +7,7 @@
 //! training graph end to end on CPU without any checkpoint file.
 
 pub mod adapters;
+pub mod batch;
 pub mod config;
 pub mod data;
 pub mod error;
