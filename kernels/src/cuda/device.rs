@@ -6,7 +6,7 @@ use super::buffer::{DeviceBuffer, DeviceCopy};
 use super::cache::load_or_compile;
 use super::compile::{self, Image, Target};
 use super::matmul::BlasLt;
-use super::offload::{new_copy_stream, PinnedPool, PinnedStats};
+use super::offload::{new_copy_stream, PinnedMemory, PinnedPool, PinnedStats};
 use super::source::Module;
 use super::{library, Error, Result};
 use cudarc::driver::{result as driver, sys, CudaContext, CudaFunction, CudaStream, DriverError};
@@ -94,6 +94,7 @@ impl CudaDevice {
             .ok_or_else(|| Error::UnsupportedGpu { ordinal, name: name.clone(), major, minor })?;
         let stream = ctx.new_stream().map_err(Error::driver("cuStreamCreate"))?;
         let allocator = CachingAllocator::new(DriverMemory { ordinal, ctx: ctx.clone(), stream: stream.clone() });
+        let pinned = CachingAllocator::new(PinnedMemory { ordinal, ctx: ctx.clone() });
         Ok(CudaDevice {
             inner: Arc::new(Inner {
                 ordinal,
@@ -108,7 +109,7 @@ impl CudaDevice {
                 allocator,
                 blas: OnceLock::new(),
                 copies: OnceLock::new(),
-                pinned: PinnedPool::default(),
+                pinned,
                 syncs: std::sync::atomic::AtomicU64::new(0),
             }),
         })
@@ -174,14 +175,15 @@ impl CudaDevice {
 
     /// Pinned host memory held by offloaded buffers and cached for more.
     pub fn pinned_stats(&self) -> PinnedStats {
-        self.inner.pinned.stats()
+        let s = self.inner.pinned.stats();
+        PinnedStats { in_use: s.current, reserved: s.reserved }
     }
 
     /// Returns the allocator's cached blocks, device and pinned host, to the driver (for other processes, or before
     /// measuring).
     pub fn empty_cache(&self) -> Result<()> {
         self.inner.allocator.empty_cache()?;
-        self.inner.pinned.release_cached(self, self.inner.copies.get().map(|s| s.as_ref()))
+        self.inner.pinned.empty_cache()
     }
 
     /// (free, total) bytes of device memory, as the driver sees it.

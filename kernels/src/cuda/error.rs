@@ -62,11 +62,11 @@ pub enum Error {
 
     #[error(
         "pinned host memory: {requested} more could not be locked ({pinned} already pinned for offloaded \
-         activations): {source}. Lower the micro-batch size or the sequence length, or give a larger --memory-budget \
-         so that fewer layers are offloaded",
+         activations, none left cached). Lower the micro-batch size or the sequence length, or give a larger \
+         --memory-budget so that fewer layers are offloaded",
         requested = Bytes(*.requested), pinned = Bytes(*.pinned)
     )]
-    HostOutOfMemory { requested: usize, pinned: usize, source: DriverError },
+    HostOutOfMemory { requested: usize, pinned: usize },
 }
 
 impl Error {

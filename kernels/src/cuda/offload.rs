@@ -14,28 +14,56 @@
 //! - Pinned blocks are only ever read or written by the copy stream, so their reuse is ordered by that stream alone;
 //!   they go back to the driver only after it drains.
 //!
-//! Pinned memory is slow to obtain (`cuMemHostAlloc` maps and locks pages), so its blocks are cached by size class
-//! like device blocks.
+//! Pinned memory is slow to obtain (`cuMemHostAlloc` maps and locks pages), so its blocks come from the caching
+//! allocator too (`PinnedPool`: the same size classes and reuse as device blocks, over pinned host memory).
 
-use super::alloc::size_class;
+use super::alloc::{Backing, Block, CachingAllocator};
 use super::{CudaDevice, DeviceBuffer, DeviceCopy, Error, Result};
-use cudarc::driver::{result as driver, sys, CudaEvent, CudaStream};
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use cudarc::driver::{result as driver, sys, CudaContext, CudaEvent, CudaStream, DriverError};
+use std::sync::Arc;
 
-/// Page-locked host blocks of one device's copies, by size class.
-#[derive(Default)]
-pub(crate) struct PinnedPool {
-    state: Mutex<PinnedState>,
+/// Page-locked host blocks of one device's copies: the caching allocator's size classes and reuse over
+/// [`PinnedMemory`].
+pub(crate) type PinnedPool = CachingAllocator<PinnedMemory>;
+
+/// The pinned pool's backing: `cuMemHostAlloc` / `cuMemFreeHost` in the device's context.
+pub(crate) struct PinnedMemory {
+    pub(crate) ordinal: usize,
+    pub(crate) ctx: Arc<CudaContext>,
 }
 
-#[derive(Default)]
-struct PinnedState {
-    /// Cached blocks (host addresses) per size class.
-    free: BTreeMap<usize, Vec<usize>>,
-    /// Bytes of pinned memory held by live copies and by the cache.
-    in_use: usize,
-    reserved: usize,
+impl Backing for PinnedMemory {
+    fn alloc(&self, bytes: usize) -> Result<Option<u64>> {
+        self.ctx.bind_to_thread().map_err(Error::driver("cuCtxSetCurrent"))?;
+        // SAFETY: a plain page-locked allocation in the device's context; flags 0 (cacheable, not mapped): only DMA
+        // touches it, never a kernel.
+        match unsafe { driver::malloc_host(bytes, 0) } {
+            Ok(ptr) => Ok(Some(ptr as u64)),
+            Err(DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => Ok(None),
+            Err(e) => Err(Error::Driver { op: "cuMemHostAlloc", source: e }),
+        }
+    }
+
+    fn free(&self, ptr: u64) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(Error::driver("cuCtxSetCurrent"))?;
+        // SAFETY: `ptr` came from malloc_host above and is freed once (the allocator drops it from its lists), after
+        // `synchronize`, so no copy still reads or writes it.
+        unsafe { driver::free_host(ptr as *mut std::ffi::c_void) }.map_err(Error::driver("cuMemFreeHost"))
+    }
+
+    /// Drains the context, the copy stream (the only user of pinned blocks) included.
+    fn synchronize(&self) -> Result<()> {
+        self.ctx.synchronize().map_err(Error::driver("cuCtxSynchronize"))
+    }
+
+    /// Host memory has no driver figure; [`take`] reports running out as [`Error::HostOutOfMemory`] instead.
+    fn mem_info(&self) -> Result<(usize, usize)> {
+        Ok((0, 0))
+    }
+
+    fn ordinal(&self) -> usize {
+        self.ordinal
+    }
 }
 
 /// Bytes of pinned host memory a device's copies hold.
@@ -47,81 +75,33 @@ pub struct PinnedStats {
     pub reserved: usize,
 }
 
-impl PinnedPool {
-    fn take(&self, device: &CudaDevice, bytes: usize) -> Result<PinnedBlock> {
-        let size = size_class(bytes);
-        let mut state = self.lock();
-        let addr = match state.free.get_mut(&size).and_then(Vec::pop) {
-            Some(addr) => addr,
-            None => {
-                device.bind()?;
-                // SAFETY: a plain page-locked allocation in the device's context; flags 0 (cacheable, not mapped):
-                // only DMA touches it, never a kernel.
-                let ptr = unsafe { driver::malloc_host(size, 0) }.map_err(|e| Error::HostOutOfMemory {
-                    requested: size,
-                    pinned: state.reserved,
-                    source: e,
-                })?;
-                state.reserved += size;
-                ptr as usize
-            }
-        };
-        state.in_use += size;
-        Ok(PinnedBlock { addr, size, device: device.clone() })
-    }
-
-    fn give_back(&self, addr: usize, size: usize) {
-        let mut state = self.lock();
-        state.in_use -= size;
-        state.free.entry(size).or_default().push(addr);
-    }
-
-    pub(crate) fn stats(&self) -> PinnedStats {
-        let state = self.lock();
-        PinnedStats { in_use: state.in_use, reserved: state.reserved }
-    }
-
-    /// Returns every cached block to the driver, once `copies` (the only stream that touches them) has drained.
-    pub(crate) fn release_cached(&self, device: &CudaDevice, copies: Option<&CudaStream>) -> Result<()> {
-        let mut state = self.lock();
-        if state.free.values().all(Vec::is_empty) {
-            return Ok(());
-        }
-        if let Some(stream) = copies {
-            stream.synchronize().map_err(Error::driver("cuStreamSynchronize"))?;
-        }
-        device.bind()?;
-        while let Some((size, mut addrs)) = state.free.pop_first() {
-            while let Some(addr) = addrs.pop() {
-                // SAFETY: `addr` came from malloc_host above, is freed once (it left the lists), and the copy stream
-                // that alone used it has drained.
-                if let Err(e) = unsafe { driver::free_host(addr as *mut std::ffi::c_void) } {
-                    addrs.push(addr);
-                    state.free.insert(size, addrs);
-                    return Err(Error::Driver { op: "cuMemFreeHost", source: e });
-                }
-                state.reserved -= size;
-            }
-        }
-        Ok(())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, PinnedState> {
-        // Each update is a push, a pop or an addition after the fallible calls: a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+/// A pinned block of at least `bytes` (> 0) from `device`'s pool, back in it when dropped.
+fn take(device: &CudaDevice, bytes: usize) -> Result<PinnedBlock> {
+    let block = device.pinned_pool().allocate(bytes).map_err(|e| match e {
+        Error::OutOfMemory { requested, reserved, .. } => Error::HostOutOfMemory { requested, pinned: reserved },
+        e => e,
+    })?;
+    Ok(PinnedBlock { block: Some(block), device: device.clone() })
 }
 
 /// One pinned block, back in its device's pool when dropped.
 struct PinnedBlock {
-    addr: usize,
-    size: usize,
+    /// None once given back.
+    block: Option<Block>,
     device: CudaDevice,
+}
+
+impl PinnedBlock {
+    fn addr(&self) -> u64 {
+        self.block.as_ref().map_or(0, |b| b.ptr)
+    }
 }
 
 impl Drop for PinnedBlock {
     fn drop(&mut self) {
-        self.device.pinned_pool().give_back(self.addr, self.size);
+        if let Some(block) = self.block.take() {
+            self.device.pinned_pool().release(block);
+        }
     }
 }
 
@@ -147,7 +127,7 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
     pub fn copy_to_host(&self) -> Result<HostCopy> {
         let device = self.device().clone();
         let bytes = self.len() * size_of::<T>();
-        let block = device.pinned_pool().take(&device, bytes.max(1))?;
+        let block = take(&device, bytes.max(1))?;
         let copies = device.copy_stream()?;
         copies.join(device.stream()).map_err(Error::driver("cuStreamWaitEvent"))?;
         if bytes > 0 {
@@ -156,7 +136,7 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
             // until the compute stream has waited for `done` (HostCopy::fence, which the caller owes before dropping
             // it); the copy is queued after all compute work so far.
             unsafe {
-                sys::cuMemcpyDtoHAsync_v2(block.addr as *mut std::ffi::c_void, self.ptr(), bytes, copies.cu_stream())
+                sys::cuMemcpyDtoHAsync_v2(block.addr() as *mut std::ffi::c_void, self.ptr(), bytes, copies.cu_stream())
             }
             .result()
             .map_err(Error::driver("cuMemcpyDtoHAsync"))?;
@@ -195,7 +175,7 @@ impl HostCopy {
             unsafe {
                 sys::cuMemcpyHtoDAsync_v2(
                     buffer.ptr(),
-                    self.block.addr as *const std::ffi::c_void,
+                    self.block.addr() as *const std::ffi::c_void,
                     self.bytes,
                     copies.cu_stream(),
                 )
