@@ -130,8 +130,8 @@ pub fn add_rms_norm_backward(
     need_dw: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     same_shape("add_rms_norm_backward", h, dh)?;
+    let (_, dim) = backward_shapes("add_rms_norm_backward", h, weight, rstd, dy)?;
     if let Some(g) = Gpu::of("add_rms_norm_backward", &[h, weight, rstd, dy, dh])? {
-        let (_, dim) = backward_shapes("add_rms_norm_backward", h, weight, rstd, dy)?;
         return with_gpu!(g, |T| {
             let (hi, w, dyi, dhi) = (g.input(h)?, g.input(weight)?, g.input(dy)?, g.input(dh)?);
             let r = g.input_as(rstd, DType::F32)?;
@@ -142,9 +142,13 @@ pub fn add_rms_norm_backward(
             Ok((output(dx, h.shape()), dw.map(|dw| output(dw, &[dim]))))
         });
     }
-    // The CPU twin of the fused backward is the norm's backward then the add, in the fused kernel's order.
-    let (dnorm, dw) = rms_norm_backward(h, weight, rstd, dy, offset, need_dw)?;
-    Ok((super::elementwise::add(dh, &dnorm)?, dw))
+    with_compute!("add_rms_norm_backward", [h, weight, rstd, dy, dh], |T| {
+        let (mut dx, mut dw) = (vec![T::default(); h.elem_count()], need_dw.then(|| vec![T::default(); dim]));
+        let (hv, wv, rv, dyv, dhv) =
+            (h.values::<T>(), weight.values::<T>(), rstd.values::<T>(), dy.values::<T>(), dh.values::<T>());
+        rms::add_rms_norm_backward(&hv, &wv, &rv, &dyv, &dhv, dim, offset as T, &mut dx, dw.as_deref_mut());
+        Ok((tensor(dx, h.shape()), dw.map(|dw| tensor(dw, &[dim]))))
+    })
 }
 
 /// [`add_rms_norm`] for a tape: (h, y), and a backward for x, the residual (both get dx) and the weight as `needs`
