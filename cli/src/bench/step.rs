@@ -374,7 +374,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     if args.json {
         println!("{report}");
     } else {
-        print_report(args, &subject, &config, placement, &report, step_ms, profile.as_ref());
+        print_report(args, &subject, &config, placement, &report, step_ms, profile.as_ref())?;
     }
     Ok(())
 }
@@ -412,7 +412,7 @@ fn print_report(
     r: &Value,
     step: Summary,
     profile: Option<&(f64, Vec<RegionTime>)>,
-) {
+) -> Result<()> {
     println!(
         "bench {}: {} layers, hidden {}, vocab {}, {:.2}B linear parameters ({}); {} trainable ({}); \
          on {}",
@@ -454,12 +454,8 @@ fn print_report(
         r["estimate_gib"].as_f64().unwrap_or(0.0),
         r["loss"]
     );
-    if let Some(split) = r["peak_by_category_gib"].as_object() {
-        let parts: Vec<String> = split
-            .iter()
-            .filter_map(|(name, g)| g.as_f64().filter(|&g| g > 0.0).map(|g| format!("{name} {g:.2}")))
-            .collect();
-        println!("at the peak: {} GiB", parts.join(", "));
+    if let Some(split) = memory::describe_peak(placement.0)? {
+        println!("device memory {split}");
     }
     if let Some((total, rows)) = profile {
         let attributed: f64 = rows.iter().map(|r| r.ms).sum();
@@ -478,6 +474,7 @@ fn print_report(
             100.0 * rest / total.max(1e-9)
         );
     }
+    Ok(())
 }
 
 fn gib(bytes: usize) -> f64 {
