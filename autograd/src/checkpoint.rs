@@ -56,7 +56,7 @@ where
     F: Fn(&Tape, &[Var]) -> Result<Vec<Var>> + 'static,
 {
     backward_fn("checkpoint", kept.device_bytes(), move |grads| {
-        let tape = Tape::with_saved_bytes(saved);
+        let tape = Tape::for_recompute(saved);
         let vars: Vec<Var> = kept
             .take()?
             .into_iter()

@@ -25,6 +25,7 @@ mod merge;
 mod scratch;
 
 use dora::weight_norm;
+use group::Value;
 pub use merge::{merged_weight, unmerged_weight};
 
 /// How A starts (B always starts at zero, so a fresh adapter is a no-op). peft's `init_lora_weights`.
@@ -272,11 +273,30 @@ impl Tape {
         adapter: Option<&LoraAdapter>,
         dropout_seed: u64,
     ) -> Result<Var> {
-        let projection = LoraProjection { base, bias, adapter, dropout_seed };
-        validate(x, &projection)?;
-        match adapter {
-            Some(ad) if ad.config.use_dora => self.dora_linear(x, base, bias, ad, dropout_seed),
-            _ => Ok(self.lora_group(x, &[projection])?.remove(0)),
+        self.adapted_linear(LoraProjection { base, bias, adapter, dropout_seed }, x, Value::Computed)
+    }
+
+    /// [`Tape::lora_linear`] recorded for its gradients alone: the value is zeros of the output's shape, and the
+    /// base product, the adapter's B product and the bias are skipped (a third of a Llama MLP's GEMM work, for
+    /// down_proj). Only for an output nothing reads but gradient-only ops on the way to a checkpoint recompute's
+    /// result ([`Tape::recomputing`]): its gradients are [`Tape::lora_linear`]'s, bit for bit, because no LoRA
+    /// backward reads the output. DoRA's backward does (its magnitude gradient), so a DoRA adapter computes it.
+    pub fn lora_linear_unread(
+        &self,
+        x: &Var,
+        base: &BaseWeight,
+        bias: Option<&Var>,
+        adapter: Option<&LoraAdapter>,
+        dropout_seed: u64,
+    ) -> Result<Var> {
+        self.adapted_linear(LoraProjection { base, bias, adapter, dropout_seed }, x, Value::Unread)
+    }
+
+    fn adapted_linear(&self, p: LoraProjection, x: &Var, value: Value) -> Result<Var> {
+        validate(x, &p)?;
+        match p.adapter {
+            Some(ad) if ad.config.use_dora => self.dora_linear(x, p.base, p.bias, ad, p.dropout_seed),
+            _ => Ok(self.lora_group(x, &[p], value)?.remove(0)),
         }
     }
 }

@@ -129,6 +129,8 @@ pub struct Tape {
     /// produce any gradient.
     trainable_seen: Cell<bool>,
     saved: Arc<SavedBytes>,
+    /// A checkpoint's recompute tape: [`Tape::recomputing`].
+    recomputing: bool,
 }
 
 impl Default for Tape {
@@ -139,17 +141,31 @@ impl Default for Tape {
 
 impl Tape {
     pub fn new() -> Self {
-        Self::with_saved_bytes(Arc::new(SavedBytes::default()))
+        Self::with_saved_bytes(Arc::new(SavedBytes::default()), false)
     }
 
-    pub(crate) fn with_saved_bytes(saved: Arc<SavedBytes>) -> Self {
+    fn with_saved_bytes(saved: Arc<SavedBytes>, recomputing: bool) -> Self {
         Tape {
             nodes: RefCell::new(Vec::new()),
             next_id: Cell::new(0),
             recording: Cell::new(true),
             trainable_seen: Cell::new(false),
             saved,
+            recomputing,
         }
+    }
+
+    /// The tape a checkpoint scope's backward recomputes its closure on, sharing the outer tape's saved bytes.
+    pub(crate) fn for_recompute(saved: Arc<SavedBytes>) -> Self {
+        Self::with_saved_bytes(saved, true)
+    }
+
+    /// Whether this tape is a checkpoint scope's recompute (`Tape::checkpoint`), run inside backward: the scope's
+    /// outputs are then read only as the places its output gradients enter, never for their values. A closure may
+    /// skip computing a value that reaches its outputs only through ops whose backward reads no values (add,
+    /// concatenation), recording it with [`Tape::lora_linear_unread`].
+    pub fn recomputing(&self) -> bool {
+        self.recomputing
     }
 
     /// Activation memory held for backward.

@@ -36,9 +36,14 @@ impl CausalLm {
         }
         let before: Vec<usize> = (0..new.len()).map(|s| cache.seq_len(s)).collect();
         let (mut ids, mut positions, mut cu) = (Vec::new(), Vec::new(), vec![0i32]);
+        // Checked here, before anything runs: a GPU's embedding kernel would only mark the row with NaN.
+        let vocab = self.embed_tokens.value().shape()[0];
         for (s, tokens) in new.iter().enumerate() {
             for (i, &id) in tokens.iter().enumerate() {
-                ids.push(i32::try_from(id).map_err(|_| invalid(format!("token id {id} is out of range")))?);
+                if id as usize >= vocab {
+                    return Err(invalid(format!("token id {id} is out of range for a vocabulary of {vocab}")));
+                }
+                ids.push(id as i32);
                 positions.push((before[s] + i) as i32);
             }
             cu.push(ids.len() as i32);

@@ -59,6 +59,12 @@ impl Projection {
         t.lora_linear(x, &self.base, bias.as_ref(), self.adapter.as_ref(), dropout_seed)
     }
 
+    /// [`Projection::forward`] for an output only gradients read: [`Tape::lora_linear_unread`].
+    fn forward_unread(&self, t: &Tape, x: &Var, dropout_seed: u64) -> qlora_runtime::Result<Var> {
+        let bias = self.bias.as_ref().map(|b| t.param(b));
+        t.lora_linear_unread(x, &self.base, bias.as_ref(), self.adapter.as_ref(), dropout_seed)
+    }
+
     /// Projections reading the same input (q/k/v, gate/up) as one op, so that their adapters share one x·Aᵀ GEMM
     /// and backward one dx: [`Projection::forward`] of each (projection, dropout seed), in order.
     fn forward_group<const N: usize>(
@@ -646,7 +652,15 @@ fn mlp_forward(
         Activation::Silu => Glu::SwiGlu,
         Activation::GeluTanh => Glu::GeGlu,
     };
-    let m = l.mlp.down_proj.forward(t, &t.glu(glu, &gate, &up)?, seed(6))?;
+    let (down, act) = (&l.mlp.down_proj, t.glu(glu, &gate, &up)?);
+    // Recomputed for backward, the MLP's result reaches the checkpoint's output (a layer's or an MLP block's) only
+    // through adds and the blocks' concatenation, which read no values: down_proj records its gradients and skips
+    // its products, a third of the MLP's GEMMs. Gemma 2/3 normalize it first, and the norm's backward reads it.
+    let m = if t.recomputing() && l.post_feedforward_layernorm.is_none() {
+        down.forward_unread(t, &act, seed(6))?
+    } else {
+        down.forward(t, &act, seed(6))?
+    };
     match &l.post_feedforward_layernorm {
         Some(n) => t.rms_norm(&m, &t.param(n), c.rms_norm_eps, norm_offset(c.family)),
         None => Ok(m),

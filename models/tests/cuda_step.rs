@@ -6,11 +6,12 @@
 //! - CUDA f32: [`F32_NORMWISE`] = 1e-4. The same f32 arithmetic in another summation order (cuBLASLt, block
 //!   reductions, flash attention's online softmax) moves results by a few ulps per op; 1e-4 leaves two orders of
 //!   magnitude above f32's 6e-8 unit roundoff for the ~30 ops between loss and a gradient, and is far below any bug.
-//! - CUDA bf16: [`BF16_NORMWISE`] = 2e-2. bf16 keeps 8 significant bits (unit roundoff 2^-9 ≈ 2e-3); every activation
-//!   and the dequantized weights are rounded once per op, so a gradient carries a sum of ~20–40 independent
-//!   roundings of relative size ≤ 2e-3, about √30·2e-3 ≈ 1e-2 at one standard deviation of the random walk; 2e-2
-//!   allows that with margin while still catching a wrong scale, sign or missing term (errors of order 1).
-//!   The loss (mean cross-entropy reduced in f32 from bf16 logits) gets the same bound.
+//! - CUDA bf16: [`BF16_NORMWISE`] = 2e-2. bf16 keeps 8 significant bits (unit roundoff 2^-9 ≈ 2e-3); every
+//!   activation and the dequantized weights are rounded once per op, so a gradient carries a sum of ~20–40
+//!   independent roundings of relative size ≤ 2e-3, about √30·2e-3 ≈ 1e-2 at one standard deviation of the random
+//!   walk; 2e-2 allows that with margin while still catching a wrong scale, sign or missing term (errors of order
+//!   1). The loss (mean cross-entropy reduced in f32 from bf16 logits) gets the same bound; DoRA's magnitude
+//!   gradients get [`BF16_MAGNITUDE_NORMWISE`].
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
 //! QLORA_REQUIRE_GPU=1. The fixture is found through CARGO_MANIFEST_DIR, or QLORA_FIXTURES (the `tests/fixtures`
@@ -26,6 +27,11 @@ use std::path::PathBuf;
 
 const F32_NORMWISE: f64 = 1e-4;
 const BF16_NORMWISE: f64 = 2e-2;
+/// DoRA's magnitude gradients in bf16: dm = Σ_tokens(dy ⊙ h) / n is a dot product over tokens whose terms cancel
+/// (dm is ~1/√tokens of the terms' size for random signs, √29 ≈ 5 here), so each term's bf16 rounding weighs more
+/// against the result than in A's and B's gradients. Measured on the H200: 2.2e-2 at most; errors of order 1 still
+/// fail.
+const BF16_MAGNITUDE_NORMWISE: f64 = 4e-2;
 const CUDA: Device = Device::Cuda(0);
 
 fn llama_dir() -> PathBuf {
@@ -167,7 +173,9 @@ fn step_matches_cpu(test: &str, use_dora: bool) {
         println!("loss {dtype:?}: {loss:.7} (relative error {loss_rel:.3e}, bound {bound:.0e})");
         assert!(*loss_rel <= *bound, "{dtype:?} loss {loss} vs CPU {cpu_loss}: relative error {loss_rel:.3e}");
         for (group, _, rel) in rows {
-            assert!(*rel <= *bound, "{dtype:?} {group}: normwise error {rel:.3e} > {bound:.0e}");
+            let bound =
+                if *dtype == DType::BF16 && group.ends_with(".magnitude") { BF16_MAGNITUDE_NORMWISE } else { *bound };
+            assert!(*rel <= bound, "{dtype:?} {group}: normwise error {rel:.3e} > {bound:.0e}");
         }
     }
 }
@@ -224,6 +232,27 @@ fn offloaded_checkpoints_train_the_same_bits() {
     let pinned = qlora_runtime::cuda_device(0).unwrap().pinned_stats();
     assert!(pinned.reserved > 0, "the layer inputs went through pinned memory");
     println!("qlora-gpu: {test}: bit-identical in f32 and bf16 on {name}");
+}
+
+/// A recomputed layer records down_proj for its gradients alone (its value reaches the checkpoint's output only
+/// through the residual add): checkpointing still trains the same bits as keeping every activation, for LoRA and for
+/// DoRA (whose magnitude gradient reads the value, so it is computed), with the MLP whole and in blocks of 4 tokens.
+/// On the CPU in f32; on CUDA the attention backward's dQ atomics reorder sums from run to run.
+#[test]
+fn checkpointing_trains_the_same_bits_as_keeping_activations() {
+    for use_dora in [false, true] {
+        let model = adapted_model(use_dora);
+        let batch = batch(model.config.vocab_size);
+        for chunk in [None, Some(4)] {
+            let run = |checkpointing: bool| {
+                let mut m = model.to_device(Device::Cpu, DType::F32).unwrap();
+                m.gradient_checkpointing = checkpointing;
+                m.mlp_chunk_tokens = chunk;
+                step(&m, &batch)
+            };
+            assert!(run(true) == run(false), "DoRA {use_dora}, MLP blocks {chunk:?}: checkpointing changed a bit");
+        }
+    }
 }
 
 /// Offloading takes the layer inputs off the GPU: the allocator's peak drops by all but the two inputs that are on the

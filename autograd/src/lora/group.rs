@@ -42,11 +42,12 @@ impl Tape {
                 .map(|p| self.lora_linear(x, p.base, p.bias, p.adapter, p.dropout_seed))
                 .collect();
         }
-        self.lora_group(x, projections)
+        self.lora_group(x, projections, Value::Computed)
     }
 
-    /// [`Tape::lora_linear_group`] after validation, without DoRA.
-    pub(super) fn lora_group(&self, x: &Var, projections: &[LoraProjection]) -> Result<Vec<Var>> {
+    /// [`Tape::lora_linear_group`] after validation, without DoRA; with [`Value::Unread`] the outputs are zeros and
+    /// only what backward reads is computed.
+    pub(super) fn lora_group(&self, x: &Var, projections: &[LoraProjection], value: Value) -> Result<Vec<Var>> {
         let bound: Vec<Option<(Var, Var)>> =
             projections.iter().map(|p| p.adapter.map(|ad| (self.param(&ad.lora_a), self.param(&ad.lora_b)))).collect();
         let mut operands = vec![x.value()];
@@ -108,6 +109,12 @@ impl Tape {
 
         let mut outputs = Vec::with_capacity(projections.len());
         for ((proj, member), b) in projections.iter().zip(&members).zip(&bs) {
+            let mut shape = x.shape().to_vec();
+            *shape.last_mut().expect("validated: x has an input dimension") = member.out_f;
+            if value == Value::Unread {
+                outputs.push(Tensor::zeros_on(&shape, p, x2.device())?);
+                continue;
+            }
             let mut y = base_product(proj.base, &x2, p)?;
             if let (Some(ad), Some(b)) = (&member.adapter, b) {
                 let u = us[ad.lane].narrow(1, ad.col, ad.r)?;
@@ -116,8 +123,6 @@ impl Tape {
             if let Some(bias) = proj.bias {
                 y = add_bias(&y, bias.value())?;
             }
-            let mut shape = x.shape().to_vec();
-            *shape.last_mut().expect("validated: x has an input dimension") = member.out_f;
             outputs.push(y.reshape(&shape)?);
         }
         let op = LoraGroup {
@@ -138,6 +143,14 @@ impl Tape {
         }
         Ok(self.record(Box::new(op), &inputs, outputs))
     }
+}
+
+/// Whether a LoRA op computes its output or only records what its backward reads (whose backward reads no output).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Value {
+    Computed,
+    /// Zeros stand in for the output: [`Tape::lora_linear_unread`].
+    Unread,
 }
 
 /// The adapter of projection `i`, which the caller knows to have one.

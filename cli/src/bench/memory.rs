@@ -373,12 +373,12 @@ pub fn describe_peak(device: Device) -> anyhow::Result<Option<String>> {
     Ok(Some(format!("{:.2} GiB at the peak: {} GiB", stats.peak as f64 / GIB, parts.join(", "))))
 }
 
-/// The split of the allocator's peak by category, in GiB, for JSON reports (None on the CPU).
+/// The split of the allocator's peak by category, in GiB to the KiB, for JSON reports (None on the CPU).
 pub fn peak_split_gib(device: Device) -> anyhow::Result<Option<serde_json::Value>> {
     let Device::Cuda(ordinal) = device else { return Ok(None) };
     let stats = qlora_runtime::cuda_device(ordinal)?.memory_stats();
     let split = MemoryStats::by(&stats.at_peak)
-        .map(|(c, b)| (c.name().to_string(), ((b as f64 / GIB * 1e3).round() / 1e3).into()));
+        .map(|(c, b)| (c.name().to_string(), ((b as f64 / GIB * 1e6).round() / 1e6).into()));
     Ok(Some(serde_json::Value::Object(split.collect())))
 }
 

@@ -477,8 +477,9 @@ fn print_report(
     Ok(())
 }
 
+/// GiB to the KiB (6 decimals), so that a small model's parts read as nonzero in the JSON; the text rounds further.
 fn gib(bytes: usize) -> f64 {
-    round(bytes as f64 / (1u64 << 30) as f64, 2)
+    round(bytes as f64 / (1u64 << 30) as f64, 6)
 }
 
 fn round(x: f64, digits: i32) -> f64 {
