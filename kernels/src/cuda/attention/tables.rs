@@ -33,7 +33,7 @@ pub fn flash_kernels(target: Target, path: FlashPath, head_dim: usize, half: Hal
     let portable = Flash::for_head_dim(head_dim);
     let fastest = path == FlashPath::Fastest;
     match FLASH_SM90.iter().find(|f| fastest && f.module.compiles_for(target) && f.serves(head_dim)) {
-        Some(f) => [f.forward_kernel(half), f.backward_kernel(half).unwrap_or_else(|| portable.backward_kernel(half))],
+        Some(f) => [f.forward_kernel(half), f.backward_kernel(half)],
         None => [portable.forward_kernel(half), portable.backward_kernel(half)],
     }
 }
@@ -116,26 +116,26 @@ static FLASH: [Flash; 6] = [
 /// flash_attention_sm90.cuh's two templates lays it out.
 #[derive(Clone, Copy, Debug)]
 enum Sm90Forward {
-    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 48>`: NWG consumer warpgroups fed by one producer warpgroup
-    /// that keeps 48 registers; shared memory `Sm90ForwardWsSmem` (Q, two K and two V stages, 1 KB of alignment
-    /// slack, the mbarriers).
-    WarpSpecialized { bn: usize, nwg: usize, ping_pong: bool },
-    /// `flash_forward_sm90<T, D, BN, NWG, OVERLAP>`: every thread loads; shared memory `Sm90ForwardSmem` (the same
-    /// tiles, no mbarriers).
-    AllLoad { bn: usize, nwg: usize, overlap: bool },
+    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 48, LAZY>`: NWG consumer warpgroups fed by one producer
+    /// warpgroup that keeps 48 registers; shared memory `Sm90ForwardWsSmem` (Q, two K and two V stages, 1 KB of
+    /// alignment slack, the mbarriers). LAZY rescales O only when a row's max grows by more than 2^8.
+    WarpSpecialized { bn: usize, nwg: usize, ping_pong: bool, lazy: bool },
+    /// `flash_forward_sm90<T, D, BN, NWG, OVERLAP, LAZY>`: every thread loads; shared memory `Sm90ForwardSmem` (the
+    /// same tiles, no mbarriers).
+    AllLoad { bn: usize, nwg: usize, overlap: bool, lazy: bool },
 }
 
 impl Sm90Forward {
     /// (the template call the .cu writes, `{T}` standing for the element type; threads; shared memory) at head_dim `d`.
     fn shape(self, d: usize) -> (String, usize, usize) {
         match self {
-            Sm90Forward::WarpSpecialized { bn, nwg, ping_pong } => (
-                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 48>"),
+            Sm90Forward::WarpSpecialized { bn, nwg, ping_pong, lazy } => (
+                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 48, {lazy}>"),
                 128 * (nwg + 1),
                 (64 * nwg + 4 * bn) * d * 2 + 1024 + 128,
             ),
-            Sm90Forward::AllLoad { bn, nwg, overlap } => (
-                format!("flash_forward_sm90<{{T}}, {d}, {bn}, {nwg}, {overlap}>"),
+            Sm90Forward::AllLoad { bn, nwg, overlap, lazy } => (
+                format!("flash_forward_sm90<{{T}}, {d}, {bn}, {nwg}, {overlap}, {lazy}>"),
                 128 * nwg,
                 (64 * nwg + 4 * bn) * d * 2 + 1024,
             ),
@@ -149,6 +149,36 @@ impl Sm90Forward {
     }
 }
 
+/// A Hopper backward's block, as one of flash_attention_sm90_backward.cuh's two templates lays it out.
+#[derive(Clone, Copy, Debug)]
+enum Sm90Backward {
+    /// `flash_backward_sm90<T, D, NWG, OVERLAP>`: NWG warpgroups of 64 keys each; shared memory `Sm90BackwardSmem`
+    /// (K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse and delta, 1 KB of
+    /// alignment slack).
+    Pairs { nwg: usize, overlap: bool },
+    /// `flash_backward_sm90_split<T, D>`: two warpgroups sharing 64 keys (dK and dV of D = 256 do not fit one);
+    /// shared memory `Sm90BackwardSplitSmem` (Pᵀ as well as dSᵀ [64][64]).
+    Split,
+}
+
+impl Sm90Backward {
+    /// (the template call the .cu writes, `{T}` standing for the element type; keys per block; threads; shared
+    /// memory) at head_dim `d`.
+    fn shape(self, d: usize) -> (String, usize, usize, usize) {
+        match self {
+            Sm90Backward::Pairs { nwg, overlap } => {
+                let bn = 64 * nwg;
+                let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + 1024;
+                (format!("flash_backward_sm90<{{T}}, {d}, {nwg}, {overlap}>"), bn, 128 * nwg, smem)
+            }
+            Sm90Backward::Split => {
+                let smem = 2 * 64 * d * 2 + 4 * 64 * d * 2 + 2 * 64 * 64 * 2 + 4 * 64 * 4 + 1024;
+                (format!("flash_backward_sm90_split<{{T}}, {d}>"), 64, 256, smem)
+            }
+        }
+    }
+}
+
 /// The wgmma kernels of one padded head_dim (`kernels/cuda/flash_attention_sm90_d<D>.cu`, sm_90a only).
 struct FlashSm90 {
     d: usize,
@@ -158,9 +188,8 @@ struct FlashSm90 {
     module: Module,
     forward: [&'static str; 2],
     fwd: Sm90Forward,
-    /// The entry points of `flash_backward_sm90<T, D, NWG>` and NWG (warpgroups of 64 keys each); None where the
-    /// mma.sync backward of `FLASH` serves this head_dim.
-    backward: Option<([&'static str; 2], usize)>,
+    backward: [&'static str; 2],
+    bwd: Sm90Backward,
 }
 
 impl FlashSm90 {
@@ -174,53 +203,43 @@ impl FlashSm90 {
         FlashKernel { module: self.module, name, rows: self.fwd.rows(), threads, smem }
     }
 
-    /// `Sm90BackwardSmem<D, NWG>`: K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse
-    /// and delta, 1 KB of alignment slack.
-    fn backward_kernel(&self, half: Half) -> Option<FlashKernel> {
-        let (names, nwg) = self.backward?;
-        let (d, bn) = (self.d, 64 * nwg);
-        let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + 1024;
-        Some(FlashKernel {
-            module: self.module,
-            name: half.pick(names[0], names[1]),
-            rows: bn,
-            threads: 128 * nwg,
-            smem,
-        })
+    fn backward_kernel(&self, half: Half) -> FlashKernel {
+        let (_, rows, threads, smem) = self.bwd.shape(self.d);
+        let name = half.pick(self.backward[0], self.backward[1]);
+        FlashKernel { module: self.module, name, rows, threads, smem }
     }
 }
 
-/// A `FLASH_SM90` entry: `flash_attention_sm90_d<D>.cu`'s entry points `flash_forward_sm90_d<D>_{bf16,f16}` and,
-/// with `bwd NWG`, `flash_backward_sm90_d<D>_{bf16,f16}`; the forward's layout as its template is instantiated.
+/// A `FLASH_SM90` entry: `flash_attention_sm90_d<D>.cu`'s entry points `flash_{forward,backward}_sm90_d<D>_{bf16,f16}`
+/// with their layouts as the templates are instantiated.
 macro_rules! sm90 {
-    ($d:literal, $module:ident, from $min:literal, fwd $fwd:expr, bwd $nwg:literal) => {
-        FlashSm90 {
-            backward: Some((
-                [concat!("flash_backward_sm90_d", $d, "_bf16"), concat!("flash_backward_sm90_d", $d, "_f16")],
-                $nwg,
-            )),
-            ..sm90!($d, $module, from $min, fwd $fwd, bwd none)
-        }
-    };
-    ($d:literal, $module:ident, from $min:literal, fwd $fwd:expr, bwd none) => {
+    ($d:literal, $module:ident, from $min:literal, fwd $fwd:expr, bwd $bwd:expr) => {
         FlashSm90 {
             d: $d,
             min_head_dim: $min,
             module: Module::$module,
             forward: [concat!("flash_forward_sm90_d", $d, "_bf16"), concat!("flash_forward_sm90_d", $d, "_f16")],
             fwd: $fwd,
-            backward: None,
+            backward: [concat!("flash_backward_sm90_d", $d, "_bf16"), concat!("flash_backward_sm90_d", $d, "_f16")],
+            bwd: $bwd,
         }
     };
 }
 
 /// The Hopper kernels (variants measured on the H200 in `scripts/flash/variants.py`; kernels/NOTES.md has the
 /// numbers): the warp-specialized ping-pong forward with 128-key tiles at 64 and 128, the all-load forward without
-/// overlap at 256; the wgmma backward at 64 and 128 (at 256 its dK and dV would not fit the registers).
+/// overlap at 256, each rescaling O lazily; the backward with one warpgroup per 64 keys at 64 and 128 (overlapped at
+/// 128, where it measured faster) and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
 static FLASH_SM90: [FlashSm90; 3] = [
-    sm90!(64, FlashSm90D64, from 33, fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true }, bwd 2),
-    sm90!(128, FlashSm90D128, from 97, fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true }, bwd 2),
-    sm90!(256, FlashSm90D256, from 129, fwd Sm90Forward::AllLoad { bn: 64, nwg: 2, overlap: false }, bwd none),
+    sm90!(64, FlashSm90D64, from 33,
+        fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true },
+        bwd Sm90Backward::Pairs { nwg: 2, overlap: false }),
+    sm90!(128, FlashSm90D128, from 97,
+        fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true },
+        bwd Sm90Backward::Pairs { nwg: 2, overlap: true }),
+    sm90!(256, FlashSm90D256, from 129,
+        fwd Sm90Forward::AllLoad { bn: 64, nwg: 2, overlap: false, lazy: true },
+        bwd Sm90Backward::Split),
 ];
 
 #[cfg(test)]
@@ -261,13 +280,10 @@ mod tests {
     fn flash_sm90_table_matches_the_sources() {
         for f in &FLASH_SM90 {
             assert_eq!(f.module.arch_specific_only(), Some(90), "{}", f.module.name());
-            let (forward, _, _) = f.fwd.shape(f.d);
-            let backward = f.backward.map(|(_, nwg)| format!("flash_backward_sm90<{{T}}, {}, {nwg}>", f.d));
+            let ((forward, _, _), (backward, ..)) = (f.fwd.shape(f.d), f.bwd.shape(f.d));
             for half in [Half::Bf16, Half::F16] {
                 let ty = half.pick("bf16", "f16");
-                let kernels =
-                    [Some((f.forward_kernel(half), &forward)), f.backward_kernel(half).zip(backward.as_ref())];
-                for (k, template) in kernels.into_iter().flatten() {
+                for (k, template) in [(f.forward_kernel(half), &forward), (f.backward_kernel(half), &backward)] {
                     let line = entry_line(f.module, k.name);
                     let call = template.replace("{T}", ty);
                     assert!(line.contains(&call), "{}: expected {call} in {line}", k.name);
@@ -275,8 +291,7 @@ mod tests {
                     assert!(k.smem <= 227 * 1024, "{}: shared memory", k.name);
                 }
             }
-            let entries = f.module.entry_points().len();
-            assert_eq!(entries, if f.backward.is_some() { 4 } else { 2 }, "{}: entry points", f.module.name());
+            assert_eq!(f.module.entry_points().len(), 4, "{}: entry points", f.module.name());
         }
     }
 
@@ -298,7 +313,7 @@ mod tests {
             (SM_90A, FlashPath::Fastest, 64, ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]),
             (SM_90A, FlashPath::Fastest, 40, ["flash_forward_sm90_d64_bf16", "flash_backward_sm90_d64_bf16"]),
             (SM_90A, FlashPath::Fastest, 100, ["flash_forward_sm90_d128_bf16", "flash_backward_sm90_d128_bf16"]),
-            (SM_90A, FlashPath::Fastest, 256, ["flash_forward_sm90_d256_bf16", "flash_backward_d256_bf16"]),
+            (SM_90A, FlashPath::Fastest, 256, ["flash_forward_sm90_d256_bf16", "flash_backward_sm90_d256_bf16"]),
             (SM_90A, FlashPath::Fastest, 32, ["flash_forward_d32_bf16", "flash_backward_d32_bf16"]),
             (SM_90A, FlashPath::Fastest, 72, ["flash_forward_d80_bf16", "flash_backward_d80_bf16"]),
             (SM_90A, FlashPath::Portable, 64, ["flash_forward_d64_bf16", "flash_backward_d64_bf16"]),
@@ -315,7 +330,7 @@ mod tests {
             {
                 let wgmma = target == SM_90A && path == FlashPath::Fastest && hd > 32 && (hd <= 64 || hd > 96);
                 let [fwd, bwd] = flash_kernels(target, path, hd, Half::Bf16);
-                for (k, sm90) in [(fwd, wgmma), (bwd, wgmma && hd <= 128)] {
+                for (k, sm90) in [(fwd, wgmma), (bwd, wgmma)] {
                     assert!(k.module.compiles_for(target), "{hd}: {} on {target}", k.name);
                     assert_eq!(k.module.arch_specific_only().is_some(), sm90, "{hd}: {} on {target}", k.name);
                 }
