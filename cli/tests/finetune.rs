@@ -315,18 +315,6 @@ fn toml_config_is_honoured_and_flags_override_it() {
     assert!(e.contains("run.toml") && e.contains("\"learning_rate\""), "{e}");
 }
 
-/// DoRA has no CUDA path yet: asked for on a GPU it is one clear error, whether or not there is a GPU.
-#[test]
-fn dora_on_cuda_is_refused_clearly() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = good_data(dir.path());
-    let mut a = args(s(&data), "unused", "1");
-    a.extend(["--dora", "--device", "cuda"]);
-    let run = qlora_rt(&a);
-    assert_eq!(run.status.code(), Some(1));
-    assert!(error_line(&run).contains("--dora with --device cuda"), "{}", stderr(&run));
-}
-
 /// Where there is a GPU, `--device cuda` trains (cli/tests/cuda_finetune.rs checks that).
 #[test]
 fn cuda_without_a_gpu_is_one_clear_error() {

@@ -13,8 +13,8 @@ use super::stats::{summarize, Summary};
 use crate::adapter_args::AdapterArgs;
 use crate::device::{self, DeviceArg};
 use crate::eval::DtypeArg;
+use crate::finetune::attach_adapters;
 use crate::finetune::step::{optimizer_step, Phase, Phases, StepConfig};
-use crate::finetune::{attach_adapters, training_device};
 use anyhow::{bail, ensure, Context, Result};
 use qlora_models::synthetic;
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
@@ -235,8 +235,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
         args.seq,
         config.max_position_embeddings
     );
-    let placement @ (device, dtype) =
-        device::pick(training_device(args.adapter.dora, args.device)?, args.dtype.dtype(), "benchmarking")?;
+    let placement @ (device, dtype) = device::pick(args.device, args.dtype.dtype(), "benchmarking")?;
     let format = args.adapter.base_format();
     let setup = Setup {
         config: &config,

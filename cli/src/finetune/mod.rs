@@ -478,23 +478,6 @@ fn plot_subtitle(args: &FinetuneArgs, schedule: &Schedule) -> String {
     )
 }
 
-/// Where `--device` trains: DoRA's per-row weight norms and scalings are host loops so far, so `auto` trains it on
-/// the CPU and `cuda` refuses it.
-pub(crate) fn training_device(dora: bool, device: DeviceArg) -> Result<DeviceArg> {
-    Ok(match (dora, device) {
-        // The library runs DoRA on CUDA (its kernels are `dora.cu`); the command waits for their first run of the
-        // GPU parity suite before it trains with them.
-        (true, DeviceArg::Cuda) => {
-            bail!("--dora with --device cuda: DoRA's CUDA kernels have not passed the GPU parity suite yet; use --device cpu")
-        }
-        (true, DeviceArg::Auto) => {
-            eprintln!("qlora-rt: note: DoRA's CUDA kernels have not passed the GPU parity suite yet; training on CPU");
-            DeviceArg::Cpu
-        }
-        (_, device) => device,
-    })
-}
-
 /// What every rank shares: the settings derived from the flags, the data and the schedule.
 struct Run<'a> {
     args: &'a FinetuneArgs,
@@ -513,7 +496,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     let targets = args.adapter.targets()?;
     let launch = qlora_runtime::dist::launch::Launch::from_env()?;
     let (ranks, device) = parallel::world(args.gpus, args.ranks, args.device, launch.as_ref())?;
-    let placement = crate::device::pick(training_device(args.adapter.dora, device)?, args.dtype.dtype(), "training")?;
+    let placement = crate::device::pick(device, args.dtype.dtype(), "training")?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
 
