@@ -11,7 +11,7 @@
 use crate::tape::{Backward, SavedBytes, Tape, Var};
 use qlora_runtime::offload::Offloaded;
 use qlora_runtime::op::{backward_fn, bytes};
-use qlora_runtime::{Error, Result, Tensor};
+use qlora_runtime::{DType, Device, Error, Result, Tensor};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -112,6 +112,28 @@ impl Tape {
             h.release()?;
         }
         Ok((outs, handles))
+    }
+
+    /// [`Tape::checkpoint`] of a scope inside a recompute ([`Tape::recomputing`]) whose outputs nothing reads but
+    /// ops whose backward reads no values (adds, concatenation) on the way to the recompute's result: `f` does not
+    /// run now, zeros of `outputs` (shape and dtype each, on the first input's device) stand in for its values, and
+    /// it runs once, recorded, in backward as every scope does. A layer's recompute records its MLP blocks so: their
+    /// forward would compute values only the layer's unread output depends on. An error on any other tape.
+    pub fn checkpoint_unread<F>(&self, inputs: &[&Var], outputs: &[(&[usize], DType)], f: F) -> Result<Vec<Var>>
+    where
+        F: Fn(&Tape, &[Var]) -> Result<Vec<Var>> + 'static,
+    {
+        if !self.recomputing() || !self.is_recording() {
+            return Err(Error::invalid("checkpoint", "a scope recorded unread outside a recording recompute"));
+        }
+        let device = inputs.first().map_or(Device::Cpu, |v| v.value().device());
+        let values =
+            outputs.iter().map(|(shape, dtype)| Tensor::zeros_on(shape, *dtype, device)).collect::<Result<_>>()?;
+        let kept = Kept::Device(inputs.iter().map(|v| v.value().clone()).collect());
+        let op = recompute(f, kept, inputs.iter().map(|v| v.requires_grad()).collect(), self.saved_bytes().clone());
+        // Whether `f` reaches a trainable parameter is unknown without running it: recorded as if it does (the
+        // scopes this serves hold adapters; one that holds none costs a recompute whose gradients go nowhere).
+        Ok(self.record_if(true, op, inputs, values))
     }
 
     /// Runs `f` without recording, then records one op whose backward recomputes it from the inputs as `kept`.

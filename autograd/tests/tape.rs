@@ -183,3 +183,45 @@ fn checkpoint_reaches_params_even_when_inputs_are_constant() {
     tape.backward(&tape.sum(&y[0]).unwrap()).unwrap();
     assert_eq!(w.grad().unwrap().to_vec::<f64>(), vec![1.0; 4]);
 }
+
+/// A scope recorded unread inside a recompute runs once (in its own backward), not in the recompute too, and gives the
+/// gradients an ordinary nested scope gives; outside a recompute it is an error.
+#[test]
+fn an_unread_scope_in_a_recompute_runs_once_with_the_same_gradients() {
+    let w = Param::trainable("w", Tensor::from_vec(vec![0.5f64, -1.0, 2.0, 0.25], &[2, 2]).unwrap());
+    let x0 = Tensor::from_vec(vec![1.0f64, 2.0, -3.0, 0.5], &[2, 2]).unwrap();
+    let xp = Param::trainable("x", x0);
+    let mut results = Vec::new();
+    for unread in [false, true] {
+        w.zero_grad();
+        xp.zero_grad();
+        let runs = std::rc::Rc::new(std::cell::Cell::new(0));
+        let (wc, counted) = (w.clone(), runs.clone());
+        let tape = Tape::new();
+        let x = tape.param(&xp);
+        let outer = move |t: &Tape, ins: &[Var]| {
+            let (wi, c) = (wc.clone(), counted.clone());
+            let inner = move |t: &Tape, v: &[Var]| {
+                c.set(c.get() + 1);
+                Ok(vec![t.mul(&t.linear(&v[0], &t.param(&wi), None)?, &v[0])?])
+            };
+            let h = t.mul(&ins[0], &ins[0])?;
+            let y = if unread && t.recomputing() {
+                t.checkpoint_unread(&[&h], &[(h.shape(), DType::F64)], inner)?
+            } else {
+                t.checkpoint(&[&h], inner)?
+            };
+            Ok(vec![t.add(&h, &y[0])?])
+        };
+        let y = tape.checkpoint(&[&x], outer).unwrap();
+        tape.backward(&tape.sum(&y[0]).unwrap()).unwrap();
+        // Forward, the outer recompute and the inner one's backward; unread, the outer recompute skips it.
+        assert_eq!(runs.get(), if unread { 2 } else { 3 }, "unread {unread}");
+        results.push((w.grad().unwrap().to_vec::<f64>(), xp.grad().unwrap().to_vec::<f64>()));
+    }
+    assert_eq!(results[0], results[1]);
+    let tape = Tape::new();
+    let x = tape.param(&xp);
+    let err = tape.checkpoint_unread(&[&x], &[(&[2, 2], DType::F64)], |_, v| Ok(v.to_vec())).unwrap_err();
+    assert!(err.to_string().contains("outside a recording recompute"), "{err}");
+}

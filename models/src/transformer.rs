@@ -627,7 +627,14 @@ fn layer_forward(
                 let seed = dropout_seed ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
                 let mlp =
                     move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layers[index], index, &ins[0], seed)?]);
-                outs.push(t.checkpoint(&[block], mlp)?.remove(0));
+                // In the layer's recompute a block's output only reaches the layer's (unread) output through the
+                // concatenation and the residual add: the block runs once, in its own backward, not here too.
+                let out = if t.recomputing() {
+                    t.checkpoint_unread(&[block], &[(block.shape(), block.value().dtype())], mlp)?
+                } else {
+                    t.checkpoint(&[block], mlp)?
+                };
+                outs.push(out.into_iter().next().expect("one output per block"));
             }
             t.cat_rows(&outs)?
         }
