@@ -276,20 +276,13 @@ impl Tape {
         self.adapted_linear(LoraProjection { base, bias, adapter, dropout_seed }, x, Value::Computed)
     }
 
-    /// [`Tape::lora_linear`] recorded for its gradients alone: the value is zeros of the output's shape, and the
-    /// base product, the adapter's B product and the bias are skipped (a third of a Llama MLP's GEMM work, for
-    /// down_proj). Only for an output nothing reads but gradient-only ops on the way to a checkpoint recompute's
-    /// result ([`Tape::recomputing`]): its gradients are [`Tape::lora_linear`]'s, bit for bit, because no LoRA
-    /// backward reads the output. DoRA's backward does (its magnitude gradient), so a DoRA adapter computes it.
-    pub fn lora_linear_unread(
-        &self,
-        x: &Var,
-        base: &BaseWeight,
-        bias: Option<&Var>,
-        adapter: Option<&LoraAdapter>,
-        dropout_seed: u64,
-    ) -> Result<Var> {
-        self.adapted_linear(LoraProjection { base, bias, adapter, dropout_seed }, x, Value::Unread)
+    /// [`Tape::lora_linear`] of `projection` recorded for its gradients alone: the value is zeros of the output's
+    /// shape, and the base product, the adapter's B product and the bias are skipped (a third of a Llama MLP's GEMM
+    /// work, for down_proj). Only for an output nothing reads but gradient-only ops on the way to a checkpoint
+    /// recompute's result ([`Tape::recomputing`]): its gradients are [`Tape::lora_linear`]'s, bit for bit, because no
+    /// LoRA backward reads the output. DoRA's backward does (its magnitude gradient), so a DoRA adapter computes it.
+    pub fn lora_linear_unread(&self, x: &Var, projection: LoraProjection) -> Result<Var> {
+        self.adapted_linear(projection, x, Value::Unread)
     }
 
     fn adapted_linear(&self, p: LoraProjection, x: &Var, value: Value) -> Result<Var> {

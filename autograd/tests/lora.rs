@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use qlora_autograd::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit, Param, Tape, Var};
+use qlora_autograd::{
+    merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit, LoraProjection, Param, Tape, Var,
+};
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::testing::{assert_close, check_gradient, dot, Tolerance};
 use qlora_runtime::Rng;
@@ -511,7 +513,13 @@ fn checkpoint_recompute_gives_bit_identical_gradients() {
                         let bias = Some(t.param(&bias));
                         let y = if unread && t.recomputing() {
                             runs.set(runs.get() + 1);
-                            let y = t.lora_linear_unread(&v[0], &base, bias.as_ref(), Some(&ad), SEED)?;
+                            let p = LoraProjection {
+                                base: &base,
+                                bias: bias.as_ref(),
+                                adapter: Some(&ad),
+                                dropout_seed: SEED,
+                            };
+                            let y = t.lora_linear_unread(&v[0], p)?;
                             assert_eq!(y.value().to_vec::<f32>().iter().any(|&e| e != 0.0), dora, "zeros for LoRA");
                             y
                         } else {

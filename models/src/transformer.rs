@@ -62,7 +62,9 @@ impl Projection {
     /// [`Projection::forward`] for an output only gradients read: [`Tape::lora_linear_unread`].
     fn forward_unread(&self, t: &Tape, x: &Var, dropout_seed: u64) -> qlora_runtime::Result<Var> {
         let bias = self.bias.as_ref().map(|b| t.param(b));
-        t.lora_linear_unread(x, &self.base, bias.as_ref(), self.adapter.as_ref(), dropout_seed)
+        let projection =
+            LoraProjection { base: &self.base, bias: bias.as_ref(), adapter: self.adapter.as_ref(), dropout_seed };
+        t.lora_linear_unread(x, projection)
     }
 
     /// Projections reading the same input (q/k/v, gate/up) as one op, so that their adapters share one x·Aᵀ GEMM
