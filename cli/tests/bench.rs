@@ -87,6 +87,20 @@ fn a_model_too_big_for_the_machine_reports_its_estimate() {
     assert!(r.get("step_ms").is_none());
 }
 
+/// A sequence past the model's context is benchmarked with a note (time and memory do not depend on what the
+/// positions mean; long-context limits are what one measures so): the tiny Llama's context is 64 tokens.
+#[test]
+fn a_sequence_past_the_context_is_measured_with_a_note() {
+    let model = qlora_runtime::testing::fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama");
+    let args = ["bench", "--model", model.to_str().unwrap(), "--device", "cpu", "--batch", "1", "--seq", "80"];
+    let out = qlora_rt(&[&args[..], &["--steps", "1", "--warmup", "0", "--json"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("--seq 80 is past the model's context (64)"), "{err}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["tokens_per_step"].as_u64(), Some(80));
+}
+
 #[test]
 fn usage_mistakes_are_one_line() {
     for (args, want) in [
