@@ -11,7 +11,8 @@ use rayon::prelude::*;
 const MIN_CHUNK: usize = 1 << 14;
 
 /// table: [vocab, dim], ids: \[n\] → out: [n, dim]. Every id must be in 0..vocab (callers validate user input; assert here).
-pub fn embedding_forward<T: Float>(table: &[T], ids: &[i32], dim: usize, out: &mut [T]) {
+/// A copy of rows, no arithmetic: any element type (a bf16 table kept on the host gathers in bf16).
+pub fn embedding_forward<T: Copy + Send + Sync>(table: &[T], ids: &[i32], dim: usize, out: &mut [T]) {
     let vocab = vocab_of(table.len(), dim);
     assert_eq!(out.len(), ids.len() * dim, "embedding_forward: out length vs ids·dim");
     let rows_per_task = MIN_CHUNK.div_ceil(dim);

@@ -39,22 +39,16 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         // A bf16 or f16 table (a frozen one kept on the host for a GPU model): its rows as they are, in its dtype, as
         // a GPU gathers them; a gather does no arithmetic, and converting the whole table per batch would cost 2 GB
         // of f32 at Llama-3-8B's 128256 × 4096.
-        DType::BF16 => Ok(gather_rows(&table.values::<half::bf16>(), &idv, dim, &shape)),
-        DType::F16 => Ok(gather_rows(&table.values::<half::f16>(), &idv, dim, &shape)),
-        _ => with_compute!("embedding", [table], |T| {
-            let mut out = vec![T::default(); idv.len() * dim];
-            emb::embedding_forward(&table.values::<T>(), &idv, dim, &mut out);
-            Ok(tensor(out, &shape))
-        }),
+        DType::BF16 => Ok(gather::<half::bf16>(table, &idv, dim, &shape)),
+        DType::F16 => Ok(gather::<half::f16>(table, &idv, dim, &shape)),
+        _ => with_compute!("embedding", [table], |T| Ok(gather::<T>(table, &idv, dim, &shape))),
     }
 }
 
-/// Rows `ids` (checked) of a [vocab, dim] table, copied.
-fn gather_rows<T: crate::Element>(table: &[T], ids: &[i32], dim: usize, shape: &[usize]) -> Tensor {
-    let mut out = Vec::with_capacity(ids.len() * dim);
-    for &id in ids {
-        out.extend_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
-    }
+/// Rows `ids` (checked) of `table` read as `T`, shaped `shape`.
+fn gather<T: crate::Element + Default>(table: &Tensor, ids: &[i32], dim: usize, shape: &[usize]) -> Tensor {
+    let mut out = vec![T::default(); ids.len() * dim];
+    emb::embedding_forward(&table.values::<T>(), ids, dim, &mut out);
     tensor(out, shape)
 }
 
