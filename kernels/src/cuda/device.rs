@@ -1,5 +1,6 @@
 //! [`CudaDevice`]: one GPU as this process uses it: its primary context, its compute stream (and a copy stream for
-//! offloading, made on first use), the kernel modules loaded on it, its caching allocator and its pinned host pool. Opened once per process per ordinal; clones share it.
+//! offloading, made on first use), the kernel modules loaded on it, its caching allocator and its pinned host pool.
+//! Opened once per process per ordinal; clones share it.
 
 use super::alloc::{Backing, CachingAllocator, MemoryStats};
 use super::buffer::{DeviceBuffer, DeviceCopy};

@@ -13,9 +13,9 @@
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
 //! - [`offload`]: buffers parked in pinned host memory and brought back, on the copy stream.
 //! - [`timing`]: CUDA events on a device's stream, for benchmarks and profiling.
-//! - one module per op (`elementwise`, `rms_norm`, `dora`, …): the launchers, each the twin of the CPU function of the same
-//!   name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_*.rs` (the
-//!   older ops in `kernels/tests/cuda_parity/<op>.rs`).
+//! - one module per op (`elementwise`, `rms_norm`, `dora`, …): the launchers, each the twin of the CPU function of
+//!   the same name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_*.rs`
+//!   (the older ops in `kernels/tests/cuda_parity/<op>.rs`).
 //!
 //! Streams: each device has one compute stream and every launch and copy goes on it, so a buffer dropped by the host
 //! can be handed to the next allocation at once (work for the new owner is queued after all work of the old one). The

@@ -125,20 +125,20 @@ fn weight_device<'a>(
     );
     assert_eq!(packed.len(), nf4_packed_len(n), "{op}: packed length vs (n + 1) / 2 for n = {n}");
     let blocks = nf4_num_blocks(n, blocksize);
+    let dev = packed.device();
     match scales {
         Nf4Scales::Absmax(absmax) => {
             assert_eq!(absmax.len(), blocks, "{op}: absmax length vs blocks for n = {n}");
-            same_device(op, &[packed.device(), absmax.device()]);
-            packed.device()
+            same_device(op, &[dev, absmax.device()]);
         }
         Nf4Scales::Nested { qabsmax, absmax2, code2, .. } => {
             assert_eq!(qabsmax.len(), blocks, "{op}: nested absmax length vs blocks for n = {n}");
             assert_eq!(absmax2.len(), blocks.div_ceil(NESTED_BLOCKSIZE), "{op}: absmax2 length vs nested blocks");
             assert_eq!(code2.len(), 256, "{op}: the 8-bit code has {} entries, not 256", code2.len());
-            same_device(op, &[packed.device(), qabsmax.device(), absmax2.device(), code2.device()]);
-            packed.device()
+            same_device(op, &[dev, qabsmax.device(), absmax2.device(), code2.device()]);
         }
     }
+    dev
 }
 
 /// Rows of x an [`nf4_gemv`] takes at once (`GEMV_MAX_ROWS` in nf4.cu): the sequences of one decoding step.

@@ -1,6 +1,6 @@
 //! NF4 dequantization: `kDequantizeBlockwise`, the specification `kernels/cuda/nf4.cu` is tested against.
 
-use super::{assert_blocksize, blocks_per_task, ftz, nf4_num_blocks, nf4_packed_len, WeightElem, NF4_CODE};
+use super::{assert_blocksize, blocks_per_task, nf4_num_blocks, nf4_packed_len, nf4_value, WeightElem};
 use rayon::prelude::*;
 
 /// `NF4_CODE[q] · absmax` in f32, rounded once to `T`: bnb's `kDequantizeBlockwise` (and `dequantize_4bit` with
@@ -18,9 +18,9 @@ pub fn dequantize_nf4<T: WeightElem>(packed: &[u8], absmax: &[f32], blocksize: u
         .for_each(|((out, packed), absmax)| {
             for ((out, packed), &a) in out.chunks_mut(blocksize).zip(packed.chunks(blocksize / 2)).zip(absmax) {
                 for (pair, &byte) in out.chunks_mut(2).zip(packed) {
-                    pair[0] = T::from_f32(ftz(NF4_CODE[(byte >> 4) as usize] * a));
+                    pair[0] = T::from_f32(nf4_value(byte >> 4, a));
                     if let Some(second) = pair.get_mut(1) {
-                        *second = T::from_f32(ftz(NF4_CODE[(byte & 0x0F) as usize] * a));
+                        *second = T::from_f32(nf4_value(byte & 0x0F, a));
                     }
                 }
             }

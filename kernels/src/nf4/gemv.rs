@@ -4,7 +4,7 @@
 //! [`dequantize_nf4`](super::dequantize_nf4) writes it); products and sums run in f64 and are rounded once, so the
 //! GPU's f32 sums in another order are compared against the exact dot product.
 
-use super::{assert_blocksize, ftz, nf4_num_blocks, nf4_packed_len, NF4_CODE};
+use super::{assert_blocksize, nf4_num_blocks, nf4_packed_len, nf4_value};
 
 /// packed: [(out·in + 1) / 2] u8 and absmax: [ceil(out·in / blocksize)] f32 (for a double-quantized weight, rebuilt
 /// with [`dequantize_absmax_nested`](super::dequantize_absmax_nested)) of W [out, in]; x: [m, in] → y: [m, out].
@@ -19,8 +19,7 @@ pub fn nf4_gemv(packed: &[u8], absmax: &[f32], blocksize: usize, x: &[f32], in_f
     assert_eq!(absmax.len(), nf4_num_blocks(n, blocksize), "nf4_gemv: absmax length for a [{out_f}, {in_f}] weight");
     let weight = |e: usize| {
         let byte = packed[e / 2];
-        let q = if e % 2 == 0 { byte >> 4 } else { byte & 0x0F };
-        ftz(NF4_CODE[q as usize] * absmax[e / blocksize])
+        nf4_value(if e % 2 == 0 { byte >> 4 } else { byte & 0x0F }, absmax[e / blocksize])
     };
     for o in 0..out_f {
         let mut acc = vec![0.0f64; m];

@@ -152,6 +152,13 @@ pub fn nf4_num_blocks(n: usize, blocksize: usize) -> usize {
     n.div_ceil(blocksize)
 }
 
+/// One weight of code index `q` (a nibble) in a block of scale `absmax`: `NF4_CODE[q] · absmax` in f32, flushed as
+/// bnb's kernels flush it (`dequantize_one` in `kernels/cuda/nf4.cu`).
+#[inline(always)]
+fn nf4_value(q: u8, absmax: f32) -> f32 {
+    ftz(NF4_CODE[q as usize] * absmax)
+}
+
 /// Flush-to-zero, as every f32 operation of bnb's `--use_fast_math` kernels does to its inputs and results: a
 /// subnormal becomes a zero of the same sign.
 #[inline(always)]
