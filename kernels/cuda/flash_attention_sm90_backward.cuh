@@ -155,6 +155,34 @@ __device__ __forceinline__ void sm90_add_dq(const FlashParams& p, const FlashSeq
     }
 }
 
+// Staged dQ (STAGED_DQ): the block's dQ of a pair as an f32 tile [64 queries][D] in shared memory, rows DQ_ROW bytes
+// apart (32 bytes of padding: a half-warp's 8-byte stores of 4 rows × 4 column pairs then cover all 32 banks), added
+// to dq_accum by the TMA unit one row per bulk reduce-add, so the threads issue no atomics.
+template <int D> struct Sm90StagedDq {
+    static constexpr unsigned ROW = D * 4 + 32, BYTES = 64 * ROW;
+};
+
+// This thread's dQ (entry i: query row rq + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2) into the staging tile.
+template <int D, int NC>
+__device__ __forceinline__ void sm90_stage_dq(unsigned sdq, int rq, int c0, int t, const float (&dq)[NC / 2]) {
+    constexpr unsigned ROW = Sm90StagedDq<D>::ROW;
+    const unsigned base = sdq + rq * ROW + 4 * (c0 + 2 * t);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int j = 0; j < NC / 8; ++j) st_shared_v2_f32(base + hr * 8 * ROW + 32 * j, dq[4 * j + 2 * hr], dq[4 * j + 2 * hr + 1]);
+}
+
+// Pair it's staged dQ (every thread's stores fenced and past a block barrier) added to dq_accum: thread r < 64 issues
+// row r's bulk reduce-add of hd floats (hd % 4 == 0).
+template <int D, int BM>
+__device__ __forceinline__ void sm90_flush_dq(const FlashParams& p, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int it, unsigned sdq) {
+    const int r = threadIdx.x, m = blk.row0(it) + r;
+    if (r >= BM || m >= s.len_q) return;
+    float* dst = p.dq_accum + (static_cast<u64>(s.q0 + m) * p.n_heads + blk.head(it)) * blk.hd;
+    bulk_add_f32(dst, sdq + r * Sm90StagedDq<D>::ROW, 4 * blk.hd);
+}
+
 // dK and dV of key rows kr0, kr0 + 8 of the block (entry i: row kr0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2),
 // rounded to T: rows < len_k, columns < hd.
 template <typename T, int NC, int BM>
@@ -178,10 +206,12 @@ __device__ __forceinline__ void sm90_store_dkdv(const FlashParams& p, const Flas
 
 // ---- Backward, one warpgroup per 64 keys ---------------------------------------------------------------------
 
-template <int D, int NWG> struct Sm90BackwardSmem {
-    // K, V [BN][D]; Q, dO [2][64][D]; dSᵀ [BN][64]; lse, delta [2][64] f32; 1 KB alignment slack.
+template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false> struct Sm90BackwardSmem {
+    // K, V [BN][D]; Q, dO [2][64][D]; dSᵀ [BN][64]; lse, delta [2][64] f32; the staged dQ tiles (two when deferred);
+    // 1 KB alignment slack.
     static constexpr int BN = 64 * NWG;
-    static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + 1024;
+    static constexpr int DQ_TILES = STAGED_DQ ? (DEFER_DQ ? 2 : 1) : 0;
+    static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + DQ_TILES * Sm90StagedDq<D>::BYTES + 1024;
 };
 
 // Grid (⌈max_seqlen_k / BN⌉, n_kv_heads, n_seqs) with BN = 64·NWG keys per block, 128·NWG threads; NWG warpgroups,
@@ -198,8 +228,12 @@ template <int D, int NWG> struct Sm90BackwardSmem {
 // GQA sums over the group's heads in registers, so dK and dV need no atomics. D is 64 or 128 (dK and dV take D
 // registers per thread). OVERLAP splits steps 1–3 so that the tensor cores work under the exponentials: Sᵀ and dPᵀ
 // are committed apart, P is formed once Sᵀ has landed (dPᵀ still running), dV's product is issued, and dS is formed
-// under it. Dynamic shared memory: Sm90BackwardSmem<D, NWG>::bytes.
-template <typename T, int D, int NWG, bool OVERLAP = false>
+// under it. STAGED_DQ replaces step 4's atomics (where hd % 4 == 0) by the staged dQ: a pair's dQ is stored to shared
+// memory and added by bulk reduce-adds issued after the next block barrier. DEFER_DQ leaves a pair's dQ product
+// running into the next pair: its result is stored (staged in two alternating tiles, or added by atomics) once the
+// next pair's Sᵀ and dPᵀ are issued, so the tensor cores never drain between pairs. Dynamic shared memory:
+// Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ>::bytes.
+template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false>
 __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     constexpr int BM = 64, BN = 64 * NWG, THREADS = 128 * NWG, NO = D / 2, DQN = D / NWG;
     static_assert((D == 64 || D == 128) && DQN % 16 == 0, "shape");
@@ -207,6 +241,7 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     const unsigned sK = (smem_u32(flash_smem) + 1023u) & ~1023u;
     const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sdS = sdO + 2 * QO_BYTES;
     const unsigned sL = sdS + BN * BM * 2, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
+    constexpr unsigned DQ_OFF = BN * BM * 2 + 4 * BM * 4;          // STAGED_DQ: Sm90StagedDq<D> at sdS + DQ_OFF
 
     FlashSeq s;
     if (!flash_seq(p, blockIdx.z, s)) return;
@@ -217,21 +252,54 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
     const int warp = blk.warp, g = blk.g, t = blk.t, wg = blk.wg, off = blk.off;
     const unsigned hd = blk.hd;
+    const bool staged = STAGED_DQ && hd % 4 == 0;  // bulk copies move 16-byte multiples
 
     float dk[NO], dv[NO];
 #pragma unroll
     for (int i = 0; i < NO; ++i) dk[i] = dv[i] = 0.0f;
     const int kr0 = 16 * warp + g;  // this thread's key rows in the tile: kr0, kr0 + 8
 
-    for (int it = 0; it < blk.pairs; ++it) {
+    constexpr unsigned DQ_TILE = Sm90StagedDq<D>::BYTES;
+    // This thread's dQ of pair j (head h, first row m0), entry i: query 16·(warp%4) + g + 8·((i%4)/2), column
+    // c0 + 8·(i/4) + 2t + i%2, staged (in tile j % 2 when deferred) or added by atomics. The row offset comes from an
+    // opaque thread index: kept across the pair loop, it was the one value D = 128 spilled.
+    auto put_dq = [&](int j, int h, int m0, const float (&q)[DQN / 2]) {
+        const int c0 = wg * DQN;
+        const int tid_q = static_cast<int>(opaque(threadIdx.x)), rq = 16 * ((tid_q / 32) % 4) + (tid_q % 32) / 4;
+        if (staged) sm90_stage_dq<D, DQN>(opaque(sdS) + DQ_OFF + (DEFER_DQ ? (j & 1) * DQ_TILE : 0), rq, c0, t, q);
+        else sm90_add_dq<DQN>(p, s, h, hd, m0 + rq, c0, t, q);
+    };
+    // 4. dQ[64 queries][DQN columns c0 …] = dS·K of the pair whose dSᵀ is in place at cdS (K at cK): A = dS M-major
+    // (the stored dSᵀ), B = K N-major; one commit group.
+    float dq[DQN / 2];
+    auto issue_dq = [&](unsigned cK, unsigned cdS) {
+        const int c0 = wg * DQN;
+        const unsigned k_cols = cK + (c0 / 64) * (BN * 128) + (c0 % 64) * 2;
+        wg_fence();
+        Wgmma<DQN>::template ss0<T, 1, 1>(dq, desc_mn<BN>(cdS, 0), desc_sw128(k_cols, BN * 128));
+#pragma unroll
+        for (int kk = 1; kk < BN / 16; ++kk)
+            Wgmma<DQN>::template ss<T, 1, 1>(dq, desc_mn<BN>(cdS, kk), desc_sw128(k_cols + kk * 2048, BN * 128), 1);
+        wg_commit();
+    };
+
+    // The pair walk. DEFER_DQ rotates it: pair it opens by issuing pair it − 1's dQ, which then runs under this pair's
+    // barrier, loads and first products, and nothing is in flight across the loop's back edge (ptxas cannot count
+    // wgmma groups across it and would serialize every wgmma). Pair 0 is peeled (`first`, a constant at each call once
+    // inlined) so that each copy issues a fixed sequence of groups.
+    auto pair = [&](const int it, const bool first) {
         const int st = it & 1;
         const int h = blk.head(it), m0 = blk.row0(it);
+        if (DEFER_DQ && !first) issue_dq(opaque(sK), opaque(sdS));
+        // Deferred: the tile pair it − 1 stages into was last flushed two pairs ago.
+        if (DEFER_DQ && staged) bulk_wait_read<1>();
         sm90_bwd_next_pair(it, st, blk.pairs, prefetch);
         const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
         const unsigned cL = sL + st * BM * 4 + 8 * t, cD = sD + st * BM * 4 + 8 * t;  // this thread's first query
         // Loop-invariant tile addresses made opaque per pair: otherwise every descriptor built from them is hoisted
         // out of the loop into two registers of its own (64 registers of descriptors at D = 128).
         const unsigned cK = opaque(sK), cV = opaque(sV), cdS = opaque(sdS);
+        if (!DEFER_DQ && staged && it > 0) sm90_flush_dq<D>(p, s, blk, it - 1, cdS + DQ_OFF);
 
         // 1. Sᵀ and dPᵀ for this warpgroup's 64 keys × 64 queries.
         float sacc[32], dpacc[32];
@@ -244,6 +312,11 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
 #pragma unroll
         for (int kk = 1; kk < D / 16; ++kk) Wgmma<BM>::template ss<T, 0>(dpacc, desc_k<BN>(cV, 64 * wg, kk), desc_k<BM>(cdO, 0, kk), 1);
         wg_commit();
+        if (DEFER_DQ && !first) {
+            wg_wait<OVERLAP ? 2 : 1>();  // the previous pair's dQ, with Sᵀ and dPᵀ still running
+            reg_fence(dq);
+            put_dq(it - 1, blk.head(it - 1), blk.row0(it - 1), dq);
+        }
 
         const ScoreMap sm = score_map(p);  // from the kernel parameters each pair, rather than kept in registers
         // 2. P and dS (accumulator entry i: key kr0 + 8·((i%4)/2), query 8·(i/4) + 2t + i%2), packed to A fragments
@@ -297,31 +370,47 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) st_shared_u32((ds_base + hr * 8 * 128) ^ (j << 4), dsf[j / 2][2 * (j % 2) + hr]);
         fence_proxy_async();
-        __syncthreads();  // every warpgroup's dSᵀ is in place
-
-        // 4. dQ[64 queries][DQN columns c0 …] = dS·K: A = dS M-major (the stored dSᵀ), B = K N-major.
-        float dq[DQN / 2];
-        const int c0 = wg * DQN;
-        const unsigned k_cols = cK + (c0 / 64) * (BN * 128) + (c0 % 64) * 2;
-        wg_fence();
-        Wgmma<DQN>::template ss0<T, 1, 1>(dq, desc_mn<BN>(cdS, 0), desc_sw128(k_cols, BN * 128));
-#pragma unroll
-        for (int kk = 1; kk < BN / 16; ++kk)
-            Wgmma<DQN>::template ss<T, 1, 1>(dq, desc_mn<BN>(cdS, kk), desc_sw128(k_cols + kk * 2048, BN * 128), 1);
-        wg_commit();
-        wg_wait<0>();  // dV, dK and dQ
-        reg_fence(dq);
+        // Not deferred: the previous pair's dQ rows have left the staging tile this pair rewrites.
+        if (!DEFER_DQ && staged) bulk_wait_read<0>();
+        __syncthreads();  // every warpgroup's dSᵀ is in place (and, deferred, the previous pair's dQ staged)
+        if (DEFER_DQ && !first) {
+            if (staged) sm90_flush_dq<D>(p, s, blk, it - 1, cdS + DQ_OFF + ((it - 1) & 1) * DQ_TILE);
+        }
+        if constexpr (!DEFER_DQ) issue_dq(cK, cdS);
+        wg_wait<0>();  // dV and dK (the next pair's loads overwrite their Q and dO), and dQ unless deferred
+        if constexpr (!DEFER_DQ) reg_fence(dq);
         reg_fence(dv);
         reg_fence(dk);
         reg_fence(pf);
         reg_fence(dsf);
-
-        // dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2. The row offset comes from
-        // an opaque thread index: kept across the pair loop, it was the one value D = 128 spilled.
-        const int tid_q = static_cast<int>(opaque(threadIdx.x)), rq = 16 * ((tid_q / 32) % 4) + (tid_q % 32) / 4;
-        sm90_add_dq<DQN>(p, s, h, hd, m0 + rq, c0, t, dq);
+        if constexpr (!DEFER_DQ) put_dq(it, h, m0, dq);  // staged: fenced and flushed after the next block barrier
+    };
+    if (DEFER_DQ && blk.pairs > 0) {
+        pair(0, true);
+        for (int it = 1; it < blk.pairs; ++it) pair(it, false);
+    } else {
+        for (int it = 0; it < blk.pairs; ++it) pair(it, false);
     }
     cp_async_wait<0>();
+    if (blk.pairs > 0 && (DEFER_DQ || staged)) {
+        const int last = blk.pairs - 1;
+        if constexpr (DEFER_DQ) {
+            issue_dq(opaque(sK), opaque(sdS));
+            wg_wait<0>();
+            reg_fence(dq);
+            if (staged) {
+                bulk_wait_read<1>();  // the tile of pair `last` was flushed two pairs ago
+                __syncthreads();
+            }
+            put_dq(last, blk.head(last), blk.row0(last), dq);
+        }
+        if (staged) {
+            fence_proxy_async();
+            __syncthreads();
+            sm90_flush_dq<D>(p, s, blk, last, sdS + DQ_OFF + (DEFER_DQ ? (last & 1) * DQ_TILE : 0));
+            bulk_wait();
+        }
+    }
 
     // dK, dV: rows < len_k, columns < hd, straight from the fragments (entry i: key kr0 + 8·((i%4)/2), column
     // 8·(i/4) + 2t + i%2).

@@ -103,6 +103,20 @@ __device__ __forceinline__ void ld_shared_v4(unsigned a, unsigned (&v)[4]) {
 __device__ __forceinline__ void st_global_v4(void* p, const unsigned (&v)[4]) {
     asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]) : "memory");
 }
+__device__ __forceinline__ void st_shared_v2_f32(unsigned a, float x, float y) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(a), "f"(x), "f"(y) : "memory");
+}
+
+// Bulk reduce-add by the TMA unit: `bytes` (a multiple of 16; both addresses 16-byte aligned) of f32 from shared
+// memory added into global memory, committed as this thread's bulk group. Only the issuing thread can wait for it:
+// bulk_wait_read<N> (at most N of its groups still reading) before a source is rewritten, bulk_wait before the block
+// may exit.
+__device__ __forceinline__ void bulk_add_f32(float* dst, unsigned src, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // mbarrier (shared::cta) and named barriers.
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {

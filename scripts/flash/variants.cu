@@ -35,10 +35,11 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd90ws_kernel(const Flash
 }
 
 // Hopper backward: NWG warpgroups × 64 keys per block, 64-query tiles (all threads load); OV = P under dPᵀ's
-// product and dS under dV's.
-template <int D, int NWG, bool OV>
+// product and dS under dV's; SQ = dQ staged in shared memory and added by bulk reduce-adds instead of atomics;
+// DF = a pair's dQ product left running under the next pair's first products.
+template <int D, int NWG, bool OV, bool SQ, bool DF>
 __global__ void __launch_bounds__(128 * NWG, 1) bwd90_kernel(const FlashParams p) {
-    flash_backward_sm90<bf16, D, NWG, OV>(p);
+    flash_backward_sm90<bf16, D, NWG, OV, SQ, DF>(p);
 }
 
 // Hopper backward with two warpgroups sharing 64 keys (queries split for Sᵀ/dPᵀ, head dims for dK/dV/dQ): the d256
@@ -70,8 +71,10 @@ struct Variant {
      (const void*)fwd90ws_kernel<D, BN, NWG, PP, LAZY>}
 #define FWD90WS(D, BN, NWG, PP) FWD90WSL(D, BN, NWG, PP, false, "")
 
-#define BWD90O(D, NWG, OV, TAG) \
-    {"bwd90 d" #D " wg" #NWG TAG, D, 64, 64 * NWG, 4 * NWG, Sm90BackwardSmem<D, NWG>::bytes, (const void*)bwd90_kernel<D, NWG, OV>}
+#define BWD90Q(D, NWG, OV, SQ, DF, TAG)                                                                    \
+    {"bwd90 d" #D " wg" #NWG TAG, D, 64, 64 * NWG, 4 * NWG, Sm90BackwardSmem<D, NWG, SQ, DF>::bytes, \
+     (const void*)bwd90_kernel<D, NWG, OV, SQ, DF>}
+#define BWD90O(D, NWG, OV, TAG) BWD90Q(D, NWG, OV, false, false, TAG)
 #define BWD90(D, NWG) BWD90O(D, NWG, false, "")
 
 #define BWD90S(D) {"bwd90s d" #D, D, 64, 64, 8, Sm90BackwardSplitSmem<D>::bytes, (const void*)bwd90s_kernel<D>}
@@ -121,6 +124,13 @@ static Variant VARIANTS[] = {
     BWD90(128, 2),
     BWD90O(64, 2, true, " ov"),
     BWD90O(128, 2, true, " ov"),
+    BWD90Q(64, 2, false, true, false, " sq"),
+    BWD90Q(128, 2, true, true, false, " ov sq"),
+    BWD90Q(64, 1, false, true, false, " sq"),
+    BWD90Q(64, 2, false, true, true, " sq df"),
+    BWD90Q(128, 2, true, true, true, " ov sq df"),
+    BWD90Q(128, 2, true, false, true, " ov df"),
+    BWD90Q(64, 2, true, true, true, " ov sq df"),
     BWD90S(256),
     BWD90S(128),
 };

@@ -14,7 +14,7 @@ shape, x_full (the same variant's full-causal time on 8192 tokens / its window t
 x_sdpa_fb = SDPA's forward+backward time / (the fastest forward timed on that shape + this backward), an estimate that
 leaves out the small delta and dq-conversion passes (select forwards too, e.g. --only 90, for it to mean much).
 
-Usage (GPU machine, repo root): python3 scripts/flash/variants.py [--only SUBSTRING] [--once] [--selftest] [--no-time]
+Usage (GPU machine, repo root): python3 scripts/flash/variants.py [--only SUBSTRING[|SUBSTRING…]] [--once] [--selftest] [--no-time]
 """
 import argparse, ctypes, json, math, os, subprocess, sys, tempfile
 import torch
@@ -25,10 +25,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def build():
-    so = os.path.join(tempfile.gettempdir(), "flash_variants.so")
-    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a",
-           "-lineinfo", "-o", so, os.path.join(HERE, "variants.cu")]
-    subprocess.run(cmd, check=True)
+    """The variants library: FLASH_VARIANTS_SO names one built beforehand (nvcc's -shared build of variants.cu, as below,
+    done where the compiler time costs no device time), else nvcc builds it here."""
+    so = os.environ.get("FLASH_VARIANTS_SO")
+    if not so:
+        so = os.path.join(tempfile.gettempdir(), "flash_variants.so")
+        cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a",
+               "-lineinfo", "-o", so, os.path.join(HERE, "variants.cu")]
+        subprocess.run(cmd, check=True)
     lib = ctypes.CDLL(so)
     lib.variant_name.restype = ctypes.c_char_p
     lib.selftest.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_ulonglong]
@@ -117,6 +121,10 @@ def rel_lse(a, b):
     if not torch.equal(torch.isneginf(a), torch.isneginf(b)) or not torch.isfinite(a[fin]).all():
         return float("inf")
     return rel(a[fin], b[fin]) if fin.any() else 0.0
+
+
+def picked(only, name):
+    return any(x in name for x in only.split("|"))
 
 
 def is_sm90(name):
@@ -250,14 +258,14 @@ def run_selftest(lib):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="", help="variants whose name contains this (alternatives split by |)")
     ap.add_argument("--once", action="store_true", help="launch each selected variant once on 4 x 2048 (for ncu)")
     ap.add_argument("--selftest", action="store_true", help="run only the wgmma layout self-test")
     ap.add_argument("--no-time", action="store_true", help="correctness checks only")
     a = ap.parse_args()
     lib = build()
     names = [lib.variant_name(i).decode() for i in range(lib.n_variants())]
-    if a.selftest or any(is_sm90(n) and a.only in n for n in names):
+    if a.selftest or any(is_sm90(n) and picked(a.only, n) for n in names):
         if not run_selftest(lib) and not a.selftest:
             print(json.dumps(dict(note="wgmma self-test failed: sm90 variants below will be wrong too")), flush=True)
         if a.selftest:
@@ -269,7 +277,7 @@ def main():
 
     if a.once:
         for i, n in enumerate(names):
-            if a.only in n:
+            if picked(a.only, n):
                 d = lib.variant_d(i)
                 b = Batch(4, 2048, 32 if d < 256 else 8, 8 if d < 256 else 4, d)
                 b.launch(lib, fwd_of[d])
@@ -282,7 +290,7 @@ def main():
 
     # Correctness on a small pack: 3 sequences of 300 tokens, GQA 4, causal with a window and a softcap.
     for i, n in enumerate(names):
-        if a.only not in n:
+        if not picked(a.only, n):
             continue
         d = lib.variant_d(i)
         b = Batch(3, 300, 8, 2, d, window=100 if d != 64 else 0, softcap=30.0 if d == 256 else 0.0)
@@ -306,7 +314,7 @@ def main():
 
     # Varlen checks of the Hopper variants.
     for i, n in enumerate(names):
-        if a.only not in n or not is_sm90(n):
+        if not picked(a.only, n) or not is_sm90(n):
             continue
         d = lib.variant_d(i)
         for vb, desc in var_cases(d):
@@ -353,7 +361,7 @@ def main():
         ptrs = b.ptrs()
         best_fwd = None  # (ms, name) of the fastest forward timed on this shape
         for i, n in enumerate(names):
-            if lib.variant_d(i) != d or a.only not in n:
+            if lib.variant_d(i) != d or not picked(a.only, n):
                 continue
             if n.startswith("fwd"):
                 ms = do_bench(lambda: b.launch(lib, i, ptrs), warmup=25, rep=200, return_mode="median")
