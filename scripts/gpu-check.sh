@@ -5,6 +5,8 @@
 # There, from the repo root, .gpu/parity/run.sh runs every test in its own process (fixtures read from the repo's
 # tests/fixtures) and prints a pass/fail table that says which tests ran on the GPU and which skipped (with
 # QLORA_REQUIRE_GPU=1 set there, a skip is a failure).
+#   scripts/gpu-check.sh [TARGET…]   only these test targets (e.g. cuda_nf4 cuda_step), when the whole set, with what
+#                                    else a call carries, would pass the device tool's 64 MiB
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -22,14 +24,15 @@ for line in sys.stdin:
     if msg.get("reason") != "compiler-artifact" or not msg["profile"]["test"] or not msg.get("executable"):
         continue
     name, package = msg["target"]["name"], msg["package_id"]
-    if "qlora-kernels" in package or name.startswith("cuda_"):
+    only = sys.argv[1:]
+    if ("qlora-kernels" in package or name.startswith("cuda_")) and (not only or name in only):
         print(name, msg["executable"])
-' <<<"$json" | while read -r name exe; do
-    cp "$exe" "$stage/bin/$name"
+' "$@" <<<"$json" | while read -r name exe; do
+    strip -o "$stage/bin/$name" "$exe"  # symbols are dead weight in the device tool's 64 MiB carry
 done
 cp kernels/cuda/*.cu kernels/cuda/*.cuh "$stage/cuda/"
 # cli/tests/cuda_finetune.rs drives the binary itself (QLORA_RT_BIN there, as the built-in path is this machine's).
-cp target/release/qlora-rt "$stage/qlora-rt"
+strip -o "$stage/qlora-rt" target/release/qlora-rt
 
 cat >"$stage/run.sh" <<'RUNNER'
 #!/usr/bin/env bash
