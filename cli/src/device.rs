@@ -15,24 +15,30 @@ pub enum DeviceArg {
 /// opened) or when `auto` finds a GPU it can open; the CPU in f32 otherwise. `auto` prints which, in one line
 /// ("note: <doing> on cuda:0 (NVIDIA H100 …)" or "note: no usable CUDA GPU (why); <doing> on CPU").
 pub fn pick(device: DeviceArg, gpu_dtype: DType, doing: &str) -> Result<(Device, DType)> {
+    pick_gpu(0, device, gpu_dtype, doing)
+}
+
+/// As [`pick`], with cuda:`ordinal` as the GPU (a launched rank's `LOCAL_RANK`).
+pub fn pick_gpu(ordinal: usize, device: DeviceArg, gpu_dtype: DType, doing: &str) -> Result<(Device, DType)> {
     // Opening the device (driver, context, NVRTC) proves it usable, not just present.
     let open = || -> Result<String> {
         let n = qlora_runtime::device_count().map_err(|e| anyhow!("{e}"))?;
         ensure!(n > 0, "the CUDA driver sees no GPU; run with --device cpu");
-        Ok(qlora_runtime::cuda_device(0)?.to_string())
+        ensure!(ordinal < n, "cuda:{ordinal} does not exist: {n} CUDA GPU(s) visible (check CUDA_VISIBLE_DEVICES)");
+        Ok(qlora_runtime::cuda_device(ordinal)?.to_string())
     };
     match device {
         DeviceArg::Cpu => Ok((Device::Cpu, DType::F32)),
         // The causes name --device cpu as the way out.
         DeviceArg::Cuda => {
             open().map_err(|e| anyhow!("--device cuda: {e:#}"))?;
-            Ok((Device::Cuda(0), gpu_dtype))
+            Ok((Device::Cuda(ordinal), gpu_dtype))
         }
         DeviceArg::Auto => match open() {
             Ok(name) => {
                 // The device's own description reads "cuda:0 (NVIDIA H100 80GB HBM3, sm_90a)".
                 eprintln!("qlora-rt: note: {doing} on {name}");
-                Ok((Device::Cuda(0), gpu_dtype))
+                Ok((Device::Cuda(ordinal), gpu_dtype))
             }
             Err(e) => {
                 eprintln!("qlora-rt: note: no usable CUDA GPU ({e:#}); {doing} on CPU");

@@ -1,7 +1,7 @@
 //! Data-parallel finetune over the in-process group (`--ranks N`, threads on the CPU): N ranks train the single
 //! process's run bit for bit (losses, gradient norms, evaluation, checkpoints, adapter), a checkpoint resumes with
-//! another number of ranks, and multi-process or multi-GPU launches, which need the NCCL backend, are refused in
-//! one clear line.
+//! another number of ranks, and launches across processes (`--gpus N`, torchrun), which need GPUs and NCCL, fail in
+//! one clear line where there are none.
 
 mod common;
 
@@ -125,20 +125,27 @@ fn finetune_args(extra: &[&'static str]) -> Vec<&'static str> {
     a
 }
 
+/// Launches across processes need GPUs: on a machine without them (CI), each way in fails in one line that says why;
+/// a torchrun environment that is wrong is named too.
 #[test]
-fn launches_that_need_nccl_are_refused_in_one_line() {
-    let e = one_line_error(&finetune_args(&["--gpus", "2"]));
-    assert!(e.contains("--gpus 2: multi-GPU training needs the NCCL backend, which is not built yet"), "{e}");
+fn launches_across_processes_need_gpus_and_say_so_in_one_line() {
+    let e = one_line_error(&finetune_args(&["--gpus", "2", "--device", "cpu"]));
+    assert!(e.contains("--gpus 2: training across processes runs on GPUs through NCCL; --device cpu cannot"), "{e}");
     let e = one_line_error(&finetune_args(&["--gpus", "0"]));
     assert!(e.contains("--gpus must be at least 1"), "{e}");
     let e = one_line_error(&finetune_args(&["--ranks", "0"]));
     assert!(e.contains("--ranks must be at least 1"), "{e}");
     let e = one_line_error(&finetune_args(&["--ranks", "2", "--device", "cuda"]));
     assert!(e.contains("--ranks runs in-process ranks on the CPU only"), "{e}");
+    if qlora_runtime::device_count().unwrap_or(0) < 2 {
+        // Before any rank is launched: too few GPUs (or no driver) is this process's one error line.
+        let e = one_line_error(&finetune_args(&["--gpus", "2"]));
+        assert!(e.starts_with("qlora-rt: error: --gpus 2: "), "{e}");
+    }
 
-    let under = |vars: &[(&str, &str)]| {
+    let under = |extra: &[&'static str], vars: &[(&str, &str)]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora-cli"));
-        cmd.args(finetune_args(&["--device", "cpu"])).envs(vars.iter().copied());
+        cmd.args(finetune_args(extra)).envs(vars.iter().copied());
         let out = cmd.output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!((out.status.code(), err.trim_end().lines().count()), (Some(1), 1), "{vars:?}: {err}");
@@ -151,9 +158,13 @@ fn launches_that_need_nccl_are_refused_in_one_line() {
         ("MASTER_ADDR", "127.0.0.1"),
         ("MASTER_PORT", "29500"),
     ];
-    let e = under(&torchrun);
-    assert!(e.contains("WORLD_SIZE=2 (rank 1): training across processes needs the NCCL backend"), "{e}");
-    let e = under(&[("RANK", "2"), ("WORLD_SIZE", "2")]);
+    let e = under(&["--device", "cpu"], &torchrun);
+    assert!(e.contains("WORLD_SIZE=2 (rank 1): training across processes runs on GPUs through NCCL"), "{e}");
+    if qlora_runtime::device_count().unwrap_or(0) < 2 {
+        let e = under(&[], &torchrun);
+        assert!(e.contains("WORLD_SIZE=2 (rank 1) trains on cuda:1: "), "{e}");
+    }
+    let e = under(&["--device", "cpu"], &[("RANK", "2"), ("WORLD_SIZE", "2")]);
     assert!(e.contains("torchrun environment: RANK=2 is not below WORLD_SIZE=2"), "{e}");
 }
 

@@ -1,8 +1,9 @@
 //! `qlora-rt finetune`: QLoRA fine-tuning of a Hugging Face model folder on a dataset file, written as a PEFT
 //! adapter. This file owns the flags and the order of things (settings → data → model → optimizer → loop →
 //! outputs); the pieces are [`config`] (TOML files as flags), [`data`] (records → packed rows → micro-batches),
-//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`parallel`] (data-parallel ranks),
-//! [`checkpoint`] (resumable state on disk), [`metrics`] (JSONL log, TensorBoard events) and [`plot`] (loss.png).
+//! [`train`] (the step loop), [`step`] (one optimizer step, shared with `bench`), [`parallel`] (data-parallel
+//! ranks), [`spawn`] (`--gpus N`: one process per GPU), [`checkpoint`] (resumable state on disk), [`metrics`]
+//! (JSONL log, TensorBoard events) and [`plot`] (loss.png).
 //!
 //! Defaults follow the QLoRA paper (Dettmers et al. 2023, §4 and appendix B): NF4 with double quantization,
 //! blocks of 64, LoRA on every linear layer, dropout 0.05, lr 2e-4, AdamW β = (0.9, 0.999), warmup ratio 0.03;
@@ -14,6 +15,7 @@ mod data;
 mod metrics;
 mod parallel;
 mod plot;
+mod spawn;
 pub(crate) mod step;
 mod train;
 
@@ -23,6 +25,7 @@ use crate::adapter_args::AdapterArgs;
 use crate::device::DeviceArg;
 use crate::eval::DtypeArg;
 use anyhow::{bail, ensure, Context, Result};
+use parallel::World;
 use qlora_autograd::{LoraAdapter, LoraConfig};
 use qlora_models::config::projection_kinds;
 use qlora_models::data::template::BuiltinTemplate;
@@ -197,7 +200,8 @@ pub struct FinetuneArgs {
     /// to lower.
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<crate::bench::memory::Budget>,
-    /// GPUs to train on, one process each. More than one needs the NCCL backend, which is not built yet.
+    /// GPUs to train on, one process each: more than one launches N copies of this command (ranks of an NCCL group,
+    /// as torchrun would) that share each step's micro-batches; the losses and adapter are one GPU's, bit for bit.
     #[arg(long, value_name = "N", default_value_t = 1)]
     gpus: usize,
     /// Train as N data-parallel ranks in this process (threads on the CPU), splitting each step's micro-batches:
@@ -495,10 +499,18 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     args.check()?;
     let targets = args.adapter.targets()?;
     let launch = qlora_runtime::dist::launch::Launch::from_env()?;
-    let (ranks, device) = parallel::world(args.gpus, args.ranks, args.device, launch.as_ref())?;
-    let placement = crate::device::pick(device, args.dtype.dtype(), "training")?;
+    let world = parallel::world(args.gpus, args.ranks, args.device, launch.as_ref())?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
+    let placement = match &world {
+        World::Spawn(n) => return spawn::gpus(*n),
+        World::Alone(device) => crate::device::pick(*device, args.dtype.dtype(), "training")?,
+        World::InProcess(_) => crate::device::pick(DeviceArg::Cpu, args.dtype.dtype(), "training")?,
+        World::Nccl(l) => crate::device::pick_gpu(l.local_rank, DeviceArg::Cuda, args.dtype.dtype(), "training")
+            .with_context(|| {
+                format!("WORLD_SIZE={} (rank {}) trains on cuda:{}", l.world_size, l.rank, l.local_rank)
+            })?,
+    };
 
     let (plan, eval, max_seq_len) = load_data(args)?;
     let total_steps = match args.max_steps {
@@ -520,9 +532,14 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     };
     let trajectory = args.trajectory(&plan.fingerprint(), &targets);
     let run = Run { args, targets, placement, resume_from, plan, eval, max_seq_len, schedule, trajectory };
-    match ranks {
-        1 => train(&run, None),
-        n => parallel::in_process(n, |group| train(&run, Some(group))),
+    match world {
+        World::InProcess(n) => parallel::in_process(n, |group| train(&run, Some(group))),
+        World::Nccl(launch) => {
+            let device = qlora_runtime::cuda_device(launch.local_rank)?;
+            let group = qlora_runtime::dist::nccl::NcclRank::connect(&launch, &device)?;
+            train(&run, Some(&group))
+        }
+        World::Alone(_) | World::Spawn(_) => train(&run, None),
     }
 }
 
@@ -563,7 +580,7 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
         };
         let mut on = crate::device::describe(placement);
         if let Some(g) = group {
-            on += &format!(", {} in-process ranks", g.world_size());
+            on += &format!(", {} {} ranks", g.world_size(), g.backend());
         }
         describe(args, &model, n_params, &run.schedule, rows, on);
         std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;

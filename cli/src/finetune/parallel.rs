@@ -35,33 +35,45 @@ pub(super) struct Tokens {
     pub trained: usize,
 }
 
-/// How many ranks train, and where, from `--gpus`, `--ranks` and torchrun's environment: several processes or GPUs
-/// need the NCCL backend, which is not built yet, so they are refused in one line; `--ranks N` trains N in-process
-/// ranks on the CPU.
-pub(super) fn world(
-    gpus: usize,
-    ranks: usize,
-    device: DeviceArg,
-    launch: Option<&Launch>,
-) -> Result<(usize, DeviceArg)> {
+/// How this process trains, from `--gpus`, `--ranks` and torchrun's environment.
+#[derive(Debug, PartialEq)]
+pub(super) enum World {
+    /// One process, one rank: the usual run.
+    Alone(DeviceArg),
+    /// `--ranks N`: N ranks as threads of this process, on the CPU.
+    InProcess(usize),
+    /// `--gpus N`: this process launches N copies of itself, one per GPU ([`super::spawn`]), and waits for them.
+    Spawn(usize),
+    /// One rank of a launched group (torchrun's, or `--gpus N`'s), on GPU `LOCAL_RANK`, through NCCL.
+    Nccl(Launch),
+}
+
+pub(super) fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option<&Launch>) -> Result<World> {
     ensure!(gpus >= 1, "--gpus must be at least 1");
     ensure!(ranks >= 1, "--ranks must be at least 1");
+    let gpu_only = |what: String| {
+        anyhow!("{what}: training across processes runs on GPUs through NCCL; --device cpu cannot (--ranks N runs N ranks in one process on the CPU)")
+    };
     if let Some(l) = launch.filter(|l| l.world_size > 1) {
-        bail!(
-            "WORLD_SIZE={} (rank {}): training across processes needs the NCCL backend, which is not built yet; \
-             run one process",
-            l.world_size,
-            l.rank
-        );
+        let (n, r) = (l.world_size, l.rank);
+        ensure!(ranks == 1, "WORLD_SIZE={n} (rank {r}): --ranks does not combine with a launched group");
+        ensure!(gpus == 1 || gpus == n, "WORLD_SIZE={n} (rank {r}) but --gpus {gpus}: launch one process per GPU");
+        if device == DeviceArg::Cpu {
+            return Err(gpu_only(format!("WORLD_SIZE={n} (rank {r})")));
+        }
+        return Ok(World::Nccl(l.clone()));
     }
-    ensure!(
-        gpus == 1,
-        "--gpus {gpus}: multi-GPU training needs the NCCL backend, which is not built yet; use --gpus 1"
-    );
+    if gpus > 1 {
+        ensure!(ranks == 1, "--gpus {gpus}: --ranks does not combine with several GPUs");
+        if device == DeviceArg::Cpu {
+            return Err(gpu_only(format!("--gpus {gpus}")));
+        }
+        return Ok(World::Spawn(gpus));
+    }
     Ok(match (ranks, device) {
-        (1, device) => (1, device),
+        (1, device) => World::Alone(device),
         (_, DeviceArg::Cuda) => bail!("--ranks runs in-process ranks on the CPU only; use --device cpu"),
-        (n, _) => (n, DeviceArg::Cpu),
+        (n, _) => World::InProcess(n),
     })
 }
 
@@ -142,8 +154,9 @@ impl Layout {
         let mut at = 1 + params.len();
         for (i, (p, &n)) in params.iter().zip(&self.sizes).enumerate() {
             if record[1 + i] != 0.0 {
-                let shape = p.value().shape().to_vec();
-                p.accumulate_grad(&Tensor::from_slice(&record[at..at + n], &shape)?)?;
+                let value = p.value();
+                let grad = Tensor::from_slice(&record[at..at + n], value.shape())?.to_device(value.device())?;
+                p.accumulate_grad(&grad)?;
             }
             at += n;
         }
@@ -188,7 +201,10 @@ pub(super) fn optimizer_step(
         .collect::<Result<Vec<f64>>>()?;
     let loss = losses.iter().sum::<f64>();
     let norm = optimizer.grad_norm_sq()?;
-    let GradNorm::Host(sq) = norm else { bail!("data-parallel training runs on the CPU only so far") };
+    let sq = match &norm {
+        GradNorm::Host(sq) => *sq,
+        GradNorm::Device(sq) => read_scalars(&[sq])?[0],
+    };
     let outcome = StepOutcome { loss, grad_norm: sq.sqrt() };
     update(optimizer, &norm, outcome, step, config)?;
     Ok((outcome, tokens))
@@ -222,11 +238,22 @@ mod tests {
     #[test]
     fn the_world_comes_from_flags_and_torchrun() {
         let launch = |world_size| Launch { rank: 0, world_size, local_rank: 0, master: None };
-        assert_eq!(world(1, 1, DeviceArg::Auto, Some(&launch(1))).unwrap(), (1, DeviceArg::Auto));
-        assert_eq!(world(1, 3, DeviceArg::Auto, None).unwrap(), (3, DeviceArg::Cpu), "--ranks trains on the CPU");
-        let e = world(1, 0, DeviceArg::Cpu, None).unwrap_err().to_string();
-        assert_eq!(e, "--ranks must be at least 1");
-        let e = world(1, 2, DeviceArg::Cpu, Some(&launch(4))).unwrap_err().to_string();
-        assert!(e.starts_with("WORLD_SIZE=4 (rank 0): training across processes needs the NCCL backend"), "{e}");
+        assert_eq!(world(1, 1, DeviceArg::Auto, Some(&launch(1))).unwrap(), World::Alone(DeviceArg::Auto));
+        assert_eq!(world(1, 3, DeviceArg::Auto, None).unwrap(), World::InProcess(3), "--ranks trains on the CPU");
+        assert_eq!(world(4, 1, DeviceArg::Auto, None).unwrap(), World::Spawn(4));
+        assert_eq!(world(1, 1, DeviceArg::Cuda, Some(&launch(4))).unwrap(), World::Nccl(launch(4)));
+        assert_eq!(
+            world(4, 1, DeviceArg::Auto, Some(&launch(4))).unwrap(),
+            World::Nccl(launch(4)),
+            "--gpus as launched"
+        );
+        let e = |g, r, d, l: Option<&Launch>| world(g, r, d, l).unwrap_err().to_string();
+        assert_eq!(e(1, 0, DeviceArg::Cpu, None), "--ranks must be at least 1");
+        assert_eq!(e(0, 1, DeviceArg::Cpu, None), "--gpus must be at least 1");
+        assert!(e(2, 1, DeviceArg::Cpu, None).starts_with("--gpus 2: training across processes runs on GPUs"));
+        assert!(e(2, 2, DeviceArg::Auto, None).contains("--ranks does not combine"));
+        assert!(e(1, 1, DeviceArg::Cpu, Some(&launch(4))).starts_with("WORLD_SIZE=4 (rank 0): training across"));
+        assert!(e(1, 2, DeviceArg::Auto, Some(&launch(4))).contains("--ranks does not combine with a launched group"));
+        assert!(e(2, 1, DeviceArg::Auto, Some(&launch(4))).contains("but --gpus 2: launch one process per GPU"));
     }
 }

@@ -33,6 +33,15 @@ pub enum Error {
     )]
     NoCublasLt,
 
+    #[error(
+        "NCCL (libnccl.so.2) not found: {detail}. Install it (the libnccl2 package, or pip's nvidia-nccl-cu13 as \
+         PyTorch does), add its folder to LD_LIBRARY_PATH, or set QLORA_NCCL_LIB to the library's path"
+    )]
+    NoNccl { detail: String },
+
+    #[error("NCCL: {op} failed: {detail}")]
+    Nccl { op: &'static str, detail: String },
+
     #[error("cuBLASLt call {op} failed: {source}")]
     Cublas { op: &'static str, source: CublasError },
 

@@ -13,6 +13,7 @@
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
 //! - [`offload`]: buffers parked in pinned host memory and brought back, on the copy stream.
 //! - [`timing`]: CUDA events on a device's stream, for benchmarks and profiling.
+//! - [`nccl`]: NCCL's collectives for data parallelism across processes, the library loaded at run time.
 //! - one module per op (`elementwise`, `rms_norm`, `dora`, …): the launchers, each the twin of the CPU function of
 //!   the same name in the crate root's module of the same name, and tested against it by `kernels/tests/cuda_*.rs`
 //!   (the older ops in `kernels/tests/cuda_parity/<op>.rs`).
@@ -39,6 +40,7 @@ pub mod dora;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
+pub mod nccl;
 pub mod nf4;
 pub mod offload;
 pub mod reduce;

@@ -168,6 +168,10 @@ impl Communicator for LocalRank {
         self.world_size
     }
 
+    fn backend(&self) -> &'static str {
+        "in-process"
+    }
+
     fn all_reduce_sum(&self, buf: Buffer<'_>) -> Result<()> {
         const OP: &str = "all_reduce_sum";
         match buf {

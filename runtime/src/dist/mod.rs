@@ -1,17 +1,18 @@
 //! Data parallelism's seam: a [`Communicator`] is one rank of a group of processes (or threads) that train the same
 //! model on different micro-batches and combine what they computed through collectives.
 //!
-//! It lives in the runtime because a collective moves tensors' memory: the NCCL backend (not built yet) will
-//! all-reduce device buffers owned by this crate's storage, on its CUDA streams; everything above (the trainer in
-//! `cli`) sees only this trait. Owns: the trait, the in-process group ([`local_group`], threads as ranks, what CI
-//! proves data parallelism with), torchrun's launch environment ([`launch`]) and the TCP rendezvous that hands a
-//! backend's unique id from rank 0 to the others ([`rendezvous`]). Must not know about models or optimizers.
+//! It lives in the runtime because a collective moves tensors' memory on the devices this crate drives; everything
+//! above (the trainer in `cli`) sees only this trait. Owns: the trait, the in-process group ([`local_group`], threads
+//! as ranks, what CI proves data parallelism with), the NCCL group ([`nccl`], one process per GPU), torchrun's launch
+//! environment ([`launch`]) and the TCP rendezvous that hands NCCL's unique id from rank 0 to the others
+//! ([`rendezvous`]). Must not know about models or optimizers.
 //!
 //! Every collective is called by every rank of the group, in the same order, with matching arguments; a rank
 //! that calls another collective, or leaves the group, makes the others' calls fail instead of hang.
 
 pub mod launch;
 mod local;
+pub mod nccl;
 pub mod rendezvous;
 
 pub use local::{local_group, LocalRank};
@@ -30,6 +31,9 @@ pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
 
     fn world_size(&self) -> usize;
+
+    /// How the ranks are connected, for people: "in-process" (threads of one process) or "NCCL".
+    fn backend(&self) -> &'static str;
 
     /// Element-wise sum over the ranks, in place; every rank ends with the same values. The buffers must have the
     /// same dtype and length on every rank. The order of the additions is the backend's: the in-process group adds

@@ -1,0 +1,131 @@
+//! The NCCL group: one process per GPU, as torchrun (or `finetune --gpus N`) launches them. Rank 0 draws NCCL's
+//! unique id and hands it out through the [`rendezvous`](super::rendezvous); every rank then joins the communicator
+//! on its GPU (`LOCAL_RANK`).
+//!
+//! The collectives take host buffers, as [`Communicator`] says: each is copied to the rank's GPU, reduced or gathered
+//! there by NCCL, and copied back. NCCL adds in its own order (a ring or a tree, fixed for a given group and size),
+//! so a sum is reproducible from run to run on the same machines but not the in-process group's rank-order sum; the
+//! trainer gathers per-micro-batch gradients instead of summing them for that reason, and an all-gather moves bytes
+//! unchanged.
+
+use super::launch::Launch;
+use super::rendezvous::{self, Host, ID_BYTES};
+use super::{Buffer, Communicator};
+use crate::{Error, Result};
+use qlora_kernels::cuda::nccl::{self, Elem, NcclComm, UNIQUE_ID_BYTES};
+use qlora_kernels::cuda::CudaDevice;
+use std::time::Duration;
+
+/// How long the rendezvous waits for every rank to arrive, and a collective for every rank to join it, unless
+/// `QLORA_NCCL_TIMEOUT` gives another number of seconds. Long enough for the slowest rank's model load.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// This process's rank of an NCCL group.
+pub struct NcclRank {
+    comm: NcclComm,
+}
+
+fn cuda(op: &'static str) -> impl FnOnce(qlora_kernels::cuda::Error) -> Error {
+    Error::cuda(op)
+}
+
+/// The deadline of the rendezvous and of each collective.
+pub fn timeout() -> Result<Duration> {
+    match std::env::var("QLORA_NCCL_TIMEOUT") {
+        Err(_) => Ok(DEFAULT_TIMEOUT),
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(s) if s > 0 => Ok(Duration::from_secs(s)),
+            _ => Err(Error::invalid("QLORA_NCCL_TIMEOUT", format!("{text:?} is not a positive number of seconds"))),
+        },
+    }
+}
+
+/// Ok when NCCL's library can be found and loaded; the error says where it was looked for.
+pub fn available() -> Result<()> {
+    nccl::available().map_err(cuda("nccl"))
+}
+
+impl NcclRank {
+    /// Joins the group `launch` describes on `device` (the GPU of its `LOCAL_RANK`): rank 0 listens at
+    /// `MASTER_ADDR:MASTER_PORT` and hands out the id, the others connect there.
+    pub fn connect(launch: &Launch, device: &CudaDevice) -> Result<NcclRank> {
+        let timeout = timeout()?;
+        let id: [u8; UNIQUE_ID_BYTES] = if launch.world_size == 1 {
+            nccl::unique_id().map_err(cuda("nccl unique id"))?
+        } else {
+            let Some((addr, port)) = &launch.master else {
+                return Err(Error::invalid("nccl", "a group of several ranks needs MASTER_ADDR and MASTER_PORT"));
+            };
+            if launch.rank == 0 {
+                let id = nccl::unique_id().map_err(cuda("nccl unique id"))?;
+                // Rank 0 listens on every interface: MASTER_ADDR is how the others reach it, not necessarily an
+                // address of its own that it could bind (a hostname behind NAT, a load balancer).
+                Host::bind("0.0.0.0", *port)?.serve(&id, launch.world_size, timeout)?;
+                id
+            } else {
+                rendezvous::join(addr, *port, launch.rank, launch.world_size, timeout)?
+            }
+        };
+        const _: () = assert!(ID_BYTES == UNIQUE_ID_BYTES);
+        let comm = NcclComm::init(device, &id, launch.rank, launch.world_size, timeout).map_err(cuda("nccl init"))?;
+        Ok(NcclRank { comm })
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<qlora_kernels::cuda::DeviceBuffer<u8>> {
+        self.comm.device().upload(bytes).map_err(cuda("nccl"))
+    }
+}
+
+impl Communicator for NcclRank {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn backend(&self) -> &'static str {
+        "NCCL"
+    }
+
+    fn all_reduce_sum(&self, buf: Buffer<'_>) -> Result<()> {
+        let (bytes, elem): (&mut [u8], Elem) = match buf {
+            Buffer::F32(v) => (bytemuck::cast_slice_mut(v), Elem::F32),
+            Buffer::F64(v) => (bytemuck::cast_slice_mut(v), Elem::F64),
+        };
+        // Every rank passes the same length (the trait's contract), so all return here together.
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut dev = self.upload(bytes)?;
+        self.comm.all_reduce_sum(&mut dev, elem).map_err(cuda("all_reduce_sum"))?;
+        bytes.copy_from_slice(&dev.to_vec().map_err(cuda("all_reduce_sum"))?);
+        Ok(())
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        if local.is_empty() {
+            return Ok(Vec::new());
+        }
+        let send = self.upload(bytemuck::cast_slice(local))?;
+        let mut recv = self.comm.device().alloc::<u8>(send.len() * self.world_size()).map_err(cuda("all_gather"))?;
+        self.comm.all_gather(&send, &mut recv).map_err(cuda("all_gather"))?;
+        let bytes = recv.to_vec().map_err(cuda("all_gather"))?;
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut dev = self.upload(buf)?;
+        self.comm.broadcast(&mut dev, root).map_err(cuda("broadcast"))?;
+        buf.copy_from_slice(&dev.to_vec().map_err(cuda("broadcast"))?);
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.all_reduce_sum(Buffer::F32(&mut [0.0]))
+    }
+}

@@ -1,0 +1,42 @@
+//! The NCCL group on the GPU machine. A single-GPU machine can hold a group of one rank only (NCCL refuses two ranks
+//! on one device), so this runs every collective through it: the library found and loaded, the communicator made on
+//! the GPU, each collective's bytes out and back through device memory, the deadline-guarded wait, and the argument
+//! checks; what several ranks compute is `cli/tests/cuda_nccl_finetune.rs`'s (two GPUs).
+//!
+//! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
+//! QLORA_REQUIRE_GPU=1. A missing NCCL on a GPU machine fails, naming where it was looked for.
+
+use qlora_runtime::dist::launch::Launch;
+use qlora_runtime::dist::nccl::NcclRank;
+use qlora_runtime::dist::{Buffer, Communicator};
+use qlora_runtime::testing::gpu;
+
+#[test]
+fn a_group_of_one_runs_every_collective_through_the_gpu() {
+    let Some(dev) = gpu("a_group_of_one_runs_every_collective_through_the_gpu") else { return };
+    let launch = Launch { rank: 0, world_size: 1, local_rank: dev.ordinal(), master: None };
+    let g = NcclRank::connect(&launch, &dev).unwrap();
+    assert_eq!((g.rank(), g.world_size(), g.backend()), (0, 1, "NCCL"));
+
+    // A sum over one rank is the values themselves, to the bit (f64 beyond f32's range included).
+    let mut f = [1.5f32, -2.0, 3.25e-30, f32::MAX];
+    g.all_reduce_sum(Buffer::F32(&mut f)).unwrap();
+    assert_eq!(f, [1.5, -2.0, 3.25e-30, f32::MAX]);
+    let mut d = [1e300f64, -7.0, 2f64.powi(60) + 1.0];
+    g.all_reduce_sum(Buffer::F64(&mut d)).unwrap();
+    assert_eq!(d, [1e300, -7.0, 2f64.powi(60) + 1.0]);
+    let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 3.0).collect();
+    assert_eq!(g.all_gather(&values).unwrap(), values);
+    let mut bytes = *b"every rank gets rank 0's bytes";
+    g.broadcast(&mut bytes, 0).unwrap();
+    assert_eq!(&bytes, b"every rank gets rank 0's bytes");
+    g.barrier().unwrap();
+    // Empty buffers need no collective; every rank passes the same length, so all skip together.
+    g.all_reduce_sum(Buffer::F32(&mut [])).unwrap();
+    assert!(g.all_gather(&[]).unwrap().is_empty());
+
+    let e = g.broadcast(&mut bytes, 1).unwrap_err().to_string();
+    assert!(e.contains("root 1 of 1 ranks"), "{e}");
+    // The group still works after a refused call (nothing was issued).
+    g.barrier().unwrap();
+}
