@@ -158,26 +158,34 @@ mod tests {
         (dx, dw)
     }
 
-    #[test]
-    fn forward_matches_direct_formula() {
-        let mut rng = Rng::new(1);
+    /// Runs `check` on every shape and both offsets with random x and w, drawn from a generator seeded `seed` that
+    /// `check` may draw more from.
+    fn each_case(seed: u64, mut check: impl FnMut(&mut Rng, usize, usize, f64, Vec<f64>, Vec<f64>)) {
+        let mut rng = Rng::new(seed);
         for (rows, dim) in SHAPES {
             for offset in [0.0, 1.0] {
                 let x = randn(&mut rng, rows * dim);
                 let w = randn(&mut rng, dim);
-                let (y, rstd) = forward(&x, &w, dim, offset);
-                let mut want_y = Vec::new();
-                let mut want_rstd = Vec::new();
-                for row in x.chunks(dim) {
-                    let mean_sq = row.iter().map(|v| v * v).sum::<f64>() / dim as f64;
-                    let r = 1.0 / (mean_sq + EPS).sqrt();
-                    want_rstd.push(r);
-                    want_y.extend(row.iter().zip(&w).map(|(v, w)| v * r * (offset + w)));
-                }
-                assert_close(&format!("y {rows}x{dim} offset {offset}"), &y, &want_y, F64);
-                assert_close(&format!("rstd {rows}x{dim}"), &rstd, &want_rstd, F64);
+                check(&mut rng, rows, dim, offset, x, w);
             }
         }
+    }
+
+    #[test]
+    fn forward_matches_direct_formula() {
+        each_case(1, |_, rows, dim, offset, x, w| {
+            let (y, rstd) = forward(&x, &w, dim, offset);
+            let mut want_y = Vec::new();
+            let mut want_rstd = Vec::new();
+            for row in x.chunks(dim) {
+                let mean_sq = row.iter().map(|v| v * v).sum::<f64>() / dim as f64;
+                let r = 1.0 / (mean_sq + EPS).sqrt();
+                want_rstd.push(r);
+                want_y.extend(row.iter().zip(&w).map(|(v, w)| v * r * (offset + w)));
+            }
+            assert_close(&format!("y {rows}x{dim} offset {offset}"), &y, &want_y, F64);
+            assert_close(&format!("rstd {rows}x{dim}"), &rstd, &want_rstd, F64);
+        });
     }
 
     #[test]
@@ -198,19 +206,14 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        let mut rng = Rng::new(3);
-        for (rows, dim) in SHAPES {
-            for offset in [0.0, 1.0] {
-                let x = randn(&mut rng, rows * dim);
-                let w = randn(&mut rng, dim);
-                let g = randn(&mut rng, rows * dim);
-                let (_, rstd) = forward(&x, &w, dim, offset);
-                let (dx, dw) = backward(&x, &w, &rstd, &g, dim, offset);
-                let what = format!("{rows}x{dim} offset {offset}");
-                check_gradient(&format!("dx {what}"), &x, &dx, |x| dot(&forward(x, &w, dim, offset).0, &g));
-                check_gradient(&format!("dw {what}"), &w, &dw, |w| dot(&forward(&x, w, dim, offset).0, &g));
-            }
-        }
+        each_case(3, |rng, rows, dim, offset, x, w| {
+            let g = randn(rng, rows * dim);
+            let (_, rstd) = forward(&x, &w, dim, offset);
+            let (dx, dw) = backward(&x, &w, &rstd, &g, dim, offset);
+            let what = format!("{rows}x{dim} offset {offset}");
+            check_gradient(&format!("dx {what}"), &x, &dx, |x| dot(&forward(x, &w, dim, offset).0, &g));
+            check_gradient(&format!("dw {what}"), &w, &dw, |w| dot(&forward(&x, w, dim, offset).0, &g));
+        });
     }
 
     #[test]
