@@ -78,6 +78,22 @@ impl Group {
             .collect();
         Params { x: p("x".into(), &self.x), bias: opt("bias", &self.bias), adapters }
     }
+
+    /// The group's projections with these biases and adapters, each with its dropout seed.
+    fn projections<'a>(
+        &'a self,
+        bias: &'a [Option<Var>],
+        adapters: &'a [Option<LoraAdapter>],
+    ) -> Vec<LoraProjection<'a>> {
+        (0..self.specs.len())
+            .map(|i| LoraProjection {
+                base: &self.bases[i],
+                bias: bias[i].as_ref(),
+                adapter: adapters[i].as_ref(),
+                dropout_seed: self.seeds[i],
+            })
+            .collect()
+    }
 }
 
 struct Params {
@@ -101,14 +117,7 @@ impl Params {
     fn forward(&self, t: &Tape, g: &Group, grouped: bool) -> Vec<Var> {
         let x = t.param(&self.x);
         let bias: Vec<Option<Var>> = self.bias.iter().map(|b| b.as_ref().map(|b| t.param(b))).collect();
-        let projections: Vec<LoraProjection> = (0..g.specs.len())
-            .map(|i| LoraProjection {
-                base: &g.bases[i],
-                bias: bias[i].as_ref(),
-                adapter: self.adapters[i].as_ref(),
-                dropout_seed: g.seeds[i],
-            })
-            .collect();
+        let projections = g.projections(&bias, &self.adapters);
         if grouped {
             t.lora_linear_group(&x, &projections).unwrap()
         } else {
@@ -378,15 +387,7 @@ fn checkpoint_recompute_gives_bit_identical_gradients() {
             let (g, adapters, bias) = (g.clone(), params.adapters.clone(), params.bias.clone());
             tape.checkpoint(&[&x], move |t, v| {
                 let bias: Vec<Option<Var>> = bias.iter().map(|b| b.as_ref().map(|b| t.param(b))).collect();
-                let projections: Vec<LoraProjection> = (0..g.specs.len())
-                    .map(|i| LoraProjection {
-                        base: &g.bases[i],
-                        bias: bias[i].as_ref(),
-                        adapter: adapters[i].as_ref(),
-                        dropout_seed: g.seeds[i],
-                    })
-                    .collect();
-                t.lora_linear_group(&v[0], &projections)
+                t.lora_linear_group(&v[0], &g.projections(&bias, &adapters))
             })
             .unwrap()
         } else {
@@ -431,15 +432,7 @@ fn group_saves_x_once_and_nothing_of_weight_size() {
         .collect();
     let tape = Tape::new();
     let x = Var::constant(g.x.clone());
-    let projections: Vec<LoraProjection> = (0..specs.len())
-        .map(|i| LoraProjection {
-            base: &g.bases[i],
-            bias: None,
-            adapter: frozen[i].as_ref(),
-            dropout_seed: g.seeds[i],
-        })
-        .collect();
-    let ys = tape.lora_linear_group(&x, &projections).unwrap();
+    let ys = tape.lora_linear_group(&x, &g.projections(&vec![None; specs.len()], &frozen)).unwrap();
     assert!(ys.iter().all(|y| !y.requires_grad()));
     assert_eq!(tape.saved_bytes().peak(), 0);
 }
