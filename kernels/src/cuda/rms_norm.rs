@@ -103,7 +103,7 @@ pub fn add_rms_norm_forward<T: GpuFloat>(
 
 /// The entry points of one backward, by path.
 struct BackwardKernels {
-    /// The launcher's name, for messages.
+    /// The kernels' name, for messages.
     what: &'static str,
     /// Rows of up to 512 threads, [`step_rows`] per step.
     vector: &'static str,
