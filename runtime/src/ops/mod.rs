@@ -71,8 +71,8 @@ pub(crate) use with_compute;
 
 /// The device dispatch of an op that writes one fresh output, of shape `$shape`, from same-dtype tensor inputs: on a
 /// GPU `$gpu` runs with each input bound to its device buffer, on the CPU `$cpu` with each bound to its values. Both
-/// see `T`, the element type in play, and `out`, the output to fill; scalars a CUDA kernel takes as f32 the CPU twin
-/// takes as `T`.
+/// see the element type in play and the output to fill, under the names the caller gives them (`|T, out|`); scalars a
+/// CUDA kernel takes as f32 the CPU twin takes as `T`. Written once so that each op states only its kernels.
 macro_rules! dispatch {
     ($op:expr, [$($x:ident),+] -> $shape:expr, |$t:ident, $out:ident| gpu: $gpu:expr, cpu: $cpu:expr $(,)?) => {{
         let shape: &[usize] = $shape;
