@@ -78,6 +78,22 @@ impl Group {
             .collect();
         Params { x: p("x".into(), &self.x), bias: opt("bias", &self.bias), adapters }
     }
+
+    /// The group's projections with these biases and adapters, each with its dropout seed.
+    fn projections<'a>(
+        &'a self,
+        bias: &'a [Option<Var>],
+        adapters: &'a [Option<LoraAdapter>],
+    ) -> Vec<LoraProjection<'a>> {
+        (0..self.specs.len())
+            .map(|i| LoraProjection {
+                base: &self.bases[i],
+                bias: bias[i].as_ref(),
+                adapter: adapters[i].as_ref(),
+                dropout_seed: self.seeds[i],
+            })
+            .collect()
+    }
 }
 
 struct Params {
@@ -101,14 +117,7 @@ impl Params {
     fn forward(&self, t: &Tape, g: &Group, grouped: bool) -> Vec<Var> {
         let x = t.param(&self.x);
         let bias: Vec<Option<Var>> = self.bias.iter().map(|b| b.as_ref().map(|b| t.param(b))).collect();
-        let projections: Vec<LoraProjection> = (0..g.specs.len())
-            .map(|i| LoraProjection {
-                base: &g.bases[i],
-                bias: bias[i].as_ref(),
-                adapter: self.adapters[i].as_ref(),
-                dropout_seed: g.seeds[i],
-            })
-            .collect();
+        let projections = g.projections(&bias, &self.adapters);
         if grouped {
             t.lora_linear_group(&x, &projections).unwrap()
         } else {
@@ -179,6 +188,12 @@ fn reference(g: &Group) -> Vec<Vec<f64>> {
             y
         })
         .collect()
+}
+
+/// [`specs`]' qkv group without dropout, on an input of `x_shape`.
+fn qkv_group(x_shape: &[usize], nf4: bool, dtype: DType, rng: &mut Rng) -> Group {
+    let (_, specs) = specs().remove(1);
+    Group::new(&specs, x_shape, nf4, dtype, rng)
 }
 
 /// The groups the tests run: ranks differing per projection, odd sizes, projections without adapter or bias, rsLoRA,
@@ -335,8 +350,7 @@ fn group_with_dora_runs_as_separate_calls() {
 #[test]
 fn unused_outputs_leave_their_adapters_without_gradient() {
     let mut rng = Rng::new(24);
-    let (_, specs) = specs().remove(1);
-    let g = Group::new(&specs, &[10, 8], true, DType::F64, &mut rng);
+    let g = qkv_group(&[10, 8], true, DType::F64, &mut rng);
     let params = g.params();
     let tape = Tape::new();
     let ys = params.forward(&tape, &g, true);
@@ -378,15 +392,7 @@ fn checkpoint_recompute_gives_bit_identical_gradients() {
             let (g, adapters, bias) = (g.clone(), params.adapters.clone(), params.bias.clone());
             tape.checkpoint(&[&x], move |t, v| {
                 let bias: Vec<Option<Var>> = bias.iter().map(|b| b.as_ref().map(|b| t.param(b))).collect();
-                let projections: Vec<LoraProjection> = (0..g.specs.len())
-                    .map(|i| LoraProjection {
-                        base: &g.bases[i],
-                        bias: bias[i].as_ref(),
-                        adapter: adapters[i].as_ref(),
-                        dropout_seed: g.seeds[i],
-                    })
-                    .collect();
-                t.lora_linear_group(&v[0], &projections)
+                t.lora_linear_group(&v[0], &g.projections(&bias, &adapters))
             })
             .unwrap()
         } else {
@@ -405,13 +411,12 @@ fn checkpoint_recompute_gives_bit_identical_gradients() {
 fn group_saves_x_once_and_nothing_of_weight_size() {
     let mut rng = Rng::new(26);
     let (tokens, in_f) = (4, 64);
-    let (_, specs) = specs().remove(1);
-    let g = Group::new(&specs, &[tokens, in_f], true, DType::F32, &mut rng);
+    let g = qkv_group(&[tokens, in_f], true, DType::F32, &mut rng);
     let params = g.params();
     let tape = Tape::new();
     let ys = params.forward(&tape, &g, true);
-    let r: usize = specs.iter().filter_map(|s| s.adapter.as_ref()).map(|c| c.r).sum();
-    let b: usize = specs.iter().filter_map(|s| Some(s.out_f * s.adapter.as_ref()?.r)).sum();
+    let r: usize = g.specs.iter().filter_map(|s| s.adapter.as_ref()).map(|c| c.r).sum();
+    let b: usize = g.specs.iter().filter_map(|s| Some(s.out_f * s.adapter.as_ref()?.r)).sum();
     assert_eq!(tape.saved_bytes().current(), 4 * (tokens * in_f + tokens * r + r * in_f + b));
     let loss =
         ys.iter().skip(1).fold(tape.sum(&ys[0]).unwrap(), |acc, y| tape.add(&acc, &tape.sum(y).unwrap()).unwrap());
@@ -431,15 +436,7 @@ fn group_saves_x_once_and_nothing_of_weight_size() {
         .collect();
     let tape = Tape::new();
     let x = Var::constant(g.x.clone());
-    let projections: Vec<LoraProjection> = (0..specs.len())
-        .map(|i| LoraProjection {
-            base: &g.bases[i],
-            bias: None,
-            adapter: frozen[i].as_ref(),
-            dropout_seed: g.seeds[i],
-        })
-        .collect();
-    let ys = tape.lora_linear_group(&x, &projections).unwrap();
+    let ys = tape.lora_linear_group(&x, &g.projections(&vec![None; g.specs.len()], &frozen)).unwrap();
     assert!(ys.iter().all(|y| !y.requires_grad()));
     assert_eq!(tape.saved_bytes().peak(), 0);
 }
@@ -447,8 +444,7 @@ fn group_saves_x_once_and_nothing_of_weight_size() {
 #[test]
 fn group_errors_name_the_tensor() {
     let mut rng = Rng::new(27);
-    let (_, specs) = specs().remove(1);
-    let g = Group::new(&specs, &[3, 8], false, DType::F32, &mut rng);
+    let g = qkv_group(&[3, 8], false, DType::F32, &mut rng);
     let params = g.params();
     let other = BaseWeight::Dense(Tensor::zeros(&[4, 9], DType::F32));
     let tape = Tape::new();

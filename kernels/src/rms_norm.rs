@@ -32,13 +32,17 @@ pub fn rms_norm_forward<T: Float>(x: &[T], weight: &[T], dim: usize, eps: T, off
 }
 
 /// x, dy: [rows, dim], rstd: \[rows\] → dx: [rows, dim] (written), dw: \[dim\] when wanted (written: Σ over rows,
-/// deterministic order; None for a frozen weight)
+/// deterministic order; None for a frozen weight).
+///
+/// After [`add_rms_norm_forward`], x is h and `d_residual` [rows, dim] what reached h from its other readers: dx
+/// is then d_residual + the norm's dx, the gradient of both x and residual (h = x + residual).
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward<T: Float>(
     x: &[T],
     weight: &[T],
     rstd: &[T],
     dy: &[T],
+    d_residual: Option<&[T]>,
     dim: usize,
     offset: T,
     dx: &mut [T],
@@ -47,6 +51,9 @@ pub fn rms_norm_backward<T: Float>(
     let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
     assert_eq!(dy.len(), rows * dim, "rms_norm_backward: dy length");
     assert_eq!(dx.len(), rows * dim, "rms_norm_backward: dx length");
+    if let Some(d_residual) = d_residual {
+        assert_eq!(d_residual.len(), rows * dim, "rms_norm_backward: d_residual length");
+    }
     let mut unwanted = Vec::new();
     let dw = dw.unwrap_or_else(|| {
         unwanted = vec![T::zero(); dim];
@@ -81,6 +88,12 @@ pub fn rms_norm_backward<T: Float>(
             *dw = *dw + p;
         }
     }
+    let Some(d_residual) = d_residual else { return };
+    dx.par_chunks_mut(MIN_PAR_ELEMS).zip(d_residual.par_chunks(MIN_PAR_ELEMS)).for_each(|(dx, dr)| {
+        for (dx, &dr) in dx.iter_mut().zip(dr) {
+            *dx = dr + *dx;
+        }
+    });
 }
 
 /// x, residual: [rows, dim], weight: \[dim\] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim], rstd: \[rows\]
@@ -107,29 +120,6 @@ pub fn add_rms_norm_forward<T: Float>(
         },
     );
     rms_norm_forward(h, weight, dim, eps, offset, y, rstd);
-}
-
-/// h, dy, d_residual: [rows, dim], rstd: \[rows\] → dx = d_residual + rms_norm_backward's dx: [rows, dim] (the
-/// gradient of both x and residual, since h = x + residual), dw: \[dim\] when wanted (written, as rms_norm_backward's)
-#[allow(clippy::too_many_arguments)]
-pub fn add_rms_norm_backward<T: Float>(
-    h: &[T],
-    weight: &[T],
-    rstd: &[T],
-    dy: &[T],
-    d_residual: &[T],
-    dim: usize,
-    offset: T,
-    dx: &mut [T],
-    dw: Option<&mut [T]>,
-) {
-    assert_eq!(d_residual.len(), h.len(), "add_rms_norm_backward: d_residual length");
-    rms_norm_backward(h, weight, rstd, dy, dim, offset, dx, dw);
-    dx.par_chunks_mut(MIN_PAR_ELEMS).zip(d_residual.par_chunks(MIN_PAR_ELEMS)).for_each(|(dx, dr)| {
-        for (dx, &dr) in dx.iter_mut().zip(dr) {
-            *dx = dr + *dx;
-        }
-    });
 }
 
 /// The row count, after asserting the shapes shared by forward and backward (the CUDA launchers share the contract).
@@ -164,30 +154,38 @@ mod tests {
     fn backward<T: Float>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dim: usize, offset: f64) -> (Vec<T>, Vec<T>) {
         let mut dx = vec![T::nan(); x.len()];
         let mut dw = vec![T::nan(); dim];
-        rms_norm_backward(x, w, rstd, dy, dim, T::c(offset), &mut dx, Some(&mut dw));
+        rms_norm_backward(x, w, rstd, dy, None, dim, T::c(offset), &mut dx, Some(&mut dw));
         (dx, dw)
     }
 
-    #[test]
-    fn forward_matches_direct_formula() {
-        let mut rng = Rng::new(1);
+    /// Runs `check` on every shape and both offsets with random x and w, drawn from a generator seeded `seed` that
+    /// `check` may draw more from.
+    fn each_case(seed: u64, mut check: impl FnMut(&mut Rng, usize, usize, f64, Vec<f64>, Vec<f64>)) {
+        let mut rng = Rng::new(seed);
         for (rows, dim) in SHAPES {
             for offset in [0.0, 1.0] {
                 let x = randn(&mut rng, rows * dim);
                 let w = randn(&mut rng, dim);
-                let (y, rstd) = forward(&x, &w, dim, offset);
-                let mut want_y = Vec::new();
-                let mut want_rstd = Vec::new();
-                for row in x.chunks(dim) {
-                    let mean_sq = row.iter().map(|v| v * v).sum::<f64>() / dim as f64;
-                    let r = 1.0 / (mean_sq + EPS).sqrt();
-                    want_rstd.push(r);
-                    want_y.extend(row.iter().zip(&w).map(|(v, w)| v * r * (offset + w)));
-                }
-                assert_close(&format!("y {rows}x{dim} offset {offset}"), &y, &want_y, F64);
-                assert_close(&format!("rstd {rows}x{dim}"), &rstd, &want_rstd, F64);
+                check(&mut rng, rows, dim, offset, x, w);
             }
         }
+    }
+
+    #[test]
+    fn forward_matches_direct_formula() {
+        each_case(1, |_, rows, dim, offset, x, w| {
+            let (y, rstd) = forward(&x, &w, dim, offset);
+            let mut want_y = Vec::new();
+            let mut want_rstd = Vec::new();
+            for row in x.chunks(dim) {
+                let mean_sq = row.iter().map(|v| v * v).sum::<f64>() / dim as f64;
+                let r = 1.0 / (mean_sq + EPS).sqrt();
+                want_rstd.push(r);
+                want_y.extend(row.iter().zip(&w).map(|(v, w)| v * r * (offset + w)));
+            }
+            assert_close(&format!("y {rows}x{dim} offset {offset}"), &y, &want_y, F64);
+            assert_close(&format!("rstd {rows}x{dim}"), &rstd, &want_rstd, F64);
+        });
     }
 
     #[test]
@@ -208,19 +206,14 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        let mut rng = Rng::new(3);
-        for (rows, dim) in SHAPES {
-            for offset in [0.0, 1.0] {
-                let x = randn(&mut rng, rows * dim);
-                let w = randn(&mut rng, dim);
-                let g = randn(&mut rng, rows * dim);
-                let (_, rstd) = forward(&x, &w, dim, offset);
-                let (dx, dw) = backward(&x, &w, &rstd, &g, dim, offset);
-                let what = format!("{rows}x{dim} offset {offset}");
-                check_gradient(&format!("dx {what}"), &x, &dx, |x| dot(&forward(x, &w, dim, offset).0, &g));
-                check_gradient(&format!("dw {what}"), &w, &dw, |w| dot(&forward(&x, w, dim, offset).0, &g));
-            }
-        }
+        each_case(3, |rng, rows, dim, offset, x, w| {
+            let g = randn(rng, rows * dim);
+            let (_, rstd) = forward(&x, &w, dim, offset);
+            let (dx, dw) = backward(&x, &w, &rstd, &g, dim, offset);
+            let what = format!("{rows}x{dim} offset {offset}");
+            check_gradient(&format!("dx {what}"), &x, &dx, |x| dot(&forward(x, &w, dim, offset).0, &g));
+            check_gradient(&format!("dw {what}"), &w, &dw, |w| dot(&forward(&x, w, dim, offset).0, &g));
+        });
     }
 
     #[test]
@@ -303,7 +296,7 @@ mod tests {
             assert_eq!((y.clone(), rstd.clone()), forward(&want_h, &w, dim, offset));
             // h feeds the norm and the residual stream, whose gradient dh arrives beside the norm's dy.
             let (mut dx, mut dw) = (vec![f64::NAN; rows * dim], vec![f64::NAN; dim]);
-            add_rms_norm_backward(&h, &w, &rstd, &g, &dh, dim, offset, &mut dx, Some(&mut dw));
+            rms_norm_backward(&h, &w, &rstd, &g, Some(&dh), dim, offset, &mut dx, Some(&mut dw));
             let (norm_dx, want_dw) = backward(&h, &w, &rstd, &g, dim, offset);
             let want_dx: Vec<f64> = norm_dx.iter().zip(&dh).map(|(a, b)| a + b).collect();
             assert_eq!((dx.clone(), dw), (want_dx, want_dw));

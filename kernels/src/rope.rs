@@ -141,6 +141,11 @@ mod tests {
     const HEADS: [usize; 2] = [1, 3];
     const HEAD_DIMS: [usize; 3] = [2, 6, 64];
 
+    /// Every (tokens, heads, head_dim) of the sweeps.
+    fn shapes() -> impl Iterator<Item = (usize, usize, usize)> {
+        TOKENS.into_iter().flat_map(|t| HEADS.into_iter().flat_map(move |h| HEAD_DIMS.map(move |d| (t, h, d))))
+    }
+
     /// Outputs start as NaN so that an element the kernel forgot to write fails every comparison.
     fn tables<T: Float>(positions: &[i32], inv_freq: &[T]) -> (Vec<T>, Vec<T>) {
         let mut cos = vec![T::nan(); positions.len() * inv_freq.len()];
@@ -236,12 +241,8 @@ mod tests {
     #[test]
     fn forward_matches_transformers_rotate_half() {
         let mut rng = Rng::new(1);
-        for tokens in TOKENS {
-            for heads in HEADS {
-                for head_dim in HEAD_DIMS {
-                    assert_matches_transformers(&mut rng, tokens, heads, head_dim);
-                }
-            }
+        for (tokens, heads, head_dim) in shapes() {
+            assert_matches_transformers(&mut rng, tokens, heads, head_dim);
         }
     }
 
@@ -257,19 +258,15 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences_and_inverts_forward() {
         let mut rng = Rng::new(3);
-        for tokens in TOKENS {
-            for heads in HEADS {
-                for head_dim in HEAD_DIMS {
-                    let (cos, sin) = tables(&positions(&mut rng, tokens), &rope_inv_freq::<f64>(head_dim, 10000.0));
-                    let x = randn(&mut rng, tokens * heads * head_dim);
-                    let g = randn(&mut rng, x.len());
-                    let what = format!("tokens {tokens} heads {heads} head_dim {head_dim}");
-                    let dx = backward(&g, &cos, &sin, heads, head_dim);
-                    check_gradient(&what, &x, &dx, |x| dot(&forward(x, &cos, &sin, heads, head_dim), &g));
-                    let round_trip = backward(&forward(&x, &cos, &sin, heads, head_dim), &cos, &sin, heads, head_dim);
-                    assert_close(&what, &round_trip, &x, Tolerance { abs: 1e-14, rel: 1e-14 });
-                }
-            }
+        for (tokens, heads, head_dim) in shapes() {
+            let (cos, sin) = tables(&positions(&mut rng, tokens), &rope_inv_freq::<f64>(head_dim, 10000.0));
+            let x = randn(&mut rng, tokens * heads * head_dim);
+            let g = randn(&mut rng, x.len());
+            let what = format!("tokens {tokens} heads {heads} head_dim {head_dim}");
+            let dx = backward(&g, &cos, &sin, heads, head_dim);
+            check_gradient(&what, &x, &dx, |x| dot(&forward(x, &cos, &sin, heads, head_dim), &g));
+            let round_trip = backward(&forward(&x, &cos, &sin, heads, head_dim), &cos, &sin, heads, head_dim);
+            assert_close(&what, &round_trip, &x, Tolerance { abs: 1e-14, rel: 1e-14 });
         }
     }
 

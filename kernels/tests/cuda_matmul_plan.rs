@@ -5,22 +5,25 @@
 //! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1. They count the device's plans, so they run one at a time.
 
-use half::bf16;
 use qlora_kernels::cuda::matmul::{matmul as gpu_matmul, plan_count};
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
 use qlora_kernels::matmul::{matmul, Gemm};
 use qlora_kernels::testing::{assert_close, gpu};
 use qlora_kernels::Rng;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 // The parity suite's element types and helpers; this file is its own test binary because plan counts are global.
 #[path = "cuda_parity/common.rs"]
 #[allow(dead_code, unused_imports, unused_macros)]
 mod common;
-use common::{Elem, REDUCED};
+use common::{parity_test, Elem, REDUCED};
 
-/// Plan counts are per device and tests share it: each test holds this while it counts.
+/// Plan counts are per device and tests share it: each case holds this while it counts.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 struct Operands<T: Elem> {
     a: DeviceBuffer<T>,
@@ -90,7 +93,10 @@ fn bits<T: Elem>(v: &[T]) -> Vec<u32> {
     v.iter().map(|&x| x.to_f32().to_bits()).collect()
 }
 
+parity_test!(repeated_products_reuse_their_plan_and_bits: repeated_case, seed 51);
+
 fn repeated_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    let _serial = serial();
     let products = products();
     let operands: Vec<Operands<T>> = products.iter().map(|g| Operands::new(dev, rng, g)).collect();
     let first: Vec<Vec<T>> = products.iter().zip(&operands).map(|(g, o)| o.gpu(dev, g)).collect();
@@ -107,16 +113,10 @@ fn repeated_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     assert_eq!(plan_count(dev).unwrap(), planned, "repeated products added plans [{}]", T::NAME);
 }
 
-#[test]
-fn repeated_products_reuse_their_plan_and_bits() {
-    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(dev) = gpu("repeated_products_reuse_their_plan_and_bits") else { return };
-    let mut rng = Rng::new(51);
-    repeated_case::<f32>(&dev, &mut rng);
-    repeated_case::<bf16>(&dev, &mut rng);
-}
+parity_test!(alpha_and_beta_share_a_plan_and_match_cpu: alpha_beta_case, seed 52);
 
 fn alpha_beta_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    let _serial = serial();
     for g in [Gemm::new(33, 65, 129).trans_b(true), Gemm::new(7, 9, 11).batched(4).trans_a(true)] {
         let o = Operands::<T>::new(dev, rng, &g.beta(1.0));
         o.gpu(dev, &g);
@@ -133,17 +133,8 @@ fn alpha_beta_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
 }
 
 #[test]
-fn alpha_and_beta_share_a_plan_and_match_cpu() {
-    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(dev) = gpu("alpha_and_beta_share_a_plan_and_match_cpu") else { return };
-    let mut rng = Rng::new(52);
-    alpha_beta_case::<f32>(&dev, &mut rng);
-    alpha_beta_case::<bf16>(&dev, &mut rng);
-}
-
-#[test]
 fn new_shapes_get_plans_of_their_own() {
-    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let Some(dev) = gpu("new_shapes_get_plans_of_their_own") else { return };
     let mut rng = Rng::new(53);
     // Shapes no other test uses: each adds exactly one plan, the first time only.

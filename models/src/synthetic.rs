@@ -30,60 +30,21 @@ pub struct Shape {
     config_json: &'static str,
 }
 
-/// Every built-in shape. The JSON repeats the public `config.json` values this crate reads (token ids and the
-/// vision tower left out).
+impl Shape {
+    const fn new(name: &'static str, source: &'static str, config_json: &'static str) -> Shape {
+        Shape { name, source, config_json }
+    }
+}
+
+/// Every built-in shape, its config in `models/shapes/<name>.json`: the public `config.json` values this crate reads
+/// (token ids and the vision tower left out), kept as JSON so that it reads and diffs like the checkpoint's own.
 pub const SHAPES: &[Shape] = &[
-    Shape {
-        name: "smollm2-135m",
-        source: "HuggingFaceTB/SmolLM2-135M",
-        config_json: r#"{"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-5,
-            "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": true}"#,
-    },
-    Shape {
-        name: "llama-3.2-1b",
-        source: "meta-llama/Llama-3.2-1B",
-        config_json: r#"{"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 32.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-            "max_position_embeddings": 131072, "tie_word_embeddings": true}"#,
-    },
-    Shape {
-        name: "llama-3-8b",
-        source: "meta-llama/Meta-Llama-3-8B",
-        config_json: r#"{"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": false}"#,
-    },
-    Shape {
-        name: "llama-3.1-70b",
-        source: "meta-llama/Llama-3.1-70B",
-        config_json: r#"{"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
-            "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-            "max_position_embeddings": 131072, "tie_word_embeddings": false}"#,
-    },
-    Shape {
-        name: "gemma-2-2b",
-        source: "google/gemma-2-2b",
-        config_json: r#"{"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
-            "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-            "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
-            "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0, "max_position_embeddings": 8192, "tie_word_embeddings": true}"#,
-    },
-    Shape {
-        name: "gemma-3-4b",
-        source: "google/gemma-3-4b-pt (text_config)",
-        config_json: r#"{"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560,
-            "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
-            "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
-            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-            "max_position_embeddings": 131072, "tie_word_embeddings": true}"#,
-    },
+    Shape::new("smollm2-135m", "HuggingFaceTB/SmolLM2-135M", include_str!("../shapes/smollm2-135m.json")),
+    Shape::new("llama-3.2-1b", "meta-llama/Llama-3.2-1B", include_str!("../shapes/llama-3.2-1b.json")),
+    Shape::new("llama-3-8b", "meta-llama/Meta-Llama-3-8B", include_str!("../shapes/llama-3-8b.json")),
+    Shape::new("llama-3.1-70b", "meta-llama/Llama-3.1-70B", include_str!("../shapes/llama-3.1-70b.json")),
+    Shape::new("gemma-2-2b", "google/gemma-2-2b", include_str!("../shapes/gemma-2-2b.json")),
+    Shape::new("gemma-3-4b", "google/gemma-3-4b-pt (text_config)", include_str!("../shapes/gemma-3-4b.json")),
 ];
 
 /// The names of [`SHAPES`], comma-separated (for help texts and errors).

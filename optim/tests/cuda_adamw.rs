@@ -20,6 +20,20 @@ const CUDA: Device = Device::Cuda(0);
 const ABS: f64 = 1e-6;
 const REL: f64 = 1e-5;
 
+/// Odd sizes: a partial last block in the kernel's grid, and one parameter past a block of 256 threads.
+const SHAPES: [&[usize]; 3] = [&[7, 33], &[1], &[3, 301]];
+
+/// Random trainable parameters `p0`, `p1`, … of [`SHAPES`] on `device`.
+fn params(rng: &mut Rng, device: Device) -> Vec<Param> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Param::trainable(format!("p{i}"), Tensor::randn(s, 0.5, DType::F32, rng).to_device(device).unwrap())
+        })
+        .collect()
+}
+
 /// Sets every parameter's gradient to its coefficient tensor: backward of Σ p ⊙ c.
 fn set_grads(params: &[Param], coefs: &[Tensor]) {
     let tape = Tape::new();
@@ -44,25 +58,18 @@ fn assert_close(what: &str, got: &[f64], want: &[f64]) {
 
 #[test]
 fn adamw_on_cuda_matches_cpu_with_clipping_and_decay() {
-    let test = "adamw_on_cuda_matches_cpu_with_clipping_and_decay";
-    if gpu(test).is_none() {
+    if gpu("adamw_on_cuda_matches_cpu_with_clipping_and_decay").is_none() {
         return;
     }
     let mut rng = Rng::new(11);
-    // Odd sizes: a partial last block in the kernel's grid, and one parameter past a block of 256 threads.
-    let shapes: [&[usize]; 3] = [&[7, 33], &[1], &[3, 301]];
-    let cpu: Vec<Param> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| Param::trainable(format!("p{i}"), Tensor::randn(s, 0.5, DType::F32, &mut rng)))
-        .collect();
+    let cpu = params(&mut rng, Device::Cpu);
     let gpu: Vec<Param> = cpu.iter().map(|p| Param::trainable(p.name(), p.value().to_device(CUDA).unwrap())).collect();
     let config = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
     let mut cpu_opt = AdamW::new(cpu.clone(), config).unwrap();
     let mut gpu_opt = AdamW::new(gpu.clone(), config).unwrap();
     for step in 1..=6u64 {
         // Gradients large enough that clipping to 1.0 scales them every step.
-        let coefs: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s, 2.0, DType::F32, &mut rng)).collect();
+        let coefs: Vec<Tensor> = SHAPES.iter().map(|s| Tensor::randn(s, 2.0, DType::F32, &mut rng)).collect();
         set_grads(&cpu, &coefs);
         set_grads(&gpu, &coefs);
         let (cn, gn) = (clip_grad_norm(&cpu, 1.0).unwrap(), clip_grad_norm(&gpu, 1.0).unwrap());
@@ -91,8 +98,7 @@ fn adamw_on_cuda_matches_cpu_with_clipping_and_decay() {
 
 #[test]
 fn a_cpu_optimizer_state_resumes_on_cuda() {
-    let test = "a_cpu_optimizer_state_resumes_on_cuda";
-    if gpu(test).is_none() {
+    if gpu("a_cpu_optimizer_state_resumes_on_cuda").is_none() {
         return;
     }
     let mut rng = Rng::new(12);
@@ -128,25 +134,16 @@ fn a_cpu_optimizer_state_resumes_on_cuda() {
 /// clipped updates, through a change of mode mid-run and a state round trip; on the CPU paging is a no-op.
 #[test]
 fn paged_moments_update_the_same_bits() {
-    let test = "paged_moments_update_the_same_bits";
     let run = |device: Device, paged_from: Option<usize>| {
         let mut rng = Rng::new(12);
-        let shapes: [&[usize]; 3] = [&[7, 33], &[1], &[3, 301]];
-        let params: Vec<Param> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let v = Tensor::randn(s, 0.5, DType::F32, &mut rng).to_device(device).unwrap();
-                Param::trainable(format!("p{i}"), v)
-            })
-            .collect();
+        let params = params(&mut rng, device);
         let mut opt =
             AdamW::new(params.clone(), AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() }).unwrap();
         for step in 0..5 {
             if paged_from == Some(step) {
                 opt.set_paged(true).unwrap();
             }
-            let coefs: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s, 1.0, DType::F32, &mut rng)).collect();
+            let coefs: Vec<Tensor> = SHAPES.iter().map(|s| Tensor::randn(s, 1.0, DType::F32, &mut rng)).collect();
             set_grads(&params, &coefs);
             let norm = opt.grad_norm_sq().unwrap();
             opt.step_clipped(&norm, 0.5).unwrap();
@@ -158,7 +155,7 @@ fn paged_moments_update_the_same_bits() {
         (values, state)
     };
     assert_eq!(run(Device::Cpu, Some(0)), run(Device::Cpu, None), "CPU");
-    let Some(dev) = gpu(test) else { return };
+    let Some(dev) = gpu("paged_moments_update_the_same_bits") else { return };
     let resident = run(CUDA, None);
     for paged_from in [0, 2] {
         assert!(run(CUDA, Some(paged_from)) == resident, "paged from update {paged_from}: other bits");

@@ -6,7 +6,7 @@
 //! and the weight's gradient wanted or not. And decoding's NF4 GEMV against the GEMM with the dequantized weight.
 
 use qlora_runtime::ops::elementwise::add;
-use qlora_runtime::ops::rms_norm::{add_rms_norm, add_rms_norm_backward, rms_norm, rms_norm_backward};
+use qlora_runtime::ops::rms_norm::{add_rms_norm, rms_norm, rms_norm_backward};
 use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::{test_device, DType, Device, Rng, Tensor};
 
@@ -34,8 +34,8 @@ fn fused_add_rms_norm_equals_add_then_rms_norm(device: Device) {
                 let h_ref = add(&x, &r).unwrap();
                 let (y_ref, rstd_ref) = rms_norm(&h_ref, &w, 1e-6, offset).unwrap();
                 for need_dw in [false, true] {
-                    let (dx, dw) = add_rms_norm_backward(&h, &w, &rstd, &dy, &dh, offset, need_dw).unwrap();
-                    let (dnorm, dw_ref) = rms_norm_backward(&h_ref, &w, &rstd_ref, &dy, offset, need_dw).unwrap();
+                    let (dx, dw) = rms_norm_backward(&h, &w, &rstd, &dy, Some(&dh), offset, need_dw).unwrap();
+                    let (dnorm, dw_ref) = rms_norm_backward(&h_ref, &w, &rstd_ref, &dy, None, offset, need_dw).unwrap();
                     let dx_ref = add(&dh, &dnorm).unwrap();
                     assert_eq!(dw.is_some(), need_dw);
                     let what = format!("{dtype:?} {rows}×{dim} offset {offset}");

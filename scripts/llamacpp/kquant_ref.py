@@ -12,8 +12,6 @@ near ggml's GROUP_MAX_EPS and values near f16's range. models/tests/gguf_export.
     python3 scripts/llamacpp/kquant_ref.py LLAMA_CPP_DIR
 """
 
-import json
-import struct
 import subprocess
 import sys
 import tempfile
@@ -22,16 +20,16 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "reference"))
+from quant_ref_common import safetensors, scaled_rows  # noqa: E402
+
 OUT = HERE.parents[1] / "tests/fixtures/gguf/kquant_ref.safetensors"
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def rows() -> np.ndarray:
     rng = np.random.default_rng(20261204)
-    r = []
-    for scale in (1e-3, 0.02, 1.0, 37.0):
-        r.append(rng.uniform(-scale, scale, 256))
-        r.append(rng.normal(0.0, scale, 256))
+    r = scaled_rows(rng, 256)
     r.append(rng.standard_t(2, 256))
     r.append(rng.uniform(0.5, 1.5, 256))
     r.append(-rng.uniform(0.5, 1.5, 256))
@@ -58,18 +56,6 @@ def rows() -> np.ndarray:
     out = np.stack(r).astype(np.float32)
     assert out.shape == (22, 256), out.shape
     return out
-
-
-def safetensors(tensors: dict, meta: dict) -> bytes:
-    header, blobs, offset = {}, [], 0
-    for name, (dtype, shape, data) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    header["__metadata__"] = meta
-    text = json.dumps(header, separators=(",", ":"))
-    text += " " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text.encode() + b"".join(blobs)
 
 
 def main() -> None:

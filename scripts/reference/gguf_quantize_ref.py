@@ -16,9 +16,7 @@ quant.rs). Only pure-Python numpy code runs: no network, no model weights.
     /tmp/ggufvenv/bin/python scripts/reference/gguf_quantize_ref.py
 """
 
-import json
 from importlib import metadata
-import struct
 import sys
 from pathlib import Path
 
@@ -26,15 +24,14 @@ import numpy as np
 from gguf.quants import quantize
 from gguf import GGMLQuantizationType as T
 
+from quant_ref_common import safetensors, scaled_rows
+
 OUT = Path(__file__).resolve().parents[2] / "tests/fixtures/gguf/quantize_ref.safetensors"
 
 
 def rows() -> np.ndarray:
     rng = np.random.default_rng(20261124)
-    r = []
-    for scale in (1e-3, 0.02, 1.0, 37.0):
-        r.append(rng.uniform(-scale, scale, 64))
-        r.append(rng.normal(0.0, scale, 64))
+    r = scaled_rows(rng, 64)
     # Exact halves of the Q8_0 step: max |x| = 127 makes d = 1, so x + 0.5 lands on .5 boundaries.
     halves = np.arange(-32, 32, dtype=np.float64) + 0.5
     halves[0] = 127.0
@@ -66,25 +63,13 @@ def rows() -> np.ndarray:
     return out
 
 
-def safetensors(tensors: dict) -> bytes:
-    header, blobs, offset = {}, [], 0
-    for name, (dtype, shape, data) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    header["__metadata__"] = {"gguf": metadata.version("gguf"), "numpy": np.__version__}
-    text = json.dumps(header, separators=(",", ":"))
-    text += " " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text.encode() + b"".join(blobs)
-
-
 def main() -> int:
     x = rows()
     tensors = {"input": ("F32", x.shape, x.tobytes())}
     for ty in (T.Q8_0, T.Q4_0, T.Q4_1, T.F16):
         q = np.ascontiguousarray(quantize(x, ty)).view(np.uint8).reshape(x.shape[0], -1)
         tensors[ty.name] = ("U8", q.shape, q.tobytes())
-    OUT.write_bytes(safetensors(tensors))
+    OUT.write_bytes(safetensors(tensors, {"gguf": metadata.version("gguf"), "numpy": np.__version__}))
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")
     return 0
 

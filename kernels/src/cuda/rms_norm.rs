@@ -52,22 +52,6 @@ pub fn rms_norm_forward<T: GpuFloat>(
     }
 }
 
-/// x, dy: [rows, dim], rstd: \[rows\] f32 → dx: [rows, dim], dw: \[dim\] when given (written: Σ over rows, deterministic
-/// order; None for a frozen weight, QLoRA's norms, skips the dw partial sums and their reduction launch)
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm_backward<T: GpuFloat>(
-    x: &DeviceBuffer<T>,
-    weight: &DeviceBuffer<T>,
-    rstd: &DeviceBuffer<f32>,
-    dy: &DeviceBuffer<T>,
-    dim: usize,
-    offset: f32,
-    dx: &mut DeviceBuffer<T>,
-    dw: Option<&mut DeviceBuffer<T>>,
-) -> Result<()> {
-    backward(x, weight, rstd, dy, None, dim, offset, dx, dw)
-}
-
 /// x, residual: [rows, dim], weight: \[dim\] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim],
 /// rstd: \[rows\] f32, in one pass (h is rounded to T before it is normalized)
 #[allow(clippy::too_many_arguments)]
@@ -117,27 +101,9 @@ pub fn add_rms_norm_forward<T: GpuFloat>(
     }
 }
 
-/// h, dy, d_residual: [rows, dim], rstd: \[rows\] f32 → dx = d_residual + ∂(rms_norm(h))/∂h·dy: [rows, dim] (the
-/// gradient of both x and residual of the forward), dw: \[dim\] when given (written: Σ over rows, deterministic order;
-/// None for a frozen weight skips its partial sums and reduction)
-#[allow(clippy::too_many_arguments)]
-pub fn add_rms_norm_backward<T: GpuFloat>(
-    h: &DeviceBuffer<T>,
-    weight: &DeviceBuffer<T>,
-    rstd: &DeviceBuffer<f32>,
-    dy: &DeviceBuffer<T>,
-    d_residual: &DeviceBuffer<T>,
-    dim: usize,
-    offset: f32,
-    dx: &mut DeviceBuffer<T>,
-    dw: Option<&mut DeviceBuffer<T>>,
-) -> Result<()> {
-    backward(h, weight, rstd, dy, Some(d_residual), dim, offset, dx, dw)
-}
-
 /// The entry points of one backward, by path.
 struct BackwardKernels {
-    /// The launcher's name, for messages.
+    /// The kernels' name, for messages.
     what: &'static str,
     /// Rows of up to 512 threads, [`step_rows`] per step.
     vector: &'static str,
@@ -167,9 +133,13 @@ impl BackwardKernels {
     }
 }
 
-/// The plain backward (`d_residual` None) or the fused one, with dw or without.
+/// x, dy: [rows, dim], rstd: \[rows\] f32 → dx: [rows, dim], dw: \[dim\] when given (written: Σ over rows, deterministic
+/// order; None for a frozen weight, QLoRA's norms, skips the dw partial sums and their reduction launch).
+///
+/// After [`add_rms_norm_forward`], x is h and `d_residual` [rows, dim] what reached h from its other readers: the
+/// fused kernels then write dx = d_residual + the norm's dx, the gradient of both x and residual of the forward.
 #[allow(clippy::too_many_arguments)]
-fn backward<T: GpuFloat>(
+pub fn rms_norm_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     weight: &DeviceBuffer<T>,
     rstd: &DeviceBuffer<f32>,

@@ -6,7 +6,8 @@ pub use crate::rope::Direction;
 
 use super::source::Module;
 use super::{
-    aligned16, config, kernel, launch, resident_blocks, same_device, u32_arg, DeviceBuffer, GpuFloat, Result, BLOCK,
+    aligned16, config, kernel, launch, resident_blocks, same_device, u32_arg, CudaDevice, DeviceBuffer, GpuFloat,
+    Result, BLOCK,
 };
 
 /// x: [tokens, heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → y: [tokens, heads, head_dim] (dy → dx backward)
@@ -41,16 +42,6 @@ pub fn rope_qk<T: GpuFloat>(
     rotate_qk(kernels, q, k, cos, sin, q_heads, k_heads, head_dim)
 }
 
-/// Pairs a thread rotates: 8 (16-byte accesses) when every head's halves and every table row start 16-byte
-/// aligned, else 1.
-fn pairs_per_thread(half: usize, ptrs: &[u64]) -> usize {
-    if half % 8 == 0 && aligned16(ptrs) {
-        8
-    } else {
-        1
-    }
-}
-
 /// The kernels' 32-bit chunk index, below 2³¹ so that a grid-stride step past the last chunk cannot wrap.
 fn chunk_count(chunks: usize) -> u32 {
     i32::try_from(chunks).unwrap_or_else(|_| panic!("rope: {chunks} chunks of pairs exceed the kernel's index")) as u32
@@ -58,6 +49,31 @@ fn chunk_count(chunks: usize) -> u32 {
 
 /// (vector kernel, scalar kernel) of one direction.
 type Kernels = (&'static str, &'static str);
+
+/// How a launch covers its pairs, the same for both launchers.
+struct Plan {
+    kernel: &'static str,
+    /// Pairs a thread rotates: 8 (16-byte accesses, the vector kernel) when every head's halves and every table row
+    /// start 16-byte aligned, else 1 (the scalar kernel).
+    w: usize,
+    /// Steps of w pairs over all the buffers.
+    chunks: u32,
+    half: u32,
+    /// At most one wave of blocks, looping over the chunks.
+    grid: u32,
+}
+
+impl Plan {
+    /// For `pairs` pairs of `head_dim`-wide heads in buffers based at `ptrs`.
+    fn new(dev: &CudaDevice, kernels: Kernels, head_dim: usize, pairs: usize, ptrs: &[u64]) -> Result<Plan> {
+        let half = head_dim / 2;
+        let w = if half % 8 == 0 && aligned16(ptrs) { 8 } else { 1 };
+        let kernel = if w == 8 { kernels.0 } else { kernels.1 };
+        let chunks = chunk_count(pairs / w);
+        let grid = resident_blocks(dev, Module::Rope, kernel, BLOCK)?.min(chunks.div_ceil(BLOCK));
+        Ok(Plan { kernel, w, chunks, half: u32_arg("rope: head_dim", half), grid })
+    }
+}
 
 fn rotate<T: GpuFloat>(
     kernels: Kernels,
@@ -74,17 +90,13 @@ fn rotate<T: GpuFloat>(
         return Ok(());
     }
     let (px, pc, ps, py) = (x.ptr(), cos.ptr(), sin.ptr(), y.ptr());
-    let half = head_dim / 2;
-    let w = pairs_per_thread(half, &[px, pc, ps, py]);
-    let kernel = if w == 8 { kernels.0 } else { kernels.1 };
-    let chunks = chunk_count(x.len() / 2 / w);
-    let (heads32, half32) = (u32_arg("rope: heads", heads), u32_arg("rope: head_dim", half));
-    let grid = resident_blocks(dev, Module::Rope, kernel, BLOCK)?.min(chunks.div_ceil(BLOCK));
+    let Plan { kernel, chunks, half, grid, .. } = Plan::new(dev, kernels, head_dim, x.len() / 2, &[px, pc, ps, py])?;
+    let heads32 = u32_arg("rope: heads", heads);
     // SAFETY: kernel(const T* x, const float* cos, const float* sin, T* y, unsigned chunks, unsigned heads,
     // unsigned half), each of `chunks` steps rotating w pairs of one head: x and y hold 2·w·chunks = tokens·heads·
     // head_dim elements, cos and sin tokens·half (asserted); with w = 8, half is a multiple of 8 and the bases are
-    // 16-byte aligned (pairs_per_thread). All on this device.
-    unsafe { launch!(dev, Module::Rope, kernel, config(grid); px, pc, ps, py, chunks, heads32, half32) }
+    // 16-byte aligned (Plan::new). All on this device.
+    unsafe { launch!(dev, Module::Rope, kernel, config(grid); px, pc, ps, py, chunks, heads32, half) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -106,18 +118,14 @@ fn rotate_qk<T: GpuFloat>(
         return Ok(());
     }
     let (pq, pk, pc, ps) = (q.ptr(), k.ptr(), cos.ptr(), sin.ptr());
-    let half = head_dim / 2;
-    let w = pairs_per_thread(half, &[pq, pk, pc, ps]);
-    let kernel = if w == 8 { kernels.0 } else { kernels.1 };
-    let q_chunks = chunk_count(q.len() / 2 / w);
-    let chunks = chunk_count((q.len() + k.len()) / 2 / w);
-    let (qh32, kh32, half32) =
-        (u32_arg("rope: heads", q_heads), u32_arg("rope: heads", k_heads), u32_arg("rope: head_dim", half));
-    let grid = resident_blocks(dev, Module::Rope, kernel, BLOCK)?.min(chunks.div_ceil(BLOCK));
+    let plan = Plan::new(dev, kernels, head_dim, (q.len() + k.len()) / 2, &[pq, pk, pc, ps])?;
+    let Plan { kernel, chunks, half, grid, .. } = plan;
+    let q_chunks = chunk_count(q.len() / 2 / plan.w);
+    let (qh32, kh32) = (u32_arg("rope: heads", q_heads), u32_arg("rope: heads", k_heads));
     // SAFETY: kernel(T* q, T* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
     // unsigned q_heads, unsigned k_heads, unsigned half), rotating in place, each of `chunks` steps w pairs of one
     // head: q holds 2·w·q_chunks = tokens·q_heads·head_dim elements, k 2·w·(chunks − q_chunks) = tokens·k_heads·
     // head_dim, cos and sin tokens·half (asserted); q and k are distinct buffers (two &mut borrows); with w = 8, half
-    // is a multiple of 8 and the bases are 16-byte aligned (pairs_per_thread). All on this device.
-    unsafe { launch!(dev, Module::Rope, kernel, config(grid); pq, pk, pc, ps, q_chunks, chunks, qh32, kh32, half32) }
+    // is a multiple of 8 and the bases are 16-byte aligned (Plan::new). All on this device.
+    unsafe { launch!(dev, Module::Rope, kernel, config(grid); pq, pk, pc, ps, q_chunks, chunks, qh32, kh32, half) }
 }

@@ -20,8 +20,8 @@ fn rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             let what = format!("{rows}x{dim} offset {offset}");
             let (x, w, dy) =
                 (randn::<T>(rng, rows * dim, 1.0), randn::<T>(rng, dim, 1.0), randn::<T>(rng, rows * dim, 1.0));
-            let (xw, ww, dyw) = (widen(&x), widen(&w), widen(&dy));
-            let (gx, gw, gdy) = (upload(dev, &x), upload(dev, &w), upload(dev, &dy));
+            let (xw, ww) = (widen(&x), widen(&w));
+            let (gx, gw) = (upload(dev, &x), upload(dev, &w));
             let (mut y, mut rstd) = (poisoned::<T>(dev, rows * dim), poisoned::<f32>(dev, rows));
             cuda::rms_norm::rms_norm_forward(&gx, &gw, dim, EPS, offset, &mut y, &mut rstd).unwrap();
             let (mut want_y, mut want_rstd) = (vec![0.0f32; rows * dim], vec![0.0f32; rows]);
@@ -29,19 +29,7 @@ fn rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             check(&format!("rms_norm y {what}"), &y, &want_y, T::tol(REDUCED));
             check(&format!("rms_norm rstd {what}"), &rstd, &want_rstd, REDUCED);
 
-            // Backward from the CPU's rstd, so that it is checked on its own.
-            let (mut dx, mut dw) = (poisoned::<T>(dev, rows * dim), poisoned::<T>(dev, dim));
-            let cpu_rstd = upload(dev, &want_rstd);
-            cuda::rms_norm::rms_norm_backward(&gx, &gw, &cpu_rstd, &gdy, dim, offset, &mut dx, Some(&mut dw)).unwrap();
-            let (mut want_dx, mut want_dw) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
-            rms_norm::rms_norm_backward(&xw, &ww, &want_rstd, &dyw, dim, offset, &mut want_dx, Some(&mut want_dw));
-            check(&format!("rms_norm dx {what}"), &dx, &want_dx, T::tol(REDUCED));
-            check(&format!("rms_norm dw {what}"), &dw, &want_dw, T::tol(REDUCED));
-
-            // Without dw (a frozen weight): a grid of all resident blocks, no partial sums.
-            let mut dx = poisoned::<T>(dev, rows * dim);
-            cuda::rms_norm::rms_norm_backward(&gx, &gw, &cpu_rstd, &gdy, dim, offset, &mut dx, None).unwrap();
-            check(&format!("rms_norm dx without dw {what}"), &dx, &want_dx, T::tol(REDUCED));
+            check_backward(dev, &what, [&x, &w, &dy], None, &want_rstd, dim, offset);
         }
     }
 }
@@ -69,28 +57,37 @@ fn add_rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             check(&format!("add_rms_norm y {what}"), &y, &want_y, T::tol(REDUCED));
             check(&format!("add_rms_norm rstd {what}"), &rstd, &want_rstd, REDUCED);
 
-            let (mut dx, mut dw) = (poisoned::<T>(dev, n), poisoned::<T>(dev, dim));
-            let (gh, gdy, gdr, cpu_rstd) =
-                (upload(dev, &narrow::<T>(&hw)), upload(dev, &dy), upload(dev, &dr), upload(dev, &want_rstd));
-            cuda::rms_norm::add_rms_norm_backward(&gh, &gw, &cpu_rstd, &gdy, &gdr, dim, offset, &mut dx, Some(&mut dw))
-                .unwrap();
-            let (mut want_dx, mut want_dw) = (vec![0.0f32; n], vec![0.0f32; dim]);
-            rms_norm::add_rms_norm_backward(
-                &hw,
-                &ww,
-                &want_rstd,
-                &widen(&dy),
-                &widen(&dr),
-                dim,
-                offset,
-                &mut want_dx,
-                Some(&mut want_dw),
-            );
-            check(&format!("add_rms_norm dx {what}"), &dx, &want_dx, T::tol(REDUCED));
-            check(&format!("add_rms_norm dw {what}"), &dw, &want_dw, T::tol(REDUCED));
-            let mut dx = poisoned::<T>(dev, n);
-            cuda::rms_norm::add_rms_norm_backward(&gh, &gw, &cpu_rstd, &gdy, &gdr, dim, offset, &mut dx, None).unwrap();
-            check(&format!("add_rms_norm dx without dw {what}"), &dx, &want_dx, T::tol(REDUCED));
+            check_backward(dev, &what, [&narrow::<T>(&hw), &w, &dy], Some(&dr), &want_rstd, dim, offset);
+        }
+    }
+}
+
+/// The backward (the fused one when `dr`, the residual's gradient, is given) from the CPU's rstd, so that it is
+/// checked on its own, against the CPU twin on the widened inputs: with dw, and without (a frozen weight: a grid of
+/// all resident blocks, no partial sums).
+fn check_backward<T: Elem>(
+    dev: &CudaDevice,
+    what: &str,
+    [x, w, dy]: [&[T]; 3],
+    dr: Option<&[T]>,
+    rstd: &[f32],
+    dim: usize,
+    offset: f32,
+) {
+    let op = if dr.is_some() { "add_rms_norm" } else { "rms_norm" };
+    let (mut want_dx, mut want_dw) = (vec![0.0f32; x.len()], vec![0.0f32; dim]);
+    let (xw, ww, dyw, drw) = (widen(x), widen(w), widen(dy), dr.map(widen));
+    rms_norm::rms_norm_backward(&xw, &ww, rstd, &dyw, drw.as_deref(), dim, offset, &mut want_dx, Some(&mut want_dw));
+    let (gx, gw, gr, gdy, gdr) =
+        (upload(dev, x), upload(dev, w), upload(dev, rstd), upload(dev, dy), dr.map(|d| upload(dev, d)));
+    for with_dw in [true, false] {
+        let (mut dx, mut dw) = (poisoned::<T>(dev, x.len()), poisoned::<T>(dev, dim));
+        let dw_arg = with_dw.then_some(&mut dw);
+        cuda::rms_norm::rms_norm_backward(&gx, &gw, &gr, &gdy, gdr.as_ref(), dim, offset, &mut dx, dw_arg).unwrap();
+        let without = if with_dw { "" } else { " without dw" };
+        check(&format!("{op} dx{without} {what}"), &dx, &want_dx, T::tol(REDUCED));
+        if with_dw {
+            check(&format!("{op} dw {what}"), &dw, &want_dw, T::tol(REDUCED));
         }
     }
 }

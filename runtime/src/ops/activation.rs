@@ -1,6 +1,6 @@
 //! Activations: silu, tanh-gelu, the gated units of the MLPs (SwiGLU, GeGLU) and softcapping.
 
-use super::{same_shape, tensor, with_compute};
+use super::{dispatch, same_shape, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
 use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{Error, Result, Tensor};
@@ -11,37 +11,16 @@ macro_rules! unary {
     ($(#[$doc:meta])* $fwd:ident, $bwd:ident, $kf:path, $kb:path, $gf:path, $gb:path) => {
         $(#[$doc])*
         pub fn $fwd(x: &Tensor) -> Result<Tensor> {
-            if let Some(g) = Gpu::of(stringify!($fwd), &[x])? {
-                return with_gpu!(g, |T| {
-                    let x = g.input(x)?;
-                    let mut y = g.alloc::<T>(x.elem_count())?;
-                    g.run($gf(buf::<T>(&x), &mut y))?;
-                    Ok(output(y, x.shape()))
-                });
-            }
-            with_compute!(stringify!($fwd), [x], |T| {
-                let mut y = vec![T::default(); x.elem_count()];
-                $kf(&x.values::<T>(), &mut y);
-                Ok(tensor(y, x.shape()))
-            })
+            dispatch!(stringify!($fwd), [x] -> x.shape(), |T, y| gpu: $gf(x, &mut y), cpu: $kf(&x, &mut y))
         }
 
         /// Gradient with respect to the input, given the forward's input and the upstream gradient.
         pub fn $bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
             same_shape(stringify!($bwd), x, dy)?;
-            if let Some(g) = Gpu::of(stringify!($bwd), &[x, dy])? {
-                return with_gpu!(g, |T| {
-                    let (x, dy) = (g.input(x)?, g.input(dy)?);
-                    let mut dx = g.alloc::<T>(x.elem_count())?;
-                    g.run($gb(buf::<T>(&x), buf(&dy), &mut dx))?;
-                    Ok(output(dx, x.shape()))
-                });
-            }
-            with_compute!(stringify!($bwd), [x, dy], |T| {
-                let mut dx = vec![T::default(); x.elem_count()];
-                $kb(&x.values::<T>(), &dy.values::<T>(), &mut dx);
-                Ok(tensor(dx, x.shape()))
-            })
+            dispatch!(stringify!($bwd), [x, dy] -> x.shape(), |T, dx|
+                gpu: $gb(x, dy, &mut dx),
+                cpu: $kb(&x, &dy, &mut dx),
+            )
         }
     };
 }
@@ -65,20 +44,10 @@ pub use qlora_kernels::activation::Glu;
 /// act(gate) ⊙ up.
 pub fn glu(kind: Glu, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     same_shape("glu", gate, up)?;
-    if let Some(g) = Gpu::of("glu", &[gate, up])? {
-        return with_gpu!(g, |T| {
-            let (gt, u) = (g.input(gate)?, g.input(up)?);
-            let mut out = g.alloc::<T>(gt.elem_count())?;
-            g.run(gact::glu_forward(kind, buf::<T>(&gt), buf(&u), &mut out))?;
-            Ok(output(out, gate.shape()))
-        });
-    }
-    with_compute!("glu", [gate, up], |T| {
-        let mut out = vec![T::default(); gate.elem_count()];
-        let (g, u) = (gate.values::<T>(), up.values::<T>());
-        act::glu_forward(kind, &g, &u, &mut out);
-        Ok(tensor(out, gate.shape()))
-    })
+    dispatch!("glu", [gate, up] -> gate.shape(), |T, out|
+        gpu: gact::glu_forward(kind, gate, up, &mut out),
+        cpu: act::glu_forward(kind, &gate, &up, &mut out),
+    )
 }
 
 /// Gradients (d_gate, d_up) of [`glu`].
@@ -108,36 +77,18 @@ pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
     if cap.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         return Err(Error::invalid("softcap", format!("cap must be > 0, got {cap}")));
     }
-    if let Some(g) = Gpu::of("softcap", &[x])? {
-        return with_gpu!(g, |T| {
-            let x = g.input(x)?;
-            let mut y = g.alloc::<T>(x.elem_count())?;
-            g.run(gact::softcap_forward(buf::<T>(&x), cap as f32, &mut y))?;
-            Ok(output(y, x.shape()))
-        });
-    }
-    with_compute!("softcap", [x], |T| {
-        let mut y = vec![T::default(); x.elem_count()];
-        act::softcap_forward(&x.values::<T>(), cap as T, &mut y);
-        Ok(tensor(y, x.shape()))
-    })
+    dispatch!("softcap", [x] -> x.shape(), |T, y|
+        gpu: gact::softcap_forward(x, cap as f32, &mut y),
+        cpu: act::softcap_forward(&x, cap as T, &mut y),
+    )
 }
 
 pub fn softcap_backward(x: &Tensor, cap: f64, dy: &Tensor) -> Result<Tensor> {
     same_shape("softcap_backward", x, dy)?;
-    if let Some(g) = Gpu::of("softcap_backward", &[x, dy])? {
-        return with_gpu!(g, |T| {
-            let (x, dy) = (g.input(x)?, g.input(dy)?);
-            let mut dx = g.alloc::<T>(x.elem_count())?;
-            g.run(gact::softcap_backward(buf::<T>(&x), cap as f32, buf(&dy), &mut dx))?;
-            Ok(output(dx, x.shape()))
-        });
-    }
-    with_compute!("softcap_backward", [x, dy], |T| {
-        let mut dx = vec![T::default(); x.elem_count()];
-        act::softcap_backward(&x.values::<T>(), cap as T, &dy.values::<T>(), &mut dx);
-        Ok(tensor(dx, x.shape()))
-    })
+    dispatch!("softcap_backward", [x, dy] -> x.shape(), |T, dx|
+        gpu: gact::softcap_backward(x, cap as f32, dy, &mut dx),
+        cpu: act::softcap_backward(&x, cap as T, &dy, &mut dx),
+    )
 }
 
 /// [`glu`] for a tape: the gated output, and a backward for both inputs.

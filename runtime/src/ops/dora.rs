@@ -3,7 +3,7 @@
 //! and the combined output. No gradients of their own: DoRA's backward is written out in `autograd/src/lora/dora.rs`
 //! (the norm is detached, as in peft).
 
-use super::{rows_cols, same_shape, tensor, with_compute};
+use super::{dispatch, rows_cols, same_shape, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
 use crate::{Error, Result, Tensor};
 use qlora_kernels::cuda::dora as gdora;
@@ -13,37 +13,19 @@ pub use qlora_kernels::dora::Axis;
 /// t: [rows, cols] → \[rows\] of ‖t_i‖₂ (sums of squares in f64, one rounding).
 pub fn row_norms(t: &Tensor) -> Result<Tensor> {
     let (rows, cols) = matrix("dora row_norms", t)?;
-    if let Some(g) = Gpu::of("dora row_norms", &[t])? {
-        return with_gpu!(g, |T| {
-            let ti = g.input(t)?;
-            let mut out = g.alloc::<T>(rows)?;
-            g.run(gdora::row_norms(buf::<T>(&ti), cols, &mut out))?;
-            Ok(output(out, &[rows]))
-        });
-    }
-    with_compute!("dora row_norms", [t], |T| {
-        let mut out = vec![T::default(); rows];
-        dora::row_norms(&t.values::<T>(), cols, &mut out);
-        Ok(tensor(out, &[rows]))
-    })
+    dispatch!("dora row_norms", [t] -> &[rows], |T, out|
+        gpu: gdora::row_norms(t, cols, &mut out),
+        cpu: dora::row_norms(&t, cols, &mut out),
+    )
 }
 
 /// a / b elementwise (same shapes): g = m / n.
 pub fn ratio(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     same_shape("dora ratio", a, b)?;
-    if let Some(g) = Gpu::of("dora ratio", &[a, b])? {
-        return with_gpu!(g, |T| {
-            let (ai, bi) = (g.input(a)?, g.input(b)?);
-            let mut out = g.alloc::<T>(a.elem_count())?;
-            g.run(gdora::ratio(buf::<T>(&ai), buf(&bi), &mut out))?;
-            Ok(output(out, a.shape()))
-        });
-    }
-    with_compute!("dora ratio", [a, b], |T| {
-        let mut out = vec![T::default(); a.elem_count()];
-        dora::ratio(&a.values::<T>(), &b.values::<T>(), &mut out);
-        Ok(tensor(out, a.shape()))
-    })
+    dispatch!("dora ratio", [a, b] -> a.shape(), |T, out|
+        gpu: gdora::ratio(a, b, &mut out),
+        cpu: dora::ratio(&a, &b, &mut out),
+    )
 }
 
 /// t: [rows, cols] → t_ij·(c_k + offset), k the row index along [`Axis::Rows`] (c: \[rows\]) and the column index
@@ -54,19 +36,10 @@ pub fn scale_by(t: &Tensor, c: &Tensor, offset: f64, axis: Axis) -> Result<Tenso
     if c.shape() != [want] {
         return Err(Error::shape("dora scale_by", format!("{:?} along {axis:?} of {:?}", c.shape(), t.shape())));
     }
-    if let Some(g) = Gpu::of("dora scale_by", &[t, c])? {
-        return with_gpu!(g, |T| {
-            let (ti, ci) = (g.input(t)?, g.input(c)?);
-            let mut out = g.alloc::<T>(t.elem_count())?;
-            g.run(gdora::scale_by(buf::<T>(&ti), cols, buf(&ci), offset as f32, axis, &mut out))?;
-            Ok(output(out, t.shape()))
-        });
-    }
-    with_compute!("dora scale_by", [t, c], |T| {
-        let mut out = vec![T::default(); t.elem_count()];
-        dora::scale_by(&t.values::<T>(), cols, &c.values::<T>(), offset as T, axis, &mut out);
-        Ok(tensor(out, t.shape()))
-    })
+    dispatch!("dora scale_by", [t, c] -> t.shape(), |T, out|
+        gpu: gdora::scale_by(t, cols, c, offset as f32, axis, &mut out),
+        cpu: dora::scale_by(&t, cols, &c, offset as T, axis, &mut out),
+    )
 }
 
 /// z, z_d, sv: [rows, cols], g: \[cols\] → y = z + (g − 1)⊙z_d + g⊙sv and, when `keep_h`, h = z_d + sv (= ∂y/∂g).

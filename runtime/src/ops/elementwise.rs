@@ -1,6 +1,6 @@
 //! Elementwise ops: sums, products, scaling, dropout, accumulation into a buffer, bias, scalar broadcast.
 
-use super::{rows_cols, same_shape, tensor, with_compute};
+use super::{dispatch, rows_cols, same_shape, tensor, with_compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
 use crate::op::{backward_fn, bytes_of, first_grad, keep_if, Recorded};
 use crate::{DType, Error, Result, Tensor};
@@ -30,44 +30,24 @@ fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Binary::Mul => "mul",
     };
     same_shape(name, a, b)?;
-    if let Some(g) = Gpu::of(name, &[a, b])? {
-        return with_gpu!(g, |T| {
-            let (a, b) = (g.input(a)?, g.input(b)?);
-            let mut out = g.alloc::<T>(a.elem_count())?;
-            let kernel = match op {
-                Binary::Add => gew::add::<T>,
-                Binary::Mul => gew::mul::<T>,
-            };
-            g.run(kernel(buf::<T>(&a), buf(&b), &mut out))?;
-            Ok(output(out, a.shape()))
-        });
-    }
-    with_compute!(name, [a, b], |T| {
-        let mut out = vec![T::default(); a.elem_count()];
-        let kernel = match op {
-            Binary::Add => ew::add::<T>,
-            Binary::Mul => ew::mul::<T>,
-        };
-        kernel(&a.values::<T>(), &b.values::<T>(), &mut out);
-        Ok(tensor(out, a.shape()))
-    })
+    dispatch!(name, [a, b] -> a.shape(), |T, out|
+        gpu: match op {
+            Binary::Add => gew::add::<T>(a, b, &mut out),
+            Binary::Mul => gew::mul::<T>(a, b, &mut out),
+        },
+        cpu: match op {
+            Binary::Add => ew::add::<T>(&a, &b, &mut out),
+            Binary::Mul => ew::mul::<T>(&a, &b, &mut out),
+        },
+    )
 }
 
 /// s·x.
 pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
-    if let Some(g) = Gpu::of("scale", &[x])? {
-        return with_gpu!(g, |T| {
-            let x = g.input(x)?;
-            let mut out = g.alloc::<T>(x.elem_count())?;
-            g.run(gew::scale(buf::<T>(&x), s as f32, &mut out))?;
-            Ok(output(out, x.shape()))
-        });
-    }
-    with_compute!("scale", [x], |T| {
-        let mut out = vec![T::default(); x.elem_count()];
-        ew::scale(&x.values::<T>(), s as T, &mut out);
-        Ok(tensor(out, x.shape()))
-    })
+    dispatch!("scale", [x] -> x.shape(), |T, out|
+        gpu: gew::scale(x, s as f32, &mut out),
+        cpu: ew::scale(&x, s as T, &mut out),
+    )
 }
 
 /// Inverted dropout: element i (row-major) is zeroed when the i-th draw of `Rng::new(seed).uniform()` is < p and
@@ -76,19 +56,10 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid("dropout", format!("p must be in [0, 1), got {p}")));
     }
-    if let Some(g) = Gpu::of("dropout", &[x])? {
-        return with_gpu!(g, |T| {
-            let x = g.input(x)?;
-            let mut out = g.alloc::<T>(x.elem_count())?;
-            g.run(gew::dropout(buf::<T>(&x), p, seed, (1.0 / (1.0 - p)) as f32, &mut out))?;
-            Ok(output(out, x.shape()))
-        });
-    }
-    with_compute!("dropout", [x], |T| {
-        let mut out = vec![T::default(); x.elem_count()];
-        ew::dropout(&x.values::<T>(), p, seed, (1.0 / (1.0 - p)) as T, &mut out);
-        Ok(tensor(out, x.shape()))
-    })
+    dispatch!("dropout", [x] -> x.shape(), |T, out|
+        gpu: gew::dropout(x, p, seed, (1.0 / (1.0 - p)) as f32, &mut out),
+        cpu: ew::dropout(&x, p, seed, (1.0 / (1.0 - p)) as T, &mut out),
+    )
 }
 
 /// y += alpha·x in place, keeping y's dtype (gradient accumulation into an existing buffer).

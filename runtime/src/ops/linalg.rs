@@ -384,27 +384,37 @@ mod tests {
         c
     }
 
+    /// Contiguous [batch, m, k] · [batch or 1, k, n] values, in f64.
+    fn batched(a: &[f64], b: &[f64], batch: usize, m: usize, k: usize, n: usize) -> Vec<f64> {
+        let shared = b.len() == k * n;
+        (0..batch)
+            .flat_map(|i| {
+                let bi = if shared { b } else { &b[i * k * n..(i + 1) * k * n] };
+                naive(&a[i * m * k..(i + 1) * m * k], bi, m, k, n)
+            })
+            .collect()
+    }
+
+    /// A batch of two [m, k] inputs and an [n, k] weight, standard normal f64.
+    fn inputs_and_weight(rng: &mut Rng, (m, k, n): (usize, usize, usize)) -> (Tensor, Tensor) {
+        (Tensor::randn(&[2, m, k], 1.0, DType::F64, rng), Tensor::randn(&[n, k], 1.0, DType::F64, rng))
+    }
+
     #[test]
     fn transposed_views_and_batches_match_naive() {
         let mut rng = Rng::new(5);
         let (m, k, n) = (3, 5, 7);
-        let a = Tensor::randn(&[2, m, k], 1.0, DType::F64, &mut rng);
-        let w = Tensor::randn(&[n, k], 1.0, DType::F64, &mut rng);
+        let (a, w) = inputs_and_weight(&mut rng, (m, k, n));
         let out = matmul(&a, &w.t().unwrap()).unwrap();
         assert_eq!(out.shape(), &[2, m, n]);
-        let wt = w.t().unwrap().to_vec::<f64>();
-        let av = a.to_vec::<f64>();
-        let mut expect = naive(&av[..m * k], &wt, m, k, n);
-        expect.extend(naive(&av[m * k..], &wt, m, k, n));
+        let expect = batched(&a.to_vec::<f64>(), &w.t().unwrap().to_vec::<f64>(), 2, m, k, n);
         assert_close("x·wᵀ", &out.to_vec::<f64>(), &expect, Tolerance::F32);
         // A transposed batched left operand and a narrowed (non-packed) right operand.
         let at = Tensor::randn(&[2, k, m], 1.0, DType::F64, &mut rng).transpose(1, 2).unwrap();
         let wide = Tensor::randn(&[k, n + 2], 1.0, DType::F64, &mut rng);
         let b = wide.narrow(1, 1, n).unwrap();
         let got = matmul(&at, &b).unwrap().to_vec::<f64>();
-        let (ac, bc) = (at.contiguous().to_vec::<f64>(), b.contiguous().to_vec::<f64>());
-        let mut expect = naive(&ac[..m * k], &bc, m, k, n);
-        expect.extend(naive(&ac[m * k..], &bc, m, k, n));
+        let expect = batched(&at.contiguous().to_vec::<f64>(), &b.contiguous().to_vec::<f64>(), 2, m, k, n);
         assert_close("aᵀ·narrow(b)", &got, &expect, Tolerance::F32);
         assert!(matmul(&a, &w).is_err());
     }
@@ -488,12 +498,8 @@ mod tests {
         n: usize,
         ab: (f64, f64),
     ) -> Vec<f64> {
-        let shared = b.len() == k * n;
-        (0..batch)
-            .flat_map(|i| {
-                let bi = if shared { b } else { &b[i * k * n..(i + 1) * k * n] };
-                naive(&a[i * m * k..(i + 1) * m * k], bi, m, k, n)
-            })
+        batched(a, b, batch, m, k, n)
+            .into_iter()
             .zip(c0)
             .map(|(p, &c)| ab.0 * p + if ab.1 == 0.0 { 0.0 } else { ab.1 * c })
             .collect()
@@ -503,8 +509,7 @@ mod tests {
     fn matmul_into_scales_accumulates_and_matches_matmul() {
         let mut rng = Rng::new(6);
         let (m, k, n) = (5, 7, 3);
-        let a = Tensor::randn(&[2, m, k], 1.0, DType::F64, &mut rng);
-        let w = Tensor::randn(&[n, k], 1.0, DType::F64, &mut rng);
+        let (a, w) = inputs_and_weight(&mut rng, (m, k, n));
         let wt = w.t().unwrap();
         let (av, bv) = (a.to_vec::<f64>(), wt.contiguous().to_vec::<f64>());
         for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-2.0, 0.75), (0.0, 0.5), (0.0, 0.0)] {

@@ -49,10 +49,13 @@ pub(crate) fn compute_dtype(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
     Ok(DType::compute(Device::Cpu, xs.iter().map(|x| x.dtype())))
 }
 
-/// Runs `$body` with `T` bound to the compute type of `$xs`.
+/// Runs `$body` with `T` bound to the compute type of the inputs, listed or (for an op with optional inputs) a slice.
 macro_rules! with_compute {
     ($op:expr, [$($x:expr),+], |$t:ident| $body:expr) => {
-        match $crate::ops::compute_dtype($op, &[$($x),+])? {
+        $crate::ops::with_compute!($op, &[$($x),+], |$t| $body)
+    };
+    ($op:expr, $xs:expr, |$t:ident| $body:expr) => {
+        match $crate::ops::compute_dtype($op, $xs)? {
             $crate::DType::F64 => {
                 type $t = f64;
                 $body
@@ -65,6 +68,33 @@ macro_rules! with_compute {
     };
 }
 pub(crate) use with_compute;
+
+/// The device dispatch of an op that writes one fresh output, of shape `$shape`, from same-dtype tensor inputs: on a
+/// GPU `$gpu` runs with each input bound to its device buffer, on the CPU `$cpu` with each bound to its values. Both
+/// see the element type in play and the output to fill, under the names the caller gives them (`|T, out|`); scalars a
+/// CUDA kernel takes as f32 the CPU twin takes as `T`. Written once so that each op states only its kernels.
+macro_rules! dispatch {
+    ($op:expr, [$($x:ident),+] -> $shape:expr, |$t:ident, $out:ident| gpu: $gpu:expr, cpu: $cpu:expr $(,)?) => {{
+        let shape: &[usize] = $shape;
+        let len: usize = shape.iter().product();
+        if let Some(g) = $crate::cuda::Gpu::of($op, &[$($x),+])? {
+            return $crate::cuda::with_gpu!(g, |$t| {
+                $(let $x = g.input($x)?;)+
+                $(let $x = $crate::cuda::buf::<$t>(&$x);)+
+                let mut $out = g.alloc::<$t>(len)?;
+                g.run($gpu)?;
+                Ok($crate::cuda::output($out, shape))
+            });
+        }
+        $crate::ops::with_compute!($op, [$($x),+], |$t| {
+            $(let $x = $x.values::<$t>();)+
+            let mut $out = vec![<$t>::default(); len];
+            $cpu;
+            Ok($crate::ops::tensor($out, shape))
+        })
+    }};
+}
+pub(crate) use dispatch;
 
 pub(crate) fn tensor<T: Element>(v: Vec<T>, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape).expect("kernel output sized from the shape")

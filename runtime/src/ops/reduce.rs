@@ -1,6 +1,6 @@
 //! Reductions: sums for losses and bias gradients, squared norms for clipping, the max for checks.
 
-use super::{rows_cols, tensor, with_compute};
+use super::{dispatch, rows_cols, with_compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
 use crate::op::{backward_fn, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
@@ -20,19 +20,10 @@ pub fn sum(x: &Tensor) -> Result<Tensor> {
 /// x: [..., n] → \[n\], summed over every leading dimension (bias gradients).
 pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
     let (_, cols) = rows_cols("sum_rows", x)?;
-    if let Some(g) = Gpu::of("sum_rows", &[x])? {
-        return with_gpu!(g, |T| {
-            let x = g.input(x)?;
-            let mut out = g.alloc::<T>(cols)?;
-            g.run(greduce::sum_rows(buf::<T>(&x), cols, &mut out))?;
-            Ok(output(out, &[cols]))
-        });
-    }
-    with_compute!("sum_rows", [x], |T| {
-        let mut out = vec![T::default(); cols];
-        reduce::sum_rows(&x.values::<T>(), cols, &mut out);
-        Ok(tensor(out, &[cols]))
-    })
+    dispatch!("sum_rows", [x] -> &[cols], |T, out|
+        gpu: greduce::sum_rows(x, cols, &mut out),
+        cpu: reduce::sum_rows(&x, cols, &mut out),
+    )
 }
 
 /// acc += Σ x² on x's device, acc a one-element f32 tensor there: a global norm over many tensors built up without

@@ -30,31 +30,39 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, offset: f64) -> Result<(T
     })
 }
 
-/// → (dx, dw) of [`rms_norm`].
+/// → (dx, dw) of [`rms_norm`]; or of [`add_rms_norm`] with x = h and `dh` what reached h from its other readers,
+/// dx then being the gradient of both x and the residual: dh plus the norm's backward of `dy`.
 pub fn rms_norm_backward(
     x: &Tensor,
     weight: &Tensor,
     rstd: &Tensor,
     dy: &Tensor,
+    dh: Option<&Tensor>,
     offset: f64,
     need_dw: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (_, dim) = backward_shapes("rms_norm_backward", x, weight, rstd, dy)?;
-    if let Some(g) = Gpu::of("rms_norm_backward", &[x, weight, rstd, dy])? {
+    if let Some(dh) = dh {
+        same_shape("rms_norm_backward", x, dh)?;
+    }
+    let inputs: Vec<&Tensor> = [x, weight, rstd, dy].into_iter().chain(dh).collect();
+    if let Some(g) = Gpu::of("rms_norm_backward", &inputs)? {
         return with_gpu!(g, |T| {
             let (xi, w, dyi) = (g.input(x)?, g.input(weight)?, g.input(dy)?);
+            let dhi = dh.map(|dh| g.input(dh)).transpose()?;
             let r = g.input_as(rstd, DType::F32)?;
             let mut dx = g.alloc::<T>(x.elem_count())?;
             let mut dw = if need_dw { Some(g.alloc::<T>(dim)?) } else { None };
-            let (xb, wb, rb, dyb) = (buf::<T>(&xi), buf(&w), buf(&r), buf(&dyi));
-            g.run(grms::rms_norm_backward(xb, wb, rb, dyb, dim, offset as f32, &mut dx, dw.as_mut()))?;
+            let (xb, wb, rb, dyb, dhb) = (buf::<T>(&xi), buf(&w), buf(&r), buf(&dyi), dhi.as_ref().map(buf));
+            g.run(grms::rms_norm_backward(xb, wb, rb, dyb, dhb, dim, offset as f32, &mut dx, dw.as_mut()))?;
             Ok((output(dx, x.shape()), dw.map(|dw| output(dw, &[dim]))))
         });
     }
-    with_compute!("rms_norm_backward", [x, weight, rstd, dy], |T| {
+    with_compute!("rms_norm_backward", &inputs, |T| {
         let (mut dx, mut dw) = (vec![T::default(); x.elem_count()], need_dw.then(|| vec![T::default(); dim]));
         let (xv, wv, rv, dyv) = (x.values::<T>(), weight.values::<T>(), rstd.values::<T>(), dy.values::<T>());
-        rms::rms_norm_backward(&xv, &wv, &rv, &dyv, dim, offset as T, &mut dx, dw.as_deref_mut());
+        let dhv = dh.map(|dh| dh.values::<T>());
+        rms::rms_norm_backward(&xv, &wv, &rv, &dyv, dhv.as_deref(), dim, offset as T, &mut dx, dw.as_deref_mut());
         Ok((tensor(dx, x.shape()), dw.map(|dw| tensor(dw, &[dim]))))
     })
 }
@@ -84,7 +92,7 @@ pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64, offset: f64, needs: [bool; 
     let (y, rstd) = rms_norm(x, w, eps, offset)?;
     let (x, w) = (x.clone(), w.clone());
     let grad = backward_fn("rms_norm", bytes([&x, &rstd]), move |g| {
-        let (dx, dw) = rms_norm_backward(&x, &w, &rstd, first_grad(g)?, offset, needs[1])?;
+        let (dx, dw) = rms_norm_backward(&x, &w, &rstd, first_grad(g)?, None, offset, needs[1])?;
         Ok(vec![needs[0].then_some(dx), dw])
     });
     Ok((y, grad))
@@ -118,39 +126,6 @@ pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f64, of
     })
 }
 
-/// → (dx, dw) of [`add_rms_norm`], dx being the gradient of both x and the residual: `dh` (what reached h from its
-/// other readers) plus the norm's backward of `dy`.
-pub fn add_rms_norm_backward(
-    h: &Tensor,
-    weight: &Tensor,
-    rstd: &Tensor,
-    dy: &Tensor,
-    dh: &Tensor,
-    offset: f64,
-    need_dw: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    same_shape("add_rms_norm_backward", h, dh)?;
-    let (_, dim) = backward_shapes("add_rms_norm_backward", h, weight, rstd, dy)?;
-    if let Some(g) = Gpu::of("add_rms_norm_backward", &[h, weight, rstd, dy, dh])? {
-        return with_gpu!(g, |T| {
-            let (hi, w, dyi, dhi) = (g.input(h)?, g.input(weight)?, g.input(dy)?, g.input(dh)?);
-            let r = g.input_as(rstd, DType::F32)?;
-            let mut dx = g.alloc::<T>(h.elem_count())?;
-            let mut dw = if need_dw { Some(g.alloc::<T>(dim)?) } else { None };
-            let (hb, wb, rb, dyb, dhb) = (buf::<T>(&hi), buf(&w), buf(&r), buf(&dyi), buf(&dhi));
-            g.run(grms::add_rms_norm_backward(hb, wb, rb, dyb, dhb, dim, offset as f32, &mut dx, dw.as_mut()))?;
-            Ok((output(dx, h.shape()), dw.map(|dw| output(dw, &[dim]))))
-        });
-    }
-    with_compute!("add_rms_norm_backward", [h, weight, rstd, dy, dh], |T| {
-        let (mut dx, mut dw) = (vec![T::default(); h.elem_count()], need_dw.then(|| vec![T::default(); dim]));
-        let (hv, wv, rv, dyv, dhv) =
-            (h.values::<T>(), weight.values::<T>(), rstd.values::<T>(), dy.values::<T>(), dh.values::<T>());
-        rms::add_rms_norm_backward(&hv, &wv, &rv, &dyv, &dhv, dim, offset as T, &mut dx, dw.as_deref_mut());
-        Ok((tensor(dx, h.shape()), dw.map(|dw| tensor(dw, &[dim]))))
-    })
-}
-
 /// [`add_rms_norm`] for a tape: (h, y), and a backward for x, the residual (both get dx) and the weight as `needs`
 /// marks them, reading h, the weight and rstd. Either output may go without a gradient.
 pub fn add_rms_norm_op(
@@ -165,8 +140,7 @@ pub fn add_rms_norm_op(
     let (saved_h, w) = (h.clone(), w.clone());
     let grad = backward_fn("add_rms_norm", bytes([&saved_h, &rstd]), move |g| {
         let (dx, dw) = match (&g[0], &g[1]) {
-            (Some(dh), Some(dy)) => add_rms_norm_backward(&saved_h, &w, &rstd, dy, dh, offset, needs[2])?,
-            (None, Some(dy)) => rms_norm_backward(&saved_h, &w, &rstd, dy, offset, needs[2])?,
+            (dh, Some(dy)) => rms_norm_backward(&saved_h, &w, &rstd, dy, dh.as_ref(), offset, needs[2])?,
             (Some(dh), None) => (dh.clone(), None),
             (None, None) => return Ok(vec![None, None, None]),
         };

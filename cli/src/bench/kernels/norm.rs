@@ -57,7 +57,7 @@ pub fn run(b: &mut Bench) -> Result<()> {
             let bytes = 3 * act + 4 * t;
             b.row(bwd, &shape, Work::Bytes(bytes as f64), |i| {
                 let s = &mut sets[i % n];
-                Ok(rms_norm_backward(&s.x, &weight, &s.rstd, &s.dy, h, offset, &mut s.dx, Some(&mut s.dw))?)
+                Ok(rms_norm_backward(&s.x, &weight, &s.rstd, &s.dy, None, h, offset, &mut s.dx, Some(&mut s.dw))?)
             })?;
         }
     }
