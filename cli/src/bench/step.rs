@@ -252,6 +252,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
         plan: memory::Plan::default(),
     };
     let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, SHRINK)?;
+    let offloaded = memory::offloaded_layers(&Setup { plan, ..setup });
     let available = memory::available(device)?;
     let mut report = json!({
         "subject": subject.to_string(),
@@ -271,7 +272,8 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "double_quant": args.adapter.double_quant(),
         "gradient_checkpointing": args.checkpointing(),
         "keep_layers": plan.keep_layers,
-        "offload": plan.offload,
+        "offload": offloaded > 0,
+        "offload_layers": offloaded,
         "page_optimizer": plan.page_optimizer,
         "mlp_block": plan.mlp_block,
         "offload_host_gib": gib(estimate.host),
