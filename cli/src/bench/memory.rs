@@ -381,8 +381,9 @@ fn lean(s: &Setup) -> Plan {
 /// activations (each one kept saves its recompute in backward); when even recomputing every layer does not fit, the
 /// inputs of the first recomputed layers are offloaded to host memory (a GPU only), again keeping as many layers as
 /// then fit and offloading as few inputs as then fit (host memory is finite: a 400,000-token sequence of Llama-3-8B
-/// has 3 GiB of input per layer); then AdamW's moments are paged too. Offloading and paging come last because their copies, though overlapped with
-/// compute, share the step with it (to be measured against the alternatives on a GPU). Returns the plan and its
+/// has 3 GiB of input per layer); then AdamW's moments are paged too. Offloading and paging come last because their
+/// copies, though overlapped with compute, share the step with it (to be measured against the alternatives on a
+/// GPU). Returns the plan and its
 /// estimate, or the estimate of the leanest plan when even that does not fit.
 pub fn plan(s: &Setup, budget: usize) -> Result<(Plan, Estimate), Estimate> {
     let layers = if s.checkpointing { s.config.num_hidden_layers } else { 0 };
