@@ -5,8 +5,9 @@
 //! the parameters it captures: randomness (dropout) must come from a seed it captured, never from shared state.
 //!
 //! A scope may keep its inputs in host memory instead ([`Tape::checkpoint_offloaded`]): a chain of scopes (the
-//! decoder layers) then holds almost nothing on the device between forward and backward, each scope's backward
-//! starting the copy back of the previous scope's inputs so that it runs under its own recompute.
+//! first decoder layers, or all of them) then holds almost nothing on the device between forward and backward,
+//! each scope's backward starting the copy back of the previous scope's inputs so that it runs under its own
+//! recompute.
 
 use crate::tape::{Backward, SavedBytes, Tape, Var};
 use qlora_runtime::offload::Offloaded;

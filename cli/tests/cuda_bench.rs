@@ -49,6 +49,7 @@ fn the_lean_plan_offloads_and_the_peak_is_split_by_category() {
     }
     let (plain, lean) = (bench(&[]), bench(&["--memory-budget", "lean"]));
     assert_eq!((plain["offload"].as_bool(), lean["offload"].as_bool()), (Some(false), Some(true)));
+    assert_eq!((plain["offload_layers"].as_u64(), lean["offload_layers"].as_u64()), (Some(0), Some(2)), "of 2 layers");
     assert!(lean["pinned_gib"].as_f64().unwrap() > 0.0, "{lean}");
     assert_eq!(lean["loss"], plain["loss"], "offloading changes no bits");
     assert_eq!(lean["syncs_per_step"].as_f64(), Some(1.0), "the copies add no host wait");

@@ -142,7 +142,7 @@ pub fn build(config: &ModelConfig, format: BaseFormat, dense: DType, seed: u64) 
         lm_head,
         gradient_checkpointing: true,
         keep_layers: 0,
-        offload_checkpoints: false,
+        offload_layers: 0,
         mlp_chunk_tokens: None,
     })
 }

@@ -170,10 +170,15 @@ pub struct CausalLm {
     /// Under checkpointing, the last `keep_layers` decoder layers keep their activations and are not recomputed:
     /// what a memory budget affords beyond the checkpoints (0 by default; the results are the same bits).
     pub keep_layers: usize,
-    /// Under checkpointing, the recomputed layers' inputs wait for backward in pinned host memory instead of on the
-    /// GPU, each copied back one layer ahead (`Tape::checkpoint_offloaded`); off by default, the same bits either
-    /// way. On the CPU it changes nothing.
-    pub offload_checkpoints: bool,
+    /// Under checkpointing, the inputs of the first `offload_layers` recomputed layers (in forward order; at most
+    /// all of them) wait for backward in pinned host memory instead of on the GPU, each copied back one layer ahead
+    /// (`Tape::checkpoint_offloaded`); the other recomputed layers keep theirs on the device. 0 by default; the same
+    /// bits whatever the count, since offloading only moves bytes. On the CPU it changes nothing. The first layers
+    /// are the ones to offload: backward reaches them last, so at every point of backward fewer inputs are left on
+    /// the device than with any other choice of as many layers (the later layers' inputs, whose backward comes
+    /// first, are freed by then), their copies out and back hide under the most compute, and they form one chain
+    /// from layer 0 in which each layer's backward prefetches the previous layer's input.
+    pub offload_layers: usize,
     /// Run each layer's MLP this many tokens at a time, each block its own checkpoint, so that a layer's backward
     /// holds one block's MLP activations instead of the whole sequence's (what long contexts need: the MLP's
     /// intermediate is the widest activation). None (the default) runs it whole. The values are the same but for
@@ -349,7 +354,7 @@ impl CausalLm {
             lm_head,
             gradient_checkpointing: true,
             keep_layers: 0,
-            offload_checkpoints: false,
+            offload_layers: 0,
             mlp_chunk_tokens: None,
         })
     }
@@ -397,7 +402,7 @@ impl CausalLm {
             lm_head: opt(&self.lm_head)?,
             gradient_checkpointing: self.gradient_checkpointing,
             keep_layers: self.keep_layers,
-            offload_checkpoints: self.offload_checkpoints,
+            offload_layers: self.offload_layers,
             mlp_chunk_tokens: self.mlp_chunk_tokens,
         })
     }
@@ -501,6 +506,7 @@ impl CausalLm {
         let recomputed =
             if self.gradient_checkpointing { self.layers.len().saturating_sub(self.keep_layers) } else { 0 };
         // The previous offloaded layer's input handles: each layer's backward brings them back ahead of use.
+        let offloaded = self.offload_layers.min(recomputed);
         let mut parked = Vec::new();
         for i in 0..self.layers.len() {
             x = match cache.as_deref_mut() {
@@ -510,7 +516,7 @@ impl CausalLm {
                     let layer = move |t: &Tape, ins: &[Var]| {
                         Ok(vec![layer_forward(t, &cfg, &layers, i, &inputs, &ins[0], None)?])
                     };
-                    let mut outs = if self.offload_checkpoints {
+                    let mut outs = if i < offloaded {
                         let (outs, handles) = t.checkpoint_offloaded(&[&x], std::mem::take(&mut parked), layer)?;
                         parked = handles;
                         outs

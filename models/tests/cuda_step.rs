@@ -201,37 +201,41 @@ fn mixed_devices_are_an_error_naming_op_and_devices() {
     assert!(Tensor::zeros(&[2], DType::F64).to_device(CUDA).is_err(), "f64 has no CUDA kernels");
 }
 
-/// The step of `model` with the checkpointed layer inputs kept on its device and then offloaded to pinned host
-/// memory: (plain, offloaded), each on fresh adapter parameters so that gradients do not accumulate across the two.
-fn plain_and_offloaded(model: &CausalLm, device: Device, dtype: DType, batch: &Batch) -> [StepResult; 2] {
-    [false, true].map(|offload| {
+/// The step of `model` with none, the first and all of its checkpointed layer inputs (the fixture has two layers)
+/// offloaded to pinned host memory, the rest kept on its device: each on fresh adapter parameters so that gradients
+/// do not accumulate across the three.
+fn partly_offloaded(model: &CausalLm, device: Device, dtype: DType, batch: &Batch) -> [StepResult; 3] {
+    assert_eq!(model.layers.len(), 2, "one layer offloaded is a partial count");
+    [0, 1, 2].map(|offload_layers| {
         let mut m = model.to_device(device, dtype).unwrap();
-        m.offload_checkpoints = offload;
+        m.offload_layers = offload_layers;
         step(&m, batch)
     })
 }
 
-/// Offloading the checkpointed layer inputs trains the same bits as keeping them: the copies are exact, and the
-/// stream ordering (copy out fenced before the source's memory is reused, copy back awaited before the recompute)
-/// delivers every input intact. On the CPU the handles only hold the tensors; on CUDA the inputs go through pinned
-/// memory on the copy stream.
+/// Offloading the checkpointed layer inputs, some or all, trains the same bits as keeping them: the copies are exact,
+/// and the stream ordering (copy out fenced before the source's memory is reused, copy back awaited before the
+/// recompute) delivers every input intact. On the CPU the handles only hold the tensors; on CUDA the inputs go
+/// through pinned memory on the copy stream.
 #[test]
 fn offloaded_checkpoints_train_the_same_bits() {
     let test = "offloaded_checkpoints_train_the_same_bits";
     let model = qlora_model();
     let cpu_batch = batch(model.config.vocab_size);
-    let [plain, offloaded] = plain_and_offloaded(&model, Device::Cpu, DType::F32, &cpu_batch);
-    assert_eq!(plain, offloaded, "CPU");
+    let [plain, first, all] = partly_offloaded(&model, Device::Cpu, DType::F32, &cpu_batch);
+    assert!(plain == first && plain == all, "CPU");
     let Some(name) = gpu(test) else { return };
     let gpu_batch = cpu_batch.to_device(CUDA).unwrap();
     for dtype in [DType::F32, DType::BF16] {
-        let [plain, offloaded] = plain_and_offloaded(&model, CUDA, dtype, &gpu_batch);
-        assert_eq!(plain.0.to_bits(), offloaded.0.to_bits(), "{dtype:?} loss");
-        assert!(plain.1 == offloaded.1, "{dtype:?}: an adapter gradient changed when its layer input was offloaded");
+        let [plain, first, all] = partly_offloaded(&model, CUDA, dtype, &gpu_batch);
+        for (offloaded, what) in [(first, "the first layer's input"), (all, "every layer input")] {
+            assert_eq!(plain.0.to_bits(), offloaded.0.to_bits(), "{dtype:?} loss, {what} offloaded");
+            assert!(plain.1 == offloaded.1, "{dtype:?}: an adapter gradient changed when {what} was offloaded");
+        }
     }
     let pinned = qlora_runtime::cuda_device(0).unwrap().pinned_stats();
     assert!(pinned.reserved > 0, "the layer inputs went through pinned memory");
-    println!("qlora-gpu: {test}: bit-identical in f32 and bf16 on {name}");
+    println!("qlora-gpu: {test}: bit-identical in f32 and bf16, one or both layer inputs offloaded, on {name}");
 }
 
 /// A recomputed layer records down_proj for its gradients alone (its value reaches the checkpoint's output only
@@ -256,9 +260,10 @@ fn checkpointing_trains_the_same_bits_as_keeping_activations() {
 }
 
 /// Offloading takes the layer inputs off the GPU: the allocator's peak drops by all but the two inputs that are on the
-/// device at once in backward (one in use, the next one arriving). SmolLM2-135M's shape with random NF4 weights, one
-/// sequence of 2048 tokens in bf16: 30 layer inputs of 2.25 MiB. The offloaded step runs first, so that the device's
-/// peak (a maximum since the process started) is its own before the plain step raises it.
+/// device at once in backward (one in use, the next one arriving); offloading the first half of them, by the half (at
+/// least by the half less those two). SmolLM2-135M's shape with random NF4 weights, one sequence of 2048 tokens in
+/// bf16: 30 layer inputs of 2.25 MiB. The steps run from the most offloaded to the least, so that the device's peak
+/// (a maximum since the process started) is each step's own before the next one raises it.
 #[test]
 fn offloaded_checkpoints_lower_the_peak() {
     let test = "offloaded_checkpoints_lower_the_peak";
@@ -275,21 +280,25 @@ fn offloaded_checkpoints_lower_the_peak() {
     let ids: Vec<i32> = (0..tokens).map(|_| rng.below(config.vocab_size as u64) as i32).collect();
     let batch = Batch::pack(&[(ids.clone(), ids)]).unwrap().to_device(CUDA).unwrap();
     let dev = qlora_runtime::cuda_device(0).unwrap();
+    let layers = config.num_hidden_layers;
     let mut peaks = Vec::new();
-    for offload in [true, false] {
+    for offload_layers in [layers, layers / 2, 0] {
         let mut m = model.to_device(CUDA, DType::BF16).unwrap();
-        m.offload_checkpoints = offload;
+        m.offload_layers = offload_layers;
         step(&m, &batch);
         peaks.push(dev.memory_stats().peak);
     }
     let input = tokens * config.hidden_size * 2;
-    let expected = (config.num_hidden_layers - 2) * input;
-    let saved = peaks[1] - peaks[0];
-    println!(
-        "qlora-gpu: {test}: peak {} B offloaded, {} B kept: {saved} B saved, {expected} B expected on {name}",
-        peaks[0], peaks[1]
-    );
-    assert!(saved as f64 >= 0.75 * expected as f64, "offloading saved {saved} B of the expected {expected}");
+    for (peak, offloaded) in [(peaks[0], layers), (peaks[1], layers / 2)] {
+        let expected = (offloaded - 2) * input;
+        let saved = peaks[2] - peak;
+        println!(
+            "qlora-gpu: {test}: peak {peak} B with {offloaded} of {layers} inputs offloaded, {} B with none: {saved} B \
+             saved, {expected} B expected on {name}",
+            peaks[2]
+        );
+        assert!(saved as f64 >= 0.75 * expected as f64, "offloading {offloaded} saved {saved} B of the {expected}");
+    }
 }
 
 /// The MLP run a block of tokens at a time (each block its own checkpoint) computes the same loss and the same

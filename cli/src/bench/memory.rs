@@ -59,8 +59,10 @@ pub struct Setup<'a> {
 pub struct Plan {
     /// The last layers that keep their activations instead of being recomputed.
     pub keep_layers: usize,
-    /// The recomputed layers' inputs wait in pinned host memory (a GPU only; see `CausalLm::offload_checkpoints`).
-    pub offload: bool,
+    /// How many recomputed layers, the first ones, have their inputs wait in pinned host memory (a GPU only, at
+    /// most the recomputed layers; see `CausalLm::offload_layers`); the other recomputed layers keep theirs on the
+    /// device.
+    pub offload: usize,
     /// AdamW's moments wait in pinned host memory between updates (a GPU only; see `AdamW::set_paged`).
     pub page_optimizer: bool,
     /// The frozen embedding table stays in host memory, rows uploaded per batch (an untied head only; see
@@ -77,7 +79,7 @@ pub const MLP_BLOCK: usize = 4096;
 impl Plan {
     pub fn apply(self, model: &mut qlora_models::transformer::CausalLm, optimizer: &mut AdamW) -> anyhow::Result<()> {
         model.keep_layers = self.keep_layers;
-        model.offload_checkpoints = self.offload;
+        model.offload_layers = self.offload;
         model.mlp_chunk_tokens = self.mlp_block;
         if self.host_embeddings {
             model.keep_embeddings_on_host()?;
@@ -87,8 +89,11 @@ impl Plan {
     }
 
     /// Every plan in the order [`plan`] tries them, fastest first: keeping activations, then recomputing, then (a
-    /// GPU only) offloading the layer inputs, then paging the optimizer and (with an untied head) keeping the
-    /// embeddings on the host too, then running the MLP in blocks.
+    /// GPU only) offloading layer inputs, then paging the optimizer and (with an untied head) keeping the embeddings
+    /// on the host too, then running the MLP in blocks. In each mode the number of kept layers goes down from all of
+    /// them; where the mode offloads, each number of kept layers takes the offloaded counts from the fewest up
+    /// (none only where the mode pages, as the mode before already tried it without paging), so the first plan that
+    /// fits keeps as many layers as it can and then offloads as few of the recomputed layers' inputs as it can.
     fn all(layers: usize, gpu: bool, untied: bool) -> impl Iterator<Item = Plan> {
         const BLOCK: Option<usize> = Some(MLP_BLOCK);
         let modes: Vec<(bool, bool, Option<usize>)> = match (gpu, layers > 0) {
@@ -96,14 +101,16 @@ impl Plan {
             (false, true) => vec![(false, false, None), (false, false, BLOCK)],
             (_, false) => vec![(false, false, None)],
         };
-        modes.into_iter().flat_map(move |(offload, paged, mlp_block)| {
+        modes.into_iter().flat_map(move |(offloading, paged, mlp_block)| {
             let (page_optimizer, host_embeddings) = (paged, paged && untied);
-            (0..=layers).rev().map(move |keep_layers| Plan {
-                keep_layers,
-                offload,
-                page_optimizer,
-                host_embeddings,
-                mlp_block,
+            (0..=layers).rev().flat_map(move |keep_layers| {
+                let recomputed = layers - keep_layers;
+                let counts = match (offloading, paged) {
+                    (false, _) => 0..=0,
+                    (true, false) => 1..=recomputed,
+                    (true, true) => 0..=recomputed,
+                };
+                counts.map(move |offload| Plan { keep_layers, offload, page_optimizer, host_embeddings, mlp_block })
             })
         })
     }
@@ -171,12 +178,12 @@ pub fn estimate(s: &Setup) -> Estimate {
     let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
     let recomputed = if s.checkpointing { layers.saturating_sub(s.plan.keep_layers) } else { 0 };
     // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
-    // its backward: two at a time.
-    let offload = s.plan.offload && recomputed > 0 && s.device != Device::Cpu;
-    let inputs = if offload { recomputed.min(2) } else { recomputed };
-    let host = if offload { recomputed * t * h * d } else { 0 }
-        + paged_moments
-        + if host_table { c.vocab_size * h * d } else { 0 };
+    // its backward: two at a time. Those two arrive in the backward of the first layers, the offloaded ones, when the
+    // later layers' inputs kept on the device have been freed by their own backward (it ran before): at most the
+    // larger of the two counts is on the device at once.
+    let offloaded = offloaded_layers(s);
+    let inputs = (recomputed - offloaded).max(offloaded.min(2));
+    let host = offloaded * t * h * d + paged_moments + if host_table { c.vocab_size * h * d } else { 0 };
     let saved = inputs * t * h * d + (layers - recomputed) * layer;
     // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
     // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
@@ -188,6 +195,14 @@ pub fn estimate(s: &Setup) -> Estimate {
     let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
     let activations = saved + head.max(in_layer) + 2 * largest * d;
     Estimate { weights, adapters, activations, host }
+}
+
+/// How many recomputed layers have their inputs offloaded under `s.plan`: none on the CPU (host memory is where it
+/// computes) or without checkpointing, at most every recomputed layer.
+pub fn offloaded_layers(s: &Setup) -> usize {
+    let offloadable = s.checkpointing && s.device != Device::Cpu;
+    let recomputed = if offloadable { s.config.num_hidden_layers.saturating_sub(s.plan.keep_layers) } else { 0 };
+    s.plan.offload.min(recomputed)
 }
 
 /// `--memory-budget`: a size in GiB; `auto`: what the device has free, less [`AUTO_MARGIN`]; `lean`: the plan that
@@ -297,12 +312,14 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
                 .0
         }
     };
-    let e = estimate(&Setup { plan: chosen, ..*s });
+    let chosen_setup = Setup { plan: chosen, ..*s };
+    let e = estimate(&chosen_setup);
     if e.host > 0 {
         if let Some(free) = available(Device::Cpu)?.filter(|&free| e.host > free) {
             anyhow::bail!(
-                "memory plan: offloading the layer inputs needs {:.2} GiB of pinned host memory and {:.2} GiB is \
-                 available; {shrink}, or raise --memory-budget so that fewer layers are offloaded",
+                "memory plan: {} needs {:.2} GiB of pinned host memory and {:.2} GiB is available; {shrink}, or \
+                 raise --memory-budget so that fewer layers are offloaded",
+                host_parts(chosen, offloaded_layers(&chosen_setup)).join(", "),
                 e.host as f64 / GIB,
                 free as f64 / GIB
             );
@@ -311,48 +328,62 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
     Ok((chosen, e))
 }
 
-/// The plan in one line, printed at the start of a run.
-pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
-    let recomputed = layers - plan.keep_layers.min(layers);
+/// What `plan` keeps in pinned host memory, `offloaded` being its count of offloaded layer inputs (see
+/// [`offloaded_layers`]), as phrases: "the inputs of 20 layers", "AdamW's moments", "the embedding table".
+fn host_parts(plan: Plan, offloaded: usize) -> Vec<String> {
     let mut host = Vec::new();
-    if plan.offload && recomputed > 0 {
-        host.push("their inputs offloaded");
+    if offloaded > 0 {
+        host.push(format!("the inputs of {offloaded} layer{}", if offloaded == 1 { "" } else { "s" }));
     }
     if plan.page_optimizer {
-        host.push("AdamW's moments paged");
+        host.push("AdamW's moments".to_string());
     }
     if plan.host_embeddings {
-        host.push("the embedding table");
+        host.push("the embedding table".to_string());
     }
+    host
+}
+
+/// The plan in one line, printed at the start of a run: "memory plan: 0 of 32 layers keep their activations, 32
+/// recomputed in backward, 20 of them with inputs offloaded, the MLP 4096 tokens at a time (the inputs of 20 layers,
+/// AdamW's moments, the embedding table: 62.33 GiB of pinned host memory); about 77.53 GiB on the device".
+pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
+    let recomputed = layers - plan.keep_layers.min(layers);
+    // Plans offload only on a GPU (`Plan::all`, `lean`), so the plan's count is what runs.
+    let offloaded = plan.offload.min(recomputed);
+    let offloads = if offloaded > 0 { format!(", {offloaded} of them with inputs offloaded") } else { String::new() };
     let blocks = plan.mlp_block.map_or(String::new(), |b| format!(", the MLP {b} tokens at a time"));
+    let host = host_parts(plan, offloaded);
     let host = if host.is_empty() || e.host == 0 {
         String::new()
     } else {
         format!(" ({}: {:.2} GiB of pinned host memory)", host.join(", "), e.host as f64 / GIB)
     };
     format!(
-        "memory plan: {} of {layers} layers keep their activations, {recomputed} recomputed in backward{blocks}{host}; \
-         about {:.2} GiB on the device",
+        "memory plan: {} of {layers} layers keep their activations, {recomputed} recomputed in backward{offloads}\
+         {blocks}{host}; about {:.2} GiB on the device",
         plan.keep_layers.min(layers),
         e.total() as f64 / GIB
     )
 }
 
 /// The plan that holds the least: every layer recomputed with its MLP in blocks, and on a GPU their inputs
-/// offloaded and the optimizer paged.
+/// offloaded, all of them, and the optimizer paged.
 fn lean(s: &Setup) -> Plan {
     let gpu = s.device != Device::Cpu;
     let mlp_block = (s.checkpointing && s.tokens > MLP_BLOCK).then_some(MLP_BLOCK);
     let host_embeddings = gpu && !s.config.tie_word_embeddings;
-    Plan { keep_layers: 0, offload: gpu && s.checkpointing, page_optimizer: gpu, host_embeddings, mlp_block }
+    let offload = if gpu && s.checkpointing { s.config.num_hidden_layers } else { 0 };
+    Plan { keep_layers: 0, offload, page_optimizer: gpu, host_embeddings, mlp_block }
 }
 
 /// The fastest plan within `budget` bytes: under checkpointing, as many of the last layers as fit keep their
 /// activations (each one kept saves its recompute in backward); when even recomputing every layer does not fit, the
-/// recomputed layers' inputs are offloaded to host memory (a GPU only), again keeping as many layers as then fit;
-/// then AdamW's moments are paged too. Offloading and paging come last because their copies, though overlapped with
-/// compute, share the step with it (to be measured against the alternatives on a GPU). Returns the plan and its
-/// estimate, or the estimate of the leanest plan when even that does not fit.
+/// inputs of the first recomputed layers are offloaded to host memory (a GPU only), again keeping as many layers as
+/// then fit and offloading as few inputs as then fit (host memory is finite: a 400,000-token sequence of Llama-3-8B
+/// has 3 GiB of input per layer); then AdamW's moments are paged too. Offloading and paging come last because their
+/// copies, though overlapped with compute, share the step with it (to be measured against the alternatives on a
+/// GPU). Returns the plan and its estimate, or the estimate of the leanest plan when even that does not fit.
 pub fn plan(s: &Setup, budget: usize) -> Result<(Plan, Estimate), Estimate> {
     let layers = if s.checkpointing { s.config.num_hidden_layers } else { 0 };
     Plan::all(layers, s.device != Device::Cpu, !s.config.tie_word_embeddings)
@@ -403,14 +434,10 @@ mod tests {
     use super::*;
     use qlora_models::synthetic::shape_config;
 
-    /// The leanest plan of a tied model on a GPU (the 1B shape): nothing kept, everything that can leave offloaded.
-    const LEANEST_TIED: Plan = Plan {
-        keep_layers: 0,
-        offload: true,
-        page_optimizer: true,
-        host_embeddings: false,
-        mlp_block: Some(MLP_BLOCK),
-    };
+    /// The leanest plan of a tied model on a GPU (the 1B shape, 16 layers): nothing kept, everything that can leave
+    /// offloaded.
+    const LEANEST_TIED: Plan =
+        Plan { keep_layers: 0, offload: 16, page_optimizer: true, host_embeddings: false, mlp_block: Some(MLP_BLOCK) };
 
     const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
@@ -473,35 +500,112 @@ mod tests {
         // Room for the smallest plan and a few layers more: those few are kept, and the plan fits.
         let per_layer = (all - none) / c.num_hidden_layers;
         let (p, e) = plan(&setup(0), none + 3 * per_layer + per_layer / 2).unwrap();
-        assert!((2..=4).contains(&p.keep_layers) && !p.offload && !p.page_optimizer, "{p:?}");
+        assert!((2..=4).contains(&p.keep_layers) && p.offload == 0 && !p.page_optimizer, "{p:?}");
         assert!(e.total() <= none + 3 * per_layer + per_layer / 2);
         assert_eq!(plan(&setup(0), all).unwrap().0, Plan { keep_layers: c.num_hidden_layers, ..Plan::default() });
-        // Below recomputing everything: the layer inputs go to host memory.
+        // Just below recomputing everything: the first layer's input goes to host memory, the others stay.
         let (p, e) = plan(&setup(0), none - 1).unwrap();
-        assert_eq!(
-            p,
-            Plan { keep_layers: 0, offload: true, page_optimizer: false, host_embeddings: false, mlp_block: None }
-        );
-        let offloaded = 8192 * 2048 * 2 * (c.num_hidden_layers - 2);
-        assert_eq!(e.total(), none - offloaded, "all but two layer inputs leave the device");
-        assert_eq!(e.host, 8192 * 2048 * 2 * c.num_hidden_layers, "all of them wait in pinned memory");
-        // Below that, AdamW's moments (8 bytes per adapter parameter) are paged too, and that plan is the floor.
-        let (p, paged) = plan(&setup(0), e.total() - 1).unwrap();
-        assert_eq!(
-            p,
-            Plan { keep_layers: 0, offload: true, page_optimizer: true, host_embeddings: false, mlp_block: None }
-        );
-        assert_eq!(e.total() - paged.total(), paged.host - e.host, "what leaves the device waits on the host");
-        // Below that, the MLP runs in blocks of MLP_BLOCK tokens (half of these 8192), and that plan is the floor.
-        let (p, blocked) = plan(&setup(0), paged.total() - 1).unwrap();
-        assert_eq!(p, LEANEST_TIED);
-        assert_eq!(paged.total() - blocked.total(), (8192 - MLP_BLOCK) * 2 * 3 * c.intermediate_size * 3 / 2);
-        assert_eq!(plan(&setup(0), blocked.total() - 1).unwrap_err().total(), blocked.total());
+        assert_eq!(p, Plan { keep_layers: 0, offload: 1, ..Plan::default() });
+        assert_eq!((e.total(), e.host), (none - LAYER_INPUT, LAYER_INPUT));
         // The CPU never offloads (host memory is where it computes): below recomputing everything it runs the MLP
         // in blocks.
         let cpu = Setup { device: Device::Cpu, ..setup(0) };
         let (p, e) = plan(&cpu, estimate(&cpu).total() - 1).unwrap();
-        assert_eq!((p.offload, p.page_optimizer, p.mlp_block, e.host), (false, false, Some(MLP_BLOCK), 0));
+        assert_eq!((p.offload, p.page_optimizer, p.mlp_block, e.host), (0, false, Some(MLP_BLOCK), 0));
+    }
+
+    /// One layer input of the peer setting on the 1B shape: 8192 tokens × 2048 hidden in bf16.
+    const LAYER_INPUT: usize = 8192 * 2048 * 2;
+
+    /// The 1B shape in the peer setting, every layer recomputed and the first `offload` inputs offloaded.
+    fn offloading(c: &ModelConfig, offload: usize) -> Estimate {
+        estimate(&peer_plan(c, Plan { offload, ..Plan::default() }))
+    }
+
+    /// Each input offloaded leaves the device for host memory, until only the two in flight in backward are left:
+    /// the estimate never rises with the count, and the host's share grows by one input each time.
+    #[test]
+    fn the_estimate_falls_with_each_offloaded_input() {
+        let c = shape_config("llama-3.2-1b").unwrap();
+        let layers = c.num_hidden_layers;
+        for n in 0..layers {
+            let (fewer, more) = (offloading(&c, n), offloading(&c, n + 1));
+            assert!(more.total() <= fewer.total(), "{n}: {} then {}", fewer.total(), more.total());
+            let left = if n + 2 < layers { LAYER_INPUT } else { 0 };
+            assert_eq!((fewer.total() - more.total(), more.host - fewer.host), (left, LAYER_INPUT), "{n}");
+        }
+        // More than the recomputed layers is all of them.
+        assert_eq!(offloading(&c, layers + 5).host, offloading(&c, layers).host);
+        let (none, all) = (offloading(&c, 0), offloading(&c, layers));
+        assert_eq!(none.total() - all.total(), (layers - 2) * LAYER_INPUT, "all but two layer inputs leave the device");
+        assert_eq!(all.host, layers * LAYER_INPUT, "all of them wait in pinned memory");
+    }
+
+    /// A budget between keeping every layer input on the device and offloading them all offloads only as many of
+    /// the first layers' inputs as it must: one fewer would not fit.
+    #[test]
+    fn a_budget_between_offloading_none_and_all_offloads_the_first_few() {
+        let c = shape_config("llama-3.2-1b").unwrap();
+        let layers = c.num_hidden_layers;
+        let (none, all) = (offloading(&c, 0).total(), offloading(&c, layers).total());
+        let budget = (none + all) / 2;
+        let (p, e) = plan(&peer_setup(&c, 0), budget).unwrap();
+        assert!(p.keep_layers == 0 && 0 < p.offload && p.offload < layers && !p.page_optimizer, "{p:?}");
+        assert!(e.total() <= budget && offloading(&c, p.offload - 1).total() > budget, "{p:?}");
+        assert_eq!(e.host, p.offload * LAYER_INPUT, "the offloaded inputs and nothing else wait in host memory");
+        // At exactly offloading all, the last two stay on the device: offloading them saves no device memory.
+        assert_eq!(plan(&peer_setup(&c, 0), all).unwrap().0, Plan { offload: layers - 2, ..Plan::default() });
+        let line = describe_plan(p, layers, &e);
+        assert!(line.contains(&format!("16 recomputed in backward, {} of them with inputs offloaded", p.offload)));
+        assert!(line.contains(&format!("(the inputs of {} layers: ", p.offload)), "{line}");
+    }
+
+    /// Below offloading every input, AdamW's moments are paged too, then the MLP runs in blocks, then nothing fits.
+    #[test]
+    fn below_offloading_the_optimizer_is_paged_then_the_mlp_runs_in_blocks() {
+        let c = shape_config("llama-3.2-1b").unwrap();
+        let layers = c.num_hidden_layers;
+        let setup = peer_setup(&c, 0);
+        let all = offloading(&c, layers);
+        let (p, e) = plan(&setup, all.total() - 1).unwrap();
+        assert!(p.keep_layers == 0 && p.page_optimizer && p.mlp_block.is_none(), "{p:?}");
+        assert!(e.total() < all.total());
+        let paged = estimate(&peer_plan(&c, Plan { offload: layers, page_optimizer: true, ..Plan::default() }));
+        assert_eq!(all.total() - paged.total(), paged.host - all.host, "what leaves the device waits on the host");
+        // Below that, the MLP runs in blocks of MLP_BLOCK tokens (half of these 8192).
+        let (p, blocked) = plan(&setup, paged.total() - 1).unwrap();
+        assert!(p.page_optimizer && p.mlp_block == Some(MLP_BLOCK), "{p:?}");
+        assert!(blocked.total() < paged.total());
+        let lean = estimate(&peer_plan(&c, LEANEST_TIED));
+        assert_eq!(paged.total() - lean.total(), (8192 - MLP_BLOCK) * 2 * 3 * c.intermediate_size * 3 / 2);
+        assert_eq!(plan(&setup, lean.total()).unwrap().1.total(), lean.total());
+        assert_eq!(plan(&setup, lean.total() - 1).unwrap_err().total(), lean.total());
+    }
+
+    /// The issue's long context: Llama-3-8B, one sequence of 400,000 tokens under an 80 GiB budget. Each layer's
+    /// input is 3.05 GiB (97.7 GiB for 32 layers, more than the GPU machine's pinned memory should take): the plan
+    /// offloads only the inputs the budget cannot hold.
+    #[test]
+    fn a_long_context_offloads_only_what_the_budget_cannot_hold() {
+        let c = shape_config("llama-3-8b").unwrap();
+        let setup = Setup { tokens: 400_000, ..peer_setup(&c, 0) };
+        let (p, e) = plan(&setup, 80 << 30).unwrap();
+        let input = 400_000 * 4096 * 2;
+        let lean = estimate(&Setup { plan: lean(&setup), ..setup });
+        println!("{}", describe_plan(p, c.num_hidden_layers, &e));
+        println!(
+            "plan {p:?}: {:.2} GiB on the device, {:.2} GiB of pinned host memory ({} layer inputs); offloading all \
+             32 (the lean plan): {:.2} GiB on the device, {:.2} GiB on the host",
+            gib(e.total()),
+            gib(e.host),
+            p.offload,
+            gib(lean.total()),
+            gib(lean.host)
+        );
+        assert!(e.total() <= 80 << 30);
+        assert!(0 < p.offload && p.offload < c.num_hidden_layers, "{p:?}");
+        assert!(e.host < lean.host, "fewer inputs wait on the host than when offloading all");
+        assert_eq!(lean.host - e.host, (c.num_hidden_layers - p.offload) * input);
     }
 
     #[test]
@@ -512,10 +616,8 @@ mod tests {
         assert!(e.total() < peer_setting(&c).total());
         let line = describe_plan(p, c.num_hidden_layers, &e);
         assert!(line.contains("0 of 16 layers keep"), "{line}");
-        assert!(
-            line.contains("their inputs offloaded, AdamW's moments paged: 0.58 GiB of pinned host memory"),
-            "{line}"
-        );
+        assert!(line.contains("16 recomputed in backward, 16 of them with inputs offloaded"), "{line}");
+        assert!(line.contains("(the inputs of 16 layers, AdamW's moments: 0.58 GiB of pinned host memory)"), "{line}");
         let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
         let blocked_only = Plan { mlp_block: Some(MLP_BLOCK), ..Plan::default() };
         assert_eq!(budget_plan(&cpu, Some(Budget::Lean), "").unwrap().0, blocked_only);
@@ -527,7 +629,7 @@ mod tests {
     fn the_lean_plan_keeps_an_untied_models_embeddings_on_the_host() {
         let c = shape_config("llama-3-8b").unwrap();
         let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
-        assert!(p.host_embeddings && p.offload && p.page_optimizer, "{p:?}");
+        assert!(p.host_embeddings && p.offload == 32 && p.page_optimizer, "{p:?}");
         let resident = estimate(&peer_plan(&c, Plan { host_embeddings: false, ..p }));
         let table = 128_256 * 4096 * 2;
         assert_eq!((resident.weights - e.weights, e.host - resident.host), (table, table));

@@ -63,8 +63,8 @@ pub struct StepArgs {
     no_gradient_checkpointing: bool,
     /// GiB the step may hold, auto (free device memory less 10 %, at least 1 GiB) or lean (the least memory): under
     /// checkpointing, the last layers that fit keep their activations instead of being recomputed, and when even
-    /// recomputing all does not fit, their inputs wait in pinned host memory, then AdamW's moments too (a GPU only;
-    /// the plan is printed).
+    /// recomputing all does not fit, the inputs of as few of the first ones as needed wait in pinned host memory,
+    /// then AdamW's moments too (a GPU only; the plan is printed).
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<memory::Budget>,
     /// Clip the global gradient norm to this (0 disables clipping).
@@ -252,6 +252,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
         plan: memory::Plan::default(),
     };
     let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, SHRINK)?;
+    let offloaded = memory::offloaded_layers(&Setup { plan, ..setup });
     let available = memory::available(device)?;
     let mut report = json!({
         "subject": subject.to_string(),
@@ -271,7 +272,8 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "double_quant": args.adapter.double_quant(),
         "gradient_checkpointing": args.checkpointing(),
         "keep_layers": plan.keep_layers,
-        "offload": plan.offload,
+        "offload": offloaded > 0,
+        "offload_layers": offloaded,
         "page_optimizer": plan.page_optimizer,
         "mlp_block": plan.mlp_block,
         "offload_host_gib": gib(estimate.host),

@@ -194,10 +194,10 @@ pub struct FinetuneArgs {
     no_gradient_checkpointing: bool,
     /// GiB a training step may hold, auto (free device memory less 10 %, at least 1 GiB) or lean (the least
     /// memory): under checkpointing, the last layers that fit keep their activations instead of being recomputed
-    /// (faster), and when even recomputing every layer does not fit, the recomputed layers' inputs wait in pinned
-    /// host memory, copied back one layer ahead, then AdamW's moments too between updates (a GPU only); the results
-    /// are the same bits. The plan is printed at the start; a budget too small for any plan is an error saying what
-    /// to lower.
+    /// (faster), and when even recomputing every layer does not fit, the inputs of as few of the first recomputed
+    /// layers as needed (all with lean) wait in pinned host memory, copied back one layer ahead, then AdamW's moments
+    /// too between updates (a GPU only); the results are the same bits. The plan is printed at the start; a budget
+    /// too small for any plan is an error saying what to lower.
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<crate::bench::memory::Budget>,
     /// GPUs to train on, one process each: more than one launches N copies of this command (ranks of an NCCL group,
