@@ -10,6 +10,7 @@ use qlora_runtime::dist::launch::Launch;
 use qlora_runtime::dist::nccl::NcclRank;
 use qlora_runtime::dist::{Buffer, Communicator};
 use qlora_runtime::testing::gpu;
+use qlora_runtime::{Device, Tensor};
 
 #[test]
 fn a_group_of_one_runs_every_collective_through_the_gpu() {
@@ -27,6 +28,11 @@ fn a_group_of_one_runs_every_collective_through_the_gpu() {
     assert_eq!(d, [1e300, -7.0, 2f64.powi(60) + 1.0]);
     let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 3.0).collect();
     assert_eq!(g.all_gather(&values).unwrap(), values);
+    // Gradients gather device to device: the tensor stays on the GPU.
+    let local =
+        Tensor::from_vec(values.clone(), &[values.len()]).unwrap().to_device(Device::Cuda(dev.ordinal())).unwrap();
+    let all = g.all_gather_tensor(&local).unwrap();
+    assert_eq!((all.device(), all.to_vec::<f32>()), (local.device(), values.clone()));
     let mut bytes = *b"every rank gets rank 0's bytes";
     g.broadcast(&mut bytes, 0).unwrap();
     assert_eq!(&bytes, b"every rank gets rank 0's bytes");

@@ -27,7 +27,8 @@ use qlora_optim::{AdamW, GradNorm};
 use qlora_runtime::cuda::read_scalars;
 use qlora_runtime::dist::launch::Launch;
 use qlora_runtime::dist::{local_group, Buffer, Communicator, LocalRank};
-use qlora_runtime::{DType, Tensor};
+use qlora_runtime::ops::concat::cat_rows;
+use qlora_runtime::{DType, Device, Tensor};
 
 /// Tokens of a whole step, over every rank.
 pub(super) struct Tokens {
@@ -128,39 +129,43 @@ impl Layout {
         1 + self.sizes.len() + self.sizes.iter().sum::<usize>()
     }
 
-    /// Micro-batch `j`'s record as this rank writes it: the loss, flags and gradients taken from `params`.
-    fn write(&self, loss: &Tensor, params: &[qlora_autograd::Param], out: &mut [f32]) -> Result<()> {
+    /// Micro-batch `j`'s record as this rank writes it, f32 [len] on `device`: the loss, the flags and the
+    /// gradients taken from `params`. Built on the device (copies, no arithmetic): nothing is read back.
+    fn record(&self, loss: &Tensor, params: &[qlora_autograd::Param], device: Device) -> Result<Tensor> {
         ensure!(loss.dtype() == DType::F32, "data-parallel training needs an f32 loss, got {:?}", loss.dtype());
-        out[0] = read_scalars(&[loss])?[0] as f32; // exact: the value was an f32
-        let mut at = 1 + params.len();
+        let mut flags = vec![0.0f32; params.len()];
+        let mut parts = Vec::with_capacity(2 + params.len());
+        parts.push(loss.reshape(&[1])?);
         for (i, (p, &n)) in params.iter().zip(&self.sizes).enumerate() {
-            if let Some(g) = p.take_grad() {
-                ensure!(
-                    g.dtype() == DType::F32,
-                    "data-parallel training needs f32 gradients, {} has {:?}",
-                    p.name(),
-                    g.dtype()
-                );
-                out[1 + i] = 1.0;
-                out[at..at + n].copy_from_slice(&g.to_vec::<f32>());
+            match p.take_grad() {
+                Some(g) => {
+                    ensure!(
+                        g.dtype() == DType::F32,
+                        "data-parallel training needs f32 gradients, {} has {:?}",
+                        p.name(),
+                        g.dtype()
+                    );
+                    flags[i] = 1.0;
+                    parts.push(g.reshape(&[n])?);
+                }
+                None => parts.push(Tensor::zeros_on(&[n], DType::F32, device)?),
             }
-            at += n;
         }
-        Ok(())
+        parts.insert(1, Tensor::from_vec(flags, &[params.len()])?.to_device(device)?);
+        Ok(cat_rows(&parts, &[self.len()], DType::F32, device)?)
     }
 
-    /// Adds a gathered record's gradients into `params` (as a backward would have) and returns its loss.
-    fn replay(&self, record: &[f32], params: &[qlora_autograd::Param]) -> Result<f64> {
+    /// Adds a gathered record's gradients into `params` (as a backward would have) and returns its loss; `head` is
+    /// the record's loss and flags, read on the host.
+    fn replay(&self, record: &Tensor, head: &[f32], params: &[qlora_autograd::Param]) -> Result<f64> {
         let mut at = 1 + params.len();
         for (i, (p, &n)) in params.iter().zip(&self.sizes).enumerate() {
-            if record[1 + i] != 0.0 {
-                let value = p.value();
-                let grad = Tensor::from_slice(&record[at..at + n], value.shape())?.to_device(value.device())?;
-                p.accumulate_grad(&grad)?;
+            if head[1 + i] != 0.0 {
+                p.accumulate_grad(&record.narrow(0, at, n)?.reshape(p.value().shape())?)?;
             }
             at += n;
         }
-        Ok(record[0] as f64)
+        Ok(head[0] as f64)
     }
 }
 
@@ -188,16 +193,22 @@ pub(super) fn optimizer_step(
     let params = model.trainable_params();
     let layout = Layout { sizes: params.iter().map(|p| p.value().elem_count()).collect() };
     // Every rank sends the same number of record slots (what the busiest rank needs); unused ones stay zero.
-    let (len, slots) = (layout.len(), micro.len().div_ceil(n));
-    let mut local = vec![0.0f32; slots * len];
-    for (k, (j, batch)) in mine.iter().enumerate() {
+    let (len, slots, device) = (layout.len(), micro.len().div_ceil(n), config.device);
+    let mut records = Vec::with_capacity(slots);
+    for (j, batch) in &mine {
         let loss = micro_step(model, batch, (step, *j), tokens.trained, config, &mut ())?;
-        layout.write(&loss, &params, &mut local[k * len..(k + 1) * len])?;
+        records.push(layout.record(&loss, &params, device)?);
     }
-    let all = group.all_gather(&local)?;
-    // Micro-batch j is slot j / n of rank j % n.
+    while records.len() < slots {
+        records.push(Tensor::zeros_on(&[len], DType::F32, device)?);
+    }
+    let all = group.all_gather_tensor(&cat_rows(&records, &[slots * len], DType::F32, device)?)?;
+    // Micro-batch j is slot j / n of rank j % n. Its loss and flags are read back, all of them in one wait.
+    let record = |j: usize| all.narrow(0, ((j % n) * slots + j / n) * len, len);
+    let heads = (0..micro.len()).map(|j| record(j)?.narrow(0, 0, 1 + params.len())).collect::<Result<Vec<_>, _>>()?;
+    let heads = cat_rows(&heads, &[micro.len() * (1 + params.len())], DType::F32, device)?.try_to_vec::<f32>()?;
     let losses = (0..micro.len())
-        .map(|j| layout.replay(&all[((j % n) * slots + j / n) * len..][..len], &params))
+        .map(|j| layout.replay(&record(j)?, &heads[j * (1 + params.len())..][..1 + params.len()], &params))
         .collect::<Result<Vec<f64>>>()?;
     let loss = losses.iter().sum::<f64>();
     let norm = optimizer.grad_norm_sq()?;

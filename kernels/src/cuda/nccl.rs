@@ -10,7 +10,7 @@
 //! for with a deadline ([`NcclComm::wait`]): a rank that died or never called the same collective turns into an
 //! error on the others (the communicator is aborted) instead of a hang.
 
-use super::buffer::DeviceBuffer;
+use super::buffer::{DeviceBuffer, DeviceCopy};
 use super::{CudaDevice, Error, Result};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::{Path, PathBuf};
@@ -254,19 +254,20 @@ impl NcclComm {
         })
     }
 
-    /// Every rank's `send` (the same length everywhere) into `recv` (world_size times as long), in rank order.
-    pub fn all_gather(&self, send: &DeviceBuffer<u8>, recv: &mut DeviceBuffer<u8>) -> Result<()> {
+    /// Every rank's `send` (the same length everywhere) into `recv` (world_size times as long), in rank order; the
+    /// bytes move unchanged.
+    pub fn all_gather<T: DeviceCopy>(&self, send: &DeviceBuffer<T>, recv: &mut DeviceBuffer<T>) -> Result<()> {
         if recv.len() != send.len() * self.world_size {
             return Err(Error::Nccl {
                 op: "ncclAllGather",
-                detail: format!("{} bytes gathered into {} for {} ranks", send.len(), recv.len(), self.world_size),
+                detail: format!("{} elements gathered into {} for {} ranks", send.len(), recv.len(), self.world_size),
             });
         }
         let (src, dst) = (send.ptr() as *const c_void, recv.ptr() as *mut c_void);
-        let (count, stream) = (send.len(), self.device.cu_stream() as *mut c_void);
+        let (count, stream) = (send.len() * std::mem::size_of::<T>(), self.device.cu_stream() as *mut c_void);
         self.collective("ncclAllGather", |api, comm| {
-            // SAFETY: `count` bytes from `send` and world_size · count into `recv` (checked above), both live
-            // buffers of this device, on its stream.
+            // SAFETY: `count` bytes from `send` and world_size · count bytes into `recv` (lengths checked above),
+            // both live buffers of this device, on its stream.
             unsafe { (api.all_gather)(src, dst, count, Elem::U8 as c_int, comm, stream) }
         })
     }

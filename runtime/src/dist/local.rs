@@ -241,6 +241,10 @@ mod tests {
                 let mut counts = [c.rank() as f64 + 1.0];
                 c.all_reduce_sum(Buffer::F64(&mut counts)).unwrap();
                 let gathered = c.all_gather(&[r, r + 0.25]).unwrap();
+                let local = crate::Tensor::from_vec(vec![r, r + 0.25], &[2]).unwrap();
+                assert_eq!(c.all_gather_tensor(&local).unwrap().to_vec::<f32>(), gathered, "tensors gather the same");
+                let ints = crate::Tensor::from_vec(vec![1i32], &[1]).unwrap();
+                assert!(c.all_gather_tensor(&ints).unwrap_err().to_string().contains("expects f32 [n]"));
                 let mut flag = [c.rank() as u8; 3];
                 c.broadcast(&mut flag, n - 1).unwrap();
                 c.barrier().unwrap();

@@ -17,7 +17,7 @@ pub mod rendezvous;
 
 pub use local::{local_group, LocalRank};
 
-use crate::Result;
+use crate::{DType, Error, Result, Tensor};
 
 /// A buffer reduced in place: f32 for gradients, f64 for counts and sums that must stay exact (integers to 2⁵³).
 #[derive(Debug)]
@@ -43,9 +43,27 @@ pub trait Communicator: Send + Sync {
     /// Every rank's `local` (the same length on every rank) concatenated in rank order, on every rank.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>>;
 
+    /// [`Communicator::all_gather`] of a tensor: every rank's `local` (f32 [n], the same n everywhere, on this
+    /// rank's device) in rank order, as f32 [world_size · n] on the same device. Through the host unless the
+    /// backend's ranks own GPUs, where it gathers device memory directly.
+    fn all_gather_tensor(&self, local: &Tensor) -> Result<Tensor> {
+        gather_through_host(self, local)
+    }
+
     /// Rank `root`'s bytes copied into every rank's `buf` (the same length on every rank).
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()>;
 
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+}
+
+/// [`Communicator::all_gather_tensor`] by way of the host: `local` read back, gathered, and put where it was.
+pub fn gather_through_host<C: Communicator + ?Sized>(group: &C, local: &Tensor) -> Result<Tensor> {
+    if local.dtype() != DType::F32 || local.rank() != 1 {
+        let what = format!("expects f32 [n], got {:?} {:?}", local.dtype(), local.shape());
+        return Err(Error::invalid("all_gather_tensor", what));
+    }
+    let all = group.all_gather(&local.try_to_vec::<f32>()?)?;
+    let n = all.len();
+    Tensor::from_vec(all, &[n])?.to_device(local.device())
 }

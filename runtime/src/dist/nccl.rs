@@ -10,8 +10,9 @@
 
 use super::launch::Launch;
 use super::rendezvous::{self, Host, ID_BYTES};
-use super::{Buffer, Communicator};
-use crate::{Error, Result};
+use super::{gather_through_host, Buffer, Communicator};
+use crate::cuda::{buf, output, Gpu};
+use crate::{DType, Device, Error, Result, Tensor};
 use qlora_kernels::cuda::nccl::{self, Elem, NcclComm, UNIQUE_ID_BYTES};
 use qlora_kernels::cuda::CudaDevice;
 use std::time::Duration;
@@ -115,13 +116,30 @@ impl Communicator for NcclRank {
         Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
-    fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        if buf.is_empty() {
+    fn all_gather_tensor(&self, local: &Tensor) -> Result<Tensor> {
+        let Some(g) = Gpu::of("all_gather_tensor", &[local])? else { return gather_through_host(self, local) };
+        if local.dtype() != DType::F32 || local.rank() != 1 || local.elem_count() == 0 {
+            return gather_through_host(self, local);
+        }
+        let mine = Device::Cuda(self.comm.device().ordinal());
+        if local.device() != mine {
+            return Err(Error::DeviceMismatch { op: "all_gather_tensor", a: mine, b: local.device() });
+        }
+        // Device to device: the gradients of a step never cross the host.
+        let send = g.input_as(local, DType::F32)?;
+        let mut recv = g.alloc::<f32>(local.elem_count() * self.world_size())?;
+        self.comm.all_gather(buf::<f32>(&send), &mut recv).map_err(cuda("all_gather_tensor"))?;
+        let n = recv.len();
+        Ok(output(recv, &[n]))
+    }
+
+    fn broadcast(&self, bytes: &mut [u8], root: usize) -> Result<()> {
+        if bytes.is_empty() {
             return Ok(());
         }
-        let mut dev = self.upload(buf)?;
+        let mut dev = self.upload(bytes)?;
         self.comm.broadcast(&mut dev, root).map_err(cuda("broadcast"))?;
-        buf.copy_from_slice(&dev.to_vec().map_err(cuda("broadcast"))?);
+        bytes.copy_from_slice(&dev.to_vec().map_err(cuda("broadcast"))?);
         Ok(())
     }
 
