@@ -15,6 +15,9 @@
 //! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-cli, or QLORA_RT_BIN when the test runs on another
 //! machine; the fixture comes from CARGO_MANIFEST_DIR, or QLORA_FIXTURES (the `tests/fixtures` folder).
 
+mod common;
+
+use common::chat_data as data;
 use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::testing::{fixtures_dir, gpu};
@@ -46,21 +49,6 @@ fn qlora_rt(args: &[String]) -> (Output, f64) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out, secs)
-}
-
-/// Chat rows in words the fixture tokenizer knows, varied so that packing and evaluation see different rows.
-fn data(dir: &Path) -> PathBuf {
-    let rows: Vec<String> = (0..12)
-        .map(|i| {
-            let user = format!("what is {i} and {}?", i + 1);
-            let assistant = format!("the answer is {}, i think.", 2 * i + 1);
-            serde_json::json!({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]})
-                .to_string()
-        })
-        .collect();
-    let path = dir.join("data.jsonl");
-    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
-    path
 }
 
 fn finetune(data: &Path, out: &Path, device: &[&str], extra: &[&str]) -> Vec<String> {

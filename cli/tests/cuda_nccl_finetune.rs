@@ -9,6 +9,9 @@
 //! (this is the only test that needs two). The binary is CARGO_BIN_EXE_qlora-cli, or QLORA_RT_BIN when the test runs
 //! on another machine; the fixture comes from CARGO_MANIFEST_DIR, or QLORA_FIXTURES.
 
+mod common;
+
+use common::chat_data as data;
 use qlora_runtime::testing::fixtures_dir;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,19 +23,6 @@ fn qlora_rt(args: &[&str]) -> String {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "qlora-rt {}:\n{stdout}\n{stderr}", args.join(" "));
     stdout.into_owned()
-}
-
-fn data(dir: &Path) -> PathBuf {
-    let rows: Vec<String> = (0..12)
-        .map(|i| {
-            let (user, assistant) = (format!("what is {i} and {}?", i + 1), format!("the answer is {}.", 2 * i + 1));
-            serde_json::json!({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]})
-                .to_string()
-        })
-        .collect();
-    let path = dir.join("data.jsonl");
-    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
-    path
 }
 
 const REL: f64 = 1e-3;

@@ -3,7 +3,7 @@
 // Each test file compiles its own copy of this module and calls only what it needs.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs the built `qlora-rt` with `args`.
@@ -75,4 +75,19 @@ pub fn interrupt_after_three_steps(args: &[&str], out: &Path) -> Output {
     let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("run kill");
     assert!(sent.success());
     child.wait_with_output().expect("wait for qlora-rt")
+}
+
+/// Twelve chat rows (data.jsonl in `dir`) in words the fixture tokenizer knows, varied so that packing and evaluation see different rows.
+pub fn chat_data(dir: &Path) -> PathBuf {
+    let rows: Vec<String> = (0..12)
+        .map(|i| {
+            let user = format!("what is {i} and {}?", i + 1);
+            let assistant = format!("the answer is {}, i think.", 2 * i + 1);
+            serde_json::json!({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]})
+                .to_string()
+        })
+        .collect();
+    let path = dir.join("data.jsonl");
+    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
+    path
 }

@@ -14,7 +14,7 @@ use super::{gather_through_host, Buffer, Communicator};
 use crate::cuda::{buf, output, Gpu};
 use crate::{DType, Device, Error, Result, Tensor};
 use qlora_kernels::cuda::nccl::{self, Elem, NcclComm, UNIQUE_ID_BYTES};
-use qlora_kernels::cuda::CudaDevice;
+use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
 use std::time::Duration;
 
 /// How long the rendezvous waits for every rank to arrive, and a collective for every rank to join it, unless
@@ -72,8 +72,25 @@ impl NcclRank {
         Ok(NcclRank { comm })
     }
 
-    fn upload(&self, bytes: &[u8]) -> Result<qlora_kernels::cuda::DeviceBuffer<u8>> {
+    fn upload(&self, bytes: &[u8]) -> Result<DeviceBuffer<u8>> {
         self.comm.device().upload(bytes).map_err(cuda("nccl"))
+    }
+
+    /// `bytes` through the GPU: uploaded, changed in place there by `collective`, and copied back. An empty buffer
+    /// needs no collective: every rank passes the same length (the trait's contract), so all skip it together.
+    fn in_place(
+        &self,
+        op: &'static str,
+        bytes: &mut [u8],
+        collective: impl FnOnce(&mut DeviceBuffer<u8>) -> qlora_kernels::cuda::Result<()>,
+    ) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut dev = self.upload(bytes)?;
+        collective(&mut dev).map_err(cuda(op))?;
+        bytes.copy_from_slice(&dev.to_vec().map_err(cuda(op))?);
+        Ok(())
     }
 }
 
@@ -95,14 +112,7 @@ impl Communicator for NcclRank {
             Buffer::F32(v) => (bytemuck::cast_slice_mut(v), Elem::F32),
             Buffer::F64(v) => (bytemuck::cast_slice_mut(v), Elem::F64),
         };
-        // Every rank passes the same length (the trait's contract), so all return here together.
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let mut dev = self.upload(bytes)?;
-        self.comm.all_reduce_sum(&mut dev, elem).map_err(cuda("all_reduce_sum"))?;
-        bytes.copy_from_slice(&dev.to_vec().map_err(cuda("all_reduce_sum"))?);
-        Ok(())
+        self.in_place("all_reduce_sum", bytes, |dev| self.comm.all_reduce_sum(dev, elem))
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
@@ -134,13 +144,7 @@ impl Communicator for NcclRank {
     }
 
     fn broadcast(&self, bytes: &mut [u8], root: usize) -> Result<()> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let mut dev = self.upload(bytes)?;
-        self.comm.broadcast(&mut dev, root).map_err(cuda("broadcast"))?;
-        bytes.copy_from_slice(&dev.to_vec().map_err(cuda("broadcast"))?);
-        Ok(())
+        self.in_place("broadcast", bytes, |dev| self.comm.broadcast(dev, root))
     }
 
     fn barrier(&self) -> Result<()> {
