@@ -24,9 +24,9 @@ cat >"$stage/run.sh" <<RUNNER
 cd "\$(dirname "\$0")/../.."
 [[ -f .gpu/flash/flash_variants.so ]] && export FLASH_VARIANTS_SO=\$PWD/.gpu/flash/flash_variants.so
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
-timeout 300 python3 scripts/flash/variants.py --only "$only" > \$OUT/time.jsonl 2> \$OUT/time.err
+timeout 150 python3 scripts/flash/variants.py --only "$only" > \$OUT/time.jsonl 2> \$OUT/time.err
 echo "timing rc=\$? failed checks: \$(grep -c '"ok": false' \$OUT/time.jsonl)"
-timeout 200 ncu --clock-control none -k regex:bwd90_kernel --set full -o /tmp/bwd \\
+timeout 70 ncu --clock-control none -k regex:bwd90_kernel --set full -o /tmp/bwd \\
     python3 scripts/flash/variants.py --only "bwd90 d" --once > /tmp/ncu.log 2>&1
 echo "ncu rc=\$?"; tail -2 /tmp/ncu.log
 ncu --import /tmp/bwd.ncu-rep --page details > \$OUT/ncu_bwd.txt 2>&1

@@ -7,7 +7,7 @@
 //! [`Error::NoNccl`] naming where it looked.
 //!
 //! Every collective runs on the device's compute stream, in stream order with the kernels around it, and is waited
-//! for with a deadline ([`NcclComm::wait`]): a rank that died or never called the same collective turns into an
+//! for with a deadline (`NcclComm::wait`): a rank that died or never called the same collective turns into an
 //! error on the others (the communicator is aborted) instead of a hang.
 
 use super::buffer::{DeviceBuffer, DeviceCopy};

@@ -43,8 +43,8 @@ pub trait Communicator: Send + Sync {
     /// Every rank's `local` (the same length on every rank) concatenated in rank order, on every rank.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>>;
 
-    /// [`Communicator::all_gather`] of a tensor: every rank's `local` (f32 [n], the same n everywhere, on this
-    /// rank's device) in rank order, as f32 [world_size · n] on the same device. Through the host unless the
+    /// [`Communicator::all_gather`] of a tensor: every rank's `local` (f32 \[n\], the same n everywhere, on this
+    /// rank's device) in rank order, as f32 \[world_size · n\] on the same device. Through the host unless the
     /// backend's ranks own GPUs, where it gathers device memory directly.
     fn all_gather_tensor(&self, local: &Tensor) -> Result<Tensor> {
         gather_through_host(self, local)

@@ -1,5 +1,5 @@
 //! The NCCL group: one process per GPU, as torchrun (or `finetune --gpus N`) launches them. Rank 0 draws NCCL's
-//! unique id and hands it out through the [`rendezvous`](super::rendezvous); every rank then joins the communicator
+//! unique id and hands it out through the [`rendezvous`]; every rank then joins the communicator
 //! on its GPU (`LOCAL_RANK`).
 //!
 //! The collectives take host buffers, as [`Communicator`] says: each is copied to the rank's GPU, reduced or gathered
