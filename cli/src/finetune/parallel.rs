@@ -45,7 +45,9 @@ pub(super) enum World {
     InProcess(usize),
     /// `--gpus N`: this process launches N copies of itself, one per GPU ([`super::spawn`]), and waits for them.
     Spawn(usize),
-    /// One rank of a launched group (torchrun's, or `--gpus N`'s), on GPU `LOCAL_RANK`, through NCCL.
+    /// One rank of a launched group (torchrun's, or `--gpus N`'s), on GPU `LOCAL_RANK`, through NCCL. torchrun's
+    /// group of one (`WORLD_SIZE=1` with a `MASTER_ADDR`) is one too, as it is for PyTorch: it runs the multi-GPU
+    /// path on a single GPU.
     Nccl(Launch),
 }
 
@@ -55,7 +57,8 @@ pub(super) fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option
     let gpu_only = |what: String| {
         anyhow!("{what}: training across processes runs on GPUs through NCCL; --device cpu cannot (--ranks N runs N ranks in one process on the CPU)")
     };
-    if let Some(l) = launch.filter(|l| l.world_size > 1) {
+    let group_of_one = |l: &&Launch| l.world_size == 1 && l.master.is_some() && device != DeviceArg::Cpu;
+    if let Some(l) = launch.filter(|l| l.world_size > 1 || group_of_one(l)) {
         let (n, r) = (l.world_size, l.rank);
         ensure!(ranks == 1, "WORLD_SIZE={n} (rank {r}): --ranks does not combine with a launched group");
         ensure!(gpus == 1 || gpus == n, "WORLD_SIZE={n} (rank {r}) but --gpus {gpus}: launch one process per GPU");
@@ -250,6 +253,9 @@ mod tests {
     fn the_world_comes_from_flags_and_torchrun() {
         let launch = |world_size| Launch { rank: 0, world_size, local_rank: 0, master: None };
         assert_eq!(world(1, 1, DeviceArg::Auto, Some(&launch(1))).unwrap(), World::Alone(DeviceArg::Auto));
+        let torchrun_one = Launch { master: Some(("127.0.0.1".into(), 29500)), ..launch(1) };
+        assert_eq!(world(1, 1, DeviceArg::Auto, Some(&torchrun_one)).unwrap(), World::Nccl(torchrun_one.clone()));
+        assert_eq!(world(1, 1, DeviceArg::Cpu, Some(&torchrun_one)).unwrap(), World::Alone(DeviceArg::Cpu));
         assert_eq!(world(1, 3, DeviceArg::Auto, None).unwrap(), World::InProcess(3), "--ranks trains on the CPU");
         assert_eq!(world(4, 1, DeviceArg::Auto, None).unwrap(), World::Spawn(4));
         assert_eq!(world(1, 1, DeviceArg::Cuda, Some(&launch(4))).unwrap(), World::Nccl(launch(4)));
