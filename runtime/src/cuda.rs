@@ -1,9 +1,10 @@
-//! The CUDA side of the runtime: transfers between host and device storage (`storage::CudaStorage`, one
-//! `DeviceBuffer` per dtype, as `CpuStorage` holds `Vec`s), dtype conversion and layout copies on the device, and
-//! `Gpu`, the operand preparation that every op's CUDA branch shares.
+//! The CUDA side of the runtime's ops: `Gpu`, the operand preparation that every op's CUDA branch shares (placement,
+//! the compute dtype, whole buffers in it), reading a step's scalars back in one wait, and device buffers written in
+//! place. How storage moves between host and device, and is made whole or cast there, is `transfer.rs`'s, below
+//! `Tensor`, which this module sits above.
 //!
-//! Owns: which device buffers back a tensor and how they move. Must not hold kernels (those are
-//! `qlora_kernels::cuda`) or fall back to the CPU: an op whose operands live on a GPU runs there or returns an error.
+//! Must not hold kernels (those are `qlora_kernels::cuda`) or fall back to the CPU: an op whose operands live on a GPU
+//! runs there or returns an error.
 //!
 //! Precision on CUDA: f32 and bf16 tensors only (f64 exists for CPU gradient checks; f16 may be stored and moved but
 //! no op computes in it). An op computes in bf16 when any float operand is bf16 and in f32 otherwise, casting the
@@ -12,64 +13,10 @@
 
 use crate::storage::{CudaElement, CudaStorage, Storage};
 use crate::{DType, Device, Error, Result, Tensor};
-use half::{bf16, f16};
 use qlora_kernels::cuda::{self as kc, CudaDevice, DeviceBuffer, DeviceCopy};
 use std::sync::Arc;
 
-/// The GPU `cuda:{ordinal}`, opened on first use and then shared by the whole process (one context, stream and
-/// caching allocator per ordinal: `CudaDevice::new` keeps the registry). A missing driver, GPU or NVRTC is an error
-/// saying what to install.
-pub fn cuda_device(ordinal: usize) -> Result<CudaDevice> {
-    CudaDevice::new(ordinal).map_err(Error::cuda("cuda device"))
-}
-
-/// The element types CUDA ops compute in.
-pub(crate) trait GpuElement: CudaElement + kc::GpuFloat {}
-impl GpuElement for f32 {}
-impl GpuElement for bf16 {}
-
-/// A CPU tensor's elements copied to `cuda:{ordinal}` (contiguous, same dtype).
-pub(crate) fn upload(t: &Tensor, ordinal: usize) -> Result<Tensor> {
-    fn go<T: CudaElement>(dev: &CudaDevice, t: &Tensor) -> Result<Tensor> {
-        let b = dev.upload(&t.values::<T>()).map_err(Error::cuda("to_device"))?;
-        Tensor::from_cuda(T::wrap_device(b), t.shape())
-    }
-    let dev = cuda_device(ordinal)?;
-    match t.dtype() {
-        DType::F32 => go::<f32>(&dev, t),
-        DType::BF16 => go::<bf16>(&dev, t),
-        DType::F16 => go::<f16>(&dev, t),
-        DType::I32 => go::<i32>(&dev, t),
-        DType::U8 => go::<u8>(&dev, t),
-        DType::F64 => Err(Error::Unsupported {
-            op: "to_device",
-            device: Device::Cuda(ordinal),
-            why: "f64 (for CPU gradient checks) has no CUDA kernels: convert to f32 first",
-        }),
-    }
-}
-
-/// `shape` filled with `value` in `dtype` on `cuda:{ordinal}`: a memset of the value's bits, no upload.
-pub(crate) fn full(shape: &[usize], value: f64, dtype: DType, ordinal: usize) -> Result<Tensor> {
-    fn go<T: CudaElement>(dev: &CudaDevice, shape: &[usize], value: T) -> Result<Tensor> {
-        let mut b = dev.alloc::<T>(shape.iter().product()).map_err(Error::cuda("full"))?;
-        b.fill(value).map_err(Error::cuda("full"))?;
-        Tensor::from_cuda(T::wrap_device(b), shape)
-    }
-    let dev = cuda_device(ordinal)?;
-    match dtype {
-        DType::F32 => go(&dev, shape, value as f32),
-        DType::BF16 => go(&dev, shape, bf16::from_f64(value)),
-        DType::F16 => go(&dev, shape, f16::from_f64(value)),
-        DType::I32 => go(&dev, shape, value as i32),
-        DType::U8 => go(&dev, shape, value as u8),
-        DType::F64 => Err(Error::Unsupported {
-            op: "full",
-            device: Device::Cuda(ordinal),
-            why: "f64 (for CPU gradient checks) has no CUDA kernels: use f32",
-        }),
-    }
-}
+use crate::transfer::cuda_device;
 
 /// How many times the host has waited for `device` (synchronisations and reads back) since it was opened; 0 for the
 /// CPU. A training step's contract is one such wait per optimizer step (its loss and gradient norm).
@@ -103,22 +50,6 @@ pub fn read_scalars(ts: &[&Tensor]) -> Result<Vec<f64>> {
     Ok(values.into_iter().map(f64::from).collect())
 }
 
-/// A CUDA tensor's elements copied to the host (waits for the device's queued work).
-pub(crate) fn download(t: &Tensor) -> Result<Tensor> {
-    fn go<T: CudaElement>(b: &DeviceBuffer<T>, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_vec(b.to_vec().map_err(Error::cuda("to_device"))?, shape)
-    }
-    let c = contiguous(t)?;
-    let shape = c.shape();
-    match cuda_storage("to_device", &c)? {
-        CudaStorage::F32(b) => go(b, shape),
-        CudaStorage::BF16(b) => go(b, shape),
-        CudaStorage::F16(b) => go(b, shape),
-        CudaStorage::I32(b) => go(b, shape),
-        CudaStorage::U8(b) => go(b, shape),
-    }
-}
-
 /// Starts copying a whole CUDA tensor's elements to pinned host memory on the copy stream (`crate::offload`).
 pub(crate) fn copy_to_host(whole: &Tensor) -> Result<kc::HostCopy> {
     let copy = match cuda_storage("offload", whole)? {
@@ -145,52 +76,15 @@ pub(crate) fn is_whole(t: &Tensor, storage_len: usize) -> bool {
 
 /// `t` with storage of exactly its elements, row-major: itself when it already is, a strided copy of a view.
 pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
-    fn go<T: CudaElement>(src: &DeviceBuffer<T>, t: &Tensor) -> Result<Tensor> {
-        let l = t.layout();
-        let mut dst = src.device().alloc::<T>(l.elem_count()).map_err(Error::cuda("contiguous"))?;
-        kc::copy::strided_copy(src, l.offset(), l.shape(), l.strides(), &mut dst).map_err(Error::cuda("contiguous"))?;
-        Tensor::from_cuda(T::wrap_device(dst), l.shape())
-    }
-    let s = cuda_storage("contiguous", t)?;
-    if is_whole(t, s.len()) {
-        return Ok(t.clone());
-    }
-    if t.rank() > kc::copy::MAX_RANK {
-        return Err(Error::shape(
-            "contiguous",
-            format!("a CUDA view of rank {} (at most {})", t.rank(), kc::copy::MAX_RANK),
-        ));
-    }
-    match s {
-        CudaStorage::F32(b) => go(b, t),
-        CudaStorage::BF16(b) => go(b, t),
-        CudaStorage::F16(b) => go(b, t),
-        CudaStorage::I32(b) => go(b, t),
-        CudaStorage::U8(b) => go(b, t),
-    }
+    cuda_storage("contiguous", t)?;
+    t.try_contiguous()
 }
 
 /// A whole, contiguous copy of `t` in `dtype` on its device (itself when nothing changes). Converts between f32 and
 /// bf16; other pairs are an error rather than a trip through the host.
 pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    fn cast<S: GpuElement, D: GpuElement>(src: &DeviceBuffer<S>, shape: &[usize]) -> Result<Tensor> {
-        let mut dst = src.device().alloc::<D>(src.len()).map_err(Error::cuda("to_dtype"))?;
-        kc::copy::cast(src, &mut dst).map_err(Error::cuda("to_dtype"))?;
-        Tensor::from_cuda(D::wrap_device(dst), shape)
-    }
-    let c = contiguous(t)?;
-    if c.dtype() == dtype {
-        return Ok(c);
-    }
-    match (cuda_storage("to_dtype", &c)?, dtype) {
-        (CudaStorage::F32(b), DType::BF16) => cast::<f32, bf16>(b, c.shape()),
-        (CudaStorage::BF16(b), DType::F32) => cast::<bf16, f32>(b, c.shape()),
-        _ => Err(Error::Unsupported {
-            op: "to_dtype",
-            device: t.device(),
-            why: "CUDA tensors convert between f32 and bf16 only (move to the CPU for other dtypes)",
-        }),
-    }
+    cuda_storage("to_dtype", t)?;
+    t.try_to_dtype(dtype)
 }
 
 /// The buffer of `t` for writing in place: the view is made whole and shared storage copied first, so nobody else

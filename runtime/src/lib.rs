@@ -19,16 +19,17 @@ pub mod storage;
 pub mod tensor;
 pub mod testing;
 pub mod timing;
+mod transfer;
 
 mod device;
 
-pub use cuda::cuda_device;
 pub use device::Device;
 pub use dtype::{CpuStorage, DType, Element};
 pub use error::{Error, Result};
 pub use layout::Layout;
 pub use storage::{CudaStorage, Storage};
 pub use tensor::Tensor;
+pub use transfer::cuda_device;
 
 // What the crates above use of `qlora-kernels` as it is, so that none of them depends on it: the seedable Rng, NF4's
 // constants and sizes, rope's inverse frequencies, AdamW's host step (optim runs it on f64 moments), the GPU count,

@@ -4,8 +4,9 @@
 //! the quantization state beside the packed bytes and turns it back into a tensor. A weight moved to a GPU keeps
 //! its host state and gains a device copy of it ([`DeviceNf4`]), uploaded once; it then dequantizes on the GPU.
 
-use crate::cuda::{buf, buffer_mut, cuda_device, output};
+use crate::cuda::{buf, buffer_mut, output};
 use crate::storage::CudaElement;
+use crate::transfer::cuda_device;
 use crate::{DType, Device, Error, Result, Tensor};
 use half::{bf16, f16};
 pub use qlora_kernels::cuda::nf4::GEMV_MAX_ROWS;

@@ -1,9 +1,9 @@
 //! The tensor: a layout over shared, copy-on-write storage.
 
-use crate::cuda;
 use crate::dtype::{convert, CpuStorage, Element};
 use crate::layout::Layout;
 use crate::storage::CudaStorage;
+use crate::transfer;
 use crate::{DType, Device, Error, Result};
 use qlora_kernels::Rng;
 use std::borrow::Cow;
@@ -108,7 +108,9 @@ impl Tensor {
     pub fn full_on(shape: &[usize], value: f64, dtype: DType, device: Device) -> Result<Self> {
         match device {
             Device::Cpu => Ok(Self::full(shape, value, dtype)),
-            Device::Cuda(ordinal) => cuda::full(shape, value, dtype, ordinal),
+            Device::Cuda(ordinal) => {
+                Self::from_cuda(transfer::fill(shape.iter().product(), value, dtype, ordinal)?, shape)
+            }
         }
     }
 
@@ -246,7 +248,7 @@ impl Tensor {
     pub fn try_to_vec<T: Element>(&self) -> Result<Vec<T>> {
         match &*self.storage {
             Storage::Cpu(_) => Ok(self.to_vec()),
-            Storage::Cuda(_) => Ok(cuda::download(self)?.to_vec()),
+            Storage::Cuda(_) => Ok(self.download()?.to_vec()),
         }
     }
 
@@ -285,8 +287,37 @@ impl Tensor {
     pub fn try_to_dtype(&self, dtype: DType) -> Result<Tensor> {
         match &*self.storage {
             Storage::Cpu(_) => Ok(self.to_dtype(dtype)),
-            Storage::Cuda(_) => cuda::to_dtype(self, dtype),
+            Storage::Cuda(s) => {
+                let whole = self.whole_on_device(s)?;
+                if whole.dtype() == dtype {
+                    return Ok(whole);
+                }
+                let Storage::Cuda(ws) = &*whole.storage else { unreachable!("a copy on the same device") };
+                Self::from_cuda(transfer::cast(ws, dtype, self.device())?, self.shape())
+            }
         }
+    }
+
+    /// A CUDA tensor with storage of exactly its elements, row-major: itself when it already is, a strided copy of a
+    /// view.
+    fn whole_on_device(&self, s: &CudaStorage) -> Result<Tensor> {
+        if self.is_whole() {
+            return Ok(self.clone());
+        }
+        Self::from_cuda(transfer::strided(s, &self.layout)?, self.shape())
+    }
+
+    /// A CUDA tensor's elements copied to the host (waits for the device's queued work).
+    fn download(&self) -> Result<Tensor> {
+        let whole = self.try_contiguous()?;
+        let Storage::Cuda(s) = &*whole.storage else { unreachable!("a copy on the same device") };
+        Self::from_storage(transfer::download(s)?, self.shape())
+    }
+
+    /// A CPU tensor's elements copied to `cuda:{ordinal}`.
+    fn upload(&self, ordinal: usize) -> Result<Tensor> {
+        let whole = if self.is_whole() { self.clone() } else { self.contiguous_copy() };
+        Self::from_cuda(transfer::upload(whole.host(), ordinal)?, self.shape())
     }
 
     pub fn contiguous(&self) -> Tensor {
@@ -302,9 +333,9 @@ impl Tensor {
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         match (self.device(), device) {
             (from, to) if from == to => Ok(self.clone()),
-            (Device::Cpu, Device::Cuda(n)) => cuda::upload(self, n),
-            (Device::Cuda(_), Device::Cpu) => cuda::download(self),
-            (Device::Cuda(_), Device::Cuda(n)) => cuda::upload(&cuda::download(self)?, n),
+            (Device::Cpu, Device::Cuda(n)) => self.upload(n),
+            (Device::Cuda(_), Device::Cpu) => self.download(),
+            (Device::Cuda(_), Device::Cuda(n)) => self.download()?.upload(n),
             (Device::Cpu, Device::Cpu) => unreachable!("equal devices returned above"),
         }
     }

@@ -4,7 +4,7 @@
 //!
 //! Owns the marks only; callers decide what to time. Commands use this instead of `qlora_kernels`' events.
 
-use crate::cuda::cuda_device;
+use crate::transfer::cuda_device;
 use crate::{Device, Error, Result};
 use qlora_kernels::cuda::timing::Event;
 use std::time::Instant;
