@@ -44,14 +44,16 @@ pub(crate) fn upload(values: &CpuStorage, ordinal: usize) -> Result<CudaStorage>
 
 /// A whole device storage's elements copied to the host (waits for the device's queued work).
 pub(crate) fn download(s: &CudaStorage) -> Result<CpuStorage> {
-    let failed = Error::cuda("to_device");
-    Ok(match s {
-        CudaStorage::F32(b) => CpuStorage::F32(b.to_vec().map_err(failed)?),
-        CudaStorage::BF16(b) => CpuStorage::BF16(b.to_vec().map_err(failed)?),
-        CudaStorage::F16(b) => CpuStorage::F16(b.to_vec().map_err(failed)?),
-        CudaStorage::I32(b) => CpuStorage::I32(b.to_vec().map_err(failed)?),
-        CudaStorage::U8(b) => CpuStorage::U8(b.to_vec().map_err(failed)?),
-    })
+    fn go<T: CudaElement>(b: &DeviceBuffer<T>) -> Result<CpuStorage> {
+        Ok(T::wrap(b.to_vec().map_err(Error::cuda("to_device"))?))
+    }
+    match s {
+        CudaStorage::F32(b) => go(b),
+        CudaStorage::BF16(b) => go(b),
+        CudaStorage::F16(b) => go(b),
+        CudaStorage::I32(b) => go(b),
+        CudaStorage::U8(b) => go(b),
+    }
 }
 
 /// `len` elements of `value` in `dtype` on `cuda:{ordinal}`: a memset of the value's bits, no upload.
