@@ -20,11 +20,11 @@ cat >.gpu/session.sh <<'RUNNER'
 # Runs on the GPU machine from the repo root, in order of importance, each part under its own time limit.
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-timeout 200 bash .gpu/parity/run.sh >"$OUT/parity.txt" 2>&1
+timeout 180 bash .gpu/parity/run.sh >"$OUT/parity.txt" 2>&1
 echo "parity rc=$?"; grep -E "passed, .* failed" "$OUT/parity.txt"
-timeout 220 bash .gpu/flash/run.sh
+timeout 200 bash .gpu/flash/run.sh
 if [[ -x .gpu/gemm/autotune_probe ]]; then timeout 45 .gpu/gemm/autotune_probe >"$OUT/gemm.txt" 2>&1; echo "gemm rc=$?"; fi
-for shape in "llama-3.2-1b" "llama-3.2-1b --memory-budget lean" "llama-3-8b --memory-budget 40"; do
+for shape in "llama-3.2-1b" "llama-3.2-1b --dora" "llama-3.2-1b --memory-budget lean" "llama-3-8b --memory-budget 40"; do
     timeout 40 .gpu/parity/qlora-rt bench --shape $shape --steps 4 --json >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err"
     echo "bench $shape rc=$?"
 done
