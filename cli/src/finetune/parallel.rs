@@ -55,7 +55,10 @@ pub(super) fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option
     ensure!(gpus >= 1, "--gpus must be at least 1");
     ensure!(ranks >= 1, "--ranks must be at least 1");
     let gpu_only = |what: String| {
-        anyhow!("{what}: training across processes runs on GPUs through NCCL; --device cpu cannot (--ranks N runs N ranks in one process on the CPU)")
+        anyhow!(
+            "{what}: training across processes runs on GPUs through NCCL; --device cpu cannot (--ranks N runs N \
+             ranks in one process on the CPU)"
+        )
     };
     let group_of_one = |l: &&Launch| l.world_size == 1 && l.master.is_some() && device != DeviceArg::Cpu;
     if let Some(l) = launch.filter(|l| l.world_size > 1 || group_of_one(l)) {
