@@ -89,3 +89,25 @@ fn stop(ranks: &mut [Child]) {
         let _ = child.wait();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn ranks(scripts: &[&str]) -> Vec<Child> {
+        scripts.iter().map(|s| Command::new("sh").args(["-c", s]).spawn().unwrap()).collect()
+    }
+
+    /// Every rank finishing is a finished run; an interrupted rank (130) makes it interrupted; a failing rank stops
+    /// the others at once (a rank that would run for a minute is killed) and names itself.
+    #[test]
+    fn the_ranks_outcome_is_the_runs() {
+        assert_eq!(wait(ranks(&["exit 0", "exit 0"])).unwrap(), Outcome::Finished);
+        assert_eq!(wait(ranks(&["exit 130", "exit 0"])).unwrap(), Outcome::Interrupted);
+        let started = Instant::now();
+        let e = wait(ranks(&["sleep 60", "exit 3"])).unwrap_err().to_string();
+        assert!(e.starts_with("rank 1 of 2 failed (exit status: 3)"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(30), "the sleeping rank was stopped");
+    }
+}
