@@ -69,11 +69,6 @@ fn cuda_storage<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CudaStorage> 
     }
 }
 
-/// True when the tensor's storage is exactly its elements in row-major order: what a kernel can read as a buffer.
-pub(crate) fn is_whole(t: &Tensor, storage_len: usize) -> bool {
-    t.is_contiguous() && t.layout().offset() == 0 && t.elem_count() == storage_len
-}
-
 /// `t` with storage of exactly its elements, row-major: itself when it already is, a strided copy of a view.
 pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
     cuda_storage("contiguous", t)?;
@@ -93,8 +88,8 @@ pub(crate) fn buffer_mut<'a, T: CudaElement>(op: &'static str, t: &'a mut Tensor
     if t.dtype() != T::DTYPE {
         return Err(Error::DType { op, expected: T::DTYPE, got: t.dtype() });
     }
-    let len = cuda_storage(op, t)?.len();
-    if !is_whole(t, len) {
+    cuda_storage(op, t)?;
+    if !t.is_whole() {
         *t = contiguous(t)?;
     }
     let storage = t.storage_arc_mut();

@@ -190,8 +190,9 @@ impl Tensor {
         self.cpu().expect("a CPU tensor (the caller checked the device)")
     }
 
-    /// True when the storage is exactly this tensor's elements in row-major order.
-    fn is_whole(&self) -> bool {
+    /// True when the storage is exactly this tensor's elements in row-major order: what a kernel can read as a
+    /// buffer.
+    pub(crate) fn is_whole(&self) -> bool {
         self.is_contiguous() && self.layout.offset() == 0 && self.elem_count() == self.storage.len()
     }
 
