@@ -13,7 +13,7 @@ use super::rendezvous::{self, Host, ID_BYTES};
 use super::{gather_through_host, Buffer, Communicator};
 use crate::cuda::{buf, output, Gpu};
 use crate::{DType, Device, Error, Result, Tensor};
-use qlora_kernels::cuda::nccl::{self, Elem, NcclComm, UNIQUE_ID_BYTES};
+use qlora_kernels::cuda::nccl::{self, Elem, NcclComm};
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
 use std::time::Duration;
 
@@ -26,10 +26,6 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 /// This process's rank of an NCCL group.
 pub struct NcclRank {
     comm: NcclComm,
-}
-
-fn cuda(op: &'static str) -> impl FnOnce(qlora_kernels::cuda::Error) -> Error {
-    Error::cuda(op)
 }
 
 /// The deadline of the rendezvous and of each collective.
@@ -45,7 +41,7 @@ pub fn timeout() -> Result<Duration> {
 
 /// Ok when NCCL's library can be found and loaded; the error says where it was looked for.
 pub fn available() -> Result<()> {
-    nccl::available().map_err(cuda("nccl"))
+    nccl::available().map_err(Error::cuda("nccl"))
 }
 
 impl NcclRank {
@@ -53,14 +49,14 @@ impl NcclRank {
     /// `MASTER_ADDR:MASTER_PORT` and hands out the id, the others connect there.
     pub fn connect(launch: &Launch, device: &CudaDevice) -> Result<NcclRank> {
         let timeout = timeout()?;
-        let id: [u8; UNIQUE_ID_BYTES] = if launch.world_size == 1 {
-            nccl::unique_id().map_err(cuda("nccl unique id"))?
+        let id: [u8; ID_BYTES] = if launch.world_size == 1 {
+            nccl::unique_id().map_err(Error::cuda("nccl unique id"))?
         } else {
             let Some((addr, port)) = &launch.master else {
                 return Err(Error::invalid("nccl", "a group of several ranks needs MASTER_ADDR and MASTER_PORT"));
             };
             if launch.rank == 0 {
-                let id = nccl::unique_id().map_err(cuda("nccl unique id"))?;
+                let id = nccl::unique_id().map_err(Error::cuda("nccl unique id"))?;
                 // Rank 0 listens on every interface: MASTER_ADDR is how the others reach it, not necessarily an
                 // address of its own that it could bind (a hostname behind NAT, a load balancer).
                 Host::bind("0.0.0.0", *port)?.serve(&id, launch.world_size, timeout)?;
@@ -69,13 +65,13 @@ impl NcclRank {
                 rendezvous::join(addr, *port, launch.rank, launch.world_size, timeout)?
             }
         };
-        const _: () = assert!(ID_BYTES == UNIQUE_ID_BYTES);
-        let comm = NcclComm::init(device, &id, launch.rank, launch.world_size, timeout).map_err(cuda("nccl init"))?;
+        let comm =
+            NcclComm::init(device, &id, launch.rank, launch.world_size, timeout).map_err(Error::cuda("nccl init"))?;
         Ok(NcclRank { comm })
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<DeviceBuffer<u8>> {
-        self.comm.device().upload(bytes).map_err(cuda("nccl"))
+        self.comm.device().upload(bytes).map_err(Error::cuda("nccl"))
     }
 
     /// `bytes` through the GPU: uploaded, changed in place there by `collective`, and copied back. An empty buffer
@@ -90,8 +86,8 @@ impl NcclRank {
             return Ok(());
         }
         let mut dev = self.upload(bytes)?;
-        collective(&mut dev).map_err(cuda(op))?;
-        bytes.copy_from_slice(&dev.to_vec().map_err(cuda(op))?);
+        collective(&mut dev).map_err(Error::cuda(op))?;
+        bytes.copy_from_slice(&dev.to_vec().map_err(Error::cuda(op))?);
         Ok(())
     }
 }
@@ -122,10 +118,10 @@ impl Communicator for NcclRank {
             return Ok(Vec::new());
         }
         let send = self.upload(bytemuck::cast_slice(local))?;
-        let mut recv = self.comm.device().alloc::<u8>(send.len() * self.world_size()).map_err(cuda("all_gather"))?;
-        self.comm.all_gather(&send, &mut recv).map_err(cuda("all_gather"))?;
-        let bytes = recv.to_vec().map_err(cuda("all_gather"))?;
-        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        let mut recv =
+            self.comm.device().alloc::<u8>(send.len() * self.world_size()).map_err(Error::cuda("all_gather"))?;
+        self.comm.all_gather(&send, &mut recv).map_err(Error::cuda("all_gather"))?;
+        Ok(bytemuck::pod_collect_to_vec(&recv.to_vec().map_err(Error::cuda("all_gather"))?))
     }
 
     fn all_gather_tensor(&self, local: &Tensor) -> Result<Tensor> {
@@ -140,7 +136,7 @@ impl Communicator for NcclRank {
         // Device to device: the gradients of a step never cross the host.
         let send = g.input_as(local, DType::F32)?;
         let mut recv = g.alloc::<f32>(local.elem_count() * self.world_size())?;
-        self.comm.all_gather(buf::<f32>(&send), &mut recv).map_err(cuda("all_gather_tensor"))?;
+        self.comm.all_gather(buf::<f32>(&send), &mut recv).map_err(Error::cuda("all_gather_tensor"))?;
         let n = recv.len();
         Ok(output(recv, &[n]))
     }

@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 /// The size of NCCL's `ncclUniqueId`.
-pub const ID_BYTES: usize = 128;
+pub const ID_BYTES: usize = qlora_kernels::cuda::nccl::UNIQUE_ID_BYTES;
 /// Opens every hello, so rank 0 tells a qlora-rt rank from anything else that connects.
 pub const MAGIC: [u8; 8] = *b"QLRTRDV1";
 const HELLO_BYTES: usize = 16;
