@@ -44,8 +44,7 @@ fn probe_nvrtc() -> std::result::Result<(), String> {
         return Ok(());
     }
     let mut tried = vec!["the dynamic loader's search path".to_string()];
-    let homes = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(std::env::var_os).map(PathBuf::from);
-    for dir in homes.chain([PathBuf::from("/usr/local/cuda")]).map(|home| home.join("lib64")) {
+    for dir in cuda_lib_dirs() {
         let path = dir.join("libnvrtc.so.13");
         if path.exists() {
             return preload(&path).map_err(|e| format!("{}: {e}", path.display()));
@@ -53,6 +52,13 @@ fn probe_nvrtc() -> std::result::Result<(), String> {
         tried.push(dir.display().to_string());
     }
     Err(format!("looked in {}", tried.join(", ")))
+}
+
+/// CUDA's library folders outside the loader's search path: `$CUDA_HOME/lib64`, `$CUDA_PATH/lib64`,
+/// `/usr/local/cuda/lib64`.
+pub(crate) fn cuda_lib_dirs() -> Vec<PathBuf> {
+    let homes = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(std::env::var_os).map(PathBuf::from);
+    homes.chain([PathBuf::from("/usr/local/cuda")]).map(|home| home.join("lib64")).collect()
 }
 
 /// Loads NVRTC from `lib`, its builtins library first (NVRTC opens `libnvrtc-builtins.so.13.<minor>` by name when it

@@ -3,7 +3,7 @@
 //!
 //! Why not cudarc's `nccl` module: its loader looks for `libnccl.so` and versioned names NCCL does not use, never
 //! `libnccl.so.2` (NCCL's SONAME, the one file a runtime package or PyTorch's `nvidia-nccl` wheel installs), and it
-//! panics when the library is missing. Here the library is found as [`find_library`] says, and absence is an
+//! panics when the library is missing. Here the library is found as `open_library` says, and absence is an
 //! [`Error::NoNccl`] naming where it looked.
 //!
 //! Every collective runs on the device's compute stream, in stream order with the kernels around it, and is waited
@@ -65,33 +65,29 @@ struct Api {
     broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> NcclResult,
 }
 
-/// Where the library was looked for, in order: `QLORA_NCCL_LIB` (a path; nothing else is tried then), the dynamic
+/// Opens the library, looking in order at `QLORA_NCCL_LIB` (a path; nothing else is tried then), the dynamic
 /// loader's search path (`libnccl.so.2`, then the development symlink `libnccl.so`), CUDA's folders
-/// (`$CUDA_HOME/lib64`, `$CUDA_PATH/lib64`, `/usr/local/cuda/lib64`), and the `nvidia/nccl/lib` folder of Python
-/// installs (a virtualenv or conda prefix, the user's site-packages, the system's site- and dist-packages), where
-/// PyTorch's wheels put it.
-pub fn find_library() -> std::result::Result<PathBuf, String> {
+/// ([`super::library::cuda_lib_dirs`]), and the `nvidia/nccl/lib` folder of Python installs (a virtualenv or conda
+/// prefix, the user's site-packages, the system's site- and dist-packages), where PyTorch's wheels put it; the
+/// library and where it was found.
+fn open_library() -> std::result::Result<(libloading::Library, PathBuf), String> {
+    // SAFETY (every `Library::new` below): loads NVIDIA's NCCL, whose initialisers have no preconditions.
+    let open = |path: PathBuf| match unsafe { libloading::Library::new(&path) } {
+        Ok(lib) => Ok((lib, path)),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    };
     if let Some(path) = std::env::var_os("QLORA_NCCL_LIB") {
-        return Ok(PathBuf::from(path));
+        return open(PathBuf::from(path));
     }
     for name in ["libnccl.so.2", "libnccl.so"] {
-        // SAFETY: dlopen and dlclose by name, to ask whether the loader finds it; nothing in it is called.
-        if unsafe { libloading::Library::new(name) }.is_ok() {
-            return Ok(PathBuf::from(name));
+        if let Ok(found) = open(PathBuf::from(name)) {
+            return Ok(found);
         }
     }
-    let mut dirs: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
-        .into_iter()
-        .filter_map(std::env::var_os)
-        .map(|home| PathBuf::from(home).join("lib64"))
-        .chain([PathBuf::from("/usr/local/cuda/lib64")])
-        .collect();
+    let mut dirs = super::library::cuda_lib_dirs();
     dirs.extend(python_nccl_dirs());
-    for dir in &dirs {
-        let path = dir.join("libnccl.so.2");
-        if path.exists() {
-            return Ok(path);
-        }
+    if let Some(path) = dirs.iter().map(|dir| dir.join("libnccl.so.2")).find(|path| path.exists()) {
+        return open(path);
     }
     let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     Err(format!("not on the dynamic loader's search path, nor in {}", looked.join(", ")))
@@ -125,7 +121,7 @@ fn python_nccl_dirs() -> Vec<PathBuf> {
 /// The library, loaded once per process and kept for it.
 fn library() -> Result<&'static Api> {
     static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
-    API.get_or_init(|| find_library().and_then(|path| load(&path)))
+    API.get_or_init(|| open_library().and_then(|(lib, path)| load(lib, &path)))
         .as_ref()
         .map_err(|detail| Error::NoNccl { detail: detail.clone() })
 }
@@ -135,9 +131,8 @@ pub fn available() -> Result<()> {
     library().map(|_| ())
 }
 
-fn load(path: &Path) -> std::result::Result<Api, String> {
-    // SAFETY: loads NVIDIA's NCCL, whose initialisers have no preconditions.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("{}: {e}", path.display()))?;
+/// The entry points of `lib` (found at `path`, for messages), once its version is known to be new enough.
+fn load(lib: libloading::Library, path: &Path) -> std::result::Result<Api, String> {
     // Never unloaded: the function pointers below stay valid for the rest of the process.
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
     macro_rules! symbol {
