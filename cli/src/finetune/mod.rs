@@ -201,7 +201,8 @@ pub struct FinetuneArgs {
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<crate::bench::memory::Budget>,
     /// GPUs to train on, one process each: more than one launches N copies of this command (ranks of an NCCL group,
-    /// as torchrun would) that share each step's micro-batches; the losses and adapter are one GPU's, bit for bit.
+    /// as torchrun would) that share each step's micro-batches and train one GPU's run (to a GPU's run-to-run
+    /// rounding: the attention backward's atomics do not promise the same bits twice).
     #[arg(long, value_name = "N", default_value_t = 1)]
     gpus: usize,
     /// Train as N data-parallel ranks in this process (threads on the CPU), splitting each step's micro-batches:
@@ -539,7 +540,8 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
             let group = qlora_runtime::dist::nccl::NcclRank::connect(&launch, &device)?;
             train(&run, Some(&group))
         }
-        World::Alone(_) | World::Spawn(_) => train(&run, None),
+        World::Alone(_) => train(&run, None),
+        World::Spawn(_) => unreachable!("the ranks were launched above"),
     }
 }
 
