@@ -7,15 +7,16 @@
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
 //! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-cli, or QLORA_RT_BIN when the test runs on another machine.
 
+mod common;
+
+use common::gpu_test_bin;
 use qlora_runtime::testing::{fixtures_dir, gpu};
 use serde_json::Value;
-use std::path::PathBuf;
 use std::process::Command;
 
 /// `qlora-rt bench` of the tiny Llama on the GPU with `extra` flags: its JSON report.
 fn bench(extra: &[&str]) -> Value {
-    let bin =
-        std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from);
+    let bin = gpu_test_bin();
     let model = fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama");
     let args = ["bench", "--model", model.to_str().unwrap(), "--device", "cuda", "--batch", "2", "--seq", "48"];
     let out = Command::new(bin)

@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::chat_data as data;
+use common::{chat_data as data, gpu_test_bin};
 use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::testing::{fixtures_dir, gpu};
@@ -36,8 +36,7 @@ fn model_dir() -> PathBuf {
 }
 
 fn qlora_rt(args: &[String]) -> (Output, f64) {
-    let bin =
-        std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from);
+    let bin = gpu_test_bin();
     let start = Instant::now();
     let out = Command::new(bin).args(args).output().expect("run qlora-rt");
     let secs = start.elapsed().as_secs_f64();

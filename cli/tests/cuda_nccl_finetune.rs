@@ -13,10 +13,10 @@
 
 mod common;
 
-use common::chat_data;
+use common::{chat_data, gpu_test_bin};
 use qlora_runtime::testing::{fixtures_dir, gpu};
 use serde_json::{Map, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const REL: f64 = 1e-3;
@@ -29,8 +29,7 @@ fn finetune(dir: &Path, out: &str, extra: &[&str], env: &[(&str, String)]) -> St
     let mut args = vec!["finetune", "--device", "cuda", "--max-steps", "4", "--max-seq-len", "64", "--no-packing"];
     args.extend(["--grad-accum", "4", "--eval-split", "0.2", "--eval-every", "2", "--lr", "1e-2"]);
     let paths = [("--model", model.as_path()), ("--data", data.as_path()), ("--out", out.as_path())];
-    let bin =
-        std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from);
+    let bin = gpu_test_bin();
     let mut cmd = Command::new(bin);
     cmd.args(&args).args(extra).envs(env.iter().map(|(k, v)| (k, v)));
     for (flag, path) in paths {

@@ -6,6 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The binary the GPU tests run: QLORA_RT_BIN when they run on another machine (the built-in path is this one's),
+/// else the one cargo built.
+pub fn gpu_test_bin() -> PathBuf {
+    std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from)
+}
+
 /// Runs the built `qlora-rt` with `args`.
 pub fn qlora_rt(args: &[&str]) -> Output {
     qlora_rt_cached(args, None)
