@@ -2,7 +2,8 @@
 //!
 //! The NF4 numerics (code, rounding, packing, nested absmax) live in `qlora_kernels::nf4`; this module holds
 //! the quantization state beside the packed bytes and turns it back into a tensor. A weight moved to a GPU keeps
-//! its host state and gains a device copy of it ([`DeviceNf4`]), uploaded once; it then dequantizes on the GPU.
+//! its host state and gains a device copy of it ([`Nf4Tensors`]), uploaded once; it then dequantizes on the GPU. A
+//! weight gathered on a GPU from the shards of a sharded base ([`Nf4Weight::from_parts`]) has only the device copy.
 
 use crate::cuda::{buf, buffer_mut, output};
 use crate::storage::CudaElement;
@@ -46,6 +47,14 @@ impl Absmax {
     }
 }
 
+/// The nested absmax code is bitsandbytes' 8-bit dynamic map: 256 entries, what the dequantization kernel indexes.
+fn check_code(len: usize) -> Result<()> {
+    if len != 256 {
+        return Err(Error::invalid("nf4", format!("the nested absmax code has {len} entries, not 256")));
+    }
+    Ok(())
+}
+
 /// A weight [out, in] stored as bitsandbytes NF4: packed nibbles (first element in the high nibble) and
 /// per-block absmax. `dtype` is the dtype it was quantized from and dequantizes to (bnb's `quant_state.dtype`).
 #[derive(Clone, Debug, PartialEq)]
@@ -56,71 +65,88 @@ pub struct Nf4Weight {
     pub packed: Arc<Vec<u8>>,
     /// Shared, so cloning a weight (a backward keeping its base) copies no scales.
     pub absmax: Arc<Absmax>,
-    /// The same state on a GPU, when the weight was moved there: dequantization then runs on that device.
-    pub device: Option<Arc<DeviceNf4>>,
+    /// The same state on a GPU, when the weight was moved there: dequantization then runs on that device. A weight
+    /// gathered on a GPU ([`Nf4Weight::from_parts`]) has only this: `packed` is empty and `absmax` is `F32([])`.
+    pub device: Option<Arc<Nf4Tensors>>,
 }
 
-/// An NF4 weight's packed nibbles and scales in device memory (tensors share their storage, so clones are free).
+/// An NF4 weight's packed nibbles (u8) and scales as tensors of one device: a weight's device copy, or the pieces a
+/// sharded base gathers ([`Nf4Weight::from_parts`]). Tensors share their storage, so clones are free.
 #[derive(Clone, Debug)]
-pub struct DeviceNf4 {
-    packed: Tensor,
-    absmax: DeviceAbsmax,
+pub struct Nf4Tensors {
+    pub packed: Tensor,
+    pub absmax: AbsmaxTensors,
 }
 
+/// [`Absmax`] as tensors.
 #[derive(Clone, Debug)]
-enum DeviceAbsmax {
+pub enum AbsmaxTensors {
+    /// f32, one per block.
     F32(Tensor),
     /// Rebuilt to f32 by each dequantization launch, per block, in the dequantization kernel itself.
-    Nested(Box<DeviceNested>),
-}
-
-#[derive(Clone, Debug)]
-struct DeviceNested {
-    q: Tensor,
-    absmax2: Tensor,
-    offset: f32,
-    code: Tensor,
+    Nested { q: Tensor, absmax2: Tensor, offset: f32, code: Tensor },
 }
 
 /// The device copy derives from the host fields, so two weights with equal host state are equal when they sit on
 /// the same device.
-impl PartialEq for DeviceNf4 {
+impl PartialEq for Nf4Tensors {
     fn eq(&self, other: &Self) -> bool {
         self.packed.device() == other.packed.device()
     }
 }
 
-impl DeviceNf4 {
+impl Nf4Tensors {
     fn upload(w: &Nf4Weight, device: Device) -> Result<Self> {
         let up = |t: Tensor| t.to_device(device);
         let vec_u8 = |v: &[u8]| Tensor::from_slice(v, &[v.len()]);
         let vec_f32 = |v: &[f32]| Tensor::from_slice(v, &[v.len()]);
         let absmax = match &*w.absmax {
-            Absmax::F32(v) => DeviceAbsmax::F32(up(vec_f32(v)?)?),
+            Absmax::F32(v) => AbsmaxTensors::F32(up(vec_f32(v)?)?),
             Absmax::Nested { q, absmax2, offset, code } => {
-                if code.len() != 256 {
-                    return Err(Error::invalid(
-                        "nf4 to_device",
-                        format!("the nested absmax code has {} entries, not 256", code.len()),
-                    ));
-                }
-                DeviceAbsmax::Nested(Box::new(DeviceNested {
+                check_code(code.len())?;
+                AbsmaxTensors::Nested {
                     q: up(vec_u8(q)?)?,
                     absmax2: up(vec_f32(absmax2)?)?,
                     offset: *offset,
                     code: up(vec_f32(code)?)?,
-                }))
+                }
             }
         };
-        Ok(DeviceNf4 { packed: up(vec_u8(&w.packed)?)?, absmax })
+        Ok(Nf4Tensors { packed: up(vec_u8(&w.packed)?)?, absmax })
+    }
+
+    fn device(&self) -> Device {
+        self.packed.device()
+    }
+
+    /// Bytes held, as [`Absmax`] counts them.
+    fn size_in_bytes(&self) -> usize {
+        self.packed.size_in_bytes()
+            + match &self.absmax {
+                AbsmaxTensors::F32(a) => a.size_in_bytes(),
+                AbsmaxTensors::Nested { q, absmax2, .. } => q.size_in_bytes() + absmax2.size_in_bytes() + 4,
+            }
+    }
+
+    /// The state on the host, read back.
+    fn to_host(&self) -> Result<(Vec<u8>, Absmax)> {
+        let absmax = match &self.absmax {
+            AbsmaxTensors::F32(a) => Absmax::F32(a.try_to_vec()?),
+            AbsmaxTensors::Nested { q, absmax2, offset, code } => Absmax::Nested {
+                q: q.try_to_vec()?,
+                absmax2: absmax2.try_to_vec()?,
+                offset: *offset,
+                code: code.try_to_vec()?,
+            },
+        };
+        Ok((self.packed.try_to_vec()?, absmax))
     }
 
     /// The scales as the dequantization kernel takes them (a double-quantized absmax is rebuilt inside it).
     fn scales(&self) -> gnf4::Nf4Scales<'_> {
         match &self.absmax {
-            DeviceAbsmax::F32(a) => gnf4::Nf4Scales::Absmax(buf(a)),
-            DeviceAbsmax::Nested(nested) => {
-                let DeviceNested { q, absmax2, offset, code } = &**nested;
+            AbsmaxTensors::F32(a) => gnf4::Nf4Scales::Absmax(buf(a)),
+            AbsmaxTensors::Nested { q, absmax2, offset, code } => {
                 gnf4::Nf4Scales::Nested { qabsmax: buf(q), absmax2: buf(absmax2), code2: buf(code), offset: *offset }
             }
         }
@@ -134,7 +160,7 @@ impl DeviceNf4 {
 
     /// w: [out, in] in `dtype` (f32, bf16 or f16), dequantized on the device.
     fn dequantize(&self, w: &Nf4Weight, dtype: DType) -> Result<Tensor> {
-        fn go<T: gnf4::Nf4Output + CudaElement>(d: &DeviceNf4, w: &Nf4Weight, ordinal: usize) -> Result<Tensor> {
+        fn go<T: gnf4::Nf4Output + CudaElement>(d: &Nf4Tensors, w: &Nf4Weight, ordinal: usize) -> Result<Tensor> {
             let mut out = cuda_device(ordinal)?.alloc::<T>(w.elem_count()).map_err(Error::cuda(OP))?;
             d.launch(w, &mut out)?;
             Ok(output(out, &w.shape))
@@ -208,18 +234,65 @@ impl Nf4Weight {
         })
     }
 
+    /// The weight of `shape` quantized from `dtype` in blocks of `blocksize` whose state is `parts` (as a sharded
+    /// base gathers it): on the CPU an ordinary weight; on a GPU a weight with only its device copy (no bytes cross
+    /// to the host), which dequantizes and multiplies there like any other but cannot move to another device.
+    pub fn from_parts(shape: [usize; 2], blocksize: usize, dtype: DType, parts: Nf4Tensors) -> Result<Nf4Weight> {
+        const OP: &str = "nf4 from_parts";
+        let n = shape[0] * shape[1];
+        let blocks = nf4::nf4_num_blocks(n, blocksize);
+        let sizes = match &parts.absmax {
+            AbsmaxTensors::F32(a) => vec![(a, DType::F32, blocks)],
+            AbsmaxTensors::Nested { q, absmax2, code, .. } => {
+                check_code(code.elem_count())?;
+                vec![(q, DType::U8, blocks), (absmax2, DType::F32, blocks.div_ceil(nf4::NESTED_BLOCKSIZE)), (code, DType::F32, 256)]
+            }
+        };
+        for (t, dtype, len) in [(&parts.packed, DType::U8, nf4::nf4_packed_len(n))].into_iter().chain(sizes) {
+            if t.dtype() != dtype || t.shape() != [len] || t.device() != parts.device() {
+                let (got, device) = (t.shape(), t.device());
+                let want = format!("{dtype:?} [{len}] on {}", parts.device());
+                return Err(Error::invalid(OP, format!("a part of {shape:?} is {:?} {got:?} on {device}, not {want}", t.dtype())));
+            }
+        }
+        let weight = |packed, absmax, device| Nf4Weight {
+            shape,
+            blocksize,
+            dtype,
+            packed: Arc::new(packed),
+            absmax: Arc::new(absmax),
+            device,
+        };
+        Ok(match parts.device() {
+            Device::Cpu => {
+                let (packed, absmax) = parts.to_host()?;
+                weight(packed, absmax, None)
+            }
+            Device::Cuda(_) => weight(Vec::new(), Absmax::F32(Vec::new()), Some(Arc::new(parts))),
+        })
+    }
+
+    /// Whether the host state is here: false only for a weight [`Nf4Weight::from_parts`] put together on a GPU.
+    fn has_host_state(&self) -> bool {
+        self.device.is_none() || !self.packed.is_empty() || self.elem_count() == 0
+    }
+
     /// Where dequantization runs.
     pub fn device(&self) -> Device {
-        self.device.as_ref().map_or(Device::Cpu, |d| d.packed.device())
+        self.device.as_ref().map_or(Device::Cpu, |d| d.device())
     }
 
     /// This weight with its state on `device`: a GPU gets one upload of the packed bytes and scales (the host copy
-    /// stays, shared); the CPU drops the device copy.
+    /// stays, shared); the CPU drops the device copy. A weight that exists only on its GPU stays there.
     pub fn to_device(&self, device: Device) -> Result<Nf4Weight> {
+        if device != self.device() && !self.has_host_state() {
+            let why = format!("{:?} was gathered on {} and has no host copy to move to {device}", self.shape, self.device());
+            return Err(Error::invalid("nf4 to_device", why));
+        }
         let moved = match device {
             _ if device == self.device() => return Ok(self.clone()),
             Device::Cpu => None,
-            Device::Cuda(_) => Some(Arc::new(DeviceNf4::upload(self, device)?)),
+            Device::Cuda(_) => Some(Arc::new(Nf4Tensors::upload(self, device)?)),
         };
         Ok(Nf4Weight { device: moved, ..self.clone() })
     }
@@ -315,7 +388,7 @@ impl Nf4Weight {
         }
         let Device::Cuda(ordinal) = self.device() else { unreachable!("a weight with a device copy is on a GPU") };
         fn go<T: CudaElement + qlora_kernels::cuda::GpuFloat>(
-            (d, w, ordinal): (&DeviceNf4, &Nf4Weight, usize),
+            (d, w, ordinal): (&Nf4Tensors, &Nf4Weight, usize),
             x: &Tensor,
             rows: usize,
         ) -> Result<Tensor> {
@@ -333,9 +406,12 @@ impl Nf4Weight {
         }
     }
 
-    /// Bytes held: packed nibbles plus scales.
+    /// Bytes held: packed nibbles plus scales (on the device for a weight that exists only there).
     pub fn size_in_bytes(&self) -> usize {
-        self.packed.len() + self.absmax.size_in_bytes()
+        match &self.device {
+            Some(d) if !self.has_host_state() => d.size_in_bytes(),
+            _ => self.packed.len() + self.absmax.size_in_bytes(),
+        }
     }
 
     pub fn bits_per_param(&self) -> f64 {
@@ -353,6 +429,9 @@ impl Nf4Weight {
 pub enum BaseWeight {
     Dense(Tensor),
     Nf4(Nf4Weight),
+    /// An NF4 weight split across the ranks of a group: its bytes live with its layer's shard, which gathers the
+    /// layer's weights whole just before the layer runs (`qlora_models::sharded`); it cannot be used as it is.
+    Sharded { shape: [usize; 2], device: Device },
 }
 
 impl BaseWeight {
@@ -360,6 +439,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(t) => [t.shape()[0], t.shape()[1]],
             BaseWeight::Nf4(w) => w.shape,
+            BaseWeight::Sharded { shape, .. } => *shape,
         }
     }
 
@@ -370,6 +450,10 @@ impl BaseWeight {
             BaseWeight::Dense(t) => t.try_to_dtype(dtype),
             BaseWeight::Nf4(w) if dtype == DType::F64 => w.dequantize(DType::F32)?.try_to_dtype(DType::F64),
             BaseWeight::Nf4(w) => w.dequantize(dtype),
+            BaseWeight::Sharded { shape, .. } => Err(Error::invalid(
+                "base weight",
+                format!("a sharded weight {shape:?} is used only as its layer gathers it whole"),
+            )),
         }
     }
 
@@ -377,6 +461,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(t) => t.device(),
             BaseWeight::Nf4(w) => w.device(),
+            BaseWeight::Sharded { device, .. } => *device,
         }
     }
 
@@ -385,13 +470,16 @@ impl BaseWeight {
         Ok(match self {
             BaseWeight::Dense(t) => BaseWeight::Dense(t.to_device(device)?),
             BaseWeight::Nf4(w) => BaseWeight::Nf4(w.to_device(device)?),
+            BaseWeight::Sharded { shape, .. } => BaseWeight::Sharded { shape: *shape, device },
         })
     }
 
+    /// Bytes held (none for a sharded weight: its layer's shard holds them).
     pub fn size_in_bytes(&self) -> usize {
         match self {
             BaseWeight::Dense(t) => t.size_in_bytes(),
             BaseWeight::Nf4(w) => w.size_in_bytes(),
+            BaseWeight::Sharded { .. } => 0,
         }
     }
 }
@@ -423,6 +511,31 @@ mod tests {
         }
         assert!(Nf4Weight::quantize(&w, 48, false).is_err());
         assert!(Nf4Weight::quantize(&Tensor::zeros(&[4], DType::F32), 64, false).is_err());
+    }
+
+    /// A weight put together from its state as tensors (what a sharded base gathers) is the weight, on the CPU;
+    /// parts of the wrong size or dtype are an error naming the part.
+    #[test]
+    fn a_weight_from_its_parts_is_the_weight() {
+        let mut rng = Rng::new(3);
+        let w = Tensor::randn(&[40, 70], 0.02, DType::BF16, &mut rng);
+        for double_quant in [false, true] {
+            let q = Nf4Weight::quantize(&w, 64, double_quant).unwrap();
+            let u8s = |v: &[u8]| Tensor::from_slice(v, &[v.len()]).unwrap();
+            let f32s = |v: &[f32]| Tensor::from_slice(v, &[v.len()]).unwrap();
+            let absmax = match &*q.absmax {
+                Absmax::F32(a) => AbsmaxTensors::F32(f32s(a)),
+                Absmax::Nested { q, absmax2, offset, code } => {
+                    AbsmaxTensors::Nested { q: u8s(q), absmax2: f32s(absmax2), offset: *offset, code: f32s(code) }
+                }
+            };
+            let parts = Nf4Tensors { packed: u8s(&q.packed), absmax };
+            assert_eq!(Nf4Weight::from_parts(q.shape, 64, DType::BF16, parts.clone()).unwrap(), q);
+            let short = Nf4Tensors { packed: u8s(&q.packed[1..]), ..parts.clone() };
+            let e = Nf4Weight::from_parts(q.shape, 64, DType::BF16, short).unwrap_err().to_string();
+            assert!(e.contains("a part of [40, 70] is U8 [1399] on cpu, not U8 [1400] on cpu"), "{e}");
+            assert!(Nf4Weight::from_parts(q.shape, 32, DType::BF16, parts).is_err(), "the block count is checked");
+        }
     }
 
     #[test]

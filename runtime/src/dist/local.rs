@@ -192,6 +192,11 @@ impl Communicator for LocalRank {
         Ok(all.iter().flat_map(|c| c.data.f32s().iter().copied()).collect())
     }
 
+    fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<u8>> {
+        let all = self.contribute("all_gather_bytes", 0, Data::Bytes(local.to_vec()))?;
+        Ok(all.iter().flat_map(|c| c.data.bytes().iter().copied()).collect())
+    }
+
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
         let all = self.contribute("broadcast", root, Data::Bytes(buf.to_vec()))?;
         buf.copy_from_slice(all[root].data.bytes());
@@ -244,7 +249,11 @@ mod tests {
                 let local = crate::Tensor::from_vec(vec![r, r + 0.25], &[2]).unwrap();
                 assert_eq!(c.all_gather_tensor(&local).unwrap().to_vec::<f32>(), gathered, "tensors gather the same");
                 let ints = crate::Tensor::from_vec(vec![1i32], &[1]).unwrap();
-                assert!(c.all_gather_tensor(&ints).unwrap_err().to_string().contains("expects f32 [n]"));
+                assert!(c.all_gather_tensor(&ints).unwrap_err().to_string().contains("expects f32 or u8 [n]"));
+                let bytes = c.all_gather_bytes(&[c.rank() as u8, 7]).unwrap();
+                assert_eq!(bytes, (0..n as u8).flat_map(|r| [r, 7]).collect::<Vec<u8>>());
+                let local = crate::Tensor::from_vec(vec![c.rank() as u8, 7], &[2]).unwrap();
+                assert_eq!(c.all_gather_tensor(&local).unwrap().to_vec::<u8>(), bytes, "u8 tensors gather the same");
                 let mut flag = [c.rank() as u8; 3];
                 c.broadcast(&mut flag, n - 1).unwrap();
                 c.barrier().unwrap();

@@ -43,9 +43,12 @@ pub trait Communicator: Send + Sync {
     /// Every rank's `local` (the same length on every rank) concatenated in rank order, on every rank.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>>;
 
-    /// [`Communicator::all_gather`] of a tensor: every rank's `local` (f32 \[n\], the same n everywhere, on this
-    /// rank's device) in rank order, as f32 \[world_size · n\] on the same device. Through the host unless the
-    /// backend's ranks own GPUs, where it gathers device memory directly.
+    /// [`Communicator::all_gather`] of bytes.
+    fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<u8>>;
+
+    /// [`Communicator::all_gather`] of a tensor: every rank's `local` (f32 or u8 \[n\], the same n and dtype
+    /// everywhere, on this rank's device) in rank order, as \[world_size · n\] of that dtype on the same device.
+    /// Through the host unless the backend's ranks own GPUs, where it gathers device memory directly.
     fn all_gather_tensor(&self, local: &Tensor) -> Result<Tensor> {
         gather_through_host(self, local)
     }
@@ -59,11 +62,21 @@ pub trait Communicator: Send + Sync {
 
 /// [`Communicator::all_gather_tensor`] by way of the host: `local` read back, gathered, and put where it was.
 pub fn gather_through_host<C: Communicator + ?Sized>(group: &C, local: &Tensor) -> Result<Tensor> {
-    if local.dtype() != DType::F32 || local.rank() != 1 {
-        let what = format!("expects f32 [n], got {:?} {:?}", local.dtype(), local.shape());
-        return Err(Error::invalid("all_gather_tensor", what));
-    }
-    let all = group.all_gather(&local.try_to_vec::<f32>()?)?;
-    let n = all.len();
-    Tensor::from_vec(all, &[n])?.to_device(local.device())
+    let all = match (local.dtype(), local.rank()) {
+        (DType::F32, 1) => {
+            let all = group.all_gather(&local.try_to_vec::<f32>()?)?;
+            let n = all.len();
+            Tensor::from_vec(all, &[n])?
+        }
+        (DType::U8, 1) => {
+            let all = group.all_gather_bytes(&local.try_to_vec::<u8>()?)?;
+            let n = all.len();
+            Tensor::from_vec(all, &[n])?
+        }
+        _ => {
+            let what = format!("expects f32 or u8 [n], got {:?} {:?}", local.dtype(), local.shape());
+            return Err(Error::invalid("all_gather_tensor", what));
+        }
+    };
+    all.to_device(local.device())
 }

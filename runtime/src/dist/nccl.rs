@@ -11,7 +11,9 @@
 use super::launch::Launch;
 use super::rendezvous::{self, Host, ID_BYTES};
 use super::{gather_through_host, Buffer, Communicator};
-use crate::cuda::{buf, output, Gpu};
+use crate::cuda::{buf, contiguous, output};
+use crate::storage::CudaElement;
+use crate::transfer::cuda_device;
 use crate::{DType, Device, Error, Result, Tensor};
 use qlora_kernels::cuda::nccl::{self, Elem, NcclComm};
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
@@ -114,31 +116,43 @@ impl Communicator for NcclRank {
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.all_gather_bytes(bytemuck::cast_slice(local))?))
+    }
+
+    fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<u8>> {
         if local.is_empty() {
             return Ok(Vec::new());
         }
-        let send = self.upload(bytemuck::cast_slice(local))?;
+        let send = self.upload(local)?;
         let mut recv =
             self.comm.device().alloc::<u8>(send.len() * self.world_size()).map_err(Error::cuda("all_gather"))?;
         self.comm.all_gather(&send, &mut recv).map_err(Error::cuda("all_gather"))?;
-        Ok(bytemuck::pod_collect_to_vec(&recv.to_vec().map_err(Error::cuda("all_gather"))?))
+        recv.to_vec().map_err(Error::cuda("all_gather"))
     }
 
     fn all_gather_tensor(&self, local: &Tensor) -> Result<Tensor> {
-        let Some(g) = Gpu::of("all_gather_tensor", &[local])? else { return gather_through_host(self, local) };
-        if local.dtype() != DType::F32 || local.rank() != 1 || local.elem_count() == 0 {
+        const OP: &str = "all_gather_tensor";
+        let Device::Cuda(ordinal) = local.device() else { return gather_through_host(self, local) };
+        if local.rank() != 1 || local.elem_count() == 0 {
             return gather_through_host(self, local);
         }
         let mine = Device::Cuda(self.comm.device().ordinal());
         if local.device() != mine {
-            return Err(Error::DeviceMismatch { op: "all_gather_tensor", a: mine, b: local.device() });
+            return Err(Error::DeviceMismatch { op: OP, a: mine, b: local.device() });
         }
-        // Device to device: the gradients of a step never cross the host.
-        let send = g.input_as(local, DType::F32)?;
-        let mut recv = g.alloc::<f32>(local.elem_count() * self.world_size())?;
-        self.comm.all_gather(buf::<f32>(&send), &mut recv).map_err(Error::cuda("all_gather_tensor"))?;
-        let n = recv.len();
-        Ok(output(recv, &[n]))
+        // Device to device: a step's gradients and a sharded layer's weights never cross the host.
+        fn go<T: CudaElement>(comm: &NcclComm, local: &Tensor, ordinal: usize) -> Result<Tensor> {
+            let send = contiguous(local)?;
+            let n = local.elem_count() * comm.world_size();
+            let mut recv = cuda_device(ordinal)?.alloc::<T>(n).map_err(Error::cuda(OP))?;
+            comm.all_gather(buf::<T>(&send), &mut recv).map_err(Error::cuda(OP))?;
+            Ok(output(recv, &[n]))
+        }
+        match local.dtype() {
+            DType::F32 => go::<f32>(&self.comm, local, ordinal),
+            DType::U8 => go::<u8>(&self.comm, local, ordinal),
+            _ => gather_through_host(self, local),
+        }
     }
 
     fn broadcast(&self, bytes: &mut [u8], root: usize) -> Result<()> {
