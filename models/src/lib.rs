@@ -1,5 +1,5 @@
 //! qlora-rt models. Owns the model definitions written with the autograd ops ([`config`], [`transformer`],
-//! [`rope`], [`kv_cache`], [`generate`], [`toy`]), adapters at inference time ([`adapters`]: swapping, folding),
+//! [`rope`], [`kv_cache`], [`generate`], [`toy`]), the base sharded across the ranks of a group ([`sharded`]), adapters at inference time ([`adapters`]: swapping, folding),
 //! the files models and adapters are read from and written to ([`formats`]), and the training-data pipeline ([`data`]). Must not own numerics (`runtime`, `kernels`) or
 //! training loops (`cli`).
 //!
@@ -15,6 +15,7 @@ pub mod formats;
 pub mod generate;
 pub mod kv_cache;
 pub mod rope;
+pub mod sharded;
 pub mod synthetic;
 pub mod toy;
 pub mod transformer;

@@ -144,6 +144,7 @@ pub fn build(config: &ModelConfig, format: BaseFormat, dense: DType, seed: u64) 
         keep_layers: 0,
         offload_layers: 0,
         mlp_chunk_tokens: None,
+        sharded: None,
     })
 }
 

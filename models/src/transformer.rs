@@ -17,9 +17,12 @@ use qlora_runtime::ops::linear_cross_entropy::linear_cross_entropy_op;
 use qlora_runtime::ops::rope::rope_tables;
 use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
+use crate::sharded::ShardedBase;
+use qlora_runtime::dist::Communicator;
 use qlora_runtime::{DType, Device, Tensor};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 
 pub use crate::batch::Batch;
 
@@ -32,7 +35,9 @@ pub enum BaseFormat {
     Nf4 { blocksize: usize, double_quant: bool },
 }
 
-/// A linear layer of the decoder: frozen base, optional frozen bias, optional trainable adapter.
+/// A linear layer of the decoder: frozen base, optional frozen bias, optional trainable adapter. Clones share the
+/// parameters and the base's bytes.
+#[derive(Clone)]
 pub struct Projection {
     /// Module path as transformers names it, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
@@ -46,7 +51,7 @@ impl Projection {
     fn to_device(&self, device: Device, dtype: DType) -> qlora_runtime::Result<Projection> {
         let base = match &self.base {
             BaseWeight::Dense(t) => BaseWeight::Dense(move_frozen(t, device, dtype)?),
-            BaseWeight::Nf4(w) => BaseWeight::Nf4(w.to_device(device)?),
+            other => other.to_device(device)?,
         };
         let adapter =
             tagged(Category::Adapters, || self.adapter.as_ref().map(|ad| adapter_to(ad, device)).transpose())?;
@@ -90,6 +95,7 @@ impl Projection {
     }
 }
 
+#[derive(Clone)]
 pub struct SelfAttention {
     pub q_proj: Projection,
     pub k_proj: Projection,
@@ -99,12 +105,15 @@ pub struct SelfAttention {
     pub k_norm: Option<Param>,
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     pub gate_proj: Projection,
     pub up_proj: Projection,
     pub down_proj: Projection,
 }
 
+/// Clones share the parameters and the bases' bytes.
+#[derive(Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: Param,
     pub post_attention_layernorm: Param,
@@ -184,6 +193,9 @@ pub struct CausalLm {
     /// intermediate is the widest activation). None (the default) runs it whole. The values are the same but for
     /// the order of the adapters' gradient sums over tokens; with adapter dropout each block draws its own masks.
     pub mlp_chunk_tokens: Option<usize>,
+    /// The decoder layers' NF4 weights split across the ranks of a group, gathered a layer at a time as it runs
+    /// ([`CausalLm::load_sharded`], [`CausalLm::shard`]); None (the default) when every weight is here whole.
+    pub sharded: Option<Rc<ShardedBase>>,
 }
 
 /// Everything a layer's forward reads besides its input, shared by all layers of one batch.
@@ -195,6 +207,35 @@ struct LayerInputs {
     dropout_seed: u64,
     /// Tokens of a block when the MLP runs a block at a time (`CausalLm::mlp_chunk_tokens`).
     mlp_chunk: Option<usize>,
+    sharded: Option<Rc<ShardedBase>>,
+}
+
+/// The layer a forward runs: the model's own, or a sharded model's, gathered whole for this run of it (freed when
+/// the run and the backward it records no longer hold it).
+#[derive(Clone)]
+enum LayerRef {
+    Own(Rc<Vec<DecoderLayer>>, usize),
+    Gathered(Rc<DecoderLayer>),
+}
+
+impl LayerRef {
+    fn of(layers: &Rc<Vec<DecoderLayer>>, index: usize, sharded: Option<&ShardedBase>) -> qlora_runtime::Result<Self> {
+        Ok(match sharded {
+            Some(s) => LayerRef::Gathered(Rc::new(s.gather(index, &layers[index])?)),
+            None => LayerRef::Own(layers.clone(), index),
+        })
+    }
+}
+
+impl std::ops::Deref for LayerRef {
+    type Target = DecoderLayer;
+
+    fn deref(&self) -> &DecoderLayer {
+        match self {
+            LayerRef::Own(layers, index) => &layers[*index],
+            LayerRef::Gathered(layer) => layer,
+        }
+    }
 }
 
 /// Where [`CausalLm::build`] takes each weight from: a checkpoint ([`CausalLm::from_checkpoint`]) or a fresh
@@ -308,9 +349,40 @@ impl CausalLm {
         Self::build(config, &mut Loaded { ck, format })
     }
 
+    /// [`CausalLm::load`] as one rank of `group`, the decoder's NF4 weights sharded across the ranks
+    /// ([`crate::sharded`]): each layer is split as soon as it is loaded, so this rank's host holds one layer whole
+    /// at most. Every rank of the group loads the same folder, in step.
+    pub fn load_sharded(dir: &Path, format: BaseFormat, group: Arc<dyn Communicator>) -> Result<Self> {
+        let config = ModelConfig::load(dir)?;
+        let ck = Checkpoint::open(dir)?;
+        Self::assemble(config, &mut Loaded { ck: &ck, format }, Some(ShardedBase::new(group)))
+    }
+
+    /// This model's decoder NF4 weights sharded across the ranks of `group`, as [`CausalLm::load_sharded`] loads
+    /// them (for a model built whole: the host held it whole once).
+    pub fn shard(&mut self, group: Arc<dyn Communicator>) -> Result<()> {
+        if self.sharded.is_some() {
+            return Err(Error::Runtime(qlora_runtime::Error::invalid("shard", "the model is sharded already")));
+        }
+        let mut sharded = ShardedBase::new(group);
+        let layers = Rc::get_mut(&mut self.layers).ok_or_else(|| {
+            Error::Runtime(qlora_runtime::Error::invalid("shard", "layers are shared by a forward still in flight"))
+        })?;
+        for layer in layers {
+            sharded.take_layer(layer)?;
+        }
+        self.sharded = Some(Rc::new(sharded));
+        Ok(())
+    }
+
     /// The model `config` describes, every weight taken from `weights`, in checkpoint order (layer by layer, then
     /// embeddings, head and final norm). Gradient checkpointing is on.
     pub fn build(config: ModelConfig, weights: &mut impl Weights) -> Result<Self> {
+        Self::assemble(config, weights, None)
+    }
+
+    /// [`CausalLm::build`], each decoder layer given to `sharded` as soon as it is built when there is one.
+    fn assemble(config: ModelConfig, weights: &mut impl Weights, mut sharded: Option<ShardedBase>) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let gemma_sandwich = matches!(c.family, Family::Gemma2 | Family::Gemma3);
@@ -329,7 +401,7 @@ impl CausalLm {
                 (c.family == Family::Gemma3).then(|| weights.param(&format!("{p}.{suffix}.weight"), &[hd])).transpose()
             };
             let (self_attn, mlp) = blocks(projections, qk_norm("self_attn.q_norm")?, qk_norm("self_attn.k_norm")?);
-            layers.push(DecoderLayer {
+            let mut layer = DecoderLayer {
                 input_layernorm,
                 post_attention_layernorm,
                 pre_feedforward_layernorm,
@@ -337,7 +409,11 @@ impl CausalLm {
                 self_attn,
                 mlp,
                 kind: c.layer_kinds[i],
-            });
+            };
+            if let Some(s) = &mut sharded {
+                s.take_layer(&mut layer)?;
+            }
+            layers.push(layer);
         }
         let embed_tokens = weights.param("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings && !weights.has("lm_head.weight") {
@@ -356,6 +432,7 @@ impl CausalLm {
             keep_layers: 0,
             offload_layers: 0,
             mlp_chunk_tokens: None,
+            sharded: sharded.map(Rc::new),
         })
     }
 
@@ -366,7 +443,11 @@ impl CausalLm {
     /// products). Adapter parameters are new `Param`s on the device, without gradients; the original model is
     /// untouched. Batches go to the same device with [`Batch::to_device`].
     pub fn to_device(&self, device: Device, dtype: DType) -> Result<CausalLm> {
-        tagged(Category::Weights, || self.map(|p| frozen_to(p, device, dtype), |p| p.to_device(device, dtype)))
+        tagged(Category::Weights, || {
+            let mut moved = self.map(|p| frozen_to(p, device, dtype), |p| p.to_device(device, dtype))?;
+            moved.sharded = self.sharded.as_ref().map(|s| s.to_device(device).map(Rc::new)).transpose()?;
+            Ok(moved)
+        })
     }
 
     /// A model of the same shape whose embeddings, norms and head are `frozen(p)` and whose projections are
@@ -404,6 +485,7 @@ impl CausalLm {
             keep_layers: self.keep_layers,
             offload_layers: self.offload_layers,
             mlp_chunk_tokens: self.mlp_chunk_tokens,
+            sharded: self.sharded.clone(),
         })
     }
 
@@ -427,6 +509,13 @@ impl CausalLm {
             self.embed_tokens = Param::frozen(table.name(), table.value().to_device(Device::Cpu)?);
         }
         Ok(())
+    }
+
+    /// Decoder layer `index` with every base weight whole: the layer itself, or for a sharded model a copy gathered
+    /// from the ranks (a collective: every rank asks for the same layers in the same order).
+    pub fn gathered_layer(&self, index: usize) -> qlora_runtime::Result<DecoderLayer> {
+        let layer = LayerRef::of(&self.layers, index, self.sharded.as_deref())?;
+        Ok(DecoderLayer::clone(&layer))
     }
 
     /// Every projection, layer by layer in [`PROJECTIONS`](crate::config::PROJECTIONS) order.
@@ -493,6 +582,7 @@ impl CausalLm {
             rope_local: self.rope(positions, &c.rope_local, device)?,
             dropout_seed,
             mlp_chunk: self.mlp_chunk_tokens,
+            sharded: self.sharded.clone(),
         });
         let mut x = t.embedding(&t.param(&self.embed_tokens), ids)?;
         if x.value().device() != device {
@@ -575,7 +665,7 @@ fn layer_forward(
     kv: Option<&mut LayerKv>,
 ) -> qlora_runtime::Result<Var> {
     let _profile = profile::scope(Pass::Forward, "decoder layer");
-    let l = &layers[index];
+    let l = LayerRef::of(layers, index, inp.sharded.as_deref())?;
     let (tokens, hd) = (x.shape()[0], c.head_dim);
     let offset = norm_offset(c.family);
     let eps = c.rms_norm_eps;
@@ -630,11 +720,10 @@ fn layer_forward(
             let blocks = t.split_rows(&h, chunk)?;
             let mut outs = Vec::with_capacity(blocks.len());
             for (b, block) in blocks.iter().enumerate() {
-                let (layers, cfg, dropout_seed) = (layers.clone(), c.clone(), inp.dropout_seed);
+                let (layer, cfg, dropout_seed) = (l.clone(), c.clone(), inp.dropout_seed);
                 // Each block draws its own dropout masks (a mask is a function of the seed and the element index).
                 let seed = dropout_seed ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-                let mlp =
-                    move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layers[index], index, &ins[0], seed)?]);
+                let mlp = move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layer, index, &ins[0], seed)?]);
                 // In the layer's recompute a block's output only reaches the layer's (unread) output through the
                 // concatenation and the residual add: the block runs once, in its own backward, not here too.
                 let out = if t.recomputing() {
@@ -646,7 +735,7 @@ fn layer_forward(
             }
             t.cat_rows(&outs)?
         }
-        _ => mlp_forward(t, c, l, index, &h, inp.dropout_seed)?,
+        _ => mlp_forward(t, c, &l, index, &h, inp.dropout_seed)?,
     };
     t.add(&x, &m)
 }
