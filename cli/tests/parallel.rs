@@ -79,26 +79,32 @@ fn files(out: &Path) -> Vec<(String, Vec<u8>)> {
     names.into_iter().map(|n| (n.clone(), bytes(out.join(&n)))).collect()
 }
 
-/// N ranks against one process, plain LoRA at N = 2 and 3 and DoRA (its magnitude vectors too) at N = 2.
+/// N ranks against one process, plain LoRA at N = 2 and 3 and DoRA (its magnitude vectors too) at N = 2, each also
+/// with the base sharded across the ranks (`--shard-base`: with three ranks the last step's third rank has no
+/// micro-batch of its own, and DoRA's magnitudes start from gathered layers).
 #[test]
 fn ranks_train_the_single_process_run_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
-    for (kind, extra, ranks) in [("lora", &[][..], &["2", "3"][..]), ("dora", &["--dora"][..], &["2"][..])] {
+    let lora: &[(&str, &[&str])] = &[("2", &[]), ("3", &[]), ("3", &["--shard-base"])];
+    let dora: &[(&str, &[&str])] = &[("2", &[]), ("2", &["--shard-base"])];
+    for (kind, extra, runs) in [("lora", &[][..], lora), ("dora", &["--dora"][..], dora)] {
         let alone = dir.path().join(format!("{kind}-alone"));
         finetune(&data, &alone, extra);
         let (want_metrics, want_files) = (metrics(&alone), files(&alone));
         assert_eq!(want_metrics.len(), 6 + 2, "six steps and two evaluations");
-        for n in ranks {
-            let out = dir.path().join(format!("{kind}-ranks-{n}"));
-            let run = finetune(&data, &out, &[extra, &["--ranks", n]].concat());
+        for (n, shard) in runs {
+            let how = format!("{kind} --ranks {n} {}", shard.join(" "));
+            let out = dir.path().join(how.replace(' ', "_"));
+            let run = finetune(&data, &out, &[extra, &["--ranks", n], shard].concat());
             let stdout = String::from_utf8_lossy(&run.stdout);
             assert!(stdout.contains(&format!("{n} in-process ranks")), "{stdout}");
+            assert_eq!(stdout.contains("the base sharded"), !shard.is_empty(), "{stdout}");
             assert_eq!(stdout.matches("adapter, tokenizer files").count(), 1, "rank 0 alone writes: {stdout}");
             let got = metrics(&out);
-            assert!(got == want_metrics, "{kind} --ranks {n}: metrics differ:\n{got:?}\n{want_metrics:?}");
+            assert!(got == want_metrics, "{how}: metrics differ:\n{got:?}\n{want_metrics:?}");
             for ((name, got), (_, want)) in files(&out).iter().zip(&want_files) {
-                assert!(got == want, "{kind} --ranks {n}: {name} differs from the single process's");
+                assert!(got == want, "{how}: {name} differs from the single process's");
             }
         }
     }
@@ -137,6 +143,10 @@ fn launches_across_processes_need_gpus_and_say_so_in_one_line() {
     assert!(e.contains("--ranks must be at least 1"), "{e}");
     let e = one_line_error(&finetune_args(&["--ranks", "2", "--device", "cuda"]));
     assert!(e.contains("--ranks runs in-process ranks on the CPU only"), "{e}");
+    let e = one_line_error(&finetune_args(&["--shard-base", "--quantize", "none"]));
+    assert!(e.contains("--shard-base shards an NF4 base (QLoRA)"), "{e}");
+    let e = one_line_error(&finetune_args(&["--shard-base", "--device", "cpu"]));
+    assert!(e.contains("--shard-base splits the base across GPUs: train on several"), "{e}");
     if qlora_runtime::device_count().unwrap_or(0) < 2 {
         // Before any rank is launched: too few GPUs (or no driver) is this process's one error line.
         let e = one_line_error(&finetune_args(&["--gpus", "2"]));

@@ -27,17 +27,19 @@ use crate::eval::DtypeArg;
 use anyhow::{bail, ensure, Context, Result};
 use parallel::World;
 use qlora_autograd::{LoraAdapter, LoraConfig};
-use qlora_models::config::projection_kinds;
+use qlora_models::config::{projection_kinds, PROJECTIONS};
 use qlora_models::data::template::BuiltinTemplate;
 use qlora_models::data::tokenize::Formatter;
 use qlora_models::formats::fsutil::write_atomic;
 use qlora_models::formats::peft::{load_adapter, save_adapter};
 use qlora_models::formats::tokenizer::Tokenizer;
-use qlora_models::transformer::CausalLm;
+use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
+use qlora_runtime::dist::Communicator;
 use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -205,6 +207,12 @@ pub struct FinetuneArgs {
     /// rounding: the attention backward's atomics do not promise the same bits twice).
     #[arg(long, value_name = "N", default_value_t = 1)]
     gpus: usize,
+    /// With several GPUs: each holds 1/N of the frozen NF4 base and gathers a layer from the others just before it
+    /// runs, FSDP-style (the adapters and their optimizer state stay whole on every GPU), so a base N times larger
+    /// than one GPU's share trains; each process loads the model a layer at a time and keeps only its share. The
+    /// same results as unsharded.
+    #[arg(long)]
+    shard_base: bool,
     /// Train as N data-parallel ranks in this process (threads on the CPU), splitting each step's micro-batches:
     /// the same losses and adapter as one rank, bit for bit. Hidden: it exists to test data parallelism (slower than
     /// one rank on the same cores); a torchrun-launched process is one rank of its own.
@@ -247,6 +255,10 @@ impl FinetuneArgs {
         if let Some(f) = self.eval_split {
             ensure!(f > 0.0 && f < 1.0, "--eval-split must be a fraction in (0, 1), got {f}");
         }
+        ensure!(
+            !self.shard_base || matches!(self.adapter.base_format(), BaseFormat::Nf4 { .. }),
+            "--shard-base shards an NF4 base (QLoRA); with --quantize none every rank holds the dense base whole"
+        );
         Ok(())
     }
 
@@ -341,10 +353,17 @@ fn copy_tokenizer_files(model: &Path, out: &Path) -> Result<()> {
 pub(crate) fn attach_adapters(model: &mut CausalLm, targets: &[&str], config: &LoraConfig, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
     let mut n = 0;
-    for proj in model.projections_mut()? {
-        if targets.iter().any(|t| proj.name.ends_with(&format!(".{t}"))) {
-            proj.adapter = Some(LoraAdapter::new(&proj.name, &proj.base, config, &mut rng)?);
-            n += 1;
+    let per_layer = PROJECTIONS.len();
+    for i in 0..model.layers.len() {
+        // DoRA's magnitudes start at the base's row norms: a sharded base gathers the layer to read them.
+        let whole = if config.use_dora { Some(model.gathered_layer(i)?) } else { None };
+        let whole = whole.as_ref().map(|l| l.projections());
+        for (j, proj) in model.projections_mut()?.into_iter().skip(i * per_layer).take(per_layer).enumerate() {
+            if targets.iter().any(|t| proj.name.ends_with(&format!(".{t}"))) {
+                let base = whole.as_ref().map_or(&proj.base, |w| &w[j].base);
+                proj.adapter = Some(LoraAdapter::new(&proj.name, base, config, &mut rng)?);
+                n += 1;
+            }
         }
     }
     ensure!(n > 0, "--target-modules matched no projection of the model");
@@ -406,10 +425,14 @@ fn load_model(
     resume_from: Option<&Path>,
     trajectory: &serde_json::Value,
     (device, dtype): (Device, DType),
-    lead: bool,
+    group: Option<&Arc<dyn Communicator>>,
 ) -> Result<(CausalLm, AdamW, checkpoint::TrainerState)> {
+    let lead = group.is_none_or(|g| g.rank() == 0);
     // Dense in f32, the CPU compute precision: no per-step upcast of the frozen weights.
-    let mut model = CausalLm::load(&args.model, args.adapter.base_format())?;
+    let mut model = match group {
+        Some(g) if args.shard_base => CausalLm::load_sharded(&args.model, args.adapter.base_format(), g.clone())?,
+        _ => CausalLm::load(&args.model, args.adapter.base_format())?,
+    };
     model.gradient_checkpointing = args.gradient_checkpointing();
     let resumed = match resume_from {
         Some(dir) => {
@@ -501,6 +524,9 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     let targets = args.adapter.targets()?;
     let launch = qlora_runtime::dist::launch::Launch::from_env()?;
     let world = parallel::world(args.gpus, args.ranks, args.device, launch.as_ref())?;
+    if args.shard_base && matches!(world, World::Alone(_)) {
+        bail!("--shard-base splits the base across GPUs: train on several (--gpus N, or a torchrun launch)");
+    }
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
     let placement = match &world {
@@ -538,7 +564,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
         World::Nccl(launch) => {
             let device = qlora_runtime::cuda_device(launch.local_rank)?;
             let group = qlora_runtime::dist::nccl::NcclRank::connect(&launch, &device)?;
-            train(&run, Some(&group))
+            train(&run, Some(Arc::new(group)))
         }
         World::Alone(_) => train(&run, None),
         World::Spawn(_) => unreachable!("the ranks were launched above"),
@@ -546,11 +572,11 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
 }
 
 /// Loads the model and trains it, as the only process or as one rank of `group` (rank 0 writes the files).
-fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Result<train::Outcome> {
+fn train(run: &Run, group: Option<Arc<dyn Communicator>>) -> Result<train::Outcome> {
     let Run { args, placement, .. } = *run;
-    let lead = group.is_none_or(|g| g.rank() == 0);
+    let lead = group.as_ref().is_none_or(|g| g.rank() == 0);
     let (mut model, mut optimizer, start) =
-        load_model(args, &run.targets, run.resume_from.as_deref(), &run.trajectory, placement, lead)?;
+        load_model(args, &run.targets, run.resume_from.as_deref(), &run.trajectory, placement, group.as_ref())?;
     let shrink = "lower --micro-batch, --batch-tokens or --max-seq-len";
     let mut plan_line = None;
     if let Some(budget) = args.memory_budget {
@@ -581,8 +607,11 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
             None => format!("{} row(s) of up to {} tokens", args.micro_batch, run.max_seq_len),
         };
         let mut on = crate::device::describe(placement);
-        if let Some(g) = group {
+        if let Some(g) = &group {
             on += &format!(", {} {} ranks", g.world_size(), g.backend());
+        }
+        if let Some(s) = &model.sharded {
+            on += &format!(", the base sharded ({:.2} GiB per rank)", s.size_in_bytes() as f64 / (1u64 << 30) as f64);
         }
         describe(args, &model, n_params, &run.schedule, rows, on);
         std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
@@ -612,7 +641,7 @@ fn train(run: &Run, group: Option<&dyn qlora_runtime::dist::Communicator>) -> Re
             tensorboard: args.report_to == ReportTo::Tensorboard,
         },
         state: start,
-        group,
+        group: group.as_deref(),
     };
     let outcome = trainer
         .run()

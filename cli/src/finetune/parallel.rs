@@ -29,6 +29,7 @@ use qlora_runtime::dist::launch::Launch;
 use qlora_runtime::dist::{local_group, Buffer, Communicator, LocalRank};
 use qlora_runtime::ops::concat::cat_rows;
 use qlora_runtime::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// Tokens of a whole step, over every rank.
 pub(super) struct Tokens {
@@ -86,7 +87,7 @@ pub(super) fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option
 
 /// Runs `train` on `n` in-process ranks, one thread each; rank 0's result, or the error that stopped the group
 /// (a rank's own failure rather than the others' "rank r left the group" that follows it).
-pub(super) fn in_process<T: Send>(n: usize, train: impl Fn(&dyn Communicator) -> Result<T> + Sync) -> Result<T> {
+pub(super) fn in_process<T: Send>(n: usize, train: impl Fn(Arc<dyn Communicator>) -> Result<T> + Sync) -> Result<T> {
     let ranks = local_group(n)?;
     let results: Vec<Result<T>> = std::thread::scope(|s| {
         let train = &train;
@@ -97,7 +98,7 @@ pub(super) fn in_process<T: Send>(n: usize, train: impl Fn(&dyn Communicator) ->
                 std::thread::Builder::new()
                     .name(format!("rank {}", rank.rank()))
                     .stack_size(8 << 20)
-                    .spawn_scoped(s, move || train(&rank))
+                    .spawn_scoped(s, move || train(Arc::new(rank)))
             })
             .collect::<std::io::Result<_>>()
             .map_err(|e| anyhow!("starting the rank threads: {e}"))?;
@@ -206,6 +207,12 @@ pub(super) fn optimizer_step(
         records.push(layout.record(&loss, &params, device)?);
     }
     while records.len() < slots {
+        if model.sharded.is_some() {
+            // Each layer's gather is a collective: a rank with fewer micro-batches than the busiest runs one more
+            // (micro-batch 0 again, while it would otherwise wait) and drops its gradients.
+            micro_step(model, &data::batch(rows, &micro[0])?, (step, 0), tokens.trained, config, &mut ())?;
+            params.iter().for_each(|p| drop(p.take_grad()));
+        }
         records.push(Tensor::zeros_on(&[len], DType::F32, device)?);
     }
     let all = group.all_gather_tensor(&cat_rows(&records, &[slots * len], DType::F32, device)?)?;

@@ -5,8 +5,8 @@
 //! non-finite loss or gradient norm stops the run before the update, naming the step and the last good
 //! checkpoint; Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and stops.
 //!
-//! As one rank of a data-parallel group ([`super::parallel`]), every rank runs the same steps; rank 0 alone hears
-//! Ctrl-C (the group stops together), evaluates, and writes metrics, progress and checkpoints.
+//! As one rank of a data-parallel group ([`super::parallel`]), every rank runs the same steps and evaluations; rank 0
+//! alone hears Ctrl-C (the group stops together) and writes metrics, progress and checkpoints.
 
 use super::checkpoint::{self, SaveTo, TrainerState};
 use super::data::{self, Plan, Row};
@@ -200,10 +200,15 @@ impl Trainer<'_> {
                     memory: memory_in_use(self.device),
                 })?;
                 progress.step(step, &stats, tokens_per_s);
-                if self.eval.is_some() && (every(self.settings.eval_every) || step == total) {
-                    let loss = self.evaluate(log, progress)?;
-                    last_eval = Some(loss);
+            }
+            if self.eval.is_some() && (every(self.settings.eval_every) || step == total) {
+                // Every rank evaluates, as a sharded base needs (each layer's gather takes every rank); rank 0 logs.
+                let (loss, tokens) = self.eval_loss()?;
+                if let (Some(log), Some(progress)) = (log.as_mut(), progress.as_ref()) {
+                    log.eval(step, loss, tokens, self.state.elapsed_s)?;
+                    progress.println(&format!("step {step}/{total}  eval loss {loss:.4}"));
                 }
+                last_eval = Some(loss);
             }
             let stop = match self.group {
                 Some(group) => parallel::agree_to_stop(group, interrupted())?,
@@ -294,8 +299,8 @@ impl Trainer<'_> {
         checkpoint::save(&to, self.model, self.optimizer, &self.state)
     }
 
-    /// Mean loss per trained token over the evaluation rows, with adapter dropout off; logged and printed.
-    fn evaluate(&mut self, log: &mut MetricsLog, progress: &Progress) -> Result<f64> {
+    /// Mean loss per trained token over the evaluation rows, with adapter dropout off, and the tokens it averages.
+    fn eval_loss(&mut self) -> Result<(f64, usize)> {
         let rows = self.eval.unwrap_or_default();
         // The same parameters without dropout (peft's eval mode); the training adapters come back afterwards.
         let mut training = Vec::new();
@@ -318,9 +323,6 @@ impl Trainer<'_> {
         for (proj, adapter) in self.model.projections_mut()?.into_iter().zip(training) {
             proj.adapter = adapter;
         }
-        let (loss, tokens) = result.with_context(|| format!("evaluating at step {}", self.state.step))?;
-        log.eval(self.state.step, loss, tokens, self.state.elapsed_s)?;
-        progress.println(&format!("step {}/{}  eval loss {loss:.4}", self.state.step, self.schedule.total_steps));
-        Ok(loss)
+        result.with_context(|| format!("evaluating at step {}", self.state.step))
     }
 }

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 /// How long the rendezvous waits for every rank to arrive, and a collective for every rank to join it, unless
 /// `QLORA_NCCL_TIMEOUT` gives another number of seconds: PyTorch's default for NCCL groups, long enough for the
-/// slowest rank's model load and for rank 0's evaluation, during which the others wait in the next step's first
-/// collective.
+/// slowest rank's model load and for rank 0's checkpoint writing, during which the others wait in the next step's
+/// first collective.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// This process's rank of an NCCL group.
