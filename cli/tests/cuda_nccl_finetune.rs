@@ -1,6 +1,7 @@
 //! Data parallelism on GPUs through the binary, against the plain run of one GPU: torchrun's group of one on a
 //! single GPU (the whole multi-GPU path: NCCL, each micro-batch's record gathered device to device, the replay), and
-//! `finetune --gpus 2` on a machine with two GPUs (two processes, one rank each). Each trains the plain run: the same
+//! `finetune --gpus 2` on a machine with two GPUs (two processes, one rank each), each also with `--shard-base`
+//! (the base's layers gathered GPU to GPU as they run). Each trains the plain run: the same
 //! steps, tokens and learning rates, and losses, gradient norms and evaluation losses within [`REL`]. The ranks replay
 //! every micro-batch's gradients in order, as `--ranks` does on the CPU (`cli/tests/parallel.rs`, bit for bit there);
 //! on GPUs a micro-batch's gradient is not the same bits from run to run (the attention backward adds dQ with
@@ -89,6 +90,12 @@ fn a_torchrun_group_of_one_trains_the_plain_run() {
     let stdout = finetune(dir.path(), "group", &[], &env);
     assert!(stdout.contains("1 NCCL ranks"), "{stdout}");
     same_run(&dir.path().join("group"), &dir.path().join("plain"));
+    // The base sharded across the group: each layer's NF4 bytes gathered on the GPU before it runs (device-only
+    // weights put together from the gathered streams).
+    env.last_mut().expect("the port is last").1 = free_port();
+    let stdout = finetune(dir.path(), "sharded", &["--shard-base"], &env);
+    assert!(stdout.contains("the base sharded"), "{stdout}");
+    same_run(&dir.path().join("sharded"), &dir.path().join("plain"));
 }
 
 #[test]
@@ -105,4 +112,7 @@ fn two_gpus_train_one_gpus_run() {
     let stdout = finetune(dir.path(), "two", &["--gpus", "2"], &[]);
     assert!(stdout.contains("2 NCCL ranks"), "{stdout}");
     same_run(&dir.path().join("two"), &dir.path().join("one"));
+    let stdout = finetune(dir.path(), "two-sharded", &["--gpus", "2", "--shard-base"], &[]);
+    assert!(stdout.contains("the base sharded"), "{stdout}");
+    same_run(&dir.path().join("two-sharded"), &dir.path().join("one"));
 }

@@ -93,7 +93,10 @@ impl ShardedBase {
             let BaseWeight::Nf4(w) = &proj.base else { continue };
             let on = w.device();
             if *device.get_or_insert(on) != on {
-                return Err(Error::invalid("shard", format!("{} is on {on}, its layer's other weights are not", proj.name)));
+                return Err(Error::invalid(
+                    "shard",
+                    format!("{} is on {on}, its layer's other weights are not", proj.name),
+                ));
             }
             // A weight on a GPU keeps its host state beside the device copy: the split reads that.
             let host = w.to_device(Device::Cpu)?;

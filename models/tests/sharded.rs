@@ -45,8 +45,8 @@ fn step(model: &mut CausalLm, (checkpointing, keep, chunk): Plan) -> Vec<u32> {
     model.gradient_checkpointing = checkpointing;
     model.keep_layers = keep;
     model.mlp_chunk_tokens = chunk;
-    let batch = Batch::pack(&[((1..12).collect(), (2..13).collect()), (vec![7, 3, 9, 4, 1], vec![3, 9, 4, 1, 2])])
-        .unwrap();
+    let batch =
+        Batch::pack(&[((1..12).collect(), (2..13).collect()), (vec![7, 3, 9, 4, 1], vec![3, 9, 4, 1, 2])]).unwrap();
     let tape = Tape::new();
     let loss = model.loss(&tape, &batch, 16.0, 3).unwrap();
     tape.backward(&loss).unwrap();

@@ -79,6 +79,8 @@ pub struct Nf4Tensors {
 }
 
 /// [`Absmax`] as tensors.
+// One per weight, behind the weight's Arc: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum AbsmaxTensors {
     /// f32, one per block.
@@ -245,14 +247,21 @@ impl Nf4Weight {
             AbsmaxTensors::F32(a) => vec![(a, DType::F32, blocks)],
             AbsmaxTensors::Nested { q, absmax2, code, .. } => {
                 check_code(code.elem_count())?;
-                vec![(q, DType::U8, blocks), (absmax2, DType::F32, blocks.div_ceil(nf4::NESTED_BLOCKSIZE)), (code, DType::F32, 256)]
+                vec![
+                    (q, DType::U8, blocks),
+                    (absmax2, DType::F32, blocks.div_ceil(nf4::NESTED_BLOCKSIZE)),
+                    (code, DType::F32, 256),
+                ]
             }
         };
         for (t, dtype, len) in [(&parts.packed, DType::U8, nf4::nf4_packed_len(n))].into_iter().chain(sizes) {
             if t.dtype() != dtype || t.shape() != [len] || t.device() != parts.device() {
                 let (got, device) = (t.shape(), t.device());
                 let want = format!("{dtype:?} [{len}] on {}", parts.device());
-                return Err(Error::invalid(OP, format!("a part of {shape:?} is {:?} {got:?} on {device}, not {want}", t.dtype())));
+                return Err(Error::invalid(
+                    OP,
+                    format!("a part of {shape:?} is {:?} {got:?} on {device}, not {want}", t.dtype()),
+                ));
             }
         }
         let weight = |packed, absmax, device| Nf4Weight {
@@ -286,7 +295,8 @@ impl Nf4Weight {
     /// stays, shared); the CPU drops the device copy. A weight that exists only on its GPU stays there.
     pub fn to_device(&self, device: Device) -> Result<Nf4Weight> {
         if device != self.device() && !self.has_host_state() {
-            let why = format!("{:?} was gathered on {} and has no host copy to move to {device}", self.shape, self.device());
+            let why =
+                format!("{:?} was gathered on {} and has no host copy to move to {device}", self.shape, self.device());
             return Err(Error::invalid("nf4 to_device", why));
         }
         let moved = match device {
@@ -431,7 +441,10 @@ pub enum BaseWeight {
     Nf4(Nf4Weight),
     /// An NF4 weight split across the ranks of a group: its bytes live with its layer's shard, which gathers the
     /// layer's weights whole just before the layer runs (`qlora_models::sharded`); it cannot be used as it is.
-    Sharded { shape: [usize; 2], device: Device },
+    Sharded {
+        shape: [usize; 2],
+        device: Device,
+    },
 }
 
 impl BaseWeight {

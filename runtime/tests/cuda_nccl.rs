@@ -33,6 +33,13 @@ fn a_group_of_one_runs_every_collective_through_the_gpu() {
         Tensor::from_vec(values.clone(), &[values.len()]).unwrap().to_device(Device::Cuda(dev.ordinal())).unwrap();
     let all = g.all_gather_tensor(&local).unwrap();
     assert_eq!((all.device(), all.to_vec::<f32>()), (local.device(), values.clone()));
+    // A sharded base's bytes too, from a view (made whole first); and bytes through the host.
+    let packed: Vec<u8> = (0..999).map(|i| (i * 7 % 256) as u8).collect();
+    let view = Tensor::from_vec(packed.clone(), &[999]).unwrap().to_device(local.device()).unwrap();
+    let view = view.narrow(0, 3, 990).unwrap();
+    let all = g.all_gather_tensor(&view).unwrap();
+    assert_eq!((all.device(), all.to_vec::<u8>()), (local.device(), packed[3..993].to_vec()));
+    assert_eq!(g.all_gather_bytes(&packed).unwrap(), packed);
     let mut bytes = *b"every rank gets rank 0's bytes";
     g.broadcast(&mut bytes, 0).unwrap();
     assert_eq!(&bytes, b"every rank gets rank 0's bytes");

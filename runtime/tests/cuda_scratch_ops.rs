@@ -1,5 +1,6 @@
 //! The runtime ops a training step uses to reuse buffers, on CUDA against the CPU: NF4 dequantization (one launch,
-//! double quantization included) into a fresh tensor or into the front of a scratch tensor, bit for bit;
+//! double quantization included) into a fresh tensor or into the front of a scratch tensor, bit for bit, also for a
+//! weight put together on the GPU from its parts (a sharded base's gather);
 //! `matmul_into`, which accumulates a product into an existing tensor; and what the LoRA group runs on: column blocks
 //! read in place, products written side by side (`matmul_columns`).
 //!
@@ -33,11 +34,18 @@ fn nf4_dequantizes_on_the_device_bit_for_bit() {
             let cpu = Nf4Weight::quantize(&w, blocksize, double_quant).unwrap();
             let cuda = cpu.to_device(CUDA).unwrap();
             let what = format!("{shape:?} block {blocksize} double quant {double_quant}");
+            // The same state put together on the GPU from its parts (as a sharded base gathers it): no host copy.
+            let parts = (**cuda.device.as_ref().unwrap()).clone();
+            let gathered = Nf4Weight::from_parts(cpu.shape, blocksize, cpu.dtype, parts).unwrap();
+            assert_eq!((gathered.device(), gathered.size_in_bytes()), (CUDA, cpu.size_in_bytes()), "{what}");
+            let e = gathered.to_device(Device::Cpu).unwrap_err().to_string();
+            assert!(e.contains("has no host copy"), "{e}");
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let want = cpu.dequantize(dtype).unwrap();
                 let got = cuda.dequantize(dtype).unwrap();
                 assert_eq!(got.device(), CUDA);
                 assert_eq!(bits(&got), bits(&want), "dequantize {what} {dtype:?}");
+                assert_eq!(bits(&gathered.dequantize(dtype).unwrap()), bits(&want), "from parts {what} {dtype:?}");
 
                 let n = shape[0] * shape[1];
                 let mut scratch = Tensor::full(&[n + 40], 9.0, dtype).to_device(CUDA).unwrap();
