@@ -22,6 +22,8 @@ use std::sync::Arc;
 /// The frozen NF4 weights of a model's decoder layers, this rank's share of them.
 pub struct ShardedBase {
     group: Arc<dyn Communicator>,
+    /// Where the shards live and the gathered layers are put together.
+    device: Device,
     layers: Vec<LayerShard>,
 }
 
@@ -75,29 +77,23 @@ fn piece<T: Copy + Default + qlora_runtime::Element>(stream: &[T], rank: usize, 
 }
 
 impl ShardedBase {
-    /// No layers yet: [`ShardedBase::take_layer`] adds them in order.
-    pub fn new(group: Arc<dyn Communicator>) -> Self {
-        ShardedBase { group, layers: Vec::new() }
+    /// No layers yet: [`ShardedBase::take_layer`] adds them in order, keeping the shards on `device` (the rank's
+    /// GPU as a model loads, so that its host holds one layer at a time and no shards).
+    pub fn new(group: Arc<dyn Communicator>, device: Device) -> Self {
+        ShardedBase { group, device, layers: Vec::new() }
     }
 
     pub fn group(&self) -> &dyn Communicator {
         &*self.group
     }
 
-    /// Takes the next decoder layer's NF4 weights: this rank keeps its piece of them (on the weights' device) and
-    /// the layer's projections keep only their shapes ([`BaseWeight::Sharded`]). Dense bases stay in the layer.
+    /// Takes the next decoder layer's NF4 weights: this rank keeps its piece of them and the layer's projections
+    /// keep only their shapes ([`BaseWeight::Sharded`]). Dense bases stay in the layer.
     pub fn take_layer(&mut self, layer: &mut DecoderLayer) -> Result<()> {
         let (mut bytes, mut floats, mut weights) = (Vec::new(), Vec::new(), Vec::new());
-        let mut device = None;
+        let on = self.device;
         for (slot, proj) in layer.projections_mut().into_iter().enumerate() {
             let BaseWeight::Nf4(w) = &proj.base else { continue };
-            let on = w.device();
-            if *device.get_or_insert(on) != on {
-                return Err(Error::invalid(
-                    "shard",
-                    format!("{} is on {on}, its layer's other weights are not", proj.name),
-                ));
-            }
             // A weight on a GPU keeps its host state beside the device copy: the split reads that.
             let host = w.to_device(Device::Cpu)?;
             let packed = push(&mut bytes, &host.packed);
@@ -113,11 +109,10 @@ impl ShardedBase {
             weights.push(Layout { slot, shape: w.shape, blocksize: w.blocksize, dtype: w.dtype, packed, scales });
             proj.base = BaseWeight::Sharded { shape: w.shape, device: on };
         }
-        let device = device.unwrap_or(Device::Cpu);
         let (rank, world) = (self.group.rank(), self.group.world_size());
         self.layers.push(LayerShard {
-            bytes: piece(&bytes, rank, world)?.to_device(device)?,
-            floats: piece(&floats, rank, world)?.to_device(device)?,
+            bytes: piece(&bytes, rank, world)?.to_device(on)?,
+            floats: piece(&floats, rank, world)?.to_device(on)?,
             weights,
         });
         Ok(())
@@ -181,7 +176,7 @@ impl ShardedBase {
                 Ok(LayerShard { bytes: l.bytes.to_device(device)?, floats: l.floats.to_device(device)?, weights })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ShardedBase { group: self.group.clone(), layers })
+        Ok(ShardedBase { group: self.group.clone(), device, layers })
     }
 
     /// Bytes this rank holds.

@@ -350,21 +350,21 @@ impl CausalLm {
     }
 
     /// [`CausalLm::load`] as one rank of `group`, the decoder's NF4 weights sharded across the ranks
-    /// ([`crate::sharded`]): each layer is split as soon as it is loaded, so this rank's host holds one layer whole
-    /// at most. Every rank of the group loads the same folder, in step.
-    pub fn load_sharded(dir: &Path, format: BaseFormat, group: Arc<dyn Communicator>) -> Result<Self> {
+    /// ([`crate::sharded`]), this rank's shards on `device`: each layer is split as soon as it is loaded, so this
+    /// rank's host holds one layer whole at most. Every rank of the group loads the same folder, in step.
+    pub fn load_sharded(dir: &Path, format: BaseFormat, group: Arc<dyn Communicator>, device: Device) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
         let ck = Checkpoint::open(dir)?;
-        Self::assemble(config, &mut Loaded { ck: &ck, format }, Some(ShardedBase::new(group)))
+        Self::assemble(config, &mut Loaded { ck: &ck, format }, Some(ShardedBase::new(group, device)))
     }
 
-    /// This model's decoder NF4 weights sharded across the ranks of `group`, as [`CausalLm::load_sharded`] loads
-    /// them (for a model built whole: the host held it whole once).
-    pub fn shard(&mut self, group: Arc<dyn Communicator>) -> Result<()> {
+    /// This model's decoder NF4 weights sharded across the ranks of `group`, this rank's shards on `device`, as
+    /// [`CausalLm::load_sharded`] loads them (for a model built whole).
+    pub fn shard(&mut self, group: Arc<dyn Communicator>, device: Device) -> Result<()> {
         if self.sharded.is_some() {
             return Err(Error::Runtime(qlora_runtime::Error::invalid("shard", "the model is sharded already")));
         }
-        let mut sharded = ShardedBase::new(group);
+        let mut sharded = ShardedBase::new(group, device);
         let layers = Rc::get_mut(&mut self.layers).ok_or_else(|| {
             Error::Runtime(qlora_runtime::Error::invalid("shard", "layers are shared by a forward still in flight"))
         })?;

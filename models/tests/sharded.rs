@@ -8,7 +8,7 @@ use qlora_autograd::{LoraAdapter, LoraConfig, Tape};
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_runtime::dist::{local_group, Communicator};
 use qlora_runtime::quant::BaseWeight;
-use qlora_runtime::{DType, Rng, Tensor};
+use qlora_runtime::{DType, Device, Rng, Tensor};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -69,7 +69,7 @@ fn a_sharded_model_trains_as_the_whole_model_does() {
         let expected: Vec<Vec<u32>> = plans.iter().map(|&plan| step(&mut whole, plan)).collect();
         for n in [1, 2, 3] {
             let held = on_ranks(n, |group| {
-                let mut model = CausalLm::load_sharded(&fixture(), format, group).unwrap();
+                let mut model = CausalLm::load_sharded(&fixture(), format, group, Device::Cpu).unwrap();
                 assert!(model.projections().iter().all(|p| matches!(p.base, BaseWeight::Sharded { .. })));
                 adapt(&mut model);
                 for (plan, want) in plans.iter().zip(&expected) {
@@ -101,7 +101,7 @@ fn a_sharded_model_gives_the_whole_models_logits() {
     let want = logits(&whole);
     let BaseWeight::Nf4(orig) = whole.layers[0].self_attn.q_proj.base.clone() else { panic!("NF4") };
     on_ranks(2, |group| {
-        let model = CausalLm::load_sharded(&fixture(), format, group).unwrap();
+        let model = CausalLm::load_sharded(&fixture(), format, group, Device::Cpu).unwrap();
         assert!(logits(&model) == want);
         let l0 = model.gathered_layer(0).unwrap();
         let BaseWeight::Nf4(w) = &l0.self_attn.q_proj.base else { panic!("a gathered layer's weights are NF4") };

@@ -33,9 +33,10 @@ use qlora_models::data::tokenize::Formatter;
 use qlora_models::formats::fsutil::write_atomic;
 use qlora_models::formats::peft::{load_adapter, save_adapter};
 use qlora_models::formats::tokenizer::Tokenizer;
-use qlora_models::transformer::{BaseFormat, CausalLm};
+use qlora_models::transformer::{BaseFormat, CausalLm, Projection};
 use qlora_optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 use qlora_runtime::dist::Communicator;
+use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -355,12 +356,20 @@ pub(crate) fn attach_adapters(model: &mut CausalLm, targets: &[&str], config: &L
     let mut n = 0;
     let per_layer = PROJECTIONS.len();
     for i in 0..model.layers.len() {
-        // DoRA's magnitudes start at the base's row norms: a sharded base gathers the layer to read them.
-        let whole = if config.use_dora { Some(model.gathered_layer(i)?) } else { None };
-        let whole = whole.as_ref().map(|l| l.projections());
+        // DoRA's magnitudes start at the base's row norms: a sharded base gathers the layer to read them, and its
+        // weights (on the GPU the shards live on) come to the host dense, where the adapters are drawn.
+        let whole = if config.use_dora && model.sharded.is_some() {
+            let layer = model.gathered_layer(i)?;
+            let dense = |p: &Projection| -> Result<BaseWeight> {
+                Ok(BaseWeight::Dense(p.base.materialize(DType::F32)?.to_device(Device::Cpu)?))
+            };
+            Some(layer.projections().map(dense).into_iter().collect::<Result<Vec<_>>>()?)
+        } else {
+            None
+        };
         for (j, proj) in model.projections_mut()?.into_iter().skip(i * per_layer).take(per_layer).enumerate() {
             if targets.iter().any(|t| proj.name.ends_with(&format!(".{t}"))) {
-                let base = whole.as_ref().map_or(&proj.base, |w| &w[j].base);
+                let base = whole.as_ref().map_or(&proj.base, |w| &w[j]);
                 proj.adapter = Some(LoraAdapter::new(&proj.name, base, config, &mut rng)?);
                 n += 1;
             }
@@ -430,7 +439,10 @@ fn load_model(
     let lead = group.is_none_or(|g| g.rank() == 0);
     // Dense in f32, the CPU compute precision: no per-step upcast of the frozen weights.
     let mut model = match group {
-        Some(g) if args.shard_base => CausalLm::load_sharded(&args.model, args.adapter.base_format(), g.clone())?,
+        Some(g) if args.shard_base => {
+            // The shards go straight to the device; the rest of the model follows below.
+            CausalLm::load_sharded(&args.model, args.adapter.base_format(), g.clone(), device)?
+        }
         _ => CausalLm::load(&args.model, args.adapter.base_format())?,
     };
     model.gradient_checkpointing = args.gradient_checkpointing();
