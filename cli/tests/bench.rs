@@ -56,6 +56,26 @@ fn a_cpu_step_reports_its_times_memory_and_shape() {
     assert!(r.get("profile").is_none());
 }
 
+/// Several ranks (in-process here; GPUs through `--gpus N`) run finetune's data-parallel step over --grad-accum
+/// micro-batches each: two ranks of one train the single rank's step of two, to the loss, sharded base or not.
+#[test]
+fn ranks_train_the_single_ranks_step() {
+    let mut one = STEP.to_vec();
+    one.extend(["--grad-accum", "2"]);
+    let want = json(&one);
+    for shard in [&[][..], &["--shard-base"][..]] {
+        let r = json(&[&STEP[..], &["--ranks", "2"], shard].concat());
+        assert_eq!((r["ranks"].as_u64(), r["backend"].as_str()), (Some(2), Some("in-process")), "{r}");
+        assert_eq!(r["shard_base"], !shard.is_empty());
+        assert_eq!(r["tokens_per_step"], want["tokens_per_step"], "two ranks' tokens: {r}");
+        assert_eq!(r["loss"], want["loss"], "{shard:?}: {r}");
+        assert!(r["estimate_gib"].as_f64() <= want["estimate_gib"].as_f64(), "{r}");
+    }
+    let out = qlora_rt(&[&STEP[..], &["--shard-base"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--shard-base splits the base across GPUs"), "{err}");
+}
+
 #[test]
 fn profiling_names_the_step_regions() {
     let mut args = STEP.to_vec();

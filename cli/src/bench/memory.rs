@@ -50,6 +50,8 @@ pub struct Setup<'a> {
     pub dora: bool,
     pub targets: &'a [&'a str],
     pub checkpointing: bool,
+    /// The ranks an NF4 base is sharded across (`--shard-base`); 1 when each holds it whole.
+    pub shards: usize,
     /// What a memory budget chose ([`plan`]); [`Plan::default`] without one.
     pub plan: Plan,
 }
@@ -150,9 +152,18 @@ pub fn estimate(s: &Setup) -> Estimate {
     let heads = if c.tie_word_embeddings { 1 } else { 2 };
     let host_table = s.plan.host_embeddings && heads == 2 && s.device != Device::Cpu;
     let on_device = if host_table { 1 } else { heads };
-    let weights = layers * shapes.iter().map(|(_, [o, i])| stored(o * i)).sum::<usize>()
-        + on_device * c.vocab_size * h * d
-        + layers * 6 * h * d;
+    let per_layer = shapes.iter().map(|(_, [o, i])| stored(o * i)).sum::<usize>();
+    let recomputed = if s.checkpointing { layers.saturating_sub(s.plan.keep_layers) } else { 0 };
+    let decoder = match s.format {
+        // A rank's share, plus the layers gathered whole: one running (in forward, or recomputed in backward) and
+        // its gathered streams while they are cut into weights, and every layer not recomputed, whose weights its
+        // forward keeps for backward.
+        BaseFormat::Nf4 { .. } if s.shards > 1 => {
+            (layers * per_layer).div_ceil(s.shards) + ((layers - recomputed) + 2).min(layers + 1) * per_layer
+        }
+        _ => layers * per_layer,
+    };
+    let weights = decoder + on_device * c.vocab_size * h * d + layers * 6 * h * d;
 
     // Value and gradient in f32; AdamW's two moments in f32 on a GPU (unless paged to the host), f64 on the host.
     let paged = s.plan.page_optimizer && s.device != Device::Cpu;
@@ -176,7 +187,6 @@ pub fn estimate(s: &Setup) -> Estimate {
     let layer = t * d * (4 * h + sandwich + 3 * qo + 3 * kvo + 3 * i) + t * c.num_attention_heads * 4;
     // In blocks, a recomputed layer's MLP part holds one block's intermediate at a time.
     let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
-    let recomputed = if s.checkpointing { layers.saturating_sub(s.plan.keep_layers) } else { 0 };
     // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
     // its backward: two at a time. Those two arrive in the backward of the first layers, the offloaded ones, when the
     // later layers' inputs kept on the device have been freed by their own backward (it ran before): at most the
@@ -458,6 +468,7 @@ mod tests {
             dora: false,
             targets: &ALL,
             checkpointing: true,
+            shards: 1,
             plan,
         }
     }
@@ -606,6 +617,28 @@ mod tests {
         assert!(0 < p.offload && p.offload < c.num_hidden_layers, "{p:?}");
         assert!(e.host < lean.host, "fewer inputs wait on the host than when offloading all");
         assert_eq!(lean.host - e.host, (c.num_hidden_layers - p.offload) * input);
+    }
+
+    /// Sharded across N ranks, a rank holds 1/N of the decoder's NF4 bytes plus the layers gathered whole: the
+    /// 70B shape's 32.9 GiB base leaves a rank of two with about half, and the layers a plan keeps add theirs.
+    #[test]
+    fn a_sharded_base_costs_a_share_and_the_gathered_layers() {
+        let c = shape_config("llama-3.1-70b").unwrap();
+        let whole = estimate(&peer_setup(&c, 0));
+        let per_layer = (whole.weights - estimate(&Setup { shards: 2, ..peer_setup(&c, 0) }).weights) * 2
+            / (c.num_hidden_layers - 4);
+        for (shards, keep) in [(2, 0), (4, 0), (2, 3)] {
+            let e = estimate(&Setup { shards, ..peer_setup(&c, keep) });
+            let decoder = c.num_hidden_layers * per_layer;
+            let want = whole.weights - decoder + decoder.div_ceil(shards) + (keep + 2) * per_layer;
+            assert!(e.weights.abs_diff(want) <= shards, "{shards} ranks, {keep} kept: {} vs {want}", e.weights);
+            assert_eq!((e.adapters, e.activations), (whole.adapters, whole.activations), "only the weights change");
+        }
+        let two = estimate(&Setup { shards: 2, ..peer_setup(&c, 0) });
+        println!("70B weights: {:.2} GiB whole, {:.2} GiB per rank of two", gib(whole.weights), gib(two.weights));
+        assert!(gib(two.weights) < 0.6 * gib(whole.weights));
+        let dense = Setup { shards: 2, format: BaseFormat::Dense(DType::BF16), ..peer_setup(&c, 0) };
+        assert_eq!(estimate(&dense).weights, estimate(&Setup { shards: 1, ..dense }).weights, "dense stays whole");
     }
 
     #[test]

@@ -14,6 +14,8 @@ use crate::adapter_args::AdapterArgs;
 use crate::device::{self, DeviceArg};
 use crate::eval::DtypeArg;
 use crate::finetune::attach_adapters;
+use crate::finetune::parallel::{self, World};
+use crate::finetune::spawn;
 use crate::finetune::step::{optimizer_step, Phase, Phases, StepConfig};
 use anyhow::{bail, ensure, Context, Result};
 use qlora_models::synthetic;
@@ -21,12 +23,15 @@ use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
 use qlora_optim::{AdamW, AdamWConfig};
 use qlora_runtime::cuda::synchronizations;
+use qlora_runtime::dist::launch::Launch;
+use qlora_runtime::dist::Communicator;
 use qlora_runtime::profile::{self, RegionTime};
 use qlora_runtime::timing::Mark;
 use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device};
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Flags and defaults are finetune's where finetune has them (so a bench measures what a default run trains), and
@@ -82,6 +87,19 @@ pub struct StepArgs {
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
+    /// GPUs to run on, one process each (launched as `finetune --gpus N` launches them): each step is finetune's
+    /// data-parallel step over --grad-accum micro-batches per GPU; tokens/s counts every GPU's tokens and each GPU's
+    /// peak memory is reported.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    gpus: usize,
+    /// With several GPUs: each holds 1/N of the NF4 base and gathers a layer just before it runs (finetune's
+    /// --shard-base), for a base larger than one GPU's share.
+    #[arg(long)]
+    shard_base: bool,
+    /// N data-parallel ranks in this process, on the CPU (as finetune's hidden --ranks: a test of the multi-GPU
+    /// step without GPUs).
+    #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
+    ranks: usize,
     /// Run one more step with the profiling hook on and list the regions that took its device time.
     #[arg(long)]
     profile: bool,
@@ -104,6 +122,10 @@ impl StepArgs {
             self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
             "--max-grad-norm must be 0 (off) or a positive number, got {}",
             self.max_grad_norm
+        );
+        ensure!(
+            !self.shard_base || matches!(self.adapter.base_format(), BaseFormat::Nf4 { .. }),
+            "--shard-base shards an NF4 base (QLoRA); with --quantize none every rank holds the dense base whole"
         );
         self.adapter.check()
     }
@@ -139,11 +161,26 @@ impl Subject {
         })
     }
 
-    /// The model without adapters, its dense weights in `dense` where it is built here.
-    fn model(&self, config: &ModelConfig, format: BaseFormat, dense: DType, seed: u64) -> Result<CausalLm> {
-        Ok(match self {
-            Subject::Shape(_) => synthetic::build(config, format, dense, seed)?,
-            Subject::Folder(dir) => CausalLm::load(dir, format)?,
+    /// The model without adapters, its dense weights in `dense` where it is built here; with `shard`, its NF4
+    /// base sharded across the group, this rank's shards on the device.
+    fn model(
+        &self,
+        config: &ModelConfig,
+        (format, dense): (BaseFormat, DType),
+        seed: u64,
+        shard: Option<(Arc<dyn Communicator>, Device)>,
+    ) -> Result<CausalLm> {
+        Ok(match (self, shard) {
+            (Subject::Shape(_), shard) => {
+                // Projections of one shape share their host bytes here, so building whole first costs little.
+                let mut model = synthetic::build(config, format, dense, seed)?;
+                if let Some((group, device)) = shard {
+                    model.shard(group, device)?;
+                }
+                model
+            }
+            (Subject::Folder(dir), Some((group, device))) => CausalLm::load_sharded(dir, format, group, device)?,
+            (Subject::Folder(dir), None) => CausalLm::load(dir, format)?,
         })
     }
 }
@@ -206,9 +243,10 @@ impl PhaseTimer {
     }
 }
 
-/// `grad_accum` micro-batches of `batch` random sequences of `seq` tokens, every next token trained.
-fn random_batches(rng: &mut Rng, args: &StepArgs, vocab: usize) -> Result<Vec<Batch>> {
-    (0..args.grad_accum)
+/// `grad_accum` micro-batches per rank (of `ranks`) of `batch` random sequences of `seq` tokens, every next token
+/// trained.
+fn random_batches(rng: &mut Rng, args: &StepArgs, vocab: usize, ranks: usize) -> Result<Vec<Batch>> {
+    (0..args.grad_accum * ranks)
         .map(|_| {
             let seqs: Vec<(Vec<i32>, Vec<i32>)> = (0..args.batch)
                 .map(|_| {
@@ -226,10 +264,34 @@ const SHRINK: &str = "lower --batch or --seq";
 
 pub fn run(args: &StepArgs) -> Result<()> {
     args.check()?;
-    let targets = args.adapter.targets()?;
+    // Usage mistakes first, in one line, before a device is opened (which may print a note).
+    args.adapter.targets()?;
     let subject = Subject::of(args)?;
     let config = subject.config()?;
-    if args.seq > config.max_position_embeddings {
+    let launch = Launch::from_env()?;
+    let world = parallel::world(args.gpus, args.ranks, args.device, launch.as_ref())?;
+    if args.shard_base && matches!(world, World::Alone(_)) {
+        bail!("--shard-base splits the base across GPUs: bench on several (--gpus N, or a torchrun launch)");
+    }
+    if let World::Spawn(n) = world {
+        return spawn::gpus(n).map(drop);
+    }
+    let placement = parallel::placement(&world, args.dtype.dtype(), "benchmarking")?;
+    parallel::run_as(&world, |group| bench(args, (&subject, &config), placement, group))
+}
+
+/// One process's (or in-process rank's) benchmark, as the only one or as one rank of `group` (rank 0 reports).
+fn bench(
+    args: &StepArgs,
+    (subject, config): (&Subject, &ModelConfig),
+    placement: (Device, DType),
+    group: Option<Arc<dyn Communicator>>,
+) -> Result<()> {
+    let (device, dtype) = placement;
+    let lead = group.as_ref().is_none_or(|g| g.rank() == 0);
+    let ranks = group.as_ref().map_or(1, |g| g.world_size());
+    let targets = args.adapter.targets()?;
+    if args.seq > config.max_position_embeddings && lead {
         // A benchmark measures time and memory, which do not depend on what the positions mean: longer sequences
         // (the context-length limits of a GPU, issue #13) run with a note instead of an error.
         eprintln!(
@@ -237,8 +299,8 @@ pub fn run(args: &StepArgs) -> Result<()> {
             args.seq, config.max_position_embeddings
         );
     }
-    let placement @ (device, dtype) = device::pick(args.device, args.dtype.dtype(), "benchmarking")?;
     let format = args.adapter.base_format();
+    let shard = group.clone().filter(|_| args.shard_base);
     let setup = Setup {
         config: &config,
         format,
@@ -249,6 +311,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
         dora: args.adapter.dora,
         targets: &targets,
         checkpointing: args.checkpointing(),
+        shards: if shard.is_some() { ranks } else { 1 },
         plan: memory::Plan::default(),
     };
     let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, SHRINK)?;
@@ -271,6 +334,9 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "quantize": args.adapter.quantize,
         "double_quant": args.adapter.double_quant(),
         "gradient_checkpointing": args.checkpointing(),
+        "ranks": ranks,
+        "backend": group.as_ref().map(|g| g.backend()),
+        "shard_base": shard.is_some(),
         "keep_layers": plan.keep_layers,
         "offload": offloaded > 0,
         "offload_layers": offloaded,
@@ -282,18 +348,19 @@ pub fn run(args: &StepArgs) -> Result<()> {
         "estimate_gib": gib(estimate.total()),
         "available_gib": available.map(gib),
     });
+    // Every rank of a group has the same estimate and GPU model, so all stop here together or none does.
     if let Some(free) = available.filter(|&free| estimate.total() > free) {
         report["fits"] = json!(false);
-        return print_no_fit(&subject, args.json, &report, &estimate, free, device);
+        return if lead { print_no_fit(&subject, args.json, &report, &estimate, free, device) } else { Ok(()) };
     }
     report["fits"] = json!(true);
 
     let started = Instant::now();
     let dense = if device == Device::Cpu { DType::F32 } else { dtype };
-    let mut model = subject.model(&config, format, dense, args.seed)?;
+    let mut model = subject.model(&config, (format, dense), args.seed, shard.map(|g| (g, device)))?;
     model.gradient_checkpointing = args.checkpointing();
     let plan_line = args.memory_budget.map(|_| memory::describe_plan(plan, config.num_hidden_layers, &estimate));
-    if let Some(line) = plan_line.as_ref().filter(|_| !args.json) {
+    if let Some(line) = plan_line.as_ref().filter(|_| !args.json && lead) {
         println!("{line}");
     }
     attach_adapters(&mut model, &targets, &args.adapter.lora_config(), args.seed)?;
@@ -308,14 +375,23 @@ pub fn run(args: &StepArgs) -> Result<()> {
     report["build_s"] = json!(round(started.elapsed().as_secs_f64(), 2));
 
     let step_config = StepConfig { device, seed: args.seed, max_grad_norm: args.max_grad_norm, lr: adamw.lr };
+    // Every rank draws the same micro-batches and trains its share of them.
     let mut rng = Rng::new(args.seed ^ 0xBE7C);
+    let mut run_step = |batches: &[Batch], step: u64, phases: &mut dyn Phases| match &group {
+        None => optimizer_step(&model, &mut optimizer, batches, step, &step_config, phases),
+        Some(g) => {
+            let batch = |j: usize| Ok(batches[j].clone());
+            let micro = (batches.len(), &batch as &dyn Fn(usize) -> Result<Batch>);
+            Ok(parallel::optimizer_step(&model, &mut optimizer, &**g, micro, step, &step_config, phases)?.0)
+        }
+    };
     let mut timed = Vec::with_capacity(args.steps);
     let (mut loss, mut syncs) = (f64::NAN, 0);
     for step in 0..args.warmup + args.steps {
-        let batches = random_batches(&mut rng, args, config.vocab_size)?;
+        let batches = random_batches(&mut rng, args, config.vocab_size, ranks)?;
         let mut timer = PhaseTimer { device, marks: Vec::new() };
         let before = synchronizations(device)?;
-        let outcome = optimizer_step(&model, &mut optimizer, &batches, step as u64, &step_config, &mut timer)
+        let outcome = run_step(&batches, step as u64, &mut timer)
             .map_err(|e| memory::out_of_memory_advice(e, args.memory_budget, plan_line.as_deref(), SHRINK))?;
         // Counted before the timer reads its events: what the step itself waited for.
         let waits = synchronizations(device)? - before;
@@ -326,11 +402,11 @@ pub fn run(args: &StepArgs) -> Result<()> {
         }
     }
     let profile = if args.profile {
-        let batches = random_batches(&mut rng, args, config.vocab_size)?;
+        let batches = random_batches(&mut rng, args, config.vocab_size, ranks)?;
         let step = (args.warmup + args.steps) as u64;
         profile::start(device);
         let before = Mark::now(device);
-        let outcome = optimizer_step(&model, &mut optimizer, &batches, step, &step_config, &mut ());
+        let outcome = run_step(&batches, step, &mut ());
         let after = Mark::now(device);
         let rows = profile::stop();
         outcome?;
@@ -342,7 +418,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
 
     let step_ms = summarize(&timed.iter().map(|t| t.total).collect::<Vec<_>>());
     let phase = |i: usize| summarize(&timed.iter().map(|t| t.phases[i]).collect::<Vec<_>>()).median;
-    let tokens = args.batch * args.seq * args.grad_accum;
+    let tokens = args.batch * args.seq * args.grad_accum * ranks;
     let tokens_per_s = tokens as f64 / (step_ms.median / 1e3);
     // 4N per token, plus 2N more for the layers recomputed in backward.
     let layers = config.num_hidden_layers.max(1);
@@ -361,7 +437,15 @@ pub fn run(args: &StepArgs) -> Result<()> {
     report["backward_ms"] = json!(round(phase(1), 2));
     report["optimizer_ms"] = json!(round(phase(2), 2));
     report["model_tflops"] = json!(round(tokens_per_s * flops_per_token / 1e12, 2));
-    report["peak_gib"] = json!(peak_bytes(device)?.map(gib));
+    let peak = peak_bytes(device)?;
+    report["peak_gib"] = json!(peak.map(gib));
+    if let Some(g) = &group {
+        // Each rank's peak: the GPUs of a sharded run hold different shares at different moments.
+        let all = g.all_gather_bytes(&(peak.unwrap_or(0) as u64).to_le_bytes())?;
+        let peaks: Vec<f64> =
+            all.chunks(8).map(|b| gib(u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)).collect();
+        report["peak_gib_per_rank"] = json!(peak.map(|_| peaks));
+    }
     report["pinned_gib"] = json!(pinned_bytes(device)?.map(gib));
     report["peak_by_category_gib"] = json!(memory::peak_split_gib(device)?);
     report["loss"] = json!(round(loss, 4));
@@ -373,6 +457,9 @@ pub fn run(args: &StepArgs) -> Result<()> {
                 .map(|r| json!({"role": r.role.as_str(), "name": r.name, "calls": r.calls, "ms": round(r.ms, 3)}))
                 .collect(),
         );
+    }
+    if !lead {
+        return Ok(());
     }
     if args.json {
         println!("{report}");
@@ -418,7 +505,7 @@ fn print_report(
 ) -> Result<()> {
     println!(
         "bench {}: {} layers, hidden {}, vocab {}, {:.2}B linear parameters ({}); {} trainable ({}); \
-         on {}",
+         on {}{}",
         subject,
         c.num_hidden_layers,
         c.hidden_size,
@@ -428,12 +515,18 @@ fn print_report(
         r["trainable_params"],
         args.adapter.adapter_name(),
         device::describe(placement),
+        match (r["ranks"].as_u64(), r["backend"].as_str()) {
+            (Some(n), Some(backend)) =>
+                format!(", {n} {backend} ranks{}", if r["shard_base"] == true { ", the base sharded" } else { "" }),
+            _ => String::new(),
+        },
     );
     println!(
-        "{} micro-batch(es) of {} × {} tokens, checkpointing {}, dropout {}; {} timed steps after {} warm-up",
+        "{} micro-batch(es) of {} × {} tokens{}, checkpointing {}, dropout {}; {} timed steps after {} warm-up",
         args.grad_accum,
         args.batch,
         args.seq,
+        if r["ranks"].as_u64().unwrap_or(1) > 1 { " per rank" } else { "" },
         if args.checkpointing() { "on" } else { "off" },
         args.adapter.dropout,
         args.steps,
@@ -447,7 +540,14 @@ fn print_report(
         "phases: forward {} ms, backward {} ms, optimizer {} ms (medians); {} host wait(s) per step",
         r["forward_ms"], r["backward_ms"], r["optimizer_ms"], r["syncs_per_step"]
     );
-    let peak = r["peak_gib"].as_f64().map_or("n/a on the CPU".to_string(), |g| format!("{g:.2} GiB"));
+    let peak = match (r["peak_gib"].as_f64(), r["peak_gib_per_rank"].as_array()) {
+        (Some(_), Some(each)) => {
+            let each: Vec<String> = each.iter().map(|g| format!("{:.2}", g.as_f64().unwrap_or(0.0))).collect();
+            format!("{} GiB (per rank)", each.join(" / "))
+        }
+        (Some(g), None) => format!("{g:.2} GiB"),
+        (None, _) => "n/a on the CPU".to_string(),
+    };
     let pinned = match r["pinned_gib"].as_f64() {
         Some(g) if g > 0.0 => format!(", {g:.2} GiB pinned host memory for offloaded layer inputs"),
         _ => String::new(),

@@ -13,9 +13,9 @@ mod checkpoint;
 mod config;
 mod data;
 mod metrics;
-mod parallel;
+pub(crate) mod parallel;
 mod plot;
-mod spawn;
+pub(crate) mod spawn;
 pub(crate) mod step;
 mod train;
 
@@ -541,15 +541,10 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     }
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
-    let placement = match &world {
-        World::Spawn(n) => return spawn::gpus(*n),
-        World::Alone(device) => crate::device::pick(*device, args.dtype.dtype(), "training")?,
-        World::InProcess(_) => crate::device::pick(DeviceArg::Cpu, args.dtype.dtype(), "training")?,
-        World::Nccl(l) => crate::device::pick_gpu(l.local_rank, DeviceArg::Cuda, args.dtype.dtype(), "training")
-            .with_context(|| {
-                format!("WORLD_SIZE={} (rank {}) trains on cuda:{}", l.world_size, l.rank, l.local_rank)
-            })?,
-    };
+    if let World::Spawn(n) = world {
+        return spawn::gpus(n);
+    }
+    let placement = parallel::placement(&world, args.dtype.dtype(), "training")?;
 
     let (plan, eval, max_seq_len) = load_data(args)?;
     let total_steps = match args.max_steps {
@@ -571,16 +566,7 @@ fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     };
     let trajectory = args.trajectory(&plan.fingerprint(), &targets);
     let run = Run { args, targets, placement, resume_from, plan, eval, max_seq_len, schedule, trajectory };
-    match world {
-        World::InProcess(n) => parallel::in_process(n, |group| train(&run, Some(group))),
-        World::Nccl(launch) => {
-            let device = qlora_runtime::cuda_device(launch.local_rank)?;
-            let group = qlora_runtime::dist::nccl::NcclRank::connect(&launch, &device)?;
-            train(&run, Some(Arc::new(group)))
-        }
-        World::Alone(_) => train(&run, None),
-        World::Spawn(_) => unreachable!("the ranks were launched above"),
-    }
+    parallel::run_as(&world, |group| train(&run, group))
 }
 
 /// Loads the model and trains it, as the only process or as one rank of `group` (rank 0 writes the files).
@@ -602,6 +588,7 @@ fn train(run: &Run, group: Option<Arc<dyn Communicator>>) -> Result<train::Outco
             dora: args.adapter.dora,
             targets: &run.targets,
             checkpointing: args.gradient_checkpointing(),
+            shards: model.sharded.as_ref().map_or(1, |s| s.group().world_size()),
             plan: crate::bench::memory::Plan::default(),
         };
         let (plan, estimate) = crate::bench::memory::budget_plan(&setup, Some(budget), shrink)?;

@@ -18,10 +18,9 @@
 //! This is what the in-process group runs (`--ranks`, threads on the CPU); it asks the group only for
 //! [`Communicator`]'s collectives, so another backend drops in.
 
-use super::data::{self, Row};
-use super::step::{micro_step, update, StepConfig, StepOutcome};
+use super::step::{micro_step, update, Phase, Phases, StepConfig, StepOutcome};
 use crate::device::DeviceArg;
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use qlora_models::transformer::{Batch, CausalLm};
 use qlora_optim::{AdamW, GradNorm};
 use qlora_runtime::cuda::read_scalars;
@@ -32,14 +31,14 @@ use qlora_runtime::{DType, Device, Tensor};
 use std::sync::Arc;
 
 /// Tokens of a whole step, over every rank.
-pub(super) struct Tokens {
+pub(crate) struct Tokens {
     pub all: usize,
     pub trained: usize,
 }
 
 /// How this process trains, from `--gpus`, `--ranks` and torchrun's environment.
 #[derive(Debug, PartialEq)]
-pub(super) enum World {
+pub(crate) enum World {
     /// One process, one rank: the usual run.
     Alone(DeviceArg),
     /// `--ranks N`: N ranks as threads of this process, on the CPU.
@@ -52,7 +51,7 @@ pub(super) enum World {
     Nccl(Launch),
 }
 
-pub(super) fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option<&Launch>) -> Result<World> {
+pub(crate) fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option<&Launch>) -> Result<World> {
     ensure!(gpus >= 1, "--gpus must be at least 1");
     ensure!(ranks >= 1, "--ranks must be at least 1");
     let gpu_only = |what: String| {
@@ -85,9 +84,38 @@ pub(super) fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option
     })
 }
 
+/// Where this process computes in `world` (not [`World::Spawn`], whose launcher computes nothing), for `doing`.
+pub(crate) fn placement(world: &World, dtype: DType, doing: &str) -> Result<(Device, DType)> {
+    match world {
+        World::Alone(device) => crate::device::pick(*device, dtype, doing),
+        World::InProcess(_) => crate::device::pick(DeviceArg::Cpu, dtype, doing),
+        World::Nccl(l) => crate::device::pick_gpu(l.local_rank, DeviceArg::Cuda, dtype, doing)
+            .with_context(|| format!("WORLD_SIZE={} (rank {}) trains on cuda:{}", l.world_size, l.rank, l.local_rank)),
+        World::Spawn(_) => unreachable!("the launcher of --gpus N computes nothing"),
+    }
+}
+
+/// Runs `f` as this process's part of `world`: alone (no group), as its in-process ranks (rank 0's result), or as
+/// its rank of the NCCL group (not [`World::Spawn`], whose launcher runs nothing itself).
+pub(crate) fn run_as<T: Send>(
+    world: &World,
+    f: impl Fn(Option<Arc<dyn Communicator>>) -> Result<T> + Sync,
+) -> Result<T> {
+    match world {
+        World::Alone(_) => f(None),
+        World::InProcess(n) => in_process(*n, |group| f(Some(group))),
+        World::Nccl(launch) => {
+            let device = qlora_runtime::cuda_device(launch.local_rank)?;
+            let group = qlora_runtime::dist::nccl::NcclRank::connect(launch, &device)?;
+            f(Some(Arc::new(group)))
+        }
+        World::Spawn(_) => unreachable!("the launcher of --gpus N runs nothing itself"),
+    }
+}
+
 /// Runs `train` on `n` in-process ranks, one thread each; rank 0's result, or the error that stopped the group
 /// (a rank's own failure rather than the others' "rank r left the group" that follows it).
-pub(super) fn in_process<T: Send>(n: usize, train: impl Fn(Arc<dyn Communicator>) -> Result<T> + Sync) -> Result<T> {
+fn in_process<T: Send>(n: usize, train: impl Fn(Arc<dyn Communicator>) -> Result<T> + Sync) -> Result<T> {
     let ranks = local_group(n)?;
     let results: Vec<Result<T>> = std::thread::scope(|s| {
         let train = &train;
@@ -118,7 +146,7 @@ pub(super) fn in_process<T: Send>(n: usize, train: impl Fn(Arc<dyn Communicator>
 }
 
 /// Whether every rank stops after this step: rank 0's `wanted` (it alone hears Ctrl-C), so all stop together.
-pub(super) fn agree_to_stop(group: &dyn Communicator, wanted: bool) -> Result<bool> {
+pub(crate) fn agree_to_stop(group: &dyn Communicator, wanted: bool) -> Result<bool> {
     let mut flag = [wanted as u8];
     group.broadcast(&mut flag, 0)?;
     Ok(flag[0] != 0)
@@ -176,19 +204,23 @@ impl Layout {
     }
 }
 
-/// Optimizer step `step` (0-based) over the global step's micro-batches `micro` (row indices into `rows`), this
-/// rank training its share; see the module docs for why the result is the single process's bit for bit.
-pub(super) fn optimizer_step(
+/// The global step's micro-batches: how many, and micro-batch j built on the host (a rank builds only its own).
+pub(crate) type MicroBatches<'a> = (usize, &'a dyn Fn(usize) -> Result<Batch>);
+
+/// Optimizer step `step` (0-based) over the global step's micro-batches, this rank training its share; see the
+/// module docs for why the result is the single process's bit for bit. `phases` hears this rank's forward and
+/// backward passes, then the exchange and the update as the optimizer's.
+pub(crate) fn optimizer_step(
     model: &CausalLm,
     optimizer: &mut AdamW,
     group: &dyn Communicator,
-    (rows, micro): (&[Row], &[Vec<usize>]),
+    (count, batch): MicroBatches<'_>,
     step: u64,
     config: &StepConfig,
+    phases: &mut dyn Phases,
 ) -> Result<(StepOutcome, Tokens)> {
     let (rank, n) = (group.rank(), group.world_size());
-    let mine: Vec<(usize, Batch)> =
-        (rank..micro.len()).step_by(n).map(|j| Ok((j, data::batch(rows, &micro[j])?))).collect::<Result<_>>()?;
+    let mine: Vec<(usize, Batch)> = (rank..count).step_by(n).map(|j| Ok((j, batch(j)?))).collect::<Result<_>>()?;
     let mut counts = [0.0f64; 2];
     for (_, b) in &mine {
         counts[0] += b.ids.elem_count() as f64;
@@ -200,27 +232,28 @@ pub(super) fn optimizer_step(
     let params = model.trainable_params();
     let layout = Layout { sizes: params.iter().map(|p| p.value().elem_count()).collect() };
     // Every rank sends the same number of record slots (what the busiest rank needs); unused ones stay zero.
-    let (len, slots, device) = (layout.len(), micro.len().div_ceil(n), config.device);
+    let (len, slots, device) = (layout.len(), count.div_ceil(n), config.device);
     let mut records = Vec::with_capacity(slots);
-    for (j, batch) in &mine {
-        let loss = micro_step(model, batch, (step, *j), tokens.trained, config, &mut ())?;
+    for (j, b) in &mine {
+        let loss = micro_step(model, b, (step, *j), tokens.trained, config, phases)?;
         records.push(layout.record(&loss, &params, device)?);
     }
     while records.len() < slots {
         if model.sharded.is_some() {
             // Each layer's gather is a collective: a rank with fewer micro-batches than the busiest runs one more
             // (micro-batch 0 again, while it would otherwise wait) and drops its gradients.
-            micro_step(model, &data::batch(rows, &micro[0])?, (step, 0), tokens.trained, config, &mut ())?;
+            micro_step(model, &batch(0)?, (step, 0), tokens.trained, config, phases)?;
             params.iter().for_each(|p| drop(p.take_grad()));
         }
         records.push(Tensor::zeros_on(&[len], DType::F32, device)?);
     }
+    phases.enter(Phase::Optimizer)?;
     let all = group.all_gather_tensor(&cat_rows(&records, &[slots * len], DType::F32, device)?)?;
     // Micro-batch j is slot j / n of rank j % n. Its loss and flags are read back, all of them in one wait.
     let record = |j: usize| all.narrow(0, ((j % n) * slots + j / n) * len, len);
-    let heads = (0..micro.len()).map(|j| record(j)?.narrow(0, 0, 1 + params.len())).collect::<Result<Vec<_>, _>>()?;
-    let heads = cat_rows(&heads, &[micro.len() * (1 + params.len())], DType::F32, device)?.try_to_vec::<f32>()?;
-    let losses = (0..micro.len())
+    let heads = (0..count).map(|j| record(j)?.narrow(0, 0, 1 + params.len())).collect::<Result<Vec<_>, _>>()?;
+    let heads = cat_rows(&heads, &[count * (1 + params.len())], DType::F32, device)?.try_to_vec::<f32>()?;
+    let losses = (0..count)
         .map(|j| layout.replay(&record(j)?, &heads[j * (1 + params.len())..][..1 + params.len()], &params))
         .collect::<Result<Vec<f64>>>()?;
     let loss = losses.iter().sum::<f64>();
@@ -231,6 +264,7 @@ pub(super) fn optimizer_step(
     };
     let outcome = StepOutcome { loss, grad_norm: sq.sqrt() };
     update(optimizer, &norm, outcome, step, config)?;
+    phases.finish()?;
     Ok((outcome, tokens))
 }
 

@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
 
 /// Launches the `gpus` ranks and waits for them.
-pub(super) fn gpus(gpus: usize) -> Result<Outcome> {
+pub(crate) fn gpus(gpus: usize) -> Result<Outcome> {
     let visible = qlora_runtime::device_count().map_err(|e| anyhow!("--gpus {gpus}: {e}"))?;
     ensure!(
         visible >= gpus,

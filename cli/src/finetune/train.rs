@@ -261,7 +261,10 @@ impl Trainer<'_> {
         let done = match self.group {
             None => self.step_alone(micro, step, &config),
             Some(group) => {
-                parallel::optimizer_step(self.model, self.optimizer, group, (&self.plan.rows, micro), step, &config)
+                let rows = &self.plan.rows;
+                let batch = |j: usize| data::batch(rows, &micro[j]);
+                let micro = (micro.len(), &batch as &dyn Fn(usize) -> Result<_>);
+                parallel::optimizer_step(self.model, self.optimizer, group, micro, step, &config, &mut ())
             }
         };
         let (outcome, tokens) = match done {
