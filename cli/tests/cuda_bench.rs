@@ -2,7 +2,7 @@
 //! for the device during each timed step (synchronisations and reads back), and a step makes exactly one (its
 //! losses and gradient norm, read together). Whole steps of the tiny Llama fixture with NF4, LoRA on every
 //! projection, clipping, checkpointing and two micro-batches; and the same with the lean memory plan, which offloads
-//! the layer inputs, and the peak's split by category.
+//! the layer inputs, and the peak's split by category; and a torchrun group of one with the base sharded.
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
 //! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-cli, or QLORA_RT_BIN when the test runs on another machine.
@@ -16,6 +16,11 @@ use std::process::Command;
 
 /// `qlora-rt bench` of the tiny Llama on the GPU with `extra` flags: its JSON report.
 fn bench(extra: &[&str]) -> Value {
+    bench_under(extra, &[])
+}
+
+/// [`bench`] with `env` variables set.
+fn bench_under(extra: &[&str], env: &[(&str, String)]) -> Value {
     let bin = gpu_test_bin();
     let model = fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama");
     let args = ["bench", "--model", model.to_str().unwrap(), "--device", "cuda", "--batch", "2", "--seq", "48"];
@@ -23,6 +28,7 @@ fn bench(extra: &[&str]) -> Value {
         .args(args)
         .args(["--grad-accum", "2", "--steps", "3", "--warmup", "1", "--json"])
         .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("run qlora-rt");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -65,4 +71,27 @@ fn the_lean_plan_offloads_and_the_peak_is_split_by_category() {
         assert!((sum - peak).abs() < 0.01, "the parts {sum} add up to the peak {peak}");
         println!("qlora-gpu: at the peak of {peak:.4} GiB (offload {}): {split:?}", report["offload"]);
     }
+}
+
+/// A torchrun group of one on the GPU runs the data-parallel step (NCCL) with the base sharded: the gathered layers
+/// give the plain step's loss (to the attention backward's run-to-run noise) and each rank's peak is reported.
+#[test]
+fn a_group_of_one_benchmarks_the_sharded_step() {
+    if gpu("a_group_of_one_benchmarks_the_sharded_step").is_none() {
+        return;
+    }
+    let plain = bench(&[]);
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+    let mut env: Vec<(&str, String)> =
+        [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")]
+            .map(|(k, v)| (k, v.to_string()))
+            .to_vec();
+    env.push(("MASTER_PORT", port.to_string()));
+    let sharded = bench_under(&["--shard-base"], &env);
+    println!("qlora-gpu: sharded group of one: {sharded}");
+    assert_eq!((sharded["ranks"].as_u64(), sharded["backend"].as_str()), (Some(1), Some("NCCL")), "{sharded}");
+    assert_eq!(sharded["shard_base"], true);
+    assert_eq!(sharded["peak_gib_per_rank"].as_array().map(Vec::len), Some(1), "{sharded}");
+    let (a, b) = (sharded["loss"].as_f64().unwrap(), plain["loss"].as_f64().unwrap());
+    assert!((a - b).abs() <= 1e-3 * b.abs(), "{a} vs {b}");
 }

@@ -302,7 +302,7 @@ fn bench(
     let format = args.adapter.base_format();
     let shard = group.clone().filter(|_| args.shard_base);
     let setup = Setup {
-        config: &config,
+        config,
         format,
         device,
         compute: dtype,
@@ -344,20 +344,20 @@ fn bench(
         "mlp_block": plan.mlp_block,
         "offload_host_gib": gib(estimate.host),
         "max_grad_norm": args.max_grad_norm,
-        "linear_params": memory::linear_params(&config),
+        "linear_params": memory::linear_params(config),
         "estimate_gib": gib(estimate.total()),
         "available_gib": available.map(gib),
     });
     // Every rank of a group has the same estimate and GPU model, so all stop here together or none does.
     if let Some(free) = available.filter(|&free| estimate.total() > free) {
         report["fits"] = json!(false);
-        return if lead { print_no_fit(&subject, args.json, &report, &estimate, free, device) } else { Ok(()) };
+        return if lead { print_no_fit(subject, args.json, &report, &estimate, free, device) } else { Ok(()) };
     }
     report["fits"] = json!(true);
 
     let started = Instant::now();
     let dense = if device == Device::Cpu { DType::F32 } else { dtype };
-    let mut model = subject.model(&config, (format, dense), args.seed, shard.map(|g| (g, device)))?;
+    let mut model = subject.model(config, (format, dense), args.seed, shard.map(|g| (g, device)))?;
     model.gradient_checkpointing = args.checkpointing();
     let plan_line = args.memory_budget.map(|_| memory::describe_plan(plan, config.num_hidden_layers, &estimate));
     if let Some(line) = plan_line.as_ref().filter(|_| !args.json && lead) {
@@ -424,7 +424,7 @@ fn bench(
     let layers = config.num_hidden_layers.max(1);
     let recomputed = if args.checkpointing() { layers.saturating_sub(plan.keep_layers) } else { 0 };
     let flops_n = 4.0 + 2.0 * recomputed as f64 / layers as f64;
-    let flops_per_token = flops_n * memory::linear_params(&config) as f64;
+    let flops_per_token = flops_n * memory::linear_params(config) as f64;
     report["flops_per_token_n"] = json!(flops_n);
     report["steps"] = json!(args.steps);
     report["warmup"] = json!(args.warmup);
@@ -464,7 +464,7 @@ fn bench(
     if args.json {
         println!("{report}");
     } else {
-        print_report(args, &subject, &config, placement, &report, step_ms, profile.as_ref())?;
+        print_report(args, subject, config, placement, &report, step_ms, profile.as_ref())?;
     }
     Ok(())
 }
