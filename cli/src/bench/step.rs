@@ -14,7 +14,7 @@ use crate::adapter_args::AdapterArgs;
 use crate::device::{self, DeviceArg};
 use crate::eval::DtypeArg;
 use crate::finetune::attach_adapters;
-use crate::finetune::parallel::{self, World};
+use crate::finetune::parallel::{self, RankArgs, World};
 use crate::finetune::spawn;
 use crate::finetune::step::{optimizer_step, Phase, Phases, StepConfig};
 use anyhow::{bail, ensure, Context, Result};
@@ -23,7 +23,6 @@ use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_models::ModelConfig;
 use qlora_optim::{AdamW, AdamWConfig};
 use qlora_runtime::cuda::synchronizations;
-use qlora_runtime::dist::launch::Launch;
 use qlora_runtime::dist::Communicator;
 use qlora_runtime::profile::{self, RegionTime};
 use qlora_runtime::timing::Mark;
@@ -87,19 +86,8 @@ pub struct StepArgs {
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
-    /// GPUs to run on, one process each (launched as `finetune --gpus N` launches them): each step is finetune's
-    /// data-parallel step over --grad-accum micro-batches per GPU; tokens/s counts every GPU's tokens and each GPU's
-    /// peak memory is reported.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    gpus: usize,
-    /// With several GPUs: each holds 1/N of the NF4 base and gathers a layer just before it runs (finetune's
-    /// --shard-base), for a base larger than one GPU's share.
-    #[arg(long)]
-    shard_base: bool,
-    /// N data-parallel ranks in this process, on the CPU (as finetune's hidden --ranks: a test of the multi-GPU
-    /// step without GPUs).
-    #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
-    ranks: usize,
+    #[command(flatten)]
+    ranks: RankArgs,
     /// Run one more step with the profiling hook on and list the regions that took its device time.
     #[arg(long)]
     profile: bool,
@@ -122,10 +110,6 @@ impl StepArgs {
             self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
             "--max-grad-norm must be 0 (off) or a positive number, got {}",
             self.max_grad_norm
-        );
-        ensure!(
-            !self.shard_base || matches!(self.adapter.base_format(), BaseFormat::Nf4 { .. }),
-            "--shard-base shards an NF4 base (QLoRA); with --quantize none every rank holds the dense base whole"
         );
         self.adapter.check()
     }
@@ -268,11 +252,7 @@ pub fn run(args: &StepArgs) -> Result<()> {
     args.adapter.targets()?;
     let subject = Subject::of(args)?;
     let config = subject.config()?;
-    let launch = Launch::from_env()?;
-    let world = parallel::world(args.gpus, args.ranks, args.device, launch.as_ref())?;
-    if args.shard_base && matches!(world, World::Alone(_)) {
-        bail!("--shard-base splits the base across GPUs: bench on several (--gpus N, or a torchrun launch)");
-    }
+    let world = args.ranks.world(args.device, args.adapter.base_format(), "bench")?;
     if let World::Spawn(n) = world {
         return spawn::gpus(n).map(drop);
     }
@@ -300,7 +280,7 @@ fn bench(
         );
     }
     let format = args.adapter.base_format();
-    let shard = group.clone().filter(|_| args.shard_base);
+    let shard = group.clone().filter(|_| args.ranks.shard_base);
     let setup = Setup {
         config,
         format,

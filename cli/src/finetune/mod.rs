@@ -33,7 +33,7 @@ use qlora_models::data::tokenize::Formatter;
 use qlora_models::formats::fsutil::write_atomic;
 use qlora_models::formats::peft::{load_adapter, save_adapter};
 use qlora_models::formats::tokenizer::Tokenizer;
-use qlora_models::transformer::{BaseFormat, CausalLm, Projection};
+use qlora_models::transformer::{CausalLm, Projection};
 use qlora_optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 use qlora_runtime::dist::Communicator;
 use qlora_runtime::quant::BaseWeight;
@@ -203,22 +203,8 @@ pub struct FinetuneArgs {
     /// too small for any plan is an error saying what to lower.
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<crate::bench::memory::Budget>,
-    /// GPUs to train on, one process each: more than one launches N copies of this command (ranks of an NCCL group,
-    /// as torchrun would) that share each step's micro-batches and train one GPU's run (to a GPU's run-to-run
-    /// rounding: the attention backward's atomics do not promise the same bits twice).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    gpus: usize,
-    /// With several GPUs: each holds 1/N of the frozen NF4 base and gathers a layer from the others just before it
-    /// runs, FSDP-style (the adapters and their optimizer state stay whole on every GPU), so a base N times larger
-    /// than one GPU's share trains; each process loads the model a layer at a time and keeps only its share. The
-    /// same results as unsharded.
-    #[arg(long)]
-    shard_base: bool,
-    /// Train as N data-parallel ranks in this process (threads on the CPU), splitting each step's micro-batches:
-    /// the same losses and adapter as one rank, bit for bit. Hidden: it exists to test data parallelism (slower than
-    /// one rank on the same cores); a torchrun-launched process is one rank of its own.
-    #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
-    ranks: usize,
+    #[command(flatten)]
+    ranks: parallel::RankArgs,
 }
 
 impl FinetuneArgs {
@@ -256,10 +242,6 @@ impl FinetuneArgs {
         if let Some(f) = self.eval_split {
             ensure!(f > 0.0 && f < 1.0, "--eval-split must be a fraction in (0, 1), got {f}");
         }
-        ensure!(
-            !self.shard_base || matches!(self.adapter.base_format(), BaseFormat::Nf4 { .. }),
-            "--shard-base shards an NF4 base (QLoRA); with --quantize none every rank holds the dense base whole"
-        );
         Ok(())
     }
 
@@ -439,7 +421,7 @@ fn load_model(
     let lead = group.is_none_or(|g| g.rank() == 0);
     // Dense in f32, the CPU compute precision: no per-step upcast of the frozen weights.
     let mut model = match group {
-        Some(g) if args.shard_base => {
+        Some(g) if args.ranks.shard_base => {
             // The shards go straight to the device; the rest of the model follows below.
             CausalLm::load_sharded(&args.model, args.adapter.base_format(), g.clone(), device)?
         }
@@ -534,11 +516,7 @@ struct Run<'a> {
 fn run_to_end(args: &FinetuneArgs) -> Result<train::Outcome> {
     args.check()?;
     let targets = args.adapter.targets()?;
-    let launch = qlora_runtime::dist::launch::Launch::from_env()?;
-    let world = parallel::world(args.gpus, args.ranks, args.device, launch.as_ref())?;
-    if args.shard_base && matches!(world, World::Alone(_)) {
-        bail!("--shard-base splits the base across GPUs: train on several (--gpus N, or a torchrun launch)");
-    }
+    let world = args.ranks.world(args.device, args.adapter.base_format(), "train")?;
     let resume_from = resume_target(args)?;
     check_out(&args.out, args.resume.is_some())?;
     if let World::Spawn(n) = world {

@@ -21,7 +21,7 @@
 use super::step::{micro_step, update, Phase, Phases, StepConfig, StepOutcome};
 use crate::device::DeviceArg;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use qlora_models::transformer::{Batch, CausalLm};
+use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_optim::{AdamW, GradNorm};
 use qlora_runtime::cuda::read_scalars;
 use qlora_runtime::dist::launch::Launch;
@@ -34,6 +34,45 @@ use std::sync::Arc;
 pub(crate) struct Tokens {
     pub all: usize,
     pub trained: usize,
+}
+
+/// The flags that spread a run over ranks, `finetune`'s and `bench`'s.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct RankArgs {
+    /// GPUs to run on, one process each: more than one launches N copies of this command (ranks of an NCCL group,
+    /// as torchrun would) that share each step's micro-batches (finetune: the flags' global batch, one GPU's run to
+    /// a GPU's run-to-run rounding, as the attention backward's atomics do not promise the same bits twice; bench:
+    /// --grad-accum micro-batches per GPU, every GPU's tokens counted and each GPU's peak reported).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    gpus: usize,
+    /// With several GPUs: each holds 1/N of the frozen NF4 base and gathers a layer from the others just before it
+    /// runs, FSDP-style (the adapters and their optimizer state stay whole on every GPU), so a base N times larger
+    /// than one GPU's share trains; each process loads the model a layer at a time and keeps only its share. The
+    /// same results as unsharded.
+    #[arg(long)]
+    pub shard_base: bool,
+    /// Run as N data-parallel ranks in this process (threads on the CPU), splitting each step's micro-batches: the
+    /// same losses and adapter as one rank, bit for bit. Hidden: it exists to test data parallelism (slower than one
+    /// rank on the same cores); a torchrun-launched process is one rank of its own.
+    #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
+    ranks: usize,
+}
+
+impl RankArgs {
+    /// How this process runs on `device` (`--device`) under torchrun's environment if any; a usage mistake (such as
+    /// --shard-base for a run of one, or of a dense base) is an error in one line.
+    pub(crate) fn world(&self, device: DeviceArg, base: BaseFormat, doing: &str) -> Result<World> {
+        ensure!(
+            !self.shard_base || matches!(base, BaseFormat::Nf4 { .. }),
+            "--shard-base shards an NF4 base (QLoRA); with --quantize none every rank holds the dense base whole"
+        );
+        let launch = Launch::from_env()?;
+        let world = world(self.gpus, self.ranks, device, launch.as_ref())?;
+        if self.shard_base && matches!(world, World::Alone(_)) {
+            bail!("--shard-base splits the base across GPUs: {doing} on several (--gpus N, or a torchrun launch)");
+        }
+        Ok(world)
+    }
 }
 
 /// How this process trains, from `--gpus`, `--ranks` and torchrun's environment.
@@ -51,7 +90,7 @@ pub(crate) enum World {
     Nccl(Launch),
 }
 
-pub(crate) fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option<&Launch>) -> Result<World> {
+fn world(gpus: usize, ranks: usize, device: DeviceArg, launch: Option<&Launch>) -> Result<World> {
     ensure!(gpus >= 1, "--gpus must be at least 1");
     ensure!(ranks >= 1, "--ranks must be at least 1");
     let gpu_only = |what: String| {
