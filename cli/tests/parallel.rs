@@ -110,19 +110,23 @@ fn ranks_train_the_single_process_run_bit_for_bit() {
     }
 }
 
-/// A checkpoint holds no trace of how many ranks wrote it: a single process's resumes on three ranks and ends
-/// with the same adapter.
+/// A checkpoint holds no trace of how many ranks wrote it, or whether they sharded the base: a single process's
+/// resumes on three ranks, sharded or not, and ends with the same adapter.
 #[test]
 fn a_checkpoint_resumes_with_another_number_of_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
-    let (alone, resumed) = (dir.path().join("alone"), dir.path().join("resumed"));
+    let alone = dir.path().join("alone");
     finetune(&data, &alone, &[]);
     let checkpoint = alone.join("checkpoint-3");
-    let run = finetune(&data, &resumed, &["--ranks", "3", "--resume", checkpoint.to_str().unwrap()]);
-    assert_eq!(String::from_utf8_lossy(&run.stdout).matches("resuming at step 3").count(), 1);
     let adapter = |d: &Path| bytes(d.join("adapter_model.safetensors"));
-    assert!(adapter(&alone) == adapter(&resumed), "the resumed adapter differs");
+    for (name, shard) in [("resumed", &[][..]), ("resumed-sharded", &["--shard-base"][..])] {
+        let resumed = dir.path().join(name);
+        let run =
+            finetune(&data, &resumed, &[&["--ranks", "3", "--resume", checkpoint.to_str().unwrap()], shard].concat());
+        assert_eq!(String::from_utf8_lossy(&run.stdout).matches("resuming at step 3").count(), 1);
+        assert!(adapter(&alone) == adapter(&resumed), "{name}: the resumed adapter differs");
+    }
 }
 
 fn finetune_args(extra: &[&'static str]) -> Vec<&'static str> {

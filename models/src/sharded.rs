@@ -14,6 +14,7 @@
 
 use crate::transformer::DecoderLayer;
 use qlora_runtime::dist::Communicator;
+use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::quant::{Absmax, AbsmaxTensors, BaseWeight, Nf4Tensors, Nf4Weight};
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 use std::ops::Range;
@@ -110,17 +111,21 @@ impl ShardedBase {
             proj.base = BaseWeight::Sharded { shape: w.shape, device: on };
         }
         let (rank, world) = (self.group.rank(), self.group.world_size());
-        self.layers.push(LayerShard {
-            bytes: piece(&bytes, rank, world)?.to_device(on)?,
-            floats: piece(&floats, rank, world)?.to_device(on)?,
-            weights,
-        });
+        let (bytes, floats) = tagged(Category::Weights, || {
+            Ok::<_, Error>((piece(&bytes, rank, world)?.to_device(on)?, piece(&floats, rank, world)?.to_device(on)?))
+        })?;
+        self.layers.push(LayerShard { bytes, floats, weights });
         Ok(())
     }
 
     /// Layer `index` (`layer`, whose NF4 weights this holds) with its weights gathered whole from every rank, on
-    /// this rank's device. A collective: every rank gathers the same layers in the same order.
+    /// this rank's device (counted as weights in the peak's split). A collective: every rank gathers the same layers
+    /// in the same order.
     pub fn gather(&self, index: usize, layer: &DecoderLayer) -> Result<DecoderLayer> {
+        tagged(Category::Weights, || self.gather_layer(index, layer))
+    }
+
+    fn gather_layer(&self, index: usize, layer: &DecoderLayer) -> Result<DecoderLayer> {
         let shard = self.layers.get(index).ok_or_else(|| {
             Error::invalid("gather", format!("layer {index} of a model sharded in {} layers", self.layers.len()))
         })?;
@@ -153,6 +158,10 @@ impl ShardedBase {
 
     /// The shards on `device` (the same group).
     pub fn to_device(&self, device: Device) -> Result<ShardedBase> {
+        tagged(Category::Weights, || self.moved(device))
+    }
+
+    fn moved(&self, device: Device) -> Result<ShardedBase> {
         let layers = self
             .layers
             .iter()
