@@ -9,7 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(cuda_nf4 cuda_fused_ops cuda_generate cuda_step cuda_bench cuda_flash_attention cuda_nccl cuda_nccl_finetune cuda_finetune)
+[[ ${#targets[@]} -gt 0 ]] || targets=(cuda_nf4 cuda_fused_ops cuda_generate cuda_step cuda_bench cuda_scratch_ops cuda_flash_attention cuda_nccl cuda_nccl_finetune cuda_finetune)
 scripts/gpu-check.sh "${targets[@]}" >/dev/null
 scripts/flash/gpu-stage.sh >/dev/null
 carry='".gpu/parity", ".gpu/flash"'
