@@ -121,6 +121,28 @@ fn a_sequence_past_the_context_is_measured_with_a_note() {
     assert_eq!(r["tokens_per_step"].as_u64(), Some(80));
 }
 
+/// `--longest` finds the longest sequence whose step fits the budget by the estimate, and runs it: on the tiny Llama
+/// a budget of 2 MiB holds some hundreds of tokens (past its 64-token context, with the note), and twice the budget
+/// holds longer ones.
+#[test]
+fn the_longest_sequence_under_a_budget_is_found_and_run() {
+    let model = qlora_runtime::testing::fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama");
+    let longest = |budget: &str| {
+        let args = ["bench", "--model", model.to_str().unwrap(), "--device", "cpu", "--batch", "1", "--longest"];
+        json(&[&args[..], &["--memory-budget", budget, "--steps", "1", "--warmup", "0", "--json"]].concat())
+    };
+    let (small, large) = (longest("0.002"), longest("0.004"));
+    for r in [&small, &large] {
+        assert_eq!(r["longest"], true);
+        assert!(r["step_ms"].as_f64().is_some(), "it ran: {r}");
+    }
+    let seq = |r: &Value| r["seq"].as_u64().unwrap();
+    assert!(seq(&small) > 64 && seq(&large) > seq(&small), "{small}\n{large}");
+    assert!(small["estimate_gib"].as_f64().unwrap() <= 0.002, "{small}");
+    let out = qlora_rt(&["bench", "--shape", "smollm2-135m", "--longest", "--seq", "64"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"), "--longest replaces --seq");
+}
+
 #[test]
 fn usage_mistakes_are_one_line() {
     for (args, want) in [

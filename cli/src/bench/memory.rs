@@ -402,6 +402,50 @@ pub fn plan(s: &Setup, budget: usize) -> Result<(Plan, Estimate), Estimate> {
         .ok_or_else(|| estimate(&Setup { plan: lean(s), ..*s }))
 }
 
+/// The longest sequence (tokens per row, `batch` rows per micro-batch) whose step fits by the estimate: the plan
+/// `budget` picks within its bytes (the leanest plan with `lean`), or the plain step without one, within the budget or
+/// else the device's free memory, with what the plan offloads within `host` bytes of host memory (None: unbounded).
+/// Found by doubling and then bisection (the estimate grows with the tokens).
+pub fn longest_seq(s: &Setup, batch: usize, budget: Option<Budget>, host: Option<usize>) -> anyhow::Result<usize> {
+    let limit = match budget {
+        Some(b @ (Budget::Gib(_) | Budget::Auto)) => b.bytes(s.device)?,
+        None | Some(Budget::Lean) => available(s.device)?,
+    };
+    let bytes = limit.ok_or_else(|| {
+        anyhow::anyhow!("--longest: free memory on {} is unknown; give --memory-budget GiB", s.device)
+    })?;
+    let fits = |seq: usize| {
+        let at = Setup { tokens: batch * seq, ..*s };
+        let e = match budget {
+            None => Ok(estimate(&at)),
+            Some(Budget::Lean) => Ok(estimate(&Setup { plan: lean(&at), ..at })),
+            Some(_) => plan(&at, bytes).map(|(_, e)| e),
+        };
+        e.is_ok_and(|e| e.total() <= bytes && host.is_none_or(|h| e.host <= h))
+    };
+    if !fits(2) {
+        anyhow::bail!("--longest: not even 2 tokens per row fit in {:.2} GiB", bytes as f64 / GIB);
+    }
+    // A sequence's tokens index i32 positions: the search stops there.
+    let (mut lo, mut hi) = (2usize, 4usize);
+    while fits(hi) {
+        lo = hi;
+        hi *= 2;
+        if hi > i32::MAX as usize / batch.max(1) {
+            return Ok(lo);
+        }
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
 /// The device allocator's peak split by what held it at that moment, as "2.53 GiB at the peak: weights 0.98,
 /// adapters + optimizer 0.17, …" (None on the CPU, whose memory has no such accounting).
 pub fn describe_peak(device: Device) -> anyhow::Result<Option<String>> {
@@ -617,6 +661,31 @@ mod tests {
         assert!(0 < p.offload && p.offload < c.num_hidden_layers, "{p:?}");
         assert!(e.host < lean.host, "fewer inputs wait on the host than when offloading all");
         assert_eq!(lean.host - e.host, (c.num_hidden_layers - p.offload) * input);
+    }
+
+    /// The issue's long context by the estimate: Llama-3-8B at batch 1 under 80 GiB trains on more than 400,000
+    /// tokens, and the answer is the edge (one token more does not fit); without a plan the step fits far fewer.
+    #[test]
+    fn the_longest_sequence_is_the_edge_of_what_fits() {
+        let c = shape_config("llama-3-8b").unwrap();
+        let budget = Budget::Gib(80.0);
+        let s = Setup { tokens: 0, ..peer_setup(&c, 0) };
+        // The GPU machine's 128 GiB of host memory, less what the system and the process hold.
+        let host = 110 << 30;
+        let longest = longest_seq(&s, 1, Some(budget), Some(host)).unwrap();
+        let unbounded = longest_seq(&s, 1, Some(budget), None).unwrap();
+        println!("Llama-3-8B, batch 1, --memory-budget 80: {longest} tokens by the estimate ({unbounded} with host memory unbounded)");
+        assert!(longest >= 400_000 && longest < unbounded, "{longest}, {unbounded}");
+        let bytes = budget.bytes(s.device).unwrap().unwrap();
+        let (_, e) = plan(&Setup { tokens: longest, ..s }, bytes).unwrap();
+        assert!(e.host <= host);
+        let over = plan(&Setup { tokens: longest + 1, ..s }, bytes);
+        assert!(over.is_err() || over.is_ok_and(|(_, e)| e.host > host), "one token more does not fit");
+        let cpu = Setup { device: Device::Cpu, ..s };
+        let plain = longest_seq(&cpu, 2, Some(Budget::Gib(80.0)), None).unwrap();
+        assert!(plain < longest / 2, "on the CPU nothing is offloaded: {plain}");
+        let e = longest_seq(&s, 1, Some(Budget::Gib(1.0)), None).unwrap_err().to_string();
+        assert!(e.contains("not even 2 tokens per row fit in 1.00 GiB"), "{e}");
     }
 
     /// Sharded across N ranks, a rank holds 1/N of the decoder's NF4 bytes plus the layers gathered whole: the

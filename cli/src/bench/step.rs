@@ -48,6 +48,11 @@ pub struct StepArgs {
     /// Tokens per sequence (random ids; every token trained).
     #[arg(long, default_value_t = 2048)]
     seq: usize,
+    /// Instead of --seq: the longest sequence whose step fits by the memory estimate (under --memory-budget, else
+    /// in the device's free memory), found by bisection, then run: the report's `seq` is it. The estimate is ±15 %:
+    /// a run that does not fit says so, and a lower --memory-budget finds a shorter one.
+    #[arg(long, conflicts_with = "seq")]
+    longest: bool,
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
@@ -229,12 +234,12 @@ impl PhaseTimer {
 
 /// `grad_accum` micro-batches per rank (of `ranks`) of `batch` random sequences of `seq` tokens, every next token
 /// trained.
-fn random_batches(rng: &mut Rng, args: &StepArgs, vocab: usize, ranks: usize) -> Result<Vec<Batch>> {
+fn random_batches(rng: &mut Rng, (args, seq): (&StepArgs, usize), vocab: usize, ranks: usize) -> Result<Vec<Batch>> {
     (0..args.grad_accum * ranks)
         .map(|_| {
             let seqs: Vec<(Vec<i32>, Vec<i32>)> = (0..args.batch)
                 .map(|_| {
-                    let ids: Vec<i32> = (0..args.seq).map(|_| rng.below(vocab as u64) as i32).collect();
+                    let ids: Vec<i32> = (0..seq).map(|_| rng.below(vocab as u64) as i32).collect();
                     (ids.clone(), ids)
                 })
                 .collect();
@@ -271,14 +276,6 @@ fn bench(
     let lead = group.as_ref().is_none_or(|g| g.rank() == 0);
     let ranks = group.as_ref().map_or(1, |g| g.world_size());
     let targets = args.adapter.targets()?;
-    if args.seq > config.max_position_embeddings && lead {
-        // A benchmark measures time and memory, which do not depend on what the positions mean: longer sequences
-        // (the context-length limits of a GPU, issue #13) run with a note instead of an error.
-        eprintln!(
-            "qlora-rt: note: --seq {} is past the model's context ({}); positions beyond it were never trained",
-            args.seq, config.max_position_embeddings
-        );
-    }
     let format = args.adapter.base_format();
     let shard = group.clone().filter(|_| args.ranks.shard_base);
     let setup = Setup {
@@ -294,6 +291,22 @@ fn bench(
         shards: if shard.is_some() { ranks } else { 1 },
         plan: memory::Plan::default(),
     };
+    let seq = if args.longest {
+        // Offloaded inputs and paged moments wait in host memory, which bounds them too.
+        let host = if device == Device::Cpu { None } else { memory::available(Device::Cpu)? };
+        memory::longest_seq(&setup, args.batch, args.memory_budget, host)?
+    } else {
+        args.seq
+    };
+    let setup = Setup { tokens: args.batch * seq, ..setup };
+    if seq > config.max_position_embeddings && lead {
+        // A benchmark measures time and memory, which do not depend on what the positions mean: longer sequences
+        // (the context-length limits of a GPU, issue #13) run with a note instead of an error.
+        eprintln!(
+            "qlora-rt: note: --seq {seq} is past the model's context ({}); positions beyond it were never trained",
+            config.max_position_embeddings
+        );
+    }
     let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, SHRINK)?;
     let offloaded = memory::offloaded_layers(&Setup { plan, ..setup });
     let available = memory::available(device)?;
@@ -303,7 +316,8 @@ fn bench(
         "gpu": gpu_name(device),
         "dtype": dtype_name(dtype),
         "batch": args.batch,
-        "seq": args.seq,
+        "seq": seq,
+        "longest": args.longest,
         "grad_accum": args.grad_accum,
         "r": args.adapter.r,
         "alpha": args.adapter.alpha,
@@ -368,7 +382,7 @@ fn bench(
     let mut timed = Vec::with_capacity(args.steps);
     let (mut loss, mut syncs) = (f64::NAN, 0);
     for step in 0..args.warmup + args.steps {
-        let batches = random_batches(&mut rng, args, config.vocab_size, ranks)?;
+        let batches = random_batches(&mut rng, (args, seq), config.vocab_size, ranks)?;
         let mut timer = PhaseTimer { device, marks: Vec::new() };
         let before = synchronizations(device)?;
         let outcome = run_step(&batches, step as u64, &mut timer)
@@ -382,7 +396,7 @@ fn bench(
         }
     }
     let profile = if args.profile {
-        let batches = random_batches(&mut rng, args, config.vocab_size, ranks)?;
+        let batches = random_batches(&mut rng, (args, seq), config.vocab_size, ranks)?;
         let step = (args.warmup + args.steps) as u64;
         profile::start(device);
         let before = Mark::now(device);
@@ -398,7 +412,7 @@ fn bench(
 
     let step_ms = summarize(&timed.iter().map(|t| t.total).collect::<Vec<_>>());
     let phase = |i: usize| summarize(&timed.iter().map(|t| t.phases[i]).collect::<Vec<_>>()).median;
-    let tokens = args.batch * args.seq * args.grad_accum * ranks;
+    let tokens = args.batch * seq * args.grad_accum * ranks;
     let tokens_per_s = tokens as f64 / (step_ms.median / 1e3);
     // 4N per token, plus 2N more for the layers recomputed in backward.
     let layers = config.num_hidden_layers.max(1);
@@ -505,7 +519,7 @@ fn print_report(
         "{} micro-batch(es) of {} × {} tokens{}, checkpointing {}, dropout {}; {} timed steps after {} warm-up",
         args.grad_accum,
         args.batch,
-        args.seq,
+        r["seq"],
         if r["ranks"].as_u64().unwrap_or(1) > 1 { " per rank" } else { "" },
         if args.checkpointing() { "on" } else { "off" },
         args.adapter.dropout,
