@@ -67,6 +67,10 @@ fn ranks_train_the_single_ranks_step() {
         let r = json(&[&STEP[..], &["--ranks", "2"], shard].concat());
         assert_eq!((r["ranks"].as_u64(), r["backend"].as_str()), (Some(2), Some("in-process")), "{r}");
         assert_eq!(r["shard_base"], !shard.is_empty());
+        // SmolLM2's 30 layers, forward and recomputed: each gather but the first of each pass was prefetched.
+        let gathers =
+            if shard.is_empty() { Value::Null } else { serde_json::json!({"prefetched": 58, "on_demand": 2}) };
+        assert_eq!(r["gathers"], gathers, "{r}");
         assert_eq!(r["tokens_per_step"], want["tokens_per_step"], "two ranks' tokens: {r}");
         assert_eq!(r["loss"], want["loss"], "{shard:?}: {r}");
         assert!(r["estimate_gib"].as_f64() <= want["estimate_gib"].as_f64(), "{r}");

@@ -10,13 +10,19 @@
 //! parts are then cut from the gathered streams, so the gathered weights are the loaded ones to the bit. Layers are
 //! split one at a time as they load, so a rank's host never holds more than one whole layer beside its shards.
 //!
+//! Each gather starts the next one (the next layer in forward, the previous one in backward's recompute), which on
+//! GPUs runs on the collectives' own stream under the current layer's compute; the gather after finds its layer on
+//! the way. A prefetch nobody asks for (a forward cut short) is dropped: every rank makes the same choices, so the
+//! ranks still issue the same collectives in the same order.
+//!
 //! Owns: the split, the gather, and the layout mapping streams to weights. Must not know about training.
 
 use crate::transformer::DecoderLayer;
-use qlora_runtime::dist::Communicator;
+use qlora_runtime::dist::{Communicator, Pending};
 use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::quant::{Absmax, AbsmaxTensors, BaseWeight, Nf4Tensors, Nf4Weight};
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -26,6 +32,24 @@ pub struct ShardedBase {
     /// Where the shards live and the gathered layers are put together.
     device: Device,
     layers: Vec<LayerShard>,
+    /// The layer whose gather the last one started.
+    prefetched: RefCell<Option<Inbound>>,
+    /// Gathers that found their layer on its way, and gathers started when asked for.
+    counts: Cell<GatherCounts>,
+}
+
+/// How a sharded model's gathers went ([`ShardedBase::counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatherCounts {
+    pub prefetched: usize,
+    pub on_demand: usize,
+}
+
+/// A layer's two streams on their way.
+struct Inbound {
+    index: usize,
+    bytes: Pending,
+    floats: Pending,
 }
 
 /// One decoder layer's share: this rank's piece of each stream and where each weight sits in the whole streams.
@@ -81,7 +105,13 @@ impl ShardedBase {
     /// No layers yet: [`ShardedBase::take_layer`] adds them in order, keeping the shards on `device` (the rank's
     /// GPU as a model loads, so that its host holds one layer at a time and no shards).
     pub fn new(group: Arc<dyn Communicator>, device: Device) -> Self {
-        ShardedBase { group, device, layers: Vec::new() }
+        let (prefetched, counts) = (RefCell::new(None), Cell::new(GatherCounts::default()));
+        ShardedBase { group, device, layers: Vec::new(), prefetched, counts }
+    }
+
+    /// How the gathers so far went: how many found their layer prefetched.
+    pub fn counts(&self) -> GatherCounts {
+        self.counts.get()
     }
 
     pub fn group(&self) -> &dyn Communicator {
@@ -119,22 +149,46 @@ impl ShardedBase {
     }
 
     /// Layer `index` (`layer`, whose NF4 weights this holds) with its weights gathered whole from every rank, on
-    /// this rank's device (counted as weights in the peak's split). A collective: every rank gathers the same layers
-    /// in the same order.
-    pub fn gather(&self, index: usize, layer: &DecoderLayer) -> Result<DecoderLayer> {
-        tagged(Category::Weights, || self.gather_layer(index, layer))
+    /// this rank's device (counted as weights in the peak's split), having started the gather of layer `next` (the
+    /// one expected to run next, if any). A collective: every rank gathers the same layers in the same order.
+    pub fn gather(&self, index: usize, layer: &DecoderLayer, next: Option<usize>) -> Result<DecoderLayer> {
+        tagged(Category::Weights, || self.gather_layer(index, layer, next))
     }
 
-    fn gather_layer(&self, index: usize, layer: &DecoderLayer) -> Result<DecoderLayer> {
+    /// Starts the gather of layer `index`'s streams (None for a layer without NF4 weights: nothing to gather).
+    fn start(&self, index: usize) -> Result<Option<Inbound>> {
+        let shard = &self.layers[index];
+        if shard.weights.is_empty() {
+            return Ok(None);
+        }
+        let bytes = self.group.start_all_gather_tensor(&shard.bytes)?;
+        let floats = self.group.start_all_gather_tensor(&shard.floats)?;
+        Ok(Some(Inbound { index, bytes, floats }))
+    }
+
+    fn gather_layer(&self, index: usize, layer: &DecoderLayer, next: Option<usize>) -> Result<DecoderLayer> {
         let shard = self.layers.get(index).ok_or_else(|| {
             Error::invalid("gather", format!("layer {index} of a model sharded in {} layers", self.layers.len()))
         })?;
-        let mut whole = layer.clone();
-        if shard.weights.is_empty() {
-            return Ok(whole);
+        let mut counts = self.counts.get();
+        let inbound = match self.prefetched.take() {
+            Some(inbound) if inbound.index == index => {
+                counts.prefetched += 1;
+                Some(inbound)
+            }
+            // A prefetch of another layer is dropped (it completes first: see `Pending`).
+            _ => {
+                counts.on_demand += usize::from(!shard.weights.is_empty());
+                self.start(index)?
+            }
+        };
+        self.counts.set(counts);
+        if let Some(next) = next.filter(|&n| n < self.layers.len()) {
+            *self.prefetched.borrow_mut() = self.start(next)?;
         }
-        let bytes = self.group.all_gather_tensor(&shard.bytes)?;
-        let floats = self.group.all_gather_tensor(&shard.floats)?;
+        let mut whole = layer.clone();
+        let Some(inbound) = inbound else { return Ok(whole) };
+        let (bytes, floats) = (inbound.bytes.finish()?, inbound.floats.finish()?);
         let cut = |stream: &Tensor, r: &Range<usize>| -> Result<Tensor> {
             // A view would be cheaper, but the kernels read a buffer from its start: each part is made whole.
             stream.narrow(0, r.start, r.len())?.try_contiguous()
@@ -185,7 +239,8 @@ impl ShardedBase {
                 Ok(LayerShard { bytes: l.bytes.to_device(device)?, floats: l.floats.to_device(device)?, weights })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ShardedBase { group: self.group.clone(), device, layers })
+        let (prefetched, counts) = (RefCell::new(None), Cell::new(self.counts.get()));
+        Ok(ShardedBase { group: self.group.clone(), device, layers, prefetched, counts })
     }
 
     /// Bytes this rank holds.

@@ -219,9 +219,15 @@ enum LayerRef {
 }
 
 impl LayerRef {
-    fn of(layers: &Rc<Vec<DecoderLayer>>, index: usize, sharded: Option<&ShardedBase>) -> qlora_runtime::Result<Self> {
+    /// Layer `index`; a sharded model's is gathered, the gather of layer `next` (expected to run next) started.
+    fn of(
+        layers: &Rc<Vec<DecoderLayer>>,
+        index: usize,
+        sharded: Option<&ShardedBase>,
+        next: Option<usize>,
+    ) -> qlora_runtime::Result<Self> {
         Ok(match sharded {
-            Some(s) => LayerRef::Gathered(Rc::new(s.gather(index, &layers[index])?)),
+            Some(s) => LayerRef::Gathered(Rc::new(s.gather(index, &layers[index], next)?)),
             None => LayerRef::Own(layers.clone(), index),
         })
     }
@@ -514,7 +520,7 @@ impl CausalLm {
     /// Decoder layer `index` with every base weight whole: the layer itself, or for a sharded model a copy gathered
     /// from the ranks (a collective: every rank asks for the same layers in the same order).
     pub fn gathered_layer(&self, index: usize) -> qlora_runtime::Result<DecoderLayer> {
-        let layer = LayerRef::of(&self.layers, index, self.sharded.as_deref())?;
+        let layer = LayerRef::of(&self.layers, index, self.sharded.as_deref(), None)?;
         Ok(DecoderLayer::clone(&layer))
     }
 
@@ -665,7 +671,9 @@ fn layer_forward(
     kv: Option<&mut LayerKv>,
 ) -> qlora_runtime::Result<Var> {
     let _profile = profile::scope(Pass::Forward, "decoder layer");
-    let l = LayerRef::of(layers, index, inp.sharded.as_deref())?;
+    // Forward runs the layers up, backward's recomputes down: the one expected next is gathered under this one.
+    let next = if t.recomputing() { index.checked_sub(1) } else { Some(index + 1) };
+    let l = LayerRef::of(layers, index, inp.sharded.as_deref(), next)?;
     let (tokens, hd) = (x.shape()[0], c.head_dim);
     let offset = norm_offset(c.family);
     let eps = c.rms_norm_eps;

@@ -2,7 +2,7 @@
 //! computes what the whole model computes, bit for bit: the loss and every adapter gradient, with and without
 //! checkpointing (the layer gathered in forward and again in the recompute), with kept layers (the gathered weights
 //! held until backward), with the MLP in checkpointed blocks, for single and double quantization and groups of 1 to
-//! 3 ranks; and each rank holds only its share of the bytes.
+//! 3 ranks, each gather prefetching the layer expected next; and each rank holds only its share of the bytes.
 
 use qlora_autograd::{LoraAdapter, LoraConfig, Tape};
 use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
@@ -61,6 +61,9 @@ fn step(model: &mut CausalLm, (checkpointing, keep, chunk): Plan) -> Vec<u32> {
 #[test]
 fn a_sharded_model_trains_as_the_whole_model_does() {
     let plans: [Plan; 3] = [(false, 0, None), (true, 0, None), (true, 1, Some(4))];
+    // (prefetched, on demand) per step of the two-layer model: forward gathers layer 0 and finds layer 1 on its way;
+    // backward's recomputes gather layer 1 and find layer 0 on its way; a kept layer 1 is not recomputed.
+    let gathers = [(1, 1), (2, 2), (1, 2)];
     for double_quant in [false, true] {
         let format = BaseFormat::Nf4 { blocksize: 64, double_quant };
         let mut whole = CausalLm::load(&fixture(), format).unwrap();
@@ -72,8 +75,12 @@ fn a_sharded_model_trains_as_the_whole_model_does() {
                 let mut model = CausalLm::load_sharded(&fixture(), format, group, Device::Cpu).unwrap();
                 assert!(model.projections().iter().all(|p| matches!(p.base, BaseWeight::Sharded { .. })));
                 adapt(&mut model);
-                for (plan, want) in plans.iter().zip(&expected) {
+                for ((plan, want), (prefetched, on_demand)) in plans.iter().zip(&expected).zip(gathers) {
+                    let before = model.sharded.as_ref().unwrap().counts();
                     assert!(step(&mut model, *plan) == *want, "{n} ranks, {plan:?}, double quant {double_quant}");
+                    let after = model.sharded.as_ref().unwrap().counts();
+                    let delta = (after.prefetched - before.prefetched, after.on_demand - before.on_demand);
+                    assert_eq!(delta, (prefetched, on_demand), "{plan:?}");
                 }
                 model.sharded.as_ref().unwrap().size_in_bytes()
             });

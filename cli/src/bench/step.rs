@@ -443,6 +443,11 @@ fn bench(
     report["pinned_gib"] = json!(pinned_bytes(device)?.map(gib));
     report["peak_by_category_gib"] = json!(memory::peak_split_gib(device)?);
     report["loss"] = json!(round(loss, 4));
+    if let Some(s) = &model.sharded {
+        // Over the whole run: how many layer gathers found their layer already on its way.
+        let c = s.counts();
+        report["gathers"] = json!({"prefetched": c.prefetched, "on_demand": c.on_demand});
+    }
     report["syncs_per_step"] = json!(syncs as f64 / args.steps.max(1) as f64);
     if let Some((total, rows)) = &profile {
         report["profile_step_ms"] = json!(round(*total, 2));

@@ -6,15 +6,19 @@
 //! panics when the library is missing. Here the library is found as `open_library` says, and absence is an
 //! [`Error::NoNccl`] naming where it looked.
 //!
-//! Every collective runs on the device's compute stream, in stream order with the kernels around it, and is waited
-//! for with a deadline (`NcclComm::wait`): a rank that died or never called the same collective turns into an
-//! error on the others (the communicator is aborted) instead of a hang.
+//! Every collective runs on the communicator's own stream (as PyTorch's NCCL groups do), after the work queued on the
+//! device's compute stream so far (its inputs, and the previous owners of its output blocks). Most are waited for
+//! with a deadline (`NcclComm::wait`): a rank that died or never called the same collective turns into an error on
+//! the others (the communicator is aborted) instead of a hang. [`NcclComm::all_gather_start`] is not: its result
+//! arrives under compute ([`Gathering::ready`] makes the compute stream, not the host, wait for it), and a broken
+//! group surfaces at the next waited collective, whose deadline covers the stream's earlier work too.
 
 use super::buffer::{DeviceBuffer, DeviceCopy};
 use super::{CudaDevice, Error, Result};
+use cudarc::driver::{CudaEvent, CudaStream};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// `ncclUniqueId`: what rank 0 draws and every rank passes to [`NcclComm::init`].
@@ -187,6 +191,8 @@ pub struct NcclComm {
     /// Null once aborted.
     comm: Mutex<Comm>,
     device: CudaDevice,
+    /// Where the collectives run.
+    stream: Arc<CudaStream>,
     rank: usize,
     world_size: usize,
     /// How long a collective may take before the group is declared broken.
@@ -223,7 +229,8 @@ impl NcclComm {
         // SAFETY: `comm` receives the handle; the id is passed by value as nccl.h declares; the device's context is
         // current, so the communicator is made on its GPU.
         check(api, "ncclCommInitRank", unsafe { (api.comm_init_rank)(&mut comm, ranks, id, me) })?;
-        Ok(NcclComm { comm: Mutex::new(comm), device: device.clone(), rank, world_size, timeout })
+        let stream = device.stream().context().new_stream().map_err(Error::driver("cuStreamCreate"))?;
+        Ok(NcclComm { comm: Mutex::new(comm), device: device.clone(), stream, rank, world_size, timeout })
     }
 
     pub fn rank(&self) -> usize {
@@ -241,7 +248,7 @@ impl NcclComm {
     /// Element-wise sum over the ranks, in place: `buf` holds `buf.len() / elem size` elements of `elem`.
     pub fn all_reduce_sum(&self, buf: &mut DeviceBuffer<u8>, elem: Elem) -> Result<()> {
         let count = self.elements(buf.len(), elem)?;
-        let (ptr, stream) = (buf.ptr() as *mut c_void, self.device.cu_stream() as *mut c_void);
+        let (ptr, stream) = (buf.ptr() as *mut c_void, self.stream.cu_stream() as *mut c_void);
         self.collective("ncclAllReduce", |api, comm| {
             // SAFETY: in-place reduction of `count` elements of `elem` in `buf`, a live buffer of this device, on
             // its stream.
@@ -252,6 +259,27 @@ impl NcclComm {
     /// Every rank's `send` (the same length everywhere) into `recv` (world_size times as long), in rank order; the
     /// bytes move unchanged.
     pub fn all_gather<T: DeviceCopy>(&self, send: &DeviceBuffer<T>, recv: &mut DeviceBuffer<T>) -> Result<()> {
+        let issue = self.gather_into(send, recv)?;
+        self.collective("ncclAllGather", issue)
+    }
+
+    /// [`NcclComm::all_gather`] into a new buffer, started without waiting: the host goes on while the gather runs
+    /// on the communicator's stream, and [`Gathering::ready`] hands the buffer out once the compute stream waits
+    /// for it. `send` must stay allocated until then (its block's next owner could otherwise overwrite it first).
+    pub fn all_gather_start<T: DeviceCopy>(&self, send: &DeviceBuffer<T>) -> Result<Gathering<T>> {
+        let mut recv = self.device.alloc::<T>(send.len() * self.world_size)?;
+        let issue = self.gather_into(send, &mut recv)?;
+        self.issue("ncclAllGather", issue)?;
+        let done = self.stream.record_event(None).map_err(Error::driver("cuEventRecord"))?;
+        Ok(Gathering { buffer: Some(recv), done })
+    }
+
+    /// The all-gather of `send` into `recv` (lengths checked), to be issued.
+    fn gather_into<T: DeviceCopy>(
+        &self,
+        send: &DeviceBuffer<T>,
+        recv: &mut DeviceBuffer<T>,
+    ) -> Result<impl FnOnce(&Api, Comm) -> NcclResult> {
         if recv.len() != send.len() * self.world_size {
             return Err(Error::Nccl {
                 op: "ncclAllGather",
@@ -259,12 +287,11 @@ impl NcclComm {
             });
         }
         let (src, dst) = (send.ptr() as *const c_void, recv.ptr() as *mut c_void);
-        let (count, stream) = (send.len() * std::mem::size_of::<T>(), self.device.cu_stream() as *mut c_void);
-        self.collective("ncclAllGather", |api, comm| {
-            // SAFETY: `count` bytes from `send` and world_size · count bytes into `recv` (lengths checked above),
-            // both live buffers of this device, on its stream.
-            unsafe { (api.all_gather)(src, dst, count, Elem::U8 as c_int, comm, stream) }
-        })
+        let (count, stream) = (send.len() * std::mem::size_of::<T>(), self.stream.cu_stream() as *mut c_void);
+        // SAFETY: `count` bytes from `send` and world_size · count bytes into `recv` (lengths checked above), both
+        // live buffers of this device (the caller keeps them so until the gather is done), on the collectives'
+        // stream.
+        Ok(move |api: &Api, comm| unsafe { (api.all_gather)(src, dst, count, Elem::U8 as c_int, comm, stream) })
     }
 
     /// Rank `root`'s bytes into every rank's `buf`.
@@ -272,7 +299,7 @@ impl NcclComm {
         let root = c_int::try_from(root).ok().filter(|&r| (r as usize) < self.world_size).ok_or_else(|| {
             Error::Nccl { op: "ncclBroadcast", detail: format!("root {root} of {} ranks", self.world_size) }
         })?;
-        let (ptr, count, stream) = (buf.ptr() as *mut c_void, buf.len(), self.device.cu_stream() as *mut c_void);
+        let (ptr, count, stream) = (buf.ptr() as *mut c_void, buf.len(), self.stream.cu_stream() as *mut c_void);
         self.collective("ncclBroadcast", |api, comm| {
             // SAFETY: in place, `count` bytes of a live buffer of this device, on its stream.
             unsafe { (api.broadcast)(ptr, ptr, count, Elem::U8 as c_int, root, comm, stream) }
@@ -288,15 +315,30 @@ impl NcclComm {
 
     /// Issues one collective and waits for it with the deadline.
     fn collective(&self, op: &'static str, issue: impl FnOnce(&Api, Comm) -> NcclResult) -> Result<()> {
+        let mut comm = self.issue_locked(op, issue)?;
+        self.wait(library()?, &mut comm, op)
+    }
+
+    /// Issues one collective on the collectives' stream, after the compute stream's work so far.
+    fn issue(&self, op: &'static str, issue: impl FnOnce(&Api, Comm) -> NcclResult) -> Result<()> {
+        self.issue_locked(op, issue).map(drop)
+    }
+
+    fn issue_locked(
+        &self,
+        op: &'static str,
+        issue: impl FnOnce(&Api, Comm) -> NcclResult,
+    ) -> Result<std::sync::MutexGuard<'_, Comm>> {
         let api = library()?;
-        let mut comm = self.comm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let comm = self.comm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if comm.is_null() {
             let detail = format!("rank {}: the group broke in an earlier collective", self.rank);
             return Err(Error::Nccl { op, detail });
         }
         self.device.bind()?;
+        self.stream.join(self.device.stream()).map_err(Error::driver("cuStreamWaitEvent"))?;
         check(api, op, issue(api, *comm))?;
-        self.wait(api, &mut comm, op)
+        Ok(comm)
     }
 
     /// Waits for the stream, checking NCCL's asynchronous error state as it goes; past the deadline, or on an
@@ -305,8 +347,9 @@ impl NcclComm {
         let deadline = Instant::now() + self.timeout;
         let mut pause = Duration::from_micros(20);
         loop {
-            // SAFETY: a query of the device's live stream, its context bound by the caller.
-            match unsafe { cudarc::driver::sys::cuStreamQuery(self.device.cu_stream()) } {
+            // SAFETY: a query of the collectives' live stream, its context bound by the caller. Everything queued there
+            // before (gathers started without waiting) is covered by the same deadline.
+            match unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) } {
                 cudarc::driver::sys::CUresult::CUDA_SUCCESS => return self.device.synchronize(),
                 cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
                 failed => {
@@ -334,6 +377,34 @@ impl NcclComm {
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+}
+
+/// A gather on its way to a new buffer ([`NcclComm::all_gather_start`]).
+pub struct Gathering<T: DeviceCopy> {
+    /// None once handed out.
+    buffer: Option<DeviceBuffer<T>>,
+    /// Marks the gather's end on the collectives' stream.
+    done: CudaEvent,
+}
+
+impl<T: DeviceCopy> Gathering<T> {
+    /// The gathered buffer, once the compute stream waits for the gather (the host does not).
+    pub fn ready(mut self) -> Result<DeviceBuffer<T>> {
+        let buffer = self.buffer.take().expect("a gathering is handed out once");
+        buffer.device().stream().wait(&self.done).map_err(Error::driver("cuStreamWaitEvent"))?;
+        Ok(buffer)
+    }
+}
+
+impl<T: DeviceCopy> Drop for Gathering<T> {
+    fn drop(&mut self) {
+        // Dropped without `ready` (an error, or a prefetch nobody used): the gather may still be writing the block
+        // that goes back to the allocator now, so the compute stream waits for it first. A failure here has nowhere
+        // to go but the next driver call, which reports the context's error.
+        if let Some(buffer) = &self.buffer {
+            let _ = buffer.device().stream().wait(&self.done);
         }
     }
 }

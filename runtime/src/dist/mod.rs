@@ -53,11 +53,45 @@ pub trait Communicator: Send + Sync {
         gather_through_host(self, local)
     }
 
+    /// [`Communicator::all_gather_tensor`] started, to be finished by [`Pending::finish`]: where the ranks own GPUs
+    /// the gather runs on a stream of its own while the caller queues other work (what a sharded model prefetches
+    /// the next layer with); elsewhere it is done at once. Every rank starts the same gathers in the same order.
+    fn start_all_gather_tensor(&self, local: &Tensor) -> Result<Pending> {
+        Ok(Pending::done(self.all_gather_tensor(local)?))
+    }
+
     /// Rank `root`'s bytes copied into every rank's `buf` (the same length on every rank).
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()>;
 
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+}
+
+/// A collective's result on its way ([`Communicator::start_all_gather_tensor`]). Dropped unfinished, it still lets
+/// the collective complete before its memory is reused.
+pub struct Pending(Box<dyn FnOnce() -> Result<Tensor>>);
+
+impl Pending {
+    /// A result that is already here.
+    pub fn done(t: Tensor) -> Pending {
+        Pending(Box::new(move || Ok(t)))
+    }
+
+    /// A result that `finish` produces (ordering the device's later work after the collective).
+    pub fn new(finish: impl FnOnce() -> Result<Tensor> + 'static) -> Pending {
+        Pending(Box::new(finish))
+    }
+
+    /// The result, on the device the gather ran on; later work there runs after the collective.
+    pub fn finish(self) -> Result<Tensor> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
 }
 
 /// [`Communicator::all_gather_tensor`] by way of the host: `local` read back, gathered, and put where it was.

@@ -10,7 +10,7 @@
 
 use super::launch::Launch;
 use super::rendezvous::{self, Host, ID_BYTES};
-use super::{gather_through_host, Buffer, Communicator};
+use super::{gather_through_host, Buffer, Communicator, Pending};
 use crate::cuda::{buf, contiguous, output};
 use crate::storage::CudaElement;
 use crate::transfer::cuda_device;
@@ -152,6 +152,33 @@ impl Communicator for NcclRank {
             DType::F32 => go::<f32>(&self.comm, local, ordinal),
             DType::U8 => go::<u8>(&self.comm, local, ordinal),
             _ => gather_through_host(self, local),
+        }
+    }
+
+    fn start_all_gather_tensor(&self, local: &Tensor) -> Result<Pending> {
+        const OP: &str = "all_gather_tensor";
+        let Device::Cuda(_) = local.device() else { return Ok(Pending::done(gather_through_host(self, local)?)) };
+        if local.rank() != 1 || local.elem_count() == 0 || !matches!(local.dtype(), DType::F32 | DType::U8) {
+            return Ok(Pending::done(self.all_gather_tensor(local)?));
+        }
+        let mine = Device::Cuda(self.comm.device().ordinal());
+        if local.device() != mine {
+            return Err(Error::DeviceMismatch { op: OP, a: mine, b: local.device() });
+        }
+        fn go<T: CudaElement>(comm: &NcclComm, local: &Tensor) -> Result<Pending> {
+            let send = contiguous(local)?;
+            let gathering = comm.all_gather_start(buf::<T>(&send)).map_err(Error::cuda(OP))?;
+            // The send buffer lives until the gather has been waited for: its block is not reused under it.
+            Ok(Pending::new(move || {
+                let recv = gathering.ready().map_err(Error::cuda(OP))?;
+                drop(send);
+                let n = recv.len();
+                Ok(output(recv, &[n]))
+            }))
+        }
+        match local.dtype() {
+            DType::F32 => go::<f32>(&self.comm, local),
+            _ => go::<u8>(&self.comm, local),
         }
     }
 
