@@ -1,7 +1,7 @@
 //! The NCCL group on the GPU machine. A single-GPU machine can hold a group of one rank only (NCCL refuses two ranks
 //! on one device), so this runs every collective through it: the library found and loaded, the communicator made on
-//! the GPU, each collective's bytes out and back through device memory, the deadline-guarded wait, and the argument
-//! checks; what several ranks compute is `cli/tests/cuda_nccl_finetune.rs`'s (two GPUs).
+//! the GPU, each collective's bytes out and back through device memory, the deadline-guarded wait, gathers started
+//! on NCCL's stream and finished later, and the argument checks; what several ranks compute is `cli/tests/cuda_nccl_finetune.rs`'s (two GPUs).
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
 //! QLORA_REQUIRE_GPU=1. A missing NCCL on a GPU machine fails, naming where it was looked for.
@@ -40,6 +40,15 @@ fn a_group_of_one_runs_every_collective_through_the_gpu() {
     let all = g.all_gather_tensor(&view).unwrap();
     assert_eq!((all.device(), all.to_vec::<u8>()), (local.device(), packed[3..993].to_vec()));
     assert_eq!(g.all_gather_bytes(&packed).unwrap(), packed);
+    // Started gathers run on NCCL's stream while the caller goes on; finished, the compute stream has waited for
+    // them. Two in flight at once, finished in the other order, and one dropped unfinished.
+    let first = g.start_all_gather_tensor(&view).unwrap();
+    let second = g.start_all_gather_tensor(&local).unwrap();
+    let dropped = g.start_all_gather_tensor(&local).unwrap();
+    assert_eq!(second.finish().unwrap().to_vec::<f32>(), values);
+    drop(dropped);
+    let got = first.finish().unwrap();
+    assert_eq!((got.device(), got.to_vec::<u8>()), (local.device(), packed[3..993].to_vec()));
     let mut bytes = *b"every rank gets rank 0's bytes";
     g.broadcast(&mut bytes, 0).unwrap();
     assert_eq!(&bytes, b"every rank gets rank 0's bytes");
