@@ -14,6 +14,7 @@ pub mod error;
 pub mod formats;
 pub mod generate;
 pub mod kv_cache;
+mod layer;
 pub mod rope;
 pub mod sharded;
 pub mod synthetic;

@@ -84,7 +84,7 @@ enum Scales {
     Nested { q: Range<usize>, absmax2: Range<usize>, offset: f32, code: Tensor },
 }
 
-/// `range` moved past what `stream` holds and `v` appended to it.
+/// Appends `v` to `stream`; where it landed.
 fn push<T: Copy>(stream: &mut Vec<T>, v: &[T]) -> Range<usize> {
     let start = stream.len();
     stream.extend_from_slice(v);

@@ -1,0 +1,292 @@
+//! The estimate and the plans against the shapes and the measured peaks they were fitted to.
+
+use super::*;
+use qlora_models::synthetic::shape_config;
+
+/// The leanest plan of a tied model on a GPU (the 1B shape, 16 layers): nothing kept, everything that can leave
+/// offloaded.
+const LEANEST_TIED: Plan =
+    Plan { keep_layers: 0, offload: 16, page_optimizer: true, host_embeddings: false, mlp_block: Some(MLP_BLOCK) };
+
+const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// The peer benchmarks' setting: NF4 + double quant, bf16, 4 × 2048 tokens, r = 16 everywhere, checkpointing,
+/// with the last `keep_layers` layers keeping their activations.
+fn peer_setup(c: &ModelConfig, keep_layers: usize) -> Setup<'_> {
+    peer_plan(c, Plan { keep_layers, ..Plan::default() })
+}
+
+fn peer_plan(c: &ModelConfig, plan: Plan) -> Setup<'_> {
+    Setup {
+        config: c,
+        format: BaseFormat::Nf4 { blocksize: 64, double_quant: true },
+        device: Device::Cuda(0),
+        compute: DType::BF16,
+        tokens: 8192,
+        r: 16,
+        dora: false,
+        targets: &ALL,
+        checkpointing: true,
+        shards: 1,
+        plan,
+    }
+}
+
+fn peer_setting(c: &ModelConfig) -> Estimate {
+    estimate(&peer_setup(c, 0))
+}
+
+fn gib(b: usize) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+#[test]
+fn llama_8b_sizes_match_its_published_counts() {
+    let c = shape_config("llama-3-8b").unwrap();
+    // 8.03B parameters in all, of which the embeddings (not a linear layer) hold 0.525B and the norms 0.27M.
+    assert_eq!(linear_params(&c), 8_030_261_248 - 128_256 * 4096 - (2 * 32 + 1) * 4096);
+    let e = peer_setting(&c);
+    // 6.98B linear weights at ≈4.127 bits, plus two bf16 copies of the 128256 × 4096 embeddings.
+    assert!((5.2..5.45).contains(&gib(e.weights)), "{}", gib(e.weights));
+    // peft's count for r = 16 on all seven projections: 41,943,040 trainable parameters.
+    assert_eq!(e.adapters, 41_943_040 * 16);
+}
+
+/// The allocator peaks the H200 measured for these runs (run F, `benches/RESULTS.md`, 2026-12-04).
+#[test]
+fn estimates_are_near_the_measured_peaks() {
+    for (shape, measured) in [("llama-3.2-1b", 2.53), ("llama-3-8b", 9.57), ("gemma-2-2b", 4.55)] {
+        let got = gib(peer_setting(&shape_config(shape).unwrap()).total());
+        assert!((got / measured - 1.0).abs() < 0.15, "{shape}: estimated {got:.2} GiB, measured {measured}");
+    }
+}
+
+#[test]
+fn a_budget_keeps_the_last_layers_that_fit() {
+    let c = shape_config("llama-3.2-1b").unwrap();
+    let setup = |keep_layers| peer_setup(&c, keep_layers);
+    let (all, none) = (estimate(&setup(c.num_hidden_layers)).total(), estimate(&setup(0)).total());
+    assert!(all > none, "keeping activations costs memory: {all} vs {none}");
+    // Room for the smallest plan and a few layers more: those few are kept, and the plan fits.
+    let per_layer = (all - none) / c.num_hidden_layers;
+    let (p, e) = plan(&setup(0), none + 3 * per_layer + per_layer / 2).unwrap();
+    assert!((2..=4).contains(&p.keep_layers) && p.offload == 0 && !p.page_optimizer, "{p:?}");
+    assert!(e.total() <= none + 3 * per_layer + per_layer / 2);
+    assert_eq!(plan(&setup(0), all).unwrap().0, Plan { keep_layers: c.num_hidden_layers, ..Plan::default() });
+    // Just below recomputing everything: the first layer's input goes to host memory, the others stay.
+    let (p, e) = plan(&setup(0), none - 1).unwrap();
+    assert_eq!(p, Plan { keep_layers: 0, offload: 1, ..Plan::default() });
+    assert_eq!((e.total(), e.host), (none - LAYER_INPUT, LAYER_INPUT));
+    // The CPU never offloads (host memory is where it computes): below recomputing everything it runs the MLP
+    // in blocks.
+    let cpu = Setup { device: Device::Cpu, ..setup(0) };
+    let (p, e) = plan(&cpu, estimate(&cpu).total() - 1).unwrap();
+    assert_eq!((p.offload, p.page_optimizer, p.mlp_block, e.host), (0, false, Some(MLP_BLOCK), 0));
+}
+
+/// One layer input of the peer setting on the 1B shape: 8192 tokens × 2048 hidden in bf16.
+const LAYER_INPUT: usize = 8192 * 2048 * 2;
+
+/// The 1B shape in the peer setting, every layer recomputed and the first `offload` inputs offloaded.
+fn offloading(c: &ModelConfig, offload: usize) -> Estimate {
+    estimate(&peer_plan(c, Plan { offload, ..Plan::default() }))
+}
+
+/// Each input offloaded leaves the device for host memory, until only the two in flight in backward are left:
+/// the estimate never rises with the count, and the host's share grows by one input each time.
+#[test]
+fn the_estimate_falls_with_each_offloaded_input() {
+    let c = shape_config("llama-3.2-1b").unwrap();
+    let layers = c.num_hidden_layers;
+    for n in 0..layers {
+        let (fewer, more) = (offloading(&c, n), offloading(&c, n + 1));
+        assert!(more.total() <= fewer.total(), "{n}: {} then {}", fewer.total(), more.total());
+        let left = if n + 2 < layers { LAYER_INPUT } else { 0 };
+        assert_eq!((fewer.total() - more.total(), more.host - fewer.host), (left, LAYER_INPUT), "{n}");
+    }
+    // More than the recomputed layers is all of them.
+    assert_eq!(offloading(&c, layers + 5).host, offloading(&c, layers).host);
+    let (none, all) = (offloading(&c, 0), offloading(&c, layers));
+    assert_eq!(none.total() - all.total(), (layers - 2) * LAYER_INPUT, "all but two layer inputs leave the device");
+    assert_eq!(all.host, layers * LAYER_INPUT, "all of them wait in pinned memory");
+}
+
+/// A budget between keeping every layer input on the device and offloading them all offloads only as many of
+/// the first layers' inputs as it must: one fewer would not fit.
+#[test]
+fn a_budget_between_offloading_none_and_all_offloads_the_first_few() {
+    let c = shape_config("llama-3.2-1b").unwrap();
+    let layers = c.num_hidden_layers;
+    let (none, all) = (offloading(&c, 0).total(), offloading(&c, layers).total());
+    let budget = (none + all) / 2;
+    let (p, e) = plan(&peer_setup(&c, 0), budget).unwrap();
+    assert!(p.keep_layers == 0 && 0 < p.offload && p.offload < layers && !p.page_optimizer, "{p:?}");
+    assert!(e.total() <= budget && offloading(&c, p.offload - 1).total() > budget, "{p:?}");
+    assert_eq!(e.host, p.offload * LAYER_INPUT, "the offloaded inputs and nothing else wait in host memory");
+    // At exactly offloading all, the last two stay on the device: offloading them saves no device memory.
+    assert_eq!(plan(&peer_setup(&c, 0), all).unwrap().0, Plan { offload: layers - 2, ..Plan::default() });
+    let line = describe_plan(p, layers, &e);
+    assert!(line.contains(&format!("16 recomputed in backward, {} of them with inputs offloaded", p.offload)));
+    assert!(line.contains(&format!("(the inputs of {} layers: ", p.offload)), "{line}");
+}
+
+/// Below offloading every input, AdamW's moments are paged too, then the MLP runs in blocks, then nothing fits.
+#[test]
+fn below_offloading_the_optimizer_is_paged_then_the_mlp_runs_in_blocks() {
+    let c = shape_config("llama-3.2-1b").unwrap();
+    let layers = c.num_hidden_layers;
+    let setup = peer_setup(&c, 0);
+    let all = offloading(&c, layers);
+    let (p, e) = plan(&setup, all.total() - 1).unwrap();
+    assert!(p.keep_layers == 0 && p.page_optimizer && p.mlp_block.is_none(), "{p:?}");
+    assert!(e.total() < all.total());
+    let paged = estimate(&peer_plan(&c, Plan { offload: layers, page_optimizer: true, ..Plan::default() }));
+    assert_eq!(all.total() - paged.total(), paged.host - all.host, "what leaves the device waits on the host");
+    // Below that, the MLP runs in blocks of MLP_BLOCK tokens (half of these 8192).
+    let (p, blocked) = plan(&setup, paged.total() - 1).unwrap();
+    assert!(p.page_optimizer && p.mlp_block == Some(MLP_BLOCK), "{p:?}");
+    assert!(blocked.total() < paged.total());
+    let lean = estimate(&peer_plan(&c, LEANEST_TIED));
+    assert_eq!(paged.total() - lean.total(), (8192 - MLP_BLOCK) * 2 * 3 * c.intermediate_size * 3 / 2);
+    assert_eq!(plan(&setup, lean.total()).unwrap().1.total(), lean.total());
+    assert_eq!(plan(&setup, lean.total() - 1).unwrap_err().total(), lean.total());
+}
+
+/// The issue's long context: Llama-3-8B, one sequence of 400,000 tokens under an 80 GiB budget. Each layer's
+/// input is 3.05 GiB (97.7 GiB for 32 layers, more than the GPU machine's pinned memory should take): the plan
+/// offloads only the inputs the budget cannot hold.
+#[test]
+fn a_long_context_offloads_only_what_the_budget_cannot_hold() {
+    let c = shape_config("llama-3-8b").unwrap();
+    let setup = Setup { tokens: 400_000, ..peer_setup(&c, 0) };
+    let (p, e) = plan(&setup, 80 << 30).unwrap();
+    let input = 400_000 * 4096 * 2;
+    let lean = estimate(&Setup { plan: lean(&setup), ..setup });
+    println!("{}", describe_plan(p, c.num_hidden_layers, &e));
+    println!(
+        "plan {p:?}: {:.2} GiB on the device, {:.2} GiB of pinned host memory ({} layer inputs); offloading all \
+         32 (the lean plan): {:.2} GiB on the device, {:.2} GiB on the host",
+        gib(e.total()),
+        gib(e.host),
+        p.offload,
+        gib(lean.total()),
+        gib(lean.host)
+    );
+    assert!(e.total() <= 80 << 30);
+    assert!(0 < p.offload && p.offload < c.num_hidden_layers, "{p:?}");
+    assert!(e.host < lean.host, "fewer inputs wait on the host than when offloading all");
+    assert_eq!(lean.host - e.host, (c.num_hidden_layers - p.offload) * input);
+}
+
+/// The issue's long context by the estimate: Llama-3-8B at batch 1 under 80 GiB trains on more than 400,000
+/// tokens, and the answer is the edge (one token more does not fit); without a plan the step fits far fewer.
+#[test]
+fn the_longest_sequence_is_the_edge_of_what_fits() {
+    let c = shape_config("llama-3-8b").unwrap();
+    let budget = Budget::Gib(80.0);
+    let s = Setup { tokens: 0, ..peer_setup(&c, 0) };
+    // The GPU machine's 128 GiB of host memory, less what the system and the process hold.
+    let host = 110 << 30;
+    let longest = longest_seq(&s, 1, Some(budget), Some(host)).unwrap();
+    let unbounded = longest_seq(&s, 1, Some(budget), None).unwrap();
+    println!("Llama-3-8B, batch 1, --memory-budget 80: {longest} tokens by the estimate ({unbounded} with host memory unbounded)");
+    assert!(longest >= 400_000 && longest < unbounded, "{longest}, {unbounded}");
+    let bytes = budget.bytes(s.device).unwrap().unwrap();
+    let (_, e) = plan(&Setup { tokens: longest, ..s }, bytes).unwrap();
+    assert!(e.host <= host);
+    let over = plan(&Setup { tokens: longest + 1, ..s }, bytes);
+    assert!(over.is_err() || over.is_ok_and(|(_, e)| e.host > host), "one token more does not fit");
+    let cpu = Setup { device: Device::Cpu, ..s };
+    let plain = longest_seq(&cpu, 2, Some(Budget::Gib(80.0)), None).unwrap();
+    assert!(plain < longest / 2, "on the CPU nothing is offloaded: {plain}");
+    let e = longest_seq(&s, 1, Some(Budget::Gib(1.0)), None).unwrap_err().to_string();
+    assert!(e.contains("not even 2 tokens per row fit in 1.00 GiB"), "{e}");
+}
+
+/// Sharded across N ranks, a rank holds 1/N of the decoder's NF4 bytes plus the layers gathered whole: the
+/// 70B shape's 32.9 GiB base leaves a rank of two with about half, and the layers a plan keeps add theirs.
+#[test]
+fn a_sharded_base_costs_a_share_and_the_gathered_layers() {
+    let c = shape_config("llama-3.1-70b").unwrap();
+    let whole = estimate(&peer_setup(&c, 0));
+    let per_layer =
+        (whole.weights - estimate(&Setup { shards: 2, ..peer_setup(&c, 0) }).weights) * 2 / (c.num_hidden_layers - 6);
+    for (shards, keep) in [(2, 0), (4, 0), (2, 3)] {
+        let (e, unsharded) = (estimate(&Setup { shards, ..peer_setup(&c, keep) }), estimate(&peer_setup(&c, keep)));
+        let decoder = c.num_hidden_layers * per_layer;
+        let want = whole.weights - decoder + decoder.div_ceil(shards) + (keep + 3) * per_layer;
+        assert!(e.weights.abs_diff(want) <= shards, "{shards} ranks, {keep} kept: {} vs {want}", e.weights);
+        assert_eq!((e.adapters, e.activations), (unsharded.adapters, unsharded.activations), "weights only");
+    }
+    let two = estimate(&Setup { shards: 2, ..peer_setup(&c, 0) });
+    println!("70B weights: {:.2} GiB whole, {:.2} GiB per rank of two", gib(whole.weights), gib(two.weights));
+    assert!(gib(two.weights) < 0.6 * gib(whole.weights));
+    let dense = Setup { shards: 2, format: BaseFormat::Dense(DType::BF16), ..peer_setup(&c, 0) };
+    assert_eq!(estimate(&dense).weights, estimate(&Setup { shards: 1, ..dense }).weights, "dense stays whole");
+}
+
+#[test]
+fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
+    let c = shape_config("llama-3.2-1b").unwrap();
+    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
+    assert_eq!(p, LEANEST_TIED);
+    assert!(e.total() < peer_setting(&c).total());
+    let line = describe_plan(p, c.num_hidden_layers, &e);
+    assert!(line.contains("0 of 16 layers keep"), "{line}");
+    assert!(line.contains("16 recomputed in backward, 16 of them with inputs offloaded"), "{line}");
+    assert!(line.contains("(the inputs of 16 layers, AdamW's moments: 0.58 GiB of pinned host memory)"), "{line}");
+    let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
+    let blocked_only = Plan { mlp_block: Some(MLP_BLOCK), ..Plan::default() };
+    assert_eq!(budget_plan(&cpu, Some(Budget::Lean), "").unwrap().0, blocked_only);
+}
+
+/// An untied head (Llama-3-8B) lets the lean plan keep the embedding table on the host: one vocabulary × hidden
+/// bf16 matrix leaves the device for host memory. A tied one (Llama-3.2-1B) keeps it, as its head reads it.
+#[test]
+fn the_lean_plan_keeps_an_untied_models_embeddings_on_the_host() {
+    let c = shape_config("llama-3-8b").unwrap();
+    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
+    assert!(p.host_embeddings && p.offload == 32 && p.page_optimizer, "{p:?}");
+    let resident = estimate(&peer_plan(&c, Plan { host_embeddings: false, ..p }));
+    let table = 128_256 * 4096 * 2;
+    assert_eq!((resident.weights - e.weights, e.host - resident.host), (table, table));
+    let tied = shape_config("llama-3.2-1b").unwrap();
+    assert!(!budget_plan(&peer_setup(&tied, 0), Some(Budget::Lean), "").unwrap().0.host_embeddings);
+}
+
+/// An out-of-memory error, however deep in the chain, gets the budget, the plan and the way out; others pass.
+#[test]
+fn out_of_memory_names_the_budget_the_plan_and_what_to_change() {
+    let oom = || {
+        let source = qlora_kernels::cuda::Error::OutOfMemory {
+            ordinal: 0,
+            requested: 1 << 30,
+            free: 1 << 20,
+            total: 80 << 30,
+            reserved: 79 << 30,
+            in_use: 79 << 30,
+        };
+        qlora_runtime::Error::Cuda { op: "matmul", source }
+    };
+    let plan = "memory plan: 0 of 32 layers keep their activations";
+    let direct = out_of_memory_advice(anyhow::Error::from(oom()), Some(Budget::Gib(40.0)), Some(plan), "lower --seq");
+    let text = format!("{direct:#}");
+    assert!(text.starts_with("with --memory-budget 40 (memory plan: 0 of 32"), "{text}");
+    assert!(text.contains("try --memory-budget lean") && text.contains("lower --seq"), "{text}");
+    assert!(text.contains("cuda:0 out of memory"), "{text}");
+    let wrapped = anyhow::Error::from(qlora_models::Error::Runtime(oom())).context("step 3");
+    assert!(format!("{:#}", out_of_memory_advice(wrapped, None, None, "x")).starts_with("without a memory budget"));
+    let other = anyhow::anyhow!("a bad row");
+    assert_eq!(format!("{:#}", out_of_memory_advice(other, None, None, "x")), "a bad row");
+}
+
+#[test]
+fn budgets_parse() {
+    assert_eq!("auto".parse::<Budget>(), Ok(Budget::Auto));
+    assert_eq!("7.5".parse::<Budget>(), Ok(Budget::Gib(7.5)));
+    assert_eq!("lean".parse::<Budget>(), Ok(Budget::Lean));
+    for bad in ["0", "-1", "lots", "NaN"] {
+        assert!(bad.parse::<Budget>().is_err(), "{bad}");
+    }
+    assert_eq!(Budget::Gib(2.0).bytes(Device::Cpu).unwrap(), Some(2 << 30));
+}
