@@ -39,7 +39,7 @@ pub enum BaseFormat {
 
 /// A linear layer of the decoder: frozen base, optional frozen bias, optional trainable adapter. Clones share the
 /// parameters and the base's bytes.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Projection {
     /// Module path as transformers names it, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,

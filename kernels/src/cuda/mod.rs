@@ -23,6 +23,7 @@
 //! one exception is [`offload`]'s copy stream, whose copies are fenced by events on both sides (see there).
 
 pub mod alloc;
+mod arrival;
 pub mod buffer;
 mod cache;
 pub mod compile;
@@ -49,11 +50,12 @@ pub mod rope;
 pub mod timing;
 
 pub use alloc::{tagged, Category, MemoryStats};
+pub use arrival::Arrival;
 pub use buffer::{DeviceBuffer, DeviceCopy};
 pub use device::{device_count, CudaDevice};
 pub use error::{Error, Result};
 pub use library::nvrtc_available;
-pub use offload::{Arrival, HostCopy, PinnedStats};
+pub use offload::{HostCopy, PinnedStats};
 
 use cudarc::driver::{CudaEvent, DriverError, LaunchConfig};
 use half::bf16;

@@ -10,12 +10,13 @@
 //! device's compute stream so far (its inputs, and the previous owners of its output blocks). Most are waited for
 //! with a deadline (`NcclComm::wait`): a rank that died or never called the same collective turns into an error on
 //! the others (the communicator is aborted) instead of a hang. [`NcclComm::all_gather_start`] is not: its result
-//! arrives under compute ([`Gathering::ready`] makes the compute stream, not the host, wait for it), and a broken
+//! arrives under compute ([`Arrival::ready`] makes the compute stream, not the host, wait for it), and a broken
 //! group surfaces at the next waited collective, whose deadline covers the stream's earlier work too.
 
+use super::arrival::Arrival;
 use super::buffer::{DeviceBuffer, DeviceCopy};
 use super::{CudaDevice, Error, Result};
-use cudarc::driver::{CudaEvent, CudaStream};
+use cudarc::driver::CudaStream;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -264,14 +265,14 @@ impl NcclComm {
     }
 
     /// [`NcclComm::all_gather`] into a new buffer, started without waiting: the host goes on while the gather runs
-    /// on the communicator's stream, and [`Gathering::ready`] hands the buffer out once the compute stream waits
+    /// on the communicator's stream, and [`Arrival::ready`] hands the buffer out once the compute stream waits
     /// for it. `send` must stay allocated until then (its block's next owner could otherwise overwrite it first).
-    pub fn all_gather_start<T: DeviceCopy>(&self, send: &DeviceBuffer<T>) -> Result<Gathering<T>> {
+    pub fn all_gather_start<T: DeviceCopy>(&self, send: &DeviceBuffer<T>) -> Result<Arrival<T>> {
         let mut recv = self.device.alloc::<T>(send.len() * self.world_size)?;
         let issue = self.gather_into(send, &mut recv)?;
         self.issue("ncclAllGather", issue)?;
         let done = self.stream.record_event(None).map_err(Error::driver("cuEventRecord"))?;
-        Ok(Gathering { buffer: Some(recv), done })
+        Ok(Arrival::new(recv, done))
     }
 
     /// The all-gather of `send` into `recv` (lengths checked), to be issued.
@@ -377,34 +378,6 @@ impl NcclComm {
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(5));
-        }
-    }
-}
-
-/// A gather on its way to a new buffer ([`NcclComm::all_gather_start`]).
-pub struct Gathering<T: DeviceCopy> {
-    /// None once handed out.
-    buffer: Option<DeviceBuffer<T>>,
-    /// Marks the gather's end on the collectives' stream.
-    done: CudaEvent,
-}
-
-impl<T: DeviceCopy> Gathering<T> {
-    /// The gathered buffer, once the compute stream waits for the gather (the host does not).
-    pub fn ready(mut self) -> Result<DeviceBuffer<T>> {
-        let buffer = self.buffer.take().expect("a gathering is handed out once");
-        buffer.device().stream().wait(&self.done).map_err(Error::driver("cuStreamWaitEvent"))?;
-        Ok(buffer)
-    }
-}
-
-impl<T: DeviceCopy> Drop for Gathering<T> {
-    fn drop(&mut self) {
-        // Dropped without `ready` (an error, or a prefetch nobody used): the gather may still be writing the block
-        // that goes back to the allocator now, so the compute stream waits for it first. A failure here has nowhere
-        // to go but the next driver call, which reports the context's error.
-        if let Some(buffer) = &self.buffer {
-            let _ = buffer.device().stream().wait(&self.done);
         }
     }
 }

@@ -18,6 +18,7 @@
 //! allocator too (`PinnedPool`: the same size classes and reuse as device blocks, over pinned host memory).
 
 use super::alloc::{Backing, Block, CachingAllocator};
+use super::arrival::Arrival;
 use super::{CudaDevice, DeviceBuffer, DeviceCopy, Error, Result};
 use cudarc::driver::{result as driver, sys, CudaContext, CudaEvent, CudaStream, DriverError};
 use std::sync::Arc;
@@ -113,13 +114,6 @@ pub struct HostCopy {
     done: CudaEvent,
 }
 
-/// A buffer on its way back to the device; [`Arrival::ready`] hands it out once the compute stream waits for it.
-pub struct Arrival<T: DeviceCopy> {
-    /// None once handed out.
-    buffer: Option<DeviceBuffer<T>>,
-    done: CudaEvent,
-}
-
 impl<T: DeviceCopy> DeviceBuffer<T> {
     /// Starts copying this buffer's values (as the compute stream will have them once the work queued so far has
     /// run) into pinned host memory, on the device's copy stream; the host does not wait. Call
@@ -184,27 +178,7 @@ impl HostCopy {
             .map_err(Error::driver("cuMemcpyHtoDAsync"))?;
         }
         let done = copies.record_event(None).map_err(Error::driver("cuEventRecord"))?;
-        Ok(Arrival { buffer: Some(buffer), done })
-    }
-}
-
-impl<T: DeviceCopy> Arrival<T> {
-    /// The buffer, once the compute stream waits for its copy (the host does not).
-    pub fn ready(mut self) -> Result<DeviceBuffer<T>> {
-        let buffer = self.buffer.take().expect("an arrival is handed out once");
-        buffer.device().stream().wait(&self.done).map_err(Error::driver("cuStreamWaitEvent"))?;
-        Ok(buffer)
-    }
-}
-
-impl<T: DeviceCopy> Drop for Arrival<T> {
-    fn drop(&mut self) {
-        // Dropped without `ready` (an error between prefetch and use): the copy may still be writing the block that
-        // goes back to the allocator now, so the compute stream waits for it first. A failure here has nowhere to go
-        // but the next driver call, which reports the context's error.
-        if let Some(buffer) = &self.buffer {
-            let _ = buffer.device().stream().wait(&self.done);
-        }
+        Ok(Arrival::new(buffer, done))
     }
 }
 
