@@ -373,11 +373,7 @@ fn bench(
     let mut rng = Rng::new(args.seed ^ 0xBE7C);
     let mut run_step = |batches: &[Batch], step: u64, phases: &mut dyn Phases| match &group {
         None => optimizer_step(&model, &mut optimizer, batches, step, &step_config, phases),
-        Some(g) => {
-            let batch = |j: usize| Ok(batches[j].clone());
-            let micro = (batches.len(), &batch as &dyn Fn(usize) -> Result<Batch>);
-            Ok(parallel::optimizer_step(&model, &mut optimizer, &**g, micro, step, &step_config, phases)?.0)
-        }
+        Some(g) => Ok(parallel::optimizer_step(&model, &mut optimizer, &**g, batches, step, &step_config, phases)?.0),
     };
     let mut timed = Vec::with_capacity(args.steps);
     let (mut loss, mut syncs) = (f64::NAN, 0);

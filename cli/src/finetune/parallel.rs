@@ -3,7 +3,8 @@
 //!
 //! The global batch is what the flags say (`--grad-accum` micro-batches per step); rank r trains micro-batches
 //! r, r + N, r + 2N, … of it. The loss of micro-batch j is normalised by the trained tokens of the whole step, which
-//! the ranks sum with an all-reduce (in f64: exact), so each rank's losses and gradients are the single process's.
+//! every rank counts itself (each holds the whole data plan), so each rank's losses and gradients are the single
+//! process's.
 //!
 //! Why the ranks gather per-micro-batch gradients rather than all-reduce a sum of their own: a single process adds
 //! micro-batch j's gradient into each parameter's buffer in the order j = 0, 1, 2, … (`Param::accumulate_grad`, one
@@ -25,7 +26,7 @@ use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_optim::{AdamW, GradNorm};
 use qlora_runtime::cuda::read_scalars;
 use qlora_runtime::dist::launch::Launch;
-use qlora_runtime::dist::{local_group, Buffer, Communicator, LocalRank};
+use qlora_runtime::dist::{local_group, Communicator, LocalRank};
 use qlora_runtime::ops::concat::cat_rows;
 use qlora_runtime::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -243,30 +244,26 @@ impl Layout {
     }
 }
 
-/// The global step's micro-batches: how many, and micro-batch j built on the host (a rank builds only its own).
-pub(crate) type MicroBatches<'a> = (usize, &'a dyn Fn(usize) -> Result<Batch>);
-
-/// Optimizer step `step` (0-based) over the global step's micro-batches, this rank training its share; see the
-/// module docs for why the result is the single process's bit for bit. `phases` hears this rank's forward and
+/// Optimizer step `step` (0-based) over the global step's micro-batches `batches` (all of them, on the host), this
+/// rank training its share; see the module docs for why the result is the single process's bit for bit. `phases` hears this rank's forward and
 /// backward passes, then the exchange and the update as the optimizer's.
 pub(crate) fn optimizer_step(
     model: &CausalLm,
     optimizer: &mut AdamW,
     group: &dyn Communicator,
-    (count, batch): MicroBatches<'_>,
+    batches: &[Batch],
     step: u64,
     config: &StepConfig,
     phases: &mut dyn Phases,
 ) -> Result<(StepOutcome, Tokens)> {
-    let (rank, n) = (group.rank(), group.world_size());
-    let mine: Vec<(usize, Batch)> = (rank..count).step_by(n).map(|j| Ok((j, batch(j)?))).collect::<Result<_>>()?;
-    let mut counts = [0.0f64; 2];
-    for (_, b) in &mine {
-        counts[0] += b.ids.elem_count() as f64;
-        counts[1] += b.trained_tokens() as f64;
-    }
-    group.all_reduce_sum(Buffer::F64(&mut counts))?;
-    let tokens = Tokens { all: counts[0] as usize, trained: counts[1] as usize };
+    let (rank, n, count) = (group.rank(), group.world_size(), batches.len());
+    // Every rank holds every micro-batch of the step (on the host), so each counts the step's tokens itself: no
+    // collective, no wait.
+    let tokens = Tokens {
+        all: batches.iter().map(|b| b.ids.elem_count()).sum(),
+        trained: batches.iter().map(Batch::trained_tokens).sum(),
+    };
+    let mine: Vec<(usize, &Batch)> = (rank..count).step_by(n).map(|j| (j, &batches[j])).collect();
 
     let params = model.trainable_params();
     let layout = Layout { sizes: params.iter().map(|p| p.value().elem_count()).collect() };
@@ -281,7 +278,7 @@ pub(crate) fn optimizer_step(
         if model.sharded.is_some() {
             // Each layer's gather is a collective: a rank with fewer micro-batches than the busiest runs one more
             // (micro-batch 0 again, while it would otherwise wait) and drops its gradients.
-            micro_step(model, &batch(0)?, (step, 0), tokens.trained, config, phases)?;
+            micro_step(model, &batches[0], (step, 0), tokens.trained, config, phases)?;
             params.iter().for_each(|p| drop(p.take_grad()));
         }
         records.push(Tensor::zeros_on(&[len], DType::F32, device)?);

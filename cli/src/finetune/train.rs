@@ -261,10 +261,8 @@ impl Trainer<'_> {
         let done = match self.group {
             None => self.step_alone(micro, step, &config),
             Some(group) => {
-                let rows = &self.plan.rows;
-                let batch = |j: usize| data::batch(rows, &micro[j]);
-                let micro = (micro.len(), &batch as &dyn Fn(usize) -> Result<_>);
-                parallel::optimizer_step(self.model, self.optimizer, group, micro, step, &config, &mut ())
+                let batches = micro.iter().map(|m| data::batch(&self.plan.rows, m)).collect::<Result<Vec<_>>>()?;
+                parallel::optimizer_step(self.model, self.optimizer, group, &batches, step, &config, &mut ())
             }
         };
         let (outcome, tokens) = match done {
