@@ -1,7 +1,8 @@
 //! The NCCL group on the GPU machine. A single-GPU machine can hold a group of one rank only (NCCL refuses two ranks
 //! on one device), so this runs every collective through it: the library found and loaded, the communicator made on
-//! the GPU, each collective's bytes out and back through device memory, the deadline-guarded wait, gathers started
-//! on NCCL's stream and finished later, and the argument checks; what several ranks compute is `cli/tests/cuda_nccl_finetune.rs`'s (two GPUs).
+//! the GPU, each collective's bytes out and back through device memory, the deadline-guarded wait, gathers started on
+//! NCCL's stream and finished later, and the argument checks; what several ranks compute is
+//! `cli/tests/cuda_nccl_finetune.rs`'s (two GPUs).
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
 //! QLORA_REQUIRE_GPU=1. A missing NCCL on a GPU machine fails, naming where it was looked for.

@@ -245,8 +245,8 @@ impl Layout {
 }
 
 /// Optimizer step `step` (0-based) over the global step's micro-batches `batches` (all of them, on the host), this
-/// rank training its share; see the module docs for why the result is the single process's bit for bit. `phases` hears this rank's forward and
-/// backward passes, then the exchange and the update as the optimizer's.
+/// rank training its share; see the module docs for why the result is the single process's bit for bit. `phases`
+/// hears this rank's forward and backward passes, then the exchange and the update as the optimizer's.
 pub(crate) fn optimizer_step(
     model: &CausalLm,
     optimizer: &mut AdamW,
