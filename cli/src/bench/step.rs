@@ -254,7 +254,7 @@ const SHRINK: &str = "lower --batch or --seq";
 pub fn run(args: &StepArgs) -> Result<()> {
     args.check()?;
     // Usage mistakes first, in one line, before a device is opened (which may print a note).
-    args.adapter.targets()?;
+    let targets = args.adapter.targets()?;
     let subject = Subject::of(args)?;
     let config = subject.config()?;
     let world = args.ranks.world(args.device, args.adapter.base_format(), "bench")?;
@@ -262,20 +262,19 @@ pub fn run(args: &StepArgs) -> Result<()> {
         return spawn::gpus(n).map(drop);
     }
     let placement = parallel::placement(&world, args.dtype.dtype(), "benchmarking")?;
-    parallel::run_as(&world, |group| bench(args, (&subject, &config), placement, group))
+    parallel::run_as(&world, |group| bench(args, (&subject, &config, &targets), placement, group))
 }
 
 /// One process's (or in-process rank's) benchmark, as the only one or as one rank of `group` (rank 0 reports).
 fn bench(
     args: &StepArgs,
-    (subject, config): (&Subject, &ModelConfig),
+    (subject, config, targets): (&Subject, &ModelConfig, &[&str]),
     placement: (Device, DType),
     group: Option<Arc<dyn Communicator>>,
 ) -> Result<()> {
     let (device, dtype) = placement;
     let lead = group.as_ref().is_none_or(|g| g.rank() == 0);
     let ranks = group.as_ref().map_or(1, |g| g.world_size());
-    let targets = args.adapter.targets()?;
     let format = args.adapter.base_format();
     let shard = group.clone().filter(|_| args.ranks.shard_base);
     let setup = Setup {
@@ -286,7 +285,7 @@ fn bench(
         tokens: args.batch * args.seq,
         r: args.adapter.r,
         dora: args.adapter.dora,
-        targets: &targets,
+        targets,
         checkpointing: args.checkpointing(),
         shards: if shard.is_some() { ranks } else { 1 },
         plan: memory::Plan::default(),
@@ -357,7 +356,7 @@ fn bench(
     if let Some(line) = plan_line.as_ref().filter(|_| !args.json && lead) {
         println!("{line}");
     }
-    attach_adapters(&mut model, &targets, &args.adapter.lora_config(), args.seed)?;
+    attach_adapters(&mut model, targets, &args.adapter.lora_config(), args.seed)?;
     if device != Device::Cpu {
         model = model.to_device(device, dtype).with_context(|| format!("moving the model to {device}"))?;
     }

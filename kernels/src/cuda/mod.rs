@@ -20,7 +20,9 @@
 //!
 //! Streams: each device has one compute stream and every launch and copy goes on it, so a buffer dropped by the host
 //! can be handed to the next allocation at once (work for the new owner is queued after all work of the old one). The
-//! one exception is [`offload`]'s copy stream, whose copies are fenced by events on both sides (see there).
+//! exceptions are [`offload`]'s copy stream and [`nccl`]'s collectives stream: each waits for the compute stream
+//! before it starts, and the compute stream waits for its event before the first use of what it wrote
+//! ([`Arrival`]).
 
 pub mod alloc;
 mod arrival;
