@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::gpu_test_bin;
+use common::{gpu_test_bin, torchrun_group_of_one};
 use qlora_runtime::testing::{fixtures_dir, gpu};
 use serde_json::Value;
 use std::process::Command;
@@ -81,13 +81,7 @@ fn a_group_of_one_benchmarks_the_sharded_step() {
         return;
     }
     let plain = bench(&[]);
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
-    let mut env: Vec<(&str, String)> =
-        [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")]
-            .map(|(k, v)| (k, v.to_string()))
-            .to_vec();
-    env.push(("MASTER_PORT", port.to_string()));
-    let sharded = bench_under(&["--shard-base"], &env);
+    let sharded = bench_under(&["--shard-base"], &torchrun_group_of_one());
     println!("qlora-gpu: sharded group of one: {sharded}");
     assert_eq!((sharded["ranks"].as_u64(), sharded["backend"].as_str()), (Some(1), Some("NCCL")), "{sharded}");
     assert_eq!(sharded["shard_base"], true);

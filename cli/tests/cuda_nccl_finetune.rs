@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{chat_data, gpu_test_bin};
+use common::{chat_data, gpu_test_bin, torchrun_group_of_one};
 use qlora_runtime::testing::{fixtures_dir, gpu};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -72,11 +72,6 @@ fn same_run(got: &Path, want: &Path) {
     }
 }
 
-fn free_port() -> String {
-    let socket = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
-    socket.local_addr().unwrap().port().to_string()
-}
-
 #[test]
 fn a_torchrun_group_of_one_trains_the_plain_run() {
     if gpu("a_torchrun_group_of_one_trains_the_plain_run").is_none() {
@@ -84,16 +79,12 @@ fn a_torchrun_group_of_one_trains_the_plain_run() {
     }
     let dir = tempfile::tempdir().unwrap();
     finetune(dir.path(), "plain", &[], &[]);
-    let torchrun = [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")];
-    let mut env: Vec<(&str, String)> = torchrun.iter().map(|&(k, v)| (k, v.to_string())).collect();
-    env.push(("MASTER_PORT", free_port()));
-    let stdout = finetune(dir.path(), "group", &[], &env);
+    let stdout = finetune(dir.path(), "group", &[], &torchrun_group_of_one());
     assert!(stdout.contains("1 NCCL ranks"), "{stdout}");
     same_run(&dir.path().join("group"), &dir.path().join("plain"));
     // The base sharded across the group: each layer's NF4 bytes gathered on the GPU before it runs (device-only
     // weights put together from the gathered streams).
-    env.last_mut().expect("the port is last").1 = free_port();
-    let stdout = finetune(dir.path(), "sharded", &["--shard-base"], &env);
+    let stdout = finetune(dir.path(), "sharded", &["--shard-base"], &torchrun_group_of_one());
     assert!(stdout.contains("the base sharded"), "{stdout}");
     same_run(&dir.path().join("sharded"), &dir.path().join("plain"));
 }

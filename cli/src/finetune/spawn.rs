@@ -1,7 +1,7 @@
-//! `finetune --gpus N`: this process launches N copies of itself, one per GPU, with torchrun's environment (`RANK`,
-//! `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), and waits for them: each copy is
-//! one rank of an NCCL group ([`super::parallel::World::Nccl`]), exactly as under `torchrun --nproc-per-node N`.
-//! Rank 0 prints and writes; the others print only their errors.
+//! `finetune --gpus N` (and `bench --gpus N`): this process launches N copies of itself, one per GPU, with torchrun's
+//! environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), and waits for
+//! them: each copy is one rank of an NCCL group ([`super::parallel::World::Nccl`]), exactly as under `torchrun
+//! --nproc-per-node N`. Rank 0 prints and writes; the others print only their errors.
 //!
 //! When a rank fails, the others are stopped (they would otherwise wait in their next collective until its
 //! deadline) and the error is the failed rank's, which it printed itself. Ctrl-C reaches every process of the

@@ -12,6 +12,17 @@ pub fn gpu_test_bin() -> PathBuf {
     std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from)
 }
 
+/// torchrun's environment for a group of one rank on GPU 0 (the whole multi-GPU path on one GPU), with a port
+/// nobody listens on now for its rendezvous: call it once per run.
+pub fn torchrun_group_of_one() -> Vec<(&'static str, String)> {
+    let socket = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("a free port");
+    let port = socket.local_addr().expect("a bound port").port();
+    let vars = [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")];
+    let mut env: Vec<(&str, String)> = vars.map(|(k, v)| (k, v.to_string())).to_vec();
+    env.push(("MASTER_PORT", port.to_string()));
+    env
+}
+
 /// Runs the built `qlora-rt` with `args`.
 pub fn qlora_rt(args: &[&str]) -> Output {
     qlora_rt_cached(args, None)
