@@ -13,7 +13,6 @@ use super::rendezvous::{self, Host, ID_BYTES};
 use super::{gather_through_host, Buffer, Communicator, Pending};
 use crate::cuda::{buf, contiguous, output};
 use crate::storage::CudaElement;
-use crate::transfer::cuda_device;
 use crate::{DType, Device, Error, Result, Tensor};
 use qlora_kernels::cuda::nccl::{self, Elem, NcclComm};
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer};
@@ -92,7 +91,24 @@ impl NcclRank {
         bytes.copy_from_slice(&dev.to_vec().map_err(Error::cuda(op))?);
         Ok(())
     }
+
+    /// Whether `local` is gathered GPU to GPU: f32 or u8 \[n\], n > 0, on this rank's GPU (another GPU is an error);
+    /// anything else goes through the host.
+    fn gathers_on_gpu(&self, local: &Tensor) -> Result<bool> {
+        let Device::Cuda(_) = local.device() else { return Ok(false) };
+        if local.rank() != 1 || local.elem_count() == 0 || !matches!(local.dtype(), DType::F32 | DType::U8) {
+            return Ok(false);
+        }
+        let mine = Device::Cuda(self.comm.device().ordinal());
+        if local.device() != mine {
+            return Err(Error::DeviceMismatch { op: GATHER, a: mine, b: local.device() });
+        }
+        Ok(true)
+    }
 }
+
+/// The name device gathers' errors carry.
+const GATHER: &str = "all_gather_tensor";
 
 impl Communicator for NcclRank {
     fn rank(&self) -> usize {
@@ -131,46 +147,33 @@ impl Communicator for NcclRank {
     }
 
     fn all_gather_tensor(&self, local: &Tensor) -> Result<Tensor> {
-        const OP: &str = "all_gather_tensor";
-        let Device::Cuda(ordinal) = local.device() else { return gather_through_host(self, local) };
-        if local.rank() != 1 || local.elem_count() == 0 {
+        if !self.gathers_on_gpu(local)? {
             return gather_through_host(self, local);
         }
-        let mine = Device::Cuda(self.comm.device().ordinal());
-        if local.device() != mine {
-            return Err(Error::DeviceMismatch { op: OP, a: mine, b: local.device() });
-        }
         // Device to device: a step's gradients and a sharded layer's weights never cross the host.
-        fn go<T: CudaElement>(comm: &NcclComm, local: &Tensor, ordinal: usize) -> Result<Tensor> {
+        fn go<T: CudaElement>(comm: &NcclComm, local: &Tensor) -> Result<Tensor> {
             let send = contiguous(local)?;
             let n = local.elem_count() * comm.world_size();
-            let mut recv = cuda_device(ordinal)?.alloc::<T>(n).map_err(Error::cuda(OP))?;
-            comm.all_gather(buf::<T>(&send), &mut recv).map_err(Error::cuda(OP))?;
+            let mut recv = comm.device().alloc::<T>(n).map_err(Error::cuda(GATHER))?;
+            comm.all_gather(buf::<T>(&send), &mut recv).map_err(Error::cuda(GATHER))?;
             Ok(output(recv, &[n]))
         }
         match local.dtype() {
-            DType::F32 => go::<f32>(&self.comm, local, ordinal),
-            DType::U8 => go::<u8>(&self.comm, local, ordinal),
-            _ => gather_through_host(self, local),
+            DType::F32 => go::<f32>(&self.comm, local),
+            _ => go::<u8>(&self.comm, local),
         }
     }
 
     fn start_all_gather_tensor(&self, local: &Tensor) -> Result<Pending> {
-        const OP: &str = "all_gather_tensor";
-        let Device::Cuda(_) = local.device() else { return Ok(Pending::done(gather_through_host(self, local)?)) };
-        if local.rank() != 1 || local.elem_count() == 0 || !matches!(local.dtype(), DType::F32 | DType::U8) {
-            return Ok(Pending::done(self.all_gather_tensor(local)?));
-        }
-        let mine = Device::Cuda(self.comm.device().ordinal());
-        if local.device() != mine {
-            return Err(Error::DeviceMismatch { op: OP, a: mine, b: local.device() });
+        if !self.gathers_on_gpu(local)? {
+            return Ok(Pending::done(gather_through_host(self, local)?));
         }
         fn go<T: CudaElement>(comm: &NcclComm, local: &Tensor) -> Result<Pending> {
             let send = contiguous(local)?;
-            let gathering = comm.all_gather_start(buf::<T>(&send)).map_err(Error::cuda(OP))?;
+            let gathering = comm.all_gather_start(buf::<T>(&send)).map_err(Error::cuda(GATHER))?;
             // The send buffer lives until the gather has been waited for: its block is not reused under it.
             Ok(Pending::new(move || {
-                let recv = gathering.ready().map_err(Error::cuda(OP))?;
+                let recv = gathering.ready().map_err(Error::cuda(GATHER))?;
                 drop(send);
                 let n = recv.len();
                 Ok(output(recv, &[n]))
