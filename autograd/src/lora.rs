@@ -12,8 +12,8 @@
 
 use crate::tape::{Tape, Var};
 use crate::Param;
-use qlora_runtime::ops::elementwise::{dropout, scale};
-use qlora_runtime::ops::linalg::matmul;
+use qlora_runtime::ops::elementwise::dropout;
+use qlora_runtime::ops::lora::lora_delta;
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
@@ -141,10 +141,23 @@ impl LoraAdapter {
         LoraAdapter { config: LoraConfig { dropout: 0.0, ..self.config.clone() }, ..self.clone() }
     }
 
-    /// s·B·A: [out, in] (peft `get_delta_weight`), in f32 (f64 when the adapter holds f64 values).
+    /// This adapter with new f32 master parameters on `device` (the same tensors when already there), without
+    /// gradients.
+    pub fn to_device(&self, device: Device) -> Result<LoraAdapter> {
+        let master = |p: &Param| Ok::<_, Error>(Param::trainable(p.name(), p.value().to_device(device)?));
+        Ok(LoraAdapter {
+            lora_a: master(&self.lora_a)?,
+            lora_b: master(&self.lora_b)?,
+            magnitude: self.magnitude.as_ref().map(master).transpose()?,
+            config: self.config.clone(),
+        })
+    }
+
+    /// s·B·A: [out, in] (peft `get_delta_weight`), in f32 (f64 when the adapter holds f64 values), summed in one
+    /// fixed order on every device (`ops::lora::lora_delta`), so a merge is the same bytes wherever it runs.
     pub fn delta_weight(&self, base: &BaseWeight) -> Result<Tensor> {
         self.check("lora delta_weight", base)?;
-        scale(&matmul(&self.lora_b.value(), &self.lora_a.value())?, self.scaling())
+        lora_delta(&self.lora_b.value(), &self.lora_a.value(), self.scaling())
     }
 
     /// Shapes against the base and the config: errors name the offending parameter.

@@ -4,6 +4,7 @@
 //! resolves the inputs, runs the merge into a hidden folder beside the output (removed afterwards) and reports.
 //! The file appears whole or not at all.
 
+use crate::device::DeviceArg;
 use crate::merge::{merge, MergeArgs, MergeFrom, OutDtype};
 use crate::model_path::resolve_model;
 use anyhow::{bail, Context, Result};
@@ -82,6 +83,9 @@ pub struct ExportGgufArgs {
     /// With --adapter and --from nf4 on an unquantized model: f32 block scales (see `qlora-rt merge`).
     #[arg(long)]
     no_double_quant: bool,
+    /// With --adapter: where the merge runs (see `qlora-rt merge --device`).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
 }
 
 /// Removes the merged folder however the export ends.
@@ -131,6 +135,7 @@ pub fn run(args: &ExportGgufArgs) -> Result<()> {
                 dtype: OutDtype::Bf16,
                 from: args.from,
                 no_double_quant: args.no_double_quant,
+                device: args.device,
             })
             .with_context(|| format!("merging {}", adapter.display()))?;
             println!("merged {} adapted projection(s) of {} (bf16)", m.merged, adapter.display());

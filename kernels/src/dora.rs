@@ -4,6 +4,7 @@
 //! Everything else DoRA needs is GEMMs and the elementwise ops.
 
 use crate::float::Float;
+use rayon::prelude::*;
 
 /// Which index of `t[i, j]` a vector scales by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,13 +15,43 @@ pub enum Axis {
     Cols,
 }
 
-/// t: [rows, cols] → out: \[rows\] of ‖t_i‖₂, accumulated in f64 and rounded once (peft takes the norm of the
-/// weight in its dtype; the f64 sum keeps a 14336-wide row exact to the last bit of f32).
+/// t: [rows, cols] → out: \[rows\] of ‖t_i‖₂, the squares summed in f64 in the GPU twin's order and the root rounded
+/// once (peft takes the norm of the weight in its dtype; the f64 sum keeps a 14336-wide row exact to the last bit of
+/// f32, and the shared order makes a merged DoRA weight the same bytes on either device).
 pub fn row_norms<T: Float>(t: &[T], cols: usize, out: &mut [T]) {
     assert!(cols > 0 && t.len() == out.len() * cols, "row_norms: {} values for {} rows of {cols}", t.len(), out.len());
-    for (n, row) in out.iter_mut().zip(t.chunks_exact(cols)) {
-        *n = T::c(row.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt());
+    out.par_iter_mut().zip(t.par_chunks_exact(cols)).for_each(|(n, row)| *n = T::c(sum_of_squares(row).sqrt()));
+}
+
+/// Threads per row in `dora_row_norms` (kernels/src/cuda/dora.rs launches blocks of 256).
+const NORM_THREADS: usize = 256;
+
+/// Σ x² in f64 as `dora_row_norms` adds it: thread i sums columns i, i + 256, … in turn; each warp of 32 folds its
+/// partials by the butterfly (lane l adds lane l ^ o for o = 16, 8, 4, 2, 1); the 8 warp sums fold the same way
+/// (padded with zeros to 32). The squares are exact in f64, so only the order of the sums could differ.
+fn sum_of_squares<T: Float>(row: &[T]) -> f64 {
+    let mut partial = [0.0f64; NORM_THREADS];
+    for chunk in row.chunks(NORM_THREADS) {
+        for (p, x) in partial.iter_mut().zip(chunk) {
+            *p += x.f64() * x.f64();
+        }
     }
+    let mut warps = [0.0f64; 32];
+    for (w, lanes) in warps.iter_mut().zip(partial.chunks_exact(32)) {
+        *w = butterfly(lanes.try_into().expect("32 lanes"));
+    }
+    butterfly(warps)
+}
+
+/// Lane 0 of a warp's xor-shuffle sum (`block_sum_f64` in dora.cu).
+fn butterfly(mut v: [f64; 32]) -> f64 {
+    for o in [16, 8, 4, 2, 1] {
+        let before = v;
+        for (l, x) in v.iter_mut().enumerate() {
+            *x = before[l] + before[l ^ o];
+        }
+    }
+    v[0]
 }
 
 /// out = a / b elementwise (g = m / n).
@@ -65,6 +96,22 @@ pub fn combine<T: Float>(z: &[T], zd: &[T], sv: &[T], g: &[T], y: &mut [T], h: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn norms_sum_in_the_gpu_order() {
+        // 2^54 + 1 is 2^54 in f64: summed left to right the four ones vanish; in the block's order columns 1, 3, 5
+        // and 7 (threads of one warp) meet first, and 2^54 + 4 is exact.
+        let mut row = vec![0.0f64; 300];
+        row[0] = 2f64.powi(27);
+        for c in [1, 3, 5, 7] {
+            row[c] = 1.0;
+        }
+        assert_eq!(row.iter().map(|x| x * x).sum::<f64>(), 2f64.powi(54));
+        assert_eq!(sum_of_squares(&row), 2f64.powi(54) + 4.0);
+        // Column 256 belongs to thread 0 and is added to its running sum: lost again.
+        row[256] = 1.0;
+        assert_eq!(sum_of_squares(&row), 2f64.powi(54) + 4.0);
+    }
 
     #[test]
     fn norms_ratio_scales_and_combine_by_hand() {

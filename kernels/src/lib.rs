@@ -24,6 +24,7 @@ pub mod cuda;
 pub mod dora;
 pub mod elementwise;
 pub mod embedding;
+pub mod lora;
 pub mod matmul;
 pub mod nf4;
 pub mod reduce;

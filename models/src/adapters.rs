@@ -5,7 +5,7 @@
 //! nf4` writes) or adapter files (`formats::peft`).
 
 use crate::error::{Error, Result};
-use crate::transformer::{adapter_to, CausalLm, Projection};
+use crate::transformer::{CausalLm, Projection};
 use qlora_autograd::{merged_weight, LoraAdapter};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::DType;
@@ -30,7 +30,7 @@ impl CausalLm {
             |p| {
                 let adapter = adapter
                     .and_then(|a| a.get(&p.name))
-                    .map(|ad| adapter_to(&ad.without_dropout(), p.base.device()))
+                    .map(|ad| ad.without_dropout().to_device(p.base.device()))
                     .transpose()?;
                 Ok(Projection { name: p.name.clone(), base: p.base.clone(), bias: p.bias.clone(), adapter })
             },

@@ -55,8 +55,7 @@ impl Projection {
             BaseWeight::Dense(t) => BaseWeight::Dense(move_frozen(t, device, dtype)?),
             other => other.to_device(device)?,
         };
-        let adapter =
-            tagged(Category::Adapters, || self.adapter.as_ref().map(|ad| adapter_to(ad, device)).transpose())?;
+        let adapter = tagged(Category::Adapters, || self.adapter.as_ref().map(|ad| ad.to_device(device)).transpose())?;
         let bias = self.bias.as_ref().map(|b| frozen_to(b, device, dtype)).transpose()?;
         Ok(Projection { name: self.name.clone(), base, bias, adapter })
     }
@@ -249,17 +248,6 @@ impl Weights for Loaded<'_> {
     fn has(&self, name: &str) -> bool {
         self.ck.contains(name)
     }
-}
-
-/// `ad` with new f32 master parameters on `device` (the same ones when already there), without gradients.
-pub(crate) fn adapter_to(ad: &LoraAdapter, device: Device) -> qlora_runtime::Result<LoraAdapter> {
-    let master = |p: &Param| Ok::<_, qlora_runtime::Error>(Param::trainable(p.name(), p.value().to_device(device)?));
-    Ok(LoraAdapter {
-        lora_a: master(&ad.lora_a)?,
-        lora_b: master(&ad.lora_b)?,
-        magnitude: ad.magnitude.as_ref().map(master).transpose()?,
-        config: ad.config.clone(),
-    })
 }
 
 /// A frozen tensor in `dtype` on `device` (converted before an upload, so a bf16 model crosses the bus at 2 bytes).

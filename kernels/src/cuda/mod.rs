@@ -42,6 +42,7 @@ pub mod cross_entropy;
 pub mod dora;
 pub mod elementwise;
 pub mod embedding;
+pub mod lora;
 pub mod matmul;
 pub mod nccl;
 pub mod nf4;

@@ -37,6 +37,7 @@ pub enum Module {
     Copy,
     Attention,
     Dora,
+    Lora,
     /// The flash-attention kernels for head_dim ≤ 32, 64, 80, 96, 128, 256: one module each, so a model compiles
     /// only the head size it has.
     FlashD32,
@@ -52,7 +53,7 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: [Module; 22] = [
+    pub const ALL: [Module; 23] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -66,6 +67,7 @@ impl Module {
         Module::Copy,
         Module::Attention,
         Module::Dora,
+        Module::Lora,
         Module::FlashD32,
         Module::FlashD64,
         Module::FlashD80,
@@ -93,6 +95,7 @@ impl Module {
             Module::Copy => "copy",
             Module::Attention => "attention",
             Module::Dora => "dora",
+            Module::Lora => "lora",
             Module::FlashD32 => "flash_attention_d32",
             Module::FlashD64 => "flash_attention_d64",
             Module::FlashD80 => "flash_attention_d80",
@@ -121,6 +124,7 @@ impl Module {
             Module::Copy => include_str!("../../cuda/copy.cu"),
             Module::Attention => include_str!("../../cuda/attention.cu"),
             Module::Dora => include_str!("../../cuda/dora.cu"),
+            Module::Lora => include_str!("../../cuda/lora.cu"),
             Module::FlashD32 => include_str!("../../cuda/flash_attention_d32.cu"),
             Module::FlashD64 => include_str!("../../cuda/flash_attention_d64.cu"),
             Module::FlashD80 => include_str!("../../cuda/flash_attention_d80.cu"),

@@ -23,6 +23,7 @@ mod device;
 mod dora;
 mod elementwise;
 mod embedding;
+mod lora;
 mod matmul;
 mod nf4;
 mod reduce;

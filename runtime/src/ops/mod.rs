@@ -19,6 +19,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod linalg;
 pub mod linear_cross_entropy;
+pub mod lora;
 pub mod optim;
 pub mod reduce;
 pub mod rms_norm;

@@ -1,0 +1,42 @@
+//! Launcher of `kernels/cuda/lora.cu`, the twin of [`crate::lora`]: LoRA's delta weight in the fixed order that
+//! makes a merge the same bytes on the GPU as on the CPU.
+
+use super::source::Module;
+use super::{kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result, BLOCK};
+use cudarc::driver::LaunchConfig;
+
+/// b: [rows, r], a: [r, cols] → out: [rows, cols] = s·(Σ_k b_ik·a_kj), summed from k = 0 with every operation
+/// rounded
+pub fn delta<T: GpuFloat>(
+    b: &DeviceBuffer<T>,
+    a: &DeviceBuffer<T>,
+    r: usize,
+    s: f32,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert!(
+        r > 0 && b.len() % r == 0 && a.len() % r == 0,
+        "lora delta: b {} and a {} values for r {r}",
+        b.len(),
+        a.len()
+    );
+    let (rows, cols) = (b.len() / r, a.len() / r);
+    assert_eq!(out.len(), rows * cols, "lora delta: out for [{rows}, {cols}]");
+    let dev = same_device("lora delta", &[b.device(), a.device(), out.device()]);
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let kernel = kernel!("lora_delta", T);
+    let cfg = LaunchConfig {
+        grid_dim: (u32_arg("lora delta: column tiles", cols.div_ceil(BLOCK as usize)), rows.min(65535) as u32, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (pb, pa, po) = (b.ptr(), a.ptr(), out.ptr());
+    let (rows32, cols32, r32) =
+        (u32_arg("lora delta: rows", rows), u32_arg("lora delta: cols", cols), u32_arg("lora delta: r", r));
+    // SAFETY: lora_delta_T(const T* b, const T* a, T* out, unsigned rows, unsigned cols, unsigned r, float s): b
+    // holds rows·r elements, a r·cols and out rows·cols (asserted), on this device; threads past cols return, and
+    // grid.y strides over rows.
+    unsafe { launch!(dev, Module::Lora, kernel, cfg; pb, pa, po, rows32, cols32, r32, s) }
+}
