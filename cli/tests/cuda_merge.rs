@@ -121,7 +121,9 @@ fn an_8b_mlp_weight_merges_on_cuda_as_on_the_cpu() {
         let cuda = on_gpu();
         let cuda_s = start.elapsed().as_secs_f64();
         let kind = if dora { "DoRA" } else { "LoRA" };
-        assert!(cpu.to_bytes() == cuda.to_bytes(), "{kind}: the GPU's merged weight differs from the CPU's");
+        if cpu.to_bytes() != cuda.to_bytes() {
+            panic!("{kind}: the GPU's merged weight differs from the CPU's: {}", stages(&base, &ad, dev));
+        }
         let scale = LLAMA_8B_ADAPTED / (out_f * in_f) as f64;
         println!(
             "qlora-gpu: merge {out_f}x{in_f} r {r} {kind}: cpu {:.0} ms, cuda {:.1} ms (with transfers); an 8B model's \
@@ -132,4 +134,34 @@ fn an_8b_mlp_weight_merges_on_cuda_as_on_the_cpu() {
             cuda_s * scale
         );
     }
+}
+
+/// Which of `merged_weight`'s steps first differs between the CPU and `dev`: elements that differ in the dequantized
+/// base, the delta, their sum and the rounded result, and the first differing element's values at each step.
+fn stages(base: &BaseWeight, ad: &LoraAdapter, dev: Device) -> String {
+    let (gpu_base, gpu_ad) = (base.to_device(dev).unwrap(), ad.to_device(dev).unwrap());
+    let back = |t: Tensor| t.to_device(Device::Cpu).unwrap().to_vec::<f32>();
+    let w = (base.materialize(DType::F32).unwrap().to_vec::<f32>(), back(gpu_base.materialize(DType::F32).unwrap()));
+    let d = (ad.delta_weight(base).unwrap().to_vec::<f32>(), back(gpu_ad.delta_weight(&gpu_base).unwrap()));
+    let sum = |w: &[f32], d: &[f32]| w.iter().zip(d).map(|(w, d)| w + d).collect::<Vec<f32>>();
+    let m = (sum(&w.0, &d.0), sum(&w.1, &d.1));
+    let r = (
+        merged_weight(base, ad, DType::BF16).unwrap().to_vec::<f32>(),
+        back(merged_weight(&gpu_base, &gpu_ad, DType::BF16).unwrap()),
+    );
+    let differ = |(a, b): &(Vec<f32>, Vec<f32>)| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    let first = r.0.iter().zip(&r.1).position(|(x, y)| x.to_bits() != y.to_bits());
+    let at = first.map_or(String::new(), |i| {
+        format!(
+            "; element {i}: base {:e} / {:e}, delta {:e} / {:e}, sum {:e} / {:e}, bf16 {:e} / {:e}",
+            w.0[i], w.1[i], d.0[i], d.1[i], m.0[i], m.1[i], r.0[i], r.1[i]
+        )
+    });
+    format!(
+        "elements differing (cpu vs gpu): dequantized base {}, delta {}, sum {}, bf16 result {}{at}",
+        differ(&w),
+        differ(&d),
+        differ(&m),
+        differ(&r)
+    )
 }

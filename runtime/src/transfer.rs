@@ -8,7 +8,7 @@ use crate::dtype::CpuStorage;
 use crate::layout::Layout;
 use crate::storage::{CudaElement, CudaStorage};
 use crate::{DType, Device, Error, Result};
-use half::{bf16, f16};
+use half::bf16;
 use qlora_kernels::cuda::{self as kc, CudaDevice, DeviceBuffer};
 
 /// The GPU `cuda:{ordinal}`, opened on first use and then shared by the whole process (one context, stream and
@@ -66,8 +66,8 @@ pub(crate) fn fill(len: usize, value: f64, dtype: DType, ordinal: usize) -> Resu
     let dev = cuda_device(ordinal)?;
     match dtype {
         DType::F32 => go(&dev, len, value as f32),
-        DType::BF16 => go(&dev, len, bf16::from_f64(value)),
-        DType::F16 => go(&dev, len, f16::from_f64(value)),
+        DType::BF16 => go(&dev, len, crate::dtype::bf16_from_f64(value)),
+        DType::F16 => go(&dev, len, crate::dtype::f16_from_f64(value)),
         DType::I32 => go(&dev, len, value as i32),
         DType::U8 => go(&dev, len, value as u8),
         DType::F64 => Err(f64_unsupported("full", ordinal)),
