@@ -8,8 +8,8 @@ use super::{precision, Dropout, LoraAdapter};
 use crate::tape::{Backward, Tape, Var};
 use qlora_runtime::op::{bytes_of, first_grad, saved};
 use qlora_runtime::ops::dora::{combine, ratio, row_norms, scale_by, Axis};
-use qlora_runtime::ops::elementwise::{add, add_bias, mul, scale};
-use qlora_runtime::ops::linalg::matmul;
+use qlora_runtime::ops::elementwise::{add, add_bias, mul};
+use qlora_runtime::ops::linalg::{matmul, matmul_into, matmul_scaled};
 use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Error, Result, Tensor};
@@ -44,20 +44,29 @@ impl Tape {
         let rows = x.value().elem_count() / in_f;
         let x2 = x.value().reshape(&[rows, in_f])?;
         let w = base.materialize(p)?;
-        let z = matmul(&x2, &w.t()?)?;
         let (s, dropout) = (ad.scaling(), Dropout::of(&ad.config, dropout_seed));
-        let xd = match dropout {
-            Some(d) => d.apply(&x2)?,
-            None => x2.clone(),
-        };
-        let u = matmul(&xd, &av.t()?)?;
-        let sv = scale(&matmul(&u, &bv.t()?)?, s)?;
         let (x_needs, a_needs, m_needs) = (x.requires_grad(), a.requires_grad(), m.requires_grad());
         let n = weight_norm(&w, av, bv, s)?;
         let g = ratio(mv, &n)?;
-        // With dropout the correction terms see x_d while the main term keeps x: x_d·Wᵀ is a second product.
-        let zd = if dropout.is_some() { matmul(&xd, &w.t()?)? } else { z.clone() };
-        let (y, h) = combine(&z, &zd, &sv, &g, m_needs)?;
+        let (y, h, u) = match dropout {
+            // y = z + (g − 1)⊙z + g⊙s·u·Bᵀ = g⊙h with h = z + s·u·Bᵀ: the adapter's product accumulates onto
+            // z = x·Wᵀ in its GEMM and one pass scales the columns (h is also what dm reads).
+            None => {
+                let u = matmul(&x2, &av.t()?)?;
+                let mut h = matmul(&x2, &w.t()?)?;
+                matmul_into(&mut h, &u, &bv.t()?, s, 1.0)?;
+                (scale_by(&h, &g, 0.0, Axis::Cols)?, m_needs.then_some(h), u)
+            }
+            // The correction terms see x_d while the main term keeps x: x_d·Wᵀ is a second product.
+            Some(d) => {
+                let xd = d.apply(&x2)?;
+                let z = matmul(&x2, &w.t()?)?;
+                let u = matmul(&xd, &av.t()?)?;
+                let sv = matmul_scaled(&u, &bv.t()?, s)?;
+                let (y, h) = combine(&z, &matmul(&xd, &w.t()?)?, &sv, &g, m_needs)?;
+                (y, h, u)
+            }
+        };
         let y = match bias {
             Some(bias) => add_bias(&y, bias.value())?,
             None => y,
@@ -126,9 +135,8 @@ impl Backward for DoraLinear {
         let d_bias = if self.bias_needs { Some(sum_rows(&dy)?) } else { None };
         // The branch s·(x_d·Aᵀ)·Bᵀ sees dy scaled per output by g; n is detached, so m is the only other path.
         let dyg = scale_by(&dy, &self.g, 0.0, Axis::Cols)?;
-        let dsv = scale(&dyg, self.scaling)?;
-        let d_b = self.u.as_ref().map(|u| matmul(&dsv.t()?, u)).transpose()?;
-        let du = self.b.as_ref().map(|b| matmul(&dsv, b)).transpose()?;
+        let d_b = self.u.as_ref().map(|u| matmul_scaled(&dyg.t()?, u, self.scaling)).transpose()?;
+        let du = self.b.as_ref().map(|b| matmul_scaled(&dyg, b, self.scaling)).transpose()?;
         let d_a = match &self.x {
             Some(x) => {
                 let xd = match self.dropout {
@@ -147,12 +155,16 @@ impl Backward for DoraLinear {
             None => None,
             Some(base) => {
                 let w = base.materialize(p)?;
-                let du_a = matmul(saved(&du)?, saved(&self.a)?)?;
                 Some(match self.dropout {
-                    // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: one product with W.
-                    None => add(&matmul(&dyg, &w)?, &du_a)?,
+                    // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: du·A accumulates onto the one product with W.
+                    None => {
+                        let mut dx = matmul(&dyg, &w)?;
+                        matmul_into(&mut dx, saved(&du)?, saved(&self.a)?, 1.0, 1.0)?;
+                        dx
+                    }
                     // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
                     Some(d) => {
+                        let du_a = matmul(saved(&du)?, saved(&self.a)?)?;
                         let dzd = matmul(&scale_by(&dy, &self.g, -1.0, Axis::Cols)?, &w)?;
                         add(&matmul(&dy, &w)?, &d.apply(&add(&dzd, &du_a)?)?)?
                     }
@@ -166,5 +178,5 @@ impl Backward for DoraLinear {
 
 /// n = ‖W + s·B·A‖ per row (peft `get_weight_norm`): W [out, in], A [r, in], B [out, r] → [out].
 pub(super) fn weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    row_norms(&add(w, &scale(&matmul(b, a)?, s)?)?)
+    row_norms(&add(w, &matmul_scaled(b, a, s)?)?)
 }
