@@ -174,8 +174,8 @@ extern "C" __global__ void dequantize_absmax_nested_f32(const unsigned char* qab
 // bandwidth (kernels/NOTES.md "NF4 GEMV"):
 // - A block owns R rows of W; its warps split the columns (split-K inside the block), one step of 1024 columns per warp
 //   at a time: lane l takes the step's columns 32l..32l+31, 16 packed bytes of each of the R rows in one
-//   `ld.global.nc.L1::no_allocate.v4` (the warp's 512 bytes per row contiguous), GEMV_U steps issued before any is
-//   used: R·GEMV_U·16 bytes in flight per lane.
+//   `ld.global.nc.L1::no_allocate.v4` (the warp's 512 bytes per row contiguous): R·16 bytes in flight per lane, the
+//   first step's issued before the block stages its tables and waits at the barrier.
 // - A lane's 32 columns lie in one scale block (blocksize ≥ 32, in % 32 == 0), so the absmax is read (or rebuilt)
 //   once per row and step and factored out: y = Σ_blocks absmax·Σ code[q]·x. Blocks whose absmax could make a
 //   product subnormal (|absmax| < 2^-122, or not finite) take the twin's per-element ftz(code·absmax) instead, so
@@ -186,7 +186,6 @@ extern "C" __global__ void dequantize_absmax_nested_f32(const unsigned char* qab
 //   run. M rows of x are a template (1, 2, 4, 8); rows m..M-1 re-read row m - 1 and are not written.
 constexpr unsigned GEMV_MAX_ROWS = 8;
 constexpr unsigned GEMV_STEP = 1024;     // columns a warp reads per step: 32 lanes × 32
-constexpr unsigned GEMV_U = 1;           // steps a warp has in flight
 constexpr unsigned GEMV_MAX_WARPS = 8;   // warps per block (the launcher's column split)
 constexpr float GEMV_SAFE_ABSMAX = 0x1p-122f;  // |code| ≥ 2^-3.66 for every nonzero code: products stay normal
 
@@ -211,34 +210,30 @@ __device__ __forceinline__ void decode8(unsigned table, unsigned w, float (&c)[8
     }
 }
 
-// One step's loads for a warp: R rows × GEMV_U steps of 16 packed bytes and their absmax.
+// A warp's loads for one step: 16 packed bytes of each of R rows and their absmax; `col` is the lane's first column,
+// in_f when the step or the lane's columns are past the row.
 template <unsigned R> struct GemvLoads {
-    uint4 w[GEMV_U][R];
-    float absmax[GEMV_U][R];
-    unsigned col[GEMV_U];  // the lane's first column; in_f when the step is past the row
+    uint4 w[R];
+    float absmax[R];
+    unsigned col;
 };
 
 template <unsigned R, typename Scales>
 __device__ __forceinline__ GemvLoads<R> gemv_load(const unsigned char* __restrict__ packed, const Scales& scales,
                                                   unsigned o0, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
-                                                  unsigned step, unsigned stride) {
+                                                  unsigned step) {
     GemvLoads<R> l;
-    const unsigned lane = threadIdx.x % 32;
+    const unsigned c = step * GEMV_STEP + 32 * (threadIdx.x % 32);
+    l.col = step < (in_f + GEMV_STEP - 1) / GEMV_STEP && c < in_f ? c : in_f;
 #pragma unroll
-    for (unsigned u = 0; u < GEMV_U; ++u) {
-        const unsigned s = step + u * stride;
-        const unsigned c = s * GEMV_STEP + 32 * lane;
-        l.col[u] = s < (in_f + GEMV_STEP - 1) / GEMV_STEP && c < in_f ? c : in_f;
-#pragma unroll
-        for (unsigned r = 0; r < R; ++r) {
-            l.w[u][r] = make_uint4(0, 0, 0, 0);
-            l.absmax[u][r] = 0.0f;
-            if (l.col[u] < in_f) {
-                // Rows past the weight repeat its last one (read, never written).
-                const u64 e = static_cast<u64>(min(o0 + r, out_f - 1)) * in_f + c;
-                l.w[u][r] = ld_stream16(packed + e / 2);
-                l.absmax[u][r] = scales(e >> log2_blocksize);
-            }
+    for (unsigned r = 0; r < R; ++r) {
+        l.w[r] = make_uint4(0, 0, 0, 0);
+        l.absmax[r] = 0.0f;
+        if (l.col < in_f) {
+            // Rows past the weight repeat its last one (read, never written).
+            const u64 e = static_cast<u64>(min(o0 + r, out_f - 1)) * in_f + c;
+            l.w[r] = ld_stream16(packed + e / 2);
+            l.absmax[r] = scales(e >> log2_blocksize);
         }
     }
     return l;
@@ -324,7 +319,7 @@ __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, ksplit = blockDim.x / 32;
     const unsigned o0 = blockIdx.x * R, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
     // The first loads go out before the tables are staged and the block waits for them.
-    GemvLoads<R> loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, warp, ksplit);
+    GemvLoads<R> loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, warp);
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     scales.stage();
     __syncthreads();
@@ -334,12 +329,9 @@ __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales
 #pragma unroll
         for (unsigned k = 0; k < M; ++k) acc[r][k] = 0.0f;
     }
-    for (unsigned step = warp; step < steps; step += GEMV_U * ksplit) {
-        if (step != warp) loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, step, ksplit);
-#pragma unroll
-        for (unsigned u = 0; u < GEMV_U; ++u) {
-            if (loads.col[u] < in_f) gemv_step<T, M, R>(table, loads.w[u], loads.absmax[u], x, m, in_f, loads.col[u], acc);
-        }
+    for (unsigned step = warp; step < steps; step += ksplit) {
+        if (step != warp) loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, step);
+        if (loads.col < in_f) gemv_step<T, M, R>(table, loads.w, loads.absmax, x, m, in_f, loads.col, acc);
     }
 #pragma unroll
     for (unsigned r = 0; r < R; ++r) {
