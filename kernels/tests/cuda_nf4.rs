@@ -2,8 +2,8 @@
 //! random packed bytes and scales: f32, bf16 and f16 outputs; plain and double-quantized absmax; every blocksize;
 //! lengths that exercise the vector path, its tail and odd n; writes into a range of a larger buffer, aligned or not;
 //! and the 14336 × 4096 weight of an 8B model's MLP, which also reports the kernel's bandwidth against a device copy
-//! measured in the same run. Decoding's NF4 GEMV against its CPU twin (within f32 summation error), with the same
-//! bandwidth report at batch 1.
+//! measured in the same run. Decoding's NF4 GEMV against its CPU twin (within f32 summation error), with a bandwidth
+//! report for an 8B model's three weight shapes at 1 and 8 rows of x.
 //!
 //! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
