@@ -170,17 +170,192 @@ extern "C" __global__ void dequantize_absmax_nested_f32(const unsigned char* qab
 }
 
 // Twin of kernels/src/nf4/gemv.rs. x: [m, in] (m ≤ GEMV_MAX_ROWS) times W [out, in] NF4 → y: [m, out], for decoding:
-// the weight is read packed (0.5 byte per element, the whole cost at batch 1) and never written out. One warp per
-// output row, grid-stride over rows. On the vector path (in % 32 == 0, 16-byte aligned bases) each lane takes 32
-// consecutive elements per step, 16 packed bytes in one load, so a warp reads 512 contiguous bytes of the row per
-// step; the 32 elements lie in one scale block (blocksize ≥ 32). Otherwise one element per lane per step. Sums in
-// f32 per lane, then across the warp by a fixed shuffle tree: the same bits run to run.
+// the weight is read packed (0.5 byte per element, the whole cost at batch 1) and never written out. Designed for
+// bandwidth (kernels/NOTES.md "NF4 GEMV"):
+// - A block owns R rows of W; its warps split the columns (split-K inside the block), one step of 1024 columns per warp
+//   at a time: lane l takes the step's columns 32l..32l+31, 16 packed bytes of each of the R rows in one
+//   `ld.global.nc.L1::no_allocate.v4` (the warp's 512 bytes per row contiguous): R·16 bytes in flight per lane, the
+//   first step's issued before the block stages its tables and waits at the barrier.
+// - A lane's 32 columns lie in one scale block (blocksize ≥ 32, in % 32 == 0), so the absmax is read (or rebuilt)
+//   once per row and step and factored out: y = Σ_blocks absmax·Σ code[q]·x. Blocks whose absmax could make a
+//   product subnormal (|absmax| < 2^-122, or not finite) take the twin's per-element ftz(code·absmax) instead, so
+//   flushed products stay flushed.
+// - The codes come from a 16-entry shared table (16 banks: no conflicts), addressed by one PRMT per element from a
+//   word of 4·nibble bytes; x is read as 8 f32 per row and word, once for all R rows of W.
+// - Sums: f32 per lane, then a fixed xor-shuffle tree per warp, then the block's warps in order: the same bits run to
+//   run. M rows of x are a template (1, 2, 4, 8); rows m..M-1 re-read row m - 1 and are not written.
 constexpr unsigned GEMV_MAX_ROWS = 8;
+constexpr unsigned GEMV_STEP = 1024;     // columns a warp reads per step: 32 lanes × 32
+constexpr unsigned GEMV_MAX_WARPS = 8;   // warps per block (the launcher's column split)
+constexpr float GEMV_SAFE_ABSMAX = 0x1p-122f;  // |code| ≥ 2^-3.66 for every nonzero code: products stay normal
 
+// Weights are read once: no L1 allocation, so x keeps the L1.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+// The 8 NF4 codes of one word of packed bytes, in element order (byte b: its high nibble, then its low one), from the
+// 16-entry table at shared address `table` (256-byte aligned): one PRMT per element puts the byte 4·nibble under the
+// table's upper address bytes, so the address needs no add.
+__device__ __forceinline__ void decode8(unsigned table, unsigned w, float (&c)[8]) {
+    const unsigned hi = (w >> 2) & 0x3c3c3c3cu, lo = (w << 2) & 0x3c3c3c3cu;  // byte b: 4 × nibble
+#pragma unroll
+    for (unsigned b = 0; b < 4; ++b) {
+        asm volatile("ld.shared.f32 %0, [%1];" : "=f"(c[2 * b]) : "r"(__byte_perm(hi, table, 0x7650 + b)));
+        asm volatile("ld.shared.f32 %0, [%1];" : "=f"(c[2 * b + 1]) : "r"(__byte_perm(lo, table, 0x7650 + b)));
+    }
+}
+
+// A warp's loads for one step: 16 packed bytes of each of R rows and their absmax; `col` is the lane's first column,
+// in_f when the step or the lane's columns are past the row.
+template <unsigned R> struct GemvLoads {
+    uint4 w[R];
+    float absmax[R];
+    unsigned col;
+};
+
+template <unsigned R, typename Scales>
+__device__ __forceinline__ GemvLoads<R> gemv_load(const unsigned char* __restrict__ packed, const Scales& scales,
+                                                  unsigned o0, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
+                                                  unsigned step) {
+    GemvLoads<R> l;
+    const unsigned c = step * GEMV_STEP + 32 * (threadIdx.x % 32);
+    l.col = step < (in_f + GEMV_STEP - 1) / GEMV_STEP && c < in_f ? c : in_f;
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+        l.w[r] = make_uint4(0, 0, 0, 0);
+        l.absmax[r] = 0.0f;
+        if (l.col < in_f) {
+            // Rows past the weight repeat its last one (read, never written).
+            const u64 e = static_cast<u64>(min(o0 + r, out_f - 1)) * in_f + c;
+            l.w[r] = ld_stream16(packed + e / 2);
+            l.absmax[r] = scales(e >> log2_blocksize);
+        }
+    }
+    return l;
+}
+
+// acc[r][k] += Σ over the lane's 32 columns from `col` of W[o0 + r]·x[k]: codes × x summed per row, times the absmax.
+// EXACT (some row's absmax is not safe to factor out): those rows sum the twin's flushed weights instead; a template
+// so that the common path carries no per-element select.
+template <bool EXACT, typename T, unsigned M, unsigned R>
+__device__ __forceinline__ void gemv_step(unsigned code, const uint4 (&w)[R], const float (&absmax)[R],
+                                          const bool (&exact)[R], const T* __restrict__ x, unsigned m, unsigned in_f,
+                                          unsigned col, float (&acc)[R][M]) {
+    float sum[R][M];
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) sum[r][k] = 0.0f;
+    }
+    // Word j of each row is words[r].x after j rotations: with M ≥ 4 rows of x the loop stays rolled, so that one
+    // word's x (8·M values) is live at a time instead of all four.
+    uint4 words[R];
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) words[r] = w[r];
+#pragma unroll(M <= 2 ? 4 : 1)
+    for (unsigned j = 0; j < 4; ++j) {
+        float xv[M][8];
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) load8_f32(x + static_cast<u64>(min(k, m - 1)) * in_f + col + 8 * j, xv[k]);
+#pragma unroll
+        for (unsigned r = 0; r < R; ++r) {
+            float c[8];
+            decode8(code, words[r].x, c);
+            words[r] = make_uint4(words[r].y, words[r].z, words[r].w, 0);
+            if (EXACT && exact[r]) {
+#pragma unroll
+                for (unsigned i = 0; i < 8; ++i) c[i] = flush_subnormal(__fmul_rn(c[i], absmax[r]));
+            }
+#pragma unroll
+            for (unsigned k = 0; k < M; ++k) {
+#pragma unroll
+                for (unsigned i = 0; i < 8; ++i) sum[r][k] = fmaf(c[i], xv[k][i], sum[r][k]);
+            }
+        }
+    }
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k)
+            acc[r][k] = EXACT && exact[r] ? acc[r][k] + sum[r][k] : fmaf(absmax[r], sum[r][k], acc[r][k]);
+    }
+}
+
+// gemv_step for one step's loads: factored unless some row's absmax could make a product subnormal (|absmax| <
+// 2^-122) or is not finite; those rows take the twin's per-element ftz(code·absmax), so flushed products stay flushed.
+template <typename T, unsigned M, unsigned R>
+__device__ __forceinline__ void gemv_step(unsigned code, const uint4 (&w)[R], const float (&absmax)[R],
+                                          const T* __restrict__ x, unsigned m, unsigned in_f, unsigned col,
+                                          float (&acc)[R][M]) {
+    bool exact[R], any = false;
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+        const float a = fabsf(absmax[r]);
+        exact[r] = !(a >= GEMV_SAFE_ABSMAX && a <= 3.40282347e38f);
+        any |= exact[r];
+    }
+    if (any) {
+        gemv_step<true>(code, w, absmax, exact, x, m, in_f, col, acc);
+    } else {
+        gemv_step<false>(code, w, absmax, exact, x, m, in_f, col, acc);
+    }
+}
+
+// The vector path: in % 32 == 0, packed and x 16-byte aligned. Blocks of 32·ksplit threads (ksplit ≤
+// GEMV_MAX_WARPS) own rows R·blockIdx.x.. of W; warp w takes the steps w, w + ksplit, ….
+template <typename T, typename Scales, unsigned M, unsigned R>
+__device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
+                                T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f,
+                                unsigned log2_blocksize) {
+    __shared__ __align__(256) float code[16];
+    __shared__ float partial[GEMV_MAX_WARPS][R * M];
+    const unsigned table = static_cast<unsigned>(__cvta_generic_to_shared(code));
+    if (table % 256 != 0) __trap();  // decode8's addressing
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, ksplit = blockDim.x / 32;
+    const unsigned o0 = blockIdx.x * R, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
+    // The first loads go out before the tables are staged and the block waits for them.
+    GemvLoads<R> loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, warp);
+    if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
+    scales.stage();
+    __syncthreads();
+    float acc[R][M];
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) acc[r][k] = 0.0f;
+    }
+    for (unsigned step = warp; step < steps; step += ksplit) {
+        if (step != warp) loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, step);
+        if (loads.col < in_f) gemv_step<T, M, R>(table, loads.w, loads.absmax, x, m, in_f, loads.col, acc);
+    }
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) {
+            float s = acc[r][k];
+            for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+            if (lane == 0) partial[warp][r * M + k] = s;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < R * M) {
+        const unsigned r = threadIdx.x / M, k = threadIdx.x % M, o = o0 + r;
+        float s = partial[0][threadIdx.x];
+        for (unsigned w = 1; w < ksplit; ++w) s += partial[w][threadIdx.x];
+        if (o < out_f && k < m) y[static_cast<u64>(k) * out_f + o] = from_f32<T>(s);
+    }
+}
+
+// Any shape and alignment: one warp per output row, one element per lane per step, the twin's per-element weights.
 template <typename T, typename Scales>
-__device__ void nf4_gemv(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
-                         T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
-                         int vector) {
+__device__ void nf4_gemv_scalar(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
+                                T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f,
+                                unsigned log2_blocksize) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     scales.stage();
@@ -191,41 +366,13 @@ __device__ void nf4_gemv(const unsigned char* __restrict__ packed, Scales scales
 #pragma unroll
         for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
         const u64 row = static_cast<u64>(o) * in_f;
-        if (vector) {
-            for (unsigned c = 32 * lane; c < in_f; c += 32 * 32) {
-                const u64 e = row + c;
-                const uint4 bytes = *reinterpret_cast<const uint4*>(packed + e / 2);
-                const float absmax = scales(e >> log2_blocksize);
-                const unsigned words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
-                float w[32];
+        for (unsigned i = lane; i < in_f; i += 32) {
+            const u64 e = row + i;
+            const unsigned byte = packed[e / 2];
+            const float w = dequantize_one(code, e % 2 == 0 ? byte >> 4 : byte & 15, scales(e >> log2_blocksize));
 #pragma unroll
-                for (unsigned j = 0; j < 4; ++j) {
-#pragma unroll
-                    for (unsigned k = 0; k < 8; ++k) w[8 * j + k] = dequantize_one(code, nibble(words[j], k), absmax);
-                }
-#pragma unroll
-                for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
-                    if (r < m) {
-                        const T* xr = x + static_cast<u64>(r) * in_f + c;
-#pragma unroll
-                        for (unsigned j = 0; j < 4; ++j) {
-                            float v[8];
-                            unpack8(load8(xr + 8 * j), v);
-#pragma unroll
-                            for (unsigned k = 0; k < 8; ++k) acc[r] += w[8 * j + k] * v[k];
-                        }
-                    }
-                }
-            }
-        } else {
-            for (unsigned i = lane; i < in_f; i += 32) {
-                const u64 e = row + i;
-                const unsigned byte = packed[e / 2];
-                const float w = dequantize_one(code, e % 2 == 0 ? byte >> 4 : byte & 15, scales(e >> log2_blocksize));
-#pragma unroll
-                for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
-                    if (r < m) acc[r] += w * to_f32(x[static_cast<u64>(r) * in_f + i]);
-                }
+            for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
+                if (r < m) acc[r] += w * to_f32(x[static_cast<u64>(r) * in_f + i]);
             }
         }
 #pragma unroll
@@ -237,18 +384,36 @@ __device__ void nf4_gemv(const unsigned char* __restrict__ packed, Scales scales
     }
 }
 
+// Rows of W per block of the vector path for M rows of x (kernels/src/cuda/nf4.rs gemv_rows_per_block).
+#define NF4_GEMV_ROWS(M) ((M) <= 2 ? 4 : 2)
+
+#define NF4_GEMV_ARGS unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize
+#define NF4_GEMV_PLAIN(T) const unsigned char *packed, const float *absmax, const T *x, T *y, NF4_GEMV_ARGS
+#define NF4_GEMV_NESTED(T)                                                                                           \
+    const unsigned char *packed, const unsigned char *qabsmax, const float *absmax2, const float *code2, float offset, \
+        const T *x, T *y, NF4_GEMV_ARGS
+#define NF4_NESTED_SCALES NestedAbsmax{qabsmax, absmax2, code2, offset}
+#define NF4_GEMV_VECTOR(M, T, SCALES) nf4_gemv_vector<T, decltype(SCALES), M, NF4_GEMV_ROWS(M)>(packed, SCALES, x, y, m, out_f, in_f, log2_blocksize)
+
 // qlora-rt: hot
-extern "C" __global__ void nf4_gemv_f32(const unsigned char* packed, const float* absmax, const float* x, float* y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, int vector) {
-    nf4_gemv(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize, vector);
-}
-extern "C" __global__ void nf4_gemv_bf16(const unsigned char* packed, const float* absmax, const bf16* x, bf16* y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, int vector) {
-    nf4_gemv(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize, vector);
-}
-extern "C" __global__ void nf4_gemv_nested_f32(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2, float offset,
-                                               const float* x, float* y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, int vector) {
-    nf4_gemv(packed, NestedAbsmax{qabsmax, absmax2, code2, offset}, x, y, m, out_f, in_f, log2_blocksize, vector);
-}
-extern "C" __global__ void nf4_gemv_nested_bf16(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2, float offset,
-                                                const bf16* x, bf16* y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, int vector) {
-    nf4_gemv(packed, NestedAbsmax{qabsmax, absmax2, code2, offset}, x, y, m, out_f, in_f, log2_blocksize, vector);
-}
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_m1_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(1, float, Absmax{absmax}); }
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_m1_bf16(NF4_GEMV_PLAIN(bf16)) { NF4_GEMV_VECTOR(1, bf16, Absmax{absmax}); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m2_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(2, float, Absmax{absmax}); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m2_bf16(NF4_GEMV_PLAIN(bf16)) { NF4_GEMV_VECTOR(2, bf16, Absmax{absmax}); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m4_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(4, float, Absmax{absmax}); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m4_bf16(NF4_GEMV_PLAIN(bf16)) { NF4_GEMV_VECTOR(4, bf16, Absmax{absmax}); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m8_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(8, float, Absmax{absmax}); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m8_bf16(NF4_GEMV_PLAIN(bf16)) { NF4_GEMV_VECTOR(8, bf16, Absmax{absmax}); }
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nested_m1_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(1, float, NF4_NESTED_SCALES); }
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nested_m1_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(1, bf16, NF4_NESTED_SCALES); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m2_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(2, float, NF4_NESTED_SCALES); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m2_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(2, bf16, NF4_NESTED_SCALES); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(4, float, NF4_NESTED_SCALES); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(4, bf16, NF4_NESTED_SCALES); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(8, float, NF4_NESTED_SCALES); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(8, bf16, NF4_NESTED_SCALES); }
+
+extern "C" __global__ void nf4_gemv_scalar_f32(NF4_GEMV_PLAIN(float)) { nf4_gemv_scalar(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize); }
+extern "C" __global__ void nf4_gemv_scalar_bf16(NF4_GEMV_PLAIN(bf16)) { nf4_gemv_scalar(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize); }
+extern "C" __global__ void nf4_gemv_scalar_nested_f32(NF4_GEMV_NESTED(float)) { nf4_gemv_scalar(packed, NF4_NESTED_SCALES, x, y, m, out_f, in_f, log2_blocksize); }
+extern "C" __global__ void nf4_gemv_scalar_nested_bf16(NF4_GEMV_NESTED(bf16)) { nf4_gemv_scalar(packed, NF4_NESTED_SCALES, x, y, m, out_f, in_f, log2_blocksize); }

@@ -2,8 +2,8 @@
 //! random packed bytes and scales: f32, bf16 and f16 outputs; plain and double-quantized absmax; every blocksize;
 //! lengths that exercise the vector path, its tail and odd n; writes into a range of a larger buffer, aligned or not;
 //! and the 14336 × 4096 weight of an 8B model's MLP, which also reports the kernel's bandwidth against a device copy
-//! measured in the same run. Decoding's NF4 GEMV against its CPU twin (within f32 summation error), with the same
-//! bandwidth report at batch 1.
+//! measured in the same run. Decoding's NF4 GEMV against its CPU twin (within f32 summation error), with a bandwidth
+//! report for an 8B model's three weight shapes at 1 and 8 rows of x.
 //!
 //! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
@@ -283,10 +283,13 @@ fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
     }
 }
 
-/// Decoding's product x·Wᵀ against the CPU twin (which sums exactly in f64): rows of x 1, 3 and 8; widths on the
-/// vector path (in % 32 = 0) and off it; plain and nested scales; f32 and bf16. Each output may differ from the exact
-/// sum by f32 summation error, at most [`GEMV_SUM`] of Σ|w·x| (the tree's depth times f32's unit roundoff, with
-/// margin), plus one rounding of the output (bf16's 2⁻⁸).
+/// Decoding's product x·Wᵀ against the CPU twin (which sums exactly in f64): every row count 1 to 8 (the vector
+/// kernels take 1, 2, 4 or 8 rows and leave the rest unwritten); widths on the vector path (in % 32 = 0: one step,
+/// several, a partial last step, 14336's seven warps of two steps, more steps than warps) and off it; row counts that
+/// leave a block's last rows past the weight; plain and nested scales (with zero, subnormal and tiny absmax, which
+/// take the per-element path); f32 and bf16. Each output may differ from the exact sum by f32 summation error, at most
+/// [`GEMV_SUM`] of Σ|w·x| (the tree's depth times f32's unit roundoff, with margin), plus one rounding of the output
+/// (bf16's 2⁻⁸).
 const GEMV_SUM: f64 = 2e-6;
 
 fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
@@ -315,7 +318,7 @@ fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
             let bound = GEMV_SUM * magnitude + output_rounding * w.abs();
             assert!(
                 (g - w).abs() <= bound,
-                "{} m {m} [{}]: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})",
+                "{} [{out_f}, {in_f}] m {m} [{}]: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})",
                 case.what(),
                 T::NAME
             );
@@ -327,12 +330,22 @@ fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
 fn nf4_gemv_matches_cpu() {
     let Some(dev) = gpu("nf4_gemv_matches_cpu") else { return };
     let mut rng = Rng::new(44);
-    for (out_f, in_f, blocksize) in
-        [(1, 32, 32), (7, 64, 64), (33, 4096, 64), (5, 100, 32), (3, 1000, 128), (9, 14336, 64)]
-    {
+    let shapes = [
+        (1, 32, 32),
+        (7, 64, 64),
+        (33, 4096, 64),
+        (5, 100, 32),
+        (3, 1000, 128),
+        (9, 14336, 64),
+        (6, 1056, 64),
+        (5, 9248, 256),
+        (2, 2048, 4096),
+        (11, 4128, 1024),
+    ];
+    for (out_f, in_f, blocksize) in shapes {
         for nested in [false, true] {
             let case = Case::new(&mut rng, out_f * in_f, blocksize, nested);
-            for m in [1, 3, 8] {
+            for m in 1..=gnf4::GEMV_MAX_ROWS {
                 gemv_case::<f32>(&dev, &case, in_f, m, &mut rng);
                 gemv_case::<bf16>(&dev, &case, in_f, m, &mut rng);
             }
@@ -340,30 +353,72 @@ fn nf4_gemv_matches_cpu() {
     }
 }
 
-/// Decoding's cost at batch 1: the GEMV of an 8B model's 14336 × 4096 MLP weight (nested scales, bf16 x) reads the
-/// packed weight and its scales once; that traffic per second is printed against a device copy measured in the same
-/// run (read + written, as a copy's bytes are counted). A report, not an assertion.
+/// Seconds of device time per call of `f`, back to back: the median of 7 runs of `reps` calls timed by events, each
+/// queued behind a copy of a large buffer so that the host is ahead of the GPU and its launch overhead is not timed.
+fn device_seconds(dev: &CudaDevice, reps: usize, mut f: impl FnMut()) -> f64 {
+    use qlora_kernels::cuda::timing::Event;
+    let blocker = dev.alloc::<u8>(1 << 30).unwrap();
+    f();
+    let mut times: Vec<f64> = (0..7)
+        .map(|_| {
+            let busy = blocker.try_clone().unwrap();
+            let start = Event::record(dev).unwrap();
+            (0..reps).for_each(|_| f());
+            let end = Event::record(dev).unwrap();
+            end.synchronize().unwrap();
+            drop(busy);
+            start.elapsed_ms(&end).unwrap() as f64 * 1e-3 / reps as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Decoding's cost: the GEMV of an 8B model's weights (q/o_proj 4096 × 4096, gate/up_proj 14336 × 4096, down_proj
+/// 4096 × 14336; nested scales, bf16 x) at 1 and 8 rows of x. Each call reads the packed weight, its scales and x
+/// and writes y; that traffic per second of device time is printed against a device copy timed the same way in the
+/// same run (read + written, as a copy's bytes are counted). The calls cycle through copies of the weight filling
+/// 512 MB, as decoding cycles through a model's layers, so that no call finds its weight in the 50 MB L2. A report,
+/// not an assertion.
 #[test]
 fn nf4_gemv_bandwidth_report() {
     let Some(dev) = gpu("nf4_gemv_bandwidth_report") else { return };
-    let (out_f, in_f, blocksize) = (14336, 4096, 64);
-    let n = out_f * in_f;
-    let case = Case::new(&mut Rng::new(45), n, blocksize, true);
-    let x = upload(&dev, &vec![bf16::from_f32(0.5); in_f]);
-    let mut y = dev.alloc::<bf16>(out_f).unwrap();
-    let blocks = case.absmax.len();
-    let read = (n / 2 + blocks + 4 * blocks.div_ceil(NESTED_BLOCKSIZE) + 2 * in_f) as f64;
-    let seconds = case.on_device(&dev, |packed, scales| {
-        median_seconds(&dev, 50, || gnf4::nf4_gemv(packed, scales, blocksize, &x, in_f, &mut y).unwrap())
-    });
-    let out16 = dev.alloc::<bf16>(n).unwrap();
-    let copy_rate = (4 * n) as f64 / median_seconds(&dev, 20, || drop(out16.try_clone().unwrap()));
-    let rate = read / seconds;
-    println!(
-        "qlora-gpu: nf4_gemv 14336x4096 batch 1: {:.1} us, {:.0} GB/s = {:.0}% of the device copy's {:.0} GB/s",
-        seconds * 1e6,
-        rate / 1e9,
-        100.0 * rate / copy_rate,
-        copy_rate / 1e9
-    );
+    let blocksize = 64;
+    let n_copy = 14336 * 4096;
+    let copy_src = dev.alloc::<bf16>(n_copy).unwrap();
+    let copy_rate = (4 * n_copy) as f64 / device_seconds(&dev, 20, || drop(copy_src.try_clone().unwrap()));
+    println!("qlora-gpu: {}: device copy {:.0} GB/s (117 MB bf16)", dev.name(), copy_rate / 1e9);
+    for (out_f, in_f) in [(4096, 4096), (14336, 4096), (4096, 14336)] {
+        let n = out_f * in_f;
+        let case = Case::new(&mut Rng::new(45), n, blocksize, true);
+        let nested = case.nested.as_ref().expect("nested case");
+        let weight_bytes = n / 2 + nested.q.len() + 4 * nested.absmax2.len();
+        let copies = (512usize << 20).div_ceil(weight_bytes);
+        let weights: Vec<_> = (0..copies)
+            .map(|_| {
+                let (p, q) = (upload(&dev, &case.packed), upload(&dev, &nested.q));
+                (p, q, upload(&dev, &nested.absmax2))
+            })
+            .collect();
+        let code2 = upload(&dev, &nested.code2);
+        for m in [1, 8] {
+            let x = upload(&dev, &vec![bf16::from_f32(0.5); m * in_f]);
+            let mut y = dev.alloc::<bf16>(m * out_f).unwrap();
+            let mut next = 0;
+            let seconds = device_seconds(&dev, copies, || {
+                let (packed, qabsmax, absmax2) = &weights[next % copies];
+                next += 1;
+                let scales = Nf4Scales::Nested { qabsmax, absmax2, code2: &code2, offset: nested.offset };
+                gnf4::nf4_gemv(packed, scales, blocksize, &x, in_f, &mut y).unwrap()
+            });
+            let rate = (weight_bytes + 2 * m * (in_f + out_f)) as f64 / seconds;
+            println!(
+                "qlora-gpu: nf4_gemv {out_f}x{in_f} m {m}: {:.2} us, {:.0} GB/s = {:.0}% of the device copy's {:.0} GB/s",
+                seconds * 1e6,
+                rate / 1e9,
+                100.0 * rate / copy_rate,
+                copy_rate / 1e9
+            );
+        }
+    }
 }

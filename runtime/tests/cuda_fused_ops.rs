@@ -73,7 +73,7 @@ fn nf4_gemv_equals_x_times_the_dequantized_weight(device: Device) {
     use qlora_runtime::ops::linalg::matmul;
     use qlora_runtime::quant::{Nf4Weight, GEMV_MAX_ROWS};
     let mut rng = Rng::new(22);
-    for (out_f, in_f, double_quant) in [(40, 256, false), (33, 4096, true), (9, 100, true)] {
+    for (out_f, in_f, double_quant) in [(40, 256, false), (33, 4096, true), (9, 100, true), (7, 14336, false)] {
         let w = Tensor::randn(&[out_f, in_f], 0.05, DType::F32, &mut rng);
         let w4 = Nf4Weight::quantize(&w, 64, double_quant).unwrap().to_device(device).unwrap();
         let dtypes: &[DType] = if device == Device::Cpu { &[DType::F32] } else { &[DType::F32, DType::BF16] };
@@ -81,7 +81,7 @@ fn nf4_gemv_equals_x_times_the_dequantized_weight(device: Device) {
         // result differs from it by its own rounding and f32 summation order, not by 4096 weight roundings.
         let dense = w4.dequantize(DType::F32).unwrap();
         for &dtype in dtypes {
-            for rows in [1, 3, GEMV_MAX_ROWS] {
+            for rows in 1..=GEMV_MAX_ROWS {
                 let x =
                     Tensor::randn(&[rows, in_f], 1.0, DType::F32, &mut rng).to_dtype(dtype).to_device(device).unwrap();
                 let got = w4.gemv(&x).unwrap();

@@ -9,6 +9,7 @@ use super::{
     Result, BLOCK,
 };
 use crate::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
+use cudarc::driver::LaunchConfig;
 use half::f16;
 
 /// Elements a warp dequantizes per step of the kernel's vector path (`TILE` in nf4.cu): 32 lanes × 16 packed bytes.
@@ -144,10 +145,43 @@ fn weight_device<'a>(
 /// Rows of x an [`nf4_gemv`] takes at once (`GEMV_MAX_ROWS` in nf4.cu): the sequences of one decoding step.
 pub const GEMV_MAX_ROWS: usize = 8;
 
+/// Columns a warp of the vector kernels reads per step (`GEMV_STEP` in nf4.cu): 32 lanes × 16 packed bytes.
+const GEMV_STEP: usize = 1024;
+/// Warps a block of the vector kernels splits a row's steps over, at most (`GEMV_MAX_WARPS` in nf4.cu).
+const GEMV_MAX_WARPS: usize = 8;
+
+/// The vector kernels' rows of x, m rounded up to 1, 2, 4 or 8 (rows past m are computed and not written), and the
+/// rows of W one block owns for them (`NF4_GEMV_ROWS` in nf4.cu).
+fn gemv_rows(m: usize) -> (usize, usize) {
+    let rows = m.next_power_of_two();
+    (rows, if rows <= 2 { 4 } else { 2 })
+}
+
+/// Warps per block for rows of `in_f` columns: every warp gets the same number of 1024-column steps (14 steps → 7
+/// warps of 2, 4 → 4 of 1), at most [`GEMV_MAX_WARPS`].
+fn gemv_warps(in_f: usize) -> usize {
+    let steps = in_f.div_ceil(GEMV_STEP);
+    steps.div_ceil(steps.div_ceil(GEMV_MAX_WARPS))
+}
+
+/// The vector kernels' names: (plain absmax, nested absmax) for `rows` rows of x.
+fn gemv_vector_kernels<T: GpuFloat>(rows: usize) -> (&'static str, &'static str) {
+    match rows {
+        1 => (kernel!("nf4_gemv_m1", T), kernel!("nf4_gemv_nested_m1", T)),
+        2 => (kernel!("nf4_gemv_m2", T), kernel!("nf4_gemv_nested_m2", T)),
+        4 => (kernel!("nf4_gemv_m4", T), kernel!("nf4_gemv_nested_m4", T)),
+        8 => (kernel!("nf4_gemv_m8", T), kernel!("nf4_gemv_nested_m8", T)),
+        _ => unreachable!("gemv_rows gives 1, 2, 4 or 8 rows, not {rows}"),
+    }
+}
+
 /// x: [m, in] (1 ≤ m ≤ [`GEMV_MAX_ROWS`]) times the NF4 weight W [out, in] (packed, scales as in
 /// [`dequantize_nf4_into`]) → y: [m, out] = x·Wᵀ, reading W packed and never writing it out: the product of decoding,
 /// whose cost at batch 1 is reading the 4-bit weight once. Twin of [`crate::nf4::nf4_gemv`] (sums in f32 in another
 /// order: equal within a reduction's rounding).
+///
+/// Speed: the vector kernels (kernels/NOTES.md "NF4 GEMV") need `in % 32 == 0` and 16-byte aligned packed bytes and
+/// x (whole buffers always are); any other shape takes a kernel as exact that reads element by element.
 pub fn nf4_gemv<T: GpuFloat>(
     packed: &DeviceBuffer<u8>,
     scales: Nf4Scales<'_>,
@@ -166,30 +200,41 @@ pub fn nf4_gemv<T: GpuFloat>(
     if out_f == 0 {
         return Ok(());
     }
-    let vector = i32::from(in_f % 32 == 0 && aligned16(&[packed.ptr(), x.ptr()]));
-    let warps = BLOCK as usize / 32;
-    let grid = out_f.div_ceil(warps).clamp(1, (dev.resident_threads() / BLOCK as usize).max(1)) as u32;
+    let vector = in_f % 32 == 0 && aligned16(&[packed.ptr(), x.ptr()]);
+    let ((plain, nested), cfg) = if vector {
+        let (rows, rows_per_block) = gemv_rows(m);
+        let threads = 32 * gemv_warps(in_f) as u32;
+        let grid = u32_arg("nf4_gemv: blocks", out_f.div_ceil(rows_per_block));
+        (
+            gemv_vector_kernels::<T>(rows),
+            LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 },
+        )
+    } else {
+        let warps = BLOCK as usize / 32;
+        let grid = out_f.div_ceil(warps).clamp(1, (dev.resident_threads() / BLOCK as usize).max(1)) as u32;
+        ((kernel!("nf4_gemv_scalar", T), kernel!("nf4_gemv_scalar_nested", T)), config(grid))
+    };
     let (pp, px, py, log2) = (packed.ptr(), x.ptr(), y.ptr(), blocksize.trailing_zeros());
     let (m32, out32, in32) = (m as u32, u32_arg("nf4_gemv: out", out_f), u32_arg("nf4_gemv: in", in_f));
     match scales {
         Nf4Scales::Absmax(absmax) => {
-            let (kernel, pa) = (kernel!("nf4_gemv", T), absmax.ptr());
-            // SAFETY: nf4_gemv_T(const unsigned char* packed, const float* absmax, const T* x, T* y, unsigned m,
-            // unsigned out, unsigned in, unsigned log2_blocksize, int vector): packed holds (out·in + 1) / 2 bytes,
-            // absmax ceil(out·in / blocksize) f32, x m·in and y m·out elements with m ≤ GEMV_MAX_ROWS (asserted), on
-            // this device; vector only when in % 32 == 0 and packed and x are 16-byte aligned (every row of x then
-            // is too); blocks of BLOCK threads, a multiple of 32.
-            unsafe { launch!(dev, Module::Nf4, kernel, config(grid); pp, pa, px, py, m32, out32, in32, log2, vector) }
+            let pa = absmax.ptr();
+            // SAFETY: nf4_gemv_{m1,m2,m4,m8,scalar}_T(const unsigned char* packed, const float* absmax, const T* x,
+            // T* y, unsigned m, unsigned out, unsigned in, unsigned log2_blocksize): packed holds (out·in + 1) / 2
+            // bytes, absmax ceil(out·in / blocksize) f32, x m·in and y m·out elements with m ≤ GEMV_MAX_ROWS and m
+            // ≤ the vector kernel's rows (asserted, gemv_rows), on this device; the vector kernels only when in % 32
+            // == 0 and packed and x are 16-byte aligned (every row of x then is too), with blocks of 32 to 32 ·
+            // GEMV_MAX_WARPS threads (gemv_warps) and one block per rows_per_block rows; the scalar kernel with
+            // blocks of BLOCK threads, a multiple of 32.
+            unsafe { launch!(dev, Module::Nf4, plain, cfg; pp, pa, px, py, m32, out32, in32, log2) }
         }
         Nf4Scales::Nested { qabsmax, absmax2, code2, offset } => {
-            let kernel = kernel!("nf4_gemv_nested", T);
             let (pq, p2, pc) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr());
-            // SAFETY: nf4_gemv_nested_T(packed, const unsigned char* qabsmax, const float* absmax2, const float*
-            // code2, float offset, x, y, m, out, in, log2_blocksize, vector): as above, with qabsmax one byte per
-            // block, absmax2 one f32 per 256 of them and code2 256 f32 (asserted; every byte indexes code2 in range).
-            unsafe {
-                launch!(dev, Module::Nf4, kernel, config(grid); pp, pq, p2, pc, offset, px, py, m32, out32, in32, log2, vector)
-            }
+            // SAFETY: nf4_gemv_{,scalar_}nested_…_T(packed, const unsigned char* qabsmax, const float* absmax2,
+            // const float* code2, float offset, x, y, m, out, in, log2_blocksize): as above, with qabsmax one byte
+            // per block, absmax2 one f32 per 256 of them and code2 256 f32 (asserted; every byte indexes code2 in
+            // range).
+            unsafe { launch!(dev, Module::Nf4, nested, cfg; pp, pq, p2, pc, offset, px, py, m32, out32, in32, log2) }
         }
     }
 }
