@@ -17,13 +17,13 @@
 
 mod common;
 
-use common::{chat_data as data, gpu_test_bin};
+use common::{chat_data as data, gpu_run_ok};
 use qlora_models::formats::peft::load_adapter;
 use qlora_models::transformer::{BaseFormat, CausalLm};
 use qlora_runtime::testing::{fixtures_dir, gpu};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Instant;
 
 const F32_REL: f64 = 1e-4;
@@ -36,18 +36,9 @@ fn model_dir() -> PathBuf {
 }
 
 fn qlora_rt(args: &[String]) -> (Output, f64) {
-    let bin = gpu_test_bin();
     let start = Instant::now();
-    let out = Command::new(bin).args(args).output().expect("run qlora-rt");
-    let secs = start.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "qlora-rt {}:\n{}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out, secs)
+    let out = gpu_run_ok(args);
+    (out, start.elapsed().as_secs_f64())
 }
 
 fn finetune(data: &Path, out: &Path, device: &[&str], extra: &[&str]) -> Vec<String> {

@@ -10,25 +10,13 @@
 
 mod common;
 
-use common::{chat_data, gpu_test_bin};
+use common::{chat_data, gpu_run_ok as run};
 use qlora_autograd::{merged_weight, LoraAdapter, LoraConfig, LoraInit};
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::testing::{fixtures_dir, gpu, gpu_device};
 use qlora_runtime::{DType, Device, Rng, Tensor};
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
-
-fn run(args: &[&str]) {
-    let out = Command::new(gpu_test_bin()).args(args).output().expect("run qlora-rt");
-    assert!(
-        out.status.success(),
-        "qlora-rt {}:\n{}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")

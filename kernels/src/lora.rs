@@ -11,17 +11,19 @@ use rayon::prelude::*;
 /// Rows per rayon task: enough that a task is worth scheduling at r = 1 and a 4096-wide row.
 const MIN_ROWS_PER_TASK: usize = 8;
 
+/// (rows, cols) of the delta of b: [rows, r] and a: [r, cols] into `out_len` elements, asserting the shapes (the CUDA
+/// twin's contract too).
+pub(crate) fn delta_dims(b_len: usize, a_len: usize, r: usize, out_len: usize) -> (usize, usize) {
+    assert!(r > 0 && b_len % r == 0 && a_len % r == 0, "lora delta: b {b_len} and a {a_len} values for r {r}");
+    let (rows, cols) = (b_len / r, a_len / r);
+    assert_eq!(out_len, rows * cols, "lora delta: out for [{rows}, {cols}]");
+    (rows, cols)
+}
+
 /// b: [rows, r], a: [r, cols] → out: [rows, cols] = s·(Σ_k b_ik·a_kj), summed from k = 0 with every operation
 /// rounded.
 pub fn delta<T: Float>(b: &[T], a: &[T], r: usize, s: T, out: &mut [T]) {
-    assert!(
-        r > 0 && b.len() % r == 0 && a.len() % r == 0,
-        "lora delta: b {} and a {} values for r {r}",
-        b.len(),
-        a.len()
-    );
-    let (rows, cols) = (b.len() / r, a.len() / r);
-    assert_eq!(out.len(), rows * cols, "lora delta: out for [{rows}, {cols}]");
+    let (_, cols) = delta_dims(b.len(), a.len(), r, out.len());
     if cols == 0 {
         return;
     }

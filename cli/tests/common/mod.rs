@@ -12,6 +12,20 @@ pub fn gpu_test_bin() -> PathBuf {
     std::env::var_os("QLORA_RT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora-cli")), PathBuf::from)
 }
 
+/// Runs [`gpu_test_bin`] with `args`, failing the test with both streams unless it succeeds.
+pub fn gpu_run_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    let out = Command::new(gpu_test_bin()).args(args).output().expect("run qlora-rt");
+    let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+    assert!(
+        out.status.success(),
+        "qlora-rt {}:\n{}\n{}",
+        shown.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// torchrun's environment for a group of one rank on GPU 0 (the whole multi-GPU path on one GPU), with a port
 /// nobody listens on now for its rendezvous: call it once per run.
 pub fn torchrun_group_of_one() -> Vec<(&'static str, String)> {

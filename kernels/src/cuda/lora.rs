@@ -14,14 +14,7 @@ pub fn delta<T: GpuFloat>(
     s: f32,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    assert!(
-        r > 0 && b.len() % r == 0 && a.len() % r == 0,
-        "lora delta: b {} and a {} values for r {r}",
-        b.len(),
-        a.len()
-    );
-    let (rows, cols) = (b.len() / r, a.len() / r);
-    assert_eq!(out.len(), rows * cols, "lora delta: out for [{rows}, {cols}]");
+    let (rows, cols) = crate::lora::delta_dims(b.len(), a.len(), r, out.len());
     let dev = same_device("lora delta", &[b.device(), a.device(), out.device()]);
     if rows * cols == 0 {
         return Ok(());
