@@ -14,7 +14,6 @@ use qlora_kernels::cuda::{CudaDevice, DeviceBuffer, DeviceCopy};
 use qlora_kernels::nf4::{self, WeightElem, DYNAMIC_MAP_SIGNED, NESTED_BLOCKSIZE};
 use qlora_kernels::testing::gpu;
 use qlora_kernels::Rng;
-use std::time::Instant;
 
 /// Lengths around the kernel's vector tile (1024 elements: 32 lanes × 32) and its 16-byte runs, odd ones included,
 /// and one past a whole wave of an H200 (132 × 2048 threads × 32 elements).
@@ -224,22 +223,6 @@ fn dequantize_into_writes_exactly_its_range_aligned_or_not() {
     into_case::<f16>(&dev, &mut rng);
 }
 
-/// Seconds per call of `f`: the median of 7 runs that each queue `reps` calls and wait for them (after one untimed call).
-fn median_seconds(dev: &CudaDevice, reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    dev.synchronize().unwrap();
-    let mut times: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = Instant::now();
-            (0..reps).for_each(|_| f());
-            dev.synchronize().unwrap();
-            t.elapsed().as_secs_f64() / reps as f64
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
 #[test]
 fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
     let Some(dev) = gpu("llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth") else { return };
@@ -256,14 +239,14 @@ fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
     let blocks = absmax.len();
     let mut out16 = dev.alloc::<bf16>(n).unwrap();
     let mut out32 = dev.alloc::<f32>(n).unwrap();
-    let copy = median_seconds(&dev, 20, || drop(out16.try_clone().unwrap()));
+    let copy = device_seconds(&dev, 20, || drop(out16.try_clone().unwrap()));
     let copy_rate = (4 * n) as f64 / copy;
     let scales = Nf4Scales::Nested { qabsmax: &q, absmax2: &absmax2, code2: &code2, offset: nested.offset };
     println!("qlora-gpu: {} 14336x4096: device copy {:.0} GB/s", dev.name(), copy_rate / 1e9);
     for (what, nested, out_bytes) in
         [("bf16 nested", true, 2), ("bf16 absmax", false, 2), ("f32 nested", true, 4), ("f32 absmax", false, 4)]
     {
-        let s = median_seconds(&dev, 20, || {
+        let s = device_seconds(&dev, 20, || {
             let scales = if nested { scales } else { Nf4Scales::Absmax(&absmax) };
             let r = if out_bytes == 2 {
                 gnf4::dequantize_nf4_into(&packed, scales, blocksize, n, &mut out16, 0)
