@@ -23,8 +23,8 @@ pub fn row_norms<T: Float>(t: &[T], cols: usize, out: &mut [T]) {
     out.par_iter_mut().zip(t.par_chunks_exact(cols)).for_each(|(n, row)| *n = T::c(sum_of_squares(row).sqrt()));
 }
 
-/// Threads per row in `dora_row_norms` (kernels/src/cuda/dora.rs launches blocks of 256).
-const NORM_THREADS: usize = 256;
+/// Threads per row in `dora_row_norms`: the launcher's block, asserted equal there at compile time.
+pub(crate) const NORM_THREADS: usize = 256;
 
 /// Σ x² in f64 as `dora_row_norms` adds it: thread i sums columns i, i + 256, … in turn; each warp of 32 folds its
 /// partials by the butterfly (lane l adds lane l ^ o for o = 16, 8, 4, 2, 1); the 8 warp sums fold the same way

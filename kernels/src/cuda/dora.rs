@@ -4,9 +4,12 @@
 use super::source::Module;
 use super::{
     config, elementwise_device, grid_for, kernel, launch, same_device, u32_arg, wave_config, DeviceBuffer, GpuFloat,
-    Result,
+    Result, BLOCK,
 };
 pub use crate::dora::Axis;
+
+// The CPU twin sums each row in this block's order (`crate::dora::sum_of_squares`): the two must agree to the bit.
+const _: () = assert!(crate::dora::NORM_THREADS == BLOCK as usize, "dora_row_norms' block is the CPU twin's order");
 
 /// t: [rows, cols] → out: \[rows\] of ‖t_i‖₂
 pub fn row_norms<T: GpuFloat>(t: &DeviceBuffer<T>, cols: usize, out: &mut DeviceBuffer<T>) -> Result<()> {
@@ -21,7 +24,7 @@ pub fn row_norms<T: GpuFloat>(t: &DeviceBuffer<T>, cols: usize, out: &mut Device
     let (rows32, cols32) = (u32_arg("dora row_norms: rows", rows), u32_arg("dora row_norms: cols", cols));
     // SAFETY: dora_row_norms_T(const T* t, T* out, unsigned rows, unsigned cols), blocks of 256 threads striding
     // over rows: t holds rows·cols elements and out rows (asserted), on this device.
-    unsafe { launch!(dev, Module::Dora, kernel, config(grid_for(rows * 256)); pt, po, rows32, cols32) }
+    unsafe { launch!(dev, Module::Dora, kernel, config(grid_for(rows * BLOCK as usize)); pt, po, rows32, cols32) }
 }
 
 /// a, b: \[n\] → out: \[n\] = a / b
