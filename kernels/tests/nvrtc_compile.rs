@@ -2,7 +2,8 @@
 //! (Hopper) and every portable one (all but the sm_90a-only Hopper flash modules, `Module::arch_specific_only`) for
 //! sm_80 (Ampere) to PTX, which ptxas assembles with `-v`, and for sm_90a also as the runtime compiles it there
 //! (straight to a cubin). Fails on a compile error, on any NVRTC warning, on an entry point that the PTX lacks, and
-//! on spill bytes in a kernel marked `// qlora-rt: hot`. Prints each kernel's registers, stack and spills.
+//! on spill bytes in a kernel marked `// qlora-rt: hot` (past [`SPILL_ALLOWED`]'s). Prints each kernel's registers,
+//! stack and spills.
 //!
 //! Tools: NVRTC (QLORA_NVRTC_LIB, or the loader's search path) and ptxas (QLORA_PTXAS); `eval "$(scripts/cuda-tools.sh)"`
 //! sets both from PyPI's wheels. Without them the check is skipped with a notice, unless QLORA_REQUIRE_CUDA_TOOLS=1
@@ -14,6 +15,12 @@ use qlora_kernels::cuda::source::Module;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Hot kernels allowed a small spill, each because it measured faster than its spill-free alternative: (entry point,
+/// most bytes stored, most loaded). The d128 Hopper backward's staged dQ needs one register past 255 and is 7–10 %
+/// faster than the atomics it replaces (H100, 2026-12-05; kernels/NOTES.md).
+const SPILL_ALLOWED: [(&str, u32, u32); 2] =
+    [("flash_backward_sm90_d128_bf16", 4, 8), ("flash_backward_sm90_d128_f16", 4, 8)];
 
 #[test]
 fn kernels_compile_for_sm_90a() {
@@ -132,7 +139,9 @@ fn check_module(module: Module, cubin: Target, ptxas: &Path, dir: &Path) -> Modu
             format!("{}/{}", u.spill_stores, u.spill_loads),
             if is_hot { "hot" } else { "" }
         ));
-        if is_hot && u.spill_stores + u.spill_loads > 0 {
+        let (stores, loads) =
+            SPILL_ALLOWED.iter().find(|(e, _, _)| *e == entry).map_or((0, 0), |&(_, st, ld)| (st, ld));
+        if is_hot && (u.spill_stores > stores || u.spill_loads > loads) {
             r.failures.push(format!(
                 "{name}: hot kernel {entry} spills on {cubin} ({} bytes stored, {} loaded)",
                 u.spill_stores, u.spill_loads

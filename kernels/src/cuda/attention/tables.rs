@@ -152,10 +152,10 @@ impl Sm90Forward {
 /// A Hopper backward's block, as one of flash_attention_sm90_backward.cuh's two templates lays it out.
 #[derive(Clone, Copy, Debug)]
 enum Sm90Backward {
-    /// `flash_backward_sm90<T, D, NWG, OVERLAP>`: NWG warpgroups of 64 keys each; shared memory `Sm90BackwardSmem`
-    /// (K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse and delta, 1 KB of
-    /// alignment slack).
-    Pairs { nwg: usize, overlap: bool },
+    /// `flash_backward_sm90<T, D, NWG, OVERLAP, STAGED_DQ>`: NWG warpgroups of 64 keys each; shared memory
+    /// `Sm90BackwardSmem` (K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse and
+    /// delta, with a staged dQ its f32 tile [64][D] in rows padded by 32 bytes, 1 KB of alignment slack).
+    Pairs { nwg: usize, overlap: bool, staged_dq: bool },
     /// `flash_backward_sm90_split<T, D>`: two warpgroups sharing 64 keys (dK and dV of D = 256 do not fit one);
     /// shared memory `Sm90BackwardSplitSmem` (Pᵀ as well as dSᵀ [64][64]).
     Split,
@@ -166,10 +166,12 @@ impl Sm90Backward {
     /// memory) at head_dim `d`.
     fn shape(self, d: usize) -> (String, usize, usize, usize) {
         match self {
-            Sm90Backward::Pairs { nwg, overlap } => {
+            Sm90Backward::Pairs { nwg, overlap, staged_dq } => {
                 let bn = 64 * nwg;
-                let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + 1024;
-                (format!("flash_backward_sm90<{{T}}, {d}, {nwg}, {overlap}>"), bn, 128 * nwg, smem)
+                let staged = if staged_dq { 64 * (d * 4 + 32) } else { 0 };
+                let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + staged + 1024;
+                let args = if staged_dq { format!("{overlap}, true") } else { overlap.to_string() };
+                (format!("flash_backward_sm90<{{T}}, {d}, {nwg}, {args}>"), bn, 128 * nwg, smem)
             }
             Sm90Backward::Split => {
                 let smem = 2 * 64 * d * 2 + 4 * 64 * d * 2 + 2 * 64 * 64 * 2 + 4 * 64 * 4 + 1024;
@@ -228,15 +230,16 @@ macro_rules! sm90 {
 
 /// The Hopper kernels (variants measured on the H200 in `scripts/flash/variants.py`; kernels/NOTES.md has the
 /// numbers): the warp-specialized ping-pong forward with 128-key tiles at 64 and 128, the all-load forward without
-/// overlap at 256, each rescaling O lazily; the backward with one warpgroup per 64 keys at 64 and 128 (overlapped at
-/// 128, where it measured faster) and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
+/// overlap at 256, each rescaling O lazily; the backward with one warpgroup per 64 keys at 64 and 128 (overlapped and
+/// with the staged dQ at 128, where each measured faster: the staged dQ 7–10 % on the H100, and 16 % slower at 64)
+/// and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
         fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true },
-        bwd Sm90Backward::Pairs { nwg: 2, overlap: false }),
+        bwd Sm90Backward::Pairs { nwg: 2, overlap: false, staged_dq: false }),
     sm90!(128, FlashSm90D128, from 97,
         fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true },
-        bwd Sm90Backward::Pairs { nwg: 2, overlap: true }),
+        bwd Sm90Backward::Pairs { nwg: 2, overlap: true, staged_dq: true }),
     sm90!(256, FlashSm90D256, from 129,
         fwd Sm90Forward::AllLoad { bn: 64, nwg: 2, overlap: false, lazy: true },
         bwd Sm90Backward::Split),
