@@ -118,6 +118,28 @@ pub fn gpu(test: &str) -> Option<CudaDevice> {
     }
 }
 
+/// Seconds of device time per call of `f`, back to back: the median of 7 runs of `reps` calls timed by events, each
+/// queued behind a copy of a large buffer so that the host is ahead of the GPU and its launch overhead is not timed.
+/// For the GPU tests' bandwidth reports.
+pub fn device_seconds(dev: &CudaDevice, reps: usize, mut f: impl FnMut()) -> f64 {
+    use crate::cuda::timing::Event;
+    let blocker = dev.alloc::<u8>(1 << 30).unwrap();
+    f();
+    let mut times: Vec<f64> = (0..7)
+        .map(|_| {
+            let busy = blocker.try_clone().unwrap();
+            let start = Event::record(dev).unwrap();
+            (0..reps).for_each(|_| f());
+            let end = Event::record(dev).unwrap();
+            end.synchronize().unwrap();
+            drop(busy);
+            start.elapsed_ms(&end).unwrap() as f64 * 1e-3 / reps as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
 /// The repository's tests/fixtures: QLORA_FIXTURES where a test binary runs away from its checkout (the GPU
 /// machine), else relative to the calling crate's `CARGO_MANIFEST_DIR` (every crate sits one level below the root).
 pub fn fixtures_dir(manifest_dir: &str) -> PathBuf {

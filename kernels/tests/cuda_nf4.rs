@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use qlora_kernels::cuda::nf4::{self as gnf4, Nf4Output, Nf4Scales};
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer, DeviceCopy};
 use qlora_kernels::nf4::{self, WeightElem, DYNAMIC_MAP_SIGNED, NESTED_BLOCKSIZE};
-use qlora_kernels::testing::gpu;
+use qlora_kernels::testing::{device_seconds, gpu};
 use qlora_kernels::Rng;
 
 /// Lengths around the kernel's vector tile (1024 elements: 32 lanes × 32) and its 16-byte runs, odd ones included,
@@ -334,27 +334,6 @@ fn nf4_gemv_matches_cpu() {
             }
         }
     }
-}
-
-/// Seconds of device time per call of `f`, back to back: the median of 7 runs of `reps` calls timed by events, each
-/// queued behind a copy of a large buffer so that the host is ahead of the GPU and its launch overhead is not timed.
-fn device_seconds(dev: &CudaDevice, reps: usize, mut f: impl FnMut()) -> f64 {
-    use qlora_kernels::cuda::timing::Event;
-    let blocker = dev.alloc::<u8>(1 << 30).unwrap();
-    f();
-    let mut times: Vec<f64> = (0..7)
-        .map(|_| {
-            let busy = blocker.try_clone().unwrap();
-            let start = Event::record(dev).unwrap();
-            (0..reps).for_each(|_| f());
-            let end = Event::record(dev).unwrap();
-            end.synchronize().unwrap();
-            drop(busy);
-            start.elapsed_ms(&end).unwrap() as f64 * 1e-3 / reps as f64
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
 }
 
 /// Decoding's cost: the GEMV of an 8B model's weights (q/o_proj 4096 × 4096, gate/up_proj 14336 × 4096, down_proj

@@ -113,17 +113,30 @@ fn grid_for(n: usize) -> u32 {
 /// the grid of a kernel that loops over its work in one wave (a second, partial wave would double the time of the
 /// blocks in it).
 fn resident_blocks(dev: &CudaDevice, module: source::Module, kernel: &'static str, threads: u32) -> Result<u32> {
-    // Asked of the driver once per (device, kernel, block size): the answer never changes, and launches are hot.
-    type Key = (usize, &'static str, u32);
+    resident_blocks_with_smem(dev, module, kernel, threads, 0)
+}
+
+/// [`resident_blocks`] of a kernel launched with `smem` bytes of dynamic shared memory (which its caller has allowed
+/// past the 48 KiB default where it is more, or the driver counts none fitting).
+fn resident_blocks_with_smem(
+    dev: &CudaDevice,
+    module: source::Module,
+    kernel: &'static str,
+    threads: u32,
+    smem: u32,
+) -> Result<u32> {
+    // Asked of the driver once per (device, kernel, block size, shared memory): the answer never changes, and launches
+    // are hot.
+    type Key = (usize, &'static str, u32, u32);
     static KNOWN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<Key, u32>>> =
         std::sync::LazyLock::new(Default::default);
-    let key = (dev.ordinal(), kernel, threads);
+    let key = (dev.ordinal(), kernel, threads, smem);
     if let Some(&blocks) = KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&key) {
         return Ok(blocks);
     }
     let per_multiprocessor = dev
         .function(module, kernel)?
-        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+        .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
         .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
     let multiprocessors = dev
         .stream()

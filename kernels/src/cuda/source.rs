@@ -38,6 +38,8 @@ pub enum Module {
     Attention,
     Dora,
     Lora,
+    /// Split-KV attention for a few queries per sequence against a KV cache (decoding), every padded head_dim.
+    DecodeAttention,
     /// The flash-attention kernels for head_dim ≤ 32, 64, 80, 96, 128, 256: one module each, so a model compiles
     /// only the head size it has.
     FlashD32,
@@ -53,7 +55,7 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: [Module; 23] = [
+    pub const ALL: [Module; 24] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -68,6 +70,7 @@ impl Module {
         Module::Attention,
         Module::Dora,
         Module::Lora,
+        Module::DecodeAttention,
         Module::FlashD32,
         Module::FlashD64,
         Module::FlashD80,
@@ -79,7 +82,7 @@ impl Module {
         Module::FlashSm90D256,
     ];
 
-    /// The file stem, which is also the name of the CPU twin's module (`attention` for the flash modules).
+    /// The file stem, which is also the name of the CPU twin's module (`attention` for the flash and decode modules).
     pub fn name(self) -> &'static str {
         match self {
             Module::Elementwise => "elementwise",
@@ -96,6 +99,7 @@ impl Module {
             Module::Attention => "attention",
             Module::Dora => "dora",
             Module::Lora => "lora",
+            Module::DecodeAttention => "decode_attention",
             Module::FlashD32 => "flash_attention_d32",
             Module::FlashD64 => "flash_attention_d64",
             Module::FlashD80 => "flash_attention_d80",
@@ -125,6 +129,7 @@ impl Module {
             Module::Attention => include_str!("../../cuda/attention.cu"),
             Module::Dora => include_str!("../../cuda/dora.cu"),
             Module::Lora => include_str!("../../cuda/lora.cu"),
+            Module::DecodeAttention => include_str!("../../cuda/decode_attention.cu"),
             Module::FlashD32 => include_str!("../../cuda/flash_attention_d32.cu"),
             Module::FlashD64 => include_str!("../../cuda/flash_attention_d64.cu"),
             Module::FlashD80 => include_str!("../../cuda/flash_attention_d80.cu"),

@@ -1,6 +1,7 @@
 //! The flash kernels' parameters and their launch (which kernel serves a launch is `tables.rs`'s).
 
 use super::{grid, FlashKernel};
+use crate::cuda::source::Module;
 use crate::cuda::{launch, CudaDevice, Error, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::DeviceRepr;
@@ -49,18 +50,20 @@ pub(super) fn launch(
 ) -> Result<()> {
     let cfg = grid(rows, kernel.rows, heads, n_seqs, kernel.threads, kernel.smem);
     let FlashKernel { module, name, .. } = kernel;
-    dev.function(module, name)?
-        .set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            cfg.shared_mem_bytes as i32,
-        )
-        .map_err(Error::driver("cuFuncSetAttribute"))?;
+    allow_smem(dev, module, name, cfg.shared_mem_bytes)?;
     // SAFETY: flash_*(const FlashParams p): every address in `params` is a buffer of this device sized as the
     // callers assert (q, out, d_out, dq_accum: tq·n_heads·head_dim; k, v, dk, dv: tk·n_kv_heads·head_dim; lse, delta:
     // tq·n_heads; cu_q, cu_k: the grid's z + 1), and the kernels skip any sequence whose offsets leave 0..tq or
     // 0..tk; the block size and shared memory are what the kernel's template uses (FLASH and FLASH_SM90, checked
     // against the .cu files' template arguments), and an sm90 kernel is picked only on an sm_90a target.
     unsafe { launch!(dev, module, name, cfg; params) }
+}
+
+/// Lets `kernel` take `bytes` of dynamic shared memory, past the 48 KiB a launch gets by default.
+pub(super) fn allow_smem(dev: &CudaDevice, module: Module, kernel: &'static str, bytes: u32) -> Result<()> {
+    dev.function(module, kernel)?
+        .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .map_err(Error::driver("cuFuncSetAttribute"))
 }
 
 #[cfg(test)]

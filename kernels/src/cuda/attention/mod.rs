@@ -8,6 +8,11 @@
 //! the mma.sync ones the rest ([`flash_kernels`] decides). [`FlashPath::Portable`] forces the mma.sync kernels, so
 //! that tests and benchmarks cover them on Hopper too.
 //!
+//! Decoding (at most [`DECODE_MAX_QUERIES`] queries per sequence against a KV cache) runs the split-KV kernels of
+//! `kernels/cuda/decode_attention.cu` instead along [`FlashPath::Fastest`] (`decode.rs`): same semantics and outputs,
+//! the keys split over enough blocks to fill the GPU. [`FlashPath::FastestFlash`] keeps the flash kernels there, for
+//! comparison; [`attention_decode_with`] forces the decode kernels and their number of splits.
+//!
 //! The host passes the longest query and key sequence so that grids are sized without reading `cu_seqlens` back;
 //! they must be at least every sequence's lengths, and `cu_seqlens` must be what the CPU twin asserts (starting at
 //! 0, non-decreasing, ending at the token counts). A row that those miss is left unwritten; a sequence whose offsets
@@ -16,10 +21,12 @@
 //! The flash backward adds dQ from every key tile into an f32 accumulator with `red.global.add`, so the order of
 //! those additions (and dQ's last bits) can differ run to run; dK and dV are summed in registers in a fixed order.
 
+mod decode;
 mod flash;
 mod reference;
 mod tables;
 
+pub use decode::{decode_plan, DecodePlan, DECODE_MAX_QUERIES};
 pub use tables::{flash_kernels, FlashKernel, FlashPath};
 
 use super::source::Module;
@@ -149,8 +156,7 @@ pub fn attention_forward<T: AttentionFloat>(
     attention_forward_with(FlashPath::Fastest, p, q, k, v, cu_seqlens, max_seqlen, out, lse)
 }
 
-/// [`attention_forward`] on the flash kernels `path` picks (f32 ignores it): cu_seqlens and max_seqlen are
-/// (queries, keys).
+/// [`attention_forward`] on the kernels `path` picks (f32 ignores it): cu_seqlens and max_seqlen are (queries, keys).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_with<T: AttentionFloat>(
     path: FlashPath,
@@ -158,9 +164,60 @@ pub fn attention_forward_with<T: AttentionFloat>(
     q: &DeviceBuffer<T>,
     k: &DeviceBuffer<T>,
     v: &DeviceBuffer<T>,
+    cu_seqlens: [&DeviceBuffer<i32>; 2],
+    max_seqlen: [usize; 2],
+    out: &mut DeviceBuffer<T>,
+    lse: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let kernels = match path {
+        FlashPath::Fastest if max_seqlen[0] <= DECODE_MAX_QUERIES => Forward::Decode(None),
+        path => Forward::Flash(path),
+    };
+    forward(kernels, p, q, k, v, cu_seqlens, max_seqlen, out, lse)
+}
+
+/// [`attention_forward`] on the split-KV decode kernels, which take bf16 and f16 sequences of at most
+/// [`DECODE_MAX_QUERIES`] queries (max_seqlen\[0\]): `splits` None lets the launcher choose, as [`attention_forward`]
+/// does, Some(n) makes n splits of every block's keys (Some(1): no combine pass), so that tests reach both.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_with<T: AttentionFloat>(
+    splits: Option<usize>,
+    p: &AttentionParams,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    cu_seqlens: [&DeviceBuffer<i32>; 2],
+    max_seqlen: [usize; 2],
+    out: &mut DeviceBuffer<T>,
+    lse: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    assert!(matches!(T::KIND, Kind::Flash(_)), "attention_decode_with: the decode kernels take bf16 and f16");
+    assert!(
+        max_seqlen[0] <= DECODE_MAX_QUERIES,
+        "attention_decode_with: {} queries in a sequence, more than {DECODE_MAX_QUERIES}",
+        max_seqlen[0]
+    );
+    assert!(splits != Some(0), "attention_decode_with: zero splits");
+    forward(Forward::Decode(splits), p, q, k, v, cu_seqlens, max_seqlen, out, lse)
+}
+
+/// Which kernels a bf16 or f16 forward runs (f32 runs the reference ones).
+#[derive(Clone, Copy)]
+enum Forward {
+    Flash(FlashPath),
+    /// The decode kernels with this many splits, or as many as the launcher chooses.
+    Decode(Option<usize>),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward<T: AttentionFloat>(
+    kernels: Forward,
+    p: &AttentionParams,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
     [cu_seqlens_q, cu_seqlens_k]: [&DeviceBuffer<i32>; 2],
-    // Keys do not size the forward grid: each query block walks its sequence's keys.
-    [max_seqlen_q, _]: [usize; 2],
+    max_seqlen: [usize; 2],
     out: &mut DeviceBuffer<T>,
     lse: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
@@ -173,6 +230,7 @@ pub fn attention_forward_with<T: AttentionFloat>(
         &[q.device(), k.device(), v.device(), cu_seqlens_q.device(), cu_seqlens_k.device(), out.device(), lse.device()],
     );
     let n_seqs = cu_seqlens_q.len() - 1;
+    let max_seqlen_q = max_seqlen[0];
     if n_seqs == 0 || max_seqlen_q == 0 || out.is_empty() {
         return Ok(());
     }
@@ -183,10 +241,16 @@ pub fn attention_forward_with<T: AttentionFloat>(
         }
         Kind::Flash(half) => half,
     };
-    let [kernel, _] = flash_kernels(dev.target(), path, p.head_dim, half);
     (flash.q, flash.k, flash.v, flash.out, flash.lse) = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr());
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
-    flash::launch(dev, kernel, flash, max_seqlen_q, p.n_heads, n_seqs)
+    match kernels {
+        Forward::Decode(splits) => decode::launch(dev, flash, half, p, max_seqlen, n_seqs, splits),
+        // Keys do not size the flash forward's grid: each query block walks its sequence's keys.
+        Forward::Flash(path) => {
+            let [kernel, _] = flash_kernels(dev.target(), path, p.head_dim, half);
+            flash::launch(dev, kernel, flash, max_seqlen_q, p.n_heads, n_seqs)
+        }
+    }
 }
 
 /// Gradients of [`attention_forward`] from its out and lse and d_out: [tq, n_heads, head_dim], with cu_seqlens and

@@ -9,11 +9,15 @@ use crate::cuda::source::Module;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlashPath {
     /// The fastest the device has for the head_dim: on an sm_90a target the wgmma kernel of `FLASH_SM90` where one
-    /// serves it, else the mma.sync kernel of `FLASH`.
+    /// serves it, else the mma.sync kernel of `FLASH`; and a forward whose sequences have at most
+    /// [`DECODE_MAX_QUERIES`](super::DECODE_MAX_QUERIES) queries each runs the split-KV decode kernels instead.
     #[default]
     Fastest,
-    /// The mma.sync kernels of `FLASH` on every device (what GPUs other than Hopper run).
+    /// The mma.sync kernels of `FLASH` on every device (what GPUs other than Hopper run), at every query count.
     Portable,
+    /// Fastest's flash kernels at every query count, never the decode kernels: what decoding ran before them, kept so
+    /// that tests and benchmarks can compare the two on the same inputs.
+    FastestFlash,
 }
 
 /// One flash kernel as launched: its entry point, the rows of the grid's x dimension each block takes (query rows
@@ -31,7 +35,7 @@ pub struct FlashKernel {
 /// [`super::MAX_HEAD_DIM`] by the launchers) on a device compiled for `target`.
 pub fn flash_kernels(target: Target, path: FlashPath, head_dim: usize, half: Half) -> [FlashKernel; 2] {
     let portable = Flash::for_head_dim(head_dim);
-    let fastest = path == FlashPath::Fastest;
+    let fastest = path != FlashPath::Portable;
     match FLASH_SM90.iter().find(|f| fastest && f.module.compiles_for(target) && f.serves(head_dim)) {
         Some(f) => [f.forward_kernel(half), f.backward_kernel(half)],
         None => [portable.forward_kernel(half), portable.backward_kernel(half)],
@@ -323,6 +327,9 @@ mod tests {
             (SM_80, FlashPath::Fastest, 128, ["flash_forward_d128_bf16", "flash_backward_d128_bf16"]),
         ] {
             assert_eq!(names(target, path, hd), want, "head_dim {hd} on {target} along {path:?}");
+        }
+        for hd in [40, 64, 80, 128, 256] {
+            assert_eq!(names(SM_90A, FlashPath::FastestFlash, hd), names(SM_90A, FlashPath::Fastest, hd), "{hd}");
         }
         let f16 = flash_kernels(SM_90A, FlashPath::Fastest, 128, Half::F16).map(|k| k.name);
         assert_eq!(f16, ["flash_forward_sm90_d128_f16", "flash_backward_sm90_d128_f16"]);
