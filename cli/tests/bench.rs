@@ -1,6 +1,7 @@
 //! `qlora-rt bench` through the binary: a whole training step of a built-in shape on the CPU reports every field
 //! of its JSON object (and, profiled, the regions of the step), a model too big for the machine is reported rather
-//! than built, and `bench kernels` either measures (on a GPU) or says in one line why it cannot. Times are only
+//! than built, `bench decode` times a prefill and decode steps and counts the bytes they read, and `bench kernels`
+//! either measures (on a GPU) or says in one line why it cannot. Times are only
 //! checked to be numbers: a CI machine's speed is nobody's specification.
 
 mod common;
@@ -155,6 +156,62 @@ fn usage_mistakes_are_one_line() {
         (vec!["bench", "--shape", "smollm2-135m", "--seq", "1"], "--seq"),
     ] {
         let out = qlora_rt(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.lines().count() == 1 && err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// Two sequences of SmolLM2-135M decoded on the CPU, where the adapters are folded into dense f32 weights as
+/// `generate` folds them: the report's times, and byte counts exact to the byte.
+#[test]
+fn a_cpu_decode_reports_its_times_and_the_bytes_it_reads() {
+    let r = json(&[
+        "bench",
+        "decode",
+        "--shape",
+        "smollm2-135m",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--prompt",
+        "8",
+        "--tokens",
+        "4",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    for key in ["prefill_ms", "prefill_tokens_per_s", "decode_ms", "decode_device_ms", "decode_tokens_per_s"] {
+        assert!(r[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{key}: {r}");
+    }
+    assert!(r["decode_ms_p90"].as_f64() >= r["decode_ms"].as_f64(), "{r}");
+    assert_eq!(
+        (r["decode_steps"].as_u64(), r["batch"].as_u64()),
+        (Some(3), Some(2)),
+        "the first token is the prefill's"
+    );
+    assert_eq!((r["adapter"].as_bool(), r["merged"].as_bool(), r["r"].as_u64()), (Some(true), Some(true), Some(16)));
+    assert_eq!((r["dtype"].as_str(), r["gpu"].as_str(), r["copy_gbps"].as_f64()), (Some("f32"), None, None), "{r}");
+    // SmolLM2-135M's 134,515,008 parameters (transformers' count, the embedding tied) in f32, and one embedding row
+    // (576 values) per sequence.
+    assert_eq!(r["weight_bytes"].as_u64(), Some(4 * 134_515_008 + 2 * 4 * 576));
+    // The three steps attend over 9, 10 and 11 keys: 10 on average, of 30 layers × (keys + values) × 3 KV heads ×
+    // 64, in f32, for each of the two sequences.
+    assert_eq!(r["kv_bytes_per_step"].as_u64(), Some(2 * 10 * 30 * 2 * 3 * 64 * 4));
+    let gbps = r["weight_bytes"].as_f64().unwrap() / r["decode_ms"].as_f64().unwrap() / 1e6;
+    assert!((r["weight_gbps"].as_f64().unwrap() - gbps).abs() <= 0.05 + 1e-3 * gbps, "{r}");
+}
+
+#[test]
+fn decode_usage_mistakes_are_one_line() {
+    let decode = ["bench", "decode", "--device", "cpu"];
+    for (args, want) in [
+        (vec![], "--shape"),
+        (vec!["--shape", "smollm2-135m", "--tokens", "1"], "--tokens"),
+        (vec!["--shape", "smollm2-135m", "--prompt", "9000"], "max_position_embeddings"),
+    ] {
+        let out = qlora_rt(&[&decode[..], &args].concat());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.lines().count() == 1 && err.contains(want), "{args:?}: {err}");
     }

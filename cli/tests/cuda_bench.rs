@@ -2,7 +2,8 @@
 //! for the device during each timed step (synchronisations and reads back), and a step makes exactly one (its
 //! losses and gradient norm, read together). Whole steps of the tiny Llama fixture with NF4, LoRA on every
 //! projection, clipping, checkpointing and two micro-batches; and the same with the lean memory plan, which offloads
-//! the layer inputs, and the peak's split by category; and a torchrun group of one with the base sharded.
+//! the layer inputs, and the peak's split by category; and a torchrun group of one with the base sharded. And
+//! `bench decode` of the same model, one sequence and two, against the copy bandwidth.
 //!
 //! Prints `qlora-gpu: <test>: ran on <gpu>` or `qlora-gpu: <test>: skipped: <why>`; a missing GPU passes unless
 //! QLORA_REQUIRE_GPU=1. The binary is CARGO_BIN_EXE_qlora-cli, or QLORA_RT_BIN when the test runs on another machine.
@@ -88,4 +89,40 @@ fn a_group_of_one_benchmarks_the_sharded_step() {
     assert_eq!(sharded["peak_gib_per_rank"].as_array().map(Vec::len), Some(1), "{sharded}");
     let (a, b) = (sharded["loss"].as_f64().unwrap(), plain["loss"].as_f64().unwrap());
     assert!((a - b).abs() <= 1e-3 * b.abs(), "{a} vs {b}");
+}
+
+/// `bench decode` of the tiny Llama on the GPU, one sequence and two (packed by the KV cache): the NF4 base stays
+/// packed with the adapters unmerged, each sequence's cache outgrows its first buffer (a 30-token prompt gets 32 rows,
+/// then 64), and the weights' reads are set against the copy bandwidth measured in the same run.
+#[test]
+fn decode_reads_its_weights_against_the_copy_bandwidth() {
+    if gpu("decode_reads_its_weights_against_the_copy_bandwidth").is_none() {
+        return;
+    }
+    let model = fixtures_dir(env!("CARGO_MANIFEST_DIR")).join("models/llama");
+    let decode = |batch: &str| -> Value {
+        let args = ["bench", "decode", "--model", model.to_str().unwrap(), "--device", "cuda", "--batch", batch];
+        let out = Command::new(gpu_test_bin())
+            .args(args)
+            .args(["--prompt", "30", "--tokens", "10", "--warmup", "1", "--copy-reps", "3", "--json"])
+            .output()
+            .expect("run qlora-rt");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(stdout.lines().last().expect("one JSON line")).expect("JSON")
+    };
+    let (one, two) = (decode("1"), decode("2"));
+    println!("qlora-gpu: tiny Llama decode: {one}");
+    for r in [&one, &two] {
+        assert_eq!(
+            (r["merged"].as_bool(), r["decode_steps"].as_u64(), r["dtype"].as_str()),
+            (Some(false), Some(9), Some("bf16"))
+        );
+        assert!(r["copy_gbps"].as_f64().is_some_and(|g| g > 100.0), "{r}");
+        assert!(r["weight_of_copy"].as_f64().is_some_and(|f| f > 0.0), "{r}");
+        assert!(r["decode_device_ms"].as_f64() <= r["decode_ms"].as_f64(), "device time within the wall time: {r}");
+    }
+    // The second sequence reads one more embedding row: 32 bf16 values.
+    assert_eq!(two["weight_bytes"].as_u64().unwrap() - one["weight_bytes"].as_u64().unwrap(), 64, "{one}\n{two}");
+    assert_eq!(two["kv_bytes_per_step"].as_u64(), one["kv_bytes_per_step"].as_u64().map(|b| 2 * b));
 }

@@ -4,12 +4,18 @@
 //! mask it (simpler than a ring buffer; memory is what full-attention layers need anyway). The cache lives where the
 //! model runs: host vectors on the CPU, device tensors on a GPU.
 //!
+//! On a GPU each sequence's keys (and values) live in a buffer with spare rows: new rows are written in place after
+//! the cached ones, and a full buffer moves to one of twice the rows (at first, the power of two above the prompt),
+//! so a token costs O(1) copies, not O(cached). Attention is handed a view of the filled rows: for one sequence no
+//! copy at all. Several sequences are still packed into one tensor by a copy per step, because the attention
+//! kernels read them contiguous (O(cached) per step, the same order as attention's own reads).
+//!
 //! Sized from the [`ModelConfig`] alone, so that the decoder (`transformer`) can fill it without this file knowing
 //! the decoder.
 
 use crate::config::ModelConfig;
 use qlora_runtime::ops::attention::SeqLens;
-use qlora_runtime::ops::concat::cat_rows;
+use qlora_runtime::ops::concat::{cat_rows, write_rows};
 use qlora_runtime::{Device, Tensor};
 
 /// One layer's cached keys and values, per sequence, oldest first: rows of kv_heads·head_dim values.
@@ -20,10 +26,13 @@ pub(crate) struct LayerKv {
     row: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// The model's context: a buffer does not grow past it for a sequence that fits in it.
+    max_rows: usize,
 }
 
-/// Where a layer's cache lives: f32 vectors on the host (the CPU's compute precision), or per-sequence tensors on the
-/// model's GPU in the activations' dtype (grown by a device copy per step; nothing crosses the bus).
+/// Where a layer's cache lives: f32 vectors on the host (the CPU's compute precision), or per-sequence [capacity, row]
+/// tensors on the model's GPU in the activations' dtype, filled up to the sequence's length (nothing crosses the
+/// bus).
 enum Store {
     Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
     Device { k: Vec<Option<Tensor>>, v: Vec<Option<Tensor>> },
@@ -31,9 +40,9 @@ enum Store {
 
 impl LayerKv {
     /// Appends new k, v: [tokens, kv_heads, head_dim] (sequences split by cu_seqlens_q) and returns everything
-    /// cached, packed the same way: (k, v: [cached, kv_heads, head_dim], cu_seqlens_k, on k's device). The cache is
-    /// copied into the packed tensors on every call: O(cached) per step, the same order as attention's own reads
-    /// (one sequence on a GPU is its stored tensors, no copy).
+    /// cached, packed the same way: (k, v: [cached, kv_heads, head_dim], cu_seqlens_k, on k's device). Several
+    /// sequences, or any on the host, are copied into the packed tensors; one sequence on a GPU is a view of its
+    /// buffer (see the module docs).
     pub(crate) fn extend(
         &mut self,
         k: &Tensor,
@@ -83,31 +92,21 @@ impl LayerKv {
             Store::Device { k: dk, v: dv } => {
                 let (k2, v2) = (k.reshape(&[tokens, self.row])?, v.reshape(&[tokens, self.row])?);
                 for s in 0..sequences {
-                    // Rows past a truncation are views away.
-                    for t in [&mut dk[s], &mut dv[s]] {
-                        if t.as_ref().is_some_and(|t| t.shape()[0] > self.lens[s]) {
-                            *t = t
-                                .as_ref()
-                                .map(|t| t.narrow(0, 0, self.lens[s]))
-                                .transpose()?
-                                .filter(|_| self.lens[s] > 0);
-                        }
-                    }
                     let (at, n) = (cu[s] as usize, (cu[s + 1] - cu[s]) as usize);
                     if n > 0 {
-                        dk[s] = Some(grow(dk[s].as_ref(), &k2.narrow(0, at, n)?, new_lens[s], self.row)?);
-                        dv[s] = Some(grow(dv[s].as_ref(), &v2.narrow(0, at, n)?, new_lens[s], self.row)?);
+                        append(&mut dk[s], self.lens[s], &k2.narrow(0, at, n)?, self.max_rows)?;
+                        append(&mut dv[s], self.lens[s], &v2.narrow(0, at, n)?, self.max_rows)?;
                     }
                 }
-                (pack(dk, &shape, k)?, pack(dv, &shape, v)?)
+                (pack(dk, &new_lens, &shape, k)?, pack(dv, &new_lens, &shape, v)?)
             }
         };
         self.lens = new_lens;
         Ok((k, v, SeqLens::new(&cu_k, device)?))
     }
 
-    /// Forgets what was appended after each sequence's `lens[s]` tokens (a device store drops the rows at its next
-    /// extend).
+    /// Forgets what was appended after each sequence's `lens[s]` tokens (a device store's rows past them are spare,
+    /// overwritten by the next tokens).
     fn truncate(&mut self, lens: &[usize]) {
         for (s, &n) in lens.iter().enumerate() {
             if let Some(Store::Host { k, v }) = &mut self.store {
@@ -119,15 +118,42 @@ impl LayerKv {
     }
 }
 
-/// A sequence's cached rows with `new` ([n, row]) after them: `len` rows on the device.
-fn grow(old: Option<&Tensor>, new: &Tensor, len: usize, row: usize) -> qlora_runtime::Result<Tensor> {
-    let parts: Vec<Tensor> = old.into_iter().cloned().chain([new.clone()]).collect();
-    cat_rows(&parts, &[len, row], new.dtype(), new.device())
+/// Writes `new` ([n, row]) after the first `len` rows of a sequence's buffer, first moving those rows to a buffer of
+/// [`capacity`] when they would not fit (spare rows zero, so nothing uninitialised is ever on the device).
+fn append(store: &mut Option<Tensor>, len: usize, new: &Tensor, limit: usize) -> qlora_runtime::Result<()> {
+    let needed = len + new.shape()[0];
+    let buffer = match store {
+        Some(buffer) if buffer.shape()[0] >= needed => buffer,
+        _ => {
+            let old = store.as_ref().map_or(0, |t| t.shape()[0]);
+            let mut grown =
+                Tensor::zeros_on(&[capacity(needed, old, limit), new.shape()[1]], new.dtype(), new.device())?;
+            if let Some(filled) = store.as_ref().filter(|_| len > 0) {
+                write_rows(&mut grown, 0, &filled.narrow(0, 0, len)?)?;
+            }
+            store.insert(grown)
+        }
+    };
+    write_rows(buffer, len, new)
 }
 
-/// Every sequence's rows packed into `shape` (like `like`'s dtype and device); one sequence is its own tensor.
-fn pack(per_seq: &[Option<Tensor>], shape: &[usize], like: &Tensor) -> qlora_runtime::Result<Tensor> {
-    let parts: Vec<Tensor> = per_seq.iter().flatten().cloned().collect();
+/// Rows of a sequence's buffer when `needed` no longer fit in `old`: the power of two above `needed` (so that the next
+/// token fits too), at least twice `old` (geometric growth: O(1) copied rows per token), but not past `limit` (the
+/// model's context) for a sequence that fits in it.
+fn capacity(needed: usize, old: usize, limit: usize) -> usize {
+    let grown = (needed + 1).next_power_of_two().max(2 * old);
+    if needed <= limit {
+        grown.min(limit)
+    } else {
+        grown
+    }
+}
+
+/// Every sequence's first `lens[s]` rows packed into `shape` (like `like`'s dtype and device); one sequence is a view
+/// of its buffer.
+fn pack(per_seq: &[Option<Tensor>], lens: &[usize], shape: &[usize], like: &Tensor) -> qlora_runtime::Result<Tensor> {
+    let filled = per_seq.iter().zip(lens).filter_map(|(t, &n)| t.as_ref().filter(|_| n > 0).map(|t| t.narrow(0, 0, n)));
+    let parts = filled.collect::<qlora_runtime::Result<Vec<Tensor>>>()?;
     match parts.as_slice() {
         [one] => one.reshape(shape),
         _ => cat_rows(&parts, shape, like.dtype(), like.device()),
@@ -149,6 +175,7 @@ impl KvCache {
             row: c.num_key_value_heads * c.head_dim,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
+            max_rows: c.max_position_embeddings,
         };
         KvCache { layers: (0..c.num_hidden_layers).map(|_| layer()).collect() }
     }
@@ -177,37 +204,88 @@ mod tests {
     use super::*;
     use qlora_runtime::{DType, Rng};
 
-    fn layer(store: Option<Store>, sequences: usize) -> LayerKv {
-        LayerKv { store, lens: vec![0; sequences], row: 6, kv_heads: 2, head_dim: 3 }
+    fn layer(store: Option<Store>, sequences: usize, max_rows: usize) -> LayerKv {
+        LayerKv { store, lens: vec![0; sequences], row: 6, kv_heads: 2, head_dim: 3, max_rows }
     }
 
-    /// The device store's logic (per-sequence tensors grown by row copies, packed, cut back after a truncation) run
-    /// on CPU tensors: every step returns exactly what the host store returns.
+    /// A host layer and a tensor layer (the device store's logic run on CPU tensors) over the same tokens.
+    struct Twins {
+        host: LayerKv,
+        dev: LayerKv,
+        rng: Rng,
+    }
+
+    impl Twins {
+        fn new(sequences: usize, max_rows: usize) -> Self {
+            let tensors = Store::Device { k: vec![None; sequences], v: vec![None; sequences] };
+            let (host, dev) = (layer(None, sequences, max_rows), layer(Some(tensors), sequences, max_rows));
+            Twins { host, dev, rng: Rng::new(3) }
+        }
+
+        /// Appends `tokens[s]` new tokens to sequence s in both; every step returns exactly what the host returns.
+        fn step(&mut self, tokens: &[usize]) {
+            let n: usize = tokens.iter().sum();
+            let k = Tensor::randn(&[n, 2, 3], 1.0, DType::F32, &mut self.rng);
+            let v = Tensor::randn(&[n, 2, 3], 1.0, DType::F32, &mut self.rng);
+            let mut cu = vec![0i32];
+            tokens.iter().for_each(|&t| cu.push(cu.last().unwrap() + t as i32));
+            let cu = SeqLens::new(&cu, Device::Cpu).unwrap();
+            let (hk, hv, hcu) = self.host.extend(&k, &v, &cu).unwrap();
+            let (dk, dv, dcu) = self.dev.extend(&k, &v, &cu).unwrap();
+            assert_eq!(hcu.host(), dcu.host(), "{tokens:?}");
+            assert_eq!((hk.shape(), hv.shape()), (dk.shape(), dv.shape()), "{tokens:?}");
+            let values = |a: &Tensor, b: &Tensor| (a.to_vec::<f32>(), b.to_vec::<f32>());
+            assert_eq!(values(&hk, &hv), values(&dk, &dv), "{tokens:?}");
+        }
+
+        fn truncate(&mut self, lens: &[usize]) {
+            self.host.truncate(lens);
+            self.dev.truncate(lens);
+            assert_eq!(self.dev.lens, lens);
+        }
+
+        /// Rows of each sequence's key and value buffers (0: none yet).
+        fn capacities(&self) -> Vec<(usize, usize)> {
+            let Some(Store::Device { k, v }) = &self.dev.store else { panic!("a tensor store") };
+            let rows = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.shape()[0]);
+            k.iter().zip(v).map(|(k, v)| (rows(k), rows(v))).collect()
+        }
+    }
+
+    /// Per-sequence buffers written in place, packed, cut back by a truncation: what the host store returns.
     #[test]
     fn the_tensor_store_packs_what_the_host_store_packs() {
-        let mut rng = Rng::new(3);
-        let tensors = Store::Device { k: vec![None, None], v: vec![None, None] };
-        let (mut host, mut dev) = (layer(None, 2), layer(Some(tensors), 2));
+        let mut t = Twins::new(2, 1 << 20);
         // Steps of (tokens of sequence 0, of sequence 1); a truncation back to (3, 2) after the third.
-        for (step, [a, b]) in [[3usize, 2], [1, 0], [2, 2], [0, 1], [1, 1]].into_iter().enumerate() {
-            let n = a + b;
-            let k = Tensor::randn(&[n, 2, 3], 1.0, DType::F32, &mut rng);
-            let v = Tensor::randn(&[n, 2, 3], 1.0, DType::F32, &mut rng);
-            let cu = SeqLens::new(&[0, a as i32, n as i32], Device::Cpu).unwrap();
-            let (hk, hv, hcu) = host.extend(&k, &v, &cu).unwrap();
-            let (dk, dv, dcu) = dev.extend(&k, &v, &cu).unwrap();
-            assert_eq!(hcu.host(), dcu.host(), "step {step}");
-            assert_eq!((hk.shape(), hv.shape()), (dk.shape(), dv.shape()), "step {step}");
-            assert_eq!(
-                (hk.to_vec::<f32>(), hv.to_vec::<f32>()),
-                (dk.to_vec::<f32>(), dv.to_vec::<f32>()),
-                "step {step}"
-            );
+        for (step, tokens) in [[3usize, 2], [1, 0], [2, 2], [0, 1], [1, 1]].into_iter().enumerate() {
+            t.step(&tokens);
             if step == 2 {
-                host.truncate(&[3, 2]);
-                dev.truncate(&[3, 2]);
-                assert_eq!(dev.lens, [3, 2]);
+                t.truncate(&[3, 2]);
             }
         }
+    }
+
+    /// A buffer starts at the power of two above the prompt, doubles when a token no longer fits (keeping its rows),
+    /// stops at the model's context, and after a truncation the next tokens overwrite the forgotten rows.
+    #[test]
+    fn buffers_double_past_capacity_and_truncated_rows_are_overwritten() {
+        let mut t = Twins::new(1, 12);
+        t.step(&[3]);
+        assert_eq!(t.capacities(), [(4, 4)], "the power of two above a prompt of 3");
+        t.step(&[1]);
+        assert_eq!(t.capacities(), [(4, 4)], "4 rows fit in 4");
+        t.step(&[1]);
+        assert_eq!(t.capacities(), [(8, 8)], "the fifth did not");
+        t.step(&[2]);
+        t.step(&[1]);
+        assert_eq!(t.capacities(), [(8, 8)], "8 rows fit in 8");
+        t.step(&[1]);
+        assert_eq!(t.capacities(), [(12, 12)], "16 rows would pass the context of 12");
+        t.truncate(&[2]);
+        t.step(&[5]);
+        t.step(&[1]);
+        assert_eq!((t.capacities(), t.dev.lens.clone()), (vec![(12, 12)], vec![8]), "written over the forgotten rows");
+        t.step(&[5]);
+        assert_eq!(t.capacities(), [(24, 24)], "past the context: doubling goes on (generate stops before)");
     }
 }

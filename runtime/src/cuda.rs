@@ -143,6 +143,26 @@ impl Gpu {
         to_dtype(t, dtype)
     }
 
+    /// Keys and values that a kernel reads only where sequence boundaries point (attention's): views of the leading
+    /// rows of two buffers of one length, already in the op's dtype (a KV cache's filled rows ahead of its spare
+    /// ones), are passed as those buffers, spare rows and all, without a copy; anything else as [`Gpu::input`].
+    pub(crate) fn leading_rows(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let storage_len = |t: &Tensor| t.storage().len();
+        let leading = |t: &Tensor| {
+            let row: usize = t.shape().get(1..).map_or(0, |r| r.iter().product());
+            t.device() == self.device
+                && t.dtype() == self.dtype
+                && t.is_contiguous()
+                && t.layout().offset() == 0
+                && row > 0
+                && storage_len(t) % row == 0
+        };
+        if leading(k) && leading(v) && storage_len(k) == storage_len(v) {
+            return Ok((k.clone(), v.clone()));
+        }
+        Ok((self.input(k)?, self.input(v)?))
+    }
+
     /// An index operand (ids, targets, cu_seqlens): I32 on the op's device, whole.
     pub(crate) fn index(&self, what: &'static str, t: &Tensor) -> Result<Tensor> {
         self.same_device(t)?;

@@ -7,6 +7,7 @@
 use qlora_runtime::cuda::{read_scalars, synchronizations};
 use qlora_runtime::op::first_grad;
 use qlora_runtime::ops::attention::{attention, AttentionParams, SeqLens};
+use qlora_runtime::ops::concat::write_rows;
 use qlora_runtime::ops::cross_entropy::cross_entropy_op;
 use qlora_runtime::ops::elementwise::broadcast_scaled;
 use qlora_runtime::ops::reduce::{sum, sum_squares_into};
@@ -95,18 +96,15 @@ test_device!(
     loss_and_its_gradient_wait_for_nothing_cuda
 );
 
+/// Causal attention of 4 query heads over 2 KV heads of 8.
+fn causal_gqa(sliding_window: Option<usize>) -> AttentionParams {
+    AttentionParams { n_heads: 4, n_kv_heads: 2, head_dim: 8, scale: 0.35, causal: true, sliding_window, softcap: None }
+}
+
 /// Attention with boundaries made on the host reads nothing back, and checks them against the tensors there.
 fn attention_takes_host_boundaries(device: Device) {
     let mut rng = Rng::new(3);
-    let p = AttentionParams {
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 8,
-        scale: 0.35,
-        causal: true,
-        sliding_window: Some(3),
-        softcap: None,
-    };
+    let p = causal_gqa(Some(3));
     let cu = SeqLens::new(&[0, 2, 7, 7, 9], device).unwrap();
     assert_eq!((cu.max_len(), cu.total(), cu.n_seqs()), (5, 9, 4));
     let (q, k, v) =
@@ -127,4 +125,39 @@ test_device!(
     attention_takes_host_boundaries,
     attention_takes_host_boundaries_cpu,
     attention_takes_host_boundaries_cuda
+);
+
+/// Rows written in place land where asked and nowhere else, in any float dtype; attention over a view of a buffer's
+/// first rows (a KV cache's filled rows ahead of its spare ones) equals attention over exactly those rows.
+fn rows_written_in_place_and_read_as_a_view(device: Device) {
+    let mut rng = Rng::new(4);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut buffer = Tensor::zeros_on(&[6, 2, 8], dtype, device).unwrap();
+        let rows = randn(&[2, 2, 8], &mut rng, device).try_to_dtype(dtype).unwrap();
+        let alias = buffer.clone();
+        write_rows(&mut buffer, 3, &rows).unwrap();
+        let got = buffer.to_vec::<f64>();
+        let mut want = vec![0.0; 6 * 16];
+        want[3 * 16..5 * 16].copy_from_slice(&rows.to_vec::<f64>());
+        assert_eq!(got, want, "{dtype:?}");
+        assert_eq!(alias.to_vec::<f64>(), vec![0.0; 6 * 16], "a tensor sharing the storage does not see the write");
+        let e = write_rows(&mut buffer, 5, &rows).unwrap_err().to_string();
+        assert!(e.contains("at row 5"), "{e}");
+    }
+
+    let p = causal_gqa(None);
+    // 5 filled rows of 8: the spare ones hold values a wrong read would notice.
+    let (k_buf, v_buf) = (randn(&[8, 2, 8], &mut rng, device), randn(&[8, 2, 8], &mut rng, device));
+    let (k, v) = (k_buf.narrow(0, 0, 5).unwrap(), v_buf.narrow(0, 0, 5).unwrap());
+    let q = randn(&[2, 4, 8], &mut rng, device);
+    let (cu_q, cu_k) = (SeqLens::new(&[0, 2], device).unwrap(), SeqLens::new(&[0, 5], device).unwrap());
+    let (out, _) = attention(&p, [&q, &k, &v], [&cu_q, &cu_k]).unwrap();
+    let exact = |t: &Tensor| Tensor::from_vec(t.to_vec::<f32>(), t.shape()).unwrap().to_device(device).unwrap();
+    let (want, _) = attention(&p, [&q, &exact(&k), &exact(&v)], [&cu_q, &cu_k]).unwrap();
+    assert_eq!(out.to_vec::<f32>(), want.to_vec::<f32>());
+}
+test_device!(
+    rows_written_in_place_and_read_as_a_view,
+    rows_written_in_place_and_read_as_a_view_cpu,
+    rows_written_in_place_and_read_as_a_view_cuda
 );

@@ -10,16 +10,16 @@
 
 use super::memory::{self, Estimate, Setup};
 use super::stats::{summarize, Summary};
+use super::subject::{Subject, SubjectArgs};
 use crate::adapter_args::AdapterArgs;
-use crate::device::{self, DeviceArg};
-use crate::eval::DtypeArg;
+use crate::device;
 use crate::finetune::attach_adapters;
 use crate::finetune::parallel::{self, RankArgs, World};
 use crate::finetune::spawn;
 use crate::finetune::step::{optimizer_step, Phase, Phases, StepConfig};
 use anyhow::{bail, ensure, Context, Result};
 use qlora_models::synthetic;
-use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
+use qlora_models::transformer::Batch;
 use qlora_models::ModelConfig;
 use qlora_optim::{AdamW, AdamWConfig};
 use qlora_runtime::cuda::synchronizations;
@@ -29,7 +29,6 @@ use qlora_runtime::timing::Mark;
 use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,11 +36,8 @@ use std::time::Instant;
 /// the peer benchmarks' batch of 4 × 2048 tokens.
 #[derive(clap::Args)]
 pub struct StepArgs {
-    #[arg(long, value_name = "NAME", conflicts_with = "model", help = shape_help())]
-    shape: Option<String>,
-    /// Instead of --shape: a model folder (or .gguf file) as finetune takes it.
-    #[arg(long, value_name = "DIR")]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    subject: SubjectArgs,
     /// Sequences per micro-batch.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -82,12 +78,6 @@ pub struct StepArgs {
     /// Seed for the weights, adapters, tokens and dropout.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Where to run: auto, cpu or cuda.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    device: DeviceArg,
-    /// Compute precision on CUDA (the CPU computes in f32).
-    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
-    dtype: DtypeArg,
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
@@ -96,13 +86,6 @@ pub struct StepArgs {
     /// Run one more step with the profiling hook on and list the regions that took its device time.
     #[arg(long)]
     profile: bool,
-}
-
-fn shape_help() -> String {
-    format!(
-        "A built-in architecture, made in memory with random NF4 weights (no files needed): {}",
-        synthetic::shape_names()
-    )
 }
 
 impl StepArgs {
@@ -121,65 +104,6 @@ impl StepArgs {
 
     fn checkpointing(&self) -> bool {
         self.gradient_checkpointing || !self.no_gradient_checkpointing
-    }
-}
-
-/// What is benchmarked.
-enum Subject {
-    Shape(String),
-    /// A model folder (a .gguf file or a Hub id already resolved to its imported folder or snapshot).
-    Folder(PathBuf),
-}
-
-impl Subject {
-    fn of(args: &StepArgs) -> Result<Subject> {
-        match (&args.shape, &args.model) {
-            (Some(name), _) => Ok(Subject::Shape(name.clone())),
-            (None, Some(dir)) => Ok(Subject::Folder(crate::model_path::resolve_model(dir)?)),
-            (None, None) => bail!(
-                "bench needs --shape NAME ({}) or --model DIR; `bench kernels` times the CUDA kernels",
-                synthetic::shape_names()
-            ),
-        }
-    }
-
-    fn config(&self) -> Result<ModelConfig> {
-        Ok(match self {
-            Subject::Shape(name) => synthetic::shape_config(name)?,
-            Subject::Folder(dir) => ModelConfig::load(dir)?,
-        })
-    }
-
-    /// The model without adapters, its dense weights in `dense` where it is built here; with `shard`, its NF4
-    /// base sharded across the group, this rank's shards on the device.
-    fn model(
-        &self,
-        config: &ModelConfig,
-        (format, dense): (BaseFormat, DType),
-        seed: u64,
-        shard: Option<(Arc<dyn Communicator>, Device)>,
-    ) -> Result<CausalLm> {
-        Ok(match (self, shard) {
-            (Subject::Shape(_), shard) => {
-                // Projections of one shape share their host bytes here, so building whole first costs little.
-                let mut model = synthetic::build(config, format, dense, seed)?;
-                if let Some((group, device)) = shard {
-                    model.shard(group, device)?;
-                }
-                model
-            }
-            (Subject::Folder(dir), Some((group, device))) => CausalLm::load_sharded(dir, format, group, device)?,
-            (Subject::Folder(dir), None) => CausalLm::load(dir, format)?,
-        })
-    }
-}
-
-impl std::fmt::Display for Subject {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Subject::Shape(name) => f.write_str(name),
-            Subject::Folder(dir) => write!(f, "{}", dir.display()),
-        }
     }
 }
 
@@ -255,13 +179,18 @@ pub fn run(args: &StepArgs) -> Result<()> {
     args.check()?;
     // Usage mistakes first, in one line, before a device is opened (which may print a note).
     let targets = args.adapter.targets()?;
-    let subject = Subject::of(args)?;
+    let Some(subject) = args.subject.subject()? else {
+        bail!(
+            "bench needs --shape NAME ({}) or --model DIR; `bench kernels` times the CUDA kernels",
+            synthetic::shape_names()
+        )
+    };
     let config = subject.config()?;
-    let world = args.ranks.world(args.device, args.adapter.base_format(), "bench")?;
+    let world = args.ranks.world(args.subject.device, args.adapter.base_format(), "bench")?;
     if let World::Spawn(n) = world {
         return spawn::gpus(n).map(drop);
     }
-    let placement = parallel::placement(&world, args.dtype.dtype(), "benchmarking")?;
+    let placement = parallel::placement(&world, args.subject.dtype.dtype(), "benchmarking")?;
     parallel::run_as(&world, |group| bench(args, (&subject, &config, &targets), placement, group))
 }
 
@@ -575,23 +504,23 @@ fn print_report(
 }
 
 /// GiB to the KiB (6 decimals), so that a small model's parts read as nonzero in the JSON; the text rounds further.
-fn gib(bytes: usize) -> f64 {
+pub(super) fn gib(bytes: usize) -> f64 {
     round(bytes as f64 / (1u64 << 30) as f64, 6)
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+pub(super) fn round(x: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (x * p).round() / p
 }
 
-fn dtype_name(dtype: DType) -> &'static str {
+pub(super) fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::BF16 => "bf16",
         _ => "f32",
     }
 }
 
-fn gpu_name(device: Device) -> Option<String> {
+pub(super) fn gpu_name(device: Device) -> Option<String> {
     let Device::Cuda(ordinal) = device else { return None };
     qlora_runtime::cuda_device(ordinal).ok().map(|d| d.name().to_string())
 }
@@ -605,7 +534,7 @@ fn pinned_bytes(device: Device) -> Result<Option<usize>> {
 }
 
 /// The device allocator's peak since the device was opened (model upload included), None on the CPU.
-fn peak_bytes(device: Device) -> Result<Option<usize>> {
+pub(super) fn peak_bytes(device: Device) -> Result<Option<usize>> {
     match device {
         Device::Cpu => Ok(None),
         Device::Cuda(ordinal) => Ok(Some(qlora_runtime::cuda_device(ordinal)?.memory_stats().peak)),

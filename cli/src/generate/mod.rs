@@ -224,17 +224,21 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model that generates with `adapter` (None: the base alone) where `placement` says. On the CPU the adapter is
-/// folded into dense f32 weights (the fastest there, see the module docs). On a GPU the base keeps its format with
-/// the adapter unmerged (an NF4 base then decodes through the NF4 GEMV, reading 4 bits per weight per token), unless
-/// `merge` folds it as on the CPU; the copy there computes in the placement's dtype.
+/// The model that generates with `adapter` (None: the base alone) where `placement` says: [`place`]d.
 fn prepare(
     base: &CausalLm,
     adapter: Option<&ModelAdapter>,
-    (device, dtype): (Device, DType),
+    placement: (Device, DType),
     merge: bool,
 ) -> Result<CausalLm> {
-    let adapted = base.with_adapter(adapter)?;
+    place(base.with_adapter(adapter)?, placement, merge)
+}
+
+/// A model with its adapters attached, made ready to generate where `placement` says. On the CPU the adapters are
+/// folded into dense f32 weights (the fastest there, see the module docs). On a GPU the base keeps its format with
+/// the adapters unmerged (an NF4 base then decodes through the NF4 GEMV, reading 4 bits per weight per token),
+/// unless `merge` folds them as on the CPU; the copy there computes in the placement's dtype.
+pub(crate) fn place(adapted: CausalLm, (device, dtype): (Device, DType), merge: bool) -> Result<CausalLm> {
     if device == Device::Cpu {
         return Ok(adapted.fold_adapters()?);
     }

@@ -7,6 +7,7 @@ use cudarc::driver::result as driver;
 use half::{bf16, f16};
 use std::fmt;
 use std::marker::PhantomData;
+use std::ops::Range;
 
 /// Element types that live in device memory: plain data for which every bit pattern is a valid value, so memory
 /// written by any kernel (or by none) reads back as values, never as undefined behaviour.
@@ -138,19 +139,26 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
 
     /// Copies all of `src` into elements `at..at + src.len()` (stream-ordered, device to device).
     pub fn copy_from_at(&mut self, at: usize, src: &DeviceBuffer<T>) -> Result<()> {
-        assert!(at + src.len <= self.len, "copy_from_at: {} elements at {at} into {}", src.len, self.len);
-        if src.is_empty() {
+        self.copy_range_from(at, src, 0..src.len)
+    }
+
+    /// Copies `src[range]` into elements `at..at + range.len()` (stream-ordered, device to device): a view's rows
+    /// without gathering the view into a buffer of its own first.
+    pub fn copy_range_from(&mut self, at: usize, src: &DeviceBuffer<T>, range: Range<usize>) -> Result<()> {
+        assert!(range.start <= range.end && range.end <= src.len, "copy_range_from: {range:?} of {}", src.len);
+        let n = range.len();
+        assert!(at + n <= self.len, "copy_range_from: {n} elements at {at} into {}", self.len);
+        if n == 0 {
             return Ok(());
         }
         self.device.bind()?;
         let bytes = size_of::<T>();
-        // SAFETY: src's whole block and the asserted range of this one, on the device's stream after earlier work on
-        // both.
+        // SAFETY: the asserted ranges of both blocks, on the device's stream after earlier work on both.
         unsafe {
             driver::memcpy_dtod_async(
                 self.ptr() + (at * bytes) as u64,
-                src.ptr(),
-                src.len * bytes,
+                src.ptr() + (range.start * bytes) as u64,
+                n * bytes,
                 self.device.cu_stream(),
             )
         }

@@ -114,7 +114,8 @@ pub fn attention(
         let (gcq, gck) = (g.index("cu_seqlens_q", &cu_q.tensor)?, g.index("cu_seqlens_k", &cu_k.tensor)?);
         let (cu, max) = ([buf(&gcq), buf(&gck)], [cu_q.max, cu_k.max]);
         return with_gpu!(g, |T| {
-            let (qi, ki, vi) = (g.input(q)?, g.input(k)?, g.input(v)?);
+            // Keys past cu_seqlens_k's end are never read, so a KV cache's spare rows may come along.
+            let (qi, (ki, vi)) = (g.input(q)?, g.leading_rows(k, v)?);
             let (mut out, mut lse) = (g.alloc::<T>(q.elem_count())?, g.alloc::<f32>(tq * p.n_heads)?);
             let (qi, ki, vi) = (buf::<T>(&qi), buf(&ki), buf(&vi));
             g.run(gattn::attention_forward(p, qi, ki, vi, cu, max, &mut out, &mut lse))?;

@@ -1,9 +1,12 @@
 //! Joining row blocks and cutting them apart: parts computed chunk by chunk (the fused loss's dx, a layer's MLP run a
-//! block of tokens at a time) laid end to end, with the tape ops of both directions.
+//! block of tokens at a time) laid end to end, with the tape ops of both directions; and rows written in place into a
+//! buffer with spare rows (a KV cache growing by a token).
 
-use crate::cuda::{buf, output, with_gpu, Gpu};
+use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
 use crate::op::{backward_fn, first_grad, Backward, Recorded};
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::storage::CudaElement;
+use crate::{DType, Device, Element, Error, Result, Tensor};
+use qlora_kernels::cuda::DeviceBuffer;
 
 /// `parts` (each [rows_i, cols...], in `dtype` on `device`) stacked along the first dimension into `shape`, whose
 /// element count they must fill exactly.
@@ -22,8 +25,7 @@ pub fn cat_rows(parts: &[Tensor], shape: &[usize], dtype: DType, device: Device)
             let mut out = g.alloc::<T>(total)?;
             let mut at = 0;
             for p in parts {
-                let p = g.input(p)?;
-                g.run(out.copy_from_at(at, buf::<T>(&p)))?;
+                copy_rows_at(&g, &mut out, at, p)?;
                 at += p.elem_count();
             }
             Ok(output(out, shape))
@@ -34,6 +36,50 @@ pub fn cat_rows(parts: &[Tensor], shape: &[usize], dtype: DType, device: Device)
         values.extend(p.to_vec::<f64>());
     }
     Ok(Tensor::from_vec(values, shape)?.to_dtype(dtype))
+}
+
+/// dst: [rows, cols...] ← src: [n, cols...] at rows `at..at + n`, in place, same dtype and device: how a buffer with
+/// spare rows (a KV cache) grows without copying the rows it already holds. Storage dst shares with another tensor
+/// is copied first, so nobody else observes the write (the rule of [`Tensor::update`]).
+pub fn write_rows(dst: &mut Tensor, at: usize, src: &Tensor) -> Result<()> {
+    let (rows, n) = (dst.shape().first().copied(), src.shape().first().copied());
+    let fits = matches!((rows, n), (Some(rows), Some(n)) if at + n <= rows);
+    if !fits || src.shape()[1..] != dst.shape()[1..] || src.dtype() != dst.dtype() {
+        return Err(Error::shape(
+            "write_rows",
+            format!("{:?} {:?} at row {at} of {:?} {:?}", src.shape(), src.dtype(), dst.shape(), dst.dtype()),
+        ));
+    }
+    let at = at * dst.shape()[1..].iter().product::<usize>();
+    if let Some(g) = Gpu::of("write_rows", &[&*dst, src])? {
+        return with_gpu!(g, |T| copy_rows_at(&g, buffer_mut::<T>("write_rows", dst)?, at, src));
+    }
+    match dst.dtype() {
+        DType::F64 => write_host::<f64>(dst, at, src),
+        DType::F32 => write_host::<f32>(dst, at, src),
+        DType::BF16 => write_host::<half::bf16>(dst, at, src),
+        DType::F16 => write_host::<half::f16>(dst, at, src),
+        DType::I32 => write_host::<i32>(dst, at, src),
+        DType::U8 => write_host::<u8>(dst, at, src),
+    }
+}
+
+fn write_host<T: Element>(dst: &mut Tensor, at: usize, src: &Tensor) -> Result<()> {
+    let values = src.values::<T>();
+    dst.update::<T>(|d| d[at..at + values.len()].copy_from_slice(&values))
+}
+
+/// `part`'s elements into `out` from element `at`: straight from its storage when it is a contiguous view in the op's
+/// dtype (a row block of a larger tensor is not gathered into a buffer of its own first), else from a whole copy.
+fn copy_rows_at<T: CudaElement>(g: &Gpu, out: &mut DeviceBuffer<T>, at: usize, part: &Tensor) -> Result<()> {
+    let whole;
+    let (src, start) = if part.is_contiguous() && part.dtype() == g.dtype {
+        (part, part.layout().offset())
+    } else {
+        whole = g.input(part)?;
+        (&whole, 0)
+    };
+    g.run(out.copy_range_from(at, buf::<T>(src), start..start + part.elem_count()))
 }
 
 /// x: [rows, ...] cut into blocks of `chunk` rows (the last one shorter): views of x, no copy.

@@ -13,7 +13,7 @@
 mod adamw;
 mod attention;
 mod cast;
-mod ceilings;
+pub(super) mod ceilings;
 mod embedding;
 mod gemm;
 mod glu;
@@ -160,26 +160,8 @@ impl Bench {
 
     /// Times `rep(i)` (i counts every call, warm-up included, so a rotation index is `i % copies`) and prints the row;
     /// returns the median in ms.
-    pub fn row(
-        &mut self,
-        name: &str,
-        shape: &str,
-        work: Work,
-        mut rep: impl FnMut(usize) -> Result<()>,
-    ) -> Result<f64> {
-        let warmup = self.warmup as usize;
-        for i in 0..warmup {
-            rep(i)?;
-        }
-        let device = Device::Cuda(self.ordinal);
-        let mut marks = Vec::with_capacity(self.reps as usize);
-        for i in 0..self.reps as usize {
-            let start = Mark::now(device)?;
-            rep(warmup + i)?;
-            marks.push((start, Mark::now(device)?));
-        }
-        let times = marks.iter().map(|(a, b)| a.elapsed_ms(b)).collect::<qlora_runtime::Result<Vec<f64>>>()?;
-        let ms = summarize(&times).median;
+    pub fn row(&mut self, name: &str, shape: &str, work: Work, rep: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+        let ms = median_ms(Device::Cuda(self.ordinal), self.warmup as usize, self.reps as usize, rep)?;
         self.print(name, shape, work, ms);
         Ok(ms)
     }
@@ -243,6 +225,22 @@ impl Bench {
     pub fn ids(&mut self, n: usize, below: usize) -> Result<DeviceBuffer<i32>> {
         self.upload_with(n, |r| r.below(below as u64) as i32)
     }
+}
+
+/// The median ms of `reps` calls of `rep(i)` on `device`, each between two marks, after `warmup` untimed ones (i counts
+/// every call, warm-up included, so a rotation index is `i % copies`).
+pub fn median_ms(device: Device, warmup: usize, reps: usize, mut rep: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    for i in 0..warmup {
+        rep(i)?;
+    }
+    let mut marks = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let start = Mark::now(device)?;
+        rep(warmup + i)?;
+        marks.push((start, Mark::now(device)?));
+    }
+    let times = marks.iter().map(|(a, b)| a.elapsed_ms(b)).collect::<qlora_runtime::Result<Vec<f64>>>()?;
+    Ok(summarize(&times).median)
 }
 
 /// `[a, b, …]` for a shape column.
