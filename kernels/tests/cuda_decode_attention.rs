@@ -205,17 +205,42 @@ fn llama_3_8b_decode_attention_report() {
             let (mut out, mut lse) =
                 (dev.alloc::<bf16>(q.len()).unwrap(), dev.alloc::<f32>(batch * p.n_heads).unwrap());
             let plan = gattn::decode_plan(&dev, Kernels::Bf16, &p, [1, cache], batch, None).unwrap();
-            let mut time = |path| {
+            // None: the flash kernels; Some(n): the decode kernels with n splits.
+            let mut time = |splits: Option<usize>| {
                 let mut next = 0;
                 device_seconds(&dev, copies, || {
                     let (k, v) = &caches[next % copies];
                     next += 1;
-                    let cu = [&gcq, &gck];
-                    gattn::attention_forward_with(path, &p, &q, k, v, cu, [1, cache], &mut out, &mut lse).unwrap()
+                    let (cu, max) = ([&gcq, &gck], [1, cache]);
+                    match splits {
+                        None => gattn::attention_forward_with(
+                            FlashPath::FastestFlash,
+                            &p,
+                            &q,
+                            k,
+                            v,
+                            cu,
+                            max,
+                            &mut out,
+                            &mut lse,
+                        ),
+                        Some(n) => gattn::attention_decode_with(Some(n), &p, &q, k, v, cu, max, &mut out, &mut lse),
+                    }
+                    .unwrap()
                 })
             };
-            let (decode, flash) = (time(FlashPath::Fastest), time(FlashPath::FastestFlash));
-            for (what, seconds) in [(format!("decode ({} splits)", plan.splits), decode), ("flash".into(), flash)] {
+            let mut rows = vec![(format!("decode ({} splits)", plan.splits), time(Some(plan.splits)))];
+            // Other split counts, so that the launcher's choice can be tuned from one run.
+            let mut others: Vec<usize> = [plan.splits / 4, plan.splits / 2, 2 * plan.splits]
+                .into_iter()
+                .filter(|&n| n >= 1 && n != plan.splits && n * 64 <= cache)
+                .collect();
+            others.dedup();
+            for n in others {
+                rows.push((format!("decode ({n} splits, forced)"), time(Some(n))));
+            }
+            rows.push(("flash".into(), time(None)));
+            for (what, seconds) in rows {
                 let rate = kv_bytes as f64 / seconds;
                 println!(
                     "qlora-gpu: attention Llama-3-8B batch {batch} cache {cache} {what}: {:.1} us, {:.0} GB/s of K/V \
