@@ -184,6 +184,8 @@ extern "C" __global__ void dequantize_absmax_nested_f32(const unsigned char* qab
 //   word of 4·nibble bytes; x is read as 8 f32 per row and word, once for all R rows of W.
 // - Sums: f32 per lane, then a fixed xor-shuffle tree per warp, then the block's warps in order: the same bits run to
 //   run. M rows of x are a template (1, 2, 4, 8); rows m..M-1 re-read row m - 1 and are not written.
+// - LoRA's up-projection rides on the write (GemvLora): y = x·Wᵀ + alpha·U·Bᵀ with U = x·Aᵀ [m, r] computed before,
+//   so a decoding step's adapted projection is this launch and U's, rounded once, with no B GEMM and no add.
 constexpr unsigned GEMV_MAX_ROWS = 8;
 constexpr unsigned GEMV_STEP = 1024;     // columns a warp reads per step: 32 lanes × 32
 constexpr unsigned GEMV_MAX_WARPS = 8;   // warps per block (the launcher's column split)
@@ -209,6 +211,25 @@ __device__ __forceinline__ void decode8(unsigned table, unsigned w, float (&c)[8
         asm volatile("ld.shared.f32 %0, [%1];" : "=f"(c[2 * b + 1]) : "r"(__byte_perm(lo, table, 0x7650 + b)));
     }
 }
+
+// LoRA's up-projection added to a GEMV's f32 sum before its one rounding: s + alpha·Σ_j u[k, j]·b[o, j] for row k of
+// x and output o; rank 0 (no adapter) leaves s. u: [m, ldu] (the projection's columns of a group's U), b: [out, rank].
+template <typename T> struct GemvLora {
+    const T* u;
+    unsigned ldu;
+    const T* b;
+    unsigned rank;
+    float alpha;
+
+    __device__ __forceinline__ float add(float s, unsigned k, unsigned o) const {
+        if (rank == 0) return s;
+        const T* uk = u + static_cast<u64>(k) * ldu;
+        const T* bo = b + static_cast<u64>(o) * rank;
+        float t = 0.0f;
+        for (unsigned j = 0; j < rank; ++j) t = fmaf(to_f32(uk[j]), to_f32(bo[j]), t);
+        return fmaf(alpha, t, s);
+    }
+};
 
 // A warp's loads for one step: 16 packed bytes of each of R rows and their absmax; `col` is the lane's first column,
 // in_f when the step or the lane's columns are past the row.
@@ -310,8 +331,8 @@ __device__ __forceinline__ void gemv_step(unsigned code, const uint4 (&w)[R], co
 // GEMV_MAX_WARPS) own rows R·blockIdx.x.. of W; warp w takes the steps w, w + ksplit, ….
 template <typename T, typename Scales, unsigned M, unsigned R>
 __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
-                                T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f,
-                                unsigned log2_blocksize) {
+                                T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
+                                GemvLora<T> lora) {
     __shared__ __align__(256) float code[16];
     __shared__ float partial[GEMV_MAX_WARPS][R * M];
     const unsigned table = static_cast<unsigned>(__cvta_generic_to_shared(code));
@@ -347,15 +368,15 @@ __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales
         const unsigned r = threadIdx.x / M, k = threadIdx.x % M, o = o0 + r;
         float s = partial[0][threadIdx.x];
         for (unsigned w = 1; w < ksplit; ++w) s += partial[w][threadIdx.x];
-        if (o < out_f && k < m) y[static_cast<u64>(k) * out_f + o] = from_f32<T>(s);
+        if (o < out_f && k < m) y[static_cast<u64>(k) * out_f + o] = from_f32<T>(lora.add(s, k, o));
     }
 }
 
 // Any shape and alignment: one warp per output row, one element per lane per step, the twin's per-element weights.
 template <typename T, typename Scales>
 __device__ void nf4_gemv_scalar(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
-                                T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f,
-                                unsigned log2_blocksize) {
+                                T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
+                                GemvLora<T> lora) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     scales.stage();
@@ -379,7 +400,7 @@ __device__ void nf4_gemv_scalar(const unsigned char* __restrict__ packed, Scales
         for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
             float s = acc[r];
             for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
-            if (lane == 0 && r < m) y[static_cast<u64>(r) * out_f + o] = from_f32<T>(s);
+            if (lane == 0 && r < m) y[static_cast<u64>(r) * out_f + o] = from_f32<T>(lora.add(s, r, o));
         }
     }
 }
@@ -387,13 +408,16 @@ __device__ void nf4_gemv_scalar(const unsigned char* __restrict__ packed, Scales
 // Rows of W per block of the vector path for M rows of x (kernels/src/cuda/nf4.rs gemv_rows_per_block).
 #define NF4_GEMV_ROWS(M) ((M) <= 2 ? 4 : 2)
 
-#define NF4_GEMV_ARGS unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize
-#define NF4_GEMV_PLAIN(T) const unsigned char *packed, const float *absmax, const T *x, T *y, NF4_GEMV_ARGS
+#define NF4_GEMV_ARGS(T)                                                                                 \
+    unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, const T *lora_u, unsigned lora_ldu, \
+        const T *lora_b, unsigned lora_rank, float lora_alpha
+#define NF4_GEMV_PLAIN(T) const unsigned char *packed, const float *absmax, const T *x, T *y, NF4_GEMV_ARGS(T)
 #define NF4_GEMV_NESTED(T)                                                                                           \
     const unsigned char *packed, const unsigned char *qabsmax, const float *absmax2, const float *code2, float offset, \
-        const T *x, T *y, NF4_GEMV_ARGS
+        const T *x, T *y, NF4_GEMV_ARGS(T)
+#define NF4_GEMV_LORA(T) GemvLora<T>{lora_u, lora_ldu, lora_b, lora_rank, lora_alpha}
 #define NF4_NESTED_SCALES NestedAbsmax{qabsmax, absmax2, code2, offset}
-#define NF4_GEMV_VECTOR(M, T, SCALES) nf4_gemv_vector<T, decltype(SCALES), M, NF4_GEMV_ROWS(M)>(packed, SCALES, x, y, m, out_f, in_f, log2_blocksize)
+#define NF4_GEMV_VECTOR(M, T, SCALES) nf4_gemv_vector<T, decltype(SCALES), M, NF4_GEMV_ROWS(M)>(packed, SCALES, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(T))
 
 // qlora-rt: hot
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_m1_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(1, float, Absmax{absmax}); }
@@ -413,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_bf16(NF4_GE
 extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(8, float, NF4_NESTED_SCALES); }
 extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(8, bf16, NF4_NESTED_SCALES); }
 
-extern "C" __global__ void nf4_gemv_scalar_f32(NF4_GEMV_PLAIN(float)) { nf4_gemv_scalar(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize); }
-extern "C" __global__ void nf4_gemv_scalar_bf16(NF4_GEMV_PLAIN(bf16)) { nf4_gemv_scalar(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize); }
-extern "C" __global__ void nf4_gemv_scalar_nested_f32(NF4_GEMV_NESTED(float)) { nf4_gemv_scalar(packed, NF4_NESTED_SCALES, x, y, m, out_f, in_f, log2_blocksize); }
-extern "C" __global__ void nf4_gemv_scalar_nested_bf16(NF4_GEMV_NESTED(bf16)) { nf4_gemv_scalar(packed, NF4_NESTED_SCALES, x, y, m, out_f, in_f, log2_blocksize); }
+extern "C" __global__ void nf4_gemv_scalar_f32(NF4_GEMV_PLAIN(float)) { nf4_gemv_scalar(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(float)); }
+extern "C" __global__ void nf4_gemv_scalar_bf16(NF4_GEMV_PLAIN(bf16)) { nf4_gemv_scalar(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(bf16)); }
+extern "C" __global__ void nf4_gemv_scalar_nested_f32(NF4_GEMV_NESTED(float)) { nf4_gemv_scalar(packed, NF4_NESTED_SCALES, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(float)); }
+extern "C" __global__ void nf4_gemv_scalar_nested_bf16(NF4_GEMV_NESTED(bf16)) { nf4_gemv_scalar(packed, NF4_NESTED_SCALES, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(bf16)); }

@@ -151,3 +151,21 @@ fn new_shapes_get_plans_of_their_own() {
         assert_eq!(plan_count(&dev).unwrap(), before + 1, "{g:?}: none the second time");
     }
 }
+
+/// Decoding's LoRA x·Aᵀ (a few rows of x, a transposed A with a long k) runs `gemm_few_rows`, not cuBLASLt: no plan,
+/// the CPU's values; with k off the kernel's 8-element vectors, the product takes cuBLASLt and plans.
+#[test]
+fn few_rows_against_a_long_k_plan_nothing() {
+    let _serial = serial();
+    let Some(dev) = gpu("few_rows_against_a_long_k_plan_nothing") else { return };
+    let mut rng = Rng::new(54);
+    let g = Gemm::new(1, 48, 4096).trans_b(true);
+    let o = Operands::<f32>::new(&dev, &mut rng, &g);
+    let before = plan_count(&dev).unwrap();
+    o.check(&g, &o.gpu(&dev, &g), "few rows");
+    assert_eq!(plan_count(&dev).unwrap(), before, "{g:?}: the few-rows kernel, no cuBLASLt plan");
+    let odd = Gemm::new(1, 48, 4095).trans_b(true);
+    let o = Operands::<f32>::new(&dev, &mut rng, &odd);
+    o.check(&odd, &o.gpu(&dev, &odd), "few rows, odd k");
+    assert_eq!(plan_count(&dev).unwrap(), before + 1, "{odd:?}: cuBLASLt");
+}

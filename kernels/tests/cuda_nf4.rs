@@ -272,7 +272,8 @@ fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
 /// leave a block's last rows past the weight; plain and nested scales (with zero, subnormal and tiny absmax, which
 /// take the per-element path); f32 and bf16. Each output may differ from the exact sum by f32 summation error, at most
 /// [`GEMV_SUM`] of Σ|w·x| (the tree's depth times f32's unit roundoff, with margin), plus one rounding of the output
-/// (bf16's 2⁻⁸).
+/// (bf16's 2⁻⁸). With an adapter's up-projection (`lora`: rank, U's row stride, U's first element), alpha·U·Bᵀ is
+/// added before that rounding, its terms counted in the magnitude.
 const GEMV_SUM: f64 = 2e-6;
 
 fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
@@ -280,28 +281,40 @@ fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
     case: &Case,
     in_f: usize,
     m: usize,
+    lora: Option<(usize, usize, usize)>,
     rng: &mut Rng,
 ) {
     let out_f = case.n / in_f;
-    let x: Vec<T> = (0..m * in_f).map(|_| T::from_f32(rng.normal() as f32)).collect();
-    let xw: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let mut randn = |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect() };
+    let x = randn(m * in_f);
+    let (rank, ldu, u_offset) = lora.unwrap_or((0, 0, 0));
+    let (u, b, alpha) = (randn(u_offset + m * ldu), randn(out_f * rank), -0.625f32);
+    let widen = |v: &[T]| -> Vec<f32> { v.iter().map(|v| v.to_f32()).collect() };
+    let (xw, uw, bw) = (widen(&x), widen(&u), widen(&b));
     let mut want = vec![0.0f32; m * out_f];
-    nf4::nf4_gemv(&case.packed, &case.absmax, case.blocksize, &xw, in_f, &mut want);
+    let cpu_lora = lora.map(|_| nf4::GemvLora { u: &uw[u_offset..], ldu, b: &bw, rank, alpha });
+    nf4::nf4_gemv(&case.packed, &case.absmax, case.blocksize, &xw, in_f, cpu_lora, &mut want);
     let dense = cpu::<f32>(&case.packed, &case.absmax, case.blocksize, case.n);
     let got = case.on_device(dev, |packed, scales| {
         let mut y = upload(dev, &vec![T::from_f32(f32::NAN); m * out_f]);
-        gnf4::nf4_gemv(packed, scales, case.blocksize, &upload(dev, &x), in_f, &mut y).unwrap();
+        let (u, b) = (upload(dev, &u), upload(dev, &b));
+        let gpu_lora = lora.map(|_| gnf4::GemvLora { u: &u, u_offset, ldu, b: &b, rank, alpha });
+        gnf4::nf4_gemv(packed, scales, case.blocksize, &upload(dev, &x), in_f, gpu_lora, &mut y).unwrap();
         y.to_vec().unwrap()
     });
     let output_rounding = if T::NAME == "bf16" { 2f64.powi(-8) } else { 0.0 };
     for r in 0..m {
         for o in 0..out_f {
-            let magnitude: f64 = (0..in_f).map(|i| (dense[o * in_f + i] as f64 * xw[r * in_f + i] as f64).abs()).sum();
+            let up: f64 = (0..rank)
+                .map(|j| (alpha as f64 * uw[u_offset + r * ldu + j] as f64 * bw[o * rank + j] as f64).abs())
+                .sum();
+            let magnitude: f64 =
+                up + (0..in_f).map(|i| (dense[o * in_f + i] as f64 * xw[r * in_f + i] as f64).abs()).sum::<f64>();
             let (g, w) = (got[r * out_f + o].to_f32() as f64, want[r * out_f + o] as f64);
             let bound = GEMV_SUM * magnitude + output_rounding * w.abs();
             assert!(
                 (g - w).abs() <= bound,
-                "{} [{out_f}, {in_f}] m {m} [{}]: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})",
+                "{} [{out_f}, {in_f}] m {m} lora {lora:?} [{}]: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})",
                 case.what(),
                 T::NAME
             );
@@ -329,8 +342,13 @@ fn nf4_gemv_matches_cpu() {
         for nested in [false, true] {
             let case = Case::new(&mut rng, out_f * in_f, blocksize, nested);
             for m in 1..=gnf4::GEMV_MAX_ROWS {
-                gemv_case::<f32>(&dev, &case, in_f, m, &mut rng);
-                gemv_case::<bf16>(&dev, &case, in_f, m, &mut rng);
+                gemv_case::<f32>(&dev, &case, in_f, m, None, &mut rng);
+                gemv_case::<bf16>(&dev, &case, in_f, m, None, &mut rng);
+            }
+            // A LoRA up-projection on the write: a whole U of rank 16, and rank 3 read from a wider U at an offset.
+            for (m, lora) in [(1, (16, 16, 0)), (3, (3, 11, 5)), (8, (16, 48, 16))] {
+                gemv_case::<f32>(&dev, &case, in_f, m, Some(lora), &mut rng);
+                gemv_case::<bf16>(&dev, &case, in_f, m, Some(lora), &mut rng);
             }
         }
     }
@@ -371,7 +389,7 @@ fn nf4_gemv_bandwidth_report() {
                 let (packed, qabsmax, absmax2) = &weights[next % copies];
                 next += 1;
                 let scales = Nf4Scales::Nested { qabsmax, absmax2, code2: &code2, offset: nested.offset };
-                gnf4::nf4_gemv(packed, scales, blocksize, &x, in_f, &mut y).unwrap()
+                gnf4::nf4_gemv(packed, scales, blocksize, &x, in_f, None, &mut y).unwrap()
             });
             let rate = (weight_bytes + 2 * m * (in_f + out_f)) as f64 / seconds;
             println!(

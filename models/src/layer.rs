@@ -19,7 +19,9 @@ pub(crate) struct LayerInputs {
     /// (cos, sin) for full-attention layers and for sliding layers (they differ only for Gemma 3).
     pub rope_full: (Tensor, Tensor),
     pub rope_local: (Tensor, Tensor),
-    pub dropout_seed: u64,
+    /// The adapters' dropout seed; None runs them as peft's eval mode does, without dropout (every cached forward:
+    /// inference never drops).
+    pub dropout_seed: Option<u64>,
     /// Tokens of a block when the MLP runs a block at a time (`CausalLm::mlp_chunk_tokens`).
     pub mlp_chunk: Option<usize>,
     pub sharded: Option<Rc<ShardedBase>>,
@@ -138,7 +140,7 @@ pub(crate) fn layer_forward(
             for (b, block) in blocks.iter().enumerate() {
                 let (layer, cfg, dropout_seed) = (l.clone(), c.clone(), inp.dropout_seed);
                 // Each block draws its own dropout masks (a mask is a function of the seed and the element index).
-                let seed = dropout_seed ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                let seed = dropout_seed.map(|s| s ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
                 let mlp = move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layer, index, &ins[0], seed)?]);
                 // In the layer's recompute a block's output only reaches the layer's (unread) output through the
                 // concatenation and the residual add: the block runs once, in its own backward, not here too.
@@ -164,7 +166,7 @@ fn mlp_forward(
     l: &DecoderLayer,
     index: usize,
     h: &Var,
-    dropout_seed: u64,
+    dropout_seed: Option<u64>,
 ) -> qlora_runtime::Result<Var> {
     let seed = |k: u64| layer_seed(dropout_seed, index, k);
     let [gate, up] = Projection::forward_group(t, h, [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))])?;
@@ -188,6 +190,6 @@ fn mlp_forward(
 }
 
 /// The dropout seed of projection `k` of layer `index`: distinct, reproducible streams per layer and projection.
-fn layer_seed(dropout_seed: u64, index: usize, k: u64) -> u64 {
-    dropout_seed ^ ((index as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+fn layer_seed(dropout_seed: Option<u64>, index: usize, k: u64) -> Option<u64> {
+    dropout_seed.map(|s| s ^ ((index as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }

@@ -22,6 +22,7 @@ use qlora_runtime::ops::rope::rope_tables;
 use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::quant::{BaseWeight, Nf4Weight};
 use qlora_runtime::{DType, Device, Tensor};
+use std::borrow::Cow;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -60,16 +61,28 @@ impl Projection {
         Ok(Projection { name: self.name.clone(), base, bias, adapter })
     }
 
-    pub(crate) fn forward(&self, t: &Tape, x: &Var, dropout_seed: u64) -> qlora_runtime::Result<Var> {
+    /// The adapter as this run uses it, and the dropout seed: with no seed, peft's eval mode (an adapter with dropout
+    /// runs as a copy without it, its parameters shared).
+    fn running(&self, dropout_seed: Option<u64>) -> (Option<Cow<'_, LoraAdapter>>, u64) {
+        let adapter = self.adapter.as_ref().map(|ad| match dropout_seed {
+            None if ad.config.dropout > 0.0 => Cow::Owned(ad.without_dropout()),
+            _ => Cow::Borrowed(ad),
+        });
+        (adapter, dropout_seed.unwrap_or(0))
+    }
+
+    pub(crate) fn forward(&self, t: &Tape, x: &Var, dropout_seed: Option<u64>) -> qlora_runtime::Result<Var> {
         let bias = self.bias.as_ref().map(|b| t.param(b));
-        t.lora_linear(x, &self.base, bias.as_ref(), self.adapter.as_ref(), dropout_seed)
+        let (adapter, seed) = self.running(dropout_seed);
+        t.lora_linear(x, &self.base, bias.as_ref(), adapter.as_deref(), seed)
     }
 
     /// [`Projection::forward`] for an output only gradients read: [`Tape::lora_linear_unread`].
-    pub(crate) fn forward_unread(&self, t: &Tape, x: &Var, dropout_seed: u64) -> qlora_runtime::Result<Var> {
+    pub(crate) fn forward_unread(&self, t: &Tape, x: &Var, dropout_seed: Option<u64>) -> qlora_runtime::Result<Var> {
         let bias = self.bias.as_ref().map(|b| t.param(b));
+        let (adapter, dropout_seed) = self.running(dropout_seed);
         let projection =
-            LoraProjection { base: &self.base, bias: bias.as_ref(), adapter: self.adapter.as_ref(), dropout_seed };
+            LoraProjection { base: &self.base, bias: bias.as_ref(), adapter: adapter.as_deref(), dropout_seed };
         t.lora_linear_unread(x, projection)
     }
 
@@ -78,17 +91,19 @@ impl Projection {
     pub(crate) fn forward_group<const N: usize>(
         t: &Tape,
         x: &Var,
-        projections: [(&Projection, u64); N],
+        projections: [(&Projection, Option<u64>); N],
     ) -> qlora_runtime::Result<[Var; N]> {
         let biases = projections.map(|(p, _)| p.bias.as_ref().map(|b| t.param(b)));
+        let running = projections.map(|(p, seed)| p.running(seed));
         let members: Vec<LoraProjection> = projections
             .iter()
             .zip(&biases)
-            .map(|(&(p, dropout_seed), bias)| LoraProjection {
+            .zip(&running)
+            .map(|((&(p, _), bias), (adapter, dropout_seed))| LoraProjection {
                 base: &p.base,
                 bias: bias.as_ref(),
-                adapter: p.adapter.as_ref(),
-                dropout_seed,
+                adapter: adapter.as_deref(),
+                dropout_seed: *dropout_seed,
             })
             .collect();
         let ys = t.lora_linear_group(x, &members)?;
@@ -502,7 +517,8 @@ impl CausalLm {
     /// device; `positions` on the host).
     /// With a `cache` (inference only, under `no_grad`), every layer appends the new keys and values to it and
     /// attends over everything cached for the sequence, the new tokens last (bottom-right aligned); `positions`
-    /// must then continue from the cached lengths. See [`KvCache`].
+    /// must then continue from the cached lengths, and adapters run in peft's eval mode (no dropout, whatever their
+    /// config and `dropout_seed`). See [`KvCache`].
     pub fn forward_hidden(
         &self,
         t: &Tape,
@@ -522,7 +538,7 @@ impl CausalLm {
             cu_seqlens: cu_seqlens.clone(),
             rope_full: self.rope(positions, &c.rope, device)?,
             rope_local: self.rope(positions, &c.rope_local, device)?,
-            dropout_seed,
+            dropout_seed: if cache.is_some() { None } else { Some(dropout_seed) },
             mlp_chunk: self.mlp_chunk_tokens,
             sharded: self.sharded.clone(),
         });

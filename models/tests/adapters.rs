@@ -141,3 +141,28 @@ fn adapters_share_one_base() {
     let e = dense.with_adapter(Some(&stray)).err().unwrap().to_string();
     assert!(e.contains("model.layers.9.mlp.up_proj"), "{e}");
 }
+
+/// A model whose adapters carry training dropout (one being fine-tuned, not one loaded for inference) decodes in
+/// peft's eval mode all the same: cached logits equal those of the same adapters without dropout, bit for bit, while
+/// a training forward with them does drop (so the dropout is real and the comparison can fail).
+#[test]
+fn cached_decoding_never_drops() {
+    use qlora_autograd::Tape;
+    use qlora_models::transformer::Batch;
+    let mut training = CausalLm::load(&fixture(), BaseFormat::Dense(DType::F32)).unwrap();
+    let adapter = strong(peft_adapter(&training));
+    for p in training.projections_mut().unwrap() {
+        p.adapter = adapter.get(&p.name).map(|a| {
+            let mut a = a.clone();
+            a.config.dropout = 0.5;
+            a
+        });
+    }
+    let eval = training.with_adapter(Some(&adapter)).unwrap();
+    assert_eq!(all_logits(&training, &ids()), all_logits(&eval, &ids()));
+    let tokens: Vec<i32> = ids().iter().map(|&i| i as i32).collect();
+    let batch = Batch::pack(&[(tokens.clone(), tokens)]).unwrap();
+    let tape = Tape::new();
+    let dropped = training.logits(&tape, &batch, 7).unwrap().value().to_vec::<f64>();
+    assert_ne!(dropped, all_logits(&eval, &ids()), "adapter dropout applies in training");
+}

@@ -15,6 +15,28 @@ use qlora_kernels::cuda::{nf4 as gnf4, DeviceBuffer};
 use qlora_kernels::nf4::{self, NestedAbsmax, DYNAMIC_MAP_SIGNED, NF4_CODE};
 use std::sync::Arc;
 
+/// LoRA's up-projection that [`Nf4Weight::gemv`] adds to its product: alpha·U·Bᵀ with U: [rows, r] (any view, such
+/// as a projection's column block of its group's U, read in place on a GPU) and B: [out, r].
+#[derive(Clone, Copy, Debug)]
+pub struct LoraUp<'a> {
+    pub u: &'a Tensor,
+    pub b: &'a Tensor,
+    pub alpha: f64,
+}
+
+impl LoraUp<'_> {
+    /// The rank, after checking the shapes against a product of `rows` rows and `out_f` outputs.
+    fn check(&self, rows: usize, out_f: usize) -> Result<usize> {
+        match (self.u.shape(), self.b.shape()) {
+            ([ur, r], [bo, br]) if *ur == rows && *bo == out_f && r == br && *r > 0 => Ok(*r),
+            (u, b) => Err(Error::shape(
+                "nf4 gemv",
+                format!("LoRA U {u:?} and B {b:?} for {rows} rows of x and {out_f} outputs: expected [{rows}, r], [{out_f}, r]"),
+            )),
+        }
+    }
+}
+
 /// The per-block scales of an NF4 weight.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Absmax {
@@ -374,8 +396,9 @@ impl Nf4Weight {
 
     /// x·Wᵀ for x: [rows, in] with at most [`GEMV_MAX_ROWS`] rows (a decoding step's), reading W packed: on a GPU the
     /// NF4 GEMV (the weight never exists dense), on the CPU its reference, the exact dot products of x with the
-    /// dequantized rows rounded once. In x's dtype (f32 or bf16; f32 on the CPU).
-    pub fn gemv(&self, x: &Tensor) -> Result<Tensor> {
+    /// dequantized rows rounded once. In x's dtype (f32 or bf16; f32 on the CPU). With `lora`, an adapter's
+    /// up-projection alpha·U·Bᵀ is added before that one rounding, in the same launch.
+    pub fn gemv(&self, x: &Tensor, lora: Option<LoraUp<'_>>) -> Result<Tensor> {
         const OP: &str = "nf4 gemv";
         let [out_f, in_f] = self.shape;
         let rows = match *x.shape() {
@@ -388,31 +411,72 @@ impl Nf4Weight {
                 ));
             }
         };
+        let rank = match lora {
+            Some(l) => l.check(rows, out_f)?,
+            None => 0,
+        };
         let Some(d) = &self.device else {
+            let (u, b) = match lora {
+                Some(l) => (l.u.to_vec::<f32>(), l.b.to_vec::<f32>()),
+                None => (Vec::new(), Vec::new()),
+            };
+            let cpu_lora = lora.map(|l| nf4::GemvLora { u: &u, ldu: rank, b: &b, rank, alpha: l.alpha as f32 });
             let mut y = vec![0f32; rows * out_f];
-            nf4::nf4_gemv(&self.packed, &self.absmax.resolve(), self.blocksize, &x.to_vec::<f32>(), in_f, &mut y);
+            let (packed, absmax, bs) = (&self.packed, self.absmax.resolve(), self.blocksize);
+            nf4::nf4_gemv(packed, &absmax, bs, &x.to_vec::<f32>(), in_f, cpu_lora, &mut y);
             return Tensor::from_vec(y, &[rows, out_f]);
         };
-        if x.device() != self.device() {
-            return Err(Error::DeviceMismatch { op: OP, a: self.device(), b: x.device() });
+        for t in [Some(x), lora.map(|l| l.u), lora.map(|l| l.b)].into_iter().flatten() {
+            if t.device() != self.device() {
+                return Err(Error::DeviceMismatch { op: OP, a: self.device(), b: t.device() });
+            }
         }
         let Device::Cuda(ordinal) = self.device() else { unreachable!("a weight with a device copy is on a GPU") };
         fn go<T: CudaElement + qlora_kernels::cuda::GpuFloat>(
             (d, w, ordinal): (&Nf4Tensors, &Nf4Weight, usize),
             x: &Tensor,
+            lora: Option<(&Tensor, usize, usize, &Tensor, f64)>,
             rows: usize,
         ) -> Result<Tensor> {
             let [out_f, in_f] = w.shape;
             let mut y = cuda_device(ordinal)?.alloc::<T>(rows * out_f).map_err(Error::cuda(OP))?;
-            gnf4::nf4_gemv(buf(&d.packed), d.scales(), w.blocksize, buf::<T>(x), in_f, &mut y)
+            let lora = lora.map(|(u, u_offset, ldu, b, alpha)| gnf4::GemvLora {
+                u: buf::<T>(u),
+                u_offset,
+                ldu,
+                b: buf::<T>(b),
+                rank: b.shape()[1],
+                alpha: alpha as f32,
+            });
+            gnf4::nf4_gemv(buf(&d.packed), d.scales(), w.blocksize, buf::<T>(x), in_f, lora, &mut y)
                 .map_err(Error::cuda(OP))?;
             Ok(output(y, &[rows, out_f]))
         }
+        let dtype = x.dtype();
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(Error::DType { op: OP, expected: DType::BF16, got: dtype });
+        }
         let xi = crate::cuda::contiguous(x)?;
-        match x.dtype() {
-            DType::F32 => go::<f32>((d, self, ordinal), &xi, rows),
-            DType::BF16 => go::<bf16>((d, self, ordinal), &xi, rows),
-            other => Err(Error::DType { op: OP, expected: DType::BF16, got: other }),
+        // U as the kernel reads it: its storage from the view's first element, rows `ldu` apart (a group's column
+        // block of U is read in place); B whole.
+        let lora = match lora {
+            Some(l) => {
+                let u = if l.u.dtype() == dtype { l.u.clone() } else { crate::cuda::to_dtype(l.u, dtype)? };
+                let (u, offset, ldu) = match *u.layout().strides() {
+                    [ldu, 1] if ldu >= rank || rows == 1 => {
+                        let offset = u.layout().offset();
+                        (u, offset, ldu)
+                    }
+                    _ => (crate::cuda::contiguous(&u)?, 0, rank),
+                };
+                Some((u, offset, ldu, crate::cuda::to_dtype(l.b, dtype)?, l.alpha))
+            }
+            None => None,
+        };
+        let lora = lora.as_ref().map(|(u, offset, ldu, b, alpha)| (u, *offset, *ldu, b, *alpha));
+        match dtype {
+            DType::F32 => go::<f32>((d, self, ordinal), &xi, lora, rows),
+            _ => go::<bf16>((d, self, ordinal), &xi, lora, rows),
         }
     }
 

@@ -68,10 +68,11 @@ test_device!(
 /// Decoding's product against an NF4 weight, x·Wᵀ read packed (`Nf4Weight::gemv`), equals x times the dequantized
 /// weight (dequantized in f32): on the CPU within the rounding of a sum, on CUDA within f32 summation error (f32)
 /// and the output's bf16 rounding (bf16); rows 1 to 8, plain and double-quantized scales, a width off the
-/// vector path; more than 8 rows or a wrong width is an error.
+/// vector path; more than 8 rows or a wrong width is an error. With LoRA's up-projection (U a column block of a wider
+/// U, as a projection group's is), the result is x·Wᵀ + s·U·Bᵀ; U and B of the wrong shapes are errors.
 fn nf4_gemv_equals_x_times_the_dequantized_weight(device: Device) {
-    use qlora_runtime::ops::linalg::matmul;
-    use qlora_runtime::quant::{Nf4Weight, GEMV_MAX_ROWS};
+    use qlora_runtime::ops::linalg::{matmul, matmul_into};
+    use qlora_runtime::quant::{LoraUp, Nf4Weight, GEMV_MAX_ROWS};
     let mut rng = Rng::new(22);
     for (out_f, in_f, double_quant) in [(40, 256, false), (33, 4096, true), (9, 100, true), (7, 14336, false)] {
         let w = Tensor::randn(&[out_f, in_f], 0.05, DType::F32, &mut rng);
@@ -84,17 +85,29 @@ fn nf4_gemv_equals_x_times_the_dequantized_weight(device: Device) {
             for rows in 1..=GEMV_MAX_ROWS {
                 let x =
                     Tensor::randn(&[rows, in_f], 1.0, DType::F32, &mut rng).to_dtype(dtype).to_device(device).unwrap();
-                let got = w4.gemv(&x).unwrap();
+                let got = w4.gemv(&x, None).unwrap();
                 assert_eq!((got.shape(), got.dtype(), got.device()), (&[rows, out_f][..], dtype, device));
                 let want = matmul(&x.to_dtype(DType::F32), &dense.t().unwrap()).unwrap();
                 let tol = if dtype == DType::BF16 { BF16 } else { F32 };
                 assert_close(&format!("gemv {rows}x[{out_f}, {in_f}] {dtype:?}"), &values(&got), &values(&want), tol);
+                let on = |t: Tensor| t.to_dtype(dtype).to_device(device).unwrap();
+                let wide = on(Tensor::randn(&[rows, 40], 1.0, DType::F32, &mut rng));
+                let (u, b) =
+                    (wide.narrow(1, 16, 8).unwrap(), on(Tensor::randn(&[out_f, 8], 0.5, DType::F32, &mut rng)));
+                let got = w4.gemv(&x, Some(LoraUp { u: &u, b: &b, alpha: 0.75 })).unwrap();
+                let mut want = want;
+                let (u32, b32) = (u.to_dtype(DType::F32), b.to_dtype(DType::F32));
+                matmul_into(&mut want, &u32, &b32.t().unwrap(), 0.75, 1.0).unwrap();
+                let what = format!("gemv + LoRA {rows}x[{out_f}, {in_f}] {dtype:?}");
+                assert_close(&what, &values(&got), &values(&want), tol);
+                let bad = LoraUp { u: &u, b: &wide, alpha: 1.0 };
+                assert!(w4.gemv(&x, Some(bad)).unwrap_err().to_string().contains("LoRA U"), "{what}: bad shapes");
             }
         }
         let too_many = Tensor::zeros(&[GEMV_MAX_ROWS + 1, in_f], DType::F32).to_device(device).unwrap();
-        assert!(w4.gemv(&too_many).unwrap_err().to_string().contains("expected [1..=8"));
+        assert!(w4.gemv(&too_many, None).unwrap_err().to_string().contains("expected [1..=8"));
         let wrong = Tensor::zeros(&[1, in_f + 1], DType::F32).to_device(device).unwrap();
-        assert!(w4.gemv(&wrong).is_err());
+        assert!(w4.gemv(&wrong, None).is_err());
     }
 }
 test_device!(

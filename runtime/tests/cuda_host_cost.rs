@@ -43,11 +43,11 @@ fn host_cost_per_op_report() {
     let w = Tensor::randn(&[4096, 4096], 0.05, DType::F32, &mut rng);
     let w4 = Nf4Weight::quantize(&w, 64, true).unwrap().to_device(device).unwrap();
     let u = matmul(&x, &a.t().unwrap()).unwrap();
-    let mut y = w4.gemv(&x).unwrap();
+    let mut y = w4.gemv(&x, None).unwrap();
     let rows: [(&str, f64); 5] = [
         ("add [1, 4096]", host_us_per_call(device, || drop(add(&x, &x).unwrap()))),
         ("rms_norm [1, 4096]", host_us_per_call(device, || drop(rms_norm(&x, &norm_w, 1e-5, 0.0).unwrap()))),
-        ("nf4 gemv 1 x [4096, 4096]", host_us_per_call(device, || drop(w4.gemv(&x).unwrap()))),
+        ("nf4 gemv 1 x [4096, 4096]", host_us_per_call(device, || drop(w4.gemv(&x, None).unwrap()))),
         ("matmul x·Aᵀ 1 x [16, 4096]", host_us_per_call(device, || drop(matmul(&x, &a.t().unwrap()).unwrap()))),
         (
             "matmul_into y += s·u·Bᵀ 1 x [4096, 16]",

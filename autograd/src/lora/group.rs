@@ -21,7 +21,7 @@ use qlora_runtime::op::{bytes_of, saved};
 use qlora_runtime::ops::elementwise::{add, add_bias};
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::ops::reduce::sum_rows;
-use qlora_runtime::quant::BaseWeight;
+use qlora_runtime::quant::{BaseWeight, LoraUp};
 use qlora_runtime::{DType, Error, Result, Tensor};
 
 impl Tape {
@@ -115,11 +115,12 @@ impl Tape {
                 outputs.push(Tensor::zeros_on(&shape, p, x2.device())?);
                 continue;
             }
-            let mut y = base_product(proj.base, &x2, p)?;
-            if let (Some(ad), Some(b)) = (&member.adapter, b) {
-                let u = us[ad.lane].narrow(1, ad.col, ad.r)?;
-                matmul_into(&mut y, &u, &b.t()?, ad.scaling, 1.0)?;
-            }
+            let u = member.adapter.as_ref().map(|ad| us[ad.lane].narrow(1, ad.col, ad.r)).transpose()?;
+            let lora = match (&member.adapter, &u, b) {
+                (Some(ad), Some(u), Some(b)) => Some(LoraUp { u, b, alpha: ad.scaling }),
+                _ => None,
+            };
+            let mut y = base_product(proj.base, &x2, p, lora)?;
             if let Some(bias) = proj.bias {
                 y = add_bias(&y, bias.value())?;
             }

@@ -3,8 +3,8 @@
 //! instead of a fresh [out, in] tensor per call. The scratch grows to the largest weight seen and stays.
 
 use qlora_runtime::memory::{tagged, Category};
-use qlora_runtime::ops::linalg::matmul;
-use qlora_runtime::quant::{BaseWeight, GEMV_MAX_ROWS};
+use qlora_runtime::ops::linalg::{matmul, matmul_into};
+use qlora_runtime::quant::{BaseWeight, LoraUp, GEMV_MAX_ROWS};
 use qlora_runtime::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
 
@@ -13,18 +13,23 @@ thread_local! {
     static SCRATCH: RefCell<Vec<(Device, DType, Tensor)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// x2·Wᵀ for x2: [rows, in] against the frozen base: a decoding step's few rows against an NF4 weight on a GPU
-/// read it packed (`Nf4Weight::gemv`: reading 4 bits per weight is the whole cost of a token); every other product
-/// multiplies by the weight materialized in the scratch ([`with_weight`]).
-pub(super) fn base_product(base: &BaseWeight, x2: &Tensor, dtype: DType) -> Result<Tensor> {
+/// x2·Wᵀ for x2: [rows, in] against the frozen base, plus LoRA's up-projection alpha·U·Bᵀ with `lora`: a decoding
+/// step's few rows against an NF4 weight on a GPU read it packed (`Nf4Weight::gemv`: reading 4 bits per weight is the
+/// whole cost of a token; the up-projection rides on the same launch); every other product multiplies by the weight
+/// materialized in the scratch ([`with_weight`]), the up-projection accumulated into it by its GEMM (beta = 1).
+pub(super) fn base_product(base: &BaseWeight, x2: &Tensor, dtype: DType, lora: Option<LoraUp>) -> Result<Tensor> {
     if let BaseWeight::Nf4(w) = base {
         let rows = x2.shape()[0];
         let gemv = w.device() != Device::Cpu && (1..=GEMV_MAX_ROWS).contains(&rows) && x2.dtype() == dtype;
         if gemv && matches!(dtype, DType::F32 | DType::BF16) {
-            return w.gemv(x2);
+            return w.gemv(x2, lora);
         }
     }
-    with_weight(base, dtype, |w| matmul(x2, &w.t()?))
+    let mut y = with_weight(base, dtype, |w| matmul(x2, &w.t()?))?;
+    if let Some(l) = lora {
+        matmul_into(&mut y, l.u, &l.b.t()?, l.alpha, 1.0)?;
+    }
+    Ok(y)
 }
 
 /// Runs `f` on `base` as an [out, in] tensor in `dtype` (CPU: f32, or f64 for gradient checks; CUDA: the activations'

@@ -6,7 +6,8 @@
 //! cuBLASLt is column-major, and a row-major [r, c] matrix is the column-major [c, r] transpose, so
 //! C = op(A)·op(B) is computed as Cᵀ = op(B)ᵀ·op(A)ᵀ: B is cuBLASLt's A, A its B, and the shapes swap m and n.
 //! The k == 0 and alpha == 0 products, which cuBLASLt does not take and which read neither A nor B, scale C with
-//! `kernels/cuda/matmul.cu` instead.
+//! `kernels/cuda/matmul.cu` instead, and so do products of a few rows of A with a long k against a transposed B
+//! (decoding's LoRA x·Aᵀ), which cuBLASLt runs as a split-k kernel and a reduction: `gemm_few_rows` is one launch.
 //!
 //! Plans: the descriptors of a product and the algorithm cuBLASLt's heuristic picks for it are made once per shape,
 //! layout, type and operand alignment and kept by the device's `BlasLt`, so a training step, which repeats the same
@@ -14,10 +15,14 @@
 
 use super::alloc::Block;
 use super::source::Module;
-use super::{config, grid_for, kernel, launch, same_device, CudaDevice, DeviceBuffer, Error, GpuFloat, Result};
+use super::{
+    aligned16, config, grid_for, kernel, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, Error, GpuFloat,
+    Result,
+};
 use crate::matmul::{check_ab, check_c, Gemm};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
+use cudarc::driver::LaunchConfig;
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::c_void;
 use std::sync::Mutex;
@@ -42,15 +47,12 @@ pub fn matmul<T: GpuFloat>(g: &Gemm, a: &DeviceBuffer<T>, b: &DeviceBuffer<T>, c
         return scale_c::<T>(dev, g, at(c.ptr(), g.offset_c));
     }
     check_ab(g, a.len(), b.len());
+    let (pa, pb, pc) = (at(a.ptr(), g.offset_a), at(b.ptr(), g.offset_b), at(c.ptr(), g.offset_c));
+    if takes_few_rows(g, pa, pb) {
+        return few_rows::<T>(dev, g, pa, pb, pc);
+    }
     let blas = dev.blas_lt()?;
-    let all = Product {
-        g: *g,
-        batch: g.batch,
-        a: at(a.ptr(), g.offset_a),
-        b: at(b.ptr(), g.offset_b),
-        c: at(c.ptr(), g.offset_c),
-        stride_c,
-    };
+    let all = Product { g: *g, batch: g.batch, a: pa, b: pb, c: pc, stride_c };
     match blas.run::<T>(dev, &all) {
         // Some strides (0 to broadcast, or ones that misalign every other entry) leave cuBLASLt no batched algorithm;
         // entry by entry it always has one.
@@ -101,6 +103,44 @@ fn scale_c<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, c: u64) -> Result<()> {
     // Rows with gaps between them: each row of each entry is one "batch entry" of the kernel.
     let bytes = size_of::<T>() as u64;
     (0..g.batch).try_for_each(|i| launch_rows(c + (i * g.stride_c_used()) as u64 * bytes, g.m, g.n, ldc))
+}
+
+/// Rows of A [`few_rows`] takes at most (`GEMM_FEW_ROWS` in matmul.cu): a decoding step's tokens.
+const FEW_ROWS: usize = 8;
+/// Columns of C past which cuBLASLt's tiles beat a block per column (the LoRA products it is for have r·3 ≤ 384).
+const FEW_ROWS_MAX_N: usize = 1024;
+/// The k from which cuBLASLt splits k and adds a reduction kernel for such products.
+const FEW_ROWS_MIN_K: usize = 256;
+/// Threads per block of `gemm_few_rows` (`GEMM_FEW_ROWS_WARPS` warps in matmul.cu).
+const FEW_ROWS_THREADS: u32 = 128;
+
+/// Whether `g` (A, B at device addresses `a`, `b`) is a product of a few rows against a transposed B with a long k,
+/// vector-aligned: what `gemm_few_rows` computes in one launch where cuBLASLt takes two (split-k and its reduction).
+fn takes_few_rows(g: &Gemm, a: u64, b: u64) -> bool {
+    let (lda, ldb, _) = g.lds();
+    g.batch == 1
+        && !g.trans_a
+        && g.trans_b
+        && (1..=FEW_ROWS).contains(&g.m)
+        && g.n <= FEW_ROWS_MAX_N
+        && g.k >= FEW_ROWS_MIN_K
+        && [g.k, lda, ldb].iter().all(|v| v % 8 == 0)
+        && aligned16(&[a, b])
+}
+
+/// C = alpha·A·Bᵀ + beta·C for a product [`takes_few_rows`] accepts, A, B, C at these device addresses: one block per
+/// column of C.
+fn few_rows<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, a: u64, b: u64, c: u64) -> Result<()> {
+    let (lda, ldb, ldc) = g.lds();
+    let cfg = LaunchConfig { grid_dim: (g.n as u32, 1, 1), block_dim: (FEW_ROWS_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let kernel = kernel!("gemm_few_rows", T);
+    let (lda, ldb, ldc, m, k) = (lda as u64, ldb as u64, ldc as u64, g.m as u32, u32_arg("matmul: k", g.k));
+    let (alpha, beta) = (g.alpha as f32, g.beta as f32);
+    // SAFETY: gemm_few_rows_T(const T* a, u64 lda, const T* b, u64 ldb, T* c, u64 ldc, unsigned m, unsigned k, float
+    // alpha, float beta) reads a[r·lda + i] (r < m ≤ 8, i < k) and b[j·ldb + i] (j < n, the grid), and touches
+    // c[r·ldc + j]: inside the buffers (check_ab, check_c), on this device; k, lda, ldb multiples of 8 and a, b
+    // 16-byte aligned (takes_few_rows), so every 8-element vector load is aligned; blocks of 128 threads.
+    unsafe { launch!(dev, Module::Matmul, kernel, cfg; a, lda, b, ldb, c, ldc, m, k, alpha, beta) }
 }
 
 /// One cuBLASLt call: `batch` entries of `g`'s product, starting at these device addresses.

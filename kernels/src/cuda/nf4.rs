@@ -175,10 +175,23 @@ fn gemv_vector_kernels<T: GpuFloat>(rows: usize) -> (&'static str, &'static str)
     }
 }
 
+/// LoRA's up-projection riding on [`nf4_gemv`]: y += alpha·U·Bᵀ before the one rounding, U: [m, rank] starting at
+/// element `u_offset` of `u` with rows `ldu` apart (a projection's columns of its group's U), B: [out, rank].
+#[derive(Clone, Copy)]
+pub struct GemvLora<'a, T: GpuFloat> {
+    pub u: &'a DeviceBuffer<T>,
+    pub u_offset: usize,
+    pub ldu: usize,
+    pub b: &'a DeviceBuffer<T>,
+    pub rank: usize,
+    pub alpha: f32,
+}
+
 /// x: [m, in] (1 ≤ m ≤ [`GEMV_MAX_ROWS`]) times the NF4 weight W [out, in] (packed, scales as in
-/// [`dequantize_nf4_into`]) → y: [m, out] = x·Wᵀ, reading W packed and never writing it out: the product of decoding,
-/// whose cost at batch 1 is reading the 4-bit weight once. Twin of [`crate::nf4::nf4_gemv`] (sums in f32 in another
-/// order: equal within a reduction's rounding).
+/// [`dequantize_nf4_into`]) → y: [m, out] = x·Wᵀ (+ alpha·U·Bᵀ with `lora`: a LoRA projection of decoding in this
+/// launch and U's), reading W packed and never writing it out: the product of decoding, whose cost at batch 1 is
+/// reading the 4-bit weight once. Twin of [`crate::nf4::nf4_gemv`] (sums in f32 in another order: equal within a
+/// reduction's rounding).
 ///
 /// Speed: the vector kernels (kernels/NOTES.md "NF4 GEMV") need `in % 32 == 0` and 16-byte aligned packed bytes and
 /// x (whole buffers always are); any other shape takes a kernel as exact that reads element by element.
@@ -188,6 +201,7 @@ pub fn nf4_gemv<T: GpuFloat>(
     blocksize: usize,
     x: &DeviceBuffer<T>,
     in_f: usize,
+    lora: Option<GemvLora<'_, T>>,
     y: &mut DeviceBuffer<T>,
 ) -> Result<()> {
     assert!(in_f > 0 && x.len() % in_f == 0, "nf4_gemv: x of {} values for rows of {in_f}", x.len());
@@ -200,6 +214,19 @@ pub fn nf4_gemv<T: GpuFloat>(
     if out_f == 0 {
         return Ok(());
     }
+    let (pu, ldu, pl, rank, alpha) = match lora {
+        Some(l) => {
+            same_device("nf4_gemv", &[dev, l.u.device(), l.b.device()]);
+            assert!(l.rank > 0 && (l.rank <= l.ldu || m == 1), "nf4_gemv: U rows {} apart for rank {}", l.ldu, l.rank);
+            let u_end = l.u_offset + (m - 1) * l.ldu + l.rank;
+            assert!(u_end <= l.u.len(), "nf4_gemv: U of {} values for {m} rows from {}", l.u.len(), l.u_offset);
+            assert_eq!(l.b.len(), out_f * l.rank, "nf4_gemv: B of {} values for [{out_f}, {}]", l.b.len(), l.rank);
+            let pu = l.u.ptr() + (l.u_offset * size_of::<T>()) as u64;
+            (pu, u32_arg("nf4_gemv: ldu", l.ldu), l.b.ptr(), u32_arg("nf4_gemv: rank", l.rank), l.alpha)
+        }
+        // Rank 0: the kernels read neither pointer.
+        None => (x.ptr(), 0, x.ptr(), 0, 0.0f32),
+    };
     let vector = in_f % 32 == 0 && aligned16(&[packed.ptr(), x.ptr()]);
     let ((plain, nested), cfg) = if vector {
         let (rows, rows_per_block) = gemv_rows(m);
@@ -220,13 +247,17 @@ pub fn nf4_gemv<T: GpuFloat>(
         Nf4Scales::Absmax(absmax) => {
             let pa = absmax.ptr();
             // SAFETY: nf4_gemv_{m1,m2,m4,m8,scalar}_T(const unsigned char* packed, const float* absmax, const T* x,
-            // T* y, unsigned m, unsigned out, unsigned in, unsigned log2_blocksize): packed holds (out·in + 1) / 2
+            // T* y, unsigned m, unsigned out, unsigned in, unsigned log2_blocksize, const T* lora_u, unsigned
+            // lora_ldu, const T* lora_b, unsigned lora_rank, float lora_alpha): packed holds (out·in + 1) / 2
             // bytes, absmax ceil(out·in / blocksize) f32, x m·in and y m·out elements with m ≤ GEMV_MAX_ROWS and m
             // ≤ the vector kernel's rows (asserted, gemv_rows), on this device; the vector kernels only when in % 32
             // == 0 and packed and x are 16-byte aligned (every row of x then is too), with blocks of 32 to 32 ·
             // GEMV_MAX_WARPS threads (gemv_warps) and one block per rows_per_block rows; the scalar kernel with
-            // blocks of BLOCK threads, a multiple of 32.
-            unsafe { launch!(dev, Module::Nf4, plain, cfg; pp, pa, px, py, m32, out32, in32, log2) }
+            // blocks of BLOCK threads, a multiple of 32. With rank > 0, lora_u[k·ldu + j] (k < m, j < rank) and
+            // lora_b[o·rank + j] (o < out) lie inside U and B (asserted); with rank 0 neither is read.
+            unsafe {
+                launch!(dev, Module::Nf4, plain, cfg; pp, pa, px, py, m32, out32, in32, log2, pu, ldu, pl, rank, alpha)
+            }
         }
         Nf4Scales::Nested { qabsmax, absmax2, code2, offset } => {
             let (pq, p2, pc) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr());
@@ -234,7 +265,10 @@ pub fn nf4_gemv<T: GpuFloat>(
             // const float* code2, float offset, x, y, m, out, in, log2_blocksize): as above, with qabsmax one byte
             // per block, absmax2 one f32 per 256 of them and code2 256 f32 (asserted; every byte indexes code2 in
             // range).
-            unsafe { launch!(dev, Module::Nf4, nested, cfg; pp, pq, p2, pc, offset, px, py, m32, out32, in32, log2) }
+            unsafe {
+                launch!(dev, Module::Nf4, nested, cfg; pp, pq, p2, pc, offset, px, py, m32, out32, in32, log2, pu, ldu,
+                    pl, rank, alpha)
+            }
         }
     }
 }

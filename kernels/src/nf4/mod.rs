@@ -45,7 +45,7 @@ mod tests;
 
 pub use dequantize::dequantize_nf4;
 pub use dynamic_map::{DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED};
-pub use gemv::nf4_gemv;
+pub use gemv::{nf4_gemv, GemvLora};
 pub use nested::{
     absmax_mean, dequantize_absmax_nested, dequantize_blockwise_8bit, quantize_8bit_nearest, quantize_absmax_nested,
     quantize_absmax_nested_with_offset, quantize_blockwise_8bit, NestedAbsmax,

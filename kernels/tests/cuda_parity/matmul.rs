@@ -69,6 +69,25 @@ fn matmul_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             }
         }
     }
+    // A few rows against a transposed B with a long k (decoding's LoRA x·Aᵀ): `gemm_few_rows`, one block per column of
+    // C, when aligned (offsets and leading dimensions in multiples of 8); the odd offset takes cuBLASLt.
+    for (m, n, k) in [(1, 16, 256), (1, 48, 4096), (3, 17, 264), (8, 129, 1024), (5, 1, 14336), (9, 16, 256)] {
+        let g = Gemm::new(m, n, k).trans_b(true);
+        matmul_one::<T>(dev, rng, g, &format!("few rows {m}x{n}x{k}"));
+        matmul_one::<T>(dev, rng, g.alpha(0.5).beta(0.75), &format!("few rows {m}x{n}x{k} α .5 β .75"));
+        for (pad, off) in [(8, 8), (24, 16), (8, 3)] {
+            let g = Gemm {
+                ld_a: Some(k + pad),
+                ld_b: Some(k + pad),
+                ld_c: Some(n + pad),
+                offset_a: off,
+                offset_b: off,
+                offset_c: off,
+                ..g.alpha(2.0).beta(1.0)
+            };
+            matmul_one::<T>(dev, rng, g, &format!("few rows {m}x{n}x{k} ld +{pad} offset {off}"));
+        }
+    }
     for (k, alpha, beta) in [(0, 1.0, 0.0), (5, 0.0, 2.0)] {
         let g = Gemm { ld_c: Some(13), offset_c: 3, ..Gemm::new(7, 9, k).alpha(alpha).beta(beta).batched(2) };
         let g = Gemm { stride_c: g.len_c(), ..g };
