@@ -105,14 +105,14 @@ fn scale_c<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, c: u64) -> Result<()> {
     (0..g.batch).try_for_each(|i| launch_rows(c + (i * g.stride_c_used()) as u64 * bytes, g.m, g.n, ldc))
 }
 
-/// Rows of A [`few_rows`] takes at most (`GEMM_FEW_ROWS` in matmul.cu): a decoding step's tokens.
+/// Rows of A [`few_rows`] takes at most (the largest M of `gemm_few_rows` in matmul.cu): a decoding step's tokens.
 const FEW_ROWS: usize = 8;
 /// Columns of C past which cuBLASLt's tiles beat a block per column (the LoRA products it is for have r·3 ≤ 384).
 const FEW_ROWS_MAX_N: usize = 1024;
 /// The k from which cuBLASLt splits k and adds a reduction kernel for such products.
 const FEW_ROWS_MIN_K: usize = 256;
 /// Threads per block of `gemm_few_rows` (`GEMM_FEW_ROWS_WARPS` warps in matmul.cu).
-const FEW_ROWS_THREADS: u32 = 128;
+const FEW_ROWS_THREADS: u32 = 512;
 
 /// Whether `g` (A, B at device addresses `a`, `b`) is a product of a few rows against a transposed B with a long k,
 /// vector-aligned: what `gemm_few_rows` computes in one launch where cuBLASLt takes two (split-k and its reduction).
@@ -133,13 +133,20 @@ fn takes_few_rows(g: &Gemm, a: u64, b: u64) -> bool {
 fn few_rows<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, a: u64, b: u64, c: u64) -> Result<()> {
     let (lda, ldb, ldc) = g.lds();
     let cfg = LaunchConfig { grid_dim: (g.n as u32, 1, 1), block_dim: (FEW_ROWS_THREADS, 1, 1), shared_mem_bytes: 0 };
-    let kernel = kernel!("gemm_few_rows", T);
+    // The kernels for 1, 2, 4 and 8 rows of A; rows past m re-read row m - 1 and are not written.
+    let kernel = match g.m.next_power_of_two() {
+        1 => kernel!("gemm_few_rows_m1", T),
+        2 => kernel!("gemm_few_rows_m2", T),
+        4 => kernel!("gemm_few_rows_m4", T),
+        _ => kernel!("gemm_few_rows_m8", T),
+    };
     let (lda, ldb, ldc, m, k) = (lda as u64, ldb as u64, ldc as u64, g.m as u32, u32_arg("matmul: k", g.k));
     let (alpha, beta) = (g.alpha as f32, g.beta as f32);
-    // SAFETY: gemm_few_rows_T(const T* a, u64 lda, const T* b, u64 ldb, T* c, u64 ldc, unsigned m, unsigned k, float
-    // alpha, float beta) reads a[r·lda + i] (r < m ≤ 8, i < k) and b[j·ldb + i] (j < n, the grid), and touches
-    // c[r·ldc + j]: inside the buffers (check_ab, check_c), on this device; k, lda, ldb multiples of 8 and a, b
-    // 16-byte aligned (takes_few_rows), so every 8-element vector load is aligned; blocks of 128 threads.
+    // SAFETY: gemm_few_rows_m{1,2,4,8}_T(const T* a, u64 lda, const T* b, u64 ldb, T* c, u64 ldc, unsigned m,
+    // unsigned k, float alpha, float beta) reads a[r·lda + i] (r < m ≤ 8, rows past m clamped to m - 1; i < k) and
+    // b[j·ldb + i] (j < n, the grid), and touches c[r·ldc + j] for r < m: inside the buffers (check_ab, check_c), on
+    // this device; k, lda, ldb multiples of 8 and a, b 16-byte aligned (takes_few_rows), so every 8-element vector
+    // load is aligned; blocks of 512 threads (the kernel's 16 warps of partial sums).
     unsafe { launch!(dev, Module::Matmul, kernel, cfg; a, lda, b, ldb, c, ldc, m, k, alpha, beta) }
 }
 
