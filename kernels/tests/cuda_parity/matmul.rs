@@ -30,8 +30,14 @@ fn matmul_one<T: Elem>(dev: &CudaDevice, rng: &mut Rng, g: Gemm, what: &str) {
     assert_close(&format!("matmul {what} [{}]", T::NAME), &got, &want, T::tol(REDUCED));
 }
 
+/// A few rows against a transposed B with a long k (decoding's LoRA x·Aᵀ), which `gemm_few_rows` computes when
+/// aligned (one block per column of C): m = 1, 2, 3, 5, 8 (its 1-, 2-, 4- and 8-row kernels, rows past m unwritten),
+/// k up to 14336; the odd offsets below and batched products take cuBLASLt.
+const FEW_ROWS: [(usize, usize, usize); 4] = [(1, 48, 4096), (2, 16, 512), (8, 129, 1024), (5, 1, 14336)];
+
 fn matmul_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
-    for (m, n, k) in [(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 129, 257), (100, 3, 1000), (2, 257, 31)] {
+    let shapes = [(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 129, 257), (100, 3, 1000), (2, 257, 31), (3, 17, 264)];
+    for (m, n, k) in shapes.into_iter().chain(FEW_ROWS) {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let g = Gemm::new(m, n, k).trans_a(ta).trans_b(tb);
             matmul_one::<T>(dev, rng, g, &format!("{m}x{n}x{k} ta {ta} tb {tb}"));
@@ -47,7 +53,7 @@ fn matmul_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     }
     // Column blocks of wider matrices (a LoRA group's slice of x·Aᵀ, its block of dU): leading dimensions past the
     // row length and offsets to the first column, odd ones included (they misalign every row).
-    for (m, n, k) in [(3, 5, 7), (64, 16, 256), (129, 48, 16), (100, 3, 1000)] {
+    for (m, n, k) in [(3, 5, 7), (64, 16, 256), (129, 48, 16), (100, 3, 1000)].into_iter().chain(FEW_ROWS) {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             for (pad, off) in [(16, 16), (5, 3)] {
                 let base = Gemm::new(m, n, k).trans_a(ta).trans_b(tb).alpha(0.5).beta(1.0);
@@ -67,25 +73,6 @@ fn matmul_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
                 let batched = Gemm { batch: 2, stride_a: g.len_a(), stride_b: g.len_b(), stride_c: g.len_c(), ..g };
                 matmul_one::<T>(dev, rng, batched, &format!("2×{what}"));
             }
-        }
-    }
-    // A few rows against a transposed B with a long k (decoding's LoRA x·Aᵀ): `gemm_few_rows`, one block per column of
-    // C, when aligned (offsets and leading dimensions in multiples of 8); the odd offset takes cuBLASLt.
-    for (m, n, k) in [(1, 16, 256), (1, 48, 4096), (3, 17, 264), (8, 129, 1024), (5, 1, 14336), (9, 16, 256)] {
-        let g = Gemm::new(m, n, k).trans_b(true);
-        matmul_one::<T>(dev, rng, g, &format!("few rows {m}x{n}x{k}"));
-        matmul_one::<T>(dev, rng, g.alpha(0.5).beta(0.75), &format!("few rows {m}x{n}x{k} α .5 β .75"));
-        for (pad, off) in [(8, 8), (24, 16), (8, 3)] {
-            let g = Gemm {
-                ld_a: Some(k + pad),
-                ld_b: Some(k + pad),
-                ld_c: Some(n + pad),
-                offset_a: off,
-                offset_b: off,
-                offset_c: off,
-                ..g.alpha(2.0).beta(1.0)
-            };
-            matmul_one::<T>(dev, rng, g, &format!("few rows {m}x{n}x{k} ld +{pad} offset {off}"));
         }
     }
     for (k, alpha, beta) in [(0, 1.0, 0.0), (5, 0.0, 2.0)] {
