@@ -328,17 +328,17 @@ __device__ __forceinline__ void gemv_step(unsigned code, const uint4 (&w)[R], co
 }
 
 // The vector path: in % 32 == 0, packed and x 16-byte aligned. Blocks of 32·ksplit threads (ksplit ≤
-// GEMV_MAX_WARPS) own rows R·blockIdx.x.. of W; warp w takes the steps w, w + ksplit, ….
+// GEMV_MAX_WARPS) own rows R·block.. of W; warp w takes the steps w, w + ksplit, ….
 template <typename T, typename Scales, unsigned M, unsigned R>
 __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
                                 T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
-                                GemvLora<T> lora) {
+                                GemvLora<T> lora, unsigned block) {
     __shared__ __align__(256) float code[16];
     __shared__ float partial[GEMV_MAX_WARPS][R * M];
     const unsigned table = static_cast<unsigned>(__cvta_generic_to_shared(code));
     if (table % 256 != 0) __trap();  // decode8's addressing
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, ksplit = blockDim.x / 32;
-    const unsigned o0 = blockIdx.x * R, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
+    const unsigned o0 = block * R, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
     // The first loads go out before the tables are staged and the block waits for them.
     GemvLoads<R> loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, warp);
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
@@ -372,72 +372,112 @@ __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales
     }
 }
 
-// Any shape and alignment: one warp per output row, one element per lane per step, the twin's per-element weights.
+// Any shape and alignment: one warp per output row (rows block·warps..), one element per lane per step, the twin's
+// per-element weights.
 template <typename T, typename Scales>
 __device__ void nf4_gemv_scalar(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
                                 T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
-                                GemvLora<T> lora) {
+                                GemvLora<T> lora, unsigned block) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     scales.stage();
     __syncthreads();
-    const unsigned lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    for (unsigned o = blockIdx.x * warps + threadIdx.x / 32; o < out_f; o += gridDim.x * warps) {
-        float acc[GEMV_MAX_ROWS];
+    const unsigned lane = threadIdx.x % 32, o = block * (blockDim.x / 32) + threadIdx.x / 32;
+    if (o >= out_f) return;
+    float acc[GEMV_MAX_ROWS];
 #pragma unroll
-        for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
-        const u64 row = static_cast<u64>(o) * in_f;
-        for (unsigned i = lane; i < in_f; i += 32) {
-            const u64 e = row + i;
-            const unsigned byte = packed[e / 2];
-            const float w = dequantize_one(code, e % 2 == 0 ? byte >> 4 : byte & 15, scales(e >> log2_blocksize));
-#pragma unroll
-            for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
-                if (r < m) acc[r] += w * to_f32(x[static_cast<u64>(r) * in_f + i]);
-            }
-        }
+    for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
+    const u64 row = static_cast<u64>(o) * in_f;
+    for (unsigned i = lane; i < in_f; i += 32) {
+        const u64 e = row + i;
+        const unsigned byte = packed[e / 2];
+        const float w = dequantize_one(code, e % 2 == 0 ? byte >> 4 : byte & 15, scales(e >> log2_blocksize));
 #pragma unroll
         for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
-            float s = acc[r];
-            for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
-            if (lane == 0 && r < m) y[static_cast<u64>(r) * out_f + o] = from_f32<T>(lora.add(s, r, o));
+            if (r < m) acc[r] += w * to_f32(x[static_cast<u64>(r) * in_f + i]);
         }
+    }
+#pragma unroll
+    for (unsigned r = 0; r < GEMV_MAX_ROWS; ++r) {
+        float s = acc[r];
+        for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+        if (lane == 0 && r < m) y[static_cast<u64>(r) * out_f + o] = from_f32<T>(lora.add(s, r, o));
     }
 }
 
+// One weight of a GEMV launch (kernels/src/cuda/nf4.rs `GemvMember`, the same layout). A launch takes up to
+// GEMV_MEMBERS weights that read the same x, a projection group (q/k/v, gate/up), the blocks of weight i after those
+// of weight i - 1: one launch's latency and ramp instead of one per weight, and the small weights (k/v_proj) fill the
+// wave the large one leaves.
+struct GemvMember {
+    u64 packed;        // const unsigned char*
+    u64 absmax;        // plain: const float*; nested: const unsigned char* qabsmax
+    u64 absmax2;       // nested: const float*
+    u64 code2;         // nested: const float*
+    u64 y;             // T*
+    u64 lora_u;        // const T* (GemvLora; rank 0: not read)
+    u64 lora_b;        // const T*
+    float offset;      // nested
+    unsigned out_f;
+    unsigned lora_ldu;
+    unsigned lora_rank;
+    float lora_alpha;
+    unsigned blocks_end;  // the launch's blocks up to the end of this weight's
+};
+constexpr unsigned GEMV_MEMBERS = 3;
+struct GemvMembers {
+    GemvMember w[GEMV_MEMBERS];
+    unsigned count;
+};
+
+template <typename Scales> __device__ __forceinline__ Scales member_scales(const GemvMember& w);
+template <> __device__ __forceinline__ Absmax member_scales<Absmax>(const GemvMember& w) {
+    return Absmax{reinterpret_cast<const float*>(w.absmax)};
+}
+template <> __device__ __forceinline__ NestedAbsmax member_scales<NestedAbsmax>(const GemvMember& w) {
+    return NestedAbsmax{reinterpret_cast<const unsigned char*>(w.absmax), reinterpret_cast<const float*>(w.absmax2),
+                        reinterpret_cast<const float*>(w.code2), w.offset};
+}
+
+// The weight this block computes (selected, not indexed: a dynamic index would copy the parameters to local memory),
+// the block's index among that weight's blocks, and its scales and LoRA term; then PATH (nf4_gemv_vector or
+// nf4_gemv_scalar) for it.
+#define NF4_GEMV_MEMBER(PATH, T, SCALES)                                                                             \
+    GemvMember w = g.w[0];                                                                                           \
+    unsigned start = 0;                                                                                              \
+    _Pragma("unroll") for (unsigned i = 1; i < GEMV_MEMBERS; ++i) {                                                  \
+        if (i < g.count && blockIdx.x >= g.w[i - 1].blocks_end) start = g.w[i - 1].blocks_end, w = g.w[i];           \
+    }                                                                                                                \
+    const GemvLora<T> lora{reinterpret_cast<const T*>(w.lora_u), w.lora_ldu, reinterpret_cast<const T*>(w.lora_b),   \
+                           w.lora_rank, w.lora_alpha};                                                               \
+    PATH(reinterpret_cast<const unsigned char*>(w.packed), member_scales<SCALES>(w), x, reinterpret_cast<T*>(w.y), m, \
+         w.out_f, in_f, log2_blocksize, lora, blockIdx.x - start)
+
 // Rows of W per block of the vector path for M rows of x (kernels/src/cuda/nf4.rs gemv_rows_per_block).
 #define NF4_GEMV_ROWS(M) ((M) <= 2 ? 4 : 2)
+#define NF4_GEMV_ARGS(T) GemvMembers g, const T *x, unsigned m, unsigned in_f, unsigned log2_blocksize
+#define NF4_GEMV_VECTOR(M) nf4_gemv_vector<T, S, M, NF4_GEMV_ROWS(M)>
+// m = 1 holds the bf16 kernels to 64 registers (4 blocks of 256 threads: every warp slot of an SM); f32 x needs 8 more bytes (a
+// spill), and f32 decoding is the test and CPU-parity path, so its kernels take 80.
 
-#define NF4_GEMV_ARGS(T)                                                                                 \
-    unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize, const T *lora_u, unsigned lora_ldu, \
-        const T *lora_b, unsigned lora_rank, float lora_alpha
-#define NF4_GEMV_PLAIN(T) const unsigned char *packed, const float *absmax, const T *x, T *y, NF4_GEMV_ARGS(T)
-#define NF4_GEMV_NESTED(T)                                                                                           \
-    const unsigned char *packed, const unsigned char *qabsmax, const float *absmax2, const float *code2, float offset, \
-        const T *x, T *y, NF4_GEMV_ARGS(T)
-#define NF4_GEMV_LORA(T) GemvLora<T>{lora_u, lora_ldu, lora_b, lora_rank, lora_alpha}
-#define NF4_NESTED_SCALES NestedAbsmax{qabsmax, absmax2, code2, offset}
-#define NF4_GEMV_VECTOR(M, T, SCALES) nf4_gemv_vector<T, decltype(SCALES), M, NF4_GEMV_ROWS(M)>(packed, SCALES, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(T))
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_m1_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(1), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_m1_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(1), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m2_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(2), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m2_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(2), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m4_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(4), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m4_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(4), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m8_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(8), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m8_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(8), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nested_m1_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(1), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nested_m1_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(1), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m2_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(2), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m2_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(2), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(4), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(4), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(8), T, S); }
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(8), T, S); }
 
-// qlora-rt: hot
-extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_m1_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(1, float, Absmax{absmax}); }
-extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_m1_bf16(NF4_GEMV_PLAIN(bf16)) { NF4_GEMV_VECTOR(1, bf16, Absmax{absmax}); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m2_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(2, float, Absmax{absmax}); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m2_bf16(NF4_GEMV_PLAIN(bf16)) { NF4_GEMV_VECTOR(2, bf16, Absmax{absmax}); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m4_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(4, float, Absmax{absmax}); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m4_bf16(NF4_GEMV_PLAIN(bf16)) { NF4_GEMV_VECTOR(4, bf16, Absmax{absmax}); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m8_f32(NF4_GEMV_PLAIN(float)) { NF4_GEMV_VECTOR(8, float, Absmax{absmax}); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_m8_bf16(NF4_GEMV_PLAIN(bf16)) { NF4_GEMV_VECTOR(8, bf16, Absmax{absmax}); }
-extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nested_m1_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(1, float, NF4_NESTED_SCALES); }
-extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nested_m1_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(1, bf16, NF4_NESTED_SCALES); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m2_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(2, float, NF4_NESTED_SCALES); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m2_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(2, bf16, NF4_NESTED_SCALES); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(4, float, NF4_NESTED_SCALES); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(4, bf16, NF4_NESTED_SCALES); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_f32(NF4_GEMV_NESTED(float)) { NF4_GEMV_VECTOR(8, float, NF4_NESTED_SCALES); }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_bf16(NF4_GEMV_NESTED(bf16)) { NF4_GEMV_VECTOR(8, bf16, NF4_NESTED_SCALES); }
-
-extern "C" __global__ void nf4_gemv_scalar_f32(NF4_GEMV_PLAIN(float)) { nf4_gemv_scalar(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(float)); }
-extern "C" __global__ void nf4_gemv_scalar_bf16(NF4_GEMV_PLAIN(bf16)) { nf4_gemv_scalar(packed, Absmax{absmax}, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(bf16)); }
-extern "C" __global__ void nf4_gemv_scalar_nested_f32(NF4_GEMV_NESTED(float)) { nf4_gemv_scalar(packed, NF4_NESTED_SCALES, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(float)); }
-extern "C" __global__ void nf4_gemv_scalar_nested_bf16(NF4_GEMV_NESTED(bf16)) { nf4_gemv_scalar(packed, NF4_NESTED_SCALES, x, y, m, out_f, in_f, log2_blocksize, NF4_GEMV_LORA(bf16)); }
+extern "C" __global__ void nf4_gemv_scalar_f32(NF4_GEMV_ARGS(float)) { using T = float; NF4_GEMV_MEMBER(nf4_gemv_scalar, T, Absmax); }
+extern "C" __global__ void nf4_gemv_scalar_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; NF4_GEMV_MEMBER(nf4_gemv_scalar, T, Absmax); }
+extern "C" __global__ void nf4_gemv_scalar_nested_f32(NF4_GEMV_ARGS(float)) { using T = float; NF4_GEMV_MEMBER(nf4_gemv_scalar, T, NestedAbsmax); }
+extern "C" __global__ void nf4_gemv_scalar_nested_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; NF4_GEMV_MEMBER(nf4_gemv_scalar, T, NestedAbsmax); }

@@ -96,6 +96,22 @@ struct Case {
     nested: Option<Nested>,
 }
 
+/// A case's weight on the device, for calls that take several weights at once.
+struct Uploaded {
+    packed: DeviceBuffer<u8>,
+    absmax: DeviceBuffer<f32>,
+    nested: Option<(DeviceBuffer<u8>, DeviceBuffer<f32>, DeviceBuffer<f32>, f32)>,
+}
+
+impl Uploaded {
+    fn scales(&self) -> Nf4Scales<'_> {
+        match &self.nested {
+            None => Nf4Scales::Absmax(&self.absmax),
+            Some((qabsmax, absmax2, code2, offset)) => Nf4Scales::Nested { qabsmax, absmax2, code2, offset: *offset },
+        }
+    }
+}
+
 struct Nested {
     q: Vec<u8>,
     absmax2: Vec<f32>,
@@ -128,18 +144,14 @@ impl Case {
 
     /// Runs `f` on this weight's packed bytes and scales, uploaded.
     fn on_device<R>(&self, dev: &CudaDevice, f: impl FnOnce(&DeviceBuffer<u8>, Nf4Scales<'_>) -> R) -> R {
-        let packed = upload(dev, &self.packed);
-        match &self.nested {
-            None => f(&packed, Nf4Scales::Absmax(&upload(dev, &self.absmax))),
-            Some(nested) => {
-                let (qabsmax, absmax2, code2) =
-                    (upload(dev, &nested.q), upload(dev, &nested.absmax2), upload(dev, &nested.code2));
-                f(
-                    &packed,
-                    Nf4Scales::Nested { qabsmax: &qabsmax, absmax2: &absmax2, code2: &code2, offset: nested.offset },
-                )
-            }
-        }
+        let w = self.upload(dev);
+        f(&w.packed, w.scales())
+    }
+
+    fn upload(&self, dev: &CudaDevice) -> Uploaded {
+        let nested =
+            self.nested.as_ref().map(|n| (upload(dev, &n.q), upload(dev, &n.absmax2), upload(dev, &n.code2), n.offset));
+        Uploaded { packed: upload(dev, &self.packed), absmax: upload(dev, &self.absmax), nested }
     }
 
     /// Runs the GPU kernel into out[start..start + n] of a NaN-filled buffer of `len`; returns the whole buffer.
@@ -270,7 +282,8 @@ fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
 /// kernels take 1, 2, 4 or 8 rows and leave the rest unwritten); widths on the vector path (in % 32 = 0: one step,
 /// several, a partial last step, 14336's seven warps of two steps, more steps than warps) and off it; row counts that
 /// leave a block's last rows past the weight; plain and nested scales (with zero, subnormal and tiny absmax, which
-/// take the per-element path); f32 and bf16. Each output may differ from the exact sum by f32 summation error, at most
+/// take the per-element path); f32 and bf16; several weights in one call (a projection group: weights of one kind of
+/// scales share a launch, up to three). Each output may differ from the exact sum by f32 summation error, at most
 /// [`GEMV_SUM`] of Σ|w·x| (the tree's depth times f32's unit roundoff, with margin), plus one rounding of the output
 /// (bf16's 2⁻⁸). With an adapter's up-projection (`lora`: rank, U's row stride, U's first element), alpha·U·Bᵀ is
 /// added before that rounding, its terms counted in the magnitude.
@@ -278,46 +291,59 @@ const GEMV_SUM: f64 = 2e-6;
 
 fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
     dev: &CudaDevice,
-    case: &Case,
+    cases: &[&Case],
     in_f: usize,
     m: usize,
     lora: Option<(usize, usize, usize)>,
     rng: &mut Rng,
 ) {
-    let out_f = case.n / in_f;
     let mut randn = |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect() };
+    let widen = |v: &[T]| -> Vec<f32> { v.iter().map(|v| v.to_f32()).collect() };
     let x = randn(m * in_f);
     let (rank, ldu, u_offset) = lora.unwrap_or((0, 0, 0));
-    let (u, b, alpha) = (randn(u_offset + m * ldu), randn(out_f * rank), -0.625f32);
-    let widen = |v: &[T]| -> Vec<f32> { v.iter().map(|v| v.to_f32()).collect() };
-    let (xw, uw, bw) = (widen(&x), widen(&u), widen(&b));
-    let mut want = vec![0.0f32; m * out_f];
-    let cpu_lora = lora.map(|_| nf4::GemvLora { u: &uw[u_offset..], ldu, b: &bw, rank, alpha });
-    nf4::nf4_gemv(&case.packed, &case.absmax, case.blocksize, &xw, in_f, cpu_lora, &mut want);
-    let dense = cpu::<f32>(&case.packed, &case.absmax, case.blocksize, case.n);
-    let got = case.on_device(dev, |packed, scales| {
-        let mut y = upload(dev, &vec![T::from_f32(f32::NAN); m * out_f]);
-        let (u, b) = (upload(dev, &u), upload(dev, &b));
-        let gpu_lora = lora.map(|_| gnf4::GemvLora { u: &u, u_offset, ldu, b: &b, rank, alpha });
-        gnf4::nf4_gemv(packed, scales, case.blocksize, &upload(dev, &x), in_f, gpu_lora, &mut y).unwrap();
-        y.to_vec().unwrap()
-    });
+    let alpha = -0.625f32;
+    // Per weight: its U and B (each its own), the CPU's y.
+    let operands: Vec<(Vec<T>, Vec<T>)> =
+        cases.iter().map(|c| (randn(u_offset + m * ldu), randn(c.n / in_f * rank))).collect();
+    let xw = widen(&x);
+    let weights: Vec<_> = cases.iter().map(|c| c.upload(dev)).collect();
+    let uploaded: Vec<_> = operands.iter().map(|(u, b)| (upload(dev, u), upload(dev, b))).collect();
+    let mut ys: Vec<DeviceBuffer<T>> =
+        cases.iter().map(|c| upload(dev, &vec![T::from_f32(f32::NAN); m * (c.n / in_f)])).collect();
+    let mut call: Vec<gnf4::GemvWeight<'_, T>> = weights
+        .iter()
+        .zip(&uploaded)
+        .zip(ys.iter_mut())
+        .map(|((w, (u, b)), y)| gnf4::GemvWeight {
+            packed: &w.packed,
+            scales: w.scales(),
+            lora: lora.map(|_| gnf4::GemvLora { u, u_offset, ldu, b, rank, alpha }),
+            y,
+        })
+        .collect();
+    gnf4::nf4_gemv(&mut call, cases[0].blocksize, &upload(dev, &x), in_f).unwrap();
     let output_rounding = if T::NAME == "bf16" { 2f64.powi(-8) } else { 0.0 };
-    for r in 0..m {
-        for o in 0..out_f {
-            let up: f64 = (0..rank)
-                .map(|j| (alpha as f64 * uw[u_offset + r * ldu + j] as f64 * bw[o * rank + j] as f64).abs())
-                .sum();
-            let magnitude: f64 =
-                up + (0..in_f).map(|i| (dense[o * in_f + i] as f64 * xw[r * in_f + i] as f64).abs()).sum::<f64>();
-            let (g, w) = (got[r * out_f + o].to_f32() as f64, want[r * out_f + o] as f64);
-            let bound = GEMV_SUM * magnitude + output_rounding * w.abs();
-            assert!(
-                (g - w).abs() <= bound,
-                "{} [{out_f}, {in_f}] m {m} lora {lora:?} [{}]: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})",
-                case.what(),
-                T::NAME
-            );
+    for ((case, (u, b)), y) in cases.iter().zip(&operands).zip(&ys) {
+        let out_f = case.n / in_f;
+        let (uw, bw) = (widen(u), widen(b));
+        let mut want = vec![0.0f32; m * out_f];
+        let cpu_lora = lora.map(|_| nf4::GemvLora { u: &uw[u_offset..], ldu, b: &bw, rank, alpha });
+        nf4::nf4_gemv(&case.packed, &case.absmax, case.blocksize, &xw, in_f, cpu_lora, &mut want);
+        let dense = cpu::<f32>(&case.packed, &case.absmax, case.blocksize, case.n);
+        let got = y.to_vec().unwrap();
+        for r in 0..m {
+            for o in 0..out_f {
+                let up: f64 = (0..rank)
+                    .map(|j| (alpha as f64 * uw[u_offset + r * ldu + j] as f64 * bw[o * rank + j] as f64).abs())
+                    .sum();
+                let magnitude: f64 =
+                    up + (0..in_f).map(|i| (dense[o * in_f + i] as f64 * xw[r * in_f + i] as f64).abs()).sum::<f64>();
+                let (g, w) = (got[r * out_f + o].to_f32() as f64, want[r * out_f + o] as f64);
+                let bound = GEMV_SUM * magnitude + output_rounding * w.abs();
+                let what =
+                    format!("{} of {} [{out_f}, {in_f}] m {m} lora {lora:?} [{}]", case.what(), cases.len(), T::NAME);
+                assert!((g - w).abs() <= bound, "{what}: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})");
+            }
         }
     }
 }
@@ -342,13 +368,20 @@ fn nf4_gemv_matches_cpu() {
         for nested in [false, true] {
             let case = Case::new(&mut rng, out_f * in_f, blocksize, nested);
             for m in 1..=gnf4::GEMV_MAX_ROWS {
-                gemv_case::<f32>(&dev, &case, in_f, m, None, &mut rng);
-                gemv_case::<bf16>(&dev, &case, in_f, m, None, &mut rng);
+                gemv_case::<f32>(&dev, &[&case], in_f, m, None, &mut rng);
+                gemv_case::<bf16>(&dev, &[&case], in_f, m, None, &mut rng);
             }
-            // A LoRA up-projection on the write: a whole U of rank 16, and rank 3 read from a wider U at an offset.
+            // A group: three weights of one kind of scales (one launch), and one of the other kind after two of
+            // this kind (two launches); each with a LoRA up-projection on its write: a whole U of rank 16, and
+            // rank 3 read from a wider U at an offset.
+            let same = Case::new(&mut rng, 3 * in_f, blocksize, nested);
+            let other = Case::new(&mut rng, 2 * in_f, blocksize, !nested);
+            for m in [1, 5] {
+                gemv_case::<bf16>(&dev, &[&case, &same, &case], in_f, m, None, &mut rng);
+            }
             for (m, lora) in [(1, (16, 16, 0)), (3, (3, 11, 5)), (8, (16, 48, 16))] {
-                gemv_case::<f32>(&dev, &case, in_f, m, Some(lora), &mut rng);
-                gemv_case::<bf16>(&dev, &case, in_f, m, Some(lora), &mut rng);
+                gemv_case::<f32>(&dev, &[&case, &same, &other], in_f, m, Some(lora), &mut rng);
+                gemv_case::<bf16>(&dev, &[&case, &same, &other], in_f, m, Some(lora), &mut rng);
             }
         }
     }
@@ -389,7 +422,8 @@ fn nf4_gemv_bandwidth_report() {
                 let (packed, qabsmax, absmax2) = &weights[next % copies];
                 next += 1;
                 let scales = Nf4Scales::Nested { qabsmax, absmax2, code2: &code2, offset: nested.offset };
-                gnf4::nf4_gemv(packed, scales, blocksize, &x, in_f, None, &mut y).unwrap()
+                gnf4::nf4_gemv(&mut [gnf4::GemvWeight { packed, scales, lora: None, y: &mut y }], blocksize, &x, in_f)
+                    .unwrap()
             });
             let rate = (weight_bytes + 2 * m * (in_f + out_f)) as f64 / seconds;
             println!(

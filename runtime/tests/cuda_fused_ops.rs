@@ -69,7 +69,8 @@ test_device!(
 /// weight (dequantized in f32): on the CPU within the rounding of a sum, on CUDA within f32 summation error (f32)
 /// and the output's bf16 rounding (bf16); rows 1 to 8, plain and double-quantized scales, a width off the
 /// vector path; more than 8 rows or a wrong width is an error. With LoRA's up-projection (U a column block of a wider
-/// U, as a projection group's is), the result is x·Wᵀ + s·U·Bᵀ; U and B of the wrong shapes are errors.
+/// U, as a projection group's is), the result is x·Wᵀ + s·U·Bᵀ, and the same bits in a group of weights as alone; U
+/// and B of the wrong shapes are errors.
 fn nf4_gemv_equals_x_times_the_dequantized_weight(device: Device) {
     use qlora_runtime::ops::linalg::{matmul, matmul_into};
     use qlora_runtime::quant::{LoraUp, Nf4Weight, GEMV_MAX_ROWS};
@@ -100,6 +101,11 @@ fn nf4_gemv_equals_x_times_the_dequantized_weight(device: Device) {
                 matmul_into(&mut want, &u32, &b32.t().unwrap(), 0.75, 1.0).unwrap();
                 let what = format!("gemv + LoRA {rows}x[{out_f}, {in_f}] {dtype:?}");
                 assert_close(&what, &values(&got), &values(&want), tol);
+                // A group (one launch on a GPU) gives each weight's bits as its own call does.
+                let group = [(&w4, Some(LoraUp { u: &u, b: &b, alpha: 0.75 })), (&w4, None)];
+                let both = Nf4Weight::gemv_group(&group, &x).unwrap();
+                assert_eq!(values(&both[0]), values(&got), "{what}: in a group");
+                assert_eq!(values(&both[1]), values(&w4.gemv(&x, None).unwrap()), "{what}: in a group, no LoRA");
                 let bad = LoraUp { u: &u, b: &wide, alpha: 1.0 };
                 assert!(w4.gemv(&x, Some(bad)).unwrap_err().to_string().contains("LoRA U"), "{what}: bad shapes");
             }

@@ -13,7 +13,7 @@
 //! Dropout draws a different mask per projection (its own seed, as separate ops would), so projections with dropout
 //! each get their own x_d and U ("lanes" below: one for all projections without dropout, one per projection with it).
 
-use super::scratch::{base_product, with_weight};
+use super::scratch::{base_products, with_weight};
 use super::{precision, validate, Dropout, LoraProjection};
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
@@ -107,25 +107,45 @@ impl Tape {
             us.push(u);
         }
 
-        let mut outputs = Vec::with_capacity(projections.len());
-        for ((proj, member), b) in projections.iter().zip(&members).zip(&bs) {
+        let shape_of = |member: &Member| {
             let mut shape = x.shape().to_vec();
             *shape.last_mut().expect("validated: x has an input dimension") = member.out_f;
-            if value == Value::Unread {
-                outputs.push(Tensor::zeros_on(&shape, p, x2.device())?);
-                continue;
-            }
-            let u = member.adapter.as_ref().map(|ad| us[ad.lane].narrow(1, ad.col, ad.r)).transpose()?;
-            let lora = match (&member.adapter, &u, b) {
-                (Some(ad), Some(u), Some(b)) => Some(LoraUp { u, b, alpha: ad.scaling }),
-                _ => None,
-            };
-            let mut y = base_product(proj.base, &x2, p, lora)?;
-            if let Some(bias) = proj.bias {
-                y = add_bias(&y, bias.value())?;
-            }
-            outputs.push(y.reshape(&shape)?);
-        }
+            shape
+        };
+        let outputs = if value == Value::Unread {
+            members.iter().map(|m| Tensor::zeros_on(&shape_of(m), p, x2.device())).collect::<Result<Vec<_>>>()?
+        } else {
+            // Each adapter's columns of its lane's U, read in place by the up-projection.
+            let u_cols = members
+                .iter()
+                .map(|m| m.adapter.as_ref().map(|ad| us[ad.lane].narrow(1, ad.col, ad.r)).transpose())
+                .collect::<Result<Vec<_>>>()?;
+            let bases: Vec<(&BaseWeight, Option<LoraUp>)> = projections
+                .iter()
+                .zip(&members)
+                .zip(&u_cols)
+                .zip(&bs)
+                .map(|(((proj, member), u), b)| {
+                    let lora = match (&member.adapter, u, b) {
+                        (Some(ad), Some(u), Some(b)) => Some(LoraUp { u, b, alpha: ad.scaling }),
+                        _ => None,
+                    };
+                    (proj.base, lora)
+                })
+                .collect();
+            let ys = base_products(&bases, &x2, p)?;
+            ys.into_iter()
+                .zip(projections)
+                .zip(&members)
+                .map(|((y, proj), member)| {
+                    let y = match proj.bias {
+                        Some(bias) => add_bias(&y, bias.value())?,
+                        None => y,
+                    };
+                    y.reshape(&shape_of(member))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
         let op = LoraGroup {
             precision: p,
             rows,

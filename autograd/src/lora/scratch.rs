@@ -4,7 +4,7 @@
 
 use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::ops::linalg::{matmul, matmul_into};
-use qlora_runtime::quant::{BaseWeight, LoraUp, GEMV_MAX_ROWS};
+use qlora_runtime::quant::{BaseWeight, LoraUp, Nf4Weight, GEMV_MAX_ROWS};
 use qlora_runtime::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
 
@@ -13,23 +13,34 @@ thread_local! {
     static SCRATCH: RefCell<Vec<(Device, DType, Tensor)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// x2·Wᵀ for x2: [rows, in] against the frozen base, plus LoRA's up-projection alpha·U·Bᵀ with `lora`: a decoding
-/// step's few rows against an NF4 weight on a GPU read it packed (`Nf4Weight::gemv`: reading 4 bits per weight is the
-/// whole cost of a token; the up-projection rides on the same launch); every other product multiplies by the weight
-/// materialized in the scratch ([`with_weight`]), the up-projection accumulated into it by its GEMM (beta = 1).
-pub(super) fn base_product(base: &BaseWeight, x2: &Tensor, dtype: DType, lora: Option<LoraUp>) -> Result<Tensor> {
-    if let BaseWeight::Nf4(w) = base {
-        let rows = x2.shape()[0];
-        let gemv = w.device() != Device::Cpu && (1..=GEMV_MAX_ROWS).contains(&rows) && x2.dtype() == dtype;
-        if gemv && matches!(dtype, DType::F32 | DType::BF16) {
-            return w.gemv(x2, lora);
-        }
+/// x2·Wᵀ for x2: [rows, in] against each frozen base of `bases`, plus LoRA's up-projection alpha·U·Bᵀ where one is
+/// given: a decoding step's few rows against NF4 weights on a GPU read them packed (`Nf4Weight::gemv_group`: reading
+/// 4 bits per weight is the whole cost of a token; the up-projections ride on the same launches, and a group's
+/// weights share them); every other product multiplies by the weight materialized in the scratch ([`with_weight`]),
+/// the up-projection accumulated into it by its GEMM (beta = 1).
+pub(super) fn base_products(bases: &[(&BaseWeight, Option<LoraUp>)], x2: &Tensor, dtype: DType) -> Result<Vec<Tensor>> {
+    let rows = x2.shape()[0];
+    let gemv = (1..=GEMV_MAX_ROWS).contains(&rows) && x2.dtype() == dtype && matches!(dtype, DType::F32 | DType::BF16);
+    let packed: Option<Vec<_>> = bases
+        .iter()
+        .map(|(base, lora)| match base {
+            BaseWeight::Nf4(w) if gemv && w.device() != Device::Cpu => Some((w, *lora)),
+            _ => None,
+        })
+        .collect();
+    if let Some(members) = packed {
+        return Nf4Weight::gemv_group(&members, x2);
     }
-    let mut y = with_weight(base, dtype, |w| matmul(x2, &w.t()?))?;
-    if let Some(l) = lora {
-        matmul_into(&mut y, l.u, &l.b.t()?, l.alpha, 1.0)?;
-    }
-    Ok(y)
+    bases
+        .iter()
+        .map(|(base, lora)| {
+            let mut y = with_weight(base, dtype, |w| matmul(x2, &w.t()?))?;
+            if let Some(l) = lora {
+                matmul_into(&mut y, l.u, &l.b.t()?, l.alpha, 1.0)?;
+            }
+            Ok(y)
+        })
+        .collect()
 }
 
 /// Runs `f` on `base` as an [out, in] tensor in `dtype` (CPU: f32, or f64 for gradient checks; CUDA: the activations'

@@ -9,6 +9,7 @@ use super::{
     Result, BLOCK,
 };
 use crate::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
+use cudarc::driver::DeviceRepr;
 use cudarc::driver::LaunchConfig;
 use half::f16;
 
@@ -145,6 +146,8 @@ fn weight_device<'a>(
 /// Rows of x an [`nf4_gemv`] takes at once (`GEMV_MAX_ROWS` in nf4.cu): the sequences of one decoding step.
 pub const GEMV_MAX_ROWS: usize = 8;
 
+/// Weights one [`nf4_gemv`] launch takes at most (`GEMV_MEMBERS` in nf4.cu): a projection group (q/k/v).
+const GEMV_MEMBERS: usize = 3;
 /// Columns a warp of the vector kernels reads per step (`GEMV_STEP` in nf4.cu): 32 lanes × 16 packed bytes.
 const GEMV_STEP: usize = 1024;
 /// Warps a block of the vector kernels splits a row's steps over, at most (`GEMV_MAX_WARPS` in nf4.cu).
@@ -187,90 +190,160 @@ pub struct GemvLora<'a, T: GpuFloat> {
     pub alpha: f32,
 }
 
-/// x: [m, in] (1 ≤ m ≤ [`GEMV_MAX_ROWS`]) times the NF4 weight W [out, in] (packed, scales as in
-/// [`dequantize_nf4_into`]) → y: [m, out] = x·Wᵀ (+ alpha·U·Bᵀ with `lora`: a LoRA projection of decoding in this
-/// launch and U's), reading W packed and never writing it out: the product of decoding, whose cost at batch 1 is
-/// reading the 4-bit weight once. Twin of [`crate::nf4::nf4_gemv`] (sums in f32 in another order: equal within a
-/// reduction's rounding).
+/// One weight of an [`nf4_gemv`] call: W [out, in] NF4 (packed, scales as in [`dequantize_nf4_into`]), its output
+/// y: [m, out] and LoRA's up-projection riding on it, if any.
+pub struct GemvWeight<'a, T: GpuFloat> {
+    pub packed: &'a DeviceBuffer<u8>,
+    pub scales: Nf4Scales<'a>,
+    pub lora: Option<GemvLora<'a, T>>,
+    pub y: &'a mut DeviceBuffer<T>,
+}
+
+/// One weight of a launch as the kernels read it (nf4.cu `struct GemvMember`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvMember {
+    packed: u64,
+    absmax: u64,
+    absmax2: u64,
+    code2: u64,
+    y: u64,
+    lora_u: u64,
+    lora_b: u64,
+    offset: f32,
+    out_f: u32,
+    lora_ldu: u32,
+    lora_rank: u32,
+    lora_alpha: f32,
+    blocks_end: u32,
+}
+
+/// A launch's weights (nf4.cu `struct GemvMembers`); members past `count` are zeros, never read.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvMembers {
+    w: [GemvMember; GEMV_MEMBERS],
+    count: u32,
+}
+
+// SAFETY: `repr(C)` plain data with the field types and order of nf4.cu's `struct GemvMember` (seven 8-byte addresses,
+// then six 4-byte fields: 80 bytes, no interior padding) and `struct GemvMembers` (three of them, then a 4-byte count,
+// padded to 248 bytes by both compilers' alignment rules).
+unsafe impl DeviceRepr for GemvMember {}
+unsafe impl DeviceRepr for GemvMembers {}
+
+/// x: [m, in] (1 ≤ m ≤ [`GEMV_MAX_ROWS`]) times each of `weights` (W [out, in] NF4) → its y: [m, out] = x·Wᵀ (+
+/// alpha·U·Bᵀ with its `lora`: a LoRA projection of decoding in this launch and U's), reading W packed and never
+/// writing it out: the product of decoding, whose cost at batch 1 is reading the 4-bit weights once. Weights that
+/// read the same x (a projection group) run as one launch, up to three at a time, when their scales are of one kind
+/// and the vector kernels take them. Twin of [`crate::nf4::nf4_gemv`] per weight (sums in f32 in another order: equal
+/// within a reduction's rounding).
 ///
 /// Speed: the vector kernels (kernels/NOTES.md "NF4 GEMV") need `in % 32 == 0` and 16-byte aligned packed bytes and
 /// x (whole buffers always are); any other shape takes a kernel as exact that reads element by element.
 pub fn nf4_gemv<T: GpuFloat>(
-    packed: &DeviceBuffer<u8>,
-    scales: Nf4Scales<'_>,
+    weights: &mut [GemvWeight<'_, T>],
     blocksize: usize,
     x: &DeviceBuffer<T>,
     in_f: usize,
-    lora: Option<GemvLora<'_, T>>,
-    y: &mut DeviceBuffer<T>,
 ) -> Result<()> {
     assert!(in_f > 0 && x.len() % in_f == 0, "nf4_gemv: x of {} values for rows of {in_f}", x.len());
     let m = x.len() / in_f;
     assert!((1..=GEMV_MAX_ROWS).contains(&m), "nf4_gemv: {m} rows of x (1 to {GEMV_MAX_ROWS})");
-    assert_eq!(y.len() % m, 0, "nf4_gemv: y of {} values for {m} rows", y.len());
-    let out_f = y.len() / m;
-    let dev = weight_device("nf4_gemv", packed, scales, blocksize, out_f * in_f);
-    same_device("nf4_gemv", &[dev, x.device(), y.device()]);
-    if out_f == 0 {
-        return Ok(());
-    }
-    let (pu, ldu, pl, rank, alpha) = match lora {
-        Some(l) => {
-            same_device("nf4_gemv", &[dev, l.u.device(), l.b.device()]);
-            assert!(l.rank > 0 && (l.rank <= l.ldu || m == 1), "nf4_gemv: U rows {} apart for rank {}", l.ldu, l.rank);
-            let u_end = l.u_offset + (m - 1) * l.ldu + l.rank;
-            assert!(u_end <= l.u.len(), "nf4_gemv: U of {} values for {m} rows from {}", l.u.len(), l.u_offset);
-            assert_eq!(l.b.len(), out_f * l.rank, "nf4_gemv: B of {} values for [{out_f}, {}]", l.b.len(), l.rank);
-            let pu = l.u.ptr() + (l.u_offset * size_of::<T>()) as u64;
-            (pu, u32_arg("nf4_gemv: ldu", l.ldu), l.b.ptr(), u32_arg("nf4_gemv: rank", l.rank), l.alpha)
+    let mut launches: Vec<(bool, Vec<GemvMember>)> = Vec::new();
+    for w in weights.iter_mut() {
+        assert_eq!(w.y.len() % m, 0, "nf4_gemv: y of {} values for {m} rows", w.y.len());
+        let out_f = w.y.len() / m;
+        let dev = weight_device("nf4_gemv", w.packed, w.scales, blocksize, out_f * in_f);
+        same_device("nf4_gemv", &[dev, x.device(), w.y.device()]);
+        if out_f == 0 {
+            continue;
         }
-        // Rank 0: the kernels read neither pointer.
-        None => (x.ptr(), 0, x.ptr(), 0, 0.0f32),
+        let vector = in_f % 32 == 0 && aligned16(&[w.packed.ptr(), x.ptr()]);
+        let member = gemv_member(w, m, out_f);
+        let nested = matches!(w.scales, Nf4Scales::Nested { .. });
+        match launches.last_mut() {
+            Some((n, members))
+                if vector && *n == nested && members.len() < GEMV_MEMBERS && members[0].blocks_end > 0 =>
+            {
+                members.push(member)
+            }
+            // The scalar path launches each weight alone (blocks_end 0 marks it).
+            _ => launches.push((nested, vec![GemvMember { blocks_end: u32::from(vector), ..member }])),
+        }
+    }
+    for (nested, members) in launches {
+        gemv_launch::<T>(x, nested, members, in_f, blocksize)?;
+    }
+    Ok(())
+}
+
+/// `w` as a launch member, its blocks not yet counted.
+fn gemv_member<T: GpuFloat>(w: &mut GemvWeight<'_, T>, m: usize, out_f: usize) -> GemvMember {
+    let (absmax, absmax2, code2, offset) = match w.scales {
+        Nf4Scales::Absmax(absmax) => (absmax.ptr(), 0, 0, 0.0),
+        Nf4Scales::Nested { qabsmax, absmax2, code2, offset } => (qabsmax.ptr(), absmax2.ptr(), code2.ptr(), offset),
     };
-    let vector = in_f % 32 == 0 && aligned16(&[packed.ptr(), x.ptr()]);
-    let ((plain, nested), cfg) = if vector {
-        let (rows, rows_per_block) = gemv_rows(m);
-        let threads = 32 * gemv_warps(in_f) as u32;
-        let grid = u32_arg("nf4_gemv: blocks", out_f.div_ceil(rows_per_block));
-        (
-            gemv_vector_kernels::<T>(rows),
-            LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 },
-        )
+    let mut member = GemvMember {
+        packed: w.packed.ptr(),
+        absmax,
+        absmax2,
+        code2,
+        y: w.y.ptr(),
+        offset,
+        out_f: u32_arg("nf4_gemv: out", out_f),
+        ..GemvMember::default()
+    };
+    if let Some(l) = w.lora {
+        same_device("nf4_gemv", &[w.y.device(), l.u.device(), l.b.device()]);
+        assert!(l.rank > 0 && (l.rank <= l.ldu || m == 1), "nf4_gemv: U rows {} apart for rank {}", l.ldu, l.rank);
+        let u_end = l.u_offset + (m - 1) * l.ldu + l.rank;
+        assert!(u_end <= l.u.len(), "nf4_gemv: U of {} values for {m} rows from {}", l.u.len(), l.u_offset);
+        assert_eq!(l.b.len(), out_f * l.rank, "nf4_gemv: B of {} values for [{out_f}, {}]", l.b.len(), l.rank);
+        member.lora_u = l.u.ptr() + (l.u_offset * size_of::<T>()) as u64;
+        member.lora_ldu = u32_arg("nf4_gemv: ldu", l.ldu);
+        member.lora_b = l.b.ptr();
+        member.lora_rank = u32_arg("nf4_gemv: rank", l.rank);
+        member.lora_alpha = l.alpha;
+    }
+    member
+}
+
+/// One launch over `members` (one member with blocks_end 0: the scalar kernel), their blocks laid end to end.
+fn gemv_launch<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    nested: bool,
+    members: Vec<GemvMember>,
+    in_f: usize,
+    blocksize: usize,
+) -> Result<()> {
+    let m = x.len() / in_f;
+    let vector = members[0].blocks_end > 0;
+    let (rows, rows_per_block) = gemv_rows(m);
+    let (names, threads, rows_per_block) = if vector {
+        (gemv_vector_kernels::<T>(rows), 32 * gemv_warps(in_f) as u32, rows_per_block)
     } else {
-        let warps = BLOCK as usize / 32;
-        let grid = out_f.div_ceil(warps).clamp(1, (dev.resident_threads() / BLOCK as usize).max(1)) as u32;
-        ((kernel!("nf4_gemv_scalar", T), kernel!("nf4_gemv_scalar_nested", T)), config(grid))
+        ((kernel!("nf4_gemv_scalar", T), kernel!("nf4_gemv_scalar_nested", T)), BLOCK, BLOCK as usize / 32)
     };
-    let (pp, px, py, log2) = (packed.ptr(), x.ptr(), y.ptr(), blocksize.trailing_zeros());
-    let (m32, out32, in32) = (m as u32, u32_arg("nf4_gemv: out", out_f), u32_arg("nf4_gemv: in", in_f));
-    match scales {
-        Nf4Scales::Absmax(absmax) => {
-            let pa = absmax.ptr();
-            // SAFETY: nf4_gemv_{m1,m2,m4,m8,scalar}_T(const unsigned char* packed, const float* absmax, const T* x,
-            // T* y, unsigned m, unsigned out, unsigned in, unsigned log2_blocksize, const T* lora_u, unsigned
-            // lora_ldu, const T* lora_b, unsigned lora_rank, float lora_alpha): packed holds (out·in + 1) / 2
-            // bytes, absmax ceil(out·in / blocksize) f32, x m·in and y m·out elements with m ≤ GEMV_MAX_ROWS and m
-            // ≤ the vector kernel's rows (asserted, gemv_rows), on this device; the vector kernels only when in % 32
-            // == 0 and packed and x are 16-byte aligned (every row of x then is too), with blocks of 32 to 32 ·
-            // GEMV_MAX_WARPS threads (gemv_warps) and one block per rows_per_block rows; the scalar kernel with
-            // blocks of BLOCK threads, a multiple of 32. With rank > 0, lora_u[k·ldu + j] (k < m, j < rank) and
-            // lora_b[o·rank + j] (o < out) lie inside U and B (asserted); with rank 0 neither is read.
-            unsafe {
-                launch!(dev, Module::Nf4, plain, cfg; pp, pa, px, py, m32, out32, in32, log2, pu, ldu, pl, rank, alpha)
-            }
-        }
-        Nf4Scales::Nested { qabsmax, absmax2, code2, offset } => {
-            let (pq, p2, pc) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr());
-            // SAFETY: nf4_gemv_{,scalar_}nested_…_T(packed, const unsigned char* qabsmax, const float* absmax2,
-            // const float* code2, float offset, x, y, m, out, in, log2_blocksize): as above, with qabsmax one byte
-            // per block, absmax2 one f32 per 256 of them and code2 256 f32 (asserted; every byte indexes code2 in
-            // range).
-            unsafe {
-                launch!(dev, Module::Nf4, nested, cfg; pp, pq, p2, pc, offset, px, py, m32, out32, in32, log2, pu, ldu,
-                    pl, rank, alpha)
-            }
-        }
+    let mut g = GemvMembers { count: members.len() as u32, ..GemvMembers::default() };
+    let mut blocks = 0usize;
+    for (slot, member) in g.w.iter_mut().zip(members) {
+        blocks += (member.out_f as usize).div_ceil(rows_per_block);
+        *slot = GemvMember { blocks_end: u32_arg("nf4_gemv: blocks", blocks), ..member };
     }
+    let grid = g.w[g.count as usize - 1].blocks_end;
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let kernel = if nested { names.1 } else { names.0 };
+    let (px, m32, in32, log2) = (x.ptr(), m as u32, u32_arg("nf4_gemv: in", in_f), blocksize.trailing_zeros());
+    // SAFETY: nf4_gemv_{,nested_}{m1,m2,m4,m8}_T and nf4_gemv_scalar{,_nested}_T(GemvMembers g, const T* x, unsigned
+    // m, unsigned in, unsigned log2_blocksize): every member's packed bytes, scales (plain: absmax f32 per block;
+    // nested: qabsmax, absmax2, code2) and y of m·out elements were checked against its [out, in] (weight_device,
+    // nf4_gemv), on x's device, and its LoRA U and B against m, out and rank (gemv_member); m ≤ GEMV_MAX_ROWS and ≤
+    // the vector kernel's rows (gemv_rows); the grid is the members' blocks end to end (blocks_end), each block
+    // touching only its member's rows; the vector kernels only when in % 32 == 0 and packed and x are 16-byte aligned,
+    // with blocks of 32 to 32 · GEMV_MAX_WARPS threads (gemv_warps); the scalar kernels one member at a time with
+    // blocks of BLOCK threads, a warp per row.
+    unsafe { launch!(x.device(), Module::Nf4, kernel, cfg; g, px, m32, in32, log2) }
 }
 
 /// qabsmax: \[nb\] u8, absmax2: [ceil(nb / 256)] f32, code2: \[256\] f32 → out: \[nb\] f32 = code2\[q\]·absmax2 + offset
