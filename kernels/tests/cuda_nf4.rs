@@ -100,14 +100,21 @@ struct Case {
 struct Uploaded {
     packed: DeviceBuffer<u8>,
     absmax: DeviceBuffer<f32>,
-    nested: Option<(DeviceBuffer<u8>, DeviceBuffer<f32>, DeviceBuffer<f32>, f32)>,
+    nested: Option<NestedOnDevice>,
+}
+
+struct NestedOnDevice {
+    q: DeviceBuffer<u8>,
+    absmax2: DeviceBuffer<f32>,
+    code2: DeviceBuffer<f32>,
+    offset: f32,
 }
 
 impl Uploaded {
     fn scales(&self) -> Nf4Scales<'_> {
         match &self.nested {
             None => Nf4Scales::Absmax(&self.absmax),
-            Some((qabsmax, absmax2, code2, offset)) => Nf4Scales::Nested { qabsmax, absmax2, code2, offset: *offset },
+            Some(n) => Nf4Scales::Nested { qabsmax: &n.q, absmax2: &n.absmax2, code2: &n.code2, offset: n.offset },
         }
     }
 }
@@ -149,8 +156,12 @@ impl Case {
     }
 
     fn upload(&self, dev: &CudaDevice) -> Uploaded {
-        let nested =
-            self.nested.as_ref().map(|n| (upload(dev, &n.q), upload(dev, &n.absmax2), upload(dev, &n.code2), n.offset));
+        let nested = self.nested.as_ref().map(|n| NestedOnDevice {
+            q: upload(dev, &n.q),
+            absmax2: upload(dev, &n.absmax2),
+            code2: upload(dev, &n.code2),
+            offset: n.offset,
+        });
         Uploaded { packed: upload(dev, &self.packed), absmax: upload(dev, &self.absmax), nested }
     }
 

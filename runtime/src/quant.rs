@@ -37,6 +37,16 @@ impl LoraUp<'_> {
     }
 }
 
+/// A [`LoraUp`] as the GEMV kernels read it: U's storage from the view's first element with rows `ldu` apart, B
+/// whole, both in x's dtype.
+struct DeviceLora {
+    u: Tensor,
+    u_offset: usize,
+    ldu: usize,
+    b: Tensor,
+    alpha: f64,
+}
+
 /// The per-block scales of an NF4 weight.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Absmax {
@@ -461,7 +471,7 @@ impl Nf4Weight {
                         }
                         _ => (crate::cuda::contiguous(&u)?, 0, rank),
                     };
-                    Some((u, offset, ldu, crate::cuda::to_dtype(l.b, dtype)?, l.alpha))
+                    Some(DeviceLora { u, u_offset: offset, ldu, b: crate::cuda::to_dtype(l.b, dtype)?, alpha: l.alpha })
                 }
                 None => None,
             });
@@ -471,7 +481,7 @@ impl Nf4Weight {
         fn go<T: CudaElement + qlora_kernels::cuda::GpuFloat>(
             dev: &qlora_kernels::cuda::CudaDevice,
             members: &[(&Nf4Weight, Option<LoraUp<'_>>)],
-            loras: &[Option<(Tensor, usize, usize, Tensor, f64)>],
+            loras: &[Option<DeviceLora>],
             x: &Tensor,
             rows: usize,
         ) -> Result<Vec<Tensor>> {
@@ -493,13 +503,13 @@ impl Nf4Weight {
                         gnf4::GemvWeight {
                             packed: buf(&d.packed),
                             scales: d.scales(),
-                            lora: lora.as_ref().map(|(u, u_offset, ldu, b, alpha)| gnf4::GemvLora {
-                                u: buf::<T>(u),
-                                u_offset: *u_offset,
-                                ldu: *ldu,
-                                b: buf::<T>(b),
-                                rank: b.shape()[1],
-                                alpha: *alpha as f32,
+                            lora: lora.as_ref().map(|l| gnf4::GemvLora {
+                                u: buf::<T>(&l.u),
+                                u_offset: l.u_offset,
+                                ldu: l.ldu,
+                                b: buf::<T>(&l.b),
+                                rank: l.b.shape()[1],
+                                alpha: l.alpha as f32,
                             }),
                             y,
                         }
