@@ -250,7 +250,7 @@ pub fn nf4_gemv<T: GpuFloat>(
     assert!(in_f > 0 && x.len() % in_f == 0, "nf4_gemv: x of {} values for rows of {in_f}", x.len());
     let m = x.len() / in_f;
     assert!((1..=GEMV_MAX_ROWS).contains(&m), "nf4_gemv: {m} rows of x (1 to {GEMV_MAX_ROWS})");
-    let mut launches: Vec<(bool, Vec<GemvMember>)> = Vec::new();
+    let mut launches: Vec<GemvLaunch> = Vec::new();
     for w in weights.iter_mut() {
         assert_eq!(w.y.len() % m, 0, "nf4_gemv: y of {} values for {m} rows", w.y.len());
         let out_f = w.y.len() / m;
@@ -260,20 +260,18 @@ pub fn nf4_gemv<T: GpuFloat>(
             continue;
         }
         let vector = in_f % 32 == 0 && aligned16(&[w.packed.ptr(), x.ptr()]);
-        let member = gemv_member(w, m, out_f);
         let nested = matches!(w.scales, Nf4Scales::Nested { .. });
+        let member = gemv_member(w, m, out_f);
         match launches.last_mut() {
-            Some((n, members))
-                if vector && *n == nested && members.len() < GEMV_MEMBERS && members[0].blocks_end > 0 =>
-            {
-                members.push(member)
+            // The scalar kernels take each weight alone.
+            Some(l) if vector && l.vector && l.nested == nested && l.members.len() < GEMV_MEMBERS => {
+                l.members.push(member)
             }
-            // The scalar path launches each weight alone (blocks_end 0 marks it).
-            _ => launches.push((nested, vec![GemvMember { blocks_end: u32::from(vector), ..member }])),
+            _ => launches.push(GemvLaunch { nested, vector, members: vec![member] }),
         }
     }
-    for (nested, members) in launches {
-        gemv_launch::<T>(x, nested, members, in_f, blocksize)?;
+    for launch in launches {
+        gemv_launch::<T>(x, launch, in_f, blocksize)?;
     }
     Ok(())
 }
@@ -309,16 +307,18 @@ fn gemv_member<T: GpuFloat>(w: &mut GemvWeight<'_, T>, m: usize, out_f: usize) -
     member
 }
 
-/// One launch over `members` (one member with blocks_end 0: the scalar kernel), their blocks laid end to end.
-fn gemv_launch<T: GpuFloat>(
-    x: &DeviceBuffer<T>,
+/// The weights one launch of [`nf4_gemv`] takes: one kind of scales, on the vector kernels (up to [`GEMV_MEMBERS`])
+/// or the scalar ones (one).
+struct GemvLaunch {
     nested: bool,
+    vector: bool,
     members: Vec<GemvMember>,
-    in_f: usize,
-    blocksize: usize,
-) -> Result<()> {
+}
+
+/// One launch over its members, their blocks laid end to end.
+fn gemv_launch<T: GpuFloat>(x: &DeviceBuffer<T>, launch: GemvLaunch, in_f: usize, blocksize: usize) -> Result<()> {
+    let GemvLaunch { nested, vector, members } = launch;
     let m = x.len() / in_f;
-    let vector = members[0].blocks_end > 0;
     let (rows, rows_per_block) = gemv_rows(m);
     let (names, threads, rows_per_block) = if vector {
         (gemv_vector_kernels::<T>(rows), 32 * gemv_warps(in_f) as u32, rows_per_block)

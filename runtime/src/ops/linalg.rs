@@ -109,6 +109,15 @@ fn gpu_operand(g: &Gpu, t: &Tensor, batch: usize) -> Result<(Tensor, Reading, us
     Ok((g.input(t)?, Reading::packed(t, batch), 0))
 }
 
+/// Where a 2-D CUDA tensor's rows lie in its storage when a kernel can read them in place, as GEMM reads an operand
+/// ([`Reading::in_place`], not transposed): (element offset of the first row, row stride); None when it must be
+/// copied. A column block of a wider matrix (a LoRA group's U) qualifies.
+pub(crate) fn rows_in_place(t: &Tensor) -> Option<(usize, usize)> {
+    let crate::tensor::Storage::Cuda(s) = t.storage() else { return None };
+    let offset = t.layout().offset();
+    Reading::in_place(t, 1, s.len().saturating_sub(offset)).filter(|r| !r.trans).map(|r| (offset, r.ld))
+}
+
 /// One product's dimensions.
 #[derive(Clone, Copy)]
 struct Dims {

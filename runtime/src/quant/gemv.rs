@@ -4,6 +4,7 @@
 
 use super::{Nf4Weight, GEMV_MAX_ROWS};
 use crate::cuda::{buf, output};
+use crate::ops::linalg::rows_in_place;
 use crate::storage::CudaElement;
 use crate::transfer::cuda_device;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -81,7 +82,7 @@ impl Nf4Weight {
             if let Some(&(w, _)) = members.iter().find(|(w, _)| w.device.is_some()) {
                 return Err(Error::DeviceMismatch { op: OP, a: device, b: w.device() });
             }
-            return members.iter().map(|&(w, lora)| w.gemv_cpu(x, lora, rows)).collect();
+            return members.iter().zip(&ranks).map(|(&(w, lora), &rank)| w.gemv_cpu(x, lora, rows, rank)).collect();
         }
         for &(w, lora) in members {
             let operands = [Some(x), lora.map(|l| l.u), lora.map(|l| l.b)];
@@ -104,12 +105,9 @@ impl Nf4Weight {
             loras.push(match lora {
                 Some(l) => {
                     let u = if l.u.dtype() == dtype { l.u.clone() } else { crate::cuda::to_dtype(l.u, dtype)? };
-                    let (u, offset, ldu) = match *u.layout().strides() {
-                        [ldu, 1] if ldu >= rank || rows == 1 => {
-                            let offset = u.layout().offset();
-                            (u, offset, ldu)
-                        }
-                        _ => (crate::cuda::contiguous(&u)?, 0, rank),
+                    let (u, offset, ldu) = match rows_in_place(&u) {
+                        Some((offset, ldu)) => (u, offset, ldu),
+                        None => (crate::cuda::contiguous(&u)?, 0, rank),
                     };
                     Some(DeviceLora { u, u_offset: offset, ldu, b: crate::cuda::to_dtype(l.b, dtype)?, alpha: l.alpha })
                 }
@@ -166,14 +164,13 @@ impl Nf4Weight {
         }
     }
 
-    /// [`Nf4Weight::gemv`] on the host: the reference.
-    fn gemv_cpu(&self, x: &Tensor, lora: Option<LoraUp<'_>>, rows: usize) -> Result<Tensor> {
+    /// [`Nf4Weight::gemv`] on the host (LoRA of `rank`, checked): the reference.
+    fn gemv_cpu(&self, x: &Tensor, lora: Option<LoraUp<'_>>, rows: usize, rank: usize) -> Result<Tensor> {
         let [out_f, in_f] = self.shape;
         let (u, b) = match lora {
             Some(l) => (l.u.to_vec::<f32>(), l.b.to_vec::<f32>()),
             None => (Vec::new(), Vec::new()),
         };
-        let rank = b.len() / out_f.max(1);
         let cpu_lora = lora.map(|l| nf4::GemvLora { u: &u, ldu: rank, b: &b, rank, alpha: l.alpha as f32 });
         let mut y = vec![0f32; rows * out_f];
         let (packed, absmax, bs) = (&self.packed, self.absmax.resolve(), self.blocksize);
