@@ -71,10 +71,14 @@ template <typename T> __device__ __forceinline__ void store16(T* out, unsigned b
 }
 
 // One f32 absmax per block, as stored.
+// raw(block) is what the GEMV prefetches (loads only: nothing that waits on them), value(raw) the absmax from it.
 struct Absmax {
     const float* __restrict__ absmax;
+    using Raw = float;
     __device__ void stage() {}
-    __device__ float operator()(u64 block) const { return absmax[block]; }
+    __device__ Raw raw(u64 block) const { return absmax[block]; }
+    __device__ float value(Raw r) const { return r; }
+    __device__ float operator()(u64 block) const { return value(raw(block)); }
 };
 
 // A double-quantized absmax: block b's is ftz(code2[qabsmax[b]] · absmax2[b / 256]) + offset, each step rounded on
@@ -91,9 +95,13 @@ struct NestedAbsmax {
         for (unsigned i = threadIdx.x; i < 256; i += blockDim.x) staged[i] = code2[i];
         code2 = staged;
     }
-    __device__ float operator()(u64 block) const {
-        return __fadd_rn(flush_subnormal(__fmul_rn(code2[qabsmax[block]], absmax2[block / NESTED_BLOCKSIZE])), offset);
-    }
+    struct Raw {
+        unsigned q;
+        float absmax2;
+    };
+    __device__ Raw raw(u64 block) const { return Raw{qabsmax[block], absmax2[block / NESTED_BLOCKSIZE]}; }
+    __device__ float value(Raw r) const { return __fadd_rn(flush_subnormal(__fmul_rn(code2[r.q], r.absmax2)), offset); }
+    __device__ float operator()(u64 block) const { return value(raw(block)); }
 };
 
 // packed: [(n + 1) / 2] u8, scales: one absmax per 2^log2_blocksize elements → out: [n]. Elements below n_vec (a
@@ -405,6 +413,217 @@ __device__ void nf4_gemv_scalar(const unsigned char* __restrict__ packed, Scales
     }
 }
 
+// The rows kernels (m ≤ 2; kernels/NOTES.md "NF4 GEMV", the rows kernel): a warp owns R rows of W and walks all of
+// their 1024-column steps, the next step's weights and scales in flight while it sums the current one, so the fixed
+// costs (tables, barrier, reduction, LoRA term) are paid once per R rows instead of once per step, and the loads
+// never stop while the warp computes. Per packed byte: one PRMT and one LEA make the address of its two codes in a
+// 256-entry table of (code[hi], code[lo]) pairs and one 8-byte LDS reads them (the blocks kernel spends a PRMT and an
+// LDS per element); the table has 16 copies, one per lane of a half-warp (which the hardware serves together for
+// 8-byte reads), so any bytes hit 32 distinct banks. x is staged once per block in shared memory, laid out so that a
+// warp's reads of one word of 8 values are 512 contiguous bytes (conflict-free) instead of global loads 64 bytes
+// apart (half of each sector wasted, measured). Sums: two f32 chains per row of W and of x (even and odd elements),
+// then a fixed xor-shuffle tree: the same bits run to run.
+constexpr unsigned GEMV_ROWS_WARPS = 8;   // warps per block of the rows kernels
+constexpr unsigned GEMV_PAIR_COPIES = 16;
+
+// Entry (v, c) = (code[v >> 4], code[v & 15]) for packed byte v, copy c: element order is the high nibble first.
+__device__ __forceinline__ void stage_code_pairs(float2 (&pairs)[256 * GEMV_PAIR_COPIES]) {
+    for (unsigned i = threadIdx.x; i < 256 * GEMV_PAIR_COPIES / 2; i += blockDim.x) {
+        const unsigned v = i / (GEMV_PAIR_COPIES / 2);
+        const float hi = NF4_CODE[v >> 4], lo = NF4_CODE[v & 15];
+        reinterpret_cast<float4*>(pairs)[i] = make_float4(hi, lo, hi, lo);
+    }
+}
+
+// 16-byte units of x per 8 values: 1 (bf16), 2 (f32).
+template <typename T> __device__ __forceinline__ constexpr unsigned x_units() { return sizeof(T) / 2; }
+
+// Unit u of the 8 values of word j (columns 8j..8j+7 of the lane's 32) of row k of x, for the lane's columns in step
+// `step` (steps per row: `steps`): one index per unit, the warp's 32 lanes adjacent.
+template <typename T>
+__device__ __forceinline__ unsigned x_unit(unsigned k, unsigned steps, unsigned step, unsigned j, unsigned u,
+                                           unsigned lane) {
+    return (((k * steps + step) * 4 + j) * x_units<T>() + u) * 32 + lane;
+}
+
+// Rows 0..M-1 of x (row k past m repeats row m - 1) into `xs` as x_unit lays them out.
+template <typename T, unsigned M>
+__device__ __forceinline__ void stage_x(uint4* xs, const T* __restrict__ x, unsigned m, unsigned in_f, unsigned steps) {
+    const unsigned units = in_f / 8 * x_units<T>();  // per row of x
+    for (unsigned i = threadIdx.x; i < M * units; i += blockDim.x) {
+        const unsigned k = i / units, unit = i % units;
+        const unsigned col = unit / x_units<T>() * 8, u = unit % x_units<T>();
+        xs[x_unit<T>(k, steps, col / GEMV_STEP, col % 32 / 8, u, col % GEMV_STEP / 32)] =
+            ld_u4(x + static_cast<u64>(min(k, m - 1)) * in_f + col + 4 * u);
+    }
+}
+
+template <typename T> __device__ __forceinline__ Raw8<T> x_word(const uint4* xs, unsigned unit0);
+template <> __device__ __forceinline__ Raw8<bf16> x_word<bf16>(const uint4* xs, unsigned unit0) {
+    return Raw8<bf16>{xs[unit0]};
+}
+template <> __device__ __forceinline__ Raw8<float> x_word<float>(const uint4* xs, unsigned unit0) {
+    return Raw8<float>{xs[unit0], xs[unit0 + 32]};
+}
+
+// A warp's prefetched step: R rows' 16 packed bytes and raw scales; `col` the lane's first column, in_f when the
+// lane's columns are past the row.
+template <unsigned R, typename Scales> struct GemvRowLoads {
+    uint4 w[R];
+    typename Scales::Raw absmax[R];
+    unsigned col;
+};
+
+template <unsigned R, typename Scales>
+__device__ __forceinline__ GemvRowLoads<R, Scales> gemv_row_load(const unsigned char* __restrict__ packed,
+                                                                 const Scales& scales, unsigned o0, unsigned out_f,
+                                                                 unsigned in_f, unsigned log2_blocksize, unsigned step) {
+    GemvRowLoads<R, Scales> l;
+    const unsigned c = step * GEMV_STEP + 32 * (threadIdx.x % 32);
+    l.col = c < in_f ? c : in_f;
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+        l.w[r] = make_uint4(0, 0, 0, 0);
+        l.absmax[r] = typename Scales::Raw{};
+        if (l.col < in_f) {
+            // Rows past the weight repeat its last one (read, never written).
+            const u64 e = static_cast<u64>(min(o0 + r, out_f - 1)) * in_f + c;
+            l.w[r] = ld_stream16(packed + e / 2);
+            l.absmax[r] = scales.raw(e >> log2_blocksize);
+        }
+    }
+    return l;
+}
+
+// The codes of packed byte b of `word` from the lane's copy of the pair table (`pairs`: its shared address): the byte
+// alone (PRMT), times the 128 bytes of an entry plus the copy's address (one IMAD), one 8-byte LDS. Written out in
+// PTX because the compiler, given an array index, multiplies twice (entry, then element size).
+__device__ __forceinline__ float2 code_pair(unsigned pairs, unsigned word, unsigned b) {
+    float2 c;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                 : "=f"(c.x), "=f"(c.y)
+                 : "r"(pairs + __byte_perm(word, 0, 0x4440 + b) * (GEMV_PAIR_COPIES * 8)));
+    return c;
+}
+
+__device__ __forceinline__ unsigned word_of(const uint4& w, unsigned j) {
+    return j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w;
+}
+
+// sum[r][k][e] += Σ over the lane's 32 columns of step `step` (e: even or odd elements) of code·x, or of the twin's
+// flushed code·absmax·x for EXACT rows (a template, so that the common path carries no per-element select).
+template <bool EXACT, typename T, unsigned M, unsigned R>
+__device__ __forceinline__ void gemv_rows_step(unsigned pairs, const uint4* xs, unsigned steps, unsigned step,
+                                               const uint4 (&w)[R], const float (&absmax)[R], const bool (&exact)[R],
+                                               float (&acc)[R][M]) {
+    const unsigned lane = threadIdx.x % 32;
+    float sum[R][M][2];
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) sum[r][k][0] = sum[r][k][1] = 0.0f;
+    }
+#pragma unroll
+    for (unsigned j = 0; j < 4; ++j) {
+        float xv[M][8];
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) unpack8(x_word<T>(xs, x_unit<T>(k, steps, step, j, 0, lane)), xv[k]);
+#pragma unroll
+        for (unsigned r = 0; r < R; ++r) {
+            const unsigned word = word_of(w[r], j);
+#pragma unroll
+            for (unsigned b = 0; b < 4; ++b) {
+                float2 c = code_pair(pairs, word, b);
+                if (EXACT && exact[r]) {
+                    c.x = flush_subnormal(__fmul_rn(c.x, absmax[r]));
+                    c.y = flush_subnormal(__fmul_rn(c.y, absmax[r]));
+                }
+#pragma unroll
+                for (unsigned k = 0; k < M; ++k) {
+                    sum[r][k][0] = fmaf(c.x, xv[k][2 * b], sum[r][k][0]);
+                    sum[r][k][1] = fmaf(c.y, xv[k][2 * b + 1], sum[r][k][1]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) {
+            const float s = sum[r][k][0] + sum[r][k][1];
+            acc[r][k] = EXACT && exact[r] ? acc[r][k] + s : fmaf(absmax[r], s, acc[r][k]);
+        }
+    }
+}
+
+// The rows path: in % 32 == 0, packed and x 16-byte aligned, blocks of 32·GEMV_ROWS_WARPS threads; warp w of block
+// `block` owns rows R·(GEMV_ROWS_WARPS·block + w)... of W. Dynamic shared memory: M·steps·1024 values of x.
+template <typename T, typename Scales, unsigned M, unsigned R>
+__device__ void nf4_gemv_rows(const unsigned char* __restrict__ packed, Scales scales, const T* __restrict__ x,
+                              T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
+                              GemvLora<T> lora, unsigned block) {
+    __shared__ float2 pairs[256 * GEMV_PAIR_COPIES];
+    extern __shared__ uint4 xs[];
+    const unsigned lane = threadIdx.x % 32, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
+    const unsigned o0 = (block * GEMV_ROWS_WARPS + threadIdx.x / 32) * R;
+    // The first step's loads go out before the block stages its tables and x and waits for them.
+    GemvRowLoads<R, Scales> cur = gemv_row_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, 0);
+    stage_code_pairs(pairs);
+    stage_x<T, M>(xs, x, m, in_f, steps);
+    scales.stage();
+    __syncthreads();
+    if (o0 >= out_f) return;  // the member's last block: warps past its rows
+    // The lane's copy of the pair table, as a shared-window address.
+    const unsigned lane_pairs =
+        static_cast<unsigned>(__cvta_generic_to_shared(pairs)) + 8 * (lane % GEMV_PAIR_COPIES);
+    float acc[R][M];
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) acc[r][k] = 0.0f;
+    }
+    for (unsigned step = 0; step < steps; ++step) {
+        GemvRowLoads<R, Scales> next;
+        if (step + 1 < steps) next = gemv_row_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, step + 1);
+        if (cur.col < in_f) {
+            float absmax[R];
+            bool exact[R], any = false;
+#pragma unroll
+            for (unsigned r = 0; r < R; ++r) {
+                absmax[r] = scales.value(cur.absmax[r]);
+                const float a = fabsf(absmax[r]);
+                exact[r] = !(a >= GEMV_SAFE_ABSMAX && a <= 3.40282347e38f);
+                any |= exact[r];
+            }
+            if (any) {
+                gemv_rows_step<true, T, M, R>(lane_pairs, xs, steps, step, cur.w, absmax, exact, acc);
+            } else {
+                gemv_rows_step<false, T, M, R>(lane_pairs, xs, steps, step, cur.w, absmax, exact, acc);
+            }
+        }
+        cur = next;
+    }
+    // LoRA's up-projection spread over the lanes (lane j takes rank index j, j + 32, …), then one tree for both.
+    float out = 0.0f;
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+        const unsigned o = min(o0 + r, out_f - 1);
+#pragma unroll
+        for (unsigned k = 0; k < M; ++k) {
+            float s = acc[r][k];
+            if (lora.rank != 0) {
+                const T* uk = lora.u + static_cast<u64>(min(k, m - 1)) * lora.ldu;
+                const T* bo = lora.b + static_cast<u64>(o) * lora.rank;
+                for (unsigned j = lane; j < lora.rank; j += 32) s = fmaf(lora.alpha * to_f32(uk[j]), to_f32(bo[j]), s);
+            }
+            for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+            if (lane == r * M + k) out = s;
+        }
+    }
+    const unsigned r = lane / M, k = lane % M;
+    if (lane < R * M && o0 + r < out_f && k < m) y[static_cast<u64>(k) * out_f + o0 + r] = from_f32<T>(out);
+}
+
 // One weight of a GEMV launch (kernels/src/cuda/nf4.rs `GemvMember`, the same layout). A launch takes up to
 // GEMV_MEMBERS weights that read the same x, a projection group (q/k/v, gate/up), the blocks of weight i after those
 // of weight i - 1: one launch's latency and ramp instead of one per weight, and the small weights (k/v_proj) fill the
@@ -476,6 +695,22 @@ extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_f32(NF4_GEM
 extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m4_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(4), T, S); }
 extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(8), T, S); }
 extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nested_m8_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_VECTOR(8), T, S); }
+
+// The rows kernels: R rows of W per warp (2 or 4 for one row of x, 2 for two), at most 85 registers (3 blocks of 256
+// threads per multiprocessor).
+#define NF4_GEMV_ROWS_PATH(M, R) nf4_gemv_rows<T, S, M, R>
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_rows2_m1_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(1, 2), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_rows2_m1_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(1, 2), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_rows4_m1_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(1, 4), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_rows4_m1_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(1, 4), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_rows2_m2_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(2, 2), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_rows2_m2_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = Absmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(2, 2), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_rows2_nested_m1_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(1, 2), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_rows2_nested_m1_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(1, 2), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_rows4_nested_m1_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(1, 4), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_rows4_nested_m1_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(1, 4), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_rows2_nested_m2_f32(NF4_GEMV_ARGS(float)) { using T = float; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(2, 2), T, S); }
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_rows2_nested_m2_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; using S = NestedAbsmax; NF4_GEMV_MEMBER(NF4_GEMV_ROWS_PATH(2, 2), T, S); }
 
 extern "C" __global__ void nf4_gemv_scalar_f32(NF4_GEMV_ARGS(float)) { using T = float; NF4_GEMV_MEMBER(nf4_gemv_scalar, T, Absmax); }
 extern "C" __global__ void nf4_gemv_scalar_bf16(NF4_GEMV_ARGS(bf16)) { using T = bf16; NF4_GEMV_MEMBER(nf4_gemv_scalar, T, Absmax); }

@@ -109,6 +109,26 @@ fn grid_for(n: usize) -> u32 {
     n.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32
 }
 
+/// Lets `kernel` take `bytes` of dynamic shared memory, past the 48 KiB a launch gets by default.
+pub(crate) fn allow_smem(dev: &CudaDevice, module: source::Module, kernel: &'static str, bytes: u32) -> Result<()> {
+    // The attribute stays on the function, which lives as long as its device (opened once per process): set once
+    // per (device, kernel) and raised only if a launch asks for more, not by a driver call before every launch (a
+    // decode step launches attention once per layer).
+    type Key = (usize, &'static str);
+    static ALLOWED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<Key, u32>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut allowed = ALLOWED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let key = (dev.ordinal(), kernel);
+    if allowed.get(&key).is_some_and(|&set| set >= bytes) {
+        return Ok(());
+    }
+    dev.function(module, kernel)?
+        .set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .map_err(Error::driver("cuFuncSetAttribute"))?;
+    allowed.insert(key, bytes);
+    Ok(())
+}
+
 /// Blocks of `threads` threads of `kernel` that the GPU holds at once, its registers and shared memory permitting:
 /// the grid of a kernel that loops over its work in one wave (a second, partial wave would double the time of the
 /// blocks in it).

@@ -5,8 +5,8 @@
 
 use super::source::Module;
 use super::{
-    aligned16, config, grid_for, kernel, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, DeviceCopy, GpuFloat,
-    Result, BLOCK,
+    aligned16, allow_smem, config, grid_for, kernel, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, DeviceCopy,
+    GpuFloat, Result, BLOCK,
 };
 use crate::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
 use cudarc::driver::DeviceRepr;
@@ -167,6 +167,42 @@ fn gemv_warps(in_f: usize) -> usize {
     steps.div_ceil(steps.div_ceil(GEMV_MAX_WARPS))
 }
 
+/// Warps per block of the rows kernels (`GEMV_ROWS_WARPS` in nf4.cu).
+const GEMV_ROWS_WARPS: usize = 8;
+
+/// Which kernels an [`nf4_gemv_with`] call takes for rows of x the rows kernels serve (m ≤ 2); a test and
+/// measurement hook: every other caller wants [`GemvKernel::Fastest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// The rows kernels, with the rows of W per warp chosen by [`gemv_rows_per_warp`].
+    Fastest,
+    /// The rows kernels with this many rows of W per warp: 2, or 4 (one row of x only).
+    Rows(usize),
+    /// The blocks kernels, which split a row's steps over the warps of a block.
+    Blocks,
+}
+
+/// Rows of W per warp of the rows kernels for `rows` rows of W in a launch (all its members) and m rows of x:
+/// 4 when that still gives every multiprocessor ~16 warps (2 blocks of 8), else 2; 2 for two rows of x.
+fn gemv_rows_per_warp(dev: &CudaDevice, m: usize, rows: usize) -> usize {
+    let warps_at_four = rows.div_ceil(4);
+    if m == 1 && warps_at_four * 4 >= dev.resident_threads() / 32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// The rows kernels' names: (plain absmax, nested absmax) for m rows of x and `per_warp` rows of W per warp.
+fn gemv_rows_kernels<T: GpuFloat>(m: usize, per_warp: usize) -> (&'static str, &'static str) {
+    match (m, per_warp) {
+        (1, 2) => (kernel!("nf4_gemv_rows2_m1", T), kernel!("nf4_gemv_rows2_nested_m1", T)),
+        (1, 4) => (kernel!("nf4_gemv_rows4_m1", T), kernel!("nf4_gemv_rows4_nested_m1", T)),
+        (2, 2) => (kernel!("nf4_gemv_rows2_m2", T), kernel!("nf4_gemv_rows2_nested_m2", T)),
+        _ => panic!("nf4_gemv: no rows kernel for {m} rows of x and {per_warp} rows of W per warp"),
+    }
+}
+
 /// The vector kernels' names: (plain absmax, nested absmax) for `rows` rows of x.
 fn gemv_vector_kernels<T: GpuFloat>(rows: usize) -> (&'static str, &'static str) {
     match rows {
@@ -247,6 +283,17 @@ pub fn nf4_gemv<T: GpuFloat>(
     x: &DeviceBuffer<T>,
     in_f: usize,
 ) -> Result<()> {
+    nf4_gemv_with(weights, blocksize, x, in_f, GemvKernel::Fastest)
+}
+
+/// [`nf4_gemv`] on the kernels `kernel` names where the shape allows them.
+pub fn nf4_gemv_with<T: GpuFloat>(
+    weights: &mut [GemvWeight<'_, T>],
+    blocksize: usize,
+    x: &DeviceBuffer<T>,
+    in_f: usize,
+    kernel: GemvKernel,
+) -> Result<()> {
     assert!(in_f > 0 && x.len() % in_f == 0, "nf4_gemv: x of {} values for rows of {in_f}", x.len());
     let m = x.len() / in_f;
     assert!((1..=GEMV_MAX_ROWS).contains(&m), "nf4_gemv: {m} rows of x (1 to {GEMV_MAX_ROWS})");
@@ -271,7 +318,7 @@ pub fn nf4_gemv<T: GpuFloat>(
         }
     }
     for launch in launches {
-        gemv_launch::<T>(x, launch, in_f, blocksize)?;
+        gemv_launch::<T>(x, launch, in_f, blocksize, kernel)?;
     }
     Ok(())
 }
@@ -316,11 +363,27 @@ struct GemvLaunch {
 }
 
 /// One launch over its members, their blocks laid end to end.
-fn gemv_launch<T: GpuFloat>(x: &DeviceBuffer<T>, launch: GemvLaunch, in_f: usize, blocksize: usize) -> Result<()> {
+fn gemv_launch<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    launch: GemvLaunch,
+    in_f: usize,
+    blocksize: usize,
+    kernel: GemvKernel,
+) -> Result<()> {
     let GemvLaunch { nested, vector, members } = launch;
-    let m = x.len() / in_f;
-    let (rows, rows_per_block) = gemv_rows(m);
-    let (names, threads, rows_per_block) = if vector {
+    let (dev, m) = (x.device(), x.len() / in_f);
+    let rows_kernels = vector && m <= 2 && kernel != GemvKernel::Blocks;
+    // The rows kernels stage x in shared memory: 1024 values per row of x and step of the rows.
+    let mut smem = 0u32;
+    let (names, threads, rows_per_block) = if rows_kernels {
+        let per_warp = match kernel {
+            GemvKernel::Rows(r) => r,
+            _ => gemv_rows_per_warp(dev, m, members.iter().map(|w| w.out_f as usize).sum()),
+        };
+        smem = u32_arg("nf4_gemv: staged x", m * in_f.div_ceil(GEMV_STEP) * GEMV_STEP * size_of::<T>());
+        (gemv_rows_kernels::<T>(m, per_warp), 32 * GEMV_ROWS_WARPS as u32, per_warp * GEMV_ROWS_WARPS)
+    } else if vector {
+        let (rows, rows_per_block) = gemv_rows(m);
         (gemv_vector_kernels::<T>(rows), 32 * gemv_warps(in_f) as u32, rows_per_block)
     } else {
         ((kernel!("nf4_gemv_scalar", T), kernel!("nf4_gemv_scalar_nested", T)), BLOCK, BLOCK as usize / 32)
@@ -332,18 +395,23 @@ fn gemv_launch<T: GpuFloat>(x: &DeviceBuffer<T>, launch: GemvLaunch, in_f: usize
         *slot = GemvMember { blocks_end: u32_arg("nf4_gemv: blocks", blocks), ..member };
     }
     let grid = g.w[g.count as usize - 1].blocks_end;
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
     let kernel = if nested { names.1 } else { names.0 };
+    if smem > 0 {
+        allow_smem(dev, Module::Nf4, kernel, smem)?;
+    }
     let (px, m32, in32, log2) = (x.ptr(), m as u32, u32_arg("nf4_gemv: in", in_f), blocksize.trailing_zeros());
-    // SAFETY: nf4_gemv_{,nested_}{m1,m2,m4,m8}_T and nf4_gemv_scalar{,_nested}_T(GemvMembers g, const T* x, unsigned
-    // m, unsigned in, unsigned log2_blocksize): every member's packed bytes, scales (plain: absmax f32 per block;
-    // nested: qabsmax, absmax2, code2) and y of m·out elements were checked against its [out, in] (weight_device,
-    // nf4_gemv), on x's device, and its LoRA U and B against m, out and rank (gemv_member); m ≤ GEMV_MAX_ROWS and ≤
-    // the vector kernel's rows (gemv_rows); the grid is the members' blocks end to end (blocks_end), each block
-    // touching only its member's rows; the vector kernels only when in % 32 == 0 and packed and x are 16-byte aligned,
-    // with blocks of 32 to 32 · GEMV_MAX_WARPS threads (gemv_warps); the scalar kernels one member at a time with
-    // blocks of BLOCK threads, a warp per row.
-    unsafe { launch!(x.device(), Module::Nf4, kernel, cfg; g, px, m32, in32, log2) }
+    // SAFETY: nf4_gemv_{,nested_}{m1,m2,m4,m8}_T, nf4_gemv_rows{2,4}_{,nested_}m{1,2}_T and
+    // nf4_gemv_scalar{,_nested}_T(GemvMembers g, const T* x, unsigned m, unsigned in, unsigned log2_blocksize): every
+    // member's packed bytes, scales (plain: absmax f32 per block; nested: qabsmax, absmax2, code2) and y of m·out
+    // elements were checked against its [out, in] (weight_device, nf4_gemv), on x's device, and its LoRA U and B
+    // against m, out and rank (gemv_member); m ≤ GEMV_MAX_ROWS and ≤ the vector kernel's rows (gemv_rows) or the
+    // rows kernel's (gemv_rows_kernels: m itself); the grid is the members' blocks end to end (blocks_end), each block
+    // touching only its member's rows; the vector and rows kernels only when in % 32 == 0 and packed and x are
+    // 16-byte aligned, the vector kernels with blocks of 32 to 32 · GEMV_MAX_WARPS threads (gemv_warps), the rows
+    // kernels with blocks of 32 · GEMV_ROWS_WARPS and the shared memory their staged x takes (m rows of whole
+    // steps, allowed above); the scalar kernels one member at a time with blocks of BLOCK threads, a warp per row.
+    unsafe { launch!(dev, Module::Nf4, kernel, cfg; g, px, m32, in32, log2) }
 }
 
 /// qabsmax: \[nb\] u8, absmax2: [ceil(nb / 256)] f32, code2: \[256\] f32 → out: \[nb\] f32 = code2\[q\]·absmax2 + offset

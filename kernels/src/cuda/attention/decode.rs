@@ -4,11 +4,11 @@
 //! and one split of their keys; here the number of splits is chosen and the scratch for their partial results
 //! allocated.
 
-use super::flash::{allow_smem, FlashParams};
+use super::flash::FlashParams;
 use super::Half;
 use crate::attention::AttentionParams;
 use crate::cuda::source::Module;
-use crate::cuda::{launch, resident_blocks_with_smem, u32_arg, CudaDevice, Result};
+use crate::cuda::{allow_smem, launch, resident_blocks_with_smem, u32_arg, CudaDevice, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 /// The most queries per sequence the decode kernels take; [`FlashPath::Fastest`](super::FlashPath::Fastest) runs them

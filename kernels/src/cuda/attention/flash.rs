@@ -1,9 +1,7 @@
 //! The flash kernels' parameters and their launch (which kernel serves a launch is `tables.rs`'s).
 
 use super::{grid, FlashKernel};
-use crate::cuda::source::Module;
-use crate::cuda::{launch, CudaDevice, Error, Result};
-use cudarc::driver::sys::CUfunction_attribute;
+use crate::cuda::{allow_smem, launch, CudaDevice, Result};
 use cudarc::driver::DeviceRepr;
 
 /// flash_common.cuh's `FlashParams`, passed by value: the buffers' device addresses and the geometry.
@@ -57,26 +55,6 @@ pub(super) fn launch(
     // 0..tk; the block size and shared memory are what the kernel's template uses (FLASH and FLASH_SM90, checked
     // against the .cu files' template arguments), and an sm90 kernel is picked only on an sm_90a target.
     unsafe { launch!(dev, module, name, cfg; params) }
-}
-
-/// Lets `kernel` take `bytes` of dynamic shared memory, past the 48 KiB a launch gets by default.
-pub(super) fn allow_smem(dev: &CudaDevice, module: Module, kernel: &'static str, bytes: u32) -> Result<()> {
-    // The attribute stays on the function, which lives as long as its device (opened once per process): set once
-    // per (device, kernel) and raised only if a launch asks for more, not by a driver call before every launch (a
-    // decode step launches attention once per layer).
-    type Key = (usize, &'static str);
-    static ALLOWED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<Key, u32>>> =
-        std::sync::LazyLock::new(Default::default);
-    let mut allowed = ALLOWED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let key = (dev.ordinal(), kernel);
-    if allowed.get(&key).is_some_and(|&set| set >= bytes) {
-        return Ok(());
-    }
-    dev.function(module, kernel)?
-        .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-        .map_err(Error::driver("cuFuncSetAttribute"))?;
-    allowed.insert(key, bytes);
-    Ok(())
 }
 
 #[cfg(test)]
