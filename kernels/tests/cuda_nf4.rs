@@ -2,8 +2,8 @@
 //! random packed bytes and scales: f32, bf16 and f16 outputs; plain and double-quantized absmax; every blocksize;
 //! lengths that exercise the vector path, its tail and odd n; writes into a range of a larger buffer, aligned or not;
 //! and the 14336 × 4096 weight of an 8B model's MLP, which also reports the kernel's bandwidth against a device copy
-//! measured in the same run. Decoding's NF4 GEMV against its CPU twin (within f32 summation error), with a bandwidth
-//! report for an 8B model's three weight shapes at 1 and 8 rows of x.
+//! measured in the same run. Decoding's NF4 GEMV (`kernels/cuda/nf4_gemv.cu`) against its CPU twin (within f32
+//! summation error), with a bandwidth report for an 8B model's three weight shapes at 1, 2 and 8 rows of x.
 //!
 //! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
@@ -289,12 +289,12 @@ fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
     }
 }
 
-/// Decoding's product x·Wᵀ against the CPU twin (which sums exactly in f64): every row count 1 to 8 (the vector
-/// kernels take 1, 2, 4 or 8 rows and leave the rest unwritten); widths on the vector path (in % 32 = 0: one step,
-/// several, a partial last step, 14336's seven warps of two steps, more steps than warps) and off it; row counts that
-/// leave a block's last rows past the weight; plain and nested scales (with zero, subnormal and tiny absmax, which
+/// Decoding's product x·Wᵀ against the CPU twin (which sums exactly in f64): every row count 1 to 8 (the rows
+/// kernels take 1 or 2, the blocks kernels 4 or 8 and leave the rest unwritten); widths on the vector path (in % 32
+/// = 0: one step, several, a partial last step, 14336's seven warps of two steps, more steps than warps) and off it;
+/// row counts that leave a block's or a warp's last rows past the weight; plain and nested scales (with zero, subnormal and tiny absmax, which
 /// take the per-element path); f32 and bf16; several weights in one call (a projection group: weights of one kind of
-/// scales share a launch, up to three). Each output may differ from the exact sum by f32 summation error, at most
+/// scales share a launch, up to three; a rank past 32, which the rows kernels spread over the lanes). Each output may differ from the exact sum by f32 summation error, at most
 /// [`GEMV_SUM`] of Σ|w·x| (the tree's depth times f32's unit roundoff, with margin), plus one rounding of the output
 /// (bf16's 2⁻⁸). With an adapter's up-projection (`lora`: rank, U's row stride, U's first element), alpha·U·Bᵀ is
 /// added before that rounding, its terms counted in the magnitude.
@@ -306,7 +306,6 @@ fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
     in_f: usize,
     m: usize,
     lora: Option<(usize, usize, usize)>,
-    kernel: gnf4::GemvKernel,
     rng: &mut Rng,
 ) {
     let mut randn = |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.normal() as f32)).collect() };
@@ -333,7 +332,7 @@ fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
             y,
         })
         .collect();
-    gnf4::nf4_gemv_with(&mut call, cases[0].blocksize, &upload(dev, &x), in_f, kernel).unwrap();
+    gnf4::nf4_gemv(&mut call, cases[0].blocksize, &upload(dev, &x), in_f).unwrap();
     let output_rounding = if T::NAME == "bf16" { 2f64.powi(-8) } else { 0.0 };
     for ((case, (u, b)), y) in cases.iter().zip(&operands).zip(&ys) {
         let out_f = case.n / in_f;
@@ -352,26 +351,11 @@ fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
                     up + (0..in_f).map(|i| (dense[o * in_f + i] as f64 * xw[r * in_f + i] as f64).abs()).sum::<f64>();
                 let (g, w) = (got[r * out_f + o].to_f32() as f64, want[r * out_f + o] as f64);
                 let bound = GEMV_SUM * magnitude + output_rounding * w.abs();
-                let what = format!(
-                    "{} of {} [{out_f}, {in_f}] m {m} lora {lora:?} {kernel:?} [{}]",
-                    case.what(),
-                    cases.len(),
-                    T::NAME
-                );
+                let what =
+                    format!("{} of {} [{out_f}, {in_f}] m {m} lora {lora:?} [{}]", case.what(), cases.len(), T::NAME);
                 assert!((g - w).abs() <= bound, "{what}: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})");
             }
         }
-    }
-}
-
-/// The kernels an [`gnf4::nf4_gemv_with`] call can take for m rows of x: the rows kernels with each number of rows
-/// of W per warp and the blocks kernels where the rows kernels serve (m ≤ 2), else the one choice.
-fn gemv_kernels(m: usize) -> Vec<gnf4::GemvKernel> {
-    use gnf4::GemvKernel::{Blocks, Fastest, Rows};
-    match m {
-        1 => vec![Fastest, Rows(2), Rows(4), Blocks],
-        2 => vec![Fastest, Blocks],
-        _ => vec![Fastest],
     }
 }
 
@@ -395,10 +379,8 @@ fn nf4_gemv_matches_cpu() {
         for nested in [false, true] {
             let case = Case::new(&mut rng, out_f * in_f, blocksize, nested);
             for m in 1..=gnf4::GEMV_MAX_ROWS {
-                for kernel in gemv_kernels(m) {
-                    gemv_case::<f32>(&dev, &[&case], in_f, m, None, kernel, &mut rng);
-                    gemv_case::<bf16>(&dev, &[&case], in_f, m, None, kernel, &mut rng);
-                }
+                gemv_case::<f32>(&dev, &[&case], in_f, m, None, &mut rng);
+                gemv_case::<bf16>(&dev, &[&case], in_f, m, None, &mut rng);
             }
             // A group: three weights of one kind of scales (one launch), and one of the other kind after two of
             // this kind (two launches); each with a LoRA up-projection on its write: a whole U of rank 16, and
@@ -406,15 +388,11 @@ fn nf4_gemv_matches_cpu() {
             let same = Case::new(&mut rng, 3 * in_f, blocksize, nested);
             let other = Case::new(&mut rng, 2 * in_f, blocksize, !nested);
             for m in [1, 2, 5] {
-                for kernel in gemv_kernels(m) {
-                    gemv_case::<bf16>(&dev, &[&case, &same, &case], in_f, m, None, kernel, &mut rng);
-                }
+                gemv_case::<bf16>(&dev, &[&case, &same, &case], in_f, m, None, &mut rng);
             }
             for (m, lora) in [(1, (16, 16, 0)), (2, (40, 40, 0)), (3, (3, 11, 5)), (8, (16, 48, 16))] {
-                for kernel in gemv_kernels(m) {
-                    gemv_case::<f32>(&dev, &[&case, &same, &other], in_f, m, Some(lora), kernel, &mut rng);
-                    gemv_case::<bf16>(&dev, &[&case, &same, &other], in_f, m, Some(lora), kernel, &mut rng);
-                }
+                gemv_case::<f32>(&dev, &[&case, &same, &other], in_f, m, Some(lora), &mut rng);
+                gemv_case::<bf16>(&dev, &[&case, &same, &other], in_f, m, Some(lora), &mut rng);
             }
         }
     }
@@ -450,25 +428,22 @@ fn nf4_gemv_bandwidth_report() {
         for m in [1, 2, 8] {
             let x = upload(&dev, &vec![bf16::from_f32(0.5); m * in_f]);
             let mut y = dev.alloc::<bf16>(m * out_f).unwrap();
-            for kernel in gemv_kernels(m) {
-                let mut next = 0;
-                let seconds = device_seconds(&dev, copies, || {
-                    let (packed, qabsmax, absmax2) = &weights[next % copies];
-                    next += 1;
-                    let scales = Nf4Scales::Nested { qabsmax, absmax2, code2: &code2, offset: nested.offset };
-                    let mut call = [gnf4::GemvWeight { packed, scales, lora: None, y: &mut y }];
-                    gnf4::nf4_gemv_with(&mut call, blocksize, &x, in_f, kernel).unwrap()
-                });
-                let rate = (weight_bytes + 2 * m * (in_f + out_f)) as f64 / seconds;
-                println!(
-                    "qlora-gpu: nf4_gemv {out_f}x{in_f} m {m} {kernel:?}: {:.2} us, {:.0} GB/s = {:.0}% of the device \
-                     copy's {:.0} GB/s",
-                    seconds * 1e6,
-                    rate / 1e9,
-                    100.0 * rate / copy_rate,
-                    copy_rate / 1e9
-                );
-            }
+            let mut next = 0;
+            let seconds = device_seconds(&dev, copies, || {
+                let (packed, qabsmax, absmax2) = &weights[next % copies];
+                next += 1;
+                let scales = Nf4Scales::Nested { qabsmax, absmax2, code2: &code2, offset: nested.offset };
+                gnf4::nf4_gemv(&mut [gnf4::GemvWeight { packed, scales, lora: None, y: &mut y }], blocksize, &x, in_f)
+                    .unwrap()
+            });
+            let rate = (weight_bytes + 2 * m * (in_f + out_f)) as f64 / seconds;
+            println!(
+                "qlora-gpu: nf4_gemv {out_f}x{in_f} m {m}: {:.2} us, {:.0} GB/s = {:.0}% of the device copy's {:.0} GB/s",
+                seconds * 1e6,
+                rate / 1e9,
+                100.0 * rate / copy_rate,
+                copy_rate / 1e9
+            );
         }
     }
 }

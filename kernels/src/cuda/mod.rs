@@ -123,7 +123,10 @@ pub(crate) fn allow_smem(dev: &CudaDevice, module: source::Module, kernel: &'sta
         return Ok(());
     }
     dev.function(module, kernel)?
-        .set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
         .map_err(Error::driver("cuFuncSetAttribute"))?;
     allowed.insert(key, bytes);
     Ok(())

@@ -1,16 +1,17 @@
 //! The catalogue of CUDA sources: one `kernels/cuda/<op>.cu` per op, embedded in the binary, plus the headers
-//! (`common.cuh`, the flash-attention pieces and templates) spliced in where each source includes them. Entry points, hot
-//! markers and the targets a module compiles for are read off or stated here, so the source is the only list of
-//! kernel names.
+//! (`common.cuh`, NF4's code table and scales, the flash-attention pieces and templates) spliced in where each source
+//! includes them. Entry points, hot markers and the targets a module compiles for are read off or stated here, so the
+//! source is the only list of kernel names.
 
 use super::compile::Target;
 
 /// The headers a `.cu` may include, spliced in place of each `#include "<name>"` line (NVRTC gets one
 /// self-contained source; nvcc finds the headers beside the file); a header's own `#include` lines are not spliced, so
-/// a `.cu` names every header it needs, in order. Every source includes `common.cuh`; the flash modules add
-/// `flash_common.cuh` and the mma.sync templates, the Hopper ones `flash_common.cuh`, the wgmma pieces and templates.
-const HEADERS: [(&str, &str); 6] = [
+/// a `.cu` names every header it needs, in order. Every source includes `common.cuh`; the NF4 modules add
+/// `nf4_common.cuh`, the flash modules `flash_common.cuh` and the mma.sync templates, the Hopper ones `flash_common.cuh`, the wgmma pieces and templates.
+const HEADERS: [(&str, &str); 7] = [
     ("common.cuh", include_str!("../../cuda/common.cuh")),
+    ("nf4_common.cuh", include_str!("../../cuda/nf4_common.cuh")),
     ("flash_common.cuh", include_str!("../../cuda/flash_common.cuh")),
     ("flash_attention.cuh", include_str!("../../cuda/flash_attention.cuh")),
     ("flash_wgmma.cuh", include_str!("../../cuda/flash_wgmma.cuh")),
@@ -32,6 +33,8 @@ pub enum Module {
     Embedding,
     Adamw,
     Nf4,
+    /// Decoding's product with a packed NF4 weight (CPU twin: `nf4::gemv`).
+    Nf4Gemv,
     Matmul,
     Reduce,
     Copy,
@@ -55,7 +58,7 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: [Module; 24] = [
+    pub const ALL: [Module; 25] = [
         Module::Elementwise,
         Module::Activation,
         Module::RmsNorm,
@@ -64,6 +67,7 @@ impl Module {
         Module::Embedding,
         Module::Adamw,
         Module::Nf4,
+        Module::Nf4Gemv,
         Module::Matmul,
         Module::Reduce,
         Module::Copy,
@@ -93,6 +97,7 @@ impl Module {
             Module::Embedding => "embedding",
             Module::Adamw => "adamw",
             Module::Nf4 => "nf4",
+            Module::Nf4Gemv => "nf4_gemv",
             Module::Matmul => "matmul",
             Module::Reduce => "reduce",
             Module::Copy => "copy",
@@ -123,6 +128,7 @@ impl Module {
             Module::Embedding => include_str!("../../cuda/embedding.cu"),
             Module::Adamw => include_str!("../../cuda/adamw.cu"),
             Module::Nf4 => include_str!("../../cuda/nf4.cu"),
+            Module::Nf4Gemv => include_str!("../../cuda/nf4_gemv.cu"),
             Module::Matmul => include_str!("../../cuda/matmul.cu"),
             Module::Reduce => include_str!("../../cuda/reduce.cu"),
             Module::Copy => include_str!("../../cuda/copy.cu"),

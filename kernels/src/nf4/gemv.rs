@@ -1,6 +1,6 @@
 //! The NF4 matrix-vector product of decoding: y = x·Wᵀ for a few rows of x (one per sequence being decoded) against an
 //! NF4 weight W [out, in] read packed, never dequantized whole, the CPU reference of `nf4_gemv` in
-//! `kernels/cuda/nf4.cu`. Each weight is the dequantized value bit for bit (ftz(code · absmax) in f32, as
+//! `kernels/cuda/nf4_gemv.cu`. Each weight is the dequantized value bit for bit (ftz(code · absmax) in f32, as
 //! [`dequantize_nf4`](super::dequantize_nf4) writes it); products and sums run in f64 and are rounded once, so the
 //! GPU's f32 sums in another order are compared against the exact dot product. An adapter's up-projection (LoRA's
 //! s·U·Bᵀ, U = x·Aᵀ computed before) can ride on it, added to the dot product before the one rounding.

@@ -153,7 +153,7 @@ pub fn nf4_num_blocks(n: usize, blocksize: usize) -> usize {
 }
 
 /// One weight of code index `q` (a nibble) in a block of scale `absmax`: `NF4_CODE[q] · absmax` in f32, flushed as
-/// bnb's kernels flush it (`dequantize_one` in `kernels/cuda/nf4.cu`).
+/// bnb's kernels flush it (`dequantize_one` in `kernels/cuda/nf4_common.cuh`).
 #[inline(always)]
 fn nf4_value(q: u8, absmax: f32) -> f32 {
     ftz(NF4_CODE[q as usize] * absmax)
