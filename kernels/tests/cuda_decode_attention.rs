@@ -17,7 +17,7 @@
 
 use half::{bf16, f16};
 use qlora_kernels::attention::{cu_seqlens, AttentionParams};
-use qlora_kernels::cuda::attention::{self as gattn, AttentionFloat, FlashPath, Half as Kernels};
+use qlora_kernels::cuda::attention::{self as gattn, AttentionFloat, FlashPath, ForwardKernels, Half as Kernels};
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer, DeviceCopy};
 use qlora_kernels::nf4::WeightElem;
 use qlora_kernels::testing::attention::{case, finite_lse, AttentionCase, GpuInputs};
@@ -116,7 +116,8 @@ fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &AttentionCase) {
         let plan = gattn::decode_plan(dev, kernels::<T>(), &p, max, c.lens.len(), splits).unwrap();
         let what = format!("{c:?} in {plan:?}");
         let mut got = Outputs::<T>::poisoned(dev, c);
-        gattn::attention_decode_with(splits, &p, &gq, &gk, &gv, cu, max, &mut got.out, &mut got.lse).unwrap();
+        let decode = ForwardKernels::Decode(splits);
+        gattn::attention_forward_with(decode, &p, &gq, &gk, &gv, cu, max, &mut got.out, &mut got.lse).unwrap();
         let host = got.host();
         check::<T>(&format!("{what} vs CPU"), &host, &want);
         check::<T>(&format!("{what} vs the flash kernels"), &host, &flash);
@@ -168,7 +169,8 @@ fn decode_attention_is_deterministic() {
     for splits in SPLITS {
         let run = || {
             let mut o = Outputs::<bf16>::poisoned(&dev, &c);
-            gattn::attention_decode_with(splits, &p, &gq, &gk, &gv, [&gcq, &gck], max, &mut o.out, &mut o.lse).unwrap();
+            let (decode, cu) = (ForwardKernels::Decode(splits), [&gcq, &gck]);
+            gattn::attention_forward_with(decode, &p, &gq, &gk, &gv, cu, max, &mut o.out, &mut o.lse).unwrap();
             o.bits()
         };
         assert_eq!(run(), run(), "two runs with splits {splits:?}");
@@ -212,21 +214,11 @@ fn llama_3_8b_decode_attention_report() {
                     let (k, v) = &caches[next % copies];
                     next += 1;
                     let (cu, max) = ([&gcq, &gck], [1, cache]);
-                    match splits {
-                        None => gattn::attention_forward_with(
-                            FlashPath::FastestFlash,
-                            &p,
-                            &q,
-                            k,
-                            v,
-                            cu,
-                            max,
-                            &mut out,
-                            &mut lse,
-                        ),
-                        Some(n) => gattn::attention_decode_with(Some(n), &p, &q, k, v, cu, max, &mut out, &mut lse),
-                    }
-                    .unwrap()
+                    let kernels = match splits {
+                        None => ForwardKernels::Flash(FlashPath::FastestFlash),
+                        Some(n) => ForwardKernels::Decode(Some(n)),
+                    };
+                    gattn::attention_forward_with(kernels, &p, &q, k, v, cu, max, &mut out, &mut lse).unwrap()
                 })
             };
             let mut rows = vec![(format!("decode ({} splits)", plan.splits), time(Some(plan.splits)))];

@@ -361,9 +361,38 @@ impl BlasLt {
     }
 }
 
-/// A column-major `rows × cols` matrix of `ty` with leading dimension `ld` (≥ rows: a row-major matrix's row
-/// stride), `batch` of them `stride` apart.
-struct Layout(sys::cublasLtMatrixLayout_t);
+/// A cuBLASLt object, owned: made by its type's `new` alone and destroyed once, when the owner drops.
+macro_rules! lt_object {
+    ($(#[$doc:meta])* $name:ident($handle:ty), $destroy:path) => {
+        $(#[$doc])*
+        struct $name($handle);
+
+        impl Drop for $name {
+            fn drop(&mut self) {
+                // SAFETY: the handle is live (made by `new`) and destroyed once, here. A failure cannot be reported
+                // from drop and leaks a few bytes of host memory at worst.
+                let _ = unsafe { $destroy(self.0) };
+            }
+        }
+    };
+}
+
+lt_object!(
+    /// A column-major `rows × cols` matrix of `ty` with leading dimension `ld` (≥ rows: a row-major matrix's row
+    /// stride), `batch` of them `stride` apart.
+    Layout(sys::cublasLtMatrixLayout_t),
+    lt::destroy_matrix_layout
+);
+lt_object!(
+    /// f32 compute and scale, with cuBLASLt's A and B transposed as asked.
+    Desc(sys::cublasLtMatmulDesc_t),
+    lt::destroy_matmul_desc
+);
+lt_object!(
+    /// The heuristic's constraints: the workspace it may use and how aligned each operand really is.
+    Pref(sys::cublasLtMatmulPreference_t),
+    lt::destroy_matmul_pref
+);
 
 impl Layout {
     fn new(ty: sys::cudaDataType, (rows, cols, ld): (u64, u64, usize), batch: usize, stride: usize) -> Result<Layout> {
@@ -396,17 +425,6 @@ impl Layout {
     }
 }
 
-impl Drop for Layout {
-    fn drop(&mut self) {
-        // SAFETY: created by cublasLtMatrixLayoutCreate and destroyed once, here. A failure cannot be reported
-        // from drop and leaks a few bytes of host memory at worst.
-        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
-    }
-}
-
-/// f32 compute and scale, with cuBLASLt's A and B transposed as asked.
-struct Desc(sys::cublasLtMatmulDesc_t);
-
 impl Desc {
     fn new(trans_a: bool, trans_b: bool) -> Result<Desc> {
         let desc = Desc(
@@ -427,16 +445,6 @@ impl Desc {
     }
 }
 
-impl Drop for Desc {
-    fn drop(&mut self) {
-        // SAFETY: created by cublasLtMatmulDescCreate, destroyed once; a failure leaks host bytes at worst.
-        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
-    }
-}
-
-/// The heuristic's constraints: the workspace it may use and how aligned each operand really is.
-struct Pref(sys::cublasLtMatmulPreference_t);
-
 impl Pref {
     fn new(workspace: usize) -> Result<Pref> {
         let pref = Pref(lt::create_matmul_pref().map_err(Error::cublas("cublasLtMatmulPreferenceCreate"))?);
@@ -450,12 +458,5 @@ impl Pref {
         // workspace bytes, uint32 alignments), by pointer with its size.
         unsafe { lt::set_matmul_pref_attribute(self.0, attr, (value as *const V).cast(), size_of::<V>()) }
             .map_err(Error::cublas("cublasLtMatmulPreferenceSetAttribute"))
-    }
-}
-
-impl Drop for Pref {
-    fn drop(&mut self) {
-        // SAFETY: created by cublasLtMatmulPreferenceCreate, destroyed once; a failure leaks host bytes at worst.
-        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
     }
 }

@@ -16,9 +16,13 @@ const CHUNK: usize = 8;
 /// f32 scratch (this many rows of `dim`).
 const MAX_SCALAR_DW_BLOCKS: usize = 256;
 
-/// x: [rows, dim], weight: \[dim\] → y: [rows, dim], rstd: \[rows\] f32
+/// x: [rows, dim], weight: \[dim\] → y: [rows, dim], rstd: \[rows\] f32. With `add` = (residual, h), both
+/// [rows, dim], the residual stream's add is fused in (`add_rms_norm_forward` on the CPU): h = x + residual is written
+/// and normalized in one pass (h is rounded to T before it is normalized).
+#[allow(clippy::too_many_arguments)]
 pub fn rms_norm_forward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
+    add: Option<(&DeviceBuffer<T>, &mut DeviceBuffer<T>)>,
     weight: &DeviceBuffer<T>,
     dim: usize,
     eps: f32,
@@ -26,78 +30,56 @@ pub fn rms_norm_forward<T: GpuFloat>(
     y: &mut DeviceBuffer<T>,
     rstd: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
+    let what = if add.is_some() { "add_rms_norm_forward" } else { "rms_norm_forward" };
     let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
-    assert_eq!(y.len(), rows * dim, "rms_norm_forward: y length");
-    let dev = same_device("rms_norm_forward", &[x.device(), weight.device(), y.device(), rstd.device()]);
+    if let Some((residual, h)) = &add {
+        assert_eq!(residual.len(), rows * dim, "{what}: residual length");
+        assert_eq!(h.len(), rows * dim, "{what}: h length");
+    }
+    assert_eq!(y.len(), rows * dim, "{what}: y length");
+    let devices = match &add {
+        None => vec![x.device(), weight.device(), y.device(), rstd.device()],
+        Some((residual, h)) => {
+            vec![x.device(), residual.device(), weight.device(), h.device(), y.device(), rstd.device()]
+        }
+    };
+    let dev = same_device(what, &devices);
     if rows == 0 {
         return Ok(());
     }
     let (px, pw, py, pr) = (x.ptr(), weight.ptr(), y.ptr(), rstd.ptr());
-    let (rows32, dim32) = (u32_arg("rms_norm_forward: rows", rows), u32_arg("rms_norm_forward: dim", dim));
-    let Some(threads) = vector_threads(dim, 1024, &[px, pw, py]) else {
-        let kernel = kernel!("rms_norm_forward_scalar", T);
-        // SAFETY: rms_norm_forward_scalar_T(const T* x, const T* weight, T* y, float* rstd, unsigned dim,
-        // float eps, float offset), one block per row: x and y hold rows·dim elements, weight dim, rstd rows
-        // (asserted), all on this device.
-        return unsafe { launch!(dev, Module::RmsNorm, kernel, config(rows32); px, pw, py, pr, dim32, eps, offset) };
+    let add = add.as_ref().map(|(residual, h)| (residual.ptr(), h.ptr()));
+    let (rows32, dim32) = (u32_arg(what, rows), u32_arg(what, dim));
+    let mut ptrs = vec![px, pw, py];
+    ptrs.extend(add.iter().flat_map(|&(pres, ph)| [pres, ph]));
+    let [vector, scalar] = match add {
+        None => [kernel!("rms_norm_forward", T), kernel!("rms_norm_forward_scalar", T)],
+        Some(_) => [kernel!("add_rms_norm_forward", T), kernel!("add_rms_norm_forward_scalar", T)],
     };
-    let kernel = kernel!("rms_norm_forward", T);
-    let grid = resident_blocks(dev, Module::RmsNorm, kernel, threads)?.min(rows.div_ceil(step_rows::<T>()) as u32);
-    // SAFETY: rms_norm_forward_T(const T* x, const T* weight, T* y, float* rstd, unsigned rows, unsigned dim,
-    // float eps, float offset), blocks of ⌈dim/8⌉ threads (rounded up to a warp) looping over rows: x and y hold
-    // rows·dim elements, weight dim, rstd rows (asserted); dim is a multiple of 8 and x, weight, y are 16-byte
-    // aligned (vector_threads). All on this device.
-    unsafe {
-        launch!(dev, Module::RmsNorm, kernel, block_config(grid, threads); px, pw, py, pr, rows32, dim32, eps, offset)
-    }
-}
-
-/// x, residual: [rows, dim], weight: \[dim\] → h = x + residual: [rows, dim], y = rms_norm(h): [rows, dim],
-/// rstd: \[rows\] f32, in one pass (h is rounded to T before it is normalized)
-#[allow(clippy::too_many_arguments)]
-pub fn add_rms_norm_forward<T: GpuFloat>(
-    x: &DeviceBuffer<T>,
-    residual: &DeviceBuffer<T>,
-    weight: &DeviceBuffer<T>,
-    dim: usize,
-    eps: f32,
-    offset: f32,
-    h: &mut DeviceBuffer<T>,
-    y: &mut DeviceBuffer<T>,
-    rstd: &mut DeviceBuffer<f32>,
-) -> Result<()> {
-    let rows = check_shapes(x.len(), weight.len(), dim, rstd.len());
-    assert_eq!(residual.len(), rows * dim, "add_rms_norm_forward: residual length");
-    assert_eq!(h.len(), rows * dim, "add_rms_norm_forward: h length");
-    assert_eq!(y.len(), rows * dim, "add_rms_norm_forward: y length");
-    let dev = same_device(
-        "add_rms_norm_forward",
-        &[x.device(), residual.device(), weight.device(), h.device(), y.device(), rstd.device()],
-    );
-    if rows == 0 {
-        return Ok(());
-    }
-    let (px, pres, pw, ph, py, pr) = (x.ptr(), residual.ptr(), weight.ptr(), h.ptr(), y.ptr(), rstd.ptr());
-    let (rows32, dim32) = (u32_arg("add_rms_norm_forward: rows", rows), u32_arg("add_rms_norm_forward: dim", dim));
-    let Some(threads) = vector_threads(dim, 1024, &[px, pres, pw, ph, py]) else {
-        let kernel = kernel!("add_rms_norm_forward_scalar", T);
-        // SAFETY: add_rms_norm_forward_scalar_T(const T* x, const T* residual, const T* weight, T* h, T* y,
-        // float* rstd, unsigned dim, float eps, float offset), one block per row: x, residual, h and y hold rows·dim
-        // elements, weight dim, rstd rows (asserted); h and y are distinct buffers (two &mut borrows). All on this
-        // device.
-        return unsafe {
-            launch!(dev, Module::RmsNorm, kernel, config(rows32); px, pres, pw, ph, py, pr, dim32, eps, offset)
-        };
+    let (kernel, cfg, on_vector_path) = match vector_threads(dim, 1024, &ptrs) {
+        Some(threads) => {
+            let resident = resident_blocks(dev, Module::RmsNorm, vector, threads)?;
+            (vector, block_config(resident.min(rows.div_ceil(step_rows::<T>()) as u32), threads), true)
+        }
+        None => (scalar, config(rows32), false),
     };
-    let kernel = kernel!("add_rms_norm_forward", T);
-    let grid = resident_blocks(dev, Module::RmsNorm, kernel, threads)?.min(rows.div_ceil(step_rows::<T>()) as u32);
-    // SAFETY: add_rms_norm_forward_T(const T* x, const T* residual, const T* weight, T* h, T* y, float* rstd,
-    // unsigned rows, unsigned dim, float eps, float offset), blocks of ⌈dim/8⌉ threads (rounded up to a warp)
-    // looping over rows: x, residual, h and y hold rows·dim elements, weight dim, rstd rows (asserted); dim is a
-    // multiple of 8 and the five vectors' bases 16-byte aligned (vector_threads); h and y are distinct buffers (two
-    // &mut borrows). All on this device.
+    // SAFETY: the vector kernels take (const T* x, [const T* residual,] const T* weight, [T* h,] T* y, float* rstd,
+    // unsigned rows, unsigned dim, float eps, float offset), the scalar ones the same without rows; residual and h
+    // exactly for the add_ kernels. The vector kernels run blocks of ⌈dim/8⌉ threads (rounded up to a warp) looping
+    // over rows, the scalar ones one block per row. x, residual, h and y hold rows·dim elements, weight dim, rstd rows
+    // (asserted); h and y are distinct buffers (two &mut borrows). On the vector path dim is a multiple of 8 and the
+    // bases 16-byte aligned (vector_threads). All on this device.
     unsafe {
-        launch!(dev, Module::RmsNorm, kernel, block_config(grid, threads); px, pres, pw, ph, py, pr, rows32, dim32, eps, offset)
+        match (add, on_vector_path) {
+            (None, true) => launch!(dev, Module::RmsNorm, kernel, cfg; px, pw, py, pr, rows32, dim32, eps, offset),
+            (None, false) => launch!(dev, Module::RmsNorm, kernel, cfg; px, pw, py, pr, dim32, eps, offset),
+            (Some((pres, ph)), true) => {
+                launch!(dev, Module::RmsNorm, kernel, cfg; px, pres, pw, ph, py, pr, rows32, dim32, eps, offset)
+            }
+            (Some((pres, ph)), false) => {
+                launch!(dev, Module::RmsNorm, kernel, cfg; px, pres, pw, ph, py, pr, dim32, eps, offset)
+            }
+        }
     }
 }
 
@@ -136,7 +118,7 @@ impl BackwardKernels {
 /// x, dy: [rows, dim], rstd: \[rows\] f32 → dx: [rows, dim], dw: \[dim\] when given (written: Σ over rows, deterministic
 /// order; None for a frozen weight, QLoRA's norms, skips the dw partial sums and their reduction launch).
 ///
-/// After [`add_rms_norm_forward`], x is h and `d_residual` [rows, dim] what reached h from its other readers: the
+/// After [`rms_norm_forward`] with a residual add, x is h and `d_residual` [rows, dim] what reached h from its other readers: the
 /// fused kernels then write dx = d_residual + the norm's dx, the gradient of both x and residual of the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward<T: GpuFloat>(

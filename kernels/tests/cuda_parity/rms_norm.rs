@@ -23,7 +23,7 @@ fn rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             let (xw, ww) = (widen(&x), widen(&w));
             let (gx, gw) = (upload(dev, &x), upload(dev, &w));
             let (mut y, mut rstd) = (poisoned::<T>(dev, rows * dim), poisoned::<f32>(dev, rows));
-            cuda::rms_norm::rms_norm_forward(&gx, &gw, dim, EPS, offset, &mut y, &mut rstd).unwrap();
+            cuda::rms_norm::rms_norm_forward(&gx, None, &gw, dim, EPS, offset, &mut y, &mut rstd).unwrap();
             let (mut want_y, mut want_rstd) = (vec![0.0f32; rows * dim], vec![0.0f32; rows]);
             rms_norm::rms_norm_forward(&xw, &ww, dim, EPS, offset, &mut want_y, &mut want_rstd);
             check(&format!("rms_norm y {what}"), &y, &want_y, T::tol(REDUCED));
@@ -46,7 +46,8 @@ fn add_rms_norm_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             let (dy, dr) = (randn::<T>(rng, n, 1.0), randn::<T>(rng, n, 1.0));
             let (gx, gr, gw) = (upload(dev, &x), upload(dev, &r), upload(dev, &w));
             let (mut h, mut y, mut rstd) = (poisoned::<T>(dev, n), poisoned::<T>(dev, n), poisoned::<f32>(dev, rows));
-            cuda::rms_norm::add_rms_norm_forward(&gx, &gr, &gw, dim, EPS, offset, &mut h, &mut y, &mut rstd).unwrap();
+            cuda::rms_norm::rms_norm_forward(&gx, Some((&gr, &mut h)), &gw, dim, EPS, offset, &mut y, &mut rstd)
+                .unwrap();
             // The CPU twin in f32 on the widened inputs, with h rounded to T as the GPU stores (and normalizes) it.
             let (mut want_h, mut want_y, mut want_rstd) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; rows]);
             let (xw, rw, ww) = (widen(&x), widen(&r), widen(&w));

@@ -19,7 +19,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, offset: f64) -> Result<(T
         return with_gpu!(g, |T| {
             let (xi, w) = (g.input(x)?, g.input(weight)?);
             let (mut y, mut rstd) = (g.alloc::<T>(x.elem_count())?, g.alloc::<f32>(rows)?);
-            g.run(grms::rms_norm_forward(buf::<T>(&xi), buf(&w), dim, eps as f32, offset as f32, &mut y, &mut rstd))?;
+            let (xb, wb) = (buf::<T>(&xi), buf(&w));
+            g.run(grms::rms_norm_forward(xb, None, wb, dim, eps as f32, offset as f32, &mut y, &mut rstd))?;
             Ok((output(y, x.shape()), output(rstd, &[rows])))
         });
     }
@@ -113,7 +114,8 @@ pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f64, of
             let n = x.elem_count();
             let (mut h, mut y, mut rstd) = (g.alloc::<T>(n)?, g.alloc::<T>(n)?, g.alloc::<f32>(rows)?);
             let (xb, rb, wb) = (buf::<T>(&xi), buf(&ri), buf(&w));
-            g.run(grms::add_rms_norm_forward(xb, rb, wb, dim, eps as f32, offset as f32, &mut h, &mut y, &mut rstd))?;
+            let add = Some((rb, &mut h));
+            g.run(grms::rms_norm_forward(xb, add, wb, dim, eps as f32, offset as f32, &mut y, &mut rstd))?;
             Ok([output(h, x.shape()), output(y, x.shape()), output(rstd, &[rows])])
         });
     }

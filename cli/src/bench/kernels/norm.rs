@@ -44,13 +44,13 @@ pub fn run(b: &mut Bench) -> Result<()> {
         let n = sets.len();
         // Every set's rstd is written before backward reads it.
         for s in &mut sets {
-            rms_norm_forward(&s.x, &weight, h, eps, offset, &mut s.y, &mut s.rstd)?;
+            rms_norm_forward(&s.x, None, &weight, h, eps, offset, &mut s.y, &mut s.rstd)?;
         }
         if b.wants(fwd) {
             let bytes = 2 * act + 4 * t;
             b.row(fwd, &shape, Work::Bytes(bytes as f64), |i| {
                 let s = &mut sets[i % n];
-                Ok(rms_norm_forward(&s.x, &weight, h, eps, offset, &mut s.y, &mut s.rstd)?)
+                Ok(rms_norm_forward(&s.x, None, &weight, h, eps, offset, &mut s.y, &mut s.rstd)?)
             })?;
         }
         if b.wants(bwd) {

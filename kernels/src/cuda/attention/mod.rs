@@ -11,7 +11,7 @@
 //! Decoding (at most [`DECODE_MAX_QUERIES`] queries per sequence against a KV cache) runs the split-KV kernels of
 //! `kernels/cuda/decode_attention.cu` instead along [`FlashPath::Fastest`] (`decode.rs`): same semantics and outputs,
 //! the keys split over enough blocks to fill the GPU. [`FlashPath::FastestFlash`] keeps the flash kernels there, for
-//! comparison; [`attention_decode_with`] forces the decode kernels and their number of splits.
+//! comparison; [`ForwardKernels::Decode`] forces the decode kernels and their number of splits.
 //!
 //! The host passes the longest query and key sequence so that grids are sized without reading `cu_seqlens` back;
 //! they must be at least every sequence's lengths, and `cu_seqlens` must be what the CPU twin asserts (starting at
@@ -156,62 +156,11 @@ pub fn attention_forward<T: AttentionFloat>(
     attention_forward_with(FlashPath::Fastest, p, q, k, v, cu_seqlens, max_seqlen, out, lse)
 }
 
-/// [`attention_forward`] on the kernels `path` picks (f32 ignores it): cu_seqlens and max_seqlen are (queries, keys).
+/// [`attention_forward`] on the kernels `kernels` picks (f32 ignores it; a [`FlashPath`] picks flash kernels):
+/// cu_seqlens and max_seqlen are (queries, keys).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_with<T: AttentionFloat>(
-    path: FlashPath,
-    p: &AttentionParams,
-    q: &DeviceBuffer<T>,
-    k: &DeviceBuffer<T>,
-    v: &DeviceBuffer<T>,
-    cu_seqlens: [&DeviceBuffer<i32>; 2],
-    max_seqlen: [usize; 2],
-    out: &mut DeviceBuffer<T>,
-    lse: &mut DeviceBuffer<f32>,
-) -> Result<()> {
-    let kernels = match path {
-        FlashPath::Fastest if max_seqlen[0] <= DECODE_MAX_QUERIES => Forward::Decode(None),
-        path => Forward::Flash(path),
-    };
-    forward(kernels, p, q, k, v, cu_seqlens, max_seqlen, out, lse)
-}
-
-/// [`attention_forward`] on the split-KV decode kernels, which take bf16 and f16 sequences of at most
-/// [`DECODE_MAX_QUERIES`] queries (max_seqlen\[0\]): `splits` None lets the launcher choose, as [`attention_forward`]
-/// does, Some(n) makes n splits of every block's keys (Some(1): no combine pass), so that tests reach both.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_decode_with<T: AttentionFloat>(
-    splits: Option<usize>,
-    p: &AttentionParams,
-    q: &DeviceBuffer<T>,
-    k: &DeviceBuffer<T>,
-    v: &DeviceBuffer<T>,
-    cu_seqlens: [&DeviceBuffer<i32>; 2],
-    max_seqlen: [usize; 2],
-    out: &mut DeviceBuffer<T>,
-    lse: &mut DeviceBuffer<f32>,
-) -> Result<()> {
-    assert!(matches!(T::KIND, Kind::Flash(_)), "attention_decode_with: the decode kernels take bf16 and f16");
-    assert!(
-        max_seqlen[0] <= DECODE_MAX_QUERIES,
-        "attention_decode_with: {} queries in a sequence, more than {DECODE_MAX_QUERIES}",
-        max_seqlen[0]
-    );
-    assert!(splits != Some(0), "attention_decode_with: zero splits");
-    forward(Forward::Decode(splits), p, q, k, v, cu_seqlens, max_seqlen, out, lse)
-}
-
-/// Which kernels a bf16 or f16 forward runs (f32 runs the reference ones).
-#[derive(Clone, Copy)]
-enum Forward {
-    Flash(FlashPath),
-    /// The decode kernels with this many splits, or as many as the launcher chooses.
-    Decode(Option<usize>),
-}
-
-#[allow(clippy::too_many_arguments)]
-fn forward<T: AttentionFloat>(
-    kernels: Forward,
+    kernels: impl Into<ForwardKernels>,
     p: &AttentionParams,
     q: &DeviceBuffer<T>,
     k: &DeviceBuffer<T>,
@@ -221,6 +170,7 @@ fn forward<T: AttentionFloat>(
     out: &mut DeviceBuffer<T>,
     lse: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
+    let kernels = kernels.into().resolve(T::KIND, max_seqlen[0]);
     let (attn, mut flash, tq) = geometry(p, q.len(), k.len(), cu_seqlens_q.len(), cu_seqlens_k.len());
     assert_eq!(v.len(), k.len(), "attention_forward: v length vs k");
     assert_eq!(out.len(), q.len(), "attention_forward: out length vs q");
@@ -244,11 +194,50 @@ fn forward<T: AttentionFloat>(
     (flash.q, flash.k, flash.v, flash.out, flash.lse) = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr());
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
     match kernels {
-        Forward::Decode(splits) => decode::launch(dev, flash, half, p, max_seqlen, n_seqs, splits),
+        ForwardKernels::Decode(splits) => decode::launch(dev, flash, half, p, max_seqlen, n_seqs, splits),
         // Keys do not size the flash forward's grid: each query block walks its sequence's keys.
-        Forward::Flash(path) => {
+        ForwardKernels::Flash(path) => {
             let [kernel, _] = flash_kernels(dev.target(), path, p.head_dim, half);
             flash::launch(dev, kernel, flash, max_seqlen_q, p.n_heads, n_seqs)
+        }
+    }
+}
+
+/// Which kernels a bf16 or f16 forward runs (f32 runs the reference ones whatever this says).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardKernels {
+    /// The flash kernels the path picks; [`FlashPath::Fastest`] runs the decode kernels where they serve.
+    Flash(FlashPath),
+    /// The split-KV decode kernels, which take bf16 and f16 sequences of at most [`DECODE_MAX_QUERIES`] queries
+    /// (max_seqlen\[0\]): None lets the launcher choose the splits, as [`FlashPath::Fastest`] does; Some(n) makes n
+    /// splits of every block's keys (Some(1): no combine pass), so that tests reach both.
+    Decode(Option<usize>),
+}
+
+impl From<FlashPath> for ForwardKernels {
+    fn from(path: FlashPath) -> ForwardKernels {
+        ForwardKernels::Flash(path)
+    }
+}
+
+impl ForwardKernels {
+    /// The kernels a launch of `kind` with at most `max_seqlen_q` queries a sequence runs: Fastest's choice made,
+    /// and decode kernels asked for by name checked against what they take.
+    fn resolve(self, kind: Kind, max_seqlen_q: usize) -> ForwardKernels {
+        match self {
+            ForwardKernels::Flash(FlashPath::Fastest) if max_seqlen_q <= DECODE_MAX_QUERIES => {
+                ForwardKernels::Decode(None)
+            }
+            ForwardKernels::Decode(splits) => {
+                assert!(matches!(kind, Kind::Flash(_)), "attention_forward_with: the decode kernels take bf16 and f16");
+                assert!(
+                    max_seqlen_q <= DECODE_MAX_QUERIES,
+                    "attention_forward_with: {max_seqlen_q} queries in a sequence, more than {DECODE_MAX_QUERIES}"
+                );
+                assert!(splits != Some(0), "attention_forward_with: zero splits");
+                self
+            }
+            flash => flash,
         }
     }
 }
