@@ -37,21 +37,20 @@ pub fn rms_norm_forward<T: GpuFloat>(
         assert_eq!(h.len(), rows * dim, "{what}: h length");
     }
     assert_eq!(y.len(), rows * dim, "{what}: y length");
-    let devices = match &add {
-        None => vec![x.device(), weight.device(), y.device(), rstd.device()],
-        Some((residual, h)) => {
-            vec![x.device(), residual.device(), weight.device(), h.device(), y.device(), rstd.device()]
-        }
-    };
-    let dev = same_device(what, &devices);
+    // Fixed arrays, not vectors: a decoding step runs this per layer and is bound by the host's time per launch.
+    let dev = same_device(what, &[x.device(), weight.device(), y.device(), rstd.device()]);
+    if let Some((residual, h)) = &add {
+        same_device(what, &[dev, residual.device(), h.device()]);
+    }
     if rows == 0 {
         return Ok(());
     }
     let (px, pw, py, pr) = (x.ptr(), weight.ptr(), y.ptr(), rstd.ptr());
     let add = add.as_ref().map(|(residual, h)| (residual.ptr(), h.ptr()));
     let (rows32, dim32) = (u32_arg(what, rows), u32_arg(what, dim));
-    let mut ptrs = vec![px, pw, py];
-    ptrs.extend(add.iter().flat_map(|&(pres, ph)| [pres, ph]));
+    // Without the add, x stands in for residual and h in the alignment check.
+    let (pres, ph) = add.unwrap_or((px, px));
+    let ptrs = [px, pw, py, pres, ph];
     let [vector, scalar] = match add {
         None => [kernel!("rms_norm_forward", T), kernel!("rms_norm_forward_scalar", T)],
         Some(_) => [kernel!("add_rms_norm_forward", T), kernel!("add_rms_norm_forward_scalar", T)],
@@ -73,10 +72,10 @@ pub fn rms_norm_forward<T: GpuFloat>(
         match (add, on_vector_path) {
             (None, true) => launch!(dev, Module::RmsNorm, kernel, cfg; px, pw, py, pr, rows32, dim32, eps, offset),
             (None, false) => launch!(dev, Module::RmsNorm, kernel, cfg; px, pw, py, pr, dim32, eps, offset),
-            (Some((pres, ph)), true) => {
+            (Some(_), true) => {
                 launch!(dev, Module::RmsNorm, kernel, cfg; px, pres, pw, ph, py, pr, rows32, dim32, eps, offset)
             }
-            (Some((pres, ph)), false) => {
+            (Some(_), false) => {
                 launch!(dev, Module::RmsNorm, kernel, cfg; px, pres, pw, ph, py, pr, dim32, eps, offset)
             }
         }
@@ -118,8 +117,9 @@ impl BackwardKernels {
 /// x, dy: [rows, dim], rstd: \[rows\] f32 → dx: [rows, dim], dw: \[dim\] when given (written: Σ over rows, deterministic
 /// order; None for a frozen weight, QLoRA's norms, skips the dw partial sums and their reduction launch).
 ///
-/// After [`rms_norm_forward`] with a residual add, x is h and `d_residual` [rows, dim] what reached h from its other readers: the
-/// fused kernels then write dx = d_residual + the norm's dx, the gradient of both x and residual of the forward.
+/// After [`rms_norm_forward`] with a residual add, x is h and `d_residual` [rows, dim] what reached h from its other
+/// readers: the fused kernels then write dx = d_residual + the norm's dx, the gradient of both x and residual of the
+/// forward.
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward<T: GpuFloat>(
     x: &DeviceBuffer<T>,
