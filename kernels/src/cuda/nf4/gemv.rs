@@ -51,7 +51,7 @@ pub struct GemvLora<'a, T: GpuFloat> {
     pub alpha: f32,
 }
 
-/// One weight of an [`nf4_gemv`] call: W [out, in] NF4 (packed, scales as in [`dequantize_nf4_into`]), its output
+/// One weight of an [`nf4_gemv`] call: W [out, in] NF4 (packed, scales as in [`super::dequantize_nf4_into`]), its output
 /// y: [m, out] and LoRA's up-projection riding on it, if any.
 pub struct GemvWeight<'a, T: GpuFloat> {
     pub packed: &'a DeviceBuffer<u8>,
