@@ -24,6 +24,8 @@ struct Inner {
     grad: Mutex<Option<Tensor>>,
     /// The compute copy last asked for (one per parameter: another dtype or group replaces it).
     shadow: Mutex<Option<Shadow>>,
+    /// The tensor [`Param::derived`] last made (DoRA's weight norm on its magnitude).
+    derived: Mutex<Option<Shadow>>,
 }
 
 /// [self; rest…] stacked in `dtype`, made from the values whose stamps are listed (self's first).
@@ -106,6 +108,7 @@ impl Param {
             stamp: AtomicU64::new(fresh_stamp()),
             grad: Mutex::new(None),
             shadow: Mutex::new(None),
+            derived: Mutex::new(None),
         }))
     }
 
@@ -141,6 +144,7 @@ impl Param {
     fn changed(&self) {
         self.0.stamp.store(fresh_stamp(), Ordering::Relaxed);
         *lock(&self.0.shadow) = None;
+        *lock(&self.0.derived) = None;
     }
 
     /// (value, stamp), read together.
@@ -159,27 +163,46 @@ impl Param {
     /// [Σ rᵢ, in] operand of their shared GEMM. Made once per set of values and kept on `self` (see the module docs);
     /// with no `rest` and the value already in `dtype`, the value itself.
     pub fn stacked_with(&self, rest: &[&Param], dtype: DType) -> Result<Tensor> {
-        let (value, stamp) = self.stamped_value();
+        let (value, _) = self.stamped_value();
         if rest.is_empty() && value.dtype() == dtype {
             return Ok(value);
         }
+        self.memo(&self.0.shadow, rest, dtype, |values| stack(values, dtype)).map_err(|e| {
+            let names: Vec<&str> = std::iter::once(self).chain(rest.iter().copied()).map(Param::name).collect();
+            Error::invalid("stacked_with", format!("stacking {names:?}: {e}"))
+        })
+    }
+
+    /// A tensor computed from this parameter's value and those of `with` (what `make` reads), made once per set of
+    /// values and kept like the compute copies: DoRA's weight norm ‖W + s·B·A‖, which the forward and its
+    /// recomputation both read between two optimizer steps, kept on the magnitude with A and B as `with`.
+    pub fn derived(&self, with: &[&Param], dtype: DType, make: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        self.memo(&self.0.derived, with, dtype, |_| make())
+    }
+
+    /// The tensor in `slot` if it was made in `dtype` from the current values of self and `rest`, else `make` of
+    /// those values, kept in `slot` unless self changed meanwhile (the copy would be stale already).
+    fn memo(
+        &self,
+        slot: &Mutex<Option<Shadow>>,
+        rest: &[&Param],
+        dtype: DType,
+        make: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (value, stamp) = self.stamped_value();
         let (mut values, mut stamps) = (vec![value], vec![stamp]);
         for p in rest {
             let (v, s) = p.stamped_value();
             values.push(v);
             stamps.push(s);
         }
-        if let Some(s) = lock(&self.0.shadow).as_ref().filter(|s| s.dtype == dtype && s.stamps == stamps) {
+        if let Some(s) = lock(slot).as_ref().filter(|s| s.dtype == dtype && s.stamps == stamps) {
             return Ok(s.value.clone());
         }
-        let made = tagged(Category::Adapters, || stack(&values, dtype)).map_err(|e| {
-            let names: Vec<&str> = std::iter::once(self).chain(rest.iter().copied()).map(Param::name).collect();
-            Error::invalid("stacked_with", format!("stacking {names:?}: {e}"))
-        })?;
-        let mut slot = lock(&self.0.shadow);
-        // Unless self changed meanwhile: then the copy is already stale and is not kept.
+        let made = tagged(Category::Adapters, || make(&values))?;
+        let mut kept = lock(slot);
         if self.0.stamp.load(Ordering::Relaxed) == stamp {
-            *slot = Some(Shadow { dtype, stamps, value: made.clone() });
+            *kept = Some(Shadow { dtype, stamps, value: made.clone() });
         }
         Ok(made)
     }
@@ -268,6 +291,28 @@ mod tests {
         assert!(a.stacked_with(&[&b], DType::F32).is_ok());
         let e = a.stacked_with(&[&p("wide", &[1.0; 3], 1)], DType::F32).unwrap_err().to_string();
         assert!(e.contains("\"a\", \"wide\"") && e.contains("[1, 3]"), "{e}");
+    }
+
+    #[test]
+    fn derived_tensors_are_made_once_per_set_of_values() {
+        let (m, a, b) = (p("m", &[1.0, 2.0], 1), p("a", &[3.0, 4.0], 1), p("b", &[5.0, 6.0], 1));
+        let made = std::cell::Cell::new(0);
+        let norm = || {
+            made.set(made.get() + 1);
+            Ok(Tensor::from_slice(&[made.get() as f32], &[1]).unwrap())
+        };
+        let d1 = m.derived(&[&a, &b], DType::F32, norm).unwrap();
+        assert!(m.derived(&[&a, &b], DType::F32, norm).unwrap().shares_storage(&d1), "kept while nothing changed");
+        assert_eq!(made.get(), 1);
+        // A change of any value it came from, or another dtype, makes it again; the stacked copies keep their slot.
+        b.set_value(Tensor::from_slice(&[0.0f32, 0.0], &[1, 2]).unwrap());
+        assert_eq!(m.derived(&[&a, &b], DType::F32, norm).unwrap().to_vec::<f32>(), vec![2.0]);
+        let stacked = m.stacked_with(&[&a], DType::F32).unwrap();
+        assert_eq!(m.derived(&[&a, &b], DType::BF16, norm).unwrap().to_vec::<f32>(), vec![3.0]);
+        assert!(m.stacked_with(&[&a], DType::F32).unwrap().shares_storage(&stacked));
+        m.update(|v| v.update::<f32>(|x| x[0] = -1.0)).unwrap();
+        m.derived(&[&a, &b], DType::BF16, norm).unwrap();
+        assert_eq!(made.get(), 4);
     }
 
     /// What data-parallel training relies on: a taken gradient leaves none, and replaying gradients through

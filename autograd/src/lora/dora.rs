@@ -35,10 +35,10 @@ impl Tape {
         dropout_seed: u64,
     ) -> Result<Var> {
         let [out_f, in_f] = base.shape();
-        let (a, b) = (self.param(&ad.lora_a), self.param(&ad.lora_b));
-        let m = ad.magnitude.as_ref().map(|m| self.param(m)).ok_or_else(|| {
+        let magnitude = ad.magnitude.as_ref().ok_or_else(|| {
             Error::invalid("lora_linear", format!("{}: use_dora needs a lora_magnitude_vector", ad.lora_a.name()))
         })?;
+        let (a, b, m) = (self.param(&ad.lora_a), self.param(&ad.lora_b), self.param(magnitude));
         let (av, bv, mv) = (a.value(), b.value(), m.value());
         let p = precision(&[x.value(), av, bv, mv]);
         let rows = x.value().elem_count() / in_f;
@@ -46,7 +46,13 @@ impl Tape {
         let w = base.materialize(p)?;
         let (s, dropout) = (ad.scaling(), Dropout::of(&ad.config, dropout_seed));
         let (x_needs, a_needs, m_needs) = (x.requires_grad(), a.requires_grad(), m.requires_grad());
-        let n = weight_norm(&w, av, bv, s)?;
+        // A and B in the op's precision, cast once per optimizer step, for every product (as peft under autocast
+        // multiplies them: the norm's B·A included).
+        let (av, bv) = (ad.lora_a.value_as(p)?, ad.lora_b.value_as(p)?);
+        let (av, bv) = (&av, &bv);
+        // n depends on A, B and the frozen base only: made once per optimizer step, not again by the recomputation
+        // of a checkpointed layer or by the next micro-batch.
+        let n = magnitude.derived(&[&ad.lora_a, &ad.lora_b], p, || weight_norm(&w, av, bv, s))?;
         let g = ratio(mv, &n)?;
         let (y, h, u) = match dropout {
             // y = z + (g − 1)⊙z + g⊙s·u·Bᵀ = g⊙h with h = z + s·u·Bᵀ: the adapter's product accumulates onto
@@ -134,9 +140,21 @@ impl Backward for DoraLinear {
         let dy = dy.reshape(&[dy.elem_count() / out_f, out_f])?;
         let d_bias = if self.bias_needs { Some(sum_rows(&dy)?) } else { None };
         // The branch s·(x_d·Aᵀ)·Bᵀ sees dy scaled per output by g; n is detached, so m is the only other path.
-        let dyg = scale_by(&dy, &self.g, 0.0, Axis::Cols)?;
-        let d_b = self.u.as_ref().map(|u| matmul_scaled(&dyg.t()?, u, self.scaling)).transpose()?;
-        let du = self.b.as_ref().map(|b| matmul_scaled(&dyg, b, self.scaling)).transpose()?;
+        // Without dropout every product reads dy·diag(g), so g scales the rows of the [out, ·] operands instead
+        // (W and B, and dB's rows after its product): a pass over the weight rather than over dy, [N, out].
+        let (d_b, du) = match self.dropout {
+            None => {
+                let d_b = self.u.as_ref().map(|u| matmul_scaled(&dy.t()?, u, self.scaling)).transpose()?;
+                let d_b = d_b.map(|d_b| scale_by(&d_b, &self.g, 0.0, Axis::Rows)).transpose()?;
+                let bg = self.b.as_ref().map(|b| scale_by(b, &self.g, 0.0, Axis::Rows)).transpose()?;
+                (d_b, bg.map(|bg| matmul_scaled(&dy, &bg, self.scaling)).transpose()?)
+            }
+            Some(_) => {
+                let dyg = scale_by(&dy, &self.g, 0.0, Axis::Cols)?;
+                let d_b = self.u.as_ref().map(|u| matmul_scaled(&dyg.t()?, u, self.scaling)).transpose()?;
+                (d_b, self.b.as_ref().map(|b| matmul_scaled(&dyg, b, self.scaling)).transpose()?)
+            }
+        };
         let d_a = match &self.x {
             Some(x) => {
                 let xd = match self.dropout {
@@ -151,24 +169,20 @@ impl Backward for DoraLinear {
             (Some(n), Some(h)) => Some(ratio(&sum_rows(&mul(&dy, h)?)?, n)?),
             _ => None,
         };
-        let dx = match &self.base {
-            None => None,
-            Some(base) => {
+        let dx = match (&self.base, self.dropout) {
+            (None, _) => None,
+            // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: du·A accumulates onto the one product with g⊙W.
+            (Some(base), None) => {
+                let mut dx = matmul(&dy, &scale_by(&base.materialize(p)?, &self.g, 0.0, Axis::Rows)?)?;
+                matmul_into(&mut dx, saved(&du)?, saved(&self.a)?, 1.0, 1.0)?;
+                Some(dx)
+            }
+            // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
+            (Some(base), Some(d)) => {
                 let w = base.materialize(p)?;
-                Some(match self.dropout {
-                    // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: du·A accumulates onto the one product with W.
-                    None => {
-                        let mut dx = matmul(&dyg, &w)?;
-                        matmul_into(&mut dx, saved(&du)?, saved(&self.a)?, 1.0, 1.0)?;
-                        dx
-                    }
-                    // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
-                    Some(d) => {
-                        let du_a = matmul(saved(&du)?, saved(&self.a)?)?;
-                        let dzd = matmul(&scale_by(&dy, &self.g, -1.0, Axis::Cols)?, &w)?;
-                        add(&matmul(&dy, &w)?, &d.apply(&add(&dzd, &du_a)?)?)?
-                    }
-                })
+                let du_a = matmul(saved(&du)?, saved(&self.a)?)?;
+                let dzd = matmul(&scale_by(&dy, &self.g, -1.0, Axis::Cols)?, &w)?;
+                Some(add(&matmul(&dy, &w)?, &d.apply(&add(&dzd, &du_a)?)?)?)
             }
         };
         let dx = dx.map(|dx| dx.reshape(&self.x_shape)).transpose()?;
