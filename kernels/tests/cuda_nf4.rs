@@ -291,13 +291,15 @@ fn llama_8b_mlp_weight_matches_cpu_and_reports_bandwidth() {
 
 /// Decoding's product x·Wᵀ against the CPU twin (which sums exactly in f64): every row count 1 to 8 (the rows
 /// kernels take 1 or 2, the blocks kernels 4 or 8 and leave the rest unwritten); widths on the vector path (in % 32
-/// = 0: one step, several, a partial last step, 14336's seven warps of two steps, more steps than warps) and off it;
-/// row counts that leave a block's or a warp's last rows past the weight; plain and nested scales (with zero, subnormal and tiny absmax, which
-/// take the per-element path); f32 and bf16; several weights in one call (a projection group: weights of one kind of
-/// scales share a launch, up to three; a rank past 32, which the rows kernels spread over the lanes). Each output may differ from the exact sum by f32 summation error, at most
-/// [`GEMV_SUM`] of Σ|w·x| (the tree's depth times f32's unit roundoff, with margin), plus one rounding of the output
-/// (bf16's 2⁻⁸). With an adapter's up-projection (`lora`: rank, U's row stride, U's first element), alpha·U·Bᵀ is
-/// added before that rounding, its terms counted in the magnitude.
+/// = 0: one step, several, a partial last step, 14336's seven warps of two steps, more steps than warps; 14336 at
+/// two rows of f32 x too wide to stage for the rows kernels, so the blocks kernels take it) and off it; row counts
+/// that leave a block's or a warp's last rows past the weight; plain and nested scales (with zero, subnormal and tiny
+/// absmax, which take the per-element path); f32 and bf16; several weights in one call (a projection group: weights
+/// of one kind of scales share a launch, up to three; a rank past 32, which the rows kernels spread over the lanes).
+/// Each output may differ from the exact sum by f32 summation error, at most [`GEMV_SUM`] of Σ|w·x| (the tree's depth
+/// times f32's unit roundoff, with margin), plus one rounding of the output (bf16's 2⁻⁸). With an adapter's
+/// up-projection (`lora`: rank, U's row stride, U's first element), alpha·U·Bᵀ is added before that rounding, its
+/// terms counted in the magnitude.
 const GEMV_SUM: f64 = 2e-6;
 
 fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(

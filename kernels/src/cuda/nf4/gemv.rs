@@ -20,6 +20,10 @@ const GEMV_BLOCK_ROWS: usize = 2;
 /// Warps per block of the rows kernels, and rows of W per warp (`GEMV_ROWS_WARPS`, `NF4_GEMV_ROWS_PATH`).
 const GEMV_ROWS_WARPS: usize = 8;
 const GEMV_WARP_ROWS: usize = 2;
+/// The most shared memory the rows kernels' staged x may take, so that with their 33 KB of tables two blocks still
+/// fit a multiprocessor (2 × 97 of its 228 KB). Wider rows take the blocks kernels: f32 x past 16,384 columns (8,192
+/// at two rows of x), bf16 past 32,768 (16,384), e.g. a 70B's down_proj at two rows.
+const GEMV_MAX_STAGED_X: usize = 64 << 10;
 
 /// Warps per block of the blocks kernels for rows of `in_f` columns: every warp gets the same number of 1024-column
 /// steps (14 steps → 7 warps of 2, 4 → 4 of 1), at most [`GEMV_MAX_WARPS`].
@@ -28,13 +32,13 @@ fn gemv_warps(in_f: usize) -> usize {
     steps.div_ceil(steps.div_ceil(GEMV_MAX_WARPS))
 }
 
-/// The kernels for m rows of x on the vector path: (plain absmax, nested absmax) — the rows kernels for 1 and 2,
-/// the blocks kernels for 4 and 8 rows (m = 3, 5, 6, 7 run the next of them, its extra rows not written).
-fn gemv_vector_kernels<T: GpuFloat>(m: usize) -> (&'static str, &'static str) {
-    match m {
-        1 => (kernel!("nf4_gemv_rows_m1", T), kernel!("nf4_gemv_rows_nested_m1", T)),
-        2 => (kernel!("nf4_gemv_rows_m2", T), kernel!("nf4_gemv_rows_nested_m2", T)),
-        3 | 4 => (kernel!("nf4_gemv_m4", T), kernel!("nf4_gemv_nested_m4", T)),
+/// The kernels for m rows of x on the vector path: (plain absmax, nested absmax) — the rows kernels for 1 and 2
+/// (`rows`), else the blocks kernels for 4 and 8 rows (fewer run the next of them, its extra rows not written).
+fn gemv_vector_kernels<T: GpuFloat>(m: usize, rows: bool) -> (&'static str, &'static str) {
+    match (m, rows) {
+        (1, true) => (kernel!("nf4_gemv_rows_m1", T), kernel!("nf4_gemv_rows_nested_m1", T)),
+        (2, true) => (kernel!("nf4_gemv_rows_m2", T), kernel!("nf4_gemv_rows_nested_m2", T)),
+        (1..=4, _) => (kernel!("nf4_gemv_m4", T), kernel!("nf4_gemv_nested_m4", T)),
         _ => (kernel!("nf4_gemv_m8", T), kernel!("nf4_gemv_nested_m8", T)),
     }
 }
@@ -51,8 +55,8 @@ pub struct GemvLora<'a, T: GpuFloat> {
     pub alpha: f32,
 }
 
-/// One weight of an [`nf4_gemv`] call: W [out, in] NF4 (packed, scales as in [`super::dequantize_nf4_into`]), its output
-/// y: [m, out] and LoRA's up-projection riding on it, if any.
+/// One weight of an [`nf4_gemv`] call: W [out, in] NF4 (packed, scales as in [`super::dequantize_nf4_into`]), its
+/// output y: [m, out] and LoRA's up-projection riding on it, if any.
 pub struct GemvWeight<'a, T: GpuFloat> {
     pub packed: &'a DeviceBuffer<u8>,
     pub scales: Nf4Scales<'a>,
@@ -87,9 +91,9 @@ struct GemvMembers {
     count: u32,
 }
 
-// SAFETY: `repr(C)` plain data with the field types and order of nf4_gemv.cu's `struct GemvMember` (seven 8-byte addresses,
-// then six 4-byte fields: 80 bytes, no interior padding) and `struct GemvMembers` (three of them, then a 4-byte count,
-// padded to 248 bytes by both compilers' alignment rules).
+// SAFETY: `repr(C)` plain data with the field types and order of nf4_gemv.cu's `struct GemvMember` (seven 8-byte
+// addresses, then six 4-byte fields: 80 bytes, no interior padding) and `struct GemvMembers` (three of them, then a
+// 4-byte count, padded to 248 bytes by both compilers' alignment rules).
 unsafe impl DeviceRepr for GemvMember {}
 unsafe impl DeviceRepr for GemvMembers {}
 
@@ -181,10 +185,14 @@ fn gemv_launch<T: GpuFloat>(x: &DeviceBuffer<T>, launch: GemvLaunch, in_f: usize
     let GemvLaunch { nested, vector, members } = launch;
     let (dev, m) = (x.device(), x.len() / in_f);
     // The rows kernels stage x in shared memory: 1024 values per row of x and step of a row of W.
-    let smem = if vector && m <= 2 { m * in_f.div_ceil(GEMV_STEP) * GEMV_STEP * size_of::<T>() } else { 0 };
-    let (names, threads, rows_per_block) = match (vector, m) {
-        (true, 1 | 2) => (gemv_vector_kernels::<T>(m), 32 * GEMV_ROWS_WARPS as u32, GEMV_WARP_ROWS * GEMV_ROWS_WARPS),
-        (true, _) => (gemv_vector_kernels::<T>(m), 32 * gemv_warps(in_f) as u32, GEMV_BLOCK_ROWS),
+    let staged_x = m * in_f.div_ceil(GEMV_STEP) * GEMV_STEP * size_of::<T>();
+    let rows = vector && m <= 2 && staged_x <= GEMV_MAX_STAGED_X;
+    let smem = if rows { staged_x } else { 0 };
+    let (names, threads, rows_per_block) = match (vector, rows) {
+        (true, true) => {
+            (gemv_vector_kernels::<T>(m, true), 32 * GEMV_ROWS_WARPS as u32, GEMV_WARP_ROWS * GEMV_ROWS_WARPS)
+        }
+        (true, false) => (gemv_vector_kernels::<T>(m, false), 32 * gemv_warps(in_f) as u32, GEMV_BLOCK_ROWS),
         (false, _) => {
             ((kernel!("nf4_gemv_scalar", T), kernel!("nf4_gemv_scalar_nested", T)), BLOCK, BLOCK as usize / 32)
         }
