@@ -62,33 +62,51 @@ template <typename T> struct GemvLora {
     }
 };
 
-// A warp's loads for one step: 16 packed bytes of each of R rows and their absmax; `col` is the lane's first column,
-// in_f when the step or the lane's columns are past the row.
-template <unsigned R> struct GemvLoads {
+// A warp's loads for one step: R rows' 16 packed bytes and raw scales (loads only, so that nothing waits on them
+// until the step runs); `col` the lane's first column, in_f when the lane's columns are past the row (always, for a
+// step ≥ the row's steps).
+template <unsigned R, typename Scales> struct GemvLoads {
     uint4 w[R];
-    float absmax[R];
+    typename Scales::Raw absmax[R];
     unsigned col;
 };
 
 template <unsigned R, typename Scales>
-__device__ __forceinline__ GemvLoads<R> gemv_load(const unsigned char* __restrict__ packed, const Scales& scales,
-                                                  unsigned o0, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
-                                                  unsigned step) {
-    GemvLoads<R> l;
+__device__ __forceinline__ GemvLoads<R, Scales> gemv_load(const unsigned char* __restrict__ packed,
+                                                          const Scales& scales, unsigned o0, unsigned out_f,
+                                                          unsigned in_f, unsigned log2_blocksize, unsigned step) {
+    GemvLoads<R, Scales> l;
     const unsigned c = step * GEMV_STEP + 32 * (threadIdx.x % 32);
-    l.col = step < (in_f + GEMV_STEP - 1) / GEMV_STEP && c < in_f ? c : in_f;
+    l.col = c < in_f ? c : in_f;
 #pragma unroll
     for (unsigned r = 0; r < R; ++r) {
         l.w[r] = make_uint4(0, 0, 0, 0);
-        l.absmax[r] = 0.0f;
+        l.absmax[r] = typename Scales::Raw{};
         if (l.col < in_f) {
             // Rows past the weight repeat its last one (read, never written).
             const u64 e = static_cast<u64>(min(o0 + r, out_f - 1)) * in_f + c;
             l.w[r] = ld_stream16(packed + e / 2);
-            l.absmax[r] = scales(e >> log2_blocksize);
+            l.absmax[r] = scales.raw(e >> log2_blocksize);
         }
     }
     return l;
+}
+
+// The absmax of each row of a step's loads, and which rows' absmax is not safe to factor out of their sums: it could
+// make a product subnormal (|absmax| < 2^-122) or is not finite. Those rows take the twin's per-element
+// ftz(code·absmax), so flushed products stay flushed. Returns whether any row does.
+template <unsigned R, typename Scales>
+__device__ __forceinline__ bool gemv_absmax(const Scales& scales, const typename Scales::Raw (&raw)[R],
+                                            float (&absmax)[R], bool (&exact)[R]) {
+    bool any = false;
+#pragma unroll
+    for (unsigned r = 0; r < R; ++r) {
+        absmax[r] = scales.value(raw[r]);
+        const float a = fabsf(absmax[r]);
+        exact[r] = !(a >= GEMV_SAFE_ABSMAX && a <= 3.40282347e38f);
+        any |= exact[r];
+    }
+    return any;
 }
 
 // acc[r][k] += Σ over the lane's 32 columns from `col` of W[o0 + r]·x[k]: codes × x summed per row, times the absmax.
@@ -138,26 +156,6 @@ __device__ __forceinline__ void gemv_step(unsigned code, const uint4 (&w)[R], co
     }
 }
 
-// gemv_step for one step's loads: factored unless some row's absmax could make a product subnormal (|absmax| <
-// 2^-122) or is not finite; those rows take the twin's per-element ftz(code·absmax), so flushed products stay flushed.
-template <typename T, unsigned M, unsigned R>
-__device__ __forceinline__ void gemv_step(unsigned code, const uint4 (&w)[R], const float (&absmax)[R],
-                                          const T* __restrict__ x, unsigned m, unsigned in_f, unsigned col,
-                                          float (&acc)[R][M]) {
-    bool exact[R], any = false;
-#pragma unroll
-    for (unsigned r = 0; r < R; ++r) {
-        const float a = fabsf(absmax[r]);
-        exact[r] = !(a >= GEMV_SAFE_ABSMAX && a <= 3.40282347e38f);
-        any |= exact[r];
-    }
-    if (any) {
-        gemv_step<true>(code, w, absmax, exact, x, m, in_f, col, acc);
-    } else {
-        gemv_step<false>(code, w, absmax, exact, x, m, in_f, col, acc);
-    }
-}
-
 // The vector path: in % 32 == 0, packed and x 16-byte aligned. Blocks of 32·ksplit threads (ksplit ≤
 // GEMV_MAX_WARPS) own rows R·block.. of W; warp w takes the steps w, w + ksplit, ….
 template <typename T, typename Scales, unsigned M, unsigned R>
@@ -171,7 +169,7 @@ __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, ksplit = blockDim.x / 32;
     const unsigned o0 = block * R, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
     // The first loads go out before the tables are staged and the block waits for them.
-    GemvLoads<R> loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, warp);
+    GemvLoads<R, Scales> loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, warp);
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     scales.stage();
     __syncthreads();
@@ -183,7 +181,15 @@ __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales
     }
     for (unsigned step = warp; step < steps; step += ksplit) {
         if (step != warp) loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, step);
-        if (loads.col < in_f) gemv_step<T, M, R>(table, loads.w, loads.absmax, x, m, in_f, loads.col, acc);
+        if (loads.col < in_f) {
+            float absmax[R];
+            bool exact[R];
+            if (gemv_absmax(scales, loads.absmax, absmax, exact)) {
+                gemv_step<true>(table, loads.w, absmax, exact, x, m, in_f, loads.col, acc);
+            } else {
+                gemv_step<false>(table, loads.w, absmax, exact, x, m, in_f, loads.col, acc);
+            }
+        }
     }
 #pragma unroll
     for (unsigned r = 0; r < R; ++r) {
@@ -289,35 +295,6 @@ template <> __device__ __forceinline__ Raw8<float> x_word<float>(const uint4* xs
     return Raw8<float>{xs[unit0], xs[unit0 + 32]};
 }
 
-// A warp's prefetched step: R rows' 16 packed bytes and raw scales; `col` the lane's first column, in_f when the
-// lane's columns are past the row.
-template <unsigned R, typename Scales> struct GemvRowLoads {
-    uint4 w[R];
-    typename Scales::Raw absmax[R];
-    unsigned col;
-};
-
-template <unsigned R, typename Scales>
-__device__ __forceinline__ GemvRowLoads<R, Scales> gemv_row_load(const unsigned char* __restrict__ packed,
-                                                                 const Scales& scales, unsigned o0, unsigned out_f,
-                                                                 unsigned in_f, unsigned log2_blocksize, unsigned step) {
-    GemvRowLoads<R, Scales> l;
-    const unsigned c = step * GEMV_STEP + 32 * (threadIdx.x % 32);
-    l.col = c < in_f ? c : in_f;
-#pragma unroll
-    for (unsigned r = 0; r < R; ++r) {
-        l.w[r] = make_uint4(0, 0, 0, 0);
-        l.absmax[r] = typename Scales::Raw{};
-        if (l.col < in_f) {
-            // Rows past the weight repeat its last one (read, never written).
-            const u64 e = static_cast<u64>(min(o0 + r, out_f - 1)) * in_f + c;
-            l.w[r] = ld_stream16(packed + e / 2);
-            l.absmax[r] = scales.raw(e >> log2_blocksize);
-        }
-    }
-    return l;
-}
-
 // The codes of packed byte b of `word` from the lane's copy of the pair table (`pairs`: its shared address): the byte
 // alone (PRMT), times the 128 bytes of an entry plus the copy's address (one IMAD), one 8-byte LDS. Written out in
 // PTX because the compiler, given an array index, multiplies twice (entry, then element size).
@@ -390,7 +367,7 @@ __device__ void nf4_gemv_rows(const unsigned char* __restrict__ packed, Scales s
     const unsigned lane = threadIdx.x % 32, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
     const unsigned o0 = (block * GEMV_ROWS_WARPS + threadIdx.x / 32) * R;
     // The first step's loads go out before the block stages its tables and x and waits for them.
-    GemvRowLoads<R, Scales> cur = gemv_row_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, 0);
+    GemvLoads<R, Scales> cur = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, 0);
     stage_code_pairs(pairs);
     stage_x<T, M>(xs, x, m, in_f, steps);
     scales.stage();
@@ -406,19 +383,12 @@ __device__ void nf4_gemv_rows(const unsigned char* __restrict__ packed, Scales s
         for (unsigned k = 0; k < M; ++k) acc[r][k] = 0.0f;
     }
     for (unsigned step = 0; step < steps; ++step) {
-        GemvRowLoads<R, Scales> next;
-        if (step + 1 < steps) next = gemv_row_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, step + 1);
+        GemvLoads<R, Scales> next;
+        if (step + 1 < steps) next = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, step + 1);
         if (cur.col < in_f) {
             float absmax[R];
-            bool exact[R], any = false;
-#pragma unroll
-            for (unsigned r = 0; r < R; ++r) {
-                absmax[r] = scales.value(cur.absmax[r]);
-                const float a = fabsf(absmax[r]);
-                exact[r] = !(a >= GEMV_SAFE_ABSMAX && a <= 3.40282347e38f);
-                any |= exact[r];
-            }
-            if (any) {
+            bool exact[R];
+            if (gemv_absmax(scales, cur.absmax, absmax, exact)) {
                 gemv_rows_step<true, T, M, R>(lane_pairs, xs, steps, step, cur.w, absmax, exact, acc);
             } else {
                 gemv_rows_step<false, T, M, R>(lane_pairs, xs, steps, step, cur.w, absmax, exact, acc);
