@@ -20,7 +20,7 @@ use qlora_kernels::attention::{cu_seqlens, AttentionParams};
 use qlora_kernels::cuda::attention::{self as gattn, AttentionFloat, FlashPath, ForwardKernels, Half as Kernels};
 use qlora_kernels::cuda::{CudaDevice, DeviceBuffer, DeviceCopy};
 use qlora_kernels::nf4::WeightElem;
-use qlora_kernels::testing::attention::{case, finite_lse, AttentionCase, GpuInputs};
+use qlora_kernels::testing::attention::{case, finite_lse, on_gpu, AttentionCase, GpuInputs};
 use qlora_kernels::testing::{assert_close, device_seconds, gpu, Tolerance};
 use qlora_kernels::Rng;
 
@@ -138,23 +138,14 @@ fn kernels<T: AttentionFloat>() -> Kernels {
     }
 }
 
-/// `CASES` in order on fresh inputs from `seed`, when there is a GPU.
-fn run_cases<T: Half>(test: &str, seed: u64) {
-    let Some(dev) = gpu(test) else { return };
-    let mut rng = Rng::new(seed);
-    for c in CASES {
-        run_case::<T>(&dev, &mut rng, c);
-    }
-}
-
 #[test]
 fn decode_attention_matches_cpu_and_flash_bf16() {
-    run_cases::<bf16>("decode_attention_matches_cpu_and_flash_bf16", 51);
+    on_gpu("decode_attention_matches_cpu_and_flash_bf16", 51, CASES, run_case::<bf16>);
 }
 
 #[test]
 fn decode_attention_matches_cpu_and_flash_f16() {
-    run_cases::<f16>("decode_attention_matches_cpu_and_flash_f16", 52);
+    on_gpu("decode_attention_matches_cpu_and_flash_f16", 52, CASES, run_case::<f16>);
 }
 
 /// The splits are merged in a fixed order and each block's warps in warp order: two runs give the same bits, with one

@@ -23,8 +23,8 @@ use qlora_kernels::cuda::compile::{Output, Target};
 use qlora_kernels::cuda::source::Module;
 use qlora_kernels::cuda::{self, CudaDevice, DeviceBuffer};
 use qlora_kernels::nf4::WeightElem;
-use qlora_kernels::testing::attention::{case, finite_lse, AttentionCase, GpuInputs};
-use qlora_kernels::testing::{assert_close, gpu, Tolerance};
+use qlora_kernels::testing::attention::{case, finite_lse, on_gpu, AttentionCase, GpuInputs};
+use qlora_kernels::testing::{assert_close, Tolerance};
 use qlora_kernels::Rng;
 use std::collections::BTreeSet;
 
@@ -159,18 +159,18 @@ fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &AttentionCase) {
 
 #[test]
 fn flash_attention_matches_cpu_bf16() {
-    run_cases::<bf16>("flash_attention_matches_cpu_bf16", 41, CASES);
+    on_gpu("flash_attention_matches_cpu_bf16", 41, CASES, run_case::<bf16>);
 }
 
 #[test]
 fn flash_attention_matches_cpu_f16() {
-    run_cases::<f16>("flash_attention_matches_cpu_f16", 42, CASES);
+    on_gpu("flash_attention_matches_cpu_f16", 42, CASES, run_case::<f16>);
 }
 
 /// Training-sized packs: 1024-token sequences, GQA 4 and 2, head_dim 64, 128 and 256, many tiles in both passes.
 #[test]
 fn flash_attention_matches_cpu_on_long_sequences() {
-    run_cases::<bf16>(
+    on_gpu(
         "flash_attention_matches_cpu_on_long_sequences",
         43,
         &[
@@ -178,16 +178,8 @@ fn flash_attention_matches_cpu_on_long_sequences() {
             case((8, 2), 128, true, Some(300), None, &[(1024, 1024), (777, 777)]),
             case((4, 2), 256, true, None, None, &[(1024, 1024)]),
         ],
+        run_case::<bf16>,
     );
-}
-
-/// `cases` in order on fresh inputs from `seed`, when there is a GPU.
-fn run_cases<T: Half>(test: &str, seed: u64, cases: &[AttentionCase]) {
-    let Some(dev) = gpu(test) else { return };
-    let mut rng = Rng::new(seed);
-    for c in cases {
-        run_case::<T>(&dev, &mut rng, c);
-    }
 }
 
 /// Without a GPU: on Hopper the cases reach every entry point of the wgmma modules along the fastest path and every

@@ -4,7 +4,7 @@
 use crate::attention::{attention_backward, attention_forward, cu_seqlens, AttentionParams};
 use crate::cuda::{CudaDevice, DeviceBuffer, DeviceCopy};
 use crate::rng::Rng;
-use crate::testing::randn;
+use crate::testing::{gpu, randn};
 use crate::Float;
 
 /// One attention flavour over a packed batch of (queries, keys) per sequence.
@@ -112,6 +112,21 @@ impl AttentionCase {
         let (out, lse) = self.forward(q, k, v);
         let [dq, dk, dv] = self.backward([q, k, v], &out, &lse, g);
         [out, lse, dq, dk, dv]
+    }
+}
+
+/// `run` on each of `cases` in order, with inputs drawn from one generator seeded `seed`, when there is a GPU
+/// (the CUDA attention parity tests' loop).
+pub fn on_gpu(
+    test: &str,
+    seed: u64,
+    cases: &[AttentionCase],
+    mut run: impl FnMut(&CudaDevice, &mut Rng, &AttentionCase),
+) {
+    let Some(dev) = gpu(test) else { return };
+    let mut rng = Rng::new(seed);
+    for c in cases {
+        run(&dev, &mut rng, c);
     }
 }
 
