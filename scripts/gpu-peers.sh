@@ -3,8 +3,8 @@
 # Here: builds the release binary (stripped), copies ../shared/bench and writes a runner into .gpu/peer/ (git-ignored),
 # downloads the peers' wheels into .whl/ once (bitsandbytes trimmed to its CUDA 13 libraries, Unsloth without its
 # studio/), and prints the one command to run there. There, `bash .gpu/peer/run.sh SHAPE...` runs per shape, in order,
-# each job under the time left of a 10-minute call: build the random checkpoint, Unsloth, qlora-rt, qlora-rt with
-# `--memory-budget lean`, and HF when PEERS_HF=1. Every result is one JSON line in $OUT/peers.jsonl (printed at the
+# each job under the time left of a 10-minute call: build the random checkpoint, Unsloth, qlora-rt, `qlora-rt bench` on
+# the same checkpoint, qlora-rt with `--memory-budget lean`, and HF when PEERS_HF=1. Every result is one JSON line in $OUT/peers.jsonl (printed at the
 # end), the jobs' logs go to $OUT/logs.txt: the device tool brings back at most 8 files.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -76,6 +76,10 @@ for shape in "$@"; do
     job "prepare $shape" 240 python3 "$b/unsloth_qlora_baseline.py" --prepare "$shape"
     job "unsloth $shape" 240 env "${unsloth_env[@]}" python3 "$b/unsloth_qlora_baseline.py" "$shape" 4 2048 --out "$res"
     job "qlora-rt $shape" 90 python3 "$b/qlora_rt_bench.py" "$bin" "$shape" 4 2048 --out "$res"
+    # finetune's own step on the same checkpoint, timed by `bench` (CUDA events, no loop around it): beside the line
+    # above it says whether a gap to `bench --shape` is the checkpoint or finetune's loop.
+    job "qlora-rt bench $shape" 90 bash -c "\"$bin\" bench --model /tmp/ckpt-$shape --batch 4 --seq 2048 --dropout 0 \
+        --steps 5 --warmup 3 --json | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r[\"peer\"]=\"qlora-rt bench\"; r[\"shape\"]=\"$shape\"; print(json.dumps(r))' >>\"$res\""
     job "qlora-rt lean $shape" 120 python3 "$b/qlora_rt_bench.py" "$bin" "$shape" 4 2048 --out "$res" -- --memory-budget lean
     if [[ ${PEERS_HF:-0} == 1 ]]; then
         job "hf $shape" 200 python3 "$b/hf_qlora_baseline.py" "$shape" 4 2048 --out "$res"
