@@ -396,6 +396,39 @@ fn base_weight_never_gets_a_gradient() {
     assert_eq!(tape.saved_bytes().peak(), 0);
 }
 
+/// DoRA over an NF4 base whose rows are whole blocks takes g = m/n through the dequantization (each block's absmax
+/// times its row's g) instead of scaling the output: its value and every gradient equal the same op over the
+/// dequantized weight held dense (where g scales W by a pass), within f32 rounding, and with a magnitude far from the
+/// weight norm, so that g matters.
+#[test]
+fn dora_folds_g_into_whole_block_nf4_rows() {
+    let mut rng = Rng::new(17);
+    let (out_f, in_f, r, tokens) = (12, 128, 4, 9);
+    let q = Nf4Weight::quantize(&randn(&[out_f, in_f], 0.05, DType::F32, &mut rng), 64, true).unwrap();
+    let (nf4, dense) = (BaseWeight::Nf4(q.clone()), BaseWeight::Dense(q.dequantize(DType::F32).unwrap()));
+    let cfg = config(r, 8.0, false, true, 0.0);
+    let a = randn(&[r, in_f], 0.1, DType::F32, &mut rng);
+    let b = randn(&[out_f, r], 0.1, DType::F32, &mut rng);
+    let m = Tensor::from_vec((0..out_f).map(|i| 0.2 + 0.3 * i as f32).collect::<Vec<f32>>(), &[out_f]).unwrap();
+    let x = randn(&[tokens, in_f], 1.0, DType::F32, &mut rng);
+    let dy = randn(&[tokens, out_f], 1.0, DType::F32, &mut rng);
+    let run = |base: &BaseWeight| {
+        let ad = adapter_from(&cfg, a.clone(), b.clone(), Some(m.clone()));
+        let xp = Param::trainable("x", x.clone());
+        let tape = Tape::new();
+        let y = tape.lora_linear(&tape.param(&xp), base, None, Some(&ad), SEED).unwrap();
+        tape.backward(&tape.sum(&tape.mul(&y, &Var::constant(dy.clone())).unwrap()).unwrap()).unwrap();
+        let magnitude = ad.magnitude.as_ref().unwrap().grad().unwrap();
+        [y.value().clone(), xp.grad().unwrap(), ad.lora_a.grad().unwrap(), ad.lora_b.grad().unwrap(), magnitude]
+    };
+    let (folded, scaled) = (run(&nf4), run(&dense));
+    for (what, (got, want)) in ["y", "dx", "dA", "dB", "dm"].iter().zip(folded.iter().zip(&scaled)) {
+        let want = f64s(want);
+        let tol = Tolerance { abs: 1e-5 * want.iter().fold(1.0f64, |m, v| m.max(v.abs())), rel: 1e-5 };
+        assert_close(&format!("nf4 fold vs dense: {what}"), &f64s(got), &want, tol);
+    }
+}
+
 /// Bytes the op keeps for backward with a frozen NF4 base [out, in] = [256, 512] and 4 tokens: the activations,
 /// and the adapter (the base is shared, scales included), never a tensor of out×in elements (the dequantized weight alone is 512 KiB).
 #[test]

@@ -111,6 +111,50 @@ extern "C" __global__ void dequantize_nf4_nested_f16(const unsigned char* packed
     dequantize_nf4(packed, NestedAbsmax{qabsmax, absmax2, code2, offset}, out, n, n_vec, log2_blocksize);
 }
 
+// A weight whose rows are scaled each by its own factor (DoRA's m/n folded into W, so the scaled weight costs no pass
+// of its own): every block's absmax times its row's factor, one f32 rounding, before the codes multiply it. Rows are
+// whole blocks (the launcher checks): the row of block b is b / blocks_per_row.
+template <typename Scales> struct RowScaled {
+    Scales inner;
+    const float* row_scale;
+    u64 blocks_per_row;
+    __device__ void stage() { inner.stage(); }
+    __device__ float operator()(u64 block) const { return __fmul_rn(inner(block), row_scale[block / blocks_per_row]); }
+};
+
+// The dequantization above of W' = diag(row_scale)·W: row_scale [n / (blocks_per_row << log2_blocksize)] f32.
+// qlora-rt: hot
+extern "C" __global__ void dequantize_nf4_rows_f32(const unsigned char* packed, const float* absmax, const float* row_scale, u64 blocks_per_row,
+                                                   float* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, RowScaled<Absmax>{Absmax{absmax}, row_scale, blocks_per_row}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_rows_bf16(const unsigned char* packed, const float* absmax, const float* row_scale, u64 blocks_per_row,
+                                                    bf16* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, RowScaled<Absmax>{Absmax{absmax}, row_scale, blocks_per_row}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_rows_f16(const unsigned char* packed, const float* absmax, const float* row_scale, u64 blocks_per_row,
+                                                   f16* out, u64 n, u64 n_vec, unsigned log2_blocksize) {
+    dequantize_nf4(packed, RowScaled<Absmax>{Absmax{absmax}, row_scale, blocks_per_row}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_nested_rows_f32(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2,
+                                                          float offset, const float* row_scale, u64 blocks_per_row, float* out, u64 n, u64 n_vec,
+                                                          unsigned log2_blocksize) {
+    const NestedAbsmax scales{qabsmax, absmax2, code2, offset};
+    dequantize_nf4(packed, RowScaled<NestedAbsmax>{scales, row_scale, blocks_per_row}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_nested_rows_bf16(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2,
+                                                           float offset, const float* row_scale, u64 blocks_per_row, bf16* out, u64 n, u64 n_vec,
+                                                           unsigned log2_blocksize) {
+    const NestedAbsmax scales{qabsmax, absmax2, code2, offset};
+    dequantize_nf4(packed, RowScaled<NestedAbsmax>{scales, row_scale, blocks_per_row}, out, n, n_vec, log2_blocksize);
+}
+extern "C" __global__ void dequantize_nf4_nested_rows_f16(const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* code2,
+                                                          float offset, const float* row_scale, u64 blocks_per_row, f16* out, u64 n, u64 n_vec,
+                                                          unsigned log2_blocksize) {
+    const NestedAbsmax scales{qabsmax, absmax2, code2, offset};
+    dequantize_nf4(packed, RowScaled<NestedAbsmax>{scales, row_scale, blocks_per_row}, out, n, n_vec, log2_blocksize);
+}
+
 // qabsmax: [nb] u8, absmax2: [ceil(nb / 256)] f32, code2: [256] f32 → out: [nb] f32 = ftz(code2[q]·absmax2) + offset
 extern "C" __global__ void dequantize_absmax_nested_f32(const unsigned char* qabsmax, const float* absmax2, const float* code2, float offset,
                                                         float* out, u64 nb) {

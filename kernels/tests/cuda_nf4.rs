@@ -1,9 +1,10 @@
 //! GPU parity of NF4 dequantization (`kernels/cuda/nf4.cu`) with its CPU twin (`qlora_kernels::nf4`), bit for bit, on
 //! random packed bytes and scales: f32, bf16 and f16 outputs; plain and double-quantized absmax; every blocksize;
 //! lengths that exercise the vector path, its tail and odd n; writes into a range of a larger buffer, aligned or not;
-//! and the 14336 × 4096 weight of an 8B model's MLP, which also reports the kernel's bandwidth against a device copy
-//! measured in the same run. Decoding's NF4 GEMV (`kernels/cuda/nf4_gemv.cu`) against its CPU twin (within f32
-//! summation error), with a bandwidth report for an 8B model's three weight shapes at 1, 2 and 8 rows of x.
+//! each row scaled by its own factor (DoRA's fold); and the 14336 × 4096 weight of an 8B model's MLP, which also
+//! reports the kernel's bandwidth against a device copy measured in the same run. Decoding's NF4 GEMV
+//! (`kernels/cuda/nf4_gemv.cu`) against its CPU twin (within f32 summation error), with a bandwidth report for an 8B
+//! model's three weight shapes at 1, 2 and 8 rows of x.
 //!
 //! Each test prints `qlora-gpu: <test>: ran on cuda:0 (...)` or `qlora-gpu: <test>: skipped: <why>`; without a GPU
 //! they skip (and pass), unless QLORA_REQUIRE_GPU=1.
@@ -244,6 +245,44 @@ fn dequantize_into_writes_exactly_its_range_aligned_or_not() {
     into_case::<f32>(&dev, &mut rng);
     into_case::<bf16>(&dev, &mut rng);
     into_case::<f16>(&dev, &mut rng);
+}
+
+/// diag(g)·W (DoRA's m/n folded into the dequantization): each row's factor times its blocks' absmax, bit for bit
+/// the CPU twin's, for plain and nested scales, every output type, rows of one and several blocks (odd row counts,
+/// one past a tile, a long weight past a wave), factors of 0, 1, negative and tiny; from an unaligned start too.
+fn rows_scaled_case<T: Out>(dev: &CudaDevice, rng: &mut Rng) {
+    for (rows, row_len, blocksize) in [(3, 64, 64), (7, 192, 64), (33, 1024, 128), (5, 4096, 4096), (4099, 2048, 64)] {
+        for nested in [false, true] {
+            let case = Case::new(rng, rows * row_len, blocksize, nested);
+            let special = [0.0f32, 1.0, -2.5, 1.0e-30];
+            let g: Vec<f32> = (0..rows)
+                .map(|r| if r % 4 == 1 { special[r / 4 % 4] } else { (1.0 + 0.1 * rng.normal()) as f32 })
+                .collect();
+            let mut want = vec![T::from_f32(f32::NAN); case.n];
+            nf4::dequantize_nf4_rows_scaled(&case.packed, &case.absmax, blocksize, &g, row_len, &mut want);
+            let g_dev = upload(dev, &g);
+            for start in [0, 3] {
+                let mut out = upload(dev, &vec![T::from_f32(f32::NAN); start + case.n]);
+                let rows_arg = gnf4::RowScale { scale: &g_dev, row_len };
+                case.on_device(dev, |packed, scales| {
+                    gnf4::dequantize_nf4_rows_scaled_into(packed, scales, rows_arg, blocksize, case.n, &mut out, start)
+                        .unwrap()
+                });
+                let got = out.to_vec().unwrap();
+                let what = format!("rows scaled {} rows {rows} start {start}", case.what());
+                assert_bits(&what, &got[start..], &want);
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_scaled_dequantization_matches_cpu_bit_for_bit() {
+    let Some(dev) = gpu("rows_scaled_dequantization_matches_cpu_bit_for_bit") else { return };
+    let mut rng = Rng::new(44);
+    rows_scaled_case::<f32>(&dev, &mut rng);
+    rows_scaled_case::<bf16>(&dev, &mut rng);
+    rows_scaled_case::<f16>(&dev, &mut rng);
 }
 
 #[test]

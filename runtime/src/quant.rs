@@ -158,17 +158,30 @@ impl Nf4Tensors {
         }
     }
 
-    /// w → out[..out·in] on the device, in one launch: bit-identical to the CPU's dequantization.
-    fn launch<T: gnf4::Nf4Output>(&self, w: &Nf4Weight, out: &mut DeviceBuffer<T>) -> Result<()> {
-        gnf4::dequantize_nf4_into(buf(&self.packed), self.scales(), w.blocksize, w.elem_count(), out, 0)
-            .map_err(Error::cuda("nf4 dequantize"))
+    /// w (each row times its factor in `rows`: f32 \[out\] on the device, whole) → out[..out·in] on the device, in
+    /// one launch: bit-identical to the CPU's dequantization.
+    fn launch<T: gnf4::Nf4Output>(
+        &self,
+        w: &Nf4Weight,
+        rows: Option<&Tensor>,
+        out: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
+        let (packed, scales, n) = (buf(&self.packed), self.scales(), w.elem_count());
+        match rows {
+            None => gnf4::dequantize_nf4_into(packed, scales, w.blocksize, n, out, 0),
+            Some(g) => {
+                let rows = gnf4::RowScale { scale: buf(g), row_len: w.shape[1] };
+                gnf4::dequantize_nf4_rows_scaled_into(packed, scales, rows, w.blocksize, n, out, 0)
+            }
+        }
+        .map_err(Error::cuda("nf4 dequantize"))
     }
 
     /// w: [out, in] in `dtype` (f32, bf16 or f16), dequantized on the device.
     fn dequantize(&self, w: &Nf4Weight, dtype: DType) -> Result<Tensor> {
         fn go<T: gnf4::Nf4Output + CudaElement>(d: &Nf4Tensors, w: &Nf4Weight, ordinal: usize) -> Result<Tensor> {
             let mut out = cuda_device(ordinal)?.alloc::<T>(w.elem_count()).map_err(Error::cuda(OP))?;
-            d.launch(w, &mut out)?;
+            d.launch(w, None, &mut out)?;
             Ok(output(out, &w.shape))
         }
         const OP: &str = "nf4 dequantize";
@@ -184,13 +197,14 @@ impl Nf4Tensors {
         }
     }
 
-    /// w → scratch[..out·in] (scratch on this device, at least that long), in scratch's dtype.
-    fn dequantize_into(&self, w: &Nf4Weight, scratch: &mut Tensor) -> Result<()> {
+    /// w (its rows scaled by `rows`, as [`Nf4Tensors::launch`] takes them) → scratch[..out·in] (scratch on this
+    /// device, at least that long), in scratch's dtype.
+    fn dequantize_into(&self, w: &Nf4Weight, rows: Option<&Tensor>, scratch: &mut Tensor) -> Result<()> {
         const OP: &str = "nf4 dequantize_into";
         match scratch.dtype() {
-            DType::F32 => self.launch(w, buffer_mut::<f32>(OP, scratch)?),
-            DType::BF16 => self.launch(w, buffer_mut::<bf16>(OP, scratch)?),
-            DType::F16 => self.launch(w, buffer_mut::<f16>(OP, scratch)?),
+            DType::F32 => self.launch(w, rows, buffer_mut::<f32>(OP, scratch)?),
+            DType::BF16 => self.launch(w, rows, buffer_mut::<bf16>(OP, scratch)?),
+            DType::F16 => self.launch(w, rows, buffer_mut::<f16>(OP, scratch)?),
             _ => Err(Error::Unsupported {
                 op: OP,
                 device: scratch.device(),
@@ -350,6 +364,35 @@ impl Nf4Weight {
     /// holds: while a view from an earlier call (one saved for backward, say) shares scratch's storage, scratch is
     /// copied before the write and that view keeps its values.
     pub fn dequantize_into(&self, scratch: &mut Tensor) -> Result<Tensor> {
+        self.dequantize_rows_into(scratch, None)
+    }
+
+    /// [`Nf4Weight::dequantize_into`] of diag(row_scale)·W: row_scale \[out\] (any float dtype, used as f32)
+    /// multiplies each block's absmax before the codes do (one f32 rounding, the same on both devices:
+    /// [`qlora_kernels::nf4::dequantize_nf4_rows_scaled`]), so the scaled weight costs no pass of its own. Needs
+    /// rows of whole blocks (in a multiple of the blocksize, as every model's projections are).
+    pub fn dequantize_scaled_into(&self, scratch: &mut Tensor, row_scale: &Tensor) -> Result<Tensor> {
+        const OP: &str = "nf4 dequantize_scaled_into";
+        let [out_f, in_f] = self.shape;
+        if row_scale.shape() != [out_f] {
+            return Err(Error::shape(
+                OP,
+                format!("row factors {:?} for a weight of {:?}", row_scale.shape(), self.shape),
+            ));
+        }
+        if in_f % self.blocksize != 0 {
+            return Err(Error::shape(
+                OP,
+                format!("rows of {in_f} are not whole blocks of {} in a weight of {:?}", self.blocksize, self.shape),
+            ));
+        }
+        if row_scale.device() != self.device() {
+            return Err(Error::DeviceMismatch { op: OP, a: self.device(), b: row_scale.device() });
+        }
+        self.dequantize_rows_into(scratch, Some(row_scale))
+    }
+
+    fn dequantize_rows_into(&self, scratch: &mut Tensor, row_scale: Option<&Tensor>) -> Result<Tensor> {
         const OP: &str = "nf4 dequantize_into";
         let n = self.elem_count();
         if scratch.elem_count() < n {
@@ -361,15 +404,25 @@ impl Nf4Weight {
         if scratch.device() != self.device() {
             return Err(Error::DeviceMismatch { op: OP, a: self.device(), b: scratch.device() });
         }
+        let rows = row_scale.map(|g| g.try_to_dtype(DType::F32)).transpose()?;
         if let Some(d) = &self.device {
-            d.dequantize_into(self, scratch)?;
+            let rows = rows.as_ref().map(crate::cuda::contiguous).transpose()?;
+            d.dequantize_into(self, rows.as_ref(), scratch)?;
         } else {
             let absmax = self.absmax.resolve();
-            let (packed, bs) = (&self.packed, self.blocksize);
+            let rows = rows.map(|g| g.to_vec::<f32>());
+            let (packed, bs, in_f) = (&self.packed, self.blocksize, self.shape[1]);
+            fn go<T: nf4::WeightElem>(p: &[u8], a: &[f32], bs: usize, rows: Option<(&[f32], usize)>, out: &mut [T]) {
+                match rows {
+                    None => nf4::dequantize_nf4(p, a, bs, out),
+                    Some((g, row_len)) => nf4::dequantize_nf4_rows_scaled(p, a, bs, g, row_len, out),
+                }
+            }
+            let rows = rows.as_deref().map(|g| (g, in_f));
             match scratch.dtype() {
-                DType::F32 => scratch.update::<f32>(|s| nf4::dequantize_nf4(packed, &absmax, bs, &mut s[..n]))?,
-                DType::BF16 => scratch.update::<bf16>(|s| nf4::dequantize_nf4(packed, &absmax, bs, &mut s[..n]))?,
-                DType::F16 => scratch.update::<f16>(|s| nf4::dequantize_nf4(packed, &absmax, bs, &mut s[..n]))?,
+                DType::F32 => scratch.update::<f32>(|s| go(packed, &absmax, bs, rows, &mut s[..n]))?,
+                DType::BF16 => scratch.update::<bf16>(|s| go(packed, &absmax, bs, rows, &mut s[..n]))?,
+                DType::F16 => scratch.update::<f16>(|s| go(packed, &absmax, bs, rows, &mut s[..n]))?,
                 other => return Err(Error::DType { op: OP, expected: DType::BF16, got: other }),
             }
         }
@@ -509,6 +562,35 @@ mod tests {
             assert!(e.contains("a part of [40, 70] is U8 [1399] on cpu, not U8 [1400] on cpu"), "{e}");
             assert!(Nf4Weight::from_parts(q.shape, 32, DType::BF16, parts).is_err(), "the block count is checked");
         }
+    }
+
+    /// diag(g)·W into the scratch: each row within one rounding of W's row times its factor (the factor folds into
+    /// the block absmax), the tail left alone; factors of the wrong length, rows that are not whole blocks and
+    /// factors on another device are errors naming the weight.
+    #[test]
+    fn dequantize_scaled_into_scales_each_row() {
+        let mut rng = Rng::new(3);
+        let w = Nf4Weight::quantize(&Tensor::randn(&[6, 128], 0.02, DType::F32, &mut rng), 64, true).unwrap();
+        let g = Tensor::from_vec(vec![0.5f32, 2.0, 0.0, -1.0, 1.0, 3.0e-3], &[6]).unwrap();
+        let plain = w.dequantize(DType::F32).unwrap().to_vec::<f32>();
+        for dtype in [DType::F32, DType::BF16] {
+            let mut scratch = Tensor::full(&[6 * 128 + 3], 9.0, dtype);
+            let got = w.dequantize_scaled_into(&mut scratch, &g.to_dtype(dtype)).unwrap();
+            assert_eq!(got.shape(), &[6, 128]);
+            let gv = g.to_dtype(dtype).to_vec::<f32>();
+            for (i, (&v, &p)) in got.to_vec::<f32>().iter().zip(&plain).enumerate() {
+                let exact = p as f64 * gv[i / 128] as f64;
+                let tol = if dtype == DType::F32 { 2.0 * f32::EPSILON as f64 } else { 1.0 / 128.0 };
+                assert!((v as f64 - exact).abs() <= tol * exact.abs(), "{dtype:?} [{i}]: {v} vs {exact}");
+            }
+            assert_eq!(scratch.to_vec::<f64>()[6 * 128..], [9.0; 3]);
+        }
+        let mut scratch = Tensor::zeros(&[6 * 128], DType::F32);
+        let e = w.dequantize_scaled_into(&mut scratch, &Tensor::ones(&[5], DType::F32)).unwrap_err().to_string();
+        assert!(e.contains("row factors [5] for a weight of [6, 128]"), "{e}");
+        let odd = Nf4Weight::quantize(&Tensor::randn(&[4, 96], 0.02, DType::F32, &mut rng), 64, false).unwrap();
+        let e = odd.dequantize_scaled_into(&mut scratch, &Tensor::ones(&[4], DType::F32)).unwrap_err().to_string();
+        assert!(e.contains("rows of 96 are not whole blocks of 64"), "{e}");
     }
 
     #[test]

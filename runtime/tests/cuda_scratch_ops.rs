@@ -1,6 +1,6 @@
 //! The runtime ops a training step uses to reuse buffers, on CUDA against the CPU: NF4 dequantization (one launch,
-//! double quantization included) into a fresh tensor or into the front of a scratch tensor, bit for bit, also for a
-//! weight put together on the GPU from its parts (a sharded base's gather);
+//! double quantization included) into a fresh tensor or into the front of a scratch tensor, with each row scaled or
+//! not, bit for bit, also for a weight put together on the GPU from its parts (a sharded base's gather);
 //! `matmul_into`, which accumulates a product into an existing tensor; and what the LoRA group runs on: column blocks
 //! read in place, products written side by side (`matmul_columns`).
 //!
@@ -53,6 +53,14 @@ fn nf4_dequantizes_on_the_device_bit_for_bit() {
                 assert_eq!((view.shape(), view.device()), (&shape[..], CUDA));
                 assert_eq!(bits(&view), bits(&want), "dequantize_into {what} {dtype:?}");
                 assert!(scratch.to_vec::<f64>()[n..].iter().all(|&v| v == 9.0), "{what}: scratch past the weight");
+                // Each row scaled in the dequantization (DoRA's m/n), where rows are whole blocks.
+                if shape[1] % blocksize == 0 {
+                    let g = Tensor::randn(&[shape[0]], 1.0, dtype, &mut rng);
+                    let mut host_scratch = Tensor::zeros(&[n], dtype);
+                    let want = cpu.dequantize_scaled_into(&mut host_scratch, &g).unwrap();
+                    let got = cuda.dequantize_scaled_into(&mut scratch, &g.to_device(CUDA).unwrap()).unwrap();
+                    assert_eq!(bits(&got), bits(&want), "dequantize_scaled_into {what} {dtype:?}");
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 //! `qlora_runtime::ops::dora` (CPU and CUDA), the rest GEMMs and elementwise ops, so the op runs wherever its tensors
 //! are. It keeps its own op rather than the fused LoRA group's: the norm couples every output row to A and B.
 
+use super::scratch::{with_scaled_weight, with_weight};
 use super::{precision, Dropout, LoraAdapter};
 use crate::tape::{Backward, Tape, Var};
 use qlora_runtime::op::{bytes_of, first_grad, saved};
@@ -43,7 +44,6 @@ impl Tape {
         let p = precision(&[x.value(), av, bv, mv]);
         let rows = x.value().elem_count() / in_f;
         let x2 = x.value().reshape(&[rows, in_f])?;
-        let w = base.materialize(p)?;
         let (s, dropout) = (ad.scaling(), Dropout::of(&ad.config, dropout_seed));
         let (x_needs, a_needs, m_needs) = (x.requires_grad(), a.requires_grad(), m.requires_grad());
         // A and B in the op's precision, cast once per optimizer step, for every product (as peft under autocast
@@ -52,25 +52,31 @@ impl Tape {
         let (av, bv) = (&av, &bv);
         // n depends on A, B and the frozen base only: made once per optimizer step, not again by the recomputation
         // of a checkpointed layer or by the next micro-batch.
-        let n = magnitude.derived(&[&ad.lora_a, &ad.lora_b], p, || weight_norm(&w, av, bv, s))?;
+        let n =
+            magnitude.derived(&[&ad.lora_a, &ad.lora_b], p, || with_weight(base, p, |w| weight_norm(w, av, bv, s)))?;
         let g = ratio(mv, &n)?;
-        let (y, h, u) = match dropout {
-            // y = z + (g − 1)⊙z + g⊙s·u·Bᵀ = g⊙h with h = z + s·u·Bᵀ: the adapter's product accumulates onto
-            // z = x·Wᵀ in its GEMM and one pass scales the columns (h is also what dm reads).
+        let (y, dm_of, u) = match dropout {
+            // y = z + (g − 1)⊙z + g⊙s·u·Bᵀ = g⊙(x·Wᵀ + s·u·Bᵀ) = x·(diag(g)·W)ᵀ + s·u·(diag(g)·B)ᵀ: g rides on the
+            // weight's dequantization and on B's rows, and the adapter's product accumulates onto the base's in its
+            // GEMM, so no pass goes over the [N, out] output. dm reads y itself: Σ_rows(dy⊙h)/n = Σ_rows(dy⊙y)/m.
+            // (A magnitude of exactly 0 then gives a NaN dm, which stops training at the step's finite check,
+            // where peft's h/n would give a number: no trained or initialised magnitude lands on 0.0 in practice.)
             None => {
                 let u = matmul(&x2, &av.t()?)?;
-                let mut h = matmul(&x2, &w.t()?)?;
-                matmul_into(&mut h, &u, &bv.t()?, s, 1.0)?;
-                (scale_by(&h, &g, 0.0, Axis::Cols)?, m_needs.then_some(h), u)
+                let mut y = with_scaled_weight(base, p, &g, |w| matmul(&x2, &w.t()?))?;
+                matmul_into(&mut y, &u, &scale_by(bv, &g, 0.0, Axis::Rows)?.t()?, s, 1.0)?;
+                let dm_of = m_needs.then(|| (y.clone(), mv.clone()));
+                (y, dm_of, u)
             }
             // The correction terms see x_d while the main term keeps x: x_d·Wᵀ is a second product.
             Some(d) => {
+                let w = base.materialize(p)?;
                 let xd = d.apply(&x2)?;
                 let z = matmul(&x2, &w.t()?)?;
                 let u = matmul(&xd, &av.t()?)?;
                 let sv = matmul_scaled(&u, &bv.t()?, s)?;
                 let (y, h) = combine(&z, &matmul(&xd, &w.t()?)?, &sv, &g, m_needs)?;
-                (y, h, u)
+                (y, h.map(|h| (h, n.clone())), u)
             }
         };
         let y = match bias {
@@ -91,8 +97,7 @@ impl Tape {
             a: x_needs.then(|| av.clone()),
             b: (x_needs || a_needs).then(|| bv.clone()),
             g,
-            n: m_needs.then_some(n),
-            h,
+            dm_of,
         };
         let none = Var::constant(Tensor::zeros(&[0], DType::F32));
         Ok(self.record1(Box::new(op), &[x, &a, &b, &m, bias.unwrap_or(&none)], y.reshape(&y_shape)?))
@@ -118,9 +123,9 @@ struct DoraLinear {
     b: Option<Tensor>,
     /// m/n [out]: scales every gradient of the correction terms.
     g: Tensor,
-    /// n [out] and h = x_d·Wᵀ + s·x_d·Aᵀ·Bᵀ [N, out], for dm = Σ_rows(dy⊙h)/n.
-    n: Option<Tensor>,
-    h: Option<Tensor>,
+    /// (t [N, out], d [out]) with dm = Σ_rows(dy⊙t)/d: (y before its bias, m) without dropout, (h = x_d·Wᵀ +
+    /// s·x_d·Aᵀ·Bᵀ, n) with it.
+    dm_of: Option<(Tensor, Tensor)>,
 }
 
 impl Backward for DoraLinear {
@@ -130,7 +135,8 @@ impl Backward for DoraLinear {
 
     fn saved_bytes(&self) -> usize {
         // The base clone shares its storage with the owner (dense tensor, NF4 nibbles and scales): it costs nothing.
-        self.g.size_in_bytes() + bytes_of([&self.x, &self.u, &self.a, &self.b, &self.n, &self.h])
+        let dm_of = self.dm_of.as_ref().map(|(t, d)| t.size_in_bytes() + d.size_in_bytes()).unwrap_or(0);
+        self.g.size_in_bytes() + dm_of + bytes_of([&self.x, &self.u, &self.a, &self.b])
     }
 
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
@@ -165,15 +171,12 @@ impl Backward for DoraLinear {
             }
             None => None,
         };
-        let d_m = match (&self.n, &self.h) {
-            (Some(n), Some(h)) => Some(ratio(&sum_rows(&mul(&dy, h)?)?, n)?),
-            _ => None,
-        };
+        let d_m = self.dm_of.as_ref().map(|(t, d)| ratio(&sum_rows(&mul(&dy, t)?)?, d)).transpose()?;
         let dx = match (&self.base, self.dropout) {
             (None, _) => None,
             // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: du·A accumulates onto the one product with g⊙W.
             (Some(base), None) => {
-                let mut dx = matmul(&dy, &scale_by(&base.materialize(p)?, &self.g, 0.0, Axis::Rows)?)?;
+                let mut dx = with_scaled_weight(base, p, &self.g, |w| matmul(&dy, w))?;
                 matmul_into(&mut dx, saved(&du)?, saved(&self.a)?, 1.0, 1.0)?;
                 Some(dx)
             }

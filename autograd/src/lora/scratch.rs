@@ -3,6 +3,7 @@
 //! instead of a fresh [out, in] tensor per call. The scratch grows to the largest weight seen and stays.
 
 use qlora_runtime::memory::{tagged, Category};
+use qlora_runtime::ops::dora::{scale_by, Axis};
 use qlora_runtime::ops::linalg::{matmul, matmul_into};
 use qlora_runtime::quant::{BaseWeight, LoraUp, Nf4Weight, GEMV_MAX_ROWS};
 use qlora_runtime::{DType, Device, Result, Tensor};
@@ -47,30 +48,55 @@ pub(super) fn base_products(bases: &[(&BaseWeight, Option<LoraUp>)], x2: &Tensor
 /// dtype). `f` must not keep the tensor: for NF4 it views the scratch, which the next call overwrites (a kept view
 /// would stay correct, copy-on-write, but the next call would then copy the scratch instead of reusing it).
 pub(super) fn with_weight<R>(base: &BaseWeight, dtype: DType, f: impl FnOnce(&Tensor) -> Result<R>) -> Result<R> {
-    let BaseWeight::Nf4(w) = base else {
-        return f(&base.materialize(dtype)?);
-    };
-    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-        return f(&base.materialize(dtype)?);
+    match scratch_weight(base, dtype) {
+        Some(w) => in_scratch(w, dtype, |w, scratch| w.dequantize_into(scratch), f),
+        None => f(&base.materialize(dtype)?),
     }
+}
+
+/// [`with_weight`] of diag(g)·W (g: \[out\]): an NF4 weight of whole-block rows comes out of the dequantization
+/// scaled ([`Nf4Weight::dequantize_scaled_into`]: DoRA's m/n at no cost of its own); any other weight is scaled by
+/// a pass over it.
+pub(super) fn with_scaled_weight<R>(
+    base: &BaseWeight,
+    dtype: DType,
+    g: &Tensor,
+    f: impl FnOnce(&Tensor) -> Result<R>,
+) -> Result<R> {
+    match scratch_weight(base, dtype) {
+        Some(w) if w.shape[1] % w.blocksize == 0 => {
+            in_scratch(w, dtype, |w, scratch| w.dequantize_scaled_into(scratch, g), f)
+        }
+        _ => f(&scale_by(&base.materialize(dtype)?, g, 0.0, Axis::Rows)?),
+    }
+}
+
+/// The NF4 weight of `base` when it dequantizes into the scratch in `dtype` (f64 and dense weights do not).
+fn scratch_weight(base: &BaseWeight, dtype: DType) -> Option<&Nf4Weight> {
+    match base {
+        BaseWeight::Nf4(w) if matches!(dtype, DType::F32 | DType::BF16 | DType::F16) => Some(w),
+        _ => None,
+    }
+}
+
+/// `f` on `w` as `fill` writes it into this thread's scratch for (w's device, `dtype`).
+fn in_scratch<R>(
+    w: &Nf4Weight,
+    dtype: DType,
+    fill: impl FnOnce(&Nf4Weight, &mut Tensor) -> Result<Tensor>,
+    f: impl FnOnce(&Tensor) -> Result<R>,
+) -> Result<R> {
     let device = w.device();
     let taken = SCRATCH.with_borrow_mut(|all| {
         let at = all.iter().position(|(d, t, _)| (*d, *t) == (device, dtype))?;
         Some(all.swap_remove(at).2)
     });
-    let (r, scratch) = match taken.filter(|s| s.elem_count() >= w.elem_count()) {
-        Some(mut scratch) => {
-            let view = w.dequantize_into(&mut scratch)?;
-            (f(&view), scratch)
-        }
-        // The first weight, or one larger than any before: its own dequantization becomes the scratch.
-        None => {
-            let fresh = tagged(Category::Scratch, || w.dequantize(dtype))?;
-            let r = f(&fresh);
-            let flat = fresh.reshape(&[w.elem_count()])?;
-            (r, flat)
-        }
+    // The first weight, or one larger than any before: a fresh buffer of its size becomes the scratch.
+    let mut scratch = match taken.filter(|s| s.elem_count() >= w.elem_count()) {
+        Some(scratch) => scratch,
+        None => tagged(Category::Scratch, || Tensor::zeros_on(&[w.elem_count()], dtype, device))?,
     };
+    let r = fill(w, &mut scratch).and_then(|view| f(&view));
     SCRATCH.with_borrow_mut(|all| all.push((device, dtype, scratch)));
     r
 }

@@ -26,3 +26,25 @@ pub fn dequantize_nf4<T: WeightElem>(packed: &[u8], absmax: &[f32], blocksize: u
             }
         });
 }
+
+/// [`dequantize_nf4`] of W' = diag(row_scale)·W for W [rows, row_len] (`row_len` a multiple of `blocksize`): every
+/// block's absmax is first multiplied by its row's factor, one f32 rounding, so the scaled weight comes out of the
+/// dequantization itself (DoRA folds its m/n into W this way). row_scale: \[rows\].
+pub fn dequantize_nf4_rows_scaled<T: WeightElem>(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    row_scale: &[f32],
+    row_len: usize,
+    out: &mut [T],
+) {
+    assert!(
+        row_len > 0 && row_len % blocksize == 0 && row_scale.len() * row_len == out.len(),
+        "dequantize_nf4_rows_scaled: {} row factors for rows of {row_len} (whole blocks of {blocksize}) over {}",
+        row_scale.len(),
+        out.len()
+    );
+    let row_blocks = row_len / blocksize;
+    let scaled: Vec<f32> = absmax.iter().enumerate().map(|(b, &a)| a * row_scale[b / row_blocks]).collect();
+    dequantize_nf4(packed, &scaled, blocksize, out);
+}

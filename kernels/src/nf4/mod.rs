@@ -43,7 +43,7 @@ mod quantize;
 #[cfg(test)]
 mod tests;
 
-pub use dequantize::dequantize_nf4;
+pub use dequantize::{dequantize_nf4, dequantize_nf4_rows_scaled};
 pub use dynamic_map::{DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED};
 pub use gemv::{nf4_gemv, GemvLora};
 pub use nested::{

@@ -222,6 +222,45 @@ fn bf16_and_f16_paths_match_f32() {
     assert!(h_out.iter().zip(&f32_out).all(|(h, &f)| h.to_bits() == f16::from_f32(f).to_bits()));
 }
 
+/// Each row's factor multiplies its blocks' absmax (one f32 rounding) before the codes do: within one rounding of
+/// the plain weight times the factor, exactly 0 for a zero factor and the plain weight for a factor of 1; the row
+/// length must be whole blocks.
+#[test]
+fn rows_scaled_dequantization_folds_each_factor_into_its_rows_absmax() {
+    let mut rng = Rng::new(23);
+    let (rows, row_len, blocksize) = (5, 192, 64);
+    let x = randn_f32(&mut rng, rows * row_len, 0.05);
+    let (packed, absmax) = quantize(&x, blocksize);
+    let plain = dequantize(&packed, &absmax, blocksize, x.len());
+    let scale = [0.5f32, 1.0, 0.0, -3.25, 1.0e-3];
+    let mut out = vec![f32::NAN; x.len()];
+    dequantize_nf4_rows_scaled(&packed, &absmax, blocksize, &scale, row_len, &mut out);
+    for (r, (row, want)) in out.chunks(row_len).zip(plain.chunks(row_len)).enumerate() {
+        for (i, (&got, &w)) in row.iter().zip(want).enumerate() {
+            let exact = w as f64 * scale[r] as f64;
+            assert!(
+                (got as f64 - exact).abs() <= 2.0 * f32::EPSILON as f64 * exact.abs(),
+                "row {r} col {i}: {got} vs {exact}"
+            );
+            let block = (r * row_len + i) / blocksize;
+            let code = nibble(&packed, r * row_len + i);
+            assert_eq!(got.to_bits(), nf4_value(code, absmax[block] * scale[r]).to_bits(), "row {r} col {i}");
+        }
+    }
+    assert!(out[2 * row_len..3 * row_len].iter().all(|&v| v == 0.0));
+    assert_eq!(&out[row_len..2 * row_len], &plain[row_len..2 * row_len]);
+    let mut bf_out = vec![bf16::ZERO; x.len()];
+    dequantize_nf4_rows_scaled(&packed, &absmax, blocksize, &scale, row_len, &mut bf_out);
+    assert!(bf_out.iter().zip(&out).all(|(b, &f)| b.to_bits() == bf16::from_f32(f).to_bits()), "one rounding");
+}
+
+#[test]
+#[should_panic(expected = "whole blocks")]
+fn rows_scaled_dequantization_needs_rows_of_whole_blocks() {
+    let (packed, absmax) = quantize(&[0.5; 192], 64);
+    dequantize_nf4_rows_scaled(&packed, &absmax, 64, &[1.0, 1.0], 96, &mut [0.0f32; 192]);
+}
+
 #[test]
 #[should_panic(expected = "not a power of two")]
 fn rejects_a_blocksize_bnb_does_not_have() {

@@ -1,5 +1,6 @@
 //! Launchers of `kernels/cuda/nf4.cu`, twins of [`crate::nf4`]'s dequantization: [`dequantize_nf4_into`] (one launch
-//! for plain or double-quantized scales, into any range of a buffer), its whole-buffer form [`dequantize_nf4`], and the
+//! for plain or double-quantized scales, into any range of a buffer), its whole-buffer form [`dequantize_nf4`], the
+//! form with each row scaled [`dequantize_nf4_rows_scaled_into`], and the
 //! standalone rebuild of a double-quantized absmax, [`dequantize_absmax_nested`], all bit-exact with the CPU; and
 //! decoding's product with a packed weight, [`nf4_gemv`] (`gemv.rs`, launchers of `kernels/cuda/nf4_gemv.cu`).
 
@@ -21,11 +22,16 @@ const TILE: usize = 1024;
 pub trait Nf4Output: DeviceCopy {
     /// The kernels writing this type: (one f32 absmax per block, double-quantized absmax).
     fn kernels() -> (&'static str, &'static str);
+    /// The same with each row scaled ([`dequantize_nf4_rows_scaled_into`]).
+    fn row_kernels() -> (&'static str, &'static str);
 }
 
 impl<T: GpuFloat> Nf4Output for T {
     fn kernels() -> (&'static str, &'static str) {
         (kernel!("dequantize_nf4", T), kernel!("dequantize_nf4_nested", T))
+    }
+    fn row_kernels() -> (&'static str, &'static str) {
+        (kernel!("dequantize_nf4_rows", T), kernel!("dequantize_nf4_nested_rows", T))
     }
 }
 
@@ -33,6 +39,16 @@ impl Nf4Output for f16 {
     fn kernels() -> (&'static str, &'static str) {
         ("dequantize_nf4_f16", "dequantize_nf4_nested_f16")
     }
+    fn row_kernels() -> (&'static str, &'static str) {
+        ("dequantize_nf4_rows_f16", "dequantize_nf4_nested_rows_f16")
+    }
+}
+
+/// A factor per row of a weight [rows, row_len] (`row_len` a multiple of the blocksize): `scale` \[rows\] f32.
+#[derive(Clone, Copy, Debug)]
+pub struct RowScale<'a> {
+    pub scale: &'a DeviceBuffer<f32>,
+    pub row_len: usize,
 }
 
 /// An NF4 weight's per-block scales on the device.
@@ -74,6 +90,33 @@ pub fn dequantize_nf4_into<T: Nf4Output>(
     out: &mut DeviceBuffer<T>,
     start: usize,
 ) -> Result<()> {
+    dequantize(packed, scales, None, blocksize, n, out, start)
+}
+
+/// [`dequantize_nf4_into`] of W' = diag(rows.scale)·W: each block's absmax times its row's factor (one f32 rounding)
+/// before the codes multiply it, bit-identical to [`crate::nf4::dequantize_nf4_rows_scaled`]. DoRA folds m/n into
+/// its weight this way instead of scaling the product's columns.
+pub fn dequantize_nf4_rows_scaled_into<T: Nf4Output>(
+    packed: &DeviceBuffer<u8>,
+    scales: Nf4Scales<'_>,
+    rows: RowScale<'_>,
+    blocksize: usize,
+    n: usize,
+    out: &mut DeviceBuffer<T>,
+    start: usize,
+) -> Result<()> {
+    dequantize(packed, scales, Some(rows), blocksize, n, out, start)
+}
+
+fn dequantize<T: Nf4Output>(
+    packed: &DeviceBuffer<u8>,
+    scales: Nf4Scales<'_>,
+    rows: Option<RowScale<'_>>,
+    blocksize: usize,
+    n: usize,
+    out: &mut DeviceBuffer<T>,
+    start: usize,
+) -> Result<()> {
     assert!(
         start.checked_add(n).is_some_and(|end| end <= out.len()),
         "dequantize_nf4: {n} elements from {start} overrun an output of {}",
@@ -81,6 +124,15 @@ pub fn dequantize_nf4_into<T: Nf4Output>(
     );
     let dev = weight_device("dequantize_nf4", packed, scales, blocksize, n);
     same_device("dequantize_nf4", &[dev, out.device()]);
+    if let Some(r) = rows {
+        assert!(
+            r.row_len > 0 && r.row_len % blocksize == 0 && r.scale.len() * r.row_len == n,
+            "dequantize_nf4: {} row factors for rows of {} (whole blocks of {blocksize}) over {n} elements",
+            r.scale.len(),
+            r.row_len
+        );
+        same_device("dequantize_nf4", &[dev, r.scale.device()]);
+    }
     if n == 0 {
         return Ok(());
     }
@@ -92,23 +144,34 @@ pub fn dequantize_nf4_into<T: Nf4Output>(
     // One wave: more blocks would only queue behind the resident ones, each then looping over fewer tiles.
     let grid = wanted.clamp(1, (dev.resident_threads() / block).max(1)) as u32;
     let (pp, n64, nv64, log2) = (packed.ptr(), n as u64, n_vec as u64, blocksize.trailing_zeros());
-    let (plain, nested) = T::kernels();
-    match scales {
-        Nf4Scales::Absmax(absmax) => {
-            let pa = absmax.ptr();
-            // SAFETY: dequantize_nf4_T(const unsigned char* packed, const float* absmax, T* out, u64 n, u64 n_vec,
-            // unsigned log2_blocksize): packed holds (n + 1) / 2 bytes, absmax ceil(n / blocksize) f32 and out n
-            // elements from po (asserted), on this device; n_vec is a multiple of TILE, nonzero only when packed
-            // and po are 16-byte aligned; the block of BLOCK threads is the kernel's at most 256, a multiple of 32.
-            unsafe { launch!(dev, Module::Nf4, plain, config(grid); pp, pa, po, n64, nv64, log2) }
-        }
-        Nf4Scales::Nested { qabsmax, absmax2, code2, offset } => {
-            let (pq, p2, pc) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr());
-            // SAFETY: dequantize_nf4_nested_T(const unsigned char* packed, const unsigned char* qabsmax, const
-            // float* absmax2, const float* code2, float offset, T* out, u64 n, u64 n_vec, unsigned log2_blocksize):
-            // as above, with qabsmax ceil(n / blocksize) bytes, absmax2 one f32 per 256 of them and code2 256 f32
-            // (asserted; every byte indexes code2 in range), on this device.
-            unsafe { launch!(dev, Module::Nf4, nested, config(grid); pp, pq, p2, pc, offset, po, n64, nv64, log2) }
+    let ((plain, nested), row_args) = match rows {
+        None => (T::kernels(), None),
+        Some(r) => (T::row_kernels(), Some((r.scale.ptr(), (r.row_len / blocksize) as u64))),
+    };
+    // SAFETY: dequantize_nf4[_nested][_rows]_T(const unsigned char* packed, <scales>, [const float*
+    // row_scale, u64 blocks_per_row,] T* out, u64 n, u64 n_vec, unsigned log2_blocksize): packed holds (n + 1) / 2
+    // bytes and out n elements from po (asserted), on this device; n_vec is a multiple of TILE, nonzero only when
+    // packed and po are 16-byte aligned; the block of BLOCK threads is the kernel's at most 256, a multiple of 32.
+    // <scales> is `const float* absmax` (ceil(n / blocksize) f32) or `const unsigned char* qabsmax, const float*
+    // absmax2, const float* code2, float offset` (qabsmax ceil(n / blocksize) bytes, absmax2 one f32 per 256 of
+    // them, code2 256 f32, so every byte indexes code2 in range), asserted by weight_device; row_scale holds
+    // n / row_len f32 and rows are whole blocks (asserted), so block / blocks_per_row is in range.
+    unsafe {
+        match (scales, row_args) {
+            (Nf4Scales::Absmax(absmax), None) => {
+                launch!(dev, Module::Nf4, plain, config(grid); pp, absmax.ptr(), po, n64, nv64, log2)
+            }
+            (Nf4Scales::Absmax(absmax), Some((pr, bpr))) => {
+                launch!(dev, Module::Nf4, plain, config(grid); pp, absmax.ptr(), pr, bpr, po, n64, nv64, log2)
+            }
+            (Nf4Scales::Nested { qabsmax, absmax2, code2, offset }, None) => {
+                let (pq, p2, pc) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr());
+                launch!(dev, Module::Nf4, nested, config(grid); pp, pq, p2, pc, offset, po, n64, nv64, log2)
+            }
+            (Nf4Scales::Nested { qabsmax, absmax2, code2, offset }, Some((pr, bpr))) => {
+                let (pq, p2, pc) = (qabsmax.ptr(), absmax2.ptr(), code2.ptr());
+                launch!(dev, Module::Nf4, nested, config(grid); pp, pq, p2, pc, offset, pr, bpr, po, n64, nv64, log2)
+            }
         }
     }
 }
