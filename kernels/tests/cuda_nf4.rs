@@ -238,15 +238,6 @@ fn into_case<T: Out>(dev: &CudaDevice, rng: &mut Rng) {
     }
 }
 
-#[test]
-fn dequantize_into_writes_exactly_its_range_aligned_or_not() {
-    let Some(dev) = gpu("dequantize_into_writes_exactly_its_range_aligned_or_not") else { return };
-    let mut rng = Rng::new(43);
-    into_case::<f32>(&dev, &mut rng);
-    into_case::<bf16>(&dev, &mut rng);
-    into_case::<f16>(&dev, &mut rng);
-}
-
 /// diag(g)·W (DoRA's m/n folded into the dequantization): each row's factor times its blocks' absmax, bit for bit
 /// the CPU twin's, for plain and nested scales, every output type, rows of one and several blocks (odd row counts,
 /// one past a tile, a long weight past a wave), factors of 0, 1, negative and tiny; from an unaligned start too.
@@ -265,7 +256,7 @@ fn rows_scaled_case<T: Out>(dev: &CudaDevice, rng: &mut Rng) {
                 let mut out = upload(dev, &vec![T::from_f32(f32::NAN); start + case.n]);
                 let rows_arg = gnf4::RowScale { scale: &g_dev, row_len };
                 case.on_device(dev, |packed, scales| {
-                    gnf4::dequantize_nf4_rows_scaled_into(packed, scales, rows_arg, blocksize, case.n, &mut out, start)
+                    gnf4::dequantize_nf4_rows_into(packed, scales, Some(rows_arg), blocksize, case.n, &mut out, start)
                         .unwrap()
                 });
                 let got = out.to_vec().unwrap();
@@ -277,9 +268,12 @@ fn rows_scaled_case<T: Out>(dev: &CudaDevice, rng: &mut Rng) {
 }
 
 #[test]
-fn rows_scaled_dequantization_matches_cpu_bit_for_bit() {
-    let Some(dev) = gpu("rows_scaled_dequantization_matches_cpu_bit_for_bit") else { return };
-    let mut rng = Rng::new(44);
+fn dequantize_into_writes_exactly_its_range_with_rows_scaled_or_not() {
+    let Some(dev) = gpu("dequantize_into_writes_exactly_its_range_with_rows_scaled_or_not") else { return };
+    let mut rng = Rng::new(43);
+    into_case::<f32>(&dev, &mut rng);
+    into_case::<bf16>(&dev, &mut rng);
+    into_case::<f16>(&dev, &mut rng);
     rows_scaled_case::<f32>(&dev, &mut rng);
     rows_scaled_case::<bf16>(&dev, &mut rng);
     rows_scaled_case::<f16>(&dev, &mut rng);

@@ -167,14 +167,9 @@ impl Nf4Tensors {
         out: &mut DeviceBuffer<T>,
     ) -> Result<()> {
         let (packed, scales, n) = (buf(&self.packed), self.scales(), w.elem_count());
-        match rows {
-            None => gnf4::dequantize_nf4_into(packed, scales, w.blocksize, n, out, 0),
-            Some(g) => {
-                let rows = gnf4::RowScale { scale: buf(g), row_len: w.shape[1] };
-                gnf4::dequantize_nf4_rows_scaled_into(packed, scales, rows, w.blocksize, n, out, 0)
-            }
-        }
-        .map_err(Error::cuda("nf4 dequantize"))
+        let rows = rows.map(|g| gnf4::RowScale { scale: buf(g), row_len: w.shape[1] });
+        gnf4::dequantize_nf4_rows_into(packed, scales, rows, w.blocksize, n, out, 0)
+            .map_err(Error::cuda("nf4 dequantize"))
     }
 
     /// w: [out, in] in `dtype` (f32, bf16 or f16), dequantized on the device.

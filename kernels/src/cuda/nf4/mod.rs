@@ -1,6 +1,6 @@
 //! Launchers of `kernels/cuda/nf4.cu`, twins of [`crate::nf4`]'s dequantization: [`dequantize_nf4_into`] (one launch
 //! for plain or double-quantized scales, into any range of a buffer), its whole-buffer form [`dequantize_nf4`], the
-//! form with each row scaled [`dequantize_nf4_rows_scaled_into`], and the
+//! form with each row scaled [`dequantize_nf4_rows_into`], and the
 //! standalone rebuild of a double-quantized absmax, [`dequantize_absmax_nested`], all bit-exact with the CPU; and
 //! decoding's product with a packed weight, [`nf4_gemv`] (`gemv.rs`, launchers of `kernels/cuda/nf4_gemv.cu`).
 
@@ -22,7 +22,7 @@ const TILE: usize = 1024;
 pub trait Nf4Output: DeviceCopy {
     /// The kernels writing this type: (one f32 absmax per block, double-quantized absmax).
     fn kernels() -> (&'static str, &'static str);
-    /// The same with each row scaled ([`dequantize_nf4_rows_scaled_into`]).
+    /// The same with each row scaled ([`dequantize_nf4_rows_into`]).
     fn row_kernels() -> (&'static str, &'static str);
 }
 
@@ -90,25 +90,14 @@ pub fn dequantize_nf4_into<T: Nf4Output>(
     out: &mut DeviceBuffer<T>,
     start: usize,
 ) -> Result<()> {
-    dequantize(packed, scales, None, blocksize, n, out, start)
+    dequantize_nf4_rows_into(packed, scales, None, blocksize, n, out, start)
 }
 
-/// [`dequantize_nf4_into`] of W' = diag(rows.scale)·W: each block's absmax times its row's factor (one f32 rounding)
-/// before the codes multiply it, bit-identical to [`crate::nf4::dequantize_nf4_rows_scaled`]. DoRA folds m/n into
-/// its weight this way instead of scaling the product's columns.
-pub fn dequantize_nf4_rows_scaled_into<T: Nf4Output>(
-    packed: &DeviceBuffer<u8>,
-    scales: Nf4Scales<'_>,
-    rows: RowScale<'_>,
-    blocksize: usize,
-    n: usize,
-    out: &mut DeviceBuffer<T>,
-    start: usize,
-) -> Result<()> {
-    dequantize(packed, scales, Some(rows), blocksize, n, out, start)
-}
-
-fn dequantize<T: Nf4Output>(
+/// [`dequantize_nf4_into`], with each row scaled when `rows` is given: W' = diag(rows.scale)·W, each block's absmax
+/// times its row's factor (one f32 rounding) before the codes multiply it, bit-identical to
+/// [`crate::nf4::dequantize_nf4_rows_scaled`]. DoRA folds m/n into its weight this way instead of scaling the
+/// product's columns.
+pub fn dequantize_nf4_rows_into<T: Nf4Output>(
     packed: &DeviceBuffer<u8>,
     scales: Nf4Scales<'_>,
     rows: Option<RowScale<'_>>,
