@@ -2,9 +2,9 @@
 //! default fine-tune trains.
 
 use crate::eval::Quantize;
-use crate::finetune::parse_targets;
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use qlora_autograd::{LoraConfig, LoraInit};
+use qlora_models::config::projection_kinds;
 use qlora_models::transformer::BaseFormat;
 use qlora_runtime::DType;
 
@@ -101,4 +101,24 @@ impl AdapterArgs {
         let (rs, dora) = (if self.rslora { ", rsLoRA" } else { "" }, if self.dora { ", DoRA" } else { "" });
         format!("r {}, alpha {}{rs}{dora}", self.r, self.alpha)
     }
+}
+
+/// The module suffixes `--target-modules` names; an unknown name is an error listing the known ones.
+fn parse_targets(spec: &str) -> Result<Vec<&'static str>> {
+    let spec = spec.trim();
+    let kinds = projection_kinds();
+    if spec == "all-linear" {
+        return Ok(kinds.to_vec());
+    }
+    let mut out = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some(&known) = kinds.iter().find(|p| **p == name) else {
+            bail!("--target-modules: unknown module \"{name}\" (all-linear, or any of {})", kinds.join(","));
+        };
+        if !out.contains(&known) {
+            out.push(known);
+        }
+    }
+    ensure!(!out.is_empty(), "--target-modules names no module");
+    Ok(out)
 }

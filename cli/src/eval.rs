@@ -214,7 +214,7 @@ const LOGITS_CHUNK: usize = 1 << 24;
 fn nll(model: &CausalLm, batch: &Batch) -> Result<f64> {
     let tape = Tape::new();
     let sum = tape.no_grad(|| -> qlora_runtime::Result<f64> {
-        let h = model.forward_hidden(&tape, batch.ids_for(model), &batch.positions, &batch.cu_seqlens, None, 0)?;
+        let h = model.forward_hidden(&tape, model.batch_ids(batch), &batch.positions, &batch.cu_seqlens, None, 0)?;
         let tokens = h.shape()[0];
         let chunk = (LOGITS_CHUNK / model.config.vocab_size.max(1)).max(1);
         let mut sum = 0.0;

@@ -139,13 +139,8 @@ fn kernels<T: AttentionFloat>() -> Kernels {
 }
 
 #[test]
-fn decode_attention_matches_cpu_and_flash_bf16() {
-    on_gpu("decode_attention_matches_cpu_and_flash_bf16", 51, CASES, run_case::<bf16>);
-}
-
-#[test]
-fn decode_attention_matches_cpu_and_flash_f16() {
-    on_gpu("decode_attention_matches_cpu_and_flash_f16", 52, CASES, run_case::<f16>);
+fn decode_attention_matches_cpu_and_flash() {
+    on_gpu("decode_attention_matches_cpu_and_flash", 51, CASES, &[run_case::<bf16>, run_case::<f16>]);
 }
 
 /// The splits are merged in a fixed order and each block's warps in warp order: two runs give the same bits, with one

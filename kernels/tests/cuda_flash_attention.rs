@@ -158,13 +158,8 @@ fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &AttentionCase) {
 }
 
 #[test]
-fn flash_attention_matches_cpu_bf16() {
-    on_gpu("flash_attention_matches_cpu_bf16", 41, CASES, run_case::<bf16>);
-}
-
-#[test]
-fn flash_attention_matches_cpu_f16() {
-    on_gpu("flash_attention_matches_cpu_f16", 42, CASES, run_case::<f16>);
+fn flash_attention_matches_cpu() {
+    on_gpu("flash_attention_matches_cpu", 41, CASES, &[run_case::<bf16>, run_case::<f16>]);
 }
 
 /// Training-sized packs: 1024-token sequences, GQA 4 and 2, head_dim 64, 128 and 256, many tiles in both passes.
@@ -178,7 +173,7 @@ fn flash_attention_matches_cpu_on_long_sequences() {
             case((8, 2), 128, true, Some(300), None, &[(1024, 1024), (777, 777)]),
             case((4, 2), 256, true, None, None, &[(1024, 1024)]),
         ],
-        run_case::<bf16>,
+        &[run_case::<bf16>],
     );
 }
 
@@ -196,7 +191,7 @@ fn cases_reach_every_flash_kernel() {
             .flatten()
             .collect();
         for m in Module::ALL.into_iter().filter(|m| m.name().starts_with("flash_attention")) {
-            if m.compiles_for(target) && (m.arch_specific_only().is_some() == hopper) {
+            if target.compiles(m) && (m.arch_specific_only().is_some() == hopper) {
                 for e in m.entry_points() {
                     assert!(reached.contains(e), "{e} is reached by no case on {target} along {path:?}");
                 }

@@ -46,7 +46,7 @@ fn check_arch(arch: u32, arch_specific: bool) {
     let cubin = Target { arch, arch_specific, output: Output::Cubin };
     let dir = std::env::temp_dir().join(format!("qlora-nvrtc-compile-{cubin}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let modules: Vec<Module> = Module::ALL.into_iter().filter(|m| m.compiles_for(cubin)).collect();
+    let modules: Vec<Module> = Module::ALL.into_iter().filter(|m| cubin.compiles(*m)).collect();
     // Modules compile independently: spread them over the cores (the flash-attention modules take most of the time).
     let next = std::sync::atomic::AtomicUsize::new(0);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(modules.len());

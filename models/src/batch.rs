@@ -2,7 +2,6 @@
 //! model's device whole except for what the host keeps reading (positions, and the ids an embedding table kept on the
 //! host gathers from).
 
-use crate::transformer::CausalLm;
 use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::{DType, Device, Tensor};
 
@@ -76,9 +75,10 @@ impl Batch {
         })
     }
 
-    /// The ids where `model` looks them up: on its embedding table's device (the host for a table kept there).
-    pub fn ids_for(&self, model: &CausalLm) -> &Tensor {
-        if model.embed_tokens.value().device() == Device::Cpu {
+    /// The ids where an embedding table on `table` looks them up: the host copy for a table kept on the host (see
+    /// [`CausalLm::batch_ids`](crate::transformer::CausalLm::batch_ids)).
+    pub fn ids_on(&self, table: Device) -> &Tensor {
+        if table == Device::Cpu {
             &self.host_ids
         } else {
             &self.ids

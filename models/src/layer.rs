@@ -4,9 +4,9 @@
 //! ([`LayerRef`]: the model's own, or one gathered from the ranks of a sharded model).
 
 use crate::config::{Activation, Family, LayerKind, ModelConfig};
+use crate::decoder::{DecoderLayer, Projection};
 use crate::kv_cache::LayerKv;
 use crate::sharded::ShardedBase;
-use crate::transformer::{DecoderLayer, Projection};
 use qlora_autograd::{AttentionParams, Glu, Tape, Var};
 use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::profile::{self, Pass};

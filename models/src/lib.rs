@@ -11,6 +11,7 @@ pub mod adapters;
 pub mod batch;
 pub mod config;
 pub mod data;
+pub mod decoder;
 pub mod error;
 pub mod formats;
 pub mod generate;

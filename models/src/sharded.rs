@@ -17,7 +17,7 @@
 //!
 //! Owns: the split, the gather, and the layout mapping streams to weights. Must not know about training.
 
-use crate::transformer::DecoderLayer;
+use crate::decoder::DecoderLayer;
 use qlora_runtime::dist::{Communicator, Pending};
 use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::quant::{Absmax, AbsmaxTensors, BaseWeight, Nf4Tensors, Nf4Weight};

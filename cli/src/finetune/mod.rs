@@ -24,10 +24,10 @@ pub use config::expand_config;
 use crate::adapter_args::AdapterArgs;
 use crate::device::DeviceArg;
 use crate::eval::DtypeArg;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use parallel::World;
 use qlora_autograd::{LoraAdapter, LoraConfig};
-use qlora_models::config::{projection_kinds, PROJECTIONS};
+use qlora_models::config::PROJECTIONS;
 use qlora_models::data::template::BuiltinTemplate;
 use qlora_models::data::tokenize::Formatter;
 use qlora_models::formats::fsutil::write_atomic;
@@ -276,26 +276,6 @@ impl FinetuneArgs {
             "seed": self.seed,
         })
     }
-}
-
-/// The module suffixes `--target-modules` names; an unknown name is an error listing the known ones.
-pub(crate) fn parse_targets(spec: &str) -> Result<Vec<&'static str>> {
-    let spec = spec.trim();
-    let kinds = projection_kinds();
-    if spec == "all-linear" {
-        return Ok(kinds.to_vec());
-    }
-    let mut out = Vec::new();
-    for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let Some(&known) = kinds.iter().find(|p| **p == name) else {
-            bail!("--target-modules: unknown module \"{name}\" (all-linear, or any of {})", kinds.join(","));
-        };
-        if !out.contains(&known) {
-            out.push(known);
-        }
-    }
-    ensure!(!out.is_empty(), "--target-modules names no module");
-    Ok(out)
 }
 
 /// Refuses to mix a new run into a folder that already holds one, unless --resume was given (which, with no

@@ -26,6 +26,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// Whether NVRTC can compile `module` for this target (PTX or cubin).
+    pub fn compiles(self, module: Module) -> bool {
+        module.arch_specific_only().is_none_or(|arch| self.arch == arch && self.arch_specific)
+    }
+
     /// The target a GPU of compute capability `major.minor` loads, given the archs this NVRTC knows
     /// ([`supported_archs`]): sm_90a on Hopper, the GPU's own sm_XY elsewhere, and for a GPU newer than NVRTC, PTX for
     /// compute_80 that the driver compiles. None below 8.0 (the kernels' bf16 conversions need sm_80).
@@ -163,6 +168,18 @@ fn c_text(bytes: &[c_char]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hopper_modules_compile_for_sm_90a_only() {
+        let target = |arch, arch_specific| Target { arch, arch_specific, output: Output::Ptx };
+        for m in Module::ALL {
+            let hopper = m.arch_specific_only() == Some(90);
+            assert_eq!(hopper, m.source().contains("wgmma.mma_async"), "{}", m.name());
+            assert!(target(90, true).compiles(m), "{}", m.name());
+            assert_eq!(target(90, false).compiles(m), !hopper, "{}", m.name());
+            assert_eq!(target(80, false).compiles(m), !hopper, "{}", m.name());
+        }
+    }
 
     /// NVRTC 13.0's list.
     const SUPPORTED: [u32; 11] = [75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120];

@@ -3,8 +3,6 @@
 //! includes them. Entry points, hot markers and the targets a module compiles for are read off or stated here, so the
 //! source is the only list of kernel names.
 
-use super::compile::Target;
-
 /// The headers a `.cu` may include, spliced in place of each `#include "<name>"` line (NVRTC gets one
 /// self-contained source; nvcc finds the headers beside the file); a header's own `#include` lines are not spliced, so
 /// a `.cu` names every header it needs, in order. Every source includes `common.cuh`; the NF4 modules add
@@ -158,11 +156,6 @@ impl Module {
         }
     }
 
-    /// Whether NVRTC can compile this module for `target` (PTX or cubin).
-    pub fn compiles_for(self, target: Target) -> bool {
-        self.arch_specific_only().is_none_or(|arch| target.arch == arch && target.arch_specific)
-    }
-
     /// What NVRTC compiles: the file with each included header's text in place of its `#include` line.
     pub fn source(self) -> String {
         let text = self.file_text();
@@ -245,19 +238,6 @@ mod tests {
             unique.sort();
             unique.dedup();
             assert_eq!(unique.len(), entries.len(), "{}: duplicate entry points", m.name());
-        }
-    }
-
-    #[test]
-    fn hopper_modules_compile_for_sm_90a_only() {
-        use crate::cuda::compile::Output;
-        let target = |arch, arch_specific| Target { arch, arch_specific, output: Output::Ptx };
-        for m in Module::ALL {
-            let hopper = m.arch_specific_only() == Some(90);
-            assert_eq!(hopper, m.source().contains("wgmma.mma_async"), "{}", m.name());
-            assert!(m.compiles_for(target(90, true)), "{}", m.name());
-            assert_eq!(m.compiles_for(target(90, false)), !hopper, "{}", m.name());
-            assert_eq!(m.compiles_for(target(80, false)), !hopper, "{}", m.name());
         }
     }
 

@@ -115,18 +115,15 @@ impl AttentionCase {
     }
 }
 
-/// `run` on each of `cases` in order, with inputs drawn from one generator seeded `seed`, when there is a GPU
-/// (the CUDA attention parity tests' loop).
-pub fn on_gpu(
-    test: &str,
-    seed: u64,
-    cases: &[AttentionCase],
-    mut run: impl FnMut(&CudaDevice, &mut Rng, &AttentionCase),
-) {
+/// Each of `runs` (one per dtype, say) on each of `cases` in turn, with inputs drawn from one generator seeded
+/// `seed`, when there is a GPU (the CUDA attention parity tests' loop).
+pub fn on_gpu(test: &str, seed: u64, cases: &[AttentionCase], runs: &[fn(&CudaDevice, &mut Rng, &AttentionCase)]) {
     let Some(dev) = gpu(test) else { return };
     let mut rng = Rng::new(seed);
     for c in cases {
-        run(&dev, &mut rng, c);
+        for run in runs {
+            run(&dev, &mut rng, c);
+        }
     }
 }
 

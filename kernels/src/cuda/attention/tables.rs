@@ -36,7 +36,7 @@ pub struct FlashKernel {
 pub fn flash_kernels(target: Target, path: FlashPath, head_dim: usize, half: Half) -> [FlashKernel; 2] {
     let portable = Flash::for_head_dim(head_dim);
     let fastest = path != FlashPath::Portable;
-    match FLASH_SM90.iter().find(|f| fastest && f.module.compiles_for(target) && f.serves(head_dim)) {
+    match FLASH_SM90.iter().find(|f| fastest && target.compiles(f.module) && f.serves(head_dim)) {
         Some(f) => [f.forward_kernel(half), f.backward_kernel(half)],
         None => [portable.forward_kernel(half), portable.backward_kernel(half)],
     }
@@ -341,7 +341,7 @@ mod tests {
                 let wgmma = target == SM_90A && path == FlashPath::Fastest && hd > 32 && (hd <= 64 || hd > 96);
                 let [fwd, bwd] = flash_kernels(target, path, hd, Half::Bf16);
                 for (k, sm90) in [(fwd, wgmma), (bwd, wgmma)] {
-                    assert!(k.module.compiles_for(target), "{hd}: {} on {target}", k.name);
+                    assert!(target.compiles(k.module), "{hd}: {} on {target}", k.name);
                     assert_eq!(k.module.arch_specific_only().is_some(), sm90, "{hd}: {} on {target}", k.name);
                 }
             }
