@@ -39,15 +39,20 @@ template <int OP> __device__ void reduce_final(const float* partial, float* out,
     if (threadIdx.x == 0) out[0] = accumulate ? out[0] + acc : acc;
 }
 
-// x: [rows, cols] → partial: [gridDim.y, cols] f32, Σ over rows [y·rows_per_split, (y+1)·rows_per_split) in row order.
-// Grid: (column blocks, row splits); adjacent threads take adjacent columns, so every row read is coalesced.
+// x: [rows, cols] → partial: [gridDim.y, cols] f32, Σ over rows [y·rows_per_split, (y+1)·rows_per_split) in row order
+// of x, or of x⊙y when y is given (the f32 product, never rounded to T). Grid: (column blocks, row splits); adjacent
+// threads take adjacent columns, so every row read is coalesced.
 template <typename T>
-__device__ void sum_rows_partial(const T* x, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
+__device__ void sum_rows_partial(const T* x, const T* y, float* partial, unsigned rows, unsigned cols,
+                                 unsigned rows_per_split) {
     const unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     const unsigned first = blockIdx.y * rows_per_split, last = min(rows, first + rows_per_split);
     float acc = 0.0f;
-    for (unsigned r = first; r < last; ++r) acc += to_f32(x[static_cast<u64>(r) * cols + c]);
+    for (unsigned r = first; r < last; ++r) {
+        const u64 i = static_cast<u64>(r) * cols + c;
+        acc += y ? to_f32(x[i]) * to_f32(y[i]) : to_f32(x[i]);
+    }
     partial[static_cast<u64>(blockIdx.y) * cols + c] = acc;
 }
 
@@ -75,11 +80,11 @@ extern "C" __global__ void max_abs_final_f32(const float* partial, float* out, u
     reduce_final<OP_MAX_ABS>(partial, out, count, accumulate);
 }
 
-extern "C" __global__ void sum_rows_partial_f32(const float* x, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
-    sum_rows_partial(x, partial, rows, cols, rows_per_split);
+extern "C" __global__ void sum_rows_partial_f32(const float* x, const float* y, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
+    sum_rows_partial(x, y, partial, rows, cols, rows_per_split);
 }
-extern "C" __global__ void sum_rows_partial_bf16(const bf16* x, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
-    sum_rows_partial(x, partial, rows, cols, rows_per_split);
+extern "C" __global__ void sum_rows_partial_bf16(const bf16* x, const bf16* y, float* partial, unsigned rows, unsigned cols, unsigned rows_per_split) {
+    sum_rows_partial(x, y, partial, rows, cols, rows_per_split);
 }
 extern "C" __global__ void sum_rows_final_f32(const float* partial, float* out, unsigned splits, unsigned cols) {
     sum_rows_final(partial, out, splits, cols);

@@ -33,20 +33,39 @@ pub fn sum_squares<T: Float>(x: &[T]) -> T {
 
 /// x: [rows, cols] → out: \[cols\] = Σ over rows, bit-identical for any rayon thread count
 pub fn sum_rows<T: Float>(x: &[T], cols: usize, out: &mut [T]) {
-    assert_eq!(out.len(), cols, "sum_rows: out length vs cols");
+    column_sums("sum_rows", x, None, cols, out);
+}
+
+/// x, y: [rows, cols] → out: \[cols\] = Σ over rows of x⊙y, the products never rounded to T (DoRA's magnitude
+/// gradient Σ_rows dy⊙y without a [rows, cols] product), bit-identical for any rayon thread count
+pub fn sum_rows_product<T: Float>(x: &[T], y: &[T], cols: usize, out: &mut [T]) {
+    assert_eq!(x.len(), y.len(), "sum_rows_product: x and y lengths");
+    column_sums("sum_rows_product", x, Some(y), cols, out);
+}
+
+/// Σ over the rows of x (of x⊙y with `y`) in f64, each column rounded once.
+fn column_sums<T: Float>(op: &str, x: &[T], y: Option<&[T]>, cols: usize, out: &mut [T]) {
+    assert_eq!(out.len(), cols, "{op}: out length vs cols");
     if cols == 0 {
-        assert!(x.is_empty(), "sum_rows: {} elements with zero columns", x.len());
+        assert!(x.is_empty(), "{op}: {} elements with zero columns", x.len());
         return;
     }
-    assert!(x.len() % cols == 0, "sum_rows: {} elements are not rows of {cols}", x.len());
+    assert!(x.len() % cols == 0, "{op}: {} elements are not rows of {cols}", x.len());
     let rows = x.len() / cols;
     let blocks_per_task = CHUNK.div_ceil(rows.max(1) * COL_BLOCK);
     out.par_chunks_mut(COL_BLOCK).enumerate().with_min_len(blocks_per_task).for_each(|(block, out)| {
         let c0 = block * COL_BLOCK;
         let mut acc = [0.0f64; COL_BLOCK];
         let acc = &mut acc[..out.len()];
-        for row in x.chunks_exact(cols) {
-            acc.iter_mut().zip(&row[c0..c0 + out.len()]).for_each(|(a, &v)| *a += v.f64());
+        for (r, row) in x.chunks_exact(cols).enumerate() {
+            let xs = &row[c0..c0 + out.len()];
+            match y {
+                None => acc.iter_mut().zip(xs).for_each(|(a, &v)| *a += v.f64()),
+                Some(y) => {
+                    let ys = &y[r * cols + c0..r * cols + c0 + out.len()];
+                    acc.iter_mut().zip(xs).zip(ys).for_each(|((a, &v), &w)| *a += v.f64() * w.f64());
+                }
+            }
         }
         out.iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = T::c(a));
     });
@@ -166,6 +185,33 @@ mod tests {
             assert_close(&format!("sum_rows {rows}x{cols}"), &got, &want, Tolerance { abs: 1e-12, rel: 1e-12 });
         }
         sum_rows::<f32>(&[], 0, &mut []);
+    }
+
+    /// Σ_rows x⊙y: the same blocks and rows as sum_rows, each product exact in f64 (f32 inputs), rounded once per
+    /// column: equal to the f64 loop to the bit after that rounding; x and y of different lengths are an error.
+    #[test]
+    fn sum_rows_product_matches_reference_loop() {
+        let mut rng = Rng::new(4);
+        for (rows, cols) in [(1, 1), (5, 3), (33, 2 * COL_BLOCK + 17), (3 * CHUNK / 2, 2), (0, 4)] {
+            let x: Vec<f32> = randn(&mut rng, rows * cols).iter().map(|&v| v as f32).collect();
+            let y: Vec<f32> = randn(&mut rng, rows * cols).iter().map(|&v| v as f32).collect();
+            let mut want = vec![0.0f64; cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    want[c] += x[r * cols + c] as f64 * y[r * cols + c] as f64;
+                }
+            }
+            let mut got = vec![f32::NAN; cols];
+            sum_rows_product(&x, &y, cols, &mut got);
+            let want: Vec<f32> = want.iter().map(|&w| w as f32).collect();
+            assert_eq!(got, want, "sum_rows_product {rows}x{cols}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "x and y lengths")]
+    fn sum_rows_product_rejects_unequal_inputs() {
+        sum_rows_product(&[0.0f64; 6], &[0.0; 3], 3, &mut [0.0; 3]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use qlora_runtime::ops::attention::{attention, AttentionParams, SeqLens};
 use qlora_runtime::ops::concat::write_rows;
 use qlora_runtime::ops::cross_entropy::cross_entropy_op;
 use qlora_runtime::ops::elementwise::broadcast_scaled;
-use qlora_runtime::ops::reduce::{sum, sum_squares_into};
+use qlora_runtime::ops::reduce::{sum, sum_rows_product, sum_squares_into};
 use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::{test_device, DType, Device, Rng, Tensor};
 
@@ -56,6 +56,27 @@ fn scalars_stay_on_the_device(device: Device) {
     assert_eq!(sq.shape(), [] as [usize; 0]);
 }
 test_device!(scalars_stay_on_the_device, scalars_stay_on_the_device_cpu, scalars_stay_on_the_device_cuda);
+
+/// Σ over rows of x⊙y (DoRA's magnitude gradient) on the op's device without waiting: the column sums of the
+/// product, in bf16 too; x and y of different shapes are an error naming the op.
+fn column_sums_of_a_product(device: Device) {
+    let mut rng = Rng::new(3);
+    let (x, y) = (randn(&[2, 17, 40], &mut rng, device), randn(&[2, 17, 40], &mut rng, device));
+    let (xs, ys) = (x.to_vec::<f64>(), y.to_vec::<f64>());
+    let mut want = vec![0.0f64; 40];
+    for (i, (a, b)) in xs.iter().zip(&ys).enumerate() {
+        want[i % 40] += a * b;
+    }
+    for (dtype, tol) in [(DType::F32, SUM), (DType::BF16, Tolerance { abs: 0.1, rel: 1e-2 })] {
+        let (x, y) = (x.to_dtype(dtype), y.to_dtype(dtype));
+        let (got, n) = waits(device, || sum_rows_product(&x, &y).unwrap());
+        assert_eq!((n, got.shape(), got.device()), (0, &[40][..], device), "{dtype:?}");
+        assert_close(&format!("sum_rows_product {dtype:?}"), &got.to_vec::<f64>(), &want, tol);
+    }
+    let e = sum_rows_product(&x, &randn(&[34, 41], &mut rng, device)).unwrap_err().to_string();
+    assert!(e.contains("sum_rows_product"), "{e}");
+}
+test_device!(column_sums_of_a_product, column_sums_of_a_product_cpu, column_sums_of_a_product_cuda);
 
 /// The loss a tape records and its backward: no wait on either side, and dlogits = (softmax − onehot)/normalizer.
 fn loss_and_its_gradient_wait_for_nothing(device: Device) {

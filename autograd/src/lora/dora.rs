@@ -9,9 +9,9 @@ use super::{precision, Dropout, LoraAdapter};
 use crate::tape::{Backward, Tape, Var};
 use qlora_runtime::op::{bytes_of, first_grad, saved};
 use qlora_runtime::ops::dora::{combine, ratio, row_norms, scale_by, Axis};
-use qlora_runtime::ops::elementwise::{add, add_bias, mul};
+use qlora_runtime::ops::elementwise::{add, add_bias};
 use qlora_runtime::ops::linalg::{matmul, matmul_into, matmul_scaled};
-use qlora_runtime::ops::reduce::sum_rows;
+use qlora_runtime::ops::reduce::{sum_rows, sum_rows_product};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Error, Result, Tensor};
 
@@ -171,7 +171,7 @@ impl Backward for DoraLinear {
             }
             None => None,
         };
-        let d_m = self.dm_of.as_ref().map(|(t, d)| ratio(&sum_rows(&mul(&dy, t)?)?, d)).transpose()?;
+        let d_m = self.dm_of.as_ref().map(|(t, d)| ratio(&sum_rows_product(&dy, t)?, d)).transpose()?;
         let dx = match (&self.base, self.dropout) {
             (None, _) => None,
             // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: du·A accumulates onto the one product with g⊙W.

@@ -71,13 +71,38 @@ fn scalar_into<T: GpuFloat>(
 
 /// x: [rows, cols] → out: \[cols\] = Σ over rows (zeros for no rows)
 pub fn sum_rows<T: GpuFloat>(x: &DeviceBuffer<T>, cols: usize, out: &mut DeviceBuffer<T>) -> Result<()> {
-    assert_eq!(out.len(), cols, "sum_rows: out length vs cols");
+    column_sums("sum_rows", x, None, cols, out)
+}
+
+/// x, y: [rows, cols] → out: \[cols\] = Σ over rows of x⊙y, each product in f32 and never rounded to T (zeros for no
+/// rows): DoRA's magnitude gradient without a [rows, cols] product in memory.
+pub fn sum_rows_product<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    y: &DeviceBuffer<T>,
+    cols: usize,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert_eq!(x.len(), y.len(), "sum_rows_product: x and y lengths");
+    column_sums("sum_rows_product", x, Some(y), cols, out)
+}
+
+fn column_sums<T: GpuFloat>(
+    op: &str,
+    x: &DeviceBuffer<T>,
+    y: Option<&DeviceBuffer<T>>,
+    cols: usize,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    assert_eq!(out.len(), cols, "{op}: out length vs cols");
     if cols == 0 {
-        assert!(x.is_empty(), "sum_rows: {} elements with zero columns", x.len());
+        assert!(x.is_empty(), "{op}: {} elements with zero columns", x.len());
         return Ok(());
     }
-    assert!(x.len() % cols == 0, "sum_rows: {} elements are not rows of {cols}", x.len());
-    let dev: &CudaDevice = same_device("sum_rows", &[x.device(), out.device()]);
+    assert!(x.len() % cols == 0, "{op}: {} elements are not rows of {cols}", x.len());
+    let dev: &CudaDevice = same_device(op, &[x.device(), out.device()]);
+    if let Some(y) = y {
+        same_device(op, &[dev, y.device()]);
+    }
     let rows = x.len() / cols;
     if rows == 0 {
         return out.zero();
@@ -87,7 +112,8 @@ pub fn sum_rows<T: GpuFloat>(x: &DeviceBuffer<T>, cols: usize, out: &mut DeviceB
     let splits = rows.div_ceil(rows_per_split);
     let partial = dev.alloc::<f32>(splits * cols)?;
     let kernel = kernel!("sum_rows_partial", T);
-    let (px, pp, po) = (x.ptr(), partial.ptr(), out.ptr());
+    // No y: a null pointer, which the kernel reads as "sum x itself".
+    let (px, py, pp, po) = (x.ptr(), y.map_or(0, |y| y.ptr()), partial.ptr(), out.ptr());
     let (rows32, cols32) = (u32_arg("sum_rows: rows", rows), u32_arg("sum_rows: cols", cols));
     let (rps32, splits32) = (rows_per_split as u32, splits as u32);
     let grid = LaunchConfig {
@@ -95,10 +121,10 @@ pub fn sum_rows<T: GpuFloat>(x: &DeviceBuffer<T>, cols: usize, out: &mut DeviceB
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: sum_rows_partial_T(const T* x, float* partial, unsigned rows, unsigned cols, unsigned
-    // rows_per_split) on a (column blocks, splits) grid: x holds rows·cols elements (asserted), partial splits·cols
-    // f32 (allocated above), and no split starts past the last row; on this device.
-    unsafe { launch!(dev, Module::Reduce, kernel, grid; px, pp, rows32, cols32, rps32) }?;
+    // SAFETY: sum_rows_partial_T(const T* x, const T* y, float* partial, unsigned rows, unsigned cols, unsigned
+    // rows_per_split) on a (column blocks, splits) grid: x (and y unless null) hold rows·cols elements (asserted),
+    // partial splits·cols f32 (allocated above), and no split starts past the last row; on this device.
+    unsafe { launch!(dev, Module::Reduce, kernel, grid; px, py, pp, rows32, cols32, rps32) }?;
     let kernel = kernel!("sum_rows_final", T);
     // SAFETY: sum_rows_final_T(const float* partial, T* out, unsigned splits, unsigned cols): partial holds
     // splits·cols f32, out cols elements (asserted); on this device.

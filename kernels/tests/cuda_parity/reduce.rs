@@ -5,7 +5,7 @@ use qlora_kernels::{cuda, reduce, Rng};
 
 parity_test!(reductions_match_cpu: reduce_case, seed 10);
 
-/// Sums: the GPU adds in f32 in a tree, the CPU in f64, so the bound scales with Σ|x| (f32's 2⁻²⁴ per level of a
+/// Sums (column sums of x and of x⊙y too): the GPU adds in f32 in a tree, the CPU in f64, so the bound scales with Σ|x| (f32's 2⁻²⁴ per level of a
 /// ~20-level tree, with margin): |got − want| ≤ 1e-6·Σ|x| + 1e-5·|want|. max |x| is exact. The twin runs on the
 /// widened inputs, and the GPU's f64 result is not rounded to T.
 fn reduce_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
@@ -39,5 +39,11 @@ fn reduce_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         reduce::sum_rows(&widen(&x), cols, &mut want);
         let tol = Tolerance { abs: 1e-6 * rows as f64, ..REDUCED };
         check(&format!("sum_rows {rows}x{cols}"), &out, &want, T::tol(tol));
+        // Σ_rows x⊙y (DoRA's dm): the products in f32, unrounded, on both sides.
+        let y = randn::<T>(rng, rows * cols, 1.0);
+        let mut out = poisoned::<T>(dev, cols);
+        cuda::reduce::sum_rows_product(&upload(dev, &x), &upload(dev, &y), cols, &mut out).unwrap();
+        reduce::sum_rows_product(&widen(&x), &widen(&y), cols, &mut want);
+        check(&format!("sum_rows_product {rows}x{cols}"), &out, &want, T::tol(tol));
     }
 }

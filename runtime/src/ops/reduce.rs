@@ -1,6 +1,6 @@
 //! Reductions: sums for losses and bias gradients, squared norms for clipping, the max for checks.
 
-use super::{dispatch, rows_cols, with_compute};
+use super::{dispatch, rows_cols, same_shape, with_compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
 use crate::op::{backward_fn, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
@@ -23,6 +23,17 @@ pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
     dispatch!("sum_rows", [x] -> &[cols], |T, out|
         gpu: greduce::sum_rows(x, cols, &mut out),
         cpu: reduce::sum_rows(&x, cols, &mut out),
+    )
+}
+
+/// x, y: [..., n] → \[n\] = Σ over every leading dimension of x⊙y, without the product as a tensor (each product
+/// unrounded): DoRA's magnitude gradient.
+pub fn sum_rows_product(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    same_shape("sum_rows_product", x, y)?;
+    let (_, cols) = rows_cols("sum_rows_product", x)?;
+    dispatch!("sum_rows_product", [x, y] -> &[cols], |T, out|
+        gpu: greduce::sum_rows_product(x, y, cols, &mut out),
+        cpu: reduce::sum_rows_product(&x, &y, cols, &mut out),
     )
 }
 
