@@ -36,9 +36,9 @@ pub fn sum_rows<T: Float>(x: &[T], cols: usize, out: &mut [T]) {
     column_sums("sum_rows", x, None, cols, out);
 }
 
-/// x, y: [rows, cols] → out: \[cols\] = Σ over rows of x⊙y, the products never rounded to T (DoRA's magnitude
+/// [x, y]: [rows, cols] each → out: \[cols\] = Σ over rows of x⊙y, the products never rounded to T (DoRA's magnitude
 /// gradient Σ_rows dy⊙y without a [rows, cols] product), bit-identical for any rayon thread count
-pub fn sum_rows_product<T: Float>(x: &[T], y: &[T], cols: usize, out: &mut [T]) {
+pub fn sum_rows_product<T: Float>([x, y]: [&[T]; 2], cols: usize, out: &mut [T]) {
     assert_eq!(x.len(), y.len(), "sum_rows_product: x and y lengths");
     column_sums("sum_rows_product", x, Some(y), cols, out);
 }
@@ -202,7 +202,7 @@ mod tests {
                 }
             }
             let mut got = vec![f32::NAN; cols];
-            sum_rows_product(&x, &y, cols, &mut got);
+            sum_rows_product([&x, &y], cols, &mut got);
             let want: Vec<f32> = want.iter().map(|&w| w as f32).collect();
             assert_eq!(got, want, "sum_rows_product {rows}x{cols}");
         }
@@ -211,7 +211,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "x and y lengths")]
     fn sum_rows_product_rejects_unequal_inputs() {
-        sum_rows_product(&[0.0f64; 6], &[0.0; 3], 3, &mut [0.0; 3]);
+        sum_rows_product([&[0.0f64; 6], &[0.0; 3]], 3, &mut [0.0; 3]);
     }
 
     #[test]

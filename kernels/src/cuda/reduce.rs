@@ -74,14 +74,10 @@ pub fn sum_rows<T: GpuFloat>(x: &DeviceBuffer<T>, cols: usize, out: &mut DeviceB
     column_sums("sum_rows", x, None, cols, out)
 }
 
-/// x, y: [rows, cols] → out: \[cols\] = Σ over rows of x⊙y, each product in f32 and never rounded to T (zeros for no
+/// [x, y]: [rows, cols] each → out: \[cols\] = Σ over rows of x⊙y, each product in f32 and never rounded to T (zeros for no
 /// rows): DoRA's magnitude gradient without a [rows, cols] product in memory.
-pub fn sum_rows_product<T: GpuFloat>(
-    x: &DeviceBuffer<T>,
-    y: &DeviceBuffer<T>,
-    cols: usize,
-    out: &mut DeviceBuffer<T>,
-) -> Result<()> {
+pub fn sum_rows_product<T: GpuFloat>(xy: [&DeviceBuffer<T>; 2], cols: usize, out: &mut DeviceBuffer<T>) -> Result<()> {
+    let [x, y] = xy;
     assert_eq!(x.len(), y.len(), "sum_rows_product: x and y lengths");
     column_sums("sum_rows_product", x, Some(y), cols, out)
 }

@@ -42,8 +42,8 @@ fn reduce_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         // Σ_rows x⊙y (DoRA's dm): the products in f32, unrounded, on both sides.
         let y = randn::<T>(rng, rows * cols, 1.0);
         let mut out = poisoned::<T>(dev, cols);
-        cuda::reduce::sum_rows_product(&upload(dev, &x), &upload(dev, &y), cols, &mut out).unwrap();
-        reduce::sum_rows_product(&widen(&x), &widen(&y), cols, &mut want);
+        cuda::reduce::sum_rows_product([&upload(dev, &x), &upload(dev, &y)], cols, &mut out).unwrap();
+        reduce::sum_rows_product([&widen(&x), &widen(&y)], cols, &mut want);
         check(&format!("sum_rows_product {rows}x{cols}"), &out, &want, T::tol(tol));
     }
 }

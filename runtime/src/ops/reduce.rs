@@ -26,17 +26,6 @@ pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// x, y: [..., n] → \[n\] = Σ over every leading dimension of x⊙y, without the product as a tensor (each product
-/// unrounded): DoRA's magnitude gradient.
-pub fn sum_rows_product(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    same_shape("sum_rows_product", x, y)?;
-    let (_, cols) = rows_cols("sum_rows_product", x)?;
-    dispatch!("sum_rows_product", [x, y] -> &[cols], |T, out|
-        gpu: greduce::sum_rows_product(x, y, cols, &mut out),
-        cpu: reduce::sum_rows_product(&x, &y, cols, &mut out),
-    )
-}
-
 /// acc += Σ x² on x's device, acc a one-element f32 tensor there: a global norm over many tensors built up without
 /// reading anything back (on the CPU the sum runs in f64 and is rounded into acc once per tensor).
 pub fn sum_squares_into(x: &Tensor, acc: &mut Tensor) -> Result<()> {
@@ -68,6 +57,17 @@ pub fn max_abs(x: &Tensor) -> Result<f64> {
         return with_gpu!(g, |T| g.run(greduce::max_abs::<T>(buf(&g.input(x)?))));
     }
     with_compute!("max_abs", [x], |T| Ok(reduce::max_abs(&x.values::<T>()) as f64))
+}
+
+/// x, y: [..., n] → \[n\] = Σ over every leading dimension of x⊙y, without the product as a tensor (each product
+/// unrounded): DoRA's magnitude gradient.
+pub fn sum_rows_product(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    same_shape("sum_rows_product", x, y)?;
+    let (_, cols) = rows_cols("sum_rows_product", x)?;
+    dispatch!("sum_rows_product", [x, y] -> &[cols], |T, out|
+        gpu: greduce::sum_rows_product([x, y], cols, &mut out),
+        cpu: reduce::sum_rows_product([&x, &y], cols, &mut out),
+    )
 }
 
 /// [`sum`] for a tape: the backward spreads the scalar gradient over x's shape, on the device.
