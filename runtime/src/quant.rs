@@ -320,6 +320,12 @@ impl Nf4Weight {
         Ok(Nf4Weight { device: moved, ..self.clone() })
     }
 
+    /// Whether every row is whole blocks (in a multiple of the blocksize, as every model's projections are): what
+    /// [`Nf4Weight::dequantize_scaled_into`] needs.
+    pub fn rows_are_whole_blocks(&self) -> bool {
+        self.shape[1] % self.blocksize == 0
+    }
+
     pub fn elem_count(&self) -> usize {
         self.shape[0] * self.shape[1]
     }
@@ -365,7 +371,7 @@ impl Nf4Weight {
     /// [`Nf4Weight::dequantize_into`] of diag(row_scale)·W: row_scale \[out\] (any float dtype, used as f32)
     /// multiplies each block's absmax before the codes do (one f32 rounding, the same on both devices:
     /// [`qlora_kernels::nf4::dequantize_nf4_rows_scaled`]), so the scaled weight costs no pass of its own. Needs
-    /// rows of whole blocks (in a multiple of the blocksize, as every model's projections are).
+    /// [`Nf4Weight::rows_are_whole_blocks`].
     pub fn dequantize_scaled_into(&self, scratch: &mut Tensor, row_scale: &Tensor) -> Result<Tensor> {
         const OP: &str = "nf4 dequantize_scaled_into";
         let [out_f, in_f] = self.shape;
@@ -375,7 +381,7 @@ impl Nf4Weight {
                 format!("row factors {:?} for a weight of {:?}", row_scale.shape(), self.shape),
             ));
         }
-        if in_f % self.blocksize != 0 {
+        if !self.rows_are_whole_blocks() {
             return Err(Error::shape(
                 OP,
                 format!("rows of {in_f} are not whole blocks of {} in a weight of {:?}", self.blocksize, self.shape),
@@ -560,8 +566,8 @@ mod tests {
     }
 
     /// diag(g)·W into the scratch: each row within one rounding of W's row times its factor (the factor folds into
-    /// the block absmax), the tail left alone; factors of the wrong length, rows that are not whole blocks and
-    /// factors on another device are errors naming the weight.
+    /// the block absmax), the tail left alone; factors of the wrong length and rows that are not whole blocks are
+    /// errors naming the weight.
     #[test]
     fn dequantize_scaled_into_scales_each_row() {
         let mut rng = Rng::new(3);

@@ -64,7 +64,7 @@ pub(super) fn with_scaled_weight<R>(
     f: impl FnOnce(&Tensor) -> Result<R>,
 ) -> Result<R> {
     match scratch_weight(base, dtype) {
-        Some(w) if w.shape[1] % w.blocksize == 0 => {
+        Some(w) if w.rows_are_whole_blocks() => {
             in_scratch(w, dtype, |w, scratch| w.dequantize_scaled_into(scratch, g), f)
         }
         _ => f(&scale_by(&base.materialize(dtype)?, g, 0.0, Axis::Rows)?),
