@@ -55,7 +55,9 @@ fn nf4_dequantizes_on_the_device_bit_for_bit() {
                 assert!(scratch.to_vec::<f64>()[n..].iter().all(|&v| v == 9.0), "{what}: scratch past the weight");
                 // Each row scaled in the dequantization (DoRA's m/n), where rows are whole blocks.
                 if shape[1] % blocksize == 0 {
-                    let g = Tensor::randn(&[shape[0]], 1.0, dtype, &mut rng);
+                    // The GPU casts between f32 and bf16 only; an f16 weight's factors come as f32 (DoRA's m/n is).
+                    let g_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
+                    let g = Tensor::randn(&[shape[0]], 1.0, g_dtype, &mut rng);
                     let mut host_scratch = Tensor::zeros(&[n], dtype);
                     let want = cpu.dequantize_scaled_into(&mut host_scratch, &g).unwrap();
                     let got = cuda.dequantize_scaled_into(&mut scratch, &g.to_device(CUDA).unwrap()).unwrap();
