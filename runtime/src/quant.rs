@@ -368,10 +368,10 @@ impl Nf4Weight {
         self.dequantize_rows_into(scratch, None)
     }
 
-    /// [`Nf4Weight::dequantize_into`] of diag(row_scale)·W: row_scale \[out\] (used as f32; on a GPU it must be f32 or bf16, the dtypes it casts between)
-    /// multiplies each block's absmax before the codes do (one f32 rounding, the same on both devices:
-    /// [`qlora_kernels::nf4::dequantize_nf4_rows_scaled`]), so the scaled weight costs no pass of its own. Needs
-    /// [`Nf4Weight::rows_are_whole_blocks`].
+    /// [`Nf4Weight::dequantize_into`] of diag(row_scale)·W: row_scale \[out\] (used as f32; on a GPU f32 or bf16,
+    /// the dtypes it casts between) multiplies each block's absmax before the codes do (one f32 rounding, the same on
+    /// both devices: [`qlora_kernels::nf4::dequantize_nf4_rows_scaled`]), so the scaled weight costs no pass of its
+    /// own. Needs [`Nf4Weight::rows_are_whole_blocks`].
     pub fn dequantize_scaled_into(&self, scratch: &mut Tensor, row_scale: &Tensor) -> Result<Tensor> {
         const OP: &str = "nf4 dequantize_scaled_into";
         let [out_f, in_f] = self.shape;
