@@ -405,9 +405,9 @@ impl Nf4Weight {
         if scratch.device() != self.device() {
             return Err(Error::DeviceMismatch { op: OP, a: self.device(), b: scratch.device() });
         }
+        // On a device try_to_dtype returns a whole tensor, as the launch reads it.
         let rows = row_scale.map(|g| g.try_to_dtype(DType::F32)).transpose()?;
         if let Some(d) = &self.device {
-            let rows = rows.as_ref().map(crate::cuda::contiguous).transpose()?;
             d.dequantize_into(self, rows.as_ref(), scratch)?;
         } else {
             let absmax = self.absmax.resolve();

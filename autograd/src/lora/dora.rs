@@ -70,12 +70,11 @@ impl Tape {
             }
             // The correction terms see x_d while the main term keeps x: x_d·Wᵀ is a second product.
             Some(d) => {
-                let w = base.materialize(p)?;
                 let xd = d.apply(&x2)?;
-                let z = matmul(&x2, &w.t()?)?;
+                let (z, zd) = with_weight(base, p, |w| Ok((matmul(&x2, &w.t()?)?, matmul(&xd, &w.t()?)?)))?;
                 let u = matmul(&xd, &av.t()?)?;
                 let sv = matmul_scaled(&u, &bv.t()?, s)?;
-                let (y, h) = combine(&z, &matmul(&xd, &w.t()?)?, &sv, &g, m_needs)?;
+                let (y, h) = combine(&z, &zd, &sv, &g, m_needs)?;
                 (y, h.map(|h| (h, n.clone())), u)
             }
         };
@@ -182,10 +181,10 @@ impl Backward for DoraLinear {
             }
             // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
             (Some(base), Some(d)) => {
-                let w = base.materialize(p)?;
                 let du_a = matmul(saved(&du)?, saved(&self.a)?)?;
-                let dzd = matmul(&scale_by(&dy, &self.g, -1.0, Axis::Cols)?, &w)?;
-                Some(add(&matmul(&dy, &w)?, &d.apply(&add(&dzd, &du_a)?)?)?)
+                let dyg = scale_by(&dy, &self.g, -1.0, Axis::Cols)?;
+                let (dz, dzd) = with_weight(base, p, |w| Ok((matmul(&dy, w)?, matmul(&dyg, w)?)))?;
+                Some(add(&dz, &d.apply(&add(&dzd, &du_a)?)?)?)
             }
         };
         let dx = dx.map(|dx| dx.reshape(&self.x_shape)).transpose()?;

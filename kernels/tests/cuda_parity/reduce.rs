@@ -5,9 +5,9 @@ use qlora_kernels::{cuda, reduce, Rng};
 
 parity_test!(reductions_match_cpu: reduce_case, seed 10);
 
-/// Sums (column sums of x and of x⊙y too): the GPU adds in f32 in a tree, the CPU in f64, so the bound scales with Σ|x| (f32's 2⁻²⁴ per level of a
-/// ~20-level tree, with margin): |got − want| ≤ 1e-6·Σ|x| + 1e-5·|want|. max |x| is exact. The twin runs on the
-/// widened inputs, and the GPU's f64 result is not rounded to T.
+/// Sums (column sums of x and of x⊙y too): the GPU adds in f32 in a tree, the CPU in f64, so the bound scales with
+/// Σ|x| (f32's 2⁻²⁴ per level of a ~20-level tree, with margin): |got − want| ≤ 1e-6·Σ|x| + 1e-5·|want|. max |x|
+/// is exact. The twin runs on the widened inputs, and the GPU's f64 result is not rounded to T.
 fn reduce_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     for n in LENS.into_iter().chain([0, 1 << 20]) {
         let x = randn::<T>(rng, n, 1.0);
