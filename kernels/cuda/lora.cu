@@ -33,8 +33,13 @@ extern "C" __global__ void lora_delta_bf16(const bf16* b, const bf16* a, bf16* o
 #define LORA_DROP_COLS 256u
 #define LORA_DROP_MAX_R 64u
 
-__device__ __forceinline__ bool dropout_keeps(u64 seed, u64 i, u64 drop_below) {
-    return (splitmix_at(seed, i) >> 11) >= drop_below;
+// Whether elements i … i + 7 are kept, as bits 0 … 7.
+__device__ __forceinline__ unsigned dropout_keeps8(u64 seed, u64 i, u64 drop_below) {
+    const u64 z = seed + (i + 1) * SPLITMIX_STEP;
+    unsigned kept = 0;
+#pragma unroll
+    for (unsigned j = 0; j < 8; ++j) kept |= ((splitmix_mix(z + j * SPLITMIX_STEP) >> 11) >= drop_below) << j;
+    return kept;
 }
 
 __device__ __forceinline__ void unpack8(uint4 w, float v[8]) {
@@ -84,12 +89,13 @@ __device__ void stage_a(bf16* as, const bf16* a, unsigned r, unsigned cols, unsi
     }
 }
 
-// x: [rows, cols], a: [r, cols] → u: [rows, r] = dropout(x)·Aᵀ. A warp owns 64 / RT rows (64 sums per lane, r ≤ RT);
-// the lanes' partial sums meet by shuffles at the end.
+// x: [rows, cols], a: [r, cols] → u: [rows, r] = dropout(x)·Aᵀ. A warp owns 32 / RT rows, at least one (r ≤ RT sums
+// per row and lane: 32 or 64, so that two blocks of 256 threads fit a multiprocessor without spilling); the lanes'
+// partial sums meet by shuffles at the end.
 template <unsigned RT>
 __device__ void lora_dropout_down(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r,
                                   u64 seed, u64 drop_below, float keep, unsigned vec) {
-    constexpr unsigned RPW = 64 / RT;
+    constexpr unsigned RPW = RT >= 32 ? 1 : 32 / RT;
     __shared__ __align__(16) bf16 as[RT * LORA_DROP_COLS];
     const unsigned lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const unsigned row0 = (blockIdx.x * warps + threadIdx.x / 32) * RPW;
@@ -111,8 +117,9 @@ __device__ void lora_dropout_down(const bf16* x, const bf16* a, bf16* u, unsigne
             const unsigned row = row0 + i;
             const u64 at = static_cast<u64>(row) * cols + col;
             load8(x + at, row < rows ? valid : 0u, vec, xv[i]);
+            const unsigned kept = dropout_keeps8(seed, at, drop_below);
 #pragma unroll
-            for (unsigned j = 0; j < 8; ++j) xv[i][j] = dropout_keeps(seed, at + j, drop_below) ? xv[i][j] * keep : 0.0f;
+            for (unsigned j = 0; j < 8; ++j) xv[i][j] = kept >> j & 1 ? xv[i][j] * keep : 0.0f;
         }
 #pragma unroll
         for (unsigned k = 0; k < RT; ++k) {
@@ -165,16 +172,17 @@ __device__ void lora_dropout_up_add(bf16* dx, const bf16* du, const bf16* a, uns
             const u64 at = static_cast<u64>(row) * cols + col;
             float v[8];
             load8(dx + at, valid, vec, v);
+            const unsigned kept = dropout_keeps8(seed, at, drop_below);
 #pragma unroll
             for (unsigned j = 0; j < 8; ++j)
-                if (dropout_keeps(seed, at + j, drop_below)) v[j] += keep * s[j];
+                if (kept >> j & 1) v[j] += keep * s[j];
             store8(dx + at, valid, vec, v);
         }
     }
 }
 
 // qlora-rt: hot
-extern "C" __global__ void lora_dropout_down_r16_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_down<16>(x, a, u, rows, cols, r, seed, drop_below, keep, vec); }
-extern "C" __global__ void lora_dropout_down_r32_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_down<32>(x, a, u, rows, cols, r, seed, drop_below, keep, vec); }
-extern "C" __global__ void lora_dropout_down_r64_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_down<64>(x, a, u, rows, cols, r, seed, drop_below, keep, vec); }
+extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_down_r16_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_down<16>(x, a, u, rows, cols, r, seed, drop_below, keep, vec); }
+extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_down_r32_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_down<32>(x, a, u, rows, cols, r, seed, drop_below, keep, vec); }
+extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_down_r64_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_down<64>(x, a, u, rows, cols, r, seed, drop_below, keep, vec); }
 extern "C" __global__ void lora_dropout_up_add_bf16(bf16* dx, const bf16* du, const bf16* a, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_up_add(dx, du, a, rows, cols, r, seed, drop_below, keep, vec); }

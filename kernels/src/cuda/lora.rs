@@ -58,8 +58,8 @@ pub fn dropout_down(
         return Ok(());
     }
     let (kernel, rows_per_warp) = match r {
-        0..=16 => ("lora_dropout_down_r16_bf16", 4),
-        17..=32 => ("lora_dropout_down_r32_bf16", 2),
+        0..=16 => ("lora_dropout_down_r16_bf16", 2),
+        17..=32 => ("lora_dropout_down_r32_bf16", 1),
         _ => ("lora_dropout_down_r64_bf16", 1),
     };
     let cfg = LaunchConfig {
@@ -73,7 +73,7 @@ pub fn dropout_down(
     // SAFETY: lora_dropout_down_rR_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols,
     // unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec): x holds rows·cols elements, a r·cols and u
     // rows·r (asserted), on this device, each from the start of its allocation (16-byte aligned); r ≤ the kernel's
-    // RT; 8 warps of 256 threads own 8·(64/RT) rows a block, the grid covers every row.
+    // RT; 8 warps of 256 threads own 8·max(1, 32/RT) rows a block, the grid covers every row.
     unsafe { launch!(dev, Module::Lora, kernel, cfg; px, pa, pu, rows32, cols32, r32, seed, below, keep, vec) }
 }
 
