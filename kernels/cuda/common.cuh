@@ -67,6 +67,12 @@ __device__ __forceinline__ u64 splitmix_at(u64 seed, u64 i) { return splitmix_mi
 __device__ __forceinline__ u64 thread_index() { return static_cast<u64>(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ u64 thread_count() { return static_cast<u64>(gridDim.x) * blockDim.x; }
 
+// v summed over the warp, in every lane (a fixed butterfly: the same sum run to run).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 // Defines `__device__ float NAME(float v)`: v combined over the block with COMBINE(a, b) (IDENTITY for the lanes past
 // the last warp), returned to every thread. A fixed tree for a fixed block size, so results are reproducible run to
 // run. Every thread of the block must call it. One definition for every combine, so that they all take that tree.

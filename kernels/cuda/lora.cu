@@ -135,8 +135,7 @@ __device__ void lora_dropout_down(const bf16* x, const bf16* a, bf16* u, unsigne
     for (unsigned i = 0; i < RPW; ++i) {
 #pragma unroll
         for (unsigned k = 0; k < RT; ++k) {
-            float v = acc[i][k];
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            const float v = warp_sum(acc[i][k]);
             const unsigned row = row0 + i;
             if (lane == 0 && row < rows && k < r) u[static_cast<u64>(row) * r + k] = from_f32<bf16>(v);
         }

@@ -39,17 +39,22 @@ pub fn delta<T: GpuFloat>(
 /// The largest rank [`dropout_down`] and [`dropout_up_add`] take (A's rows staged in shared memory).
 pub const DROPOUT_MAX_R: usize = 64;
 
-/// x: [rows, cols], a: [r, cols] (r ≤ [`DROPOUT_MAX_R`]) → u: [rows, r] = dropout(x)·Aᵀ, x's mask that of
-/// [`crate::elementwise::dropout`] with this `p` and `seed` (kept values times `keep`), in one pass over x; f32 sums
-/// rounded once.
-#[allow(clippy::too_many_arguments)]
+/// The mask of [`crate::elementwise::dropout`] over a row-major tensor: element i dropped when its draw
+/// `Rng::uniform_at(seed, i)` is < p, kept ones multiplied by `keep` (1/(1 − p) in f32).
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutMask {
+    pub p: f64,
+    pub seed: u64,
+    pub keep: f32,
+}
+
+/// x: [rows, cols], a: [r, cols] (r ≤ [`DROPOUT_MAX_R`]) → u: [rows, r] = dropout(x)·Aᵀ with x's `mask`, in one
+/// pass over x; f32 sums rounded once.
 pub fn dropout_down(
     x: &DeviceBuffer<bf16>,
     a: &DeviceBuffer<bf16>,
     r: usize,
-    p: f64,
-    seed: u64,
-    keep: f32,
+    mask: DropoutMask,
     u: &mut DeviceBuffer<bf16>,
 ) -> Result<()> {
     let (rows, cols) = dropout_dims("lora dropout_down", x.len(), u.len(), a.len(), r);
@@ -69,7 +74,7 @@ pub fn dropout_down(
     };
     let (px, pa, pu) = (x.ptr(), a.ptr(), u.ptr());
     let (rows32, cols32, r32) = (u32_arg("lora dropout_down: rows", rows), u32_arg("cols", cols), r as u32);
-    let (below, vec) = (drop_below(p), vectorized(cols));
+    let (seed, below, keep, vec) = (mask.seed, drop_below(mask.p), mask.keep, vectorized(cols));
     // SAFETY: lora_dropout_down_rR_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols,
     // unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec): x holds rows·cols elements, a r·cols and u
     // rows·r (asserted), on this device, each from the start of its allocation (16-byte aligned); r ≤ the kernel's
@@ -77,18 +82,14 @@ pub fn dropout_down(
     unsafe { launch!(dev, Module::Lora, kernel, cfg; px, pa, pu, rows32, cols32, r32, seed, below, keep, vec) }
 }
 
-/// dx: [rows, cols] += dropout(du·A) in place, du: [rows, r], a: [r, cols] (r ≤ [`DROPOUT_MAX_R`]), the mask that
-/// of [`crate::elementwise::dropout`] over [rows, cols] with this `p` and `seed` (kept values times `keep`): one
-/// pass over dx where a product, a dropout and an add took six.
-#[allow(clippy::too_many_arguments)]
+/// dx: [rows, cols] += dropout(du·A) in place with the `mask` over [rows, cols], du: [rows, r], a: [r, cols]
+/// (r ≤ [`DROPOUT_MAX_R`]): one pass over dx where a product, a dropout and an add took six.
 pub fn dropout_up_add(
     dx: &mut DeviceBuffer<bf16>,
     du: &DeviceBuffer<bf16>,
     a: &DeviceBuffer<bf16>,
     r: usize,
-    p: f64,
-    seed: u64,
-    keep: f32,
+    mask: DropoutMask,
 ) -> Result<()> {
     let (rows, cols) = dropout_dims("lora dropout_up_add", dx.len(), du.len(), a.len(), r);
     let dev = same_device("lora dropout_up_add", &[dx.device(), du.device(), a.device()]);
@@ -106,7 +107,7 @@ pub fn dropout_up_add(
     };
     let (pdx, pdu, pa) = (dx.ptr(), du.ptr(), a.ptr());
     let (rows32, cols32, r32) = (u32_arg("lora dropout_up_add: rows", rows), u32_arg("cols", cols), r as u32);
-    let (below, vec) = (drop_below(p), vectorized(cols));
+    let (seed, below, keep, vec) = (mask.seed, drop_below(mask.p), mask.keep, vectorized(cols));
     // SAFETY: lora_dropout_up_add_bf16(bf16* dx, const bf16* du, const bf16* a, unsigned rows, unsigned cols,
     // unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec): dx holds rows·cols elements, du rows·r and a
     // r·cols (asserted), on this device, each from the start of its allocation; r ≤ 64, the kernel's staging; the

@@ -37,7 +37,7 @@ pub fn dropout_matmul_t(x: &Tensor, a: &Tensor, p: f64, seed: u64) -> Result<Ten
     if let Some(g) = fused(OP, &[x, a], r)? {
         let (x, a) = (g.input(x)?, g.input(a)?);
         let mut u = g.alloc(rows * r)?;
-        g.run(glora::dropout_down(buf(&x), buf(&a), r, p, seed, keep(p), &mut u))?;
+        g.run(glora::dropout_down(buf(&x), buf(&a), r, mask(p, seed), &mut u))?;
         return Ok(output(u, &[rows, r]));
     }
     matmul(&dropout(x, p, seed)?, &a.t()?)
@@ -54,7 +54,7 @@ pub fn dropout_matmul_accumulate(dx: &mut Tensor, du: &Tensor, a: &Tensor, p: f6
     }
     if let Some(g) = fused(OP, &[&*dx, du, a], r)? {
         let (du, a) = (g.input(du)?, g.input(a)?);
-        return g.run(glora::dropout_up_add(buffer_mut(OP, dx)?, buf(&du), buf(&a), r, p, seed, keep(p)));
+        return g.run(glora::dropout_up_add(buffer_mut(OP, dx)?, buf(&du), buf(&a), r, mask(p, seed)));
     }
     accumulate(dx, 1.0, &dropout(&matmul(du, a)?, p, seed)?)
 }
@@ -77,7 +77,7 @@ fn fused(op: &'static str, xs: &[&Tensor], r: usize) -> Result<Option<Gpu>> {
     Ok((bf16 && (1..=glora::DROPOUT_MAX_R).contains(&r)).then_some(g))
 }
 
-/// Kept values' factor 1/(1 − p), as [`dropout`] applies it on a GPU.
-fn keep(p: f64) -> f32 {
-    (1.0 / (1.0 - p)) as f32
+/// [`dropout`]'s mask as the GPU kernels take it (kept values times 1/(1 − p) in f32, as `dropout` applies it there).
+fn mask(p: f64, seed: u64) -> glora::DropoutMask {
+    glora::DropoutMask { p, seed, keep: (1.0 / (1.0 - p)) as f32 }
 }
