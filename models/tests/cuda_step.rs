@@ -155,6 +155,13 @@ fn llama_qdora_step_matches_cpu() {
     step_matches_cpu("llama_qdora_step_matches_cpu", true, 0.0);
 }
 
+/// DoRA with dropout 0.1: peft's formula takes two base products (W·x and W·dropout(x)), both from the shared
+/// dequantization scratch, and its backward the same again.
+#[test]
+fn llama_qdora_step_with_dropout_matches_cpu() {
+    step_matches_cpu("llama_qdora_step_with_dropout_matches_cpu", true, 0.1);
+}
+
 fn step_matches_cpu(test: &str, use_dora: bool, dropout: f64) {
     let Some(name) = gpu(test) else { return };
     let cpu_model = adapted_model(use_dora, dropout);
