@@ -13,7 +13,7 @@
 use crate::tape::{Tape, Var};
 use crate::Param;
 use qlora_runtime::ops::elementwise::dropout;
-use qlora_runtime::ops::lora::lora_delta;
+use qlora_runtime::ops::lora::{dropout_matmul_accumulate, dropout_matmul_t, lora_delta};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::Rng;
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
@@ -347,6 +347,16 @@ impl Dropout {
     /// a gradient back through the mask.
     fn apply(&self, t: &Tensor) -> Result<Tensor> {
         dropout(t, self.p, self.seed)
+    }
+
+    /// apply(x)·aᵀ, fused on a GPU (no dropped copy of x).
+    fn matmul_t(&self, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+        dropout_matmul_t(x, a, self.p, self.seed)
+    }
+
+    /// dx += apply(du·a), fused on a GPU (one pass over dx).
+    fn matmul_accumulate(&self, dx: &mut Tensor, du: &Tensor, a: &Tensor) -> Result<()> {
+        dropout_matmul_accumulate(dx, du, a, self.p, self.seed)
     }
 }
 

@@ -35,11 +35,6 @@ __device__ __forceinline__ bool seq_of(const int* cu_q, const int* cu_k, const A
     return true;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // This lane's elements d = lane + 32·t (t < PER_LANE) of a head_dim row, 0 past head_dim.
 template <typename T> __device__ __forceinline__ void load_row(const T* row, unsigned hd, float (&x)[PER_LANE]) {
     const unsigned lane = threadIdx.x % 32;

@@ -51,9 +51,27 @@ __device__ __forceinline__ float flush_subnormal(float v) {
     return fabsf(v) < 1.17549435e-38f ? copysignf(0.0f, v) : v;
 }
 
+// SplitMix64: the i-th output from `seed` is splitmix_mix(seed + (i + 1)·SPLITMIX_STEP) (kernels/src/rng.rs
+// `Rng::uniform_at` takes its top 53 bits): dropout's draw for element i, computed anywhere without the draws before
+// it; consecutive elements' states differ by SPLITMIX_STEP, so a thread drawing a run of them adds instead of
+// multiplying.
+#define SPLITMIX_STEP 0x9E3779B97F4A7C15ull
+__device__ __forceinline__ u64 splitmix_mix(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ u64 splitmix_at(u64 seed, u64 i) { return splitmix_mix(seed + (i + 1) * SPLITMIX_STEP); }
+
 // Grid-stride loops over element counts past 2^32.
 __device__ __forceinline__ u64 thread_index() { return static_cast<u64>(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ u64 thread_count() { return static_cast<u64>(gridDim.x) * blockDim.x; }
+
+// v summed over the warp, in every lane (a fixed butterfly: the same sum run to run).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
 
 // Defines `__device__ float NAME(float v)`: v combined over the block with COMBINE(a, b) (IDENTITY for the lanes past
 // the last warp), returned to every thread. A fixed tree for a fixed block size, so results are reproducible run to

@@ -19,11 +19,7 @@ template <typename T> __device__ void scale(const T* x, float s, T* out, u64 n) 
 
 // The i-th uniform in [0, 1) of SplitMix64 from `seed` (kernels/src/rng.rs `Rng::uniform_at`), bit for bit.
 __device__ __forceinline__ double uniform_at(u64 seed, u64 i) {
-    u64 z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * (1.0 / 9007199254740992.0);
+    return (double)(splitmix_at(seed, i) >> 11) * (1.0 / 9007199254740992.0);
 }
 
 // x: [n] → out: [n] = 0 where draw i < p, keep·x elsewhere (inverted dropout; the CPU twin's mask exactly)

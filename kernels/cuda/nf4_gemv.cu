@@ -195,8 +195,7 @@ __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales
     for (unsigned r = 0; r < R; ++r) {
 #pragma unroll
         for (unsigned k = 0; k < M; ++k) {
-            float s = acc[r][k];
-            for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+            const float s = warp_sum(acc[r][k]);
             if (lane == 0) partial[warp][r * M + k] = s;
         }
     }

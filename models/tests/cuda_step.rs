@@ -40,15 +40,16 @@ fn llama_dir() -> PathBuf {
 
 /// The tiny Llama as NF4 (double quantized, block 64) with a rank-4 adapter on every projection, B ~ N(0, 0.05²).
 fn qlora_model() -> CausalLm {
-    adapted_model(false)
+    adapted_model(false, 0.0)
 }
 
-/// [`qlora_model`] with LoRA or DoRA adapters (DoRA's magnitudes start at the base's row norms, as peft's do).
-fn adapted_model(use_dora: bool) -> CausalLm {
+/// [`qlora_model`] with LoRA or DoRA adapters (DoRA's magnitudes start at the base's row norms, as peft's do) and
+/// this adapter dropout.
+fn adapted_model(use_dora: bool, dropout: f64) -> CausalLm {
     let mut model = CausalLm::load(&llama_dir(), BaseFormat::Nf4 { blocksize: 64, double_quant: true }).unwrap();
     model.gradient_checkpointing = true;
     let mut rng = Rng::new(6);
-    let config = LoraConfig { r: 4, alpha: 8.0, use_dora, ..LoraConfig::default() };
+    let config = LoraConfig { r: 4, alpha: 8.0, use_dora, dropout, ..LoraConfig::default() };
     for p in model.projections_mut().unwrap() {
         let ad = LoraAdapter::new(&p.name, &p.base, &config, &mut rng).unwrap();
         let b_shape = ad.lora_b.value().shape().to_vec();
@@ -136,19 +137,34 @@ fn group_errors(got: &[(String, Vec<f64>)], want: &[(String, Vec<f64>)]) -> Vec<
 
 #[test]
 fn llama_qlora_step_matches_cpu() {
-    step_matches_cpu("llama_qlora_step_matches_cpu", false);
+    step_matches_cpu("llama_qlora_step_matches_cpu", false, 0.0);
+}
+
+/// The same with adapter dropout 0.1: the masks are functions of (seed, element), so both devices drop the same
+/// elements, and a bf16 GPU takes the fused dropout products (`ops::lora`: dropout(x)·Aᵀ in forward and recompute,
+/// dx += dropout(du·A) in backward) where the CPU runs dropout and the products apart.
+#[test]
+fn llama_qlora_step_with_dropout_matches_cpu() {
+    step_matches_cpu("llama_qlora_step_with_dropout_matches_cpu", false, 0.1);
 }
 
 /// The same with DoRA adapters: the weight norms, magnitude ratio, scalings and combined output on the GPU
 /// (`kernels/cuda/dora.cu`), and the magnitude vectors' gradients beside A's and B's.
 #[test]
 fn llama_qdora_step_matches_cpu() {
-    step_matches_cpu("llama_qdora_step_matches_cpu", true);
+    step_matches_cpu("llama_qdora_step_matches_cpu", true, 0.0);
 }
 
-fn step_matches_cpu(test: &str, use_dora: bool) {
+/// DoRA with dropout 0.1: peft's formula takes two base products (W·x and W·dropout(x)), both from the shared
+/// dequantization scratch, and its backward the same again.
+#[test]
+fn llama_qdora_step_with_dropout_matches_cpu() {
+    step_matches_cpu("llama_qdora_step_with_dropout_matches_cpu", true, 0.1);
+}
+
+fn step_matches_cpu(test: &str, use_dora: bool, dropout: f64) {
     let Some(name) = gpu(test) else { return };
-    let cpu_model = adapted_model(use_dora);
+    let cpu_model = adapted_model(use_dora, dropout);
     let cpu_batch = batch(cpu_model.config.vocab_size);
     let (cpu_loss, cpu_grads) = step(&cpu_model, &cpu_batch);
     let per_projection = if use_dora { 3 } else { 2 };
@@ -245,7 +261,7 @@ fn offloaded_checkpoints_train_the_same_bits() {
 #[test]
 fn checkpointing_trains_the_same_bits_as_keeping_activations() {
     for use_dora in [false, true] {
-        let model = adapted_model(use_dora);
+        let model = adapted_model(use_dora, 0.0);
         let batch = batch(model.config.vocab_size);
         for chunk in [None, Some(4)] {
             let run = |checkpointing: bool| {

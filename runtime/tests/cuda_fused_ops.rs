@@ -3,7 +3,8 @@
 //! the two gradients — bit for bit on the CPU, where the fused op is the same arithmetic in the same order; within
 //! [`F32`] in f32 and [`BF16`] in bf16 on CUDA, where the fused kernel reduces each row in another order (and in
 //! bf16 rounds h once, as the unfused add stores it). Odd row widths, both norm offsets (Llama's w, Gemma's 1 + w),
-//! and the weight's gradient wanted or not. And decoding's NF4 GEMV against the GEMM with the dequantized weight.
+//! and the weight's gradient wanted or not. Decoding's NF4 GEMV against the GEMM with the dequantized weight, and
+//! LoRA's fused dropout products against dropout and the products.
 
 use qlora_runtime::ops::elementwise::add;
 use qlora_runtime::ops::rms_norm::{add_rms_norm, rms_norm, rms_norm_backward};
@@ -120,4 +121,55 @@ test_device!(
     nf4_gemv_equals_x_times_the_dequantized_weight,
     nf4_gemv_equals_x_times_the_dequantized_weight_cpu,
     nf4_gemv_equals_x_times_the_dequantized_weight_cuda
+);
+
+/// LoRA's products through a dropout mask, fused on a GPU in bf16 (`ops::lora`): dropout(x)·Aᵀ and dx +=
+/// dropout(du·A) equal dropout and the products as separate ops in f32 on the CPU, from the same bf16 values —
+/// within [`BF16`] (the fused kernels sum in f32 and round once; an element on the wrong side of the mask would be off
+/// by its whole value). Ranks 1 to 64 (each kernel tile), widths on and off the 8-wide vector path and past one
+/// 256-column chunk, rows not a multiple of a block's, p = 0 (nothing dropped) to 0.5; a wrong shape or p is an error.
+fn lora_dropout_products_equal_dropout_then_the_products(device: Device) {
+    use qlora_runtime::ops::elementwise::{add, dropout};
+    use qlora_runtime::ops::linalg::matmul;
+    use qlora_runtime::ops::lora::{dropout_matmul_accumulate, dropout_matmul_t};
+    let mut rng = Rng::new(23);
+    let dtype = if device == Device::Cpu { DType::F32 } else { DType::BF16 };
+    let tol = if dtype == DType::BF16 { BF16 } else { F32 };
+    for (rows, cols, r, p) in
+        [(37, 264, 16, 0.1), (5, 77, 1, 0.5), (300, 512, 20, 0.05), (64, 4096, 64, 0.3), (9, 8, 33, 0.0)]
+    {
+        let what = format!("[{rows}, {cols}] r {r} p {p}");
+        // The operands as the device holds them, and the same values in f32 on the CPU.
+        let make = |shape: &[usize], rng: &mut Rng| {
+            let t = Tensor::randn(shape, 1.0, DType::F32, rng).to_dtype(dtype);
+            (t.to_device(device).unwrap(), t.to_dtype(DType::F32))
+        };
+        let ((x, x32), (a, a32), (du, du32), (dx0, dx32)) = (
+            make(&[rows, cols], &mut rng),
+            make(&[r, cols], &mut rng),
+            make(&[rows, r], &mut rng),
+            make(&[rows, cols], &mut rng),
+        );
+        let seed = 1000 + rows as u64;
+        let u = dropout_matmul_t(&x, &a, p, seed).unwrap();
+        assert_eq!((u.shape(), u.dtype(), u.device()), (&[rows, r][..], dtype, device), "{what}");
+        let want = matmul(&dropout(&x32, p, seed).unwrap(), &a32.t().unwrap()).unwrap();
+        assert_close(&format!("dropout(x)·Aᵀ {what}"), &values(&u), &values(&want), tol);
+
+        let mut dx = dx0.clone();
+        dropout_matmul_accumulate(&mut dx, &du, &a, p, seed).unwrap();
+        let want = add(&dx32, &dropout(&matmul(&du32, &a32).unwrap(), p, seed).unwrap()).unwrap();
+        assert_close(&format!("dx + dropout(du·A) {what}"), &values(&dx), &values(&want), tol);
+        assert_eq!(values(&dx0), values(&dx32), "{what}: the accumulation wrote into a copy, not the shared input");
+
+        let e = dropout_matmul_t(&x, &du, p, seed).unwrap_err().to_string();
+        assert!(e.contains("[rows, cols] and [r, cols]"), "{what}: {e}");
+        assert!(dropout_matmul_accumulate(&mut dx, &x, &a, p, seed).is_err(), "{what}: du of the wrong shape");
+        assert!(dropout_matmul_t(&x, &a, 1.0, seed).unwrap_err().to_string().contains("p must be in [0, 1)"));
+    }
+}
+test_device!(
+    lora_dropout_products_equal_dropout_then_the_products,
+    lora_dropout_products_equal_dropout_then_the_products_cpu,
+    lora_dropout_products_equal_dropout_then_the_products_cuda
 );

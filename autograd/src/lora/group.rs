@@ -18,7 +18,7 @@ use super::{precision, validate, Dropout, LoraProjection};
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
 use qlora_runtime::op::{bytes_of, saved};
-use qlora_runtime::ops::elementwise::{add, add_bias};
+use qlora_runtime::ops::elementwise::add_bias;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::quant::{BaseWeight, LoraUp};
@@ -74,11 +74,10 @@ impl Tape {
         for (li, lane) in lanes.iter_mut().enumerate() {
             let params: Vec<&Param> = lane.members.iter().map(|&i| &adapter(projections, i).lora_a).collect();
             let a = params[0].stacked_with(&params[1..], p)?;
-            let xd = match lane.dropout {
-                Some(d) => d.apply(&x2)?,
-                None => x2.clone(),
+            let u = match lane.dropout {
+                Some(d) => d.matmul_t(&x2, &a)?,
+                None => matmul(&x2, &a.t()?)?,
             };
-            let u = matmul(&xd, &a.t()?)?;
             let needs = |f: fn(&(Var, Var)) -> &Var| {
                 lane.members.iter().any(|&i| bound[i].as_ref().is_some_and(|ab| f(ab).requires_grad()))
             };
@@ -270,10 +269,10 @@ impl Backward for LoraGroup {
                 out[3 + 3 * i] = Some(sum_rows(dy)?);
             }
         }
-        // dx's terms: products accumulated into one tensor, after the masked terms of lanes with dropout (which
-        // need a pass of their own).
+        // dx's terms: products accumulated into one tensor, then the masked terms of lanes with dropout added into it.
         let mut dx: Option<Tensor> = None;
         let mut dx_products: Vec<(Tensor, Tensor)> = Vec::new();
+        let mut dx_masked: Vec<(Tensor, Tensor, Dropout)> = Vec::new();
         for lane in &self.lanes {
             let present: Vec<usize> = lane.members.iter().copied().filter(|&i| dys[i].is_some()).collect();
             // dU has a block per member with a gradient: a member without one (its output unused) leaves a gap in U's
@@ -317,13 +316,7 @@ impl Backward for LoraGroup {
                     let a = saved(&lane.a)?.narrow(0, first, width)?;
                     match lane.dropout {
                         None => dx_products.push((du, a)),
-                        Some(d) => {
-                            let masked = d.apply(&matmul(&du, &a)?)?;
-                            dx = Some(match dx {
-                                None => masked,
-                                Some(prev) => add(&prev, &masked)?,
-                            });
-                        }
+                        Some(d) => dx_masked.push((du, a, d)),
                     }
                 }
             }
@@ -337,6 +330,12 @@ impl Backward for LoraGroup {
             }
             for (du, a) in &dx_products {
                 accumulate(&mut dx, du, a)?;
+            }
+            for (du, a, d) in &dx_masked {
+                match &mut dx {
+                    Some(dx) => d.matmul_accumulate(dx, du, a)?,
+                    None => dx = Some(d.apply(&matmul(du, a)?)?),
+                }
             }
             out[0] = dx.map(|dx| dx.reshape(&self.x_shape)).transpose()?;
         }

@@ -1,9 +1,11 @@
-//! Launcher of `kernels/cuda/lora.cu`, the twin of [`crate::lora`]: LoRA's delta weight in the fixed order that
-//! makes a merge the same bytes on the GPU as on the CPU.
+//! Launchers of `kernels/cuda/lora.cu`: LoRA's delta weight in the fixed order that makes a merge the same bytes on
+//! the GPU as on the CPU (twin: [`crate::lora`]), and training's adapter products through a dropout mask, fused (twin:
+//! dropout and the products as separate ops, `qlora_runtime::ops::lora`).
 
 use super::source::Module;
 use super::{kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result, BLOCK};
 use cudarc::driver::LaunchConfig;
+use half::bf16;
 
 /// b: [rows, r], a: [r, cols] → out: [rows, cols] = s·(Σ_k b_ik·a_kj), summed from k = 0 with every operation
 /// rounded
@@ -32,4 +34,136 @@ pub fn delta<T: GpuFloat>(
     // holds rows·r elements, a r·cols and out rows·cols (asserted), on this device; threads past cols return, and
     // grid.y strides over rows.
     unsafe { launch!(dev, Module::Lora, kernel, cfg; pb, pa, po, rows32, cols32, r32, s) }
+}
+
+/// The largest rank [`dropout_down`] and [`dropout_up_add`] take (A's rows staged in shared memory).
+pub const DROPOUT_MAX_R: usize = 64;
+
+/// The mask of [`crate::elementwise::dropout`] over a row-major tensor: element i dropped when its draw
+/// `Rng::uniform_at(seed, i)` is < p, kept ones multiplied by `keep` (1/(1 − p) in f32).
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutMask {
+    pub p: f64,
+    pub seed: u64,
+    pub keep: f32,
+}
+
+/// x: [rows, cols], a: [r, cols] (r ≤ [`DROPOUT_MAX_R`]) → u: [rows, r] = dropout(x)·Aᵀ with x's `mask`, in one
+/// pass over x; f32 sums rounded once.
+pub fn dropout_down(
+    x: &DeviceBuffer<bf16>,
+    a: &DeviceBuffer<bf16>,
+    r: usize,
+    mask: DropoutMask,
+    u: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    let (rows, cols) = dropout_dims("lora dropout_down", x.len(), u.len(), a.len(), r);
+    let dev = same_device("lora dropout_down", &[x.device(), a.device(), u.device()]);
+    if u.is_empty() {
+        return Ok(());
+    }
+    let (kernel, rows_per_warp) = match r {
+        0..=16 => ("lora_dropout_down_r16_bf16", 2),
+        17..=32 => ("lora_dropout_down_r32_bf16", 1),
+        _ => ("lora_dropout_down_r64_bf16", 1),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (u32_arg("lora dropout_down: row blocks", rows.div_ceil(8 * rows_per_warp)), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (px, pa, pu) = (x.ptr(), a.ptr(), u.ptr());
+    let (rows32, cols32, r32) = (u32_arg("lora dropout_down: rows", rows), u32_arg("cols", cols), r as u32);
+    let (seed, below, keep, vec) = (mask.seed, drop_below(mask.p), mask.keep, vectorized(cols));
+    // SAFETY: lora_dropout_down_rR_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols,
+    // unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec): x holds rows·cols elements, a r·cols and u
+    // rows·r (asserted), on this device, each from the start of its allocation (16-byte aligned); r ≤ the kernel's
+    // RT; 8 warps of 256 threads own 8·max(1, 32/RT) rows a block, the grid covers every row.
+    unsafe { launch!(dev, Module::Lora, kernel, cfg; px, pa, pu, rows32, cols32, r32, seed, below, keep, vec) }
+}
+
+/// dx: [rows, cols] += dropout(du·A) in place with the `mask` over [rows, cols], du: [rows, r], a: [r, cols]
+/// (r ≤ [`DROPOUT_MAX_R`]): one pass over dx where a product, a dropout and an add took six.
+pub fn dropout_up_add(
+    dx: &mut DeviceBuffer<bf16>,
+    du: &DeviceBuffer<bf16>,
+    a: &DeviceBuffer<bf16>,
+    r: usize,
+    mask: DropoutMask,
+) -> Result<()> {
+    let (rows, cols) = dropout_dims("lora dropout_up_add", dx.len(), du.len(), a.len(), r);
+    let dev = same_device("lora dropout_up_add", &[dx.device(), du.device(), a.device()]);
+    if dx.is_empty() {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (
+            u32_arg("lora dropout_up_add: column blocks", cols.div_ceil(256)),
+            rows.div_ceil(32).min(65535) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (pdx, pdu, pa) = (dx.ptr(), du.ptr(), a.ptr());
+    let (rows32, cols32, r32) = (u32_arg("lora dropout_up_add: rows", rows), u32_arg("cols", cols), r as u32);
+    let (seed, below, keep, vec) = (mask.seed, drop_below(mask.p), mask.keep, vectorized(cols));
+    // SAFETY: lora_dropout_up_add_bf16(bf16* dx, const bf16* du, const bf16* a, unsigned rows, unsigned cols,
+    // unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec): dx holds rows·cols elements, du rows·r and a
+    // r·cols (asserted), on this device, each from the start of its allocation; r ≤ 64, the kernel's staging; the
+    // grid covers every column, grid.y strides over the row tiles.
+    unsafe {
+        launch!(dev, Module::Lora, "lora_dropout_up_add_bf16", cfg; pdx, pdu, pa, rows32, cols32, r32, seed, below, keep, vec)
+    }
+}
+
+/// (rows, cols) of a dropout product between a [rows, cols] tensor of `big` elements, a [rows, r] one of `small`
+/// and A of `a_len` = r·cols.
+fn dropout_dims(op: &str, big: usize, small: usize, a_len: usize, r: usize) -> (usize, usize) {
+    assert!((1..=DROPOUT_MAX_R).contains(&r), "{op}: rank {r} outside 1..={DROPOUT_MAX_R}");
+    assert!(small % r == 0 && a_len % r == 0, "{op}: [rows, r] of {small} and A of {a_len} elements for r = {r}");
+    let (rows, cols) = (small / r, a_len / r);
+    assert_eq!(big, rows * cols, "{op}: {big} elements for [{rows}, {cols}]");
+    (rows, cols)
+}
+
+/// Dropout's mask in integers: element i is dropped when its draw `Rng::uniform_at` = (z >> 11)·2⁻⁵³ is < p, i.e.
+/// when z >> 11 < ⌈p·2⁵³⌉ (an integer below a real is below its ceiling; p·2⁵³ is exact in f64).
+pub fn drop_below(p: f64) -> u64 {
+    (p * (1u64 << 53) as f64).ceil() as u64
+}
+
+/// Whether every row of `cols` bf16 values starts 16-byte aligned (allocations are), for the kernels' vector loads.
+fn vectorized(cols: usize) -> u32 {
+    u32::from(cols % 8 == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drop_below;
+    use crate::Rng;
+
+    /// The kernels' integer test drops exactly the elements whose draw is below p, at p on either side of a draw too
+    /// (where ⌊·⌋ instead of ⌈·⌉, or ≤ instead of <, would disagree).
+    #[test]
+    fn drop_below_is_the_draw_test_in_integers() {
+        for seed in [0, 7, u64::MAX] {
+            for i in 0..2000u64 {
+                let draw = Rng::uniform_at(seed, i);
+                let z53 = (draw * (1u64 << 53) as f64) as u64;
+                let ps = [
+                    0.0,
+                    0.05,
+                    0.5,
+                    0.9999,
+                    draw,
+                    f64::from_bits(draw.to_bits() + 1),
+                    f64::from_bits(draw.to_bits().saturating_sub(1)),
+                ];
+                for p in ps.into_iter().filter(|p| (0.0..1.0).contains(p)) {
+                    assert_eq!(z53 < drop_below(p), draw < p, "seed {seed}, draw {i} = {draw}, p = {p}");
+                }
+            }
+        }
+    }
 }

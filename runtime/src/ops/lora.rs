@@ -1,9 +1,13 @@
 //! LoRA's delta weight as a tensor op: s·B·A in one fixed order of operations (`qlora_kernels::lora`), so that
 //! `qlora-rt merge` writes the same bytes on the GPU as on any CPU. Training's adapter products are GEMMs
-//! (`linalg`); this op has no gradient.
+//! (`linalg`), apart from those through a dropout mask, which a GPU fuses with the mask (below). No op here has a
+//! gradient: the LoRA group's backward calls them.
 
 use super::dispatch;
-use crate::{Error, Result, Tensor};
+use super::elementwise::{accumulate, dropout};
+use super::linalg::matmul;
+use crate::cuda::{buf, buffer_mut, output, Gpu};
+use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::lora as glora;
 use qlora_kernels::lora;
 
@@ -22,4 +26,58 @@ pub fn lora_delta(b: &Tensor, a: &Tensor, s: f64) -> Result<Tensor> {
         gpu: glora::delta(b, a, r, s as f32, &mut out),
         cpu: lora::delta(&b, &a, r, s as T, &mut out),
     )
+}
+
+/// dropout(x)·aᵀ: x [rows, cols], a [r, cols] → [rows, r], x's mask that of [`dropout`] with this `p` and `seed`. On a
+/// GPU in bf16 with r ≤ 64 one pass over x with the mask drawn in the kernel (no dropped copy of x); elsewhere dropout
+/// then the product, which is also the twin the GPU kernel is tested against.
+pub fn dropout_matmul_t(x: &Tensor, a: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    const OP: &str = "lora dropout_matmul_t";
+    let (rows, r) = dropout_dims(OP, x, a, p)?;
+    if let Some(g) = fused(OP, &[x, a], r)? {
+        let (x, a) = (g.input(x)?, g.input(a)?);
+        let mut u = g.alloc(rows * r)?;
+        g.run(glora::dropout_down(buf(&x), buf(&a), r, mask(p, seed), &mut u))?;
+        return Ok(output(u, &[rows, r]));
+    }
+    matmul(&dropout(x, p, seed)?, &a.t()?)
+}
+
+/// dx += dropout(du·a) in place: dx [rows, cols] (keeping its dtype), du [rows, r], a [r, cols], the mask that of
+/// [`dropout`] over [rows, cols] with this `p` and `seed`. On a GPU in bf16 with r ≤ 64 one pass over dx (no
+/// [rows, cols] product, no dropped copy, no separate add); elsewhere those three ops.
+pub fn dropout_matmul_accumulate(dx: &mut Tensor, du: &Tensor, a: &Tensor, p: f64, seed: u64) -> Result<()> {
+    const OP: &str = "lora dropout_matmul_accumulate";
+    let (rows, r) = dropout_dims(OP, dx, a, p)?;
+    if du.shape() != [rows, r] {
+        return Err(Error::shape(OP, format!("du {:?} for dx {:?} and a {:?}", du.shape(), dx.shape(), a.shape())));
+    }
+    if let Some(g) = fused(OP, &[&*dx, du, a], r)? {
+        let (du, a) = (g.input(du)?, g.input(a)?);
+        return g.run(glora::dropout_up_add(buffer_mut(OP, dx)?, buf(&du), buf(&a), r, mask(p, seed)));
+    }
+    accumulate(dx, 1.0, &dropout(&matmul(du, a)?, p, seed)?)
+}
+
+/// (rows, r) of a [rows, cols] operand and a [r, cols] A, checked, with p in [0, 1).
+fn dropout_dims(op: &'static str, t: &Tensor, a: &Tensor, p: f64) -> Result<(usize, usize)> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(op, format!("p must be in [0, 1), got {p}")));
+    }
+    match (t.shape(), a.shape()) {
+        (&[rows, cols], &[r, cols_a]) if cols == cols_a => Ok((rows, r)),
+        _ => Err(Error::shape(op, format!("{:?} and a {:?}: [rows, cols] and [r, cols]", t.shape(), a.shape()))),
+    }
+}
+
+/// The GPU placement of a fused dropout product: every operand bf16 on one GPU and 1 ≤ r ≤ the kernels' largest.
+fn fused(op: &'static str, xs: &[&Tensor], r: usize) -> Result<Option<Gpu>> {
+    let Some(g) = Gpu::of(op, xs)? else { return Ok(None) };
+    let bf16 = xs.iter().all(|t| t.dtype() == DType::BF16);
+    Ok((bf16 && (1..=glora::DROPOUT_MAX_R).contains(&r)).then_some(g))
+}
+
+/// [`dropout`]'s mask as the GPU kernels take it (kept values times 1/(1 − p) in f32, as `dropout` applies it there).
+fn mask(p: f64, seed: u64) -> glora::DropoutMask {
+    glora::DropoutMask { p, seed, keep: (1.0 / (1.0 - p)) as f32 }
 }
