@@ -22,7 +22,7 @@ use qlora_runtime::ops::elementwise::add_bias;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::quant::{BaseWeight, LoraUp};
-use qlora_runtime::{DType, Error, Result, Tensor};
+use qlora_runtime::{DType, Device, Error, Result, Tensor};
 
 impl Tape {
     /// Several adapted linears over one input: `projections[i]` gives what [`Tape::lora_linear`] takes, and the result
@@ -323,12 +323,19 @@ impl Backward for LoraGroup {
         }
         if self.x_needs {
             let p = self.precision;
+            // On a GPU the thin du·A products (K = r) go first, so that without dropout the first of them only writes
+            // dx and the base GEMMs add into it in their epilogues (as in forward); the CPU keeps its order and bits.
+            let on_gpu = dys.iter().flatten().any(|dy| dy.device() != Device::Cpu);
+            let (before, after) = if on_gpu { (&dx_products[..], &[][..]) } else { (&[][..], &dx_products[..]) };
+            for (du, a) in before {
+                accumulate(&mut dx, du, a)?;
+            }
             for (m, dy) in self.members.iter().zip(&dys) {
                 if let (Some(base), Some(dy)) = (&m.base, dy) {
                     with_weight(base, p, |w| accumulate(&mut dx, dy, w))?;
                 }
             }
-            for (du, a) in &dx_products {
+            for (du, a) in after {
                 accumulate(&mut dx, du, a)?;
             }
             for (du, a, d) in &dx_masked {

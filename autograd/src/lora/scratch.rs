@@ -4,7 +4,7 @@
 
 use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::ops::dora::{scale_by, Axis};
-use qlora_runtime::ops::linalg::{matmul, matmul_into};
+use qlora_runtime::ops::linalg::{matmul, matmul_into, matmul_scaled};
 use qlora_runtime::quant::{BaseWeight, LoraUp, Nf4Weight, GEMV_MAX_ROWS};
 use qlora_runtime::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
@@ -18,7 +18,7 @@ thread_local! {
 /// given: a decoding step's few rows against NF4 weights on a GPU read them packed (`Nf4Weight::gemv_group`: reading
 /// 4 bits per weight is the whole cost of a token; the up-projections ride on the same launches, and a group's
 /// weights share them); every other product multiplies by the weight materialized in the scratch ([`with_weight`]),
-/// the up-projection accumulated into it by its GEMM (beta = 1).
+/// the up-projection and the base product meeting in one output by a GEMM with beta = 1.
 pub(super) fn base_products(bases: &[(&BaseWeight, Option<LoraUp>)], x2: &Tensor, dtype: DType) -> Result<Vec<Tensor>> {
     let rows = x2.shape()[0];
     let gemv = (1..=GEMV_MAX_ROWS).contains(&rows) && x2.dtype() == dtype && matches!(dtype, DType::F32 | DType::BF16);
@@ -34,12 +34,22 @@ pub(super) fn base_products(bases: &[(&BaseWeight, Option<LoraUp>)], x2: &Tensor
     }
     bases
         .iter()
-        .map(|(base, lora)| {
-            let mut y = with_weight(base, dtype, |w| matmul(x2, &w.t()?))?;
-            if let Some(l) = lora {
-                matmul_into(&mut y, l.u, &l.b.t()?, l.alpha, 1.0)?;
+        .map(|(base, lora)| match lora {
+            // On a GPU the up-projection goes first and the base GEMM adds into it (beta = 1): the thin K = r
+            // product then only writes y where it read and wrote it after the base, and the compute-bound base
+            // GEMM absorbs the read in its epilogue. The CPU keeps base-then-up: its results stay what they were.
+            Some(l) if x2.device() != Device::Cpu => {
+                let mut y = matmul_scaled(l.u, &l.b.t()?, l.alpha)?;
+                with_weight(base, dtype, |w| matmul_into(&mut y, x2, &w.t()?, 1.0, 1.0))?;
+                Ok(y)
             }
-            Ok(y)
+            _ => {
+                let mut y = with_weight(base, dtype, |w| matmul(x2, &w.t()?))?;
+                if let Some(l) = lora {
+                    matmul_into(&mut y, l.u, &l.b.t()?, l.alpha, 1.0)?;
+                }
+                Ok(y)
+            }
         })
         .collect()
 }
