@@ -18,7 +18,7 @@ thread_local! {
 /// given: a decoding step's few rows against NF4 weights on a GPU read them packed (`Nf4Weight::gemv_group`: reading
 /// 4 bits per weight is the whole cost of a token; the up-projections ride on the same launches, and a group's
 /// weights share them); every other product multiplies by the weight materialized in the scratch ([`with_weight`]),
-/// the up-projection and the base product meeting in one output by a GEMM with beta = 1.
+/// the up-projection and the base product meeting in one output ([`base_plus_up`]).
 pub(super) fn base_products(bases: &[(&BaseWeight, Option<LoraUp>)], x2: &Tensor, dtype: DType) -> Result<Vec<Tensor>> {
     let rows = x2.shape()[0];
     let gemv = (1..=GEMV_MAX_ROWS).contains(&rows) && x2.dtype() == dtype && matches!(dtype, DType::F32 | DType::BF16);
@@ -35,23 +35,26 @@ pub(super) fn base_products(bases: &[(&BaseWeight, Option<LoraUp>)], x2: &Tensor
     bases
         .iter()
         .map(|(base, lora)| match lora {
-            // On a GPU the up-projection goes first and the base GEMM adds into it (beta = 1): the thin K = r
-            // product then only writes y where it read and wrote it after the base, and the compute-bound base
-            // GEMM absorbs the read in its epilogue. The CPU keeps base-then-up: its results stay what they were.
-            Some(l) if x2.device() != Device::Cpu => {
-                let mut y = matmul_scaled(l.u, &l.b.t()?, l.alpha)?;
-                with_weight(base, dtype, |w| matmul_into(&mut y, x2, &w.t()?, 1.0, 1.0))?;
-                Ok(y)
-            }
-            _ => {
-                let mut y = with_weight(base, dtype, |w| matmul(x2, &w.t()?))?;
-                if let Some(l) = lora {
-                    matmul_into(&mut y, l.u, &l.b.t()?, l.alpha, 1.0)?;
-                }
-                Ok(y)
-            }
+            Some(l) => with_weight(base, dtype, |w| base_plus_up(x2, w, l.u, l.b, l.alpha)),
+            None => with_weight(base, dtype, |w| matmul(x2, &w.t()?)),
         })
         .collect()
+}
+
+/// x·wᵀ + alpha·u·bᵀ (w [out, in], u [rows, r], b [out, r]): a base product and LoRA's up-projection (or, given
+/// transposed operands, dx's base and du·A terms) in one output. On a GPU the thin K = r product goes first, alone (it
+/// only writes the output), and the base GEMM adds into it with beta = 1, its read absorbed in the compute-bound GEMM's
+/// epilogue; the other order would read and write the whole output again in the thin GEMM. The CPU keeps
+/// base-then-up, so its results stay what they were, bit for bit.
+pub(super) fn base_plus_up(x: &Tensor, w: &Tensor, u: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    if x.device() == Device::Cpu {
+        let mut y = matmul(x, &w.t()?)?;
+        matmul_into(&mut y, u, &b.t()?, alpha, 1.0)?;
+        return Ok(y);
+    }
+    let mut y = matmul_scaled(u, &b.t()?, alpha)?;
+    matmul_into(&mut y, x, &w.t()?, 1.0, 1.0)?;
+    Ok(y)
 }
 
 /// Runs `f` on `base` as an [out, in] tensor in `dtype` (CPU: f32, or f64 for gradient checks; CUDA: the activations'
