@@ -4,7 +4,7 @@
 //! activations of every layer (or only the layer inputs under checkpointing), then the larger of the loss's chunk
 //! (the fused head and loss form [rows, vocab] logits a chunk at a time) and a layer's backward, and the dequantized
 //! scratch of the largest weight. It ignores the allocator's rounding and short-lived temporaries: read it as ±15 %.
-//! (At 4 × 2048 tokens it gives 2.62, 9.87 and 4.54 GiB for Llama-3.2-1B, Llama-3-8B and Gemma-2-2B; the H200 measured
+//! (At 4 × 2048 tokens it gives 2.56, 9.75 and 4.46 GiB for Llama-3.2-1B, Llama-3-8B and Gemma-2-2B; the H200 measured
 //! allocator peaks of 2.53, 9.57 and 4.55 GiB, run F in `benches/RESULTS.md`.)
 
 use qlora_kernels::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
@@ -181,10 +181,15 @@ pub fn estimate(s: &Setup) -> Estimate {
     let paged_moments = if paged { layers * adapter_params * 8 } else { 0 };
 
     let (i, qo, kvo) = (c.intermediate_size, shapes[0].1[0], shapes[1].1[0]);
-    // What one layer's ops save for backward: norm inputs, q/k/v before and after rope, the attention output and its
-    // log-sum-exp, the MLP's gate, up and product (Gemma's sandwich norms add two more of the hidden size).
-    let sandwich = if c.family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
-    let layer = t * d * (4 * h + sandwich + 3 * qo + 3 * kvo + 3 * i) + t * c.num_attention_heads * 4;
+    // What one layer's ops save for backward, tensor by tensor (the device's bytes: a tensor two ops save counts
+    // once): the layer input and the attention norm's output, the roped q, k and v, the attention output (which
+    // o_proj saves too) and its f32 log-sum-exp, the residual sum and the MLP norm's output, the MLP's gate, up and
+    // product. Rope saves nothing of its input; Gemma 3's q/k norms save q and k before them, and Gemma's sandwich
+    // norms two more of the hidden size.
+    let family = c.family;
+    let sandwich = if family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
+    let qk = if family == qlora_models::config::Family::Gemma3 { 3 } else { 2 };
+    let layer = t * d * (4 * h + sandwich + qk * (qo + kvo) + 3 * i) + t * c.num_attention_heads * 4;
     // In blocks, a recomputed layer's MLP part holds one block's intermediate at a time.
     let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
     // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
