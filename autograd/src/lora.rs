@@ -24,8 +24,9 @@ mod group;
 mod merge;
 mod scratch;
 
+use crate::Glu;
 use dora::weight_norm;
-use group::Value;
+use group::{Input, Value};
 pub use merge::{merged_weight, unmerged_weight};
 
 /// How A starts (B always starts at zero, so a fresh adapter is a no-op). peft's `init_lora_weights`.
@@ -302,8 +303,39 @@ impl Tape {
         validate(x, &p)?;
         match p.adapter {
             Some(ad) if ad.config.use_dora => self.dora_linear(x, p.base, p.bias, ad, p.dropout_seed),
-            _ => Ok(self.lora_group(x, &[p], value)?.remove(0)),
+            _ => Ok(self.lora_group(Input::Rows(x), &[p], value)?.remove(0)),
         }
+    }
+
+    /// [`Tape::glu`] then [`Tape::lora_linear`] of its product, as one op that does not keep the product: an MLP's
+    /// down projection and the GLU before it. The product, [tokens, intermediate], is the largest activation of a
+    /// layer, and the adapter's dA is all that reads it in backward; this op keeps gate and up, which the GLU's
+    /// gradients read anyway, and forms the product again in the pass that computes those gradients (one more write
+    /// there instead of a saved tensor). Values and gradients are the two ops', bit for bit. A DoRA adapter (whose
+    /// backward reads more of its input) runs as the two ops.
+    pub fn glu_lora_linear(&self, kind: Glu, gate: &Var, up: &Var, projection: LoraProjection) -> Result<Var> {
+        self.glu_adapted_linear(kind, gate, up, projection, Value::Computed)
+    }
+
+    /// [`Tape::glu_lora_linear`] recorded for its gradients alone ([`Tape::lora_linear_unread`]): forward computes
+    /// nothing, not even the GLU's product (a recompute's down projection); backward forms the product with the
+    /// GLU's gradients and the adapter's x·Aᵀ from it.
+    pub fn glu_lora_linear_unread(&self, kind: Glu, gate: &Var, up: &Var, projection: LoraProjection) -> Result<Var> {
+        self.glu_adapted_linear(kind, gate, up, projection, Value::Unread)
+    }
+
+    fn glu_adapted_linear(&self, kind: Glu, gate: &Var, up: &Var, p: LoraProjection, value: Value) -> Result<Var> {
+        if p.adapter.is_some_and(|ad| ad.config.use_dora) {
+            return self.adapted_linear(p, &self.glu(kind, gate, up)?, value);
+        }
+        if gate.shape() != up.shape() {
+            return Err(Error::shape(
+                "lora_linear",
+                format!("GLU gate {:?} and up {:?} differ", gate.shape(), up.shape()),
+            ));
+        }
+        validate(gate, &p)?;
+        Ok(self.lora_group(Input::Glu { kind, gate, up }, &[p], value)?.remove(0))
     }
 }
 

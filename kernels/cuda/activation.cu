@@ -120,6 +120,19 @@ __device__ void glu_backward(const T* gate, const T* up, const T* d_out, T* d_ga
     });
 }
 
+// gate, up, d_out: [n] → glu_backward's d_gate, d_up, and glu_forward's act(gate) ⊙ up (the forward's order) written
+// over d_out: act(gate) is evaluated once for both, and the product takes d_out's place instead of a third buffer
+// (each element is read before it is written, by the same thread, in map's one pass).
+template <Act A, typename T>
+__device__ void glu_backward_out(const T* gate, const T* up, T* d_out, T* d_gate, T* d_up, u64 n) {
+    map<3, 3>({gate, up, d_out}, {d_gate, d_up, d_out}, n, [](const float (&a)[3], float (&b)[3]) {
+        const float g = a[0], u = a[1], d = a[2], ag = act<A>(g);
+        b[0] = d * u * act_grad<A>(g);
+        b[1] = d * ag;
+        b[2] = ag * u;
+    });
+}
+
 // x: [n] → y: [n] = cap·tanh(x/cap)
 template <typename T> __device__ void softcap_forward(const T* x, float cap, T* y, u64 n) {
     map<1, 1>({x}, {y}, n, [cap](const float (&a)[1], float (&b)[1]) { b[0] = tanhf(a[0] / cap) * cap; });
@@ -148,12 +161,16 @@ extern "C" __global__ void swiglu_forward_f32(const float* gate, const float* up
 extern "C" __global__ void swiglu_forward_bf16(const bf16* gate, const bf16* up, bf16* out, u64 n) { glu_forward<SILU>(gate, up, out, n); }
 extern "C" __global__ void swiglu_backward_f32(const float* gate, const float* up, const float* d_out, float* d_gate, float* d_up, u64 n) { glu_backward<SILU>(gate, up, d_out, d_gate, d_up, n); }
 extern "C" __global__ void swiglu_backward_bf16(const bf16* gate, const bf16* up, const bf16* d_out, bf16* d_gate, bf16* d_up, u64 n) { glu_backward<SILU>(gate, up, d_out, d_gate, d_up, n); }
+extern "C" __global__ void swiglu_backward_out_f32(const float* gate, const float* up, float* d_out, float* d_gate, float* d_up, u64 n) { glu_backward_out<SILU>(gate, up, d_out, d_gate, d_up, n); }
+extern "C" __global__ void swiglu_backward_out_bf16(const bf16* gate, const bf16* up, bf16* d_out, bf16* d_gate, bf16* d_up, u64 n) { glu_backward_out<SILU>(gate, up, d_out, d_gate, d_up, n); }
 
 // qlora-rt: hot
 extern "C" __global__ void geglu_forward_f32(const float* gate, const float* up, float* out, u64 n) { glu_forward<GELU_TANH>(gate, up, out, n); }
 extern "C" __global__ void geglu_forward_bf16(const bf16* gate, const bf16* up, bf16* out, u64 n) { glu_forward<GELU_TANH>(gate, up, out, n); }
 extern "C" __global__ void geglu_backward_f32(const float* gate, const float* up, const float* d_out, float* d_gate, float* d_up, u64 n) { glu_backward<GELU_TANH>(gate, up, d_out, d_gate, d_up, n); }
 extern "C" __global__ void geglu_backward_bf16(const bf16* gate, const bf16* up, const bf16* d_out, bf16* d_gate, bf16* d_up, u64 n) { glu_backward<GELU_TANH>(gate, up, d_out, d_gate, d_up, n); }
+extern "C" __global__ void geglu_backward_out_f32(const float* gate, const float* up, float* d_out, float* d_gate, float* d_up, u64 n) { glu_backward_out<GELU_TANH>(gate, up, d_out, d_gate, d_up, n); }
+extern "C" __global__ void geglu_backward_out_bf16(const bf16* gate, const bf16* up, bf16* d_out, bf16* d_gate, bf16* d_up, u64 n) { glu_backward_out<GELU_TANH>(gate, up, d_out, d_gate, d_up, n); }
 
 extern "C" __global__ void softcap_forward_f32(const float* x, float cap, float* y, u64 n) { softcap_forward(x, cap, y, n); }
 extern "C" __global__ void softcap_forward_bf16(const bf16* x, float cap, bf16* y, u64 n) { softcap_forward(x, cap, y, n); }

@@ -6,6 +6,7 @@
 //! with a two-branch σ that never overflows; torch's `z / (1 + exp(−z))` agrees with it to within an ulp or two.
 
 use crate::Float;
+use rayon::iter::Either;
 use rayon::prelude::*;
 
 /// Elements per task: below this, scheduling costs more than the arithmetic.
@@ -54,8 +55,26 @@ pub fn glu_forward<T: Float>(kind: Glu, gate: &[T], up: &[T], out: &mut [T]) {
 /// gate, up, d_out: \[n\] → d_gate, d_up: \[n\]
 pub fn glu_backward<T: Float>(kind: Glu, gate: &[T], up: &[T], d_out: &[T], d_gate: &mut [T], d_up: &mut [T]) {
     match kind {
-        Glu::SwiGlu => glu_grads("swiglu_backward", gate, up, d_out, d_gate, d_up, silu, silu_grad),
-        Glu::GeGlu => glu_grads("geglu_backward", gate, up, d_out, d_gate, d_up, gelu_tanh, gelu_tanh_grad),
+        Glu::SwiGlu => glu_grads("swiglu_backward", gate, up, d_out, d_gate, d_up, None, silu, silu_grad),
+        Glu::GeGlu => glu_grads("geglu_backward", gate, up, d_out, d_gate, d_up, None, gelu_tanh, gelu_tanh_grad),
+    }
+}
+
+/// gate, up, d_out: \[n\] → d_gate, d_up, out: \[n\]: [`glu_backward`]'s gradients and [`glu_forward`]'s product, with
+/// the bits of each, in one pass; act(gate) is evaluated once for both d_up and out.
+pub fn glu_backward_out<T: Float>(
+    kind: Glu,
+    gate: &[T],
+    up: &[T],
+    d_out: &[T],
+    d_gate: &mut [T],
+    d_up: &mut [T],
+    out: &mut [T],
+) {
+    let out = Some(out);
+    match kind {
+        Glu::SwiGlu => glu_grads("swiglu_backward_out", gate, up, d_out, d_gate, d_up, out, silu, silu_grad),
+        Glu::GeGlu => glu_grads("geglu_backward_out", gate, up, d_out, d_gate, d_up, out, gelu_tanh, gelu_tanh_grad),
     }
 }
 
@@ -130,7 +149,8 @@ fn binary<T: Float>(what: &str, a: &[T], b: &[T], y: &mut [T], f: impl Fn(T, T) 
     });
 }
 
-/// out = act(gate) ⊙ up, so d_up = d_out ⊙ act(gate) and d_gate = (d_out ⊙ up) ⊙ act′(gate), autograd's order.
+/// out = act(gate) ⊙ up, so d_up = d_out ⊙ act(gate) and d_gate = (d_out ⊙ up) ⊙ act′(gate), autograd's order; the
+/// product itself, when `out` is given, in the forward's order.
 #[allow(clippy::too_many_arguments)]
 fn glu_grads<T: Float>(
     what: &str,
@@ -139,6 +159,7 @@ fn glu_grads<T: Float>(
     d_out: &[T],
     d_gate: &mut [T],
     d_up: &mut [T],
+    out: Option<&mut [T]>,
     act: impl Fn(T) -> T + Sync,
     act_grad: impl Fn(T) -> T + Sync,
 ) {
@@ -147,14 +168,28 @@ fn glu_grads<T: Float>(
     assert_eq!(d_out.len(), n, "{what}: d_out length");
     assert_eq!(d_gate.len(), n, "{what}: d_gate length");
     assert_eq!(d_up.len(), n, "{what}: d_up length");
+    // One optional out chunk beside each chunk of the gradients, so both cases share one indexed zip.
+    let out_chunks = match out {
+        Some(out) => {
+            assert_eq!(out.len(), n, "{what}: out length");
+            Either::Left(out.par_chunks_mut(CHUNK).map(Some))
+        }
+        None => Either::Right((0..n.div_ceil(CHUNK)).into_par_iter().map(|_| None)),
+    };
     d_gate
         .par_chunks_mut(CHUNK)
         .zip(d_up.par_chunks_mut(CHUNK))
+        .zip(out_chunks)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)).zip(d_out.par_chunks(CHUNK)))
-        .for_each(|((d_gate, d_up), ((gate, up), d_out))| {
-            for ((dg, du), ((&g, &u), &d)) in d_gate.iter_mut().zip(d_up).zip(gate.iter().zip(up).zip(d_out)) {
+        .for_each(|(((d_gate, d_up), mut out), ((gate, up), d_out))| {
+            let elements = d_gate.iter_mut().zip(d_up).zip(gate.iter().zip(up).zip(d_out));
+            for (i, ((dg, du), ((&g, &u), &d))) in elements.enumerate() {
+                let ag = act(g);
                 *dg = d * u * act_grad(g);
-                *du = d * act(g);
+                *du = d * ag;
+                if let Some(out) = out.as_deref_mut() {
+                    out[i] = ag * u;
+                }
             }
         });
 }
@@ -365,6 +400,32 @@ mod tests {
         assert_close("swiglu", &run2(swiglu_fwd, &x, &u), &want, F64);
         let (d_gate, d_up) = run_glu_backward(geglu_bwd, &x, &u, &u);
         assert!(d_gate.iter().chain(&d_up).all(|v| v.is_finite()));
+    }
+
+    /// `glu_backward_out` against `glu_backward` and `glu_forward`, bit for bit, past a chunk too.
+    fn backward_out_writes_the_same_bits<T: Float>(rng: &mut Rng) {
+        let bits = |v: &[T]| v.iter().map(|v| v.f64().to_bits()).collect::<Vec<_>>();
+        let cast = |v: Vec<f64>| v.into_iter().map(T::c).collect::<Vec<T>>();
+        type Pair<T> = (Glu, fn(&[T], &[T], &mut [T]), GluBackward<T>);
+        let ops: [Pair<T>; 2] = [(Glu::SwiGlu, swiglu_fwd, swiglu_bwd), (Glu::GeGlu, geglu_fwd, geglu_bwd)];
+        for (kind, fwd, bwd) in ops {
+            for n in SIZES.into_iter().chain([CHUNK + 3]) {
+                let (gate, up, d_out) = (cast(inputs(rng, n, 4.0)), cast(randn(rng, n)), cast(randn(rng, n)));
+                let (mut d_gate, mut d_up, mut out) = (vec![T::nan(); n], vec![T::nan(); n], vec![T::nan(); n]);
+                glu_backward_out(kind, &gate, &up, &d_out, &mut d_gate, &mut d_up, &mut out);
+                let (want_gate, want_up) = run_glu_backward(bwd, &gate, &up, &d_out);
+                assert_eq!(bits(&d_gate), bits(&want_gate), "{kind:?} d_gate n {n}");
+                assert_eq!(bits(&d_up), bits(&want_up), "{kind:?} d_up n {n}");
+                assert_eq!(bits(&out), bits(&run2(fwd, &gate, &up)), "{kind:?} out n {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_out_equals_backward_and_forward_bit_for_bit() {
+        let mut rng = Rng::new(6);
+        backward_out_writes_the_same_bits::<f32>(&mut rng);
+        backward_out_writes_the_same_bits::<f64>(&mut rng);
     }
 
     #[test]

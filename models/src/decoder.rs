@@ -3,7 +3,7 @@
 //! around the layers `transformer.rs`'s.
 
 use crate::config::LayerKind;
-use qlora_autograd::{LoraAdapter, LoraProjection, Param, Tape, Var};
+use qlora_autograd::{Glu, LoraAdapter, LoraProjection, Param, Tape, Var};
 use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Device, Tensor};
@@ -48,13 +48,25 @@ impl Projection {
         t.lora_linear(x, &self.base, bias.as_ref(), adapter.as_deref(), seed)
     }
 
-    /// [`Projection::forward`] for an output only gradients read: [`Tape::lora_linear_unread`].
-    pub(crate) fn forward_unread(&self, t: &Tape, x: &Var, dropout_seed: Option<u64>) -> qlora_runtime::Result<Var> {
+    /// [`Projection::forward`] of act(gate) ⊙ up, an MLP's down projection after its GLU, as one op that keeps gate
+    /// and up but not their product ([`Tape::glu_lora_linear`]); with `unread`, for an output only gradients read
+    /// ([`Tape::glu_lora_linear_unread`]: nothing is computed until backward).
+    pub(crate) fn forward_glu(
+        &self,
+        t: &Tape,
+        (glu, gate, up): (Glu, &Var, &Var),
+        dropout_seed: Option<u64>,
+        unread: bool,
+    ) -> qlora_runtime::Result<Var> {
         let bias = self.bias.as_ref().map(|b| t.param(b));
         let (adapter, dropout_seed) = self.running(dropout_seed);
         let projection =
             LoraProjection { base: &self.base, bias: bias.as_ref(), adapter: adapter.as_deref(), dropout_seed };
-        t.lora_linear_unread(x, projection)
+        if unread {
+            t.glu_lora_linear_unread(glu, gate, up, projection)
+        } else {
+            t.glu_lora_linear(glu, gate, up, projection)
+        }
     }
 
     /// Projections reading the same input (q/k/v, gate/up) as one op, so that their adapters share one x·Aᵀ GEMM

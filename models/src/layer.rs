@@ -174,15 +174,13 @@ fn mlp_forward(
         Activation::Silu => Glu::SwiGlu,
         Activation::GeluTanh => Glu::GeGlu,
     };
-    let (down, act) = (&l.mlp.down_proj, t.glu(glu, &gate, &up)?);
-    // Recomputed for backward, the MLP's result reaches the checkpoint's output (a layer's or an MLP block's) only
-    // through adds and the blocks' concatenation, which read no values: down_proj records its gradients and skips
-    // its products, a third of the MLP's GEMMs. Gemma 2/3 normalize it first, and the norm's backward reads it.
-    let m = if t.recomputing() && l.post_feedforward_layernorm.is_none() {
-        down.forward_unread(t, &act, seed(6))?
-    } else {
-        down.forward(t, &act, seed(6))?
-    };
+    // The GLU and down_proj run as one op, which keeps gate and up but not their product, the largest activation
+    // of a layer. Recomputed for backward, the MLP's result reaches the checkpoint's output (a layer's or an MLP
+    // block's) only through adds and the blocks' concatenation, which read no values: down_proj records its gradients
+    // and computes nothing until backward (not its products, a third of the MLP's GEMMs, nor the GLU). Gemma 2/3
+    // normalize it first, and the norm's backward reads it.
+    let unread = t.recomputing() && l.post_feedforward_layernorm.is_none();
+    let m = l.mlp.down_proj.forward_glu(t, (glu, &gate, &up), seed(6), unread)?;
     match &l.post_feedforward_layernorm {
         Some(n) => t.rms_norm(&m, &t.param(n), c.rms_norm_eps, norm_offset(c.family)),
         None => Ok(m),

@@ -12,12 +12,18 @@
 //!
 //! Dropout draws a different mask per projection (its own seed, as separate ops would), so projections with dropout
 //! each get their own x_d and U ("lanes" below: one for all projections without dropout, one per projection with it).
+//!
+//! The input is x, or an MLP's GLU product x = act(gate) ⊙ up ([`Input::Glu`]): then the op is the GLU and the
+//! projection after it, and keeps gate and up (which the GLU's gradients read anyway) instead of x, [tokens,
+//! intermediate] and the largest activation of a layer. Backward computes x again in the pass that computes the GLU's
+//! gradients from dx (one more write there), then dA and, for an unread output, U from it.
 
 use super::scratch::{base_products, with_weight};
 use super::{precision, validate, Dropout, LoraProjection};
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
 use qlora_runtime::op::{bytes_of, saved};
+use qlora_runtime::ops::activation::{glu, glu_backward, glu_backward_out, Glu};
 use qlora_runtime::ops::elementwise::add_bias;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::ops::reduce::sum_rows;
@@ -42,21 +48,29 @@ impl Tape {
                 .map(|p| self.lora_linear(x, p.base, p.bias, p.adapter, p.dropout_seed))
                 .collect();
         }
-        self.lora_group(x, projections, Value::Computed)
+        self.lora_group(Input::Rows(x), projections, Value::Computed)
     }
 
     /// [`Tape::lora_linear_group`] after validation, without DoRA; with [`Value::Unread`] the outputs are zeros and
-    /// only what backward reads is computed.
-    pub(super) fn lora_group(&self, x: &Var, projections: &[LoraProjection], value: Value) -> Result<Vec<Var>> {
+    /// only what backward reads is computed (for a GLU input, not even x: backward computes it, and U from it).
+    pub(super) fn lora_group(&self, input: Input, projections: &[LoraProjection], value: Value) -> Result<Vec<Var>> {
         let bound: Vec<Option<(Var, Var)>> =
             projections.iter().map(|p| p.adapter.map(|ad| (self.param(&ad.lora_a), self.param(&ad.lora_b)))).collect();
-        let mut operands = vec![x.value()];
+        let lead = input.vars();
+        let mut operands = vec![lead[0].value()];
         operands.extend(bound.iter().flatten().flat_map(|(a, b)| [a.value(), b.value()]));
         let p = precision(&operands);
         let in_f = projections[0].base.shape()[1];
-        let rows = x.value().elem_count() / in_f;
-        let x2 = x.value().reshape(&[rows, in_f])?;
-        let x_needs = x.requires_grad();
+        let x_shape = lead[0].shape().to_vec();
+        let rows = lead[0].value().elem_count() / in_f;
+        let x_needs = lead.iter().any(|v| v.requires_grad());
+        // Only an unread output over a GLU leaves x and U to backward; otherwise x is formed now.
+        let deferred = value == Value::Unread && matches!(input, Input::Glu { .. });
+        let x2 = match input {
+            Input::Rows(x) => Some(x.value().reshape(&[rows, in_f])?),
+            Input::Glu { .. } if deferred => None,
+            Input::Glu { kind, gate, up } => Some(glu(kind, gate.value(), up.value())?.reshape(&[rows, in_f])?),
+        };
 
         let mut lanes = lanes(projections);
         let mut members: Vec<Member> = projections
@@ -74,10 +88,7 @@ impl Tape {
         for (li, lane) in lanes.iter_mut().enumerate() {
             let params: Vec<&Param> = lane.members.iter().map(|&i| &adapter(projections, i).lora_a).collect();
             let a = params[0].stacked_with(&params[1..], p)?;
-            let u = match lane.dropout {
-                Some(d) => d.matmul_t(&x2, &a)?,
-                None => matmul(&x2, &a.t()?)?,
-            };
+            let u = x2.as_ref().map(|x2| lane_u(lane.dropout, x2, &a)).transpose()?;
             let needs = |f: fn(&(Var, Var)) -> &Var| {
                 lane.members.iter().any(|&i| bound[i].as_ref().is_some_and(|ab| f(ab).requires_grad()))
             };
@@ -101,67 +112,100 @@ impl Tape {
                 col += ad.config.r;
             }
             lane.a_needs = a_needs;
-            lane.a = x_needs.then_some(a);
-            lane.u = b_needs.then(|| u.clone());
+            // Deferred, U is formed in backward from the stacked A.
+            lane.a = (x_needs || (deferred && b_needs)).then_some(a);
+            lane.u = if b_needs { u.clone() } else { None };
             us.push(u);
         }
 
         let shape_of = |member: &Member| {
-            let mut shape = x.shape().to_vec();
+            let mut shape = x_shape.clone();
             *shape.last_mut().expect("validated: x has an input dimension") = member.out_f;
             shape
         };
-        let outputs = if value == Value::Unread {
-            members.iter().map(|m| Tensor::zeros_on(&shape_of(m), p, x2.device())).collect::<Result<Vec<_>>>()?
-        } else {
-            // Each adapter's columns of its lane's U, read in place by the up-projection.
-            let u_cols = members
-                .iter()
-                .map(|m| m.adapter.as_ref().map(|ad| us[ad.lane].narrow(1, ad.col, ad.r)).transpose())
-                .collect::<Result<Vec<_>>>()?;
-            let bases: Vec<(&BaseWeight, Option<LoraUp>)> = projections
-                .iter()
-                .zip(&members)
-                .zip(&u_cols)
-                .zip(&bs)
-                .map(|(((proj, member), u), b)| {
-                    let lora = match (&member.adapter, u, b) {
-                        (Some(ad), Some(u), Some(b)) => Some(LoraUp { u, b, alpha: ad.scaling }),
-                        _ => None,
-                    };
-                    (proj.base, lora)
-                })
-                .collect();
-            let ys = base_products(&bases, &x2, p)?;
-            ys.into_iter()
-                .zip(projections)
-                .zip(&members)
-                .map(|((y, proj), member)| {
-                    let y = match proj.bias {
-                        Some(bias) => add_bias(&y, bias.value())?,
-                        None => y,
-                    };
-                    y.reshape(&shape_of(member))
-                })
-                .collect::<Result<Vec<_>>>()?
+        let device = lead[0].value().device();
+        let outputs = match (&x2, value) {
+            (Some(x2), Value::Computed) => {
+                // Each adapter's columns of its lane's U, read in place by the up-projection.
+                let u_cols = members
+                    .iter()
+                    .map(|m| {
+                        m.adapter
+                            .as_ref()
+                            .map(|ad| saved(&us[ad.lane]).and_then(|u| u.narrow(1, ad.col, ad.r)))
+                            .transpose()
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let bases: Vec<(&BaseWeight, Option<LoraUp>)> = projections
+                    .iter()
+                    .zip(&members)
+                    .zip(&u_cols)
+                    .zip(&bs)
+                    .map(|(((proj, member), u), b)| {
+                        let lora = match (&member.adapter, u, b) {
+                            (Some(ad), Some(u), Some(b)) => Some(LoraUp { u, b, alpha: ad.scaling }),
+                            _ => None,
+                        };
+                        (proj.base, lora)
+                    })
+                    .collect();
+                let ys = base_products(&bases, x2, p)?;
+                ys.into_iter()
+                    .zip(projections)
+                    .zip(&members)
+                    .map(|((y, proj), member)| {
+                        let y = match proj.bias {
+                            Some(bias) => add_bias(&y, bias.value())?,
+                            None => y,
+                        };
+                        y.reshape(&shape_of(member))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            _ => members.iter().map(|m| Tensor::zeros_on(&shape_of(m), p, device)).collect::<Result<Vec<_>>>()?,
         };
-        let op = LoraGroup {
-            precision: p,
-            rows,
-            x_shape: x.shape().to_vec(),
-            x_needs,
-            x: lanes.iter().any(|l| l.a_needs).then_some(x2),
-            members,
-            lanes,
+        let a_needs = lanes.iter().any(|l| l.a_needs);
+        let kept = match input {
+            Input::Rows(_) => Kept::Rows(if a_needs { x2 } else { None }),
+            Input::Glu { kind, gate, up } => {
+                Kept::Glu { kind, gate: gate.value().clone(), up: up.value().clone(), deferred }
+            }
         };
-        // Inputs: x, then (A, B, bias) per projection, constants standing in for what a projection lacks.
+        let op = LoraGroup { precision: p, rows, x_shape, x_needs, input: kept, members, lanes };
+        // Inputs: x (or gate and up), then (A, B, bias) per projection, constants standing in for what a projection
+        // lacks.
         let none = Var::constant(Tensor::zeros(&[0], DType::F32));
-        let mut inputs = vec![x];
+        let mut inputs = lead.to_vec();
         for (proj, b) in projections.iter().zip(&bound) {
             let (a, b) = b.as_ref().map_or((&none, &none), |(a, b)| (a, b));
             inputs.extend([a, b, proj.bias.unwrap_or(&none)]);
         }
         Ok(self.record(Box::new(op), &inputs, outputs))
+    }
+}
+
+/// What a group multiplies: x's rows, or an MLP's GLU product act(gate) ⊙ up.
+#[derive(Clone, Copy)]
+pub(super) enum Input<'a> {
+    Rows(&'a Var),
+    Glu { kind: Glu, gate: &'a Var, up: &'a Var },
+}
+
+impl<'a> Input<'a> {
+    /// The op's leading inputs, whose gradients its backward returns first: x, or gate and up.
+    fn vars(self) -> Vec<&'a Var> {
+        match self {
+            Input::Rows(x) => vec![x],
+            Input::Glu { gate, up, .. } => vec![gate, up],
+        }
+    }
+}
+
+/// A lane's U = x_d·Aᵀ: masked on the fly where the lane has dropout.
+fn lane_u(dropout: Option<Dropout>, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    match dropout {
+        Some(d) => d.matmul_t(x, a),
+        None => matmul(x, &a.t()?),
     }
 }
 
@@ -205,10 +249,20 @@ struct Lane {
     members: Vec<usize>,
     /// Whether any member's A wants a gradient (then x is kept, and B for du).
     a_needs: bool,
-    /// The stacked A [Σ r, in] in the op's precision, kept for dx (a handle on the parameter's compute copy).
+    /// The stacked A [Σ r, in] in the op's precision, kept for dx and for a U formed in backward (a handle on the
+    /// parameter's compute copy).
     a: Option<Tensor>,
-    /// x_d·Aᵀ [N, Σ r], kept for dB.
+    /// x_d·Aᵀ [N, Σ r], kept for dB (None when backward forms it: [`Kept::Glu`] deferred).
     u: Option<Tensor>,
+}
+
+/// What backward reads of the op's input.
+enum Kept {
+    /// x's rows before dropout [N, in], when a lane's dA needs them (masks are redrawn from their seeds).
+    Rows(Option<Tensor>),
+    /// gate and up of x = act(gate) ⊙ up, never x itself: the GLU's gradients read them, and x is formed again in
+    /// that pass. `deferred`: forward formed neither x nor U (an unread output).
+    Glu { kind: Glu, gate: Tensor, up: Tensor, deferred: bool },
 }
 
 struct Member {
@@ -237,10 +291,17 @@ struct LoraGroup {
     rows: usize,
     x_shape: Vec<usize>,
     x_needs: bool,
-    /// The input rows before dropout [N, in], for dA (masks are redrawn from their seeds).
-    x: Option<Tensor>,
+    input: Kept,
     members: Vec<Member>,
     lanes: Vec<Lane>,
+}
+
+/// A block of one lane's members whose dA and dB wait for x: its du, and its first column of the lane's U.
+struct Pending {
+    lane: usize,
+    block: Vec<usize>,
+    du: Option<Tensor>,
+    first: usize,
 }
 
 impl Backward for LoraGroup {
@@ -251,7 +312,11 @@ impl Backward for LoraGroup {
     fn saved_bytes(&self) -> usize {
         // Bases are handles on their owners' storage (dense tensor, NF4 nibbles and scales): they cost nothing.
         let bs = self.members.iter().filter_map(|m| m.adapter.as_ref()).map(|ad| &ad.b);
-        bytes_of(self.lanes.iter().flat_map(|l| [&l.a, &l.u]).chain([&self.x]).chain(bs))
+        let input = match &self.input {
+            Kept::Rows(x) => bytes_of([x]),
+            Kept::Glu { gate, up, .. } => gate.size_in_bytes() + up.size_in_bytes(),
+        };
+        bytes_of(self.lanes.iter().flat_map(|l| [&l.a, &l.u]).chain(bs)) + input
     }
 
     fn backward(self: Box<Self>, grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
@@ -262,18 +327,38 @@ impl Backward for LoraGroup {
             .zip(grads)
             .map(|(m, g)| g.as_ref().map(|g| g.reshape(&[rows, m.out_f])).transpose())
             .collect::<Result<Vec<_>>>()?;
-        // x, then (A, B, bias) per projection.
-        let mut out: Vec<Option<Tensor>> = vec![None; 1 + 3 * self.members.len()];
+        // x (or gate and up), then (A, B, bias) per projection.
+        let lead = match self.input {
+            Kept::Rows(_) => 1,
+            Kept::Glu { .. } => 2,
+        };
+        let mut out: Vec<Option<Tensor>> = vec![None; lead + 3 * self.members.len()];
         for (i, (m, dy)) in self.members.iter().zip(&dys).enumerate() {
             if let (true, Some(dy)) = (m.bias_needs, dy) {
-                out[3 + 3 * i] = Some(sum_rows(dy)?);
+                out[lead + 2 + 3 * i] = Some(sum_rows(dy)?);
             }
         }
-        // dx's terms: products accumulated into one tensor, then the masked terms of lanes with dropout added into it.
-        let mut dx: Option<Tensor> = None;
+        // dA and dB read x or U, so they wait until x is at hand (`Kept::Glu` forms it from dx).
+        let (pending, dx) = self.dx(&dys)?;
+        let x = self.input_grads(dx, &pending, &mut out)?;
+        self.adapter_grads(pending, x.as_ref(), &dys, &mut out[lead..])?;
+        Ok(out)
+    }
+}
+
+impl LoraGroup {
+    fn adapter(&self, i: usize) -> &MemberAdapter {
+        self.members[i].adapter.as_ref().expect("lane members have adapters")
+    }
+
+    /// Each block's du and dx: du·A products accumulated into one tensor with the bases' dy·W, then the masked
+    /// terms of lanes with dropout added into it.
+    fn dx(&self, dys: &[Option<Tensor>]) -> Result<(Vec<Pending>, Option<Tensor>)> {
+        let dy = |i: usize| dys[i].as_ref().expect("blocks hold members with a gradient");
         let mut dx_products: Vec<(Tensor, Tensor)> = Vec::new();
         let mut dx_masked: Vec<(Tensor, Tensor, Dropout)> = Vec::new();
-        for lane in &self.lanes {
+        let mut pending = Vec::new();
+        for (li, lane) in self.lanes.iter().enumerate() {
             let present: Vec<usize> = lane.members.iter().copied().filter(|&i| dys[i].is_some()).collect();
             // dU has a block per member with a gradient: a member without one (its output unused) leaves a gap in U's
             // columns, so the others go one by one.
@@ -283,70 +368,124 @@ impl Backward for LoraGroup {
                 present.into_iter().map(|i| vec![i]).collect()
             };
             for block in blocks {
-                let ad = |i: usize| self.members[i].adapter.as_ref().expect("lane members have adapters");
-                let dy = |i: usize| dys[i].as_ref().expect("blocks hold members with a gradient");
-                for &i in &block {
-                    if ad(i).b_needs {
-                        let u = saved(&lane.u)?.narrow(1, ad(i).col, ad(i).r)?;
-                        out[2 + 3 * i] = Some(matmul_scaled(&dy(i).t()?, &u, ad(i).scaling)?);
+                let first = self.adapter(block[0]).col;
+                let mut du = None;
+                if self.x_needs || block.iter().any(|&i| self.adapter(i).a_needs) {
+                    let products = block
+                        .iter()
+                        .map(|&i| Ok((dy(i), saved(&self.adapter(i).b)?, self.adapter(i).scaling)))
+                        .collect::<Result<Vec<(&Tensor, &Tensor, f64)>>>()?;
+                    let d_u = matmul_columns(&products)?;
+                    if self.x_needs {
+                        let a = saved(&lane.a)?.narrow(0, first, d_u.shape()[1])?;
+                        match lane.dropout {
+                            None => dx_products.push((d_u.clone(), a)),
+                            Some(d) => dx_masked.push((d_u.clone(), a, d)),
+                        }
                     }
+                    du = Some(d_u);
                 }
-                let a_needs = block.iter().any(|&i| ad(i).a_needs);
-                if !(a_needs || self.x_needs) {
-                    continue;
+                pending.push(Pending { lane: li, block, du, first });
+            }
+        }
+        if !self.x_needs {
+            return Ok((pending, None));
+        }
+        let mut dx: Option<Tensor> = None;
+        // On a GPU the thin du·A products (K = r) go first, so that without dropout the first of them only writes dx
+        // and the base GEMMs add into it in their epilogues (as in forward); the CPU keeps its order and bits.
+        let on_gpu = dys.iter().flatten().any(|dy| dy.device() != Device::Cpu);
+        let (before, after) = if on_gpu { (&dx_products[..], &[][..]) } else { (&[][..], &dx_products[..]) };
+        for (du, a) in before {
+            accumulate(&mut dx, du, a)?;
+        }
+        for (m, dy) in self.members.iter().zip(dys) {
+            if let (Some(base), Some(dy)) = (&m.base, dy) {
+                with_weight(base, self.precision, |w| accumulate(&mut dx, dy, w))?;
+            }
+        }
+        for (du, a) in after {
+            accumulate(&mut dx, du, a)?;
+        }
+        for (du, a, d) in &dx_masked {
+            match &mut dx {
+                Some(dx) => d.matmul_accumulate(dx, du, a)?,
+                None => dx = Some(d.apply(&matmul(du, a)?)?),
+            }
+        }
+        Ok((pending, dx.map(|dx| dx.reshape(&self.x_shape)).transpose()?))
+    }
+
+    /// The gradients of the op's leading inputs into `out` (dx, or the GLU's d_gate and d_up from it), and x's rows
+    /// where a pending dA or U reads them: kept, or for a GLU formed in the same pass as its gradients.
+    fn input_grads(
+        &self,
+        dx: Option<Tensor>,
+        pending: &[Pending],
+        out: &mut [Option<Tensor>],
+    ) -> Result<Option<Tensor>> {
+        let (kind, gate, up, deferred) = match &self.input {
+            Kept::Rows(x) => {
+                out[0] = dx;
+                return Ok(x.clone());
+            }
+            Kept::Glu { kind, gate, up, deferred } => (*kind, gate, up, *deferred),
+        };
+        let reads_x = |i: usize| self.adapter(i).a_needs || (deferred && self.adapter(i).b_needs);
+        let wants_x = pending.iter().any(|b| b.block.iter().any(|&i| reads_x(i)));
+        let x = match (dx, wants_x) {
+            (Some(mut dx), true) => {
+                // The product lands in dx's buffer, which nothing reads after this.
+                let (d_gate, d_up) = glu_backward_out(kind, gate, up, &mut dx)?;
+                (out[0], out[1]) = (Some(d_gate), Some(d_up));
+                Some(dx)
+            }
+            (Some(dx), false) => {
+                let (d_gate, d_up) = glu_backward(kind, gate, up, &dx)?;
+                (out[0], out[1]) = (Some(d_gate), Some(d_up));
+                None
+            }
+            (None, true) => Some(glu(kind, gate, up)?),
+            (None, false) => None,
+        };
+        x.map(|x| x.reshape(&[self.rows, x.elem_count() / self.rows])).transpose()
+    }
+
+    /// dB and dA of each pending block into `out` ((A, B, bias) per projection), from x's rows and U (kept, or formed
+    /// here once per lane from x).
+    fn adapter_grads(
+        &self,
+        pending: Vec<Pending>,
+        x: Option<&Tensor>,
+        dys: &[Option<Tensor>],
+        out: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        let x = || x.ok_or_else(|| Error::invalid("lora_linear", "backward needs the input rows, which were not kept"));
+        let mut formed: Vec<Option<Tensor>> = vec![None; self.lanes.len()];
+        for Pending { lane: li, block, du, first } in pending {
+            let lane = &self.lanes[li];
+            if lane.u.is_none() && formed[li].is_none() && block.iter().any(|&i| self.adapter(i).b_needs) {
+                formed[li] = Some(lane_u(lane.dropout, x()?, saved(&lane.a)?)?);
+            }
+            for &i in &block {
+                let ad = self.adapter(i);
+                if let (true, Some(dy)) = (ad.b_needs, &dys[i]) {
+                    let u = saved(if lane.u.is_some() { &lane.u } else { &formed[li] })?.narrow(1, ad.col, ad.r)?;
+                    out[1 + 3 * i] = Some(matmul_scaled(&dy.t()?, &u, ad.scaling)?);
                 }
-                let products = block
-                    .iter()
-                    .map(|&i| Ok((dy(i), saved(&ad(i).b)?, ad(i).scaling)))
-                    .collect::<Result<Vec<(&Tensor, &Tensor, f64)>>>()?;
-                let du = matmul_columns(&products)?;
-                let (first, width) = (ad(block[0]).col, du.shape()[1]);
-                if a_needs {
-                    let x = saved(&self.x)?;
-                    let xd = match lane.dropout {
-                        Some(d) => d.apply(x)?,
-                        None => x.clone(),
-                    };
-                    let d_a = matmul(&du.t()?, &xd)?;
-                    for &i in block.iter().filter(|&&i| ad(i).a_needs) {
-                        out[1 + 3 * i] = Some(d_a.narrow(0, ad(i).col - first, ad(i).r)?);
-                    }
-                }
-                if self.x_needs {
-                    let a = saved(&lane.a)?.narrow(0, first, width)?;
-                    match lane.dropout {
-                        None => dx_products.push((du, a)),
-                        Some(d) => dx_masked.push((du, a, d)),
-                    }
+            }
+            if let Some(du) = du.filter(|_| block.iter().any(|&i| self.adapter(i).a_needs)) {
+                let xd = match lane.dropout {
+                    Some(d) => d.apply(x()?)?,
+                    None => x()?.clone(),
+                };
+                let d_a = matmul(&du.t()?, &xd)?;
+                for &i in block.iter().filter(|&&i| self.adapter(i).a_needs) {
+                    out[3 * i] = Some(d_a.narrow(0, self.adapter(i).col - first, self.adapter(i).r)?);
                 }
             }
         }
-        if self.x_needs {
-            let p = self.precision;
-            // On a GPU the thin du·A products (K = r) go first, so that without dropout the first of them only writes
-            // dx and the base GEMMs add into it in their epilogues (as in forward); the CPU keeps its order and bits.
-            let on_gpu = dys.iter().flatten().any(|dy| dy.device() != Device::Cpu);
-            let (before, after) = if on_gpu { (&dx_products[..], &[][..]) } else { (&[][..], &dx_products[..]) };
-            for (du, a) in before {
-                accumulate(&mut dx, du, a)?;
-            }
-            for (m, dy) in self.members.iter().zip(&dys) {
-                if let (Some(base), Some(dy)) = (&m.base, dy) {
-                    with_weight(base, p, |w| accumulate(&mut dx, dy, w))?;
-                }
-            }
-            for (du, a) in after {
-                accumulate(&mut dx, du, a)?;
-            }
-            for (du, a, d) in &dx_masked {
-                match &mut dx {
-                    Some(dx) => d.matmul_accumulate(dx, du, a)?,
-                    None => dx = Some(d.apply(&matmul(du, a)?)?),
-                }
-            }
-            out[0] = dx.map(|dx| dx.reshape(&self.x_shape)).transpose()?;
-        }
-        Ok(out)
+        Ok(())
     }
 }
 

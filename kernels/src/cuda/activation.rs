@@ -64,6 +64,31 @@ pub fn glu_backward<T: GpuFloat>(
     // elements on this device (asserted), and the two outputs are distinct buffers (two &mut borrows).
     unsafe { launch!(dev, Module::Activation, kernel, cfg; pg, pu, pd, pdg, pdu, n64) }
 }
+
+/// gate, up, d_out: \[n\] → d_gate, d_up: \[n\] ([`glu_backward`]'s), and [`glu_forward`]'s product written over
+/// d_out, in one pass.
+pub fn glu_backward_out<T: GpuFloat>(
+    kind: Glu,
+    gate: &DeviceBuffer<T>,
+    up: &DeviceBuffer<T>,
+    d_out: &mut DeviceBuffer<T>,
+    d_gate: &mut DeviceBuffer<T>,
+    d_up: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    let kernel = match kind {
+        Glu::SwiGlu => kernel!("swiglu_backward_out", T),
+        Glu::GeGlu => kernel!("geglu_backward_out", T),
+    };
+    let Some(dev) = elementwise_device(kernel, &[gate, up, d_out, d_gate, d_up]) else { return Ok(()) };
+    let n = gate.len();
+    let cfg = wave_config(dev, Module::Activation, kernel, n.div_ceil(8))?;
+    let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
+    // SAFETY: kernel(const T* gate, const T* up, T* d_out, T* d_gate, T* d_up, u64 n); all five hold n elements on
+    // this device (asserted); d_out, d_gate and d_up are distinct buffers (three &mut borrows), and the kernel reads
+    // each element of d_out before the same thread writes it.
+    unsafe { launch!(dev, Module::Activation, kernel, cfg; pg, pu, pd, pdg, pdu, n64) }
+}
+
 /// x: \[n\] → y: \[n\] = cap·tanh(x/cap)
 pub fn softcap_forward<T: GpuFloat>(x: &DeviceBuffer<T>, cap: f32, y: &mut DeviceBuffer<T>) -> Result<()> {
     unary(kernel!("softcap_forward", T), x, Some(cap), y)

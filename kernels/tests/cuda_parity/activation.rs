@@ -51,6 +51,14 @@ fn activation_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             activation::glu_backward(kind, &xw, &uw, &gw, &mut want, &mut want_up);
             check(&format!("{kind:?} d_gate n={n}"), &d_gate, &want, T::TOL);
             check(&format!("{kind:?} d_up n={n}"), &d_up, &want_up, T::TOL);
+            // The product is written over d_out.
+            let (mut d_gate, mut d_up, mut out) = (poisoned::<T>(dev, n), poisoned::<T>(dev, n), upload(dev, &g));
+            cuda::activation::glu_backward_out(kind, &gx, &gu, &mut out, &mut d_gate, &mut d_up).unwrap();
+            let mut want_out = vec![0.0f32; n];
+            activation::glu_backward_out(kind, &xw, &uw, &gw, &mut want, &mut want_up, &mut want_out);
+            check(&format!("{kind:?} backward_out d_gate n={n}"), &d_gate, &want, T::TOL);
+            check(&format!("{kind:?} backward_out d_up n={n}"), &d_up, &want_up, T::TOL);
+            check(&format!("{kind:?} backward_out out n={n}"), &out, &want_out, T::TOL);
         }
         let xc = randn::<T>(rng, n, 2.0 * CAP as f64);
         let (xcw, gxc) = (widen(&xc), upload(dev, &xc));

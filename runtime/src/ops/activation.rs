@@ -1,7 +1,7 @@
 //! Activations: silu, tanh-gelu, the gated units of the MLPs (SwiGLU, GeGLU) and softcapping.
 
 use super::{dispatch, same_shape, tensor, with_compute};
-use crate::cuda::{buf, output, with_gpu, Gpu};
+use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
 use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{Error, Result, Tensor};
 use qlora_kernels::activation as act;
@@ -70,6 +70,35 @@ pub fn glu_backward(kind: Glu, gate: &Tensor, up: &Tensor, d_out: &Tensor) -> Re
         act::glu_backward(kind, &g, &u, &d, &mut dg, &mut du);
         Ok((tensor(dg, gate.shape()), tensor(du, gate.shape())))
     })
+}
+
+/// [`glu_backward`]'s gradients (d_gate, d_up), with [`glu`]'s product, by the same operations, written over
+/// `d_out` in the same pass (in place on a GPU when nothing else holds d_out's storage): a consumer that needs the
+/// product only for its own backward forms it where the GLU's gradients are computed, for one more write and no
+/// more memory, instead of keeping it saved from the forward or running a separate forward pass.
+pub fn glu_backward_out(kind: Glu, gate: &Tensor, up: &Tensor, d_out: &mut Tensor) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "glu_backward_out";
+    same_shape(OP, gate, up)?;
+    same_shape(OP, gate, d_out)?;
+    if let Some(g) = Gpu::of(OP, &[gate, up, d_out])? {
+        return with_gpu!(g, |T| {
+            let (gt, u) = (g.input(gate)?, g.input(up)?);
+            *d_out = g.input(d_out)?;
+            let n = gt.elem_count();
+            let (mut dg, mut du) = (g.alloc::<T>(n)?, g.alloc::<T>(n)?);
+            g.run(gact::glu_backward_out(kind, buf::<T>(&gt), buf(&u), buffer_mut::<T>(OP, d_out)?, &mut dg, &mut du))?;
+            Ok((output(dg, gate.shape()), output(du, gate.shape())))
+        });
+    }
+    let (d_gate, d_up, out) = with_compute!(OP, [gate, up, d_out], |T| {
+        let n = gate.elem_count();
+        let (mut dg, mut du, mut out) = (vec![T::default(); n], vec![T::default(); n], vec![T::default(); n]);
+        let (g, u, d) = (gate.values::<T>(), up.values::<T>(), d_out.values::<T>());
+        act::glu_backward_out(kind, &g, &u, &d, &mut dg, &mut du, &mut out);
+        Ok((tensor(dg, gate.shape()), tensor(du, gate.shape()), tensor(out, gate.shape())))
+    })?;
+    *d_out = out;
+    Ok((d_gate, d_up))
 }
 
 /// cap·tanh(x/cap) (Gemma 2's final-logit softcapping).

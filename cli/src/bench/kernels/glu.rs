@@ -1,10 +1,10 @@
-//! The MLP's gated activation, forward and backward over [tokens, intermediate]: SwiGLU for Llama, GeGLU (tanh) for
-//! Gemma.
+//! The MLP's gated activation over [tokens, intermediate], forward, backward, and the backward that also writes the
+//! forward's product (`bwd+out`): SwiGLU for Llama, GeGLU (tanh) for Gemma.
 
 use super::{dims, models, Bench, Work, TOKENS};
 use anyhow::Result;
 use half::bf16;
-use qlora_kernels::cuda::activation::{glu_backward, glu_forward, Glu};
+use qlora_kernels::cuda::activation::{glu_backward, glu_backward_out, glu_forward, Glu};
 use qlora_kernels::cuda::DeviceBuffer;
 use qlora_models::config::Activation;
 
@@ -20,8 +20,8 @@ struct Set {
 pub fn run(b: &mut Bench) -> Result<()> {
     for (model, c) in models()? {
         let glu = if c.activation == Activation::Silu { "swiglu" } else { "geglu" };
-        let (fwd, bwd) = (format!("{glu} fwd"), format!("{glu} bwd"));
-        if !b.wants(&fwd) && !b.wants(&bwd) {
+        let (fwd, bwd, bwd_out) = (format!("{glu} fwd"), format!("{glu} bwd"), format!("{glu} bwd+out"));
+        if !b.wants(&fwd) && !b.wants(&bwd) && !b.wants(&bwd_out) {
             continue;
         }
         let n = TOKENS * c.intermediate_size;
@@ -51,6 +51,13 @@ pub fn run(b: &mut Bench) -> Result<()> {
             b.row(&bwd, &shape, Work::Bytes((5 * 2 * n) as f64), |i| {
                 let s = &mut sets[i % count];
                 Ok(glu_backward(kind, &s.gate, &s.up, &s.d_out, &mut s.d_gate, &mut s.d_up)?)
+            })?;
+        }
+        if b.wants(&bwd_out) {
+            b.row(&bwd_out, &shape, Work::Bytes((6 * 2 * n) as f64), |i| {
+                let s = &mut sets[i % count];
+                // The product lands over d_out: later calls read it back as d_out (the same bytes).
+                Ok(glu_backward_out(kind, &s.gate, &s.up, &mut s.d_out, &mut s.d_gate, &mut s.d_up)?)
             })?;
         }
     }

@@ -183,13 +183,15 @@ pub fn estimate(s: &Setup) -> Estimate {
     let (i, qo, kvo) = (c.intermediate_size, shapes[0].1[0], shapes[1].1[0]);
     // What one layer's ops save for backward, tensor by tensor (the device's bytes: a tensor two ops save counts
     // once): the layer input and the attention norm's output, the roped q, k and v, the attention output (which
-    // o_proj saves too) and its f32 log-sum-exp, the residual sum and the MLP norm's output, the MLP's gate, up and
-    // product. Rope saves nothing of its input; Gemma 3's q/k norms save q and k before them, and Gemma's sandwich
-    // norms two more of the hidden size.
+    // o_proj saves too) and its f32 log-sum-exp, the residual sum and the MLP norm's output, the MLP's gate and up.
+    // Their product is formed again in backward (`Tape::glu_lora_linear`), except under DoRA, which keeps it. Rope
+    // saves nothing of its input; Gemma 3's q/k norms save q and k before them, and Gemma's sandwich norms two more
+    // of the hidden size.
     let family = c.family;
     let sandwich = if family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
     let qk = if family == qlora_models::config::Family::Gemma3 { 3 } else { 2 };
-    let layer = t * d * (4 * h + sandwich + qk * (qo + kvo) + 3 * i) + t * c.num_attention_heads * 4;
+    let product = if s.dora { 0 } else { t * d * i };
+    let layer = t * d * (4 * h + sandwich + qk * (qo + kvo) + 3 * i) + t * c.num_attention_heads * 4 - product;
     // In blocks, a recomputed layer's MLP part holds one block's intermediate at a time.
     let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
     // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
@@ -206,7 +208,8 @@ pub fn estimate(s: &Setup) -> Estimate {
     let softcap = usize::from(c.final_logit_softcapping.is_some());
     let chunk = chunk_rows(c.vocab_size).min(t);
     let head = (3 + softcap) * chunk * c.vocab_size * d + 2 * t * h * d;
-    let in_layer = if recomputed > 0 { (layer - blocked_mlp) * 3 / 2 } else { layer };
+    // While a layer's backward runs it holds the product again (formed there, over dx's buffer).
+    let in_layer = if recomputed > 0 { (layer + product - blocked_mlp) * 3 / 2 } else { layer + product };
     let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
     let activations = saved + head.max(in_layer) + 2 * largest * d;
     Estimate { weights, adapters, activations, host }
