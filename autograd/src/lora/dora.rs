@@ -4,13 +4,13 @@
 //! `qlora_runtime::ops::dora` (CPU and CUDA), the rest GEMMs and elementwise ops, so the op runs wherever its tensors
 //! are. It keeps its own op rather than the fused LoRA group's: the norm couples every output row to A and B.
 
-use super::scratch::{with_scaled_weight, with_weight};
+use super::scratch::{base_plus_up, with_scaled_weight, with_weight};
 use super::{precision, Dropout, LoraAdapter};
 use crate::tape::{Backward, Tape, Var};
 use qlora_runtime::op::{bytes_of, first_grad, saved};
 use qlora_runtime::ops::dora::{combine, ratio, row_norms, scale_by, Axis};
 use qlora_runtime::ops::elementwise::{add, add_bias};
-use qlora_runtime::ops::linalg::{matmul, matmul_into, matmul_scaled};
+use qlora_runtime::ops::linalg::{matmul, matmul_scaled};
 use qlora_runtime::ops::reduce::{sum_rows, sum_rows_product};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Error, Result, Tensor};
@@ -63,8 +63,8 @@ impl Tape {
             // where peft's h/n would give a number: no trained or initialised magnitude lands on 0.0 in practice.)
             None => {
                 let u = matmul(&x2, &av.t()?)?;
-                let mut y = with_scaled_weight(base, p, &g, |w| matmul(&x2, &w.t()?))?;
-                matmul_into(&mut y, &u, &scale_by(bv, &g, 0.0, Axis::Rows)?.t()?, s, 1.0)?;
+                let bg = scale_by(bv, &g, 0.0, Axis::Rows)?;
+                let y = with_scaled_weight(base, p, &g, |w| base_plus_up(&x2, w, &u, &bg, s))?;
                 let dm_of = m_needs.then(|| (y.clone(), mv.clone()));
                 (y, dm_of, u)
             }
@@ -175,9 +175,8 @@ impl Backward for DoraLinear {
             (None, _) => None,
             // y = g⊙(x·Wᵀ) + g⊙s·x·Aᵀ·Bᵀ + bias: du·A accumulates onto the one product with g⊙W.
             (Some(base), None) => {
-                let mut dx = with_scaled_weight(base, p, &self.g, |w| matmul(&dy, w))?;
-                matmul_into(&mut dx, saved(&du)?, saved(&self.a)?, 1.0, 1.0)?;
-                Some(dx)
+                let (du, a) = (saved(&du)?, saved(&self.a)?.t()?);
+                Some(with_scaled_weight(base, p, &self.g, |w| base_plus_up(&dy, &w.t()?, du, &a, 1.0))?)
             }
             // y = x·Wᵀ + (g − 1)⊙(x_d·Wᵀ) + …: the x_d terms pass back through the mask.
             (Some(base), Some(d)) => {
