@@ -61,7 +61,9 @@ __device__ __forceinline__ u64 splitmix_mix(u64 z) {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
-__device__ __forceinline__ u64 splitmix_at(u64 seed, u64 i) { return splitmix_mix(seed + (i + 1) * SPLITMIX_STEP); }
+// The state whose mix is the i-th draw; element i + j's is this + j·SPLITMIX_STEP.
+__device__ __forceinline__ u64 splitmix_state(u64 seed, u64 i) { return seed + (i + 1) * SPLITMIX_STEP; }
+__device__ __forceinline__ u64 splitmix_at(u64 seed, u64 i) { return splitmix_mix(splitmix_state(seed, i)); }
 
 // Grid-stride loops over element counts past 2^32.
 __device__ __forceinline__ u64 thread_index() { return static_cast<u64>(blockIdx.x) * blockDim.x + threadIdx.x; }

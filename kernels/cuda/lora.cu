@@ -35,7 +35,7 @@ extern "C" __global__ void lora_delta_bf16(const bf16* b, const bf16* a, bf16* o
 
 // Whether elements i … i + 7 are kept, as bits 0 … 7.
 __device__ __forceinline__ unsigned dropout_keeps8(u64 seed, u64 i, u64 drop_below) {
-    const u64 z = seed + (i + 1) * SPLITMIX_STEP;
+    const u64 z = splitmix_state(seed, i);
     unsigned kept = 0;
 #pragma unroll
     for (unsigned j = 0; j < 8; ++j) kept |= ((splitmix_mix(z + j * SPLITMIX_STEP) >> 11) >= drop_below) << j;

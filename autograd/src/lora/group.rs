@@ -18,7 +18,7 @@
 //! intermediate] and the largest activation of a layer. Backward computes x again in the pass that computes the GLU's
 //! gradients from dx (one more write there), then dA and, for an unread output, U from it.
 
-use super::scratch::{base_products, with_weight};
+use super::scratch::{base_products, thin_first, with_weight};
 use super::{precision, validate, Dropout, LoraProjection};
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
@@ -28,7 +28,7 @@ use qlora_runtime::ops::elementwise::add_bias;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::quant::{BaseWeight, LoraUp};
-use qlora_runtime::{DType, Device, Error, Result, Tensor};
+use qlora_runtime::{DType, Error, Result, Tensor};
 
 impl Tape {
     /// Several adapted linears over one input: `projections[i]` gives what [`Tape::lora_linear`] takes, and the result
@@ -392,10 +392,9 @@ impl LoraGroup {
             return Ok((pending, None));
         }
         let mut dx: Option<Tensor> = None;
-        // On a GPU the thin du·A products (K = r) go first, so that without dropout the first of them only writes dx
-        // and the base GEMMs add into it in their epilogues (as in forward); the CPU keeps its order and bits.
-        let on_gpu = dys.iter().flatten().any(|dy| dy.device() != Device::Cpu);
-        let (before, after) = if on_gpu { (&dx_products[..], &[][..]) } else { (&[][..], &dx_products[..]) };
+        // The thin du·A products (K = r) and the bases' dy·W in `thin_first`'s order, as in forward.
+        let first = dys.iter().flatten().next().is_some_and(|dy| thin_first(dy.device()));
+        let (before, after) = if first { (&dx_products[..], &[][..]) } else { (&[][..], &dx_products[..]) };
         for (du, a) in before {
             accumulate(&mut dx, du, a)?;
         }

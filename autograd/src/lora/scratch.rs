@@ -41,13 +41,18 @@ pub(super) fn base_products(bases: &[(&BaseWeight, Option<LoraUp>)], x2: &Tensor
         .collect()
 }
 
+/// Whether LoRA's thin K = r products go before the base GEMMs that add into the same output: on a GPU the thin
+/// product then only writes the output, and the base GEMM adds into it with beta = 1, its read absorbed in the
+/// compute-bound GEMM's epilogue (the other order would read and write the whole output again in the thin GEMM). The
+/// CPU keeps base-then-thin, so its results stay what they were, bit for bit.
+pub(super) fn thin_first(device: Device) -> bool {
+    device != Device::Cpu
+}
+
 /// x·wᵀ + alpha·u·bᵀ (w [out, in], u [rows, r], b [out, r]): a base product and LoRA's up-projection (or, given
-/// transposed operands, dx's base and du·A terms) in one output. On a GPU the thin K = r product goes first, alone (it
-/// only writes the output), and the base GEMM adds into it with beta = 1, its read absorbed in the compute-bound GEMM's
-/// epilogue; the other order would read and write the whole output again in the thin GEMM. The CPU keeps
-/// base-then-up, so its results stay what they were, bit for bit.
+/// transposed operands, dx's base and du·A terms) in one output, in [`thin_first`]'s order.
 pub(super) fn base_plus_up(x: &Tensor, w: &Tensor, u: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
-    if x.device() == Device::Cpu {
+    if !thin_first(x.device()) {
         let mut y = matmul(x, &w.t()?)?;
         matmul_into(&mut y, u, &b.t()?, alpha, 1.0)?;
         return Ok(y);
