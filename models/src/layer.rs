@@ -178,9 +178,13 @@ fn mlp_forward(
     // of a layer. Recomputed for backward, the MLP's result reaches the checkpoint's output (a layer's or an MLP
     // block's) only through adds and the blocks' concatenation, which read no values: down_proj records its gradients
     // and computes nothing until backward (not its products, a third of the MLP's GEMMs, nor the GLU). Gemma 2/3
-    // normalize it first, and the norm's backward reads it.
-    let unread = t.recomputing() && l.post_feedforward_layernorm.is_none();
-    let m = l.mlp.down_proj.forward_glu(t, (glu, &gate, &up), seed(6), unread)?;
+    // normalize it first, and the norm's backward reads it: recomputed, their product is formed here anyway and
+    // lives only until this layer's backward, so the two ops keep it rather than form it again there.
+    let down = &l.mlp.down_proj;
+    let m = match (t.recomputing(), l.post_feedforward_layernorm.is_some()) {
+        (true, true) => down.forward(t, &t.glu(glu, &gate, &up)?, seed(6))?,
+        (recomputing, _) => down.forward_glu(t, (glu, &gate, &up), seed(6), recomputing)?,
+    };
     match &l.post_feedforward_layernorm {
         Some(n) => t.rms_norm(&m, &t.param(n), c.rms_norm_eps, norm_offset(c.family)),
         None => Ok(m),
