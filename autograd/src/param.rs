@@ -140,6 +140,21 @@ impl Param {
         r
     }
 
+    /// [`Param::update`] of several parameters at once, `f` seeing their values in order (an optimizer's update of
+    /// all of them in one launch). A parameter given twice is an error: its value cannot be borrowed twice.
+    pub fn update_all(params: &[&Param], f: impl FnOnce(&mut [&mut Tensor]) -> Result<()>) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(p) = params.iter().find(|p| !seen.insert(Arc::as_ptr(&p.0))) {
+            return Err(Error::invalid("Param::update_all", format!("{} is given twice", p.name())));
+        }
+        let mut slots: Vec<MutexGuard<'_, Tensor>> = params.iter().map(|p| lock(&p.0.value)).collect();
+        let mut values: Vec<&mut Tensor> = slots.iter_mut().map(|s| &mut **s).collect();
+        let r = f(&mut values);
+        // Even a failed update may have written part of the values.
+        params.iter().for_each(|p| p.changed());
+        r
+    }
+
     /// Called with the value locked, so that a reader sees the new value with the new stamp.
     fn changed(&self) {
         self.0.stamp.store(fresh_stamp(), Ordering::Relaxed);

@@ -1,5 +1,5 @@
 // Twin of kernels/src/activation.rs: SiLU, tanh-GELU, SwiGLU, GeGLU, softcap, forward and backward. Same formulas
-// in the same order as the CPU code, in 8-element chunks of 16-byte accesses (map below).
+// in the same order as the CPU code, in 8-element chunks of 16-byte accesses (common.cuh's map).
 #include "common.cuh"
 
 // √(2/π) and the cubic coefficient of the tanh approximation: activation.rs GELU_BETA, GELU_KAPPA.
@@ -41,59 +41,6 @@ enum Act { SILU, GELU_TANH };
 
 template <Act A> __device__ __forceinline__ float act(float z) { return A == SILU ? silu(z) : gelu_tanh(z); }
 template <Act A> __device__ __forceinline__ float act_grad(float z) { return A == SILU ? silu_grad(z) : gelu_tanh_grad(z); }
-
-// One 8-element chunk per input: loaded, mapped element by element, stored.
-template <unsigned NI, unsigned NO, typename T, typename F>
-__device__ __forceinline__ void map_chunk(const Raw8<T> (&raw)[NI], T* const (&out)[NO], u64 at, F f) {
-    float a[NI][8], b[NO][8];
-#pragma unroll
-    for (unsigned i = 0; i < NI; ++i) unpack8(raw[i], a[i]);
-#pragma unroll
-    for (unsigned k = 0; k < 8; ++k) {
-        float x[NI], y[NO];
-#pragma unroll
-        for (unsigned i = 0; i < NI; ++i) x[i] = a[i][k];
-        f(x, y);
-#pragma unroll
-        for (unsigned o = 0; o < NO; ++o) b[o][k] = y[o];
-    }
-#pragma unroll
-    for (unsigned o = 0; o < NO; ++o) store8(out[o] + at, b[o]);
-}
-
-// out_o[i] = f(in_0[i], …)_o for i < n, with f(const float (&x)[NI], float (&y)[NO]) one element's map. When every
-// pointer is 16-byte aligned, 8-element chunks (16-byte accesses), two per thread per step so that the loads of both
-// are in flight together; the rest, and everything otherwise, one element per thread. Grid-stride (the launchers'
-// grids are one wave).
-template <unsigned NI, unsigned NO, typename T, typename F>
-__device__ __forceinline__ void map(const T* const (&in)[NI], T* const (&out)[NO], u64 n, F f) {
-    bool vector = true;
-#pragma unroll
-    for (unsigned i = 0; i < NI; ++i) vector = vector && aligned16(in[i]);
-#pragma unroll
-    for (unsigned o = 0; o < NO; ++o) vector = vector && aligned16(out[o]);
-    const u64 chunks = vector ? n / 8 : 0, stride = thread_count();
-    for (u64 c = thread_index(); c < chunks; c += 2 * stride) {
-        const u64 c1 = c + stride;
-        Raw8<T> r0[NI], r1[NI] = {};
-#pragma unroll
-        for (unsigned i = 0; i < NI; ++i) r0[i] = load8(in[i] + 8 * c);
-        if (c1 < chunks) {
-#pragma unroll
-            for (unsigned i = 0; i < NI; ++i) r1[i] = load8(in[i] + 8 * c1);
-        }
-        map_chunk(r0, out, 8 * c, f);
-        if (c1 < chunks) map_chunk(r1, out, 8 * c1, f);
-    }
-    for (u64 j = 8 * chunks + thread_index(); j < n; j += stride) {
-        float x[NI], y[NO];
-#pragma unroll
-        for (unsigned i = 0; i < NI; ++i) x[i] = to_f32(in[i][j]);
-        f(x, y);
-#pragma unroll
-        for (unsigned o = 0; o < NO; ++o) out[o][j] = from_f32<T>(y[o]);
-    }
-}
 
 // x: [n] → y: [n]
 template <Act A, typename T> __device__ void act_forward(const T* x, T* y, u64 n) {

@@ -1,20 +1,21 @@
-// Twin of kernels/src/elementwise.rs: add, mul, scale, dropout, axpy, add_bias, broadcast_scaled. One thread per
-// element, grid-stride.
+// Twin of kernels/src/elementwise.rs: add, mul, scale, dropout, axpy, add_bias, broadcast_scaled. add, mul, scale
+// and axpy map 8-element chunks (common.cuh's map, 16-byte accesses, launched as one wave); the others take one
+// thread per element, grid-stride.
 #include "common.cuh"
 
 // a, b: [n] → out: [n] = a + b
 template <typename T> __device__ void add(const T* a, const T* b, T* out, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+    map<2, 1>({a, b}, {out}, n, [](const float (&x)[2], float (&y)[1]) { y[0] = x[0] + x[1]; });
 }
 
 // a, b: [n] → out: [n] = a ⊙ b
 template <typename T> __device__ void mul(const T* a, const T* b, T* out, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) out[i] = from_f32<T>(to_f32(a[i]) * to_f32(b[i]));
+    map<2, 1>({a, b}, {out}, n, [](const float (&x)[2], float (&y)[1]) { y[0] = x[0] * x[1]; });
 }
 
 // x: [n] → out: [n] = s·x
 template <typename T> __device__ void scale(const T* x, float s, T* out, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) out[i] = from_f32<T>(s * to_f32(x[i]));
+    map<1, 1>({x}, {out}, n, [s](const float (&a)[1], float (&b)[1]) { b[0] = s * a[0]; });
 }
 
 // The i-th uniform in [0, 1) of SplitMix64 from `seed` (kernels/src/rng.rs `Rng::uniform_at`), bit for bit.
@@ -28,9 +29,9 @@ template <typename T> __device__ void dropout(const T* x, T* out, u64 n, u64 see
         out[i] = uniform_at(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(to_f32(x[i]) * keep);
 }
 
-// x: [n], y: [n] → y += alpha·x
+// x: [n], y: [n] → y += alpha·x (in place: map reads each element of y before the same thread writes it)
 template <typename T> __device__ void axpy(float alpha, const T* x, T* y, u64 n) {
-    for (u64 i = thread_index(); i < n; i += thread_count()) y[i] = from_f32<T>(to_f32(y[i]) + alpha * to_f32(x[i]));
+    map<2, 1>({x, y}, {y}, n, [alpha](const float (&a)[2], float (&b)[1]) { b[0] = a[1] + alpha * a[0]; });
 }
 
 // x: [rows, cols], bias: [cols] → x += bias broadcast over rows (n = rows·cols)

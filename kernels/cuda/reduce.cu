@@ -72,6 +72,25 @@ extern "C" __global__ void sum_squares_partial_bf16(const bf16* x, float* partia
 extern "C" __global__ void max_abs_partial_f32(const float* x, float* partial, u64 n) { reduce_partial<float, OP_MAX_ABS>(x, partial, n); }
 extern "C" __global__ void max_abs_partial_bf16(const bf16* x, float* partial, u64 n) { reduce_partial<bf16, OP_MAX_ABS>(x, partial, n); }
 
+// One tensor of a multi-tensor sum of squares, as kernels/src/cuda/reduce.rs `sum_squares_multi` writes it.
+struct SquaresEntry {
+    const float* x;
+    u64 n;
+};
+
+// entries: [gridDim.y] → partial: [gridDim.y, gridDim.x] f32, Σ x² over each block's share of its tensor's
+// grid-stride pass (sum_final_f32 then adds them in order: a global gradient norm in two launches, not two a tensor).
+extern "C" __global__ void sum_squares_multi_f32(const SquaresEntry* entries, float* partial) {
+    const SquaresEntry e = entries[blockIdx.y];
+    float acc = 0.0f;
+    for (u64 i = static_cast<u64>(blockIdx.x) * blockDim.x + threadIdx.x; i < e.n; i += static_cast<u64>(gridDim.x) * blockDim.x) {
+        const float v = e.x[i];
+        acc += v * v;
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partial[static_cast<u64>(blockIdx.y) * gridDim.x + blockIdx.x] = acc;
+}
+
 // The partials are f32 whatever the input type.
 extern "C" __global__ void sum_final_f32(const float* partial, float* out, unsigned count, int accumulate) {
     reduce_final<OP_SUM>(partial, out, count, accumulate);

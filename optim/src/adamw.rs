@@ -9,7 +9,7 @@ use qlora_autograd::Param;
 use qlora_runtime::adamw::{adamw_step, AdamWStep};
 use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::offload::Offloaded;
-use qlora_runtime::ops::reduce::{sum_squares, sum_squares_into};
+use qlora_runtime::ops::reduce::{sum_squares, sum_squares_multi_into};
 use qlora_runtime::{DType, Device, Error, Result, Tensor};
 
 /// Defaults are the QLoRA paper's and Hugging Face Trainer's: β = (0.9, 0.999), ε = 1e-8, no weight decay.
@@ -207,11 +207,8 @@ impl AdamW {
             return Ok(GradNorm::Host(sum_squares_of(&params)?));
         }
         let mut acc = Tensor::zeros_on(&[], DType::F32, device)?;
-        for slot in &self.slots {
-            if let Some(g) = slot.param.grad() {
-                sum_squares_into(&g, &mut acc)?;
-            }
-        }
+        let grads: Vec<Tensor> = self.slots.iter().filter_map(|s| s.param.grad()).collect();
+        sum_squares_multi_into(&grads.iter().collect::<Vec<_>>(), &mut acc)?;
         Ok(GradNorm::Device(acc))
     }
 
@@ -241,6 +238,9 @@ impl AdamW {
             weight_decay: c.weight_decay,
             step: self.step,
         };
+        if !self.paged && self.slots.iter().all(|s| matches!(s.moments, Moments::Device(_))) {
+            return self.update_together(&h, clip);
+        }
         // Paged: every copy back is queued before the first update waits for its own.
         self.slots.iter().try_for_each(|s| s.moments.prefetch())?;
         for slot in &mut self.slots {
@@ -283,6 +283,33 @@ impl AdamW {
             }
             self.slots.iter().try_for_each(|s| s.moments.release())?;
         }
+        Ok(())
+    }
+
+    /// [`AdamW::update`] of parameters whose moments are on their GPU, all of them in one launch there
+    /// (`adamw_step_multi`; the same update of each element as one launch per parameter).
+    fn update_together(&mut self, h: &AdamWStep, clip: Option<(&Tensor, f64)>) -> Result<()> {
+        let (mut params, mut grads, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for Slot { param, moments } in &mut self.slots {
+            let Some(g) = param.grad() else { continue };
+            let n = param.value().elem_count();
+            if g.elem_count() != n {
+                return Err(Error::shape(
+                    "AdamW",
+                    format!("{}: gradient {} vs value {n} elements", param.name(), g.elem_count()),
+                ));
+            }
+            let Moments::Device(d) = moments else { unreachable!("checked by the caller: moments on the device") };
+            params.push(&*param);
+            grads.push(g);
+            ms.push(&mut d.m);
+            vs.push(&mut d.v);
+        }
+        let grad_refs: Vec<&Tensor> = grads.iter().collect();
+        Param::update_all(&params, |values| {
+            qlora_runtime::ops::optim::adamw_step_multi(h, values, &grad_refs, &mut ms, &mut vs, clip)
+        })?;
+        params.iter().for_each(|p| p.zero_grad());
         Ok(())
     }
 

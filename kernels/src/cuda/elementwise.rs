@@ -2,7 +2,8 @@
 
 use super::source::Module;
 use super::{
-    config, elementwise_device, grid_for, kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result,
+    config, elementwise_device, grid_for, kernel, launch, same_device, u32_arg, wave_config, DeviceBuffer, GpuFloat,
+    Result,
 };
 
 /// a: \[len\], b: \[len\] → out: \[len\] = a + b
@@ -20,8 +21,9 @@ pub fn scale<T: GpuFloat>(x: &DeviceBuffer<T>, s: f32, out: &mut DeviceBuffer<T>
     let Some(dev) = elementwise_device("scale", &[x, out]) else { return Ok(()) };
     let kernel = kernel!("scale", T);
     let (px, po, n) = (x.ptr(), out.ptr(), out.len() as u64);
+    let cfg = wave_config(dev, Module::Elementwise, kernel, out.len().div_ceil(8))?;
     // SAFETY: scale_T(const T* x, float s, T* out, u64 n); x and out hold n elements on this device (asserted).
-    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); px, s, po, n) }
+    unsafe { launch!(dev, Module::Elementwise, kernel, cfg; px, s, po, n) }
 }
 
 /// s: \[1\] f32 → out: \[len\] = scale·s\[0\] in T (the product rounded once, as the CPU twin's f32 product)
@@ -60,8 +62,9 @@ pub fn axpy<T: GpuFloat>(alpha: f32, x: &DeviceBuffer<T>, y: &mut DeviceBuffer<T
     let Some(dev) = elementwise_device("axpy", &[x, y]) else { return Ok(()) };
     let kernel = kernel!("axpy", T);
     let (px, py, n) = (x.ptr(), y.ptr(), y.len() as u64);
+    let cfg = wave_config(dev, Module::Elementwise, kernel, y.len().div_ceil(8))?;
     // SAFETY: axpy_T(float alpha, const T* x, T* y, u64 n); x and y hold n elements on this device (asserted).
-    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(y.len())); alpha, px, py, n) }
+    unsafe { launch!(dev, Module::Elementwise, kernel, cfg; alpha, px, py, n) }
 }
 
 /// x: [rows, cols], bias: \[cols\] → x += bias broadcast over rows
@@ -90,8 +93,9 @@ fn binary<T: GpuFloat>(
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
     let Some(dev) = elementwise_device(kernel, &[a, b, out]) else { return Ok(()) };
+    let cfg = wave_config(dev, Module::Elementwise, kernel, out.len().div_ceil(8))?;
     let (pa, pb, po, n) = (a.ptr(), b.ptr(), out.ptr(), out.len() as u64);
     // SAFETY: add_T / mul_T(const T* a, const T* b, T* out, u64 n); a, b and out hold n elements on this device
     // (asserted).
-    unsafe { launch!(dev, Module::Elementwise, kernel, config(grid_for(out.len())); pa, pb, po, n) }
+    unsafe { launch!(dev, Module::Elementwise, kernel, cfg; pa, pb, po, n) }
 }

@@ -194,6 +194,24 @@ fn config(grid: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// A multi-tensor launch's table of device words (pointers and lengths) as the bytes to upload: the device reads
+/// them as the kernel's little-endian 64-bit struct fields.
+fn table_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// A multi-tensor launch: a row of blocks (blockIdx.x) per tensor (blockIdx.y), as many as give each thread of the
+/// longest tensor's row about 16 elements (at most 1024, so a huge tensor loops instead); the rows of shorter tensors
+/// have blocks with nothing to do, which return at once.
+fn multi_config(tensors: usize, longest: usize) -> LaunchConfig {
+    let per_row = longest.div_ceil(BLOCK as usize * 16).clamp(1, 1024) as u32;
+    LaunchConfig {
+        grid_dim: (per_row, u32_arg("multi-tensor launch: tensors", tensors), 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A launch's outcome as this crate's result.
 fn launched(kernel: &'static str, r: std::result::Result<Option<(CudaEvent, CudaEvent)>, DriverError>) -> Result<()> {
     r.map(|_| ()).map_err(|source| Error::Launch { kernel, source })

@@ -3,7 +3,10 @@
 //! to the host as f64 (one synchronisation).
 
 use super::source::Module;
-use super::{config, kernel, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, GpuFloat, Result, BLOCK};
+use super::{
+    config, kernel, launch, multi_config, same_device, table_bytes, u32_arg, CudaDevice, DeviceBuffer, GpuFloat,
+    Result, BLOCK,
+};
 use cudarc::driver::LaunchConfig;
 
 /// Blocks of the first pass of a full reduction: enough to fill a GPU, few enough that one block sums the partials.
@@ -36,6 +39,35 @@ pub fn sum_into<T: GpuFloat>(x: &DeviceBuffer<T>, out: &mut DeviceBuffer<f32>, a
 /// x: \[len\] → out: \[1\] f32 = Σ x², or out + Σ x² when `accumulate` (a global norm over many tensors).
 pub fn sum_squares_into<T: GpuFloat>(x: &DeviceBuffer<T>, out: &mut DeviceBuffer<f32>, accumulate: bool) -> Result<()> {
     scalar_into(x, kernel!("sum_squares_partial", T), "sum_final_f32", out, accumulate)
+}
+
+/// xs: f32 tensors on one device → out: \[1\] f32 = Σ over all of them of Σ x², or out + that when `accumulate`: a
+/// global gradient norm in two launches (a row of blocks per tensor, then their partials added in order, so the
+/// result is the same bits run to run) instead of two per tensor.
+pub fn sum_squares_multi(xs: &[&DeviceBuffer<f32>], out: &mut DeviceBuffer<f32>, accumulate: bool) -> Result<()> {
+    assert_eq!(out.len(), 1, "sum_squares_multi: the output is one f32");
+    let dev = out.device();
+    let mut table = Vec::with_capacity(2 * xs.len());
+    for x in xs {
+        same_device("sum_squares_multi", &[dev, x.device()]);
+        table.extend([x.ptr(), x.len() as u64]);
+    }
+    let longest = xs.iter().map(|x| x.len()).max().unwrap_or(0);
+    if longest == 0 {
+        return if accumulate { Ok(()) } else { out.zero() };
+    }
+    let cfg = multi_config(xs.len(), longest);
+    let count = cfg.grid_dim.0 as usize * xs.len();
+    let (entries, partial) = (dev.upload(&table_bytes(&table))?, dev.alloc::<f32>(count)?);
+    let (pe, pp) = (entries.ptr(), partial.ptr());
+    // SAFETY: sum_squares_multi_f32(const SquaresEntry* entries, float* partial) with one row of blocks per entry:
+    // `entries` holds xs.len() records (x, n: two u64 words, the struct's layout) naming f32 buffers of n elements on
+    // this device (asserted); partial holds one f32 per block of the grid (allocated above).
+    unsafe { launch!(dev, Module::Reduce, "sum_squares_multi_f32", cfg; pe, pp) }?;
+    let (po, total, acc) = (out.ptr(), u32_arg("sum_squares_multi: partials", count), accumulate as i32);
+    // SAFETY: sum_final_f32(const float* partial, float* out, unsigned count, int accumulate), one block: partial
+    // holds `count` f32 and out one, on this device.
+    unsafe { launch!(dev, Module::Reduce, "sum_final_f32", config(1); pp, po, total, acc) }
 }
 
 fn to_host(dev: &CudaDevice, f: impl FnOnce(&mut DeviceBuffer<f32>) -> Result<()>) -> Result<f64> {

@@ -71,6 +71,65 @@ pub fn adamw_step(
     Ok(())
 }
 
+/// [`adamw_step`] of many parameters: `params[i]` with `grads[i]` and its moments `ms[i]`, `vs[i]`. Where every
+/// tensor is f32 on one GPU, one launch updates them all (`adamw_multi`, the same update of each element, so the same
+/// bits as a launch per parameter); otherwise each takes [`adamw_step`].
+pub fn adamw_step_multi(
+    h: &AdamWStep,
+    params: &mut [&mut Tensor],
+    grads: &[&Tensor],
+    ms: &mut [&mut Tensor],
+    vs: &mut [&mut Tensor],
+    clip: Option<(&Tensor, f64)>,
+) -> Result<()> {
+    const OP: &str = "adamw_step_multi";
+    let count = params.len();
+    if grads.len() != count || ms.len() != count || vs.len() != count {
+        return Err(Error::invalid(OP, "one gradient and two moments per parameter"));
+    }
+    let all: Vec<&Tensor> = params
+        .iter()
+        .map(|p| &**p)
+        .chain(grads.iter().copied())
+        .chain(ms.iter().chain(vs.iter()).map(|t| &**t))
+        .collect();
+    let device = all.first().map(|t| t.device());
+    let one_gpu = matches!(device, Some(crate::Device::Cuda(_)))
+        && all.iter().all(|t| Some(t.device()) == device && t.dtype() == DType::F32 && t.is_contiguous());
+    let shapes_agree = (0..count).all(|i| {
+        let n = params[i].elem_count();
+        grads[i].elem_count() == n && ms[i].elem_count() == n && vs[i].elem_count() == n
+    });
+    if !(one_gpu && shapes_agree) || h.step == 0 {
+        // The single update checks each operand and names what is wrong.
+        for i in 0..count {
+            adamw_step(h, params[i], grads[i], ms[i], vs[i], clip)?;
+        }
+        return Ok(());
+    }
+    let gpu = Gpu::of(OP, &all)?.expect("checked: on a GPU");
+    let norm = match clip {
+        Some((n, max)) if n.elem_count() == 1 && n.dtype() == DType::F32 && n.device() == params[0].device() => {
+            Some((gpu.input_as(n, DType::F32)?, max as f32))
+        }
+        Some(_) => {
+            return Err(Error::invalid(OP, "the squared gradient norm must be one f32 on the parameters' device"))
+        }
+        None => None,
+    };
+    let grads: Vec<Tensor> = grads.iter().map(|g| gpu.input_as(g, DType::F32)).collect::<Result<_>>()?;
+    let mut buffers = Vec::with_capacity(count);
+    for ((p, m), v) in params.iter_mut().zip(ms.iter_mut()).zip(vs.iter_mut()) {
+        buffers.push((buffer_mut::<f32>(OP, p)?, buffer_mut::<f32>(OP, m)?, buffer_mut::<f32>(OP, v)?));
+    }
+    let mut multi: Vec<gadamw::MultiParam> = buffers
+        .into_iter()
+        .zip(&grads)
+        .map(|((p, m, v), g)| gadamw::MultiParam { p, g: buf::<f32>(g), m, v })
+        .collect();
+    gpu.run(gadamw::adamw_multi(h, &mut multi, norm.as_ref().map(|(n, max)| (buf::<f32>(n), *max))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

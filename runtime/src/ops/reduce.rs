@@ -43,6 +43,23 @@ pub fn sum_squares_into(x: &Tensor, acc: &mut Tensor) -> Result<()> {
     acc.update::<f32>(|a| a[0] = (a[0] as f64 + add) as f32)
 }
 
+/// [`sum_squares_into`] of every tensor of `xs` in turn; where all are f32 on `acc`'s GPU, in two launches for all of
+/// them (`sum_squares_multi`: the partials of each tensor then the total, added in one fixed order).
+pub fn sum_squares_multi_into(xs: &[&Tensor], acc: &mut Tensor) -> Result<()> {
+    const OP: &str = "sum_squares_multi_into";
+    let on_gpu = matches!(acc.device(), crate::Device::Cuda(_))
+        && acc.elem_count() == 1
+        && acc.dtype() == DType::F32
+        && xs.iter().all(|x| x.device() == acc.device() && x.dtype() == DType::F32);
+    if !on_gpu {
+        return xs.iter().try_for_each(|x| sum_squares_into(x, acc));
+    }
+    let g = Gpu::of(OP, &[&*acc])?.expect("checked: on a GPU");
+    let whole: Vec<Tensor> = xs.iter().map(|x| g.input_as(x, DType::F32)).collect::<Result<_>>()?;
+    let bufs: Vec<&qlora_kernels::cuda::DeviceBuffer<f32>> = whole.iter().map(buf::<f32>).collect();
+    g.run(greduce::sum_squares_multi(&bufs, buffer_mut::<f32>(OP, acc)?, true))
+}
+
 /// Σ x², in f64 (global gradient norms).
 pub fn sum_squares(x: &Tensor) -> Result<f64> {
     if let Some(g) = Gpu::of("sum_squares", &[x])? {
