@@ -155,4 +155,31 @@ mod tests {
         let h0 = AdamWStep { step: 0, ..h };
         assert!(adamw_step(&h0, &mut tp, &tg, &mut tm, &mut tv, None).is_err(), "steps count from 1");
     }
+
+    #[test]
+    fn many_parameters_update_as_each_alone_and_are_checked() {
+        let h = AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 2 };
+        let t = |x: &[f32]| Tensor::from_slice(x, &[x.len()]).unwrap();
+        let (p0, g) = ([t(&[1.0, -2.0, 0.5]), t(&[4.0])], [t(&[0.3, -0.1, 2.0]), t(&[-1.0])]);
+        let moments = || [t(&[0.1, 0.2, 0.3]), t(&[0.4])];
+        let (mut ps, mut ms, mut vs) = (p0.clone(), moments(), moments());
+        {
+            let mut p_refs: Vec<&mut Tensor> = ps.iter_mut().collect();
+            let (mut m_refs, mut v_refs): (Vec<_>, Vec<_>) = (ms.iter_mut().collect(), vs.iter_mut().collect());
+            adamw_step_multi(&h, &mut p_refs, &[&g[0], &g[1]], &mut m_refs, &mut v_refs, None).unwrap();
+        }
+        for i in 0..2 {
+            let (mut p, mut m, mut v) = (p0[i].clone(), moments()[i].clone(), moments()[i].clone());
+            adamw_step(&h, &mut p, &g[i], &mut m, &mut v, None).unwrap();
+            assert_eq!(ps[i].to_vec::<f32>(), p.to_vec::<f32>(), "parameter {i}");
+            assert_eq!((ms[i].to_vec::<f32>(), vs[i].to_vec::<f32>()), (m.to_vec::<f32>(), v.to_vec::<f32>()));
+        }
+        let (mut p, mut m, mut v) = (p0.clone(), moments(), moments());
+        let mut p_refs: Vec<&mut Tensor> = p.iter_mut().collect();
+        let (mut m_refs, mut v_refs): (Vec<_>, Vec<_>) = (m.iter_mut().collect(), v.iter_mut().collect());
+        let e = adamw_step_multi(&h, &mut p_refs, &[&g[0]], &mut m_refs, &mut v_refs, None).unwrap_err();
+        assert!(e.to_string().contains("one gradient and two moments per parameter"), "{e}");
+        let e = adamw_step_multi(&h, &mut p_refs, &[&g[1], &g[0]], &mut m_refs, &mut v_refs, None).unwrap_err();
+        assert!(e.to_string().contains("gradient"), "a gradient of the wrong length is named: {e}");
+    }
 }

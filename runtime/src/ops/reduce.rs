@@ -95,3 +95,17 @@ pub fn sum_op(x: &Tensor) -> Result<Recorded> {
     });
     Ok((sum(x)?, grad))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_norm_over_many_tensors_adds_each_to_the_accumulator() {
+        let t = |x: &[f32]| Tensor::from_slice(x, &[x.len()]).unwrap();
+        let xs = [t(&[1.0, -2.0]), t(&[]), t(&[3.0])];
+        let mut acc = Tensor::from_slice(&[0.5f32], &[]).unwrap();
+        sum_squares_multi_into(&xs.iter().collect::<Vec<_>>(), &mut acc).unwrap();
+        assert_eq!(acc.to_scalar::<f32>().unwrap(), 0.5 + 1.0 + 4.0 + 9.0);
+    }
+}
