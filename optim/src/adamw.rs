@@ -245,19 +245,8 @@ impl AdamW {
         self.slots.iter().try_for_each(|s| s.moments.prefetch())?;
         for slot in &mut self.slots {
             slot.moments.page_in()?;
-            let Some(g) = slot.param.grad() else { continue };
+            let Some(g) = update_grad(&slot.param)? else { continue };
             let value = slot.param.value();
-            if g.elem_count() != value.elem_count() {
-                return Err(Error::shape(
-                    "AdamW",
-                    format!(
-                        "{}: gradient {} vs value {} elements",
-                        slot.param.name(),
-                        g.elem_count(),
-                        value.elem_count()
-                    ),
-                ));
-            }
             match &mut slot.moments {
                 Moments::Host { m, v } => {
                     debug_assert!(clip.is_none(), "host parameters are clipped on the host before the update");
@@ -291,14 +280,7 @@ impl AdamW {
     fn update_together(&mut self, h: &AdamWStep, clip: Option<(&Tensor, f64)>) -> Result<()> {
         let (mut params, mut grads, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for Slot { param, moments } in &mut self.slots {
-            let Some(g) = param.grad() else { continue };
-            let n = param.value().elem_count();
-            if g.elem_count() != n {
-                return Err(Error::shape(
-                    "AdamW",
-                    format!("{}: gradient {} vs value {n} elements", param.name(), g.elem_count()),
-                ));
-            }
+            let Some(g) = update_grad(param)? else { continue };
             let Moments::Device(d) = moments else { unreachable!("checked by the caller: moments on the device") };
             params.push(&*param);
             grads.push(g);
@@ -391,6 +373,19 @@ pub enum GradNorm {
 }
 
 /// Σ over the parameters' gradients of Σ g², in f64.
+/// `param`'s gradient for an update, checked against its value's length (None: no gradient, no update, as torch).
+fn update_grad(param: &Param) -> Result<Option<Tensor>> {
+    let Some(g) = param.grad() else { return Ok(None) };
+    let n = param.value().elem_count();
+    if g.elem_count() != n {
+        return Err(Error::shape(
+            "AdamW",
+            format!("{}: gradient {} vs value {n} elements", param.name(), g.elem_count()),
+        ));
+    }
+    Ok(Some(g))
+}
+
 fn sum_squares_of(params: &[Param]) -> Result<f64> {
     let mut sq = 0.0;
     for p in params {

@@ -56,13 +56,7 @@ pub fn glu_backward<T: GpuFloat>(
         Glu::SwiGlu => kernel!("swiglu_backward", T),
         Glu::GeGlu => kernel!("geglu_backward", T),
     };
-    let Some(dev) = elementwise_device(kernel, &[gate, up, d_out, d_gate, d_up]) else { return Ok(()) };
-    let n = gate.len();
-    let cfg = wave_config(dev, Module::Activation, kernel, n.div_ceil(8))?;
-    let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
-    // SAFETY: kernel(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n); all five hold n
-    // elements on this device (asserted), and the two outputs are distinct buffers (two &mut borrows).
-    unsafe { launch!(dev, Module::Activation, kernel, cfg; pg, pu, pd, pdg, pdu, n64) }
+    glu_grads(kernel, gate, up, d_out, d_gate, d_up)
 }
 
 /// gate, up, d_out: \[n\] → d_gate, d_up: \[n\] ([`glu_backward`]'s), and [`glu_forward`]'s product written over
@@ -79,13 +73,28 @@ pub fn glu_backward_out<T: GpuFloat>(
         Glu::SwiGlu => kernel!("swiglu_backward_out", T),
         Glu::GeGlu => kernel!("geglu_backward_out", T),
     };
+    // The kernel writes d_out, which the &mut borrow holds exclusively.
+    glu_grads(kernel, gate, up, d_out, d_gate, d_up)
+}
+
+/// `kernel(const T* gate, const T* up, [const] T* d_out, T* d_gate, T* d_up, u64 n)`: a GLU backward, the
+/// `*_backward_out` ones also writing d_out (each element read before the same thread writes it; their callers hold
+/// d_out by &mut).
+fn glu_grads<T: GpuFloat>(
+    kernel: &'static str,
+    gate: &DeviceBuffer<T>,
+    up: &DeviceBuffer<T>,
+    d_out: &DeviceBuffer<T>,
+    d_gate: &mut DeviceBuffer<T>,
+    d_up: &mut DeviceBuffer<T>,
+) -> Result<()> {
     let Some(dev) = elementwise_device(kernel, &[gate, up, d_out, d_gate, d_up]) else { return Ok(()) };
     let n = gate.len();
     let cfg = wave_config(dev, Module::Activation, kernel, n.div_ceil(8))?;
     let (pg, pu, pd, pdg, pdu, n64) = (gate.ptr(), up.ptr(), d_out.ptr(), d_gate.ptr(), d_up.ptr(), n as u64);
-    // SAFETY: kernel(const T* gate, const T* up, T* d_out, T* d_gate, T* d_up, u64 n); all five hold n elements on
-    // this device (asserted); d_out, d_gate and d_up are distinct buffers (three &mut borrows), and the kernel reads
-    // each element of d_out before the same thread writes it.
+    // SAFETY: the kernel's parameters are as above; all five buffers hold n elements on this device (asserted), d_gate
+    // and d_up are distinct (two &mut borrows), and d_out is distinct from both and, where the kernel writes it,
+    // exclusively the caller's (see glu_backward_out).
     unsafe { launch!(dev, Module::Activation, kernel, cfg; pg, pu, pd, pdg, pdu, n64) }
 }
 

@@ -64,10 +64,7 @@ pub fn sum_squares_multi(xs: &[&DeviceBuffer<f32>], out: &mut DeviceBuffer<f32>,
     // `entries` holds xs.len() records (x, n: two u64 words, the struct's layout) naming f32 buffers of n elements on
     // this device (asserted); partial holds one f32 per block of the grid (allocated above).
     unsafe { launch!(dev, Module::Reduce, "sum_squares_multi_f32", cfg; pe, pp) }?;
-    let (po, total, acc) = (out.ptr(), u32_arg("sum_squares_multi: partials", count), accumulate as i32);
-    // SAFETY: sum_final_f32(const float* partial, float* out, unsigned count, int accumulate), one block: partial
-    // holds `count` f32 and out one, on this device.
-    unsafe { launch!(dev, Module::Reduce, "sum_final_f32", config(1); pp, po, total, acc) }
+    finish(&partial, "sum_final_f32", out, accumulate)
 }
 
 fn to_host(dev: &CudaDevice, f: impl FnOnce(&mut DeviceBuffer<f32>) -> Result<()>) -> Result<f64> {
@@ -91,13 +88,25 @@ fn scalar_into<T: GpuFloat>(
     // From the length alone, so the summation order (and result) is the same on every run.
     let blocks = x.len().div_ceil(BLOCK as usize).min(MAX_PARTIALS);
     let partial = dev.alloc::<f32>(blocks)?;
-    let (px, pp, po, n) = (x.ptr(), partial.ptr(), out.ptr(), x.len() as u64);
+    let (px, pp, n) = (x.ptr(), partial.ptr(), x.len() as u64);
     // SAFETY: <op>_partial_T(const T* x, float* partial, u64 n) with `blocks` blocks: x holds n elements, partial
     // one f32 per block (allocated above); on this device.
     unsafe { launch!(dev, Module::Reduce, partial_kernel, config(blocks as u32); px, pp, n) }?;
-    let (count, acc) = (blocks as u32, accumulate as i32);
+    finish(&partial, final_kernel, out, accumulate)
+}
+
+/// The partials, all of `partial`, combined in order into out (added to it when `accumulate`) by `final_kernel`.
+fn finish(
+    partial: &DeviceBuffer<f32>,
+    final_kernel: &'static str,
+    out: &mut DeviceBuffer<f32>,
+    accumulate: bool,
+) -> Result<()> {
+    assert_eq!(out.len(), 1, "{final_kernel}: the output is one f32");
+    let dev = same_device(final_kernel, &[partial.device(), out.device()]);
+    let (pp, po, count, acc) = (partial.ptr(), out.ptr(), u32_arg(final_kernel, partial.len()), accumulate as i32);
     // SAFETY: <op>_final_f32(const float* partial, float* out, unsigned count, int accumulate), one block: partial
-    // holds count f32, out one (asserted); on this device.
+    // holds count f32, out one (asserted); on this device (asserted).
     unsafe { launch!(dev, Module::Reduce, final_kernel, config(1); pp, po, count, acc) }
 }
 
