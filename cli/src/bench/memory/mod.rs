@@ -191,7 +191,8 @@ pub fn estimate(s: &Setup) -> Estimate {
     let sandwich = if family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
     let qk = if family == qlora_models::config::Family::Gemma3 { 3 } else { 2 };
     let product = if s.dora { 0 } else { t * d * i };
-    let layer = t * d * (4 * h + sandwich + qk * (qo + kvo) + 3 * i) + t * c.num_attention_heads * 4 - product;
+    let attention_side = t * d * (4 * h + sandwich + qk * (qo + kvo)) + t * c.num_attention_heads * 4;
+    let layer = attention_side + t * d * 3 * i - product;
     // In blocks, a recomputed layer's MLP part holds one block's intermediate at a time.
     let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
     // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
@@ -208,8 +209,15 @@ pub fn estimate(s: &Setup) -> Estimate {
     let softcap = usize::from(c.final_logit_softcapping.is_some());
     let chunk = chunk_rows(c.vocab_size).min(t);
     let head = (3 + softcap) * chunk * c.vocab_size * d + 2 * t * h * d;
-    // While a layer's backward runs it holds the product again (formed there, over dx's buffer).
-    let in_layer = if recomputed > 0 { (layer + product - blocked_mlp) * 3 / 2 } else { layer + product };
+    // While a layer's backward runs it holds the product again (formed there, over dx's buffer). With the MLP in
+    // blocks the attention's backward can hold more: its saved tensors, their gradients, and the flash kernel's f32
+    // dq accumulator (a 400,000-token Llama-3-8B step peaked 3.6 GiB over the MLP rule alone on an H100, run O).
+    let attention_backward = attention_side * 3 / 2 + t * qo * 4;
+    let in_layer = if recomputed > 0 {
+        ((layer + product - blocked_mlp) * 3 / 2).max(attention_backward)
+    } else {
+        layer + product
+    };
     let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
     let activations = saved + head.max(in_layer) + 2 * largest * d;
     Estimate { weights, adapters, activations, host }
@@ -313,8 +321,10 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
             let bytes = budget.bytes(s.device)?.ok_or_else(|| {
                 anyhow::anyhow!("--memory-budget auto: free memory on {} is unknown; give a size in GiB", s.device)
             })?;
-            plan(s, bytes)
-                .map_err(|e| {
+            // A plan that fits the device but no plan that fits the host too: the host check below names it.
+            let within_host = plan_within(s, bytes, available(Device::Cpu)?).ok();
+            let fastest = || {
+                plan(s, bytes).map_err(|e| {
                     anyhow::anyhow!(
                     "--memory-budget {:.2} GiB: even the leanest plan (every layer recomputed{}) needs about {:.2} \
                      GiB (weights {:.2}, adapters and optimizer {:.2}, activations {:.2}); {shrink}, or raise the \
@@ -326,8 +336,12 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
                     e.adapters as f64 / GIB,
                     e.activations as f64 / GIB,
                 )
-                })?
-                .0
+                })
+            };
+            match within_host {
+                Some((p, _)) => p,
+                None => fastest()?.0,
+            }
         }
     };
     let chosen_setup = Setup { plan: chosen, ..*s };
@@ -403,10 +417,17 @@ fn lean(s: &Setup) -> Plan {
 /// copies, though overlapped with compute, share the step with it (to be measured against the alternatives on a
 /// GPU). Returns the plan and its estimate, or the estimate of the leanest plan when even that does not fit.
 pub fn plan(s: &Setup, budget: usize) -> Result<(Plan, Estimate), Estimate> {
+    plan_within(s, budget, None)
+}
+
+/// [`plan`] among the plans whose pinned host memory also fits in `host` bytes (None: unbounded). At long sequences
+/// the fastest plan by device memory can offload more than the host holds, where a slower one (the MLP in blocks,
+/// fewer inputs offloaded) fits both.
+pub fn plan_within(s: &Setup, budget: usize, host: Option<usize>) -> Result<(Plan, Estimate), Estimate> {
     let layers = if s.checkpointing { s.config.num_hidden_layers } else { 0 };
     Plan::all(layers, s.device != Device::Cpu, !s.config.tie_word_embeddings)
         .map(|plan| (plan, estimate(&Setup { plan, ..*s })))
-        .find(|(_, e)| e.total() <= budget)
+        .find(|(_, e)| e.total() <= budget && host.is_none_or(|h| e.host <= h))
         .ok_or_else(|| estimate(&Setup { plan: lean(s), ..*s }))
 }
 
@@ -427,7 +448,7 @@ pub fn longest_seq(s: &Setup, batch: usize, budget: Option<Budget>, host: Option
         let e = match budget {
             None => Ok(estimate(&at)),
             Some(Budget::Lean) => Ok(estimate(&Setup { plan: lean(&at), ..at })),
-            Some(_) => plan(&at, bytes).map(|(_, e)| e),
+            Some(_) => plan_within(&at, bytes, host).map(|(_, e)| e),
         };
         e.is_ok_and(|e| e.total() <= bytes && host.is_none_or(|h| e.host <= h))
     };
