@@ -4,6 +4,7 @@
 // r rows stay in L2 across rows. r multiply-adds per element against 4 bytes written: L2-bound, a fraction of a
 // millisecond for a 14336 x 4096 weight, so nothing is staged in shared memory.
 #include "common.cuh"
+#include "flash_common.cuh"
 
 // b: [rows, r], a: [r, cols] → out: [rows, cols]; grid.x over column tiles, grid.y striding over rows.
 template <typename T>
@@ -185,3 +186,178 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_down_r16_bf16(
 extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_down_r32_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_down<32>(x, a, u, rows, cols, r, seed, drop_below, keep, vec); }
 extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_down_r64_bf16(const bf16* x, const bf16* a, bf16* u, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_down<64>(x, a, u, rows, cols, r, seed, drop_below, keep, vec); }
 extern "C" __global__ void lora_dropout_up_add_bf16(bf16* dx, const bf16* du, const bf16* a, unsigned rows, unsigned cols, unsigned r, u64 seed, u64 drop_below, float keep, unsigned vec) { lora_dropout_up_add(dx, du, a, rows, cols, r, seed, drop_below, keep, vec); }
+
+// LoRA's adapter gradients from one read of a projection's output gradient: dU = s·dy·B and dB = s·dyᵀ·U, where two
+// GEMMs read dy [rows, cols] once each (the largest tensors of a layer's backward: gate and up's are [tokens, 14336]
+// on Llama-3-8B). A block stages 64 × 128 tiles of dy in shared memory (cp.async, two stages) and feeds each to
+// mma.sync twice: as A for dU (ldmatrix) and as Aᵀ for dB (ldmatrix.trans). It owns a chunk of CT column tiles
+// (B's rows for them staged once) and a chunk of row blocks: dB for its columns accumulates in registers over its rows,
+// dU for one row block over its columns. Each chunk's f32 sums go to partials that lora_grads_finish adds in chunk
+// order and rounds once (s·Σ to bf16), so the bits are the same run to run. R = r (16, 32 or 64); CT = 64 / R keeps
+// dB's accumulators at 32 registers (two blocks a multiprocessor at 128), and about balances the partials: a wave of
+// blocks is column chunks × row chunks, dU's partials grow with the first and dB's with the second.
+#define LORA_GRADS_BM 64
+#define LORA_GRADS_BN 128
+
+// pu: [gridDim.x][rows][R] (one chunk of columns each), pb: [gridDim.y][cols][R] (one chunk of rows each); u's rows
+// are ldu elements apart (a column block of the layer's U); cols % 8 == 0, ldu % 8 == 0, u 16-byte aligned.
+template <int R>
+__device__ void lora_grads(const bf16* dy, const bf16* b, const bf16* u, float* pu, float* pb, unsigned rows,
+                           unsigned cols, unsigned ldu, unsigned row_blocks) {
+    constexpr int BM = LORA_GRADS_BM, BN = LORA_GRADS_BN, SD = BN + 8, SR = R + 8, CT = 64 / R, NT = R / 8;
+    unsigned short* sB = reinterpret_cast<unsigned short*>(flash_smem);
+    unsigned short* sU = sB + CT * BN * SR;
+    unsigned short* sY = sU + 2 * BM * SR;
+    float* sX = reinterpret_cast<float*>(sY + 2 * BM * SD);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int lr = lane % 8, lq = (lane / 8) % 2, lh = lane / 16;
+    const unsigned c0 = blockIdx.x * CT * BN, r0 = blockIdx.y * row_blocks * BM;
+    const int tiles = min(CT, static_cast<int>((cols - c0 + BN - 1) / BN));
+    const int blocks = min(static_cast<int>(row_blocks), static_cast<int>((rows - r0 + BM - 1) / BM));
+    const unsigned short* gy = reinterpret_cast<const unsigned short*>(dy);
+    const unsigned short* gu = reinterpret_cast<const unsigned short*>(u);
+    const unsigned short* gb = reinterpret_cast<const unsigned short*>(b);
+
+    for (int c = tid; c < CT * BN * NT; c += 256) {
+        const int row = c / NT, ch = c % NT;
+        const unsigned n = c0 + row;
+        cp_async16(smem_u32(sB + row * SR + ch * 8), n < cols ? gb + static_cast<u64>(n) * R + ch * 8 : gb, n < cols ? 16u : 0u);
+    }
+    // Tile (rb, ct) of dy into stage `stage`; with a row block's first tile, its rows of U too.
+    auto load = [&](int rb, int ct, int stage) {
+        const unsigned m0 = r0 + rb * BM, n0 = c0 + ct * BN;
+        const unsigned base = smem_u32(sY + stage * BM * SD);
+        for (int c = tid; c < BM * BN / 8; c += 256) {
+            const int row = c / (BN / 8), col = (c % (BN / 8)) * 8;
+            const bool in = m0 + row < rows && n0 + col < cols;
+            cp_async16(base + 2u * (row * SD + col), in ? gy + static_cast<u64>(m0 + row) * cols + n0 + col : gy, in ? 16u : 0u);
+        }
+        if (ct == 0) {
+            const unsigned ubase = smem_u32(sU + (rb % 2) * BM * SR);
+            for (int c = tid; c < BM * NT; c += 256) {
+                const int row = c / NT, col = (c % NT) * 8;
+                const bool in = m0 + row < rows;
+                cp_async16(ubase + 2u * (row * SR + col), in ? gu + static_cast<u64>(m0 + row) * ldu + col : gu, in ? 16u : 0u);
+            }
+        }
+    };
+
+    float db[CT][NT][4];
+#pragma unroll
+    for (int ct = 0; ct < CT; ++ct)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) db[ct][nt][0] = db[ct][nt][1] = db[ct][nt][2] = db[ct][nt][3] = 0.0f;
+    // dU: warp w takes rows 16·(w % 4) of a tile over the half of its columns 64·(w / 4); dB: columns 16·w over the
+    // tile's 64 rows.
+    const int rg = warp % 4, kh = warp / 4;
+    int stage = 0;
+    load(0, 0, 0);
+    cp_async_commit();
+    for (int rb = 0; rb < blocks; ++rb) {
+        float du[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) du[nt][0] = du[nt][1] = du[nt][2] = du[nt][3] = 0.0f;
+#pragma unroll
+        for (int ct = 0; ct < CT; ++ct) {
+            if (ct >= tiles) continue;
+            const bool last = ct + 1 >= tiles;
+            if (!last) load(rb, ct + 1, stage ^ 1);
+            else if (rb + 1 < blocks) load(rb + 1, 0, stage ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+            __syncthreads();
+            const unsigned y = smem_u32(sY + stage * BM * SD), us = smem_u32(sU + (rb % 2) * BM * SR);
+            const unsigned aY = y + 2u * ((16 * rg + lr + 8 * lq) * SD + 64 * kh + 8 * lh);
+            const unsigned bB = smem_u32(sB) + 2u * ((ct * BN + 64 * kh + lr + 8 * lq) * SR + 8 * lh);
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                unsigned a[4];
+                ldsm_x4(aY + 2u * (kk * 16), a);
+#pragma unroll
+                for (int nb = 0; nb < NT / 2; ++nb) {
+                    unsigned f[4];
+                    ldsm_x4_t(bB + 2u * (kk * 16 * SR + nb * 16), f);
+                    mma16816<bf16>(du[2 * nb], a, f[0], f[1]);
+                    mma16816<bf16>(du[2 * nb + 1], a, f[2], f[3]);
+                }
+            }
+            // dyᵀ's rows are dy's columns: ldmatrix.trans of 8 consecutive dy rows gives A fragments of dyᵀ.
+            const unsigned aT = y + 2u * ((lr + 8 * lh) * SD + 16 * warp + 8 * lq);
+            const unsigned bU = us + 2u * ((lr + 8 * lq) * SR + 8 * lh);
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                unsigned a[4];
+                ldsm_x4_t(aT + 2u * (kk * 16 * SD), a);
+#pragma unroll
+                for (int nb = 0; nb < NT / 2; ++nb) {
+                    unsigned f[4];
+                    ldsm_x4_t(bU + 2u * (kk * 16 * SR + nb * 16), f);
+                    mma16816<bf16>(db[ct][2 * nb], a, f[0], f[1]);
+                    mma16816<bf16>(db[ct][2 * nb + 1], a, f[2], f[3]);
+                }
+            }
+            __syncthreads();  // every warp is done with this stage before the load after next refills it
+            stage ^= 1;
+        }
+        // The two column halves' dU meet in shared memory, in a fixed order, then one partial per chunk.
+        const int row = 16 * rg + g;
+        if (kh == 1) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                *reinterpret_cast<float2*>(sX + row * R + col) = make_float2(du[nt][0], du[nt][1]);
+                *reinterpret_cast<float2*>(sX + (row + 8) * R + col) = make_float2(du[nt][2], du[nt][3]);
+            }
+        }
+        __syncthreads();
+        if (kh == 0) {
+            const unsigned m = r0 + rb * BM + row;
+            float* out = pu + (static_cast<u64>(blockIdx.x) * rows + m) * R;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                if (m < rows)
+                    *reinterpret_cast<float2*>(out + col) = make_float2(du[nt][0] + sX[row * R + col], du[nt][1] + sX[row * R + col + 1]);
+                if (m + 8 < rows)
+                    *reinterpret_cast<float2*>(out + 8 * R + col) =
+                        make_float2(du[nt][2] + sX[(row + 8) * R + col], du[nt][3] + sX[(row + 8) * R + col + 1]);
+            }
+        }
+    }
+#pragma unroll
+    for (int ct = 0; ct < CT; ++ct) {
+        const unsigned n = c0 + ct * BN + 16 * warp + g;
+        float* out = pb + (static_cast<u64>(blockIdx.y) * cols + n) * R;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int col = nt * 8 + 2 * t;
+            if (n < cols) *reinterpret_cast<float2*>(out + col) = make_float2(db[ct][nt][0], db[ct][nt][1]);
+            if (n + 8 < cols) *reinterpret_cast<float2*>(out + 8 * R + col) = make_float2(db[ct][nt][2], db[ct][nt][3]);
+        }
+    }
+}
+
+// du (rows of r, ldu apart) = bf16(s·Σ_j pu[j]) over `nc` column chunks, db: [cols, r] = bf16(s·Σ_j pb[j]) over `nr`
+// row chunks, j in order; one thread per output element, dU's first.
+extern "C" __global__ void lora_grads_finish_bf16(const float* pu, const float* pb, bf16* du, bf16* db, unsigned rows,
+                                                  unsigned cols, unsigned r, unsigned ldu, unsigned nc, unsigned nr, float s) {
+    const u64 i = thread_index(), nu = static_cast<u64>(rows) * r;
+    if (i < nu) {
+        float acc = 0.0f;
+        for (unsigned j = 0; j < nc; ++j) acc += pu[j * nu + i];
+        du[(i / r) * ldu + i % r] = from_f32<bf16>(s * acc);
+    } else if (i < nu + static_cast<u64>(cols) * r) {
+        const u64 k = i - nu, nb = static_cast<u64>(cols) * r;
+        float acc = 0.0f;
+        for (unsigned j = 0; j < nr; ++j) acc += pb[j * nb + k];
+        db[k] = from_f32<bf16>(s * acc);
+    }
+}
+
+// qlora-rt: hot
+extern "C" __global__ void __launch_bounds__(256, 2) lora_grads_r16_bf16(const bf16* dy, const bf16* b, const bf16* u, float* pu, float* pb, unsigned rows, unsigned cols, unsigned ldu, unsigned row_blocks) { lora_grads<16>(dy, b, u, pu, pb, rows, cols, ldu, row_blocks); }
+extern "C" __global__ void __launch_bounds__(256, 2) lora_grads_r32_bf16(const bf16* dy, const bf16* b, const bf16* u, float* pu, float* pb, unsigned rows, unsigned cols, unsigned ldu, unsigned row_blocks) { lora_grads<32>(dy, b, u, pu, pb, rows, cols, ldu, row_blocks); }
+
+// r = 64 holds dU's and dB's accumulators for 64 columns (64 registers) and spills a few words at two blocks a
+// multiprocessor; the usual ranks are 16 and 32.
+extern "C" __global__ void __launch_bounds__(256, 2) lora_grads_r64_bf16(const bf16* dy, const bf16* b, const bf16* u, float* pu, float* pb, unsigned rows, unsigned cols, unsigned ldu, unsigned row_blocks) { lora_grads<64>(dy, b, u, pu, pb, rows, cols, ldu, row_blocks); }

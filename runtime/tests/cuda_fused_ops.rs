@@ -173,3 +173,60 @@ test_device!(
     lora_dropout_products_equal_dropout_then_the_products_cpu,
     lora_dropout_products_equal_dropout_then_the_products_cuda
 );
+
+/// LoRA's adapter gradients for a block of projections sharing U (`lora_grads`) equal dU from `matmul_columns` and
+/// each dB from `matmul_scaled(dyᵀ, Uᵢ)`, the ops the LoRA group took before: on a GPU in bf16 through one read of each
+/// dy (within [`BF16`]), from U read in place as a column block of a wider U; shapes the kernel does not take (a rank
+/// of 20, a width off the 8-element rows) go through the GEMMs; a U of the wrong width is an error.
+fn lora_grads_equal_the_two_products(device: Device) {
+    use qlora_runtime::ops::linalg::{matmul_columns, matmul_scaled};
+    use qlora_runtime::ops::lora::lora_grads;
+    let mut rng = Rng::new(29);
+    let dtype = if device == Device::Cpu { DType::F32 } else { DType::BF16 };
+    let tol = if dtype == DType::BF16 { BF16 } else { F32 };
+    // (rows, [(out, r)] of the block, U's columns before the block's)
+    let cases: [(usize, &[(usize, usize)], usize); 4] = [
+        (300, &[(1024, 16), (136, 16), (136, 16)], 0),
+        (77, &[(520, 32)], 16),
+        (9, &[(77, 16)], 0),
+        (40, &[(64, 20), (48, 20)], 0),
+    ];
+    for (rows, block, lead) in cases {
+        let what = format!("{rows} rows, block {block:?}, U from column {lead}");
+        let make = |shape: &[usize], scale: f64, rng: &mut Rng| {
+            let t = Tensor::randn(shape, scale, DType::F32, rng).to_dtype(dtype);
+            (t.to_device(device).unwrap(), t.to_dtype(DType::F32))
+        };
+        let width: usize = block.iter().map(|&(_, r)| r).sum();
+        let (u_lane, u32_lane) = make(&[rows, lead + width + 8], 1.0, &mut rng);
+        let (u, u32) = (u_lane.narrow(1, lead, width).unwrap(), u32_lane.narrow(1, lead, width).unwrap());
+        let (mut dys, mut bs) = (Vec::new(), Vec::new());
+        for &(out, r) in block {
+            dys.push(make(&[rows, out], 1.0, &mut rng));
+            bs.push(make(&[out, r], 0.1, &mut rng));
+        }
+        let scales = [0.5, 2.0, 1.25];
+        let on = |i: usize, f32s: bool| {
+            let (dy, b) = if f32s { (&dys[i].1, &bs[i].1) } else { (&dys[i].0, &bs[i].0) };
+            (dy, b, scales[i])
+        };
+        let products: Vec<_> = (0..block.len()).map(|i| on(i, false)).collect();
+        let reference: Vec<_> = (0..block.len()).map(|i| on(i, true)).collect();
+        let (du, dbs) = lora_grads(&products, &u).unwrap();
+        assert_eq!((du.shape(), du.dtype(), du.device()), (&[rows, width][..], dtype, device), "{what}");
+        assert_close(&format!("dU {what}"), &values(&du), &values(&matmul_columns(&reference).unwrap()), tol);
+        let mut col = 0;
+        for (i, &(_, r)) in block.iter().enumerate() {
+            let want = matmul_scaled(&dys[i].1.t().unwrap(), &u32.narrow(1, col, r).unwrap(), scales[i]).unwrap();
+            assert_close(&format!("dB{i} {what}"), &values(&dbs[i]), &values(&want), tol);
+            col += r;
+        }
+        let e = lora_grads(&products, &u_lane).unwrap_err().to_string();
+        assert!(e.contains(&format!("ranks summing to {width}")), "{what}: {e}");
+    }
+}
+test_device!(
+    lora_grads_equal_the_two_products,
+    lora_grads_equal_the_two_products_cpu,
+    lora_grads_equal_the_two_products_cuda
+);

@@ -26,6 +26,7 @@ use qlora_runtime::op::{bytes_of, saved};
 use qlora_runtime::ops::activation::{glu, glu_backward, glu_backward_out, Glu};
 use qlora_runtime::ops::elementwise::add_bias;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
+use qlora_runtime::ops::lora::lora_grads;
 use qlora_runtime::ops::reduce::sum_rows;
 use qlora_runtime::quant::{BaseWeight, LoraUp};
 use qlora_runtime::{DType, Error, Result, Tensor};
@@ -301,6 +302,8 @@ struct Pending {
     lane: usize,
     block: Vec<usize>,
     du: Option<Tensor>,
+    /// The block's dB, one per member, where they came with du from one read of each dy (U kept).
+    db: Option<Vec<Tensor>>,
     first: usize,
 }
 
@@ -369,13 +372,22 @@ impl LoraGroup {
             };
             for block in blocks {
                 let first = self.adapter(block[0]).col;
-                let mut du = None;
+                let (mut du, mut db) = (None, None);
                 if self.x_needs || block.iter().any(|&i| self.adapter(i).a_needs) {
                     let products = block
                         .iter()
                         .map(|&i| Ok((dy(i), saved(&self.adapter(i).b)?, self.adapter(i).scaling)))
                         .collect::<Result<Vec<(&Tensor, &Tensor, f64)>>>()?;
-                    let d_u = matmul_columns(&products)?;
+                    // With U at hand, dB comes from the same read of each dy as dU.
+                    let d_u = match &lane.u {
+                        Some(u) if block.iter().all(|&i| self.adapter(i).b_needs) => {
+                            let width = block.iter().map(|&i| self.adapter(i).r).sum();
+                            let (d_u, d_b) = lora_grads(&products, &u.narrow(1, first, width)?)?;
+                            db = Some(d_b);
+                            d_u
+                        }
+                        _ => matmul_columns(&products)?,
+                    };
                     if self.x_needs {
                         let a = saved(&lane.a)?.narrow(0, first, d_u.shape()[1])?;
                         match lane.dropout {
@@ -385,7 +397,7 @@ impl LoraGroup {
                     }
                     du = Some(d_u);
                 }
-                pending.push(Pending { lane: li, block, du, first });
+                pending.push(Pending { lane: li, block, du, db, first });
             }
         }
         if !self.x_needs {
@@ -461,16 +473,22 @@ impl LoraGroup {
     ) -> Result<()> {
         let x = || x.ok_or_else(|| Error::invalid("lora_linear", "backward needs the input rows, which were not kept"));
         let mut formed: Vec<Option<Tensor>> = vec![None; self.lanes.len()];
-        for Pending { lane: li, block, du, first } in pending {
+        for Pending { lane: li, block, du, db, first } in pending {
             let lane = &self.lanes[li];
-            if lane.u.is_none() && formed[li].is_none() && block.iter().any(|&i| self.adapter(i).b_needs) {
-                formed[li] = Some(lane_u(lane.dropout, x()?, saved(&lane.a)?)?);
-            }
-            for &i in &block {
-                let ad = self.adapter(i);
-                if let (true, Some(dy)) = (ad.b_needs, &dys[i]) {
-                    let u = saved(if lane.u.is_some() { &lane.u } else { &formed[li] })?.narrow(1, ad.col, ad.r)?;
-                    out[1 + 3 * i] = Some(matmul_scaled(&dy.t()?, &u, ad.scaling)?);
+            if let Some(db) = db {
+                for (&i, d_b) in block.iter().zip(db) {
+                    out[1 + 3 * i] = Some(d_b);
+                }
+            } else {
+                if lane.u.is_none() && formed[li].is_none() && block.iter().any(|&i| self.adapter(i).b_needs) {
+                    formed[li] = Some(lane_u(lane.dropout, x()?, saved(&lane.a)?)?);
+                }
+                for &i in &block {
+                    let ad = self.adapter(i);
+                    if let (true, Some(dy)) = (ad.b_needs, &dys[i]) {
+                        let u = saved(if lane.u.is_some() { &lane.u } else { &formed[li] })?.narrow(1, ad.col, ad.r)?;
+                        out[1 + 3 * i] = Some(matmul_scaled(&dy.t()?, &u, ad.scaling)?);
+                    }
                 }
             }
             if let Some(du) = du.filter(|_| block.iter().any(|&i| self.adapter(i).a_needs)) {

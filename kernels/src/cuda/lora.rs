@@ -1,9 +1,12 @@
 //! Launchers of `kernels/cuda/lora.cu`: LoRA's delta weight in the fixed order that makes a merge the same bytes on
 //! the GPU as on the CPU (twin: [`crate::lora`]), and training's adapter products through a dropout mask, fused (twin:
-//! dropout and the products as separate ops, `qlora_runtime::ops::lora`).
+//! dropout and the products as separate ops, `qlora_runtime::ops::lora`), and the adapter gradients dU and dB from one
+//! read of a projection's output gradient (twin: the two GEMMs, `qlora_runtime::ops::lora::lora_grads`).
 
 use super::source::Module;
-use super::{kernel, launch, same_device, u32_arg, DeviceBuffer, GpuFloat, Result, BLOCK};
+use super::{
+    allow_smem, kernel, launch, resident_blocks_with_smem, same_device, u32_arg, DeviceBuffer, GpuFloat, Result, BLOCK,
+};
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
@@ -114,6 +117,101 @@ pub fn dropout_up_add(
     // grid covers every column, grid.y strides over the row tiles.
     unsafe {
         launch!(dev, Module::Lora, "lora_dropout_up_add_bf16", cfg; pdx, pdu, pa, rows32, cols32, r32, seed, below, keep, vec)
+    }
+}
+
+/// A matrix's rows inside a buffer: the first at element `offset`, each `ld` elements after the one before (a column
+/// block of a wider matrix).
+pub struct Rows<B> {
+    pub buf: B,
+    pub offset: usize,
+    pub ld: usize,
+}
+
+/// Whether [`grads`] takes rank `r`, `cols` output columns and U's and dU's rows at these (offset, ld): the ranks it
+/// has kernels for, and every row 16-byte aligned (cp.async and ldmatrix move 8 bf16 at a time).
+pub fn grads_fit(cols: usize, r: usize, rows_at: [(usize, usize); 2]) -> bool {
+    matches!(r, 16 | 32 | 64) && cols % 8 == 0 && rows_at.iter().all(|&(offset, ld)| offset % 8 == 0 && ld % 8 == 0)
+}
+
+/// Rows of dy in a block's tile, and its columns ([`grads`]' kernel's LORA_GRADS_BM and _BN).
+const GRADS_TILE: [usize; 2] = [64, 128];
+
+/// dU = s·dy·B and dB = s·dyᵀ·U from one read of dy: dy [rows, cols], b [cols, r], u's rows (r values each) → du's rows
+/// (r values each, written in place) and db [cols, r]. f32 sums in a fixed order rounded once, the same bits run to
+/// run; for [`grads_fit`] shapes.
+pub fn grads(
+    dy: &DeviceBuffer<bf16>,
+    b: &DeviceBuffer<bf16>,
+    u: Rows<&DeviceBuffer<bf16>>,
+    s: f32,
+    du: Rows<&mut DeviceBuffer<bf16>>,
+    db: &mut DeviceBuffer<bf16>,
+    [rows, cols, r]: [usize; 3],
+) -> Result<()> {
+    assert!(grads_fit(cols, r, [(u.offset, u.ld), (du.offset, du.ld)]), "lora grads: rank {r}, {cols} columns");
+    assert!(
+        dy.len() == rows * cols && b.len() == cols * r && db.len() == cols * r,
+        "lora grads: [{rows}, {cols}]·r {r}"
+    );
+    for (what, offset, ld, len) in [("u", u.offset, u.ld, u.buf.len()), ("du", du.offset, du.ld, du.buf.len())] {
+        assert!(ld >= r && (rows == 0 || offset + (rows - 1) * ld + r <= len), "lora grads: {what}'s rows");
+    }
+    let dev = same_device("lora grads", &[dy.device(), b.device(), u.buf.device(), du.buf.device(), db.device()]);
+    let kernel = match r {
+        16 => "lora_grads_r16_bf16",
+        32 => "lora_grads_r32_bf16",
+        _ => "lora_grads_r64_bf16",
+    };
+    let [bm, bn] = GRADS_TILE;
+    // Column tiles a block owns (CT), and its shared memory: B's rows for them, two stages of U's rows and of dy's tile
+    // (rows padded by 8 elements against bank conflicts), dU's exchange between column halves.
+    let tiles = 64 / r;
+    let smem = 2 * (tiles * bn * (r + 8) + 2 * bm * (r + 8) + 2 * bm * (bn + 8)) + 4 * bm * r;
+    let (col_chunks, row_chunks, row_blocks) = if rows * cols == 0 {
+        (0, 0, 0)
+    } else {
+        allow_smem(dev, Module::Lora, kernel, smem as u32)?;
+        let resident = resident_blocks_with_smem(dev, Module::Lora, kernel, 256, smem as u32)? as usize;
+        // One wave: the column chunks times as many row chunks as fill it, each a whole number of row blocks.
+        let col_chunks = cols.div_ceil(tiles * bn);
+        let blocks = rows.div_ceil(bm);
+        let row_blocks = blocks.div_ceil(resident.div_ceil(col_chunks).clamp(1, blocks));
+        (col_chunks, blocks.div_ceil(row_blocks), row_blocks)
+    };
+    let pu = dev.alloc::<f32>(col_chunks * rows * r)?;
+    let pb = dev.alloc::<f32>(row_chunks * cols * r)?;
+    let (rows32, cols32, r32) = (u32_arg("lora grads: rows", rows), u32_arg("lora grads: cols", cols), r as u32);
+    if rows * cols > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (col_chunks as u32, row_chunks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (pdy, pbm, puu) = (dy.ptr(), b.ptr(), u.buf.ptr() + 2 * u.offset as u64);
+        let (ppu, ppb, ldu, rb) = (pu.ptr(), pb.ptr(), u32_arg("lora grads: ldu", u.ld), row_blocks as u32);
+        // SAFETY: lora_grads_rR_bf16(const bf16* dy, const bf16* b, const bf16* u, float* pu, float* pb, unsigned
+        // rows, unsigned cols, unsigned ldu, unsigned row_blocks): dy holds rows·cols elements and b cols·r; u's rows
+        // lie in its buffer (asserted) 16-byte aligned (grads_fit; allocations are aligned); pu holds col_chunks·
+        // rows·r and pb row_chunks·cols·r f32, the grid's chunks; the dynamic shared memory is the kernel's layout.
+        unsafe { launch!(dev, Module::Lora, kernel, cfg; pdy, pbm, puu, ppu, ppb, rows32, cols32, ldu, rb)? }
+    }
+    let n = (rows + cols) * r;
+    if n == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (u32_arg("lora grads: finish blocks", n.div_ceil(BLOCK as usize)), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ppu, ppb, pdu, pdb) = (pu.ptr(), pb.ptr(), du.buf.ptr() + 2 * du.offset as u64, db.ptr());
+    let (ld, nc, nr) = (u32_arg("lora grads: ld", du.ld), col_chunks as u32, row_chunks as u32);
+    // SAFETY: lora_grads_finish_bf16(const float* pu, const float* pb, bf16* du, bf16* db, unsigned rows, unsigned
+    // cols, unsigned r, unsigned ldu, unsigned nc, unsigned nr, float s): pu and pb hold nc and nr chunks (allocated
+    // above), du's rows lie in its buffer (asserted), db holds cols·r; one thread per output element.
+    unsafe {
+        launch!(dev, Module::Lora, "lora_grads_finish_bf16", cfg; ppu, ppb, pdu, pdb, rows32, cols32, r32, ld, nc, nr, s)
     }
 }
 

@@ -1,11 +1,12 @@
 //! LoRA's delta weight as a tensor op: s·B·A in one fixed order of operations (`qlora_kernels::lora`), so that
 //! `qlora-rt merge` writes the same bytes on the GPU as on any CPU. Training's adapter products are GEMMs
-//! (`linalg`), apart from those through a dropout mask, which a GPU fuses with the mask (below). No op here has a
-//! gradient: the LoRA group's backward calls them.
+//! (`linalg`), apart from those through a dropout mask, which a GPU fuses with the mask, and the adapter gradients dU
+//! and dB, which a GPU takes from one read of each dy (below). No op here has a gradient: the LoRA group's backward
+//! calls them.
 
 use super::dispatch;
 use super::elementwise::{accumulate, dropout};
-use super::linalg::matmul;
+use super::linalg::{matmul, matmul_columns, matmul_scaled, rows_in_place};
 use crate::cuda::{buf, buffer_mut, output, Gpu};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::lora as glora;
@@ -57,6 +58,58 @@ pub fn dropout_matmul_accumulate(dx: &mut Tensor, du: &Tensor, a: &Tensor, p: f6
         return g.run(glora::dropout_up_add(buffer_mut(OP, dx)?, buf(&du), buf(&a), r, mask(p, seed)));
     }
     accumulate(dx, 1.0, &dropout(&matmul(du, a)?, p, seed)?)
+}
+
+/// The adapter gradients of projections that share an input, from their output gradients: dU = [s₀·dy₀·B₀ | s₁·dy₁·B₁
+/// | …] ([rows, Σ rᵢ], as [`matmul_columns`]) and each dBᵢ = sᵢ·dyᵢᵀ·Uᵢ ([outᵢ, rᵢ]), Uᵢ being u's columns in the same
+/// order ((dyᵢ, Bᵢ, sᵢ) per projection; dyᵢ [rows, outᵢ], Bᵢ [outᵢ, rᵢ], u [rows, Σ rᵢ]). On a GPU in bf16 at the
+/// ranks `qlora_kernels::cuda::lora::grads` takes, one pass over each dy where the two GEMMs read it twice; elsewhere
+/// (and as that kernel's twin) the GEMMs, each sum rounded once either way.
+pub fn lora_grads(products: &[(&Tensor, &Tensor, f64)], u: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    const OP: &str = "lora grads";
+    let mut cols = Vec::with_capacity(products.len());
+    let mut width = 0;
+    for &(dy, b, _) in products {
+        match (dy.shape(), b.shape()) {
+            (&[rows, out], &[out_b, r]) if out == out_b && u.shape() == [rows, u.shape()[1]] => {
+                cols.push((width, out, r));
+                width += r;
+            }
+            _ => {
+                return Err(Error::shape(OP, format!("dy {:?}, b {:?}, u {:?}", dy.shape(), b.shape(), u.shape())));
+            }
+        }
+    }
+    if u.shape().get(1) != Some(&width) {
+        return Err(Error::shape(OP, format!("u {:?} for ranks summing to {width}", u.shape())));
+    }
+    let operands: Vec<&Tensor> = products.iter().flat_map(|&(dy, b, _)| [dy, b]).chain([u]).collect();
+    if let Some(g) = Gpu::of(OP, &operands)?.filter(|_| operands.iter().all(|t| t.dtype() == DType::BF16)) {
+        let rows = u.shape()[0];
+        let fits = |u_at: usize, ldu: usize| {
+            cols.iter().all(|&(col, out, r)| glora::grads_fit(out, r, [(u_at + col, ldu), (col, width)]))
+        };
+        if let Some((u_at, ldu)) = rows_in_place(u).filter(|&(at, ld)| fits(at, ld)) {
+            let mut du = g.alloc(rows * width)?;
+            let mut dbs = Vec::with_capacity(products.len());
+            for (&(dy, b, s), &(col, out, r)) in products.iter().zip(&cols) {
+                let (dy, b) = (g.input(dy)?, g.input(b)?);
+                let mut db = g.alloc(out * r)?;
+                let u_rows = glora::Rows { buf: buf(u), offset: u_at + col, ld: ldu };
+                let du_rows = glora::Rows { buf: &mut du, offset: col, ld: width };
+                g.run(glora::grads(buf(&dy), buf(&b), u_rows, s as f32, du_rows, &mut db, [rows, out, r]))?;
+                dbs.push(output(db, &[out, r]));
+            }
+            return Ok((output(du, &[rows, width]), dbs));
+        }
+    }
+    let du = matmul_columns(products)?;
+    let dbs = products
+        .iter()
+        .zip(&cols)
+        .map(|(&(dy, _, s), &(col, _, r))| matmul_scaled(&dy.t()?, &u.narrow(1, col, r)?, s))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((du, dbs))
 }
 
 /// (rows, r) of a [rows, cols] operand and a [r, cols] A, checked, with p in [0, 1).
