@@ -185,7 +185,8 @@ fn lora_grads_equal_the_two_products(device: Device) {
     let dtype = if device == Device::Cpu { DType::F32 } else { DType::BF16 };
     let tol = if dtype == DType::BF16 { BF16 } else { F32 };
     // (rows, [(out, r)] of the block, U's columns before the block's)
-    let cases: [(usize, &[(usize, usize)], usize); 4] = [
+    type Case = (usize, &'static [(usize, usize)], usize);
+    let cases: [Case; 4] = [
         (300, &[(1024, 16), (136, 16), (136, 16)], 0),
         (77, &[(520, 32)], 16),
         (9, &[(77, 16)], 0),
