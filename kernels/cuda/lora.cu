@@ -189,7 +189,8 @@ extern "C" __global__ void lora_dropout_up_add_bf16(bf16* dx, const bf16* du, co
 
 // LoRA's adapter gradients from one read of a projection's output gradient: dU = s·dy·B and dB = s·dyᵀ·U, where two
 // GEMMs read dy [rows, cols] once each (the largest tensors of a layer's backward: gate and up's are [tokens, 14336]
-// on Llama-3-8B). A block stages 64 × 128 tiles of dy in shared memory (cp.async, two stages) and feeds each to
+// on Llama-3-8B). A block stages 64 × 128 tiles of dy in shared memory (cp.async, three stages: two tiles in flight
+// while one is read, what a multiprocessor needs to keep its share of the bandwidth busy) and feeds each to
 // mma.sync twice: as A for dU (ldmatrix) and as Aᵀ for dB (ldmatrix.trans). It owns a chunk of CT column tiles
 // (B's rows for them staged once) and a chunk of row blocks: dB for its columns accumulates in registers over its rows,
 // dU for one row block over its columns. Each chunk's f32 sums go to partials that lora_grads_finish adds in chunk
@@ -207,8 +208,8 @@ __device__ void lora_grads(const bf16* dy, const bf16* b, const bf16* u, float* 
     constexpr int BM = LORA_GRADS_BM, BN = LORA_GRADS_BN, SD = BN + 8, SR = R + 8, CT = 64 / R, NT = R / 8;
     unsigned short* sB = reinterpret_cast<unsigned short*>(flash_smem);
     unsigned short* sU = sB + CT * BN * SR;
-    unsigned short* sY = sU + 2 * BM * SR;
-    float* sX = reinterpret_cast<float*>(sY + 2 * BM * SD);
+    unsigned short* sY = sU + 3 * BM * SR;
+    float* sX = reinterpret_cast<float*>(sY + 3 * BM * SD);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int lr = lane % 8, lq = (lane / 8) % 2, lh = lane / 16;
     const unsigned c0 = blockIdx.x * CT * BN, r0 = blockIdx.y * row_blocks * BM;
@@ -223,17 +224,19 @@ __device__ void lora_grads(const bf16* dy, const bf16* b, const bf16* u, float* 
         const unsigned n = c0 + row;
         cp_async16(smem_u32(sB + row * SR + ch * 8), n < cols ? gb + static_cast<u64>(n) * R + ch * 8 : gb, n < cols ? 16u : 0u);
     }
-    // Tile (rb, ct) of dy into stage `stage`; with a row block's first tile, its rows of U too.
-    auto load = [&](int rb, int ct, int stage) {
+    // Tile i (row block i / tiles, column tile i % tiles) of dy into stage i % 3; with a row block's first tile, its
+    // rows of U too (three buffers: the tile two ahead may be two row blocks on when a row block is one tile).
+    auto load = [&](int i) {
+        const int rb = i / tiles, ct = i % tiles;
         const unsigned m0 = r0 + rb * BM, n0 = c0 + ct * BN;
-        const unsigned base = smem_u32(sY + stage * BM * SD);
+        const unsigned base = smem_u32(sY + (i % 3) * BM * SD);
         for (int c = tid; c < BM * BN / 8; c += 256) {
             const int row = c / (BN / 8), col = (c % (BN / 8)) * 8;
             const bool in = m0 + row < rows && n0 + col < cols;
             cp_async16(base + 2u * (row * SD + col), in ? gy + static_cast<u64>(m0 + row) * cols + n0 + col : gy, in ? 16u : 0u);
         }
         if (ct == 0) {
-            const unsigned ubase = smem_u32(sU + (rb % 2) * BM * SR);
+            const unsigned ubase = smem_u32(sU + (rb % 3) * BM * SR);
             for (int c = tid; c < BM * NT; c += 256) {
                 const int row = c / NT, col = (c % NT) * 8;
                 const bool in = m0 + row < rows;
@@ -250,8 +253,10 @@ __device__ void lora_grads(const bf16* dy, const bf16* b, const bf16* u, float* 
     // dU: warp w takes rows 16·(w % 4) of a tile over the half of its columns 64·(w / 4); dB: columns 16·w over the
     // tile's 64 rows.
     const int rg = warp % 4, kh = warp / 4;
-    int stage = 0;
-    load(0, 0, 0);
+    const int items = blocks * tiles;
+    load(0);
+    cp_async_commit();
+    if (items > 1) load(1);
     cp_async_commit();
     for (int rb = 0; rb < blocks; ++rb) {
         float du[NT][4];
@@ -260,13 +265,13 @@ __device__ void lora_grads(const bf16* dy, const bf16* b, const bf16* u, float* 
 #pragma unroll
         for (int ct = 0; ct < CT; ++ct) {
             if (ct >= tiles) continue;
-            const bool last = ct + 1 >= tiles;
-            if (!last) load(rb, ct + 1, stage ^ 1);
-            else if (rb + 1 < blocks) load(rb + 1, 0, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
+            const int i = rb * tiles + ct;
+            cp_async_wait<1>();  // tile i has landed; tile i + 1 may still be in flight
+            // Every warp is past tile i − 1, whose stage the load two ahead refills.
             __syncthreads();
-            const unsigned y = smem_u32(sY + stage * BM * SD), us = smem_u32(sU + (rb % 2) * BM * SR);
+            if (i + 2 < items) load(i + 2);
+            cp_async_commit();
+            const unsigned y = smem_u32(sY + (i % 3) * BM * SD), us = smem_u32(sU + (rb % 3) * BM * SR);
             const unsigned aY = y + 2u * ((16 * rg + lr + 8 * lq) * SD + 64 * kh + 8 * lh);
             const unsigned bB = smem_u32(sB) + 2u * ((ct * BN + 64 * kh + lr + 8 * lq) * SR + 8 * lh);
 #pragma unroll
@@ -296,8 +301,6 @@ __device__ void lora_grads(const bf16* dy, const bf16* b, const bf16* u, float* 
                     mma16816<bf16>(db[ct][2 * nb + 1], a, f[2], f[3]);
                 }
             }
-            __syncthreads();  // every warp is done with this stage before the load after next refills it
-            stage ^= 1;
         }
         // The two column halves' dU meet in shared memory, in a fixed order, then one partial per chunk.
         const int row = 16 * rg + g;
@@ -344,11 +347,13 @@ extern "C" __global__ void lora_grads_finish_bf16(const float* pu, const float* 
     const u64 i = thread_index(), nu = static_cast<u64>(rows) * r;
     if (i < nu) {
         float acc = 0.0f;
+#pragma unroll 4
         for (unsigned j = 0; j < nc; ++j) acc += pu[j * nu + i];
         du[(i / r) * ldu + i % r] = from_f32<bf16>(s * acc);
     } else if (i < nu + static_cast<u64>(cols) * r) {
         const u64 k = i - nu, nb = static_cast<u64>(cols) * r;
         float acc = 0.0f;
+#pragma unroll 4
         for (unsigned j = 0; j < nr; ++j) acc += pb[j * nb + k];
         db[k] = from_f32<bf16>(s * acc);
     }

@@ -164,19 +164,20 @@ pub fn grads(
         _ => "lora_grads_r64_bf16",
     };
     let [bm, bn] = GRADS_TILE;
-    // Column tiles a block owns (CT), and its shared memory: B's rows for them, two stages of U's rows and of dy's tile
-    // (rows padded by 8 elements against bank conflicts), dU's exchange between column halves.
+    // Column tiles a block owns (CT), and its shared memory: B's rows for them, three stages of U's rows and of dy's
+    // tile (rows padded by 8 elements against bank conflicts), dU's exchange between column halves.
     let tiles = 64 / r;
-    let smem = 2 * (tiles * bn * (r + 8) + 2 * bm * (r + 8) + 2 * bm * (bn + 8)) + 4 * bm * r;
+    let smem = 2 * (tiles * bn * (r + 8) + 3 * bm * (r + 8) + 3 * bm * (bn + 8)) + 4 * bm * r;
     let (col_chunks, row_chunks, row_blocks) = if rows * cols == 0 {
         (0, 0, 0)
     } else {
         allow_smem(dev, Module::Lora, kernel, smem as u32)?;
         let resident = resident_blocks_with_smem(dev, Module::Lora, kernel, 256, smem as u32)? as usize;
-        // One wave: the column chunks times as many row chunks as fill it, each a whole number of row blocks.
+        // One wave: the column chunks times as many row chunks as fit beside them, each a whole number of row blocks
+        // (a second wave of a few blocks would take as long as the first).
         let col_chunks = cols.div_ceil(tiles * bn);
         let blocks = rows.div_ceil(bm);
-        let row_blocks = blocks.div_ceil(resident.div_ceil(col_chunks).clamp(1, blocks));
+        let row_blocks = blocks.div_ceil((resident / col_chunks).clamp(1, blocks));
         (col_chunks, blocks.div_ceil(row_blocks), row_blocks)
     };
     let pu = dev.alloc::<f32>(col_chunks * rows * r)?;
