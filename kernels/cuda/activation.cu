@@ -57,13 +57,17 @@ template <Act A, typename T> __device__ void glu_forward(const T* gate, const T*
     map<2, 1>({gate, up}, {out}, n, [](const float (&a)[2], float (&b)[1]) { b[0] = act<A>(a[0]) * a[1]; });
 }
 
-// gate, up, d_out: [n] → d_gate = (d_out ⊙ up) ⊙ act′(gate), d_up = d_out ⊙ act(gate)
+// One element's d_gate = (d_out ⊙ up) ⊙ act′(gate) and d_up = d_out ⊙ act(gate), given ag = act(gate).
+template <Act A> __device__ __forceinline__ void glu_grads(float g, float u, float d, float ag, float& d_gate, float& d_up) {
+    d_gate = d * u * act_grad<A>(g);
+    d_up = d * ag;
+}
+
+// gate, up, d_out: [n] → d_gate, d_up (glu_grads)
 template <Act A, typename T>
 __device__ void glu_backward(const T* gate, const T* up, const T* d_out, T* d_gate, T* d_up, u64 n) {
     map<3, 2>({gate, up, d_out}, {d_gate, d_up}, n, [](const float (&a)[3], float (&b)[2]) {
-        const float g = a[0], u = a[1], d = a[2];
-        b[0] = d * u * act_grad<A>(g);
-        b[1] = d * act<A>(g);
+        glu_grads<A>(a[0], a[1], a[2], act<A>(a[0]), b[0], b[1]);
     });
 }
 
@@ -73,10 +77,9 @@ __device__ void glu_backward(const T* gate, const T* up, const T* d_out, T* d_ga
 template <Act A, typename T>
 __device__ void glu_backward_out(const T* gate, const T* up, T* d_out, T* d_gate, T* d_up, u64 n) {
     map<3, 3>({gate, up, d_out}, {d_gate, d_up, d_out}, n, [](const float (&a)[3], float (&b)[3]) {
-        const float g = a[0], u = a[1], d = a[2], ag = act<A>(g);
-        b[0] = d * u * act_grad<A>(g);
-        b[1] = d * ag;
-        b[2] = ag * u;
+        const float ag = act<A>(a[0]);
+        glu_grads<A>(a[0], a[1], a[2], ag, b[0], b[1]);
+        b[2] = ag * a[1];
     });
 }
 
