@@ -224,6 +224,11 @@ fn lora_grads_equal_the_two_products(device: Device) {
         }
         let e = lora_grads(&products, &u_lane).unwrap_err().to_string();
         assert!(e.contains(&format!("ranks summing to {width}")), "{what}: {e}");
+        let flat = Tensor::zeros_on(&[rows * width], dtype, device).unwrap();
+        let e = lora_grads(&products, &flat).unwrap_err().to_string();
+        assert!(e.contains("must be a matrix"), "{what}: {e}");
+        let e = lora_grads(&products, &u.narrow(0, 1, rows - 1).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("dy ["), "{what}: rows that do not match: {e}");
     }
 }
 test_device!(

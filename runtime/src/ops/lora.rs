@@ -67,11 +67,14 @@ pub fn dropout_matmul_accumulate(dx: &mut Tensor, du: &Tensor, a: &Tensor, p: f6
 /// (and as that kernel's twin) the GEMMs, each sum rounded once either way.
 pub fn lora_grads(products: &[(&Tensor, &Tensor, f64)], u: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
     const OP: &str = "lora grads";
+    let &[rows, u_width] = u.shape() else {
+        return Err(Error::shape(OP, format!("u {:?} must be a matrix", u.shape())));
+    };
     let mut cols = Vec::with_capacity(products.len());
     let mut width = 0;
     for &(dy, b, _) in products {
         match (dy.shape(), b.shape()) {
-            (&[rows, out], &[out_b, r]) if out == out_b && u.shape() == [rows, u.shape()[1]] => {
+            (&[dy_rows, out], &[out_b, r]) if out == out_b && dy_rows == rows => {
                 cols.push((width, out, r));
                 width += r;
             }
@@ -80,12 +83,11 @@ pub fn lora_grads(products: &[(&Tensor, &Tensor, f64)], u: &Tensor) -> Result<(T
             }
         }
     }
-    if u.shape().get(1) != Some(&width) {
+    if u_width != width {
         return Err(Error::shape(OP, format!("u {:?} for ranks summing to {width}", u.shape())));
     }
     let operands: Vec<&Tensor> = products.iter().flat_map(|&(dy, b, _)| [dy, b]).chain([u]).collect();
     if let Some(g) = Gpu::of(OP, &operands)?.filter(|_| operands.iter().all(|t| t.dtype() == DType::BF16)) {
-        let rows = u.shape()[0];
         let fits = |u_at: usize, ldu: usize| {
             cols.iter().all(|&(col, out, r)| glora::grads_fit(out, r, [(u_at + col, ldu), (col, width)]))
         };
