@@ -137,6 +137,15 @@ pub fn grads_fit(cols: usize, r: usize, rows_at: [(usize, usize); 2]) -> bool {
 /// Rows of dy in a block's tile, and its columns ([`grads`]' kernel's LORA_GRADS_BM and _BN).
 const GRADS_TILE: [usize; 2] = [64, 128];
 
+/// [`grads`]' grid for `rows` rows of dy in `col_chunks` column chunks when `resident` blocks fit the GPU at once:
+/// (column chunks, row chunks, row blocks per row chunk). One wave: the column chunks times as many row chunks as fit
+/// beside them, each a whole number of row blocks (a second wave of a few blocks would take as long as the first).
+fn grads_grid(rows: usize, col_chunks: usize, resident: usize) -> (usize, usize, usize) {
+    let blocks = rows.div_ceil(GRADS_TILE[0]);
+    let row_blocks = blocks.div_ceil((resident / col_chunks).clamp(1, blocks));
+    (col_chunks, blocks.div_ceil(row_blocks), row_blocks)
+}
+
 /// dU = s·dy·B and dB = s·dyᵀ·U from one read of dy: dy [rows, cols], b [cols, r], u's rows (r values each) → du's rows
 /// (r values each, written in place) and db [cols, r]. f32 sums in a fixed order rounded once, the same bits run to
 /// run; for [`grads_fit`] shapes.
@@ -173,12 +182,7 @@ pub fn grads(
     } else {
         allow_smem(dev, Module::Lora, kernel, smem as u32)?;
         let resident = resident_blocks_with_smem(dev, Module::Lora, kernel, 256, smem as u32)? as usize;
-        // One wave: the column chunks times as many row chunks as fit beside them, each a whole number of row blocks
-        // (a second wave of a few blocks would take as long as the first).
-        let col_chunks = cols.div_ceil(tiles * bn);
-        let blocks = rows.div_ceil(bm);
-        let row_blocks = blocks.div_ceil((resident / col_chunks).clamp(1, blocks));
-        (col_chunks, blocks.div_ceil(row_blocks), row_blocks)
+        grads_grid(rows, cols.div_ceil(tiles * bn), resident)
     };
     let pu = dev.alloc::<f32>(col_chunks * rows * r)?;
     let pb = dev.alloc::<f32>(row_chunks * cols * r)?;
@@ -239,8 +243,27 @@ fn vectorized(cols: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::drop_below;
+    use super::{drop_below, grads_grid};
     use crate::Rng;
+
+    /// The grid fills one wave and no more: on an H100 (264 blocks resident) the 8B's gate/up (8192 rows, 28 column
+    /// chunks) gets 9 row chunks of 15 row blocks (252 blocks; rounding the row chunks up ran 280, a second wave of
+    /// 16), k/v (2 column chunks) one row block each; every row block is covered once, a chunk too wide for a wave
+    /// still gets one row chunk, and a single row gets one block.
+    #[test]
+    fn the_lora_grads_grid_is_one_wave() {
+        assert_eq!(grads_grid(8192, 28, 264), (28, 9, 15));
+        assert_eq!(grads_grid(8192, 2, 264), (2, 128, 1));
+        assert_eq!(grads_grid(1, 3, 264), (3, 1, 1));
+        assert_eq!(grads_grid(8192, 400, 264), (400, 1, 128));
+        for (rows, col_chunks, resident) in [(8192, 28, 264), (8192, 8, 264), (4099, 3, 132), (65, 1, 1000), (64, 7, 8)]
+        {
+            let (c, r, per) = grads_grid(rows, col_chunks, resident);
+            let blocks = rows.div_ceil(64);
+            assert!(c * r <= resident.max(c), "{rows} rows, {col_chunks} chunks: {c} x {r} blocks past {resident}");
+            assert!(r * per >= blocks && (r - 1) * per < blocks, "{rows} rows: {r} chunks of {per} row blocks");
+        }
+    }
 
     /// The kernels' integer test drops exactly the elements whose draw is below p, at p on either side of a draw too
     /// (where ⌊·⌋ instead of ⌈·⌉, or ≤ instead of <, would disagree).
