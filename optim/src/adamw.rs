@@ -372,7 +372,6 @@ pub enum GradNorm {
     Device(Tensor),
 }
 
-/// Σ over the parameters' gradients of Σ g², in f64.
 /// `param`'s gradient for an update, checked against its value's length (None: no gradient, no update, as torch).
 fn update_grad(param: &Param) -> Result<Option<Tensor>> {
     let Some(g) = param.grad() else { return Ok(None) };
@@ -386,6 +385,7 @@ fn update_grad(param: &Param) -> Result<Option<Tensor>> {
     Ok(Some(g))
 }
 
+/// Σ over the parameters' gradients of Σ g², in f64.
 fn sum_squares_of(params: &[Param]) -> Result<f64> {
     let mut sq = 0.0;
     for p in params {
