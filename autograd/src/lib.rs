@@ -19,6 +19,7 @@ mod checkpoint;
 mod lora;
 mod ops;
 mod param;
+mod park;
 mod tape;
 
 pub use lora::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit, LoraProjection};

@@ -368,6 +368,19 @@ fn a_memory_budget_keeps_activations_with_the_same_bits() {
     assert!(adapter == plain_adapter, "the lean plan changed the adapter");
 }
 
+/// Parking moves activations off a GPU: asked for on the CPU, it is refused in one line before any step, and nothing
+/// is written.
+#[test]
+fn parking_layers_on_the_cpu_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out) = (good_data(dir.path()), dir.path().join("out"));
+    let done = qlora_rt(&[args(s(&data), s(&out), "2"), vec!["--park-layers", "1"]].concat());
+    assert!(!done.status.success());
+    let err = error_line(&done);
+    assert!(err.contains("--park-layers") && err.contains("CPU"), "{err}");
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
+
 /// A budget below the smallest plan is refused before training, in one line naming the budget and what to lower.
 #[test]
 fn a_memory_budget_too_small_is_refused() {

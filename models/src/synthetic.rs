@@ -143,6 +143,7 @@ pub fn build(config: &ModelConfig, format: BaseFormat, dense: DType, seed: u64) 
         gradient_checkpointing: true,
         keep_layers: 0,
         offload_layers: 0,
+        park_layers: 0,
         mlp_chunk_tokens: None,
         sharded: None,
     })

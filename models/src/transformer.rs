@@ -58,8 +58,8 @@ pub struct CausalLm {
     /// Under checkpointing, the last `keep_layers` decoder layers keep their activations and are not recomputed:
     /// what a memory budget affords beyond the checkpoints (0 by default; the results are the same bits).
     pub keep_layers: usize,
-    /// Under checkpointing, the inputs of the first `offload_layers` recomputed layers (in forward order; at most
-    /// all of them) wait for backward in pinned host memory instead of on the GPU, each copied back one layer ahead
+    /// Under checkpointing, the inputs of the first `offload_layers` recomputed layers (in forward order, parked ones
+    /// aside; at most all of them) wait for backward in pinned host memory instead of on the GPU, each copied back one layer ahead
     /// (`Tape::checkpoint_offloaded`); the other recomputed layers keep theirs on the device. 0 by default; the same
     /// bits whatever the count, since offloading only moves bytes. On the CPU it changes nothing. The first layers
     /// are the ones to offload: backward reaches them last, so at every point of backward fewer inputs are left on
@@ -67,6 +67,13 @@ pub struct CausalLm {
     /// first, are freed by then), their copies out and back hide under the most compute, and they form one chain
     /// from layer 0 in which each layer's backward prefetches the previous layer's input.
     pub offload_layers: usize,
+    /// Under checkpointing, this many of the layers checkpointing would recompute keep their activations instead,
+    /// parked in pinned host memory from their forward to their backward (`Tape::parked`): no recompute, at the cost
+    /// of copying the activations out and back over the host link under the other layers' compute. They are spread
+    /// evenly over the recomputed layers, the last of them included (its activations stay on the device: its backward
+    /// comes first), so that each copy has the layers up to the next parked one to run under. 0 by default; the same
+    /// bits whatever the count, since parking only moves bytes. On the CPU they are simply kept.
+    pub park_layers: usize,
     /// Run each layer's MLP this many tokens at a time, each block its own checkpoint, so that a layer's backward
     /// holds one block's MLP activations instead of the whole sequence's (what long contexts need: the MLP's
     /// intermediate is the widest activation). None (the default) runs it whole. The values are the same but for
@@ -238,6 +245,7 @@ impl CausalLm {
             gradient_checkpointing: true,
             keep_layers: 0,
             offload_layers: 0,
+            park_layers: 0,
             mlp_chunk_tokens: None,
             sharded: sharded.map(Rc::new),
         })
@@ -291,6 +299,7 @@ impl CausalLm {
             gradient_checkpointing: self.gradient_checkpointing,
             keep_layers: self.keep_layers,
             offload_layers: self.offload_layers,
+            park_layers: self.park_layers,
             mlp_chunk_tokens: self.mlp_chunk_tokens,
             sharded: self.sharded.clone(),
         })
@@ -409,20 +418,30 @@ impl CausalLm {
         }
         let recomputed =
             if self.gradient_checkpointing { self.layers.len().saturating_sub(self.keep_layers) } else { 0 };
-        // The previous offloaded layer's input handles: each layer's backward brings them back ahead of use.
-        let offloaded = self.offload_layers.min(recomputed);
-        let mut parked = Vec::new();
+        let parked_count = self.park_layers.min(recomputed);
+        let offloaded = self.offload_layers.min(recomputed - parked_count);
+        // The previous offloaded layer's input handles, and the previous parked layer's activations: each layer's
+        // backward brings its predecessor's back ahead of use.
+        let (mut handles, mut parked) = (Vec::new(), None);
+        let mut checkpointed = 0;
         for i in 0..self.layers.len() {
             x = match cache.as_deref_mut() {
                 Some(cache) => layer_forward(t, c, &self.layers, i, &inputs, &x, Some(cache.layer_mut(i)))?,
+                None if i < recomputed && is_parked(i, recomputed, parked_count) => {
+                    let layer = |t: &Tape, x: &Var| layer_forward(t, c, &self.layers, i, &inputs, x, None);
+                    let (out, set) = t.parked(&x, parked.take(), layer)?;
+                    parked = set;
+                    out
+                }
                 None if i < recomputed && t.is_recording() => {
                     let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
                     let layer = move |t: &Tape, ins: &[Var]| {
                         Ok(vec![layer_forward(t, &cfg, &layers, i, &inputs, &ins[0], None)?])
                     };
-                    let mut outs = if i < offloaded {
-                        let (outs, handles) = t.checkpoint_offloaded(&[&x], std::mem::take(&mut parked), layer)?;
-                        parked = handles;
+                    checkpointed += 1;
+                    let mut outs = if checkpointed <= offloaded {
+                        let (outs, next) = t.checkpoint_offloaded(&[&x], std::mem::take(&mut handles), layer)?;
+                        handles = next;
                         outs
                     } else {
                         t.checkpoint(&[&x], layer)?
@@ -466,4 +485,11 @@ impl CausalLm {
             linear_cross_entropy_op(x, head.value(), &batch.targets, cap, normalizer, needs_dx)
         })
     }
+}
+
+/// Whether recomputed-by-default layer `i` (of `recomputed`) is one of the `parked` spread evenly over them: the
+/// layers where ⌊(i + 1)·parked / recomputed⌋ steps up, which include the last one and leave ⌊recomputed / parked⌋ or
+/// one more layers between two parked ones.
+fn is_parked(i: usize, recomputed: usize, parked: usize) -> bool {
+    (i + 1) * parked / recomputed != i * parked / recomputed
 }

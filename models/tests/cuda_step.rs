@@ -254,6 +254,49 @@ fn offloaded_checkpoints_train_the_same_bits() {
     println!("qlora-gpu: {test}: bit-identical in f32 and bf16, one or both layer inputs offloaded, on {name}");
 }
 
+/// The step of `model` with `keep` layers kept on the device and `park` parked in host memory (the rest recomputed).
+fn kept_and_parked(
+    model: &CausalLm,
+    device: Device,
+    dtype: DType,
+    batch: &Batch,
+    keep: usize,
+    park: usize,
+) -> StepResult {
+    let mut m = model.to_device(device, dtype).unwrap();
+    (m.keep_layers, m.park_layers) = (keep, park);
+    step(&m, batch)
+}
+
+/// Parking layers (their activations in pinned host memory from forward to backward, nothing recomputed) trains the
+/// same bits as keeping those layers' activations on the device: the copies are exact, every buffer a layer's ops
+/// keep goes and comes back whole, and none is read while it is away (no fault). With both layers of the fixture
+/// parked, the first one's activations really leave the device (the second one's scope lets them go); the last
+/// parked layer's stay, as its backward comes first. On the CPU parked layers are simply kept.
+#[test]
+fn parked_layers_train_the_same_bits_as_kept_ones() {
+    let test = "parked_layers_train_the_same_bits_as_kept_ones";
+    let model = qlora_model();
+    let cpu_batch = batch(model.config.vocab_size);
+    for n in [1, 2] {
+        let kept = kept_and_parked(&model, Device::Cpu, DType::F32, &cpu_batch, n, 0);
+        assert!(kept == kept_and_parked(&model, Device::Cpu, DType::F32, &cpu_batch, 0, n), "CPU, {n} parked");
+    }
+    let Some(name) = gpu(test) else { return };
+    let faults = qlora_runtime::park::faults();
+    let gpu_batch = cpu_batch.to_device(CUDA).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        for n in [1, 2] {
+            let kept = kept_and_parked(&model, CUDA, dtype, &gpu_batch, n, 0);
+            let parked = kept_and_parked(&model, CUDA, dtype, &gpu_batch, 0, n);
+            assert_eq!(kept.0.to_bits(), parked.0.to_bits(), "{dtype:?} loss, {n} layers parked");
+            assert!(kept.1 == parked.1, "{dtype:?}: an adapter gradient changed with {n} layers parked");
+        }
+    }
+    assert_eq!(qlora_runtime::park::faults(), faults, "a parked buffer was read before its layer's backward");
+    println!("qlora-gpu: {test}: bit-identical in f32 and bf16 with one or both layers parked, no fault, on {name}");
+}
+
 /// A recomputed layer records down_proj for its gradients alone (its value reaches the checkpoint's output only
 /// through the residual add): checkpointing still trains the same bits as keeping every activation, for LoRA and for
 /// DoRA (whose magnitude gradient reads the value, so it is computed), with the MLP whole and in blocks of 4 tokens.
@@ -315,6 +358,47 @@ fn offloaded_checkpoints_lower_the_peak() {
         );
         assert!(saved as f64 >= 0.75 * expected as f64, "offloading {offloaded} saved {saved} B of the {expected}");
     }
+}
+
+/// Parking takes kept layers' activations off the GPU: SmolLM2-135M's shape with random NF4 weights, one sequence
+/// of 2048 tokens in bf16, every layer kept on the device, every layer parked, every layer recomputed. Parked, the
+/// step holds at most a few layers' activations at once (one leaving while the next runs, one in use and one arriving
+/// in backward, and the last one), so its peak comes down to the recomputing step's, give or take those: the test
+/// asks for at least two thirds of the way from keeping to recomputing. The steps run from the leanest to the
+/// largest, so that the device's peak (a maximum since the process started) is each step's own.
+#[test]
+fn parked_layers_lower_the_peak() {
+    let test = "parked_layers_lower_the_peak";
+    let Some(name) = gpu(test) else { return };
+    let config = qlora_models::synthetic::shape_config("smollm2-135m").unwrap();
+    let format = BaseFormat::Nf4 { blocksize: 64, double_quant: true };
+    let mut model = qlora_models::synthetic::build(&config, format, DType::BF16, 1).unwrap();
+    let mut rng = Rng::new(3);
+    let lora = LoraConfig { r: 8, alpha: 16.0, ..LoraConfig::default() };
+    for p in model.projections_mut().unwrap() {
+        p.adapter = Some(LoraAdapter::new(&p.name, &p.base, &lora, &mut rng).unwrap());
+    }
+    let tokens = 2048;
+    let ids: Vec<i32> = (0..tokens).map(|_| rng.below(config.vocab_size as u64) as i32).collect();
+    let batch = Batch::pack(&[(ids.clone(), ids)]).unwrap().to_device(CUDA).unwrap();
+    let dev = qlora_runtime::cuda_device(0).unwrap();
+    let layers = config.num_hidden_layers;
+    let faults = qlora_runtime::park::faults();
+    let mut peaks = Vec::new();
+    for (keep, park) in [(0, 0), (0, layers), (layers, 0)] {
+        let mut m = model.to_device(CUDA, DType::BF16).unwrap();
+        (m.gradient_checkpointing, m.keep_layers, m.park_layers) = (true, keep, park);
+        step(&m, &batch);
+        peaks.push(dev.memory_stats().peak);
+    }
+    let [recomputing, parked, kept] = [peaks[0], peaks[1], peaks[2]];
+    println!(
+        "qlora-gpu: {test}: peak {recomputing} B recomputing, {parked} B parked, {kept} B kept ({layers} layers) on \
+         {name}"
+    );
+    assert!(kept > recomputing, "keeping every layer holds more than recomputing them");
+    assert!(parked <= kept - (kept - recomputing) * 2 / 3, "parking every layer left the peak at {parked} B");
+    assert_eq!(qlora_runtime::park::faults(), faults, "a parked buffer was read before its layer's backward");
 }
 
 /// The MLP run a block of tokens at a time (each block its own checkpoint) computes the same loss and the same

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod offload;
 pub mod op;
 pub mod ops;
+pub mod park;
 pub mod profile;
 pub mod quant;
 pub mod storage;

@@ -72,6 +72,11 @@ pub struct StepArgs {
     /// then AdamW's moments too (a GPU only; the plan is printed).
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<memory::Budget>,
+    /// Of the layers the plan recomputes, this many keep their activations in pinned host memory instead (a GPU
+    /// only): no recompute, the activations copied out and back over the host link under the other layers' compute.
+    /// Instead of the plan's choice (by default as many as the link carries), to compare counts; 0 parks none.
+    #[arg(long, value_name = "N")]
+    park_layers: Option<usize>,
     /// Clip the global gradient norm to this (0 disables clipping).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
@@ -236,7 +241,9 @@ fn bench(
         );
     }
     let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, SHRINK)?;
+    let (plan, estimate) = memory::with_parked(&setup, plan, estimate, args.park_layers)?;
     let offloaded = memory::offloaded_layers(&Setup { plan, ..setup });
+    let parked = memory::parked_layers(&Setup { plan, ..setup });
     let available = memory::available(device)?;
     let mut report = json!({
         "subject": subject.to_string(),
@@ -262,6 +269,7 @@ fn bench(
         "keep_layers": plan.keep_layers,
         "offload": offloaded > 0,
         "offload_layers": offloaded,
+        "park_layers": parked,
         "page_optimizer": plan.page_optimizer,
         "mlp_block": plan.mlp_block,
         "offload_host_gib": gib(estimate.host),
@@ -281,7 +289,8 @@ fn bench(
     let dense = if device == Device::Cpu { DType::F32 } else { dtype };
     let mut model = subject.model(config, (format, dense), args.seed, shard.map(|g| (g, device)))?;
     model.gradient_checkpointing = args.checkpointing();
-    let plan_line = args.memory_budget.map(|_| memory::describe_plan(plan, config.num_hidden_layers, &estimate));
+    let plan_line = (args.memory_budget.is_some() || parked > 0)
+        .then(|| memory::describe_plan(plan, config.num_hidden_layers, &estimate));
     if let Some(line) = plan_line.as_ref().filter(|_| !args.json && lead) {
         println!("{line}");
     }
@@ -340,7 +349,7 @@ fn bench(
     let tokens_per_s = tokens as f64 / (step_ms.median / 1e3);
     // 4N per token, plus 2N more for the layers recomputed in backward.
     let layers = config.num_hidden_layers.max(1);
-    let recomputed = if args.checkpointing() { layers.saturating_sub(plan.keep_layers) } else { 0 };
+    let recomputed = if args.checkpointing() { layers.saturating_sub(plan.keep_layers + parked) } else { 0 };
     let flops_n = 4.0 + 2.0 * recomputed as f64 / layers as f64;
     let flops_per_token = flops_n * memory::linear_params(config) as f64;
     report["flops_per_token_n"] = json!(flops_n);
@@ -354,6 +363,9 @@ fn bench(
     report["forward_ms"] = json!(round(phase(0), 2));
     report["backward_ms"] = json!(round(phase(1), 2));
     report["optimizer_ms"] = json!(round(phase(2), 2));
+    // Parked buffers read before their restore, over the whole run (each costs a wait on a copy back, never a wrong
+    // value): 0 when the plan parks what it should.
+    report["park_faults"] = json!(qlora_runtime::park::faults());
     report["model_tflops"] = json!(round(tokens_per_s * flops_per_token / 1e12, 2));
     let peak = peak_bytes(device)?;
     report["peak_gib"] = json!(peak.map(gib));

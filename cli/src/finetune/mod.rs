@@ -199,10 +199,17 @@ pub struct FinetuneArgs {
     /// memory): under checkpointing, the last layers that fit keep their activations instead of being recomputed
     /// (faster), and when even recomputing every layer does not fit, the inputs of as few of the first recomputed
     /// layers as needed (all with lean) wait in pinned host memory, copied back one layer ahead, then AdamW's moments
-    /// too between updates (a GPU only); the results are the same bits. The plan is printed at the start; a budget
+    /// too between updates (a GPU only); layers parked in host memory (`--park-layers`) count where they fit too;
+    /// the results are the same bits. The plan is printed at the start; a budget
     /// too small for any plan is an error saying what to lower.
     #[arg(long, value_name = "GiB|auto|lean")]
     memory_budget: Option<crate::bench::memory::Budget>,
+    /// Of the layers the plan recomputes, this many keep their activations in pinned host memory instead (a GPU
+    /// only): no recompute, the activations copied out and back over the host link under the other layers' compute,
+    /// for about one layer's activations more on the device; the results are the same bits. Instead of the plan's
+    /// choice, which on a GPU parks as many as the link carries within half the host's free memory; 0 parks none.
+    #[arg(long, value_name = "N")]
+    park_layers: Option<usize>,
     #[command(flatten)]
     ranks: parallel::RankArgs,
 }
@@ -534,28 +541,27 @@ fn train(run: &Run, group: Option<Arc<dyn Communicator>>) -> Result<train::Outco
     let (mut model, mut optimizer, start) =
         load_model(args, &run.targets, run.resume_from.as_deref(), &run.trajectory, placement, group.as_ref())?;
     let shrink = "lower --micro-batch, --batch-tokens or --max-seq-len";
-    let mut plan_line = None;
-    if let Some(budget) = args.memory_budget {
-        let setup = crate::bench::memory::Setup {
-            config: &model.config,
-            format: args.adapter.base_format(),
-            device: placement.0,
-            compute: placement.1,
-            tokens: args.batch_tokens.unwrap_or(args.micro_batch * run.max_seq_len),
-            r: args.adapter.r,
-            dora: args.adapter.dora,
-            targets: &run.targets,
-            checkpointing: args.gradient_checkpointing(),
-            shards: model.sharded.as_ref().map_or(1, |s| s.group().world_size()),
-            plan: crate::bench::memory::Plan::default(),
-        };
-        let (plan, estimate) = crate::bench::memory::budget_plan(&setup, Some(budget), shrink)?;
-        plan.apply(&mut model, &mut optimizer)?;
-        let line = crate::bench::memory::describe_plan(plan, model.config.num_hidden_layers, &estimate);
-        if lead {
-            println!("{line}");
-        }
-        plan_line = Some(line);
+    let setup = crate::bench::memory::Setup {
+        config: &model.config,
+        format: args.adapter.base_format(),
+        device: placement.0,
+        compute: placement.1,
+        tokens: args.batch_tokens.unwrap_or(args.micro_batch * run.max_seq_len),
+        r: args.adapter.r,
+        dora: args.adapter.dora,
+        targets: &run.targets,
+        checkpointing: args.gradient_checkpointing(),
+        shards: model.sharded.as_ref().map_or(1, |s| s.group().world_size()),
+        plan: crate::bench::memory::Plan::default(),
+    };
+    let (plan, estimate) = crate::bench::memory::budget_plan(&setup, args.memory_budget, shrink)?;
+    let (plan, estimate) = crate::bench::memory::with_parked(&setup, plan, estimate, args.park_layers)?;
+    plan.apply(&mut model, &mut optimizer)?;
+    // The plan is worth a line where a budget chose it or it parks layers (the default on a GPU).
+    let plan_line = (args.memory_budget.is_some() || plan.park > 0)
+        .then(|| crate::bench::memory::describe_plan(plan, model.config.num_hidden_layers, &estimate));
+    if let Some(line) = plan_line.as_ref().filter(|_| lead) {
+        println!("{line}");
     }
     if lead {
         let n_params = model.trainable_params().iter().map(|p| p.value().elem_count()).sum();

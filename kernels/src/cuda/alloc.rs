@@ -136,7 +136,7 @@ impl Block {
         Block { ptr, size, category: AtomicU8::new(category.index() as u8) }
     }
 
-    fn category(&self) -> Category {
+    pub(crate) fn category(&self) -> Category {
         Category::from_index(self.category.load(Ordering::Relaxed))
     }
 }

@@ -1,13 +1,15 @@
 //! [`DeviceBuffer`]: `len` elements of one type in device memory, on one [`CudaDevice`], from its caching allocator.
 //! `runtime` holds these as its CUDA storage (one variant per dtype, as `CpuStorage` holds `Vec`s).
 
-use super::alloc::{Block, Category};
+use super::alloc::Category;
+use super::park::{slot_id, Slot};
 use super::{CudaDevice, Error, Result};
 use cudarc::driver::result as driver;
 use half::{bf16, f16};
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Element types that live in device memory: plain data for which every bit pattern is a valid value, so memory
 /// written by any kernel (or by none) reads back as values, never as undefined behaviour.
@@ -52,8 +54,9 @@ mod private {
 }
 
 pub struct DeviceBuffer<T: DeviceCopy> {
-    /// None for an empty buffer (the driver allocates no zero-byte blocks).
-    block: Option<Block>,
+    /// Where the values are: a block that parking may swap ([`super::park`]). None for an empty buffer (the driver
+    /// allocates no zero-byte blocks).
+    slot: Option<Arc<Slot>>,
     len: usize,
     device: CudaDevice,
     _elem: PhantomData<T>,
@@ -63,8 +66,8 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
     /// `len` elements whose values are whatever the memory's previous owner left.
     pub(crate) fn uninit(device: &CudaDevice, len: usize) -> Result<Self> {
         let bytes = len.checked_mul(size_of::<T>()).expect("buffer size overflows usize");
-        let block = if bytes == 0 { None } else { Some(device.allocator().allocate(bytes)?) };
-        Ok(DeviceBuffer { block, len, device: device.clone(), _elem: PhantomData })
+        let slot = if bytes == 0 { None } else { Some(Slot::new(device.allocator().allocate(bytes)?, bytes, device)) };
+        Ok(DeviceBuffer { slot, len, device: device.clone(), _elem: PhantomData })
     }
 
     pub fn len(&self) -> usize {
@@ -81,7 +84,13 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
 
     /// The device address, for kernel arguments (0 for an empty buffer, which no kernel is launched on).
     pub(crate) fn ptr(&self) -> u64 {
-        self.block.as_ref().map_or(0, |b| b.ptr)
+        self.slot.as_ref().map_or(0, |s| s.ptr())
+    }
+
+    /// The identity of this buffer's memory, shared by every handle to it (0 for an empty buffer): what
+    /// [`super::park::ParkedSet::park`] is told to leave alone.
+    pub fn park_id(&self) -> usize {
+        self.slot.as_ref().map_or(0, slot_id)
     }
 
     fn bytes(&self) -> usize {
@@ -90,8 +99,8 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
 
     /// Counts this buffer's memory under `category` from now on (a gradient kept as an adapter's, say).
     pub fn retag(&self, category: Category) {
-        if let Some(block) = &self.block {
-            self.device.allocator().retag(block, category);
+        if let Some(slot) = &self.slot {
+            slot.retag(category);
         }
     }
 
@@ -193,14 +202,6 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
         // SAFETY: the block holds `bytes()` bytes; all-zero bits are a valid value of every DeviceCopy type.
         unsafe { driver::memset_d8_async(self.ptr(), 0, self.bytes(), self.device.cu_stream()) }
             .map_err(Error::driver("cuMemsetD8Async"))
-    }
-}
-
-impl<T: DeviceCopy> Drop for DeviceBuffer<T> {
-    fn drop(&mut self) {
-        if let Some(block) = self.block.take() {
-            self.device.allocator().release(block);
-        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`alloc`]: the caching allocator and its statistics.
 //! - [`buffer`]: [`DeviceBuffer`], typed device memory, and host↔device copies.
 //! - [`offload`]: buffers parked in pinned host memory and brought back, on the copy stream.
+//! - [`park`]: what a closure left alive (a layer's saved activations) parked likewise until its backward.
 //! - [`timing`]: CUDA events on a device's stream, for benchmarks and profiling.
 //! - [`nccl`]: NCCL's collectives for data parallelism across processes, the library loaded at run time.
 //! - one module per op (`elementwise`, `rms_norm`, `dora`, …): the launchers, each the twin of the CPU function of
@@ -47,6 +48,7 @@ pub mod matmul;
 pub mod nccl;
 pub mod nf4;
 pub mod offload;
+pub mod park;
 pub mod reduce;
 pub mod rms_norm;
 pub mod rope;

@@ -119,28 +119,29 @@ impl<T: DeviceCopy> DeviceBuffer<T> {
     /// run) into pinned host memory, on the device's copy stream; the host does not wait. Call
     /// [`HostCopy::fence`] before this buffer can be dropped.
     pub fn copy_to_host(&self) -> Result<HostCopy> {
-        let device = self.device().clone();
-        let bytes = self.len() * size_of::<T>();
-        let block = take(&device, bytes.max(1))?;
+        HostCopy::start(self.device(), self.ptr(), self.len() * size_of::<T>())
+    }
+}
+
+impl HostCopy {
+    /// Starts copying `bytes` at device address `src` to a pinned block (see [`DeviceBuffer::copy_to_host`]).
+    pub(crate) fn start(device: &CudaDevice, src: u64, bytes: usize) -> Result<HostCopy> {
+        let block = take(device, bytes.max(1))?;
         let copies = device.copy_stream()?;
         copies.join(device.stream()).map_err(Error::driver("cuStreamWaitEvent"))?;
         if bytes > 0 {
             device.bind()?;
             // SAFETY: the pinned block holds at least `bytes`; the source block holds `bytes` and stays allocated
-            // until the compute stream has waited for `done` (HostCopy::fence, which the caller owes before dropping
-            // it); the copy is queued after all compute work so far.
-            unsafe {
-                sys::cuMemcpyDtoHAsync_v2(block.addr() as *mut std::ffi::c_void, self.ptr(), bytes, copies.cu_stream())
-            }
-            .result()
-            .map_err(Error::driver("cuMemcpyDtoHAsync"))?;
+            // until the compute stream has waited for `done` (HostCopy::fence, which the caller owes before giving
+            // it up); the copy is queued after all compute work so far.
+            unsafe { sys::cuMemcpyDtoHAsync_v2(block.addr() as *mut std::ffi::c_void, src, bytes, copies.cu_stream()) }
+                .result()
+                .map_err(Error::driver("cuMemcpyDtoHAsync"))?;
         }
         let done = copies.record_event(None).map_err(Error::driver("cuEventRecord"))?;
         Ok(HostCopy { block, bytes, done })
     }
-}
 
-impl HostCopy {
     /// Bytes parked.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -157,10 +158,17 @@ impl HostCopy {
     /// parked) on the copy stream. The buffer is handed out by [`Arrival::ready`].
     pub fn upload<T: DeviceCopy>(&self, len: usize) -> Result<Arrival<T>> {
         assert_eq!(len * size_of::<T>(), self.bytes, "HostCopy::upload: {len} elements for {} bytes", self.bytes);
+        let buffer = self.block.device.alloc::<T>(len)?;
+        let done = self.upload_to(buffer.ptr())?;
+        Ok(Arrival::new(buffer, done))
+    }
+
+    /// Starts copying the values back to device address `dst` (a block of at least [`HostCopy::bytes`]) on the copy
+    /// stream; the returned event marks the end of the copy.
+    pub(crate) fn upload_to(&self, dst: u64) -> Result<CudaEvent> {
         let device = &self.block.device;
-        let buffer = device.alloc::<T>(len)?;
         let copies = device.copy_stream()?;
-        // The new block's previous owner may still have compute work queued: the copy goes after it.
+        // The block's previous owner may still have compute work queued: the copy goes after it.
         copies.join(device.stream()).map_err(Error::driver("cuStreamWaitEvent"))?;
         if self.bytes > 0 {
             device.bind()?;
@@ -168,7 +176,7 @@ impl HostCopy {
             // on this same stream, so it has completed before this one reads it.
             unsafe {
                 sys::cuMemcpyHtoDAsync_v2(
-                    buffer.ptr(),
+                    dst,
                     self.block.addr() as *const std::ffi::c_void,
                     self.bytes,
                     copies.cu_stream(),
@@ -177,8 +185,7 @@ impl HostCopy {
             .result()
             .map_err(Error::driver("cuMemcpyHtoDAsync"))?;
         }
-        let done = copies.record_event(None).map_err(Error::driver("cuEventRecord"))?;
-        Ok(Arrival::new(buffer, done))
+        copies.record_event(None).map_err(Error::driver("cuEventRecord"))
     }
 }
 

@@ -65,6 +65,10 @@ pub struct Plan {
     /// most the recomputed layers; see `CausalLm::offload_layers`); the other recomputed layers keep theirs on the
     /// device.
     pub offload: usize,
+    /// How many of the layers checkpointing would recompute keep their activations in pinned host memory instead
+    /// (a GPU only, at most the recomputed layers; see `CausalLm::park_layers`): no recompute, their activations
+    /// copied out and back under the other layers' compute.
+    pub park: usize,
     /// AdamW's moments wait in pinned host memory between updates (a GPU only; see `AdamW::set_paged`).
     pub page_optimizer: bool,
     /// The frozen embedding table stays in host memory, rows uploaded per batch (an untied head only; see
@@ -82,6 +86,7 @@ impl Plan {
     pub fn apply(self, model: &mut qlora_models::transformer::CausalLm, optimizer: &mut AdamW) -> anyhow::Result<()> {
         model.keep_layers = self.keep_layers;
         model.offload_layers = self.offload;
+        model.park_layers = self.park;
         model.mlp_chunk_tokens = self.mlp_block;
         if self.host_embeddings {
             model.keep_embeddings_on_host()?;
@@ -92,28 +97,51 @@ impl Plan {
 
     /// Every plan in the order [`plan`] tries them, fastest first: keeping activations, then recomputing, then (a
     /// GPU only) offloading layer inputs, then paging the optimizer and (with an untied head) keeping the embeddings
-    /// on the host too, then running the MLP in blocks. In each mode the number of kept layers goes down from all of
-    /// them; where the mode offloads, each number of kept layers takes the offloaded counts from the fewest up
-    /// (none only where the mode pages, as the mode before already tried it without paging), so the first plan that
-    /// fits keeps as many layers as it can and then offloads as few of the recomputed layers' inputs as it can.
-    fn all(layers: usize, gpu: bool, untied: bool) -> impl Iterator<Item = Plan> {
+    /// on the host too, then running the MLP in blocks. In each mode the plans go from the fewest layers recomputed
+    /// up; a layer is not recomputed when it keeps its activations on the device or, up to `park` layers (what the
+    /// host link carries under the forward: [`park_capacity`]), parks them in host memory, which runs nearly as fast
+    /// (the copies hide under compute) and costs the device about one layer's activations whatever the count. Among
+    /// plans that recompute as many layers, more kept on the device comes first; where the mode offloads, each takes
+    /// the offloaded counts from the fewest up (none only where the mode pages, as the mode before already tried it
+    /// without paging), so the first plan that fits recomputes as few layers as it can, then offloads as few inputs.
+    fn all(layers: usize, gpu: bool, untied: bool, park: usize) -> impl Iterator<Item = Plan> {
         const BLOCK: Option<usize> = Some(MLP_BLOCK);
         let modes: Vec<(bool, bool, Option<usize>)> = match (gpu, layers > 0) {
             (true, true) => vec![(false, false, None), (true, false, None), (true, true, None), (true, true, BLOCK)],
             (false, true) => vec![(false, false, None), (false, false, BLOCK)],
             (_, false) => vec![(false, false, None)],
         };
+        let park = if gpu { park } else { 0 };
         modes.into_iter().flat_map(move |(offloading, paged, mlp_block)| {
             let (page_optimizer, host_embeddings) = (paged, paged && untied);
-            (0..=layers).rev().flat_map(move |keep_layers| {
-                let recomputed = layers - keep_layers;
-                let counts = match (offloading, paged) {
-                    (false, _) => 0..=0,
-                    (true, false) => 1..=recomputed,
-                    (true, true) => 0..=recomputed,
-                };
-                counts.map(move |offload| Plan { keep_layers, offload, page_optimizer, host_embeddings, mlp_block })
-            })
+            let mut plans: Vec<Plan> = (0..=layers)
+                .rev()
+                .flat_map(|keep_layers| {
+                    let recomputed = layers - keep_layers;
+                    let mut parks = vec![park.min(recomputed)];
+                    if parks[0] > 0 {
+                        parks.push(0);
+                    }
+                    parks.into_iter().flat_map(move |park| {
+                        let checkpointed = recomputed - park;
+                        let counts = match (offloading, paged) {
+                            (false, _) => 0..=0,
+                            (true, false) => 1..=checkpointed,
+                            (true, true) => 0..=checkpointed,
+                        };
+                        counts.map(move |offload| Plan {
+                            keep_layers,
+                            offload,
+                            park,
+                            page_optimizer,
+                            host_embeddings,
+                            mlp_block,
+                        })
+                    })
+                })
+                .collect();
+            plans.sort_by_key(|p| layers - p.keep_layers - p.park);
+            plans
         })
     }
 }
@@ -153,7 +181,10 @@ pub fn estimate(s: &Setup) -> Estimate {
     let host_table = s.plan.host_embeddings && heads == 2 && s.device != Device::Cpu;
     let on_device = if host_table { 1 } else { heads };
     let per_layer = shapes.iter().map(|(_, [o, i])| stored(o * i)).sum::<usize>();
-    let recomputed = if s.checkpointing { layers.saturating_sub(s.plan.keep_layers) } else { 0 };
+    // On the CPU a parked layer is simply kept (host memory is where it computes).
+    let cpu_parked = if s.device == Device::Cpu { s.plan.park } else { 0 };
+    let recomputed =
+        if s.checkpointing { layers.saturating_sub(s.plan.keep_layers).saturating_sub(cpu_parked) } else { 0 };
     let decoder = match s.format {
         // A rank's share, plus the layers gathered whole: one running (in forward, or recomputed in backward), its
         // gathered streams while they are cut into weights, the next layer's streams on their way, and every layer
@@ -180,7 +211,60 @@ pub fn estimate(s: &Setup) -> Estimate {
     let adapters = layers * adapter_params * per_param;
     let paged_moments = if paged { layers * adapter_params * 8 } else { 0 };
 
-    let (i, qo, kvo) = (c.intermediate_size, shapes[0].1[0], shapes[1].1[0]);
+    let (i, qo) = (c.intermediate_size, shapes[0].1[0]);
+    let LayerSaved { attention_side, product, layer } = layer_saved(s);
+    // In blocks, a recomputed layer's MLP part holds one block's intermediate at a time.
+    let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
+    // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
+    // its backward: two at a time. Those two arrive in the backward of the first layers, the offloaded ones, when the
+    // later layers' inputs kept on the device have been freed by their own backward (it ran before): at most the
+    // larger of the two counts is on the device at once.
+    let offloaded = offloaded_layers(s);
+    let parked = parked_layers(s);
+    // A parked layer's input stays on the device as a checkpoint's does, and at the step's peak (a recomputed layer's
+    // backward) about one parked layer's activations are there too: the one arriving for the next backward, or the
+    // last one parked, which stays for its backward, the first. Measured (RESULTS run P): +0.73 GiB for an 8B layer
+    // of 0.84, +0.40 for a 1B layer of 0.45.
+    let inputs = (recomputed - parked - offloaded).max(offloaded.min(2)) + parked;
+    let host = (offloaded * t * h + parked * layer / d) * d
+        + paged_moments
+        + if host_table { c.vocab_size * h * d } else { 0 };
+    let saved = inputs * t * h * d + (layers - recomputed + parked.min(1)) * layer;
+    // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
+    // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
+    // their gradients, about half as large again: fitted to the measured peaks above), on top of what stays saved.
+    let softcap = usize::from(c.final_logit_softcapping.is_some());
+    let chunk = chunk_rows(c.vocab_size).min(t);
+    let head = (3 + softcap) * chunk * c.vocab_size * d + 2 * t * h * d;
+    // While a layer's backward runs it holds the product again (formed there, over dx's buffer). With the MLP in
+    // blocks the attention's backward can hold more: its saved tensors, their gradients, and the flash kernel's f32
+    // dq accumulator (a 400,000-token Llama-3-8B step peaked 3.6 GiB over the MLP rule alone on an H100, run O).
+    let attention_backward = attention_side * 3 / 2 + t * qo * 4;
+    let in_layer = if recomputed > parked {
+        ((layer + product - blocked_mlp) * 3 / 2).max(attention_backward)
+    } else {
+        layer + product
+    };
+    let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
+    let activations = saved + head.max(in_layer) + 2 * largest * d;
+    Estimate { weights, adapters, activations, host }
+}
+
+/// What one layer's ops keep for backward, in bytes.
+struct LayerSaved {
+    /// The attention's half: norm input and output, q, k, v, the attention output and its log-sum-exp.
+    attention_side: usize,
+    /// The GLU's product, which backward forms again (0 under DoRA, which keeps it).
+    product: usize,
+    /// All of it.
+    layer: usize,
+}
+
+fn layer_saved(s: &Setup) -> LayerSaved {
+    let c = s.config;
+    let (d, t, h, i) = (s.compute.size_in_bytes(), s.tokens, c.hidden_size, c.intermediate_size);
+    let shapes = projection_shapes(c);
+    let (qo, kvo) = (shapes[0].1[0], shapes[1].1[0]);
     // What one layer's ops save for backward, tensor by tensor (the device's bytes: a tensor two ops save counts
     // once): the layer input and the attention norm's output, the roped q, k and v, the attention output (which
     // o_proj saves too) and its f32 log-sum-exp, the residual sum and the MLP norm's output, the MLP's gate and up.
@@ -192,35 +276,31 @@ pub fn estimate(s: &Setup) -> Estimate {
     let qk = if family == qlora_models::config::Family::Gemma3 { 3 } else { 2 };
     let product = if s.dora { 0 } else { t * d * i };
     let attention_side = t * d * (4 * h + sandwich + qk * (qo + kvo)) + t * c.num_attention_heads * 4;
-    let layer = attention_side + t * d * 3 * i - product;
-    // In blocks, a recomputed layer's MLP part holds one block's intermediate at a time.
-    let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
-    // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
-    // its backward: two at a time. Those two arrive in the backward of the first layers, the offloaded ones, when the
-    // later layers' inputs kept on the device have been freed by their own backward (it ran before): at most the
-    // larger of the two counts is on the device at once.
-    let offloaded = offloaded_layers(s);
-    let inputs = (recomputed - offloaded).max(offloaded.min(2));
-    let host = offloaded * t * h * d + paged_moments + if host_table { c.vocab_size * h * d } else { 0 };
-    let saved = inputs * t * h * d + (layers - recomputed) * layer;
-    // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
-    // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
-    // their gradients, about half as large again: fitted to the measured peaks above), on top of what stays saved.
-    let softcap = usize::from(c.final_logit_softcapping.is_some());
-    let chunk = chunk_rows(c.vocab_size).min(t);
-    let head = (3 + softcap) * chunk * c.vocab_size * d + 2 * t * h * d;
-    // While a layer's backward runs it holds the product again (formed there, over dx's buffer). With the MLP in
-    // blocks the attention's backward can hold more: its saved tensors, their gradients, and the flash kernel's f32
-    // dq accumulator (a 400,000-token Llama-3-8B step peaked 3.6 GiB over the MLP rule alone on an H100, run O).
-    let attention_backward = attention_side * 3 / 2 + t * qo * 4;
-    let in_layer = if recomputed > 0 {
-        ((layer + product - blocked_mlp) * 3 / 2).max(attention_backward)
-    } else {
-        layer + product
-    };
-    let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
-    let activations = saved + head.max(in_layer) + 2 * largest * d;
-    Estimate { weights, adapters, activations, host }
+    LayerSaved { attention_side, product, layer: attention_side + t * d * 3 * i - product }
+}
+
+/// FLOPs a GPU runs in the time its host link moves one byte, for [`park_capacity`]: an H100's Llama-3-8B layers ran
+/// their forward at ~520 TFLOP/s of linear-layer FLOPs with the link at 55 GB/s each way (RESULTS run P). An A100
+/// (~250 TFLOP/s, PCIe 4 at ~25 GB/s) lands near it; a GPU whose link is slower for its compute parks a layer or two
+/// too many and waits on their copies.
+const FLOPS_PER_LINK_BYTE: f64 = 9400.0;
+
+/// The share of the link's time under the forward that parked layers' copies out may fill: on the H100, 11 parked
+/// 8B layers of 32 cost the forward 3 % and 16 cost 23 %, 4 of the 1B's 16 cost 3 % and 8 cost 54 %.
+const LINK_SHARE: f64 = 0.85;
+
+/// How many layers can park their activations with the copies out hidden under the forward (0 on the CPU and
+/// without checkpointing): the bytes the link moves while the layers' linear FLOPs run, over one layer's activations.
+/// Attention's FLOPs are left out, which only errs low (long sequences run longer forwards).
+pub fn park_capacity(s: &Setup) -> usize {
+    if !s.checkpointing || s.device == Device::Cpu {
+        return 0;
+    }
+    let layers = s.config.num_hidden_layers;
+    let per_layer: usize = projection_shapes(s.config).iter().map(|(_, [o, i])| o * i).sum();
+    let link_bytes = 2.0 * s.tokens as f64 * per_layer as f64 / FLOPS_PER_LINK_BYTE;
+    let parked = LINK_SHARE * layers as f64 * link_bytes / layer_saved(s).layer.max(1) as f64;
+    (parked as usize).min(layers)
 }
 
 /// How many recomputed layers have their inputs offloaded under `s.plan`: none on the CPU (host memory is where it
@@ -228,7 +308,15 @@ pub fn estimate(s: &Setup) -> Estimate {
 pub fn offloaded_layers(s: &Setup) -> usize {
     let offloadable = s.checkpointing && s.device != Device::Cpu;
     let recomputed = if offloadable { s.config.num_hidden_layers.saturating_sub(s.plan.keep_layers) } else { 0 };
-    s.plan.offload.min(recomputed)
+    s.plan.offload.min(recomputed - parked_layers(s))
+}
+
+/// How many recomputed layers keep their activations in pinned host memory under `s.plan`: none on the CPU or
+/// without checkpointing, at most every recomputed layer.
+pub fn parked_layers(s: &Setup) -> usize {
+    let parkable = s.checkpointing && s.device != Device::Cpu;
+    let recomputed = if parkable { s.config.num_hidden_layers.saturating_sub(s.plan.keep_layers) } else { 0 };
+    s.plan.park.min(recomputed)
 }
 
 /// `--memory-budget`: a size in GiB; `auto`: what the device has free, less [`AUTO_MARGIN`]; `lean`: the plan that
@@ -310,12 +398,11 @@ impl Budget {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The plan a run takes under `budget` (none: every layer checkpointed as `Setup` says, nothing kept or offloaded)
-/// and its estimate; an error naming the budget, the smallest plan and what to change when nothing fits, or when an
+/// The plan a run takes under `budget` (none: [`default_plan`]) and its estimate; an error naming the budget, the smallest plan and what to change when nothing fits, or when an
 /// offloading plan needs more host memory than is available.
 pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::Result<(Plan, Estimate)> {
     let chosen = match budget {
-        None => Plan::default(),
+        None => default_plan(s)?,
         Some(Budget::Lean) => lean(s),
         Some(budget) => {
             let bytes = budget.bytes(s.device)?.ok_or_else(|| {
@@ -360,10 +447,48 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
     Ok((chosen, e))
 }
 
+/// The plan without a budget: every layer checkpointed as `Setup` says, nothing kept or offloaded, and on a GPU as
+/// many layers parked in host memory instead of recomputed as the host link carries ([`park_capacity`]) and half the
+/// host's available memory holds: a faster step for about one layer's activations more on the device (Llama-3-8B at
+/// 4 × 2048 tokens on an H100: 10 of 32 layers parked, 9.3 GiB of pinned host memory, 0.93× the time for +0.73 GiB,
+/// RESULTS run P).
+pub fn default_plan(s: &Setup) -> anyhow::Result<Plan> {
+    Ok(default_plan_within(s, available(Device::Cpu)?))
+}
+
+/// [`default_plan`] with `host` bytes of host memory available (None: unbounded).
+fn default_plan_within(s: &Setup, host: Option<usize>) -> Plan {
+    let host = host.map(|free| free / 2);
+    let mut park = park_capacity(s);
+    while park > 0 {
+        let e = estimate(&Setup { plan: Plan { park, ..Plan::default() }, ..*s });
+        if host.is_none_or(|h| e.host <= h) {
+            break;
+        }
+        park -= 1;
+    }
+    Plan { park, ..Plan::default() }
+}
+
+/// `plan` with `park` layers parked instead of the plan's choice (`--park-layers`; None keeps the plan's) and its
+/// estimate; an error on the CPU, where nothing parks.
+pub fn with_parked(s: &Setup, plan: Plan, estimate: Estimate, park: Option<usize>) -> anyhow::Result<(Plan, Estimate)> {
+    let Some(park) = park else { return Ok((plan, estimate)) };
+    anyhow::ensure!(
+        s.device != Device::Cpu,
+        "--park-layers: parking moves activations off a GPU; this run is on the CPU"
+    );
+    let plan = Plan { park, ..plan };
+    Ok((plan, self::estimate(&Setup { plan, ..*s })))
+}
+
 /// What `plan` keeps in pinned host memory, `offloaded` being its count of offloaded layer inputs (see
 /// [`offloaded_layers`]), as phrases: "the inputs of 20 layers", "AdamW's moments", "the embedding table".
 fn host_parts(plan: Plan, offloaded: usize) -> Vec<String> {
     let mut host = Vec::new();
+    if plan.park > 0 {
+        host.push("parked activations".to_string());
+    }
     if offloaded > 0 {
         host.push(format!("the inputs of {offloaded} layer{}", if offloaded == 1 { "" } else { "s" }));
     }
@@ -381,8 +506,11 @@ fn host_parts(plan: Plan, offloaded: usize) -> Vec<String> {
 /// AdamW's moments, the embedding table: 62.33 GiB of pinned host memory); about 77.53 GiB on the device".
 pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
     let recomputed = layers - plan.keep_layers.min(layers);
-    // Plans offload only on a GPU (`Plan::all`, `lean`), so the plan's count is what runs.
-    let offloaded = plan.offload.min(recomputed);
+    // Plans offload and park only on a GPU (`Plan::all`, `lean`), so the plan's counts are what runs.
+    let parked = plan.park.min(recomputed);
+    let offloaded = plan.offload.min(recomputed - parked);
+    let recomputed = recomputed - parked;
+    let parks = if parked > 0 { format!(", {parked} parked in host memory") } else { String::new() };
     let offloads = if offloaded > 0 { format!(", {offloaded} of them with inputs offloaded") } else { String::new() };
     let blocks = plan.mlp_block.map_or(String::new(), |b| format!(", the MLP {b} tokens at a time"));
     let host = host_parts(plan, offloaded);
@@ -392,9 +520,9 @@ pub fn describe_plan(plan: Plan, layers: usize, e: &Estimate) -> String {
         format!(" ({}: {:.2} GiB of pinned host memory)", host.join(", "), e.host as f64 / GIB)
     };
     format!(
-        "memory plan: {} of {layers} layers keep their activations, {recomputed} recomputed in backward{offloads}\
-         {blocks}{host}; about {:.2} GiB on the device",
-        plan.keep_layers.min(layers),
+        "memory plan: {} of {layers} layers keep their activations{parks}, {recomputed} recomputed in backward\
+         {offloads}{blocks}{host}; about {:.2} GiB on the device",
+        plan.keep_layers.min(layers) + parked,
         e.total() as f64 / GIB
     )
 }
@@ -406,7 +534,7 @@ fn lean(s: &Setup) -> Plan {
     let mlp_block = (s.checkpointing && s.tokens > MLP_BLOCK).then_some(MLP_BLOCK);
     let host_embeddings = gpu && !s.config.tie_word_embeddings;
     let offload = if gpu && s.checkpointing { s.config.num_hidden_layers } else { 0 };
-    Plan { keep_layers: 0, offload, page_optimizer: gpu, host_embeddings, mlp_block }
+    Plan { keep_layers: 0, offload, park: 0, page_optimizer: gpu, host_embeddings, mlp_block }
 }
 
 /// The fastest plan within `budget` bytes: under checkpointing, as many of the last layers as fit keep their
@@ -425,7 +553,7 @@ pub fn plan(s: &Setup, budget: usize) -> Result<(Plan, Estimate), Estimate> {
 /// fewer inputs offloaded) fits both.
 pub fn plan_within(s: &Setup, budget: usize, host: Option<usize>) -> Result<(Plan, Estimate), Estimate> {
     let layers = if s.checkpointing { s.config.num_hidden_layers } else { 0 };
-    Plan::all(layers, s.device != Device::Cpu, !s.config.tie_word_embeddings)
+    Plan::all(layers, s.device != Device::Cpu, !s.config.tie_word_embeddings, park_capacity(s))
         .map(|plan| (plan, estimate(&Setup { plan, ..*s })))
         .find(|(_, e)| e.total() <= budget && host.is_none_or(|h| e.host <= h))
         .ok_or_else(|| estimate(&Setup { plan: lean(s), ..*s }))
