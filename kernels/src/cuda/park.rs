@@ -3,7 +3,7 @@
 //! plan's parked layers are (`CausalLm::park_layers`). Where [`offload`](super::offload) moves one tensor a caller
 //! names, this moves whatever a closure left alive: the tensors an op's backward keeps are private to the op.
 //!
-//! Every non-empty [`DeviceBuffer`](super::DeviceBuffer) holds its block through a [`Slot`], shared by the tensors
+//! Every non-empty [`DeviceBuffer`](super::DeviceBuffer) holds its block through a `Slot`, shared by the tensors
 //! and views over it, whose block can change while they hold it:
 //! - [`recording`] notes the activation buffers a closure allocates on this thread;
 //! - [`ParkedSet::park`] starts copying those still alive (less the ones the caller names, its outputs) to pinned host
@@ -13,7 +13,7 @@
 //! - [`ParkedSet::prefetch`] starts copying them back into fresh blocks, [`ParkedSet::restore`] makes the compute
 //!   stream wait for that before their first use.
 //!
-//! A kernel's address comes from [`Slot::ptr`]; a buffer read while it is away is brought back on the spot (a restore
+//! A kernel's address comes from `Slot::ptr`; a buffer read while it is away is brought back on the spot (a restore
 //! the compute stream waits for, counted by [`faults`]): correct whatever touches it, and a plan that parks what it
 //! should never takes one. The streams' ordering is `offload`'s (see there).
 
