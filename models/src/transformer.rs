@@ -59,13 +59,13 @@ pub struct CausalLm {
     /// what a memory budget affords beyond the checkpoints (0 by default; the results are the same bits).
     pub keep_layers: usize,
     /// Under checkpointing, the inputs of the first `offload_layers` recomputed layers (in forward order, parked ones
-    /// aside; at most all of them) wait for backward in pinned host memory instead of on the GPU, each copied back one layer ahead
-    /// (`Tape::checkpoint_offloaded`); the other recomputed layers keep theirs on the device. 0 by default; the same
-    /// bits whatever the count, since offloading only moves bytes. On the CPU it changes nothing. The first layers
-    /// are the ones to offload: backward reaches them last, so at every point of backward fewer inputs are left on
-    /// the device than with any other choice of as many layers (the later layers' inputs, whose backward comes
-    /// first, are freed by then), their copies out and back hide under the most compute, and they form one chain
-    /// from layer 0 in which each layer's backward prefetches the previous layer's input.
+    /// aside; at most all of them) wait for backward in pinned host memory instead of on the GPU, each copied back one
+    /// layer ahead (`Tape::checkpoint_offloaded`); the other recomputed layers keep theirs on the device. 0 by default;
+    /// the same bits whatever the count, since offloading only moves bytes. On the CPU it changes nothing. The first
+    /// layers are the ones to offload: backward reaches them last, so at every point of backward fewer inputs are left
+    /// on the device than with any other choice of as many layers (the later layers' inputs, whose backward comes
+    /// first, are freed by then), their copies out and back hide under the most compute, and they form one chain from
+    /// layer 0 in which each layer's backward prefetches the previous layer's input.
     pub offload_layers: usize,
     /// Under checkpointing, this many of the layers checkpointing would recompute keep their activations instead,
     /// parked in pinned host memory from their forward to their backward (`Tape::parked`): no recompute, at the cost
@@ -487,9 +487,34 @@ impl CausalLm {
     }
 }
 
-/// Whether recomputed-by-default layer `i` (of `recomputed`) is one of the `parked` spread evenly over them: the
-/// layers where ⌊(i + 1)·parked / recomputed⌋ steps up, which include the last one and leave ⌊recomputed / parked⌋ or
-/// one more layers between two parked ones.
+/// Whether recomputed-by-default layer `i` (of `recomputed`) is one of the `parked` spread evenly over them: the layers
+/// where ⌊(i + 1)·parked / recomputed⌋ steps up, which include the last one and leave ⌊recomputed / parked⌋ or one more
+/// layers between two parked ones.
 fn is_parked(i: usize, recomputed: usize, parked: usize) -> bool {
     (i + 1) * parked / recomputed != i * parked / recomputed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_parked;
+
+    /// `parked` layers of `recomputed`, the last among them, never two adjacent while fewer than half are parked, and
+    /// the gaps between them differing by one at most.
+    #[test]
+    fn parked_layers_are_spread_evenly_and_include_the_last() {
+        for recomputed in 1..=40 {
+            for parked in 0..=recomputed {
+                let at: Vec<usize> = (0..recomputed).filter(|&i| is_parked(i, recomputed, parked)).collect();
+                assert_eq!(at.len(), parked, "{parked} of {recomputed}");
+                if parked == 0 {
+                    continue;
+                }
+                assert_eq!(at.last(), Some(&(recomputed - 1)), "{parked} of {recomputed}: the last one");
+                let gaps: Vec<usize> = at.windows(2).map(|w| w[1] - w[0]).collect();
+                let (lo, hi) = (gaps.iter().min().copied(), gaps.iter().max().copied());
+                assert!(hi.zip(lo).is_none_or(|(hi, lo)| hi - lo <= 1), "{parked} of {recomputed}: gaps {gaps:?}");
+                assert!(2 * parked > recomputed || lo.is_none_or(|lo| lo >= 2), "{parked} of {recomputed}: {at:?}");
+            }
+        }
+    }
 }

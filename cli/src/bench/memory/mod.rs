@@ -398,8 +398,9 @@ impl Budget {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The plan a run takes under `budget` (none: [`default_plan`]) and its estimate; an error naming the budget, the smallest plan and what to change when nothing fits, or when an
-/// offloading plan needs more host memory than is available.
+/// The plan a run takes under `budget` (none: [`default_plan`]) and its estimate; an error naming the budget, the
+/// smallest plan and what to change when nothing fits, or when an offloading plan needs more host memory than is
+/// available.
 pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::Result<(Plan, Estimate)> {
     let chosen = match budget {
         None => default_plan(s)?,
