@@ -226,9 +226,8 @@ pub fn estimate(s: &Setup) -> Estimate {
     // last one parked, which stays for its backward, the first. Measured (RESULTS run P): +0.73 GiB for an 8B layer
     // of 0.84, +0.40 for a 1B layer of 0.45.
     let inputs = (recomputed - parked - offloaded).max(offloaded.min(2)) + parked;
-    let host = (offloaded * t * h + parked * layer / d) * d
-        + paged_moments
-        + if host_table { c.vocab_size * h * d } else { 0 };
+    let host =
+        offloaded * t * h * d + parked * layer + paged_moments + if host_table { c.vocab_size * h * d } else { 0 };
     let saved = inputs * t * h * d + (layers - recomputed + parked.min(1)) * layer;
     // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
     // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
@@ -450,20 +449,22 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
 
 /// The plan without a budget: every layer checkpointed as `Setup` says, nothing kept or offloaded, and on a GPU as
 /// many layers parked in host memory instead of recomputed as the host link carries ([`park_capacity`]) and half the
-/// host's available memory holds: a faster step for about one layer's activations more on the device (Llama-3-8B at
-/// 4 × 2048 tokens on an H100: 10 of 32 layers parked, 9.3 GiB of pinned host memory, 0.93× the time for +0.73 GiB,
-/// RESULTS run P).
+/// host's available memory holds, where the device has room for the one layer's activations that parking adds: a
+/// faster step for that much more device memory (Llama-3-8B at 4 × 2048 tokens on an H100: 11 of 32 layers parked,
+/// 9.3 GiB of pinned host memory, 0.92× the time for +0.73 GiB, RESULTS run P; at long sequences a layer's
+/// activations outgrow the device and nothing parks).
 pub fn default_plan(s: &Setup) -> anyhow::Result<Plan> {
-    Ok(default_plan_within(s, available(Device::Cpu)?))
+    let device = if park_capacity(s) > 0 { available(s.device)? } else { None };
+    Ok(default_plan_within(s, available(Device::Cpu)?, device))
 }
 
-/// [`default_plan`] with `host` bytes of host memory available (None: unbounded).
-fn default_plan_within(s: &Setup, host: Option<usize>) -> Plan {
+/// [`default_plan`] with `host` bytes available in host memory and `device` bytes on the device (None: unbounded).
+fn default_plan_within(s: &Setup, host: Option<usize>, device: Option<usize>) -> Plan {
     let host = host.map(|free| free / 2);
     let mut park = park_capacity(s);
     while park > 0 {
         let e = estimate(&Setup { plan: Plan { park, ..Plan::default() }, ..*s });
-        if host.is_none_or(|h| e.host <= h) {
+        if host.is_none_or(|h| e.host <= h) && device.is_none_or(|d| e.total() <= d) {
             break;
         }
         park -= 1;

@@ -395,16 +395,20 @@ fn parked_layers_cost_the_device_one_layer_and_the_host_all() {
 }
 
 /// Without a budget a GPU run parks what the link carries, fewer where half the host's memory would not hold them,
-/// none where it holds not even one; a CPU run parks nothing.
+/// none where it holds not even one or where the device has no room for the layer parking adds; a CPU run parks
+/// nothing.
 #[test]
-fn the_default_plan_parks_what_the_link_and_the_host_allow() {
+fn the_default_plan_parks_what_the_link_the_host_and_the_device_allow() {
     let c = shape_config("llama-3-8b").unwrap();
     let s = peer_setup(&c, 0);
     let layer = layer_saved(&s).layer;
-    assert_eq!(default_plan_within(&s, None), Plan { park: 11, ..Plan::default() });
-    assert_eq!(default_plan_within(&s, Some(2 * 5 * layer + layer / 2)).park, 5, "half the host holds 5 layers");
-    assert_eq!(default_plan_within(&s, Some(layer)), Plan::default());
-    assert_eq!(default_plan_within(&Setup { device: Device::Cpu, ..s }, None), Plan::default());
+    assert_eq!(default_plan_within(&s, None, None), Plan { park: 11, ..Plan::default() });
+    assert_eq!(default_plan_within(&s, Some(2 * 5 * layer + layer / 2), None).park, 5, "half the host holds 5");
+    assert_eq!(default_plan_within(&s, Some(layer), None), Plan::default());
+    let parked = estimate(&peer_plan(&c, Plan { park: 11, ..Plan::default() })).total();
+    assert_eq!(default_plan_within(&s, None, Some(parked)).park, 11);
+    assert_eq!(default_plan_within(&s, None, Some(parked - 1)), Plan::default());
+    assert_eq!(default_plan_within(&Setup { device: Device::Cpu, ..s }, None, None), Plan::default());
 }
 
 /// A budget between recomputing every layer and keeping them all: the parked layers the link carries come first
