@@ -1,7 +1,8 @@
 //! `qlora-rt finetune` on CUDA against the CPU, end to end through the binary: five steps of the tiny Llama (NF4,
 //! double quantized; LoRA on every projection; adapter dropout on; weight decay; clipping at a norm the gradients
 //! cross) with periodic evaluation, on the CPU, on CUDA in f32 and on CUDA in bf16; then a checkpoint taken on the
-//! GPU resumed on the GPU and on the CPU, and the GPU's adapter loaded back as PEFT files.
+//! GPU resumed on the GPU and on the CPU, the bf16 run again with both layers parked in host memory (the same bits),
+//! and the GPU's adapter loaded back as PEFT files.
 //!
 //! Tolerances on each step's loss, relative to the CPU's (see models/tests/cuda_step.rs for the per-op reasoning):
 //! - CUDA f32: [`F32_REL`] = 1e-4: same arithmetic in other summation orders, a few ulps per op, carried through
@@ -107,6 +108,16 @@ fn finetune_on_cuda_matches_cpu_and_resumes() {
         worst_rel("bf16 loss", &bf16, &cpu, BF16_REL).max(worst_rel("bf16 eval", &bf16_eval, &cpu_eval, BF16_REL));
     println!("qlora-gpu: {test}: worst relative loss error: CUDA f32 {f32_w:.2e} (bound {F32_REL:.0e}), CUDA bf16 {bf16_w:.2e} (bound {BF16_REL:.0e})");
     println!("qlora-gpu: {test}: wall seconds for {STEPS} steps + 3 evals (process, NVRTC from its disk cache): cpu {cpu_s:.2}, cuda f32 {f32_s:.2}, cuda bf16 {bf16_s:.2}");
+
+    // Both layers parked in host memory (their activations kept, not recomputed): the same losses bit for bit, eval
+    // and checkpoints between steps included.
+    let (parked_run, _) = qlora_rt(&finetune(&data, &out("parked"), &["--device", "cuda"], &["--park-layers", "2"]));
+    let plan = String::from_utf8_lossy(&parked_run.stdout);
+    assert!(plan.contains("memory plan: 2 of 2 layers keep their activations, 2 parked in host memory"), "{plan}");
+    let (parked, parked_eval) = curves(&out("parked"));
+    let same = |a: &Curve, b: &Curve| a.iter().zip(b).all(|(x, y)| x == y && x.1.to_bits() == y.1.to_bits());
+    assert!(same(&parked, &bf16) && same(&parked_eval, &bf16_eval), "parking changed a loss: {parked:?} {bf16:?}");
+    println!("qlora-gpu: {test}: bf16 with both layers parked: every loss bit-identical");
 
     // The GPU's checkpoint at step 2, resumed on the GPU (bf16, as trained) and on the CPU (from the f32 run).
     for (from, device, reference, bound) in
