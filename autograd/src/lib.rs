@@ -22,7 +22,7 @@ mod param;
 mod park;
 mod tape;
 
-pub use lora::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit, LoraProjection};
+pub use lora::{merged_weight, unmerged_weight, AdapterSet, LoraAdapter, LoraConfig, LoraInit, LoraProjection, NormOf};
 pub use param::Param;
 pub use qlora_runtime::ops::activation::Glu;
 pub use qlora_runtime::ops::attention::{AttentionParams, SeqLens};

@@ -26,6 +26,7 @@ mod scratch;
 
 use crate::Glu;
 use dora::weight_norm;
+pub use group::NormOf;
 use group::{Input, Value};
 pub use merge::{merged_weight, unmerged_weight};
 

@@ -463,3 +463,50 @@ fn group_errors_name_the_tensor() {
     assert!(err(&[]).contains("no projections"));
     assert_eq!(tape.saved_bytes().peak(), 0);
 }
+
+/// A group after a norm, told so (`lora_linear_group_of`), keeps the norm's input instead of its output and forms the
+/// output again in backward: the same values and gradients bit for bit, with and without dropout, for Llama's norm
+/// and Gemma's (1 + w), through x into the norm's input; a norm input of another shape is an error.
+#[test]
+fn a_group_after_a_norm_keeps_its_input_with_the_same_bits() {
+    use qlora_autograd::NormOf;
+    let mut rng = Rng::new(31);
+    let specs = [
+        Spec { out_f: 7, adapter: lora(3, 6.0, false, 0.0), bias: false },
+        Spec { out_f: 5, adapter: lora(2, 2.0, false, 0.3), bias: true },
+        Spec { out_f: 4, adapter: lora(4, 4.0, false, 0.0), bias: false },
+    ];
+    let g = Group::new(&specs, &[2, 5, 12], true, DType::F32, &mut rng);
+    let weight = Tensor::randn(&[12], 0.5, DType::F32, &mut rng);
+    for offset in [0.0, 1.0] {
+        let run = |told: bool| {
+            let params = g.params();
+            let tape = Tape::new();
+            let x0 = tape.param(&params.x);
+            let h = tape.rms_norm(&x0, &Var::constant(weight.clone()), 1e-6, offset).unwrap();
+            let norm = told.then(|| NormOf { input: x0.value().clone(), weight: weight.clone(), eps: 1e-6, offset });
+            let bias: Vec<Option<Var>> = params.bias.iter().map(|b| b.as_ref().map(|b| tape.param(b))).collect();
+            let ys = tape.lora_linear_group_of(&h, norm, &g.projections(&bias, &params.adapters)).unwrap();
+            let mut loss: Option<Var> = None;
+            for y in &ys {
+                let s = tape.sum(&tape.mul(y, y).unwrap()).unwrap();
+                loss = Some(match loss {
+                    Some(l) => tape.add(&l, &s).unwrap(),
+                    None => s,
+                });
+            }
+            tape.backward(&loss.unwrap()).unwrap();
+            let values: Vec<Vec<f32>> = ys.iter().map(|y| y.value().to_vec::<f32>()).collect();
+            let grads: Vec<Vec<f32>> = params.all().iter().map(|p| p.grad().unwrap().to_vec::<f32>()).collect();
+            (values, grads)
+        };
+        assert!(run(true) == run(false), "offset {offset}: keeping the norm's input changed a bit");
+    }
+    let params = g.params();
+    let tape = Tape::new();
+    let x = tape.param(&params.x);
+    let none: Vec<Option<Var>> = vec![None; specs.len()];
+    let wrong = NormOf { input: Tensor::zeros(&[2, 12], DType::F32), weight, eps: 1e-6, offset: 0.0 };
+    let err = tape.lora_linear_group_of(&x, Some(wrong), &g.projections(&none, &params.adapters)).unwrap_err();
+    assert!(err.to_string().contains("norm input [2, 12] for x [2, 5, 12]"), "{err}");
+}

@@ -3,7 +3,7 @@
 //! around the layers `transformer.rs`'s.
 
 use crate::config::LayerKind;
-use qlora_autograd::{Glu, LoraAdapter, LoraProjection, Param, Tape, Var};
+use qlora_autograd::{Glu, LoraAdapter, LoraProjection, NormOf, Param, Tape, Var};
 use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Device, Tensor};
@@ -70,10 +70,12 @@ impl Projection {
     }
 
     /// Projections reading the same input (q/k/v, gate/up) as one op, so that their adapters share one x·Aᵀ GEMM
-    /// and backward one dx: [`Projection::forward`] of each (projection, dropout seed), in order.
+    /// and backward one dx: [`Projection::forward`] of each (projection, dropout seed), in order. With `norm` (x is
+    /// that norm's output) the op keeps the norm's input rather than x ([`Tape::lora_linear_group_of`]).
     pub(crate) fn forward_group<const N: usize>(
         t: &Tape,
         x: &Var,
+        norm: Option<NormOf>,
         projections: [(&Projection, Option<u64>); N],
     ) -> qlora_runtime::Result<[Var; N]> {
         let biases = projections.map(|(p, _)| p.bias.as_ref().map(|b| t.param(b)));
@@ -89,7 +91,7 @@ impl Projection {
                 dropout_seed: *dropout_seed,
             })
             .collect();
-        let ys = t.lora_linear_group(x, &members)?;
+        let ys = t.lora_linear_group_of(x, norm, &members)?;
         Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one output per projection")))
     }
 }

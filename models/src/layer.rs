@@ -7,7 +7,7 @@ use crate::config::{Activation, Family, LayerKind, ModelConfig};
 use crate::decoder::{DecoderLayer, Projection};
 use crate::kv_cache::LayerKv;
 use crate::sharded::ShardedBase;
-use qlora_autograd::{AttentionParams, Glu, Tape, Var};
+use qlora_autograd::{AttentionParams, Glu, NormOf, Param, Tape, Var};
 use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::Tensor;
@@ -91,8 +91,9 @@ pub(crate) fn layer_forward(
     let a = &l.self_attn;
 
     let h = t.rms_norm(x, &t.param(&l.input_layernorm), eps, offset)?;
+    let norm = normed(x, &l.input_layernorm, c);
     let [q, k, v] =
-        Projection::forward_group(t, &h, [(&a.q_proj, seed(0)), (&a.k_proj, seed(1)), (&a.v_proj, seed(2))])?;
+        Projection::forward_group(t, &h, norm, [(&a.q_proj, seed(0)), (&a.k_proj, seed(1)), (&a.v_proj, seed(2))])?;
     let mut q = t.reshape(&q, &[tokens, c.num_attention_heads, hd])?;
     let mut k = t.reshape(&k, &[tokens, c.num_key_value_heads, hd])?;
     let v = t.reshape(&v, &[tokens, c.num_key_value_heads, hd])?;
@@ -131,6 +132,7 @@ pub(crate) fn layer_forward(
         None => &l.post_attention_layernorm,
     };
     let (x, h) = t.add_rms_norm(x, &attn, &t.param(ff_norm), eps, offset)?;
+    let norm = normed(&x, ff_norm, c);
     let m = match inp.mlp_chunk {
         // A block at a time, each its own checkpoint (inside the layer's recompute, a block's MLP activations live
         // only while that block's backward runs).
@@ -141,7 +143,8 @@ pub(crate) fn layer_forward(
                 let (layer, cfg, dropout_seed) = (l.clone(), c.clone(), inp.dropout_seed);
                 // Each block draws its own dropout masks (a mask is a function of the seed and the element index).
                 let seed = dropout_seed.map(|s| s ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-                let mlp = move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layer, index, &ins[0], seed)?]);
+                let mlp =
+                    move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layer, index, (&ins[0], None), seed)?]);
                 // In the layer's recompute a block's output only reaches the layer's (unread) output through the
                 // concatenation and the residual add: the block runs once, in its own backward, not here too.
                 let out = if t.recomputing() {
@@ -153,23 +156,24 @@ pub(crate) fn layer_forward(
             }
             t.cat_rows(&outs)?
         }
-        _ => mlp_forward(t, c, &l, index, &h, inp.dropout_seed)?,
+        _ => mlp_forward(t, c, &l, index, (&h, norm), inp.dropout_seed)?,
     };
     t.add(&x, &m)
 }
 
-/// The MLP of layer `index` (`l`) on normed hidden states h: gate and up, the GLU, down, and Gemma 2/3's
-/// post-feedforward norm.
+/// The MLP of layer `index` (`l`) on normed hidden states h (and the norm that made them, for gate and up to keep
+/// its input rather than h): gate and up, the GLU, down, and Gemma 2/3's post-feedforward norm.
 fn mlp_forward(
     t: &Tape,
     c: &ModelConfig,
     l: &DecoderLayer,
     index: usize,
-    h: &Var,
+    (h, norm): (&Var, Option<NormOf>),
     dropout_seed: Option<u64>,
 ) -> qlora_runtime::Result<Var> {
     let seed = |k: u64| layer_seed(dropout_seed, index, k);
-    let [gate, up] = Projection::forward_group(t, h, [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))])?;
+    let projections = [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))];
+    let [gate, up] = Projection::forward_group(t, h, norm, projections)?;
     let glu = match c.activation {
         Activation::Silu => Glu::SwiGlu,
         Activation::GeluTanh => Glu::GeGlu,
@@ -189,6 +193,17 @@ fn mlp_forward(
         Some(n) => t.rms_norm(&m, &t.param(n), c.rms_norm_eps, norm_offset(c.family)),
         None => Ok(m),
     }
+}
+
+/// What the LoRA group after a norm of `x` by `weight` keeps to form the norm's output again: the norm's input, which
+/// the norm's own backward keeps anyway (`Tape::lora_linear_group_of`).
+fn normed(x: &Var, weight: &Param, c: &ModelConfig) -> Option<NormOf> {
+    Some(NormOf {
+        input: x.value().clone(),
+        weight: weight.value(),
+        eps: c.rms_norm_eps,
+        offset: norm_offset(c.family),
+    })
 }
 
 /// The dropout seed of projection `k` of layer `index`: distinct, reproducible streams per layer and projection.

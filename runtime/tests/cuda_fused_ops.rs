@@ -2,7 +2,8 @@
 //! residual add and the norm that reads it) forward and backward equal `add` then `rms_norm` and the tape's sum of
 //! the two gradients — bit for bit on the CPU, where the fused op is the same arithmetic in the same order; within
 //! [`F32`] in f32 and [`BF16`] in bf16 on CUDA, where the fused kernel reduces each row in another order (and in
-//! bf16 rounds h once, as the unfused add stores it). Odd row widths, both norm offsets (Llama's w, Gemma's 1 + w),
+//! bf16 rounds h once, as the unfused add stores it); the norm of the fused op's own h is its y, bit for bit
+//! everywhere. Odd row widths, both norm offsets (Llama's w, Gemma's 1 + w),
 //! and the weight's gradient wanted or not. Decoding's NF4 GEMV against the GEMM with the dequantized weight, and
 //! LoRA's fused dropout products against dropout and the products.
 
@@ -32,6 +33,12 @@ fn fused_add_rms_norm_equals_add_then_rms_norm(device: Device) {
                 let (x, r, w) = (t(&[rows, dim], &mut rng), t(&[rows, dim], &mut rng), t(&[dim], &mut rng));
                 let (dy, dh) = (t(&[rows, dim], &mut rng), t(&[rows, dim], &mut rng));
                 let [h, y, rstd] = add_rms_norm(&x, &r, &w, 1e-6, offset).unwrap();
+                // The norm of the fused op's own h is its y, bit for bit on every device (one row kernel): what a
+                // LoRA group after it relies on to form y again from h (`Tape::lora_linear_group_of`).
+                let (y_of_h, rstd_of_h) = rms_norm(&h, &w, 1e-6, offset).unwrap();
+                let bits = |t: &Tensor| values(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y_of_h), bits(&y), "{dtype:?} {rows}×{dim} offset {offset}: y of h");
+                assert_eq!(bits(&rstd_of_h), bits(&rstd), "{dtype:?} {rows}×{dim} offset {offset}: rstd of h");
                 let h_ref = add(&x, &r).unwrap();
                 let (y_ref, rstd_ref) = rms_norm(&h_ref, &w, 1e-6, offset).unwrap();
                 for need_dw in [false, true] {

@@ -28,6 +28,7 @@ use qlora_runtime::ops::elementwise::add_bias;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::ops::lora::lora_grads;
 use qlora_runtime::ops::reduce::sum_rows;
+use qlora_runtime::ops::rms_norm::rms_norm;
 use qlora_runtime::quant::{BaseWeight, LoraUp};
 use qlora_runtime::{DType, Error, Result, Tensor};
 
@@ -37,6 +38,18 @@ impl Tape {
     /// masks), computed as one op with one x·Aᵀ GEMM for all adapters and one dx. All bases share x's last dim.
     /// A group holding a DoRA adapter runs as separate `lora_linear` calls.
     pub fn lora_linear_group(&self, x: &Var, projections: &[LoraProjection]) -> Result<Vec<Var>> {
+        self.lora_linear_group_of(x, None, projections)
+    }
+
+    /// [`Tape::lora_linear_group`] of x = rms_norm(`norm.input`) (the caller's norm output, whose own backward keeps
+    /// the norm's input anyway): the op keeps that input instead of x and forms x again in backward where an adapter
+    /// gradient reads it, a layer's [tokens, hidden] less per norm. `None` is [`Tape::lora_linear_group`].
+    pub fn lora_linear_group_of(
+        &self,
+        x: &Var,
+        norm: Option<NormOf>,
+        projections: &[LoraProjection],
+    ) -> Result<Vec<Var>> {
         if projections.is_empty() {
             return Err(Error::invalid("lora_linear", "a group of no projections"));
         }
@@ -49,7 +62,17 @@ impl Tape {
                 .map(|p| self.lora_linear(x, p.base, p.bias, p.adapter, p.dropout_seed))
                 .collect();
         }
-        self.lora_group(Input::Rows(x), projections, Value::Computed)
+        if let Some(norm) = &norm {
+            if norm.input.shape() != x.shape() {
+                let shapes = format!("norm input {:?} for x {:?}", norm.input.shape(), x.shape());
+                return Err(Error::shape("lora_linear", shapes));
+            }
+        }
+        let input = match norm {
+            Some(norm) => Input::Normed { x, norm: Box::new(norm) },
+            None => Input::Rows(x),
+        };
+        self.lora_group(input, projections, Value::Computed)
     }
 
     /// [`Tape::lora_linear_group`] after validation, without DoRA; with [`Value::Unread`] the outputs are zeros and
@@ -67,10 +90,10 @@ impl Tape {
         let x_needs = lead.iter().any(|v| v.requires_grad());
         // Only an unread output over a GLU leaves x and U to backward; otherwise x is formed now.
         let deferred = value == Value::Unread && matches!(input, Input::Glu { .. });
-        let x2 = match input {
-            Input::Rows(x) => Some(x.value().reshape(&[rows, in_f])?),
+        let x2 = match &input {
+            Input::Rows(x) | Input::Normed { x, .. } => Some(x.value().reshape(&[rows, in_f])?),
             Input::Glu { .. } if deferred => None,
-            Input::Glu { kind, gate, up } => Some(glu(kind, gate.value(), up.value())?.reshape(&[rows, in_f])?),
+            Input::Glu { kind, gate, up } => Some(glu(*kind, gate.value(), up.value())?.reshape(&[rows, in_f])?),
         };
 
         let mut lanes = lanes(projections);
@@ -168,6 +191,7 @@ impl Tape {
         let a_needs = lanes.iter().any(|l| l.a_needs);
         let kept = match input {
             Input::Rows(_) => Kept::Rows(if a_needs { x2 } else { None }),
+            Input::Normed { norm, .. } => Kept::Normed(a_needs.then_some(*norm)),
             Input::Glu { kind, gate, up } => {
                 Kept::Glu { kind, gate: gate.value().clone(), up: up.value().clone(), deferred }
             }
@@ -185,21 +209,31 @@ impl Tape {
     }
 }
 
-/// What a group multiplies: x's rows, or an MLP's GLU product act(gate) ⊙ up.
-#[derive(Clone, Copy)]
+/// What a group multiplies: x's rows (made by a norm it can form again), or an MLP's GLU product act(gate) ⊙ up.
 pub(super) enum Input<'a> {
     Rows(&'a Var),
+    Normed { x: &'a Var, norm: Box<NormOf> },
     Glu { kind: Glu, gate: &'a Var, up: &'a Var },
 }
 
 impl<'a> Input<'a> {
     /// The op's leading inputs, whose gradients its backward returns first: x, or gate and up.
-    fn vars(self) -> Vec<&'a Var> {
-        match self {
-            Input::Rows(x) => vec![x],
+    fn vars(&self) -> Vec<&'a Var> {
+        match *self {
+            Input::Rows(x) | Input::Normed { x, .. } => vec![x],
             Input::Glu { gate, up, .. } => vec![gate, up],
         }
     }
+}
+
+/// x = rms_norm(input)·… as the caller's norm made it ([`Tape::lora_linear_group_of`]): what backward needs to form
+/// x again, bit for bit (the same kernel on the same input).
+#[derive(Clone)]
+pub struct NormOf {
+    pub input: Tensor,
+    pub weight: Tensor,
+    pub eps: f64,
+    pub offset: f64,
 }
 
 /// A lane's U = x_d·Aᵀ: masked on the fly where the lane has dropout.
@@ -264,6 +298,8 @@ enum Kept {
     /// gate and up of x = act(gate) ⊙ up, never x itself: the GLU's gradients read them, and x is formed again in
     /// that pass. `deferred`: forward formed neither x nor U (an unread output).
     Glu { kind: Glu, gate: Tensor, up: Tensor, deferred: bool },
+    /// The input of the norm that made x, when a lane's dA needs x's rows: x is formed again from it.
+    Normed(Option<NormOf>),
 }
 
 struct Member {
@@ -317,6 +353,8 @@ impl Backward for LoraGroup {
         let bs = self.members.iter().filter_map(|m| m.adapter.as_ref()).map(|ad| &ad.b);
         let input = match &self.input {
             Kept::Rows(x) => bytes_of([x]),
+            // A handle on what the norm's backward keeps.
+            Kept::Normed(_) => 0,
             Kept::Glu { gate, up, .. } => gate.size_in_bytes() + up.size_in_bytes(),
         };
         bytes_of(self.lanes.iter().flat_map(|l| [&l.a, &l.u]).chain(bs)) + input
@@ -332,7 +370,7 @@ impl Backward for LoraGroup {
             .collect::<Result<Vec<_>>>()?;
         // x (or gate and up), then (A, B, bias) per projection.
         let lead = match self.input {
-            Kept::Rows(_) => 1,
+            Kept::Rows(_) | Kept::Normed(_) => 1,
             Kept::Glu { .. } => 2,
         };
         let mut out: Vec<Option<Tensor>> = vec![None; lead + 3 * self.members.len()];
@@ -435,15 +473,22 @@ impl LoraGroup {
         pending: &[Pending],
         out: &mut [Option<Tensor>],
     ) -> Result<Option<Tensor>> {
-        let (kind, gate, up, deferred) = match &self.input {
+        let deferred = matches!(self.input, Kept::Glu { deferred: true, .. });
+        let reads_x = |i: usize| self.adapter(i).a_needs || (deferred && self.adapter(i).b_needs);
+        let wants_x = pending.iter().any(|b| b.block.iter().any(|&i| reads_x(i)));
+        let (kind, gate, up) = match &self.input {
             Kept::Rows(x) => {
                 out[0] = dx;
                 return Ok(x.clone());
             }
-            Kept::Glu { kind, gate, up, deferred } => (*kind, gate, up, *deferred),
+            Kept::Normed(norm) => {
+                out[0] = dx;
+                let Some(norm) = norm.as_ref().filter(|_| wants_x) else { return Ok(None) };
+                let (x, _) = rms_norm(&norm.input, &norm.weight, norm.eps, norm.offset)?;
+                return x.reshape(&[self.rows, x.elem_count() / self.rows]).map(Some);
+            }
+            Kept::Glu { kind, gate, up, .. } => (*kind, gate, up),
         };
-        let reads_x = |i: usize| self.adapter(i).a_needs || (deferred && self.adapter(i).b_needs);
-        let wants_x = pending.iter().any(|b| b.block.iter().any(|&i| reads_x(i)));
         let x = match (dx, wants_x) {
             (Some(mut dx), true) => {
                 // The product lands in dx's buffer, which nothing reads after this.

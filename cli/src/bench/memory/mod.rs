@@ -212,7 +212,7 @@ pub fn estimate(s: &Setup) -> Estimate {
     let paged_moments = if paged { layers * adapter_params * 8 } else { 0 };
 
     let (i, qo) = (c.intermediate_size, shapes[0].1[0]);
-    let LayerSaved { attention_side, product, layer } = layer_saved(s);
+    let LayerSaved { attention_side, product, layer, kept } = layer_saved(s);
     // In blocks, a recomputed layer's MLP part holds one block's intermediate at a time.
     let blocked_mlp = s.plan.mlp_block.map_or(0, |b| t.saturating_sub(b) * d * 3 * i);
     // Offloaded, a recomputed layer's input is on the device only from its copy back (one layer ahead) to the end of
@@ -224,11 +224,11 @@ pub fn estimate(s: &Setup) -> Estimate {
     // A parked layer's input stays on the device as a checkpoint's does, and at the step's peak (a recomputed layer's
     // backward) about one parked layer's activations are there too: the one arriving for the next backward, or the
     // last one parked, which stays for its backward, the first. Measured (RESULTS run P): +0.73 GiB for an 8B layer
-    // of 0.84, +0.40 for a 1B layer of 0.45.
+    // of 0.84, +0.40 for a 1B layer of 0.45; +0.60 for an 8B layer of 0.72 (the norms' outputs no longer kept).
     let inputs = (recomputed - parked - offloaded).max(offloaded.min(2)) + parked;
     let host =
-        offloaded * t * h * d + parked * layer + paged_moments + if host_table { c.vocab_size * h * d } else { 0 };
-    let saved = inputs * t * h * d + (layers - recomputed + parked.min(1)) * layer;
+        offloaded * t * h * d + parked * kept + paged_moments + if host_table { c.vocab_size * h * d } else { 0 };
+    let saved = inputs * t * h * d + (layers - recomputed + parked.min(1)) * kept;
     // The peak comes either at the loss (one chunk's logits, their softcapped copy, their gradient and the capped
     // gradient, plus dx's parts and their concatenation) or in a layer's backward (its recomputed activations and
     // their gradients, about half as large again: fitted to the measured peaks above), on top of what stays saved.
@@ -255,8 +255,10 @@ struct LayerSaved {
     attention_side: usize,
     /// The GLU's product, which backward forms again (0 under DoRA, which keeps it).
     product: usize,
-    /// All of it.
+    /// All of it, as a layer's backward holds it.
     layer: usize,
+    /// What waits from forward to backward: `layer` less the norms' outputs, which backward forms again.
+    kept: usize,
 }
 
 fn layer_saved(s: &Setup) -> LayerSaved {
@@ -269,13 +271,17 @@ fn layer_saved(s: &Setup) -> LayerSaved {
     // o_proj saves too) and its f32 log-sum-exp, the residual sum and the MLP norm's output, the MLP's gate and up.
     // Their product is formed again in backward (`Tape::glu_lora_linear`), except under DoRA, which keeps it. Rope
     // saves nothing of its input; Gemma 3's q/k norms save q and k before them, and Gemma's sandwich norms two more
-    // of the hidden size.
+    // of the hidden size. Between forward and backward the norms' outputs are not kept: the LoRA groups that read
+    // them form them again in backward (`Tape::lora_linear_group_of`), except the MLP norm's when the MLP runs in
+    // blocks (each block's checkpoint keeps its rows); a layer's backward holds them again.
     let family = c.family;
     let sandwich = if family == qlora_models::config::Family::Llama { 0 } else { 2 * h };
     let qk = if family == qlora_models::config::Family::Gemma3 { 3 } else { 2 };
     let product = if s.dora { 0 } else { t * d * i };
     let attention_side = t * d * (4 * h + sandwich + qk * (qo + kvo)) + t * c.num_attention_heads * 4;
-    LayerSaved { attention_side, product, layer: attention_side + t * d * 3 * i - product }
+    let layer = attention_side + t * d * 3 * i - product;
+    let formed_again = if s.plan.mlp_block.is_some_and(|b| t > b) { 1 } else { 2 };
+    LayerSaved { attention_side, product, layer, kept: layer - formed_again * t * h * d }
 }
 
 /// FLOPs a GPU runs in the time its host link moves one byte, for [`park_capacity`]: an H100's Llama-3-8B layers ran
@@ -298,7 +304,7 @@ pub fn park_capacity(s: &Setup) -> usize {
     let layers = s.config.num_hidden_layers;
     let per_layer: usize = projection_shapes(s.config).iter().map(|(_, [o, i])| o * i).sum();
     let link_bytes = 2.0 * s.tokens as f64 * per_layer as f64 / FLOPS_PER_LINK_BYTE;
-    let parked = LINK_SHARE * layers as f64 * link_bytes / layer_saved(s).layer.max(1) as f64;
+    let parked = LINK_SHARE * layers as f64 * link_bytes / layer_saved(s).kept.max(1) as f64;
     (parked as usize).min(layers)
 }
 
@@ -450,8 +456,8 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
 /// The plan without a budget: every layer checkpointed as `Setup` says, nothing kept or offloaded, and on a GPU as
 /// many layers parked in host memory instead of recomputed as the host link carries ([`park_capacity`]) and half the
 /// host's available memory holds, where the device has room for the one layer's activations that parking adds: a
-/// faster step for that much more device memory (Llama-3-8B at 4 × 2048 tokens on an H100: 11 of 32 layers parked,
-/// 9.3 GiB of pinned host memory, 0.92× the time for +0.73 GiB, RESULTS run P; at long sequences a layer's
+/// faster step for that much more device memory (Llama-3-8B at 4 × 2048 tokens on an H100: 13 of 32 layers parked,
+/// 9.4 GiB of pinned host memory, 0.92× the time for +0.60 GiB, RESULTS run P; at long sequences a layer's
 /// activations outgrow the device and nothing parks).
 pub fn default_plan(s: &Setup) -> anyhow::Result<Plan> {
     let device = if park_capacity(s) > 0 { available(s.device)? } else { None };

@@ -79,10 +79,12 @@ fn a_budget_keeps_the_last_layers_that_fit() {
     assert!((2..=4).contains(&p.keep_layers) && p.offload == 0 && !p.page_optimizer, "{p:?}");
     assert!(e.total() <= none + 3 * per_layer + per_layer / 2);
     assert_eq!(plan(&setup(0), all).unwrap().0, Plan { keep_layers: c.num_hidden_layers, ..Plan::default() });
-    // Just below recomputing everything: the first layer's input goes to host memory, the others stay.
+    // Just below recomputing everything: layer inputs go to host memory, from the first (as few as let the plan
+    // recompute the fewest layers: offloading a dozen 16 MiB inputs keeps a 1B layer's activations), the optimizer
+    // stays.
     let (p, e) = plan(&setup(0), none - 1).unwrap();
-    assert_eq!(p, Plan { keep_layers: 0, offload: 1, ..Plan::default() });
-    assert_eq!((e.total(), e.host), (none - LAYER_INPUT, LAYER_INPUT));
+    assert!(p.keep_layers <= 1 && p.offload >= 1 && !p.page_optimizer && p.mlp_block.is_none(), "{p:?}");
+    assert!(e.total() < none && e.host == p.offload * LAYER_INPUT, "{e:?}");
     // The CPU never offloads (host memory is where it computes): below recomputing everything it runs the MLP
     // in blocks.
     let cpu = Setup { device: Device::Cpu, ..setup(0) };
@@ -299,14 +301,15 @@ fn budgets_parse() {
 }
 
 /// What keeping one more layer's activations costs: Llama-3-8B's allocator peaks with all 32 layers kept and with
-/// none (H100, 2026-12-06, `bench --shape llama-3-8b --dropout 0 [--memory-budget 40]`: 33.75 and 9.57 GiB) put it
-/// at 0.755 GiB. The plans trade layers against a budget at this price, so an estimate 10 % high keeps three layers
-/// fewer at 40 GiB than fit (it did: 1.08 GiB a layer against 0.963 measured while the GLU's product was kept).
+/// none (H100, 2026-12-06, `bench --shape llama-3-8b --dropout 0 [--memory-budget 40]`, RESULTS run P: 29.81 and 9.45
+/// GiB, once the LoRA groups stopped keeping the norms' outputs; 33.75 and 9.57 before) put it at 0.636 GiB. The
+/// plans trade layers against a budget at this price, so an estimate 10 % high keeps three layers fewer at 40 GiB
+/// than fit (it did: 1.08 GiB a layer against 0.963 measured while the GLU's product was kept).
 #[test]
 fn a_kept_layer_costs_what_was_measured() {
     let c = shape_config("llama-3-8b").unwrap();
     let per_layer = (estimate(&peer_setup(&c, 32)).total() - estimate(&peer_setup(&c, 0)).total()) / 32;
-    let measured = (33.75 - 9.57) / 32.0;
+    let measured = (29.81 - 9.45) / 32.0;
     assert!(
         (gib(per_layer) / measured - 1.0).abs() < 0.05,
         "{:.3} GiB per kept layer, measured {measured:.3}",
@@ -353,29 +356,31 @@ fn more_device_memory_never_shortens_the_longest_sequence() {
     assert!(e.host <= host && p.mlp_block.is_some(), "{p:?}");
 }
 
-/// The link's capacity against what the H100 measured (RESULTS run P, 4 × 2048 tokens): 11 parked 8B layers of 32 cost
-/// the forward 3 % and 16 cost 23 %; 4 parked 1B layers of 16 cost it nothing and 8 cost 54 %. The model errs low on
-/// the 1B (its smaller GEMMs run fewer FLOPs per second, leaving the link more time), never high.
+/// The link's capacity against what the H100 measured (RESULTS run P, 4 × 2048 tokens): with 0.85 GiB parked a layer,
+/// 11 parked 8B layers of 32 cost the forward 3 % and 16 cost 23 %, 4 parked 1B layers of 16 cost it nothing and 8
+/// cost 54 %; with 0.72 GiB a layer (the norms' outputs no longer kept), 13 parked 8B layers ran the step in 580.8 ms
+/// and 11 in 583.8. The model errs low on the 1B (its smaller GEMMs run fewer FLOPs per second, leaving the link more
+/// time), never high.
 #[test]
 fn park_capacity_is_what_the_link_carried_on_the_h100() {
     let c8 = shape_config("llama-3-8b").unwrap();
-    assert_eq!(park_capacity(&peer_setup(&c8, 0)), 11);
+    assert_eq!(park_capacity(&peer_setup(&c8, 0)), 13);
     let c1 = shape_config("llama-3.2-1b").unwrap();
     assert!((1..=4).contains(&park_capacity(&peer_setup(&c1, 0))));
     // Nothing to park on the CPU (host memory is where it computes) or without checkpointing (all kept).
     assert_eq!(park_capacity(&Setup { device: Device::Cpu, ..peer_setup(&c8, 0) }), 0);
     assert_eq!(park_capacity(&Setup { checkpointing: false, ..peer_setup(&c8, 0) }), 0);
     // Twice the tokens: twice the compute to hide twice the bytes under, the same count.
-    assert_eq!(park_capacity(&Setup { tokens: 16384, ..peer_setup(&c8, 0) }), 11);
+    assert_eq!(park_capacity(&Setup { tokens: 16384, ..peer_setup(&c8, 0) }), 13);
 }
 
 /// Parked layers cost the device about one layer's activations whatever their count (measured +0.73 GiB for 11 8B
-/// layers of 0.84, run P) and the host all of theirs; on the CPU they are simply kept.
+/// layers of 0.84, +0.60 for 13 of 0.72, run P) and the host all of theirs; on the CPU they are simply kept.
 #[test]
 fn parked_layers_cost_the_device_one_layer_and_the_host_all() {
     let c = shape_config("llama-3-8b").unwrap();
     let plain = estimate(&peer_setup(&c, 0));
-    let layer = layer_saved(&peer_setup(&c, 0)).layer;
+    let layer = layer_saved(&peer_setup(&c, 0)).kept;
     for park in [1, 11, 32] {
         let e = estimate(&peer_plan(&c, Plan { park, ..Plan::default() }));
         assert_eq!(e.host, park * layer, "{park} parked");
@@ -386,7 +391,7 @@ fn parked_layers_cost_the_device_one_layer_and_the_host_all() {
             assert!(e.total() < plain.total() + layer);
         }
     }
-    assert!((gib(estimate(&peer_plan(&c, Plan { park: 11, ..Plan::default() })).total()) - 10.30).abs() < 0.4);
+    assert!((gib(estimate(&peer_plan(&c, Plan { park: 13, ..Plan::default() })).total()) - 10.05).abs() < 0.5);
     let cpu = |plan| estimate(&Setup { device: Device::Cpu, ..peer_plan(&c, plan) });
     assert_eq!(
         cpu(Plan { park: 5, ..Plan::default() }).total(),
@@ -401,12 +406,12 @@ fn parked_layers_cost_the_device_one_layer_and_the_host_all() {
 fn the_default_plan_parks_what_the_link_the_host_and_the_device_allow() {
     let c = shape_config("llama-3-8b").unwrap();
     let s = peer_setup(&c, 0);
-    let layer = layer_saved(&s).layer;
-    assert_eq!(default_plan_within(&s, None, None), Plan { park: 11, ..Plan::default() });
+    let layer = layer_saved(&s).kept;
+    assert_eq!(default_plan_within(&s, None, None), Plan { park: 13, ..Plan::default() });
     assert_eq!(default_plan_within(&s, Some(2 * 5 * layer + layer / 2), None).park, 5, "half the host holds 5");
     assert_eq!(default_plan_within(&s, Some(layer), None), Plan::default());
-    let parked = estimate(&peer_plan(&c, Plan { park: 11, ..Plan::default() })).total();
-    assert_eq!(default_plan_within(&s, None, Some(parked)).park, 11);
+    let parked = estimate(&peer_plan(&c, Plan { park: 13, ..Plan::default() })).total();
+    assert_eq!(default_plan_within(&s, None, Some(parked)).park, 13);
     assert_eq!(default_plan_within(&s, None, Some(parked - 1)), Plan::default());
     assert_eq!(default_plan_within(&Setup { device: Device::Cpu, ..s }, None, None), Plan::default());
 }
@@ -420,9 +425,9 @@ fn a_budget_parks_what_the_link_carries_then_keeps_what_fits() {
     let s = peer_setup(&c, 0);
     let budget = |g: f64| plan(&s, (g * (1u64 << 30) as f64) as usize).unwrap().0;
     let p = budget(11.8);
-    assert_eq!((p.park, p.keep_layers, p.offload), (11, 1, 0));
+    assert_eq!((p.park, p.keep_layers, p.offload), (13, 2, 0));
     let p = budget(15.0);
-    assert_eq!((p.park, p.keep_layers), (11, 5));
+    assert_eq!((p.park, p.keep_layers), (13, 6));
     assert_eq!(budget(40.0), Plan { keep_layers: 32, ..Plan::default() });
     // Too small for one layer's activations beside the checkpoints: no parking, recomputing (and then offloading).
     assert_eq!(budget(10.0).park, 0);
