@@ -16,7 +16,7 @@ use qlora_runtime::{Device, Tensor};
 #[test]
 fn a_group_of_one_runs_every_collective_through_the_gpu() {
     let Some(dev) = gpu("a_group_of_one_runs_every_collective_through_the_gpu") else { return };
-    let launch = Launch { rank: 0, world_size: 1, local_rank: dev.ordinal(), master: None };
+    let launch = Launch { rank: 0, world_size: 1, local_rank: dev.ordinal(), local_world_size: 1, master: None };
     let g = NcclRank::connect(&launch, &dev).unwrap();
     assert_eq!((g.rank(), g.world_size(), g.backend()), (0, 1, "NCCL"));
 

@@ -12,6 +12,8 @@ pub struct Launch {
     pub world_size: usize,
     /// The GPU ordinal this process drives.
     pub local_rank: usize,
+    /// The processes of the group on this node (`LOCAL_WORLD_SIZE`, else all of them): what shares its host memory.
+    pub local_world_size: usize,
     /// Rank 0's rendezvous address; absent for a group of one, which has no one to meet.
     pub master: Option<(String, u16)>,
 }
@@ -72,7 +74,7 @@ impl Launch {
                 _ => return Err(bad(format!("MASTER_PORT={port:?} is not a port number (1-65535)"))),
             },
         };
-        Ok(Some(Launch { rank, world_size, local_rank, master }))
+        Ok(Some(Launch { rank, world_size, local_rank, local_world_size: local_world, master }))
     }
 }
 
@@ -106,11 +108,12 @@ mod tests {
     #[test]
     fn torchruns_variables_are_read() {
         let got = launch(&TORCHRUN).unwrap().unwrap();
-        let want = Launch { rank: 3, world_size: 4, local_rank: 1, master: Some(("node0".into(), 29500)) };
+        let master = Some(("node0".into(), 29500));
+        let want = Launch { rank: 3, world_size: 4, local_rank: 1, local_world_size: 2, master };
         assert_eq!(got, want);
         assert_eq!(launch(&[]).unwrap(), None, "no launcher: a single process");
         let alone = launch(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap().unwrap();
-        assert_eq!(alone, Launch { rank: 0, world_size: 1, local_rank: 0, master: None });
+        assert_eq!(alone, Launch { rank: 0, world_size: 1, local_rank: 0, local_world_size: 1, master: None });
     }
 
     /// Each bad environment names the variable at fault (an empty value in `with` removes the variable).

@@ -455,13 +455,15 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
 
 /// The plan without a budget: every layer checkpointed as `Setup` says, nothing kept or offloaded, and on a GPU as
 /// many layers parked in host memory instead of recomputed as the host link carries ([`park_capacity`]) and half the
-/// host's available memory holds, where the device has room for the one layer's activations that parking adds: a
+/// host's available memory holds (this process's part of it, where a launch put several on this node), where the device has room for the one layer's activations that parking adds: a
 /// faster step for that much more device memory (Llama-3-8B at 4 × 2048 tokens on an H100: 13 of 32 layers parked,
 /// 9.4 GiB of pinned host memory, 0.92× the time for +0.60 GiB, RESULTS run P; at long sequences a layer's
 /// activations outgrow the device and nothing parks).
 pub fn default_plan(s: &Setup) -> anyhow::Result<Plan> {
     let device = if park_capacity(s) > 0 { available(s.device)? } else { None };
-    Ok(default_plan_within(s, available(Device::Cpu)?, device))
+    // The ranks of a group on this node share its memory: each takes its part of the half.
+    let local = qlora_runtime::dist::launch::Launch::from_env()?.map_or(1, |l| l.local_world_size);
+    Ok(default_plan_within(s, available(Device::Cpu)?.map(|free| free / local), device))
 }
 
 /// [`default_plan`] with `host` bytes available in host memory and `device` bytes on the device (None: unbounded).
