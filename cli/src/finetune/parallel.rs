@@ -331,7 +331,8 @@ mod tests {
 
     #[test]
     fn the_world_comes_from_flags_and_torchrun() {
-        let launch = |world_size| Launch { rank: 0, world_size, local_rank: 0, master: None };
+        let launch =
+            |world_size| Launch { rank: 0, world_size, local_rank: 0, local_world_size: world_size, master: None };
         assert_eq!(world(1, 1, DeviceArg::Auto, Some(&launch(1))).unwrap(), World::Alone(DeviceArg::Auto));
         let torchrun_one = Launch { master: Some(("127.0.0.1".into(), 29500)), ..launch(1) };
         assert_eq!(world(1, 1, DeviceArg::Auto, Some(&torchrun_one)).unwrap(), World::Nccl(torchrun_one.clone()));
