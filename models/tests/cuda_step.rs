@@ -222,11 +222,21 @@ fn mixed_devices_are_an_error_naming_op_and_devices() {
 /// do not accumulate across the three.
 fn partly_offloaded(model: &CausalLm, device: Device, dtype: DType, batch: &Batch) -> [StepResult; 3] {
     assert_eq!(model.layers.len(), 2, "one layer offloaded is a partial count");
-    [0, 1, 2].map(|offload_layers| {
-        let mut m = model.to_device(device, dtype).unwrap();
-        m.offload_layers = offload_layers;
-        step(&m, batch)
-    })
+    [0, 1, 2].map(|offload| step_as(model, device, dtype, batch, |m| m.offload_layers = offload))
+}
+
+/// The step of a fresh copy of `model` on `device` in `dtype`, with `plan` applied to the copy (which layers keep,
+/// offload or park what).
+fn step_as(
+    model: &CausalLm,
+    device: Device,
+    dtype: DType,
+    batch: &Batch,
+    plan: impl FnOnce(&mut CausalLm),
+) -> StepResult {
+    let mut m = model.to_device(device, dtype).unwrap();
+    plan(&mut m);
+    step(&m, batch)
 }
 
 /// Offloading the checkpointed layer inputs, some or all, trains the same bits as keeping them: the copies are exact,
@@ -263,9 +273,7 @@ fn kept_and_parked(
     keep: usize,
     park: usize,
 ) -> StepResult {
-    let mut m = model.to_device(device, dtype).unwrap();
-    (m.keep_layers, m.park_layers) = (keep, park);
-    step(&m, batch)
+    step_as(model, device, dtype, batch, |m| (m.keep_layers, m.park_layers) = (keep, park))
 }
 
 /// Parking layers (their activations in pinned host memory from forward to backward, nothing recomputed) trains the

@@ -309,19 +309,26 @@ pub fn park_capacity(s: &Setup) -> usize {
 }
 
 /// How many recomputed layers have their inputs offloaded under `s.plan`: none on the CPU (host memory is where it
-/// computes) or without checkpointing, at most every recomputed layer.
+/// computes) or without checkpointing, at most every recomputed layer that is not parked.
 pub fn offloaded_layers(s: &Setup) -> usize {
-    let offloadable = s.checkpointing && s.device != Device::Cpu;
-    let recomputed = if offloadable { s.config.num_hidden_layers.saturating_sub(s.plan.keep_layers) } else { 0 };
-    s.plan.offload.min(recomputed - parked_layers(s))
+    s.plan.offload.min(recomputed_on_gpu(s) - parked_layers(s))
 }
 
 /// How many recomputed layers keep their activations in pinned host memory under `s.plan`: none on the CPU or
 /// without checkpointing, at most every recomputed layer.
 pub fn parked_layers(s: &Setup) -> usize {
-    let parkable = s.checkpointing && s.device != Device::Cpu;
-    let recomputed = if parkable { s.config.num_hidden_layers.saturating_sub(s.plan.keep_layers) } else { 0 };
-    s.plan.park.min(recomputed)
+    s.plan.park.min(recomputed_on_gpu(s))
+}
+
+/// The layers `s.plan` would recompute where their inputs or activations can leave the device: on a GPU, under
+/// checkpointing (0 otherwise).
+fn recomputed_on_gpu(s: &Setup) -> usize {
+    let movable = s.checkpointing && s.device != Device::Cpu;
+    if movable {
+        s.config.num_hidden_layers.saturating_sub(s.plan.keep_layers)
+    } else {
+        0
+    }
 }
 
 /// `--memory-budget`: a size in GiB; `auto`: what the device has free, less [`AUTO_MARGIN`]; `lean`: the plan that
