@@ -240,8 +240,7 @@ fn bench(
             config.max_position_embeddings
         );
     }
-    let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, SHRINK)?;
-    let (plan, estimate) = memory::with_parked(&setup, plan, estimate, args.park_layers)?;
+    let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, args.park_layers, SHRINK)?;
     let offloaded = memory::offloaded_layers(&Setup { plan, ..setup });
     let parked = memory::parked_layers(&Setup { plan, ..setup });
     let available = memory::available(device)?;

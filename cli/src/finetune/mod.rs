@@ -554,11 +554,11 @@ fn train(run: &Run, group: Option<Arc<dyn Communicator>>) -> Result<train::Outco
         shards: model.sharded.as_ref().map_or(1, |s| s.group().world_size()),
         plan: crate::bench::memory::Plan::default(),
     };
-    let (plan, estimate) = crate::bench::memory::budget_plan(&setup, args.memory_budget, shrink)?;
-    let (plan, estimate) = crate::bench::memory::with_parked(&setup, plan, estimate, args.park_layers)?;
-    plan.apply(&mut model, &mut optimizer)?;
+    let (plan, estimate) = crate::bench::memory::budget_plan(&setup, args.memory_budget, args.park_layers, shrink)?;
     // The plan is worth a line where a budget chose it or it parks layers (the default on a GPU).
-    let plan_line = (args.memory_budget.is_some() || plan.park > 0)
+    let parks = crate::bench::memory::parked_layers(&crate::bench::memory::Setup { plan, ..setup }) > 0;
+    plan.apply(&mut model, &mut optimizer)?;
+    let plan_line = (args.memory_budget.is_some() || parks)
         .then(|| crate::bench::memory::describe_plan(plan, model.config.num_hidden_layers, &estimate));
     if let Some(line) = plan_line.as_ref().filter(|_| lead) {
         println!("{line}");

@@ -410,10 +410,20 @@ impl Budget {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The plan a run takes under `budget` (none: [`default_plan`]) and its estimate; an error naming the budget, the
-/// smallest plan and what to change when nothing fits, or when an offloading plan needs more host memory than is
-/// available.
-pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::Result<(Plan, Estimate)> {
+/// The plan a run takes under `budget` (none: [`default_plan`]) with `park` layers parked instead of the plan's
+/// choice (`--park-layers`; None keeps it), and its estimate; an error naming the budget, the smallest plan and what
+/// to change when nothing fits, when the plan needs more host memory than is available, or when parking is asked for
+/// on the CPU.
+pub fn budget_plan(
+    s: &Setup,
+    budget: Option<Budget>,
+    park: Option<usize>,
+    shrink: &str,
+) -> anyhow::Result<(Plan, Estimate)> {
+    anyhow::ensure!(
+        park.is_none() || s.device != Device::Cpu,
+        "--park-layers: parking moves activations off a GPU; this run is on the CPU"
+    );
     let chosen = match budget {
         None => default_plan(s)?,
         Some(Budget::Lean) => lean(s),
@@ -444,6 +454,7 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
             }
         }
     };
+    let chosen = Plan { park: park.unwrap_or(chosen.park), ..chosen };
     let chosen_setup = Setup { plan: chosen, ..*s };
     let e = estimate(&chosen_setup);
     if e.host > 0 {
@@ -462,7 +473,8 @@ pub fn budget_plan(s: &Setup, budget: Option<Budget>, shrink: &str) -> anyhow::R
 
 /// The plan without a budget: every layer checkpointed as `Setup` says, nothing kept or offloaded, and on a GPU as
 /// many layers parked in host memory instead of recomputed as the host link carries ([`park_capacity`]) and half the
-/// host's available memory holds (this process's part of it, where a launch put several on this node), where the device has room for the one layer's activations that parking adds: a
+/// host's available memory holds (this process's part of it, where a launch put several on this node), where the
+/// device has room for the one layer's activations that parking adds: a
 /// faster step for that much more device memory (Llama-3-8B at 4 × 2048 tokens on an H100: 13 of 32 layers parked,
 /// 9.4 GiB of pinned host memory, 0.92× the time for +0.60 GiB, RESULTS run P; at long sequences a layer's
 /// activations outgrow the device and nothing parks).
@@ -485,18 +497,6 @@ fn default_plan_within(s: &Setup, host: Option<usize>, device: Option<usize>) ->
         park -= 1;
     }
     Plan { park, ..Plan::default() }
-}
-
-/// `plan` with `park` layers parked instead of the plan's choice (`--park-layers`; None keeps the plan's) and its
-/// estimate; an error on the CPU, where nothing parks.
-pub fn with_parked(s: &Setup, plan: Plan, estimate: Estimate, park: Option<usize>) -> anyhow::Result<(Plan, Estimate)> {
-    let Some(park) = park else { return Ok((plan, estimate)) };
-    anyhow::ensure!(
-        s.device != Device::Cpu,
-        "--park-layers: parking moves activations off a GPU; this run is on the CPU"
-    );
-    let plan = Plan { park, ..plan };
-    Ok((plan, self::estimate(&Setup { plan, ..*s })))
 }
 
 /// What `plan` keeps in pinned host memory, `offloaded` being its count of offloaded layer inputs (see

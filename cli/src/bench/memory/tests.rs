@@ -237,7 +237,7 @@ fn a_sharded_base_costs_a_share_and_the_gathered_layers() {
 #[test]
 fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
     let c = shape_config("llama-3.2-1b").unwrap();
-    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
+    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), None, "").unwrap();
     assert_eq!(p, LEANEST_TIED);
     assert!(e.total() < peer_setting(&c).total());
     let line = describe_plan(p, c.num_hidden_layers, &e);
@@ -246,7 +246,23 @@ fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
     assert!(line.contains("(the inputs of 16 layers, AdamW's moments: 0.58 GiB of pinned host memory)"), "{line}");
     let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
     let blocked_only = Plan { mlp_block: Some(MLP_BLOCK), ..Plan::default() };
-    assert_eq!(budget_plan(&cpu, Some(Budget::Lean), "").unwrap().0, blocked_only);
+    assert_eq!(budget_plan(&cpu, Some(Budget::Lean), None, "").unwrap().0, blocked_only);
+}
+
+/// `--park-layers` replaces the plan's count before the estimate (and the host check) sees the plan, on any budget;
+/// on the CPU it is an error naming the flag.
+#[test]
+fn park_layers_replaces_the_plans_count() {
+    let c = shape_config("llama-3-8b").unwrap();
+    let lean = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), None, "").unwrap().0;
+    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), Some(4), "").unwrap();
+    assert_eq!(p, Plan { park: 4, ..lean });
+    let parked = estimate(&peer_plan(&c, p));
+    assert_eq!((e.total(), e.host), (parked.total(), parked.host));
+    assert!(e.host > estimate(&peer_plan(&c, lean)).host);
+    let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
+    let err = budget_plan(&cpu, None, Some(0), "").unwrap_err().to_string();
+    assert!(err.contains("--park-layers") && err.contains("CPU"), "{err}");
 }
 
 /// An untied head (Llama-3-8B) lets the lean plan keep the embedding table on the host: one vocabulary × hidden
@@ -254,13 +270,13 @@ fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
 #[test]
 fn the_lean_plan_keeps_an_untied_models_embeddings_on_the_host() {
     let c = shape_config("llama-3-8b").unwrap();
-    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), "").unwrap();
+    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), None, "").unwrap();
     assert!(p.host_embeddings && p.offload == 32 && p.page_optimizer, "{p:?}");
     let resident = estimate(&peer_plan(&c, Plan { host_embeddings: false, ..p }));
     let table = 128_256 * 4096 * 2;
     assert_eq!((resident.weights - e.weights, e.host - resident.host), (table, table));
     let tied = shape_config("llama-3.2-1b").unwrap();
-    assert!(!budget_plan(&peer_setup(&tied, 0), Some(Budget::Lean), "").unwrap().0.host_embeddings);
+    assert!(!budget_plan(&peer_setup(&tied, 0), Some(Budget::Lean), None, "").unwrap().0.host_embeddings);
 }
 
 /// An out-of-memory error, however deep in the chain, gets the budget, the plan and the way out; others pass.
