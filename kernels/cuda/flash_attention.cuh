@@ -119,7 +119,7 @@ __device__ __forceinline__ void softmax_tile(float (&acc)[MT][NT][4], unsigned (
 
 // ---- Forward -------------------------------------------------------------------------------------------------
 
-// Grid (⌈max_seqlen_q / BM⌉, n_heads, n_seqs), W warps; each warp owns BM / W query rows (MT tiles of 16). Key tiles
+// Grid (n_heads, n_seqs, ⌈max_seqlen_q / BM⌉), W warps; each warp owns BM / W query rows (MT tiles of 16). Key tiles
 // of BN stream through one K and one V buffer: V(n) loads while S = Q·K(n)ᵀ runs, K(n − 1) while the softmax and
 // P·V(n) run. Tiles are visited from the last (the diagonal, masked) to the first, and block x is taken from the
 // end so that the longest causal rows start first. Dynamic shared memory: (BM + 2·BN)·(D + 8)·2 bytes.
@@ -132,11 +132,12 @@ __device__ __forceinline__ void flash_forward(const FlashParams p) {
     unsigned short* sK = sQ + BM * SD;
     unsigned short* sV = sK + BN * SD;
 
+    const FlashBlock b = flash_block();
     FlashSeq s;
-    if (!flash_seq(p, blockIdx.z, s)) return;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    if (!flash_seq(p, b.seq, s)) return;
+    const int m0 = (b.tiles - 1 - b.tile) * BM;
     if (m0 >= s.len_q) return;
-    const int h = blockIdx.y, kvh = h / (p.n_heads / p.n_kv_heads);
+    const int h = b.head, kvh = h / (p.n_heads / p.n_kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const FlashQueryBlock blk = flash_query_block<BM, BN>(p, s, m0, h, kvh);
 
@@ -294,7 +295,7 @@ __device__ __forceinline__ void backward_scores(const float (&sacc)[KT][QB][4], 
 
 // ---- Backward ------------------------------------------------------------------------------------------------
 
-// Grid (⌈max_seqlen_k / BN⌉, n_kv_heads, n_seqs), W warps. A block keeps one K/V tile of BN keys in shared memory
+// Grid (n_kv_heads, n_seqs, ⌈max_seqlen_k / BN⌉), W warps. A block keeps one K/V tile of BN keys in shared memory
 // and its dK, dV in registers, and walks every (query head of its GQA group, query tile of BM rows) pair that sees
 // the tile, double-buffering Q and dO. Per pair, three phases with their own warp layouts:
 //   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, warps P1K (keys) × W/P1K (queries): P = exp2(S − lse), dS = P ⊙ (dP − delta)
@@ -321,11 +322,12 @@ __device__ __forceinline__ void flash_backward(const FlashParams p) {
     float* sL = reinterpret_cast<float*>(sdS + BN * SP);  // [2][BM] lse
     float* sD = sL + 2 * BM;                              // [2][BM] delta
 
+    const FlashBlock b = flash_block();
     FlashSeq s;
-    if (!flash_seq(p, blockIdx.z, s)) return;
-    const int n0 = blockIdx.x * BN;
+    if (!flash_seq(p, b.seq, s)) return;
+    const int n0 = b.tile * BN;
     if (n0 >= s.len_k) return;
-    const int kvh = blockIdx.y, group = p.n_heads / p.n_kv_heads;
+    const int kvh = b.head, group = p.n_heads / p.n_kv_heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int lr = lane % 8, lq = (lane / 8) % 2, lh = lane / 16;
     const FlashKeyBlock<BM> blk = flash_key_block<BM, BN>(p, s, n0, kvh, group);

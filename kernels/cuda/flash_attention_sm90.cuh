@@ -227,7 +227,7 @@ struct Sm90Rows {
 
 // ---- Forward, all warps load (cp.async) ------------------------------------------------------------------------
 
-// Grid (⌈max_seqlen_q / BM⌉, n_heads, n_seqs) with BM = 64·NWG, 128·NWG threads (NWG warpgroups, each owning 64 query
+// Grid (n_heads, n_seqs, ⌈max_seqlen_q / BM⌉) with BM = 64·NWG, 128·NWG threads (NWG warpgroups, each owning 64 query
 // rows, Sm90Rows). K/V tiles of BN keys stream through two stages each, loaded by every thread with cp.async one tile
 // ahead; one __syncthreads per tile (after the wait for the current tile, which also frees the stage the next prefetch
 // overwrites). Per tile and warpgroup: S = Q·Kᵀ, online softmax in registers, O += P·V; with OVERLAP, S(n) and
@@ -247,11 +247,12 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
     const unsigned sQ = (smem_u32(flash_smem) + 1023u) & ~1023u;
     const unsigned sK = sQ + BM * D * 2, sV = sK + 2 * KV_BYTES;
 
+    const FlashBlock b = flash_block();
     FlashSeq s;
-    if (!flash_seq(p, blockIdx.z, s)) return;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    if (!flash_seq(p, b.seq, s)) return;
+    const int m0 = (b.tiles - 1 - b.tile) * BM;
     if (m0 >= s.len_q) return;
-    const Sm90QueryBlock blk = sm90_query_block<BM, BN>(p, s, m0);
+    const Sm90QueryBlock blk = sm90_query_block<BM, BN>(p, s, m0, b.head);
     // This warpgroup's key tiles [wf, wl] (empty when wf > wl).
     const int wr0 = m0 + 64 * blk.wg, wr1 = min(wr0 + 64, s.len_q);
     const int wi_min = wr0 + blk.off, wi_max = wr1 - 1 + blk.off;
@@ -395,11 +396,12 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
     // mbarriers: full_q; full_k[2]; full_v[2]; empty_k[2]; empty_v[2] (8 bytes each; stage st at + 8·st).
     const unsigned full_q = bars, full_k = bars + 8, full_v = bars + 24, empty_k = bars + 40, empty_v = bars + 56;
 
+    const FlashBlock b = flash_block();
     FlashSeq s;
-    if (!flash_seq(p, blockIdx.z, s)) return;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    if (!flash_seq(p, b.seq, s)) return;
+    const int m0 = (b.tiles - 1 - b.tile) * BM;
     if (m0 >= s.len_q) return;
-    const Sm90QueryBlock blk = sm90_query_block<BM, BN>(p, s, m0);
+    const Sm90QueryBlock blk = sm90_query_block<BM, BN>(p, s, m0, b.head);
 
     if (blk.tid == 0) {
         mbar_init(full_q, 128);

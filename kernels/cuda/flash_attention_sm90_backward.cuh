@@ -87,8 +87,8 @@ template <int BM> struct Sm90KeyBlock : FlashKeyBlock<BM> {
 };
 
 template <int BM, int BN>
-__device__ __forceinline__ Sm90KeyBlock<BM> sm90_key_block(const FlashParams& p, const FlashSeq& s, int n0) {
-    const int kvh = blockIdx.y, group = p.n_heads / p.n_kv_heads;
+__device__ __forceinline__ Sm90KeyBlock<BM> sm90_key_block(const FlashParams& p, const FlashSeq& s, int n0, int kvh) {
+    const int group = p.n_heads / p.n_kv_heads;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4, wg = warp / 4;
     return Sm90KeyBlock<BM>{flash_key_block<BM, BN>(p, s, n0, kvh, group), tid, warp, lane, g, t, wg};
 }
@@ -214,7 +214,7 @@ template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false> struct 
     static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + DQ_TILES * Sm90StagedDq<D>::BYTES + 1024;
 };
 
-// Grid (⌈max_seqlen_k / BN⌉, n_kv_heads, n_seqs) with BN = 64·NWG keys per block, 128·NWG threads; NWG warpgroups,
+// Grid (n_kv_heads, n_seqs, ⌈max_seqlen_k / BN⌉) with BN = 64·NWG keys per block, 128·NWG threads; NWG warpgroups,
 // warpgroup w owning keys 64w … 64w + 63 of the tile. As flash_backward, a block keeps its K/V tile in shared memory
 // and dK, dV in registers, and walks every (query head of its GQA group, query tile of 64 rows) pair that sees the
 // tile, double-buffering Q, dO, lse and delta with cp.async (all threads load). Per pair and warpgroup:
@@ -243,11 +243,12 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     const unsigned sL = sdS + BN * BM * 2, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
     constexpr unsigned DQ_OFF = BN * BM * 2 + 4 * BM * 4;          // STAGED_DQ: Sm90StagedDq<D> at sdS + DQ_OFF
 
+    const FlashBlock b = flash_block();
     FlashSeq s;
-    if (!flash_seq(p, blockIdx.z, s)) return;
-    const int n0 = blockIdx.x * BN;
+    if (!flash_seq(p, b.seq, s)) return;
+    const int n0 = b.tile * BN;
     if (n0 >= s.len_k) return;
-    const Sm90KeyBlock<BM> blk = sm90_key_block<BM, BN>(p, s, n0);
+    const Sm90KeyBlock<BM> blk = sm90_key_block<BM, BN>(p, s, n0, b.head);
     auto prefetch = [&](int it, int st) { sm90_bwd_prefetch<D, BM, THREADS>(p, s, blk, it, st, sQ, sdO, sL, sD); };
     sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
     const int warp = blk.warp, g = blk.g, t = blk.t, wg = blk.wg, off = blk.off;
@@ -428,7 +429,7 @@ template <int D> struct Sm90BackwardSplitSmem {
 
 // The backward for head dims whose dK and dV do not fit one warpgroup's registers (D = 256: 256 per thread with 64
 // keys per warpgroup): two warpgroups share one tile of 64 keys and split the work by queries where the products are
-// per query and by head dims where they are per head dim. Grid (⌈max_seqlen_k / 64⌉, n_kv_heads, n_seqs), 256
+// per query and by head dims where they are per head dim. Grid (n_kv_heads, n_seqs, ⌈max_seqlen_k / 64⌉), 256
 // threads; the pair walk, the double-buffered Q/dO/lse/delta loads and the masks are flash_backward_sm90's. Per
 // pair, warpgroup w:
 //   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for all 64 keys × queries 32w … 32w + 31 (wgmma SS, N = 32; P is formed while
@@ -448,11 +449,12 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
     const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sP = sdO + 2 * QO_BYTES;
     const unsigned sdS = sP + PS_BYTES, sL = sdS + PS_BYTES, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
 
+    const FlashBlock b = flash_block();
     FlashSeq s;
-    if (!flash_seq(p, blockIdx.z, s)) return;
-    const int n0 = blockIdx.x * BN;
+    if (!flash_seq(p, b.seq, s)) return;
+    const int n0 = b.tile * BN;
     if (n0 >= s.len_k) return;
-    const Sm90KeyBlock<BM> blk = sm90_key_block<BM, BN>(p, s, n0);
+    const Sm90KeyBlock<BM> blk = sm90_key_block<BM, BN>(p, s, n0, b.head);
     auto prefetch = [&](int it, int st) { sm90_bwd_prefetch<D, BM, THREADS>(p, s, blk, it, st, sQ, sdO, sL, sD); };
     sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
     const int warp = blk.warp, g = blk.g, t = blk.t, wg = blk.wg, off = blk.off;

@@ -118,6 +118,22 @@ struct FlashSeq {
     int q0, k0, len_q, len_k;
 };
 
+// The flash kernels' grid is (heads, sequences, tiles). Blocks start in about launch order (x fastest) and causal
+// tiles differ in work (a query tile's keys grow with its row, a key tile's queries shrink with its column), so the
+// tile varies slowest: every head's heaviest tile starts before any head's second heaviest and the grid ends on light
+// tiles (longest-processing-time order). With the tiles in x, a head's tiles ran one after another and the last
+// heads' heavy tiles ran alone at the end. The head varies fastest, so a KV head's query heads run side by side and
+// read its K/V from L2. `tile` 0 is the heaviest: the kernels map it to the last query tile or the first key tile.
+// Read from the block index registers, which the compiler re-reads instead of keeping (at 255 registers, computed
+// coordinates spilled).
+struct FlashBlock {
+    int tile, tiles, head, seq;
+};
+__device__ __forceinline__ FlashBlock flash_block() {
+    return FlashBlock{static_cast<int>(blockIdx.z), static_cast<int>(gridDim.z), static_cast<int>(blockIdx.x),
+                      static_cast<int>(blockIdx.y)};
+}
+
 __device__ __forceinline__ bool flash_seq(const FlashParams& p, int s, FlashSeq& out) {
     const int q0 = p.cu_q[s], q1 = p.cu_q[s + 1], k0 = p.cu_k[s], k1 = p.cu_k[s + 1];
     if (q0 < 0 || q1 < q0 || static_cast<unsigned>(q1) > p.tq || k0 < 0 || k1 < k0 || static_cast<unsigned>(k1) > p.tk) return false;
@@ -145,7 +161,7 @@ __device__ __forceinline__ ScoreMap score_map(const FlashParams& p) {
 
 // ---- A block's place in its sequence -------------------------------------------------------------------------
 
-// A forward block (grid (⌈max_seqlen_q / BM⌉, n_heads, n_seqs), block x taken from the end so that the longest causal
+// A forward block (grid (n_heads, n_seqs, ⌈max_seqlen_q / BM⌉), tiles taken from the end so that the longest causal
 // rows start first) once its sequence s, first query row m0 and heads are known: rows [m0, m1), the strides, and the
 // key tiles of BN [n_first, n_last] some of its rows see (tiles entirely outside the causal or window band are never
 // visited; none when n_last < n_first). The kernels read the sequence and heads themselves, and return by value keeps
@@ -175,7 +191,7 @@ __device__ __forceinline__ FlashQueryBlock flash_query_block(const FlashParams& 
     return FlashQueryBlock{hd, m1, off, q_stride, kv_stride, q_row0, gq, gk, gv, i_min, i_max, n_first, n_last};
 }
 
-// A backward block (grid (⌈max_seqlen_k / BN⌉, n_kv_heads, n_seqs)) once its sequence s, first key n0 and heads are
+// A backward block (grid (n_kv_heads, n_seqs, ⌈max_seqlen_k / BN⌉)) once its sequence s, first key n0 and heads are
 // known: keys [n0, n1), and the `pairs` (query head of the GQA group, query tile of BM rows) that see some of them,
 // pair it being head(it) with rows from row0(it).
 template <int BM> struct FlashKeyBlock {

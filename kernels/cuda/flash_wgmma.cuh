@@ -600,8 +600,8 @@ struct Sm90QueryBlock : FlashQueryBlock {
 };
 
 template <int BM, int BN>
-__device__ __forceinline__ Sm90QueryBlock sm90_query_block(const FlashParams& p, const FlashSeq& s, int m0) {
-    const int h = blockIdx.y, kvh = h / (p.n_heads / p.n_kv_heads);
+__device__ __forceinline__ Sm90QueryBlock sm90_query_block(const FlashParams& p, const FlashSeq& s, int m0, int h) {
+    const int kvh = h / (p.n_heads / p.n_kv_heads);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4, wg = warp / 4;
     return Sm90QueryBlock{flash_query_block<BM, BN>(p, s, m0, h, kvh), h, kvh, tid, warp, lane, g, t, wg};
 }

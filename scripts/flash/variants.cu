@@ -263,7 +263,8 @@ extern "C" int launch(int i, const unsigned long long* ptrs, int n_seqs, int max
     p.pad = 0;
     const bool fwd = v.name[0] == 'f';
     const int per_block = fwd ? v.bm : v.bn;
-    dim3 grid((max_rows + per_block - 1) / per_block, fwd ? n_heads : n_kv_heads, n_seqs);
+    // (heads, sequences, tiles): flash_common.cuh flash_block
+    dim3 grid(fwd ? n_heads : n_kv_heads, n_seqs, (max_rows + per_block - 1) / per_block);
     cudaError_t e = cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem);
     if (e != cudaSuccess) return (int)e;
     void* args[] = {&p};

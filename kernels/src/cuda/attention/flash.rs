@@ -1,8 +1,8 @@
 //! The flash kernels' parameters and their launch (which kernel serves a launch is `tables.rs`'s).
 
-use super::{grid, FlashKernel};
+use super::FlashKernel;
 use crate::cuda::{allow_smem, launch, CudaDevice, Result};
-use cudarc::driver::DeviceRepr;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 /// flash_common.cuh's `FlashParams`, passed by value: the buffers' device addresses and the geometry.
 #[repr(C)]
@@ -46,15 +46,29 @@ pub(super) fn launch(
     heads: usize,
     n_seqs: usize,
 ) -> Result<()> {
-    let cfg = grid(rows, kernel.rows, heads, n_seqs, kernel.threads, kernel.smem);
+    let cfg = flash_grid(rows.div_ceil(kernel.rows), heads, n_seqs, kernel.threads, kernel.smem);
     let FlashKernel { module, name, .. } = kernel;
     allow_smem(dev, module, name, cfg.shared_mem_bytes)?;
     // SAFETY: flash_*(const FlashParams p): every address in `params` is a buffer of this device sized as the
     // callers assert (q, out, d_out, dq_accum: tq·n_heads·head_dim; k, v, dk, dv: tk·n_kv_heads·head_dim; lse, delta:
-    // tq·n_heads; cu_q, cu_k: the grid's z + 1), and the kernels skip any sequence whose offsets leave 0..tq or
+    // tq·n_heads; cu_q, cu_k: the grid's y + 1), and the kernels skip any sequence whose offsets leave 0..tq or
     // 0..tk; the block size and shared memory are what the kernel's template uses (FLASH and FLASH_SM90, checked
     // against the .cu files' template arguments), and an sm90 kernel is picked only on an sm_90a target.
     unsafe { launch!(dev, module, name, cfg; params) }
+}
+
+/// (heads, sequences, tiles) blocks of `threads` with `smem` bytes of dynamic shared memory: the tile varies slowest
+/// in launch order, so the heaviest causal tiles of every head start first (flash_common.cuh `flash_block`).
+fn flash_grid(tiles: usize, heads: usize, n_seqs: usize, threads: usize, smem: usize) -> LaunchConfig {
+    assert!(
+        tiles <= 65_535 && n_seqs <= 65_535,
+        "attention: {tiles} tiles of the longest sequence or {n_seqs} sequences exceed a grid"
+    );
+    LaunchConfig {
+        grid_dim: (u32::try_from(heads).expect("attention: heads fit a grid's x"), n_seqs as u32, tiles as u32),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
 }
 
 #[cfg(test)]
