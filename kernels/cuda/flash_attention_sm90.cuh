@@ -323,8 +323,12 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
 
 // ---- Forward, warp-specialized (producer warpgroup + consumer warpgroups) ---------------------------------------
 
-// Grid as flash_forward_sm90, 128·(NWG + 1) threads: warpgroups 0 … NWG−1 compute (64 query rows each), warpgroup NWG
-// loads. The producer drops to PR registers (setmaxnreg) and streams Q once, then K(n), V(n) for every tile into two
+// Grid as flash_forward_sm90 or, with PERSIST, one block per multiprocessor walking the work items (flash_item); the
+// next item's Q and first tiles then load while the consumers finish the current one, whose epilogue (the output
+// store) a one-item block leaves the tensor cores idle for (+3 % at d64, +1.5 % at d128, H100). 128·(NWG + 1) threads:
+// warpgroups 0 … NWG−1 compute (64 query rows each), warpgroup NWG loads. The producer drops to PR registers
+// (setmaxnreg) and streams per item Q into one of two buffers (reused once the consumers have stored that item's
+// output from it: `empty_q`), then K(n), V(n) for every tile into two
 // stages each with cp.async; after each group it waits for the previous group with cp.async.wait_group 1, fences
 // (fence.proxy.async: the tensor cores read what the generic proxy wrote) and release-arrives on that stage's `full`
 // mbarrier (128 arrivals). Before overwriting a stage it waits on the stage's `empty` mbarrier, which every consumer
@@ -336,7 +340,7 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
 // products. No warpgroup skips tiles here (a tile none of its rows sees is masked to P = 0). Dynamic shared memory:
 // Sm90ForwardWsSmem<D, BN, NWG>::bytes.
 template <int D, int BN, int NWG> struct Sm90ForwardWsSmem {
-    static constexpr int bytes = (64 * NWG + 4 * BN) * D * 2 + 1024 + 128;
+    static constexpr int bytes = (2 * 64 * NWG + 4 * BN) * D * 2 + 1024 + 128;
 };
 
 // Register split for THREADS threads, one block per multiprocessor: the block holds THREADS × ENTRY registers (ENTRY
@@ -348,134 +352,168 @@ template <int NWG, int PR> struct Sm90WsRegs {
     static constexpr int CR0 = ((ENTRY * THREADS - 128 * PR) / (128 * NWG)) & ~7, CR = CR0 > 240 ? 240 : CR0;
 };
 
-// The producer warpgroup's loop (AL: sm90_load_tile's ALIGNED). Groups: Q, then K(n), V(n) per tile in visiting
-// order, into stage it % 2; group i is signalled (full barrier, 128 arrivals) once group i + 1 has been issued and
-// cp.async.wait_group 1 has seen group i land.
-template <int AL, int D, int BN, int BM>
-__device__ __forceinline__ void sm90_produce(const FlashParams& p, const FlashSeq& s, unsigned sQ, unsigned sK, unsigned sV, unsigned full_q, unsigned full_k,
-                                             unsigned full_v, unsigned empty_k, unsigned empty_v, u64 q_row0, u64 q_stride, u64 kv_stride, int q_rows,
-                                             int n_first, int n_last, int ptid, const unsigned short* gk, const unsigned short* gv) {
-    constexpr unsigned KV_BYTES = BN * D * 2;
+// The r-th work item of a forward block: flash_item's (PERSIST: a grid of one block per multiprocessor walks the
+// items) or, once, the block's own (flash_block).
+template <bool PERSIST> __device__ __forceinline__ bool sm90_item(const FlashParams& p, int r, FlashBlock& b) {
+    if (PERSIST) return flash_item(p, r, b);
+    b = flash_block();
+    return r == 0;
+}
+
+// A work item's sequence and first query row, false for an item past its sequence's rows (a pack's shorter ones).
+template <int BM> __device__ __forceinline__ bool sm90_item_rows(const FlashParams& p, const FlashBlock& b, FlashSeq& s, int& m0) {
+    m0 = (b.tiles - 1 - b.tile) * BM;
+    return flash_seq(p, b.seq, s) && m0 < s.len_q;
+}
+
+// The warp-specialized forward's mbarriers (8 bytes each, stage or Q buffer i at + 8·i): full_q[2], full_k[2],
+// full_v[2] (the producer's 128 arrivals), empty_q[2], empty_k[2], empty_v[2] (one arrival per consumer warp).
+struct Sm90WsBars {
+    unsigned full_q, full_k, full_v, empty_q, empty_k, empty_v;
+    __device__ __forceinline__ explicit Sm90WsBars(unsigned bars)
+        : full_q(bars), full_k(bars + 16), full_v(bars + 32), empty_q(bars + 48), empty_k(bars + 64), empty_v(bars + 80) {}
+};
+
+// The producer warpgroup's loop over its block's items (AL: sm90_load_tile's ALIGNED). Groups: per item Q into
+// buffer kq % 2 (kq: the items loaded so far; buffer reuse waits for empty_q), then K(n), V(n) per tile in visiting
+// order into stage it % 2 (it: tiles loaded so far, over all items); group i is signalled (full barrier, 128
+// arrivals) once group i + 1 has been issued and cp.async.wait_group 1 has seen group i land, so the next item's Q and
+// first tiles load while the consumers finish the current one.
+template <int AL, int D, int BN, int BM, bool PERSIST>
+__device__ __forceinline__ void sm90_produce(const FlashParams& p, unsigned sQ, unsigned sK, unsigned sV, const Sm90WsBars& bar, int ptid) {
+    constexpr unsigned KV_BYTES = BN * D * 2, Q_BYTES = BM * D * 2;
     const unsigned hd = p.head_dim;
-    sm90_load_tile<BM, D, 128, AL>(sQ, static_cast<const unsigned short*>(p.q) + q_row0, q_stride, q_rows, hd, ptid);
-    cp_async_commit();
-    unsigned prev = full_q;  // the barrier of the last group committed and not yet signalled
-    int it = 0;
-    for (int n = n_last; n >= n_first; --n, ++it) {
-        const int st = it & 1;
-        const unsigned ph = (it >> 1) & 1;
-        const u64 row = static_cast<u64>(n) * BN * kv_stride;
-        if (it >= 2) mbar_wait(empty_k + 8 * st, ph ^ 1);
-        sm90_load_tile<BN, D, 128, AL>(sK + st * KV_BYTES, gk + row, kv_stride, s.len_k - n * BN, hd, ptid);
+    unsigned prev = 0;  // the barrier of the last group committed and not yet signalled (0: none)
+    const auto commit = [&](unsigned full) {
         cp_async_commit();
         cp_async_wait<1>();
         fence_proxy_async();
-        mbar_arrive(prev);
-        if (it >= 2) mbar_wait(empty_v + 8 * st, ph ^ 1);
-        sm90_load_tile<BN, D, 128, AL>(sV + st * KV_BYTES, gv + row, kv_stride, s.len_k - n * BN, hd, ptid);
-        cp_async_commit();
-        cp_async_wait<1>();
-        fence_proxy_async();
-        mbar_arrive(full_k + 8 * st);
-        prev = full_v + 8 * st;
+        if (prev) mbar_arrive(prev);
+        prev = full;
+    };
+    int kq = 0, it = 0;
+    FlashBlock b;
+    for (int r = 0; sm90_item<PERSIST>(p, r, b); ++r) {
+        FlashSeq s;
+        int m0;
+        if (!sm90_item_rows<BM>(p, b, s, m0)) continue;
+        const FlashQueryBlock blk = flash_query_block<BM, BN>(p, s, m0, b.head, b.head / (p.n_heads / p.n_kv_heads));
+        const int qb = kq & 1;
+        if (kq >= 2) mbar_wait(bar.empty_q + 8 * qb, ((kq >> 1) & 1) ^ 1);
+        sm90_load_tile<BM, D, 128, AL>(sQ + qb * Q_BYTES, blk.gq, blk.q_stride, blk.m1 - m0, hd, ptid);
+        commit(bar.full_q + 8 * qb);
+        for (int n = blk.n_last; n >= blk.n_first; --n, ++it) {
+            const int st = it & 1;
+            const unsigned ph = (it >> 1) & 1;
+            const u64 row = static_cast<u64>(n) * BN * blk.kv_stride;
+            if (it >= 2) mbar_wait(bar.empty_k + 8 * st, ph ^ 1);
+            sm90_load_tile<BN, D, 128, AL>(sK + st * KV_BYTES, blk.gk + row, blk.kv_stride, s.len_k - n * BN, hd, ptid);
+            commit(bar.full_k + 8 * st);
+            if (it >= 2) mbar_wait(bar.empty_v + 8 * st, ph ^ 1);
+            sm90_load_tile<BN, D, 128, AL>(sV + st * KV_BYTES, blk.gv + row, blk.kv_stride, s.len_k - n * BN, hd, ptid);
+            commit(bar.full_v + 8 * st);
+        }
+        ++kq;
     }
     cp_async_wait<0>();
     fence_proxy_async();
-    mbar_arrive(prev);
+    if (prev) mbar_arrive(prev);
 }
 
-template <typename T, int D, int BN, int NWG, bool PP, int PR, bool LAZY = false>
+template <typename T, int D, int BN, int NWG, bool PP, int PR, bool LAZY = false, bool PERSIST = false>
 __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
     constexpr int BM = 64 * NWG, CT = 128 * NWG;
     constexpr int CR = Sm90WsRegs<NWG, PR>::CR;
     static_assert(D % 64 == 0 && D <= 256 && BN % 16 == 0 && BN <= 256, "tile shape");
     static_assert(PR >= 24 && PR % 8 == 0 && CR >= PR, "register split");
-    constexpr unsigned KV_BYTES = BN * D * 2;
+    constexpr unsigned KV_BYTES = BN * D * 2, Q_BYTES = BM * D * 2;
     const unsigned sQ = (smem_u32(flash_smem) + 1023u) & ~1023u;
-    const unsigned sK = sQ + BM * D * 2, sV = sK + 2 * KV_BYTES, bars = sV + 2 * KV_BYTES;
-    // mbarriers: full_q; full_k[2]; full_v[2]; empty_k[2]; empty_v[2] (8 bytes each; stage st at + 8·st).
-    const unsigned full_q = bars, full_k = bars + 8, full_v = bars + 24, empty_k = bars + 40, empty_v = bars + 56;
+    const unsigned sK = sQ + 2 * Q_BYTES, sV = sK + 2 * KV_BYTES;
+    const Sm90WsBars bar(sV + 2 * KV_BYTES);
+    const int tid = threadIdx.x, wg = tid / 128;
 
-    const FlashBlock b = flash_block();
-    FlashSeq s;
-    if (!flash_seq(p, b.seq, s)) return;
-    const int m0 = (b.tiles - 1 - b.tile) * BM;
-    if (m0 >= s.len_q) return;
-    const Sm90QueryBlock blk = sm90_query_block<BM, BN>(p, s, m0, b.head);
-
-    if (blk.tid == 0) {
-        mbar_init(full_q, 128);
+    if (tid == 0) {
 #pragma unroll
-        for (int st = 0; st < 2; ++st) {
-            mbar_init(full_k + 8 * st, 128);
-            mbar_init(full_v + 8 * st, 128);
-            mbar_init(empty_k + 8 * st, 4 * NWG);
-            mbar_init(empty_v + 8 * st, 4 * NWG);
+        for (int i = 0; i < 2; ++i) {
+            mbar_init(bar.full_q + 8 * i, 128);
+            mbar_init(bar.full_k + 8 * i, 128);
+            mbar_init(bar.full_v + 8 * i, 128);
+            mbar_init(bar.empty_q + 8 * i, 4 * NWG);
+            mbar_init(bar.empty_k + 8 * i, 4 * NWG);
+            mbar_init(bar.empty_v + 8 * i, 4 * NWG);
         }
         mbar_init_fence();
     }
     __syncthreads();
 
-    if (blk.wg == NWG) {
+    if (wg == NWG) {
         // ---- producer ----
         setmaxnreg_dec<PR>();
-        const int ptid = blk.tid - CT;
-        // Derived after the role split rather than taken from blk, so that consumers never hold them.
-        const unsigned short* gk = static_cast<const unsigned short*>(p.k) + (static_cast<u64>(s.k0) * p.n_kv_heads + blk.kvh) * blk.hd;
-        const unsigned short* gv = static_cast<const unsigned short*>(p.v) + (static_cast<u64>(s.k0) * p.n_kv_heads + blk.kvh) * blk.hd;
-        const u64 q_row0 = blk.q_row0, q_stride = blk.q_stride, kv_stride = blk.kv_stride;
         // One loop per row alignment, so only one load path's values are live in it.
-        if (blk.hd % 8 == 0)
-            sm90_produce<1, D, BN, BM>(p, s, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v, q_row0, q_stride, kv_stride, blk.m1 - m0, blk.n_first, blk.n_last, ptid, gk, gv);
-        else
-            sm90_produce<-1, D, BN, BM>(p, s, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v, q_row0, q_stride, kv_stride, blk.m1 - m0, blk.n_first, blk.n_last, ptid, gk, gv);
+        if (p.head_dim % 8 == 0) sm90_produce<1, D, BN, BM, PERSIST>(p, sQ, sK, sV, bar, tid - CT);
+        else sm90_produce<-1, D, BN, BM, PERSIST>(p, sQ, sK, sV, bar, tid - CT);
         return;
     }
 
     // ---- consumers ----
     setmaxnreg_inc<CR>();
-    const int wr0 = m0 + 64 * blk.wg, wr1 = min(wr0 + 64, s.len_q);
-    const int wi_min = wr0 + blk.off, wi_max = wr1 - 1 + blk.off;
-    float o[D / 2], sacc[BN / 2];
-    unsigned pf[BN / 16][4];
-    float row_max[2], row_sum[2];
-    Sm90Rows<T, D, BN, BM, LAZY> rows(p, s, sQ, sK, sV, blk.wg, blk.t, wi_min, wi_max, o, sacc, pf, row_max, row_sum, m0, blk.warp, blk.g);
-
-    const int wg = blk.wg, lane = blk.lane;
-    // Ping-pong: this warpgroup's turn to issue, then the next one's.
+    // Ping-pong: this warpgroup's turn to issue, then the next one's. The turns run on across items (both warpgroups
+    // take the same tiles), so warpgroup 0 is given the first one once.
     const auto my_turn = [&] {
         if (PP && NWG > 1) named_sync(1 + wg, 256);
     };
     const auto pass_turn = [&] {
         if (PP && NWG > 1) named_arrive(1 + (wg + 1) % NWG, 256);
     };
-    mbar_wait(full_q, 0);
-    if (PP && NWG > 1 && wg == NWG - 1) named_arrive(1, 256);  // warpgroup 0 issues first
-    int it = 0;
-    for (int n = blk.n_last; n >= blk.n_first; --n, ++it) {
-        const int st = it & 1, pst = st ^ 1;  // pst: the stage of tile n + 1 (iteration it − 1)
-        const auto release_k = [&] {
-            if (lane == 0) mbar_arrive(empty_k + 8 * st);
-        };
-        mbar_wait(full_k + 8 * st, (it >> 1) & 1);
-        if (it > 0) {
-            mbar_wait(full_v + 8 * pst, ((it - 1) >> 1) & 1);
-            my_turn();
-            rows.step_overlapped(n, st, pst, pass_turn, release_k, [&] {
-                if (lane == 0) mbar_arrive(empty_v + 8 * pst);
-            });
-        } else {
-            my_turn();
-            rows.step_s(n, st, pass_turn, release_k);
+    if (PP && NWG > 1 && wg == NWG - 1) named_arrive(1, 256);
+    int kq = 0, it = 0;
+    FlashBlock b;
+    for (int r = 0; sm90_item<PERSIST>(p, r, b); ++r) {
+        FlashSeq s;
+        int m0;
+        if (!sm90_item_rows<BM>(p, b, s, m0)) continue;
+        const Sm90QueryBlock blk = sm90_query_block<BM, BN>(p, s, m0, b.head);
+        const int qb = kq & 1, lane = blk.lane;
+        const unsigned sQb = sQ + qb * Q_BYTES;
+        const int wr0 = m0 + 64 * wg, wr1 = min(wr0 + 64, s.len_q);
+        const int wi_min = wr0 + blk.off, wi_max = wr1 - 1 + blk.off;
+        float o[D / 2], sacc[BN / 2];
+        unsigned pf[BN / 16][4];
+        float row_max[2], row_sum[2];
+        Sm90Rows<T, D, BN, BM, LAZY> rows(p, s, sQb, sK, sV, wg, blk.t, wi_min, wi_max, o, sacc, pf, row_max, row_sum, m0, blk.warp, blk.g);
+        mbar_wait(bar.full_q + 8 * qb, (kq >> 1) & 1);
+        const int it0 = it;
+        for (int n = blk.n_last; n >= blk.n_first; --n, ++it) {
+            const int st = it & 1, pst = st ^ 1;  // pst: the stage of tile n + 1 (iteration it − 1)
+            const auto release_k = [&] {
+                if (lane == 0) mbar_arrive(bar.empty_k + 8 * st);
+            };
+            mbar_wait(bar.full_k + 8 * st, (it >> 1) & 1);
+            if (it > it0) {
+                mbar_wait(bar.full_v + 8 * pst, ((it - 1) >> 1) & 1);
+                my_turn();
+                rows.step_overlapped(n, st, pst, pass_turn, release_k, [&] {
+                    if (lane == 0) mbar_arrive(bar.empty_v + 8 * pst);
+                });
+            } else {
+                my_turn();
+                rows.step_s(n, st, pass_turn, release_k);
+            }
         }
-    }
-    if (it > 0) {
-        const int st = (it - 1) & 1;  // P(n_first)·V(n_first)
-        mbar_wait(full_v + 8 * st, ((it - 1) >> 1) & 1);
-        rows.step_pv(st);
-    }
+        if (it > it0) {
+            const int st = (it - 1) & 1;  // P(n_first)·V(n_first)
+            mbar_wait(bar.full_v + 8 * st, ((it - 1) >> 1) & 1);
+            rows.step_pv(st);
+            if (lane == 0) mbar_arrive(bar.empty_v + 8 * st);
+        }
 
-    rows.stage_output(m0, blk.h, blk.warp, blk.g);
-    named_sync(1 + NWG + wg, 128);
-    sm90_store_rows<BM, 64, D, 128>(static_cast<unsigned short*>(p.out) + blk.q_row0, blk.q_stride, sQ, 64 * wg, blk.m1 - m0, blk.hd, blk.tid - 128 * wg);
+        rows.stage_output(m0, blk.h, blk.warp, blk.g);
+        named_sync(1 + NWG + wg, 128);
+        sm90_store_rows<BM, 64, D, 128>(static_cast<unsigned short*>(p.out) + blk.q_row0, blk.q_stride, sQb, 64 * wg, blk.m1 - m0, blk.hd, tid - 128 * wg);
+        // The producer may load a later item's Q into this buffer once every consumer warp has read its rows out.
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar.empty_q + 8 * qb);
+        ++kq;
+    }
 }
+

@@ -263,6 +263,8 @@ extern "C" int launch(int i, const unsigned long long* ptrs, int n_seqs, int max
     p.pad = 0;
     const bool fwd = v.name[0] == 'f';
     const int per_block = fwd ? v.bm : v.bn;
+    p.n_seqs = n_seqs;
+    p.tiles = (max_rows + per_block - 1) / per_block;
     // (heads, sequences, tiles): flash_common.cuh flash_block
     dim3 grid(fwd ? n_heads : n_kv_heads, n_seqs, (max_rows + per_block - 1) / per_block);
     cudaError_t e = cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem);

@@ -29,6 +29,8 @@ pub struct FlashKernel {
     pub(super) rows: usize,
     pub(super) threads: usize,
     pub(super) smem: usize,
+    /// One block per multiprocessor walking the work items (flash_common.cuh `flash_item`) instead of one per item.
+    pub(super) persistent: bool,
 }
 
 /// The forward and backward kernels of a bf16 (`half` Bf16) or f16 launch at `head_dim` (checked against
@@ -79,12 +81,12 @@ impl Flash {
 
     fn forward_kernel(&self, half: Half) -> FlashKernel {
         let (name, rows, threads) = (half.pick(self.forward[0], self.forward[1]), self.fwd.bm, 32 * self.fwd.warps);
-        FlashKernel { module: self.module, name, rows, threads, smem: self.forward_smem() }
+        FlashKernel { module: self.module, name, rows, threads, smem: self.forward_smem(), persistent: false }
     }
 
     fn backward_kernel(&self, half: Half) -> FlashKernel {
         let (name, rows, threads) = (half.pick(self.backward[0], self.backward[1]), self.bwd.bn, 32 * self.bwd.warps);
-        FlashKernel { module: self.module, name, rows, threads, smem: self.backward_smem() }
+        FlashKernel { module: self.module, name, rows, threads, smem: self.backward_smem(), persistent: false }
     }
 }
 
@@ -120,10 +122,11 @@ static FLASH: [Flash; 6] = [
 /// flash_attention_sm90.cuh's two templates lays it out.
 #[derive(Clone, Copy, Debug)]
 enum Sm90Forward {
-    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 48, LAZY>`: NWG consumer warpgroups fed by one producer
-    /// warpgroup that keeps 48 registers; shared memory `Sm90ForwardWsSmem` (Q, two K and two V stages, 1 KB of
-    /// alignment slack, the mbarriers). LAZY rescales O only when a row's max grows by more than 2^8.
-    WarpSpecialized { bn: usize, nwg: usize, ping_pong: bool, lazy: bool },
+    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 48, LAZY, PERSISTENT>`: NWG consumer warpgroups fed by one
+    /// producer warpgroup that keeps 56 registers; shared memory `Sm90ForwardWsSmem` (two Q buffers, two K and two V
+    /// stages, 1 KB of alignment slack, the mbarriers). LAZY rescales O only when a row's max grows by more than 2^8;
+    /// PERSISTENT walks the work items with one block per multiprocessor, the next item's loads under this one's end.
+    WarpSpecialized { bn: usize, nwg: usize, ping_pong: bool, lazy: bool, persistent: bool },
     /// `flash_forward_sm90<T, D, BN, NWG, OVERLAP, LAZY>`: every thread loads; shared memory `Sm90ForwardSmem` (the
     /// same tiles, no mbarriers).
     AllLoad { bn: usize, nwg: usize, overlap: bool, lazy: bool },
@@ -133,10 +136,10 @@ impl Sm90Forward {
     /// (the template call the .cu writes, `{T}` standing for the element type; threads; shared memory) at head_dim `d`.
     fn shape(self, d: usize) -> (String, usize, usize) {
         match self {
-            Sm90Forward::WarpSpecialized { bn, nwg, ping_pong, lazy } => (
-                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 48, {lazy}>"),
+            Sm90Forward::WarpSpecialized { bn, nwg, ping_pong, lazy, persistent } => (
+                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 56, {lazy}, {persistent}>"),
                 128 * (nwg + 1),
-                (64 * nwg + 4 * bn) * d * 2 + 1024 + 128,
+                (2 * 64 * nwg + 4 * bn) * d * 2 + 1024 + 128,
             ),
             Sm90Forward::AllLoad { bn, nwg, overlap, lazy } => (
                 format!("flash_forward_sm90<{{T}}, {d}, {bn}, {nwg}, {overlap}, {lazy}>"),
@@ -150,6 +153,10 @@ impl Sm90Forward {
         match self {
             Sm90Forward::WarpSpecialized { nwg, .. } | Sm90Forward::AllLoad { nwg, .. } => 64 * nwg,
         }
+    }
+
+    fn persistent(self) -> bool {
+        matches!(self, Sm90Forward::WarpSpecialized { persistent: true, .. })
     }
 }
 
@@ -206,13 +213,20 @@ impl FlashSm90 {
     fn forward_kernel(&self, half: Half) -> FlashKernel {
         let (_, threads, smem) = self.fwd.shape(self.d);
         let name = half.pick(self.forward[0], self.forward[1]);
-        FlashKernel { module: self.module, name, rows: self.fwd.rows(), threads, smem }
+        FlashKernel {
+            module: self.module,
+            name,
+            rows: self.fwd.rows(),
+            threads,
+            smem,
+            persistent: self.fwd.persistent(),
+        }
     }
 
     fn backward_kernel(&self, half: Half) -> FlashKernel {
         let (_, rows, threads, smem) = self.bwd.shape(self.d);
         let name = half.pick(self.backward[0], self.backward[1]);
-        FlashKernel { module: self.module, name, rows, threads, smem }
+        FlashKernel { module: self.module, name, rows, threads, smem, persistent: false }
     }
 }
 
@@ -239,10 +253,10 @@ macro_rules! sm90 {
 /// and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
-        fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true },
+        fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
         bwd Sm90Backward::Pairs { nwg: 2, overlap: false, staged_dq: false }),
     sm90!(128, FlashSm90D128, from 97,
-        fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true },
+        fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
         bwd Sm90Backward::Pairs { nwg: 2, overlap: true, staged_dq: true }),
     sm90!(256, FlashSm90D256, from 129,
         fwd Sm90Forward::AllLoad { bn: 64, nwg: 2, overlap: false, lazy: true },
