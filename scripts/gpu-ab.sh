@@ -8,7 +8,9 @@
 # (a stale binary, silently). There, from the repo root:
 #   bash .gpu/ab/run.sh [ROUNDS] "BENCH ARGS" ["BENCH ARGS"…]     e.g.  bash .gpu/ab/run.sh 2 "--shape llama-3.2-1b --steps 3"
 # runs the tests (`.gpu/parity/run.sh`), then each bench ROUNDS times per binary (base, then this tree's), and prints
-# per bench the step times of both and their ratio. JSON lines land in $OUT/ab.jsonl, the test log in $OUT/parity.txt.
+# per bench the step times of both and their ratio. A bench of kernels ("kernels --filter attention") prints per row
+# the milliseconds of both and their ratio instead. JSON lines land in $OUT/ab.jsonl, the test log in
+# $OUT/parity.txt.
 #   scripts/gpu-ab.sh BASE [TEST_TARGET…]      BASE: any revision (main, a commit); targets: as gpu-check.sh takes them
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -53,23 +55,33 @@ for args in "$@"; do
         for side in base head; do
             bin="$here/base-qlora-rt"
             [[ $side == head ]] && bin="$here/../parity/qlora-rt"
+            # A step bench prints one JSON line; a kernels bench one per row (the ceilings' included).
             # shellcheck disable=SC2086 # the bench's arguments are words on purpose
-            line="$(timeout 120 "$bin" bench $args --json 2>>"$out/ab.err" | tail -n 1)"
-            echo "{\"side\":\"$side\",\"args\":\"$args\",\"round\":$round,\"result\":${line:-null}}" >>"$out/ab.jsonl"
+            timeout 150 "$bin" bench $args --json 2>>"$out/ab.err" | while read -r line; do
+                [[ $line == \{* ]] || continue
+                echo "{\"side\":\"$side\",\"args\":\"$args\",\"round\":$round,\"result\":$line}" >>"$out/ab.jsonl"
+            done
         done
     done
 done
 python3 - "$out/ab.jsonl" <<'PY'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
+def ratio(base, head):
+    return f", head/base {statistics.median(head) / statistics.median(base):.3f}" if base and head else ""
 for args in dict.fromkeys(r["args"] for r in rows):
+    if args.split()[0] == "kernels":
+        # ms per (row, shape); head/base < 1 is faster.
+        kern = [r for r in rows if r["args"] == args and "ms" in r["result"]]
+        for key in dict.fromkeys((r["result"]["name"], r["result"]["shape"]) for r in kern):
+            ms = {side: [r["result"]["ms"] for r in kern if (r["result"]["name"], r["result"]["shape"]) == key and r["side"] == side]
+                  for side in ("base", "head")}
+            print(f"{key[0]} {key[1]}: base {ms['base']} ms, head {ms['head']} ms{ratio(ms['base'], ms['head'])}")
+        continue
     ms = {side: [r["result"]["step_ms"] for r in rows if r["args"] == args and r["side"] == side and r["result"]]
           for side in ("base", "head")}
     gpu = next((r["result"].get("gpu") or r["result"].get("device") for r in rows if r["args"] == args and r["result"]), "?")
-    line = f"{args}: base {ms['base']} ms, head {ms['head']} ms"
-    if ms["base"] and ms["head"]:
-        line += f", head/base {statistics.median(ms['head']) / statistics.median(ms['base']):.3f}"
-    print(f"{line} ({gpu})")
+    print(f"{args}: base {ms['base']} ms, head {ms['head']} ms{ratio(ms['base'], ms['head'])} ({gpu})")
 PY
 RUNNER
 chmod +x "$stage/run.sh"
