@@ -91,7 +91,7 @@ pub(crate) fn layer_forward(
     let a = &l.self_attn;
 
     let h = t.rms_norm(x, &t.param(&l.input_layernorm), eps, offset)?;
-    let norm = Some(normed(x, &l.input_layernorm, c));
+    let norm = Some(normed(x, &l.input_layernorm, eps, offset));
     let [q, k, v] =
         Projection::forward_group(t, &h, norm, [(&a.q_proj, seed(0)), (&a.k_proj, seed(1)), (&a.v_proj, seed(2))])?;
     let mut q = t.reshape(&q, &[tokens, c.num_attention_heads, hd])?;
@@ -132,7 +132,7 @@ pub(crate) fn layer_forward(
         None => &l.post_attention_layernorm,
     };
     let (x, h) = t.add_rms_norm(x, &attn, &t.param(ff_norm), eps, offset)?;
-    let norm = Some(normed(&x, ff_norm, c));
+    let norm = Some(normed(&x, ff_norm, eps, offset));
     let m = match inp.mlp_chunk {
         // A block at a time, each its own checkpoint (inside the layer's recompute, a block's MLP activations live
         // only while that block's backward runs).
@@ -195,10 +195,11 @@ fn mlp_forward(
     }
 }
 
-/// What the LoRA group after a norm of `x` by `weight` keeps to form the norm's output again: the norm's input, which
-/// the norm's own backward keeps anyway (`Tape::lora_linear_group_of`).
-fn normed(x: &Var, weight: &Param, c: &ModelConfig) -> NormOf {
-    NormOf { input: x.value().clone(), weight: weight.value(), eps: c.rms_norm_eps, offset: norm_offset(c.family) }
+/// What the LoRA group after a norm of `x` by `weight` (with the `eps` and `offset` that norm ran with) keeps to form
+/// the norm's output again: the norm's input, which the norm's own backward keeps anyway
+/// (`Tape::lora_linear_group_of`).
+fn normed(x: &Var, weight: &Param, eps: f64, offset: f64) -> NormOf {
+    NormOf { input: x.value().clone(), weight: weight.value(), eps, offset }
 }
 
 /// The dropout seed of projection `k` of layer `index`: distinct, reproducible streams per layer and projection.

@@ -55,17 +55,14 @@ pub(super) fn launch(
     allow_smem(dev, module, name, smem as u32)?;
     params.n_seqs = u32_arg("attention: sequences", n_seqs);
     params.tiles = u32_arg("attention: tiles of the longest sequence", tiles);
-    let cfg = if persistent {
+    let grid_dim = if persistent {
         let items = tiles.saturating_mul(heads).saturating_mul(n_seqs);
         let blocks = resident_blocks_with_smem(dev, module, name, threads as u32, smem as u32)? as usize;
-        LaunchConfig {
-            grid_dim: (blocks.min(items).max(1) as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
-        }
+        (blocks.min(items).max(1) as u32, 1, 1)
     } else {
-        flash_grid(tiles, heads, n_seqs, threads, smem)
+        flash_grid(tiles, heads, n_seqs)
     };
+    let cfg = LaunchConfig { grid_dim, block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: flash_*(const FlashParams p): every address in `params` is a buffer of this device sized as the
     // callers assert (q, out, d_out, dq_accum: tq·n_heads·head_dim; k, v, dk, dv: tk·n_kv_heads·head_dim; lse, delta:
     // tq·n_heads; cu_q, cu_k: n_seqs + 1), and the kernels skip any sequence whose offsets leave 0..tq or 0..tk; the
@@ -74,18 +71,14 @@ pub(super) fn launch(
     unsafe { launch!(dev, module, name, cfg; params) }
 }
 
-/// (heads, sequences, tiles) blocks of `threads` with `smem` bytes of dynamic shared memory: the tile varies slowest
-/// in launch order, so the heaviest causal tiles of every head start first (flash_common.cuh `flash_block`).
-fn flash_grid(tiles: usize, heads: usize, n_seqs: usize, threads: usize, smem: usize) -> LaunchConfig {
+/// The grid of a block per work item, (heads, sequences, tiles): the tile varies slowest in launch order, so the
+/// heaviest causal tiles of every head start first (flash_common.cuh `flash_block`).
+fn flash_grid(tiles: usize, heads: usize, n_seqs: usize) -> (u32, u32, u32) {
     assert!(
         tiles <= 65_535 && n_seqs <= 65_535,
         "attention: {tiles} tiles of the longest sequence or {n_seqs} sequences exceed a grid"
     );
-    LaunchConfig {
-        grid_dim: (u32::try_from(heads).expect("attention: heads fit a grid's x"), n_seqs as u32, tiles as u32),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    }
+    (u32::try_from(heads).expect("attention: heads fit a grid's x"), n_seqs as u32, tiles as u32)
 }
 
 #[cfg(test)]
