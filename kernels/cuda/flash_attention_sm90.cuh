@@ -331,7 +331,9 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
 // output from it: `empty_q`), then K(n), V(n) for every tile into two
 // stages each with cp.async; after each group it waits for the previous group with cp.async.wait_group 1, fences
 // (fence.proxy.async: the tensor cores read what the generic proxy wrote) and release-arrives on that stage's `full`
-// mbarrier (128 arrivals). Before overwriting a stage it waits on the stage's `empty` mbarrier, which every consumer
+// mbarrier (128 arrivals). With TMA (the product's; `maps` a __grid_constant__ parameter) one thread issues the loads
+// instead and each `full` barrier completes when its bytes land (sm90_produce_tma); the cp.async producer stays for
+// scripts/flash/variants.cu's comparisons. Before overwriting a stage it waits on the stage's `empty` mbarrier, which every consumer
 // warp arrives on once its wgmma reading the stage has completed (4·NWG arrivals). Consumers raise their limit to CR
 // registers and never take a block-wide barrier: per tile they issue S(n) = Q·K(n)ᵀ and O += P(n+1)·V(n+1) together,
 // release K as soon as S has landed, run the softmax of S(n) while P·V is on the tensor cores, then release V, rescale

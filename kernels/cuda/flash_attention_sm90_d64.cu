@@ -1,7 +1,7 @@
 // Flash attention on Hopper wgmma for head_dim ≤ 64 (padded to 64), sm_90a only: the entry points of
 // flash_attention_sm90.cuh's and flash_attention_sm90_backward.cuh's templates, bf16 and f16. Forward:
 // warp-specialized and persistent (one block per multiprocessor), BN 128 keys per tile, 2 consumer warpgroups (128
-// query rows) with ping-pong + 1 producer warpgroup (56 registers),
+// query rows) with ping-pong + 1 producer warpgroup (24 registers; one thread issues TMA loads),
 // O rescaled lazily (only when a row max grows by more than 2^8: +4% on the H200); backward: 2 warpgroups, 128 keys
 // per block (its overlapped variant measured 2% slower here). kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds
 // the same numbers for the launch.
