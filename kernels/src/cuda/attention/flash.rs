@@ -157,6 +157,34 @@ fn flash_grid(tiles: usize, heads: usize, n_seqs: usize) -> (u32, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    use super::{tensor_maps, FlashParams, Half};
+
+    /// Layouts TMA cannot address are refused before any driver call (so this runs without a GPU), which sends the
+    /// launch to the mma.sync forward.
+    #[test]
+    fn tma_refuses_what_it_cannot_address() {
+        let ok = FlashParams {
+            q: 1 << 20,
+            k: 2 << 20,
+            v: 3 << 20,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            tq: 4096,
+            tk: 4096,
+            ..FlashParams::default()
+        };
+        let refused = [
+            FlashParams { head_dim: 100, ..ok },
+            FlashParams { k: (2 << 20) + 8, ..ok },
+            FlashParams { tk: 0, ..ok },
+            FlashParams { tq: 0, ..ok },
+        ];
+        for p in refused {
+            assert!(tensor_maps(&p, Half::Bf16, 128, 128).expect("no driver call").is_none());
+        }
+    }
+
     #[test]
     fn params_are_laid_out_as_the_kernels_read_them() {
         assert_eq!(std::mem::size_of::<super::FlashParams>(), 144, "flash_common.cuh's FlashParams is 144 bytes");
