@@ -1,8 +1,8 @@
 //! The flash kernels' parameters and their launch (which kernel serves a launch is `tables.rs`'s).
 
 use super::FlashKernel;
-use crate::cuda::{allow_smem, launch, resident_blocks_with_smem, u32_arg, CudaDevice, Error, Result};
 use super::Half;
+use crate::cuda::{allow_smem, launch, resident_blocks_with_smem, u32_arg, CudaDevice, Error, Result};
 use cudarc::driver::sys::{
     cuTensorMapEncodeTiled, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
     CUtensorMapL2promotion, CUtensorMapSwizzle,
@@ -61,7 +61,12 @@ unsafe impl DeviceRepr for FlashMaps {}
 /// heads, then tokens) boxed 64 columns × 1 head × rows, 128-byte swizzled, so a box lands as one column block of
 /// flash_wgmma.cuh's shared layout and columns past head_dim as zeros. None where TMA cannot address the buffers:
 /// rows not a multiple of 16 bytes (head_dim % 8 ≠ 0), a buffer not 16-byte aligned, or no keys.
-pub(super) fn tensor_maps(params: &FlashParams, half: Half, q_rows: usize, kv_rows: usize) -> Result<Option<FlashMaps>> {
+pub(super) fn tensor_maps(
+    params: &FlashParams,
+    half: Half,
+    q_rows: usize,
+    kv_rows: usize,
+) -> Result<Option<FlashMaps>> {
     let hd = u64::from(params.head_dim);
     let aligned = [params.q, params.k, params.v].iter().all(|&a| a % 16 == 0);
     if hd % 8 != 0 || !aligned || params.tk == 0 || params.tq == 0 {

@@ -84,12 +84,28 @@ impl Flash {
 
     fn forward_kernel(&self, half: Half) -> FlashKernel {
         let (name, rows, threads) = (half.pick(self.forward[0], self.forward[1]), self.fwd.bm, 32 * self.fwd.warps);
-        FlashKernel { module: self.module, name, rows, threads, smem: self.forward_smem(), persistent: false, tma: None }
+        FlashKernel {
+            module: self.module,
+            name,
+            rows,
+            threads,
+            smem: self.forward_smem(),
+            persistent: false,
+            tma: None,
+        }
     }
 
     fn backward_kernel(&self, half: Half) -> FlashKernel {
         let (name, rows, threads) = (half.pick(self.backward[0], self.backward[1]), self.bwd.bn, 32 * self.bwd.warps);
-        FlashKernel { module: self.module, name, rows, threads, smem: self.backward_smem(), persistent: false, tma: None }
+        FlashKernel {
+            module: self.module,
+            name,
+            rows,
+            threads,
+            smem: self.backward_smem(),
+            persistent: false,
+            tma: None,
+        }
     }
 }
 
