@@ -331,7 +331,9 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
 // output from it: `empty_q`), then K(n), V(n) for every tile into two
 // stages each with cp.async; after each group it waits for the previous group with cp.async.wait_group 1, fences
 // (fence.proxy.async: the tensor cores read what the generic proxy wrote) and release-arrives on that stage's `full`
-// mbarrier (128 arrivals). Before overwriting a stage it waits on the stage's `empty` mbarrier, which every consumer
+// mbarrier (128 arrivals). With TMA (the product's; `maps` a __grid_constant__ parameter) one thread issues the loads
+// instead and each `full` barrier completes when its bytes land (sm90_produce_tma); the cp.async producer stays for
+// scripts/flash/variants.cu's comparisons. Before overwriting a stage it waits on the stage's `empty` mbarrier, which every consumer
 // warp arrives on once its wgmma reading the stage has completed (4·NWG arrivals). Consumers raise their limit to CR
 // registers and never take a block-wide barrier: per tile they issue S(n) = Q·K(n)ᵀ and O += P(n+1)·V(n+1) together,
 // release K as soon as S has landed, run the softmax of S(n) while P·V is on the tensor cores, then release V, rescale
@@ -420,8 +422,49 @@ __device__ __forceinline__ void sm90_produce(const FlashParams& p, unsigned sQ, 
     if (prev) mbar_arrive(prev);
 }
 
-template <typename T, int D, int BN, int NWG, bool PP, int PR, bool LAZY = false, bool PERSIST = false>
-__device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
+// The TMA producer: one thread issues every load, each signalled by the hardware when its bytes land (full
+// barriers of one arrival, the expected bytes set by that arrival), so no load waits on the issue of another, as
+// sm90_produce's cp.async groups do. Per item Q into buffer kq % 2, then the tiles' K and V into stage it % 2, K one
+// tile ahead: K(0), K(1), V(0), K(2), V(1), …, V(last). Issuing V(j) waits for both consumer warpgroups to release
+// V(j − 2), which the one behind in the ping-pong does late in its iteration j − 1; K(j + 1) issued before it is not
+// held up by that. Rows past a sequence's end come from the next sequence (or are zeros past the tensor): its keys
+// are masked (P = 0) and its query rows never stored.
+template <int D, int BN, int BM, bool PERSIST>
+__device__ __forceinline__ void sm90_produce_tma(const FlashParams& p, const FlashMaps& maps, unsigned sQ, unsigned sK, unsigned sV, const Sm90WsBars& bar) {
+    constexpr unsigned KV_BYTES = BN * D * 2, Q_BYTES = BM * D * 2;
+    tma_prefetch(&maps.q);
+    tma_prefetch(&maps.k);
+    tma_prefetch(&maps.v);
+    int kq = 0, it = 0;
+    FlashBlock b;
+    for (int r = 0; sm90_item<PERSIST>(p, r, b); ++r) {
+        FlashSeq s;
+        int m0;
+        if (!sm90_item_rows<BM>(p, b, s, m0)) continue;
+        const int kvh = b.head / (p.n_heads / p.n_kv_heads);
+        const FlashQueryBlock blk = flash_query_block<BM, BN>(p, s, m0, b.head, kvh);
+        const int qb = kq & 1;
+        if (kq >= 2) mbar_wait(bar.empty_q + 8 * qb, ((kq >> 1) & 1) ^ 1);
+        sm90_tma_tile<BM, D>(sQ + qb * Q_BYTES, &maps.q, b.head, s.q0 + m0, bar.full_q + 8 * qb);
+        // Tile j of the item (key tile n_last − j) into stage (it + j) % 2, once that stage's last reader released it.
+        const auto load = [&](const TmaMap* map, unsigned dst, unsigned empty, unsigned full, int j) {
+            const int t = it + j, st = t & 1;
+            if (t >= 2) mbar_wait(empty + 8 * st, ((t >> 1) & 1) ^ 1);
+            sm90_tma_tile<BN, D>(dst + st * KV_BYTES, map, kvh, s.k0 + (blk.n_last - j) * BN, full + 8 * st);
+        };
+        const int tiles = max(blk.n_last - blk.n_first + 1, 0);
+        if (tiles > 0) load(&maps.k, sK, bar.empty_k, bar.full_k, 0);
+        for (int j = 0; j < tiles; ++j) {
+            if (j + 1 < tiles) load(&maps.k, sK, bar.empty_k, bar.full_k, j + 1);
+            load(&maps.v, sV, bar.empty_v, bar.full_v, j);
+        }
+        it += tiles;
+        ++kq;
+    }
+}
+
+template <typename T, int D, int BN, int NWG, bool PP, int PR, bool LAZY = false, bool PERSIST = false, bool TMA = false>
+__device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p, const FlashMaps* maps = nullptr) {
     constexpr int BM = 64 * NWG, CT = 128 * NWG;
     constexpr int CR = Sm90WsRegs<NWG, PR>::CR;
     static_assert(D % 64 == 0 && D <= 256 && BN % 16 == 0 && BN <= 256, "tile shape");
@@ -435,9 +478,10 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
     if (tid == 0) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            mbar_init(bar.full_q + 8 * i, 128);
-            mbar_init(bar.full_k + 8 * i, 128);
-            mbar_init(bar.full_v + 8 * i, 128);
+            // TMA: the one issuing thread's arrival (with the bytes); cp.async: every producer thread's.
+            mbar_init(bar.full_q + 8 * i, TMA ? 1 : 128);
+            mbar_init(bar.full_k + 8 * i, TMA ? 1 : 128);
+            mbar_init(bar.full_v + 8 * i, TMA ? 1 : 128);
             mbar_init(bar.empty_q + 8 * i, 4 * NWG);
             mbar_init(bar.empty_k + 8 * i, 4 * NWG);
             mbar_init(bar.empty_v + 8 * i, 4 * NWG);
@@ -449,6 +493,10 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
     if (wg == NWG) {
         // ---- producer ----
         setmaxnreg_dec<PR>();
+        if (TMA) {
+            if (tid == CT) sm90_produce_tma<D, BN, BM, PERSIST>(p, *maps, sQ, sK, sV, bar);
+            return;
+        }
         // One loop per row alignment, so only one load path's values are live in it.
         if (p.head_dim % 8 == 0) sm90_produce<1, D, BN, BM, PERSIST>(p, sQ, sK, sV, bar, tid - CT);
         else sm90_produce<-1, D, BN, BM, PERSIST>(p, sQ, sK, sV, bar, tid - CT);
@@ -510,7 +558,9 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p) {
         rows.stage_output(m0, blk.h, blk.warp, blk.g);
         named_sync(1 + NWG + wg, 128);
         sm90_store_rows<BM, 64, D, 128>(static_cast<unsigned short*>(p.out) + blk.q_row0, blk.q_stride, sQb, 64 * wg, blk.m1 - m0, blk.hd, tid - 128 * wg);
-        // The producer may load a later item's Q into this buffer once every consumer warp has read its rows out.
+        // The producer may load a later item's Q into this buffer once every consumer warp has read its rows out
+        // (by TMA, the async proxy: the generic reads and writes of the output come before it).
+        if (TMA) fence_proxy_async();
         __syncwarp();
         if (lane == 0) mbar_arrive(bar.empty_q + 8 * qb);
         ++kq;

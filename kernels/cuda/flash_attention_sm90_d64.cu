@@ -1,7 +1,7 @@
 // Flash attention on Hopper wgmma for head_dim ≤ 64 (padded to 64), sm_90a only: the entry points of
 // flash_attention_sm90.cuh's and flash_attention_sm90_backward.cuh's templates, bf16 and f16. Forward:
 // warp-specialized and persistent (one block per multiprocessor), BN 128 keys per tile, 2 consumer warpgroups (128
-// query rows) with ping-pong + 1 producer warpgroup (56 registers),
+// query rows) with ping-pong + 1 producer warpgroup (24 registers; one thread issues TMA loads),
 // O rescaled lazily (only when a row max grows by more than 2^8: +4% on the H200); backward: 2 warpgroups, 128 keys
 // per block (its overlapped variant measured 2% slower here). kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds
 // the same numbers for the launch.
@@ -12,7 +12,7 @@
 #include "flash_attention_sm90_backward.cuh"
 
 // qlora-rt: hot
-extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d64_bf16(const FlashParams p) { flash_forward_sm90_ws<bf16, 64, 128, 2, true, 56, true, true>(p); }
-extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d64_f16(const FlashParams p) { flash_forward_sm90_ws<f16, 64, 128, 2, true, 56, true, true>(p); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<bf16, 64, 128, 2, true, 24, true, true, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<f16, 64, 128, 2, true, 24, true, true, true>(p, &maps); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_bf16(const FlashParams p) { flash_backward_sm90<bf16, 64, 2, false>(p); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_f16(const FlashParams p) { flash_backward_sm90<f16, 64, 2, false>(p); }

@@ -137,6 +137,31 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
         "r"(parity)
         : "memory");
 }
+// TMA (the tensor memory accelerator): a tile of a 3-D tensor [rows][heads][hd] (hd fastest), described by a
+// CUtensorMap that the host encodes (attention/flash.rs `tensor_maps`: box 64 columns × 1 head × ROWS rows, 128-byte
+// swizzle, so a box lands as one column block of the layout below) and passes as a __grid_constant__ parameter.
+// cuda.h's CUtensorMap is 128 bytes, 128-aligned since CUDA 13.
+struct alignas(128) TmaMap {
+    unsigned long long opaque[16];
+};
+// The forward's Q, K and V maps (kernels/src/cuda/attention/flash.rs `FlashMaps`, same layout).
+struct FlashMaps {
+    TmaMap q, k, v;
+};
+__device__ __forceinline__ void tma_prefetch(const TmaMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
+}
+// Arrives on `bar` and adds `bytes` to the transactions its phase waits for (the TMA loads that complete on it).
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// The box at (column c0, head c1, row c2) into shared `dst`; its bytes count down `bar`'s transactions on landing.
+// Elements outside the tensor (columns past hd, rows past the last) are written as zeros and counted too.
+__device__ __forceinline__ void tma_load_3d(unsigned dst, const TmaMap* map, int c0, int c1, int c2, unsigned bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+                 : "memory");
+}
 __device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 template <int R> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
@@ -524,6 +549,15 @@ template <> struct Wgmma<256> {
 // ---- end GENERATED ---------------------------------------------------------------------------------------
 
 // ---- Tile copies ---------------------------------------------------------------------------------------------
+// A [ROWS][D] tile by TMA (`map` boxed 64 × 1 × ROWS): rows row … row + ROWS − 1 of head `head` as D/64 boxes,
+// one per column block, their ROWS·D·2 bytes expected on `bar` first (one arrival). ROWS ≤ 256 (a box's limit).
+template <int ROWS, int D>
+__device__ __forceinline__ void sm90_tma_tile(unsigned dst, const TmaMap* map, int head, int row, unsigned bar) {
+    static_assert(ROWS <= 256 && D % 64 == 0, "TMA box");
+    mbar_expect_tx(bar, ROWS * D * 2);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * ROWS * 128, map, 64 * c, head, row, bar);
+}
 
 // Rows [0, ROWS) of a head's [tokens, heads, hd] slice at `g` (rows `stride` elements apart) into the swizzled
 // [ROWS][D] tile at shared address `dst`; rows ≥ nrows and columns ≥ hd become zeros. cp.async (asynchronous, commit

@@ -1,7 +1,12 @@
 //! The flash kernels' parameters and their launch (which kernel serves a launch is `tables.rs`'s).
 
 use super::FlashKernel;
-use crate::cuda::{allow_smem, launch, resident_blocks_with_smem, u32_arg, CudaDevice, Result};
+use super::Half;
+use crate::cuda::{allow_smem, launch, resident_blocks_with_smem, u32_arg, CudaDevice, Error, Result};
+use cudarc::driver::sys::{
+    cuTensorMapEncodeTiled, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+    CUtensorMapL2promotion, CUtensorMapSwizzle,
+};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 /// flash_common.cuh's `FlashParams`, passed by value: the buffers' device addresses and the geometry.
@@ -38,20 +43,90 @@ pub(super) struct FlashParams {
 // `struct FlashParams`, whose natural layout is the same (144 bytes, no interior padding).
 unsafe impl DeviceRepr for FlashParams {}
 
+/// flash_wgmma.cuh's `FlashMaps`: the TMA descriptors of Q, K and V, passed by value after the parameters.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct FlashMaps {
+    q: CUtensorMap,
+    k: CUtensorMap,
+    v: CUtensorMap,
+}
+
+// SAFETY: `repr(C)` of three 128-byte, 128-aligned CUtensorMaps, as flash_wgmma.cuh's `FlashMaps` of three
+// alignas(128) `TmaMap`s: 384 bytes, no padding.
+unsafe impl DeviceRepr for FlashMaps {}
+
+/// The TMA descriptors of `params`' Q, K and V ([tokens, heads, head_dim], 2-byte elements of `half`) for a forward
+/// whose blocks take `q_rows` query rows and `kv_rows` keys at a time: each a 3-D tensor (head_dim fastest, then
+/// heads, then tokens) boxed 64 columns × 1 head × rows, 128-byte swizzled, so a box lands as one column block of
+/// flash_wgmma.cuh's shared layout and columns past head_dim as zeros. None where TMA cannot address the buffers:
+/// rows not a multiple of 16 bytes (head_dim % 8 ≠ 0), a buffer not 16-byte aligned, or no keys.
+pub(super) fn tensor_maps(
+    params: &FlashParams,
+    half: Half,
+    q_rows: usize,
+    kv_rows: usize,
+) -> Result<Option<FlashMaps>> {
+    let hd = u64::from(params.head_dim);
+    let aligned = [params.q, params.k, params.v].iter().all(|&a| a % 16 == 0);
+    if hd % 8 != 0 || !aligned || params.tk == 0 || params.tq == 0 {
+        return Ok(None);
+    }
+    let dtype = match half {
+        Half::Bf16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        Half::F16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let map = |address: u64, heads: u32, tokens: u32, rows: usize| -> Result<CUtensorMap> {
+        let dims = [hd, u64::from(heads), u64::from(tokens)];
+        let strides = [hd * 2, u64::from(heads) * hd * 2];
+        let boxes = [64u32, 1, u32_arg("attention: rows per TMA box", rows)];
+        let mut map = CUtensorMap { opaque: [0; 16] };
+        // SAFETY: `map` is a writable CUtensorMap; dims, strides, boxes and element strides are arrays of the rank
+        // (3) and rank − 1 entries the driver reads; the driver checks the values (alignment, box ≤ 256, strides a
+        // multiple of 16) and returns an error for any it rejects, and only encodes the address (no access).
+        unsafe {
+            cuTensorMapEncodeTiled(
+                &mut map,
+                dtype,
+                3,
+                address as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                [1u32; 3].as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        }
+        .result()
+        .map_err(Error::driver("cuTensorMapEncodeTiled"))?;
+        Ok(map)
+    };
+    Ok(Some(FlashMaps {
+        q: map(params.q, params.n_heads, params.tq, q_rows)?,
+        k: map(params.k, params.n_kv_heads, params.tk, kv_rows)?,
+        v: map(params.v, params.n_kv_heads, params.tk, kv_rows)?,
+    }))
+}
+
 /// One flash kernel launch over `rows` (query or key rows of the longest sequence) × `heads` × `n_seqs` work items of
 /// `kernel.rows` rows each: a block per item, or for a persistent kernel one block per multiprocessor walking them
-/// (flash_common.cuh `flash_block`, `flash_item`), with `params` by value, the kernel's dynamic shared memory allowed
-/// past the 48 KiB default first.
+/// (flash_common.cuh `flash_block`, `flash_item`), with `params` by value (and `maps` after them for a kernel that
+/// loads by TMA: [`FlashKernel::tma`]), the kernel's dynamic shared memory allowed past the 48 KiB default first.
 pub(super) fn launch(
     dev: &CudaDevice,
     kernel: FlashKernel,
     mut params: FlashParams,
+    maps: Option<FlashMaps>,
     rows: usize,
     heads: usize,
     n_seqs: usize,
 ) -> Result<()> {
     let tiles = rows.div_ceil(kernel.rows);
-    let FlashKernel { module, name, threads, smem, persistent, .. } = kernel;
+    let FlashKernel { module, name, threads, smem, persistent, tma, .. } = kernel;
+    assert_eq!(tma.is_some(), maps.is_some(), "attention: {name} takes TMA descriptors iff it loads by TMA");
     allow_smem(dev, module, name, smem as u32)?;
     params.n_seqs = u32_arg("attention: sequences", n_seqs);
     params.tiles = u32_arg("attention: tiles of the longest sequence", tiles);
@@ -67,8 +142,12 @@ pub(super) fn launch(
     // callers assert (q, out, d_out, dq_accum: tq·n_heads·head_dim; k, v, dk, dv: tk·n_kv_heads·head_dim; lse, delta:
     // tq·n_heads; cu_q, cu_k: n_seqs + 1), and the kernels skip any sequence whose offsets leave 0..tq or 0..tk; the
     // block size and shared memory are what the kernel's template uses (FLASH and FLASH_SM90, checked against the .cu
-    // files' template arguments), and an sm90 kernel is picked only on an sm_90a target.
-    unsafe { launch!(dev, module, name, cfg; params) }
+    // files' template arguments), and an sm90 kernel is picked only on an sm_90a target. A TMA kernel's maps
+    // describe q, k and v of these params with its box sizes (`tensor_maps`).
+    match maps {
+        Some(maps) => unsafe { launch!(dev, module, name, cfg; params, maps) },
+        None => unsafe { launch!(dev, module, name, cfg; params) },
+    }
 }
 
 /// The grid of a block per work item, (heads, sequences, tiles): the tile varies slowest in launch order, so the
@@ -83,8 +162,38 @@ fn flash_grid(tiles: usize, heads: usize, n_seqs: usize) -> (u32, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    use super::{tensor_maps, FlashParams, Half};
+
+    /// Layouts TMA cannot address are refused before any driver call (so this runs without a GPU), which sends the
+    /// launch to the mma.sync forward.
+    #[test]
+    fn tma_refuses_what_it_cannot_address() {
+        let ok = FlashParams {
+            q: 1 << 20,
+            k: 2 << 20,
+            v: 3 << 20,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            tq: 4096,
+            tk: 4096,
+            ..FlashParams::default()
+        };
+        let refused = [
+            FlashParams { head_dim: 100, ..ok },
+            FlashParams { k: (2 << 20) + 8, ..ok },
+            FlashParams { tk: 0, ..ok },
+            FlashParams { tq: 0, ..ok },
+        ];
+        for p in refused {
+            assert!(tensor_maps(&p, Half::Bf16, 128, 128).expect("no driver call").is_none());
+        }
+    }
+
     #[test]
     fn params_are_laid_out_as_the_kernels_read_them() {
         assert_eq!(std::mem::size_of::<super::FlashParams>(), 144, "flash_common.cuh's FlashParams is 144 bytes");
+        assert_eq!(std::mem::size_of::<super::FlashMaps>(), 384, "flash_wgmma.cuh's FlashMaps is 384 bytes");
+        assert_eq!(std::mem::align_of::<super::FlashMaps>(), 128, "and 128-aligned");
     }
 }

@@ -198,7 +198,16 @@ pub fn attention_forward_with<T: AttentionFloat>(
         // Keys do not size the flash forward's grid: each query block walks its sequence's keys.
         ForwardKernels::Flash(path) => {
             let [kernel, _] = flash_kernels(dev.target(), path, p.head_dim, half);
-            flash::launch(dev, kernel, flash, max_seqlen_q, p.n_heads, n_seqs)
+            let maps = match kernel.tma {
+                Some(kv_rows) => flash::tensor_maps(&flash, half, kernel.rows, kv_rows)?,
+                None => None,
+            };
+            // Buffers TMA cannot address (misaligned rows or views) take the portable forward.
+            let kernel = match (kernel.tma, maps) {
+                (Some(_), None) => flash_kernels(dev.target(), FlashPath::Portable, p.head_dim, half)[0],
+                _ => kernel,
+            };
+            flash::launch(dev, kernel, flash, maps, max_seqlen_q, p.n_heads, n_seqs)
         }
     }
 }
@@ -327,7 +336,7 @@ pub fn attention_backward_with<T: AttentionFloat>(
     (flash.delta, flash.dq_accum, flash.dk, flash.dv) = (delta.ptr(), dq_accum.ptr(), dk.ptr(), dv.ptr());
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
     if max_seqlen_k > 0 && !dk.is_empty() {
-        flash::launch(dev, kernel, flash, max_seqlen_k, p.n_kv_heads, n_seqs)?;
+        flash::launch(dev, kernel, flash, None, max_seqlen_k, p.n_kv_heads, n_seqs)?;
     } else {
         // No key: every dq row is zero (the accumulator as allocated); dk and dv are empty.
         dq_accum.zero()?;

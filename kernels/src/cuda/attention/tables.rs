@@ -31,6 +31,9 @@ pub struct FlashKernel {
     pub(super) smem: usize,
     /// One block per multiprocessor walking the work items (flash_common.cuh `flash_item`) instead of one per item.
     pub(super) persistent: bool,
+    /// Some(bn): the kernel loads by TMA and takes flash_wgmma.cuh's `FlashMaps` after the parameters, Q boxed
+    /// `rows` rows at a time and K and V `bn` ([`super::flash::tensor_maps`]).
+    pub(super) tma: Option<usize>,
 }
 
 /// The forward and backward kernels of a bf16 (`half` Bf16) or f16 launch at `head_dim` (checked against
@@ -81,12 +84,28 @@ impl Flash {
 
     fn forward_kernel(&self, half: Half) -> FlashKernel {
         let (name, rows, threads) = (half.pick(self.forward[0], self.forward[1]), self.fwd.bm, 32 * self.fwd.warps);
-        FlashKernel { module: self.module, name, rows, threads, smem: self.forward_smem(), persistent: false }
+        FlashKernel {
+            module: self.module,
+            name,
+            rows,
+            threads,
+            smem: self.forward_smem(),
+            persistent: false,
+            tma: None,
+        }
     }
 
     fn backward_kernel(&self, half: Half) -> FlashKernel {
         let (name, rows, threads) = (half.pick(self.backward[0], self.backward[1]), self.bwd.bn, 32 * self.bwd.warps);
-        FlashKernel { module: self.module, name, rows, threads, smem: self.backward_smem(), persistent: false }
+        FlashKernel {
+            module: self.module,
+            name,
+            rows,
+            threads,
+            smem: self.backward_smem(),
+            persistent: false,
+            tma: None,
+        }
     }
 }
 
@@ -122,10 +141,11 @@ static FLASH: [Flash; 6] = [
 /// flash_attention_sm90.cuh's two templates lays it out.
 #[derive(Clone, Copy, Debug)]
 enum Sm90Forward {
-    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 48, LAZY, PERSISTENT>`: NWG consumer warpgroups fed by one
-    /// producer warpgroup that keeps 56 registers; shared memory `Sm90ForwardWsSmem` (two Q buffers, two K and two V
-    /// stages, 1 KB of alignment slack, the mbarriers). LAZY rescales O only when a row's max grows by more than 2^8;
-    /// PERSISTENT walks the work items with one block per multiprocessor, the next item's loads under this one's end.
+    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 24, LAZY, PERSISTENT, true>`: NWG consumer warpgroups fed
+    /// by one producer thread issuing TMA loads (its warpgroup keeps 24 registers, so the consumers get 240); shared
+    /// memory `Sm90ForwardWsSmem` (two Q buffers, two K and two V stages, 1 KB of alignment slack, the mbarriers).
+    /// LAZY rescales O only when a row's max grows by more than 2^8; PERSISTENT walks the work items with one block
+    /// per multiprocessor, the next item's loads under this one's end.
     WarpSpecialized { bn: usize, nwg: usize, ping_pong: bool, lazy: bool, persistent: bool },
     /// `flash_forward_sm90<T, D, BN, NWG, OVERLAP, LAZY>`: every thread loads; shared memory `Sm90ForwardSmem` (the
     /// same tiles, no mbarriers).
@@ -137,7 +157,7 @@ impl Sm90Forward {
     fn shape(self, d: usize) -> (String, usize, usize) {
         match self {
             Sm90Forward::WarpSpecialized { bn, nwg, ping_pong, lazy, persistent } => (
-                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 56, {lazy}, {persistent}>"),
+                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 24, {lazy}, {persistent}, true>"),
                 128 * (nwg + 1),
                 (2 * 64 * nwg + 4 * bn) * d * 2 + 1024 + 128,
             ),
@@ -157,6 +177,14 @@ impl Sm90Forward {
 
     fn persistent(self) -> bool {
         matches!(self, Sm90Forward::WarpSpecialized { persistent: true, .. })
+    }
+
+    /// The keys per TMA box of a forward that loads by TMA (the warp-specialized one).
+    fn tma(self) -> Option<usize> {
+        match self {
+            Sm90Forward::WarpSpecialized { bn, .. } => Some(bn),
+            Sm90Forward::AllLoad { .. } => None,
+        }
     }
 }
 
@@ -220,13 +248,14 @@ impl FlashSm90 {
             threads,
             smem,
             persistent: self.fwd.persistent(),
+            tma: self.fwd.tma(),
         }
     }
 
     fn backward_kernel(&self, half: Half) -> FlashKernel {
         let (_, rows, threads, smem) = self.bwd.shape(self.d);
         let name = half.pick(self.backward[0], self.backward[1]);
-        FlashKernel { module: self.module, name, rows, threads, smem, persistent: false }
+        FlashKernel { module: self.module, name, rows, threads, smem, persistent: false, tma: None }
     }
 }
 
