@@ -106,9 +106,11 @@ for dir in "$unpacked"/sides/*/; do
         [[ -e $test ]] || continue
         QLORA_REQUIRE_GPU=1 QLORA_FIXTURES="$here/../../tests/fixtures" QLORA_RT_BIN="$dir/qlora-rt" \
             "$test" --test-threads=1 >>"$out/tests-$name.txt" 2>&1
-        echo "$name $(basename "$test") rc=$? at ${SECONDS}s ($(cat "$dir/revision")): $(grep -h "test result" "$out/tests-$name.txt" | tail -1)"
+        rc=$?
+        echo "$name $(basename "$test") rc=$rc at ${SECONDS}s ($(cat "$dir/revision")): $(grep -h "test result" "$out/tests-$name.txt" | tail -1)"
     done
 done
+touch "$out/ab.jsonl"
 for args in "$@"; do
     for ((round = 1; round <= rounds; round++)); do
         sides=("${order[@]}")
