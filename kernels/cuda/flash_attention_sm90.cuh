@@ -376,6 +376,19 @@ struct Sm90WsBars {
         : full_q(bars), full_k(bars + 16), full_v(bars + 32), empty_q(bars + 48), empty_k(bars + 64), empty_v(bars + 80) {}
 };
 
+// A producer's walk over its block's work items that have rows: item(b, s, m0, blk, kq) for each, kq counting the
+// items before it (its Q goes to buffer kq % 2).
+template <int BM, int BN, bool PERSIST, typename Item>
+__device__ __forceinline__ void sm90_produce_items(const FlashParams& p, Item&& item) {
+    FlashBlock b;
+    for (int r = 0, kq = 0; sm90_item<PERSIST>(p, r, b); ++r) {
+        FlashSeq s;
+        int m0;
+        if (!sm90_item_rows<BM>(p, b, s, m0)) continue;
+        item(b, s, m0, flash_query_block<BM, BN>(p, s, m0, b.head, b.head / (p.n_heads / p.n_kv_heads)), kq++);
+    }
+}
+
 // The producer warpgroup's loop over its block's items (AL: sm90_load_tile's ALIGNED). Groups: per item Q into
 // buffer kq % 2 (kq: the items loaded so far; buffer reuse waits for empty_q), then K(n), V(n) per tile in visiting
 // order into stage it % 2 (it: tiles loaded so far, over all items); group i is signalled (full barrier, 128
@@ -393,13 +406,8 @@ __device__ __forceinline__ void sm90_produce(const FlashParams& p, unsigned sQ, 
         if (prev) mbar_arrive(prev);
         prev = full;
     };
-    int kq = 0, it = 0;
-    FlashBlock b;
-    for (int r = 0; sm90_item<PERSIST>(p, r, b); ++r) {
-        FlashSeq s;
-        int m0;
-        if (!sm90_item_rows<BM>(p, b, s, m0)) continue;
-        const FlashQueryBlock blk = flash_query_block<BM, BN>(p, s, m0, b.head, b.head / (p.n_heads / p.n_kv_heads));
+    int it = 0;
+    sm90_produce_items<BM, BN, PERSIST>(p, [&](const FlashBlock&, const FlashSeq& s, int m0, const FlashQueryBlock& blk, int kq) {
         const int qb = kq & 1;
         if (kq >= 2) mbar_wait(bar.empty_q + 8 * qb, ((kq >> 1) & 1) ^ 1);
         sm90_load_tile<BM, D, 128, AL>(sQ + qb * Q_BYTES, blk.gq, blk.q_stride, blk.m1 - m0, hd, ptid);
@@ -415,8 +423,7 @@ __device__ __forceinline__ void sm90_produce(const FlashParams& p, unsigned sQ, 
             sm90_load_tile<BN, D, 128, AL>(sV + st * KV_BYTES, blk.gv + row, blk.kv_stride, s.len_k - n * BN, hd, ptid);
             commit(bar.full_v + 8 * st);
         }
-        ++kq;
-    }
+    });
     cp_async_wait<0>();
     fence_proxy_async();
     if (prev) mbar_arrive(prev);
@@ -435,14 +442,9 @@ __device__ __forceinline__ void sm90_produce_tma(const FlashParams& p, const Fla
     tma_prefetch(&maps.q);
     tma_prefetch(&maps.k);
     tma_prefetch(&maps.v);
-    int kq = 0, it = 0;
-    FlashBlock b;
-    for (int r = 0; sm90_item<PERSIST>(p, r, b); ++r) {
-        FlashSeq s;
-        int m0;
-        if (!sm90_item_rows<BM>(p, b, s, m0)) continue;
+    int it = 0;
+    sm90_produce_items<BM, BN, PERSIST>(p, [&](const FlashBlock& b, const FlashSeq& s, int m0, const FlashQueryBlock& blk, int kq) {
         const int kvh = b.head / (p.n_heads / p.n_kv_heads);
-        const FlashQueryBlock blk = flash_query_block<BM, BN>(p, s, m0, b.head, kvh);
         const int qb = kq & 1;
         if (kq >= 2) mbar_wait(bar.empty_q + 8 * qb, ((kq >> 1) & 1) ^ 1);
         sm90_tma_tile<BM, D>(sQ + qb * Q_BYTES, &maps.q, b.head, s.q0 + m0, bar.full_q + 8 * qb);
@@ -459,8 +461,7 @@ __device__ __forceinline__ void sm90_produce_tma(const FlashParams& p, const Fla
             load(&maps.v, sV, bar.empty_v, bar.full_v, j);
         }
         it += tiles;
-        ++kq;
-    }
+    });
 }
 
 template <typename T, int D, int BN, int NWG, bool PP, int PR, bool LAZY = false, bool PERSIST = false, bool TMA = false>
