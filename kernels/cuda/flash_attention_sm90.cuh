@@ -333,8 +333,8 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
 // (fence.proxy.async: the tensor cores read what the generic proxy wrote) and release-arrives on that stage's `full`
 // mbarrier (128 arrivals). With TMA (the product's; `maps` a __grid_constant__ parameter) one thread issues the loads
 // instead and each `full` barrier completes when its bytes land (sm90_produce_tma); the cp.async producer stays for
-// scripts/flash/variants.cu's comparisons. Before overwriting a stage it waits on the stage's `empty` mbarrier, which every consumer
-// warp arrives on once its wgmma reading the stage has completed (4·NWG arrivals). Consumers raise their limit to CR
+// scripts/flash/variants.cu's comparisons. Before overwriting a stage it waits on the stage's `empty` mbarrier, which
+// every consumer warp arrives on once its wgmma reading the stage has completed (4·NWG arrivals). Consumers raise their limit to CR
 // registers and never take a block-wide barrier: per tile they issue S(n) = Q·K(n)ᵀ and O += P(n+1)·V(n+1) together,
 // release K as soon as S has landed, run the softmax of S(n) while P·V is on the tensor cores, then release V, rescale
 // O and keep P(n) in registers (FlashAttention-3's intra-warpgroup overlap). PP (ping-pong, NWG ≥ 2): named barriers
@@ -434,8 +434,8 @@ __device__ __forceinline__ void sm90_produce(const FlashParams& p, unsigned sQ, 
 // sm90_produce's cp.async groups do. Per item Q into buffer kq % 2, then the tiles' K and V into stage it % 2, K one
 // tile ahead: K(0), K(1), V(0), K(2), V(1), …, V(last). Issuing V(j) waits for both consumer warpgroups to release
 // V(j − 2), which the one behind in the ping-pong does late in its iteration j − 1; K(j + 1) issued before it is not
-// held up by that. Rows past a sequence's end come from the next sequence (or are zeros past the tensor): its keys
-// are masked (P = 0) and its query rows never stored.
+// held up by that. Rows past a sequence's end come from the next sequence (or are zeros past the tensor): such keys
+// are masked (P = 0) and such query rows never stored.
 template <int D, int BN, int BM, bool PERSIST>
 __device__ __forceinline__ void sm90_produce_tma(const FlashParams& p, const FlashMaps& maps, unsigned sQ, unsigned sK, unsigned sV, const Sm90WsBars& bar) {
     constexpr unsigned KV_BYTES = BN * D * 2, Q_BYTES = BM * D * 2;
