@@ -324,23 +324,22 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
 // ---- Forward, warp-specialized (producer warpgroup + consumer warpgroups) ---------------------------------------
 
 // Grid as flash_forward_sm90 or, with PERSIST, one block per multiprocessor walking the work items (flash_item); the
-// next item's Q and first tiles then load while the consumers finish the current one, whose epilogue (the output
-// store) a one-item block leaves the tensor cores idle for (+3 % at d64, +1.5 % at d128, H100). 128·(NWG + 1) threads:
+// next item's Q and first tiles then load while the consumers finish the current one, whose epilogue (the output store)
+// a one-item block leaves the tensor cores idle for (+3 % at d64, +1.5 % at d128, H100). 128·(NWG + 1) threads:
 // warpgroups 0 … NWG−1 compute (64 query rows each), warpgroup NWG loads. The producer drops to PR registers
-// (setmaxnreg) and streams per item Q into one of two buffers (reused once the consumers have stored that item's
-// output from it: `empty_q`), then K(n), V(n) for every tile into two
-// stages each with cp.async; after each group it waits for the previous group with cp.async.wait_group 1, fences
-// (fence.proxy.async: the tensor cores read what the generic proxy wrote) and release-arrives on that stage's `full`
-// mbarrier (128 arrivals). With TMA (the product's; `maps` a __grid_constant__ parameter) one thread issues the loads
-// instead and each `full` barrier completes when its bytes land (sm90_produce_tma); the cp.async producer stays for
-// scripts/flash/variants.cu's comparisons. Before overwriting a stage it waits on the stage's `empty` mbarrier, which
-// every consumer warp arrives on once its wgmma reading the stage has completed (4·NWG arrivals). Consumers raise their limit to CR
-// registers and never take a block-wide barrier: per tile they issue S(n) = Q·K(n)ᵀ and O += P(n+1)·V(n+1) together,
-// release K as soon as S has landed, run the softmax of S(n) while P·V is on the tensor cores, then release V, rescale
-// O and keep P(n) in registers (FlashAttention-3's intra-warpgroup overlap). PP (ping-pong, NWG ≥ 2): named barriers
-// make the consumer warpgroups issue their products in turn, so one warpgroup's softmax runs under the other's
-// products. No warpgroup skips tiles here (a tile none of its rows sees is masked to P = 0). Dynamic shared memory:
-// Sm90ForwardWsSmem<D, BN, NWG>::bytes.
+// (setmaxnreg) and streams per item Q into one of two buffers (reused once the consumers have stored that item's output
+// from it: `empty_q`), then K(n), V(n) for every tile into two stages each with cp.async; after each group it waits for
+// the previous group with cp.async.wait_group 1, fences (fence.proxy.async: the tensor cores read what the generic
+// proxy wrote) and release-arrives on that stage's `full` mbarrier (128 arrivals). With TMA (the product's; `maps` a
+// __grid_constant__ parameter) one thread issues the loads instead and each `full` barrier completes when its bytes
+// land (sm90_produce_tma); the cp.async producer stays for scripts/flash/variants.cu's comparisons. Before overwriting
+// a stage it waits on the stage's `empty` mbarrier, which every consumer warp arrives on once its wgmma reading the
+// stage has completed (4·NWG arrivals). Consumers raise their limit to CR registers and never take a block-wide
+// barrier: per tile they issue S(n) = Q·K(n)ᵀ and O += P(n+1)·V(n+1) together, release K as soon as S has landed, run
+// the softmax of S(n) while P·V is on the tensor cores, then release V, rescale O and keep P(n) in registers
+// (FlashAttention-3's intra-warpgroup overlap). PP (ping-pong, NWG ≥ 2): named barriers make the consumer warpgroups
+// issue their products in turn, so one warpgroup's softmax runs under the other's products. No warpgroup skips tiles
+// here (a tile none of its rows sees is masked to P = 0). Dynamic shared memory: Sm90ForwardWsSmem<D, BN, NWG>::bytes.
 template <int D, int BN, int NWG> struct Sm90ForwardWsSmem {
     static constexpr int bytes = (2 * 64 * NWG + 4 * BN) * D * 2 + 1024 + 128;
 };

@@ -198,14 +198,13 @@ pub fn attention_forward_with<T: AttentionFloat>(
         // Keys do not size the flash forward's grid: each query block walks its sequence's keys.
         ForwardKernels::Flash(path) => {
             let [kernel, _] = flash_kernels(dev.target(), path, p.head_dim, half);
-            let maps = match kernel.tma {
-                Some(kv_rows) => flash::tensor_maps(&flash, half, kernel.rows, kv_rows)?,
-                None => None,
-            };
-            // Buffers TMA cannot address (misaligned rows or views) take the portable forward.
-            let kernel = match (kernel.tma, maps) {
-                (Some(_), None) => flash_kernels(dev.target(), FlashPath::Portable, p.head_dim, half)[0],
-                _ => kernel,
+            let (kernel, maps) = match kernel.tma {
+                None => (kernel, None),
+                Some(kv_rows) => match flash::tensor_maps(&flash, half, kernel.rows, kv_rows)? {
+                    Some(maps) => (kernel, Some(maps)),
+                    // Buffers TMA cannot address (misaligned rows or views) take the portable forward.
+                    None => (flash_kernels(dev.target(), FlashPath::Portable, p.head_dim, half)[0], None),
+                },
             };
             flash::launch(dev, kernel, flash, maps, max_seqlen_q, p.n_heads, n_seqs)
         }

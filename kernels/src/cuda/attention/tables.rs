@@ -275,11 +275,12 @@ macro_rules! sm90 {
     };
 }
 
-/// The Hopper kernels (variants measured on the H200 in `scripts/flash/variants.py`; kernels/NOTES.md has the
-/// numbers): the persistent warp-specialized ping-pong forward with 128-key tiles at 64 and 128 (+3 % and +1.5 % over
-/// a block per tile on the H100), the all-load forward without overlap at 256, each rescaling O lazily; the backward with one warpgroup per 64 keys at 64 and 128 (overlapped and
-/// with the staged dQ at 128, where each measured faster: the staged dQ 7–10 % on the H100, and 16 % slower at 64)
-/// and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
+/// The Hopper kernels (variants measured on the H200 in `scripts/flash/variants.py`; kernels/NOTES.md has the numbers):
+/// the persistent warp-specialized ping-pong forward loading by TMA with 128-key tiles at 64 and 128 (+3 % and +1.5 %
+/// for persistence over a block per tile, then 13–17 % for TMA, on the H100), the all-load forward without overlap at
+/// 256, each rescaling O lazily; the backward with one warpgroup per 64 keys at 64 and 128 (overlapped and with the
+/// staged dQ at 128, where each measured faster: the staged dQ 7–10 % on the H100, and 16 % slower at 64) and two
+/// warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
         fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
