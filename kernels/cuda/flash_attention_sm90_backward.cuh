@@ -17,14 +17,15 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
 template <typename T, int NQ, bool MASK, bool CAP>
 __device__ __forceinline__ void sm90_bwd_p(float (&s)[NQ / 2], unsigned (&pf)[NQ / 16][4], unsigned cL, const FlashParams& p, const FlashSeq& sq,
                                            const ScoreMap& sm, int kj, int m0, int off, int t) {
-    // Key j is visible to query r iff j < len_k, (!causal || r ≥ j − off) and (!window || r < j − off + window):
-    // a query range [lo, hi) per key row, relative to this thread's first query m0 + 2t.
+    // Key j is visible to query r iff j < len_k, r < len_q, (!causal || r ≥ j − off) and (!window || r < j − off +
+    // window): a query range [lo, hi) per key row, relative to this thread's first query m0 + 2t. Queries past len_q
+    // are masked, not left to zero-filled rows: a TMA load fills them with the next sequence's.
     int lo[2], hi[2];
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
         const int j = kj + 8 * hr;
         lo[hr] = (p.causal ? j - off : -(1 << 29)) - (m0 + 2 * t);
-        hi[hr] = j < sq.len_k ? (p.window ? j - off + p.window : (1 << 29)) - (m0 + 2 * t) : -(1 << 29);
+        hi[hr] = j < sq.len_k ? min(p.window ? j - off + p.window : (1 << 29), sq.len_q) - (m0 + 2 * t) : -(1 << 29);
     }
 #pragma unroll
     for (int kk = 0; kk < NQ / 16; ++kk) {
@@ -93,6 +94,17 @@ __device__ __forceinline__ Sm90KeyBlock<BM> sm90_key_block(const FlashParams& p,
     return Sm90KeyBlock<BM>{flash_key_block<BM, BN>(p, s, n0, kvh, group), tid, warp, lane, g, t, wg};
 }
 
+// Pair it's lse and delta into stage st of sL, sD (f32 [2][64]) by threads tid < BM with cp.async (rows past the
+// sequence zero-filled).
+template <int BM>
+__device__ __forceinline__ void sm90_bwd_stats(const FlashParams& p, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int it, int st, unsigned sL, unsigned sD, int tid) {
+    const int m0 = blk.row0(it);
+    const u64 row0 = static_cast<u64>(s.q0 + m0) * p.n_heads + blk.head(it);
+    const bool in = tid < s.len_q - m0;
+    cp_async4(sL + st * BM * 4 + 4 * tid, in ? p.lse + (row0 + static_cast<u64>(tid) * p.n_heads) : p.lse, in ? 4u : 0u);
+    cp_async4(sD + st * BM * 4 + 4 * tid, in ? p.delta + (row0 + static_cast<u64>(tid) * p.n_heads) : p.delta, in ? 4u : 0u);
+}
+
 // Pair it's Q, dO, lse and delta into stage st of the double-buffered tiles at sQ, sdO ([2][64][D], swizzled) and sL,
 // sD (f32 [2][64]), by all THREADS threads with cp.async (committed by the caller).
 template <int D, int BM, int THREADS>
@@ -105,10 +117,22 @@ __device__ __forceinline__ void sm90_bwd_prefetch(const FlashParams& p, const Fl
     const int rows = min(BM, s.len_q - m0);
     sm90_load_tile<BM, D, THREADS>(sQ + st * QO_BYTES, static_cast<const unsigned short*>(p.q) + row0 * blk.hd, blk.q_stride, rows, blk.hd, tid);
     sm90_load_tile<BM, D, THREADS>(sdO + st * QO_BYTES, static_cast<const unsigned short*>(p.d_out) + row0 * blk.hd, blk.q_stride, rows, blk.hd, tid);
-    if (tid < BM) {
-        const bool in = tid < rows;
-        cp_async4(sL + st * BM * 4 + 4 * tid, in ? p.lse + (row0 + static_cast<u64>(tid) * p.n_heads) : p.lse, in ? 4u : 0u);
-        cp_async4(sD + st * BM * 4 + 4 * tid, in ? p.delta + (row0 + static_cast<u64>(tid) * p.n_heads) : p.delta, in ? 4u : 0u);
+    if (tid < BM) sm90_bwd_stats<BM>(p, s, blk, it, st, sL, sD, tid);
+}
+
+// The TMA backward's loads of pair it into stage st, by threads tid < BM: their lse and delta by cp.async, each
+// thread's landing counted on `full` (cp.async.mbarrier.arrive.noinc), and thread 0's Q and dO by TMA (two arrivals
+// with their bytes): `full` expects BM + 2 arrivals.
+template <int D, int BM>
+__device__ __forceinline__ void sm90_bwd_load_tma(const FlashParams& p, const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int it, int st,
+                                                  unsigned sQ, unsigned sdO, unsigned sL, unsigned sD, unsigned full, int tid) {
+    constexpr unsigned QO_BYTES = BM * D * 2;
+    sm90_bwd_stats<BM>(p, s, blk, it, st, sL, sD, tid);
+    cp_async_mbar_arrive_noinc(full);
+    if (tid == 0) {
+        const int h = blk.head(it), row = s.q0 + blk.row0(it);
+        sm90_tma_tile<BM, D>(sQ + st * QO_BYTES, &maps.q, h, row, full);
+        sm90_tma_tile<BM, D>(sdO + st * QO_BYTES, &maps.d_out, h, row, full);
     }
 }
 
@@ -206,12 +230,13 @@ __device__ __forceinline__ void sm90_store_dkdv(const FlashParams& p, const Flas
 
 // ---- Backward, one warpgroup per 64 keys ---------------------------------------------------------------------
 
-template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false> struct Sm90BackwardSmem {
+template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false> struct Sm90BackwardSmem {
     // K, V [BN][D]; Q, dO [2][64][D]; dSᵀ [BN][64]; lse, delta [2][64] f32; the staged dQ tiles (two when deferred);
-    // 1 KB alignment slack.
+    // with TMA a second dSᵀ tile and the mbarriers (64 bytes); 1 KB alignment slack.
     static constexpr int BN = 64 * NWG;
     static constexpr int DQ_TILES = STAGED_DQ ? (DEFER_DQ ? 2 : 1) : 0;
-    static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + DQ_TILES * Sm90StagedDq<D>::BYTES + 1024;
+    static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + DQ_TILES * Sm90StagedDq<D>::BYTES +
+                                 (TMA ? BN * 64 * 2 + 64 : 0) + 1024;
 };
 
 // Grid (n_kv_heads, n_seqs, ⌈max_seqlen_k / BN⌉) with BN = 64·NWG keys per block, 128·NWG threads; NWG warpgroups,
@@ -231,10 +256,17 @@ template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false> struct 
 // under it. STAGED_DQ replaces step 4's atomics (where hd % 4 == 0) by the staged dQ: a pair's dQ is stored to shared
 // memory and added by bulk reduce-adds issued after the next block barrier. DEFER_DQ leaves a pair's dQ product
 // running into the next pair: its result is stored (staged in two alternating tiles, or added by atomics) once the
-// next pair's Sᵀ and dPᵀ are issued, so the tensor cores never drain between pairs. Dynamic shared memory:
-// Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ>::bytes.
-template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false>
-__device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
+// next pair's Sᵀ and dPᵀ are issued, so the tensor cores never drain between pairs. TMA (`maps` a __grid_constant__
+// parameter) replaces the first of a pair's two block barriers: K and V come by TMA, and a pair's Q and dO by TMA
+// from thread 0 with its lse and delta by cp.async from threads < 64, all counted on the stage's `full` mbarrier,
+// which every thread waits on; the loading threads wait on the other stage's `empty` mbarrier (one arrival per warp
+// once it is done with the stage, its dS tile read and its staged dQ written) before flushing the previous pair's dQ
+// and loading the next pair there. dSᵀ is double-buffered, so a warpgroup ahead stores the next pair's while the other
+// still reads this one's (the block barrier before dQ orders every later reuse). Dynamic shared memory:
+// Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>::bytes.
+template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false>
+__device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const FlashMaps* maps = nullptr) {
+    static_assert(!(TMA && DEFER_DQ), "the TMA backward does not defer dQ");
     constexpr int BM = 64, BN = 64 * NWG, THREADS = 128 * NWG, NO = D / 2, DQN = D / NWG;
     static_assert((D == 64 || D == 128) && DQN % 16 == 0, "shape");
     constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2;
@@ -242,6 +274,9 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sdS = sdO + 2 * QO_BYTES;
     const unsigned sL = sdS + BN * BM * 2, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
     constexpr unsigned DQ_OFF = BN * BM * 2 + 4 * BM * 4;          // STAGED_DQ: Sm90StagedDq<D> at sdS + DQ_OFF
+    constexpr unsigned DQ_TILES = STAGED_DQ ? (DEFER_DQ ? 2 : 1) : 0;
+    // TMA: the second dSᵀ tile, then the mbarriers full[2], empty[2], kv (8 bytes each).
+    const unsigned sdS1 = sdS + DQ_OFF + DQ_TILES * Sm90StagedDq<D>::BYTES, full_bar = sdS1 + BN * BM * 2, empty_bar = full_bar + 16, kv_bar = empty_bar + 16;
 
     const FlashBlock b = flash_block();
     FlashSeq s;
@@ -250,7 +285,28 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
     if (n0 >= s.len_k) return;
     const Sm90KeyBlock<BM> blk = sm90_key_block<BM, BN>(p, s, n0, b.head);
     auto prefetch = [&](int it, int st) { sm90_bwd_prefetch<D, BM, THREADS>(p, s, blk, it, st, sQ, sdO, sL, sD); };
-    sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
+    auto load_tma = [&](int it, int st) { sm90_bwd_load_tma<D, BM>(p, *maps, s, blk, it, st, sQ, sdO, sL, sD, full_bar + 8 * st, blk.tid); };
+    if constexpr (TMA) {
+        if (blk.tid == 0) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                mbar_init(full_bar + 8 * i, BM + 2);
+                mbar_init(empty_bar + 8 * i, 4 * NWG);
+            }
+            mbar_init(kv_bar, 2);
+            mbar_init_fence();
+        }
+        __syncthreads();
+        if (blk.tid == 0) {
+            const int row = s.k0 + n0;
+            sm90_tma_tile<BN, D>(sK, &maps->k, blk.kvh, row, kv_bar);
+            sm90_tma_tile<BN, D>(sV, &maps->v, blk.kvh, row, kv_bar);
+        }
+        if (blk.pairs > 0 && blk.tid < BM) load_tma(0, 0);
+        mbar_wait(kv_bar, 0);
+    } else {
+        sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
+    }
     const int warp = blk.warp, g = blk.g, t = blk.t, wg = blk.wg, off = blk.off;
     const unsigned hd = blk.hd;
     const bool staged = STAGED_DQ && hd % 4 == 0;  // bulk copies move 16-byte multiples
@@ -294,13 +350,23 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
         if (DEFER_DQ && !first) issue_dq(opaque(sK), opaque(sdS));
         // Deferred: the tile pair it − 1 stages into was last flushed two pairs ago.
         if (DEFER_DQ && staged) bulk_wait_read<1>();
-        sm90_bwd_next_pair(it, st, blk.pairs, prefetch);
+        if constexpr (TMA) {
+            // The loaders, once every warp is done with pair it − 1: its staged dQ out, pair it + 1 into its stage.
+            if (blk.tid < BM) {
+                if (it > 0) mbar_wait(empty_bar + 8 * (st ^ 1), ((it - 1) >> 1) & 1);
+                if (staged && it > 0) sm90_flush_dq<D>(p, s, blk, it - 1, opaque(sdS) + DQ_OFF);
+                if (it + 1 < blk.pairs) load_tma(it + 1, st ^ 1);
+            }
+            mbar_wait(full_bar + 8 * st, (it >> 1) & 1);
+        } else {
+            sm90_bwd_next_pair(it, st, blk.pairs, prefetch);
+        }
         const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
         const unsigned cL = sL + st * BM * 4 + 8 * t, cD = sD + st * BM * 4 + 8 * t;  // this thread's first query
         // Loop-invariant tile addresses made opaque per pair: otherwise every descriptor built from them is hoisted
         // out of the loop into two registers of its own (64 registers of descriptors at D = 128).
-        const unsigned cK = opaque(sK), cV = opaque(sV), cdS = opaque(sdS);
-        if (!DEFER_DQ && staged && it > 0) sm90_flush_dq<D>(p, s, blk, it - 1, cdS + DQ_OFF);
+        const unsigned cK = opaque(sK), cV = opaque(sV), cdS = opaque(TMA && st ? sdS1 : sdS);
+        if (!TMA && !DEFER_DQ && staged && it > 0) sm90_flush_dq<D>(p, s, blk, it - 1, cdS + DQ_OFF);
 
         // 1. Sᵀ and dPᵀ for this warpgroup's 64 keys × 64 queries.
         float sacc[32], dpacc[32];
@@ -385,6 +451,13 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p) {
         reg_fence(pf);
         reg_fence(dsf);
         if constexpr (!DEFER_DQ) put_dq(it, h, m0, dq);  // staged: fenced and flushed after the next block barrier
+        if constexpr (TMA) {
+            // This warp is done with stage st and has staged its dQ (fenced: the bulk reduce reads it by the async
+            // proxy): the loaders may flush it and refill the stage.
+            if (staged) fence_proxy_async();
+            __syncwarp();
+            if ((threadIdx.x & 31) == 0) mbar_arrive(empty_bar + 8 * st);
+        }
     };
     if (DEFER_DQ && blk.pairs > 0) {
         pair(0, true);

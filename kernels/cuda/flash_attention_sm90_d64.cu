@@ -3,7 +3,8 @@
 // warp-specialized and persistent (one block per multiprocessor), BN 128 keys per tile, 2 consumer warpgroups (128
 // query rows) with ping-pong + 1 producer warpgroup (24 registers; one thread issues TMA loads),
 // O rescaled lazily (only when a row max grows by more than 2^8: +4% on the H200); backward: 2 warpgroups, 128 keys
-// per block (its overlapped variant measured 2% slower here). kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds
+// per block loaded by TMA with Q and dO (one block barrier a pair; its overlapped variant measured 2% slower here).
+// kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds
 // the same numbers for the launch.
 #include "common.cuh"
 #include "flash_common.cuh"
@@ -14,5 +15,5 @@
 // qlora-rt: hot
 extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<bf16, 64, 128, 2, true, 24, true, true, true>(p, &maps); }
 extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<f16, 64, 128, 2, true, 24, true, true, true>(p, &maps); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_bf16(const FlashParams p) { flash_backward_sm90<bf16, 64, 2, false>(p); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_f16(const FlashParams p) { flash_backward_sm90<f16, 64, 2, false>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 64, 2, false, false, false, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 64, 2, false, false, false, true>(p, &maps); }

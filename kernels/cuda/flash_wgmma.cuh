@@ -144,12 +144,18 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 struct alignas(128) TmaMap {
     unsigned long long opaque[16];
 };
-// The forward's Q, K and V maps (kernels/src/cuda/attention/flash.rs `FlashMaps`, same layout).
+// Q, K, V and dO maps (kernels/src/cuda/attention/flash.rs `FlashMaps`, same layout): the forward reads the first
+// three, the backward Q, dO (its query tiles' boxes) and K, V (its key tile's).
 struct FlashMaps {
-    TmaMap q, k, v;
+    TmaMap q, k, v, d_out;
 };
 __device__ __forceinline__ void tma_prefetch(const TmaMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
+}
+// An arrival on `bar` once every cp.async this thread has issued so far has landed (counted in the barrier's expected
+// arrivals: .noinc).
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 // Arrives on `bar` and adds `bytes` to the transactions its phase waits for (the TMA loads that complete on it).
 __device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {

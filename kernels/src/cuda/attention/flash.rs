@@ -43,32 +43,35 @@ pub(super) struct FlashParams {
 // `struct FlashParams`, whose natural layout is the same (144 bytes, no interior padding).
 unsafe impl DeviceRepr for FlashParams {}
 
-/// flash_wgmma.cuh's `FlashMaps`: the TMA descriptors of Q, K and V, passed by value after the parameters.
+/// flash_wgmma.cuh's `FlashMaps`: the TMA descriptors of Q, K, V and dO, passed by value after the parameters.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(super) struct FlashMaps {
     q: CUtensorMap,
     k: CUtensorMap,
     v: CUtensorMap,
+    d_out: CUtensorMap,
 }
 
-// SAFETY: `repr(C)` of three 128-byte, 128-aligned CUtensorMaps, as flash_wgmma.cuh's `FlashMaps` of three
-// alignas(128) `TmaMap`s: 384 bytes, no padding.
+// SAFETY: `repr(C)` of four 128-byte, 128-aligned CUtensorMaps, as flash_wgmma.cuh's `FlashMaps` of four
+// alignas(128) `TmaMap`s: 512 bytes, no padding.
 unsafe impl DeviceRepr for FlashMaps {}
 
-/// The TMA descriptors of `params`' Q, K and V ([tokens, heads, head_dim], 2-byte elements of `half`) for a forward
-/// whose blocks take `q_rows` query rows and `kv_rows` keys at a time: each a 3-D tensor (head_dim fastest, then
-/// heads, then tokens) boxed 64 columns × 1 head × rows, 128-byte swizzled, so a box lands as one column block of
-/// flash_wgmma.cuh's shared layout and columns past head_dim as zeros. None where TMA cannot address the buffers:
-/// rows not a multiple of 16 bytes (head_dim % 8 ≠ 0), a buffer not 16-byte aligned, or no keys.
-pub(super) fn tensor_maps(
-    params: &FlashParams,
-    half: Half,
-    q_rows: usize,
-    kv_rows: usize,
-) -> Result<Option<FlashMaps>> {
+/// How many rows a TMA kernel's boxes take: its query tiles' (Q, dO) and its key tiles' (K, V).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TmaBoxes {
+    pub(super) q_rows: usize,
+    pub(super) kv_rows: usize,
+}
+
+/// The TMA descriptors of `params`' Q, K, V and (a backward's, `params.d_out` set) dO ([tokens, heads, head_dim],
+/// 2-byte elements of `half`) in `boxes`: each a 3-D tensor (head_dim fastest, then heads, then tokens) boxed 64
+/// columns × 1 head × rows, 128-byte swizzled, so a box lands as one column block of flash_wgmma.cuh's shared layout
+/// and columns past head_dim as zeros (a forward's dO map is zeros, unread). None where TMA cannot address the
+/// buffers: rows not a multiple of 16 bytes (head_dim % 8 ≠ 0), a buffer not 16-byte aligned, or no keys.
+pub(super) fn tensor_maps(params: &FlashParams, half: Half, boxes: TmaBoxes) -> Result<Option<FlashMaps>> {
     let hd = u64::from(params.head_dim);
-    let aligned = [params.q, params.k, params.v].iter().all(|&a| a % 16 == 0);
+    let aligned = [params.q, params.k, params.v, params.d_out].iter().all(|&a| a % 16 == 0);
     if hd % 8 != 0 || !aligned || params.tk == 0 || params.tq == 0 {
         return Ok(None);
     }
@@ -76,6 +79,7 @@ pub(super) fn tensor_maps(
         Half::Bf16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         Half::F16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
     };
+    let TmaBoxes { q_rows, kv_rows } = boxes;
     let map = |address: u64, heads: u32, tokens: u32, rows: usize| -> Result<CUtensorMap> {
         let dims = [hd, u64::from(heads), u64::from(tokens)];
         let strides = [hd * 2, u64::from(heads) * hd * 2];
@@ -108,6 +112,10 @@ pub(super) fn tensor_maps(
         q: map(params.q, params.n_heads, params.tq, q_rows)?,
         k: map(params.k, params.n_kv_heads, params.tk, kv_rows)?,
         v: map(params.v, params.n_kv_heads, params.tk, kv_rows)?,
+        d_out: match params.d_out {
+            0 => CUtensorMap { opaque: [0; 16] },
+            d_out => map(d_out, params.n_heads, params.tq, q_rows)?,
+        },
     }))
 }
 
@@ -162,7 +170,7 @@ fn flash_grid(tiles: usize, heads: usize, n_seqs: usize) -> (u32, u32, u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::{tensor_maps, FlashParams, Half};
+    use super::{tensor_maps, FlashParams, Half, TmaBoxes};
 
     /// Layouts TMA cannot address are refused before any driver call (so this runs without a GPU), which sends the
     /// launch to the mma.sync forward.
@@ -182,18 +190,20 @@ mod tests {
         let refused = [
             FlashParams { head_dim: 100, ..ok },
             FlashParams { k: (2 << 20) + 8, ..ok },
+            FlashParams { d_out: (4 << 20) + 4, ..ok },
             FlashParams { tk: 0, ..ok },
             FlashParams { tq: 0, ..ok },
         ];
         for p in refused {
-            assert!(tensor_maps(&p, Half::Bf16, 128, 128).expect("no driver call").is_none());
+            let boxes = TmaBoxes { q_rows: 128, kv_rows: 128 };
+            assert!(tensor_maps(&p, Half::Bf16, boxes).expect("no driver call").is_none());
         }
     }
 
     #[test]
     fn params_are_laid_out_as_the_kernels_read_them() {
         assert_eq!(std::mem::size_of::<super::FlashParams>(), 144, "flash_common.cuh's FlashParams is 144 bytes");
-        assert_eq!(std::mem::size_of::<super::FlashMaps>(), 384, "flash_wgmma.cuh's FlashMaps is 384 bytes");
+        assert_eq!(std::mem::size_of::<super::FlashMaps>(), 512, "flash_wgmma.cuh's FlashMaps is 512 bytes");
         assert_eq!(std::mem::align_of::<super::FlashMaps>(), 128, "and 128-aligned");
     }
 }

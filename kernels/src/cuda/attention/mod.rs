@@ -198,17 +198,27 @@ pub fn attention_forward_with<T: AttentionFloat>(
         // Keys do not size the flash forward's grid: each query block walks its sequence's keys.
         ForwardKernels::Flash(path) => {
             let [kernel, _] = flash_kernels(dev.target(), path, p.head_dim, half);
-            let (kernel, maps) = match kernel.tma {
-                None => (kernel, None),
-                Some(kv_rows) => match flash::tensor_maps(&flash, half, kernel.rows, kv_rows)? {
-                    Some(maps) => (kernel, Some(maps)),
-                    // Buffers TMA cannot address (misaligned rows or views) take the portable forward.
-                    None => (flash_kernels(dev.target(), FlashPath::Portable, p.head_dim, half)[0], None),
-                },
-            };
+            let (kernel, maps) = with_maps(kernel, &flash, half, || {
+                flash_kernels(dev.target(), FlashPath::Portable, p.head_dim, half)[0]
+            })?;
             flash::launch(dev, kernel, flash, maps, max_seqlen_q, p.n_heads, n_seqs)
         }
     }
+}
+
+/// `kernel` with the TMA descriptors of `flash`'s buffers where it loads by TMA, or `portable()` (its mma.sync twin)
+/// where TMA cannot address them (misaligned rows or views).
+fn with_maps(
+    kernel: FlashKernel,
+    flash: &FlashParams,
+    half: Half,
+    portable: impl FnOnce() -> FlashKernel,
+) -> Result<(FlashKernel, Option<flash::FlashMaps>)> {
+    let Some(boxes) = kernel.tma else { return Ok((kernel, None)) };
+    Ok(match flash::tensor_maps(flash, half, boxes)? {
+        Some(maps) => (kernel, Some(maps)),
+        None => (portable(), None),
+    })
 }
 
 /// Which kernels a bf16 or f16 forward runs (f32 runs the reference ones whatever this says).
@@ -335,7 +345,9 @@ pub fn attention_backward_with<T: AttentionFloat>(
     (flash.delta, flash.dq_accum, flash.dk, flash.dv) = (delta.ptr(), dq_accum.ptr(), dk.ptr(), dv.ptr());
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
     if max_seqlen_k > 0 && !dk.is_empty() {
-        flash::launch(dev, kernel, flash, None, max_seqlen_k, p.n_kv_heads, n_seqs)?;
+        let (kernel, maps) =
+            with_maps(kernel, &flash, half, || flash_kernels(dev.target(), FlashPath::Portable, p.head_dim, half)[1])?;
+        flash::launch(dev, kernel, flash, maps, max_seqlen_k, p.n_kv_heads, n_seqs)?;
     } else {
         // No key: every dq row is zero (the accumulator as allocated); dk and dv are empty.
         dq_accum.zero()?;

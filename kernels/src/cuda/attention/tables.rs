@@ -1,6 +1,7 @@
 //! Which flash kernel serves a launch: the mma.sync kernels of every padded head_dim (`FLASH`) and the Hopper wgmma
 //! ones (`FLASH_SM90`), written as the `.cu` files instantiate them and checked against those files by the tests.
 
+use super::flash::TmaBoxes;
 use super::Half;
 use crate::cuda::compile::Target;
 use crate::cuda::source::Module;
@@ -31,9 +32,9 @@ pub struct FlashKernel {
     pub(super) smem: usize,
     /// One block per multiprocessor walking the work items (flash_common.cuh `flash_item`) instead of one per item.
     pub(super) persistent: bool,
-    /// Some(bn): the kernel loads by TMA and takes flash_wgmma.cuh's `FlashMaps` after the parameters, Q boxed
-    /// `rows` rows at a time and K and V `bn` ([`super::flash::tensor_maps`]).
-    pub(super) tma: Option<usize>,
+    /// The kernel loads by TMA and takes flash_wgmma.cuh's `FlashMaps` after the parameters, boxed so
+    /// ([`super::flash::tensor_maps`]).
+    pub(super) tma: Option<TmaBoxes>,
 }
 
 /// The forward and backward kernels of a bf16 (`half` Bf16) or f16 launch at `head_dim` (checked against
@@ -191,10 +192,12 @@ impl Sm90Forward {
 /// A Hopper backward's block, as one of flash_attention_sm90_backward.cuh's two templates lays it out.
 #[derive(Clone, Copy, Debug)]
 enum Sm90Backward {
-    /// `flash_backward_sm90<T, D, NWG, OVERLAP, STAGED_DQ>`: NWG warpgroups of 64 keys each; shared memory
-    /// `Sm90BackwardSmem` (K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse and
-    /// delta, with a staged dQ its f32 tile [64][D] in rows padded by 32 bytes, 1 KB of alignment slack).
-    Pairs { nwg: usize, overlap: bool, staged_dq: bool },
+    /// `flash_backward_sm90<T, D, NWG, OVERLAP, STAGED_DQ, false, TMA>`: NWG warpgroups of 64 keys each; shared
+    /// memory `Sm90BackwardSmem` (K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse
+    /// and delta, with a staged dQ its f32 tile [64][D] in rows padded by 32 bytes, with TMA a second dSᵀ tile and
+    /// 64 bytes of mbarriers, 1 KB of alignment slack). TMA loads K, V, Q and dO by TMA and waits on mbarriers
+    /// instead of a pair's first block barrier.
+    Pairs { nwg: usize, overlap: bool, staged_dq: bool, tma: bool },
     /// `flash_backward_sm90_split<T, D>`: two warpgroups sharing 64 keys (dK and dV of D = 256 do not fit one);
     /// shared memory `Sm90BackwardSplitSmem` (Pᵀ as well as dSᵀ [64][64]).
     Split,
@@ -205,11 +208,16 @@ impl Sm90Backward {
     /// memory) at head_dim `d`.
     fn shape(self, d: usize) -> (String, usize, usize, usize) {
         match self {
-            Sm90Backward::Pairs { nwg, overlap, staged_dq } => {
+            Sm90Backward::Pairs { nwg, overlap, staged_dq, tma } => {
                 let bn = 64 * nwg;
                 let staged = if staged_dq { 64 * (d * 4 + 32) } else { 0 };
-                let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + staged + 1024;
-                let args = if staged_dq { format!("{overlap}, true") } else { overlap.to_string() };
+                let tma_bytes = if tma { bn * 64 * 2 + 64 } else { 0 };
+                let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + staged + tma_bytes + 1024;
+                let args = match (staged_dq, tma) {
+                    (_, true) => format!("{overlap}, {staged_dq}, false, true"),
+                    (true, false) => format!("{overlap}, true"),
+                    (false, false) => overlap.to_string(),
+                };
                 (format!("flash_backward_sm90<{{T}}, {d}, {nwg}, {args}>"), bn, 128 * nwg, smem)
             }
             Sm90Backward::Split => {
@@ -248,14 +256,16 @@ impl FlashSm90 {
             threads,
             smem,
             persistent: self.fwd.persistent(),
-            tma: self.fwd.tma(),
+            tma: self.fwd.tma().map(|kv_rows| TmaBoxes { q_rows: self.fwd.rows(), kv_rows }),
         }
     }
 
     fn backward_kernel(&self, half: Half) -> FlashKernel {
         let (_, rows, threads, smem) = self.bwd.shape(self.d);
         let name = half.pick(self.backward[0], self.backward[1]);
-        FlashKernel { module: self.module, name, rows, threads, smem, persistent: false, tma: None }
+        let tma =
+            matches!(self.bwd, Sm90Backward::Pairs { tma: true, .. }).then_some(TmaBoxes { q_rows: 64, kv_rows: rows });
+        FlashKernel { module: self.module, name, rows, threads, smem, persistent: false, tma }
     }
 }
 
@@ -284,10 +294,10 @@ macro_rules! sm90 {
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
         fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
-        bwd Sm90Backward::Pairs { nwg: 2, overlap: false, staged_dq: false }),
+        bwd Sm90Backward::Pairs { nwg: 2, overlap: false, staged_dq: false, tma: true }),
     sm90!(128, FlashSm90D128, from 97,
         fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
-        bwd Sm90Backward::Pairs { nwg: 2, overlap: true, staged_dq: true }),
+        bwd Sm90Backward::Pairs { nwg: 2, overlap: true, staged_dq: true, tma: true }),
     sm90!(256, FlashSm90D256, from 129,
         fwd Sm90Forward::AllLoad { bn: 64, nwg: 2, overlap: false, lazy: true },
         bwd Sm90Backward::Split),
