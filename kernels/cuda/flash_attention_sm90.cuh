@@ -339,9 +339,10 @@ __device__ __forceinline__ void flash_forward_sm90(const FlashParams p) {
 // the softmax of S(n) while P·V is on the tensor cores, then release V, rescale O and keep P(n) in registers
 // (FlashAttention-3's intra-warpgroup overlap). PP (ping-pong, NWG ≥ 2): named barriers make the consumer warpgroups
 // issue their products in turn, so one warpgroup's softmax runs under the other's products. No warpgroup skips tiles
-// here (a tile none of its rows sees is masked to P = 0). Dynamic shared memory: Sm90ForwardWsSmem<D, BN, NWG>::bytes.
-template <int D, int BN, int NWG> struct Sm90ForwardWsSmem {
-    static constexpr int bytes = (2 * 64 * NWG + 4 * BN) * D * 2 + 1024 + 128;
+// here (a tile none of its rows sees is masked to P = 0). Dynamic shared memory: Sm90ForwardWsSmem<D, BN, NWG,
+// PERSIST>::bytes (a one-item block has one Q buffer: d256's two would not fit).
+template <int D, int BN, int NWG, bool PERSIST> struct Sm90ForwardWsSmem {
+    static constexpr int bytes = ((PERSIST ? 2 : 1) * 64 * NWG + 4 * BN) * D * 2 + 1024 + 128;
 };
 
 // Register split for THREADS threads, one block per multiprocessor: the block holds THREADS × ENTRY registers (ENTRY
@@ -471,7 +472,7 @@ __device__ __forceinline__ void flash_forward_sm90_ws(const FlashParams p, const
     static_assert(PR >= 24 && PR % 8 == 0 && CR >= PR, "register split");
     constexpr unsigned KV_BYTES = BN * D * 2, Q_BYTES = BM * D * 2;
     const unsigned sQ = (smem_u32(flash_smem) + 1023u) & ~1023u;
-    const unsigned sK = sQ + 2 * Q_BYTES, sV = sK + 2 * KV_BYTES;
+    const unsigned sK = sQ + (PERSIST ? 2 : 1) * Q_BYTES, sV = sK + 2 * KV_BYTES;
     const Sm90WsBars bar(sV + 2 * KV_BYTES);
     const int tid = threadIdx.x, wg = tid / 128;
 

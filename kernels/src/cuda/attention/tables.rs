@@ -138,54 +138,34 @@ static FLASH: [Flash; 6] = [
     flash!(256, FlashD256, fwd tile(64, 64, 4), bwd tile(64, 64, 8)),
 ];
 
-/// A Hopper forward's block: NWG warpgroups of 64 query rows over tiles of BN keys, as one of
-/// flash_attention_sm90.cuh's two templates lays it out.
+/// A Hopper forward's block, `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 24, LAZY, PERSISTENT, true>`: NWG
+/// consumer warpgroups of 64 query rows over tiles of BN keys, fed by one producer thread issuing TMA loads (its
+/// warpgroup keeps 24 registers, so the consumers get 240); shared memory `Sm90ForwardWsSmem` (two Q buffers, one
+/// without PERSISTENT; two K and two V stages, 1 KB of alignment slack, the mbarriers). LAZY rescales O only when a
+/// row's max grows by more than 2^8; PERSISTENT walks the work items with one block per multiprocessor, the next
+/// item's loads under this one's end.
 #[derive(Clone, Copy, Debug)]
-enum Sm90Forward {
-    /// `flash_forward_sm90_ws<T, D, BN, NWG, PING_PONG, 24, LAZY, PERSISTENT, true>`: NWG consumer warpgroups fed
-    /// by one producer thread issuing TMA loads (its warpgroup keeps 24 registers, so the consumers get 240); shared
-    /// memory `Sm90ForwardWsSmem` (two Q buffers, two K and two V stages, 1 KB of alignment slack, the mbarriers).
-    /// LAZY rescales O only when a row's max grows by more than 2^8; PERSISTENT walks the work items with one block
-    /// per multiprocessor, the next item's loads under this one's end.
-    WarpSpecialized { bn: usize, nwg: usize, ping_pong: bool, lazy: bool, persistent: bool },
-    /// `flash_forward_sm90<T, D, BN, NWG, OVERLAP, LAZY>`: every thread loads; shared memory `Sm90ForwardSmem` (the
-    /// same tiles, no mbarriers).
-    AllLoad { bn: usize, nwg: usize, overlap: bool, lazy: bool },
+struct Sm90Forward {
+    bn: usize,
+    nwg: usize,
+    ping_pong: bool,
+    lazy: bool,
+    persistent: bool,
 }
 
 impl Sm90Forward {
     /// (the template call the .cu writes, `{T}` standing for the element type; threads; shared memory) at head_dim `d`.
     fn shape(self, d: usize) -> (String, usize, usize) {
-        match self {
-            Sm90Forward::WarpSpecialized { bn, nwg, ping_pong, lazy, persistent } => (
-                format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 24, {lazy}, {persistent}, true>"),
-                128 * (nwg + 1),
-                (2 * 64 * nwg + 4 * bn) * d * 2 + 1024 + 128,
-            ),
-            Sm90Forward::AllLoad { bn, nwg, overlap, lazy } => (
-                format!("flash_forward_sm90<{{T}}, {d}, {bn}, {nwg}, {overlap}, {lazy}>"),
-                128 * nwg,
-                (64 * nwg + 4 * bn) * d * 2 + 1024,
-            ),
-        }
+        let Sm90Forward { bn, nwg, ping_pong, lazy, persistent } = self;
+        (
+            format!("flash_forward_sm90_ws<{{T}}, {d}, {bn}, {nwg}, {ping_pong}, 24, {lazy}, {persistent}, true>"),
+            128 * (nwg + 1),
+            ((if persistent { 2 } else { 1 }) * 64 * nwg + 4 * bn) * d * 2 + 1024 + 128,
+        )
     }
 
     fn rows(self) -> usize {
-        match self {
-            Sm90Forward::WarpSpecialized { nwg, .. } | Sm90Forward::AllLoad { nwg, .. } => 64 * nwg,
-        }
-    }
-
-    fn persistent(self) -> bool {
-        matches!(self, Sm90Forward::WarpSpecialized { persistent: true, .. })
-    }
-
-    /// The keys per TMA box of a forward that loads by TMA (the warp-specialized one).
-    fn tma(self) -> Option<usize> {
-        match self {
-            Sm90Forward::WarpSpecialized { bn, .. } => Some(bn),
-            Sm90Forward::AllLoad { .. } => None,
-        }
+        64 * self.nwg
     }
 }
 
@@ -255,8 +235,8 @@ impl FlashSm90 {
             rows: self.fwd.rows(),
             threads,
             smem,
-            persistent: self.fwd.persistent(),
-            tma: self.fwd.tma().map(|kv_rows| TmaBoxes { q_rows: self.fwd.rows(), kv_rows }),
+            persistent: self.fwd.persistent,
+            tma: Some(TmaBoxes { q_rows: self.fwd.rows(), kv_rows: self.fwd.bn }),
         }
     }
 
@@ -286,20 +266,20 @@ macro_rules! sm90 {
 }
 
 /// The Hopper kernels (variants measured on the H200 in `scripts/flash/variants.py`; kernels/NOTES.md has the numbers):
-/// the persistent warp-specialized ping-pong forward loading by TMA with 128-key tiles at 64 and 128 (+3 % and +1.5 %
-/// for persistence over a block per tile, then 13–17 % for TMA, on the H100), the all-load forward without overlap at
-/// 256, each rescaling O lazily; the backward with one warpgroup per 64 keys at 64 and 128 (overlapped and with the
-/// staged dQ at 128, where each measured faster: the staged dQ 7–10 % on the H100, and 16 % slower at 64) and two
-/// warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
+/// the warp-specialized ping-pong forward loading by TMA, persistent with 128-key tiles at 64 and 128 (+3 % and +1.5 %
+/// for persistence over a block per tile, then 13–17 % for TMA, on the H100) and a block per tile with 64-key tiles at
+/// 256 (two Q buffers do not fit there), each rescaling O lazily; the backward with one warpgroup per 64 keys at 64 and
+/// 128 (overlapped and with the staged dQ at 128, where each measured faster: the staged dQ 7–10 % on the H100, and 16
+/// % slower at 64) and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
-        fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
+        fwd Sm90Forward { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
         bwd Sm90Backward::Pairs { nwg: 2, overlap: false, staged_dq: false, tma: true }),
     sm90!(128, FlashSm90D128, from 97,
-        fwd Sm90Forward::WarpSpecialized { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
+        fwd Sm90Forward { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
         bwd Sm90Backward::Pairs { nwg: 2, overlap: true, staged_dq: true, tma: true }),
     sm90!(256, FlashSm90D256, from 129,
-        fwd Sm90Forward::AllLoad { bn: 64, nwg: 2, overlap: false, lazy: true },
+        fwd Sm90Forward { bn: 64, nwg: 2, ping_pong: true, lazy: true, persistent: false },
         bwd Sm90Backward::Split),
 ];
 
