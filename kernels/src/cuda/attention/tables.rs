@@ -274,7 +274,7 @@ macro_rules! sm90 {
 /// and 16 % slower at 64), and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
-        fwd Sm90Forward { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
+        fwd Sm90Forward { bn: 96, nwg: 3, ping_pong: true, lazy: true, persistent: true },
         bwd Sm90Backward::Pairs { nwg: 2, overlap: false, staged_dq: false, tma: true }),
     sm90!(128, FlashSm90D128, from 97,
         fwd Sm90Forward { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
