@@ -266,9 +266,10 @@ macro_rules! sm90 {
 }
 
 /// The Hopper kernels (variants measured on the H200 in `scripts/flash/variants.py`; kernels/NOTES.md has the numbers):
-/// the warp-specialized ping-pong forward loading by TMA, persistent with 128-key tiles at 64 and 128 (+3 % and +1.5 %
-/// for persistence over a block per tile, then 13–17 % for TMA, on the H100) and a block per tile with 64-key tiles at
-/// 256 (two Q buffers do not fit there; 1.37× the all-load forward it replaced), each rescaling O lazily; the backward
+/// the warp-specialized ping-pong forward loading by TMA, persistent at 64 and 128 (+3 % and +1.5 % for persistence
+/// over a block per tile, then 13–17 % for TMA, on the H100) with 3 consumer warpgroups and 96-key tiles at 64 (7 %
+/// over 2 × 128) and 2 with 128-key tiles at 128, and a block per tile with 2 warpgroups and 64-key tiles at 256 (two Q
+/// buffers do not fit there; 1.37× the all-load forward it replaced), each rescaling O lazily; the backward
 /// with one warpgroup per 64 keys at 64 and 128, loading by TMA (6 % and 2.6 % faster than cp.async with a block
 /// barrier), overlapped and with the staged dQ at 128 (where each measured faster: the staged dQ 7–10 % on the H100,
 /// and 16 % slower at 64), and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
