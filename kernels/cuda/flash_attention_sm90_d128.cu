@@ -3,9 +3,9 @@
 // warp-specialized and persistent (one block per multiprocessor), BN 128 keys per tile, 2 consumer warpgroups (128
 // query rows) with ping-pong + 1 producer warpgroup (24 registers; one thread issues TMA loads),
 // O rescaled lazily (+5% on the H200); backward: 2 warpgroups, 128 keys per block loaded by TMA with Q and dO (one
-// block barrier a pair), P and dS formed under the tensor
-// cores' products (+2%), each pair's dQ staged in shared memory and added by bulk reduce-adds instead of atomics (+8%
-// at 4 × 2048, +11% at 1 × 8192 on the H100). kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds the same numbers for the launch.
+// block barrier a pair), P and dS formed under the tensor cores' products (+2%), each pair's dQ staged in shared
+// memory and added by bulk reduce-adds instead of atomics (+8% at 4 × 2048, +11% at 1 × 8192 on the H100).
+// kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds the same numbers for the launch.
 #include "common.cuh"
 #include "flash_common.cuh"
 #include "flash_wgmma.cuh"

@@ -2,8 +2,9 @@
 // flash_attention_sm90.cuh's and flash_attention_sm90_backward.cuh's templates, bf16 and f16. Forward:
 // warp-specialized, a block per work item (two Q buffers would not fit beside d256's tiles), BN 64 keys per tile, 2
 // consumer warpgroups (128 query rows, 240 registers: with the cp.async producer's 224 they spilled) with ping-pong +
-// 1 producer warpgroup (24 registers; one thread issues TMA loads), O rescaled lazily; backward: two warpgroups sharing 64 keys (1.8× the mma.sync backward
-// there). kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds the same numbers.
+// 1 producer warpgroup (24 registers; one thread issues TMA loads), O rescaled lazily: 1.37× the all-load forward
+// it replaced (H100); backward: two warpgroups sharing 64 keys (1.8× the mma.sync backward there).
+// kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds the same numbers.
 #include "common.cuh"
 #include "flash_common.cuh"
 #include "flash_wgmma.cuh"
