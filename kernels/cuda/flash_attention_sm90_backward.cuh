@@ -274,7 +274,7 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
     const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sdS = sdO + 2 * QO_BYTES;
     const unsigned sL = sdS + BN * BM * 2, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
     constexpr unsigned DQ_OFF = BN * BM * 2 + 4 * BM * 4;          // STAGED_DQ: Sm90StagedDq<D> at sdS + DQ_OFF
-    constexpr unsigned DQ_TILES = STAGED_DQ ? (DEFER_DQ ? 2 : 1) : 0;
+    constexpr unsigned DQ_TILES = Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ>::DQ_TILES;
     // TMA: the second dSᵀ tile, then the mbarriers full[2], empty[2], kv (8 bytes each).
     const unsigned sdS1 = sdS + DQ_OFF + DQ_TILES * Sm90StagedDq<D>::BYTES, full_bar = sdS1 + BN * BM * 2, empty_bar = full_bar + 16, kv_bar = empty_bar + 16;
 
