@@ -4,7 +4,8 @@
 # downloads the peers' wheels into .whl/ once (bitsandbytes trimmed to its CUDA 13 libraries, Unsloth without its
 # studio/), and prints the one command to run there. There, `bash .gpu/peer/run.sh SHAPE...` runs per shape, in order,
 # each job under the time left of a 10-minute call: build the random checkpoint, Unsloth, qlora-rt, `qlora-rt bench` on
-# the same checkpoint, qlora-rt with `--memory-budget lean`, and HF when PEERS_HF=1. Every result is one JSON line in $OUT/peers.jsonl (printed at the
+# the same checkpoint, qlora-rt with `--memory-budget lean`, and HF when PEERS_HF=1. PEERS_FINAL=1 runs issue #12's
+# comparison instead: Unsloth (twice for the 1B), qlora-rt by default and within the issue's memory, and HF. Every result is one JSON line in $OUT/peers.jsonl (printed at the
 # end), the jobs' logs go to $OUT/logs.txt: the device tool brings back at most 8 files.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -76,6 +77,16 @@ for shape in "$@"; do
     job "prepare $shape" 240 python3 "$b/unsloth_qlora_baseline.py" --prepare "$shape"
     job "unsloth $shape" 240 env "${unsloth_env[@]}" python3 "$b/unsloth_qlora_baseline.py" "$shape" 4 2048 --out "$res"
     job "qlora-rt $shape" 90 python3 "$b/qlora_rt_bench.py" "$bin" "$shape" 4 2048 --out "$res"
+    if [[ ${PEERS_FINAL:-0} == 1 ]]; then
+        # Issue #12's command: Unsloth's 1B a second time (its rate moves ~13 % run to run; the README takes the best),
+        # qlora-rt within the peak it measured on 2026-12-04 (the issue's memory bound), then HF.
+        [[ $shape == llama-1b ]] && job "unsloth $shape again" 240 python3 "$b/unsloth_qlora_baseline.py" "$shape" 4 2048 --out "$res"
+        declare -A peak=([llama-1b]=5.5 [llama-8b]=11.8)
+        [[ -n ${peak[$shape]:-} ]] && job "qlora-rt budget $shape" 90 python3 "$b/qlora_rt_bench.py" "$bin" "$shape" 4 2048 \
+            --out "$res" -- --memory-budget "${peak[$shape]}"
+        job "hf $shape" 240 python3 "$b/hf_qlora_baseline.py" "$shape" 4 2048 --out "$res"
+        continue
+    fi
     # finetune's own step on the same checkpoint, timed by `bench` (CUDA events, no loop around it): beside the line
     # above it says whether a gap to `bench --shape` is the checkpoint or finetune's loop.
     job "qlora-rt bench $shape" 90 bash -c "\"$bin\" bench --model /tmp/ckpt-$shape --batch 4 --seq 2048 --dropout 0 \
