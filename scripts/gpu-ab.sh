@@ -156,7 +156,8 @@ for args in dict.fromkeys(r["args"] for r in rows):
     values = {}
     for r in rows:
         if r["args"] == args and r["result"]:
-            values.setdefault(r["side"], []).append(r["result"]["step_ms"])
+            # A training step's ms, or a decoding step's (`bench decode`).
+            values.setdefault(r["side"], []).append(r["result"].get("step_ms", r["result"].get("decode_ms")))
     gpu = next((r["result"].get("gpu") or r["result"].get("device") for r in rows if r["args"] == args and r["result"]), "?")
     print(f"{args} step ms: {sides(values)} ({gpu})")
 PY

@@ -78,13 +78,13 @@ for shape in "$@"; do
     job "unsloth $shape" 240 env "${unsloth_env[@]}" python3 "$b/unsloth_qlora_baseline.py" "$shape" 4 2048 --out "$res"
     job "qlora-rt $shape" 90 python3 "$b/qlora_rt_bench.py" "$bin" "$shape" 4 2048 --out "$res"
     if [[ ${PEERS_FINAL:-0} == 1 ]]; then
-        # Issue #12's command: Unsloth's 1B a second time (its rate moves ~13 % run to run; the README takes the best),
-        # qlora-rt within the peak it measured on 2026-12-04 (the issue's memory bound), then HF.
-        [[ $shape == llama-1b ]] && job "unsloth $shape again" 240 python3 "$b/unsloth_qlora_baseline.py" "$shape" 4 2048 --out "$res"
+        # Issue #12's command: HF, qlora-rt within the peak it measured on 2026-12-04 (the issue's memory bound), and
+        # Unsloth's 1B a second time (its rate moves ~13 % run to run; the README takes the best of two).
+        job "hf $shape" 240 python3 "$b/hf_qlora_baseline.py" "$shape" 4 2048 --out "$res"
         declare -A peak=([llama-1b]=5.5 [llama-8b]=11.8)
         [[ -n ${peak[$shape]:-} ]] && job "qlora-rt budget $shape" 90 python3 "$b/qlora_rt_bench.py" "$bin" "$shape" 4 2048 \
             --out "$res" -- --memory-budget "${peak[$shape]}"
-        job "hf $shape" 240 python3 "$b/hf_qlora_baseline.py" "$shape" 4 2048 --out "$res"
+        [[ $shape == llama-1b ]] && job "unsloth $shape again" 240 python3 "$b/unsloth_qlora_baseline.py" "$shape" 4 2048 --out "$res"
         continue
     fi
     # finetune's own step on the same checkpoint, timed by `bench` (CUDA events, no loop around it): beside the line

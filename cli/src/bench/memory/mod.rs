@@ -284,24 +284,11 @@ fn layer_saved(s: &Setup) -> LayerSaved {
     LayerSaved { attention_side, product, layer, kept: layer - formed_again * t * h * d }
 }
 
-/// FLOPs a GPU runs in the time its host link moves one byte, for [`park_capacity`], at the hidden size of 4096: an
-/// H100's Llama-3-8B layers ran their forward at ~520 TFLOP/s of linear-layer FLOPs with the link at 55 GB/s each way
-/// (RESULTS run P). An A100 (~250 TFLOP/s, PCIe 4 at ~25 GB/s) lands near it; a GPU whose link is slower for its
-/// compute parks a layer or two too many and waits on their copies.
+/// FLOPs a GPU runs in the time its host link moves one byte, for [`park_capacity`]: an H100's Llama-3-8B layers ran
+/// their forward at ~520 TFLOP/s of linear-layer FLOPs with the link at 55 GB/s each way (RESULTS run P). An A100
+/// (~250 TFLOP/s, PCIe 4 at ~25 GB/s) lands near it; a GPU whose link is slower for its compute parks a layer or two
+/// too many and waits on their copies.
 const FLOPS_PER_LINK_BYTE: f64 = 9400.0;
-
-/// The hidden size at which a layer's GEMMs run at half the GPU's peak rate: their rate taken as peak · h / (h + this)
-/// (a half-performance size). Fitted to the H100's unparked forwards of RESULTS run P, all their FLOPs (LM head and
-/// attention too) over the forward's time: the 8B (hidden 4096) at 579 TFLOP/s and the 1B (2048) at 409, which puts
-/// the peak at 991, the H100's dense bf16 rate. Smaller layers run fewer
-/// FLOPs in the time the link moves a byte, so their forward hides more of the copies out per FLOP.
-const HALF_RATE_HIDDEN: f64 = 2900.0;
-
-/// [`FLOPS_PER_LINK_BYTE`] for layers of hidden size `hidden`.
-fn flops_per_link_byte(hidden: usize) -> f64 {
-    let rate = |h: f64| h / (h + HALF_RATE_HIDDEN);
-    FLOPS_PER_LINK_BYTE * rate(hidden as f64) / rate(4096.0)
-}
 
 /// The share of the link's time under the forward that parked layers' copies out may fill: on the H100, 11 parked
 /// 8B layers of 32 cost the forward 3 % and 16 cost 23 %, 4 of the 1B's 16 cost 3 % and 8 cost 54 %.
@@ -316,7 +303,7 @@ pub fn park_capacity(s: &Setup) -> usize {
     }
     let layers = s.config.num_hidden_layers;
     let per_layer: usize = projection_shapes(s.config).iter().map(|(_, [o, i])| o * i).sum();
-    let link_bytes = 2.0 * s.tokens as f64 * per_layer as f64 / flops_per_link_byte(s.config.hidden_size);
+    let link_bytes = 2.0 * s.tokens as f64 * per_layer as f64 / FLOPS_PER_LINK_BYTE;
     let parked = LINK_SHARE * layers as f64 * link_bytes / layer_saved(s).kept.max(1) as f64;
     (parked as usize).min(layers)
 }
