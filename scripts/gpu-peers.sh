@@ -5,8 +5,9 @@
 # studio/), and prints the one command to run there. There, `bash .gpu/peer/run.sh SHAPE...` runs per shape, in order,
 # each job under the time left of a 10-minute call: build the random checkpoint, Unsloth, qlora-rt, `qlora-rt bench` on
 # the same checkpoint, qlora-rt with `--memory-budget lean`, and HF when PEERS_HF=1. PEERS_FINAL=1 runs issue #12's
-# comparison instead: Unsloth (twice for the 1B), qlora-rt by default and within the issue's memory, and HF. Every result is one JSON line in $OUT/peers.jsonl (printed at the
-# end), the jobs' logs go to $OUT/logs.txt: the device tool brings back at most 8 files.
+# comparison instead: Unsloth (twice for the 1B), qlora-rt by default, HF, and qlora-rt within the issue's memory.
+# Every result is one JSON line in $OUT/peers.jsonl (printed at the end), the jobs' logs go to $OUT/logs.txt: the
+# device tool brings back at most 8 files.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
