@@ -71,6 +71,8 @@ job() {
     timeout "$allowance" "$@" >>"$logs" 2>&1
     echo "$name rc=$? at $(($(date +%s) - t0))s"
 }
+# PEERS_FINAL's memory bound per shape: the peak issue #12 measured on 2026-12-04, in GiB (Gemma's 15.2 binds nothing).
+declare -A peak=([llama-1b]=5.5 [llama-8b]=11.8)
 for shape in "$@"; do
     unsloth_env=()
     # Unsloth's torch.compile fails at step 0 on Gemma 2 here (../shared/bench/README.md).
@@ -82,7 +84,6 @@ for shape in "$@"; do
         # Issue #12's command: HF, qlora-rt within the peak it measured on 2026-12-04 (the issue's memory bound), and
         # Unsloth's 1B a second time (its rate moves ~13 % run to run; the README takes the best of two).
         job "hf $shape" 240 python3 "$b/hf_qlora_baseline.py" "$shape" 4 2048 --out "$res"
-        declare -A peak=([llama-1b]=5.5 [llama-8b]=11.8)
         [[ -n ${peak[$shape]:-} ]] && job "qlora-rt budget $shape" 90 python3 "$b/qlora_rt_bench.py" "$bin" "$shape" 4 2048 \
             --out "$res" -- --memory-budget "${peak[$shape]}"
         [[ $shape == llama-1b ]] && job "unsloth $shape again" 240 python3 "$b/unsloth_qlora_baseline.py" "$shape" 4 2048 --out "$res"
