@@ -263,8 +263,10 @@ template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TM
 // once it is done with the stage, its dS tile read and its staged dQ written) before flushing the previous pair's dQ
 // and loading the next pair there. dSᵀ is double-buffered, so a warpgroup ahead stores the next pair's while the other
 // still reads this one's (the block barrier before dQ orders every later reuse). Dynamic shared memory:
-// Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>::bytes.
-template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false>
+// Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>::bytes. SEQ_MAJOR: the grid is (n_kv_heads, tiles, n_seqs)
+// (flash_block).
+template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false,
+          bool SEQ_MAJOR = false>
 __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const FlashMaps* maps = nullptr) {
     static_assert(!(TMA && DEFER_DQ), "the TMA backward does not defer dQ");
     constexpr int BM = 64, BN = 64 * NWG, THREADS = 128 * NWG, NO = D / 2, DQN = D / NWG;
@@ -278,7 +280,7 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
     // TMA: the second dSᵀ tile, then the mbarriers full[2], empty[2], kv (8 bytes each).
     const unsigned sdS1 = sdS + DQ_OFF + DQ_TILES * Sm90StagedDq<D>::BYTES, full_bar = sdS1 + BN * BM * 2, empty_bar = full_bar + 16, kv_bar = empty_bar + 16;
 
-    const FlashBlock b = flash_block();
+    const FlashBlock b = flash_block<SEQ_MAJOR>();
     FlashSeq s;
     if (!flash_seq(p, b.seq, s)) return;
     const int n0 = b.tile * BN;
@@ -512,8 +514,8 @@ template <int D> struct Sm90BackwardSplitSmem {
 //      and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column slices), issued together;
 //   4. dQ added to the f32 dq_accum with red.global.add.v2.f32.
 // Registers per thread: dK and dV D/4 each, dQ D/4, Sᵀ and dPᵀ 16 each. Dynamic shared memory:
-// Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256).
-template <typename T, int D>
+// Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256). SEQ_MAJOR as flash_backward_sm90's.
+template <typename T, int D, bool SEQ_MAJOR = false>
 __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
     constexpr int BM = 64, BN = 64, THREADS = 256, DH = D / 2, NQ = BM / 2;
     static_assert(D % 128 == 0 && D <= 256, "shape");
@@ -522,7 +524,7 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
     const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sP = sdO + 2 * QO_BYTES;
     const unsigned sdS = sP + PS_BYTES, sL = sdS + PS_BYTES, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
 
-    const FlashBlock b = flash_block();
+    const FlashBlock b = flash_block<SEQ_MAJOR>();
     FlashSeq s;
     if (!flash_seq(p, b.seq, s)) return;
     const int n0 = b.tile * BN;

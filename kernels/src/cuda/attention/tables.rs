@@ -35,6 +35,24 @@ pub struct FlashKernel {
     /// The kernel loads by TMA and takes flash_wgmma.cuh's `FlashMaps` after the parameters, boxed so
     /// ([`super::flash::tensor_maps`]).
     pub(super) tma: Option<TmaBoxes>,
+    /// The grid is (heads, tiles, sequences) rather than (heads, sequences, tiles): the sequence varies slowest
+    /// (flash_common.cuh `flash_block<SEQ_MAJOR>`).
+    pub(super) seq_major: bool,
+    /// The entry point of the same kernel with the sequence slowest, for a backward whose sequences all have the
+    /// longest lengths ([`FlashKernel::for_equal_sequences`]).
+    pub(super) equal_sequences: Option<&'static str>,
+}
+
+impl FlashKernel {
+    /// The kernel for a launch whose sequences all have the longest lengths: the entry point with the sequence
+    /// slowest in the grid, where there is one (the resident blocks then share one sequence's rows in L2, and equal
+    /// sequences lose nothing of the longest-first order), else this one.
+    pub fn for_equal_sequences(self) -> FlashKernel {
+        match self.equal_sequences {
+            Some(name) => FlashKernel { name, seq_major: true, equal_sequences: None, ..self },
+            None => self,
+        }
+    }
 }
 
 /// The forward and backward kernels of a bf16 (`half` Bf16) or f16 launch at `head_dim` (checked against
@@ -93,6 +111,8 @@ impl Flash {
             smem: self.forward_smem(),
             persistent: false,
             tma: None,
+            seq_major: false,
+            equal_sequences: None,
         }
     }
 
@@ -106,6 +126,8 @@ impl Flash {
             smem: self.backward_smem(),
             persistent: false,
             tma: None,
+            seq_major: false,
+            equal_sequences: None,
         }
     }
 }
@@ -218,6 +240,8 @@ struct FlashSm90 {
     forward: [&'static str; 2],
     fwd: Sm90Forward,
     backward: [&'static str; 2],
+    /// The backward with the sequence slowest in the grid (`SEQ_MAJOR`), for packs of equal sequences.
+    backward_seq: [&'static str; 2],
     bwd: Sm90Backward,
 }
 
@@ -237,6 +261,8 @@ impl FlashSm90 {
             smem,
             persistent: self.fwd.persistent,
             tma: Some(TmaBoxes { q_rows: self.fwd.rows(), kv_rows: self.fwd.bn }),
+            seq_major: false,
+            equal_sequences: None,
         }
     }
 
@@ -245,12 +271,23 @@ impl FlashSm90 {
         let name = half.pick(self.backward[0], self.backward[1]);
         let tma =
             matches!(self.bwd, Sm90Backward::Pairs { tma: true, .. }).then_some(TmaBoxes { q_rows: 64, kv_rows: rows });
-        FlashKernel { module: self.module, name, rows, threads, smem, persistent: false, tma }
+        let equal_sequences = Some(half.pick(self.backward_seq[0], self.backward_seq[1]));
+        FlashKernel {
+            module: self.module,
+            name,
+            rows,
+            threads,
+            smem,
+            persistent: false,
+            tma,
+            seq_major: false,
+            equal_sequences,
+        }
     }
 }
 
 /// A `FLASH_SM90` entry: `flash_attention_sm90_d<D>.cu`'s entry points `flash_{forward,backward}_sm90_d<D>_{bf16,f16}`
-/// with their layouts as the templates are instantiated.
+/// and `flash_backward_sm90_seq_d<D>_{bf16,f16}`, with their layouts as the templates are instantiated.
 macro_rules! sm90 {
     ($d:literal, $module:ident, from $min:literal, fwd $fwd:expr, bwd $bwd:expr) => {
         FlashSm90 {
@@ -260,6 +297,10 @@ macro_rules! sm90 {
             forward: [concat!("flash_forward_sm90_d", $d, "_bf16"), concat!("flash_forward_sm90_d", $d, "_f16")],
             fwd: $fwd,
             backward: [concat!("flash_backward_sm90_d", $d, "_bf16"), concat!("flash_backward_sm90_d", $d, "_f16")],
+            backward_seq: [
+                concat!("flash_backward_sm90_seq_d", $d, "_bf16"),
+                concat!("flash_backward_sm90_seq_d", $d, "_f16"),
+            ],
             bwd: $bwd,
         }
     };
@@ -326,15 +367,28 @@ mod tests {
             let ((forward, _, _), (backward, ..)) = (f.fwd.shape(f.d), f.bwd.shape(f.d));
             for half in [Half::Bf16, Half::F16] {
                 let ty = half.pick("bf16", "f16");
-                for (k, template) in [(f.forward_kernel(half), &forward), (f.backward_kernel(half), &backward)] {
+                // The sequence-major backward: the same template with SEQ_MAJOR, its last argument, set.
+                let backward_seq = backward.strip_suffix('>').map(|t| format!("{t}, true>")).expect("a template");
+                let bwd = f.backward_kernel(half);
+                let seq = bwd.for_equal_sequences();
+                assert!(
+                    seq.seq_major && !bwd.seq_major && seq.name != bwd.name,
+                    "{}: its sequence-major twin",
+                    bwd.name
+                );
+                assert_eq!(
+                    FlashKernel { name: bwd.name, seq_major: false, equal_sequences: bwd.equal_sequences, ..seq },
+                    bwd
+                );
+                for (k, template) in [(f.forward_kernel(half), &forward), (bwd, &backward), (seq, &backward_seq)] {
                     let line = entry_line(f.module, k.name);
                     let call = template.replace("{T}", ty);
-                    assert!(line.contains(&call), "{}: expected {call} in {line}", k.name);
+                    assert!(line.contains(&format!("{call}(")), "{}: expected {call} in {line}", k.name);
                     assert!(line.contains(&format!("__launch_bounds__({}, 1)", k.threads)), "{}: block size", k.name);
                     assert!(k.smem <= 227 * 1024, "{}: shared memory", k.name);
                 }
             }
-            assert_eq!(f.module.entry_points().len(), 4, "{}: entry points", f.module.name());
+            assert_eq!(f.module.entry_points().len(), 6, "{}: entry points", f.module.name());
         }
     }
 
