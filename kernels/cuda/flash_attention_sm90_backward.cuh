@@ -120,9 +120,9 @@ __device__ __forceinline__ void sm90_bwd_prefetch(const FlashParams& p, const Fl
     if (tid < BM) sm90_bwd_stats<BM>(p, s, blk, it, st, sL, sD, tid);
 }
 
-// The TMA backward's loads of pair it into stage st, by threads tid < BM: their lse and delta by cp.async, each
-// thread's landing counted on `full` (cp.async.mbarrier.arrive.noinc), and thread 0's Q and dO by TMA (two arrivals
-// with their bytes): `full` expects BM + 2 arrivals.
+// The TMA backward's loads of pair it into stage st by one thread (a lane of the producer warp, or a loading consumer
+// thread < 64): row tid's lse and delta by cp.async, the landing of every cp.async this thread issued counted on `full`
+// (cp.async.mbarrier.arrive.noinc), and thread 0's Q and dO by TMA (two arrivals with their bytes).
 template <int D, int BM>
 __device__ __forceinline__ void sm90_bwd_load_tma(const FlashParams& p, const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int it, int st,
                                                   unsigned sQ, unsigned sdO, unsigned sL, unsigned sD, unsigned full, int tid) {
@@ -197,11 +197,12 @@ __device__ __forceinline__ void sm90_stage_dq(unsigned sdq, int rq, int c0, int 
         for (int j = 0; j < NC / 8; ++j) st_shared_v2_f32(base + hr * 8 * ROW + 32 * j, dq[4 * j + 2 * hr], dq[4 * j + 2 * hr + 1]);
 }
 
-// Pair it's staged dQ (every thread's stores fenced and past a block barrier) added to dq_accum: thread r < 64 issues
-// row r's bulk reduce-add of hd floats (hd % 4 == 0).
+// Pair it's staged dQ (every thread's stores fenced and past a block barrier) added to dq_accum: thread r < 64 (or the
+// caller's row r) issues row r's bulk reduce-add of hd floats (hd % 4 == 0).
 template <int D, int BM>
-__device__ __forceinline__ void sm90_flush_dq(const FlashParams& p, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int it, unsigned sdq) {
-    const int r = threadIdx.x, m = blk.row0(it) + r;
+__device__ __forceinline__ void sm90_flush_dq(const FlashParams& p, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int it, unsigned sdq,
+                                              int r = threadIdx.x) {
+    const int m = blk.row0(it) + r;
     if (r >= BM || m >= s.len_q) return;
     float* dst = p.dq_accum + (static_cast<u64>(s.q0 + m) * p.n_heads + blk.head(it)) * blk.hd;
     bulk_add_f32(dst, sdq + r * Sm90StagedDq<D>::ROW, 4 * blk.hd);
@@ -230,6 +231,43 @@ __device__ __forceinline__ void sm90_store_dkdv(const FlashParams& p, const Flas
 
 // ---- Backward, one warpgroup per 64 keys ---------------------------------------------------------------------
 
+// The warp-specialized backward's loads, by one producer warp: K and V once (`kv`), then each pair's Q and dO by TMA
+// (lane 0) and its lse and delta by cp.async (rows lane and lane + 32), all counted on the stage's `full` mbarrier (32
+// .noinc arrivals and two with their bytes); a stage is refilled once the consumers' warps have released it (`empty`).
+template <int D, int BM, int BN>
+__device__ __forceinline__ void sm90_bwd_produce(const FlashParams& p, const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int n0,
+                                                 unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sL, unsigned sD, unsigned full_bar,
+                                                 unsigned empty_bar, unsigned kv_bar, int lane) {
+    if (lane == 0) {
+        const int row = s.k0 + n0;
+        sm90_tma_tile<BN, D>(sK, &maps.k, blk.kvh, row, kv_bar);
+        sm90_tma_tile<BN, D>(sV, &maps.v, blk.kvh, row, kv_bar);
+    }
+    for (int it = 0; it < blk.pairs; ++it) {
+        const int st = it & 1;
+        if (it >= 2) mbar_wait(empty_bar + 8 * st, ((it >> 1) - 1) & 1);  // pair it − 2's use of the stage is over
+        sm90_bwd_stats<BM>(p, s, blk, it, st, sL, sD, lane + 32);
+        sm90_bwd_load_tma<D, BM>(p, maps, s, blk, it, st, sQ, sdO, sL, sD, full_bar + 8 * st, lane);
+    }
+}
+
+// The warp-specialized backward's dQ writer, one warp: each pair's staged dQ, once the consumers' warps have stored it
+// (`dq_full`), added to dq_accum by bulk reduce-adds (rows lane and lane + 32), the tile released (`dq_empty`) once
+// the reads are done; the block exits only when the adds are.
+template <int D, int BM>
+__device__ __forceinline__ void sm90_bwd_write_dq(const FlashParams& p, const FlashSeq& s, const FlashKeyBlock<BM>& blk, unsigned sdq, unsigned dq_full,
+                                                  unsigned dq_empty, int lane) {
+    for (int it = 0; it < blk.pairs; ++it) {
+        mbar_wait(dq_full, it & 1);
+        sm90_flush_dq<D>(p, s, blk, it, sdq, lane);
+        sm90_flush_dq<D>(p, s, blk, it, sdq, lane + 32);
+        bulk_wait_read<0>();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(dq_empty);
+    }
+    bulk_wait();
+}
+
 template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false> struct Sm90BackwardSmem {
     // K, V [BN][D]; Q, dO [2][64][D]; dSᵀ [BN][64]; lse, delta [2][64] f32; the staged dQ tiles (two when deferred);
     // with TMA a second dSᵀ tile and the mbarriers (64 bytes); 1 KB alignment slack.
@@ -257,16 +295,25 @@ template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TM
 // memory and added by bulk reduce-adds issued after the next block barrier. DEFER_DQ leaves a pair's dQ product
 // running into the next pair: its result is stored (staged in two alternating tiles, or added by atomics) once the
 // next pair's Sᵀ and dPᵀ are issued, so the tensor cores never drain between pairs. TMA (`maps` a __grid_constant__
-// parameter) replaces the first of a pair's two block barriers: K and V come by TMA, and a pair's Q and dO by TMA
-// from thread 0 with its lse and delta by cp.async from threads < 64, all counted on the stage's `full` mbarrier,
-// which every thread waits on; the loading threads wait on the other stage's `empty` mbarrier (one arrival per warp
-// once it is done with the stage, its dS tile read and its staged dQ written) before flushing the previous pair's dQ
-// and loading the next pair there. dSᵀ is double-buffered, so a warpgroup ahead stores the next pair's while the other
-// still reads this one's (the block barrier before dQ orders every later reuse). Dynamic shared memory:
-// Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>::bytes.
-template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false>
+// parameter) loads K, V, Q and dO by TMA and lse and delta by cp.async, counted on the stage's `full` mbarrier, which
+// replaces a pair's first block barrier. With STAGED_DQ (128·(NWG + 1) threads) it is warp-specialized as
+// FlashAttention-3's backward: warpgroup
+// NWG is a producer of 24 registers (setmaxnreg; the consumers take 240) whose first warp loads K and V by TMA, then
+// each pair's Q and dO by TMA and lse and delta by cp.async (sm90_bwd_produce), counted on the stage's `full`
+// mbarrier, and whose second warp adds each pair's staged dQ (sm90_bwd_write_dq). No consumer issues a load or waits
+// for one's issue: a consumer warp releases its stage (`empty`) once the pair's products are done, stages dQ once the
+// writer has read the previous pair's (`dq_empty`) and hands it over (`dq_full`), and the consumer warpgroups meet
+// before dQ on a named barrier instead of the block barrier. dSᵀ is double-buffered, so a warpgroup ahead stores the
+// next pair's while the other still reads this one's (the barrier before dQ orders every later reuse). Without
+// STAGED_DQ (dQ by atomics, which the consumers issue anyway) the consumers' threads < 64 load: once every warp has
+// released the other stage (`empty`), the next pair into it (sm90_bwd_load_tma). Dynamic shared memory:
+// Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>::bytes. SEQ_MAJOR: the grid is (n_kv_heads, tiles, n_seqs)
+// (flash_block).
+template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false,
+          bool SEQ_MAJOR = false>
 __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const FlashMaps* maps = nullptr) {
     static_assert(!(TMA && DEFER_DQ), "the TMA backward does not defer dQ");
+    constexpr bool WS = TMA && STAGED_DQ;  // warp-specialized: a producer warpgroup loads and adds the staged dQ
     constexpr int BM = 64, BN = 64 * NWG, THREADS = 128 * NWG, NO = D / 2, DQN = D / NWG;
     static_assert((D == 64 || D == 128) && DQN % 16 == 0, "shape");
     constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2;
@@ -277,8 +324,9 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
     constexpr unsigned DQ_TILES = Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ>::DQ_TILES;
     // TMA: the second dSᵀ tile, then the mbarriers full[2], empty[2], kv (8 bytes each).
     const unsigned sdS1 = sdS + DQ_OFF + DQ_TILES * Sm90StagedDq<D>::BYTES, full_bar = sdS1 + BN * BM * 2, empty_bar = full_bar + 16, kv_bar = empty_bar + 16;
+    const unsigned dq_full = kv_bar + 8, dq_empty = kv_bar + 16;
 
-    const FlashBlock b = flash_block();
+    const FlashBlock b = flash_block<SEQ_MAJOR>();
     FlashSeq s;
     if (!flash_seq(p, b.seq, s)) return;
     const int n0 = b.tile * BN;
@@ -290,19 +338,36 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
         if (blk.tid == 0) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                mbar_init(full_bar + 8 * i, BM + 2);
+                // A stage's cp.async arrivals: the producer warp's lanes, or the consumers' loading threads.
+                mbar_init(full_bar + 8 * i, (WS ? 32 : BM) + 2);
                 mbar_init(empty_bar + 8 * i, 4 * NWG);
             }
             mbar_init(kv_bar, 2);
+            mbar_init(dq_full, 4 * NWG);
+            mbar_init(dq_empty, 1);
             mbar_init_fence();
         }
         __syncthreads();
-        if (blk.tid == 0) {
-            const int row = s.k0 + n0;
-            sm90_tma_tile<BN, D>(sK, &maps->k, blk.kvh, row, kv_bar);
-            sm90_tma_tile<BN, D>(sV, &maps->v, blk.kvh, row, kv_bar);
+        if constexpr (WS) {
+            if (blk.wg == NWG) {
+                // The producer warpgroup: its first warp loads, its second adds the staged dQ, the rest are done.
+                setmaxnreg_dec<24>();
+                const int lane = blk.lane;
+                if (blk.warp == 4 * NWG)
+                    sm90_bwd_produce<D, BM, BN>(p, *maps, s, blk, n0, sK, sV, sQ, sdO, sL, sD, full_bar, empty_bar, kv_bar, lane);
+                else if (blk.warp == 4 * NWG + 1)
+                    sm90_bwd_write_dq<D, BM>(p, s, blk, sdS + DQ_OFF, dq_full, dq_empty, lane);
+                return;
+            }
+            setmaxnreg_inc<240>();
+        } else {
+            if (blk.tid == 0) {
+                const int row = s.k0 + n0;
+                sm90_tma_tile<BN, D>(sK, &maps->k, blk.kvh, row, kv_bar);
+                sm90_tma_tile<BN, D>(sV, &maps->v, blk.kvh, row, kv_bar);
+            }
+            if (blk.pairs > 0 && blk.tid < BM) load_tma(0, 0);
         }
-        if (blk.pairs > 0 && blk.tid < BM) load_tma(0, 0);
         mbar_wait(kv_bar, 0);
     } else {
         sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
@@ -351,10 +416,9 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
         // Deferred: the tile pair it − 1 stages into was last flushed two pairs ago.
         if (DEFER_DQ && staged) bulk_wait_read<1>();
         if constexpr (TMA) {
-            // The loaders, once every warp is done with pair it − 1: its staged dQ out, pair it + 1 into its stage.
-            if (blk.tid < BM) {
+            // Without a producer, the loaders, once every warp is done with pair it − 1: pair it + 1 into its stage.
+            if (!WS && blk.tid < BM) {
                 if (it > 0) mbar_wait(empty_bar + 8 * (st ^ 1), ((it - 1) >> 1) & 1);
-                if (staged && it > 0) sm90_flush_dq<D>(p, s, blk, it - 1, opaque(sdS) + DQ_OFF);
                 if (it + 1 < blk.pairs) load_tma(it + 1, st ^ 1);
             }
             mbar_wait(full_bar + 8 * st, (it >> 1) & 1);
@@ -438,8 +502,10 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
             for (int j = 0; j < 8; ++j) st_shared_u32((ds_base + hr * 8 * 128) ^ (j << 4), dsf[j / 2][2 * (j % 2) + hr]);
         fence_proxy_async();
         // Not deferred: the previous pair's dQ rows have left the staging tile this pair rewrites.
-        if (!DEFER_DQ && staged) bulk_wait_read<0>();
-        __syncthreads();  // every warpgroup's dSᵀ is in place (and, deferred, the previous pair's dQ staged)
+        if (!TMA && !DEFER_DQ && staged) bulk_wait_read<0>();
+        // Every warpgroup's dSᵀ is in place (and, deferred, the previous pair's dQ staged).
+        if constexpr (WS) named_sync(1, THREADS);
+        else __syncthreads();
         if (DEFER_DQ && !first) {
             if (staged) sm90_flush_dq<D>(p, s, blk, it - 1, cdS + DQ_OFF + ((it - 1) & 1) * DQ_TILE);
         }
@@ -450,11 +516,21 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
         reg_fence(dk);
         reg_fence(pf);
         reg_fence(dsf);
+        if constexpr (WS) {
+            // Stage st is read: the producer may refill it. Then this pair's dQ into the staging tile once the writer
+            // has read the previous pair's out of it, handed to the writer (fenced: it reads by the async proxy).
+            __syncwarp();
+            if ((threadIdx.x & 31) == 0) mbar_arrive(empty_bar + 8 * st);
+            if (it > 0) mbar_wait(dq_empty, (it - 1) & 1);
+            put_dq(it, h, m0, dq);
+            fence_proxy_async();
+            __syncwarp();
+            if ((threadIdx.x & 31) == 0) mbar_arrive(dq_full);
+            return;
+        }
         if constexpr (!DEFER_DQ) put_dq(it, h, m0, dq);  // staged: fenced and flushed after the next block barrier
         if constexpr (TMA) {
-            // This warp is done with stage st and has staged its dQ (fenced: the bulk reduce reads it by the async
-            // proxy): the loaders may flush it and refill the stage.
-            if (staged) fence_proxy_async();
+            // This warp is done with stage st: the loaders may refill it.
             __syncwarp();
             if ((threadIdx.x & 31) == 0) mbar_arrive(empty_bar + 8 * st);
         }
@@ -466,7 +542,7 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
         for (int it = 0; it < blk.pairs; ++it) pair(it, false);
     }
     cp_async_wait<0>();
-    if (blk.pairs > 0 && (DEFER_DQ || staged)) {
+    if (!TMA && blk.pairs > 0 && (DEFER_DQ || staged)) {
         const int last = blk.pairs - 1;
         if constexpr (DEFER_DQ) {
             issue_dq(opaque(sK), opaque(sdS));
@@ -512,8 +588,8 @@ template <int D> struct Sm90BackwardSplitSmem {
 //      and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column slices), issued together;
 //   4. dQ added to the f32 dq_accum with red.global.add.v2.f32.
 // Registers per thread: dK and dV D/4 each, dQ D/4, Sᵀ and dPᵀ 16 each. Dynamic shared memory:
-// Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256).
-template <typename T, int D>
+// Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256). SEQ_MAJOR as flash_backward_sm90's.
+template <typename T, int D, bool SEQ_MAJOR = false>
 __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
     constexpr int BM = 64, BN = 64, THREADS = 256, DH = D / 2, NQ = BM / 2;
     static_assert(D % 128 == 0 && D <= 256, "shape");
@@ -522,7 +598,7 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
     const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sP = sdO + 2 * QO_BYTES;
     const unsigned sdS = sP + PS_BYTES, sL = sdS + PS_BYTES, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
 
-    const FlashBlock b = flash_block();
+    const FlashBlock b = flash_block<SEQ_MAJOR>();
     FlashSeq s;
     if (!flash_seq(p, b.seq, s)) return;
     const int n0 = b.tile * BN;

@@ -2,9 +2,12 @@
 // flash_attention_sm90.cuh's and flash_attention_sm90_backward.cuh's templates, bf16 and f16. Forward:
 // warp-specialized and persistent (one block per multiprocessor), BN 128 keys per tile, 2 consumer warpgroups (128
 // query rows) with ping-pong + 1 producer warpgroup (24 registers; one thread issues TMA loads),
-// O rescaled lazily (+5% on the H200); backward: 2 warpgroups, 128 keys per block loaded by TMA with Q and dO (one
-// block barrier a pair), P and dS formed under the tensor cores' products (+2%), each pair's dQ staged in shared
-// memory and added by bulk reduce-adds instead of atomics (+8% at 4 × 2048, +11% at 1 × 8192 on the H100).
+// O rescaled lazily (+5% on the H200); backward: 2 consumer warpgroups, 128 keys per block, warp-specialized (a
+// producer warpgroup's warp loads Q and dO by TMA, another adds each pair's dQ, staged in shared memory, by bulk
+// reduce-adds: staging was +8% at 4 × 2048 and +11% at 1 × 8192 over atomics on the H100), P and dS formed under the
+// tensor cores' products (+2%).
+// The backward's `_seq_` entry points run it with the sequence slowest in the grid, for packs of equal sequences
+// (flash_common.cuh `flash_block`).
 // kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds the same numbers for the launch.
 #include "common.cuh"
 #include "flash_common.cuh"
@@ -15,5 +18,7 @@
 // qlora-rt: hot
 extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d128_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<bf16, 128, 128, 2, true, 24, true, true, true>(p, &maps); }
 extern "C" __global__ void __launch_bounds__(384, 1) flash_forward_sm90_d128_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<f16, 128, 128, 2, true, 24, true, true, true>(p, &maps); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d128_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 128, 2, true, true, false, true>(p, &maps); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d128_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 128, 2, true, true, false, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_backward_sm90_d128_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 128, 2, true, true, false, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_backward_sm90_d128_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 128, 2, true, true, false, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_backward_sm90_seq_d128_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 128, 2, true, true, false, true, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_backward_sm90_seq_d128_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 128, 2, true, true, false, true, true>(p, &maps); }

@@ -4,7 +4,10 @@
 // query rows, 160 registers each: 128-key tiles spilled 232 bytes there) with ping-pong + 1 producer warpgroup (24
 // registers; one thread issues TMA loads), O rescaled lazily (only when a row max grows by more than 2^8: +4% on the
 // H200); 7% faster than 2 warpgroups × 128 keys, and 64-key tiles 12% slower (H100). Backward: 2 warpgroups, 128 keys
-// per block loaded by TMA with Q and dO (one block barrier a pair; its overlapped variant measured 2% slower here).
+// per block loaded by TMA with Q and dO (one block barrier a pair; its overlapped variant measured 2% slower here), dQ
+// by atomics: the warp-specialized backward, whose writer warp adds a staged dQ, measured 17% slower here (H100).
+// The backward's `_seq_` entry points run it with the sequence slowest in the grid, for packs of equal sequences
+// (flash_common.cuh `flash_block`).
 // kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds the same numbers for the launch.
 #include "common.cuh"
 #include "flash_common.cuh"
@@ -17,3 +20,5 @@ extern "C" __global__ void __launch_bounds__(512, 1) flash_forward_sm90_d64_bf16
 extern "C" __global__ void __launch_bounds__(512, 1) flash_forward_sm90_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<f16, 64, 96, 3, true, 24, true, true, true>(p, &maps); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 64, 2, false, false, false, true>(p, &maps); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 64, 2, false, false, false, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_seq_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 64, 2, false, false, false, true, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_seq_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 64, 2, false, false, false, true, true>(p, &maps); }

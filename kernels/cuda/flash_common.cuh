@@ -130,7 +130,15 @@ struct FlashSeq {
 struct FlashBlock {
     int tile, tiles, head, seq;
 };
+// SEQ_MAJOR: a grid of (heads, tiles, sequences), the sequence slowest. A backward takes it where every sequence
+// has the longest lengths (the launcher decides): with the tile slowest its ~132 resident blocks serve every (KV
+// head, sequence) at once, whose Q, dO and f32 dQ rows (268 MB at 4 × 2048 tokens, 32 heads) cannot stay in L2; with
+// the sequence slowest they share one sequence's, and equal sequences keep the heaviest tiles first within it.
+template <bool SEQ_MAJOR = false>
 __device__ __forceinline__ FlashBlock flash_block() {
+    if constexpr (SEQ_MAJOR)
+        return FlashBlock{static_cast<int>(blockIdx.y), static_cast<int>(gridDim.y), static_cast<int>(blockIdx.x),
+                          static_cast<int>(blockIdx.z)};
     return FlashBlock{static_cast<int>(blockIdx.z), static_cast<int>(gridDim.z), static_cast<int>(blockIdx.x),
                       static_cast<int>(blockIdx.y)};
 }

@@ -1,8 +1,9 @@
 //! GPU parity of the flash-attention kernels (bf16 and f16) against the CPU twin `qlora_kernels::attention`, on
 //! fresh random inputs: every padded head_dim (and head sizes between them, which run zero-padded), GQA ratios 1, 2,
 //! 4 and 8, packed sequences of odd lengths spanning several tiles, bottom-right causal alignment, sliding windows,
-//! softcap, non-causal sequences with more queries than keys, sequences without keys and empty ones. Outputs start
-//! as NaN, so an element a kernel leaves unwritten fails.
+//! softcap, non-causal sequences with more queries than keys, sequences without keys and empty ones, and packs of
+//! equal sequences (which the Hopper backward runs with the sequence slowest in its grid). Outputs start as NaN, so
+//! an element a kernel leaves unwritten fails.
 //!
 //! Each case runs on the kernels the device picks (`FlashPath::Fastest`: on Hopper the wgmma ones where they serve the
 //! head_dim) and, where those differ, also on the portable mma.sync ones, so a Hopper run covers both families;
@@ -71,18 +72,25 @@ const CASES: &[AttentionCase] = &[
     case((4, 1), 100, false, None, None, &[(90, 40), (3, 150)]),
     case((2, 2), 128, true, Some(64), Some(30.0), &[(260, 260), (50, 190)]),
     case((4, 2), 200, true, None, None, &[(130, 130), (10, 70)]),
+    // Equal sequences: the Hopper backward's sequence-major grid (and a single sequence, which is one).
+    case((8, 2), 64, true, None, None, &[(130, 130), (130, 130), (130, 130)]),
+    case((4, 1), 128, true, Some(90), Some(30.0), &[(200, 200), (200, 200)]),
+    case((4, 2), 256, true, None, None, &[(100, 100), (100, 100)]),
+    case((8, 8), 128, false, None, None, &[(70, 70)]),
 ];
 
-/// The forward and backward entry points a case reaches on `target` along `path`.
-fn kernels<T: AttentionFloat>(target: Target, path: FlashPath, head_dim: usize) -> [&'static str; 2] {
+/// The forward and backward entry points case `c` reaches on `target` along `path` (a backward over equal sequences
+/// takes its sequence-major twin where the kernel has one).
+fn kernels<T: AttentionFloat>(target: Target, path: FlashPath, c: &AttentionCase) -> [&'static str; 2] {
     let Kind::Flash(half) = T::KIND else { panic!("16-bit types run the flash kernels") };
-    flash_kernels(target, path, head_dim, half).map(|k| k.name)
+    let [fwd, bwd] = flash_kernels(target, path, c.head_dim, half);
+    [fwd.name, if c.equal_sequences() { bwd.for_equal_sequences() } else { bwd }.name]
 }
 
 /// The paths whose kernels differ on this device: the fastest, and the portable one where it is another.
-fn paths<T: AttentionFloat>(target: Target, head_dim: usize) -> Vec<FlashPath> {
-    let portable = kernels::<T>(target, FlashPath::Portable, head_dim);
-    let differs = kernels::<T>(target, FlashPath::Fastest, head_dim) != portable;
+fn paths<T: AttentionFloat>(target: Target, c: &AttentionCase) -> Vec<FlashPath> {
+    let portable = kernels::<T>(target, FlashPath::Portable, c);
+    let differs = kernels::<T>(target, FlashPath::Fastest, c) != portable;
     [FlashPath::Fastest].into_iter().chain(differs.then_some(FlashPath::Portable)).collect()
 }
 
@@ -128,8 +136,8 @@ fn run_case<T: Half>(dev: &CudaDevice, rng: &mut Rng, c: &AttentionCase) {
     let [want_dq, want_dk, want_dv] = c.backward([&qw, &kw, &vw], &widen(&out_t), &want_lse, &dow);
     let (gout, glse) = (upload(dev, &out_t), upload(dev, &want_lse));
 
-    for path in paths::<T>(dev.target(), c.head_dim) {
-        let [fwd, bwd] = kernels::<T>(dev.target(), path, c.head_dim);
+    for path in paths::<T>(dev.target(), c) {
+        let [fwd, bwd] = kernels::<T>(dev.target(), path, c);
         let what = format!("{c:?} on {fwd} + {bwd}");
         let (mut out, mut lse) = (poisoned::<T>(dev, nq), upload(dev, &vec![f32::NAN; c.tq() * c.heads.0]));
         gattn::attention_forward_with(path, &p, &gq, &gk, &gv, cu, max, &mut out, &mut lse).unwrap();
@@ -187,7 +195,7 @@ fn cases_reach_every_flash_kernel() {
         let hopper = target == sm_90a && path == FlashPath::Fastest;
         let reached: BTreeSet<&str> = CASES
             .iter()
-            .flat_map(|c| [kernels::<bf16>(target, path, c.head_dim), kernels::<f16>(target, path, c.head_dim)])
+            .flat_map(|c| [kernels::<bf16>(target, path, c), kernels::<f16>(target, path, c)])
             .flatten()
             .collect();
         for m in Module::ALL.into_iter().filter(|m| m.name().starts_with("flash_attention")) {

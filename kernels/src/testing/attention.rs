@@ -58,6 +58,12 @@ impl AttentionCase {
         [max(|l| l.0), max(|l| l.1)]
     }
 
+    /// Every sequence has the longest query and key lengths (a backward then takes its sequence-major kernel).
+    pub fn equal_sequences(&self) -> bool {
+        let [q, k] = self.max_seqlen();
+        self.lens.iter().all(|&l| l == (q, k))
+    }
+
     /// Elements of q (and out, d_out) and of k (and v).
     pub fn sizes(&self) -> (usize, usize) {
         (self.tq() * self.heads.0 * self.head_dim, self.tk() * self.heads.1 * self.head_dim)

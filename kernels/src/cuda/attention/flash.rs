@@ -133,7 +133,7 @@ pub(super) fn launch(
     n_seqs: usize,
 ) -> Result<()> {
     let tiles = rows.div_ceil(kernel.rows);
-    let FlashKernel { module, name, threads, smem, persistent, tma, .. } = kernel;
+    let FlashKernel { module, name, threads, smem, persistent, tma, seq_major, .. } = kernel;
     assert_eq!(tma.is_some(), maps.is_some(), "attention: {name} takes TMA descriptors iff it loads by TMA");
     allow_smem(dev, module, name, smem as u32)?;
     params.n_seqs = u32_arg("attention: sequences", n_seqs);
@@ -143,7 +143,7 @@ pub(super) fn launch(
         let blocks = resident_blocks_with_smem(dev, module, name, threads as u32, smem as u32)? as usize;
         (blocks.min(items).max(1) as u32, 1, 1)
     } else {
-        flash_grid(tiles, heads, n_seqs)
+        flash_grid(tiles, heads, n_seqs, seq_major)
     };
     let cfg = LaunchConfig { grid_dim, block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: flash_*(const FlashParams p): every address in `params` is a buffer of this device sized as the
@@ -159,13 +159,19 @@ pub(super) fn launch(
 }
 
 /// The grid of a block per work item, (heads, sequences, tiles): the tile varies slowest in launch order, so the
-/// heaviest causal tiles of every head start first (flash_common.cuh `flash_block`).
-fn flash_grid(tiles: usize, heads: usize, n_seqs: usize) -> (u32, u32, u32) {
+/// heaviest causal tiles of every head start first; `seq_major`: (heads, tiles, sequences), the sequence slowest
+/// (flash_common.cuh `flash_block`).
+fn flash_grid(tiles: usize, heads: usize, n_seqs: usize, seq_major: bool) -> (u32, u32, u32) {
     assert!(
         tiles <= 65_535 && n_seqs <= 65_535,
         "attention: {tiles} tiles of the longest sequence or {n_seqs} sequences exceed a grid"
     );
-    (u32::try_from(heads).expect("attention: heads fit a grid's x"), n_seqs as u32, tiles as u32)
+    let heads = u32::try_from(heads).expect("attention: heads fit a grid's x");
+    if seq_major {
+        (heads, tiles as u32, n_seqs as u32)
+    } else {
+        (heads, n_seqs as u32, tiles as u32)
+    }
 }
 
 #[cfg(test)]

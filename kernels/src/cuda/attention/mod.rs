@@ -345,8 +345,14 @@ pub fn attention_backward_with<T: AttentionFloat>(
     (flash.delta, flash.dq_accum, flash.dk, flash.dv) = (delta.ptr(), dq_accum.ptr(), dk.ptr(), dv.ptr());
     (flash.cu_q, flash.cu_k) = (cu_seqlens_q.ptr(), cu_seqlens_k.ptr());
     if max_seqlen_k > 0 && !dk.is_empty() {
-        let (kernel, maps) =
+        let (mut kernel, maps) =
             with_maps(kernel, &flash, half, || flash_kernels(dev.target(), FlashPath::Portable, p.head_dim, half)[1])?;
+        // Every sequence at the longest lengths (the rows add up to n_seqs × the longest): decided here, as the
+        // lengths themselves stay on the device.
+        let equal = n_seqs * max_seqlen_q == flash.tq as usize && n_seqs * max_seqlen_k == flash.tk as usize;
+        if equal {
+            kernel = kernel.for_equal_sequences();
+        }
         flash::launch(dev, kernel, flash, maps, max_seqlen_k, p.n_kv_heads, n_seqs)?;
     } else {
         // No key: every dq row is zero (the accumulator as allocated); dk and dv are empty.

@@ -35,6 +35,24 @@ pub struct FlashKernel {
     /// The kernel loads by TMA and takes flash_wgmma.cuh's `FlashMaps` after the parameters, boxed so
     /// ([`super::flash::tensor_maps`]).
     pub(super) tma: Option<TmaBoxes>,
+    /// The grid is (heads, tiles, sequences) rather than (heads, sequences, tiles): the sequence varies slowest
+    /// (flash_common.cuh `flash_block<SEQ_MAJOR>`).
+    pub(super) seq_major: bool,
+    /// The entry point of the same kernel with the sequence slowest, for a backward whose sequences all have the
+    /// longest lengths ([`FlashKernel::for_equal_sequences`]).
+    pub(super) equal_sequences: Option<&'static str>,
+}
+
+impl FlashKernel {
+    /// The kernel for a launch whose sequences all have the longest lengths: the entry point with the sequence
+    /// slowest in the grid, where there is one (the resident blocks then share one sequence's rows in L2, and equal
+    /// sequences lose nothing of the longest-first order), else this one.
+    pub fn for_equal_sequences(self) -> FlashKernel {
+        match self.equal_sequences {
+            Some(name) => FlashKernel { name, seq_major: true, equal_sequences: None, ..self },
+            None => self,
+        }
+    }
 }
 
 /// The forward and backward kernels of a bf16 (`half` Bf16) or f16 launch at `head_dim` (checked against
@@ -93,6 +111,8 @@ impl Flash {
             smem: self.forward_smem(),
             persistent: false,
             tma: None,
+            seq_major: false,
+            equal_sequences: None,
         }
     }
 
@@ -106,6 +126,8 @@ impl Flash {
             smem: self.backward_smem(),
             persistent: false,
             tma: None,
+            seq_major: false,
+            equal_sequences: None,
         }
     }
 }
@@ -176,7 +198,8 @@ enum Sm90Backward {
     /// memory `Sm90BackwardSmem` (K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse
     /// and delta, with a staged dQ its f32 tile [64][D] in rows padded by 32 bytes, with TMA a second dSᵀ tile and
     /// 64 bytes of mbarriers, 1 KB of alignment slack). TMA loads K, V, Q and dO by TMA and waits on mbarriers
-    /// instead of a pair's first block barrier.
+    /// instead of a pair's first block barrier; with the staged dQ it is warp-specialized: a producer warpgroup beside
+    /// the NWG consumer ones, one warp loading and one adding the staged dQ (24 registers; the consumers 240).
     Pairs { nwg: usize, overlap: bool, staged_dq: bool, tma: bool },
     /// `flash_backward_sm90_split<T, D>`: two warpgroups sharing 64 keys (dK and dV of D = 256 do not fit one);
     /// shared memory `Sm90BackwardSplitSmem` (Pᵀ as well as dSᵀ [64][64]).
@@ -186,23 +209,27 @@ enum Sm90Backward {
 impl Sm90Backward {
     /// (the template call the .cu writes, `{T}` standing for the element type; keys per block; threads; shared
     /// memory) at head_dim `d`.
-    fn shape(self, d: usize) -> (String, usize, usize, usize) {
+    fn shape(self, d: usize, seq: bool) -> (String, usize, usize, usize) {
         match self {
             Sm90Backward::Pairs { nwg, overlap, staged_dq, tma } => {
                 let bn = 64 * nwg;
                 let staged = if staged_dq { 64 * (d * 4 + 32) } else { 0 };
                 let tma_bytes = if tma { bn * 64 * 2 + 64 } else { 0 };
                 let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + staged + tma_bytes + 1024;
-                let args = match (staged_dq, tma) {
-                    (_, true) => format!("{overlap}, {staged_dq}, false, true"),
-                    (true, false) => format!("{overlap}, true"),
-                    (false, false) => overlap.to_string(),
-                };
-                (format!("flash_backward_sm90<{{T}}, {d}, {nwg}, {args}>"), bn, 128 * nwg, smem)
+                // The template's arguments as the .cu writes them: trailing defaults (false) left out.
+                let mut args = vec![overlap, staged_dq, false, tma, seq];
+                while args.len() > 1 && args.last() == Some(&false) {
+                    args.pop();
+                }
+                let args = args.iter().map(bool::to_string).collect::<Vec<_>>().join(", ");
+                // TMA with the staged dQ is warp-specialized: a producer warpgroup beside the consumers.
+                let threads = 128 * (nwg + usize::from(tma && staged_dq));
+                (format!("flash_backward_sm90<{{T}}, {d}, {nwg}, {args}>"), bn, threads, smem)
             }
             Sm90Backward::Split => {
                 let smem = 2 * 64 * d * 2 + 4 * 64 * d * 2 + 2 * 64 * 64 * 2 + 4 * 64 * 4 + 1024;
-                (format!("flash_backward_sm90_split<{{T}}, {d}>"), 64, 256, smem)
+                let seq = if seq { ", true" } else { "" };
+                (format!("flash_backward_sm90_split<{{T}}, {d}{seq}>"), 64, 256, smem)
             }
         }
     }
@@ -218,6 +245,8 @@ struct FlashSm90 {
     forward: [&'static str; 2],
     fwd: Sm90Forward,
     backward: [&'static str; 2],
+    /// The backward with the sequence slowest in the grid (`SEQ_MAJOR`), for packs of equal sequences.
+    backward_seq: [&'static str; 2],
     bwd: Sm90Backward,
 }
 
@@ -237,20 +266,33 @@ impl FlashSm90 {
             smem,
             persistent: self.fwd.persistent,
             tma: Some(TmaBoxes { q_rows: self.fwd.rows(), kv_rows: self.fwd.bn }),
+            seq_major: false,
+            equal_sequences: None,
         }
     }
 
     fn backward_kernel(&self, half: Half) -> FlashKernel {
-        let (_, rows, threads, smem) = self.bwd.shape(self.d);
+        let (_, rows, threads, smem) = self.bwd.shape(self.d, false);
         let name = half.pick(self.backward[0], self.backward[1]);
         let tma =
             matches!(self.bwd, Sm90Backward::Pairs { tma: true, .. }).then_some(TmaBoxes { q_rows: 64, kv_rows: rows });
-        FlashKernel { module: self.module, name, rows, threads, smem, persistent: false, tma }
+        let equal_sequences = Some(half.pick(self.backward_seq[0], self.backward_seq[1]));
+        FlashKernel {
+            module: self.module,
+            name,
+            rows,
+            threads,
+            smem,
+            persistent: false,
+            tma,
+            seq_major: false,
+            equal_sequences,
+        }
     }
 }
 
 /// A `FLASH_SM90` entry: `flash_attention_sm90_d<D>.cu`'s entry points `flash_{forward,backward}_sm90_d<D>_{bf16,f16}`
-/// with their layouts as the templates are instantiated.
+/// and `flash_backward_sm90_seq_d<D>_{bf16,f16}`, with their layouts as the templates are instantiated.
 macro_rules! sm90 {
     ($d:literal, $module:ident, from $min:literal, fwd $fwd:expr, bwd $bwd:expr) => {
         FlashSm90 {
@@ -260,6 +302,10 @@ macro_rules! sm90 {
             forward: [concat!("flash_forward_sm90_d", $d, "_bf16"), concat!("flash_forward_sm90_d", $d, "_f16")],
             fwd: $fwd,
             backward: [concat!("flash_backward_sm90_d", $d, "_bf16"), concat!("flash_backward_sm90_d", $d, "_f16")],
+            backward_seq: [
+                concat!("flash_backward_sm90_seq_d", $d, "_bf16"),
+                concat!("flash_backward_sm90_seq_d", $d, "_f16"),
+            ],
             bwd: $bwd,
         }
     };
@@ -271,8 +317,10 @@ macro_rules! sm90 {
 /// over 2 × 128) and 2 with 128-key tiles at 128, and a block per tile with 2 warpgroups and 64-key tiles at 256 (two Q
 /// buffers do not fit there; 1.37× the all-load forward it replaced), each rescaling O lazily; the backward
 /// with one warpgroup per 64 keys at 64 and 128, loading by TMA (6 % and 2.6 % faster than cp.async with a block
-/// barrier), overlapped and with the staged dQ at 128 (where each measured faster: the staged dQ 7–10 % on the H100,
-/// and 16 % slower at 64), and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
+/// barrier), at 128 overlapped and warp-specialized (a producer warpgroup loads and adds the staged dQ,
+/// FlashAttention-3's layout: 7 % faster than the consumers loading and flushing themselves, H100 2026-12-07), at 64
+/// by the consumers with dQ by atomics (the staged dQ measured 16 % slower there, warp-specialized or not), and two
+/// warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
         fwd Sm90Forward { bn: 96, nwg: 3, ping_pong: true, lazy: true, persistent: true },
@@ -323,18 +371,30 @@ mod tests {
     fn flash_sm90_table_matches_the_sources() {
         for f in &FLASH_SM90 {
             assert_eq!(f.module.arch_specific_only(), Some(90), "{}", f.module.name());
-            let ((forward, _, _), (backward, ..)) = (f.fwd.shape(f.d), f.bwd.shape(f.d));
+            let ((forward, _, _), (backward, ..), (backward_seq, ..)) =
+                (f.fwd.shape(f.d), f.bwd.shape(f.d, false), f.bwd.shape(f.d, true));
             for half in [Half::Bf16, Half::F16] {
                 let ty = half.pick("bf16", "f16");
-                for (k, template) in [(f.forward_kernel(half), &forward), (f.backward_kernel(half), &backward)] {
+                let bwd = f.backward_kernel(half);
+                let seq = bwd.for_equal_sequences();
+                assert!(
+                    seq.seq_major && !bwd.seq_major && seq.name != bwd.name,
+                    "{}: its sequence-major twin",
+                    bwd.name
+                );
+                assert_eq!(
+                    FlashKernel { name: bwd.name, seq_major: false, equal_sequences: bwd.equal_sequences, ..seq },
+                    bwd
+                );
+                for (k, template) in [(f.forward_kernel(half), &forward), (bwd, &backward), (seq, &backward_seq)] {
                     let line = entry_line(f.module, k.name);
                     let call = template.replace("{T}", ty);
-                    assert!(line.contains(&call), "{}: expected {call} in {line}", k.name);
+                    assert!(line.contains(&format!("{call}(")), "{}: expected {call} in {line}", k.name);
                     assert!(line.contains(&format!("__launch_bounds__({}, 1)", k.threads)), "{}: block size", k.name);
                     assert!(k.smem <= 227 * 1024, "{}: shared memory", k.name);
                 }
             }
-            assert_eq!(f.module.entry_points().len(), 4, "{}: entry points", f.module.name());
+            assert_eq!(f.module.entry_points().len(), 6, "{}: entry points", f.module.name());
         }
     }
 
