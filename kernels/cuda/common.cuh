@@ -65,6 +65,28 @@ __device__ __forceinline__ u64 splitmix_mix(u64 z) {
 __device__ __forceinline__ u64 splitmix_state(u64 seed, u64 i) { return seed + (i + 1) * SPLITMIX_STEP; }
 __device__ __forceinline__ u64 splitmix_at(u64 seed, u64 i) { return splitmix_mix(splitmix_state(seed, i)); }
 
+// Programmatic dependent launch (sm_90+; the launchers' `launch_overlapping!`): such a kernel's blocks may start while
+// the kernel before it in the stream is still running. Every block calls grid_dependency_wait() before it reads or
+// writes memory an earlier kernel may touch (it returns once that kernel has completed and its writes are visible;
+// at once when the launch did not overlap), then grid_dependents_launch(), which lets the next such kernel start:
+// after the wait, so that at most one kernel waits behind a running one and none runs ahead of an unfinished kernel.
+// Without the launch attribute, and below sm_90, both do nothing.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Both, where a kernel has nothing to do before its inputs are ready.
+__device__ __forceinline__ void grid_dependency_sync() {
+    grid_dependency_wait();
+    grid_dependents_launch();
+}
+
 // Grid-stride loops over element counts past 2^32.
 __device__ __forceinline__ u64 thread_index() { return static_cast<u64>(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ u64 thread_count() { return static_cast<u64>(gridDim.x) * blockDim.x; }
@@ -216,9 +238,10 @@ __device__ __forceinline__ void map_chunk(const Raw8<T> (&raw)[NI], T* const (&o
 // out_o[i] = f(in_0[i], …)_o for i < n, with f(const float (&x)[NI], float (&y)[NO]) one element's map. When every
 // pointer is 16-byte aligned, 8-element chunks (16-byte accesses), two per thread per step so that the loads of both
 // are in flight together; the rest, and everything otherwise, one element per thread. Grid-stride (the launchers'
-// grids are one wave).
+// grids are one wave). Waits for the previous kernel first, so a map's launch may overlap it.
 template <unsigned NI, unsigned NO, typename T, typename F>
 __device__ __forceinline__ void map(const T* const (&in)[NI], T* const (&out)[NO], u64 n, F f) {
+    grid_dependency_sync();
     bool vector = true;
 #pragma unroll
     for (unsigned i = 0; i < NI; ++i) vector = vector && aligned16(in[i]);

@@ -16,6 +16,7 @@ struct View {
 
 // src: the view v (n = Π shape elements) → dst: [n] row-major. Grid-stride over n.
 template <typename E> __device__ void strided_copy(const E* src, E* dst, View v, u64 n) {
+    grid_dependency_sync();
     for (u64 i = thread_index(); i < n; i += thread_count()) {
         u64 rem = i, at = v.offset;
         for (int d = static_cast<int>(v.rank) - 1; d >= 0; --d) {
@@ -30,6 +31,7 @@ template <typename E> __device__ void strided_copy(const E* src, E* dst, View v,
 // chunks (16-byte accesses, two chunks in flight per thread) when both are 16-byte aligned, the rest one element per
 // thread; grid-stride (the launcher's grid is one wave).
 template <typename S, typename D> __device__ void cast(const S* __restrict__ src, D* __restrict__ dst, u64 n) {
+    grid_dependency_sync();
     const u64 chunks = aligned16(src) && aligned16(dst) ? n / 8 : 0, stride = thread_count();
     for (u64 c = thread_index(); c < chunks; c += 2 * stride) {
         const u64 c1 = c + stride;

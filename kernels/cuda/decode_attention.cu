@@ -119,6 +119,7 @@ template <typename T, int D>
 __device__ __forceinline__ void decode_attention(const FlashParams p, const DecodeSplits ds) {
     constexpr int SD = D + 8, BN = DECODE_BN, S = DECODE_STAGES, THREADS = 32 * DECODE_WARPS, DT = D / 8, SO = D + 8;
     static_assert(D % 16 == 0, "head tile");
+    grid_dependency_sync();
     static_assert(DECODE_WARPS * DECODE_ROWS * SO * 4 + 2 * DECODE_WARPS * DECODE_ROWS * 4 <= S * 2 * BN * SD * 2, "merge fits the stages");
     unsigned short* sQ = reinterpret_cast<unsigned short*>(flash_smem);
     unsigned short* sKV = sQ + DECODE_ROWS * SD;  // stage i: K [BN][SD] at 2·BN·SD·i, V [BN][SD] after it
@@ -260,6 +261,7 @@ __device__ __forceinline__ void decode_attention(const FlashParams p, const Deco
 template <typename T>
 __device__ __forceinline__ void decode_combine(const FlashParams p, const DecodeSplits ds) {
     constexpr int CPL = 8;
+    grid_dependency_sync();
     FlashSeq s;
     if (!flash_seq(p, blockIdx.y, s)) return;
     const u64 r = static_cast<u64>(blockIdx.x) * DECODE_WARPS + threadIdx.x / 32;

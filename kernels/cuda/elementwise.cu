@@ -25,6 +25,7 @@ __device__ __forceinline__ double uniform_at(u64 seed, u64 i) {
 
 // x: [n] → out: [n] = 0 where draw i < p, keep·x elsewhere (inverted dropout; the CPU twin's mask exactly)
 template <typename T> __device__ void dropout(const T* x, T* out, u64 n, u64 seed, double p, float keep) {
+    grid_dependency_sync();
     for (u64 i = thread_index(); i < n; i += thread_count())
         out[i] = uniform_at(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(to_f32(x[i]) * keep);
 }
@@ -36,11 +37,13 @@ template <typename T> __device__ void axpy(float alpha, const T* x, T* y, u64 n)
 
 // x: [rows, cols], bias: [cols] → x += bias broadcast over rows (n = rows·cols)
 template <typename T> __device__ void add_bias(T* x, const T* bias, u64 n, unsigned cols) {
+    grid_dependency_sync();
     for (u64 i = thread_index(); i < n; i += thread_count()) x[i] = from_f32<T>(to_f32(x[i]) + to_f32(bias[i % cols]));
 }
 
 // s: [1] f32 on the device → out: [n] = scale·s (a scalar's gradient spread over a tensor, never read by the host)
 template <typename T> __device__ void broadcast_scaled(const float* s, float scale, T* out, u64 n) {
+    grid_dependency_sync();
     const T v = from_f32<T>(scale * s[0]);
     for (u64 i = thread_index(); i < n; i += thread_count()) out[i] = v;
 }

@@ -6,6 +6,7 @@
 
 // c: [batch entries of mn elements, stride_c apart] → c = beta·c (0 when beta == 0). Grid-stride over batch·mn.
 template <typename T> __device__ void gemm_scale_c(T* c, float beta, u64 batch, u64 mn, u64 stride_c) {
+    grid_dependency_sync();
     for (u64 i = thread_index(); i < batch * mn; i += thread_count()) {
         T* p = c + (i / mn) * stride_c + i % mn;
         *p = from_f32<T>(beta == 0.0f ? 0.0f : beta * to_f32(*p));
@@ -46,6 +47,7 @@ template <typename T, unsigned M>
 __device__ void gemm_few_rows(const T* __restrict__ a, u64 lda, const T* __restrict__ b, u64 ldb, T* c, u64 ldc,
                               unsigned m, unsigned k, float alpha, float beta) {
     __shared__ float partial[GEMM_FEW_ROWS_WARPS][M];
+    grid_dependency_sync();
     const unsigned j = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const T* bj = b + static_cast<u64>(j) * ldb;
     float acc[M];

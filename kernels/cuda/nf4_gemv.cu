@@ -168,6 +168,7 @@ __device__ void nf4_gemv_vector(const unsigned char* __restrict__ packed, Scales
     if (table % 256 != 0) __trap();  // decode8's addressing
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, ksplit = blockDim.x / 32;
     const unsigned o0 = block * R, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
+    grid_dependency_sync();
     // The first loads go out before the tables are staged and the block waits for them.
     GemvLoads<R, Scales> loads = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, warp);
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
@@ -215,6 +216,7 @@ __device__ void nf4_gemv_scalar(const unsigned char* __restrict__ packed, Scales
                                 T* __restrict__ y, unsigned m, unsigned out_f, unsigned in_f, unsigned log2_blocksize,
                                 GemvLora<T> lora, unsigned block) {
     __shared__ float code[16];
+    grid_dependency_sync();
     if (threadIdx.x < 16) code[threadIdx.x] = NF4_CODE[threadIdx.x];
     scales.stage();
     __syncthreads();
@@ -365,9 +367,11 @@ __device__ void nf4_gemv_rows(const unsigned char* __restrict__ packed, Scales s
     extern __shared__ uint4 xs[];
     const unsigned lane = threadIdx.x % 32, steps = (in_f + GEMV_STEP - 1) / GEMV_STEP;
     const unsigned o0 = (block * GEMV_ROWS_WARPS + threadIdx.x / 32) * R;
-    // The first step's loads go out before the block stages its tables and x and waits for them.
-    GemvLoads<R, Scales> cur = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, 0);
+    // The code table reads nothing of the previous kernel's: staged while it finishes (an overlapping launch).
     stage_code_pairs(pairs);
+    grid_dependency_sync();
+    // The first step's loads go out before the block stages x and waits for it.
+    GemvLoads<R, Scales> cur = gemv_load<R>(packed, scales, o0, out_f, in_f, log2_blocksize, 0);
     stage_x<T, M>(xs, x, m, in_f, steps);
     scales.stage();
     __syncthreads();

@@ -28,6 +28,7 @@ template <bool ADD, unsigned G, typename T>
 __device__ void rms_norm_forward_rows(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
                                       T* __restrict__ h, T* __restrict__ y, float* __restrict__ rstd, unsigned rows,
                                       unsigned dim, float eps, float offset) {
+    grid_dependency_sync();
     const unsigned c = threadIdx.x * 8;
     const bool own = c < dim;
     float w[8] = {};
@@ -101,6 +102,7 @@ __device__ void rms_norm_backward_rows(const T* __restrict__ x, const T* __restr
                                        const T* __restrict__ dy, const T* __restrict__ d_residual, T* __restrict__ dx,
                                        float* __restrict__ dw_partial, unsigned rows, unsigned dim, float offset,
                                        unsigned rows_per_block) {
+    grid_dependency_sync();
     const unsigned c = threadIdx.x * 8;
     const bool own = c < dim;
     float w[8] = {}, acc[8] = {};
@@ -193,6 +195,7 @@ __device__ void rms_norm_backward_rows(const T* __restrict__ x, const T* __restr
 template <bool ADD, typename T>
 __device__ void rms_norm_forward_scalar(const T* x, const T* residual, const T* weight, T* h, T* y, float* rstd, unsigned dim,
                                         float eps, float offset) {
+    grid_dependency_sync();
     const u64 row = blockIdx.x;
     const T* xr = x + row * dim;
     const T* rr = residual + row * dim;
@@ -219,6 +222,7 @@ __device__ void rms_norm_forward_scalar(const T* x, const T* residual, const T* 
 template <bool ADD, typename T>
 __device__ void rms_norm_backward_scalar(const T* x, const T* weight, const float* rstd, const T* dy, const T* d_residual, T* dx,
                                          float* dw_partial, unsigned rows, unsigned dim, float offset, unsigned rows_per_block) {
+    grid_dependency_sync();
     float* partial = dw_partial ? dw_partial + static_cast<u64>(blockIdx.x) * dim : nullptr;
     if (partial)
         for (unsigned j = threadIdx.x; j < dim; j += blockDim.x) partial[j] = 0.0f;
@@ -246,6 +250,7 @@ __device__ void rms_norm_backward_scalar(const T* x, const T* weight, const floa
 // w + 32, … of its block's 32 columns, then the 32 warp sums are added in warp order. Grid: ⌈dim/32⌉ blocks.
 template <typename T> __device__ void rms_norm_dw_reduce(const float* __restrict__ dw_partial, T* __restrict__ dw, unsigned blocks, unsigned dim) {
     __shared__ float sums[32][33];
+    grid_dependency_sync();
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, col = blockIdx.x * 32 + lane;
     float s = 0.0f;
     if (col < dim) {

@@ -24,6 +24,7 @@ template <unsigned W, typename T> __device__ __forceinline__ void store_pairs(T*
 template <bool INVERSE, unsigned W, typename T>
 __device__ void rotate(const T* xa, T* ya, unsigned heads_a, unsigned chunks_a, const T* xb, T* yb, unsigned heads_b,
                        unsigned chunks, const float* __restrict__ cos, const float* __restrict__ sin, unsigned half) {
+    grid_dependency_sync();
     const unsigned per_head = half / W;
     for (unsigned k = blockIdx.x * blockDim.x + threadIdx.x; k < chunks; k += gridDim.x * blockDim.x) {
         const bool a = k < chunks_a;

@@ -126,6 +126,7 @@ fn check_module(module: Module, cubin: Target, ptxas: &Path, dir: &Path) -> Modu
     if entries != in_ptx {
         r.failures.push(format!("{name}: source entry points {entries:?} but PTX entries {in_ptx:?}"));
     }
+    r.failures.extend(overlap_problems(module, &ptx, cubin));
     let usage = match run_ptxas(ptxas, dir, name, &ptx, cubin) {
         Ok(usage) => usage,
         Err(e) => {
@@ -173,6 +174,97 @@ fn tools() -> Option<PathBuf> {
     assert!(!required, "QLORA_REQUIRE_CUDA_TOOLS=1 but the CUDA tools are missing: {problem}; {hint}");
     println!("SKIPPED: NVRTC/ptxas kernel check not run: {problem}; {hint}");
     None
+}
+
+/// Where `module`'s kernels disagree with [`Module::waits_for_previous`], which lets their launches overlap the
+/// previous kernel: for sm_90 and newer, every entry point of such a module must reach `griddepcontrol.wait` and
+/// `griddepcontrol.launch_dependents` (in its body or a function it calls), and no other module's entry point may
+/// (the list would be stale); below sm_90 no PTX may hold `griddepcontrol` at all.
+fn overlap_problems(module: Module, ptx: &str, target: Target) -> Vec<String> {
+    let functions = ptx_functions(ptx);
+    let mut problems = Vec::new();
+    for entry in ptx_entries(ptx) {
+        let reached = reached_text(&functions, entry);
+        let (waits, triggers) =
+            (reached.contains("griddepcontrol.wait"), reached.contains("griddepcontrol.launch_dependents"));
+        let expected = module.waits_for_previous() && target.arch >= 90;
+        if (waits, triggers) != (expected, expected) {
+            problems.push(format!(
+                "{}: {entry} for {target}: griddepcontrol.wait {waits}, launch_dependents {triggers}, but \
+                 Module::waits_for_previous() && sm_90+ is {expected}",
+                module.name()
+            ));
+        }
+    }
+    problems
+}
+
+/// A PTX module's functions (`.entry` and `.func`) by name: each one's body, from its `{` line to its `}` line
+/// (declarations, which end in a `;` line instead, have none).
+fn ptx_functions(ptx: &str) -> BTreeMap<&str, &str> {
+    let mut functions = BTreeMap::new();
+    let mut name = None;
+    let mut body_start = None;
+    let mut offset = 0;
+    for line in ptx.split_inclusive('\n') {
+        let here = offset;
+        offset += line.len();
+        let text = line.trim_end();
+        if let Some(start) = body_start {
+            if text == "}" {
+                functions.insert(name.take().unwrap_or(""), &ptx[start..offset]);
+                body_start = None;
+            }
+        } else if let Some(header) = [".entry ", ".func "].iter().find_map(|k| text.split_once(k).map(|(_, r)| r)) {
+            // A .func with a return value: `.func (.param .b32 retval) name(`.
+            let header = header.trim_start();
+            let header = header.strip_prefix('(').and_then(|h| h.split_once(')')).map_or(header, |(_, r)| r);
+            name = header.trim_start().split(['(', ' ']).next();
+        } else if text == ";" {
+            name = None;
+        } else if text == "{" && name.is_some() {
+            body_start = Some(here);
+        }
+    }
+    functions
+}
+
+/// The text of `entry` and of every function it calls, directly or not.
+fn reached_text(functions: &BTreeMap<&str, &str>, entry: &str) -> String {
+    let mut seen = BTreeSet::new();
+    let mut pending = vec![entry];
+    let mut text = String::new();
+    while let Some(name) = pending.pop() {
+        let Some(body) = functions.get(name).filter(|_| seen.insert(name)) else { continue };
+        text.push_str(body);
+        for line in body.lines().map(str::trim_start).filter(|l| l.starts_with("call")) {
+            // `call.uni (retval0), name, (param0, …);` or `call.uni name, (…);`
+            let callee = line.split_whitespace().nth(1).map(|w| {
+                if w.starts_with('(') {
+                    line.split(", ").nth(1).unwrap_or("")
+                } else {
+                    w
+                }
+            });
+            if let Some(c) = callee.map(|c| c.trim_end_matches([',', ';'])) {
+                pending.push(c);
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn ptx_functions_follow_calls() {
+    let ptx = "\
+.func  (.param .b32 func_retval0) helper(\n\t.param .b64 helper_param_0\n)\n;\n\
+.visible .entry k1(\n\t.param .u64 k1_param_0\n)\n{\n\tcall.uni (retval0), helper, (param0);\n\tret;\n\n}\n\
+.visible .entry k2(\n)\n{\n\tret;\n\n}\n\
+.func  (.param .b32 func_retval0) helper(\n\t.param .b64 helper_param_0\n)\n{\n\tgriddepcontrol.wait;\n\tret;\n\n}\n";
+    let f = ptx_functions(ptx);
+    assert_eq!(f.keys().copied().collect::<Vec<_>>(), ["helper", "k1", "k2"]);
+    assert!(reached_text(&f, "k1").contains("griddepcontrol.wait"));
+    assert!(!reached_text(&f, "k2").contains("griddepcontrol.wait"));
 }
 
 /// The `.entry` names of a PTX module.

@@ -140,6 +140,15 @@ impl CudaDevice {
         self.inner.target
     }
 
+    /// Whether launches of kernels that wait for the previous one ([`Module::waits_for_previous`]) overlap it
+    /// (programmatic dependent launch): where the kernels are compiled for sm_90 or newer, so that they carry
+    /// `griddepcontrol`. `QLORA_PDL=0` turns it off, to measure what it gains or to rule it out.
+    pub fn overlapping_launches(&self) -> bool {
+        static ENABLED: std::sync::LazyLock<bool> =
+            std::sync::LazyLock::new(|| std::env::var("QLORA_PDL").map_or(true, |v| v.trim() != "0"));
+        *ENABLED && self.inner.target.arch >= 90
+    }
+
     /// `len` elements with unspecified values (every element must be written before it is read as data).
     pub fn alloc<T: DeviceCopy>(&self, len: usize) -> Result<DeviceBuffer<T>> {
         DeviceBuffer::uninit(self, len)

@@ -62,7 +62,7 @@ pub use error::{Error, Result};
 pub use library::nvrtc_available;
 pub use offload::{HostCopy, PinnedStats};
 
-use cudarc::driver::{CudaEvent, DriverError, LaunchConfig};
+use cudarc::driver::{CudaFunction, LaunchConfig};
 use half::bf16;
 
 /// The element types CUDA kernels take as input and output (arithmetic is f32 inside every kernel).
@@ -214,11 +214,6 @@ fn multi_config(tensors: usize, longest: usize) -> LaunchConfig {
     }
 }
 
-/// A launch's outcome as this crate's result.
-fn launched(kernel: &'static str, r: std::result::Result<Option<(CudaEvent, CudaEvent)>, DriverError>) -> Result<()> {
-    r.map(|_| ()).map_err(|source| Error::Launch { kernel, source })
-}
-
 /// The entry point of `$op` for the element type `$t`: every float kernel is defined as `<op>_f32` and `<op>_bf16`.
 macro_rules! kernel {
     ($op:literal, $t:ty) => {
@@ -230,23 +225,73 @@ pub(crate) use kernel;
 /// Launches entry point `$kernel` of `$module` on `$dev` with `$cfg`, passing the arguments in the kernel's order
 /// (device addresses as `u64`, scalars in the kernel's types, `repr(C)` structs by value): the one launch chain
 /// every launcher shares. Evaluates to a [`Result`]. It is written inside the caller's `unsafe` block, whose
-/// `// SAFETY:` comment states the kernel's signature and why no access leaves its buffers.
+/// `// SAFETY:` comment states the kernel's signature and why no access leaves its buffers. A module whose kernels
+/// wait for the previous one ([`source::Module::waits_for_previous`]) is launched overlapping it where
+/// [`CudaDevice::overlapping_launches`] allows.
 macro_rules! launch {
     ($dev:expr, $module:expr, $kernel:expr, $cfg:expr; $($arg:expr),+ $(,)?) => {{
-        use cudarc::driver::PushKernelArg as _;
-        let (dev, kernel): (&$crate::cuda::CudaDevice, &'static str) = ($dev, $kernel);
-        match dev.function($module, kernel) {
+        let (dev, module, kernel): (&$crate::cuda::CudaDevice, $crate::cuda::source::Module, &'static str) =
+            ($dev, $module, $kernel);
+        match dev.function(module, kernel) {
             Err(e) => Err(e),
             Ok(f) => {
-                let mut builder = dev.stream().launch_builder(f);
+                let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
                 // Each argument lives in its own binding until the launch has copied it.
-                $(let arg = $arg; builder.arg(&arg);)+
-                $crate::cuda::launched(kernel, builder.launch($cfg))
+                $(let arg = $arg; params.push($crate::cuda::kernel_param(&arg));)+
+                let overlap = module.waits_for_previous() && dev.overlapping_launches();
+                $crate::cuda::launch_function(dev, kernel, f, $cfg, &mut params, overlap)
             }
         }
     }};
 }
 pub(crate) use launch;
+
+/// A kernel argument as the driver's parameter array holds it: the address of a value laid out as the kernel reads it.
+pub(crate) fn kernel_param<T: cudarc::driver::DeviceRepr>(value: &T) -> *mut std::ffi::c_void {
+    (value as *const T).cast_mut().cast()
+}
+
+/// Launches `f` on `dev`'s stream. With `overlap`, programmatic stream serialization: the kernel may begin once the
+/// previous kernel's blocks have all triggered (`griddepcontrol.launch_dependents`) or exited, so its launch and
+/// prologue hide under that kernel's end (decoding runs a chain of small kernels per token), and it waits for that
+/// kernel's completion and memory in `griddepcontrol.wait`.
+///
+/// # Safety
+/// `params` holds one address per kernel parameter, of values of the kernel's parameter types, alive for the call;
+/// with `overlap`, the kernel waits (`grid_dependency_wait`) in every block before any access to memory an earlier
+/// kernel may touch.
+pub(crate) unsafe fn launch_function(
+    dev: &CudaDevice,
+    kernel: &'static str,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+    overlap: bool,
+) -> Result<()> {
+    use cudarc::driver::sys;
+    let stream = dev.stream();
+    stream.context().bind_to_thread().map_err(|source| Error::Launch { kernel, source })?;
+    // SAFETY: a plain-data union; the member the attribute's id selects is set below.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: u32::from(overlap),
+    };
+    // SAFETY: the caller's contract; `config` and `attribute` outlive the call, which copies them.
+    unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
+        .map_err(|source| Error::Launch { kernel, source })
+}
 
 /// The one device of an element-wise op's buffers, or None when they are empty (nothing to launch). They must hold as
 /// many elements each and live on one device (else a panic: a caller bug).

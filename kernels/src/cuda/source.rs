@@ -156,6 +156,24 @@ impl Module {
         }
     }
 
+    /// Whether every entry point of this module waits for the previous kernel in the stream before it touches
+    /// memory (common.cuh's `grid_dependency_wait`, in every block), so that its launches may overlap that kernel's
+    /// end (programmatic dependent launch, `launch!`). The modules of decoding's chain of small kernels, one token at a
+    /// time; `nvrtc_compile` checks each entry point's sm_90a code against this.
+    pub fn waits_for_previous(self) -> bool {
+        matches!(
+            self,
+            Module::Elementwise
+                | Module::Activation
+                | Module::RmsNorm
+                | Module::Rope
+                | Module::Nf4Gemv
+                | Module::Matmul
+                | Module::Copy
+                | Module::DecodeAttention
+        )
+    }
+
     /// What NVRTC compiles: the file with each included header's text in place of its `#include` line.
     pub fn source(self) -> String {
         let text = self.file_text();

@@ -52,3 +52,34 @@ fn hopper_gets_sm_90a() {
         (major, minor) => println!("qlora-gpu: hopper_gets_sm_90a: not Hopper ({major}.{minor}): {target}"),
     }
 }
+
+/// Overlapping launches (programmatic dependent launch, on Hopper) keep the stream's order: each kernel of a chain
+/// that reads what the previous one wrote (y += 1 in place, 32 times) sees all of it, and one that writes what the
+/// previous one reads (the in-place add after a copy of y) does not change what that one read. A kernel that ran
+/// ahead of its wait would lose increments or copy a later y.
+#[test]
+fn overlapping_launches_keep_stream_order() {
+    let Some(dev) = gpu("overlapping_launches_keep_stream_order") else { return };
+    println!(
+        "qlora-gpu: overlapping_launches_keep_stream_order: overlapping launches {}",
+        if dev.overlapping_launches() { "on" } else { "off (not sm_90+, or QLORA_PDL=0)" }
+    );
+    // More than a wave of 8-element chunks, so that the kernels' tails are long enough to overlap.
+    let n = 3 << 20;
+    let ones = upload(&dev, &vec![1.0f32; n]);
+    let mut y = dev.zeros::<f32>(n).unwrap();
+    let mut copies = Vec::new();
+    for _ in 0..32 {
+        let mut copy = dev.alloc::<f32>(n).unwrap();
+        cuda::elementwise::scale(&y, 1.0, &mut copy).unwrap();
+        cuda::elementwise::axpy(1.0, &ones, &mut y).unwrap();
+        copies.push(copy);
+    }
+    for (i, copy) in copies.iter().enumerate() {
+        let seen = copy.to_vec().unwrap();
+        let wrong = seen.iter().position(|&v| v != i as f32);
+        assert!(wrong.is_none(), "copy {i}: element {:?} is {:?}, not {i}", wrong, wrong.map(|j| seen[j]));
+    }
+    let y = y.to_vec().unwrap();
+    assert!(y.iter().all(|&v| v == 32.0), "y: {:?} after 32 increments", y.iter().find(|&&v| v != 32.0));
+}
