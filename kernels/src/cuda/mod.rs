@@ -23,7 +23,8 @@
 //! can be handed to the next allocation at once (work for the new owner is queued after all work of the old one). The
 //! exceptions are [`offload`]'s copy stream and [`nccl`]'s collectives stream: each waits for the compute stream
 //! before it starts, and the compute stream waits for its event before the first use of what it wrote
-//! ([`Arrival`]).
+//! ([`Arrival`]). A launch may overlap the end of the kernel before it (programmatic dependent launch, `launch!`)
+//! only where its kernel waits for that one before it touches memory, so the order holds.
 
 pub mod alloc;
 mod arrival;
