@@ -297,13 +297,12 @@ template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TM
 // next pair's Sᵀ and dPᵀ are issued, so the tensor cores never drain between pairs. TMA (`maps` a __grid_constant__
 // parameter) loads K, V, Q and dO by TMA and lse and delta by cp.async, counted on the stage's `full` mbarrier, which
 // replaces a pair's first block barrier. With STAGED_DQ (128·(NWG + 1) threads) it is warp-specialized as
-// FlashAttention-3's backward: warpgroup
-// NWG is a producer of 24 registers (setmaxnreg; the consumers take 240) whose first warp loads K and V by TMA, then
-// each pair's Q and dO by TMA and lse and delta by cp.async (sm90_bwd_produce), counted on the stage's `full`
-// mbarrier, and whose second warp adds each pair's staged dQ (sm90_bwd_write_dq). No consumer issues a load or waits
-// for one's issue: a consumer warp releases its stage (`empty`) once the pair's products are done, stages dQ once the
-// writer has read the previous pair's (`dq_empty`) and hands it over (`dq_full`), and the consumer warpgroups meet
-// before dQ on a named barrier instead of the block barrier. dSᵀ is double-buffered, so a warpgroup ahead stores the
+// FlashAttention-3's backward: warpgroup NWG is a producer of 24 registers (setmaxnreg; the consumers take 240) whose
+// first warp loads K and V by TMA, then each pair's Q and dO by TMA and lse and delta by cp.async (sm90_bwd_produce),
+// counted on the stage's `full` mbarrier, and whose second warp adds each pair's staged dQ (sm90_bwd_write_dq). No
+// consumer issues a load or waits for one's issue: a consumer warp releases its stage (`empty`) once the pair's
+// products are done, stages dQ once the writer has read the previous pair's (`dq_empty`) and hands it over
+// (`dq_full`), and the consumer warpgroups meet before dQ on a named barrier instead of the block barrier. dSᵀ is double-buffered, so a warpgroup ahead stores the
 // next pair's while the other still reads this one's (the barrier before dQ orders every later reuse). Without
 // STAGED_DQ (dQ by atomics, which the consumers issue anyway) the consumers' threads < 64 load: once every warp has
 // released the other stage (`empty`), the next pair into it (sm90_bwd_load_tma). Dynamic shared memory:
