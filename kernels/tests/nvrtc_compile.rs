@@ -19,8 +19,8 @@ use std::process::Command;
 /// Hot kernels allowed a small spill, each because it measured faster than its spill-free alternative: (entry point,
 /// most bytes stored, most loaded). The warp-specialized d128 Hopper backward (and its sequence-major twin) gives the
 /// consumers 240 registers, 7 % faster than the consumers loading themselves at 255 (H100, 2026-12-07;
-/// kernels/NOTES.md). The persistent d128 forward's consumers store
-/// an item's epilogue values once before its tile loop and load them once after it (no spill inside the loop).
+/// kernels/NOTES.md). The persistent d128 forward's consumers store an item's epilogue values once before its tile
+/// loop and load them once after it (no spill inside the loop).
 const SPILL_ALLOWED: [(&str, u32, u32); 6] = [
     ("flash_backward_sm90_d128_bf16", 36, 56),
     ("flash_backward_sm90_d128_f16", 36, 56),
