@@ -231,6 +231,15 @@ __device__ __forceinline__ void sm90_store_dkdv(const FlashParams& p, const Flas
 
 // ---- Backward, one warpgroup per 64 keys ---------------------------------------------------------------------
 
+// The TMA backward's K and V tiles of the block's BN keys from key n0, by the calling thread, counted on `kv`.
+template <int D, int BM, int BN>
+__device__ __forceinline__ void sm90_bwd_load_kv(const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int n0, unsigned sK,
+                                                 unsigned sV, unsigned kv_bar) {
+    const int row = s.k0 + n0;
+    sm90_tma_tile<BN, D>(sK, &maps.k, blk.kvh, row, kv_bar);
+    sm90_tma_tile<BN, D>(sV, &maps.v, blk.kvh, row, kv_bar);
+}
+
 // The warp-specialized backward's loads, by one producer warp: K and V once (`kv`), then each pair's Q and dO by TMA
 // (lane 0) and its lse and delta by cp.async (rows lane and lane + 32), all counted on the stage's `full` mbarrier (32
 // .noinc arrivals and two with their bytes); a stage is refilled once the consumers' warps have released it (`empty`).
@@ -238,11 +247,7 @@ template <int D, int BM, int BN>
 __device__ __forceinline__ void sm90_bwd_produce(const FlashParams& p, const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int n0,
                                                  unsigned sK, unsigned sV, unsigned sQ, unsigned sdO, unsigned sL, unsigned sD, unsigned full_bar,
                                                  unsigned empty_bar, unsigned kv_bar, int lane) {
-    if (lane == 0) {
-        const int row = s.k0 + n0;
-        sm90_tma_tile<BN, D>(sK, &maps.k, blk.kvh, row, kv_bar);
-        sm90_tma_tile<BN, D>(sV, &maps.v, blk.kvh, row, kv_bar);
-    }
+    if (lane == 0) sm90_bwd_load_kv<D, BM, BN>(maps, s, blk, n0, sK, sV, kv_bar);
     for (int it = 0; it < blk.pairs; ++it) {
         const int st = it & 1;
         if (it >= 2) mbar_wait(empty_bar + 8 * st, ((it >> 1) - 1) & 1);  // pair it − 2's use of the stage is over
@@ -302,12 +307,12 @@ template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TM
 // counted on the stage's `full` mbarrier, and whose second warp adds each pair's staged dQ (sm90_bwd_write_dq). No
 // consumer issues a load or waits for one's issue: a consumer warp releases its stage (`empty`) once the pair's
 // products are done, stages dQ once the writer has read the previous pair's (`dq_empty`) and hands it over
-// (`dq_full`), and the consumer warpgroups meet before dQ on a named barrier instead of the block barrier. dSᵀ is double-buffered, so a warpgroup ahead stores the
-// next pair's while the other still reads this one's (the barrier before dQ orders every later reuse). Without
-// STAGED_DQ (dQ by atomics, which the consumers issue anyway) the consumers' threads < 64 load: once every warp has
-// released the other stage (`empty`), the next pair into it (sm90_bwd_load_tma). Dynamic shared memory:
-// Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>::bytes. SEQ_MAJOR: the grid is (n_kv_heads, tiles, n_seqs)
-// (flash_block).
+// (`dq_full`), and the consumer warpgroups meet before dQ on a named barrier instead of the block barrier. dSᵀ is
+// double-buffered, so a warpgroup ahead stores the next pair's while the other still reads this one's (the barrier
+// before dQ orders every later reuse). Without STAGED_DQ (dQ by atomics, which the consumers issue anyway) the
+// consumers' threads < 64 load: once every warp has released the other stage (`empty`), the next pair into it
+// (sm90_bwd_load_tma). Dynamic shared memory: Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>::bytes. SEQ_MAJOR:
+// the grid is (n_kv_heads, tiles, n_seqs) (flash_block).
 template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false,
           bool SEQ_MAJOR = false>
 __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const FlashMaps* maps = nullptr) {
@@ -360,11 +365,7 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
             }
             setmaxnreg_inc<240>();
         } else {
-            if (blk.tid == 0) {
-                const int row = s.k0 + n0;
-                sm90_tma_tile<BN, D>(sK, &maps->k, blk.kvh, row, kv_bar);
-                sm90_tma_tile<BN, D>(sV, &maps->v, blk.kvh, row, kv_bar);
-            }
+            if (blk.tid == 0) sm90_bwd_load_kv<D, BM, BN>(*maps, s, blk, n0, sK, sV, kv_bar);
             if (blk.pairs > 0 && blk.tid < BM) load_tma(0, 0);
         }
         mbar_wait(kv_bar, 0);
