@@ -2,7 +2,8 @@
 // rows kernel's loop (m = 1, bf16 x staged in the kernel's layout, the 16-copy code-pair table, plain f32 absmax per
 // 64, f32 y) with knobs, checked against a naive kernel and timed on three decoding shapes over rotated copies (no L2
 // hits): R rows per warp, U 16-byte loads per lane and row per step, AHEAD steps of loads in flight in registers, PF
-// the warp's rows prefetched into L2 first (1: one bulk prefetch per row, sm_90; 2: one prefetch per line).
+// the warp's rows prefetched into L2 first (1: one bulk prefetch per row, sm_90; 2: one prefetch per line), XF x
+// staged as f32 (no unpack in the loop, twice the shared memory).
 // On a GPU machine: nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/rows-loop rows-loop.cu && /tmp/rows-loop
 #include <cstdio>
 #include <cstdint>
@@ -39,12 +40,15 @@ __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
 }
 
 // Columns of a step: 32 lanes x U loads x 32 columns. Lane l, load u: columns step*STEP + u*1024 + 32 l .. + 31.
-template <int R, int U, int AHEAD, int PF, int MINB>
+template <int R, int U, int AHEAD, int PF, int MINB, int XF = 0>
 __global__ void __launch_bounds__(256, MINB) gemv(const unsigned char* __restrict__ packed, const float* __restrict__ absmax,
                                                const __nv_bfloat16* __restrict__ x, float* __restrict__ y,
                                                unsigned out_f, unsigned in_f) {
     __shared__ float2 pairs[256 * 16];
-    extern __shared__ uint4 xs[];  // [word unit = col / 8] permuted: (chunk of 1024, j, lane)
+    // x by 8-value units, permuted (chunk of 1024, j, lane): a warp's read of one unit is 512 contiguous bytes (bf16)
+    // or two of them (f32, halves h: (chunk, j, h, lane)).
+    extern __shared__ uint4 xs[];
+    float4* xsf = reinterpret_cast<float4*>(xs);
     constexpr unsigned STEP = 1024 * U;
     const unsigned lane = threadIdx.x % 32, steps = in_f / STEP;
     const unsigned o0 = (blockIdx.x * 8 + threadIdx.x / 32) * R;
@@ -84,7 +88,16 @@ __global__ void __launch_bounds__(256, MINB) gemv(const unsigned char* __restric
     // x staged: unit (c1024, j, lane) = 8 values at column c1024*1024 + 32 lane + 8 j.
     for (unsigned i = threadIdx.x; i < in_f / 8; i += blockDim.x) {
         const unsigned col = i * 8;
-        xs[((col / 1024) * 4 + col % 32 / 8) * 32 + col % 1024 / 32] = *reinterpret_cast<const uint4*>(x + col);
+        const unsigned unit = (col / 1024) * 4 + col % 32 / 8, l = col % 1024 / 32;
+        const uint4 v = *reinterpret_cast<const uint4*>(x + col);
+        if (XF) {
+            float f[8];
+            unpack8(v, f);
+            xsf[(unit * 2) * 32 + l] = make_float4(f[0], f[1], f[2], f[3]);
+            xsf[(unit * 2 + 1) * 32 + l] = make_float4(f[4], f[5], f[6], f[7]);
+        } else {
+            xs[unit * 32 + l] = v;
+        }
     }
     __syncthreads();
     if (o0 >= out_f) return;
@@ -107,7 +120,14 @@ __global__ void __launch_bounds__(256, MINB) gemv(const unsigned char* __restric
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     float xv[8];
-                    unpack8(xs[(((s + a) * U + u) * 4 + j) * 32 + lane], xv);
+                    const unsigned unit = ((s + a) * U + u) * 4 + j;
+                    if (XF) {
+                        const float4 lo = xsf[(unit * 2) * 32 + lane], hi = xsf[(unit * 2 + 1) * 32 + lane];
+                        xv[0] = lo.x, xv[1] = lo.y, xv[2] = lo.z, xv[3] = lo.w;
+                        xv[4] = hi.x, xv[5] = hi.y, xv[6] = hi.z, xv[7] = hi.w;
+                    } else {
+                        unpack8(xs[unit * 32 + lane], xv);
+                    }
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
                         const unsigned word = word_of(cw[r][u], j);
@@ -200,9 +220,9 @@ int main() {
         naive<<<(sh.out + 127) / 128, 128>>>(packed, absmax, x, yref, sh.out, sh.in);
         std::vector<float> hr(sh.out), hy(sh.out);
         cudaMemcpy(hr.data(), yref, sh.out * 4, cudaMemcpyDeviceToHost);
-        auto run = [&](const char* name, auto kernel, unsigned rows_per_block, unsigned step) {
+        auto run = [&](const char* name, auto kernel, unsigned rows_per_block, unsigned step, unsigned x_bytes = 2) {
             const unsigned blocks = (sh.out + rows_per_block - 1) / rows_per_block;
-            const size_t smem = sh.in / 8 * 16;
+            const size_t smem = (size_t)sh.in * x_bytes;
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
             if (sh.in % step) { printf("  %-34s skipped (in %% step)\n", name); return; }
             cudaMemset(y, 0, sh.out * 4);
@@ -237,6 +257,12 @@ int main() {
         run("R1 U2 A1", gemv<1, 2, 1, 0, 3>, 8, 2048);
         run("R1 U2 A1 + L2 bulk prefetch", gemv<1, 2, 1, 1, 3>, 8, 2048);
         run("R4 U1 A1 + L2 bulk prefetch", gemv<4, 1, 1, 1, 2>, 32, 1024);
+        run("R4 U1 A1", gemv<4, 1, 1, 0, 2>, 32, 1024);
+        run("R2 U1 A1 x f32", gemv<2, 1, 1, 0, 3, 1>, 16, 1024, 4);
+        run("R2 U1 A2 x f32", gemv<2, 1, 2, 0, 3, 1>, 16, 1024, 4);
+        run("R4 U1 A1 x f32", gemv<4, 1, 1, 0, 2, 1>, 32, 1024, 4);
+        run("R4 U1 A2 x f32", gemv<4, 1, 2, 0, 2, 1>, 32, 1024, 4);
+        run("R2 U2 A1 x f32", gemv<2, 2, 1, 0, 2, 1>, 16, 2048, 4);
         cudaFree(packed); cudaFree(absmax); cudaFree(x); cudaFree(y); cudaFree(yref);
     }
     printf("status: %s\n", cudaGetErrorString(cudaDeviceSynchronize()));
