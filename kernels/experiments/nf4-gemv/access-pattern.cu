@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdint>
 #include <cuda_runtime.h>
+#include "device_copy.cuh"
 
 __device__ __forceinline__ uint4 ld16(const void* p) {
     uint4 v;
@@ -100,23 +101,7 @@ int main() {
         const double us = 1e3 * ms / reps;
         printf("%-44s %8.2f us %8.1f GB/s\n", name, us, bytes / us / 1e3);
     };
-    // Device copy for the ceiling, as bench kernels measures it (read + written).
-    {
-        const size_t n = 1ull << 30;
-        unsigned char *s, *d;
-        cudaMalloc(&s, n);
-        cudaMalloc(&d, n);
-        cudaMemcpy(d, s, n, cudaMemcpyDeviceToDevice);
-        cudaEventRecord(a);
-        for (int i = 0; i < 5; ++i) cudaMemcpy(d, s, n, cudaMemcpyDeviceToDevice);
-        cudaEventRecord(b);
-        cudaEventSynchronize(b);
-        float ms;
-        cudaEventElapsedTime(&ms, a, b);
-        printf("%-44s %8.1f GB/s (read + written)\n", "device copy 1 GiB", 2.0 * n * 5 / (ms * 1e6));
-        cudaFree(s);
-        cudaFree(d);
-    }
+    printf("%-44s %8.1f GB/s (read + written)\n", "device copy 1 GiB", device_copy_gbps());
     for (int blocks : {sms * 2, sms * 4, sms * 8}) {
         char name[64];
         snprintf(name, 64, "contiguous U=4 %d blocks", blocks);

@@ -10,6 +10,7 @@
 #include <vector>
 #include <cmath>
 #include <cuda_runtime.h>
+#include "device_copy.cuh"
 #include <cuda_bf16.h>
 
 __constant__ float NF4[16] = {-1.0f, -0.6961928f, -0.5250731f, -0.3949175f, -0.2844414f, -0.1847734f, -0.0910500f, 0.0f,
@@ -172,22 +173,7 @@ int main() {
     cudaEvent_t ea, eb;
     cudaEventCreate(&ea);
     cudaEventCreate(&eb);
-    {
-        const size_t n = 1ull << 30;
-        unsigned char *s, *d;
-        cudaMalloc(&s, n);
-        cudaMalloc(&d, n);
-        cudaMemcpy(d, s, n, cudaMemcpyDeviceToDevice);
-        cudaEventRecord(ea);
-        for (int i = 0; i < 5; ++i) cudaMemcpy(d, s, n, cudaMemcpyDeviceToDevice);
-        cudaEventRecord(eb);
-        cudaEventSynchronize(eb);
-        float ms;
-        cudaEventElapsedTime(&ms, ea, eb);
-        printf("device copy 1 GiB: %.1f GB/s (read + written)\n", 2.0 * n * 5 / (ms * 1e6));
-        cudaFree(s);
-        cudaFree(d);
-    }
+    printf("device copy 1 GiB: %.1f GB/s (read + written)\n", device_copy_gbps());
     struct Shape { unsigned out, in; const char* name; };
     for (Shape sh : {Shape{4096, 4096, "4096x4096"}, Shape{28672, 4096, "28672x4096 (gate+up)"},
                      Shape{4096, 14336, "4096x14336 (down)"}}) {
