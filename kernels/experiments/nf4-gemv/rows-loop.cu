@@ -3,7 +3,8 @@
 // 64, f32 y) with knobs, checked against a naive kernel and timed on three decoding shapes over rotated copies (no L2
 // hits): R rows per warp, U 16-byte loads per lane and row per step, AHEAD steps of loads in flight in registers, PF
 // the warp's rows prefetched into L2 first (1: one bulk prefetch per row, sm_90; 2: one prefetch per line), XF x
-// staged as f32 (no unpack in the loop, twice the shared memory).
+// staged as f32 (no unpack in the loop, twice the shared memory), TB the code-pair table with 256-byte entries (32
+// copies, 64 KB at the start of dynamic shared memory) whose address one PRMT forms (no IMAD per packed byte).
 // On a GPU machine: nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/rows-loop rows-loop.cu && /tmp/rows-loop
 #include <cstdio>
 #include <cstdint>
@@ -31,6 +32,15 @@ __device__ __forceinline__ float2 code_pair(unsigned pairs, unsigned word, unsig
                  : "r"(pairs + __byte_perm(word, 0, 0x4440 + b) * 128));
     return c;
 }
+constexpr unsigned TABLE256_BYTES = 256 * 256;
+// The codes of byte b of `word` from the 256-byte-entry table at shared address `base`: one PRMT makes
+// byte·256 + lane8 (lane8 < 256), so the only add is the table's base, which ptxas may fold into the LDS.
+__device__ __forceinline__ float2 code_pair256(unsigned base, unsigned lane8, unsigned word, unsigned b) {
+    float2 c;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(c.x), "=f"(c.y)
+                 : "r"(base + __byte_perm(word, lane8, 0x7604 + (b << 4))));
+    return c;
+}
 __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
     const unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -41,14 +51,15 @@ __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
 }
 
 // Columns of a step: 32 lanes x U loads x 32 columns. Lane l, load u: columns step*STEP + u*1024 + 32 l .. + 31.
-template <int R, int U, int AHEAD, int PF, int MINB, int XF = 0>
+template <int R, int U, int AHEAD, int PF, int MINB, int XF = 0, int TB = 0>
 __global__ void __launch_bounds__(256, MINB) gemv(const unsigned char* __restrict__ packed, const float* __restrict__ absmax,
                                                const __nv_bfloat16* __restrict__ x, float* __restrict__ y,
                                                unsigned out_f, unsigned in_f) {
-    __shared__ float2 pairs[256 * 16];
+    __shared__ float2 pairs[TB ? 2 : 256 * 16];
     // x by 8-value units, permuted (chunk of 1024, j, lane): a warp's read of one unit is 512 contiguous bytes (bf16)
     // or two of them (f32, halves h: (chunk, j, h, lane)).
-    extern __shared__ uint4 xs[];
+    extern __shared__ uint4 dyn[];
+    uint4* xs = TB ? dyn + TABLE256_BYTES / 16 : dyn;
     float4* xsf = reinterpret_cast<float4*>(xs);
     constexpr unsigned STEP = 1024 * U;
     const unsigned lane = threadIdx.x % 32, steps = in_f / STEP;
@@ -67,9 +78,18 @@ __global__ void __launch_bounds__(256, MINB) gemv(const unsigned char* __restric
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(packed + (size_t)o * in_f / 2), "r"(in_f / 2)
                      : "memory");
     }
-    for (unsigned i = threadIdx.x; i < 256 * 16 / 2; i += blockDim.x) {
-        const unsigned v = i / 8;
-        reinterpret_cast<float4*>(pairs)[i] = make_float4(NF4[v >> 4], NF4[v & 15], NF4[v >> 4], NF4[v & 15]);
+    if (TB) {
+        // Entry v: 32 copies of (code[v >> 4], code[v & 15]), one per lane, 256 bytes.
+        for (unsigned i = threadIdx.x; i < TABLE256_BYTES / 16; i += blockDim.x) {
+            const unsigned v = i / 16;
+            reinterpret_cast<float4*>(dyn)[i] = make_float4(NF4[v >> 4], NF4[v & 15], NF4[v >> 4], NF4[v & 15]);
+        }
+    }
+    if (!TB) {
+        for (unsigned i = threadIdx.x; i < 256 * 16 / 2; i += blockDim.x) {
+            const unsigned v = i / 8;
+            reinterpret_cast<float4*>(pairs)[i] = make_float4(NF4[v >> 4], NF4[v & 15], NF4[v >> 4], NF4[v & 15]);
+        }
     }
     uint4 w[AHEAD][R][U];
     float am[AHEAD][R][U];
@@ -103,6 +123,7 @@ __global__ void __launch_bounds__(256, MINB) gemv(const unsigned char* __restric
     __syncthreads();
     if (o0 >= out_f) return;
     const unsigned lp = static_cast<unsigned>(__cvta_generic_to_shared(pairs)) + 8 * (lane % 16);
+    const unsigned tbase = static_cast<unsigned>(__cvta_generic_to_shared(dyn)), lane8 = 8 * lane;
     float acc[R] = {};
     for (unsigned s = 0; s < steps; s += AHEAD) {
 #pragma unroll
@@ -134,7 +155,7 @@ __global__ void __launch_bounds__(256, MINB) gemv(const unsigned char* __restric
                         const unsigned word = word_of(cw[r][u], j);
 #pragma unroll
                         for (int b = 0; b < 4; ++b) {
-                            const float2 c = code_pair(lp, word, b);
+                            const float2 c = TB ? code_pair256(tbase, lane8, word, b) : code_pair(lp, word, b);
                             sum[r][0] = fmaf(c.x, xv[2 * b], sum[r][0]);
                             sum[r][1] = fmaf(c.y, xv[2 * b + 1], sum[r][1]);
                         }
@@ -206,9 +227,10 @@ int main() {
         naive<<<(sh.out + 127) / 128, 128>>>(packed, absmax, x, yref, sh.out, sh.in);
         std::vector<float> hr(sh.out), hy(sh.out);
         cudaMemcpy(hr.data(), yref, sh.out * 4, cudaMemcpyDeviceToHost);
-        auto run = [&](const char* name, auto kernel, unsigned rows_per_block, unsigned step, unsigned x_bytes = 2) {
+        auto run = [&](const char* name, auto kernel, unsigned rows_per_block, unsigned step, unsigned x_bytes = 2,
+                       size_t table = 0) {
             const unsigned blocks = (sh.out + rows_per_block - 1) / rows_per_block;
-            const size_t smem = (size_t)sh.in * x_bytes;
+            const size_t smem = (size_t)sh.in * x_bytes + table;
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
             if (sh.in % step) { printf("  %-34s skipped (in %% step)\n", name); return; }
             cudaMemset(y, 0, sh.out * 4);
@@ -249,6 +271,9 @@ int main() {
         run("R4 U1 A1 x f32", gemv<4, 1, 1, 0, 2, 1>, 32, 1024, 4);
         run("R4 U1 A2 x f32", gemv<4, 1, 2, 0, 2, 1>, 32, 1024, 4);
         run("R2 U2 A1 x f32", gemv<2, 2, 1, 0, 2, 1>, 16, 2048, 4);
+        run("R2 U1 A1 table256", gemv<2, 1, 1, 0, 3, 0, 1>, 16, 1024, 2, TABLE256_BYTES);
+        run("R2 U1 A1 table256 x f32", gemv<2, 1, 1, 0, 2, 1, 1>, 16, 1024, 4, TABLE256_BYTES);
+        run("R4 U1 A1 table256 x f32", gemv<4, 1, 1, 0, 2, 1, 1>, 32, 1024, 4, TABLE256_BYTES);
         cudaFree(packed); cudaFree(absmax); cudaFree(x); cudaFree(y); cudaFree(yref);
     }
     printf("status: %s\n", cudaGetErrorString(cudaDeviceSynchronize()));
