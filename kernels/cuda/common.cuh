@@ -66,11 +66,11 @@ __device__ __forceinline__ u64 splitmix_state(u64 seed, u64 i) { return seed + (
 __device__ __forceinline__ u64 splitmix_at(u64 seed, u64 i) { return splitmix_mix(splitmix_state(seed, i)); }
 
 // Programmatic dependent launch (sm_90+; `launch!` for the modules of Module::waits_for_previous): such a kernel's
-// blocks may start while the kernel before it in the stream is still running. Every block calls grid_dependency_wait() before it reads or
-// writes memory an earlier kernel may touch (it returns once that kernel has completed and its writes are visible;
-// at once when the launch did not overlap), then grid_dependents_launch(), which lets the next such kernel start:
-// after the wait, so that at most one kernel waits behind a running one and none runs ahead of an unfinished kernel.
-// Without the launch attribute, and below sm_90, both do nothing.
+// blocks may start while the kernel before it in the stream is still running. Every block calls grid_dependency_wait()
+// before it reads or writes memory an earlier kernel may touch (it returns once that kernel has completed and its
+// writes are visible; at once when the launch did not overlap), then grid_dependents_launch(), which lets the next such
+// kernel start: after the wait, so that at most one kernel waits behind a running one and none runs ahead of an
+// unfinished kernel. Without the launch attribute, and below sm_90, both do nothing.
 __device__ __forceinline__ void grid_dependency_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
