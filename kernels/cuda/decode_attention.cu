@@ -7,9 +7,9 @@
 // block owns (a split of the keys, a KV head and 16 query rows, a sequence): row ρ = token·group + head within the
 // group, so the rows of all the group's heads share one m16n8k16 tile and K and V are read once per KV head (a
 // sequence with more than 16 rows takes more blocks along y). The host (kernels/src/cuda/attention/decode.rs) picks
-// the number of splits so that about two waves of blocks stream the cache; each split writes its O, normalised by
-// its own sum, and its lse (log2 units) to f32 scratch, and decode_combine merges the splits in split order, so the
-// result has the same bits on every run. With one split the block writes out and lse itself.
+// the number of splits so that about one block per multiprocessor streams the cache; each split writes its O,
+// normalised by its own sum, and its lse (log2 units) to f32 scratch, and decode_combine merges the splits in split
+// order, so the result has the same bits on every run. With one split the block writes out and lse itself.
 //
 // Inside a block four warps share the query tile (shared memory, read by ldmatrix) and take 16 keys each of every
 // 64-key stage; K and V stages are copied with 16-byte cp.async, one stage ahead of the one being used. Scores, the

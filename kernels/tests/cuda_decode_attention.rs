@@ -208,12 +208,9 @@ fn llama_3_8b_decode_attention_report() {
                 })
             };
             let mut rows = vec![(format!("decode ({} splits)", plan.splits), time(Some(plan.splits)))];
-            // Other split counts, so that the launcher's choice can be tuned from one run.
-            let mut others: Vec<usize> = [plan.splits / 4, plan.splits / 2, 2 * plan.splits]
-                .into_iter()
-                .filter(|&n| n >= 1 && n != plan.splits && n * 64 <= cache)
-                .collect();
-            others.dedup();
+            // Other split counts (powers of two down to one 64-key stage a split), so that the launcher's choice can
+            // be tuned from one run.
+            let others: Vec<usize> = (0..8).map(|e| 1 << e).filter(|&n| n != plan.splits && n * 64 <= cache).collect();
             for n in others {
                 rows.push((format!("decode ({n} splits, forced)"), time(Some(n))));
             }

@@ -38,6 +38,7 @@ struct Inner {
     capability: (u32, u32),
     /// Threads resident at once: multiprocessors × threads per multiprocessor.
     resident_threads: usize,
+    multiprocessors: usize,
     target: Target,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -89,7 +90,8 @@ impl CudaDevice {
         let (major, minor) = ctx.compute_capability().map_err(Error::driver("cuDeviceGetAttribute"))?;
         let (major, minor) = (major as u32, minor as u32);
         let attribute = |a| ctx.attribute(a).map_err(Error::driver("cuDeviceGetAttribute"));
-        let resident_threads = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize
+        let multiprocessors = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let resident_threads = multiprocessors
             * attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)? as usize;
         let target = Target::for_gpu(major, minor, &compile::supported_archs()?)
             .ok_or_else(|| Error::UnsupportedGpu { ordinal, name: name.clone(), major, minor })?;
@@ -102,6 +104,7 @@ impl CudaDevice {
                 name,
                 capability: (major, minor),
                 resident_threads,
+                multiprocessors,
                 target,
                 ctx,
                 stream,
@@ -133,6 +136,11 @@ impl CudaDevice {
     /// kernel whose blocks all fit.
     pub fn resident_threads(&self) -> usize {
         self.inner.resident_threads
+    }
+
+    /// Streaming multiprocessors (132 on an H100 SXM or H200).
+    pub fn multiprocessors(&self) -> usize {
+        self.inner.multiprocessors
     }
 
     /// What the kernels are compiled for on this device (`sm_90a` on Hopper).

@@ -8,7 +8,7 @@ use super::flash::FlashParams;
 use super::Half;
 use crate::attention::AttentionParams;
 use crate::cuda::source::Module;
-use crate::cuda::{allow_smem, launch, resident_blocks_with_smem, u32_arg, CudaDevice, Result};
+use crate::cuda::{allow_smem, launch, u32_arg, CudaDevice, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 /// The most queries per sequence the decode kernels take; [`FlashPath::Fastest`](super::FlashPath::Fastest) runs them
@@ -24,9 +24,10 @@ const WARPS: usize = 4;
 /// Keys per stage (`DECODE_BN`) and stages in shared memory (`DECODE_STAGES`).
 const BN: usize = 16 * WARPS;
 const STAGES: usize = 2;
-/// The fewest keys the launcher gives a split: below it a block's pipeline start, and the write and re-read of its
-/// partial result, weigh too much against the keys it streams.
-const MIN_KEYS_PER_SPLIT: usize = 256;
+/// The fewest keys the launcher gives a split (two stages): below it a block's pipeline start, and the write and
+/// re-read of its partial result, weigh too much against the keys it streams (kernels/NOTES.md "Split-KV decode
+/// attention": a 512-key cache at batch 1 ran 9.0 µs in 4 splits, 9.3 in 8, 10.8 in 2).
+const MIN_KEYS_PER_SPLIT: usize = 128;
 
 /// (padded head_dim, [bf16, f16] entry points) as decode_attention.cu instantiates them; a head runs zero-padded in
 /// the smallest that holds it (the flash kernels' padded head_dims).
@@ -95,20 +96,19 @@ pub fn decode_plan(
     let span = span.min(i32::MAX as usize - BN);
     let (splits, keys_per_split) = match splits {
         Some(n) => (n, span.div_ceil(n).max(1)),
-        None => {
-            let threads = 32 * WARPS as u32;
-            let resident = resident_blocks_with_smem(dev, Module::DecodeAttention, kernel, threads, smem(d) as u32)?;
-            split_keys(span, n_seqs * p.n_kv_heads * chunks, resident as usize)
-        }
+        None => split_keys(span, n_seqs * p.n_kv_heads * chunks, dev.multiprocessors()),
     };
     Ok(DecodePlan { kernel, d, chunks, splits, keys_per_split })
 }
 
-/// (splits, keys per split) of `span` keys for `blocks` blocks per split when `resident` blocks fit the GPU at once:
-/// enough splits for two waves, but none of fewer than [`MIN_KEYS_PER_SPLIT`] keys unless there is one split, and
-/// whole stages per split.
-fn split_keys(span: usize, blocks: usize, resident: usize) -> (usize, usize) {
-    let wanted = (2 * resident).div_ceil(blocks.max(1));
+/// (splits, keys per split) of `span` keys for `blocks` blocks per split on a GPU of `multiprocessors`: about one
+/// block per multiprocessor (never more), but no split of fewer than [`MIN_KEYS_PER_SPLIT`] keys unless there is one,
+/// and whole stages per split. One block a multiprocessor, not the waves its occupancy allows: Llama-3-8B's batch 1
+/// over 32,768 keys ran 57.5 µs in 16 splits (128 blocks) against 94.1 in 86 (two waves of three blocks a
+/// multiprocessor), batch 8 over 4,096 keys 54.6 in 2 against 63.1 in 13 (H100, kernels/NOTES.md): more blocks
+/// than multiprocessors only add pipeline starts and partial results to merge.
+fn split_keys(span: usize, blocks: usize, multiprocessors: usize) -> (usize, usize) {
+    let wanted = (multiprocessors / blocks.max(1)).max(1);
     let n = wanted.clamp(1, (span / MIN_KEYS_PER_SPLIT).max(1));
     let per = span.div_ceil(n).next_multiple_of(BN).max(BN);
     (span.div_ceil(per).max(1), per)
@@ -208,25 +208,26 @@ mod tests {
         assert_eq!(KERNELS.last().map(|k| k.0), Some(MAX_HEAD_DIM));
     }
 
-    /// Llama-3-8B's decode shapes on an H100-sized GPU (132 SMs × 3 blocks): a long cache is cut into splits for
-    /// about two waves, a short one into splits of no fewer than 256 keys.
+    /// Llama-3-8B's decode shapes on an H100-sized GPU (132 SMs): about one block per multiprocessor, splits of no
+    /// fewer than 128 keys.
     #[test]
-    fn splits_fill_two_waves_without_short_splits() {
-        let resident = 3 * 132;
+    fn splits_fill_one_block_per_multiprocessor_without_short_splits() {
+        let sms = 132;
         // Batch 1: 8 KV heads × 1 row block = 8 blocks per split.
-        assert_eq!(split_keys(32768, 8, resident), (86, 384));
-        assert_eq!(split_keys(4096, 8, resident), (16, 256));
-        assert_eq!(split_keys(512, 8, resident), (2, 256));
+        assert_eq!(split_keys(32768, 8, sms), (16, 2048));
+        assert_eq!(split_keys(4096, 8, sms), (16, 256));
+        assert_eq!(split_keys(512, 8, sms), (4, 128));
         // Batch 8: 64 blocks per split.
-        assert_eq!(split_keys(32768, 64, resident), (13, 2560));
-        assert_eq!(split_keys(512, 64, resident), (2, 256));
-        // No keys, or fewer than one split's worth, or more blocks than two waves: one split.
-        assert_eq!(split_keys(0, 8, resident), (1, BN));
-        assert_eq!(split_keys(300, 8, resident), (1, 320));
-        assert_eq!(split_keys(1 << 20, 10_000, resident), (1, 1 << 20));
+        assert_eq!(split_keys(32768, 64, sms), (2, 16384));
+        assert_eq!(split_keys(512, 64, sms), (2, 256));
+        // No keys, or fewer than two splits' worth, or more blocks than multiprocessors: one split.
+        assert_eq!(split_keys(0, 8, sms), (1, BN));
+        assert_eq!(split_keys(200, 8, sms), (1, 256));
+        assert_eq!(split_keys(1 << 20, 10_000, sms), (1, 1 << 20));
+        assert_eq!(split_keys(1 << 20, 133, sms), (1, 1 << 20));
         for span in [1, 63, 64, 255, 256, 257, 1000, 4097, 100_003] {
             for blocks in [1, 7, 64, 1000] {
-                let (n, per) = split_keys(span, blocks, resident);
+                let (n, per) = split_keys(span, blocks, sms);
                 assert!(n >= 1 && n * per >= span && (n - 1) * per < span.max(1), "{span} keys, {blocks} blocks");
                 assert!(per % BN == 0 && (n == 1 || per >= MIN_KEYS_PER_SPLIT), "{span} keys, {blocks} blocks");
             }
