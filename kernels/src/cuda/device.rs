@@ -38,6 +38,7 @@ struct Inner {
     capability: (u32, u32),
     /// Threads resident at once: multiprocessors × threads per multiprocessor.
     resident_threads: usize,
+    /// Streaming multiprocessors.
     multiprocessors: usize,
     target: Target,
     ctx: Arc<CudaContext>,

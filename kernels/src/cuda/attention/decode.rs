@@ -101,9 +101,10 @@ pub fn decode_plan(
     Ok(DecodePlan { kernel, d, chunks, splits, keys_per_split })
 }
 
-/// (splits, keys per split) of `span` keys for `blocks` blocks per split on a GPU of `multiprocessors`: about one
-/// block per multiprocessor (never more), but no split of fewer than [`MIN_KEYS_PER_SPLIT`] keys unless there is one,
-/// and whole stages per split. One block a multiprocessor, not the waves its occupancy allows: Llama-3-8B's batch 1
+/// (splits, keys per split) of `span` keys for `blocks` blocks per split on a GPU of `multiprocessors`: as many
+/// splits as keep the blocks within one per multiprocessor (at least one), but no split of fewer than
+/// [`MIN_KEYS_PER_SPLIT`] keys unless there is one, and whole stages per split. One block a multiprocessor, not the
+/// waves its occupancy allows: Llama-3-8B's batch 1
 /// over 32,768 keys ran 57.5 µs in 16 splits (128 blocks) against 94.1 in 86 (two waves of three blocks a
 /// multiprocessor), batch 8 over 4,096 keys 54.6 in 2 against 63.1 in 13 (H100, kernels/NOTES.md): more blocks
 /// than multiprocessors only add pipeline starts and partial results to merge.
