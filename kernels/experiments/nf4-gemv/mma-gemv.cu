@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include "device_copy.cuh"
+#include "random_weights.cuh"
 
 __constant__ float NF4[16] = {-1.0f, -0.6961928f, -0.5250731f, -0.3949175f, -0.2844414f, -0.1847734f, -0.0910500f, 0.0f,
                               0.0795803f, 0.1609302f, 0.2461123f, 0.3379152f, 0.4407098f, 0.5626170f, 0.7229568f, 1.0f};
@@ -253,32 +254,15 @@ int main() {
     struct Shape { unsigned out, in; const char* name; };
     for (Shape sh : {Shape{4096, 4096, "4096x4096"}, Shape{28672, 4096, "28672x4096 (gate+up)"},
                      Shape{4096, 14336, "4096x14336 (down)"}}) {
-        const size_t elems = (size_t)sh.out * sh.in, pbytes = elems / 2, abytes = elems / 64 * 4;
-        const size_t one = pbytes + abytes;
-        const int copies = (int)std::max<size_t>(2, (512ull << 20) / one + 1);
-        unsigned char* packed;
-        float *absmax, *y, *yref;
-        __nv_bfloat16* x;
-        cudaMalloc(&packed, pbytes * copies);
-        cudaMalloc(&absmax, abytes * copies);
-        cudaMalloc(&x, sh.in * 2);
+        const RandomWeights w = random_weights(sh.out, sh.in);
+        const size_t elems = w.elems, pbytes = w.pbytes, one = w.one;
+        const int copies = w.copies;
+        unsigned char* packed = w.packed;
+        float* absmax = w.absmax;
+        __nv_bfloat16* x = w.x;
+        float *y, *yref;
         cudaMalloc(&y, sh.out * 4);
         cudaMalloc(&yref, sh.out * 8);
-        {
-            std::vector<unsigned char> hp(pbytes);
-            std::vector<float> ha(elems / 64);
-            std::vector<__nv_bfloat16> hx(sh.in);
-            uint32_t st = 12345;
-            auto rnd = [&] { st = st * 1664525u + 1013904223u; return st >> 8; };
-            for (auto& v : hp) v = rnd() & 255;
-            for (auto& v : ha) v = 0.5f + (rnd() % 1000) / 1000.0f;
-            for (auto& v : hx) v = __float2bfloat16(((int)(rnd() % 2001) - 1000) / 1000.0f);
-            for (int c = 0; c < copies; ++c) {
-                cudaMemcpy(packed + c * pbytes, hp.data(), pbytes, cudaMemcpyHostToDevice);
-                cudaMemcpy(absmax + c * (elems / 64), ha.data(), abytes, cudaMemcpyHostToDevice);
-            }
-            cudaMemcpy(x, hx.data(), sh.in * 2, cudaMemcpyHostToDevice);
-        }
         naive<<<(sh.out + 127) / 128, 128>>>(packed, absmax, x, yref, sh.out, sh.in);
         std::vector<float> hr(2 * sh.out), hy(sh.out);
         cudaMemcpy(hr.data(), yref, sh.out * 8, cudaMemcpyDeviceToHost);
@@ -321,7 +305,9 @@ int main() {
         run("pair  KS16 U2 TR2 persistent", mgemv_pair<16, 2, 2>, 16, true, 2);
         run("hi    KS8 U2 persistent", mgemv<0, 8, 2, 1>, 8, true, 2);
         run("hi/lo KS8 U2 persistent", mgemv<1, 8, 2, 1>, 8, true, 2);
-        cudaFree(packed); cudaFree(absmax); cudaFree(x); cudaFree(y); cudaFree(yref);
+        cudaFree(y);
+        cudaFree(yref);
+        free_weights(w);
     }
     printf("status: %s\n", cudaGetErrorString(cudaDeviceSynchronize()));
 }

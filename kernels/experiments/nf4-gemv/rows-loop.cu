@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cuda_runtime.h>
 #include "device_copy.cuh"
+#include "random_weights.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -217,32 +218,15 @@ int main() {
     struct Shape { unsigned out, in; const char* name; };
     for (Shape sh : {Shape{4096, 4096, "4096x4096"}, Shape{28672, 4096, "28672x4096 (gate+up)"},
                      Shape{4096, 14336, "4096x14336 (down)"}}) {
-        const size_t elems = (size_t)sh.out * sh.in, pbytes = elems / 2, abytes = elems / 64 * 4;
-        const size_t one = pbytes + abytes;
-        const int copies = (int)std::max<size_t>(2, (512ull << 20) / one + 1);
-        unsigned char* packed;
-        float *absmax, *y, *yref;
-        __nv_bfloat16* x;
-        cudaMalloc(&packed, pbytes * copies);
-        cudaMalloc(&absmax, abytes * copies);
-        cudaMalloc(&x, sh.in * 2);
+        const RandomWeights w = random_weights(sh.out, sh.in);
+        const size_t elems = w.elems, pbytes = w.pbytes, one = w.one;
+        const int copies = w.copies;
+        unsigned char* packed = w.packed;
+        float* absmax = w.absmax;
+        __nv_bfloat16* x = w.x;
+        float *y, *yref;
         cudaMalloc(&y, sh.out * 4);
         cudaMalloc(&yref, sh.out * 4);
-        {
-            std::vector<unsigned char> hp(pbytes);
-            std::vector<float> ha(elems / 64);
-            std::vector<__nv_bfloat16> hx(sh.in);
-            uint32_t st = 12345;
-            auto rnd = [&] { st = st * 1664525u + 1013904223u; return st >> 8; };
-            for (auto& v : hp) v = rnd() & 255;
-            for (auto& v : ha) v = 0.5f + (rnd() % 1000) / 1000.0f;
-            for (auto& v : hx) v = __float2bfloat16(((int)(rnd() % 2001) - 1000) / 1000.0f);
-            for (int c = 0; c < copies; ++c) {
-                cudaMemcpy(packed + c * pbytes, hp.data(), pbytes, cudaMemcpyHostToDevice);
-                cudaMemcpy(absmax + c * (elems / 64), ha.data(), abytes, cudaMemcpyHostToDevice);
-            }
-            cudaMemcpy(x, hx.data(), sh.in * 2, cudaMemcpyHostToDevice);
-        }
         naive<<<(sh.out + 127) / 128, 128>>>(packed, absmax, x, yref, sh.out, sh.in);
         std::vector<float> hr(sh.out), hy(sh.out);
         cudaMemcpy(hr.data(), yref, sh.out * 4, cudaMemcpyDeviceToHost);
@@ -301,7 +285,9 @@ int main() {
         run("R2 U1 A1 table256", gemv<2, 1, 1, 0, 3, 0, 1>, 16, 1024, 2, TABLE256_BYTES);
         run("R2 U1 A1 table256 x f32", gemv<2, 1, 1, 0, 2, 1, 1>, 16, 1024, 4, TABLE256_BYTES);
         run("R4 U1 A1 table256 x f32", gemv<4, 1, 1, 0, 2, 1, 1>, 32, 1024, 4, TABLE256_BYTES);
-        cudaFree(packed); cudaFree(absmax); cudaFree(x); cudaFree(y); cudaFree(yref);
+        cudaFree(y);
+        cudaFree(yref);
+        free_weights(w);
     }
     printf("status: %s\n", cudaGetErrorString(cudaDeviceSynchronize()));
 }
