@@ -164,12 +164,7 @@ fn resident_blocks_with_smem(
         .function(module, kernel)?
         .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
         .map_err(Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
-    let multiprocessors = dev
-        .stream()
-        .context()
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(Error::driver("cuDeviceGetAttribute"))?;
-    let blocks = per_multiprocessor.max(1) * multiprocessors.max(1) as u32;
+    let blocks = per_multiprocessor.max(1) * dev.multiprocessors().max(1) as u32;
     KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, blocks);
     Ok(blocks)
 }

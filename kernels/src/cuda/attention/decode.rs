@@ -104,10 +104,9 @@ pub fn decode_plan(
 /// (splits, keys per split) of `span` keys for `blocks` blocks per split on a GPU of `multiprocessors`: as many
 /// splits as keep the blocks within one per multiprocessor (at least one), but no split of fewer than
 /// [`MIN_KEYS_PER_SPLIT`] keys unless there is one, and whole stages per split. One block a multiprocessor, not the
-/// waves its occupancy allows: Llama-3-8B's batch 1
-/// over 32,768 keys ran 57.5 µs in 16 splits (128 blocks) against 94.1 in 86 (two waves of three blocks a
-/// multiprocessor), batch 8 over 4,096 keys 54.6 in 2 against 63.1 in 13 (H100, kernels/NOTES.md): more blocks
-/// than multiprocessors only add pipeline starts and partial results to merge.
+/// waves its occupancy allows: Llama-3-8B's batch 1 over 32,768 keys ran 57.5 µs in 16 splits (128 blocks) against
+/// 94.1 in 86 (two waves of three blocks a multiprocessor), batch 8 over 4,096 keys 54.6 in 2 against 63.1 in 13
+/// (H100, kernels/NOTES.md): more blocks than multiprocessors only add pipeline starts and partial results to merge.
 fn split_keys(span: usize, blocks: usize, multiprocessors: usize) -> (usize, usize) {
     let wanted = (multiprocessors / blocks.max(1)).max(1);
     let n = wanted.clamp(1, (span / MIN_KEYS_PER_SPLIT).max(1));
