@@ -251,9 +251,7 @@ int main() {
     cudaEventCreate(&ea);
     cudaEventCreate(&eb);
     printf("device copy 1 GiB: %.1f GB/s (read + written)\n", device_copy_gbps());
-    struct Shape { unsigned out, in; const char* name; };
-    for (Shape sh : {Shape{4096, 4096, "4096x4096"}, Shape{28672, 4096, "28672x4096 (gate+up)"},
-                     Shape{4096, 14336, "4096x14336 (down)"}}) {
+    for (const GemvShape& sh : DECODE_SHAPES) {
         const RandomWeights w = random_weights(sh.out, sh.in);
         const size_t elems = w.elems, pbytes = w.pbytes, one = w.one;
         const int copies = w.copies;

@@ -1,12 +1,19 @@
-// The experiments' inputs (rows-loop.cu, mma-gemv.cu): a [out, in] NF4 weight of random packed bytes with plain f32
-// absmax per 64 elements, in rotated copies filling over 512 MB (so that no timed call finds its weight in L2), and
-// one random bf16 row of x. Host code only.
+// The experiments' inputs (rows-loop.cu, mma-gemv.cu): Llama-3-8B's decoding shapes, and for each a [out, in] NF4
+// weight of random packed bytes with plain f32 absmax per 64 elements, in rotated copies filling over 512 MB (so that
+// no timed call finds its weight in L2), and one random bf16 row of x. Host code only.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+
+struct GemvShape {
+    unsigned out, in;
+    const char* name;
+};
+inline constexpr GemvShape DECODE_SHAPES[] = {
+    {4096, 4096, "4096x4096"}, {28672, 4096, "28672x4096 (gate+up)"}, {4096, 14336, "4096x14336 (down)"}};
 
 struct RandomWeights {
     size_t elems, pbytes, abytes, one;  // elements, packed bytes, absmax bytes, a copy's bytes
