@@ -368,7 +368,9 @@ fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
         })
         .collect();
     gnf4::nf4_gemv(&mut call, cases[0].blocksize, &upload(dev, &x), in_f).unwrap();
-    let output_rounding = if T::NAME == "bf16" { 2f64.powi(-8) } else { 0.0 };
+    // bf16 output: half an ulp, relative, or half the spacing of bf16's subnormals (2^-133), absolute.
+    let (output_rounding, subnormal_rounding) =
+        if T::NAME == "bf16" { (2f64.powi(-8), 2f64.powi(-134)) } else { (0.0, 0.0) };
     for ((case, (u, b)), y) in cases.iter().zip(&operands).zip(&ys) {
         let out_f = case.n / in_f;
         let (uw, bw) = (widen(u), widen(b));
@@ -385,7 +387,7 @@ fn gemv_case<T: Out + qlora_kernels::cuda::GpuFloat>(
                 let magnitude: f64 =
                     up + (0..in_f).map(|i| (dense[o * in_f + i] as f64 * xw[r * in_f + i] as f64).abs()).sum::<f64>();
                 let (g, w) = (got[r * out_f + o].to_f32() as f64, want[r * out_f + o] as f64);
-                let bound = GEMV_SUM * magnitude + output_rounding * w.abs();
+                let bound = GEMV_SUM * magnitude + output_rounding * w.abs() + subnormal_rounding;
                 let what =
                     format!("{} of {} [{out_f}, {in_f}] m {m} lora {lora:?} [{}]", case.what(), cases.len(), T::NAME);
                 assert!((g - w).abs() <= bound, "{what}: y[{r}, {o}] = {g} vs {w} (bound {bound:.3e})");
