@@ -12,7 +12,7 @@ use qlora_runtime::ops::embedding::embedding_op;
 use qlora_runtime::ops::linalg::{linear_op, matmul_op};
 use qlora_runtime::ops::reduce::sum_op;
 use qlora_runtime::ops::rms_norm::{add_rms_norm_op, rms_norm_op};
-use qlora_runtime::ops::rope::rope_op;
+use qlora_runtime::ops::rope::{rope_op, rope_qk_op};
 use qlora_runtime::{DType, Result, Tensor};
 
 impl Tape {
@@ -89,6 +89,14 @@ impl Tape {
     /// Rotary embedding of x: [tokens, heads, head_dim] with tables from `qlora_runtime::ops::rope::rope_tables`.
     pub fn rope(&self, x: &Var, cos: &Tensor, sin: &Tensor) -> Result<Var> {
         self.apply([x], |[x], _| rope_op(x, cos, sin))
+    }
+
+    /// [`Tape::rope`] of q and k by the same tables, in one launch on a GPU.
+    pub fn rope_qk(&self, q: &Var, k: &Var, cos: &Tensor, sin: &Tensor) -> Result<(Var, Var)> {
+        let (outs, grad) = rope_qk_op(q.value(), k.value(), cos, sin)?;
+        let mut vars = self.record(grad, &[q, k], outs);
+        let k = vars.pop().expect("two outputs recorded");
+        Ok((vars.pop().expect("two outputs recorded"), k))
     }
 
     /// Packed causal/sliding/softcapped GQA attention (see `qlora_runtime::ops::attention`).

@@ -108,6 +108,16 @@ fn embedding_norms_rope() {
     let inv = Tensor::from_vec(vec![1.0f64, 0.1, 0.01], &[3]).unwrap();
     let (cos, sin) = rope_tables(&pos, &inv).unwrap();
     check("rope", vec![randn(&[5, 2, 6], &mut r)], |t, v| t.rope(&v[0], &cos, &sin));
+    // q and k by the same tables (grouped heads): both read on, then each alone (the other's gradient missing).
+    let qk = vec![randn(&[5, 4, 6], &mut r), randn(&[5, 2, 6], &mut r)];
+    check("rope_qk", qk.clone(), |t, v| {
+        let (q, k) = t.rope_qk(&v[0], &v[1], &cos, &sin)?;
+        t.cat_rows(&[t.reshape(&q, &[20, 6])?, t.reshape(&k, &[10, 6])?])
+    });
+    let k = Var::constant(qk[1].clone());
+    check("rope_qk, q alone", qk[..1].to_vec(), |t, v| Ok(t.rope_qk(&v[0], &k, &cos, &sin)?.0));
+    let q = Var::constant(qk[0].clone());
+    check("rope_qk, k alone", qk[1..].to_vec(), |t, v| Ok(t.rope_qk(&q, &v[0], &cos, &sin)?.1));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //
 // Vector path (half a multiple of 8): a thread rotates 8 consecutive pairs of one head with 16-byte accesses (x1, x2,
 // y1, y2: one each for bf16, two for f32; cos and sin: two each, read by every head of the token from cache).
-// Scalar path: one pair per thread. The fused kernels rotate q and k of the same tokens in one launch, in place.
+// Scalar path: one pair per thread. The fused kernels rotate q and k of the same tokens in one launch.
 #include "common.cuh"
 
 template <unsigned W, typename T> __device__ __forceinline__ void load_pairs(const T* p, float (&v)[W]) {
@@ -51,7 +51,7 @@ __device__ void rotate(const T* xa, T* ya, unsigned heads_a, unsigned chunks_a, 
 }
 
 // Entry points: x: [tokens, heads, 2·half] → y with chunks = tokens·heads·half/W; the fused ones q: [tokens,
-// q_heads, 2·half] and k: [tokens, k_heads, 2·half] in place, q_chunks = tokens·q_heads·half/W, chunks = q_chunks +
+// q_heads, 2·half] → yq and k: [tokens, k_heads, 2·half] → yk, q_chunks = tokens·q_heads·half/W, chunks = q_chunks +
 // tokens·k_heads·half/W. W = 8 (vector path) unless named scalar (W = 1).
 
 // qlora-rt: hot
@@ -66,12 +66,12 @@ extern "C" __global__ void rope_backward_scalar_f32(const float* dy, const float
 extern "C" __global__ void rope_backward_scalar_bf16(const bf16* dy, const float* cos, const float* sin, bf16* dx, unsigned chunks, unsigned heads, unsigned half) { rotate<true, 1>(dy, dx, heads, chunks, dy, dx, heads, chunks, cos, sin, half); }
 
 // qlora-rt: hot
-extern "C" __global__ void rope_qk_forward_f32(float* q, float* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 8>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half); }
-extern "C" __global__ void rope_qk_forward_bf16(bf16* q, bf16* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 8>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half); }
-extern "C" __global__ void rope_qk_backward_f32(float* dq, float* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 8>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half); }
-extern "C" __global__ void rope_qk_backward_bf16(bf16* dq, bf16* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 8>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_forward_f32(const float* q, const float* k, float* yq, float* yk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 8>(q, yq, q_heads, q_chunks, k, yk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_forward_bf16(const bf16* q, const bf16* k, bf16* yq, bf16* yk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 8>(q, yq, q_heads, q_chunks, k, yk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_backward_f32(const float* dq, const float* dk, float* dxq, float* dxk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 8>(dq, dxq, q_heads, q_chunks, dk, dxk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_backward_bf16(const bf16* dq, const bf16* dk, bf16* dxq, bf16* dxk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 8>(dq, dxq, q_heads, q_chunks, dk, dxk, k_heads, chunks, cos, sin, half); }
 
-extern "C" __global__ void rope_qk_forward_scalar_f32(float* q, float* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 1>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half); }
-extern "C" __global__ void rope_qk_forward_scalar_bf16(bf16* q, bf16* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 1>(q, q, q_heads, q_chunks, k, k, k_heads, chunks, cos, sin, half); }
-extern "C" __global__ void rope_qk_backward_scalar_f32(float* dq, float* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 1>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half); }
-extern "C" __global__ void rope_qk_backward_scalar_bf16(bf16* dq, bf16* dk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 1>(dq, dq, q_heads, q_chunks, dk, dk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_forward_scalar_f32(const float* q, const float* k, float* yq, float* yk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 1>(q, yq, q_heads, q_chunks, k, yk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_forward_scalar_bf16(const bf16* q, const bf16* k, bf16* yq, bf16* yk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<false, 1>(q, yq, q_heads, q_chunks, k, yk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_backward_scalar_f32(const float* dq, const float* dk, float* dxq, float* dxk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 1>(dq, dxq, q_heads, q_chunks, dk, dxk, k_heads, chunks, cos, sin, half); }
+extern "C" __global__ void rope_qk_backward_scalar_bf16(const bf16* dq, const bf16* dk, bf16* dxq, bf16* dxk, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half) { rotate<true, 1>(dq, dxq, q_heads, q_chunks, dk, dxk, k_heads, chunks, cos, sin, half); }

@@ -53,43 +53,18 @@ pub fn rope<T: Float>(dir: Direction, x: &[T], cos: &[T], sin: &[T], heads: usiz
     }
 }
 
-/// q: [tokens, q_heads, head_dim], k: [tokens, k_heads, head_dim], cos/sin: [tokens, head_dim/2] → q and k rotated
-/// in place (the fused CUDA kernel rotates both in one launch; the results are [`rope`]'s)
-#[allow(clippy::too_many_arguments)]
+/// q: [tokens, q_heads, head_dim], k: [tokens, k_heads, head_dim], cos/sin: [tokens, head_dim/2] → yq, yk: q and k
+/// rotated (the fused CUDA kernel rotates both in one launch; the results are [`rope`]'s)
 pub fn rope_qk<T: Float>(
     dir: Direction,
-    q: &mut [T],
-    k: &mut [T],
-    cos: &[T],
-    sin: &[T],
-    q_heads: usize,
-    k_heads: usize,
+    [q, k]: [&[T]; 2],
+    [cos, sin]: [&[T]; 2],
+    [q_heads, k_heads]: [usize; 2],
     head_dim: usize,
+    [yq, yk]: [&mut [T]; 2],
 ) {
-    for (x, heads) in [(q, q_heads), (k, k_heads)] {
-        match dir {
-            Direction::Forward => rotate_in_place::<T, false>(x, cos, sin, heads, head_dim),
-            Direction::Backward => rotate_in_place::<T, true>(x, cos, sin, heads, head_dim),
-        }
-    }
-}
-
-/// [`rotate`] with the output over the input: each pair is read before it is written, with the same arithmetic.
-fn rotate_in_place<T: Float, const INVERSE: bool>(x: &mut [T], cos: &[T], sin: &[T], heads: usize, head_dim: usize) {
-    check_lengths(x.len(), cos.len(), sin.len(), x.len(), heads, head_dim);
-    let (token_len, half) = (heads * head_dim, head_dim / 2);
-    x.par_chunks_mut(token_len)
-        .zip(cos.par_chunks(half).zip(sin.par_chunks(half)))
-        .with_min_len(MIN_PAR_ELEMS.div_ceil(token_len))
-        .for_each(|(x, (cos, sin))| {
-            for x in x.chunks_mut(head_dim) {
-                let (x1, x2) = x.split_at_mut(half);
-                for i in 0..half {
-                    let (c, s) = (cos[i], if INVERSE { -sin[i] } else { sin[i] });
-                    (x1[i], x2[i]) = (x1[i] * c - x2[i] * s, x2[i] * c + x1[i] * s);
-                }
-            }
-        });
+    rope(dir, q, cos, sin, q_heads, head_dim, yq);
+    rope(dir, k, cos, sin, k_heads, head_dim, yk);
 }
 
 /// Rotates every head of every token by its angles, or by their negatives when `INVERSE` (a rotation's transpose is
@@ -271,21 +246,29 @@ mod tests {
     }
 
     #[test]
-    fn in_place_q_and_k_are_the_out_of_place_rotations_bit_for_bit() {
+    fn q_and_k_together_are_the_single_rotations_bit_for_bit() {
         let mut rng = Rng::new(6);
         let (tokens, q_heads, k_heads, head_dim) = (300, 4, 2, 64);
         let pos: Vec<i32> = (0..tokens).map(|_| rng.below(4096) as i32).collect();
         let (cos, sin) = tables(&pos, &rope_inv_freq::<f32>(head_dim, 10000.0));
         let q: Vec<f32> = randn(&mut rng, tokens * q_heads * head_dim).iter().map(|&v| v as f32).collect();
         let k: Vec<f32> = randn(&mut rng, tokens * k_heads * head_dim).iter().map(|&v| v as f32).collect();
-        let (mut q2, mut k2) = (q.clone(), k.clone());
-        rope_qk(Direction::Forward, &mut q2, &mut k2, &cos, &sin, q_heads, k_heads, head_dim);
-        assert_eq!(q2, forward(&q, &cos, &sin, q_heads, head_dim));
-        assert_eq!(k2, forward(&k, &cos, &sin, k_heads, head_dim));
-        let (mut q3, mut k3) = (q.clone(), k.clone());
-        rope_qk(Direction::Backward, &mut q3, &mut k3, &cos, &sin, q_heads, k_heads, head_dim);
-        assert_eq!(q3, backward(&q, &cos, &sin, q_heads, head_dim));
-        assert_eq!(k3, backward(&k, &cos, &sin, k_heads, head_dim));
+        for (dir, want_q, want_k) in [
+            (
+                Direction::Forward,
+                forward(&q, &cos, &sin, q_heads, head_dim),
+                forward(&k, &cos, &sin, k_heads, head_dim),
+            ),
+            (
+                Direction::Backward,
+                backward(&q, &cos, &sin, q_heads, head_dim),
+                backward(&k, &cos, &sin, k_heads, head_dim),
+            ),
+        ] {
+            let (mut yq, mut yk) = (vec![0.0; q.len()], vec![0.0; k.len()]);
+            rope_qk(dir, [&q, &k], [&cos, &sin], [q_heads, k_heads], head_dim, [&mut yq, &mut yk]);
+            assert_eq!((yq, yk), (want_q, want_k), "{dir:?}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::decoder::{blocks, frozen_to};
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::Checkpoint;
 use crate::kv_cache::KvCache;
-use crate::layer::{layer_forward, norm_offset, LayerInputs, LayerRef};
+use crate::layer::{layer_forward, layer_unsummed, norm_offset, LayerInputs, LayerRef};
 use crate::rope::inv_freq;
 use crate::sharded::ShardedBase;
 use qlora_autograd::{Param, Tape, Var};
@@ -424,34 +424,41 @@ impl CausalLm {
         // backward brings its predecessor's back ahead of use.
         let (mut handles, mut parked) = (Vec::new(), None);
         let mut checkpointed = 0;
+        // Without a tape (generation, evaluation) each layer leaves its MLP output for the next norm to add.
+        let mut pending = None;
         for i in 0..self.layers.len() {
-            x = match cache.as_deref_mut() {
-                Some(cache) => layer_forward(t, c, &self.layers, i, &inputs, &x, Some(cache.layer_mut(i)))?,
-                None if i < recomputed && is_parked(i, recomputed, parked_count) => {
-                    let layer = |t: &Tape, x: &Var| layer_forward(t, c, &self.layers, i, &inputs, x, None);
-                    let (out, set) = t.parked(&x, parked.take(), layer)?;
-                    parked = set;
-                    out
-                }
-                None if i < recomputed && t.is_recording() => {
-                    let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
-                    let layer = move |t: &Tape, ins: &[Var]| {
-                        Ok(vec![layer_forward(t, &cfg, &layers, i, &inputs, &ins[0], None)?])
-                    };
-                    checkpointed += 1;
-                    let mut outs = if checkpointed <= offloaded {
-                        let (outs, next) = t.checkpoint_offloaded(&[&x], std::mem::take(&mut handles), layer)?;
-                        handles = next;
-                        outs
-                    } else {
-                        t.checkpoint(&[&x], layer)?
-                    };
-                    outs.remove(0)
-                }
-                None => layer_forward(t, c, &self.layers, i, &inputs, &x, None)?,
+            x = if !t.is_recording() {
+                let kv = cache.as_deref_mut().map(|cache| cache.layer_mut(i));
+                let (x, m) = layer_unsummed(t, c, &self.layers, i, &inputs, (&x, pending.as_ref()), kv)?;
+                pending = Some(m);
+                x
+            } else if i < recomputed && is_parked(i, recomputed, parked_count) {
+                let layer = |t: &Tape, x: &Var| layer_forward(t, c, &self.layers, i, &inputs, x, None);
+                let (out, set) = t.parked(&x, parked.take(), layer)?;
+                parked = set;
+                out
+            } else if i < recomputed {
+                let (layers, inputs, cfg) = (self.layers.clone(), inputs.clone(), c.clone());
+                let layer =
+                    move |t: &Tape, ins: &[Var]| Ok(vec![layer_forward(t, &cfg, &layers, i, &inputs, &ins[0], None)?]);
+                checkpointed += 1;
+                let mut outs = if checkpointed <= offloaded {
+                    let (outs, next) = t.checkpoint_offloaded(&[&x], std::mem::take(&mut handles), layer)?;
+                    handles = next;
+                    outs
+                } else {
+                    t.checkpoint(&[&x], layer)?
+                };
+                outs.remove(0)
+            } else {
+                layer_forward(t, c, &self.layers, i, &inputs, &x, None)?
             };
         }
-        t.rms_norm(&x, &t.param(&self.norm), c.rms_norm_eps, norm_offset(c.family))
+        let (norm, eps, offset) = (t.param(&self.norm), c.rms_norm_eps, norm_offset(c.family));
+        match pending {
+            Some(m) => Ok(t.add_rms_norm(&x, &m, &norm, eps, offset)?.1),
+            None => t.rms_norm(&x, &norm, eps, offset),
+        }
     }
 
     /// Logits [rows, vocab] of final hidden states [rows, hidden]: lm_head (or the tied embeddings), then the

@@ -4,11 +4,13 @@
 //! [`F32`] in f32 and [`BF16`] in bf16 on CUDA, where the fused kernel reduces each row in another order (and in
 //! bf16 rounds h once, as the unfused add stores it); the norm of the fused op's own h is its y, bit for bit
 //! everywhere. Odd row widths, both norm offsets (Llama's w, Gemma's 1 + w),
-//! and the weight's gradient wanted or not. Decoding's NF4 GEMV against the GEMM with the dequantized weight, and
-//! LoRA's fused dropout products against dropout and the products.
+//! and the weight's gradient wanted or not. `rope_qk` (q and k in one launch) and its backward against `rope` of
+//! each, bit for bit. Decoding's NF4 GEMV against the GEMM with the dequantized weight, and LoRA's fused dropout
+//! products against dropout and the products.
 
 use qlora_runtime::ops::elementwise::add;
 use qlora_runtime::ops::rms_norm::{add_rms_norm, rms_norm, rms_norm_backward};
+use qlora_runtime::ops::rope::{rope, rope_backward, rope_qk, rope_qk_backward, rope_tables};
 use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::{test_device, DType, Device, Rng, Tensor};
 
@@ -71,6 +73,44 @@ test_device!(
     fused_add_rms_norm_equals_add_then_rms_norm,
     fused_add_rms_norm_equals_add_then_rms_norm_cpu,
     fused_add_rms_norm_equals_add_then_rms_norm_cuda
+);
+
+fn fused_rope_qk_equals_rope_of_each(device: Device) {
+    let mut rng = Rng::new(22);
+    let dtypes: &[DType] = if device == Device::Cpu { &[DType::F32] } else { &[DType::F32, DType::BF16] };
+    for &dtype in dtypes {
+        // (tokens, q heads, k heads, head_dim): the vector path (half a multiple of 8) and the scalar one.
+        for (tokens, q_heads, k_heads, head_dim) in [(1, 32, 8, 128), (7, 4, 2, 64), (5, 3, 1, 80), (3, 2, 2, 6)] {
+            let positions: Vec<i32> = (0..tokens).map(|_| rng.below(4096) as i32).collect();
+            let inv_freq: Vec<f32> =
+                (0..head_dim / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / head_dim as f32)).collect();
+            let (cos, sin) = rope_tables(
+                &Tensor::from_vec(positions, &[tokens]).unwrap(),
+                &Tensor::from_vec(inv_freq, &[head_dim / 2]).unwrap(),
+            )
+            .unwrap();
+            let (cos, sin) = (cos.to_device(device).unwrap(), sin.to_device(device).unwrap());
+            let t = |heads: usize, rng: &mut Rng| {
+                let shape = [tokens, heads, head_dim];
+                Tensor::randn(&shape, 1.0, DType::F32, rng).to_dtype(dtype).to_device(device).unwrap()
+            };
+            let (q, k) = (t(q_heads, &mut rng), t(k_heads, &mut rng));
+            let bits = |t: &Tensor| values(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let what = format!("{dtype:?} {tokens} tokens, heads {q_heads}/{k_heads}, head_dim {head_dim}");
+            let [yq, yk] = rope_qk(&q, &k, &cos, &sin).unwrap();
+            assert_eq!(bits(&yq), bits(&rope(&q, &cos, &sin).unwrap()), "{what}: q");
+            assert_eq!(bits(&yk), bits(&rope(&k, &cos, &sin).unwrap()), "{what}: k");
+            let [dq, dk] = rope_qk_backward(&q, &k, &cos, &sin).unwrap();
+            assert_eq!(bits(&dq), bits(&rope_backward(&q, &cos, &sin).unwrap()), "{what}: dq");
+            assert_eq!(bits(&dk), bits(&rope_backward(&k, &cos, &sin).unwrap()), "{what}: dk");
+        }
+    }
+}
+
+test_device!(
+    fused_rope_qk_equals_rope_of_each,
+    fused_rope_qk_equals_rope_of_each_cpu,
+    fused_rope_qk_equals_rope_of_each_cuda
 );
 
 /// Decoding's product against an NF4 weight, x·Wᵀ read packed (`Nf4Weight::gemv`), equals x times the dequantized

@@ -1,4 +1,4 @@
-//! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope` and the fused in-place `rope_qk`, each
+//! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope` and the fused `rope_qk`, each
 //! forward or backward. The cos/sin tables are f32 ([`crate::rope::rope_tables`] builds them; they are small and
 //! shared by every layer). Grids are one wave of blocks looping over 8-pair chunks.
 
@@ -26,20 +26,21 @@ pub fn rope<T: GpuFloat>(
     rotate(kernels, x, cos, sin, heads, head_dim, y)
 }
 
-/// q: [tokens, q_heads, head_dim], k: [tokens, k_heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → q and k
-/// rotated in place, in one launch
+/// q: [tokens, q_heads, head_dim], k: [tokens, k_heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → yq, yk: q
+/// and k rotated, in one launch
 pub fn rope_qk<T: GpuFloat>(
     dir: Direction,
-    [q, k]: [&mut DeviceBuffer<T>; 2],
+    [q, k]: [&DeviceBuffer<T>; 2],
     [cos, sin]: [&DeviceBuffer<f32>; 2],
     [q_heads, k_heads]: [usize; 2],
     head_dim: usize,
+    [yq, yk]: [&mut DeviceBuffer<T>; 2],
 ) -> Result<()> {
     let kernels = match dir {
         Direction::Forward => (kernel!("rope_qk_forward", T), kernel!("rope_qk_forward_scalar", T)),
         Direction::Backward => (kernel!("rope_qk_backward", T), kernel!("rope_qk_backward_scalar", T)),
     };
-    rotate_qk(kernels, q, k, cos, sin, q_heads, k_heads, head_dim)
+    rotate_qk(kernels, [q, k], [cos, sin], [q_heads, k_heads], head_dim, [yq, yk])
 }
 
 /// The kernels' 32-bit chunk index, below 2³¹ so that a grid-stride step past the last chunk cannot wrap.
@@ -99,33 +100,33 @@ fn rotate<T: GpuFloat>(
     unsafe { launch!(dev, Module::Rope, kernel, config(grid); px, pc, ps, py, chunks, heads32, half) }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn rotate_qk<T: GpuFloat>(
     kernels: Kernels,
-    q: &mut DeviceBuffer<T>,
-    k: &mut DeviceBuffer<T>,
-    cos: &DeviceBuffer<f32>,
-    sin: &DeviceBuffer<f32>,
-    q_heads: usize,
-    k_heads: usize,
+    [q, k]: [&DeviceBuffer<T>; 2],
+    [cos, sin]: [&DeviceBuffer<f32>; 2],
+    [q_heads, k_heads]: [usize; 2],
     head_dim: usize,
+    [yq, yk]: [&mut DeviceBuffer<T>; 2],
 ) -> Result<()> {
-    let tokens = crate::rope::check_lengths(q.len(), cos.len(), sin.len(), q.len(), q_heads, head_dim);
+    let tokens = crate::rope::check_lengths(q.len(), cos.len(), sin.len(), yq.len(), q_heads, head_dim);
     // The tables' lengths tie k's token count to q's.
-    crate::rope::check_lengths(k.len(), cos.len(), sin.len(), k.len(), k_heads, head_dim);
-    let dev = same_device(kernels.0, &[q.device(), k.device(), cos.device(), sin.device()]);
+    crate::rope::check_lengths(k.len(), cos.len(), sin.len(), yk.len(), k_heads, head_dim);
+    let dev = same_device(kernels.0, &[q.device(), k.device(), cos.device(), sin.device(), yq.device(), yk.device()]);
     if tokens == 0 {
         return Ok(());
     }
-    let (pq, pk, pc, ps) = (q.ptr(), k.ptr(), cos.ptr(), sin.ptr());
-    let plan = Plan::new(dev, kernels, head_dim, (q.len() + k.len()) / 2, &[pq, pk, pc, ps])?;
+    let (pq, pk, pyq, pyk, pc, ps) = (q.ptr(), k.ptr(), yq.ptr(), yk.ptr(), cos.ptr(), sin.ptr());
+    let plan = Plan::new(dev, kernels, head_dim, (q.len() + k.len()) / 2, &[pq, pk, pyq, pyk, pc, ps])?;
     let Plan { kernel, chunks, half, grid, .. } = plan;
     let q_chunks = chunk_count(q.len() / 2 / plan.w);
     let (qh32, kh32) = (u32_arg("rope: heads", q_heads), u32_arg("rope: heads", k_heads));
-    // SAFETY: kernel(T* q, T* k, const float* cos, const float* sin, unsigned q_chunks, unsigned chunks,
-    // unsigned q_heads, unsigned k_heads, unsigned half), rotating in place, each of `chunks` steps w pairs of one
-    // head: q holds 2·w·q_chunks = tokens·q_heads·head_dim elements, k 2·w·(chunks − q_chunks) = tokens·k_heads·
-    // head_dim, cos and sin tokens·half (asserted); q and k are distinct buffers (two &mut borrows); with w = 8, half
-    // is a multiple of 8 and the bases are 16-byte aligned (Plan::new). All on this device.
-    unsafe { launch!(dev, Module::Rope, kernel, config(grid); pq, pk, pc, ps, q_chunks, chunks, qh32, kh32, half) }
+    // SAFETY: kernel(const T* q, const T* k, T* yq, T* yk, const float* cos, const float* sin, unsigned q_chunks,
+    // unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half), each of `chunks` steps rotating w pairs of
+    // one head: q and yq hold 2·w·q_chunks = tokens·q_heads·head_dim elements, k and yk 2·w·(chunks − q_chunks) =
+    // tokens·k_heads·head_dim, cos and sin tokens·half (asserted); yq and yk are distinct buffers (two &mut borrows),
+    // and neither is q or k (shared borrows); with w = 8, half is a multiple of 8 and the bases are 16-byte aligned
+    // (Plan::new). All on this device.
+    unsafe {
+        launch!(dev, Module::Rope, kernel, config(grid); pq, pk, pyq, pyk, pc, ps, q_chunks, chunks, qh32, kh32, half)
+    }
 }

@@ -2,7 +2,7 @@
 
 use super::{indices, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
-use crate::op::{backward_fn, bytes, first_grad, Recorded};
+use crate::op::{backward_fn, bytes, first_grad, Backward, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rope as grope;
 use qlora_kernels::rope::{self, Direction};
@@ -68,4 +68,57 @@ pub fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Recorded> {
     let grad =
         backward_fn("rope", bytes([&cos, &sin]), move |g| Ok(vec![Some(rope_backward(first_grad(g)?, &cos, &sin)?)]));
     Ok((y, grad))
+}
+
+/// q: [tokens, q_heads, head_dim] and k: [tokens, k_heads, head_dim] rotated by the same tables: [`rope()`] of each,
+/// in one launch on a GPU.
+pub fn rope_qk(q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<[Tensor; 2]> {
+    rotate_qk("rope_qk", Direction::Forward, [q, k], cos, sin)
+}
+
+/// Gradients of [`rope_qk`] with respect to q and k.
+pub fn rope_qk_backward(dq: &Tensor, dk: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<[Tensor; 2]> {
+    rotate_qk("rope_qk_backward", Direction::Backward, [dq, dk], cos, sin)
+}
+
+fn rotate_qk(
+    op: &'static str,
+    dir: Direction,
+    [q, k]: [&Tensor; 2],
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<[Tensor; 2]> {
+    let (q_heads, head_dim) = rope_shapes(op, q, cos, sin)?;
+    let (k_heads, k_dim) = rope_shapes(op, k, cos, sin)?;
+    if k_dim != head_dim || q.dtype() != k.dtype() {
+        return Err(Error::shape(
+            op,
+            format!("q {:?} {:?} with k {:?} {:?}", q.shape(), q.dtype(), k.shape(), k.dtype()),
+        ));
+    }
+    if let Some(g) = Gpu::of(op, &[q, k, cos, sin])? {
+        return with_gpu!(g, |T| {
+            let (qi, ki) = (g.input(q)?, g.input(k)?);
+            let (c, s) = (g.input_as(cos, DType::F32)?, g.input_as(sin, DType::F32)?);
+            let (mut yq, mut yk) = (g.alloc::<T>(q.elem_count())?, g.alloc::<T>(k.elem_count())?);
+            let (bq, bk) = (buf::<T>(&qi), buf::<T>(&ki));
+            g.run(grope::rope_qk(dir, [bq, bk], [buf(&c), buf(&s)], [q_heads, k_heads], head_dim, [&mut yq, &mut yk]))?;
+            Ok([output(yq, q.shape()), output(yk, k.shape())])
+        });
+    }
+    Ok([rotate(op, dir, q, cos, sin)?, rotate(op, dir, k, cos, sin)?])
+}
+
+/// [`rope_qk`] for a tape: the rotated q and k, and their backward (a gradient of either may be missing).
+pub fn rope_qk_op(q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Vec<Tensor>, Box<dyn Backward>)> {
+    let [yq, yk] = rope_qk(q, k, cos, sin)?;
+    let (cos, sin) = (cos.clone(), sin.clone());
+    let grad = backward_fn("rope_qk", bytes([&cos, &sin]), move |g| match (&g[0], &g[1]) {
+        (Some(dq), Some(dk)) => Ok(rope_qk_backward(dq, dk, &cos, &sin)?.map(Some).to_vec()),
+        (dq, dk) => {
+            let back = |d: &Option<Tensor>| d.as_ref().map(|d| rope_backward(d, &cos, &sin)).transpose();
+            Ok(vec![back(dq)?, back(dk)?])
+        }
+    });
+    Ok((vec![yq, yk], grad))
 }
