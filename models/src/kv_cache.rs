@@ -16,7 +16,8 @@
 use crate::config::ModelConfig;
 use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::ops::concat::{cat_rows, write_rows};
-use qlora_runtime::{Device, Tensor};
+use qlora_runtime::ops::rope::{rope_qk, rope_qkv_into};
+use qlora_runtime::{DType, Device, Tensor};
 
 /// One layer's cached keys and values, per sequence, oldest first: rows of kv_heads·head_dim values.
 pub(crate) struct LayerKv {
@@ -49,6 +50,78 @@ impl LayerKv {
         v: &Tensor,
         cu_seqlens_q: &SeqLens,
     ) -> qlora_runtime::Result<(Tensor, Tensor, SeqLens)> {
+        let (new_lens, cu_k, shape) = self.grown_by(k, v, cu_seqlens_q)?;
+        let cu = cu_seqlens_q.host();
+        let (device, sequences, row, tokens) = (k.device(), self.lens.len(), self.row, k.shape()[0]);
+        let (lens, limit) = (&self.lens, self.max_rows);
+        let (k, v) = match store_on(&mut self.store, sequences, device) {
+            Store::Host { k: hk, v: hv } => {
+                let (kn, vn) = (k.values::<f32>(), v.values::<f32>());
+                for s in 0..sequences {
+                    let (a, b) = (cu[s] as usize * row, cu[s + 1] as usize * row);
+                    hk[s].extend_from_slice(&kn[a..b]);
+                    hv[s].extend_from_slice(&vn[a..b]);
+                }
+                (Tensor::from_vec(hk.concat(), &shape)?, Tensor::from_vec(hv.concat(), &shape)?)
+            }
+            Store::Device { k: dk, v: dv } => {
+                let (k2, v2) = (k.reshape(&[tokens, row])?, v.reshape(&[tokens, row])?);
+                for s in 0..sequences {
+                    let (at, n) = (cu[s] as usize, (cu[s + 1] - cu[s]) as usize);
+                    if n > 0 {
+                        append(&mut dk[s], lens[s], &k2.narrow(0, at, n)?, limit)?;
+                        append(&mut dv[s], lens[s], &v2.narrow(0, at, n)?, limit)?;
+                    }
+                }
+                (pack(dk, &new_lens, &shape, k)?, pack(dv, &new_lens, &shape, v)?)
+            }
+        };
+        self.lens = new_lens;
+        Ok((k, v, SeqLens::new(&cu_k, device)?))
+    }
+
+    /// [`LayerKv::extend`] with the keys rotated by (cos, sin) on their way in, as a layer rotates q and k
+    /// ([`rope_qk`]): returns q rotated too, then what `extend` returns. One sequence in a tensor store is rotated
+    /// straight into its buffer's spare rows, v copied beside it, in one launch on a GPU (instead of a rotation and
+    /// two copies per layer and token).
+    pub(crate) fn extend_rotated(
+        &mut self,
+        [q, k, v]: [&Tensor; 3],
+        (cos, sin): (&Tensor, &Tensor),
+        cu_seqlens_q: &SeqLens,
+    ) -> qlora_runtime::Result<(Tensor, Tensor, Tensor, SeqLens)> {
+        let tokens = k.shape().first().copied().unwrap_or(0);
+        let store = store_on(&mut self.store, self.lens.len(), k.device());
+        let one_in_tensors = self.lens.len() == 1 && matches!(store, Store::Device { .. });
+        if !one_in_tensors || tokens == 0 {
+            let [q, k] = rope_qk(q, k, cos, sin)?;
+            let (k, v, cu) = self.extend(&k, v, cu_seqlens_q)?;
+            return Ok((q, k, v, cu));
+        }
+        let (new_lens, cu_k, shape) = self.grown_by(k, v, cu_seqlens_q)?;
+        let (len, limit, row) = (self.lens[0], self.max_rows, self.row);
+        let Some(Store::Device { k: dk, v: dv }) = &mut self.store else { unreachable!("checked above") };
+        let like = (k.dtype(), k.device());
+        let q = rope_qkv_into(
+            [q, k, v],
+            cos,
+            sin,
+            [reserve(&mut dk[0], len, tokens, row, like, limit)?, reserve(&mut dv[0], len, tokens, row, like, limit)?],
+            len,
+        )?;
+        let (k, v, device) = (pack(dk, &new_lens, &shape, k)?, pack(dv, &new_lens, &shape, v)?, k.device());
+        self.lens = new_lens;
+        Ok((q, k, v, SeqLens::new(&cu_k, device)?))
+    }
+
+    /// Checks new k, v against the cache and returns each sequence's length after them, the keys' boundaries and the
+    /// packed shape of everything cached.
+    fn grown_by(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        cu_seqlens_q: &SeqLens,
+    ) -> qlora_runtime::Result<(Vec<usize>, Vec<i32>, [usize; 3])> {
         let cu = cu_seqlens_q.host();
         let tokens = k.shape().first().copied().unwrap_or(0);
         let expected = [tokens, self.kv_heads, self.head_dim];
@@ -66,43 +139,13 @@ impl LayerKv {
                 ),
             ));
         }
-        let device = k.device();
-        let sequences = self.lens.len();
-        let store = self.store.get_or_insert_with(|| match device {
-            Device::Cpu => Store::Host { k: vec![Vec::new(); sequences], v: vec![Vec::new(); sequences] },
-            Device::Cuda(_) => Store::Device { k: vec![None; sequences], v: vec![None; sequences] },
-        });
-        let new_lens: Vec<usize> = (0..sequences).map(|s| self.lens[s] + (cu[s + 1] - cu[s]) as usize).collect();
+        let new_lens: Vec<usize> = (0..self.lens.len()).map(|s| self.lens[s] + (cu[s + 1] - cu[s]) as usize).collect();
         let mut cu_k = vec![0i32];
         for &n in &new_lens {
             cu_k.push(cu_k.last().expect("starts with 0") + n as i32);
         }
         let total = *cu_k.last().expect("starts with 0") as usize;
-        let shape = [total, self.kv_heads, self.head_dim];
-        let (k, v) = match store {
-            Store::Host { k: hk, v: hv } => {
-                let (kn, vn) = (k.values::<f32>(), v.values::<f32>());
-                for s in 0..sequences {
-                    let (a, b) = (cu[s] as usize * self.row, cu[s + 1] as usize * self.row);
-                    hk[s].extend_from_slice(&kn[a..b]);
-                    hv[s].extend_from_slice(&vn[a..b]);
-                }
-                (Tensor::from_vec(hk.concat(), &shape)?, Tensor::from_vec(hv.concat(), &shape)?)
-            }
-            Store::Device { k: dk, v: dv } => {
-                let (k2, v2) = (k.reshape(&[tokens, self.row])?, v.reshape(&[tokens, self.row])?);
-                for s in 0..sequences {
-                    let (at, n) = (cu[s] as usize, (cu[s + 1] - cu[s]) as usize);
-                    if n > 0 {
-                        append(&mut dk[s], self.lens[s], &k2.narrow(0, at, n)?, self.max_rows)?;
-                        append(&mut dv[s], self.lens[s], &v2.narrow(0, at, n)?, self.max_rows)?;
-                    }
-                }
-                (pack(dk, &new_lens, &shape, k)?, pack(dv, &new_lens, &shape, v)?)
-            }
-        };
-        self.lens = new_lens;
-        Ok((k, v, SeqLens::new(&cu_k, device)?))
+        Ok((new_lens, cu_k, [total, self.kv_heads, self.head_dim]))
     }
 
     /// Forgets what was appended after each sequence's `lens[s]` tokens (a device store's rows past them are spare,
@@ -118,23 +161,41 @@ impl LayerKv {
     }
 }
 
-/// Writes `new` ([n, row]) after the first `len` rows of a sequence's buffer, first moving those rows to a buffer of
-/// [`capacity`] when they would not fit (spare rows zero, so nothing uninitialised is ever on the device).
+/// A layer's store, made for `device` by its first tokens.
+fn store_on(store: &mut Option<Store>, sequences: usize, device: Device) -> &mut Store {
+    store.get_or_insert_with(|| match device {
+        Device::Cpu => Store::Host { k: vec![Vec::new(); sequences], v: vec![Vec::new(); sequences] },
+        Device::Cuda(_) => Store::Device { k: vec![None; sequences], v: vec![None; sequences] },
+    })
+}
+
+/// Writes `new` ([n, row]) after the first `len` rows of a sequence's buffer ([`reserve`]).
 fn append(store: &mut Option<Tensor>, len: usize, new: &Tensor, limit: usize) -> qlora_runtime::Result<()> {
-    let needed = len + new.shape()[0];
-    let buffer = match store {
-        Some(buffer) if buffer.shape()[0] >= needed => buffer,
-        _ => {
-            let old = store.as_ref().map_or(0, |t| t.shape()[0]);
-            let mut grown =
-                Tensor::zeros_on(&[capacity(needed, old, limit), new.shape()[1]], new.dtype(), new.device())?;
-            if let Some(filled) = store.as_ref().filter(|_| len > 0) {
-                write_rows(&mut grown, 0, &filled.narrow(0, 0, len)?)?;
-            }
-            store.insert(grown)
+    let [n, row] = *new.shape() else { unreachable!("rows of the cache's width") };
+    write_rows(reserve(store, len, n, row, (new.dtype(), new.device()), limit)?, len, new)
+}
+
+/// A sequence's buffer with room for `n` rows after its first `len`: itself, or a buffer of [`capacity`] rows (of
+/// `row` values, in `like`'s dtype on its device) that those rows move to when they would not fit (spare rows zero, so
+/// nothing uninitialised is ever on the device).
+fn reserve(
+    store: &mut Option<Tensor>,
+    len: usize,
+    n: usize,
+    row: usize,
+    (dtype, device): (DType, Device),
+    limit: usize,
+) -> qlora_runtime::Result<&mut Tensor> {
+    let needed = len + n;
+    if store.as_ref().is_none_or(|buffer| buffer.shape()[0] < needed) {
+        let old = store.as_ref().map_or(0, |t| t.shape()[0]);
+        let mut grown = Tensor::zeros_on(&[capacity(needed, old, limit), row], dtype, device)?;
+        if let Some(filled) = store.as_ref().filter(|_| len > 0) {
+            write_rows(&mut grown, 0, &filled.narrow(0, 0, len)?)?;
         }
-    };
-    write_rows(buffer, len, new)
+        *store = Some(grown);
+    }
+    Ok(store.as_mut().expect("a buffer of at least `needed` rows, set above"))
 }
 
 /// Rows of a sequence's buffer when `needed` no longer fit in `old`: the power of two above `needed` (so that the next
@@ -202,7 +263,8 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qlora_runtime::{DType, Rng};
+    use qlora_runtime::ops::rope::rope_tables;
+    use qlora_runtime::Rng;
 
     fn layer(store: Option<Store>, sequences: usize, max_rows: usize) -> LayerKv {
         LayerKv { store, lens: vec![0; sequences], row: 6, kv_heads: 2, head_dim: 3, max_rows }
@@ -250,6 +312,39 @@ mod tests {
             let rows = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.shape()[0]);
             k.iter().zip(v).map(|(k, v)| (rows(k), rows(v))).collect()
         }
+    }
+
+    /// Keys rotated on their way in: one sequence in a tensor store (written by `rope_qkv_into`, the GPU's one
+    /// launch, here its CPU twin) and any in the host store (`rope_qk`, then `extend`) return the same q, k and v,
+    /// across a buffer's growth; the keys are rotated, the values not.
+    #[test]
+    fn keys_rotated_on_the_way_in_are_the_same_in_both_stores() {
+        let tensors = Store::Device { k: vec![None], v: vec![None] };
+        let kv = |store| LayerKv { store, lens: vec![0], row: 8, kv_heads: 2, head_dim: 4, max_rows: 64 };
+        let (mut host, mut dev) = (kv(None), kv(Some(tensors)));
+        let mut rng = Rng::new(5);
+        let mut at = 0;
+        for n in [3usize, 1, 1, 2] {
+            let positions = Tensor::from_vec((at..at + n).map(|p| p as i32).collect(), &[n]).unwrap();
+            let (cos, sin) = rope_tables(&positions, &Tensor::from_vec(vec![1.0f32, 0.01], &[2]).unwrap()).unwrap();
+            let q = Tensor::randn(&[n, 4, 4], 1.0, DType::F32, &mut rng);
+            let k = Tensor::randn(&[n, 2, 4], 1.0, DType::F32, &mut rng);
+            let v = Tensor::randn(&[n, 2, 4], 1.0, DType::F32, &mut rng);
+            let cu = SeqLens::new(&[0, n as i32], Device::Cpu).unwrap();
+            let got = |layer: &mut LayerKv| {
+                let (q, k, v, cu) = layer.extend_rotated([&q, &k, &v], (&cos, &sin), &cu).unwrap();
+                (q.to_vec::<f32>(), k.to_vec::<f32>(), v.to_vec::<f32>(), cu.host().to_vec())
+            };
+            let (want, tensor_store) = (got(&mut host), got(&mut dev));
+            assert_eq!(want, tensor_store, "after {at} tokens, {n} more");
+            let [rq, rk] = rope_qk(&q, &k, &cos, &sin).unwrap();
+            assert_eq!(want.0, rq.to_vec::<f32>());
+            assert_eq!(want.1[at * 8..], rk.to_vec::<f32>()[..], "the new keys, rotated");
+            assert_eq!(want.2[at * 8..], v.to_vec::<f32>()[..], "the new values, as they came");
+            at += n;
+        }
+        let Some(Store::Device { k, .. }) = &dev.store else { panic!("a tensor store") };
+        assert_eq!(k[0].as_ref().map(|t| t.shape()[0]), Some(8), "grown from 4 rows to 8");
     }
 
     /// Per-sequence buffers written in place, packed, cut back by a truncation: what the host store returns.

@@ -122,7 +122,6 @@ pub(crate) fn layer_unsummed(
         k = t.rms_norm(&k, &t.param(kn), eps, offset)?;
     }
     let (cos, sin) = if l.kind == LayerKind::Sliding { &inp.rope_local } else { &inp.rope_full };
-    let (q, k) = t.rope_qk(&q, &k, cos, sin)?;
     let p = AttentionParams {
         n_heads: c.num_attention_heads,
         n_kv_heads: c.num_key_value_heads,
@@ -132,12 +131,16 @@ pub(crate) fn layer_unsummed(
         sliding_window: if l.kind == LayerKind::Sliding { c.sliding_window } else { None },
         softcap: c.attn_logit_softcapping,
     };
-    let (k, v, cu_seqlens_k) = match kv {
+    let (q, k, v, cu_seqlens_k) = match kv {
+        // The keys are rotated on their way into the cache (with v's copy, one launch for a sequence on a GPU).
         Some(kv) => {
-            let (k, v, cu) = kv.extend(k.value(), v.value(), &inp.cu_seqlens)?;
-            (Var::constant(k), Var::constant(v), cu)
+            let (q, k, v, cu) = kv.extend_rotated([q.value(), k.value(), v.value()], (cos, sin), &inp.cu_seqlens)?;
+            (Var::constant(q), Var::constant(k), Var::constant(v), cu)
         }
-        None => (k, v, inp.cu_seqlens.clone()),
+        None => {
+            let (q, k) = t.rope_qk(&q, &k, cos, sin)?;
+            (q, k, v, inp.cu_seqlens.clone())
+        }
     };
     let attn = t.attention(&p, &q, &k, &v, &inp.cu_seqlens, &cu_seqlens_k)?;
     let attn = t.reshape(&attn, &[tokens, c.num_attention_heads * hd])?;

@@ -10,7 +10,7 @@
 
 use qlora_runtime::ops::elementwise::add;
 use qlora_runtime::ops::rms_norm::{add_rms_norm, rms_norm, rms_norm_backward};
-use qlora_runtime::ops::rope::{rope, rope_backward, rope_qk, rope_qk_backward, rope_tables};
+use qlora_runtime::ops::rope::{rope, rope_backward, rope_qk, rope_qk_backward, rope_qkv_into, rope_tables};
 use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::{test_device, DType, Device, Rng, Tensor};
 
@@ -103,6 +103,23 @@ fn fused_rope_qk_equals_rope_of_each(device: Device) {
             let [dq, dk] = rope_qk_backward(&q, &k, &cos, &sin).unwrap();
             assert_eq!(bits(&dq), bits(&rope_backward(&q, &cos, &sin).unwrap()), "{what}: dq");
             assert_eq!(bits(&dk), bits(&rope_backward(&k, &cos, &sin).unwrap()), "{what}: dk");
+            // Into a KV cache's buffers of `rows` rows from row `at`: the rows before and after keep their values.
+            let (rows, at, row) = (tokens + 5, 3, k_heads * head_dim);
+            let v = t(k_heads, &mut rng);
+            let before = |rng: &mut Rng| {
+                Tensor::randn(&[rows, row], 1.0, DType::F32, rng).to_dtype(dtype).to_device(device).unwrap()
+            };
+            let (k_old, v_old) = (before(&mut rng), before(&mut rng));
+            let (k_was, v_was) = (bits(&k_old), bits(&v_old));
+            // Clones share the buffers: the write must copy them first rather than change what k_old and v_old hold.
+            let (mut k_dst, mut v_dst) = (k_old.clone(), v_old.clone());
+            let q_rotated = rope_qkv_into([&q, &k, &v], &cos, &sin, [&mut k_dst, &mut v_dst], at).unwrap();
+            assert_eq!(bits(&q_rotated), bits(&yq), "{what}: q, with the cache's writes");
+            let spliced =
+                |old: &[u64], new: &Tensor| [&old[..at * row], &bits(new)[..], &old[(at + tokens) * row..]].concat();
+            assert_eq!(bits(&k_dst), spliced(&k_was, &yk), "{what}: k rotated into rows {at}..");
+            assert_eq!(bits(&v_dst), spliced(&v_was, &v), "{what}: v copied into rows {at}..");
+            assert_eq!((bits(&k_old), bits(&v_old)), (k_was, v_was), "{what}: the clones kept their values");
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope` and the fused `rope_qk`, each
-//! forward or backward. The cos/sin tables are f32 ([`crate::rope::rope_tables`] builds them; they are small and
+//! forward or backward, and `rope_qkv` (q and k rotated, v copied beside k: a KV cache's new rows). The cos/sin tables are f32 ([`crate::rope::rope_tables`] builds them; they are small and
 //! shared by every layer). Grids are one wave of blocks looping over 8-pair chunks.
 
 pub use crate::rope::Direction;
@@ -41,6 +41,56 @@ pub fn rope_qk<T: GpuFloat>(
         Direction::Backward => (kernel!("rope_qk_backward", T), kernel!("rope_qk_backward_scalar", T)),
     };
     rotate_qk(kernels, [q, k], [cos, sin], [q_heads, k_heads], head_dim, [yq, yk])
+}
+
+/// q: [tokens, q_heads, head_dim], k and v: [tokens, k_heads, head_dim], cos/sin: [tokens, head_dim/2] f32 → yq: q
+/// rotated; k rotated into `k_dst` and v copied into `v_dst`, from element `at` of each (a KV cache's spare rows), in
+/// one launch
+pub fn rope_qkv<T: GpuFloat>(
+    [q, k, v]: [&DeviceBuffer<T>; 3],
+    [cos, sin]: [&DeviceBuffer<f32>; 2],
+    [q_heads, k_heads]: [usize; 2],
+    head_dim: usize,
+    yq: &mut DeviceBuffer<T>,
+    ([k_dst, v_dst], at): ([&mut DeviceBuffer<T>; 2], usize),
+) -> Result<()> {
+    let tokens = crate::rope::check_lengths(q.len(), cos.len(), sin.len(), yq.len(), q_heads, head_dim);
+    crate::rope::check_lengths(k.len(), cos.len(), sin.len(), v.len(), k_heads, head_dim);
+    let fits = |dst: &DeviceBuffer<T>| at.checked_add(k.len()).is_some_and(|end| end <= dst.len());
+    assert!(
+        fits(k_dst) && fits(v_dst),
+        "rope_qkv: {} elements at {at} into {} and {}",
+        k.len(),
+        k_dst.len(),
+        v_dst.len()
+    );
+    let (inputs, tables) = ([q, k, v].map(|b| b.device()), [cos.device(), sin.device()]);
+    let outputs = [yq.device(), k_dst.device(), v_dst.device()];
+    let dev = same_device("rope_qkv_forward", &[&inputs[..], &tables, &outputs].concat());
+    if tokens == 0 {
+        return Ok(());
+    }
+    let bytes = (at * std::mem::size_of::<T>()) as u64;
+    let (pq, pk, pv, pyq, pc, ps) = (q.ptr(), k.ptr(), v.ptr(), yq.ptr(), cos.ptr(), sin.ptr());
+    let (pyk, pyv) = (k_dst.ptr() + bytes, v_dst.ptr() + bytes);
+    let kernels = (kernel!("rope_qkv_forward", T), kernel!("rope_qkv_forward_scalar", T));
+    let pairs = (q.len() + 2 * k.len()) / 2;
+    let plan = Plan::new(dev, kernels, head_dim, pairs, &[pq, pk, pv, pyq, pyk, pyv, pc, ps])?;
+    let Plan { kernel, chunks, half, grid, .. } = plan;
+    let q_chunks = chunk_count(q.len() / 2 / plan.w);
+    let k_chunks = chunk_count((q.len() + k.len()) / 2 / plan.w);
+    let (qh32, kh32) = (u32_arg("rope: heads", q_heads), u32_arg("rope: heads", k_heads));
+    // SAFETY: kernel(const T* q, const T* k, const T* v, T* yq, T* yk, T* yv, const float* cos, const float* sin,
+    // unsigned q_chunks, unsigned k_chunks, unsigned chunks, unsigned q_heads, unsigned k_heads, unsigned half), each of
+    // `chunks` steps w pairs of one head: q and yq hold 2·w·q_chunks = tokens·q_heads·head_dim elements, k and v
+    // 2·w·(k_chunks − q_chunks) = tokens·k_heads·head_dim each, and k_dst and v_dst that many from `at` (asserted);
+    // cos and sin tokens·half; yq, k_dst and v_dst are distinct buffers (&mut borrows), none of them an input (shared
+    // borrows); with w = 8, half is a multiple of 8 and every base, the offset ones included, is 16-byte aligned
+    // (Plan::new). All on this device.
+    unsafe {
+        launch!(dev, Module::Rope, kernel, config(grid);
+            pq, pk, pv, pyq, pyk, pyv, pc, ps, q_chunks, k_chunks, chunks, qh32, kh32, half)
+    }
 }
 
 /// The kernels' 32-bit chunk index, below 2³¹ so that a grid-stride step past the last chunk cannot wrap.

@@ -42,7 +42,7 @@ fn rope_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
 
 parity_test!(rope_qk_matches_cpu_bit_for_bit: rope_qk_case, seed 14);
 
-/// q and k rotated together, grouped-query shapes included.
+/// q and k rotated together, grouped-query shapes included; and with v, k and v written into a KV cache's rows.
 fn rope_qk_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     let shapes =
         [(1, 1, 1, 2), (3, 3, 1, 6), (7, 4, 2, 64), (33, 8, 1, 128), (5, 2, 2, 256), (4, 3, 1, 80), (3, 1, 2, 24)];
@@ -61,6 +61,21 @@ fn rope_qk_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
             rope::rope_qk(dir, [&widen(&q), &widen(&k)], [&cos, &sin], heads, head_dim, [&mut wq, &mut wk]);
             check(&format!("rope_qk q {dir:?} {what}"), &yq, &wq, EXACT);
             check(&format!("rope_qk k {dir:?} {what}"), &yk, &wk, EXACT);
+            if dir == Direction::Forward {
+                // k rotated and v copied into buffers of 2 more rows, from row 1; the rows around keep their values.
+                let (v, row) = (randn::<T>(rng, k.len(), 1.0), k_heads * head_dim);
+                let (k_old, v_old) = (randn::<T>(rng, k.len() + 2 * row, 1.0), randn::<T>(rng, k.len() + 2 * row, 1.0));
+                let (mut yq, mut kd, mut vd) = (poisoned::<T>(dev, q.len()), upload(dev, &k_old), upload(dev, &v_old));
+                let (inputs, dst) = ([&gq, &gk, &upload(dev, &v)], ([&mut kd, &mut vd], row));
+                cuda::rope::rope_qkv(inputs, [&gc, &gs], [q_heads, k_heads], head_dim, &mut yq, dst).unwrap();
+                let spliced = |old: &[T], new: &[f32]| {
+                    let old = widen(old);
+                    [&old[..row], new, &old[old.len() - row..]].concat()
+                };
+                check(&format!("rope_qkv q {what}"), &yq, &wq, EXACT);
+                check(&format!("rope_qkv k {what}"), &kd, &spliced(&k_old, &wk), EXACT);
+                check(&format!("rope_qkv v {what}"), &vd, &spliced(&v_old, &widen(&v)), EXACT);
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Rotary position embedding (rotate-half convention) from cos/sin tables built on the host per batch.
 
+use super::concat::write_rows;
 use super::{indices, tensor, with_compute};
-use crate::cuda::{buf, output, with_gpu, Gpu};
+use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
 use crate::op::{backward_fn, bytes, first_grad, Backward, Recorded};
 use crate::{DType, Error, Result, Tensor};
 use qlora_kernels::cuda::rope as grope;
@@ -107,6 +108,61 @@ fn rotate_qk(
         });
     }
     Ok([rotate(op, dir, q, cos, sin)?, rotate(op, dir, k, cos, sin)?])
+}
+
+/// [`rope_qk`] of q and k, with k's rotation and v written into `k_dst` and `v_dst` ([rows, …] of k_heads·head_dim
+/// values a row) from row `at`, in place (a KV cache's spare rows, as [`write_rows`] writes them): returns q rotated.
+/// One launch on a GPU, where a layer's keys and values would otherwise take a rotation and two copies.
+pub fn rope_qkv_into(
+    [q, k, v]: [&Tensor; 3],
+    cos: &Tensor,
+    sin: &Tensor,
+    [k_dst, v_dst]: [&mut Tensor; 2],
+    at: usize,
+) -> Result<Tensor> {
+    let op = "rope_qkv_into";
+    let (q_heads, head_dim) = rope_shapes(op, q, cos, sin)?;
+    let (k_heads, k_dim) = rope_shapes(op, k, cos, sin)?;
+    let tokens = k.shape()[0];
+    let row = k_heads * k_dim;
+    let fits = |d: &Tensor| {
+        d.shape().first().is_some_and(|&rows| at + tokens <= rows)
+            && d.shape()[1..].iter().product::<usize>() == row
+            && d.dtype() == k.dtype()
+    };
+    if k_dim != head_dim || v.shape() != k.shape() || q.dtype() != k.dtype() || v.dtype() != k.dtype() {
+        return Err(Error::shape(
+            op,
+            format!("q {:?}, k {:?}, v {:?} ({:?})", q.shape(), k.shape(), v.shape(), k.dtype()),
+        ));
+    }
+    if !fits(k_dst) || !fits(v_dst) {
+        let (kd, vd) = ((k_dst.shape(), k_dst.dtype()), (v_dst.shape(), v_dst.dtype()));
+        return Err(Error::shape(op, format!("{tokens} rows of {row} at row {at} into {kd:?} and {vd:?}")));
+    }
+    if let Some(g) = Gpu::of(op, &[q, k, v, cos, sin, &*k_dst, &*v_dst])? {
+        return with_gpu!(g, |T| {
+            let (qi, ki, vi) = (g.input(q)?, g.input(k)?, g.input(v)?);
+            let (c, s) = (g.input_as(cos, DType::F32)?, g.input_as(sin, DType::F32)?);
+            let mut yq = g.alloc::<T>(q.elem_count())?;
+            let (kd, vd) = (buffer_mut::<T>(op, k_dst)?, buffer_mut::<T>(op, v_dst)?);
+            let inputs = [buf::<T>(&qi), buf::<T>(&ki), buf::<T>(&vi)];
+            g.run(grope::rope_qkv(
+                inputs,
+                [buf(&c), buf(&s)],
+                [q_heads, k_heads],
+                head_dim,
+                &mut yq,
+                ([kd, vd], at * row),
+            ))?;
+            Ok(output(yq, q.shape()))
+        });
+    }
+    let [yq, yk] = rope_qk(q, k, cos, sin)?;
+    let rows_of = |x: &Tensor, d: &Tensor| x.reshape(&[&[tokens][..], &d.shape()[1..]].concat());
+    write_rows(k_dst, at, &rows_of(&yk, k_dst)?)?;
+    write_rows(v_dst, at, &rows_of(v, v_dst)?)?;
+    Ok(yq)
 }
 
 /// [`rope_qk`] for a tape: the rotated q and k, and their backward (a gradient of either may be missing).
