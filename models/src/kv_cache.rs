@@ -8,7 +8,9 @@
 //! the cached ones, and a full buffer moves to one of twice the rows (at first, the power of two above the prompt),
 //! so a token costs O(1) copies, not O(cached). Attention is handed a view of the filled rows: for one sequence no
 //! copy at all. Several sequences are still packed into one tensor by a copy per step, because the attention
-//! kernels read them contiguous (O(cached) per step, the same order as attention's own reads).
+//! kernels read them contiguous (O(cached) per step, the same order as attention's own reads). Keys may enter
+//! rotated by the layer's rope (`LayerKv::extend_rotated`): one sequence's are then rotated straight into its spare
+//! rows, with its values, in one launch.
 //!
 //! Sized from the [`ModelConfig`] alone, so that the decoder (`transformer`) can fill it without this file knowing
 //! the decoder.

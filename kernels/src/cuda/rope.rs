@@ -1,6 +1,7 @@
-//! Launchers of `kernels/cuda/rope.cu`, twins of [`crate::rope`]'s `rope` and the fused `rope_qk`, each
-//! forward or backward, and `rope_qkv` (q and k rotated, v copied beside k: a KV cache's new rows). The cos/sin tables are f32 ([`crate::rope::rope_tables`] builds them; they are small and
-//! shared by every layer). Grids are one wave of blocks looping over 8-pair chunks.
+//! Launchers of `kernels/cuda/rope.cu`: twins of [`crate::rope`]'s `rope` and the fused `rope_qk`, each forward or
+//! backward, and `rope_qkv` (q and k rotated, v copied beside k: a KV cache's new rows). The cos/sin tables are f32
+//! ([`crate::rope::rope_tables`] builds them; they are small and shared by every layer). Grids are one wave of blocks
+//! looping over 8-pair chunks.
 
 pub use crate::rope::Direction;
 
