@@ -65,9 +65,9 @@ pub fn rope_qkv<T: GpuFloat>(
         k_dst.len(),
         v_dst.len()
     );
-    let (inputs, tables) = ([q, k, v].map(|b| b.device()), [cos.device(), sin.device()]);
-    let outputs = [yq.device(), k_dst.device(), v_dst.device()];
-    let dev = same_device("rope_qkv_forward", &[&inputs[..], &tables, &outputs].concat());
+    let devices =
+        [q.device(), k.device(), v.device(), cos.device(), sin.device(), yq.device(), k_dst.device(), v_dst.device()];
+    let dev = same_device("rope_qkv_forward", &devices);
     if tokens == 0 {
         return Ok(());
     }

@@ -82,6 +82,18 @@ pub fn rope_qk_backward(dq: &Tensor, dk: &Tensor, cos: &Tensor, sin: &Tensor) ->
     rotate_qk("rope_qk_backward", Direction::Backward, [dq, dk], cos, sin)
 }
 
+/// (q heads, k heads) and head_dim of q and k rotated by the same tables: both [tokens, heads, head_dim] of one
+/// head_dim and one dtype.
+fn qk_shapes(op: &'static str, q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<([usize; 2], usize)> {
+    let (q_heads, head_dim) = rope_shapes(op, q, cos, sin)?;
+    let (k_heads, k_dim) = rope_shapes(op, k, cos, sin)?;
+    if k_dim != head_dim || q.dtype() != k.dtype() {
+        let (qd, kd) = ((q.shape(), q.dtype()), (k.shape(), k.dtype()));
+        return Err(Error::shape(op, format!("q {qd:?} with k {kd:?}")));
+    }
+    Ok(([q_heads, k_heads], head_dim))
+}
+
 fn rotate_qk(
     op: &'static str,
     dir: Direction,
@@ -89,14 +101,7 @@ fn rotate_qk(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<[Tensor; 2]> {
-    let (q_heads, head_dim) = rope_shapes(op, q, cos, sin)?;
-    let (k_heads, k_dim) = rope_shapes(op, k, cos, sin)?;
-    if k_dim != head_dim || q.dtype() != k.dtype() {
-        return Err(Error::shape(
-            op,
-            format!("q {:?} {:?} with k {:?} {:?}", q.shape(), q.dtype(), k.shape(), k.dtype()),
-        ));
-    }
+    let ([q_heads, k_heads], head_dim) = qk_shapes(op, q, k, cos, sin)?;
     if let Some(g) = Gpu::of(op, &[q, k, cos, sin])? {
         return with_gpu!(g, |T| {
             let (qi, ki) = (g.input(q)?, g.input(k)?);
@@ -121,20 +126,16 @@ pub fn rope_qkv_into(
     at: usize,
 ) -> Result<Tensor> {
     let op = "rope_qkv_into";
-    let (q_heads, head_dim) = rope_shapes(op, q, cos, sin)?;
-    let (k_heads, k_dim) = rope_shapes(op, k, cos, sin)?;
-    let tokens = k.shape()[0];
-    let row = k_heads * k_dim;
+    let ([q_heads, k_heads], head_dim) = qk_shapes(op, q, k, cos, sin)?;
+    let (tokens, row) = (k.shape()[0], k_heads * head_dim);
     let fits = |d: &Tensor| {
         d.shape().first().is_some_and(|&rows| at + tokens <= rows)
             && d.shape()[1..].iter().product::<usize>() == row
             && d.dtype() == k.dtype()
     };
-    if k_dim != head_dim || v.shape() != k.shape() || q.dtype() != k.dtype() || v.dtype() != k.dtype() {
-        return Err(Error::shape(
-            op,
-            format!("q {:?}, k {:?}, v {:?} ({:?})", q.shape(), k.shape(), v.shape(), k.dtype()),
-        ));
+    if v.shape() != k.shape() || v.dtype() != k.dtype() {
+        let (kd, vd) = ((k.shape(), k.dtype()), (v.shape(), v.dtype()));
+        return Err(Error::shape(op, format!("v {vd:?} with k {kd:?}")));
     }
     if !fits(k_dst) || !fits(v_dst) {
         let (kd, vd) = ((k_dst.shape(), k_dst.dtype()), (v_dst.shape(), v_dst.dtype()));
