@@ -1,8 +1,10 @@
 // Twin of the k == 0 / alpha == 0 path of kernels/src/matmul.rs, where A and B are not read and cuBLASLt, which
 // wants k ≥ 1, is not called: C = beta·C per batch entry, zeros when beta == 0 (C is then never read, so NaN
-// garbage in it cannot survive), and of its products with a few rows of A (`gemm_few_rows` below). The other products go
-// through cuBLASLt (kernels/src/cuda/matmul.rs).
+// garbage in it cannot survive), and of its products with a few rows of A (`gemm_few_rows` below), A stored or an MLP's
+// GLU formed on the way (`glu_few_rows`: twin of activation.rs glu_forward, then matmul). The other products go through
+// cuBLASLt (kernels/src/cuda/matmul.rs).
 #include "common.cuh"
+#include "activation.cuh"
 
 // c: [batch entries of mn elements, stride_c apart] → c = beta·c (0 when beta == 0). Grid-stride over batch·mn.
 template <typename T> __device__ void gemm_scale_c(T* c, float beta, u64 batch, u64 mn, u64 stride_c) {
@@ -29,23 +31,53 @@ extern "C" __global__ void gemm_scale_c_bf16(bf16* c, float beta, u64 batch, u64
 // A row-major [m, k] (lda), B row-major [n, k] (ldb), C row-major [m, n] (ldc); k, lda, ldb multiples of 8 and A, B
 // 16-byte aligned (the launcher checks: kernels/src/cuda/matmul.rs `few_rows`). M rows of A are a template (1, 2, 4,
 // 8); rows m..M-1 re-read row m - 1 and are not written.
+// A's rows come from a source (`StoredRows`, or `GluRows`: an MLP's GLU formed on the way, decoding's U = x·Aᵀ of
+// down_proj's adapter, which then needs no GLU launch of its own).
 constexpr unsigned GEMM_FEW_ROWS_WARPS = 16;
 
-template <typename T, unsigned M>
-__device__ __forceinline__ void few_rows_fma(const T* __restrict__ a, u64 lda, unsigned m, unsigned i,
-                                             const float (&bv)[8], float (&acc)[M]) {
+// A as stored: 8 values of row min(r, m - 1) from column i.
+template <typename T> struct StoredRows {
+    const T* __restrict__ a;
+    u64 lda;
+    __device__ __forceinline__ void row8(unsigned r, unsigned m, unsigned i, float (&v)[8]) const {
+        load8_f32(a + min(r, m - 1) * lda + i, v);
+    }
+};
+
+// A = act(gate) ⊙ up (gate, up, x: [m, k] packed), each value rounded to T as glu_forward stores it. The block
+// whose index is the 8-value chunk's index modulo the grid also writes the chunk of the m real rows to x, so every
+// element of x is written exactly once.
+template <Act ACT, typename T> struct GluRows {
+    const T* __restrict__ gate;
+    const T* __restrict__ up;
+    T* __restrict__ x;
+    u64 k;
+    __device__ __forceinline__ void row8(unsigned r, unsigned m, unsigned i, float (&v)[8]) const {
+        const u64 at = min(r, m - 1) * k + i;
+        float g[8], u[8];
+        load8_f32(gate + at, g);
+        load8_f32(up + at, u);
+#pragma unroll
+        for (unsigned e = 0; e < 8; ++e) v[e] = to_f32(from_f32<T>(glu_value<ACT>(g[e], u[e])));
+        if (r < m && (i / 8) % gridDim.x == blockIdx.x) store8(x + at, v);
+    }
+};
+
+template <unsigned M, typename R>
+__device__ __forceinline__ void few_rows_fma(const R& rows, unsigned m, unsigned i, const float (&bv)[8],
+                                             float (&acc)[M]) {
 #pragma unroll
     for (unsigned r = 0; r < M; ++r) {
         float av[8];
-        load8_f32(a + min(r, m - 1) * lda + i, av);
+        rows.row8(r, m, i, av);
 #pragma unroll
         for (unsigned e = 0; e < 8; ++e) acc[r] = fmaf(av[e], bv[e], acc[r]);
     }
 }
 
-template <typename T, unsigned M>
-__device__ void gemm_few_rows(const T* __restrict__ a, u64 lda, const T* __restrict__ b, u64 ldb, T* c, u64 ldc,
-                              unsigned m, unsigned k, float alpha, float beta) {
+template <typename T, unsigned M, typename R>
+__device__ void gemm_few_rows(const R rows, const T* __restrict__ b, u64 ldb, T* c, u64 ldc, unsigned m, unsigned k,
+                              float alpha, float beta) {
     __shared__ float partial[GEMM_FEW_ROWS_WARPS][M];
     grid_dependency_sync();
     const unsigned j = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -65,7 +97,7 @@ __device__ void gemm_few_rows(const T* __restrict__ a, u64 lda, const T* __restr
             if (i0 + u * stride < k) {
                 float bv[8];
                 unpack8(bs[u], bv);
-                few_rows_fma<T, M>(a, lda, m, i0 + u * stride, bv, acc);
+                few_rows_fma<M>(rows, m, i0 + u * stride, bv, acc);
             }
         }
     }
@@ -84,11 +116,34 @@ __device__ void gemm_few_rows(const T* __restrict__ a, u64 lda, const T* __restr
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m1_f32(const float* a, u64 lda, const float* b, u64 ldb, float* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<float, 1>(a, lda, b, ldb, c, ldc, m, k, alpha, beta); }
-extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m2_f32(const float* a, u64 lda, const float* b, u64 ldb, float* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<float, 2>(a, lda, b, ldb, c, ldc, m, k, alpha, beta); }
-extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m4_f32(const float* a, u64 lda, const float* b, u64 ldb, float* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<float, 4>(a, lda, b, ldb, c, ldc, m, k, alpha, beta); }
-extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m8_f32(const float* a, u64 lda, const float* b, u64 ldb, float* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<float, 8>(a, lda, b, ldb, c, ldc, m, k, alpha, beta); }
-extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m1_bf16(const bf16* a, u64 lda, const bf16* b, u64 ldb, bf16* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<bf16, 1>(a, lda, b, ldb, c, ldc, m, k, alpha, beta); }
-extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m2_bf16(const bf16* a, u64 lda, const bf16* b, u64 ldb, bf16* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<bf16, 2>(a, lda, b, ldb, c, ldc, m, k, alpha, beta); }
-extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m4_bf16(const bf16* a, u64 lda, const bf16* b, u64 ldb, bf16* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<bf16, 4>(a, lda, b, ldb, c, ldc, m, k, alpha, beta); }
-extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m8_bf16(const bf16* a, u64 lda, const bf16* b, u64 ldb, bf16* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<bf16, 8>(a, lda, b, ldb, c, ldc, m, k, alpha, beta); }
+// gate, up: [m, k] → x = act(gate) ⊙ up ([m, k], glu_forward's values) and c = x·Bᵀ ([m, n], ldc = n), B [n, k]:
+// gemm_few_rows over GluRows, alpha 1, beta 0.
+template <Act ACT, typename T, unsigned M>
+__device__ void glu_few_rows(const T* gate, const T* up, T* x, const T* b, T* c, unsigned m, unsigned n, unsigned k) {
+    gemm_few_rows<T, M>(GluRows<ACT, T>{gate, up, x, k}, b, k, c, n, m, k, 1.0f, 0.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m1_f32(const float* a, u64 lda, const float* b, u64 ldb, float* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<float, 1>(StoredRows<float>{a, lda}, b, ldb, c, ldc, m, k, alpha, beta); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m2_f32(const float* a, u64 lda, const float* b, u64 ldb, float* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<float, 2>(StoredRows<float>{a, lda}, b, ldb, c, ldc, m, k, alpha, beta); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m4_f32(const float* a, u64 lda, const float* b, u64 ldb, float* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<float, 4>(StoredRows<float>{a, lda}, b, ldb, c, ldc, m, k, alpha, beta); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m8_f32(const float* a, u64 lda, const float* b, u64 ldb, float* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<float, 8>(StoredRows<float>{a, lda}, b, ldb, c, ldc, m, k, alpha, beta); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m1_bf16(const bf16* a, u64 lda, const bf16* b, u64 ldb, bf16* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<bf16, 1>(StoredRows<bf16>{a, lda}, b, ldb, c, ldc, m, k, alpha, beta); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m2_bf16(const bf16* a, u64 lda, const bf16* b, u64 ldb, bf16* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<bf16, 2>(StoredRows<bf16>{a, lda}, b, ldb, c, ldc, m, k, alpha, beta); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m4_bf16(const bf16* a, u64 lda, const bf16* b, u64 ldb, bf16* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<bf16, 4>(StoredRows<bf16>{a, lda}, b, ldb, c, ldc, m, k, alpha, beta); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) gemm_few_rows_m8_bf16(const bf16* a, u64 lda, const bf16* b, u64 ldb, bf16* c, u64 ldc, unsigned m, unsigned k, float alpha, float beta) { gemm_few_rows<bf16, 8>(StoredRows<bf16>{a, lda}, b, ldb, c, ldc, m, k, alpha, beta); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) swiglu_few_rows_m1_f32(const float* gate, const float* up, float* x, const float* b, float* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<SILU, float, 1>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) swiglu_few_rows_m2_f32(const float* gate, const float* up, float* x, const float* b, float* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<SILU, float, 2>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) swiglu_few_rows_m4_f32(const float* gate, const float* up, float* x, const float* b, float* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<SILU, float, 4>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) swiglu_few_rows_m8_f32(const float* gate, const float* up, float* x, const float* b, float* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<SILU, float, 8>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) swiglu_few_rows_m1_bf16(const bf16* gate, const bf16* up, bf16* x, const bf16* b, bf16* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<SILU, bf16, 1>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) swiglu_few_rows_m2_bf16(const bf16* gate, const bf16* up, bf16* x, const bf16* b, bf16* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<SILU, bf16, 2>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) swiglu_few_rows_m4_bf16(const bf16* gate, const bf16* up, bf16* x, const bf16* b, bf16* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<SILU, bf16, 4>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) swiglu_few_rows_m8_bf16(const bf16* gate, const bf16* up, bf16* x, const bf16* b, bf16* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<SILU, bf16, 8>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) geglu_few_rows_m1_f32(const float* gate, const float* up, float* x, const float* b, float* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<GELU_TANH, float, 1>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) geglu_few_rows_m2_f32(const float* gate, const float* up, float* x, const float* b, float* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<GELU_TANH, float, 2>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) geglu_few_rows_m4_f32(const float* gate, const float* up, float* x, const float* b, float* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<GELU_TANH, float, 4>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) geglu_few_rows_m8_f32(const float* gate, const float* up, float* x, const float* b, float* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<GELU_TANH, float, 8>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) geglu_few_rows_m1_bf16(const bf16* gate, const bf16* up, bf16* x, const bf16* b, bf16* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<GELU_TANH, bf16, 1>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) geglu_few_rows_m2_bf16(const bf16* gate, const bf16* up, bf16* x, const bf16* b, bf16* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<GELU_TANH, bf16, 2>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) geglu_few_rows_m4_bf16(const bf16* gate, const bf16* up, bf16* x, const bf16* b, bf16* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<GELU_TANH, bf16, 4>(gate, up, x, b, c, m, n, k); }
+extern "C" __global__ void __launch_bounds__(32 * GEMM_FEW_ROWS_WARPS) geglu_few_rows_m8_bf16(const bf16* gate, const bf16* up, bf16* x, const bf16* b, bf16* c, unsigned m, unsigned n, unsigned k) { glu_few_rows<GELU_TANH, bf16, 8>(gate, up, x, b, c, m, n, k); }

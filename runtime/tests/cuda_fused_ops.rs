@@ -5,10 +5,13 @@
 //! bf16 rounds h once, as the unfused add stores it); the norm of the fused op's own h is its y, bit for bit
 //! everywhere. Odd row widths, both norm offsets (Llama's w, Gemma's 1 + w),
 //! and the weight's gradient wanted or not. `rope_qk` (q and k in one launch) and its backward against `rope` of
-//! each, bit for bit. Decoding's NF4 GEMV against the GEMM with the dequantized weight, and LoRA's fused dropout
+//! each, bit for bit; `glu_matmul_t` (an MLP's GLU and down_proj adapter's U, one launch for a decoding step) against
+//! `glu` then `matmul`, bit for bit. Decoding's NF4 GEMV against the GEMM with the dequantized weight, and LoRA's fused dropout
 //! products against dropout and the products.
 
+use qlora_runtime::ops::activation::{glu, glu_matmul_t, Glu};
 use qlora_runtime::ops::elementwise::add;
+use qlora_runtime::ops::linalg::matmul;
 use qlora_runtime::ops::rms_norm::{add_rms_norm, rms_norm, rms_norm_backward};
 use qlora_runtime::ops::rope::{rope, rope_backward, rope_qk, rope_qk_backward, rope_qkv_into, rope_tables};
 use qlora_runtime::testing::{assert_close, Tolerance};
@@ -128,6 +131,42 @@ test_device!(
     fused_rope_qk_equals_rope_of_each,
     fused_rope_qk_equals_rope_of_each_cpu,
     fused_rope_qk_equals_rope_of_each_cuda
+);
+
+fn fused_glu_matmul_t_equals_glu_then_matmul(device: Device) {
+    let mut rng = Rng::new(23);
+    let dtypes: &[DType] = if device == Device::Cpu { &[DType::F32] } else { &[DType::F32, DType::BF16] };
+    for &dtype in dtypes {
+        // (rows, n, k): a decoding step's rows, which one launch takes on CUDA (the 8B's down_proj adapter, several
+        // sequences), and shapes it does not take (many rows, a short or odd k).
+        for (rows, n, k) in [(1, 16, 14336), (3, 32, 2048), (8, 5, 264), (12, 16, 512), (2, 16, 100), (1, 7, 1001)] {
+            let t = |shape: &[usize], rng: &mut Rng| {
+                Tensor::randn(shape, 1.0, DType::F32, rng).to_dtype(dtype).to_device(device).unwrap()
+            };
+            let (gate, up, b) = (t(&[rows, k], &mut rng), t(&[rows, k], &mut rng), t(&[n, k], &mut rng));
+            let bits = |t: &Tensor| values(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            for kind in [Glu::SwiGlu, Glu::GeGlu] {
+                let what = format!("{dtype:?} {kind:?} [{rows}, {k}]·[{n}, {k}]ᵀ");
+                let (x, u) = glu_matmul_t(kind, &gate, &up, &b).unwrap();
+                let want_x = glu(kind, &gate, &up).unwrap();
+                let want_u = matmul(&want_x, &b.t().unwrap()).unwrap();
+                assert_eq!((x.shape(), u.shape()), (&[rows, k][..], &[rows, n][..]), "{what}: shapes");
+                assert_eq!(bits(&x), bits(&want_x), "{what}: x");
+                assert_eq!(bits(&u), bits(&want_u), "{what}: x·bᵀ");
+            }
+        }
+        let t = |shape: &[usize]| Tensor::zeros(shape, dtype).to_device(device).unwrap();
+        for (gate, up, b) in [([1, 64], [1, 64], [4, 32]), ([1, 64], [2, 64], [4, 64])] {
+            let err = glu_matmul_t(Glu::SwiGlu, &t(&gate), &t(&up), &t(&b)).unwrap_err().to_string();
+            assert!(err.contains("glu_matmul_t"), "gate {gate:?}, up {up:?}, b {b:?}: {err}");
+        }
+    }
+}
+
+test_device!(
+    fused_glu_matmul_t_equals_glu_then_matmul,
+    fused_glu_matmul_t_equals_glu_then_matmul_cpu,
+    fused_glu_matmul_t_equals_glu_then_matmul_cuda
 );
 
 /// Decoding's product against an NF4 weight, x·Wᵀ read packed (`Nf4Weight::gemv`), equals x times the dequantized

@@ -23,7 +23,7 @@ use super::{precision, validate, Dropout, LoraProjection};
 use crate::tape::{Backward, Tape, Var};
 use crate::Param;
 use qlora_runtime::op::{bytes_of, saved};
-use qlora_runtime::ops::activation::{glu, glu_backward, glu_backward_out, Glu};
+use qlora_runtime::ops::activation::{glu, glu_backward, glu_backward_out, glu_matmul_t, Glu};
 use qlora_runtime::ops::elementwise::add_bias;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::ops::lora::lora_grads;
@@ -90,13 +90,23 @@ impl Tape {
         let x_needs = lead.iter().any(|v| v.requires_grad());
         // Only an unread output over a GLU leaves x and U to backward; otherwise x is formed now.
         let deferred = value == Value::Unread && matches!(input, Input::Glu { .. });
-        let x2 = match &input {
-            Input::Rows(x) | Input::Normed { x, .. } => Some(x.value().reshape(&[rows, in_f])?),
-            Input::Glu { .. } if deferred => None,
-            Input::Glu { kind, gate, up } => Some(glu(*kind, gate.value(), up.value())?.reshape(&[rows, in_f])?),
-        };
-
         let mut lanes = lanes(projections);
+        // A GLU whose projections share one lane without dropout (down_proj) forms that lane's U with x, in one launch
+        // for a decoding step's few rows.
+        let (x2, mut glu_u) = match &input {
+            Input::Rows(x) | Input::Normed { x, .. } => (Some(x.value().reshape(&[rows, in_f])?), None),
+            Input::Glu { .. } if deferred => (None, None),
+            Input::Glu { kind, gate, up } => {
+                let (gate, up) = (gate.value().reshape(&[rows, in_f])?, up.value().reshape(&[rows, in_f])?);
+                match lanes.as_slice() {
+                    [lane] if lane.dropout.is_none() => {
+                        let (x, u) = glu_matmul_t(*kind, &gate, &up, &lane_a(projections, lane, p)?)?;
+                        (Some(x), Some(u))
+                    }
+                    _ => (Some(glu(*kind, &gate, &up)?), None),
+                }
+            }
+        };
         let mut members: Vec<Member> = projections
             .iter()
             .map(|p| Member {
@@ -110,9 +120,11 @@ impl Tape {
         let mut us = Vec::with_capacity(lanes.len());
         let mut bs: Vec<Option<Tensor>> = vec![None; projections.len()];
         for (li, lane) in lanes.iter_mut().enumerate() {
-            let params: Vec<&Param> = lane.members.iter().map(|&i| &adapter(projections, i).lora_a).collect();
-            let a = params[0].stacked_with(&params[1..], p)?;
-            let u = x2.as_ref().map(|x2| lane_u(lane.dropout, x2, &a)).transpose()?;
+            let a = lane_a(projections, lane, p)?;
+            let u = match glu_u.take() {
+                Some(u) => Some(u),
+                None => x2.as_ref().map(|x2| lane_u(lane.dropout, x2, &a)).transpose()?,
+            };
             let needs = |f: fn(&(Var, Var)) -> &Var| {
                 lane.members.iter().any(|&i| bound[i].as_ref().is_some_and(|ab| f(ab).requires_grad()))
             };
@@ -234,6 +246,12 @@ pub struct NormOf {
     pub weight: Tensor,
     pub eps: f64,
     pub offset: f64,
+}
+
+/// A lane's adapters' A matrices stacked \[Σ r, in\] in `precision` (kept on the parameter between optimizer steps).
+fn lane_a(projections: &[LoraProjection], lane: &Lane, precision: DType) -> Result<Tensor> {
+    let params: Vec<&Param> = lane.members.iter().map(|&i| &adapter(projections, i).lora_a).collect();
+    params[0].stacked_with(&params[1..], precision)
 }
 
 /// A lane's U = x_d·Aᵀ: masked on the fly where the lane has dropout.

@@ -19,6 +19,7 @@ use super::{
     aligned16, config, grid_for, kernel, launch, same_device, u32_arg, CudaDevice, DeviceBuffer, Error, GpuFloat,
     Result,
 };
+use crate::activation::Glu;
 use crate::matmul::{check_ab, check_c, Gemm};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
@@ -121,11 +122,20 @@ fn takes_few_rows(g: &Gemm, a: u64, b: u64) -> bool {
     g.batch == 1
         && !g.trans_a
         && g.trans_b
-        && (1..=FEW_ROWS).contains(&g.m)
-        && g.n <= FEW_ROWS_MAX_N
-        && g.k >= FEW_ROWS_MIN_K
-        && [g.k, lda, ldb].iter().all(|v| v % 8 == 0)
+        && few_rows_shape(g.m, g.n, g.k)
+        && [lda, ldb].iter().all(|v| v % 8 == 0)
         && aligned16(&[a, b])
+}
+
+/// The shapes (m rows of A, n columns of C, k) of the products `gemm_few_rows` computes.
+fn few_rows_shape(m: usize, n: usize, k: usize) -> bool {
+    (1..=FEW_ROWS).contains(&m) && n <= FEW_ROWS_MAX_N && k >= FEW_ROWS_MIN_K && k % 8 == 0
+}
+
+/// Whether [`glu_few_rows`] takes gate and up of \[m, k\] against b of \[n, k\] (all 16-byte aligned), so that a
+/// caller allocates its outputs only then.
+pub fn takes_glu_few_rows(m: usize, n: usize, k: usize) -> bool {
+    n > 0 && few_rows_shape(m, n, k)
 }
 
 /// C = alpha·A·Bᵀ + beta·C for a product [`takes_few_rows`] accepts, A, B, C at these device addresses: one block per
@@ -148,6 +158,53 @@ fn few_rows<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, a: u64, b: u64, c: u64) -> 
     // this device; k, lda, ldb multiples of 8 and a, b 16-byte aligned (takes_few_rows), so every 8-element vector
     // load is aligned; blocks of 512 threads (the kernel's 16 warps of partial sums).
     unsafe { launch!(dev, Module::Matmul, kernel, cfg; a, lda, b, ldb, c, ldc, m, k, alpha, beta) }
+}
+
+/// gate, up: \[m, k\], b: \[n, k\] → x = act(gate) ⊙ up (\[m, k\], [`crate::activation::glu_forward`]'s values) and
+/// c = x·bᵀ (\[m, n\]), all packed, in one launch: the GLU's own launch and the product's read of x become one
+/// (decoding's U = x·Aᵀ for down_proj's adapter). Only where [`few_rows`] would take x·bᵀ ([`takes_glu_few_rows`],
+/// and 16-byte aligned buffers); elsewhere it returns false with nothing written, and the caller runs the two.
+#[allow(clippy::too_many_arguments)]
+pub fn glu_few_rows<T: GpuFloat>(
+    kind: Glu,
+    gate: &DeviceBuffer<T>,
+    up: &DeviceBuffer<T>,
+    b: &DeviceBuffer<T>,
+    x: &mut DeviceBuffer<T>,
+    c: &mut DeviceBuffer<T>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<bool> {
+    let dev = same_device("glu_few_rows", &[gate.device(), up.device(), b.device(), x.device(), c.device()]).clone();
+    for (what, len, want) in
+        [("gate", gate.len(), m * k), ("up", up.len(), m * k), ("b", b.len(), n * k), ("x", x.len(), m * k)]
+    {
+        assert!(len >= want, "glu_few_rows: {what} holds {len} elements, [{m}, {n}, {k}] needs {want}");
+    }
+    assert!(c.len() >= m * n, "glu_few_rows: c holds {} elements, [{m}, {n}] needs {}", c.len(), m * n);
+    if !(takes_glu_few_rows(m, n, k) && aligned16(&[gate.ptr(), up.ptr(), b.ptr(), x.ptr()])) {
+        return Ok(false);
+    }
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (FEW_ROWS_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let kernel = match (kind, m.next_power_of_two()) {
+        (Glu::SwiGlu, 1) => kernel!("swiglu_few_rows_m1", T),
+        (Glu::SwiGlu, 2) => kernel!("swiglu_few_rows_m2", T),
+        (Glu::SwiGlu, 4) => kernel!("swiglu_few_rows_m4", T),
+        (Glu::SwiGlu, _) => kernel!("swiglu_few_rows_m8", T),
+        (Glu::GeGlu, 1) => kernel!("geglu_few_rows_m1", T),
+        (Glu::GeGlu, 2) => kernel!("geglu_few_rows_m2", T),
+        (Glu::GeGlu, 4) => kernel!("geglu_few_rows_m4", T),
+        (Glu::GeGlu, _) => kernel!("geglu_few_rows_m8", T),
+    };
+    let (m, n, k) = (m as u32, n as u32, u32_arg("glu_few_rows: k", k));
+    // SAFETY: {swiglu,geglu}_few_rows_m{1,2,4,8}_T(const T* gate, const T* up, T* x, const T* b, T* c, unsigned m,
+    // unsigned n, unsigned k) reads gate[r·k + i], up[r·k + i] (r < m ≤ 8, rows past m clamped to m − 1; i < k) and
+    // b[j·k + i] (j < n, the grid), writes x[r·k + i] and c[r·n + j] for r < m: inside the buffers (asserted above),
+    // on this device; k a multiple of 8 and gate, up, x, b 16-byte aligned (checked above), so every
+    // 8-element vector access is aligned; blocks of 512 threads (gemm_few_rows' 16 warps of partial sums).
+    unsafe {
+        launch!(&dev, Module::Matmul, kernel, cfg; gate.ptr(), up.ptr(), x.ptr(), b.ptr(), c.ptr(), m, n, k)?;
+    }
+    Ok(true)
 }
 
 /// One cuBLASLt call: `batch` entries of `g`'s product, starting at these device addresses.

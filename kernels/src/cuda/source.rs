@@ -6,9 +6,11 @@
 /// The headers a `.cu` may include, spliced in place of each `#include "<name>"` line (NVRTC gets one
 /// self-contained source; nvcc finds the headers beside the file); a header's own `#include` lines are not spliced, so
 /// a `.cu` names every header it needs, in order. Every source includes `common.cuh`; the NF4 modules add
-/// `nf4_common.cuh`, the flash modules `flash_common.cuh` and the mma.sync templates, the Hopper ones `flash_common.cuh`, the wgmma pieces and templates.
-const HEADERS: [(&str, &str); 7] = [
+/// `nf4_common.cuh`, the flash modules `flash_common.cuh` and the mma.sync templates, the Hopper ones `flash_common.cuh`, the wgmma pieces and templates;
+/// the activation and matmul modules `activation.cuh`.
+const HEADERS: [(&str, &str); 8] = [
     ("common.cuh", include_str!("../../cuda/common.cuh")),
+    ("activation.cuh", include_str!("../../cuda/activation.cuh")),
     ("nf4_common.cuh", include_str!("../../cuda/nf4_common.cuh")),
     ("flash_common.cuh", include_str!("../../cuda/flash_common.cuh")),
     ("flash_attention.cuh", include_str!("../../cuda/flash_attention.cuh")),

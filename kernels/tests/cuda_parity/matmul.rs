@@ -1,10 +1,12 @@
-use crate::common::{parity_test, randn, upload, widen, Elem, REDUCED};
+use crate::common::{check, parity_test, poisoned, randn, upload, widen, Elem, REDUCED};
+use qlora_kernels::activation::{self, Glu};
 use qlora_kernels::cuda::CudaDevice;
 use qlora_kernels::matmul::Gemm;
 use qlora_kernels::testing::assert_close;
 use qlora_kernels::{cuda, matmul, Rng};
 
 parity_test!(matmul_matches_cpu: matmul_case, seed 9);
+parity_test!(glu_few_rows_matches_cpu: glu_few_rows_case, seed 31);
 
 /// One GEMM on the GPU and the CPU twin (f32, on the widened inputs), C starting as `c0` (or NaN when beta == 0, which
 /// must not read it). Tolerance: REDUCED for f32 (k-term sums in cuBLASLt's order), BF16 for bf16 (one rounding).
@@ -87,4 +89,52 @@ fn matmul_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
     }
     matmul_one::<T>(dev, rng, Gemm::new(4, 4, 4).batched(0), "batch 0");
     matmul_one::<T>(dev, rng, Gemm::new(0, 4, 4), "m 0");
+}
+
+/// Decoding's GLU and down_proj adapter's U = x·Aᵀ in one launch (`glu_few_rows`): x has the bits of the GLU kernel's
+/// output and the product those of `gemm_few_rows` on that x (what the two launches it replaces give), and both match
+/// the CPU twins (the GLU, then the product in f32 on its rounded output). Rows 1, 2, 3, 5, 8 (rows past m neither
+/// written nor read into a sum), one column to 129 (the grid; x's chunks are written by the block of their index
+/// modulo it), k from 256 to 14336. Shapes outside `gemm_few_rows`' return false and leave both outputs as they were.
+fn glu_few_rows_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    let bits =
+        |b: &cuda::DeviceBuffer<T>| -> Vec<u32> { b.to_vec().unwrap().iter().map(|v| v.to_f32().to_bits()).collect() };
+    for kind in [Glu::SwiGlu, Glu::GeGlu] {
+        for (m, n, k) in [(1, 16, 14336), (2, 48, 4096), (3, 1, 256), (5, 129, 1032), (8, 17, 2048)] {
+            let what = format!("{kind:?} {m}x{n}x{k}");
+            let (gate, up, b) = (randn::<T>(rng, m * k, 2.0), randn::<T>(rng, m * k, 1.0), randn::<T>(rng, n * k, 1.0));
+            let (gg, gu, gb) = (upload(dev, &gate), upload(dev, &up), upload(dev, &b));
+            let (mut x, mut c) = (poisoned::<T>(dev, m * k), poisoned::<T>(dev, m * n));
+            let taken = cuda::matmul::glu_few_rows(kind, &gg, &gu, &gb, &mut x, &mut c, (m, n, k)).unwrap();
+            assert!(taken, "{what}: not taken");
+            // The two launches it stands for.
+            let mut x2 = poisoned::<T>(dev, m * k);
+            cuda::activation::glu_forward(kind, &gg, &gu, &mut x2).unwrap();
+            let mut c2 = poisoned::<T>(dev, m * n);
+            cuda::matmul::matmul(&Gemm::new(m, n, k).trans_b(true), &x2, &gb, &mut c2).unwrap();
+            assert_eq!(bits(&x), bits(&x2), "{what}: x against the GLU kernel's");
+            assert_eq!(bits(&c), bits(&c2), "{what}: x·bᵀ against gemm_few_rows'");
+            let mut want_x = vec![0.0f32; m * k];
+            activation::glu_forward(kind, &widen(&gate), &widen(&up), &mut want_x);
+            check(&format!("glu_few_rows {what}: x"), &x, &want_x, T::TOL);
+            let rounded_x = widen(&x.to_vec().unwrap());
+            let mut want_c = vec![0.0f32; m * n];
+            matmul::matmul(&Gemm::new(m, n, k).trans_b(true), &rounded_x, &widen(&b), &mut want_c);
+            check(&format!("glu_few_rows {what}: x·bᵀ"), &c, &want_c, T::tol(REDUCED));
+        }
+    }
+    // Not taken: too many rows, too short a k, a k off the vector path, no columns.
+    for (m, n, k) in [(9, 16, 512), (1, 16, 128), (2, 16, 1028), (1, 0, 512)] {
+        let (gg, gu, gb) = (
+            upload(dev, &randn::<T>(rng, m * k, 1.0)),
+            upload(dev, &randn::<T>(rng, m * k, 1.0)),
+            upload(dev, &randn::<T>(rng, (n * k).max(1), 1.0)),
+        );
+        let (x0, c0) = (randn::<T>(rng, m * k, 1.0), randn::<T>(rng, (m * n).max(1), 1.0));
+        let (mut x, mut c) = (upload(dev, &x0), upload(dev, &c0));
+        let taken = cuda::matmul::glu_few_rows(Glu::SwiGlu, &gg, &gu, &gb, &mut x, &mut c, (m, n, k)).unwrap();
+        assert!(!taken, "{m}x{n}x{k}: taken");
+        assert_eq!(bits(&x), x0.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>(), "{m}x{n}x{k}: x written");
+        assert_eq!(bits(&c), c0.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>(), "{m}x{n}x{k}: c written");
+    }
 }

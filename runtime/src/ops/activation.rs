@@ -1,11 +1,13 @@
 //! Activations: silu, tanh-gelu, the gated units of the MLPs (SwiGLU, GeGLU) and softcapping.
 
+use super::linalg::matmul;
 use super::{dispatch, same_shape, tensor, with_compute};
 use crate::cuda::{buf, buffer_mut, output, with_gpu, Gpu};
 use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{Error, Result, Tensor};
 use qlora_kernels::activation as act;
 use qlora_kernels::cuda::activation as gact;
+use qlora_kernels::cuda::matmul as gmm;
 
 macro_rules! unary {
     ($(#[$doc:meta])* $fwd:ident, $bwd:ident, $kf:path, $kb:path, $gf:path, $gb:path) => {
@@ -48,6 +50,40 @@ pub fn glu(kind: Glu, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         gpu: gact::glu_forward(kind, gate, up, &mut out),
         cpu: act::glu_forward(kind, &gate, &up, &mut out),
     )
+}
+
+/// [`glu`] of gate and up (\[rows, k\] each) and that product times bᵀ (b: \[n, k\]): (x, x·bᵀ), x \[rows, k\] and
+/// the product \[rows, n\], the values of `glu` then [`matmul`] bit for bit. On a GPU, for a decoding step's few rows
+/// (LoRA's U = x·Aᵀ of down_proj's adapter, all operands in one dtype), one launch forms both.
+pub fn glu_matmul_t(kind: Glu, gate: &Tensor, up: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "glu_matmul_t";
+    same_shape(OP, gate, up)?;
+    let (&[rows, k], &[n, b_k]) = (gate.shape(), b.shape()) else {
+        return Err(Error::shape(OP, format!("gate {:?} and b {:?} must be matrices", gate.shape(), b.shape())));
+    };
+    if b_k != k {
+        return Err(Error::shape(
+            OP,
+            format!("gate {:?} against b {:?}: b's rows must be k long", gate.shape(), b.shape()),
+        ));
+    }
+    if let Some(g) = Gpu::of(OP, &[gate, up, b])? {
+        if up.dtype() == gate.dtype() && b.dtype() == gate.dtype() && gmm::takes_glu_few_rows(rows, n, k) {
+            let fused = with_gpu!(g, |T| {
+                let (gt, u, bt) = (g.input(gate)?, g.input(up)?, g.input(b)?);
+                let (mut x, mut c) = (g.alloc::<T>(rows * k)?, g.alloc::<T>(rows * n)?);
+                let (gb, ub, bb) = (buf::<T>(&gt), buf(&u), buf(&bt));
+                let done = g.run(gmm::glu_few_rows(kind, gb, ub, bb, &mut x, &mut c, (rows, n, k)))?;
+                done.then(|| (output(x, gate.shape()), output(c, &[rows, n])))
+            });
+            if let Some(both) = fused {
+                return Ok(both);
+            }
+        }
+    }
+    let x = glu(kind, gate, up)?;
+    let product = matmul(&x, &b.t()?)?;
+    Ok((x, product))
 }
 
 /// Gradients (d_gate, d_up) of [`glu`].
