@@ -9,6 +9,7 @@
 // sizes the grid so that these prefetches keep the bytes the GPU needs in flight (kernels/NOTES.md). Scalar path (any
 // other row length): one block per row, each element read twice.
 #include "common.cuh"
+#include "rms_norm.cuh"
 
 // The vector path's block sums for G rows at once (one pair of barriers).
 template <unsigned G> __device__ __forceinline__ void block_sum_rows(float (&v)[G]);
@@ -18,9 +19,6 @@ template <> __device__ __forceinline__ void block_sum_rows<2>(float (&v)[2]) {
     v[0] = s.x;
     v[1] = s.y;
 }
-
-// The value a T holds after rounding: h is normalized as stored.
-template <typename T> __device__ __forceinline__ float rounded(float v) { return to_f32(from_f32<T>(v)); }
 
 // x[, residual]: [rows, dim], weight: [dim] → [h: [rows, dim],] y: [rows, dim], rstd: [rows] f32. Vector path,
 // G rows per step, grid-stride over steps (block b takes rows G·b … G·b + G − 1, then G·(b + gridDim.x) …).
@@ -69,24 +67,19 @@ __device__ void rms_norm_forward_rows(const T* __restrict__ x, const T* __restri
             }
         }
 #pragma unroll
-        for (unsigned g = 0; g < G; ++g) {
-            sum_sq[g] = 0.0f;
-#pragma unroll
-            for (int k = 0; k < 8; ++k) sum_sq[g] += v[g][k] * v[g][k];
-        }
+        for (unsigned g = 0; g < G; ++g) sum_sq[g] = sum_sq8(v[g]);
         block_sum_rows<G>(sum_sq);
 #pragma unroll
         for (unsigned g = 0; g < G; ++g) {
             const unsigned row = first + g;
             if (row >= rows) break;
-            const float r = 1.0f / sqrtf(sum_sq[g] / static_cast<float>(dim) + eps);
+            const float r = rms_rstd(sum_sq[g], dim, eps);
             if (threadIdx.x == 0) rstd[row] = r;
             if (own) {
                 const u64 at = static_cast<u64>(row) * dim + c;
                 if (ADD) store8(h + at, v[g]);
                 float out[8];
-#pragma unroll
-                for (int k = 0; k < 8; ++k) out[k] = v[g][k] * r * w[k];
+                rms_scale8(v[g], r, w, out);
                 store8(y + at, out);
             }
         }
@@ -209,7 +202,7 @@ __device__ void rms_norm_forward_scalar(const T* x, const T* residual, const T* 
         sum_sq += v * v;
     }
     sum_sq = block_sum(sum_sq);
-    const float r = 1.0f / sqrtf(sum_sq / static_cast<float>(dim) + eps);
+    const float r = rms_rstd(sum_sq, dim, eps);
     if (threadIdx.x == 0) rstd[row] = r;
     for (unsigned j = threadIdx.x; j < dim; j += blockDim.x) {
         const float v = input(j);

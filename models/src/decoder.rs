@@ -3,7 +3,7 @@
 //! around the layers `transformer.rs`'s.
 
 use crate::config::LayerKind;
-use qlora_autograd::{Glu, LoraAdapter, LoraProjection, NormOf, Param, Tape, Var};
+use qlora_autograd::{Glu, LoraAdapter, LoraProjection, Param, Tape, Var};
 use qlora_runtime::memory::{tagged, Category};
 use qlora_runtime::quant::BaseWeight;
 use qlora_runtime::{DType, Device, Tensor};
@@ -70,30 +70,54 @@ impl Projection {
     }
 
     /// Projections reading the same input (q/k/v, gate/up) as one op, so that their adapters share one x·Aᵀ GEMM
-    /// and backward one dx: [`Projection::forward`] of each (projection, dropout seed), in order. With `norm` (x is
-    /// that norm's output) the op keeps the norm's input rather than x ([`Tape::lora_linear_group_of`]).
+    /// and backward one dx: [`Projection::forward`] of each (projection, dropout seed), in order.
     pub(crate) fn forward_group<const N: usize>(
         t: &Tape,
         x: &Var,
-        norm: Option<NormOf>,
         projections: [(&Projection, Option<u64>); N],
     ) -> qlora_runtime::Result<[Var; N]> {
         let biases = projections.map(|(p, _)| p.bias.as_ref().map(|b| t.param(b)));
         let running = projections.map(|(p, seed)| p.running(seed));
-        let members: Vec<LoraProjection> = projections
-            .iter()
-            .zip(&biases)
-            .zip(&running)
-            .map(|((&(p, _), bias), (adapter, dropout_seed))| LoraProjection {
-                base: &p.base,
-                bias: bias.as_ref(),
-                adapter: adapter.as_deref(),
-                dropout_seed: *dropout_seed,
-            })
-            .collect();
-        let ys = t.lora_linear_group_of(x, norm, &members)?;
+        let members = group_members(&projections, &biases, &running);
+        let ys = t.lora_linear_group(x, &members)?;
         Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one output per projection")))
     }
+
+    /// [`Projection::forward_group`] of y = rms_norm(x + `residual`) (of x without one) by `norm`: the norm's h (x +
+    /// residual, or x) and the projections' outputs (`Tape::lora_linear_group_after_norm`: recording, the group keeps
+    /// the norm's input rather than y; decoding, y and the adapters' U come from one launch).
+    pub(crate) fn forward_group_after_norm<const N: usize>(
+        t: &Tape,
+        (x, residual): (&Var, Option<&Var>),
+        (norm, eps, offset): (&Param, f64, f64),
+        projections: [(&Projection, Option<u64>); N],
+    ) -> qlora_runtime::Result<(Var, [Var; N])> {
+        let biases = projections.map(|(p, _)| p.bias.as_ref().map(|b| t.param(b)));
+        let running = projections.map(|(p, seed)| p.running(seed));
+        let members = group_members(&projections, &biases, &running);
+        let (h, ys) = t.lora_linear_group_after_norm((x, residual), norm, (eps, offset), &members)?;
+        Ok((h, ys.try_into().unwrap_or_else(|_| unreachable!("one output per projection"))))
+    }
+}
+
+/// A group's members as the tape takes them: each projection's base, bias (bound as `biases`) and running adapter
+/// with its dropout seed (`running`).
+fn group_members<'a, const N: usize>(
+    projections: &[(&'a Projection, Option<u64>); N],
+    biases: &'a [Option<Var>; N],
+    running: &'a [(Option<Cow<'a, LoraAdapter>>, u64); N],
+) -> Vec<LoraProjection<'a>> {
+    projections
+        .iter()
+        .zip(biases)
+        .zip(running)
+        .map(|((&(p, _), bias), (adapter, dropout_seed))| LoraProjection {
+            base: &p.base,
+            bias: bias.as_ref(),
+            adapter: adapter.as_deref(),
+            dropout_seed: *dropout_seed,
+        })
+        .collect()
 }
 
 #[derive(Clone)]

@@ -7,7 +7,7 @@ use crate::config::{Activation, Family, LayerKind, ModelConfig};
 use crate::decoder::{DecoderLayer, Projection};
 use crate::kv_cache::LayerKv;
 use crate::sharded::ShardedBase;
-use qlora_autograd::{AttentionParams, Glu, NormOf, Param, Tape, Var};
+use qlora_autograd::{AttentionParams, Glu, Tape, Var};
 use qlora_runtime::ops::attention::SeqLens;
 use qlora_runtime::profile::{self, Pass};
 use qlora_runtime::Tensor;
@@ -107,13 +107,9 @@ pub(crate) fn layer_unsummed(
     let seed = |k: u64| layer_seed(inp.dropout_seed, index, k);
     let a = &l.self_attn;
 
-    let (x, h) = match pending {
-        Some(m) => t.add_rms_norm(x, m, &t.param(&l.input_layernorm), eps, offset)?,
-        None => (x.clone(), t.rms_norm(x, &t.param(&l.input_layernorm), eps, offset)?),
-    };
-    let norm = Some(normed(&x, &l.input_layernorm, eps, offset));
-    let [q, k, v] =
-        Projection::forward_group(t, &h, norm, [(&a.q_proj, seed(0)), (&a.k_proj, seed(1)), (&a.v_proj, seed(2))])?;
+    let qkv = [(&a.q_proj, seed(0)), (&a.k_proj, seed(1)), (&a.v_proj, seed(2))];
+    let norm = (&l.input_layernorm, eps, offset);
+    let (x, [q, k, v]) = Projection::forward_group_after_norm(t, (x, pending), norm, qkv)?;
     let mut q = t.reshape(&q, &[tokens, c.num_attention_heads, hd])?;
     let mut k = t.reshape(&k, &[tokens, c.num_key_value_heads, hd])?;
     let v = t.reshape(&v, &[tokens, c.num_key_value_heads, hd])?;
@@ -154,20 +150,18 @@ pub(crate) fn layer_unsummed(
         }
         None => &l.post_attention_layernorm,
     };
-    let (x, h) = t.add_rms_norm(&x, &attn, &t.param(ff_norm), eps, offset)?;
-    let norm = Some(normed(&x, ff_norm, eps, offset));
-    let m = match inp.mlp_chunk {
+    match inp.mlp_chunk {
         // A block at a time, each its own checkpoint (inside the layer's recompute, a block's MLP activations live
         // only while that block's backward runs).
         Some(chunk) if tokens > chunk => {
+            let (x, h) = t.add_rms_norm(&x, &attn, &t.param(ff_norm), eps, offset)?;
             let blocks = t.split_rows(&h, chunk)?;
             let mut outs = Vec::with_capacity(blocks.len());
             for (b, block) in blocks.iter().enumerate() {
                 let (layer, cfg, dropout_seed) = (l.clone(), c.clone(), inp.dropout_seed);
                 // Each block draws its own dropout masks (a mask is a function of the seed and the element index).
                 let seed = dropout_seed.map(|s| s ^ (b as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-                let mlp =
-                    move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layer, index, (&ins[0], None), seed)?]);
+                let mlp = move |t: &Tape, ins: &[Var]| Ok(vec![mlp_forward(t, &cfg, &layer, index, &ins[0], seed)?]);
                 // In the layer's recompute a block's output only reaches the layer's (unread) output through the
                 // concatenation and the residual add: the block runs once, in its own backward, not here too.
                 let out = if t.recomputing() {
@@ -177,26 +171,47 @@ pub(crate) fn layer_unsummed(
                 };
                 outs.push(out.into_iter().next().expect("one output per block"));
             }
-            t.cat_rows(&outs)?
+            Ok((x, t.cat_rows(&outs)?))
         }
-        _ => mlp_forward(t, c, &l, index, (&h, norm), inp.dropout_seed)?,
-    };
-    Ok((x, m))
+        _ => {
+            let gate_up = mlp_gate_up(&l, index, inp.dropout_seed);
+            let (x, [gate, up]) =
+                Projection::forward_group_after_norm(t, (&x, Some(&attn)), (ff_norm, eps, offset), gate_up)?;
+            Ok((x, mlp_down(t, c, &l, index, (&gate, &up), inp.dropout_seed)?))
+        }
+    }
 }
 
-/// The MLP of layer `index` (`l`) on normed hidden states h (and the norm that made them, for gate and up to keep
-/// its input rather than h): gate and up, the GLU, down, and Gemma 2/3's post-feedforward norm.
+/// The MLP of layer `index` (`l`) on a block of normed hidden states h: gate and up, the GLU, down, and Gemma 2/3's
+/// post-feedforward norm.
 fn mlp_forward(
     t: &Tape,
     c: &ModelConfig,
     l: &DecoderLayer,
     index: usize,
-    (h, norm): (&Var, Option<NormOf>),
+    h: &Var,
+    dropout_seed: Option<u64>,
+) -> qlora_runtime::Result<Var> {
+    let [gate, up] = Projection::forward_group(t, h, mlp_gate_up(l, index, dropout_seed))?;
+    mlp_down(t, c, l, index, (&gate, &up), dropout_seed)
+}
+
+/// The MLP's gate and up projections of layer `index` with their dropout seeds.
+fn mlp_gate_up(l: &DecoderLayer, index: usize, dropout_seed: Option<u64>) -> [(&Projection, Option<u64>); 2] {
+    let seed = |k: u64| layer_seed(dropout_seed, index, k);
+    [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))]
+}
+
+/// The MLP of layer `index` after gate and up: the GLU, down, and Gemma 2/3's post-feedforward norm.
+fn mlp_down(
+    t: &Tape,
+    c: &ModelConfig,
+    l: &DecoderLayer,
+    index: usize,
+    (gate, up): (&Var, &Var),
     dropout_seed: Option<u64>,
 ) -> qlora_runtime::Result<Var> {
     let seed = |k: u64| layer_seed(dropout_seed, index, k);
-    let projections = [(&l.mlp.gate_proj, seed(4)), (&l.mlp.up_proj, seed(5))];
-    let [gate, up] = Projection::forward_group(t, h, norm, projections)?;
     let glu = match c.activation {
         Activation::Silu => Glu::SwiGlu,
         Activation::GeluTanh => Glu::GeGlu,
@@ -209,20 +224,13 @@ fn mlp_forward(
     // lives only until this layer's backward, so the two ops keep it rather than form it again there.
     let down = &l.mlp.down_proj;
     let m = match (t.recomputing(), l.post_feedforward_layernorm.is_some()) {
-        (true, true) => down.forward(t, &t.glu(glu, &gate, &up)?, seed(6))?,
-        (recomputing, _) => down.forward_glu(t, (glu, &gate, &up), seed(6), recomputing)?,
+        (true, true) => down.forward(t, &t.glu(glu, gate, up)?, seed(6))?,
+        (recomputing, _) => down.forward_glu(t, (glu, gate, up), seed(6), recomputing)?,
     };
     match &l.post_feedforward_layernorm {
         Some(n) => t.rms_norm(&m, &t.param(n), c.rms_norm_eps, norm_offset(c.family)),
         None => Ok(m),
     }
-}
-
-/// What the LoRA group after a norm of `x` by `weight` (with the `eps` and `offset` that norm ran with) keeps to form
-/// the norm's output again: the norm's input, which the norm's own backward keeps anyway
-/// (`Tape::lora_linear_group_of`).
-fn normed(x: &Var, weight: &Param, eps: f64, offset: f64) -> NormOf {
-    NormOf { input: x.value().clone(), weight: weight.value(), eps, offset }
 }
 
 /// The dropout seed of projection `k` of layer `index`: distinct, reproducible streams per layer and projection.

@@ -6,13 +6,14 @@
 //! everywhere. Odd row widths, both norm offsets (Llama's w, Gemma's 1 + w),
 //! and the weight's gradient wanted or not. `rope_qk` (q and k in one launch) and its backward against `rope` of
 //! each, bit for bit; `glu_matmul_t` (an MLP's GLU and down_proj adapter's U, one launch for a decoding step) against
-//! `glu` then `matmul`, bit for bit. Decoding's NF4 GEMV against the GEMM with the dequantized weight, and LoRA's fused dropout
+//! `glu` then `matmul`, and `rms_norm_matmul_t` (a layer's norm and the adapters' U after it) against the norm then
+//! `matmul`, bit for bit. Decoding's NF4 GEMV against the GEMM with the dequantized weight, and LoRA's fused dropout
 //! products against dropout and the products.
 
 use qlora_runtime::ops::activation::{glu, glu_matmul_t, Glu};
 use qlora_runtime::ops::elementwise::add;
 use qlora_runtime::ops::linalg::matmul;
-use qlora_runtime::ops::rms_norm::{add_rms_norm, rms_norm, rms_norm_backward};
+use qlora_runtime::ops::rms_norm::{add_rms_norm, rms_norm, rms_norm_backward, rms_norm_matmul_t};
 use qlora_runtime::ops::rope::{rope, rope_backward, rope_qk, rope_qk_backward, rope_qkv_into, rope_tables};
 use qlora_runtime::testing::{assert_close, Tolerance};
 use qlora_runtime::{test_device, DType, Device, Rng, Tensor};
@@ -167,6 +168,53 @@ test_device!(
     fused_glu_matmul_t_equals_glu_then_matmul,
     fused_glu_matmul_t_equals_glu_then_matmul_cpu,
     fused_glu_matmul_t_equals_glu_then_matmul_cuda
+);
+
+fn fused_rms_norm_matmul_t_equals_norm_then_matmul(device: Device) {
+    let mut rng = Rng::new(24);
+    let dtypes: &[DType] = if device == Device::Cpu { &[DType::F32] } else { &[DType::F32, DType::BF16] };
+    for &dtype in dtypes {
+        // (rows, n, dim): decoding's rows, which one launch takes on CUDA (the 8B's q/k/v adapters, SmolLM2's width),
+        // and shapes it does not take (many rows, rows past 4096, an odd width).
+        for (rows, n, dim) in [(1, 48, 4096), (3, 32, 576), (8, 16, 2048), (12, 16, 512), (1, 16, 8192), (2, 8, 1001)] {
+            let t = |shape: &[usize], rng: &mut Rng| {
+                Tensor::randn(shape, 1.0, DType::F32, rng).to_dtype(dtype).to_device(device).unwrap()
+            };
+            let (x, r, w, a) =
+                (t(&[rows, dim], &mut rng), t(&[rows, dim], &mut rng), t(&[dim], &mut rng), t(&[n, dim], &mut rng));
+            let bits = |t: &Tensor| values(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            for offset in [0.0, 1.0] {
+                let what = format!("{dtype:?} offset {offset} [{rows}, {dim}]·[{n}, {dim}]ᵀ");
+                let [h, y, u] = rms_norm_matmul_t(&x, Some(&r), &w, (1e-6, offset), &a).unwrap();
+                let [want_h, want_y, _] = add_rms_norm(&x, &r, &w, 1e-6, offset).unwrap();
+                let want_u = matmul(&want_y, &a.t().unwrap()).unwrap();
+                assert_eq!(u.shape(), &[rows, n], "{what}: product's shape");
+                assert_eq!(bits(&h), bits(&want_h), "{what}: h");
+                assert_eq!(bits(&y), bits(&want_y), "{what}: y");
+                assert_eq!(bits(&u), bits(&want_u), "{what}: y·aᵀ");
+                // Without a residual, h is x.
+                let [h, y, u] = rms_norm_matmul_t(&x, None, &w, (1e-6, offset), &a).unwrap();
+                let want_y = rms_norm(&x, &w, 1e-6, offset).unwrap().0;
+                let want_u = matmul(&want_y, &a.t().unwrap()).unwrap();
+                assert_eq!(bits(&h), bits(&x), "{what}, no residual: h");
+                assert_eq!(bits(&y), bits(&want_y), "{what}, no residual: y");
+                assert_eq!(bits(&u), bits(&want_u), "{what}, no residual: y·aᵀ");
+            }
+        }
+        let t = |shape: &[usize]| Tensor::zeros(shape, dtype).to_device(device).unwrap();
+        for (x, r, w, a) in
+            [([1, 64], [1, 64], [64], [4, 32]), ([1, 64], [2, 64], [64], [4, 64]), ([1, 64], [1, 64], [32], [4, 64])]
+        {
+            let err = rms_norm_matmul_t(&t(&x), Some(&t(&r)), &t(&w), (1e-6, 0.0), &t(&a)).unwrap_err().to_string();
+            assert!(err.contains("rms_norm_matmul_t"), "x {x:?}, residual {r:?}, weight {w:?}, a {a:?}: {err}");
+        }
+    }
+}
+
+test_device!(
+    fused_rms_norm_matmul_t_equals_norm_then_matmul,
+    fused_rms_norm_matmul_t_equals_norm_then_matmul_cpu,
+    fused_rms_norm_matmul_t_equals_norm_then_matmul_cuda
 );
 
 /// Decoding's product against an NF4 weight, x·Wᵀ read packed (`Nf4Weight::gemv`), equals x times the dequantized

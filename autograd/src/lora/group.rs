@@ -28,7 +28,7 @@ use qlora_runtime::ops::elementwise::add_bias;
 use qlora_runtime::ops::linalg::{matmul, matmul_columns, matmul_into, matmul_scaled};
 use qlora_runtime::ops::lora::lora_grads;
 use qlora_runtime::ops::reduce::sum_rows;
-use qlora_runtime::ops::rms_norm::rms_norm;
+use qlora_runtime::ops::rms_norm::{rms_norm, rms_norm_matmul_t};
 use qlora_runtime::quant::{BaseWeight, LoraUp};
 use qlora_runtime::{DType, Error, Result, Tensor};
 
@@ -75,6 +75,52 @@ impl Tape {
         self.lora_group(input, projections, Value::Computed)
     }
 
+    /// [`Tape::lora_linear_group_of`] after the norm that makes its input: y = rms_norm(x + `residual`) (of x alone
+    /// without one) by `weight` with `eps` and `offset`, as [`Tape::add_rms_norm`] or [`Tape::rms_norm`] forms it.
+    /// Returns the norm's h (x + residual, or x) and the group's outputs: those ops then the group. Without recording
+    /// (generation, evaluation), a group whose adapters share one lane without dropout takes y and its U = y·Aᵀ from
+    /// one runtime op ([`rms_norm_matmul_t`]: one launch for a decoding step's rows).
+    pub fn lora_linear_group_after_norm(
+        &self,
+        (x, residual): (&Var, Option<&Var>),
+        weight: &Param,
+        (eps, offset): (f64, f64),
+        projections: &[LoraProjection],
+    ) -> Result<(Var, Vec<Var>)> {
+        let lanes = lanes(projections);
+        let dora = projections.iter().any(|p| p.adapter.is_some_and(|ad| ad.config.use_dora));
+        let shared_lane = matches!(lanes.as_slice(), [lane] if lane.dropout.is_none());
+        if self.is_recording() || dora || !shared_lane {
+            let w = self.param(weight);
+            let (h, y) = match residual {
+                Some(r) => self.add_rms_norm(x, r, &w, eps, offset)?,
+                None => (x.clone(), self.rms_norm(x, &w, eps, offset)?),
+            };
+            let norm = NormOf { input: h.value().clone(), weight: weight.value(), eps, offset };
+            let outputs = self.lora_linear_group_of(&y, Some(norm), projections)?;
+            return Ok((h, outputs));
+        }
+        for p in projections {
+            validate(x, p)?;
+        }
+        // The precision `lora_group` takes from y (x's dtype and device) and the adapters.
+        let adapters: Vec<Tensor> = projections
+            .iter()
+            .filter_map(|p| p.adapter)
+            .flat_map(|ad| [ad.lora_a.value(), ad.lora_b.value()])
+            .collect();
+        let p = precision(&std::iter::once(x.value()).chain(&adapters).collect::<Vec<_>>());
+        let a = lane_a(projections, &lanes[0], p)?;
+        let in_f = projections[0].base.shape()[1];
+        let rows = x.value().elem_count() / in_f;
+        let x2 = x.value().reshape(&[rows, in_f])?;
+        let r2 = residual.map(|r| r.value().reshape(&[rows, in_f])).transpose()?;
+        let [h, y, u] = rms_norm_matmul_t(&x2, r2.as_ref(), &weight.value(), (eps, offset), &a)?;
+        let y = Var::constant(y.reshape(x.shape())?);
+        let outputs = self.lora_group(Input::Formed { x: &y, u }, projections, Value::Computed)?;
+        Ok((Var::constant(h.reshape(x.shape())?), outputs))
+    }
+
     /// [`Tape::lora_linear_group`] after validation, without DoRA; with [`Value::Unread`] the outputs are zeros and
     /// only what backward reads is computed (for a GLU input, not even x: backward computes it, and U from it).
     pub(super) fn lora_group(&self, input: Input, projections: &[LoraProjection], value: Value) -> Result<Vec<Var>> {
@@ -92,9 +138,10 @@ impl Tape {
         let deferred = value == Value::Unread && matches!(input, Input::Glu { .. });
         let mut lanes = lanes(projections);
         // A GLU whose projections share one lane without dropout (down_proj) forms that lane's U with x, in one launch
-        // for a decoding step's few rows.
+        // for a decoding step's few rows; a formed input brings that U along.
         let (x2, mut glu_u) = match &input {
             Input::Rows(x) | Input::Normed { x, .. } => (Some(x.value().reshape(&[rows, in_f])?), None),
+            Input::Formed { x, u } => (Some(x.value().reshape(&[rows, in_f])?), Some(u.clone())),
             Input::Glu { .. } if deferred => (None, None),
             Input::Glu { kind, gate, up } => {
                 let (gate, up) = (gate.value().reshape(&[rows, in_f])?, up.value().reshape(&[rows, in_f])?);
@@ -202,7 +249,7 @@ impl Tape {
         };
         let a_needs = lanes.iter().any(|l| l.a_needs);
         let kept = match input {
-            Input::Rows(_) => Kept::Rows(if a_needs { x2 } else { None }),
+            Input::Rows(_) | Input::Formed { .. } => Kept::Rows(if a_needs { x2 } else { None }),
             Input::Normed { norm, .. } => Kept::Normed(a_needs.then_some(*norm)),
             Input::Glu { kind, gate, up } => {
                 Kept::Glu { kind, gate: gate.value().clone(), up: up.value().clone(), deferred }
@@ -221,10 +268,12 @@ impl Tape {
     }
 }
 
-/// What a group multiplies: x's rows (made by a norm it can form again), or an MLP's GLU product act(gate) ⊙ up.
+/// What a group multiplies: x's rows (made by a norm it can form again, or with the one lane's U = x·Aᵀ already
+/// formed), or an MLP's GLU product act(gate) ⊙ up.
 pub(super) enum Input<'a> {
     Rows(&'a Var),
     Normed { x: &'a Var, norm: Box<NormOf> },
+    Formed { x: &'a Var, u: Tensor },
     Glu { kind: Glu, gate: &'a Var, up: &'a Var },
 }
 
@@ -232,7 +281,7 @@ impl<'a> Input<'a> {
     /// The op's leading inputs, whose gradients its backward returns first: x, or gate and up.
     fn vars(&self) -> Vec<&'a Var> {
         match *self {
-            Input::Rows(x) | Input::Normed { x, .. } => vec![x],
+            Input::Rows(x) | Input::Normed { x, .. } | Input::Formed { x, .. } => vec![x],
             Input::Glu { gate, up, .. } => vec![gate, up],
         }
     }

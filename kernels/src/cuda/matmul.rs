@@ -207,6 +207,73 @@ pub fn glu_few_rows<T: GpuFloat>(
     Ok(true)
 }
 
+/// Whether [`norm_few_rows`] takes x of \[m, k\] against b of \[n, k\] (all 16-byte aligned): [`few_rows`]'
+/// shapes with rows short enough that each thread's share of a row's Σ x² is one 8-value chunk, as in the norm
+/// kernel's, so that the norm's bits are its bits.
+pub fn takes_norm_few_rows(m: usize, n: usize, k: usize) -> bool {
+    n > 0 && few_rows_shape(m, n, k) && k <= 8 * FEW_ROWS_THREADS as usize
+}
+
+/// x\[, residual\]: \[m, k\], weight: \[k\] → \[h = x + residual,\] y = rms_norm(h or x)·(offset + weight)
+/// (\[m, k\], [`crate::cuda::rms_norm::rms_norm_forward`]'s values: `residual` and h go together) and c = y·bᵀ
+/// (\[m, n\]), all packed, in one launch: the norm's own launch and the product's read of y become one (decoding's
+/// U = y·Aᵀ for the adapters after a layer's norms). Where [`takes_norm_few_rows`] says no, or a buffer is not
+/// 16-byte aligned, it returns false with nothing written, and the caller runs the two.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_few_rows<T: GpuFloat>(
+    x: &DeviceBuffer<T>,
+    add: Option<(&DeviceBuffer<T>, &mut DeviceBuffer<T>)>,
+    weight: &DeviceBuffer<T>,
+    (eps, offset): (f32, f32),
+    b: &DeviceBuffer<T>,
+    y: &mut DeviceBuffer<T>,
+    c: &mut DeviceBuffer<T>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<bool> {
+    // The residual and h as (device, length, address): read and written only through the kernel.
+    let side: Vec<(&CudaDevice, usize, u64)> =
+        add.iter().flat_map(|(r, h)| [(r.device(), r.len(), r.ptr()), (h.device(), h.len(), h.ptr())]).collect();
+    let mut devices = vec![x.device(), weight.device(), b.device(), y.device(), c.device()];
+    devices.extend(side.iter().map(|s| s.0));
+    let dev = same_device("norm_few_rows", &devices).clone();
+    let lens = [("x", x.len(), m * k), ("weight", weight.len(), k), ("b", b.len(), n * k), ("y", y.len(), m * k)];
+    let side_lens = side.iter().zip(["residual", "h"]).map(|(s, what)| (what, s.1, m * k));
+    for (what, len, want) in lens.into_iter().chain(side_lens) {
+        assert!(len >= want, "norm_few_rows: {what} holds {len} elements, [{m}, {n}, {k}] needs {want}");
+    }
+    assert!(c.len() >= m * n, "norm_few_rows: c holds {} elements, [{m}, {n}] needs {}", c.len(), m * n);
+    let (pr, ph) = side.first().zip(side.get(1)).map_or((0, 0), |(r, h)| (r.2, h.2));
+    let mut ptrs = vec![x.ptr(), weight.ptr(), b.ptr(), y.ptr()];
+    ptrs.extend(side.iter().map(|s| s.2));
+    if !(takes_norm_few_rows(m, n, k) && aligned16(&ptrs)) {
+        return Ok(false);
+    }
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (FEW_ROWS_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let kernel = match (add.is_some(), m.next_power_of_two()) {
+        (false, 1) => kernel!("rms_norm_few_rows_m1", T),
+        (false, 2) => kernel!("rms_norm_few_rows_m2", T),
+        (false, 4) => kernel!("rms_norm_few_rows_m4", T),
+        (false, _) => kernel!("rms_norm_few_rows_m8", T),
+        (true, 1) => kernel!("add_rms_norm_few_rows_m1", T),
+        (true, 2) => kernel!("add_rms_norm_few_rows_m2", T),
+        (true, 4) => kernel!("add_rms_norm_few_rows_m4", T),
+        (true, _) => kernel!("add_rms_norm_few_rows_m8", T),
+    };
+    let (m, n, k) = (m as u32, n as u32, u32_arg("norm_few_rows: k", k));
+    // SAFETY: {add_,}rms_norm_few_rows_m{1,2,4,8}_T(const T* x, const T* residual, const T* weight, T* h, T* y,
+    // const T* b, T* c, unsigned m, unsigned n, unsigned k, float eps, float offset) reads x[r·k + i] and, for add_,
+    // residual[r·k + i] (r < m ≤ 8, rows past m clamped to m − 1; i < k), weight[i] and b[j·k + i] (j < n, the
+    // grid), writes y[r·k + i], for add_ h[r·k + i], and c[r·n + j] for r < m: inside the buffers (asserted above),
+    // on this device; the residual and h are null only for the kernels that never touch them; k a multiple of 8 and
+    // every buffer 16-byte aligned (checked above), so every 8-element vector access is aligned; k ≤ 8·512 and
+    // blocks of 512 threads (gemm_few_rows' 16 warps; NormRows' one chunk per thread and row).
+    unsafe {
+        launch!(&dev, Module::Matmul, kernel, cfg;
+            x.ptr(), pr, weight.ptr(), ph, y.ptr(), b.ptr(), c.ptr(), m, n, k, eps, offset)?;
+    }
+    Ok(true)
+}
+
 /// One cuBLASLt call: `batch` entries of `g`'s product, starting at these device addresses.
 #[derive(Clone, Copy)]
 struct Product {

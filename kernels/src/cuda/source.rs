@@ -7,10 +7,11 @@
 /// self-contained source; nvcc finds the headers beside the file); a header's own `#include` lines are not spliced, so
 /// a `.cu` names every header it needs, in order. Every source includes `common.cuh`; the NF4 modules add
 /// `nf4_common.cuh`, the flash modules `flash_common.cuh` and the mma.sync templates, the Hopper ones `flash_common.cuh`, the wgmma pieces and templates;
-/// the activation and matmul modules `activation.cuh`.
-const HEADERS: [(&str, &str); 8] = [
+/// the activation and matmul modules `activation.cuh`, the norm and matmul modules `rms_norm.cuh`.
+const HEADERS: [(&str, &str); 9] = [
     ("common.cuh", include_str!("../../cuda/common.cuh")),
     ("activation.cuh", include_str!("../../cuda/activation.cuh")),
+    ("rms_norm.cuh", include_str!("../../cuda/rms_norm.cuh")),
     ("nf4_common.cuh", include_str!("../../cuda/nf4_common.cuh")),
     ("flash_common.cuh", include_str!("../../cuda/flash_common.cuh")),
     ("flash_attention.cuh", include_str!("../../cuda/flash_attention.cuh")),

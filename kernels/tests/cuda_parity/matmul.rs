@@ -2,11 +2,13 @@ use crate::common::{check, parity_test, poisoned, randn, upload, widen, Elem, RE
 use qlora_kernels::activation::{self, Glu};
 use qlora_kernels::cuda::CudaDevice;
 use qlora_kernels::matmul::Gemm;
+use qlora_kernels::rms_norm;
 use qlora_kernels::testing::assert_close;
 use qlora_kernels::{cuda, matmul, Rng};
 
 parity_test!(matmul_matches_cpu: matmul_case, seed 9);
 parity_test!(glu_few_rows_matches_cpu: glu_few_rows_case, seed 31);
+parity_test!(norm_few_rows_matches_cpu: norm_few_rows_case, seed 37);
 
 /// One GEMM on the GPU and the CPU twin (f32, on the widened inputs), C starting as `c0` (or NaN when beta == 0, which
 /// must not read it). Tolerance: REDUCED for f32 (k-term sums in cuBLASLt's order), BF16 for bf16 (one rounding).
@@ -135,6 +137,82 @@ fn glu_few_rows_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
         let taken = cuda::matmul::glu_few_rows(Glu::SwiGlu, &gg, &gu, &gb, &mut x, &mut c, (m, n, k)).unwrap();
         assert!(!taken, "{m}x{n}x{k}: taken");
         assert_eq!(bits(&x), x0.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>(), "{m}x{n}x{k}: x written");
+        assert_eq!(bits(&c), c0.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>(), "{m}x{n}x{k}: c written");
+    }
+}
+
+/// Decoding's norm before q/k/v or gate/up and the adapters' U = y·Aᵀ in one launch (`norm_few_rows`): h and y have
+/// the bits of the norm kernel's outputs and the product those of `gemm_few_rows` on that y (the two launches it
+/// replaces), and all match the CPU twins. With and without the residual add, both offsets (Llama's w, Gemma's
+/// 1 + w); rows 1, 2, 3, 5, 8; one column to 48; row lengths from 264 to 4096 (the largest it takes: one chunk a
+/// thread, as in the norm kernel), Gemma-3-270M's 640 and SmolLM2's 576 among them. Rows past 4096, too many rows, or
+/// a length off the vector path return false and leave the outputs as they were.
+fn norm_few_rows_case<T: Elem>(dev: &CudaDevice, rng: &mut Rng) {
+    let bits =
+        |b: &cuda::DeviceBuffer<T>| -> Vec<u32> { b.to_vec().unwrap().iter().map(|v| v.to_f32().to_bits()).collect() };
+    let eps = 1e-6f32;
+    for add in [false, true] {
+        for offset in [0.0f32, 1.0] {
+            for (m, n, k) in [(1, 48, 4096), (2, 32, 2048), (3, 1, 576), (5, 17, 264), (8, 16, 4096), (1, 16, 640)] {
+                let what = format!("add {add} offset {offset} {m}x{n}x{k}");
+                let (x, res) = (randn::<T>(rng, m * k, 1.0), randn::<T>(rng, m * k, 1.0));
+                let (w, b) = (randn::<T>(rng, k, 0.5), randn::<T>(rng, n * k, 1.0));
+                let (gx, gr, gw, gb) = (upload(dev, &x), upload(dev, &res), upload(dev, &w), upload(dev, &b));
+                let (mut h, mut y, mut c) =
+                    (poisoned::<T>(dev, m * k), poisoned::<T>(dev, m * k), poisoned::<T>(dev, m * n));
+                let pair = add.then_some((&gr, &mut h));
+                let taken = cuda::matmul::norm_few_rows(&gx, pair, &gw, (eps, offset), &gb, &mut y, &mut c, (m, n, k));
+                assert!(taken.unwrap(), "{what}: not taken");
+                // The two launches it stands for.
+                let (mut h2, mut y2, mut rstd) =
+                    (poisoned::<T>(dev, m * k), poisoned::<T>(dev, m * k), poisoned::<f32>(dev, m));
+                let pair = add.then_some((&gr, &mut h2));
+                cuda::rms_norm::rms_norm_forward(&gx, pair, &gw, k, eps, offset, &mut y2, &mut rstd).unwrap();
+                let mut c2 = poisoned::<T>(dev, m * n);
+                cuda::matmul::matmul(&Gemm::new(m, n, k).trans_b(true), &y2, &gb, &mut c2).unwrap();
+                assert_eq!(bits(&y), bits(&y2), "{what}: y against the norm kernel's");
+                if add {
+                    assert_eq!(bits(&h), bits(&h2), "{what}: h against the norm kernel's");
+                }
+                assert_eq!(bits(&c), bits(&c2), "{what}: y·bᵀ against gemm_few_rows'");
+                let (mut want_h, mut want_y, mut want_rstd) =
+                    (vec![0.0f32; m * k], vec![0.0f32; m * k], vec![0.0f32; m]);
+                let (xw, rw, ww) = (widen(&x), widen(&res), widen(&w));
+                if add {
+                    rms_norm::add_rms_norm_forward(
+                        &xw,
+                        &rw,
+                        &ww,
+                        k,
+                        eps,
+                        offset,
+                        &mut want_h,
+                        &mut want_y,
+                        &mut want_rstd,
+                    );
+                    check(&format!("norm_few_rows {what}: h"), &h, &want_h, T::TOL);
+                } else {
+                    rms_norm::rms_norm_forward(&xw, &ww, k, eps, offset, &mut want_y, &mut want_rstd);
+                }
+                check(&format!("norm_few_rows {what}: y"), &y, &want_y, T::TOL);
+                let rounded_y = widen(&y.to_vec().unwrap());
+                let mut want_c = vec![0.0f32; m * n];
+                matmul::matmul(&Gemm::new(m, n, k).trans_b(true), &rounded_y, &widen(&b), &mut want_c);
+                check(&format!("norm_few_rows {what}: y·bᵀ"), &c, &want_c, T::tol(REDUCED));
+            }
+        }
+    }
+    for (m, n, k) in [(1, 16, 4104), (9, 16, 512), (2, 16, 1028), (1, 16, 128)] {
+        let (gx, gw, gb) = (
+            upload(dev, &randn::<T>(rng, m * k, 1.0)),
+            upload(dev, &randn::<T>(rng, k, 1.0)),
+            upload(dev, &randn::<T>(rng, n * k, 1.0)),
+        );
+        let (y0, c0) = (randn::<T>(rng, m * k, 1.0), randn::<T>(rng, m * n, 1.0));
+        let (mut y, mut c) = (upload(dev, &y0), upload(dev, &c0));
+        let taken = cuda::matmul::norm_few_rows(&gx, None, &gw, (eps, 0.0), &gb, &mut y, &mut c, (m, n, k)).unwrap();
+        assert!(!taken, "{m}x{n}x{k}: taken");
+        assert_eq!(bits(&y), y0.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>(), "{m}x{n}x{k}: y written");
         assert_eq!(bits(&c), c0.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>(), "{m}x{n}x{k}: c written");
     }
 }

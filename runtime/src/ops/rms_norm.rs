@@ -1,10 +1,12 @@
 //! RMSNorm over the last dimension: y = x·rstd·(offset + w), offset 0 for Llama and 1 for Gemma's (1 + w). Forward
 //! returns rstd beside y so that backward reads it instead of recomputing the norm.
 
+use super::linalg::matmul;
 use super::{rows_cols, same_shape, tensor, with_compute};
 use crate::cuda::{buf, output, with_gpu, Gpu};
 use crate::op::{backward_fn, bytes, first_grad, Recorded};
 use crate::{DType, Error, Result, Tensor};
+use qlora_kernels::cuda::matmul as gmm;
 use qlora_kernels::cuda::rms_norm as grms;
 use qlora_kernels::rms_norm as rms;
 
@@ -126,6 +128,64 @@ pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f64, of
         rms::add_rms_norm_forward(&xv, &rv, &wv, dim, eps as T, offset as T, &mut h, &mut y, &mut rstd);
         Ok([tensor(h, x.shape()), tensor(y, x.shape()), tensor(rstd, &[rows])])
     })
+}
+
+/// The norm before a LoRA group and the group's U: x (\[rows, dim\]) plus `residual` normed by `weight`
+/// ([`add_rms_norm`]; [`rms_norm`] without a residual), then the normed rows times aᵀ (a: \[n, dim\]). Returns
+/// (h, y, y·aᵀ): h = x + residual (x itself without one), y the norm's output, the product \[rows, n\]; the values
+/// of the norm then [`matmul`] bit for bit. On a GPU, for a decoding step's few rows (the adapters' U after a layer's
+/// norms; every operand in one dtype), one launch forms all three.
+pub fn rms_norm_matmul_t(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    weight: &Tensor,
+    (eps, offset): (f64, f64),
+    a: &Tensor,
+) -> Result<[Tensor; 3]> {
+    const OP: &str = "rms_norm_matmul_t";
+    let (rows, dim) = rows_cols(OP, x)?;
+    if let Some(r) = residual {
+        same_shape(OP, x, r)?;
+    }
+    let &[n, a_dim] = a.shape() else {
+        return Err(Error::shape(OP, format!("a {:?} must be a matrix", a.shape())));
+    };
+    if weight.shape() != [dim] || a_dim != dim {
+        let shapes = format!("x {:?}, weight {:?}, a {:?}", x.shape(), weight.shape(), a.shape());
+        return Err(Error::shape(OP, shapes));
+    }
+    let operands: Vec<&Tensor> = [x, weight, a].into_iter().chain(residual).collect();
+    if let Some(g) = Gpu::of(OP, &operands)? {
+        let one_dtype = operands.iter().all(|t| t.dtype() == x.dtype());
+        if one_dtype && gmm::takes_norm_few_rows(rows, n, dim) {
+            let fused = with_gpu!(g, |T| {
+                let (xi, w, ai) = (g.input(x)?, g.input(weight)?, g.input(a)?);
+                let ri = residual.map(|r| g.input(r)).transpose()?;
+                let mut h = residual.map(|_| g.alloc::<T>(rows * dim)).transpose()?;
+                let (mut y, mut u) = (g.alloc::<T>(rows * dim)?, g.alloc::<T>(rows * n)?);
+                let add = ri.as_ref().map(|r| buf::<T>(r)).zip(h.as_mut());
+                let (xb, wb, ab) = (buf::<T>(&xi), buf(&w), buf(&ai));
+                let norm = (eps as f32, offset as f32);
+                let done = g.run(gmm::norm_few_rows(xb, add, wb, norm, ab, &mut y, &mut u, (rows, n, dim)))?;
+                done.then(|| {
+                    let h = h.map_or_else(|| x.clone(), |h| output(h, x.shape()));
+                    [h, output(y, x.shape()), output(u, &[rows, n])]
+                })
+            });
+            if let Some(all) = fused {
+                return Ok(all);
+            }
+        }
+    }
+    let (h, y) = match residual {
+        Some(r) => {
+            let [h, y, _] = add_rms_norm(x, r, weight, eps, offset)?;
+            (h, y)
+        }
+        None => (x.clone(), rms_norm(x, weight, eps, offset)?.0),
+    };
+    let product = matmul(&y, &a.t()?)?;
+    Ok([h, y, product])
 }
 
 /// [`add_rms_norm`] for a tape: (h, y), and a backward for x, the residual (both get dx) and the weight as `needs`
