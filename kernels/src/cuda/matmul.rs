@@ -133,10 +133,15 @@ fn few_rows_shape(m: usize, n: usize, k: usize) -> bool {
 }
 
 /// Whether [`glu_few_rows`] takes gate and up of \[m, k\] against b of \[n, k\] (all 16-byte aligned), so that a
-/// caller allocates its outputs only then.
+/// caller allocates its outputs only then: [`few_rows`]' shapes up to k = [`GLU_FEW_ROWS_MAX_K`].
 pub fn takes_glu_few_rows(m: usize, n: usize, k: usize) -> bool {
-    n > 0 && few_rows_shape(m, n, k)
+    n > 0 && few_rows_shape(m, n, k) && k <= GLU_FEW_ROWS_MAX_K
 }
+
+/// The longest rows [`glu_few_rows`] takes. Its n blocks (r = 16 of them for one adapter) each form the whole GLU, k/512
+/// exponentials a thread: at the 1B's k = 8192 that cost less than the GLU's own launch (decoding 0.95× the device
+/// time per token), at the 8B's 14336 more (1.015×; H100, 2026-12-07).
+const GLU_FEW_ROWS_MAX_K: usize = 8192;
 
 /// C = alpha·A·Bᵀ + beta·C for a product [`takes_few_rows`] accepts, A, B, C at these device addresses: one block per
 /// column of C.
