@@ -103,19 +103,23 @@ impl Tape {
         for p in projections {
             validate(x, p)?;
         }
-        // The precision `lora_group` takes from y (x's dtype and device) and the adapters.
-        let adapters: Vec<Tensor> = projections
-            .iter()
-            .filter_map(|p| p.adapter)
-            .flat_map(|ad| [ad.lora_a.value(), ad.lora_b.value()])
+        // The precision `lora_group` will take from y and the adapters: y's is the norm's, of x, the residual and the
+        // weight.
+        let w = weight.value();
+        let adapters =
+            projections.iter().filter_map(|p| p.adapter).flat_map(|ad| [ad.lora_a.value(), ad.lora_b.value()]);
+        let operands: Vec<Tensor> = [x.value().clone(), w.clone()]
+            .into_iter()
+            .chain(residual.map(|r| r.value().clone()))
+            .chain(adapters)
             .collect();
-        let p = precision(&std::iter::once(x.value()).chain(&adapters).collect::<Vec<_>>());
+        let p = precision(&operands.iter().collect::<Vec<_>>());
         let a = lane_a(projections, &lanes[0], p)?;
         let in_f = projections[0].base.shape()[1];
         let rows = x.value().elem_count() / in_f;
         let x2 = x.value().reshape(&[rows, in_f])?;
         let r2 = residual.map(|r| r.value().reshape(&[rows, in_f])).transpose()?;
-        let [h, y, u] = rms_norm_matmul_t(&x2, r2.as_ref(), &weight.value(), (eps, offset), &a)?;
+        let [h, y, u] = rms_norm_matmul_t(&x2, r2.as_ref(), &w, (eps, offset), &a)?;
         let y = Var::constant(y.reshape(x.shape())?);
         let outputs = self.lora_group(Input::Formed { x: &y, u }, projections, Value::Computed)?;
         Ok((Var::constant(h.reshape(x.shape())?), outputs))

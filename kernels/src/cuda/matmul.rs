@@ -133,7 +133,7 @@ fn few_rows_shape(m: usize, n: usize, k: usize) -> bool {
 }
 
 /// Whether [`glu_few_rows`] takes gate and up of \[m, k\] against b of \[n, k\] (all 16-byte aligned), so that a
-/// caller allocates its outputs only then: [`few_rows`]' shapes up to k = [`GLU_FEW_ROWS_MAX_K`].
+/// caller allocates its outputs only then: `gemm_few_rows`' shapes up to k = 8192 (`GLU_FEW_ROWS_MAX_K`).
 pub fn takes_glu_few_rows(m: usize, n: usize, k: usize) -> bool {
     n > 0 && few_rows_shape(m, n, k) && k <= GLU_FEW_ROWS_MAX_K
 }
@@ -167,7 +167,7 @@ fn few_rows<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, a: u64, b: u64, c: u64) -> 
 
 /// gate, up: \[m, k\], b: \[n, k\] → x = act(gate) ⊙ up (\[m, k\], [`crate::activation::glu_forward`]'s values) and
 /// c = x·bᵀ (\[m, n\]), all packed, in one launch: the GLU's own launch and the product's read of x become one
-/// (decoding's U = x·Aᵀ for down_proj's adapter). Only where [`few_rows`] would take x·bᵀ ([`takes_glu_few_rows`],
+/// (decoding's U = x·Aᵀ for down_proj's adapter). Only where `gemm_few_rows` would take x·bᵀ ([`takes_glu_few_rows`],
 /// and 16-byte aligned buffers); elsewhere it returns false with nothing written, and the caller runs the two.
 #[allow(clippy::too_many_arguments)]
 pub fn glu_few_rows<T: GpuFloat>(
@@ -212,7 +212,7 @@ pub fn glu_few_rows<T: GpuFloat>(
     Ok(true)
 }
 
-/// Whether [`norm_few_rows`] takes x of \[m, k\] against b of \[n, k\] (all 16-byte aligned): [`few_rows`]'
+/// Whether [`norm_few_rows`] takes x of \[m, k\] against b of \[n, k\] (all 16-byte aligned): `gemm_few_rows`'
 /// shapes with rows short enough that each thread's share of a row's Σ x² is one 8-value chunk, as in the norm
 /// kernel's, so that the norm's bits are its bits.
 pub fn takes_norm_few_rows(m: usize, n: usize, k: usize) -> bool {

@@ -163,7 +163,7 @@ pub fn rms_norm_matmul_t(
                 let ri = residual.map(|r| g.input(r)).transpose()?;
                 let mut h = residual.map(|_| g.alloc::<T>(rows * dim)).transpose()?;
                 let (mut y, mut u) = (g.alloc::<T>(rows * dim)?, g.alloc::<T>(rows * n)?);
-                let add = ri.as_ref().map(|r| buf::<T>(r)).zip(h.as_mut());
+                let add = ri.as_ref().map(buf::<T>).zip(h.as_mut());
                 let (xb, wb, ab) = (buf::<T>(&xi), buf(&w), buf(&ai));
                 let norm = (eps as f32, offset as f32);
                 let done = g.run(gmm::norm_few_rows(xb, add, wb, norm, ab, &mut y, &mut u, (rows, n, dim)))?;
