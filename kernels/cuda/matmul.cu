@@ -139,6 +139,7 @@ __device__ void gemm_few_rows(R rows, const T* __restrict__ b, u64 ldb, T* c, u6
                               float alpha, float beta) {
     __shared__ float partial[GEMM_FEW_ROWS_WARPS][M];
     grid_dependency_sync();
+    rows.prepare(m, k);
     const unsigned j = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const T* bj = b + static_cast<u64>(j) * ldb;
     float acc[M];
@@ -147,20 +148,10 @@ __device__ void gemm_few_rows(R rows, const T* __restrict__ b, u64 ldb, T* c, u6
     // With 8 rows of A, their loads alone keep enough in flight: a second vector of B would only spill (f32).
     constexpr unsigned ahead = M <= 4 ? 2 : 1;
     const unsigned stride = 8 * blockDim.x;
-    // B's vectors of a step are loaded a step ahead, the first before the rows' source prepares (NormRows sums every
-    // row first), so that B's latency runs under that work instead of after it.
-    Raw8<T> next[ahead];
-    const auto load_b = [&](unsigned i0) {
-#pragma unroll
-        for (unsigned u = 0; u < ahead; ++u) next[u] = load8(bj + min(i0 + u * stride, k - 8));  // past k: a vector read, unused
-    };
-    load_b(8 * threadIdx.x);
-    rows.prepare(m, k);
     for (unsigned i0 = 8 * threadIdx.x; i0 < k; i0 += ahead * stride) {
         Raw8<T> bs[ahead];
 #pragma unroll
-        for (unsigned u = 0; u < ahead; ++u) bs[u] = next[u];
-        if (i0 + ahead * stride < k) load_b(i0 + ahead * stride);
+        for (unsigned u = 0; u < ahead; ++u) bs[u] = load8(bj + min(i0 + u * stride, k - 8));  // past k: a vector read, unused
 #pragma unroll
         for (unsigned u = 0; u < ahead; ++u) {
             if (i0 + u * stride < k) {
