@@ -169,7 +169,6 @@ fn few_rows<T: GpuFloat>(dev: &CudaDevice, g: &Gemm, a: u64, b: u64, c: u64) -> 
 /// c = x·bᵀ (\[m, n\]), all packed, in one launch: the GLU's own launch and the product's read of x become one
 /// (decoding's U = x·Aᵀ for down_proj's adapter). Only where `gemm_few_rows` would take x·bᵀ ([`takes_glu_few_rows`],
 /// and 16-byte aligned buffers); elsewhere it returns false with nothing written, and the caller runs the two.
-#[allow(clippy::too_many_arguments)]
 pub fn glu_few_rows<T: GpuFloat>(
     kind: Glu,
     gate: &DeviceBuffer<T>,
