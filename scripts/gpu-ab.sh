@@ -9,6 +9,7 @@
 # checkout building into the same folder leaves artifacts that the first takes as fresh (a stale binary, silently);
 # kept folders make the next run incremental. There, from the repo root:
 #   bash .gpu/ab/run.sh [ROUNDS] "BENCH ARGS" ["BENCH ARGS"…]     e.g.  bash .gpu/ab/run.sh 2 "--shape llama-3.2-1b --steps 3"
+#   (AB_DEADLINE=S in its environment: no bench starts after S seconds, so a call near its limit still summarizes)
 # runs this tree's tests (`.gpu/parity/run.sh`) and each variant's, then each bench ROUNDS times per side (base,
 # head, the variants; reversed every other round), and prints per bench the step times of every side and their
 # ratio to the base. A bench of kernels ("kernels --filter attention") prints per row the milliseconds and ratios
@@ -120,6 +121,12 @@ for args in "$@"; do
         sides=("${order[@]}")
         if ((round % 2 == 0)); then mapfile -t sides < <(printf '%s\n' "${order[@]}" | tac); fi
         for side in "${sides[@]}"; do
+            # A call is cut off at its limit with nothing summarized: AB_DEADLINE (seconds into the run) skips the
+            # benches that would start after it, so the summary still prints.
+            if [[ -n ${AB_DEADLINE:-} ]] && ((SECONDS > AB_DEADLINE)); then
+                echo "skipped past AB_DEADLINE=${AB_DEADLINE}s: $side round $round, $args"
+                continue
+            fi
             bin="$unpacked/sides/$side/qlora-rt"
             [[ $side == head ]] && bin="$here/../parity/qlora-rt"
             # A step bench prints one JSON line; a kernels bench one per row (the ceilings' included).
@@ -154,13 +161,18 @@ for args in dict.fromkeys(r["args"] for r in rows):
                     values.setdefault(r["side"], []).append(r["result"]["ms"])
             print(f"{key[0]} {key[1]} ms: {sides(values)}")
         continue
-    values = {}
+    values, device = {}, {}
     for r in rows:
         if r["args"] == args and r["result"]:
-            # A training step's ms, or a decoding step's (`bench decode`).
+            # A training step's ms, or a decoding step's (`bench decode`), and for decoding its device ms too (the
+            # kernels' time without the host's gaps, the steadier of the two).
             values.setdefault(r["side"], []).append(r["result"].get("step_ms", r["result"].get("decode_ms")))
+            if "decode_device_ms" in r["result"]:
+                device.setdefault(r["side"], []).append(r["result"]["decode_device_ms"])
     gpu = next((r["result"].get("gpu") or r["result"].get("device") for r in rows if r["args"] == args and r["result"]), "?")
     print(f"{args} step ms: {sides(values)} ({gpu})")
+    if device:
+        print(f"{args} device ms: {sides(device)}")
 PY
 RUNNER
 chmod +x "$stage/run.sh"
