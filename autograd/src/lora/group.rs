@@ -56,7 +56,7 @@ impl Tape {
         for p in projections {
             validate(x, p)?;
         }
-        if projections.iter().any(|p| p.adapter.is_some_and(|ad| ad.config.use_dora)) {
+        if has_dora(projections) {
             return projections
                 .iter()
                 .map(|p| self.lora_linear(x, p.base, p.bias, p.adapter, p.dropout_seed))
@@ -88,33 +88,26 @@ impl Tape {
         projections: &[LoraProjection],
     ) -> Result<(Var, Vec<Var>)> {
         let lanes = lanes(projections);
-        let dora = projections.iter().any(|p| p.adapter.is_some_and(|ad| ad.config.use_dora));
-        let shared_lane = matches!(lanes.as_slice(), [lane] if lane.dropout.is_none());
-        if self.is_recording() || dora || !shared_lane {
-            let w = self.param(weight);
-            let (h, y) = match residual {
-                Some(r) => self.add_rms_norm(x, r, &w, eps, offset)?,
-                None => (x.clone(), self.rms_norm(x, &w, eps, offset)?),
-            };
-            let norm = NormOf { input: h.value().clone(), weight: weight.value(), eps, offset };
-            let outputs = self.lora_linear_group_of(&y, Some(norm), projections)?;
-            return Ok((h, outputs));
-        }
+        let lane = match only_shared_lane(&lanes) {
+            Some(lane) if !self.is_recording() && !has_dora(projections) => lane,
+            _ => {
+                let w = self.param(weight);
+                let (h, y) = match residual {
+                    Some(r) => self.add_rms_norm(x, r, &w, eps, offset)?,
+                    None => (x.clone(), self.rms_norm(x, &w, eps, offset)?),
+                };
+                let norm = NormOf { input: h.value().clone(), weight: weight.value(), eps, offset };
+                let outputs = self.lora_linear_group_of(&y, Some(norm), projections)?;
+                return Ok((h, outputs));
+            }
+        };
         for p in projections {
             validate(x, p)?;
         }
-        // The precision `lora_group` will take from y and the adapters: y's is the norm's, of x, the residual and the
-        // weight.
+        // The precision `lora_group` will take from y, whose dtype is the norm's: of x, the weight and the residual.
         let w = weight.value();
-        let adapters =
-            projections.iter().filter_map(|p| p.adapter).flat_map(|ad| [ad.lora_a.value(), ad.lora_b.value()]);
-        let operands: Vec<Tensor> = [x.value().clone(), w.clone()]
-            .into_iter()
-            .chain(residual.map(|r| r.value().clone()))
-            .chain(adapters)
-            .collect();
-        let p = precision(&operands.iter().collect::<Vec<_>>());
-        let a = lane_a(projections, &lanes[0], p)?;
+        let norm_operands: Vec<&Tensor> = [x.value(), &w].into_iter().chain(residual.map(Var::value)).collect();
+        let a = lane_a(projections, lane, group_precision(&norm_operands, projections))?;
         let in_f = projections[0].base.shape()[1];
         let rows = x.value().elem_count() / in_f;
         let x2 = x.value().reshape(&[rows, in_f])?;
@@ -131,9 +124,7 @@ impl Tape {
         let bound: Vec<Option<(Var, Var)>> =
             projections.iter().map(|p| p.adapter.map(|ad| (self.param(&ad.lora_a), self.param(&ad.lora_b)))).collect();
         let lead = input.vars();
-        let mut operands = vec![lead[0].value()];
-        operands.extend(bound.iter().flatten().flat_map(|(a, b)| [a.value(), b.value()]));
-        let p = precision(&operands);
+        let p = group_precision(&[lead[0].value()], projections);
         let in_f = projections[0].base.shape()[1];
         let x_shape = lead[0].shape().to_vec();
         let rows = lead[0].value().elem_count() / in_f;
@@ -149,12 +140,12 @@ impl Tape {
             Input::Glu { .. } if deferred => (None, None),
             Input::Glu { kind, gate, up } => {
                 let (gate, up) = (gate.value().reshape(&[rows, in_f])?, up.value().reshape(&[rows, in_f])?);
-                match lanes.as_slice() {
-                    [lane] if lane.dropout.is_none() => {
+                match only_shared_lane(&lanes) {
+                    Some(lane) => {
                         let (x, u) = glu_matmul_t(*kind, &gate, &up, &lane_a(projections, lane, p)?)?;
                         (Some(x), Some(u))
                     }
-                    _ => (Some(glu(*kind, &gate, &up)?), None),
+                    None => (Some(glu(*kind, &gate, &up)?), None),
                 }
             }
         };
@@ -299,6 +290,28 @@ pub struct NormOf {
     pub weight: Tensor,
     pub eps: f64,
     pub offset: f64,
+}
+
+/// Whether a projection of the group has a DoRA adapter (the group then runs as separate `lora_linear` calls).
+fn has_dora(projections: &[LoraProjection]) -> bool {
+    projections.iter().any(|p| p.adapter.is_some_and(|ad| ad.config.use_dora))
+}
+
+/// The precision a group computes in: that of its input (`lead`: x, or what x's dtype comes from) with its adapters'
+/// A and B.
+fn group_precision(lead: &[&Tensor], projections: &[LoraProjection]) -> DType {
+    let adapters: Vec<Tensor> =
+        projections.iter().filter_map(|p| p.adapter).flat_map(|ad| [ad.lora_a.value(), ad.lora_b.value()]).collect();
+    precision(&lead.iter().copied().chain(&adapters).collect::<Vec<_>>())
+}
+
+/// The group's one lane when every adapter shares it without dropout: its U is then one product, which a fused op
+/// may form with the input (a GLU, a norm).
+fn only_shared_lane(lanes: &[Lane]) -> Option<&Lane> {
+    match lanes {
+        [lane] if lane.dropout.is_none() => Some(lane),
+        _ => None,
+    }
 }
 
 /// A lane's adapters' A matrices stacked \[Σ r, in\] in `precision` (kept on the parameter between optimizer steps).
