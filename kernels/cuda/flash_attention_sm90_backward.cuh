@@ -208,6 +208,28 @@ __device__ __forceinline__ void sm90_flush_dq(const FlashParams& p, const FlashS
     bulk_add_f32(dst, sdq + r * Sm90StagedDq<D>::ROW, 4 * blk.hd);
 }
 
+// The warp-specialized backward's staged dQ: the f32 tile [64 queries][D] as D/32 column blocks of [64][32] (8 KB
+// each, 1024-aligned), 16-byte chunk k4 of row r at chunk k4 ^ (r % 8): the layout of dq_accum's TMA box (32 columns,
+// 128-byte swizzle), so that one tensor reduce-add per column block adds a pair's dQ. A half-warp's 8-byte stores (4
+// rows × 4 column pairs) then cover all 32 banks, as the padded rows do.
+template <int D> struct Sm90SwizzledDq {
+    static constexpr unsigned BLOCK = 64 * 128, BYTES = (D / 32) * BLOCK;
+};
+
+// This thread's dQ (entry i: query row rq + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2; c0 % 32 = 0) into the
+// swizzled staging tile: column c is chunk (c % 32)/4 of block c/32, and the chunk bits of the row base
+// ((t/2) ^ (rq % 8)) take the column's 8·(j % 4) as an XOR.
+template <int NC>
+__device__ __forceinline__ void sm90_stage_dq_sw128(unsigned sdq, int rq, int c0, int t, const float (&dq)[NC / 2]) {
+    constexpr unsigned BLOCK = 64 * 128;
+    const unsigned base = sdq + (c0 / 32) * BLOCK + rq * 128 + (((t >> 1) ^ (rq & 7)) << 4) + (t & 1) * 8;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int j = 0; j < NC / 8; ++j)
+            st_shared_v2_f32(((base + hr * 8 * 128) ^ ((2 * (j % 4)) << 4)) + (j / 4) * BLOCK, dq[4 * j + 2 * hr], dq[4 * j + 2 * hr + 1]);
+}
+
 // dK and dV of key rows kr0, kr0 + 8 of the block (entry i: row kr0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2),
 // rounded to T: rows < len_k, columns < hd.
 template <typename T, int NC, int BM>
@@ -256,30 +278,33 @@ __device__ __forceinline__ void sm90_bwd_produce(const FlashParams& p, const Fla
     }
 }
 
-// The warp-specialized backward's dQ writer, one warp: each pair's staged dQ, once the consumers' warps have stored it
-// (`dq_full`), added to dq_accum by bulk reduce-adds (rows lane and lane + 32), the tile released (`dq_empty`) once
-// the reads are done; the block exits only when the adds are.
+// The warp-specialized backward's dQ writer, one thread: each pair's staged dQ (Sm90SwizzledDq), once the consumers'
+// warps have stored it (`dq_full`), added to dq_accum by one tensor reduce-add per column block (at most 4, where a
+// bulk reduce-add per row took 64), the tile released (`dq_empty`) once read; the block
+// exits only when the adds are. A box spans 64 rows whatever the sequence's length: its rows past len_q hold zeros
+// (their P and dS are masked to 0 and K is finite), which land on the next sequence's rows or past the tensor.
 template <int D, int BM>
-__device__ __forceinline__ void sm90_bwd_write_dq(const FlashParams& p, const FlashSeq& s, const FlashKeyBlock<BM>& blk, unsigned sdq, unsigned dq_full,
-                                                  unsigned dq_empty, int lane) {
+__device__ __forceinline__ void sm90_bwd_write_dq(const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, unsigned sdq,
+                                                  unsigned dq_full, unsigned dq_empty) {
+    const int blocks = (static_cast<int>(blk.hd) + 31) / 32;
     for (int it = 0; it < blk.pairs; ++it) {
         mbar_wait(dq_full, it & 1);
-        sm90_flush_dq<D>(p, s, blk, it, sdq, lane);
-        sm90_flush_dq<D>(p, s, blk, it, sdq, lane + 32);
+        const int h = blk.head(it), row = s.q0 + blk.row0(it);
+        for (int b = 0; b < blocks; ++b) tma_reduce_add_3d(&maps.dq_accum, sdq + b * Sm90SwizzledDq<D>::BLOCK, 32 * b, h, row);
         bulk_wait_read<0>();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(dq_empty);
+        mbar_arrive(dq_empty);
     }
     bulk_wait();
 }
 
 template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false> struct Sm90BackwardSmem {
-    // K, V [BN][D]; Q, dO [2][64][D]; dSᵀ [BN][64]; lse, delta [2][64] f32; the staged dQ tiles (two when deferred);
-    // with TMA a second dSᵀ tile and the mbarriers (64 bytes); 1 KB alignment slack.
+    // K, V [BN][D]; Q, dO [2][64][D]; dSᵀ [BN][64]; lse, delta [2][64] f32; the staged dQ tiles (two when deferred;
+    // warp-specialized, TMA && STAGED_DQ, the swizzled one); with TMA a second dSᵀ tile and the mbarriers (64 bytes);
+    // 1 KB alignment slack.
     static constexpr int BN = 64 * NWG;
     static constexpr int DQ_TILES = STAGED_DQ ? (DEFER_DQ ? 2 : 1) : 0;
-    static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + DQ_TILES * Sm90StagedDq<D>::BYTES +
-                                 (TMA ? BN * 64 * 2 + 64 : 0) + 1024;
+    static constexpr unsigned DQ_TILE = TMA && STAGED_DQ ? Sm90SwizzledDq<D>::BYTES : Sm90StagedDq<D>::BYTES;
+    static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + DQ_TILES * DQ_TILE + (TMA ? BN * 64 * 2 + 64 : 0) + 1024;
 };
 
 // Grid (n_kv_heads, n_seqs, ⌈max_seqlen_k / BN⌉) with BN = 64·NWG keys per block, 128·NWG threads; NWG warpgroups,
@@ -324,10 +349,11 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
     const unsigned sK = (smem_u32(flash_smem) + 1023u) & ~1023u;
     const unsigned sV = sK + KV_BYTES, sQ = sV + KV_BYTES, sdO = sQ + 2 * QO_BYTES, sdS = sdO + 2 * QO_BYTES;
     const unsigned sL = sdS + BN * BM * 2, sD = sL + 2 * BM * 4;  // f32 [2][BM] each
-    constexpr unsigned DQ_OFF = BN * BM * 2 + 4 * BM * 4;          // STAGED_DQ: Sm90StagedDq<D> at sdS + DQ_OFF
-    constexpr unsigned DQ_TILES = Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ>::DQ_TILES;
+    // STAGED_DQ: the staging tile(s) at sdS + DQ_OFF (1024-aligned), Sm90SwizzledDq<D> when warp-specialized.
+    constexpr unsigned DQ_OFF = BN * BM * 2 + 4 * BM * 4;
+    using Smem = Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>;
     // TMA: the second dSᵀ tile, then the mbarriers full[2], empty[2], kv (8 bytes each).
-    const unsigned sdS1 = sdS + DQ_OFF + DQ_TILES * Sm90StagedDq<D>::BYTES, full_bar = sdS1 + BN * BM * 2, empty_bar = full_bar + 16, kv_bar = empty_bar + 16;
+    const unsigned sdS1 = sdS + DQ_OFF + Smem::DQ_TILES * Smem::DQ_TILE, full_bar = sdS1 + BN * BM * 2, empty_bar = full_bar + 16, kv_bar = empty_bar + 16;
     const unsigned dq_full = kv_bar + 8, dq_empty = kv_bar + 16;
 
     const FlashBlock b = flash_block<SEQ_MAJOR>();
@@ -359,8 +385,8 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
                 const int lane = blk.lane;
                 if (blk.warp == 4 * NWG)
                     sm90_bwd_produce<D, BM, BN>(p, *maps, s, blk, n0, sK, sV, sQ, sdO, sL, sD, full_bar, empty_bar, kv_bar, lane);
-                else if (blk.warp == 4 * NWG + 1)
-                    sm90_bwd_write_dq<D, BM>(p, s, blk, sdS + DQ_OFF, dq_full, dq_empty, lane);
+                else if (blk.warp == 4 * NWG + 1 && lane == 0)
+                    sm90_bwd_write_dq<D, BM>(*maps, s, blk, sdS + DQ_OFF, dq_full, dq_empty);
                 return;
             }
             setmaxnreg_inc<240>();
@@ -381,14 +407,15 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
     for (int i = 0; i < NO; ++i) dk[i] = dv[i] = 0.0f;
     const int kr0 = 16 * warp + g;  // this thread's key rows in the tile: kr0, kr0 + 8
 
-    constexpr unsigned DQ_TILE = Sm90StagedDq<D>::BYTES;
+    constexpr unsigned DQ_TILE = Smem::DQ_TILE;
     // This thread's dQ of pair j (head h, first row m0), entry i: query 16·(warp%4) + g + 8·((i%4)/2), column
     // c0 + 8·(i/4) + 2t + i%2, staged (in tile j % 2 when deferred) or added by atomics. The row offset comes from an
     // opaque thread index: kept across the pair loop, it was the one value D = 128 spilled.
     auto put_dq = [&](int j, int h, int m0, const float (&q)[DQN / 2]) {
         const int c0 = wg * DQN;
         const int tid_q = static_cast<int>(opaque(threadIdx.x)), rq = 16 * ((tid_q / 32) % 4) + (tid_q % 32) / 4;
-        if (staged) sm90_stage_dq<D, DQN>(opaque(sdS) + DQ_OFF + (DEFER_DQ ? (j & 1) * DQ_TILE : 0), rq, c0, t, q);
+        if (WS) sm90_stage_dq_sw128<DQN>(opaque(sdS) + DQ_OFF, rq, c0, t, q);
+        else if (staged) sm90_stage_dq<D, DQN>(opaque(sdS) + DQ_OFF + (DEFER_DQ ? (j & 1) * DQ_TILE : 0), rq, c0, t, q);
         else sm90_add_dq<DQN>(p, s, h, hd, m0 + rq, c0, t, q);
     };
     // 4. dQ[64 queries][DQN columns c0 …] = dS·K of the pair whose dSᵀ is in place at cdS (K at cK): A = dS M-major

@@ -144,10 +144,11 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 struct alignas(128) TmaMap {
     unsigned long long opaque[16];
 };
-// Q, K, V and dO maps (kernels/src/cuda/attention/flash.rs `FlashMaps`, same layout): the forward reads the first
-// three, the backward Q, dO (its query tiles' boxes) and K, V (its key tile's).
+// Q, K, V, dO and dq_accum maps (kernels/src/cuda/attention/flash.rs `FlashMaps`, same layout): the forward reads
+// the first three, the backward Q, dO (its query tiles' boxes) and K, V (its key tile's), and the warp-specialized
+// backward adds its staged dQ through dq_accum's (f32 boxes of 32 columns × 1 head × 64 rows).
 struct FlashMaps {
-    TmaMap q, k, v, d_out;
+    TmaMap q, k, v, d_out, dq_accum;
 };
 __device__ __forceinline__ void tma_prefetch(const TmaMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
@@ -167,6 +168,16 @@ __device__ __forceinline__ void tma_load_3d(unsigned dst, const TmaMap* map, int
     asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
                  "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
                  : "memory");
+}
+// The box at (column c0, head c1, row c2) of shared `src` added into the tensor by the TMA unit (f32 add, as the map's
+// element type), committed as this thread's bulk group (bulk_wait_read / bulk_wait as for bulk_add_f32). Elements
+// outside the tensor are not written.
+__device__ __forceinline__ void tma_reduce_add_3d(const TmaMap* map, unsigned src, int c0, int c1, int c2) {
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(
+                     reinterpret_cast<unsigned long long>(map)),
+                 "r"(c0), "r"(c1), "r"(c2), "r"(src)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
 __device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }

@@ -43,7 +43,8 @@ pub(super) struct FlashParams {
 // `struct FlashParams`, whose natural layout is the same (144 bytes, no interior padding).
 unsafe impl DeviceRepr for FlashParams {}
 
-/// flash_wgmma.cuh's `FlashMaps`: the TMA descriptors of Q, K, V and dO, passed by value after the parameters.
+/// flash_wgmma.cuh's `FlashMaps`: the TMA descriptors of Q, K, V, dO and dq_accum, passed by value after the
+/// parameters.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(super) struct FlashMaps {
@@ -51,10 +52,11 @@ pub(super) struct FlashMaps {
     k: CUtensorMap,
     v: CUtensorMap,
     d_out: CUtensorMap,
+    dq_accum: CUtensorMap,
 }
 
-// SAFETY: `repr(C)` of four 128-byte, 128-aligned CUtensorMaps, as flash_wgmma.cuh's `FlashMaps` of four
-// alignas(128) `TmaMap`s: 512 bytes, no padding.
+// SAFETY: `repr(C)` of five 128-byte, 128-aligned CUtensorMaps, as flash_wgmma.cuh's `FlashMaps` of five
+// alignas(128) `TmaMap`s: 640 bytes, no padding.
 unsafe impl DeviceRepr for FlashMaps {}
 
 /// How many rows a TMA kernel's boxes take: its query tiles' (Q, dO) and its key tiles' (K, V).
@@ -67,56 +69,85 @@ pub struct TmaBoxes {
 /// The TMA descriptors of `params`' Q, K, V and (a backward's, `params.d_out` set) dO ([tokens, heads, head_dim],
 /// 2-byte elements of `half`) in `boxes`: each a 3-D tensor (head_dim fastest, then heads, then tokens) boxed 64
 /// columns × 1 head × rows, 128-byte swizzled, so a box lands as one column block of flash_wgmma.cuh's shared layout
-/// and columns past head_dim as zeros (a forward's dO map is zeros, unread). None where TMA cannot address the
-/// buffers: rows not a multiple of 16 bytes (head_dim % 8 ≠ 0), a buffer not 16-byte aligned, or no keys.
+/// and columns past head_dim as zeros. A backward's f32 dq_accum (`params.dq_accum` set; same shape) is boxed 32
+/// columns × 1 head × the query rows, 128-byte swizzled: the staging tile its reduce-adds read. A forward's dO and
+/// dq_accum maps are zeros, unread. None where TMA cannot address the buffers: rows not a multiple of 16 bytes
+/// (head_dim % 8 ≠ 0), a buffer not 16-byte aligned, or no keys.
 pub(super) fn tensor_maps(params: &FlashParams, half: Half, boxes: TmaBoxes) -> Result<Option<FlashMaps>> {
     let hd = u64::from(params.head_dim);
-    let aligned = [params.q, params.k, params.v, params.d_out].iter().all(|&a| a % 16 == 0);
+    let aligned = [params.q, params.k, params.v, params.d_out, params.dq_accum].iter().all(|&a| a % 16 == 0);
     if hd % 8 != 0 || !aligned || params.tk == 0 || params.tq == 0 {
         return Ok(None);
     }
-    let dtype = match half {
+    let half_type = match half {
         Half::Bf16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         Half::F16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
     };
     let TmaBoxes { q_rows, kv_rows } = boxes;
     let map = |address: u64, heads: u32, tokens: u32, rows: usize| -> Result<CUtensorMap> {
-        let dims = [hd, u64::from(heads), u64::from(tokens)];
-        let strides = [hd * 2, u64::from(heads) * hd * 2];
-        let boxes = [64u32, 1, u32_arg("attention: rows per TMA box", rows)];
-        let mut map = CUtensorMap { opaque: [0; 16] };
-        // SAFETY: `map` is a writable CUtensorMap; dims, strides, boxes and element strides are arrays of the rank
-        // (3) and rank − 1 entries the driver reads; the driver checks the values (alignment, box ≤ 256, strides a
-        // multiple of 16) and returns an error for any it rejects, and only encodes the address (no access).
-        unsafe {
-            cuTensorMapEncodeTiled(
-                &mut map,
-                dtype,
-                3,
-                address as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                [1u32; 3].as_ptr(),
-                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        }
-        .result()
-        .map_err(Error::driver("cuTensorMapEncodeTiled"))?;
-        Ok(map)
+        encode_map(
+            address,
+            half_type,
+            2,
+            [hd, u64::from(heads), u64::from(tokens)],
+            [64, 1, u32_arg("attention: rows per TMA box", rows)],
+        )
     };
+    let unused = || CUtensorMap { opaque: [0; 16] };
     Ok(Some(FlashMaps {
         q: map(params.q, params.n_heads, params.tq, q_rows)?,
         k: map(params.k, params.n_kv_heads, params.tk, kv_rows)?,
         v: map(params.v, params.n_kv_heads, params.tk, kv_rows)?,
         d_out: match params.d_out {
-            0 => CUtensorMap { opaque: [0; 16] },
+            0 => unused(),
             d_out => map(d_out, params.n_heads, params.tq, q_rows)?,
         },
+        dq_accum: match params.dq_accum {
+            0 => unused(),
+            dq_accum => encode_map(
+                dq_accum,
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                4,
+                [hd, u64::from(params.n_heads), u64::from(params.tq)],
+                [32, 1, u32_arg("attention: rows per TMA box", q_rows)],
+            )?,
+        },
     }))
+}
+
+/// A 3-D tensor map ([dims[2]][dims[1]][dims[0]], dims[0] fastest, elements of `bytes` bytes, dense) boxed `boxes`,
+/// 128-byte swizzled.
+fn encode_map(
+    address: u64,
+    dtype: CUtensorMapDataType,
+    bytes: u64,
+    dims: [u64; 3],
+    boxes: [u32; 3],
+) -> Result<CUtensorMap> {
+    let strides = [dims[0] * bytes, dims[1] * dims[0] * bytes];
+    let mut map = CUtensorMap { opaque: [0; 16] };
+    // SAFETY: `map` is a writable CUtensorMap; dims, strides, boxes and element strides are arrays of the rank
+    // (3) and rank − 1 entries the driver reads; the driver checks the values (alignment, box ≤ 256, strides a
+    // multiple of 16) and returns an error for any it rejects, and only encodes the address (no access).
+    unsafe {
+        cuTensorMapEncodeTiled(
+            &mut map,
+            dtype,
+            3,
+            address as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            [1u32; 3].as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(Error::driver("cuTensorMapEncodeTiled"))?;
+    Ok(map)
 }
 
 /// One flash kernel launch over `rows` (query or key rows of the longest sequence) × `heads` × `n_seqs` work items of
@@ -197,6 +228,7 @@ mod tests {
             FlashParams { head_dim: 100, ..ok },
             FlashParams { k: (2 << 20) + 8, ..ok },
             FlashParams { d_out: (4 << 20) + 4, ..ok },
+            FlashParams { dq_accum: (5 << 20) + 8, ..ok },
             FlashParams { tk: 0, ..ok },
             FlashParams { tq: 0, ..ok },
         ];
@@ -209,7 +241,7 @@ mod tests {
     #[test]
     fn params_are_laid_out_as_the_kernels_read_them() {
         assert_eq!(std::mem::size_of::<super::FlashParams>(), 144, "flash_common.cuh's FlashParams is 144 bytes");
-        assert_eq!(std::mem::size_of::<super::FlashMaps>(), 512, "flash_wgmma.cuh's FlashMaps is 512 bytes");
+        assert_eq!(std::mem::size_of::<super::FlashMaps>(), 640, "flash_wgmma.cuh's FlashMaps is 640 bytes");
         assert_eq!(std::mem::align_of::<super::FlashMaps>(), 128, "and 128-aligned");
     }
 }

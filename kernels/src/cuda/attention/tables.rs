@@ -196,7 +196,8 @@ impl Sm90Forward {
 enum Sm90Backward {
     /// `flash_backward_sm90<T, D, NWG, OVERLAP, STAGED_DQ, false, TMA>`: NWG warpgroups of 64 keys each; shared
     /// memory `Sm90BackwardSmem` (K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse
-    /// and delta, with a staged dQ its f32 tile [64][D] in rows padded by 32 bytes, with TMA a second dSᵀ tile and
+    /// and delta, with a staged dQ its f32 tile [64][D] (rows padded by 32 bytes, or with TMA swizzled as dq_accum's
+    /// boxes land), with TMA a second dSᵀ tile and
     /// 64 bytes of mbarriers, 1 KB of alignment slack). TMA loads K, V, Q and dO by TMA and waits on mbarriers
     /// instead of a pair's first block barrier; with the staged dQ it is warp-specialized: a producer warpgroup beside
     /// the NWG consumer ones, one warp loading and one adding the staged dQ (24 registers; the consumers 240).
@@ -213,7 +214,13 @@ impl Sm90Backward {
         match self {
             Sm90Backward::Pairs { nwg, overlap, staged_dq, tma } => {
                 let bn = 64 * nwg;
-                let staged = if staged_dq { 64 * (d * 4 + 32) } else { 0 };
+                // The staged dQ's f32 tile: rows padded by 32 bytes, or warp-specialized the swizzled tile of
+                // dq_accum's TMA boxes.
+                let staged = match (staged_dq, tma) {
+                    (false, _) => 0,
+                    (true, false) => 64 * (d * 4 + 32),
+                    (true, true) => 64 * d * 4,
+                };
                 let tma_bytes = if tma { bn * 64 * 2 + 64 } else { 0 };
                 let smem = 2 * bn * d * 2 + 4 * 64 * d * 2 + bn * 64 * 2 + 4 * 64 * 4 + staged + tma_bytes + 1024;
                 // The template's arguments as the .cu writes them: trailing defaults (false) left out.
