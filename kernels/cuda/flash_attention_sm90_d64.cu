@@ -18,7 +18,7 @@
 // qlora-rt: hot
 extern "C" __global__ void __launch_bounds__(512, 1) flash_forward_sm90_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<bf16, 64, 96, 3, true, 24, true, true, true>(p, &maps); }
 extern "C" __global__ void __launch_bounds__(512, 1) flash_forward_sm90_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_forward_sm90_ws<f16, 64, 96, 3, true, 24, true, true, true>(p, &maps); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 64, 2, false, false, false, true>(p, &maps); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 64, 2, false, false, false, true>(p, &maps); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_seq_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 64, 2, false, false, false, true, true>(p, &maps); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_backward_sm90_seq_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 64, 2, false, false, false, true, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_backward_sm90_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 64, 2, false, true, false, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_backward_sm90_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 64, 2, false, true, false, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_backward_sm90_seq_d64_bf16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<bf16, 64, 2, false, true, false, true, true>(p, &maps); }
+extern "C" __global__ void __launch_bounds__(384, 1) flash_backward_sm90_seq_d64_f16(const FlashParams p, const __grid_constant__ FlashMaps maps) { flash_backward_sm90<f16, 64, 2, false, true, false, true, true>(p, &maps); }

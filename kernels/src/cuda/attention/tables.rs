@@ -331,7 +331,7 @@ macro_rules! sm90 {
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
         fwd Sm90Forward { bn: 96, nwg: 3, ping_pong: true, lazy: true, persistent: true },
-        bwd Sm90Backward::Pairs { nwg: 2, overlap: false, staged_dq: false, tma: true }),
+        bwd Sm90Backward::Pairs { nwg: 2, overlap: false, staged_dq: true, tma: true }),
     sm90!(128, FlashSm90D128, from 97,
         fwd Sm90Forward { bn: 128, nwg: 2, ping_pong: true, lazy: true, persistent: true },
         bwd Sm90Backward::Pairs { nwg: 2, overlap: true, staged_dq: true, tma: true }),
