@@ -120,9 +120,9 @@ __device__ __forceinline__ void sm90_bwd_prefetch(const FlashParams& p, const Fl
     if (tid < BM) sm90_bwd_stats<BM>(p, s, blk, it, st, sL, sD, tid);
 }
 
-// The TMA backward's loads of pair it into stage st by one thread (a lane of the producer warp, or a loading consumer
-// thread < 64): row tid's lse and delta by cp.async, the landing of every cp.async this thread issued counted on `full`
-// (cp.async.mbarrier.arrive.noinc), and thread 0's Q and dO by TMA (two arrivals with their bytes).
+// The TMA backward's loads of pair it into stage st by lane `tid` of the producer warp: row tid's lse and delta by
+// cp.async, the landing of every cp.async this thread issued counted on `full` (cp.async.mbarrier.arrive.noinc), and
+// lane 0's Q and dO by TMA (two arrivals with their bytes).
 template <int D, int BM>
 __device__ __forceinline__ void sm90_bwd_load_tma(const FlashParams& p, const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, int it, int st,
                                                   unsigned sQ, unsigned sdO, unsigned sL, unsigned sD, unsigned full, int tid) {
@@ -299,11 +299,11 @@ __device__ __forceinline__ void sm90_bwd_write_dq(const FlashMaps& maps, const F
 
 template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false> struct Sm90BackwardSmem {
     // K, V [BN][D]; Q, dO [2][64][D]; dSᵀ [BN][64]; lse, delta [2][64] f32; the staged dQ tiles (two when deferred;
-    // warp-specialized, TMA && STAGED_DQ, the swizzled one); with TMA a second dSᵀ tile and the mbarriers (64 bytes);
+    // with TMA, warp-specialized, the swizzled one); with TMA a second dSᵀ tile and the mbarriers (64 bytes);
     // 1 KB alignment slack.
     static constexpr int BN = 64 * NWG;
     static constexpr int DQ_TILES = STAGED_DQ ? (DEFER_DQ ? 2 : 1) : 0;
-    static constexpr unsigned DQ_TILE = TMA && STAGED_DQ ? Sm90SwizzledDq<D>::BYTES : Sm90StagedDq<D>::BYTES;
+    static constexpr unsigned DQ_TILE = TMA ? Sm90SwizzledDq<D>::BYTES : Sm90StagedDq<D>::BYTES;
     static constexpr int bytes = 2 * BN * D * 2 + 4 * 64 * D * 2 + BN * 64 * 2 + 4 * 64 * 4 + DQ_TILES * DQ_TILE + (TMA ? BN * 64 * 2 + 64 : 0) + 1024;
 };
 
@@ -325,24 +325,21 @@ template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TM
 // memory and added by bulk reduce-adds issued after the next block barrier. DEFER_DQ leaves a pair's dQ product
 // running into the next pair: its result is stored (staged in two alternating tiles, or added by atomics) once the
 // next pair's Sᵀ and dPᵀ are issued, so the tensor cores never drain between pairs. TMA (`maps` a __grid_constant__
-// parameter) loads K, V, Q and dO by TMA and lse and delta by cp.async, counted on the stage's `full` mbarrier, which
-// replaces a pair's first block barrier. With STAGED_DQ (128·(NWG + 1) threads) it is warp-specialized as
-// FlashAttention-3's backward: warpgroup NWG is a producer of 24 registers (setmaxnreg; the consumers take 240) whose
+// parameter; STAGED_DQ; 128·(NWG + 1) threads) is warp-specialized as FlashAttention-3's backward: the stage's
+// `full` mbarrier replaces a pair's first block barrier, and warpgroup NWG is a producer of 24 registers (setmaxnreg;
+// the consumers take 240) whose
 // first warp loads K and V by TMA, then each pair's Q and dO by TMA and lse and delta by cp.async (sm90_bwd_produce),
 // counted on the stage's `full` mbarrier, and whose second warp adds each pair's staged dQ (sm90_bwd_write_dq). No
 // consumer issues a load or waits for one's issue: a consumer warp releases its stage (`empty`) once the pair's
 // products are done, stages dQ once the writer has read the previous pair's (`dq_empty`) and hands it over
 // (`dq_full`), and the consumer warpgroups meet before dQ on a named barrier instead of the block barrier. dSᵀ is
 // double-buffered, so a warpgroup ahead stores the next pair's while the other still reads this one's (the barrier
-// before dQ orders every later reuse). Without STAGED_DQ (dQ by atomics, which the consumers issue anyway) the
-// consumers' threads < 64 load: once every warp has released the other stage (`empty`), the next pair into it
-// (sm90_bwd_load_tma). Dynamic shared memory: Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ, TMA>::bytes. SEQ_MAJOR:
-// the grid is (n_kv_heads, tiles, n_seqs) (flash_block).
+// before dQ orders every later reuse). Dynamic shared memory: Sm90BackwardSmem<D, NWG, STAGED_DQ, DEFER_DQ,
+// TMA>::bytes. SEQ_MAJOR: the grid is (n_kv_heads, tiles, n_seqs) (flash_block).
 template <typename T, int D, int NWG, bool OVERLAP = false, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TMA = false,
           bool SEQ_MAJOR = false>
 __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const FlashMaps* maps = nullptr) {
-    static_assert(!(TMA && DEFER_DQ), "the TMA backward does not defer dQ");
-    constexpr bool WS = TMA && STAGED_DQ;  // warp-specialized: a producer warpgroup loads and adds the staged dQ
+    static_assert(!TMA || (STAGED_DQ && !DEFER_DQ), "the TMA backward stages dQ and does not defer it");
     constexpr int BM = 64, BN = 64 * NWG, THREADS = 128 * NWG, NO = D / 2, DQN = D / NWG;
     static_assert((D == 64 || D == 128) && DQN % 16 == 0, "shape");
     constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2;
@@ -363,13 +360,12 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
     if (n0 >= s.len_k) return;
     const Sm90KeyBlock<BM> blk = sm90_key_block<BM, BN>(p, s, n0, b.head);
     auto prefetch = [&](int it, int st) { sm90_bwd_prefetch<D, BM, THREADS>(p, s, blk, it, st, sQ, sdO, sL, sD); };
-    auto load_tma = [&](int it, int st) { sm90_bwd_load_tma<D, BM>(p, *maps, s, blk, it, st, sQ, sdO, sL, sD, full_bar + 8 * st, blk.tid); };
     if constexpr (TMA) {
         if (blk.tid == 0) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                // A stage's cp.async arrivals: the producer warp's lanes, or the consumers' loading threads.
-                mbar_init(full_bar + 8 * i, (WS ? 32 : BM) + 2);
+                // A stage's arrivals: the producer warp's lanes' cp.async, then Q's and dO's bytes.
+                mbar_init(full_bar + 8 * i, 32 + 2);
                 mbar_init(empty_bar + 8 * i, 4 * NWG);
             }
             mbar_init(kv_bar, 2);
@@ -378,22 +374,17 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
             mbar_init_fence();
         }
         __syncthreads();
-        if constexpr (WS) {
-            if (blk.wg == NWG) {
-                // The producer warpgroup: its first warp loads, its second adds the staged dQ, the rest are done.
-                setmaxnreg_dec<24>();
-                const int lane = blk.lane;
-                if (blk.warp == 4 * NWG)
-                    sm90_bwd_produce<D, BM, BN>(p, *maps, s, blk, n0, sK, sV, sQ, sdO, sL, sD, full_bar, empty_bar, kv_bar, lane);
-                else if (blk.warp == 4 * NWG + 1 && lane == 0)
-                    sm90_bwd_write_dq<D, BM>(*maps, s, blk, sdS + DQ_OFF, dq_full, dq_empty);
-                return;
-            }
-            setmaxnreg_inc<240>();
-        } else {
-            if (blk.tid == 0) sm90_bwd_load_kv<D, BM, BN>(*maps, s, blk, n0, sK, sV, kv_bar);
-            if (blk.pairs > 0 && blk.tid < BM) load_tma(0, 0);
+        if (blk.wg == NWG) {
+            // The producer warpgroup: its first warp loads, its second's first lane adds the staged dQ, the rest are done.
+            setmaxnreg_dec<24>();
+            const int lane = blk.lane;
+            if (blk.warp == 4 * NWG)
+                sm90_bwd_produce<D, BM, BN>(p, *maps, s, blk, n0, sK, sV, sQ, sdO, sL, sD, full_bar, empty_bar, kv_bar, lane);
+            else if (blk.warp == 4 * NWG + 1 && lane == 0)
+                sm90_bwd_write_dq<D, BM>(*maps, s, blk, sdS + DQ_OFF, dq_full, dq_empty);
+            return;
         }
+        setmaxnreg_inc<240>();
         mbar_wait(kv_bar, 0);
     } else {
         sm90_bwd_start<D, BN, THREADS>(p, blk, n0, sK, sV, prefetch);
@@ -414,7 +405,7 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
     auto put_dq = [&](int j, int h, int m0, const float (&q)[DQN / 2]) {
         const int c0 = wg * DQN;
         const int tid_q = static_cast<int>(opaque(threadIdx.x)), rq = 16 * ((tid_q / 32) % 4) + (tid_q % 32) / 4;
-        if (WS) sm90_stage_dq_sw128<DQN>(opaque(sdS) + DQ_OFF, rq, c0, t, q);
+        if (TMA) sm90_stage_dq_sw128<DQN>(opaque(sdS) + DQ_OFF, rq, c0, t, q);
         else if (staged) sm90_stage_dq<D, DQN>(opaque(sdS) + DQ_OFF + (DEFER_DQ ? (j & 1) * DQ_TILE : 0), rq, c0, t, q);
         else sm90_add_dq<DQN>(p, s, h, hd, m0 + rq, c0, t, q);
     };
@@ -443,11 +434,6 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
         // Deferred: the tile pair it − 1 stages into was last flushed two pairs ago.
         if (DEFER_DQ && staged) bulk_wait_read<1>();
         if constexpr (TMA) {
-            // Without a producer, the loaders, once every warp is done with pair it − 1: pair it + 1 into its stage.
-            if (!WS && blk.tid < BM) {
-                if (it > 0) mbar_wait(empty_bar + 8 * (st ^ 1), ((it - 1) >> 1) & 1);
-                if (it + 1 < blk.pairs) load_tma(it + 1, st ^ 1);
-            }
             mbar_wait(full_bar + 8 * st, (it >> 1) & 1);
         } else {
             sm90_bwd_next_pair(it, st, blk.pairs, prefetch);
@@ -531,7 +517,7 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
         // Not deferred: the previous pair's dQ rows have left the staging tile this pair rewrites.
         if (!TMA && !DEFER_DQ && staged) bulk_wait_read<0>();
         // Every warpgroup's dSᵀ is in place (and, deferred, the previous pair's dQ staged).
-        if constexpr (WS) named_sync(1, THREADS);
+        if constexpr (TMA) named_sync(1, THREADS);
         else __syncthreads();
         if (DEFER_DQ && !first) {
             if (staged) sm90_flush_dq<D>(p, s, blk, it - 1, cdS + DQ_OFF + ((it - 1) & 1) * DQ_TILE);
@@ -543,7 +529,7 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
         reg_fence(dk);
         reg_fence(pf);
         reg_fence(dsf);
-        if constexpr (WS) {
+        if constexpr (TMA) {
             // Stage st is read: the producer may refill it. Then this pair's dQ into the staging tile once the writer
             // has read the previous pair's out of it, handed to the writer (fenced: it reads by the async proxy).
             __syncwarp();
@@ -556,11 +542,6 @@ __device__ __forceinline__ void flash_backward_sm90(const FlashParams p, const F
             return;
         }
         if constexpr (!DEFER_DQ) put_dq(it, h, m0, dq);  // staged: fenced and flushed after the next block barrier
-        if constexpr (TMA) {
-            // This warp is done with stage st: the loaders may refill it.
-            __syncwarp();
-            if ((threadIdx.x & 31) == 0) mbar_arrive(empty_bar + 8 * st);
-        }
     };
     if (DEFER_DQ && blk.pairs > 0) {
         pair(0, true);

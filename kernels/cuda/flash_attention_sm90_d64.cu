@@ -3,9 +3,11 @@
 // warp-specialized and persistent (one block per multiprocessor), BN 96 keys per tile, 3 consumer warpgroups (192
 // query rows, 160 registers each: 128-key tiles spilled 232 bytes there) with ping-pong + 1 producer warpgroup (24
 // registers; one thread issues TMA loads), O rescaled lazily (only when a row max grows by more than 2^8: +4% on the
-// H200); 7% faster than 2 warpgroups × 128 keys, and 64-key tiles 12% slower (H100). Backward: 2 warpgroups, 128 keys
-// per block loaded by TMA with Q and dO (one block barrier a pair; its overlapped variant measured 2% slower here), dQ
-// by atomics: the warp-specialized backward, whose writer warp adds a staged dQ, measured 17% slower here (H100).
+// H200); 7% faster than 2 warpgroups × 128 keys, and 64-key tiles 12% slower (H100). Backward: 2 consumer
+// warpgroups, 128 keys per block, warp-specialized as at d128 (a producer warpgroup's warp loads Q and dO by TMA,
+// another adds each pair's staged dQ by tensor reduce-adds, one per 32 columns): 8% faster than the consumers loading
+// and adding dQ by atomics (H100, 2026-12-07; with a bulk reduce-add per row it had been 17% slower), and its
+// overlapped variant 1% slower than this one.
 // The backward's `_seq_` entry points run it with the sequence slowest in the grid, for packs of equal sequences
 // (flash_common.cuh `flash_block`).
 // kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds the same numbers for the launch.

@@ -197,10 +197,10 @@ enum Sm90Backward {
     /// `flash_backward_sm90<T, D, NWG, OVERLAP, STAGED_DQ, false, TMA>`: NWG warpgroups of 64 keys each; shared
     /// memory `Sm90BackwardSmem` (K and V [BN][D], two stages of Q and dO [64][D], dSᵀ [BN][64], two stages of lse
     /// and delta, with a staged dQ its f32 tile [64][D] (rows padded by 32 bytes, or with TMA swizzled as dq_accum's
-    /// boxes land), with TMA a second dSᵀ tile and
-    /// 64 bytes of mbarriers, 1 KB of alignment slack). TMA loads K, V, Q and dO by TMA and waits on mbarriers
-    /// instead of a pair's first block barrier; with the staged dQ it is warp-specialized: a producer warpgroup beside
-    /// the NWG consumer ones, one warp loading and one adding the staged dQ (24 registers; the consumers 240).
+    /// boxes land), with TMA a second dSᵀ tile and 64 bytes of mbarriers, 1 KB of alignment slack). TMA (only with
+    /// the staged dQ) is warp-specialized: a producer warpgroup beside the NWG consumer ones (24 registers; the
+    /// consumers 240), one warp loading K, V, Q and dO by TMA and one adding the staged dQ, and mbarriers instead of a
+    /// pair's first block barrier.
     Pairs { nwg: usize, overlap: bool, staged_dq: bool, tma: bool },
     /// `flash_backward_sm90_split<T, D>`: two warpgroups sharing 64 keys (dK and dV of D = 256 do not fit one);
     /// shared memory `Sm90BackwardSplitSmem` (Pᵀ as well as dSᵀ [64][64]).
@@ -229,8 +229,9 @@ impl Sm90Backward {
                     args.pop();
                 }
                 let args = args.iter().map(bool::to_string).collect::<Vec<_>>().join(", ");
-                // TMA with the staged dQ is warp-specialized: a producer warpgroup beside the consumers.
-                let threads = 128 * (nwg + usize::from(tma && staged_dq));
+                // TMA is warp-specialized: a producer warpgroup beside the consumers.
+                debug_assert!(staged_dq || !tma, "d{d}: the TMA backward stages dQ");
+                let threads = 128 * (nwg + usize::from(tma));
                 (format!("flash_backward_sm90<{{T}}, {d}, {nwg}, {args}>"), bn, threads, smem)
             }
             Sm90Backward::Split => {
@@ -324,10 +325,10 @@ macro_rules! sm90 {
 /// over 2 × 128) and 2 with 128-key tiles at 128, and a block per tile with 2 warpgroups and 64-key tiles at 256 (two Q
 /// buffers do not fit there; 1.37× the all-load forward it replaced), each rescaling O lazily; the backward
 /// with one warpgroup per 64 keys at 64 and 128, loading by TMA (6 % and 2.6 % faster than cp.async with a block
-/// barrier), at 128 overlapped and warp-specialized (a producer warpgroup loads and adds the staged dQ,
-/// FlashAttention-3's layout: 7 % faster than the consumers loading and flushing themselves, H100 2026-12-07), at 64
-/// by the consumers with dQ by atomics (the staged dQ measured 16 % slower there, warp-specialized or not), and two
-/// warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
+/// barrier), warp-specialized (a producer warpgroup loads and adds the staged dQ by one tensor reduce-add per 32
+/// columns, FlashAttention-3's layout: at 128 7 % faster than the consumers loading and flushing themselves, and 7 %
+/// again over a bulk reduce-add per row; at 64 8 % faster than dQ by atomics; H100 2026-12-07), overlapped at 128
+/// (at 64 1 % slower), and two warpgroups sharing 64 keys at 256 (where dK and dV fill the registers).
 static FLASH_SM90: [FlashSm90; 3] = [
     sm90!(64, FlashSm90D64, from 33,
         fwd Sm90Forward { bn: 96, nwg: 3, ping_pong: true, lazy: true, persistent: true },
