@@ -23,14 +23,14 @@
 
 mod decode;
 mod flash;
+mod passes;
 mod reference;
 mod tables;
 
 pub use decode::{decode_plan, DecodePlan, DECODE_MAX_QUERIES};
 pub use tables::{flash_kernels, FlashKernel, FlashPath};
 
-use super::source::Module;
-use super::{config, grid_for, launch, same_device, u32_arg, DeviceBuffer, DeviceCopy, Result};
+use super::{same_device, u32_arg, DeviceBuffer, DeviceCopy, Result};
 use crate::attention::AttentionParams;
 use cudarc::driver::LaunchConfig;
 use flash::FlashParams;
@@ -318,11 +318,11 @@ pub fn attention_backward_with<T: AttentionFloat>(
     }
     let rows = tq * p.n_heads;
     let delta = dev.alloc::<f32>(rows)?;
-    if rows > 0 {
-        reference::launch_delta(dev, out, d_out, &delta, attn.head_dim)?;
-    }
     let half = match T::KIND {
         Kind::Reference => {
+            if rows > 0 {
+                reference::launch_delta(dev, out, d_out, &delta, attn.head_dim)?;
+            }
             let (cu, max_seqlen) = ([cu_seqlens_q, cu_seqlens_k], [max_seqlen_q, max_seqlen_k]);
             return reference::backward(
                 dev,
@@ -339,7 +339,10 @@ pub fn attention_backward_with<T: AttentionFloat>(
         Kind::Flash(half) => half,
     };
     let [_, kernel] = flash_kernels(dev.target(), path, p.head_dim, half);
-    let mut dq_accum = dev.zeros::<f32>(q.len())?;
+    let mut dq_accum = dev.alloc::<f32>(q.len())?;
+    if rows > 0 {
+        passes::delta_and_zero(dev, half, out, d_out, &delta, &mut dq_accum, attn.head_dim)?;
+    }
     (flash.q, flash.k, flash.v, flash.out, flash.lse, flash.d_out) =
         (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr(), d_out.ptr());
     (flash.delta, flash.dq_accum, flash.dk, flash.dv) = (delta.ptr(), dq_accum.ptr(), dk.ptr(), dv.ptr());
@@ -354,15 +357,10 @@ pub fn attention_backward_with<T: AttentionFloat>(
             kernel = kernel.for_equal_sequences();
         }
         flash::launch(dev, kernel, flash, maps, max_seqlen_k, p.n_kv_heads, n_seqs)?;
-    } else {
-        // No key: every dq row is zero (the accumulator as allocated); dk and dv are empty.
-        dq_accum.zero()?;
     }
+    // No key: every dq row is zero (the accumulator as zeroed); dk and dv are empty.
     if dq.is_empty() {
         return Ok(());
     }
-    let kernel = half.pick("attention_dq_convert_bf16", "attention_dq_convert_f16");
-    let (pa, pd, n) = (dq_accum.ptr(), dq.ptr(), dq.len() as u64);
-    // SAFETY: attention_dq_convert_T(const float* dq_accum, T* dq, u64 n): both hold n elements, on this device.
-    unsafe { launch!(dev, Module::Attention, kernel, config(grid_for(dq.len())); pa, pd, n) }
+    passes::convert_dq(dev, half, &dq_accum, &*dq)
 }
