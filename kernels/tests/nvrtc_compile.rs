@@ -7,7 +7,8 @@
 //!
 //! Tools: NVRTC (QLORA_NVRTC_LIB, or the loader's search path) and ptxas (QLORA_PTXAS); `eval "$(scripts/cuda-tools.sh)"`
 //! sets both from PyPI's wheels. Without them the check is skipped with a notice, unless QLORA_REQUIRE_CUDA_TOOLS=1
-//! (CI), which makes their absence a failure.
+//! (CI), which makes their absence a failure. QLORA_NVRTC_ONLY=name,… checks only those modules (a kernel's edit-compile
+//! loop; a full run is what vouches for the tree).
 
 use qlora_kernels::cuda::compile::{compile, Output, Target};
 use qlora_kernels::cuda::nvrtc_available;
@@ -58,7 +59,9 @@ fn check_arch(arch: u32, arch_specific: bool) {
     let cubin = Target { arch, arch_specific, output: Output::Cubin };
     let dir = std::env::temp_dir().join(format!("qlora-nvrtc-compile-{cubin}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let modules: Vec<Module> = Module::ALL.into_iter().filter(|m| cubin.compiles(*m)).collect();
+    let only = std::env::var("QLORA_NVRTC_ONLY").ok();
+    let wanted = |m: &Module| only.as_deref().is_none_or(|names| names.split(',').any(|n| n == m.name()));
+    let modules: Vec<Module> = Module::ALL.into_iter().filter(|m| cubin.compiles(*m) && wanted(m)).collect();
     // Modules compile independently: spread them over the cores (the flash-attention modules take most of the time).
     let next = std::sync::atomic::AtomicUsize::new(0);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(modules.len());
