@@ -179,9 +179,10 @@ __device__ __forceinline__ void sm90_add_dq(const FlashParams& p, const FlashSeq
     }
 }
 
-// Staged dQ (STAGED_DQ): the block's dQ of a pair as an f32 tile [64 queries][D] in shared memory, rows DQ_ROW bytes
-// apart (32 bytes of padding: a half-warp's 8-byte stores of 4 rows × 4 column pairs then cover all 32 banks), added
-// to dq_accum by the TMA unit one row per bulk reduce-add, so the threads issue no atomics.
+// Staged dQ (STAGED_DQ without TMA: scripts/flash/'s cp.async variants): the block's dQ of a pair as an f32 tile
+// [64 queries][D] in shared memory, rows DQ_ROW bytes apart (32 bytes of padding: a half-warp's 8-byte stores of 4
+// rows × 4 column pairs then cover all 32 banks), added to dq_accum by the TMA unit one row per bulk reduce-add, so
+// the threads issue no atomics.
 template <int D> struct Sm90StagedDq {
     static constexpr unsigned ROW = D * 4 + 32, BYTES = 64 * ROW;
 };
@@ -280,9 +281,9 @@ __device__ __forceinline__ void sm90_bwd_produce(const FlashParams& p, const Fla
 
 // The warp-specialized backward's dQ writer, one thread: each pair's staged dQ (Sm90SwizzledDq), once the consumers'
 // warps have stored it (`dq_full`), added to dq_accum by one tensor reduce-add per column block (at most 4, where a
-// bulk reduce-add per row took 64), the tile released (`dq_empty`) once read; the block
-// exits only when the adds are. A box spans 64 rows whatever the sequence's length: its rows past len_q hold zeros
-// (their P and dS are masked to 0 and K is finite), which land on the next sequence's rows or past the tensor.
+// bulk reduce-add per row took 64), the tile released (`dq_empty`) once read; the block exits only when the adds are.
+// A box spans 64 rows whatever the sequence's length: its rows past len_q hold zeros (their P and dS are masked to 0
+// and K is finite), which land on the next sequence's rows or past the tensor.
 template <int D, int BM>
 __device__ __forceinline__ void sm90_bwd_write_dq(const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, unsigned sdq,
                                                   unsigned dq_full, unsigned dq_empty) {
@@ -327,9 +328,9 @@ template <int D, int NWG, bool STAGED_DQ = false, bool DEFER_DQ = false, bool TM
 // next pair's Sᵀ and dPᵀ are issued, so the tensor cores never drain between pairs. TMA (`maps` a __grid_constant__
 // parameter; STAGED_DQ; 128·(NWG + 1) threads) is warp-specialized as FlashAttention-3's backward: the stage's
 // `full` mbarrier replaces a pair's first block barrier, and warpgroup NWG is a producer of 24 registers (setmaxnreg;
-// the consumers take 240) whose
-// first warp loads K and V by TMA, then each pair's Q and dO by TMA and lse and delta by cp.async (sm90_bwd_produce),
-// counted on the stage's `full` mbarrier, and whose second warp adds each pair's staged dQ (sm90_bwd_write_dq). No
+// the consumers take 240) whose first warp loads K and V by TMA, then each pair's Q and dO by TMA and lse and delta by
+// cp.async (sm90_bwd_produce), counted on the stage's `full` mbarrier, and whose second warp adds each pair's staged
+// dQ (sm90_bwd_write_dq). No
 // consumer issues a load or waits for one's issue: a consumer warp releases its stage (`empty`) once the pair's
 // products are done, stages dQ once the writer has read the previous pair's (`dq_empty`) and hands it over
 // (`dq_full`), and the consumer warpgroups meet before dQ on a named barrier instead of the block barrier. dSᵀ is
