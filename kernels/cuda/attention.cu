@@ -222,27 +222,6 @@ extern "C" __global__ void attention_delta_f16(const f16* out, const f16* d_out,
 // The flash backward's passes before and after its kernel, at copy bandwidth (kernels/NOTES.md: the one-element-
 // per-lane versions took 13 % of a d64 forward + backward).
 
-// A pair of T as stored in one 32-bit word (first element in the low half) → two exact f32.
-template <typename T> __device__ __forceinline__ void unpack_pair(unsigned w, float& first, float& second);
-template <> __device__ __forceinline__ void unpack_pair<bf16>(unsigned w, float& first, float& second) { unpack_bf16x2(w, first, second); }
-template <> __device__ __forceinline__ void unpack_pair<f16>(unsigned w, float& first, float& second) {
-    asm("{\n.reg .f16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.f32.f16 %0, lo;\ncvt.f32.f16 %1, hi;\n}" : "=f"(first), "=f"(second) : "r"(w));
-}
-
-// Σ a[i]·b[i] over 8 values of T packed in 16 bytes each, in element order.
-template <typename T> __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
-    const unsigned wa[4] = {a.x, a.y, a.z, a.w}, wb[4] = {b.x, b.y, b.z, b.w};
-    float s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float a0, a1, b0, b1;
-        unpack_pair<T>(wa[i], a0, a1);
-        unpack_pair<T>(wb[i], b0, b1);
-        s = fmaf(a1, b1, fmaf(a0, b0, s));
-    }
-    return s;
-}
-
 // delta = rowsum(dO ⊙ O) ([rows] f32) and the backward's dq_accum zeroed ([rows, hd] f32), one pass: a thread takes
 // 8 elements (16 bytes of O and of dO, 32 of dq_accum) of a row of hd = 8·2^log2_units elements (2^log2_units ≤ 32),
 // so a row's units lie in adjacent lanes of one warp and its sum is a xor-shuffle tree over them. The launcher checks
@@ -255,9 +234,13 @@ __device__ void attention_delta_zero(const T* out, const T* d_out, float* delta,
     for (u64 u = thread_index(); u - lane < total; u += thread_count()) {
         float s = 0.0f;
         if (u < total) {
-            s = dot8<T>(ld_u4(out + 8 * u), ld_u4(d_out + 8 * u));
-            st_u4(dq_accum + 8 * u, make_uint4(0, 0, 0, 0));
-            st_u4(dq_accum + 8 * u + 4, make_uint4(0, 0, 0, 0));
+            float o[8], d_o[8];
+            load8_f32(out + 8 * u, o);
+            load8_f32(d_out + 8 * u, d_o);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) s = fmaf(o[i], d_o[i], s);
+            const float zeros[8] = {};
+            store8(dq_accum + 8 * u, zeros);
         }
         for (unsigned d = units / 2; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
         if (u < total && (lane & (units - 1)) == 0) delta[u >> log2_units] = s;
@@ -278,9 +261,9 @@ extern "C" __global__ void attention_delta_zero_f16(const f16* out, const f16* d
 template <typename T> __device__ void attention_dq_convert(const float* dq_accum, T* dq, u64 n, int vector) {
     if (vector) {
         for (u64 i = thread_index(); i < n / 8; i += thread_count()) {
-            const uint4 a = ld_u4(dq_accum + 8 * i), b = ld_u4(dq_accum + 8 * i + 4);
-            const auto f = [](unsigned w) { return __uint_as_float(w); };
-            st_u4(dq + 8 * i, make_uint4(pack2<T>(f(a.x), f(a.y)), pack2<T>(f(a.z), f(a.w)), pack2<T>(f(b.x), f(b.y)), pack2<T>(f(b.z), f(b.w))));
+            float v[8];
+            load8_f32(dq_accum + 8 * i, v);
+            store8(dq + 8 * i, v);
         }
     } else {
         for (u64 i = thread_index(); i < n; i += thread_count()) dq[i] = from_f32<T>(dq_accum[i]);

@@ -141,12 +141,15 @@ __device__ float2 block_sum2(float2 v) {
 // Max over the block (NaN-ignoring, like Rust's f32::max).
 DEFINE_BLOCK_REDUCE(block_max, fmaxf, f32_neg_inf())
 
-// Memory-bound kernels move 8 elements per access group: one 16-byte load or store of bf16, two of f32 (LDG.E.128,
-// STG.E.128), so that a warp's accesses cover 512 or 1024 contiguous bytes and each thread has 16 or 32 bytes in
+// Memory-bound kernels move 8 elements per access group: one 16-byte load or store of bf16 (or f16), two of f32
+// (LDG.E.128, STG.E.128), so that a warp's accesses cover 512 or 1024 contiguous bytes and each thread has 16 or 32 bytes in
 // flight per group. The address must be 16-byte aligned; launchers check the bases and callers the offsets, and take a
 // scalar path where they are not.
 template <typename T> struct Raw8;
 template <> struct Raw8<bf16> {
+    uint4 a;
+};
+template <> struct Raw8<f16> {
     uint4 a;
 };
 template <> struct Raw8<float> {
@@ -163,6 +166,7 @@ __device__ __forceinline__ void st_u4(void* p, uint4 v) { *reinterpret_cast<uint
 
 template <typename T> __device__ __forceinline__ Raw8<T> load8(const T* p);
 template <> __device__ __forceinline__ Raw8<bf16> load8<bf16>(const bf16* p) { return Raw8<bf16>{ld_u4(p)}; }
+template <> __device__ __forceinline__ Raw8<f16> load8<f16>(const f16* p) { return Raw8<f16>{ld_u4(p)}; }
 template <> __device__ __forceinline__ Raw8<float> load8<float>(const float* p) {
     return Raw8<float>{ld_u4(p), ld_u4(p + 4)};
 }
@@ -173,11 +177,22 @@ __device__ __forceinline__ void unpack_bf16x2(unsigned w, float& first, float& s
     second = __uint_as_float(w & 0xffff0000u);
 }
 
+// The same for an f16 pair.
+__device__ __forceinline__ void unpack_f16x2(unsigned w, float& first, float& second) {
+    asm("{\n.reg .f16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.f32.f16 %0, lo;\ncvt.f32.f16 %1, hi;\n}" : "=f"(first), "=f"(second) : "r"(w));
+}
+
 __device__ __forceinline__ void unpack8(const Raw8<bf16>& r, float (&v)[8]) {
     unpack_bf16x2(r.a.x, v[0], v[1]);
     unpack_bf16x2(r.a.y, v[2], v[3]);
     unpack_bf16x2(r.a.z, v[4], v[5]);
     unpack_bf16x2(r.a.w, v[6], v[7]);
+}
+__device__ __forceinline__ void unpack8(const Raw8<f16>& r, float (&v)[8]) {
+    unpack_f16x2(r.a.x, v[0], v[1]);
+    unpack_f16x2(r.a.y, v[2], v[3]);
+    unpack_f16x2(r.a.z, v[4], v[5]);
+    unpack_f16x2(r.a.w, v[6], v[7]);
 }
 __device__ __forceinline__ void unpack8(const Raw8<float>& r, float (&v)[8]) {
     v[0] = __uint_as_float(r.a.x), v[1] = __uint_as_float(r.a.y), v[2] = __uint_as_float(r.a.z), v[3] = __uint_as_float(r.a.w);
@@ -199,9 +214,12 @@ template <> __device__ __forceinline__ unsigned pack2<f16>(float first, float se
 }
 
 template <typename T> __device__ __forceinline__ void store8(T* p, const float (&v)[8]);
-template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float (&v)[8]) {
-    st_u4(p, make_uint4(pack2<bf16>(v[0], v[1]), pack2<bf16>(v[2], v[3]), pack2<bf16>(v[4], v[5]), pack2<bf16>(v[6], v[7])));
+// A 2-byte type's 8 values, rounded pairwise by pack2<T>, in one 16-byte store.
+template <typename T> __device__ __forceinline__ void store8_half(T* p, const float (&v)[8]) {
+    st_u4(p, make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7])));
 }
+template <> __device__ __forceinline__ void store8<bf16>(bf16* p, const float (&v)[8]) { store8_half(p, v); }
+template <> __device__ __forceinline__ void store8<f16>(f16* p, const float (&v)[8]) { store8_half(p, v); }
 template <> __device__ __forceinline__ void store8<float>(float* p, const float (&v)[8]) {
     st_u4(p, make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3])));
     st_u4(p + 4, make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7])));
