@@ -595,11 +595,15 @@ template <int D> struct Sm90BackwardSplitSmem {
 //   2. P and dS in registers (sm90_bwd_p, sm90_bwd_ds), stored as Pᵀ and dSᵀ (bf16/f16, swizzled [key][query]); block barrier;
 //   3. dV[:, DH·w …] += Pᵀ·dO, dK[:, DH·w …] += dSᵀ·Q and dQ[:, DH·w …] = dS·K, DH = D/2 head dims each (wgmma SS: Pᵀ
 //      and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column slices), issued together;
-//   4. dQ added to the f32 dq_accum with red.global.add.v2.f32.
+//   4. dQ staged as f32 over the warpgroup's own column blocks of the pair's Q and dO tiles (16 KB each: only its dK
+//      and dV products read them, and those have landed; the next load into the stage waits for a later block
+//      barrier), in dq_accum's TMA boxes' layout (Sm90SwizzledDq), and added by one tensor reduce-add per 32 columns
+//      (`maps`: dq_accum's map; 4 per warpgroup where a red.global.add.v2.f32 per two values took 32 per thread).
+//      Without TMA_DQ (scripts/flash/variants.cu, which passes no maps) dQ is added by those atomics.
 // Registers per thread: dK and dV D/4 each, dQ D/4, Sᵀ and dPᵀ 16 each. Dynamic shared memory:
 // Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256). SEQ_MAJOR as flash_backward_sm90's.
-template <typename T, int D, bool SEQ_MAJOR = false>
-__device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
+template <typename T, int D, bool SEQ_MAJOR = false, bool TMA_DQ = true>
+__device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, const FlashMaps* maps = nullptr) {
     constexpr int BM = 64, BN = 64, THREADS = 256, DH = D / 2, NQ = BM / 2;
     static_assert(D % 128 == 0 && D <= 256, "shape");
     constexpr unsigned KV_BYTES = BN * D * 2, QO_BYTES = BM * D * 2, PS_BYTES = BN * BM * 2;
@@ -690,10 +694,29 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p) {
         reg_fence(dv);
         reg_fence(dk);
 
-        // 4. dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2.
-        sm90_add_dq<DH>(p, s, h, hd, m0 + kr0, c0, t, dq);
+        // 4. dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2: its first 64 columns
+        // over the warpgroup's blocks of Q, the rest over those of dO.
+        if constexpr (!TMA_DQ) {
+            sm90_add_dq<DH>(p, s, h, hd, m0 + kr0, c0, t, dq);
+            continue;
+        }
+        static_assert(DH == 128, "two 64-column halves of dQ per warpgroup");
+        const unsigned q_half = cQ + (c0 / 64) * (BM * 128), o_half = cdO + (c0 / 64) * (BM * 128);
+        sm90_stage_dq_sw128<64>(q_half, kr0, 0, t, *reinterpret_cast<const float (*)[32]>(dq));
+        sm90_stage_dq_sw128<64>(o_half, kr0, 0, t, *reinterpret_cast<const float (*)[32]>(dq + 32));
+        fence_proxy_async();
+        named_sync(1 + wg, 128);
+        if (threadIdx.x % 128 == 0) {
+            constexpr unsigned BLOCK = Sm90SwizzledDq<D>::BLOCK;
+#pragma unroll
+            for (int b = 0; b < 4; ++b)
+                if (c0 + 32 * b < static_cast<int>(hd))
+                    tma_reduce_add_3d(&maps->dq_accum, (b < 2 ? q_half : o_half) + (b % 2) * BLOCK, c0 + 32 * b, h, s.q0 + m0);
+            bulk_wait_read<0>();  // the stage's next load comes after the next pair's block barrier
+        }
     }
     cp_async_wait<0>();
+    if (TMA_DQ && threadIdx.x % 128 == 0) bulk_wait();
 
     // dK, dV: entry i: key kr0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2; rows < len_k, columns < hd.
     sm90_store_dkdv<T, DH>(p, s, blk, n0, kr0, DH * wg, t, dk, dv);

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) bwd90_kernel(const FlashParams p
 // backward on wgmma.
 template <int D>
 __global__ void __launch_bounds__(256, 1) bwd90s_kernel(const FlashParams p) {
-    flash_backward_sm90_split<bf16, D>(p);
+    flash_backward_sm90_split<bf16, D, false, false>(p);  // dQ by atomics: no TMA maps here
 }
 
 struct Variant {

@@ -203,7 +203,7 @@ enum Sm90Backward {
     /// pair's first block barrier.
     Pairs { nwg: usize, overlap: bool, staged_dq: bool, tma: bool },
     /// `flash_backward_sm90_split<T, D>`: two warpgroups sharing 64 keys (dK and dV of D = 256 do not fit one);
-    /// shared memory `Sm90BackwardSplitSmem` (Pᵀ as well as dSᵀ [64][64]).
+    /// shared memory `Sm90BackwardSplitSmem` (Pᵀ as well as dSᵀ [64][64]); it adds dQ through dq_accum's TMA map.
     Split,
 }
 
@@ -282,8 +282,9 @@ impl FlashSm90 {
     fn backward_kernel(&self, half: Half) -> FlashKernel {
         let (_, rows, threads, smem) = self.bwd.shape(self.d, false);
         let name = half.pick(self.backward[0], self.backward[1]);
-        let tma =
-            matches!(self.bwd, Sm90Backward::Pairs { tma: true, .. }).then_some(TmaBoxes { q_rows: 64, kv_rows: rows });
+        // The split backward takes the maps for dq_accum's (its loads are cp.async).
+        let tma = matches!(self.bwd, Sm90Backward::Pairs { tma: true, .. } | Sm90Backward::Split)
+            .then_some(TmaBoxes { q_rows: 64, kv_rows: rows });
         let equal_sequences = Some(half.pick(self.backward_seq[0], self.backward_seq[1]));
         FlashKernel {
             module: self.module,
