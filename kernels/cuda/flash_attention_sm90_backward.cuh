@@ -672,7 +672,8 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, c
         fence_proxy_async();
         __syncthreads();  // both warpgroups' halves of Pᵀ and dSᵀ are in place
 
-        // 3. This warpgroup's DH head dims c0 … of dV, dK and dQ (k = the 64 queries for dV and dK, the 64 keys for dQ).
+        // 3. This warpgroup's DH head dims c0 … of dV, dK and dQ (k = the 64 queries for dV and dK, the 64 keys for dQ):
+        // dV and dQ in one commit group, dK in the next, so dQ's staging over dO's blocks runs under dK's product.
         const int c0 = DH * wg;
         const unsigned o_cols = cdO + (c0 / 64) * (BM * 128), q_cols = cQ + (c0 / 64) * (BM * 128);
         const unsigned k_cols = cK + (c0 / 64) * (BN * 128);
@@ -682,38 +683,47 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, c
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dv, desc_k<BN>(cP, 0, kk), desc_sw128(o_cols + kk * 2048, BM * 128), 1);
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dk, desc_k<BN>(cdS, 0, kk), desc_sw128(q_cols + kk * 2048, BM * 128), 1);
         Wgmma<DH>::template ss0<T, 1, 1>(dq, desc_mn<BN>(cdS, 0), desc_sw128(k_cols, BN * 128));
 #pragma unroll
         for (int kk = 1; kk < BN / 16; ++kk)
             Wgmma<DH>::template ss<T, 1, 1>(dq, desc_mn<BN>(cdS, kk), desc_sw128(k_cols + kk * 2048, BN * 128), 1);
         wg_commit();
-        wg_wait<0>();
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) Wgmma<DH>::template ss<T, 1>(dk, desc_k<BN>(cdS, 0, kk), desc_sw128(q_cols + kk * 2048, BM * 128), 1);
+        wg_commit();
+        wg_wait<1>();
         reg_fence(dq);
         reg_fence(dv);
-        reg_fence(dk);
 
-        // 4. dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2: its first 64 columns
-        // over the warpgroup's blocks of Q, the rest over those of dO.
+        // 4. dq entry i: query 16·(warp%4) + g + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2: its last 64 columns
+        // over the warpgroup's blocks of dO (read by dV's product alone, landed), then, once dK's product has landed,
+        // its first 64 over those of Q.
         if constexpr (!TMA_DQ) {
             sm90_add_dq<DH>(p, s, h, hd, m0 + kr0, c0, t, dq);
+            wg_wait<0>();
+            reg_fence(dk);
             continue;
         }
         static_assert(DH == 128, "two 64-column halves of dQ per warpgroup");
-        const unsigned q_half = cQ + (c0 / 64) * (BM * 128), o_half = cdO + (c0 / 64) * (BM * 128);
-        sm90_stage_dq_sw128<64>(q_half, kr0, 0, t, *reinterpret_cast<const float (*)[32]>(dq));
-        sm90_stage_dq_sw128<64>(o_half, kr0, 0, t, *reinterpret_cast<const float (*)[32]>(dq + 32));
-        fence_proxy_async();
-        named_sync(1 + wg, 128);
-        if (threadIdx.x % 128 == 0) {
-            constexpr unsigned BLOCK = Sm90SwizzledDq<D>::BLOCK;
+        constexpr unsigned BLOCK = Sm90SwizzledDq<D>::BLOCK;
+        // Half `half` of dQ staged at `dst` and added by two tensor reduce-adds (one per 32 columns).
+        const auto put_half = [&](int half, unsigned dst) {
+            sm90_stage_dq_sw128<64>(dst, kr0, 0, t, *reinterpret_cast<const float (*)[32]>(dq + 32 * half));
+            fence_proxy_async();
+            named_sync(1 + wg, 128);
+            if (threadIdx.x % 128 == 0) {
 #pragma unroll
-            for (int b = 0; b < 4; ++b)
-                if (c0 + 32 * b < static_cast<int>(hd))
-                    tma_reduce_add_3d(&maps->dq_accum, (b < 2 ? q_half : o_half) + (b % 2) * BLOCK, c0 + 32 * b, h, s.q0 + m0);
-            bulk_wait_read<0>();  // the stage's next load comes after the next pair's block barrier
-        }
+                for (int b = 0; b < 2; ++b) {
+                    const int c = c0 + 64 * half + 32 * b;
+                    if (c < static_cast<int>(hd)) tma_reduce_add_3d(&maps->dq_accum, dst + b * BLOCK, c, h, s.q0 + m0);
+                }
+            }
+        };
+        put_half(1, o_cols);
+        wg_wait<0>();
+        reg_fence(dk);
+        put_half(0, q_cols);
+        if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // the stage's next load comes after the next pair's block barrier
     }
     cp_async_wait<0>();
     if (TMA_DQ && threadIdx.x % 128 == 0) bulk_wait();
