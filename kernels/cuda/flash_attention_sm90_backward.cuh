@@ -593,13 +593,15 @@ template <int D> struct Sm90BackwardSplitSmem {
 //   1. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for all 64 keys × queries 32w … 32w + 31 (wgmma SS, N = 32; P is formed while
 //      dPᵀ's product runs);
 //   2. P and dS in registers (sm90_bwd_p, sm90_bwd_ds), stored as Pᵀ and dSᵀ (bf16/f16, swizzled [key][query]); block barrier;
-//   3. dV[:, DH·w …] += Pᵀ·dO, dK[:, DH·w …] += dSᵀ·Q and dQ[:, DH·w …] = dS·K, DH = D/2 head dims each (wgmma SS: Pᵀ
-//      and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column slices), issued together;
+//   3. dV[:, DH·w …] += Pᵀ·dO and dQ[:, DH·w …] = dS·K in one commit group, dK[:, DH·w …] += dSᵀ·Q in the next, DH =
+//      D/2 head dims each (wgmma SS: Pᵀ and dSᵀ K-major, dS M-major from the same store; dO, Q and K N-major column
+//      slices);
 //   4. dQ staged as f32 over the warpgroup's own column blocks of the pair's Q and dO tiles (16 KB each: only its dK
-//      and dV products read them, and those have landed; the next load into the stage waits for a later block
-//      barrier), in dq_accum's TMA boxes' layout (Sm90SwizzledDq), and added by one tensor reduce-add per 32 columns
-//      (`maps`: dq_accum's map; 4 per warpgroup where a red.global.add.v2.f32 per two values took 32 per thread).
-//      Without TMA_DQ (scripts/flash/variants.cu, which passes no maps) dQ is added by those atomics.
+//      and dV products read them; the next load into the stage waits for a later block barrier), in dq_accum's TMA
+//      boxes' layout (Sm90SwizzledDq), and added by one tensor reduce-add per 32 columns (`maps`: dq_accum's map): the
+//      half over dO while dK's product runs, the half over Q once it has landed. Without TMA_DQ
+//      (scripts/flash/variants.cu, which passes no maps) dQ is added by red.global.add.v2.f32 atomics (32 per thread
+//      and pair).
 // Registers per thread: dK and dV D/4 each, dQ D/4, Sᵀ and dPᵀ 16 each. Dynamic shared memory:
 // Sm90BackwardSplitSmem<D>::bytes (210 KB at D = 256). SEQ_MAJOR as flash_backward_sm90's.
 template <typename T, int D, bool SEQ_MAJOR = false, bool TMA_DQ = true>

@@ -4,7 +4,7 @@
 // consumer warpgroups (128 query rows, 240 registers: with the cp.async producer's 224 they spilled) with ping-pong +
 // 1 producer warpgroup (24 registers; one thread issues TMA loads), O rescaled lazily: 1.37× the all-load forward
 // it replaced (H100); backward: two warpgroups sharing 64 keys (1.8× the mma.sync backward there), dQ staged over the
-// pair's Q and dO tiles and added by tensor reduce-adds.
+// pair's Q and dO tiles and added by tensor reduce-adds, half of it under dK's product.
 // The backward's `_seq_` entry points run it with the sequence slowest in the grid, for packs of equal sequences
 // (flash_common.cuh `flash_block`).
 // kernels/src/cuda/attention/tables.rs `FLASH_SM90` holds the same numbers.
