@@ -282,7 +282,7 @@ impl FlashSm90 {
     fn backward_kernel(&self, half: Half) -> FlashKernel {
         let (_, rows, threads, smem) = self.bwd.shape(self.d, false);
         let name = half.pick(self.backward[0], self.backward[1]);
-        // The split backward takes the maps for dq_accum's (its loads are cp.async).
+        // The split backward takes the maps too, but reads only dq_accum's (it loads Q, dO, K and V by cp.async).
         let tma = matches!(self.bwd, Sm90Backward::Pairs { tma: true, .. } | Sm90Backward::Split)
             .then_some(TmaBoxes { q_rows: 64, kv_rows: rows });
         let equal_sequences = Some(half.pick(self.backward_seq[0], self.backward_seq[1]));
