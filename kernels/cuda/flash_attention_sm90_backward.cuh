@@ -632,7 +632,11 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, c
     for (int it = 0; it < blk.pairs; ++it) {
         const int st = it & 1;
         const int h = blk.head(it), m0 = blk.row0(it);
-        sm90_bwd_next_pair(it, st, blk.pairs, prefetch);
+        // Pair it has landed and every thread is done with pair it − 1's products; pair it + 1 starts loading into
+        // stage st ^ 1 after step 2, once the tensor reduce-adds of pair it − 1's dQ have read it (step 4).
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
         const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
         const int q0 = NQ * wg;  // this warpgroup's first query of the tile in steps 1–2
         const unsigned cL = sL + st * BM * 4 + 4 * (q0 + 2 * t), cD = sD + st * BM * 4 + 4 * (q0 + 2 * t);
@@ -672,7 +676,10 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, c
                 st_shared_u32(cdS + a, dsf[j / 2][2 * (j % 2) + hr]);
             }
         fence_proxy_async();
-        __syncthreads();  // both warpgroups' halves of Pᵀ and dSᵀ are in place
+        if (TMA_DQ && threadIdx.x % 128 == 0) bulk_wait_read<0>();
+        __syncthreads();  // both warpgroups' halves of Pᵀ and dSᵀ are in place, stage st ^ 1 is free
+        if (it + 1 < blk.pairs) prefetch(it + 1, st ^ 1);
+        cp_async_commit();
 
         // 3. This warpgroup's DH head dims c0 … of dV, dK and dQ (k = the 64 queries for dV and dK, the 64 keys for dQ):
         // dV and dQ in one commit group, dK in the next, so dQ's staging over dO's blocks runs under dK's product.
@@ -725,7 +732,6 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, c
         wg_wait<0>();
         reg_fence(dk);
         put_half(0, q_cols);
-        if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // the stage's next load comes after the next pair's block barrier
     }
     cp_async_wait<0>();
     if (TMA_DQ && threadIdx.x % 128 == 0) bulk_wait();
