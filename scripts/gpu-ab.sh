@@ -9,7 +9,8 @@
 # checkout building into the same folder leaves artifacts that the first takes as fresh (a stale binary, silently);
 # kept folders make the next run incremental. There, from the repo root:
 #   bash .gpu/ab/run.sh [ROUNDS] "BENCH ARGS" ["BENCH ARGS"…]     e.g.  bash .gpu/ab/run.sh 2 "--shape llama-3.2-1b --steps 3"
-#   (AB_DEADLINE=S in its environment: no bench starts after S seconds, so a call near its limit still summarizes)
+#   (AB_DEADLINE=S in its environment: no bench starts after S seconds, so a call near its limit still summarizes;
+#   AB_TESTS_LAST=1: this tree's tests after the benches, not before)
 # runs this tree's tests (`.gpu/parity/run.sh`) and each variant's, then each bench ROUNDS times per side (base,
 # head, the variants; reversed every other round), and prints per bench the step times of every side and their
 # ratio to the base. A bench of kernels ("kernels --filter attention") prints per row the milliseconds and ratios
@@ -99,9 +100,14 @@ unpacked="$(mktemp -d)"
 tar -xJf "$here/sides.tar.xz" -C "$unpacked"
 rounds=1
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then rounds=$1; shift; fi
-bash "$here/../parity/run.sh" >"$out/parity.txt" 2>&1
-echo "tests rc=$? at ${SECONDS}s (base $(cat "$unpacked/sides/base/revision"))"
-grep -E "passed, .* failed|^FAIL" "$out/parity.txt"
+# This tree's staged tests; with AB_TESTS_LAST=1 after the benches instead (where device time is short, the
+# comparison comes back even if the call is cut off in the suite).
+tree_tests() {
+    bash "$here/../parity/run.sh" >"$out/parity.txt" 2>&1
+    echo "tests rc=$? at ${SECONDS}s (base $(cat "$unpacked/sides/base/revision"))"
+    grep -E "passed, .* failed|^FAIL" "$out/parity.txt"
+}
+[[ ${AB_TESTS_LAST:-0} == 1 ]] || tree_tests
 order=(base head)
 for dir in "$unpacked"/sides/*/; do
     name="$(basename "$dir")"
@@ -174,6 +180,7 @@ for args in dict.fromkeys(r["args"] for r in rows):
     if device:
         print(f"{args} device ms: {sides(device)}")
 PY
+if [[ ${AB_TESTS_LAST:-0} == 1 ]]; then tree_tests; fi
 RUNNER
 chmod +x "$stage/run.sh"
 echo "gpu-ab: staged $(du -shc .gpu/parity "$stage" | tail -1 | cut -f1) (plus the tracked tree)" >&2
