@@ -145,15 +145,25 @@ __device__ __forceinline__ void sm90_bwd_start(const FlashParams& p, const Sm90K
     cp_async_commit();
 }
 
-// Pair it (stage st) has landed and every thread is done with pair it − 1 (its stage and the dSᵀ tile); pair it + 1
-// starts loading.
-template <typename Prefetch>
-__device__ __forceinline__ void sm90_bwd_next_pair(int it, int st, int pairs, Prefetch& prefetch) {
+// The pair in flight has landed and every thread is done with the one before it (its stage and the dSᵀ tile).
+__device__ __forceinline__ void sm90_bwd_pair_landed() {
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
+}
+
+// Pair it + 1, if any, starts loading into stage st ^ 1.
+template <typename Prefetch>
+__device__ __forceinline__ void sm90_bwd_load_next(int it, int st, int pairs, Prefetch& prefetch) {
     if (it + 1 < pairs) prefetch(it + 1, st ^ 1);
     cp_async_commit();
+}
+
+// Pair it (stage st) has landed; pair it + 1 starts loading.
+template <typename Prefetch>
+__device__ __forceinline__ void sm90_bwd_next_pair(int it, int st, int pairs, Prefetch& prefetch) {
+    sm90_bwd_pair_landed();
+    sm90_bwd_load_next(it, st, pairs, prefetch);
 }
 
 // dQ of query rows r0, r0 + 8 (sequence-relative; entry i of dq: row r0 + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2)
@@ -632,11 +642,9 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, c
     for (int it = 0; it < blk.pairs; ++it) {
         const int st = it & 1;
         const int h = blk.head(it), m0 = blk.row0(it);
-        // Pair it has landed and every thread is done with pair it − 1's products; pair it + 1 starts loading into
-        // stage st ^ 1 after step 2, once the tensor reduce-adds of pair it − 1's dQ have read it (step 4).
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();
+        // Pair it + 1 starts loading into stage st ^ 1 only after step 2, once the tensor reduce-adds of pair it − 1's
+        // dQ have read it (step 4).
+        sm90_bwd_pair_landed();
         const unsigned cQ = sQ + st * QO_BYTES, cdO = sdO + st * QO_BYTES;
         const int q0 = NQ * wg;  // this warpgroup's first query of the tile in steps 1–2
         const unsigned cL = sL + st * BM * 4 + 4 * (q0 + 2 * t), cD = sD + st * BM * 4 + 4 * (q0 + 2 * t);
@@ -678,8 +686,7 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, c
         fence_proxy_async();
         if (TMA_DQ && threadIdx.x % 128 == 0) bulk_wait_read<0>();
         __syncthreads();  // both warpgroups' halves of Pᵀ and dSᵀ are in place, stage st ^ 1 is free
-        if (it + 1 < blk.pairs) prefetch(it + 1, st ^ 1);
-        cp_async_commit();
+        sm90_bwd_load_next(it, st, blk.pairs, prefetch);
 
         // 3. This warpgroup's DH head dims c0 … of dV, dK and dQ (k = the 64 queries for dV and dK, the 64 keys for dQ):
         // dV and dQ in one commit group, dK in the next, so dQ's staging over dO's blocks runs under dK's product.
