@@ -227,6 +227,14 @@ template <int D> struct Sm90SwizzledDq {
     static constexpr unsigned BLOCK = 64 * 128, BYTES = (D / 32) * BLOCK;
 };
 
+// Columns [c_first, c_end) of a staged dQ tile (its 32-column blocks of Sm90SwizzledDq's layout from `src`, c_first %
+// 32 = 0) added to dq_accum's 64 rows from `row` of head h by one tensor reduce-add per block; blocks from column hd
+// on hold no head dims and are not added. One thread issues them.
+template <int D>
+__device__ __forceinline__ void sm90_reduce_add_dq(const FlashMaps& maps, unsigned src, int c_first, int c_end, int hd, int h, int row) {
+    for (int c = c_first; c < c_end && c < hd; c += 32) tma_reduce_add_3d(&maps.dq_accum, src + (c - c_first) / 32 * Sm90SwizzledDq<D>::BLOCK, c, h, row);
+}
+
 // This thread's dQ (entry i: query row rq + 8·((i%4)/2), column c0 + 8·(i/4) + 2t + i%2; c0 % 32 = 0) into the
 // swizzled staging tile: column c is chunk (c % 32)/4 of block c/32, and the chunk bits of the row base
 // ((t/2) ^ (rq % 8)) take the column's 8·(j % 4) as an XOR.
@@ -297,11 +305,9 @@ __device__ __forceinline__ void sm90_bwd_produce(const FlashParams& p, const Fla
 template <int D, int BM>
 __device__ __forceinline__ void sm90_bwd_write_dq(const FlashMaps& maps, const FlashSeq& s, const FlashKeyBlock<BM>& blk, unsigned sdq,
                                                   unsigned dq_full, unsigned dq_empty) {
-    const int blocks = (static_cast<int>(blk.hd) + 31) / 32;
     for (int it = 0; it < blk.pairs; ++it) {
         mbar_wait(dq_full, it & 1);
-        const int h = blk.head(it), row = s.q0 + blk.row0(it);
-        for (int b = 0; b < blocks; ++b) tma_reduce_add_3d(&maps.dq_accum, sdq + b * Sm90SwizzledDq<D>::BLOCK, 32 * b, h, row);
+        sm90_reduce_add_dq<D>(maps, sdq, 0, static_cast<int>(blk.hd), static_cast<int>(blk.hd), blk.head(it), s.q0 + blk.row0(it));
         bulk_wait_read<0>();
         mbar_arrive(dq_empty);
     }
@@ -721,19 +727,13 @@ __device__ __forceinline__ void flash_backward_sm90_split(const FlashParams p, c
             continue;
         }
         static_assert(DH == 128, "two 64-column halves of dQ per warpgroup");
-        constexpr unsigned BLOCK = Sm90SwizzledDq<D>::BLOCK;
         // Half `half` of dQ staged at `dst` and added by two tensor reduce-adds (one per 32 columns).
         const auto put_half = [&](int half, unsigned dst) {
             sm90_stage_dq_sw128<64>(dst, kr0, 0, t, *reinterpret_cast<const float (*)[32]>(dq + 32 * half));
             fence_proxy_async();
             named_sync(1 + wg, 128);
-            if (threadIdx.x % 128 == 0) {
-#pragma unroll
-                for (int b = 0; b < 2; ++b) {
-                    const int c = c0 + 64 * half + 32 * b;
-                    if (c < static_cast<int>(hd)) tma_reduce_add_3d(&maps->dq_accum, dst + b * BLOCK, c, h, s.q0 + m0);
-                }
-            }
+            const int c = c0 + 64 * half;
+            if (threadIdx.x % 128 == 0) sm90_reduce_add_dq<D>(*maps, dst, c, c + 64, static_cast<int>(hd), h, s.q0 + m0);
         };
         put_half(1, o_cols);
         wg_wait<0>();
