@@ -1,7 +1,9 @@
 //! torchrun's environment: how a launcher tells each process which rank it is. torchrun (and Slurm scripts written
 //! for it) set `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (the GPU on this node), `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and
 //! `MASTER_PORT` (where rank 0 listens for the [`rendezvous`](super::rendezvous)); see
-//! <https://pytorch.org/docs/stable/elastic/run.html#environment-variables>.
+//! <https://pytorch.org/docs/stable/elastic/run.html#environment-variables>. torchrun's own agent may already serve a
+//! store at `MASTER_PORT` (it says so with `TORCHELASTIC_USE_AGENT_STORE=True`, as its default static rendezvous
+//! does); the rendezvous then takes `QLORA_RDZV_PORT`, else the port after `MASTER_PORT`.
 
 use crate::{Error, Result};
 
@@ -14,7 +16,8 @@ pub struct Launch {
     pub local_rank: usize,
     /// The processes of the group on this node (`LOCAL_WORLD_SIZE`, else all of them): what shares its host memory.
     pub local_world_size: usize,
-    /// Rank 0's rendezvous address; absent for a group of one, which has no one to meet.
+    /// Rank 0's rendezvous address (`MASTER_ADDR` and the port the module's doc gives); absent for a group of one,
+    /// which has no one to meet.
     pub master: Option<(String, u16)>,
 }
 
@@ -66,13 +69,28 @@ impl Launch {
             (None, _) => return Err(bad(format!("WORLD_SIZE={world_size} but MASTER_ADDR is not set"))),
             (_, None) => return Err(bad(format!("WORLD_SIZE={world_size} but MASTER_PORT is not set"))),
         };
+        let port_number = |name: &str, text: &str| match text.trim().parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(bad(format!("{name}={text:?} is not a port number (1-65535)"))),
+        };
         let master = match master {
             None => None,
             Some((addr, _)) if addr.is_empty() => return Err(bad("MASTER_ADDR is empty".into())),
-            Some((addr, port)) => match port.trim().parse::<u16>() {
-                Ok(p) if p > 0 => Some((addr, p)),
-                _ => return Err(bad(format!("MASTER_PORT={port:?} is not a port number (1-65535)"))),
-            },
+            Some((addr, port)) => {
+                let port = port_number("MASTER_PORT", &port)?;
+                let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.trim() == "True");
+                let rdzv = match var("QLORA_RDZV_PORT") {
+                    Some(text) => port_number("QLORA_RDZV_PORT", &text)?,
+                    None if agent_store => port.checked_add(1).ok_or_else(|| {
+                        bad(format!(
+                            "MASTER_PORT={port} is torchrun's store (TORCHELASTIC_USE_AGENT_STORE=True) and the \
+                             port after it does not exist: set QLORA_RDZV_PORT"
+                        ))
+                    })?,
+                    None => port,
+                };
+                Some((addr, rdzv))
+            }
         };
         Ok(Some(Launch { rank, world_size, local_rank, local_world_size: local_world, master }))
     }
@@ -114,6 +132,20 @@ mod tests {
         assert_eq!(launch(&[]).unwrap(), None, "no launcher: a single process");
         let alone = launch(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap().unwrap();
         assert_eq!(alone, Launch { rank: 0, world_size: 1, local_rank: 0, local_world_size: 1, master: None });
+    }
+
+    /// Where torchrun's agent serves its store at MASTER_PORT, the rendezvous takes the next port, or QLORA_RDZV_PORT.
+    #[test]
+    fn torchruns_agent_store_keeps_master_port() {
+        let port = |changes: &[(&'static str, &'static str)]| launch(&with(changes)).unwrap().unwrap().master.unwrap().1;
+        assert_eq!(port(&[]), 29500, "no agent store: MASTER_PORT itself (finetune --gpus, older launchers)");
+        assert_eq!(port(&[("TORCHELASTIC_USE_AGENT_STORE", "False")]), 29500);
+        assert_eq!(port(&[("TORCHELASTIC_USE_AGENT_STORE", "True")]), 29501);
+        assert_eq!(port(&[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("QLORA_RDZV_PORT", "40000")]), 40000);
+        assert_eq!(port(&[("QLORA_RDZV_PORT", "40000")]), 40000);
+        let e = error(&with(&[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("MASTER_PORT", "65535")]));
+        assert!(e.contains("set QLORA_RDZV_PORT"), "{e}");
+        assert!(error(&with(&[("QLORA_RDZV_PORT", "0")])).contains("QLORA_RDZV_PORT=\"0\" is not a port number"));
     }
 
     /// Each bad environment names the variable at fault (an empty value in `with` removes the variable).
