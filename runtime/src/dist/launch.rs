@@ -137,7 +137,8 @@ mod tests {
     /// Where torchrun's agent serves its store at MASTER_PORT, the rendezvous takes the next port, or QLORA_RDZV_PORT.
     #[test]
     fn torchruns_agent_store_keeps_master_port() {
-        let port = |changes: &[(&'static str, &'static str)]| launch(&with(changes)).unwrap().unwrap().master.unwrap().1;
+        let port =
+            |changes: &[(&'static str, &'static str)]| launch(&with(changes)).unwrap().unwrap().master.unwrap().1;
         assert_eq!(port(&[]), 29500, "no agent store: MASTER_PORT itself (finetune --gpus, older launchers)");
         assert_eq!(port(&[("TORCHELASTIC_USE_AGENT_STORE", "False")]), 29500);
         assert_eq!(port(&[("TORCHELASTIC_USE_AGENT_STORE", "True")]), 29501);

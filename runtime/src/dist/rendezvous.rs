@@ -33,8 +33,11 @@ pub struct Host {
 impl Host {
     /// Listens on `addr:port` (port 0 picks a free one: see [`Host::port`]).
     pub fn bind(addr: &str, port: u16) -> Result<Host> {
-        let listener = TcpListener::bind((addr, port))
-            .map_err(|e| failed(format!("rank 0 cannot listen on {addr}:{port}: {e} (is the port taken? QLORA_RDZV_PORT chooses another)")))?;
+        let listener = TcpListener::bind((addr, port)).map_err(|e| {
+            failed(format!(
+                "rank 0 cannot listen on {addr}:{port}: {e} (is the port taken? QLORA_RDZV_PORT chooses another)"
+            ))
+        })?;
         Ok(Host { listener })
     }
 
