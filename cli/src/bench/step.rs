@@ -224,10 +224,11 @@ fn bench(
         shards: if shard.is_some() { ranks } else { 1 },
         plan: memory::Plan::default(),
     };
+    // Every rank plans within the least free memory of any (so all take the same length, plan and fit verdict).
+    let free = memory::Free::agreed(device, group.as_deref())?;
     let seq = if args.longest {
         // Offloaded inputs and paged moments wait in host memory, which bounds them too.
-        let host = if device == Device::Cpu { None } else { memory::available(Device::Cpu)? };
-        memory::longest_seq(&setup, args.batch, args.memory_budget, host)?
+        memory::longest_seq(&setup, args.batch, args.memory_budget, free)?
     } else {
         args.seq
     };
@@ -240,10 +241,10 @@ fn bench(
             config.max_position_embeddings
         );
     }
-    let (plan, estimate) = memory::budget_plan(&setup, args.memory_budget, args.park_layers, SHRINK)?;
+    let (plan, estimate) = memory::budget_plan(&setup, free, args.memory_budget, args.park_layers, SHRINK)?;
     let offloaded = memory::offloaded_layers(&Setup { plan, ..setup });
     let parked = memory::parked_layers(&Setup { plan, ..setup });
-    let available = memory::available(device)?;
+    let available = free.device;
     let mut report = json!({
         "subject": subject.to_string(),
         "device": device.to_string(),
@@ -277,7 +278,8 @@ fn bench(
         "estimate_gib": gib(estimate.total()),
         "available_gib": available.map(gib),
     });
-    // Every rank of a group has the same estimate and GPU model, so all stop here together or none does.
+    // Every rank of a group has the same estimate and the same (least) free memory, so all stop here together or
+    // none does.
     if let Some(free) = available.filter(|&free| estimate.total() > free) {
         report["fits"] = json!(false);
         return if lead { print_no_fit(subject, args.json, &report, &estimate, free, device) } else { Ok(()) };

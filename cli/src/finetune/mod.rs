@@ -554,7 +554,10 @@ fn train(run: &Run, group: Option<Arc<dyn Communicator>>) -> Result<train::Outco
         shards: model.sharded.as_ref().map_or(1, |s| s.group().world_size()),
         plan: crate::bench::memory::Plan::default(),
     };
-    let (plan, estimate) = crate::bench::memory::budget_plan(&setup, args.memory_budget, args.park_layers, shrink)?;
+    // The ranks of a group plan within the least free memory of any, so that all make the same plan.
+    let free = crate::bench::memory::Free::agreed(placement.0, group.as_deref())?;
+    let (plan, estimate) =
+        crate::bench::memory::budget_plan(&setup, free, args.memory_budget, args.park_layers, shrink)?;
     // The plan is worth a line where a budget chose it or it parks layers (the default on a GPU).
     let parks = crate::bench::memory::parked_layers(&crate::bench::memory::Setup { plan, ..setup }) > 0;
     plan.apply(&mut model, &mut optimizer)?;

@@ -11,6 +11,7 @@ use qlora_kernels::nf4::{nf4_num_blocks, nf4_packed_len, NESTED_BLOCKSIZE};
 use qlora_models::transformer::BaseFormat;
 use qlora_models::ModelConfig;
 use qlora_optim::AdamW;
+use qlora_runtime::dist::Communicator;
 use qlora_runtime::memory::MemoryStats;
 use qlora_runtime::ops::linear_cross_entropy::chunk_rows;
 use qlora_runtime::{DType, Device};
@@ -395,16 +396,52 @@ pub fn out_of_memory_advice(
 }
 
 impl Budget {
-    /// The budget in bytes on `device`; None for `auto` where free memory is unknown, and for `lean`, which is a
-    /// plan rather than a size.
-    pub fn bytes(self, device: Device) -> anyhow::Result<Option<usize>> {
-        Ok(match self {
+    /// The budget in bytes on a device with `free` bytes free; None for `auto` where free memory is unknown, and for
+    /// `lean`, which is a plan rather than a size.
+    pub fn bytes(self, free: Option<usize>) -> Option<usize> {
+        match self {
             Budget::Gib(g) => Some((g * GIB) as usize),
-            Budget::Auto => {
-                available(device)?.map(|free| free - ((free as f64 * AUTO_MARGIN) as usize).max(1 << 30).min(free))
-            }
+            Budget::Auto => free.map(|free| free - ((free as f64 * AUTO_MARGIN) as usize).max(1 << 30).min(free)),
             Budget::Lean => None,
-        })
+        }
+    }
+}
+
+/// The free memory a plan is made within: the device's and the host's (None where unknown). The ranks of a group
+/// plan within the least that any of them has ([`Free::agreed`]), so that all make the same plan: a sharded base
+/// gathers a layer again in each recompute, so ranks that recomputed different layers would pair different gathers,
+/// and a step that fits one rank's estimate and not another's would stop one rank alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Free {
+    pub device: Option<usize>,
+    pub host: Option<usize>,
+}
+
+impl Free {
+    /// This process's: [`available`] on `device` and on the host.
+    pub fn measure(device: Device) -> anyhow::Result<Free> {
+        Ok(Free { device: available(device)?, host: available(Device::Cpu)? })
+    }
+
+    /// The least of every rank's [`Free::measure`] on `device`, the same on every rank of `group` (a collective:
+    /// every rank calls it); this process's own without a group.
+    pub fn agreed(device: Device, group: Option<&dyn Communicator>) -> anyhow::Result<Free> {
+        Free::measure(device)?.least_of(group)
+    }
+
+    /// The least of every rank's `self` (each field where known), the same on every rank of `group` (a collective);
+    /// `self` without a group.
+    pub fn least_of(self, group: Option<&dyn Communicator>) -> anyhow::Result<Free> {
+        let Some(group) = group else { return Ok(self) };
+        let unknown = u64::MAX;
+        let local: Vec<u8> =
+            [self.device, self.host].iter().flat_map(|v| v.map_or(unknown, |b| b as u64).to_le_bytes()).collect();
+        let all = group.all_gather_bytes(&local)?;
+        let least = |field: usize| {
+            let value = |rank: &[u8]| u64::from_le_bytes(rank[8 * field..8 * field + 8].try_into().expect("8 bytes"));
+            all.chunks_exact(16).map(value).filter(|&v| v != unknown).min().map(|v| v as usize)
+        };
+        Ok(Free { device: least(0), host: least(1) })
     }
 }
 
@@ -416,6 +453,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// on the CPU.
 pub fn budget_plan(
     s: &Setup,
+    free: Free,
     budget: Option<Budget>,
     park: Option<usize>,
     shrink: &str,
@@ -425,14 +463,14 @@ pub fn budget_plan(
         "--park-layers: parking moves activations off a GPU; this run is on the CPU"
     );
     let chosen = match budget {
-        None => default_plan(s)?,
+        None => default_plan(s, free)?,
         Some(Budget::Lean) => lean(s),
         Some(budget) => {
-            let bytes = budget.bytes(s.device)?.ok_or_else(|| {
+            let bytes = budget.bytes(free.device).ok_or_else(|| {
                 anyhow::anyhow!("--memory-budget auto: free memory on {} is unknown; give a size in GiB", s.device)
             })?;
             // A plan that fits the device but no plan that fits the host too: the host check below names it.
-            let within_host = plan_within(s, bytes, available(Device::Cpu)?).ok();
+            let within_host = plan_within(s, bytes, free.host).ok();
             let fastest = || {
                 plan(s, bytes).map_err(|e| {
                     anyhow::anyhow!(
@@ -458,7 +496,7 @@ pub fn budget_plan(
     let chosen_setup = Setup { plan: chosen, ..*s };
     let e = estimate(&chosen_setup);
     if e.host > 0 {
-        if let Some(free) = available(Device::Cpu)?.filter(|&free| e.host > free) {
+        if let Some(free) = free.host.filter(|&free| e.host > free) {
             anyhow::bail!(
                 "memory plan: {} needs {:.2} GiB of pinned host memory and {:.2} GiB is available; {shrink}, or \
                  raise --memory-budget so that fewer layers are offloaded",
@@ -478,11 +516,11 @@ pub fn budget_plan(
 /// faster step for that much more device memory (Llama-3-8B at 4 × 2048 tokens on an H100: 13 of 32 layers parked,
 /// 9.4 GiB of pinned host memory, 0.92× the time for +0.60 GiB, RESULTS run P; at long sequences a layer's
 /// activations outgrow the device and nothing parks).
-pub fn default_plan(s: &Setup) -> anyhow::Result<Plan> {
-    let device = if park_capacity(s) > 0 { available(s.device)? } else { None };
+pub fn default_plan(s: &Setup, free: Free) -> anyhow::Result<Plan> {
+    let device = if park_capacity(s) > 0 { free.device } else { None };
     // The ranks of a group on this node share its memory: each takes its part of the half.
     let local = qlora_runtime::dist::launch::Launch::from_env()?.map_or(1, |l| l.local_world_size);
-    Ok(default_plan_within(s, available(Device::Cpu)?.map(|free| free / local), device))
+    Ok(default_plan_within(s, free.host.map(|free| free / local), device))
 }
 
 /// [`default_plan`] with `host` bytes available in host memory and `device` bytes on the device (None: unbounded).
@@ -578,13 +616,14 @@ pub fn plan_within(s: &Setup, budget: usize, host: Option<usize>) -> Result<(Pla
 
 /// The longest sequence (tokens per row, `batch` rows per micro-batch) whose step fits by the estimate: the plan
 /// `budget` picks within its bytes (the leanest plan with `lean`), or the plain step without one, within the budget or
-/// else the device's free memory, with what the plan offloads within `host` bytes of host memory (None: unbounded).
-/// Found by doubling and then bisection (the estimate grows with the tokens).
-pub fn longest_seq(s: &Setup, batch: usize, budget: Option<Budget>, host: Option<usize>) -> anyhow::Result<usize> {
+/// else the device's `free` memory, with what the plan offloads within the host's (unbounded where unknown or on the
+/// CPU, where nothing is offloaded). Found by doubling and then bisection (the estimate grows with the tokens).
+pub fn longest_seq(s: &Setup, batch: usize, budget: Option<Budget>, free: Free) -> anyhow::Result<usize> {
     let limit = match budget {
-        Some(b @ (Budget::Gib(_) | Budget::Auto)) => b.bytes(s.device)?,
-        None | Some(Budget::Lean) => available(s.device)?,
+        Some(b @ (Budget::Gib(_) | Budget::Auto)) => b.bytes(free.device),
+        None | Some(Budget::Lean) => free.device,
     };
+    let host = free.host.filter(|_| s.device != Device::Cpu);
     let bytes = limit.ok_or_else(|| {
         anyhow::anyhow!("--longest: free memory on {} is unknown; give --memory-budget GiB", s.device)
     })?;

@@ -14,6 +14,13 @@ const LEANEST_TIED: Plan = Plan {
     mlp_block: Some(MLP_BLOCK),
 };
 
+/// Free memory unknown on both sides: plans bounded by their budgets alone, whatever this machine has.
+const UNKNOWN: Free = Free { device: None, host: None };
+
+fn host_only(host: usize) -> Free {
+    Free { device: None, host: Some(host) }
+}
+
 const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// The peer benchmarks' setting: NF4 + double quant, bf16, 4 × 2048 tokens, r = 16 everywhere, checkpointing,
@@ -195,20 +202,20 @@ fn the_longest_sequence_is_the_edge_of_what_fits() {
     let s = Setup { tokens: 0, ..peer_setup(&c, 0) };
     // The GPU machine's 128 GiB of host memory, less what the system and the process hold.
     let host = 110 << 30;
-    let longest = longest_seq(&s, 1, Some(budget), Some(host)).unwrap();
-    let unbounded = longest_seq(&s, 1, Some(budget), None).unwrap();
+    let longest = longest_seq(&s, 1, Some(budget), host_only(host)).unwrap();
+    let unbounded = longest_seq(&s, 1, Some(budget), UNKNOWN).unwrap();
     println!("Llama-3-8B, batch 1, --memory-budget 80: {longest} tokens by the estimate");
     println!("({unbounded} with host memory unbounded)");
     assert!(longest >= 400_000 && longest < unbounded, "{longest}, {unbounded}");
-    let bytes = budget.bytes(s.device).unwrap().unwrap();
+    let bytes = budget.bytes(None).unwrap();
     let (_, e) = plan(&Setup { tokens: longest, ..s }, bytes).unwrap();
     assert!(e.host <= host);
     let over = plan(&Setup { tokens: longest + 1, ..s }, bytes);
     assert!(over.is_err() || over.is_ok_and(|(_, e)| e.host > host), "one token more does not fit");
     let cpu = Setup { device: Device::Cpu, ..s };
-    let plain = longest_seq(&cpu, 2, Some(Budget::Gib(80.0)), None).unwrap();
+    let plain = longest_seq(&cpu, 2, Some(Budget::Gib(80.0)), UNKNOWN).unwrap();
     assert!(plain < longest / 2, "on the CPU nothing is offloaded: {plain}");
-    let e = longest_seq(&s, 1, Some(Budget::Gib(1.0)), None).unwrap_err().to_string();
+    let e = longest_seq(&s, 1, Some(Budget::Gib(1.0)), UNKNOWN).unwrap_err().to_string();
     assert!(e.contains("not even 2 tokens per row fit in 1.00 GiB"), "{e}");
 }
 
@@ -237,7 +244,7 @@ fn a_sharded_base_costs_a_share_and_the_gathered_layers() {
 #[test]
 fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
     let c = shape_config("llama-3.2-1b").unwrap();
-    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), None, "").unwrap();
+    let (p, e) = budget_plan(&peer_setup(&c, 0), UNKNOWN, Some(Budget::Lean), None, "").unwrap();
     assert_eq!(p, LEANEST_TIED);
     assert!(e.total() < peer_setting(&c).total());
     let line = describe_plan(p, c.num_hidden_layers, &e);
@@ -246,7 +253,7 @@ fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
     assert!(line.contains("(the inputs of 16 layers, AdamW's moments: 0.58 GiB of pinned host memory)"), "{line}");
     let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
     let blocked_only = Plan { mlp_block: Some(MLP_BLOCK), ..Plan::default() };
-    assert_eq!(budget_plan(&cpu, Some(Budget::Lean), None, "").unwrap().0, blocked_only);
+    assert_eq!(budget_plan(&cpu, UNKNOWN, Some(Budget::Lean), None, "").unwrap().0, blocked_only);
 }
 
 /// `--park-layers` replaces the plan's count before the estimate (and the host check) sees the plan, on any budget;
@@ -254,14 +261,14 @@ fn the_lean_plan_offloads_every_layer_input_on_a_gpu() {
 #[test]
 fn park_layers_replaces_the_plans_count() {
     let c = shape_config("llama-3-8b").unwrap();
-    let lean = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), None, "").unwrap().0;
-    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), Some(4), "").unwrap();
+    let lean = budget_plan(&peer_setup(&c, 0), UNKNOWN, Some(Budget::Lean), None, "").unwrap().0;
+    let (p, e) = budget_plan(&peer_setup(&c, 0), UNKNOWN, Some(Budget::Lean), Some(4), "").unwrap();
     assert_eq!(p, Plan { park: 4, ..lean });
     let parked = estimate(&peer_plan(&c, p));
     assert_eq!((e.total(), e.host), (parked.total(), parked.host));
     assert!(e.host > estimate(&peer_plan(&c, lean)).host);
     let cpu = Setup { device: Device::Cpu, ..peer_setup(&c, 0) };
-    let err = budget_plan(&cpu, None, Some(0), "").unwrap_err().to_string();
+    let err = budget_plan(&cpu, UNKNOWN, None, Some(0), "").unwrap_err().to_string();
     assert!(err.contains("--park-layers") && err.contains("CPU"), "{err}");
 }
 
@@ -270,13 +277,13 @@ fn park_layers_replaces_the_plans_count() {
 #[test]
 fn the_lean_plan_keeps_an_untied_models_embeddings_on_the_host() {
     let c = shape_config("llama-3-8b").unwrap();
-    let (p, e) = budget_plan(&peer_setup(&c, 0), Some(Budget::Lean), None, "").unwrap();
+    let (p, e) = budget_plan(&peer_setup(&c, 0), UNKNOWN, Some(Budget::Lean), None, "").unwrap();
     assert!(p.host_embeddings && p.offload == 32 && p.page_optimizer, "{p:?}");
     let resident = estimate(&peer_plan(&c, Plan { host_embeddings: false, ..p }));
     let table = 128_256 * 4096 * 2;
     assert_eq!((resident.weights - e.weights, e.host - resident.host), (table, table));
     let tied = shape_config("llama-3.2-1b").unwrap();
-    assert!(!budget_plan(&peer_setup(&tied, 0), Some(Budget::Lean), None, "").unwrap().0.host_embeddings);
+    assert!(!budget_plan(&peer_setup(&tied, 0), UNKNOWN, Some(Budget::Lean), None, "").unwrap().0.host_embeddings);
 }
 
 /// An out-of-memory error, however deep in the chain, gets the budget, the plan and the way out; others pass.
@@ -313,7 +320,13 @@ fn budgets_parse() {
     for bad in ["0", "-1", "lots", "NaN"] {
         assert!(bad.parse::<Budget>().is_err(), "{bad}");
     }
-    assert_eq!(Budget::Gib(2.0).bytes(Device::Cpu).unwrap(), Some(2 << 30));
+    assert_eq!(Budget::Gib(2.0).bytes(None), Some(2 << 30));
+    assert_eq!(Budget::Auto.bytes(None), None, "auto without knowing the free memory");
+    assert_eq!(
+        Budget::Auto.bytes(Some(40 << 30)),
+        Some((40 << 30) - (((40u64 << 30) as f64 * AUTO_MARGIN) as usize).max(1 << 30))
+    );
+    assert_eq!(Budget::Lean.bytes(Some(40 << 30)), None, "lean is a plan, not a size");
 }
 
 /// What keeping one more layer's activations costs: Llama-3-8B's allocator peaks with all 32 layers kept and with
@@ -351,7 +364,7 @@ fn a_long_sequence_holds_what_was_measured() {
     let s = Setup { tokens: 400_000, ..peer_plan(&c, measured) };
     let activations = gib(estimate(&s).activations);
     assert!((1.0..1.1).contains(&(activations / 73.82)), "{activations:.2} GiB of activations, measured 73.82");
-    let (chosen, e) = plan(&s, Budget::Gib(75.0).bytes(s.device).unwrap().unwrap()).unwrap();
+    let (chosen, e) = plan(&s, Budget::Gib(75.0).bytes(None).unwrap()).unwrap();
     assert!(chosen.offload > measured.offload && e.total() <= 75 << 30, "{chosen:?}");
 }
 /// A larger budget never finds a shorter sequence. Under 125 GiB (the H200 less `auto`'s margin) the fastest plan by
@@ -363,11 +376,11 @@ fn more_device_memory_never_shortens_the_longest_sequence() {
     let c = shape_config("llama-3-8b").unwrap();
     let s = Setup { tokens: 0, ..peer_setup(&c, 0) };
     let host = 110 << 30;
-    let at = |gib: f64| longest_seq(&s, 1, Some(Budget::Gib(gib)), Some(host)).unwrap();
+    let at = |gib: f64| longest_seq(&s, 1, Some(Budget::Gib(gib)), host_only(host)).unwrap();
     let (h100, h200) = (at(80.0), at(125.0));
     println!("Llama-3-8B, batch 1, 110 GiB of host memory: {h100} tokens under 80 GiB, {h200} under 125");
     assert!(h200 > h100 * 6 / 5, "{h200} vs {h100}");
-    let bytes = Budget::Gib(125.0).bytes(s.device).unwrap().unwrap();
+    let bytes = Budget::Gib(125.0).bytes(None).unwrap();
     let (p, e) = plan_within(&Setup { tokens: h200, ..s }, bytes, Some(host)).unwrap();
     assert!(e.host <= host && p.mlp_block.is_some(), "{p:?}");
 }
@@ -447,4 +460,29 @@ fn a_budget_parks_what_the_link_carries_then_keeps_what_fits() {
     assert_eq!(budget(40.0), Plan { keep_layers: 32, ..Plan::default() });
     // Too small for one layer's activations beside the checkpoints: no parking, recomputing (and then offloading).
     assert_eq!(budget(10.0).park, 0);
+}
+
+/// A group's ranks plan within the least free memory of any: every rank gets the same field by field minimum, and a
+/// field one rank does not know is the least of those that do (the in-process group: threads as ranks).
+#[test]
+fn a_group_plans_within_the_least_free_memory() {
+    let own = [
+        Free { device: Some(70 << 30), host: Some(100 << 30) },
+        Free { device: Some(60 << 30), host: None },
+        Free { device: Some(75 << 30), host: Some(90 << 30) },
+    ];
+    let ranks = qlora_runtime::dist::local_group(own.len()).unwrap();
+    let agreed: Vec<Free> = std::thread::scope(|scope| {
+        let runs: Vec<_> = ranks
+            .into_iter()
+            .zip(own)
+            .map(|(rank, free)| scope.spawn(move || free.least_of(Some(&rank as &dyn Communicator)).unwrap()))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(agreed, vec![Free { device: Some(60 << 30), host: Some(90 << 30) }; 3]);
+    let alone = own[1].least_of(None).unwrap();
+    assert_eq!(alone, own[1], "without a group: its own");
+    let nobody = Free { device: None, host: None }.least_of(None).unwrap();
+    assert_eq!(nobody, UNKNOWN);
 }
