@@ -26,7 +26,7 @@ use qlora_models::transformer::{BaseFormat, Batch, CausalLm};
 use qlora_optim::{AdamW, GradNorm};
 use qlora_runtime::cuda::read_scalars;
 use qlora_runtime::dist::launch::Launch;
-use qlora_runtime::dist::{local_group, Communicator, LocalRank};
+use qlora_runtime::dist::{local_group, Buffer, Communicator, LocalRank};
 use qlora_runtime::ops::concat::cat_rows;
 use qlora_runtime::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -185,11 +185,12 @@ fn in_process<T: Send>(n: usize, train: impl Fn(Arc<dyn Communicator>) -> Result
     results.into_iter().next().expect("a group has a rank 0")
 }
 
-/// Whether every rank stops after this step: rank 0's `wanted` (it alone hears Ctrl-C), so all stop together.
+/// Whether every rank stops after this step: where any rank `wanted` to (an interrupt reaches each process of a
+/// group, or only one: `kill -INT` of a rank, a scheduler's SIGTERM), so that all stop together.
 pub(crate) fn agree_to_stop(group: &dyn Communicator, wanted: bool) -> Result<bool> {
-    let mut flag = [wanted as u8];
-    group.broadcast(&mut flag, 0)?;
-    Ok(flag[0] != 0)
+    let mut flag = [f64::from(u8::from(wanted))];
+    group.all_reduce_sum(Buffer::F64(&mut flag))?;
+    Ok(flag[0] > 0.0)
 }
 
 /// One gathered micro-batch: its loss, then per trainable parameter a presence flag (a backward that did not reach

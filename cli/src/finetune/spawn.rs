@@ -4,14 +4,21 @@
 //! --nproc-per-node N`. Rank 0 prints and writes; the others print only their errors.
 //!
 //! When a rank fails, the others are stopped (they would otherwise wait in their next collective until its
-//! deadline) and the error is the failed rank's, which it printed itself. Ctrl-C reaches every process of the
-//! terminal's group: the ranks agree to stop after the same step and write one checkpoint, and this process waits
-//! for them and exits as they do (130).
+//! deadline) and the error is the failed rank's, which it printed itself. The ranks run in a process group of their
+//! own, so that an interrupt reaches each once, through this process: Ctrl-C, `kill -INT` or SIGTERM of this process
+//! is passed on to every rank as SIGINT (a second one too: the ranks then quit at once), the ranks agree to stop
+//! after the same step and write one checkpoint, and this process waits for them and exits as they do (130). A rank
+//! whose launcher dies (SIGKILL) gets SIGTERM, so none is left holding a GPU.
 
 use super::train::Outcome;
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
+use std::sync::Mutex;
 use std::time::Duration;
+
+/// The running ranks' process ids, which the interrupt handler passes signals on to.
+static RANKS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
 /// Launches the `gpus` ranks and waits for them.
 pub(crate) fn gpus(gpus: usize) -> Result<Outcome> {
@@ -37,17 +44,53 @@ pub(crate) fn gpus(gpus: usize) -> Result<Outcome> {
         if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
             cmd.env("NCCL_NVLS_ENABLE", "0");
         }
+        own_group_dying_with_parent(&mut cmd);
         match cmd.spawn() {
-            Ok(child) => ranks.push(child),
+            Ok(child) => {
+                lock_ranks().push(child.id());
+                ranks.push(child)
+            }
             Err(e) => {
                 stop(&mut ranks);
                 bail!("--gpus {gpus}: launching rank {rank}: {e}");
             }
         }
     }
-    // The terminal's Ctrl-C is the ranks' to act on (they agree to stop and checkpoint); this process only waits.
-    ctrlc::set_handler(|| {}).context("--gpus: installing the interrupt handler")?;
-    wait(ranks)
+    // An interrupt is the ranks' to act on (they agree to stop and checkpoint); this process passes it on and waits.
+    ctrlc::set_handler(|| interrupt(&lock_ranks())).context("--gpus: installing the interrupt handler")?;
+    let outcome = wait(ranks);
+    lock_ranks().clear();
+    outcome
+}
+
+fn lock_ranks() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    RANKS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A rank of its own process group (the terminal's Ctrl-C reaches this process alone, which passes it on: each rank
+/// hears it once), sent SIGTERM if this process dies before it.
+fn own_group_dying_with_parent(cmd: &mut Command) {
+    cmd.process_group(0);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) between fork and exec is async-signal-safe and touches no memory of ours. The
+    // signal comes when the thread that forked exits: the launcher's main thread, which waits for the ranks.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// SIGINT to each of `pids` (the ranks still running: a rank's trainer stops after the step every rank agrees on).
+fn interrupt(pids: &[u32]) {
+    for &pid in pids {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { continue };
+        // SAFETY: kill(2) has no memory effects; the caller holds the list's lock, under which a rank is reaped and
+        // leaves it, so the pid is an unreaped child of ours and names no other process.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+    }
 }
 
 /// A port nobody listens on now, for rank 0's rendezvous. Another program could take it before rank 0 binds it;
@@ -65,7 +108,16 @@ fn wait(mut ranks: Vec<Child>) -> Result<Outcome> {
             if done[rank].is_some() {
                 continue;
             }
-            let Some(status) = child.try_wait().with_context(|| format!("waiting for rank {rank}"))? else { continue };
+            // Reaped under the lock, its pid leaving the list at once: the handler never signals a reused pid.
+            let status = {
+                let mut pids = lock_ranks();
+                let status = child.try_wait().with_context(|| format!("waiting for rank {rank}"))?;
+                if status.is_some() {
+                    pids.retain(|&pid| pid != child.id());
+                }
+                status
+            };
+            let Some(status) = status else { continue };
             done[rank] = Some(status);
             if !status.success() && status.code() != Some(130) {
                 stop(&mut ranks);
@@ -80,13 +132,15 @@ fn wait(mut ranks: Vec<Child>) -> Result<Outcome> {
     }
 }
 
-/// Kills the ranks still running and reaps them.
+/// Kills the ranks still running and reaps them (under the list's lock, which they leave).
 fn stop(ranks: &mut [Child]) {
+    let mut pids = lock_ranks();
     for child in ranks.iter_mut() {
         if matches!(child.try_wait(), Ok(None)) {
             let _ = child.kill();
         }
         let _ = child.wait();
+        pids.retain(|&pid| pid != child.id());
     }
 }
 
@@ -109,5 +163,31 @@ mod tests {
         let e = wait(ranks(&["sleep 60", "exit 3"])).unwrap_err().to_string();
         assert!(e.starts_with("rank 1 of 2 failed (exit status: 3)"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(30), "the sleeping rank was stopped");
+    }
+
+    /// Ranks run in process groups of their own (a terminal's Ctrl-C reaches only the launcher), and an interrupt
+    /// passed on reaches each: ranks that stop on SIGINT (as the trainer does, 130) make an interrupted run.
+    #[test]
+    fn an_interrupt_is_passed_on_to_every_rank() {
+        // Unsignalled, a rank finishes by itself after ~5 s (exit 0): the run would then be Finished, not Interrupted.
+        let script = "trap 'exit 130' INT; i=0; while [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; exit 0";
+        let mut ranks: Vec<Child> = (0..2)
+            .map(|_| {
+                let mut cmd = Command::new("sh");
+                cmd.args(["-c", script]);
+                own_group_dying_with_parent(&mut cmd);
+                cmd.spawn().unwrap()
+            })
+            .collect();
+        for child in &ranks {
+            let pid = libc::pid_t::try_from(child.id()).unwrap();
+            // SAFETY: getpgid(2) of our own child; no memory effects.
+            assert_eq!(unsafe { libc::getpgid(pid) }, pid, "a rank leads its own process group");
+        }
+        std::thread::sleep(Duration::from_millis(200)); // the traps are set
+        let started = Instant::now();
+        interrupt(&ranks.iter().map(Child::id).collect::<Vec<_>>());
+        assert_eq!(wait(std::mem::take(&mut ranks)).unwrap(), Outcome::Interrupted);
+        assert!(started.elapsed() < Duration::from_secs(4), "stopped by the interrupt, not by running out");
     }
 }

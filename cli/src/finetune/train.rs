@@ -14,7 +14,7 @@ use super::metrics::{MetricsLog, StepRow};
 use super::parallel;
 use super::parallel::Tokens;
 use super::step::{self, NonFinite, StepConfig, StepOutcome};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use qlora_autograd::Tape;
 use qlora_models::transformer::CausalLm;
@@ -22,7 +22,8 @@ use qlora_optim::{AdamW, Schedule};
 use qlora_runtime::dist::Communicator;
 use qlora_runtime::Device;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,17 +35,37 @@ pub enum Outcome {
 
 /// Interrupt signals received; the first asks for a clean stop, the second exits at once.
 static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+/// This process runs rank 0 (or alone): it says what an interrupt does; the other ranks' processes act silently.
+static LEAD: AtomicBool = AtomicBool::new(false);
+/// The handler, installed once per process (a process may run several in-process ranks; a signal handler is the
+/// process's).
+static HANDLER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
 
-fn install_interrupt_handler() -> Result<()> {
-    ctrlc::set_handler(|| {
-        if INTERRUPTS.fetch_add(1, Ordering::SeqCst) == 0 {
-            eprintln!("qlora-rt: interrupted: finishing this step and writing a checkpoint (again to quit at once)");
-        } else {
-            eprintln!("qlora-rt: interrupted again: quitting without a checkpoint");
-            std::process::exit(130);
-        }
-    })
-    .context("installing the Ctrl-C handler")
+/// Every rank's process hears interrupts, so that any interrupted rank stops the group after the same step
+/// (`parallel::agree_to_stop`).
+fn install_interrupt_handler(lead: bool) -> Result<()> {
+    if lead {
+        LEAD.store(true, Ordering::SeqCst);
+    }
+    let installed = HANDLER.get_or_init(|| {
+        ctrlc::set_handler(|| {
+            let lead = LEAD.load(Ordering::SeqCst);
+            if INTERRUPTS.fetch_add(1, Ordering::SeqCst) == 0 {
+                if lead {
+                    eprintln!(
+                        "qlora-rt: interrupted: finishing this step and writing a checkpoint (again to quit at once)"
+                    );
+                }
+            } else {
+                if lead {
+                    eprintln!("qlora-rt: interrupted again: quitting without a checkpoint");
+                }
+                std::process::exit(130);
+            }
+        })
+        .map_err(|e| e.to_string())
+    });
+    installed.clone().map_err(|e| anyhow!("installing the Ctrl-C handler: {e}"))
 }
 
 fn interrupted() -> bool {
@@ -158,9 +179,7 @@ impl Trainer<'_> {
     /// Trains from `state` to the schedule's last step.
     pub fn run(&mut self) -> Result<Outcome> {
         let lead = self.group.is_none_or(|g| g.rank() == 0);
-        if lead {
-            install_interrupt_handler()?;
-        }
+        install_interrupt_handler(lead)?;
         let total = self.schedule.total_steps;
         let out = self.settings.out;
         let mut log = lead.then(|| MetricsLog::open(out, self.state.step, self.settings.tensorboard)).transpose()?;
