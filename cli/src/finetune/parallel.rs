@@ -146,8 +146,14 @@ pub(crate) fn run_as<T: Send>(
         World::InProcess(n) => in_process(*n, |group| f(Some(group))),
         World::Nccl(launch) => {
             let device = qlora_runtime::cuda_device(launch.local_rank)?;
-            let group = qlora_runtime::dist::nccl::NcclRank::connect(launch, &device)?;
-            f(Some(Arc::new(group)))
+            let group = Arc::new(qlora_runtime::dist::nccl::NcclRank::connect(launch, &device)?);
+            let result = f(Some(group.clone()));
+            if result.is_err() {
+                // A failed rank leaves at once: the communicator's destroy would wait for collectives that the
+                // others never join.
+                group.abort();
+            }
+            result
         }
         World::Spawn(_) => unreachable!("the launcher of --gpus N runs nothing itself"),
     }

@@ -246,6 +246,19 @@ impl NcclComm {
         &self.device
     }
 
+    /// Leaves the group at once, for a rank that failed: ncclCommAbort, which does not wait for the queued
+    /// collectives (the destroy on drop would, and those the other ranks never join would hold this process up to
+    /// its end); the peers' collectives then fail rather than wait out their deadlines. Later calls fail.
+    pub fn abort(&self) {
+        let mut comm = self.comm.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let (false, Ok(api)) = (comm.is_null(), library()) {
+            // SAFETY: the handle was made by ncclCommInitRank and not yet aborted; it is forgotten here, so that
+            // neither a later call nor Drop uses it again.
+            unsafe { (api.comm_abort)(*comm) };
+            *comm = std::ptr::null_mut();
+        }
+    }
+
     /// Element-wise sum over the ranks, in place: `buf` holds `buf.len() / elem size` elements of `elem`.
     pub fn all_reduce_sum(&self, buf: &mut DeviceBuffer<u8>, elem: Elem) -> Result<()> {
         let count = self.elements(buf.len(), elem)?;

@@ -71,6 +71,12 @@ impl NcclRank {
         Ok(NcclRank { comm })
     }
 
+    /// Leaves the group at once after this rank failed ([`NcclComm::abort`]): no wait for collectives that the
+    /// other ranks will never join.
+    pub fn abort(&self) {
+        self.comm.abort();
+    }
+
     fn upload(&self, bytes: &[u8]) -> Result<DeviceBuffer<u8>> {
         self.comm.device().upload(bytes).map_err(Error::cuda("nccl"))
     }
