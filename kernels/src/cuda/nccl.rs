@@ -72,9 +72,10 @@ struct Api {
 
 /// Opens the library, looking in order at `QLORA_NCCL_LIB` (a path; nothing else is tried then), the dynamic
 /// loader's search path (`libnccl.so.2`, then the development symlink `libnccl.so`), CUDA's folders
-/// ([`super::library::cuda_lib_dirs`]), and the `nvidia/nccl/lib` folder of Python installs (a virtualenv or conda
-/// prefix, the user's site-packages, the system's site- and dist-packages), where PyTorch's wheels put it; the
-/// library and where it was found.
+/// ([`super::library::cuda_lib_dirs`]), an active conda environment's `lib` (conda-forge's `nccl`), and the
+/// `nvidia/nccl/lib` folder of Python installs (a virtualenv or conda prefix, the user's site-packages, the system's
+/// site- and dist-packages), where PyTorch's wheels put it; the library and where it was found. The first found is
+/// the one: another of the same soname could not be loaded beside it.
 fn open_library() -> std::result::Result<(libloading::Library, PathBuf), String> {
     // SAFETY (every `Library::new` below): loads NVIDIA's NCCL, whose initialisers have no preconditions.
     let open = |path: PathBuf| match unsafe { libloading::Library::new(&path) } {
@@ -90,6 +91,7 @@ fn open_library() -> std::result::Result<(libloading::Library, PathBuf), String>
         }
     }
     let mut dirs = super::library::cuda_lib_dirs();
+    dirs.extend(std::env::var_os("CONDA_PREFIX").map(|p| PathBuf::from(p).join("lib")));
     dirs.extend(python_nccl_dirs());
     if let Some(path) = dirs.iter().map(|dir| dir.join("libnccl.so.2")).find(|path| path.exists()) {
         return open(path);
