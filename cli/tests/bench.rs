@@ -74,7 +74,11 @@ fn ranks_train_the_single_ranks_step() {
         assert_eq!(r["gathers"], gathers, "{r}");
         assert_eq!(r["tokens_per_step"], want["tokens_per_step"], "two ranks' tokens: {r}");
         assert_eq!(r["loss"], want["loss"], "{shard:?}: {r}");
-        assert!(r["estimate_gib"].as_f64() <= want["estimate_gib"].as_f64(), "{r}");
+        // Each rank trains half the micro-batches; at the step's end it holds its gradients' record and one gathered
+        // slot of both ranks (three copies of the adapters' gradients), which at 64 tokens outweigh the activations.
+        let exchange = 3.0 * 4.0 * r["trainable_params"].as_f64().unwrap() / (1u64 << 30) as f64;
+        let (got, alone) = (r["estimate_gib"].as_f64().unwrap(), want["estimate_gib"].as_f64().unwrap());
+        assert!(got >= exchange && got <= alone + exchange + 1e-6, "{exchange} GiB of exchange: {r}");
     }
     let out = qlora_rt(&[&STEP[..], &["--shard-base"]].concat());
     let err = String::from_utf8_lossy(&out.stderr);

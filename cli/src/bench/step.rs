@@ -222,6 +222,8 @@ fn bench(
         targets,
         checkpointing: args.checkpointing(),
         shards: if shard.is_some() { ranks } else { 1 },
+        // --grad-accum micro-batches per GPU.
+        ranks: (ranks, args.grad_accum),
         plan: memory::Plan::default(),
     };
     // Every rank plans within the least free memory of any (so all take the same length, plan and fit verdict).

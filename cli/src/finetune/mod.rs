@@ -552,6 +552,8 @@ fn train(run: &Run, group: Option<Arc<dyn Communicator>>) -> Result<train::Outco
         targets: &run.targets,
         checkpointing: args.gradient_checkpointing(),
         shards: model.sharded.as_ref().map_or(1, |s| s.group().world_size()),
+        // --grad-accum is the step's micro-batches over all ranks.
+        ranks: group.as_ref().map_or((1, 1), |g| (g.world_size(), args.grad_accum.div_ceil(g.world_size()))),
         plan: crate::bench::memory::Plan::default(),
     };
     // The ranks of a group plan within the least free memory of any, so that all make the same plan.

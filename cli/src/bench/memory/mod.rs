@@ -53,6 +53,8 @@ pub struct Setup<'a> {
     pub checkpointing: bool,
     /// The ranks an NF4 base is sharded across (`--shard-base`); 1 when each holds it whole.
     pub shards: usize,
+    /// Data parallelism: the group's ranks and the micro-batches each trains a step (the busiest's); (1, 1) alone.
+    pub ranks: (usize, usize),
     /// What a memory budget chose ([`plan`]); [`Plan::default`] without one.
     pub plan: Plan,
 }
@@ -209,7 +211,13 @@ pub fn estimate(s: &Setup) -> Estimate {
         .filter(|(name, _)| s.targets.contains(name))
         .map(|(_, [o, i])| s.r * (o + i) + if s.dora { *o } else { 0 })
         .sum();
-    let adapters = layers * adapter_params * per_param;
+    // A data-parallel rank keeps each micro-batch's gradients (one f32 per adapter parameter) until the step's end,
+    // through the next micro-batches' peaks, then gathers and replays them slot by slot: one slot of every rank and
+    // its own still to send (cli/src/finetune/parallel.rs `optimizer_step`), when the activations are gone.
+    let (ranks, slots) = s.ranks;
+    let grads = layers * adapter_params * 4;
+    let (held, exchange) = if ranks > 1 { ((slots - 1) * grads, (ranks + slots) * grads) } else { (0, 0) };
+    let adapters = layers * adapter_params * per_param + held;
     let paged_moments = if paged { layers * adapter_params * 8 } else { 0 };
 
     let (i, qo) = (c.intermediate_size, shapes[0].1[0]);
@@ -246,7 +254,8 @@ pub fn estimate(s: &Setup) -> Estimate {
         layer + product
     };
     let largest = shapes.iter().map(|(_, [o, i])| o * i).max().unwrap_or(0);
-    let activations = saved + head.max(in_layer) + 2 * largest * d;
+    // The step's end holds the exchange where the activations were (beyond the gradients `held` counts already).
+    let activations = (saved + head.max(in_layer) + 2 * largest * d).max(exchange - held);
     Estimate { weights, adapters, activations, host }
 }
 
