@@ -63,3 +63,70 @@ fn a_group_of_one_runs_every_collective_through_the_gpu() {
     // The group still works after a refused call (nothing was issued).
     g.barrier().unwrap();
 }
+
+/// Two ranks on two GPUs: this test as rank 0 and a copy of its binary as rank 1 (run again with
+/// `QLORA_NCCL_TEST_RANK=1`), each with values of its own, so that what a group of one cannot show is checked: sums
+/// over both, gathers in rank order (through the host, device to device, and started, then finished in the other
+/// order), a broadcast from rank 1. Skipped below two GPUs; the collectives' deadline is the environment's
+/// (`QLORA_NCCL_TIMEOUT`; rank 1 is given 120 s).
+#[test]
+fn two_ranks_sum_gather_and_broadcast_in_rank_order() {
+    let name = "two_ranks_sum_gather_and_broadcast_in_rank_order";
+    let rank: usize = std::env::var("QLORA_NCCL_TEST_RANK").map_or(0, |r| r.parse().expect("a rank"));
+    let mut peer = None;
+    let port = if rank == 0 {
+        let visible = qlora_runtime::device_count().unwrap_or(0);
+        if visible < 2 {
+            println!("qlora-gpu: {name}: skipped: {visible} GPU(s), two needed");
+            return;
+        }
+        println!("qlora-gpu: {name}: ran on 2 GPUs");
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+        let exe = std::env::current_exe().unwrap();
+        let child = std::process::Command::new(exe)
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+            .env("QLORA_NCCL_TEST_RANK", "1")
+            .env("QLORA_NCCL_TEST_PORT", port.to_string())
+            .env("QLORA_NCCL_TIMEOUT", "120")
+            .spawn()
+            .unwrap();
+        peer = Some(child);
+        port
+    } else {
+        std::env::var("QLORA_NCCL_TEST_PORT").unwrap().parse().unwrap()
+    };
+    let dev = qlora_runtime::cuda_device(rank).unwrap();
+    let master = Some(("127.0.0.1".to_string(), port));
+    let launch = Launch { rank, world_size: 2, local_rank: rank, local_world_size: 2, master };
+    let g = NcclRank::connect(&launch, &dev).unwrap();
+    assert_eq!((g.rank(), g.world_size()), (rank, 2));
+
+    let r = rank as f32;
+    let mut f = [1.0 + r, 10.0 * (1.0 + r)];
+    g.all_reduce_sum(Buffer::F32(&mut f)).unwrap();
+    assert_eq!(f, [3.0, 30.0]);
+    let mut d = [2f64.powi(60) * (1.0 + rank as f64)];
+    g.all_reduce_sum(Buffer::F64(&mut d)).unwrap();
+    assert_eq!(d, [3.0 * 2f64.powi(60)]);
+    let mine = |rank: usize| -> Vec<f32> { (0..1000).map(|i| (rank * 10_000 + i) as f32).collect() };
+    let both = [mine(0), mine(1)].concat();
+    assert_eq!(g.all_gather(&mine(rank)).unwrap(), both);
+    let on_gpu = |v: Vec<f32>| Tensor::from_vec(v, &[1000]).unwrap().to_device(Device::Cuda(dev.ordinal())).unwrap();
+    let all = g.all_gather_tensor(&on_gpu(mine(rank))).unwrap();
+    assert_eq!((all.device(), all.to_vec::<f32>()), (Device::Cuda(dev.ordinal()), both.clone()));
+    let bytes: Vec<u8> = (0..777).map(|i| ((i * 3 + 101 * rank) % 256) as u8).collect();
+    let want: Vec<u8> = (0..2).flat_map(|r| (0..777).map(move |i| ((i * 3 + 101 * r) % 256) as u8)).collect();
+    assert_eq!(g.all_gather_bytes(&bytes).unwrap(), want);
+    let first = g.start_all_gather_tensor(&on_gpu(mine(rank))).unwrap();
+    let second = g.start_all_gather_tensor(&on_gpu(mine(1 - rank))).unwrap();
+    let swapped = [mine(1), mine(0)].concat();
+    assert_eq!(second.finish().unwrap().to_vec::<f32>(), swapped);
+    assert_eq!(first.finish().unwrap().to_vec::<f32>(), both);
+    let mut text = if rank == 1 { *b"rank 1's bytes" } else { [0u8; 14] };
+    g.broadcast(&mut text, 1).unwrap();
+    assert_eq!(&text, b"rank 1's bytes");
+    g.barrier().unwrap();
+    if let Some(mut child) = peer {
+        assert!(child.wait().unwrap().success(), "rank 1's process failed (its output is above)");
+    }
+}
