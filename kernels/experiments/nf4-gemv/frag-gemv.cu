@@ -33,9 +33,8 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include "device_copy.cuh"
+#include "bf16_code_pairs.cuh"
 
-__constant__ float NF4[16] = {-1.0f, -0.6961928f, -0.5250731f, -0.3949175f, -0.2844414f, -0.1847734f, -0.0910500f, 0.0f,
-                              0.0795803f, 0.1609302f, 0.2461123f, 0.3379152f, 0.4407098f, 0.5626170f, 0.7229568f, 1.0f};
 constexpr unsigned TABLE_BYTES = 256 * 256;  // T32: half of it
 
 __device__ __forceinline__ uint4 ld16(const void* p) {
@@ -44,26 +43,12 @@ __device__ __forceinline__ uint4 ld16(const void* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
-__device__ __forceinline__ unsigned bf16_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
 
-// Entry v (256 bytes): 32 copies of (code[v >> 4], code[v & 15]) as bf16x2, the even column (high nibble) in the low
-// half as A wants it; HL: 8 bytes a copy, (hi pair, lo pair). T32: 128-byte entries, 32 copies of 4 bytes or 16 of 8
-// (an 8-byte LDS is served a half-warp at a time, so 16 copies are conflict-free too), 32 KB in all, for a fourth block
-// a multiprocessor; the address costs a shift more.
+// The code-pair table: 256-byte entries of 32 copies (64 KB); T32: 128-byte entries of 32 copies of 4 bytes or 16 of 8
+// (an 8-byte LDS is served a half-warp at a time, so 16 copies are conflict-free too), 32 KB, for a fourth block a
+// multiprocessor, the address a shift more.
 template <int HL, int T32> __device__ void stage_table(unsigned char* table) {
-    constexpr unsigned STRIDE = T32 ? 128 : 256, COPIES = T32 && HL ? 16 : 32;
-    for (unsigned i = threadIdx.x; i < 256 * COPIES; i += blockDim.x) {
-        const unsigned v = i / COPIES, copy = i % COPIES;
-        const float a = NF4[v >> 4], b = NF4[v & 15];
-        const unsigned ha = bf16_bits(a), hb = bf16_bits(b);
-        const unsigned hi = ha | hb << 16;
-        if (HL) {
-            const float ra = a - __uint_as_float(ha << 16), rb = b - __uint_as_float(hb << 16);
-            *reinterpret_cast<uint2*>(table + v * STRIDE + 8 * copy) = make_uint2(hi, bf16_bits(ra) | bf16_bits(rb) << 16);
-        } else {
-            *reinterpret_cast<unsigned*>(table + v * STRIDE + 4 * copy) = hi;
-        }
-    }
+    stage_code_pairs<HL, T32 ? 128 : 256, T32 && HL ? 16 : 32>(table);
 }
 
 // Byte b of `word`'s entry: address base + byte·256 + lanesel in one PRMT (T32: (byte·256 + 2·lanesel) >> 1).
@@ -80,15 +65,6 @@ template <int T32> __device__ __forceinline__ uint2 lut8(unsigned base, unsigned
     uint2 r;
     asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "r"(entry<T32>(base, lanesel, word, b)));
     return r;
-}
-
-__device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                    unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // The fragment-ordered copy, one thread per (chunk, lane): 16 bytes of W; lane t = 0 also the rows' scales.

@@ -21,33 +21,14 @@
 #include <cuda_bf16.h>
 #include "device_copy.cuh"
 #include "random_weights.cuh"
+#include "bf16_code_pairs.cuh"
 
-__constant__ float NF4[16] = {-1.0f, -0.6961928f, -0.5250731f, -0.3949175f, -0.2844414f, -0.1847734f, -0.0910500f, 0.0f,
-                              0.0795803f, 0.1609302f, 0.2461123f, 0.3379152f, 0.4407098f, 0.5626170f, 0.7229568f, 1.0f};
 constexpr unsigned TABLE_BYTES = 256 * 256;
 
 __device__ __forceinline__ uint2 ld8(const void* p) {
     uint2 v;
     asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
-}
-__device__ __forceinline__ unsigned bf16_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-
-// Entry v's (code[v >> 4], code[v & 15]) as bf16x2 (first element in the low half, as the A fragment wants).
-template <int HL> __device__ void stage_table(unsigned char* table) {
-    for (unsigned i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
-        const unsigned v = i / 32, copy = i % 32;
-        const float a = NF4[v >> 4], b = NF4[v & 15];
-        const unsigned ha = bf16_bits(a), hb = bf16_bits(b);
-        const unsigned hi = ha | hb << 16;
-        if (HL) {
-            const float ra = a - __uint_as_float(ha << 16), rb = b - __uint_as_float(hb << 16);
-            const unsigned lo = bf16_bits(ra) | bf16_bits(rb) << 16;
-            *reinterpret_cast<uint2*>(table + v * 256 + 8 * copy) = make_uint2(hi, lo);
-        } else {
-            *reinterpret_cast<unsigned*>(table + v * 256 + 4 * copy) = hi;
-        }
-    }
 }
 
 template <int HL> __device__ __forceinline__ uint2 lut(unsigned base, unsigned lanesel, unsigned word, unsigned b) {
@@ -62,15 +43,6 @@ template <int HL> __device__ __forceinline__ uint2 lut(unsigned base, unsigned l
     return r;
 }
 
-__device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                    unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 template <int HL, int KS, int U, int PERSIST>
 __global__ void __launch_bounds__(32 * KS) mgemv(const unsigned char* __restrict__ packed,
                                                  const float* __restrict__ absmax, const __nv_bfloat16* __restrict__ x,
@@ -78,7 +50,7 @@ __global__ void __launch_bounds__(32 * KS) mgemv(const unsigned char* __restrict
     extern __shared__ __align__(256) unsigned char smem[];
     float* partial = reinterpret_cast<float*>(smem + TABLE_BYTES);  // [KS][16]
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    stage_table<HL>(smem);
+    stage_code_pairs<HL, 256, 32>(smem);
     __syncthreads();
     const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     const unsigned lanesel = HL ? 8 * lane : 4 * lane;
@@ -154,7 +126,7 @@ __global__ void __launch_bounds__(32 * KS) mgemv_pair(const unsigned char* __res
     extern __shared__ __align__(256) unsigned char smem[];
     float* partial = reinterpret_cast<float*>(smem + TABLE_BYTES);  // [KS][8·TR]
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    stage_table<1>(smem);
+    stage_code_pairs<1, 256, 32>(smem);
     __syncthreads();
     const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(smem)), lanesel = 8 * lane;
     const unsigned per = in_f / 64 / KS, b0 = warp * per;
