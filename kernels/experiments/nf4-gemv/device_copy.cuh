@@ -1,6 +1,7 @@
 // The ceiling the experiments here report against: a 1 GiB device-to-device copy, bytes read + written per second, as
 // `qlora-rt bench kernels` measures it.
 #pragma once
+#include <cstdio>
 #include <cuda_runtime.h>
 
 inline double device_copy_gbps() {
@@ -21,4 +22,18 @@ inline double device_copy_gbps() {
     cudaFree(s);
     cudaFree(d);
     return 2.0 * n * 5 / (ms * 1e6);
+}
+
+// An experiment's start: the device's multiprocessors, two events for its timings, and the copy ceiling printed.
+struct ExperimentStart {
+    int sms;
+    cudaEvent_t a, b;
+};
+inline ExperimentStart experiment_start() {
+    ExperimentStart e;
+    cudaDeviceGetAttribute(&e.sms, cudaDevAttrMultiProcessorCount, 0);
+    cudaEventCreate(&e.a);
+    cudaEventCreate(&e.b);
+    printf("device copy 1 GiB: %.1f GB/s (read + written)\n", device_copy_gbps());
+    return e;
 }

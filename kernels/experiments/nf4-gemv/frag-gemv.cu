@@ -34,6 +34,7 @@
 #include <cuda_bf16.h>
 #include "device_copy.cuh"
 #include "bf16_code_pairs.cuh"
+#include "random_weights.cuh"  // the shapes
 
 constexpr unsigned TABLE_BYTES = 256 * 256;  // T32: half of it
 
@@ -227,20 +228,11 @@ __global__ void naive(const unsigned char* packed, const float* absmax, const __
     }
 }
 
-struct Shape {
-    unsigned out, in;
-    const char* name;
-};
-
 int main() {
-    int sms;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-    cudaEvent_t ea, eb;
-    cudaEventCreate(&ea);
-    cudaEventCreate(&eb);
-    printf("device copy 1 GiB: %.1f GB/s (read + written)\n", device_copy_gbps());
-    const Shape shapes[] = {{4096, 4096, "4096x4096"}, {28672, 4096, "28672x4096 (gate+up)"}, {4096, 14336, "4096x14336 (down)"}};
-    for (const Shape& sh : shapes) {
+    const ExperimentStart start = experiment_start();
+    const int sms = start.sms;
+    cudaEvent_t ea = start.a, eb = start.b;
+    for (const GemvShape& sh : DECODE_SHAPES) {
         const size_t elems = (size_t)sh.out * sh.in, pbytes = elems / 2, nabs = elems / 64, n2 = (nabs + 255) / 256;
         // Bytes a call reads: plain f32 absmax as rows-loop.cu and mma-gemv.cu count it; nested as models store it.
         const size_t plain_bytes = pbytes + 4 * nabs, nested_bytes = pbytes + nabs + 4 * n2;

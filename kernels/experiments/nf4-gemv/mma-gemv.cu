@@ -217,12 +217,9 @@ __global__ void naive(const unsigned char* packed, const float* absmax, const __
 }
 
 int main() {
-    int sms;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-    cudaEvent_t ea, eb;
-    cudaEventCreate(&ea);
-    cudaEventCreate(&eb);
-    printf("device copy 1 GiB: %.1f GB/s (read + written)\n", device_copy_gbps());
+    const ExperimentStart start = experiment_start();
+    const int sms = start.sms;
+    cudaEvent_t ea = start.a, eb = start.b;
     for (const GemvShape& sh : DECODE_SHAPES) {
         const RandomWeights w = random_weights(sh.out, sh.in);
         const size_t elems = w.elems, pbytes = w.pbytes, one = w.one;
