@@ -46,8 +46,8 @@ pub fn available() -> Result<()> {
 }
 
 impl NcclRank {
-    /// Joins the group `launch` describes on `device` (the GPU of its `LOCAL_RANK`): rank 0 listens at
-    /// `MASTER_ADDR:MASTER_PORT` and hands out the id, the others connect there.
+    /// Joins the group `launch` describes on `device` (the GPU of its `LOCAL_RANK`): rank 0 listens at its rendezvous
+    /// address ([`Launch::master`]) and hands out the id, the others connect there.
     pub fn connect(launch: &Launch, device: &CudaDevice) -> Result<NcclRank> {
         let timeout = timeout()?;
         let id: [u8; ID_BYTES] = if launch.world_size == 1 {

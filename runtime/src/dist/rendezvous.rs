@@ -1,5 +1,6 @@
 //! The rendezvous: before NCCL can connect a group, every rank needs the unique id (128 bytes) that rank 0 drew. Rank
-//! 0 listens on `MASTER_ADDR:MASTER_PORT` ([`Host`]); every other rank connects ([`join`]), says who it is, and
+//! 0 listens at `MASTER_ADDR` on the rendezvous port ([`Host`]; `MASTER_PORT`, or the one after it under torchrun:
+//! [`Launch::master`](super::launch::Launch::master)); every other rank connects ([`join`]), says who it is, and
 //! receives the id once all have arrived. Both sides give up at a deadline with an error naming what is missing,
 //! never hang.
 //!
@@ -65,7 +66,7 @@ impl Host {
                     if Instant::now() >= deadline {
                         let missing: Vec<usize> = (1..world_size).filter(|r| !joined.contains_key(r)).collect();
                         return Err(failed(format!(
-                            "ranks {missing:?} did not join within {:.0?} (started? same MASTER_ADDR/MASTER_PORT?)",
+                            "ranks {missing:?} did not join within {:.0?} (started? same MASTER_ADDR and port?)",
                             timeout
                         )));
                     }
@@ -89,7 +90,7 @@ fn hello(mut stream: &TcpStream, from: SocketAddr, world_size: usize, deadline: 
     let mut bytes = [0u8; HELLO_BYTES];
     stream.read_exact(&mut bytes).map_err(io)?;
     if bytes[..8] != MAGIC {
-        return Err(failed(format!("{from} connected but is not a qlora-rt rank (another job on MASTER_PORT?)")));
+        return Err(failed(format!("{from} connected but is not a qlora-rt rank (another job on the port?)")));
     }
     let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes")) as usize;
     let (rank, theirs) = (word(8), word(12));
