@@ -71,6 +71,12 @@ enum Command {
 
 /// Runs the command line in `std::env::args`, returning the process's exit status.
 pub fn main() -> ExitCode {
+    // NVLink multicast stays off in NCCL groups (forbidden on the GPU machines this runs on; data parallelism's
+    // buffers gain nothing from it) unless the caller says otherwise. Set first, while this process has one thread:
+    // set later, among threads, it would race their reads of the environment. `--gpus N`'s ranks inherit it.
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        std::env::set_var("NCCL_NVLS_ENABLE", "0");
+    }
     // A bug must still end in one line, not a backtrace; the message says where to report it.
     std::panic::set_hook(Box::new(|info| {
         let msg = info

@@ -39,11 +39,6 @@ pub(crate) fn gpus(gpus: usize) -> Result<Outcome> {
             .envs([("RANK", &r), ("LOCAL_RANK", &r), ("WORLD_SIZE", &n), ("LOCAL_WORLD_SIZE", &n)])
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string());
-        // NVLink multicast stays off (forbidden on the GPU machines this runs on) unless the caller says otherwise;
-        // set here, before the rank starts, rather than by the rank among its threads.
-        if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
-            cmd.env("NCCL_NVLS_ENABLE", "0");
-        }
         own_group_dying_with_parent(&mut cmd);
         match cmd.spawn() {
             Ok(child) => {

@@ -211,7 +211,8 @@ unsafe impl Sync for NcclComm {}
 impl NcclComm {
     /// Joins the group of `world_size` ranks that share `id`, as `rank`, on `device`. Blocks until every rank has
     /// called it. `NCCL_NVLS_ENABLE` is set to 0 unless the environment already says otherwise: NVLink multicast is
-    /// forbidden on the machines this is run on, and buys nothing for the buffers data parallelism moves.
+    /// forbidden on the machines this is run on, and buys nothing for the buffers data parallelism moves. (The
+    /// `qlora-rt` binary sets it first thing, while it has one thread; here it covers a library's caller.)
     pub fn init(
         device: &CudaDevice,
         id: &[u8; UNIQUE_ID_BYTES],

@@ -177,8 +177,16 @@ impl Communicator for NcclRank {
         fn go<T: CudaElement>(comm: &NcclComm, local: &Tensor) -> Result<Pending> {
             let send = contiguous(local)?;
             let gathering = comm.all_gather_start(buf::<T>(&send)).map_err(Error::cuda(GATHER))?;
-            // The send buffer lives until the gather has been waited for: its block is not reused under it.
+            // The send buffer lives until the compute stream waits for the gather: its block is not reused under it.
+            // Finished, `ready` has made it wait; dropped unfinished, the fields drop in order, the arrival (which
+            // makes it wait) before the buffer.
+            struct InFlight<T: CudaElement> {
+                gathering: qlora_kernels::cuda::Arrival<T>,
+                send: Tensor,
+            }
+            let in_flight = InFlight { gathering, send };
             Ok(Pending::new(move || {
+                let InFlight { gathering, send } = in_flight;
                 let recv = gathering.ready().map_err(Error::cuda(GATHER))?;
                 drop(send);
                 let n = recv.len();
