@@ -130,6 +130,11 @@ def fma_f32(a, b, c):
 def frag_gemv(hl, m, ks, ah, grid, wr, sr, nest, x, out_f, in_f, t32=False):
     """nest: None (plain absmax from sr) or (qr, absmax2, code2, offset), the nested scales."""
     table = stage_table(hl, t32)
+    # Each lane's copy in the table (the CUDA's `lanesel`).
+    if t32:
+        lanesel = [16 * (lane % 16) if hl else 8 * lane for lane in range(32)]
+    else:
+        lanesel = [8 * lane if hl else 4 * lane for lane in range(32)]
     nblk, tiles = in_f // 64, out_f // 16
     per = nblk // ks
     assert nblk % ks == 0 and per % ah == 0
@@ -192,10 +197,6 @@ def frag_gemv(hl, m, ks, ah, grid, wr, sr, nest, x, out_f, in_f, t32=False):
             for u in range(ah):
                 for warp, wp in enumerate(warps):
                     stage = wp["ring"][u]
-                    if t32:
-                        lanesel = [16 * (lane % 16) if hl else 8 * lane for lane in range(32)]
-                    else:
-                        lanesel = [8 * lane if hl else 4 * lane for lane in range(32)]
                     if hl:
                         cg = [[0.0] * 4 for _ in range(32)]
                         ch = [[0.0] * 4 for _ in range(32)]
